@@ -1,0 +1,5 @@
+//! The compiled policy: what the datapath and the proxy need, computed once per configuration change.
+
+pub mod l4;
+
+pub use l4::{DatapathPolicy, L4Rule, OutboundMode};
