@@ -71,9 +71,7 @@ fn parse_cidr(text: &str) -> Result<IpNet, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -112,11 +110,7 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
     let metrics = tokio::net::TcpListener::bind(args.metrics_addr).await.with_context(|| {
         format!("binding the metrics listener on {} (is another sluice running? see --metrics-addr)", args.metrics_addr)
     })?;
-    let policy = DatapathPolicy {
-        mode: args.outbound_traffic_policy,
-        allow_cidrs: args.allow_cidr,
-        rules: args.allow,
-    };
+    let policy = DatapathPolicy { mode: args.outbound_traffic_policy, allow_cidrs: args.allow_cidr, rules: args.allow };
     let mut datapath = Datapath::load()?;
     datapath.apply(&policy)?;
     for interface in &args.intercept {
@@ -141,7 +135,12 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
     }
     server.abort();
     for total in counters.read() {
-        tracing::info!(verdict = total.verdict.label(), packets = total.packets, bytes = total.bytes, "datapath counters");
+        tracing::info!(
+            verdict = total.verdict.label(),
+            packets = total.packets,
+            bytes = total.bytes,
+            "datapath counters"
+        );
     }
     drop(datapath);
     tracing::info!("datapath detached");

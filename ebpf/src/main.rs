@@ -11,8 +11,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use sluice_common::{
-    Counter, DatapathConfig, L4V4, L4V6, Rule, Verdict, ACTION_PASS, L4_KEY_HEADER_BITS,
-    MAX_RULES, MODE_REGISTRY_ONLY, VERDICT_COUNT,
+    Counter, DatapathConfig, Rule, Verdict, ACTION_PASS, L4V4, L4V6, L4_KEY_HEADER_BITS, MAX_RULES, MODE_REGISTRY_ONLY,
+    VERDICT_COUNT,
 };
 
 use parse::{Destination, Malformed, Packet};

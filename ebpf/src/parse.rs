@@ -91,9 +91,7 @@ fn ipv6(ctx: &TcContext, l3: usize) -> Result<Packet, Malformed> {
     let mut first_fragment = true;
     for _ in 0..MAX_IPV6_EXTENSIONS {
         let header_len = match next {
-            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
-                (usize::from(load::<u8>(ctx, offset + 1)?) + 1) * 8
-            }
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => (usize::from(load::<u8>(ctx, offset + 1)?) + 1) * 8,
             IPPROTO_FRAGMENT => {
                 first_fragment = load_be16(ctx, offset + 2)? & 0xfff8 == 0;
                 8

@@ -1,1 +1,20 @@
+//! Sluice's integration test harness: network namespaces, links, real servers and the agent, each owned by a
+//! guard that removes it on drop, panics included. Nothing here touches the host's root namespace.
 
+pub mod agent;
+pub mod netns;
+pub mod peers;
+pub mod process;
+pub mod topology;
+
+pub use agent::Agent;
+pub use netns::Netns;
+pub use topology::Topology;
+
+/// Fails the calling test, loudly, unless it runs as root: these tests create namespaces and load eBPF.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (it creates network namespaces and loads eBPF programs): run `cargo xtask test` as root"
+    );
+}

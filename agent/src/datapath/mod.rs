@@ -28,13 +28,25 @@ pub enum DatapathError {
     #[error("the kernel's verifier rejected program {program}: {error}\nverifier log:\n{log}")]
     Verifier { program: &'static str, error: io::Error, log: String },
     #[error("loading program {program}")]
-    Program { program: &'static str, #[source] source: ProgramError },
+    Program {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
     #[error("attaching TC ingress to {interface}: interface not found (is --intercept right?)")]
     InterfaceNotFound { interface: String },
     #[error("attaching TC ingress to {interface}")]
-    Attach { interface: String, #[source] source: ProgramError },
+    Attach {
+        interface: String,
+        #[source]
+        source: ProgramError,
+    },
     #[error("writing map {map}")]
-    Map { map: &'static str, #[source] source: MapError },
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
     #[error("the policy has {count} entries for map {map}, which holds {capacity}")]
     Capacity { map: &'static str, count: usize, capacity: u32 },
 }
@@ -54,11 +66,9 @@ impl Datapath {
         let mut ebpf = Ebpf::load(object::OBJECT).map_err(DatapathError::Load)?;
         let program: &mut SchedClassifier = program(&mut ebpf)?;
         program.load().map_err(|source| match source {
-            ProgramError::LoadError { io_error, verifier_log } => DatapathError::Verifier {
-                program: names::PROGRAM,
-                error: io_error,
-                log: verifier_log.to_string(),
-            },
+            ProgramError::LoadError { io_error, verifier_log } => {
+                DatapathError::Verifier { program: names::PROGRAM, error: io_error, log: verifier_log.to_string() }
+            }
             source => DatapathError::Program { program: names::PROGRAM, source },
         })?;
         let config = Array::try_from(take_map(&mut ebpf, names::CONFIG)?)
@@ -78,9 +88,7 @@ impl Datapath {
             },
             blackhole: sluice_common::BLACKHOLE_DROP,
         };
-        self.config
-            .set(0, config, 0)
-            .map_err(|source| DatapathError::Map { map: names::CONFIG, source })
+        self.config.set(0, config, 0).map_err(|source| DatapathError::Map { map: names::CONFIG, source })
     }
 
     /// Attaches the classifier to `interface`'s ingress (TCX where the kernel has it, clsact otherwise).

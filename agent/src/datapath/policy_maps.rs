@@ -41,18 +41,30 @@ impl PolicyMaps {
         let (mut l4_v4, mut l4_v6) = (Vec::new(), Vec::new());
         for rule in &policy.rules {
             match rule.net {
-                IpNet::V4(net) => l4_v4.push((l4_key(net.prefix_len(), L4V4 {
-                    proto: rule.protocol.number(),
-                    _pad: 0,
-                    port: rule.port.to_be_bytes(),
-                    addr: net.network().octets(),
-                }), pass)),
-                IpNet::V6(net) => l4_v6.push((l4_key(net.prefix_len(), L4V6 {
-                    proto: rule.protocol.number(),
-                    _pad: 0,
-                    port: rule.port.to_be_bytes(),
-                    addr: net.network().octets(),
-                }), pass)),
+                IpNet::V4(net) => l4_v4.push((
+                    l4_key(
+                        net.prefix_len(),
+                        L4V4 {
+                            proto: rule.protocol.number(),
+                            _pad: 0,
+                            port: rule.port.to_be_bytes(),
+                            addr: net.network().octets(),
+                        },
+                    ),
+                    pass,
+                )),
+                IpNet::V6(net) => l4_v6.push((
+                    l4_key(
+                        net.prefix_len(),
+                        L4V6 {
+                            proto: rule.protocol.number(),
+                            _pad: 0,
+                            port: rule.port.to_be_bytes(),
+                            addr: net.network().octets(),
+                        },
+                    ),
+                    pass,
+                )),
             }
         }
         let (mut allow_v4, mut allow_v6) = (Vec::new(), Vec::new());
@@ -76,8 +88,8 @@ fn l4_key<K: Pod>(prefix_len: u8, data: K) -> Key<K> {
 
 impl<K: Pod, V: Pod> Trie<K, V> {
     fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Self, DatapathError> {
-        let map = LpmTrie::try_from(take_map(ebpf, name)?)
-            .map_err(|source| DatapathError::Map { map: name, source })?;
+        let map =
+            LpmTrie::try_from(take_map(ebpf, name)?).map_err(|source| DatapathError::Map { map: name, source })?;
         Ok(Trie { name, map, written: HashSet::new() })
     }
 

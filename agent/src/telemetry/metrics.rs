@@ -27,7 +27,8 @@ impl Collector for DatapathCollector {
             ("sluice_datapath_bytes", "Bytes classified by the eBPF datapath, by verdict.", |t| t.bytes),
         ];
         for (name, help, value) in families {
-            let mut family = encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+            let mut family =
+                encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
             for total in &totals {
                 let labels = [("verdict", total.verdict.label())];
                 ConstCounter::new(value(total)).encode(family.encode_family(&labels)?)?;

@@ -85,13 +85,8 @@ pub enum Verdict {
 pub const VERDICT_COUNT: u32 = 5;
 
 impl Verdict {
-    pub const ALL: [Verdict; VERDICT_COUNT as usize] = [
-        Verdict::Allowed,
-        Verdict::Passthrough,
-        Verdict::Blackholed,
-        Verdict::Ignored,
-        Verdict::Malformed,
-    ];
+    pub const ALL: [Verdict; VERDICT_COUNT as usize] =
+        [Verdict::Allowed, Verdict::Passthrough, Verdict::Blackholed, Verdict::Ignored, Verdict::Malformed];
 
     /// The label the agent exports for this verdict.
     pub const fn label(self) -> &'static str {

@@ -1,0 +1,156 @@
+//! Real servers from Debian's packages, run inside a namespace: nginx for HTTP and dnsmasq for DNS.
+
+use std::{
+    fmt::Write as _,
+    net::{SocketAddr, TcpStream},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+
+use crate::{netns::Netns, process::Process};
+
+/// nginx answering `200 <body>` on every address it listens on.
+#[derive(Debug)]
+pub struct Nginx {
+    process: Process,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    pub fn start(netns: &Netns, listen: &[SocketAddr], body: &str) -> anyhow::Result<Nginx> {
+        let dir = tempfile::Builder::new().prefix("sluice-nginx-").tempdir().context("creating nginx's directory")?;
+        let root = dir.path().display();
+        let mut listens = String::new();
+        for addr in listen {
+            let _ = writeln!(listens, "    listen {addr};");
+        }
+        let conf = format!(
+            "daemon off;\nworker_processes 1;\npid {root}/nginx.pid;\nerror_log {root}/error.log;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {root}/body;\n  proxy_temp_path {root}/proxy;\n\
+             fastcgi_temp_path {root}/fastcgi;\n  uwsgi_temp_path {root}/uwsgi;\n  scgi_temp_path {root}/scgi;\n\
+             server {{\n{listens}    location / {{ default_type text/plain; return 200 \"{body}\\n\"; }}\n  }}\n}}\n"
+        );
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::write(&conf_path, conf).context("writing nginx.conf")?;
+        let mut command = netns.command("nginx");
+        command.args(["-e", &format!("{root}/error.log"), "-p", &root.to_string(), "-c"]).arg(&conf_path);
+        let mut process = Process::spawn("nginx", command)?;
+        for addr in listen {
+            wait_for_tcp(netns, *addr, &mut process)?;
+        }
+        Ok(Nginx { process, _dir: dir })
+    }
+
+    pub fn process(&self) -> &Process {
+        &self.process
+    }
+}
+
+/// dnsmasq answering A and AAAA records for the given names, and nothing else (no upstream, no hosts file).
+#[derive(Debug)]
+pub struct Dnsmasq {
+    process: Process,
+}
+
+impl Dnsmasq {
+    pub fn start(netns: &Netns, listen: &str, records: &[(&str, &str)]) -> anyhow::Result<Dnsmasq> {
+        let mut command = netns.command("dnsmasq");
+        command.args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--no-poll",
+            "--bind-interfaces",
+            "--user=root",
+            "--pid-file=",
+            "--log-queries",
+            "--log-facility=-",
+        ]);
+        command.arg(format!("--listen-address={listen}"));
+        for (name, addr) in records {
+            command.arg(format!("--host-record={name},{addr}"));
+        }
+        let mut process = Process::spawn("dnsmasq", command)?;
+        let addr: SocketAddr = format!("{listen}:53").parse().context("dnsmasq's listen address")?;
+        wait_for_tcp(netns, addr, &mut process)?;
+        Ok(Dnsmasq { process })
+    }
+
+    pub fn process(&self) -> &Process {
+        &self.process
+    }
+}
+
+/// Waits until something accepts TCP connections on `addr` inside `netns`.
+pub fn wait_for_tcp(netns: &Netns, addr: SocketAddr, process: &mut Process) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if netns.enter(|| TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())? {
+            return Ok(());
+        }
+        if let Some(status) = process.exited() {
+            bail!("{} exited with {status} before listening on {addr}:\n{}", process.name(), process.log());
+        }
+        if Instant::now() > deadline {
+            bail!("{} is not listening on {addr} after 10 s:\n{}", process.name(), process.log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The HTTP status `curl` gets for `url` from inside `netns`, or None when it gets no response in time.
+pub fn http_status(netns: &Netns, url: &str, timeout: Duration) -> Option<u16> {
+    let output = netns_curl(netns, url, timeout).ok()?;
+    String::from_utf8_lossy(&output.stdout).trim().parse().ok().filter(|&code| code != 0)
+}
+
+fn netns_curl(netns: &Netns, url: &str, timeout: Duration) -> std::io::Result<std::process::Output> {
+    let mut command: Command = netns.command("curl");
+    command
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time"])
+        .arg(format!("{:.1}", timeout.as_secs_f64()))
+        .arg(url);
+    command.output()
+}
+
+/// A UDP socket bound inside a namespace that counts the datagrams reaching it.
+#[derive(Debug)]
+pub struct UdpSink {
+    socket: std::net::UdpSocket,
+}
+
+impl UdpSink {
+    pub fn bind(netns: &Netns, addr: SocketAddr) -> anyhow::Result<UdpSink> {
+        let socket = netns
+            .enter(|| std::net::UdpSocket::bind(addr))?
+            .with_context(|| format!("binding UDP {addr} in {}", netns.name()))?;
+        socket.set_read_timeout(Some(Duration::from_millis(300)))?;
+        Ok(UdpSink { socket })
+    }
+
+    /// Datagrams received until none arrives for 300 ms.
+    pub fn drain(&self) -> usize {
+        let mut buf = [0u8; 2048];
+        let mut count = 0;
+        while self.socket.recv(&mut buf).is_ok() {
+            count += 1;
+        }
+        count
+    }
+}
+
+/// Sends `count` datagrams of `payload` bytes from inside `netns` to `dst`.
+pub fn send_udp(netns: &Netns, dst: SocketAddr, count: usize, payload: usize) -> anyhow::Result<()> {
+    let bind: SocketAddr = if dst.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("constant");
+    let socket = netns.enter(|| std::net::UdpSocket::bind(bind))??;
+    let data = vec![0x5a; payload];
+    for _ in 0..count {
+        socket.send_to(&data, dst).with_context(|| format!("sending UDP to {dst}"))?;
+        // Paced, so no datagram is lost to a full queue: the counts must be exact.
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
+}

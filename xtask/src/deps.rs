@@ -1,0 +1,87 @@
+//! Installs, idempotently, what building and testing Sluice need on a Debian machine.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{bail, Context};
+
+/// Debian's Rust with a prebuilt `core` for the BPF targets, and the LLVM bpf-linker links against.
+const BPF_TOOLCHAIN_PACKAGES: &[&str] =
+    &["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf", "llvm-22-dev", "libpolly-22-dev", "zlib1g-dev", "libzstd-dev"];
+/// Programs the tests and the sandbox run, and the package of each.
+const PEERS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("sysctl", "procps"),
+    ("curl", "curl"),
+    ("nginx", "nginx-light"),
+    ("dnsmasq", "dnsmasq-base"),
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+pub const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
+pub const DEBIAN_CARGO: &str = "/usr/bin/cargo";
+
+pub fn install() -> anyhow::Result<()> {
+    let mut packages: Vec<&str> = Vec::new();
+    if !Path::new(DEBIAN_RUSTC).is_file() || !Path::new("/usr/lib/rustlib/bpfel-unknown-none").is_dir() {
+        packages.extend(BPF_TOOLCHAIN_PACKAGES);
+    }
+    for (program, package) in PEERS {
+        if !on_path(program) && !Path::new("/usr/sbin").join(program).is_file() {
+            packages.push(package);
+        }
+    }
+    if !packages.is_empty() {
+        apt_install(&packages)?;
+    }
+    if !bpf_linker_ok() {
+        install_bpf_linker()?;
+    }
+    Ok(())
+}
+
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    let by_hand = format!("apt-get update && apt-get install -y {}", packages.join(" "));
+    if !nix::unistd::geteuid().is_root() {
+        bail!("missing Debian packages {}: installing them needs root; run by hand: {by_hand}", packages.join(", "));
+    }
+    eprintln!("xtask: installing Debian packages: {}", packages.join(" "));
+    let update = crate::run(Command::new("apt-get").args(["update", "-q"]));
+    let install = update.and_then(|()| {
+        crate::run(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(packages)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    });
+    install.with_context(|| format!("installing Debian packages (is the package registry reachable?); by hand: {by_hand}"))
+}
+
+fn bpf_linker_ok() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success() && String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION))
+}
+
+fn install_bpf_linker() -> anyhow::Result<()> {
+    let llvm = "/usr/lib/llvm-22";
+    let path = format!("{llvm}/bin:{}", std::env::var("PATH").unwrap_or_default());
+    let by_hand = format!(
+        "PATH={llvm}/bin:$PATH LLVM_PREFIX={llvm} cargo install bpf-linker --version {BPF_LINKER_VERSION} \
+         --no-default-features --features llvm-22"
+    );
+    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
+    crate::run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("PATH", path)
+            .env("LLVM_PREFIX", llvm),
+    )
+    .with_context(|| format!("installing bpf-linker; by hand: {by_hand}"))
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
