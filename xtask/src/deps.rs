@@ -5,8 +5,15 @@ use std::{path::Path, process::Command};
 use anyhow::{bail, Context};
 
 /// Debian's Rust with a prebuilt `core` for the BPF targets, and the LLVM bpf-linker links against.
-const BPF_TOOLCHAIN_PACKAGES: &[&str] =
-    &["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf", "llvm-22-dev", "libpolly-22-dev", "zlib1g-dev", "libzstd-dev"];
+const BPF_TOOLCHAIN_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+];
 /// Programs the tests and the sandbox run, and the package of each.
 const PEERS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
@@ -53,7 +60,8 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )
     });
-    install.with_context(|| format!("installing Debian packages (is the package registry reachable?); by hand: {by_hand}"))
+    install
+        .with_context(|| format!("installing Debian packages (is the package registry reachable?); by hand: {by_hand}"))
 }
 
 fn bpf_linker_ok() -> bool {
@@ -82,6 +90,5 @@ fn install_bpf_linker() -> anyhow::Result<()> {
 }
 
 fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+    std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }

@@ -6,7 +6,9 @@ pub fn run() -> anyhow::Result<()> {
     crate::deps::install()?;
     let root = crate::root();
     crate::run(build::cargo().args(["fmt", "--all", "--", "--check"]))?;
-    crate::run(build::cargo().args(["fmt", "--manifest-path"]).arg(root.join("ebpf/Cargo.toml")).args(["--", "--check"]))?;
+    crate::run(
+        build::cargo().args(["fmt", "--manifest-path"]).arg(root.join("ebpf/Cargo.toml")).args(["--", "--check"]),
+    )?;
     build::ebpf()?;
     crate::run(build::cargo().args(["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"]))?;
     build::agent(Profile::Debug)?;
