@@ -3,11 +3,11 @@
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::counter::ConstCounter,
+    metrics::{counter::ConstCounter, MetricType},
     registry::Registry,
 };
 
-use crate::datapath::VerdictCounters;
+use crate::datapath::{VerdictCounters, VerdictTotals};
 
 /// Builds the registry the metrics endpoint serves.
 pub fn registry(datapath: VerdictCounters) -> Registry {
@@ -22,18 +22,24 @@ struct DatapathCollector(VerdictCounters);
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let totals = self.0.read();
-        let families: [(&str, &str, fn(&crate::datapath::VerdictTotals) -> u64); 2] = [
-            ("sluice_datapath_packets", "Packets classified by the eBPF datapath, by verdict.", |t| t.packets),
-            ("sluice_datapath_bytes", "Bytes classified by the eBPF datapath, by verdict.", |t| t.bytes),
-        ];
-        for (name, help, value) in families {
-            let mut family =
-                encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
-            for total in &totals {
-                let labels = [("verdict", total.verdict.label())];
-                ConstCounter::new(value(total)).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        Ok(())
+        let packets = "Packets classified by the eBPF datapath, by verdict.";
+        encode_per_verdict(&mut encoder, "sluice_datapath_packets", packets, &totals, |t| t.packets)?;
+        let bytes = "Bytes classified by the eBPF datapath, by verdict.";
+        encode_per_verdict(&mut encoder, "sluice_datapath_bytes", bytes, &totals, |t| t.bytes)
     }
+}
+
+fn encode_per_verdict(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    totals: &[VerdictTotals],
+    value: impl Fn(&VerdictTotals) -> u64,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for total in totals {
+        let labels = [("verdict", total.verdict.label())];
+        ConstCounter::new(value(total)).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
 }
