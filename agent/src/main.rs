@@ -107,8 +107,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 
 async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
     // Bind first: a port in use fails before anything touches the kernel.
-    let metrics = tokio::net::TcpListener::bind(args.metrics_addr).await.with_context(|| {
-        format!("binding the metrics listener on {} (is another sluice running? see --metrics-addr)", args.metrics_addr)
+    let metrics = tokio::net::TcpListener::bind(args.metrics_addr).await.map_err(|error| {
+        anyhow::anyhow!(
+            "binding the metrics listener on {}: {error} (is another sluice running? see --metrics-addr)",
+            args.metrics_addr
+        )
     })?;
     let policy = DatapathPolicy { mode: args.outbound_traffic_policy, allow_cidrs: args.allow_cidr, rules: args.allow };
     let mut datapath = Datapath::load()?;

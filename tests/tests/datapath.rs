@@ -157,3 +157,30 @@ fn an_unknown_interface_is_refused_and_nothing_is_left_attached() {
     send_udp(&topology.workload, addr(SERVER_A, 6000), 3, PAYLOAD).unwrap();
     assert_eq!(sink.drain(), 3, "the interface attached before the failure was detached again");
 }
+
+#[test]
+fn a_metrics_port_in_use_is_refused_before_anything_is_attached() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _first = Agent::start(&topology.gateway, &["--intercept", GATEWAY_WORKLOAD_IFACE]).unwrap();
+    let sink = UdpSink::bind(&topology.internet, addr(SERVER_A, 6000)).unwrap();
+
+    let (status, output) = Agent::run_to_end(
+        &topology.gateway,
+        &[
+            "run",
+            "--intercept",
+            GATEWAY_WORKLOAD_IFACE,
+            "--outbound-traffic-policy",
+            "REGISTRY_ONLY",
+            "--metrics-addr",
+            sluice_tests::agent::METRICS_ADDR,
+        ],
+    )
+    .unwrap();
+
+    assert!(!status.success(), "{output}");
+    assert!(output.contains("binding the metrics listener on 127.0.0.1:15090: Address already in use"), "{output}");
+    send_udp(&topology.workload, addr(SERVER_A, 6000), 3, PAYLOAD).unwrap();
+    assert_eq!(sink.drain(), 3, "the refused agent blackholed nothing");
+}
