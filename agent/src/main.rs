@@ -1,18 +1,17 @@
 //! The `sluice` command: runs the egress gateway agent on a node.
 
-mod datapath;
-mod policy;
-mod telemetry;
-
-use std::{net::SocketAddr, process::ExitCode, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
+use sluice_agent::{
+    datapath::{self, Datapath, InterceptRouting},
+    policy::{self, BlackholeAction, DatapathPolicy, L4Rule, OutboundMode},
+    proxy::{self, transparent_listener::TransparentListener},
+    telemetry,
+};
 use tokio::signal::unix::{signal, SignalKind};
-
-use datapath::Datapath;
-use policy::{DatapathPolicy, L4Rule, OutboundMode};
 
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "Sluice: an eBPF-accelerated egress gateway node agent")]
@@ -25,6 +24,8 @@ struct Cli {
 enum Command {
     /// Run the agent: enforce egress policy in the kernel on the intercepted interfaces.
     Run(RunArgs),
+    /// Remove everything a previous agent left in the kernel: links, program, maps, policy routing.
+    Cleanup(CleanupArgs),
     /// Print the version.
     Version,
 }
@@ -36,10 +37,14 @@ struct RunArgs {
     /// routed traffic arrives on). Repeatable.
     #[arg(long = "intercept", value_name = "IFACE", required = true)]
     intercept: Vec<String>,
-    /// What happens to traffic no rule allows: passes (ALLOW_ANY, Istio's default) or is dropped in the
+    /// What happens to traffic no rule allows: passes (ALLOW_ANY, Istio's default) or is blackholed in the
     /// kernel (REGISTRY_ONLY).
     #[arg(long, value_enum, value_name = "MODE", default_value = "ALLOW_ANY")]
     outbound_traffic_policy: OutboundMode,
+    /// What the kernel does with blackholed packets: drop them (clients time out) or reject them (TCP RST,
+    /// ICMP administratively prohibited: clients fail at once).
+    #[arg(long, value_enum, default_value = "drop")]
+    blackhole: BlackholeAction,
     /// A destination allowed at L4: ADDR[/LEN]:PORT/PROTO, e.g. 203.0.113.10:443/tcp or [2001:db8::/64]:53/udp.
     /// Repeatable.
     #[arg(long = "allow", value_name = "ADDR[/LEN]:PORT/PROTO")]
@@ -47,22 +52,43 @@ struct RunArgs {
     /// A range always allowed, any protocol and port (cluster pod and service ranges, DNS servers). Repeatable.
     #[arg(long = "allow-cidr", value_name = "CIDR", value_parser = parse_cidr)]
     allow_cidr: Vec<IpNet>,
+    /// A TCP port whose traffic, to any destination not allowed above, is handed to the proxy. Repeatable.
+    #[arg(long = "intercept-port", value_name = "PORT")]
+    intercept_port: Vec<u16>,
+    /// The transparent proxy's listener port.
+    #[arg(long, value_name = "PORT", default_value_t = proxy::transparent_listener::DEFAULT_PORT)]
+    proxy_port: u16,
     /// Where Prometheus scrapes `/stats/prometheus`.
     #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:15090")]
     metrics_addr: SocketAddr,
+    /// Directory on a bpf filesystem where the maps, program and links are pinned.
+    #[arg(long, value_name = "DIR", default_value = datapath::DEFAULT_PIN_DIR)]
+    bpffs: PathBuf,
+    /// On exit, remove everything from the kernel (by default the last policy stays enforced: fail closed).
+    #[arg(long)]
+    cleanup_on_exit: bool,
+}
+
+#[derive(Args)]
+struct CleanupArgs {
+    /// The pin directory the agent ran with.
+    #[arg(long, value_name = "DIR", default_value = datapath::DEFAULT_PIN_DIR)]
+    bpffs: PathBuf,
 }
 
 const RUN_HELP: &str = "\
 Running on a real node:
   Sluice runs as root (CAP_BPF and CAP_NET_ADMIN) on each gateway node, usually as a DaemonSet with
   hostNetwork. Name every interface that egress traffic enters the node on with --intercept; the classifier
-  is attached to its TC ingress hook (TCX, so a CNI's own programs keep running). Traffic to the node itself
-  and to in-cluster ranges should be listed with --allow-cidr when running REGISTRY_ONLY.
+  is attached to its TC ingress hook (TCX, ahead of a CNI's own programs, which still run for the traffic
+  Sluice passes). In REGISTRY_ONLY, list traffic to the node itself and to in-cluster ranges with --allow-cidr.
 
   sluice run --intercept eth1 --outbound-traffic-policy REGISTRY_ONLY \\
-      --allow-cidr 10.0.0.0/8 --allow 203.0.113.10:443/tcp
+      --allow-cidr 10.0.0.0/8 --allow 203.0.113.10:443/tcp --intercept-port 80
 
-  Stopping the agent (SIGINT or SIGTERM) detaches the classifier from every interface.";
+  The maps, program and links are pinned under --bpffs: when the agent stops or dies, the kernel keeps
+  enforcing the last policy, and the next agent adopts the pins without a gap. `sluice cleanup` (or
+  --cleanup-on-exit) removes them, and the policy routing for intercepted traffic with them.";
 
 fn parse_cidr(text: &str) -> Result<IpNet, String> {
     policy::l4::parse_net(text).ok_or_else(|| format!("'{text}' is not an IP address or CIDR"))
@@ -76,7 +102,8 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => runtime().and_then(|rt| rt.block_on(run(args))),
+        Command::Cleanup(args) => runtime().and_then(|rt| rt.block_on(cleanup(&args.bpffs))),
         Command::Version => {
             // The one line this command exists to print.
             use std::io::Write;
@@ -93,50 +120,85 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: RunArgs) -> anyhow::Result<()> {
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     if !nix::unistd::geteuid().is_root() {
-        bail!("sluice run needs root (CAP_BPF and CAP_NET_ADMIN to load and attach eBPF): run it as root");
+        bail!("sluice needs root (CAP_BPF and CAP_NET_ADMIN to load and attach eBPF): run it as root");
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(run_agent(args))
+        .context("starting the async runtime")
 }
 
-async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
-    // Bind first: a port in use fails before anything touches the kernel.
-    let metrics = tokio::net::TcpListener::bind(args.metrics_addr).await.map_err(|error| {
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Listeners first: a port in use fails before anything touches the kernel.
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_addr).await.map_err(|error| {
         anyhow::anyhow!(
             "binding the metrics listener on {}: {error} (is another sluice running? see --metrics-addr)",
             args.metrics_addr
         )
     })?;
-    let policy = DatapathPolicy { mode: args.outbound_traffic_policy, allow_cidrs: args.allow_cidr, rules: args.allow };
-    let mut datapath = Datapath::load()?;
+    let intercepting = !args.intercept_port.is_empty();
+    let transparent = if intercepting {
+        let listener = TransparentListener::bind(args.proxy_port).map_err(|error| {
+            anyhow::anyhow!("binding the transparent listener on port {}: {error} (see --proxy-port)", args.proxy_port)
+        })?;
+        Some(Arc::new(listener))
+    } else {
+        None
+    };
+    let policy = DatapathPolicy {
+        mode: args.outbound_traffic_policy,
+        blackhole: args.blackhole,
+        allow_cidrs: args.allow_cidr,
+        rules: args.allow,
+        intercept_ports: args.intercept_port,
+        proxy_port: if intercepting { args.proxy_port } else { 0 },
+    };
+
+    Datapath::check_interfaces(&args.intercept)?;
+    let mut datapath = Datapath::load(&args.bpffs)?;
+    let routing = InterceptRouting::connect().context("connecting to rtnetlink")?;
+    if intercepting {
+        routing.install().await?;
+    }
     datapath.apply(&policy)?;
     for interface in &args.intercept {
         datapath.attach(interface)?;
     }
+    let detached = datapath.detach_others()?;
     tracing::info!(
         interfaces = ?datapath.attached(),
+        adopted = ?datapath.adopted(),
+        detached = ?detached,
         mode = ?policy.mode,
+        blackhole = ?policy.blackhole,
         rules = policy.rules.len(),
         allow_cidrs = policy.allow_cidrs.len(),
+        intercept_ports = ?policy.intercept_ports,
         metrics = %args.metrics_addr,
+        bpffs = %args.bpffs.display(),
         "datapath attached"
     );
+
     let counters = datapath.counters();
-    let registry = Arc::new(telemetry::metrics::registry(counters.clone()));
-    let server = tokio::spawn(telemetry::server::serve_metrics(metrics, registry));
+    let metrics = telemetry::metrics::registry(counters.clone(), datapath.blackholed());
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(events) = datapath.take_events() {
+        tasks.spawn(telemetry::blocked_flows::watch(events, metrics.blocked_flows.clone()));
+    }
+    tasks.spawn(telemetry::server::serve_metrics(metrics_listener, Arc::new(metrics.registry)));
+    if let Some(listener) = transparent {
+        tasks.spawn(proxy::tcp::serve(listener, policy.mode));
+    }
 
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "stopping"),
         _ = terminate.recv() => tracing::info!(signal = "SIGTERM", "stopping"),
     }
-    server.abort();
+    tasks.abort_all();
     for total in counters.read() {
         tracing::info!(
             verdict = total.verdict.label(),
@@ -146,6 +208,22 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     drop(datapath);
-    tracing::info!("datapath detached");
+    if args.cleanup_on_exit {
+        remove_all(&args.bpffs, &routing).await
+    } else {
+        tracing::info!(bpffs = %args.bpffs.display(), "policy stays enforced in the kernel (sluice cleanup removes it)");
+        Ok(())
+    }
+}
+
+async fn cleanup(bpffs: &std::path::Path) -> anyhow::Result<()> {
+    let routing = InterceptRouting::connect().context("connecting to rtnetlink")?;
+    remove_all(bpffs, &routing).await
+}
+
+async fn remove_all(bpffs: &std::path::Path, routing: &InterceptRouting) -> anyhow::Result<()> {
+    let removed = datapath::cleanup(bpffs)?;
+    routing.remove().await?;
+    tracing::info!(bpffs = %bpffs.display(), ?removed, "removed from the kernel");
     Ok(())
 }

@@ -1,6 +1,8 @@
-//! Packet parsing: Ethernet (with up to two VLAN tags), IPv4 with options, IPv6 with extension headers, L4 ports.
+//! Packet parsing: Ethernet (with up to two VLAN tags), IPv4 with options and fragments, IPv6 with extension
+//! headers, and the L4 ports. Every read is bounds-checked by the kernel (`bpf_skb_load_bytes`).
 
 use aya_ebpf::programs::TcContext;
+use sluice_common::{FAMILY_V4, FAMILY_V6};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -8,7 +10,7 @@ const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 
 const IPPROTO_HOPOPTS: u8 = 0;
-const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ROUTING: u8 = 43;
 const IPPROTO_FRAGMENT: u8 = 44;
@@ -17,21 +19,30 @@ const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_DSTOPTS: u8 = 60;
 const IPPROTO_SCTP: u8 = 132;
 
-/// How many IPv6 extension headers are skipped before the packet counts as malformed.
-const MAX_IPV6_EXTENSIONS: usize = 4;
+/// IPv6 extension headers skipped before the rest counts as an unknown protocol.
+const MAX_IPV6_EXTENSIONS: usize = 6;
 
 /// The packet could not be parsed far enough to classify it.
 pub struct Malformed;
 
-/// Where an IP packet is going. `port` is 0 where the protocol has none or the packet carries no L4 header
-/// (non-first fragments).
-pub enum Destination {
-    V4 { addr: [u8; 4], proto: u8, port: u16 },
-    V6 { addr: [u8; 16], proto: u8, port: u16 },
+/// One IP packet's flow. IPv4 addresses sit in the first 4 bytes of `src` and `dst`, the rest zero. Ports are
+/// in host byte order, 0 where the protocol has none or the packet carries no L4 header (non-first fragments).
+pub struct Flow {
+    pub family: u8,
+    pub proto: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// Offset of the IP header.
+    pub l3: usize,
+    /// Offset of the L4 header; meaningful only when `first_fragment`.
+    pub l4: usize,
+    pub first_fragment: bool,
 }
 
 pub enum Packet {
-    Ip(Destination),
+    Ip(Flow),
     /// Not IP, or IPv6 link control (neighbour discovery, MLD) that must always flow.
     Other,
 }
@@ -42,7 +53,7 @@ fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, Malformed> {
 }
 
 #[inline(always)]
-fn load_be16(ctx: &TcContext, offset: usize) -> Result<u16, Malformed> {
+pub fn load_be16(ctx: &TcContext, offset: usize) -> Result<u16, Malformed> {
     Ok(u16::from_be_bytes(load::<[u8; 2]>(ctx, offset)?))
 }
 
@@ -66,60 +77,88 @@ pub fn packet(ctx: &TcContext) -> Result<Packet, Malformed> {
     }
 }
 
+#[inline(never)]
 fn ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, Malformed> {
     let version_ihl: u8 = load(ctx, l3)?;
     let header_len = usize::from(version_ihl & 0x0f) * 4;
     if version_ihl >> 4 != 4 || header_len < 20 {
         return Err(Malformed);
     }
+    let total_len = usize::from(load_be16(ctx, l3 + 2)?);
+    if total_len < header_len {
+        return Err(Malformed);
+    }
     let fragment = load_be16(ctx, l3 + 6)?;
     let proto: u8 = load(ctx, l3 + 9)?;
-    let addr: [u8; 4] = load(ctx, l3 + 16)?;
-    let first_fragment = fragment & 0x1fff == 0;
-    let port = if first_fragment { dst_port(ctx, proto, l3 + header_len)? } else { 0 };
-    Ok(Packet::Ip(Destination::V4 { addr, proto, port }))
+    let mut flow = Flow {
+        family: FAMILY_V4,
+        proto,
+        src: [0; 16],
+        dst: [0; 16],
+        src_port: 0,
+        dst_port: 0,
+        l3,
+        l4: l3 + header_len,
+        first_fragment: fragment & 0x1fff == 0,
+    };
+    let src: [u8; 4] = load(ctx, l3 + 12)?;
+    let dst: [u8; 4] = load(ctx, l3 + 16)?;
+    flow.src[..4].copy_from_slice(&src);
+    flow.dst[..4].copy_from_slice(&dst);
+    ports(ctx, &mut flow)?;
+    Ok(Packet::Ip(flow))
 }
 
+#[inline(never)]
 fn ipv6(ctx: &TcContext, l3: usize) -> Result<Packet, Malformed> {
     let version: u8 = load(ctx, l3)?;
     if version >> 4 != 6 {
         return Err(Malformed);
     }
     let mut next: u8 = load(ctx, l3 + 6)?;
-    let addr: [u8; 16] = load(ctx, l3 + 24)?;
-    let mut offset = l3 + 40;
-    let mut first_fragment = true;
+    let mut flow = Flow {
+        family: FAMILY_V6,
+        proto: 0,
+        src: load(ctx, l3 + 8)?,
+        dst: load(ctx, l3 + 24)?,
+        src_port: 0,
+        dst_port: 0,
+        l3,
+        l4: l3 + 40,
+        first_fragment: true,
+    };
     for _ in 0..MAX_IPV6_EXTENSIONS {
         let header_len = match next {
-            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => (usize::from(load::<u8>(ctx, offset + 1)?) + 1) * 8,
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => (usize::from(load::<u8>(ctx, flow.l4 + 1)?) + 1) * 8,
             IPPROTO_FRAGMENT => {
-                first_fragment = load_be16(ctx, offset + 2)? & 0xfff8 == 0;
+                flow.first_fragment = load_be16(ctx, flow.l4 + 2)? & 0xfff8 == 0;
                 8
             }
-            IPPROTO_AH => (usize::from(load::<u8>(ctx, offset + 1)?) + 2) * 4,
+            IPPROTO_AH => (usize::from(load::<u8>(ctx, flow.l4 + 1)?) + 2) * 4,
             _ => break,
         };
-        next = load(ctx, offset)?;
-        offset += header_len;
+        next = load(ctx, flow.l4)?;
+        flow.l4 += header_len;
     }
-    if matches!(next, IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_FRAGMENT | IPPROTO_AH) {
-        return Err(Malformed);
-    }
-    if next == IPPROTO_ICMPV6 && first_fragment {
+    // More extension headers than are skipped leave an extension header as the protocol: it matches no L4
+    // entry, so the packet is treated as unmatched.
+    flow.proto = next;
+    if next == IPPROTO_ICMPV6 && flow.first_fragment {
         // Router/neighbour discovery and multicast listener messages keep the link working.
-        let icmp_type: u8 = load(ctx, offset)?;
+        let icmp_type: u8 = load(ctx, flow.l4)?;
         if matches!(icmp_type, 130..=137 | 143) {
             return Ok(Packet::Other);
         }
     }
-    let port = if first_fragment { dst_port(ctx, next, offset)? } else { 0 };
-    Ok(Packet::Ip(Destination::V6 { addr, proto: next, port }))
+    ports(ctx, &mut flow)?;
+    Ok(Packet::Ip(flow))
 }
 
 #[inline(always)]
-fn dst_port(ctx: &TcContext, proto: u8, l4: usize) -> Result<u16, Malformed> {
-    match proto {
-        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => load_be16(ctx, l4 + 2),
-        _ => Ok(0),
+fn ports(ctx: &TcContext, flow: &mut Flow) -> Result<(), Malformed> {
+    if flow.first_fragment && matches!(flow.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+        flow.src_port = load_be16(ctx, flow.l4)?;
+        flow.dst_port = load_be16(ctx, flow.l4 + 2)?;
     }
+    Ok(())
 }

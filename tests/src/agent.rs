@@ -29,27 +29,85 @@ pub fn binary() -> PathBuf {
     path
 }
 
+/// A bpf filesystem mounted on a temporary directory (outside /sys, so that it is the same one inside
+/// `ip netns exec`), for one test's pins; unmounted on drop, which releases whatever is still pinned there.
+#[derive(Debug)]
+pub struct Bpffs {
+    dir: tempfile::TempDir,
+}
+
+impl Bpffs {
+    pub fn mount() -> anyhow::Result<Bpffs> {
+        let dir = tempfile::Builder::new().prefix("sluice-bpffs-").tempdir().context("creating a bpffs mount point")?;
+        nix::mount::mount(Some("bpf"), dir.path(), Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .with_context(|| format!("mounting a bpf filesystem on {}", dir.path().display()))?;
+        Ok(Bpffs { dir })
+    }
+
+    /// The agent's pin directory on this filesystem.
+    pub fn pin_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("sluice")
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(self.dir.path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 #[derive(Debug)]
 pub struct Agent<'a> {
     netns: &'a Netns,
     process: Process,
+    metrics: SocketAddr,
+    _bpffs: Option<Bpffs>,
 }
 
 impl<'a> Agent<'a> {
-    /// Starts `sluice run ARGS… --metrics-addr 127.0.0.1:15090` in `netns` and waits until it is attached.
-    pub fn start(netns: &'a Netns, args: &[&str]) -> anyhow::Result<Agent<'a>> {
+    /// Starts `sluice run ARGS… --cleanup-on-exit` in `netns` (ARGS split at spaces), with pins on a bpffs of
+    /// its own and metrics on 127.0.0.1:15090 unless ARGS say otherwise, and waits until it is attached.
+    pub fn start(netns: &'a Netns, args: &str) -> anyhow::Result<Agent<'a>> {
+        let bpffs = Bpffs::mount()?;
+        let mut agent = Agent::start_pinned(netns, &bpffs, &format!("{args} --cleanup-on-exit"))?;
+        agent._bpffs = Some(bpffs);
+        Ok(agent)
+    }
+
+    /// Starts `sluice run ARGS…` pinning under `bpffs`, which outlives the agent (restarts, crashes).
+    pub fn start_pinned(netns: &'a Netns, bpffs: &Bpffs, args: &str) -> anyhow::Result<Agent<'a>> {
         let mut command = netns.command(binary().to_str().context("agent path is not UTF-8")?);
-        command.arg("run").args(args).args(["--metrics-addr", METRICS_ADDR]);
+        let mut args: Vec<&str> = args.split_whitespace().collect();
+        let metrics = match args.iter().position(|a| *a == "--metrics-addr") {
+            Some(i) => args.get(i + 1).context("--metrics-addr without a value")?.parse()?,
+            None => {
+                args.extend(["--metrics-addr", METRICS_ADDR]);
+                METRICS_ADDR.parse().expect("constant address")
+            }
+        };
+        command.arg("run").args(&args);
+        command.arg("--bpffs").arg(bpffs.pin_dir());
         command.env("SLUICE_LOG", "debug");
         let process = Process::spawn("sluice", command)?;
-        let mut agent = Agent { netns, process };
+        let mut agent = Agent { netns, process, metrics, _bpffs: None };
         agent.wait_ready()?;
         Ok(agent)
     }
 
+    /// Kills the agent outright (SIGKILL), as a crash would.
+    pub fn kill(mut self) -> String {
+        let _ =
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.process.pid() as i32), nix::sys::signal::SIGKILL);
+        self.process.stop(std::time::Duration::from_secs(5));
+        self.process.log()
+    }
+
     /// Runs `sluice ARGS…` in `netns` to completion: its exit status and everything it printed.
-    pub fn run_to_end(netns: &Netns, args: &[&str]) -> anyhow::Result<(ExitStatus, String)> {
-        let output = netns.command(binary().to_str().context("agent path is not UTF-8")?).args(args).output()?;
+    pub fn run_to_end(netns: &Netns, args: &str) -> anyhow::Result<(ExitStatus, String)> {
+        let output = netns
+            .command(binary().to_str().context("agent path is not UTF-8")?)
+            .args(args.split_whitespace())
+            .output()?;
         let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
         Ok((output.status, text))
     }
@@ -72,7 +130,7 @@ impl<'a> Agent<'a> {
 
     /// The Prometheus text the agent serves.
     pub fn metrics(&self) -> anyhow::Result<String> {
-        fetch_metrics(self.netns, METRICS_ADDR.parse().expect("constant address"))
+        fetch_metrics(self.netns, self.metrics)
     }
 
     /// The value of one series, e.g. `sluice_datapath_packets_total{verdict="allowed"}`; 0 when absent.

@@ -37,6 +37,10 @@ impl Netns {
             .with_context(|| format!("creating network namespace {name}"))?;
         let netns = Netns { name };
         netns.ip(&["link", "set", "dev", "lo", "up"])?;
+        // No duplicate address detection: link-local addresses are usable at once.
+        for scope in ["all", "default"] {
+            netns.sysctl(&format!("net.ipv6.conf.{scope}.accept_dad"), "0")?;
+        }
         Ok(netns)
     }
 

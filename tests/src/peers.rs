@@ -107,6 +107,14 @@ pub fn http_status(netns: &Netns, url: &str, timeout: Duration) -> Option<u16> {
     String::from_utf8_lossy(&output.stdout).trim().parse().ok().filter(|&code| code != 0)
 }
 
+/// The body `curl` gets for `url` from inside `netns`, or None when the request fails.
+pub fn http_body(netns: &Netns, url: &str, timeout: Duration) -> Option<String> {
+    let mut command: Command = netns.command("curl");
+    command.args(["-s", "--fail", "--max-time"]).arg(format!("{:.1}", timeout.as_secs_f64())).arg(url);
+    let output = command.output().ok()?;
+    output.status.success().then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 fn netns_curl(netns: &Netns, url: &str, timeout: Duration) -> std::io::Result<std::process::Output> {
     let mut command: Command = netns.command("curl");
     command

@@ -101,6 +101,28 @@ impl Topology {
         internet.ip(&["route", "add", "default", "via", GATEWAY_INTERNET_ADDR])?;
         internet.ip(&["-6", "route", "add", "default", "via", "fd00:240:2::1"])?;
 
+        // Until the kernel's link watcher marks a link operationally up (up to a second after carrier), it
+        // drops what is sent on it: wait for that, so the first packet of a test is not lost.
+        for (netns, interface) in
+            [(&workload, "wl0"), (&gateway, GATEWAY_WORKLOAD_IFACE), (&gateway, "gw-net"), (&internet, "inet0")]
+        {
+            wait_operationally_up(netns, interface)?;
+        }
         Ok(Topology { workload, gateway, internet })
+    }
+}
+
+fn wait_operationally_up(netns: &Netns, interface: &str) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let output =
+            std::process::Command::new("ip").args(["-n", netns.name(), "link", "show", "dev", interface]).output()?;
+        if String::from_utf8_lossy(&output.stdout).contains("state UP") {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("{interface} in {} is not operationally up after 5 s", netns.name());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }

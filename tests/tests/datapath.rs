@@ -1,20 +1,27 @@
 //! The eBPF classifier on real traffic: a workload sends through the gateway namespace, where the agent has
 //! attached it, to servers in the internet namespace.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    io::ErrorKind,
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
 
 use sluice_tests::{
-    peers::{http_status, send_udp, Nginx, UdpSink},
+    agent::{sample, Bpffs},
+    peers::{http_body, http_status, send_udp, Nginx, UdpSink},
     require_root,
-    topology::{GATEWAY_WORKLOAD_IFACE, SERVER_A, SERVER_B},
+    topology::{GATEWAY_WORKLOAD_IFACE, SERVER_A, SERVER_A_V6, SERVER_B, WORKLOAD_ADDR},
     Agent, Topology,
 };
 
 /// Ethernet + IPv4 + UDP headers: what the classifier counts beyond the payload.
 const UDP_V4_OVERHEAD: u64 = 14 + 20 + 8;
 const PAYLOAD: usize = 100;
+const QUICK: Duration = Duration::from_secs(2);
 
 fn addr(host: &str, port: u16) -> SocketAddr {
+    let host = if host.contains(':') { format!("[{host}]") } else { host.to_owned() };
     format!("{host}:{port}").parse().expect("test address")
 }
 
@@ -22,40 +29,26 @@ fn series(name: &str, verdict: &str) -> String {
     format!("sluice_datapath_{name}_total{{verdict=\"{verdict}\"}}")
 }
 
-const QUICK: Duration = Duration::from_secs(2);
+fn registry_only(extra: &str) -> String {
+    format!("--intercept {GATEWAY_WORKLOAD_IFACE} --outbound-traffic-policy REGISTRY_ONLY {extra}")
+}
 
 #[test]
 fn registry_only_drops_unlisted_destinations_in_the_kernel_and_counts_them() {
     require_root();
     let topology = Topology::new().unwrap();
     let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80), addr(SERVER_A, 8080)], "server a").unwrap();
-    assert_eq!(
-        http_status(&topology.workload, &format!("http://{SERVER_A}:8080/"), QUICK),
-        Some(200),
-        "without the agent, port 8080 is reachable"
-    );
+    let url_8080 = format!("http://{SERVER_A}:8080/");
+    assert_eq!(http_status(&topology.workload, &url_8080, QUICK), Some(200), "without the agent, 8080 is reachable");
 
     let agent = Agent::start(
         &topology.gateway,
-        &[
-            "--intercept",
-            GATEWAY_WORKLOAD_IFACE,
-            "--outbound-traffic-policy",
-            "REGISTRY_ONLY",
-            "--allow",
-            &format!("{SERVER_A}:80/tcp"),
-            "--allow",
-            &format!("{SERVER_A}:5353/udp"),
-        ],
+        &registry_only(&format!("--allow {SERVER_A}:80/tcp --allow {SERVER_A}:5353/udp")),
     )
     .unwrap();
 
     assert_eq!(http_status(&topology.workload, &format!("http://{SERVER_A}/"), QUICK), Some(200), "{}", agent.log());
-    assert_eq!(
-        http_status(&topology.workload, &format!("http://{SERVER_A}:8080/"), QUICK),
-        None,
-        "8080 is not allowed"
-    );
+    assert_eq!(http_status(&topology.workload, &url_8080, QUICK), None, "8080 is not allowed");
 
     let allowed = UdpSink::bind(&topology.internet, addr(SERVER_A, 5353)).unwrap();
     let blocked = UdpSink::bind(&topology.internet, addr(SERVER_A, 6000)).unwrap();
@@ -74,24 +67,28 @@ fn registry_only_drops_unlisted_destinations_in_the_kernel_and_counts_them() {
     assert_eq!(after("packets", "blackholed") - blackholed_packets, 7);
     assert_eq!(after("bytes", "blackholed") - blackholed_bytes, 7 * (UDP_V4_OVERHEAD + PAYLOAD as u64));
 
+    let metrics = agent.metrics().unwrap();
+    let destination = format!("sluice_blackholed_packets_total{{destination=\"{SERVER_A}:6000\",protocol=\"udp\"}}");
+    assert_eq!(sample(&metrics, &destination), Some(7), "{metrics}");
+    // One UDP flow (one source port), reported once through the event ring buffer, and logged.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !agent.log().contains(&format!("dst={SERVER_A}:6000")) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(agent.log().contains(&format!("dst={SERVER_A}:6000")), "{}", agent.log());
+    assert!(agent.sample("sluice_blocked_flows_total").unwrap() >= 1);
+
     let (status, log) = agent.stop();
     assert!(status.is_some_and(|s| s.success()), "the agent stops cleanly on SIGTERM:\n{log}");
-    assert_eq!(
-        http_status(&topology.workload, &format!("http://{SERVER_A}:8080/"), QUICK),
-        Some(200),
-        "a stopped agent leaves nothing attached"
-    );
+    assert_eq!(http_status(&topology.workload, &url_8080, QUICK), Some(200), "cleanup on exit detaches");
 }
 
 #[test]
 fn allow_any_passes_unlisted_destinations_as_passthrough() {
     require_root();
     let topology = Topology::new().unwrap();
-    let agent = Agent::start(
-        &topology.gateway,
-        &["--intercept", GATEWAY_WORKLOAD_IFACE, "--allow", &format!("{SERVER_A}:5353/udp")],
-    )
-    .unwrap();
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --allow {SERVER_A}:5353/udp");
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
     let sink = UdpSink::bind(&topology.internet, addr(SERVER_B, 6000)).unwrap();
     let passthrough = agent.sample(&series("packets", "passthrough")).unwrap();
 
@@ -106,18 +103,7 @@ fn allow_cidr_admits_every_port_and_protocol_in_the_range() {
     require_root();
     let topology = Topology::new().unwrap();
     let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_B, 8080)], "server b").unwrap();
-    let _agent = Agent::start(
-        &topology.gateway,
-        &[
-            "--intercept",
-            GATEWAY_WORKLOAD_IFACE,
-            "--outbound-traffic-policy",
-            "REGISTRY_ONLY",
-            "--allow-cidr",
-            "203.0.113.16/28",
-        ],
-    )
-    .unwrap();
+    let _agent = Agent::start(&topology.gateway, &registry_only("--allow-cidr 203.0.113.16/28")).unwrap();
     let sink = UdpSink::bind(&topology.internet, addr(SERVER_B, 7777)).unwrap();
 
     send_udp(&topology.workload, addr(SERVER_B, 7777), 3, PAYLOAD).unwrap();
@@ -128,26 +114,170 @@ fn allow_cidr_admits_every_port_and_protocol_in_the_range() {
 }
 
 #[test]
+fn ipv6_destinations_are_policed_like_ipv4() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A_V6, 80), addr(SERVER_A_V6, 8080)], "v6").unwrap();
+    let agent = Agent::start(&topology.gateway, &registry_only(&format!("--allow [{SERVER_A_V6}]:80/tcp"))).unwrap();
+
+    let status = http_status(&topology.workload, &format!("http://[{SERVER_A_V6}]/"), QUICK);
+    assert_eq!(status, Some(200), "{}\n{}", agent.log(), agent.metrics().unwrap());
+    assert_eq!(http_status(&topology.workload, &format!("http://[{SERVER_A_V6}]:8080/"), QUICK), None);
+}
+
+#[test]
+fn reject_mode_makes_blocked_connections_fail_at_once() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 8080), addr(SERVER_A_V6, 8080)], "a").unwrap();
+    let agent = Agent::start(&topology.gateway, &registry_only("--blackhole reject")).unwrap();
+
+    for target in [addr(SERVER_A, 8080), addr(SERVER_A_V6, 8080)] {
+        let started = Instant::now();
+        let result = topology.workload.enter(|| TcpStream::connect_timeout(&target, Duration::from_secs(3))).unwrap();
+        let error = result.expect_err("a blocked connect fails");
+        assert_eq!(error.kind(), ErrorKind::ConnectionRefused, "{target}: {error}");
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{target}: took {:?}\n{}",
+            started.elapsed(),
+            agent.metrics().unwrap()
+        );
+    }
+
+    // UDP gets ICMP administratively prohibited, which a connected socket reports: as EHOSTUNREACH for ICMP
+    // (type 3 code 13), as EACCES for ICMPv6 (type 1 code 1).
+    for (target, errno) in
+        [(addr(SERVER_A, 6000), nix::libc::EHOSTUNREACH), (addr(SERVER_A_V6, 6000), nix::libc::EACCES)]
+    {
+        let bind = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        let socket = topology.workload.enter(|| std::net::UdpSocket::bind(bind)).unwrap().unwrap();
+        socket.connect(target).unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        socket.send(b"ping").unwrap();
+        let error = socket.recv(&mut [0u8; 64]).expect_err("the answer is an ICMP error");
+        assert_eq!(error.raw_os_error(), Some(errno), "{target}: {error}");
+    }
+}
+
+#[test]
+fn intercepted_connections_reach_the_proxy_with_their_original_destination() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let servers = [addr(SERVER_A, 80), addr(SERVER_A, 8080), addr(SERVER_A_V6, 80)];
+    let _nginx = Nginx::start(&topology.internet, &servers, "saw $remote_addr").unwrap();
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80");
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+
+    let proxied = http_body(&topology.workload, &format!("http://{SERVER_A}/"), QUICK).unwrap();
+    assert_eq!(proxied.trim(), "saw 10.240.2.1", "the server sees the gateway's proxy:\n{}", agent.log());
+    let direct = http_body(&topology.workload, &format!("http://{SERVER_A}:8080/"), QUICK).unwrap();
+    assert_eq!(direct.trim(), format!("saw {WORKLOAD_ADDR}"), "other ports are forwarded by the kernel");
+    let proxied_v6 = http_body(&topology.workload, &format!("http://[{SERVER_A_V6}]/"), QUICK).unwrap();
+    assert_eq!(proxied_v6.trim(), "saw fd00:240:2::1");
+
+    assert!(agent.log().contains(&format!("original_dst={SERVER_A}:80")), "{}", agent.log());
+    assert!(agent.log().contains(&format!("original_dst=[{SERVER_A_V6}]:80")), "{}", agent.log());
+    assert!(agent.sample(&series("packets", "intercepted")).unwrap() >= 6, "handshake, request, ack at least");
+}
+
+#[test]
+fn a_killed_agent_keeps_enforcing_and_a_restarted_one_adopts_its_pins() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let bpffs = Bpffs::mount().unwrap();
+    let allowed = UdpSink::bind(&topology.internet, addr(SERVER_A, 5353)).unwrap();
+    let blocked = UdpSink::bind(&topology.internet, addr(SERVER_A, 6000)).unwrap();
+    let args = registry_only(&format!("--allow {SERVER_A}:5353/udp"));
+
+    let first = Agent::start_pinned(&topology.gateway, &bpffs, &args).unwrap();
+    send_udp(&topology.workload, addr(SERVER_A, 6000), 4, PAYLOAD).unwrap();
+    assert_eq!(blocked.drain(), 0);
+    let counted = first.sample(&series("packets", "blackholed")).unwrap();
+    first.kill();
+
+    send_udp(&topology.workload, addr(SERVER_A, 5353), 3, PAYLOAD).unwrap();
+    send_udp(&topology.workload, addr(SERVER_A, 6000), 3, PAYLOAD).unwrap();
+    assert_eq!(allowed.drain(), 3, "with no agent, the allowed destination still passes");
+    assert_eq!(blocked.drain(), 0, "with no agent, the kernel still blackholes (fail closed)");
+
+    let second = Agent::start_pinned(&topology.gateway, &bpffs, &args).unwrap();
+    assert!(second.log().contains(&format!("adopted=[\"{GATEWAY_WORKLOAD_IFACE}\"]")), "{}", second.log());
+    assert!(
+        second.sample(&series("packets", "blackholed")).unwrap() >= counted + 3,
+        "the counters of the adopted maps go on from where they were"
+    );
+    send_udp(&topology.workload, addr(SERVER_A, 6000), 2, PAYLOAD).unwrap();
+    assert_eq!(blocked.drain(), 0);
+    second.kill();
+
+    let (status, output) =
+        Agent::run_to_end(&topology.gateway, &format!("cleanup --bpffs {}", bpffs.pin_dir().display())).unwrap();
+    assert!(status.success(), "{output}");
+    assert!(!bpffs.pin_dir().exists(), "cleanup removes every pin");
+    send_udp(&topology.workload, addr(SERVER_A, 6000), 2, PAYLOAD).unwrap();
+    assert_eq!(blocked.drain(), 2, "after cleanup nothing is attached");
+}
+
+#[test]
+fn cleanup_removes_the_policy_routing_for_intercepted_traffic() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let bpffs = Bpffs::mount().unwrap();
+    let agent = Agent::start_pinned(
+        &topology.gateway,
+        &bpffs,
+        &format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80"),
+    )
+    .unwrap();
+    let rules = |family: &str| {
+        let output = topology.gateway.command("ip").args([family, "rule", "show"]).output().unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    assert!(rules("-4").contains("fwmark 0x200/0xf00 lookup 100"), "{}", rules("-4"));
+    assert!(rules("-6").contains("fwmark 0x200/0xf00 lookup 100"), "{}", rules("-6"));
+    agent.kill();
+
+    let (status, output) =
+        Agent::run_to_end(&topology.gateway, &format!("cleanup --bpffs {}", bpffs.pin_dir().display())).unwrap();
+
+    assert!(status.success(), "{output}");
+    assert!(!rules("-4").contains("fwmark 0x200"), "{}", rules("-4"));
+    assert!(!rules("-6").contains("fwmark 0x200"), "{}", rules("-6"));
+    let table = topology.gateway.command("ip").args(["route", "show", "table", "100"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&table.stdout).trim().is_empty(), "table 100 is empty");
+}
+
+#[test]
+fn another_tc_program_on_the_interface_still_sees_what_sluice_passes() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE}");
+    let first = Agent::start(&topology.gateway, &args).unwrap();
+    let second = Agent::start(&topology.gateway, &format!("{args} --metrics-addr 127.0.0.1:15091")).unwrap();
+    let sink = UdpSink::bind(&topology.internet, addr(SERVER_B, 6000)).unwrap();
+    let before = [&first, &second].map(|agent| agent.sample(&series("packets", "passthrough")).unwrap());
+
+    send_udp(&topology.workload, addr(SERVER_B, 6000), 5, PAYLOAD).unwrap();
+
+    assert_eq!(sink.drain(), 5);
+    let after = [&first, &second].map(|agent| agent.sample(&series("packets", "passthrough")).unwrap());
+    assert_eq!([after[0] - before[0], after[1] - before[1]], [5, 5], "both programs ran on every packet");
+}
+
+#[test]
 fn an_unknown_interface_is_refused_and_nothing_is_left_attached() {
     require_root();
     let topology = Topology::new().unwrap();
     let sink = UdpSink::bind(&topology.internet, addr(SERVER_A, 6000)).unwrap();
+    let bpffs = Bpffs::mount().unwrap();
 
-    let (status, output) = Agent::run_to_end(
-        &topology.gateway,
-        &[
-            "run",
-            "--intercept",
-            GATEWAY_WORKLOAD_IFACE,
-            "--intercept",
-            "eth-missing",
-            "--outbound-traffic-policy",
-            "REGISTRY_ONLY",
-            "--metrics-addr",
-            "127.0.0.1:15090",
-        ],
-    )
-    .unwrap();
+    let args = format!(
+        "run --bpffs {} --intercept {GATEWAY_WORKLOAD_IFACE} --intercept eth-missing \
+         --outbound-traffic-policy REGISTRY_ONLY --metrics-addr 127.0.0.1:15090",
+        bpffs.pin_dir().display()
+    );
+    let (status, output) = Agent::run_to_end(&topology.gateway, &args).unwrap();
 
     assert!(!status.success(), "{output}");
     assert!(
@@ -155,29 +285,25 @@ fn an_unknown_interface_is_refused_and_nothing_is_left_attached() {
         "{output}"
     );
     send_udp(&topology.workload, addr(SERVER_A, 6000), 3, PAYLOAD).unwrap();
-    assert_eq!(sink.drain(), 3, "the interface attached before the failure was detached again");
+    assert_eq!(sink.drain(), 3, "no interface was attached");
+    assert!(!bpffs.pin_dir().exists(), "nothing was pinned");
 }
 
 #[test]
 fn a_metrics_port_in_use_is_refused_before_anything_is_attached() {
     require_root();
     let topology = Topology::new().unwrap();
-    let _first = Agent::start(&topology.gateway, &["--intercept", GATEWAY_WORKLOAD_IFACE]).unwrap();
+    let _first = Agent::start(&topology.gateway, &format!("--intercept {GATEWAY_WORKLOAD_IFACE}")).unwrap();
     let sink = UdpSink::bind(&topology.internet, addr(SERVER_A, 6000)).unwrap();
+    let bpffs = Bpffs::mount().unwrap();
 
-    let (status, output) = Agent::run_to_end(
-        &topology.gateway,
-        &[
-            "run",
-            "--intercept",
-            GATEWAY_WORKLOAD_IFACE,
-            "--outbound-traffic-policy",
-            "REGISTRY_ONLY",
-            "--metrics-addr",
-            sluice_tests::agent::METRICS_ADDR,
-        ],
-    )
-    .unwrap();
+    let args = format!(
+        "run --bpffs {} {} --metrics-addr {}",
+        bpffs.pin_dir().display(),
+        registry_only(""),
+        sluice_tests::agent::METRICS_ADDR
+    );
+    let (status, output) = Agent::run_to_end(&topology.gateway, &args).unwrap();
 
     assert!(!status.success(), "{output}");
     assert!(output.contains("binding the metrics listener on 127.0.0.1:15090: Address already in use"), "{output}");

@@ -36,7 +36,7 @@ pub fn ebpf() -> anyhow::Result<()> {
         .env("RUSTC", DEBIAN_RUSTC)
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("CARGO_TARGET_DIR")
-        .env_remove("RUSTFLAGS")
+        .env("RUSTFLAGS", "-D warnings")
         .env_remove("CARGO_ENCODED_RUSTFLAGS");
     crate::run(&mut command)
 }

@@ -1,21 +1,31 @@
-//! The kernel side: loads the classifier, writes the policy into its maps, attaches it to the intercepted
-//! interfaces and reads its counters.
+//! The kernel side: loads the classifier (adopting the maps and links a previous agent pinned), writes the
+//! policy into its maps a generation at a time, attaches it to the intercepted interfaces, and reads what it
+//! counted.
 
+mod blackholed;
 mod counters;
+mod generations;
 mod object;
-mod policy_maps;
+mod pins;
+mod routing;
 
-use std::io;
+use std::{io, path::Path};
 
 use aya::{
-    maps::{Array, MapData, MapError},
-    programs::{tc::TcAttachType, ProgramError, SchedClassifier},
-    Ebpf, EbpfError,
+    maps::{MapData, MapError, RingBuf},
+    programs::{
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions, TcAttachType, TcError},
+        LinkOrder, ProgramError, SchedClassifier,
+    },
+    Ebpf, EbpfError, EbpfLoader,
 };
 use sluice_common::names;
 
+pub use blackholed::{protocol_name, BlackholedDestination, BlackholedDestinations, BlockedFlow};
 pub use counters::{VerdictCounters, VerdictTotals};
-use policy_maps::PolicyMaps;
+pub use pins::{cleanup, DEFAULT_PIN_DIR};
+pub use routing::{InterceptRouting, MARK, MARK_MASK, ROUTE_TABLE, RULE_PRIORITY};
 
 use crate::policy::DatapathPolicy;
 
@@ -41,78 +51,151 @@ pub enum DatapathError {
         #[source]
         source: ProgramError,
     },
-    #[error("writing map {map}")]
+    #[error("adopting the pinned link {path}")]
+    Adopt {
+        path: String,
+        #[source]
+        source: LinkError,
+    },
+    #[error("map {map}")]
     Map {
         map: &'static str,
         #[source]
         source: MapError,
     },
-    #[error("the policy has {count} entries for map {map}, which holds {capacity}")]
+    #[error("the policy has {count} entries for map {map}, which holds {capacity} per generation")]
     Capacity { map: &'static str, count: usize, capacity: u32 },
+    #[error("{what} {path}: {error}")]
+    Pin { what: &'static str, path: String, error: String },
+    #[error("{0}")]
+    Bpffs(String),
 }
 
-/// The loaded classifier. Dropping it detaches the program from every interface it was attached to.
+/// The loaded classifier and its maps. Dropping it leaves the program attached and the policy in force:
+/// pinned links and maps outlive the agent, so the kernel keeps enforcing (fail closed) until `cleanup`.
 pub struct Datapath {
     ebpf: Ebpf,
-    config: Array<MapData, sluice_common::DatapathConfig>,
-    policy: PolicyMaps,
+    pins: pins::PinDir,
+    policy: generations::PolicyMaps,
     counters: VerdictCounters,
+    blackholed: BlackholedDestinations,
+    events: Option<RingBuf<MapData>>,
     attached: Vec<String>,
+    adopted: Vec<String>,
 }
 
 impl Datapath {
-    /// Loads the embedded object and its program into the kernel; nothing is attached yet.
-    pub fn load() -> Result<Self, DatapathError> {
-        let mut ebpf = Ebpf::load(object::OBJECT).map_err(DatapathError::Load)?;
-        let program: &mut SchedClassifier = program(&mut ebpf)?;
+    /// Loads the embedded object, reusing the maps pinned under `pin_dir` (created, on a bpf filesystem mounted
+    /// if need be, when absent), and loads its program into the kernel; nothing is attached yet.
+    pub fn load(pin_dir: &Path) -> Result<Self, DatapathError> {
+        let pins = pins::PinDir::prepare(pin_dir)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pins.path())
+            .load(object::OBJECT)
+            .map_err(DatapathError::Load)?;
+        let program = program(&mut ebpf)?;
         program.load().map_err(|source| match source {
             ProgramError::LoadError { io_error, verifier_log } => {
                 DatapathError::Verifier { program: names::PROGRAM, error: io_error, log: verifier_log.to_string() }
             }
             source => DatapathError::Program { program: names::PROGRAM, source },
         })?;
-        let config = Array::try_from(take_map(&mut ebpf, names::CONFIG)?)
-            .map_err(|source| DatapathError::Map { map: names::CONFIG, source })?;
-        let policy = PolicyMaps::take(&mut ebpf)?;
+        pins.pin_program(program)?;
+        let policy = generations::PolicyMaps::take(&mut ebpf)?;
         let counters = VerdictCounters::take(&mut ebpf)?;
-        Ok(Datapath { ebpf, config, policy, counters, attached: Vec::new() })
+        let blackholed = BlackholedDestinations::take(&mut ebpf)?;
+        let events = RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?)
+            .map_err(|source| DatapathError::Map { map: names::EVENTS, source })?;
+        Ok(Datapath {
+            ebpf,
+            pins,
+            policy,
+            counters,
+            blackholed,
+            events: Some(events),
+            attached: Vec::new(),
+            adopted: Vec::new(),
+        })
     }
 
-    /// Writes `policy` into the maps, replacing what was there.
+    /// Makes `policy` the one in force, atomically: packets see the old policy or the new, never a mix, and
+    /// none still sees the old one once this returns.
     pub fn apply(&mut self, policy: &DatapathPolicy) -> Result<(), DatapathError> {
-        self.policy.write(policy)?;
-        let config = sluice_common::DatapathConfig {
-            mode: match policy.mode {
-                crate::policy::OutboundMode::AllowAny => sluice_common::MODE_ALLOW_ANY,
-                crate::policy::OutboundMode::RegistryOnly => sluice_common::MODE_REGISTRY_ONLY,
-            },
-            blackhole: sluice_common::BLACKHOLE_DROP,
-        };
-        self.config.set(0, config, 0).map_err(|source| DatapathError::Map { map: names::CONFIG, source })
+        self.policy.write(policy)
     }
 
-    /// Attaches the classifier to `interface`'s ingress (TCX where the kernel has it, clsact otherwise).
+    /// Fails, naming the first, if any of `interfaces` does not exist: checked before anything is loaded, so a
+    /// mistyped --intercept leaves nothing half set up.
+    pub fn check_interfaces(interfaces: &[String]) -> Result<(), DatapathError> {
+        match interfaces.iter().find(|name| nix::net::if_::if_nametoindex(name.as_str()).is_err()) {
+            Some(name) => Err(DatapathError::InterfaceNotFound { interface: name.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Attaches the classifier to `interface`'s TC ingress (TCX, ahead of other programs) and pins the link. A
+    /// link pinned by a previous agent is taken over in place: the new program replaces the old atomically.
     pub fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
+        let link_path = self.pins.link(interface);
         let program = program(&mut self.ebpf)?;
-        program.attach(interface, TcAttachType::Ingress).map_err(|source| match source {
-            ProgramError::TcError(aya::programs::tc::TcError::IoError(error))
-                if error.raw_os_error() == Some(nix::errno::Errno::ENODEV as i32) =>
-            {
+        let attach_error = |source| match source {
+            ProgramError::TcError(TcError::IoError(error)) if error.raw_os_error() == Some(nix::libc::ENODEV) => {
                 DatapathError::InterfaceNotFound { interface: interface.to_owned() }
             }
             source => DatapathError::Attach { interface: interface.to_owned(), source },
-        })?;
+        };
+        let pinned = match PinnedLink::from_pin(&link_path) {
+            Ok(pinned) => Some(pinned),
+            Err(LinkError::SyscallError(error)) if error.io_error.kind() == io::ErrorKind::NotFound => None,
+            Err(source) => return Err(DatapathError::Adopt { path: link_path.display().to_string(), source }),
+        };
+        let adopted = pinned.is_some();
+        let link_id = match pinned {
+            Some(pinned) => {
+                let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                    .map_err(|source| DatapathError::Adopt { path: link_path.display().to_string(), source })?;
+                program.attach_to_link(link).map_err(attach_error)?
+            }
+            None => program
+                .attach_with_options(interface, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::first()))
+                .map_err(attach_error)?,
+        };
+        let link = program.take_link(link_id).map_err(attach_error)?;
+        self.pins.pin_link(link, &link_path)?;
         self.attached.push(interface.to_owned());
+        if adopted {
+            self.adopted.push(interface.to_owned());
+        }
         Ok(())
+    }
+
+    /// Detaches the interfaces a previous agent attached and this one was not asked to.
+    pub fn detach_others(&mut self) -> Result<Vec<String>, DatapathError> {
+        self.pins.unpin_links_except(&self.attached)
     }
 
     pub fn attached(&self) -> &[String] {
         &self.attached
     }
 
+    /// Interfaces whose pinned link was taken over from a previous agent.
+    pub fn adopted(&self) -> &[String] {
+        &self.adopted
+    }
+
     /// A reader of the per-verdict counters, for metrics.
     pub fn counters(&self) -> VerdictCounters {
         self.counters.clone()
+    }
+
+    /// A reader of the blackholed-destinations map, for metrics.
+    pub fn blackholed(&self) -> BlackholedDestinations {
+        self.blackholed.clone()
+    }
+
+    /// The blocked-flow event ring buffer (once).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
     }
 }
 

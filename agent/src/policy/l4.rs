@@ -103,13 +103,29 @@ pub fn parse_net(text: &str) -> Option<IpNet> {
     }
 }
 
+/// What the kernel does with a blackholed packet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BlackholeAction {
+    /// Drop silently: the client times out.
+    #[default]
+    Drop,
+    /// Answer TCP with a RST and other protocols with ICMP administratively prohibited: the client fails at once.
+    Reject,
+}
+
 /// Everything the classifier decides with: compiled from configuration, written to the maps whole.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DatapathPolicy {
     pub mode: OutboundMode,
+    pub blackhole: BlackholeAction,
     /// Always allowed, any protocol and port (cluster ranges, DNS servers).
     pub allow_cidrs: Vec<IpNet>,
+    /// Destinations forwarded by the kernel.
     pub rules: Vec<L4Rule>,
+    /// TCP ports whose traffic, to any destination not allowed above, goes to the proxy.
+    pub intercept_ports: Vec<u16>,
+    /// The transparent proxy's listener port; 0 when there is none (nothing is intercepted then).
+    pub proxy_port: u16,
 }
 
 #[cfg(test)]

@@ -2,4 +2,4 @@
 
 pub mod l4;
 
-pub use l4::{DatapathPolicy, L4Rule, OutboundMode};
+pub use l4::{BlackholeAction, DatapathPolicy, L4Rule, OutboundMode, Protocol};

@@ -1,31 +1,56 @@
-//! The metrics registry: datapath counters read from the kernel at scrape time.
+//! The metrics registry: datapath counters and blackholed destinations read from the kernel at scrape time.
 
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{counter::ConstCounter, MetricType},
+    metrics::{counter::ConstCounter, counter::Counter, MetricType},
     registry::Registry,
 };
 
-use crate::datapath::{VerdictCounters, VerdictTotals};
+use crate::datapath::{protocol_name, BlackholedDestinations, VerdictCounters, VerdictTotals};
 
-/// Builds the registry the metrics endpoint serves.
-pub fn registry(datapath: VerdictCounters) -> Registry {
+/// The registry the metrics endpoint serves, and the counters the agent's tasks increment.
+pub struct Metrics {
+    pub registry: Registry,
+    pub blocked_flows: Counter,
+}
+
+pub fn registry(counters: VerdictCounters, blackholed: BlackholedDestinations) -> Metrics {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(DatapathCollector(datapath)));
-    registry
+    registry.register_collector(Box::new(DatapathCollector { counters, blackholed }));
+    let blocked_flows = Counter::default();
+    registry.register(
+        "sluice_blocked_flows",
+        "Flows whose first packet the kernel blackholed (as reported through the event ring buffer).",
+        blocked_flows.clone(),
+    );
+    Metrics { registry, blocked_flows }
 }
 
 #[derive(Debug)]
-struct DatapathCollector(VerdictCounters);
+struct DatapathCollector {
+    counters: VerdictCounters,
+    blackholed: BlackholedDestinations,
+}
 
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let totals = self.0.read();
+        let totals = self.counters.read();
         let packets = "Packets classified by the eBPF datapath, by verdict.";
         encode_per_verdict(&mut encoder, "sluice_datapath_packets", packets, &totals, |t| t.packets)?;
         let bytes = "Bytes classified by the eBPF datapath, by verdict.";
-        encode_per_verdict(&mut encoder, "sluice_datapath_bytes", bytes, &totals, |t| t.bytes)
+        encode_per_verdict(&mut encoder, "sluice_datapath_bytes", bytes, &totals, |t| t.bytes)?;
+
+        let help = "Packets blackholed in the kernel, by destination (the most recently blocked destinations).";
+        let mut family = encoder.encode_descriptor("sluice_blackholed_packets", help, None, MetricType::Counter)?;
+        for destination in self.blackholed.read() {
+            let labels = [
+                ("destination", destination.destination.to_string()),
+                ("protocol", protocol_name(destination.protocol).to_owned()),
+            ];
+            ConstCounter::new(destination.packets).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }
 

@@ -1,4 +1,5 @@
-//! What the agent tells the outside: Prometheus metrics and the admin endpoints.
+//! What the agent tells the outside: Prometheus metrics, blocked-flow logs and the admin endpoints.
 
+pub mod blocked_flows;
 pub mod metrics;
 pub mod server;

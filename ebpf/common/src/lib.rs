@@ -1,19 +1,41 @@
 //! Map keys, values and constants shared by the eBPF classifier and the agent: the one contract between them.
+//!
+//! Policy maps hold two generations side by side: every key carries the generation it belongs to. The agent
+//! writes the inactive generation whole, switches `SLUICE_ACTIVE` to it, waits until no packet can still be
+//! using the old one, then deletes the old generation's keys. Packets never see a half-written policy.
 #![no_std]
 
 /// Names of the maps and programs in the eBPF object (kernel-visible names stay within 15 bytes).
 pub mod names {
     pub const PROGRAM: &str = "sluice_ingress";
+    pub const ACTIVE: &str = "SLUICE_ACTIVE";
     pub const CONFIG: &str = "SLUICE_CONFIG";
-    pub const L4_V4: &str = "SLUICE_L4_V4";
-    pub const L4_V6: &str = "SLUICE_L4_V6";
-    pub const ALLOW_V4: &str = "SLUICE_ALLOW_V4";
-    pub const ALLOW_V6: &str = "SLUICE_ALLOW_V6";
+    pub const EXACT_V4: &str = "SLUICE_EXACT4";
+    pub const EXACT_V6: &str = "SLUICE_EXACT6";
+    pub const CIDR_V4: &str = "SLUICE_CIDR4";
+    pub const CIDR_V6: &str = "SLUICE_CIDR6";
+    pub const ALLOW_V4: &str = "SLUICE_ALLOW4";
+    pub const ALLOW_V6: &str = "SLUICE_ALLOW6";
+    pub const PORTS: &str = "SLUICE_PORTS";
     pub const COUNTERS: &str = "SLUICE_COUNTERS";
+    pub const BLACKHOLED: &str = "SLUICE_BLACKHOL";
+    pub const FLOWS: &str = "SLUICE_FLOWS";
+    pub const EVENTS: &str = "SLUICE_EVENTS";
+    /// Every map, for pinning and cleanup.
+    pub const MAPS: [&str; 13] = [
+        ACTIVE, CONFIG, EXACT_V4, EXACT_V6, CIDR_V4, CIDR_V6, ALLOW_V4, ALLOW_V6, PORTS, COUNTERS, BLACKHOLED, FLOWS,
+        EVENTS,
+    ];
 }
 
-/// Capacity of each policy map; the agent rejects a policy that does not fit.
+/// Policy entries one generation may hold in each map; maps are sized for two generations.
 pub const MAX_RULES: u32 = 131_072;
+/// Destinations tracked in the blackholed-destinations map (least recently seen are evicted).
+pub const MAX_BLACKHOLED: u32 = 4096;
+/// Flows remembered to tell a flow's first blocked packet from the rest (least recently seen are evicted).
+pub const MAX_FLOWS: u32 = 65_536;
+/// Bytes of the blocked-flow event ring buffer.
+pub const EVENTS_BYTES: u32 = 256 * 1024;
 
 /// `DatapathConfig::mode`: unmatched traffic passes (Istio's PassthroughCluster).
 pub const MODE_ALLOW_ANY: u32 = 0;
@@ -22,77 +44,127 @@ pub const MODE_REGISTRY_ONLY: u32 = 1;
 
 /// `DatapathConfig::blackhole`: drop silently.
 pub const BLACKHOLE_DROP: u32 = 0;
+/// `DatapathConfig::blackhole`: answer TCP with a RST, other protocols with ICMP administratively prohibited.
+pub const BLACKHOLE_REJECT: u32 = 1;
 
-/// The one entry of the config array: what the classifier does with what no rule matches.
+/// What the classifier does with what no rule matches, and where intercepted flows go. One per generation.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DatapathConfig {
     pub mode: u32,
     pub blackhole: u32,
+    /// The transparent proxy listener's port, in host byte order; 0 when there is none.
+    pub proxy_port: u16,
+    pub _pad: u16,
+    /// The mark set on intercepted packets, which the agent's policy routing delivers locally.
+    pub mark: u32,
 }
 
 /// `Rule::action`: forward in the kernel.
 pub const ACTION_PASS: u32 = 1;
+/// `Rule::action`: hand to the agent's transparent proxy.
+pub const ACTION_INTERCEPT: u32 = 2;
 
-/// The value of an L4 rule.
+/// The value of a policy entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Rule {
     pub action: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` after which the entry no longer matches (entries learnt from DNS); 0 = never.
+    pub expires_ns: u64,
 }
 
-/// Bits of an L4 key that precede the address: protocol, padding and port.
+/// Bits of an L4 key that precede the address: protocol, generation and port.
 pub const L4_KEY_HEADER_BITS: u32 = 32;
+/// Bits of an always-allowed key that precede the address: generation and padding.
+pub const ALLOW_KEY_HEADER_BITS: u32 = 32;
 
-/// LPM key data of an IPv4 L4 rule: protocol and port are matched exactly, the address by prefix.
-/// The prefix length of such a key is `L4_KEY_HEADER_BITS + address prefix`.
+/// Key of an IPv4 L4 entry: exact in the hash map, and the data of an LPM key in the CIDR trie, whose prefix
+/// length is `L4_KEY_HEADER_BITS + the address prefix`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct L4V4 {
     pub proto: u8,
-    pub _pad: u8,
+    pub generation: u8,
     /// Destination port in network byte order.
     pub port: [u8; 2],
     pub addr: [u8; 4],
 }
 
-/// LPM key data of an IPv6 L4 rule (see [`L4V4`]).
+/// Key of an IPv6 L4 entry (see [`L4V4`]).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct L4V6 {
     pub proto: u8,
-    pub _pad: u8,
+    pub generation: u8,
     pub port: [u8; 2],
     pub addr: [u8; 16],
+}
+
+/// LPM key data of an IPv4 always-allowed range; prefix length `ALLOW_KEY_HEADER_BITS + the address prefix`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AllowV4 {
+    pub generation: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 4],
+}
+
+/// LPM key data of an IPv6 always-allowed range (see [`AllowV4`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AllowV6 {
+    pub generation: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+/// Key of a port-wide entry: every destination on this protocol and port (the proxy's HTTP ports).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    pub proto: u8,
+    pub generation: u8,
+    pub port: [u8; 2],
 }
 
 /// What the classifier decided for one packet; indexes the counters.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// Allowed at L4 by a rule or an always-allowed range; forwarded by the kernel.
+    /// Allowed at L4 by an entry or an always-allowed range; forwarded by the kernel.
     Allowed = 0,
     /// Unmatched in ALLOW_ANY; forwarded by the kernel (PassthroughCluster).
     Passthrough = 1,
-    /// Unmatched in REGISTRY_ONLY; dropped in the kernel (BlackHoleCluster).
-    Blackholed = 2,
-    /// Not IP, or link-local control traffic (neighbour discovery); left to the rest of the stack.
-    Ignored = 3,
-    /// Too short or malformed to classify; left to the rest of the stack, which drops what it cannot parse.
-    Malformed = 4,
+    /// Handed to the agent's transparent proxy.
+    Intercepted = 2,
+    /// Unmatched in REGISTRY_ONLY; dropped or rejected in the kernel (BlackHoleCluster).
+    Blackholed = 3,
+    /// Not IP, or link control (neighbour discovery, MLD); left to the rest of the stack.
+    Ignored = 4,
+    /// Too short or inconsistent to classify: dropped in REGISTRY_ONLY, left to the stack in ALLOW_ANY.
+    Malformed = 5,
 }
 
-pub const VERDICT_COUNT: u32 = 5;
+pub const VERDICT_COUNT: u32 = 6;
 
 impl Verdict {
-    pub const ALL: [Verdict; VERDICT_COUNT as usize] =
-        [Verdict::Allowed, Verdict::Passthrough, Verdict::Blackholed, Verdict::Ignored, Verdict::Malformed];
+    pub const ALL: [Verdict; VERDICT_COUNT as usize] = [
+        Verdict::Allowed,
+        Verdict::Passthrough,
+        Verdict::Intercepted,
+        Verdict::Blackholed,
+        Verdict::Ignored,
+        Verdict::Malformed,
+    ];
 
     /// The label the agent exports for this verdict.
     pub const fn label(self) -> &'static str {
         match self {
             Verdict::Allowed => "allowed",
             Verdict::Passthrough => "passthrough",
+            Verdict::Intercepted => "intercepted",
             Verdict::Blackholed => "blackholed",
             Verdict::Ignored => "ignored",
             Verdict::Malformed => "malformed",
@@ -108,6 +180,51 @@ pub struct Counter {
     pub bytes: u64,
 }
 
+/// `family` of keys and events that hold either address family in 16 bytes.
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// A blackholed destination. IPv4 addresses sit in the first 4 bytes of `addr`, the rest zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DestinationKey {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub proto: u8,
+    /// Destination port in network byte order.
+    pub port: [u8; 2],
+}
+
+/// How often a destination was blackholed, and when last.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DestinationStats {
+    pub packets: u64,
+    /// `bpf_ktime_get_ns()` of the last packet.
+    pub last_seen_ns: u64,
+}
+
+/// A flow (5-tuple); IPv4 addresses in the first 4 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: [u8; 2],
+}
+
+/// The first blocked packet of a flow, sent to the agent through the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockedFlowEvent {
+    pub flow: FlowKey,
+    pub timestamp_ns: u64,
+}
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -116,5 +233,12 @@ mod user {
     unsafe impl aya::Pod for Rule {}
     unsafe impl aya::Pod for L4V4 {}
     unsafe impl aya::Pod for L4V6 {}
+    unsafe impl aya::Pod for AllowV4 {}
+    unsafe impl aya::Pod for AllowV6 {}
+    unsafe impl aya::Pod for PortKey {}
     unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for DestinationKey {}
+    unsafe impl aya::Pod for DestinationStats {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for BlockedFlowEvent {}
 }

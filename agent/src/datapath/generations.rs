@@ -1,0 +1,239 @@
+//! Writes a policy into the classifier's maps as a new generation and switches to it: every key carries its
+//! generation, `SLUICE_ACTIVE` says which one is in force, and the old generation is deleted only once no
+//! packet can still be using it.
+
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError},
+    Ebpf, Pod,
+};
+use ipnet::IpNet;
+use sluice_common::{
+    names, AllowV4, AllowV6, DatapathConfig, PortKey, Rule, ACTION_INTERCEPT, ACTION_PASS, ALLOW_KEY_HEADER_BITS,
+    BLACKHOLE_DROP, BLACKHOLE_REJECT, L4V4, L4V6, L4_KEY_HEADER_BITS, MAX_RULES, MODE_ALLOW_ANY, MODE_REGISTRY_ONLY,
+};
+
+use super::{routing::MARK, take_map, DatapathError};
+use crate::policy::{BlackholeAction, DatapathPolicy, OutboundMode, Protocol};
+
+pub(super) struct PolicyMaps {
+    active: Array<MapData, u32>,
+    config: Array<MapData, DatapathConfig>,
+    exact_v4: HashMap<MapData, L4V4, Rule>,
+    exact_v6: HashMap<MapData, L4V6, Rule>,
+    cidr_v4: LpmTrie<MapData, L4V4, Rule>,
+    cidr_v6: LpmTrie<MapData, L4V6, Rule>,
+    allow_v4: LpmTrie<MapData, AllowV4, u32>,
+    allow_v6: LpmTrie<MapData, AllowV6, u32>,
+    ports: HashMap<MapData, PortKey, Rule>,
+    /// Whether the inactive generation is known to be empty (not so for maps adopted from a previous agent).
+    inactive_empty: bool,
+}
+
+/// One generation's entries, built before any map is touched.
+#[derive(Default)]
+struct Entries {
+    exact_v4: Vec<(L4V4, Rule)>,
+    exact_v6: Vec<(L4V6, Rule)>,
+    cidr_v4: Vec<(Key<L4V4>, Rule)>,
+    cidr_v6: Vec<(Key<L4V6>, Rule)>,
+    allow_v4: Vec<(Key<AllowV4>, u32)>,
+    allow_v6: Vec<(Key<AllowV6>, u32)>,
+    ports: Vec<(PortKey, Rule)>,
+}
+
+impl PolicyMaps {
+    pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
+        fn typed<T: TryFrom<aya::maps::Map, Error = MapError>>(
+            ebpf: &mut Ebpf,
+            name: &'static str,
+        ) -> Result<T, DatapathError> {
+            T::try_from(take_map(ebpf, name)?).map_err(|source| DatapathError::Map { map: name, source })
+        }
+        Ok(PolicyMaps {
+            active: typed(ebpf, names::ACTIVE)?,
+            config: typed(ebpf, names::CONFIG)?,
+            exact_v4: typed(ebpf, names::EXACT_V4)?,
+            exact_v6: typed(ebpf, names::EXACT_V6)?,
+            cidr_v4: typed(ebpf, names::CIDR_V4)?,
+            cidr_v6: typed(ebpf, names::CIDR_V6)?,
+            allow_v4: typed(ebpf, names::ALLOW_V4)?,
+            allow_v6: typed(ebpf, names::ALLOW_V6)?,
+            ports: typed(ebpf, names::PORTS)?,
+            inactive_empty: false,
+        })
+    }
+
+    pub(super) fn write(&mut self, policy: &DatapathPolicy) -> Result<(), DatapathError> {
+        let current = self.active.get(&0, 0).map_err(|source| DatapathError::Map { map: names::ACTIVE, source })? & 1;
+        let next = current ^ 1;
+        let entries = Entries::build(policy, next as u8);
+        entries.check_capacity()?;
+        if !self.inactive_empty {
+            self.delete_generation(next as u8)?;
+        }
+        self.insert(&entries)?;
+        self.config.set(next, config(policy), 0).map_err(|source| DatapathError::Map { map: names::CONFIG, source })?;
+        self.active.set(0, next, 0).map_err(|source| DatapathError::Map { map: names::ACTIVE, source })?;
+        wait_for_running_programs();
+        self.delete_generation(current as u8)?;
+        self.inactive_empty = true;
+        Ok(())
+    }
+
+    fn insert(&mut self, entries: &Entries) -> Result<(), DatapathError> {
+        let fail = |map| move |source| DatapathError::Map { map, source };
+        for (key, rule) in &entries.exact_v4 {
+            self.exact_v4.insert(key, rule, 0).map_err(fail(names::EXACT_V4))?;
+        }
+        for (key, rule) in &entries.exact_v6 {
+            self.exact_v6.insert(key, rule, 0).map_err(fail(names::EXACT_V6))?;
+        }
+        for (key, rule) in &entries.cidr_v4 {
+            self.cidr_v4.insert(key, rule, 0).map_err(fail(names::CIDR_V4))?;
+        }
+        for (key, rule) in &entries.cidr_v6 {
+            self.cidr_v6.insert(key, rule, 0).map_err(fail(names::CIDR_V6))?;
+        }
+        for (key, value) in &entries.allow_v4 {
+            self.allow_v4.insert(key, value, 0).map_err(fail(names::ALLOW_V4))?;
+        }
+        for (key, value) in &entries.allow_v6 {
+            self.allow_v6.insert(key, value, 0).map_err(fail(names::ALLOW_V6))?;
+        }
+        for (key, rule) in &entries.ports {
+            self.ports.insert(key, rule, 0).map_err(fail(names::PORTS))?;
+        }
+        Ok(())
+    }
+
+    fn delete_generation(&mut self, generation: u8) -> Result<(), DatapathError> {
+        delete_hash(&mut self.exact_v4, names::EXACT_V4, |k| k.generation == generation)?;
+        delete_hash(&mut self.exact_v6, names::EXACT_V6, |k| k.generation == generation)?;
+        delete_hash(&mut self.ports, names::PORTS, |k| k.generation == generation)?;
+        delete_trie(&mut self.cidr_v4, names::CIDR_V4, |k| k.generation == generation)?;
+        delete_trie(&mut self.cidr_v6, names::CIDR_V6, |k| k.generation == generation)?;
+        delete_trie(&mut self.allow_v4, names::ALLOW_V4, |k| k.generation == generation)?;
+        delete_trie(&mut self.allow_v6, names::ALLOW_V6, |k| k.generation == generation)
+    }
+}
+
+impl Entries {
+    fn build(policy: &DatapathPolicy, generation: u8) -> Entries {
+        let mut entries = Entries::default();
+        let pass = Rule { action: ACTION_PASS, ..Rule::default() };
+        for rule in &policy.rules {
+            let (proto, port) = (rule.protocol.number(), rule.port.to_be_bytes());
+            match rule.net {
+                IpNet::V4(net) => {
+                    let key = L4V4 { proto, generation, port, addr: net.network().octets() };
+                    if net.prefix_len() == 32 {
+                        entries.exact_v4.push((key, pass));
+                    } else {
+                        entries.cidr_v4.push((Key::new(L4_KEY_HEADER_BITS + u32::from(net.prefix_len()), key), pass));
+                    }
+                }
+                IpNet::V6(net) => {
+                    let key = L4V6 { proto, generation, port, addr: net.network().octets() };
+                    if net.prefix_len() == 128 {
+                        entries.exact_v6.push((key, pass));
+                    } else {
+                        entries.cidr_v6.push((Key::new(L4_KEY_HEADER_BITS + u32::from(net.prefix_len()), key), pass));
+                    }
+                }
+            }
+        }
+        for net in &policy.allow_cidrs {
+            let bits = ALLOW_KEY_HEADER_BITS + u32::from(net.prefix_len());
+            match net {
+                IpNet::V4(net) => entries
+                    .allow_v4
+                    .push((Key::new(bits, AllowV4 { generation, _pad: [0; 3], addr: net.network().octets() }), 1)),
+                IpNet::V6(net) => entries
+                    .allow_v6
+                    .push((Key::new(bits, AllowV6 { generation, _pad: [0; 3], addr: net.network().octets() }), 1)),
+            }
+        }
+        if policy.proxy_port != 0 {
+            let intercept = Rule { action: ACTION_INTERCEPT, ..Rule::default() };
+            for port in &policy.intercept_ports {
+                let key = PortKey { proto: Protocol::Tcp.number(), generation, port: port.to_be_bytes() };
+                entries.ports.push((key, intercept));
+            }
+        }
+        entries
+    }
+
+    fn check_capacity(&self) -> Result<(), DatapathError> {
+        let sizes = [
+            (names::EXACT_V4, self.exact_v4.len()),
+            (names::EXACT_V6, self.exact_v6.len()),
+            (names::CIDR_V4, self.cidr_v4.len()),
+            (names::CIDR_V6, self.cidr_v6.len()),
+            (names::ALLOW_V4, self.allow_v4.len()),
+            (names::ALLOW_V6, self.allow_v6.len()),
+        ];
+        match sizes.into_iter().find(|(_, count)| *count > MAX_RULES as usize) {
+            Some((map, count)) => Err(DatapathError::Capacity { map, count, capacity: MAX_RULES }),
+            None => Ok(()),
+        }
+    }
+}
+
+fn config(policy: &DatapathPolicy) -> DatapathConfig {
+    DatapathConfig {
+        mode: match policy.mode {
+            OutboundMode::AllowAny => MODE_ALLOW_ANY,
+            OutboundMode::RegistryOnly => MODE_REGISTRY_ONLY,
+        },
+        blackhole: match policy.blackhole {
+            BlackholeAction::Drop => BLACKHOLE_DROP,
+            BlackholeAction::Reject => BLACKHOLE_REJECT,
+        },
+        proxy_port: policy.proxy_port,
+        _pad: 0,
+        mark: MARK,
+    }
+}
+
+fn delete_hash<K: Pod, V: Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    doomed: impl Fn(&K) -> bool,
+) -> Result<(), DatapathError> {
+    let keys: Vec<K> = map.keys().filter_map(Result::ok).filter(|k| doomed(k)).collect();
+    for key in keys {
+        match map.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(source) => return Err(DatapathError::Map { map: name, source }),
+        }
+    }
+    Ok(())
+}
+
+fn delete_trie<K: Pod, V: Pod>(
+    map: &mut LpmTrie<MapData, K, V>,
+    name: &'static str,
+    doomed: impl Fn(&K) -> bool,
+) -> Result<(), DatapathError> {
+    let keys: Vec<Key<K>> = map.keys().filter_map(Result::ok).filter(|k| doomed(&k.data())).collect();
+    for key in keys {
+        match map.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(source) => return Err(DatapathError::Map { map: name, source }),
+        }
+    }
+    Ok(())
+}
+
+/// Returns once every classifier run that may have read the previous generation has finished: TC programs run
+/// inside RCU read-side sections, and `membarrier(MEMBARRIER_CMD_GLOBAL)` waits for an RCU grace period.
+fn wait_for_running_programs() {
+    const MEMBARRIER_CMD_GLOBAL: nix::libc::c_int = 1;
+    // SAFETY: membarrier takes two integers and touches no memory of ours.
+    let result = unsafe { nix::libc::syscall(nix::libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if result != 0 {
+        // Kernels with nohz_full CPUs refuse it; a classifier run takes microseconds.
+        tracing::debug!(error = %std::io::Error::last_os_error(), "membarrier unavailable; waiting 10 ms instead");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}

@@ -1,0 +1,120 @@
+//! The policy routing that delivers intercepted packets to the local proxy: marked packets look up a table
+//! whose only routes are `local 0.0.0.0/0` and `local ::/0`. Installed and removed through rtnetlink.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use rtnetlink::{
+    packet_route::{
+        route::{RouteMessage, RouteScope, RouteType},
+        rule::{RuleAction, RuleAttribute, RuleMessage},
+        AddressFamily,
+    },
+    Handle, RouteMessageBuilder,
+};
+
+/// The mark the classifier sets on intercepted packets, and the bits of it that are Sluice's.
+pub const MARK: u32 = 0x200;
+pub const MARK_MASK: u32 = 0xf00;
+pub const ROUTE_TABLE: u32 = 100;
+pub const RULE_PRIORITY: u32 = 9000;
+const LOOPBACK_IFINDEX: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{what} (policy routing for intercepted traffic: fwmark {MARK:#x}/{MARK_MASK:#x} → table {ROUTE_TABLE})")]
+pub struct RoutingError {
+    what: String,
+    #[source]
+    source: rtnetlink::Error,
+}
+
+/// The rules and routes for interception, in the agent's network namespace.
+pub struct InterceptRouting {
+    handle: Handle,
+}
+
+impl InterceptRouting {
+    /// Connects to rtnetlink (the connection task runs on the current tokio runtime).
+    pub fn connect() -> std::io::Result<Self> {
+        let (connection, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(connection);
+        Ok(InterceptRouting { handle })
+    }
+
+    /// Installs the rules and routes; installing them again replaces them.
+    pub async fn install(&self) -> Result<(), RoutingError> {
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            // Rules are not replaced by the kernel, so an old copy is removed first.
+            let _ = self.handle.rule().del(rule(family)).execute().await;
+            let mut add = self.handle.rule().add();
+            *add.message_mut() = rule(family);
+            add.execute()
+                .await
+                .map_err(|source| RoutingError { what: format!("adding the {family:?} rule"), source })?;
+            self.handle
+                .route()
+                .add(route(family))
+                .replace()
+                .execute()
+                .await
+                .map_err(|source| RoutingError { what: format!("adding the {family:?} local route"), source })?;
+        }
+        Ok(())
+    }
+
+    /// Removes the rules and routes; what is already gone is not an error.
+    pub async fn remove(&self) -> Result<(), RoutingError> {
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            ignore_missing(self.handle.rule().del(rule(family)).execute().await, || {
+                format!("removing the {family:?} rule")
+            })?;
+            ignore_missing(self.handle.route().del(route(family)).execute().await, || {
+                format!("removing the {family:?} local route")
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn ignore_missing(result: Result<(), rtnetlink::Error>, what: impl Fn() -> String) -> Result<(), RoutingError> {
+    match result {
+        Err(rtnetlink::Error::NetlinkError(message))
+            if message.raw_code() == -nix::libc::ENOENT || message.raw_code() == -nix::libc::ESRCH =>
+        {
+            Ok(())
+        }
+        Err(source) => Err(RoutingError { what: what(), source }),
+        Ok(()) => Ok(()),
+    }
+}
+
+fn rule(family: AddressFamily) -> RuleMessage {
+    let mut message = RuleMessage::default();
+    message.header.family = family;
+    message.header.action = RuleAction::ToTable;
+    message.header.table = 0;
+    message.attributes.push(RuleAttribute::Table(ROUTE_TABLE));
+    message.attributes.push(RuleAttribute::FwMark(MARK));
+    message.attributes.push(RuleAttribute::FwMask(MARK_MASK));
+    message.attributes.push(RuleAttribute::Priority(RULE_PRIORITY));
+    message
+}
+
+fn route(family: AddressFamily) -> RouteMessage {
+    let message = if family == AddressFamily::Inet {
+        RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+    } else {
+        return RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+            .output_interface(LOOPBACK_IFINDEX)
+            .table_id(ROUTE_TABLE)
+            .kind(RouteType::Local)
+            .scope(RouteScope::Host)
+            .build();
+    };
+    message
+        .output_interface(LOOPBACK_IFINDEX)
+        .table_id(ROUTE_TABLE)
+        .kind(RouteType::Local)
+        .scope(RouteScope::Host)
+        .build()
+}

@@ -1,0 +1,59 @@
+//! The transparent listener: receives the connections the classifier hands over, each accepted socket bound to
+//! the flow's original destination (`IP_TRANSPARENT`), which is therefore its local address.
+
+use std::{
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Istio's port for intercepted outbound traffic.
+pub const DEFAULT_PORT: u16 = 15001;
+
+/// An accepted intercepted connection.
+pub struct Intercepted {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    /// Where the client meant to connect.
+    pub original_destination: SocketAddr,
+}
+
+pub struct TransparentListener {
+    v4: TcpListener,
+    v6: TcpListener,
+}
+
+impl TransparentListener {
+    /// Binds the IPv4 and IPv6 listeners on `port` on every address.
+    pub fn bind(port: u16) -> io::Result<Self> {
+        let v4 = listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?;
+        let v6 = listener(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))?;
+        Ok(TransparentListener { v4, v6 })
+    }
+
+    pub async fn accept(&self) -> io::Result<Intercepted> {
+        let (stream, peer) = tokio::select! {
+            accepted = self.v4.accept() => accepted?,
+            accepted = self.v6.accept() => accepted?,
+        };
+        let original_destination = stream.local_addr()?;
+        Ok(Intercepted { stream, peer, original_destination })
+    }
+}
+
+fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+        socket.set_ip_transparent_v6(true)?;
+    } else {
+        socket.set_ip_transparent_v4(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}

@@ -1,0 +1,63 @@
+//! The classifier's maps (pinned by name, so a restarted agent adopts them) and the per-verdict counters.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+};
+use sluice_common::{
+    AllowV4, AllowV6, Counter, DatapathConfig, DestinationKey, DestinationStats, FlowKey, PortKey, Rule, Verdict,
+    EVENTS_BYTES, L4V4, L4V6, MAX_BLACKHOLED, MAX_FLOWS, MAX_RULES, VERDICT_COUNT,
+};
+
+/// Room for two generations of policy.
+const ENTRIES: u32 = 2 * MAX_RULES;
+
+#[map(name = "SLUICE_ACTIVE")]
+pub static ACTIVE: Array<u32> = Array::pinned(1, 0);
+#[map(name = "SLUICE_CONFIG")]
+pub static CONFIG: Array<DatapathConfig> = Array::pinned(2, 0);
+#[map(name = "SLUICE_EXACT4")]
+pub static EXACT_V4: HashMap<L4V4, Rule> = HashMap::pinned(ENTRIES, BPF_F_NO_PREALLOC);
+#[map(name = "SLUICE_EXACT6")]
+pub static EXACT_V6: HashMap<L4V6, Rule> = HashMap::pinned(ENTRIES, BPF_F_NO_PREALLOC);
+#[map(name = "SLUICE_CIDR4")]
+pub static CIDR_V4: LpmTrie<L4V4, Rule> = LpmTrie::pinned(ENTRIES, 0);
+#[map(name = "SLUICE_CIDR6")]
+pub static CIDR_V6: LpmTrie<L4V6, Rule> = LpmTrie::pinned(ENTRIES, 0);
+#[map(name = "SLUICE_ALLOW4")]
+pub static ALLOW_V4: LpmTrie<AllowV4, u32> = LpmTrie::pinned(ENTRIES, 0);
+#[map(name = "SLUICE_ALLOW6")]
+pub static ALLOW_V6: LpmTrie<AllowV6, u32> = LpmTrie::pinned(ENTRIES, 0);
+#[map(name = "SLUICE_PORTS")]
+pub static PORTS: HashMap<PortKey, Rule> = HashMap::pinned(2 * 65_536, BPF_F_NO_PREALLOC);
+#[map(name = "SLUICE_COUNTERS")]
+pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(VERDICT_COUNT, 0);
+#[map(name = "SLUICE_BLACKHOL")]
+pub static BLACKHOLED: LruHashMap<DestinationKey, DestinationStats> = LruHashMap::pinned(MAX_BLACKHOLED, 0);
+#[map(name = "SLUICE_FLOWS")]
+pub static FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::pinned(MAX_FLOWS, 0);
+#[map(name = "SLUICE_EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+
+/// The generation in force and its config, read once per packet; None before the agent has written a policy.
+#[inline(always)]
+pub fn active() -> Option<(u8, &'static DatapathConfig)> {
+    let generation = *ACTIVE.get(0)? & 1;
+    let config = CONFIG.get(generation)?;
+    // A config with no mark was never written: the agent always sets one.
+    if config.mark == 0 {
+        return None;
+    }
+    Some((generation as u8, config))
+}
+
+#[inline(always)]
+pub fn count(verdict: Verdict, len: u32) {
+    if let Some(counter) = COUNTERS.get_ptr_mut(verdict as u32) {
+        // SAFETY: a per-CPU slot, written only by this CPU while this program runs.
+        let counter = unsafe { &mut *counter };
+        counter.packets += 1;
+        counter.bytes += u64::from(len);
+    }
+}
