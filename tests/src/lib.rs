@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod netns;
+pub mod packets;
 pub mod peers;
 pub mod process;
 pub mod topology;

@@ -16,7 +16,7 @@ use aya::{
     programs::{
         links::{FdLink, LinkError, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions, TcAttachType, TcError},
-        LinkOrder, ProgramError, SchedClassifier,
+        LinkOrder, ProgramError, SchedClassifier, TestRun, TestRunOptions,
     },
     Ebpf, EbpfError, EbpfLoader,
 };
@@ -196,6 +196,36 @@ impl Datapath {
     /// The blocked-flow event ring buffer (once).
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
+    }
+}
+
+/// One run of the classifier on a packet, in the kernel (`BPF_PROG_TEST_RUN`).
+#[derive(Debug)]
+pub struct ClassifierRun {
+    /// The TC action returned (-1 continue, 0 accept, 2 drop, 7 redirect).
+    pub action: i32,
+    /// Mean time per run.
+    pub per_run: std::time::Duration,
+    /// The packet as the program left it.
+    pub output: Vec<u8>,
+}
+
+impl Datapath {
+    /// Runs the classifier on `packet` (an Ethernet frame) `repeat` times with the policy in force: for
+    /// program-level tests and the per-packet cost in the bench. Counters count these runs too.
+    pub fn run_on(&mut self, packet: &[u8], repeat: u32) -> Result<ClassifierRun, DatapathError> {
+        let program = program(&mut self.ebpf)?;
+        let mut output = vec![0u8; packet.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut output),
+                repeat: repeat.max(1),
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| DatapathError::Program { program: names::PROGRAM, source })?;
+        output.truncate(result.data_size_out as usize);
+        Ok(ClassifierRun { action: result.return_value as i32, per_run: result.duration, output })
     }
 }
 
