@@ -1,5 +1,6 @@
 //! `cargo xtask`: installs the toolchain, builds the eBPF object and the agent, runs the sandbox and the tests.
 
+mod bench;
 mod build;
 mod deps;
 mod sandbox;
@@ -31,6 +32,8 @@ enum Command {
     Run,
     /// Formatting, clippy with warnings as errors, unit and integration tests (as root).
     Test,
+    /// Benchmarks, printed as tables (as root).
+    Bench,
 }
 
 fn main() -> ExitCode {
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         Command::Build { release } => deps::install().and_then(|()| build::all(build::profile(release))),
         Command::Run => sandbox::run(),
         Command::Test => test::run(),
+        Command::Bench => bench::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

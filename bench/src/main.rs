@@ -1,0 +1,81 @@
+//! `cargo xtask bench`: the classifier's per-packet cost, measured in the kernel with BPF_PROG_TEST_RUN, for
+//! policies of 10 to 100k entries.
+
+use std::net::Ipv4Addr;
+
+use anyhow::Context;
+use ipnet::{IpNet, Ipv4Net};
+use sluice_agent::{
+    datapath::Datapath,
+    policy::{DatapathPolicy, L4Rule, OutboundMode, Protocol},
+};
+use sluice_tests::{agent::Bpffs, packets};
+
+const SIZES: [usize; 3] = [10, 10_000, 100_000];
+const REPEAT: u32 = 2_000_000;
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Exact,
+    Cidr,
+}
+
+fn main() -> anyhow::Result<()> {
+    sluice_tests::require_root();
+    let bpffs = Bpffs::mount()?;
+    let mut datapath = Datapath::load(&bpffs.pin_dir()).context("loading the classifier")?;
+    println!("Classifier cost per packet (BPF_PROG_TEST_RUN, {REPEAT} runs each, mean ns/packet)");
+    println!("{:<8} {:>9} {:>14} {:>16} {:>12}", "entries", "kind", "hit (allowed)", "miss (blackhole)", "load (ms)");
+    let mut hits = Vec::new();
+    for kind in [Kind::Exact, Kind::Cidr] {
+        for size in SIZES {
+            let policy = policy(kind, size);
+            let started = std::time::Instant::now();
+            datapath.apply(&policy).context("writing the policy")?;
+            let load_ms = started.elapsed().as_secs_f64() * 1000.0;
+            let hit = frame(address(kind, size / 2));
+            let miss = frame(Ipv4Addr::new(192, 0, 2, 1));
+            let hit_ns = datapath.run_on(&hit, REPEAT)?.per_run.as_nanos();
+            let miss_ns = datapath.run_on(&miss, REPEAT)?.per_run.as_nanos();
+            let label = match kind {
+                Kind::Exact => "exact",
+                Kind::Cidr => "cidr /28",
+            };
+            println!("{size:<8} {label:>9} {hit_ns:>14} {miss_ns:>16} {load_ms:>12.1}");
+            hits.push((label, size, hit_ns));
+        }
+    }
+    for label in ["exact", "cidr /28"] {
+        let of = |size| hits.iter().find(|(l, s, _)| *l == label && *s == size).map(|h| h.2 as f64).unwrap_or(0.0);
+        println!("{label}: cost at 100k entries / cost at 10 entries = {:.2}", of(100_000) / of(10).max(1.0));
+    }
+    Ok(())
+}
+
+/// The i-th destination of a policy: /32s for exact entries, /28 networks for CIDR entries, in 100.64.0.0/10.
+fn address(kind: Kind, i: usize) -> Ipv4Addr {
+    let base = u32::from(Ipv4Addr::new(100, 64, 0, 0));
+    match kind {
+        Kind::Exact => Ipv4Addr::from(base + i as u32),
+        Kind::Cidr => Ipv4Addr::from(base + (i as u32) * 16 + 5),
+    }
+}
+
+fn policy(kind: Kind, size: usize) -> DatapathPolicy {
+    let rules = (0..size)
+        .map(|i| {
+            let prefix = match kind {
+                Kind::Exact => 32,
+                Kind::Cidr => 28,
+            };
+            let net = Ipv4Net::new(address(kind, i), prefix).expect("valid prefix").trunc();
+            L4Rule { net: IpNet::V4(net), port: 443, protocol: Protocol::Tcp }
+        })
+        .collect();
+    DatapathPolicy { mode: OutboundMode::RegistryOnly, rules, ..DatapathPolicy::default() }
+}
+
+fn frame(dst: Ipv4Addr) -> Vec<u8> {
+    let segment = packets::tcp(40000, 443, packets::TCP_SYN, 1);
+    packets::ethernet(0x0800, &[], &packets::ipv4(Ipv4Addr::new(10, 240, 1, 2), dst, packets::TCP, &[], 0, &segment))
+}
