@@ -52,9 +52,22 @@ fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, Malformed> {
     ctx.load::<T>(offset).map_err(|_| Malformed)
 }
 
+/// Reads a header of `N` (at least 2) bytes at `offset`: straight from the packet when it lies in the linear
+/// part, with no helper call, else through `bpf_skb_load_bytes`, which also reaches paged data.
+#[inline(always)]
+fn read_header<const N: usize>(ctx: &TcContext, offset: usize) -> Result<[u8; N], Malformed> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if offset < 4096 && start + offset + N <= end {
+        // SAFETY: the read lies within the packet's linear data, checked just above.
+        return Ok(unsafe { core::ptr::read_unaligned((start + offset) as *const [u8; N]) });
+    }
+    load(ctx, offset)
+}
+
 #[inline(always)]
 pub fn load_be16(ctx: &TcContext, offset: usize) -> Result<u16, Malformed> {
-    Ok(u16::from_be_bytes(load::<[u8; 2]>(ctx, offset)?))
+    Ok(u16::from_be_bytes(read_header::<2>(ctx, offset)?))
 }
 
 pub fn packet(ctx: &TcContext) -> Result<Packet, Malformed> {
@@ -77,22 +90,21 @@ pub fn packet(ctx: &TcContext) -> Result<Packet, Malformed> {
     }
 }
 
+// Headers are read whole, one helper call each: the calls, not the bytes, are what a packet costs.
 #[inline(never)]
 fn ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, Malformed> {
-    let version_ihl: u8 = load(ctx, l3)?;
-    let header_len = usize::from(version_ihl & 0x0f) * 4;
-    if version_ihl >> 4 != 4 || header_len < 20 {
+    let header: [u8; 20] = read_header(ctx, l3)?;
+    let header_len = usize::from(header[0] & 0x0f) * 4;
+    if header[0] >> 4 != 4 || header_len < 20 {
         return Err(Malformed);
     }
-    let total_len = usize::from(load_be16(ctx, l3 + 2)?);
-    if total_len < header_len {
+    if usize::from(u16::from_be_bytes([header[2], header[3]])) < header_len {
         return Err(Malformed);
     }
-    let fragment = load_be16(ctx, l3 + 6)?;
-    let proto: u8 = load(ctx, l3 + 9)?;
+    let fragment = u16::from_be_bytes([header[6], header[7]]);
     let mut flow = Flow {
         family: FAMILY_V4,
-        proto,
+        proto: header[9],
         src: [0; 16],
         dst: [0; 16],
         src_port: 0,
@@ -101,43 +113,46 @@ fn ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, Malformed> {
         l4: l3 + header_len,
         first_fragment: fragment & 0x1fff == 0,
     };
-    let src: [u8; 4] = load(ctx, l3 + 12)?;
-    let dst: [u8; 4] = load(ctx, l3 + 16)?;
-    flow.src[..4].copy_from_slice(&src);
-    flow.dst[..4].copy_from_slice(&dst);
+    flow.src[..4].copy_from_slice(&header[12..16]);
+    flow.dst[..4].copy_from_slice(&header[16..20]);
     ports(ctx, &mut flow)?;
     Ok(Packet::Ip(flow))
 }
 
 #[inline(never)]
 fn ipv6(ctx: &TcContext, l3: usize) -> Result<Packet, Malformed> {
-    let version: u8 = load(ctx, l3)?;
-    if version >> 4 != 6 {
+    let header: [u8; 40] = read_header(ctx, l3)?;
+    if header[0] >> 4 != 6 {
         return Err(Malformed);
     }
-    let mut next: u8 = load(ctx, l3 + 6)?;
+    let mut next = header[6];
     let mut flow = Flow {
         family: FAMILY_V6,
         proto: 0,
-        src: load(ctx, l3 + 8)?,
-        dst: load(ctx, l3 + 24)?,
+        src: [0; 16],
+        dst: [0; 16],
         src_port: 0,
         dst_port: 0,
         l3,
         l4: l3 + 40,
         first_fragment: true,
     };
+    flow.src.copy_from_slice(&header[8..24]);
+    flow.dst.copy_from_slice(&header[24..40]);
     for _ in 0..MAX_IPV6_EXTENSIONS {
+        if !matches!(next, IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_FRAGMENT | IPPROTO_AH) {
+            break;
+        }
+        let extension: [u8; 4] = read_header(ctx, flow.l4)?;
         let header_len = match next {
-            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => (usize::from(load::<u8>(ctx, flow.l4 + 1)?) + 1) * 8,
             IPPROTO_FRAGMENT => {
-                flow.first_fragment = load_be16(ctx, flow.l4 + 2)? & 0xfff8 == 0;
+                flow.first_fragment = u16::from_be_bytes([extension[2], extension[3]]) & 0xfff8 == 0;
                 8
             }
-            IPPROTO_AH => (usize::from(load::<u8>(ctx, flow.l4 + 1)?) + 2) * 4,
-            _ => break,
+            IPPROTO_AH => (usize::from(extension[1]) + 2) * 4,
+            _ => (usize::from(extension[1]) + 1) * 8,
         };
-        next = load(ctx, flow.l4)?;
+        next = extension[0];
         flow.l4 += header_len;
     }
     // More extension headers than are skipped leave an extension header as the protocol: it matches no L4
@@ -157,8 +172,9 @@ fn ipv6(ctx: &TcContext, l3: usize) -> Result<Packet, Malformed> {
 #[inline(always)]
 fn ports(ctx: &TcContext, flow: &mut Flow) -> Result<(), Malformed> {
     if flow.first_fragment && matches!(flow.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
-        flow.src_port = load_be16(ctx, flow.l4)?;
-        flow.dst_port = load_be16(ctx, flow.l4 + 2)?;
+        let ports: [u8; 4] = read_header(ctx, flow.l4)?;
+        flow.src_port = u16::from_be_bytes([ports[0], ports[1]]);
+        flow.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ use ipnet::IpNet;
 use sluice_common::{
     names, AllowV4, AllowV6, DatapathConfig, PortKey, Rule, ACTION_INTERCEPT, ACTION_PASS, ALLOW_KEY_HEADER_BITS,
     BLACKHOLE_DROP, BLACKHOLE_REJECT, L4V4, L4V6, L4_KEY_HEADER_BITS, MAX_RULES, MODE_ALLOW_ANY, MODE_REGISTRY_ONLY,
+    TABLE_ALLOW_V4, TABLE_ALLOW_V6, TABLE_CIDR_V4, TABLE_CIDR_V6, TABLE_EXACT_V4, TABLE_EXACT_V6, TABLE_PORTS,
 };
 
 use super::{routing::MARK, take_map, DatapathError};
@@ -72,7 +73,9 @@ impl PolicyMaps {
             self.delete_generation(next as u8)?;
         }
         self.insert(&entries)?;
-        self.config.set(next, config(policy), 0).map_err(|source| DatapathError::Map { map: names::CONFIG, source })?;
+        self.config
+            .set(next, config(policy, entries.tables()), 0)
+            .map_err(|source| DatapathError::Map { map: names::CONFIG, source })?;
         self.active.set(0, next, 0).map_err(|source| DatapathError::Map { map: names::ACTIVE, source })?;
         wait_for_running_programs();
         self.delete_generation(current as u8)?;
@@ -163,6 +166,20 @@ impl Entries {
         entries
     }
 
+    /// The `TABLE_*` bits of the maps this generation puts entries in.
+    fn tables(&self) -> u32 {
+        let present = [
+            (!self.exact_v4.is_empty(), TABLE_EXACT_V4),
+            (!self.exact_v6.is_empty(), TABLE_EXACT_V6),
+            (!self.cidr_v4.is_empty(), TABLE_CIDR_V4),
+            (!self.cidr_v6.is_empty(), TABLE_CIDR_V6),
+            (!self.allow_v4.is_empty(), TABLE_ALLOW_V4),
+            (!self.allow_v6.is_empty(), TABLE_ALLOW_V6),
+            (!self.ports.is_empty(), TABLE_PORTS),
+        ];
+        present.iter().filter(|(present, _)| *present).fold(0, |bits, (_, bit)| bits | bit)
+    }
+
     fn check_capacity(&self) -> Result<(), DatapathError> {
         let sizes = [
             (names::EXACT_V4, self.exact_v4.len()),
@@ -179,7 +196,7 @@ impl Entries {
     }
 }
 
-fn config(policy: &DatapathPolicy) -> DatapathConfig {
+fn config(policy: &DatapathPolicy, tables: u32) -> DatapathConfig {
     DatapathConfig {
         mode: match policy.mode {
             OutboundMode::AllowAny => MODE_ALLOW_ANY,
@@ -192,6 +209,7 @@ fn config(policy: &DatapathPolicy) -> DatapathConfig {
         proxy_port: policy.proxy_port,
         _pad: 0,
         mark: MARK,
+        tables,
     }
 }
 

@@ -21,7 +21,7 @@ pub fn registry(counters: VerdictCounters, blackholed: BlackholedDestinations) -
     let blocked_flows = Counter::default();
     registry.register(
         "sluice_blocked_flows",
-        "Flows whose first packet the kernel blackholed (as reported through the event ring buffer).",
+        "Flows whose first packet the kernel blackholed (as reported through the event ring buffer)",
         blocked_flows.clone(),
     );
     Metrics { registry, blocked_flows }

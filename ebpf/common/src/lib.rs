@@ -58,7 +58,17 @@ pub struct DatapathConfig {
     pub _pad: u16,
     /// The mark set on intercepted packets, which the agent's policy routing delivers locally.
     pub mark: u32,
+    /// `TABLE_*` bits of the maps that hold entries in this generation: empty ones are not looked up.
+    pub tables: u32,
 }
+
+pub const TABLE_EXACT_V4: u32 = 1 << 0;
+pub const TABLE_EXACT_V6: u32 = 1 << 1;
+pub const TABLE_CIDR_V4: u32 = 1 << 2;
+pub const TABLE_CIDR_V6: u32 = 1 << 3;
+pub const TABLE_ALLOW_V4: u32 = 1 << 4;
+pub const TABLE_ALLOW_V6: u32 = 1 << 5;
+pub const TABLE_PORTS: u32 = 1 << 6;
 
 /// `Rule::action`: forward in the kernel.
 pub const ACTION_PASS: u32 = 1;
