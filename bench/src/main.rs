@@ -1,5 +1,7 @@
 //! `cargo xtask bench`: the classifier's per-packet cost, measured in the kernel with BPF_PROG_TEST_RUN, for
-//! policies of 10 to 100k entries.
+//! policies of 10 to 100k entries; and a blackholed flood dropped by Sluice and by nftables, side by side.
+
+mod flood;
 
 use std::net::Ipv4Addr;
 
@@ -49,6 +51,18 @@ fn main() -> anyhow::Result<()> {
         let of = |size| hits.iter().find(|(l, s, _)| *l == label && *s == size).map(|h| h.2 as f64).unwrap_or(0.0);
         println!("{label}: cost at 100k entries / cost at 10 entries = {:.2}", of(100_000) / of(10).max(1.0));
     }
+    drop(datapath);
+
+    println!();
+    println!("Blackholed UDP flood, workload -> gateway (10k allowed exact destinations, target not among them)");
+    let allowlist = policy(Kind::Exact, 10_000);
+    let sluice = flood::sluice(&allowlist).context("flooding through Sluice")?;
+    let nft = flood::nftables(&allowlist).context("flooding through nftables")?;
+    println!("{:<28} {:>12} {:>12} {:>14}", "dropped by", "sent", "dropped", "dropped/s");
+    for (name, rate) in [("sluice (TC ingress, eBPF)", &sluice), ("nftables (forward, set)", &nft)] {
+        println!("{name:<28} {:>12} {:>12} {:>14.0}", rate.sent, rate.dropped, rate.per_second);
+    }
+    println!("sluice / nftables drop rate = {:.2}", sluice.per_second / nft.per_second.max(1.0));
     Ok(())
 }
 

@@ -21,6 +21,7 @@ const PEERS: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("nginx", "nginx-light"),
     ("dnsmasq", "dnsmasq-base"),
+    ("nft", "nftables"),
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 pub const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
