@@ -4,6 +4,7 @@
 #![no_main]
 
 mod blackhole;
+mod fragments;
 mod intercept;
 mod maps;
 mod parse;
@@ -39,7 +40,12 @@ fn classify(ctx: &TcContext) -> (Verdict, i32) {
         Err(Malformed) if config.mode == MODE_REGISTRY_ONLY => return (Verdict::Malformed, TC_ACT_SHOT as i32),
         Err(Malformed) => return (Verdict::Malformed, TC_ACT_UNSPEC),
     };
-    match policy::decide(&flow, generation, config) {
+    let verdict = if flow.fragmented {
+        fragments::decide(&flow, generation, config)
+    } else {
+        policy::decide(&flow, generation, config)
+    };
+    match verdict {
         Verdict::Intercepted => match intercept::to_proxy(ctx, &flow, config) {
             Ok(()) => (Verdict::Intercepted, TC_ACT_OK as i32),
             // No proxy to take it: the flow is treated as unmatched.

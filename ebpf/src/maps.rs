@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use sluice_common::{
-    AllowV4, AllowV6, Counter, DatapathConfig, DestinationKey, DestinationStats, FlowKey, PortKey, Rule, Verdict,
-    EVENTS_BYTES, L4V4, L4V6, MAX_BLACKHOLED, MAX_FLOWS, MAX_RULES, VERDICT_COUNT,
+    AllowV4, AllowV6, Counter, DatapathConfig, DestinationKey, DestinationStats, FlowKey, FragmentKey, PortKey, Rule,
+    Verdict, EVENTS_BYTES, L4V4, L4V6, MAX_BLACKHOLED, MAX_FLOWS, MAX_FRAGMENTED, MAX_RULES, VERDICT_COUNT,
 };
 
 /// Room for two generations of policy.
@@ -37,6 +37,8 @@ pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(VERDICT_COUNT, 0
 pub static BLACKHOLED: LruHashMap<DestinationKey, DestinationStats> = LruHashMap::pinned(MAX_BLACKHOLED, 0);
 #[map(name = "SLUICE_FLOWS")]
 pub static FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::pinned(MAX_FLOWS, 0);
+#[map(name = "SLUICE_FRAGS")]
+pub static FRAGMENTS: LruHashMap<FragmentKey, u32> = LruHashMap::pinned(MAX_FRAGMENTED, 0);
 #[map(name = "SLUICE_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
 

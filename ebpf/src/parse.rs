@@ -39,6 +39,9 @@ pub struct Flow {
     /// Offset of the L4 header; meaningful only when `first_fragment`.
     pub l4: usize,
     pub first_fragment: bool,
+    /// Whether the packet is one fragment of a datagram (first or later), and the datagram's identification.
+    pub fragmented: bool,
+    pub fragment_id: u32,
 }
 
 pub enum Packet {
@@ -112,6 +115,9 @@ fn ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, Malformed> {
         l3,
         l4: l3 + header_len,
         first_fragment: fragment & 0x1fff == 0,
+        // More fragments follow, or this is not the first.
+        fragmented: fragment & 0x3fff != 0,
+        fragment_id: u32::from(u16::from_be_bytes([header[4], header[5]])),
     };
     flow.src[..4].copy_from_slice(&header[12..16]);
     flow.dst[..4].copy_from_slice(&header[16..20]);
@@ -136,6 +142,8 @@ fn ipv6(ctx: &TcContext, l3: usize) -> Result<Packet, Malformed> {
         l3,
         l4: l3 + 40,
         first_fragment: true,
+        fragmented: false,
+        fragment_id: 0,
     };
     flow.src.copy_from_slice(&header[8..24]);
     flow.dst.copy_from_slice(&header[24..40]);
@@ -147,6 +155,8 @@ fn ipv6(ctx: &TcContext, l3: usize) -> Result<Packet, Malformed> {
         let header_len = match next {
             IPPROTO_FRAGMENT => {
                 flow.first_fragment = u16::from_be_bytes([extension[2], extension[3]]) & 0xfff8 == 0;
+                flow.fragmented = true;
+                flow.fragment_id = u32::from_be_bytes(read_header::<4>(ctx, flow.l4 + 4)?);
                 8
             }
             IPPROTO_AH => (usize::from(extension[1]) + 2) * 4,

@@ -76,12 +76,22 @@ pub fn extension(len: usize) -> Vec<u8> {
     header
 }
 
-/// An IPv6 fragment header with the given offset (in 8-byte units).
-pub fn fragment_header(offset: u16) -> Vec<u8> {
+/// An IPv6 fragment header with the given offset (in 8-byte units), more-fragments flag and identification.
+pub fn fragment_header(offset: u16, more: bool, id: u32) -> Vec<u8> {
     let mut header = vec![0u8; 8];
-    header[2..4].copy_from_slice(&(offset << 3).to_be_bytes());
-    header[4..8].copy_from_slice(&0xabcd_u32.to_be_bytes());
+    header[2..4].copy_from_slice(&((offset << 3) | u16::from(more)).to_be_bytes());
+    header[4..8].copy_from_slice(&id.to_be_bytes());
     header
+}
+
+/// `frame` (Ethernet + IPv4, untagged) with its IP identification set to `id` and the header checksum redone.
+pub fn with_ipv4_id(mut frame: Vec<u8>, id: u16) -> Vec<u8> {
+    frame[18..20].copy_from_slice(&id.to_be_bytes());
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let header_len = usize::from(frame[14] & 0x0f) * 4;
+    let sum = checksum(&frame[14..14 + header_len], 0);
+    frame[24..26].copy_from_slice(&sum.to_be_bytes());
+    frame
 }
 
 pub fn tcp(src_port: u16, dst_port: u16, flags: u8, seq: u32) -> Vec<u8> {

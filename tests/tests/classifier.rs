@@ -100,8 +100,8 @@ fn every_parsing_path_gets_the_verdict_its_destination_deserves() {
             Verdict::Allowed,
         ),
         (
-            "ipv4 later fragment carries no ports",
-            ethernet(0x0800, &[], &ipv4(CLIENT, ALLOWED, TCP, &[], 0x0010, &[0; 16])),
+            "ipv4 later fragment of a datagram whose first fragment was not allowed",
+            with_ipv4_id(ethernet(0x0800, &[], &ipv4(CLIENT, ALLOWED, TCP, &[], 0x0010, &[0; 16])), 0x777),
             DROP,
             Verdict::Blackholed,
         ),
@@ -133,13 +133,13 @@ fn every_parsing_path_gets_the_verdict_its_destination_deserves() {
         ),
         (
             "ipv6 first fragment",
-            v6(ALLOWED_V6, TCP, &[(44, fragment_header(0))], &syn(443)),
+            v6(ALLOWED_V6, TCP, &[(44, fragment_header(0, true, 1))], &syn(443)),
             CONTINUE,
             Verdict::Allowed,
         ),
         (
-            "ipv6 later fragment carries no ports",
-            v6(ALLOWED_V6, TCP, &[(44, fragment_header(3))], &[0; 16]),
+            "ipv6 later fragment of a datagram whose first fragment was not allowed",
+            v6(ALLOWED_V6, TCP, &[(44, fragment_header(3, false, 2))], &[0; 16]),
             DROP,
             Verdict::Blackholed,
         ),
@@ -203,6 +203,39 @@ fn every_parsing_path_gets_the_verdict_its_destination_deserves() {
         let (got_action, got_verdict, _) = classifier.run(&frame);
         assert_eq!((got_action, got_verdict), (action, verdict), "{name}");
     }
+}
+
+#[test]
+fn later_fragments_follow_the_verdict_of_their_first_fragment() {
+    let mut classifier = Classifier::load(OutboundMode::RegistryOnly, BlackholeAction::Drop);
+    let first = with_ipv4_id(v4_fragment(ALLOWED, 0x2000, &udp(5, 53, &[0; 32])), 0x101);
+    let later = with_ipv4_id(v4_fragment(ALLOWED, 0x0005, &[0; 32]), 0x101);
+    let stranger = with_ipv4_id(v4_fragment(ALLOWED, 0x0005, &[0; 32]), 0x102);
+    // 203.0.113.10 allows TCP 80 only: a UDP datagram to it is blocked, first fragment and later ones alike.
+    assert_eq!(classifier.run(&first).1, Verdict::Blackholed);
+    assert_eq!(classifier.run(&later).1, Verdict::Blackholed);
+
+    let first = with_ipv4_id(v4_fragment(IN_CIDR, 0x2000, &udp(5, 53, &[0; 32])), 0x103);
+    let later = with_ipv4_id(v4_fragment(IN_CIDR, 0x0005, &[0; 32]), 0x103);
+    let last = with_ipv4_id(v4_fragment(IN_CIDR, 0x000a, &[0; 32]), 0x103);
+    assert_eq!(classifier.run(&first).1, Verdict::Allowed);
+    assert_eq!(classifier.run(&later).1, Verdict::Allowed, "same datagram as an allowed first fragment");
+    assert_eq!(classifier.run(&last).1, Verdict::Allowed);
+    let other = with_ipv4_id(v4_fragment(IN_CIDR, 0x0005, &[0; 32]), 0x104);
+    assert_eq!(classifier.run(&other).1, Verdict::Blackholed, "another datagram's later fragment");
+    assert_eq!(classifier.run(&stranger).1, Verdict::Blackholed);
+
+    let dst: Ipv6Addr = "2001:db8:1::53".parse().unwrap();
+    let first = v6(dst, UDP, &[(44, fragment_header(0, true, 9))], &udp(5, 53, &[0; 32]));
+    let later = v6(dst, UDP, &[(44, fragment_header(5, false, 9))], &[0; 32]);
+    let other = v6(dst, UDP, &[(44, fragment_header(5, false, 10))], &[0; 32]);
+    assert_eq!(classifier.run(&first).1, Verdict::Allowed);
+    assert_eq!(classifier.run(&later).1, Verdict::Allowed);
+    assert_eq!(classifier.run(&other).1, Verdict::Blackholed);
+}
+
+fn v4_fragment(dst: Ipv4Addr, fragment: u16, payload: &[u8]) -> Vec<u8> {
+    ethernet(0x0800, &[], &ipv4(CLIENT, dst, UDP, &[], fragment, payload))
 }
 
 #[test]

@@ -84,6 +84,22 @@ fn registry_only_drops_unlisted_destinations_in_the_kernel_and_counts_them() {
 }
 
 #[test]
+fn fragmented_datagrams_to_an_allowed_destination_arrive_whole() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _agent = Agent::start(&topology.gateway, &registry_only(&format!("--allow {SERVER_A}:5353/udp"))).unwrap();
+    let allowed = UdpSink::bind(&topology.internet, addr(SERVER_A, 5353)).unwrap();
+    let blocked = UdpSink::bind(&topology.internet, addr(SERVER_A, 6000)).unwrap();
+
+    // 4000 bytes over a 1500-byte MTU: three fragments each, only the first with ports.
+    send_udp(&topology.workload, addr(SERVER_A, 5353), 5, 4000).unwrap();
+    send_udp(&topology.workload, addr(SERVER_A, 6000), 5, 4000).unwrap();
+
+    assert_eq!(allowed.drain(), 5, "every fragment of an allowed datagram passes");
+    assert_eq!(blocked.drain(), 0);
+}
+
+#[test]
 fn allow_any_passes_unlisted_destinations_as_passthrough() {
     require_root();
     let topology = Topology::new().unwrap();

@@ -21,10 +21,11 @@ pub mod names {
     pub const BLACKHOLED: &str = "SLUICE_BLACKHOL";
     pub const FLOWS: &str = "SLUICE_FLOWS";
     pub const EVENTS: &str = "SLUICE_EVENTS";
+    pub const FRAGMENTS: &str = "SLUICE_FRAGS";
     /// Every map, for pinning and cleanup.
-    pub const MAPS: [&str; 13] = [
+    pub const MAPS: [&str; 14] = [
         ACTIVE, CONFIG, EXACT_V4, EXACT_V6, CIDR_V4, CIDR_V6, ALLOW_V4, ALLOW_V6, PORTS, COUNTERS, BLACKHOLED, FLOWS,
-        EVENTS,
+        EVENTS, FRAGMENTS,
     ];
 }
 
@@ -34,6 +35,9 @@ pub const MAX_RULES: u32 = 131_072;
 pub const MAX_BLACKHOLED: u32 = 4096;
 /// Flows remembered to tell a flow's first blocked packet from the rest (least recently seen are evicted).
 pub const MAX_FLOWS: u32 = 65_536;
+/// Fragmented datagrams whose first fragment was allowed, remembered so their later fragments (which carry no
+/// ports) are allowed too (least recently seen are evicted).
+pub const MAX_FRAGMENTED: u32 = 16_384;
 /// Bytes of the blocked-flow event ring buffer.
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 
@@ -227,6 +231,18 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
+/// A fragmented datagram: addresses, protocol and IP identification; IPv4 addresses in the first 4 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub id: u32,
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: [u8; 2],
+}
+
 /// The first blocked packet of a flow, sent to the agent through the ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -251,4 +267,5 @@ mod user {
     unsafe impl aya::Pod for DestinationStats {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for BlockedFlowEvent {}
+    unsafe impl aya::Pod for FragmentKey {}
 }
