@@ -58,9 +58,11 @@ fn main() -> anyhow::Result<()> {
     let allowlist = policy(Kind::Exact, 10_000);
     let sluice = flood::sluice(&allowlist).context("flooding through Sluice")?;
     let nft = flood::nftables(&allowlist).context("flooding through nftables")?;
-    println!("{:<28} {:>12} {:>12} {:>14}", "dropped by", "sent", "dropped", "dropped/s");
+    println!("{:<28} {:>12} {:>12} {:>14} {:>22}", "dropped by", "sent", "dropped", "dropped/s", "CPU ns/packet (all)");
     for (name, rate) in [("sluice (TC ingress, eBPF)", &sluice), ("nftables (forward, set)", &nft)] {
-        println!("{name:<28} {:>12} {:>12} {:>14.0}", rate.sent, rate.dropped, rate.per_second);
+        // Sender and gateway share the CPUs (veth delivers in the sender's context): CPU time of the whole path.
+        let cpu_ns = flood::SENDERS as f64 * 1e9 / rate.per_second.max(1.0);
+        println!("{name:<28} {:>12} {:>12} {:>14.0} {:>22.0}", rate.sent, rate.dropped, rate.per_second, cpu_ns);
     }
     println!("sluice / nftables drop rate = {:.2}", sluice.per_second / nft.per_second.max(1.0));
     Ok(())
