@@ -14,7 +14,9 @@ use sluice_agent::{
 use sluice_tests::{agent::Bpffs, packets};
 
 const SIZES: [usize; 3] = [10, 10_000, 100_000];
-const REPEAT: u32 = 2_000_000;
+const REPEAT: u32 = 1_000_000;
+/// Each figure is the best of this many runs of `REPEAT`: the machine's noise only ever adds time.
+const TRIALS: usize = 3;
 
 #[derive(Clone, Copy)]
 enum Kind {
@@ -26,7 +28,7 @@ fn main() -> anyhow::Result<()> {
     sluice_tests::require_root();
     let bpffs = Bpffs::mount()?;
     let mut datapath = Datapath::load(&bpffs.pin_dir()).context("loading the classifier")?;
-    println!("Classifier cost per packet (BPF_PROG_TEST_RUN, {REPEAT} runs each, mean ns/packet)");
+    println!("Classifier cost per packet (BPF_PROG_TEST_RUN: mean ns/packet over {REPEAT} runs, best of {TRIALS})");
     println!("{:<8} {:>9} {:>14} {:>16} {:>12}", "entries", "kind", "hit (allowed)", "miss (blackhole)", "load (ms)");
     let mut hits = Vec::new();
     for kind in [Kind::Exact, Kind::Cidr] {
@@ -37,8 +39,8 @@ fn main() -> anyhow::Result<()> {
             let load_ms = started.elapsed().as_secs_f64() * 1000.0;
             let hit = frame(address(kind, size / 2));
             let miss = frame(Ipv4Addr::new(192, 0, 2, 1));
-            let hit_ns = datapath.run_on(&hit, REPEAT)?.per_run.as_nanos();
-            let miss_ns = datapath.run_on(&miss, REPEAT)?.per_run.as_nanos();
+            let hit_ns = best_of(&mut datapath, &hit)?;
+            let miss_ns = best_of(&mut datapath, &miss)?;
             let label = match kind {
                 Kind::Exact => "exact",
                 Kind::Cidr => "cidr /28",
@@ -66,6 +68,14 @@ fn main() -> anyhow::Result<()> {
     }
     println!("sluice / nftables drop rate = {:.2}", sluice.per_second / nft.per_second.max(1.0));
     Ok(())
+}
+
+fn best_of(datapath: &mut Datapath, frame: &[u8]) -> anyhow::Result<u128> {
+    let mut best = u128::MAX;
+    for _ in 0..TRIALS {
+        best = best.min(datapath.run_on(frame, REPEAT)?.per_run.as_nanos());
+    }
+    Ok(best)
 }
 
 /// The i-th destination of a policy: /32s for exact entries, /28 networks for CIDR entries, in 100.64.0.0/10.

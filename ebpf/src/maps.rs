@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use sluice_common::{
-    AllowV4, AllowV6, Counter, DatapathConfig, DestinationKey, DestinationStats, FlowKey, FragmentKey, PortKey, Rule,
-    Verdict, EVENTS_BYTES, L4V4, L4V6, MAX_BLACKHOLED, MAX_FLOWS, MAX_FRAGMENTED, MAX_RULES, VERDICT_COUNT,
+    AllowV4, AllowV6, CidrV4, CidrV6, Counter, DatapathConfig, DestinationKey, DestinationStats, FlowKey, FragmentKey,
+    PortKey, Rule, Verdict, EVENTS_BYTES, L4V4, L4V6, MAX_BLACKHOLED, MAX_FLOWS, MAX_FRAGMENTED, MAX_RULES,
+    VERDICT_COUNT,
 };
 
 /// Room for two generations of policy.
@@ -22,9 +23,9 @@ pub static EXACT_V4: HashMap<L4V4, Rule> = HashMap::pinned(ENTRIES, BPF_F_NO_PRE
 #[map(name = "SLUICE_EXACT6")]
 pub static EXACT_V6: HashMap<L4V6, Rule> = HashMap::pinned(ENTRIES, BPF_F_NO_PREALLOC);
 #[map(name = "SLUICE_CIDR4")]
-pub static CIDR_V4: LpmTrie<L4V4, Rule> = LpmTrie::pinned(ENTRIES, 0);
+pub static CIDR_V4: HashMap<CidrV4, Rule> = HashMap::pinned(ENTRIES, BPF_F_NO_PREALLOC);
 #[map(name = "SLUICE_CIDR6")]
-pub static CIDR_V6: LpmTrie<L4V6, Rule> = LpmTrie::pinned(ENTRIES, 0);
+pub static CIDR_V6: HashMap<CidrV6, Rule> = HashMap::pinned(ENTRIES, BPF_F_NO_PREALLOC);
 #[map(name = "SLUICE_ALLOW4")]
 pub static ALLOW_V4: LpmTrie<AllowV4, u32> = LpmTrie::pinned(ENTRIES, 0);
 #[map(name = "SLUICE_ALLOW6")]

@@ -4,9 +4,9 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use sluice_common::{
-    AllowV4, AllowV6, DatapathConfig, PortKey, Rule, Verdict, ACTION_INTERCEPT, ACTION_PASS, ALLOW_KEY_HEADER_BITS,
-    FAMILY_V4, L4V4, L4V6, L4_KEY_HEADER_BITS, MODE_REGISTRY_ONLY, TABLE_ALLOW_V4, TABLE_ALLOW_V6, TABLE_CIDR_V4,
-    TABLE_CIDR_V6, TABLE_EXACT_V4, TABLE_EXACT_V6, TABLE_PORTS,
+    mask_v4, mask_v6, AllowV4, AllowV6, CidrV4, CidrV6, DatapathConfig, PortKey, Rule, Verdict, ACTION_INTERCEPT,
+    ACTION_PASS, ALLOW_KEY_HEADER_BITS, FAMILY_V4, L4V4, L4V6, MAX_CIDR_LENGTHS, MODE_REGISTRY_ONLY, TABLE_ALLOW_V4,
+    TABLE_ALLOW_V6, TABLE_CIDR_V4, TABLE_CIDR_V6, TABLE_EXACT_V4, TABLE_EXACT_V6, TABLE_PORTS,
 };
 
 use crate::{maps, parse::Flow};
@@ -32,12 +32,7 @@ pub fn decide(flow: &Flow, generation: u8, config: &DatapathConfig) -> Verdict {
         {
             return Verdict::Allowed;
         }
-        exact.or_else(|| {
-            if tables & TABLE_CIDR_V4 == 0 {
-                return None;
-            }
-            maps::CIDR_V4.get(Key::new(L4_KEY_HEADER_BITS + 32, key)).and_then(live)
-        })
+        exact.or_else(|| if tables & TABLE_CIDR_V4 == 0 { None } else { cidr_v4(flow, generation, addr, config) })
     } else {
         let addr = flow.dst;
         let key = L4V6 { proto: flow.proto, generation, port, addr };
@@ -53,12 +48,7 @@ pub fn decide(flow: &Flow, generation: u8, config: &DatapathConfig) -> Verdict {
         {
             return Verdict::Allowed;
         }
-        exact.or_else(|| {
-            if tables & TABLE_CIDR_V6 == 0 {
-                return None;
-            }
-            maps::CIDR_V6.get(Key::new(L4_KEY_HEADER_BITS + 128, key)).and_then(live)
-        })
+        exact.or_else(|| if tables & TABLE_CIDR_V6 == 0 { None } else { cidr_v6(flow, generation, config) })
     };
     let rule = rule.or_else(|| {
         if tables & TABLE_PORTS == 0 {
@@ -75,9 +65,45 @@ pub fn decide(flow: &Flow, generation: u8, config: &DatapathConfig) -> Verdict {
     }
 }
 
+/// The longest CIDR entry holding the destination: one hash lookup per prefix length the policy uses, longest
+/// first, so the cost depends on how many lengths there are, not on how many entries.
+#[inline(never)]
+fn cidr_v4(flow: &Flow, generation: u8, addr: [u8; 4], config: &DatapathConfig) -> Option<&'static Rule> {
+    let mut key = CidrV4 { proto: flow.proto, generation, port: flow.dst_port.to_be_bytes(), ..CidrV4::default() };
+    for i in 0..MAX_CIDR_LENGTHS {
+        if i >= usize::from(config.cidr_count_v4) {
+            break;
+        }
+        key.prefix_len = config.cidr_lengths_v4[i];
+        key.addr = mask_v4(addr, u32::from(key.prefix_len));
+        // SAFETY: the value is copied out at once; entries of the active generation are never deleted.
+        if let Some(rule) = unsafe { maps::CIDR_V4.get(key) }.and_then(live) {
+            return Some(rule);
+        }
+    }
+    None
+}
+
+#[inline(never)]
+fn cidr_v6(flow: &Flow, generation: u8, config: &DatapathConfig) -> Option<&'static Rule> {
+    let mut key = CidrV6 { proto: flow.proto, generation, port: flow.dst_port.to_be_bytes(), ..CidrV6::default() };
+    for i in 0..MAX_CIDR_LENGTHS {
+        if i >= usize::from(config.cidr_count_v6) {
+            break;
+        }
+        key.prefix_len = config.cidr_lengths_v6[i];
+        key.addr = mask_v6(flow.dst, u32::from(key.prefix_len));
+        // SAFETY: as above.
+        if let Some(rule) = unsafe { maps::CIDR_V6.get(key) }.and_then(live) {
+            return Some(rule);
+        }
+    }
+    None
+}
+
 /// The entry, unless it has expired.
 #[inline(always)]
-fn live(rule: &Rule) -> Option<&Rule> {
+fn live<'a>(rule: &'a Rule) -> Option<&'a Rule> {
     // SAFETY: a helper with no arguments.
     if rule.expires_ns != 0 && unsafe { bpf_ktime_get_ns() } > rule.expires_ns {
         return None;

@@ -39,8 +39,10 @@ impl Classifier {
             rules: [
                 "203.0.113.10:80/tcp",
                 "198.51.100.0/24:53/udp",
+                "192.0.0.0/16:53/udp",
                 "[2001:db8::10]:443/tcp",
                 "[2001:db8:1::/48]:53/udp",
+                "[2001:db8:2::/64]:53/udp",
             ]
             .iter()
             .map(|rule| rule.parse().unwrap())
@@ -84,6 +86,18 @@ fn every_parsing_path_gets_the_verdict_its_destination_deserves() {
         ("ipv4 tcp, entry's address, other port", v4(ALLOWED, TCP, &syn(81)), DROP, Verdict::Blackholed),
         ("ipv4 udp, entry's port, other protocol", v4(ALLOWED, UDP, &udp(5, 80, b"x")), DROP, Verdict::Blackholed),
         ("ipv4 udp into a CIDR entry", v4(IN_CIDR, UDP, &udp(5, 53, b"q")), CONTINUE, Verdict::Allowed),
+        (
+            "ipv4 udp into a CIDR entry of another prefix length",
+            v4(Ipv4Addr::new(192, 0, 5, 5), UDP, &udp(5, 53, b"q")),
+            CONTINUE,
+            Verdict::Allowed,
+        ),
+        (
+            "ipv4 udp just outside both CIDRs",
+            v4(Ipv4Addr::new(192, 1, 0, 1), UDP, &udp(5, 53, b"q")),
+            DROP,
+            Verdict::Blackholed,
+        ),
         ("ipv4 to an always-allowed range", v4(Ipv4Addr::new(10, 1, 2, 3), TCP, &syn(9)), CONTINUE, Verdict::Allowed),
         ("ipv4 unlisted", v4(BLOCKED, TCP, &syn(80)), DROP, Verdict::Blackholed),
         ("ipv4 icmp unlisted", v4(BLOCKED, ICMP, &[8, 0, 0, 0, 0, 1, 0, 1]), DROP, Verdict::Blackholed),
@@ -124,6 +138,18 @@ fn every_parsing_path_gets_the_verdict_its_destination_deserves() {
             v6("2001:db8:1:2::5".parse().unwrap(), UDP, &[], &udp(5, 53, b"q")),
             CONTINUE,
             Verdict::Allowed,
+        ),
+        (
+            "ipv6 udp into a CIDR entry of another prefix length",
+            v6("2001:db8:2::9".parse().unwrap(), UDP, &[], &udp(5, 53, b"q")),
+            CONTINUE,
+            Verdict::Allowed,
+        ),
+        (
+            "ipv6 udp just outside the /64",
+            v6("2001:db8:2:1::9".parse().unwrap(), UDP, &[], &udp(5, 53, b"q")),
+            DROP,
+            Verdict::Blackholed,
         ),
         (
             "ipv6 behind hop-by-hop, routing and destination options",
@@ -236,6 +262,19 @@ fn later_fragments_follow_the_verdict_of_their_first_fragment() {
 
 fn v4_fragment(dst: Ipv4Addr, fragment: u16, payload: &[u8]) -> Vec<u8> {
     ethernet(0x0800, &[], &ipv4(CLIENT, dst, UDP, &[], fragment, payload))
+}
+
+#[test]
+fn a_policy_with_more_prefix_lengths_than_the_datapath_walks_is_refused_whole() {
+    let mut classifier = Classifier::load(OutboundMode::RegistryOnly, BlackholeAction::Drop);
+    let rules = (8..=20).map(|len| format!("10.0.0.0/{len}:53/udp").parse().unwrap()).collect();
+    let policy = DatapathPolicy { mode: OutboundMode::RegistryOnly, rules, ..DatapathPolicy::default() };
+
+    let error = classifier.datapath.apply(&policy).expect_err("13 distinct lengths").to_string();
+
+    assert!(error.contains("IPv4 CIDRs use 13 distinct prefix lengths; the datapath looks up at most 12"), "{error}");
+    let (_, verdict, _) = classifier.run(&v4(ALLOWED, TCP, &tcp(40000, 80, TCP_SYN, 1)));
+    assert_eq!(verdict, Verdict::Allowed, "the policy in force stays in force");
 }
 
 #[test]

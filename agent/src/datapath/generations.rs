@@ -8,9 +8,10 @@ use aya::{
 };
 use ipnet::IpNet;
 use sluice_common::{
-    names, AllowV4, AllowV6, DatapathConfig, PortKey, Rule, ACTION_INTERCEPT, ACTION_PASS, ALLOW_KEY_HEADER_BITS,
-    BLACKHOLE_DROP, BLACKHOLE_REJECT, L4V4, L4V6, L4_KEY_HEADER_BITS, MAX_RULES, MODE_ALLOW_ANY, MODE_REGISTRY_ONLY,
-    TABLE_ALLOW_V4, TABLE_ALLOW_V6, TABLE_CIDR_V4, TABLE_CIDR_V6, TABLE_EXACT_V4, TABLE_EXACT_V6, TABLE_PORTS,
+    names, AllowV4, AllowV6, CidrV4, CidrV6, DatapathConfig, PortKey, Rule, ACTION_INTERCEPT, ACTION_PASS,
+    ALLOW_KEY_HEADER_BITS, BLACKHOLE_DROP, BLACKHOLE_REJECT, L4V4, L4V6, MAX_CIDR_LENGTHS, MAX_RULES, MODE_ALLOW_ANY,
+    MODE_REGISTRY_ONLY, TABLE_ALLOW_V4, TABLE_ALLOW_V6, TABLE_CIDR_V4, TABLE_CIDR_V6, TABLE_EXACT_V4, TABLE_EXACT_V6,
+    TABLE_PORTS,
 };
 
 use super::{routing::MARK, take_map, DatapathError};
@@ -21,8 +22,8 @@ pub(super) struct PolicyMaps {
     config: Array<MapData, DatapathConfig>,
     exact_v4: HashMap<MapData, L4V4, Rule>,
     exact_v6: HashMap<MapData, L4V6, Rule>,
-    cidr_v4: LpmTrie<MapData, L4V4, Rule>,
-    cidr_v6: LpmTrie<MapData, L4V6, Rule>,
+    cidr_v4: HashMap<MapData, CidrV4, Rule>,
+    cidr_v6: HashMap<MapData, CidrV6, Rule>,
     allow_v4: LpmTrie<MapData, AllowV4, u32>,
     allow_v6: LpmTrie<MapData, AllowV6, u32>,
     ports: HashMap<MapData, PortKey, Rule>,
@@ -35,8 +36,8 @@ pub(super) struct PolicyMaps {
 struct Entries {
     exact_v4: Vec<(L4V4, Rule)>,
     exact_v6: Vec<(L4V6, Rule)>,
-    cidr_v4: Vec<(Key<L4V4>, Rule)>,
-    cidr_v6: Vec<(Key<L4V6>, Rule)>,
+    cidr_v4: Vec<(CidrV4, Rule)>,
+    cidr_v6: Vec<(CidrV6, Rule)>,
     allow_v4: Vec<(Key<AllowV4>, u32)>,
     allow_v6: Vec<(Key<AllowV6>, u32)>,
     ports: Vec<(PortKey, Rule)>,
@@ -74,7 +75,7 @@ impl PolicyMaps {
         }
         self.insert(&entries)?;
         self.config
-            .set(next, config(policy, entries.tables()), 0)
+            .set(next, config(policy, &entries), 0)
             .map_err(|source| DatapathError::Map { map: names::CONFIG, source })?;
         self.active.set(0, next, 0).map_err(|source| DatapathError::Map { map: names::ACTIVE, source })?;
         wait_for_running_programs();
@@ -113,8 +114,8 @@ impl PolicyMaps {
         delete_hash(&mut self.exact_v4, names::EXACT_V4, |k| k.generation == generation)?;
         delete_hash(&mut self.exact_v6, names::EXACT_V6, |k| k.generation == generation)?;
         delete_hash(&mut self.ports, names::PORTS, |k| k.generation == generation)?;
-        delete_trie(&mut self.cidr_v4, names::CIDR_V4, |k| k.generation == generation)?;
-        delete_trie(&mut self.cidr_v6, names::CIDR_V6, |k| k.generation == generation)?;
+        delete_hash(&mut self.cidr_v4, names::CIDR_V4, |k| k.generation == generation)?;
+        delete_hash(&mut self.cidr_v6, names::CIDR_V6, |k| k.generation == generation)?;
         delete_trie(&mut self.allow_v4, names::ALLOW_V4, |k| k.generation == generation)?;
         delete_trie(&mut self.allow_v6, names::ALLOW_V6, |k| k.generation == generation)
     }
@@ -132,7 +133,9 @@ impl Entries {
                     if net.prefix_len() == 32 {
                         entries.exact_v4.push((key, pass));
                     } else {
-                        entries.cidr_v4.push((Key::new(L4_KEY_HEADER_BITS + u32::from(net.prefix_len()), key), pass));
+                        let (prefix_len, addr) = (net.prefix_len(), net.network().octets());
+                        let key = CidrV4 { proto, generation, port, prefix_len, _pad: [0; 3], addr };
+                        entries.cidr_v4.push((key, pass));
                     }
                 }
                 IpNet::V6(net) => {
@@ -140,7 +143,9 @@ impl Entries {
                     if net.prefix_len() == 128 {
                         entries.exact_v6.push((key, pass));
                     } else {
-                        entries.cidr_v6.push((Key::new(L4_KEY_HEADER_BITS + u32::from(net.prefix_len()), key), pass));
+                        let (prefix_len, addr) = (net.prefix_len(), net.network().octets());
+                        let key = CidrV6 { proto, generation, port, prefix_len, _pad: [0; 3], addr };
+                        entries.cidr_v6.push((key, pass));
                     }
                 }
             }
@@ -166,6 +171,22 @@ impl Entries {
         entries
     }
 
+    /// The distinct prefix lengths of `keys`, longest first, as the classifier walks them.
+    fn lengths(keys: impl Iterator<Item = u8>) -> Vec<u8> {
+        let mut lengths: Vec<u8> = keys.collect();
+        lengths.sort_unstable_by(|a, b| b.cmp(a));
+        lengths.dedup();
+        lengths
+    }
+
+    fn cidr_lengths_v4(&self) -> Vec<u8> {
+        Entries::lengths(self.cidr_v4.iter().map(|(key, _)| key.prefix_len))
+    }
+
+    fn cidr_lengths_v6(&self) -> Vec<u8> {
+        Entries::lengths(self.cidr_v6.iter().map(|(key, _)| key.prefix_len))
+    }
+
     /// The `TABLE_*` bits of the maps this generation puts entries in.
     fn tables(&self) -> u32 {
         let present = [
@@ -189,14 +210,26 @@ impl Entries {
             (names::ALLOW_V4, self.allow_v4.len()),
             (names::ALLOW_V6, self.allow_v6.len()),
         ];
-        match sizes.into_iter().find(|(_, count)| *count > MAX_RULES as usize) {
-            Some((map, count)) => Err(DatapathError::Capacity { map, count, capacity: MAX_RULES }),
-            None => Ok(()),
+        if let Some((map, count)) = sizes.into_iter().find(|(_, count)| *count > MAX_RULES as usize) {
+            return Err(DatapathError::Capacity { map, count, capacity: MAX_RULES });
         }
+        for (family, lengths) in [("IPv4", self.cidr_lengths_v4()), ("IPv6", self.cidr_lengths_v6())] {
+            if lengths.len() > MAX_CIDR_LENGTHS {
+                return Err(DatapathError::PrefixLengths { family, count: lengths.len(), limit: MAX_CIDR_LENGTHS });
+            }
+        }
+        Ok(())
     }
 }
 
-fn config(policy: &DatapathPolicy, tables: u32) -> DatapathConfig {
+/// The config of a generation; `entries` passed `check_capacity`.
+fn config(policy: &DatapathPolicy, entries: &Entries) -> DatapathConfig {
+    let (v4, v6) = (entries.cidr_lengths_v4(), entries.cidr_lengths_v6());
+    let padded = |lengths: &[u8]| {
+        let mut out = [0u8; MAX_CIDR_LENGTHS];
+        out[..lengths.len()].copy_from_slice(lengths);
+        out
+    };
     DatapathConfig {
         mode: match policy.mode {
             OutboundMode::AllowAny => MODE_ALLOW_ANY,
@@ -209,7 +242,12 @@ fn config(policy: &DatapathPolicy, tables: u32) -> DatapathConfig {
         proxy_port: policy.proxy_port,
         _pad: 0,
         mark: MARK,
-        tables,
+        tables: entries.tables(),
+        cidr_count_v4: v4.len() as u8,
+        cidr_count_v6: v6.len() as u8,
+        _pad2: [0; 2],
+        cidr_lengths_v4: padded(&v4),
+        cidr_lengths_v6: padded(&v6),
     }
 }
 

@@ -65,6 +65,8 @@ pub enum DatapathError {
     },
     #[error("the policy has {count} entries for map {map}, which holds {capacity} per generation")]
     Capacity { map: &'static str, count: usize, capacity: u32 },
+    #[error("the policy's {family} CIDRs use {count} distinct prefix lengths; the datapath looks up at most {limit}")]
+    PrefixLengths { family: &'static str, count: usize, limit: usize },
     #[error("{what} {path}: {error}")]
     Pin { what: &'static str, path: String, error: String },
     #[error("{0}")]

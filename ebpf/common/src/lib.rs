@@ -64,7 +64,18 @@ pub struct DatapathConfig {
     pub mark: u32,
     /// `TABLE_*` bits of the maps that hold entries in this generation: empty ones are not looked up.
     pub tables: u32,
+    /// How many prefix lengths `cidr_lengths_v4` and `cidr_lengths_v6` hold.
+    pub cidr_count_v4: u8,
+    pub cidr_count_v6: u8,
+    pub _pad2: [u8; 2],
+    /// The prefix lengths of the IPv4 CIDR entries, longest first: only those are looked up.
+    pub cidr_lengths_v4: [u8; MAX_CIDR_LENGTHS],
+    /// The prefix lengths of the IPv6 CIDR entries, longest first.
+    pub cidr_lengths_v6: [u8; MAX_CIDR_LENGTHS],
 }
+
+/// Distinct CIDR prefix lengths a policy may use per address family (one hash lookup each, at most).
+pub const MAX_CIDR_LENGTHS: usize = 12;
 
 pub const TABLE_EXACT_V4: u32 = 1 << 0;
 pub const TABLE_EXACT_V6: u32 = 1 << 1;
@@ -89,13 +100,10 @@ pub struct Rule {
     pub expires_ns: u64,
 }
 
-/// Bits of an L4 key that precede the address: protocol, generation and port.
-pub const L4_KEY_HEADER_BITS: u32 = 32;
 /// Bits of an always-allowed key that precede the address: generation and padding.
 pub const ALLOW_KEY_HEADER_BITS: u32 = 32;
 
-/// Key of an IPv4 L4 entry: exact in the hash map, and the data of an LPM key in the CIDR trie, whose prefix
-/// length is `L4_KEY_HEADER_BITS + the address prefix`.
+/// Key of an exact IPv4 destination entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct L4V4 {
@@ -106,7 +114,7 @@ pub struct L4V4 {
     pub addr: [u8; 4],
 }
 
-/// Key of an IPv6 L4 entry (see [`L4V4`]).
+/// Key of an exact IPv6 destination entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct L4V6 {
@@ -114,6 +122,62 @@ pub struct L4V6 {
     pub generation: u8,
     pub port: [u8; 2],
     pub addr: [u8; 16],
+}
+
+/// Key of an IPv4 CIDR entry: looked up once per prefix length present, with the address masked to it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CidrV4 {
+    pub proto: u8,
+    pub generation: u8,
+    /// Destination port in network byte order.
+    pub port: [u8; 2],
+    pub prefix_len: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 4],
+}
+
+/// Key of an IPv6 CIDR entry (see [`CidrV4`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CidrV6 {
+    pub proto: u8,
+    pub generation: u8,
+    pub port: [u8; 2],
+    pub prefix_len: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+/// `addr` with the bits past `prefix_len` cleared (IPv4).
+#[inline(always)]
+pub fn mask_v4(addr: [u8; 4], prefix_len: u32) -> [u8; 4] {
+    let mask = if prefix_len == 0 { 0 } else { u32::MAX << (32 - prefix_len.min(32)) };
+    (u32::from_be_bytes(addr) & mask).to_be_bytes()
+}
+
+/// `addr` with the bits past `prefix_len` cleared (IPv6).
+#[inline(always)]
+pub fn mask_v6(addr: [u8; 16], prefix_len: u32) -> [u8; 16] {
+    let prefix_len = prefix_len.min(128);
+    let mut high = [0u8; 8];
+    let mut low = [0u8; 8];
+    high.copy_from_slice(&addr[..8]);
+    low.copy_from_slice(&addr[8..]);
+    let high_mask = if prefix_len == 0 {
+        0
+    } else if prefix_len >= 64 {
+        u64::MAX
+    } else {
+        u64::MAX << (64 - prefix_len)
+    };
+    let low_mask = if prefix_len <= 64 { 0 } else { u64::MAX << (128 - prefix_len) };
+    let high = (u64::from_be_bytes(high) & high_mask).to_be_bytes();
+    let low = (u64::from_be_bytes(low) & low_mask).to_be_bytes();
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&high);
+    out[8..].copy_from_slice(&low);
+    out
 }
 
 /// LPM key data of an IPv4 always-allowed range; prefix length `ALLOW_KEY_HEADER_BITS + the address prefix`.
@@ -268,4 +332,26 @@ mod user {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for BlockedFlowEvent {}
     unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for CidrV4 {}
+    unsafe impl aya::Pod for CidrV6 {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_clear_the_bits_past_the_prefix() {
+        assert_eq!(mask_v4([203, 0, 113, 77], 24), [203, 0, 113, 0]);
+        assert_eq!(mask_v4([203, 0, 113, 77], 28), [203, 0, 113, 64]);
+        assert_eq!(mask_v4([203, 0, 113, 77], 32), [203, 0, 113, 77]);
+        assert_eq!(mask_v4([203, 0, 113, 77], 0), [0, 0, 0, 0]);
+        let addr = [0x20, 0x01, 0x0d, 0xb8, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
+        assert_eq!(mask_v6(addr, 0), [0; 16]);
+        assert_eq!(mask_v6(addr, 32), [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(mask_v6(addr, 64), [0x20, 0x01, 0x0d, 0xb8, 1, 2, 3, 4, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(mask_v6(addr, 68), [0x20, 0x01, 0x0d, 0xb8, 1, 2, 3, 4, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(mask_v6(addr, 72), [0x20, 0x01, 0x0d, 0xb8, 1, 2, 3, 4, 5, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(mask_v6(addr, 128), addr);
+    }
 }
