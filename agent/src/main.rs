@@ -6,8 +6,13 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 use sluice_agent::{
+    config::sources::files,
     datapath::{self, Datapath, InterceptRouting},
-    policy::{self, BlackholeAction, DatapathPolicy, L4Rule, OutboundMode},
+    policy::{
+        self,
+        compile::{self, NodeSettings},
+        BlackholeAction, L4Rule, OutboundMode,
+    },
     proxy::{self, transparent_listener::TransparentListener},
     telemetry,
 };
@@ -24,6 +29,8 @@ struct Cli {
 enum Command {
     /// Run the agent: enforce egress policy in the kernel on the intercepted interfaces.
     Run(RunArgs),
+    /// Validate Istio configuration files or directories as the agent would; non-zero exit on any error.
+    Check(CheckArgs),
     /// Remove everything a previous agent left in the kernel: links, program, maps, policy routing.
     Cleanup(CleanupArgs),
     /// Print the version.
@@ -37,10 +44,13 @@ struct RunArgs {
     /// routed traffic arrives on). Repeatable.
     #[arg(long = "intercept", value_name = "IFACE", required = true)]
     intercept: Vec<String>,
-    /// What happens to traffic no rule allows: passes (ALLOW_ANY, Istio's default) or is blackholed in the
-    /// kernel (REGISTRY_ONLY).
-    #[arg(long, value_enum, value_name = "MODE", default_value = "ALLOW_ANY")]
-    outbound_traffic_policy: OutboundMode,
+    /// Istio configuration: YAML (multi-document) or JSON files, or directories of them. Repeatable.
+    #[arg(long = "config", value_name = "PATH")]
+    config: Vec<PathBuf>,
+    /// What happens to traffic no rule allows: passes (ALLOW_ANY) or is blackholed in the kernel
+    /// (REGISTRY_ONLY). Overrides the mesh config's outboundTrafficPolicy.mode; Istio's default is ALLOW_ANY.
+    #[arg(long, value_enum, value_name = "MODE")]
+    outbound_traffic_policy: Option<OutboundMode>,
     /// What the kernel does with blackholed packets: drop them (clients time out) or reject them (TCP RST,
     /// ICMP administratively prohibited: clients fail at once).
     #[arg(long, value_enum, default_value = "drop")]
@@ -67,6 +77,13 @@ struct RunArgs {
     /// On exit, remove everything from the kernel (by default the last policy stays enforced: fail closed).
     #[arg(long)]
     cleanup_on_exit: bool,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// Files or directories of Istio configuration.
+    #[arg(required = true, value_name = "PATH")]
+    paths: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -103,6 +120,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Run(args) => runtime().and_then(|rt| rt.block_on(run(args))),
+        Command::Check(args) => check(&args.paths),
         Command::Cleanup(args) => runtime().and_then(|rt| rt.block_on(cleanup(&args.bpffs))),
         Command::Version => {
             // The one line this command exists to print.
@@ -148,7 +166,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let policy = DatapathPolicy {
+    let loaded = files::load(&args.config);
+    report(&loaded);
+    let node = NodeSettings {
         mode: args.outbound_traffic_policy,
         blackhole: args.blackhole,
         allow_cidrs: args.allow_cidr,
@@ -156,6 +176,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         intercept_ports: args.intercept_port,
         proxy_port: if intercepting { args.proxy_port } else { 0 },
     };
+    let policy = compile::datapath_policy(&loaded.snapshot, &node);
 
     Datapath::check_interfaces(&args.intercept)?;
     let mut datapath = Datapath::load(&args.bpffs)?;
@@ -213,6 +234,44 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         tracing::info!(bpffs = %args.bpffs.display(), "policy stays enforced in the kernel (sluice cleanup removes it)");
         Ok(())
+    }
+}
+
+/// Logs what loading the configuration rejected and ignored; the rest is applied.
+fn report(loaded: &files::Loaded) {
+    for error in &loaded.errors {
+        tracing::warn!(error = %error, "configuration rejected");
+    }
+    for ignored in &loaded.ignored {
+        tracing::debug!(document = %ignored, "not read: not a kind Sluice uses");
+    }
+    tracing::info!(
+        resources = loaded.snapshot.resources.len(),
+        rejected = loaded.errors.len(),
+        mesh_mode = ?loaded.snapshot.mesh.outbound_mode(),
+        "configuration loaded"
+    );
+}
+
+fn check(paths: &[PathBuf]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let loaded = files::load(paths);
+    // This command's output is its result: one line per error, then a summary.
+    let mut out = std::io::stdout().lock();
+    for error in &loaded.errors {
+        let _ = writeln!(out, "{error}");
+    }
+    let _ = writeln!(
+        out,
+        "{} resources valid, {} errors, {} documents of other kinds not read",
+        loaded.snapshot.resources.len(),
+        loaded.errors.len(),
+        loaded.ignored.len()
+    );
+    if loaded.errors.is_empty() {
+        Ok(())
+    } else {
+        bail!("{} configuration errors", loaded.errors.len())
     }
 }
 

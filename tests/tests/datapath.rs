@@ -84,6 +84,40 @@ fn registry_only_drops_unlisted_destinations_in_the_kernel_and_counts_them() {
 }
 
 #[test]
+fn istio_configuration_files_decide_what_the_kernel_allows() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("mesh.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\n\
+         data:\n  mesh: |\n    outboundTrafficPolicy:\n      mode: REGISTRY_ONLY\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("entries.yaml"),
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: dns}}\n\
+             spec: {{hosts: [dns.example], addresses: ['{SERVER_A}'], ports: [{{number: 5353, name: dns, protocol: UDP}}]}}\n\
+             ---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: broken}}\n\
+             spec: {{hosts: ['*'], addresses: ['{SERVER_A}'], ports: [{{number: 6000, name: udp, protocol: UDP}}]}}\n"
+        ),
+    )
+    .unwrap();
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --config {}", dir.path().display());
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    let allowed = UdpSink::bind(&topology.internet, addr(SERVER_A, 5353)).unwrap();
+    let rejected = UdpSink::bind(&topology.internet, addr(SERVER_A, 6000)).unwrap();
+
+    send_udp(&topology.workload, addr(SERVER_A, 5353), 3, PAYLOAD).unwrap();
+    send_udp(&topology.workload, addr(SERVER_A, 6000), 3, PAYLOAD).unwrap();
+
+    assert_eq!(allowed.drain(), 3, "the ServiceEntry's address and port pass:\n{}", agent.log());
+    assert_eq!(rejected.drain(), 0, "REGISTRY_ONLY from the mesh config; the invalid ServiceEntry is not applied");
+    assert!(agent.log().contains("ServiceEntry default/broken: spec.hosts[0]"), "{}", agent.log());
+}
+
+#[test]
 fn fragmented_datagrams_to_an_allowed_destination_arrive_whole() {
     require_root();
     let topology = Topology::new().unwrap();

@@ -108,10 +108,11 @@ impl Sandbox {
 
         let binary = build::agent_binary(Profile::Release);
         let mut command = topology.gateway.command(binary.to_str().context("agent path is not UTF-8")?);
-        command.args(["run", "--intercept", GATEWAY_WORKLOAD_IFACE, "--outbound-traffic-policy", "REGISTRY_ONLY"]);
+        // The mesh config (REGISTRY_ONLY) and the ServiceEntries come from deploy/examples/sandbox.
+        command.args(["run", "--intercept", GATEWAY_WORKLOAD_IFACE, "--config"]);
+        command.arg(crate::root().join("deploy/examples/sandbox"));
         // The sandbox leaves nothing behind: the agent removes its pins and routing when it stops.
         command.arg("--cleanup-on-exit");
-        command.args(["--allow", &format!("{SERVER_A}:80/tcp"), "--allow", &format!("[{SERVER_A_V6}]:80/tcp")]);
         // The DNS server and the gateway itself are always reachable.
         command.args(["--allow-cidr", INTERNET_ADDR, "--allow-cidr", GATEWAY_WORKLOAD_ADDR]);
         let mut agent = Process::spawn_in_view("sluice", command)?;

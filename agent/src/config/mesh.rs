@@ -1,0 +1,59 @@
+//! The mesh config's part Sluice uses: `outboundTrafficPolicy.mode`, from the `istio` ConfigMap's `mesh` key.
+
+use serde::Deserialize;
+
+/// Istio's `outboundTrafficPolicy.mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum OutboundTrafficMode {
+    #[serde(rename = "ALLOW_ANY")]
+    AllowAny,
+    #[serde(rename = "REGISTRY_ONLY")]
+    RegistryOnly,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshConfig {
+    #[serde(default)]
+    pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct OutboundTrafficPolicy {
+    pub mode: Option<OutboundTrafficMode>,
+}
+
+impl MeshConfig {
+    /// The mode the mesh config sets, if it sets one (Istio's default, ALLOW_ANY, applies otherwise).
+    pub fn outbound_mode(&self) -> Option<OutboundTrafficMode> {
+        self.outbound_traffic_policy.as_ref().and_then(|policy| policy.mode)
+    }
+
+    /// Parses the YAML held under the ConfigMap's `mesh` key.
+    pub fn from_mesh_yaml(text: &str) -> Result<MeshConfig, String> {
+        if text.trim().is_empty() {
+            return Ok(MeshConfig::default());
+        }
+        serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mode_is_read_from_the_mesh_yaml() {
+        let cases = [
+            ("outboundTrafficPolicy:\n  mode: REGISTRY_ONLY\n", Some(OutboundTrafficMode::RegistryOnly)),
+            ("outboundTrafficPolicy:\n  mode: ALLOW_ANY\n", Some(OutboundTrafficMode::AllowAny)),
+            ("accessLogFile: /dev/stdout\n", None),
+            ("", None),
+        ];
+        for (yaml, mode) in cases {
+            assert_eq!(MeshConfig::from_mesh_yaml(yaml).unwrap().outbound_mode(), mode, "{yaml}");
+        }
+        let error = MeshConfig::from_mesh_yaml("outboundTrafficPolicy:\n  mode: SOMETIMES\n").unwrap_err();
+        assert!(error.contains("SOMETIMES"), "{error}");
+    }
+}

@@ -1,0 +1,18 @@
+//! Istio configuration: the resources Sluice reads, how they are checked, and where they come from.
+
+pub mod error;
+pub mod mesh;
+pub mod resource;
+pub mod service_entry;
+pub mod sources;
+
+pub use error::ConfigError;
+pub use mesh::{MeshConfig, OutboundTrafficMode};
+pub use resource::{Kind, Metadata, Resource, Spec};
+
+/// Every resource in force, and the mesh config: what the policy is compiled from.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub resources: Vec<Resource>,
+    pub mesh: MeshConfig,
+}

@@ -1,0 +1,172 @@
+//! One Istio resource as read from YAML or JSON: its kind, metadata and spec, checked as Istio checks it.
+
+use std::{collections::BTreeMap, fmt};
+
+use serde::Deserialize;
+
+use super::{error::FieldError, mesh::MeshConfig, service_entry::ServiceEntry};
+
+const ISTIO_GROUP: &str = "networking.istio.io";
+const ISTIO_VERSIONS: [&str; 3] = ["v1alpha3", "v1beta1", "v1"];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    ServiceEntry,
+    VirtualService,
+    Gateway,
+    DestinationRule,
+    Sidecar,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] =
+        [Kind::ServiceEntry, Kind::VirtualService, Kind::Gateway, Kind::DestinationRule, Kind::Sidecar];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::ServiceEntry => "ServiceEntry",
+            Kind::VirtualService => "VirtualService",
+            Kind::Gateway => "Gateway",
+            Kind::DestinationRule => "DestinationRule",
+            Kind::Sidecar => "Sidecar",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|kind| kind.name() == name)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct Metadata {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Metadata {
+    /// The namespace, `default` when the resource names none (as `kubectl apply` would place it).
+    pub fn namespace(&self) -> &str {
+        self.namespace.as_deref().unwrap_or("default")
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Spec {
+    ServiceEntry(ServiceEntry),
+    /// A kind whose typed model is not in Sluice yet: kept as read.
+    Untyped(serde_json::Value),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resource {
+    pub kind: Kind,
+    pub metadata: Metadata,
+    pub spec: Spec,
+}
+
+impl Resource {
+    /// `Kind namespace/name`, as errors and logs name it.
+    pub fn id(&self) -> String {
+        format!("{} {}/{}", self.kind, self.metadata.namespace(), self.metadata.name)
+    }
+}
+
+/// What one YAML or JSON document turned out to be.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Document {
+    Resource(Box<Resource>),
+    /// The mesh config: the `istio` ConfigMap (key `mesh`), or a `MeshConfig` resource.
+    Mesh(MeshConfig),
+    /// Something Sluice does not read (a Deployment, an EnvoyFilter…): `apiVersion` and `kind`.
+    Ignored(String, String),
+}
+
+/// A document that could not be read: the resource it claims to be (when that much was readable) and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DocumentError {
+    pub resource: Option<String>,
+    pub error: FieldError,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Envelope {
+    #[serde(default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    metadata: Metadata,
+    #[serde(default)]
+    spec: serde_json::Value,
+    #[serde(default)]
+    data: BTreeMap<String, String>,
+}
+
+impl Document {
+    pub fn parse(value: serde_json::Value) -> Result<Document, DocumentError> {
+        let envelope: Envelope = serde_path_to_error::deserialize(value).map_err(|e| DocumentError {
+            resource: None,
+            error: FieldError::new(e.path().to_string(), e.inner().to_string()),
+        })?;
+        let (group, version) = envelope.api_version.split_once('/').unwrap_or(("", envelope.api_version.as_str()));
+        let id = format!("{} {}/{}", envelope.kind, envelope.metadata.namespace(), envelope.metadata.name);
+        let fail = |path: &str, reason: String| DocumentError {
+            resource: Some(id.clone()),
+            error: FieldError::new(path, reason),
+        };
+        if envelope.kind == "ConfigMap" && group.is_empty() && envelope.metadata.name == "istio" {
+            let mesh = envelope.data.get("mesh").map(String::as_str).unwrap_or("");
+            return MeshConfig::from_mesh_yaml(mesh).map(Document::Mesh).map_err(|reason| fail("data.mesh", reason));
+        }
+        if group != ISTIO_GROUP {
+            return Ok(Document::Ignored(envelope.api_version, envelope.kind));
+        }
+        if !ISTIO_VERSIONS.contains(&version) {
+            return Err(fail(
+                "apiVersion",
+                format!("unknown version '{version}' of {ISTIO_GROUP} (v1alpha3, v1beta1 or v1)"),
+            ));
+        }
+        if envelope.kind == "MeshConfig" {
+            // Not an Istio kind, but how some guides write the mesh config down: read its spec as the mesh config.
+            return serde_path_to_error::deserialize(envelope.spec)
+                .map(Document::Mesh)
+                .map_err(|e| fail(&format!("spec.{}", e.path()), e.inner().to_string()));
+        }
+        let Some(kind) = Kind::from_name(&envelope.kind) else {
+            return Ok(Document::Ignored(envelope.api_version, envelope.kind));
+        };
+        if envelope.metadata.name.is_empty() {
+            return Err(fail("metadata.name", "a name is required".into()));
+        }
+        let spec = match kind {
+            Kind::ServiceEntry => Spec::ServiceEntry(
+                serde_path_to_error::deserialize(envelope.spec)
+                    .map_err(|e| fail(&format!("spec.{}", e.path()), e.inner().to_string()))?,
+            ),
+            _ => Spec::Untyped(envelope.spec),
+        };
+        Ok(Document::Resource(Box::new(Resource { kind, metadata: envelope.metadata, spec })))
+    }
+}
+
+impl Resource {
+    /// Every problem Istio's validation would report for this resource.
+    pub fn validate(&self) -> Vec<FieldError> {
+        match &self.spec {
+            Spec::ServiceEntry(entry) => entry.validate(),
+            Spec::Untyped(_) => Vec::new(),
+        }
+    }
+}

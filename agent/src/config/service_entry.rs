@@ -1,0 +1,347 @@
+//! ServiceEntry (`networking.istio.io`): what the mesh's registry knows of services outside it, and the checks
+//! Istio's own validation makes of it.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::IpAddr,
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use super::error::FieldError;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntry {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Virtual IPs or CIDRs of the service.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+    #[serde(default)]
+    pub location: Option<Location>,
+    #[serde(default)]
+    pub resolution: Option<Resolution>,
+    #[serde(default)]
+    pub endpoints: Vec<WorkloadEntry>,
+    #[serde(default)]
+    pub export_to: Vec<String>,
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+    #[serde(default)]
+    pub workload_selector: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    pub number: u32,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub target_port: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum Location {
+    #[serde(rename = "MESH_EXTERNAL")]
+    MeshExternal,
+    #[serde(rename = "MESH_INTERNAL")]
+    MeshInternal,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub enum Resolution {
+    #[default]
+    #[serde(rename = "NONE")]
+    None,
+    #[serde(rename = "STATIC")]
+    Static,
+    #[serde(rename = "DNS")]
+    Dns,
+    #[serde(rename = "DNS_ROUND_ROBIN")]
+    DnsRoundRobin,
+}
+
+/// One endpoint of a ServiceEntry (Istio's WorkloadEntry fields).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadEntry {
+    #[serde(default)]
+    pub address: String,
+    /// Port name → port number on this endpoint.
+    #[serde(default)]
+    pub ports: BTreeMap<String, u32>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub weight: Option<u32>,
+    #[serde(default)]
+    pub network: Option<String>,
+    #[serde(default)]
+    pub locality: Option<String>,
+}
+
+/// The L4 protocol a port's declared protocol travels over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+/// Istio's port protocols, and the transport under each.
+pub fn transport(protocol: &str) -> Option<Transport> {
+    match protocol.to_ascii_uppercase().as_str() {
+        "HTTP" | "HTTPS" | "HTTP2" | "GRPC" | "GRPC-WEB" | "MONGO" | "MYSQL" | "REDIS" | "TCP" | "TLS" => {
+            Some(Transport::Tcp)
+        }
+        "UDP" => Some(Transport::Udp),
+        "SCTP" => Some(Transport::Sctp),
+        _ => None,
+    }
+}
+
+impl ServiceEntry {
+    pub fn resolution(&self) -> Resolution {
+        self.resolution.unwrap_or_default()
+    }
+
+    /// Every problem with this ServiceEntry, as Istio's validation reports them.
+    pub fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        let mut fail = |path: String, reason: String| errors.push(FieldError::new(path, reason));
+        if self.hosts.is_empty() {
+            fail("spec.hosts".into(), "at least one host is required".into());
+        }
+        for (i, host) in self.hosts.iter().enumerate() {
+            if let Err(reason) = validate_host(host) {
+                fail(format!("spec.hosts[{i}]"), reason);
+            }
+        }
+        let resolution = self.resolution();
+        for (i, address) in self.addresses.iter().enumerate() {
+            match parse_address(address) {
+                None => fail(format!("spec.addresses[{i}]"), format!("'{address}' is not an IP address or CIDR")),
+                Some(net) if net.prefix_len() < net.max_prefix_len() && is_dns(resolution) => fail(
+                    format!("spec.addresses[{i}]"),
+                    format!("CIDR '{address}' is only allowed with NONE or STATIC resolution"),
+                ),
+                Some(_) => {}
+            }
+        }
+        if self.ports.is_empty() && self.workload_selector.is_none() {
+            fail("spec.ports".into(), "at least one port is required".into());
+        }
+        let (mut numbers, mut names) = (HashSet::new(), HashSet::new());
+        for (i, port) in self.ports.iter().enumerate() {
+            if !(1..=65535).contains(&port.number) {
+                fail(format!("spec.ports[{i}].number"), format!("{} is not a port (1 to 65535)", port.number));
+            } else if !numbers.insert(port.number) {
+                fail(format!("spec.ports[{i}].number"), format!("port {} is declared twice", port.number));
+            }
+            if port.name.is_empty() {
+                fail(format!("spec.ports[{i}].name"), "a port name is required".into());
+            } else if !names.insert(port.name.as_str()) {
+                fail(format!("spec.ports[{i}].name"), format!("port name '{}' is used twice", port.name));
+            }
+            match &port.protocol {
+                Some(protocol) if transport(protocol).is_none() => fail(
+                    format!("spec.ports[{i}].protocol"),
+                    format!(
+                        "unknown protocol '{protocol}' (HTTP, HTTPS, HTTP2, GRPC, GRPC-WEB, MONGO, MYSQL, REDIS, TCP, TLS, UDP or SCTP)"
+                    ),
+                ),
+                _ => {}
+            }
+            if let Some(target) = port.target_port {
+                if !(1..=65535).contains(&target) {
+                    fail(format!("spec.ports[{i}].targetPort"), format!("{target} is not a port (1 to 65535)"));
+                }
+            }
+        }
+        match resolution {
+            Resolution::None if !self.endpoints.is_empty() => {
+                fail("spec.endpoints".into(), "endpoints are not allowed with NONE resolution".into())
+            }
+            Resolution::Static if self.endpoints.is_empty() && self.workload_selector.is_none() => {
+                fail("spec.endpoints".into(), "STATIC resolution needs endpoints (or a workloadSelector)".into())
+            }
+            Resolution::Dns | Resolution::DnsRoundRobin if self.endpoints.is_empty() => {
+                for (i, host) in self.hosts.iter().enumerate() {
+                    if host.starts_with('*') {
+                        fail(
+                            format!("spec.hosts[{i}]"),
+                            format!("wildcard host '{host}' with DNS resolution needs endpoints to resolve"),
+                        );
+                    }
+                }
+            }
+            _ => {}
+        }
+        for (i, endpoint) in self.endpoints.iter().enumerate() {
+            let path = format!("spec.endpoints[{i}]");
+            if endpoint.address.is_empty() {
+                fail(format!("{path}.address"), "an address is required".into());
+            } else if resolution == Resolution::Static
+                && endpoint.address.parse::<IpAddr>().is_err()
+                && !endpoint.address.starts_with("unix://")
+            {
+                fail(
+                    format!("{path}.address"),
+                    format!("'{}' is not an IP address (STATIC resolution needs addresses)", endpoint.address),
+                );
+            }
+            for (name, number) in &endpoint.ports {
+                if !names.contains(name.as_str()) {
+                    fail(format!("{path}.ports.{name}"), format!("no port of the ServiceEntry is named '{name}'"));
+                }
+                if !(1..=65535).contains(number) {
+                    fail(format!("{path}.ports.{name}"), format!("{number} is not a port (1 to 65535)"));
+                }
+            }
+        }
+        errors
+    }
+}
+
+fn is_dns(resolution: Resolution) -> bool {
+    matches!(resolution, Resolution::Dns | Resolution::DnsRoundRobin)
+}
+
+/// An address or CIDR of `spec.addresses`.
+pub fn parse_address(text: &str) -> Option<IpNet> {
+    match text.parse::<IpNet>() {
+        Ok(net) => Some(net),
+        Err(_) => text.parse::<IpAddr>().ok().map(IpNet::from),
+    }
+}
+
+/// A ServiceEntry host: a DNS name, optionally with a leading `*.` wildcard (or `*` followed by a suffix, as
+/// Istio accepts); a lone `*` is not allowed. Short names are allowed (they are qualified by namespace).
+pub fn validate_host(host: &str) -> Result<(), String> {
+    if host.is_empty() {
+        return Err("a host may not be empty".into());
+    }
+    if host == "*" {
+        return Err("'*' is not allowed as a ServiceEntry host".into());
+    }
+    if host.parse::<IpAddr>().is_ok() {
+        return Err(format!("'{host}' is an IP address; hosts are names (put addresses in spec.addresses)"));
+    }
+    let name = host.strip_prefix("*.").or_else(|| host.strip_prefix('*')).unwrap_or(host);
+    if host.len() > 255 {
+        return Err(format!("'{host}' is longer than 255 characters"));
+    }
+    for label in name.split('.') {
+        let valid = !label.is_empty()
+            && label.len() <= 63
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !valid {
+            return Err(format!("'{host}' is not a valid DNS name (label '{label}')"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(yaml: &str) -> ServiceEntry {
+        serde_yaml_ng::from_str(yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"))
+    }
+
+    #[test]
+    fn hosts_are_checked_as_istio_checks_them() {
+        for host in ["httpbin.org", "*.example.com", "*example.com", "reviews", "a-b.c-d.example"] {
+            assert_eq!(validate_host(host), Ok(()), "{host}");
+        }
+        for (host, reason) in [
+            ("*", "is not allowed"),
+            ("", "may not be empty"),
+            ("203.0.113.10", "is an IP address"),
+            ("bad_host.com", "not a valid DNS name"),
+            ("-lead.example", "not a valid DNS name"),
+            ("a..b", "not a valid DNS name"),
+            ("*.*.example.com", "not a valid DNS name"),
+        ] {
+            let error = validate_host(host).expect_err(host);
+            assert!(error.contains(reason), "{host}: {error}");
+        }
+    }
+
+    #[test]
+    fn valid_service_entries_have_no_errors() {
+        let cases = [
+            "hosts: [httpbin.org]\nports: [{number: 80, name: http, protocol: HTTP}]\nresolution: DNS\nlocation: MESH_EXTERNAL",
+            "hosts: [api.example]\naddresses: [203.0.113.0/24]\nports: [{number: 443, name: tls, protocol: TLS}]\nresolution: NONE",
+            "hosts: [db.example]\nports: [{number: 5432, name: tcp, protocol: TCP}]\nresolution: STATIC\nendpoints: [{address: 203.0.113.5, ports: {tcp: 15432}}]",
+            "hosts: ['*.example.com']\nports: [{number: 443, name: https, protocol: HTTPS}]\nresolution: NONE",
+            "hosts: ['*.example.com']\nports: [{number: 443, name: https}]\nresolution: DNS\nendpoints: [{address: proxy.example}]",
+        ];
+        for yaml in cases {
+            assert_eq!(entry(yaml).validate(), vec![], "{yaml}");
+        }
+    }
+
+    #[test]
+    fn invalid_service_entries_say_which_field_and_why() {
+        let cases = [
+            ("ports: [{number: 80, name: http}]", "spec.hosts", "at least one host"),
+            ("hosts: ['*']\nports: [{number: 80, name: http}]", "spec.hosts[0]", "not allowed"),
+            ("hosts: [a.example]", "spec.ports", "at least one port"),
+            ("hosts: [a.example]\nports: [{number: 0, name: x}]", "spec.ports[0].number", "not a port"),
+            ("hosts: [a.example]\nports: [{number: 70000, name: x}]", "spec.ports[0].number", "not a port"),
+            (
+                "hosts: [a.example]\nports: [{number: 80, name: a}, {number: 80, name: b}]",
+                "spec.ports[1].number",
+                "declared twice",
+            ),
+            ("hosts: [a.example]\nports: [{number: 80, name: a}, {number: 81, name: a}]", "spec.ports[1].name", "used twice"),
+            ("hosts: [a.example]\nports: [{number: 80}]", "spec.ports[0].name", "name is required"),
+            ("hosts: [a.example]\nports: [{number: 80, name: a, protocol: QUIC}]", "spec.ports[0].protocol", "unknown protocol"),
+            (
+                "hosts: [a.example]\naddresses: [10.0.0.0/8]\nports: [{number: 80, name: a}]\nresolution: DNS",
+                "spec.addresses[0]",
+                "only allowed with NONE or STATIC",
+            ),
+            ("hosts: [a.example]\naddresses: [10.0.0.300]\nports: [{number: 80, name: a}]", "spec.addresses[0]", "not an IP"),
+            (
+                "hosts: ['*.a.example']\nports: [{number: 80, name: a}]\nresolution: DNS",
+                "spec.hosts[0]",
+                "needs endpoints",
+            ),
+            ("hosts: [a.example]\nports: [{number: 80, name: a}]\nresolution: STATIC", "spec.endpoints", "needs endpoints"),
+            (
+                "hosts: [a.example]\nports: [{number: 80, name: a}]\nresolution: NONE\nendpoints: [{address: 10.0.0.1}]",
+                "spec.endpoints",
+                "not allowed with NONE",
+            ),
+            (
+                "hosts: [a.example]\nports: [{number: 80, name: a}]\nresolution: STATIC\nendpoints: [{address: db.example}]",
+                "spec.endpoints[0].address",
+                "not an IP address",
+            ),
+            (
+                "hosts: [a.example]\nports: [{number: 80, name: a}]\nresolution: STATIC\nendpoints: [{address: 10.0.0.1, ports: {b: 8080}}]",
+                "spec.endpoints[0].ports.b",
+                "no port of the ServiceEntry is named 'b'",
+            ),
+        ];
+        for (yaml, path, reason) in cases {
+            let errors = entry(yaml).validate();
+            assert!(
+                errors.iter().any(|e| e.path == path && e.reason.contains(reason)),
+                "{yaml}\nexpected {path}: {reason}\ngot {errors:?}"
+            );
+        }
+    }
+}

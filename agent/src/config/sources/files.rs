@@ -1,0 +1,120 @@
+//! The file source: YAML (multi-document) and JSON files, or directories of them, read and validated.
+
+use std::path::{Path, PathBuf};
+
+use super::super::{
+    error::ConfigError,
+    resource::{Document, Resource},
+    MeshConfig, Snapshot,
+};
+
+/// What reading the files gave: the resources that passed validation, the mesh config, and every error. A
+/// rejected resource is left out alone; the rest are kept.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub snapshot: Snapshot,
+    pub errors: Vec<ConfigError>,
+    /// Documents of kinds Sluice does not read, as `FILE: apiVersion/kind`.
+    pub ignored: Vec<String>,
+}
+
+/// Reads every `.yaml`, `.yml` and `.json` file in `paths` (directories are read recursively, in name order).
+pub fn load(paths: &[PathBuf]) -> Loaded {
+    let mut loaded = Loaded::default();
+    let mut files = Vec::new();
+    for path in paths {
+        collect(path, &mut files, &mut loaded.errors);
+    }
+    for file in files {
+        read_file(&file, &mut loaded);
+    }
+    loaded
+}
+
+fn collect(path: &Path, files: &mut Vec<PathBuf>, errors: &mut Vec<ConfigError>) {
+    let fail = |reason: String| ConfigError {
+        source: path.display().to_string(),
+        resource: None,
+        path: String::new(),
+        reason,
+    };
+    if path.is_dir() {
+        let mut entries: Vec<PathBuf> = match std::fs::read_dir(path) {
+            Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).collect(),
+            Err(e) => return errors.push(fail(format!("cannot read directory: {e}"))),
+        };
+        entries.sort();
+        for entry in entries {
+            let is_config = entry.extension().is_some_and(|ext| ext == "yaml" || ext == "yml" || ext == "json");
+            if entry.is_dir() || is_config {
+                collect(&entry, files, errors);
+            }
+        }
+    } else if path.exists() {
+        files.push(path.to_owned());
+    } else {
+        errors.push(fail("no such file or directory".into()));
+    }
+}
+
+fn read_file(file: &Path, loaded: &mut Loaded) {
+    let source = file.display().to_string();
+    let file_error =
+        |reason: String| ConfigError { source: source.clone(), resource: None, path: String::new(), reason };
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(e) => return loaded.errors.push(file_error(format!("cannot read: {e}"))),
+    };
+    let documents: Vec<Result<serde_json::Value, String>> = if file.extension().is_some_and(|ext| ext == "json") {
+        vec![serde_json::from_str(&text).map_err(|e| e.to_string())]
+    } else {
+        serde_yaml_ng::Deserializer::from_str(&text)
+            .map(|document| serde::Deserialize::deserialize(document).map_err(|e: serde_yaml_ng::Error| e.to_string()))
+            .collect()
+    };
+    for document in documents {
+        let value = match document {
+            Ok(serde_json::Value::Null) => continue,
+            Ok(value) => value,
+            Err(reason) => {
+                loaded.errors.push(file_error(format!("not valid YAML or JSON: {reason}")));
+                continue;
+            }
+        };
+        match Document::parse(value) {
+            Ok(Document::Resource(resource)) => accept(*resource, &source, loaded),
+            Ok(Document::Mesh(mesh)) => loaded.snapshot.mesh = merge_mesh(&loaded.snapshot.mesh, mesh),
+            Ok(Document::Ignored(api_version, kind)) => loaded.ignored.push(format!("{source}: {api_version}/{kind}")),
+            Err(error) => loaded.errors.push(ConfigError {
+                source: source.clone(),
+                resource: error.resource,
+                path: error.error.path,
+                reason: error.error.reason,
+            }),
+        }
+    }
+}
+
+fn accept(resource: Resource, source: &str, loaded: &mut Loaded) {
+    let errors = resource.validate();
+    if errors.is_empty() {
+        loaded.snapshot.resources.push(resource);
+        return;
+    }
+    let id = resource.id();
+    loaded.errors.extend(errors.into_iter().map(|error| ConfigError {
+        source: source.to_owned(),
+        resource: Some(id.clone()),
+        path: error.path,
+        reason: error.reason,
+    }));
+}
+
+/// A later mesh config overrides what it sets.
+fn merge_mesh(current: &MeshConfig, later: MeshConfig) -> MeshConfig {
+    if later.outbound_traffic_policy.is_some() {
+        later
+    } else {
+        current.clone()
+    }
+}

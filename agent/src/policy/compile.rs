@@ -1,0 +1,173 @@
+//! `compile`: the configuration in force (and the node's own settings) → the policy the datapath enforces.
+
+use std::collections::BTreeSet;
+
+use ipnet::IpNet;
+
+use super::l4::{BlackholeAction, DatapathPolicy, L4Rule, OutboundMode, Protocol};
+use crate::config::{
+    service_entry::{parse_address, transport, Resolution, ServiceEntry, Transport},
+    OutboundTrafficMode, Snapshot, Spec,
+};
+
+/// What the node decides, not the mesh: interfaces' neighbours, the proxy, command-line overrides.
+#[derive(Clone, Debug, Default)]
+pub struct NodeSettings {
+    /// Overrides the mesh config's `outboundTrafficPolicy.mode` (whose absence means Istio's ALLOW_ANY).
+    pub mode: Option<OutboundMode>,
+    pub blackhole: BlackholeAction,
+    pub allow_cidrs: Vec<IpNet>,
+    /// Destinations allowed besides what the ServiceEntries register.
+    pub rules: Vec<L4Rule>,
+    pub intercept_ports: Vec<u16>,
+    pub proxy_port: u16,
+}
+
+/// The datapath's policy: every address a ServiceEntry registers (its `addresses`, or its endpoints' with STATIC
+/// resolution), on each of its ports, is allowed at L4. Hosts resolved by DNS are reached through the proxy.
+pub fn datapath_policy(snapshot: &Snapshot, node: &NodeSettings) -> DatapathPolicy {
+    let mut rules: BTreeSet<(String, u16, u8)> = BTreeSet::new();
+    let mut out = Vec::new();
+    let mut push = |rule: L4Rule| {
+        if rules.insert((rule.net.to_string(), rule.port, rule.protocol.number())) {
+            out.push(rule);
+        }
+    };
+    for rule in &node.rules {
+        push(*rule);
+    }
+    for resource in &snapshot.resources {
+        if let Spec::ServiceEntry(entry) = &resource.spec {
+            for rule in service_entry_rules(entry) {
+                push(rule);
+            }
+        }
+    }
+    let mode = node.mode.unwrap_or(match snapshot.mesh.outbound_mode() {
+        Some(OutboundTrafficMode::RegistryOnly) => OutboundMode::RegistryOnly,
+        Some(OutboundTrafficMode::AllowAny) | None => OutboundMode::AllowAny,
+    });
+    DatapathPolicy {
+        mode,
+        blackhole: node.blackhole,
+        allow_cidrs: node.allow_cidrs.clone(),
+        rules: out,
+        intercept_ports: node.intercept_ports.clone(),
+        proxy_port: node.proxy_port,
+    }
+}
+
+fn service_entry_rules(entry: &ServiceEntry) -> Vec<L4Rule> {
+    let mut rules = Vec::new();
+    for port in &entry.ports {
+        let protocol = match port.protocol.as_deref().map(transport).unwrap_or(Some(Transport::Tcp)) {
+            Some(Transport::Tcp) => Protocol::Tcp,
+            Some(Transport::Udp) => Protocol::Udp,
+            Some(Transport::Sctp) => Protocol::Sctp,
+            None => continue,
+        };
+        let Ok(number) = u16::try_from(port.number) else { continue };
+        for address in &entry.addresses {
+            if let Some(net) = parse_address(address) {
+                rules.push(L4Rule { net: net.trunc(), port: number, protocol });
+            }
+        }
+        if entry.resolution() == Resolution::Static {
+            for endpoint in &entry.endpoints {
+                let Some(net) = parse_address(&endpoint.address) else { continue };
+                let target = endpoint.ports.get(&port.name).copied().or(port.target_port).unwrap_or(port.number);
+                if let Ok(target) = u16::try_from(target) {
+                    rules.push(L4Rule { net, port: target, protocol });
+                }
+            }
+        }
+    }
+    rules
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::resource::Document;
+
+    fn snapshot(yaml: &str) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        for document in serde_yaml_ng::Deserializer::from_str(yaml) {
+            let value: serde_json::Value = serde::Deserialize::deserialize(document).unwrap();
+            match Document::parse(value).unwrap() {
+                Document::Resource(resource) => snapshot.resources.push(*resource),
+                Document::Mesh(mesh) => snapshot.mesh = mesh,
+                Document::Ignored(..) => {}
+            }
+        }
+        snapshot
+    }
+
+    fn rules(policy: &DatapathPolicy) -> Vec<String> {
+        policy.rules.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn service_entry_addresses_and_static_endpoints_become_l4_rules() {
+        let snapshot = snapshot(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: default}
+spec:
+  hosts: [api.example]
+  addresses: [203.0.113.10, 198.51.100.0/24, '2001:db8::1']
+  ports: [{number: 443, name: tls, protocol: TLS}, {number: 53, name: dns, protocol: UDP}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: db}
+spec:
+  hosts: [db.example]
+  ports: [{number: 5432, name: pg, protocol: TCP, targetPort: 6432}]
+  resolution: STATIC
+  endpoints: [{address: 203.0.113.20}, {address: 203.0.113.21, ports: {pg: 7432}}]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: by-dns}
+spec:
+  hosts: [httpbin.org]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS
+",
+        );
+        let policy = datapath_policy(&snapshot, &NodeSettings::default());
+        assert_eq!(
+            rules(&policy),
+            [
+                "203.0.113.10/32:443/tcp",
+                "198.51.100.0/24:443/tcp",
+                "[2001:db8::1/128]:443/tcp",
+                "203.0.113.10/32:53/udp",
+                "198.51.100.0/24:53/udp",
+                "[2001:db8::1/128]:53/udp",
+                "203.0.113.20/32:6432/tcp",
+                "203.0.113.21/32:7432/tcp",
+            ]
+        );
+        assert_eq!(policy.mode, OutboundMode::AllowAny, "Istio's default");
+    }
+
+    #[test]
+    fn the_mesh_config_sets_the_mode_and_the_command_line_overrides_it() {
+        let registry_only = snapshot(
+            "apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    outboundTrafficPolicy:
+      mode: REGISTRY_ONLY
+",
+        );
+        assert_eq!(datapath_policy(&registry_only, &NodeSettings::default()).mode, OutboundMode::RegistryOnly);
+        let node = NodeSettings { mode: Some(OutboundMode::AllowAny), ..NodeSettings::default() };
+        assert_eq!(datapath_policy(&registry_only, &node).mode, OutboundMode::AllowAny);
+    }
+}
