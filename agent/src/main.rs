@@ -6,7 +6,10 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 use sluice_agent::{
-    config::sources::files,
+    config::{
+        sources::{files, watch},
+        store::Store,
+    },
     datapath::{self, Datapath, InterceptRouting},
     policy::{
         self,
@@ -168,6 +171,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let loaded = files::load(&args.config);
     report(&loaded);
+    let mut store = Store::default();
+    store.update(&loaded);
     let node = NodeSettings {
         mode: args.outbound_traffic_policy,
         blackhole: args.blackhole,
@@ -176,7 +181,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         intercept_ports: args.intercept_port,
         proxy_port: if intercepting { args.proxy_port } else { 0 },
     };
-    let policy = compile::datapath_policy(&loaded.snapshot, &node);
+    let policy = compile::datapath_policy(&store.snapshot(), &node);
 
     Datapath::check_interfaces(&args.intercept)?;
     let mut datapath = Datapath::load(&args.bpffs)?;
@@ -205,19 +210,36 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let counters = datapath.counters();
     let metrics = telemetry::metrics::registry(counters.clone(), datapath.blackholed());
+    metrics.config_generation.set(1);
+    metrics.set_rejected(loaded.errors.iter().filter_map(|e| e.resource.as_deref()));
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(events) = datapath.take_events() {
         tasks.spawn(telemetry::blocked_flows::watch(events, metrics.blocked_flows.clone()));
     }
-    tasks.spawn(telemetry::server::serve_metrics(metrics_listener, Arc::new(metrics.registry)));
+    tasks.spawn(telemetry::server::serve_metrics(metrics_listener, metrics.registry.clone()));
     if let Some(listener) = transparent {
         tasks.spawn(proxy::tcp::serve(listener, policy.mode));
     }
 
+    let (_watch, mut changes) = if args.config.is_empty() {
+        (None, tokio::sync::mpsc::channel(1).1)
+    } else {
+        let (watch, changes) = watch::watch(&args.config).map_err(anyhow::Error::msg)?;
+        (Some(watch), changes)
+    };
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "stopping"),
-        _ = terminate.recv() => tracing::info!(signal = "SIGTERM", "stopping"),
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!(signal = "SIGINT", "stopping");
+                break;
+            }
+            _ = terminate.recv() => {
+                tracing::info!(signal = "SIGTERM", "stopping");
+                break;
+            }
+            Some(()) = changes.recv() => reload(&args.config, &mut store, &node, &mut datapath, &metrics),
+        }
     }
     tasks.abort_all();
     for total in counters.read() {
@@ -234,6 +256,34 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         tracing::info!(bpffs = %args.bpffs.display(), "policy stays enforced in the kernel (sluice cleanup removes it)");
         Ok(())
+    }
+}
+
+/// Reads the configuration again and applies what it now says; a policy the datapath refuses leaves the one in
+/// force in place.
+fn reload(
+    paths: &[PathBuf],
+    store: &mut Store,
+    node: &NodeSettings,
+    datapath: &mut Datapath,
+    metrics: &telemetry::metrics::Metrics,
+) {
+    let loaded = files::load(paths);
+    report(&loaded);
+    let outcome = store.update(&loaded);
+    for id in &outcome.kept {
+        tracing::warn!(resource = %id, "keeping the last good version of a rejected resource");
+    }
+    metrics.set_rejected(loaded.errors.iter().filter_map(|e| e.resource.as_deref()));
+    let policy = compile::datapath_policy(&store.snapshot(), node);
+    match datapath.apply(&policy) {
+        Ok(()) => {
+            metrics.config_generation.inc();
+            tracing::info!(mode = ?policy.mode, rules = policy.rules.len(), "policy applied");
+        }
+        Err(error) => {
+            tracing::error!(error = %error, "the new policy was not applied; the previous one stays in force")
+        }
     }
 }
 

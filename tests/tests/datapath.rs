@@ -117,6 +117,56 @@ fn istio_configuration_files_decide_what_the_kernel_allows() {
     assert!(agent.log().contains("ServiceEntry default/broken: spec.hosts[0]"), "{}", agent.log());
 }
 
+fn service_entry(name: &str, host: &str, port: u16) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\n\
+         spec: {{hosts: ['{host}'], addresses: ['{SERVER_A}'], ports: [{{number: {port}, name: udp, protocol: UDP}}]}}\n"
+    )
+}
+
+/// Waits until the agent has logged `text` `count` times.
+fn wait_for_log(agent: &Agent, text: &str, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent.log().matches(text).count() < count {
+        assert!(Instant::now() < deadline, "no {count}x '{text}' after 10 s:\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn configuration_changes_are_applied_and_a_broken_change_keeps_the_last_good_version() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("entries.yaml");
+    std::fs::write(&file, service_entry("dns", "dns.example", 5353)).unwrap();
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --outbound-traffic-policy REGISTRY_ONLY --config {}",
+        dir.path().display()
+    );
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    let first = UdpSink::bind(&topology.internet, addr(SERVER_A, 5353)).unwrap();
+    let second = UdpSink::bind(&topology.internet, addr(SERVER_A, 6000)).unwrap();
+    send_udp(&topology.workload, addr(SERVER_A, 5353), 2, PAYLOAD).unwrap();
+    assert_eq!(first.drain(), 2);
+    assert_eq!(agent.sample("sluice_config_generation").unwrap(), 1);
+
+    std::fs::write(&file, service_entry("other", "other.example", 6000)).unwrap();
+    wait_for_log(&agent, "policy applied", 1);
+    send_udp(&topology.workload, addr(SERVER_A, 5353), 2, PAYLOAD).unwrap();
+    send_udp(&topology.workload, addr(SERVER_A, 6000), 2, PAYLOAD).unwrap();
+    assert_eq!(first.drain(), 0, "the removed ServiceEntry no longer admits anything");
+    assert_eq!(second.drain(), 2, "the new one does");
+
+    std::fs::write(&file, service_entry("other", "*", 6000)).unwrap();
+    wait_for_log(&agent, "keeping the last good version", 1);
+    send_udp(&topology.workload, addr(SERVER_A, 6000), 2, PAYLOAD).unwrap();
+    assert_eq!(second.drain(), 2, "a broken change leaves the last good version in force");
+    let rejected = "sluice_config_rejected{kind=\"ServiceEntry\",namespace=\"default\",name=\"other\"}";
+    assert_eq!(agent.sample(rejected).unwrap(), 1, "{}", agent.metrics().unwrap());
+    assert!(agent.sample("sluice_config_generation").unwrap() >= 3);
+}
+
 #[test]
 fn fragmented_datagrams_to_an_allowed_destination_arrive_whole() {
     require_root();

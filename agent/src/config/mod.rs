@@ -5,6 +5,7 @@ pub mod mesh;
 pub mod resource;
 pub mod service_entry;
 pub mod sources;
+pub mod store;
 
 pub use error::ConfigError;
 pub use mesh::{MeshConfig, OutboundTrafficMode};

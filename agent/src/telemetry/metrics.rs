@@ -3,16 +3,33 @@
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{counter::ConstCounter, counter::Counter, MetricType},
+    metrics::{counter::ConstCounter, counter::Counter, family::Family, gauge::Gauge, MetricType},
     registry::Registry,
 };
 
 use crate::datapath::{protocol_name, BlackholedDestinations, VerdictCounters, VerdictTotals};
 
-/// The registry the metrics endpoint serves, and the counters the agent's tasks increment.
+/// The registry the metrics endpoint serves, and the metrics the agent's tasks set.
 pub struct Metrics {
-    pub registry: Registry,
+    pub registry: std::sync::Arc<Registry>,
     pub blocked_flows: Counter,
+    /// How many policies have been applied since the agent started.
+    pub config_generation: Gauge,
+    /// 1 for each resource rejected by the last load (whose last good version, if any, stays in force).
+    pub config_rejected: Family<[(&'static str, String); 3], Gauge>,
+}
+
+impl Metrics {
+    /// Records the resources the last load rejected, each named `Kind namespace/name`.
+    pub fn set_rejected<'a>(&self, ids: impl Iterator<Item = &'a str>) {
+        self.config_rejected.clear();
+        for id in ids {
+            let (kind, rest) = id.split_once(' ').unwrap_or((id, ""));
+            let (namespace, name) = rest.split_once('/').unwrap_or(("", rest));
+            let labels = [("kind", kind.to_owned()), ("namespace", namespace.to_owned()), ("name", name.to_owned())];
+            self.config_rejected.get_or_create(&labels).set(1);
+        }
+    }
 }
 
 pub fn registry(counters: VerdictCounters, blackholed: BlackholedDestinations) -> Metrics {
@@ -24,7 +41,19 @@ pub fn registry(counters: VerdictCounters, blackholed: BlackholedDestinations) -
         "Flows whose first packet the kernel blackholed (as reported through the event ring buffer)",
         blocked_flows.clone(),
     );
-    Metrics { registry, blocked_flows }
+    let config_generation = Gauge::default();
+    registry.register(
+        "sluice_config_generation",
+        "Policies applied since the agent started",
+        config_generation.clone(),
+    );
+    let config_rejected = Family::default();
+    registry.register(
+        "sluice_config_rejected",
+        "Resources rejected by the last configuration load (1 each); their last good version stays in force",
+        config_rejected.clone(),
+    );
+    Metrics { registry: std::sync::Arc::new(registry), blocked_flows, config_generation, config_rejected }
 }
 
 #[derive(Debug)]

@@ -13,6 +13,8 @@ use super::super::{
 #[derive(Debug, Default)]
 pub struct Loaded {
     pub snapshot: Snapshot,
+    /// The valid resources with the file each came from.
+    pub sources: Vec<(String, Resource)>,
     pub errors: Vec<ConfigError>,
     /// Documents of kinds Sluice does not read, as `FILE: apiVersion/kind`.
     pub ignored: Vec<String>,
@@ -68,9 +70,7 @@ fn read_file(file: &Path, loaded: &mut Loaded) {
     let documents: Vec<Result<serde_json::Value, String>> = if file.extension().is_some_and(|ext| ext == "json") {
         vec![serde_json::from_str(&text).map_err(|e| e.to_string())]
     } else {
-        serde_yaml_ng::Deserializer::from_str(&text)
-            .map(|document| serde::Deserialize::deserialize(document).map_err(|e: serde_yaml_ng::Error| e.to_string()))
-            .collect()
+        yaml_documents(&text)
     };
     for document in documents {
         let value = match document {
@@ -95,9 +95,26 @@ fn read_file(file: &Path, loaded: &mut Loaded) {
     }
 }
 
+/// The documents of a YAML stream; a syntax error ends the stream (the parser cannot resume after one).
+fn yaml_documents(text: &str) -> Vec<Result<serde_json::Value, String>> {
+    let mut documents = Vec::new();
+    for document in serde_yaml_ng::Deserializer::from_str(text) {
+        match serde::Deserialize::deserialize(document) {
+            Ok(value) => documents.push(Ok(value)),
+            Err(error) => {
+                let error: serde_yaml_ng::Error = error;
+                documents.push(Err(error.to_string()));
+                break;
+            }
+        }
+    }
+    documents
+}
+
 fn accept(resource: Resource, source: &str, loaded: &mut Loaded) {
     let errors = resource.validate();
     if errors.is_empty() {
+        loaded.sources.push((source.to_owned(), resource.clone()));
         loaded.snapshot.resources.push(resource);
         return;
     }

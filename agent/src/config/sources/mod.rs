@@ -1,3 +1,4 @@
 //! Where configuration comes from.
 
 pub mod files;
+pub mod watch;
