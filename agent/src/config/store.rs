@@ -81,20 +81,20 @@ mod tests {
         let dir = tempfile_dir();
         write(&dir, "a.yaml", GOOD);
         let mut store = Store::default();
-        store.update(&files::load(&[dir.clone()]));
+        store.update(&files::load(std::slice::from_ref(&dir)));
         assert_eq!(store.snapshot().resources.len(), 1);
 
         write(&dir, "a.yaml", BROKEN);
-        let outcome = store.update(&files::load(&[dir.clone()]));
+        let outcome = store.update(&files::load(std::slice::from_ref(&dir)));
         assert_eq!(outcome.kept, ["ServiceEntry default/api"]);
         assert_eq!(store.snapshot().resources[0].metadata.name, "api", "the last good version stays");
 
         write(&dir, "a.yaml", "not: [valid yaml");
-        store.update(&files::load(&[dir.clone()]));
+        store.update(&files::load(std::slice::from_ref(&dir)));
         assert_eq!(store.snapshot().resources.len(), 1, "an unreadable file keeps what it gave");
 
         write(&dir, "a.yaml", "");
-        store.update(&files::load(&[dir.clone()]));
+        store.update(&files::load(std::slice::from_ref(&dir)));
         assert!(store.snapshot().resources.is_empty(), "a resource removed from its file is removed");
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -109,9 +109,9 @@ mod tests {
         };
         write(&dir, "mesh.yaml", &mesh("REGISTRY_ONLY"));
         let mut store = Store::default();
-        store.update(&files::load(&[dir.clone()]));
+        store.update(&files::load(std::slice::from_ref(&dir)));
         write(&dir, "mesh.yaml", &mesh("SOMETIMES"));
-        store.update(&files::load(&[dir.clone()]));
+        store.update(&files::load(std::slice::from_ref(&dir)));
         assert_eq!(store.snapshot().mesh.outbound_mode(), Some(OutboundTrafficMode::RegistryOnly));
         let _ = std::fs::remove_dir_all(dir);
     }
