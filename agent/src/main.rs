@@ -17,7 +17,7 @@ use sluice_agent::{
         BlackholeAction, L4Rule, OutboundMode,
     },
     proxy::{self, transparent_listener::TransparentListener},
-    telemetry,
+    telemetry::{self, config_dump},
 };
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -74,6 +74,9 @@ struct RunArgs {
     /// Where Prometheus scrapes `/stats/prometheus`.
     #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:15090")]
     metrics_addr: SocketAddr,
+    /// Where the admin endpoints (`/config_dump`, `/ready`) listen; keep it on loopback.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
     /// Directory on a bpf filesystem where the maps, program and links are pinned.
     #[arg(long, value_name = "DIR", default_value = datapath::DEFAULT_PIN_DIR)]
     bpffs: PathBuf,
@@ -160,6 +163,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             args.metrics_addr
         )
     })?;
+    let admin_listener = tokio::net::TcpListener::bind(args.admin_addr).await.map_err(|error| {
+        anyhow::anyhow!(
+            "binding the admin listener on {}: {error} (is another sluice running? see --admin-addr)",
+            args.admin_addr
+        )
+    })?;
     let intercepting = !args.intercept_port.is_empty();
     let transparent = if intercepting {
         let listener = TransparentListener::bind(args.proxy_port).map_err(|error| {
@@ -211,12 +220,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let counters = datapath.counters();
     let metrics = telemetry::metrics::registry(counters.clone(), datapath.blackholed());
     metrics.config_generation.set(1);
+    let (dump, dump_reader) =
+        tokio::sync::watch::channel(Arc::new(config_dump::render(1, &store.snapshot(), &loaded.errors, &policy)));
     metrics.set_rejected(loaded.errors.iter().filter_map(|e| e.resource.as_deref()));
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(events) = datapath.take_events() {
         tasks.spawn(telemetry::blocked_flows::watch(events, metrics.blocked_flows.clone()));
     }
     tasks.spawn(telemetry::server::serve_metrics(metrics_listener, metrics.registry.clone()));
+    tasks.spawn(telemetry::server::serve_admin(admin_listener, dump_reader));
     if let Some(listener) = transparent {
         tasks.spawn(proxy::tcp::serve(listener, policy.mode));
     }
@@ -238,7 +250,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 tracing::info!(signal = "SIGTERM", "stopping");
                 break;
             }
-            Some(()) = changes.recv() => reload(&args.config, &mut store, &node, &mut datapath, &metrics),
+            Some(()) = changes.recv() => reload(&args.config, &mut store, &node, &mut datapath, &metrics, &dump),
         }
     }
     tasks.abort_all();
@@ -267,6 +279,7 @@ fn reload(
     node: &NodeSettings,
     datapath: &mut Datapath,
     metrics: &telemetry::metrics::Metrics,
+    dump: &tokio::sync::watch::Sender<Arc<String>>,
 ) {
     let loaded = files::load(paths);
     report(&loaded);
@@ -278,8 +291,10 @@ fn reload(
     let policy = compile::datapath_policy(&store.snapshot(), node);
     match datapath.apply(&policy) {
         Ok(()) => {
-            metrics.config_generation.inc();
-            tracing::info!(mode = ?policy.mode, rules = policy.rules.len(), "policy applied");
+            let generation = metrics.config_generation.inc() + 1;
+            let rendered = config_dump::render(generation as u64, &store.snapshot(), &loaded.errors, &policy);
+            let _ = dump.send(Arc::new(rendered));
+            tracing::info!(generation, mode = ?policy.mode, rules = policy.rules.len(), "policy applied");
         }
         Err(error) => {
             tracing::error!(error = %error, "the new policy was not applied; the previous one stays in force")

@@ -14,6 +14,19 @@ use crate::{netns::Netns, process::Process};
 
 /// Where the agent's metrics listen inside its namespace.
 pub const METRICS_ADDR: &str = "127.0.0.1:15090";
+/// Where the agent's admin endpoints listen inside its namespace.
+pub const ADMIN_ADDR: &str = "127.0.0.1:15000";
+
+/// The value given to `flag` in `args`, or `default`, which is then added to `args`.
+fn address_argument<'a>(args: &mut Vec<&'a str>, flag: &'a str, default: &'a str) -> anyhow::Result<SocketAddr> {
+    match args.iter().position(|a| *a == flag) {
+        Some(i) => Ok(args.get(i + 1).with_context(|| format!("{flag} without a value"))?.parse()?),
+        None => {
+            args.extend([flag, default]);
+            Ok(default.parse().expect("constant address"))
+        }
+    }
+}
 
 /// The `sluice` binary: `$SLUICE_AGENT_BIN`, else the workspace's debug build.
 pub fn binary() -> PathBuf {
@@ -61,6 +74,7 @@ pub struct Agent<'a> {
     netns: &'a Netns,
     process: Process,
     metrics: SocketAddr,
+    admin: SocketAddr,
     _bpffs: Option<Bpffs>,
 }
 
@@ -78,18 +92,13 @@ impl<'a> Agent<'a> {
     pub fn start_pinned(netns: &'a Netns, bpffs: &Bpffs, args: &str) -> anyhow::Result<Agent<'a>> {
         let mut command = netns.command(binary().to_str().context("agent path is not UTF-8")?);
         let mut args: Vec<&str> = args.split_whitespace().collect();
-        let metrics = match args.iter().position(|a| *a == "--metrics-addr") {
-            Some(i) => args.get(i + 1).context("--metrics-addr without a value")?.parse()?,
-            None => {
-                args.extend(["--metrics-addr", METRICS_ADDR]);
-                METRICS_ADDR.parse().expect("constant address")
-            }
-        };
+        let metrics = address_argument(&mut args, "--metrics-addr", METRICS_ADDR)?;
+        let admin = address_argument(&mut args, "--admin-addr", ADMIN_ADDR)?;
         command.arg("run").args(&args);
         command.arg("--bpffs").arg(bpffs.pin_dir());
         command.env("SLUICE_LOG", "debug");
         let process = Process::spawn("sluice", command)?;
-        let mut agent = Agent { netns, process, metrics, _bpffs: None };
+        let mut agent = Agent { netns, process, metrics, admin, _bpffs: None };
         agent.wait_ready()?;
         Ok(agent)
     }
@@ -133,6 +142,11 @@ impl<'a> Agent<'a> {
         fetch_metrics(self.netns, self.metrics)
     }
 
+    /// The JSON the admin endpoint `/config_dump` serves.
+    pub fn config_dump(&self) -> anyhow::Result<String> {
+        http_get(self.netns, self.admin, "/config_dump")
+    }
+
     /// The value of one series, e.g. `sluice_datapath_packets_total{verdict="allowed"}`; 0 when absent.
     pub fn sample(&self, series: &str) -> anyhow::Result<u64> {
         let metrics = self.metrics()?;
@@ -152,17 +166,22 @@ impl<'a> Agent<'a> {
 
 /// GETs `/stats/prometheus` from `addr` inside `netns`. It answers once the agent has attached its datapath.
 pub fn fetch_metrics(netns: &Netns, addr: SocketAddr) -> anyhow::Result<String> {
+    http_get(netns, addr, "/stats/prometheus")
+}
+
+/// GETs `path` from `addr` inside `netns`; the body of a 200 answer.
+pub fn http_get(netns: &Netns, addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     netns.enter(|| -> anyhow::Result<String> {
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        stream.write_all(b"GET /stats/prometheus HTTP/1.0\r\nHost: sluice\r\n\r\n")?;
+        stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: sluice\r\n\r\n").as_bytes())?;
         let mut response = String::new();
         stream.read_to_string(&mut response)?;
         match response.split_once("\r\n\r\n") {
             Some((head, body)) if head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200") => {
                 Ok(body.to_owned())
             }
-            _ => bail!("unexpected metrics response: {response}"),
+            _ => bail!("unexpected response to GET {path}: {response}"),
         }
     })?
 }

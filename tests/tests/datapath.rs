@@ -165,6 +165,10 @@ fn configuration_changes_are_applied_and_a_broken_change_keeps_the_last_good_ver
     let rejected = "sluice_config_rejected{kind=\"ServiceEntry\",namespace=\"default\",name=\"other\"}";
     assert_eq!(agent.sample(rejected).unwrap(), 1, "{}", agent.metrics().unwrap());
     assert!(agent.sample("sluice_config_generation").unwrap() >= 3);
+    let dump: serde_json::Value = serde_json::from_str(&agent.config_dump().unwrap()).unwrap();
+    assert_eq!(dump["datapath"]["rules"], serde_json::json!([format!("{SERVER_A}/32:6000/udp")]), "{dump}");
+    assert_eq!(dump["resources"][0]["name"], "other");
+    assert!(dump["rejected"][0].as_str().unwrap().contains("ServiceEntry default/other: spec.hosts[0]"), "{dump}");
 }
 
 #[test]
@@ -354,7 +358,9 @@ fn another_tc_program_on_the_interface_still_sees_what_sluice_passes() {
     let topology = Topology::new().unwrap();
     let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE}");
     let first = Agent::start(&topology.gateway, &args).unwrap();
-    let second = Agent::start(&topology.gateway, &format!("{args} --metrics-addr 127.0.0.1:15091")).unwrap();
+    let second =
+        Agent::start(&topology.gateway, &format!("{args} --metrics-addr 127.0.0.1:15091 --admin-addr 127.0.0.1:15002"))
+            .unwrap();
     let sink = UdpSink::bind(&topology.internet, addr(SERVER_B, 6000)).unwrap();
     let before = [&first, &second].map(|agent| agent.sample(&series("packets", "passthrough")).unwrap());
 

@@ -177,6 +177,10 @@ Try, in another terminal:
       -> curl: (28) ... timed out                  (port not registered)
   {gateway} curl -sS http://127.0.0.1:15090/stats/prometheus
       -> sluice_datapath_packets_total{{verdict=\"blackholed\"}} ... (per-verdict packet and byte counters)
+  {gateway} curl -sS http://127.0.0.1:15000/config_dump
+      -> the configuration in force and the policy compiled from it (JSON)
+
+Edit deploy/examples/sandbox/*.yaml while it runs: the agent reloads it.
 
 Press Ctrl-C to tear everything down.
 "

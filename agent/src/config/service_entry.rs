@@ -7,11 +7,11 @@ use std::{
 };
 
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::error::FieldError;
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceEntry {
     #[serde(default)]
@@ -35,7 +35,7 @@ pub struct ServiceEntry {
     pub workload_selector: Option<serde_json::Value>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServicePort {
     pub number: u32,
@@ -47,7 +47,7 @@ pub struct ServicePort {
     pub target_port: Option<u32>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 pub enum Location {
     #[serde(rename = "MESH_EXTERNAL")]
     MeshExternal,
@@ -55,7 +55,7 @@ pub enum Location {
     MeshInternal,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub enum Resolution {
     #[default]
     #[serde(rename = "NONE")]
@@ -69,7 +69,7 @@ pub enum Resolution {
 }
 
 /// One endpoint of a ServiceEntry (Istio's WorkloadEntry fields).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadEntry {
     #[serde(default)]

@@ -1,5 +1,6 @@
 //! What the agent tells the outside: Prometheus metrics, blocked-flow logs and the admin endpoints.
 
 pub mod blocked_flows;
+pub mod config_dump;
 pub mod metrics;
 pub mod server;

@@ -1,4 +1,5 @@
-//! The metrics endpoint (`/stats/prometheus` and `/metrics`, Istio's port 15090).
+//! The agent's HTTP endpoints: metrics (`/stats/prometheus` and `/metrics`, Istio's port 15090) and the admin
+//! endpoints on loopback (`/config_dump`, `/ready`, Istio's port 15000).
 
 use std::{convert::Infallible, sync::Arc};
 
@@ -7,50 +8,66 @@ use http_body_util::Full;
 use hyper::{body::Incoming, header, server::conn::http1, service::service_fn, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus_client::{encoding::text::encode, registry::Registry};
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::watch};
+
+type Body = Full<Bytes>;
 
 /// Serves `registry` on `listener` until the task is dropped.
 pub async fn serve_metrics(listener: TcpListener, registry: Arc<Registry>) {
+    serve(listener, "metrics", move |request| match request.uri().path() {
+        "/stats/prometheus" | "/metrics" => {
+            let mut body = String::new();
+            match encode(&mut body, &registry) {
+                Ok(()) => text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", body),
+                Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "encoding metrics failed\n".into()),
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found: try /stats/prometheus\n".into()),
+    })
+    .await
+}
+
+/// Serves the admin endpoints: `/config_dump` (the configuration and policy in force, as JSON) and `/ready`.
+pub async fn serve_admin(listener: TcpListener, dump: watch::Receiver<Arc<String>>) {
+    serve(listener, "admin", move |request| match request.uri().path() {
+        "/config_dump" => text(StatusCode::OK, "application/json", dump.borrow().as_str().to_owned()),
+        "/ready" => text(StatusCode::OK, "text/plain", "LIVE\n".into()),
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found: try /config_dump or /ready\n".into()),
+    })
+    .await
+}
+
+/// Accepts HTTP/1.1 connections on `listener` and answers each request with `respond`.
+async fn serve<F>(listener: TcpListener, what: &'static str, respond: F)
+where
+    F: Fn(&Request<Incoming>) -> Response<Body> + Send + Sync + 'static,
+{
+    let respond = Arc::new(respond);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
-                tracing::warn!(%error, "accepting a metrics connection");
+                tracing::warn!(%error, endpoint = what, "accepting a connection");
                 continue;
             }
         };
-        let registry = registry.clone();
+        let respond = respond.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let registry = registry.clone();
-                async move { Ok::<_, Infallible>(respond(&request, &registry)) }
+                let response = respond(&request);
+                async move { Ok::<_, Infallible>(response) }
             });
             if let Err(error) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
-                tracing::debug!(%error, %peer, "metrics connection ended");
+                tracing::debug!(%error, %peer, endpoint = what, "connection ended");
             }
         });
     }
 }
 
-fn respond(request: &Request<Incoming>, registry: &Registry) -> Response<Full<Bytes>> {
-    match request.uri().path() {
-        "/stats/prometheus" | "/metrics" => {
-            let mut body = String::new();
-            match encode(&mut body, registry) {
-                Ok(()) => Response::builder()
-                    .header(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
-                    .body(Full::new(Bytes::from(body)))
-                    .expect("static headers are valid"),
-                Err(_) => status(StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed\n"),
-            }
-        }
-        _ => status(StatusCode::NOT_FOUND, "not found: try /stats/prometheus\n"),
-    }
-}
-
-fn status(code: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
     Response::builder()
-        .status(code)
-        .body(Full::new(Bytes::from_static(text.as_bytes())))
-        .expect("static response is valid")
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static headers are valid")
 }

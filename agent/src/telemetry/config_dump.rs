@@ -1,0 +1,42 @@
+//! `/config_dump`: the configuration in force and the policy compiled from it, as JSON.
+
+use serde_json::{json, Value};
+
+use crate::{
+    config::{ConfigError, Snapshot, Spec},
+    policy::DatapathPolicy,
+};
+
+pub fn render(generation: u64, snapshot: &Snapshot, rejected: &[ConfigError], policy: &DatapathPolicy) -> String {
+    let resources: Vec<Value> = snapshot
+        .resources
+        .iter()
+        .map(|resource| {
+            let spec = match &resource.spec {
+                Spec::ServiceEntry(entry) => serde_json::to_value(entry).unwrap_or(Value::Null),
+                Spec::Untyped(spec) => spec.clone(),
+            };
+            json!({
+                "kind": resource.kind.name(),
+                "namespace": resource.metadata.namespace(),
+                "name": resource.metadata.name,
+                "spec": spec,
+            })
+        })
+        .collect();
+    let dump = json!({
+        "generation": generation,
+        "mesh": { "outboundTrafficPolicy": { "mode": snapshot.mesh.outbound_mode().map(|mode| format!("{mode:?}")) } },
+        "resources": resources,
+        "rejected": rejected.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "datapath": {
+            "mode": format!("{:?}", policy.mode),
+            "blackhole": format!("{:?}", policy.blackhole),
+            "allowCidrs": policy.allow_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "rules": policy.rules.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "interceptPorts": policy.intercept_ports,
+            "proxyPort": policy.proxy_port,
+        },
+    });
+    serde_json::to_string_pretty(&dump).unwrap_or_else(|_| "{}".into())
+}
