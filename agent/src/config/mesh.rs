@@ -23,6 +23,16 @@ pub struct OutboundTrafficPolicy {
     pub mode: Option<OutboundTrafficMode>,
 }
 
+impl OutboundTrafficMode {
+    /// The mode as Istio spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            OutboundTrafficMode::AllowAny => "ALLOW_ANY",
+            OutboundTrafficMode::RegistryOnly => "REGISTRY_ONLY",
+        }
+    }
+}
+
 impl MeshConfig {
     /// The mode the mesh config sets, if it sets one (Istio's default, ALLOW_ANY, applies otherwise).
     pub fn outbound_mode(&self) -> Option<OutboundTrafficMode> {

@@ -16,6 +16,16 @@ pub enum OutboundMode {
     RegistryOnly,
 }
 
+impl OutboundMode {
+    /// The mode as Istio spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            OutboundMode::AllowAny => "ALLOW_ANY",
+            OutboundMode::RegistryOnly => "REGISTRY_ONLY",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Protocol {
     Tcp,

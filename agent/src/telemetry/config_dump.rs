@@ -26,12 +26,12 @@ pub fn render(generation: u64, snapshot: &Snapshot, rejected: &[ConfigError], po
         .collect();
     let dump = json!({
         "generation": generation,
-        "mesh": { "outboundTrafficPolicy": { "mode": snapshot.mesh.outbound_mode().map(|mode| format!("{mode:?}")) } },
+        "mesh": { "outboundTrafficPolicy": { "mode": snapshot.mesh.outbound_mode().map(|mode| mode.name()) } },
         "resources": resources,
         "rejected": rejected.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "datapath": {
-            "mode": format!("{:?}", policy.mode),
-            "blackhole": format!("{:?}", policy.blackhole),
+            "mode": policy.mode.name(),
+            "blackhole": format!("{:?}", policy.blackhole).to_lowercase(),
             "allowCidrs": policy.allow_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "rules": policy.rules.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "interceptPorts": policy.intercept_ports,
