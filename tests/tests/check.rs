@@ -20,7 +20,7 @@ fn check(paths: &[PathBuf]) -> (bool, String) {
 fn the_valid_corpus_passes() {
     let (ok, output) = check(&[corpus("valid")]);
     assert!(ok, "{output}");
-    assert!(output.contains("4 resources valid, 0 errors, 1 documents of other kinds not read"), "{output}");
+    assert!(output.contains("8 resources valid, 0 errors, 1 documents of other kinds not read"), "{output}");
 }
 
 #[test]
@@ -42,6 +42,14 @@ fn every_invalid_resource_is_rejected_with_its_field_and_reason() {
         assert_eq!(errors, expected.len(), "exactly the expected errors:\n{output}");
         assert!(output.contains("1 resources valid"), "the valid neighbour is kept:\n{output}");
     }
+}
+
+#[test]
+fn the_shipped_examples_all_pass() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+    let (ok, output) = check(&[examples]);
+    assert!(ok, "{output}");
+    assert!(output.contains("11 resources valid, 0 errors"), "{output}");
 }
 
 #[test]

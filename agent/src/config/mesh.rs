@@ -1,9 +1,9 @@
 //! The mesh config's part Sluice uses: `outboundTrafficPolicy.mode`, from the `istio` ConfigMap's `mesh` key.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Istio's `outboundTrafficPolicy.mode`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 pub enum OutboundTrafficMode {
     #[serde(rename = "ALLOW_ANY")]
     AllowAny,
@@ -18,7 +18,7 @@ pub struct MeshConfig {
     pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 pub struct OutboundTrafficPolicy {
     pub mode: Option<OutboundTrafficMode>,
 }

@@ -1,11 +1,16 @@
 //! Istio configuration: the resources Sluice reads, how they are checked, and where they come from.
 
+pub mod destination_rule;
 pub mod error;
+pub mod fields;
+pub mod gateway;
 pub mod mesh;
 pub mod resource;
 pub mod service_entry;
+pub mod sidecar;
 pub mod sources;
 pub mod store;
+pub mod virtual_service;
 
 pub use error::ConfigError;
 pub use mesh::{MeshConfig, OutboundTrafficMode};

@@ -4,7 +4,10 @@ use std::{collections::BTreeMap, fmt};
 
 use serde::Deserialize;
 
-use super::{error::FieldError, mesh::MeshConfig, service_entry::ServiceEntry};
+use super::{
+    destination_rule::DestinationRule, error::FieldError, gateway::Gateway, mesh::MeshConfig,
+    service_entry::ServiceEntry, sidecar::Sidecar, virtual_service::VirtualService,
+};
 
 const ISTIO_GROUP: &str = "networking.istio.io";
 const ISTIO_VERSIONS: [&str; 3] = ["v1alpha3", "v1beta1", "v1"];
@@ -63,8 +66,24 @@ impl Metadata {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Spec {
     ServiceEntry(ServiceEntry),
-    /// A kind whose typed model is not in Sluice yet: kept as read.
-    Untyped(serde_json::Value),
+    VirtualService(VirtualService),
+    Gateway(Gateway),
+    DestinationRule(DestinationRule),
+    Sidecar(Sidecar),
+}
+
+impl Spec {
+    /// The spec as JSON, for `/config_dump`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let value = match self {
+            Spec::ServiceEntry(spec) => serde_json::to_value(spec),
+            Spec::VirtualService(spec) => serde_json::to_value(spec),
+            Spec::Gateway(spec) => serde_json::to_value(spec),
+            Spec::DestinationRule(spec) => serde_json::to_value(spec),
+            Spec::Sidecar(spec) => serde_json::to_value(spec),
+        };
+        value.unwrap_or(serde_json::Value::Null)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -150,12 +169,16 @@ impl Document {
         if envelope.metadata.name.is_empty() {
             return Err(fail("metadata.name", "a name is required".into()));
         }
+        let spec = envelope.spec;
+        let typed = |e: serde_path_to_error::Error<serde_json::Error>| {
+            fail(&format!("spec.{}", e.path()), e.inner().to_string())
+        };
         let spec = match kind {
-            Kind::ServiceEntry => Spec::ServiceEntry(
-                serde_path_to_error::deserialize(envelope.spec)
-                    .map_err(|e| fail(&format!("spec.{}", e.path()), e.inner().to_string()))?,
-            ),
-            _ => Spec::Untyped(envelope.spec),
+            Kind::ServiceEntry => Spec::ServiceEntry(serde_path_to_error::deserialize(spec).map_err(typed)?),
+            Kind::VirtualService => Spec::VirtualService(serde_path_to_error::deserialize(spec).map_err(typed)?),
+            Kind::Gateway => Spec::Gateway(serde_path_to_error::deserialize(spec).map_err(typed)?),
+            Kind::DestinationRule => Spec::DestinationRule(serde_path_to_error::deserialize(spec).map_err(typed)?),
+            Kind::Sidecar => Spec::Sidecar(serde_path_to_error::deserialize(spec).map_err(typed)?),
         };
         Ok(Document::Resource(Box::new(Resource { kind, metadata: envelope.metadata, spec })))
     }
@@ -165,8 +188,11 @@ impl Resource {
     /// Every problem Istio's validation would report for this resource.
     pub fn validate(&self) -> Vec<FieldError> {
         match &self.spec {
-            Spec::ServiceEntry(entry) => entry.validate(),
-            Spec::Untyped(_) => Vec::new(),
+            Spec::ServiceEntry(spec) => spec.validate(),
+            Spec::VirtualService(spec) => spec.validate(),
+            Spec::Gateway(spec) => spec.validate(),
+            Spec::DestinationRule(spec) => spec.validate(),
+            Spec::Sidecar(spec) => spec.validate(),
         }
     }
 }

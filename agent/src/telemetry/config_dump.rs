@@ -3,7 +3,7 @@
 use serde_json::{json, Value};
 
 use crate::{
-    config::{ConfigError, Snapshot, Spec},
+    config::{ConfigError, Snapshot},
     policy::DatapathPolicy,
 };
 
@@ -12,15 +12,11 @@ pub fn render(generation: u64, snapshot: &Snapshot, rejected: &[ConfigError], po
         .resources
         .iter()
         .map(|resource| {
-            let spec = match &resource.spec {
-                Spec::ServiceEntry(entry) => serde_json::to_value(entry).unwrap_or(Value::Null),
-                Spec::Untyped(spec) => spec.clone(),
-            };
             json!({
                 "kind": resource.kind.name(),
                 "namespace": resource.metadata.namespace(),
                 "name": resource.metadata.name,
-                "spec": spec,
+                "spec": resource.spec.to_json(),
             })
         })
         .collect();
