@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 use sluice_agent::{
     config::{
+        resolver::{self, DnsResolver, Resolved},
         sources::{files, watch},
         store::Store,
     },
@@ -31,7 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent: enforce egress policy in the kernel on the intercepted interfaces.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Validate Istio configuration files or directories as the agent would; non-zero exit on any error.
     Check(CheckArgs),
     /// Remove everything a previous agent left in the kernel: links, program, maps, policy routing.
@@ -74,6 +75,9 @@ struct RunArgs {
     /// Where Prometheus scrapes `/stats/prometheus`.
     #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:15090")]
     metrics_addr: SocketAddr,
+    /// DNS server for ServiceEntries resolved by DNS (port 53). Repeatable; the system's resolvers by default.
+    #[arg(long = "dns-server", value_name = "IP")]
+    dns_server: Vec<std::net::IpAddr>,
     /// Where the admin endpoints (`/config_dump`, `/ready`) listen; keep it on loopback.
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
@@ -125,7 +129,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
-        Command::Run(args) => runtime().and_then(|rt| rt.block_on(run(args))),
+        Command::Run(args) => runtime().and_then(|rt| rt.block_on(run(*args))),
         Command::Check(args) => check(&args.paths),
         Command::Cleanup(args) => runtime().and_then(|rt| rt.block_on(cleanup(&args.bpffs))),
         Command::Version => {
@@ -178,10 +182,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let loaded = files::load(&args.config);
-    report(&loaded);
-    let mut store = Store::default();
-    store.update(&loaded);
     let node = NodeSettings {
         mode: args.outbound_traffic_policy,
         blackhole: args.blackhole,
@@ -190,7 +190,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         intercept_ports: args.intercept_port,
         proxy_port: if intercepting { args.proxy_port } else { 0 },
     };
-    let policy = compile::datapath_policy(&store.snapshot(), &node);
+    let resolver = DnsResolver::new(&args.dns_server).map_err(anyhow::Error::msg)?;
+    let mut control = Control::new(args.config.clone(), node, resolver);
+    control.load();
+    let mut refresh = control.resolve().await.1;
+    let policy = control.policy();
 
     Datapath::check_interfaces(&args.intercept)?;
     let mut datapath = Datapath::load(&args.bpffs)?;
@@ -220,9 +224,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let counters = datapath.counters();
     let metrics = telemetry::metrics::registry(counters.clone(), datapath.blackholed());
     metrics.config_generation.set(1);
-    let (dump, dump_reader) =
-        tokio::sync::watch::channel(Arc::new(config_dump::render(1, &store.snapshot(), &loaded.errors, &policy)));
-    metrics.set_rejected(loaded.errors.iter().filter_map(|e| e.resource.as_deref()));
+    let (dump, dump_reader) = tokio::sync::watch::channel(Arc::new(control.dump(1, &policy)));
+    metrics.set_rejected(control.rejected());
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(events) = datapath.take_events() {
         tasks.spawn(telemetry::blocked_flows::watch(events, metrics.blocked_flows.clone()));
@@ -250,7 +253,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 tracing::info!(signal = "SIGTERM", "stopping");
                 break;
             }
-            Some(()) = changes.recv() => reload(&args.config, &mut store, &node, &mut datapath, &metrics, &dump),
+            Some(()) = changes.recv() => {
+                control.load();
+                metrics.set_rejected(control.rejected());
+                refresh = control.resolve().await.1;
+                apply(&control, &mut datapath, &metrics, &dump);
+            }
+            _ = tokio::time::sleep(refresh) => {
+                let (changed, next) = control.resolve().await;
+                refresh = next;
+                if changed {
+                    apply(&control, &mut datapath, &metrics, &dump);
+                }
+            }
         }
     }
     tasks.abort_all();
@@ -271,29 +286,74 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Reads the configuration again and applies what it now says; a policy the datapath refuses leaves the one in
-/// force in place.
-fn reload(
-    paths: &[PathBuf],
-    store: &mut Store,
-    node: &NodeSettings,
+/// What the agent knows between events: the configuration in force, the DNS answers for it, and the node's
+/// own settings; everything the policy is compiled from.
+struct Control {
+    paths: Vec<PathBuf>,
+    node: NodeSettings,
+    store: Store,
+    resolver: DnsResolver,
+    resolved: Resolved,
+    /// What the last load rejected.
+    errors: Vec<sluice_agent::config::ConfigError>,
+}
+
+impl Control {
+    fn new(paths: Vec<PathBuf>, node: NodeSettings, resolver: DnsResolver) -> Control {
+        Control { paths, node, store: Store::default(), resolver, resolved: Resolved::new(), errors: Vec::new() }
+    }
+
+    /// Reads the configuration files again; a rejected resource keeps its last good version.
+    fn load(&mut self) {
+        let loaded = files::load(&self.paths);
+        report(&loaded);
+        for id in self.store.update(&loaded).kept {
+            tracing::warn!(resource = %id, "keeping the last good version of a rejected resource");
+        }
+        self.errors = loaded.errors;
+    }
+
+    /// Looks up the names the configuration resolves by DNS: whether any answer changed, and when to look again.
+    async fn resolve(&mut self) -> (bool, std::time::Duration) {
+        let names = resolver::names(&self.store.snapshot());
+        let (resolved, refresh) = self.resolver.resolve(&names, &self.resolved).await;
+        let changed = resolved != self.resolved;
+        if changed {
+            tracing::info!(
+                hosts = resolved.len(),
+                addresses = resolved.values().map(Vec::len).sum::<usize>(),
+                "DNS answers changed"
+            );
+        }
+        self.resolved = resolved;
+        (changed, refresh)
+    }
+
+    fn policy(&self) -> sluice_agent::policy::DatapathPolicy {
+        compile::datapath_policy(&self.store.snapshot(), &self.resolved, &self.node)
+    }
+
+    fn rejected(&self) -> impl Iterator<Item = &str> {
+        self.errors.iter().filter_map(|e| e.resource.as_deref())
+    }
+
+    fn dump(&self, generation: u64, policy: &sluice_agent::policy::DatapathPolicy) -> String {
+        config_dump::render(generation, &self.store.snapshot(), &self.errors, policy)
+    }
+}
+
+/// Compiles and applies the policy; one the datapath refuses leaves the one in force in place.
+fn apply(
+    control: &Control,
     datapath: &mut Datapath,
     metrics: &telemetry::metrics::Metrics,
     dump: &tokio::sync::watch::Sender<Arc<String>>,
 ) {
-    let loaded = files::load(paths);
-    report(&loaded);
-    let outcome = store.update(&loaded);
-    for id in &outcome.kept {
-        tracing::warn!(resource = %id, "keeping the last good version of a rejected resource");
-    }
-    metrics.set_rejected(loaded.errors.iter().filter_map(|e| e.resource.as_deref()));
-    let policy = compile::datapath_policy(&store.snapshot(), node);
+    let policy = control.policy();
     match datapath.apply(&policy) {
         Ok(()) => {
             let generation = metrics.config_generation.inc() + 1;
-            let rendered = config_dump::render(generation as u64, &store.snapshot(), &loaded.errors, &policy);
-            let _ = dump.send(Arc::new(rendered));
+            let _ = dump.send(Arc::new(control.dump(generation as u64, &policy)));
             tracing::info!(generation, mode = ?policy.mode, rules = policy.rules.len(), "policy applied");
         }
         Err(error) => {

@@ -68,6 +68,8 @@ impl Dnsmasq {
             "--pid-file=",
             "--log-queries",
             "--log-facility=-",
+            // Answers live one second, so a test can change them and see resolvers follow.
+            "--local-ttl=1",
         ]);
         command.arg(format!("--listen-address={listen}"));
         for (name, addr) in records {

@@ -9,9 +9,9 @@ use std::{
 
 use sluice_tests::{
     agent::{sample, Bpffs},
-    peers::{http_body, http_status, send_udp, Nginx, UdpSink},
+    peers::{http_body, http_status, send_udp, Dnsmasq, Nginx, UdpSink},
     require_root,
-    topology::{GATEWAY_WORKLOAD_IFACE, SERVER_A, SERVER_A_V6, SERVER_B, WORKLOAD_ADDR},
+    topology::{GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A, SERVER_A_V6, SERVER_B, WORKLOAD_ADDR},
     Agent, Topology,
 };
 
@@ -169,6 +169,41 @@ fn configuration_changes_are_applied_and_a_broken_change_keeps_the_last_good_ver
     assert_eq!(dump["datapath"]["rules"], serde_json::json!([format!("{SERVER_A}/32:6000/udp")]), "{dump}");
     assert_eq!(dump["resources"][0]["name"], "other");
     assert!(dump["rejected"][0].as_str().unwrap().contains("ServiceEntry default/other: spec.hosts[0]"), "{dump}");
+}
+
+#[test]
+fn a_service_entry_resolved_by_dns_admits_the_addresses_its_host_has_now() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let dns = Dnsmasq::start(&topology.internet, INTERNET_ADDR, &[("db.example", SERVER_A)]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("db.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db}\n\
+         spec: {hosts: [db.example], ports: [{number: 5353, name: udp, protocol: UDP}], resolution: DNS}\n",
+    )
+    .unwrap();
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --outbound-traffic-policy REGISTRY_ONLY --dns-server {INTERNET_ADDR} --config {}",
+        dir.path().display()
+    );
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    let at_a = UdpSink::bind(&topology.internet, addr(SERVER_A, 5353)).unwrap();
+    let at_b = UdpSink::bind(&topology.internet, addr(SERVER_B, 5353)).unwrap();
+
+    send_udp(&topology.workload, addr(SERVER_A, 5353), 2, PAYLOAD).unwrap();
+    send_udp(&topology.workload, addr(SERVER_B, 5353), 2, PAYLOAD).unwrap();
+    assert_eq!(at_a.drain(), 2, "db.example's address passes:\n{}", agent.log());
+    assert_eq!(at_b.drain(), 0);
+
+    // The name moves: once the answer's TTL has run out, the kernel follows.
+    drop(dns);
+    let _dns = Dnsmasq::start(&topology.internet, INTERNET_ADDR, &[("db.example", SERVER_B)]).unwrap();
+    wait_for_log(&agent, "policy applied", 1);
+    send_udp(&topology.workload, addr(SERVER_A, 5353), 2, PAYLOAD).unwrap();
+    send_udp(&topology.workload, addr(SERVER_B, 5353), 2, PAYLOAD).unwrap();
+    assert_eq!(at_b.drain(), 2, "the new address passes");
+    assert_eq!(at_a.drain(), 0, "the old one no longer does");
 }
 
 #[test]

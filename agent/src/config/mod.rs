@@ -5,6 +5,7 @@ pub mod error;
 pub mod fields;
 pub mod gateway;
 pub mod mesh;
+pub mod resolver;
 pub mod resource;
 pub mod service_entry;
 pub mod sidecar;

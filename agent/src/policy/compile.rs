@@ -6,6 +6,7 @@ use ipnet::IpNet;
 
 use super::l4::{BlackholeAction, DatapathPolicy, L4Rule, OutboundMode, Protocol};
 use crate::config::{
+    resolver::{entry_names, Resolved},
     service_entry::{parse_address, transport, Resolution, ServiceEntry, Transport},
     OutboundTrafficMode, Snapshot, Spec,
 };
@@ -23,9 +24,10 @@ pub struct NodeSettings {
     pub proxy_port: u16,
 }
 
-/// The datapath's policy: every address a ServiceEntry registers (its `addresses`, or its endpoints' with STATIC
-/// resolution), on each of its ports, is allowed at L4. Hosts resolved by DNS are reached through the proxy.
-pub fn datapath_policy(snapshot: &Snapshot, node: &NodeSettings) -> DatapathPolicy {
+/// The datapath's policy: every address a ServiceEntry registers — its `addresses`, its endpoints' with STATIC
+/// resolution, or what its hosts (or endpoint names) resolve to with DNS resolution — is allowed at L4 on each of
+/// its ports.
+pub fn datapath_policy(snapshot: &Snapshot, resolved: &Resolved, node: &NodeSettings) -> DatapathPolicy {
     let mut rules: BTreeSet<(String, u16, u8)> = BTreeSet::new();
     let mut out = Vec::new();
     let mut push = |rule: L4Rule| {
@@ -38,7 +40,7 @@ pub fn datapath_policy(snapshot: &Snapshot, node: &NodeSettings) -> DatapathPoli
     }
     for resource in &snapshot.resources {
         if let Spec::ServiceEntry(entry) = &resource.spec {
-            for rule in service_entry_rules(entry) {
+            for rule in service_entry_rules(entry, resolved) {
                 push(rule);
             }
         }
@@ -57,8 +59,14 @@ pub fn datapath_policy(snapshot: &Snapshot, node: &NodeSettings) -> DatapathPoli
     }
 }
 
-fn service_entry_rules(entry: &ServiceEntry) -> Vec<L4Rule> {
+fn service_entry_rules(entry: &ServiceEntry, resolved: &Resolved) -> Vec<L4Rule> {
     let mut rules = Vec::new();
+    let dns_addresses: Vec<IpNet> = entry_names(entry)
+        .iter()
+        .filter_map(|name| resolved.get(name))
+        .flatten()
+        .map(|&address| IpNet::from(address))
+        .collect();
     for port in &entry.ports {
         let protocol = match port.protocol.as_deref().map(transport).unwrap_or(Some(Transport::Tcp)) {
             Some(Transport::Tcp) => Protocol::Tcp,
@@ -71,6 +79,9 @@ fn service_entry_rules(entry: &ServiceEntry) -> Vec<L4Rule> {
             if let Some(net) = parse_address(address) {
                 rules.push(L4Rule { net: net.trunc(), port: number, protocol });
             }
+        }
+        for &net in &dns_addresses {
+            rules.push(L4Rule { net, port: number, protocol });
         }
         if entry.resolution() == Resolution::Static {
             for endpoint in &entry.endpoints {
@@ -137,7 +148,8 @@ spec:
   resolution: DNS
 ",
         );
-        let policy = datapath_policy(&snapshot, &NodeSettings::default());
+        let resolved = Resolved::from([("httpbin.org".to_owned(), vec!["203.0.113.80".parse().unwrap()])]);
+        let policy = datapath_policy(&snapshot, &resolved, &NodeSettings::default());
         assert_eq!(
             rules(&policy),
             [
@@ -149,6 +161,7 @@ spec:
                 "[2001:db8::1/128]:53/udp",
                 "203.0.113.20/32:6432/tcp",
                 "203.0.113.21/32:7432/tcp",
+                "203.0.113.80/32:80/tcp",
             ]
         );
         assert_eq!(policy.mode, OutboundMode::AllowAny, "Istio's default");
@@ -166,8 +179,11 @@ data:
       mode: REGISTRY_ONLY
 ",
         );
-        assert_eq!(datapath_policy(&registry_only, &NodeSettings::default()).mode, OutboundMode::RegistryOnly);
+        assert_eq!(
+            datapath_policy(&registry_only, &Resolved::new(), &NodeSettings::default()).mode,
+            OutboundMode::RegistryOnly
+        );
         let node = NodeSettings { mode: Some(OutboundMode::AllowAny), ..NodeSettings::default() };
-        assert_eq!(datapath_policy(&registry_only, &node).mode, OutboundMode::AllowAny);
+        assert_eq!(datapath_policy(&registry_only, &Resolved::new(), &node).mode, OutboundMode::AllowAny);
     }
 }

@@ -1,0 +1,164 @@
+//! DNS for ServiceEntries resolved by DNS: their hosts' addresses, refreshed as the answers' TTLs run out
+//! (within bounds), so the kernel admits exactly the addresses the names have now.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use hickory_resolver::{
+    config::{NameServerConfig, ResolverConfig},
+    net::runtime::TokioRuntimeProvider,
+    TokioResolver,
+};
+
+use super::{
+    service_entry::{Resolution, ServiceEntry},
+    Snapshot, Spec,
+};
+
+/// Answers are refreshed no sooner than this, however short their TTL…
+pub const MIN_REFRESH: Duration = Duration::from_secs(5);
+/// …and no later than this, however long.
+pub const MAX_REFRESH: Duration = Duration::from_secs(300);
+/// How long one round of lookups may take.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Host → the addresses it resolved to. A host whose lookup failed keeps its previous addresses.
+pub type Resolved = BTreeMap<String, Vec<IpAddr>>;
+
+/// The names to resolve: hosts of ServiceEntries with DNS resolution and no endpoints (wildcards cannot be
+/// resolved), and endpoint addresses that are names.
+pub fn names(snapshot: &Snapshot) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for resource in &snapshot.resources {
+        if let Spec::ServiceEntry(entry) = &resource.spec {
+            names.extend(entry_names(entry));
+        }
+    }
+    names
+}
+
+/// The names `entry` needs resolved (see [`names`]).
+pub fn entry_names(entry: &ServiceEntry) -> Vec<String> {
+    if !matches!(entry.resolution(), Resolution::Dns | Resolution::DnsRoundRobin) {
+        return Vec::new();
+    }
+    if entry.endpoints.is_empty() {
+        return entry.hosts.iter().filter(|host| !host.starts_with('*')).cloned().collect();
+    }
+    entry
+        .endpoints
+        .iter()
+        .filter(|endpoint| endpoint.address.parse::<IpAddr>().is_err() && !endpoint.address.starts_with("unix://"))
+        .map(|endpoint| endpoint.address.clone())
+        .collect()
+}
+
+pub struct DnsResolver {
+    resolver: TokioResolver,
+}
+
+impl DnsResolver {
+    /// Queries `servers` (port 53), or the system's resolvers (`/etc/resolv.conf`) when none are given.
+    pub fn new(servers: &[IpAddr]) -> Result<DnsResolver, String> {
+        let builder = if servers.is_empty() {
+            TokioResolver::builder_tokio().unwrap_or_else(|error| {
+                // Without resolvers every lookup fails, and hosts resolved by DNS admit nothing at L4.
+                tracing::warn!(%error, "no usable system DNS configuration (see --dns-server)");
+                TokioResolver::builder_with_config(
+                    ResolverConfig::from_name_servers(Vec::new()),
+                    TokioRuntimeProvider::default(),
+                )
+            })
+        } else {
+            let config = ResolverConfig::from_name_servers(
+                servers.iter().map(|&ip| NameServerConfig::udp_and_tcp(ip)).collect(),
+            );
+            TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+        };
+        let resolver = builder.build().map_err(|e| format!("starting the DNS resolver: {e}"))?;
+        Ok(DnsResolver { resolver })
+    }
+
+    /// Resolves `names`; a name that fails keeps what `previous` had for it. Returns the addresses and when to
+    /// look again (the earliest expiry, within MIN_REFRESH and MAX_REFRESH).
+    pub async fn resolve(&self, names: &BTreeSet<String>, previous: &Resolved) -> (Resolved, Duration) {
+        let mut resolved = Resolved::new();
+        let mut refresh = MAX_REFRESH;
+        for name in names {
+            // Fully qualified: ServiceEntry hosts are looked up as written, not under search domains.
+            let query = if name.ends_with('.') { name.clone() } else { format!("{name}.") };
+            match tokio::time::timeout(LOOKUP_TIMEOUT, self.resolver.lookup_ip(query.as_str())).await {
+                Ok(Ok(answer)) => {
+                    let mut addresses: Vec<IpAddr> = answer.iter().collect();
+                    addresses.sort();
+                    addresses.dedup();
+                    let ttl = answer.valid_until().saturating_duration_since(Instant::now());
+                    refresh = refresh.min(ttl);
+                    resolved.insert(name.clone(), addresses);
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(host = %name, %error, "DNS lookup failed; keeping the addresses it had");
+                    refresh = refresh.min(MIN_REFRESH);
+                    if let Some(addresses) = previous.get(name) {
+                        resolved.insert(name.clone(), addresses.clone());
+                    }
+                }
+                Err(_) => {
+                    tracing::warn!(host = %name, "DNS lookup timed out; keeping the addresses it had");
+                    refresh = refresh.min(MIN_REFRESH);
+                    if let Some(addresses) = previous.get(name) {
+                        resolved.insert(name.clone(), addresses.clone());
+                    }
+                }
+            }
+        }
+        (resolved, refresh.clamp(MIN_REFRESH, MAX_REFRESH))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{resource::Document, Resource};
+
+    fn snapshot(yaml: &str) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        for document in serde_yaml_ng::Deserializer::from_str(yaml) {
+            let value: serde_json::Value = serde::Deserialize::deserialize(document).unwrap();
+            if let Document::Resource(resource) = Document::parse(value).unwrap() {
+                let resource: Resource = *resource;
+                snapshot.resources.push(resource);
+            }
+        }
+        snapshot
+    }
+
+    #[test]
+    fn only_names_that_dns_resolution_needs_are_looked_up() {
+        let snapshot = snapshot(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: by-dns}
+spec: {hosts: [httpbin.org, '*.wildcard.example'], ports: [{number: 80, name: http}], resolution: DNS}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: via-endpoints}
+spec:
+  hosts: ['*.example.com']
+  ports: [{number: 443, name: tls}]
+  resolution: DNS
+  endpoints: [{address: proxy.example.net}, {address: 203.0.113.9}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: static}
+spec: {hosts: [db.example], addresses: [203.0.113.1], ports: [{number: 5432, name: pg}], resolution: NONE}
+",
+        );
+        assert_eq!(names(&snapshot).into_iter().collect::<Vec<_>>(), ["httpbin.org", "proxy.example.net"]);
+    }
+}
