@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use sluice_agent::{
     config::{
         resolver::{self, DnsResolver, Resolved},
-        sources::{files, watch},
+        sources::{files, kubernetes, watch},
         store::Store,
     },
     datapath::{self, Datapath, InterceptRouting},
@@ -75,6 +75,16 @@ struct RunArgs {
     /// Where Prometheus scrapes `/stats/prometheus`.
     #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:15090")]
     metrics_addr: SocketAddr,
+    /// Also read the Istio configuration from Kubernetes (in-cluster config, or KUBECONFIG): watchers on
+    /// ServiceEntry, VirtualService, Gateway, DestinationRule, Sidecar and the `istio` mesh ConfigMap.
+    #[arg(long)]
+    kube: bool,
+    /// With --kube: only this namespace's Istio resources (all namespaces by default).
+    #[arg(long, value_name = "NAMESPACE")]
+    namespace: Option<String>,
+    /// With --kube: the namespace of the `istio` ConfigMap.
+    #[arg(long, value_name = "NAMESPACE", default_value = "istio-system")]
+    mesh_namespace: String,
     /// DNS server for ServiceEntries resolved by DNS (port 53). Repeatable; the system's resolvers by default.
     #[arg(long = "dns-server", value_name = "IP")]
     dns_server: Vec<std::net::IpAddr>,
@@ -192,6 +202,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let resolver = DnsResolver::new(&args.dns_server).map_err(anyhow::Error::msg)?;
     let mut control = Control::new(args.config.clone(), node, resolver);
+    let (kube_sender, mut kube_changes) = tokio::sync::watch::channel(None);
+    if args.kube {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to Kubernetes (in-cluster config or KUBECONFIG; see --kube)")?;
+        let scope =
+            kubernetes::Scope { namespace: args.namespace.clone(), mesh_namespace: args.mesh_namespace.clone() };
+        tokio::spawn(kubernetes::watch(client, scope, kube_sender));
+        control.kube = Some(kube_changes.clone());
+    }
     control.load();
     let mut refresh = control.resolve().await.1;
     let policy = control.policy();
@@ -253,6 +273,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 tracing::info!(signal = "SIGTERM", "stopping");
                 break;
             }
+            Ok(()) = kube_changes.changed(), if args.kube => {
+                control.load();
+                metrics.set_rejected(control.rejected());
+                refresh = control.resolve().await.1;
+                apply(&control, &mut datapath, &metrics, &dump);
+            }
             Some(()) = changes.recv() => {
                 control.load();
                 metrics.set_rejected(control.rejected());
@@ -296,16 +322,30 @@ struct Control {
     resolved: Resolved,
     /// What the last load rejected.
     errors: Vec<sluice_agent::config::ConfigError>,
+    /// The Kubernetes source's latest full set, once it has listed everything.
+    kube: Option<tokio::sync::watch::Receiver<Option<files::Loaded>>>,
 }
 
 impl Control {
     fn new(paths: Vec<PathBuf>, node: NodeSettings, resolver: DnsResolver) -> Control {
-        Control { paths, node, store: Store::default(), resolver, resolved: Resolved::new(), errors: Vec::new() }
+        Control {
+            paths,
+            node,
+            store: Store::default(),
+            resolver,
+            resolved: Resolved::new(),
+            errors: Vec::new(),
+            kube: None,
+        }
     }
 
-    /// Reads the configuration files again; a rejected resource keeps its last good version.
+    /// Reads the configuration files again, with what Kubernetes holds; a rejected resource keeps its last good
+    /// version.
     fn load(&mut self) {
-        let loaded = files::load(&self.paths);
+        let mut loaded = files::load(&self.paths);
+        if let Some(kube) = self.kube.as_ref().and_then(|kube| kube.borrow().clone()) {
+            loaded.extend(kube);
+        }
         report(&loaded);
         for id in self.store.update(&loaded).kept {
             tracing::warn!(resource = %id, "keeping the last good version of a rejected resource");

@@ -10,7 +10,7 @@ use super::super::{
 
 /// What reading the files gave: the resources that passed validation, the mesh config, and every error. A
 /// rejected resource is left out alone; the rest are kept.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Loaded {
     pub snapshot: Snapshot,
     /// The valid resources with the file each came from.
@@ -73,25 +73,37 @@ fn read_file(file: &Path, loaded: &mut Loaded) {
         yaml_documents(&text)
     };
     for document in documents {
-        let value = match document {
-            Ok(serde_json::Value::Null) => continue,
-            Ok(value) => value,
-            Err(reason) => {
-                loaded.errors.push(file_error(format!("not valid YAML or JSON: {reason}")));
-                continue;
-            }
-        };
+        match document {
+            Ok(serde_json::Value::Null) => {}
+            Ok(value) => loaded.add(&source, value),
+            Err(reason) => loaded.errors.push(file_error(format!("not valid YAML or JSON: {reason}"))),
+        }
+    }
+}
+
+impl Loaded {
+    /// Reads one document from `source`: a valid resource is kept, an invalid one reported, other kinds listed.
+    pub fn add(&mut self, source: &str, value: serde_json::Value) {
         match Document::parse(value) {
-            Ok(Document::Resource(resource)) => accept(*resource, &source, loaded),
-            Ok(Document::Mesh(mesh)) => loaded.snapshot.mesh = merge_mesh(&loaded.snapshot.mesh, mesh),
-            Ok(Document::Ignored(api_version, kind)) => loaded.ignored.push(format!("{source}: {api_version}/{kind}")),
-            Err(error) => loaded.errors.push(ConfigError {
-                source: source.clone(),
+            Ok(Document::Resource(resource)) => accept(*resource, source, self),
+            Ok(Document::Mesh(mesh)) => self.snapshot.mesh = merge_mesh(&self.snapshot.mesh, mesh),
+            Ok(Document::Ignored(api_version, kind)) => self.ignored.push(format!("{source}: {api_version}/{kind}")),
+            Err(error) => self.errors.push(ConfigError {
+                source: source.to_owned(),
                 resource: error.resource,
                 path: error.error.path,
                 reason: error.error.reason,
             }),
         }
+    }
+
+    /// Adds what `other` read (a second source) to this load.
+    pub fn extend(&mut self, other: Loaded) {
+        self.snapshot.resources.extend(other.snapshot.resources);
+        self.sources.extend(other.sources);
+        self.errors.extend(other.errors);
+        self.ignored.extend(other.ignored);
+        self.snapshot.mesh = merge_mesh(&self.snapshot.mesh, other.snapshot.mesh);
     }
 }
 

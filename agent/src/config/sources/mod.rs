@@ -1,4 +1,5 @@
 //! Where configuration comes from.
 
 pub mod files;
+pub mod kubernetes;
 pub mod watch;

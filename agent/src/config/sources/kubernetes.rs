@@ -1,0 +1,297 @@
+//! The Kubernetes source: watchers on the five Istio kinds (all namespaces, or one) and on the mesh ConfigMap.
+//! After every change the whole set is read again, through the same validation as files, and sent on.
+
+use std::collections::BTreeMap;
+
+use futures_util::{stream, StreamExt};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::{
+    api::{Api, ApiResource, DynamicObject, GroupVersionKind},
+    runtime::{watcher, WatchStreamExt},
+    Client,
+};
+use tokio::sync::watch;
+
+use super::files::Loaded;
+
+/// How errors from this source name it.
+pub const SOURCE: &str = "kubernetes";
+const ISTIO_GROUP: &str = "networking.istio.io";
+const ISTIO_VERSION: &str = "v1";
+/// Kind, and its plural as the API names its resources.
+const KINDS: [(&str, &str); 5] = [
+    ("ServiceEntry", "serviceentries"),
+    ("VirtualService", "virtualservices"),
+    ("Gateway", "gateways"),
+    ("DestinationRule", "destinationrules"),
+    ("Sidecar", "sidecars"),
+];
+
+/// Where to watch.
+#[derive(Clone, Debug)]
+pub struct Scope {
+    /// Only this namespace's Istio resources; all namespaces when None.
+    pub namespace: Option<String>,
+    /// Where the `istio` ConfigMap (the mesh config) lives.
+    pub mesh_namespace: String,
+}
+
+enum Change {
+    Reset(&'static str),
+    Buffer(&'static str, serde_json::Value),
+    Commit(&'static str),
+    Apply(&'static str, serde_json::Value),
+    Delete(&'static str, serde_json::Value),
+}
+
+/// Watches until the task is dropped, sending the full, validated set after every change once every kind has
+/// been listed. A kind whose watch fails (CRD missing, RBAC denied) is logged and retried with backoff; the
+/// others go on.
+pub async fn watch(client: Client, scope: Scope, sender: watch::Sender<Option<Loaded>>) {
+    let mut streams = Vec::new();
+    for (kind, plural) in KINDS {
+        let resource =
+            ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(ISTIO_GROUP, ISTIO_VERSION, kind), plural);
+        let api: Api<DynamicObject> = match &scope.namespace {
+            Some(namespace) => Api::namespaced_with(client.clone(), namespace, &resource),
+            None => Api::all_with(client.clone(), &resource),
+        };
+        let events = watcher(api, watcher::Config::default()).default_backoff();
+        streams.push(events.map(move |event| (kind, event.map(|event| as_json(event, dynamic_json)))).boxed());
+    }
+    let mesh: Api<ConfigMap> = Api::namespaced(client, &scope.mesh_namespace);
+    let events = watcher(mesh, watcher::Config::default().fields("metadata.name=istio")).default_backoff();
+    streams.push(events.map(|event| ("ConfigMap", event.map(|event| as_json(event, config_map_json)))).boxed());
+
+    let mut objects: BTreeMap<&'static str, BTreeMap<String, serde_json::Value>> = BTreeMap::new();
+    let mut buffers: BTreeMap<&'static str, BTreeMap<String, serde_json::Value>> = BTreeMap::new();
+    let mut listed: BTreeMap<&'static str, bool> = BTreeMap::new();
+    let mut events = stream::select_all(streams);
+    while let Some((kind, event)) = events.next().await {
+        let change = match event {
+            Ok(watcher::Event::Init) => Change::Reset(kind),
+            Ok(watcher::Event::InitApply(object)) => Change::Buffer(kind, object),
+            Ok(watcher::Event::InitDone) => Change::Commit(kind),
+            Ok(watcher::Event::Apply(object)) => Change::Apply(kind, object),
+            Ok(watcher::Event::Delete(object)) => Change::Delete(kind, object),
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(status))) if status.is_not_found() => {
+                // No such resource type: the CRD is not installed, so there are none of them. Retried all the same.
+                if listed.insert(kind, true).is_none() {
+                    tracing::warn!(kind, "its CRD is not installed; reading none; retrying");
+                    objects.insert(kind, BTreeMap::new());
+                }
+                Change::Commit(kind)
+            }
+            Err(error) => {
+                tracing::warn!(kind, %error, "watching Kubernetes (is the RBAC granted?); retrying");
+                continue;
+            }
+        };
+        let changed = match change {
+            Change::Reset(kind) => {
+                buffers.insert(kind, BTreeMap::new());
+                false
+            }
+            Change::Buffer(kind, object) => {
+                buffers.entry(kind).or_default().insert(key(&object), object);
+                false
+            }
+            Change::Commit(kind) => {
+                // A relist (after a restart or 410 Gone) replaces the kind whole: what it lacks was deleted.
+                if let Some(buffer) = buffers.remove(kind) {
+                    objects.insert(kind, buffer);
+                }
+                listed.insert(kind, true);
+                true
+            }
+            Change::Apply(kind, object) => {
+                objects.entry(kind).or_default().insert(key(&object), object);
+                true
+            }
+            Change::Delete(kind, object) => {
+                objects.entry(kind).or_default().remove(&key(&object));
+                true
+            }
+        };
+        let synced = KINDS.iter().all(|(kind, _)| listed.contains_key(kind)) && listed.contains_key("ConfigMap");
+        if changed && synced {
+            let mut loaded = Loaded::default();
+            for object in objects.values().flat_map(BTreeMap::values) {
+                loaded.add(SOURCE, object.clone());
+            }
+            let _ = sender.send(Some(loaded));
+        }
+    }
+}
+
+fn as_json<K>(event: watcher::Event<K>, json: fn(K) -> serde_json::Value) -> watcher::Event<serde_json::Value> {
+    match event {
+        watcher::Event::Apply(object) => watcher::Event::Apply(json(object)),
+        watcher::Event::Delete(object) => watcher::Event::Delete(json(object)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitApply(object) => watcher::Event::InitApply(json(object)),
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    }
+}
+
+fn key(object: &serde_json::Value) -> String {
+    let metadata = &object["metadata"];
+    format!("{}/{}", metadata["namespace"].as_str().unwrap_or(""), metadata["name"].as_str().unwrap_or(""))
+}
+
+/// The object as a document, with its apiVersion and kind (list items may come without them).
+fn dynamic_json(object: DynamicObject) -> serde_json::Value {
+    let kind = object.types.as_ref().map(|types| types.kind.clone());
+    let api_version = object.types.as_ref().map(|types| types.api_version.clone());
+    let mut value = serde_json::to_value(&object).unwrap_or_default();
+    if let serde_json::Value::Object(map) = &mut value {
+        map.insert("apiVersion".into(), api_version.unwrap_or_else(|| format!("{ISTIO_GROUP}/{ISTIO_VERSION}")).into());
+        if let Some(kind) = kind {
+            map.insert("kind".into(), kind.into());
+        }
+    }
+    value
+}
+
+fn config_map_json(object: ConfigMap) -> serde_json::Value {
+    let mut value = serde_json::to_value(&object).unwrap_or_default();
+    if let serde_json::Value::Object(map) = &mut value {
+        map.insert("apiVersion".into(), "v1".into());
+        map.insert("kind".into(), "ConfigMap".into());
+    }
+    value
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http::{Request, Response, StatusCode};
+    use kube::client::Body;
+    use serde_json::{json, Value};
+
+    use super::*;
+
+    fn service_entry(name: &str, host: &str) -> Value {
+        json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+            "metadata": {"name": name, "namespace": "default", "resourceVersion": "10"},
+            "spec": {"hosts": [host], "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}]}
+        })
+    }
+
+    fn list(kind: &str, api_version: &str, items: Vec<Value>) -> Vec<u8> {
+        let list =
+            json!({"apiVersion": api_version, "kind": kind, "metadata": {"resourceVersion": "10"}, "items": items});
+        serde_json::to_vec(&list).unwrap()
+    }
+
+    fn events(events: &[(&str, Value)]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (kind, object) in events {
+            body.extend(serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap());
+            body.push(b'\n');
+        }
+        body
+    }
+
+    /// Plays the API server: lists and watches as it sends them, a 410 Gone on the second ServiceEntry watch,
+    /// and 404 for Sidecars (CRD not installed). Watches it has nothing more for are held open.
+    async fn api_server(mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>>) {
+        let (mut lists, mut watches, mut held) = (0, 0, Vec::new());
+        while let Some((request, send)) = handle.next_request().await {
+            let uri = request.uri().to_string();
+            let watching = uri.contains("watch=true");
+            let (status, body) = if uri.contains("/serviceentries") && !watching {
+                lists += 1;
+                let items = if lists == 1 {
+                    vec![service_entry("api", "api.example"), service_entry("broken", "*")]
+                } else {
+                    vec![service_entry("db", "db.example")]
+                };
+                (StatusCode::OK, list("ServiceEntryList", "networking.istio.io/v1", items))
+            } else if uri.contains("/serviceentries") {
+                watches += 1;
+                match watches {
+                    1 => (StatusCode::OK, events(&[("ADDED", service_entry("db", "db.example"))])),
+                    2 => {
+                        let gone = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                            "message": "too old resource version", "reason": "Expired", "code": 410});
+                        (StatusCode::OK, events(&[("ERROR", gone)]))
+                    }
+                    _ => {
+                        held.push(send);
+                        continue;
+                    }
+                }
+            } else if uri.contains("/sidecars") && !watching {
+                let missing = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": "the server could not find the requested resource", "reason": "NotFound", "code": 404});
+                (StatusCode::NOT_FOUND, serde_json::to_vec(&missing).unwrap())
+            } else if uri.contains("/configmaps") && !watching {
+                assert!(uri.contains("/namespaces/istio-system/"), "{uri}");
+                let mesh = json!({"metadata": {"name": "istio", "namespace": "istio-system"},
+                    "data": {"mesh": "outboundTrafficPolicy:\n  mode: REGISTRY_ONLY\n"}});
+                (StatusCode::OK, list("ConfigMapList", "v1", vec![mesh]))
+            } else if !watching {
+                (StatusCode::OK, list("List", "networking.istio.io/v1", vec![]))
+            } else {
+                held.push(send);
+                continue;
+            };
+            send.send_response(Response::builder().status(status).body(Body::from(body)).unwrap());
+        }
+    }
+
+    fn names(loaded: &Loaded) -> Vec<String> {
+        loaded.snapshot.resources.iter().map(|resource| resource.metadata.name.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn istio_resources_are_listed_watched_validated_and_relisted_after_410_gone() {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        tokio::spawn(api_server(handle));
+        let client = Client::new(service, "default");
+        let (sender, mut receiver) = watch::channel(None);
+        let scope = Scope { namespace: None, mesh_namespace: "istio-system".into() };
+        let task = tokio::spawn(watch(client, scope, sender));
+
+        let mut seen = Vec::new();
+        let outcome = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                receiver.changed().await.unwrap();
+                let loaded = receiver.borrow_and_update().clone().unwrap();
+                seen.push(names(&loaded));
+                if names(&loaded) == ["db"] {
+                    return loaded;
+                }
+            }
+        })
+        .await;
+        task.abort();
+        let last = outcome.unwrap_or_else(|_| panic!("never relisted to just db; saw {seen:?}"));
+
+        // The channel keeps the latest set only, so intermediate sets may be skipped; their order may not.
+        assert!(seen[0].contains(&"api".to_owned()), "the first list comes first: {seen:?}");
+        assert!(seen.iter().all(|names| !names.contains(&"broken".to_owned())), "never the invalid one: {seen:?}");
+        assert_eq!(last.snapshot.mesh.outbound_mode(), Some(crate::config::OutboundTrafficMode::RegistryOnly));
+        assert!(last.errors.is_empty(), "after the relist the broken one is gone too");
+    }
+
+    #[tokio::test]
+    async fn a_rejected_resource_is_reported_as_from_kubernetes() {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        tokio::spawn(api_server(handle));
+        let (sender, mut receiver) = watch::channel(None);
+        let scope = Scope { namespace: None, mesh_namespace: "istio-system".into() };
+        let task = tokio::spawn(watch(Client::new(service, "default"), scope, sender));
+        receiver.changed().await.unwrap();
+        let loaded = receiver.borrow().clone().unwrap();
+        task.abort();
+        let errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errors,
+            ["kubernetes: ServiceEntry default/broken: spec.hosts[0]: '*' is not allowed as a ServiceEntry host"]
+        );
+    }
+}
