@@ -23,3 +23,20 @@ pub struct Snapshot {
     pub resources: Vec<Resource>,
     pub mesh: MeshConfig,
 }
+
+#[cfg(test)]
+impl Snapshot {
+    /// The resources and mesh config of a YAML stream, each document required to parse.
+    pub(crate) fn from_yaml(yaml: &str) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        for document in serde_yaml_ng::Deserializer::from_str(yaml) {
+            let value: serde_json::Value = serde::Deserialize::deserialize(document).expect("valid YAML");
+            match resource::Document::parse(value).expect("a readable document") {
+                resource::Document::Resource(resource) => snapshot.resources.push(*resource),
+                resource::Document::Mesh(mesh) => snapshot.mesh = mesh,
+                resource::Document::Ignored(..) => {}
+            }
+        }
+        snapshot
+    }
+}

@@ -122,18 +122,9 @@ impl DnsResolver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{resource::Document, Resource};
 
     fn snapshot(yaml: &str) -> Snapshot {
-        let mut snapshot = Snapshot::default();
-        for document in serde_yaml_ng::Deserializer::from_str(yaml) {
-            let value: serde_json::Value = serde::Deserialize::deserialize(document).unwrap();
-            if let Document::Resource(resource) = Document::parse(value).unwrap() {
-                let resource: Resource = *resource;
-                snapshot.resources.push(resource);
-            }
-        }
-        snapshot
+        Snapshot::from_yaml(yaml)
     }
 
     #[test]

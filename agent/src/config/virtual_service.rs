@@ -224,16 +224,9 @@ pub struct TlsRoute {
 pub struct TlsMatch {
     #[serde(default)]
     pub sni_hosts: Vec<String>,
-    #[serde(default)]
-    pub destination_subnets: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub port: Option<u32>,
-    #[serde(default)]
-    pub source_labels: BTreeMap<String, String>,
-    #[serde(default)]
-    pub gateways: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source_namespace: Option<String>,
+    /// The fields TLS matches share with TCP matches.
+    #[serde(flatten)]
+    pub l4: L4Match,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -310,17 +303,14 @@ impl VirtualService {
                         errors.push(FieldError::new(format!("{path}.sniHosts[{k}]"), reason));
                     }
                 }
-                validate_subnets(&m.destination_subnets, &path, &mut errors);
-                validate_match_port(m.port, &path, &mut errors);
+                m.l4.validate(&path, &mut errors);
             }
             validate_destinations(route.route.iter().map(|r| (&r.destination, r.weight)), &path, &mut errors);
         }
         for (i, route) in self.tcp.iter().enumerate() {
             let path = format!("spec.tcp[{i}]");
             for (j, m) in route.matches.iter().enumerate() {
-                let path = format!("{path}.match[{j}]");
-                validate_subnets(&m.destination_subnets, &path, &mut errors);
-                validate_match_port(m.port, &path, &mut errors);
+                m.validate(&format!("{path}.match[{j}]"), &mut errors);
             }
             validate_destinations(route.route.iter().map(|r| (&r.destination, r.weight)), &path, &mut errors);
         }
@@ -466,13 +456,17 @@ fn validate_destinations<'a>(
     }
 }
 
-fn validate_subnets(subnets: &[String], path: &str, errors: &mut Vec<FieldError>) {
-    for (i, subnet) in subnets.iter().enumerate() {
-        if super::service_entry::parse_address(subnet).is_none() {
-            errors.push(FieldError::new(
-                format!("{path}.destinationSubnets[{i}]"),
-                format!("'{subnet}' is not an IP address or CIDR"),
-            ));
+impl L4Match {
+    fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
+        for (i, subnet) in self.destination_subnets.iter().enumerate() {
+            if super::service_entry::parse_address(subnet).is_none() {
+                let reason = format!("'{subnet}' is not an IP address or CIDR");
+                errors.push(FieldError::new(format!("{path}.destinationSubnets[{i}]"), reason));
+            }
+        }
+        validate_match_port(self.port, path, errors);
+        for (i, gateway) in self.gateways.iter().enumerate() {
+            validate_gateway_name(gateway, &format!("{path}.gateways[{i}]"), errors);
         }
     }
 }

@@ -99,19 +99,9 @@ fn service_entry_rules(entry: &ServiceEntry, resolved: &Resolved) -> Vec<L4Rule>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::resource::Document;
 
     fn snapshot(yaml: &str) -> Snapshot {
-        let mut snapshot = Snapshot::default();
-        for document in serde_yaml_ng::Deserializer::from_str(yaml) {
-            let value: serde_json::Value = serde::Deserialize::deserialize(document).unwrap();
-            match Document::parse(value).unwrap() {
-                Document::Resource(resource) => snapshot.resources.push(*resource),
-                Document::Mesh(mesh) => snapshot.mesh = mesh,
-                Document::Ignored(..) => {}
-            }
-        }
-        snapshot
+        Snapshot::from_yaml(yaml)
     }
 
     fn rules(policy: &DatapathPolicy) -> Vec<String> {
