@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: the classifier's per-packet cost, measured in the kernel with BPF_PROG_TEST_RUN, for
 //! policies of 10 to 100k entries; and a blackholed flood dropped by Sluice and by nftables, side by side.
 
+mod compile;
 mod flood;
 
 use std::net::Ipv4Addr;
@@ -26,6 +27,15 @@ enum Kind {
 
 fn main() -> anyhow::Result<()> {
     sluice_tests::require_root();
+    println!("Configuration: read + validate, compile to the datapath policy, agent memory (RSS growth)");
+    println!("{:<10} {:>12} {:>12} {:>10} {:>16}", "entries", "read (ms)", "compile (ms)", "L4 rules", "bytes/entry");
+    for entries in [10, 1_000, 10_000, 100_000] {
+        let f = compile::measure(entries);
+        let bytes = f.bytes_per_entry.map(|b| format!("{b:.0}")).unwrap_or_else(|| "-".into());
+        println!("{:<10} {:>12.1} {:>12.1} {:>10} {:>16}", f.entries, f.read_ms, f.compile_ms, f.rules, bytes);
+    }
+    println!();
+
     let bpffs = Bpffs::mount()?;
     let mut datapath = Datapath::load(&bpffs.pin_dir()).context("loading the classifier")?;
     println!("Classifier cost per packet (BPF_PROG_TEST_RUN: mean ns/packet over {REPEAT} runs, best of {TRIALS})");
