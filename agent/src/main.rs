@@ -88,6 +88,9 @@ struct RunArgs {
     /// DNS server for ServiceEntries resolved by DNS (port 53). Repeatable; the system's resolvers by default.
     #[arg(long = "dns-server", value_name = "IP")]
     dns_server: Vec<std::net::IpAddr>,
+    /// Where `/healthz/ready` answers: 200 once the datapath is attached and, with --kube, Kubernetes is synced.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
     /// Where the admin endpoints (`/config_dump`, `/ready`) listen; keep it on loopback.
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
@@ -183,6 +186,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             args.admin_addr
         )
     })?;
+    let readiness_listener = tokio::net::TcpListener::bind(args.readiness_addr).await.map_err(|error| {
+        anyhow::anyhow!(
+            "binding the readiness listener on {}: {error} (is another sluice running? see --readiness-addr)",
+            args.readiness_addr
+        )
+    })?;
     let intercepting = !args.intercept_port.is_empty();
     let transparent = if intercepting {
         let listener = TransparentListener::bind(args.proxy_port).map_err(|error| {
@@ -252,6 +261,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tasks.spawn(telemetry::server::serve_metrics(metrics_listener, metrics.registry.clone()));
     tasks.spawn(telemetry::server::serve_admin(admin_listener, dump_reader));
+    // Ready once attached, and with --kube once every kind has been listed.
+    let (ready, ready_reader) = tokio::sync::watch::channel(!args.kube || kube_changes.borrow().is_some());
+    tasks.spawn(telemetry::server::serve_readiness(readiness_listener, ready_reader));
     if let Some(listener) = transparent {
         tasks.spawn(proxy::tcp::serve(listener, policy.mode));
     }
@@ -274,6 +286,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 break;
             }
             Ok(()) = kube_changes.changed(), if args.kube => {
+                let _ = ready.send(true);
                 control.load();
                 metrics.set_rejected(control.rejected());
                 refresh = control.resolve().await.1;

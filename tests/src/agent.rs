@@ -16,6 +16,8 @@ use crate::{netns::Netns, process::Process};
 pub const METRICS_ADDR: &str = "127.0.0.1:15090";
 /// Where the agent's admin endpoints listen inside its namespace.
 pub const ADMIN_ADDR: &str = "127.0.0.1:15000";
+/// Where the agent's readiness endpoint listens inside its namespace.
+pub const READINESS_ADDR: &str = "127.0.0.1:15021";
 
 /// The value given to `flag` in `args`, or `default`, which is then added to `args`.
 fn address_argument<'a>(args: &mut Vec<&'a str>, flag: &'a str, default: &'a str) -> anyhow::Result<SocketAddr> {
@@ -75,6 +77,7 @@ pub struct Agent<'a> {
     process: Process,
     metrics: SocketAddr,
     admin: SocketAddr,
+    readiness: SocketAddr,
     _bpffs: Option<Bpffs>,
 }
 
@@ -94,11 +97,12 @@ impl<'a> Agent<'a> {
         let mut args: Vec<&str> = args.split_whitespace().collect();
         let metrics = address_argument(&mut args, "--metrics-addr", METRICS_ADDR)?;
         let admin = address_argument(&mut args, "--admin-addr", ADMIN_ADDR)?;
+        let readiness = address_argument(&mut args, "--readiness-addr", READINESS_ADDR)?;
         command.arg("run").args(&args);
         command.arg("--bpffs").arg(bpffs.pin_dir());
         command.env("SLUICE_LOG", "debug");
         let process = Process::spawn("sluice", command)?;
-        let mut agent = Agent { netns, process, metrics, admin, _bpffs: None };
+        let mut agent = Agent { netns, process, metrics, admin, readiness, _bpffs: None };
         agent.wait_ready()?;
         Ok(agent)
     }
@@ -140,6 +144,11 @@ impl<'a> Agent<'a> {
     /// The Prometheus text the agent serves.
     pub fn metrics(&self) -> anyhow::Result<String> {
         fetch_metrics(self.netns, self.metrics)
+    }
+
+    /// What `/healthz/ready` answers (the body of a 200; an error otherwise).
+    pub fn readiness(&self) -> anyhow::Result<String> {
+        http_get(self.netns, self.readiness, "/healthz/ready")
     }
 
     /// The JSON the admin endpoint `/config_dump` serves.

@@ -228,6 +228,7 @@ fn allow_any_passes_unlisted_destinations_as_passthrough() {
     let topology = Topology::new().unwrap();
     let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --allow {SERVER_A}:5353/udp");
     let agent = Agent::start(&topology.gateway, &args).unwrap();
+    assert_eq!(agent.readiness().unwrap(), "ready\n", "ready once attached");
     let sink = UdpSink::bind(&topology.internet, addr(SERVER_B, 6000)).unwrap();
     let passthrough = agent.sample(&series("packets", "passthrough")).unwrap();
 

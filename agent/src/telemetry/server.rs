@@ -1,5 +1,5 @@
-//! The agent's HTTP endpoints: metrics (`/stats/prometheus` and `/metrics`, Istio's port 15090) and the admin
-//! endpoints on loopback (`/config_dump`, `/ready`, Istio's port 15000).
+//! The agent's HTTP endpoints: metrics (`/stats/prometheus` and `/metrics`, Istio's port 15090), readiness
+//! (`/healthz/ready`, 15021) and the admin endpoints on loopback (`/config_dump`, `/ready`, 15000).
 
 use std::{convert::Infallible, sync::Arc};
 
@@ -33,6 +33,16 @@ pub async fn serve_admin(listener: TcpListener, dump: watch::Receiver<Arc<String
         "/config_dump" => text(StatusCode::OK, "application/json", dump.borrow().as_str().to_owned()),
         "/ready" => text(StatusCode::OK, "text/plain", "LIVE\n".into()),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found: try /config_dump or /ready\n".into()),
+    })
+    .await
+}
+
+/// Serves `/healthz/ready` (Istio's readiness path): 200 once `ready` holds, 503 before.
+pub async fn serve_readiness(listener: TcpListener, ready: watch::Receiver<bool>) {
+    serve(listener, "readiness", move |request| match request.uri().path() {
+        "/healthz/ready" if *ready.borrow() => text(StatusCode::OK, "text/plain", "ready\n".into()),
+        "/healthz/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".into()),
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found: try /healthz/ready\n".into()),
     })
     .await
 }
