@@ -1,13 +1,17 @@
 //! The Kubernetes source: watchers on the five Istio kinds (all namespaces, or one) and on the mesh ConfigMap.
 //! After every change the whole set is read again, through the same validation as files, and sent on.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use futures_util::{stream, StreamExt};
 use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::{
     api::{Api, ApiResource, DynamicObject, GroupVersionKind},
-    runtime::{watcher, WatchStreamExt},
+    runtime::{
+        events::{Event, EventType, Recorder, Reporter},
+        watcher, WatchStreamExt,
+    },
     Client,
 };
 use tokio::sync::watch;
@@ -48,6 +52,7 @@ enum Change {
 /// been listed. A kind whose watch fails (CRD missing, RBAC denied) is logged and retried with backoff; the
 /// others go on.
 pub async fn watch(client: Client, scope: Scope, sender: watch::Sender<Option<Loaded>>) {
+    let mut rejections = Rejections::new(client.clone());
     let mut streams = Vec::new();
     for (kind, plural) in KINDS {
         let resource =
@@ -119,8 +124,66 @@ pub async fn watch(client: Client, scope: Scope, sender: watch::Sender<Option<Lo
             for object in objects.values().flat_map(BTreeMap::values) {
                 loaded.add(SOURCE, object.clone());
             }
+            rejections.report(&loaded, &objects).await;
             let _ = sender.send(Some(loaded));
         }
+    }
+}
+
+/// Publishes a Warning Event on each rejected resource, once per distinct reason, so `kubectl describe` shows it.
+struct Rejections {
+    recorder: Recorder,
+    reported: HashSet<String>,
+}
+
+impl Rejections {
+    fn new(client: Client) -> Rejections {
+        let instance = std::env::var("POD_NAME").or_else(|_| std::env::var("HOSTNAME")).ok();
+        let reporter = Reporter { controller: "sluice".into(), instance };
+        Rejections { recorder: Recorder::new(client, reporter), reported: HashSet::new() }
+    }
+
+    async fn report(&mut self, loaded: &Loaded, objects: &BTreeMap<&'static str, BTreeMap<String, serde_json::Value>>) {
+        for error in &loaded.errors {
+            let Some(id) = error.resource.as_deref() else { continue };
+            let message = error.to_string();
+            if self.reported.contains(&message) {
+                continue;
+            }
+            let (kind, key) = id.split_once(' ').unwrap_or((id, ""));
+            let Some(object) = objects.get(kind).and_then(|objects| objects.get(key)) else { continue };
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "Rejected".into(),
+                note: Some(if error.path.is_empty() {
+                    error.reason.clone()
+                } else {
+                    format!("{}: {}", error.path, error.reason)
+                }),
+                action: "Validate".into(),
+                secondary: None,
+            };
+            match self.recorder.publish(&event, &reference(object)).await {
+                Ok(()) => {
+                    self.reported.insert(message);
+                }
+                Err(error) => tracing::warn!(resource = %id, %error, "publishing the rejection as a Kubernetes Event"),
+            }
+        }
+    }
+}
+
+fn reference(object: &serde_json::Value) -> ObjectReference {
+    let text = |value: &serde_json::Value| value.as_str().map(str::to_owned);
+    let metadata = &object["metadata"];
+    ObjectReference {
+        api_version: text(&object["apiVersion"]),
+        kind: text(&object["kind"]),
+        name: text(&metadata["name"]),
+        namespace: text(&metadata["namespace"]),
+        uid: text(&metadata["uid"]),
+        resource_version: text(&metadata["resourceVersion"]),
+        ..ObjectReference::default()
     }
 }
 
@@ -197,12 +260,20 @@ mod tests {
 
     /// Plays the API server: lists and watches as it sends them, a 410 Gone on the second ServiceEntry watch,
     /// and 404 for Sidecars (CRD not installed). Watches it has nothing more for are held open.
-    async fn api_server(mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>>) {
+    async fn api_server(
+        mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>>,
+        published: tokio::sync::mpsc::UnboundedSender<(String, Value)>,
+    ) {
         let (mut lists, mut watches, mut held) = (0, 0, Vec::new());
         while let Some((request, send)) = handle.next_request().await {
             let uri = request.uri().to_string();
             let watching = uri.contains("watch=true");
-            let (status, body) = if uri.contains("/serviceentries") && !watching {
+            let (status, body) = if request.method() == http::Method::POST && uri.contains("/events") {
+                let body = request.into_body().collect_bytes().await.unwrap();
+                let event: Value = serde_json::from_slice(&body).unwrap();
+                let _ = published.send((uri, event.clone()));
+                (StatusCode::CREATED, serde_json::to_vec(&event).unwrap())
+            } else if uri.contains("/serviceentries") && !watching {
                 lists += 1;
                 let items = if lists == 1 {
                     vec![service_entry("api", "api.example"), service_entry("broken", "*")]
@@ -250,7 +321,7 @@ mod tests {
     #[tokio::test]
     async fn istio_resources_are_listed_watched_validated_and_relisted_after_410_gone() {
         let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        tokio::spawn(api_server(handle));
+        tokio::spawn(api_server(handle, tokio::sync::mpsc::unbounded_channel().0));
         let client = Client::new(service, "default");
         let (sender, mut receiver) = watch::channel(None);
         let scope = Scope { namespace: None, mesh_namespace: "istio-system".into() };
@@ -279,9 +350,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_rejected_resource_is_reported_as_from_kubernetes() {
+    async fn a_rejected_resource_is_reported_as_from_kubernetes_and_as_an_event_on_it() {
         let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        tokio::spawn(api_server(handle));
+        let (published, mut events) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(api_server(handle, published));
         let (sender, mut receiver) = watch::channel(None);
         let scope = Scope { namespace: None, mesh_namespace: "istio-system".into() };
         let task = tokio::spawn(watch(Client::new(service, "default"), scope, sender));
@@ -293,5 +365,15 @@ mod tests {
             errors,
             ["kubernetes: ServiceEntry default/broken: spec.hosts[0]: '*' is not allowed as a ServiceEntry host"]
         );
+
+        // Published before the set was sent on, so it is already there.
+        let (uri, event) = events.try_recv().expect("an Event on the rejected resource");
+        assert!(uri.starts_with("/apis/events.k8s.io/v1/namespaces/default/events"), "{uri}");
+        assert_eq!(event["type"], "Warning");
+        assert_eq!(event["reason"], "Rejected");
+        assert_eq!(event["note"], "spec.hosts[0]: '*' is not allowed as a ServiceEntry host");
+        assert_eq!(event["regarding"]["kind"], "ServiceEntry");
+        assert_eq!(event["regarding"]["name"], "broken");
+        assert_eq!(event["reportingController"], "sluice");
     }
 }
