@@ -1,6 +1,7 @@
 //! The compiled policy: what the datapath and the proxy need, computed once per configuration change.
 
 pub mod compile;
+pub mod host_match;
 pub mod l4;
 
 pub use l4::{BlackholeAction, DatapathPolicy, L4Rule, OutboundMode, Protocol};

@@ -1,0 +1,129 @@
+//! Host tables in Envoy's order: an exact host first, then the longest wildcard suffix (`*.example.com`), then
+//! `*`. Case-insensitive; a port in the Host or authority is ignored. Built once per configuration; a lookup
+//! costs one hash probe per label of the host, whatever the number of entries.
+
+use std::collections::HashMap;
+
+#[derive(Clone, Debug)]
+pub struct HostTable<T> {
+    exact: HashMap<String, T>,
+    /// `*.example.com` → key `.example.com`: matched at label boundaries.
+    suffixes: HashMap<String, T>,
+    /// `*example.com` (no dot, as Istio accepts): matched anywhere, longest first. Rare, so a list.
+    loose_suffixes: Vec<(String, T)>,
+    any: Option<T>,
+}
+
+impl<T> Default for HostTable<T> {
+    fn default() -> Self {
+        HostTable { exact: HashMap::new(), suffixes: HashMap::new(), loose_suffixes: Vec::new(), any: None }
+    }
+}
+
+impl<T> HostTable<T> {
+    /// Adds `host` (exact, `*.suffix`, `*suffix` or `*`); the first value given for a host is kept, as Istio
+    /// keeps the first VirtualService for a host.
+    pub fn insert(&mut self, host: &str, value: T) {
+        let host = host.to_ascii_lowercase();
+        if host == "*" {
+            self.any.get_or_insert(value);
+        } else if let Some(suffix) = host.strip_prefix("*.") {
+            self.suffixes.entry(format!(".{suffix}")).or_insert(value);
+        } else if let Some(suffix) = host.strip_prefix('*') {
+            if !self.loose_suffixes.iter().any(|(s, _)| *s == suffix) {
+                self.loose_suffixes.push((suffix.to_owned(), value));
+                self.loose_suffixes.sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
+            }
+        } else {
+            self.exact.entry(host).or_insert(value);
+        }
+    }
+
+    /// The entry for `authority` (a Host header, an SNI name or an `:authority`), by Envoy's precedence.
+    pub fn get(&self, authority: &str) -> Option<&T> {
+        let host = strip_port(authority).trim_end_matches('.').to_ascii_lowercase();
+        if let Some(value) = self.exact.get(&host) {
+            return Some(value);
+        }
+        // Longest suffix first: ".b.example.com" before ".example.com"; a wildcard needs at least one label.
+        let mut dotted = None;
+        let mut rest = host.as_str();
+        while let Some(dot) = rest.find('.') {
+            let key = &rest[dot..];
+            if let Some(value) = self.suffixes.get(key) {
+                dotted = Some((key.len(), value));
+                break;
+            }
+            rest = &rest[dot + 1..];
+        }
+        let loose = self
+            .loose_suffixes
+            .iter()
+            .find(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
+            .map(|(suffix, value)| (suffix.len(), value));
+        match (dotted, loose) {
+            // Both match: the longer pattern is the more specific.
+            (Some(dotted), Some(loose)) => Some(if loose.0 > dotted.0 { loose.1 } else { dotted.1 }),
+            (dotted, loose) => dotted.or(loose).map(|(_, value)| value).or(self.any.as_ref()),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.suffixes.is_empty() && self.loose_suffixes.is_empty() && self.any.is_none()
+    }
+}
+
+/// `host:port` → `host`; `[v6]:port` → `v6`; a bare IPv6 address is left whole.
+fn strip_port(authority: &str) -> &str {
+    if let Some(rest) = authority.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') && port.chars().all(|c| c.is_ascii_digit()) => host,
+        _ => authority,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_match_in_envoys_order() {
+        let mut table = HostTable::default();
+        for host in ["api.example.com", "*.example.com", "*.b.example.com", "*", "*shop.net", "HTTPBIN.org"] {
+            table.insert(host, host.to_owned());
+        }
+        let cases = [
+            ("api.example.com", "api.example.com"),
+            ("API.Example.COM:8443", "api.example.com"),
+            ("other.example.com", "*.example.com"),
+            ("x.y.example.com", "*.example.com"),
+            ("c.b.example.com", "*.b.example.com"),
+            ("b.example.com", "*.example.com"),
+            ("example.com", "*"),
+            ("httpbin.org", "HTTPBIN.org"),
+            ("httpbin.org.", "HTTPBIN.org"),
+            ("myshop.net", "*shop.net"),
+            ("shop.net", "*"),
+            ("unknown.test", "*"),
+            ("[2001:db8::1]:443", "*"),
+        ];
+        for (authority, expected) in cases {
+            assert_eq!(table.get(authority).map(String::as_str), Some(expected), "{authority}");
+        }
+    }
+
+    #[test]
+    fn without_a_catch_all_unknown_hosts_match_nothing_and_the_first_entry_wins() {
+        let mut table = HostTable::default();
+        table.insert("a.example", 1);
+        table.insert("a.example", 2);
+        table.insert("*.example", 3);
+        assert_eq!(table.get("a.example"), Some(&1));
+        assert_eq!(table.get("b.example"), Some(&3));
+        assert_eq!(table.get("example"), None);
+        assert_eq!(table.get("203.0.113.10:80"), None);
+        assert!(HostTable::<u8>::default().is_empty());
+    }
+}
