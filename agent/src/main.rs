@@ -85,6 +85,9 @@ struct RunArgs {
     /// With --kube: the namespace of the `istio` ConfigMap.
     #[arg(long, value_name = "NAMESPACE", default_value = "istio-system")]
     mesh_namespace: String,
+    /// This agent's labels, for Gateway selectors (`k=v,k=v`; in a cluster, the pod's labels).
+    #[arg(long, value_name = "K=V,...", value_parser = parse_labels, default_value = "istio=egressgateway")]
+    gateway_labels: std::collections::BTreeMap<String, String>,
     /// DNS server for ServiceEntries resolved by DNS (port 53). Repeatable; the system's resolvers by default.
     #[arg(long = "dns-server", value_name = "IP")]
     dns_server: Vec<std::net::IpAddr>,
@@ -129,6 +132,16 @@ Running on a real node:
   The maps, program and links are pinned under --bpffs: when the agent stops or dies, the kernel keeps
   enforcing the last policy, and the next agent adopts the pins without a gap. `sluice cleanup` (or
   --cleanup-on-exit) removes them, and the policy routing for intercepted traffic with them.";
+
+fn parse_labels(text: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
+    text.split(',')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+            _ => Err(format!("'{pair}' is not a label (expected key=value)")),
+        })
+        .collect()
+}
 
 fn parse_cidr(text: &str) -> Result<IpNet, String> {
     policy::l4::parse_net(text).ok_or_else(|| format!("'{text}' is not an IP address or CIDR"))
@@ -211,6 +224,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let resolver = DnsResolver::new(&args.dns_server).map_err(anyhow::Error::msg)?;
     let mut control = Control::new(args.config.clone(), node, resolver);
+    control.labels = args.gateway_labels.clone();
     let (kube_sender, mut kube_changes) = tokio::sync::watch::channel(None);
     if args.kube {
         let client = kube::Client::try_default()
@@ -337,6 +351,8 @@ struct Control {
     errors: Vec<sluice_agent::config::ConfigError>,
     /// The Kubernetes source's latest full set, once it has listed everything.
     kube: Option<tokio::sync::watch::Receiver<Option<files::Loaded>>>,
+    /// This agent's labels, which Gateway selectors are matched against.
+    labels: std::collections::BTreeMap<String, String>,
 }
 
 impl Control {
@@ -349,6 +365,7 @@ impl Control {
             resolved: Resolved::new(),
             errors: Vec::new(),
             kube: None,
+            labels: Default::default(),
         }
     }
 
@@ -391,7 +408,9 @@ impl Control {
     }
 
     fn dump(&self, generation: u64, policy: &sluice_agent::policy::DatapathPolicy) -> String {
-        config_dump::render(generation, &self.store.snapshot(), &self.errors, policy)
+        let snapshot = self.store.snapshot();
+        let bindings = sluice_agent::policy::bindings::bind(&snapshot, &self.labels);
+        config_dump::render(generation, &snapshot, &self.errors, policy, &bindings)
     }
 }
 

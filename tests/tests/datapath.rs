@@ -100,7 +100,11 @@ fn istio_configuration_files_decide_what_the_kernel_allows() {
             "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: dns}}\n\
              spec: {{hosts: [dns.example], addresses: ['{SERVER_A}'], ports: [{{number: 5353, name: dns, protocol: UDP}}]}}\n\
              ---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: broken}}\n\
-             spec: {{hosts: ['*'], addresses: ['{SERVER_A}'], ports: [{{number: 6000, name: udp, protocol: UDP}}]}}\n"
+             spec: {{hosts: ['*'], addresses: ['{SERVER_A}'], ports: [{{number: 6000, name: udp, protocol: UDP}}]}}\n\
+             ---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: egress, namespace: istio-system}}\n\
+             spec: {{selector: {{istio: egressgateway}}, servers: [{{port: {{number: 80, name: http, protocol: HTTP}}, hosts: ['*']}}]}}\n\
+             ---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: ingress, namespace: istio-system}}\n\
+             spec: {{selector: {{istio: ingressgateway}}, servers: [{{port: {{number: 80, name: http, protocol: HTTP}}, hosts: ['*']}}]}}\n"
         ),
     )
     .unwrap();
@@ -115,6 +119,9 @@ fn istio_configuration_files_decide_what_the_kernel_allows() {
     assert_eq!(allowed.drain(), 3, "the ServiceEntry's address and port pass:\n{}", agent.log());
     assert_eq!(rejected.drain(), 0, "REGISTRY_ONLY from the mesh config; the invalid ServiceEntry is not applied");
     assert!(agent.log().contains("ServiceEntry default/broken: spec.hosts[0]"), "{}", agent.log());
+    let dump: serde_json::Value = serde_json::from_str(&agent.config_dump().unwrap()).unwrap();
+    let gateways = serde_json::json!([{"id": "istio-system/egress", "ports": [80]}]);
+    assert_eq!(dump["gateways"], gateways, "the Gateway selecting istio=egressgateway (the default labels)");
 }
 
 fn service_entry(name: &str, host: &str, port: u16) -> String {
@@ -169,6 +176,7 @@ fn configuration_changes_are_applied_and_a_broken_change_keeps_the_last_good_ver
     assert_eq!(dump["datapath"]["rules"], serde_json::json!([format!("{SERVER_A}/32:6000/udp")]), "{dump}");
     assert_eq!(dump["resources"][0]["name"], "other");
     assert!(dump["rejected"][0].as_str().unwrap().contains("ServiceEntry default/other: spec.hosts[0]"), "{dump}");
+    assert_eq!(dump["gateways"], serde_json::json!([]), "no Gateway selects the agent");
 }
 
 #[test]

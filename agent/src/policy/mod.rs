@@ -1,5 +1,6 @@
 //! The compiled policy: what the datapath and the proxy need, computed once per configuration change.
 
+pub mod bindings;
 pub mod compile;
 pub mod host_match;
 pub mod l4;

@@ -4,10 +4,16 @@ use serde_json::{json, Value};
 
 use crate::{
     config::{ConfigError, Snapshot},
-    policy::DatapathPolicy,
+    policy::{bindings::Bindings, DatapathPolicy},
 };
 
-pub fn render(generation: u64, snapshot: &Snapshot, rejected: &[ConfigError], policy: &DatapathPolicy) -> String {
+pub fn render(
+    generation: u64,
+    snapshot: &Snapshot,
+    rejected: &[ConfigError],
+    policy: &DatapathPolicy,
+    bindings: &Bindings,
+) -> String {
     let resources: Vec<Value> = snapshot
         .resources
         .iter()
@@ -25,6 +31,10 @@ pub fn render(generation: u64, snapshot: &Snapshot, rejected: &[ConfigError], po
         "mesh": { "outboundTrafficPolicy": { "mode": snapshot.mesh.outbound_mode().map(|mode| mode.name()) } },
         "resources": resources,
         "rejected": rejected.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "gateways": bindings.gateways.iter().map(|gateway| json!({
+            "id": gateway.id,
+            "ports": gateway.servers.iter().map(|server| server.port.number).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
         "datapath": {
             "mode": policy.mode.name(),
             "blackhole": format!("{:?}", policy.blackhole).to_lowercase(),
