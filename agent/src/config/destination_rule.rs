@@ -33,18 +33,12 @@ pub struct Subset {
     pub traffic_policy: Option<TrafficPolicy>,
 }
 
-/// Kept as read beyond the fields checked here; the proxy reads the rest.
+/// A destination's traffic policy, and per-port overrides (which replace it rather than inherit from it).
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TrafficPolicy {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub load_balancer: Option<LoadBalancer>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub connection_pool: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub outlier_detection: Option<OutlierDetection>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<ClientTls>,
+    #[serde(flatten)]
+    pub settings: PolicySettings,
     #[serde(default)]
     pub port_level_settings: Vec<PortTrafficPolicy>,
 }
@@ -54,6 +48,15 @@ pub struct TrafficPolicy {
 pub struct PortTrafficPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<super::fields::PortSelector>,
+    #[serde(flatten)]
+    pub settings: PolicySettings,
+}
+
+/// What a traffic policy sets, for the whole destination or one port. Kept as read beyond the fields checked
+/// here; the proxy reads the rest.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicySettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancer>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -135,47 +138,48 @@ impl DestinationRule {
 }
 
 fn validate_policy(policy: &TrafficPolicy, path: &str, errors: &mut Vec<FieldError>) {
-    validate_parts(&policy.load_balancer, &policy.outlier_detection, &policy.tls, path, errors);
+    policy.settings.validate(path, errors);
     for (i, port) in policy.port_level_settings.iter().enumerate() {
         let path = format!("{path}.portLevelSettings[{i}]");
         match &port.port {
             Some(port) => validate_port(port.number, &format!("{path}.port.number"), errors),
             None => errors.push(FieldError::new(format!("{path}.port"), "a port is required")),
         }
-        validate_parts(&port.load_balancer, &port.outlier_detection, &port.tls, &path, errors);
+        port.settings.validate(&path, errors);
     }
 }
 
-fn validate_parts(
-    load_balancer: &Option<LoadBalancer>,
-    outlier: &Option<OutlierDetection>,
-    tls: &Option<ClientTls>,
-    path: &str,
-    errors: &mut Vec<FieldError>,
-) {
-    if let Some(simple) = load_balancer.as_ref().and_then(|lb| lb.simple.as_deref()) {
-        if !LB_SIMPLE.contains(&simple) {
-            errors.push(FieldError::new(
-                format!("{path}.loadBalancer.simple"),
-                format!("unknown load balancer '{simple}'"),
-            ));
-        }
-    }
-    if let Some(outlier) = outlier {
-        validate_duration(&outlier.interval, &format!("{path}.outlierDetection.interval"), errors);
-        validate_duration(&outlier.base_ejection_time, &format!("{path}.outlierDetection.baseEjectionTime"), errors);
-        if let Some(percent) = outlier.max_ejection_percent {
-            if !(0..=100).contains(&percent) {
+impl PolicySettings {
+    fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
+        let PolicySettings { load_balancer, outlier_detection: outlier, tls, .. } = self;
+        if let Some(simple) = load_balancer.as_ref().and_then(|lb| lb.simple.as_deref()) {
+            if !LB_SIMPLE.contains(&simple) {
                 errors.push(FieldError::new(
-                    format!("{path}.outlierDetection.maxEjectionPercent"),
-                    format!("{percent} is not a percentage (0 to 100)"),
+                    format!("{path}.loadBalancer.simple"),
+                    format!("unknown load balancer '{simple}'"),
                 ));
             }
         }
-    }
-    if let Some(mode) = tls.as_ref().and_then(|tls| tls.mode.as_deref()) {
-        if !TLS_MODES.contains(&mode) {
-            errors.push(FieldError::new(format!("{path}.tls.mode"), format!("unknown TLS mode '{mode}'")));
+        if let Some(outlier) = outlier {
+            validate_duration(&outlier.interval, &format!("{path}.outlierDetection.interval"), errors);
+            validate_duration(
+                &outlier.base_ejection_time,
+                &format!("{path}.outlierDetection.baseEjectionTime"),
+                errors,
+            );
+            if let Some(percent) = outlier.max_ejection_percent {
+                if !(0..=100).contains(&percent) {
+                    errors.push(FieldError::new(
+                        format!("{path}.outlierDetection.maxEjectionPercent"),
+                        format!("{percent} is not a percentage (0 to 100)"),
+                    ));
+                }
+            }
+        }
+        if let Some(mode) = tls.as_ref().and_then(|tls| tls.mode.as_deref()) {
+            if !TLS_MODES.contains(&mode) {
+                errors.push(FieldError::new(format!("{path}.tls.mode"), format!("unknown TLS mode '{mode}'")));
+            }
         }
     }
 }
