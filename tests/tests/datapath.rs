@@ -157,6 +157,13 @@ fn configuration_changes_are_applied_and_a_broken_change_keeps_the_last_good_ver
     send_udp(&topology.workload, addr(SERVER_A, 5353), 2, PAYLOAD).unwrap();
     assert_eq!(first.drain(), 2);
     assert_eq!(agent.sample("sluice_config_generation").unwrap(), 1);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        agent.sample("sluice_config_generation").unwrap(),
+        1,
+        "reading the files is no change:\n{}",
+        agent.log()
+    );
 
     std::fs::write(&file, service_entry("other", "other.example", 6000)).unwrap();
     wait_for_log(&agent, "policy applied", 1);

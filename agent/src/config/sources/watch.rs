@@ -5,25 +5,28 @@ use std::{
     time::Duration,
 };
 
-use notify_debouncer_mini::{new_debouncer, notify::RecursiveMode, DebounceEventResult, Debouncer};
+use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-/// Changes closer together than this are one reload.
+/// A change is acted on once no other has followed for this long (a file written in several steps is read once,
+/// whole).
 const SETTLE: Duration = Duration::from_millis(250);
 
 /// The watch; dropping it stops watching.
 pub struct Watch {
-    _debouncer: Debouncer<notify_debouncer_mini::notify::RecommendedWatcher>,
+    _watcher: RecommendedWatcher,
 }
 
 /// Starts watching `paths` (a file through its directory, since editors replace files rather than write them).
-/// Every settled batch of changes sends one message on the returned channel.
+/// Every settled batch of changes sends one message on the returned channel. Reads are not changes: the agent's
+/// own reading of the files must not set off another reload.
 pub fn watch(paths: &[PathBuf]) -> Result<(Watch, mpsc::Receiver<()>), String> {
-    let (tx, rx) = mpsc::channel(1);
-    let mut debouncer = new_debouncer(SETTLE, move |result: DebounceEventResult| {
-        if result.is_ok() {
-            // A full channel already holds a pending reload, which will read these changes too.
-            let _ = tx.try_send(());
+    let (raw_sender, mut raw) = mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<Event>| {
+        if let Ok(event) = event {
+            if !matches!(event.kind, EventKind::Access(_)) {
+                let _ = raw_sender.send(());
+            }
         }
     })
     .map_err(|e| format!("starting the file watcher: {e}"))?;
@@ -33,7 +36,17 @@ pub fn watch(paths: &[PathBuf]) -> Result<(Watch, mpsc::Receiver<()>), String> {
         } else {
             (path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")), RecursiveMode::NonRecursive)
         };
-        debouncer.watcher().watch(target, mode).map_err(|e| format!("watching {}: {e}", target.display()))?;
+        watcher.watch(target, mode).map_err(|e| format!("watching {}: {e}", target.display()))?;
     }
-    Ok((Watch { _debouncer: debouncer }, rx))
+    let (settled, receiver) = mpsc::channel(1);
+    tokio::spawn(async move {
+        while raw.recv().await.is_some() {
+            // Wait for quiet: every further change restarts the wait.
+            while let Ok(Some(())) = tokio::time::timeout(SETTLE, raw.recv()).await {}
+            if settled.send(()).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok((Watch { _watcher: watcher }, receiver))
 }
