@@ -24,11 +24,8 @@ impl StringMatch {
         if set != 1 {
             errors.push(FieldError::new(path, "exactly one of exact, prefix or regex is required"));
         }
-        if let Some(regex) = &self.regex {
-            if let Err(error) = regex::Regex::new(regex) {
-                let reason = error.to_string().lines().last().unwrap_or("invalid").trim().to_owned();
-                errors.push(FieldError::new(format!("{path}.regex"), format!("invalid regular expression: {reason}")));
-            }
+        if let Some(reason) = self.regex.as_deref().and_then(regex_problem) {
+            errors.push(FieldError::new(format!("{path}.regex"), reason));
         }
     }
 }
@@ -142,10 +139,23 @@ pub struct HeaderOperations {
     pub remove: Vec<String>,
 }
 
+/// Why `number` is not a port, if it is not.
+pub fn port_problem(number: u32) -> Option<String> {
+    (!(1..=65535).contains(&number)).then(|| format!("{number} is not a port (1 to 65535)"))
+}
+
 pub fn validate_port(number: u32, path: &str, errors: &mut Vec<FieldError>) {
-    if !(1..=65535).contains(&number) {
-        errors.push(FieldError::new(path, format!("{number} is not a port (1 to 65535)")));
+    if let Some(reason) = port_problem(number) {
+        errors.push(FieldError::new(path, reason));
     }
+}
+
+/// Why `pattern` is not an RE2 regular expression (the `regex` crate's syntax), if it is not.
+pub fn regex_problem(pattern: &str) -> Option<String> {
+    regex::Regex::new(pattern).err().map(|error| {
+        let reason = error.to_string().lines().last().unwrap_or("invalid").trim().to_owned();
+        format!("invalid regular expression: {reason}")
+    })
 }
 
 /// A host as VirtualServices and DestinationRules name it: a name, a `*.` wildcard, `*`, or (for destinations)
@@ -177,10 +187,7 @@ pub fn is_dns_label(name: &str) -> bool {
 
 /// Istio's protocol names for Gateway servers and Service ports.
 pub fn is_protocol(protocol: &str) -> bool {
-    matches!(
-        protocol.to_ascii_uppercase().as_str(),
-        "HTTP" | "HTTPS" | "HTTP2" | "GRPC" | "GRPC-WEB" | "MONGO" | "MYSQL" | "REDIS" | "TCP" | "TLS" | "UDP" | "SCTP"
-    )
+    super::service_entry::transport(protocol).is_some()
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::{
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::error::FieldError;
+use super::{error::FieldError, fields::port_problem};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -140,8 +140,8 @@ impl ServiceEntry {
         }
         let (mut numbers, mut names) = (HashSet::new(), HashSet::new());
         for (i, port) in self.ports.iter().enumerate() {
-            if !(1..=65535).contains(&port.number) {
-                fail(format!("spec.ports[{i}].number"), format!("{} is not a port (1 to 65535)", port.number));
+            if let Some(reason) = port_problem(port.number) {
+                fail(format!("spec.ports[{i}].number"), reason);
             } else if !numbers.insert(port.number) {
                 fail(format!("spec.ports[{i}].number"), format!("port {} is declared twice", port.number));
             }
@@ -159,10 +159,8 @@ impl ServiceEntry {
                 ),
                 _ => {}
             }
-            if let Some(target) = port.target_port {
-                if !(1..=65535).contains(&target) {
-                    fail(format!("spec.ports[{i}].targetPort"), format!("{target} is not a port (1 to 65535)"));
-                }
+            if let Some(reason) = port.target_port.and_then(port_problem) {
+                fail(format!("spec.ports[{i}].targetPort"), reason);
             }
         }
         match resolution {
@@ -201,8 +199,8 @@ impl ServiceEntry {
                 if !names.contains(name.as_str()) {
                     fail(format!("{path}.ports.{name}"), format!("no port of the ServiceEntry is named '{name}'"));
                 }
-                if !(1..=65535).contains(number) {
-                    fail(format!("{path}.ports.{name}"), format!("{number} is not a port (1 to 65535)"));
+                if let Some(reason) = port_problem(*number) {
+                    fail(format!("{path}.ports.{name}"), reason);
                 }
             }
         }

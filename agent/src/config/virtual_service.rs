@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use super::{
     error::FieldError,
     fields::{
-        is_dns_label, validate_duration, validate_host_or_ip, validate_percent, validate_port, Destination, Headers,
-        Percent, StringMatch,
+        is_dns_label, regex_problem, validate_duration, validate_host_or_ip, validate_percent, validate_port,
+        Destination, Headers, Percent, StringMatch,
     },
 };
 
@@ -377,14 +377,9 @@ impl HttpRoute {
             }
         }
         if let Some(rewrite) = &self.rewrite {
-            if let Some(regex) = &rewrite.uri_regex_rewrite {
-                if let Err(error) = regex::Regex::new(&regex.pattern) {
-                    let reason = error.to_string().lines().last().unwrap_or("invalid").trim().to_owned();
-                    errors.push(FieldError::new(
-                        format!("{path}.rewrite.uriRegexRewrite.match"),
-                        format!("invalid regular expression: {reason}"),
-                    ));
-                }
+            if let Some(reason) = rewrite.uri_regex_rewrite.as_ref().and_then(|rewrite| regex_problem(&rewrite.pattern))
+            {
+                errors.push(FieldError::new(format!("{path}.rewrite.uriRegexRewrite.match"), reason));
             }
         }
         validate_duration(&self.timeout, &format!("{path}.timeout"), errors);
