@@ -187,24 +187,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Listeners first: a port in use fails before anything touches the kernel.
-    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_addr).await.map_err(|error| {
-        anyhow::anyhow!(
-            "binding the metrics listener on {}: {error} (is another sluice running? see --metrics-addr)",
-            args.metrics_addr
-        )
-    })?;
-    let admin_listener = tokio::net::TcpListener::bind(args.admin_addr).await.map_err(|error| {
-        anyhow::anyhow!(
-            "binding the admin listener on {}: {error} (is another sluice running? see --admin-addr)",
-            args.admin_addr
-        )
-    })?;
-    let readiness_listener = tokio::net::TcpListener::bind(args.readiness_addr).await.map_err(|error| {
-        anyhow::anyhow!(
-            "binding the readiness listener on {}: {error} (is another sluice running? see --readiness-addr)",
-            args.readiness_addr
-        )
-    })?;
+    let metrics_listener = listen(args.metrics_addr, "metrics", "--metrics-addr").await?;
+    let admin_listener = listen(args.admin_addr, "admin", "--admin-addr").await?;
+    let readiness_listener = listen(args.readiness_addr, "readiness", "--readiness-addr").await?;
     let intercepting = !args.intercept_port.is_empty();
     let transparent = if intercepting {
         let listener = TransparentListener::bind(args.proxy_port).map_err(|error| {
@@ -301,17 +286,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             Ok(()) = kube_changes.changed(), if args.kube => {
                 let _ = ready.send(true);
-                control.load();
-                metrics.set_rejected(control.rejected());
-                refresh = control.resolve().await.1;
-                apply(&control, &mut datapath, &metrics, &dump);
+                refresh = reload(&mut control, &mut datapath, &metrics, &dump).await;
             }
-            Some(()) = changes.recv() => {
-                control.load();
-                metrics.set_rejected(control.rejected());
-                refresh = control.resolve().await.1;
-                apply(&control, &mut datapath, &metrics, &dump);
-            }
+            Some(()) = changes.recv() => refresh = reload(&mut control, &mut datapath, &metrics, &dump).await,
             _ = tokio::time::sleep(refresh) => {
                 let (changed, next) = control.resolve().await;
                 refresh = next;
@@ -412,6 +389,28 @@ impl Control {
         let bindings = sluice_agent::policy::bindings::bind(&snapshot, &self.labels);
         config_dump::render(generation, &snapshot, &self.errors, policy, &bindings)
     }
+}
+
+/// Binds one of the agent's HTTP listeners; a port in use is named with the flag that moves it.
+async fn listen(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|error| {
+        anyhow::anyhow!("binding the {what} listener on {addr}: {error} (is another sluice running? see {flag})")
+    })
+}
+
+/// Reads the configuration again (files and Kubernetes), resolves its names and applies the result; returns
+/// when to look the names up again.
+async fn reload(
+    control: &mut Control,
+    datapath: &mut Datapath,
+    metrics: &telemetry::metrics::Metrics,
+    dump: &tokio::sync::watch::Sender<Arc<String>>,
+) -> std::time::Duration {
+    control.load();
+    metrics.set_rejected(control.rejected());
+    let refresh = control.resolve().await.1;
+    apply(control, datapath, metrics, dump);
+    refresh
 }
 
 /// Compiles and applies the policy; one the datapath refuses leaves the one in force in place.
