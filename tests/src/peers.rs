@@ -14,7 +14,8 @@ use crate::{netns::Netns, process::Process};
 /// nginx answering `200 <body>` on every address it listens on.
 #[derive(Debug)]
 pub struct Nginx {
-    process: Process,
+    /// Held for its drop, which stops nginx.
+    _process: Process,
     _dir: tempfile::TempDir,
 }
 
@@ -41,18 +42,15 @@ impl Nginx {
         for addr in listen {
             wait_for_tcp(netns, *addr, &mut process)?;
         }
-        Ok(Nginx { process, _dir: dir })
-    }
-
-    pub fn process(&self) -> &Process {
-        &self.process
+        Ok(Nginx { _process: process, _dir: dir })
     }
 }
 
 /// dnsmasq answering A and AAAA records for the given names, and nothing else (no upstream, no hosts file).
 #[derive(Debug)]
 pub struct Dnsmasq {
-    process: Process,
+    /// Held for its drop, which stops dnsmasq.
+    _process: Process,
 }
 
 impl Dnsmasq {
@@ -78,11 +76,7 @@ impl Dnsmasq {
         let mut process = Process::spawn("dnsmasq", command)?;
         let addr: SocketAddr = format!("{listen}:53").parse().context("dnsmasq's listen address")?;
         wait_for_tcp(netns, addr, &mut process)?;
-        Ok(Dnsmasq { process })
-    }
-
-    pub fn process(&self) -> &Process {
-        &self.process
+        Ok(Dnsmasq { _process: process })
     }
 }
 
