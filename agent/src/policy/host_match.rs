@@ -41,13 +41,21 @@ impl<T> HostTable<T> {
 
     /// The entry for `authority` (a Host header, an SNI name or an `:authority`), by Envoy's precedence.
     pub fn get(&self, authority: &str) -> Option<&T> {
-        let host = strip_port(authority).trim_end_matches('.').to_ascii_lowercase();
-        if let Some(value) = self.exact.get(&host) {
+        let host = strip_port(authority).trim_end_matches('.');
+        // Per request: allocate only for the rare host that is not already lowercase.
+        let lowered;
+        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            lowered = host.to_ascii_lowercase();
+            lowered.as_str()
+        } else {
+            host
+        };
+        if let Some(value) = self.exact.get(host) {
             return Some(value);
         }
         // Longest suffix first: ".b.example.com" before ".example.com"; a wildcard needs at least one label.
         let mut dotted = None;
-        let mut rest = host.as_str();
+        let mut rest = host;
         while let Some(dot) = rest.find('.') {
             let key = &rest[dot..];
             if let Some(value) = self.suffixes.get(key) {
