@@ -17,8 +17,8 @@ use sluice_agent::{
         compile::{self, NodeSettings},
         BlackholeAction, L4Rule, OutboundMode,
     },
-    proxy::{self, transparent_listener::TransparentListener},
-    telemetry::{self, config_dump},
+    proxy::{self, http::HttpProxy, transparent_listener::TransparentListener},
+    telemetry::{self, config_dump, requests::AccessLogFormat},
 };
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -103,6 +103,9 @@ struct RunArgs {
     /// On exit, remove everything from the kernel (by default the last policy stays enforced: fail closed).
     #[arg(long)]
     cleanup_on_exit: bool,
+    /// The access log's format on standard output: Envoy's default text line, or one JSON object per request.
+    #[arg(long, value_enum, default_value = "text")]
+    access_log_format: AccessLogFormat,
 }
 
 #[derive(Args)]
@@ -250,7 +253,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
 
     let counters = datapath.counters();
-    let metrics = telemetry::metrics::registry(counters.clone(), datapath.blackholed());
+    let metrics = telemetry::metrics::registry(counters.clone(), datapath.blackholed(), args.access_log_format);
+    let routes = Arc::new(arc_swap::ArcSwap::from_pointee(control.proxy_policy(policy.mode)));
     metrics.config_generation.set(1);
     let (dump, dump_reader) = tokio::sync::watch::channel(Arc::new(control.dump(1, &policy)));
     metrics.set_rejected(control.rejected());
@@ -264,7 +268,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (ready, ready_reader) = tokio::sync::watch::channel(!args.kube || kube_changes.borrow().is_some());
     tasks.spawn(telemetry::server::serve_readiness(readiness_listener, ready_reader));
     if let Some(listener) = transparent {
-        tasks.spawn(proxy::tcp::serve(listener, policy.mode));
+        let http = Arc::new(HttpProxy::new(routes.clone(), metrics.requests.clone()));
+        tasks.spawn(proxy::intercepted::serve(listener, http, routes.clone()));
     }
 
     let (_watch, mut changes) = if args.config.is_empty() {
@@ -286,14 +291,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             Ok(()) = kube_changes.changed(), if args.kube => {
                 let _ = ready.send(true);
-                refresh = reload(&mut control, &mut datapath, &metrics, &dump).await;
+                refresh = reload(&mut control, &mut datapath, &routes, &metrics, &dump).await;
             }
-            Some(()) = changes.recv() => refresh = reload(&mut control, &mut datapath, &metrics, &dump).await,
+            Some(()) = changes.recv() => refresh = reload(&mut control, &mut datapath, &routes, &metrics, &dump).await,
             _ = tokio::time::sleep(refresh) => {
                 let (changed, next) = control.resolve().await;
                 refresh = next;
                 if changed {
-                    apply(&control, &mut datapath, &metrics, &dump);
+                    apply(&control, &mut datapath, &routes, &metrics, &dump);
                 }
             }
         }
@@ -380,6 +385,12 @@ impl Control {
         compile::datapath_policy(&self.store.snapshot(), &self.resolved, &self.node)
     }
 
+    fn proxy_policy(&self, mode: OutboundMode) -> sluice_agent::policy::routes::ProxyPolicy {
+        let snapshot = self.store.snapshot();
+        let bindings = sluice_agent::policy::bindings::bind(&snapshot, &self.labels);
+        sluice_agent::policy::routes::proxy_policy(&snapshot, &self.resolved, mode, &bindings)
+    }
+
     fn rejected(&self) -> impl Iterator<Item = &str> {
         self.errors.iter().filter_map(|e| e.resource.as_deref())
     }
@@ -403,26 +414,30 @@ async fn listen(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<toki
 async fn reload(
     control: &mut Control,
     datapath: &mut Datapath,
+    routes: &arc_swap::ArcSwap<sluice_agent::policy::routes::ProxyPolicy>,
     metrics: &telemetry::metrics::Metrics,
     dump: &tokio::sync::watch::Sender<Arc<String>>,
 ) -> std::time::Duration {
     control.load();
     metrics.set_rejected(control.rejected());
     let refresh = control.resolve().await.1;
-    apply(control, datapath, metrics, dump);
+    apply(control, datapath, routes, metrics, dump);
     refresh
 }
 
-/// Compiles and applies the policy; one the datapath refuses leaves the one in force in place.
+/// Compiles and applies the policy to the datapath, then the proxy; one the datapath refuses leaves both as they
+/// are.
 fn apply(
     control: &Control,
     datapath: &mut Datapath,
+    routes: &arc_swap::ArcSwap<sluice_agent::policy::routes::ProxyPolicy>,
     metrics: &telemetry::metrics::Metrics,
     dump: &tokio::sync::watch::Sender<Arc<String>>,
 ) {
     let policy = control.policy();
     match datapath.apply(&policy) {
         Ok(()) => {
+            routes.store(Arc::new(control.proxy_policy(policy.mode)));
             let generation = metrics.config_generation.inc() + 1;
             let _ = dump.send(Arc::new(control.dump(generation as u64, &policy)));
             tracing::info!(generation, mode = ?policy.mode, rules = policy.rules.len(), "policy applied");

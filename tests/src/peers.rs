@@ -111,6 +111,19 @@ pub fn http_body(netns: &Netns, url: &str, timeout: Duration) -> Option<String> 
     output.status.success().then(|| String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// Runs `curl -sS ARGS…` inside `netns` (at most `--max-time 10`): its standard output, or an error with what
+/// it printed.
+pub fn curl(netns: &Netns, args: &[&str]) -> anyhow::Result<String> {
+    let output = netns.command("curl").args(["-sS", "--max-time", "10"]).args(args).output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "curl {args:?} failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 fn netns_curl(netns: &Netns, url: &str, timeout: Duration) -> std::io::Result<std::process::Output> {
     let mut command: Command = netns.command("curl");
     command

@@ -70,7 +70,7 @@ pub fn bind(snapshot: &Snapshot, labels: &BTreeMap<String, String>) -> Bindings 
 }
 
 /// `mesh` stays; `name` is in the VirtualService's namespace; `ns/name` is as written.
-fn qualify(gateway: &str, namespace: &str) -> String {
+pub fn qualify(gateway: &str, namespace: &str) -> String {
     if gateway == MESH || gateway.contains('/') {
         gateway.to_owned()
     } else {

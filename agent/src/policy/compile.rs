@@ -40,7 +40,7 @@ pub fn datapath_policy(snapshot: &Snapshot, resolved: &Resolved, node: &NodeSett
     }
     for resource in &snapshot.resources {
         if let Spec::ServiceEntry(entry) = &resource.spec {
-            for rule in service_entry_rules(entry, resolved) {
+            for rule in service_entry_rules(entry, resolved, &node.intercept_ports) {
                 push(rule);
             }
         }
@@ -59,7 +59,9 @@ pub fn datapath_policy(snapshot: &Snapshot, resolved: &Resolved, node: &NodeSett
     }
 }
 
-fn service_entry_rules(entry: &ServiceEntry, resolved: &Resolved) -> Vec<L4Rule> {
+/// The L4 rules of one ServiceEntry. HTTP ports the node intercepts get none: their traffic goes to the proxy,
+/// which routes it and checks each request's host against the registry.
+fn service_entry_rules(entry: &ServiceEntry, resolved: &Resolved, intercepted: &[u16]) -> Vec<L4Rule> {
     let mut rules = Vec::new();
     let dns_addresses: Vec<IpNet> = entry_names(entry)
         .iter()
@@ -75,6 +77,9 @@ fn service_entry_rules(entry: &ServiceEntry, resolved: &Resolved) -> Vec<L4Rule>
             None => continue,
         };
         let Ok(number) = u16::try_from(port.number) else { continue };
+        if intercepted.contains(&number) && port.protocol.as_deref().is_some_and(is_http) {
+            continue;
+        }
         for address in &entry.addresses {
             if let Some(net) = parse_address(address) {
                 rules.push(L4Rule { net: net.trunc(), port: number, protocol });
@@ -94,6 +99,11 @@ fn service_entry_rules(entry: &ServiceEntry, resolved: &Resolved) -> Vec<L4Rule>
         }
     }
     rules
+}
+
+/// Istio's port protocols that the proxy reads as HTTP.
+fn is_http(protocol: &str) -> bool {
+    matches!(protocol.to_ascii_uppercase().as_str(), "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB")
 }
 
 #[cfg(test)]

@@ -76,6 +76,16 @@ impl<T> HostTable<T> {
         }
     }
 
+    /// The same hosts, each value mapped by `f`.
+    pub fn map<U>(&self, mut f: impl FnMut(&T) -> U) -> HostTable<U> {
+        HostTable {
+            exact: self.exact.iter().map(|(host, value)| (host.clone(), f(value))).collect(),
+            suffixes: self.suffixes.iter().map(|(suffix, value)| (suffix.clone(), f(value))).collect(),
+            loose_suffixes: self.loose_suffixes.iter().map(|(suffix, value)| (suffix.clone(), f(value))).collect(),
+            any: self.any.as_ref().map(f),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.exact.is_empty() && self.suffixes.is_empty() && self.loose_suffixes.is_empty() && self.any.is_none()
     }

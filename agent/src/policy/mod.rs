@@ -3,6 +3,8 @@
 pub mod bindings;
 pub mod compile;
 pub mod host_match;
+pub mod http_match;
 pub mod l4;
+pub mod routes;
 
 pub use l4::{BlackholeAction, DatapathPolicy, L4Rule, OutboundMode, Protocol};

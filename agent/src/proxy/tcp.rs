@@ -1,36 +1,21 @@
-//! TCP relay for intercepted connections: to the original destination in ALLOW_ANY, refused in REGISTRY_ONLY
-//! until a route admits it.
+//! TCP relay for intercepted connections that are not HTTP: to the original destination in ALLOW_ANY, refused
+//! in REGISTRY_ONLY (what the kernel allows at L4 never reaches the proxy).
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use tokio::{io::copy_bidirectional, net::TcpStream, time::timeout};
 
-use super::transparent_listener::{Intercepted, TransparentListener};
+use super::transparent_listener::Intercepted;
 use crate::policy::OutboundMode;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Accepts intercepted connections until the task is dropped.
-pub async fn serve(listener: Arc<TransparentListener>, mode: OutboundMode) {
-    loop {
-        match listener.accept().await {
-            Ok(connection) => {
-                tokio::spawn(relay(connection, mode));
-            }
-            Err(error) => {
-                tracing::warn!(%error, "accepting an intercepted connection");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
 
 /// Closes with a RST rather than a FIN: the client must not take the close for an answer.
 fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-async fn relay(connection: Intercepted, mode: OutboundMode) {
+pub async fn relay(connection: Intercepted, mode: OutboundMode) {
     let Intercepted { mut stream, peer, original_destination } = connection;
     if mode == OutboundMode::RegistryOnly {
         tracing::info!(source = %peer, original_dst = %original_destination, verdict = "refused", "intercepted connection");

@@ -1,4 +1,5 @@
-//! The metrics registry: datapath counters and blackholed destinations read from the kernel at scrape time.
+//! The metrics registry: datapath counters and blackholed destinations read from the kernel at scrape time,
+//! configuration state, and the proxy's request metrics.
 
 use prometheus_client::{
     collector::Collector,
@@ -7,6 +8,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use super::requests::{AccessLogFormat, RequestTelemetry};
 use crate::datapath::{protocol_name, BlackholedDestinations, VerdictCounters, VerdictTotals};
 
 /// The registry the metrics endpoint serves, and the metrics the agent's tasks set.
@@ -17,6 +19,8 @@ pub struct Metrics {
     pub config_generation: Gauge,
     /// 1 for each resource rejected by the last load (whose last good version, if any, stays in force).
     pub config_rejected: Family<[(&'static str, String); 3], Gauge>,
+    /// Istio's request metrics and the access log, for the proxy.
+    pub requests: RequestTelemetry,
 }
 
 impl Metrics {
@@ -32,8 +36,10 @@ impl Metrics {
     }
 }
 
-pub fn registry(counters: VerdictCounters, blackholed: BlackholedDestinations) -> Metrics {
+/// The registry with every metric; starts the access-log writer (so it runs inside the runtime).
+pub fn registry(counters: VerdictCounters, blackholed: BlackholedDestinations, access_log: AccessLogFormat) -> Metrics {
     let mut registry = Registry::default();
+    let requests = RequestTelemetry::start(&mut registry, access_log);
     registry.register_collector(Box::new(DatapathCollector { counters, blackholed }));
     let blocked_flows = Counter::default();
     registry.register(
@@ -53,7 +59,7 @@ pub fn registry(counters: VerdictCounters, blackholed: BlackholedDestinations) -
         "Resources rejected by the last configuration load (1 each); their last good version stays in force",
         config_rejected.clone(),
     );
-    Metrics { registry: std::sync::Arc::new(registry), blocked_flows, config_generation, config_rejected }
+    Metrics { registry: std::sync::Arc::new(registry), blocked_flows, config_generation, config_rejected, requests }
 }
 
 #[derive(Debug)]

@@ -1,6 +1,8 @@
-//! What the agent tells the outside: Prometheus metrics, blocked-flow logs and the admin endpoints.
+//! What the agent tells the outside: Prometheus metrics, request access logs, blocked-flow logs and the admin
+//! endpoints.
 
 pub mod blocked_flows;
 pub mod config_dump;
 pub mod metrics;
+pub mod requests;
 pub mod server;

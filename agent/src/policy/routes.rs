@@ -1,0 +1,588 @@
+//! The proxy's route table, compiled from the configuration in force: the hosts the registry knows (with their
+//! ports and endpoints), and each context's VirtualService HTTP routes in declaration order (first match wins,
+//! as Istio orders them). Everything a request needs is computed here; a request only looks up and matches.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, StatusCode};
+use regex::Regex;
+
+use super::{
+    bindings::{self, Bindings},
+    host_match::HostTable,
+    http_match::RequestMatch,
+    OutboundMode,
+};
+use crate::config::{
+    fields::{parse_duration, HeaderOperations, Headers},
+    resolver::Resolved,
+    service_entry::{parse_address, Resolution, ServiceEntry},
+    virtual_service::{HttpRoute, VirtualService},
+    Resource, Snapshot, Spec,
+};
+
+/// Everything the proxy decides with, swapped whole when the configuration changes.
+#[derive(Debug, Default)]
+pub struct ProxyPolicy {
+    pub mode: OutboundMode,
+    /// Host → the services ServiceEntries register under it, in declaration order.
+    registry: HostTable<Arc<[Arc<Service>]>>,
+    /// Host → routes, for intercepted traffic.
+    pub mesh: HostTable<Arc<VirtualHost>>,
+    /// The selected Gateways' routes, for traffic sent to their ports.
+    pub gateways: Vec<GatewayRoutes>,
+}
+
+/// One selected Gateway: its server ports and the routes bound to it.
+#[derive(Debug)]
+pub struct GatewayRoutes {
+    /// `namespace/name`.
+    pub id: String,
+    /// Server ports with an HTTP protocol (HTTP, HTTP2, GRPC).
+    pub http_ports: Vec<u16>,
+    pub hosts: HostTable<Arc<VirtualHost>>,
+}
+
+/// A host registered by one ServiceEntry.
+#[derive(Debug)]
+pub struct Service {
+    /// The host as the ServiceEntry writes it (a wildcard stays a wildcard).
+    pub host: String,
+    pub namespace: String,
+    pub resolution: Resolution,
+    ports: Vec<ServicePort>,
+    endpoints: Vec<Endpoint>,
+    /// Round-robin cursor over the endpoints.
+    next: AtomicUsize,
+}
+
+#[derive(Clone, Debug)]
+struct ServicePort {
+    number: u16,
+    name: String,
+    target: Option<u16>,
+    http2: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Endpoint {
+    address: IpAddr,
+    /// Port name → port on this endpoint.
+    ports: BTreeMap<String, u16>,
+}
+
+/// Where a request for a registered service goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Upstream {
+    /// One of the service's endpoints.
+    Endpoint(SocketAddr),
+    /// Resolution NONE: the address the client connected to.
+    OriginalDestination,
+    /// Resolved by DNS (or STATIC) and no address is known now.
+    NoEndpoint,
+}
+
+impl Service {
+    /// Whether the service declares `port`.
+    pub fn has_port(&self, port: u16) -> bool {
+        self.ports.iter().any(|p| p.number == port)
+    }
+
+    /// Whether `port` speaks HTTP/2 to the upstream (declared HTTP2 or GRPC).
+    pub fn http2(&self, port: u16) -> bool {
+        self.ports.iter().any(|p| p.number == port && p.http2)
+    }
+
+    /// The next endpoint for `port`, round robin.
+    pub fn upstream(&self, port: u16) -> Upstream {
+        if self.resolution == Resolution::None {
+            return Upstream::OriginalDestination;
+        }
+        if self.endpoints.is_empty() {
+            return Upstream::NoEndpoint;
+        }
+        let service_port = self.ports.iter().find(|p| p.number == port);
+        let endpoint = &self.endpoints[self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len()];
+        let target = service_port.and_then(|p| endpoint.ports.get(&p.name).copied().or(p.target)).unwrap_or(port);
+        Upstream::Endpoint(SocketAddr::new(endpoint.address, target))
+    }
+}
+
+/// The routes for one host of one context: the http routes of every VirtualService bound there, in order.
+#[derive(Debug)]
+pub struct VirtualHost {
+    /// The VirtualServices (`namespace/name`) the routes come from.
+    pub sources: Vec<String>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    /// The route's name, or `namespace/virtualservice[index]`.
+    pub name: String,
+    /// Empty: every request matches.
+    pub matches: Vec<RequestMatch>,
+    pub action: Action,
+    pub rewrite: Option<Rewrite>,
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug)]
+pub enum Action {
+    Forward(Targets),
+    Redirect(Redirect),
+    Respond { status: StatusCode, body: Bytes },
+}
+
+/// Weighted destinations, picked per request.
+#[derive(Debug)]
+pub struct Targets {
+    targets: Vec<Target>,
+    /// Cumulative weights, for the pick.
+    cumulative: Vec<u32>,
+}
+
+#[derive(Debug)]
+pub struct Target {
+    pub host: String,
+    pub port: Option<u16>,
+    pub subset: Option<String>,
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+}
+
+impl Targets {
+    /// A destination by weight; `roll` is uniform in `0..u32::MAX`.
+    pub fn pick(&self, roll: u32) -> Option<&Target> {
+        let total = *self.cumulative.last()?;
+        if total == 0 {
+            return self.targets.first();
+        }
+        let point = roll % total;
+        let index = self.cumulative.partition_point(|&c| c <= point);
+        self.targets.get(index)
+    }
+}
+
+#[derive(Debug)]
+pub struct Redirect {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub port: Option<u16>,
+    pub scheme: Option<String>,
+    pub status: StatusCode,
+}
+
+#[derive(Debug)]
+pub struct Rewrite {
+    pub uri: Option<String>,
+    pub uri_regex: Option<(Regex, String)>,
+    pub authority: Option<String>,
+}
+
+/// Header manipulations, names and values checked here.
+#[derive(Debug, Default)]
+pub struct HeaderOps {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub add: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+impl HeaderOps {
+    fn compile(operations: Option<&HeaderOperations>) -> HeaderOps {
+        let Some(operations) = operations else { return HeaderOps::default() };
+        let pairs = |map: &BTreeMap<String, String>| {
+            map.iter()
+                .filter_map(|(name, value)| {
+                    Some((HeaderName::from_bytes(name.as_bytes()).ok()?, HeaderValue::from_str(value).ok()?))
+                })
+                .collect()
+        };
+        HeaderOps {
+            set: pairs(&operations.set),
+            add: pairs(&operations.add),
+            remove: operations.remove.iter().filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok()).collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+
+    pub fn apply(&self, headers: &mut http::HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for (name, value) in &self.set {
+            headers.insert(name.clone(), value.clone());
+        }
+        for (name, value) in &self.add {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+}
+
+/// What the registry says of a host on a port.
+pub enum Registered<'a> {
+    Service(&'a Service),
+    /// Known to no ServiceEntry on that port: BlackHoleCluster in REGISTRY_ONLY, PassthroughCluster otherwise.
+    Unknown,
+}
+
+impl ProxyPolicy {
+    /// The service registered for `host` (a Host, an authority or a destination host) on `port`.
+    pub fn registered(&self, host: &str, port: u16) -> Registered<'_> {
+        match self.registry.get(host).and_then(|services| services.iter().find(|s| s.has_port(port))) {
+            Some(service) => Registered::Service(service),
+            None => Registered::Unknown,
+        }
+    }
+
+    /// The routes of the Gateway listening on `port`, with the Gateway's id.
+    pub fn gateway_on(&self, port: u16) -> Option<&GatewayRoutes> {
+        self.gateways.iter().find(|gateway| gateway.http_ports.contains(&port))
+    }
+}
+
+/// Compiles the proxy's policy: the registry from the ServiceEntries (endpoints from `resolved` for DNS), and
+/// the routes of the VirtualServices as `bindings` bound them.
+pub fn proxy_policy(snapshot: &Snapshot, resolved: &Resolved, mode: OutboundMode, bindings: &Bindings) -> ProxyPolicy {
+    let mut registry: BTreeMap<String, Vec<Arc<Service>>> = BTreeMap::new();
+    for resource in &snapshot.resources {
+        if let Spec::ServiceEntry(entry) = &resource.spec {
+            for service in services(entry, resource.metadata.namespace(), resolved) {
+                registry.entry(service.host.to_ascii_lowercase()).or_default().push(Arc::new(service));
+            }
+        }
+    }
+    let mut table = HostTable::default();
+    for (host, services) in registry {
+        table.insert(&host, Arc::from(services));
+    }
+    let virtual_host = |indexes: &Vec<usize>| Arc::new(virtual_host(snapshot, indexes));
+    ProxyPolicy {
+        mode,
+        registry: table,
+        mesh: bindings.mesh.map(virtual_host),
+        gateways: bindings
+            .gateways
+            .iter()
+            .map(|gateway| GatewayRoutes {
+                id: gateway.id.clone(),
+                http_ports: gateway
+                    .servers
+                    .iter()
+                    .filter(|server| {
+                        matches!(server.port.protocol.to_ascii_uppercase().as_str(), "HTTP" | "HTTP2" | "GRPC")
+                    })
+                    .filter_map(|server| u16::try_from(server.port.number).ok())
+                    .collect(),
+                hosts: gateway.hosts.map(virtual_host),
+            })
+            .collect(),
+    }
+}
+
+/// One service per host of `entry`: DNS hosts resolve on their own (or through the endpoints' names).
+fn services(entry: &ServiceEntry, namespace: &str, resolved: &Resolved) -> Vec<Service> {
+    let resolution = entry.resolution();
+    let ports: Vec<ServicePort> = entry
+        .ports
+        .iter()
+        .filter_map(|port| {
+            let protocol = port.protocol.as_deref().unwrap_or("TCP").to_ascii_uppercase();
+            Some(ServicePort {
+                number: u16::try_from(port.number).ok()?,
+                name: port.name.clone(),
+                target: port.target_port.and_then(|t| u16::try_from(t).ok()),
+                http2: matches!(protocol.as_str(), "HTTP2" | "GRPC"),
+            })
+        })
+        .collect();
+    let endpoint_ports = |ports: &BTreeMap<String, u32>| {
+        ports.iter().filter_map(|(n, &p)| Some((n.clone(), u16::try_from(p).ok()?))).collect()
+    };
+    let listed: Vec<Endpoint> = entry
+        .endpoints
+        .iter()
+        .flat_map(|endpoint| {
+            let addresses: Vec<IpAddr> = match resolution {
+                Resolution::Static => parse_address(&endpoint.address).map(|net| net.addr()).into_iter().collect(),
+                Resolution::Dns | Resolution::DnsRoundRobin => match endpoint.address.parse::<IpAddr>() {
+                    Ok(address) => vec![address],
+                    Err(_) => resolved.get(&endpoint.address).cloned().unwrap_or_default(),
+                },
+                Resolution::None => Vec::new(),
+            };
+            addresses.into_iter().map(|address| Endpoint { address, ports: endpoint_ports(&endpoint.ports) })
+        })
+        .collect();
+    entry
+        .hosts
+        .iter()
+        .map(|host| {
+            let endpoints = if !entry.endpoints.is_empty() {
+                listed.clone()
+            } else if matches!(resolution, Resolution::Dns | Resolution::DnsRoundRobin) {
+                let addresses = resolved.get(host).cloned().unwrap_or_default();
+                addresses.into_iter().map(|address| Endpoint { address, ports: BTreeMap::new() }).collect()
+            } else {
+                Vec::new()
+            };
+            Service {
+                host: host.clone(),
+                namespace: namespace.to_owned(),
+                resolution,
+                ports: ports.clone(),
+                endpoints,
+                next: AtomicUsize::new(0),
+            }
+        })
+        .collect()
+}
+
+fn virtual_host(snapshot: &Snapshot, indexes: &[usize]) -> VirtualHost {
+    let mut host = VirtualHost { sources: Vec::new(), routes: Vec::new() };
+    for resource in bindings::services(snapshot, indexes) {
+        let Spec::VirtualService(service) = &resource.spec else { continue };
+        host.sources.push(format!("{}/{}", resource.metadata.namespace(), resource.metadata.name));
+        host.routes.extend(http_routes(resource, service));
+    }
+    host
+}
+
+fn http_routes<'a>(resource: &'a Resource, service: &'a VirtualService) -> impl Iterator<Item = Route> + 'a {
+    let namespace = resource.metadata.namespace();
+    service.http.iter().enumerate().map(move |(i, route)| {
+        let name = route.name.clone().unwrap_or_else(|| format!("{namespace}/{}[{i}]", resource.metadata.name));
+        compile_route(route, name, namespace)
+    })
+}
+
+fn compile_route(route: &HttpRoute, name: String, namespace: &str) -> Route {
+    let (request_headers, response_headers) = header_ops(route.headers.as_ref());
+    let action = if let Some(redirect) = &route.redirect {
+        Action::Redirect(Redirect {
+            uri: redirect.uri.clone(),
+            authority: redirect.authority.clone(),
+            port: redirect.port.and_then(|p| u16::try_from(p).ok()),
+            scheme: redirect.scheme.clone(),
+            status: redirect
+                .redirect_code
+                .and_then(|code| StatusCode::from_u16(u16::try_from(code).ok()?).ok())
+                .unwrap_or(StatusCode::MOVED_PERMANENTLY),
+        })
+    } else if let Some(response) = &route.direct_response {
+        let body = response.body.as_ref().map_or_else(Bytes::new, |body| match (&body.string, &body.bytes) {
+            (Some(text), _) => Bytes::from(text.clone()),
+            (None, Some(encoded)) => {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD.decode(encoded).map(Bytes::from).unwrap_or_default()
+            }
+            (None, None) => Bytes::new(),
+        });
+        let status = u16::try_from(response.status).ok().and_then(|s| StatusCode::from_u16(s).ok());
+        Action::Respond { status: status.unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body }
+    } else {
+        let mut cumulative = Vec::with_capacity(route.route.len());
+        let mut total = 0u32;
+        let targets = route
+            .route
+            .iter()
+            .map(|destination| {
+                // A lone destination takes everything; otherwise the weights (validated to sum to 100) decide.
+                let weight = if route.route.len() == 1 { 100 } else { destination.weight.unwrap_or(0) };
+                total += u32::try_from(weight).unwrap_or(0);
+                cumulative.push(total);
+                let (request_headers, response_headers) = header_ops(destination.headers.as_ref());
+                Target {
+                    host: destination.destination.host.clone(),
+                    port: destination.destination.port.as_ref().and_then(|p| u16::try_from(p.number).ok()),
+                    subset: destination.destination.subset.clone(),
+                    request_headers,
+                    response_headers,
+                }
+            })
+            .collect();
+        Action::Forward(Targets { targets, cumulative })
+    };
+    Route {
+        name,
+        matches: route.matches.iter().map(|m| RequestMatch::compile(m, namespace)).collect(),
+        action,
+        rewrite: route.rewrite.as_ref().map(|rewrite| Rewrite {
+            uri: rewrite.uri.clone(),
+            uri_regex: rewrite
+                .uri_regex_rewrite
+                .as_ref()
+                .and_then(|r| Some((Regex::new(&r.pattern).ok()?, r.rewrite.replace("\\", "$")))),
+            authority: rewrite.authority.clone(),
+        }),
+        request_headers,
+        response_headers,
+        timeout: route.timeout.as_deref().and_then(|t| parse_duration(t).ok()).filter(|t| !t.is_zero()),
+    }
+}
+
+fn header_ops(headers: Option<&Headers>) -> (HeaderOps, HeaderOps) {
+    (
+        HeaderOps::compile(headers.and_then(|h| h.request.as_ref())),
+        HeaderOps::compile(headers.and_then(|h| h.response.as_ref())),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::policy::{bindings::bind, http_match::RequestView};
+
+    fn policy(yaml: &str, resolved: &Resolved) -> ProxyPolicy {
+        let snapshot = Snapshot::from_yaml(yaml);
+        let labels = BTreeMap::from([("istio".to_owned(), "egressgateway".to_owned())]);
+        proxy_policy(&snapshot, resolved, OutboundMode::RegistryOnly, &bind(&snapshot, &labels))
+    }
+
+    const CONFIG: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: httpbin, namespace: egress}
+spec:
+  hosts: [httpbin.org]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: wildcard}
+spec:
+  hosts: ['*.example.com']
+  ports: [{number: 80, name: http, protocol: HTTP}, {number: 8080, name: grpc, protocol: GRPC}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db}
+spec:
+  hosts: [db.internal]
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8000}]
+  resolution: STATIC
+  endpoints: [{address: 192.0.2.1}, {address: 192.0.2.2, ports: {http: 9000}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: httpbin, namespace: egress}
+spec:
+  hosts: [httpbin.org]
+  http:
+  - name: teapot
+    match: [{uri: {prefix: /status/418}}]
+    directResponse: {status: 418, body: {string: short and stout}}
+  - match: [{uri: {exact: /old}}]
+    redirect: {uri: /new, redirectCode: 308}
+  - match: [{headers: {x-canary: {exact: 'yes'}}}]
+    route:
+    - {destination: {host: a.example.com}, weight: 25}
+    - {destination: {host: b.example.com}, weight: 75}
+  - route: [{destination: {host: httpbin.org}}]
+    timeout: 2s
+";
+
+    fn first_match<'a>(host: &'a VirtualHost, path: &str, headers: &http::HeaderMap) -> Option<&'a Route> {
+        let view = RequestView {
+            path,
+            query: None,
+            method: "GET",
+            scheme: "http",
+            authority: "httpbin.org",
+            headers,
+            port: 80,
+            gateway: "mesh",
+        };
+        host.routes.iter().find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.matches(&view)))
+    }
+
+    #[test]
+    fn routes_are_tried_in_declaration_order_and_the_first_match_wins() {
+        let policy = policy(CONFIG, &Resolved::new());
+        let host = policy.mesh.get("HTTPBIN.org:80").expect("the VirtualService is bound to the mesh");
+        let none = http::HeaderMap::new();
+        assert_eq!(first_match(host, "/status/418", &none).unwrap().name, "teapot");
+        assert!(matches!(
+            first_match(host, "/status/418", &none).unwrap().action,
+            Action::Respond { status: StatusCode::IM_A_TEAPOT, .. }
+        ));
+        assert!(matches!(
+            &first_match(host, "/old", &none).unwrap().action,
+            Action::Redirect(Redirect { status: StatusCode::PERMANENT_REDIRECT, .. })
+        ));
+        let last = first_match(host, "/get", &none).unwrap();
+        assert_eq!(last.name, "egress/httpbin[3]");
+        assert_eq!(last.timeout, Some(Duration::from_secs(2)));
+        let mut canary = http::HeaderMap::new();
+        canary.insert("x-canary", "yes".parse().unwrap());
+        let Action::Forward(targets) = &first_match(host, "/get", &canary).unwrap().action else { panic!() };
+        let picks: Vec<&str> =
+            [0, 24, 25, 99, 100, 124, 125].map(|roll| targets.pick(roll).unwrap().host.as_str()).into();
+        assert_eq!(
+            picks,
+            [
+                "a.example.com",
+                "a.example.com",
+                "b.example.com",
+                "b.example.com",
+                "a.example.com",
+                "a.example.com",
+                "b.example.com"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_registry_knows_hosts_by_port_and_where_their_endpoints_are() {
+        let resolved = Resolved::from([("httpbin.org".to_owned(), vec!["203.0.113.80".parse().unwrap()])]);
+        let policy = policy(CONFIG, &resolved);
+        let service = |host: &str, port: u16| match policy.registered(host, port) {
+            Registered::Service(service) => Some(service),
+            Registered::Unknown => None,
+        };
+        assert_eq!(
+            service("httpbin.org", 80).unwrap().upstream(80),
+            Upstream::Endpoint("203.0.113.80:80".parse().unwrap())
+        );
+        assert!(service("httpbin.org", 443).is_none(), "a port the ServiceEntry does not declare is not registered");
+        assert!(service("edition.cnn.com", 80).is_none());
+        let wildcard = service("api.example.com", 8080).unwrap();
+        assert_eq!(wildcard.upstream(8080), Upstream::OriginalDestination);
+        assert!(wildcard.http2(8080) && !wildcard.http2(80));
+        let db = service("db.internal", 80).unwrap();
+        let picks = [db.upstream(80), db.upstream(80), db.upstream(80)];
+        assert_eq!(
+            picks,
+            [
+                Upstream::Endpoint("192.0.2.1:8000".parse().unwrap()),
+                Upstream::Endpoint("192.0.2.2:9000".parse().unwrap()),
+                Upstream::Endpoint("192.0.2.1:8000".parse().unwrap())
+            ]
+        );
+        let unresolved = policy_without_answers();
+        assert!(
+            matches!(unresolved.registered("httpbin.org", 80), Registered::Service(s) if s.upstream(80) == Upstream::NoEndpoint)
+        );
+    }
+
+    fn policy_without_answers() -> ProxyPolicy {
+        policy(CONFIG, &Resolved::new())
+    }
+}

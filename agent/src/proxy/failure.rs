@@ -1,0 +1,91 @@
+//! Why the proxy answered a request itself, and the one place that turns each reason into the status, Envoy
+//! response flag and body a client (and its runbooks) expect from an Envoy-based egress gateway.
+
+use http::StatusCode;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The request names no host, or is otherwise unusable.
+    BadRequest,
+    /// No route of the VirtualServices for the host matches (or no host is served on a Gateway port).
+    NoRoute,
+    /// REGISTRY_ONLY and the destination host is registered by no ServiceEntry on that port.
+    Blackholed,
+    /// The destination is known but has no cluster this context can reach (an unregistered host behind a
+    /// Gateway, or a NONE-resolution host, which only intercepted traffic has an address for).
+    NoCluster,
+    /// Registered, but no endpoint address is known now (a DNS name not yet, or no longer, resolved).
+    NoHealthyUpstream,
+    /// Connecting to the upstream failed (refused, unreachable, connect timeout).
+    UpstreamConnect,
+    /// The upstream closed or reset the connection before answering.
+    UpstreamReset,
+    /// The route's timeout passed before the upstream answered.
+    UpstreamTimeout,
+}
+
+impl Failure {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Failure::BadRequest => StatusCode::BAD_REQUEST,
+            Failure::NoRoute => StatusCode::NOT_FOUND,
+            Failure::Blackholed => StatusCode::BAD_GATEWAY,
+            Failure::NoCluster | Failure::NoHealthyUpstream | Failure::UpstreamConnect | Failure::UpstreamReset => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Failure::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Envoy's response flag, as access logs and `istio_requests_total{response_flags}` show it.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Failure::BadRequest => "DPE",
+            Failure::NoRoute => "NR",
+            // Envoy routes to the BlackHoleCluster, which has no hosts; Istio's dashboards key on the cluster.
+            Failure::Blackholed => "-",
+            Failure::NoCluster => "NC",
+            Failure::NoHealthyUpstream => "UH",
+            Failure::UpstreamConnect => "UF",
+            Failure::UpstreamReset => "UR",
+            Failure::UpstreamTimeout => "UT",
+        }
+    }
+
+    /// Envoy's body for the same local reply.
+    pub fn body(self) -> &'static str {
+        match self {
+            Failure::BadRequest => "bad request: no host\n",
+            Failure::NoRoute | Failure::Blackholed => "",
+            Failure::NoCluster => "no cluster for the destination\n",
+            Failure::NoHealthyUpstream => "no healthy upstream",
+            Failure::UpstreamConnect => {
+                "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+            }
+            Failure::UpstreamReset => {
+                "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
+            }
+            Failure::UpstreamTimeout => "upstream request timeout",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_failure_answers_as_envoy_does() {
+        let cases = [
+            (Failure::NoRoute, 404, "NR"),
+            (Failure::Blackholed, 502, "-"),
+            (Failure::NoHealthyUpstream, 503, "UH"),
+            (Failure::UpstreamConnect, 503, "UF"),
+            (Failure::UpstreamReset, 503, "UR"),
+            (Failure::UpstreamTimeout, 504, "UT"),
+        ];
+        for (failure, status, flag) in cases {
+            assert_eq!((failure.status().as_u16(), failure.flag()), (status, flag), "{failure:?}");
+        }
+    }
+}

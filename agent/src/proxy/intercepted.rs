@@ -1,0 +1,45 @@
+//! What happens to each intercepted connection: HTTP goes to the HTTP proxy, anything else to the TCP relay.
+
+use std::{sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+
+use super::{
+    detect::{detect, Detected, DETECTION_TIMEOUT},
+    http::{Connection, HttpProxy, Listener},
+    tcp,
+    transparent_listener::{Intercepted, TransparentListener},
+};
+use crate::policy::routes::ProxyPolicy;
+
+/// Accepts intercepted connections until the task is dropped.
+pub async fn serve(listener: Arc<TransparentListener>, proxy: Arc<HttpProxy>, policy: Arc<ArcSwap<ProxyPolicy>>) {
+    loop {
+        match listener.accept().await {
+            Ok(connection) => {
+                tokio::spawn(dispatch(connection, proxy.clone(), policy.clone()));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "accepting an intercepted connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn dispatch(connection: Intercepted, proxy: Arc<HttpProxy>, policy: Arc<ArcSwap<ProxyPolicy>>) {
+    match detect(&connection.stream, DETECTION_TIMEOUT).await {
+        Detected::Http => {
+            tracing::debug!(
+                source = %connection.peer,
+                original_dst = %connection.original_destination,
+                protocol = "http",
+                "intercepted connection"
+            );
+            let context =
+                Connection { peer: connection.peer, local: connection.original_destination, listener: Listener::Mesh };
+            proxy.serve_connection(connection.stream, context).await;
+        }
+        Detected::Opaque => tcp::relay(connection, policy.load().mode).await,
+    }
+}

@@ -1,0 +1,309 @@
+//! What each proxied request leaves behind: Istio's standard request metrics (so existing dashboards work) and
+//! one access-log line in Envoy's default format (or JSON), written off the request path.
+
+use std::{
+    borrow::Cow,
+    fmt::Write as _,
+    time::{Duration, SystemTime},
+};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+use tokio::{io::AsyncWriteExt, sync::mpsc};
+
+type Label = Cow<'static, str>;
+
+/// Istio's standard labels (those Sluice can know; the rest read `unknown`, as Istio writes them).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub reporter: Label,
+    pub source_workload: Label,
+    pub source_workload_namespace: Label,
+    pub source_principal: Label,
+    pub destination_workload: Label,
+    pub destination_workload_namespace: Label,
+    pub destination_principal: Label,
+    pub destination_service: Label,
+    pub destination_service_name: Label,
+    pub destination_service_namespace: Label,
+    pub request_protocol: Label,
+    pub response_code: Label,
+    pub grpc_response_status: Label,
+    pub response_flags: Label,
+    pub connection_security_policy: Label,
+}
+
+const UNKNOWN: Label = Cow::Borrowed("unknown");
+
+/// Istio's duration buckets, in milliseconds.
+const DURATION_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0, 300000.0,
+    600000.0, 1800000.0, 3600000.0,
+];
+/// Istio's size buckets, in bytes.
+const SIZE_BUCKETS: [f64; 8] = [1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0, 1000000.0, 10000000.0];
+
+/// The request metrics, registered under Istio's names.
+#[derive(Clone)]
+pub struct RequestMetrics {
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<RequestLabels, Histogram>,
+    request_bytes: Family<RequestLabels, Histogram>,
+    response_bytes: Family<RequestLabels, Histogram>,
+}
+
+impl RequestMetrics {
+    pub fn register(registry: &mut Registry) -> RequestMetrics {
+        let metrics = RequestMetrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS.iter().copied())),
+            request_bytes: Family::new_with_constructor(|| Histogram::new(SIZE_BUCKETS.iter().copied())),
+            response_bytes: Family::new_with_constructor(|| Histogram::new(SIZE_BUCKETS.iter().copied())),
+        };
+        registry.register("istio_requests", "Requests proxied, by Istio's standard labels", metrics.requests.clone());
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Request durations in milliseconds",
+            metrics.duration.clone(),
+        );
+        registry.register("istio_request_bytes", "Request body sizes in bytes", metrics.request_bytes.clone());
+        registry.register("istio_response_bytes", "Response body sizes in bytes", metrics.response_bytes.clone());
+        metrics
+    }
+}
+
+/// The access log's line format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccessLogFormat {
+    /// Envoy's default text format.
+    #[default]
+    Text,
+    /// One JSON object per line, Envoy's field names.
+    Json,
+}
+
+/// Everything known of one request once it has ended.
+#[derive(Debug, Default)]
+pub struct RequestRecord {
+    pub start: Option<SystemTime>,
+    pub method: String,
+    pub path: String,
+    pub protocol: &'static str,
+    pub response_code: u16,
+    pub response_flags: &'static str,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub duration: Duration,
+    pub upstream_service_time: Option<Duration>,
+    pub x_forwarded_for: Option<String>,
+    pub user_agent: Option<String>,
+    pub request_id: Option<String>,
+    pub authority: String,
+    pub upstream_host: Option<std::net::SocketAddr>,
+    pub upstream_cluster: String,
+    pub route_name: Option<String>,
+    pub downstream_remote: Option<std::net::SocketAddr>,
+    pub downstream_local: Option<std::net::SocketAddr>,
+    /// The service the request went to, as Istio labels it (`destination_service`), its short name and namespace.
+    pub destination_service: Label,
+    pub destination_service_name: Label,
+    pub destination_service_namespace: Label,
+}
+
+/// Records ended requests: metrics at once, access-log lines through a bounded queue to a writer task (a full
+/// queue drops the line and counts it, never slows a request).
+#[derive(Clone)]
+pub struct RequestTelemetry {
+    metrics: RequestMetrics,
+    lines: mpsc::Sender<String>,
+    format: AccessLogFormat,
+    dropped_lines: Counter,
+}
+
+impl RequestTelemetry {
+    /// Starts the access-log writer (standard output, as Envoy's `/dev/stdout`).
+    pub fn start(registry: &mut Registry, format: AccessLogFormat) -> RequestTelemetry {
+        let metrics = RequestMetrics::register(registry);
+        let dropped_lines = Counter::default();
+        registry.register(
+            "sluice_access_log_dropped_lines",
+            "Access-log lines dropped because the writer fell behind",
+            dropped_lines.clone(),
+        );
+        let (lines, mut queue) = mpsc::channel::<String>(4096);
+        tokio::spawn(async move {
+            let mut out = tokio::io::stdout();
+            while let Some(line) = queue.recv().await {
+                if out.write_all(line.as_bytes()).await.is_err() {
+                    break;
+                }
+                let _ = out.flush().await;
+            }
+        });
+        RequestTelemetry { metrics, lines, format, dropped_lines }
+    }
+
+    pub fn record(&self, record: &RequestRecord) {
+        let labels = RequestLabels {
+            reporter: Cow::Borrowed("source"),
+            source_workload: UNKNOWN,
+            source_workload_namespace: UNKNOWN,
+            source_principal: UNKNOWN,
+            destination_workload: UNKNOWN,
+            destination_workload_namespace: UNKNOWN,
+            destination_principal: UNKNOWN,
+            destination_service: record.destination_service.clone(),
+            destination_service_name: record.destination_service_name.clone(),
+            destination_service_namespace: record.destination_service_namespace.clone(),
+            request_protocol: Cow::Borrowed(if record.protocol.starts_with("HTTP/2") { "http2" } else { "http" }),
+            response_code: Cow::Owned(record.response_code.to_string()),
+            grpc_response_status: Cow::Borrowed(""),
+            response_flags: Cow::Borrowed(if record.response_flags.is_empty() { "-" } else { record.response_flags }),
+            connection_security_policy: UNKNOWN,
+        };
+        self.metrics.requests.get_or_create(&labels).inc();
+        self.metrics.duration.get_or_create(&labels).observe(record.duration.as_secs_f64() * 1000.0);
+        self.metrics.request_bytes.get_or_create(&labels).observe(record.bytes_received as f64);
+        self.metrics.response_bytes.get_or_create(&labels).observe(record.bytes_sent as f64);
+        let line = match self.format {
+            AccessLogFormat::Text => text_line(record),
+            AccessLogFormat::Json => json_line(record),
+        };
+        if self.lines.try_send(line).is_err() {
+            self.dropped_lines.inc();
+        }
+    }
+}
+
+fn or_dash(value: Option<&str>) -> &str {
+    match value {
+        Some(value) if !value.is_empty() => value,
+        _ => "-",
+    }
+}
+
+/// Envoy's default format:
+/// `[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" %RESPONSE_CODE% %RESPONSE_FLAGS%
+/// %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% "%REQ(X-FORWARDED-FOR)%"
+/// "%REQ(USER-AGENT)%" "%REQ(X-REQUEST-ID)%" "%REQ(:AUTHORITY)%" "%UPSTREAM_HOST%"`.
+pub fn text_line(record: &RequestRecord) -> String {
+    let mut line = String::with_capacity(256);
+    let upstream_host = record.upstream_host.map(|h| h.to_string());
+    let service_time = record.upstream_service_time.map(|t| t.as_millis().to_string());
+    let _ = writeln!(
+        line,
+        "[{}] \"{} {} {}\" {} {} {} {} {} {} \"{}\" \"{}\" \"{}\" \"{}\" \"{}\"",
+        record.start.map(rfc3339_millis).unwrap_or_else(|| "-".into()),
+        or_dash(Some(&record.method)),
+        or_dash(Some(&record.path)),
+        record.protocol,
+        record.response_code,
+        or_dash(Some(record.response_flags)),
+        record.bytes_received,
+        record.bytes_sent,
+        record.duration.as_millis(),
+        or_dash(service_time.as_deref()),
+        or_dash(record.x_forwarded_for.as_deref()),
+        or_dash(record.user_agent.as_deref()),
+        or_dash(record.request_id.as_deref()),
+        or_dash(Some(&record.authority)),
+        or_dash(upstream_host.as_deref()),
+    );
+    line
+}
+
+fn json_line(record: &RequestRecord) -> String {
+    let mut line = serde_json::json!({
+        "start_time": record.start.map(rfc3339_millis),
+        "method": record.method,
+        "path": record.path,
+        "protocol": record.protocol,
+        "response_code": record.response_code,
+        "response_flags": or_dash(Some(record.response_flags)),
+        "bytes_received": record.bytes_received,
+        "bytes_sent": record.bytes_sent,
+        "duration": record.duration.as_millis() as u64,
+        "upstream_service_time": record.upstream_service_time.map(|t| t.as_millis() as u64),
+        "x_forwarded_for": record.x_forwarded_for,
+        "user_agent": record.user_agent,
+        "request_id": record.request_id,
+        "authority": record.authority,
+        "upstream_host": record.upstream_host.map(|h| h.to_string()),
+        "upstream_cluster": record.upstream_cluster,
+        "route_name": record.route_name,
+        "downstream_remote_address": record.downstream_remote.map(|a| a.to_string()),
+        "downstream_local_address": record.downstream_local.map(|a| a.to_string()),
+    })
+    .to_string();
+    line.push('\n');
+    line
+}
+
+/// `2026-11-24T06:01:02.345Z`, as Envoy writes `%START_TIME%`.
+pub fn rfc3339_millis(time: SystemTime) -> String {
+    let since = time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let seconds = since.as_secs();
+    let (days, rest) = (seconds / 86_400, seconds % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60,
+        since.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_times_are_written_as_envoy_writes_them() {
+        let cases = [
+            (0, "1970-01-01T00:00:00.000Z"),
+            (951_782_400_123, "2000-02-29T00:00:00.123Z"),
+            (1_795_500_062_345, "2026-11-24T06:01:02.345Z"),
+        ];
+        for (millis, expected) in cases {
+            let time = SystemTime::UNIX_EPOCH + Duration::from_millis(millis);
+            assert_eq!(rfc3339_millis(time), expected);
+        }
+    }
+
+    #[test]
+    fn a_text_line_has_envoys_default_fields_in_order() {
+        let record = RequestRecord {
+            start: Some(SystemTime::UNIX_EPOCH),
+            method: "GET".into(),
+            path: "/status/418".into(),
+            protocol: "HTTP/1.1",
+            response_code: 502,
+            response_flags: "",
+            bytes_received: 0,
+            bytes_sent: 12,
+            duration: Duration::from_millis(3),
+            user_agent: Some("curl/7.88.1".into()),
+            request_id: Some("abc".into()),
+            authority: "edition.cnn.com".into(),
+            ..RequestRecord::default()
+        };
+        assert_eq!(
+            text_line(&record),
+            "[1970-01-01T00:00:00.000Z] \"GET /status/418 HTTP/1.1\" 502 - 0 12 3 - \"-\" \"curl/7.88.1\" \"abc\" \
+             \"edition.cnn.com\" \"-\"\n"
+        );
+    }
+}

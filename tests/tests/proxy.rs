@@ -1,0 +1,269 @@
+//! The HTTP proxy on intercepted traffic, end to end: a workload's curl → the gateway's classifier → the agent's
+//! proxy → nginx in the internet namespace, with Istio configuration from files.
+
+use std::{
+    io::Read,
+    net::{SocketAddr, TcpListener},
+    path::Path,
+};
+
+use sluice_tests::{
+    peers::{curl, Nginx},
+    require_root,
+    topology::{GATEWAY_WORKLOAD_IFACE, SERVER_A, SERVER_B},
+    Agent, Topology,
+};
+
+fn addr(host: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(host.parse().unwrap(), port)
+}
+
+/// The sum of `name`'s samples whose labels include every `label="value"` of `labels`.
+fn total(metrics: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .filter(|line| labels.iter().all(|(k, v)| line.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+const MESH_REGISTRY_ONLY: &str = "apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    outboundTrafficPolicy:
+      mode: REGISTRY_ONLY
+";
+
+/// httpbin.org registered at server A's address (resolution NONE: the proxy keeps the original destination).
+const HTTPBIN: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: httpbin, namespace: egress}
+spec:
+  hosts: [httpbin.org]
+  addresses: [203.0.113.10]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  location: MESH_EXTERNAL
+  resolution: NONE
+";
+
+fn write_config(dir: &Path, documents: &[&str]) {
+    std::fs::write(dir.join("istio.yaml"), documents.join("---\n")).unwrap();
+}
+
+/// `curl` from the workload, with `host` resolved to `address`: the status line's code and the body.
+fn get(topology: &Topology, host: &str, address: &str, path: &str, extra: &[&str]) -> (u16, String) {
+    let url = format!("http://{host}{path}");
+    let resolve = format!("{host}:80:{address}");
+    let mut args = vec!["--resolve", resolve.as_str(), "-w", "\n%{http_code}"];
+    args.extend_from_slice(extra);
+    args.push(&url);
+    let output = curl(&topology.workload, &args).unwrap();
+    let (body, code) = output.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap(), body.to_owned())
+}
+
+/// What nginx reflects of each request it receives.
+const ECHO: &str = "$server_addr host=$host uri=$request_uri added=$http_x_added id=$http_x_request_id";
+
+#[test]
+fn unregistered_host_gets_502_under_registry_only_and_registered_host_is_proxied() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80), addr(SERVER_B, 80)], ECHO).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN]);
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+
+    let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/get?x=1", &["-A", "sluice-test"]);
+    assert_eq!(code, 200, "{body}\n{}", agent.log());
+    assert!(body.starts_with(&format!("{SERVER_A} host=httpbin.org uri=/get?x=1 added= id=")), "{body}");
+    let id = body.rsplit("id=").next().unwrap().trim();
+    assert_eq!(id.len(), 36, "the proxy adds an x-request-id: {body}");
+
+    let (code, body) = get(&topology, "edition.cnn.com", SERVER_B, "/", &[]);
+    assert_eq!(code, 502, "Envoy's answer for an unregistered host under REGISTRY_ONLY: {body}");
+    assert!(body.is_empty(), "{body}");
+    let (code, _) = get(&topology, "edition.cnn.com", SERVER_A, "/", &[]);
+    assert_eq!(code, 502, "the Host decides, not the address");
+
+    let metrics = agent.metrics().unwrap();
+    let blackholed = [("destination_service_name", "BlackHoleCluster"), ("response_code", "502")];
+    assert_eq!(total(&metrics, "istio_requests_total", &blackholed), 2, "{metrics}");
+    let served = [
+        ("reporter", "source"),
+        ("destination_service", "httpbin.org"),
+        ("destination_service_name", "httpbin.org"),
+        ("destination_service_namespace", "egress"),
+        ("response_code", "200"),
+        ("request_protocol", "http"),
+    ];
+    assert_eq!(total(&metrics, "istio_requests_total", &served), 1, "{metrics}");
+    assert_eq!(total(&metrics, "istio_request_duration_milliseconds_count", &served), 1, "{metrics}");
+
+    let log = agent.log();
+    assert!(log.contains("\"GET /get?x=1 HTTP/1.1\" 200 - 0 "), "an access-log line per request:\n{log}");
+    assert!(log.contains("\"sluice-test\""), "{log}");
+    assert!(log.contains(&format!("\"httpbin.org\" \"{SERVER_A}:80\"")), "{log}");
+    assert!(log.contains("\"GET / HTTP/1.1\" 502 - 0 0 "), "{log}");
+}
+
+#[test]
+fn allow_any_passes_unregistered_hosts_through_to_their_original_destination() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_B, 80)], ECHO).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    write_config(config.path(), &[HTTPBIN]);
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+
+    let (code, body) = get(&topology, "edition.cnn.com", SERVER_B, "/world", &[]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with(&format!("{SERVER_B} host=edition.cnn.com uri=/world")), "{body}");
+    let metrics = agent.metrics().unwrap();
+    let passthrough = [("destination_service_name", "PassthroughCluster"), ("response_code", "200")];
+    assert_eq!(total(&metrics, "istio_requests_total", &passthrough), 1, "{metrics}");
+}
+
+const ROUTES: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: backends, namespace: egress}
+spec:
+  hosts: [a.backend, b.backend]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 203.0.113.20}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: slow, namespace: egress}
+spec:
+  hosts: [slow.backend]
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8081}]
+  resolution: STATIC
+  endpoints: [{address: 203.0.113.20}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: down, namespace: egress}
+spec:
+  hosts: [down.backend]
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 81}]
+  resolution: STATIC
+  endpoints: [{address: 203.0.113.20}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: httpbin, namespace: egress}
+spec:
+  hosts: [httpbin.org]
+  http:
+  - name: teapot
+    match: [{uri: {exact: /status/418}}]
+    directResponse: {status: 418, body: {string: short and stout}}
+  - match: [{uri: {prefix: /old}}]
+    redirect: {uri: /new, authority: example.org}
+  - match: [{uri: {prefix: /api/}}]
+    rewrite: {uri: /v2/}
+    headers:
+      request: {set: {x-added: 'yes'}}
+      response: {set: {x-route: api}}
+    route: [{destination: {host: httpbin.org}}]
+  - match: [{headers: {x-canary: {exact: 'yes'}}}]
+    route: [{destination: {host: a.backend}}]
+  - match: [{uri: {prefix: /split}}]
+    route:
+    - {destination: {host: httpbin.org}, weight: 50}
+    - {destination: {host: b.backend}, weight: 50}
+  - match: [{uri: {prefix: /slow}}]
+    timeout: 0.5s
+    route: [{destination: {host: slow.backend}}]
+  - match: [{uri: {prefix: /down}}]
+    route: [{destination: {host: down.backend}}]
+  - match: [{uri: {prefix: /unregistered}}]
+    route: [{destination: {host: nowhere.example}}]
+  - match: [{uri: {prefix: /}, method: {exact: GET}}]
+    route: [{destination: {host: httpbin.org}}]
+";
+
+/// Accepts TCP connections on `addr` in the internet namespace and never answers them.
+fn silent_server(topology: &Topology, addr: SocketAddr) -> TcpListener {
+    let listener = topology.internet.enter(|| TcpListener::bind(addr)).unwrap().unwrap();
+    let accepting = listener.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        while let Ok((mut stream, _)) = accepting.accept() {
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf);
+            held.push(stream);
+        }
+    });
+    listener
+}
+
+#[test]
+fn virtual_service_routes_are_applied_in_order_with_their_actions() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80), addr(SERVER_B, 80)], ECHO).unwrap();
+    let _silent = silent_server(&topology, addr(SERVER_B, 8081));
+    let config = tempfile::tempdir().unwrap();
+    write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, ROUTES]);
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    let get = |path: &str, extra: &[&str]| get(&topology, "httpbin.org", SERVER_A, path, extra);
+
+    assert_eq!(get("/status/418", &[]), (418, "short and stout".to_owned()), "directResponse");
+
+    let (code, headers) = get("/old/x?q=1", &["-D", "-", "-o", "/dev/null"]);
+    assert_eq!(code, 301, "{headers}");
+    assert!(headers.to_ascii_lowercase().contains("location: http://example.org/new?q=1"), "{headers}");
+
+    let (code, headers_and_body) = get("/api/items", &["-D", "-"]);
+    assert_eq!(code, 200, "{headers_and_body}");
+    assert!(
+        headers_and_body.contains(&format!("{SERVER_A} host=httpbin.org uri=/v2/items added=yes")),
+        "{headers_and_body}"
+    );
+    let lower = headers_and_body.to_ascii_lowercase();
+    assert!(lower.contains("x-route: api"), "response headers are set: {headers_and_body}");
+    assert!(lower.contains("x-envoy-upstream-service-time: "), "{headers_and_body}");
+
+    let (code, body) = get("/anything", &["-H", "x-canary: yes"]);
+    assert_eq!(code, 200);
+    assert!(body.starts_with(&format!("{SERVER_B} host=httpbin.org uri=/anything")), "a header match routes: {body}");
+
+    let (code, body) = get("/anything", &["-X", "POST"]);
+    assert_eq!(code, 404, "no route matches a POST: Envoy's NR: {body}");
+
+    assert_eq!(get("/slow", &[]).0, 504, "the route's timeout: UT");
+    assert_eq!(get("/down", &[]).0, 503, "a refused upstream connection: UF");
+    assert_eq!(get("/unregistered", &[]).0, 502, "a destination no ServiceEntry registers: BlackHoleCluster");
+
+    // One connection, kept alive, for all the requests of the weighted split.
+    let url = "http://httpbin.org/split";
+    let resolve = format!("httpbin.org:80:{SERVER_A}");
+    let mut args = vec!["--resolve", resolve.as_str(), "-w", "\n"];
+    args.extend(std::iter::repeat_n(url, 200));
+    let output = curl(&topology.workload, &args).unwrap();
+    let to_a = output.lines().filter(|l| l.starts_with(&format!("{SERVER_A} "))).count();
+    let to_b = output.lines().filter(|l| l.starts_with(&format!("{SERVER_B} "))).count();
+    assert_eq!(to_a + to_b, 200, "{output}");
+    // 50/50 over 200 requests: outside 60..=140 has a probability below 1e-8.
+    assert!((60..=140).contains(&to_a), "weights 50/50 gave {to_a} to A and {to_b} to B");
+
+    let metrics = agent.metrics().unwrap();
+    let flags = |code: &str, flag: &str| {
+        total(&metrics, "istio_requests_total", &[("response_code", code), ("response_flags", flag)])
+    };
+    assert_eq!(flags("404", "NR"), 1, "{metrics}");
+    assert_eq!(flags("504", "UT"), 1, "{metrics}");
+    assert_eq!(flags("503", "UF"), 1, "{metrics}");
+    let log = agent.log();
+    assert!(log.contains("\"GET /slow HTTP/1.1\" 504 UT "), "{log}");
+    assert!(log.contains("\"GET /down HTTP/1.1\" 503 UF "), "{log}");
+}
