@@ -17,7 +17,7 @@ use sluice_agent::{
         compile::{self, NodeSettings},
         BlackholeAction, L4Rule, OutboundMode,
     },
-    proxy::{self, http::HttpProxy, transparent_listener::TransparentListener},
+    proxy::{self, gateway_listeners::GatewayListeners, http::HttpProxy, transparent_listener::TransparentListener},
     telemetry::{self, config_dump, requests::AccessLogFormat},
 };
 use tokio::signal::unix::{signal, SignalKind};
@@ -103,6 +103,14 @@ struct RunArgs {
     /// On exit, remove everything from the kernel (by default the last policy stays enforced: fail closed).
     #[arg(long)]
     cleanup_on_exit: bool,
+    /// This gateway's own Service (its FQDN), as the workloads' mesh routes name it: a route to it continues in
+    /// the gateway context in process (two-hop egress on one node). Repeatable.
+    #[arg(
+        long = "gateway-service",
+        value_name = "HOST",
+        default_value = "istio-egressgateway.istio-system.svc.cluster.local"
+    )]
+    gateway_service: Vec<String>,
     /// The access log's format on standard output: Envoy's default text line, or one JSON object per request.
     #[arg(long, value_enum, default_value = "text")]
     access_log_format: AccessLogFormat,
@@ -213,6 +221,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let resolver = DnsResolver::new(&args.dns_server).map_err(anyhow::Error::msg)?;
     let mut control = Control::new(args.config.clone(), node, resolver);
     control.labels = args.gateway_labels.clone();
+    control.own_services = args.gateway_service.clone();
     let (kube_sender, mut kube_changes) = tokio::sync::watch::channel(None);
     if args.kube {
         let client = kube::Client::try_default()
@@ -267,10 +276,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Ready once attached, and with --kube once every kind has been listed.
     let (ready, ready_reader) = tokio::sync::watch::channel(!args.kube || kube_changes.borrow().is_some());
     tasks.spawn(telemetry::server::serve_readiness(readiness_listener, ready_reader));
+    let http = Arc::new(HttpProxy::new(routes.clone(), metrics.requests.clone()));
     if let Some(listener) = transparent {
-        let http = Arc::new(HttpProxy::new(routes.clone(), metrics.requests.clone()));
-        tasks.spawn(proxy::intercepted::serve(listener, http, routes.clone()));
+        tasks.spawn(proxy::intercepted::serve(listener, http.clone(), routes.clone()));
     }
+    let mut gateways = GatewayListeners::new(http);
+    gateways.reconcile(&routes.load().gateway_ports());
+    let mut enforced = Enforced { datapath, routes, gateways, metrics, dump };
 
     let (_watch, mut changes) = if args.config.is_empty() {
         (None, tokio::sync::mpsc::channel(1).1)
@@ -291,14 +303,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             Ok(()) = kube_changes.changed(), if args.kube => {
                 let _ = ready.send(true);
-                refresh = reload(&mut control, &mut datapath, &routes, &metrics, &dump).await;
+                refresh = reload(&mut control, &mut enforced).await;
             }
-            Some(()) = changes.recv() => refresh = reload(&mut control, &mut datapath, &routes, &metrics, &dump).await,
+            Some(()) = changes.recv() => refresh = reload(&mut control, &mut enforced).await,
             _ = tokio::time::sleep(refresh) => {
                 let (changed, next) = control.resolve().await;
                 refresh = next;
                 if changed {
-                    apply(&control, &mut datapath, &routes, &metrics, &dump);
+                    enforced.apply(&control);
                 }
             }
         }
@@ -312,7 +324,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             "datapath counters"
         );
     }
-    drop(datapath);
+    drop(enforced);
     if args.cleanup_on_exit {
         remove_all(&args.bpffs, &routing).await
     } else {
@@ -335,6 +347,8 @@ struct Control {
     kube: Option<tokio::sync::watch::Receiver<Option<files::Loaded>>>,
     /// This agent's labels, which Gateway selectors are matched against.
     labels: std::collections::BTreeMap<String, String>,
+    /// This gateway's own Service hosts.
+    own_services: Vec<String>,
 }
 
 impl Control {
@@ -348,6 +362,7 @@ impl Control {
             errors: Vec::new(),
             kube: None,
             labels: Default::default(),
+            own_services: Vec::new(),
         }
     }
 
@@ -388,7 +403,7 @@ impl Control {
     fn proxy_policy(&self, mode: OutboundMode) -> sluice_agent::policy::routes::ProxyPolicy {
         let snapshot = self.store.snapshot();
         let bindings = sluice_agent::policy::bindings::bind(&snapshot, &self.labels);
-        sluice_agent::policy::routes::proxy_policy(&snapshot, &self.resolved, mode, &bindings)
+        sluice_agent::policy::routes::proxy_policy(&snapshot, &self.resolved, mode, &bindings, &self.own_services)
     }
 
     fn rejected(&self) -> impl Iterator<Item = &str> {
@@ -411,39 +426,46 @@ async fn listen(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<toki
 
 /// Reads the configuration again (files and Kubernetes), resolves its names and applies the result; returns
 /// when to look the names up again.
-async fn reload(
-    control: &mut Control,
-    datapath: &mut Datapath,
-    routes: &arc_swap::ArcSwap<sluice_agent::policy::routes::ProxyPolicy>,
-    metrics: &telemetry::metrics::Metrics,
-    dump: &tokio::sync::watch::Sender<Arc<String>>,
-) -> std::time::Duration {
+async fn reload(control: &mut Control, enforced: &mut Enforced) -> std::time::Duration {
     control.load();
-    metrics.set_rejected(control.rejected());
+    enforced.metrics.set_rejected(control.rejected());
     let refresh = control.resolve().await.1;
-    apply(control, datapath, routes, metrics, dump);
+    enforced.apply(control);
     refresh
 }
 
-/// Compiles and applies the policy to the datapath, then the proxy; one the datapath refuses leaves both as they
-/// are.
-fn apply(
-    control: &Control,
-    datapath: &mut Datapath,
-    routes: &arc_swap::ArcSwap<sluice_agent::policy::routes::ProxyPolicy>,
-    metrics: &telemetry::metrics::Metrics,
-    dump: &tokio::sync::watch::Sender<Arc<String>>,
-) {
-    let policy = control.policy();
-    match datapath.apply(&policy) {
-        Ok(()) => {
-            routes.store(Arc::new(control.proxy_policy(policy.mode)));
-            let generation = metrics.config_generation.inc() + 1;
-            let _ = dump.send(Arc::new(control.dump(generation as u64, &policy)));
-            tracing::info!(generation, mode = ?policy.mode, rules = policy.rules.len(), "policy applied");
-        }
-        Err(error) => {
-            tracing::error!(error = %error, "the new policy was not applied; the previous one stays in force")
+/// Where the policy is in force: the kernel, the proxy's routes and Gateway listeners, and what reports on them.
+struct Enforced {
+    datapath: Datapath,
+    routes: Arc<arc_swap::ArcSwap<sluice_agent::policy::routes::ProxyPolicy>>,
+    gateways: GatewayListeners,
+    metrics: telemetry::metrics::Metrics,
+    dump: tokio::sync::watch::Sender<Arc<String>>,
+}
+
+impl Enforced {
+    /// Compiles and applies the policy to the datapath, then the proxy; one the datapath refuses leaves both as
+    /// they are.
+    fn apply(&mut self, control: &Control) {
+        let policy = control.policy();
+        match self.datapath.apply(&policy) {
+            Ok(()) => {
+                let routes = control.proxy_policy(policy.mode);
+                self.gateways.reconcile(&routes.gateway_ports());
+                self.routes.store(Arc::new(routes));
+                let generation = self.metrics.config_generation.inc() + 1;
+                let _ = self.dump.send(Arc::new(control.dump(generation as u64, &policy)));
+                tracing::info!(
+                    generation,
+                    mode = ?policy.mode,
+                    rules = policy.rules.len(),
+                    gateway_ports = ?self.gateways.ports(),
+                    "policy applied"
+                );
+            }
+            Err(error) => {
+                tracing::error!(error = %error, "the new policy was not applied; the previous one stays in force")
+            }
         }
     }
 }

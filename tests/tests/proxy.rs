@@ -8,9 +8,9 @@ use std::{
 };
 
 use sluice_tests::{
-    peers::{curl, Nginx},
+    peers::{curl, Dnsmasq, Nginx},
     require_root,
-    topology::{GATEWAY_WORKLOAD_IFACE, SERVER_A, SERVER_B},
+    topology::{GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A, SERVER_B},
     Agent, Topology,
 };
 
@@ -266,4 +266,56 @@ fn virtual_service_routes_are_applied_in_order_with_their_actions() {
     let log = agent.log();
     assert!(log.contains("\"GET /slow HTTP/1.1\" 504 UT "), "{log}");
     assert!(log.contains("\"GET /down HTTP/1.1\" 503 UF "), "{log}");
+}
+
+#[test]
+fn the_seeds_two_hop_egress_works_through_the_gateway_port_and_from_intercepted_traffic() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80), addr(SERVER_B, 80)], ECHO).unwrap();
+    let _dns = Dnsmasq::start(&topology.internet, INTERNET_ADDR, &[("httpbin.org", SERVER_A)]).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let seed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/examples/seeds/create-egress-gateway.yaml"
+    ))
+    .unwrap();
+    write_config(config.path(), &[MESH_REGISTRY_ONLY, &seed]);
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {} --dns-server {INTERNET_ADDR} \
+         --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32 --gateway-labels gateway-name=egress-demo,gateway-type=egress \
+         --gateway-service egress-demo.smm-demo.svc.cluster.local",
+        config.path().display()
+    );
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    wait_for_log(&agent, "gateway listener open");
+
+    // What a sidecar sends to the egress gateway's Service: the gateway's own address, port 80.
+    let gateway_url = format!("http://{GATEWAY_WORKLOAD_ADDR}/headers");
+    let body = curl(&topology.workload, &["-H", "Host: httpbin.org", &gateway_url]).unwrap();
+    assert!(body.starts_with(&format!("{SERVER_A} host=httpbin.org uri=/headers")), "{body}\n{}", agent.log());
+    let (code, _) = get(&topology, "example.com", GATEWAY_WORKLOAD_ADDR, "/", &[]);
+    assert_eq!(code, 404, "no VirtualService bound to the Gateway serves example.com: NR");
+
+    // A workload that addresses httpbin.org itself (at any address): mesh → egress-demo → httpbin.org, which
+    // is reached at the address its name resolves to, whatever address the client used.
+    let (code, body) = get(&topology, "httpbin.org", SERVER_B, "/get", &[]);
+    assert_eq!(code, 200, "{body}\n{}", agent.log());
+    assert!(body.starts_with(&format!("{SERVER_A} host=httpbin.org uri=/get")), "{body}");
+    let (code, _) = get(&topology, "edition.cnn.com", SERVER_B, "/", &[]);
+    assert_eq!(code, 502, "unregistered under REGISTRY_ONLY");
+
+    let metrics = agent.metrics().unwrap();
+    let served = [("destination_service", "httpbin.org"), ("destination_service_namespace", "smm-demo")];
+    assert_eq!(total(&metrics, "istio_requests_total", &served), 2, "{metrics}");
+}
+
+fn wait_for_log(agent: &Agent, text: &str) {
+    for _ in 0..100 {
+        if agent.log().contains(text) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("the agent never logged {text:?}:\n{}", agent.log());
 }

@@ -115,6 +115,8 @@ impl Sandbox {
         command.arg("--cleanup-on-exit");
         // The DNS server and the gateway itself are always reachable.
         command.args(["--allow-cidr", INTERNET_ADDR, "--allow-cidr", GATEWAY_WORKLOAD_ADDR]);
+        // HTTP on port 80 goes to the proxy, which routes it by the VirtualServices and checks its Host.
+        command.args(["--intercept-port", "80"]);
         let mut agent = Process::spawn_in_view("sluice", command)?;
         wait_attached(&topology, &mut agent)?;
         Ok(Sandbox { agent, _servers: (allowed, blocked, dns), _resolv: resolv, _topology: topology })
@@ -169,14 +171,17 @@ Sluice sandbox is up. The agent runs in {PREFIX}-gateway, policing what {PREFIX}
 {PREFIX}-internet, in REGISTRY_ONLY mode with {ALLOWED_HOST}:80 registered.
 
 Try, in another terminal:
-  {workload} curl -sS http://{ALLOWED_HOST}/
-      -> hello from {ALLOWED_HOST} ...            (allowed at L4, forwarded by the kernel)
-  {workload} curl -sS --max-time 3 http://{BLOCKED_HOST}/
-      -> curl: (28) ... timed out                  (unregistered: blackholed in the kernel)
+  {workload} curl -sS -i http://{ALLOWED_HOST}/
+      -> 200, x-sluice-route: httpbin, hello from {ALLOWED_HOST} ...   (proxied; an access-log line here)
+  {workload} curl -sS http://{ALLOWED_HOST}/status/418
+      -> I'm a teapot                              (a VirtualService's directResponse)
+  {workload} curl -sS -o /dev/null -w '%{{http_code}}\n' http://{BLOCKED_HOST}/
+      -> 502                                       (unregistered host: Istio's BlackHoleCluster)
   {workload} curl -sS --max-time 3 http://{ALLOWED_HOST}:8080/
-      -> curl: (28) ... timed out                  (port not registered)
+      -> curl: (28) ... timed out                  (port not registered: blackholed in the kernel)
   {gateway} curl -sS http://127.0.0.1:15090/stats/prometheus
-      -> sluice_datapath_packets_total{{verdict=\"blackholed\"}} ... (per-verdict packet and byte counters)
+      -> istio_requests_total{{...destination_service_name=\"BlackHoleCluster\"...}} and the kernel's
+         sluice_datapath_packets_total{{verdict=...}}
   {gateway} curl -sS http://127.0.0.1:15000/config_dump
       -> the configuration in force and the policy compiled from it (JSON)
 

@@ -40,6 +40,8 @@ pub struct ProxyPolicy {
     pub mesh: HostTable<Arc<VirtualHost>>,
     /// The selected Gateways' routes, for traffic sent to their ports.
     pub gateways: Vec<GatewayRoutes>,
+    /// This gateway's own Service hosts: a mesh route to one continues in the gateway context.
+    own_services: Vec<String>,
 }
 
 /// One selected Gateway: its server ports and the routes bound to it.
@@ -249,6 +251,16 @@ impl ProxyPolicy {
         }
     }
 
+    /// Whether `host` is this gateway's own Service.
+    pub fn is_own_service(&self, host: &str) -> bool {
+        self.own_services.iter().any(|own| own.eq_ignore_ascii_case(host.trim_end_matches('.')))
+    }
+
+    /// Every port a selected Gateway serves HTTP on.
+    pub fn gateway_ports(&self) -> std::collections::BTreeSet<u16> {
+        self.gateways.iter().flat_map(|gateway| gateway.http_ports.iter().copied()).collect()
+    }
+
     /// The routes of the Gateway listening on `port`, with the Gateway's id.
     pub fn gateway_on(&self, port: u16) -> Option<&GatewayRoutes> {
         self.gateways.iter().find(|gateway| gateway.http_ports.contains(&port))
@@ -256,8 +268,14 @@ impl ProxyPolicy {
 }
 
 /// Compiles the proxy's policy: the registry from the ServiceEntries (endpoints from `resolved` for DNS), and
-/// the routes of the VirtualServices as `bindings` bound them.
-pub fn proxy_policy(snapshot: &Snapshot, resolved: &Resolved, mode: OutboundMode, bindings: &Bindings) -> ProxyPolicy {
+/// the routes of the VirtualServices as `bindings` bound them; `own_services` are this gateway's Service hosts.
+pub fn proxy_policy(
+    snapshot: &Snapshot,
+    resolved: &Resolved,
+    mode: OutboundMode,
+    bindings: &Bindings,
+    own_services: &[String],
+) -> ProxyPolicy {
     let mut registry: BTreeMap<String, Vec<Arc<Service>>> = BTreeMap::new();
     for resource in &snapshot.resources {
         if let Spec::ServiceEntry(entry) = &resource.spec {
@@ -291,6 +309,7 @@ pub fn proxy_policy(snapshot: &Snapshot, resolved: &Resolved, mode: OutboundMode
                 hosts: gateway.hosts.map(virtual_host),
             })
             .collect(),
+        own_services: own_services.to_vec(),
     }
 }
 
@@ -452,7 +471,7 @@ mod tests {
     fn policy(yaml: &str, resolved: &Resolved) -> ProxyPolicy {
         let snapshot = Snapshot::from_yaml(yaml);
         let labels = BTreeMap::from([("istio".to_owned(), "egressgateway".to_owned())]);
-        proxy_policy(&snapshot, resolved, OutboundMode::RegistryOnly, &bind(&snapshot, &labels))
+        proxy_policy(&snapshot, resolved, OutboundMode::RegistryOnly, &bind(&snapshot, &labels), &[])
     }
 
     const CONFIG: &str = "apiVersion: networking.istio.io/v1

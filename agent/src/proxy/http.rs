@@ -24,13 +24,13 @@ use hyper_util::{
 };
 use tokio::net::TcpStream;
 
-use super::failure::Failure;
+pub use super::routing::Listener;
+use super::{
+    failure::Failure,
+    routing::{self, Decision, Destination, Matched, ServiceLabels},
+};
 use crate::{
-    policy::{
-        http_match::RequestView,
-        routes::{Action, ProxyPolicy, Redirect, Registered, Route, Target, Upstream},
-        OutboundMode,
-    },
+    policy::routes::{ProxyPolicy, Route, Target},
     telemetry::requests::{RequestRecord, RequestTelemetry},
 };
 
@@ -53,15 +53,6 @@ const HOP_BY_HOP: [&str; 8] = [
     "upgrade",
 ];
 
-/// Which listener a connection arrived on.
-#[derive(Clone, Copy, Debug)]
-pub enum Listener {
-    /// The transparent listener: the workloads' intercepted traffic (Istio's `mesh` gateway).
-    Mesh,
-    /// A Gateway server port.
-    Gateway(u16),
-}
-
 /// One client connection's addresses.
 #[derive(Clone, Copy, Debug)]
 pub struct Connection {
@@ -76,33 +67,6 @@ pub struct HttpProxy {
     http1: Client<HttpConnector, ProxyBody>,
     http2: Client<HttpConnector, ProxyBody>,
     telemetry: RequestTelemetry,
-}
-
-/// What a request is sent to, once routed.
-struct Destination {
-    address: SocketAddr,
-    http2: bool,
-    labels: ServiceLabels,
-}
-
-/// How Istio's metrics name the destination.
-#[derive(Clone)]
-struct ServiceLabels {
-    service: String,
-    name: String,
-    namespace: String,
-    cluster: String,
-}
-
-impl ServiceLabels {
-    fn special(cluster: &str, service: &str) -> ServiceLabels {
-        ServiceLabels {
-            service: service.to_owned(),
-            name: cluster.to_owned(),
-            namespace: "unknown".into(),
-            cluster: cluster.to_owned(),
-        }
-    }
 }
 
 impl HttpProxy {
@@ -137,8 +101,14 @@ impl HttpProxy {
         }
     }
 
-    async fn handle(&self, request: Request<Incoming>, connection: Connection) -> Response<ProxyBody> {
+    async fn handle(&self, mut request: Request<Incoming>, connection: Connection) -> Response<ProxyBody> {
         let started = Instant::now();
+        // Every request carries an id from here on, local replies included, as Envoy's do.
+        if !request.headers().contains_key("x-request-id") {
+            if let Ok(id) = HeaderValue::from_str(&request_id()) {
+                request.headers_mut().insert("x-request-id", id);
+            }
+        }
         let policy = self.policy.load_full();
         let mut record = RequestRecord {
             start: Some(SystemTime::now()),
@@ -161,110 +131,28 @@ impl HttpProxy {
             return self.local_failure(Failure::BadRequest, record, started, None);
         };
         record.authority = authority.clone();
-        let (port, gateway_id, virtual_host) = match connection.listener {
-            Listener::Mesh => (connection.local.port(), "mesh", policy.mesh.get(&authority)),
-            Listener::Gateway(port) => match policy.gateway_on(port) {
-                Some(gateway) => (port, gateway.id.as_str(), gateway.hosts.get(&authority)),
-                None => (port, "", None),
-            },
-        };
-        let route = match virtual_host {
-            Some(host) => {
-                let query = request.uri().query();
-                let view = RequestView {
-                    path: request.uri().path(),
-                    query,
-                    method: request.method().as_str(),
-                    scheme: request.uri().scheme_str().unwrap_or("http"),
-                    authority: &authority,
-                    headers: request.headers(),
-                    port,
-                    gateway: gateway_id,
-                };
-                let found = host.routes.iter().find_map(|route| {
-                    if route.matches.is_empty() {
-                        return Some((route, None));
-                    }
-                    route.matches.iter().find(|m| m.matches(&view)).map(|m| (route, m.uri_prefix()))
-                });
-                match found {
-                    Some(found) => Some(found),
-                    None => return self.local_failure(Failure::NoRoute, record, started, None),
-                }
+        let decision =
+            routing::decide(&policy, &request, &authority, connection.listener, connection.local, fastrand::u32(..));
+        match decision {
+            Decision::Fail { failure, labels } => self.local_failure(failure, record, started, labels),
+            Decision::Respond { route, status, body } => {
+                record.route_name = Some(route.name.clone());
+                self.local_reply(status, body, "", record, started, Some(route))
             }
-            None if matches!(connection.listener, Listener::Gateway(_)) => {
-                return self.local_failure(Failure::NoRoute, record, started, None)
-            }
-            None => None,
-        };
-        if let Some((route, _)) = route {
-            record.route_name = Some(route.name.clone());
-        }
-        let target = match route.map(|(route, _)| &route.action) {
-            Some(Action::Respond { status, body }) => {
-                let route = route.map(|(route, _)| route);
-                return self.local_reply(*status, body.clone(), "", record, started, route);
-            }
-            Some(Action::Redirect(redirect)) => {
-                let location = redirect_location(redirect, &authority, request.uri());
+            Decision::Redirect { route, status, location } => {
+                record.route_name = Some(route.name.clone());
                 let mut response = Response::new(empty());
-                *response.status_mut() = redirect.status;
+                *response.status_mut() = status;
                 if let Ok(location) = HeaderValue::from_str(&location) {
                     response.headers_mut().insert(header::LOCATION, location);
                 }
-                record.response_code = redirect.status.as_u16();
-                record.upstream_cluster = "-".into();
-                return self.finish(response, record, started, None);
+                record.response_code = status.as_u16();
+                self.finish(response, record, started, Some(route))
             }
-            Some(Action::Forward(targets)) => targets.pick(fastrand::u32(..)),
-            None => None,
-        };
-        let (host, destination_port) = match target {
-            Some(target) => (target.host.as_str(), target.port.unwrap_or(port)),
-            None => (host_of(&authority), port),
-        };
-        let destination = match self.destination(&policy, host, destination_port, connection) {
-            Ok(destination) => destination,
-            Err((failure, labels)) => return self.local_failure(failure, record, started, labels),
-        };
-        self.forward(request, connection, route, target, &authority, destination, record, started).await
-    }
-
-    /// Where `host`:`port` is reached from `connection`, by the registry and the outbound mode.
-    fn destination(
-        &self,
-        policy: &ProxyPolicy,
-        host: &str,
-        port: u16,
-        connection: Connection,
-    ) -> Result<Destination, (Failure, Option<ServiceLabels>)> {
-        let original = SocketAddr::new(connection.local.ip(), port);
-        let intercepted = matches!(connection.listener, Listener::Mesh);
-        match policy.registered(host, port) {
-            Registered::Service(service) => {
-                let labels = ServiceLabels {
-                    service: host.to_owned(),
-                    name: host.to_owned(),
-                    namespace: service.namespace.clone(),
-                    cluster: format!("outbound|{port}||{host}"),
-                };
-                let address = match service.upstream(port) {
-                    Upstream::Endpoint(address) => address,
-                    Upstream::OriginalDestination if intercepted => original,
-                    Upstream::OriginalDestination => return Err((Failure::NoCluster, Some(labels))),
-                    Upstream::NoEndpoint => return Err((Failure::NoHealthyUpstream, Some(labels))),
-                };
-                Ok(Destination { address, http2: service.http2(port), labels })
+            Decision::Forward { route, target, destination } => {
+                record.route_name = route.map(|(route, _)| route.name.clone());
+                self.forward(request, connection, route, target, &authority, destination, record, started).await
             }
-            Registered::Unknown if policy.mode == OutboundMode::RegistryOnly => {
-                Err((Failure::Blackholed, Some(ServiceLabels::special("BlackHoleCluster", "BlackHoleCluster"))))
-            }
-            Registered::Unknown if intercepted => Ok(Destination {
-                address: original,
-                http2: false,
-                labels: ServiceLabels::special("PassthroughCluster", host),
-            }),
-            Registered::Unknown => Err((Failure::NoCluster, None)),
         }
     }
 
@@ -273,7 +161,7 @@ impl HttpProxy {
         &self,
         request: Request<Incoming>,
         connection: Connection,
-        route: Option<(&Route, Option<&str>)>,
+        route: Option<Matched<'_>>,
         target: Option<&Target>,
         authority: &str,
         destination: Destination,
@@ -282,7 +170,7 @@ impl HttpProxy {
     ) -> Response<ProxyBody> {
         let (mut parts, body) = request.into_parts();
         let received = Arc::new(AtomicU64::new(0));
-        let path_and_query = rewritten_path(route, &parts.uri);
+        let path_and_query = routing::rewritten_path(route, &parts.uri);
         let upstream_authority = route
             .and_then(|(route, _)| route.rewrite.as_ref()?.authority.clone())
             .unwrap_or_else(|| authority.to_owned());
@@ -300,13 +188,6 @@ impl HttpProxy {
         strip_hop_by_hop(headers);
         if let Ok(host) = HeaderValue::from_str(&upstream_authority) {
             headers.insert(header::HOST, host);
-        }
-        if !headers.contains_key("x-request-id") {
-            let id = request_id();
-            record.request_id = Some(id.clone());
-            if let Ok(value) = HeaderValue::from_str(&id) {
-                headers.insert("x-request-id", value);
-            }
         }
         headers.entry("x-forwarded-proto").or_insert(HeaderValue::from_static("http"));
         if let Listener::Gateway(_) = connection.listener {
@@ -470,17 +351,6 @@ fn header_text(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<S
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
 }
 
-/// `host:port` → `host` (`[v6]:port` → `v6`).
-fn host_of(authority: &str) -> &str {
-    if let Some(rest) = authority.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
-    }
-    match authority.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => host,
-        _ => authority,
-    }
-}
-
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers the Connection header names are hop-by-hop too.
     let named: Vec<String> = headers
@@ -511,47 +381,6 @@ fn request_id() -> String {
     let bits = (fastrand::u128(..) & !(0xf000 << 64) & !(0xc000 << 48)) | (0x4000 << 64) | (0x8000 << 48);
     let hex = format!("{bits:032x}");
     format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
-}
-
-/// The path and query sent upstream: a route's `rewrite.uri` replaces the prefix the route matched on (or the
-/// whole path), `uriRegexRewrite` rewrites the path; the query is kept.
-fn rewritten_path(route: Option<(&Route, Option<&str>)>, uri: &Uri) -> String {
-    let path = uri.path();
-    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-    let Some((route, prefix)) = route else {
-        return format!("{path}{query}");
-    };
-    let Some(rewrite) = &route.rewrite else {
-        return format!("{path}{query}");
-    };
-    let path = if let Some(uri) = &rewrite.uri {
-        match prefix {
-            Some(prefix) if path.len() >= prefix.len() => format!("{uri}{}", &path[prefix.len()..]),
-            _ => uri.clone(),
-        }
-    } else if let Some((regex, replacement)) = &rewrite.uri_regex {
-        regex.replace_all(path, replacement.as_str()).into_owned()
-    } else {
-        path.to_owned()
-    };
-    format!("{path}{query}")
-}
-
-/// The `Location` of a redirect: the redirect's scheme, authority, port and path, the request's otherwise (a
-/// redirect path without a query keeps the request's query, as Envoy does).
-fn redirect_location(redirect: &Redirect, authority: &str, uri: &Uri) -> String {
-    let scheme = redirect.scheme.as_deref().unwrap_or("http");
-    let host = redirect.authority.as_deref().unwrap_or(authority);
-    let host = match redirect.port {
-        Some(port) => format!("{}:{port}", host_of(host)),
-        None => host.to_owned(),
-    };
-    let path = match &redirect.uri {
-        Some(path) if path.contains('?') => path.clone(),
-        Some(path) => format!("{path}{}", uri.query().map(|q| format!("?{q}")).unwrap_or_default()),
-        None => uri.path_and_query().map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned()),
-    };
-    format!("{scheme}://{host}{path}")
 }
 
 /// A request body that counts the bytes it carries.
@@ -659,25 +488,5 @@ mod tests {
         }
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
-    }
-
-    #[test]
-    fn redirects_keep_what_they_do_not_replace() {
-        let redirect = |uri: Option<&str>, authority: Option<&str>, port: Option<u16>| Redirect {
-            uri: uri.map(Into::into),
-            authority: authority.map(Into::into),
-            port,
-            scheme: None,
-            status: StatusCode::MOVED_PERMANENTLY,
-        };
-        let uri: Uri = "/old/path?x=1".parse().unwrap();
-        let cases = [
-            (redirect(Some("/new"), None, None), "http://httpbin.org/new?x=1"),
-            (redirect(Some("/new?y=2"), None, None), "http://httpbin.org/new?y=2"),
-            (redirect(None, Some("example.com"), Some(8080)), "http://example.com:8080/old/path?x=1"),
-        ];
-        for (redirect, expected) in cases {
-            assert_eq!(redirect_location(&redirect, "httpbin.org", &uri), expected);
-        }
     }
 }

@@ -2,7 +2,9 @@
 
 pub mod detect;
 pub mod failure;
+pub mod gateway_listeners;
 pub mod http;
 pub mod intercepted;
+pub mod routing;
 pub mod tcp;
 pub mod transparent_listener;

@@ -1,0 +1,108 @@
+//! The Gateway server ports: one listener per HTTP port of the Gateways that select this agent, opened and closed
+//! as the configuration changes.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::{net::TcpListener, task::JoinHandle};
+
+use super::http::{Connection, HttpProxy, Listener};
+
+pub struct GatewayListeners {
+    proxy: Arc<HttpProxy>,
+    open: BTreeMap<u16, Vec<JoinHandle<()>>>,
+}
+
+impl GatewayListeners {
+    pub fn new(proxy: Arc<HttpProxy>) -> GatewayListeners {
+        GatewayListeners { proxy, open: BTreeMap::new() }
+    }
+
+    /// The ports listened on now.
+    pub fn ports(&self) -> Vec<u16> {
+        self.open.keys().copied().collect()
+    }
+
+    /// Listens on every port of `ports` and on no other. A port that cannot be bound (in use) is logged and tried
+    /// again at the next change; connections already accepted on a closed port run to their end.
+    pub fn reconcile(&mut self, ports: &BTreeSet<u16>) {
+        self.open.retain(|port, tasks| {
+            let keep = ports.contains(port);
+            if !keep {
+                tasks.iter().for_each(JoinHandle::abort);
+                tracing::info!(port, "gateway listener closed");
+            }
+            keep
+        });
+        for &port in ports {
+            if self.open.contains_key(&port) {
+                continue;
+            }
+            match bind(port) {
+                Ok(listeners) => {
+                    let tasks = listeners
+                        .into_iter()
+                        .map(|listener| tokio::spawn(accept(listener, port, self.proxy.clone())))
+                        .collect();
+                    self.open.insert(port, tasks);
+                    tracing::info!(port, "gateway listener open");
+                }
+                Err(error) => tracing::error!(
+                    port,
+                    %error,
+                    "cannot listen on a Gateway server port (in use by another program?); retried at the next change"
+                ),
+            }
+        }
+    }
+}
+
+impl Drop for GatewayListeners {
+    fn drop(&mut self) {
+        self.open.values().flatten().for_each(JoinHandle::abort);
+    }
+}
+
+/// IPv4 and, where the node has it, IPv6 listeners on `port`.
+fn bind(port: u16) -> io::Result<Vec<TcpListener>> {
+    let mut listeners = vec![listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?];
+    match listener(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
+        Ok(v6) => listeners.push(v6),
+        Err(error) => tracing::warn!(port, %error, "no IPv6 gateway listener"),
+    }
+    Ok(listeners)
+}
+
+fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+async fn accept(listener: TcpListener, port: u16, proxy: Arc<HttpProxy>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let local = stream.local_addr().unwrap_or_else(|_| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)));
+                let connection = Connection { peer, local, listener: Listener::Gateway(port) };
+                tokio::spawn(proxy.clone().serve_connection(stream, connection));
+            }
+            Err(error) => {
+                tracing::warn!(port, %error, "accepting a gateway connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! Routing one request, without I/O: its context's VirtualServices (first match wins), then the registry and the
+//! outbound mode decide where it goes, or what the proxy answers itself. A mesh route to this gateway's own
+//! Service continues in the gateway context, in process, so two-hop egress configurations work on one node.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{Request, StatusCode, Uri};
+
+use super::failure::Failure;
+use crate::policy::{
+    http_match::RequestView,
+    routes::{Action, ProxyPolicy, Redirect, Registered, Route, Target, Upstream},
+    OutboundMode,
+};
+
+/// Which listener a request arrived on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    /// The transparent listener: the workloads' intercepted traffic (Istio's `mesh` gateway).
+    Mesh,
+    /// A Gateway server port.
+    Gateway(u16),
+}
+
+/// How Istio's metrics name a destination, and the Envoy cluster it stands for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceLabels {
+    pub service: String,
+    pub name: String,
+    pub namespace: String,
+    pub cluster: String,
+}
+
+impl ServiceLabels {
+    fn special(cluster: &str, service: &str) -> ServiceLabels {
+        ServiceLabels {
+            service: service.to_owned(),
+            name: cluster.to_owned(),
+            namespace: "unknown".into(),
+            cluster: cluster.to_owned(),
+        }
+    }
+}
+
+/// Where a routed request is sent.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Destination {
+    pub address: SocketAddr,
+    /// The upstream speaks HTTP/2 (the service port is declared HTTP2 or GRPC).
+    pub http2: bool,
+    pub labels: ServiceLabels,
+}
+
+/// The route that matched, and the URI prefix it matched on (which `rewrite.uri` replaces).
+pub type Matched<'p> = (&'p Route, Option<&'p str>);
+
+#[derive(Debug)]
+pub enum Decision<'p> {
+    Fail { failure: Failure, labels: Option<ServiceLabels> },
+    Respond { route: &'p Route, status: StatusCode, body: Bytes },
+    Redirect { route: &'p Route, status: StatusCode, location: String },
+    Forward { route: Option<Matched<'p>>, target: Option<&'p Target>, destination: Destination },
+}
+
+/// Decides what becomes of `request`, for `authority`, received on `listener` at `local` (for intercepted
+/// traffic, the original destination). `roll` (uniform) picks among weighted destinations.
+pub fn decide<'p, B>(
+    policy: &'p ProxyPolicy,
+    request: &Request<B>,
+    authority: &str,
+    listener: Listener,
+    local: SocketAddr,
+    roll: u32,
+) -> Decision<'p> {
+    let mut listener = listener;
+    let mut port = local.port();
+    // At most two passes: the mesh, then (for a route to this gateway's own Service) the gateway.
+    for _ in 0..2 {
+        let (gateway_id, virtual_host) = match listener {
+            Listener::Mesh => ("mesh", policy.mesh.get(authority)),
+            Listener::Gateway(gateway_port) => {
+                port = gateway_port;
+                match policy.gateway_on(gateway_port) {
+                    Some(gateway) => (gateway.id.as_str(), gateway.hosts.get(authority)),
+                    None => ("", None),
+                }
+            }
+        };
+        let matched = match virtual_host {
+            Some(host) => {
+                let view = RequestView {
+                    path: request.uri().path(),
+                    query: request.uri().query(),
+                    method: request.method().as_str(),
+                    scheme: request.uri().scheme_str().unwrap_or("http"),
+                    authority,
+                    headers: request.headers(),
+                    port,
+                    gateway: gateway_id,
+                };
+                let found = host.routes.iter().find_map(|route| {
+                    if route.matches.is_empty() {
+                        return Some((route, None));
+                    }
+                    route.matches.iter().find(|m| m.matches(&view)).map(|m| (route, m.uri_prefix()))
+                });
+                match found {
+                    Some(found) => Some(found),
+                    None => return Decision::Fail { failure: Failure::NoRoute, labels: None },
+                }
+            }
+            // A Gateway serves only the hosts its VirtualServices name.
+            None if listener != Listener::Mesh => return Decision::Fail { failure: Failure::NoRoute, labels: None },
+            None => None,
+        };
+        let target = match matched.map(|(route, _)| (route, &route.action)) {
+            Some((route, Action::Respond { status, body })) => {
+                return Decision::Respond { route, status: *status, body: body.clone() };
+            }
+            Some((route, Action::Redirect(redirect))) => {
+                let location = redirect_location(redirect, authority, request.uri());
+                return Decision::Redirect { route, status: redirect.status, location };
+            }
+            Some((_, Action::Forward(targets))) => targets.pick(roll),
+            None => None,
+        };
+        let (host, destination_port) = match target {
+            Some(target) => (target.host.as_str(), target.port.unwrap_or(port)),
+            None => (host_of(authority), port),
+        };
+        if listener == Listener::Mesh && policy.is_own_service(host) {
+            listener = Listener::Gateway(destination_port);
+            continue;
+        }
+        return match destination(policy, host, destination_port, listener, local) {
+            Ok(destination) => Decision::Forward { route: matched, target, destination },
+            Err((failure, labels)) => Decision::Fail { failure, labels },
+        };
+    }
+    // A gateway route back to this gateway's own Service would loop.
+    Decision::Fail { failure: Failure::NoCluster, labels: None }
+}
+
+/// Where `host`:`port` is reached from `listener`, by the registry and the outbound mode.
+fn destination(
+    policy: &ProxyPolicy,
+    host: &str,
+    port: u16,
+    listener: Listener,
+    local: SocketAddr,
+) -> Result<Destination, (Failure, Option<ServiceLabels>)> {
+    let intercepted = listener == Listener::Mesh;
+    let original = SocketAddr::new(local.ip(), port);
+    match policy.registered(host, port) {
+        Registered::Service(service) => {
+            let labels = ServiceLabels {
+                service: host.to_owned(),
+                name: host.to_owned(),
+                namespace: service.namespace.clone(),
+                cluster: format!("outbound|{port}||{host}"),
+            };
+            let address = match service.upstream(port) {
+                Upstream::Endpoint(address) => address,
+                Upstream::OriginalDestination if intercepted => original,
+                Upstream::OriginalDestination => return Err((Failure::NoCluster, Some(labels))),
+                Upstream::NoEndpoint => return Err((Failure::NoHealthyUpstream, Some(labels))),
+            };
+            Ok(Destination { address, http2: service.http2(port), labels })
+        }
+        Registered::Unknown if policy.mode == OutboundMode::RegistryOnly => {
+            Err((Failure::Blackholed, Some(ServiceLabels::special("BlackHoleCluster", "BlackHoleCluster"))))
+        }
+        Registered::Unknown if intercepted => Ok(Destination {
+            address: original,
+            http2: false,
+            labels: ServiceLabels::special("PassthroughCluster", host),
+        }),
+        Registered::Unknown => Err((Failure::NoCluster, None)),
+    }
+}
+
+/// `host:port` → `host` (`[v6]:port` → `v6`).
+pub fn host_of(authority: &str) -> &str {
+    if let Some(rest) = authority.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
+    }
+}
+
+/// The `Location` of a redirect: the redirect's scheme, authority, port and path, the request's otherwise (a
+/// redirect path without a query keeps the request's query, as Envoy does).
+fn redirect_location(redirect: &Redirect, authority: &str, uri: &Uri) -> String {
+    let scheme = redirect.scheme.as_deref().unwrap_or("http");
+    let host = redirect.authority.as_deref().unwrap_or(authority);
+    let host = match redirect.port {
+        Some(port) => format!("{}:{port}", host_of(host)),
+        None => host.to_owned(),
+    };
+    let path = match &redirect.uri {
+        Some(path) if path.contains('?') => path.clone(),
+        Some(path) => format!("{path}{}", uri.query().map(|q| format!("?{q}")).unwrap_or_default()),
+        None => uri.path_and_query().map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned()),
+    };
+    format!("{scheme}://{host}{path}")
+}
+
+/// The path and query sent upstream: a route's `rewrite.uri` replaces the prefix the route matched on (or the
+/// whole path), `uriRegexRewrite` rewrites the path; the query is kept.
+pub fn rewritten_path(route: Option<Matched<'_>>, uri: &Uri) -> String {
+    let path = uri.path();
+    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let Some(rewrite) = route.and_then(|(route, _)| route.rewrite.as_ref()) else {
+        return format!("{path}{query}");
+    };
+    let prefix = route.and_then(|(_, prefix)| prefix);
+    let path = if let Some(uri) = &rewrite.uri {
+        match prefix {
+            Some(prefix) if path.len() >= prefix.len() => format!("{uri}{}", &path[prefix.len()..]),
+            _ => uri.clone(),
+        }
+    } else if let Some((regex, replacement)) = &rewrite.uri_regex {
+        regex.replace_all(path, replacement.as_str()).into_owned()
+    } else {
+        path.to_owned()
+    };
+    format!("{path}{query}")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::{
+        config::{resolver::Resolved, Snapshot},
+        policy::{bindings::bind, routes::proxy_policy},
+    };
+
+    fn policy(yaml: &str, labels: &[(&str, &str)], own: &[&str]) -> ProxyPolicy {
+        let snapshot = Snapshot::from_yaml(yaml);
+        let labels: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let resolved = Resolved::from([("httpbin.org".to_owned(), vec!["203.0.113.80".parse().unwrap()])]);
+        let own: Vec<String> = own.iter().map(|s| s.to_string()).collect();
+        proxy_policy(&snapshot, &resolved, OutboundMode::RegistryOnly, &bind(&snapshot, &labels), &own)
+    }
+
+    fn get(uri: &str) -> Request<()> {
+        Request::get(uri).body(()).unwrap()
+    }
+
+    fn seed() -> ProxyPolicy {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/examples/seeds/create-egress-gateway.yaml"
+        ))
+        .unwrap();
+        policy(
+            &text,
+            &[("gateway-name", "egress-demo"), ("gateway-type", "egress")],
+            &["egress-demo.smm-demo.svc.cluster.local"],
+        )
+    }
+
+    fn forwarded_to(decision: Decision<'_>) -> Option<(SocketAddr, String)> {
+        match decision {
+            Decision::Forward { destination, .. } => Some((destination.address, destination.labels.cluster)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn the_seeds_two_hop_route_continues_in_the_gateway_context_on_one_node() {
+        let policy = seed();
+        let intercepted: SocketAddr = "198.51.100.7:80".parse().unwrap();
+        let decision = decide(&policy, &get("/get"), "httpbin.org", Listener::Mesh, intercepted, 0);
+        assert_eq!(
+            forwarded_to(decision),
+            Some(("203.0.113.80:80".parse().unwrap(), "outbound|80||httpbin.org".into())),
+            "mesh → egress-demo → httpbin.org at its resolved address, not the original destination"
+        );
+        let at_gateway: SocketAddr = "10.240.1.1:80".parse().unwrap();
+        let decision = decide(&policy, &get("/get"), "httpbin.org", Listener::Gateway(80), at_gateway, 0);
+        assert_eq!(forwarded_to(decision).unwrap().0, "203.0.113.80:80".parse().unwrap());
+    }
+
+    #[test]
+    fn gateways_serve_only_their_hosts_and_the_mesh_only_registered_ones() {
+        let policy = seed();
+        let at_gateway: SocketAddr = "10.240.1.1:80".parse().unwrap();
+        let unknown = decide(&policy, &get("/"), "example.com", Listener::Gateway(80), at_gateway, 0);
+        assert!(matches!(unknown, Decision::Fail { failure: Failure::NoRoute, .. }), "{unknown:?}");
+        let other_port = decide(&policy, &get("/"), "httpbin.org", Listener::Gateway(8080), at_gateway, 0);
+        assert!(matches!(other_port, Decision::Fail { failure: Failure::NoRoute, .. }), "{other_port:?}");
+        let intercepted: SocketAddr = "198.51.100.7:80".parse().unwrap();
+        let unregistered = decide(&policy, &get("/"), "example.com", Listener::Mesh, intercepted, 0);
+        assert!(
+            matches!(&unregistered, Decision::Fail { failure: Failure::Blackholed, labels: Some(l) } if l.name == "BlackHoleCluster"),
+            "{unregistered:?}"
+        );
+    }
+}
