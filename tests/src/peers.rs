@@ -171,3 +171,69 @@ pub fn send_udp(netns: &Netns, dst: SocketAddr, count: usize, payload: usize) ->
     }
     Ok(())
 }
+
+/// An HTTP/1.1 upstream whose answers a test scripts: the n-th request gets the n-th status of the script (200
+/// once it runs out), each with `Connection: close`. It records every request's head. Stops on drop.
+#[derive(Debug)]
+pub struct ScriptedServer {
+    heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ScriptedServer {
+    pub fn start(netns: &Netns, addr: SocketAddr, script: &[u16]) -> anyhow::Result<ScriptedServer> {
+        use std::io::{Read, Write};
+        let listener = netns
+            .enter(|| std::net::TcpListener::bind(addr))?
+            .with_context(|| format!("binding {addr} in {}", netns.name()))?;
+        listener.set_nonblocking(true)?;
+        let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (recorded, stopped) = (heads.clone(), stop.clone());
+        let mut script = std::collections::VecDeque::from(script.to_vec());
+        std::thread::spawn(move || {
+            while !stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                let Ok((mut stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&request).split("\r\n\r\n").next().unwrap_or("").to_owned();
+                let status = script.pop_front().unwrap_or(200);
+                let body = format!("scripted {status}\n");
+                let response = format!(
+                    "HTTP/1.1 {status} Scripted\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                recorded.lock().expect("not poisoned").push(head);
+                let _ = stream.write_all(response.as_bytes());
+            }
+        });
+        Ok(ScriptedServer { heads, addr, stop })
+    }
+
+    /// The heads (request line and headers) of the requests received so far.
+    pub fn heads(&self) -> Vec<String> {
+        self.heads.lock().expect("not poisoned").clone()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for ScriptedServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}

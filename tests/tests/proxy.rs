@@ -8,7 +8,7 @@ use std::{
 };
 
 use sluice_tests::{
-    peers::{curl, Dnsmasq, Nginx},
+    peers::{curl, Dnsmasq, Nginx, ScriptedServer},
     require_root,
     topology::{GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A, SERVER_B},
     Agent, Topology,
@@ -318,4 +318,119 @@ fn wait_for_log(agent: &Agent, text: &str) {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     panic!("the agent never logged {text:?}:\n{}", agent.log());
+}
+
+const RESILIENCE: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: flaky, namespace: egress}
+spec:
+  hosts: [flaky.backend]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 203.0.113.20, ports: {http: 81}}, {address: 203.0.113.10}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: scripted, namespace: egress}
+spec:
+  hosts: [scripted.backend]
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8082}]
+  resolution: STATIC
+  endpoints: [{address: 203.0.113.20}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: shadow, namespace: egress}
+spec:
+  hosts: [shadow.backend]
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8083}]
+  resolution: STATIC
+  endpoints: [{address: 203.0.113.20}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: httpbin, namespace: egress}
+spec:
+  hosts: [httpbin.org]
+  http:
+  - match: [{uri: {exact: /retry-connect}}]
+    route: [{destination: {host: flaky.backend}}]
+  - match: [{uri: {exact: /no-retry}}]
+    retries: {attempts: 0}
+    route: [{destination: {host: flaky.backend}}]
+  - match: [{uri: {exact: /retry-status}}]
+    retries: {attempts: 2, retryOn: 5xx}
+    route: [{destination: {host: scripted.backend}}]
+  - match: [{uri: {exact: /abort}}]
+    fault: {abort: {httpStatus: 503, percentage: {value: 100}}}
+    route: [{destination: {host: httpbin.org}}]
+  - match: [{uri: {exact: /delay}}]
+    fault: {delay: {fixedDelay: 0.3s, percentage: {value: 100}}}
+    route: [{destination: {host: httpbin.org}}]
+  - match: [{uri: {exact: /mirror}}]
+    mirror: {host: shadow.backend}
+    route: [{destination: {host: httpbin.org}}]
+  - match: [{uri: {prefix: /cors}}]
+    corsPolicy:
+      allowOrigins: [{exact: 'https://app.example'}]
+      allowMethods: [GET, POST]
+      maxAge: 1m
+    route: [{destination: {host: httpbin.org}}]
+";
+
+#[test]
+fn retries_faults_mirrors_and_cors_behave_as_envoys() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80)], ECHO).unwrap();
+    let scripted = ScriptedServer::start(&topology.internet, addr(SERVER_B, 8082), &[503]).unwrap();
+    let shadow = ScriptedServer::start(&topology.internet, addr(SERVER_B, 8083), &[]).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, RESILIENCE]);
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    let get = |path: &str, extra: &[&str]| get(&topology, "httpbin.org", SERVER_A, path, extra);
+
+    let (code, body) = get("/retry-connect", &[]);
+    assert_eq!(code, 200, "Istio's default retries move past a refused endpoint: {body}\n{}", agent.log());
+    assert!(body.starts_with(&format!("{SERVER_A} ")), "{body}");
+    assert_eq!(get("/no-retry", &[]).0, 503, "attempts: 0 turns retries off (the next endpoint refuses)");
+
+    let (code, body) = get("/retry-status", &[]);
+    assert_eq!((code, body.as_str()), (200, "scripted 200\n"), "a 503 is retried under retryOn: 5xx");
+    assert_eq!(scripted.heads().len(), 2, "{:?}", scripted.heads());
+
+    assert_eq!(get("/abort", &[]), (503, "fault filter abort".to_owned()));
+    assert_eq!(get("/delay", &[]).0, 200);
+
+    assert_eq!(get("/mirror", &[]).0, 200);
+    let mut mirrored = Vec::new();
+    for _ in 0..100 {
+        mirrored = shadow.heads();
+        if !mirrored.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(mirrored.len(), 1, "{mirrored:?}");
+    assert!(mirrored[0].starts_with("GET /mirror HTTP/1.1"), "{mirrored:?}");
+    assert!(mirrored[0].to_ascii_lowercase().contains("host: httpbin.org-shadow"), "{mirrored:?}");
+
+    let preflight =
+        ["-X", "OPTIONS", "-H", "Origin: https://app.example", "-H", "Access-Control-Request-Method: POST", "-D", "-"];
+    let (code, head) = get("/cors", &preflight);
+    let head = head.to_ascii_lowercase();
+    assert_eq!(code, 200, "{head}");
+    assert!(head.contains("access-control-allow-origin: https://app.example"), "{head}");
+    assert!(head.contains("access-control-allow-methods: get,post"), "{head}");
+    assert!(head.contains("access-control-max-age: 60"), "{head}");
+    let (_, head) = get("/cors", &["-H", "Origin: https://app.example", "-D", "-"]);
+    assert!(head.to_ascii_lowercase().contains("access-control-allow-origin: https://app.example"), "{head}");
+    let (_, head) = get("/cors", &["-H", "Origin: https://evil.example", "-D", "-"]);
+    assert!(!head.to_ascii_lowercase().contains("access-control-allow-origin"), "{head}");
+
+    let log = agent.log();
+    assert!(log.contains("\"GET /no-retry HTTP/1.1\" 503 UF "), "{log}");
+    assert!(log.contains("\"GET /abort HTTP/1.1\" 503 FI "), "{log}");
+    assert!(log.contains("\"GET /delay HTTP/1.1\" 200 DI "), "{log}");
 }

@@ -180,6 +180,9 @@ pub struct FaultDelay {
     pub fixed_delay: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percentage: Option<Percent>,
+    /// Deprecated integer form of `percentage`, still read by Istio.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]

@@ -138,6 +138,112 @@ pub struct Route {
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
     pub timeout: Option<Duration>,
+    pub retries: RetryPolicy,
+    pub fault: Fault,
+    pub mirror: Option<Mirror>,
+    pub cors: Option<Cors>,
+}
+
+/// Retries as Envoy makes them: `attempts` retries after the first try, each try bounded by `per_try_timeout`,
+/// on the conditions of `retry_on`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub on: RetryOn,
+}
+
+/// Envoy's `retry_on` conditions that apply to HTTP/1.1 and HTTP/2 upstreams.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RetryOn {
+    pub connect_failure: bool,
+    /// `reset`, and `refused-stream` (a stream the upstream refused is reset before any response).
+    pub reset: bool,
+    /// `5xx`: any 5xx response, a reset or a per-try timeout.
+    pub server_error: bool,
+    /// `gateway-error`: 502, 503, 504, a reset or a per-try timeout.
+    pub gateway_error: bool,
+    /// `retriable-4xx`: 409.
+    pub retriable_4xx: bool,
+    /// `retriable-status-codes`, and plain status codes in `retryOn` (Istio's extension).
+    pub status_codes: Vec<u16>,
+}
+
+impl RetryOn {
+    /// Parses `retryOn` (comma-separated conditions, numbers adding retriable status codes). gRPC conditions
+    /// (`cancelled`, `unavailable`, …) apply to gRPC responses only, which a plain HTTP status never is.
+    pub fn parse(text: &str) -> RetryOn {
+        let mut on = RetryOn::default();
+        for condition in text.split(',').map(str::trim) {
+            match condition {
+                "connect-failure" => on.connect_failure = true,
+                "reset" | "refused-stream" => on.reset = true,
+                "5xx" => on.server_error = true,
+                "gateway-error" => on.gateway_error = true,
+                "retriable-4xx" => on.retriable_4xx = true,
+                // Istio's default codes for `retriable-status-codes`.
+                "retriable-status-codes" => on.status_codes.push(503),
+                other => on.status_codes.extend(other.parse::<u16>().ok()),
+            }
+        }
+        on
+    }
+
+    /// Whether a response with `status` is retried.
+    pub fn status(&self, status: u16) -> bool {
+        (self.server_error && (500..600).contains(&status))
+            || (self.gateway_error && matches!(status, 502..=504))
+            || (self.retriable_4xx && status == 409)
+            || self.status_codes.contains(&status)
+    }
+
+    /// Whether an upstream reset (or a try that timed out) is retried.
+    pub fn reset_or_timeout(&self) -> bool {
+        self.reset || self.server_error || self.gateway_error
+    }
+}
+
+impl RetryPolicy {
+    /// Istio's default for routes that say nothing: 2 retries on connect failures, refused streams and 503s.
+    pub fn mesh_default() -> RetryPolicy {
+        RetryPolicy {
+            attempts: 2,
+            per_try_timeout: None,
+            on: RetryOn::parse("connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"),
+        }
+    }
+}
+
+/// Fault injection: a delay and an abort, each on a share of the requests (none when no share is given).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Fault {
+    pub delay: Option<(Duration, f64)>,
+    pub abort: Option<(StatusCode, f64)>,
+}
+
+/// A copy of each request (of a share of them) sent to another destination, its response ignored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mirror {
+    pub host: String,
+    pub port: Option<u16>,
+    pub percent: f64,
+}
+
+/// A route's CORS policy, as Envoy's CORS filter applies it.
+#[derive(Debug)]
+pub struct Cors {
+    pub allow_origins: Vec<super::http_match::Matcher>,
+    pub allow_methods: Option<HeaderValue>,
+    pub allow_headers: Option<HeaderValue>,
+    pub expose_headers: Option<HeaderValue>,
+    pub max_age: Option<HeaderValue>,
+    pub allow_credentials: bool,
+}
+
+impl Cors {
+    pub fn allows(&self, origin: &str) -> bool {
+        self.allow_origins.iter().any(|m| m.matches(origin, false))
+    }
 }
 
 #[derive(Debug)]
@@ -451,6 +557,61 @@ fn compile_route(route: &HttpRoute, name: String, namespace: &str) -> Route {
         request_headers,
         response_headers,
         timeout: route.timeout.as_deref().and_then(|t| parse_duration(t).ok()).filter(|t| !t.is_zero()),
+        retries: retry_policy(route),
+        fault: fault(route),
+        mirror: route.mirror.as_ref().map(|mirror| Mirror {
+            host: mirror.host.clone(),
+            port: mirror.port.as_ref().and_then(|p| u16::try_from(p.number).ok()),
+            // Istio mirrors every request when no share is given.
+            percent: route.mirror_percentage.as_ref().map_or(100.0, |p| p.value),
+        }),
+        cors: route.cors_policy.as_ref().map(cors),
+    }
+}
+
+fn retry_policy(route: &HttpRoute) -> RetryPolicy {
+    let Some(retries) = &route.retries else { return RetryPolicy::mesh_default() };
+    let default = RetryPolicy::mesh_default();
+    RetryPolicy {
+        attempts: u32::try_from(retries.attempts).unwrap_or(0),
+        per_try_timeout: retries.per_try_timeout.as_deref().and_then(|t| parse_duration(t).ok()),
+        on: retries.retry_on.as_deref().map_or(default.on, RetryOn::parse),
+    }
+}
+
+fn fault(route: &HttpRoute) -> Fault {
+    let Some(fault) = &route.fault else { return Fault::default() };
+    Fault {
+        delay: fault.delay.as_ref().and_then(|delay| {
+            let duration = parse_duration(delay.fixed_delay.as_deref()?).ok()?;
+            let percent = delay.percentage.as_ref().map(|p| p.value).or(delay.percent.map(f64::from)).unwrap_or(0.0);
+            Some((duration, percent))
+        }),
+        abort: fault.abort.as_ref().and_then(|abort| {
+            let status = StatusCode::from_u16(u16::try_from(abort.http_status?).ok()?).ok()?;
+            Some((status, abort.percentage.as_ref().map_or(0.0, |p| p.value)))
+        }),
+    }
+}
+
+fn cors(policy: &crate::config::virtual_service::CorsPolicy) -> Cors {
+    let list =
+        |items: &[String]| (!items.is_empty()).then(|| HeaderValue::from_str(&items.join(","))).and_then(Result::ok);
+    Cors {
+        allow_origins: policy
+            .allow_origins
+            .iter()
+            .filter_map(|origin| super::http_match::Matcher::compile(origin, false))
+            .collect(),
+        allow_methods: list(&policy.allow_methods),
+        allow_headers: list(&policy.allow_headers),
+        expose_headers: list(&policy.expose_headers),
+        max_age: policy
+            .max_age
+            .as_deref()
+            .and_then(|age| parse_duration(age).ok())
+            .and_then(|age| HeaderValue::from_str(&age.as_secs().to_string()).ok()),
+        allow_credentials: policy.allow_credentials.unwrap_or(false),
     }
 }
 
@@ -566,6 +727,28 @@ spec:
                 "b.example.com"
             ]
         );
+    }
+
+    #[test]
+    fn retries_default_to_istios_and_read_envoys_conditions() {
+        let default = RetryPolicy::mesh_default();
+        assert_eq!(default.attempts, 2);
+        assert!(default.on.connect_failure && default.on.reset && default.on.status(503));
+        assert!(!default.on.status(500) && !default.on.status(502));
+        let cases = [
+            ("5xx", 500, true),
+            ("5xx", 404, false),
+            ("gateway-error", 504, true),
+            ("gateway-error", 500, false),
+            ("retriable-4xx", 409, true),
+            ("connect-failure,429", 429, true),
+            ("connect-failure", 503, false),
+        ];
+        for (retry_on, status, expected) in cases {
+            assert_eq!(RetryOn::parse(retry_on).status(status), expected, "{retry_on} on {status}");
+        }
+        assert!(RetryOn::parse("gateway-error").reset_or_timeout());
+        assert!(!RetryOn::parse("connect-failure,retriable-4xx").reset_or_timeout());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::{
@@ -30,7 +30,7 @@ use super::{
     routing::{self, Decision, Destination, Matched, ServiceLabels},
 };
 use crate::{
-    policy::routes::{ProxyPolicy, Route, Target},
+    policy::routes::{Cors, Mirror, ProxyPolicy, RetryPolicy, Route, Target},
     telemetry::requests::{RequestRecord, RequestTelemetry},
 };
 
@@ -41,6 +41,11 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to send a request's headers (slow clients hold a connection no longer).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest request body kept for retries and mirrors; a larger one (or one of unknown size) is streamed
+/// to one try.
+const MAX_REPLAYED_BODY: u64 = 64 * 1024;
+/// The retries of a request no VirtualService routes (Istio's mesh default).
+static MESH_RETRIES: std::sync::LazyLock<RetryPolicy> = std::sync::LazyLock::new(RetryPolicy::mesh_default);
 /// Headers that describe one hop, never forwarded (RFC 9110, 7.6.1).
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
@@ -151,7 +156,8 @@ impl HttpProxy {
             }
             Decision::Forward { route, target, destination } => {
                 record.route_name = route.map(|(route, _)| route.name.clone());
-                self.forward(request, connection, route, target, &authority, destination, record, started).await
+                self.forward(&policy, request, connection, route, target, &authority, destination, record, started)
+                    .await
             }
         }
     }
@@ -159,31 +165,50 @@ impl HttpProxy {
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
+        policy: &ProxyPolicy,
         request: Request<Incoming>,
         connection: Connection,
-        route: Option<Matched<'_>>,
+        matched: Option<Matched<'_>>,
         target: Option<&Target>,
         authority: &str,
-        destination: Destination,
+        destination: Destination<'_>,
         mut record: RequestRecord,
         started: Instant,
     ) -> Response<ProxyBody> {
+        let route = matched.map(|(route, _)| route);
+        // Faults are injected before anything is sent, as Envoy's fault filter runs before its router.
+        if let Some(route) = route {
+            if let Some((delay, percent)) = route.fault.delay {
+                if chance(percent) {
+                    record.response_flags = "DI";
+                    tokio::time::sleep(delay).await;
+                }
+            }
+            if let Some((status, percent)) = route.fault.abort {
+                if chance(percent) {
+                    let body = Bytes::from_static(b"fault filter abort");
+                    return self.local_reply(status, body, "FI", record, started, Some(route));
+                }
+            }
+        }
+        let cors = route.and_then(|route| route.cors.as_ref());
+        let origin = header_text(request.headers(), header::ORIGIN).filter(|o| cors.is_some_and(|c| c.allows(o)));
+        if let (Some(cors), Some(origin)) = (cors, origin.as_deref()) {
+            if request.method() == Method::OPTIONS
+                && request.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+            {
+                let mut response = Response::new(empty());
+                preflight_headers(cors, origin, response.headers_mut());
+                record.response_code = StatusCode::OK.as_u16();
+                return self.finish(response, record, started, route);
+            }
+        }
+
         let (mut parts, body) = request.into_parts();
         let received = Arc::new(AtomicU64::new(0));
-        let path_and_query = routing::rewritten_path(route, &parts.uri);
-        let upstream_authority = route
-            .and_then(|(route, _)| route.rewrite.as_ref()?.authority.clone())
-            .unwrap_or_else(|| authority.to_owned());
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(destination.address.to_string())
-            .path_and_query(path_and_query)
-            .build();
-        let Ok(uri) = uri else {
-            return self.local_failure(Failure::BadRequest, record, started, Some(destination.labels));
-        };
-        parts.uri = uri;
-        parts.version = if destination.http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+        let path_and_query = routing::rewritten_path(matched, &parts.uri);
+        let upstream_authority =
+            route.and_then(|route| route.rewrite.as_ref()?.authority.clone()).unwrap_or_else(|| authority.to_owned());
         let headers = &mut parts.headers;
         strip_hop_by_hop(headers);
         if let Ok(host) = HeaderValue::from_str(&upstream_authority) {
@@ -193,37 +218,100 @@ impl HttpProxy {
         if let Listener::Gateway(_) = connection.listener {
             append_forwarded_for(headers, connection.peer);
         }
-        if let Some((route, _)) = route {
+        if let Some(route) = route {
             route.request_headers.apply(headers);
         }
         if let Some(target) = target {
             target.request_headers.apply(headers);
         }
-        let body = Counted { inner: body.map_err(BoxError::from).boxed(), bytes: received.clone() }.boxed();
-        let upstream_request = Request::from_parts(parts, body);
-        let client = if destination.http2 { &self.http2 } else { &self.http1 };
-        let sent_at = Instant::now();
-        let pending = client.request(upstream_request);
-        let timeout = route.and_then(|(route, _)| route.timeout);
-        let result = match timeout {
-            Some(timeout) => tokio::time::timeout(timeout, pending).await.map_err(|_| Failure::UpstreamTimeout),
-            None => Ok(pending.await),
-        };
-        record.upstream_host = Some(destination.address);
-        let response = match result {
-            Ok(Ok(response)) => response,
-            Ok(Err(error)) => {
-                let failure = if error.is_connect() { Failure::UpstreamConnect } else { Failure::UpstreamReset };
-                tracing::debug!(%error, upstream = %destination.address, "upstream request failed");
-                record.bytes_received = received.load(Ordering::Relaxed);
-                return self.local_failure(failure, record, started, Some(destination.labels));
+
+        // A body is kept for retries and mirrors when it is small and says so; any other streams through once.
+        let retries = route.map_or(&*MESH_RETRIES, |route| &route.retries);
+        let mirror = route.and_then(|route| route.mirror.as_ref()).filter(|mirror| chance(mirror.percent));
+        let small = body.size_hint().upper().is_some_and(|size| size <= MAX_REPLAYED_BODY);
+        let mut streamed = None;
+        let replayable = if small && (retries.attempts > 0 || mirror.is_some()) {
+            match body.collect().await {
+                Ok(collected) => Some(collected.to_bytes()),
+                Err(error) => {
+                    tracing::debug!(%error, peer = %connection.peer, "client body ended early");
+                    return self.local_failure(Failure::BadRequest, record, started, Some(destination.labels));
+                }
             }
+        } else {
+            streamed = Some(Counted { inner: body.map_err(BoxError::from).boxed(), bytes: received.clone() }.boxed());
+            None
+        };
+        if let Some(bytes) = &replayable {
+            received.store(bytes.len() as u64, Ordering::Relaxed);
+        }
+        let version = if destination.http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+        if let (Some(mirror), Some(bytes)) = (mirror, &replayable) {
+            self.mirror(policy, mirror, &parts, &path_and_query, &upstream_authority, bytes.clone(), connection);
+        }
+
+        let client = if destination.http2 { &self.http2 } else { &self.http1 };
+        let overall = route.and_then(|route| route.timeout).map(|timeout| tokio::time::Instant::now() + timeout);
+        let mut address = destination.address;
+        let mut attempt = 0u32;
+        let outcome = loop {
+            let body = match (&replayable, streamed.take()) {
+                (Some(bytes), _) => Full::new(bytes.clone()).map_err(|never| match never {}).boxed(),
+                (None, Some(body)) => body,
+                (None, None) => break Err(Failure::UpstreamReset),
+            };
+            let Ok(uri) = upstream_uri(address, &path_and_query) else { break Err(Failure::BadRequest) };
+            let mut upstream = Request::new(body);
+            *upstream.method_mut() = parts.method.clone();
+            *upstream.uri_mut() = uri;
+            *upstream.version_mut() = version;
+            *upstream.headers_mut() = parts.headers.clone();
+            let try_started = Instant::now();
+            let per_try = retries.per_try_timeout.map(|timeout| tokio::time::Instant::now() + timeout);
+            let deadline = match (overall, per_try) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let pending = client.request(upstream);
+            let result = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, pending).await.ok(),
+                None => Some(pending.await),
+            };
+            let time_left = overall.is_none_or(|overall| tokio::time::Instant::now() < overall);
+            let may_retry = replayable.is_some() && attempt < retries.attempts && time_left;
+            let failure = match result {
+                Some(Ok(response)) if may_retry && retries.on.status(response.status().as_u16()) => None,
+                Some(Ok(response)) => break Ok((response, try_started)),
+                Some(Err(error)) if error.is_connect() => {
+                    tracing::debug!(%error, upstream = %address, attempt, "upstream connect failed");
+                    Some((Failure::UpstreamConnect, retries.on.connect_failure))
+                }
+                Some(Err(error)) => {
+                    tracing::debug!(%error, upstream = %address, attempt, "upstream request failed");
+                    Some((Failure::UpstreamReset, retries.on.reset_or_timeout()))
+                }
+                None => Some((Failure::UpstreamTimeout, time_left && retries.on.reset_or_timeout())),
+            };
+            if let Some((failure, retriable)) = failure {
+                if !(may_retry && retriable) {
+                    break Err(failure);
+                }
+            }
+            attempt += 1;
+            // Envoy's backoff: fully jittered, 25 ms doubling per retry, at most 250 ms.
+            let ceiling = (25u64 << attempt.min(4)).min(250);
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=ceiling))).await;
+            address = destination.next_address();
+        };
+        record.upstream_host = Some(address);
+        let (response, try_started) = match outcome {
+            Ok(response) => response,
             Err(failure) => {
                 record.bytes_received = received.load(Ordering::Relaxed);
                 return self.local_failure(failure, record, started, Some(destination.labels));
             }
         };
-        let service_time = sent_at.elapsed();
+        let service_time = try_started.elapsed();
         record.upstream_service_time = Some(service_time);
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -233,8 +321,11 @@ impl HttpProxy {
         if let Some(target) = target {
             target.response_headers.apply(&mut parts.headers);
         }
-        if let Some((route, _)) = route {
+        if let Some(route) = route {
             route.response_headers.apply(&mut parts.headers);
+        }
+        if let (Some(cors), Some(origin)) = (cors, origin.as_deref()) {
+            response_cors_headers(cors, origin, &mut parts.headers);
         }
         record.response_code = parts.status.as_u16();
         let labels = destination.labels;
@@ -242,6 +333,44 @@ impl HttpProxy {
         apply_labels(&mut record, &labels);
         let response = Response::from_parts(parts, body.map_err(BoxError::from).boxed());
         self.finish_streaming(response, record, started, received)
+    }
+
+    /// Sends a copy of the request to the mirror's destination, its authority suffixed `-shadow` as Envoy's
+    /// shadows are; its response and failures are ignored.
+    #[allow(clippy::too_many_arguments)]
+    fn mirror(
+        &self,
+        policy: &ProxyPolicy,
+        mirror: &Mirror,
+        parts: &http::request::Parts,
+        path_and_query: &str,
+        authority: &str,
+        body: Bytes,
+        connection: Connection,
+    ) {
+        let port = mirror.port.unwrap_or(connection.local.port());
+        let listener = connection.listener;
+        let Ok(destination) = routing::destination(policy, &mirror.host, port, listener, connection.local) else {
+            tracing::debug!(host = %mirror.host, "mirror destination not reachable; not mirrored");
+            return;
+        };
+        let Ok(uri) = upstream_uri(destination.address, path_and_query) else { return };
+        let mut request = Request::new(Full::new(body).map_err(|never| match never {}).boxed());
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = uri;
+        *request.version_mut() = if destination.http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+        *request.headers_mut() = parts.headers.clone();
+        let shadow = format!("{}-shadow", routing::host_of(authority));
+        if let Ok(host) = HeaderValue::from_str(&shadow) {
+            request.headers_mut().insert(header::HOST, host);
+        }
+        let client = if destination.http2 { self.http2.clone() } else { self.http1.clone() };
+        tokio::spawn(async move {
+            if let Ok(response) = client.request(request).await {
+                // Read to the end so the connection goes back to the pool.
+                let _ = response.into_body().collect().await;
+            }
+        });
     }
 
     fn local_failure(
@@ -349,6 +478,47 @@ fn protocol_name(version: Version) -> &'static str {
 
 fn header_text(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<String> {
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+/// True for `percent` % of calls.
+fn chance(percent: f64) -> bool {
+    percent >= 100.0 || (percent > 0.0 && fastrand::f64() * 100.0 < percent)
+}
+
+fn upstream_uri(address: SocketAddr, path_and_query: &str) -> Result<Uri, http::Error> {
+    Uri::builder().scheme("http").authority(address.to_string()).path_and_query(path_and_query).build()
+}
+
+/// The answer to a CORS preflight from an allowed origin.
+fn preflight_headers(cors: &Cors, origin: &str, headers: &mut HeaderMap) {
+    if let Ok(origin) = HeaderValue::from_str(origin) {
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    }
+    for (name, value) in [
+        (header::ACCESS_CONTROL_ALLOW_METHODS, &cors.allow_methods),
+        (header::ACCESS_CONTROL_ALLOW_HEADERS, &cors.allow_headers),
+        (header::ACCESS_CONTROL_MAX_AGE, &cors.max_age),
+    ] {
+        if let Some(value) = value {
+            headers.insert(name, value.clone());
+        }
+    }
+    if cors.allow_credentials {
+        headers.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
+    }
+}
+
+/// The CORS headers of an actual response to an allowed origin.
+fn response_cors_headers(cors: &Cors, origin: &str, headers: &mut HeaderMap) {
+    if let Ok(origin) = HeaderValue::from_str(origin) {
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    }
+    if let Some(expose) = &cors.expose_headers {
+        headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, expose.clone());
+    }
+    if cors.allow_credentials {
+        headers.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
+    }
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {

@@ -10,7 +10,7 @@ use http::{Request, StatusCode, Uri};
 use super::failure::Failure;
 use crate::policy::{
     http_match::RequestView,
-    routes::{Action, ProxyPolicy, Redirect, Registered, Route, Target, Upstream},
+    routes::{Action, ProxyPolicy, Redirect, Registered, Route, Service, Target, Upstream},
     OutboundMode,
 };
 
@@ -44,12 +44,24 @@ impl ServiceLabels {
 }
 
 /// Where a routed request is sent.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Destination {
+#[derive(Debug)]
+pub struct Destination<'p> {
     pub address: SocketAddr,
     /// The upstream speaks HTTP/2 (the service port is declared HTTP2 or GRPC).
     pub http2: bool,
     pub labels: ServiceLabels,
+    /// The registered service and port, whose next endpoint a retry goes to.
+    pub service: Option<(&'p Service, u16)>,
+}
+
+impl Destination<'_> {
+    /// The address for another try: the service's next endpoint, or the same address.
+    pub fn next_address(&self) -> SocketAddr {
+        match self.service.map(|(service, port)| service.upstream(port)) {
+            Some(Upstream::Endpoint(address)) => address,
+            _ => self.address,
+        }
+    }
 }
 
 /// The route that matched, and the URI prefix it matched on (which `rewrite.uri` replaces).
@@ -60,7 +72,7 @@ pub enum Decision<'p> {
     Fail { failure: Failure, labels: Option<ServiceLabels> },
     Respond { route: &'p Route, status: StatusCode, body: Bytes },
     Redirect { route: &'p Route, status: StatusCode, location: String },
-    Forward { route: Option<Matched<'p>>, target: Option<&'p Target>, destination: Destination },
+    Forward { route: Option<Matched<'p>>, target: Option<&'p Target>, destination: Destination<'p> },
 }
 
 /// Decides what becomes of `request`, for `authority`, received on `listener` at `local` (for intercepted
@@ -143,13 +155,13 @@ pub fn decide<'p, B>(
 }
 
 /// Where `host`:`port` is reached from `listener`, by the registry and the outbound mode.
-fn destination(
-    policy: &ProxyPolicy,
+pub fn destination<'p>(
+    policy: &'p ProxyPolicy,
     host: &str,
     port: u16,
     listener: Listener,
     local: SocketAddr,
-) -> Result<Destination, (Failure, Option<ServiceLabels>)> {
+) -> Result<Destination<'p>, (Failure, Option<ServiceLabels>)> {
     let intercepted = listener == Listener::Mesh;
     let original = SocketAddr::new(local.ip(), port);
     match policy.registered(host, port) {
@@ -166,7 +178,7 @@ fn destination(
                 Upstream::OriginalDestination => return Err((Failure::NoCluster, Some(labels))),
                 Upstream::NoEndpoint => return Err((Failure::NoHealthyUpstream, Some(labels))),
             };
-            Ok(Destination { address, http2: service.http2(port), labels })
+            Ok(Destination { address, http2: service.http2(port), labels, service: Some((service, port)) })
         }
         Registered::Unknown if policy.mode == OutboundMode::RegistryOnly => {
             Err((Failure::Blackholed, Some(ServiceLabels::special("BlackHoleCluster", "BlackHoleCluster"))))
@@ -175,6 +187,7 @@ fn destination(
             address: original,
             http2: false,
             labels: ServiceLabels::special("PassthroughCluster", host),
+            service: None,
         }),
         Registered::Unknown => Err((Failure::NoCluster, None)),
     }
