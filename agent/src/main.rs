@@ -15,6 +15,7 @@ use sluice_agent::{
     policy::{
         self,
         compile::{self, NodeSettings},
+        routes::{HostVerify, ProxySettings},
         BlackholeAction, L4Rule, OutboundMode,
     },
     proxy::{self, gateway_listeners::GatewayListeners, http::HttpProxy, transparent_listener::TransparentListener},
@@ -111,6 +112,10 @@ struct RunArgs {
         default_value = "istio-egressgateway.istio-system.svc.cluster.local"
     )]
     gateway_service: Vec<String>,
+    /// What becomes of an intercepted HTTP request whose Host is registered at other addresses than the one the
+    /// client connected to (domain fronting): refused (421), routed to the host's own addresses, or trusted.
+    #[arg(long, value_enum, default_value = "strict")]
+    host_verify: HostVerify,
     /// The access log's format on standard output: Envoy's default text line, or one JSON object per request.
     #[arg(long, value_enum, default_value = "text")]
     access_log_format: AccessLogFormat,
@@ -221,7 +226,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let resolver = DnsResolver::new(&args.dns_server).map_err(anyhow::Error::msg)?;
     let mut control = Control::new(args.config.clone(), node, resolver);
     control.labels = args.gateway_labels.clone();
-    control.own_services = args.gateway_service.clone();
+    control.proxy.own_services = args.gateway_service.clone();
+    control.proxy.host_verify = args.host_verify;
     let (kube_sender, mut kube_changes) = tokio::sync::watch::channel(None);
     if args.kube {
         let client = kube::Client::try_default()
@@ -347,8 +353,8 @@ struct Control {
     kube: Option<tokio::sync::watch::Receiver<Option<files::Loaded>>>,
     /// This agent's labels, which Gateway selectors are matched against.
     labels: std::collections::BTreeMap<String, String>,
-    /// This gateway's own Service hosts.
-    own_services: Vec<String>,
+    /// The proxy's node settings (the mode is the datapath policy's).
+    proxy: ProxySettings,
 }
 
 impl Control {
@@ -362,7 +368,7 @@ impl Control {
             errors: Vec::new(),
             kube: None,
             labels: Default::default(),
-            own_services: Vec::new(),
+            proxy: ProxySettings::default(),
         }
     }
 
@@ -403,7 +409,8 @@ impl Control {
     fn proxy_policy(&self, mode: OutboundMode) -> sluice_agent::policy::routes::ProxyPolicy {
         let snapshot = self.store.snapshot();
         let bindings = sluice_agent::policy::bindings::bind(&snapshot, &self.labels);
-        sluice_agent::policy::routes::proxy_policy(&snapshot, &self.resolved, mode, &bindings, &self.own_services)
+        let settings = ProxySettings { mode, ..self.proxy.clone() };
+        sluice_agent::policy::routes::proxy_policy(&snapshot, &self.resolved, &bindings, &settings)
     }
 
     fn rejected(&self) -> impl Iterator<Item = &str> {

@@ -297,17 +297,40 @@ fn the_seeds_two_hop_egress_works_through_the_gateway_port_and_from_intercepted_
     let (code, _) = get(&topology, "example.com", GATEWAY_WORKLOAD_ADDR, "/", &[]);
     assert_eq!(code, 404, "no VirtualService bound to the Gateway serves example.com: NR");
 
-    // A workload that addresses httpbin.org itself (at any address): mesh → egress-demo → httpbin.org, which
-    // is reached at the address its name resolves to, whatever address the client used.
-    let (code, body) = get(&topology, "httpbin.org", SERVER_B, "/get", &[]);
+    // A workload that addresses httpbin.org itself: mesh → egress-demo → httpbin.org, which is reached at the
+    // address its name resolves to.
+    let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/get", &[]);
     assert_eq!(code, 200, "{body}\n{}", agent.log());
     assert!(body.starts_with(&format!("{SERVER_A} host=httpbin.org uri=/get")), "{body}");
+    // Domain fronting: httpbin.org's Host sent to another address is refused (--host-verify strict).
+    let (code, _) = get(&topology, "httpbin.org", SERVER_B, "/get", &[]);
+    assert_eq!(code, 421);
     let (code, _) = get(&topology, "edition.cnn.com", SERVER_B, "/", &[]);
     assert_eq!(code, 502, "unregistered under REGISTRY_ONLY");
 
     let metrics = agent.metrics().unwrap();
     let served = [("destination_service", "httpbin.org"), ("destination_service_namespace", "smm-demo")];
     assert_eq!(total(&metrics, "istio_requests_total", &served), 2, "{metrics}");
+    assert_eq!(total(&metrics, "sluice_host_mismatch_total", &[("action", "refused")]), 1, "{metrics}");
+}
+
+#[test]
+fn host_verify_route_sends_a_fronted_request_to_the_hosts_own_address() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80), addr(SERVER_B, 80)], ECHO).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN]);
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --host-verify route --config {}",
+        config.path().display()
+    );
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    let (code, body) = get(&topology, "httpbin.org", SERVER_B, "/get", &[]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with(&format!("{SERVER_A} host=httpbin.org")), "sent to the registered address: {body}");
+    let metrics = agent.metrics().unwrap();
+    assert_eq!(total(&metrics, "sluice_host_mismatch_total", &[("action", "routed")]), 1, "{metrics}");
 }
 
 fn wait_for_log(agent: &Agent, text: &str) {

@@ -14,6 +14,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
+use ipnet::IpNet;
 use regex::Regex;
 
 use super::{
@@ -30,17 +31,49 @@ use crate::config::{
     Resource, Snapshot, Spec,
 };
 
+/// What the node, not the mesh, decides for the proxy.
+#[derive(Clone, Debug, Default)]
+pub struct ProxySettings {
+    pub mode: OutboundMode,
+    /// This gateway's own Service hosts: a mesh route to one continues in the gateway context.
+    pub own_services: Vec<String>,
+    pub host_verify: HostVerify,
+}
+
+/// What becomes of an intercepted request whose Host is registered at addresses that do not include the one
+/// the client connected to (domain fronting, or a stale DNS answer).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum HostVerify {
+    /// Refused (421 Misdirected Request).
+    #[default]
+    Strict,
+    /// Sent to the host's own addresses.
+    Route,
+    /// Trusted: sent where the host's resolution says (the original destination for resolution NONE).
+    Off,
+}
+
+impl HostVerify {
+    pub fn name(self) -> &'static str {
+        match self {
+            HostVerify::Strict => "strict",
+            HostVerify::Route => "route",
+            HostVerify::Off => "off",
+        }
+    }
+}
+
 /// Everything the proxy decides with, swapped whole when the configuration changes.
 #[derive(Debug, Default)]
 pub struct ProxyPolicy {
     pub mode: OutboundMode,
+    pub host_verify: HostVerify,
     /// Host → the services ServiceEntries register under it, in declaration order.
     registry: HostTable<Arc<[Arc<Service>]>>,
     /// Host → routes, for intercepted traffic.
     pub mesh: HostTable<Arc<VirtualHost>>,
     /// The selected Gateways' routes, for traffic sent to their ports.
     pub gateways: Vec<GatewayRoutes>,
-    /// This gateway's own Service hosts: a mesh route to one continues in the gateway context.
     own_services: Vec<String>,
 }
 
@@ -63,6 +96,8 @@ pub struct Service {
     pub resolution: Resolution,
     ports: Vec<ServicePort>,
     endpoints: Vec<Endpoint>,
+    /// Every address the host is known at: the entry's `addresses`, its endpoints', what its name resolves to.
+    known_at: Vec<IpNet>,
     /// Round-robin cursor over the endpoints.
     next: AtomicUsize,
 }
@@ -102,6 +137,23 @@ impl Service {
     /// Whether `port` speaks HTTP/2 to the upstream (declared HTTP2 or GRPC).
     pub fn http2(&self, port: u16) -> bool {
         self.ports.iter().any(|p| p.number == port && p.http2)
+    }
+
+    /// Whether `address` is one the host is known at; `None` when none is known (nothing to check against).
+    pub fn known_at(&self, address: IpAddr) -> Option<bool> {
+        (!self.known_at.is_empty()).then(|| self.known_at.iter().any(|net| net.contains(&address)))
+    }
+
+    /// A single address of the host's own (`addresses` or an endpoint), for a request sent elsewhere.
+    pub fn own_address(&self, port: u16) -> Option<SocketAddr> {
+        match self.upstream(port) {
+            Upstream::Endpoint(address) => Some(address),
+            _ => self
+                .known_at
+                .iter()
+                .find(|net| net.prefix_len() == net.max_prefix_len())
+                .map(|net| SocketAddr::new(net.addr(), port)),
+        }
     }
 
     /// The next endpoint for `port`, round robin.
@@ -374,13 +426,12 @@ impl ProxyPolicy {
 }
 
 /// Compiles the proxy's policy: the registry from the ServiceEntries (endpoints from `resolved` for DNS), and
-/// the routes of the VirtualServices as `bindings` bound them; `own_services` are this gateway's Service hosts.
+/// the routes of the VirtualServices as `bindings` bound them.
 pub fn proxy_policy(
     snapshot: &Snapshot,
     resolved: &Resolved,
-    mode: OutboundMode,
     bindings: &Bindings,
-    own_services: &[String],
+    settings: &ProxySettings,
 ) -> ProxyPolicy {
     let mut registry: BTreeMap<String, Vec<Arc<Service>>> = BTreeMap::new();
     for resource in &snapshot.resources {
@@ -396,7 +447,8 @@ pub fn proxy_policy(
     }
     let virtual_host = |indexes: &Vec<usize>| Arc::new(virtual_host(snapshot, indexes));
     ProxyPolicy {
-        mode,
+        mode: settings.mode,
+        host_verify: settings.host_verify,
         registry: table,
         mesh: bindings.mesh.map(virtual_host),
         gateways: bindings
@@ -415,7 +467,7 @@ pub fn proxy_policy(
                 hosts: gateway.hosts.map(virtual_host),
             })
             .collect(),
-        own_services: own_services.to_vec(),
+        own_services: settings.own_services.clone(),
     }
 }
 
@@ -465,7 +517,10 @@ fn services(entry: &ServiceEntry, namespace: &str, resolved: &Resolved) -> Vec<S
             } else {
                 Vec::new()
             };
+            let mut known_at: Vec<IpNet> = entry.addresses.iter().filter_map(|a| parse_address(a)).collect();
+            known_at.extend(endpoints.iter().map(|e: &Endpoint| IpNet::from(e.address)));
             Service {
+                known_at,
                 host: host.clone(),
                 namespace: namespace.to_owned(),
                 resolution,
@@ -632,7 +687,8 @@ mod tests {
     fn policy(yaml: &str, resolved: &Resolved) -> ProxyPolicy {
         let snapshot = Snapshot::from_yaml(yaml);
         let labels = BTreeMap::from([("istio".to_owned(), "egressgateway".to_owned())]);
-        proxy_policy(&snapshot, resolved, OutboundMode::RegistryOnly, &bind(&snapshot, &labels), &[])
+        let settings = ProxySettings { mode: OutboundMode::RegistryOnly, ..ProxySettings::default() };
+        proxy_policy(&snapshot, resolved, &bind(&snapshot, &labels), &settings)
     }
 
     const CONFIG: &str = "apiVersion: networking.istio.io/v1

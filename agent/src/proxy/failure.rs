@@ -11,6 +11,9 @@ pub enum Failure {
     NoRoute,
     /// REGISTRY_ONLY and the destination host is registered by no ServiceEntry on that port.
     Blackholed,
+    /// `--host-verify strict`: the Host is registered at addresses that do not include the one the client
+    /// connected to.
+    HostMismatch,
     /// The destination is known but has no cluster this context can reach (an unregistered host behind a
     /// Gateway, or a NONE-resolution host, which only intercepted traffic has an address for).
     NoCluster,
@@ -30,6 +33,7 @@ impl Failure {
             Failure::BadRequest => StatusCode::BAD_REQUEST,
             Failure::NoRoute => StatusCode::NOT_FOUND,
             Failure::Blackholed => StatusCode::BAD_GATEWAY,
+            Failure::HostMismatch => StatusCode::MISDIRECTED_REQUEST,
             Failure::NoCluster | Failure::NoHealthyUpstream | Failure::UpstreamConnect | Failure::UpstreamReset => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -43,7 +47,7 @@ impl Failure {
             Failure::BadRequest => "DPE",
             Failure::NoRoute => "NR",
             // Envoy routes to the BlackHoleCluster, which has no hosts; Istio's dashboards key on the cluster.
-            Failure::Blackholed => "-",
+            Failure::Blackholed | Failure::HostMismatch => "-",
             Failure::NoCluster => "NC",
             Failure::NoHealthyUpstream => "UH",
             Failure::UpstreamConnect => "UF",
@@ -57,6 +61,7 @@ impl Failure {
         match self {
             Failure::BadRequest => "bad request: no host\n",
             Failure::NoRoute | Failure::Blackholed => "",
+            Failure::HostMismatch => "the host is not served at the address connected to\n",
             Failure::NoCluster => "no cluster for the destination\n",
             Failure::NoHealthyUpstream => "no healthy upstream",
             Failure::UpstreamConnect => {

@@ -30,7 +30,7 @@ use super::{
     routing::{self, Decision, Destination, Matched, ServiceLabels},
 };
 use crate::{
-    policy::routes::{Cors, Mirror, ProxyPolicy, RetryPolicy, Route, Target},
+    policy::routes::{Cors, HostVerify, Mirror, ProxyPolicy, RetryPolicy, Route, Target},
     telemetry::requests::{RequestRecord, RequestTelemetry},
 };
 
@@ -139,7 +139,12 @@ impl HttpProxy {
         let decision =
             routing::decide(&policy, &request, &authority, connection.listener, connection.local, fastrand::u32(..));
         match decision {
-            Decision::Fail { failure, labels } => self.local_failure(failure, record, started, labels),
+            Decision::Fail { failure, labels } => {
+                if failure == Failure::HostMismatch {
+                    self.telemetry.host_mismatch("refused");
+                }
+                self.local_failure(failure, record, started, labels)
+            }
             Decision::Respond { route, status, body } => {
                 record.route_name = Some(route.name.clone());
                 self.local_reply(status, body, "", record, started, Some(route))
@@ -154,7 +159,11 @@ impl HttpProxy {
                 record.response_code = status.as_u16();
                 self.finish(response, record, started, Some(route))
             }
-            Decision::Forward { route, target, destination } => {
+            Decision::Forward { route, target, destination, host_mismatch } => {
+                if host_mismatch {
+                    let action = if policy.host_verify == HostVerify::Route { "routed" } else { "trusted" };
+                    self.telemetry.host_mismatch(action);
+                }
                 record.route_name = route.map(|(route, _)| route.name.clone());
                 self.forward(&policy, request, connection, route, target, &authority, destination, record, started)
                     .await

@@ -10,7 +10,7 @@ use http::{Request, StatusCode, Uri};
 use super::failure::Failure;
 use crate::policy::{
     http_match::RequestView,
-    routes::{Action, ProxyPolicy, Redirect, Registered, Route, Service, Target, Upstream},
+    routes::{Action, HostVerify, ProxyPolicy, Redirect, Registered, Route, Service, Target, Upstream},
     OutboundMode,
 };
 
@@ -69,10 +69,28 @@ pub type Matched<'p> = (&'p Route, Option<&'p str>);
 
 #[derive(Debug)]
 pub enum Decision<'p> {
-    Fail { failure: Failure, labels: Option<ServiceLabels> },
-    Respond { route: &'p Route, status: StatusCode, body: Bytes },
-    Redirect { route: &'p Route, status: StatusCode, location: String },
-    Forward { route: Option<Matched<'p>>, target: Option<&'p Target>, destination: Destination<'p> },
+    Fail {
+        failure: Failure,
+        labels: Option<ServiceLabels>,
+    },
+    Respond {
+        route: &'p Route,
+        status: StatusCode,
+        body: Bytes,
+    },
+    Redirect {
+        route: &'p Route,
+        status: StatusCode,
+        location: String,
+    },
+    Forward {
+        route: Option<Matched<'p>>,
+        target: Option<&'p Target>,
+        destination: Destination<'p>,
+        /// The Host is registered at other addresses than the one connected to (routed or trusted by
+        /// `--host-verify`).
+        host_mismatch: bool,
+    },
 }
 
 /// Decides what becomes of `request`, for `authority`, received on `listener` at `local` (for intercepted
@@ -87,6 +105,16 @@ pub fn decide<'p, B>(
 ) -> Decision<'p> {
     let mut listener = listener;
     let mut port = local.port();
+    // Domain fronting: an intercepted request for a registered host, sent to an address that is not the host's.
+    let host_mismatch = listener == Listener::Mesh
+        && match policy.registered(host_of(authority), port) {
+            Registered::Service(service) => service.known_at(local.ip()) == Some(false),
+            Registered::Unknown => false,
+        };
+    if host_mismatch && policy.host_verify == HostVerify::Strict {
+        return Decision::Fail { failure: Failure::HostMismatch, labels: None };
+    }
+    let reroute = host_mismatch && policy.host_verify == HostVerify::Route;
     // At most two passes: the mesh, then (for a route to this gateway's own Service) the gateway.
     for _ in 0..2 {
         let (gateway_id, virtual_host) = match listener {
@@ -146,7 +174,15 @@ pub fn decide<'p, B>(
             continue;
         }
         return match destination(policy, host, destination_port, listener, local) {
-            Ok(destination) => Decision::Forward { route: matched, target, destination },
+            Ok(mut destination) => {
+                if reroute && destination.address.ip() == local.ip() {
+                    match destination.service.and_then(|(service, port)| service.own_address(port)) {
+                        Some(address) => destination.address = address,
+                        None => return Decision::Fail { failure: Failure::HostMismatch, labels: None },
+                    }
+                }
+                Decision::Forward { route: matched, target, destination, host_mismatch }
+            }
             Err((failure, labels)) => Decision::Fail { failure, labels },
         };
     }
@@ -250,15 +286,22 @@ mod tests {
     use super::*;
     use crate::{
         config::{resolver::Resolved, Snapshot},
-        policy::{bindings::bind, routes::proxy_policy},
+        policy::{
+            bindings::bind,
+            routes::{proxy_policy, HostVerify, ProxySettings},
+        },
     };
 
-    fn policy(yaml: &str, labels: &[(&str, &str)], own: &[&str]) -> ProxyPolicy {
+    fn policy_verifying(yaml: &str, labels: &[(&str, &str)], own: &[&str], verify: HostVerify) -> ProxyPolicy {
         let snapshot = Snapshot::from_yaml(yaml);
         let labels: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let resolved = Resolved::from([("httpbin.org".to_owned(), vec!["203.0.113.80".parse().unwrap()])]);
-        let own: Vec<String> = own.iter().map(|s| s.to_string()).collect();
-        proxy_policy(&snapshot, &resolved, OutboundMode::RegistryOnly, &bind(&snapshot, &labels), &own)
+        let settings = ProxySettings {
+            mode: OutboundMode::RegistryOnly,
+            own_services: own.iter().map(|s| s.to_string()).collect(),
+            host_verify: verify,
+        };
+        proxy_policy(&snapshot, &resolved, &bind(&snapshot, &labels), &settings)
     }
 
     fn get(uri: &str) -> Request<()> {
@@ -266,16 +309,40 @@ mod tests {
     }
 
     fn seed() -> ProxyPolicy {
+        seed_verifying(HostVerify::Strict)
+    }
+
+    fn seed_verifying(verify: HostVerify) -> ProxyPolicy {
         let text = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../deploy/examples/seeds/create-egress-gateway.yaml"
         ))
         .unwrap();
-        policy(
+        policy_verifying(
             &text,
             &[("gateway-name", "egress-demo"), ("gateway-type", "egress")],
             &["egress-demo.smm-demo.svc.cluster.local"],
+            verify,
         )
+    }
+
+    #[test]
+    fn a_host_sent_to_an_address_not_its_own_is_refused_routed_or_trusted() {
+        let fronted: SocketAddr = "198.51.100.7:80".parse().unwrap();
+        let own: SocketAddr = "203.0.113.80:80".parse().unwrap();
+        let strict = seed_verifying(HostVerify::Strict);
+        let decision = decide(&strict, &get("/"), "httpbin.org", Listener::Mesh, fronted, 0);
+        assert!(matches!(decision, Decision::Fail { failure: Failure::HostMismatch, .. }), "{decision:?}");
+        let decision = decide(&strict, &get("/"), "httpbin.org", Listener::Mesh, own, 0);
+        assert!(matches!(decision, Decision::Forward { host_mismatch: false, .. }), "{decision:?}");
+        let unregistered = decide(&strict, &get("/"), "example.com", Listener::Mesh, fronted, 0);
+        assert!(matches!(unregistered, Decision::Fail { failure: Failure::Blackholed, .. }), "{unregistered:?}");
+        for verify in [HostVerify::Route, HostVerify::Off] {
+            let policy = seed_verifying(verify);
+            let decision = decide(&policy, &get("/"), "httpbin.org", Listener::Mesh, fronted, 0);
+            let Decision::Forward { destination, host_mismatch: true, .. } = decision else { panic!("{decision:?}") };
+            assert_eq!(destination.address, own, "{verify:?}: a DNS host is reached at its resolved address");
+        }
     }
 
     fn forwarded_to(decision: Decision<'_>) -> Option<(SocketAddr, String)> {
@@ -288,12 +355,12 @@ mod tests {
     #[test]
     fn the_seeds_two_hop_route_continues_in_the_gateway_context_on_one_node() {
         let policy = seed();
-        let intercepted: SocketAddr = "198.51.100.7:80".parse().unwrap();
+        let intercepted: SocketAddr = "203.0.113.80:80".parse().unwrap();
         let decision = decide(&policy, &get("/get"), "httpbin.org", Listener::Mesh, intercepted, 0);
         assert_eq!(
             forwarded_to(decision),
             Some(("203.0.113.80:80".parse().unwrap(), "outbound|80||httpbin.org".into())),
-            "mesh → egress-demo → httpbin.org at its resolved address, not the original destination"
+            "mesh → egress-demo → httpbin.org at its resolved address"
         );
         let at_gateway: SocketAddr = "10.240.1.1:80".parse().unwrap();
         let decision = decide(&policy, &get("/get"), "httpbin.org", Listener::Gateway(80), at_gateway, 0);

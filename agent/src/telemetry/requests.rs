@@ -121,6 +121,7 @@ pub struct RequestTelemetry {
     lines: mpsc::Sender<String>,
     format: AccessLogFormat,
     dropped_lines: Counter,
+    host_mismatches: Family<[(&'static str, &'static str); 1], Counter>,
 }
 
 impl RequestTelemetry {
@@ -133,6 +134,13 @@ impl RequestTelemetry {
             "Access-log lines dropped because the writer fell behind",
             dropped_lines.clone(),
         );
+        let host_mismatches = Family::default();
+        registry.register(
+            "sluice_host_mismatch",
+            "Intercepted requests whose Host is registered at other addresses than the one connected to, by what \
+             became of them (refused, routed, trusted)",
+            host_mismatches.clone(),
+        );
         let (lines, mut queue) = mpsc::channel::<String>(4096);
         tokio::spawn(async move {
             let mut out = tokio::io::stdout();
@@ -143,7 +151,12 @@ impl RequestTelemetry {
                 let _ = out.flush().await;
             }
         });
-        RequestTelemetry { metrics, lines, format, dropped_lines }
+        RequestTelemetry { metrics, lines, format, dropped_lines, host_mismatches }
+    }
+
+    /// Counts a request whose Host did not belong to the address it was sent to.
+    pub fn host_mismatch(&self, action: &'static str) {
+        self.host_mismatches.get_or_create(&[("action", action)]).inc();
     }
 
     pub fn record(&self, record: &RequestRecord) {
