@@ -18,7 +18,12 @@ use sluice_agent::{
         routes::{HostVerify, ProxySettings},
         BlackholeAction, L4Rule, OutboundMode,
     },
-    proxy::{self, gateway_listeners::GatewayListeners, http::HttpProxy, transparent_listener::TransparentListener},
+    proxy::{
+        self,
+        gateway_listeners::GatewayListeners,
+        http::{HttpProxy, Limits},
+        transparent_listener::TransparentListener,
+    },
     telemetry::{self, config_dump, requests::AccessLogFormat},
 };
 use tokio::signal::unix::{signal, SignalKind};
@@ -116,6 +121,12 @@ struct RunArgs {
     /// client connected to (domain fronting): refused (421), routed to the host's own addresses, or trusted.
     #[arg(long, value_enum, default_value = "strict")]
     host_verify: HostVerify,
+    /// Client connections the proxy holds open at once (intercepted and on Gateway ports); more are reset.
+    #[arg(long, value_name = "N", default_value_t = 16384)]
+    max_connections: usize,
+    /// How long a client may take to send a request's headers before its connection is closed.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = sluice_agent::config::fields::parse_duration)]
+    request_headers_timeout: std::time::Duration,
     /// The access log's format on standard output: Envoy's default text line, or one JSON object per request.
     #[arg(long, value_enum, default_value = "text")]
     access_log_format: AccessLogFormat,
@@ -282,7 +293,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Ready once attached, and with --kube once every kind has been listed.
     let (ready, ready_reader) = tokio::sync::watch::channel(!args.kube || kube_changes.borrow().is_some());
     tasks.spawn(telemetry::server::serve_readiness(readiness_listener, ready_reader));
-    let http = Arc::new(HttpProxy::new(routes.clone(), metrics.requests.clone()));
+    let limits =
+        Limits { max_connections: args.max_connections, request_headers_timeout: args.request_headers_timeout };
+    let http = Arc::new(HttpProxy::new(routes.clone(), metrics.requests.clone(), limits));
     if let Some(listener) = transparent {
         tasks.spawn(proxy::intercepted::serve(listener, http.clone(), routes.clone()));
     }

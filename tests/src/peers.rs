@@ -173,7 +173,8 @@ pub fn send_udp(netns: &Netns, dst: SocketAddr, count: usize, payload: usize) ->
 }
 
 /// An HTTP/1.1 upstream whose answers a test scripts: the n-th request gets the n-th status of the script (200
-/// once it runs out), each with `Connection: close`. It records every request's head. Stops on drop.
+/// once it runs out), each with `Connection: close`; a request asking for an upgrade gets `101 Switching
+/// Protocols` and then an echo of every byte it sends. It records every request's head. Stops on drop.
 #[derive(Debug)]
 pub struct ScriptedServer {
     heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
@@ -209,6 +210,26 @@ impl ScriptedServer {
                     }
                 }
                 let head = String::from_utf8_lossy(&request).split("\r\n\r\n").next().unwrap_or("").to_owned();
+                let upgrade = head.lines().find_map(|line| {
+                    let (name, value) = line.split_once(':')?;
+                    name.eq_ignore_ascii_case("upgrade").then(|| value.trim().to_owned())
+                });
+                if let Some(protocol) = upgrade {
+                    recorded.lock().expect("not poisoned").push(head);
+                    let switching = format!(
+                        "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: {protocol}\r\n\r\n"
+                    );
+                    let _ = stream.write_all(switching.as_bytes());
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 4096];
+                        while let Ok(n) = stream.read(&mut buf) {
+                            if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    continue;
+                }
                 let status = script.pop_front().unwrap_or(200);
                 let body = format!("scripted {status}\n");
                 let response = format!(

@@ -22,7 +22,7 @@ fn addr(host: &str, port: u16) -> SocketAddr {
 fn total(metrics: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
     metrics
         .lines()
-        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .filter(|line| line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} ")))
         .filter(|line| labels.iter().all(|(k, v)| line.contains(&format!("{k}=\"{v}\""))))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
@@ -456,4 +456,123 @@ fn retries_faults_mirrors_and_cors_behave_as_envoys() {
     assert!(log.contains("\"GET /no-retry HTTP/1.1\" 503 UF "), "{log}");
     assert!(log.contains("\"GET /abort HTTP/1.1\" 503 FI "), "{log}");
     assert!(log.contains("\"GET /delay HTTP/1.1\" 200 DI "), "{log}");
+}
+
+/// Sends `bytes` on a new connection from the workload to `dst` and reads until the peer closes (or 5 s pass):
+/// what came back, and whether the peer closed.
+fn raw_exchange(topology: &Topology, dst: SocketAddr, bytes: &[u8]) -> (String, bool) {
+    use std::io::Write;
+    topology
+        .workload
+        .enter(|| {
+            let Ok(mut stream) = std::net::TcpStream::connect_timeout(&dst, std::time::Duration::from_secs(2)) else {
+                // Reset during the handshake.
+                return (String::new(), true);
+            };
+            let written = stream
+                .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .and_then(|()| stream.write_all(bytes));
+            if written.is_err() {
+                // Reset before the request was written.
+                return (String::new(), true);
+            }
+            let mut received = Vec::new();
+            let mut buf = [0u8; 4096];
+            let closed = loop {
+                match stream.read(&mut buf) {
+                    Ok(0) => break true,
+                    Ok(n) => received.extend_from_slice(&buf[..n]),
+                    Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => break true,
+                    Err(_) => break false,
+                }
+            };
+            (String::from_utf8_lossy(&received).into_owned(), closed)
+        })
+        .unwrap()
+}
+
+#[test]
+fn bad_requests_are_refused_as_envoy_refuses_them_and_slow_or_surplus_clients_are_cut_off() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80)], ECHO).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN]);
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {} --request-headers-timeout 1s \
+         --max-connections 2",
+        config.path().display()
+    );
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    let server = addr(SERVER_A, 80);
+
+    let big = format!("x-big: {}", "a".repeat(70 * 1024));
+    assert_eq!(get(&topology, "httpbin.org", SERVER_A, "/", &["-H", &big]).0, 431, "headers over 60 KiB");
+    let (answer, _) = raw_exchange(&topology, server, b"GET / HTTP/1.1\r\nHost: httpbin.org\r\nno colon\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 400"), "a malformed header: {answer:?}");
+    let (answer, _) = raw_exchange(&topology, server, b"GET / HTTP/1.0\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.0 400") || answer.starts_with("HTTP/1.1 400"), "no Host: {answer:?}");
+
+    let (answer, closed) = raw_exchange(&topology, server, b"GET / HTTP/1.1\r\nHost: httpbin.org\r\n");
+    assert!(closed, "a client that never finishes its headers is cut off after 1 s: {answer:?}");
+
+    // Two clients hold the two connections allowed; a third is reset at once.
+    let held: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            topology
+                .workload
+                .enter(|| {
+                    use std::io::Write;
+                    let mut stream = std::net::TcpStream::connect(server).unwrap();
+                    stream.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+                    stream
+                })
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (answer, closed) = raw_exchange(&topology, server, b"GET / HTTP/1.1\r\nHost: httpbin.org\r\n\r\n");
+    assert!(closed && answer.is_empty(), "over --max-connections: {answer:?}");
+    drop(held);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(get(&topology, "httpbin.org", SERVER_A, "/", &[]).0, 200, "{}", agent.log());
+    let metrics = agent.metrics().unwrap();
+    assert!(total(&metrics, "sluice_proxy_connections_refused_total", &[]) >= 1, "{metrics}");
+}
+
+#[test]
+fn websocket_upgrades_are_passed_through_both_ways() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let upstream = ScriptedServer::start(&topology.internet, addr(SERVER_B, 80), &[]).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let entry = HTTPBIN.replace("httpbin", "ws").replace("203.0.113.10", SERVER_B);
+    write_config(config.path(), &[MESH_REGISTRY_ONLY, &entry]);
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    let answer = topology
+        .workload
+        .enter(|| {
+            use std::io::Write;
+            let mut stream = std::net::TcpStream::connect(upstream.addr()).unwrap();
+            stream.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+            let handshake = "GET /chat HTTP/1.1\r\nHost: ws.org\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+            stream.write_all(handshake.as_bytes()).unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap() == 1 {
+                head.push(byte[0]);
+            }
+            stream.write_all(b"ping across the proxy").unwrap();
+            let mut echoed = [0u8; 21];
+            stream.read_exact(&mut echoed).unwrap();
+            (String::from_utf8_lossy(&head).into_owned(), String::from_utf8_lossy(&echoed).into_owned())
+        })
+        .unwrap();
+    assert!(answer.0.starts_with("HTTP/1.1 101"), "{answer:?}\n{}", agent.log());
+    assert!(answer.0.to_ascii_lowercase().contains("upgrade: websocket"), "{answer:?}");
+    assert_eq!(answer.1, "ping across the proxy");
+    let heads = upstream.heads();
+    assert!(heads[0].to_ascii_lowercase().contains("upgrade: websocket"), "{heads:?}");
 }

@@ -95,9 +95,17 @@ async fn accept(listener: TcpListener, port: u16, proxy: Arc<HttpProxy>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let Some(permit) = proxy.admit() else {
+                    super::tcp::reset(&stream);
+                    continue;
+                };
                 let local = stream.local_addr().unwrap_or_else(|_| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)));
                 let connection = Connection { peer, local, listener: Listener::Gateway(port) };
-                tokio::spawn(proxy.clone().serve_connection(stream, connection));
+                let proxy = proxy.clone();
+                tokio::spawn(async move {
+                    proxy.serve_connection(stream, connection).await;
+                    drop(permit);
+                });
             }
             Err(error) => {
                 tracing::warn!(port, %error, "accepting a gateway connection");

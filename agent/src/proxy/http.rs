@@ -17,7 +17,10 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::{
+    body::{Body, Frame, Incoming, SizeHint},
+    upgrade::OnUpgrade,
+};
 use hyper_util::{
     client::legacy::{connect::HttpConnector, Client},
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -39,8 +42,9 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// Istio's default connect timeout for clusters.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a client may take to send a request's headers (slow clients hold a connection no longer).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Envoy's default limits on a request's headers: 60 KiB (the request line included) and 100 headers.
+const MAX_REQUEST_HEADERS_BYTES: usize = 60 * 1024;
+const MAX_REQUEST_HEADERS: usize = 100;
 /// The largest request body kept for retries and mirrors; a larger one (or one of unknown size) is streamed
 /// to one try.
 const MAX_REPLAYED_BODY: u64 = 64 * 1024;
@@ -72,10 +76,21 @@ pub struct HttpProxy {
     http1: Client<HttpConnector, ProxyBody>,
     http2: Client<HttpConnector, ProxyBody>,
     telemetry: RequestTelemetry,
+    limits: Limits,
+    connections: Arc<tokio::sync::Semaphore>,
+}
+
+/// What one client may cost the proxy.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Client connections open at once (intercepted and on Gateway ports); more are reset at accept.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers (slowloris clients hold a connection no longer).
+    pub request_headers_timeout: Duration,
 }
 
 impl HttpProxy {
-    pub fn new(policy: Arc<ArcSwap<ProxyPolicy>>, telemetry: RequestTelemetry) -> HttpProxy {
+    pub fn new(policy: Arc<ArcSwap<ProxyPolicy>>, telemetry: RequestTelemetry, limits: Limits) -> HttpProxy {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         connector.set_nodelay(true);
@@ -88,7 +103,18 @@ impl HttpProxy {
             .timer(TokioTimer::new())
             .http2_only(true)
             .build(connector);
-        HttpProxy { policy, http1, http2, telemetry }
+        let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+        HttpProxy { policy, http1, http2, telemetry, limits, connections }
+    }
+
+    /// A place for one more client connection, or `None` at `--max-connections` (the connection is then reset
+    /// and counted).
+    pub fn admit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let permit = self.connections.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            self.telemetry.connection_refused();
+        }
+        permit
     }
 
     /// Serves one client connection (HTTP/1.1 with keep-alive, or HTTP/2) until it closes.
@@ -100,8 +126,14 @@ impl HttpProxy {
             async move { Ok::<_, std::convert::Infallible>(proxy.handle(request, connection).await) }
         });
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-        if let Err(error) = builder.serve_connection(TokioIo::new(stream), service).await {
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.limits.request_headers_timeout)
+            .max_buf_size(MAX_REQUEST_HEADERS_BYTES)
+            .max_headers(MAX_REQUEST_HEADERS);
+        builder.http2().timer(TokioTimer::new()).max_header_list_size(MAX_REQUEST_HEADERS_BYTES as u32);
+        if let Err(error) = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await {
             tracing::debug!(%error, peer = %connection.peer, "client connection ended");
         }
     }
@@ -214,12 +246,19 @@ impl HttpProxy {
         }
 
         let (mut parts, body) = request.into_parts();
+        // An HTTP/1.1 upgrade (WebSocket): its headers go upstream, and a 101 joins the two connections.
+        let upgrade = requested_upgrade(&parts.headers);
+        let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<OnUpgrade>());
         let received = Arc::new(AtomicU64::new(0));
         let path_and_query = routing::rewritten_path(matched, &parts.uri);
         let upstream_authority =
             route.and_then(|route| route.rewrite.as_ref()?.authority.clone()).unwrap_or_else(|| authority.to_owned());
         let headers = &mut parts.headers;
         strip_hop_by_hop(headers);
+        if let Some(protocol) = &upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, protocol.clone());
+        }
         if let Ok(host) = HeaderValue::from_str(&upstream_authority) {
             headers.insert(header::HOST, host);
         }
@@ -322,8 +361,19 @@ impl HttpProxy {
         };
         let service_time = try_started.elapsed();
         record.upstream_service_time = Some(service_time);
+        let mut response = response;
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(join_upgraded(client_upgrade, upstream_upgrade, connection.peer));
+        }
         let (mut parts, body) = response.into_parts();
+        let upgraded_to = parts.headers.get(header::UPGRADE).cloned().filter(|_| switching);
         strip_hop_by_hop(&mut parts.headers);
+        if let Some(protocol) = upgraded_to {
+            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, protocol);
+        }
         if let Ok(value) = HeaderValue::from_str(&service_time.as_millis().to_string()) {
             parts.headers.insert("x-envoy-upstream-service-time", value);
         }
@@ -487,6 +537,28 @@ fn protocol_name(version: Version) -> &'static str {
 
 fn header_text(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<String> {
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` with `Upgrade: …`).
+fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|token| token.trim().eq_ignore_ascii_case("upgrade")));
+    asks.then(|| headers.get(header::UPGRADE).cloned()).flatten()
+}
+
+/// Relays bytes between an upgraded client connection and its upgraded upstream until either closes.
+async fn join_upgraded(client: OnUpgrade, upstream: OnUpgrade, peer: SocketAddr) {
+    match tokio::try_join!(client, upstream) {
+        Ok((client, upstream)) => {
+            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+            let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            tracing::debug!(%peer, ?copied, "upgraded connection ended");
+        }
+        Err(error) => tracing::debug!(%peer, %error, "upgrade failed"),
+    }
 }
 
 /// True for `percent` % of calls.

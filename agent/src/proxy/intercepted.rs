@@ -28,6 +28,10 @@ pub async fn serve(listener: Arc<TransparentListener>, proxy: Arc<HttpProxy>, po
 }
 
 async fn dispatch(connection: Intercepted, proxy: Arc<HttpProxy>, policy: Arc<ArcSwap<ProxyPolicy>>) {
+    let Some(_permit) = proxy.admit() else {
+        tcp::reset(&connection.stream);
+        return;
+    };
     match detect(&connection.stream, DETECTION_TIMEOUT).await {
         Detected::Http => {
             tracing::debug!(

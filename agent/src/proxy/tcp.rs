@@ -11,7 +11,7 @@ use crate::policy::OutboundMode;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Closes with a RST rather than a FIN: the client must not take the close for an answer.
-fn reset(stream: &TcpStream) {
+pub fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 

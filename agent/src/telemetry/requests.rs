@@ -122,6 +122,7 @@ pub struct RequestTelemetry {
     format: AccessLogFormat,
     dropped_lines: Counter,
     host_mismatches: Family<[(&'static str, &'static str); 1], Counter>,
+    connections_refused: Counter,
 }
 
 impl RequestTelemetry {
@@ -141,6 +142,12 @@ impl RequestTelemetry {
              became of them (refused, routed, trusted)",
             host_mismatches.clone(),
         );
+        let connections_refused = Counter::default();
+        registry.register(
+            "sluice_proxy_connections_refused",
+            "Client connections reset at accept because --max-connections were open",
+            connections_refused.clone(),
+        );
         let (lines, mut queue) = mpsc::channel::<String>(4096);
         tokio::spawn(async move {
             let mut out = tokio::io::stdout();
@@ -151,7 +158,12 @@ impl RequestTelemetry {
                 let _ = out.flush().await;
             }
         });
-        RequestTelemetry { metrics, lines, format, dropped_lines, host_mismatches }
+        RequestTelemetry { metrics, lines, format, dropped_lines, host_mismatches, connections_refused }
+    }
+
+    /// Counts a client connection refused at `--max-connections`.
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
     }
 
     /// Counts a request whose Host did not belong to the address it was sent to.
