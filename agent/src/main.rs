@@ -21,7 +21,7 @@ use sluice_agent::{
     proxy::{
         self,
         gateway_listeners::GatewayListeners,
-        http::{HttpProxy, Limits},
+        http::{HttpProxy, Limits, Listener},
         transparent_listener::TransparentListener,
     },
     telemetry::{self, config_dump, requests::AccessLogFormat},
@@ -121,6 +121,10 @@ struct RunArgs {
     /// client connected to (domain fronting): refused (421), routed to the host's own addresses, or trusted.
     #[arg(long, value_enum, default_value = "strict")]
     host_verify: HostVerify,
+    /// A port for clients that name the proxy in HTTP_PROXY / HTTPS_PROXY: absolute-form HTTP requests are routed
+    /// as intercepted ones, and `CONNECT host:port` tunnels are admitted by the same registry (e.g. 3128).
+    #[arg(long, value_name = "PORT")]
+    forward_proxy_port: Option<u16>,
     /// Client connections the proxy holds open at once (intercepted and on Gateway ports); more are reset.
     #[arg(long, value_name = "N", default_value_t = 16384)]
     max_connections: usize,
@@ -217,6 +221,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics_listener = listen(args.metrics_addr, "metrics", "--metrics-addr").await?;
     let admin_listener = listen(args.admin_addr, "admin", "--admin-addr").await?;
     let readiness_listener = listen(args.readiness_addr, "readiness", "--readiness-addr").await?;
+    let forward_proxy = match args.forward_proxy_port {
+        Some(port) => Some(proxy::gateway_listeners::bind(port).map_err(|error| {
+            anyhow::anyhow!("binding the forward-proxy listener on port {port}: {error} (see --forward-proxy-port)")
+        })?),
+        None => None,
+    };
     let intercepting = !args.intercept_port.is_empty();
     let transparent = if intercepting {
         let listener = TransparentListener::bind(args.proxy_port).map_err(|error| {
@@ -295,7 +305,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tasks.spawn(telemetry::server::serve_readiness(readiness_listener, ready_reader));
     let limits =
         Limits { max_connections: args.max_connections, request_headers_timeout: args.request_headers_timeout };
-    let http = Arc::new(HttpProxy::new(routes.clone(), metrics.requests.clone(), limits));
+    let proxy_resolver = DnsResolver::new(&args.dns_server).map_err(anyhow::Error::msg)?;
+    let http = Arc::new(HttpProxy::new(routes.clone(), metrics.requests.clone(), limits).with_resolver(proxy_resolver));
+    for listener in forward_proxy.into_iter().flatten() {
+        tasks.spawn(proxy::gateway_listeners::accept(listener, Listener::Forward, http.clone()));
+    }
     if let Some(listener) = transparent {
         tasks.spawn(proxy::intercepted::serve(listener, http.clone(), routes.clone()));
     }

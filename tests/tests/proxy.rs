@@ -469,9 +469,8 @@ fn raw_exchange(topology: &Topology, dst: SocketAddr, bytes: &[u8]) -> (String, 
                 // Reset during the handshake.
                 return (String::new(), true);
             };
-            let written = stream
-                .set_read_timeout(Some(std::time::Duration::from_secs(5)))
-                .and_then(|()| stream.write_all(bytes));
+            let written =
+                stream.set_read_timeout(Some(std::time::Duration::from_secs(5))).and_then(|()| stream.write_all(bytes));
             if written.is_err() {
                 // Reset before the request was written.
                 return (String::new(), true);
@@ -575,4 +574,55 @@ fn websocket_upgrades_are_passed_through_both_ways() {
     assert_eq!(answer.1, "ping across the proxy");
     let heads = upstream.heads();
     assert!(heads[0].to_ascii_lowercase().contains("upgrade: websocket"), "{heads:?}");
+}
+
+#[test]
+fn the_forward_proxy_port_routes_absolute_requests_and_admits_connect_tunnels_by_host() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let servers = [addr(SERVER_A, 80), addr(SERVER_A, 443), addr(SERVER_B, 80), addr(SERVER_B, 443)];
+    let _nginx = Nginx::start(&topology.internet, &servers, ECHO).unwrap();
+    let _dns =
+        Dnsmasq::start(&topology.internet, INTERNET_ADDR, &[("httpbin.org", SERVER_A), ("evil.example", SERVER_B)])
+            .unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let entry = HTTPBIN.replace(
+        "ports: [{number: 80, name: http, protocol: HTTP}]",
+        "ports: [{number: 80, name: http, protocol: HTTP}, {number: 443, name: tls, protocol: TLS}]",
+    );
+    write_config(config.path(), &[MESH_REGISTRY_ONLY, &entry]);
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --config {} --forward-proxy-port 3128 --dns-server {INTERNET_ADDR} \
+         --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32",
+        config.path().display()
+    );
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    let proxy = format!("http://{GATEWAY_WORKLOAD_ADDR}:3128");
+    let through = |extra: &[&str], url: &str| {
+        let output = topology
+            .workload
+            .command("curl")
+            .args(["-sS", "--max-time", "10", "-x", &proxy, "-w", "\n%{http_code} %{http_connect}"])
+            .args(extra)
+            .arg(url)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let (body, codes) = text.rsplit_once('\n').unwrap();
+        (codes.to_owned(), body.to_owned())
+    };
+
+    let (codes, body) = through(&[], "http://httpbin.org/get");
+    assert_eq!(codes, "200 000", "{body}\n{}", agent.log());
+    assert!(body.starts_with(&format!("{SERVER_A} host=httpbin.org uri=/get")), "{body}");
+    let (codes, _) = through(&[], "http://evil.example/");
+    assert_eq!(codes, "502 000", "an unregistered host under REGISTRY_ONLY");
+
+    let (codes, body) = through(&["-p"], "http://httpbin.org:443/tunnelled");
+    assert_eq!(codes, "200 200", "CONNECT to a registered host and port: {body}\n{}", agent.log());
+    assert!(body.starts_with(&format!("{SERVER_A} host=httpbin.org uri=/tunnelled")), "{body}");
+    let (codes, _) = through(&["-p"], "http://evil.example:443/");
+    assert!(codes.ends_with(" 502"), "CONNECT to an unregistered host is refused: {codes}");
+    let (codes, _) = through(&["-p"], "http://httpbin.org:8443/");
+    assert!(codes.ends_with(" 502"), "CONNECT to a port the ServiceEntry does not declare: {codes}");
 }

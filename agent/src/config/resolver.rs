@@ -82,6 +82,22 @@ impl DnsResolver {
         Ok(DnsResolver { resolver })
     }
 
+    /// One address of `name` (from the resolver's cache while its TTL lasts), IPv4 first.
+    pub async fn lookup(&self, name: &str) -> Result<IpAddr, String> {
+        let query = if name.ends_with('.') { name.to_owned() } else { format!("{name}.") };
+        let answer = tokio::time::timeout(LOOKUP_TIMEOUT, self.resolver.lookup_ip(query.as_str()))
+            .await
+            .map_err(|_| format!("looking up {name}: timed out"))?
+            .map_err(|error| format!("looking up {name}: {error}"))?;
+        let addresses: Vec<IpAddr> = answer.iter().collect();
+        addresses
+            .iter()
+            .find(|address| address.is_ipv4())
+            .or(addresses.first())
+            .copied()
+            .ok_or_else(|| format!("looking up {name}: no address"))
+    }
+
     /// Resolves `names`; a name that fails keeps what `previous` had for it. Returns the addresses and when to
     /// look again (the earliest expiry, within MIN_REFRESH and MAX_REFRESH).
     pub async fn resolve(&self, names: &BTreeSet<String>, previous: &Resolved) -> (Resolved, Duration) {

@@ -19,6 +19,8 @@ pub enum Failure {
     NoCluster,
     /// Registered, but no endpoint address is known now (a DNS name not yet, or no longer, resolved).
     NoHealthyUpstream,
+    /// The host a forward-proxied request names could not be looked up.
+    DnsFailure,
     /// Connecting to the upstream failed (refused, unreachable, connect timeout).
     UpstreamConnect,
     /// The upstream closed or reset the connection before answering.
@@ -34,9 +36,11 @@ impl Failure {
             Failure::NoRoute => StatusCode::NOT_FOUND,
             Failure::Blackholed => StatusCode::BAD_GATEWAY,
             Failure::HostMismatch => StatusCode::MISDIRECTED_REQUEST,
-            Failure::NoCluster | Failure::NoHealthyUpstream | Failure::UpstreamConnect | Failure::UpstreamReset => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Failure::NoCluster
+            | Failure::NoHealthyUpstream
+            | Failure::DnsFailure
+            | Failure::UpstreamConnect
+            | Failure::UpstreamReset => StatusCode::SERVICE_UNAVAILABLE,
             Failure::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -50,6 +54,7 @@ impl Failure {
             Failure::Blackholed | Failure::HostMismatch => "-",
             Failure::NoCluster => "NC",
             Failure::NoHealthyUpstream => "UH",
+            Failure::DnsFailure => "DF",
             Failure::UpstreamConnect => "UF",
             Failure::UpstreamReset => "UR",
             Failure::UpstreamTimeout => "UT",
@@ -64,6 +69,7 @@ impl Failure {
             Failure::HostMismatch => "the host is not served at the address connected to\n",
             Failure::NoCluster => "no cluster for the destination\n",
             Failure::NoHealthyUpstream => "no healthy upstream",
+            Failure::DnsFailure => "dns resolution failure",
             Failure::UpstreamConnect => {
                 "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
             }

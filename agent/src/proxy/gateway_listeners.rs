@@ -1,5 +1,5 @@
-//! The Gateway server ports: one listener per HTTP port of the Gateways that select this agent, opened and closed
-//! as the configuration changes.
+//! The proxy's explicit listeners: one per HTTP port of the Gateways that select this agent, opened and closed
+//! as the configuration changes; and the forward-proxy port.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -48,7 +48,7 @@ impl GatewayListeners {
                 Ok(listeners) => {
                     let tasks = listeners
                         .into_iter()
-                        .map(|listener| tokio::spawn(accept(listener, port, self.proxy.clone())))
+                        .map(|listener| tokio::spawn(accept(listener, Listener::Gateway(port), self.proxy.clone())))
                         .collect();
                     self.open.insert(port, tasks);
                     tracing::info!(port, "gateway listener open");
@@ -70,7 +70,7 @@ impl Drop for GatewayListeners {
 }
 
 /// IPv4 and, where the node has it, IPv6 listeners on `port`.
-fn bind(port: u16) -> io::Result<Vec<TcpListener>> {
+pub fn bind(port: u16) -> io::Result<Vec<TcpListener>> {
     let mut listeners = vec![listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?];
     match listener(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
         Ok(v6) => listeners.push(v6),
@@ -91,7 +91,8 @@ fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-async fn accept(listener: TcpListener, port: u16, proxy: Arc<HttpProxy>) {
+/// Serves the connections `listener` accepts as `kind` (a Gateway port, or the forward-proxy port).
+pub async fn accept(listener: TcpListener, kind: Listener, proxy: Arc<HttpProxy>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -99,8 +100,8 @@ async fn accept(listener: TcpListener, port: u16, proxy: Arc<HttpProxy>) {
                     super::tcp::reset(&stream);
                     continue;
                 };
-                let local = stream.local_addr().unwrap_or_else(|_| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)));
-                let connection = Connection { peer, local, listener: Listener::Gateway(port) };
+                let Ok(local) = stream.local_addr() else { continue };
+                let connection = Connection { peer, local, listener: kind };
                 let proxy = proxy.clone();
                 tokio::spawn(async move {
                     proxy.serve_connection(stream, connection).await;
@@ -108,7 +109,7 @@ async fn accept(listener: TcpListener, port: u16, proxy: Arc<HttpProxy>) {
                 });
             }
             Err(error) => {
-                tracing::warn!(port, %error, "accepting a gateway connection");
+                tracing::warn!(listener = ?kind, %error, "accepting a connection");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

@@ -33,6 +33,7 @@ use super::{
     routing::{self, Decision, Destination, Matched, ServiceLabels},
 };
 use crate::{
+    config::resolver::DnsResolver,
     policy::routes::{Cors, HostVerify, Mirror, ProxyPolicy, RetryPolicy, Route, Target},
     telemetry::requests::{RequestRecord, RequestTelemetry},
 };
@@ -78,6 +79,8 @@ pub struct HttpProxy {
     telemetry: RequestTelemetry,
     limits: Limits,
     connections: Arc<tokio::sync::Semaphore>,
+    /// Looks up the hosts that forward-proxied requests name.
+    resolver: Option<Arc<DnsResolver>>,
 }
 
 /// What one client may cost the proxy.
@@ -104,7 +107,13 @@ impl HttpProxy {
             .http2_only(true)
             .build(connector);
         let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-        HttpProxy { policy, http1, http2, telemetry, limits, connections }
+        HttpProxy { policy, http1, http2, telemetry, limits, connections, resolver: None }
+    }
+
+    /// Resolves the hosts that forward-proxied requests name with `resolver`.
+    pub fn with_resolver(mut self, resolver: DnsResolver) -> HttpProxy {
+        self.resolver = Some(Arc::new(resolver));
+        self
     }
 
     /// A place for one more client connection, or `None` at `--max-connections` (the connection is then reset
@@ -168,6 +177,15 @@ impl HttpProxy {
             return self.local_failure(Failure::BadRequest, record, started, None);
         };
         record.authority = authority.clone();
+        let mut connection = connection;
+        if connection.listener == Listener::Forward {
+            if request.method() == Method::CONNECT {
+                return self.tunnel(&policy, request, &authority, record, started).await;
+            }
+            // The destination the request names; its address is looked up only if the route needs it.
+            let port = request.uri().port_u16().unwrap_or(80);
+            connection.local = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
+        }
         let decision =
             routing::decide(&policy, &request, &authority, connection.listener, connection.local, fastrand::u32(..));
         match decision {
@@ -301,6 +319,13 @@ impl HttpProxy {
         let client = if destination.http2 { &self.http2 } else { &self.http1 };
         let overall = route.and_then(|route| route.timeout).map(|timeout| tokio::time::Instant::now() + timeout);
         let mut address = destination.address;
+        if address.ip().is_unspecified() {
+            // Forward-proxied, to where the request's own host resolves.
+            match self.lookup(routing::host_of(authority)).await {
+                Ok(ip) => address.set_ip(ip),
+                Err(failure) => return self.local_failure(failure, record, started, Some(destination.labels)),
+            }
+        }
         let mut attempt = 0u32;
         let outcome = loop {
             let body = match (&replayable, streamed.take()) {
@@ -392,6 +417,68 @@ impl HttpProxy {
         apply_labels(&mut record, &labels);
         let response = Response::from_parts(parts, body.map_err(BoxError::from).boxed());
         self.finish_streaming(response, record, started, received)
+    }
+
+    /// The address of `host` (an IP literal, or a DNS name through the proxy's resolver).
+    async fn lookup(&self, host: &str) -> Result<std::net::IpAddr, Failure> {
+        if let Ok(ip) = host.parse() {
+            return Ok(ip);
+        }
+        let Some(resolver) = &self.resolver else { return Err(Failure::DnsFailure) };
+        resolver.lookup(host).await.map_err(|error| {
+            tracing::debug!(%host, %error, "forward proxy lookup failed");
+            Failure::DnsFailure
+        })
+    }
+
+    /// `CONNECT host:port` on the forward-proxy port: a tunnel, if the registry (or ALLOW_ANY) admits the host on
+    /// that port; its bytes are relayed untouched.
+    async fn tunnel(
+        &self,
+        policy: &ProxyPolicy,
+        request: Request<Incoming>,
+        authority: &str,
+        mut record: RequestRecord,
+        started: Instant,
+    ) -> Response<ProxyBody> {
+        let host = routing::host_of(authority).to_owned();
+        let Some(port) = request.uri().port_u16() else {
+            return self.local_failure(Failure::BadRequest, record, started, None);
+        };
+        let unresolved = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
+        let destination = match routing::destination(policy, &host, port, Listener::Forward, unresolved) {
+            Ok(destination) => destination,
+            Err((failure, labels)) => return self.local_failure(failure, record, started, labels),
+        };
+        let mut address = destination.address;
+        if address.ip().is_unspecified() {
+            match self.lookup(&host).await {
+                Ok(ip) => address.set_ip(ip),
+                Err(failure) => return self.local_failure(failure, record, started, Some(destination.labels)),
+            }
+        }
+        record.upstream_host = Some(address);
+        let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address)).await {
+            Ok(Ok(upstream)) => upstream,
+            Ok(Err(_)) | Err(_) => {
+                return self.local_failure(Failure::UpstreamConnect, record, started, Some(destination.labels));
+            }
+        };
+        let peer = record.downstream_remote;
+        tokio::spawn(async move {
+            match hyper::upgrade::on(request).await {
+                Ok(upgraded) => {
+                    let (mut client, mut upstream) = (TokioIo::new(upgraded), upstream);
+                    let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    tracing::debug!(?peer, upstream = %address, ?copied, "tunnel ended");
+                }
+                Err(error) => tracing::debug!(?peer, %error, "tunnel not established"),
+            }
+        });
+        record.response_code = StatusCode::OK.as_u16();
+        record.upstream_cluster = destination.labels.cluster.clone();
+        apply_labels(&mut record, &destination.labels);
+        self.finish_streaming(Response::new(empty()), record, started, Arc::new(AtomicU64::new(0)))
     }
 
     /// Sends a copy of the request to the mirror's destination, its authority suffixed `-shadow` as Envoy's

@@ -21,6 +21,16 @@ pub enum Listener {
     Mesh,
     /// A Gateway server port.
     Gateway(u16),
+    /// The forward-proxy port (clients with `HTTP_PROXY` set): mesh semantics, the destination named by the
+    /// request and resolved by the proxy.
+    Forward,
+}
+
+impl Listener {
+    /// Whether requests are routed as the workloads' own (the `mesh` gateway).
+    fn is_mesh(self) -> bool {
+        matches!(self, Listener::Mesh | Listener::Forward)
+    }
 }
 
 /// How Istio's metrics name a destination, and the Envoy cluster it stands for.
@@ -94,7 +104,7 @@ pub enum Decision<'p> {
 }
 
 /// Decides what becomes of `request`, for `authority`, received on `listener` at `local` (for intercepted
-/// traffic, the original destination). `roll` (uniform) picks among weighted destinations.
+/// traffic, the original destination; for forward-proxied traffic, the address the authority resolved to). `roll` (uniform) picks among weighted destinations.
 pub fn decide<'p, B>(
     policy: &'p ProxyPolicy,
     request: &Request<B>,
@@ -118,7 +128,7 @@ pub fn decide<'p, B>(
     // At most two passes: the mesh, then (for a route to this gateway's own Service) the gateway.
     for _ in 0..2 {
         let (gateway_id, virtual_host) = match listener {
-            Listener::Mesh => ("mesh", policy.mesh.get(authority)),
+            Listener::Mesh | Listener::Forward => ("mesh", policy.mesh.get(authority)),
             Listener::Gateway(gateway_port) => {
                 port = gateway_port;
                 match policy.gateway_on(gateway_port) {
@@ -151,7 +161,7 @@ pub fn decide<'p, B>(
                 }
             }
             // A Gateway serves only the hosts its VirtualServices name.
-            None if listener != Listener::Mesh => return Decision::Fail { failure: Failure::NoRoute, labels: None },
+            None if !listener.is_mesh() => return Decision::Fail { failure: Failure::NoRoute, labels: None },
             None => None,
         };
         let target = match matched.map(|(route, _)| (route, &route.action)) {
@@ -169,7 +179,7 @@ pub fn decide<'p, B>(
             Some(target) => (target.host.as_str(), target.port.unwrap_or(port)),
             None => (host_of(authority), port),
         };
-        if listener == Listener::Mesh && policy.is_own_service(host) {
+        if listener.is_mesh() && policy.is_own_service(host) {
             listener = Listener::Gateway(destination_port);
             continue;
         }
@@ -198,7 +208,9 @@ pub fn destination<'p>(
     listener: Listener,
     local: SocketAddr,
 ) -> Result<Destination<'p>, (Failure, Option<ServiceLabels>)> {
-    let intercepted = listener == Listener::Mesh;
+    // Intercepted (or forward-proxied) requests have an original destination: the address the client (or the
+    // proxy's own lookup) chose.
+    let intercepted = listener.is_mesh();
     let original = SocketAddr::new(local.ip(), port);
     match policy.registered(host, port) {
         Registered::Service(service) => {
