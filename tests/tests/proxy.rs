@@ -89,10 +89,14 @@ fn unregistered_host_gets_502_under_registry_only_and_registered_host_is_proxied
     assert!(body.is_empty(), "{body}");
     let (code, _) = get(&topology, "edition.cnn.com", SERVER_A, "/", &[]);
     assert_eq!(code, 502, "the Host decides, not the address");
+    let (answer, closed) = raw_exchange(&topology, addr(SERVER_B, 80), b"hello\r\n\r\n");
+    assert!(answer.is_empty() && closed, "opaque TCP to an unregistered destination is reset: {answer:?}");
 
     let metrics = agent.metrics().unwrap();
     let blackholed = [("destination_service_name", "BlackHoleCluster"), ("response_code", "502")];
     assert_eq!(total(&metrics, "istio_requests_total", &blackholed), 2, "{metrics}");
+    let refused = [("destination_service_name", "BlackHoleCluster"), ("request_protocol", "tcp")];
+    assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &refused), 1, "{metrics}");
     let served = [
         ("reporter", "source"),
         ("destination_service", "httpbin.org"),
@@ -124,9 +128,18 @@ fn allow_any_passes_unregistered_hosts_through_to_their_original_destination() {
     let (code, body) = get(&topology, "edition.cnn.com", SERVER_B, "/world", &[]);
     assert_eq!(code, 200, "{body}");
     assert!(body.starts_with(&format!("{SERVER_B} host=edition.cnn.com uri=/world")), "{body}");
+    // Not HTTP: relayed as TCP, bytes untouched.
+    let (answer, closed) = raw_exchange(&topology, addr(SERVER_B, 80), b"hello\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 400") && closed, "nginx's own answer to what it got: {answer:?}");
+
     let metrics = agent.metrics().unwrap();
     let passthrough = [("destination_service_name", "PassthroughCluster"), ("response_code", "200")];
     assert_eq!(total(&metrics, "istio_requests_total", &passthrough), 1, "{metrics}");
+    let relayed = [("destination_service_name", "PassthroughCluster"), ("request_protocol", "tcp")];
+    assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &relayed), 1, "{metrics}");
+    assert_eq!(total(&metrics, "istio_tcp_connections_closed_total", &relayed), 1, "{metrics}");
+    assert_eq!(total(&metrics, "istio_tcp_received_bytes_total", &relayed), 9, "{metrics}");
+    assert!(total(&metrics, "istio_tcp_sent_bytes_total", &relayed) > 0, "{metrics}");
 }
 
 const ROUTES: &str = "apiVersion: networking.istio.io/v1
@@ -625,4 +638,7 @@ fn the_forward_proxy_port_routes_absolute_requests_and_admits_connect_tunnels_by
     assert!(codes.ends_with(" 502"), "CONNECT to an unregistered host is refused: {codes}");
     let (codes, _) = through(&["-p"], "http://httpbin.org:8443/");
     assert!(codes.ends_with(" 502"), "CONNECT to a port the ServiceEntry does not declare: {codes}");
+    let metrics = agent.metrics().unwrap();
+    let tunnels = [("destination_service", "httpbin.org"), ("request_protocol", "tcp")];
+    assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &tunnels), 1, "{metrics}");
 }

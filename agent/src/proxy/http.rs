@@ -35,7 +35,10 @@ use super::{
 use crate::{
     config::resolver::DnsResolver,
     policy::routes::{Cors, HostVerify, Mirror, ProxyPolicy, RetryPolicy, Route, Target},
-    telemetry::requests::{RequestRecord, RequestTelemetry},
+    telemetry::{
+        connections::TcpLabels,
+        requests::{RequestRecord, RequestTelemetry},
+    },
 };
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -114,6 +117,10 @@ impl HttpProxy {
     pub fn with_resolver(mut self, resolver: DnsResolver) -> HttpProxy {
         self.resolver = Some(Arc::new(resolver));
         self
+    }
+
+    pub fn telemetry(&self) -> &RequestTelemetry {
+        &self.telemetry
     }
 
     /// A place for one more client connection, or `None` at `--max-connections` (the connection is then reset
@@ -465,11 +472,17 @@ impl HttpProxy {
             }
         };
         let peer = record.downstream_remote;
+        let labels = &destination.labels;
+        let tcp_labels = TcpLabels::new(&labels.service, &labels.name, &labels.namespace, "");
+        let tcp = self.telemetry.tcp.clone();
         tokio::spawn(async move {
             match hyper::upgrade::on(request).await {
                 Ok(upgraded) => {
+                    tcp.opened(&tcp_labels);
                     let (mut client, mut upstream) = (TokioIo::new(upgraded), upstream);
                     let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    let (received, sent) = copied.as_ref().map(|&(up, down)| (up, down)).unwrap_or_default();
+                    tcp.closed(&tcp_labels, received, sent);
                     tracing::debug!(?peer, upstream = %address, ?copied, "tunnel ended");
                 }
                 Err(error) => tracing::debug!(?peer, %error, "tunnel not established"),

@@ -3,6 +3,7 @@
 
 pub mod blocked_flows;
 pub mod config_dump;
+pub mod connections;
 pub mod metrics;
 pub mod requests;
 pub mod server;

@@ -14,6 +14,8 @@ use prometheus_client::{
 };
 use tokio::{io::AsyncWriteExt, sync::mpsc};
 
+use super::connections::ConnectionMetrics;
+
 type Label = Cow<'static, str>;
 
 /// Istio's standard labels (those Sluice can know; the rest read `unknown`, as Istio writes them).
@@ -118,6 +120,8 @@ pub struct RequestRecord {
 #[derive(Clone)]
 pub struct RequestTelemetry {
     metrics: RequestMetrics,
+    /// Istio's TCP metrics, for the connections relayed without reading them.
+    pub tcp: ConnectionMetrics,
     lines: mpsc::Sender<String>,
     format: AccessLogFormat,
     dropped_lines: Counter,
@@ -129,6 +133,7 @@ impl RequestTelemetry {
     /// Starts the access-log writer (standard output, as Envoy's `/dev/stdout`).
     pub fn start(registry: &mut Registry, format: AccessLogFormat) -> RequestTelemetry {
         let metrics = RequestMetrics::register(registry);
+        let tcp = ConnectionMetrics::register(registry);
         let dropped_lines = Counter::default();
         registry.register(
             "sluice_access_log_dropped_lines",
@@ -158,7 +163,7 @@ impl RequestTelemetry {
                 let _ = out.flush().await;
             }
         });
-        RequestTelemetry { metrics, lines, format, dropped_lines, host_mismatches, connections_refused }
+        RequestTelemetry { metrics, tcp, lines, format, dropped_lines, host_mismatches, connections_refused }
     }
 
     /// Counts a client connection refused at `--max-connections`.

@@ -1,0 +1,87 @@
+//! Istio's standard TCP metrics, for connections the proxy relays without reading them (opaque TCP on
+//! intercepted ports, CONNECT tunnels).
+
+use std::borrow::Cow;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+
+type Label = Cow<'static, str>;
+
+/// Istio's TCP labels (those Sluice can know; the rest read `unknown`, as Istio writes them).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: Label,
+    pub source_workload: Label,
+    pub source_workload_namespace: Label,
+    pub destination_service: Label,
+    pub destination_service_name: Label,
+    pub destination_service_namespace: Label,
+    pub request_protocol: Label,
+    pub response_flags: Label,
+    pub connection_security_policy: Label,
+}
+
+impl TcpLabels {
+    /// Labels for a connection to `service` (`name`, `namespace`), with Envoy's response `flags`.
+    pub fn new(service: &str, name: &str, namespace: &str, flags: &'static str) -> TcpLabels {
+        const UNKNOWN: Label = Cow::Borrowed("unknown");
+        TcpLabels {
+            reporter: Cow::Borrowed("source"),
+            source_workload: UNKNOWN,
+            source_workload_namespace: UNKNOWN,
+            destination_service: Cow::Owned(service.to_owned()),
+            destination_service_name: Cow::Owned(name.to_owned()),
+            destination_service_namespace: Cow::Owned(namespace.to_owned()),
+            request_protocol: Cow::Borrowed("tcp"),
+            response_flags: Cow::Borrowed(if flags.is_empty() { "-" } else { flags }),
+            connection_security_policy: UNKNOWN,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct ConnectionMetrics {
+    opened: Family<TcpLabels, Counter>,
+    closed: Family<TcpLabels, Counter>,
+    sent: Family<TcpLabels, Counter>,
+    received: Family<TcpLabels, Counter>,
+}
+
+impl ConnectionMetrics {
+    pub fn register(registry: &mut Registry) -> ConnectionMetrics {
+        let metrics = ConnectionMetrics {
+            opened: Family::default(),
+            closed: Family::default(),
+            sent: Family::default(),
+            received: Family::default(),
+        };
+        registry.register("istio_tcp_connections_opened", "TCP connections opened", metrics.opened.clone());
+        registry.register("istio_tcp_connections_closed", "TCP connections closed", metrics.closed.clone());
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent to the client during the response of TCP connections",
+            metrics.sent.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the client during the request of TCP connections",
+            metrics.received.clone(),
+        );
+        metrics
+    }
+
+    pub fn opened(&self, labels: &TcpLabels) {
+        self.opened.get_or_create(labels).inc();
+    }
+
+    /// A connection ended: `received` bytes came from the client, `sent` went back to it.
+    pub fn closed(&self, labels: &TcpLabels, received: u64, sent: u64) {
+        self.closed.get_or_create(labels).inc();
+        self.received.get_or_create(labels).inc_by(received);
+        self.sent.get_or_create(labels).inc_by(sent);
+    }
+}
