@@ -49,7 +49,7 @@ fn the_shipped_examples_all_pass() {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
     let (ok, output) = check(&[examples]);
     assert!(ok, "{output}");
-    assert!(output.contains("11 resources valid, 0 errors"), "{output}");
+    assert!(output.contains("12 resources valid, 0 errors"), "{output}");
 }
 
 #[test]
