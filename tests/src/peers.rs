@@ -258,3 +258,52 @@ impl Drop for ScriptedServer {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// Prometheus scraping one target every second, its query API on 127.0.0.1:9090 inside `netns`.
+#[derive(Debug)]
+pub struct Prometheus<'a> {
+    netns: &'a Netns,
+    _process: Process,
+    _dir: tempfile::TempDir,
+}
+
+impl<'a> Prometheus<'a> {
+    pub const ADDR: &'static str = "127.0.0.1:9090";
+
+    /// Scrapes `target` (`host:port`) at `path` as job `job`.
+    pub fn start(netns: &'a Netns, job: &str, target: &str, path: &str) -> anyhow::Result<Prometheus<'a>> {
+        let dir = tempfile::Builder::new().prefix("sluice-prometheus-").tempdir().context("creating a directory")?;
+        let config = format!(
+            "global: {{scrape_interval: 1s, scrape_timeout: 1s}}\nscrape_configs:\n- job_name: {job}\n  \
+             metrics_path: {path}\n  static_configs: [{{targets: ['{target}']}}]\n"
+        );
+        let config_path = dir.path().join("prometheus.yml");
+        std::fs::write(&config_path, config).context("writing prometheus.yml")?;
+        let mut command = netns.command("prometheus");
+        command
+            .arg(format!("--config.file={}", config_path.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address={}", Self::ADDR));
+        let mut process = Process::spawn("prometheus", command)?;
+        wait_for_tcp(netns, Self::ADDR.parse().expect("constant"), &mut process)?;
+        Ok(Prometheus { netns, _process: process, _dir: dir })
+    }
+
+    /// The JSON answer of the query API for the PromQL `query`.
+    pub fn query(&self, query: &str) -> anyhow::Result<String> {
+        self.api("query", &format!("query={query}"))
+    }
+
+    /// The JSON answer of `/api/v1/ENDPOINT` with one URL-encoded `name=value` argument.
+    pub fn api(&self, endpoint: &str, argument: &str) -> anyhow::Result<String> {
+        let output = self
+            .netns
+            .command("curl")
+            .args(["-sS", "--max-time", "5", "-G", &format!("http://{}/api/v1/{endpoint}", Self::ADDR)])
+            .arg("--data-urlencode")
+            .arg(argument)
+            .output()?;
+        anyhow::ensure!(output.status.success(), "querying Prometheus: {}", String::from_utf8_lossy(&output.stderr));
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+}

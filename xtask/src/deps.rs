@@ -22,6 +22,7 @@ const PEERS: &[(&str, &str)] = &[
     ("nginx", "nginx-light"),
     ("dnsmasq", "dnsmasq-base"),
     ("nft", "nftables"),
+    ("prometheus", "prometheus"),
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 pub const DEBIAN_RUSTC: &str = "/usr/bin/rustc";

@@ -17,10 +17,12 @@ pub async fn serve_metrics(listener: TcpListener, registry: Arc<Registry>) {
     serve(listener, "metrics", move |request| match request.uri().path() {
         "/stats/prometheus" | "/metrics" => {
             let mut body = String::new();
-            match encode(&mut body, &registry) {
-                Ok(()) => text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", body),
-                Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "encoding metrics failed\n".into()),
+            if encode(&mut body, &registry).is_err() {
+                return text(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "encoding metrics failed\n".into());
             }
+            // The format Envoy's /stats/prometheus serves (family names as sampled, `istio_requests_total`), which
+            // every scraper and promtool read.
+            text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", prometheus_text(&body))
         }
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found: try /stats/prometheus\n".into()),
     })
@@ -74,10 +76,50 @@ where
     }
 }
 
+/// OpenMetrics text → Prometheus text format 0.0.4: counter families are named with their `_total` suffix, and
+/// the `# EOF` and `# UNIT` lines go.
+pub fn prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> =
+        openmetrics.lines().filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "].into_iter().find_map(|prefix| Some((prefix, line.strip_prefix(prefix)?)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) && !name.ends_with("_total") { "_total" } else { "" };
+                out.push_str(&format!("{prefix}{name}{suffix} {tail}"));
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, content_type)
         .body(Full::new(Bytes::from(body)))
         .expect("static headers are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openmetrics_becomes_prometheus_text_with_counters_named_as_sampled() {
+        let openmetrics = "# HELP istio_requests Requests.\n# TYPE istio_requests counter\n\
+                           istio_requests_total{response_code=\"200\"} 1\n# HELP up Up.\n# TYPE up gauge\nup 1\n# EOF\n";
+        assert_eq!(
+            prometheus_text(openmetrics),
+            "# HELP istio_requests_total Requests.\n# TYPE istio_requests_total counter\n\
+             istio_requests_total{response_code=\"200\"} 1\n# HELP up Up.\n# TYPE up gauge\nup 1\n"
+        );
+    }
 }

@@ -1,0 +1,96 @@
+//! What the agent tells the outside, read by the tools users read it with: a real Prometheus scraping
+//! `/stats/prometheus` on Istio's port, and promtool checking the exposition.
+
+use std::{net::SocketAddr, time::Duration};
+
+use sluice_tests::{
+    agent::METRICS_ADDR,
+    peers::{curl, Nginx, Prometheus},
+    require_root,
+    topology::{GATEWAY_WORKLOAD_IFACE, SERVER_A, SERVER_B},
+    Agent, Topology,
+};
+
+const CONFIG: &str = "apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    outboundTrafficPolicy:
+      mode: REGISTRY_ONLY
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: httpbin, namespace: egress}
+spec:
+  hosts: [httpbin.org]
+  addresses: [203.0.113.10]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: NONE
+";
+
+/// The value of the single series the query returns, once Prometheus has it (within 20 s).
+fn scraped_value(prometheus: &Prometheus, query: &str) -> f64 {
+    let mut last = String::new();
+    for _ in 0..80 {
+        last = prometheus.query(query).unwrap();
+        let answer: serde_json::Value = serde_json::from_str(&last).unwrap();
+        if let Some(value) = answer["data"]["result"][0]["value"][1].as_str() {
+            return value.parse().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    panic!("Prometheus has no {query}: {last}");
+}
+
+#[test]
+fn prometheus_scrapes_istios_request_metrics_and_promtool_reads_them() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[SocketAddr::new(SERVER_A.parse().unwrap(), 80)], "ok").unwrap();
+    let config = tempfile::tempdir().unwrap();
+    std::fs::write(config.path().join("istio.yaml"), CONFIG).unwrap();
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    for (host, address) in [("httpbin.org", SERVER_A), ("httpbin.org", SERVER_A), ("edition.cnn.com", SERVER_B)] {
+        let resolve = format!("{host}:80:{address}");
+        curl(&topology.workload, &["-o", "/dev/null", "--resolve", &resolve, &format!("http://{host}/")]).unwrap();
+    }
+
+    let prometheus = Prometheus::start(&topology.gateway, "sluice", METRICS_ADDR, "/stats/prometheus").unwrap();
+    let served = "sum(istio_requests_total{job=\"sluice\",reporter=\"source\",destination_service=\"httpbin.org\",\
+                  response_code=\"200\"})";
+    assert_eq!(scraped_value(&prometheus, served), 2.0);
+    let blackholed = "sum(istio_requests_total{destination_service_name=\"BlackHoleCluster\",response_code=\"502\"})";
+    assert_eq!(scraped_value(&prometheus, blackholed), 1.0);
+    let histogram = "sum(istio_request_duration_milliseconds_count{destination_service=\"httpbin.org\"})";
+    assert_eq!(scraped_value(&prometheus, histogram), 2.0);
+    assert!(scraped_value(&prometheus, "sum(sluice_datapath_packets_total{verdict=\"intercepted\"})") > 0.0);
+    assert_eq!(scraped_value(&prometheus, "sluice_config_generation"), 1.0);
+    // Prometheus knows the families' types, as Istio's dashboards expect.
+    let metadata = prometheus.api("metadata", "metric=istio_requests_total").unwrap();
+    assert!(metadata.contains("\"type\":\"counter\""), "{metadata}");
+    let metadata = prometheus.api("metadata", "metric=istio_request_duration_milliseconds").unwrap();
+    assert!(metadata.contains("\"type\":\"histogram\""), "{metadata}");
+
+    let exposition = agent.metrics().unwrap();
+    let output = topology
+        .gateway
+        .command("sh")
+        .args(["-c", "promtool check metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().expect("piped").write_all(exposition.as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    let report = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    // Istio's names carry their unit (milliseconds, not seconds): promtool's naming advice, not an error.
+    let problems: Vec<&str> =
+        report.lines().filter(|line| !line.contains("use base unit \"seconds\" instead of \"milliseconds\"")).collect();
+    assert!(problems.is_empty(), "promtool check metrics:\n{report}");
+}
