@@ -131,7 +131,7 @@ struct RunArgs {
     /// How long a client may take to send a request's headers before its connection is closed.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = sluice_agent::config::fields::parse_duration)]
     request_headers_timeout: std::time::Duration,
-    /// The access log's format on standard output: Envoy's default text line, or one JSON object per request.
+    /// The access log on standard output: Envoy's default text line or one JSON object per request, or none.
     #[arg(long, value_enum, default_value = "text")]
     access_log_format: AccessLogFormat,
 }

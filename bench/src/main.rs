@@ -3,6 +3,7 @@
 
 mod compile;
 mod flood;
+mod http;
 
 use std::net::Ipv4Addr;
 
@@ -27,6 +28,10 @@ enum Kind {
 
 fn main() -> anyhow::Result<()> {
     sluice_tests::require_root();
+    // `sluice-bench http` runs the HTTP comparison alone.
+    if std::env::args().nth(1).as_deref() == Some("http") {
+        return http_comparison();
+    }
     println!("Configuration: read + validate, compile to the datapath policy, agent memory (RSS growth)");
     println!("{:<10} {:>12} {:>12} {:>10} {:>16}", "entries", "read (ms)", "compile (ms)", "L4 rules", "bytes/entry");
     for entries in [10, 1_000, 10_000, 100_000] {
@@ -77,6 +82,37 @@ fn main() -> anyhow::Result<()> {
         println!("{name:<28} {:>12} {:>12} {:>14.0} {:>22.0}", rate.sent, rate.dropped, rate.per_second, cpu_ns);
     }
     println!("sluice / nftables drop rate = {:.2}", sluice.per_second / nft.per_second.max(1.0));
+    println!();
+    http_comparison()
+}
+
+fn http_comparison() -> anyhow::Result<()> {
+    println!(
+        "HTTP/1.1 keep-alive, small responses (wrk -t1 -c32 -d5s on CPU 0 with the origin; each proxy alone on CPU 1)"
+    );
+    let runs = http::compare().context("the HTTP comparison")?;
+    println!(
+        "{:<30} {:>12} {:>9} {:>9} {:>14} {:>10}",
+        "through", "requests/s", "p50 ms", "p99 ms", "CPU us/request", "RSS MiB"
+    );
+    for run in &runs {
+        let cpu = run.cpu_us_per_request.map(|c| format!("{c:.1}")).unwrap_or_else(|| "-".into());
+        let rss = run.rss_kib.map(|r| format!("{:.1}", r as f64 / 1024.0)).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<30} {:>12.0} {:>9.3} {:>9.3} {:>14} {:>10}",
+            run.name, run.requests_per_second, run.p50_ms, run.p99_ms, cpu, rss
+        );
+    }
+    let direct = runs[0].requests_per_second.max(1.0);
+    let sluice = &runs[1];
+    let best_peer_cpu = runs[2..].iter().filter_map(|r| r.cpu_us_per_request).fold(f64::INFINITY, f64::min);
+    let best_peer_p99 = runs[2..].iter().map(|r| r.p99_ms).fold(f64::INFINITY, f64::min);
+    println!(
+        "sluice / direct requests/s = {:.2}; sluice CPU per request / best peer's = {:.2}; sluice p99 / best peer's = {:.2}",
+        sluice.requests_per_second / direct,
+        sluice.cpu_us_per_request.unwrap_or(0.0) / best_peer_cpu,
+        sluice.p99_ms / best_peer_p99
+    );
     Ok(())
 }
 

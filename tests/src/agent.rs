@@ -100,11 +100,17 @@ impl<'a> Agent<'a> {
         let readiness = address_argument(&mut args, "--readiness-addr", READINESS_ADDR)?;
         command.arg("run").args(&args);
         command.arg("--bpffs").arg(bpffs.pin_dir());
-        command.env("SLUICE_LOG", "debug");
+        // Tests read the agent's debug events; the benchmarks run it as deployed (SLUICE_AGENT_LOG=info).
+        command.env("SLUICE_LOG", std::env::var("SLUICE_AGENT_LOG").unwrap_or_else(|_| "debug".into()));
         let process = Process::spawn("sluice", command)?;
         let mut agent = Agent { netns, process, metrics, admin, readiness, _bpffs: None };
         agent.wait_ready()?;
         Ok(agent)
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
     }
 
     /// Kills the agent outright (SIGKILL), as a crash would.

@@ -14,25 +14,34 @@ use crate::{netns::Netns, process::Process};
 /// nginx answering `200 <body>` on every address it listens on.
 #[derive(Debug)]
 pub struct Nginx {
-    /// Held for its drop, which stops nginx.
-    _process: Process,
+    /// Stopped on drop.
+    process: Process,
     _dir: tempfile::TempDir,
 }
 
 impl Nginx {
     pub fn start(netns: &Netns, listen: &[SocketAddr], body: &str) -> anyhow::Result<Nginx> {
-        let dir = tempfile::Builder::new().prefix("sluice-nginx-").tempdir().context("creating nginx's directory")?;
-        let root = dir.path().display();
         let mut listens = String::new();
         for addr in listen {
             let _ = writeln!(listens, "    listen {addr};");
         }
+        let server = format!(
+            "server {{\n{listens}    location / {{ default_type text/plain; return 200 \"{body}\\n\"; }}\n  }}\n"
+        );
+        Nginx::start_with(netns, &server, listen)
+    }
+
+    /// nginx with `http_config` inside its `http {}` block (servers, upstreams), ready once it accepts on every
+    /// address of `listen`.
+    pub fn start_with(netns: &Netns, http_config: &str, listen: &[SocketAddr]) -> anyhow::Result<Nginx> {
+        let dir = tempfile::Builder::new().prefix("sluice-nginx-").tempdir().context("creating nginx's directory")?;
+        let root = dir.path().display();
         let conf = format!(
             "daemon off;\nworker_processes 1;\npid {root}/nginx.pid;\nerror_log {root}/error.log;\n\
-             events {{ worker_connections 1024; }}\n\
+             events {{ worker_connections 4096; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path {root}/body;\n  proxy_temp_path {root}/proxy;\n\
              fastcgi_temp_path {root}/fastcgi;\n  uwsgi_temp_path {root}/uwsgi;\n  scgi_temp_path {root}/scgi;\n\
-             server {{\n{listens}    location / {{ default_type text/plain; return 200 \"{body}\\n\"; }}\n  }}\n}}\n"
+             {http_config}}}\n"
         );
         let conf_path = dir.path().join("nginx.conf");
         std::fs::write(&conf_path, conf).context("writing nginx.conf")?;
@@ -42,7 +51,12 @@ impl Nginx {
         for addr in listen {
             wait_for_tcp(netns, *addr, &mut process)?;
         }
-        Ok(Nginx { _process: process, _dir: dir })
+        Ok(Nginx { process, _dir: dir })
+    }
+
+    /// nginx's master process (its worker is a child).
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
     }
 }
 

@@ -4,6 +4,12 @@ use crate::build;
 
 pub fn run() -> anyhow::Result<()> {
     crate::deps::install()?;
-    build::ebpf()?;
-    crate::run(build::cargo().args(["run", "--release", "--quiet", "--package", "sluice-bench"]))
+    crate::deps::install_bench_peers()?;
+    build::all(build::Profile::Release)?;
+    crate::run(
+        build::cargo()
+            .args(["run", "--release", "--quiet", "--package", "sluice-bench"])
+            .env("SLUICE_AGENT_BIN", build::agent_binary(build::Profile::Release))
+            .env("SLUICE_AGENT_LOG", "info"),
+    )
 }

@@ -24,6 +24,9 @@ const PEERS: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("prometheus", "prometheus"),
 ];
+/// The load generator and the proxies `cargo xtask bench` compares Sluice with.
+const BENCH_PEERS: &[(&str, &str)] =
+    &[("wrk", "wrk"), ("haproxy", "haproxy"), ("squid", "squid"), ("taskset", "util-linux")];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 pub const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
 pub const DEBIAN_CARGO: &str = "/usr/bin/cargo";
@@ -45,6 +48,20 @@ pub fn install() -> anyhow::Result<()> {
         install_bpf_linker()?;
     }
     Ok(())
+}
+
+/// What the benchmarks run besides the test peers.
+pub fn install_bench_peers() -> anyhow::Result<()> {
+    let packages: Vec<&str> = BENCH_PEERS
+        .iter()
+        .filter(|(program, _)| !on_path(program) && !Path::new("/usr/sbin").join(program).is_file())
+        .map(|(_, package)| *package)
+        .collect();
+    if packages.is_empty() {
+        Ok(())
+    } else {
+        apt_install(&packages)
+    }
 }
 
 fn apt_install(packages: &[&str]) -> anyhow::Result<()> {

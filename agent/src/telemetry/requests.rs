@@ -85,6 +85,8 @@ pub enum AccessLogFormat {
     Text,
     /// One JSON object per line, Envoy's field names.
     Json,
+    /// No access log (Istio's default when `accessLogFile` is unset); metrics are still recorded.
+    Off,
 }
 
 /// Everything known of one request once it has ended.
@@ -201,6 +203,7 @@ impl RequestTelemetry {
         let line = match self.format {
             AccessLogFormat::Text => text_line(record),
             AccessLogFormat::Json => json_line(record),
+            AccessLogFormat::Off => return,
         };
         if self.lines.try_send(line).is_err() {
             self.dropped_lines.inc();

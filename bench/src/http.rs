@@ -1,0 +1,281 @@
+//! HTTP/1.1 keep-alive through the egress topology, side by side: no proxy (the limit), Sluice (intercepted
+//! transparently), nginx (`proxy_pass` with upstream keepalive), HAProxy and Squid (reverse proxy, no cache),
+//! each proxy alone on CPU 1; the load generator (wrk) and the origin (nginx) share CPU 0.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use sluice_tests::{
+    peers::{wait_for_tcp, Nginx},
+    process::Process,
+    topology::{GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, SERVER_A},
+    Agent, Netns, Topology,
+};
+
+const DURATION: &str = "5s";
+const CONNECTIONS: &str = "32";
+const PROXY_CPU: &str = "1";
+const CLIENT_CPU: &str = "0";
+/// Hosts the Sluice run registers besides the one it serves: the RSS figure is for a 100-host configuration.
+const EXTRA_HOSTS: usize = 99;
+
+pub struct Run {
+    pub name: &'static str,
+    pub requests_per_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// CPU time of the proxy's processes per request.
+    pub cpu_us_per_request: Option<f64>,
+    pub rss_kib: Option<u64>,
+}
+
+/// Runs every configuration in turn on a fresh topology each.
+pub fn compare() -> anyhow::Result<Vec<Run>> {
+    Ok(vec![direct()?, sluice()?, nginx()?, haproxy()?, squid()?])
+}
+
+fn origin(topology: &Topology) -> anyhow::Result<Nginx> {
+    let origin = Nginx::start(&topology.internet, &[SocketAddr::new(SERVER_A.parse()?, 80)], "hello")?;
+    pin_tree(origin.pid(), CLIENT_CPU)?;
+    Ok(origin)
+}
+
+fn direct() -> anyhow::Result<Run> {
+    let topology = Topology::new()?;
+    let _origin = origin(&topology)?;
+    let (rps, p50, p99, _) = wrk(&topology.workload, &format!("http://{SERVER_A}/"))?;
+    Ok(Run {
+        name: "direct (no proxy)",
+        requests_per_second: rps,
+        p50_ms: p50,
+        p99_ms: p99,
+        cpu_us_per_request: None,
+        rss_kib: None,
+    })
+}
+
+fn sluice() -> anyhow::Result<Run> {
+    let topology = Topology::new()?;
+    let _origin = origin(&topology)?;
+    let config = tempfile::tempdir()?;
+    write_sluice_config(config.path())?;
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --access-log-format off --config {}",
+        config.path().display()
+    );
+    let agent = Agent::start(&topology.gateway, &args)?;
+    pin_tree(agent.pid(), PROXY_CPU)?;
+    measure("sluice", &topology, agent.pid(), &format!("http://{SERVER_A}/"))
+}
+
+fn write_sluice_config(dir: &Path) -> anyhow::Result<()> {
+    let mut yaml = String::from(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\ndata:\n  mesh: |\n    \
+         outboundTrafficPolicy:\n      mode: REGISTRY_ONLY\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+         metadata: {name: origin, namespace: bench}\nspec:\n  hosts: [origin.bench]\n  addresses: [203.0.113.10]\n  \
+         ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: NONE\n",
+    );
+    for i in 0..EXTRA_HOSTS {
+        yaml.push_str(&format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: host-{i}, namespace: bench}}\n\
+             spec:\n  hosts: [host-{i}.example.com]\n  ports: [{{number: 443, name: tls, protocol: TLS}}]\n  \
+             resolution: NONE\n"
+        ));
+    }
+    std::fs::write(dir.join("bench.yaml"), yaml).context("writing the bench configuration")
+}
+
+fn nginx() -> anyhow::Result<Run> {
+    let topology = Topology::new()?;
+    let _origin = origin(&topology)?;
+    let listen: SocketAddr = format!("{GATEWAY_WORKLOAD_ADDR}:8080").parse()?;
+    let config = format!(
+        "upstream origin {{ server {SERVER_A}:80; keepalive 64; }}\n  server {{\n    listen {listen};\n    location / {{\n      \
+         proxy_pass http://origin;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      \
+         proxy_set_header Host origin.bench;\n    }}\n  }}\n"
+    );
+    let proxy = Nginx::start_with(&topology.gateway, &config, &[listen])?;
+    pin_tree(proxy.pid(), PROXY_CPU)?;
+    measure("nginx 1.22 (proxy_pass)", &topology, proxy.pid(), &format!("http://{listen}/"))
+}
+
+fn haproxy() -> anyhow::Result<Run> {
+    let topology = Topology::new()?;
+    let _origin = origin(&topology)?;
+    let dir = tempfile::tempdir()?;
+    let listen: SocketAddr = format!("{GATEWAY_WORKLOAD_ADDR}:8081").parse()?;
+    let config = format!(
+        "global\n  nbthread 1\n  maxconn 4096\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  \
+         timeout server 30s\n  http-reuse always\nfrontend front\n  bind {listen}\n  default_backend origin\n\
+         backend origin\n  server origin {SERVER_A}:80\n"
+    );
+    let path = dir.path().join("haproxy.cfg");
+    std::fs::write(&path, config)?;
+    let mut command = topology.gateway.command("haproxy");
+    command.arg("-db").arg("-f").arg(&path);
+    let mut process = Process::spawn("haproxy", command)?;
+    wait_for_tcp(&topology.gateway, listen, &mut process)?;
+    pin_tree(process.pid(), PROXY_CPU)?;
+    measure("HAProxy 2.6", &topology, process.pid(), &format!("http://{listen}/"))
+}
+
+fn squid() -> anyhow::Result<Run> {
+    let topology = Topology::new()?;
+    let _origin = origin(&topology)?;
+    let dir = tempfile::tempdir()?;
+    // Squid drops to its own user: let it write its logs and pid here.
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+    let root = dir.path().display();
+    let listen: SocketAddr = format!("{GATEWAY_WORKLOAD_ADDR}:3128").parse()?;
+    let config = format!(
+        "http_port {listen} accel defaultsite=origin.bench no-vhost\n\
+         cache_peer {SERVER_A} parent 80 0 no-query originserver name=origin\n\
+         cache_peer_access origin allow all\nhttp_access allow all\ncache deny all\ncache_mem 8 MB\n\
+         access_log none\ncache_log {root}/cache.log\npid_filename {root}/squid.pid\ncoredump_dir {root}\n\
+         shutdown_lifetime 0 seconds\n"
+    );
+    let path = dir.path().join("squid.conf");
+    std::fs::write(&path, config)?;
+    let mut command = topology.gateway.command("squid");
+    command.arg("-N").arg("-f").arg(&path);
+    let mut process = Process::spawn("squid", command)?;
+    wait_for_tcp(&topology.gateway, listen, &mut process)?;
+    pin_tree(process.pid(), PROXY_CPU)?;
+    measure("Squid 5.7 (accel, no cache)", &topology, process.pid(), &format!("http://{listen}/"))
+}
+
+/// Load through a proxy whose processes descend from `pid`: throughput, latency, CPU per request and RSS.
+fn measure(name: &'static str, topology: &Topology, pid: u32, url: &str) -> anyhow::Result<Run> {
+    // A warm-up, so pools and caches are filled before the measured run.
+    let _ = run_wrk(&topology.workload, url, "1s")?;
+    let cpu_before = tree_cpu_ticks(pid);
+    let (rps, p50, p99, requests) = wrk(&topology.workload, url)?;
+    let cpu_ticks = tree_cpu_ticks(pid).saturating_sub(cpu_before);
+    let ticks_per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100);
+    let cpu_us = cpu_ticks as f64 * 1e6 / ticks_per_second as f64;
+    Ok(Run {
+        name,
+        requests_per_second: rps,
+        p50_ms: p50,
+        p99_ms: p99,
+        cpu_us_per_request: Some(cpu_us / requests.max(1) as f64),
+        rss_kib: Some(tree_rss_kib(pid)),
+    })
+}
+
+fn wrk(netns: &Netns, url: &str) -> anyhow::Result<(f64, f64, f64, u64)> {
+    let output = run_wrk(netns, url, DURATION)?;
+    let rps = field(&output, "Requests/sec:").context("wrk printed no Requests/sec")?;
+    let p50 = latency(&output, "50%").context("wrk printed no 50% latency")?;
+    let p99 = latency(&output, "99%").context("wrk printed no 99% latency")?;
+    let requests = output
+        .lines()
+        .find_map(|line| line.trim().split_once(" requests in ")?.0.trim().parse::<u64>().ok())
+        .context("wrk printed no request count")?;
+    Ok((rps, p50, p99, requests))
+}
+
+fn run_wrk(netns: &Netns, url: &str, duration: &str) -> anyhow::Result<String> {
+    let started = Instant::now();
+    let output = netns
+        .command("taskset")
+        .args(["-c", CLIENT_CPU, "wrk", "-t1", "-c", CONNECTIONS, "-d", duration, "--latency"])
+        .args(["-H", "Host: origin.bench", url])
+        .output()
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() || started.elapsed() < Duration::from_millis(500) && text.is_empty() {
+        bail!("wrk failed: {}{}", text, String::from_utf8_lossy(&output.stderr));
+    }
+    if text.contains("Non-2xx or 3xx responses") || text.contains("Socket errors") {
+        bail!("wrk saw errors through {url}:\n{text}");
+    }
+    Ok(text)
+}
+
+fn field(output: &str, label: &str) -> Option<f64> {
+    output.lines().find_map(|line| line.trim().strip_prefix(label)?.trim().parse().ok())
+}
+
+/// A latency percentile line of `wrk --latency` (`50%  1.23ms`), in milliseconds.
+fn latency(output: &str, percentile: &str) -> Option<f64> {
+    output.lines().find_map(|line| {
+        let value = line.trim().strip_prefix(percentile)?.trim();
+        let (number, scale) = if let Some(us) = value.strip_suffix("us") {
+            (us, 1e-3)
+        } else if let Some(ms) = value.strip_suffix("ms") {
+            (ms, 1.0)
+        } else if let Some(s) = value.strip_suffix('s') {
+            (s, 1e3)
+        } else {
+            return None;
+        };
+        number.parse::<f64>().ok().map(|n| n * scale)
+    })
+}
+
+/// `pid` and its descendants.
+fn tree(pid: u32) -> Vec<u32> {
+    let mut parents = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        if let Some(stat) = stat_fields(child) {
+            if let Some(parent) = stat.get(1).and_then(|p| p.parse::<u32>().ok()) {
+                parents.push((child, parent));
+            }
+        }
+    }
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let current = found[i];
+        found.extend(parents.iter().filter(|(_, parent)| *parent == current).map(|(child, _)| *child));
+        i += 1;
+    }
+    found
+}
+
+/// The fields of `/proc/PID/stat` after the command name: state, ppid, …
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// User and system CPU time of the tree, in clock ticks.
+fn tree_cpu_ticks(pid: u32) -> u64 {
+    tree(pid)
+        .into_iter()
+        .filter_map(stat_fields)
+        .map(|f| {
+            f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+                + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+        })
+        .sum()
+}
+
+fn tree_rss_kib(pid: u32) -> u64 {
+    tree(pid)
+        .into_iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:")?.trim().strip_suffix(" kB")?.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// Pins every thread of every process of the tree to `cpu`.
+fn pin_tree(pid: u32, cpu: &str) -> anyhow::Result<()> {
+    for pid in tree(pid) {
+        let status = Command::new("taskset").args(["-a", "-p", "-c", cpu, &pid.to_string()]).output()?.status;
+        anyhow::ensure!(status.success(), "pinning process {pid} to CPU {cpu}");
+    }
+    Ok(())
+}
