@@ -121,6 +121,10 @@ struct RunArgs {
     /// client connected to (domain fronting): refused (421), routed to the host's own addresses, or trusted.
     #[arg(long, value_enum, default_value = "strict")]
     host_verify: HostVerify,
+    /// Worker threads for the proxy and the agent's tasks (Envoy's --concurrency): by default the CPUs the
+    /// agent may run on (its affinity and cgroup CPU limit).
+    #[arg(long, value_name = "N")]
+    concurrency: Option<usize>,
     /// A port for clients that name the proxy in HTTP_PROXY / HTTPS_PROXY: absolute-form HTTP requests are routed
     /// as intercepted ones, and `CONNECT host:port` tunnels are admitted by the same registry (e.g. 3128).
     #[arg(long, value_name = "PORT")]
@@ -186,9 +190,9 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
-        Command::Run(args) => runtime().and_then(|rt| rt.block_on(run(*args))),
+        Command::Run(args) => runtime(args.concurrency).and_then(|rt| rt.block_on(run(*args))),
         Command::Check(args) => check(&args.paths),
-        Command::Cleanup(args) => runtime().and_then(|rt| rt.block_on(cleanup(&args.bpffs))),
+        Command::Cleanup(args) => runtime(Some(1)).and_then(|rt| rt.block_on(cleanup(&args.bpffs))),
         Command::Version => {
             // The one line this command exists to print.
             use std::io::Write;
@@ -205,12 +209,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+/// The async runtime, with `concurrency` worker threads (the CPUs the agent may use, by default).
+fn runtime(concurrency: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     if !nix::unistd::geteuid().is_root() {
         bail!("sluice needs root (CAP_BPF and CAP_NET_ADMIN to load and attach eBPF): run it as root");
     }
+    let workers = concurrency
+        .or_else(|| std::thread::available_parallelism().ok().map(std::num::NonZeroUsize::get))
+        .unwrap_or(2)
+        .max(1);
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .enable_all()
         .build()
         .context("starting the async runtime")

@@ -65,7 +65,7 @@ fn sluice() -> anyhow::Result<Run> {
     let config = tempfile::tempdir()?;
     write_sluice_config(config.path())?;
     let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --access-log-format off --config {}",
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --access-log-format off --concurrency 1 --config {}",
         config.path().display()
     );
     let agent = Agent::start(&topology.gateway, &args)?;

@@ -12,7 +12,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, histogram::Histogram},
     registry::Registry,
 };
-use tokio::{io::AsyncWriteExt, sync::mpsc};
+use tokio::sync::mpsc;
 
 use super::connections::ConnectionMetrics;
 
@@ -156,15 +156,24 @@ impl RequestTelemetry {
             connections_refused.clone(),
         );
         let (lines, mut queue) = mpsc::channel::<String>(4096);
-        tokio::spawn(async move {
-            let mut out = tokio::io::stdout();
-            while let Some(line) = queue.recv().await {
-                if out.write_all(line.as_bytes()).await.is_err() {
+        // A thread of its own: writes to stdout block, and lines are written in batches, flushed whenever the
+        // queue runs dry.
+        let writer = std::thread::Builder::new().name("access-log".into()).spawn(move || {
+            use std::io::Write;
+            let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
+            while let Some(line) = queue.blocking_recv() {
+                let mut written = out.write_all(line.as_bytes());
+                while let (Ok(()), Ok(line)) = (&written, queue.try_recv()) {
+                    written = out.write_all(line.as_bytes());
+                }
+                if written.and_then(|()| out.flush()).is_err() {
                     break;
                 }
-                let _ = out.flush().await;
             }
         });
+        if let Err(error) = writer {
+            tracing::error!(%error, "starting the access-log writer; access-log lines will be dropped");
+        }
         RequestTelemetry { metrics, tcp, lines, format, dropped_lines, host_mismatches, connections_refused }
     }
 
