@@ -129,6 +129,10 @@ struct RunArgs {
     /// as intercepted ones, and `CONNECT host:port` tunnels are admitted by the same registry (e.g. 3128).
     #[arg(long, value_name = "PORT")]
     forward_proxy_port: Option<u16>,
+    /// The address the proxy's upstream connections leave from (one per IP family; the node's fixed egress IP,
+    /// as firewalls outside the cluster expect). Repeatable.
+    #[arg(long = "upstream-source-address", value_name = "IP")]
+    upstream_source_address: Vec<std::net::IpAddr>,
     /// Client connections the proxy holds open at once (intercepted and on Gateway ports); more are reset.
     #[arg(long, value_name = "N", default_value_t = 16384)]
     max_connections: usize,
@@ -312,8 +316,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Ready once attached, and with --kube once every kind has been listed.
     let (ready, ready_reader) = tokio::sync::watch::channel(!args.kube || kube_changes.borrow().is_some());
     tasks.spawn(telemetry::server::serve_readiness(readiness_listener, ready_reader));
-    let limits =
-        Limits { max_connections: args.max_connections, request_headers_timeout: args.request_headers_timeout };
+    let limits = Limits {
+        max_connections: args.max_connections,
+        request_headers_timeout: args.request_headers_timeout,
+        source: proxy::tcp::SourceAddresses::from_list(&args.upstream_source_address),
+    };
     let proxy_resolver = DnsResolver::new(&args.dns_server).map_err(anyhow::Error::msg)?;
     let http = Arc::new(HttpProxy::new(routes.clone(), metrics.requests.clone(), limits).with_resolver(proxy_resolver));
     for listener in forward_proxy.into_iter().flatten() {

@@ -642,3 +642,21 @@ fn the_forward_proxy_port_routes_absolute_requests_and_admits_connect_tunnels_by
     let tunnels = [("destination_service", "httpbin.org"), ("request_protocol", "tcp")];
     assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &tunnels), 1, "{metrics}");
 }
+
+#[test]
+fn upstream_connections_leave_from_the_configured_source_address() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    // A second address on the gateway's internet-facing link: the fixed egress IP.
+    topology.gateway.ip(&["addr", "add", "10.240.2.3/24", "dev", "gw-net"]).unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80)], "from $remote_addr").unwrap();
+    let config = tempfile::tempdir().unwrap();
+    write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN]);
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --upstream-source-address 10.240.2.3 --config {}",
+        config.path().display()
+    );
+    let _agent = Agent::start(&topology.gateway, &args).unwrap();
+    let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/", &[]);
+    assert_eq!((code, body.trim()), (200, "from 10.240.2.3"));
+}

@@ -31,6 +31,7 @@ pub use super::routing::Listener;
 use super::{
     failure::Failure,
     routing::{self, Decision, Destination, Matched, ServiceLabels},
+    tcp::{self, SourceAddresses},
 };
 use crate::{
     config::resolver::DnsResolver,
@@ -44,8 +45,6 @@ use crate::{
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
-/// Istio's default connect timeout for clusters.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Envoy's default limits on a request's headers: 60 KiB (the request line included) and 100 headers.
 const MAX_REQUEST_HEADERS_BYTES: usize = 60 * 1024;
 const MAX_REQUEST_HEADERS: usize = 100;
@@ -93,12 +92,20 @@ pub struct Limits {
     pub max_connections: usize,
     /// How long a client may take to send a request's headers (slowloris clients hold a connection no longer).
     pub request_headers_timeout: Duration,
+    /// Where upstream connections leave from.
+    pub source: SourceAddresses,
 }
 
 impl HttpProxy {
     pub fn new(policy: Arc<ArcSwap<ProxyPolicy>>, telemetry: RequestTelemetry, limits: Limits) -> HttpProxy {
         let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        connector.set_connect_timeout(Some(tcp::CONNECT_TIMEOUT));
+        match (limits.source.v4, limits.source.v6) {
+            (Some(v4), Some(v6)) => connector.set_local_addresses(v4, v6),
+            (Some(v4), None) => connector.set_local_address(Some(v4.into())),
+            (None, Some(v6)) => connector.set_local_address(Some(v6.into())),
+            (None, None) => {}
+        }
         connector.set_nodelay(true);
         let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
@@ -121,6 +128,10 @@ impl HttpProxy {
 
     pub fn telemetry(&self) -> &RequestTelemetry {
         &self.telemetry
+    }
+
+    pub fn source_addresses(&self) -> &SourceAddresses {
+        &self.limits.source
     }
 
     /// A place for one more client connection, or `None` at `--max-connections` (the connection is then reset
@@ -465,11 +476,9 @@ impl HttpProxy {
             }
         }
         record.upstream_host = Some(address);
-        let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address)).await {
-            Ok(Ok(upstream)) => upstream,
-            Ok(Err(_)) | Err(_) => {
-                return self.local_failure(Failure::UpstreamConnect, record, started, Some(destination.labels));
-            }
+        let upstream = match tcp::connect(address, &self.limits.source).await {
+            Ok(upstream) => upstream,
+            Err(_) => return self.local_failure(Failure::UpstreamConnect, record, started, Some(destination.labels)),
         };
         let peer = record.downstream_remote;
         let labels = &destination.labels;

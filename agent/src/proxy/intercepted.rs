@@ -44,6 +44,8 @@ async fn dispatch(connection: Intercepted, proxy: Arc<HttpProxy>, policy: Arc<Ar
                 Connection { peer: connection.peer, local: connection.original_destination, listener: Listener::Mesh };
             proxy.serve_connection(connection.stream, context).await;
         }
-        Detected::Opaque => tcp::relay(connection, policy.load().mode, &proxy.telemetry().tcp).await,
+        Detected::Opaque => {
+            tcp::relay(connection, policy.load().mode, &proxy.telemetry().tcp, proxy.source_addresses()).await
+        }
     }
 }

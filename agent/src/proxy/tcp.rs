@@ -2,9 +2,16 @@
 //! (PassthroughCluster), refused in REGISTRY_ONLY (BlackHoleCluster); what the kernel allows at L4 never reaches
 //! the proxy. Counted in Istio's TCP metrics.
 
-use std::time::Duration;
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Duration,
+};
 
-use tokio::{io::copy_bidirectional, net::TcpStream, time::timeout};
+use tokio::{
+    io::copy_bidirectional,
+    net::{TcpSocket, TcpStream},
+    time::timeout,
+};
 
 use super::transparent_listener::Intercepted;
 use crate::{
@@ -12,14 +19,59 @@ use crate::{
     telemetry::connections::{ConnectionMetrics, TcpLabels},
 };
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Istio's default connect timeout for clusters.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The addresses upstream connections leave from (`--upstream-source-address`): a fixed egress IP per family, as
+/// firewalls outside the cluster expect; the routing table's choice where none is set.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SourceAddresses {
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl SourceAddresses {
+    pub fn from_list(addresses: &[IpAddr]) -> SourceAddresses {
+        let mut source = SourceAddresses::default();
+        for address in addresses {
+            match address {
+                IpAddr::V4(v4) => source.v4 = source.v4.or(Some(*v4)),
+                IpAddr::V6(v6) => source.v6 = source.v6.or(Some(*v6)),
+            }
+        }
+        source
+    }
+
+    fn for_destination(&self, destination: SocketAddr) -> Option<IpAddr> {
+        match destination {
+            SocketAddr::V4(_) => self.v4.map(IpAddr::V4),
+            SocketAddr::V6(_) => self.v6.map(IpAddr::V6),
+        }
+    }
+}
+
+/// Connects to `destination` from the configured source address, within Istio's connect timeout.
+pub async fn connect(destination: SocketAddr, source: &SourceAddresses) -> std::io::Result<TcpStream> {
+    let connecting = async {
+        let socket = if destination.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        if let Some(address) = source.for_destination(destination) {
+            socket.bind(SocketAddr::new(address, 0))?;
+        }
+        let stream = socket.connect(destination).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    };
+    timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")))
+}
 
 /// Closes with a RST rather than a FIN: the client must not take the close for an answer.
 pub fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-pub async fn relay(connection: Intercepted, mode: OutboundMode, metrics: &ConnectionMetrics) {
+pub async fn relay(connection: Intercepted, mode: OutboundMode, metrics: &ConnectionMetrics, source: &SourceAddresses) {
     let Intercepted { mut stream, peer, original_destination } = connection;
     if mode == OutboundMode::RegistryOnly {
         tracing::info!(source = %peer, original_dst = %original_destination, verdict = "refused", "intercepted connection");
@@ -30,10 +82,11 @@ pub async fn relay(connection: Intercepted, mode: OutboundMode, metrics: &Connec
         return;
     }
     let destination = original_destination.to_string();
-    let upstream = match timeout(CONNECT_TIMEOUT, TcpStream::connect(original_destination)).await {
-        Ok(Ok(upstream)) => upstream,
-        failed => {
-            let verdict = if failed.is_err() { "upstream_timeout" } else { "upstream_failed" };
+    let upstream = match connect(original_destination, source).await {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            let verdict =
+                if error.kind() == std::io::ErrorKind::TimedOut { "upstream_timeout" } else { "upstream_failed" };
             tracing::info!(source = %peer, original_dst = %original_destination, verdict, "intercepted connection");
             let labels = TcpLabels::new(&destination, "PassthroughCluster", "unknown", "UF");
             metrics.opened(&labels);
