@@ -398,6 +398,8 @@ struct Control {
     labels: std::collections::BTreeMap<String, String>,
     /// The proxy's node settings (the mode is the datapath policy's).
     proxy: ProxySettings,
+    /// What the proxy's clusters count at run time, carried from one compiled policy to the next.
+    clusters: sluice_agent::policy::clusters::ClusterStates,
 }
 
 impl Control {
@@ -412,6 +414,7 @@ impl Control {
             kube: None,
             labels: Default::default(),
             proxy: ProxySettings::default(),
+            clusters: Default::default(),
         }
     }
 
@@ -453,7 +456,7 @@ impl Control {
         let snapshot = self.store.snapshot();
         let bindings = sluice_agent::policy::bindings::bind(&snapshot, &self.labels);
         let settings = ProxySettings { mode, ..self.proxy.clone() };
-        sluice_agent::policy::routes::proxy_policy(&snapshot, &self.resolved, &bindings, &settings)
+        sluice_agent::policy::routes::proxy_policy(&snapshot, &self.resolved, &bindings, &settings, &self.clusters)
     }
 
     fn rejected(&self) -> impl Iterator<Item = &str> {

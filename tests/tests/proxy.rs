@@ -660,3 +660,118 @@ fn upstream_connections_leave_from_the_configured_source_address() {
     let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/", &[]);
     assert_eq!((code, body.trim()), (200, "from 10.240.2.3"));
 }
+
+const DESTINATION_RULES: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: versions, namespace: egress}
+spec:
+  hosts: [versions.backend]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 203.0.113.10, labels: {version: v1}}, {address: 203.0.113.20, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: versions, namespace: egress}
+spec:
+  host: versions.backend
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: flaky, namespace: egress}
+spec:
+  hosts: [flaky.backend]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 203.0.113.20, ports: {http: 81}}, {address: 203.0.113.10}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: flaky, namespace: egress}
+spec:
+  host: flaky.backend
+  trafficPolicy:
+    outlierDetection: {consecutiveGatewayErrors: 1, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: slow, namespace: egress}
+spec:
+  hosts: [slow.backend]
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8081}]
+  resolution: STATIC
+  endpoints: [{address: 203.0.113.20}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: slow, namespace: egress}
+spec:
+  host: slow.backend
+  trafficPolicy:
+    connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: httpbin, namespace: egress}
+spec:
+  hosts: [httpbin.org]
+  http:
+  - match: [{headers: {x-version: {exact: v2}}}]
+    route: [{destination: {host: versions.backend, subset: v2}}]
+  - match: [{uri: {exact: /versions}}]
+    route: [{destination: {host: versions.backend, subset: v1}}]
+  - match: [{uri: {exact: /missing-subset}}]
+    route: [{destination: {host: versions.backend, subset: v3}}]
+  - match: [{uri: {exact: /flaky}}]
+    retries: {attempts: 0}
+    route: [{destination: {host: flaky.backend}}]
+  - match: [{uri: {exact: /slow}}]
+    timeout: 2s
+    retries: {attempts: 0}
+    route: [{destination: {host: slow.backend}}]
+";
+
+#[test]
+fn destination_rules_pick_subsets_eject_failing_endpoints_and_limit_connections() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80), addr(SERVER_B, 80)], ECHO).unwrap();
+    let _silent = silent_server(&topology, addr(SERVER_B, 8081));
+    let config = tempfile::tempdir().unwrap();
+    write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, DESTINATION_RULES]);
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    let get = |path: &str, extra: &[&str]| get(&topology, "httpbin.org", SERVER_A, path, extra);
+
+    for _ in 0..3 {
+        assert!(get("/versions", &[]).1.starts_with(&format!("{SERVER_A} ")), "subset v1 is server A only");
+        assert!(get("/versions", &["-H", "x-version: v2"]).1.starts_with(&format!("{SERVER_B} ")), "v2 is B only");
+    }
+    assert_eq!(get("/missing-subset", &[]).0, 503, "a subset no DestinationRule defines: NC");
+
+    // The refusing endpoint fails once, is ejected, and every later request goes to the healthy one.
+    let codes: Vec<u16> = (0..6).map(|_| get("/flaky", &[]).0).collect();
+    assert_eq!(codes.iter().filter(|&&c| c == 503).count(), 1, "{codes:?}\n{}", agent.log());
+    assert_eq!(codes[1..], [200; 5], "{codes:?}");
+
+    // One connection and one pending request: of three at once, the third overflows (503 UO) at once.
+    let requests: Vec<_> = (0..3)
+        .map(|i| {
+            std::thread::sleep(std::time::Duration::from_millis(150 * i));
+            let namespace = topology.workload.name().to_owned();
+            std::thread::spawn(move || {
+                std::process::Command::new("ip")
+                    .args(["netns", "exec", &namespace, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}"])
+                    .args(["--resolve", &format!("httpbin.org:80:{SERVER_A}"), "http://httpbin.org/slow"])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default()
+            })
+        })
+        .collect();
+    let codes: Vec<String> = requests.into_iter().map(|r| r.join().unwrap()).collect();
+    assert_eq!(codes.iter().filter(|c| c.as_str() == "503").count(), 1, "{codes:?}");
+    assert_eq!(codes.iter().filter(|c| c.as_str() == "504").count(), 2, "{codes:?}");
+    assert!(agent.log().contains("\"GET /slow HTTP/1.1\" 503 UO "), "{}", agent.log());
+}

@@ -1,6 +1,7 @@
 //! The compiled policy: what the datapath and the proxy need, computed once per configuration change.
 
 pub mod bindings;
+pub mod clusters;
 pub mod compile;
 pub mod host_match;
 pub mod http_match;

@@ -5,10 +5,7 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
+    sync::Arc,
     time::Duration,
 };
 
@@ -19,11 +16,13 @@ use regex::Regex;
 
 use super::{
     bindings::{self, Bindings},
+    clusters::{settings_for_port, with_labels, Cluster, ClusterPolicy, ClusterStates, Endpoint, LoadBalance},
     host_match::HostTable,
     http_match::RequestMatch,
     OutboundMode,
 };
 use crate::config::{
+    destination_rule::{DestinationRule, TrafficPolicy},
     fields::{parse_duration, HeaderOperations, Headers},
     resolver::Resolved,
     service_entry::{parse_address, Resolution, ServiceEntry},
@@ -95,11 +94,10 @@ pub struct Service {
     pub namespace: String,
     pub resolution: Resolution,
     ports: Vec<ServicePort>,
-    endpoints: Vec<Endpoint>,
     /// Every address the host is known at: the entry's `addresses`, its endpoints', what its name resolves to.
     known_at: Vec<IpNet>,
-    /// Round-robin cursor over the endpoints.
-    next: AtomicUsize,
+    /// The host's clusters: per port, all endpoints (no subset) and each DestinationRule subset's.
+    clusters: Vec<(u16, Option<String>, Cluster)>,
 }
 
 #[derive(Clone, Debug)]
@@ -108,13 +106,6 @@ struct ServicePort {
     name: String,
     target: Option<u16>,
     http2: bool,
-}
-
-#[derive(Clone, Debug)]
-struct Endpoint {
-    address: IpAddr,
-    /// Port name → port on this endpoint.
-    ports: BTreeMap<String, u16>,
 }
 
 /// Where a request for a registered service goes.
@@ -126,6 +117,8 @@ pub enum Upstream {
     OriginalDestination,
     /// Resolved by DNS (or STATIC) and no address is known now.
     NoEndpoint,
+    /// The route names a subset no DestinationRule defines for the host.
+    NoSubset,
 }
 
 impl Service {
@@ -146,7 +139,7 @@ impl Service {
 
     /// A single address of the host's own (`addresses` or an endpoint), for a request sent elsewhere.
     pub fn own_address(&self, port: u16) -> Option<SocketAddr> {
-        match self.upstream(port) {
+        match self.upstream(port, None) {
             Upstream::Endpoint(address) => Some(address),
             _ => self
                 .known_at
@@ -156,18 +149,24 @@ impl Service {
         }
     }
 
-    /// The next endpoint for `port`, round robin.
-    pub fn upstream(&self, port: u16) -> Upstream {
-        if self.resolution == Resolution::None {
+    /// The cluster for `port` and `subset`.
+    pub fn cluster(&self, port: u16, subset: Option<&str>) -> Option<&Cluster> {
+        self.clusters.iter().find(|(p, s, _)| *p == port && s.as_deref() == subset).map(|(_, _, cluster)| cluster)
+    }
+
+    /// The next endpoint for `port` (of `subset`), by the cluster's load balancer.
+    pub fn upstream(&self, port: u16, subset: Option<&str>) -> Upstream {
+        let Some(cluster) = self.cluster(port, subset) else { return Upstream::NoSubset };
+        if self.resolution == Resolution::None || cluster.policy.lb == LoadBalance::Passthrough {
             return Upstream::OriginalDestination;
         }
-        if self.endpoints.is_empty() {
-            return Upstream::NoEndpoint;
-        }
+        let Some(address) = cluster.pick() else { return Upstream::NoEndpoint };
         let service_port = self.ports.iter().find(|p| p.number == port);
-        let endpoint = &self.endpoints[self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len()];
-        let target = service_port.and_then(|p| endpoint.ports.get(&p.name).copied().or(p.target)).unwrap_or(port);
-        Upstream::Endpoint(SocketAddr::new(endpoint.address, target))
+        let endpoint = cluster.endpoint(address);
+        let target = service_port
+            .and_then(|p| endpoint.and_then(|e| e.ports.get(&p.name).copied()).or(p.target))
+            .unwrap_or(port);
+        Upstream::Endpoint(SocketAddr::new(address, target))
     }
 }
 
@@ -432,11 +431,18 @@ pub fn proxy_policy(
     resolved: &Resolved,
     bindings: &Bindings,
     settings: &ProxySettings,
+    states: &ClusterStates,
 ) -> ProxyPolicy {
+    let mut rules = HostTable::default();
+    for resource in &snapshot.resources {
+        if let Spec::DestinationRule(rule) = &resource.spec {
+            rules.insert(&rule.host, rule);
+        }
+    }
     let mut registry: BTreeMap<String, Vec<Arc<Service>>> = BTreeMap::new();
     for resource in &snapshot.resources {
         if let Spec::ServiceEntry(entry) = &resource.spec {
-            for service in services(entry, resource.metadata.namespace(), resolved) {
+            for service in services(entry, resource.metadata.namespace(), resolved, &rules, states) {
                 registry.entry(service.host.to_ascii_lowercase()).or_default().push(Arc::new(service));
             }
         }
@@ -472,7 +478,13 @@ pub fn proxy_policy(
 }
 
 /// One service per host of `entry`: DNS hosts resolve on their own (or through the endpoints' names).
-fn services(entry: &ServiceEntry, namespace: &str, resolved: &Resolved) -> Vec<Service> {
+fn services(
+    entry: &ServiceEntry,
+    namespace: &str,
+    resolved: &Resolved,
+    rules: &HostTable<&DestinationRule>,
+    states: &ClusterStates,
+) -> Vec<Service> {
     let resolution = entry.resolution();
     let ports: Vec<ServicePort> = entry
         .ports
@@ -502,7 +514,11 @@ fn services(entry: &ServiceEntry, namespace: &str, resolved: &Resolved) -> Vec<S
                 },
                 Resolution::None => Vec::new(),
             };
-            addresses.into_iter().map(|address| Endpoint { address, ports: endpoint_ports(&endpoint.ports) })
+            addresses.into_iter().map(|address| Endpoint {
+                address,
+                ports: endpoint_ports(&endpoint.ports),
+                labels: endpoint.labels.clone(),
+            })
         })
         .collect();
     entry
@@ -513,23 +529,56 @@ fn services(entry: &ServiceEntry, namespace: &str, resolved: &Resolved) -> Vec<S
                 listed.clone()
             } else if matches!(resolution, Resolution::Dns | Resolution::DnsRoundRobin) {
                 let addresses = resolved.get(host).cloned().unwrap_or_default();
-                addresses.into_iter().map(|address| Endpoint { address, ports: BTreeMap::new() }).collect()
+                let endpoint = |address| Endpoint { address, ports: BTreeMap::new(), labels: BTreeMap::new() };
+                addresses.into_iter().map(endpoint).collect()
             } else {
                 Vec::new()
             };
             let mut known_at: Vec<IpNet> = entry.addresses.iter().filter_map(|a| parse_address(a)).collect();
             known_at.extend(endpoints.iter().map(|e: &Endpoint| IpNet::from(e.address)));
+            let rule = rules.get(host).copied();
+            let clusters = ports.iter().flat_map(|port| clusters(host, port, &endpoints, rule, states)).collect();
             Service {
                 known_at,
                 host: host.clone(),
                 namespace: namespace.to_owned(),
                 resolution,
                 ports: ports.clone(),
-                endpoints,
-                next: AtomicUsize::new(0),
+                clusters,
             }
         })
         .collect()
+}
+
+/// The clusters of `host` on `port`: all its endpoints, and each subset's, under the DestinationRule's policy
+/// (a subset's own policy replacing the rule's, a port-level setting replacing either).
+fn clusters(
+    host: &str,
+    port: &ServicePort,
+    endpoints: &[Endpoint],
+    rule: Option<&DestinationRule>,
+    states: &ClusterStates,
+) -> Vec<(u16, Option<String>, Cluster)> {
+    let cluster = |subset: Option<&str>, endpoints: Vec<Endpoint>, policy: Option<&TrafficPolicy>| {
+        let policy = policy
+            .map(|policy| ClusterPolicy::compile(settings_for_port(policy, port.number), port.http2))
+            .unwrap_or_default();
+        // State that must outlive recompiles is kept only where a policy needs it.
+        let state = if policy.limits.is_some() || policy.outlier.is_some() {
+            states.get(&format!("{host}|{}|{}", port.number, subset.unwrap_or("")), policy.limits)
+        } else {
+            states.fresh()
+        };
+        Cluster { endpoints, policy, state }
+    };
+    let top = rule.and_then(|rule| rule.traffic_policy.as_ref());
+    let mut out = vec![(port.number, None, cluster(None, endpoints.to_vec(), top))];
+    for subset in rule.map(|rule| rule.subsets.as_slice()).unwrap_or_default() {
+        let members = with_labels(endpoints, &subset.labels);
+        let policy = subset.traffic_policy.as_ref().or(top);
+        out.push((port.number, Some(subset.name.clone()), cluster(Some(&subset.name), members, policy)));
+    }
+    out
 }
 
 fn virtual_host(snapshot: &Snapshot, indexes: &[usize]) -> VirtualHost {
@@ -688,7 +737,7 @@ mod tests {
         let snapshot = Snapshot::from_yaml(yaml);
         let labels = BTreeMap::from([("istio".to_owned(), "egressgateway".to_owned())]);
         let settings = ProxySettings { mode: OutboundMode::RegistryOnly, ..ProxySettings::default() };
-        proxy_policy(&snapshot, resolved, &bind(&snapshot, &labels), &settings)
+        proxy_policy(&snapshot, resolved, &bind(&snapshot, &labels), &settings, &Default::default())
     }
 
     const CONFIG: &str = "apiVersion: networking.istio.io/v1
@@ -808,6 +857,34 @@ spec:
     }
 
     #[test]
+    fn destination_rule_subsets_select_endpoints_by_label() {
+        let yaml = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api}
+spec:
+  hosts: [api.internal]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 192.0.2.1, labels: {version: v1}}, {address: 192.0.2.2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api}
+spec:
+  host: api.internal
+  trafficPolicy: {loadBalancer: {simple: RANDOM}}
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}, trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}}]
+";
+        let policy = policy(yaml, &Resolved::new());
+        let Registered::Service(service) = policy.registered("api.internal", 80) else { panic!("registered") };
+        let v1 = Upstream::Endpoint("192.0.2.1:80".parse().unwrap());
+        assert!((0..5).all(|_| service.upstream(80, Some("v1")) == v1));
+        assert_eq!(service.upstream(80, Some("v2")), Upstream::OriginalDestination, "the subset's own policy");
+        assert_eq!(service.upstream(80, Some("v3")), Upstream::NoSubset);
+        assert_eq!(service.cluster(80, None).unwrap().policy.lb, LoadBalance::Random);
+    }
+
+    #[test]
     fn the_registry_knows_hosts_by_port_and_where_their_endpoints_are() {
         let resolved = Resolved::from([("httpbin.org".to_owned(), vec!["203.0.113.80".parse().unwrap()])]);
         let policy = policy(CONFIG, &resolved);
@@ -816,16 +893,16 @@ spec:
             Registered::Unknown => None,
         };
         assert_eq!(
-            service("httpbin.org", 80).unwrap().upstream(80),
+            service("httpbin.org", 80).unwrap().upstream(80, None),
             Upstream::Endpoint("203.0.113.80:80".parse().unwrap())
         );
         assert!(service("httpbin.org", 443).is_none(), "a port the ServiceEntry does not declare is not registered");
         assert!(service("edition.cnn.com", 80).is_none());
         let wildcard = service("api.example.com", 8080).unwrap();
-        assert_eq!(wildcard.upstream(8080), Upstream::OriginalDestination);
+        assert_eq!(wildcard.upstream(8080, None), Upstream::OriginalDestination);
         assert!(wildcard.http2(8080) && !wildcard.http2(80));
         let db = service("db.internal", 80).unwrap();
-        let picks = [db.upstream(80), db.upstream(80), db.upstream(80)];
+        let picks = [db.upstream(80, None), db.upstream(80, None), db.upstream(80, None)];
         assert_eq!(
             picks,
             [
@@ -836,7 +913,7 @@ spec:
         );
         let unresolved = policy_without_answers();
         assert!(
-            matches!(unresolved.registered("httpbin.org", 80), Registered::Service(s) if s.upstream(80) == Upstream::NoEndpoint)
+            matches!(unresolved.registered("httpbin.org", 80), Registered::Service(s) if s.upstream(80, None) == Upstream::NoEndpoint)
         );
     }
 

@@ -21,6 +21,8 @@ pub enum Failure {
     NoHealthyUpstream,
     /// The host a forward-proxied request names could not be looked up.
     DnsFailure,
+    /// The cluster's connection-pool limits are reached (in flight and pending).
+    Overflow,
     /// Connecting to the upstream failed (refused, unreachable, connect timeout).
     UpstreamConnect,
     /// The upstream closed or reset the connection before answering.
@@ -39,6 +41,7 @@ impl Failure {
             Failure::NoCluster
             | Failure::NoHealthyUpstream
             | Failure::DnsFailure
+            | Failure::Overflow
             | Failure::UpstreamConnect
             | Failure::UpstreamReset => StatusCode::SERVICE_UNAVAILABLE,
             Failure::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -55,6 +58,7 @@ impl Failure {
             Failure::NoCluster => "NC",
             Failure::NoHealthyUpstream => "UH",
             Failure::DnsFailure => "DF",
+            Failure::Overflow => "UO",
             Failure::UpstreamConnect => "UF",
             Failure::UpstreamReset => "UR",
             Failure::UpstreamTimeout => "UT",
@@ -70,6 +74,7 @@ impl Failure {
             Failure::NoCluster => "no cluster for the destination\n",
             Failure::NoHealthyUpstream => "no healthy upstream",
             Failure::DnsFailure => "dns resolution failure",
+            Failure::Overflow => "upstream connect error or disconnect/reset before headers. reset reason: overflow",
             Failure::UpstreamConnect => {
                 "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
             }

@@ -33,8 +33,11 @@ use super::{
     routing::{self, Decision, Destination, Matched, ServiceLabels},
     tcp::{self, SourceAddresses},
 };
+use tokio::sync::OwnedSemaphorePermit;
+
 use crate::{
     config::resolver::DnsResolver,
+    policy::clusters::{Admission, Outcome},
     policy::routes::{Cors, HostVerify, Mirror, ProxyPolicy, RetryPolicy, Route, Target},
     telemetry::{
         connections::TcpLabels,
@@ -336,6 +339,36 @@ impl HttpProxy {
 
         let client = if destination.http2 { &self.http2 } else { &self.http1 };
         let overall = route.and_then(|route| route.timeout).map(|timeout| tokio::time::Instant::now() + timeout);
+        // The cluster's connection-pool limits: a slot now, a wait within the pending limit, or 503 UO.
+        let cluster = destination.cluster();
+        let slot = match cluster.map(|cluster| (cluster, cluster.state.admit())) {
+            None | Some((_, Admission::Now(None))) => None,
+            Some((_, Admission::Now(Some(permit)))) => Some(permit),
+            Some((cluster, Admission::Wait(slots))) => {
+                let acquire = slots.acquire_owned();
+                let waited = cluster
+                    .state
+                    .waiting(async {
+                        match overall {
+                            Some(deadline) => {
+                                tokio::time::timeout_at(deadline, acquire).await.ok().and_then(Result::ok)
+                            }
+                            None => acquire.await.ok(),
+                        }
+                    })
+                    .await;
+                match waited {
+                    Some(permit) => Some(permit),
+                    None => {
+                        return self.local_failure(Failure::UpstreamTimeout, record, started, Some(destination.labels))
+                    }
+                }
+            }
+            Some((_, Admission::Overflow)) => {
+                return self.local_failure(Failure::Overflow, record, started, Some(destination.labels));
+            }
+        };
+        let outlier = cluster.and_then(|cluster| Some((cluster, cluster.policy.outlier.as_ref()?)));
         let mut address = destination.address;
         if address.ip().is_unspecified() {
             // Forward-proxied, to where the request's own host resolves.
@@ -368,6 +401,13 @@ impl HttpProxy {
                 Some(deadline) => tokio::time::timeout_at(deadline, pending).await.ok(),
                 None => Some(pending.await),
             };
+            if let Some((cluster, outlier)) = outlier {
+                let outcome = match &result {
+                    Some(Ok(response)) => Outcome::Status(response.status().as_u16()),
+                    _ => Outcome::Failed,
+                };
+                cluster.state.report(address.ip(), outcome, outlier);
+            }
             let time_left = overall.is_none_or(|overall| tokio::time::Instant::now() < overall);
             let may_retry = replayable.is_some() && attempt < retries.attempts && time_left;
             let failure = match result {
@@ -434,7 +474,7 @@ impl HttpProxy {
         record.upstream_cluster = labels.cluster.clone();
         apply_labels(&mut record, &labels);
         let response = Response::from_parts(parts, body.map_err(BoxError::from).boxed());
-        self.finish_streaming(response, record, started, received)
+        self.finish_streaming(response, record, started, received, slot)
     }
 
     /// The address of `host` (an IP literal, or a DNS name through the proxy's resolver).
@@ -464,7 +504,7 @@ impl HttpProxy {
             return self.local_failure(Failure::BadRequest, record, started, None);
         };
         let unresolved = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
-        let destination = match routing::destination(policy, &host, port, Listener::Forward, unresolved) {
+        let destination = match routing::destination(policy, &host, port, None, Listener::Forward, unresolved) {
             Ok(destination) => destination,
             Err((failure, labels)) => return self.local_failure(failure, record, started, labels),
         };
@@ -500,7 +540,7 @@ impl HttpProxy {
         record.response_code = StatusCode::OK.as_u16();
         record.upstream_cluster = destination.labels.cluster.clone();
         apply_labels(&mut record, &destination.labels);
-        self.finish_streaming(Response::new(empty()), record, started, Arc::new(AtomicU64::new(0)))
+        self.finish_streaming(Response::new(empty()), record, started, Arc::new(AtomicU64::new(0)), None)
     }
 
     /// Sends a copy of the request to the mirror's destination, its authority suffixed `-shadow` as Envoy's
@@ -518,7 +558,7 @@ impl HttpProxy {
     ) {
         let port = mirror.port.unwrap_or(connection.local.port());
         let listener = connection.listener;
-        let Ok(destination) = routing::destination(policy, &mirror.host, port, listener, connection.local) else {
+        let Ok(destination) = routing::destination(policy, &mirror.host, port, None, listener, connection.local) else {
             tracing::debug!(host = %mirror.host, "mirror destination not reachable; not mirrored");
             return;
         };
@@ -601,7 +641,7 @@ impl HttpProxy {
         if record.upstream_cluster.is_empty() {
             record.upstream_cluster = "-".into();
         }
-        self.finish_streaming(response, record, started, Arc::new(AtomicU64::new(0)))
+        self.finish_streaming(response, record, started, Arc::new(AtomicU64::new(0)), None)
     }
 
     /// Wraps the response body so that the request is recorded when the body ends (or the client goes).
@@ -611,9 +651,11 @@ impl HttpProxy {
         record: RequestRecord,
         started: Instant,
         received: Arc<AtomicU64>,
+        slot: Option<OwnedSemaphorePermit>,
     ) -> Response<ProxyBody> {
         let (parts, body) = response.into_parts();
         let body = Recorded {
+            _slot: slot,
             inner: body,
             sent: 0,
             received,
@@ -774,6 +816,8 @@ impl Body for Counted {
 
 /// A response body that records its request when it ends, or when it is dropped unfinished.
 struct Recorded {
+    /// The cluster slot the request holds until its response has gone.
+    _slot: Option<OwnedSemaphorePermit>,
     inner: ProxyBody,
     sent: u64,
     received: Arc<AtomicU64>,

@@ -9,6 +9,7 @@ use http::{Request, StatusCode, Uri};
 
 use super::failure::Failure;
 use crate::policy::{
+    clusters::Cluster,
     http_match::RequestView,
     routes::{Action, HostVerify, ProxyPolicy, Redirect, Registered, Route, Service, Target, Upstream},
     OutboundMode,
@@ -60,17 +61,22 @@ pub struct Destination<'p> {
     /// The upstream speaks HTTP/2 (the service port is declared HTTP2 or GRPC).
     pub http2: bool,
     pub labels: ServiceLabels,
-    /// The registered service and port, whose next endpoint a retry goes to.
-    pub service: Option<(&'p Service, u16)>,
+    /// The registered service, port and subset, whose next endpoint a retry goes to.
+    pub service: Option<(&'p Service, u16, Option<&'p str>)>,
 }
 
-impl Destination<'_> {
+impl<'p> Destination<'p> {
     /// The address for another try: the service's next endpoint, or the same address.
     pub fn next_address(&self) -> SocketAddr {
-        match self.service.map(|(service, port)| service.upstream(port)) {
+        match self.service.map(|(service, port, subset)| service.upstream(port, subset)) {
             Some(Upstream::Endpoint(address)) => address,
             _ => self.address,
         }
+    }
+
+    /// The cluster the request goes through (its limits and outlier detection), for a registered service.
+    pub fn cluster(&self) -> Option<&'p Cluster> {
+        self.service.and_then(|(service, port, subset)| service.cluster(port, subset))
     }
 }
 
@@ -175,18 +181,18 @@ pub fn decide<'p, B>(
             Some((_, Action::Forward(targets))) => targets.pick(roll),
             None => None,
         };
-        let (host, destination_port) = match target {
-            Some(target) => (target.host.as_str(), target.port.unwrap_or(port)),
-            None => (host_of(authority), port),
+        let (host, destination_port, subset) = match target {
+            Some(target) => (target.host.as_str(), target.port.unwrap_or(port), target.subset.as_deref()),
+            None => (host_of(authority), port, None),
         };
         if listener.is_mesh() && policy.is_own_service(host) {
             listener = Listener::Gateway(destination_port);
             continue;
         }
-        return match destination(policy, host, destination_port, listener, local) {
+        return match destination(policy, host, destination_port, subset, listener, local) {
             Ok(mut destination) => {
                 if reroute && destination.address.ip() == local.ip() {
-                    match destination.service.and_then(|(service, port)| service.own_address(port)) {
+                    match destination.service.and_then(|(service, port, _)| service.own_address(port)) {
                         Some(address) => destination.address = address,
                         None => return Decision::Fail { failure: Failure::HostMismatch, labels: None },
                     }
@@ -205,6 +211,7 @@ pub fn destination<'p>(
     policy: &'p ProxyPolicy,
     host: &str,
     port: u16,
+    subset: Option<&'p str>,
     listener: Listener,
     local: SocketAddr,
 ) -> Result<Destination<'p>, (Failure, Option<ServiceLabels>)> {
@@ -220,13 +227,13 @@ pub fn destination<'p>(
                 namespace: service.namespace.clone(),
                 cluster: format!("outbound|{port}||{host}"),
             };
-            let address = match service.upstream(port) {
+            let address = match service.upstream(port, subset) {
                 Upstream::Endpoint(address) => address,
                 Upstream::OriginalDestination if intercepted => original,
-                Upstream::OriginalDestination => return Err((Failure::NoCluster, Some(labels))),
+                Upstream::OriginalDestination | Upstream::NoSubset => return Err((Failure::NoCluster, Some(labels))),
                 Upstream::NoEndpoint => return Err((Failure::NoHealthyUpstream, Some(labels))),
             };
-            Ok(Destination { address, http2: service.http2(port), labels, service: Some((service, port)) })
+            Ok(Destination { address, http2: service.http2(port), labels, service: Some((service, port, subset)) })
         }
         Registered::Unknown if policy.mode == OutboundMode::RegistryOnly => {
             Err((Failure::Blackholed, Some(ServiceLabels::special("BlackHoleCluster", "BlackHoleCluster"))))
@@ -313,7 +320,7 @@ mod tests {
             own_services: own.iter().map(|s| s.to_string()).collect(),
             host_verify: verify,
         };
-        proxy_policy(&snapshot, &resolved, &bind(&snapshot, &labels), &settings)
+        proxy_policy(&snapshot, &resolved, &bind(&snapshot, &labels), &settings, &Default::default())
     }
 
     fn get(uri: &str) -> Request<()> {

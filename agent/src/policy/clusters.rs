@@ -1,0 +1,331 @@
+//! Upstream clusters: a registered host's endpoints, as a DestinationRule divides them (subsets by endpoint
+//! labels) and governs them (load balancing, connection-pool limits, outlier detection). What a cluster counts at
+//! run time (requests in flight, ejected endpoints) lives in a `ClusterState` that outlives recompiles, so a
+//! configuration change or a DNS refresh neither resets an ejection nor lifts a limit.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use crate::config::{
+    destination_rule::{PolicySettings, TrafficPolicy},
+    fields::parse_duration,
+};
+
+/// How a cluster picks among its endpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LoadBalance {
+    /// ROUND_ROBIN, and the least-request family (LEAST_REQUEST, LEAST_CONN, UNSPECIFIED), served round robin.
+    #[default]
+    RoundRobin,
+    Random,
+    /// PASSTHROUGH: the original destination, whatever the endpoints.
+    Passthrough,
+}
+
+/// Outlier detection as Istio configures Envoy's.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outlier {
+    pub consecutive_5xx: Option<u32>,
+    pub consecutive_gateway: Option<u32>,
+    pub base_ejection: Duration,
+    pub max_ejection_percent: u32,
+}
+
+/// What a DestinationRule's traffic policy says of one cluster (and port).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClusterPolicy {
+    pub lb: LoadBalance,
+    /// Requests in flight at once (`tcp.maxConnections` for HTTP/1.1 upstreams, `http.http2MaxRequests` for
+    /// HTTP/2), and requests that may wait for one of them (`http.http1MaxPendingRequests`); beyond: 503 UO.
+    pub limits: Option<(usize, usize)>,
+    pub outlier: Option<Outlier>,
+}
+
+impl ClusterPolicy {
+    pub fn compile(settings: &PolicySettings, http2: bool) -> ClusterPolicy {
+        let lb = match settings.load_balancer.as_ref().and_then(|lb| lb.simple.as_deref()) {
+            Some("RANDOM") => LoadBalance::Random,
+            Some("PASSTHROUGH") => LoadBalance::Passthrough,
+            _ => LoadBalance::RoundRobin,
+        };
+        let pool = settings.connection_pool.as_ref();
+        let number = |section: &str, field: &str| {
+            pool.and_then(|p| p.get(section)?.get(field)?.as_u64()).and_then(|n| usize::try_from(n).ok())
+        };
+        let in_flight = if http2 { number("http", "http2MaxRequests") } else { number("tcp", "maxConnections") };
+        let pending = number("http", "http1MaxPendingRequests");
+        let limits = match (in_flight, pending) {
+            (None, None) => None,
+            (in_flight, pending) => Some((in_flight.unwrap_or(u32::MAX as usize).max(1), pending.unwrap_or(1024))),
+        };
+        let outlier = settings.outlier_detection.as_ref().map(|o| Outlier {
+            consecutive_5xx: o.consecutive_5xx_errors.filter(|&n| n > 0),
+            consecutive_gateway: o.consecutive_gateway_errors.filter(|&n| n > 0),
+            base_ejection: o
+                .base_ejection_time
+                .as_deref()
+                .and_then(|t| parse_duration(t).ok())
+                .unwrap_or(Duration::from_secs(30)),
+            max_ejection_percent: o.max_ejection_percent.map_or(10, |p| p.clamp(0, 100) as u32),
+        });
+        let outlier = outlier.map(|mut o| {
+            // Istio's default when outlier detection is on and neither count is given.
+            if o.consecutive_5xx.is_none() && o.consecutive_gateway.is_none() {
+                o.consecutive_5xx = Some(5);
+            }
+            o
+        });
+        ClusterPolicy { lb, limits, outlier }
+    }
+}
+
+/// A traffic policy for one port: a port-level setting replaces the whole policy (Istio does not merge them).
+pub fn settings_for_port(policy: &TrafficPolicy, port: u16) -> &PolicySettings {
+    policy
+        .port_level_settings
+        .iter()
+        .find(|p| p.port.as_ref().is_some_and(|selector| selector.number == u32::from(port)))
+        .map_or(&policy.settings, |p| &p.settings)
+}
+
+/// One endpoint of a cluster.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub address: IpAddr,
+    /// Port name → port on this endpoint.
+    pub ports: BTreeMap<String, u16>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A set of endpoints under one policy: a host's, or one subset's.
+#[derive(Debug)]
+pub struct Cluster {
+    pub endpoints: Vec<Endpoint>,
+    pub policy: ClusterPolicy,
+    pub state: Arc<ClusterState>,
+}
+
+impl Cluster {
+    /// An endpoint's address by the load balancer, passing over ejected endpoints (unless more than the allowed
+    /// share would be passed over); `None` without endpoints.
+    pub fn pick(&self) -> Option<IpAddr> {
+        if self.endpoints.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        let ejected = self.state.ejected(now);
+        let allowed = self.policy.outlier.as_ref().map_or(0, |o| {
+            // At least one endpoint may be ejected whatever the percentage, as Envoy allows.
+            (self.endpoints.len() * o.max_ejection_percent as usize / 100).max(1)
+        });
+        let skip = |address: &IpAddr| !ejected.is_empty() && ejected.len() <= allowed && ejected.contains(address);
+        let count = self.endpoints.len();
+        let start = match self.policy.lb {
+            LoadBalance::Random => fastrand::usize(..count),
+            _ => self.state.next.fetch_add(1, Ordering::Relaxed),
+        };
+        (0..count)
+            .map(|i| &self.endpoints[(start + i) % count])
+            .find(|endpoint| !skip(&endpoint.address))
+            .or_else(|| self.endpoints.get(start % count))
+            .map(|endpoint| endpoint.address)
+    }
+
+    /// The endpoint with `address`.
+    pub fn endpoint(&self, address: IpAddr) -> Option<&Endpoint> {
+        self.endpoints.iter().find(|e| e.address == address)
+    }
+}
+
+/// The outcome of one try, for outlier detection.
+#[derive(Clone, Copy, Debug)]
+pub enum Outcome {
+    Status(u16),
+    /// Connect failure, reset or timeout: a gateway error.
+    Failed,
+}
+
+/// What a cluster counts while requests go through it.
+#[derive(Debug)]
+pub struct ClusterState {
+    /// Round-robin cursor.
+    next: AtomicUsize,
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+    waiting: AtomicUsize,
+    max_waiting: usize,
+    health: Mutex<HashMap<IpAddr, Health>>,
+}
+
+#[derive(Debug, Default)]
+struct Health {
+    consecutive_5xx: u32,
+    consecutive_gateway: u32,
+    ejections: u32,
+    ejected_until: Option<Instant>,
+}
+
+/// A place for one request in a cluster with limits.
+pub enum Admission {
+    /// Admitted (the permit is held until the request ends).
+    Now(Option<tokio::sync::OwnedSemaphorePermit>),
+    /// Over the in-flight limit, within the pending one: wait for a slot.
+    Wait(Arc<tokio::sync::Semaphore>),
+    /// Over both: 503 UO.
+    Overflow,
+}
+
+impl ClusterState {
+    fn new(limits: Option<(usize, usize)>) -> ClusterState {
+        ClusterState {
+            next: AtomicUsize::new(0),
+            slots: limits.map(|(in_flight, _)| Arc::new(tokio::sync::Semaphore::new(in_flight))),
+            waiting: AtomicUsize::new(0),
+            max_waiting: limits.map_or(0, |(_, pending)| pending),
+            health: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn admit(&self) -> Admission {
+        let Some(slots) = &self.slots else { return Admission::Now(None) };
+        if let Ok(permit) = slots.clone().try_acquire_owned() {
+            return Admission::Now(Some(permit));
+        }
+        if self.waiting.load(Ordering::Relaxed) < self.max_waiting {
+            Admission::Wait(slots.clone())
+        } else {
+            Admission::Overflow
+        }
+    }
+
+    /// Counts a request waiting for a slot while `f` runs.
+    pub async fn waiting<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let result = f.await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        result
+    }
+
+    fn ejected(&self, now: Instant) -> Vec<IpAddr> {
+        let health = self.health.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        health.iter().filter(|(_, h)| h.ejected_until.is_some_and(|until| until > now)).map(|(a, _)| *a).collect()
+    }
+
+    /// Records a try's outcome at `address`; enough consecutive errors eject it, for the base ejection time
+    /// times the number of its ejections.
+    pub fn report(&self, address: IpAddr, outcome: Outcome, outlier: &Outlier) {
+        let mut all = self.health.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let health = all.entry(address).or_default();
+        let (server_error, gateway_error) = match outcome {
+            Outcome::Status(status) => ((500..600).contains(&status), matches!(status, 502..=504)),
+            Outcome::Failed => (true, true),
+        };
+        health.consecutive_5xx = if server_error { health.consecutive_5xx + 1 } else { 0 };
+        health.consecutive_gateway = if gateway_error { health.consecutive_gateway + 1 } else { 0 };
+        let tripped = outlier.consecutive_5xx.is_some_and(|n| health.consecutive_5xx >= n)
+            || outlier.consecutive_gateway.is_some_and(|n| health.consecutive_gateway >= n);
+        if tripped {
+            health.ejections += 1;
+            health.ejected_until = Some(Instant::now() + outlier.base_ejection * health.ejections.min(10));
+            health.consecutive_5xx = 0;
+            health.consecutive_gateway = 0;
+            tracing::info!(endpoint = %address, ejections = health.ejections, "endpoint ejected (outlier detection)");
+        }
+    }
+}
+
+/// Every cluster's state, by cluster; a compile takes the state a cluster had.
+#[derive(Debug, Default)]
+pub struct ClusterStates {
+    states: Mutex<HashMap<String, Arc<ClusterState>>>,
+}
+
+impl ClusterStates {
+    /// State for a cluster whose policy keeps nothing across recompiles.
+    pub fn fresh(&self) -> Arc<ClusterState> {
+        Arc::new(ClusterState::new(None))
+    }
+
+    /// The state of the cluster named `key` with `limits` (new limits make new state); states no compiled
+    /// cluster holds any more are dropped.
+    pub fn get(&self, key: &str, limits: Option<(usize, usize)>) -> Arc<ClusterState> {
+        let key = format!("{key}|{limits:?}");
+        let mut states = self.states.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if states.len() > 1024 {
+            states.retain(|_, state| Arc::strong_count(state) > 1);
+        }
+        states.entry(key).or_insert_with(|| Arc::new(ClusterState::new(limits))).clone()
+    }
+}
+
+/// The endpoints of `endpoints` whose labels include every one of `labels`.
+pub fn with_labels(endpoints: &[Endpoint], labels: &BTreeMap<String, String>) -> Vec<Endpoint> {
+    endpoints.iter().filter(|e| labels.iter().all(|(k, v)| e.labels.get(k) == Some(v))).cloned().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(addresses: &[&str], policy: ClusterPolicy) -> Cluster {
+        let endpoints = addresses
+            .iter()
+            .map(|a| Endpoint { address: a.parse().unwrap(), ports: BTreeMap::new(), labels: BTreeMap::new() })
+            .collect();
+        let state = Arc::new(ClusterState::new(policy.limits));
+        Cluster { endpoints, policy, state }
+    }
+
+    #[test]
+    fn consecutive_errors_eject_an_endpoint_and_the_others_take_its_share() {
+        let outlier = Outlier {
+            consecutive_5xx: None,
+            consecutive_gateway: Some(2),
+            base_ejection: Duration::from_secs(30),
+            max_ejection_percent: 50,
+        };
+        let cluster = cluster(
+            &["192.0.2.1", "192.0.2.2"],
+            ClusterPolicy { outlier: Some(outlier.clone()), ..Default::default() },
+        );
+        let bad: IpAddr = "192.0.2.1".parse().unwrap();
+        cluster.state.report(bad, Outcome::Status(503), &outlier);
+        cluster.state.report(bad, Outcome::Status(200), &outlier);
+        cluster.state.report(bad, Outcome::Failed, &outlier);
+        assert!((0..4).map(|_| cluster.pick().unwrap()).any(|a| a == bad), "a success resets the count");
+        cluster.state.report(bad, Outcome::Status(502), &outlier);
+        assert!((0..4).all(|_| cluster.pick().unwrap() != bad), "two gateway errors in a row eject it");
+    }
+
+    #[test]
+    fn limits_admit_then_queue_then_overflow() {
+        let cluster = cluster(&["192.0.2.1"], ClusterPolicy { limits: Some((1, 1)), ..Default::default() });
+        let first = cluster.state.admit();
+        assert!(matches!(first, Admission::Now(Some(_))));
+        assert!(matches!(cluster.state.admit(), Admission::Wait(_)));
+        cluster.state.waiting.fetch_add(1, Ordering::Relaxed);
+        assert!(matches!(cluster.state.admit(), Admission::Overflow));
+        drop(first);
+        cluster.state.waiting.fetch_sub(1, Ordering::Relaxed);
+        assert!(matches!(cluster.state.admit(), Admission::Now(Some(_))));
+    }
+
+    #[test]
+    fn connection_pool_fields_become_limits() {
+        let settings: PolicySettings = serde_json::from_value(serde_json::json!({
+            "connectionPool": {"tcp": {"maxConnections": 10}, "http": {"http1MaxPendingRequests": 5, "http2MaxRequests": 50}},
+            "loadBalancer": {"simple": "RANDOM"}
+        }))
+        .unwrap();
+        assert_eq!(ClusterPolicy::compile(&settings, false).limits, Some((10, 5)));
+        assert_eq!(ClusterPolicy::compile(&settings, true).limits, Some((50, 5)));
+        assert_eq!(ClusterPolicy::compile(&settings, false).lb, LoadBalance::Random);
+        assert_eq!(ClusterPolicy::compile(&PolicySettings::default(), false), ClusterPolicy::default());
+    }
+}
