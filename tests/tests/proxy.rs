@@ -775,3 +775,66 @@ fn destination_rules_pick_subsets_eject_failing_endpoints_and_limit_connections(
     assert_eq!(codes.iter().filter(|c| c.as_str() == "504").count(), 2, "{codes:?}");
     assert!(agent.log().contains("\"GET /slow HTTP/1.1\" 503 UO "), "{}", agent.log());
 }
+
+#[test]
+fn http2_clients_and_http2_upstreams_are_proxied() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let echo = "$server_addr $server_protocol host=$host uri=$request_uri";
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80)], echo).unwrap();
+    let h2c = addr(SERVER_B, 8085);
+    let server = format!(
+        "server {{\n    listen {h2c} http2;\n    location / {{ default_type text/plain; return 200 \"{echo}\\n\"; }}\n  }}\n"
+    );
+    let _h2_origin = Nginx::start_with(&topology.internet, &server, &[h2c]).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let h2 = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: h2, namespace: egress}
+spec:
+  hosts: [h2.backend]
+  ports: [{number: 80, name: http2, protocol: HTTP2, targetPort: 8085}]
+  resolution: STATIC
+  endpoints: [{address: 203.0.113.20}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: httpbin, namespace: egress}
+spec:
+  hosts: [httpbin.org]
+  http:
+  - match: [{uri: {prefix: /h2}}]
+    route: [{destination: {host: h2.backend}}]
+  - route: [{destination: {host: httpbin.org}}]
+";
+    write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, h2]);
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    let h2_client = ["--http2-prior-knowledge"];
+
+    let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/get", &h2_client);
+    assert_eq!(code, 200, "{body}\n{}", agent.log());
+    assert!(body.starts_with(&format!("{SERVER_A} HTTP/1.1 host=httpbin.org uri=/get")), "{body}");
+    let resolve = format!("httpbin.org:80:{SERVER_A}");
+    let version = curl(
+        &topology.workload,
+        &[
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version}",
+            "--resolve",
+            &resolve,
+            "http://httpbin.org/",
+        ],
+    )
+    .unwrap();
+    assert_eq!(version, "2", "the client spoke HTTP/2 with the proxy");
+    let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/h2/x", &[]);
+    assert_eq!(code, 200, "{body}\n{}", agent.log());
+    assert!(body.starts_with(&format!("{SERVER_B} HTTP/2.0 host=httpbin.org uri=/h2/x")), "an HTTP2 port: {body}");
+    let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/h2/y", &h2_client);
+    assert_eq!(code, 200);
+    assert!(body.starts_with(&format!("{SERVER_B} HTTP/2.0 host=httpbin.org uri=/h2/y")), "{body}");
+}

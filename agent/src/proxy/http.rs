@@ -15,16 +15,13 @@ use std::{
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
     upgrade::OnUpgrade,
 };
-use hyper_util::{
-    client::legacy::{connect::HttpConnector, Client},
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 pub use super::routing::Listener;
@@ -32,6 +29,7 @@ use super::{
     failure::Failure,
     routing::{self, Decision, Destination, Matched, ServiceLabels},
     tcp::{self, SourceAddresses},
+    upstreams::{Outgoing, SendError, Upstreams},
 };
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -79,8 +77,7 @@ pub struct Connection {
 
 pub struct HttpProxy {
     policy: Arc<ArcSwap<ProxyPolicy>>,
-    http1: Client<HttpConnector, ProxyBody>,
-    http2: Client<HttpConnector, ProxyBody>,
+    upstreams: Upstreams,
     telemetry: RequestTelemetry,
     limits: Limits,
     connections: Arc<tokio::sync::Semaphore>,
@@ -101,26 +98,9 @@ pub struct Limits {
 
 impl HttpProxy {
     pub fn new(policy: Arc<ArcSwap<ProxyPolicy>>, telemetry: RequestTelemetry, limits: Limits) -> HttpProxy {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(tcp::CONNECT_TIMEOUT));
-        match (limits.source.v4, limits.source.v6) {
-            (Some(v4), Some(v6)) => connector.set_local_addresses(v4, v6),
-            (Some(v4), None) => connector.set_local_address(Some(v4.into())),
-            (None, Some(v6)) => connector.set_local_address(Some(v6.into())),
-            (None, None) => {}
-        }
-        connector.set_nodelay(true);
-        let http1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .timer(TokioTimer::new())
-            .build(connector.clone());
-        let http2 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .timer(TokioTimer::new())
-            .http2_only(true)
-            .build(connector);
+        let upstreams = Upstreams::new(limits.source);
         let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-        HttpProxy { policy, http1, http2, telemetry, limits, connections, resolver: None }
+        HttpProxy { policy, upstreams, telemetry, limits, connections, resolver: None }
     }
 
     /// Resolves the hosts that forward-proxied requests name with `resolver`.
@@ -182,6 +162,8 @@ impl HttpProxy {
             method: request.method().as_str().to_owned(),
             path: request.uri().path_and_query().map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned()),
             protocol: protocol_name(request.version()),
+            grpc: header_text(request.headers(), header::CONTENT_TYPE)
+                .is_some_and(|content_type| content_type.starts_with("application/grpc")),
             user_agent: header_text(request.headers(), header::USER_AGENT),
             x_forwarded_for: header_text(request.headers(), "x-forwarded-for"),
             request_id: header_text(request.headers(), "x-request-id"),
@@ -298,9 +280,6 @@ impl HttpProxy {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, protocol.clone());
         }
-        if let Ok(host) = HeaderValue::from_str(&upstream_authority) {
-            headers.insert(header::HOST, host);
-        }
         headers.entry("x-forwarded-proto").or_insert(HeaderValue::from_static("http"));
         if let Listener::Gateway(_) = connection.listener {
             append_forwarded_for(headers, connection.peer);
@@ -332,12 +311,10 @@ impl HttpProxy {
         if let Some(bytes) = &replayable {
             received.store(bytes.len() as u64, Ordering::Relaxed);
         }
-        let version = if destination.http2 { Version::HTTP_2 } else { Version::HTTP_11 };
         if let (Some(mirror), Some(bytes)) = (mirror, &replayable) {
             self.mirror(policy, mirror, &parts, &path_and_query, &upstream_authority, bytes.clone(), connection);
         }
 
-        let client = if destination.http2 { &self.http2 } else { &self.http1 };
         let overall = route.and_then(|route| route.timeout).map(|timeout| tokio::time::Instant::now() + timeout);
         // The cluster's connection-pool limits: a slot now, a wait within the pending limit, or 503 UO.
         let cluster = destination.cluster();
@@ -384,19 +361,21 @@ impl HttpProxy {
                 (None, Some(body)) => body,
                 (None, None) => break Err(Failure::UpstreamReset),
             };
-            let Ok(uri) = upstream_uri(address, &path_and_query) else { break Err(Failure::BadRequest) };
-            let mut upstream = Request::new(body);
-            *upstream.method_mut() = parts.method.clone();
-            *upstream.uri_mut() = uri;
-            *upstream.version_mut() = version;
-            *upstream.headers_mut() = parts.headers.clone();
+            let outgoing = Outgoing {
+                address,
+                http2: destination.http2,
+                authority: &upstream_authority,
+                path_and_query: &path_and_query,
+                method: parts.method.clone(),
+                headers: parts.headers.clone(),
+            };
             let try_started = Instant::now();
             let per_try = retries.per_try_timeout.map(|timeout| tokio::time::Instant::now() + timeout);
             let deadline = match (overall, per_try) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            let pending = client.request(upstream);
+            let pending = self.upstreams.send(outgoing, body);
             let result = match deadline {
                 Some(deadline) => tokio::time::timeout_at(deadline, pending).await.ok(),
                 None => Some(pending.await),
@@ -413,11 +392,11 @@ impl HttpProxy {
             let failure = match result {
                 Some(Ok(response)) if may_retry && retries.on.status(response.status().as_u16()) => None,
                 Some(Ok(response)) => break Ok((response, try_started)),
-                Some(Err(error)) if error.is_connect() => {
+                Some(Err(SendError::Connect(error))) => {
                     tracing::debug!(%error, upstream = %address, attempt, "upstream connect failed");
                     Some((Failure::UpstreamConnect, retries.on.connect_failure))
                 }
-                Some(Err(error)) => {
+                Some(Err(SendError::Request(error))) => {
                     tracing::debug!(%error, upstream = %address, attempt, "upstream request failed");
                     Some((Failure::UpstreamReset, retries.on.reset_or_timeout()))
                 }
@@ -562,19 +541,14 @@ impl HttpProxy {
             tracing::debug!(host = %mirror.host, "mirror destination not reachable; not mirrored");
             return;
         };
-        let Ok(uri) = upstream_uri(destination.address, path_and_query) else { return };
-        let mut request = Request::new(Full::new(body).map_err(|never| match never {}).boxed());
-        *request.method_mut() = parts.method.clone();
-        *request.uri_mut() = uri;
-        *request.version_mut() = if destination.http2 { Version::HTTP_2 } else { Version::HTTP_11 };
-        *request.headers_mut() = parts.headers.clone();
         let shadow = format!("{}-shadow", routing::host_of(authority));
-        if let Ok(host) = HeaderValue::from_str(&shadow) {
-            request.headers_mut().insert(header::HOST, host);
-        }
-        let client = if destination.http2 { self.http2.clone() } else { self.http1.clone() };
+        let (address, http2) = (destination.address, destination.http2);
+        let (method, headers, path) = (parts.method.clone(), parts.headers.clone(), path_and_query.to_owned());
+        let upstreams = self.upstreams.clone();
         tokio::spawn(async move {
-            if let Ok(response) = client.request(request).await {
+            let outgoing = Outgoing { address, http2, authority: &shadow, path_and_query: &path, method, headers };
+            let body = Full::new(body).map_err(|never| match never {}).boxed();
+            if let Ok(response) = upstreams.send(outgoing, body).await {
                 // Read to the end so the connection goes back to the pool.
                 let _ = response.into_body().collect().await;
             }
@@ -715,10 +689,6 @@ async fn join_upgraded(client: OnUpgrade, upstream: OnUpgrade, peer: SocketAddr)
 /// True for `percent` % of calls.
 fn chance(percent: f64) -> bool {
     percent >= 100.0 || (percent > 0.0 && fastrand::f64() * 100.0 < percent)
-}
-
-fn upstream_uri(address: SocketAddr, path_and_query: &str) -> Result<Uri, http::Error> {
-    Uri::builder().scheme("http").authority(address.to_string()).path_and_query(path_and_query).build()
 }
 
 /// The answer to a CORS preflight from an allowed origin.

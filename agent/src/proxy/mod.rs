@@ -8,3 +8,4 @@ pub mod intercepted;
 pub mod routing;
 pub mod tcp;
 pub mod transparent_listener;
+pub mod upstreams;

@@ -96,6 +96,8 @@ pub struct RequestRecord {
     pub method: String,
     pub path: String,
     pub protocol: &'static str,
+    /// A gRPC request (`content-type: application/grpc…`), which Istio labels `request_protocol="grpc"`.
+    pub grpc: bool,
     pub response_code: u16,
     pub response_flags: &'static str,
     pub bytes_received: u64,
@@ -199,7 +201,7 @@ impl RequestTelemetry {
             destination_service: record.destination_service.clone(),
             destination_service_name: record.destination_service_name.clone(),
             destination_service_namespace: record.destination_service_namespace.clone(),
-            request_protocol: Cow::Borrowed(if record.protocol.starts_with("HTTP/2") { "http2" } else { "http" }),
+            request_protocol: Cow::Borrowed(if record.grpc { "grpc" } else { "http" }),
             response_code: Cow::Owned(record.response_code.to_string()),
             grpc_response_status: Cow::Borrowed(""),
             response_flags: Cow::Borrowed(if record.response_flags.is_empty() { "-" } else { record.response_flags }),
