@@ -8,6 +8,7 @@ use std::{
 };
 
 use sluice_tests::{
+    istio::{self, backend, MESH_REGISTRY_ONLY},
     peers::{curl, Dnsmasq, Nginx, ScriptedServer},
     require_root,
     topology::{GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A, SERVER_B},
@@ -28,15 +29,6 @@ fn total(metrics: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
         .sum::<f64>() as u64
 }
 
-const MESH_REGISTRY_ONLY: &str = "apiVersion: v1
-kind: ConfigMap
-metadata: {name: istio, namespace: istio-system}
-data:
-  mesh: |
-    outboundTrafficPolicy:
-      mode: REGISTRY_ONLY
-";
-
 /// httpbin.org registered at server A's address (resolution NONE: the proxy keeps the original destination).
 const HTTPBIN: &str = "apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -50,7 +42,7 @@ spec:
 ";
 
 fn write_config(dir: &Path, documents: &[&str]) {
-    std::fs::write(dir.join("istio.yaml"), documents.join("---\n")).unwrap();
+    istio::write(dir, documents).unwrap();
 }
 
 /// `curl` from the workload, with `host` resolved to `address`: the status line's code and the body.
@@ -152,24 +144,6 @@ spec:
   endpoints: [{address: 203.0.113.20}]
 ---
 apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: slow, namespace: egress}
-spec:
-  hosts: [slow.backend]
-  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8081}]
-  resolution: STATIC
-  endpoints: [{address: 203.0.113.20}]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: down, namespace: egress}
-spec:
-  hosts: [down.backend]
-  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 81}]
-  resolution: STATIC
-  endpoints: [{address: 203.0.113.20}]
----
-apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: httpbin, namespace: egress}
 spec:
@@ -225,7 +199,8 @@ fn virtual_service_routes_are_applied_in_order_with_their_actions() {
     let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80), addr(SERVER_B, 80)], ECHO).unwrap();
     let _silent = silent_server(&topology, addr(SERVER_B, 8081));
     let config = tempfile::tempdir().unwrap();
-    write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, ROUTES]);
+    let (slow, down) = (backend("slow", SERVER_B, 8081), backend("down", SERVER_B, 81));
+    write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, &slow, &down, ROUTES]);
     let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     let get = |path: &str, extra: &[&str]| get(&topology, "httpbin.org", SERVER_A, path, extra);
@@ -366,24 +341,6 @@ spec:
   endpoints: [{address: 203.0.113.20, ports: {http: 81}}, {address: 203.0.113.10}]
 ---
 apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: scripted, namespace: egress}
-spec:
-  hosts: [scripted.backend]
-  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8082}]
-  resolution: STATIC
-  endpoints: [{address: 203.0.113.20}]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: shadow, namespace: egress}
-spec:
-  hosts: [shadow.backend]
-  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8083}]
-  resolution: STATIC
-  endpoints: [{address: 203.0.113.20}]
----
-apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: httpbin, namespace: egress}
 spec:
@@ -422,7 +379,8 @@ fn retries_faults_mirrors_and_cors_behave_as_envoys() {
     let scripted = ScriptedServer::start(&topology.internet, addr(SERVER_B, 8082), &[503]).unwrap();
     let shadow = ScriptedServer::start(&topology.internet, addr(SERVER_B, 8083), &[]).unwrap();
     let config = tempfile::tempdir().unwrap();
-    write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, RESILIENCE]);
+    let (scripted_entry, shadow_entry) = (backend("scripted", SERVER_B, 8082), backend("shadow", SERVER_B, 8083));
+    write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, &scripted_entry, &shadow_entry, RESILIENCE]);
     let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     let get = |path: &str, extra: &[&str]| get(&topology, "httpbin.org", SERVER_A, path, extra);
@@ -695,15 +653,6 @@ spec:
     outlierDetection: {consecutiveGatewayErrors: 1, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}
 ---
 apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: slow, namespace: egress}
-spec:
-  hosts: [slow.backend]
-  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8081}]
-  resolution: STATIC
-  endpoints: [{address: 203.0.113.20}]
----
-apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {name: slow, namespace: egress}
 spec:
@@ -739,7 +688,7 @@ fn destination_rules_pick_subsets_eject_failing_endpoints_and_limit_connections(
     let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80), addr(SERVER_B, 80)], ECHO).unwrap();
     let _silent = silent_server(&topology, addr(SERVER_B, 8081));
     let config = tempfile::tempdir().unwrap();
-    write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, DESTINATION_RULES]);
+    write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, &backend("slow", SERVER_B, 8081), DESTINATION_RULES]);
     let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     let get = |path: &str, extra: &[&str]| get(&topology, "httpbin.org", SERVER_A, path, extra);

@@ -5,21 +5,14 @@ use std::{net::SocketAddr, time::Duration};
 
 use sluice_tests::{
     agent::METRICS_ADDR,
+    istio::{self, MESH_REGISTRY_ONLY},
     peers::{curl, Nginx, Prometheus},
     require_root,
     topology::{GATEWAY_WORKLOAD_IFACE, SERVER_A, SERVER_B},
     Agent, Topology,
 };
 
-const CONFIG: &str = "apiVersion: v1
-kind: ConfigMap
-metadata: {name: istio, namespace: istio-system}
-data:
-  mesh: |
-    outboundTrafficPolicy:
-      mode: REGISTRY_ONLY
----
-apiVersion: networking.istio.io/v1
+const HTTPBIN: &str = "apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: httpbin, namespace: egress}
 spec:
@@ -49,7 +42,7 @@ fn prometheus_scrapes_istios_request_metrics_and_promtool_reads_them() {
     let topology = Topology::new().unwrap();
     let _nginx = Nginx::start(&topology.internet, &[SocketAddr::new(SERVER_A.parse().unwrap(), 80)], "ok").unwrap();
     let config = tempfile::tempdir().unwrap();
-    std::fs::write(config.path().join("istio.yaml"), CONFIG).unwrap();
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN]).unwrap();
     let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     for (host, address) in [("httpbin.org", SERVER_A), ("httpbin.org", SERVER_A), ("edition.cnn.com", SERVER_B)] {

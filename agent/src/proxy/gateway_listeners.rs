@@ -9,10 +9,12 @@ use std::{
     time::Duration,
 };
 
-use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{net::TcpListener, task::JoinHandle};
 
-use super::http::{Connection, HttpProxy, Listener};
+use super::{
+    http::{Connection, HttpProxy, Listener},
+    transparent_listener::listener,
+};
 
 pub struct GatewayListeners {
     proxy: Arc<HttpProxy>,
@@ -71,24 +73,12 @@ impl Drop for GatewayListeners {
 
 /// IPv4 and, where the node has it, IPv6 listeners on `port`.
 pub fn bind(port: u16) -> io::Result<Vec<TcpListener>> {
-    let mut listeners = vec![listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?];
-    match listener(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
+    let mut listeners = vec![listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), false)?];
+    match listener(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), false) {
         Ok(v6) => listeners.push(v6),
         Err(error) => tracing::warn!(port, %error, "no IPv6 gateway listener"),
     }
     Ok(listeners)
-}
-
-fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
 }
 
 /// Serves the connections `listener` accepts as `kind` (a Gateway port, or the forward-proxy port).

@@ -28,8 +28,8 @@ pub struct TransparentListener {
 impl TransparentListener {
     /// Binds the IPv4 and IPv6 listeners on `port` on every address.
     pub fn bind(port: u16) -> io::Result<Self> {
-        let v4 = listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?;
-        let v6 = listener(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))?;
+        let v4 = listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), true)?;
+        let v6 = listener(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), true)?;
         Ok(TransparentListener { v4, v6 })
     }
 
@@ -43,12 +43,16 @@ impl TransparentListener {
     }
 }
 
-fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
+/// A listening socket on `addr` (IPv6 only for an IPv6 address); `transparent`: accepting connections addressed
+/// to any address (`IP_TRANSPARENT`), as the classifier hands them over.
+pub fn listener(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
+    }
+    if transparent && addr.is_ipv6() {
         socket.set_ip_transparent_v6(true)?;
-    } else {
+    } else if transparent {
         socket.set_ip_transparent_v4(true)?;
     }
     socket.set_reuse_address(true)?;

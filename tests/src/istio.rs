@@ -1,0 +1,33 @@
+//! Istio configuration the tests write for the agent.
+
+use std::path::Path;
+
+/// The mesh config (the `istio` ConfigMap) in REGISTRY_ONLY.
+pub const MESH_REGISTRY_ONLY: &str = "apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    outboundTrafficPolicy:
+      mode: REGISTRY_ONLY
+";
+
+/// A ServiceEntry for `NAME.backend` on port 80 (HTTP), served at `address`:`target_port` (resolution STATIC).
+pub fn backend(name: &str, address: &str, target_port: u16) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: egress}}
+spec:
+  hosts: [{name}.backend]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {target_port}}}]
+  resolution: STATIC
+  endpoints: [{{address: {address}}}]
+"
+    )
+}
+
+/// Writes `documents` as one multi-document YAML file in `dir`.
+pub fn write(dir: &Path, documents: &[&str]) -> std::io::Result<()> {
+    std::fs::write(dir.join("istio.yaml"), documents.join("---\n"))
+}
