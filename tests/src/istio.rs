@@ -12,6 +12,18 @@ data:
       mode: REGISTRY_ONLY
 ";
 
+/// httpbin.org registered at the topology's server A (resolution NONE: the proxy keeps the original destination).
+pub const HTTPBIN: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: httpbin, namespace: egress}
+spec:
+  hosts: [httpbin.org]
+  addresses: [203.0.113.10]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  location: MESH_EXTERNAL
+  resolution: NONE
+";
+
 /// A ServiceEntry for `NAME.backend` on port 80 (HTTP), served at `address`:`target_port` (resolution STATIC).
 pub fn backend(name: &str, address: &str, target_port: u16) -> String {
     format!(

@@ -8,7 +8,7 @@ use std::{
 };
 
 use sluice_tests::{
-    istio::{self, backend, MESH_REGISTRY_ONLY},
+    istio::{self, backend, HTTPBIN, MESH_REGISTRY_ONLY},
     peers::{curl, Dnsmasq, Nginx, ScriptedServer},
     require_root,
     topology::{GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A, SERVER_B},
@@ -28,18 +28,6 @@ fn total(metrics: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
 }
-
-/// httpbin.org registered at server A's address (resolution NONE: the proxy keeps the original destination).
-const HTTPBIN: &str = "apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: httpbin, namespace: egress}
-spec:
-  hosts: [httpbin.org]
-  addresses: [203.0.113.10]
-  ports: [{number: 80, name: http, protocol: HTTP}]
-  location: MESH_EXTERNAL
-  resolution: NONE
-";
 
 fn write_config(dir: &Path, documents: &[&str]) {
     istio::write(dir, documents).unwrap();

@@ -5,22 +5,12 @@ use std::{net::SocketAddr, time::Duration};
 
 use sluice_tests::{
     agent::METRICS_ADDR,
-    istio::{self, MESH_REGISTRY_ONLY},
+    istio::{self, HTTPBIN, MESH_REGISTRY_ONLY},
     peers::{curl, Nginx, Prometheus},
     require_root,
     topology::{GATEWAY_WORKLOAD_IFACE, SERVER_A, SERVER_B},
     Agent, Topology,
 };
-
-const HTTPBIN: &str = "apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: httpbin, namespace: egress}
-spec:
-  hosts: [httpbin.org]
-  addresses: [203.0.113.10]
-  ports: [{number: 80, name: http, protocol: HTTP}]
-  resolution: NONE
-";
 
 /// The value of the single series the query returns, once Prometheus has it (within 20 s).
 fn scraped_value(prometheus: &Prometheus, query: &str) -> f64 {
