@@ -1,25 +1,40 @@
-//! Reading, validating and compiling N ServiceEntries (a third each with an exact address, a CIDR, or a DNS host),
-//! and the agent memory they take.
+//! Reading, validating and compiling N ServiceEntries (exact addresses, CIDRs, DNS hosts and wildcard hosts) with
+//! as many VirtualServices, the agent memory they take, and what a request's host lookup costs among them.
 
 use std::time::Instant;
 
 use serde_json::json;
 use sluice_agent::{
     config::{resolver::Resolved, sources::files::Loaded},
-    policy::compile::{datapath_policy, NodeSettings},
+    policy::{
+        bindings::bind,
+        compile::{datapath_policy, NodeSettings},
+        routes::{proxy_policy, ProxySettings, Registered},
+    },
 };
+
+/// Host lookups timed per figure.
+const LOOKUPS: usize = 1_000_000;
 
 pub struct Figures {
     pub entries: usize,
     pub read_ms: f64,
     pub compile_ms: f64,
+    /// Binding the VirtualServices and compiling the proxy's route table and registry.
+    pub routes_ms: f64,
     pub rules: usize,
+    /// One request's lookups (its VirtualService host, then the registry), for exact and wildcard hosts.
+    pub lookup_exact_ns: f64,
+    pub lookup_wildcard_ns: f64,
     /// None below 1000 entries, where the resident size moves in steps larger than the growth.
     pub bytes_per_entry: Option<f64>,
+    /// Of which the configuration as read (the resources in force), before anything is compiled.
+    pub read_bytes_per_entry: Option<f64>,
 }
 
 pub fn measure(entries: usize) -> Figures {
-    let documents: Vec<serde_json::Value> = (0..entries).map(document).collect();
+    let documents: Vec<serde_json::Value> =
+        (0..entries).map(document).chain((0..entries).map(virtual_service)).collect();
     let rss_before = resident_bytes();
     let started = Instant::now();
     let mut loaded = Loaded::default();
@@ -27,36 +42,89 @@ pub fn measure(entries: usize) -> Figures {
         loaded.add("bench", document);
     }
     let read_ms = started.elapsed().as_secs_f64() * 1e3;
+    let rss_read = resident_bytes();
     assert!(loaded.errors.is_empty(), "the generated resources are valid: {:?}", loaded.errors.first());
     let started = Instant::now();
     let policy = datapath_policy(&loaded.snapshot, &Resolved::new(), &NodeSettings::default());
     let compile_ms = started.elapsed().as_secs_f64() * 1e3;
+    let started = Instant::now();
+    let labels = Default::default();
+    let bindings = bind(&loaded.snapshot, &labels);
+    let routes =
+        proxy_policy(&loaded.snapshot, &Resolved::new(), &bindings, &ProxySettings::default(), &Default::default());
+    let routes_ms = started.elapsed().as_secs_f64() * 1e3;
     let bytes = resident_bytes().saturating_sub(rss_before) as f64;
+    let lookup = |host: &dyn Fn(usize) -> String| {
+        let hosts: Vec<String> = (0..1000).map(|k| host(k * entries / 1000)).collect();
+        let started = Instant::now();
+        let mut found = 0usize;
+        for k in 0..LOOKUPS {
+            let host = std::hint::black_box(hosts[k % hosts.len()].as_str());
+            found += usize::from(routes.mesh.get(host).is_some());
+            found += usize::from(matches!(routes.registered(host, 443), Registered::Service(_)));
+        }
+        assert!(found > 0, "the hosts looked up are registered");
+        started.elapsed().as_nanos() as f64 / LOOKUPS as f64
+    };
+    let lookup_exact_ns = lookup(&|i| format!("svc-{}.example.com", i - i % 4));
+    let lookup_wildcard_ns = lookup(&|i| format!("api.w-{}.example.com", i - i % 4 + 3));
     let figures = Figures {
         entries,
         read_ms,
         compile_ms,
+        routes_ms,
         rules: policy.rules.len(),
+        lookup_exact_ns,
+        lookup_wildcard_ns,
         bytes_per_entry: (entries >= 1000).then(|| bytes / entries as f64),
+        read_bytes_per_entry: (entries >= 1000).then(|| rss_read.saturating_sub(rss_before) as f64 / entries as f64),
     };
-    drop((loaded, policy));
+    drop((loaded, policy, routes));
     figures
+}
+
+/// The i-th entry's host (the one its VirtualService routes).
+fn host(i: usize) -> String {
+    match i % 4 {
+        0 => format!("svc-{i}.example.com"),
+        1 => format!("net-{i}.example.com"),
+        2 => format!("api-{i}.example.com"),
+        _ => format!("*.w-{i}.example.com"),
+    }
 }
 
 fn document(i: usize) -> serde_json::Value {
     let (a, b) = ((i >> 8) & 0xff, i & 0xff);
-    let spec = match i % 3 {
-        0 => json!({"hosts": [format!("svc-{i}.example.com")], "addresses": [format!("100.64.{a}.{b}")],
+    let spec = match i % 4 {
+        0 => json!({"hosts": [host(i)], "addresses": [format!("100.64.{a}.{b}")],
                     "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}], "resolution": "NONE"}),
         1 => {
-            json!({"hosts": [format!("net-{i}.example.com")], "addresses": [format!("10.{}.{}.{}/28", (i >> 12) & 0xff, (i >> 4) & 0xff, (i & 0xf) << 4)],
+            json!({"hosts": [host(i)], "addresses": [format!("10.{}.{}.{}/28", (i >> 12) & 0xff, (i >> 4) & 0xff, (i & 0xf) << 4)],
                     "ports": [{"number": 5432, "name": "pg", "protocol": "TCP"}], "resolution": "NONE"})
         }
-        _ => json!({"hosts": [format!("api-{i}.example.com")],
+        2 => json!({"hosts": [host(i)],
                     "ports": [{"number": 443, "name": "https", "protocol": "HTTPS"}], "resolution": "DNS"}),
+        _ => json!({"hosts": [host(i)],
+                    "ports": [{"number": 443, "name": "https", "protocol": "HTTPS"}], "resolution": "NONE"}),
     };
     json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
            "metadata": {"name": format!("entry-{i}"), "namespace": "default"}, "spec": spec})
+}
+
+/// A VirtualService for the i-th entry's host: a prefix route with a header set, a regex-matched canary split
+/// by weight, and a default route.
+fn virtual_service(i: usize) -> serde_json::Value {
+    let hosts = host(i);
+    // A wildcard entry's routes name one concrete host under it.
+    let host = hosts.replacen('*', "api", 1);
+    json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+           "metadata": {"name": format!("routes-{i}"), "namespace": "default"},
+           "spec": {"hosts": [hosts], "http": [
+               {"match": [{"uri": {"prefix": "/api/"}}], "headers": {"request": {"set": {"x-route": "api"}}},
+                "route": [{"destination": {"host": host}}]},
+               {"match": [{"headers": {"x-canary": {"regex": "yes|true"}}}],
+                "route": [{"destination": {"host": host}, "weight": 90}, {"destination": {"host": host}, "weight": 10}]},
+               {"route": [{"destination": {"host": host}}], "timeout": "5s"}]}})
 }
 
 fn resident_bytes() -> u64 {

@@ -28,18 +28,12 @@ enum Kind {
 
 fn main() -> anyhow::Result<()> {
     sluice_tests::require_root();
-    // `sluice-bench http` runs the HTTP comparison alone.
-    if std::env::args().nth(1).as_deref() == Some("http") {
-        return http_comparison();
+    // `sluice-bench http` runs the HTTP comparison alone, `sluice-bench config` the configuration figures.
+    match std::env::args().nth(1).as_deref() {
+        Some("http") => return http_comparison(),
+        Some("config") => return configuration(),
+        _ => configuration()?,
     }
-    println!("Configuration: read + validate, compile to the datapath policy, agent memory (RSS growth)");
-    println!("{:<10} {:>12} {:>12} {:>10} {:>16}", "entries", "read (ms)", "compile (ms)", "L4 rules", "bytes/entry");
-    for entries in [10, 1_000, 10_000, 100_000] {
-        let f = compile::measure(entries);
-        let bytes = f.bytes_per_entry.map(|b| format!("{b:.0}")).unwrap_or_else(|| "-".into());
-        println!("{:<10} {:>12.1} {:>12.1} {:>10} {:>16}", f.entries, f.read_ms, f.compile_ms, f.rules, bytes);
-    }
-    println!();
 
     let bpffs = Bpffs::mount()?;
     let mut datapath = Datapath::load(&bpffs.pin_dir()).context("loading the classifier")?;
@@ -84,6 +78,50 @@ fn main() -> anyhow::Result<()> {
     println!("sluice / nftables drop rate = {:.2}", sluice.per_second / nft.per_second.max(1.0));
     println!();
     http_comparison()
+}
+
+fn configuration() -> anyhow::Result<()> {
+    println!(
+        "Configuration: N ServiceEntries (exact, CIDR, DNS, wildcard hosts) and N VirtualServices: read + validate, \
+         compile (datapath; proxy routes and registry), agent memory (RSS growth), one request's host lookups"
+    );
+    println!(
+        "{:<8} {:>10} {:>14} {:>12} {:>9} {:>11} {:>15} {:>18}",
+        "entries",
+        "read (ms)",
+        "datapath (ms)",
+        "routes (ms)",
+        "L4 rules",
+        "bytes/host",
+        "lookup ns exact",
+        "lookup ns wildcard"
+    );
+    let mut lookups = Vec::new();
+    for entries in [10, 1_000, 10_000, 100_000] {
+        let f = compile::measure(entries);
+        let shown = |b: Option<f64>| b.map(|b| format!("{b:.0}")).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<8} {:>10.1} {:>14.1} {:>12.1} {:>9} {:>11} {:>12} {:>15.0} {:>18.0}",
+            f.entries,
+            f.read_ms,
+            f.compile_ms,
+            f.routes_ms,
+            f.rules,
+            shown(f.bytes_per_entry),
+            shown(f.read_bytes_per_entry),
+            f.lookup_exact_ns,
+            f.lookup_wildcard_ns
+        );
+        lookups.push((f.lookup_exact_ns, f.lookup_wildcard_ns));
+    }
+    let (first, last) = (lookups[0], lookups[lookups.len() - 1]);
+    println!(
+        "host lookup at 100k / at 10: exact {:.2}, wildcard {:.2}",
+        last.0 / first.0.max(1.0),
+        last.1 / first.1.max(1.0)
+    );
+    println!();
+    Ok(())
 }
 
 fn http_comparison() -> anyhow::Result<()> {

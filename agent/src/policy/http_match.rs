@@ -8,6 +8,25 @@ use regex::Regex;
 
 use crate::config::{fields::StringMatch, virtual_service::HttpMatch};
 
+/// Compiled regexes by pattern: configurations repeat their patterns, and one compiled regex (shared, it is
+/// reference-counted) serves every route that writes it.
+#[derive(Debug, Default)]
+pub struct RegexCache {
+    compiled: std::collections::HashMap<String, Option<Regex>>,
+}
+
+impl RegexCache {
+    /// `pattern` compiled (as written: anchoring is the caller's), or `None` if it does not compile.
+    pub fn get(&mut self, pattern: &str) -> Option<Regex> {
+        if let Some(compiled) = self.compiled.get(pattern) {
+            return compiled.clone();
+        }
+        let compiled = Regex::new(pattern).ok();
+        self.compiled.insert(pattern.to_owned(), compiled.clone());
+        compiled
+    }
+}
+
 /// One compiled `StringMatch`.
 #[derive(Clone, Debug)]
 pub enum Matcher {
@@ -18,7 +37,7 @@ pub enum Matcher {
 
 impl Matcher {
     /// `None` when the match is empty or its regex does not compile (validation rejects both first).
-    pub fn compile(value: &StringMatch, ignore_case: bool) -> Option<Matcher> {
+    pub fn compile(value: &StringMatch, ignore_case: bool, regexes: &mut RegexCache) -> Option<Matcher> {
         let fold = |text: &str| if ignore_case { text.to_ascii_lowercase() } else { text.to_owned() };
         if let Some(exact) = &value.exact {
             Some(Matcher::Exact(fold(exact)))
@@ -27,7 +46,7 @@ impl Matcher {
         } else {
             let pattern = value.regex.as_deref()?;
             let flags = if ignore_case { "(?i)" } else { "" };
-            Regex::new(&format!("{flags}^(?:{pattern})$")).ok().map(Matcher::Regex)
+            regexes.get(&format!("{flags}^(?:{pattern})$")).map(Matcher::Regex)
         }
     }
 
@@ -73,35 +92,55 @@ pub struct RequestMatch {
     port: Option<u16>,
     /// Qualified gateway names (`mesh` or `namespace/name`); empty means any.
     gateways: Vec<String>,
+    /// A field could not be compiled (a regex over the size limit): the match never holds, rather than hold
+    /// without that field.
+    broken: bool,
 }
 
 impl RequestMatch {
     /// Compiles `m`; a VirtualService of `namespace` names gateways relative to it.
-    pub fn compile(m: &HttpMatch, namespace: &str) -> RequestMatch {
-        let compile = |value: &Option<StringMatch>| value.as_ref().and_then(|v| Matcher::compile(v, false));
-        let headers = |map: &BTreeMap<String, StringMatch>| {
-            map.iter()
+    pub fn compile(m: &HttpMatch, namespace: &str, regexes: &mut RegexCache) -> RequestMatch {
+        let mut broken = false;
+        let mut compile = |value: &Option<StringMatch>| {
+            let compiled = value.as_ref().and_then(|v| Matcher::compile(v, false, &mut *regexes));
+            broken |= value.is_some() && compiled.is_none();
+            compiled
+        };
+        let (scheme, method, authority) = (compile(&m.scheme), compile(&m.method), compile(&m.authority));
+        let mut headers = |map: &BTreeMap<String, StringMatch>| {
+            let compiled: Vec<_> = map
+                .iter()
                 .filter_map(|(name, value)| {
                     let name = http::HeaderName::from_bytes(name.as_bytes()).ok()?;
-                    Some((name, Matcher::compile(value, false)?))
+                    Some((name, Matcher::compile(value, false, &mut *regexes)?))
                 })
-                .collect()
+                .collect();
+            (compiled.len() != map.len(), compiled)
         };
+        let ((broken_with, with), (broken_without, without)) = (headers(&m.headers), headers(&m.without_headers));
+        let uri = m.uri.as_ref().and_then(|uri| Matcher::compile(uri, m.ignore_uri_case, regexes));
+        let query_params: Vec<_> = m
+            .query_params
+            .iter()
+            .filter_map(|(name, value)| Some((name.clone(), Matcher::compile(value, false, regexes)?)))
+            .collect();
+        let broken = broken
+            || broken_with
+            || broken_without
+            || (m.uri.is_some() && uri.is_none())
+            || query_params.len() != m.query_params.len();
         RequestMatch {
-            uri: m.uri.as_ref().and_then(|uri| Matcher::compile(uri, m.ignore_uri_case)),
+            uri,
             ignore_uri_case: m.ignore_uri_case,
-            scheme: compile(&m.scheme),
-            method: compile(&m.method),
-            authority: compile(&m.authority),
-            headers: headers(&m.headers),
-            without_headers: headers(&m.without_headers),
-            query_params: m
-                .query_params
-                .iter()
-                .filter_map(|(name, value)| Some((name.clone(), Matcher::compile(value, false)?)))
-                .collect(),
+            scheme,
+            method,
+            authority,
+            headers: with,
+            without_headers: without,
+            query_params,
             port: m.port.and_then(|port| u16::try_from(port).ok()),
             gateways: m.gateways.iter().map(|gateway| super::bindings::qualify(gateway, namespace)).collect(),
+            broken,
         }
     }
 
@@ -115,7 +154,8 @@ impl RequestMatch {
 
     pub fn matches(&self, request: &RequestView<'_>) -> bool {
         let header = |name: &http::HeaderName| request.headers.get(name).and_then(|v| v.to_str().ok());
-        self.port.is_none_or(|port| port == request.port)
+        !self.broken
+            && self.port.is_none_or(|port| port == request.port)
             && (self.gateways.is_empty() || self.gateways.iter().any(|g| g == request.gateway))
             && self.uri.as_ref().is_none_or(|m| m.matches(request.path, self.ignore_uri_case))
             && self.method.as_ref().is_none_or(|m| m.matches(request.method, false))
@@ -198,13 +238,14 @@ mod tests {
             ("regex", "a|b", false, "b", true),
         ];
         for (kind, pattern, ignore_case, text, expected) in cases {
-            let matcher = Matcher::compile(&string_match(kind, pattern), ignore_case).unwrap();
+            let matcher =
+                Matcher::compile(&string_match(kind, pattern), ignore_case, &mut RegexCache::default()).unwrap();
             assert_eq!(matcher.matches(text, ignore_case), expected, "{kind} {pattern} on {text}");
         }
     }
 
     fn http_match(yaml: &str) -> RequestMatch {
-        RequestMatch::compile(&serde_yaml_ng::from_str(yaml).unwrap(), "team")
+        RequestMatch::compile(&serde_yaml_ng::from_str(yaml).unwrap(), "team", &mut RegexCache::default())
     }
 
     #[test]
@@ -244,6 +285,8 @@ mod tests {
             ("{gateways: [egress]}", true),
             ("{gateways: [mesh]}", false),
             ("{gateways: [other/egress, team/egress]}", true),
+            // Valid RE2 that is too large to compile: the match holds for nothing rather than ignore the field.
+            ("{withoutHeaders: {x-user: {regex: '(?:(?:a{100}){100}){100}'}}}", false),
         ];
         for (yaml, expected) in cases {
             assert_eq!(http_match(yaml).matches(&request), expected, "{yaml}");

@@ -18,7 +18,7 @@ use super::{
     bindings::{self, Bindings},
     clusters::{settings_for_port, with_labels, Cluster, ClusterPolicy, ClusterStates, Endpoint, LoadBalance},
     host_match::HostTable,
-    http_match::RequestMatch,
+    http_match::{RegexCache, RequestMatch},
     OutboundMode,
 };
 use crate::config::{
@@ -26,8 +26,8 @@ use crate::config::{
     fields::{parse_duration, HeaderOperations, Headers},
     resolver::Resolved,
     service_entry::{parse_address, Resolution, ServiceEntry},
-    virtual_service::{HttpRoute, VirtualService},
-    Resource, Snapshot, Spec,
+    virtual_service::HttpRoute,
+    Snapshot, Spec,
 };
 
 /// What the node, not the mesh, decides for the proxy.
@@ -451,12 +451,14 @@ pub fn proxy_policy(
     for (host, services) in registry {
         table.insert(&host, Arc::from(services));
     }
-    let virtual_host = |indexes: &Vec<usize>| Arc::new(virtual_host(snapshot, indexes));
+    let mut regexes = RegexCache::default();
+    let mesh = bindings.mesh.map(|indexes| Arc::new(virtual_host(snapshot, indexes, &mut regexes)));
+    let mut virtual_host = |indexes: &Vec<usize>| Arc::new(virtual_host(snapshot, indexes, &mut regexes));
     ProxyPolicy {
         mode: settings.mode,
         host_verify: settings.host_verify,
         registry: table,
-        mesh: bindings.mesh.map(virtual_host),
+        mesh,
         gateways: bindings
             .gateways
             .iter()
@@ -470,7 +472,7 @@ pub fn proxy_policy(
                     })
                     .filter_map(|server| u16::try_from(server.port.number).ok())
                     .collect(),
-                hosts: gateway.hosts.map(virtual_host),
+                hosts: gateway.hosts.map(&mut virtual_host),
             })
             .collect(),
         own_services: settings.own_services.clone(),
@@ -581,25 +583,21 @@ fn clusters(
     out
 }
 
-fn virtual_host(snapshot: &Snapshot, indexes: &[usize]) -> VirtualHost {
+fn virtual_host(snapshot: &Snapshot, indexes: &[usize], regexes: &mut RegexCache) -> VirtualHost {
     let mut host = VirtualHost { sources: Vec::new(), routes: Vec::new() };
     for resource in bindings::services(snapshot, indexes) {
         let Spec::VirtualService(service) = &resource.spec else { continue };
         host.sources.push(format!("{}/{}", resource.metadata.namespace(), resource.metadata.name));
-        host.routes.extend(http_routes(resource, service));
+        let namespace = resource.metadata.namespace();
+        for (i, route) in service.http.iter().enumerate() {
+            let name = route.name.clone().unwrap_or_else(|| format!("{namespace}/{}[{i}]", resource.metadata.name));
+            host.routes.push(compile_route(route, name, namespace, regexes));
+        }
     }
     host
 }
 
-fn http_routes<'a>(resource: &'a Resource, service: &'a VirtualService) -> impl Iterator<Item = Route> + 'a {
-    let namespace = resource.metadata.namespace();
-    service.http.iter().enumerate().map(move |(i, route)| {
-        let name = route.name.clone().unwrap_or_else(|| format!("{namespace}/{}[{i}]", resource.metadata.name));
-        compile_route(route, name, namespace)
-    })
-}
-
-fn compile_route(route: &HttpRoute, name: String, namespace: &str) -> Route {
+fn compile_route(route: &HttpRoute, name: String, namespace: &str, regexes: &mut RegexCache) -> Route {
     let (request_headers, response_headers) = header_ops(route.headers.as_ref());
     let action = if let Some(redirect) = &route.redirect {
         Action::Redirect(Redirect {
@@ -648,14 +646,14 @@ fn compile_route(route: &HttpRoute, name: String, namespace: &str) -> Route {
     };
     Route {
         name,
-        matches: route.matches.iter().map(|m| RequestMatch::compile(m, namespace)).collect(),
+        matches: route.matches.iter().map(|m| RequestMatch::compile(m, namespace, regexes)).collect(),
         action,
         rewrite: route.rewrite.as_ref().map(|rewrite| Rewrite {
             uri: rewrite.uri.clone(),
             uri_regex: rewrite
                 .uri_regex_rewrite
                 .as_ref()
-                .and_then(|r| Some((Regex::new(&r.pattern).ok()?, r.rewrite.replace("\\", "$")))),
+                .and_then(|r| Some((regexes.get(&r.pattern)?, r.rewrite.replace("\\", "$")))),
             authority: rewrite.authority.clone(),
         }),
         request_headers,
@@ -669,7 +667,7 @@ fn compile_route(route: &HttpRoute, name: String, namespace: &str) -> Route {
             // Istio mirrors every request when no share is given.
             percent: route.mirror_percentage.as_ref().map_or(100.0, |p| p.value),
         }),
-        cors: route.cors_policy.as_ref().map(cors),
+        cors: route.cors_policy.as_ref().map(|policy| cors(policy, regexes)),
     }
 }
 
@@ -698,14 +696,14 @@ fn fault(route: &HttpRoute) -> Fault {
     }
 }
 
-fn cors(policy: &crate::config::virtual_service::CorsPolicy) -> Cors {
+fn cors(policy: &crate::config::virtual_service::CorsPolicy, regexes: &mut RegexCache) -> Cors {
     let list =
         |items: &[String]| (!items.is_empty()).then(|| HeaderValue::from_str(&items.join(","))).and_then(Result::ok);
     Cors {
         allow_origins: policy
             .allow_origins
             .iter()
-            .filter_map(|origin| super::http_match::Matcher::compile(origin, false))
+            .filter_map(|origin| super::http_match::Matcher::compile(origin, false, regexes))
             .collect(),
         allow_methods: list(&policy.allow_methods),
         allow_headers: list(&policy.allow_headers),
