@@ -86,13 +86,14 @@ fn configuration() -> anyhow::Result<()> {
          compile (datapath; proxy routes and registry), agent memory (RSS growth), one request's host lookups"
     );
     println!(
-        "{:<8} {:>10} {:>14} {:>12} {:>9} {:>11} {:>15} {:>18}",
+        "{:<8} {:>10} {:>14} {:>12} {:>9} {:>11} {:>12} {:>15} {:>18}",
         "entries",
         "read (ms)",
         "datapath (ms)",
         "routes (ms)",
         "L4 rules",
         "bytes/host",
+        "(as read)",
         "lookup ns exact",
         "lookup ns wildcard"
     );

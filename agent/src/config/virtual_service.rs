@@ -40,25 +40,25 @@ pub struct HttpRoute {
     #[serde(default)]
     pub route: Vec<HttpRouteDestination>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub redirect: Option<HttpRedirect>,
+    pub redirect: Option<Box<HttpRedirect>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub direct_response: Option<HttpDirectResponse>,
+    pub direct_response: Option<Box<HttpDirectResponse>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rewrite: Option<HttpRewrite>,
+    pub rewrite: Option<Box<HttpRewrite>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retries: Option<HttpRetry>,
+    pub retries: Option<Box<HttpRetry>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fault: Option<HttpFault>,
+    pub fault: Option<Box<HttpFault>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mirror: Option<Destination>,
+    pub mirror: Option<Box<Destination>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mirror_percentage: Option<Percent>,
+    pub mirror_percentage: Option<Box<Percent>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cors_policy: Option<CorsPolicy>,
+    pub cors_policy: Option<Box<CorsPolicy>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub headers: Option<Headers>,
+    pub headers: Option<Box<Headers>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -67,13 +67,13 @@ pub struct HttpMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uri: Option<StringMatch>,
+    pub uri: Option<Box<StringMatch>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scheme: Option<StringMatch>,
+    pub scheme: Option<Box<StringMatch>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub method: Option<StringMatch>,
+    pub method: Option<Box<StringMatch>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub authority: Option<StringMatch>,
+    pub authority: Option<Box<StringMatch>>,
     #[serde(default)]
     pub headers: BTreeMap<String, StringMatch>,
     #[serde(default)]
@@ -421,7 +421,7 @@ impl HttpRoute {
         if let Some(mirror) = &self.mirror {
             mirror.validate(&format!("{path}.mirror"), errors);
         }
-        validate_percent(&self.mirror_percentage, &format!("{path}.mirrorPercentage"), errors);
+        validate_percent(&self.mirror_percentage.as_deref().cloned(), &format!("{path}.mirrorPercentage"), errors);
         if let Some(cors) = &self.cors_policy {
             for (i, origin) in cors.allow_origins.iter().enumerate() {
                 origin.validate(&format!("{path}.corsPolicy.allowOrigins[{i}]"), errors);

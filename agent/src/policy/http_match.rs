@@ -101,8 +101,8 @@ impl RequestMatch {
     /// Compiles `m`; a VirtualService of `namespace` names gateways relative to it.
     pub fn compile(m: &HttpMatch, namespace: &str, regexes: &mut RegexCache) -> RequestMatch {
         let mut broken = false;
-        let mut compile = |value: &Option<StringMatch>| {
-            let compiled = value.as_ref().and_then(|v| Matcher::compile(v, false, &mut *regexes));
+        let mut compile = |value: &Option<Box<StringMatch>>| {
+            let compiled = value.as_deref().and_then(|v| Matcher::compile(v, false, &mut *regexes));
             broken |= value.is_some() && compiled.is_none();
             compiled
         };

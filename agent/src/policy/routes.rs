@@ -185,14 +185,15 @@ pub struct Route {
     /// Empty: every request matches.
     pub matches: Vec<RequestMatch>,
     pub action: Action,
-    pub rewrite: Option<Rewrite>,
+    pub rewrite: Option<Box<Rewrite>>,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
     pub timeout: Option<Duration>,
-    pub retries: RetryPolicy,
-    pub fault: Fault,
-    pub mirror: Option<Mirror>,
-    pub cors: Option<Cors>,
+    /// `None`: Istio's mesh default.
+    pub retries: Option<Box<RetryPolicy>>,
+    pub fault: Option<Box<Fault>>,
+    pub mirror: Option<Box<Mirror>>,
+    pub cors: Option<Box<Cors>>,
 }
 
 /// Retries as Envoy makes them: `attempts` retries after the first try, each try bounded by `per_try_timeout`,
@@ -350,12 +351,18 @@ pub struct Rewrite {
     pub authority: Option<String>,
 }
 
-/// Header manipulations, names and values checked here.
+/// Header manipulations, names and values checked here: removals, then sets, then additions, as Envoy orders
+/// them. Most routes have none, and then this holds no allocation.
 #[derive(Debug, Default)]
 pub struct HeaderOps {
-    pub set: Vec<(HeaderName, HeaderValue)>,
-    pub add: Vec<(HeaderName, HeaderValue)>,
-    pub remove: Vec<HeaderName>,
+    operations: Box<[HeaderOp]>,
+}
+
+#[derive(Debug)]
+enum HeaderOp {
+    Remove(HeaderName),
+    Set(HeaderName, HeaderValue),
+    Add(HeaderName, HeaderValue),
 }
 
 impl HeaderOps {
@@ -366,28 +373,31 @@ impl HeaderOps {
                 .filter_map(|(name, value)| {
                     Some((HeaderName::from_bytes(name.as_bytes()).ok()?, HeaderValue::from_str(value).ok()?))
                 })
-                .collect()
+                .collect::<Vec<_>>()
         };
-        HeaderOps {
-            set: pairs(&operations.set),
-            add: pairs(&operations.add),
-            remove: operations.remove.iter().filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok()).collect(),
-        }
+        let removals = operations.remove.iter().filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok());
+        let sets = pairs(&operations.set).into_iter().map(|(name, value)| HeaderOp::Set(name, value));
+        let adds = pairs(&operations.add).into_iter().map(|(name, value)| HeaderOp::Add(name, value));
+        HeaderOps { operations: removals.map(HeaderOp::Remove).chain(sets).chain(adds).collect() }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+        self.operations.is_empty()
     }
 
     pub fn apply(&self, headers: &mut http::HeaderMap) {
-        for name in &self.remove {
-            headers.remove(name);
-        }
-        for (name, value) in &self.set {
-            headers.insert(name.clone(), value.clone());
-        }
-        for (name, value) in &self.add {
-            headers.append(name.clone(), value.clone());
+        for operation in self.operations.iter() {
+            match operation {
+                HeaderOp::Remove(name) => {
+                    headers.remove(name);
+                }
+                HeaderOp::Set(name, value) => {
+                    headers.insert(name.clone(), value.clone());
+                }
+                HeaderOp::Add(name, value) => {
+                    headers.append(name.clone(), value.clone());
+                }
+            }
         }
     }
 }
@@ -598,7 +608,7 @@ fn virtual_host(snapshot: &Snapshot, indexes: &[usize], regexes: &mut RegexCache
 }
 
 fn compile_route(route: &HttpRoute, name: String, namespace: &str, regexes: &mut RegexCache) -> Route {
-    let (request_headers, response_headers) = header_ops(route.headers.as_ref());
+    let (request_headers, response_headers) = header_ops(route.headers.as_deref());
     let action = if let Some(redirect) = &route.redirect {
         Action::Redirect(Redirect {
             uri: redirect.uri.clone(),
@@ -648,31 +658,34 @@ fn compile_route(route: &HttpRoute, name: String, namespace: &str, regexes: &mut
         name,
         matches: route.matches.iter().map(|m| RequestMatch::compile(m, namespace, regexes)).collect(),
         action,
-        rewrite: route.rewrite.as_ref().map(|rewrite| Rewrite {
-            uri: rewrite.uri.clone(),
-            uri_regex: rewrite
-                .uri_regex_rewrite
-                .as_ref()
-                .and_then(|r| Some((regexes.get(&r.pattern)?, r.rewrite.replace("\\", "$")))),
-            authority: rewrite.authority.clone(),
+        rewrite: route.rewrite.as_ref().map(|rewrite| {
+            Box::new(Rewrite {
+                uri: rewrite.uri.clone(),
+                uri_regex: rewrite
+                    .uri_regex_rewrite
+                    .as_ref()
+                    .and_then(|r| Some((regexes.get(&r.pattern)?, r.rewrite.replace("\\", "$")))),
+                authority: rewrite.authority.clone(),
+            })
         }),
         request_headers,
         response_headers,
         timeout: route.timeout.as_deref().and_then(|t| parse_duration(t).ok()).filter(|t| !t.is_zero()),
-        retries: retry_policy(route),
-        fault: fault(route),
-        mirror: route.mirror.as_ref().map(|mirror| Mirror {
-            host: mirror.host.clone(),
-            port: mirror.port.as_ref().and_then(|p| u16::try_from(p.number).ok()),
-            // Istio mirrors every request when no share is given.
-            percent: route.mirror_percentage.as_ref().map_or(100.0, |p| p.value),
+        retries: route.retries.as_deref().map(|retries| Box::new(retry_policy(retries))),
+        fault: route.fault.as_deref().map(|f| Box::new(fault(f))),
+        mirror: route.mirror.as_ref().map(|mirror| {
+            Box::new(Mirror {
+                host: mirror.host.clone(),
+                port: mirror.port.as_ref().and_then(|p| u16::try_from(p.number).ok()),
+                // Istio mirrors every request when no share is given.
+                percent: route.mirror_percentage.as_ref().map_or(100.0, |p| p.value),
+            })
         }),
-        cors: route.cors_policy.as_ref().map(|policy| cors(policy, regexes)),
+        cors: route.cors_policy.as_ref().map(|policy| Box::new(cors(policy, regexes))),
     }
 }
 
-fn retry_policy(route: &HttpRoute) -> RetryPolicy {
-    let Some(retries) = &route.retries else { return RetryPolicy::mesh_default() };
+fn retry_policy(retries: &crate::config::virtual_service::HttpRetry) -> RetryPolicy {
     let default = RetryPolicy::mesh_default();
     RetryPolicy {
         attempts: u32::try_from(retries.attempts).unwrap_or(0),
@@ -681,8 +694,7 @@ fn retry_policy(route: &HttpRoute) -> RetryPolicy {
     }
 }
 
-fn fault(route: &HttpRoute) -> Fault {
-    let Some(fault) = &route.fault else { return Fault::default() };
+fn fault(fault: &crate::config::virtual_service::HttpFault) -> Fault {
     Fault {
         delay: fault.delay.as_ref().and_then(|delay| {
             let duration = parse_duration(delay.fixed_delay.as_deref()?).ok()?;

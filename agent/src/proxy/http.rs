@@ -52,7 +52,7 @@ const MAX_REQUEST_HEADERS: usize = 100;
 /// The largest request body kept for retries and mirrors; a larger one (or one of unknown size) is streamed
 /// to one try.
 const MAX_REPLAYED_BODY: u64 = 64 * 1024;
-/// The retries of a request no VirtualService routes (Istio's mesh default).
+/// The retries of a route that sets none (Istio's mesh default).
 static MESH_RETRIES: std::sync::LazyLock<RetryPolicy> = std::sync::LazyLock::new(RetryPolicy::mesh_default);
 /// Headers that describe one hop, never forwarded (RFC 9110, 7.6.1).
 const HOP_BY_HOP: [&str; 8] = [
@@ -240,20 +240,20 @@ impl HttpProxy {
         let route = matched.map(|(route, _)| route);
         // Faults are injected before anything is sent, as Envoy's fault filter runs before its router.
         if let Some(route) = route {
-            if let Some((delay, percent)) = route.fault.delay {
+            if let Some((delay, percent)) = route.fault.as_ref().and_then(|fault| fault.delay) {
                 if chance(percent) {
                     record.response_flags = "DI";
                     tokio::time::sleep(delay).await;
                 }
             }
-            if let Some((status, percent)) = route.fault.abort {
+            if let Some((status, percent)) = route.fault.as_ref().and_then(|fault| fault.abort) {
                 if chance(percent) {
                     let body = Bytes::from_static(b"fault filter abort");
                     return self.local_reply(status, body, "FI", record, started, Some(route));
                 }
             }
         }
-        let cors = route.and_then(|route| route.cors.as_ref());
+        let cors = route.and_then(|route| route.cors.as_deref());
         let origin = header_text(request.headers(), header::ORIGIN).filter(|o| cors.is_some_and(|c| c.allows(o)));
         if let (Some(cors), Some(origin)) = (cors, origin.as_deref()) {
             if request.method() == Method::OPTIONS
@@ -292,8 +292,8 @@ impl HttpProxy {
         }
 
         // A body is kept for retries and mirrors when it is small and says so; any other streams through once.
-        let retries = route.map_or(&*MESH_RETRIES, |route| &route.retries);
-        let mirror = route.and_then(|route| route.mirror.as_ref()).filter(|mirror| chance(mirror.percent));
+        let retries = route.and_then(|route| route.retries.as_deref()).unwrap_or(&MESH_RETRIES);
+        let mirror = route.and_then(|route| route.mirror.as_deref()).filter(|mirror| chance(mirror.percent));
         let small = body.size_hint().upper().is_some_and(|size| size <= MAX_REPLAYED_BODY);
         let mut streamed = None;
         let replayable = if small && (retries.attempts > 0 || mirror.is_some()) {
