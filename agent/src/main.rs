@@ -400,6 +400,8 @@ struct Control {
     proxy: ProxySettings,
     /// What the proxy's clusters count at run time, carried from one compiled policy to the next.
     clusters: sluice_agent::policy::clusters::ClusterStates,
+    /// The fields not applied that have been warned of (`Kind ns/name path`), so each is warned of once.
+    warned: std::collections::HashSet<String>,
 }
 
 impl Control {
@@ -415,6 +417,7 @@ impl Control {
             labels: Default::default(),
             proxy: ProxySettings::default(),
             clusters: Default::default(),
+            warned: Default::default(),
         }
     }
 
@@ -430,6 +433,14 @@ impl Control {
             tracing::warn!(resource = %id, "keeping the last good version of a rejected resource");
         }
         self.errors = loaded.errors;
+        for resource in &self.store.snapshot().resources {
+            for (field, why) in sluice_agent::config::unsupported::fields(resource) {
+                let id = resource.id();
+                if self.warned.insert(format!("{id} {field}")) {
+                    tracing::warn!(resource = %id, %field, reason = why, "field not applied");
+                }
+            }
+        }
     }
 
     /// Looks up the names the configuration resolves by DNS: whether any answer changed, and when to look again.

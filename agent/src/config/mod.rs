@@ -11,6 +11,7 @@ pub mod service_entry;
 pub mod sidecar;
 pub mod sources;
 pub mod store;
+pub mod unsupported;
 pub mod virtual_service;
 
 pub use error::ConfigError;

@@ -1,0 +1,128 @@
+//! The fields of valid resources that Sluice reads but does not apply yet: named, so the agent can warn once per
+//! resource instead of letting a setting be ignored in silence.
+
+use super::{
+    destination_rule::{PolicySettings, TrafficPolicy},
+    Resource, Spec,
+};
+
+/// The paths of the fields `resource` sets that have no effect in Sluice, each with why.
+pub fn fields(resource: &Resource) -> Vec<(String, &'static str)> {
+    let mut found = Vec::new();
+    match &resource.spec {
+        Spec::VirtualService(service) => {
+            for (i, route) in service.http.iter().enumerate() {
+                for (j, m) in route.matches.iter().enumerate() {
+                    let path = format!("spec.http[{i}].match[{j}]");
+                    if !m.source_labels.is_empty() {
+                        found.push((format!("{path}.sourceLabels"), "workload labels are not known to the gateway"));
+                    }
+                    if m.source_namespace.is_some() {
+                        found.push((
+                            format!("{path}.sourceNamespace"),
+                            "workload namespaces are not known to the gateway",
+                        ));
+                    }
+                }
+                if route.fault.as_ref().and_then(|f| f.abort.as_ref()).is_some_and(|a| a.http_status.is_none()) {
+                    found.push((format!("spec.http[{i}].fault.abort.grpcStatus"), "gRPC aborts are not injected"));
+                }
+            }
+            if !service.tls.is_empty() {
+                found.push(("spec.tls".into(), "TLS routes (by SNI) are not applied yet; TLS is allowed at L4"));
+            }
+            if !service.tcp.is_empty() {
+                found.push(("spec.tcp".into(), "TCP routes are not applied yet; TCP is allowed at L4"));
+            }
+        }
+        Spec::DestinationRule(rule) => {
+            if let Some(policy) = &rule.traffic_policy {
+                traffic_policy(policy, "spec.trafficPolicy", &mut found);
+            }
+            for (i, subset) in rule.subsets.iter().enumerate() {
+                if let Some(policy) = &subset.traffic_policy {
+                    traffic_policy(policy, &format!("spec.subsets[{i}].trafficPolicy"), &mut found);
+                }
+            }
+        }
+        Spec::Sidecar(sidecar) => {
+            if sidecar.outbound_traffic_policy.is_some() {
+                found.push((
+                    "spec.outboundTrafficPolicy".into(),
+                    "the mesh config's mode applies (the gateway does not know which workload sent a flow)",
+                ));
+            }
+        }
+        Spec::ServiceEntry(_) | Spec::Gateway(_) => {}
+    }
+    found
+}
+
+fn traffic_policy(policy: &TrafficPolicy, path: &str, found: &mut Vec<(String, &'static str)>) {
+    settings(&policy.settings, path, found);
+    for (i, port) in policy.port_level_settings.iter().enumerate() {
+        settings(&port.settings, &format!("{path}.portLevelSettings[{i}]"), found);
+    }
+}
+
+fn settings(settings: &PolicySettings, path: &str, found: &mut Vec<(String, &'static str)>) {
+    if settings.tls.is_some() {
+        found.push((format!("{path}.tls"), "TLS origination is not done yet"));
+    }
+    if settings.load_balancer.as_ref().is_some_and(|lb| lb.consistent_hash.is_some()) {
+        found.push((format!("{path}.loadBalancer.consistentHash"), "served round robin"));
+    }
+    if settings.connection_pool.as_ref().and_then(|pool| pool.get("tcp")?.get("connectTimeout")).is_some() {
+        found.push((format!("{path}.connectionPool.tcp.connectTimeout"), "Istio's default (10s) applies"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Snapshot;
+
+    #[test]
+    fn fields_read_but_not_applied_are_named() {
+        let snapshot = Snapshot::from_yaml(
+            "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: a}
+spec:
+  hosts: [a.example]
+  http: [{match: [{sourceLabels: {app: x}}], route: [{destination: {host: a.example}}]}]
+  tls: [{match: [{sniHosts: [a.example]}], route: [{destination: {host: a.example}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: a}
+spec:
+  host: a.example
+  trafficPolicy:
+    tls: {mode: SIMPLE}
+    connectionPool: {tcp: {connectTimeout: 1s, maxConnections: 4}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: b}
+spec: {hosts: [b.example], http: [{route: [{destination: {host: b.example}}]}]}
+",
+        );
+        let named: Vec<Vec<String>> = snapshot
+            .resources
+            .iter()
+            .map(|resource| fields(resource).into_iter().map(|(path, _)| path).collect())
+            .collect();
+        assert_eq!(
+            named,
+            [
+                vec!["spec.http[0].match[0].sourceLabels".to_owned(), "spec.tls".to_owned()],
+                vec![
+                    "spec.trafficPolicy.tls".to_owned(),
+                    "spec.trafficPolicy.connectionPool.tcp.connectTimeout".to_owned()
+                ],
+                vec![],
+            ]
+        );
+    }
+}
