@@ -376,4 +376,48 @@ mod tests {
         assert_eq!(event["regarding"]["name"], "broken");
         assert_eq!(event["reportingController"], "sluice");
     }
+
+    /// Plays an API server whose RBAC forbids listing Gateways until the second try.
+    async fn api_server_forbidding_gateways_once(mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>>) {
+        let (mut gateway_lists, mut held) = (0, Vec::new());
+        while let Some((request, send)) = handle.next_request().await {
+            let uri = request.uri().to_string();
+            if uri.contains("watch=true") {
+                held.push(send);
+                continue;
+            }
+            let (status, body) = if uri.contains("/gateways") {
+                gateway_lists += 1;
+                if gateway_lists == 1 {
+                    let forbidden = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden",
+                        "message": "gateways.networking.istio.io is forbidden: User \"system:serviceaccount:sluice-system:sluice\" cannot list resource", "code": 403});
+                    (StatusCode::FORBIDDEN, serde_json::to_vec(&forbidden).unwrap())
+                } else {
+                    let gateway = json!({"apiVersion": "networking.istio.io/v1", "kind": "Gateway",
+                        "metadata": {"name": "egress", "namespace": "istio-system", "resourceVersion": "10"},
+                        "spec": {"selector": {"istio": "egressgateway"},
+                                 "servers": [{"port": {"number": 80, "name": "http", "protocol": "HTTP"}, "hosts": ["*"]}]}});
+                    (StatusCode::OK, list("GatewayList", "networking.istio.io/v1", vec![gateway]))
+                }
+            } else {
+                (StatusCode::OK, list("List", "networking.istio.io/v1", vec![]))
+            };
+            send.send_response(Response::builder().status(status).body(Body::from(body)).unwrap());
+        }
+    }
+
+    #[tokio::test]
+    async fn nothing_is_sent_on_while_rbac_forbids_a_kind_and_everything_once_it_is_listed() {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        tokio::spawn(api_server_forbidding_gateways_once(handle));
+        let (sender, mut receiver) = watch::channel(None);
+        let scope = Scope { namespace: None, mesh_namespace: "istio-system".into() };
+        let task = tokio::spawn(watch(Client::new(service, "default"), scope, sender));
+        let first = tokio::time::timeout(Duration::from_secs(20), receiver.changed()).await;
+        let loaded = receiver.borrow().clone();
+        task.abort();
+        assert!(first.is_ok(), "the Gateways were listed on the retry");
+        // The first set sent (which makes the agent ready) already holds the kind that was forbidden.
+        assert_eq!(names(&loaded.expect("a full set")), ["egress"]);
+    }
 }
