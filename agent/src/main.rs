@@ -10,6 +10,7 @@ use sluice_agent::{
         resolver::{self, DnsResolver, Resolved},
         sources::{files, kubernetes, watch},
         store::Store,
+        workloads::Workloads,
     },
     datapath::{self, Datapath, InterceptRouting},
     policy::{
@@ -263,13 +264,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     control.proxy.own_services = args.gateway_service.clone();
     control.proxy.host_verify = args.host_verify;
     let (kube_sender, mut kube_changes) = tokio::sync::watch::channel(None);
+    let workloads = Arc::new(arc_swap::ArcSwap::from_pointee(Workloads::default()));
     if args.kube {
         let client = kube::Client::try_default()
             .await
             .context("connecting to Kubernetes (in-cluster config or KUBECONFIG; see --kube)")?;
         let scope =
             kubernetes::Scope { namespace: args.namespace.clone(), mesh_namespace: args.mesh_namespace.clone() };
-        tokio::spawn(kubernetes::watch(client, scope, kube_sender));
+        tokio::spawn(kubernetes::watch(client.clone(), scope, kube_sender));
+        // The pods behind the gateway, by address: the sources of requests.
+        let (pods_sender, mut pods) = tokio::sync::watch::channel(Arc::new(Workloads::default()));
+        tokio::spawn(kubernetes::watch_pods(client, pods_sender));
+        let known = workloads.clone();
+        tokio::spawn(async move {
+            while pods.changed().await.is_ok() {
+                let current = pods.borrow_and_update().clone();
+                tracing::debug!(addresses = current.len(), "workloads updated");
+                known.store(current);
+            }
+        });
         control.kube = Some(kube_changes.clone());
     }
     control.load();
@@ -322,7 +335,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         source: proxy::tcp::SourceAddresses::from_list(&args.upstream_source_address),
     };
     let proxy_resolver = DnsResolver::new(&args.dns_server).map_err(anyhow::Error::msg)?;
-    let http = Arc::new(HttpProxy::new(routes.clone(), metrics.requests.clone(), limits).with_resolver(proxy_resolver));
+    let http = Arc::new(
+        HttpProxy::new(routes.clone(), metrics.requests.clone(), limits)
+            .with_resolver(proxy_resolver)
+            .with_workloads(workloads),
+    );
     for listener in forward_proxy.into_iter().flatten() {
         tasks.spawn(proxy::gateway_listeners::accept(listener, Listener::Forward, http.clone()));
     }

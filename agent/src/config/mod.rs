@@ -13,6 +13,7 @@ pub mod sources;
 pub mod store;
 pub mod unsupported;
 pub mod virtual_service;
+pub mod workloads;
 
 pub use error::ConfigError;
 pub use mesh::{MeshConfig, OutboundTrafficMode};

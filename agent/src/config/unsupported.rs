@@ -90,7 +90,7 @@ kind: VirtualService
 metadata: {name: a}
 spec:
   hosts: [a.example]
-  http: [{match: [{sourceLabels: {app: x}}], route: [{destination: {host: a.example}}]}]
+  http: [{fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 1}}}, route: [{destination: {host: a.example}}]}]
   tls: [{match: [{sniHosts: [a.example]}], route: [{destination: {host: a.example}}]}]
 ---
 apiVersion: networking.istio.io/v1
@@ -116,7 +116,7 @@ spec: {hosts: [b.example], http: [{route: [{destination: {host: b.example}}]}]}
         assert_eq!(
             named,
             [
-                vec!["spec.http[0].match[0].sourceLabels".to_owned(), "spec.tls".to_owned()],
+                vec!["spec.http[0].fault.abort.grpcStatus".to_owned(), "spec.tls".to_owned()],
                 vec![
                     "spec.trafficPolicy.tls".to_owned(),
                     "spec.trafficPolicy.connectionPool.tcp.connectTimeout".to_owned()

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use regex::Regex;
 
-use crate::config::{fields::StringMatch, virtual_service::HttpMatch};
+use crate::config::{fields::StringMatch, virtual_service::HttpMatch, workloads::Workload};
 
 /// Compiled regexes by pattern: configurations repeat their patterns, and one compiled regex (shared, it is
 /// reference-counted) serves every route that writes it.
@@ -76,6 +76,8 @@ pub struct RequestView<'a> {
     pub port: u16,
     /// The Gateway (`namespace/name`) whose listener received the request; `mesh` for intercepted traffic.
     pub gateway: &'a str,
+    /// The workload that sent the request, when known (pods from Kubernetes, by source address).
+    pub source: Option<&'a Workload>,
 }
 
 /// One compiled `HTTPMatchRequest`: every field present must hold.
@@ -92,6 +94,9 @@ pub struct RequestMatch {
     port: Option<u16>,
     /// Qualified gateway names (`mesh` or `namespace/name`); empty means any.
     gateways: Vec<String>,
+    /// Labels the source workload must carry, and its namespace: an unknown source matches neither.
+    source_labels: BTreeMap<String, String>,
+    source_namespace: Option<String>,
     /// A field could not be compiled (a regex over the size limit): the match never holds, rather than hold
     /// without that field.
     broken: bool,
@@ -140,6 +145,8 @@ impl RequestMatch {
             query_params,
             port: m.port.and_then(|port| u16::try_from(port).ok()),
             gateways: m.gateways.iter().map(|gateway| super::bindings::qualify(gateway, namespace)).collect(),
+            source_labels: m.source_labels.clone(),
+            source_namespace: m.source_namespace.clone(),
             broken,
         }
     }
@@ -157,6 +164,14 @@ impl RequestMatch {
         !self.broken
             && self.port.is_none_or(|port| port == request.port)
             && (self.gateways.is_empty() || self.gateways.iter().any(|g| g == request.gateway))
+            && (self.source_labels.is_empty()
+                || request.source.is_some_and(|source| {
+                    self.source_labels.iter().all(|(key, value)| source.labels.get(key) == Some(value))
+                }))
+            && self
+                .source_namespace
+                .as_ref()
+                .is_none_or(|namespace| request.source.is_some_and(|source| source.namespace == *namespace))
             && self.uri.as_ref().is_none_or(|m| m.matches(request.path, self.ignore_uri_case))
             && self.method.as_ref().is_none_or(|m| m.matches(request.method, false))
             && self.scheme.as_ref().is_none_or(|m| m.matches(request.scheme, false))
@@ -250,6 +265,11 @@ mod tests {
 
     #[test]
     fn every_field_of_a_request_match_must_hold() {
+        let source = Workload {
+            name: "shop".into(),
+            namespace: "team".into(),
+            labels: [("app".to_owned(), "shop".to_owned()), ("version".to_owned(), "v2".to_owned())].into(),
+        };
         let mut headers = http::HeaderMap::new();
         headers.insert("x-user", "alice".parse().unwrap());
         headers.insert("x-debug", "1".parse().unwrap());
@@ -262,6 +282,7 @@ mod tests {
             headers: &headers,
             port: 80,
             gateway: "team/egress",
+            source: Some(&source),
         };
         let cases = [
             ("{}", true),
@@ -285,6 +306,10 @@ mod tests {
             ("{gateways: [egress]}", true),
             ("{gateways: [mesh]}", false),
             ("{gateways: [other/egress, team/egress]}", true),
+            ("{sourceLabels: {app: shop}}", true),
+            ("{sourceLabels: {app: shop, version: v1}}", false),
+            ("{sourceNamespace: team}", true),
+            ("{sourceNamespace: other}", false),
             // Valid RE2 that is too large to compile: the match holds for nothing rather than ignore the field.
             ("{withoutHeaders: {x-user: {regex: '(?:(?:a{100}){100}){100}'}}}", false),
         ];

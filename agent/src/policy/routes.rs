@@ -804,6 +804,7 @@ spec:
             headers,
             port: 80,
             gateway: "mesh",
+            source: None,
         };
         host.routes.iter().find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.matches(&view)))
     }

@@ -34,7 +34,7 @@ use super::{
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::{
-    config::resolver::DnsResolver,
+    config::{resolver::DnsResolver, workloads::Workloads},
     policy::clusters::{Admission, Outcome},
     policy::routes::{Cors, HostVerify, Mirror, ProxyPolicy, RetryPolicy, Route, Target},
     telemetry::{
@@ -83,6 +83,8 @@ pub struct HttpProxy {
     connections: Arc<tokio::sync::Semaphore>,
     /// Looks up the hosts that forward-proxied requests name.
     resolver: Option<Arc<DnsResolver>>,
+    /// The workloads behind the gateway by address (from Kubernetes), for source matches and labels.
+    workloads: Arc<ArcSwap<Workloads>>,
 }
 
 /// What one client may cost the proxy.
@@ -100,7 +102,13 @@ impl HttpProxy {
     pub fn new(policy: Arc<ArcSwap<ProxyPolicy>>, telemetry: RequestTelemetry, limits: Limits) -> HttpProxy {
         let upstreams = Upstreams::new(limits.source);
         let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-        HttpProxy { policy, upstreams, telemetry, limits, connections, resolver: None }
+        HttpProxy { policy, upstreams, telemetry, limits, connections, resolver: None, workloads: Default::default() }
+    }
+
+    /// Knows the workloads that send requests from `workloads` (kept current by its owner).
+    pub fn with_workloads(mut self, workloads: Arc<ArcSwap<Workloads>>) -> HttpProxy {
+        self.workloads = workloads;
+        self
     }
 
     /// Resolves the hosts that forward-proxied requests name with `resolver`.
@@ -189,8 +197,21 @@ impl HttpProxy {
             let port = request.uri().port_u16().unwrap_or(80);
             connection.local = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
         }
-        let decision =
-            routing::decide(&policy, &request, &authority, connection.listener, connection.local, fastrand::u32(..));
+        let workloads = self.workloads.load();
+        let source = workloads.get(connection.peer.ip());
+        if let Some(source) = source {
+            record.source_workload = source.name.clone().into();
+            record.source_workload_namespace = source.namespace.clone().into();
+        }
+        let decision = routing::decide(
+            &policy,
+            &request,
+            &authority,
+            connection.listener,
+            connection.local,
+            source.map(|source| &**source),
+            fastrand::u32(..),
+        );
         match decision {
             Decision::Fail { failure, labels } => {
                 if failure == Failure::HostMismatch {

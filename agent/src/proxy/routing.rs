@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::{Request, StatusCode, Uri};
 
 use super::failure::Failure;
+use crate::config::workloads::Workload;
 use crate::policy::{
     clusters::Cluster,
     http_match::RequestView,
@@ -111,12 +112,14 @@ pub enum Decision<'p> {
 
 /// Decides what becomes of `request`, for `authority`, received on `listener` at `local` (for intercepted
 /// traffic, the original destination; for forward-proxied traffic, the address the authority resolved to). `roll` (uniform) picks among weighted destinations.
+#[allow(clippy::too_many_arguments)]
 pub fn decide<'p, B>(
     policy: &'p ProxyPolicy,
     request: &Request<B>,
     authority: &str,
     listener: Listener,
     local: SocketAddr,
+    source: Option<&Workload>,
     roll: u32,
 ) -> Decision<'p> {
     let mut listener = listener;
@@ -154,6 +157,7 @@ pub fn decide<'p, B>(
                     headers: request.headers(),
                     port,
                     gateway: gateway_id,
+                    source,
                 };
                 let found = host.routes.iter().find_map(|route| {
                     if route.matches.is_empty() {
@@ -350,15 +354,15 @@ mod tests {
         let fronted: SocketAddr = "198.51.100.7:80".parse().unwrap();
         let own: SocketAddr = "203.0.113.80:80".parse().unwrap();
         let strict = seed_verifying(HostVerify::Strict);
-        let decision = decide(&strict, &get("/"), "httpbin.org", Listener::Mesh, fronted, 0);
+        let decision = decide(&strict, &get("/"), "httpbin.org", Listener::Mesh, fronted, None, 0);
         assert!(matches!(decision, Decision::Fail { failure: Failure::HostMismatch, .. }), "{decision:?}");
-        let decision = decide(&strict, &get("/"), "httpbin.org", Listener::Mesh, own, 0);
+        let decision = decide(&strict, &get("/"), "httpbin.org", Listener::Mesh, own, None, 0);
         assert!(matches!(decision, Decision::Forward { host_mismatch: false, .. }), "{decision:?}");
-        let unregistered = decide(&strict, &get("/"), "example.com", Listener::Mesh, fronted, 0);
+        let unregistered = decide(&strict, &get("/"), "example.com", Listener::Mesh, fronted, None, 0);
         assert!(matches!(unregistered, Decision::Fail { failure: Failure::Blackholed, .. }), "{unregistered:?}");
         for verify in [HostVerify::Route, HostVerify::Off] {
             let policy = seed_verifying(verify);
-            let decision = decide(&policy, &get("/"), "httpbin.org", Listener::Mesh, fronted, 0);
+            let decision = decide(&policy, &get("/"), "httpbin.org", Listener::Mesh, fronted, None, 0);
             let Decision::Forward { destination, host_mismatch: true, .. } = decision else { panic!("{decision:?}") };
             assert_eq!(destination.address, own, "{verify:?}: a DNS host is reached at its resolved address");
         }
@@ -375,14 +379,14 @@ mod tests {
     fn the_seeds_two_hop_route_continues_in_the_gateway_context_on_one_node() {
         let policy = seed();
         let intercepted: SocketAddr = "203.0.113.80:80".parse().unwrap();
-        let decision = decide(&policy, &get("/get"), "httpbin.org", Listener::Mesh, intercepted, 0);
+        let decision = decide(&policy, &get("/get"), "httpbin.org", Listener::Mesh, intercepted, None, 0);
         assert_eq!(
             forwarded_to(decision),
             Some(("203.0.113.80:80".parse().unwrap(), "outbound|80||httpbin.org".into())),
             "mesh → egress-demo → httpbin.org at its resolved address"
         );
         let at_gateway: SocketAddr = "10.240.1.1:80".parse().unwrap();
-        let decision = decide(&policy, &get("/get"), "httpbin.org", Listener::Gateway(80), at_gateway, 0);
+        let decision = decide(&policy, &get("/get"), "httpbin.org", Listener::Gateway(80), at_gateway, None, 0);
         assert_eq!(forwarded_to(decision).unwrap().0, "203.0.113.80:80".parse().unwrap());
     }
 
@@ -390,12 +394,12 @@ mod tests {
     fn gateways_serve_only_their_hosts_and_the_mesh_only_registered_ones() {
         let policy = seed();
         let at_gateway: SocketAddr = "10.240.1.1:80".parse().unwrap();
-        let unknown = decide(&policy, &get("/"), "example.com", Listener::Gateway(80), at_gateway, 0);
+        let unknown = decide(&policy, &get("/"), "example.com", Listener::Gateway(80), at_gateway, None, 0);
         assert!(matches!(unknown, Decision::Fail { failure: Failure::NoRoute, .. }), "{unknown:?}");
-        let other_port = decide(&policy, &get("/"), "httpbin.org", Listener::Gateway(8080), at_gateway, 0);
+        let other_port = decide(&policy, &get("/"), "httpbin.org", Listener::Gateway(8080), at_gateway, None, 0);
         assert!(matches!(other_port, Decision::Fail { failure: Failure::NoRoute, .. }), "{other_port:?}");
         let intercepted: SocketAddr = "198.51.100.7:80".parse().unwrap();
-        let unregistered = decide(&policy, &get("/"), "example.com", Listener::Mesh, intercepted, 0);
+        let unregistered = decide(&policy, &get("/"), "example.com", Listener::Mesh, intercepted, None, 0);
         assert!(
             matches!(&unregistered, Decision::Fail { failure: Failure::Blackholed, labels: Some(l) } if l.name == "BlackHoleCluster"),
             "{unregistered:?}"

@@ -113,6 +113,9 @@ pub struct RequestRecord {
     pub route_name: Option<String>,
     pub downstream_remote: Option<std::net::SocketAddr>,
     pub downstream_local: Option<std::net::SocketAddr>,
+    /// The workload that sent the request and its namespace, when known.
+    pub source_workload: Label,
+    pub source_workload_namespace: Label,
     /// The service the request went to, as Istio labels it (`destination_service`), its short name and namespace.
     pub destination_service: Label,
     pub destination_service_name: Label,
@@ -192,8 +195,8 @@ impl RequestTelemetry {
     pub fn record(&self, record: &RequestRecord) {
         let labels = RequestLabels {
             reporter: Cow::Borrowed("source"),
-            source_workload: UNKNOWN,
-            source_workload_namespace: UNKNOWN,
+            source_workload: known_or_unknown(&record.source_workload),
+            source_workload_namespace: known_or_unknown(&record.source_workload_namespace),
             source_principal: UNKNOWN,
             destination_workload: UNKNOWN,
             destination_workload_namespace: UNKNOWN,
@@ -219,6 +222,14 @@ impl RequestTelemetry {
         if self.lines.try_send(line).is_err() {
             self.dropped_lines.inc();
         }
+    }
+}
+
+fn known_or_unknown(label: &Label) -> Label {
+    if label.is_empty() {
+        UNKNOWN
+    } else {
+        label.clone()
     }
 }
 

@@ -4,8 +4,9 @@
 use std::collections::{BTreeMap, HashSet};
 
 use futures_util::{stream, StreamExt};
-use k8s_openapi::api::core::v1::ConfigMap;
-use k8s_openapi::api::core::v1::ObjectReference;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod};
 use kube::{
     api::{Api, ApiResource, DynamicObject, GroupVersionKind},
     runtime::{
@@ -17,6 +18,7 @@ use kube::{
 use tokio::sync::watch;
 
 use super::files::Loaded;
+use crate::config::workloads::{Workload, Workloads};
 
 /// How errors from this source name it.
 pub const SOURCE: &str = "kubernetes";
@@ -128,6 +130,84 @@ pub async fn watch(client: Client, scope: Scope, sender: watch::Sender<Option<Lo
             let _ = sender.send(Some(loaded));
         }
     }
+}
+
+/// Watches every pod until the task is dropped, sending the workloads by pod IP after every change (once listed).
+pub async fn watch_pods(client: Client, sender: watch::Sender<Arc<Workloads>>) {
+    let pods: Api<Pod> = Api::all(client);
+    let mut events = watcher(pods, watcher::Config::default()).default_backoff().boxed();
+    let (mut known, mut buffer, mut listed): (
+        BTreeMap<String, PodSummary>,
+        Option<BTreeMap<String, PodSummary>>,
+        bool,
+    ) = (BTreeMap::new(), None, false);
+    while let Some(event) = events.next().await {
+        let changed = match event {
+            Ok(watcher::Event::Init) => {
+                buffer = Some(BTreeMap::new());
+                false
+            }
+            Ok(watcher::Event::InitApply(pod)) => {
+                if let (Some(buffer), Some((key, summary))) = (buffer.as_mut(), summarize(&pod)) {
+                    buffer.insert(key, summary);
+                }
+                false
+            }
+            Ok(watcher::Event::InitDone) => {
+                known = buffer.take().unwrap_or_default();
+                listed = true;
+                true
+            }
+            Ok(watcher::Event::Apply(pod)) => {
+                let key = pod_key(&pod);
+                match summarize(&pod) {
+                    Some((key, summary)) => known.insert(key, summary),
+                    None => known.remove(&key),
+                };
+                true
+            }
+            Ok(watcher::Event::Delete(pod)) => {
+                known.remove(&pod_key(&pod));
+                true
+            }
+            Err(error) => {
+                tracing::warn!(kind = "Pod", %error, "watching Kubernetes (is the RBAC granted?); retrying");
+                false
+            }
+        };
+        if changed && listed {
+            let workloads =
+                Workloads::from_pods(known.values().map(|(addresses, workload)| (addresses.clone(), workload.clone())));
+            let _ = sender.send(Arc::new(workloads));
+        }
+    }
+}
+
+type PodSummary = (Vec<std::net::IpAddr>, Workload);
+
+fn pod_key(pod: &Pod) -> String {
+    format!("{}/{}", pod.metadata.namespace.as_deref().unwrap_or(""), pod.metadata.name.as_deref().unwrap_or(""))
+}
+
+/// A pod's addresses and workload; `None` for a pod without an address (pending, or on the host network, whose
+/// address is its node's).
+fn summarize(pod: &Pod) -> Option<(String, PodSummary)> {
+    let status = pod.status.as_ref()?;
+    if pod.spec.as_ref().and_then(|spec| spec.host_network).unwrap_or(false) {
+        return None;
+    }
+    let mut addresses: Vec<std::net::IpAddr> =
+        status.pod_ips.iter().flatten().filter_map(|ip| ip.ip.parse().ok()).collect();
+    if addresses.is_empty() {
+        addresses.extend(status.pod_ip.as_deref().and_then(|ip| ip.parse::<std::net::IpAddr>().ok()));
+    }
+    if addresses.is_empty() {
+        return None;
+    }
+    let labels: BTreeMap<String, String> = pod.metadata.labels.clone().unwrap_or_default();
+    let name = labels.get("app").cloned().or_else(|| pod.metadata.name.clone()).unwrap_or_default();
+    let workload = Workload { name, namespace: pod.metadata.namespace.clone().unwrap_or_default(), labels };
+    Some((pod_key(pod), (addresses, workload)))
 }
 
 /// Publishes a Warning Event on each rejected resource, once per distinct reason, so `kubectl describe` shows it.
@@ -419,5 +499,37 @@ mod tests {
         assert!(first.is_ok(), "the Gateways were listed on the retry");
         // The first set sent (which makes the agent ready) already holds the kind that was forbidden.
         assert_eq!(names(&loaded.expect("a full set")), ["egress"]);
+    }
+
+    #[tokio::test]
+    async fn pods_become_workloads_by_address() {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some((request, send)) = handle.next_request().await {
+                if request.uri().to_string().contains("watch=true") {
+                    held.push(send);
+                    continue;
+                }
+                let pod = |name: &str, ip: &str, host_network: bool| {
+                    json!({"metadata": {"name": name, "namespace": "shop", "labels": {"app": "cart", "version": "v2"}},
+                           "spec": {"hostNetwork": host_network, "containers": []},
+                           "status": {"podIP": ip, "podIPs": [{"ip": ip}, {"ip": "fd00::7"}]}})
+                };
+                let items = vec![pod("cart-1", "10.1.0.7", false), pod("node-agent", "192.0.2.1", true)];
+                let body = list("PodList", "v1", items);
+                send.send_response(Response::builder().status(StatusCode::OK).body(Body::from(body)).unwrap());
+            }
+        });
+        let (sender, mut receiver) = watch::channel(Arc::new(Workloads::default()));
+        let task = tokio::spawn(watch_pods(Client::new(service, "default"), sender));
+        tokio::time::timeout(Duration::from_secs(10), receiver.changed()).await.unwrap().unwrap();
+        let workloads = receiver.borrow().clone();
+        task.abort();
+        let cart = workloads.get("10.1.0.7".parse().unwrap()).expect("the pod's IPv4 address");
+        assert_eq!((cart.name.as_str(), cart.namespace.as_str()), ("cart", "shop"));
+        assert_eq!(cart.labels.get("version").map(String::as_str), Some("v2"));
+        assert!(workloads.get("fd00::7".parse().unwrap()).is_some(), "and its IPv6 address");
+        assert!(workloads.get("192.0.2.1".parse().unwrap()).is_none(), "a host-network pod's address is its node's");
     }
 }
