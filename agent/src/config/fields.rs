@@ -55,7 +55,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         total += value * scale;
         rest = &rest[unit_len..];
     }
-    Ok(Duration::from_secs_f64(total))
+    Duration::try_from_secs_f64(total).map_err(|_| format!("'{text}' is too long a duration"))
 }
 
 pub fn validate_duration(value: &Option<String>, path: &str, errors: &mut Vec<FieldError>) {
@@ -200,7 +200,7 @@ mod tests {
         for (text, millis) in [("10s", 10_000), ("0.5s", 500), ("250ms", 250), ("1m30s", 90_000), ("1h", 3_600_000)] {
             assert_eq!(parse_duration(text).unwrap().as_millis(), millis, "{text}");
         }
-        for text in ["", "10", "s", "10x", "1.2.3s", "-1s"] {
+        for text in ["", "10", "s", "10x", "1.2.3s", "-1s", "99999999999999999999999h"] {
             assert!(parse_duration(text).is_err(), "{text}");
         }
     }

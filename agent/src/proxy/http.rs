@@ -336,7 +336,9 @@ impl HttpProxy {
             self.mirror(policy, mirror, &parts, &path_and_query, &upstream_authority, bytes.clone(), connection);
         }
 
-        let overall = route.and_then(|route| route.timeout).map(|timeout| tokio::time::Instant::now() + timeout);
+        // A timeout too long to reach (a configuration may say 1000000h) is no timeout, not an overflow.
+        let deadline_in = |timeout: Duration| tokio::time::Instant::now().checked_add(timeout);
+        let overall = route.and_then(|route| route.timeout).and_then(deadline_in);
         // The cluster's connection-pool limits: a slot now, a wait within the pending limit, or 503 UO.
         let cluster = destination.cluster();
         let slot = match cluster.map(|cluster| (cluster, cluster.state.admit())) {
@@ -391,7 +393,7 @@ impl HttpProxy {
                 headers: parts.headers.clone(),
             };
             let try_started = Instant::now();
-            let per_try = retries.per_try_timeout.map(|timeout| tokio::time::Instant::now() + timeout);
+            let per_try = retries.per_try_timeout.and_then(deadline_in);
             let deadline = match (overall, per_try) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
