@@ -291,7 +291,7 @@ pub fn rewritten_path(route: Option<Matched<'_>>, uri: &Uri) -> String {
     let prefix = route.and_then(|(_, prefix)| prefix);
     let path = if let Some(uri) = &rewrite.uri {
         match prefix {
-            Some(prefix) if path.len() >= prefix.len() => format!("{uri}{}", &path[prefix.len()..]),
+            Some(prefix) => format!("{uri}{}", path.get(prefix.len()..).unwrap_or("")),
             _ => uri.clone(),
         }
     } else if let Some((regex, replacement)) = &rewrite.uri_regex {
