@@ -234,7 +234,8 @@ impl ClusterState {
             health.ejections += 1;
             let ejection = outlier.base_ejection.checked_mul(health.ejections.min(10)).unwrap_or(Duration::MAX);
             // An ejection too long to represent lasts as long as one can.
-            health.ejected_until = Instant::now().checked_add(ejection).or(Some(Instant::now() + Duration::from_secs(86_400 * 365)));
+            health.ejected_until =
+                Instant::now().checked_add(ejection).or(Some(Instant::now() + Duration::from_secs(86_400 * 365)));
             health.consecutive_5xx = 0;
             health.consecutive_gateway = 0;
             tracing::info!(endpoint = %address, ejections = health.ejections, "endpoint ejected (outlier detection)");
