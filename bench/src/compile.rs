@@ -26,23 +26,24 @@ pub struct Figures {
     /// One request's lookups (its VirtualService host, then the registry), for exact and wildcard hosts.
     pub lookup_exact_ns: f64,
     pub lookup_wildcard_ns: f64,
-    /// None below 1000 entries, where the resident size moves in steps larger than the growth.
+    /// Heap bytes held per host (ServiceEntry and VirtualService): the configuration and what is compiled from it.
     pub bytes_per_entry: Option<f64>,
     /// Of which the configuration as read (the resources in force), before anything is compiled.
     pub read_bytes_per_entry: Option<f64>,
 }
 
 pub fn measure(entries: usize) -> Figures {
+    // Counted from before the input documents exist: reading consumes them.
+    let heap_before = crate::live_bytes();
     let documents: Vec<serde_json::Value> =
         (0..entries).map(document).chain((0..entries).map(virtual_service)).collect();
-    let rss_before = resident_bytes();
     let started = Instant::now();
     let mut loaded = Loaded::default();
     for document in documents {
         loaded.add("bench", document);
     }
     let read_ms = started.elapsed().as_secs_f64() * 1e3;
-    let rss_read = resident_bytes();
+    let heap_read = crate::live_bytes().saturating_sub(heap_before);
     assert!(loaded.errors.is_empty(), "the generated resources are valid: {:?}", loaded.errors.first());
     let started = Instant::now();
     let policy = datapath_policy(&loaded.snapshot, &Resolved::new(), &NodeSettings::default());
@@ -53,7 +54,7 @@ pub fn measure(entries: usize) -> Figures {
     let routes =
         proxy_policy(&loaded.snapshot, &Resolved::new(), &bindings, &ProxySettings::default(), &Default::default());
     let routes_ms = started.elapsed().as_secs_f64() * 1e3;
-    let bytes = resident_bytes().saturating_sub(rss_before) as f64;
+    let heap_all = crate::live_bytes().saturating_sub(heap_before);
     let lookup = |host: &dyn Fn(usize) -> String| {
         let hosts: Vec<String> = (0..1000).map(|k| host(k * entries / 1000)).collect();
         let started = Instant::now();
@@ -76,8 +77,8 @@ pub fn measure(entries: usize) -> Figures {
         rules: policy.rules.len(),
         lookup_exact_ns,
         lookup_wildcard_ns,
-        bytes_per_entry: (entries >= 1000).then(|| bytes / entries as f64),
-        read_bytes_per_entry: (entries >= 1000).then(|| rss_read.saturating_sub(rss_before) as f64 / entries as f64),
+        bytes_per_entry: Some(heap_all as f64 / entries as f64),
+        read_bytes_per_entry: Some(heap_read as f64 / entries as f64),
     };
     drop((loaded, policy, routes));
     figures
@@ -125,10 +126,4 @@ fn virtual_service(i: usize) -> serde_json::Value {
                {"match": [{"headers": {"x-canary": {"regex": "yes|true"}}}],
                 "route": [{"destination": {"host": host}, "weight": 90}, {"destination": {"host": host}, "weight": 10}]},
                {"route": [{"destination": {"host": host}}], "timeout": "5s"}]}})
-}
-
-fn resident_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
-    pages * 4096
 }

@@ -22,7 +22,8 @@ pub use resource::{Kind, Metadata, Resource, Spec};
 /// Every resource in force, and the mesh config: what the policy is compiled from.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub resources: Vec<Resource>,
+    /// Shared with the store and the load they came from: a snapshot costs no copy of the resources.
+    pub resources: Vec<std::sync::Arc<Resource>>,
     pub mesh: MeshConfig,
 }
 
@@ -34,7 +35,7 @@ impl Snapshot {
         for document in serde_yaml_ng::Deserializer::from_str(yaml) {
             let value: serde_json::Value = serde::Deserialize::deserialize(document).expect("valid YAML");
             match resource::Document::parse(value).expect("a readable document") {
-                resource::Document::Resource(resource) => snapshot.resources.push(*resource),
+                resource::Document::Resource(resource) => snapshot.resources.push(std::sync::Arc::new(*resource)),
                 resource::Document::Mesh(mesh) => snapshot.mesh = mesh,
                 resource::Document::Ignored(..) => {}
             }

@@ -1,14 +1,17 @@
 //! The configuration in force: each reload replaces it, except that a resource rejected now keeps its last good
 //! version, and a file that cannot be read keeps the resources it last gave.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use super::{error::ConfigError, sources::files::Loaded, MeshConfig, Resource, Snapshot};
 
 #[derive(Debug, Default)]
 pub struct Store {
     /// Resource id → (source, resource).
-    resources: BTreeMap<String, (String, Resource)>,
+    resources: BTreeMap<String, (String, Arc<Resource>)>,
     mesh: MeshConfig,
 }
 
@@ -25,7 +28,7 @@ impl Store {
         let rejected: BTreeSet<&str> = loaded.errors.iter().filter_map(|e| e.resource.as_deref()).collect();
         let unreadable: BTreeSet<&str> =
             loaded.errors.iter().filter(|e| e.resource.is_none()).map(|e| e.source.as_str()).collect();
-        let mut next: BTreeMap<String, (String, Resource)> = BTreeMap::new();
+        let mut next: BTreeMap<String, (String, Arc<Resource>)> = BTreeMap::new();
         for (source, resource) in &loaded.sources {
             next.insert(resource.id(), (source.clone(), resource.clone()));
         }

@@ -107,7 +107,7 @@ fn covers(pattern: &str, host: &str) -> bool {
 
 /// The VirtualService resources `indexes` point at.
 pub fn services<'a>(snapshot: &'a Snapshot, indexes: &'a [usize]) -> impl Iterator<Item = &'a Resource> {
-    indexes.iter().filter_map(|&i| snapshot.resources.get(i))
+    indexes.iter().filter_map(|&i| snapshot.resources.get(i).map(|resource| &**resource))
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use super::super::{
 pub struct Loaded {
     pub snapshot: Snapshot,
     /// The valid resources with the file each came from.
-    pub sources: Vec<(String, Resource)>,
+    pub sources: Vec<(String, std::sync::Arc<Resource>)>,
     pub errors: Vec<ConfigError>,
     /// Documents of kinds Sluice does not read, as `FILE: apiVersion/kind`.
     pub ignored: Vec<String>,
@@ -126,6 +126,7 @@ fn yaml_documents(text: &str) -> Vec<Result<serde_json::Value, String>> {
 fn accept(resource: Resource, source: &str, loaded: &mut Loaded) {
     let errors = resource.validate();
     if errors.is_empty() {
+        let resource = std::sync::Arc::new(resource);
         loaded.sources.push((source.to_owned(), resource.clone()));
         loaded.snapshot.resources.push(resource);
         return;
