@@ -2,7 +2,7 @@
 //! `safe_regex` does) and request matches over every field a route can test. Regexes are compiled here, once
 //! per configuration; a request only runs them.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use regex::Regex;
 
@@ -12,16 +12,17 @@ use crate::config::{fields::StringMatch, virtual_service::HttpMatch, workloads::
 /// reference-counted) serves every route that writes it.
 #[derive(Debug, Default)]
 pub struct RegexCache {
-    compiled: std::collections::HashMap<String, Option<Regex>>,
+    // Arc'd: a cloned Regex shares its program but gets a cache pool of its own, which costs memory per route.
+    compiled: std::collections::HashMap<String, Option<Arc<Regex>>>,
 }
 
 impl RegexCache {
     /// `pattern` compiled (as written: anchoring is the caller's), or `None` if it does not compile.
-    pub fn get(&mut self, pattern: &str) -> Option<Regex> {
+    pub fn get(&mut self, pattern: &str) -> Option<Arc<Regex>> {
         if let Some(compiled) = self.compiled.get(pattern) {
             return compiled.clone();
         }
-        let compiled = Regex::new(pattern).ok();
+        let compiled = Regex::new(pattern).ok().map(Arc::new);
         self.compiled.insert(pattern.to_owned(), compiled.clone());
         compiled
     }
@@ -32,7 +33,7 @@ impl RegexCache {
 pub enum Matcher {
     Exact(String),
     Prefix(String),
-    Regex(Regex),
+    Regex(Arc<Regex>),
 }
 
 impl Matcher {

@@ -347,7 +347,7 @@ pub struct Redirect {
 #[derive(Debug)]
 pub struct Rewrite {
     pub uri: Option<String>,
-    pub uri_regex: Option<(Regex, String)>,
+    pub uri_regex: Option<(Arc<Regex>, String)>,
     pub authority: Option<String>,
 }
 
