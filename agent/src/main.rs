@@ -285,6 +285,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         });
         control.kube = Some(kube_changes.clone());
     }
+    // Watched before the first read, so a change made while the agent starts is not missed.
+    let (_watch, mut changes) = if args.config.is_empty() {
+        (None, tokio::sync::mpsc::channel(1).1)
+    } else {
+        let (watch, changes) = watch::watch(&args.config).map_err(anyhow::Error::msg)?;
+        (Some(watch), changes)
+    };
     control.load();
     let mut refresh = control.resolve().await.1;
     let policy = control.policy();
@@ -350,12 +357,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     gateways.reconcile(&routes.load().gateway_ports());
     let mut enforced = Enforced { datapath, routes, gateways, metrics, dump };
 
-    let (_watch, mut changes) = if args.config.is_empty() {
-        (None, tokio::sync::mpsc::channel(1).1)
-    } else {
-        let (watch, changes) = watch::watch(&args.config).map_err(anyhow::Error::msg)?;
-        (Some(watch), changes)
-    };
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     loop {
         tokio::select! {

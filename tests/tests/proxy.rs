@@ -310,7 +310,7 @@ fn host_verify_route_sends_a_fronted_request_to_the_hosts_own_address() {
 }
 
 fn wait_for_log(agent: &Agent, text: &str) {
-    for _ in 0..100 {
+    for _ in 0..200 {
         if agent.log().contains(text) {
             return;
         }
