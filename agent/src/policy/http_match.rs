@@ -2,7 +2,7 @@
 //! `safe_regex` does) and request matches over every field a route can test. Regexes are compiled here, once
 //! per configuration; a request only runs them.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::sync::Arc;
 
 use regex::Regex;
 
@@ -81,108 +81,117 @@ pub struct RequestView<'a> {
     pub source: Option<&'a Workload>,
 }
 
-/// One compiled `HTTPMatchRequest`: every field present must hold.
+/// One compiled `HTTPMatchRequest`: the conditions its fields set, every one of which must hold. Only the fields
+/// a match sets take room (most matches set one or two).
 #[derive(Clone, Debug, Default)]
 pub struct RequestMatch {
-    uri: Option<Matcher>,
-    ignore_uri_case: bool,
-    scheme: Option<Matcher>,
-    method: Option<Matcher>,
-    authority: Option<Matcher>,
-    headers: Vec<(http::HeaderName, Matcher)>,
-    without_headers: Vec<(http::HeaderName, Matcher)>,
-    query_params: Vec<(String, Matcher)>,
-    port: Option<u16>,
-    /// Qualified gateway names (`mesh` or `namespace/name`); empty means any.
-    gateways: Vec<String>,
-    /// Labels the source workload must carry, and its namespace: an unknown source matches neither.
-    source_labels: BTreeMap<String, String>,
-    source_namespace: Option<String>,
+    conditions: Box<[Condition]>,
+}
+
+#[derive(Clone, Debug)]
+enum Condition {
+    Uri {
+        matcher: Matcher,
+        ignore_case: bool,
+    },
+    Scheme(Matcher),
+    Method(Matcher),
+    Authority(Matcher),
+    Header(http::HeaderName, Matcher),
+    WithoutHeader(http::HeaderName, Matcher),
+    Query(Box<str>, Matcher),
+    Port(u16),
+    /// Qualified gateway names (`mesh` or `namespace/name`).
+    Gateways(Box<[String]>),
+    /// Labels the source workload must carry: an unknown source has none.
+    SourceLabels(Box<[(String, String)]>),
+    SourceNamespace(Box<str>),
     /// A field could not be compiled (a regex over the size limit): the match never holds, rather than hold
     /// without that field.
-    broken: bool,
+    Never,
 }
 
 impl RequestMatch {
     /// Compiles `m`; a VirtualService of `namespace` names gateways relative to it.
     pub fn compile(m: &HttpMatch, namespace: &str, regexes: &mut RegexCache) -> RequestMatch {
-        let mut broken = false;
-        let mut compile = |value: &Option<Box<StringMatch>>| {
-            let compiled = value.as_deref().and_then(|v| Matcher::compile(v, false, &mut *regexes));
-            broken |= value.is_some() && compiled.is_none();
-            compiled
-        };
-        let (scheme, method, authority) = (compile(&m.scheme), compile(&m.method), compile(&m.authority));
-        let mut headers = |map: &BTreeMap<String, StringMatch>| {
-            let compiled: Vec<_> = map
-                .iter()
-                .filter_map(|(name, value)| {
-                    let name = http::HeaderName::from_bytes(name.as_bytes()).ok()?;
-                    Some((name, Matcher::compile(value, false, &mut *regexes)?))
-                })
-                .collect();
-            (compiled.len() != map.len(), compiled)
-        };
-        let ((broken_with, with), (broken_without, without)) = (headers(&m.headers), headers(&m.without_headers));
-        let uri = m.uri.as_ref().and_then(|uri| Matcher::compile(uri, m.ignore_uri_case, regexes));
-        let query_params: Vec<_> = m
-            .query_params
-            .iter()
-            .filter_map(|(name, value)| Some((name.clone(), Matcher::compile(value, false, regexes)?)))
-            .collect();
-        let broken = broken
-            || broken_with
-            || broken_without
-            || (m.uri.is_some() && uri.is_none())
-            || query_params.len() != m.query_params.len();
-        RequestMatch {
-            uri,
-            ignore_uri_case: m.ignore_uri_case,
-            scheme,
-            method,
-            authority,
-            headers: with,
-            without_headers: without,
-            query_params,
-            port: m.port.and_then(|port| u16::try_from(port).ok()),
-            gateways: m.gateways.iter().map(|gateway| super::bindings::qualify(gateway, namespace)).collect(),
-            source_labels: m.source_labels.clone(),
-            source_namespace: m.source_namespace.clone(),
-            broken,
+        let mut conditions = Vec::new();
+        let mut add = |condition: Option<Condition>| conditions.push(condition.unwrap_or(Condition::Never));
+        if let Some(port) = m.port {
+            add(u16::try_from(port).ok().map(Condition::Port));
         }
+        if !m.gateways.is_empty() {
+            let gateways = m.gateways.iter().map(|gateway| super::bindings::qualify(gateway, namespace)).collect();
+            add(Some(Condition::Gateways(gateways)));
+        }
+        if !m.source_labels.is_empty() {
+            let labels = m.source_labels.iter().map(|(key, value)| (key.clone(), value.clone())).collect();
+            add(Some(Condition::SourceLabels(labels)));
+        }
+        if let Some(namespace) = &m.source_namespace {
+            add(Some(Condition::SourceNamespace(namespace.as_str().into())));
+        }
+        if let Some(uri) = &m.uri {
+            let matcher = Matcher::compile(uri, m.ignore_uri_case, regexes);
+            add(matcher.map(|matcher| Condition::Uri { matcher, ignore_case: m.ignore_uri_case }));
+        }
+        for (value, condition) in [
+            (&m.method, Condition::Method as fn(Matcher) -> Condition),
+            (&m.scheme, Condition::Scheme),
+            (&m.authority, Condition::Authority),
+        ] {
+            if let Some(value) = value {
+                add(Matcher::compile(value, false, regexes).map(condition));
+            }
+        }
+        for (map, without) in [(&m.headers, false), (&m.without_headers, true)] {
+            for (name, value) in map {
+                let name = http::HeaderName::from_bytes(name.as_bytes()).ok();
+                let matcher = Matcher::compile(value, false, regexes);
+                add(name.zip(matcher).map(|(name, matcher)| {
+                    if without {
+                        Condition::WithoutHeader(name, matcher)
+                    } else {
+                        Condition::Header(name, matcher)
+                    }
+                }));
+            }
+        }
+        for (name, value) in &m.query_params {
+            add(Matcher::compile(value, false, regexes).map(|matcher| Condition::Query(name.as_str().into(), matcher)));
+        }
+        RequestMatch { conditions: conditions.into() }
     }
 
     /// The prefix the URI matched on, which a `rewrite.uri` replaces.
     pub fn uri_prefix(&self) -> Option<&str> {
-        match &self.uri {
-            Some(Matcher::Prefix(prefix)) => Some(prefix),
+        self.conditions.iter().find_map(|condition| match condition {
+            Condition::Uri { matcher: Matcher::Prefix(prefix), .. } => Some(prefix.as_str()),
             _ => None,
-        }
+        })
     }
 
     pub fn matches(&self, request: &RequestView<'_>) -> bool {
         let header = |name: &http::HeaderName| request.headers.get(name).and_then(|v| v.to_str().ok());
-        !self.broken
-            && self.port.is_none_or(|port| port == request.port)
-            && (self.gateways.is_empty() || self.gateways.iter().any(|g| g == request.gateway))
-            && (self.source_labels.is_empty()
-                || request.source.is_some_and(|source| {
-                    self.source_labels.iter().all(|(key, value)| source.labels.get(key) == Some(value))
-                }))
-            && self
-                .source_namespace
-                .as_ref()
-                .is_none_or(|namespace| request.source.is_some_and(|source| source.namespace == *namespace))
-            && self.uri.as_ref().is_none_or(|m| m.matches(request.path, self.ignore_uri_case))
-            && self.method.as_ref().is_none_or(|m| m.matches(request.method, false))
-            && self.scheme.as_ref().is_none_or(|m| m.matches(request.scheme, false))
-            && self.authority.as_ref().is_none_or(|m| m.matches(request.authority, false))
-            && self.headers.iter().all(|(name, m)| header(name).is_some_and(|value| m.matches(value, false)))
-            && self.without_headers.iter().all(|(name, m)| !header(name).is_some_and(|value| m.matches(value, false)))
-            && self
-                .query_params
-                .iter()
-                .all(|(name, m)| query_value(request.query, name).is_some_and(|value| m.matches(&value, false)))
+        self.conditions.iter().all(|condition| match condition {
+            Condition::Uri { matcher, ignore_case } => matcher.matches(request.path, *ignore_case),
+            Condition::Scheme(matcher) => matcher.matches(request.scheme, false),
+            Condition::Method(matcher) => matcher.matches(request.method, false),
+            Condition::Authority(matcher) => matcher.matches(request.authority, false),
+            Condition::Header(name, matcher) => header(name).is_some_and(|value| matcher.matches(value, false)),
+            Condition::WithoutHeader(name, matcher) => !header(name).is_some_and(|value| matcher.matches(value, false)),
+            Condition::Query(name, matcher) => {
+                query_value(request.query, name).is_some_and(|value| matcher.matches(&value, false))
+            }
+            Condition::Port(port) => *port == request.port,
+            Condition::Gateways(gateways) => gateways.iter().any(|gateway| gateway == request.gateway),
+            Condition::SourceLabels(labels) => request
+                .source
+                .is_some_and(|source| labels.iter().all(|(key, value)| source.labels.get(key) == Some(value))),
+            Condition::SourceNamespace(namespace) => {
+                request.source.is_some_and(|source| source.namespace == **namespace)
+            }
+            Condition::Never => false,
+        })
     }
 }
 
