@@ -319,7 +319,8 @@ fn wait_for_log(agent: &Agent, text: &str) {
     panic!("the agent never logged {text:?}:\n{}", agent.log());
 }
 
-const RESILIENCE: &str = "apiVersion: networking.istio.io/v1
+/// Two endpoints: one refuses connections (server B, port 81), the other is server A's nginx.
+const FLAKY: &str = "apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: flaky, namespace: egress}
 spec:
@@ -327,8 +328,9 @@ spec:
   ports: [{number: 80, name: http, protocol: HTTP}]
   resolution: STATIC
   endpoints: [{address: 203.0.113.20, ports: {http: 81}}, {address: 203.0.113.10}]
----
-apiVersion: networking.istio.io/v1
+";
+
+const RESILIENCE: &str = "apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: httpbin, namespace: egress}
 spec:
@@ -368,7 +370,7 @@ fn retries_faults_mirrors_and_cors_behave_as_envoys() {
     let shadow = ScriptedServer::start(&topology.internet, addr(SERVER_B, 8083), &[]).unwrap();
     let config = tempfile::tempdir().unwrap();
     let (scripted_entry, shadow_entry) = (backend("scripted", SERVER_B, 8082), backend("shadow", SERVER_B, 8083));
-    write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, &scripted_entry, &shadow_entry, RESILIENCE]);
+    write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, FLAKY, &scripted_entry, &shadow_entry, RESILIENCE]);
     let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     let get = |path: &str, extra: &[&str]| get(&topology, "httpbin.org", SERVER_A, path, extra);
@@ -624,15 +626,6 @@ spec:
   subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
 ---
 apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: flaky, namespace: egress}
-spec:
-  hosts: [flaky.backend]
-  ports: [{number: 80, name: http, protocol: HTTP}]
-  resolution: STATIC
-  endpoints: [{address: 203.0.113.20, ports: {http: 81}}, {address: 203.0.113.10}]
----
-apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {name: flaky, namespace: egress}
 spec:
@@ -676,7 +669,10 @@ fn destination_rules_pick_subsets_eject_failing_endpoints_and_limit_connections(
     let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80), addr(SERVER_B, 80)], ECHO).unwrap();
     let _silent = silent_server(&topology, addr(SERVER_B, 8081));
     let config = tempfile::tempdir().unwrap();
-    write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, &backend("slow", SERVER_B, 8081), DESTINATION_RULES]);
+    write_config(
+        config.path(),
+        &[MESH_REGISTRY_ONLY, HTTPBIN, FLAKY, &backend("slow", SERVER_B, 8081), DESTINATION_RULES],
+    );
     let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     let get = |path: &str, extra: &[&str]| get(&topology, "httpbin.org", SERVER_A, path, extra);
