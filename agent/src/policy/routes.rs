@@ -86,6 +86,37 @@ pub struct GatewayRoutes {
     pub hosts: HostTable<Arc<VirtualHost>>,
 }
 
+/// Which namespaces' workloads see a resource (`exportTo`): all (`*`, or nothing said: Istio's default), or the
+/// ones listed (`.` is the resource's own; `~` none).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Visibility {
+    #[default]
+    All,
+    Only(Box<[String]>),
+}
+
+impl Visibility {
+    pub fn compile(export_to: &[String], namespace: &str) -> Visibility {
+        if export_to.is_empty() || export_to.iter().any(|to| to == "*") {
+            return Visibility::All;
+        }
+        let namespaces = export_to
+            .iter()
+            .filter(|to| *to != "~")
+            .map(|to| if to == "." { namespace.to_owned() } else { to.clone() })
+            .collect();
+        Visibility::Only(namespaces)
+    }
+
+    /// Whether a workload of `viewer` sees the resource; an unknown viewer sees everything.
+    pub fn admits(&self, viewer: Option<&str>) -> bool {
+        match (self, viewer) {
+            (Visibility::All, _) | (_, None) => true,
+            (Visibility::Only(namespaces), Some(viewer)) => namespaces.iter().any(|namespace| namespace == viewer),
+        }
+    }
+}
+
 /// A host registered by one ServiceEntry.
 #[derive(Debug)]
 pub struct Service {
@@ -98,6 +129,8 @@ pub struct Service {
     known_at: Vec<IpNet>,
     /// The host's clusters: per port, all endpoints (no subset) and each DestinationRule subset's.
     clusters: Vec<(u16, Option<String>, Cluster)>,
+    /// The ServiceEntry's `exportTo`.
+    pub visible_to: Visibility,
 }
 
 #[derive(Clone, Debug)]
@@ -194,6 +227,8 @@ pub struct Route {
     pub fault: Option<Box<Fault>>,
     pub mirror: Option<Box<Mirror>>,
     pub cors: Option<Box<Cors>>,
+    /// Its VirtualService's `exportTo`.
+    pub visible_to: Visibility,
 }
 
 /// Retries as Envoy makes them: `attempts` retries after the first try, each try bounded by `per_try_timeout`,
@@ -412,7 +447,13 @@ pub enum Registered<'a> {
 impl ProxyPolicy {
     /// The service registered for `host` (a Host, an authority or a destination host) on `port`.
     pub fn registered(&self, host: &str, port: u16) -> Registered<'_> {
-        match self.registry.get(host).and_then(|services| services.iter().find(|s| s.has_port(port))) {
+        self.registered_for(host, port, None)
+    }
+
+    /// The service registered for `host` on `port` that workloads of namespace `viewer` see (`exportTo`).
+    pub fn registered_for(&self, host: &str, port: u16, viewer: Option<&str>) -> Registered<'_> {
+        let visible = |s: &&Arc<Service>| s.has_port(port) && s.visible_to.admits(viewer);
+        match self.registry.get(host).and_then(|services| services.iter().find(visible)) {
             Some(service) => Registered::Service(service),
             None => Registered::Unknown,
         }
@@ -551,6 +592,7 @@ fn services(
             let rule = rules.get(host).copied();
             let clusters = ports.iter().flat_map(|port| clusters(host, port, &endpoints, rule, states)).collect();
             Service {
+                visible_to: Visibility::compile(&entry.export_to, namespace),
                 known_at,
                 host: host.clone(),
                 namespace: namespace.to_owned(),
@@ -599,9 +641,12 @@ fn virtual_host(snapshot: &Snapshot, indexes: &[usize], regexes: &mut RegexCache
         let Spec::VirtualService(service) = &resource.spec else { continue };
         host.sources.push(format!("{}/{}", resource.metadata.namespace(), resource.metadata.name));
         let namespace = resource.metadata.namespace();
+        let visible_to = Visibility::compile(&service.export_to, namespace);
         for (i, route) in service.http.iter().enumerate() {
             let name = route.name.clone().unwrap_or_else(|| format!("{namespace}/{}[{i}]", resource.metadata.name));
-            host.routes.push(compile_route(route, name, namespace, regexes));
+            let mut route = compile_route(route, name, namespace, regexes);
+            route.visible_to = visible_to.clone();
+            host.routes.push(route);
         }
     }
     host
@@ -682,6 +727,7 @@ fn compile_route(route: &HttpRoute, name: String, namespace: &str, regexes: &mut
             })
         }),
         cors: route.cors_policy.as_ref().map(|policy| Box::new(cors(policy, regexes))),
+        visible_to: Visibility::All,
     }
 }
 

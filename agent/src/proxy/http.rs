@@ -506,7 +506,7 @@ impl HttpProxy {
             return self.local_failure(Failure::BadRequest, record, started, None);
         };
         let unresolved = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
-        let destination = match routing::destination(policy, &host, port, None, Listener::Forward, unresolved) {
+        let destination = match routing::destination(policy, &host, port, None, Listener::Forward, unresolved, None) {
             Ok(destination) => destination,
             Err((failure, labels)) => return self.local_failure(failure, record, started, labels),
         };
@@ -560,7 +560,8 @@ impl HttpProxy {
     ) {
         let port = mirror.port.unwrap_or(connection.local.port());
         let listener = connection.listener;
-        let Ok(destination) = routing::destination(policy, &mirror.host, port, None, listener, connection.local) else {
+        let Ok(destination) = routing::destination(policy, &mirror.host, port, None, listener, connection.local, None)
+        else {
             tracing::debug!(host = %mirror.host, "mirror destination not reachable; not mirrored");
             return;
         };

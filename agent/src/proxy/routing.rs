@@ -124,9 +124,12 @@ pub fn decide<'p, B>(
 ) -> Decision<'p> {
     let mut listener = listener;
     let mut port = local.port();
+    // Whose exportTo view applies: the source workload's namespace for the workloads' own traffic (unknown: all
+    // visible). On Gateway ports every resource is visible.
+    let viewer = source.filter(|_| listener.is_mesh()).map(|source| source.namespace.as_str());
     // Domain fronting: an intercepted request for a registered host, sent to an address that is not the host's.
     let host_mismatch = listener == Listener::Mesh
-        && match policy.registered(host_of(authority), port) {
+        && match policy.registered_for(host_of(authority), port, viewer) {
             Registered::Service(service) => service.known_at(local.ip()) == Some(false),
             Registered::Unknown => false,
         };
@@ -159,7 +162,9 @@ pub fn decide<'p, B>(
                     gateway: gateway_id,
                     source,
                 };
-                let found = host.routes.iter().find_map(|route| {
+                let viewer = viewer.filter(|_| listener.is_mesh());
+                let visible = host.routes.iter().filter(|route| route.visible_to.admits(viewer));
+                let found = visible.clone().find_map(|route| {
                     if route.matches.is_empty() {
                         return Some((route, None));
                     }
@@ -167,6 +172,8 @@ pub fn decide<'p, B>(
                 });
                 match found {
                     Some(found) => Some(found),
+                    // None of the host's VirtualServices is exported to this workload: the host's default route.
+                    None if visible.count() == 0 && listener.is_mesh() => None,
                     None => return Decision::Fail { failure: Failure::NoRoute, labels: None },
                 }
             }
@@ -193,7 +200,8 @@ pub fn decide<'p, B>(
             listener = Listener::Gateway(destination_port);
             continue;
         }
-        return match destination(policy, host, destination_port, subset, listener, local) {
+        let viewer = viewer.filter(|_| listener.is_mesh());
+        return match destination(policy, host, destination_port, subset, listener, local, viewer) {
             Ok(mut destination) => {
                 if reroute && destination.address.ip() == local.ip() {
                     match destination.service.and_then(|(service, port, _)| service.own_address(port)) {
@@ -211,6 +219,7 @@ pub fn decide<'p, B>(
 }
 
 /// Where `host`:`port` is reached from `listener`, by the registry and the outbound mode.
+/// `viewer`: the source workload's namespace, whose exportTo view of the registry applies.
 pub fn destination<'p>(
     policy: &'p ProxyPolicy,
     host: &str,
@@ -218,12 +227,13 @@ pub fn destination<'p>(
     subset: Option<&'p str>,
     listener: Listener,
     local: SocketAddr,
+    viewer: Option<&str>,
 ) -> Result<Destination<'p>, (Failure, Option<ServiceLabels>)> {
     // Intercepted (or forward-proxied) requests have an original destination: the address the client (or the
     // proxy's own lookup) chose.
     let intercepted = listener.is_mesh();
     let original = SocketAddr::new(local.ip(), port);
-    match policy.registered(host, port) {
+    match policy.registered_for(host, port, viewer) {
         Registered::Service(service) => {
             let labels = ServiceLabels {
                 service: host.to_owned(),
@@ -388,6 +398,45 @@ mod tests {
         let at_gateway: SocketAddr = "10.240.1.1:80".parse().unwrap();
         let decision = decide(&policy, &get("/get"), "httpbin.org", Listener::Gateway(80), at_gateway, None, 0);
         assert_eq!(forwarded_to(decision).unwrap().0, "203.0.113.80:80".parse().unwrap());
+    }
+
+    #[test]
+    fn export_to_limits_what_each_namespaces_workloads_see() {
+        let yaml = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: internal, namespace: team-a}
+spec: {hosts: [internal.example], addresses: [198.51.100.9], ports: [{number: 80, name: http, protocol: HTTP}], exportTo: ['.']}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: httpbin, namespace: egress}
+spec: {hosts: [httpbin.org], addresses: [198.51.100.8], ports: [{number: 80, name: http, protocol: HTTP}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: teapot, namespace: team-b}
+spec:
+  hosts: [httpbin.org]
+  exportTo: ['.']
+  http: [{directResponse: {status: 418}}]
+";
+        let policy = policy_verifying(yaml, &[], &[], HostVerify::Strict);
+        let workload =
+            |namespace: &str| Workload { name: "w".into(), namespace: namespace.into(), ..Workload::default() };
+        let (team_a, team_b) = (workload("team-a"), workload("team-b"));
+        let internal: SocketAddr = "198.51.100.9:80".parse().unwrap();
+        let request = get("/");
+        let to = |source: Option<&Workload>| {
+            decide(&policy, &request, "internal.example", Listener::Mesh, internal, source, 0)
+        };
+        assert!(matches!(to(Some(&team_a)), Decision::Forward { .. }), "exported to its own namespace");
+        assert!(matches!(to(Some(&team_b)), Decision::Fail { failure: Failure::Blackholed, .. }), "not to others");
+        assert!(matches!(to(None), Decision::Forward { .. }), "an unknown source sees everything");
+        let httpbin: SocketAddr = "198.51.100.8:80".parse().unwrap();
+        let to =
+            |source: Option<&Workload>| decide(&policy, &request, "httpbin.org", Listener::Mesh, httpbin, source, 0);
+        assert!(matches!(to(Some(&team_b)), Decision::Respond { .. }), "team-b's own VirtualService applies");
+        assert!(matches!(to(Some(&team_a)), Decision::Forward { .. }), "team-a sees none: the host's default route");
     }
 
     #[test]
