@@ -65,11 +65,12 @@ impl Metadata {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Spec {
-    ServiceEntry(ServiceEntry),
-    VirtualService(VirtualService),
-    Gateway(Gateway),
-    DestinationRule(DestinationRule),
-    Sidecar(Sidecar),
+    // Boxed: a resource is as small as its kind needs (the kinds differ widely in size).
+    ServiceEntry(Box<ServiceEntry>),
+    VirtualService(Box<VirtualService>),
+    Gateway(Box<Gateway>),
+    DestinationRule(Box<DestinationRule>),
+    Sidecar(Box<Sidecar>),
 }
 
 impl Spec {

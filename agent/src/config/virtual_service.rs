@@ -100,7 +100,7 @@ pub struct HttpRouteDestination {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub headers: Option<Headers>,
+    pub headers: Option<Box<Headers>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]

@@ -487,7 +487,7 @@ pub fn proxy_policy(
     let mut rules = HostTable::default();
     for resource in &snapshot.resources {
         if let Spec::DestinationRule(rule) = &resource.spec {
-            rules.insert(&rule.host, rule);
+            rules.insert(&rule.host, &**rule);
         }
     }
     let mut registry: BTreeMap<String, Vec<Arc<Service>>> = BTreeMap::new();
@@ -687,7 +687,7 @@ fn compile_route(route: &HttpRoute, name: String, namespace: &str, regexes: &mut
                 let weight = if route.route.len() == 1 { 100 } else { destination.weight.unwrap_or(0) };
                 total += u32::try_from(weight).unwrap_or(0);
                 cumulative.push(total);
-                let (request_headers, response_headers) = header_ops(destination.headers.as_ref());
+                let (request_headers, response_headers) = header_ops(destination.headers.as_deref());
                 Target {
                     host: destination.destination.host.clone(),
                     port: destination.destination.port.as_ref().and_then(|p| u16::try_from(p.number).ok()),
