@@ -119,12 +119,15 @@ impl Cluster {
         if self.endpoints.is_empty() {
             return None;
         }
-        let now = Instant::now();
-        let ejected = self.state.ejected(now);
-        let allowed = self.policy.outlier.as_ref().map_or(0, |o| {
-            // At least one endpoint may be ejected whatever the percentage, as Envoy allows.
-            (self.endpoints.len() * o.max_ejection_percent as usize / 100).max(1)
-        });
+        // Without outlier detection nothing is ever ejected: no lock, no look.
+        let (ejected, allowed) = match &self.policy.outlier {
+            Some(outlier) => (
+                self.state.ejected(Instant::now()),
+                // At least one endpoint may be ejected whatever the percentage, as Envoy allows.
+                (self.endpoints.len() * outlier.max_ejection_percent as usize / 100).max(1),
+            ),
+            None => (Vec::new(), 0),
+        };
         let skip = |address: &IpAddr| !ejected.is_empty() && ejected.len() <= allowed && ejected.contains(address);
         let count = self.endpoints.len();
         let start = match self.policy.lb {
