@@ -92,7 +92,7 @@ impl<T> HostTable<T> {
 }
 
 /// `host:port` → `host`; `[v6]:port` → `v6`; a bare IPv6 address is left whole.
-fn strip_port(authority: &str) -> &str {
+pub fn strip_port(authority: &str) -> &str {
     if let Some(rest) = authority.strip_prefix('[') {
         return rest.split(']').next().unwrap_or(rest);
     }

@@ -9,6 +9,7 @@ use http::{Request, StatusCode, Uri};
 
 use super::failure::Failure;
 use crate::config::workloads::Workload;
+pub use crate::policy::host_match::strip_port as host_of;
 use crate::policy::{
     clusters::Cluster,
     http_match::RequestView,
@@ -126,7 +127,8 @@ pub fn decide<'p, B>(
     let mut port = local.port();
     // Whose exportTo view applies: the source workload's namespace for the workloads' own traffic (unknown: all
     // visible). On Gateway ports every resource is visible.
-    let viewer = source.filter(|_| listener.is_mesh()).map(|source| source.namespace.as_str());
+    let source_namespace = source.map(|source| source.namespace.as_str());
+    let viewer = source_namespace.filter(|_| listener.is_mesh());
     // Domain fronting: an intercepted request for a registered host, sent to an address that is not the host's.
     let host_mismatch = listener == Listener::Mesh
         && match policy.registered_for(host_of(authority), port, viewer) {
@@ -139,6 +141,7 @@ pub fn decide<'p, B>(
     let reroute = host_mismatch && policy.host_verify == HostVerify::Route;
     // At most two passes: the mesh, then (for a route to this gateway's own Service) the gateway.
     for _ in 0..2 {
+        let viewer = source_namespace.filter(|_| listener.is_mesh());
         let (gateway_id, virtual_host) = match listener {
             Listener::Mesh | Listener::Forward => ("mesh", policy.mesh.get(authority)),
             Listener::Gateway(gateway_port) => {
@@ -162,7 +165,6 @@ pub fn decide<'p, B>(
                     gateway: gateway_id,
                     source,
                 };
-                let viewer = viewer.filter(|_| listener.is_mesh());
                 let visible = host.routes.iter().filter(|route| route.visible_to.admits(viewer));
                 let found = visible.clone().find_map(|route| {
                     if route.matches.is_empty() {
@@ -200,7 +202,6 @@ pub fn decide<'p, B>(
             listener = Listener::Gateway(destination_port);
             continue;
         }
-        let viewer = viewer.filter(|_| listener.is_mesh());
         return match destination(policy, host, destination_port, subset, listener, local, viewer) {
             Ok(mut destination) => {
                 if reroute && destination.address.ip() == local.ip() {
@@ -259,17 +260,6 @@ pub fn destination<'p>(
             service: None,
         }),
         Registered::Unknown => Err((Failure::NoCluster, None)),
-    }
-}
-
-/// `host:port` → `host` (`[v6]:port` → `v6`).
-pub fn host_of(authority: &str) -> &str {
-    if let Some(rest) = authority.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
-    }
-    match authority.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => host,
-        _ => authority,
     }
 }
 
