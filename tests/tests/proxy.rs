@@ -416,7 +416,10 @@ fn retries_faults_mirrors_and_cors_behave_as_envoys() {
     let log = agent.log();
     assert!(log.contains("\"GET /no-retry HTTP/1.1\" 503 UF "), "{log}");
     assert!(log.contains("\"GET /abort HTTP/1.1\" 503 FI "), "{log}");
-    assert!(log.contains("\"GET /delay HTTP/1.1\" 200 DI "), "{log}");
+    // Envoy's fields after the flags: bytes received, bytes sent, duration (ms).
+    let delayed = log.split("\"GET /delay HTTP/1.1\" 200 DI ").nth(1).expect("the delayed request's line");
+    let duration: u64 = delayed.split_whitespace().nth(2).and_then(|d| d.parse().ok()).expect("a duration");
+    assert!(duration >= 300, "the 0.3s fault delay was served: {duration} ms\n{log}");
 }
 
 /// Sends `bytes` on a new connection from the workload to `dst` and reads until the peer closes (or 5 s pass):
