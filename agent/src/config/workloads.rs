@@ -5,9 +5,10 @@ use std::{collections::BTreeMap, collections::HashMap, net::IpAddr, sync::Arc};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Workload {
-    /// The workload's name as Istio labels it: the pod's `app` label, else the pod's name.
-    pub name: String,
-    pub namespace: String,
+    /// The workload's name as Istio labels it: the pod's `app` label, else the pod's name. Shared: every request
+    /// from the workload is labelled with it.
+    pub name: Arc<str>,
+    pub namespace: Arc<str>,
     pub labels: BTreeMap<String, String>,
 }
 

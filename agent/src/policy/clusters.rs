@@ -13,9 +13,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::config::{
-    destination_rule::{PolicySettings, TrafficPolicy},
-    fields::parse_duration,
+use crate::{
+    config::{
+        destination_rule::{PolicySettings, TrafficPolicy},
+        fields::parse_duration,
+    },
+    telemetry::labels::DestinationLabels,
 };
 
 /// How a cluster picks among its endpoints.
@@ -107,6 +110,8 @@ pub struct Endpoint {
 /// A set of endpoints under one policy: a host's, or one subset's.
 #[derive(Debug)]
 pub struct Cluster {
+    /// Its name and how Istio's metrics label requests through it, made here rather than per request.
+    pub labels: DestinationLabels,
     pub endpoints: Vec<Endpoint>,
     pub policy: ClusterPolicy,
     pub state: Arc<ClusterState>,
@@ -285,7 +290,7 @@ mod tests {
             .map(|a| Endpoint { address: a.parse().unwrap(), ports: BTreeMap::new(), labels: BTreeMap::new() })
             .collect();
         let state = Arc::new(ClusterState::new(policy.limits));
-        Cluster { endpoints, policy, state }
+        Cluster { labels: DestinationLabels::registered("api.test", "default", 80, None), endpoints, policy, state }
     }
 
     #[test]

@@ -188,7 +188,7 @@ impl RequestMatch {
                 .source
                 .is_some_and(|source| labels.iter().all(|(key, value)| source.labels.get(key) == Some(value))),
             Condition::SourceNamespace(namespace) => {
-                request.source.is_some_and(|source| source.namespace == **namespace)
+                request.source.is_some_and(|source| *source.namespace == **namespace)
             }
             Condition::Never => false,
         })

@@ -29,6 +29,7 @@ use crate::config::{
     virtual_service::HttpRoute,
     Snapshot, Spec,
 };
+use crate::telemetry::labels::DestinationLabels;
 
 /// What the node, not the mesh, decides for the proxy.
 #[derive(Clone, Debug, Default)]
@@ -590,7 +591,8 @@ fn services(
             let mut known_at: Vec<IpNet> = entry.addresses.iter().filter_map(|a| parse_address(a)).collect();
             known_at.extend(endpoints.iter().map(|e: &Endpoint| IpNet::from(e.address)));
             let rule = rules.get(host).copied();
-            let clusters = ports.iter().flat_map(|port| clusters(host, port, &endpoints, rule, states)).collect();
+            let clusters =
+                ports.iter().flat_map(|port| clusters(host, namespace, port, &endpoints, rule, states)).collect();
             Service {
                 visible_to: Visibility::compile(&entry.export_to, namespace),
                 known_at,
@@ -608,6 +610,7 @@ fn services(
 /// (a subset's own policy replacing the rule's, a port-level setting replacing either).
 fn clusters(
     host: &str,
+    namespace: &str,
     port: &ServicePort,
     endpoints: &[Endpoint],
     rule: Option<&DestinationRule>,
@@ -617,13 +620,14 @@ fn clusters(
         let policy = policy
             .map(|policy| ClusterPolicy::compile(settings_for_port(policy, port.number), port.http2))
             .unwrap_or_default();
-        // State that must outlive recompiles is kept only where a policy needs it.
+        let labels = DestinationLabels::registered(host, namespace, port.number, subset);
+        // State that must outlive recompiles is kept only where a policy needs it, by cluster name.
         let state = if policy.limits.is_some() || policy.outlier.is_some() {
-            states.get(&format!("{host}|{}|{}", port.number, subset.unwrap_or("")), policy.limits)
+            states.get(labels.cluster.as_str(), policy.limits)
         } else {
             states.fresh()
         };
-        Cluster { endpoints, policy, state }
+        Cluster { labels, endpoints, policy, state }
     };
     let top = rule.and_then(|rule| rule.traffic_policy.as_ref());
     let mut out = vec![(port.number, None, cluster(None, endpoints.to_vec(), top))];

@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 pub use super::routing::Listener;
 use super::{
     failure::Failure,
-    routing::{self, Decision, Destination, Matched, ServiceLabels},
+    routing::{self, Decision, Destination, Matched},
     tcp::{self, SourceAddresses},
     upstreams::{Outgoing, SendError, Upstreams},
 };
@@ -39,6 +39,7 @@ use crate::{
     policy::routes::{Cors, HostVerify, Mirror, ProxyPolicy, RetryPolicy, Route, Target},
     telemetry::{
         connections::TcpLabels,
+        labels::DestinationLabels,
         requests::{RequestRecord, RequestTelemetry},
     },
 };
@@ -200,8 +201,8 @@ impl HttpProxy {
         let workloads = self.workloads.load();
         let source = workloads.get(connection.peer.ip());
         if let Some(source) = source {
-            record.source_workload = source.name.clone().into();
-            record.source_workload_namespace = source.namespace.clone().into();
+            record.source_workload = Some(source.name.clone().into());
+            record.source_workload_namespace = Some(source.namespace.clone().into());
         }
         let decision = routing::decide(
             &policy,
@@ -472,9 +473,7 @@ impl HttpProxy {
             response_cors_headers(cors, origin, &mut parts.headers);
         }
         record.response_code = parts.status.as_u16();
-        let labels = destination.labels;
-        record.upstream_cluster = labels.cluster.clone();
-        apply_labels(&mut record, &labels);
+        record.destination = Some(destination.labels);
         let response = Response::from_parts(parts, body.map_err(BoxError::from).boxed());
         self.finish_streaming(response, record, started, received, slot)
     }
@@ -523,8 +522,7 @@ impl HttpProxy {
             Err(_) => return self.local_failure(Failure::UpstreamConnect, record, started, Some(destination.labels)),
         };
         let peer = record.downstream_remote;
-        let labels = &destination.labels;
-        let tcp_labels = TcpLabels::new(&labels.service, &labels.name, &labels.namespace, "");
+        let tcp_labels = TcpLabels::new(&destination.labels, "");
         let tcp = self.telemetry.tcp.clone();
         tokio::spawn(async move {
             match hyper::upgrade::on(request).await {
@@ -540,8 +538,7 @@ impl HttpProxy {
             }
         });
         record.response_code = StatusCode::OK.as_u16();
-        record.upstream_cluster = destination.labels.cluster.clone();
-        apply_labels(&mut record, &destination.labels);
+        record.destination = Some(destination.labels);
         self.finish_streaming(Response::new(empty()), record, started, Arc::new(AtomicU64::new(0)), None)
     }
 
@@ -584,13 +581,10 @@ impl HttpProxy {
         failure: Failure,
         mut record: RequestRecord,
         started: Instant,
-        labels: Option<ServiceLabels>,
+        labels: Option<DestinationLabels>,
     ) -> Response<ProxyBody> {
         record.response_flags = failure.flag();
-        if let Some(labels) = &labels {
-            record.upstream_cluster = labels.cluster.clone();
-            apply_labels(&mut record, labels);
-        }
+        record.destination = labels;
         self.local_reply(
             failure.status(),
             Bytes::from_static(failure.body().as_bytes()),
@@ -624,20 +618,12 @@ impl HttpProxy {
     fn finish(
         &self,
         mut response: Response<ProxyBody>,
-        mut record: RequestRecord,
+        record: RequestRecord,
         started: Instant,
         route: Option<&Route>,
     ) -> Response<ProxyBody> {
         if let Some(route) = route {
             route.response_headers.apply(response.headers_mut());
-        }
-        if record.destination_service.is_empty() {
-            record.destination_service = "unknown".into();
-            record.destination_service_name = "unknown".into();
-            record.destination_service_namespace = "unknown".into();
-        }
-        if record.upstream_cluster.is_empty() {
-            record.upstream_cluster = "-".into();
         }
         self.finish_streaming(response, record, started, Arc::new(AtomicU64::new(0)), None)
     }
@@ -663,12 +649,6 @@ impl HttpProxy {
         };
         Response::from_parts(parts, body.boxed())
     }
-}
-
-fn apply_labels(record: &mut RequestRecord, labels: &ServiceLabels) {
-    record.destination_service = labels.service.clone().into();
-    record.destination_service_name = labels.name.clone().into();
-    record.destination_service_namespace = labels.namespace.clone().into();
 }
 
 fn empty() -> ProxyBody {

@@ -8,7 +8,6 @@ use bytes::Bytes;
 use http::{Request, StatusCode, Uri};
 
 use super::failure::Failure;
-use crate::config::workloads::Workload;
 pub use crate::policy::host_match::strip_port as host_of;
 use crate::policy::{
     clusters::Cluster,
@@ -16,6 +15,7 @@ use crate::policy::{
     routes::{Action, HostVerify, ProxyPolicy, Redirect, Registered, Route, Service, Target, Upstream},
     OutboundMode,
 };
+use crate::{config::workloads::Workload, telemetry::labels::DestinationLabels};
 
 /// Which listener a request arrived on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,33 +36,13 @@ impl Listener {
     }
 }
 
-/// How Istio's metrics name a destination, and the Envoy cluster it stands for.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceLabels {
-    pub service: String,
-    pub name: String,
-    pub namespace: String,
-    pub cluster: String,
-}
-
-impl ServiceLabels {
-    fn special(cluster: &str, service: &str) -> ServiceLabels {
-        ServiceLabels {
-            service: service.to_owned(),
-            name: cluster.to_owned(),
-            namespace: "unknown".into(),
-            cluster: cluster.to_owned(),
-        }
-    }
-}
-
 /// Where a routed request is sent.
 #[derive(Debug)]
 pub struct Destination<'p> {
     pub address: SocketAddr,
     /// The upstream speaks HTTP/2 (the service port is declared HTTP2 or GRPC).
     pub http2: bool,
-    pub labels: ServiceLabels,
+    pub labels: DestinationLabels,
     /// The registered service, port and subset, whose next endpoint a retry goes to.
     pub service: Option<(&'p Service, u16, Option<&'p str>)>,
 }
@@ -89,7 +69,7 @@ pub type Matched<'p> = (&'p Route, Option<&'p str>);
 pub enum Decision<'p> {
     Fail {
         failure: Failure,
-        labels: Option<ServiceLabels>,
+        labels: Option<DestinationLabels>,
     },
     Respond {
         route: &'p Route,
@@ -127,7 +107,7 @@ pub fn decide<'p, B>(
     let mut port = local.port();
     // Whose exportTo view applies: the source workload's namespace for the workloads' own traffic (unknown: all
     // visible). On Gateway ports every resource is visible.
-    let source_namespace = source.map(|source| source.namespace.as_str());
+    let source_namespace = source.map(|source| &*source.namespace);
     let viewer = source_namespace.filter(|_| listener.is_mesh());
     // Domain fronting: an intercepted request for a registered host, sent to an address that is not the host's.
     let host_mismatch = listener == Listener::Mesh
@@ -229,34 +209,32 @@ pub fn destination<'p>(
     listener: Listener,
     local: SocketAddr,
     viewer: Option<&str>,
-) -> Result<Destination<'p>, (Failure, Option<ServiceLabels>)> {
+) -> Result<Destination<'p>, (Failure, Option<DestinationLabels>)> {
     // Intercepted (or forward-proxied) requests have an original destination: the address the client (or the
     // proxy's own lookup) chose.
     let intercepted = listener.is_mesh();
     let original = SocketAddr::new(local.ip(), port);
     match policy.registered_for(host, port, viewer) {
         Registered::Service(service) => {
-            let labels = ServiceLabels {
-                service: host.to_owned(),
-                name: host.to_owned(),
-                namespace: service.namespace.clone(),
-                cluster: format!("outbound|{port}||{host}"),
-            };
+            // Labelled as compiled: the subset's cluster, or the host's (for a subset that is not defined).
+            let labels =
+                service.cluster(port, subset).or_else(|| service.cluster(port, None)).map(|c| c.labels.clone());
             let address = match service.upstream(port, subset) {
                 Upstream::Endpoint(address) => address,
                 Upstream::OriginalDestination if intercepted => original,
-                Upstream::OriginalDestination | Upstream::NoSubset => return Err((Failure::NoCluster, Some(labels))),
-                Upstream::NoEndpoint => return Err((Failure::NoHealthyUpstream, Some(labels))),
+                Upstream::OriginalDestination | Upstream::NoSubset => return Err((Failure::NoCluster, labels)),
+                Upstream::NoEndpoint => return Err((Failure::NoHealthyUpstream, labels)),
             };
+            let labels = labels.unwrap_or_else(|| DestinationLabels::passthrough(host));
             Ok(Destination { address, http2: service.http2(port), labels, service: Some((service, port, subset)) })
         }
         Registered::Unknown if policy.mode == OutboundMode::RegistryOnly => {
-            Err((Failure::Blackholed, Some(ServiceLabels::special("BlackHoleCluster", "BlackHoleCluster"))))
+            Err((Failure::Blackholed, Some(DestinationLabels::blackhole())))
         }
         Registered::Unknown if intercepted => Ok(Destination {
             address: original,
             http2: false,
-            labels: ServiceLabels::special("PassthroughCluster", host),
+            labels: DestinationLabels::passthrough(host),
             service: None,
         }),
         Registered::Unknown => Err((Failure::NoCluster, None)),
@@ -370,7 +348,9 @@ mod tests {
 
     fn forwarded_to(decision: Decision<'_>) -> Option<(SocketAddr, String)> {
         match decision {
-            Decision::Forward { destination, .. } => Some((destination.address, destination.labels.cluster)),
+            Decision::Forward { destination, .. } => {
+                Some((destination.address, destination.labels.cluster.as_str().to_owned()))
+            }
             _ => None,
         }
     }
@@ -440,7 +420,7 @@ spec:
         let intercepted: SocketAddr = "198.51.100.7:80".parse().unwrap();
         let unregistered = decide(&policy, &get("/"), "example.com", Listener::Mesh, intercepted, None, 0);
         assert!(
-            matches!(&unregistered, Decision::Fail { failure: Failure::Blackholed, labels: Some(l) } if l.name == "BlackHoleCluster"),
+            matches!(&unregistered, Decision::Fail { failure: Failure::Blackholed, labels: Some(l) } if l.name.as_str() == "BlackHoleCluster"),
             "{unregistered:?}"
         );
     }

@@ -16,7 +16,10 @@ use tokio::{
 use super::transparent_listener::Intercepted;
 use crate::{
     policy::OutboundMode,
-    telemetry::connections::{ConnectionMetrics, TcpLabels},
+    telemetry::{
+        connections::{ConnectionMetrics, TcpLabels},
+        labels::DestinationLabels,
+    },
 };
 
 /// Istio's default connect timeout for clusters.
@@ -75,27 +78,27 @@ pub async fn relay(connection: Intercepted, mode: OutboundMode, metrics: &Connec
     let Intercepted { mut stream, peer, original_destination } = connection;
     if mode == OutboundMode::RegistryOnly {
         tracing::info!(source = %peer, original_dst = %original_destination, verdict = "refused", "intercepted connection");
-        let labels = TcpLabels::new("BlackHoleCluster", "BlackHoleCluster", "unknown", "");
+        let labels = TcpLabels::new(&DestinationLabels::blackhole(), "");
         metrics.opened(&labels);
         metrics.closed(&labels, 0, 0);
         reset(&stream);
         return;
     }
-    let destination = original_destination.to_string();
+    let destination = DestinationLabels::passthrough(&original_destination.to_string());
     let upstream = match connect(original_destination, source).await {
         Ok(upstream) => upstream,
         Err(error) => {
             let verdict =
                 if error.kind() == std::io::ErrorKind::TimedOut { "upstream_timeout" } else { "upstream_failed" };
             tracing::info!(source = %peer, original_dst = %original_destination, verdict, "intercepted connection");
-            let labels = TcpLabels::new(&destination, "PassthroughCluster", "unknown", "UF");
+            let labels = TcpLabels::new(&destination, "UF");
             metrics.opened(&labels);
             metrics.closed(&labels, 0, 0);
             reset(&stream);
             return;
         }
     };
-    let labels = TcpLabels::new(&destination, "PassthroughCluster", "unknown", "");
+    let labels = TcpLabels::new(&destination, "");
     metrics.opened(&labels);
     let mut upstream = upstream;
     let result = copy_bidirectional(&mut stream, &mut upstream).await;

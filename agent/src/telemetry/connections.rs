@@ -1,15 +1,15 @@
 //! Istio's standard TCP metrics, for connections the proxy relays without reading them (opaque TCP on
 //! intercepted ports, CONNECT tunnels).
 
-use std::borrow::Cow;
-
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
     registry::Registry,
 };
 
-type Label = Cow<'static, str>;
+use super::labels::{DestinationLabels, LabelText, UNKNOWN};
+
+type Label = LabelText;
 
 /// Istio's TCP labels (those Sluice can know; the rest read `unknown`, as Istio writes them).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -26,18 +26,17 @@ pub struct TcpLabels {
 }
 
 impl TcpLabels {
-    /// Labels for a connection to `service` (`name`, `namespace`), with Envoy's response `flags`.
-    pub fn new(service: &str, name: &str, namespace: &str, flags: &'static str) -> TcpLabels {
-        const UNKNOWN: Label = Cow::Borrowed("unknown");
+    /// Labels for a connection to `destination`, with Envoy's response `flags`.
+    pub fn new(destination: &DestinationLabels, flags: &'static str) -> TcpLabels {
         TcpLabels {
-            reporter: Cow::Borrowed("source"),
+            reporter: "source".into(),
             source_workload: UNKNOWN,
             source_workload_namespace: UNKNOWN,
-            destination_service: Cow::Owned(service.to_owned()),
-            destination_service_name: Cow::Owned(name.to_owned()),
-            destination_service_namespace: Cow::Owned(namespace.to_owned()),
-            request_protocol: Cow::Borrowed("tcp"),
-            response_flags: Cow::Borrowed(if flags.is_empty() { "-" } else { flags }),
+            destination_service: destination.service.clone(),
+            destination_service_name: destination.name.clone(),
+            destination_service_namespace: destination.namespace.clone(),
+            request_protocol: "tcp".into(),
+            response_flags: (if flags.is_empty() { "-" } else { flags }).into(),
             connection_security_policy: UNKNOWN,
         }
     }

@@ -4,6 +4,7 @@
 pub mod blocked_flows;
 pub mod config_dump;
 pub mod connections;
+pub mod labels;
 pub mod metrics;
 pub mod requests;
 pub mod server;

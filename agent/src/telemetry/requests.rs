@@ -2,7 +2,6 @@
 //! one access-log line in Envoy's default format (or JSON), written off the request path.
 
 use std::{
-    borrow::Cow,
     fmt::Write as _,
     time::{Duration, SystemTime},
 };
@@ -14,9 +13,12 @@ use prometheus_client::{
 };
 use tokio::sync::mpsc;
 
-use super::connections::ConnectionMetrics;
+use super::{
+    connections::ConnectionMetrics,
+    labels::{DestinationLabels, LabelText, UNKNOWN},
+};
 
-type Label = Cow<'static, str>;
+type Label = LabelText;
 
 /// Istio's standard labels (those Sluice can know; the rest read `unknown`, as Istio writes them).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,8 +39,6 @@ pub struct RequestLabels {
     pub response_flags: Label,
     pub connection_security_policy: Label,
 }
-
-const UNKNOWN: Label = Cow::Borrowed("unknown");
 
 /// Istio's duration buckets, in milliseconds.
 const DURATION_BUCKETS: [f64; 19] = [
@@ -109,17 +109,21 @@ pub struct RequestRecord {
     pub request_id: Option<String>,
     pub authority: String,
     pub upstream_host: Option<std::net::SocketAddr>,
-    pub upstream_cluster: String,
     pub route_name: Option<String>,
     pub downstream_remote: Option<std::net::SocketAddr>,
     pub downstream_local: Option<std::net::SocketAddr>,
     /// The workload that sent the request and its namespace, when known.
-    pub source_workload: Label,
-    pub source_workload_namespace: Label,
-    /// The service the request went to, as Istio labels it (`destination_service`), its short name and namespace.
-    pub destination_service: Label,
-    pub destination_service_name: Label,
-    pub destination_service_namespace: Label,
+    pub source_workload: Option<Label>,
+    pub source_workload_namespace: Option<Label>,
+    /// The destination (and Envoy cluster) the request went to, when it got that far.
+    pub destination: Option<DestinationLabels>,
+}
+
+impl RequestRecord {
+    /// The Envoy cluster, `-` for a request answered before it had one.
+    pub fn upstream_cluster(&self) -> &str {
+        self.destination.as_ref().map_or("-", |destination| destination.cluster.as_str())
+    }
 }
 
 /// Records ended requests: metrics at once, access-log lines through a bounded queue to a writer task (a full
@@ -193,21 +197,22 @@ impl RequestTelemetry {
     }
 
     pub fn record(&self, record: &RequestRecord) {
+        let destination = record.destination.as_ref();
         let labels = RequestLabels {
-            reporter: Cow::Borrowed("source"),
-            source_workload: known_or_unknown(&record.source_workload),
-            source_workload_namespace: known_or_unknown(&record.source_workload_namespace),
+            reporter: "source".into(),
+            source_workload: record.source_workload.clone().unwrap_or(UNKNOWN),
+            source_workload_namespace: record.source_workload_namespace.clone().unwrap_or(UNKNOWN),
             source_principal: UNKNOWN,
             destination_workload: UNKNOWN,
             destination_workload_namespace: UNKNOWN,
             destination_principal: UNKNOWN,
-            destination_service: record.destination_service.clone(),
-            destination_service_name: record.destination_service_name.clone(),
-            destination_service_namespace: record.destination_service_namespace.clone(),
-            request_protocol: Cow::Borrowed(if record.grpc { "grpc" } else { "http" }),
-            response_code: Cow::Owned(record.response_code.to_string()),
-            grpc_response_status: Cow::Borrowed(""),
-            response_flags: Cow::Borrowed(if record.response_flags.is_empty() { "-" } else { record.response_flags }),
+            destination_service: destination.map_or(UNKNOWN, |d| d.service.clone()),
+            destination_service_name: destination.map_or(UNKNOWN, |d| d.name.clone()),
+            destination_service_namespace: destination.map_or(UNKNOWN, |d| d.namespace.clone()),
+            request_protocol: (if record.grpc { "grpc" } else { "http" }).into(),
+            response_code: status_label(record.response_code),
+            grpc_response_status: "".into(),
+            response_flags: (if record.response_flags.is_empty() { "-" } else { record.response_flags }).into(),
             connection_security_policy: UNKNOWN,
         };
         self.metrics.requests.get_or_create(&labels).inc();
@@ -225,11 +230,13 @@ impl RequestTelemetry {
     }
 }
 
-fn known_or_unknown(label: &Label) -> Label {
-    if label.is_empty() {
-        UNKNOWN
-    } else {
-        label.clone()
+/// The status code as a label, its text made once per code.
+fn status_label(code: u16) -> Label {
+    static CODES: std::sync::LazyLock<Vec<std::sync::Arc<str>>> =
+        std::sync::LazyLock::new(|| (100..600u16).map(|code| code.to_string().into()).collect());
+    match code.checked_sub(100).and_then(|i| CODES.get(usize::from(i))) {
+        Some(text) => LabelText::Shared(text.clone()),
+        None => LabelText::Shared(code.to_string().into()),
     }
 }
 
@@ -287,7 +294,7 @@ fn json_line(record: &RequestRecord) -> String {
         "request_id": record.request_id,
         "authority": record.authority,
         "upstream_host": record.upstream_host.map(|h| h.to_string()),
-        "upstream_cluster": record.upstream_cluster,
+        "upstream_cluster": record.upstream_cluster(),
         "route_name": record.route_name,
         "downstream_remote_address": record.downstream_remote.map(|a| a.to_string()),
         "downstream_local_address": record.downstream_local.map(|a| a.to_string()),

@@ -205,8 +205,9 @@ fn summarize(pod: &Pod) -> Option<(String, PodSummary)> {
         return None;
     }
     let labels: BTreeMap<String, String> = pod.metadata.labels.clone().unwrap_or_default();
-    let name = labels.get("app").cloned().or_else(|| pod.metadata.name.clone()).unwrap_or_default();
-    let workload = Workload { name, namespace: pod.metadata.namespace.clone().unwrap_or_default(), labels };
+    let name = labels.get("app").or(pod.metadata.name.as_ref()).map_or("", String::as_str).into();
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or_default().into();
+    let workload = Workload { name, namespace, labels };
     Some((pod_key(pod), (addresses, workload)))
 }
 
@@ -527,7 +528,7 @@ mod tests {
         let workloads = receiver.borrow().clone();
         task.abort();
         let cart = workloads.get("10.1.0.7".parse().unwrap()).expect("the pod's IPv4 address");
-        assert_eq!((cart.name.as_str(), cart.namespace.as_str()), ("cart", "shop"));
+        assert_eq!((&*cart.name, &*cart.namespace), ("cart", "shop"));
         assert_eq!(cart.labels.get("version").map(String::as_str), Some("v2"));
         assert!(workloads.get("fd00::7".parse().unwrap()).is_some(), "and its IPv6 address");
         assert!(workloads.get("192.0.2.1".parse().unwrap()).is_none(), "a host-network pod's address is its node's");

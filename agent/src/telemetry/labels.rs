@@ -1,0 +1,110 @@
+//! Label values for Istio's metrics: static text, or text shared by reference count, so that labelling a request
+//! clones pointers rather than strings. A destination's labels are made once, when its cluster is compiled.
+
+use std::{
+    hash::{Hash, Hasher},
+    sync::{Arc, LazyLock},
+};
+
+use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
+
+#[derive(Clone, Debug)]
+pub enum LabelText {
+    Static(&'static str),
+    Shared(Arc<str>),
+}
+
+impl LabelText {
+    pub fn as_str(&self) -> &str {
+        match self {
+            LabelText::Static(text) => text,
+            LabelText::Shared(text) => text,
+        }
+    }
+}
+
+impl Default for LabelText {
+    fn default() -> Self {
+        LabelText::Static("")
+    }
+}
+
+impl From<&'static str> for LabelText {
+    fn from(text: &'static str) -> Self {
+        LabelText::Static(text)
+    }
+}
+
+impl From<Arc<str>> for LabelText {
+    fn from(text: Arc<str>) -> Self {
+        LabelText::Shared(text)
+    }
+}
+
+impl PartialEq for LabelText {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for LabelText {}
+
+impl Hash for LabelText {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl EncodeLabelValue for LabelText {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+pub const UNKNOWN: LabelText = LabelText::Static("unknown");
+
+/// How Istio's metrics name a destination (`destination_service`, `destination_service_name`,
+/// `destination_service_namespace`), and the Envoy cluster it stands for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DestinationLabels {
+    pub service: LabelText,
+    pub name: LabelText,
+    pub namespace: LabelText,
+    pub cluster: LabelText,
+}
+
+static BLACKHOLE: LazyLock<DestinationLabels> = LazyLock::new(|| DestinationLabels {
+    service: "BlackHoleCluster".into(),
+    name: "BlackHoleCluster".into(),
+    namespace: UNKNOWN,
+    cluster: "BlackHoleCluster".into(),
+});
+
+impl DestinationLabels {
+    /// A registered host's cluster on `port` (and `subset`), named as Istio names it
+    /// (`outbound|PORT|SUBSET|HOST`).
+    pub fn registered(host: &str, namespace: &str, port: u16, subset: Option<&str>) -> DestinationLabels {
+        let host: Arc<str> = host.into();
+        DestinationLabels {
+            service: host.clone().into(),
+            name: host.clone().into(),
+            namespace: Arc::<str>::from(namespace).into(),
+            cluster: Arc::<str>::from(format!("outbound|{port}|{}|{host}", subset.unwrap_or(""))).into(),
+        }
+    }
+
+    /// Istio's BlackHoleCluster: where REGISTRY_ONLY sends what no ServiceEntry registers.
+    pub fn blackhole() -> DestinationLabels {
+        BLACKHOLE.clone()
+    }
+
+    /// Istio's PassthroughCluster, for `service` (the host or address the client asked for) under ALLOW_ANY.
+    pub fn passthrough(service: &str) -> DestinationLabels {
+        DestinationLabels {
+            service: Arc::<str>::from(service).into(),
+            name: "PassthroughCluster".into(),
+            namespace: UNKNOWN,
+            cluster: "PassthroughCluster".into(),
+        }
+    }
+}
