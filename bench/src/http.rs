@@ -114,14 +114,14 @@ fn haproxy() -> anyhow::Result<Run> {
          timeout server 30s\n  http-reuse always\nfrontend front\n  bind {listen}\n  default_backend origin\n\
          backend origin\n  server origin {SERVER_A}:80\n"
     );
-    let path = dir.path().join("haproxy.cfg");
-    std::fs::write(&path, config)?;
-    let mut command = topology.gateway.command("haproxy");
-    command.arg("-db").arg("-f").arg(&path);
-    let mut process = Process::spawn("haproxy", command)?;
-    wait_for_tcp(&topology.gateway, listen, &mut process)?;
-    pin_tree(process.pid(), PROXY_CPU)?;
-    measure("HAProxy 2.6", &topology, process.pid(), &format!("http://{listen}/"))
+    measure_configured(
+        "HAProxy 2.6",
+        &topology,
+        ("haproxy", &["-db", "-f"]),
+        &dir.path().join("haproxy.cfg"),
+        &config,
+        listen,
+    )
 }
 
 fn squid() -> anyhow::Result<Run> {
@@ -140,13 +140,26 @@ fn squid() -> anyhow::Result<Run> {
          shutdown_lifetime 0 seconds\n"
     );
     let path = dir.path().join("squid.conf");
-    std::fs::write(&path, config)?;
-    let mut command = topology.gateway.command("squid");
-    command.arg("-N").arg("-f").arg(&path);
-    let mut process = Process::spawn("squid", command)?;
+    measure_configured("Squid 5.7 (accel, no cache)", &topology, ("squid", &["-N", "-f"]), &path, &config, listen)
+}
+
+/// Writes `config` to `path`, starts `PROGRAM ARGS… PATH` in the gateway namespace, and once it listens on
+/// `listen`, pins it to the proxy CPU and measures through it.
+fn measure_configured(
+    name: &'static str,
+    topology: &Topology,
+    (program, args): (&str, &[&str]),
+    path: &Path,
+    config: &str,
+    listen: SocketAddr,
+) -> anyhow::Result<Run> {
+    std::fs::write(path, config).with_context(|| format!("writing {}", path.display()))?;
+    let mut command = topology.gateway.command(program);
+    command.args(args).arg(path);
+    let mut process = Process::spawn(program, command)?;
     wait_for_tcp(&topology.gateway, listen, &mut process)?;
     pin_tree(process.pid(), PROXY_CPU)?;
-    measure("Squid 5.7 (accel, no cache)", &topology, process.pid(), &format!("http://{listen}/"))
+    measure(name, topology, process.pid(), &format!("http://{listen}/"))
 }
 
 /// Load through a proxy whose processes descend from `pid`: throughput, latency, CPU per request and RSS.
