@@ -417,10 +417,6 @@ impl HeaderOps {
         HeaderOps { operations: removals.map(HeaderOp::Remove).chain(sets).chain(adds).collect() }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.operations.is_empty()
-    }
-
     pub fn apply(&self, headers: &mut http::HeaderMap) {
         for operation in self.operations.iter() {
             match operation {
