@@ -370,14 +370,10 @@ impl HttpProxy {
             }
         };
         let outlier = cluster.and_then(|cluster| Some((cluster, cluster.policy.outlier.as_ref()?)));
-        let mut address = destination.address;
-        if address.ip().is_unspecified() {
-            // Forward-proxied, to where the request's own host resolves.
-            match self.lookup(routing::host_of(authority)).await {
-                Ok(ip) => address.set_ip(ip),
-                Err(failure) => return self.local_failure(failure, record, started, Some(destination.labels)),
-            }
-        }
+        let mut address = match self.address_of(&destination, routing::host_of(authority)).await {
+            Ok(address) => address,
+            Err(failure) => return self.local_failure(failure, record, started, Some(destination.labels)),
+        };
         let mut attempt = 0u32;
         let outcome = loop {
             let body = match (&replayable, streamed.take()) {
@@ -478,16 +474,25 @@ impl HttpProxy {
         self.finish_streaming(response, record, started, received, slot)
     }
 
-    /// The address of `host` (an IP literal, or a DNS name through the proxy's resolver).
-    async fn lookup(&self, host: &str) -> Result<std::net::IpAddr, Failure> {
+    /// Where `destination` is: its address, or for a forward-proxied request sent to its original destination
+    /// (which routing leaves unspecified), the address `host` resolves to (an IP literal, or a DNS name through
+    /// the proxy's resolver).
+    async fn address_of(&self, destination: &Destination<'_>, host: &str) -> Result<SocketAddr, Failure> {
+        let address = destination.address;
+        if !address.ip().is_unspecified() {
+            return Ok(address);
+        }
         if let Ok(ip) = host.parse() {
-            return Ok(ip);
+            return Ok(SocketAddr::new(ip, address.port()));
         }
         let Some(resolver) = &self.resolver else { return Err(Failure::DnsFailure) };
-        resolver.lookup(host).await.map_err(|error| {
-            tracing::debug!(%host, %error, "forward proxy lookup failed");
-            Failure::DnsFailure
-        })
+        match resolver.lookup(host).await {
+            Ok(ip) => Ok(SocketAddr::new(ip, address.port())),
+            Err(error) => {
+                tracing::debug!(%host, %error, "forward proxy lookup failed");
+                Err(Failure::DnsFailure)
+            }
+        }
     }
 
     /// `CONNECT host:port` on the forward-proxy port: a tunnel, if the registry (or ALLOW_ANY) admits the host on
@@ -509,13 +514,10 @@ impl HttpProxy {
             Ok(destination) => destination,
             Err((failure, labels)) => return self.local_failure(failure, record, started, labels),
         };
-        let mut address = destination.address;
-        if address.ip().is_unspecified() {
-            match self.lookup(&host).await {
-                Ok(ip) => address.set_ip(ip),
-                Err(failure) => return self.local_failure(failure, record, started, Some(destination.labels)),
-            }
-        }
+        let address = match self.address_of(&destination, &host).await {
+            Ok(address) => address,
+            Err(failure) => return self.local_failure(failure, record, started, Some(destination.labels)),
+        };
         record.upstream_host = Some(address);
         let upstream = match tcp::connect(address, &self.limits.source).await {
             Ok(upstream) => upstream,
