@@ -11,7 +11,7 @@ use sluice_tests::{
     istio::{self, backend, HTTPBIN, MESH_REGISTRY_ONLY},
     peers::{curl, Dnsmasq, Nginx, ScriptedServer},
     require_root,
-    topology::{GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A, SERVER_B},
+    topology::{GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A, SERVER_B, WORKLOAD_ADDR},
     Agent, Topology,
 };
 
@@ -46,7 +46,8 @@ fn get(topology: &Topology, host: &str, address: &str, path: &str, extra: &[&str
 }
 
 /// What nginx reflects of each request it receives.
-const ECHO: &str = "$server_addr host=$host uri=$request_uri added=$http_x_added id=$http_x_request_id";
+const ECHO: &str =
+    "$server_addr host=$host uri=$request_uri added=$http_x_added xff=$http_x_forwarded_for id=$http_x_request_id";
 
 #[test]
 fn unregistered_host_gets_502_under_registry_only_and_registered_host_is_proxied() {
@@ -60,7 +61,8 @@ fn unregistered_host_gets_502_under_registry_only_and_registered_host_is_proxied
 
     let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/get?x=1", &["-A", "sluice-test"]);
     assert_eq!(code, 200, "{body}\n{}", agent.log());
-    assert!(body.starts_with(&format!("{SERVER_A} host=httpbin.org uri=/get?x=1 added= id=")), "{body}");
+    // Intercepted traffic is forwarded as a sidecar forwards it: no x-forwarded-for added.
+    assert!(body.starts_with(&format!("{SERVER_A} host=httpbin.org uri=/get?x=1 added= xff= id=")), "{body}");
     let id = body.rsplit("id=").next().unwrap().trim();
     assert_eq!(id.len(), 36, "the proxy adds an x-request-id: {body}");
 
@@ -270,6 +272,10 @@ fn the_seeds_two_hop_egress_works_through_the_gateway_port_and_from_intercepted_
     let gateway_url = format!("http://{GATEWAY_WORKLOAD_ADDR}/headers");
     let body = curl(&topology.workload, &["-H", "Host: httpbin.org", &gateway_url]).unwrap();
     assert!(body.starts_with(&format!("{SERVER_A} host=httpbin.org uri=/headers")), "{body}\n{}", agent.log());
+    assert!(
+        body.contains(&format!("xff={WORKLOAD_ADDR} ")),
+        "a Gateway port adds the client to x-forwarded-for: {body}"
+    );
     let (code, _) = get(&topology, "example.com", GATEWAY_WORKLOAD_ADDR, "/", &[]);
     assert_eq!(code, 404, "no VirtualService bound to the Gateway serves example.com: NR");
 
