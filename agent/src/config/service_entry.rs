@@ -107,6 +107,16 @@ pub fn transport(protocol: &str) -> Option<Transport> {
     }
 }
 
+/// Whether Istio's `protocol` is read as HTTP, request by request (HTTP, HTTP2, GRPC, GRPC-WEB).
+pub fn is_http(protocol: &str) -> bool {
+    matches!(protocol.to_ascii_uppercase().as_str(), "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB")
+}
+
+/// Whether a port of Istio's `protocol` speaks HTTP/2 to its upstream (HTTP2, GRPC).
+pub fn is_http2(protocol: &str) -> bool {
+    matches!(protocol.to_ascii_uppercase().as_str(), "HTTP2" | "GRPC")
+}
+
 impl ServiceEntry {
     pub fn resolution(&self) -> Resolution {
         self.resolution.unwrap_or_default()

@@ -7,7 +7,7 @@ use ipnet::IpNet;
 use super::l4::{BlackholeAction, DatapathPolicy, L4Rule, OutboundMode, Protocol};
 use crate::config::{
     resolver::{entry_names, Resolved},
-    service_entry::{parse_address, transport, Resolution, ServiceEntry, Transport},
+    service_entry::{is_http, parse_address, transport, Resolution, ServiceEntry, Transport},
     OutboundTrafficMode, Snapshot, Spec,
 };
 
@@ -99,11 +99,6 @@ fn service_entry_rules(entry: &ServiceEntry, resolved: &Resolved, intercepted: &
         }
     }
     rules
-}
-
-/// Istio's port protocols that the proxy reads as HTTP.
-fn is_http(protocol: &str) -> bool {
-    matches!(protocol.to_ascii_uppercase().as_str(), "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB")
 }
 
 #[cfg(test)]

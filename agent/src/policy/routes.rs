@@ -25,7 +25,7 @@ use crate::config::{
     destination_rule::{DestinationRule, TrafficPolicy},
     fields::{parse_duration, HeaderOperations, Headers},
     resolver::Resolved,
-    service_entry::{parse_address, Resolution, ServiceEntry},
+    service_entry::{is_http, is_http2, parse_address, Resolution, ServiceEntry},
     virtual_service::HttpRoute,
     Snapshot, Spec,
 };
@@ -82,7 +82,7 @@ pub struct ProxyPolicy {
 pub struct GatewayRoutes {
     /// `namespace/name`.
     pub id: String,
-    /// Server ports with an HTTP protocol (HTTP, HTTP2, GRPC).
+    /// Server ports with an HTTP protocol (HTTP, HTTP2, GRPC, GRPC-WEB).
     pub http_ports: Vec<u16>,
     pub hosts: HostTable<Arc<VirtualHost>>,
 }
@@ -515,9 +515,7 @@ pub fn proxy_policy(
                 http_ports: gateway
                     .servers
                     .iter()
-                    .filter(|server| {
-                        matches!(server.port.protocol.to_ascii_uppercase().as_str(), "HTTP" | "HTTP2" | "GRPC")
-                    })
+                    .filter(|server| is_http(&server.port.protocol))
                     .filter_map(|server| u16::try_from(server.port.number).ok())
                     .collect(),
                 hosts: gateway.hosts.map(&mut virtual_host),
@@ -540,12 +538,11 @@ fn services(
         .ports
         .iter()
         .filter_map(|port| {
-            let protocol = port.protocol.as_deref().unwrap_or("TCP").to_ascii_uppercase();
             Some(ServicePort {
                 number: u16::try_from(port.number).ok()?,
                 name: port.name.clone(),
                 target: port.target_port.and_then(|t| u16::try_from(t).ok()),
-                http2: matches!(protocol.as_str(), "HTTP2" | "GRPC"),
+                http2: port.protocol.as_deref().is_some_and(is_http2),
             })
         })
         .collect();
