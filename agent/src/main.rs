@@ -258,8 +258,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         intercept_ports: args.intercept_port,
         proxy_port: if intercepting { args.proxy_port } else { 0 },
     };
-    let resolver = DnsResolver::new(&args.dns_server).map_err(anyhow::Error::msg)?;
-    let mut control = Control::new(args.config.clone(), node, resolver);
+    // One resolver (and one cache) for the ServiceEntries' names and the forward proxy's lookups.
+    let resolver = Arc::new(DnsResolver::new(&args.dns_server).map_err(anyhow::Error::msg)?);
+    let mut control = Control::new(args.config.clone(), node, resolver.clone());
     control.labels = args.gateway_labels.clone();
     control.proxy.own_services = args.gateway_service.clone();
     control.proxy.host_verify = args.host_verify;
@@ -341,10 +342,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         request_headers_timeout: args.request_headers_timeout,
         source: proxy::tcp::SourceAddresses::from_list(&args.upstream_source_address),
     };
-    let proxy_resolver = DnsResolver::new(&args.dns_server).map_err(anyhow::Error::msg)?;
     let http = Arc::new(
         HttpProxy::new(routes.clone(), metrics.requests.clone(), limits)
-            .with_resolver(proxy_resolver)
+            .with_resolver(resolver)
             .with_workloads(workloads),
     );
     for listener in forward_proxy.into_iter().flatten() {
@@ -406,7 +406,7 @@ struct Control {
     paths: Vec<PathBuf>,
     node: NodeSettings,
     store: Store,
-    resolver: DnsResolver,
+    resolver: Arc<DnsResolver>,
     resolved: Resolved,
     /// What the last load rejected.
     errors: Vec<sluice_agent::config::ConfigError>,
@@ -423,7 +423,7 @@ struct Control {
 }
 
 impl Control {
-    fn new(paths: Vec<PathBuf>, node: NodeSettings, resolver: DnsResolver) -> Control {
+    fn new(paths: Vec<PathBuf>, node: NodeSettings, resolver: Arc<DnsResolver>) -> Control {
         Control {
             paths,
             node,

@@ -113,8 +113,8 @@ impl HttpProxy {
     }
 
     /// Resolves the hosts that forward-proxied requests name with `resolver`.
-    pub fn with_resolver(mut self, resolver: DnsResolver) -> HttpProxy {
-        self.resolver = Some(Arc::new(resolver));
+    pub fn with_resolver(mut self, resolver: Arc<DnsResolver>) -> HttpProxy {
+        self.resolver = Some(resolver);
         self
     }
 
