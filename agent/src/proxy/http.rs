@@ -168,18 +168,23 @@ impl HttpProxy {
         let policy = self.policy.load_full();
         let mut record = RequestRecord {
             start: Some(SystemTime::now()),
-            method: request.method().as_str().to_owned(),
-            path: request.uri().path_and_query().map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned()),
             protocol: protocol_name(request.version()),
-            grpc: header_text(request.headers(), header::CONTENT_TYPE)
-                .is_some_and(|content_type| content_type.starts_with("application/grpc")),
-            user_agent: header_text(request.headers(), header::USER_AGENT),
-            x_forwarded_for: header_text(request.headers(), "x-forwarded-for"),
-            request_id: header_text(request.headers(), "x-request-id"),
+            grpc: request
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|content_type| content_type.as_bytes().starts_with(b"application/grpc")),
             downstream_remote: Some(connection.peer),
             downstream_local: Some(connection.local),
             ..RequestRecord::default()
         };
+        // What only the access log shows is copied only when there is one.
+        if self.telemetry.logs_requests() {
+            record.method = request.method().as_str().to_owned();
+            record.path = request.uri().path_and_query().map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned());
+            record.user_agent = header_text(request.headers(), header::USER_AGENT);
+            record.x_forwarded_for = header_text(request.headers(), "x-forwarded-for");
+            record.request_id = header_text(request.headers(), "x-request-id");
+        }
         let authority = request
             .uri()
             .authority()

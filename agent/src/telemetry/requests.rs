@@ -191,6 +191,11 @@ impl RequestTelemetry {
         self.connections_refused.inc();
     }
 
+    /// Whether requests are written to an access log (else only counted).
+    pub fn logs_requests(&self) -> bool {
+        self.format != AccessLogFormat::Off
+    }
+
     /// Counts a request whose Host did not belong to the address it was sent to.
     pub fn host_mismatch(&self, action: &'static str) {
         self.host_mismatches.get_or_create(&[("action", action)]).inc();
