@@ -123,7 +123,8 @@ struct RunArgs {
     #[arg(long, value_enum, default_value = "strict")]
     host_verify: HostVerify,
     /// Worker threads for the proxy and the agent's tasks (Envoy's --concurrency): by default the CPUs the
-    /// agent may run on (its affinity and cgroup CPU limit).
+    /// agent may run on (its affinity and cgroup CPU limit). With one, the agent's tasks and the proxy share one
+    /// thread (a policy being written to the kernel holds requests back while it is written).
     #[arg(long, value_name = "N")]
     concurrency: Option<usize>,
     /// A port for clients that name the proxy in HTTP_PROXY / HTTPS_PROXY: absolute-form HTTP requests are routed
@@ -223,11 +224,15 @@ fn runtime(concurrency: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime
         .or_else(|| std::thread::available_parallelism().ok().map(std::num::NonZeroUsize::get))
         .unwrap_or(2)
         .max(1);
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
+    // One worker runs every task on the thread that drives the I/O: no hand-offs between threads.
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(workers);
+        builder
+    };
+    builder.enable_all().build().context("starting the async runtime")
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {

@@ -34,9 +34,19 @@ pub struct Run {
     pub rss_kib: Option<u64>,
 }
 
-/// Runs every configuration in turn on a fresh topology each.
-pub fn compare() -> anyhow::Result<Vec<Run>> {
-    Ok(vec![direct()?, sluice()?, nginx()?, haproxy()?, squid()?])
+type Measured = fn() -> anyhow::Result<Run>;
+
+/// The configurations compared, in the table's order.
+const CONFIGURATIONS: [(&str, Measured); 5] =
+    [("direct", direct), ("sluice", sluice), ("nginx", nginx), ("haproxy", haproxy), ("squid", squid)];
+
+/// Runs every configuration (or those named in `only`) in turn, on a fresh topology each.
+pub fn compare(only: &[String]) -> anyhow::Result<Vec<Run>> {
+    CONFIGURATIONS
+        .iter()
+        .filter(|(key, _)| only.is_empty() || only.iter().any(|o| o == key))
+        .map(|(_, run)| run())
+        .collect()
 }
 
 fn origin(topology: &Topology) -> anyhow::Result<Nginx> {

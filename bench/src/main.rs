@@ -66,7 +66,7 @@ fn main() -> anyhow::Result<()> {
     sluice_tests::require_root();
     // `sluice-bench http` runs the HTTP comparison alone, `sluice-bench config` the configuration figures.
     match std::env::args().nth(1).as_deref() {
-        Some("http") => return http_comparison(),
+        Some("http") => return http_comparison(&std::env::args().skip(2).collect::<Vec<_>>()),
         Some("config") => return configuration(),
         _ => configuration()?,
     }
@@ -113,7 +113,7 @@ fn main() -> anyhow::Result<()> {
     }
     println!("sluice / nftables drop rate = {:.2}", sluice.per_second / nft.per_second.max(1.0));
     println!();
-    http_comparison()
+    http_comparison(&[])
 }
 
 fn configuration() -> anyhow::Result<()> {
@@ -161,11 +161,12 @@ fn configuration() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn http_comparison() -> anyhow::Result<()> {
+/// `only`: the configurations to run (direct, sluice, nginx, haproxy, squid); all when empty.
+fn http_comparison(only: &[String]) -> anyhow::Result<()> {
     println!(
         "HTTP/1.1 keep-alive, small responses (wrk -t1 -c32 -d5s on CPU 0 with the origin; each proxy alone on CPU 1)"
     );
-    let runs = http::compare().context("the HTTP comparison")?;
+    let runs = http::compare(only).context("the HTTP comparison")?;
     println!(
         "{:<30} {:>12} {:>9} {:>9} {:>14} {:>10}",
         "through", "requests/s", "p50 ms", "p99 ms", "CPU us/request", "RSS MiB"
@@ -177,6 +178,9 @@ fn http_comparison() -> anyhow::Result<()> {
             "{:<30} {:>12.0} {:>9.3} {:>9.3} {:>14} {:>10}",
             run.name, run.requests_per_second, run.p50_ms, run.p99_ms, cpu, rss
         );
+    }
+    if !only.is_empty() {
+        return Ok(());
     }
     let direct = runs[0].requests_per_second.max(1.0);
     let sluice = &runs[1];

@@ -104,7 +104,11 @@ fn allow_any_passes_unregistered_hosts_through_to_their_original_destination() {
     let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_B, 80)], ECHO).unwrap();
     let config = tempfile::tempdir().unwrap();
     write_config(config.path(), &[HTTPBIN]);
-    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    // One worker: every task on the thread that drives the I/O (the runtime a one-CPU pod gets).
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --concurrency 1 --config {}",
+        config.path().display()
+    );
     let agent = Agent::start(&topology.gateway, &args).unwrap();
 
     let (code, body) = get(&topology, "edition.cnn.com", SERVER_B, "/world", &[]);
@@ -794,7 +798,8 @@ spec:
   tls: [{match: [{sniHosts: [httpbin.org]}], route: [{destination: {host: httpbin.org}}]}]
 ";
     write_config(config.path(), &[HTTPBIN, tls_routes]);
-    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --config {}", config.path().display());
+    // Reloads with one worker too.
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --concurrency 1 --config {}", config.path().display());
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     wait_for_log(&agent, "field not applied");
     // A reload of the same resources warns of nothing new.

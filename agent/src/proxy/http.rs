@@ -15,7 +15,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
@@ -56,16 +56,20 @@ const MAX_REPLAYED_BODY: u64 = 64 * 1024;
 /// The retries of a route that sets none (Istio's mesh default).
 static MESH_RETRIES: std::sync::LazyLock<RetryPolicy> = std::sync::LazyLock::new(RetryPolicy::mesh_default);
 /// Headers that describe one hop, never forwarded (RFC 9110, 7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
 ];
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
 
 /// One client connection's addresses.
 #[derive(Clone, Copy, Debug)]
@@ -160,9 +164,9 @@ impl HttpProxy {
     async fn handle(&self, mut request: Request<Incoming>, connection: Connection) -> Response<ProxyBody> {
         let started = Instant::now();
         // Every request carries an id from here on, local replies included, as Envoy's do.
-        if !request.headers().contains_key("x-request-id") {
+        if !request.headers().contains_key(&X_REQUEST_ID) {
             if let Ok(id) = HeaderValue::from_str(&request_id()) {
-                request.headers_mut().insert("x-request-id", id);
+                request.headers_mut().insert(X_REQUEST_ID, id);
             }
         }
         let policy = self.policy.load_full();
@@ -182,8 +186,8 @@ impl HttpProxy {
             record.method = request.method().as_str().to_owned();
             record.path = request.uri().path_and_query().map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned());
             record.user_agent = header_text(request.headers(), header::USER_AGENT);
-            record.x_forwarded_for = header_text(request.headers(), "x-forwarded-for");
-            record.request_id = header_text(request.headers(), "x-request-id");
+            record.x_forwarded_for = header_text(request.headers(), &X_FORWARDED_FOR);
+            record.request_id = header_text(request.headers(), &X_REQUEST_ID);
         }
         let authority = request
             .uri()
@@ -307,7 +311,7 @@ impl HttpProxy {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, protocol.clone());
         }
-        headers.entry("x-forwarded-proto").or_insert(HeaderValue::from_static("http"));
+        headers.entry(X_FORWARDED_PROTO).or_insert(HeaderValue::from_static("http"));
         if let Listener::Gateway(_) = connection.listener {
             append_forwarded_for(headers, connection.peer);
         }
@@ -462,7 +466,7 @@ impl HttpProxy {
             parts.headers.insert(header::UPGRADE, protocol);
         }
         if let Ok(value) = HeaderValue::from_str(&service_time.as_millis().to_string()) {
-            parts.headers.insert("x-envoy-upstream-service-time", value);
+            parts.headers.insert(X_ENVOY_UPSTREAM_SERVICE_TIME, value);
         }
         if let Some(target) = target {
             target.response_headers.apply(&mut parts.headers);
@@ -736,26 +740,25 @@ fn response_cors_headers(cors: &Cors, origin: &str, headers: &mut HeaderMap) {
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers the Connection header names are hop-by-hop too.
-    let named: Vec<String> = headers
+    let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|name| name.trim().to_ascii_lowercase())
-        .filter(|name| !name.is_empty())
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    for name in named.iter().map(String::as_str).chain(HOP_BY_HOP) {
+    for name in named.iter().chain(&HOP_BY_HOP) {
         headers.remove(name);
     }
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
-    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(existing) => format!("{existing}, {}", peer.ip()),
         None => peer.ip().to_string(),
     };
     if let Ok(value) = HeaderValue::from_str(&value) {
-        headers.insert("x-forwarded-for", value);
+        headers.insert(X_FORWARDED_FOR, value);
     }
 }
 

@@ -43,7 +43,9 @@ impl From<Arc<str>> for LabelText {
 
 impl PartialEq for LabelText {
     fn eq(&self, other: &Self) -> bool {
-        self.as_str() == other.as_str()
+        // Labels made once and shared are usually the very same text: compared by address first.
+        let (this, that) = (self.as_str(), other.as_str());
+        std::ptr::eq(this, that) || this == that
     }
 }
 

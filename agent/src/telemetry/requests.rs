@@ -2,7 +2,9 @@
 //! one access-log line in Envoy's default format (or JSON), written off the request path.
 
 use std::{
+    collections::HashMap,
     fmt::Write as _,
+    sync::{Arc, PoisonError, RwLock},
     time::{Duration, SystemTime},
 };
 
@@ -55,6 +57,16 @@ pub struct RequestMetrics {
     duration: Family<RequestLabels, Histogram>,
     request_bytes: Family<RequestLabels, Histogram>,
     response_bytes: Family<RequestLabels, Histogram>,
+    /// Each label set's four series, found with one lookup (the families hash the labels once each).
+    series: Arc<RwLock<HashMap<RequestLabels, Arc<Series>, foldhash::fast::RandomState>>>,
+}
+
+/// The four series one request updates.
+struct Series {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
 }
 
 impl RequestMetrics {
@@ -64,6 +76,7 @@ impl RequestMetrics {
             duration: Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS.iter().copied())),
             request_bytes: Family::new_with_constructor(|| Histogram::new(SIZE_BUCKETS.iter().copied())),
             response_bytes: Family::new_with_constructor(|| Histogram::new(SIZE_BUCKETS.iter().copied())),
+            series: Arc::default(),
         };
         registry.register("istio_requests", "Requests proxied, by Istio's standard labels", metrics.requests.clone());
         registry.register(
@@ -74,6 +87,20 @@ impl RequestMetrics {
         registry.register("istio_request_bytes", "Request body sizes in bytes", metrics.request_bytes.clone());
         registry.register("istio_response_bytes", "Response body sizes in bytes", metrics.response_bytes.clone());
         metrics
+    }
+
+    /// The series labelled `labels`, made on first use.
+    fn series(&self, labels: RequestLabels) -> Arc<Series> {
+        if let Some(series) = self.series.read().unwrap_or_else(PoisonError::into_inner).get(&labels) {
+            return series.clone();
+        }
+        let series = Arc::new(Series {
+            requests: self.requests.get_or_create(&labels).clone(),
+            duration: self.duration.get_or_create(&labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(&labels).clone(),
+            response_bytes: self.response_bytes.get_or_create(&labels).clone(),
+        });
+        self.series.write().unwrap_or_else(PoisonError::into_inner).entry(labels).or_insert(series).clone()
     }
 }
 
@@ -220,10 +247,11 @@ impl RequestTelemetry {
             response_flags: (if record.response_flags.is_empty() { "-" } else { record.response_flags }).into(),
             connection_security_policy: UNKNOWN,
         };
-        self.metrics.requests.get_or_create(&labels).inc();
-        self.metrics.duration.get_or_create(&labels).observe(record.duration.as_secs_f64() * 1000.0);
-        self.metrics.request_bytes.get_or_create(&labels).observe(record.bytes_received as f64);
-        self.metrics.response_bytes.get_or_create(&labels).observe(record.bytes_sent as f64);
+        let series = self.metrics.series(labels);
+        series.requests.inc();
+        series.duration.observe(record.duration.as_secs_f64() * 1000.0);
+        series.request_bytes.observe(record.bytes_received as f64);
+        series.response_bytes.observe(record.bytes_sent as f64);
         let line = match self.format {
             AccessLogFormat::Text => text_line(record),
             AccessLogFormat::Json => json_line(record),
