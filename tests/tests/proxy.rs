@@ -98,6 +98,24 @@ fn unregistered_host_gets_502_under_registry_only_and_registered_host_is_proxied
 }
 
 #[test]
+fn upstream_connections_are_kept_alive_and_reused_once_a_response_has_been_read() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80)], "$connection $connection_requests").unwrap();
+    let config = tempfile::tempdir().unwrap();
+    write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN]);
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+
+    // Each curl is a client connection of its own; upstream, one connection carries every request in turn.
+    let served: Vec<String> =
+        (0..4).map(|_| get(&topology, "httpbin.org", SERVER_A, "/", &[]).1.trim().to_owned()).collect();
+    let connection = served[0].split(' ').next().unwrap();
+    let expected: Vec<String> = (1..=4).map(|n| format!("{connection} {n}")).collect();
+    assert_eq!(served, expected, "{}", agent.log());
+}
+
+#[test]
 fn allow_any_passes_unregistered_hosts_through_to_their_original_destination() {
     require_root();
     let topology = Topology::new().unwrap();

@@ -2,14 +2,23 @@
 //! address. Either way a request names its host (`Host`, or `:authority`) as the client asked, whichever address
 //! the cluster picked.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Mutex};
-
-use http::{header, HeaderMap, HeaderValue, Method, Uri, Version};
-use hyper::{body::Incoming, client::conn::http2::SendRequest, Request, Response};
-use hyper_util::{
-    client::legacy::{connect::HttpConnector, Client},
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    task::Poll,
+    time::{Duration, Instant},
 };
+
+use bytes::Bytes;
+use http::{header, uri::InvalidUri, HeaderMap, HeaderValue, Method, StatusCode, Uri, Version};
+use hyper::{
+    body::{Body, Frame, Incoming, SizeHint},
+    client::conn::{http1, http2::SendRequest},
+    Request, Response,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::{
     http::ProxyBody,
@@ -40,61 +49,194 @@ pub struct Outgoing<'a> {
 /// Both kinds of upstream connection, shared by every request (and cheap to clone into a task).
 #[derive(Clone)]
 pub struct Upstreams {
-    http1: Client<HttpConnector, ProxyBody>,
-    http2: std::sync::Arc<Http2Pool>,
+    http1: Arc<Http1Pool>,
+    http2: Arc<Http2Pool>,
 }
 
 impl Upstreams {
     pub fn new(source: SourceAddresses) -> Upstreams {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(tcp::CONNECT_TIMEOUT));
-        connector.set_nodelay(true);
-        match (source.v4, source.v6) {
-            (Some(v4), Some(v6)) => connector.set_local_addresses(v4, v6),
-            (Some(v4), None) => connector.set_local_address(Some(v4.into())),
-            (None, Some(v6)) => connector.set_local_address(Some(v6.into())),
-            (None, None) => {}
-        }
-        let http1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(60))
-            .timer(TokioTimer::new())
-            .build(connector);
-        Upstreams { http1, http2: std::sync::Arc::new(Http2Pool::new(source)) }
+        Upstreams { http1: Arc::new(Http1Pool::new(source)), http2: Arc::new(Http2Pool::new(source)) }
     }
 
-    pub async fn send(&self, outgoing: Outgoing<'_>, body: ProxyBody) -> Result<Response<Incoming>, SendError> {
+    pub async fn send(&self, outgoing: Outgoing<'_>, body: ProxyBody) -> Result<Response<UpstreamBody>, SendError> {
         let Outgoing { address, http2, authority, path_and_query, method, mut headers } = outgoing;
-        // HTTP/1.1: connect to the address, name the host in Host. HTTP/2: the address is the pool's key, the
-        // host goes in :authority (a Host beside it would have to match it).
-        let uri_authority = if http2 { authority.to_owned() } else { address.to_string() };
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(uri_authority)
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|error| SendError::Request(error.to_string()))?;
-        if http2 {
-            headers.remove(header::HOST);
-        } else if let Ok(host) = HeaderValue::from_str(authority) {
-            headers.insert(header::HOST, host);
-        }
         let mut request = Request::new(body);
         *request.method_mut() = method;
-        *request.uri_mut() = uri;
-        *request.headers_mut() = headers;
         if http2 {
+            // The address is the pool's key; the host goes in :authority (a Host beside it would have to match).
+            headers.remove(header::HOST);
+            *request.uri_mut() = Uri::builder()
+                .scheme("http")
+                .authority(authority)
+                .path_and_query(path_and_query)
+                .build()
+                .map_err(|error| SendError::Request(error.to_string()))?;
+            *request.headers_mut() = headers;
             *request.version_mut() = Version::HTTP_2;
-            self.http2.send(address, request).await
+            let response = self.http2.send(address, request).await?;
+            Ok(response.map(|body| UpstreamBody { body, returning: None }))
         } else {
-            *request.version_mut() = Version::HTTP_11;
-            self.http1.request(request).await.map_err(|error| {
-                if error.is_connect() {
-                    SendError::Connect(error.to_string())
-                } else {
-                    SendError::Request(error.to_string())
-                }
-            })
+            // Origin-form, the host in Host.
+            *request.uri_mut() =
+                path_and_query.parse().map_err(|error: InvalidUri| SendError::Request(error.to_string()))?;
+            if let Ok(host) = HeaderValue::from_str(authority) {
+                headers.insert(header::HOST, host);
+            }
+            *request.headers_mut() = headers;
+            self.http1.send(address, request).await
         }
+    }
+}
+
+/// How long an HTTP/1.1 connection is kept for reuse without a request.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// HTTP/1.1 connections kept alive per address: a request takes the one given back last, and gives it back once
+/// its response has been read to the end.
+struct Http1Pool {
+    idle: Mutex<HashMap<SocketAddr, VecDeque<Idle>, foldhash::fast::RandomState>>,
+    source: SourceAddresses,
+}
+
+struct Idle {
+    sender: http1::SendRequest<ProxyBody>,
+    since: Instant,
+}
+
+impl Http1Pool {
+    fn new(source: SourceAddresses) -> Http1Pool {
+        Http1Pool { idle: Mutex::default(), source }
+    }
+
+    async fn send(
+        self: &Arc<Self>,
+        address: SocketAddr,
+        mut request: Request<ProxyBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        while let Some(mut sender) = self.take(address) {
+            // It finishes the exchange it was given back after, or turns out closed.
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(self.returning(address, sender, response)),
+                Err(mut error) => match error.take_message() {
+                    // Closed before a byte of the request was written: another connection takes it.
+                    Some(unsent) => request = unsent,
+                    None => return Err(SendError::Request(error.into_error().to_string())),
+                },
+            }
+        }
+        let stream =
+            tcp::connect(address, &self.source).await.map_err(|error| SendError::Connect(error.to_string()))?;
+        let (mut sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|error| SendError::Request(error.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%address, %error, "HTTP/1.1 upstream connection ended");
+            }
+        });
+        let response = sender.send_request(request).await.map_err(|error| SendError::Request(error.to_string()))?;
+        Ok(self.returning(address, sender, response))
+    }
+
+    /// The response, its body holding the connection until it has been read (a response without a body gives it
+    /// back at once; one that switches protocols never does).
+    fn returning(
+        self: &Arc<Self>,
+        address: SocketAddr,
+        sender: http1::SendRequest<ProxyBody>,
+        response: Response<Incoming>,
+    ) -> Response<UpstreamBody> {
+        let (parts, incoming) = response.into_parts();
+        let mut body = UpstreamBody { body: incoming, returning: None };
+        if parts.status != StatusCode::SWITCHING_PROTOCOLS {
+            body.returning = Some(Returning { pool: self.clone(), address, sender });
+            if body.body.is_end_stream() {
+                body.give_back();
+            }
+        }
+        Response::from_parts(parts, body)
+    }
+
+    /// The connection to `address` given back last, if one is open and has not idled too long.
+    fn take(&self, address: SocketAddr) -> Option<http1::SendRequest<ProxyBody>> {
+        let mut idle = self.lock();
+        let connections = idle.get_mut(&address)?;
+        let mut taken = None;
+        while let Some(Idle { sender, since }) = connections.pop_back() {
+            if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+                taken = Some(sender);
+                break;
+            }
+        }
+        if connections.is_empty() {
+            idle.remove(&address);
+        }
+        taken
+    }
+
+    fn give_back(&self, address: SocketAddr, sender: http1::SendRequest<ProxyBody>) {
+        let now = Instant::now();
+        let mut idle = self.lock();
+        let connections = idle.entry(address).or_default();
+        // The oldest are at the front: those idle too long are closed (by dropping them).
+        while connections.front().is_some_and(|oldest| now.duration_since(oldest.since) >= IDLE_TIMEOUT) {
+            connections.pop_front();
+        }
+        connections.push_back(Idle { sender, since: now });
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<SocketAddr, VecDeque<Idle>, foldhash::fast::RandomState>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+struct Returning {
+    pool: Arc<Http1Pool>,
+    address: SocketAddr,
+    sender: http1::SendRequest<ProxyBody>,
+}
+
+/// An upstream response's body; an HTTP/1.1 one gives its connection back to the pool when read to the end (a
+/// body dropped before then takes its connection with it).
+pub struct UpstreamBody {
+    body: Incoming,
+    returning: Option<Returning>,
+}
+
+impl UpstreamBody {
+    fn give_back(&mut self) {
+        if let Some(Returning { pool, address, sender }) = self.returning.take() {
+            pool.give_back(address, sender);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Ok(_)))) && this.body.is_end_stream() {
+            this.give_back();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
