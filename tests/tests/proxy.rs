@@ -673,6 +673,14 @@ spec:
     connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}
 ---
 apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: unreachable, namespace: egress}
+spec:
+  host: unreachable.backend
+  trafficPolicy:
+    connectionPool: {tcp: {connectTimeout: 300ms}}
+---
+apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: httpbin, namespace: egress}
 spec:
@@ -684,6 +692,9 @@ spec:
     route: [{destination: {host: versions.backend, subset: v1}}]
   - match: [{uri: {exact: /missing-subset}}]
     route: [{destination: {host: versions.backend, subset: v3}}]
+  - match: [{uri: {exact: /unreachable}}]
+    retries: {attempts: 0}
+    route: [{destination: {host: unreachable.backend}}]
   - match: [{uri: {exact: /flaky}}]
     retries: {attempts: 0}
     route: [{destination: {host: flaky.backend}}]
@@ -702,7 +713,15 @@ fn destination_rules_pick_subsets_eject_failing_endpoints_and_limit_connections(
     let config = tempfile::tempdir().unwrap();
     write_config(
         config.path(),
-        &[MESH_REGISTRY_ONLY, HTTPBIN, FLAKY, &backend("slow", SERVER_B, 8081), DESTINATION_RULES],
+        &[
+            MESH_REGISTRY_ONLY,
+            HTTPBIN,
+            FLAKY,
+            &backend("slow", SERVER_B, 8081),
+            // Nothing answers there: connecting takes as long as the DestinationRule allows.
+            &backend("unreachable", "203.0.113.99", 80),
+            DESTINATION_RULES,
+        ],
     );
     let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
     let agent = Agent::start(&topology.gateway, &args).unwrap();
@@ -713,6 +732,11 @@ fn destination_rules_pick_subsets_eject_failing_endpoints_and_limit_connections(
         assert!(get("/versions", &["-H", "x-version: v2"]).1.starts_with(&format!("{SERVER_B} ")), "v2 is B only");
     }
     assert_eq!(get("/missing-subset", &[]).0, 503, "a subset no DestinationRule defines: NC");
+    assert_eq!(get("/unreachable", &[]).0, 503, "a connect timeout: UF");
+    let log = agent.log();
+    let line = log.lines().find(|l| l.contains("\"GET /unreachable HTTP/1.1\" 503 UF ")).expect(&log);
+    let duration: u64 = line.split(' ').nth(8).and_then(|d| d.parse().ok()).expect(line);
+    assert!((300..5000).contains(&duration), "connectTimeout 300ms, not Istio's default 10s: {line}");
 
     // The refusing endpoint fails once, is ejected, and every later request goes to the healthy one.
     let codes: Vec<u16> = (0..6).map(|_| get("/flaky", &[]).0).collect();

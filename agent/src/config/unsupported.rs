@@ -72,9 +72,6 @@ fn settings(settings: &PolicySettings, path: &str, found: &mut Vec<(String, &'st
     if settings.load_balancer.as_ref().is_some_and(|lb| lb.consistent_hash.is_some()) {
         found.push((format!("{path}.loadBalancer.consistentHash"), "served round robin"));
     }
-    if settings.connection_pool.as_ref().and_then(|pool| pool.get("tcp")?.get("connectTimeout")).is_some() {
-        found.push((format!("{path}.connectionPool.tcp.connectTimeout"), "Istio's default (10s) applies"));
-    }
 }
 
 #[cfg(test)]
@@ -117,10 +114,7 @@ spec: {hosts: [b.example], http: [{route: [{destination: {host: b.example}}]}]}
             named,
             [
                 vec!["spec.http[0].fault.abort.grpcStatus".to_owned(), "spec.tls".to_owned()],
-                vec![
-                    "spec.trafficPolicy.tls".to_owned(),
-                    "spec.trafficPolicy.connectionPool.tcp.connectTimeout".to_owned()
-                ],
+                vec!["spec.trafficPolicy.tls".to_owned()],
                 vec![],
             ]
         );

@@ -49,6 +49,8 @@ pub struct ClusterPolicy {
     /// HTTP/2), and requests that may wait for one of them (`http.http1MaxPendingRequests`); beyond: 503 UO.
     pub limits: Option<(usize, usize)>,
     pub outlier: Option<Outlier>,
+    /// `connectionPool.tcp.connectTimeout`.
+    pub connect_timeout: Option<Duration>,
 }
 
 impl ClusterPolicy {
@@ -85,7 +87,10 @@ impl ClusterPolicy {
             }
             o
         });
-        ClusterPolicy { lb, limits, outlier }
+        let connect_timeout = pool
+            .and_then(|p| p.get("tcp")?.get("connectTimeout")?.as_str().map(str::to_owned))
+            .and_then(|t| parse_duration(&t).ok());
+        ClusterPolicy { lb, limits, outlier, connect_timeout }
     }
 }
 
@@ -330,13 +335,17 @@ mod tests {
     #[test]
     fn connection_pool_fields_become_limits() {
         let settings: PolicySettings = serde_json::from_value(serde_json::json!({
-            "connectionPool": {"tcp": {"maxConnections": 10}, "http": {"http1MaxPendingRequests": 5, "http2MaxRequests": 50}},
+            "connectionPool": {
+                "tcp": {"maxConnections": 10, "connectTimeout": "250ms"},
+                "http": {"http1MaxPendingRequests": 5, "http2MaxRequests": 50}
+            },
             "loadBalancer": {"simple": "RANDOM"}
         }))
         .unwrap();
         assert_eq!(ClusterPolicy::compile(&settings, false).limits, Some((10, 5)));
         assert_eq!(ClusterPolicy::compile(&settings, true).limits, Some((50, 5)));
         assert_eq!(ClusterPolicy::compile(&settings, false).lb, LoadBalance::Random);
+        assert_eq!(ClusterPolicy::compile(&settings, false).connect_timeout, Some(Duration::from_millis(250)));
         assert_eq!(ClusterPolicy::compile(&PolicySettings::default(), false), ClusterPolicy::default());
     }
 }

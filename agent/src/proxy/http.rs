@@ -397,6 +397,7 @@ impl HttpProxy {
                 path_and_query: &path_and_query,
                 method: parts.method.clone(),
                 headers: parts.headers.clone(),
+                connect_timeout: destination.connect_timeout(),
             };
             let try_started = Instant::now();
             let per_try = retries.per_try_timeout.and_then(deadline_in);
@@ -528,7 +529,7 @@ impl HttpProxy {
             Err(failure) => return self.local_failure(failure, record, started, Some(destination.labels)),
         };
         record.upstream_host = Some(address);
-        let upstream = match tcp::connect(address, &self.limits.source).await {
+        let upstream = match tcp::connect(address, &self.limits.source, destination.connect_timeout()).await {
             Ok(upstream) => upstream,
             Err(_) => return self.local_failure(Failure::UpstreamConnect, record, started, Some(destination.labels)),
         };
@@ -574,11 +575,19 @@ impl HttpProxy {
             return;
         };
         let shadow = format!("{}-shadow", routing::host_of(authority));
-        let (address, http2) = (destination.address, destination.http2);
+        let (address, http2, connect_timeout) = (destination.address, destination.http2, destination.connect_timeout());
         let (method, headers, path) = (parts.method.clone(), parts.headers.clone(), path_and_query.to_owned());
         let upstreams = self.upstreams.clone();
         tokio::spawn(async move {
-            let outgoing = Outgoing { address, http2, authority: &shadow, path_and_query: &path, method, headers };
+            let outgoing = Outgoing {
+                address,
+                http2,
+                authority: &shadow,
+                path_and_query: &path,
+                method,
+                headers,
+                connect_timeout,
+            };
             let body = Full::new(body).map_err(|never| match never {}).boxed();
             if let Ok(response) = upstreams.send(outgoing, body).await {
                 // Read to the end so the connection goes back to the pool.

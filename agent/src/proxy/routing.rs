@@ -2,12 +2,12 @@
 //! outbound mode decide where it goes, or what the proxy answers itself. A mesh route to this gateway's own
 //! Service continues in the gateway context, in process, so two-hop egress configurations work on one node.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
 use http::{Request, StatusCode, Uri};
 
-use super::failure::Failure;
+use super::{failure::Failure, tcp};
 pub use crate::policy::host_match::strip_port as host_of;
 use crate::policy::{
     clusters::Cluster,
@@ -54,6 +54,11 @@ impl<'p> Destination<'p> {
             Some(Upstream::Endpoint(address)) => address,
             _ => self.address,
         }
+    }
+
+    /// How long a new upstream connection may take: the cluster's `connectTimeout`, else Istio's default.
+    pub fn connect_timeout(&self) -> Duration {
+        self.cluster().and_then(|cluster| cluster.policy.connect_timeout).unwrap_or(tcp::CONNECT_TIMEOUT)
     }
 
     /// The cluster the request goes through (its limits and outlier detection), for a registered service.

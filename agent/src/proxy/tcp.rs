@@ -53,8 +53,13 @@ impl SourceAddresses {
     }
 }
 
-/// Connects to `destination` from the configured source address, within Istio's connect timeout.
-pub async fn connect(destination: SocketAddr, source: &SourceAddresses) -> std::io::Result<TcpStream> {
+/// Connects to `destination` from the configured source address, within `within` (Istio's default:
+/// `CONNECT_TIMEOUT`; a DestinationRule's `connectionPool.tcp.connectTimeout`).
+pub async fn connect(
+    destination: SocketAddr,
+    source: &SourceAddresses,
+    within: Duration,
+) -> std::io::Result<TcpStream> {
     let connecting = async {
         let socket = if destination.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
         if let Some(address) = source.for_destination(destination) {
@@ -64,7 +69,7 @@ pub async fn connect(destination: SocketAddr, source: &SourceAddresses) -> std::
         stream.set_nodelay(true)?;
         Ok(stream)
     };
-    timeout(CONNECT_TIMEOUT, connecting)
+    timeout(within, connecting)
         .await
         .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")))
 }
@@ -85,7 +90,7 @@ pub async fn relay(connection: Intercepted, mode: OutboundMode, metrics: &Connec
         return;
     }
     let destination = DestinationLabels::passthrough(&original_destination.to_string());
-    let upstream = match connect(original_destination, source).await {
+    let upstream = match connect(original_destination, source, CONNECT_TIMEOUT).await {
         Ok(upstream) => upstream,
         Err(error) => {
             let verdict =

@@ -44,6 +44,8 @@ pub struct Outgoing<'a> {
     pub method: Method,
     /// Its headers, without `Host` (set from `authority`).
     pub headers: HeaderMap,
+    /// How long a new connection may take to open.
+    pub connect_timeout: Duration,
 }
 
 /// Both kinds of upstream connection, shared by every request (and cheap to clone into a task).
@@ -59,7 +61,7 @@ impl Upstreams {
     }
 
     pub async fn send(&self, outgoing: Outgoing<'_>, body: ProxyBody) -> Result<Response<UpstreamBody>, SendError> {
-        let Outgoing { address, http2, authority, path_and_query, method, mut headers } = outgoing;
+        let Outgoing { address, http2, authority, path_and_query, method, mut headers, connect_timeout } = outgoing;
         let mut request = Request::new(body);
         *request.method_mut() = method;
         if http2 {
@@ -73,7 +75,7 @@ impl Upstreams {
                 .map_err(|error| SendError::Request(error.to_string()))?;
             *request.headers_mut() = headers;
             *request.version_mut() = Version::HTTP_2;
-            let response = self.http2.send(address, request).await?;
+            let response = self.http2.send(address, request, connect_timeout).await?;
             Ok(response.map(|body| UpstreamBody { body, returning: None }))
         } else {
             // Origin-form, the host in Host.
@@ -83,7 +85,7 @@ impl Upstreams {
                 headers.insert(header::HOST, host);
             }
             *request.headers_mut() = headers;
-            self.http1.send(address, request).await
+            self.http1.send(address, request, connect_timeout).await
         }
     }
 }
@@ -112,6 +114,7 @@ impl Http1Pool {
         self: &Arc<Self>,
         address: SocketAddr,
         mut request: Request<ProxyBody>,
+        connect_timeout: Duration,
     ) -> Result<Response<UpstreamBody>, SendError> {
         while let Some(mut sender) = self.take(address) {
             // It finishes the exchange it was given back after, or turns out closed.
@@ -127,8 +130,9 @@ impl Http1Pool {
                 },
             }
         }
-        let stream =
-            tcp::connect(address, &self.source).await.map_err(|error| SendError::Connect(error.to_string()))?;
+        let stream = tcp::connect(address, &self.source, connect_timeout)
+            .await
+            .map_err(|error| SendError::Connect(error.to_string()))?;
         let (mut sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -251,13 +255,19 @@ impl Http2Pool {
     }
 
     /// Sends `request` on the connection to `address`, made first if there is none (or it has closed).
-    async fn send(&self, address: SocketAddr, request: Request<ProxyBody>) -> Result<Response<Incoming>, SendError> {
+    async fn send(
+        &self,
+        address: SocketAddr,
+        request: Request<ProxyBody>,
+        connect_timeout: Duration,
+    ) -> Result<Response<Incoming>, SendError> {
         let open = self.lock().get(&address).filter(|sender| !sender.is_closed()).cloned();
         let mut sender = match open {
             Some(sender) => sender,
             None => {
-                let stream =
-                    tcp::connect(address, &self.source).await.map_err(|error| SendError::Connect(error.to_string()))?;
+                let stream = tcp::connect(address, &self.source, connect_timeout)
+                    .await
+                    .map_err(|error| SendError::Connect(error.to_string()))?;
                 let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .handshake(TokioIo::new(stream))
