@@ -673,6 +673,23 @@ spec:
     connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}
 ---
 apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: sticky, namespace: egress}
+spec:
+  hosts: [sticky.backend]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 203.0.113.10}, {address: 203.0.113.20}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: sticky, namespace: egress}
+spec:
+  host: sticky.backend
+  trafficPolicy:
+    loadBalancer: {consistentHash: {httpHeaderName: x-user}}
+---
+apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {name: unreachable, namespace: egress}
 spec:
@@ -692,6 +709,8 @@ spec:
     route: [{destination: {host: versions.backend, subset: v1}}]
   - match: [{uri: {exact: /missing-subset}}]
     route: [{destination: {host: versions.backend, subset: v3}}]
+  - match: [{uri: {exact: /sticky}}]
+    route: [{destination: {host: sticky.backend}}]
   - match: [{uri: {exact: /unreachable}}]
     retries: {attempts: 0}
     route: [{destination: {host: unreachable.backend}}]
@@ -732,6 +751,17 @@ fn destination_rules_pick_subsets_eject_failing_endpoints_and_limit_connections(
         assert!(get("/versions", &["-H", "x-version: v2"]).1.starts_with(&format!("{SERVER_B} ")), "v2 is B only");
     }
     assert_eq!(get("/missing-subset", &[]).0, 503, "a subset no DestinationRule defines: NC");
+    // A consistent hash on x-user: each user stays on one endpoint, and the users share both.
+    let mut servers = std::collections::BTreeSet::new();
+    for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
+        let user_header = format!("x-user: {user}");
+        let seen: std::collections::BTreeSet<String> = (0..4)
+            .map(|_| get("/sticky", &["-H", &user_header]).1.split(' ').next().unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(seen.len(), 1, "{user} went to {seen:?}");
+        servers.extend(seen);
+    }
+    assert_eq!(servers.len(), 2, "{servers:?}");
     assert_eq!(get("/unreachable", &[]).0, 503, "a connect timeout: UF");
     let log = agent.log();
     let line = log.lines().find(|l| l.contains("\"GET /unreachable HTTP/1.1\" 503 UF ")).expect(&log);

@@ -73,7 +73,33 @@ pub struct LoadBalancer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub simple: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub consistent_hash: Option<serde_json::Value>,
+    pub consistent_hash: Option<ConsistentHash>,
+}
+
+/// What a consistent-hash load balancer hashes (one key); `ringHash`, `maglev` and `minimumRingSize` shape
+/// Envoy's tables and are read without effect (Sluice's hashing needs no table).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsistentHash {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_header_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_cookie: Option<HttpCookie>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub use_source_ip: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_query_parameter_name: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpCookie {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
@@ -151,13 +177,23 @@ fn validate_policy(policy: &TrafficPolicy, path: &str, errors: &mut Vec<FieldErr
 
 impl PolicySettings {
     fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
-        let PolicySettings { load_balancer, outlier_detection: outlier, tls, .. } = self;
+        let PolicySettings { load_balancer, outlier_detection: outlier, tls, connection_pool } = self;
         if let Some(simple) = load_balancer.as_ref().and_then(|lb| lb.simple.as_deref()) {
             if !LB_SIMPLE.contains(&simple) {
                 errors.push(FieldError::new(
                     format!("{path}.loadBalancer.simple"),
                     format!("unknown load balancer '{simple}'"),
                 ));
+            }
+        }
+        if let Some(hash) = load_balancer.as_ref().and_then(|lb| lb.consistent_hash.as_ref()) {
+            validate_consistent_hash(hash, &format!("{path}.loadBalancer.consistentHash"), errors);
+        }
+        if let Some(timeout) = connection_pool.as_ref().and_then(|pool| pool.get("tcp")?.get("connectTimeout")) {
+            let path = format!("{path}.connectionPool.tcp.connectTimeout");
+            match timeout.as_str() {
+                Some(timeout) => validate_duration(&Some(timeout.to_owned()), &path, errors),
+                None => errors.push(FieldError::new(path, "a duration (e.g. 1s) is required")),
             }
         }
         if let Some(outlier) = outlier {
@@ -184,6 +220,29 @@ impl PolicySettings {
     }
 }
 
+/// One hash key, as the oneof in Istio's API allows; a cookie needs a name, a header a valid header name.
+fn validate_consistent_hash(hash: &ConsistentHash, path: &str, errors: &mut Vec<FieldError>) {
+    let ConsistentHash { http_header_name, http_cookie, use_source_ip, http_query_parameter_name } = hash;
+    let keys = [http_header_name.is_some(), http_cookie.is_some(), *use_source_ip, http_query_parameter_name.is_some()];
+    if keys.iter().filter(|&&set| set).count() > 1 {
+        errors.push(FieldError::new(
+            path,
+            "only one of httpHeaderName, httpCookie, useSourceIp and httpQueryParameterName may be set",
+        ));
+    }
+    if let Some(name) = http_header_name {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            errors.push(FieldError::new(format!("{path}.httpHeaderName"), format!("'{name}' is not a header name")));
+        }
+    }
+    if let Some(cookie) = http_cookie {
+        if cookie.name.is_empty() {
+            errors.push(FieldError::new(format!("{path}.httpCookie.name"), "a cookie name is required"));
+        }
+        validate_duration(&cookie.ttl, &format!("{path}.httpCookie.ttl"), errors);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +252,7 @@ mod tests {
         let rule = |yaml: &str| -> DestinationRule { serde_yaml_ng::from_str(yaml).unwrap() };
         let valid = "host: istio-egressgateway.istio-system.svc.cluster.local\nsubsets: [{name: httpbin}]\n\
                      trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}, tls: {mode: ISTIO_MUTUAL, sni: httpbin.org},\n\
+                     connectionPool: {tcp: {connectTimeout: 250ms}},\n\
                      outlierDetection: {consecutive5xxErrors: 5, interval: 30s, baseEjectionTime: 1m, maxEjectionPercent: 50},\n\
                      portLevelSettings: [{port: {number: 443}, tls: {mode: SIMPLE}}]}";
         assert_eq!(rule(valid).validate(), vec![]);
@@ -213,6 +273,26 @@ mod tests {
             (
                 "host: a.example\ntrafficPolicy: {outlierDetection: {interval: often}}",
                 "spec.trafficPolicy.outlierDetection.interval",
+                "not a duration",
+            ),
+            (
+                "host: a.example\ntrafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user, useSourceIp: true}}}",
+                "spec.trafficPolicy.loadBalancer.consistentHash",
+                "only one of",
+            ),
+            (
+                "host: a.example\ntrafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {ttl: 0s}}}}",
+                "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.name",
+                "required",
+            ),
+            (
+                "host: a.example\ntrafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: 'x user'}}}",
+                "spec.trafficPolicy.loadBalancer.consistentHash.httpHeaderName",
+                "not a header name",
+            ),
+            (
+                "host: a.example\ntrafficPolicy: {connectionPool: {tcp: {connectTimeout: soon}}}",
+                "spec.trafficPolicy.connectionPool.tcp.connectTimeout",
                 "not a duration",
             ),
             (

@@ -69,9 +69,6 @@ fn settings(settings: &PolicySettings, path: &str, found: &mut Vec<(String, &'st
     if settings.tls.is_some() {
         found.push((format!("{path}.tls"), "TLS origination is not done yet"));
     }
-    if settings.load_balancer.as_ref().is_some_and(|lb| lb.consistent_hash.is_some()) {
-        found.push((format!("{path}.loadBalancer.consistentHash"), "served round robin"));
-    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
+    hash::{BuildHasher, Hash},
     net::IpAddr,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -13,9 +14,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use http::{header, HeaderMap, HeaderName, Uri};
+
 use crate::{
     config::{
-        destination_rule::{PolicySettings, TrafficPolicy},
+        destination_rule::{ConsistentHash, PolicySettings, TrafficPolicy},
         fields::parse_duration,
     },
     telemetry::labels::DestinationLabels,
@@ -30,6 +33,58 @@ pub enum LoadBalance {
     Random,
     /// PASSTHROUGH: the original destination, whatever the endpoints.
     Passthrough,
+}
+
+/// What a consistent-hash cluster hashes to pick an endpoint: requests with the same key go to the same endpoint
+/// for as long as it is there (and not ejected), from any gateway replica.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HashKey {
+    Header(HeaderName),
+    Cookie(String),
+    SourceIp,
+    QueryParameter(String),
+}
+
+/// Hashes that agree between agents (and restarts): a fixed seed.
+const HASH_SEED: u64 = 0x5e1c_e0f5_1ce0_f51c;
+
+fn fixed_hash(value: impl Hash) -> u64 {
+    foldhash::fast::FixedState::with_seed(HASH_SEED).hash_one(value)
+}
+
+impl HashKey {
+    fn compile(hash: &ConsistentHash) -> Option<HashKey> {
+        if let Some(name) = &hash.http_header_name {
+            return HeaderName::from_bytes(name.as_bytes()).ok().map(HashKey::Header);
+        }
+        if let Some(cookie) = &hash.http_cookie {
+            return Some(HashKey::Cookie(cookie.name.clone()));
+        }
+        if hash.use_source_ip {
+            return Some(HashKey::SourceIp);
+        }
+        hash.http_query_parameter_name.clone().map(HashKey::QueryParameter)
+    }
+
+    /// The request's key hashed; `None` when the request has none (it is then balanced as round robin).
+    pub fn hash(&self, headers: &HeaderMap, uri: &Uri, peer: IpAddr) -> Option<u64> {
+        match self {
+            HashKey::Header(name) => headers.get(name).map(|value| fixed_hash(value.as_bytes())),
+            HashKey::Cookie(name) => headers
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|value| value.to_str().ok())
+                .flat_map(|value| value.split(';'))
+                .find_map(|pair| pair.trim().split_once('=').filter(|(key, _)| key == name))
+                .map(|(_, value)| fixed_hash(value.as_bytes())),
+            HashKey::SourceIp => Some(fixed_hash(peer)),
+            HashKey::QueryParameter(name) => uri
+                .query()?
+                .split('&')
+                .find_map(|pair| pair.split_once('=').filter(|(key, _)| key == name))
+                .map(|(_, value)| fixed_hash(value.as_bytes())),
+        }
+    }
 }
 
 /// Outlier detection as Istio configures Envoy's.
@@ -51,6 +106,8 @@ pub struct ClusterPolicy {
     pub outlier: Option<Outlier>,
     /// `connectionPool.tcp.connectTimeout`.
     pub connect_timeout: Option<Duration>,
+    /// `loadBalancer.consistentHash`: what picks the endpoint instead of the load balancer.
+    pub hash: Option<HashKey>,
 }
 
 impl ClusterPolicy {
@@ -90,7 +147,9 @@ impl ClusterPolicy {
         let connect_timeout = pool
             .and_then(|p| p.get("tcp")?.get("connectTimeout")?.as_str().map(str::to_owned))
             .and_then(|t| parse_duration(&t).ok());
-        ClusterPolicy { lb, limits, outlier, connect_timeout }
+        let hash =
+            settings.load_balancer.as_ref().and_then(|lb| lb.consistent_hash.as_ref()).and_then(HashKey::compile);
+        ClusterPolicy { lb, limits, outlier, connect_timeout, hash }
     }
 }
 
@@ -123,9 +182,10 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// An endpoint's address by the load balancer, passing over ejected endpoints (unless more than the allowed
-    /// share would be passed over); `None` without endpoints.
-    pub fn pick(&self) -> Option<IpAddr> {
+    /// An endpoint's address by the load balancer (or for a request's `hash`, the endpoint it hashes to),
+    /// passing over ejected endpoints (unless more than the allowed share would be passed over); `None` without
+    /// endpoints.
+    pub fn pick(&self, hash: Option<u64>) -> Option<IpAddr> {
         if self.endpoints.is_empty() {
             return None;
         }
@@ -139,6 +199,13 @@ impl Cluster {
             None => (Vec::new(), 0),
         };
         let skip = |address: &IpAddr| !ejected.is_empty() && ejected.len() <= allowed && ejected.contains(address);
+        if let Some(hash) = hash {
+            // Rendezvous hashing: the endpoint whose address scores highest with the key. An endpoint that goes
+            // (or is ejected) moves only the keys it had; the others stay where they were.
+            let score = |endpoint: &&Endpoint| fixed_hash((hash, endpoint.address));
+            let healthy = self.endpoints.iter().filter(|endpoint| !skip(&endpoint.address)).max_by_key(score);
+            return healthy.or_else(|| self.endpoints.iter().max_by_key(score)).map(|endpoint| endpoint.address);
+        }
         let count = self.endpoints.len();
         let start = match self.policy.lb {
             LoadBalance::Random => fastrand::usize(..count),
@@ -299,6 +366,45 @@ mod tests {
     }
 
     #[test]
+    fn a_consistent_hash_keeps_each_key_on_one_endpoint_and_moves_only_a_removed_endpoints_keys() {
+        let policy = ClusterPolicy { hash: Some(HashKey::SourceIp), ..Default::default() };
+        let four = cluster(&["192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4"], policy.clone());
+        let three = cluster(&["192.0.2.1", "192.0.2.2", "192.0.2.3"], policy);
+        let keys: Vec<u64> = (0..400u32).map(|i| fixed_hash(i.to_be_bytes())).collect();
+        let picks: Vec<IpAddr> = keys.iter().map(|&k| four.pick(Some(k)).unwrap()).collect();
+        assert!(
+            keys.iter().zip(&picks).all(|(&k, &p)| four.pick(Some(k)) == Some(p)),
+            "the same key, the same endpoint"
+        );
+        for endpoint in &four.endpoints {
+            let share = picks.iter().filter(|&&p| p == endpoint.address).count();
+            assert!((60..140).contains(&share), "keys spread over the endpoints: {share} of 400");
+        }
+        let removed: IpAddr = "192.0.2.4".parse().unwrap();
+        for (&key, &pick) in keys.iter().zip(&picks) {
+            let now = three.pick(Some(key)).unwrap();
+            assert!(pick == removed || now == pick, "only the removed endpoint's keys move");
+        }
+    }
+
+    #[test]
+    fn hash_keys_are_read_from_headers_cookies_the_source_and_the_query() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-user", "alice".parse().unwrap());
+        headers.append(header::COOKIE, "theme=dark; session=s1".parse().unwrap());
+        let uri: Uri = "/cart?item=1&user=bob".parse().unwrap();
+        let peer: IpAddr = "10.0.0.7".parse().unwrap();
+        let key = |key: HashKey| key.hash(&headers, &uri, peer);
+        assert_eq!(key(HashKey::Header(HeaderName::from_static("x-user"))), Some(fixed_hash(b"alice".as_slice())));
+        assert_eq!(key(HashKey::Cookie("session".into())), Some(fixed_hash(b"s1".as_slice())));
+        assert_eq!(key(HashKey::QueryParameter("user".into())), Some(fixed_hash(b"bob".as_slice())));
+        assert_eq!(key(HashKey::SourceIp), Some(fixed_hash(peer)));
+        assert_eq!(key(HashKey::Header(HeaderName::from_static("x-absent"))), None, "no key: round robin");
+        assert_eq!(key(HashKey::Cookie("absent".into())), None);
+        assert_eq!(key(HashKey::QueryParameter("absent".into())), None);
+    }
+
+    #[test]
     fn consecutive_errors_eject_an_endpoint_and_the_others_take_its_share() {
         let outlier = Outlier {
             consecutive_5xx: None,
@@ -314,9 +420,9 @@ mod tests {
         cluster.state.report(bad, Outcome::Status(503), &outlier);
         cluster.state.report(bad, Outcome::Status(200), &outlier);
         cluster.state.report(bad, Outcome::Failed, &outlier);
-        assert!((0..4).map(|_| cluster.pick().unwrap()).any(|a| a == bad), "a success resets the count");
+        assert!((0..4).map(|_| cluster.pick(None).unwrap()).any(|a| a == bad), "a success resets the count");
         cluster.state.report(bad, Outcome::Status(502), &outlier);
-        assert!((0..4).all(|_| cluster.pick().unwrap() != bad), "two gateway errors in a row eject it");
+        assert!((0..4).all(|_| cluster.pick(None).unwrap() != bad), "two gateway errors in a row eject it");
     }
 
     #[test]

@@ -190,11 +190,16 @@ impl Service {
 
     /// The next endpoint for `port` (of `subset`), by the cluster's load balancer.
     pub fn upstream(&self, port: u16, subset: Option<&str>) -> Upstream {
+        self.upstream_for(port, subset, None)
+    }
+
+    /// The endpoint for `port` (of `subset`): the one a request's `hash` goes to, else the load balancer's next.
+    pub fn upstream_for(&self, port: u16, subset: Option<&str>, hash: Option<u64>) -> Upstream {
         let Some(cluster) = self.cluster(port, subset) else { return Upstream::NoSubset };
         if self.resolution == Resolution::None || cluster.policy.lb == LoadBalance::Passthrough {
             return Upstream::OriginalDestination;
         }
-        let Some(address) = cluster.pick() else { return Upstream::NoEndpoint };
+        let Some(address) = cluster.pick(hash) else { return Upstream::NoEndpoint };
         let service_port = self.ports.iter().find(|p| p.number == port);
         let endpoint = cluster.endpoint(address);
         let target = service_port

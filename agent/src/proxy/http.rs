@@ -264,11 +264,12 @@ impl HttpProxy {
         matched: Option<Matched<'_>>,
         target: Option<&Target>,
         authority: &str,
-        destination: Destination<'_>,
+        mut destination: Destination<'_>,
         mut record: RequestRecord,
         started: Instant,
     ) -> Response<ProxyBody> {
         let route = matched.map(|(route, _)| route);
+        destination.hash_request(request.headers(), request.uri(), connection.peer.ip());
         // Faults are injected before anything is sent, as Envoy's fault filter runs before its router.
         if let Some(route) = route {
             if let Some((delay, percent)) = route.fault.as_ref().and_then(|fault| fault.delay) {

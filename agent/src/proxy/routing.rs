@@ -45,14 +45,26 @@ pub struct Destination<'p> {
     pub labels: DestinationLabels,
     /// The registered service, port and subset, whose next endpoint a retry goes to.
     pub service: Option<(&'p Service, u16, Option<&'p str>)>,
+    /// The request's consistent hash, for a cluster that balances by one.
+    pub hash: Option<u64>,
 }
 
 impl<'p> Destination<'p> {
     /// The address for another try: the service's next endpoint, or the same address.
     pub fn next_address(&self) -> SocketAddr {
-        match self.service.map(|(service, port, subset)| service.upstream(port, subset)) {
+        match self.service.map(|(service, port, subset)| service.upstream_for(port, subset, self.hash)) {
             Some(Upstream::Endpoint(address)) => address,
             _ => self.address,
+        }
+    }
+
+    /// Sends the request to the endpoint its key hashes to, when the cluster balances by a consistent hash and the
+    /// request has the key (`headers`, `uri`, the client's address `peer`).
+    pub fn hash_request(&mut self, headers: &http::HeaderMap, uri: &Uri, peer: std::net::IpAddr) {
+        let Some(key) = self.cluster().and_then(|cluster| cluster.policy.hash.as_ref()) else { return };
+        self.hash = key.hash(headers, uri, peer);
+        if self.hash.is_some() {
+            self.address = self.next_address();
         }
     }
 
@@ -231,7 +243,13 @@ pub fn destination<'p>(
                 Upstream::NoEndpoint => return Err((Failure::NoHealthyUpstream, labels)),
             };
             let labels = labels.unwrap_or_else(|| DestinationLabels::passthrough(host));
-            Ok(Destination { address, http2: service.http2(port), labels, service: Some((service, port, subset)) })
+            Ok(Destination {
+                address,
+                http2: service.http2(port),
+                labels,
+                service: Some((service, port, subset)),
+                hash: None,
+            })
         }
         Registered::Unknown if policy.mode == OutboundMode::RegistryOnly => {
             Err((Failure::Blackholed, Some(DestinationLabels::blackhole())))
@@ -241,6 +259,7 @@ pub fn destination<'p>(
             http2: false,
             labels: DestinationLabels::passthrough(host),
             service: None,
+            hash: None,
         }),
         Registered::Unknown => Err((Failure::NoCluster, None)),
     }
