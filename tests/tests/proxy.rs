@@ -855,6 +855,26 @@ spec:
     let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/h2/y", &h2_client);
     assert_eq!(code, 200);
     assert!(body.starts_with(&format!("{SERVER_B} HTTP/2.0 host=httpbin.org uri=/h2/y")), "{body}");
+
+    // h2load: four clients with 16 streams each in flight, to both kinds of upstream.
+    for path in ["/h2/load", "/load"] {
+        let url = format!("http://{SERVER_A}{path}");
+        let output = topology
+            .workload
+            .command("h2load")
+            .args(["-n", "800", "-c", "4", "-m", "16", "-H", ":authority: httpbin.org", &url])
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            report.contains("800 done, 800 succeeded, 0 failed, 0 errored") && report.contains("status codes: 800 2xx"),
+            "{report}\n{}",
+            agent.log()
+        );
+    }
+    let metrics = agent.metrics().unwrap();
+    let multiplexed = [("destination_service_name", "h2.backend"), ("response_code", "200")];
+    assert_eq!(total(&metrics, "istio_requests_total", &multiplexed), 802, "{metrics}");
 }
 
 #[test]

@@ -23,6 +23,7 @@ const PEERS: &[(&str, &str)] = &[
     ("dnsmasq", "dnsmasq-base"),
     ("nft", "nftables"),
     ("prometheus", "prometheus"),
+    ("h2load", "nghttp2-client"),
 ];
 /// The load generator and the proxies `cargo xtask bench` compares Sluice with.
 const BENCH_PEERS: &[(&str, &str)] =
