@@ -2,7 +2,7 @@
 //! proxy → nginx in the internet namespace, with Istio configuration from files.
 
 use std::{
-    io::Read,
+    io::{Read, Write},
     net::{SocketAddr, TcpListener},
     path::Path,
 };
@@ -794,6 +794,33 @@ fn destination_rules_pick_subsets_eject_failing_endpoints_and_limit_connections(
     assert!(agent.log().contains("\"GET /slow HTTP/1.1\" 503 UO "), "{}", agent.log());
 }
 
+/// An HTTP/1.1 upstream on `addr` that answers every request with a chunked body and a trailer reflecting the
+/// request's `te` header (`x-checksum: te=…`).
+fn trailers_server(topology: &Topology, addr: SocketAddr) -> TcpListener {
+    let listener = topology.internet.enter(|| TcpListener::bind(addr)).unwrap().unwrap();
+    let accepting = listener.try_clone().unwrap();
+    std::thread::spawn(move || {
+        while let Ok((mut stream, _)) = accepting.accept() {
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&request).to_ascii_lowercase();
+            let te = head.lines().find_map(|line| line.strip_prefix("te:")).unwrap_or("").trim().to_owned();
+            let response = format!(
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-checksum\r\nconnection: close\r\n\r\n\
+                 d\r\nchunked body\n\r\n0\r\nx-checksum: te={te}\r\n\r\n"
+            );
+            let _ = stream.write_all(response.as_bytes());
+        }
+    });
+    listener
+}
+
 #[test]
 fn http2_clients_and_http2_upstreams_are_proxied() {
     require_root();
@@ -823,9 +850,12 @@ spec:
   http:
   - match: [{uri: {prefix: /h2}}]
     route: [{destination: {host: h2.backend}}]
+  - match: [{uri: {prefix: /trailers}}]
+    route: [{destination: {host: trailers.backend}}]
   - route: [{destination: {host: httpbin.org}}]
 ";
-    write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, h2]);
+    let _trailers = trailers_server(&topology, addr(SERVER_B, 8086));
+    write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, h2, &backend("trailers", SERVER_B, 8086)]);
     let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     let h2_client = ["--http2-prior-knowledge"];
@@ -855,6 +885,15 @@ spec:
     let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/h2/y", &h2_client);
     assert_eq!(code, 200);
     assert!(body.starts_with(&format!("{SERVER_B} HTTP/2.0 host=httpbin.org uri=/h2/y")), "{body}");
+
+    // Trailers (what gRPC's status rides on) come back through, to HTTP/2 and HTTP/1.1 clients alike; `te:
+    // trailers` goes upstream, as Envoy lets it.
+    let resolve = format!("httpbin.org:80:{SERVER_A}");
+    for version in ["--http2-prior-knowledge", "--http1.1"] {
+        let args = [version, "-H", "te: trailers", "-D", "-", "--resolve", &resolve, "http://httpbin.org/trailers"];
+        let response = curl(&topology.workload, &args).unwrap();
+        assert!(response.contains("chunked body") && response.contains("x-checksum: te=trailers"), "{response}");
+    }
 
     // h2load: four clients with 16 streams each in flight, to both kinds of upstream.
     for path in ["/h2/load", "/load"] {

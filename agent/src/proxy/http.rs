@@ -55,15 +55,15 @@ const MAX_REQUEST_HEADERS: usize = 100;
 const MAX_REPLAYED_BODY: u64 = 64 * 1024;
 /// The retries of a route that sets none (Istio's mesh default).
 static MESH_RETRIES: std::sync::LazyLock<RetryPolicy> = std::sync::LazyLock::new(RetryPolicy::mesh_default);
-/// Headers that describe one hop, never forwarded (RFC 9110, 7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Headers that describe one hop, never forwarded (RFC 9110, 7.6.1). `Trailer` is end to end: it announces the
+/// trailer fields, and an HTTP/1.1 client is sent only those.
+const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::UPGRADE,
 ];
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -307,7 +307,12 @@ impl HttpProxy {
         let upstream_authority =
             route.and_then(|route| route.rewrite.as_ref()?.authority.clone()).unwrap_or_else(|| authority.to_owned());
         let headers = &mut parts.headers;
+        let trailers = accepts_trailers(headers);
         strip_hop_by_hop(headers);
+        // Of TE, only `trailers` goes on (gRPC needs it), as Envoy forwards it.
+        if trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         if let Some(protocol) = &upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, protocol.clone());
@@ -760,6 +765,16 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named.iter().chain(&HOP_BY_HOP) {
         headers.remove(name);
     }
+}
+
+/// Whether the client says it accepts trailers (`TE: trailers`).
+fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|coding| coding.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("trailers"))
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
