@@ -1,5 +1,10 @@
 //! A blackholed UDP flood across the test topology, dropped on the gateway either by Sluice's classifier at
 //! TC ingress or by an nftables set lookup in the forward hook, with the same 10k-entry allowlist.
+//!
+//! The gateway's side is measured apart from the sender's: the gateway interface receives through threaded NAPI
+//! (GRO on, `threaded` set), so everything the gateway does with a packet, up to and including dropping it, runs
+//! in one kernel thread pinned to its own CPU, whose CPU time per dropped packet is the figure compared. The
+//! sender runs on the other CPU.
 
 use std::{
     io::Write,
@@ -18,20 +23,51 @@ use sluice_tests::{
     Netns, Topology,
 };
 
-pub const SENDERS: usize = 2;
 const DURATION: Duration = Duration::from_secs(3);
+const SENDER_CPU: usize = 0;
+const GATEWAY_CPU: &str = "1";
 const TARGET: &str = "203.0.113.99:9";
 
-/// Packets per second the gateway dropped.
+/// What the gateway dropped, and what dropping cost it.
 pub struct Rate {
     pub sent: u64,
     pub dropped: u64,
     pub per_second: f64,
+    /// CPU time of the gateway's receive thread per dropped packet.
+    pub gateway_ns_per_packet: f64,
+}
+
+/// Topology with the gateway's receive path in a kernel thread of its own, pinned to `GATEWAY_CPU`.
+fn topology() -> anyhow::Result<(Topology, u32)> {
+    let topology = Topology::new()?;
+    // veth hands packets to NAPI (rather than to the sender's backlog) when the receiver has GRO on and the
+    // sender segments nothing.
+    run(topology.workload.command("ethtool").args(["-K", WORKLOAD_IFACE, "tso", "off", "gso", "off"]))?;
+    run(topology.gateway.command("ethtool").args(["-K", GATEWAY_WORKLOAD_IFACE, "gro", "on"]))?;
+    let threaded = format!("echo 1 > /sys/class/net/{GATEWAY_WORKLOAD_IFACE}/threaded");
+    run(topology.gateway.command("sh").args(["-c", &threaded]))?;
+    // The thread is named after the interface; the bench runs one topology at a time.
+    let prefix = format!("napi/{GATEWAY_WORKLOAD_IFACE}-");
+    let napi = std::fs::read_dir("/proc")?
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_string_lossy().parse::<u32>().ok())
+        .find(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.starts_with(&prefix)))
+        .context("no threaded NAPI thread for the gateway interface")?;
+    crate::http::pin_tree(napi, GATEWAY_CPU)?;
+    Ok((topology, napi))
+}
+
+fn run(command: &mut std::process::Command) -> anyhow::Result<()> {
+    let output = command.output().with_context(|| format!("running {command:?} (`cargo xtask bench` installs it)"))?;
+    if !output.status.success() {
+        bail!("{command:?}: {}", String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(())
 }
 
 /// The flood against Sluice's classifier, with `policy` (which does not allow the target) in force.
 pub fn sluice(policy: &DatapathPolicy) -> anyhow::Result<Rate> {
-    let topology = Topology::new()?;
+    let (topology, napi) = topology()?;
     let bpffs = Bpffs::mount()?;
     let mut datapath = topology.gateway.enter(|| -> anyhow::Result<Datapath> {
         let mut datapath = Datapath::load(&bpffs.pin_dir())?;
@@ -43,15 +79,15 @@ pub fn sluice(policy: &DatapathPolicy) -> anyhow::Result<Rate> {
         datapath.counters().read().iter().find(|t| t.verdict.label() == "blackholed").map(|t| t.packets).unwrap_or(0)
     };
     let before = blackholed();
-    let (sent, elapsed) = flood(&topology)?;
+    let (sent, elapsed, gateway_cpu) = flood(&topology, napi)?;
     let dropped = blackholed() - before;
     datapath.apply(&DatapathPolicy::default())?;
-    Ok(Rate { sent, dropped, per_second: dropped as f64 / elapsed.as_secs_f64() })
+    Ok(Rate::new(sent, dropped, elapsed, gateway_cpu))
 }
 
 /// The same flood against nftables: `ip daddr . udp dport` looked up in a set of the allowed pairs.
 pub fn nftables(policy: &DatapathPolicy) -> anyhow::Result<Rate> {
-    let topology = Topology::new()?;
+    let (topology, napi) = topology()?;
     let elements: Vec<String> = policy
         .rules
         .iter()
@@ -76,37 +112,53 @@ pub fn nftables(policy: &DatapathPolicy) -> anyhow::Result<Rate> {
             .context("reading the nftables drop counter")
     };
     let before = dropped_by_nft()?;
-    let (sent, elapsed) = flood(&topology)?;
+    let (sent, elapsed, gateway_cpu) = flood(&topology, napi)?;
     let dropped = dropped_by_nft()? - before;
-    Ok(Rate { sent, dropped, per_second: dropped as f64 / elapsed.as_secs_f64() })
+    Ok(Rate::new(sent, dropped, elapsed, gateway_cpu))
 }
 
-/// Sends minimum-size UDP frames to the blocked target from `SENDERS` threads for `DURATION`, through
-/// AF_PACKET sockets that bypass the qdisc and send 64 frames per system call, so that the sender's own cost
-/// is small beside the gateway's.
-fn flood(topology: &Topology) -> anyhow::Result<(u64, Duration)> {
+impl Rate {
+    fn new(sent: u64, dropped: u64, elapsed: Duration, gateway_cpu: Duration) -> Rate {
+        Rate {
+            sent,
+            dropped,
+            per_second: dropped as f64 / elapsed.as_secs_f64(),
+            gateway_ns_per_packet: gateway_cpu.as_nanos() as f64 / dropped.max(1) as f64,
+        }
+    }
+}
+
+/// Sends minimum-size UDP frames to the blocked target for `DURATION` from the sender CPU, through an AF_PACKET
+/// socket that bypasses the qdisc and sends 64 frames per system call; returns what was sent, how long it took,
+/// and the CPU time the gateway's receive thread `napi` spent meanwhile.
+fn flood(topology: &Topology, napi: u32) -> anyhow::Result<(u64, Duration, Duration)> {
     let frame = frame(topology)?;
-    let sockets = (0..SENDERS)
-        .map(|_| topology.workload.enter(|| RawSender::open(WORKLOAD_IFACE))?)
-        .collect::<anyhow::Result<Vec<RawSender>>>()?;
+    let socket = topology.workload.enter(|| RawSender::open(WORKLOAD_IFACE))??;
     let (stop, sent) = (AtomicBool::new(false), AtomicU64::new(0));
+    let ticks_before = crate::http::tree_cpu_ticks(napi);
     let started = Instant::now();
     std::thread::scope(|scope| {
-        for socket in &sockets {
-            let frame = &frame;
-            let (stop, sent) = (&stop, &sent);
-            scope.spawn(move || {
-                let mut count = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    count += socket.send_batch(frame);
-                }
-                sent.fetch_add(count, Ordering::Relaxed);
-            });
-        }
+        let (frame, socket, stop, sent) = (&frame, &socket, &stop, &sent);
+        scope.spawn(move || {
+            let mut cpus = nix::sched::CpuSet::new();
+            let _ = cpus.set(SENDER_CPU);
+            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus);
+            let mut count = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                count += socket.send_batch(frame);
+            }
+            sent.store(count, Ordering::Relaxed);
+        });
         std::thread::sleep(DURATION);
         stop.store(true, Ordering::Relaxed);
     });
-    Ok((sent.load(Ordering::Relaxed), started.elapsed()))
+    let elapsed = started.elapsed();
+    // What is still queued is dropped within moments.
+    std::thread::sleep(Duration::from_millis(100));
+    let ticks = crate::http::tree_cpu_ticks(napi).saturating_sub(ticks_before);
+    let ticks_per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100);
+    let gateway_cpu = Duration::from_secs_f64(ticks as f64 / ticks_per_second as f64);
+    Ok((sent.load(Ordering::Relaxed), elapsed, gateway_cpu))
 }
 
 const WORKLOAD_IFACE: &str = "wl0";

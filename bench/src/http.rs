@@ -271,7 +271,7 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
 }
 
 /// User and system CPU time of the tree, in clock ticks.
-fn tree_cpu_ticks(pid: u32) -> u64 {
+pub fn tree_cpu_ticks(pid: u32) -> u64 {
     tree(pid)
         .into_iter()
         .filter_map(stat_fields)
@@ -295,7 +295,7 @@ fn tree_rss_kib(pid: u32) -> u64 {
 }
 
 /// Pins every thread of every process of the tree to `cpu`.
-fn pin_tree(pid: u32, cpu: &str) -> anyhow::Result<()> {
+pub fn pin_tree(pid: u32, cpu: &str) -> anyhow::Result<()> {
     for pid in tree(pid) {
         let status = Command::new("taskset").args(["-a", "-p", "-c", cpu, &pid.to_string()]).output()?.status;
         anyhow::ensure!(status.success(), "pinning process {pid} to CPU {cpu}");

@@ -27,7 +27,7 @@ const PEERS: &[(&str, &str)] = &[
 ];
 /// The load generator and the proxies `cargo xtask bench` compares Sluice with.
 const BENCH_PEERS: &[(&str, &str)] =
-    &[("wrk", "wrk"), ("haproxy", "haproxy"), ("squid", "squid"), ("taskset", "util-linux")];
+    &[("wrk", "wrk"), ("haproxy", "haproxy"), ("squid", "squid"), ("taskset", "util-linux"), ("ethtool", "ethtool")];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 pub const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
 pub const DEBIAN_CARGO: &str = "/usr/bin/cargo";
