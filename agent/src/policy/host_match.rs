@@ -4,11 +4,14 @@
 
 use std::collections::HashMap;
 
+/// Hosts hash with foldhash (seeded per process): a request's Host costs a few nanoseconds per probe.
+type Hosts<T> = HashMap<String, T, foldhash::fast::RandomState>;
+
 #[derive(Clone, Debug)]
 pub struct HostTable<T> {
-    exact: HashMap<String, T>,
+    exact: Hosts<T>,
     /// `*.example.com` → key `.example.com`: matched at label boundaries.
-    suffixes: HashMap<String, T>,
+    suffixes: Hosts<T>,
     /// `*example.com` (no dot, as Istio accepts): matched anywhere, longest first. Rare, so a list.
     loose_suffixes: Vec<(String, T)>,
     any: Option<T>,
@@ -16,7 +19,7 @@ pub struct HostTable<T> {
 
 impl<T> Default for HostTable<T> {
     fn default() -> Self {
-        HostTable { exact: HashMap::new(), suffixes: HashMap::new(), loose_suffixes: Vec::new(), any: None }
+        HostTable { exact: Hosts::default(), suffixes: Hosts::default(), loose_suffixes: Vec::new(), any: None }
     }
 }
 
