@@ -1,4 +1,5 @@
-//! The mesh config's part Sluice uses: `outboundTrafficPolicy.mode`, from the `istio` ConfigMap's `mesh` key.
+//! The mesh config's parts Sluice uses, from the `istio` ConfigMap's `mesh` key: `outboundTrafficPolicy.mode`, and
+//! the `exportTo` that ServiceEntries and VirtualServices without one get.
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +17,12 @@ pub enum OutboundTrafficMode {
 pub struct MeshConfig {
     #[serde(default)]
     pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
+    /// `exportTo` for ServiceEntries that set none (Istio's default: `*`).
+    #[serde(default)]
+    pub default_service_export_to: Vec<String>,
+    /// `exportTo` for VirtualServices that set none.
+    #[serde(default)]
+    pub default_virtual_service_export_to: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -63,6 +70,13 @@ mod tests {
         for (yaml, mode) in cases {
             assert_eq!(MeshConfig::from_mesh_yaml(yaml).unwrap().outbound_mode(), mode, "{yaml}");
         }
+        let defaults =
+            MeshConfig::from_mesh_yaml("defaultServiceExportTo: ['.']\ndefaultVirtualServiceExportTo: ['*']\n");
+        let defaults = defaults.unwrap();
+        assert_eq!(
+            (defaults.default_service_export_to, defaults.default_virtual_service_export_to),
+            (vec![".".to_owned()], vec!["*".to_owned()])
+        );
         let error = MeshConfig::from_mesh_yaml("outboundTrafficPolicy:\n  mode: SOMETIMES\n").unwrap_err();
         assert!(error.contains("SOMETIMES"), "{error}");
     }

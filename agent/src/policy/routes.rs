@@ -97,6 +97,11 @@ pub enum Visibility {
 }
 
 impl Visibility {
+    /// `export_to` as a resource in `namespace` sets it, or when it sets none, `default` (the mesh config's).
+    pub fn compile_or(export_to: &[String], default: &[String], namespace: &str) -> Visibility {
+        Visibility::compile(if export_to.is_empty() { default } else { export_to }, namespace)
+    }
+
     pub fn compile(export_to: &[String], namespace: &str) -> Visibility {
         if export_to.is_empty() || export_to.iter().any(|to| to == "*") {
             return Visibility::All;
@@ -495,7 +500,12 @@ pub fn proxy_policy(
     let mut registry: BTreeMap<String, Vec<Arc<Service>>> = BTreeMap::new();
     for resource in &snapshot.resources {
         if let Spec::ServiceEntry(entry) = &resource.spec {
-            for service in services(entry, resource.metadata.namespace(), resolved, &rules, states) {
+            let visible_to = Visibility::compile_or(
+                &entry.export_to,
+                &snapshot.mesh.default_service_export_to,
+                resource.metadata.namespace(),
+            );
+            for service in services(entry, resource.metadata.namespace(), visible_to, resolved, &rules, states) {
                 registry.entry(service.host.to_ascii_lowercase()).or_default().push(Arc::new(service));
             }
         }
@@ -534,6 +544,7 @@ pub fn proxy_policy(
 fn services(
     entry: &ServiceEntry,
     namespace: &str,
+    visible_to: Visibility,
     resolved: &Resolved,
     rules: &HostTable<&DestinationRule>,
     states: &ClusterStates,
@@ -592,7 +603,7 @@ fn services(
             let clusters =
                 ports.iter().flat_map(|port| clusters(host, namespace, port, &endpoints, rule, states)).collect();
             Service {
-                visible_to: Visibility::compile(&entry.export_to, namespace),
+                visible_to: visible_to.clone(),
                 known_at,
                 host: host.clone(),
                 namespace: namespace.to_owned(),
@@ -643,7 +654,8 @@ fn virtual_host(snapshot: &Snapshot, indexes: &[usize], regexes: &mut RegexCache
         let Spec::VirtualService(service) = &resource.spec else { continue };
         host.sources.push(format!("{}/{}", resource.metadata.namespace(), resource.metadata.name));
         let namespace = resource.metadata.namespace();
-        let visible_to = Visibility::compile(&service.export_to, namespace);
+        let visible_to =
+            Visibility::compile_or(&service.export_to, &snapshot.mesh.default_virtual_service_export_to, namespace);
         for (i, route) in service.http.iter().enumerate() {
             let name = route.name.clone().unwrap_or_else(|| format!("{namespace}/{}[{i}]", resource.metadata.name));
             let mut route = compile_route(route, name, namespace, regexes);

@@ -434,6 +434,47 @@ spec:
     }
 
     #[test]
+    fn the_mesh_configs_default_export_to_applies_to_resources_that_set_none() {
+        let yaml = "apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    defaultServiceExportTo: ['.']
+    defaultVirtualServiceExportTo: ['.']
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: internal, namespace: team-a}
+spec: {hosts: [internal.example], addresses: [198.51.100.9], ports: [{number: 80, name: http, protocol: HTTP}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: shared, namespace: team-a}
+spec: {hosts: [shared.example], addresses: [198.51.100.8], ports: [{number: 80, name: http, protocol: HTTP}], exportTo: ['*']}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: teapot, namespace: team-a}
+spec: {hosts: [shared.example], http: [{directResponse: {status: 418}}]}
+";
+        let policy = policy_verifying(yaml, &[], &[], HostVerify::Strict);
+        let workload =
+            |namespace: &str| Workload { name: "w".into(), namespace: namespace.into(), ..Workload::default() };
+        let (team_a, team_b) = (workload("team-a"), workload("team-b"));
+        let request = get("/");
+        let to = |host: &str, address: &str, source: &Workload| {
+            decide(&policy, &request, host, Listener::Mesh, address.parse().unwrap(), Some(source), 0)
+        };
+        let internal = |source| to("internal.example", "198.51.100.9:80", source);
+        assert!(matches!(internal(&team_a), Decision::Forward { .. }), "the default exports to its own namespace");
+        assert!(matches!(internal(&team_b), Decision::Fail { failure: Failure::Blackholed, .. }), "and no further");
+        let shared = |source| to("shared.example", "198.51.100.8:80", source);
+        assert!(matches!(shared(&team_b), Decision::Forward { .. }), "an exportTo of its own wins over the default");
+        assert!(matches!(shared(&team_a), Decision::Respond { .. }), "team-a's VirtualService, for team-a only");
+    }
+
+    #[test]
     fn gateways_serve_only_their_hosts_and_the_mesh_only_registered_ones() {
         let policy = seed();
         let at_gateway: SocketAddr = "10.240.1.1:80".parse().unwrap();
