@@ -499,6 +499,12 @@ fn bad_requests_are_refused_as_envoy_refuses_them_and_slow_or_surplus_clients_ar
 
     let big = format!("x-big: {}", "a".repeat(70 * 1024));
     assert_eq!(get(&topology, "httpbin.org", SERVER_A, "/", &["-H", &big]).0, 431, "headers over 60 KiB");
+    let long = format!("/?q={}", "a".repeat(20 * 1024));
+    assert_eq!(get(&topology, "httpbin.org", SERVER_A, &long, &[]).0, 414, "a URI over 16 KiB");
+    assert!(agent.log().contains(" HTTP/1.1\" 414 DPE "), "refused by the proxy: {}", agent.log());
+    // (nginx behind takes request lines up to 8 KiB.)
+    let long_enough = format!("/?q={}", "a".repeat(6 * 1024));
+    assert_eq!(get(&topology, "httpbin.org", SERVER_A, &long_enough, &[]).0, 200, "one under it");
     let (answer, _) = raw_exchange(&topology, server, b"GET / HTTP/1.1\r\nHost: httpbin.org\r\nno colon\r\n\r\n");
     assert!(answer.starts_with("HTTP/1.1 400"), "a malformed header: {answer:?}");
     let (answer, _) = raw_exchange(&topology, server, b"GET / HTTP/1.0\r\n\r\n");

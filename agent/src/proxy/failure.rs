@@ -7,6 +7,8 @@ use http::StatusCode;
 pub enum Failure {
     /// The request names no host, or is otherwise unusable.
     BadRequest,
+    /// The request's URI is longer than the proxy takes.
+    UriTooLong,
     /// No route of the VirtualServices for the host matches (or no host is served on a Gateway port).
     NoRoute,
     /// REGISTRY_ONLY and the destination host is registered by no ServiceEntry on that port.
@@ -35,6 +37,7 @@ impl Failure {
     pub fn status(self) -> StatusCode {
         match self {
             Failure::BadRequest => StatusCode::BAD_REQUEST,
+            Failure::UriTooLong => StatusCode::URI_TOO_LONG,
             Failure::NoRoute => StatusCode::NOT_FOUND,
             Failure::Blackholed => StatusCode::BAD_GATEWAY,
             Failure::HostMismatch => StatusCode::MISDIRECTED_REQUEST,
@@ -51,7 +54,7 @@ impl Failure {
     /// Envoy's response flag, as access logs and `istio_requests_total{response_flags}` show it.
     pub fn flag(self) -> &'static str {
         match self {
-            Failure::BadRequest => "DPE",
+            Failure::BadRequest | Failure::UriTooLong => "DPE",
             Failure::NoRoute => "NR",
             // Envoy routes to the BlackHoleCluster, which has no hosts; Istio's dashboards key on the cluster.
             Failure::Blackholed | Failure::HostMismatch => "-",
@@ -69,6 +72,7 @@ impl Failure {
     pub fn body(self) -> &'static str {
         match self {
             Failure::BadRequest => "bad request: no host\n",
+            Failure::UriTooLong => "URI too long\n",
             Failure::NoRoute | Failure::Blackholed => "",
             Failure::HostMismatch => "the host is not served at the address connected to\n",
             Failure::NoCluster => "no cluster for the destination\n",

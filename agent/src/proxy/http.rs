@@ -50,6 +50,8 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 /// Envoy's default limits on a request's headers: 60 KiB (the request line included) and 100 headers.
 const MAX_REQUEST_HEADERS_BYTES: usize = 60 * 1024;
 const MAX_REQUEST_HEADERS: usize = 100;
+/// The longest request URI taken (a longer one gets 414), within the 60 KiB of the head.
+const MAX_URI_BYTES: usize = 16 * 1024;
 /// The largest request body kept for retries and mirrors; a larger one (or one of unknown size) is streamed
 /// to one try.
 const MAX_REPLAYED_BODY: u64 = 64 * 1024;
@@ -188,6 +190,9 @@ impl HttpProxy {
             record.user_agent = header_text(request.headers(), header::USER_AGENT);
             record.x_forwarded_for = header_text(request.headers(), &X_FORWARDED_FOR);
             record.request_id = header_text(request.headers(), &X_REQUEST_ID);
+        }
+        if request.uri().path_and_query().is_some_and(|pq| pq.as_str().len() > MAX_URI_BYTES) {
+            return self.local_failure(Failure::UriTooLong, record, started, None);
         }
         let authority = request
             .uri()
