@@ -51,13 +51,14 @@ fn classify(ctx: &TcContext) -> (Verdict, i32) {
             // No proxy to take it: the flow is treated as unmatched.
             Err(()) => unmatched(ctx, &flow, config),
         },
-        Verdict::Blackholed => unmatched(ctx, &flow, config),
+        // Unmatched: the source's own mode (a Sidecar's), else the policy's, says which.
+        Verdict::Blackholed | Verdict::Passthrough => unmatched(ctx, &flow, config),
         verdict => (verdict, TC_ACT_UNSPEC),
     }
 }
 
 fn unmatched(ctx: &TcContext, flow: &parse::Flow, config: &DatapathConfig) -> (Verdict, i32) {
-    if config.mode != MODE_REGISTRY_ONLY {
+    if maps::mode_for(flow.family, &flow.src, config) != MODE_REGISTRY_ONLY {
         return (Verdict::Passthrough, TC_ACT_UNSPEC);
     }
     (Verdict::Blackholed, blackhole::act(ctx, flow, config))

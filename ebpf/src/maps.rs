@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use sluice_common::{
     AllowV4, AllowV6, CidrV4, CidrV6, Counter, DatapathConfig, DestinationKey, DestinationStats, FlowKey, FragmentKey,
-    PortKey, Rule, Verdict, EVENTS_BYTES, L4V4, L4V6, MAX_BLACKHOLED, MAX_FLOWS, MAX_FRAGMENTED, MAX_RULES,
-    VERDICT_COUNT,
+    PortKey, Rule, SourceKey, Verdict, EVENTS_BYTES, L4V4, L4V6, MAX_BLACKHOLED, MAX_FLOWS, MAX_FRAGMENTED, MAX_RULES,
+    MAX_SOURCES, VERDICT_COUNT,
 };
 
 /// Room for two generations of policy.
@@ -40,6 +40,8 @@ pub static BLACKHOLED: LruHashMap<DestinationKey, DestinationStats> = LruHashMap
 pub static FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::pinned(MAX_FLOWS, 0);
 #[map(name = "SLUICE_FRAGS")]
 pub static FRAGMENTS: LruHashMap<FragmentKey, u32> = LruHashMap::pinned(MAX_FRAGMENTED, 0);
+#[map(name = "SLUICE_SOURCES")]
+pub static SOURCES: HashMap<SourceKey, u32> = HashMap::pinned(MAX_SOURCES, BPF_F_NO_PREALLOC);
 #[map(name = "SLUICE_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
 
@@ -53,6 +55,14 @@ pub fn active() -> Option<(u8, &'static DatapathConfig)> {
         return None;
     }
     Some((generation as u8, config))
+}
+
+/// The mode for what no rule matches from `src` (of `family`): its workload's own, else the generation's.
+#[inline(always)]
+pub fn mode_for(family: u8, src: &[u8; 16], config: &DatapathConfig) -> u32 {
+    let key = SourceKey { addr: *src, family, _pad: [0; 3] };
+    // SAFETY: the value is copied out at once; the agent replaces entries whole.
+    unsafe { SOURCES.get(&key) }.copied().unwrap_or(config.mode)
 }
 
 #[inline(always)]

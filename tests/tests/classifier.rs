@@ -1,7 +1,10 @@
 //! The classifier run by the kernel on crafted packets (`BPF_PROG_TEST_RUN`): every parsing path, every verdict,
 //! the counters, and the answers reject mode writes.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use sluice_agent::{
     datapath::Datapath,
@@ -284,6 +287,29 @@ fn allow_any_passes_what_no_entry_matches() {
     assert_eq!((action, verdict), (CONTINUE, Verdict::Passthrough));
     let (action, verdict, _) = classifier.run(&v4(BLOCKED, TCP, &[0, 1]));
     assert_eq!((action, verdict), (CONTINUE, Verdict::Malformed), "malformed packets are left to the stack");
+}
+
+#[test]
+fn a_workloads_own_mode_decides_what_no_entry_matches_from_it() {
+    let mut classifier = Classifier::load(OutboundMode::RegistryOnly, BlackholeAction::Drop);
+    let syn = tcp(40000, 80, TCP_SYN, 1);
+    let other_client = Ipv4Addr::new(10, 240, 1, 3);
+    let from = |client: Ipv4Addr| ethernet(0x0800, &[], &ipv4(client, BLOCKED, TCP, &[], 0, &syn));
+    let from_v6 = v6(BLOCKED_V6, TCP, &[], &syn);
+    let modes = BTreeMap::from([(CLIENT.into(), OutboundMode::AllowAny), (CLIENT_V6.into(), OutboundMode::AllowAny)]);
+    classifier.datapath.set_source_modes(&modes).unwrap();
+    assert_eq!(classifier.run(&from(CLIENT)).1, Verdict::Passthrough, "its Sidecar says ALLOW_ANY");
+    assert_eq!(classifier.run(&from_v6).1, Verdict::Passthrough, "IPv6 sources alike");
+    assert_eq!(classifier.run(&from(other_client)).1, Verdict::Blackholed, "the others keep the policy's mode");
+    assert_eq!(classifier.run(&v4(ALLOWED, TCP, &syn)).1, Verdict::Allowed, "rules still match first");
+    classifier.datapath.set_source_modes(&BTreeMap::from([(CLIENT_V6.into(), OutboundMode::AllowAny)])).unwrap();
+    assert_eq!(classifier.run(&from(CLIENT)).1, Verdict::Blackholed, "an entry removed is the policy's mode again");
+    assert_eq!(classifier.run(&from_v6).1, Verdict::Passthrough);
+
+    let mut classifier = Classifier::load(OutboundMode::AllowAny, BlackholeAction::Drop);
+    classifier.datapath.set_source_modes(&BTreeMap::from([(CLIENT.into(), OutboundMode::RegistryOnly)])).unwrap();
+    assert_eq!(classifier.run(&from(CLIENT)).0, DROP, "its Sidecar says REGISTRY_ONLY");
+    assert_eq!(classifier.run(&from(other_client)).1, Verdict::Passthrough);
 }
 
 #[test]

@@ -8,6 +8,7 @@ mod generations;
 mod object;
 mod pins;
 mod routing;
+mod sources;
 
 use std::{io, path::Path};
 
@@ -81,6 +82,7 @@ pub struct Datapath {
     policy: generations::PolicyMaps,
     counters: VerdictCounters,
     blackholed: BlackholedDestinations,
+    sources: sources::SourceModes,
     events: Option<RingBuf<MapData>>,
     attached: Vec<String>,
     adopted: Vec<String>,
@@ -106,6 +108,7 @@ impl Datapath {
         let policy = generations::PolicyMaps::take(&mut ebpf)?;
         let counters = VerdictCounters::take(&mut ebpf)?;
         let blackholed = BlackholedDestinations::take(&mut ebpf)?;
+        let sources = sources::SourceModes::take(&mut ebpf)?;
         let events = RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?)
             .map_err(|source| DatapathError::Map { map: names::EVENTS, source })?;
         Ok(Datapath {
@@ -114,6 +117,7 @@ impl Datapath {
             policy,
             counters,
             blackholed,
+            sources,
             events: Some(events),
             attached: Vec::new(),
             adopted: Vec::new(),
@@ -124,6 +128,15 @@ impl Datapath {
     /// none still sees the old one once this returns.
     pub fn apply(&mut self, policy: &DatapathPolicy) -> Result<(), DatapathError> {
         self.policy.write(policy)
+    }
+
+    /// Makes `modes` the modes of the workloads (by address) whose own outbound traffic policy differs from the
+    /// policy's: what no rule matches from them is blackholed or passed by theirs.
+    pub fn set_source_modes(
+        &mut self,
+        modes: &std::collections::BTreeMap<std::net::IpAddr, crate::policy::OutboundMode>,
+    ) -> Result<(), DatapathError> {
+        self.sources.write(modes)
     }
 
     /// Fails, naming the first, if any of `interfaces` does not exist: checked before anything is loaded, so a

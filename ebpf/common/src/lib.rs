@@ -22,10 +22,11 @@ pub mod names {
     pub const FLOWS: &str = "SLUICE_FLOWS";
     pub const EVENTS: &str = "SLUICE_EVENTS";
     pub const FRAGMENTS: &str = "SLUICE_FRAGS";
+    pub const SOURCES: &str = "SLUICE_SOURCES";
     /// Every map, for pinning and cleanup.
-    pub const MAPS: [&str; 14] = [
+    pub const MAPS: [&str; 15] = [
         ACTIVE, CONFIG, EXACT_V4, EXACT_V6, CIDR_V4, CIDR_V6, ALLOW_V4, ALLOW_V6, PORTS, COUNTERS, BLACKHOLED, FLOWS,
-        EVENTS, FRAGMENTS,
+        EVENTS, FRAGMENTS, SOURCES,
     ];
 }
 
@@ -38,6 +39,8 @@ pub const MAX_FLOWS: u32 = 65_536;
 /// Fragmented datagrams whose first fragment was allowed, remembered so their later fragments (which carry no
 /// ports) are allowed too (least recently seen are evicted).
 pub const MAX_FRAGMENTED: u32 = 16_384;
+/// Workloads whose own outbound traffic policy (a Sidecar's) differs from the policy's mode.
+pub const MAX_SOURCES: u32 = 65_536;
 /// Bytes of the blocked-flow event ring buffer.
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 
@@ -282,6 +285,16 @@ pub struct DestinationStats {
     pub last_seen_ns: u64,
 }
 
+/// A workload's address, whose traffic that no rule matches follows its own mode (`MODE_*`, the value) rather
+/// than the generation's: a Sidecar's `outboundTrafficPolicy`. IPv4 addresses in the first 4 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceKey {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
 /// A flow (5-tuple); IPv4 addresses in the first 4 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -332,6 +345,7 @@ mod user {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for BlockedFlowEvent {}
     unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for SourceKey {}
     unsafe impl aya::Pod for CidrV4 {}
     unsafe impl aya::Pod for CidrV6 {}
 }
