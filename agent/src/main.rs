@@ -271,6 +271,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     control.proxy.host_verify = args.host_verify;
     let (kube_sender, mut kube_changes) = tokio::sync::watch::channel(None);
     let workloads = Arc::new(arc_swap::ArcSwap::from_pointee(Workloads::default()));
+    // Rung when the pods change: the workloads whose Sidecar's mode differs may have too.
+    let pods_changed = Arc::new(tokio::sync::Notify::new());
     if args.kube {
         let client = kube::Client::try_default()
             .await
@@ -281,12 +283,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         // The pods behind the gateway, by address: the sources of requests.
         let (pods_sender, mut pods) = tokio::sync::watch::channel(Arc::new(Workloads::default()));
         tokio::spawn(kubernetes::watch_pods(client, pods_sender));
-        let known = workloads.clone();
+        let (known, changed) = (workloads.clone(), pods_changed.clone());
         tokio::spawn(async move {
             while pods.changed().await.is_ok() {
                 let current = pods.borrow_and_update().clone();
                 tracing::debug!(addresses = current.len(), "workloads updated");
                 known.store(current);
+                changed.notify_one();
             }
         });
         control.kube = Some(kube_changes.clone());
@@ -329,7 +332,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let counters = datapath.counters();
     let metrics = telemetry::metrics::registry(counters.clone(), datapath.blackholed(), args.access_log_format);
-    let routes = Arc::new(arc_swap::ArcSwap::from_pointee(control.proxy_policy(policy.mode)));
+    let routes = Arc::new(arc_swap::ArcSwap::from_pointee(control.proxy_policy()));
     metrics.config_generation.set(1);
     let (dump, dump_reader) = tokio::sync::watch::channel(Arc::new(control.dump(1, &policy)));
     metrics.set_rejected(control.rejected());
@@ -350,7 +353,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let http = Arc::new(
         HttpProxy::new(routes.clone(), metrics.requests.clone(), limits)
             .with_resolver(resolver)
-            .with_workloads(workloads),
+            .with_workloads(workloads.clone()),
     );
     for listener in forward_proxy.into_iter().flatten() {
         tasks.spawn(proxy::gateway_listeners::accept(listener, Listener::Forward, http.clone()));
@@ -360,7 +363,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let mut gateways = GatewayListeners::new(http);
     gateways.reconcile(&routes.load().gateway_ports());
-    let mut enforced = Enforced { datapath, routes, gateways, metrics, dump };
+    let mut enforced = Enforced { datapath, routes, gateways, metrics, dump, workloads, sources: None };
+    enforced.apply_sources();
 
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     loop {
@@ -378,6 +382,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 refresh = reload(&mut control, &mut enforced).await;
             }
             Some(()) = changes.recv() => refresh = reload(&mut control, &mut enforced).await,
+            _ = pods_changed.notified(), if args.kube => enforced.apply_sources(),
             _ = tokio::time::sleep(refresh) => {
                 let (changed, next) = control.resolve().await;
                 refresh = next;
@@ -486,10 +491,10 @@ impl Control {
         compile::datapath_policy(&self.store.snapshot(), &self.resolved, &self.node)
     }
 
-    fn proxy_policy(&self, mode: OutboundMode) -> sluice_agent::policy::routes::ProxyPolicy {
+    fn proxy_policy(&self) -> sluice_agent::policy::routes::ProxyPolicy {
         let snapshot = self.store.snapshot();
         let bindings = sluice_agent::policy::bindings::bind(&snapshot, &self.labels);
-        let settings = ProxySettings { mode, ..self.proxy.clone() };
+        let settings = ProxySettings { mode: compile::mesh_mode(&snapshot, &self.node), ..self.proxy.clone() };
         sluice_agent::policy::routes::proxy_policy(&snapshot, &self.resolved, &bindings, &settings, &self.clusters)
     }
 
@@ -528,6 +533,9 @@ struct Enforced {
     gateways: GatewayListeners,
     metrics: telemetry::metrics::Metrics,
     dump: tokio::sync::watch::Sender<Arc<String>>,
+    workloads: Arc<arc_swap::ArcSwap<Workloads>>,
+    /// The per-workload modes the kernel holds; `None` until written (a previous agent's may be pinned there).
+    sources: Option<std::collections::BTreeMap<std::net::IpAddr, OutboundMode>>,
 }
 
 impl Enforced {
@@ -537,9 +545,10 @@ impl Enforced {
         let policy = control.policy();
         match self.datapath.apply(&policy) {
             Ok(()) => {
-                let routes = control.proxy_policy(policy.mode);
+                let routes = control.proxy_policy();
                 self.gateways.reconcile(&routes.gateway_ports());
                 self.routes.store(Arc::new(routes));
+                self.apply_sources();
                 let generation = self.metrics.config_generation.inc() + 1;
                 let _ = self.dump.send(Arc::new(control.dump(generation as u64, &policy)));
                 tracing::info!(
@@ -553,6 +562,23 @@ impl Enforced {
             Err(error) => {
                 tracing::error!(error = %error, "the new policy was not applied; the previous one stays in force")
             }
+        }
+    }
+}
+
+impl Enforced {
+    /// Tells the kernel which workloads' mode differs from the policy's (their Sidecars'), by address.
+    fn apply_sources(&mut self) {
+        let exceptions = self.routes.load().sidecars.exceptions(&self.workloads.load());
+        if self.sources.as_ref() == Some(&exceptions) {
+            return;
+        }
+        match self.datapath.set_source_modes(&exceptions) {
+            Ok(()) => {
+                tracing::info!(workloads = exceptions.len(), "workloads with their own outbound mode applied");
+                self.sources = Some(exceptions);
+            }
+            Err(error) => tracing::error!(%error, "the workloads' own outbound modes were not applied"),
         }
     }
 }

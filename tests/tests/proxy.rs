@@ -146,6 +146,36 @@ fn allow_any_passes_unregistered_hosts_through_to_their_original_destination() {
     assert!(total(&metrics, "istio_tcp_sent_bytes_total", &relayed) > 0, "{metrics}");
 }
 
+#[test]
+fn a_root_namespace_sidecars_outbound_mode_is_every_workloads_in_the_proxy_and_in_the_kernel() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_B, 80), addr(SERVER_B, 8081)], ECHO).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    // No mesh config (Istio's ALLOW_ANY), but the root namespace's Sidecar says REGISTRY_ONLY.
+    let sidecar = "apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default, namespace: istio-system}
+spec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}
+";
+    write_config(config.path(), &[HTTPBIN, sidecar]);
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --blackhole reject --config {}",
+        config.path().display()
+    );
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    let opaque = format!("http://{SERVER_B}:8081/");
+
+    assert_eq!(get(&topology, "edition.cnn.com", SERVER_B, "/", &[]).0, 502, "the proxy: {}", agent.log());
+    let refused = curl(&topology.workload, &["--max-time", "2", &opaque]).unwrap_err().to_string();
+    assert!(refused.contains("refused") || refused.contains("(7)"), "the kernel rejects it: {refused}");
+
+    write_config(config.path(), &[HTTPBIN]);
+    wait_for_log(&agent, "policy applied");
+    assert_eq!(get(&topology, "edition.cnn.com", SERVER_B, "/", &[]).0, 200, "the mesh's ALLOW_ANY again");
+    assert!(curl(&topology.workload, &[&opaque]).unwrap().starts_with(SERVER_B), "and in the kernel");
+}
+
 const ROUTES: &str = "apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: backends, namespace: egress}

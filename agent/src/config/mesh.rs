@@ -23,6 +23,10 @@ pub struct MeshConfig {
     /// `exportTo` for VirtualServices that set none.
     #[serde(default)]
     pub default_virtual_service_export_to: Vec<String>,
+    /// Where mesh-wide defaults live (a Sidecar without a selector there is every namespace's default); Istio's
+    /// default is `istio-system`.
+    #[serde(default)]
+    pub root_namespace: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]

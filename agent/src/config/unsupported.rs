@@ -46,10 +46,10 @@ pub fn fields(resource: &Resource) -> Vec<(String, &'static str)> {
             }
         }
         Spec::Sidecar(sidecar) => {
-            if sidecar.outbound_traffic_policy.is_some() {
+            if !sidecar.egress.is_empty() {
                 found.push((
-                    "spec.outboundTrafficPolicy".into(),
-                    "the mesh config's mode applies (the gateway does not know which workload sent a flow)",
+                    "spec.egress".into(),
+                    "the hosts a namespace imports are not narrowed; exportTo and outboundTrafficPolicy apply",
                 ));
             }
         }

@@ -30,6 +30,11 @@ impl Workloads {
         Workloads { by_address }
     }
 
+    /// Every address with its workload.
+    pub fn iter(&self) -> impl Iterator<Item = (IpAddr, &Workload)> {
+        self.by_address.iter().map(|(address, workload)| (*address, &**workload))
+    }
+
     pub fn get(&self, address: IpAddr) -> Option<&Arc<Workload>> {
         self.by_address.get(&address)
     }

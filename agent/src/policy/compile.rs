@@ -4,7 +4,10 @@ use std::collections::BTreeSet;
 
 use ipnet::IpNet;
 
-use super::l4::{BlackholeAction, DatapathPolicy, L4Rule, OutboundMode, Protocol};
+use super::{
+    l4::{BlackholeAction, DatapathPolicy, L4Rule, OutboundMode, Protocol},
+    sidecars::SidecarModes,
+};
 use crate::config::{
     resolver::{entry_names, Resolved},
     service_entry::{is_http, parse_address, transport, Resolution, ServiceEntry, Transport},
@@ -45,18 +48,24 @@ pub fn datapath_policy(snapshot: &Snapshot, resolved: &Resolved, node: &NodeSett
             }
         }
     }
-    let mode = node.mode.unwrap_or(match snapshot.mesh.outbound_mode() {
-        Some(OutboundTrafficMode::RegistryOnly) => OutboundMode::RegistryOnly,
-        Some(OutboundTrafficMode::AllowAny) | None => OutboundMode::AllowAny,
-    });
     DatapathPolicy {
-        mode,
+        // Everyone's mode: the root namespace's Sidecar's, else the mesh's. Workloads whose own Sidecar says
+        // otherwise are the datapath's per-source exceptions.
+        mode: SidecarModes::compile(snapshot, mesh_mode(snapshot, node)).default,
         blackhole: node.blackhole,
         allow_cidrs: node.allow_cidrs.clone(),
         rules: out,
         intercept_ports: node.intercept_ports.clone(),
         proxy_port: node.proxy_port,
     }
+}
+
+/// The mesh's outbound mode: the node's override, else the mesh config's, else Istio's default (ALLOW_ANY).
+pub fn mesh_mode(snapshot: &Snapshot, node: &NodeSettings) -> OutboundMode {
+    node.mode.unwrap_or(match snapshot.mesh.outbound_mode() {
+        Some(OutboundTrafficMode::RegistryOnly) => OutboundMode::RegistryOnly,
+        Some(OutboundTrafficMode::AllowAny) | None => OutboundMode::AllowAny,
+    })
 }
 
 /// The L4 rules of one ServiceEntry. HTTP ports the node intercepts get none: their traffic goes to the proxy,

@@ -7,5 +7,6 @@ pub mod host_match;
 pub mod http_match;
 pub mod l4;
 pub mod routes;
+pub mod sidecars;
 
 pub use l4::{BlackholeAction, DatapathPolicy, L4Rule, OutboundMode, Protocol};

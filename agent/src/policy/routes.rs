@@ -19,6 +19,7 @@ use super::{
     clusters::{settings_for_port, with_labels, Cluster, ClusterPolicy, ClusterStates, Endpoint, LoadBalance},
     host_match::HostTable,
     http_match::{RegexCache, RequestMatch},
+    sidecars::SidecarModes,
     OutboundMode,
 };
 use crate::config::{
@@ -34,6 +35,7 @@ use crate::telemetry::labels::DestinationLabels;
 /// What the node, not the mesh, decides for the proxy.
 #[derive(Clone, Debug, Default)]
 pub struct ProxySettings {
+    /// The mesh's outbound mode (the mesh config's, or what overrides it); Sidecars refine it per workload.
     pub mode: OutboundMode,
     /// This gateway's own Service hosts: a mesh route to one continues in the gateway context.
     pub own_services: Vec<String>,
@@ -66,7 +68,8 @@ impl HostVerify {
 /// Everything the proxy decides with, swapped whole when the configuration changes.
 #[derive(Debug, Default)]
 pub struct ProxyPolicy {
-    pub mode: OutboundMode,
+    /// The outbound mode of each source workload (its Sidecar's, else the mesh's).
+    pub sidecars: SidecarModes,
     pub host_verify: HostVerify,
     /// Host → the services ServiceEntries register under it, in declaration order.
     registry: HostTable<Arc<[Arc<Service>]>>,
@@ -518,7 +521,7 @@ pub fn proxy_policy(
     let mesh = bindings.mesh.map(|indexes| Arc::new(virtual_host(snapshot, indexes, &mut regexes)));
     let mut virtual_host = |indexes: &Vec<usize>| Arc::new(virtual_host(snapshot, indexes, &mut regexes));
     ProxyPolicy {
-        mode: settings.mode,
+        sidecars: SidecarModes::compile(snapshot, settings.mode),
         host_verify: settings.host_verify,
         registry: table,
         mesh,

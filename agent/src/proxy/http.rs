@@ -112,6 +112,11 @@ impl HttpProxy {
         HttpProxy { policy, upstreams, telemetry, limits, connections, resolver: None, workloads: Default::default() }
     }
 
+    /// The workload at `address`, when the pod watcher knows it.
+    pub fn workload(&self, address: std::net::IpAddr) -> Option<Arc<crate::config::workloads::Workload>> {
+        self.workloads.load().get(address).cloned()
+    }
+
     /// Knows the workloads that send requests from `workloads` (kept current by its owner).
     pub fn with_workloads(mut self, workloads: Arc<ArcSwap<Workloads>>) -> HttpProxy {
         self.workloads = workloads;

@@ -45,7 +45,8 @@ async fn dispatch(connection: Intercepted, proxy: Arc<HttpProxy>, policy: Arc<Ar
             proxy.serve_connection(connection.stream, context).await;
         }
         Detected::Opaque => {
-            tcp::relay(connection, policy.load().mode, &proxy.telemetry().tcp, proxy.source_addresses()).await
+            let mode = policy.load().sidecars.mode_for(proxy.workload(connection.peer.ip()).as_deref());
+            tcp::relay(connection, mode, &proxy.telemetry().tcp, proxy.source_addresses()).await
         }
     }
 }

@@ -199,7 +199,8 @@ pub fn decide<'p, B>(
             listener = Listener::Gateway(destination_port);
             continue;
         }
-        return match destination(policy, host, destination_port, subset, listener, local, viewer) {
+        let mesh_source = source.filter(|_| listener.is_mesh());
+        return match destination(policy, host, destination_port, subset, listener, local, mesh_source) {
             Ok(mut destination) => {
                 if reroute && destination.address.ip() == local.ip() {
                     match destination.service.and_then(|(service, port, _)| service.own_address(port)) {
@@ -217,7 +218,8 @@ pub fn decide<'p, B>(
 }
 
 /// Where `host`:`port` is reached from `listener`, by the registry and the outbound mode.
-/// `viewer`: the source workload's namespace, whose exportTo view of the registry applies.
+/// `source`: the workload that sent intercepted traffic (when known), whose namespace's exportTo view of the
+/// registry applies, and whose Sidecar's outbound mode.
 pub fn destination<'p>(
     policy: &'p ProxyPolicy,
     host: &str,
@@ -225,8 +227,9 @@ pub fn destination<'p>(
     subset: Option<&'p str>,
     listener: Listener,
     local: SocketAddr,
-    viewer: Option<&str>,
+    source: Option<&Workload>,
 ) -> Result<Destination<'p>, (Failure, Option<DestinationLabels>)> {
+    let viewer = source.map(|source| &*source.namespace);
     // Intercepted (or forward-proxied) requests have an original destination: the address the client (or the
     // proxy's own lookup) chose.
     let intercepted = listener.is_mesh();
@@ -251,7 +254,7 @@ pub fn destination<'p>(
                 hash: None,
             })
         }
-        Registered::Unknown if policy.mode == OutboundMode::RegistryOnly => {
+        Registered::Unknown if policy.sidecars.mode_for(source) == OutboundMode::RegistryOnly => {
             Err((Failure::Blackholed, Some(DestinationLabels::blackhole())))
         }
         Registered::Unknown if intercepted => Ok(Destination {
