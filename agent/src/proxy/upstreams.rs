@@ -98,7 +98,13 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 struct Http1Pool {
     idle: Mutex<HashMap<SocketAddr, VecDeque<Idle>, foldhash::fast::RandomState>>,
     source: SourceAddresses,
+    /// Connections given back, so that every `SWEEP_EVERY`th sweeps the whole pool.
+    given_back: std::sync::atomic::AtomicUsize,
 }
+
+/// How often (in connections given back) the pool drops what closed or idled too long at every address, not
+/// only at the one in use: passthrough traffic reaches many addresses once each.
+const SWEEP_EVERY: usize = 1024;
 
 struct Idle {
     sender: http1::SendRequest<ProxyBody>,
@@ -107,7 +113,7 @@ struct Idle {
 
 impl Http1Pool {
     fn new(source: SourceAddresses) -> Http1Pool {
-        Http1Pool { idle: Mutex::default(), source }
+        Http1Pool { idle: Mutex::default(), source, given_back: Default::default() }
     }
 
     async fn send(
@@ -184,7 +190,14 @@ impl Http1Pool {
 
     fn give_back(&self, address: SocketAddr, sender: http1::SendRequest<ProxyBody>) {
         let now = Instant::now();
+        let sweep = self.given_back.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % SWEEP_EVERY == 0;
         let mut idle = self.lock();
+        if sweep {
+            idle.retain(|_, connections| {
+                connections.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < IDLE_TIMEOUT);
+                !connections.is_empty()
+            });
+        }
         let connections = idle.entry(address).or_default();
         // The oldest are at the front: those idle too long are closed (by dropping them).
         while connections.front().is_some_and(|oldest| now.duration_since(oldest.since) >= IDLE_TIMEOUT) {
@@ -288,5 +301,81 @@ impl Http2Pool {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, SendRequest<ProxyBody>>> {
         self.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::{BodyExt, Empty};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// An HTTP/1.1 server on loopback answering `ok` to every request; `close_after_answer` closes each
+    /// connection once it has answered (as a server whose keep-alive timeout is short does). Counts connections.
+    async fn server(close_after_answer: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buffer = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    while let Ok(n) = stream.read(&mut chunk).await {
+                        if n == 0 {
+                            return;
+                        }
+                        buffer.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buffer.drain(..end + 4);
+                            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                            if close_after_answer {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (address, accepted)
+    }
+
+    async fn get(upstreams: &Upstreams, address: SocketAddr) -> String {
+        let outgoing = Outgoing {
+            address,
+            http2: false,
+            authority: "pool.test",
+            path_and_query: "/",
+            method: Method::GET,
+            headers: HeaderMap::new(),
+            connect_timeout: Duration::from_secs(1),
+        };
+        let body = Empty::new().map_err(|never| match never {}).boxed();
+        let response = upstreams.send(outgoing, body).await.expect("a response");
+        String::from_utf8_lossy(&response.into_body().collect().await.unwrap().to_bytes()).into_owned()
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_once_its_response_is_read_and_a_closed_one_is_passed_over() {
+        let upstreams = Upstreams::new(SourceAddresses::default());
+        let (address, accepted) = server(false).await;
+        for _ in 0..3 {
+            assert_eq!(get(&upstreams, address).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection carries every request in turn");
+
+        let (address, accepted) = server(true).await;
+        for _ in 0..3 {
+            assert_eq!(get(&upstreams, address).await, "ok");
+            // The server's close reaches the pooled connection.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3, "a connection the server closed is not used again");
+        assert!(upstreams.http1.lock().get(&address).is_none_or(|idle| idle.len() <= 1));
     }
 }
