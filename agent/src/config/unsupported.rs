@@ -46,11 +46,10 @@ pub fn fields(resource: &Resource) -> Vec<(String, &'static str)> {
             }
         }
         Spec::Sidecar(sidecar) => {
-            if !sidecar.egress.is_empty() {
-                found.push((
-                    "spec.egress".into(),
-                    "the hosts a namespace imports are not narrowed; exportTo and outboundTrafficPolicy apply",
-                ));
+            for (i, listener) in sidecar.egress.iter().enumerate() {
+                if listener.port.is_some() || listener.bind.is_some() {
+                    found.push((format!("spec.egress[{i}].port"), "a listener's hosts are imported on every port"));
+                }
             }
         }
         Spec::ServiceEntry(_) | Spec::Gateway(_) => {}

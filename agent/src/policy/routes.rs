@@ -28,6 +28,7 @@ use crate::config::{
     resolver::Resolved,
     service_entry::{is_http, is_http2, parse_address, Resolution, ServiceEntry},
     virtual_service::HttpRoute,
+    workloads::Workload,
     Snapshot, Spec,
 };
 use crate::telemetry::labels::DestinationLabels;
@@ -88,6 +89,35 @@ pub struct GatewayRoutes {
     /// Server ports with an HTTP protocol (HTTP, HTTP2, GRPC, GRPC-WEB).
     pub http_ports: Vec<u16>,
     pub hosts: HostTable<Arc<VirtualHost>>,
+}
+
+/// Who looks a host up: the gateway for its Gateway ports (every resource visible, the mesh's mode; Sidecars
+/// are for workloads), or the workloads' own traffic from a known workload or an unknown one.
+#[derive(Clone, Copy, Debug)]
+pub enum Viewer<'a> {
+    Gateway,
+    Workload(Option<&'a Workload>),
+}
+
+impl Viewer<'_> {
+    /// Whether this viewer sees a resource of `namespace` for `host` exported as `visible_to`.
+    pub fn sees(self, policy: &ProxyPolicy, visible_to: &Visibility, namespace: &str, host: &str) -> bool {
+        match self {
+            Viewer::Gateway => true,
+            Viewer::Workload(source) => {
+                visible_to.admits(source.map(|source| &*source.namespace))
+                    && policy.sidecars.imports(source, namespace, host)
+            }
+        }
+    }
+
+    /// The outbound mode for what this viewer sends that nothing registers.
+    pub fn mode(self, policy: &ProxyPolicy) -> OutboundMode {
+        match self {
+            Viewer::Gateway => policy.sidecars.mesh(),
+            Viewer::Workload(source) => policy.sidecars.mode_for(source),
+        }
+    }
 }
 
 /// Which namespaces' workloads see a resource (`exportTo`): all (`*`, or nothing said: Istio's default), or the
@@ -243,6 +273,8 @@ pub struct Route {
     pub cors: Option<Box<Cors>>,
     /// Its VirtualService's `exportTo`.
     pub visible_to: Visibility,
+    /// Its VirtualService's namespace, which Sidecars import by.
+    pub namespace: Arc<str>,
 }
 
 /// Retries as Envoy makes them: `attempts` retries after the first try, each try bounded by `per_try_timeout`,
@@ -457,12 +489,13 @@ pub enum Registered<'a> {
 impl ProxyPolicy {
     /// The service registered for `host` (a Host, an authority or a destination host) on `port`.
     pub fn registered(&self, host: &str, port: u16) -> Registered<'_> {
-        self.registered_for(host, port, None)
+        self.registered_for(host, port, Viewer::Gateway)
     }
 
-    /// The service registered for `host` on `port` that workloads of namespace `viewer` see (`exportTo`).
-    pub fn registered_for(&self, host: &str, port: u16, viewer: Option<&str>) -> Registered<'_> {
-        let visible = |s: &&Arc<Service>| s.has_port(port) && s.visible_to.admits(viewer);
+    /// The service registered for `host` on `port` that `viewer` sees: for the workloads' traffic, exported to
+    /// the source's namespace (`exportTo`; an unknown source sees all) and imported by its Sidecar.
+    pub fn registered_for(&self, host: &str, port: u16, viewer: Viewer<'_>) -> Registered<'_> {
+        let visible = |s: &&Arc<Service>| s.has_port(port) && viewer.sees(self, &s.visible_to, &s.namespace, &s.host);
         match self.registry.get(host).and_then(|services| services.iter().find(visible)) {
             Some(service) => Registered::Service(service),
             None => Registered::Unknown,
@@ -659,10 +692,12 @@ fn virtual_host(snapshot: &Snapshot, indexes: &[usize], regexes: &mut RegexCache
         let namespace = resource.metadata.namespace();
         let visible_to =
             Visibility::compile_or(&service.export_to, &snapshot.mesh.default_virtual_service_export_to, namespace);
+        let shared_namespace: Arc<str> = namespace.into();
         for (i, route) in service.http.iter().enumerate() {
             let name = route.name.clone().unwrap_or_else(|| format!("{namespace}/{}[{i}]", resource.metadata.name));
             let mut route = compile_route(route, name, namespace, regexes);
             route.visible_to = visible_to.clone();
+            route.namespace = shared_namespace.clone();
             host.routes.push(route);
         }
     }
@@ -745,6 +780,7 @@ fn compile_route(route: &HttpRoute, name: String, namespace: &str, regexes: &mut
         }),
         cors: route.cors_policy.as_ref().map(|policy| Box::new(cors(policy, regexes))),
         visible_to: Visibility::All,
+        namespace: namespace.into(),
     }
 }
 

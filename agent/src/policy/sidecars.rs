@@ -1,7 +1,8 @@
-//! The Sidecars' outbound traffic policies: which mode a workload's traffic follows. Istio's choice of Sidecar
-//! for a workload: one in its namespace whose `workloadSelector` selects it, else its namespace's Sidecar without
-//! a selector, else the root namespace's without a selector; the chosen Sidecar's `outboundTrafficPolicy.mode`,
-//! else the mesh's mode.
+//! The Sidecars: which outbound mode a workload's traffic follows, and which services and VirtualServices it
+//! sees (`egress[].hosts`). Istio's choice of Sidecar for a workload: one in its namespace whose
+//! `workloadSelector` selects it, else its namespace's Sidecar without a selector, else the root namespace's
+//! without a selector. The chosen Sidecar's `outboundTrafficPolicy.mode` applies, else the mesh's; its egress
+//! hosts narrow what the workload sees, a Sidecar without egress hosts narrows nothing.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -23,6 +24,8 @@ pub struct SidecarModes {
     pub default: OutboundMode,
     /// The mesh's mode: a chosen Sidecar that sets none has it.
     mesh: OutboundMode,
+    /// The root namespace's Sidecar without a selector: the Sidecar of workloads whose namespace has none.
+    root: Option<Scoped>,
     /// Per namespace, its Sidecars in order: those with a selector, and the one without.
     namespaces: HashMap<String, Vec<Scoped>>,
 }
@@ -32,6 +35,44 @@ struct Scoped {
     /// `workloadSelector.labels`; `None`: the whole namespace.
     selector: Option<BTreeMap<String, String>>,
     mode: Option<OutboundMode>,
+    /// `egress[].hosts`, all listeners' together; `None`: everything exported to the workload.
+    imports: Option<Box<[Import]>>,
+}
+
+/// One `namespace/host` of a Sidecar's egress hosts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Import {
+    /// `None`: any namespace (`*`); `.` is the Sidecar's own, written out; `~` is no namespace (imports nothing).
+    namespace: Option<String>,
+    /// Lowercase: `*`, `*.suffix`, or a host.
+    host: String,
+}
+
+impl Import {
+    fn parse(text: &str, own_namespace: &str) -> Option<Import> {
+        let (namespace, host) = text.split_once('/')?;
+        let namespace = match namespace {
+            "*" => None,
+            "." => Some(own_namespace.to_owned()),
+            "~" => return None,
+            namespace => Some(namespace.to_owned()),
+        };
+        Some(Import { namespace, host: host.to_ascii_lowercase() })
+    }
+
+    /// Whether a service or VirtualService of `namespace` for `host` is imported.
+    fn admits(&self, namespace: &str, host: &str) -> bool {
+        if self.namespace.as_deref().is_some_and(|own| own != namespace) {
+            return false;
+        }
+        let host = host.trim_end_matches('.');
+        match self.host.strip_prefix('*') {
+            Some("") => true,
+            // `*.example.com` imports the hosts under it, wildcards among them.
+            Some(suffix) => host.len() > suffix.len() && host.to_ascii_lowercase().ends_with(suffix),
+            None => self.host.eq_ignore_ascii_case(host),
+        }
+    }
 }
 
 impl SidecarModes {
@@ -51,27 +92,43 @@ impl SidecarModes {
                 OutboundTrafficMode::RegistryOnly => OutboundMode::RegistryOnly,
                 OutboundTrafficMode::AllowAny => OutboundMode::AllowAny,
             });
-            namespaces.entry(resource.metadata.namespace().to_owned()).or_default().push(Scoped { selector, mode });
+            let namespace = resource.metadata.namespace();
+            let hosts: Vec<&String> = sidecar.egress.iter().flat_map(|listener| &listener.hosts).collect();
+            let imports = (!hosts.is_empty())
+                .then(|| hosts.iter().filter_map(|host| Import::parse(host, namespace)).collect::<Box<[Import]>>());
+            namespaces.entry(namespace.to_owned()).or_default().push(Scoped { selector, mode, imports });
         }
-        let root_default = namespaces.get(root).and_then(|sidecars| sidecars.iter().find(|s| s.selector.is_none()));
-        let default = root_default.map_or(mesh, |sidecar| sidecar.mode.unwrap_or(mesh));
-        SidecarModes { default, mesh, namespaces }
+        let root = namespaces.get(root).and_then(|sidecars| sidecars.iter().find(|s| s.selector.is_none())).cloned();
+        let default = root.as_ref().map_or(mesh, |sidecar| sidecar.mode.unwrap_or(mesh));
+        SidecarModes { default, mesh, root, namespaces }
+    }
+
+    /// The Sidecar Istio chooses for `workload` (`None`: a source not known, which gets the root namespace's).
+    fn chosen(&self, workload: Option<&Workload>) -> Option<&Scoped> {
+        let Some(workload) = workload else { return self.root.as_ref() };
+        let Some(sidecars) = self.namespaces.get(&*workload.namespace) else { return self.root.as_ref() };
+        let selects = |sidecar: &&Scoped| {
+            let selector = sidecar.selector.as_ref();
+            selector.is_some_and(|labels| labels.iter().all(|(k, v)| workload.labels.get(k) == Some(v)))
+        };
+        sidecars.iter().find(selects).or_else(|| sidecars.iter().find(|s| s.selector.is_none())).or(self.root.as_ref())
+    }
+
+    /// The mesh's mode, which Sidecars refine.
+    pub fn mesh(&self) -> OutboundMode {
+        self.mesh
     }
 
     /// The mode `workload`'s traffic follows (`None`: a source not known, which gets the default).
     pub fn mode_for(&self, workload: Option<&Workload>) -> OutboundMode {
-        let Some(workload) = workload else { return self.default };
-        let Some(sidecars) = self.namespaces.get(&*workload.namespace) else { return self.default };
-        let selects = |sidecar: &&Scoped| {
-            sidecar
-                .selector
-                .as_ref()
-                .is_some_and(|labels| labels.iter().all(|(k, v)| workload.labels.get(k) == Some(v)))
-        };
-        let chosen = sidecars.iter().find(selects).or_else(|| sidecars.iter().find(|s| s.selector.is_none()));
-        match chosen {
-            Some(sidecar) => sidecar.mode.unwrap_or(self.mesh),
-            None => self.default,
+        self.chosen(workload).map_or(self.default, |sidecar| sidecar.mode.unwrap_or(self.mesh))
+    }
+
+    /// Whether `workload` sees a service or VirtualService of `namespace` for `host`: its Sidecar imports it.
+    pub fn imports(&self, workload: Option<&Workload>, namespace: &str, host: &str) -> bool {
+        match self.chosen(workload).and_then(|sidecar| sidecar.imports.as_deref()) {
+            Some(imports) => imports.iter().any(|import| import.admits(namespace, host)),
+            None => true,
         }
     }
 
@@ -150,6 +207,44 @@ spec: {egress: [{hosts: ['./*']}]}
         ]
         .into();
         assert_eq!(exceptions, expected, "only the workloads whose mode is not the default");
+    }
+
+    #[test]
+    fn egress_hosts_import_by_namespace_and_host() {
+        let snapshot = Snapshot::from_yaml(
+            "apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default, namespace: istio-system}
+spec: {egress: [{hosts: ['*/*.shared.example']}]}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default, namespace: team-a}
+spec: {egress: [{hosts: ['./*', 'egress/api.example.com']}, {port: {number: 5432, name: pg, protocol: TCP}, hosts: ['~/*']}]}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default, namespace: team-b}
+spec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}
+",
+        );
+        let sidecars = SidecarModes::compile(&snapshot, OutboundMode::AllowAny);
+        let team_a = workload("team-a", &[]);
+        let sees =
+            |workload: Option<&Workload>, namespace: &str, host: &str| sidecars.imports(workload, namespace, host);
+        assert!(sees(Some(&team_a), "team-a", "anything.internal"), "./* imports its own namespace");
+        assert!(sees(Some(&team_a), "egress", "API.example.com."), "a named host, in any case, trailing dot or not");
+        assert!(!sees(Some(&team_a), "egress", "other.example.com"), "not another host of that namespace");
+        assert!(!sees(Some(&team_a), "team-c", "api.example.com"), "nor that host from another namespace");
+        assert!(
+            sees(Some(&workload("team-b", &[])), "anywhere", "any.host"),
+            "a Sidecar without egress narrows nothing"
+        );
+        let shop = workload("shop", &[]);
+        assert!(sees(Some(&shop), "anywhere", "db.shared.example"), "the root Sidecar's imports: any namespace");
+        assert!(sees(Some(&shop), "anywhere", "*.eu.shared.example"), "a wildcard host under the import");
+        assert!(!sees(Some(&shop), "anywhere", "shared.example"), "*.suffix needs a label before the suffix");
+        assert!(!sees(None, "anywhere", "api.example.com"), "an unknown source has the root namespace's Sidecar");
     }
 
     #[test]

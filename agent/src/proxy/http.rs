@@ -536,7 +536,9 @@ impl HttpProxy {
             return self.local_failure(Failure::BadRequest, record, started, None);
         };
         let unresolved = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
-        let destination = match routing::destination(policy, &host, port, None, Listener::Forward, unresolved, None) {
+        let source = record.downstream_remote.and_then(|peer| self.workload(peer.ip()));
+        let viewer = routing::viewer(Listener::Forward, source.as_deref());
+        let destination = match routing::destination(policy, &host, port, None, Listener::Forward, unresolved, viewer) {
             Ok(destination) => destination,
             Err((failure, labels)) => return self.local_failure(failure, record, started, labels),
         };
@@ -585,7 +587,10 @@ impl HttpProxy {
     ) {
         let port = mirror.port.unwrap_or(connection.local.port());
         let listener = connection.listener;
-        let Ok(destination) = routing::destination(policy, &mirror.host, port, None, listener, connection.local, None)
+        let source = self.workload(connection.peer.ip());
+        let viewer = routing::viewer(listener, source.as_deref());
+        let Ok(destination) =
+            routing::destination(policy, &mirror.host, port, None, listener, connection.local, viewer)
         else {
             tracing::debug!(host = %mirror.host, "mirror destination not reachable; not mirrored");
             return;

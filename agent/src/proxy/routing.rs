@@ -12,7 +12,7 @@ pub use crate::policy::host_match::strip_port as host_of;
 use crate::policy::{
     clusters::Cluster,
     http_match::RequestView,
-    routes::{Action, HostVerify, ProxyPolicy, Redirect, Registered, Route, Service, Target, Upstream},
+    routes::{Action, HostVerify, ProxyPolicy, Redirect, Registered, Route, Service, Target, Upstream, Viewer},
     OutboundMode,
 };
 use crate::{config::workloads::Workload, telemetry::labels::DestinationLabels};
@@ -33,6 +33,16 @@ impl Listener {
     /// Whether requests are routed as the workloads' own (the `mesh` gateway).
     fn is_mesh(self) -> bool {
         matches!(self, Listener::Mesh | Listener::Forward)
+    }
+}
+
+/// Who looks hosts up for a request on `listener` from `source`: the workload, for its own traffic (intercepted or
+/// forward-proxied); the gateway, on its Gateway ports.
+pub fn viewer(listener: Listener, source: Option<&Workload>) -> Viewer<'_> {
+    if listener.is_mesh() {
+        Viewer::Workload(source)
+    } else {
+        Viewer::Gateway
     }
 }
 
@@ -124,11 +134,9 @@ pub fn decide<'p, B>(
     let mut port = local.port();
     // Whose exportTo view applies: the source workload's namespace for the workloads' own traffic (unknown: all
     // visible). On Gateway ports every resource is visible.
-    let source_namespace = source.map(|source| &*source.namespace);
-    let viewer = source_namespace.filter(|_| listener.is_mesh());
     // Domain fronting: an intercepted request for a registered host, sent to an address that is not the host's.
     let host_mismatch = listener == Listener::Mesh
-        && match policy.registered_for(host_of(authority), port, viewer) {
+        && match policy.registered_for(host_of(authority), port, Viewer::Workload(source)) {
             Registered::Service(service) => service.known_at(local.ip()) == Some(false),
             Registered::Unknown => false,
         };
@@ -138,7 +146,7 @@ pub fn decide<'p, B>(
     let reroute = host_mismatch && policy.host_verify == HostVerify::Route;
     // At most two passes: the mesh, then (for a route to this gateway's own Service) the gateway.
     for _ in 0..2 {
-        let viewer = source_namespace.filter(|_| listener.is_mesh());
+        let viewer = viewer(listener, source);
         let (gateway_id, virtual_host) = match listener {
             Listener::Mesh | Listener::Forward => ("mesh", policy.mesh.get(authority)),
             Listener::Gateway(gateway_port) => {
@@ -162,7 +170,10 @@ pub fn decide<'p, B>(
                     gateway: gateway_id,
                     source,
                 };
-                let visible = host.routes.iter().filter(|route| route.visible_to.admits(viewer));
+                let visible = host
+                    .routes
+                    .iter()
+                    .filter(|route| viewer.sees(policy, &route.visible_to, &route.namespace, host_of(authority)));
                 let found = visible.clone().find_map(|route| {
                     if route.matches.is_empty() {
                         return Some((route, None));
@@ -199,8 +210,7 @@ pub fn decide<'p, B>(
             listener = Listener::Gateway(destination_port);
             continue;
         }
-        let mesh_source = source.filter(|_| listener.is_mesh());
-        return match destination(policy, host, destination_port, subset, listener, local, mesh_source) {
+        return match destination(policy, host, destination_port, subset, listener, local, viewer) {
             Ok(mut destination) => {
                 if reroute && destination.address.ip() == local.ip() {
                     match destination.service.and_then(|(service, port, _)| service.own_address(port)) {
@@ -227,9 +237,8 @@ pub fn destination<'p>(
     subset: Option<&'p str>,
     listener: Listener,
     local: SocketAddr,
-    source: Option<&Workload>,
+    viewer: Viewer<'_>,
 ) -> Result<Destination<'p>, (Failure, Option<DestinationLabels>)> {
-    let viewer = source.map(|source| &*source.namespace);
     // Intercepted (or forward-proxied) requests have an original destination: the address the client (or the
     // proxy's own lookup) chose.
     let intercepted = listener.is_mesh();
@@ -254,7 +263,7 @@ pub fn destination<'p>(
                 hash: None,
             })
         }
-        Registered::Unknown if policy.sidecars.mode_for(source) == OutboundMode::RegistryOnly => {
+        Registered::Unknown if viewer.mode(policy) == OutboundMode::RegistryOnly => {
             Err((Failure::Blackholed, Some(DestinationLabels::blackhole())))
         }
         Registered::Unknown if intercepted => Ok(Destination {
@@ -434,6 +443,46 @@ spec:
             |source: Option<&Workload>| decide(&policy, &request, "httpbin.org", Listener::Mesh, httpbin, source, 0);
         assert!(matches!(to(Some(&team_b)), Decision::Respond { .. }), "team-b's own VirtualService applies");
         assert!(matches!(to(Some(&team_a)), Decision::Forward { .. }), "team-a sees none: the host's default route");
+    }
+
+    #[test]
+    fn a_sidecars_egress_hosts_and_mode_decide_what_its_workloads_reach() {
+        let yaml = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: httpbin, namespace: egress}
+spec: {hosts: [httpbin.org], addresses: [198.51.100.8], ports: [{number: 80, name: http, protocol: HTTP}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: teapot, namespace: egress}
+spec: {hosts: [httpbin.org], http: [{directResponse: {status: 418}}]}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default, namespace: team-a}
+spec: {egress: [{hosts: ['./*']}]}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default, namespace: team-b}
+spec: {outboundTrafficPolicy: {mode: ALLOW_ANY}}
+";
+        // The mesh is REGISTRY_ONLY (policy_verifying's settings).
+        let policy = policy_verifying(yaml, &[], &[], HostVerify::Strict);
+        let workload =
+            |namespace: &str| Workload { name: "w".into(), namespace: namespace.into(), ..Workload::default() };
+        let (team_a, team_b, team_c) = (workload("team-a"), workload("team-b"), workload("team-c"));
+        let httpbin: SocketAddr = "198.51.100.8:80".parse().unwrap();
+        let request = get("/");
+        let to =
+            |host: &str, source: &Workload| decide(&policy, &request, host, Listener::Mesh, httpbin, Some(source), 0);
+        assert!(matches!(to("httpbin.org", &team_c), Decision::Respond { .. }), "no Sidecar: everything exported");
+        assert!(
+            matches!(to("httpbin.org", &team_a), Decision::Fail { failure: Failure::Blackholed, .. }),
+            "team-a imports only its own namespace: the egress namespace's host and routes are not there"
+        );
+        assert!(matches!(to("example.com", &team_b), Decision::Forward { .. }), "team-b's own mode: ALLOW_ANY");
+        assert!(matches!(to("example.com", &team_c), Decision::Fail { failure: Failure::Blackholed, .. }));
     }
 
     #[test]
