@@ -186,6 +186,20 @@ pub fn send_udp(netns: &Netns, dst: SocketAddr, count: usize, payload: usize) ->
     Ok(())
 }
 
+/// Reads from `stream` up to the end of a request's head (or the end of what it sends): the head, without the
+/// blank line.
+pub fn read_head(stream: &mut impl std::io::Read) -> String {
+    let mut request = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&request).split("\r\n\r\n").next().unwrap_or("").to_owned()
+}
+
 /// An HTTP/1.1 upstream whose answers a test scripts: the n-th request gets the n-th status of the script (200
 /// once it runs out), each with `Connection: close`; a request asking for an upgrade gets `101 Switching
 /// Protocols` and then an echo of every byte it sends. It records every request's head. Stops on drop.
@@ -215,15 +229,7 @@ impl ScriptedServer {
                 };
                 let _ = stream.set_nonblocking(false);
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-                let mut request = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => request.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let head = String::from_utf8_lossy(&request).split("\r\n\r\n").next().unwrap_or("").to_owned();
+                let head = read_head(&mut stream);
                 let upgrade = head.lines().find_map(|line| {
                     let (name, value) = line.split_once(':')?;
                     name.eq_ignore_ascii_case("upgrade").then(|| value.trim().to_owned())

@@ -9,7 +9,7 @@ use std::{
 
 use sluice_tests::{
     istio::{self, backend, HTTPBIN, MESH_REGISTRY_ONLY},
-    peers::{curl, Dnsmasq, Nginx, ScriptedServer},
+    peers::{curl, read_head, Dnsmasq, Nginx, ScriptedServer},
     require_root,
     topology::{GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A, SERVER_B, WORKLOAD_ADDR},
     Agent, Topology,
@@ -837,15 +837,7 @@ fn trailers_server(topology: &Topology, addr: SocketAddr) -> TcpListener {
     let accepting = listener.try_clone().unwrap();
     std::thread::spawn(move || {
         while let Ok((mut stream, _)) = accepting.accept() {
-            let mut request = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                match stream.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => request.extend_from_slice(&buf[..n]),
-                }
-            }
-            let head = String::from_utf8_lossy(&request).to_ascii_lowercase();
+            let head = read_head(&mut stream).to_ascii_lowercase();
             let te = head.lines().find_map(|line| line.strip_prefix("te:")).unwrap_or("").trim().to_owned();
             let response = format!(
                 "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-checksum\r\nconnection: close\r\n\r\n\
