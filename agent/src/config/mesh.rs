@@ -1,5 +1,5 @@
 //! The mesh config's parts Sluice uses, from the `istio` ConfigMap's `mesh` key: `outboundTrafficPolicy.mode`, and
-//! the `exportTo` that ServiceEntries and VirtualServices without one get.
+//! the `exportTo` that ServiceEntries, VirtualServices and DestinationRules without one get, the root namespace.
 
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +23,9 @@ pub struct MeshConfig {
     /// `exportTo` for VirtualServices that set none.
     #[serde(default)]
     pub default_virtual_service_export_to: Vec<String>,
+    /// `exportTo` for DestinationRules that set none.
+    #[serde(default)]
+    pub default_destination_rule_export_to: Vec<String>,
     /// Where mesh-wide defaults live (a Sidecar without a selector there is every namespace's default); Istio's
     /// default is `istio-system`.
     #[serde(default)]
@@ -48,6 +51,11 @@ impl MeshConfig {
     /// The mode the mesh config sets, if it sets one (Istio's default, ALLOW_ANY, applies otherwise).
     pub fn outbound_mode(&self) -> Option<OutboundTrafficMode> {
         self.outbound_traffic_policy.as_ref().and_then(|policy| policy.mode)
+    }
+
+    /// Where mesh-wide defaults live: `rootNamespace`, else Istio's `istio-system`.
+    pub fn root_namespace(&self) -> &str {
+        self.root_namespace.as_deref().unwrap_or("istio-system")
     }
 
     /// Parses the YAML held under the ConfigMap's `mesh` key.

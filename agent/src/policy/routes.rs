@@ -166,10 +166,42 @@ pub struct Service {
     ports: Vec<ServicePort>,
     /// Every address the host is known at: the entry's `addresses`, its endpoints', what its name resolves to.
     known_at: Vec<IpNet>,
-    /// The host's clusters: per port, all endpoints (no subset) and each DestinationRule subset's.
-    clusters: Vec<(u16, Option<String>, Cluster)>,
+    /// The host's clusters under each DestinationRule that applies to some workloads (the first: under none),
+    /// each per port: all endpoints (no subset) and each subset's.
+    variants: Vec<Clusters>,
+    /// Which of `variants` a viewer's requests go through.
+    rules: RuleChoice,
     /// The ServiceEntry's `exportTo`.
     pub visible_to: Visibility,
+}
+
+type Clusters = Vec<(u16, Option<String>, Cluster)>;
+
+/// Which DestinationRule a workload's requests for a host go through, as Istio chooses: one in the workload's
+/// own namespace, else the service's namespace's, else the root namespace's, each if exported to the workload.
+#[derive(Debug, Default)]
+struct RuleChoice {
+    /// Namespaces with a rule of their own for the host, and its variant.
+    own: Vec<(String, usize)>,
+    /// The service's namespace's rule, then the root namespace's: to whom each is exported, and its variant.
+    shared: Vec<(Visibility, usize)>,
+    /// The variant of a source not known and of the gateway: the service's namespace's rule, else the root
+    /// namespace's, else any namespace's (a configuration read from files names no workload).
+    unknown: usize,
+}
+
+impl RuleChoice {
+    fn variant(&self, viewer: Viewer<'_>) -> usize {
+        match viewer {
+            Viewer::Workload(Some(workload)) => {
+                let namespace = &*workload.namespace;
+                let own = self.own.iter().find(|(own, _)| own == namespace).map(|(_, variant)| *variant);
+                own.or_else(|| self.shared.iter().find(|(to, _)| to.admits(Some(namespace))).map(|(_, v)| *v))
+                    .unwrap_or(0)
+            }
+            Viewer::Workload(None) | Viewer::Gateway => self.unknown,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -209,6 +241,12 @@ impl Service {
         (!self.known_at.is_empty()).then(|| self.known_at.iter().any(|net| net.contains(&address)))
     }
 
+    /// The clusters `viewer`'s requests go through (under the DestinationRule that applies to it): an index
+    /// for `cluster` and `upstream_for`.
+    pub fn variant(&self, viewer: Viewer<'_>) -> usize {
+        self.rules.variant(viewer)
+    }
+
     /// A single address of the host's own (`addresses` or an endpoint), for a request sent elsewhere.
     pub fn own_address(&self, port: u16) -> Option<SocketAddr> {
         match self.upstream(port, None) {
@@ -221,19 +259,21 @@ impl Service {
         }
     }
 
-    /// The cluster for `port` and `subset`.
-    pub fn cluster(&self, port: u16, subset: Option<&str>) -> Option<&Cluster> {
-        self.clusters.iter().find(|(p, s, _)| *p == port && s.as_deref() == subset).map(|(_, _, cluster)| cluster)
+    /// The cluster for `port` and `subset`, of `variant`.
+    pub fn cluster(&self, variant: usize, port: u16, subset: Option<&str>) -> Option<&Cluster> {
+        let clusters = self.variants.get(variant)?;
+        clusters.iter().find(|(p, s, _)| *p == port && s.as_deref() == subset).map(|(_, _, cluster)| cluster)
     }
 
-    /// The next endpoint for `port` (of `subset`), by the cluster's load balancer.
+    /// The next endpoint for `port` (of `subset`), by the load balancer of the cluster an unknown source uses.
     pub fn upstream(&self, port: u16, subset: Option<&str>) -> Upstream {
-        self.upstream_for(port, subset, None)
+        self.upstream_for(self.rules.unknown, port, subset, None)
     }
 
-    /// The endpoint for `port` (of `subset`): the one a request's `hash` goes to, else the load balancer's next.
-    pub fn upstream_for(&self, port: u16, subset: Option<&str>, hash: Option<u64>) -> Upstream {
-        let Some(cluster) = self.cluster(port, subset) else { return Upstream::NoSubset };
+    /// The endpoint for `port` (of `subset`) in `variant`: the one a request's `hash` goes to, else the load
+    /// balancer's next.
+    pub fn upstream_for(&self, variant: usize, port: u16, subset: Option<&str>, hash: Option<u64>) -> Upstream {
+        let Some(cluster) = self.cluster(variant, port, subset) else { return Upstream::NoSubset };
         if self.resolution == Resolution::None || cluster.policy.lb == LoadBalance::Passthrough {
             return Upstream::OriginalDestination;
         }
@@ -527,12 +567,7 @@ pub fn proxy_policy(
     settings: &ProxySettings,
     states: &ClusterStates,
 ) -> ProxyPolicy {
-    let mut rules = HostTable::default();
-    for resource in &snapshot.resources {
-        if let Spec::DestinationRule(rule) = &resource.spec {
-            rules.insert(&rule.host, &**rule);
-        }
-    }
+    let rules = Rules::new(snapshot);
     let mut registry: BTreeMap<String, Vec<Arc<Service>>> = BTreeMap::new();
     for resource in &snapshot.resources {
         if let Spec::ServiceEntry(entry) = &resource.spec {
@@ -576,13 +611,61 @@ pub fn proxy_policy(
     }
 }
 
+/// The DestinationRules by namespace (each namespace's first rule for a host), with to whom each is exported.
+struct Rules<'a> {
+    by_namespace: BTreeMap<&'a str, HostTable<(&'a DestinationRule, Visibility)>>,
+    root: &'a str,
+}
+
+impl<'a> Rules<'a> {
+    fn new(snapshot: &'a Snapshot) -> Rules<'a> {
+        let mut by_namespace: BTreeMap<&str, HostTable<(&DestinationRule, Visibility)>> = BTreeMap::new();
+        for resource in &snapshot.resources {
+            if let Spec::DestinationRule(rule) = &resource.spec {
+                let namespace = resource.metadata.namespace();
+                let default = &snapshot.mesh.default_destination_rule_export_to;
+                let visible_to = Visibility::compile_or(&rule.export_to, default, namespace);
+                by_namespace.entry(namespace).or_default().insert(&rule.host, (&**rule, visible_to));
+            }
+        }
+        Rules { by_namespace, root: snapshot.mesh.root_namespace() }
+    }
+
+    /// The rules that apply to someone's requests for the service `host` of `namespace` (variants 1.. of the
+    /// service's clusters), and who goes through which.
+    fn for_service(&self, host: &str, namespace: &str) -> (Vec<&'a DestinationRule>, RuleChoice) {
+        let mut candidates: Vec<&DestinationRule> = Vec::new();
+        let mut choice = RuleChoice::default();
+        let mut variant_of = |rule: &'a DestinationRule| match candidates.iter().position(|c| std::ptr::eq(*c, rule)) {
+            Some(i) => i + 1,
+            None => {
+                candidates.push(rule);
+                candidates.len()
+            }
+        };
+        let rule_in = |ns: &str| self.by_namespace.get(ns).and_then(|rules| rules.get(host));
+        for (ns, rules) in &self.by_namespace {
+            if let Some((rule, _)) = rules.get(host) {
+                choice.own.push((ns.to_string(), variant_of(rule)));
+            }
+        }
+        for ns in [namespace, self.root] {
+            if let Some((rule, visible_to)) = rule_in(ns) {
+                choice.shared.push((visible_to.clone(), variant_of(rule)));
+            }
+        }
+        choice.unknown = choice.shared.first().map(|(_, v)| *v).or(choice.own.first().map(|(_, v)| *v)).unwrap_or(0);
+        (candidates, choice)
+    }
+}
+
 /// One service per host of `entry`: DNS hosts resolve on their own (or through the endpoints' names).
 fn services(
     entry: &ServiceEntry,
     namespace: &str,
     visible_to: Visibility,
     resolved: &Resolved,
-    rules: &HostTable<&DestinationRule>,
+    rules: &Rules<'_>,
     states: &ClusterStates,
 ) -> Vec<Service> {
     let resolution = entry.resolution();
@@ -635,9 +718,13 @@ fn services(
             };
             let mut known_at: Vec<IpNet> = entry.addresses.iter().filter_map(|a| parse_address(a)).collect();
             known_at.extend(endpoints.iter().map(|e: &Endpoint| IpNet::from(e.address)));
-            let rule = rules.get(host).copied();
-            let clusters =
-                ports.iter().flat_map(|port| clusters(host, namespace, port, &endpoints, rule, states)).collect();
+            let (candidates, rules) = rules.for_service(host, namespace);
+            let variants = std::iter::once(None)
+                .chain(candidates.into_iter().map(Some))
+                .map(|rule| {
+                    ports.iter().flat_map(|port| clusters(host, namespace, port, &endpoints, rule, states)).collect()
+                })
+                .collect();
             Service {
                 visible_to: visible_to.clone(),
                 known_at,
@@ -645,7 +732,8 @@ fn services(
                 namespace: namespace.to_owned(),
                 resolution,
                 ports: ports.clone(),
-                clusters,
+                variants,
+                rules,
             }
         })
         .collect()
@@ -991,7 +1079,47 @@ spec:
         assert!((0..5).all(|_| service.upstream(80, Some("v1")) == v1));
         assert_eq!(service.upstream(80, Some("v2")), Upstream::OriginalDestination, "the subset's own policy");
         assert_eq!(service.upstream(80, Some("v3")), Upstream::NoSubset);
-        assert_eq!(service.cluster(80, None).unwrap().policy.lb, LoadBalance::Random);
+        let variant = service.variant(Viewer::Gateway);
+        assert_eq!(service.cluster(variant, 80, None).unwrap().policy.lb, LoadBalance::Random);
+    }
+
+    #[test]
+    fn the_destination_rule_of_the_workloads_namespace_comes_before_the_services_and_the_roots() {
+        // Each rule told apart by its connect timeout (seconds).
+        let rule = |namespace: &str, seconds: u32, export: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: api, namespace: {namespace}}}\n\
+                 spec: {{host: api.internal, exportTo: [{export}], trafficPolicy: {{connectionPool: {{tcp: {{connectTimeout: {seconds}s}}}}}}}}\n---\n"
+            )
+        };
+        let yaml = format!(
+            "{}{}{}{}apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api, namespace: services}}
+spec:
+  hosts: [api.internal]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 192.0.2.1}}]
+",
+            rule("team-a", 1, "'.'"),
+            rule("services", 2, "'team-b', 'team-c'"),
+            rule("istio-system", 3, "'team-d'"),
+            rule("team-x", 4, "'*'"),
+        );
+        let policy = policy(&yaml, &Resolved::new());
+        let Registered::Service(service) = policy.registered("api.internal", 80) else { panic!("registered") };
+        let timeout = |namespace: Option<&str>| {
+            let workload =
+                namespace.map(|ns| Workload { name: "w".into(), namespace: ns.into(), ..Default::default() });
+            let variant = service.variant(Viewer::Workload(workload.as_ref()));
+            service.cluster(variant, 80, None).unwrap().policy.connect_timeout.map(|t| t.as_secs())
+        };
+        assert_eq!(timeout(Some("team-a")), Some(1), "the workload's own namespace's rule");
+        assert_eq!(timeout(Some("team-b")), Some(2), "the service's namespace's, exported to team-b");
+        assert_eq!(timeout(Some("team-d")), Some(3), "the root namespace's, exported to team-d");
+        assert_eq!(timeout(Some("team-e")), None, "none is exported to team-e (team-x's is for its own)");
+        assert_eq!(timeout(None), Some(2), "an unknown source: the service's namespace's");
     }
 
     #[test]

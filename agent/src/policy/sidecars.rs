@@ -15,9 +15,6 @@ use crate::config::{
     OutboundTrafficMode, Snapshot, Spec,
 };
 
-/// Istio's root namespace when the mesh config names none.
-const ROOT_NAMESPACE: &str = "istio-system";
-
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SidecarModes {
     /// The mode of workloads whose namespace has no Sidecar of its own, and of sources not known.
@@ -78,7 +75,7 @@ impl Import {
 impl SidecarModes {
     /// The Sidecars of `snapshot`, over `mesh` (the mesh config's mode, or what overrides it).
     pub fn compile(snapshot: &Snapshot, mesh: OutboundMode) -> SidecarModes {
-        let root = snapshot.mesh.root_namespace.as_deref().unwrap_or(ROOT_NAMESPACE);
+        let root = snapshot.mesh.root_namespace();
         let mut namespaces: HashMap<String, Vec<Scoped>> = HashMap::new();
         for resource in &snapshot.resources {
             let Spec::Sidecar(sidecar) = &resource.spec else { continue };

@@ -53,8 +53,9 @@ pub struct Destination<'p> {
     /// The upstream speaks HTTP/2 (the service port is declared HTTP2 or GRPC).
     pub http2: bool,
     pub labels: DestinationLabels,
-    /// The registered service, port and subset, whose next endpoint a retry goes to.
-    pub service: Option<(&'p Service, u16, Option<&'p str>)>,
+    /// The registered service, port, subset and the variant of its clusters (its DestinationRule) the request
+    /// goes through; a retry goes to its next endpoint.
+    pub service: Option<(&'p Service, u16, Option<&'p str>, usize)>,
     /// The request's consistent hash, for a cluster that balances by one.
     pub hash: Option<u64>,
 }
@@ -62,7 +63,10 @@ pub struct Destination<'p> {
 impl<'p> Destination<'p> {
     /// The address for another try: the service's next endpoint, or the same address.
     pub fn next_address(&self) -> SocketAddr {
-        match self.service.map(|(service, port, subset)| service.upstream_for(port, subset, self.hash)) {
+        let next = |(service, port, subset, variant): (&Service, u16, Option<&str>, usize)| {
+            service.upstream_for(variant, port, subset, self.hash)
+        };
+        match self.service.map(next) {
             Some(Upstream::Endpoint(address)) => address,
             _ => self.address,
         }
@@ -85,7 +89,7 @@ impl<'p> Destination<'p> {
 
     /// The cluster the request goes through (its limits and outlier detection), for a registered service.
     pub fn cluster(&self) -> Option<&'p Cluster> {
-        self.service.and_then(|(service, port, subset)| service.cluster(port, subset))
+        self.service.and_then(|(service, port, subset, variant)| service.cluster(variant, port, subset))
     }
 }
 
@@ -213,7 +217,7 @@ pub fn decide<'p, B>(
         return match destination(policy, host, destination_port, subset, listener, local, viewer) {
             Ok(mut destination) => {
                 if reroute && destination.address.ip() == local.ip() {
-                    match destination.service.and_then(|(service, port, _)| service.own_address(port)) {
+                    match destination.service.and_then(|(service, port, _, _)| service.own_address(port)) {
                         Some(address) => destination.address = address,
                         None => return Decision::Fail { failure: Failure::HostMismatch, labels: None },
                     }
@@ -245,10 +249,14 @@ pub fn destination<'p>(
     let original = SocketAddr::new(local.ip(), port);
     match policy.registered_for(host, port, viewer) {
         Registered::Service(service) => {
-            // Labelled as compiled: the subset's cluster, or the host's (for a subset that is not defined).
-            let labels =
-                service.cluster(port, subset).or_else(|| service.cluster(port, None)).map(|c| c.labels.clone());
-            let address = match service.upstream(port, subset) {
+            // Through the DestinationRule that applies to the viewer. Labelled as compiled: the subset's cluster,
+            // or the host's (for a subset that is not defined).
+            let variant = service.variant(viewer);
+            let labels = service
+                .cluster(variant, port, subset)
+                .or_else(|| service.cluster(variant, port, None))
+                .map(|c| c.labels.clone());
+            let address = match service.upstream_for(variant, port, subset, None) {
                 Upstream::Endpoint(address) => address,
                 Upstream::OriginalDestination if intercepted => original,
                 Upstream::OriginalDestination | Upstream::NoSubset => return Err((Failure::NoCluster, labels)),
@@ -259,7 +267,7 @@ pub fn destination<'p>(
                 address,
                 http2: service.http2(port),
                 labels,
-                service: Some((service, port, subset)),
+                service: Some((service, port, subset, variant)),
                 hash: None,
             })
         }
