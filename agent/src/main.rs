@@ -118,6 +118,10 @@ struct RunArgs {
         default_value = "istio-egressgateway.istio-system.svc.cluster.local"
     )]
     gateway_service: Vec<String>,
+    /// The namespace this gateway runs in (in a cluster, its pod's): on its Gateway ports it sees what is
+    /// exported there (ServiceEntries, VirtualServices, DestinationRules), as an Istio gateway does. Unset: all.
+    #[arg(long, value_name = "NAMESPACE", env = "POD_NAMESPACE")]
+    gateway_namespace: Option<String>,
     /// What becomes of an intercepted HTTP request whose Host is registered at other addresses than the one the
     /// client connected to (domain fronting): refused (421), routed to the host's own addresses, or trusted.
     #[arg(long, value_enum, default_value = "strict")]
@@ -269,6 +273,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     control.labels = args.gateway_labels.clone();
     control.proxy.own_services = args.gateway_service.clone();
     control.proxy.host_verify = args.host_verify;
+    control.proxy.gateway_namespace = args.gateway_namespace.clone();
     let (kube_sender, mut kube_changes) = tokio::sync::watch::channel(None);
     let workloads = Arc::new(arc_swap::ArcSwap::from_pointee(Workloads::default()));
     // Rung when the pods change: the workloads whose Sidecar's mode differs may have too.

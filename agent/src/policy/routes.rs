@@ -41,6 +41,9 @@ pub struct ProxySettings {
     /// This gateway's own Service hosts: a mesh route to one continues in the gateway context.
     pub own_services: Vec<String>,
     pub host_verify: HostVerify,
+    /// The namespace this gateway runs in, whose view of the configuration (`exportTo`, DestinationRules) its
+    /// Gateway ports have; unknown, they see every resource.
+    pub gateway_namespace: Option<String>,
 }
 
 /// What becomes of an intercepted request whose Host is registered at addresses that do not include the one
@@ -79,6 +82,9 @@ pub struct ProxyPolicy {
     /// The selected Gateways' routes, for traffic sent to their ports.
     pub gateways: Vec<GatewayRoutes>,
     own_services: Vec<String>,
+    /// This gateway as a viewer of the configuration on its Gateway ports: a workload of its namespace, when
+    /// known.
+    gateway: Option<Workload>,
 }
 
 /// One selected Gateway: its server ports and the routes bound to it.
@@ -91,8 +97,8 @@ pub struct GatewayRoutes {
     pub hosts: HostTable<Arc<VirtualHost>>,
 }
 
-/// Who looks a host up: the gateway for its Gateway ports (every resource visible, the mesh's mode; Sidecars
-/// are for workloads), or the workloads' own traffic from a known workload or an unknown one.
+/// Who looks a host up: the gateway for its Gateway ports (what is exported to its namespace, the mesh's mode;
+/// Sidecars are for workloads), or the workloads' own traffic from a known workload or an unknown one.
 #[derive(Clone, Copy, Debug)]
 pub enum Viewer<'a> {
     Gateway,
@@ -103,7 +109,7 @@ impl Viewer<'_> {
     /// Whether this viewer sees a resource of `namespace` for `host` exported as `visible_to`.
     pub fn sees(self, policy: &ProxyPolicy, visible_to: &Visibility, namespace: &str, host: &str) -> bool {
         match self {
-            Viewer::Gateway => true,
+            Viewer::Gateway => visible_to.admits(policy.gateway.as_ref().map(|gateway| &*gateway.namespace)),
             Viewer::Workload(source) => {
                 visible_to.admits(source.map(|source| &*source.namespace))
                     && policy.sidecars.imports(source, namespace, host)
@@ -243,8 +249,12 @@ impl Service {
 
     /// The clusters `viewer`'s requests go through (under the DestinationRule that applies to it): an index
     /// for `cluster` and `upstream_for`.
-    pub fn variant(&self, viewer: Viewer<'_>) -> usize {
-        self.rules.variant(viewer)
+    pub fn variant(&self, viewer: Viewer<'_>, policy: &ProxyPolicy) -> usize {
+        match viewer {
+            // The gateway chooses as a workload of its namespace.
+            Viewer::Gateway => self.rules.variant(Viewer::Workload(policy.gateway.as_ref())),
+            viewer => self.rules.variant(viewer),
+        }
     }
 
     /// A single address of the host's own (`addresses` or an endpoint), for a request sent elsewhere.
@@ -608,6 +618,11 @@ pub fn proxy_policy(
             })
             .collect(),
         own_services: settings.own_services.clone(),
+        gateway: settings.gateway_namespace.as_deref().map(|namespace| Workload {
+            name: "gateway".into(),
+            namespace: namespace.into(),
+            labels: BTreeMap::new(),
+        }),
     }
 }
 
@@ -1079,7 +1094,7 @@ spec:
         assert!((0..5).all(|_| service.upstream(80, Some("v1")) == v1));
         assert_eq!(service.upstream(80, Some("v2")), Upstream::OriginalDestination, "the subset's own policy");
         assert_eq!(service.upstream(80, Some("v3")), Upstream::NoSubset);
-        let variant = service.variant(Viewer::Gateway);
+        let variant = service.variant(Viewer::Gateway, &policy);
         assert_eq!(service.cluster(variant, 80, None).unwrap().policy.lb, LoadBalance::Random);
     }
 
@@ -1112,7 +1127,7 @@ spec:
         let timeout = |namespace: Option<&str>| {
             let workload =
                 namespace.map(|ns| Workload { name: "w".into(), namespace: ns.into(), ..Default::default() });
-            let variant = service.variant(Viewer::Workload(workload.as_ref()));
+            let variant = service.variant(Viewer::Workload(workload.as_ref()), &policy);
             service.cluster(variant, 80, None).unwrap().policy.connect_timeout.map(|t| t.as_secs())
         };
         assert_eq!(timeout(Some("team-a")), Some(1), "the workload's own namespace's rule");

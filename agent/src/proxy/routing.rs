@@ -251,7 +251,7 @@ pub fn destination<'p>(
         Registered::Service(service) => {
             // Through the DestinationRule that applies to the viewer. Labelled as compiled: the subset's cluster,
             // or the host's (for a subset that is not defined).
-            let variant = service.variant(viewer);
+            let variant = service.variant(viewer, policy);
             let labels = service
                 .cluster(variant, port, subset)
                 .or_else(|| service.cluster(variant, port, None))
@@ -345,6 +345,7 @@ mod tests {
             mode: OutboundMode::RegistryOnly,
             own_services: own.iter().map(|s| s.to_string()).collect(),
             host_verify: verify,
+            gateway_namespace: None,
         };
         proxy_policy(&snapshot, &resolved, &bind(&snapshot, &labels), &settings, &Default::default())
     }
@@ -491,6 +492,83 @@ spec: {outboundTrafficPolicy: {mode: ALLOW_ANY}}
         );
         assert!(matches!(to("example.com", &team_b), Decision::Forward { .. }), "team-b's own mode: ALLOW_ANY");
         assert!(matches!(to("example.com", &team_c), Decision::Fail { failure: Failure::Blackholed, .. }));
+    }
+
+    #[test]
+    fn gateway_ports_see_what_is_exported_to_the_gateways_namespace() {
+        let yaml = "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: egress, namespace: istio-system}
+spec: {selector: {istio: egressgateway}, servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ['*/*']}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: external, namespace: app}
+spec: {hosts: [a.example, b.example], ports: [{number: 80, name: http, protocol: HTTP}], resolution: NONE}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: private, namespace: app}
+spec:
+  hosts: [c.example]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 198.51.100.9}]
+  exportTo: ['.']
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: public, namespace: app}
+spec:
+  hosts: [a.example]
+  gateways: [istio-system/egress]
+  http: [{route: [{destination: {host: c.example}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: private, namespace: app}
+spec:
+  hosts: [b.example]
+  gateways: [istio-system/egress]
+  exportTo: ['.']
+  http: [{directResponse: {status: 418}}]
+";
+        let snapshot = Snapshot::from_yaml(yaml);
+        let labels = BTreeMap::from([("istio".to_owned(), "egressgateway".to_owned())]);
+        let bindings = bind(&snapshot, &labels);
+        let at = |namespace: Option<&str>| {
+            let settings = ProxySettings {
+                mode: OutboundMode::RegistryOnly,
+                gateway_namespace: namespace.map(str::to_owned),
+                ..ProxySettings::default()
+            };
+            proxy_policy(&snapshot, &Resolved::new(), &bindings, &settings, &Default::default())
+        };
+        let request = get("/");
+        let port: SocketAddr = "10.240.1.1:80".parse().unwrap();
+        let (in_istio_system, anywhere) = (at(Some("istio-system")), at(None));
+        let decide_at = |policy: &ProxyPolicy, host: &str| match decide(
+            policy,
+            &request,
+            host,
+            Listener::Gateway(80),
+            port,
+            None,
+            0,
+        ) {
+            Decision::Respond { status, .. } => status.as_u16(),
+            Decision::Forward { .. } => 200,
+            Decision::Fail { failure, .. } => failure.status().as_u16(),
+            Decision::Redirect { status, .. } => status.as_u16(),
+        };
+        assert_eq!(decide_at(&anywhere, "b.example"), 418, "a gateway of no known namespace sees everything");
+        assert_eq!(decide_at(&in_istio_system, "b.example"), 404, "app's private VirtualService is not for it");
+        assert_eq!(decide_at(&anywhere, "a.example"), 200);
+        assert_eq!(
+            decide_at(&in_istio_system, "a.example"),
+            502,
+            "the route's destination is exported to app only: unregistered, as the gateway sees it"
+        );
     }
 
     #[test]
