@@ -85,15 +85,25 @@ impl<'a> Agent<'a> {
     /// Starts `sluice run ARGS… --cleanup-on-exit` in `netns` (ARGS split at spaces), with pins on a bpffs of
     /// its own and metrics on 127.0.0.1:15090 unless ARGS say otherwise, and waits until it is attached.
     pub fn start(netns: &'a Netns, args: &str) -> anyhow::Result<Agent<'a>> {
+        Agent::start_with_env(netns, args, &[])
+    }
+
+    /// As `start`, with `env` set for the agent (e.g. KUBECONFIG).
+    pub fn start_with_env(netns: &'a Netns, args: &str, env: &[(&str, &str)]) -> anyhow::Result<Agent<'a>> {
         let bpffs = Bpffs::mount()?;
-        let mut agent = Agent::start_pinned(netns, &bpffs, &format!("{args} --cleanup-on-exit"))?;
+        let mut agent = Agent::spawn(netns, &bpffs, &format!("{args} --cleanup-on-exit"), env)?;
         agent._bpffs = Some(bpffs);
         Ok(agent)
     }
 
     /// Starts `sluice run ARGS…` pinning under `bpffs`, which outlives the agent (restarts, crashes).
     pub fn start_pinned(netns: &'a Netns, bpffs: &Bpffs, args: &str) -> anyhow::Result<Agent<'a>> {
+        Agent::spawn(netns, bpffs, args, &[])
+    }
+
+    fn spawn(netns: &'a Netns, bpffs: &Bpffs, args: &str, env: &[(&str, &str)]) -> anyhow::Result<Agent<'a>> {
         let mut command = netns.command(binary().to_str().context("agent path is not UTF-8")?);
+        command.envs(env.iter().copied());
         let mut args: Vec<&str> = args.split_whitespace().collect();
         let metrics = address_argument(&mut args, "--metrics-addr", METRICS_ADDR)?;
         let admin = address_argument(&mut args, "--admin-addr", ADMIN_ADDR)?;

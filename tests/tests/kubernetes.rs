@@ -1,0 +1,213 @@
+//! The agent with `--kube`, end to end: its Kubernetes sources (the Istio kinds, the mesh ConfigMap, the pods)
+//! read from an API server that answers lists and holds watches open with the JSON the API sends, served on
+//! the gateway namespace's loopback, since no real API server runs on these machines.
+
+use std::{
+    collections::BTreeMap,
+    io::{ErrorKind, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use serde_json::{json, Value};
+use sluice_tests::{
+    peers::{curl, Nginx},
+    require_root,
+    topology::{GATEWAY_WORKLOAD_IFACE, SERVER_B, WORKLOAD_ADDR},
+    Agent, Netns, Topology,
+};
+
+/// Answers `GET` lists from `lists` (by path), 404 for any other path, and holds every watch open (no events)
+/// until dropped.
+struct ApiServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl ApiServer {
+    fn start(netns: &Netns, lists: BTreeMap<String, Value>) -> ApiServer {
+        let listener = netns.enter(|| TcpListener::bind("127.0.0.1:0")).unwrap().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (stopped, lists) = (stop.clone(), Arc::new(lists));
+        std::thread::spawn(move || {
+            while !stopped.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let (stopped, lists) = (stopped.clone(), lists.clone());
+                        std::thread::spawn(move || serve(stream, &lists, &stopped));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        ApiServer { addr, stop }
+    }
+
+    /// A kubeconfig naming this server, written to `dir`.
+    fn kubeconfig(&self, dir: &std::path::Path) -> String {
+        let path = dir.join("kubeconfig");
+        let config = format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
+             clusters: [{{name: test, cluster: {{server: 'http://{}'}}}}]\n\
+             users: [{{name: test, user: {{}}}}]\n\
+             contexts: [{{name: test, context: {{cluster: test, user: test, namespace: default}}}}]\n",
+            self.addr
+        );
+        std::fs::write(&path, config).unwrap();
+        path.to_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// One keep-alive connection: request after request until the client closes it or a watch holds it.
+fn serve(mut stream: TcpStream, lists: &BTreeMap<String, Value>, stop: &AtomicBool) {
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !stop.load(Ordering::SeqCst) {
+        let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") else {
+            match stream.read(&mut chunk) {
+                Ok(0) => return,
+                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => return,
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buffer[..end]).into_owned();
+        let body_length: usize = head
+            .lines()
+            .find_map(|line| line.to_ascii_lowercase().strip_prefix("content-length:").map(|n| n.trim().to_owned()))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        if buffer.len() < end + 4 + body_length {
+            // The rest of a body (an Event posted) is still coming.
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            }
+            continue;
+        }
+        buffer.drain(..end + 4 + body_length);
+        let target = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        if query.split('&').any(|pair| pair == "watch=true" || pair == "watch=1") {
+            // Held open: nothing changes while the test runs.
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n");
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            return;
+        }
+        let (status, body) = match (head.starts_with("GET "), lists.get(path)) {
+            (true, Some(list)) => ("200 OK", list.to_string()),
+            (false, _) => ("201 Created", "{}".to_owned()),
+            (true, None) => (
+                "404 Not Found",
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404})
+                    .to_string(),
+            ),
+        };
+        let response = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if stream.write_all(response.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn list(api_version: &str, kind: &str, items: Vec<Value>) -> Value {
+    json!({"apiVersion": api_version, "kind": format!("{kind}List"), "metadata": {"resourceVersion": "1"}, "items": items})
+}
+
+fn istio(kind: &str, namespace: &str, name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "networking.istio.io/v1", "kind": kind,
+           "metadata": {"name": name, "namespace": namespace, "resourceVersion": "1", "uid": format!("{namespace}-{name}")},
+           "spec": spec})
+}
+
+/// What the API serves: the mesh config (REGISTRY_ONLY), the `legacy` namespace's Sidecar (ALLOW_ANY), and the
+/// workload's pod, in `legacy`.
+fn cluster() -> BTreeMap<String, Value> {
+    let istio_path = |plural: &str| format!("/apis/networking.istio.io/v1/{plural}");
+    let mut lists = BTreeMap::new();
+    for (kind, plural) in [
+        ("ServiceEntry", "serviceentries"),
+        ("VirtualService", "virtualservices"),
+        ("Gateway", "gateways"),
+        ("DestinationRule", "destinationrules"),
+    ] {
+        lists.insert(istio_path(plural), list("networking.istio.io/v1", kind, vec![]));
+    }
+    let sidecar = istio("Sidecar", "legacy", "default", json!({"outboundTrafficPolicy": {"mode": "ALLOW_ANY"}}));
+    lists.insert(istio_path("sidecars"), list("networking.istio.io/v1", "Sidecar", vec![sidecar]));
+    let mesh = json!({"apiVersion": "v1", "kind": "ConfigMap",
+                      "metadata": {"name": "istio", "namespace": "istio-system", "resourceVersion": "1", "uid": "mesh"},
+                      "data": {"mesh": "outboundTrafficPolicy:\n  mode: REGISTRY_ONLY\n"}});
+    lists.insert("/api/v1/namespaces/istio-system/configmaps".into(), list("v1", "ConfigMap", vec![mesh]));
+    let pod = json!({"apiVersion": "v1", "kind": "Pod",
+                     "metadata": {"name": "web-7d9f", "namespace": "legacy", "labels": {"app": "web"},
+                                  "resourceVersion": "1", "uid": "web-7d9f"},
+                     "spec": {"containers": [{"name": "web", "image": "web"}]},
+                     "status": {"phase": "Running", "podIP": WORKLOAD_ADDR, "podIPs": [{"ip": WORKLOAD_ADDR}]}});
+    lists.insert("/api/v1/pods".into(), list("v1", "Pod", vec![pod]));
+    lists
+}
+
+#[test]
+fn a_pods_own_sidecar_mode_applies_to_its_traffic_in_the_proxy_and_in_the_kernel() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let server_b = |port| SocketAddr::new(SERVER_B.parse().unwrap(), port);
+    let _nginx = Nginx::start(&topology.internet, &[server_b(80), server_b(8081)], "$server_addr").unwrap();
+    // A second address in the workload namespace that no pod has: a source the mesh's mode applies to.
+    topology.workload.ip(&["addr", "add", "10.240.1.3/24", "dev", "wl0"]).unwrap();
+    let api = ApiServer::start(&topology.gateway, cluster());
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let args = format!("--kube --intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --blackhole reject");
+    let agent = Agent::start_with_env(&topology.gateway, &args, &[("KUBECONFIG", &kubeconfig)]).unwrap();
+
+    // Not registered anywhere, on a port the kernel decides alone.
+    let opaque = format!("http://{SERVER_B}:8081/");
+    let from_pod = || curl(&topology.workload, &["--max-time", "2", "--interface", WORKLOAD_ADDR, &opaque]);
+    // The pods are listed beside the configuration: wait for the pod's mode to reach the kernel.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while from_pod().is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(from_pod().unwrap().trim(), SERVER_B, "the pod's Sidecar says ALLOW_ANY\n{}", agent.log());
+    let other = curl(&topology.workload, &["--max-time", "2", "--interface", "10.240.1.3", &opaque]);
+    assert!(other.is_err(), "another source has the mesh's REGISTRY_ONLY: {other:?}");
+
+    // The proxy too: an unregistered host passes through for the pod, labelled with its workload.
+    let resolve = format!("edition.cnn.com:80:{SERVER_B}");
+    let status = curl(
+        &topology.workload,
+        &["-o", "/dev/null", "-w", "%{http_code}", "--resolve", &resolve, "http://edition.cnn.com:80/"],
+    );
+    assert_eq!(status.unwrap(), "200", "passed through, not blackholed (502)\n{}", agent.log());
+    let metrics = agent.metrics().unwrap();
+    let line = metrics
+        .lines()
+        .find(|line| line.starts_with("istio_requests_total{") && line.contains("PassthroughCluster"))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(
+        line.contains("source_workload=\"web\"") && line.contains("source_workload_namespace=\"legacy\""),
+        "{line}"
+    );
+}
