@@ -47,8 +47,8 @@ pub fn fields(resource: &Resource) -> Vec<(String, &'static str)> {
         }
         Spec::Sidecar(sidecar) => {
             for (i, listener) in sidecar.egress.iter().enumerate() {
-                if listener.port.is_some() || listener.bind.is_some() {
-                    found.push((format!("spec.egress[{i}].port"), "a listener's hosts are imported on every port"));
+                if listener.bind.is_some() {
+                    found.push((format!("spec.egress[{i}].bind"), "the node's interception decides what is heard"));
                 }
             }
         }

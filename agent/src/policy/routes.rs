@@ -106,13 +106,13 @@ pub enum Viewer<'a> {
 }
 
 impl Viewer<'_> {
-    /// Whether this viewer sees a resource of `namespace` for `host` exported as `visible_to`.
-    pub fn sees(self, policy: &ProxyPolicy, visible_to: &Visibility, namespace: &str, host: &str) -> bool {
+    /// Whether this viewer sees a resource of `namespace` for `host` on `port`, exported as `visible_to`.
+    pub fn sees(self, policy: &ProxyPolicy, visible_to: &Visibility, namespace: &str, host: &str, port: u16) -> bool {
         match self {
             Viewer::Gateway => visible_to.admits(policy.gateway.as_ref().map(|gateway| &*gateway.namespace)),
             Viewer::Workload(source) => {
                 visible_to.admits(source.map(|source| &*source.namespace))
-                    && policy.sidecars.imports(source, namespace, host)
+                    && policy.sidecars.imports(source, namespace, host, port)
             }
         }
     }
@@ -545,7 +545,8 @@ impl ProxyPolicy {
     /// The service registered for `host` on `port` that `viewer` sees: for the workloads' traffic, exported to
     /// the source's namespace (`exportTo`; an unknown source sees all) and imported by its Sidecar.
     pub fn registered_for(&self, host: &str, port: u16, viewer: Viewer<'_>) -> Registered<'_> {
-        let visible = |s: &&Arc<Service>| s.has_port(port) && viewer.sees(self, &s.visible_to, &s.namespace, &s.host);
+        let visible =
+            |s: &&Arc<Service>| s.has_port(port) && viewer.sees(self, &s.visible_to, &s.namespace, &s.host, port);
         match self.registry.get(host).and_then(|services| services.iter().find(visible)) {
             Some(service) => Registered::Service(service),
             None => Registered::Unknown,

@@ -32,9 +32,13 @@ struct Scoped {
     /// `workloadSelector.labels`; `None`: the whole namespace.
     selector: Option<BTreeMap<String, String>>,
     mode: Option<OutboundMode>,
-    /// `egress[].hosts`, all listeners' together; `None`: everything exported to the workload.
-    imports: Option<Box<[Import]>>,
+    /// `egress[]`: each listener's port (`None`: every port no other listener names) and hosts; `None`: no
+    /// egress listeners, everything exported to the workload is seen.
+    imports: Option<Box<[EgressListener]>>,
 }
+
+/// One egress listener: its port (`None`: every port no other listener names) and the hosts it imports.
+type EgressListener = (Option<u16>, Box<[Import]>);
 
 /// One `namespace/host` of a Sidecar's egress hosts.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,9 +94,11 @@ impl SidecarModes {
                 OutboundTrafficMode::AllowAny => OutboundMode::AllowAny,
             });
             let namespace = resource.metadata.namespace();
-            let hosts: Vec<&String> = sidecar.egress.iter().flat_map(|listener| &listener.hosts).collect();
-            let imports = (!hosts.is_empty())
-                .then(|| hosts.iter().filter_map(|host| Import::parse(host, namespace)).collect::<Box<[Import]>>());
+            let listener = |listener: &crate::config::sidecar::EgressListener| {
+                let port = listener.port.as_ref().and_then(|port| u16::try_from(port.number).ok());
+                (port, listener.hosts.iter().filter_map(|host| Import::parse(host, namespace)).collect())
+            };
+            let imports = (!sidecar.egress.is_empty()).then(|| sidecar.egress.iter().map(listener).collect());
             namespaces.entry(namespace.to_owned()).or_default().push(Scoped { selector, mode, imports });
         }
         let root = namespaces.get(root).and_then(|sidecars| sidecars.iter().find(|s| s.selector.is_none())).cloned();
@@ -121,12 +127,17 @@ impl SidecarModes {
         self.chosen(workload).map_or(self.default, |sidecar| sidecar.mode.unwrap_or(self.mesh))
     }
 
-    /// Whether `workload` sees a service or VirtualService of `namespace` for `host`: its Sidecar imports it.
-    pub fn imports(&self, workload: Option<&Workload>, namespace: &str, host: &str) -> bool {
-        match self.chosen(workload).and_then(|sidecar| sidecar.imports.as_deref()) {
-            Some(imports) => imports.iter().any(|import| import.admits(namespace, host)),
-            None => true,
-        }
+    /// Whether `workload` sees a service or VirtualService of `namespace` for `host` on `port`: its Sidecar's
+    /// egress listener for the port (else the one for every other port) imports it.
+    pub fn imports(&self, workload: Option<&Workload>, namespace: &str, host: &str, port: u16) -> bool {
+        let Some(listeners) = self.chosen(workload).and_then(|sidecar| sidecar.imports.as_deref()) else {
+            return true;
+        };
+        let listener = listeners
+            .iter()
+            .find(|(on, _)| *on == Some(port))
+            .or_else(|| listeners.iter().find(|(on, _)| on.is_none()));
+        listener.is_some_and(|(_, imports)| imports.iter().any(|import| import.admits(namespace, host)))
     }
 
     /// The addresses of the `workloads` whose mode is not the default, with theirs: what the kernel must know
@@ -228,7 +239,7 @@ spec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}
         let sidecars = SidecarModes::compile(&snapshot, OutboundMode::AllowAny);
         let team_a = workload("team-a", &[]);
         let sees =
-            |workload: Option<&Workload>, namespace: &str, host: &str| sidecars.imports(workload, namespace, host);
+            |workload: Option<&Workload>, namespace: &str, host: &str| sidecars.imports(workload, namespace, host, 80);
         assert!(sees(Some(&team_a), "team-a", "anything.internal"), "./* imports its own namespace");
         assert!(sees(Some(&team_a), "egress", "API.example.com."), "a named host, in any case, trailing dot or not");
         assert!(!sees(Some(&team_a), "egress", "other.example.com"), "not another host of that namespace");
@@ -242,6 +253,9 @@ spec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}
         assert!(sees(Some(&shop), "anywhere", "*.eu.shared.example"), "a wildcard host under the import");
         assert!(!sees(Some(&shop), "anywhere", "shared.example"), "*.suffix needs a label before the suffix");
         assert!(!sees(None, "anywhere", "api.example.com"), "an unknown source has the root namespace's Sidecar");
+        let on_5432 = |namespace: &str, host: &str| sidecars.imports(Some(&team_a), namespace, host, 5432);
+        assert!(!on_5432("team-a", "db.internal"), "the listener for 5432 imports nothing (~/*)");
+        assert!(sees(Some(&team_a), "team-a", "db.internal"), "while the catch-all listener imports it on port 80");
     }
 
     #[test]

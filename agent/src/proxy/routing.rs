@@ -177,7 +177,7 @@ pub fn decide<'p, B>(
                 let visible = host
                     .routes
                     .iter()
-                    .filter(|route| viewer.sees(policy, &route.visible_to, &route.namespace, host_of(authority)));
+                    .filter(|route| viewer.sees(policy, &route.visible_to, &route.namespace, host_of(authority), port));
                 let found = visible.clone().find_map(|route| {
                     if route.matches.is_empty() {
                         return Some((route, None));
