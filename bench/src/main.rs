@@ -139,7 +139,7 @@ fn configuration() -> anyhow::Result<()> {
          compile (datapath; proxy routes and registry), heap held per host (counted by the allocator), one request's host lookups"
     );
     println!(
-        "{:<8} {:>10} {:>14} {:>12} {:>9} {:>11} {:>12} {:>15} {:>18}",
+        "{:<8} {:>10} {:>14} {:>12} {:>9} {:>11} {:>12} {:>15} {:>18} {:>14}",
         "entries",
         "read (ms)",
         "datapath (ms)",
@@ -148,14 +148,15 @@ fn configuration() -> anyhow::Result<()> {
         "bytes/host",
         "(as read)",
         "lookup ns exact",
-        "lookup ns wildcard"
+        "lookup ns wildcard",
+        "(8 hot hosts)"
     );
     let mut lookups = Vec::new();
     for entries in [10, 1_000, 10_000, 100_000] {
         let f = compile::measure(entries);
         let shown = |b: Option<f64>| b.map(|b| format!("{b:.0}")).unwrap_or_else(|| "-".into());
         println!(
-            "{:<8} {:>10.1} {:>14.1} {:>12.1} {:>9} {:>11} {:>12} {:>15.0} {:>18.0}",
+            "{:<8} {:>10.1} {:>14.1} {:>12.1} {:>9} {:>11} {:>12} {:>15.0} {:>18.0} {:>14.0}",
             f.entries,
             f.read_ms,
             f.compile_ms,
@@ -164,15 +165,17 @@ fn configuration() -> anyhow::Result<()> {
             shown(f.bytes_per_entry),
             shown(f.read_bytes_per_entry),
             f.lookup_exact_ns,
-            f.lookup_wildcard_ns
+            f.lookup_wildcard_ns,
+            f.lookup_hot_ns
         );
-        lookups.push((f.lookup_exact_ns, f.lookup_wildcard_ns));
+        lookups.push((f.lookup_exact_ns, f.lookup_wildcard_ns, f.lookup_hot_ns));
     }
     let (first, last) = (lookups[0], lookups[lookups.len() - 1]);
     println!(
-        "host lookup at 100k / at 10: exact {:.2}, wildcard {:.2}",
+        "host lookup at 100k / at 10: exact {:.2}, wildcard {:.2}; among 8 hot hosts {:.2}",
         last.0 / first.0.max(1.0),
-        last.1 / first.1.max(1.0)
+        last.1 / first.1.max(1.0),
+        last.2 / first.2.max(1.0)
     );
     println!();
     Ok(())
