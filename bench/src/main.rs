@@ -64,14 +64,21 @@ enum Kind {
 
 fn main() -> anyhow::Result<()> {
     sluice_tests::require_root();
-    // `sluice-bench http`, `config` and `flood` run one part alone.
+    // `sluice-bench http`, `config`, `classifier` and `flood` run one part alone.
     match std::env::args().nth(1).as_deref() {
         Some("http") => return http_comparison(&std::env::args().skip(2).collect::<Vec<_>>()),
         Some("config") => return configuration(),
+        Some("classifier") => return classifier_costs(),
         Some("flood") => return flood_comparison(),
         _ => configuration()?,
     }
+    classifier_costs()?;
+    flood_comparison()?;
+    println!();
+    http_comparison(&[])
+}
 
+fn classifier_costs() -> anyhow::Result<()> {
     let bpffs = Bpffs::mount()?;
     let mut datapath = Datapath::load(&bpffs.pin_dir()).context("loading the classifier")?;
     println!("Classifier cost per packet (BPF_PROG_TEST_RUN: mean ns/packet over {REPEAT} runs, best of {TRIALS})");
@@ -99,10 +106,7 @@ fn main() -> anyhow::Result<()> {
         let of = |size| hits.iter().find(|(l, s, _)| *l == label && *s == size).map(|h| h.2 as f64).unwrap_or(0.0);
         println!("{label}: cost at 100k entries / cost at 10 entries = {:.2}", of(100_000) / of(10).max(1.0));
     }
-    drop(datapath);
-    flood_comparison()?;
-    println!();
-    http_comparison(&[])
+    Ok(())
 }
 
 fn flood_comparison() -> anyhow::Result<()> {

@@ -42,6 +42,8 @@ pub static FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::pinned(MAX_FLOWS, 0);
 pub static FRAGMENTS: LruHashMap<FragmentKey, u32> = LruHashMap::pinned(MAX_FRAGMENTED, 0);
 #[map(name = "SLUICE_SOURCES")]
 pub static SOURCES: HashMap<SourceKey, u32> = HashMap::pinned(MAX_SOURCES, BPF_F_NO_PREALLOC);
+#[map(name = "SLUICE_SRCUSED")]
+pub static SOURCES_IN_USE: Array<u32> = Array::pinned(1, 0);
 #[map(name = "SLUICE_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
 
@@ -60,6 +62,10 @@ pub fn active() -> Option<(u8, &'static DatapathConfig)> {
 /// The mode for what no rule matches from `src` (of `family`): its workload's own, else the generation's.
 #[inline(always)]
 pub fn mode_for(family: u8, src: &[u8; 16], config: &DatapathConfig) -> u32 {
+    // No workload has a mode of its own (the usual case): no hash lookup.
+    if SOURCES_IN_USE.get(0).is_none_or(|&in_use| in_use == 0) {
+        return config.mode;
+    }
     let key = SourceKey { addr: *src, family, _pad: [0; 3] };
     // SAFETY: the value is copied out at once; the agent replaces entries whole.
     unsafe { SOURCES.get(&key) }.copied().unwrap_or(config.mode)

@@ -23,10 +23,26 @@ pub mod names {
     pub const EVENTS: &str = "SLUICE_EVENTS";
     pub const FRAGMENTS: &str = "SLUICE_FRAGS";
     pub const SOURCES: &str = "SLUICE_SOURCES";
+    /// One u32: non-zero while `SOURCES` holds entries, so that packets look it up only then.
+    pub const SOURCES_IN_USE: &str = "SLUICE_SRCUSED";
     /// Every map, for pinning and cleanup.
-    pub const MAPS: [&str; 15] = [
-        ACTIVE, CONFIG, EXACT_V4, EXACT_V6, CIDR_V4, CIDR_V6, ALLOW_V4, ALLOW_V6, PORTS, COUNTERS, BLACKHOLED, FLOWS,
-        EVENTS, FRAGMENTS, SOURCES,
+    pub const MAPS: [&str; 16] = [
+        ACTIVE,
+        CONFIG,
+        EXACT_V4,
+        EXACT_V6,
+        CIDR_V4,
+        CIDR_V6,
+        ALLOW_V4,
+        ALLOW_V6,
+        PORTS,
+        COUNTERS,
+        BLACKHOLED,
+        FLOWS,
+        EVENTS,
+        FRAGMENTS,
+        SOURCES,
+        SOURCES_IN_USE,
     ];
 }
 
