@@ -727,6 +727,13 @@ spec:
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
+metadata: {name: tls, namespace: egress}
+spec:
+  host: tls.backend
+  trafficPolicy: {tls: {mode: SIMPLE}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
 metadata: {name: unreachable, namespace: egress}
 spec:
   host: unreachable.backend
@@ -747,6 +754,8 @@ spec:
     route: [{destination: {host: versions.backend, subset: v3}}]
   - match: [{uri: {exact: /sticky}}]
     route: [{destination: {host: sticky.backend}}]
+  - match: [{uri: {exact: /tls}}]
+    route: [{destination: {host: tls.backend}}]
   - match: [{uri: {exact: /unreachable}}]
     retries: {attempts: 0}
     route: [{destination: {host: unreachable.backend}}]
@@ -775,6 +784,8 @@ fn destination_rules_pick_subsets_eject_failing_endpoints_and_limit_connections(
             &backend("slow", SERVER_B, 8081),
             // Nothing answers there: connecting takes as long as the DestinationRule allows.
             &backend("unreachable", "203.0.113.99", 80),
+            // nginx answers plain HTTP there: a request sent in the clear would get 200.
+            &backend("tls", SERVER_A, 80),
             DESTINATION_RULES,
         ],
     );
@@ -799,6 +810,9 @@ fn destination_rules_pick_subsets_eject_failing_endpoints_and_limit_connections(
     }
     assert_eq!(servers.len(), 2, "{servers:?}");
     assert_eq!(get("/unreachable", &[]).0, 503, "a connect timeout: UF");
+    let (code, body) = get("/tls", &[]);
+    assert_eq!(code, 503, "TLS origination asked for and not done: refused, not sent in the clear: {body}");
+    assert!(body.contains("TLS origination is not supported"), "{body}");
     let log = agent.log();
     let line = log.lines().find(|l| l.contains("\"GET /unreachable HTTP/1.1\" 503 UF ")).expect(&log);
     let duration: u64 = line.split(' ').nth(8).and_then(|d| d.parse().ok()).expect(line);

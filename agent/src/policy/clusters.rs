@@ -108,6 +108,9 @@ pub struct ClusterPolicy {
     pub connect_timeout: Option<Duration>,
     /// `loadBalancer.consistentHash`: what picks the endpoint instead of the load balancer.
     pub hash: Option<HashKey>,
+    /// `tls.mode` SIMPLE or MUTUAL: the destination expects TLS from the proxy, which does not originate it yet,
+    /// so requests are refused rather than sent in the clear.
+    pub originates_tls: bool,
 }
 
 impl ClusterPolicy {
@@ -149,7 +152,12 @@ impl ClusterPolicy {
             .and_then(|t| parse_duration(&t).ok());
         let hash =
             settings.load_balancer.as_ref().and_then(|lb| lb.consistent_hash.as_ref()).and_then(HashKey::compile);
-        ClusterPolicy { lb, limits, outlier, connect_timeout, hash }
+        let originates_tls = settings
+            .tls
+            .as_ref()
+            .and_then(|tls| tls.mode.as_deref())
+            .is_some_and(|mode| matches!(mode, "SIMPLE" | "MUTUAL"));
+        ClusterPolicy { lb, limits, outlier, connect_timeout, hash, originates_tls }
     }
 }
 

@@ -27,6 +27,9 @@ pub enum Failure {
     Overflow,
     /// Connecting to the upstream failed (refused, unreachable, connect timeout).
     UpstreamConnect,
+    /// The destination's DestinationRule asks for TLS origination, which the proxy does not do: refused rather
+    /// than sent in the clear.
+    TlsOrigination,
     /// The upstream closed or reset the connection before answering.
     UpstreamReset,
     /// The route's timeout passed before the upstream answered.
@@ -46,6 +49,7 @@ impl Failure {
             | Failure::DnsFailure
             | Failure::Overflow
             | Failure::UpstreamConnect
+            | Failure::TlsOrigination
             | Failure::UpstreamReset => StatusCode::SERVICE_UNAVAILABLE,
             Failure::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -62,7 +66,7 @@ impl Failure {
             Failure::NoHealthyUpstream => "UH",
             Failure::DnsFailure => "DF",
             Failure::Overflow => "UO",
-            Failure::UpstreamConnect => "UF",
+            Failure::UpstreamConnect | Failure::TlsOrigination => "UF",
             Failure::UpstreamReset => "UR",
             Failure::UpstreamTimeout => "UT",
         }
@@ -81,6 +85,10 @@ impl Failure {
             Failure::Overflow => "upstream connect error or disconnect/reset before headers. reset reason: overflow",
             Failure::UpstreamConnect => {
                 "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+            }
+            Failure::TlsOrigination => {
+                "upstream connect error or disconnect/reset before headers. reset reason: connection failure, \
+                 transport failure reason: TLS origination is not supported by this gateway"
             }
             Failure::UpstreamReset => {
                 "upstream connect error or disconnect/reset before headers. reset reason: connection termination"

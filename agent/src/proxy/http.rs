@@ -279,6 +279,10 @@ impl HttpProxy {
         started: Instant,
     ) -> Response<ProxyBody> {
         let route = matched.map(|(route, _)| route);
+        if destination.cluster().is_some_and(|cluster| cluster.policy.originates_tls) {
+            tracing::debug!(destination = %destination.labels.cluster.as_str(), "TLS origination asked for; refused");
+            return self.local_failure(Failure::TlsOrigination, record, started, Some(destination.labels));
+        }
         destination.hash_request(request.headers(), request.uri(), connection.peer.ip());
         // Faults are injected before anything is sent, as Envoy's fault filter runs before its router.
         if let Some(route) = route {
@@ -595,6 +599,10 @@ impl HttpProxy {
             tracing::debug!(host = %mirror.host, "mirror destination not reachable; not mirrored");
             return;
         };
+        if destination.cluster().is_some_and(|cluster| cluster.policy.originates_tls) {
+            tracing::debug!(host = %mirror.host, "mirror destination asks for TLS origination; not mirrored");
+            return;
+        }
         let shadow = format!("{}-shadow", routing::host_of(authority));
         let (address, http2, connect_timeout) = (destination.address, destination.http2, destination.connect_timeout());
         let (method, headers, path) = (parts.method.clone(), parts.headers.clone(), path_and_query.to_owned());
