@@ -784,7 +784,7 @@ fn destination_rules_pick_subsets_eject_failing_endpoints_and_limit_connections(
             &backend("slow", SERVER_B, 8081),
             // Nothing answers there: connecting takes as long as the DestinationRule allows.
             &backend("unreachable", "203.0.113.99", 80),
-            // nginx answers plain HTTP there: a request sent in the clear would get 200.
+            // nginx answers plain HTTP there: a request sent in the clear would get 200, TLS fails.
             &backend("tls", SERVER_A, 80),
             DESTINATION_RULES,
         ],
@@ -811,8 +811,7 @@ fn destination_rules_pick_subsets_eject_failing_endpoints_and_limit_connections(
     assert_eq!(servers.len(), 2, "{servers:?}");
     assert_eq!(get("/unreachable", &[]).0, 503, "a connect timeout: UF");
     let (code, body) = get("/tls", &[]);
-    assert_eq!(code, 503, "TLS origination asked for and not done: refused, not sent in the clear: {body}");
-    assert!(body.contains("TLS origination is not supported"), "{body}");
+    assert_eq!(code, 503, "TLS to a server that speaks none fails: never sent in the clear: {body}");
     let log = agent.log();
     let line = log.lines().find(|l| l.contains("\"GET /unreachable HTTP/1.1\" 503 UF ")).expect(&log);
     let duration: u64 = line.split(' ').nth(8).and_then(|d| d.parse().ok()).expect(line);
@@ -861,6 +860,107 @@ fn trailers_server(topology: &Topology, addr: SocketAddr) -> TcpListener {
         }
     });
     listener
+}
+
+/// A CA and a certificate it signs for `name`, made with openssl in `dir`: (ca.pem, cert.pem, key.pem).
+fn certificates(dir: &Path, ca: &str, name: &str) -> (String, String, String) {
+    let file = |f: &str| dir.join(f).to_str().unwrap().to_owned();
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new("openssl").args(args).output().expect("openssl runs");
+        assert!(output.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let (ca_key, ca_pem) = (file(&format!("{ca}.key")), file(&format!("{ca}.pem")));
+    let ca_subject = format!("/CN={ca}");
+    run(&[&["req", "-x509"][..], &ec, &["-keyout", &ca_key, "-out", &ca_pem, "-days", "2", "-subj", &ca_subject]]
+        .concat());
+    let (key, csr, cert, ext) = (file("server.key"), file("server.csr"), file("server.pem"), file("san.ext"));
+    std::fs::write(&ext, format!("subjectAltName=DNS:{name}\n")).unwrap();
+    run(&[&["req"][..], &ec, &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN={name}")]].concat());
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &ca_pem,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-out",
+        &cert,
+        "-days",
+        "2",
+        "-extfile",
+        &ext,
+    ]);
+    (ca_pem, cert, key)
+}
+
+#[test]
+fn destination_rules_originate_tls_to_the_endpoints_and_verify_them() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates(dir.path(), "sluice-test-ca", "secure.backend");
+    let other = tempfile::tempdir().unwrap();
+    let (other_ca, _, _) = certificates(other.path(), "another-ca", "secure.backend");
+    let tls = addr(SERVER_B, 443);
+    let server = format!(
+        "server {{\n    listen {tls} ssl;\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    \
+         location / {{ default_type text/plain; return 200 \"$ssl_protocol sni=$ssl_server_name host=$host\\n\"; }}\n  }}\n"
+    );
+    let _origin = Nginx::start_with(&topology.internet, &server, &[tls]).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let routes = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: secure, namespace: egress}}
+spec:
+  hosts: [secure.backend, forged.backend]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 443}}]
+  resolution: STATIC
+  endpoints: [{{address: {SERVER_B}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: secure, namespace: egress}}
+spec:
+  host: secure.backend
+  trafficPolicy: {{tls: {{mode: SIMPLE, sni: secure.backend, caCertificates: {ca}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: forged, namespace: egress}}
+spec:
+  host: forged.backend
+  trafficPolicy: {{tls: {{mode: SIMPLE, sni: secure.backend, caCertificates: {other_ca}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: httpbin, namespace: egress}}
+spec:
+  hosts: [httpbin.org]
+  http:
+  - match: [{{uri: {{prefix: /forged}}}}]
+    route: [{{destination: {{host: forged.backend}}}}]
+  - route: [{{destination: {{host: secure.backend}}}}]
+"
+    );
+    write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, &routes]);
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+
+    // The workload speaks plain HTTP; the gateway speaks TLS to the endpoint, SNI and certificate checked.
+    for _ in 0..2 {
+        let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/", &[]);
+        assert_eq!(code, 200, "{body}\n{}", agent.log());
+        // (nginx 1.22 offers up to TLS 1.2 by default.)
+        assert_eq!(body.trim(), "TLSv1.2 sni=secure.backend host=httpbin.org", "{body}");
+    }
+    let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/forged", &[]);
+    assert_eq!(code, 503, "a certificate another CA signed is refused: {body}");
+    assert!(agent.log().contains("\"GET /forged HTTP/1.1\" 503 UF "), "{}", agent.log());
 }
 
 #[test]

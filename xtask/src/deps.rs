@@ -24,6 +24,7 @@ const PEERS: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("prometheus", "prometheus"),
     ("h2load", "nghttp2-client"),
+    ("openssl", "openssl"),
 ];
 /// The load generator and the proxies `cargo xtask bench` compares Sluice with.
 const BENCH_PEERS: &[(&str, &str)] =

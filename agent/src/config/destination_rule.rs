@@ -128,6 +128,16 @@ pub struct ClientTls {
     pub subject_alt_names: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_name: Option<String>,
+    /// Files (PEM) on the gateway: the CAs that sign the destination's certificate (else the system's), and for
+    /// MUTUAL the client certificate and its key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificates: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub insecure_skip_verify: Option<bool>,
 }
 
 const LB_SIMPLE: [&str; 6] = ["UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN", "LEAST_REQUEST"];
@@ -212,9 +222,22 @@ impl PolicySettings {
                 }
             }
         }
-        if let Some(mode) = tls.as_ref().and_then(|tls| tls.mode.as_deref()) {
-            if !TLS_MODES.contains(&mode) {
-                errors.push(FieldError::new(format!("{path}.tls.mode"), format!("unknown TLS mode '{mode}'")));
+        if let Some(tls) = tls {
+            match tls.mode.as_deref() {
+                Some(mode) if !TLS_MODES.contains(&mode) => {
+                    errors.push(FieldError::new(format!("{path}.tls.mode"), format!("unknown TLS mode '{mode}'")));
+                }
+                // As Istio checks it: MUTUAL needs the client's certificate and key, from files or a Secret.
+                Some("MUTUAL")
+                    if tls.credential_name.is_none()
+                        && (tls.client_certificate.is_none() || tls.private_key.is_none()) =>
+                {
+                    errors.push(FieldError::new(
+                        format!("{path}.tls"),
+                        "MUTUAL needs clientCertificate and privateKey (or credentialName)",
+                    ));
+                }
+                _ => {}
             }
         }
     }
@@ -264,6 +287,11 @@ mod tests {
                 "host: a.example\ntrafficPolicy: {loadBalancer: {simple: FASTEST}}",
                 "spec.trafficPolicy.loadBalancer.simple",
                 "unknown",
+            ),
+            (
+                "host: a.example\ntrafficPolicy: {tls: {mode: MUTUAL, caCertificates: /etc/ca.pem}}",
+                "spec.trafficPolicy.tls",
+                "clientCertificate and privateKey",
             ),
             (
                 "host: a.example\ntrafficPolicy: {tls: {mode: STRICT}}",

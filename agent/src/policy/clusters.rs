@@ -18,7 +18,7 @@ use http::{header, HeaderMap, HeaderName, Uri};
 
 use crate::{
     config::{
-        destination_rule::{ConsistentHash, PolicySettings, TrafficPolicy},
+        destination_rule::{ClientTls, ConsistentHash, PolicySettings, TrafficPolicy},
         fields::parse_duration,
     },
     telemetry::labels::DestinationLabels,
@@ -108,9 +108,81 @@ pub struct ClusterPolicy {
     pub connect_timeout: Option<Duration>,
     /// `loadBalancer.consistentHash`: what picks the endpoint instead of the load balancer.
     pub hash: Option<HashKey>,
-    /// `tls.mode` SIMPLE or MUTUAL: the destination expects TLS from the proxy, which does not originate it yet,
-    /// so requests are refused rather than sent in the clear.
-    pub originates_tls: bool,
+    /// `tls.mode` SIMPLE or MUTUAL: the proxy speaks TLS to the endpoints.
+    pub tls: Option<Arc<TlsOrigination>>,
+}
+
+/// TLS from the proxy to a cluster's endpoints (a DestinationRule's `tls`, SIMPLE or MUTUAL), made ready at
+/// compile time; settings that cannot be used (a missing file, `credentialName`) refuse the requests rather than
+/// send them in the clear.
+#[derive(Debug)]
+pub enum TlsOrigination {
+    Ready {
+        config: Arc<rustls::ClientConfig>,
+        /// `sni`; else the request's host.
+        sni: Option<String>,
+    },
+    Unusable(String),
+}
+
+impl PartialEq for TlsOrigination {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+
+impl TlsOrigination {
+    fn compile(tls: &ClientTls, http2: bool) -> Option<TlsOrigination> {
+        let mode = tls.mode.as_deref().filter(|mode| matches!(*mode, "SIMPLE" | "MUTUAL"))?;
+        Some(match client_config(tls, mode, http2) {
+            Ok(config) => TlsOrigination::Ready { config: Arc::new(config), sni: tls.sni.clone() },
+            Err(reason) => TlsOrigination::Unusable(reason),
+        })
+    }
+}
+
+fn client_config(tls: &ClientTls, mode: &str, http2: bool) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    if tls.credential_name.is_some() {
+        return Err("credentialName (a Kubernetes Secret) is not read; give the files".into());
+    }
+    if tls.insecure_skip_verify == Some(true) {
+        return Err("insecureSkipVerify is not supported".into());
+    }
+    let certificates = |path: &str| -> Result<Vec<CertificateDer<'static>>, String> {
+        CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|error| format!("{path}: {error}"))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    match &tls.ca_certificates {
+        Some(path) => {
+            for certificate in certificates(path)? {
+                roots.add(certificate).map_err(|error| format!("{path}: {error}"))?;
+            }
+        }
+        None => {
+            for certificate in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(certificate);
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| error.to_string())?
+        .with_root_certificates(roots);
+    let mut config = if mode == "MUTUAL" {
+        let (Some(certificate), Some(key)) = (&tls.client_certificate, &tls.private_key) else {
+            return Err("MUTUAL needs clientCertificate and privateKey".into());
+        };
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|error| format!("{key}: {error}"))?;
+        builder.with_client_auth_cert(certificates(certificate)?, key).map_err(|error| error.to_string())?
+    } else {
+        builder.with_no_client_auth()
+    };
+    config.alpn_protocols = vec![if http2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
+    Ok(config)
 }
 
 impl ClusterPolicy {
@@ -152,12 +224,8 @@ impl ClusterPolicy {
             .and_then(|t| parse_duration(&t).ok());
         let hash =
             settings.load_balancer.as_ref().and_then(|lb| lb.consistent_hash.as_ref()).and_then(HashKey::compile);
-        let originates_tls = settings
-            .tls
-            .as_ref()
-            .and_then(|tls| tls.mode.as_deref())
-            .is_some_and(|mode| matches!(mode, "SIMPLE" | "MUTUAL"));
-        ClusterPolicy { lb, limits, outlier, connect_timeout, hash, originates_tls }
+        let tls = settings.tls.as_ref().and_then(|tls| TlsOrigination::compile(tls, http2)).map(Arc::new);
+        ClusterPolicy { lb, limits, outlier, connect_timeout, hash, tls }
     }
 }
 
@@ -444,6 +512,30 @@ mod tests {
         drop(first);
         cluster.state.waiting.fetch_sub(1, Ordering::Relaxed);
         assert!(matches!(cluster.state.admit(), Admission::Now(Some(_))));
+    }
+
+    #[test]
+    fn tls_origination_is_made_ready_at_compile_time_or_refuses() {
+        let tls = |json: serde_json::Value| -> Option<TlsOrigination> {
+            TlsOrigination::compile(&serde_json::from_value(json).unwrap(), false)
+        };
+        assert!(tls(serde_json::json!({"mode": "DISABLE"})).is_none());
+        assert!(tls(serde_json::json!({"mode": "ISTIO_MUTUAL"})).is_none(), "the sidecar's hop, made in process");
+        match tls(serde_json::json!({"mode": "SIMPLE", "sni": "api.example"})) {
+            Some(TlsOrigination::Ready { config, sni }) => {
+                assert_eq!(sni.as_deref(), Some("api.example"));
+                assert_eq!(config.alpn_protocols, [b"http/1.1".to_vec()]);
+            }
+            other => panic!("the system's roots: {other:?}"),
+        }
+        let unusable = |json| match tls(json) {
+            Some(TlsOrigination::Unusable(reason)) => reason,
+            other => panic!("{other:?}"),
+        };
+        assert!(unusable(serde_json::json!({"mode": "SIMPLE", "caCertificates": "/nonexistent/ca.pem"}))
+            .contains("/nonexistent/ca.pem"));
+        assert!(unusable(serde_json::json!({"mode": "SIMPLE", "credentialName": "api-ca"})).contains("credentialName"));
+        assert!(unusable(serde_json::json!({"mode": "MUTUAL"})).contains("clientCertificate"));
     }
 
     #[test]

@@ -27,8 +27,8 @@ pub enum Failure {
     Overflow,
     /// Connecting to the upstream failed (refused, unreachable, connect timeout).
     UpstreamConnect,
-    /// The destination's DestinationRule asks for TLS origination, which the proxy does not do: refused rather
-    /// than sent in the clear.
+    /// The destination's DestinationRule originates TLS with settings that cannot be used (a file missing, a
+    /// Secret named): refused rather than sent in the clear.
     TlsOrigination,
     /// The upstream closed or reset the connection before answering.
     UpstreamReset,
@@ -88,7 +88,7 @@ impl Failure {
             }
             Failure::TlsOrigination => {
                 "upstream connect error or disconnect/reset before headers. reset reason: connection failure, \
-                 transport failure reason: TLS origination is not supported by this gateway"
+                 transport failure reason: the DestinationRule's TLS settings cannot be used"
             }
             Failure::UpstreamReset => {
                 "upstream connect error or disconnect/reset before headers. reset reason: connection termination"

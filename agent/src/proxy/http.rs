@@ -29,13 +29,13 @@ use super::{
     failure::Failure,
     routing::{self, Decision, Destination, Matched},
     tcp::{self, SourceAddresses},
-    upstreams::{Outgoing, SendError, Upstreams},
+    upstreams::{Outgoing, SendError, UpstreamTls, Upstreams},
 };
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::{
     config::{resolver::DnsResolver, workloads::Workloads},
-    policy::clusters::{Admission, Outcome},
+    policy::clusters::{Admission, Outcome, TlsOrigination},
     policy::routes::{Cors, HostVerify, Mirror, ProxyPolicy, RetryPolicy, Route, Target},
     telemetry::{
         connections::TcpLabels,
@@ -279,10 +279,6 @@ impl HttpProxy {
         started: Instant,
     ) -> Response<ProxyBody> {
         let route = matched.map(|(route, _)| route);
-        if destination.cluster().is_some_and(|cluster| cluster.policy.originates_tls) {
-            tracing::debug!(destination = %destination.labels.cluster.as_str(), "TLS origination asked for; refused");
-            return self.local_failure(Failure::TlsOrigination, record, started, Some(destination.labels));
-        }
         destination.hash_request(request.headers(), request.uri(), connection.peer.ip());
         // Faults are injected before anything is sent, as Envoy's fault filter runs before its router.
         if let Some(route) = route {
@@ -403,6 +399,15 @@ impl HttpProxy {
             Ok(address) => address,
             Err(failure) => return self.local_failure(failure, record, started, Some(destination.labels)),
         };
+        // TLS to the endpoints when the DestinationRule originates it; settings that cannot be used refuse the
+        // request rather than send it in the clear.
+        let tls = match upstream_tls(&destination, &upstream_authority) {
+            Ok(tls) => tls,
+            Err(reason) => {
+                tracing::debug!(destination = %destination.labels.cluster.as_str(), %reason, "TLS origination refused");
+                return self.local_failure(Failure::TlsOrigination, record, started, Some(destination.labels));
+            }
+        };
         let mut attempt = 0u32;
         let outcome = loop {
             let body = match (&replayable, streamed.take()) {
@@ -418,6 +423,7 @@ impl HttpProxy {
                 method: parts.method.clone(),
                 headers: parts.headers.clone(),
                 connect_timeout: destination.connect_timeout(),
+                tls: tls.clone(),
             };
             let try_started = Instant::now();
             let per_try = retries.per_try_timeout.and_then(deadline_in);
@@ -599,10 +605,10 @@ impl HttpProxy {
             tracing::debug!(host = %mirror.host, "mirror destination not reachable; not mirrored");
             return;
         };
-        if destination.cluster().is_some_and(|cluster| cluster.policy.originates_tls) {
-            tracing::debug!(host = %mirror.host, "mirror destination asks for TLS origination; not mirrored");
+        let Ok(tls) = upstream_tls(&destination, &mirror.host) else {
+            tracing::debug!(host = %mirror.host, "mirror destination's TLS settings cannot be used; not mirrored");
             return;
-        }
+        };
         let shadow = format!("{}-shadow", routing::host_of(authority));
         let (address, http2, connect_timeout) = (destination.address, destination.http2, destination.connect_timeout());
         let (method, headers, path) = (parts.method.clone(), parts.headers.clone(), path_and_query.to_owned());
@@ -616,6 +622,7 @@ impl HttpProxy {
                 method,
                 headers,
                 connect_timeout,
+                tls,
             };
             let body = Full::new(body).map_err(|never| match never {}).boxed();
             if let Ok(response) = upstreams.send(outgoing, body).await {
@@ -787,6 +794,20 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .collect();
     for name in named.iter().chain(&HOP_BY_HOP) {
         headers.remove(name);
+    }
+}
+
+/// The TLS `destination`'s requests go upstream with (`None`: plain), the server name its `sni`, else `host`'s;
+/// `Err` when its DestinationRule's TLS settings cannot be used.
+fn upstream_tls(destination: &routing::Destination<'_>, host: &str) -> Result<Option<UpstreamTls>, String> {
+    match destination.cluster().and_then(|cluster| cluster.policy.tls.as_deref()) {
+        None => Ok(None),
+        Some(TlsOrigination::Unusable(reason)) => Err(reason.clone()),
+        Some(TlsOrigination::Ready { config, sni }) => {
+            let name = sni.clone().unwrap_or_else(|| routing::host_of(host).to_owned());
+            let server_name = rustls::pki_types::ServerName::try_from(name).map_err(|error| error.to_string())?;
+            Ok(Some(UpstreamTls { config: config.clone(), server_name }))
+        }
     }
 }
 

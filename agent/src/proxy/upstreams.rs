@@ -46,6 +46,51 @@ pub struct Outgoing<'a> {
     pub headers: HeaderMap,
     /// How long a new connection may take to open.
     pub connect_timeout: Duration,
+    /// TLS to speak to the endpoint (a DestinationRule's origination), if any.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// TLS from the proxy to an endpoint: the client configuration and the server name it asks for (SNI) and
+/// checks the certificate against.
+#[derive(Clone, Debug)]
+pub struct UpstreamTls {
+    pub config: Arc<rustls::ClientConfig>,
+    pub server_name: rustls::pki_types::ServerName<'static>,
+}
+
+/// What a pooled connection is for: its address, and the TLS it speaks (configuration and server name).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PoolKey {
+    address: SocketAddr,
+    tls: Option<(usize, String)>,
+}
+
+impl PoolKey {
+    fn new(address: SocketAddr, tls: Option<&UpstreamTls>) -> PoolKey {
+        let tls = tls.map(|tls| (Arc::as_ptr(&tls.config) as usize, tls.server_name.to_str().into_owned()));
+        PoolKey { address, tls }
+    }
+}
+
+/// A connection's byte stream: TCP, or TLS over it.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
+/// Opens a connection to `address` from `source` within `within`, with a TLS handshake over it when `tls` asks.
+async fn open(
+    address: SocketAddr,
+    source: &SourceAddresses,
+    within: Duration,
+    tls: Option<&UpstreamTls>,
+) -> Result<Box<dyn Io>, SendError> {
+    let stream = tcp::connect(address, source, within).await.map_err(|error| SendError::Connect(error.to_string()))?;
+    let Some(tls) = tls else { return Ok(Box::new(stream)) };
+    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+    match tokio::time::timeout(within, connector.connect(tls.server_name.clone(), stream)).await {
+        Ok(Ok(stream)) => Ok(Box::new(stream)),
+        Ok(Err(error)) => Err(SendError::Connect(format!("TLS handshake with {address}: {error}"))),
+        Err(_) => Err(SendError::Connect(format!("TLS handshake with {address} timed out"))),
+    }
 }
 
 /// Both kinds of upstream connection, shared by every request (and cheap to clone into a task).
@@ -61,21 +106,23 @@ impl Upstreams {
     }
 
     pub async fn send(&self, outgoing: Outgoing<'_>, body: ProxyBody) -> Result<Response<UpstreamBody>, SendError> {
-        let Outgoing { address, http2, authority, path_and_query, method, mut headers, connect_timeout } = outgoing;
+        let Outgoing { address, http2, authority, path_and_query, method, mut headers, connect_timeout, tls } =
+            outgoing;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut request = Request::new(body);
         *request.method_mut() = method;
         if http2 {
             // The address is the pool's key; the host goes in :authority (a Host beside it would have to match).
             headers.remove(header::HOST);
             *request.uri_mut() = Uri::builder()
-                .scheme("http")
+                .scheme(scheme)
                 .authority(authority)
                 .path_and_query(path_and_query)
                 .build()
                 .map_err(|error| SendError::Request(error.to_string()))?;
             *request.headers_mut() = headers;
             *request.version_mut() = Version::HTTP_2;
-            let response = self.http2.send(address, request, connect_timeout).await?;
+            let response = self.http2.send(address, request, connect_timeout, tls.as_ref()).await?;
             Ok(response.map(|body| UpstreamBody { body, returning: None }))
         } else {
             // Origin-form, the host in Host.
@@ -85,7 +132,7 @@ impl Upstreams {
                 headers.insert(header::HOST, host);
             }
             *request.headers_mut() = headers;
-            self.http1.send(address, request, connect_timeout).await
+            self.http1.send(PoolKey::new(address, tls.as_ref()), request, connect_timeout, tls.as_ref()).await
         }
     }
 }
@@ -96,7 +143,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// HTTP/1.1 connections kept alive per address: a request takes the one given back last, and gives it back once
 /// its response has been read to the end.
 struct Http1Pool {
-    idle: Mutex<HashMap<SocketAddr, VecDeque<Idle>, foldhash::fast::RandomState>>,
+    idle: Mutex<HashMap<PoolKey, VecDeque<Idle>, foldhash::fast::RandomState>>,
     source: SourceAddresses,
     /// Connections given back, so that every `SWEEP_EVERY`th sweeps the whole pool.
     given_back: std::sync::atomic::AtomicUsize,
@@ -118,17 +165,18 @@ impl Http1Pool {
 
     async fn send(
         self: &Arc<Self>,
-        address: SocketAddr,
+        key: PoolKey,
         mut request: Request<ProxyBody>,
         connect_timeout: Duration,
+        tls: Option<&UpstreamTls>,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        while let Some(mut sender) = self.take(address) {
+        while let Some(mut sender) = self.take(&key) {
             // It finishes the exchange it was given back after, or turns out closed.
             if sender.ready().await.is_err() {
                 continue;
             }
             match sender.try_send_request(request).await {
-                Ok(response) => return Ok(self.returning(address, sender, response)),
+                Ok(response) => return Ok(self.returning(key, sender, response)),
                 Err(mut error) => match error.take_message() {
                     // Closed before a byte of the request was written: another connection takes it.
                     Some(unsent) => request = unsent,
@@ -136,9 +184,8 @@ impl Http1Pool {
                 },
             }
         }
-        let stream = tcp::connect(address, &self.source, connect_timeout)
-            .await
-            .map_err(|error| SendError::Connect(error.to_string()))?;
+        let address = key.address;
+        let stream = open(address, &self.source, connect_timeout, tls).await?;
         let (mut sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -149,21 +196,21 @@ impl Http1Pool {
             }
         });
         let response = sender.send_request(request).await.map_err(|error| SendError::Request(error.to_string()))?;
-        Ok(self.returning(address, sender, response))
+        Ok(self.returning(key, sender, response))
     }
 
     /// The response, its body holding the connection until it has been read (a response without a body gives it
     /// back at once; one that switches protocols never does).
     fn returning(
         self: &Arc<Self>,
-        address: SocketAddr,
+        key: PoolKey,
         sender: http1::SendRequest<ProxyBody>,
         response: Response<Incoming>,
     ) -> Response<UpstreamBody> {
         let (parts, incoming) = response.into_parts();
         let mut body = UpstreamBody { body: incoming, returning: None };
         if parts.status != StatusCode::SWITCHING_PROTOCOLS {
-            body.returning = Some(Returning { pool: self.clone(), address, sender });
+            body.returning = Some(Returning { pool: self.clone(), key, sender });
             if body.body.is_end_stream() {
                 body.give_back();
             }
@@ -171,10 +218,10 @@ impl Http1Pool {
         Response::from_parts(parts, body)
     }
 
-    /// The connection to `address` given back last, if one is open and has not idled too long.
-    fn take(&self, address: SocketAddr) -> Option<http1::SendRequest<ProxyBody>> {
+    /// The connection for `key` given back last, if one is open and has not idled too long.
+    fn take(&self, key: &PoolKey) -> Option<http1::SendRequest<ProxyBody>> {
         let mut idle = self.lock();
-        let connections = idle.get_mut(&address)?;
+        let connections = idle.get_mut(key)?;
         let mut taken = None;
         while let Some(Idle { sender, since }) = connections.pop_back() {
             if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
@@ -183,12 +230,12 @@ impl Http1Pool {
             }
         }
         if connections.is_empty() {
-            idle.remove(&address);
+            idle.remove(key);
         }
         taken
     }
 
-    fn give_back(&self, address: SocketAddr, sender: http1::SendRequest<ProxyBody>) {
+    fn give_back(&self, key: PoolKey, sender: http1::SendRequest<ProxyBody>) {
         let now = Instant::now();
         let sweep = self.given_back.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % SWEEP_EVERY == 0;
         let mut idle = self.lock();
@@ -198,7 +245,7 @@ impl Http1Pool {
                 !connections.is_empty()
             });
         }
-        let connections = idle.entry(address).or_default();
+        let connections = idle.entry(key).or_default();
         // The oldest are at the front: those idle too long are closed (by dropping them).
         while connections.front().is_some_and(|oldest| now.duration_since(oldest.since) >= IDLE_TIMEOUT) {
             connections.pop_front();
@@ -206,14 +253,14 @@ impl Http1Pool {
         connections.push_back(Idle { sender, since: now });
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<SocketAddr, VecDeque<Idle>, foldhash::fast::RandomState>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<PoolKey, VecDeque<Idle>, foldhash::fast::RandomState>> {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 struct Returning {
     pool: Arc<Http1Pool>,
-    address: SocketAddr,
+    key: PoolKey,
     sender: http1::SendRequest<ProxyBody>,
 }
 
@@ -226,8 +273,8 @@ pub struct UpstreamBody {
 
 impl UpstreamBody {
     fn give_back(&mut self) {
-        if let Some(Returning { pool, address, sender }) = self.returning.take() {
-            pool.give_back(address, sender);
+        if let Some(Returning { pool, key, sender }) = self.returning.take() {
+            pool.give_back(key, sender);
         }
     }
 }
@@ -258,7 +305,7 @@ impl Body for UpstreamBody {
 }
 
 struct Http2Pool {
-    connections: Mutex<HashMap<SocketAddr, SendRequest<ProxyBody>>>,
+    connections: Mutex<HashMap<PoolKey, SendRequest<ProxyBody>>>,
     source: SourceAddresses,
 }
 
@@ -273,14 +320,14 @@ impl Http2Pool {
         address: SocketAddr,
         request: Request<ProxyBody>,
         connect_timeout: Duration,
+        tls: Option<&UpstreamTls>,
     ) -> Result<Response<Incoming>, SendError> {
-        let open = self.lock().get(&address).filter(|sender| !sender.is_closed()).cloned();
-        let mut sender = match open {
+        let key = PoolKey::new(address, tls);
+        let pooled = self.lock().get(&key).filter(|sender| !sender.is_closed()).cloned();
+        let mut sender = match pooled {
             Some(sender) => sender,
             None => {
-                let stream = tcp::connect(address, &self.source, connect_timeout)
-                    .await
-                    .map_err(|error| SendError::Connect(error.to_string()))?;
+                let stream = open(address, &self.source, connect_timeout, tls).await?;
                 let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .handshake(TokioIo::new(stream))
@@ -291,7 +338,7 @@ impl Http2Pool {
                         tracing::debug!(%address, %error, "HTTP/2 upstream connection ended");
                     }
                 });
-                self.lock().insert(address, sender.clone());
+                self.lock().insert(key, sender.clone());
                 sender
             }
         };
@@ -299,7 +346,7 @@ impl Http2Pool {
         sender.send_request(request).await.map_err(|error| SendError::Request(error.to_string()))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, SendRequest<ProxyBody>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, SendRequest<ProxyBody>>> {
         self.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
@@ -354,6 +401,7 @@ mod tests {
             method: Method::GET,
             headers: HeaderMap::new(),
             connect_timeout: Duration::from_secs(1),
+            tls: None,
         };
         let body = Empty::new().map_err(|never| match never {}).boxed();
         let response = upstreams.send(outgoing, body).await.expect("a response");
@@ -376,6 +424,6 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3, "a connection the server closed is not used again");
-        assert!(upstreams.http1.lock().get(&address).is_none_or(|idle| idle.len() <= 1));
+        assert!(upstreams.http1.lock().get(&PoolKey::new(address, None)).is_none_or(|idle| idle.len() <= 1));
     }
 }
