@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT},
-    helpers::{bpf_ktime_get_ns, bpf_redirect},
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_redirect},
     programs::TcContext,
 };
 use sluice_common::{
@@ -18,6 +18,9 @@ use crate::{
 
 /// A flow blocked again after this long is reported again.
 const REPORT_AGAIN_NS: u64 = 60_000_000_000;
+/// The same flow's report time is looked at again after this many ticks: 60 s at the lowest tick rate (100 Hz),
+/// 6 s at the highest (1000 Hz).
+const CHECK_AGAIN_JIFFIES: u64 = 6_000;
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -39,37 +42,66 @@ pub fn act(ctx: &TcContext, flow: &Flow, config: &DatapathConfig) -> i32 {
 
 #[inline(never)]
 fn record(flow: &Flow) {
-    // SAFETY: a helper with no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: a helper with no arguments, inlined by the verifier (a load of `jiffies`).
+    let jiffies = unsafe { bpf_jiffies64() };
     let destination =
         DestinationKey { addr: flow.dst, family: flow.family, proto: flow.proto, port: flow.dst_port.to_be_bytes() };
-    match maps::BLACKHOLED.get_ptr_mut(destination) {
+    let src_port = flow.src_port.to_be_bytes();
+    let mut now = 0;
+    let stats = match maps::BLACKHOLED.get_ptr_mut(destination) {
         Some(stats) => {
             // SAFETY: a map value; concurrent updates from other CPUs may lose a count, never corrupt.
             let stats = unsafe { &mut *stats };
             stats.packets += 1;
-            stats.last_seen_ns = now;
+            stats.last_seen_jiffies = jiffies;
+            // The usual case under a flood: the same flow again, reported a moment ago.
+            if stats.reported_src_port == src_port && stats.reported_src == flow.src {
+                if jiffies.wrapping_sub(stats.checked_jiffies) < CHECK_AGAIN_JIFFIES {
+                    return;
+                }
+                // SAFETY: a helper with no arguments.
+                now = unsafe { bpf_ktime_get_coarse_ns() };
+                if now.saturating_sub(stats.reported_ns) < REPORT_AGAIN_NS {
+                    stats.checked_jiffies = jiffies;
+                    return;
+                }
+            }
+            Some(stats)
         }
         None => {
-            let _ = maps::BLACKHOLED.insert(destination, DestinationStats { packets: 1, last_seen_ns: now }, 0);
+            let first = DestinationStats { packets: 1, last_seen_jiffies: jiffies, ..DestinationStats::default() };
+            let _ = maps::BLACKHOLED.insert(destination, first, 0);
+            None
         }
+    };
+    if now == 0 {
+        // SAFETY: as above.
+        now = unsafe { bpf_ktime_get_coarse_ns() };
     }
     let key = FlowKey {
         src: flow.src,
         dst: flow.dst,
-        src_port: flow.src_port.to_be_bytes(),
+        src_port,
         dst_port: flow.dst_port.to_be_bytes(),
         family: flow.family,
         proto: flow.proto,
         _pad: [0; 2],
     };
     // SAFETY: the value is copied out at once.
-    let reported = unsafe { maps::FLOWS.get(key) }.copied();
-    if reported.is_some_and(|at| now.saturating_sub(at) < REPORT_AGAIN_NS) {
-        return;
+    let reported_ns = match unsafe { maps::FLOWS.get(key) }.copied() {
+        Some(at) if now.saturating_sub(at) < REPORT_AGAIN_NS => at,
+        _ => {
+            let _ = maps::FLOWS.insert(key, now, 0);
+            let _ = maps::EVENTS.output(BlockedFlowEvent { flow: key, timestamp_ns: now }, 0);
+            now
+        }
+    };
+    if let Some(stats) = stats {
+        stats.reported_src = flow.src;
+        stats.reported_src_port = src_port;
+        stats.reported_ns = reported_ns;
+        stats.checked_jiffies = jiffies;
     }
-    let _ = maps::FLOWS.insert(key, now, 0);
-    let _ = maps::EVENTS.output(BlockedFlowEvent { flow: key, timestamp_ns: now }, 0);
 }
 
 /// Rewrites the packet into its answer, in place. Err leaves the packet to be dropped.

@@ -7,7 +7,7 @@ use std::{
 };
 
 use sluice_agent::{
-    datapath::Datapath,
+    datapath::{BlockedFlow, Datapath},
     policy::{BlackholeAction, DatapathPolicy, OutboundMode},
 };
 use sluice_common::Verdict;
@@ -287,6 +287,35 @@ fn allow_any_passes_what_no_entry_matches() {
     assert_eq!((action, verdict), (CONTINUE, Verdict::Passthrough));
     let (action, verdict, _) = classifier.run(&v4(BLOCKED, TCP, &[0, 1]));
     assert_eq!((action, verdict), (CONTINUE, Verdict::Malformed), "malformed packets are left to the stack");
+}
+
+#[test]
+fn each_blocked_flow_is_reported_once_and_every_packet_counted() {
+    let mut classifier = Classifier::load(OutboundMode::RegistryOnly, BlackholeAction::Drop);
+    let mut events = classifier.datapath.take_events().unwrap();
+    let other_client = Ipv4Addr::new(10, 240, 1, 3);
+    let from = |client: Ipv4Addr, port: u16| {
+        ethernet(0x0800, &[], &ipv4(client, BLOCKED, TCP, &[], 0, &tcp(port, 443, TCP_SYN, 1)))
+    };
+    // Flows interleaved to one destination: the repeated flow is recognised whichever was reported last.
+    let sequence = [(CLIENT, 40000, 3), (CLIENT, 40001, 2), (CLIENT, 40000, 2), (other_client, 40000, 1)];
+    for (client, port, times) in sequence {
+        assert_eq!(classifier.datapath.run_on(&from(client, port), times).unwrap().action, DROP);
+    }
+    let mut reported = Vec::new();
+    while let Some(record) = events.next() {
+        let flow = BlockedFlow::decode(&record).unwrap();
+        reported.push((flow.source.to_string(), flow.destination.to_string()));
+    }
+    let expected = ["10.240.1.2:40000", "10.240.1.2:40001", "10.240.1.3:40000"];
+    assert_eq!(
+        reported,
+        expected.map(|source| (source.to_owned(), format!("{BLOCKED}:443"))),
+        "one event per flow, in order"
+    );
+    let destinations = classifier.datapath.blackholed().read();
+    assert_eq!(destinations.len(), 1, "{destinations:?}");
+    assert_eq!(destinations[0].packets, 8, "every blocked packet is counted against its destination");
 }
 
 #[test]

@@ -297,8 +297,16 @@ pub struct DestinationKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DestinationStats {
     pub packets: u64,
-    /// `bpf_ktime_get_ns()` of the last packet.
-    pub last_seen_ns: u64,
+    /// `bpf_jiffies64()` of the last packet (the kernel's tick count, cheap enough to read per packet).
+    pub last_seen_jiffies: u64,
+    /// The source address and port of the flow to this destination reported last, `bpf_ktime_get_coarse_ns()`
+    /// when it was, and `bpf_jiffies64()` when that was last checked: while packets of that flow keep coming,
+    /// neither the flows map nor the clock is consulted.
+    pub reported_src: [u8; 16],
+    pub reported_src_port: [u8; 2],
+    pub _pad: [u8; 6],
+    pub reported_ns: u64,
+    pub checked_jiffies: u64,
 }
 
 /// A workload's address, whose traffic that no rule matches follows its own mode (`MODE_*`, the value) rather
