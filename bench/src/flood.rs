@@ -18,6 +18,7 @@ use anyhow::{bail, Context};
 use sluice_agent::{datapath::Datapath, policy::DatapathPolicy};
 use sluice_tests::{
     agent::Bpffs,
+    netns::run,
     packets,
     topology::{GATEWAY_WORKLOAD_IFACE, WORKLOAD_ADDR},
     Netns, Topology,
@@ -55,14 +56,6 @@ fn topology() -> anyhow::Result<(Topology, u32)> {
         .context("no threaded NAPI thread for the gateway interface")?;
     crate::http::pin_tree(napi, GATEWAY_CPU)?;
     Ok((topology, napi))
-}
-
-fn run(command: &mut std::process::Command) -> anyhow::Result<()> {
-    let output = command.output().with_context(|| format!("running {command:?} (`cargo xtask bench` installs it)"))?;
-    if !output.status.success() {
-        bail!("{command:?}: {}", String::from_utf8_lossy(&output.stderr).trim());
-    }
-    Ok(())
 }
 
 /// The flood against Sluice's classifier, with `policy` (which does not allow the target) in force.

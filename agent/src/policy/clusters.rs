@@ -15,6 +15,7 @@ use std::{
 };
 
 use http::{header, HeaderMap, HeaderName, Uri};
+use rustls::pki_types::ServerName;
 
 use crate::{
     config::{
@@ -119,8 +120,8 @@ pub struct ClusterPolicy {
 pub enum TlsOrigination {
     Ready {
         config: Arc<rustls::ClientConfig>,
-        /// `sni`; else the request's host.
-        sni: Option<String>,
+        /// `sni`, checked here; else the request's host.
+        sni: Option<Arc<ServerName<'static>>>,
     },
     Unusable(String),
 }
@@ -134,9 +135,12 @@ impl PartialEq for TlsOrigination {
 impl TlsOrigination {
     fn compile(tls: &ClientTls, http2: bool) -> Option<TlsOrigination> {
         let mode = tls.mode.as_deref().filter(|mode| matches!(*mode, "SIMPLE" | "MUTUAL"))?;
-        Some(match client_config(tls, mode, http2) {
-            Ok(config) => TlsOrigination::Ready { config: Arc::new(config), sni: tls.sni.clone() },
-            Err(reason) => TlsOrigination::Unusable(reason),
+        let sni = tls.sni.clone().map(|sni| {
+            ServerName::try_from(sni.clone()).map(Arc::new).map_err(|error| format!("sni {sni:?}: {error}"))
+        });
+        Some(match (client_config(tls, mode, http2), sni.transpose()) {
+            (Ok(config), Ok(sni)) => TlsOrigination::Ready { config: Arc::new(config), sni },
+            (Err(reason), _) | (_, Err(reason)) => TlsOrigination::Unusable(reason),
         })
     }
 }
@@ -523,7 +527,7 @@ mod tests {
         assert!(tls(serde_json::json!({"mode": "ISTIO_MUTUAL"})).is_none(), "the sidecar's hop, made in process");
         match tls(serde_json::json!({"mode": "SIMPLE", "sni": "api.example"})) {
             Some(TlsOrigination::Ready { config, sni }) => {
-                assert_eq!(sni.as_deref(), Some("api.example"));
+                assert_eq!(sni.map(|sni| sni.to_str().into_owned()).as_deref(), Some("api.example"));
                 assert_eq!(config.alpn_protocols, [b"http/1.1".to_vec()]);
             }
             other => panic!("the system's roots: {other:?}"),
@@ -536,6 +540,7 @@ mod tests {
             .contains("/nonexistent/ca.pem"));
         assert!(unusable(serde_json::json!({"mode": "SIMPLE", "credentialName": "api-ca"})).contains("credentialName"));
         assert!(unusable(serde_json::json!({"mode": "MUTUAL"})).contains("clientCertificate"));
+        assert!(unusable(serde_json::json!({"mode": "SIMPLE", "sni": "not a name"})).contains("sni \"not a name\""));
     }
 
     #[test]

@@ -804,8 +804,12 @@ fn upstream_tls(destination: &routing::Destination<'_>, host: &str) -> Result<Op
         None => Ok(None),
         Some(TlsOrigination::Unusable(reason)) => Err(reason.clone()),
         Some(TlsOrigination::Ready { config, sni }) => {
-            let name = sni.clone().unwrap_or_else(|| routing::host_of(host).to_owned());
-            let server_name = rustls::pki_types::ServerName::try_from(name).map_err(|error| error.to_string())?;
+            let server_name = match sni {
+                Some(sni) => sni.clone(),
+                None => rustls::pki_types::ServerName::try_from(routing::host_of(host).to_owned())
+                    .map(Arc::new)
+                    .map_err(|error| error.to_string())?,
+            };
             Ok(Some(UpstreamTls { config: config.clone(), server_name }))
         }
     }

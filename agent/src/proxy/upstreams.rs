@@ -55,19 +55,19 @@ pub struct Outgoing<'a> {
 #[derive(Clone, Debug)]
 pub struct UpstreamTls {
     pub config: Arc<rustls::ClientConfig>,
-    pub server_name: rustls::pki_types::ServerName<'static>,
+    pub server_name: Arc<rustls::pki_types::ServerName<'static>>,
 }
 
 /// What a pooled connection is for: its address, and the TLS it speaks (configuration and server name).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct PoolKey {
     address: SocketAddr,
-    tls: Option<(usize, String)>,
+    tls: Option<(usize, Arc<rustls::pki_types::ServerName<'static>>)>,
 }
 
 impl PoolKey {
     fn new(address: SocketAddr, tls: Option<&UpstreamTls>) -> PoolKey {
-        let tls = tls.map(|tls| (Arc::as_ptr(&tls.config) as usize, tls.server_name.to_str().into_owned()));
+        let tls = tls.map(|tls| (Arc::as_ptr(&tls.config) as usize, tls.server_name.clone()));
         PoolKey { address, tls }
     }
 }
@@ -86,7 +86,7 @@ async fn open(
     let stream = tcp::connect(address, source, within).await.map_err(|error| SendError::Connect(error.to_string()))?;
     let Some(tls) = tls else { return Ok(Box::new(stream)) };
     let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-    match tokio::time::timeout(within, connector.connect(tls.server_name.clone(), stream)).await {
+    match tokio::time::timeout(within, connector.connect((*tls.server_name).clone(), stream)).await {
         Ok(Ok(stream)) => Ok(Box::new(stream)),
         Ok(Err(error)) => Err(SendError::Connect(format!("TLS handshake with {address}: {error}"))),
         Err(_) => Err(SendError::Connect(format!("TLS handshake with {address} timed out"))),
