@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 use ipnet::IpNet;
 use regex::Regex;
+use smallvec::SmallVec;
 
 use super::{
     bindings::{self, Bindings},
@@ -76,7 +77,8 @@ pub struct ProxyPolicy {
     pub sidecars: SidecarModes,
     pub host_verify: HostVerify,
     /// Host → the services ServiceEntries register under it, in declaration order.
-    registry: HostTable<Arc<[Arc<Service>]>>,
+    /// (Held in the table's slot when there is one: the lookup reads no other allocation to reach it.)
+    registry: HostTable<SmallVec<[Arc<Service>; 1]>>,
     /// Host → routes, for intercepted traffic.
     pub mesh: HostTable<Arc<VirtualHost>>,
     /// The selected Gateways' routes, for traffic sent to their ports.
@@ -170,6 +172,8 @@ pub struct Service {
     pub namespace: String,
     pub resolution: Resolution,
     ports: Vec<ServicePort>,
+    /// The ports' numbers, held in place: a lookup that checks the port reads no other allocation.
+    port_numbers: SmallVec<[u16; 4]>,
     /// Every address the host is known at: the entry's `addresses`, its endpoints', what its name resolves to.
     known_at: Vec<IpNet>,
     /// The host's clusters under each DestinationRule that applies to some workloads (the first: under none),
@@ -234,7 +238,7 @@ pub enum Upstream {
 impl Service {
     /// Whether the service declares `port`.
     pub fn has_port(&self, port: u16) -> bool {
-        self.ports.iter().any(|p| p.number == port)
+        self.port_numbers.contains(&port)
     }
 
     /// Whether `port` speaks HTTP/2 to the upstream (declared HTTP2 or GRPC).
@@ -594,7 +598,7 @@ pub fn proxy_policy(
     }
     let mut table = HostTable::default();
     for (host, services) in registry {
-        table.insert(&host, Arc::from(services));
+        table.insert(&host, SmallVec::from_vec(services));
     }
     let mut regexes = RegexCache::default();
     let mesh = bindings.mesh.map(|indexes| Arc::new(virtual_host(snapshot, indexes, &mut regexes)));
@@ -747,6 +751,7 @@ fn services(
                 host: host.clone(),
                 namespace: namespace.to_owned(),
                 resolution,
+                port_numbers: ports.iter().map(|port| port.number).collect(),
                 ports: ports.clone(),
                 variants,
                 rules,
