@@ -9,7 +9,7 @@ use super::{
     error::FieldError,
     fields::{
         is_dns_label, regex_problem, validate_duration, validate_host_or_ip, validate_percent, validate_port,
-        Destination, Headers, Percent, StringMatch,
+        Destination, Headers, Pairs, Percent, StringMatch,
     },
 };
 
@@ -75,11 +75,11 @@ pub struct HttpMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authority: Option<Box<StringMatch>>,
     #[serde(default)]
-    pub headers: BTreeMap<String, StringMatch>,
+    pub headers: Pairs<StringMatch>,
     #[serde(default)]
-    pub query_params: BTreeMap<String, StringMatch>,
+    pub query_params: Pairs<StringMatch>,
     #[serde(default)]
-    pub without_headers: BTreeMap<String, StringMatch>,
+    pub without_headers: Pairs<StringMatch>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u32>,
     #[serde(default)]

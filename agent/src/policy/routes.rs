@@ -25,7 +25,7 @@ use super::{
 };
 use crate::config::{
     destination_rule::{DestinationRule, TrafficPolicy},
-    fields::{parse_duration, HeaderOperations, Headers},
+    fields::{parse_duration, HeaderOperations, Headers, Pairs},
     resolver::Resolved,
     service_entry::{is_http, is_http2, parse_address, Resolution, ServiceEntry},
     virtual_service::HttpRoute,
@@ -503,7 +503,7 @@ enum HeaderOp {
 impl HeaderOps {
     fn compile(operations: Option<&HeaderOperations>) -> HeaderOps {
         let Some(operations) = operations else { return HeaderOps::default() };
-        let pairs = |map: &BTreeMap<String, String>| {
+        let pairs = |map: &Pairs<String>| {
             map.iter()
                 .filter_map(|(name, value)| {
                     Some((HeaderName::from_bytes(name.as_bytes()).ok()?, HeaderValue::from_str(value).ok()?))
