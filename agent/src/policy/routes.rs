@@ -742,7 +742,13 @@ fn services(
             let variants = std::iter::once(None)
                 .chain(candidates.into_iter().map(Some))
                 .map(|rule| {
-                    ports.iter().flat_map(|port| clusters(host, namespace, port, &endpoints, rule, states)).collect()
+                    let mut clusters: Clusters = ports
+                        .iter()
+                        .flat_map(|port| clusters(host, namespace, port, &endpoints, rule, states))
+                        .collect();
+                    // Held for as long as the configuration is: no spare capacity.
+                    clusters.shrink_to_fit();
+                    clusters
                 })
                 .collect();
             Service {
@@ -810,6 +816,9 @@ fn virtual_host(snapshot: &Snapshot, indexes: &[usize], regexes: &mut RegexCache
             host.routes.push(route);
         }
     }
+    // Held for as long as the configuration is: no spare capacity.
+    host.routes.shrink_to_fit();
+    host.sources.shrink_to_fit();
     host
 }
 
