@@ -10,7 +10,7 @@ use sluice_agent::{
     datapath::{BlockedFlow, Datapath},
     policy::{BlackholeAction, DatapathPolicy, OutboundMode},
 };
-use sluice_common::Verdict;
+use sluice_common::{names, DestinationStats, Verdict};
 use sluice_tests::{agent::Bpffs, packets::*, require_root};
 
 const CONTINUE: i32 = -1;
@@ -316,6 +316,28 @@ fn each_blocked_flow_is_reported_once_and_every_packet_counted() {
     let destinations = classifier.datapath.blackholed().read();
     assert_eq!(destinations.len(), 1, "{destinations:?}");
     assert_eq!(destinations[0].packets, 8, "every blocked packet is counted against its destination");
+}
+
+#[test]
+fn a_pinned_map_of_an_earlier_layout_is_replaced_and_used() {
+    require_root();
+    let bpffs = Bpffs::mount().unwrap();
+    let pins = bpffs.pin_dir();
+    std::fs::create_dir_all(&pins).unwrap();
+    // As an earlier version pinned the blackholed destinations: the same keys, a 16-byte value.
+    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+    let earlier = aya_obj::Map::new_from_params(BPF_MAP_TYPE_LRU_HASH, 20, 16, 4096, 0);
+    let path = pins.join(names::BLACKHOLED);
+    aya::maps::MapData::create(earlier, names::BLACKHOLED, None).unwrap().pin(&path).unwrap();
+
+    let mut datapath = Datapath::load(&pins).expect("the classifier loads over the earlier map");
+    let pinned = aya::maps::MapInfo::from_pin(&path).unwrap();
+    assert_eq!(pinned.value_size() as usize, size_of::<DestinationStats>(), "the pin is this version's map");
+    let policy = DatapathPolicy { mode: OutboundMode::RegistryOnly, ..DatapathPolicy::default() };
+    datapath.apply(&policy).unwrap();
+    assert_eq!(datapath.run_on(&v4(BLOCKED, TCP, &tcp(40000, 443, TCP_SYN, 1)), 3).unwrap().action, DROP);
+    let destinations = datapath.blackholed().read();
+    assert_eq!(destinations.iter().map(|d| d.packets).collect::<Vec<_>>(), [3], "and it counts: {destinations:?}");
 }
 
 #[test]

@@ -175,7 +175,7 @@ Try, in another terminal:
       -> 200, x-sluice-route: httpbin, hello from {ALLOWED_HOST} ...   (proxied; an access-log line here)
   {workload} curl -sS http://{ALLOWED_HOST}/status/418
       -> I'm a teapot                              (a VirtualService's directResponse)
-  {workload} curl -sS -o /dev/null -w '%{{http_code}}\n' http://{BLOCKED_HOST}/
+  {workload} curl -sS -o /dev/null -w '%{{http_code}}\\n' http://{BLOCKED_HOST}/
       -> 502                                       (unregistered host: Istio's BlackHoleCluster)
   {workload} curl -sS --max-time 3 http://{ALLOWED_HOST}:8080/
       -> curl: (28) ... timed out                  (port not registered: blackholed in the kernel)

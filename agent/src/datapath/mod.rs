@@ -93,6 +93,13 @@ impl Datapath {
     /// if need be, when absent), and loads its program into the kernel; nothing is attached yet.
     pub fn load(pin_dir: &Path) -> Result<Self, DatapathError> {
         let pins = pins::PinDir::prepare(pin_dir)?;
+        let replaced = pins.unpin_incompatible_maps(object::OBJECT)?;
+        if !replaced.is_empty() {
+            tracing::warn!(
+                maps = ?replaced,
+                "pinned maps of another layout (an earlier version's) are replaced: their counts start again"
+            );
+        }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins.path())
             .load(object::OBJECT)
