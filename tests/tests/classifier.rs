@@ -10,7 +10,7 @@ use sluice_agent::{
     datapath::{BlockedFlow, Datapath},
     policy::{BlackholeAction, DatapathPolicy, OutboundMode},
 };
-use sluice_common::{names, DestinationStats, Verdict};
+use sluice_common::{names, DestinationStats, Verdict, MAX_FRAGMENTED};
 use sluice_tests::{agent::Bpffs, packets::*, require_root};
 
 const CONTINUE: i32 = -1;
@@ -329,10 +329,17 @@ fn a_pinned_map_of_an_earlier_layout_is_replaced_and_used() {
     let earlier = aya_obj::Map::new_from_params(BPF_MAP_TYPE_LRU_HASH, 20, 16, 4096, 0);
     let path = pins.join(names::BLACKHOLED);
     aya::maps::MapData::create(earlier, names::BLACKHOLED, None).unwrap().pin(&path).unwrap();
+    // Another of the same sizes but of another type: a plain hash where an LRU one is wanted.
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    let fragments = aya_obj::Map::new_from_params(BPF_MAP_TYPE_HASH, 40, 4, MAX_FRAGMENTED, 0);
+    let fragments_path = pins.join(names::FRAGMENTS);
+    aya::maps::MapData::create(fragments, names::FRAGMENTS, None).unwrap().pin(&fragments_path).unwrap();
 
     let mut datapath = Datapath::load(&pins).expect("the classifier loads over the earlier map");
     let pinned = aya::maps::MapInfo::from_pin(&path).unwrap();
     assert_eq!(pinned.value_size() as usize, size_of::<DestinationStats>(), "the pin is this version's map");
+    let fragments = aya::maps::MapInfo::from_pin(&fragments_path).unwrap().map_type().unwrap();
+    assert_eq!(fragments, aya::maps::MapType::LruHash, "a map of another type is replaced too");
     let policy = DatapathPolicy { mode: OutboundMode::RegistryOnly, ..DatapathPolicy::default() };
     datapath.apply(&policy).unwrap();
     assert_eq!(datapath.run_on(&v4(BLOCKED, TCP, &tcp(40000, 443, TCP_SYN, 1)), 3).unwrap().action, DROP);

@@ -53,9 +53,9 @@ impl PinDir {
         &self.path
     }
 
-    /// Removes the pins of maps whose layout (key size, value size, entries) is not the one `object` defines: an
-    /// earlier version's, which the classifier could not use. New ones are made in their place; the classifier
-    /// still attached holds the old maps (and keeps enforcing with them) until this agent's replaces it.
+    /// Removes the pins of maps whose layout (type, key size, value size, entries) is not the one `object`
+    /// defines: an earlier version's, which the classifier could not use. New ones are made in their place; the
+    /// classifier still attached holds the old maps (and keeps enforcing with them) until this agent's replaces it.
     pub(super) fn unpin_incompatible_maps(&self, object: &[u8]) -> Result<Vec<String>, DatapathError> {
         let object = aya_obj::Object::parse(object)
             .map_err(|e| DatapathError::Bpffs(format!("reading the classifier's maps from its object: {e}")))?;
@@ -63,8 +63,9 @@ impl PinDir {
         for (name, map) in &object.maps {
             let path = self.path.join(name);
             let Ok(pinned) = aya::maps::MapInfo::from_pin(&path) else { continue };
-            if (pinned.key_size(), pinned.value_size(), pinned.max_entries())
-                != (map.key_size(), map.value_size(), map.max_entries())
+            let pinned_type = pinned.map_type().ok().map(|map_type| map_type as u32);
+            if (pinned_type, pinned.key_size(), pinned.value_size(), pinned.max_entries())
+                != (Some(map.map_type()), map.key_size(), map.value_size(), map.max_entries())
             {
                 remove_pin(&path)?;
                 replaced.push(name.clone());
