@@ -905,12 +905,16 @@ fn destination_rules_originate_tls_to_the_endpoints_and_verify_them() {
     let (ca, cert, key) = certificates(dir.path(), "sluice-test-ca", "secure.backend");
     let other = tempfile::tempdir().unwrap();
     let (other_ca, _, _) = certificates(other.path(), "another-ca", "secure.backend");
-    let tls = addr(SERVER_B, 443);
-    let server = format!(
-        "server {{\n    listen {tls} ssl;\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    \
-         location / {{ default_type text/plain; return 200 \"$ssl_protocol sni=$ssl_server_name host=$host\\n\"; }}\n  }}\n"
-    );
-    let _origin = Nginx::start_with(&topology.internet, &server, &[tls]).unwrap();
+    let (tls, tls_h2) = (addr(SERVER_B, 443), addr(SERVER_B, 8443));
+    let server = |listen: SocketAddr, http2: &str| {
+        format!(
+            "server {{\n    listen {listen} ssl{http2};\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    \
+             location / {{ default_type text/plain; \
+             return 200 \"$server_protocol $ssl_protocol sni=$ssl_server_name host=$host\\n\"; }}\n  }}\n"
+        )
+    };
+    let servers = server(tls, "") + &server(tls_h2, " http2");
+    let _origin = Nginx::start_with(&topology.internet, &servers, &[tls, tls_h2]).unwrap();
     let config = tempfile::tempdir().unwrap();
     let routes = format!(
         "apiVersion: networking.istio.io/v1
@@ -921,6 +925,22 @@ spec:
   ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 443}}]
   resolution: STATIC
   endpoints: [{{address: {SERVER_B}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: secure-h2, namespace: egress}}
+spec:
+  hosts: [h2.backend]
+  ports: [{{number: 80, name: grpc, protocol: HTTP2, targetPort: 8443}}]
+  resolution: STATIC
+  endpoints: [{{address: {SERVER_B}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: secure-h2, namespace: egress}}
+spec:
+  host: h2.backend
+  trafficPolicy: {{tls: {{mode: SIMPLE, sni: secure.backend, caCertificates: {ca}}}}}
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -944,6 +964,8 @@ spec:
   http:
   - match: [{{uri: {{prefix: /forged}}}}]
     route: [{{destination: {{host: forged.backend}}}}]
+  - match: [{{uri: {{prefix: /h2}}}}]
+    route: [{{destination: {{host: h2.backend}}}}]
   - route: [{{destination: {{host: secure.backend}}}}]
 "
     );
@@ -956,7 +978,13 @@ spec:
         let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/", &[]);
         assert_eq!(code, 200, "{body}\n{}", agent.log());
         // (nginx 1.22 offers up to TLS 1.2 by default.)
-        assert_eq!(body.trim(), "TLSv1.2 sni=secure.backend host=httpbin.org", "{body}");
+        assert_eq!(body.trim(), "HTTP/1.1 TLSv1.2 sni=secure.backend host=httpbin.org", "{body}");
+    }
+    // An HTTP2 port: HTTP/2 over TLS, agreed by ALPN.
+    for _ in 0..2 {
+        let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/h2", &[]);
+        assert_eq!(code, 200, "{body}\n{}", agent.log());
+        assert_eq!(body.trim(), "HTTP/2.0 TLSv1.2 sni=secure.backend host=httpbin.org", "{body}");
     }
     let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/forged", &[]);
     assert_eq!(code, 503, "a certificate another CA signed is refused: {body}");
