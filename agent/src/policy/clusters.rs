@@ -190,6 +190,16 @@ fn client_config(tls: &ClientTls, mode: &str, http2: bool) -> Result<rustls::Cli
 }
 
 impl ClusterPolicy {
+    /// `policy` held for a cluster: the defaults are one allocation that every cluster without settings shares.
+    pub fn shared(policy: ClusterPolicy) -> Arc<ClusterPolicy> {
+        static DEFAULT: std::sync::LazyLock<Arc<ClusterPolicy>> = std::sync::LazyLock::new(Arc::default);
+        if policy == ClusterPolicy::default() {
+            DEFAULT.clone()
+        } else {
+            Arc::new(policy)
+        }
+    }
+
     pub fn compile(settings: &PolicySettings, http2: bool) -> ClusterPolicy {
         let lb = match settings.load_balancer.as_ref().and_then(|lb| lb.simple.as_deref()) {
             Some("RANDOM") => LoadBalance::Random,
@@ -257,7 +267,8 @@ pub struct Cluster {
     /// Its name and how Istio's metrics label requests through it, made here rather than per request.
     pub labels: DestinationLabels,
     pub endpoints: Vec<Endpoint>,
-    pub policy: ClusterPolicy,
+    /// Shared by every cluster without a DestinationRule's settings (most of them): see `ClusterPolicy::shared`.
+    pub policy: Arc<ClusterPolicy>,
     pub state: Arc<ClusterState>,
 }
 
@@ -442,7 +453,12 @@ mod tests {
             .map(|a| Endpoint { address: a.parse().unwrap(), ports: BTreeMap::new(), labels: BTreeMap::new() })
             .collect();
         let state = Arc::new(ClusterState::new(policy.limits));
-        Cluster { labels: DestinationLabels::registered("api.test", "default", 80, None), endpoints, policy, state }
+        Cluster {
+            labels: DestinationLabels::registered("api.test", "default", 80, None),
+            endpoints,
+            policy: Arc::new(policy),
+            state,
+        }
     }
 
     #[test]

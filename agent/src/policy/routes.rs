@@ -436,8 +436,12 @@ impl Cors {
 #[derive(Debug)]
 pub enum Action {
     Forward(Targets),
-    Redirect(Redirect),
-    Respond { status: StatusCode, body: Bytes },
+    /// Boxed: redirects are rare, and a route is as large as its largest action.
+    Redirect(Box<Redirect>),
+    Respond {
+        status: StatusCode,
+        body: Bytes,
+    },
 }
 
 /// Weighted destinations, picked per request.
@@ -787,7 +791,7 @@ fn clusters(
         } else {
             states.fresh()
         };
-        Cluster { labels, endpoints, policy, state }
+        Cluster { labels, endpoints, policy: ClusterPolicy::shared(policy), state }
     };
     let top = rule.and_then(|rule| rule.traffic_policy.as_ref());
     let mut out = vec![(port.number, None, cluster(None, endpoints.to_vec(), top))];
@@ -825,7 +829,7 @@ fn virtual_host(snapshot: &Snapshot, indexes: &[usize], regexes: &mut RegexCache
 fn compile_route(route: &HttpRoute, name: String, namespace: &str, regexes: &mut RegexCache) -> Route {
     let (request_headers, response_headers) = header_ops(route.headers.as_deref());
     let action = if let Some(redirect) = &route.redirect {
-        Action::Redirect(Redirect {
+        Action::Redirect(Box::new(Redirect {
             uri: redirect.uri.clone(),
             authority: redirect.authority.clone(),
             port: redirect.port.and_then(|p| u16::try_from(p).ok()),
@@ -834,7 +838,7 @@ fn compile_route(route: &HttpRoute, name: String, namespace: &str, regexes: &mut
                 .redirect_code
                 .and_then(|code| StatusCode::from_u16(u16::try_from(code).ok()?).ok())
                 .unwrap_or(StatusCode::MOVED_PERMANENTLY),
-        })
+        }))
     } else if let Some(response) = &route.direct_response {
         let body = response.body.as_ref().map_or_else(Bytes::new, |body| match (&body.string, &body.bytes) {
             (Some(text), _) => Bytes::from(text.clone()),
@@ -1038,7 +1042,7 @@ spec:
         ));
         assert!(matches!(
             &first_match(host, "/old", &none).unwrap().action,
-            Action::Redirect(Redirect { status: StatusCode::PERMANENT_REDIRECT, .. })
+            Action::Redirect(redirect) if redirect.status == StatusCode::PERMANENT_REDIRECT
         ));
         let last = first_match(host, "/get", &none).unwrap();
         assert_eq!(last.name, "egress/httpbin[3]");
