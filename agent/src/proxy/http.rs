@@ -172,7 +172,7 @@ impl HttpProxy {
         let started = Instant::now();
         // Every request carries an id from here on, local replies included, as Envoy's do.
         if !request.headers().contains_key(&X_REQUEST_ID) {
-            if let Ok(id) = HeaderValue::from_str(&request_id()) {
+            if let Ok(id) = HeaderValue::from_bytes(&request_id()) {
                 request.headers_mut().insert(X_REQUEST_ID, id);
             }
         }
@@ -784,6 +784,10 @@ fn response_cors_headers(cors: &Cors, origin: &str, headers: &mut HeaderMap) {
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over their names, and no removals.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     // Headers the Connection header names are hop-by-hop too.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -830,16 +834,22 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
         Some(existing) => format!("{existing}, {}", peer.ip()),
         None => peer.ip().to_string(),
     };
-    if let Ok(value) = HeaderValue::from_str(&value) {
+    // The string becomes the header's bytes without a copy.
+    if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
         headers.insert(X_FORWARDED_FOR, value);
     }
 }
 
-/// A random UUID (version 4), as Envoy generates `x-request-id`.
-fn request_id() -> String {
+/// A random UUID (version 4), as Envoy generates `x-request-id`, written in place.
+fn request_id() -> [u8; 36] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let bits = (fastrand::u128(..) & !(0xf000 << 64) & !(0xc000 << 48)) | (0x4000 << 64) | (0x8000 << 48);
-    let hex = format!("{bits:032x}");
-    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+    let mut id = [b'-'; 36];
+    let digits = (0..36).filter(|i| ![8, 13, 18, 23].contains(i));
+    for (nibble, at) in digits.enumerate() {
+        id[at] = HEX[((bits >> (124 - 4 * nibble)) & 0xf) as usize];
+    }
+    id
 }
 
 /// A request body that counts the bytes it carries.
@@ -933,8 +943,12 @@ mod tests {
 
     #[test]
     fn request_ids_are_version_4_uuids() {
-        let id = request_id();
+        let id = String::from_utf8(request_id().to_vec()).unwrap();
         assert_eq!(id.len(), 36);
+        assert_eq!(id.matches('-').count(), 4);
+        assert!(id.split('-').map(str::len).eq([8, 4, 4, 4, 12]), "{id}");
+        assert!(id.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit()), "{id}");
+        assert_ne!(request_id(), request_id());
         assert_eq!(&id[14..15], "4", "{id}");
         assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"), "{id}");
     }
