@@ -426,6 +426,14 @@ impl ClusterStates {
         Arc::new(ClusterState::new(None))
     }
 
+    /// State for a cluster that keeps none: no endpoints to pick among (the original destination's, or a name
+    /// not resolved yet: a recompile makes its cluster anew) and no limits or outlier detection. One, shared.
+    pub fn none(&self) -> Arc<ClusterState> {
+        static NONE: std::sync::LazyLock<Arc<ClusterState>> =
+            std::sync::LazyLock::new(|| Arc::new(ClusterState::new(None)));
+        NONE.clone()
+    }
+
     /// The state of the cluster named `key` with `limits` (new limits make new state); states no compiled
     /// cluster holds any more are dropped.
     pub fn get(&self, key: &str, limits: Option<(usize, usize)>) -> Arc<ClusterState> {

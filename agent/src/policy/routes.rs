@@ -788,6 +788,8 @@ fn clusters(
         // State that must outlive recompiles is kept only where a policy needs it, by cluster name.
         let state = if policy.limits.is_some() || policy.outlier.is_some() {
             states.get(labels.cluster.as_str(), policy.limits)
+        } else if endpoints.is_empty() {
+            states.none()
         } else {
             states.fresh()
         };
