@@ -47,7 +47,8 @@ fn record(flow: &Flow) {
     let destination =
         DestinationKey { addr: flow.dst, family: flow.family, proto: flow.proto, port: flow.dst_port.to_be_bytes() };
     let src_port = flow.src_port.to_be_bytes();
-    let mut now = 0;
+    // The clock, read once and only when needed.
+    let mut now = None;
     let stats = match maps::BLACKHOLED.get_ptr_mut(destination) {
         Some(stats) => {
             // SAFETY: a map value; concurrent updates from other CPUs may lose a count, never corrupt.
@@ -60,8 +61,8 @@ fn record(flow: &Flow) {
                     return;
                 }
                 // SAFETY: a helper with no arguments.
-                now = unsafe { bpf_ktime_get_coarse_ns() };
-                if now.saturating_sub(stats.reported_ns) < REPORT_AGAIN_NS {
+                let at = *now.insert(unsafe { bpf_ktime_get_coarse_ns() });
+                if at.saturating_sub(stats.reported_ns) < REPORT_AGAIN_NS {
                     stats.checked_jiffies = jiffies;
                     return;
                 }
@@ -74,10 +75,8 @@ fn record(flow: &Flow) {
             None
         }
     };
-    if now == 0 {
-        // SAFETY: as above.
-        now = unsafe { bpf_ktime_get_coarse_ns() };
-    }
+    // SAFETY: as above.
+    let now = now.unwrap_or_else(|| unsafe { bpf_ktime_get_coarse_ns() });
     let key = FlowKey {
         src: flow.src,
         dst: flow.dst,

@@ -171,9 +171,8 @@ pub struct Service {
     pub host: String,
     pub namespace: String,
     pub resolution: Resolution,
-    ports: Vec<ServicePort>,
-    /// The ports' numbers, held in place: a lookup that checks the port reads no other allocation.
-    port_numbers: SmallVec<[u16; 4]>,
+    /// Held in place (up to two): a lookup that checks the port reads no other allocation.
+    ports: SmallVec<[ServicePort; 2]>,
     /// Every address the host is known at: the entry's `addresses`, its endpoints', what its name resolves to.
     known_at: Vec<IpNet>,
     /// The host's clusters under each DestinationRule that applies to some workloads (the first: under none),
@@ -201,16 +200,12 @@ struct RuleChoice {
 }
 
 impl RuleChoice {
-    fn variant(&self, viewer: Viewer<'_>) -> usize {
-        match viewer {
-            Viewer::Workload(Some(workload)) => {
-                let namespace = &*workload.namespace;
-                let own = self.own.iter().find(|(own, _)| own == namespace).map(|(_, variant)| *variant);
-                own.or_else(|| self.shared.iter().find(|(to, _)| to.admits(Some(namespace))).map(|(_, v)| *v))
-                    .unwrap_or(0)
-            }
-            Viewer::Workload(None) | Viewer::Gateway => self.unknown,
-        }
+    /// The variant of `workload`'s requests; of a source not known, `unknown`.
+    fn variant(&self, workload: Option<&Workload>) -> usize {
+        let Some(workload) = workload else { return self.unknown };
+        let namespace = &*workload.namespace;
+        let own = self.own.iter().find(|(own, _)| own == namespace).map(|(_, variant)| *variant);
+        own.or_else(|| self.shared.iter().find(|(to, _)| to.admits(Some(namespace))).map(|(_, v)| *v)).unwrap_or(0)
     }
 }
 
@@ -238,7 +233,7 @@ pub enum Upstream {
 impl Service {
     /// Whether the service declares `port`.
     pub fn has_port(&self, port: u16) -> bool {
-        self.port_numbers.contains(&port)
+        self.ports.iter().any(|p| p.number == port)
     }
 
     /// Whether `port` speaks HTTP/2 to the upstream (declared HTTP2 or GRPC).
@@ -254,11 +249,12 @@ impl Service {
     /// The clusters `viewer`'s requests go through (under the DestinationRule that applies to it): an index
     /// for `cluster` and `upstream_for`.
     pub fn variant(&self, viewer: Viewer<'_>, policy: &ProxyPolicy) -> usize {
-        match viewer {
+        let workload = match viewer {
             // The gateway chooses as a workload of its namespace.
-            Viewer::Gateway => self.rules.variant(Viewer::Workload(policy.gateway.as_ref())),
-            viewer => self.rules.variant(viewer),
-        }
+            Viewer::Gateway => policy.gateway.as_ref(),
+            Viewer::Workload(workload) => workload,
+        };
+        self.rules.variant(workload)
     }
 
     /// A single address of the host's own (`addresses` or an endpoint), for a request sent elsewhere.
@@ -693,7 +689,7 @@ fn services(
     states: &ClusterStates,
 ) -> Vec<Service> {
     let resolution = entry.resolution();
-    let ports: Vec<ServicePort> = entry
+    let ports: SmallVec<[ServicePort; 2]> = entry
         .ports
         .iter()
         .filter_map(|port| {
@@ -761,7 +757,6 @@ fn services(
                 host: host.clone(),
                 namespace: namespace.to_owned(),
                 resolution,
-                port_numbers: ports.iter().map(|port| port.number).collect(),
                 ports: ports.clone(),
                 variants,
                 rules,

@@ -132,7 +132,7 @@ impl Upstreams {
                 headers.insert(header::HOST, host);
             }
             *request.headers_mut() = headers;
-            self.http1.send(PoolKey::new(address, tls.as_ref()), request, connect_timeout, tls.as_ref()).await
+            self.http1.send(address, request, connect_timeout, tls.as_ref()).await
         }
     }
 }
@@ -165,11 +165,12 @@ impl Http1Pool {
 
     async fn send(
         self: &Arc<Self>,
-        key: PoolKey,
+        address: SocketAddr,
         mut request: Request<ProxyBody>,
         connect_timeout: Duration,
         tls: Option<&UpstreamTls>,
     ) -> Result<Response<UpstreamBody>, SendError> {
+        let key = PoolKey::new(address, tls);
         while let Some(mut sender) = self.take(&key) {
             // It finishes the exchange it was given back after, or turns out closed.
             if sender.ready().await.is_err() {
@@ -184,7 +185,6 @@ impl Http1Pool {
                 },
             }
         }
-        let address = key.address;
         let stream = open(address, &self.source, connect_timeout, tls).await?;
         let (mut sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
