@@ -15,7 +15,9 @@ use std::{
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{
+    header, uri::PathAndQuery, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version,
+};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
@@ -178,7 +180,8 @@ impl HttpProxy {
         }
         let policy = self.policy.load_full();
         let mut record = RequestRecord {
-            start: Some(SystemTime::now()),
+            // The wall clock is read for the access log alone.
+            start: self.telemetry.logs_requests().then(SystemTime::now),
             protocol: protocol_name(request.version()),
             grpc: request
                 .headers()
@@ -313,7 +316,13 @@ impl HttpProxy {
         let upgrade = requested_upgrade(&parts.headers);
         let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<OnUpgrade>());
         let received = Arc::new(AtomicU64::new(0));
-        let path_and_query = routing::rewritten_path(matched, &parts.uri);
+        let path_and_query = match routing::rewritten_path(matched, &parts.uri) {
+            Ok(path_and_query) => path_and_query,
+            Err(error) => {
+                tracing::debug!(%error, route = ?record.route_name, "the route's rewrite makes no valid path");
+                return self.local_failure(Failure::UpstreamReset, record, started, Some(destination.labels));
+            }
+        };
         let upstream_authority =
             route.and_then(|route| route.rewrite.as_ref()?.authority.clone()).unwrap_or_else(|| authority.to_owned());
         let headers = &mut parts.headers;
@@ -419,7 +428,7 @@ impl HttpProxy {
                 address,
                 http2: destination.http2,
                 authority: &upstream_authority,
-                path_and_query: &path_and_query,
+                path_and_query: path_and_query.clone(),
                 method: parts.method.clone(),
                 headers: parts.headers.clone(),
                 connect_timeout: destination.connect_timeout(),
@@ -492,9 +501,8 @@ impl HttpProxy {
             parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, protocol);
         }
-        if let Ok(value) = HeaderValue::from_str(&service_time.as_millis().to_string()) {
-            parts.headers.insert(X_ENVOY_UPSTREAM_SERVICE_TIME, value);
-        }
+        let service_ms = u64::try_from(service_time.as_millis()).unwrap_or(u64::MAX);
+        parts.headers.insert(X_ENVOY_UPSTREAM_SERVICE_TIME, HeaderValue::from(service_ms));
         if let Some(target) = target {
             target.response_headers.apply(&mut parts.headers);
         }
@@ -590,7 +598,7 @@ impl HttpProxy {
         policy: &ProxyPolicy,
         mirror: &Mirror,
         parts: &http::request::Parts,
-        path_and_query: &str,
+        path_and_query: &PathAndQuery,
         authority: &str,
         body: Bytes,
         connection: Connection,
@@ -611,14 +619,14 @@ impl HttpProxy {
         };
         let shadow = format!("{}-shadow", routing::host_of(authority));
         let (address, http2, connect_timeout) = (destination.address, destination.http2, destination.connect_timeout());
-        let (method, headers, path) = (parts.method.clone(), parts.headers.clone(), path_and_query.to_owned());
+        let (method, headers, path) = (parts.method.clone(), parts.headers.clone(), path_and_query.clone());
         let upstreams = self.upstreams.clone();
         tokio::spawn(async move {
             let outgoing = Outgoing {
                 address,
                 http2,
                 authority: &shadow,
-                path_and_query: &path,
+                path_and_query: path,
                 method,
                 headers,
                 connect_timeout,

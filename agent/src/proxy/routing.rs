@@ -5,7 +5,10 @@
 use std::{net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
-use http::{Request, StatusCode, Uri};
+use http::{
+    uri::{InvalidUri, PathAndQuery},
+    Request, StatusCode, Uri,
+};
 
 use super::{failure::Failure, tcp};
 pub use crate::policy::host_match::strip_port as host_of;
@@ -303,15 +306,15 @@ fn redirect_location(redirect: &Redirect, authority: &str, uri: &Uri) -> String 
 }
 
 /// The path and query sent upstream: a route's `rewrite.uri` replaces the prefix the route matched on (or the
-/// whole path), `uriRegexRewrite` rewrites the path; the query is kept.
-pub fn rewritten_path(route: Option<Matched<'_>>, uri: &Uri) -> String {
-    let path = uri.path();
-    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+/// whole path), `uriRegexRewrite` rewrites the path; the query is kept. Without a rewrite it is the client's, shared
+/// rather than copied. A rewrite that makes no valid path is an error, naming it.
+pub fn rewritten_path(route: Option<Matched<'_>>, uri: &Uri) -> Result<PathAndQuery, InvalidUri> {
     let Some(rewrite) = route.and_then(|(route, _)| route.rewrite.as_ref()) else {
-        return format!("{path}{query}");
+        return Ok(uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
     };
+    let path = uri.path();
     let prefix = route.and_then(|(_, prefix)| prefix);
-    let path = if let Some(uri) = &rewrite.uri {
+    let mut path = if let Some(uri) = &rewrite.uri {
         match prefix {
             Some(prefix) => format!("{uri}{}", path.get(prefix.len()..).unwrap_or("")),
             _ => uri.clone(),
@@ -321,7 +324,11 @@ pub fn rewritten_path(route: Option<Matched<'_>>, uri: &Uri) -> String {
     } else {
         path.to_owned()
     };
-    format!("{path}{query}")
+    if let Some(query) = uri.query() {
+        path.push('?');
+        path.push_str(query);
+    }
+    PathAndQuery::try_from(path)
 }
 
 #[cfg(test)]
@@ -413,6 +420,54 @@ mod tests {
         let at_gateway: SocketAddr = "10.240.1.1:80".parse().unwrap();
         let decision = decide(&policy, &get("/get"), "httpbin.org", Listener::Gateway(80), at_gateway, None, 0);
         assert_eq!(forwarded_to(decision).unwrap().0, "203.0.113.80:80".parse().unwrap());
+    }
+
+    #[test]
+    fn the_path_sent_upstream_is_the_clients_or_the_routes_rewrite_of_it_with_the_query_kept() {
+        let policy = policy_verifying(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: httpbin, namespace: default}
+spec:
+  hosts: [httpbin.org]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: httpbin, namespace: default}
+spec:
+  hosts: [httpbin.org]
+  http:
+  - match: [{uri: {prefix: /v1/}}]
+    rewrite: {uri: /v2/}
+    route: [{destination: {host: httpbin.org}}]
+  - match: [{uri: {prefix: /users/}}]
+    rewrite: {uriRegexRewrite: {match: "^/users/([^/]+)$", rewrite: '/u?id=\1'}}
+    route: [{destination: {host: httpbin.org}}]
+  - match: [{uri: {prefix: /bad/}}]
+    rewrite: {uri: "/a b/"}
+    route: [{destination: {host: httpbin.org}}]
+  - route: [{destination: {host: httpbin.org}}]
+"#,
+            &[],
+            &[],
+            HostVerify::Off,
+        );
+        let sent = |uri: &str| {
+            let request = get(uri);
+            let address: SocketAddr = "203.0.113.80:80".parse().unwrap();
+            match decide(&policy, &request, "httpbin.org", Listener::Mesh, address, None, 0) {
+                Decision::Forward { route, .. } => rewritten_path(route, request.uri()).map(|pq| pq.to_string()),
+                _ => panic!("{uri} is forwarded"),
+            }
+        };
+        assert_eq!(sent("/v1/items?q=1&r=2").unwrap(), "/v2/items?q=1&r=2");
+        assert_eq!(sent("/other/path?x=%20").unwrap(), "/other/path?x=%20");
+        assert_eq!(sent("http://httpbin.org").unwrap(), "/", "an absolute URI without a path asks for /");
+        assert_eq!(sent("/users/ann").unwrap(), "/u?id=ann");
+        assert!(sent("/bad/x").is_err(), "a rewrite to a path with a space cannot be sent");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{header, uri::InvalidUri, HeaderMap, HeaderValue, Method, StatusCode, Uri, Version};
+use http::{header, uri::PathAndQuery, HeaderMap, HeaderValue, Method, StatusCode, Uri, Version};
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
     client::conn::{http1, http2::SendRequest},
@@ -40,7 +40,7 @@ pub struct Outgoing<'a> {
     pub http2: bool,
     /// The host (and port) the request names.
     pub authority: &'a str,
-    pub path_and_query: &'a str,
+    pub path_and_query: PathAndQuery,
     pub method: Method,
     /// Its headers, without `Host` (set from `authority`).
     pub headers: HeaderMap,
@@ -126,8 +126,7 @@ impl Upstreams {
             Ok(response.map(|body| UpstreamBody { body, returning: None }))
         } else {
             // Origin-form, the host in Host.
-            *request.uri_mut() =
-                path_and_query.parse().map_err(|error: InvalidUri| SendError::Request(error.to_string()))?;
+            *request.uri_mut() = Uri::from(path_and_query);
             if let Ok(host) = HeaderValue::from_str(authority) {
                 headers.insert(header::HOST, host);
             }
@@ -397,7 +396,7 @@ mod tests {
             address,
             http2: false,
             authority: "pool.test",
-            path_and_query: "/",
+            path_and_query: PathAndQuery::from_static("/"),
             method: Method::GET,
             headers: HeaderMap::new(),
             connect_timeout: Duration::from_secs(1),
