@@ -40,13 +40,43 @@ type Measured = fn() -> anyhow::Result<Run>;
 const CONFIGURATIONS: [(&str, Measured); 5] =
     [("direct", direct), ("sluice", sluice), ("nginx", nginx), ("haproxy", haproxy), ("squid", squid)];
 
-/// Runs every configuration (or those named in `only`) in turn, on a fresh topology each.
+/// Rounds of the whole comparison: this machine's speed drifts by tens of percent over minutes, so every
+/// configuration is measured once per round, in turn, and each figure is the median of its rounds.
+pub const ROUNDS: usize = 3;
+
+/// Runs every configuration (or those named in `only`) in turn, on a fresh topology each, `ROUNDS` times; each
+/// configuration's figures are the medians of its rounds.
 pub fn compare(only: &[String]) -> anyhow::Result<Vec<Run>> {
-    CONFIGURATIONS
-        .iter()
-        .filter(|(key, _)| only.is_empty() || only.iter().any(|o| o == key))
-        .map(|(_, run)| run())
-        .collect()
+    let chosen: Vec<&(&str, Measured)> =
+        CONFIGURATIONS.iter().filter(|(key, _)| only.is_empty() || only.iter().any(|o| o == key)).collect();
+    let mut rounds: Vec<Vec<Run>> = chosen.iter().map(|_| Vec::new()).collect();
+    for _ in 0..ROUNDS {
+        for ((_, run), runs) in chosen.iter().zip(&mut rounds) {
+            runs.push(run()?);
+        }
+    }
+    Ok(rounds.into_iter().map(median).collect())
+}
+
+/// The median of each figure over `runs` (of one configuration).
+fn median(runs: Vec<Run>) -> Run {
+    fn middle(mut values: Vec<f64>) -> f64 {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    }
+    let of = |figure: fn(&Run) -> f64| middle(runs.iter().map(figure).collect());
+    let optional = |figure: fn(&Run) -> Option<f64>| {
+        let values: Vec<f64> = runs.iter().filter_map(figure).collect();
+        (!values.is_empty()).then(|| middle(values))
+    };
+    Run {
+        name: runs[0].name,
+        requests_per_second: of(|run| run.requests_per_second),
+        p50_ms: of(|run| run.p50_ms),
+        p99_ms: of(|run| run.p99_ms),
+        cpu_us_per_request: optional(|run| run.cpu_us_per_request),
+        rss_kib: optional(|run| run.rss_kib.map(|kib| kib as f64)).map(|kib| kib as u64),
+    }
 }
 
 fn origin(topology: &Topology) -> anyhow::Result<Nginx> {

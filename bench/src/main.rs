@@ -188,7 +188,9 @@ fn configuration() -> anyhow::Result<()> {
 /// `only`: the configurations to run (direct, sluice, nginx, haproxy, squid); all when empty.
 fn http_comparison(only: &[String]) -> anyhow::Result<()> {
     println!(
-        "HTTP/1.1 keep-alive, small responses (wrk -t1 -c32 -d5s on CPU 0 with the origin; each proxy alone on CPU 1)"
+        "HTTP/1.1 keep-alive, small responses (wrk -t1 -c32 -d5s on CPU 0 with the origin; each proxy alone on CPU 1; \
+         medians of {} rounds, the configurations in turn in each)",
+        http::ROUNDS
     );
     let runs = http::compare(only).context("the HTTP comparison")?;
     println!(

@@ -87,7 +87,8 @@ pub struct Connection {
 pub struct HttpProxy {
     policy: Arc<ArcSwap<ProxyPolicy>>,
     upstreams: Upstreams,
-    telemetry: RequestTelemetry,
+    /// Shared with each response body, which records the request when it ends.
+    telemetry: Arc<RequestTelemetry>,
     limits: Limits,
     connections: Arc<tokio::sync::Semaphore>,
     /// Looks up the hosts that forward-proxied requests name.
@@ -111,6 +112,7 @@ impl HttpProxy {
     pub fn new(policy: Arc<ArcSwap<ProxyPolicy>>, telemetry: RequestTelemetry, limits: Limits) -> HttpProxy {
         let upstreams = Upstreams::new(limits.source);
         let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+        let telemetry = Arc::new(telemetry);
         HttpProxy { policy, upstreams, telemetry, limits, connections, resolver: None, workloads: Default::default() }
     }
 
@@ -898,7 +900,7 @@ struct Recorded {
     received: Arc<AtomicU64>,
     record: Option<Box<RequestRecord>>,
     started: Instant,
-    telemetry: RequestTelemetry,
+    telemetry: Arc<RequestTelemetry>,
 }
 
 impl Recorded {
