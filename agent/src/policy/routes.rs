@@ -307,8 +307,8 @@ pub struct VirtualHost {
 
 #[derive(Debug)]
 pub struct Route {
-    /// The route's name, or `namespace/virtualservice[index]`.
-    pub name: String,
+    /// The route's name, or `namespace/virtualservice[index]`; a request's record shares it.
+    pub name: Arc<str>,
     /// Empty: every request matches.
     pub matches: Vec<RequestMatch>,
     pub action: Action,
@@ -811,7 +811,7 @@ fn virtual_host(snapshot: &Snapshot, indexes: &[usize], regexes: &mut RegexCache
         let shared_namespace: Arc<str> = namespace.into();
         for (i, route) in service.http.iter().enumerate() {
             let name = route.name.clone().unwrap_or_else(|| format!("{namespace}/{}[{i}]", resource.metadata.name));
-            let mut route = compile_route(route, name, namespace, regexes);
+            let mut route = compile_route(route, name.into(), namespace, regexes);
             route.visible_to = visible_to.clone();
             route.namespace = shared_namespace.clone();
             host.routes.push(route);
@@ -823,7 +823,7 @@ fn virtual_host(snapshot: &Snapshot, indexes: &[usize], regexes: &mut RegexCache
     host
 }
 
-fn compile_route(route: &HttpRoute, name: String, namespace: &str, regexes: &mut RegexCache) -> Route {
+fn compile_route(route: &HttpRoute, name: Arc<str>, namespace: &str, regexes: &mut RegexCache) -> Route {
     let (request_headers, response_headers) = header_ops(route.headers.as_deref());
     let action = if let Some(redirect) = &route.redirect {
         Action::Redirect(Box::new(Redirect {
@@ -1032,7 +1032,7 @@ spec:
         let policy = policy(CONFIG, &Resolved::new());
         let host = policy.mesh.get("HTTPBIN.org:80").expect("the VirtualService is bound to the mesh");
         let none = http::HeaderMap::new();
-        assert_eq!(first_match(host, "/status/418", &none).unwrap().name, "teapot");
+        assert_eq!(&*first_match(host, "/status/418", &none).unwrap().name, "teapot");
         assert!(matches!(
             first_match(host, "/status/418", &none).unwrap().action,
             Action::Respond { status: StatusCode::IM_A_TEAPOT, .. }
@@ -1042,7 +1042,7 @@ spec:
             Action::Redirect(redirect) if redirect.status == StatusCode::PERMANENT_REDIRECT
         ));
         let last = first_match(host, "/get", &none).unwrap();
-        assert_eq!(last.name, "egress/httpbin[3]");
+        assert_eq!(&*last.name, "egress/httpbin[3]");
         assert_eq!(last.timeout, Some(Duration::from_secs(2)));
         let mut canary = http::HeaderMap::new();
         canary.insert("x-canary", "yes".parse().unwrap());

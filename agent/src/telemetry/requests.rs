@@ -136,7 +136,7 @@ pub struct RequestRecord {
     pub request_id: Option<String>,
     pub authority: String,
     pub upstream_host: Option<std::net::SocketAddr>,
-    pub route_name: Option<String>,
+    pub route_name: Option<Arc<str>>,
     pub downstream_remote: Option<std::net::SocketAddr>,
     pub downstream_local: Option<std::net::SocketAddr>,
     /// The workload that sent the request and its namespace, when known.
@@ -328,7 +328,7 @@ fn json_line(record: &RequestRecord) -> String {
         "authority": record.authority,
         "upstream_host": record.upstream_host.map(|h| h.to_string()),
         "upstream_cluster": record.upstream_cluster(),
-        "route_name": record.route_name,
+        "route_name": record.route_name.as_deref(),
         "downstream_remote_address": record.downstream_remote.map(|a| a.to_string()),
         "downstream_local_address": record.downstream_local.map(|a| a.to_string()),
     })
@@ -400,5 +400,23 @@ mod tests {
             "[1970-01-01T00:00:00.000Z] \"GET /status/418 HTTP/1.1\" 502 - 0 12 3 - \"-\" \"curl/7.88.1\" \"abc\" \
              \"edition.cnn.com\" \"-\"\n"
         );
+    }
+    #[test]
+    fn a_json_line_names_the_route_and_cluster_as_envoys_json_log_does() {
+        let record = RequestRecord {
+            method: "GET".into(),
+            path: "/v1/items".into(),
+            protocol: "HTTP/1.1",
+            response_code: 200,
+            authority: "httpbin.org".into(),
+            route_name: Some("default/httpbin[0]".into()),
+            destination: Some(DestinationLabels::registered("httpbin.org", "default", 80, None)),
+            ..RequestRecord::default()
+        };
+        let line: serde_json::Value = serde_json::from_str(&json_line(&record)).unwrap();
+        assert_eq!(line["route_name"], "default/httpbin[0]");
+        assert_eq!(line["upstream_cluster"], "outbound|80||httpbin.org");
+        assert_eq!(line["response_code"], 200);
+        assert_eq!(line["response_flags"], "-");
     }
 }
