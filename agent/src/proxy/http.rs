@@ -212,7 +212,9 @@ impl HttpProxy {
         let Some(authority) = authority else {
             return self.local_failure(Failure::BadRequest, record, started, None);
         };
-        record.authority = authority.clone();
+        if self.telemetry.logs_requests() {
+            record.authority = authority.clone();
+        }
         let mut connection = connection;
         if connection.listener == Listener::Forward {
             if request.method() == Method::CONNECT {
@@ -326,7 +328,7 @@ impl HttpProxy {
             }
         };
         let upstream_authority =
-            route.and_then(|route| route.rewrite.as_ref()?.authority.clone()).unwrap_or_else(|| authority.to_owned());
+            route.and_then(|route| route.rewrite.as_ref()?.authority.as_deref()).unwrap_or(authority);
         let headers = &mut parts.headers;
         let trailers = accepts_trailers(headers);
         strip_hop_by_hop(headers);
@@ -370,7 +372,7 @@ impl HttpProxy {
             received.store(bytes.len() as u64, Ordering::Relaxed);
         }
         if let (Some(mirror), Some(bytes)) = (mirror, &replayable) {
-            self.mirror(policy, mirror, &parts, &path_and_query, &upstream_authority, bytes.clone(), connection);
+            self.mirror(policy, mirror, &parts, &path_and_query, upstream_authority, bytes.clone(), connection);
         }
 
         // A timeout too long to reach (a configuration may say 1000000h) is no timeout, not an overflow.
@@ -412,7 +414,7 @@ impl HttpProxy {
         };
         // TLS to the endpoints when the DestinationRule originates it; settings that cannot be used refuse the
         // request rather than send it in the clear.
-        let tls = match upstream_tls(&destination, &upstream_authority) {
+        let tls = match upstream_tls(&destination, upstream_authority) {
             Ok(tls) => tls,
             Err(reason) => {
                 tracing::debug!(destination = %destination.labels.cluster.as_str(), %reason, "TLS origination refused");
@@ -429,7 +431,7 @@ impl HttpProxy {
             let outgoing = Outgoing {
                 address,
                 http2: destination.http2,
-                authority: &upstream_authority,
+                authority: upstream_authority,
                 path_and_query: path_and_query.clone(),
                 method: parts.method.clone(),
                 headers: parts.headers.clone(),

@@ -127,8 +127,15 @@ impl Upstreams {
         } else {
             // Origin-form, the host in Host.
             *request.uri_mut() = Uri::from(path_and_query);
-            if let Ok(host) = HeaderValue::from_str(authority) {
-                headers.insert(header::HOST, host);
+            // The client's Host goes on as it is when it is the only one and names the host (most requests): no
+            // copy of it.
+            let mut hosts = headers.get_all(header::HOST).iter();
+            let kept =
+                hosts.next().is_some_and(|host| host.as_bytes() == authority.as_bytes()) && hosts.next().is_none();
+            if !kept {
+                if let Ok(host) = HeaderValue::from_str(authority) {
+                    headers.insert(header::HOST, host);
+                }
             }
             *request.headers_mut() = headers;
             self.http1.send(address, request, connect_timeout, tls.as_ref()).await
@@ -389,6 +396,66 @@ mod tests {
             }
         });
         (address, accepted)
+    }
+
+    /// An HTTP/1.1 server on loopback answering each request with the request's head as it arrived.
+    async fn head_echo_server() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buffer = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    while let Ok(n) = stream.read(&mut chunk).await {
+                        if n == 0 {
+                            return;
+                        }
+                        buffer.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head: Vec<u8> = buffer.drain(..end + 4).collect();
+                            let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", head.len());
+                            let _ = stream.write_all(&[answer.as_bytes(), &head].concat()).await;
+                        }
+                    }
+                });
+            }
+        });
+        address
+    }
+
+    #[tokio::test]
+    async fn the_host_sent_is_the_authority_once_whatever_host_headers_the_client_sent() {
+        let upstreams = Upstreams::new(SourceAddresses::default());
+        let address = head_echo_server().await;
+        let cases: [(&[&str], &str); 4] = [
+            (&["pool.test"], "pool.test"),
+            (&["other.test"], "pool.test"),
+            (&["pool.test", "evil.test"], "pool.test"),
+            (&[], "pool.test"),
+        ];
+        for (sent, expected) in cases {
+            let mut headers = HeaderMap::new();
+            for host in sent {
+                headers.append(header::HOST, HeaderValue::from_str(host).unwrap());
+            }
+            let outgoing = Outgoing {
+                address,
+                http2: false,
+                authority: "pool.test",
+                path_and_query: PathAndQuery::from_static("/"),
+                method: Method::GET,
+                headers,
+                connect_timeout: Duration::from_secs(1),
+                tls: None,
+            };
+            let body = Empty::new().map_err(|never| match never {}).boxed();
+            let response = upstreams.send(outgoing, body).await.expect("a response");
+            let head = response.into_body().collect().await.unwrap().to_bytes();
+            let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+            let hosts: Vec<&str> = head.lines().filter_map(|line| line.strip_prefix("host: ")).collect();
+            assert_eq!(hosts, [expected], "client sent {sent:?}; upstream received {head}");
+        }
     }
 
     async fn get(upstreams: &Upstreams, address: SocketAddr) -> String {
