@@ -204,21 +204,21 @@ impl HttpProxy {
         if request.uri().path_and_query().is_some_and(|pq| pq.as_str().len() > MAX_URI_BYTES) {
             return self.local_failure(Failure::UriTooLong, record, started, None);
         }
-        let authority = request
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| header_text(request.headers(), header::HOST));
-        let Some(authority) = authority else {
+        // The URI's authority (absolute form, HTTP/2), else Host: shared with the request rather than copied.
+        let authority = match request.uri().authority() {
+            Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+            None => request.headers().get(header::HOST).cloned(),
+        };
+        let Some(authority) = authority.as_ref().and_then(|value| value.to_str().ok()) else {
             return self.local_failure(Failure::BadRequest, record, started, None);
         };
         if self.telemetry.logs_requests() {
-            record.authority = authority.clone();
+            record.authority = authority.to_owned();
         }
         let mut connection = connection;
         if connection.listener == Listener::Forward {
             if request.method() == Method::CONNECT {
-                return self.tunnel(&policy, request, &authority, record, started).await;
+                return self.tunnel(&policy, request, authority, record, started).await;
             }
             // The destination the request names; its address is looked up only if the route needs it.
             let port = request.uri().port_u16().unwrap_or(80);
@@ -233,7 +233,7 @@ impl HttpProxy {
         let decision = routing::decide(
             &policy,
             &request,
-            &authority,
+            authority,
             connection.listener,
             connection.local,
             source.map(|source| &**source),
@@ -266,7 +266,7 @@ impl HttpProxy {
                     self.telemetry.host_mismatch(action);
                 }
                 record.route_name = route.map(|(route, _)| route.name.clone());
-                self.forward(&policy, request, connection, route, target, &authority, destination, record, started)
+                self.forward(&policy, request, connection, route, target, authority, destination, record, started)
                     .await
             }
         }
