@@ -162,6 +162,7 @@ impl HttpProxy {
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
+            .writev(false)
             .timer(TokioTimer::new())
             .header_read_timeout(self.limits.request_headers_timeout)
             .max_buf_size(MAX_REQUEST_HEADERS_BYTES)
