@@ -267,8 +267,7 @@ impl HttpProxy {
                     self.telemetry.host_mismatch(action);
                 }
                 record.route_name = route.map(|(route, _)| route.name.clone());
-                self.forward(&policy, request, connection, route, target, authority, destination, record, started)
-                    .await
+                self.forward(&policy, request, connection, route, target, authority, destination, record, started).await
             }
         }
     }

@@ -192,7 +192,8 @@ impl Http1Pool {
             }
         }
         let stream = open(address, &self.source, connect_timeout, tls).await?;
-        let (mut sender, connection) = http1::Builder::new().writev(false)
+        let (mut sender, connection) = http1::Builder::new()
+            .writev(false)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|error| SendError::Request(error.to_string()))?;
