@@ -367,9 +367,17 @@ mod tests {
 
     use super::*;
 
-    /// An HTTP/1.1 server on loopback answering `ok` to every request; `close_after_answer` closes each
-    /// connection once it has answered (as a server whose keep-alive timeout is short does). Counts connections.
-    async fn server(close_after_answer: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+    /// What a test server answers each request with.
+    #[derive(Clone, Copy)]
+    enum Answer {
+        /// `ok`, then the connection closes when `close` says so (as a server whose keep-alive timeout is short).
+        Ok { close: bool },
+        /// The request's head as it arrived.
+        Head,
+    }
+
+    /// An HTTP/1.1 server on loopback answering every request as `answer` says. Counts connections.
+    async fn server(answer: Answer) -> (SocketAddr, Arc<AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -386,9 +394,16 @@ mod tests {
                         }
                         buffer.extend_from_slice(&chunk[..n]);
                         while let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-                            buffer.drain(..end + 4);
-                            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
-                            if close_after_answer {
+                            let head: Vec<u8> = buffer.drain(..end + 4).collect();
+                            let reply = match answer {
+                                Answer::Ok { .. } => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+                                Answer::Head => {
+                                    let status = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", head.len());
+                                    [status.as_bytes(), &head].concat()
+                                }
+                            };
+                            let _ = stream.write_all(&reply).await;
+                            if let Answer::Ok { close: true } = answer {
                                 return;
                             }
                         }
@@ -399,36 +414,10 @@ mod tests {
         (address, accepted)
     }
 
-    /// An HTTP/1.1 server on loopback answering each request with the request's head as it arrived.
-    async fn head_echo_server() -> SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let mut buffer = Vec::new();
-                    let mut chunk = [0u8; 1024];
-                    while let Ok(n) = stream.read(&mut chunk).await {
-                        if n == 0 {
-                            return;
-                        }
-                        buffer.extend_from_slice(&chunk[..n]);
-                        while let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-                            let head: Vec<u8> = buffer.drain(..end + 4).collect();
-                            let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", head.len());
-                            let _ = stream.write_all(&[answer.as_bytes(), &head].concat()).await;
-                        }
-                    }
-                });
-            }
-        });
-        address
-    }
-
     #[tokio::test]
     async fn the_host_sent_is_the_authority_once_whatever_host_headers_the_client_sent() {
         let upstreams = Upstreams::new(SourceAddresses::default());
-        let address = head_echo_server().await;
+        let (address, _) = server(Answer::Head).await;
         let cases: [(&[&str], &str); 4] = [
             (&["pool.test"], "pool.test"),
             (&["other.test"], "pool.test"),
@@ -478,13 +467,13 @@ mod tests {
     #[tokio::test]
     async fn a_connection_is_reused_once_its_response_is_read_and_a_closed_one_is_passed_over() {
         let upstreams = Upstreams::new(SourceAddresses::default());
-        let (address, accepted) = server(false).await;
+        let (address, accepted) = server(Answer::Ok { close: false }).await;
         for _ in 0..3 {
             assert_eq!(get(&upstreams, address).await, "ok");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection carries every request in turn");
 
-        let (address, accepted) = server(true).await;
+        let (address, accepted) = server(Answer::Ok { close: true }).await;
         for _ in 0..3 {
             assert_eq!(get(&upstreams, address).await, "ok");
             // The server's close reaches the pooled connection.
