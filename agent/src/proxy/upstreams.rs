@@ -429,33 +429,21 @@ mod tests {
             for host in sent {
                 headers.append(header::HOST, HeaderValue::from_str(host).unwrap());
             }
-            let outgoing = Outgoing {
-                address,
-                http2: false,
-                authority: "pool.test",
-                path_and_query: PathAndQuery::from_static("/"),
-                method: Method::GET,
-                headers,
-                connect_timeout: Duration::from_secs(1),
-                tls: None,
-            };
-            let body = Empty::new().map_err(|never| match never {}).boxed();
-            let response = upstreams.send(outgoing, body).await.expect("a response");
-            let head = response.into_body().collect().await.unwrap().to_bytes();
-            let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+            let head = get(&upstreams, address, headers).await.to_ascii_lowercase();
             let hosts: Vec<&str> = head.lines().filter_map(|line| line.strip_prefix("host: ")).collect();
             assert_eq!(hosts, [expected], "client sent {sent:?}; upstream received {head}");
         }
     }
 
-    async fn get(upstreams: &Upstreams, address: SocketAddr) -> String {
+    /// A GET of `/` for `pool.test` with `headers`: the response's body.
+    async fn get(upstreams: &Upstreams, address: SocketAddr, headers: HeaderMap) -> String {
         let outgoing = Outgoing {
             address,
             http2: false,
             authority: "pool.test",
             path_and_query: PathAndQuery::from_static("/"),
             method: Method::GET,
-            headers: HeaderMap::new(),
+            headers,
             connect_timeout: Duration::from_secs(1),
             tls: None,
         };
@@ -469,13 +457,13 @@ mod tests {
         let upstreams = Upstreams::new(SourceAddresses::default());
         let (address, accepted) = server(Answer::Ok { close: false }).await;
         for _ in 0..3 {
-            assert_eq!(get(&upstreams, address).await, "ok");
+            assert_eq!(get(&upstreams, address, HeaderMap::new()).await, "ok");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection carries every request in turn");
 
         let (address, accepted) = server(Answer::Ok { close: true }).await;
         for _ in 0..3 {
-            assert_eq!(get(&upstreams, address).await, "ok");
+            assert_eq!(get(&upstreams, address, HeaderMap::new()).await, "ok");
             // The server's close reaches the pooled connection.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
