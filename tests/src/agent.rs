@@ -56,6 +56,7 @@ impl Bpffs {
         let dir = tempfile::Builder::new().prefix("sluice-bpffs-").tempdir().context("creating a bpffs mount point")?;
         nix::mount::mount(Some("bpf"), dir.path(), Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
             .with_context(|| format!("mounting a bpf filesystem on {}", dir.path().display()))?;
+        crate::teardown::hold(crate::teardown::Held::Mount(dir.path().to_owned()));
         Ok(Bpffs { dir })
     }
 
@@ -68,6 +69,7 @@ impl Bpffs {
 impl Drop for Bpffs {
     fn drop(&mut self) {
         let _ = nix::mount::umount2(self.dir.path(), nix::mount::MntFlags::MNT_DETACH);
+        crate::teardown::release(&crate::teardown::Held::Mount(self.dir.path().to_owned()));
     }
 }
 

@@ -7,14 +7,17 @@ pub mod netns;
 pub mod packets;
 pub mod peers;
 pub mod process;
+mod teardown;
 pub mod topology;
 
 pub use agent::Agent;
 pub use netns::Netns;
 pub use topology::Topology;
 
-/// Fails the calling test, loudly, unless it runs as root: these tests create namespaces and load eBPF.
+/// Fails the calling test, loudly, unless it runs as root: these tests create namespaces and load eBPF. From then
+/// on, an interrupted run (Ctrl-C, SIGTERM, SIGHUP) still removes the namespaces and bpf mounts it made.
 pub fn require_root() {
+    teardown::on_signals();
     assert!(
         nix::unistd::geteuid().is_root(),
         "this test needs root (it creates network namespaces and loads eBPF programs): run `cargo xtask test` as root"

@@ -10,6 +10,8 @@ use std::{
 use anyhow::{bail, Context};
 use nix::sched::{setns, CloneFlags};
 
+use crate::teardown::{self, Held};
+
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 #[derive(Debug)]
@@ -35,6 +37,7 @@ impl Netns {
     fn create(name: String) -> anyhow::Result<Netns> {
         run(Command::new("ip").args(["netns", "add", &name]))
             .with_context(|| format!("creating network namespace {name}"))?;
+        teardown::hold(Held::Netns(name.clone()));
         let netns = Netns { name };
         netns.ip(&["link", "set", "dev", "lo", "up"])?;
         // No duplicate address detection: link-local addresses are usable at once.
@@ -87,16 +90,21 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        // Processes keep a namespace alive after its name is gone: end them first.
-        if let Ok(output) = Command::new("ip").args(["netns", "pids", &self.name]).output() {
-            for pid in String::from_utf8_lossy(&output.stdout).split_whitespace() {
-                if let Ok(pid) = pid.parse::<i32>() {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
-                }
+        delete(&self.name);
+        teardown::release(&Held::Netns(self.name.clone()));
+    }
+}
+
+/// Deletes the namespace `name` and ends the processes in it (which would keep it alive after its name is gone).
+pub(crate) fn delete(name: &str) {
+    if let Ok(output) = Command::new("ip").args(["netns", "pids", name]).output() {
+        for pid in String::from_utf8_lossy(&output.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
             }
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
+    let _ = Command::new("ip").args(["netns", "del", name]).status();
 }
 
 /// Runs `command`, failing with its stderr when it exits non-zero.
