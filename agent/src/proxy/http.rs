@@ -183,8 +183,6 @@ impl HttpProxy {
         }
         let policy = self.policy.load_full();
         let mut record = RequestRecord {
-            // The wall clock is read for the access log alone.
-            start: self.telemetry.logs_requests().then(SystemTime::now),
             protocol: protocol_name(request.version()),
             grpc: request
                 .headers()
@@ -194,8 +192,16 @@ impl HttpProxy {
             downstream_local: Some(connection.local),
             ..RequestRecord::default()
         };
-        // What only the access log shows is copied only when there is one.
+        // The URI's authority (absolute form, HTTP/2), else Host: shared with the request rather than copied.
+        let authority = match request.uri().authority() {
+            Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+            None => request.headers().get(header::HOST).cloned(),
+        };
+        let authority = authority.as_ref().and_then(|value| value.to_str().ok());
+        // What only the access log shows (the wall clock included) is read only when there is one.
         if self.telemetry.logs_requests() {
+            record.start = Some(SystemTime::now());
+            record.authority = authority.unwrap_or_default().to_owned();
             record.method = request.method().as_str().to_owned();
             record.path = request.uri().path_and_query().map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned());
             record.user_agent = header_text(request.headers(), header::USER_AGENT);
@@ -205,17 +211,9 @@ impl HttpProxy {
         if request.uri().path_and_query().is_some_and(|pq| pq.as_str().len() > MAX_URI_BYTES) {
             return self.local_failure(Failure::UriTooLong, record, started, None);
         }
-        // The URI's authority (absolute form, HTTP/2), else Host: shared with the request rather than copied.
-        let authority = match request.uri().authority() {
-            Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-            None => request.headers().get(header::HOST).cloned(),
-        };
-        let Some(authority) = authority.as_ref().and_then(|value| value.to_str().ok()) else {
+        let Some(authority) = authority else {
             return self.local_failure(Failure::BadRequest, record, started, None);
         };
-        if self.telemetry.logs_requests() {
-            record.authority = authority.to_owned();
-        }
         let mut connection = connection;
         if connection.listener == Listener::Forward {
             if request.method() == Method::CONNECT {

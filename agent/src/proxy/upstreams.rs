@@ -42,7 +42,7 @@ pub struct Outgoing<'a> {
     pub authority: &'a str,
     pub path_and_query: PathAndQuery,
     pub method: Method,
-    /// Its headers, without `Host` (set from `authority`).
+    /// Its headers; `Host` is made `authority` (the client's own is sent on when it already says so).
     pub headers: HeaderMap,
     /// How long a new connection may take to open.
     pub connect_timeout: Duration,
