@@ -69,6 +69,16 @@ pub struct Dnsmasq {
 
 impl Dnsmasq {
     pub fn start(netns: &Netns, listen: &str, records: &[(&str, &str)]) -> anyhow::Result<Dnsmasq> {
+        Dnsmasq::start_forwarding(netns, listen, records, &[])
+    }
+
+    /// As `start`, and names under each `(domain, server)` forwarded to that server (`ADDR#PORT`).
+    pub fn start_forwarding(
+        netns: &Netns,
+        listen: &str,
+        records: &[(&str, &str)],
+        forward: &[(&str, &str)],
+    ) -> anyhow::Result<Dnsmasq> {
         let mut command = netns.command("dnsmasq");
         command.args([
             "--keep-in-foreground",
@@ -86,6 +96,9 @@ impl Dnsmasq {
         command.arg(format!("--listen-address={listen}"));
         for (name, addr) in records {
             command.arg(format!("--host-record={name},{addr}"));
+        }
+        for (domain, server) in forward {
+            command.arg(format!("--server=/{domain}/{server}"));
         }
         let mut process = Process::spawn("dnsmasq", command)?;
         let addr: SocketAddr = format!("{listen}:53").parse().context("dnsmasq's listen address")?;

@@ -222,6 +222,47 @@ fn a_service_entry_resolved_by_dns_admits_the_addresses_its_host_has_now() {
 }
 
 #[test]
+fn names_that_dns_does_not_answer_delay_the_others_by_one_round_of_lookups_at_most() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    // Names under slow.example go to a server that never answers: each lookup of one times out.
+    let silent = UdpSink::bind(&topology.internet, addr("127.0.0.1", 5399)).unwrap();
+    let _dns = Dnsmasq::start_forwarding(
+        &topology.internet,
+        INTERNET_ADDR,
+        &[("db.example", SERVER_A)],
+        &[("slow.example", "127.0.0.1#5399")],
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let slow: Vec<String> = (0..40).map(|i| format!("n{i}.slow.example")).collect();
+    std::fs::write(
+        dir.path().join("entries.yaml"),
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: db}}\n\
+             spec: {{hosts: [db.example], ports: [{{number: 5353, name: udp, protocol: UDP}}], resolution: DNS}}\n\
+             ---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: slow}}\n\
+             spec: {{hosts: [{}], ports: [{{number: 5353, name: udp, protocol: UDP}}], resolution: DNS}}\n",
+            slow.join(", ")
+        ),
+    )
+    .unwrap();
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --outbound-traffic-policy REGISTRY_ONLY --dns-server {INTERNET_ADDR} --config {}",
+        dir.path().display()
+    );
+    // The first policy is attached once the names are looked up: 40 lookups of 5 s each, made one after
+    // another, would hold it back for 200 s; made together, 5 (the agent is given 20).
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    let at_a = UdpSink::bind(&topology.internet, addr(SERVER_A, 5353)).unwrap();
+    send_udp(&topology.workload, addr(SERVER_A, 5353), 2, PAYLOAD).unwrap();
+    assert_eq!(at_a.drain(), 2, "db.example's address passes:\n{}", agent.log());
+    assert!(silent.drain() >= 40, "every slow name was asked for");
+    let log = agent.log();
+    assert!(log.contains("failed=40"), "the failures are reported once, together:\n{log}");
+}
+
+#[test]
 fn fragmented_datagrams_to_an_allowed_destination_arrive_whole() {
     require_root();
     let topology = Topology::new().unwrap();

@@ -22,8 +22,14 @@ use super::{
 pub const MIN_REFRESH: Duration = Duration::from_secs(5);
 /// …and no later than this, however long.
 pub const MAX_REFRESH: Duration = Duration::from_secs(300);
-/// How long one round of lookups may take.
+/// How long one lookup may take…
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// …and a round of them, all names together: names not answered by then keep their addresses until the next
+/// round, so that a DNS server that answers slowly or not at all delays the policy by this much at most.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Lookups made at once: thousands of names are resolved in about the time of one (answers the resolver holds
+/// come from its cache).
+const LOOKUPS_IN_FLIGHT: usize = 128;
 
 /// Host → the addresses it resolved to. A host whose lookup failed keeps its previous addresses.
 pub type Resolved = BTreeMap<String, Vec<IpAddr>>;
@@ -98,16 +104,31 @@ impl DnsResolver {
             .ok_or_else(|| format!("looking up {name}: no address"))
     }
 
-    /// Resolves `names`; a name that fails keeps what `previous` had for it. Returns the addresses and when to
-    /// look again (the earliest expiry, within MIN_REFRESH and MAX_REFRESH).
+    /// Resolves `names`, up to LOOKUPS_IN_FLIGHT at once and for no longer than ROUND_TIMEOUT in all; a name
+    /// that fails, or is not answered in time, keeps what `previous` had for it. Returns the addresses and when
+    /// to look again (the earliest expiry, within MIN_REFRESH and MAX_REFRESH).
     pub async fn resolve(&self, names: &BTreeSet<String>, previous: &Resolved) -> (Resolved, Duration) {
+        use futures_util::StreamExt;
+
         let mut resolved = Resolved::new();
         let mut refresh = MAX_REFRESH;
-        for name in names {
+        let mut failed: Vec<(&str, String)> = Vec::new();
+        let lookups = futures_util::stream::iter(names.iter().map(|name| async move {
             // Fully qualified: ServiceEntry hosts are looked up as written, not under search domains.
             let query = if name.ends_with('.') { name.clone() } else { format!("{name}.") };
-            match tokio::time::timeout(LOOKUP_TIMEOUT, self.resolver.lookup_ip(query.as_str())).await {
-                Ok(Ok(answer)) => {
+            let answer = match tokio::time::timeout(LOOKUP_TIMEOUT, self.resolver.lookup_ip(query.as_str())).await {
+                Ok(Ok(answer)) => Ok(answer),
+                Ok(Err(error)) => Err(error.to_string()),
+                Err(_) => Err("timed out".to_owned()),
+            };
+            (name, answer)
+        }))
+        .buffer_unordered(LOOKUPS_IN_FLIGHT);
+        let mut lookups = std::pin::pin!(lookups);
+        let deadline = tokio::time::Instant::now() + ROUND_TIMEOUT;
+        while let Ok(Some((name, answer))) = tokio::time::timeout_at(deadline, lookups.next()).await {
+            match answer {
+                Ok(answer) => {
                     let mut addresses: Vec<IpAddr> = answer.iter().collect();
                     addresses.sort();
                     addresses.dedup();
@@ -115,20 +136,26 @@ impl DnsResolver {
                     refresh = refresh.min(ttl);
                     resolved.insert(name.clone(), addresses);
                 }
-                Ok(Err(error)) => {
-                    tracing::warn!(host = %name, %error, "DNS lookup failed; keeping the addresses it had");
-                    refresh = refresh.min(MIN_REFRESH);
-                    if let Some(addresses) = previous.get(name) {
-                        resolved.insert(name.clone(), addresses.clone());
-                    }
-                }
-                Err(_) => {
-                    tracing::warn!(host = %name, "DNS lookup timed out; keeping the addresses it had");
-                    refresh = refresh.min(MIN_REFRESH);
-                    if let Some(addresses) = previous.get(name) {
-                        resolved.insert(name.clone(), addresses.clone());
-                    }
-                }
+                Err(error) => failed.push((name, error)),
+            }
+        }
+        let unanswered = names.len() - resolved.len() - failed.len();
+        if !failed.is_empty() || unanswered > 0 {
+            refresh = MIN_REFRESH;
+            for (name, error) in &failed {
+                tracing::debug!(host = %name, %error, "DNS lookup failed");
+            }
+            let (host, error) = failed.first().map(|(name, error)| (*name, error.as_str())).unwrap_or(("", ""));
+            tracing::warn!(
+                failed = failed.len(),
+                unanswered,
+                resolved = resolved.len(),
+                host,
+                error,
+                "DNS lookups failed or were not answered in time; those hosts keep the addresses they had"
+            );
+            for (name, addresses) in previous.iter().filter(|(name, _)| names.contains(*name)) {
+                resolved.entry(name.clone()).or_insert_with(|| addresses.clone());
             }
         }
         (resolved, refresh.clamp(MIN_REFRESH, MAX_REFRESH))
