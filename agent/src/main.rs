@@ -344,7 +344,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = telemetry::metrics::registry(counters.clone(), datapath.blackholed(), args.access_log_format);
     let routes = Arc::new(arc_swap::ArcSwap::from_pointee(control.proxy_policy()));
     metrics.config_generation.set(1);
-    let (dump, dump_reader) = tokio::sync::watch::channel(Arc::new(control.dump(1, &policy)));
+    let (dump, dump_reader) = tokio::sync::watch::channel(Arc::new(control.dump(1, policy)));
     metrics.set_rejected(control.rejected());
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(events) = datapath.take_events() {
@@ -512,10 +512,10 @@ impl Control {
         self.errors.iter().filter_map(|e| e.resource.as_deref())
     }
 
-    fn dump(&self, generation: u64, policy: &sluice_agent::policy::DatapathPolicy) -> String {
+    fn dump(&self, generation: u64, policy: sluice_agent::policy::DatapathPolicy) -> config_dump::Dump {
         let snapshot = self.store.snapshot();
         let bindings = sluice_agent::policy::bindings::bind(&snapshot, &self.labels);
-        config_dump::render(generation, &snapshot, &self.errors, policy, &bindings)
+        config_dump::Dump::new(generation, snapshot, &self.errors, policy, &bindings)
     }
 }
 
@@ -542,7 +542,7 @@ struct Enforced {
     routes: Arc<arc_swap::ArcSwap<sluice_agent::policy::routes::ProxyPolicy>>,
     gateways: GatewayListeners,
     metrics: telemetry::metrics::Metrics,
-    dump: tokio::sync::watch::Sender<Arc<String>>,
+    dump: tokio::sync::watch::Sender<Arc<config_dump::Dump>>,
     workloads: Arc<arc_swap::ArcSwap<Workloads>>,
     /// The per-workload modes the kernel holds; `None` until written (a previous agent's may be pinned there).
     sources: Option<std::collections::BTreeMap<std::net::IpAddr, OutboundMode>>,
@@ -560,7 +560,6 @@ impl Enforced {
                 self.routes.store(Arc::new(routes));
                 self.apply_sources();
                 let generation = self.metrics.config_generation.inc() + 1;
-                let _ = self.dump.send(Arc::new(control.dump(generation as u64, &policy)));
                 tracing::info!(
                     generation,
                     mode = ?policy.mode,
@@ -568,6 +567,7 @@ impl Enforced {
                     gateway_ports = ?self.gateways.ports(),
                     "policy applied"
                 );
+                let _ = self.dump.send(Arc::new(control.dump(generation as u64, policy)));
             }
             Err(error) => {
                 tracing::error!(error = %error, "the new policy was not applied; the previous one stays in force")

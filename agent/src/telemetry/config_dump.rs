@@ -1,4 +1,7 @@
 //! `/config_dump`: the configuration in force and the policy compiled from it, as JSON.
+//!
+//! What a dump shows is held (the resources themselves are shared with the store), and the JSON is written when
+//! it is asked for: a rendered dump of a large configuration would cost as much memory as the configuration.
 
 use serde_json::{json, Value};
 
@@ -7,42 +10,68 @@ use crate::{
     policy::{bindings::Bindings, DatapathPolicy},
 };
 
-pub fn render(
+/// One generation's configuration and datapath policy.
+#[derive(Debug)]
+pub struct Dump {
     generation: u64,
-    snapshot: &Snapshot,
-    rejected: &[ConfigError],
-    policy: &DatapathPolicy,
-    bindings: &Bindings,
-) -> String {
-    let resources: Vec<Value> = snapshot
-        .resources
-        .iter()
-        .map(|resource| {
-            json!({
-                "kind": resource.kind.name(),
-                "namespace": resource.metadata.namespace(),
-                "name": resource.metadata.name,
-                "spec": resource.spec.to_json(),
+    snapshot: Snapshot,
+    rejected: Vec<String>,
+    /// The Gateways that select this agent: id and server ports.
+    gateways: Vec<(String, Vec<u32>)>,
+    policy: DatapathPolicy,
+}
+
+impl Dump {
+    pub fn new(
+        generation: u64,
+        snapshot: Snapshot,
+        rejected: &[ConfigError],
+        policy: DatapathPolicy,
+        bindings: &Bindings,
+    ) -> Dump {
+        Dump {
+            generation,
+            snapshot,
+            rejected: rejected.iter().map(ToString::to_string).collect(),
+            gateways: bindings
+                .gateways
+                .iter()
+                .map(|gateway| (gateway.id.clone(), gateway.servers.iter().map(|server| server.port.number).collect()))
+                .collect(),
+            policy,
+        }
+    }
+
+    /// The dump as JSON.
+    pub fn render(&self) -> String {
+        let (snapshot, policy) = (&self.snapshot, &self.policy);
+        let resources: Vec<Value> = snapshot
+            .resources
+            .iter()
+            .map(|resource| {
+                json!({
+                    "kind": resource.kind.name(),
+                    "namespace": resource.metadata.namespace(),
+                    "name": resource.metadata.name,
+                    "spec": resource.spec.to_json(),
+                })
             })
-        })
-        .collect();
-    let dump = json!({
-        "generation": generation,
-        "mesh": { "outboundTrafficPolicy": { "mode": snapshot.mesh.outbound_mode().map(|mode| mode.name()) } },
-        "resources": resources,
-        "rejected": rejected.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "gateways": bindings.gateways.iter().map(|gateway| json!({
-            "id": gateway.id,
-            "ports": gateway.servers.iter().map(|server| server.port.number).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
-        "datapath": {
-            "mode": policy.mode.name(),
-            "blackhole": format!("{:?}", policy.blackhole).to_lowercase(),
-            "allowCidrs": policy.allow_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "rules": policy.rules.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "interceptPorts": policy.intercept_ports,
-            "proxyPort": policy.proxy_port,
-        },
-    });
-    serde_json::to_string_pretty(&dump).unwrap_or_else(|_| "{}".into())
+            .collect();
+        let dump = json!({
+            "generation": self.generation,
+            "mesh": { "outboundTrafficPolicy": { "mode": snapshot.mesh.outbound_mode().map(|mode| mode.name()) } },
+            "resources": resources,
+            "rejected": self.rejected,
+            "gateways": self.gateways.iter().map(|(id, ports)| json!({"id": id, "ports": ports})).collect::<Vec<_>>(),
+            "datapath": {
+                "mode": policy.mode.name(),
+                "blackhole": format!("{:?}", policy.blackhole).to_lowercase(),
+                "allowCidrs": policy.allow_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "rules": policy.rules.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "interceptPorts": policy.intercept_ports,
+                "proxyPort": policy.proxy_port,
+            },
+        });
+        serde_json::to_string_pretty(&dump).unwrap_or_else(|_| "{}".into())
+    }
 }

@@ -30,9 +30,12 @@ pub async fn serve_metrics(listener: TcpListener, registry: Arc<Registry>) {
 }
 
 /// Serves the admin endpoints: `/config_dump` (the configuration and policy in force, as JSON) and `/ready`.
-pub async fn serve_admin(listener: TcpListener, dump: watch::Receiver<Arc<String>>) {
+pub async fn serve_admin(listener: TcpListener, dump: watch::Receiver<Arc<super::config_dump::Dump>>) {
     serve(listener, "admin", move |request| match request.uri().path() {
-        "/config_dump" => text(StatusCode::OK, "application/json", dump.borrow().as_str().to_owned()),
+        "/config_dump" => {
+            let dump = dump.borrow().clone();
+            text(StatusCode::OK, "application/json", dump.render())
+        }
         "/ready" => text(StatusCode::OK, "text/plain", "LIVE\n".into()),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found: try /config_dump or /ready\n".into()),
     })
