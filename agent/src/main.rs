@@ -11,6 +11,7 @@ use sluice_agent::{
         sources::{files, kubernetes, watch},
         store::Store,
         workloads::Workloads,
+        Snapshot,
     },
     datapath::{self, Datapath, InterceptRouting},
     policy::{
@@ -311,9 +312,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let (watch, changes) = watch::watch(&args.config).map_err(anyhow::Error::msg)?;
         (Some(watch), changes)
     };
-    control.load();
+    let snapshot = control.load();
     let mut refresh = control.resolve().await.1;
-    let policy = control.policy();
+    let policy = control.policy(&snapshot);
 
     Datapath::check_interfaces(&args.intercept)?;
     let mut datapath = Datapath::load(&args.bpffs)?;
@@ -342,9 +343,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let counters = datapath.counters();
     let metrics = telemetry::metrics::registry(counters.clone(), datapath.blackholed(), args.access_log_format);
-    let routes = Arc::new(arc_swap::ArcSwap::from_pointee(control.proxy_policy()));
+    let routes = Arc::new(arc_swap::ArcSwap::from_pointee(control.proxy_policy(&snapshot)));
     metrics.config_generation.set(1);
-    let (dump, dump_reader) = tokio::sync::watch::channel(Arc::new(control.dump(1, policy)));
+    let (dump, dump_reader) = tokio::sync::watch::channel(Arc::new(control.dump(1, policy, &snapshot)));
+    drop(snapshot);
     metrics.set_rejected(control.rejected());
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(events) = datapath.take_events() {
@@ -397,7 +399,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let (changed, next) = control.resolve().await;
                 refresh = next;
                 if changed {
-                    enforced.apply(&control);
+                    enforced.apply(&control, &control.store.snapshot());
                 }
             }
         }
@@ -430,6 +432,8 @@ struct Control {
     resolved: Resolved,
     /// What the last load rejected.
     errors: Vec<sluice_agent::config::ConfigError>,
+    /// The names the configuration resolves by DNS.
+    names: std::collections::BTreeSet<String>,
     /// The Kubernetes source's latest full set, once it has listed everything.
     kube: Option<tokio::sync::watch::Receiver<Option<files::Loaded>>>,
     /// This agent's labels, which Gateway selectors are matched against.
@@ -451,6 +455,7 @@ impl Control {
             resolver,
             resolved: Resolved::new(),
             errors: Vec::new(),
+            names: Default::default(),
             kube: None,
             labels: Default::default(),
             proxy: ProxySettings::default(),
@@ -460,8 +465,8 @@ impl Control {
     }
 
     /// Reads the configuration files again, with what Kubernetes holds; a rejected resource keeps its last good
-    /// version.
-    fn load(&mut self) {
+    /// version. Returns the configuration now in force, typed, to compile from (the store holds it compactly).
+    fn load(&mut self) -> Snapshot {
         let mut loaded = files::load(&self.paths);
         if let Some(kube) = self.kube.as_ref().and_then(|kube| kube.borrow().clone()) {
             loaded.extend(kube);
@@ -471,7 +476,9 @@ impl Control {
             tracing::warn!(resource = %id, "keeping the last good version of a rejected resource");
         }
         self.errors = loaded.errors;
-        for resource in &self.store.snapshot().resources {
+        let snapshot = self.store.snapshot();
+        self.names = resolver::names(&snapshot);
+        for resource in &snapshot.resources {
             for (field, why) in sluice_agent::config::unsupported::fields(resource) {
                 let id = resource.id();
                 if self.warned.insert(format!("{id} {field}")) {
@@ -479,12 +486,12 @@ impl Control {
                 }
             }
         }
+        snapshot
     }
 
     /// Looks up the names the configuration resolves by DNS: whether any answer changed, and when to look again.
     async fn resolve(&mut self) -> (bool, std::time::Duration) {
-        let names = resolver::names(&self.store.snapshot());
-        let (resolved, refresh) = self.resolver.resolve(&names, &self.resolved).await;
+        let (resolved, refresh) = self.resolver.resolve(&self.names, &self.resolved).await;
         let changed = resolved != self.resolved;
         if changed {
             tracing::info!(
@@ -497,25 +504,28 @@ impl Control {
         (changed, refresh)
     }
 
-    fn policy(&self) -> sluice_agent::policy::DatapathPolicy {
-        compile::datapath_policy(&self.store.snapshot(), &self.resolved, &self.node)
+    fn policy(&self, snapshot: &Snapshot) -> sluice_agent::policy::DatapathPolicy {
+        compile::datapath_policy(snapshot, &self.resolved, &self.node)
     }
 
-    fn proxy_policy(&self) -> sluice_agent::policy::routes::ProxyPolicy {
-        let snapshot = self.store.snapshot();
-        let bindings = sluice_agent::policy::bindings::bind(&snapshot, &self.labels);
-        let settings = ProxySettings { mode: compile::mesh_mode(&snapshot, &self.node), ..self.proxy.clone() };
-        sluice_agent::policy::routes::proxy_policy(&snapshot, &self.resolved, &bindings, &settings, &self.clusters)
+    fn proxy_policy(&self, snapshot: &Snapshot) -> sluice_agent::policy::routes::ProxyPolicy {
+        let bindings = sluice_agent::policy::bindings::bind(snapshot, &self.labels);
+        let settings = ProxySettings { mode: compile::mesh_mode(snapshot, &self.node), ..self.proxy.clone() };
+        sluice_agent::policy::routes::proxy_policy(snapshot, &self.resolved, &bindings, &settings, &self.clusters)
     }
 
     fn rejected(&self) -> impl Iterator<Item = &str> {
         self.errors.iter().filter_map(|e| e.resource.as_deref())
     }
 
-    fn dump(&self, generation: u64, policy: sluice_agent::policy::DatapathPolicy) -> config_dump::Dump {
-        let snapshot = self.store.snapshot();
-        let bindings = sluice_agent::policy::bindings::bind(&snapshot, &self.labels);
-        config_dump::Dump::new(generation, snapshot, &self.errors, policy, &bindings)
+    fn dump(
+        &self,
+        generation: u64,
+        policy: sluice_agent::policy::DatapathPolicy,
+        snapshot: &Snapshot,
+    ) -> config_dump::Dump {
+        let bindings = sluice_agent::policy::bindings::bind(snapshot, &self.labels);
+        config_dump::Dump::new(generation, self.store.stored(), &self.errors, policy, &bindings)
     }
 }
 
@@ -529,10 +539,10 @@ async fn listen(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<toki
 /// Reads the configuration again (files and Kubernetes), resolves its names and applies the result; returns
 /// when to look the names up again.
 async fn reload(control: &mut Control, enforced: &mut Enforced) -> std::time::Duration {
-    control.load();
+    let snapshot = control.load();
     enforced.metrics.set_rejected(control.rejected());
     let refresh = control.resolve().await.1;
-    enforced.apply(control);
+    enforced.apply(control, &snapshot);
     refresh
 }
 
@@ -551,11 +561,11 @@ struct Enforced {
 impl Enforced {
     /// Compiles and applies the policy to the datapath, then the proxy; one the datapath refuses leaves both as
     /// they are.
-    fn apply(&mut self, control: &Control) {
-        let policy = control.policy();
+    fn apply(&mut self, control: &Control, snapshot: &Snapshot) {
+        let policy = control.policy(snapshot);
         match self.datapath.apply(&policy) {
             Ok(()) => {
-                let routes = control.proxy_policy();
+                let routes = control.proxy_policy(snapshot);
                 self.gateways.reconcile(&routes.gateway_ports());
                 self.routes.store(Arc::new(routes));
                 self.apply_sources();
@@ -567,7 +577,7 @@ impl Enforced {
                     gateway_ports = ?self.gateways.ports(),
                     "policy applied"
                 );
-                let _ = self.dump.send(Arc::new(control.dump(generation as u64, policy)));
+                let _ = self.dump.send(Arc::new(control.dump(generation as u64, policy, snapshot)));
             }
             Err(error) => {
                 tracing::error!(error = %error, "the new policy was not applied; the previous one stays in force")

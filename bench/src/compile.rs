@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use serde_json::json;
 use sluice_agent::{
-    config::{resolver::Resolved, sources::files::Loaded},
+    config::{resolver::Resolved, sources::files::Loaded, store::Store},
     policy::{
         bindings::bind,
         compile::{datapath_policy, NodeSettings},
@@ -29,9 +29,10 @@ pub struct Figures {
     /// The same exact lookups among 8 hosts only (a hot set, in cache): the lookup's own cost, apart from the
     /// memory misses of 1000 hosts spread over a large table.
     pub lookup_hot_ns: f64,
-    /// Heap bytes held per host (ServiceEntry and VirtualService): the configuration and what is compiled from it.
+    /// Heap bytes held per host (ServiceEntry and VirtualService), as the agent holds them: the configuration in
+    /// its store and the policies compiled from it.
     pub bytes_per_entry: Option<f64>,
-    /// Of which the configuration as read (the resources in force), before anything is compiled.
+    /// Of which the configuration in the store (the resources in force, as read).
     pub read_bytes_per_entry: Option<f64>,
 }
 
@@ -45,18 +46,24 @@ pub fn measure(entries: usize) -> Figures {
     for document in documents {
         loaded.add("bench", document);
     }
-    let read_ms = started.elapsed().as_secs_f64() * 1e3;
-    let heap_read = crate::live_bytes().saturating_sub(heap_before);
     assert!(loaded.errors.is_empty(), "the generated resources are valid: {:?}", loaded.errors.first());
+    // As the agent holds the configuration: in its store, the load itself dropped.
+    let mut store = Store::default();
+    store.update(&loaded);
+    drop(loaded);
+    let heap_read = crate::live_bytes().saturating_sub(heap_before);
+    let snapshot = store.snapshot();
+    let read_ms = started.elapsed().as_secs_f64() * 1e3;
     let started = Instant::now();
-    let policy = datapath_policy(&loaded.snapshot, &Resolved::new(), &NodeSettings::default());
+    let policy = datapath_policy(&snapshot, &Resolved::new(), &NodeSettings::default());
     let compile_ms = started.elapsed().as_secs_f64() * 1e3;
     let started = Instant::now();
     let labels = Default::default();
-    let bindings = bind(&loaded.snapshot, &labels);
-    let routes =
-        proxy_policy(&loaded.snapshot, &Resolved::new(), &bindings, &ProxySettings::default(), &Default::default());
+    let bindings = bind(&snapshot, &labels);
+    let routes = proxy_policy(&snapshot, &Resolved::new(), &bindings, &ProxySettings::default(), &Default::default());
     let routes_ms = started.elapsed().as_secs_f64() * 1e3;
+    // The typed configuration and the bindings are needed only while compiling.
+    drop((bindings, snapshot));
     let heap_all = crate::live_bytes().saturating_sub(heap_before);
     let lookup = |host: &dyn Fn(usize) -> String, spread: usize| {
         let hosts: Vec<String> = (0..spread).map(|k| host(k * entries / spread)).collect();
@@ -85,7 +92,7 @@ pub fn measure(entries: usize) -> Figures {
         bytes_per_entry: Some(heap_all as f64 / entries as f64),
         read_bytes_per_entry: Some(heap_read as f64 / entries as f64),
     };
-    drop((loaded, policy, routes));
+    drop((store, policy, routes));
     figures
 }
 

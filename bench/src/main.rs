@@ -150,7 +150,7 @@ fn configuration() -> anyhow::Result<()> {
         "routes (ms)",
         "L4 rules",
         "bytes/host",
-        "(as read)",
+        "(in store)",
         "lookup ns exact",
         "lookup ns wildcard",
         "(8 hot hosts)"

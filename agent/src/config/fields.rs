@@ -203,11 +203,11 @@ pub struct Headers {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub struct HeaderOperations {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Pairs::is_empty")]
     pub set: Pairs<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Pairs::is_empty")]
     pub add: Pairs<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub remove: Vec<String>,
 }
 

@@ -15,7 +15,7 @@ pub enum OutboundTrafficMode {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MeshConfig {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
     /// `exportTo` for ServiceEntries that set none (Istio's default: `*`).
     #[serde(default)]
@@ -28,7 +28,7 @@ pub struct MeshConfig {
     pub default_destination_rule_export_to: Vec<String>,
     /// Where mesh-wide defaults live (a Sidecar without a selector there is every namespace's default); Istio's
     /// default is `istio-system`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_namespace: Option<String>,
 }
 

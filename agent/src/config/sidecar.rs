@@ -13,7 +13,7 @@ use super::{
 pub struct Sidecar {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload_selector: Option<serde_json::Value>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub egress: Vec<EgressListener>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
@@ -26,7 +26,7 @@ pub struct EgressListener {
     pub port: Option<super::gateway::GatewayPort>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bind: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,
 }
 

@@ -6,13 +6,75 @@ use std::{
     sync::Arc,
 };
 
-use super::{error::ConfigError, sources::files::Loaded, MeshConfig, Resource, Snapshot};
+use serde::{Deserialize, Serialize};
+
+use super::{error::ConfigError, sources::files::Loaded, Kind, MeshConfig, Metadata, Resource, Snapshot, Spec};
 
 #[derive(Debug, Default)]
 pub struct Store {
-    /// Resource id → (source, resource).
-    resources: BTreeMap<String, (String, Arc<Resource>)>,
+    /// Resource id → the resource and where it came from.
+    resources: BTreeMap<String, Arc<Stored>>,
     mesh: MeshConfig,
+}
+
+/// A resource in force, held as the compact JSON it reads back from: the typed form takes several times the
+/// memory, and is needed only while a policy is compiled from it.
+#[derive(Debug)]
+pub struct Stored {
+    kind: Kind,
+    /// The file (or `kubernetes`) the resource came from; shared by the resources of one source.
+    source: Arc<str>,
+    /// `{"metadata": …, "spec": …}`, empty fields left out.
+    json: Box<str>,
+}
+
+/// What a stored resource's JSON holds.
+#[derive(Deserialize, Serialize)]
+struct Held<M, S> {
+    metadata: M,
+    spec: S,
+}
+
+impl Stored {
+    fn new(source: Arc<str>, resource: &Resource) -> Stored {
+        let held = Held { metadata: &resource.metadata, spec: resource.spec.to_json() };
+        let json = serde_json::to_string(&held).unwrap_or_default();
+        Stored { kind: resource.kind, source, json: json.into_boxed_str() }
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The resource's `metadata` and `spec`.
+    pub fn json(&self) -> &str {
+        &self.json
+    }
+
+    /// The typed resource; `None` only if what was written cannot be read back (logged: it is left out).
+    pub fn resource(&self) -> Option<Resource> {
+        fn read<S: serde::de::DeserializeOwned>(
+            json: &str,
+            spec: fn(Box<S>) -> Spec,
+        ) -> serde_json::Result<(Metadata, Spec)> {
+            let held: Held<Metadata, Box<S>> = serde_json::from_str(json)?;
+            Ok((held.metadata, spec(held.spec)))
+        }
+        let read = match self.kind {
+            Kind::ServiceEntry => read(&self.json, Spec::ServiceEntry),
+            Kind::VirtualService => read(&self.json, Spec::VirtualService),
+            Kind::Gateway => read(&self.json, Spec::Gateway),
+            Kind::DestinationRule => read(&self.json, Spec::DestinationRule),
+            Kind::Sidecar => read(&self.json, Spec::Sidecar),
+        };
+        match read {
+            Ok((metadata, spec)) => Some(Resource { kind: self.kind, metadata, spec }),
+            Err(error) => {
+                tracing::error!(source = %self.source, kind = %self.kind, %error, "a stored resource reads back wrong");
+                None
+            }
+        }
+    }
 }
 
 /// What a reload did beyond taking what was valid.
@@ -28,16 +90,18 @@ impl Store {
         let rejected: BTreeSet<&str> = loaded.errors.iter().filter_map(|e| e.resource.as_deref()).collect();
         let unreadable: BTreeSet<&str> =
             loaded.errors.iter().filter(|e| e.resource.is_none()).map(|e| e.source.as_str()).collect();
-        let mut next: BTreeMap<String, (String, Arc<Resource>)> = BTreeMap::new();
+        let mut next: BTreeMap<String, Arc<Stored>> = BTreeMap::new();
+        let mut sources: BTreeMap<&str, Arc<str>> = BTreeMap::new();
         for (source, resource) in &loaded.sources {
-            next.insert(resource.id(), (source.clone(), resource.clone()));
+            let source = sources.entry(source.as_str()).or_insert_with(|| source.as_str().into()).clone();
+            next.insert(resource.id(), Arc::new(Stored::new(source, resource)));
         }
         let mut outcome = Outcome::default();
-        for (id, (source, resource)) in &self.resources {
+        for (id, stored) in &self.resources {
             let keep =
-                (rejected.contains(id.as_str()) || unreadable.contains(source.as_str())) && !next.contains_key(id);
+                (rejected.contains(id.as_str()) || unreadable.contains(&*stored.source)) && !next.contains_key(id);
             if keep {
-                next.insert(id.clone(), (source.clone(), resource.clone()));
+                next.insert(id.clone(), stored.clone());
                 outcome.kept.push(id.clone());
             }
         }
@@ -49,11 +113,17 @@ impl Store {
         outcome
     }
 
+    /// The resources in force, typed, with the mesh config: what a policy is compiled from.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
-            resources: self.resources.values().map(|(_, resource)| resource.clone()).collect(),
+            resources: self.resources.values().filter_map(|stored| stored.resource().map(Arc::new)).collect(),
             mesh: self.mesh.clone(),
         }
+    }
+
+    /// The resources in force as held (in id order), and the mesh config.
+    pub fn stored(&self) -> (Vec<Arc<Stored>>, MeshConfig) {
+        (self.resources.values().cloned().collect(), self.mesh.clone())
     }
 }
 
@@ -100,6 +170,17 @@ mod tests {
         store.update(&files::load(std::slice::from_ref(&dir)));
         assert!(store.snapshot().resources.is_empty(), "a resource removed from its file is removed");
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn every_resource_of_the_examples_and_the_valid_corpus_reads_back_as_it_was_read() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let loaded = files::load(&[root.join("deploy/examples"), root.join("tests/corpus/valid")]);
+        assert!(loaded.sources.len() >= 20, "the examples and the corpus are read: {}", loaded.sources.len());
+        for (source, resource) in &loaded.sources {
+            let stored = Stored::new(source.as_str().into(), resource);
+            assert_eq!(stored.resource().as_ref(), Some(&**resource), "{source}: {}", stored.json());
+        }
     }
 
     #[test]

@@ -3,10 +3,12 @@
 //! What a dump shows is held (the resources themselves are shared with the store), and the JSON is written when
 //! it is asked for: a rendered dump of a large configuration would cost as much memory as the configuration.
 
+use std::sync::Arc;
+
 use serde_json::{json, Value};
 
 use crate::{
-    config::{ConfigError, Snapshot},
+    config::{store::Stored, ConfigError, MeshConfig},
     policy::{bindings::Bindings, DatapathPolicy},
 };
 
@@ -14,7 +16,9 @@ use crate::{
 #[derive(Debug)]
 pub struct Dump {
     generation: u64,
-    snapshot: Snapshot,
+    /// The resources in force, as the store holds them.
+    resources: Vec<Arc<Stored>>,
+    mesh: MeshConfig,
     rejected: Vec<String>,
     /// The Gateways that select this agent: id and server ports.
     gateways: Vec<(String, Vec<u32>)>,
@@ -24,14 +28,15 @@ pub struct Dump {
 impl Dump {
     pub fn new(
         generation: u64,
-        snapshot: Snapshot,
+        (resources, mesh): (Vec<Arc<Stored>>, MeshConfig),
         rejected: &[ConfigError],
         policy: DatapathPolicy,
         bindings: &Bindings,
     ) -> Dump {
         Dump {
             generation,
-            snapshot,
+            resources,
+            mesh,
             rejected: rejected.iter().map(ToString::to_string).collect(),
             gateways: bindings
                 .gateways
@@ -44,22 +49,24 @@ impl Dump {
 
     /// The dump as JSON.
     pub fn render(&self) -> String {
-        let (snapshot, policy) = (&self.snapshot, &self.policy);
-        let resources: Vec<Value> = snapshot
+        let policy = &self.policy;
+        let resources: Vec<Value> = self
             .resources
             .iter()
-            .map(|resource| {
-                json!({
-                    "kind": resource.kind.name(),
-                    "namespace": resource.metadata.namespace(),
-                    "name": resource.metadata.name,
-                    "spec": resource.spec.to_json(),
-                })
+            .filter_map(|stored| {
+                let mut resource: Value = serde_json::from_str(stored.json()).ok()?;
+                let metadata = resource["metadata"].take();
+                Some(json!({
+                    "kind": stored.kind().name(),
+                    "namespace": metadata.get("namespace").and_then(Value::as_str).unwrap_or("default"),
+                    "name": metadata["name"],
+                    "spec": resource["spec"].take(),
+                }))
             })
             .collect();
         let dump = json!({
             "generation": self.generation,
-            "mesh": { "outboundTrafficPolicy": { "mode": snapshot.mesh.outbound_mode().map(|mode| mode.name()) } },
+            "mesh": { "outboundTrafficPolicy": { "mode": self.mesh.outbound_mode().map(|mode| mode.name()) } },
             "resources": resources,
             "rejected": self.rejected,
             "gateways": self.gateways.iter().map(|(id, ports)| json!({"id": id, "ports": ports})).collect::<Vec<_>>(),
