@@ -301,30 +301,98 @@ impl Service {
 #[derive(Debug)]
 pub struct VirtualHost {
     /// The VirtualServices (`namespace/name`) the routes come from.
-    pub sources: Vec<String>,
-    pub routes: Vec<Route>,
+    pub sources: Box<[Arc<str>]>,
+    pub routes: Box<[Route]>,
 }
 
 #[derive(Debug)]
 pub struct Route {
-    /// The route's name, or `namespace/virtualservice[index]`; a request's record shares it.
-    pub name: Arc<str>,
+    pub name: RouteName,
     /// Empty: every request matches.
-    pub matches: Vec<RequestMatch>,
+    pub matches: Box<[RequestMatch]>,
     pub action: Action,
-    pub rewrite: Option<Box<Rewrite>>,
     pub request_headers: HeaderOps,
-    pub response_headers: HeaderOps,
     pub timeout: Option<Duration>,
-    /// `None`: Istio's mesh default.
-    pub retries: Option<Box<RetryPolicy>>,
-    pub fault: Option<Box<Fault>>,
-    pub mirror: Option<Box<Mirror>>,
-    pub cors: Option<Box<Cors>>,
     /// Its VirtualService's `exportTo`.
     pub visible_to: Visibility,
     /// Its VirtualService's namespace, which Sidecars import by.
     pub namespace: Arc<str>,
+    /// What few routes set, boxed: a route is as small as what most routes have.
+    rare: Option<Box<Rare>>,
+}
+
+#[derive(Debug, Default)]
+struct Rare {
+    rewrite: Option<Rewrite>,
+    response_headers: HeaderOps,
+    retries: Option<RetryPolicy>,
+    fault: Option<Fault>,
+    mirror: Option<Mirror>,
+    cors: Option<Cors>,
+}
+
+impl Route {
+    pub fn rewrite(&self) -> Option<&Rewrite> {
+        self.rare.as_ref()?.rewrite.as_ref()
+    }
+
+    pub fn response_headers(&self) -> Option<&HeaderOps> {
+        self.rare.as_ref().map(|rare| &rare.response_headers)
+    }
+
+    /// `None`: Istio's mesh default.
+    pub fn retries(&self) -> Option<&RetryPolicy> {
+        self.rare.as_ref()?.retries.as_ref()
+    }
+
+    pub fn fault(&self) -> Option<&Fault> {
+        self.rare.as_ref()?.fault.as_ref()
+    }
+
+    pub fn mirror(&self) -> Option<&Mirror> {
+        self.rare.as_ref()?.mirror.as_ref()
+    }
+
+    pub fn cors(&self) -> Option<&Cors> {
+        self.rare.as_ref()?.cors.as_ref()
+    }
+}
+
+/// A route's name: its own, or `namespace/virtualservice[index]` (written out only when shown); a request's
+/// record shares it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouteName {
+    Named(Arc<str>),
+    /// The VirtualService (`namespace/name`, shared with its other routes) and the route's index in it.
+    Indexed(Arc<str>, u32),
+}
+
+impl std::fmt::Display for RouteName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RouteName::Named(name) => f.write_str(name),
+            RouteName::Indexed(service, index) => write!(f, "{service}[{index}]"),
+        }
+    }
+}
+
+/// What one compile shares among everything it makes: compiled regexes, and strings (hosts, namespaces).
+#[derive(Default)]
+struct Shared {
+    regexes: RegexCache,
+    texts: std::collections::HashSet<Arc<str>>,
+}
+
+impl Shared {
+    /// `text`, shared with every other use of it in the policy.
+    fn text(&mut self, text: &str) -> Arc<str> {
+        if let Some(shared) = self.texts.get(text) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = text.into();
+        self.texts.insert(shared.clone());
+        shared
+    }
 }
 
 /// Retries as Envoy makes them: `attempts` retries after the first try, each try bounded by `per_try_timeout`,
@@ -434,39 +502,46 @@ pub enum Action {
     Forward(Targets),
     /// Boxed: redirects are rare, and a route is as large as its largest action.
     Redirect(Box<Redirect>),
-    Respond {
-        status: StatusCode,
-        body: Bytes,
-    },
+    /// Boxed: as `Redirect`.
+    Respond(Box<(StatusCode, Bytes)>),
 }
 
 /// Weighted destinations, picked per request.
 #[derive(Debug)]
-pub struct Targets {
-    targets: Vec<Target>,
-    /// Cumulative weights, for the pick.
-    cumulative: Vec<u32>,
-}
+pub struct Targets(Box<[Target]>);
 
 #[derive(Debug)]
 pub struct Target {
-    pub host: String,
+    /// Shared with every other use of the host in the policy.
+    pub host: Arc<str>,
     pub port: Option<u16>,
-    pub subset: Option<String>,
-    pub request_headers: HeaderOps,
-    pub response_headers: HeaderOps,
+    /// The weights of this target and of those before it, summed: for the pick.
+    weight_to: u32,
+    pub subset: Option<Arc<str>>,
+    /// Request and response header manipulations, when the destination has any (most have none).
+    headers: Option<Box<[HeaderOps; 2]>>,
+}
+
+impl Target {
+    pub fn request_headers(&self) -> Option<&HeaderOps> {
+        self.headers.as_ref().map(|headers| &headers[0])
+    }
+
+    pub fn response_headers(&self) -> Option<&HeaderOps> {
+        self.headers.as_ref().map(|headers| &headers[1])
+    }
 }
 
 impl Targets {
     /// A destination by weight; `roll` is uniform in `0..u32::MAX`.
     pub fn pick(&self, roll: u32) -> Option<&Target> {
-        let total = *self.cumulative.last()?;
+        let total = self.0.last()?.weight_to;
         if total == 0 {
-            return self.targets.first();
+            return self.0.first();
         }
         let point = roll % total;
-        let index = self.cumulative.partition_point(|&c| c <= point);
-        self.targets.get(index)
+        let index = self.0.partition_point(|target| target.weight_to <= point);
+        self.0.get(index)
     }
 }
 
@@ -514,6 +589,10 @@ impl HeaderOps {
         let sets = pairs(&operations.set).into_iter().map(|(name, value)| HeaderOp::Set(name, value));
         let adds = pairs(&operations.add).into_iter().map(|(name, value)| HeaderOp::Add(name, value));
         HeaderOps { operations: removals.map(HeaderOp::Remove).chain(sets).chain(adds).collect() }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.operations.is_empty()
     }
 
     pub fn apply(&self, headers: &mut http::HeaderMap) {
@@ -600,9 +679,9 @@ pub fn proxy_policy(
     for (host, services) in registry {
         table.insert(&host, SmallVec::from_vec(services));
     }
-    let mut regexes = RegexCache::default();
-    let mesh = bindings.mesh.map(|indexes| Arc::new(virtual_host(snapshot, indexes, &mut regexes)));
-    let mut virtual_host = |indexes: &Vec<usize>| Arc::new(virtual_host(snapshot, indexes, &mut regexes));
+    let mut shared = Shared::default();
+    let mesh = bindings.mesh.map(|indexes| Arc::new(virtual_host(snapshot, indexes, &mut shared)));
+    let mut virtual_host = |indexes: &Vec<usize>| Arc::new(virtual_host(snapshot, indexes, &mut shared));
     ProxyPolicy {
         sidecars: SidecarModes::compile(snapshot, settings.mode),
         host_verify: settings.host_verify,
@@ -800,30 +879,32 @@ fn clusters(
     out
 }
 
-fn virtual_host(snapshot: &Snapshot, indexes: &[usize], regexes: &mut RegexCache) -> VirtualHost {
-    let mut host = VirtualHost { sources: Vec::new(), routes: Vec::new() };
+fn virtual_host(snapshot: &Snapshot, indexes: &[usize], shared: &mut Shared) -> VirtualHost {
+    let (mut sources, mut routes) = (Vec::new(), Vec::new());
     for resource in bindings::services(snapshot, indexes) {
         let Spec::VirtualService(service) = &resource.spec else { continue };
-        host.sources.push(format!("{}/{}", resource.metadata.namespace(), resource.metadata.name));
         let namespace = resource.metadata.namespace();
+        let source: Arc<str> = format!("{namespace}/{}", resource.metadata.name).into();
+        sources.push(source.clone());
         let visible_to =
             Visibility::compile_or(&service.export_to, &snapshot.mesh.default_virtual_service_export_to, namespace);
-        let shared_namespace: Arc<str> = namespace.into();
+        let namespace = shared.text(namespace);
         for (i, route) in service.http.iter().enumerate() {
-            let name = route.name.clone().unwrap_or_else(|| format!("{namespace}/{}[{i}]", resource.metadata.name));
-            let mut route = compile_route(route, name.into(), namespace, regexes);
+            let name = match &route.name {
+                Some(name) => RouteName::Named(name.as_str().into()),
+                None => RouteName::Indexed(source.clone(), u32::try_from(i).unwrap_or(u32::MAX)),
+            };
+            let mut route = compile_route(route, name, &namespace, shared);
             route.visible_to = visible_to.clone();
-            route.namespace = shared_namespace.clone();
-            host.routes.push(route);
+            route.namespace = namespace.clone();
+            routes.push(route);
         }
     }
     // Held for as long as the configuration is: no spare capacity.
-    host.routes.shrink_to_fit();
-    host.sources.shrink_to_fit();
-    host
+    VirtualHost { sources: sources.into(), routes: routes.into() }
 }
 
-fn compile_route(route: &HttpRoute, name: Arc<str>, namespace: &str, regexes: &mut RegexCache) -> Route {
+fn compile_route(route: &HttpRoute, name: RouteName, namespace: &Arc<str>, shared: &mut Shared) -> Route {
     let (request_headers, response_headers) = header_ops(route.headers.as_deref());
     let action = if let Some(redirect) = &route.redirect {
         Action::Redirect(Box::new(Redirect {
@@ -846,9 +927,8 @@ fn compile_route(route: &HttpRoute, name: Arc<str>, namespace: &str, regexes: &m
             (None, None) => Bytes::new(),
         });
         let status = u16::try_from(response.status).ok().and_then(|s| StatusCode::from_u16(s).ok());
-        Action::Respond { status: status.unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body }
+        Action::Respond(Box::new((status.unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body)))
     } else {
-        let mut cumulative = Vec::with_capacity(route.route.len());
         let mut total = 0u32;
         let targets = route
             .route
@@ -857,49 +937,57 @@ fn compile_route(route: &HttpRoute, name: Arc<str>, namespace: &str, regexes: &m
                 // A lone destination takes everything; otherwise the weights (validated to sum to 100) decide.
                 let weight = if route.route.len() == 1 { 100 } else { destination.weight.unwrap_or(0) };
                 total += u32::try_from(weight).unwrap_or(0);
-                cumulative.push(total);
-                let (request_headers, response_headers) = header_ops(destination.headers.as_deref());
+                let headers = destination.headers.as_deref().map(|headers| {
+                    let (request, response) = header_ops(Some(headers));
+                    Box::new([request, response])
+                });
                 Target {
-                    host: destination.destination.host.clone(),
+                    host: shared.text(&destination.destination.host),
                     port: destination.destination.port.as_ref().and_then(|p| u16::try_from(p.number).ok()),
-                    subset: destination.destination.subset.clone(),
-                    request_headers,
-                    response_headers,
+                    weight_to: total,
+                    subset: destination.destination.subset.as_deref().map(|subset| shared.text(subset)),
+                    headers,
                 }
             })
             .collect();
-        Action::Forward(Targets { targets, cumulative })
+        Action::Forward(Targets(targets))
     };
+    let regexes = &mut shared.regexes;
+    let rare = Rare {
+        rewrite: route.rewrite.as_ref().map(|rewrite| Rewrite {
+            uri: rewrite.uri.clone(),
+            uri_regex: rewrite
+                .uri_regex_rewrite
+                .as_ref()
+                .and_then(|r| Some((regexes.get(&r.pattern)?, r.rewrite.replace("\\", "$")))),
+            authority: rewrite.authority.clone(),
+        }),
+        response_headers,
+        retries: route.retries.as_deref().map(retry_policy),
+        fault: route.fault.as_deref().map(fault),
+        mirror: route.mirror.as_ref().map(|mirror| Mirror {
+            host: mirror.host.clone(),
+            port: mirror.port.as_ref().and_then(|p| u16::try_from(p.number).ok()),
+            // Istio mirrors every request when no share is given.
+            percent: route.mirror_percentage.as_ref().map_or(100.0, |p| p.value),
+        }),
+        cors: route.cors_policy.as_ref().map(|policy| cors(policy, regexes)),
+    };
+    let is_rare = rare.rewrite.is_some()
+        || !rare.response_headers.is_empty()
+        || rare.retries.is_some()
+        || rare.fault.is_some()
+        || rare.mirror.is_some()
+        || rare.cors.is_some();
     Route {
         name,
         matches: route.matches.iter().map(|m| RequestMatch::compile(m, namespace, regexes)).collect(),
         action,
-        rewrite: route.rewrite.as_ref().map(|rewrite| {
-            Box::new(Rewrite {
-                uri: rewrite.uri.clone(),
-                uri_regex: rewrite
-                    .uri_regex_rewrite
-                    .as_ref()
-                    .and_then(|r| Some((regexes.get(&r.pattern)?, r.rewrite.replace("\\", "$")))),
-                authority: rewrite.authority.clone(),
-            })
-        }),
         request_headers,
-        response_headers,
         timeout: route.timeout.as_deref().and_then(|t| parse_duration(t).ok()).filter(|t| !t.is_zero()),
-        retries: route.retries.as_deref().map(|retries| Box::new(retry_policy(retries))),
-        fault: route.fault.as_deref().map(|f| Box::new(fault(f))),
-        mirror: route.mirror.as_ref().map(|mirror| {
-            Box::new(Mirror {
-                host: mirror.host.clone(),
-                port: mirror.port.as_ref().and_then(|p| u16::try_from(p.number).ok()),
-                // Istio mirrors every request when no share is given.
-                percent: route.mirror_percentage.as_ref().map_or(100.0, |p| p.value),
-            })
-        }),
-        cors: route.cors_policy.as_ref().map(|policy| Box::new(cors(policy, regexes))),
         visible_to: Visibility::All,
-        namespace: namespace.into(),
+        namespace: namespace.clone(),
+        rare: is_rare.then(|| Box::new(rare)),
     }
 }
 
@@ -1032,23 +1120,22 @@ spec:
         let policy = policy(CONFIG, &Resolved::new());
         let host = policy.mesh.get("HTTPBIN.org:80").expect("the VirtualService is bound to the mesh");
         let none = http::HeaderMap::new();
-        assert_eq!(&*first_match(host, "/status/418", &none).unwrap().name, "teapot");
+        assert_eq!(first_match(host, "/status/418", &none).unwrap().name.to_string(), "teapot");
         assert!(matches!(
-            first_match(host, "/status/418", &none).unwrap().action,
-            Action::Respond { status: StatusCode::IM_A_TEAPOT, .. }
+            &first_match(host, "/status/418", &none).unwrap().action,
+            Action::Respond(response) if response.0 == StatusCode::IM_A_TEAPOT
         ));
         assert!(matches!(
             &first_match(host, "/old", &none).unwrap().action,
             Action::Redirect(redirect) if redirect.status == StatusCode::PERMANENT_REDIRECT
         ));
         let last = first_match(host, "/get", &none).unwrap();
-        assert_eq!(&*last.name, "egress/httpbin[3]");
+        assert_eq!(last.name.to_string(), "egress/httpbin[3]");
         assert_eq!(last.timeout, Some(Duration::from_secs(2)));
         let mut canary = http::HeaderMap::new();
         canary.insert("x-canary", "yes".parse().unwrap());
         let Action::Forward(targets) = &first_match(host, "/get", &canary).unwrap().action else { panic!() };
-        let picks: Vec<&str> =
-            [0, 24, 25, 99, 100, 124, 125].map(|roll| targets.pick(roll).unwrap().host.as_str()).into();
+        let picks: Vec<&str> = [0, 24, 25, 99, 100, 124, 125].map(|roll| &*targets.pick(roll).unwrap().host).into();
         assert_eq!(
             picks,
             [

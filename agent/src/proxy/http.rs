@@ -287,20 +287,20 @@ impl HttpProxy {
         destination.hash_request(request.headers(), request.uri(), connection.peer.ip());
         // Faults are injected before anything is sent, as Envoy's fault filter runs before its router.
         if let Some(route) = route {
-            if let Some((delay, percent)) = route.fault.as_ref().and_then(|fault| fault.delay) {
+            if let Some((delay, percent)) = route.fault().and_then(|fault| fault.delay) {
                 if chance(percent) {
                     record.response_flags = "DI";
                     tokio::time::sleep(delay).await;
                 }
             }
-            if let Some((status, percent)) = route.fault.as_ref().and_then(|fault| fault.abort) {
+            if let Some((status, percent)) = route.fault().and_then(|fault| fault.abort) {
                 if chance(percent) {
                     let body = Bytes::from_static(b"fault filter abort");
                     return self.local_reply(status, body, "FI", record, started, Some(route));
                 }
             }
         }
-        let cors = route.and_then(|route| route.cors.as_deref());
+        let cors = route.and_then(|route| route.cors());
         let origin = header_text(request.headers(), header::ORIGIN).filter(|o| cors.is_some_and(|c| c.allows(o)));
         if let (Some(cors), Some(origin)) = (cors, origin.as_deref()) {
             if request.method() == Method::OPTIONS
@@ -325,8 +325,7 @@ impl HttpProxy {
                 return self.local_failure(Failure::UpstreamReset, record, started, Some(destination.labels));
             }
         };
-        let upstream_authority =
-            route.and_then(|route| route.rewrite.as_ref()?.authority.as_deref()).unwrap_or(authority);
+        let upstream_authority = route.and_then(|route| route.rewrite()?.authority.as_deref()).unwrap_or(authority);
         let headers = &mut parts.headers;
         let trailers = accepts_trailers(headers);
         strip_hop_by_hop(headers);
@@ -345,13 +344,13 @@ impl HttpProxy {
         if let Some(route) = route {
             route.request_headers.apply(headers);
         }
-        if let Some(target) = target {
-            target.request_headers.apply(headers);
+        if let Some(operations) = target.and_then(|target| target.request_headers()) {
+            operations.apply(headers);
         }
 
         // A body is kept for retries and mirrors when it is small and says so; any other streams through once.
-        let retries = route.and_then(|route| route.retries.as_deref()).unwrap_or(&MESH_RETRIES);
-        let mirror = route.and_then(|route| route.mirror.as_deref()).filter(|mirror| chance(mirror.percent));
+        let retries = route.and_then(|route| route.retries()).unwrap_or(&MESH_RETRIES);
+        let mirror = route.and_then(|route| route.mirror()).filter(|mirror| chance(mirror.percent));
         let small = body.size_hint().upper().is_some_and(|size| size <= MAX_REPLAYED_BODY);
         let mut streamed = None;
         let replayable = if small && (retries.attempts > 0 || mirror.is_some()) {
@@ -505,11 +504,11 @@ impl HttpProxy {
         }
         let service_ms = u64::try_from(service_time.as_millis()).unwrap_or(u64::MAX);
         parts.headers.insert(X_ENVOY_UPSTREAM_SERVICE_TIME, HeaderValue::from(service_ms));
-        if let Some(target) = target {
-            target.response_headers.apply(&mut parts.headers);
+        if let Some(operations) = target.and_then(|target| target.response_headers()) {
+            operations.apply(&mut parts.headers);
         }
-        if let Some(route) = route {
-            route.response_headers.apply(&mut parts.headers);
+        if let Some(operations) = route.and_then(|route| route.response_headers()) {
+            operations.apply(&mut parts.headers);
         }
         if let (Some(cors), Some(origin)) = (cors, origin.as_deref()) {
             response_cors_headers(cors, origin, &mut parts.headers);
@@ -688,8 +687,8 @@ impl HttpProxy {
         started: Instant,
         route: Option<&Route>,
     ) -> Response<ProxyBody> {
-        if let Some(route) = route {
-            route.response_headers.apply(response.headers_mut());
+        if let Some(operations) = route.and_then(Route::response_headers) {
+            operations.apply(response.headers_mut());
         }
         self.finish_streaming(response, record, started, Arc::new(AtomicU64::new(0)), None)
     }

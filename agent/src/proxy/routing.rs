@@ -199,7 +199,8 @@ pub fn decide<'p, B>(
             None => None,
         };
         let target = match matched.map(|(route, _)| (route, &route.action)) {
-            Some((route, Action::Respond { status, body })) => {
+            Some((route, Action::Respond(response))) => {
+                let (status, body) = &**response;
                 return Decision::Respond { route, status: *status, body: body.clone() };
             }
             Some((route, Action::Redirect(redirect))) => {
@@ -210,7 +211,7 @@ pub fn decide<'p, B>(
             None => None,
         };
         let (host, destination_port, subset) = match target {
-            Some(target) => (target.host.as_str(), target.port.unwrap_or(port), target.subset.as_deref()),
+            Some(target) => (&*target.host, target.port.unwrap_or(port), target.subset.as_deref()),
             None => (host_of(authority), port, None),
         };
         if listener.is_mesh() && policy.is_own_service(host) {
@@ -309,7 +310,7 @@ fn redirect_location(redirect: &Redirect, authority: &str, uri: &Uri) -> String 
 /// whole path), `uriRegexRewrite` rewrites the path; the query is kept. Without a rewrite it is the client's, shared
 /// rather than copied. A rewrite that makes no valid path is an error, naming it.
 pub fn rewritten_path(route: Option<Matched<'_>>, uri: &Uri) -> Result<PathAndQuery, InvalidUri> {
-    let Some(rewrite) = route.and_then(|(route, _)| route.rewrite.as_ref()) else {
+    let Some(rewrite) = route.and_then(|(route, _)| route.rewrite()) else {
         return Ok(uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
     };
     let path = uri.path();

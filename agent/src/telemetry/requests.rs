@@ -136,7 +136,7 @@ pub struct RequestRecord {
     pub request_id: Option<String>,
     pub authority: String,
     pub upstream_host: Option<std::net::SocketAddr>,
-    pub route_name: Option<Arc<str>>,
+    pub route_name: Option<crate::policy::routes::RouteName>,
     pub downstream_remote: Option<std::net::SocketAddr>,
     pub downstream_local: Option<std::net::SocketAddr>,
     /// The workload that sent the request and its namespace, when known.
@@ -328,7 +328,7 @@ fn json_line(record: &RequestRecord) -> String {
         "authority": record.authority,
         "upstream_host": record.upstream_host.map(|h| h.to_string()),
         "upstream_cluster": record.upstream_cluster(),
-        "route_name": record.route_name.as_deref(),
+        "route_name": record.route_name.as_ref().map(ToString::to_string),
         "downstream_remote_address": record.downstream_remote.map(|a| a.to_string()),
         "downstream_local_address": record.downstream_local.map(|a| a.to_string()),
     })
@@ -409,7 +409,7 @@ mod tests {
             protocol: "HTTP/1.1",
             response_code: 200,
             authority: "httpbin.org".into(),
-            route_name: Some("default/httpbin[0]".into()),
+            route_name: Some(crate::policy::routes::RouteName::Indexed("default/httpbin".into(), 0)),
             destination: Some(DestinationLabels::registered("httpbin.org", "default", 80, None)),
             ..RequestRecord::default()
         };
