@@ -293,6 +293,8 @@ fn virtual_service_routes_are_applied_in_order_with_their_actions() {
     assert_eq!(flags("404", "NR"), 1, "{metrics}");
     assert_eq!(flags("504", "UT"), 1, "{metrics}");
     assert_eq!(flags("503", "UF"), 1, "{metrics}");
+    wait_for_log(&agent, "\"GET /slow HTTP/1.1\" 504 UT ");
+    wait_for_log(&agent, "\"GET /down HTTP/1.1\" 503 UF ");
     let log = agent.log();
     assert!(log.contains("\"GET /slow HTTP/1.1\" 504 UT "), "{log}");
     assert!(log.contains("\"GET /down HTTP/1.1\" 503 UF "), "{log}");
@@ -471,8 +473,8 @@ fn retries_faults_mirrors_and_cors_behave_as_envoys() {
     let (_, head) = get("/cors", &["-H", "Origin: https://evil.example", "-D", "-"]);
     assert!(!head.to_ascii_lowercase().contains("access-control-allow-origin"), "{head}");
 
+    wait_for_log(&agent, "\"GET /no-retry HTTP/1.1\" 503 UF ");
     let log = agent.log();
-    assert!(log.contains("\"GET /no-retry HTTP/1.1\" 503 UF "), "{log}");
     assert!(log.contains("\"GET /abort HTTP/1.1\" 503 FI "), "{log}");
     // Envoy's fields after the flags: bytes received, bytes sent, duration (ms).
     let delayed = log.split("\"GET /delay HTTP/1.1\" 200 DI ").nth(1).expect("the delayed request's line");
@@ -531,7 +533,8 @@ fn bad_requests_are_refused_as_envoy_refuses_them_and_slow_or_surplus_clients_ar
     assert_eq!(get(&topology, "httpbin.org", SERVER_A, "/", &["-H", &big]).0, 431, "headers over 60 KiB");
     let long = format!("/?q={}", "a".repeat(20 * 1024));
     assert_eq!(get(&topology, "httpbin.org", SERVER_A, &long, &[]).0, 414, "a URI over 16 KiB");
-    assert!(agent.log().contains(" HTTP/1.1\" 414 DPE "), "refused by the proxy: {}", agent.log());
+    // Refused by the proxy (the access log is written apart from the response, so it is waited for).
+    wait_for_log(&agent, " HTTP/1.1\" 414 DPE ");
     // (nginx behind takes request lines up to 8 KiB.)
     let long_enough = format!("/?q={}", "a".repeat(6 * 1024));
     assert_eq!(get(&topology, "httpbin.org", SERVER_A, &long_enough, &[]).0, 200, "one under it");
@@ -812,6 +815,7 @@ fn destination_rules_pick_subsets_eject_failing_endpoints_and_limit_connections(
     assert_eq!(get("/unreachable", &[]).0, 503, "a connect timeout: UF");
     let (code, body) = get("/tls", &[]);
     assert_eq!(code, 503, "TLS to a server that speaks none fails: never sent in the clear: {body}");
+    wait_for_log(&agent, "\"GET /unreachable HTTP/1.1\" 503 UF ");
     let log = agent.log();
     let line = log.lines().find(|l| l.contains("\"GET /unreachable HTTP/1.1\" 503 UF ")).expect(&log);
     let duration: u64 = line.split(' ').nth(8).and_then(|d| d.parse().ok()).expect(line);
@@ -840,7 +844,7 @@ fn destination_rules_pick_subsets_eject_failing_endpoints_and_limit_connections(
     let codes: Vec<String> = requests.into_iter().map(|r| r.join().unwrap()).collect();
     assert_eq!(codes.iter().filter(|c| c.as_str() == "503").count(), 1, "{codes:?}");
     assert_eq!(codes.iter().filter(|c| c.as_str() == "504").count(), 2, "{codes:?}");
-    assert!(agent.log().contains("\"GET /slow HTTP/1.1\" 503 UO "), "{}", agent.log());
+    wait_for_log(&agent, "\"GET /slow HTTP/1.1\" 503 UO ");
 }
 
 /// An HTTP/1.1 upstream on `addr` that answers every request with a chunked body and a trailer reflecting the
@@ -988,7 +992,7 @@ spec:
     }
     let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/forged", &[]);
     assert_eq!(code, 503, "a certificate another CA signed is refused: {body}");
-    assert!(agent.log().contains("\"GET /forged HTTP/1.1\" 503 UF "), "{}", agent.log());
+    wait_for_log(&agent, "\"GET /forged HTTP/1.1\" 503 UF ");
 }
 
 #[test]

@@ -168,23 +168,23 @@ impl Visibility {
 #[derive(Debug)]
 pub struct Service {
     /// The host as the ServiceEntry writes it (a wildcard stays a wildcard).
-    pub host: String,
-    pub namespace: String,
+    pub host: Arc<str>,
+    pub namespace: Arc<str>,
     pub resolution: Resolution,
     /// Held in place (up to two): a lookup that checks the port reads no other allocation.
     ports: SmallVec<[ServicePort; 2]>,
     /// Every address the host is known at: the entry's `addresses`, its endpoints', what its name resolves to.
-    known_at: Vec<IpNet>,
+    known_at: Box<[IpNet]>,
     /// The host's clusters under each DestinationRule that applies to some workloads (the first: under none),
     /// each per port: all endpoints (no subset) and each subset's.
-    variants: Vec<Clusters>,
-    /// Which of `variants` a viewer's requests go through.
-    rules: RuleChoice,
+    variants: Box<[Clusters]>,
+    /// Which of `variants` a viewer's requests go through; `None`: the first, for everyone (no rule applies).
+    rules: Option<Box<RuleChoice>>,
     /// The ServiceEntry's `exportTo`.
     pub visible_to: Visibility,
 }
 
-type Clusters = Vec<(u16, Option<String>, Cluster)>;
+type Clusters = Box<[(u16, Option<Arc<str>>, Cluster)]>;
 
 /// Which DestinationRule a workload's requests for a host go through, as Istio chooses: one in the workload's
 /// own namespace, else the service's namespace's, else the root namespace's, each if exported to the workload.
@@ -212,7 +212,8 @@ impl RuleChoice {
 #[derive(Clone, Debug)]
 struct ServicePort {
     number: u16,
-    name: String,
+    /// Shared across the policy (most ports are named alike).
+    name: Arc<str>,
     target: Option<u16>,
     http2: bool,
 }
@@ -254,7 +255,7 @@ impl Service {
             Viewer::Gateway => policy.gateway.as_ref(),
             Viewer::Workload(workload) => workload,
         };
-        self.rules.variant(workload)
+        self.rules.as_ref().map_or(0, |rules| rules.variant(workload))
     }
 
     /// A single address of the host's own (`addresses` or an endpoint), for a request sent elsewhere.
@@ -277,7 +278,7 @@ impl Service {
 
     /// The next endpoint for `port` (of `subset`), by the load balancer of the cluster an unknown source uses.
     pub fn upstream(&self, port: u16, subset: Option<&str>) -> Upstream {
-        self.upstream_for(self.rules.unknown, port, subset, None)
+        self.upstream_for(self.rules.as_ref().map_or(0, |rules| rules.unknown), port, subset, None)
     }
 
     /// The endpoint for `port` (of `subset`) in `variant`: the one a request's `hash` goes to, else the load
@@ -291,7 +292,7 @@ impl Service {
         let service_port = self.ports.iter().find(|p| p.number == port);
         let endpoint = cluster.endpoint(address);
         let target = service_port
-            .and_then(|p| endpoint.and_then(|e| e.ports.get(&p.name).copied()).or(p.target))
+            .and_then(|p| endpoint.and_then(|e| e.ports.get(&*p.name).copied()).or(p.target))
             .unwrap_or(port);
         Upstream::Endpoint(SocketAddr::new(address, target))
     }
@@ -662,6 +663,7 @@ pub fn proxy_policy(
     states: &ClusterStates,
 ) -> ProxyPolicy {
     let rules = Rules::new(snapshot);
+    let mut shared = Shared::default();
     let mut registry: BTreeMap<String, Vec<Arc<Service>>> = BTreeMap::new();
     for resource in &snapshot.resources {
         if let Spec::ServiceEntry(entry) = &resource.spec {
@@ -670,7 +672,8 @@ pub fn proxy_policy(
                 &snapshot.mesh.default_service_export_to,
                 resource.metadata.namespace(),
             );
-            for service in services(entry, resource.metadata.namespace(), visible_to, resolved, &rules, states) {
+            let namespace = shared.text(resource.metadata.namespace());
+            for service in services(entry, &namespace, visible_to, resolved, &rules, states, &mut shared) {
                 registry.entry(service.host.to_ascii_lowercase()).or_default().push(Arc::new(service));
             }
         }
@@ -679,7 +682,6 @@ pub fn proxy_policy(
     for (host, services) in registry {
         table.insert(&host, SmallVec::from_vec(services));
     }
-    let mut shared = Shared::default();
     let mesh = bindings.mesh.map(|indexes| Arc::new(virtual_host(snapshot, indexes, &mut shared)));
     let mut virtual_host = |indexes: &Vec<usize>| Arc::new(virtual_host(snapshot, indexes, &mut shared));
     ProxyPolicy {
@@ -761,11 +763,12 @@ impl<'a> Rules<'a> {
 /// One service per host of `entry`: DNS hosts resolve on their own (or through the endpoints' names).
 fn services(
     entry: &ServiceEntry,
-    namespace: &str,
+    namespace: &Arc<str>,
     visible_to: Visibility,
     resolved: &Resolved,
     rules: &Rules<'_>,
     states: &ClusterStates,
+    shared: &mut Shared,
 ) -> Vec<Service> {
     let resolution = entry.resolution();
     let ports: SmallVec<[ServicePort; 2]> = entry
@@ -774,7 +777,7 @@ fn services(
         .filter_map(|port| {
             Some(ServicePort {
                 number: u16::try_from(port.number).ok()?,
-                name: port.name.clone(),
+                name: shared.text(&port.name),
                 target: port.target_port.and_then(|t| u16::try_from(t).ok()),
                 http2: port.protocol.as_deref().is_some_and(is_http2),
             })
@@ -818,27 +821,27 @@ fn services(
             let mut known_at: Vec<IpNet> = entry.addresses.iter().filter_map(|a| parse_address(a)).collect();
             known_at.extend(endpoints.iter().map(|e: &Endpoint| IpNet::from(e.address)));
             let (candidates, rules) = rules.for_service(host, namespace);
+            let host = shared.text(host);
+            // Held for as long as the configuration is: no spare capacity (boxed slices).
             let variants = std::iter::once(None)
                 .chain(candidates.into_iter().map(Some))
                 .map(|rule| {
-                    let mut clusters: Clusters = ports
+                    ports
                         .iter()
-                        .flat_map(|port| clusters(host, namespace, port, &endpoints, rule, states))
-                        .collect();
-                    // Held for as long as the configuration is: no spare capacity.
-                    clusters.shrink_to_fit();
-                    clusters
+                        .flat_map(|port| clusters(&host, namespace, port, &endpoints, rule, states, shared))
+                        .collect()
                 })
                 .collect();
+            let trivial = rules.own.is_empty() && rules.shared.is_empty() && rules.unknown == 0;
             Service {
                 visible_to: visible_to.clone(),
-                known_at,
-                host: host.clone(),
-                namespace: namespace.to_owned(),
+                known_at: known_at.into(),
+                host,
+                namespace: namespace.clone(),
                 resolution,
                 ports: ports.clone(),
                 variants,
-                rules,
+                rules: (!trivial).then(|| Box::new(rules)),
             }
         })
         .collect()
@@ -847,18 +850,19 @@ fn services(
 /// The clusters of `host` on `port`: all its endpoints, and each subset's, under the DestinationRule's policy
 /// (a subset's own policy replacing the rule's, a port-level setting replacing either).
 fn clusters(
-    host: &str,
-    namespace: &str,
+    host: &Arc<str>,
+    namespace: &Arc<str>,
     port: &ServicePort,
     endpoints: &[Endpoint],
     rule: Option<&DestinationRule>,
     states: &ClusterStates,
-) -> Vec<(u16, Option<String>, Cluster)> {
+    shared: &mut Shared,
+) -> Vec<(u16, Option<Arc<str>>, Cluster)> {
     let cluster = |subset: Option<&str>, endpoints: Vec<Endpoint>, policy: Option<&TrafficPolicy>| {
         let policy = policy
             .map(|policy| ClusterPolicy::compile(settings_for_port(policy, port.number), port.http2))
             .unwrap_or_default();
-        let labels = DestinationLabels::registered(host, namespace, port.number, subset);
+        let labels = DestinationLabels::registered_shared(host.clone(), namespace.clone(), port.number, subset);
         // State that must outlive recompiles is kept only where a policy needs it, by cluster name.
         let state = if policy.limits.is_some() || policy.outlier.is_some() {
             states.get(labels.cluster.as_str(), policy.limits)
@@ -874,7 +878,7 @@ fn clusters(
     for subset in rule.map(|rule| rule.subsets.as_slice()).unwrap_or_default() {
         let members = with_labels(endpoints, &subset.labels);
         let policy = subset.traffic_policy.as_ref().or(top);
-        out.push((port.number, Some(subset.name.clone()), cluster(Some(&subset.name), members, policy)));
+        out.push((port.number, Some(shared.text(&subset.name)), cluster(Some(&subset.name), members, policy)));
     }
     out
 }

@@ -86,12 +86,22 @@ impl DestinationLabels {
     /// A registered host's cluster on `port` (and `subset`), named as Istio names it
     /// (`outbound|PORT|SUBSET|HOST`).
     pub fn registered(host: &str, namespace: &str, port: u16, subset: Option<&str>) -> DestinationLabels {
-        let host: Arc<str> = host.into();
+        DestinationLabels::registered_shared(host.into(), namespace.into(), port, subset)
+    }
+
+    /// As `registered`, sharing the host and namespace given.
+    pub fn registered_shared(
+        host: Arc<str>,
+        namespace: Arc<str>,
+        port: u16,
+        subset: Option<&str>,
+    ) -> DestinationLabels {
+        let cluster = format!("outbound|{port}|{}|{host}", subset.unwrap_or(""));
         DestinationLabels {
             service: host.clone().into(),
-            name: host.clone().into(),
-            namespace: Arc::<str>::from(namespace).into(),
-            cluster: Arc::<str>::from(format!("outbound|{port}|{}|{host}", subset.unwrap_or(""))).into(),
+            name: host.into(),
+            namespace: namespace.into(),
+            cluster: Arc::<str>::from(cluster).into(),
         }
     }
 
