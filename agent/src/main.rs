@@ -435,7 +435,7 @@ struct Control {
     /// The names the configuration resolves by DNS.
     names: std::collections::BTreeSet<String>,
     /// The Kubernetes source's latest full set, once it has listed everything.
-    kube: Option<tokio::sync::watch::Receiver<Option<files::Loaded>>>,
+    kube: Option<tokio::sync::watch::Receiver<Option<Arc<kubernetes::Documents>>>>,
     /// This agent's labels, which Gateway selectors are matched against.
     labels: std::collections::BTreeMap<String, String>,
     /// The proxy's node settings (the mode is the datapath policy's).
@@ -469,7 +469,7 @@ impl Control {
     fn load(&mut self) -> Snapshot {
         let mut loaded = files::load(&self.paths);
         if let Some(kube) = self.kube.as_ref().and_then(|kube| kube.borrow().clone()) {
-            loaded.extend(kube);
+            loaded.extend(kube.load());
         }
         report(&loaded);
         for id in self.store.update(&loaded).kept {

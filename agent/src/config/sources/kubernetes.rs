@@ -1,5 +1,9 @@
 //! The Kubernetes source: watchers on the five Istio kinds (all namespaces, or one) and on the mesh ConfigMap.
 //! After every change the whole set is read again, through the same validation as files, and sent on.
+//!
+//! Objects are held as compact JSON of what Sluice reads of them (`apiVersion`, `kind`, the metadata it names
+//! resources by, `spec`, the ConfigMap's `data`): not as parsed values, nor with the metadata the API server
+//! adds (managed fields, `last-applied-configuration`), which would take several times the memory.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -50,10 +54,35 @@ enum Change {
     Delete(&'static str, serde_json::Value),
 }
 
+/// Every object the watches hold, as compact JSON: what [`watch`] sends on after each change.
+#[derive(Debug, Default)]
+pub struct Documents(Vec<Arc<str>>);
+
+impl Documents {
+    /// Reads and validates the objects, as the files are.
+    pub fn load(&self) -> Loaded {
+        let mut loaded = Loaded::default();
+        for text in &self.0 {
+            match serde_json::from_str(text) {
+                Ok(value) => loaded.add(SOURCE, value),
+                Err(error) => tracing::error!(%error, "a Kubernetes object held reads back wrong"),
+            }
+        }
+        loaded
+    }
+}
+
+type Objects = BTreeMap<&'static str, BTreeMap<String, Arc<str>>>;
+
+/// An object as held: its key and compact JSON.
+fn held(object: serde_json::Value) -> (String, Arc<str>) {
+    (key(&object), object.to_string().into())
+}
+
 /// Watches until the task is dropped, sending the full, validated set after every change once every kind has
 /// been listed. A kind whose watch fails (CRD missing, RBAC denied) is logged and retried with backoff; the
 /// others go on.
-pub async fn watch(client: Client, scope: Scope, sender: watch::Sender<Option<Loaded>>) {
+pub async fn watch(client: Client, scope: Scope, sender: watch::Sender<Option<Arc<Documents>>>) {
     let mut rejections = Rejections::new(client.clone());
     let mut streams = Vec::new();
     for (kind, plural) in KINDS {
@@ -70,8 +99,8 @@ pub async fn watch(client: Client, scope: Scope, sender: watch::Sender<Option<Lo
     let events = watcher(mesh, watcher::Config::default().fields("metadata.name=istio")).default_backoff();
     streams.push(events.map(|event| ("ConfigMap", event.map(|event| as_json(event, config_map_json)))).boxed());
 
-    let mut objects: BTreeMap<&'static str, BTreeMap<String, serde_json::Value>> = BTreeMap::new();
-    let mut buffers: BTreeMap<&'static str, BTreeMap<String, serde_json::Value>> = BTreeMap::new();
+    let mut objects = Objects::new();
+    let mut buffers = Objects::new();
     let mut listed: BTreeMap<&'static str, bool> = BTreeMap::new();
     let mut events = stream::select_all(streams);
     while let Some((kind, event)) = events.next().await {
@@ -100,7 +129,8 @@ pub async fn watch(client: Client, scope: Scope, sender: watch::Sender<Option<Lo
                 false
             }
             Change::Buffer(kind, object) => {
-                buffers.entry(kind).or_default().insert(key(&object), object);
+                let (key, object) = held(object);
+                buffers.entry(kind).or_default().insert(key, object);
                 false
             }
             Change::Commit(kind) => {
@@ -112,7 +142,8 @@ pub async fn watch(client: Client, scope: Scope, sender: watch::Sender<Option<Lo
                 true
             }
             Change::Apply(kind, object) => {
-                objects.entry(kind).or_default().insert(key(&object), object);
+                let (key, object) = held(object);
+                objects.entry(kind).or_default().insert(key, object);
                 true
             }
             Change::Delete(kind, object) => {
@@ -122,12 +153,11 @@ pub async fn watch(client: Client, scope: Scope, sender: watch::Sender<Option<Lo
         };
         let synced = KINDS.iter().all(|(kind, _)| listed.contains_key(kind)) && listed.contains_key("ConfigMap");
         if changed && synced {
-            let mut loaded = Loaded::default();
-            for object in objects.values().flat_map(BTreeMap::values) {
-                loaded.add(SOURCE, object.clone());
-            }
-            rejections.report(&loaded, &objects).await;
-            let _ = sender.send(Some(loaded));
+            let documents = Documents(objects.values().flat_map(BTreeMap::values).cloned().collect());
+            // Read here for the rejections to report on the objects; the agent reads the set again itself, so
+            // that nothing holds it parsed.
+            rejections.report(&documents.load(), &objects).await;
+            let _ = sender.send(Some(Arc::new(documents)));
         }
     }
 }
@@ -224,7 +254,7 @@ impl Rejections {
         Rejections { recorder: Recorder::new(client, reporter), reported: HashSet::new() }
     }
 
-    async fn report(&mut self, loaded: &Loaded, objects: &BTreeMap<&'static str, BTreeMap<String, serde_json::Value>>) {
+    async fn report(&mut self, loaded: &Loaded, objects: &Objects) {
         for error in &loaded.errors {
             let Some(id) = error.resource.as_deref() else { continue };
             let message = error.to_string();
@@ -232,7 +262,10 @@ impl Rejections {
                 continue;
             }
             let (kind, key) = id.split_once(' ').unwrap_or((id, ""));
-            let Some(object) = objects.get(kind).and_then(|objects| objects.get(key)) else { continue };
+            let object = objects.get(kind).and_then(|objects| objects.get(key));
+            let Some(object) = object.and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok()) else {
+                continue;
+            };
             let event = Event {
                 type_: EventType::Warning,
                 reason: "Rejected".into(),
@@ -244,7 +277,7 @@ impl Rejections {
                 action: "Validate".into(),
                 secondary: None,
             };
-            match self.recorder.publish(&event, &reference(object)).await {
+            match self.recorder.publish(&event, &reference(&object)).await {
                 Ok(()) => {
                     self.reported.insert(message);
                 }
@@ -283,27 +316,46 @@ fn key(object: &serde_json::Value) -> String {
     format!("{}/{}", metadata["namespace"].as_str().unwrap_or(""), metadata["name"].as_str().unwrap_or(""))
 }
 
-/// The object as a document, with its apiVersion and kind (list items may come without them).
+/// The object as a document, with its apiVersion and kind (list items may come without them), and of its
+/// metadata what names it.
 fn dynamic_json(object: DynamicObject) -> serde_json::Value {
-    let kind = object.types.as_ref().map(|types| types.kind.clone());
-    let api_version = object.types.as_ref().map(|types| types.api_version.clone());
-    let mut value = serde_json::to_value(&object).unwrap_or_default();
-    if let serde_json::Value::Object(map) = &mut value {
-        map.insert("apiVersion".into(), api_version.unwrap_or_else(|| format!("{ISTIO_GROUP}/{ISTIO_VERSION}")).into());
-        if let Some(kind) = kind {
-            map.insert("kind".into(), kind.into());
-        }
+    let (api_version, kind) = match object.types {
+        Some(types) => (types.api_version, Some(types.kind)),
+        None => (format!("{ISTIO_GROUP}/{ISTIO_VERSION}"), None),
+    };
+    let mut document = serde_json::json!({"apiVersion": api_version, "metadata": metadata(&object.metadata)});
+    if let Some(kind) = kind {
+        document["kind"] = kind.into();
     }
-    value
+    if let Some(spec) = object.data.get("spec") {
+        document["spec"] = spec.clone();
+    }
+    document
 }
 
 fn config_map_json(object: ConfigMap) -> serde_json::Value {
-    let mut value = serde_json::to_value(&object).unwrap_or_default();
-    if let serde_json::Value::Object(map) = &mut value {
-        map.insert("apiVersion".into(), "v1".into());
-        map.insert("kind".into(), "ConfigMap".into());
+    let metadata = metadata(&object.metadata);
+    serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": object.data})
+}
+
+/// What Sluice reads of an object's metadata: its name, namespace and labels, and what an Event on it names.
+fn metadata(metadata: &kube::api::ObjectMeta) -> serde_json::Value {
+    let mut kept = serde_json::Map::new();
+    let fields = [
+        ("name", metadata.name.as_deref()),
+        ("namespace", metadata.namespace.as_deref()),
+        ("uid", metadata.uid.as_deref()),
+        ("resourceVersion", metadata.resource_version.as_deref()),
+    ];
+    for (field, value) in fields {
+        if let Some(value) = value {
+            kept.insert(field.into(), value.into());
+        }
     }
-    value
+    if let Some(labels) = metadata.labels.as_ref().filter(|labels| !labels.is_empty()) {
+        kept.insert("labels".into(), serde_json::to_value(labels).unwrap_or_default());
+    }
+    kept.into()
 }
 
 #[cfg(test)]
@@ -412,7 +464,7 @@ mod tests {
         let outcome = tokio::time::timeout(Duration::from_secs(20), async {
             loop {
                 receiver.changed().await.unwrap();
-                let loaded = receiver.borrow_and_update().clone().unwrap();
+                let loaded = receiver.borrow_and_update().clone().unwrap().load();
                 seen.push(names(&loaded));
                 if names(&loaded) == ["db"] {
                     return loaded;
@@ -439,7 +491,7 @@ mod tests {
         let scope = Scope { namespace: None, mesh_namespace: "istio-system".into() };
         let task = tokio::spawn(watch(Client::new(service, "default"), scope, sender));
         receiver.changed().await.unwrap();
-        let loaded = receiver.borrow().clone().unwrap();
+        let loaded = receiver.borrow().clone().unwrap().load();
         task.abort();
         let errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
         assert_eq!(
@@ -499,7 +551,32 @@ mod tests {
         task.abort();
         assert!(first.is_ok(), "the Gateways were listed on the retry");
         // The first set sent (which makes the agent ready) already holds the kind that was forbidden.
-        assert_eq!(names(&loaded.expect("a full set")), ["egress"]);
+        assert_eq!(names(&loaded.expect("a full set").load()), ["egress"]);
+    }
+
+    #[test]
+    fn an_object_is_held_as_what_sluice_reads_of_it() {
+        let object: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+            "metadata": {"name": "api", "namespace": "shop", "uid": "7", "resourceVersion": "10",
+                "labels": {"team": "a"},
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{\"spec\": {}}"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply", "fieldsV1": {"f:spec": {}}}]},
+            "spec": {"hosts": ["api.example"], "ports": [{"number": 443, "name": "tls"}]},
+            "status": {"validationMessages": []}
+        }))
+        .unwrap();
+        let (key, text) = held(dynamic_json(object));
+        assert_eq!(key, "shop/api");
+        let value: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            value,
+            json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+                "metadata": {"name": "api", "namespace": "shop", "uid": "7", "resourceVersion": "10", "labels": {"team": "a"}},
+                "spec": {"hosts": ["api.example"], "ports": [{"number": 443, "name": "tls"}]}})
+        );
+        let loaded = Documents(vec![text]).load();
+        assert_eq!(names(&loaded), ["api"], "{:?}", loaded.errors);
     }
 
     #[tokio::test]
