@@ -96,6 +96,41 @@ pub fn measure(entries: usize) -> Figures {
     figures
 }
 
+/// The agent itself, run on `entries` ServiceEntries and as many VirtualServices (written to a file as they are
+/// generated here) and on none: its resident memory in each, KiB, once its policy is applied.
+pub fn agent_rss_kib(entries: usize) -> anyhow::Result<(u64, u64)> {
+    use anyhow::Context;
+    use sluice_tests::{
+        peers::Dnsmasq,
+        topology::{GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR},
+        Agent, Topology,
+    };
+
+    let topology = Topology::new()?;
+    // Answers no name (at once): the DNS entries resolve to nothing, as where their names are unknown.
+    let _dns = Dnsmasq::start(&topology.internet, INTERNET_ADDR, &[])?;
+    let rss = |dir: &std::path::Path| -> anyhow::Result<u64> {
+        let args = format!(
+            "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format off --dns-server {INTERNET_ADDR} --config {}",
+            dir.display()
+        );
+        let agent = Agent::start(&topology.gateway, &args)?;
+        // Ready once the policy is applied (and what reading took returned to the system).
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:")?.trim().strip_suffix(" kB")?.trim().parse::<u64>().ok())
+            .context("the agent's VmRSS")
+    };
+    let empty = tempfile::tempdir()?;
+    let full = tempfile::tempdir()?;
+    let documents: Vec<String> =
+        (0..entries).map(document).chain((0..entries).map(virtual_service)).map(|d| d.to_string()).collect();
+    std::fs::write(full.path().join("entries.yaml"), documents.join("\n---\n")).context("writing the entries")?;
+    Ok((rss(empty.path())?, rss(full.path())?))
+}
+
 /// The i-th entry's host (the one its VirtualService routes).
 fn host(i: usize) -> String {
     match i % 4 {

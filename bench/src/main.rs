@@ -52,6 +52,8 @@ pub fn live_bytes() -> usize {
 }
 
 const SIZES: [usize; 3] = [10, 10_000, 100_000];
+/// Hosts the agent itself is run on, for its resident memory per host.
+const AGENT_ENTRIES: usize = 10_000;
 const REPEAT: u32 = 1_000_000;
 /// Each figure is the best of this many runs of `REPEAT`: the machine's noise only ever adds time.
 const TRIALS: usize = 3;
@@ -180,6 +182,14 @@ fn configuration() -> anyhow::Result<()> {
         last.0 / first.0.max(1.0),
         last.1 / first.1.max(1.0),
         last.2 / first.2.max(1.0)
+    );
+    let (empty, full) = compile::agent_rss_kib(AGENT_ENTRIES).context("running the agent on the entries")?;
+    println!(
+        "the agent itself with {AGENT_ENTRIES} ServiceEntries and VirtualServices: RSS {:.1} MiB, {:.1} MiB with none \
+         -> {:.0} resident bytes per host",
+        full as f64 / 1024.0,
+        empty as f64 / 1024.0,
+        full.saturating_sub(empty) as f64 * 1024.0 / AGENT_ENTRIES as f64
     );
     println!();
     Ok(())
