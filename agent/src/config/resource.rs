@@ -73,17 +73,15 @@ pub enum Spec {
     Sidecar(Box<Sidecar>),
 }
 
-impl Spec {
-    /// The spec as JSON, for `/config_dump`.
-    pub fn to_json(&self) -> serde_json::Value {
-        let value = match self {
-            Spec::ServiceEntry(spec) => serde_json::to_value(spec),
-            Spec::VirtualService(spec) => serde_json::to_value(spec),
-            Spec::Gateway(spec) => serde_json::to_value(spec),
-            Spec::DestinationRule(spec) => serde_json::to_value(spec),
-            Spec::Sidecar(spec) => serde_json::to_value(spec),
-        };
-        value.unwrap_or(serde_json::Value::Null)
+impl Serialize for Spec {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Spec::ServiceEntry(spec) => spec.serialize(serializer),
+            Spec::VirtualService(spec) => spec.serialize(serializer),
+            Spec::Gateway(spec) => spec.serialize(serializer),
+            Spec::DestinationRule(spec) => spec.serialize(serializer),
+            Spec::Sidecar(spec) => spec.serialize(serializer),
+        }
     }
 }
 

@@ -37,7 +37,7 @@ struct Held<M, S> {
 
 impl Stored {
     fn new(source: Arc<str>, resource: &Resource) -> Stored {
-        let held = Held { metadata: &resource.metadata, spec: resource.spec.to_json() };
+        let held = Held { metadata: &resource.metadata, spec: &resource.spec };
         let json = serde_json::to_string(&held).unwrap_or_default();
         Stored { kind: resource.kind, source, json: json.into_boxed_str() }
     }
