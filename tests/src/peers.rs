@@ -224,6 +224,8 @@ pub struct ScriptedServer {
 }
 
 impl ScriptedServer {
+    /// Answers each request with the next status of `script` (0: closes the connection without an answer), then
+    /// with 200.
     pub fn start(netns: &Netns, addr: SocketAddr, script: &[u16]) -> anyhow::Result<ScriptedServer> {
         use std::io::{Read, Write};
         let listener = netns
@@ -264,6 +266,11 @@ impl ScriptedServer {
                     continue;
                 }
                 let status = script.pop_front().unwrap_or(200);
+                if status == 0 {
+                    // Scripted 0: the request is read, then the connection closed without an answer.
+                    recorded.lock().expect("not poisoned").push(head);
+                    continue;
+                }
                 let body = format!("scripted {status}\n");
                 let response = format!(
                     "HTTP/1.1 {status} Scripted\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",

@@ -401,6 +401,8 @@ spec:
   - match: [{uri: {exact: /no-retry}}]
     retries: {attempts: 0}
     route: [{destination: {host: flaky.backend}}]
+  - match: [{uri: {exact: /closed}}]
+    route: [{destination: {host: closing.backend}}]
   - match: [{uri: {exact: /retry-status}}]
     retries: {attempts: 2, retryOn: 5xx}
     route: [{destination: {host: scripted.backend}}]
@@ -428,9 +430,14 @@ fn retries_faults_mirrors_and_cors_behave_as_envoys() {
     let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80)], ECHO).unwrap();
     let scripted = ScriptedServer::start(&topology.internet, addr(SERVER_B, 8082), &[503]).unwrap();
     let shadow = ScriptedServer::start(&topology.internet, addr(SERVER_B, 8083), &[]).unwrap();
+    let closing = ScriptedServer::start(&topology.internet, addr(SERVER_B, 8084), &[0]).unwrap();
     let config = tempfile::tempdir().unwrap();
     let (scripted_entry, shadow_entry) = (backend("scripted", SERVER_B, 8082), backend("shadow", SERVER_B, 8083));
-    write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, FLAKY, &scripted_entry, &shadow_entry, RESILIENCE]);
+    let closing_entry = backend("closing", SERVER_B, 8084);
+    write_config(
+        config.path(),
+        &[MESH_REGISTRY_ONLY, HTTPBIN, FLAKY, &scripted_entry, &shadow_entry, &closing_entry, RESILIENCE],
+    );
     let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     let get = |path: &str, extra: &[&str]| get(&topology, "httpbin.org", SERVER_A, path, extra);
@@ -439,6 +446,12 @@ fn retries_faults_mirrors_and_cors_behave_as_envoys() {
     assert_eq!(code, 200, "Istio's default retries move past a refused endpoint: {body}\n{}", agent.log());
     assert!(body.starts_with(&format!("{SERVER_A} ")), "{body}");
     assert_eq!(get("/no-retry", &[]).0, 503, "attempts: 0 turns retries off (the next endpoint refuses)");
+
+    // Istio's default retries refused streams, not a connection closed once the request was sent (the upstream
+    // may have acted on it), as Envoy's `refused-stream` and `reset` differ.
+    let (code, body) = get("/closed", &[]);
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(closing.heads().len(), 1, "sent once: {:?}", closing.heads());
 
     let (code, body) = get("/retry-status", &[]);
     assert_eq!((code, body.as_str()), (200, "scripted 200\n"), "a 503 is retried under retryOn: 5xx");

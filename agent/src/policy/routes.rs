@@ -409,8 +409,11 @@ pub struct RetryPolicy {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RetryOn {
     pub connect_failure: bool,
-    /// `reset`, and `refused-stream` (a stream the upstream refused is reset before any response).
+    /// `reset`: the upstream reset or closed the connection or stream before a response.
     pub reset: bool,
+    /// `refused-stream`: the upstream refused an HTTP/2 stream (REFUSED_STREAM), having processed nothing of it.
+    /// Not an HTTP/1.1 connection closed after the request was sent, which may have been processed.
+    pub refused_stream: bool,
     /// `5xx`: any 5xx response, a reset or a per-try timeout.
     pub server_error: bool,
     /// `gateway-error`: 502, 503, 504, a reset or a per-try timeout.
@@ -429,7 +432,8 @@ impl RetryOn {
         for condition in text.split(',').map(str::trim) {
             match condition {
                 "connect-failure" => on.connect_failure = true,
-                "reset" | "refused-stream" => on.reset = true,
+                "reset" => on.reset = true,
+                "refused-stream" => on.refused_stream = true,
                 "5xx" => on.server_error = true,
                 "gateway-error" => on.gateway_error = true,
                 "retriable-4xx" => on.retriable_4xx = true,
@@ -1158,7 +1162,8 @@ spec:
     fn retries_default_to_istios_and_read_envoys_conditions() {
         let default = RetryPolicy::mesh_default();
         assert_eq!(default.attempts, 2);
-        assert!(default.on.connect_failure && default.on.reset && default.on.status(503));
+        assert!(default.on.connect_failure && default.on.refused_stream && default.on.status(503));
+        assert!(!default.on.reset_or_timeout(), "a reset after the request was sent is not retried by default");
         assert!(!default.on.status(500) && !default.on.status(502));
         let cases = [
             ("5xx", 500, true),

@@ -466,6 +466,10 @@ impl HttpProxy {
                     tracing::debug!(%error, upstream = %address, attempt, "upstream request failed");
                     Some((Failure::UpstreamReset, retries.on.reset_or_timeout()))
                 }
+                Some(Err(SendError::Refused(error))) => {
+                    tracing::debug!(%error, upstream = %address, attempt, "upstream refused the stream");
+                    Some((Failure::UpstreamReset, retries.on.refused_stream || retries.on.reset_or_timeout()))
+                }
                 None => Some((Failure::UpstreamTimeout, time_left && retries.on.reset_or_timeout())),
             };
             if let Some((failure, retriable)) = failure {

@@ -32,6 +32,20 @@ pub enum SendError {
     Connect(String),
     /// The connection or stream failed before a response.
     Request(String),
+    /// The upstream refused the stream (HTTP/2 REFUSED_STREAM): it processed none of the request.
+    Refused(String),
+}
+
+/// A failed HTTP/2 exchange: refused by the upstream, or failed otherwise.
+fn http2_error(error: hyper::Error) -> SendError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    while let Some(inner) = cause {
+        if inner.downcast_ref::<h2::Error>().and_then(h2::Error::reason) == Some(h2::Reason::REFUSED_STREAM) {
+            return SendError::Refused(error.to_string());
+        }
+        cause = inner.source();
+    }
+    SendError::Request(error.to_string())
 }
 
 /// What one request upstream is: where it goes and what it says.
@@ -350,7 +364,7 @@ impl Http2Pool {
             }
         };
         sender.ready().await.map_err(|error| SendError::Request(error.to_string()))?;
-        sender.send_request(request).await.map_err(|error| SendError::Request(error.to_string()))
+        sender.send_request(request).await.map_err(http2_error)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, SendRequest<ProxyBody>>> {
@@ -450,6 +464,44 @@ mod tests {
         let body = Empty::new().map_err(|never| match never {}).boxed();
         let response = upstreams.send(outgoing, body).await.expect("a response");
         String::from_utf8_lossy(&response.into_body().collect().await.unwrap().to_bytes()).into_owned()
+    }
+
+    #[tokio::test]
+    async fn an_http2_stream_the_upstream_refuses_is_told_from_other_failures() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut connection = h2::server::handshake(socket).await.unwrap();
+            // The first stream is refused, the second reset as a failure after it was taken.
+            for reason in [h2::Reason::REFUSED_STREAM, h2::Reason::INTERNAL_ERROR] {
+                let Some(Ok((_, mut respond))) = connection.accept().await else { return };
+                respond.send_reset(reason);
+            }
+            while connection.accept().await.is_some() {}
+        });
+        let upstreams = Upstreams::new(SourceAddresses::default());
+        let mut outcomes = Vec::new();
+        for _ in 0..2 {
+            let outgoing = Outgoing {
+                address,
+                http2: true,
+                authority: "pool.test",
+                path_and_query: PathAndQuery::from_static("/"),
+                method: Method::POST,
+                headers: HeaderMap::new(),
+                connect_timeout: Duration::from_secs(1),
+                tls: None,
+            };
+            let body = Empty::new().map_err(|never| match never {}).boxed();
+            outcomes.push(match upstreams.send(outgoing, body).await {
+                Err(SendError::Refused(_)) => "refused",
+                Err(SendError::Request(_)) => "failed",
+                Err(SendError::Connect(_)) => "not connected",
+                Ok(_) => "answered",
+            });
+        }
+        assert_eq!(outcomes, ["refused", "failed"]);
     }
 
     #[tokio::test]
