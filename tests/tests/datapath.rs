@@ -186,23 +186,27 @@ fn configuration_changes_are_applied_and_a_broken_change_keeps_the_last_good_ver
     assert_eq!(dump["gateways"], serde_json::json!([]), "no Gateway selects the agent");
 }
 
+/// db.example, resolved by DNS, on UDP port 5353.
+const DB_BY_DNS: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db}\n\
+                         spec: {hosts: [db.example], ports: [{number: 5353, name: udp, protocol: UDP}], resolution: DNS}\n";
+
+/// The agent in REGISTRY_ONLY on the configuration in `dir`, resolving names with the internet's DNS server.
+fn start_resolving<'a>(topology: &'a Topology, dir: &std::path::Path) -> Agent<'a> {
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --outbound-traffic-policy REGISTRY_ONLY --dns-server {INTERNET_ADDR} --config {}",
+        dir.display()
+    );
+    Agent::start(&topology.gateway, &args).unwrap()
+}
+
 #[test]
 fn a_service_entry_resolved_by_dns_admits_the_addresses_its_host_has_now() {
     require_root();
     let topology = Topology::new().unwrap();
     let dns = Dnsmasq::start(&topology.internet, INTERNET_ADDR, &[("db.example", SERVER_A)]).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("db.yaml"),
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db}\n\
-         spec: {hosts: [db.example], ports: [{number: 5353, name: udp, protocol: UDP}], resolution: DNS}\n",
-    )
-    .unwrap();
-    let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --outbound-traffic-policy REGISTRY_ONLY --dns-server {INTERNET_ADDR} --config {}",
-        dir.path().display()
-    );
-    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    std::fs::write(dir.path().join("db.yaml"), DB_BY_DNS).unwrap();
+    let agent = start_resolving(&topology, dir.path());
     let at_a = UdpSink::bind(&topology.internet, addr(SERVER_A, 5353)).unwrap();
     let at_b = UdpSink::bind(&topology.internet, addr(SERVER_B, 5353)).unwrap();
 
@@ -236,24 +240,12 @@ fn names_that_dns_does_not_answer_delay_the_others_by_one_round_of_lookups_at_mo
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let slow: Vec<String> = (0..40).map(|i| format!("n{i}.slow.example")).collect();
-    std::fs::write(
-        dir.path().join("entries.yaml"),
-        format!(
-            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: db}}\n\
-             spec: {{hosts: [db.example], ports: [{{number: 5353, name: udp, protocol: UDP}}], resolution: DNS}}\n\
-             ---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: slow}}\n\
-             spec: {{hosts: [{}], ports: [{{number: 5353, name: udp, protocol: UDP}}], resolution: DNS}}\n",
-            slow.join(", ")
-        ),
-    )
-    .unwrap();
-    let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --outbound-traffic-policy REGISTRY_ONLY --dns-server {INTERNET_ADDR} --config {}",
-        dir.path().display()
-    );
+    let slow_entry =
+        DB_BY_DNS.replace("{name: db}", "{name: slow}").replace("[db.example]", &format!("[{}]", slow.join(", ")));
+    std::fs::write(dir.path().join("entries.yaml"), format!("{DB_BY_DNS}---\n{slow_entry}")).unwrap();
     // The first policy is attached once the names are looked up: 40 lookups of 5 s each, made one after
     // another, would hold it back for 200 s; made together, 5 (the agent is given 20).
-    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    let agent = start_resolving(&topology, dir.path());
     let at_a = UdpSink::bind(&topology.internet, addr(SERVER_A, 5353)).unwrap();
     send_udp(&topology.workload, addr(SERVER_A, 5353), 2, PAYLOAD).unwrap();
     assert_eq!(at_a.drain(), 2, "db.example's address passes:\n{}", agent.log());
