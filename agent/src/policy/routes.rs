@@ -301,25 +301,34 @@ impl Service {
 /// The routes for one host of one context: the http routes of every VirtualService bound there, in order.
 #[derive(Debug)]
 pub struct VirtualHost {
-    /// The VirtualServices (`namespace/name`) the routes come from.
-    pub sources: Box<[Arc<str>]>,
     pub routes: Box<[Route]>,
 }
 
 #[derive(Debug)]
 pub struct Route {
-    pub name: RouteName,
     /// Empty: every request matches.
     pub matches: Box<[RequestMatch]>,
     pub action: Action,
     pub request_headers: HeaderOps,
     pub timeout: Option<Duration>,
-    /// Its VirtualService's `exportTo`.
-    pub visible_to: Visibility,
-    /// Its VirtualService's namespace, which Sidecars import by.
-    pub namespace: Arc<str>,
+    /// What the route shares with the other routes of its VirtualService.
+    pub scope: Arc<RouteScope>,
+    /// The route's own name; without one it is named by its VirtualService and `index`.
+    own_name: Option<Arc<str>>,
+    index: u32,
     /// What few routes set, boxed: a route is as small as what most routes have.
     rare: Option<Box<Rare>>,
+}
+
+/// The VirtualService a route comes from.
+#[derive(Debug)]
+pub struct RouteScope {
+    /// `namespace/name`.
+    pub source: Arc<str>,
+    /// Its `exportTo`.
+    pub visible_to: Visibility,
+    /// Its namespace, which Sidecars import by.
+    pub namespace: Arc<str>,
 }
 
 #[derive(Debug, Default)]
@@ -333,6 +342,14 @@ struct Rare {
 }
 
 impl Route {
+    /// The name a request's record and log carry.
+    pub fn name(&self) -> RouteName {
+        match &self.own_name {
+            Some(name) => RouteName::Named(name.clone()),
+            None => RouteName::Indexed(self.scope.source.clone(), self.index),
+        }
+    }
+
     pub fn rewrite(&self) -> Option<&Rewrite> {
         self.rare.as_ref()?.rewrite.as_ref()
     }
@@ -888,31 +905,30 @@ fn clusters(
 }
 
 fn virtual_host(snapshot: &Snapshot, indexes: &[usize], shared: &mut Shared) -> VirtualHost {
-    let (mut sources, mut routes) = (Vec::new(), Vec::new());
+    let mut routes = Vec::new();
     for resource in bindings::services(snapshot, indexes) {
         let Spec::VirtualService(service) = &resource.spec else { continue };
         let namespace = resource.metadata.namespace();
-        let source: Arc<str> = format!("{namespace}/{}", resource.metadata.name).into();
-        sources.push(source.clone());
-        let visible_to =
-            Visibility::compile_or(&service.export_to, &snapshot.mesh.default_virtual_service_export_to, namespace);
-        let namespace = shared.text(namespace);
+        let scope = Arc::new(RouteScope {
+            source: format!("{namespace}/{}", resource.metadata.name).into(),
+            visible_to: Visibility::compile_or(
+                &service.export_to,
+                &snapshot.mesh.default_virtual_service_export_to,
+                namespace,
+            ),
+            namespace: shared.text(namespace),
+        });
         for (i, route) in service.http.iter().enumerate() {
-            let name = match &route.name {
-                Some(name) => RouteName::Named(name.as_str().into()),
-                None => RouteName::Indexed(source.clone(), u32::try_from(i).unwrap_or(u32::MAX)),
-            };
-            let mut route = compile_route(route, name, &namespace, shared);
-            route.visible_to = visible_to.clone();
-            route.namespace = namespace.clone();
-            routes.push(route);
+            let index = u32::try_from(i).unwrap_or(u32::MAX);
+            routes.push(compile_route(route, &scope, index, shared));
         }
     }
     // Held for as long as the configuration is: no spare capacity.
-    VirtualHost { sources: sources.into(), routes: routes.into() }
+    VirtualHost { routes: routes.into() }
 }
 
-fn compile_route(route: &HttpRoute, name: RouteName, namespace: &Arc<str>, shared: &mut Shared) -> Route {
+fn compile_route(route: &HttpRoute, scope: &Arc<RouteScope>, index: u32, shared: &mut Shared) -> Route {
+    let namespace = &scope.namespace;
     let (request_headers, response_headers) = header_ops(route.headers.as_deref());
     let action = if let Some(redirect) = &route.redirect {
         Action::Redirect(Box::new(Redirect {
@@ -988,13 +1004,13 @@ fn compile_route(route: &HttpRoute, name: RouteName, namespace: &Arc<str>, share
         || rare.mirror.is_some()
         || rare.cors.is_some();
     Route {
-        name,
         matches: route.matches.iter().map(|m| RequestMatch::compile(m, namespace, regexes)).collect(),
         action,
         request_headers,
         timeout: route.timeout.as_deref().and_then(|t| parse_duration(t).ok()).filter(|t| !t.is_zero()),
-        visible_to: Visibility::All,
-        namespace: namespace.clone(),
+        scope: scope.clone(),
+        own_name: route.name.as_deref().map(Arc::from),
+        index,
         rare: is_rare.then(|| Box::new(rare)),
     }
 }
@@ -1128,7 +1144,7 @@ spec:
         let policy = policy(CONFIG, &Resolved::new());
         let host = policy.mesh.get("HTTPBIN.org:80").expect("the VirtualService is bound to the mesh");
         let none = http::HeaderMap::new();
-        assert_eq!(first_match(host, "/status/418", &none).unwrap().name.to_string(), "teapot");
+        assert_eq!(first_match(host, "/status/418", &none).unwrap().name().to_string(), "teapot");
         assert!(matches!(
             &first_match(host, "/status/418", &none).unwrap().action,
             Action::Respond(response) if response.0 == StatusCode::IM_A_TEAPOT
@@ -1138,7 +1154,7 @@ spec:
             Action::Redirect(redirect) if redirect.status == StatusCode::PERMANENT_REDIRECT
         ));
         let last = first_match(host, "/get", &none).unwrap();
-        assert_eq!(last.name.to_string(), "egress/httpbin[3]");
+        assert_eq!(last.name().to_string(), "egress/httpbin[3]");
         assert_eq!(last.timeout, Some(Duration::from_secs(2)));
         let mut canary = http::HeaderMap::new();
         canary.insert("x-canary", "yes".parse().unwrap());

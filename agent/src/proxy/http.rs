@@ -246,11 +246,11 @@ impl HttpProxy {
                 self.local_failure(failure, record, started, labels)
             }
             Decision::Respond { route, status, body } => {
-                record.route_name = Some(route.name.clone());
+                record.route_name = Some(route.name());
                 self.local_reply(status, body, "", record, started, Some(route))
             }
             Decision::Redirect { route, status, location } => {
-                record.route_name = Some(route.name.clone());
+                record.route_name = Some(route.name());
                 let mut response = Response::new(empty());
                 *response.status_mut() = status;
                 if let Ok(location) = HeaderValue::from_str(&location) {
@@ -264,7 +264,7 @@ impl HttpProxy {
                     let action = if policy.host_verify == HostVerify::Route { "routed" } else { "trusted" };
                     self.telemetry.host_mismatch(action);
                 }
-                record.route_name = route.map(|(route, _)| route.name.clone());
+                record.route_name = route.map(|(route, _)| route.name());
                 self.forward(&policy, request, connection, route, target, authority, destination, record, started).await
             }
         }

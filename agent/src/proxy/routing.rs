@@ -177,10 +177,9 @@ pub fn decide<'p, B>(
                     gateway: gateway_id,
                     source,
                 };
-                let visible = host
-                    .routes
-                    .iter()
-                    .filter(|route| viewer.sees(policy, &route.visible_to, &route.namespace, host_of(authority), port));
+                let visible = host.routes.iter().filter(|route| {
+                    viewer.sees(policy, &route.scope.visible_to, &route.scope.namespace, host_of(authority), port)
+                });
                 let found = visible.clone().find_map(|route| {
                     if route.matches.is_empty() {
                         return Some((route, None));
