@@ -16,6 +16,7 @@ use sluice_agent::{
     datapath::{self, Datapath, InterceptRouting},
     policy::{
         self,
+        bindings::Bindings,
         compile::{self, NodeSettings},
         routes::{HostVerify, ProxySettings},
         BlackholeAction, L4Rule, OutboundMode,
@@ -351,10 +352,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let counters = datapath.counters();
     let metrics = telemetry::metrics::registry(counters.clone(), datapath.blackholed(), args.access_log_format);
-    let routes = Arc::new(arc_swap::ArcSwap::from_pointee(control.proxy_policy(&snapshot)));
+    let bindings = control.bind(&snapshot);
+    let routes = Arc::new(arc_swap::ArcSwap::from_pointee(control.proxy_policy(&snapshot, &bindings)));
     metrics.config_generation.set(1);
-    let (dump, dump_reader) = tokio::sync::watch::channel(Arc::new(control.dump(1, policy, &snapshot)));
-    drop(snapshot);
+    let (dump, dump_reader) = tokio::sync::watch::channel(Arc::new(control.dump(1, policy, &bindings)));
+    drop((bindings, snapshot));
     release_freed_memory();
     metrics.set_rejected(control.rejected());
     let mut tasks = tokio::task::JoinSet::new();
@@ -408,8 +410,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let (changed, next) = control.resolve().await;
                 refresh = next;
                 if changed {
-                    enforced.apply(&control, &control.store.snapshot());
-                    release_freed_memory();
+                    enforced.apply(&control, control.store.snapshot());
                 }
             }
         }
@@ -518,10 +519,14 @@ impl Control {
         compile::datapath_policy(snapshot, &self.resolved, &self.node)
     }
 
-    fn proxy_policy(&self, snapshot: &Snapshot) -> sluice_agent::policy::routes::ProxyPolicy {
-        let bindings = sluice_agent::policy::bindings::bind(snapshot, &self.labels);
+    /// The Gateways that select this agent, and what each context's VirtualServices are.
+    fn bind(&self, snapshot: &Snapshot) -> Bindings {
+        sluice_agent::policy::bindings::bind(snapshot, &self.labels)
+    }
+
+    fn proxy_policy(&self, snapshot: &Snapshot, bindings: &Bindings) -> sluice_agent::policy::routes::ProxyPolicy {
         let settings = ProxySettings { mode: compile::mesh_mode(snapshot, &self.node), ..self.proxy.clone() };
-        sluice_agent::policy::routes::proxy_policy(snapshot, &self.resolved, &bindings, &settings, &self.clusters)
+        sluice_agent::policy::routes::proxy_policy(snapshot, &self.resolved, bindings, &settings, &self.clusters)
     }
 
     fn rejected(&self) -> impl Iterator<Item = &str> {
@@ -532,10 +537,9 @@ impl Control {
         &self,
         generation: u64,
         policy: sluice_agent::policy::DatapathPolicy,
-        snapshot: &Snapshot,
+        bindings: &Bindings,
     ) -> config_dump::Dump {
-        let bindings = sluice_agent::policy::bindings::bind(snapshot, &self.labels);
-        config_dump::Dump::new(generation, self.store.stored(), &self.errors, policy, &bindings)
+        config_dump::Dump::new(generation, self.store.stored(), &self.errors, policy, bindings)
     }
 }
 
@@ -552,9 +556,7 @@ async fn reload(control: &mut Control, enforced: &mut Enforced) -> std::time::Du
     let snapshot = control.load();
     enforced.metrics.set_rejected(control.rejected());
     let refresh = control.resolve().await.1;
-    enforced.apply(control, &snapshot);
-    drop(snapshot);
-    release_freed_memory();
+    enforced.apply(control, snapshot);
     refresh
 }
 
@@ -572,12 +574,13 @@ struct Enforced {
 
 impl Enforced {
     /// Compiles and applies the policy to the datapath, then the proxy; one the datapath refuses leaves both as
-    /// they are.
-    fn apply(&mut self, control: &Control, snapshot: &Snapshot) {
-        let policy = control.policy(snapshot);
+    /// they are. The typed configuration is dropped then, and what compiling freed returned to the system.
+    fn apply(&mut self, control: &Control, snapshot: Snapshot) {
+        let policy = control.policy(&snapshot);
         match self.datapath.apply(&policy) {
             Ok(()) => {
-                let routes = control.proxy_policy(snapshot);
+                let bindings = control.bind(&snapshot);
+                let routes = control.proxy_policy(&snapshot, &bindings);
                 self.gateways.reconcile(&routes.gateway_ports());
                 self.routes.store(Arc::new(routes));
                 self.apply_sources();
@@ -589,12 +592,14 @@ impl Enforced {
                     gateway_ports = ?self.gateways.ports(),
                     "policy applied"
                 );
-                let _ = self.dump.send(Arc::new(control.dump(generation as u64, policy, snapshot)));
+                let _ = self.dump.send(Arc::new(control.dump(generation as u64, policy, &bindings)));
             }
             Err(error) => {
                 tracing::error!(error = %error, "the new policy was not applied; the previous one stays in force")
             }
         }
+        drop(snapshot);
+        release_freed_memory();
     }
 }
 

@@ -117,11 +117,7 @@ pub fn agent_rss_kib(entries: usize) -> anyhow::Result<(u64, u64)> {
         let agent = Agent::start(&topology.gateway, &args)?;
         // Ready once the policy is applied (and what reading took returned to the system).
         std::thread::sleep(std::time::Duration::from_secs(1));
-        let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))?;
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:")?.trim().strip_suffix(" kB")?.trim().parse::<u64>().ok())
-            .context("the agent's VmRSS")
+        Ok(crate::http::tree_rss_kib(agent.pid()))
     };
     let empty = tempfile::tempdir()?;
     let full = tempfile::tempdir()?;

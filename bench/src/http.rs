@@ -312,7 +312,8 @@ pub fn tree_cpu_ticks(pid: u32) -> u64 {
         .sum()
 }
 
-fn tree_rss_kib(pid: u32) -> u64 {
+/// The resident memory of `pid` and its descendants, KiB.
+pub fn tree_rss_kib(pid: u32) -> u64 {
     tree(pid)
         .into_iter()
         .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())

@@ -51,6 +51,12 @@ impl Stored {
         &self.json
     }
 
+    /// The resource's metadata, and its spec as JSON (as `/config_dump` shows it).
+    pub fn metadata_and_spec(&self) -> Option<(Metadata, serde_json::Value)> {
+        let held: Held<Metadata, serde_json::Value> = serde_json::from_str(&self.json).ok()?;
+        Some((held.metadata, held.spec))
+    }
+
     /// The typed resource; `None` only if what was written cannot be read back (logged: it is left out).
     pub fn resource(&self) -> Option<Resource> {
         fn read<S: serde::de::DeserializeOwned>(

@@ -462,7 +462,7 @@ mod tests {
             .collect();
         let state = Arc::new(ClusterState::new(policy.limits));
         Cluster {
-            labels: DestinationLabels::registered("api.test", "default", 80, None),
+            labels: DestinationLabels::registered("api.test".into(), "default".into(), 80, None),
             endpoints,
             policy: Arc::new(policy),
             state,

@@ -231,7 +231,14 @@ pub enum Upstream {
     NoSubset,
 }
 
+/// The choice when no DestinationRule applies to a host: its first variant, for everyone.
+static NO_RULE: RuleChoice = RuleChoice { own: Vec::new(), shared: Vec::new(), unknown: 0 };
+
 impl Service {
+    fn rules(&self) -> &RuleChoice {
+        self.rules.as_deref().unwrap_or(&NO_RULE)
+    }
+
     /// Whether the service declares `port`.
     pub fn has_port(&self, port: u16) -> bool {
         self.ports.iter().any(|p| p.number == port)
@@ -255,7 +262,7 @@ impl Service {
             Viewer::Gateway => policy.gateway.as_ref(),
             Viewer::Workload(workload) => workload,
         };
-        self.rules.as_ref().map_or(0, |rules| rules.variant(workload))
+        self.rules().variant(workload)
     }
 
     /// A single address of the host's own (`addresses` or an endpoint), for a request sent elsewhere.
@@ -278,7 +285,7 @@ impl Service {
 
     /// The next endpoint for `port` (of `subset`), by the load balancer of the cluster an unknown source uses.
     pub fn upstream(&self, port: u16, subset: Option<&str>) -> Upstream {
-        self.upstream_for(self.rules.as_ref().map_or(0, |rules| rules.unknown), port, subset, None)
+        self.upstream_for(self.rules().unknown, port, subset, None)
     }
 
     /// The endpoint for `port` (of `subset`) in `variant`: the one a request's `hash` goes to, else the load
@@ -339,6 +346,18 @@ struct Rare {
     fault: Option<Fault>,
     mirror: Option<Mirror>,
     cors: Option<Cors>,
+}
+
+impl Rare {
+    fn is_empty(&self) -> bool {
+        let Rare { rewrite, response_headers, retries, fault, mirror, cors } = self;
+        rewrite.is_none()
+            && response_headers.is_empty()
+            && retries.is_none()
+            && fault.is_none()
+            && mirror.is_none()
+            && cors.is_none()
+    }
 }
 
 impl Route {
@@ -473,6 +492,11 @@ impl RetryOn {
     /// Whether an upstream reset (or a try that timed out) is retried.
     pub fn reset_or_timeout(&self) -> bool {
         self.reset || self.server_error || self.gateway_error
+    }
+
+    /// Whether a stream the upstream refused (HTTP/2 REFUSED_STREAM) is retried: a reset of its own kind.
+    pub fn refused(&self) -> bool {
+        self.refused_stream || self.reset_or_timeout()
     }
 }
 
@@ -842,6 +866,7 @@ fn services(
             let mut known_at: Vec<IpNet> = entry.addresses.iter().filter_map(|a| parse_address(a)).collect();
             known_at.extend(endpoints.iter().map(|e: &Endpoint| IpNet::from(e.address)));
             let (candidates, rules) = rules.for_service(host, namespace);
+            let rules = (!candidates.is_empty()).then(|| Box::new(rules));
             let host = shared.text(host);
             // Held for as long as the configuration is: no spare capacity (boxed slices).
             let variants = std::iter::once(None)
@@ -853,7 +878,6 @@ fn services(
                         .collect()
                 })
                 .collect();
-            let trivial = rules.own.is_empty() && rules.shared.is_empty() && rules.unknown == 0;
             Service {
                 visible_to: visible_to.clone(),
                 known_at: known_at.into(),
@@ -862,7 +886,7 @@ fn services(
                 resolution,
                 ports: ports.clone(),
                 variants,
-                rules: (!trivial).then(|| Box::new(rules)),
+                rules,
             }
         })
         .collect()
@@ -883,7 +907,7 @@ fn clusters(
         let policy = policy
             .map(|policy| ClusterPolicy::compile(settings_for_port(policy, port.number), port.http2))
             .unwrap_or_default();
-        let labels = DestinationLabels::registered_shared(host.clone(), namespace.clone(), port.number, subset);
+        let labels = DestinationLabels::registered(host.clone(), namespace.clone(), port.number, subset);
         // State that must outlive recompiles is kept only where a policy needs it, by cluster name.
         let state = if policy.limits.is_some() || policy.outlier.is_some() {
             states.get(labels.cluster.as_str(), policy.limits)
@@ -997,12 +1021,6 @@ fn compile_route(route: &HttpRoute, scope: &Arc<RouteScope>, index: u32, shared:
         }),
         cors: route.cors_policy.as_ref().map(|policy| cors(policy, regexes)),
     };
-    let is_rare = rare.rewrite.is_some()
-        || !rare.response_headers.is_empty()
-        || rare.retries.is_some()
-        || rare.fault.is_some()
-        || rare.mirror.is_some()
-        || rare.cors.is_some();
     Route {
         matches: route.matches.iter().map(|m| RequestMatch::compile(m, namespace, regexes)).collect(),
         action,
@@ -1011,7 +1029,7 @@ fn compile_route(route: &HttpRoute, scope: &Arc<RouteScope>, index: u32, shared:
         scope: scope.clone(),
         own_name: route.name.as_deref().map(Arc::from),
         index,
-        rare: is_rare.then(|| Box::new(rare)),
+        rare: (!rare.is_empty()).then(|| Box::new(rare)),
     }
 }
 

@@ -468,7 +468,7 @@ impl HttpProxy {
                 }
                 Some(Err(SendError::Refused(error))) => {
                     tracing::debug!(%error, upstream = %address, attempt, "upstream refused the stream");
-                    Some((Failure::UpstreamReset, retries.on.refused_stream || retries.on.reset_or_timeout()))
+                    Some((Failure::UpstreamReset, retries.on.refused()))
                 }
                 None => Some((Failure::UpstreamTimeout, time_left && retries.on.reset_or_timeout())),
             };

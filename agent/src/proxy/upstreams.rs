@@ -449,20 +449,30 @@ mod tests {
         }
     }
 
-    /// A GET of `/` for `pool.test` with `headers`: the response's body.
-    async fn get(upstreams: &Upstreams, address: SocketAddr, headers: HeaderMap) -> String {
+    /// `method` `/` for `pool.test` at `address`, with `headers` and no body.
+    async fn send(
+        upstreams: &Upstreams,
+        address: SocketAddr,
+        http2: bool,
+        method: Method,
+        headers: HeaderMap,
+    ) -> Result<Response<UpstreamBody>, SendError> {
         let outgoing = Outgoing {
             address,
-            http2: false,
+            http2,
             authority: "pool.test",
             path_and_query: PathAndQuery::from_static("/"),
-            method: Method::GET,
+            method,
             headers,
             connect_timeout: Duration::from_secs(1),
             tls: None,
         };
-        let body = Empty::new().map_err(|never| match never {}).boxed();
-        let response = upstreams.send(outgoing, body).await.expect("a response");
+        upstreams.send(outgoing, Empty::new().map_err(|never| match never {}).boxed()).await
+    }
+
+    /// A GET of `/` for `pool.test` over HTTP/1.1 with `headers`: the response's body.
+    async fn get(upstreams: &Upstreams, address: SocketAddr, headers: HeaderMap) -> String {
+        let response = send(upstreams, address, false, Method::GET, headers).await.expect("a response");
         String::from_utf8_lossy(&response.into_body().collect().await.unwrap().to_bytes()).into_owned()
     }
 
@@ -483,18 +493,7 @@ mod tests {
         let upstreams = Upstreams::new(SourceAddresses::default());
         let mut outcomes = Vec::new();
         for _ in 0..2 {
-            let outgoing = Outgoing {
-                address,
-                http2: true,
-                authority: "pool.test",
-                path_and_query: PathAndQuery::from_static("/"),
-                method: Method::POST,
-                headers: HeaderMap::new(),
-                connect_timeout: Duration::from_secs(1),
-                tls: None,
-            };
-            let body = Empty::new().map_err(|never| match never {}).boxed();
-            outcomes.push(match upstreams.send(outgoing, body).await {
+            outcomes.push(match send(&upstreams, address, true, Method::POST, HeaderMap::new()).await {
                 Err(SendError::Refused(_)) => "refused",
                 Err(SendError::Request(_)) => "failed",
                 Err(SendError::Connect(_)) => "not connected",

@@ -54,13 +54,12 @@ impl Dump {
             .resources
             .iter()
             .filter_map(|stored| {
-                let mut resource: Value = serde_json::from_str(stored.json()).ok()?;
-                let metadata = resource["metadata"].take();
+                let (metadata, spec) = stored.metadata_and_spec()?;
                 Some(json!({
                     "kind": stored.kind().name(),
-                    "namespace": metadata.get("namespace").and_then(Value::as_str).unwrap_or("default"),
-                    "name": metadata["name"],
-                    "spec": resource["spec"].take(),
+                    "namespace": metadata.namespace(),
+                    "name": metadata.name,
+                    "spec": spec,
                 }))
             })
             .collect();

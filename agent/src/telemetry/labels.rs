@@ -85,17 +85,7 @@ static BLACKHOLE: LazyLock<DestinationLabels> = LazyLock::new(|| DestinationLabe
 impl DestinationLabels {
     /// A registered host's cluster on `port` (and `subset`), named as Istio names it
     /// (`outbound|PORT|SUBSET|HOST`).
-    pub fn registered(host: &str, namespace: &str, port: u16, subset: Option<&str>) -> DestinationLabels {
-        DestinationLabels::registered_shared(host.into(), namespace.into(), port, subset)
-    }
-
-    /// As `registered`, sharing the host and namespace given.
-    pub fn registered_shared(
-        host: Arc<str>,
-        namespace: Arc<str>,
-        port: u16,
-        subset: Option<&str>,
-    ) -> DestinationLabels {
+    pub fn registered(host: Arc<str>, namespace: Arc<str>, port: u16, subset: Option<&str>) -> DestinationLabels {
         let cluster = format!("outbound|{port}|{}|{host}", subset.unwrap_or(""));
         DestinationLabels {
             service: host.clone().into(),

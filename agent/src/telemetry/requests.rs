@@ -410,7 +410,7 @@ mod tests {
             response_code: 200,
             authority: "httpbin.org".into(),
             route_name: Some(crate::policy::routes::RouteName::Indexed("default/httpbin".into(), 0)),
-            destination: Some(DestinationLabels::registered("httpbin.org", "default", 80, None)),
+            destination: Some(DestinationLabels::registered("httpbin.org".into(), "default".into(), 80, None)),
             ..RequestRecord::default()
         };
         let line: serde_json::Value = serde_json::from_str(&json_line(&record)).unwrap();
