@@ -1,5 +1,6 @@
 //! Sluice's node agent. Configuration flows one way: `config → policy → {datapath, proxy} → telemetry`.
 
+pub mod allocator;
 pub mod config;
 pub mod datapath;
 pub mod policy;

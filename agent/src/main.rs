@@ -31,18 +31,8 @@ use sluice_agent::{
 };
 use tokio::signal::unix::{signal, SignalKind};
 
-/// mimalloc: the proxy allocates and frees a few small buffers per request, from one thread; glibc's malloc spent
-/// twice its time on them.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Returns to the system what a (re)load freed: the documents read and the typed configuration, several times
-/// the size of what is kept. mimalloc returns a thread's free pages only as that thread allocates again, and the
-/// control loop that loads then waits for the next change.
-fn release_freed_memory() {
-    // SAFETY: mi_collect only walks the allocator's own structures, and any thread may call it at any time.
-    unsafe { libmimalloc_sys::mi_collect(true) }
-}
+static ALLOCATOR: sluice_agent::allocator::Allocator = sluice_agent::allocator::Allocator;
 
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "Sluice: an eBPF-accelerated egress gateway node agent")]
@@ -357,7 +347,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     metrics.config_generation.set(1);
     let (dump, dump_reader) = tokio::sync::watch::channel(Arc::new(control.dump(1, policy, &bindings)));
     drop((bindings, snapshot));
-    release_freed_memory();
+    sluice_agent::allocator::release_freed_memory();
     metrics.set_rejected(control.rejected());
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(events) = datapath.take_events() {
@@ -599,7 +589,7 @@ impl Enforced {
             }
         }
         drop(snapshot);
-        release_freed_memory();
+        sluice_agent::allocator::release_freed_memory();
     }
 }
 

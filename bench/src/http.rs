@@ -25,20 +25,34 @@ const CLIENT_CPU: &str = "0";
 const EXTRA_HOSTS: usize = 99;
 
 pub struct Run {
+    /// The configuration's key (`direct`, `sluice`, `sluice-gateway`, `nginx`, …) and its name in the table.
+    pub key: &'static str,
     pub name: &'static str,
     pub requests_per_second: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     /// CPU time of the proxy's processes per request.
     pub cpu_us_per_request: Option<f64>,
+    /// The part of it spent in user space (the rest is the kernel's: system calls and the TCP/IP stack).
+    pub user_us_per_request: Option<f64>,
     pub rss_kib: Option<u64>,
 }
 
 type Measured = fn() -> anyhow::Result<Run>;
 
-/// The configurations compared, in the table's order.
-const CONFIGURATIONS: [(&str, Measured); 5] =
-    [("direct", direct), ("sluice", sluice), ("nginx", nginx), ("haproxy", haproxy), ("squid", squid)];
+/// The configurations compared, in the table's order: the limit, Sluice intercepting transparently and Sluice
+/// on a Gateway port (as the peers are reached: at the proxy's own address), then the peers.
+const CONFIGURATIONS: [(&str, Measured); 6] = [
+    ("direct", direct),
+    ("sluice", sluice),
+    ("sluice-gateway", sluice_gateway),
+    ("nginx", nginx),
+    ("haproxy", haproxy),
+    ("squid", squid),
+];
+
+/// The peers Sluice is compared with.
+pub const PEERS: [&str; 3] = ["nginx", "haproxy", "squid"];
 
 /// Rounds of the whole comparison: this machine's speed drifts by tens of percent over minutes, so every
 /// configuration is measured once per round, in turn, and each figure is the median of its rounds.
@@ -51,8 +65,8 @@ pub fn compare(only: &[String]) -> anyhow::Result<Vec<Run>> {
         CONFIGURATIONS.iter().filter(|(key, _)| only.is_empty() || only.iter().any(|o| o == key)).collect();
     let mut rounds: Vec<Vec<Run>> = chosen.iter().map(|_| Vec::new()).collect();
     for _ in 0..ROUNDS {
-        for ((_, run), runs) in chosen.iter().zip(&mut rounds) {
-            runs.push(run()?);
+        for ((key, run), runs) in chosen.iter().zip(&mut rounds) {
+            runs.push(Run { key, ..run()? });
         }
     }
     Ok(rounds.into_iter().map(median).collect())
@@ -70,11 +84,13 @@ fn median(runs: Vec<Run>) -> Run {
         (!values.is_empty()).then(|| middle(values))
     };
     Run {
+        key: runs[0].key,
         name: runs[0].name,
         requests_per_second: of(|run| run.requests_per_second),
         p50_ms: of(|run| run.p50_ms),
         p99_ms: of(|run| run.p99_ms),
         cpu_us_per_request: optional(|run| run.cpu_us_per_request),
+        user_us_per_request: optional(|run| run.user_us_per_request),
         rss_kib: optional(|run| run.rss_kib.map(|kib| kib as f64)).map(|kib| kib as u64),
     }
 }
@@ -90,11 +106,13 @@ fn direct() -> anyhow::Result<Run> {
     let _origin = origin(&topology)?;
     let (rps, p50, p99, _) = wrk(&topology.workload, &format!("http://{SERVER_A}/"))?;
     Ok(Run {
+        key: "direct",
         name: "direct (no proxy)",
         requests_per_second: rps,
         p50_ms: p50,
         p99_ms: p99,
         cpu_us_per_request: None,
+        user_us_per_request: None,
         rss_kib: None,
     })
 }
@@ -111,6 +129,38 @@ fn sluice() -> anyhow::Result<Run> {
     let agent = Agent::start(&topology.gateway, &args)?;
     pin_tree(agent.pid(), PROXY_CPU)?;
     measure("sluice", &topology, agent.pid(), &format!("http://{SERVER_A}/"))
+}
+
+/// Sluice as a reverse proxy on a Gateway port (8082 on its own address), as the peers are measured: no
+/// interception; the Gateway's VirtualService routes to the origin at its STATIC endpoint (a gateway has no
+/// original destination to send a NONE-resolution host's requests to).
+fn sluice_gateway() -> anyhow::Result<Run> {
+    let topology = Topology::new()?;
+    let _origin = origin(&topology)?;
+    let config = tempfile::tempdir()?;
+    write_sluice_config(config.path())?;
+    std::fs::write(
+        config.path().join("gateway.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: egress, namespace: bench}\nspec:\n  \
+         selector: {istio: egressgateway}\n  servers:\n  - port: {number: 8082, name: http, protocol: HTTP}\n    \
+         hosts: [origin.bench]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+         metadata: {name: origin, namespace: bench}\nspec:\n  hosts: [origin.bench]\n  gateways: [egress]\n  http:\n  \
+         - route:\n    - destination: {host: origin-endpoints.bench, port: {number: 80}}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: origin-endpoints, namespace: bench}\n\
+         spec:\n  hosts: [origin-endpoints.bench]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  \
+         resolution: STATIC\n  endpoints: [{address: 203.0.113.10}]\n",
+    )
+    .context("writing the bench's Gateway")?;
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32 --gateway-labels istio=egressgateway \
+         --access-log-format off --concurrency 1 --config {}",
+        config.path().display()
+    );
+    let agent = Agent::start(&topology.gateway, &args)?;
+    agent.wait_for_log("gateway listener open", 1)?;
+    let listen: SocketAddr = format!("{GATEWAY_WORKLOAD_ADDR}:8082").parse()?;
+    pin_tree(agent.pid(), PROXY_CPU)?;
+    measure("sluice (Gateway port)", &topology, agent.pid(), &format!("http://{listen}/"))
 }
 
 fn write_sluice_config(dir: &Path) -> anyhow::Result<()> {
@@ -206,17 +256,20 @@ fn measure_configured(
 fn measure(name: &'static str, topology: &Topology, pid: u32, url: &str) -> anyhow::Result<Run> {
     // A warm-up, so pools and caches are filled before the measured run.
     let _ = run_wrk(&topology.workload, url, "1s")?;
-    let cpu_before = tree_cpu_ticks(pid);
+    let (user_before, system_before) = tree_cpu_ticks_split(pid);
     let (rps, p50, p99, requests) = wrk(&topology.workload, url)?;
-    let cpu_ticks = tree_cpu_ticks(pid).saturating_sub(cpu_before);
+    let (user, system) = tree_cpu_ticks_split(pid);
+    let (user, system) = (user.saturating_sub(user_before), system.saturating_sub(system_before));
     let ticks_per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100);
-    let cpu_us = cpu_ticks as f64 * 1e6 / ticks_per_second as f64;
+    let per_request = |ticks: u64| ticks as f64 * 1e6 / ticks_per_second as f64 / requests.max(1) as f64;
     Ok(Run {
+        key: name,
         name,
         requests_per_second: rps,
         p50_ms: p50,
         p99_ms: p99,
-        cpu_us_per_request: Some(cpu_us / requests.max(1) as f64),
+        cpu_us_per_request: Some(per_request(user + system)),
+        user_us_per_request: Some(per_request(user)),
         rss_kib: Some(tree_rss_kib(pid)),
     })
 }
@@ -302,14 +355,17 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
 
 /// User and system CPU time of the tree, in clock ticks.
 pub fn tree_cpu_ticks(pid: u32) -> u64 {
+    let (user, system) = tree_cpu_ticks_split(pid);
+    user + system
+}
+
+/// User CPU time and system CPU time of the tree, in clock ticks.
+fn tree_cpu_ticks_split(pid: u32) -> (u64, u64) {
+    let field = |fields: &[String], i: usize| fields.get(i).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
     tree(pid)
         .into_iter()
         .filter_map(stat_fields)
-        .map(|f| {
-            f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
-                + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
-        })
-        .sum()
+        .fold((0, 0), |(user, system), f| (user + field(&f, 11), system + field(&f, 12)))
 }
 
 /// The resident memory of `pid` and its descendants, KiB.

@@ -204,24 +204,32 @@ fn http_comparison(only: &[String]) -> anyhow::Result<()> {
     );
     let runs = http::compare(only).context("the HTTP comparison")?;
     println!(
-        "{:<30} {:>12} {:>9} {:>9} {:>14} {:>10}",
-        "through", "requests/s", "p50 ms", "p99 ms", "CPU us/request", "RSS MiB"
+        "{:<30} {:>12} {:>9} {:>9} {:>14} {:>12} {:>10}",
+        "through", "requests/s", "p50 ms", "p99 ms", "CPU us/request", "(user space)", "RSS MiB"
     );
     for run in &runs {
-        let cpu = run.cpu_us_per_request.map(|c| format!("{c:.1}")).unwrap_or_else(|| "-".into());
+        let tenths = |us: Option<f64>| us.map(|c| format!("{c:.1}")).unwrap_or_else(|| "-".into());
         let rss = run.rss_kib.map(|r| format!("{:.1}", r as f64 / 1024.0)).unwrap_or_else(|| "-".into());
         println!(
-            "{:<30} {:>12.0} {:>9.3} {:>9.3} {:>14} {:>10}",
-            run.name, run.requests_per_second, run.p50_ms, run.p99_ms, cpu, rss
+            "{:<30} {:>12.0} {:>9.3} {:>9.3} {:>14} {:>12} {:>10}",
+            run.name,
+            run.requests_per_second,
+            run.p50_ms,
+            run.p99_ms,
+            tenths(run.cpu_us_per_request),
+            tenths(run.user_us_per_request),
+            rss
         );
     }
     if !only.is_empty() {
         return Ok(());
     }
-    let direct = runs[0].requests_per_second.max(1.0);
-    let sluice = &runs[1];
-    let best_peer_cpu = runs[2..].iter().filter_map(|r| r.cpu_us_per_request).fold(f64::INFINITY, f64::min);
-    let best_peer_p99 = runs[2..].iter().map(|r| r.p99_ms).fold(f64::INFINITY, f64::min);
+    let of = |key: &str| runs.iter().find(|run| run.key == key);
+    let (Some(direct), Some(sluice)) = (of("direct"), of("sluice")) else { return Ok(()) };
+    let direct = direct.requests_per_second.max(1.0);
+    let peers = || runs.iter().filter(|run| http::PEERS.contains(&run.key));
+    let best_peer_cpu = peers().filter_map(|r| r.cpu_us_per_request).fold(f64::INFINITY, f64::min);
+    let best_peer_p99 = peers().map(|r| r.p99_ms).fold(f64::INFINITY, f64::min);
     println!(
         "sluice / direct requests/s = {:.2}; sluice CPU per request / best peer's = {:.2}; sluice p99 / best peer's = {:.2}",
         sluice.requests_per_second / direct,

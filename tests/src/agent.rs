@@ -189,6 +189,18 @@ impl<'a> Agent<'a> {
     pub fn log(&self) -> String {
         self.process.log()
     }
+
+    /// Waits up to 10 s for the agent's log to hold `text` `count` times; the log is in the error otherwise.
+    pub fn wait_for_log(&self, text: &str, count: usize) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.log().matches(text).count() < count {
+            if std::time::Instant::now() > deadline {
+                bail!("the agent did not log {text:?} {count} times in 10 s:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
 }
 
 /// GETs `/stats/prometheus` from `addr` inside `netns`. It answers once the agent has attached its datapath.

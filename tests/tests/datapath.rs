@@ -133,11 +133,7 @@ fn service_entry(name: &str, host: &str, port: u16) -> String {
 
 /// Waits until the agent has logged `text` `count` times.
 fn wait_for_log(agent: &Agent, text: &str, count: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while agent.log().matches(text).count() < count {
-        assert!(Instant::now() < deadline, "no {count}x '{text}' after 10 s:\n{}", agent.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    agent.wait_for_log(text, count).unwrap();
 }
 
 #[test]

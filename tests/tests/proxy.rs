@@ -370,13 +370,7 @@ fn host_verify_route_sends_a_fronted_request_to_the_hosts_own_address() {
 }
 
 fn wait_for_log(agent: &Agent, text: &str) {
-    for _ in 0..200 {
-        if agent.log().contains(text) {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    panic!("the agent never logged {text:?}:\n{}", agent.log());
+    agent.wait_for_log(text, 1).unwrap();
 }
 
 /// Two endpoints: one refuses connections (server B, port 81), the other is server A's nginx.

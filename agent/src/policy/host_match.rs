@@ -167,6 +167,11 @@ pub fn strip_port(authority: &str) -> &str {
     if let Some(rest) = authority.strip_prefix('[') {
         return rest.split(']').next().unwrap_or(rest);
     }
+    // Most authorities name no port: a name ends in a letter (or a dot), and only a digit or a colon (an empty
+    // port) can end a port.
+    if !matches!(authority.as_bytes().last(), Some(b'0'..=b'9' | b':')) {
+        return authority;
+    }
     match authority.rsplit_once(':') {
         Some((host, port)) if !host.contains(':') && port.chars().all(|c| c.is_ascii_digit()) => host,
         _ => authority,
@@ -176,6 +181,24 @@ pub fn strip_port(authority: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_port_is_taken_off_an_authority_in_each_of_its_forms() {
+        for (authority, host) in [
+            ("example.com", "example.com"),
+            ("example.com:8080", "example.com"),
+            ("example.com:", "example.com"),
+            ("example.com.", "example.com."),
+            ("192.0.2.1", "192.0.2.1"),
+            ("192.0.2.1:80", "192.0.2.1"),
+            ("[2001:db8::1]:443", "2001:db8::1"),
+            ("[2001:db8::1]", "2001:db8::1"),
+            ("2001:db8::1", "2001:db8::1"),
+            ("", ""),
+        ] {
+            assert_eq!(strip_port(authority), host, "{authority}");
+        }
+    }
 
     #[test]
     fn hosts_match_in_envoys_order() {

@@ -24,6 +24,7 @@ use hyper::{
     upgrade::OnUpgrade,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use smallvec::SmallVec;
 use tokio::net::TcpStream;
 
 pub use super::routing::Listener;
@@ -155,9 +156,10 @@ impl HttpProxy {
     pub async fn serve_connection(self: Arc<Self>, stream: TcpStream, connection: Connection) {
         let _ = stream.set_nodelay(true);
         let proxy = self.clone();
+        // A request's future is boxed: hyper moves what its service returns, and the whole exchange is kilobytes.
         let service = hyper::service::service_fn(move |request| {
             let proxy = proxy.clone();
-            async move { Ok::<_, std::convert::Infallible>(proxy.handle(request, connection).await) }
+            Box::pin(async move { Ok::<_, std::convert::Infallible>(proxy.handle(request, connection).await) })
         });
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         builder
@@ -182,7 +184,8 @@ impl HttpProxy {
             }
         }
         let policy = self.policy.load_full();
-        let mut record = RequestRecord {
+        // Boxed: a request's future holds it across every wait, and is moved as a whole.
+        let mut record = Box::new(RequestRecord {
             protocol: protocol_name(request.version()),
             grpc: request
                 .headers()
@@ -191,7 +194,7 @@ impl HttpProxy {
             downstream_remote: Some(connection.peer),
             downstream_local: Some(connection.local),
             ..RequestRecord::default()
-        };
+        });
         // The URI's authority (absolute form, HTTP/2), else Host: shared with the request rather than copied.
         let authority = match request.uri().authority() {
             Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
@@ -280,7 +283,7 @@ impl HttpProxy {
         target: Option<&Target>,
         authority: &str,
         mut destination: Destination<'_>,
-        mut record: RequestRecord,
+        mut record: Box<RequestRecord>,
         started: Instant,
     ) -> Response<ProxyBody> {
         let route = matched.map(|(route, _)| route);
@@ -535,7 +538,8 @@ impl HttpProxy {
             return Ok(SocketAddr::new(ip, address.port()));
         }
         let Some(resolver) = &self.resolver else { return Err(Failure::DnsFailure) };
-        match resolver.lookup(host).await {
+        // Boxed: a lookup's state is large, and most requests need none.
+        match Box::pin(resolver.lookup(host)).await {
             Ok(ip) => Ok(SocketAddr::new(ip, address.port())),
             Err(error) => {
                 tracing::debug!(%host, %error, "forward proxy lookup failed");
@@ -551,7 +555,7 @@ impl HttpProxy {
         policy: &ProxyPolicy,
         request: Request<Incoming>,
         authority: &str,
-        mut record: RequestRecord,
+        mut record: Box<RequestRecord>,
         started: Instant,
     ) -> Response<ProxyBody> {
         let host = routing::host_of(authority).to_owned();
@@ -648,7 +652,7 @@ impl HttpProxy {
     fn local_failure(
         &self,
         failure: Failure,
-        mut record: RequestRecord,
+        mut record: Box<RequestRecord>,
         started: Instant,
         labels: Option<DestinationLabels>,
     ) -> Response<ProxyBody> {
@@ -669,7 +673,7 @@ impl HttpProxy {
         status: StatusCode,
         body: Bytes,
         flag: &'static str,
-        mut record: RequestRecord,
+        mut record: Box<RequestRecord>,
         started: Instant,
         route: Option<&Route>,
     ) -> Response<ProxyBody> {
@@ -687,7 +691,7 @@ impl HttpProxy {
     fn finish(
         &self,
         mut response: Response<ProxyBody>,
-        record: RequestRecord,
+        record: Box<RequestRecord>,
         started: Instant,
         route: Option<&Route>,
     ) -> Response<ProxyBody> {
@@ -701,7 +705,7 @@ impl HttpProxy {
     fn finish_streaming(
         &self,
         response: Response<ProxyBody>,
-        record: RequestRecord,
+        record: Box<RequestRecord>,
         started: Instant,
         received: Arc<AtomicU64>,
         slot: Option<OwnedSemaphorePermit>,
@@ -712,7 +716,7 @@ impl HttpProxy {
             inner: body,
             sent: 0,
             received,
-            record: Some(Box::new(record)),
+            record: Some(record),
             started,
             telemetry: self.telemetry.clone(),
         };
@@ -797,20 +801,38 @@ fn response_cors_headers(cors: &Cors, origin: &str, headers: &mut HeaderMap) {
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over their names, and no removals.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    // One pass over the names finds which are present (most messages carry none, or only `Connection`), so only
+    // those are removed.
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    // Headers the Connection header names are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
+    // Headers the Connection header names are hop-by-hop too (its usual options, `keep-alive` and `close`, name
+    // none that is not removed anyway).
+    let named: SmallVec<[HeaderName; 2]> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|option| {
+            !option.eq_ignore_ascii_case("close")
+                && !HOP_BY_HOP.iter().any(|hop| hop.as_str().eq_ignore_ascii_case(option))
+        })
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
-    for name in named.iter().chain(&HOP_BY_HOP) {
+    for name in named {
         headers.remove(name);
+    }
+    for (i, hop) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(hop);
+        }
     }
 }
 
@@ -955,6 +977,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_not_forwarded() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in pairs {
+                map.append(HeaderName::from_static(name), HeaderValue::from_static(value));
+            }
+            map
+        };
+        let mut message = headers(&[
+            ("connection", "keep-alive, X-Session-Token"),
+            ("connection", "close, Upgrade"),
+            ("keep-alive", "timeout=5"),
+            ("x-session-token", "secret"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("trailer", "x-checksum"),
+            ("x-kept", "1"),
+        ]);
+        strip_hop_by_hop(&mut message);
+        assert_eq!(message, headers(&[("trailer", "x-checksum"), ("x-kept", "1")]));
+
+        let end_to_end = headers(&[("content-type", "text/plain"), ("x-kept", "1"), ("x-kept", "2")]);
+        let mut message = end_to_end.clone();
+        strip_hop_by_hop(&mut message);
+        assert_eq!(message, end_to_end);
+    }
+
+    #[test]
     fn request_ids_are_version_4_uuids() {
         let id = String::from_utf8(request_id().to_vec()).unwrap();
         assert_eq!(id.len(), 36);
@@ -964,17 +1016,5 @@ mod tests {
         assert_ne!(request_id(), request_id());
         assert_eq!(&id[14..15], "4", "{id}");
         assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"), "{id}");
-    }
-
-    #[test]
-    fn hop_by_hop_headers_and_those_connection_names_are_not_forwarded() {
-        let mut headers = HeaderMap::new();
-        for (name, value) in
-            [("connection", "keep-alive, x-secret"), ("keep-alive", "5"), ("x-secret", "1"), ("x-kept", "1")]
-        {
-            headers.insert(name, value.parse().unwrap());
-        }
-        strip_hop_by_hop(&mut headers);
-        assert_eq!(headers.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
     }
 }

@@ -205,7 +205,9 @@ impl Http1Pool {
                 },
             }
         }
-        let stream = open(address, &self.source, connect_timeout, tls).await?;
+        // Boxed, as below for HTTP/2: opening a connection (TLS included) is a large state that most requests,
+        // sent on a pooled connection, never need, and it would otherwise be part of every request's.
+        let stream = Box::pin(open(address, &self.source, connect_timeout, tls)).await?;
         let (mut sender, connection) = http1::Builder::new()
             .writev(false)
             .handshake(TokioIo::new(stream))
@@ -348,12 +350,12 @@ impl Http2Pool {
         let mut sender = match pooled {
             Some(sender) => sender,
             None => {
-                let stream = open(address, &self.source, connect_timeout, tls).await?;
-                let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                let stream = Box::pin(open(address, &self.source, connect_timeout, tls)).await?;
+                let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
-                    .handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(|error| SendError::Request(error.to_string()))?;
+                    .handshake(TokioIo::new(stream));
+                let (sender, connection) =
+                    Box::pin(handshake).await.map_err(|error| SendError::Request(error.to_string()))?;
                 tokio::spawn(async move {
                     if let Err(error) = connection.await {
                         tracing::debug!(%address, %error, "HTTP/2 upstream connection ended");
