@@ -24,29 +24,37 @@ fn naturally_aligned(size: usize, align: usize) -> bool {
 
 pub struct Allocator;
 
+/// mimalloc's plain and aligned forms of one allocation function.
+type Plain = unsafe extern "C" fn(usize) -> *mut c_void;
+type Aligned = unsafe extern "C" fn(usize, usize) -> *mut c_void;
+
+/// A block for `layout` from `plain` when its blocks are aligned enough anyway, else from `aligned`.
+///
+/// # Safety
+/// `layout` has a non-zero size (as `GlobalAlloc` requires of its callers).
+#[inline]
+unsafe fn allocate(layout: Layout, plain: Plain, aligned: Aligned) -> *mut u8 {
+    // SAFETY: mimalloc's allocation functions take any size and a power-of-two alignment (a Layout's).
+    unsafe {
+        if naturally_aligned(layout.size(), layout.align()) {
+            plain(layout.size()).cast()
+        } else {
+            aligned(layout.size(), layout.align()).cast()
+        }
+    }
+}
+
 // SAFETY: every block comes from mimalloc, aligned as its layout asks (plain blocks only where they are aligned
 // so by construction, see `naturally_aligned`), and goes back to it.
 unsafe impl GlobalAlloc for Allocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: mimalloc's allocation functions take any size and a power-of-two alignment (a Layout's).
-        unsafe {
-            if naturally_aligned(layout.size(), layout.align()) {
-                mi::mi_malloc(layout.size()).cast()
-            } else {
-                mi::mi_malloc_aligned(layout.size(), layout.align()).cast()
-            }
-        }
+        // SAFETY: the caller's layout.
+        unsafe { allocate(layout, mi::mi_malloc, mi::mi_malloc_aligned) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as in alloc.
-        unsafe {
-            if naturally_aligned(layout.size(), layout.align()) {
-                mi::mi_zalloc(layout.size()).cast()
-            } else {
-                mi::mi_zalloc_aligned(layout.size(), layout.align()).cast()
-            }
-        }
+        // SAFETY: the caller's layout.
+        unsafe { allocate(layout, mi::mi_zalloc, mi::mi_zalloc_aligned) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
