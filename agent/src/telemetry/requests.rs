@@ -59,7 +59,51 @@ pub struct RequestMetrics {
     response_bytes: Family<RequestLabels, Histogram>,
     /// Each label set's four series, found with one lookup (the families hash the labels once each).
     series: Arc<RwLock<HashMap<RequestLabels, Arc<Series>, foldhash::fast::RandomState>>>,
+    /// The same series by what varies between requests, its shared texts by address: a request's labels are
+    /// neither built nor hashed once its kind has been seen.
+    recent: Arc<RwLock<HashMap<SeriesKey, Recent, foldhash::fast::RandomState>>>,
 }
+
+/// A request's series as `RequestMetrics::recent` knows it: the addresses of its label texts (the source
+/// workload and namespace, the destination service, name and namespace), and its code, flags and protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct SeriesKey {
+    texts: [(usize, usize); 5],
+    response_code: u16,
+    response_flags: (usize, usize),
+    grpc: bool,
+}
+
+impl SeriesKey {
+    fn of(record: &RequestRecord) -> SeriesKey {
+        // Address and length: an empty text may share its address with another.
+        let address = |text: &str| (text.as_ptr() as usize, text.len());
+        let address_of = |text: Option<&LabelText>| address(text.unwrap_or(&UNKNOWN).as_str());
+        let destination = record.destination.as_ref();
+        SeriesKey {
+            texts: [
+                address_of(record.source_workload.as_ref()),
+                address_of(record.source_workload_namespace.as_ref()),
+                address_of(destination.map(|d| &d.service)),
+                address_of(destination.map(|d| &d.name)),
+                address_of(destination.map(|d| &d.namespace)),
+            ],
+            response_code: record.response_code,
+            response_flags: address(record.response_flags),
+            grpc: record.grpc,
+        }
+    }
+}
+
+/// A series in `RequestMetrics::recent`, with the texts its key is the address of: held, they cannot be freed and
+/// their addresses given to other texts while the entry lasts.
+struct Recent {
+    series: Arc<Series>,
+    _texts: [LabelText; 5],
+}
+
+/// How many entries `RequestMetrics::recent` keeps before it starts again (each reload makes new texts).
+const RECENT_LIMIT: usize = 4096;
 
 /// The four series one request updates.
 struct Series {
@@ -77,6 +121,7 @@ impl RequestMetrics {
             request_bytes: Family::new_with_constructor(|| Histogram::new(SIZE_BUCKETS.iter().copied())),
             response_bytes: Family::new_with_constructor(|| Histogram::new(SIZE_BUCKETS.iter().copied())),
             series: Arc::default(),
+            recent: Arc::default(),
         };
         registry.register("istio_requests", "Requests proxied, by Istio's standard labels", metrics.requests.clone());
         registry.register(
@@ -87,6 +132,29 @@ impl RequestMetrics {
         registry.register("istio_request_bytes", "Request body sizes in bytes", metrics.request_bytes.clone());
         registry.register("istio_response_bytes", "Response body sizes in bytes", metrics.response_bytes.clone());
         metrics
+    }
+
+    /// The series `record` counts in.
+    fn series_of(&self, record: &RequestRecord) -> Arc<Series> {
+        let key = SeriesKey::of(record);
+        if let Some(recent) = self.recent.read().unwrap_or_else(PoisonError::into_inner).get(&key) {
+            return recent.series.clone();
+        }
+        let labels = labels_of(record);
+        let texts = [
+            labels.source_workload.clone(),
+            labels.source_workload_namespace.clone(),
+            labels.destination_service.clone(),
+            labels.destination_service_name.clone(),
+            labels.destination_service_namespace.clone(),
+        ];
+        let series = self.series(labels);
+        let mut recent = self.recent.write().unwrap_or_else(PoisonError::into_inner);
+        if recent.len() >= RECENT_LIMIT {
+            recent.clear();
+        }
+        recent.insert(key, Recent { series: series.clone(), _texts: texts });
+        series
     }
 
     /// The series labelled `labels`, made on first use.
@@ -229,25 +297,7 @@ impl RequestTelemetry {
     }
 
     pub fn record(&self, record: &RequestRecord) {
-        let destination = record.destination.as_ref();
-        let labels = RequestLabels {
-            reporter: "source".into(),
-            source_workload: record.source_workload.clone().unwrap_or(UNKNOWN),
-            source_workload_namespace: record.source_workload_namespace.clone().unwrap_or(UNKNOWN),
-            source_principal: UNKNOWN,
-            destination_workload: UNKNOWN,
-            destination_workload_namespace: UNKNOWN,
-            destination_principal: UNKNOWN,
-            destination_service: destination.map_or(UNKNOWN, |d| d.service.clone()),
-            destination_service_name: destination.map_or(UNKNOWN, |d| d.name.clone()),
-            destination_service_namespace: destination.map_or(UNKNOWN, |d| d.namespace.clone()),
-            request_protocol: (if record.grpc { "grpc" } else { "http" }).into(),
-            response_code: status_label(record.response_code),
-            grpc_response_status: "".into(),
-            response_flags: (if record.response_flags.is_empty() { "-" } else { record.response_flags }).into(),
-            connection_security_policy: UNKNOWN,
-        };
-        let series = self.metrics.series(labels);
+        let series = self.metrics.series_of(record);
         series.requests.inc();
         series.duration.observe(record.duration.as_secs_f64() * 1000.0);
         series.request_bytes.observe(record.bytes_received as f64);
@@ -260,6 +310,28 @@ impl RequestTelemetry {
         if self.lines.try_send(line).is_err() {
             self.dropped_lines.inc();
         }
+    }
+}
+
+/// Istio's standard labels for `record`.
+fn labels_of(record: &RequestRecord) -> RequestLabels {
+    let destination = record.destination.as_ref();
+    RequestLabels {
+        reporter: "source".into(),
+        source_workload: record.source_workload.clone().unwrap_or(UNKNOWN),
+        source_workload_namespace: record.source_workload_namespace.clone().unwrap_or(UNKNOWN),
+        source_principal: UNKNOWN,
+        destination_workload: UNKNOWN,
+        destination_workload_namespace: UNKNOWN,
+        destination_principal: UNKNOWN,
+        destination_service: destination.map_or(UNKNOWN, |d| d.service.clone()),
+        destination_service_name: destination.map_or(UNKNOWN, |d| d.name.clone()),
+        destination_service_namespace: destination.map_or(UNKNOWN, |d| d.namespace.clone()),
+        request_protocol: (if record.grpc { "grpc" } else { "http" }).into(),
+        response_code: status_label(record.response_code),
+        grpc_response_status: "".into(),
+        response_flags: (if record.response_flags.is_empty() { "-" } else { record.response_flags }).into(),
+        connection_security_policy: UNKNOWN,
     }
 }
 
@@ -364,6 +436,43 @@ pub fn rfc3339_millis(time: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn each_request_counts_in_the_series_its_labels_name() {
+        let mut registry = Registry::default();
+        let telemetry = RequestTelemetry::start(&mut registry, AccessLogFormat::Off);
+        let to = |host: &str, code: u16, flags: &'static str| RequestRecord {
+            response_code: code,
+            response_flags: flags,
+            destination: Some(DestinationLabels::registered(host.into(), "ns".into(), 80, None)),
+            ..RequestRecord::default()
+        };
+        // The same texts in other allocations (a reload's) count in the same series.
+        for record in [to("a.com", 200, ""), to("a.com", 200, ""), to("a.com", 503, "UF"), to("b.com", 200, "")] {
+            telemetry.record(&record);
+        }
+        let shared = to("a.com", 200, "");
+        telemetry.record(&shared);
+        telemetry.record(&shared);
+        telemetry.record(&RequestRecord { response_code: 502, ..RequestRecord::default() });
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let count = |service: &str, code: &str, flags: &str| {
+            let labels = format!(
+                "destination_service=\"{service}\",destination_service_name=\"{service}\",\
+                 destination_service_namespace=\"{ns}\",request_protocol=\"http\",response_code=\"{code}\",\
+                 grpc_response_status=\"\",response_flags=\"{flags}\"",
+                ns = if service == "unknown" { "unknown" } else { "ns" },
+            );
+            text.lines()
+                .find(|line| line.starts_with("istio_requests_total{") && line.contains(&labels))
+                .and_then(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        };
+        assert_eq!(count("a.com", "200", "-"), Some(4), "{text}");
+        assert_eq!(count("a.com", "503", "UF"), Some(1), "{text}");
+        assert_eq!(count("b.com", "200", "-"), Some(1), "{text}");
+        assert_eq!(count("unknown", "502", "-"), Some(1), "{text}");
+    }
 
     #[test]
     fn start_times_are_written_as_envoy_writes_them() {
