@@ -25,8 +25,6 @@ const CLIENT_CPU: &str = "0";
 const EXTRA_HOSTS: usize = 99;
 
 pub struct Run {
-    /// The configuration's key (`direct`, `sluice`, `sluice-gateway`, `nginx`, …) and its name in the table.
-    pub key: &'static str,
     pub name: &'static str,
     pub requests_per_second: f64,
     pub p50_ms: f64,
@@ -59,17 +57,17 @@ pub const PEERS: [&str; 3] = ["nginx", "haproxy", "squid"];
 pub const ROUNDS: usize = 3;
 
 /// Runs every configuration (or those named in `only`) in turn, on a fresh topology each, `ROUNDS` times; each
-/// configuration's figures are the medians of its rounds.
-pub fn compare(only: &[String]) -> anyhow::Result<Vec<Run>> {
-    let chosen: Vec<&(&str, Measured)> =
+/// configuration's figures, under its key, are the medians of its rounds.
+pub fn compare(only: &[String]) -> anyhow::Result<Vec<(&'static str, Run)>> {
+    let chosen: Vec<&(&'static str, Measured)> =
         CONFIGURATIONS.iter().filter(|(key, _)| only.is_empty() || only.iter().any(|o| o == key)).collect();
     let mut rounds: Vec<Vec<Run>> = chosen.iter().map(|_| Vec::new()).collect();
     for _ in 0..ROUNDS {
-        for ((key, run), runs) in chosen.iter().zip(&mut rounds) {
-            runs.push(Run { key, ..run()? });
+        for ((_, run), runs) in chosen.iter().zip(&mut rounds) {
+            runs.push(run()?);
         }
     }
-    Ok(rounds.into_iter().map(median).collect())
+    Ok(chosen.iter().map(|(key, _)| *key).zip(rounds.into_iter().map(median)).collect())
 }
 
 /// The median of each figure over `runs` (of one configuration).
@@ -84,7 +82,6 @@ fn median(runs: Vec<Run>) -> Run {
         (!values.is_empty()).then(|| middle(values))
     };
     Run {
-        key: runs[0].key,
         name: runs[0].name,
         requests_per_second: of(|run| run.requests_per_second),
         p50_ms: of(|run| run.p50_ms),
@@ -106,7 +103,6 @@ fn direct() -> anyhow::Result<Run> {
     let _origin = origin(&topology)?;
     let (rps, p50, p99, _) = wrk(&topology.workload, &format!("http://{SERVER_A}/"))?;
     Ok(Run {
-        key: "direct",
         name: "direct (no proxy)",
         requests_per_second: rps,
         p50_ms: p50,
@@ -122,13 +118,8 @@ fn sluice() -> anyhow::Result<Run> {
     let _origin = origin(&topology)?;
     let config = tempfile::tempdir()?;
     write_sluice_config(config.path())?;
-    let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --access-log-format off --concurrency 1 --config {}",
-        config.path().display()
-    );
-    let agent = Agent::start(&topology.gateway, &args)?;
-    pin_tree(agent.pid(), PROXY_CPU)?;
-    measure("sluice", &topology, agent.pid(), &format!("http://{SERVER_A}/"))
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80");
+    measure_sluice("sluice", &topology, config.path(), &args, None, &format!("http://{SERVER_A}/"))
 }
 
 /// Sluice as a reverse proxy on a Gateway port (8082 on its own address), as the peers are measured: no
@@ -141,26 +132,44 @@ fn sluice_gateway() -> anyhow::Result<Run> {
     write_sluice_config(config.path())?;
     std::fs::write(
         config.path().join("gateway.yaml"),
-        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: egress, namespace: bench}\nspec:\n  \
-         selector: {istio: egressgateway}\n  servers:\n  - port: {number: 8082, name: http, protocol: HTTP}\n    \
-         hosts: [origin.bench]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\n\
-         metadata: {name: origin, namespace: bench}\nspec:\n  hosts: [origin.bench]\n  gateways: [egress]\n  http:\n  \
-         - route:\n    - destination: {host: origin-endpoints.bench, port: {number: 80}}\n---\n\
-         apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: origin-endpoints, namespace: bench}\n\
-         spec:\n  hosts: [origin-endpoints.bench]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  \
-         resolution: STATIC\n  endpoints: [{address: 203.0.113.10}]\n",
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: egress, namespace: bench}}\nspec:\n  \
+             selector: {{istio: egressgateway}}\n  servers:\n  - port: {{number: 8082, name: http, protocol: HTTP}}\n    \
+             hosts: [origin.bench]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+             metadata: {{name: origin, namespace: bench}}\nspec:\n  hosts: [origin.bench]\n  gateways: [egress]\n  \
+             http:\n  - route:\n    - destination: {{host: origin-endpoints.bench, port: {{number: 80}}}}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+             metadata: {{name: origin-endpoints, namespace: bench}}\nspec:\n  hosts: [origin-endpoints.bench]\n  \
+             ports: [{{number: 80, name: http, protocol: HTTP}}]\n  resolution: STATIC\n  \
+             endpoints: [{{address: {SERVER_A}}}]\n"
+        ),
     )
     .context("writing the bench's Gateway")?;
     let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32 --gateway-labels istio=egressgateway \
-         --access-log-format off --concurrency 1 --config {}",
-        config.path().display()
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32 --gateway-labels istio=egressgateway"
     );
+    let url = format!("http://{GATEWAY_WORKLOAD_ADDR}:8082/");
+    measure_sluice("sluice (Gateway port)", &topology, config.path(), &args, Some("gateway listener open"), &url)
+}
+
+/// Starts Sluice in the gateway namespace on `config` with `args` (no access log, one proxy thread), and once it is
+/// ready (and has logged `opened`, if given: a listener its readiness does not wait for), measures through it at
+/// `url`.
+fn measure_sluice(
+    name: &'static str,
+    topology: &Topology,
+    config: &Path,
+    args: &str,
+    opened: Option<&str>,
+    url: &str,
+) -> anyhow::Result<Run> {
+    let args = format!("{args} --access-log-format off --concurrency 1 --config {}", config.display());
     let agent = Agent::start(&topology.gateway, &args)?;
-    agent.wait_for_log("gateway listener open", 1)?;
-    let listen: SocketAddr = format!("{GATEWAY_WORKLOAD_ADDR}:8082").parse()?;
+    if let Some(opened) = opened {
+        agent.wait_for_log(opened, 1)?;
+    }
     pin_tree(agent.pid(), PROXY_CPU)?;
-    measure("sluice (Gateway port)", &topology, agent.pid(), &format!("http://{listen}/"))
+    measure(name, topology, agent.pid(), url)
 }
 
 fn write_sluice_config(dir: &Path) -> anyhow::Result<()> {
@@ -263,7 +272,6 @@ fn measure(name: &'static str, topology: &Topology, pid: u32, url: &str) -> anyh
     let ticks_per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100);
     let per_request = |ticks: u64| ticks as f64 * 1e6 / ticks_per_second as f64 / requests.max(1) as f64;
     Ok(Run {
-        key: name,
         name,
         requests_per_second: rps,
         p50_ms: p50,

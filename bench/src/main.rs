@@ -207,7 +207,7 @@ fn http_comparison(only: &[String]) -> anyhow::Result<()> {
         "{:<30} {:>12} {:>9} {:>9} {:>14} {:>12} {:>10}",
         "through", "requests/s", "p50 ms", "p99 ms", "CPU us/request", "(user space)", "RSS MiB"
     );
-    for run in &runs {
+    for (_, run) in &runs {
         let tenths = |us: Option<f64>| us.map(|c| format!("{c:.1}")).unwrap_or_else(|| "-".into());
         let rss = run.rss_kib.map(|r| format!("{:.1}", r as f64 / 1024.0)).unwrap_or_else(|| "-".into());
         println!(
@@ -224,10 +224,10 @@ fn http_comparison(only: &[String]) -> anyhow::Result<()> {
     if !only.is_empty() {
         return Ok(());
     }
-    let of = |key: &str| runs.iter().find(|run| run.key == key);
+    let of = |key: &str| runs.iter().find(|(run_key, _)| *run_key == key).map(|(_, run)| run);
     let (Some(direct), Some(sluice)) = (of("direct"), of("sluice")) else { return Ok(()) };
     let direct = direct.requests_per_second.max(1.0);
-    let peers = || runs.iter().filter(|run| http::PEERS.contains(&run.key));
+    let peers = || runs.iter().filter(|(key, _)| http::PEERS.contains(key)).map(|(_, run)| run);
     let best_peer_cpu = peers().filter_map(|r| r.cpu_us_per_request).fold(f64::INFINITY, f64::min);
     let best_peer_p99 = peers().map(|r| r.p99_ms).fold(f64::INFINITY, f64::min);
     println!(

@@ -139,11 +139,12 @@ pub fn decide<'p, B>(
 ) -> Decision<'p> {
     let mut listener = listener;
     let mut port = local.port();
+    let host_name = host_of(authority);
     // Whose exportTo view applies: the source workload's namespace for the workloads' own traffic (unknown: all
     // visible). On Gateway ports every resource is visible.
     // Domain fronting: an intercepted request for a registered host, sent to an address that is not the host's.
     let host_mismatch = listener == Listener::Mesh
-        && match policy.registered_for(host_of(authority), port, Viewer::Workload(source)) {
+        && match policy.registered_for(host_name, port, Viewer::Workload(source)) {
             Registered::Service(service) => service.known_at(local.ip()) == Some(false),
             Registered::Unknown => false,
         };
@@ -178,7 +179,7 @@ pub fn decide<'p, B>(
                     source,
                 };
                 let visible = host.routes.iter().filter(|route| {
-                    viewer.sees(policy, &route.scope.visible_to, &route.scope.namespace, host_of(authority), port)
+                    viewer.sees(policy, &route.scope.visible_to, &route.scope.namespace, host_name, port)
                 });
                 let found = visible.clone().find_map(|route| {
                     if route.matches.is_empty() {
@@ -211,7 +212,7 @@ pub fn decide<'p, B>(
         };
         let (host, destination_port, subset) = match target {
             Some(target) => (&*target.host, target.port.unwrap_or(port), target.subset.as_deref()),
-            None => (host_of(authority), port, None),
+            None => (host_name, port, None),
         };
         if listener.is_mesh() && policy.is_own_service(host) {
             listener = Listener::Gateway(destination_port);

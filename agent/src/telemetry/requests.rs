@@ -57,10 +57,8 @@ pub struct RequestMetrics {
     duration: Family<RequestLabels, Histogram>,
     request_bytes: Family<RequestLabels, Histogram>,
     response_bytes: Family<RequestLabels, Histogram>,
-    /// Each label set's four series, found with one lookup (the families hash the labels once each).
-    series: Arc<RwLock<HashMap<RequestLabels, Arc<Series>, foldhash::fast::RandomState>>>,
-    /// The same series by what varies between requests, its shared texts by address: a request's labels are
-    /// neither built nor hashed once its kind has been seen.
+    /// Each kind of request's four series, found with one lookup by what varies between requests, its shared
+    /// texts by address: a request's labels are built and hashed (by each family) only the first time.
     recent: Arc<RwLock<HashMap<SeriesKey, Recent, foldhash::fast::RandomState>>>,
 }
 
@@ -120,7 +118,6 @@ impl RequestMetrics {
             duration: Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS.iter().copied())),
             request_bytes: Family::new_with_constructor(|| Histogram::new(SIZE_BUCKETS.iter().copied())),
             response_bytes: Family::new_with_constructor(|| Histogram::new(SIZE_BUCKETS.iter().copied())),
-            series: Arc::default(),
             recent: Arc::default(),
         };
         registry.register("istio_requests", "Requests proxied, by Istio's standard labels", metrics.requests.clone());
@@ -148,27 +145,18 @@ impl RequestMetrics {
             labels.destination_service_name.clone(),
             labels.destination_service_namespace.clone(),
         ];
-        let series = self.series(labels);
-        let mut recent = self.recent.write().unwrap_or_else(PoisonError::into_inner);
-        if recent.len() >= RECENT_LIMIT {
-            recent.clear();
-        }
-        recent.insert(key, Recent { series: series.clone(), _texts: texts });
-        series
-    }
-
-    /// The series labelled `labels`, made on first use.
-    fn series(&self, labels: RequestLabels) -> Arc<Series> {
-        if let Some(series) = self.series.read().unwrap_or_else(PoisonError::into_inner).get(&labels) {
-            return series.clone();
-        }
         let series = Arc::new(Series {
             requests: self.requests.get_or_create(&labels).clone(),
             duration: self.duration.get_or_create(&labels).clone(),
             request_bytes: self.request_bytes.get_or_create(&labels).clone(),
             response_bytes: self.response_bytes.get_or_create(&labels).clone(),
         });
-        self.series.write().unwrap_or_else(PoisonError::into_inner).entry(labels).or_insert(series).clone()
+        let mut recent = self.recent.write().unwrap_or_else(PoisonError::into_inner);
+        if recent.len() >= RECENT_LIMIT {
+            recent.clear();
+        }
+        recent.insert(key, Recent { series: series.clone(), _texts: texts });
+        series
     }
 }
 
