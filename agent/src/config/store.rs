@@ -46,11 +46,6 @@ impl Stored {
         self.kind
     }
 
-    /// The resource's `metadata` and `spec`.
-    pub fn json(&self) -> &str {
-        &self.json
-    }
-
     /// The resource's metadata, and its spec as JSON (as `/config_dump` shows it).
     pub fn metadata_and_spec(&self) -> Option<(Metadata, serde_json::Value)> {
         let held: Held<Metadata, serde_json::Value> = serde_json::from_str(&self.json).ok()?;
@@ -185,7 +180,7 @@ mod tests {
         assert!(loaded.sources.len() >= 20, "the examples and the corpus are read: {}", loaded.sources.len());
         for (source, resource) in &loaded.sources {
             let stored = Stored::new(source.as_str().into(), resource);
-            assert_eq!(stored.resource().as_ref(), Some(&**resource), "{source}: {}", stored.json());
+            assert_eq!(stored.resource().as_ref(), Some(&**resource), "{source}: {stored:?}");
         }
     }
 
