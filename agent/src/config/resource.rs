@@ -12,7 +12,7 @@ use super::{
 const ISTIO_GROUP: &str = "networking.istio.io";
 const ISTIO_VERSIONS: [&str; 3] = ["v1alpha3", "v1beta1", "v1"];
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
 pub enum Kind {
     ServiceEntry,
     VirtualService,

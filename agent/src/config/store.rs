@@ -2,80 +2,140 @@
 //! version, and a file that cannot be read keeps the resources it last gave.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, BTreeSet},
+    io::{BufRead, Write},
     sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use super::{error::ConfigError, sources::files::Loaded, Kind, MeshConfig, Metadata, Resource, Snapshot, Spec};
 
+/// zstd's level for the store: its default, fast enough for 20,000 resources in tens of milliseconds.
+const LEVEL: i32 = 3;
+
 #[derive(Debug, Default)]
 pub struct Store {
-    /// Resource id → the resource and where it came from.
-    resources: BTreeMap<String, Arc<Stored>>,
+    resources: Arc<Packed>,
     mesh: MeshConfig,
 }
 
-/// A resource in force, held as the compact JSON it reads back from: the typed form takes several times the
-/// memory, and is needed only while a policy is compiled from it.
-#[derive(Debug)]
-pub struct Stored {
-    kind: Kind,
-    /// The file (or `kubernetes`) the resource came from; shared by the resources of one source.
-    source: Arc<str>,
-    /// `{"metadata": …, "spec": …}`, empty fields left out.
-    json: Box<str>,
+/// The resources in force, compressed together: one JSON line per resource, in id order, with the file (or
+/// `kubernetes`) it came from and its `metadata` and `spec` (empty fields left out). Resources repeat one
+/// another's structure and names, so the whole compresses many times over (10,000 ServiceEntries with as many
+/// VirtualServices: ~30 bytes a pair, ~800 as separate JSON); the typed form takes several times the JSON's
+/// memory, and is needed only while a policy is compiled from it, which reads the whole in one pass.
+#[derive(Debug, Default)]
+pub struct Packed {
+    zstd: Box<[u8]>,
+    count: usize,
 }
 
-/// What a stored resource's JSON holds.
+/// One resource's line.
+#[derive(Deserialize, Serialize)]
+struct Line<'a, R> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    kind: Kind,
+    #[serde(borrow)]
+    source: Cow<'a, str>,
+    /// `{"metadata": …, "spec": …}`.
+    resource: R,
+}
+
+/// What a line's resource holds.
 #[derive(Deserialize, Serialize)]
 struct Held<M, S> {
     metadata: M,
     spec: S,
 }
 
-impl Stored {
-    fn new(source: Arc<str>, resource: &Resource) -> Stored {
-        let held = Held { metadata: &resource.metadata, spec: &resource.spec };
-        let json = serde_json::to_string(&held).unwrap_or_default();
-        Stored { kind: resource.kind, source, json: json.into_boxed_str() }
-    }
-
-    pub fn kind(&self) -> Kind {
-        self.kind
-    }
-
-    /// The resource's metadata, and its spec as JSON (as `/config_dump` shows it).
-    pub fn metadata_and_spec(&self) -> Option<(Metadata, serde_json::Value)> {
-        let held: Held<Metadata, serde_json::Value> = serde_json::from_str(&self.json).ok()?;
-        Some((held.metadata, held.spec))
-    }
-
-    /// The typed resource; `None` only if what was written cannot be read back (logged: it is left out).
-    pub fn resource(&self) -> Option<Resource> {
-        fn read<S: serde::de::DeserializeOwned>(
-            json: &str,
-            spec: fn(Box<S>) -> Spec,
-        ) -> serde_json::Result<(Metadata, Spec)> {
-            let held: Held<Metadata, Box<S>> = serde_json::from_str(json)?;
-            Ok((held.metadata, spec(held.spec)))
+impl Packed {
+    fn new<'a>(lines: impl ExactSizeIterator<Item = &'a str>) -> std::io::Result<Packed> {
+        let count = lines.len();
+        let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), LEVEL)?;
+        for line in lines {
+            encoder.write_all(line.as_bytes())?;
+            encoder.write_all(b"\n")?;
         }
-        let read = match self.kind {
-            Kind::ServiceEntry => read(&self.json, Spec::ServiceEntry),
-            Kind::VirtualService => read(&self.json, Spec::VirtualService),
-            Kind::Gateway => read(&self.json, Spec::Gateway),
-            Kind::DestinationRule => read(&self.json, Spec::DestinationRule),
-            Kind::Sidecar => read(&self.json, Spec::Sidecar),
-        };
-        match read {
-            Ok((metadata, spec)) => Some(Resource { kind: self.kind, metadata, spec }),
+        Ok(Packed { zstd: encoder.finish()?.into_boxed_slice(), count })
+    }
+
+    /// How many resources are held.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Each resource's line, in id order.
+    fn lines(&self) -> impl Iterator<Item = String> + '_ {
+        let decoder = (self.count > 0).then(|| zstd::stream::read::Decoder::with_buffer(&self.zstd[..]));
+        let reader = match decoder.transpose() {
+            Ok(decoder) => decoder.map(std::io::BufReader::new),
             Err(error) => {
-                tracing::error!(source = %self.source, kind = %self.kind, %error, "a stored resource reads back wrong");
+                tracing::error!(%error, "the configuration in force cannot be read back");
                 None
             }
-        }
+        };
+        reader.into_iter().flat_map(|reader| {
+            reader.lines().map_while(|line| {
+                line.map_err(|error| tracing::error!(%error, "the configuration in force cannot be read back")).ok()
+            })
+        })
     }
+
+    /// Each resource with the file it came from, typed, in id order. A line that does not read back (it cannot
+    /// but for a fault in Sluice) is logged and left out.
+    pub fn resources(&self) -> impl Iterator<Item = Resource> + '_ {
+        self.lines().filter_map(|text| match read(&text) {
+            Ok(resource) => Some(resource),
+            Err(error) => {
+                tracing::error!(%error, line = text, "a stored resource reads back wrong");
+                None
+            }
+        })
+    }
+
+    /// Each resource's kind, metadata and spec as JSON (as `/config_dump` shows them).
+    pub fn entries(&self) -> impl Iterator<Item = (Kind, Metadata, serde_json::Value)> + '_ {
+        self.lines().filter_map(|text| {
+            let line: Line<&RawValue> = serde_json::from_str(&text).ok()?;
+            let held: Held<Metadata, serde_json::Value> = serde_json::from_str(line.resource.get()).ok()?;
+            Some((line.kind, held.metadata, held.spec))
+        })
+    }
+}
+
+/// `resource`'s line.
+fn line(id: &str, source: &str, resource: &Resource) -> serde_json::Result<String> {
+    let held = Held { metadata: &resource.metadata, spec: &resource.spec };
+    serde_json::to_string(&Line { id: id.into(), kind: resource.kind, source: source.into(), resource: held })
+}
+
+/// The resource a line holds, typed.
+fn read(text: &str) -> serde_json::Result<Resource> {
+    fn typed<S: serde::de::DeserializeOwned>(
+        json: &str,
+        spec: fn(Box<S>) -> Spec,
+    ) -> serde_json::Result<(Metadata, Spec)> {
+        let held: Held<Metadata, Box<S>> = serde_json::from_str(json)?;
+        Ok((held.metadata, spec(held.spec)))
+    }
+    let line: Line<&RawValue> = serde_json::from_str(text)?;
+    let json = line.resource.get();
+    let (metadata, spec) = match line.kind {
+        Kind::ServiceEntry => typed(json, Spec::ServiceEntry),
+        Kind::VirtualService => typed(json, Spec::VirtualService),
+        Kind::Gateway => typed(json, Spec::Gateway),
+        Kind::DestinationRule => typed(json, Spec::DestinationRule),
+        Kind::Sidecar => typed(json, Spec::Sidecar),
+    }?;
+    Ok(Resource { kind: line.kind, metadata, spec })
 }
 
 /// What a reload did beyond taking what was valid.
@@ -86,27 +146,40 @@ pub struct Outcome {
 }
 
 impl Store {
-    /// Takes a fresh load of every source.
+    /// Takes a fresh load of every source. (Should the configuration fail to compress, which takes running out of
+    /// memory, the configuration in force stays.)
     pub fn update(&mut self, loaded: &Loaded) -> Outcome {
         let rejected: BTreeSet<&str> = loaded.errors.iter().filter_map(|e| e.resource.as_deref()).collect();
         let unreadable: BTreeSet<&str> =
             loaded.errors.iter().filter(|e| e.resource.is_none()).map(|e| e.source.as_str()).collect();
-        let mut next: BTreeMap<String, Arc<Stored>> = BTreeMap::new();
-        let mut sources: BTreeMap<&str, Arc<str>> = BTreeMap::new();
+        // Resource id → its line.
+        let mut next: BTreeMap<String, String> = BTreeMap::new();
         for (source, resource) in &loaded.sources {
-            let source = sources.entry(source.as_str()).or_insert_with(|| source.as_str().into()).clone();
-            next.insert(resource.id(), Arc::new(Stored::new(source, resource)));
-        }
-        let mut outcome = Outcome::default();
-        for (id, stored) in &self.resources {
-            let keep =
-                (rejected.contains(id.as_str()) || unreadable.contains(&*stored.source)) && !next.contains_key(id);
-            if keep {
-                next.insert(id.clone(), stored.clone());
-                outcome.kept.push(id.clone());
+            let id = resource.id();
+            match line(&id, source, resource) {
+                Ok(line) => {
+                    next.insert(id, line);
+                }
+                Err(error) => tracing::error!(%error, resource = id, "a resource cannot be stored"),
             }
         }
-        self.resources = next;
+        let mut outcome = Outcome::default();
+        if !rejected.is_empty() || !unreadable.is_empty() {
+            for text in self.resources.lines() {
+                let Ok(line) = serde_json::from_str::<Line<&RawValue>>(&text) else { continue };
+                let keep = (rejected.contains(&*line.id) || unreadable.contains(&*line.source))
+                    && !next.contains_key(&*line.id);
+                if keep {
+                    let id = line.id.into_owned();
+                    outcome.kept.push(id.clone());
+                    next.insert(id, text);
+                }
+            }
+        }
+        match Packed::new(next.values().map(String::as_str)) {
+            Ok(packed) => self.resources = Arc::new(packed),
+            Err(error) => tracing::error!(%error, "the configuration read cannot be stored; the last stays in force"),
+        }
         let mesh_rejected = loaded.errors.iter().any(is_mesh_error);
         if !mesh_rejected {
             self.mesh = loaded.snapshot.mesh.clone();
@@ -116,15 +189,12 @@ impl Store {
 
     /// The resources in force, typed, with the mesh config: what a policy is compiled from.
     pub fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            resources: self.resources.values().filter_map(|stored| stored.resource().map(Arc::new)).collect(),
-            mesh: self.mesh.clone(),
-        }
+        Snapshot { resources: self.resources.resources().map(Arc::new).collect(), mesh: self.mesh.clone() }
     }
 
-    /// The resources in force as held (in id order), and the mesh config.
-    pub fn stored(&self) -> (Vec<Arc<Stored>>, MeshConfig) {
-        (self.resources.values().cloned().collect(), self.mesh.clone())
+    /// The resources in force as held, and the mesh config.
+    pub fn stored(&self) -> (Arc<Packed>, MeshConfig) {
+        (self.resources.clone(), self.mesh.clone())
     }
 }
 
@@ -178,9 +248,14 @@ mod tests {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let loaded = files::load(&[root.join("deploy/examples"), root.join("tests/corpus/valid")]);
         assert!(loaded.sources.len() >= 20, "the examples and the corpus are read: {}", loaded.sources.len());
-        for (source, resource) in &loaded.sources {
-            let stored = Stored::new(source.as_str().into(), resource);
-            assert_eq!(stored.resource().as_ref(), Some(&**resource), "{source}: {stored:?}");
+        let mut store = Store::default();
+        store.update(&loaded);
+        let read: BTreeMap<String, &Arc<Resource>> =
+            loaded.sources.iter().map(|(_, resource)| (resource.id(), resource)).collect();
+        let held = store.snapshot().resources;
+        assert_eq!(held.len(), read.len(), "every resource is held");
+        for ((id, resource), held) in read.iter().zip(&held) {
+            assert_eq!(held, *resource, "{id}");
         }
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use crate::{
-    config::{store::Stored, ConfigError, MeshConfig},
+    config::{store::Packed, ConfigError, MeshConfig},
     policy::{bindings::Bindings, DatapathPolicy},
 };
 
@@ -17,7 +17,7 @@ use crate::{
 pub struct Dump {
     generation: u64,
     /// The resources in force, as the store holds them.
-    resources: Vec<Arc<Stored>>,
+    resources: Arc<Packed>,
     mesh: MeshConfig,
     rejected: Vec<String>,
     /// The Gateways that select this agent: id and server ports.
@@ -28,7 +28,7 @@ pub struct Dump {
 impl Dump {
     pub fn new(
         generation: u64,
-        (resources, mesh): (Vec<Arc<Stored>>, MeshConfig),
+        (resources, mesh): (Arc<Packed>, MeshConfig),
         rejected: &[ConfigError],
         policy: DatapathPolicy,
         bindings: &Bindings,
@@ -52,15 +52,14 @@ impl Dump {
         let policy = &self.policy;
         let resources: Vec<Value> = self
             .resources
-            .iter()
-            .filter_map(|stored| {
-                let (metadata, spec) = stored.metadata_and_spec()?;
-                Some(json!({
-                    "kind": stored.kind().name(),
+            .entries()
+            .map(|(kind, metadata, spec)| {
+                json!({
+                    "kind": kind.name(),
                     "namespace": metadata.namespace(),
                     "name": metadata.name,
                     "spec": spec,
-                }))
+                })
             })
             .collect();
         let dump = json!({
