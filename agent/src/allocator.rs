@@ -74,12 +74,30 @@ unsafe impl GlobalAlloc for Allocator {
     }
 }
 
+/// mimalloc's `mi_option_purge_delay` (libmimalloc-sys names it only for mimalloc 2): how long freed memory
+/// stays resident before it is returned to the system, in milliseconds.
+const PURGE_DELAY: mi::mi_option_t = 15;
+
+/// Sets mimalloc's options for the agent, before it allocates much: freed memory is returned to the system
+/// after 10 ms (mimalloc 2's delay) rather than mimalloc 3's second. With the longer delay, much of what a
+/// reload frees stays resident for good (with 10,000 ServiceEntries and as many VirtualServices: ~4 MiB, about
+/// a quarter of what the policy itself takes).
+pub fn configure() {
+    // SAFETY: options are atomics, which any thread may set at any time.
+    unsafe { mi::mi_option_set(PURGE_DELAY, 10) }
+}
+
 /// Returns to the system what the calling thread's heap has freed (the control loop calls it after a reload:
 /// the documents read and the typed configuration are several times the size of what is kept, and mimalloc
-/// returns a thread's free pages only as that thread allocates again).
+/// returns a thread's free pages only as that thread allocates again), and what C libraries freed through the C
+/// allocator (zstd's compression context for the store: megabytes, which glibc keeps otherwise).
 pub fn release_freed_memory() {
-    // SAFETY: mi_collect only walks the allocator's own structures, and any thread may call it at any time.
-    unsafe { mi::mi_collect(true) }
+    // SAFETY: mi_collect only walks the allocator's own structures, and any thread may call it at any time;
+    // malloc_trim only walks glibc's, under its own locks.
+    unsafe {
+        mi::mi_collect(true);
+        libc::malloc_trim(0);
+    }
 }
 
 #[cfg(test)]

@@ -198,6 +198,7 @@ fn parse_cidr(text: &str) -> Result<IpNet, String> {
 }
 
 fn main() -> ExitCode {
+    sluice_agent::allocator::configure();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| "info".into()))
