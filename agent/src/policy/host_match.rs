@@ -67,6 +67,12 @@ impl<T> Hosts<T> {
     fn is_empty(&self) -> bool {
         self.slots.is_empty()
     }
+
+    fn shrink_to_fit(&mut self) {
+        let Hosts { slots, text, hasher } = self;
+        slots.shrink_to_fit(|slot| hasher.hash_one(Self::host(text, slot)));
+        text.shrink_to_fit();
+    }
 }
 
 impl<T: std::fmt::Debug> std::fmt::Debug for Hosts<T> {
@@ -155,6 +161,13 @@ impl<T> HostTable<T> {
             loose_suffixes: self.loose_suffixes.iter().map(|(suffix, value)| (suffix.clone(), f(value))).collect(),
             any: self.any.as_ref().map(f),
         }
+    }
+
+    /// Gives up the room left for more hosts (a table is built once, then only read).
+    pub fn shrink_to_fit(&mut self) {
+        self.exact.shrink_to_fit();
+        self.suffixes.shrink_to_fit();
+        self.loose_suffixes.shrink_to_fit();
     }
 
     pub fn is_empty(&self) -> bool {

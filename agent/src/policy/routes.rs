@@ -5,6 +5,7 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
+    num::NonZeroU32,
     sync::Arc,
     time::Duration,
 };
@@ -317,14 +318,14 @@ pub struct Route {
     pub matches: Box<[RequestMatch]>,
     pub action: Action,
     pub request_headers: HeaderOps,
-    pub timeout: Option<Duration>,
-    /// What the route shares with the other routes of its VirtualService.
+    /// What the route shares with the other routes of its VirtualService (its own name among them).
     pub scope: Arc<RouteScope>,
-    /// The route's own name; without one it is named by its VirtualService and `index`.
-    own_name: Option<Arc<str>>,
-    index: u32,
     /// What few routes set, boxed: a route is as small as what most routes have.
     rare: Option<Box<Rare>>,
+    /// Its place in its VirtualService's `http` routes.
+    index: u32,
+    /// In milliseconds (Istio allows no less than one); `None`: no timeout.
+    timeout_ms: Option<NonZeroU32>,
 }
 
 /// The VirtualService a route comes from.
@@ -336,6 +337,9 @@ pub struct RouteScope {
     pub visible_to: Visibility,
     /// Its namespace, which Sidecars import by.
     pub namespace: Arc<str>,
+    /// Each route's own name, by index (empty when no route has one); a route without one is named by its
+    /// VirtualService and index.
+    names: Box<[Option<Arc<str>>]>,
 }
 
 #[derive(Debug, Default)]
@@ -363,10 +367,14 @@ impl Rare {
 impl Route {
     /// The name a request's record and log carry.
     pub fn name(&self) -> RouteName {
-        match &self.own_name {
-            Some(name) => RouteName::Named(name.clone()),
-            None => RouteName::Indexed(self.scope.source.clone(), self.index),
+        match self.scope.names.get(self.index as usize) {
+            Some(Some(name)) => RouteName::Named(name.clone()),
+            _ => RouteName::Indexed(self.scope.source.clone(), self.index),
         }
+    }
+
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout_ms.map(|ms| Duration::from_millis(ms.get().into()))
     }
 
     pub fn rewrite(&self) -> Option<&Rewrite> {
@@ -725,8 +733,10 @@ pub fn proxy_policy(
     }
     let mut table = HostTable::default();
     for (host, services) in registry {
-        table.insert(&host, SmallVec::from_vec(services));
+        // Collected, not `from_vec`: a lone service is held in place (`from_vec` keeps the Vec's allocation).
+        table.insert(&host, services.into_iter().collect());
     }
+    table.shrink_to_fit();
     let mesh = bindings.mesh.map(|indexes| Arc::new(virtual_host(snapshot, indexes, &mut shared)));
     let mut virtual_host = |indexes: &Vec<usize>| Arc::new(virtual_host(snapshot, indexes, &mut shared));
     ProxyPolicy {
@@ -941,6 +951,11 @@ fn virtual_host(snapshot: &Snapshot, indexes: &[usize], shared: &mut Shared) -> 
                 namespace,
             ),
             namespace: shared.text(namespace),
+            names: if service.http.iter().any(|route| route.name.is_some()) {
+                service.http.iter().map(|route| route.name.as_deref().map(Arc::from)).collect()
+            } else {
+                Box::default()
+            },
         });
         for (i, route) in service.http.iter().enumerate() {
             let index = u32::try_from(i).unwrap_or(u32::MAX);
@@ -1025,11 +1040,16 @@ fn compile_route(route: &HttpRoute, scope: &Arc<RouteScope>, index: u32, shared:
         matches: route.matches.iter().map(|m| RequestMatch::compile(m, namespace, regexes)).collect(),
         action,
         request_headers,
-        timeout: route.timeout.as_deref().and_then(|t| parse_duration(t).ok()).filter(|t| !t.is_zero()),
         scope: scope.clone(),
-        own_name: route.name.as_deref().map(Arc::from),
-        index,
         rare: (!rare.is_empty()).then(|| Box::new(rare)),
+        index,
+        // Rounded up: a timeout below a millisecond is not none. One too long for 32 bits (49 days) is as long as
+        // they hold.
+        timeout_ms: route
+            .timeout
+            .as_deref()
+            .and_then(|t| parse_duration(t).ok())
+            .and_then(|t| NonZeroU32::new(u32::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(u32::MAX))),
     }
 }
 
@@ -1173,7 +1193,7 @@ spec:
         ));
         let last = first_match(host, "/get", &none).unwrap();
         assert_eq!(last.name().to_string(), "egress/httpbin[3]");
-        assert_eq!(last.timeout, Some(Duration::from_secs(2)));
+        assert_eq!(last.timeout(), Some(Duration::from_secs(2)));
         let mut canary = http::HeaderMap::new();
         canary.insert("x-canary", "yes".parse().unwrap());
         let Action::Forward(targets) = &first_match(host, "/get", &canary).unwrap().action else { panic!() };

@@ -377,7 +377,7 @@ impl HttpProxy {
 
         // A timeout too long to reach (a configuration may say 1000000h) is no timeout, not an overflow.
         let deadline_in = |timeout: Duration| tokio::time::Instant::now().checked_add(timeout);
-        let overall = route.and_then(|route| route.timeout).and_then(deadline_in);
+        let overall = route.and_then(|route| route.timeout()).and_then(deadline_in);
         // The cluster's connection-pool limits: a slot now, a wait within the pending limit, or 503 UO.
         let cluster = destination.cluster();
         let slot = match cluster.map(|cluster| (cluster, cluster.state.admit())) {
