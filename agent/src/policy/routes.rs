@@ -314,8 +314,8 @@ pub struct VirtualHost {
 
 #[derive(Debug)]
 pub struct Route {
-    /// Empty: every request matches.
-    pub matches: Box<[RequestMatch]>,
+    /// Empty: every request matches. Shared with every route of the policy that matches alike.
+    pub matches: Arc<[RequestMatch]>,
     pub action: Action,
     pub request_headers: HeaderOps,
     /// What the route shares with the other routes of its VirtualService (its own name among them).
@@ -426,6 +426,10 @@ impl std::fmt::Display for RouteName {
 struct Shared {
     regexes: RegexCache,
     texts: std::collections::HashSet<Arc<str>>,
+    /// Compiled match lists by namespace (gateways are named relative to it) and source, as JSON.
+    matches: std::collections::HashMap<String, Arc<[RequestMatch]>>,
+    /// Compiled header manipulations by source, as JSON.
+    header_ops: std::collections::HashMap<String, HeaderOps>,
 }
 
 impl Shared {
@@ -437,6 +441,30 @@ impl Shared {
         let shared: Arc<str> = text.into();
         self.texts.insert(shared.clone());
         shared
+    }
+
+    /// A route's `match` list compiled, shared with every route of the policy that matches alike (the same
+    /// conditions recur across VirtualServices, as configurations are written from templates).
+    fn matches(
+        &mut self,
+        matches: &[crate::config::virtual_service::HttpMatch],
+        namespace: &str,
+    ) -> Arc<[RequestMatch]> {
+        let key = format!("{namespace} {}", serde_json::to_string(matches).unwrap_or_default());
+        if let Some(compiled) = self.matches.get(&key) {
+            return compiled.clone();
+        }
+        let compiled: Arc<[RequestMatch]> =
+            matches.iter().map(|m| RequestMatch::compile(m, namespace, &mut self.regexes)).collect();
+        self.matches.insert(key, compiled.clone());
+        compiled
+    }
+
+    /// Header manipulations compiled, shared with every use of the same ones in the policy.
+    fn header_ops(&mut self, operations: Option<&HeaderOperations>) -> HeaderOps {
+        let Some(operations) = operations else { return HeaderOps::default() };
+        let key = serde_json::to_string(operations).unwrap_or_default();
+        self.header_ops.entry(key).or_insert_with(|| HeaderOps::compile(Some(operations))).clone()
     }
 }
 
@@ -616,10 +644,11 @@ pub struct Rewrite {
 }
 
 /// Header manipulations, names and values checked here: removals, then sets, then additions, as Envoy orders
-/// them. Most routes have none, and then this holds no allocation.
-#[derive(Debug, Default)]
+/// them. Most routes have none, and then this holds no allocation; the same manipulations are shared across
+/// the policy.
+#[derive(Clone, Debug, Default)]
 pub struct HeaderOps {
-    operations: Box<[HeaderOp]>,
+    operations: Option<Arc<[HeaderOp]>>,
 }
 
 #[derive(Debug)]
@@ -642,15 +671,16 @@ impl HeaderOps {
         let removals = operations.remove.iter().filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok());
         let sets = pairs(&operations.set).into_iter().map(|(name, value)| HeaderOp::Set(name, value));
         let adds = pairs(&operations.add).into_iter().map(|(name, value)| HeaderOp::Add(name, value));
-        HeaderOps { operations: removals.map(HeaderOp::Remove).chain(sets).chain(adds).collect() }
+        let operations: Arc<[HeaderOp]> = removals.map(HeaderOp::Remove).chain(sets).chain(adds).collect();
+        HeaderOps { operations: (!operations.is_empty()).then_some(operations) }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.operations.is_empty()
+        self.operations.is_none()
     }
 
     pub fn apply(&self, headers: &mut http::HeaderMap) {
-        for operation in self.operations.iter() {
+        for operation in self.operations.iter().flat_map(|operations| operations.iter()) {
             match operation {
                 HeaderOp::Remove(name) => {
                     headers.remove(name);
@@ -968,7 +998,7 @@ fn virtual_host(snapshot: &Snapshot, indexes: &[usize], shared: &mut Shared) -> 
 
 fn compile_route(route: &HttpRoute, scope: &Arc<RouteScope>, index: u32, shared: &mut Shared) -> Route {
     let namespace = &scope.namespace;
-    let (request_headers, response_headers) = header_ops(route.headers.as_deref());
+    let (request_headers, response_headers) = header_ops(route.headers.as_deref(), shared);
     let action = if let Some(redirect) = &route.redirect {
         Action::Redirect(Box::new(Redirect {
             uri: redirect.uri.clone(),
@@ -1001,7 +1031,7 @@ fn compile_route(route: &HttpRoute, scope: &Arc<RouteScope>, index: u32, shared:
                 let weight = if route.route.len() == 1 { 100 } else { destination.weight.unwrap_or(0) };
                 total += u32::try_from(weight).unwrap_or(0);
                 let headers = destination.headers.as_deref().map(|headers| {
-                    let (request, response) = header_ops(Some(headers));
+                    let (request, response) = header_ops(Some(headers), shared);
                     Box::new([request, response])
                 });
                 Target {
@@ -1037,7 +1067,7 @@ fn compile_route(route: &HttpRoute, scope: &Arc<RouteScope>, index: u32, shared:
         cors: route.cors_policy.as_ref().map(|policy| cors(policy, regexes)),
     };
     Route {
-        matches: route.matches.iter().map(|m| RequestMatch::compile(m, namespace, regexes)).collect(),
+        matches: shared.matches(&route.matches, namespace),
         action,
         request_headers,
         scope: scope.clone(),
@@ -1097,10 +1127,10 @@ fn cors(policy: &crate::config::virtual_service::CorsPolicy, regexes: &mut Regex
     }
 }
 
-fn header_ops(headers: Option<&Headers>) -> (HeaderOps, HeaderOps) {
+fn header_ops(headers: Option<&Headers>, shared: &mut Shared) -> (HeaderOps, HeaderOps) {
     (
-        HeaderOps::compile(headers.and_then(|h| h.request.as_ref())),
-        HeaderOps::compile(headers.and_then(|h| h.response.as_ref())),
+        shared.header_ops(headers.and_then(|h| h.request.as_ref())),
+        shared.header_ops(headers.and_then(|h| h.response.as_ref())),
     )
 }
 
@@ -1175,6 +1205,34 @@ spec:
             source: None,
         };
         host.routes.iter().find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.matches(&view)))
+    }
+
+    #[test]
+    fn routes_that_match_alike_share_their_compiled_matches_and_header_manipulations() {
+        let service = |name: &str, namespace: &str, host: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
+                 spec:\n  hosts: [{host}]\n  http:\n  - match: [{{uri: {{prefix: /api/}}, gateways: [edge]}}]\n    \
+                 headers: {{request: {{set: {{x-route: api}}}}}}\n    route: [{{destination: {{host: {host}}}}}]\n  \
+                 - route: [{{destination: {{host: {host}}}}}]\n"
+            )
+        };
+        let yaml =
+            [service("a", "team", "a.example"), service("b", "team", "b.example"), service("c", "other", "c.example")]
+                .join("---\n");
+        let policy = policy(&yaml, &Resolved::new());
+        let bound = |host: &str| policy.mesh.get(host).map(|host| &host.routes[0]);
+        let (a, b, c) = (bound("a.example"), bound("b.example"), bound("c.example"));
+        let (Some(a), Some(b), Some(c)) = (a, b, c) else { panic!("each VirtualService is bound: {policy:?}") };
+        assert!(Arc::ptr_eq(&a.matches, &b.matches), "the same conditions in one namespace: compiled once");
+        assert!(!Arc::ptr_eq(&a.matches, &c.matches), "`edge` names another namespace's Gateway in `other`");
+        let (Some(a_ops), Some(c_ops)) = (&a.request_headers.operations, &c.request_headers.operations) else {
+            panic!("the header set is compiled")
+        };
+        assert!(Arc::ptr_eq(a_ops, c_ops), "the same header manipulations: compiled once");
+        let mut headers = http::HeaderMap::new();
+        c.request_headers.apply(&mut headers);
+        assert_eq!(headers["x-route"], "api", "and applied by each route");
     }
 
     #[test]
