@@ -96,9 +96,17 @@ pub fn measure(entries: usize) -> Figures {
     figures
 }
 
+/// The agent's resident memory, KiB: all of it, and what no file backs (its heap, without the pages of its code,
+/// which a larger configuration runs more of but does not hold per host).
+#[derive(Clone, Copy)]
+pub struct Resident {
+    pub all: u64,
+    pub anonymous: u64,
+}
+
 /// The agent itself, run on `entries` ServiceEntries and as many VirtualServices (written to a file as they are
-/// generated here) and on none: its resident memory in each, KiB, once its policy is applied.
-pub fn agent_rss_kib(entries: usize) -> anyhow::Result<(u64, u64)> {
+/// generated here) and on none: its resident memory in each, once its policy is applied.
+pub fn agent_resident(entries: usize) -> anyhow::Result<(Resident, Resident)> {
     use anyhow::Context;
     use sluice_tests::{
         peers::Dnsmasq,
@@ -109,7 +117,7 @@ pub fn agent_rss_kib(entries: usize) -> anyhow::Result<(u64, u64)> {
     let topology = Topology::new()?;
     // Answers no name (at once): the DNS entries resolve to nothing, as where their names are unknown.
     let _dns = Dnsmasq::start(&topology.internet, INTERNET_ADDR, &[])?;
-    let rss = |dir: &std::path::Path| -> anyhow::Result<u64> {
+    let rss = |dir: &std::path::Path| -> anyhow::Result<Resident> {
         let args = format!(
             "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format off --dns-server {INTERNET_ADDR} --config {}",
             dir.display()
@@ -117,7 +125,11 @@ pub fn agent_rss_kib(entries: usize) -> anyhow::Result<(u64, u64)> {
         let agent = Agent::start(&topology.gateway, &args)?;
         // Ready once the policy is applied (and what reading took returned to the system).
         std::thread::sleep(std::time::Duration::from_secs(1));
-        Ok(crate::http::tree_rss_kib(agent.pid()))
+        let pid = agent.pid();
+        Ok(Resident {
+            all: crate::http::tree_status_kib(pid, "VmRSS"),
+            anonymous: crate::http::tree_status_kib(pid, "RssAnon"),
+        })
     };
     let empty = tempfile::tempdir()?;
     let full = tempfile::tempdir()?;

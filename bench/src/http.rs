@@ -378,13 +378,19 @@ fn tree_cpu_ticks_split(pid: u32) -> (u64, u64) {
 
 /// The resident memory of `pid` and its descendants, KiB.
 pub fn tree_rss_kib(pid: u32) -> u64 {
+    tree_status_kib(pid, "VmRSS")
+}
+
+/// A memory figure of `/proc/PID/status` (`VmRSS`, `RssAnon`: resident memory, and of it what no file backs),
+/// KiB, summed over the process tree of `pid`.
+pub fn tree_status_kib(pid: u32, field: &str) -> u64 {
     tree(pid)
         .into_iter()
         .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
         .filter_map(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("VmRSS:")?.trim().strip_suffix(" kB")?.trim().parse::<u64>().ok())
+            status.lines().find_map(|line| {
+                line.strip_prefix(field)?.strip_prefix(':')?.trim().strip_suffix(" kB")?.trim().parse::<u64>().ok()
+            })
         })
         .sum()
 }

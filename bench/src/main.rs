@@ -183,13 +183,17 @@ fn configuration() -> anyhow::Result<()> {
         last.1 / first.1.max(1.0),
         last.2 / first.2.max(1.0)
     );
-    let (empty, full) = compile::agent_rss_kib(AGENT_ENTRIES).context("running the agent on the entries")?;
+    let (empty, full) = compile::agent_resident(AGENT_ENTRIES).context("running the agent on the entries")?;
+    let per_host = |full: u64, empty: u64| full.saturating_sub(empty) as f64 * 1024.0 / AGENT_ENTRIES as f64;
     println!(
         "the agent itself with {AGENT_ENTRIES} ServiceEntries and VirtualServices: RSS {:.1} MiB, {:.1} MiB with none \
-         -> {:.0} resident bytes per host",
-        full as f64 / 1024.0,
-        empty as f64 / 1024.0,
-        full.saturating_sub(empty) as f64 * 1024.0 / AGENT_ENTRIES as f64
+         -> {:.0} resident bytes per host; not file-backed (without code pages): {:.1} MiB, {:.1} MiB -> {:.0} bytes per host",
+        full.all as f64 / 1024.0,
+        empty.all as f64 / 1024.0,
+        per_host(full.all, empty.all),
+        full.anonymous as f64 / 1024.0,
+        empty.anonymous as f64 / 1024.0,
+        per_host(full.anonymous, empty.anonymous)
     );
     println!();
     Ok(())
