@@ -430,6 +430,8 @@ struct Shared {
     matches: std::collections::HashMap<String, Arc<[RequestMatch]>>,
     /// Compiled header manipulations by source, as JSON.
     header_ops: std::collections::HashMap<String, HeaderOps>,
+    /// Targets' subsets and header manipulations, by subset and source of the manipulations.
+    target_extras: std::collections::HashMap<(Option<Arc<str>>, String), Arc<TargetExtras>>,
 }
 
 impl Shared {
@@ -458,6 +460,23 @@ impl Shared {
             matches.iter().map(|m| RequestMatch::compile(m, namespace, &mut self.regexes)).collect();
         self.matches.insert(key, compiled.clone());
         compiled
+    }
+
+    /// A target's subset and header manipulations, shared with every target that has the same; `None` without
+    /// either.
+    fn target_extras(&mut self, subset: Option<&str>, headers: Option<&Headers>) -> Option<Arc<TargetExtras>> {
+        if subset.is_none() && headers.is_none() {
+            return None;
+        }
+        let subset = subset.map(|subset| self.text(subset));
+        let key = (subset.clone(), serde_json::to_string(&headers).unwrap_or_default());
+        if let Some(extras) = self.target_extras.get(&key) {
+            return Some(extras.clone());
+        }
+        let (request, response) = header_ops(headers, self);
+        let extras = Arc::new(TargetExtras { subset, headers: [request, response] });
+        self.target_extras.insert(key, extras.clone());
+        Some(extras)
     }
 
     /// Header manipulations compiled, shared with every use of the same ones in the policy.
@@ -599,18 +618,29 @@ pub struct Target {
     pub port: Option<u16>,
     /// The weights of this target and of those before it, summed: for the pick.
     weight_to: u32,
-    pub subset: Option<Arc<str>>,
-    /// Request and response header manipulations, when the destination has any (most have none).
-    headers: Option<Box<[HeaderOps; 2]>>,
+    /// Its subset and header manipulations, when it has either (most have neither); shared with every target of
+    /// the policy that has the same.
+    extras: Option<Arc<TargetExtras>>,
+}
+
+#[derive(Debug, Default)]
+struct TargetExtras {
+    subset: Option<Arc<str>>,
+    /// Request and response header manipulations.
+    headers: [HeaderOps; 2],
 }
 
 impl Target {
+    pub fn subset(&self) -> Option<&str> {
+        self.extras.as_ref()?.subset.as_deref()
+    }
+
     pub fn request_headers(&self) -> Option<&HeaderOps> {
-        self.headers.as_ref().map(|headers| &headers[0])
+        self.extras.as_ref().map(|extras| &extras.headers[0])
     }
 
     pub fn response_headers(&self) -> Option<&HeaderOps> {
-        self.headers.as_ref().map(|headers| &headers[1])
+        self.extras.as_ref().map(|extras| &extras.headers[1])
     }
 }
 
@@ -1030,16 +1060,12 @@ fn compile_route(route: &HttpRoute, scope: &Arc<RouteScope>, index: u32, shared:
                 // A lone destination takes everything; otherwise the weights (validated to sum to 100) decide.
                 let weight = if route.route.len() == 1 { 100 } else { destination.weight.unwrap_or(0) };
                 total += u32::try_from(weight).unwrap_or(0);
-                let headers = destination.headers.as_deref().map(|headers| {
-                    let (request, response) = header_ops(Some(headers), shared);
-                    Box::new([request, response])
-                });
                 Target {
                     host: shared.text(&destination.destination.host),
                     port: destination.destination.port.as_ref().and_then(|p| u16::try_from(p.number).ok()),
                     weight_to: total,
-                    subset: destination.destination.subset.as_deref().map(|subset| shared.text(subset)),
-                    headers,
+                    extras: shared
+                        .target_extras(destination.destination.subset.as_deref(), destination.headers.as_deref()),
                 }
             })
             .collect();
@@ -1213,7 +1239,7 @@ spec:
             format!(
                 "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
                  spec:\n  hosts: [{host}]\n  http:\n  - match: [{{uri: {{prefix: /api/}}, gateways: [edge]}}]\n    \
-                 headers: {{request: {{set: {{x-route: api}}}}}}\n    route: [{{destination: {{host: {host}}}}}]\n  \
+                 headers: {{request: {{set: {{x-route: api}}}}}}\n    route: [{{destination: {{host: {host}, subset: v1}}}}]\n  \
                  - route: [{{destination: {{host: {host}}}}}]\n"
             )
         };
@@ -1233,6 +1259,14 @@ spec:
         let mut headers = http::HeaderMap::new();
         c.request_headers.apply(&mut headers);
         assert_eq!(headers["x-route"], "api", "and applied by each route");
+        let extras = |route: &Route| match &route.action {
+            Action::Forward(targets) => targets.0[0].extras.clone(),
+            _ => None,
+        };
+        let (Some(a_extras), Some(c_extras)) = (extras(a), extras(c)) else { panic!("the subset is compiled") };
+        assert!(Arc::ptr_eq(&a_extras, &c_extras), "the same subset: held once");
+        let Action::Forward(targets) = &a.action else { panic!() };
+        assert_eq!(targets.0[0].subset(), Some("v1"));
     }
 
     #[test]

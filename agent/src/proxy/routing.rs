@@ -211,7 +211,7 @@ pub fn decide<'p, B>(
             None => None,
         };
         let (host, destination_port, subset) = match target {
-            Some(target) => (&*target.host, target.port.unwrap_or(port), target.subset.as_deref()),
+            Some(target) => (&*target.host, target.port.unwrap_or(port), target.subset()),
             None => (host_name, port, None),
         };
         if listener.is_mesh() && policy.is_own_service(host) {
