@@ -29,8 +29,8 @@ pub struct Store {
 /// memory, and is needed only while a policy is compiled from it, which reads the whole in one pass.
 #[derive(Debug, Default)]
 pub struct Packed {
+    /// Empty before the first load.
     zstd: Box<[u8]>,
-    count: usize,
 }
 
 /// One resource's line.
@@ -53,40 +53,26 @@ struct Held<M, S> {
 }
 
 impl Packed {
-    fn new<'a>(lines: impl ExactSizeIterator<Item = &'a str>) -> std::io::Result<Packed> {
-        let count = lines.len();
+    fn new<'a>(lines: impl Iterator<Item = &'a str>) -> std::io::Result<Packed> {
         let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), LEVEL)?;
         for line in lines {
             encoder.write_all(line.as_bytes())?;
             encoder.write_all(b"\n")?;
         }
-        Ok(Packed { zstd: encoder.finish()?.into_boxed_slice(), count })
-    }
-
-    /// How many resources are held.
-    pub fn len(&self) -> usize {
-        self.count
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
+        Ok(Packed { zstd: encoder.finish()?.into_boxed_slice() })
     }
 
     /// Each resource's line, in id order.
     fn lines(&self) -> impl Iterator<Item = String> + '_ {
-        let decoder = (self.count > 0).then(|| zstd::stream::read::Decoder::with_buffer(&self.zstd[..]));
-        let reader = match decoder.transpose() {
-            Ok(decoder) => decoder.map(std::io::BufReader::new),
-            Err(error) => {
-                tracing::error!(%error, "the configuration in force cannot be read back");
-                None
-            }
-        };
-        reader.into_iter().flat_map(|reader| {
-            reader.lines().map_while(|line| {
-                line.map_err(|error| tracing::error!(%error, "the configuration in force cannot be read back")).ok()
-            })
-        })
+        let unreadable =
+            |error: std::io::Error| tracing::error!(%error, "the configuration in force cannot be read back");
+        let reader = (!self.zstd.is_empty())
+            .then(|| zstd::stream::read::Decoder::with_buffer(&self.zstd[..]).map_err(unreadable).ok())
+            .flatten();
+        reader
+            .map(std::io::BufReader::new)
+            .into_iter()
+            .flat_map(move |reader| reader.lines().map_while(move |line| line.map_err(unreadable).ok()))
     }
 
     /// Each resource with the file it came from, typed, in id order. A line that does not read back (it cannot

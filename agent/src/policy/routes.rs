@@ -453,13 +453,9 @@ impl Shared {
         namespace: &str,
     ) -> Arc<[RequestMatch]> {
         let key = format!("{namespace} {}", serde_json::to_string(matches).unwrap_or_default());
-        if let Some(compiled) = self.matches.get(&key) {
-            return compiled.clone();
-        }
-        let compiled: Arc<[RequestMatch]> =
-            matches.iter().map(|m| RequestMatch::compile(m, namespace, &mut self.regexes)).collect();
-        self.matches.insert(key, compiled.clone());
-        compiled
+        let regexes = &mut self.regexes;
+        let compile = || matches.iter().map(|m| RequestMatch::compile(m, namespace, regexes)).collect();
+        self.matches.entry(key).or_insert_with(compile).clone()
     }
 
     /// A target's subset and header manipulations, shared with every target that has the same; `None` without
@@ -483,7 +479,7 @@ impl Shared {
     fn header_ops(&mut self, operations: Option<&HeaderOperations>) -> HeaderOps {
         let Some(operations) = operations else { return HeaderOps::default() };
         let key = serde_json::to_string(operations).unwrap_or_default();
-        self.header_ops.entry(key).or_insert_with(|| HeaderOps::compile(Some(operations))).clone()
+        self.header_ops.entry(key).or_insert_with(|| HeaderOps::compile(operations)).clone()
     }
 }
 
@@ -689,8 +685,7 @@ enum HeaderOp {
 }
 
 impl HeaderOps {
-    fn compile(operations: Option<&HeaderOperations>) -> HeaderOps {
-        let Some(operations) = operations else { return HeaderOps::default() };
+    fn compile(operations: &HeaderOperations) -> HeaderOps {
         let pairs = |map: &Pairs<String>| {
             map.iter()
                 .filter_map(|(name, value)| {

@@ -91,20 +91,26 @@ trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 
 /// Opens a connection to `address` from `source` within `within`, with a TLS handshake over it when `tls` asks.
-async fn open(
+///
+/// Boxed: opening a connection (TLS included) is a large state that most requests, sent on a pooled connection,
+/// never need, and it would otherwise be part of every request's future.
+fn open<'a>(
     address: SocketAddr,
-    source: &SourceAddresses,
+    source: &'a SourceAddresses,
     within: Duration,
-    tls: Option<&UpstreamTls>,
-) -> Result<Box<dyn Io>, SendError> {
-    let stream = tcp::connect(address, source, within).await.map_err(|error| SendError::Connect(error.to_string()))?;
-    let Some(tls) = tls else { return Ok(Box::new(stream)) };
-    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-    match tokio::time::timeout(within, connector.connect((*tls.server_name).clone(), stream)).await {
-        Ok(Ok(stream)) => Ok(Box::new(stream)),
-        Ok(Err(error)) => Err(SendError::Connect(format!("TLS handshake with {address}: {error}"))),
-        Err(_) => Err(SendError::Connect(format!("TLS handshake with {address} timed out"))),
-    }
+    tls: Option<&'a UpstreamTls>,
+) -> futures_util::future::BoxFuture<'a, Result<Box<dyn Io>, SendError>> {
+    Box::pin(async move {
+        let stream =
+            tcp::connect(address, source, within).await.map_err(|error| SendError::Connect(error.to_string()))?;
+        let Some(tls) = tls else { return Ok(Box::new(stream) as Box<dyn Io>) };
+        let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+        match tokio::time::timeout(within, connector.connect((*tls.server_name).clone(), stream)).await {
+            Ok(Ok(stream)) => Ok(Box::new(stream) as Box<dyn Io>),
+            Ok(Err(error)) => Err(SendError::Connect(format!("TLS handshake with {address}: {error}"))),
+            Err(_) => Err(SendError::Connect(format!("TLS handshake with {address} timed out"))),
+        }
+    })
 }
 
 /// Both kinds of upstream connection, shared by every request (and cheap to clone into a task).
@@ -205,9 +211,7 @@ impl Http1Pool {
                 },
             }
         }
-        // Boxed, as below for HTTP/2: opening a connection (TLS included) is a large state that most requests,
-        // sent on a pooled connection, never need, and it would otherwise be part of every request's.
-        let stream = Box::pin(open(address, &self.source, connect_timeout, tls)).await?;
+        let stream = open(address, &self.source, connect_timeout, tls).await?;
         let (mut sender, connection) = http1::Builder::new()
             .writev(false)
             .handshake(TokioIo::new(stream))
@@ -350,7 +354,8 @@ impl Http2Pool {
         let mut sender = match pooled {
             Some(sender) => sender,
             None => {
-                let stream = Box::pin(open(address, &self.source, connect_timeout, tls)).await?;
+                let stream = open(address, &self.source, connect_timeout, tls).await?;
+                // Boxed, as `open` is: a large state only a new connection needs.
                 let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .handshake(TokioIo::new(stream));

@@ -76,21 +76,27 @@ impl SeriesKey {
     fn of(record: &RequestRecord) -> SeriesKey {
         // Address and length: an empty text may share its address with another.
         let address = |text: &str| (text.as_ptr() as usize, text.len());
-        let address_of = |text: Option<&LabelText>| address(text.unwrap_or(&UNKNOWN).as_str());
-        let destination = record.destination.as_ref();
         SeriesKey {
-            texts: [
-                address_of(record.source_workload.as_ref()),
-                address_of(record.source_workload_namespace.as_ref()),
-                address_of(destination.map(|d| &d.service)),
-                address_of(destination.map(|d| &d.name)),
-                address_of(destination.map(|d| &d.namespace)),
-            ],
+            texts: shared_texts(record).map(|text| address(text.as_str())),
             response_code: record.response_code,
             response_flags: address(record.response_flags),
             grpc: record.grpc,
         }
     }
+}
+
+/// The label texts of `record` that the policy shares between requests (`unknown` where it has none): the
+/// source workload and namespace, the destination service, name and namespace.
+fn shared_texts(record: &RequestRecord) -> [&LabelText; 5] {
+    let destination = record.destination.as_ref();
+    [
+        record.source_workload.as_ref(),
+        record.source_workload_namespace.as_ref(),
+        destination.map(|d| &d.service),
+        destination.map(|d| &d.name),
+        destination.map(|d| &d.namespace),
+    ]
+    .map(|text| text.unwrap_or(&UNKNOWN))
 }
 
 /// A series in `RequestMetrics::recent`, with the texts its key is the address of: held, they cannot be freed and
@@ -138,13 +144,7 @@ impl RequestMetrics {
             return recent.series.clone();
         }
         let labels = labels_of(record);
-        let texts = [
-            labels.source_workload.clone(),
-            labels.source_workload_namespace.clone(),
-            labels.destination_service.clone(),
-            labels.destination_service_name.clone(),
-            labels.destination_service_namespace.clone(),
-        ];
+        let texts = shared_texts(record).map(LabelText::clone);
         let series = Arc::new(Series {
             requests: self.requests.get_or_create(&labels).clone(),
             duration: self.duration.get_or_create(&labels).clone(),
