@@ -71,7 +71,7 @@ pub fn measure(entries: usize) -> Figures {
         let mut found = 0usize;
         for k in 0..LOOKUPS {
             let host = std::hint::black_box(hosts[k % hosts.len()].as_str());
-            found += usize::from(routes.mesh.get(host).is_some());
+            found += usize::from(routes.mesh_routes(host).is_some());
             found += usize::from(matches!(routes.registered(host, 443), Registered::Service(_)));
         }
         assert!(found > 0, "the hosts looked up are registered");

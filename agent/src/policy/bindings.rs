@@ -19,8 +19,9 @@ pub struct BoundGateway {
 #[derive(Debug, Default)]
 pub struct Bindings {
     pub gateways: Vec<BoundGateway>,
-    /// Host → VirtualServices (indexes) that apply to intercepted traffic.
-    pub mesh: HostTable<Vec<usize>>,
+    /// Host (lowercase, as written: exact or wildcard) → VirtualServices (indexes) that apply to intercepted
+    /// traffic.
+    pub mesh: BTreeMap<String, Vec<usize>>,
 }
 
 /// Binds the snapshot's VirtualServices to the mesh and to the Gateways whose selector `labels` satisfy.
@@ -37,7 +38,6 @@ pub fn bind(snapshot: &Snapshot, labels: &BTreeMap<String, String>) -> Bindings 
             }
         }
     }
-    let mut mesh: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     let mut per_gateway: Vec<BTreeMap<String, Vec<usize>>> = vec![BTreeMap::new(); bindings.gateways.len()];
     for (index, resource) in snapshot.resources.iter().enumerate() {
         let Spec::VirtualService(service) = &resource.spec else { continue };
@@ -49,7 +49,7 @@ pub fn bind(snapshot: &Snapshot, labels: &BTreeMap<String, String>) -> Bindings 
         };
         for host in &service.hosts {
             if gateways.iter().any(|g| g == MESH) {
-                mesh.entry(host.to_ascii_lowercase()).or_default().push(index);
+                bindings.mesh.entry(host.to_ascii_lowercase()).or_default().push(index);
             }
             for (i, gateway) in bindings.gateways.iter().enumerate() {
                 if gateways.contains(&gateway.id) && admits(&gateway.servers, &gateway.id, namespace, host) {
@@ -57,9 +57,6 @@ pub fn bind(snapshot: &Snapshot, labels: &BTreeMap<String, String>) -> Bindings 
                 }
             }
         }
-    }
-    for (host, services) in mesh {
-        bindings.mesh.insert(&host, services);
     }
     for (gateway, hosts) in bindings.gateways.iter_mut().zip(per_gateway) {
         for (host, services) in hosts {
@@ -135,7 +132,7 @@ mod tests {
         assert_eq!(bindings.gateways.iter().map(|g| g.id.as_str()).collect::<Vec<_>>(), ["smm-demo/egress-demo"]);
         assert_eq!(names(&snapshot, bindings.mesh.get("httpbin.org")), ["httpbin-egress"]);
         assert_eq!(names(&snapshot, bindings.gateways[0].hosts.get("HTTPBIN.org:80")), ["httpbin-egress"]);
-        assert!(bindings.mesh.get("example.com").is_none());
+        assert!(!bindings.mesh.contains_key("example.com"));
 
         let elsewhere = bind(&snapshot, &labels(&[("istio", "ingressgateway")]));
         assert!(elsewhere.gateways.is_empty(), "a Gateway whose selector this agent does not satisfy is not served");

@@ -118,6 +118,12 @@ impl<T> HostTable<T> {
 
     /// The entry for `authority` (a Host header, an SNI name or an `:authority`), by Envoy's precedence.
     pub fn get(&self, authority: &str) -> Option<&T> {
+        self.find(authority, Some)
+    }
+
+    /// What `pick` takes from the first entry for `authority` it takes anything from, by Envoy's precedence:
+    /// entries `pick` passes over are as if absent (one table serves lookups of different things per host).
+    pub fn find<'a, R>(&'a self, authority: &str, mut pick: impl FnMut(&'a T) -> Option<R>) -> Option<R> {
         let host = strip_port(authority).trim_end_matches('.');
         // Per request: allocate only for the rare host that is not already lowercase.
         let lowered;
@@ -127,16 +133,16 @@ impl<T> HostTable<T> {
         } else {
             host
         };
-        if let Some(value) = self.exact.get(host) {
-            return Some(value);
+        if let Some(found) = self.exact.get(host).and_then(&mut pick) {
+            return Some(found);
         }
         // Longest suffix first: ".b.example.com" before ".example.com"; a wildcard needs at least one label.
         let mut dotted = None;
         let mut rest = host;
         while let Some(dot) = rest.find('.') {
             let key = &rest[dot..];
-            if let Some(value) = self.suffixes.get(key) {
-                dotted = Some((key.len(), value));
+            if let Some(found) = self.suffixes.get(key).and_then(&mut pick) {
+                dotted = Some((key.len(), found));
                 break;
             }
             rest = &rest[dot + 1..];
@@ -144,12 +150,12 @@ impl<T> HostTable<T> {
         let loose = self
             .loose_suffixes
             .iter()
-            .find(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
-            .map(|(suffix, value)| (suffix.len(), value));
+            .filter(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
+            .find_map(|(suffix, value)| pick(value).map(|found| (suffix.len(), found)));
         match (dotted, loose) {
             // Both match: the longer pattern is the more specific.
             (Some(dotted), Some(loose)) => Some(if loose.0 > dotted.0 { loose.1 } else { dotted.1 }),
-            (dotted, loose) => dotted.or(loose).map(|(_, value)| value).or(self.any.as_ref()),
+            (dotted, loose) => dotted.or(loose).map(|(_, found)| found).or_else(|| self.any.as_ref().and_then(pick)),
         }
     }
 
@@ -237,6 +243,25 @@ mod tests {
         for (authority, expected) in cases {
             assert_eq!(table.get(authority).map(String::as_str), Some(expected), "{authority}");
         }
+    }
+
+    #[test]
+    fn a_lookup_passes_over_the_entries_that_hold_nothing_of_what_it_looks_for() {
+        // (registered service, routes): one table holds both for each host.
+        let mut table = HostTable::default();
+        table.insert("api.example.com", (Some("api service"), None));
+        table.insert("*.example.com", (None, Some("example routes")));
+        table.insert("*shop.example.com", (Some("shop service"), None));
+        table.insert("*", (Some("any service"), Some("any routes")));
+        let services = |authority| table.find(authority, |entry| entry.0);
+        let routes = |authority| table.find(authority, |entry| entry.1);
+        assert_eq!(routes("api.example.com"), Some("example routes"));
+        assert_eq!(services("API.example.com:443"), Some("api service"));
+        assert_eq!(services("www.example.com"), Some("any service"));
+        assert_eq!(services("myshop.example.com"), Some("shop service"));
+        assert_eq!(routes("myshop.example.com"), Some("example routes"));
+        assert_eq!(routes("example.org"), Some("any routes"));
+        assert_eq!(table.get("api.example.com"), Some(&(Some("api service"), None)));
     }
 
     #[test]

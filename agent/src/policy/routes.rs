@@ -77,17 +77,25 @@ pub struct ProxyPolicy {
     /// The outbound mode of each source workload (its Sidecar's, else the mesh's).
     pub sidecars: SidecarModes,
     pub host_verify: HostVerify,
-    /// Host → the services ServiceEntries register under it, in declaration order.
-    /// (Held in the table's slot when there is one: the lookup reads no other allocation to reach it.)
-    registry: HostTable<SmallVec<[Arc<Service>; 1]>>,
-    /// Host → routes, for intercepted traffic.
-    pub mesh: HostTable<Arc<VirtualHost>>,
+    /// Host → what the registry and the mesh's routes hold for it: one table, so that a request's host is
+    /// found once for both.
+    hosts: HostTable<Host>,
     /// The selected Gateways' routes, for traffic sent to their ports.
     pub gateways: Vec<GatewayRoutes>,
     own_services: Vec<String>,
     /// This gateway as a viewer of the configuration on its Gateway ports: a workload of its namespace, when
     /// known.
     gateway: Option<Workload>,
+}
+
+/// What the policy holds for one host (exact or wildcard), in its table's slot: a lookup reads no other
+/// allocation to reach the services or the routes.
+#[derive(Debug, Default)]
+struct Host {
+    /// The services ServiceEntries register under the host, in declaration order.
+    services: SmallVec<[Arc<Service>; 1]>,
+    /// The routes for intercepted traffic.
+    mesh: Option<VirtualHost>,
 }
 
 /// One selected Gateway: its server ports and the routes bound to it.
@@ -739,10 +747,16 @@ impl ProxyPolicy {
     pub fn registered_for(&self, host: &str, port: u16, viewer: Viewer<'_>) -> Registered<'_> {
         let visible =
             |s: &&Arc<Service>| s.has_port(port) && viewer.sees(self, &s.visible_to, &s.namespace, &s.host, port);
-        match self.registry.get(host).and_then(|services| services.iter().find(visible)) {
+        let services = self.hosts.find(host, |entry| (!entry.services.is_empty()).then_some(&entry.services));
+        match services.and_then(|services| services.iter().find(visible)) {
             Some(service) => Registered::Service(service),
             None => Registered::Unknown,
         }
+    }
+
+    /// The routes for intercepted traffic to `authority`: of the VirtualServices bound to the mesh.
+    pub fn mesh_routes(&self, authority: &str) -> Option<&VirtualHost> {
+        self.hosts.find(authority, |entry| entry.mesh.as_ref())
     }
 
     /// Whether `host` is this gateway's own Service.
@@ -786,19 +800,24 @@ pub fn proxy_policy(
             }
         }
     }
-    let mut table = HostTable::default();
+    let mut hosts: BTreeMap<String, Host> = BTreeMap::new();
     for (host, services) in registry {
         // Collected, not `from_vec`: a lone service is held in place (`from_vec` keeps the Vec's allocation).
-        table.insert(&host, services.into_iter().collect());
+        hosts.entry(host).or_default().services = services.into_iter().collect();
+    }
+    for (host, indexes) in &bindings.mesh {
+        hosts.entry(host.clone()).or_default().mesh = Some(virtual_host(snapshot, indexes, &mut shared));
+    }
+    let mut table = HostTable::default();
+    for (host, entry) in hosts {
+        table.insert(&host, entry);
     }
     table.shrink_to_fit();
-    let mesh = bindings.mesh.map(|indexes| Arc::new(virtual_host(snapshot, indexes, &mut shared)));
     let mut virtual_host = |indexes: &Vec<usize>| Arc::new(virtual_host(snapshot, indexes, &mut shared));
     ProxyPolicy {
         sidecars: SidecarModes::compile(snapshot, settings.mode),
         host_verify: settings.host_verify,
-        registry: table,
-        mesh,
+        hosts: table,
         gateways: bindings
             .gateways
             .iter()
@@ -1242,7 +1261,7 @@ spec:
             [service("a", "team", "a.example"), service("b", "team", "b.example"), service("c", "other", "c.example")]
                 .join("---\n");
         let policy = policy(&yaml, &Resolved::new());
-        let bound = |host: &str| policy.mesh.get(host).map(|host| &host.routes[0]);
+        let bound = |host: &str| policy.mesh_routes(host).map(|host| &host.routes[0]);
         let (a, b, c) = (bound("a.example"), bound("b.example"), bound("c.example"));
         let (Some(a), Some(b), Some(c)) = (a, b, c) else { panic!("each VirtualService is bound: {policy:?}") };
         assert!(Arc::ptr_eq(&a.matches, &b.matches), "the same conditions in one namespace: compiled once");
@@ -1267,7 +1286,7 @@ spec:
     #[test]
     fn routes_are_tried_in_declaration_order_and_the_first_match_wins() {
         let policy = policy(CONFIG, &Resolved::new());
-        let host = policy.mesh.get("HTTPBIN.org:80").expect("the VirtualService is bound to the mesh");
+        let host = policy.mesh_routes("HTTPBIN.org:80").expect("the VirtualService is bound to the mesh");
         let none = http::HeaderMap::new();
         assert_eq!(first_match(host, "/status/418", &none).unwrap().name().to_string(), "teapot");
         assert!(matches!(

@@ -156,11 +156,11 @@ pub fn decide<'p, B>(
     for _ in 0..2 {
         let viewer = viewer(listener, source);
         let (gateway_id, virtual_host) = match listener {
-            Listener::Mesh | Listener::Forward => ("mesh", policy.mesh.get(authority)),
+            Listener::Mesh | Listener::Forward => ("mesh", policy.mesh_routes(authority)),
             Listener::Gateway(gateway_port) => {
                 port = gateway_port;
                 match policy.gateway_on(gateway_port) {
-                    Some(gateway) => (gateway.id.as_str(), gateway.hosts.get(authority)),
+                    Some(gateway) => (gateway.id.as_str(), gateway.hosts.get(authority).map(|host| &**host)),
                     None => ("", None),
                 }
             }
