@@ -104,9 +104,9 @@ pub struct Resident {
     pub anonymous: u64,
 }
 
-/// The agent itself, run on `entries` ServiceEntries and as many VirtualServices (written to a file as they are
-/// generated here) and on none: its resident memory in each, once its policy is applied.
-pub fn agent_resident(entries: usize) -> anyhow::Result<(Resident, Resident)> {
+/// The agent itself, run on each of `counts` ServiceEntries and as many VirtualServices (written to a file as
+/// they are generated here): its resident memory in each, once its policy is applied.
+pub fn agent_resident(counts: &[usize]) -> anyhow::Result<Vec<Resident>> {
     use anyhow::Context;
     use sluice_tests::{
         peers::Dnsmasq,
@@ -131,12 +131,19 @@ pub fn agent_resident(entries: usize) -> anyhow::Result<(Resident, Resident)> {
             anonymous: crate::http::tree_status_kib(pid, "RssAnon"),
         })
     };
-    let empty = tempfile::tempdir()?;
-    let full = tempfile::tempdir()?;
-    let documents: Vec<String> =
-        (0..entries).map(document).chain((0..entries).map(virtual_service)).map(|d| d.to_string()).collect();
-    std::fs::write(full.path().join("entries.yaml"), documents.join("\n---\n")).context("writing the entries")?;
-    Ok((rss(empty.path())?, rss(full.path())?))
+    counts
+        .iter()
+        .map(|&entries| {
+            let dir = tempfile::tempdir()?;
+            let documents: Vec<String> =
+                (0..entries).map(document).chain((0..entries).map(virtual_service)).map(|d| d.to_string()).collect();
+            if !documents.is_empty() {
+                std::fs::write(dir.path().join("entries.yaml"), documents.join("\n---\n"))
+                    .context("writing the entries")?;
+            }
+            rss(dir.path())
+        })
+        .collect()
 }
 
 /// The i-th entry's host (the one its VirtualService routes).

@@ -266,7 +266,7 @@ pub struct Endpoint {
 pub struct Cluster {
     /// Its name and how Istio's metrics label requests through it, made here rather than per request.
     pub labels: DestinationLabels,
-    pub endpoints: Vec<Endpoint>,
+    pub endpoints: Box<[Endpoint]>,
     /// Shared by every cluster without a DestinationRule's settings (most of them): see `ClusterPolicy::shared`.
     pub policy: Arc<ClusterPolicy>,
     pub state: Arc<ClusterState>,

@@ -180,8 +180,9 @@ pub struct Service {
     pub host: Arc<str>,
     pub namespace: Arc<str>,
     pub resolution: Resolution,
-    /// Held in place (up to two): a lookup that checks the port reads no other allocation.
-    ports: SmallVec<[ServicePort; 2]>,
+    /// Held in place when there is one (most ServiceEntries declare one port): a lookup that checks the port reads
+    /// no other allocation.
+    ports: SmallVec<[ServicePort; 1]>,
     /// Every address the host is known at: the entry's `addresses`, its endpoints', what its name resolves to.
     known_at: Box<[IpNet]>,
     /// The host's clusters under each DestinationRule that applies to some workloads (the first: under none),
@@ -323,7 +324,7 @@ pub struct VirtualHost {
 #[derive(Debug)]
 pub struct Route {
     /// Empty: every request matches. Shared with every route of the policy that matches alike.
-    pub matches: Arc<[RequestMatch]>,
+    pub matches: Arc<Matches>,
     pub action: Action,
     pub request_headers: HeaderOps,
     /// What the route shares with the other routes of its VirtualService (its own name among them).
@@ -334,6 +335,19 @@ pub struct Route {
     index: u32,
     /// In milliseconds (Istio allows no less than one); `None`: no timeout.
     timeout_ms: Option<NonZeroU32>,
+}
+
+/// A route's `match` list, compiled. Behind one thin pointer in each route (shared, so held once): a route is
+/// as small as it can be.
+#[derive(Debug)]
+pub struct Matches(Box<[RequestMatch]>);
+
+impl std::ops::Deref for Matches {
+    type Target = [RequestMatch];
+
+    fn deref(&self) -> &[RequestMatch] {
+        &self.0
+    }
 }
 
 /// The VirtualService a route comes from.
@@ -435,7 +449,7 @@ struct Shared {
     regexes: RegexCache,
     texts: std::collections::HashSet<Arc<str>>,
     /// Compiled match lists by namespace (gateways are named relative to it) and source, as JSON.
-    matches: std::collections::HashMap<String, Arc<[RequestMatch]>>,
+    matches: std::collections::HashMap<String, Arc<Matches>>,
     /// Compiled header manipulations by source, as JSON.
     header_ops: std::collections::HashMap<String, HeaderOps>,
     /// Targets' subsets and header manipulations, by subset and source of the manipulations.
@@ -455,14 +469,11 @@ impl Shared {
 
     /// A route's `match` list compiled, shared with every route of the policy that matches alike (the same
     /// conditions recur across VirtualServices, as configurations are written from templates).
-    fn matches(
-        &mut self,
-        matches: &[crate::config::virtual_service::HttpMatch],
-        namespace: &str,
-    ) -> Arc<[RequestMatch]> {
+    fn matches(&mut self, matches: &[crate::config::virtual_service::HttpMatch], namespace: &str) -> Arc<Matches> {
         let key = format!("{namespace} {}", serde_json::to_string(matches).unwrap_or_default());
         let regexes = &mut self.regexes;
-        let compile = || matches.iter().map(|m| RequestMatch::compile(m, namespace, regexes)).collect();
+        let compile =
+            || Arc::new(Matches(matches.iter().map(|m| RequestMatch::compile(m, namespace, regexes)).collect()));
         self.matches.entry(key).or_insert_with(compile).clone()
     }
 
@@ -682,7 +693,8 @@ pub struct Rewrite {
 /// the policy.
 #[derive(Clone, Debug, Default)]
 pub struct HeaderOps {
-    operations: Option<Arc<[HeaderOp]>>,
+    /// Behind one thin pointer: a route holds one of these for its requests.
+    operations: Option<Arc<Box<[HeaderOp]>>>,
 }
 
 #[derive(Debug)]
@@ -704,8 +716,8 @@ impl HeaderOps {
         let removals = operations.remove.iter().filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok());
         let sets = pairs(&operations.set).into_iter().map(|(name, value)| HeaderOp::Set(name, value));
         let adds = pairs(&operations.add).into_iter().map(|(name, value)| HeaderOp::Add(name, value));
-        let operations: Arc<[HeaderOp]> = removals.map(HeaderOp::Remove).chain(sets).chain(adds).collect();
-        HeaderOps { operations: (!operations.is_empty()).then_some(operations) }
+        let operations: Box<[HeaderOp]> = removals.map(HeaderOp::Remove).chain(sets).chain(adds).collect();
+        HeaderOps { operations: (!operations.is_empty()).then(|| Arc::new(operations)) }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -900,7 +912,7 @@ fn services(
     shared: &mut Shared,
 ) -> Vec<Service> {
     let resolution = entry.resolution();
-    let ports: SmallVec<[ServicePort; 2]> = entry
+    let ports: SmallVec<[ServicePort; 1]> = entry
         .ports
         .iter()
         .filter_map(|port| {
@@ -1000,7 +1012,7 @@ fn clusters(
         } else {
             states.fresh()
         };
-        Cluster { labels, endpoints, policy: ClusterPolicy::shared(policy), state }
+        Cluster { labels, endpoints: endpoints.into(), policy: ClusterPolicy::shared(policy), state }
     };
     let top = rule.and_then(|rule| rule.traffic_policy.as_ref());
     let mut out = vec![(port.number, None, cluster(None, endpoints.to_vec(), top))];

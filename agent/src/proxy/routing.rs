@@ -679,7 +679,7 @@ spec: {hosts: [shared.example], http: [{directResponse: {status: 418}}]}
         let intercepted: SocketAddr = "198.51.100.7:80".parse().unwrap();
         let unregistered = decide(&policy, &get("/"), "example.com", Listener::Mesh, intercepted, None, 0);
         assert!(
-            matches!(&unregistered, Decision::Fail { failure: Failure::Blackholed, labels: Some(l) } if l.name.as_str() == "BlackHoleCluster"),
+            matches!(&unregistered, Decision::Fail { failure: Failure::Blackholed, labels: Some(l) } if l.name().as_str() == "BlackHoleCluster"),
             "{unregistered:?}"
         );
     }

@@ -33,7 +33,7 @@ impl TcpLabels {
             source_workload: UNKNOWN,
             source_workload_namespace: UNKNOWN,
             destination_service: destination.service.clone(),
-            destination_service_name: destination.name.clone(),
+            destination_service_name: destination.name().clone(),
             destination_service_namespace: destination.namespace.clone(),
             request_protocol: "tcp".into(),
             response_flags: (if flags.is_empty() { "-" } else { flags }).into(),

@@ -70,14 +70,15 @@ pub const UNKNOWN: LabelText = LabelText::Static("unknown");
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DestinationLabels {
     pub service: LabelText,
-    pub name: LabelText,
     pub namespace: LabelText,
     pub cluster: LabelText,
 }
 
+/// Istio's cluster for what ALLOW_ANY lets through unregistered: it names the destination service too.
+const PASSTHROUGH: &str = "PassthroughCluster";
+
 static BLACKHOLE: LazyLock<DestinationLabels> = LazyLock::new(|| DestinationLabels {
     service: "BlackHoleCluster".into(),
-    name: "BlackHoleCluster".into(),
     namespace: UNKNOWN,
     cluster: "BlackHoleCluster".into(),
 });
@@ -88,8 +89,7 @@ impl DestinationLabels {
     pub fn registered(host: Arc<str>, namespace: Arc<str>, port: u16, subset: Option<&str>) -> DestinationLabels {
         let cluster = format!("outbound|{port}|{}|{host}", subset.unwrap_or(""));
         DestinationLabels {
-            service: host.clone().into(),
-            name: host.into(),
+            service: host.into(),
             namespace: namespace.into(),
             cluster: Arc::<str>::from(cluster).into(),
         }
@@ -102,11 +102,16 @@ impl DestinationLabels {
 
     /// Istio's PassthroughCluster, for `service` (the host or address the client asked for) under ALLOW_ANY.
     pub fn passthrough(service: &str) -> DestinationLabels {
-        DestinationLabels {
-            service: Arc::<str>::from(service).into(),
-            name: "PassthroughCluster".into(),
-            namespace: UNKNOWN,
-            cluster: "PassthroughCluster".into(),
+        DestinationLabels { service: Arc::<str>::from(service).into(), namespace: UNKNOWN, cluster: PASSTHROUGH.into() }
+    }
+
+    /// `destination_service_name`: the service's own (its host, or BlackHoleCluster), and PassthroughCluster
+    /// for what passes through unregistered. Not held apart: it is one of the two.
+    pub fn name(&self) -> &LabelText {
+        if self.cluster.as_str() == PASSTHROUGH {
+            &self.cluster
+        } else {
+            &self.service
         }
     }
 }

@@ -93,7 +93,7 @@ fn shared_texts(record: &RequestRecord) -> [&LabelText; 5] {
         record.source_workload.as_ref(),
         record.source_workload_namespace.as_ref(),
         destination.map(|d| &d.service),
-        destination.map(|d| &d.name),
+        destination.map(DestinationLabels::name),
         destination.map(|d| &d.namespace),
     ]
     .map(|text| text.unwrap_or(&UNKNOWN))
@@ -313,7 +313,7 @@ fn labels_of(record: &RequestRecord) -> RequestLabels {
         destination_workload_namespace: UNKNOWN,
         destination_principal: UNKNOWN,
         destination_service: destination.map_or(UNKNOWN, |d| d.service.clone()),
-        destination_service_name: destination.map_or(UNKNOWN, |d| d.name.clone()),
+        destination_service_name: destination.map_or(UNKNOWN, |d| d.name().clone()),
         destination_service_namespace: destination.map_or(UNKNOWN, |d| d.namespace.clone()),
         request_protocol: (if record.grpc { "grpc" } else { "http" }).into(),
         response_code: status_label(record.response_code),
