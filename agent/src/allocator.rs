@@ -24,6 +24,11 @@ fn naturally_aligned(size: usize, align: usize) -> bool {
 
 pub struct Allocator;
 
+thread_local! {
+    /// The heap the thread allocates from while it runs under `transient`; null otherwise (the default heap).
+    static TRANSIENT_HEAP: std::cell::Cell<*mut mi::mi_heap_t> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+}
+
 /// mimalloc's plain and aligned forms of one allocation function.
 type Plain = unsafe extern "C" fn(usize) -> *mut c_void;
 type Aligned = unsafe extern "C" fn(usize, usize) -> *mut c_void;
@@ -44,17 +49,51 @@ unsafe fn allocate(layout: Layout, plain: Plain, aligned: Aligned) -> *mut u8 {
     }
 }
 
+/// mimalloc's plain and aligned forms of one allocation function, from a given heap.
+type PlainIn = unsafe extern "C" fn(*mut mi::mi_heap_t, usize) -> *mut c_void;
+type AlignedIn = unsafe extern "C" fn(*mut mi::mi_heap_t, usize, usize) -> *mut c_void;
+
+/// As `allocate`, from `heap`.
+///
+/// # Safety
+/// As `allocate`; `heap` is a live heap.
+#[inline]
+unsafe fn allocate_in(heap: *mut mi::mi_heap_t, layout: Layout, plain: PlainIn, aligned: AlignedIn) -> *mut u8 {
+    // SAFETY: as in `allocate`.
+    unsafe {
+        if naturally_aligned(layout.size(), layout.align()) {
+            plain(heap, layout.size()).cast()
+        } else {
+            aligned(heap, layout.size(), layout.align()).cast()
+        }
+    }
+}
+
 // SAFETY: every block comes from mimalloc, aligned as its layout asks (plain blocks only where they are aligned
 // so by construction, see `naturally_aligned`), and goes back to it.
 unsafe impl GlobalAlloc for Allocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's layout.
-        unsafe { allocate(layout, mi::mi_malloc, mi::mi_malloc_aligned) }
+        let heap = TRANSIENT_HEAP.get();
+        // SAFETY: the caller's layout; a transient heap is never deleted.
+        unsafe {
+            if heap.is_null() {
+                allocate(layout, mi::mi_malloc, mi::mi_malloc_aligned)
+            } else {
+                allocate_in(heap, layout, mi::mi_heap_malloc, mi::mi_heap_malloc_aligned)
+            }
+        }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's layout.
-        unsafe { allocate(layout, mi::mi_zalloc, mi::mi_zalloc_aligned) }
+        let heap = TRANSIENT_HEAP.get();
+        // SAFETY: as in `alloc`.
+        unsafe {
+            if heap.is_null() {
+                allocate(layout, mi::mi_zalloc, mi::mi_zalloc_aligned)
+            } else {
+                allocate_in(heap, layout, mi::mi_heap_zalloc, mi::mi_heap_zalloc_aligned)
+            }
+        }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
@@ -63,12 +102,16 @@ unsafe impl GlobalAlloc for Allocator {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: a block mimalloc returned, resized keeping its layout's alignment.
+        let heap = TRANSIENT_HEAP.get();
+        let ptr = ptr.cast::<c_void>();
+        // SAFETY: a block mimalloc returned, resized keeping its layout's alignment (moved, into the transient
+        // heap while there is one).
         unsafe {
-            if naturally_aligned(new_size, layout.align()) {
-                mi::mi_realloc(ptr.cast::<c_void>(), new_size).cast()
-            } else {
-                mi::mi_realloc_aligned(ptr.cast::<c_void>(), new_size, layout.align()).cast()
+            match (heap.is_null(), naturally_aligned(new_size, layout.align())) {
+                (true, true) => mi::mi_realloc(ptr, new_size).cast(),
+                (true, false) => mi::mi_realloc_aligned(ptr, new_size, layout.align()).cast(),
+                (false, true) => mi::mi_heap_realloc(heap, ptr, new_size).cast(),
+                (false, false) => mi::mi_heap_realloc_aligned(heap, ptr, new_size, layout.align()).cast(),
             }
         }
     }
@@ -96,13 +139,74 @@ pub fn release_freed_memory() {
     // malloc_trim only walks glibc's, under its own locks.
     unsafe {
         mi::mi_collect(true);
+        if let Some(&heap) = TRANSIENT.get() {
+            mi::mi_heap_collect(heap as *mut mi::mi_heap_t, true);
+        }
         libc::malloc_trim(0);
     }
+}
+
+/// The heap of `transient` allocations (its address), once one is made.
+static TRANSIENT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// Runs `f` with what the calling thread allocates taken from a heap of its own: for what is read and dropped
+/// again (the documents read, the typed configuration compiled from). Kept in pages apart from what stays (the
+/// compiled policy, the store), it leaves none of their pages partly used once it is freed, and its own pages go
+/// back to the system whole. (A block freed from any thread returns to its own heap.)
+pub fn transient<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: a new heap, never deleted: every thread's transient allocations come from it.
+    let heap = *TRANSIENT.get_or_init(|| unsafe { mi::mi_heap_new() } as usize) as *mut mi::mi_heap_t;
+    let previous = TRANSIENT_HEAP.replace(heap);
+    // Set back also when `f` unwinds.
+    struct Restore(*mut mi::mi_heap_t);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            TRANSIENT_HEAP.set(self.0);
+        }
+    }
+    let _restore = Restore(previous);
+    f()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    unsafe extern "C" {
+        /// The heap a block belongs to (mimalloc 3; not bound by libmimalloc-sys).
+        fn mi_heap_of(p: *const c_void) -> *mut mi::mi_heap_t;
+    }
+
+    #[test]
+    fn what_is_allocated_under_transient_comes_from_its_own_heap_and_nothing_else_does() {
+        let layout = Layout::from_size_align(48, 8).unwrap();
+        let aligned = Layout::from_size_align(40, 64).unwrap();
+        // SAFETY: non-zero sizes; every block is freed below with its layout.
+        let (small, grown, zeroed, over_aligned) = transient(|| unsafe {
+            let small = Allocator.alloc(layout);
+            let grown = Allocator.realloc(Allocator.alloc(layout), layout, 70_000);
+            (small, grown, Allocator.alloc_zeroed(layout), Allocator.alloc(aligned))
+        });
+        // SAFETY: as above.
+        let after = unsafe { Allocator.alloc(layout) };
+        let heap = *TRANSIENT.get().expect("made by the first transient call") as *mut mi::mi_heap_t;
+        // SAFETY: blocks mimalloc returned.
+        let heap_of = |block: *mut u8| unsafe { mi_heap_of(block.cast()) };
+        for (what, block) in
+            [("allocated", small), ("reallocated", grown), ("zeroed", zeroed), ("aligned", over_aligned)]
+        {
+            assert_eq!(heap_of(block), heap, "{what} under transient");
+        }
+        assert_ne!(heap_of(after), heap, "allocated after transient returned");
+        // SAFETY: each block with the layout it has.
+        unsafe {
+            Allocator.dealloc(small, layout);
+            Allocator.dealloc(grown, Layout::from_size_align(70_000, 8).unwrap());
+            Allocator.dealloc(zeroed, layout);
+            Allocator.dealloc(over_aligned, aligned);
+            Allocator.dealloc(after, layout);
+        }
+    }
 
     #[test]
     fn every_block_is_aligned_as_its_layout_asks() {

@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
+use sluice_agent::allocator::transient;
 use sluice_agent::{
     config::{
         resolver::{self, DnsResolver, Resolved},
@@ -401,7 +402,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let (changed, next) = control.resolve().await;
                 refresh = next;
                 if changed {
-                    enforced.apply(&control, control.store.snapshot());
+                    enforced.apply(&control, transient(|| control.store.snapshot()));
                 }
             }
         }
@@ -469,16 +470,16 @@ impl Control {
     /// Reads the configuration files again, with what Kubernetes holds; a rejected resource keeps its last good
     /// version. Returns the configuration now in force, typed, to compile from (the store holds it compactly).
     fn load(&mut self) -> Snapshot {
-        let mut loaded = files::load(&self.paths);
+        let mut loaded = transient(|| files::load(&self.paths));
         if let Some(kube) = self.kube.as_ref().and_then(|kube| kube.borrow().clone()) {
-            loaded.extend(kube.load());
+            loaded.extend(transient(|| kube.load()));
         }
         report(&loaded);
         for id in self.store.update(&loaded).kept {
             tracing::warn!(resource = %id, "keeping the last good version of a rejected resource");
         }
         self.errors = loaded.errors;
-        let snapshot = self.store.snapshot();
+        let snapshot = transient(|| self.store.snapshot());
         self.names = resolver::names(&snapshot);
         for resource in &snapshot.resources {
             for (field, why) in sluice_agent::config::unsupported::fields(resource) {
