@@ -478,7 +478,9 @@ impl Control {
         for id in self.store.update(&loaded).kept {
             tracing::warn!(resource = %id, "keeping the last good version of a rejected resource");
         }
-        self.errors = loaded.errors;
+        self.errors = std::mem::take(&mut loaded.errors);
+        // The resources as read are dropped before the store's are read back: not both at once.
+        drop(loaded);
         let snapshot = transient(|| self.store.snapshot());
         self.names = resolver::names(&snapshot);
         for resource in &snapshot.resources {

@@ -102,6 +102,8 @@ pub fn measure(entries: usize) -> Figures {
 pub struct Resident {
     pub all: u64,
     pub anonymous: u64,
+    /// The most it held at any time (while reading and compiling the configuration).
+    pub peak: u64,
 }
 
 /// The agent itself, run on each of `counts` ServiceEntries and as many VirtualServices (written to a file as
@@ -129,6 +131,7 @@ pub fn agent_resident(counts: &[usize]) -> anyhow::Result<Vec<Resident>> {
         Ok(Resident {
             all: crate::http::tree_status_kib(pid, "VmRSS"),
             anonymous: crate::http::tree_status_kib(pid, "RssAnon"),
+            peak: crate::http::tree_status_kib(pid, "VmHWM"),
         })
     };
     counts

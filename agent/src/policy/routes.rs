@@ -185,16 +185,24 @@ pub struct Service {
     ports: SmallVec<[ServicePort; 1]>,
     /// Every address the host is known at: the entry's `addresses`, its endpoints', what its name resolves to.
     known_at: Box<[IpNet]>,
-    /// The host's clusters under each DestinationRule that applies to some workloads (the first: under none),
-    /// each per port: all endpoints (no subset) and each subset's.
-    variants: Box<[Clusters]>,
-    /// Which of `variants` a viewer's requests go through; `None`: the first, for everyone (no rule applies).
+    /// The host's clusters under each DestinationRule that applies to some workloads (variant 0: under none),
+    /// each per port: all endpoints (no subset) and each subset's. One list for all variants: most hosts have
+    /// one cluster, held in one allocation.
+    clusters: Box<[VariantCluster]>,
+    /// Which variant a viewer's requests go through; `None`: the first, for everyone (no rule applies).
     rules: Option<Box<RuleChoice>>,
     /// The ServiceEntry's `exportTo`.
     pub visible_to: Visibility,
 }
 
-type Clusters = Box<[(u16, Option<Arc<str>>, Cluster)]>;
+/// One of a host's clusters: of a variant (a DestinationRule), a port, and a subset or none.
+#[derive(Debug)]
+struct VariantCluster {
+    variant: u16,
+    port: u16,
+    subset: Option<Arc<str>>,
+    cluster: Cluster,
+}
 
 /// Which DestinationRule a workload's requests for a host go through, as Istio chooses: one in the workload's
 /// own namespace, else the service's namespace's, else the root namespace's, each if exported to the workload.
@@ -289,8 +297,10 @@ impl Service {
 
     /// The cluster for `port` and `subset`, of `variant`.
     pub fn cluster(&self, variant: usize, port: u16, subset: Option<&str>) -> Option<&Cluster> {
-        let clusters = self.variants.get(variant)?;
-        clusters.iter().find(|(p, s, _)| *p == port && s.as_deref() == subset).map(|(_, _, cluster)| cluster)
+        self.clusters
+            .iter()
+            .find(|c| usize::from(c.variant) == variant && c.port == port && c.subset.as_deref() == subset)
+            .map(|c| &c.cluster)
     }
 
     /// The next endpoint for `port` (of `subset`), by the load balancer of the cluster an unknown source uses.
@@ -965,13 +975,17 @@ fn services(
             let rules = (!candidates.is_empty()).then(|| Box::new(rules));
             let host = shared.text(host);
             // Held for as long as the configuration is: no spare capacity (boxed slices).
-            let variants = std::iter::once(None)
-                .chain(candidates.into_iter().map(Some))
-                .map(|rule| {
-                    ports
+            let variants = std::iter::once(None).chain(candidates.into_iter().map(Some));
+            let clusters = variants
+                .enumerate()
+                .flat_map(|(variant, rule)| {
+                    let variant = u16::try_from(variant).unwrap_or(u16::MAX);
+                    let per_port = ports
                         .iter()
-                        .flat_map(|port| clusters(&host, namespace, port, &endpoints, rule, states, shared))
-                        .collect()
+                        .flat_map(|port| clusters(&host, namespace, port, &endpoints, rule, states, shared));
+                    per_port
+                        .map(move |(port, subset, cluster)| VariantCluster { variant, port, subset, cluster })
+                        .collect::<Vec<_>>()
                 })
                 .collect();
             Service {
@@ -981,7 +995,7 @@ fn services(
                 namespace: namespace.clone(),
                 resolution,
                 ports: ports.clone(),
-                variants,
+                clusters,
                 rules,
             }
         })

@@ -67,17 +67,15 @@ fn read_file(file: &Path, loaded: &mut Loaded) {
         Ok(text) => text,
         Err(e) => return loaded.errors.push(file_error(format!("cannot read: {e}"))),
     };
-    let documents: Vec<Result<serde_json::Value, String>> = if file.extension().is_some_and(|ext| ext == "json") {
-        vec![serde_json::from_str(&text).map_err(|e| e.to_string())]
-    } else {
-        yaml_documents(&text)
+    let mut add = |document: Result<serde_json::Value, String>| match document {
+        Ok(serde_json::Value::Null) => {}
+        Ok(value) => loaded.add(&source, value),
+        Err(reason) => loaded.errors.push(file_error(format!("not valid YAML or JSON: {reason}"))),
     };
-    for document in documents {
-        match document {
-            Ok(serde_json::Value::Null) => {}
-            Ok(value) => loaded.add(&source, value),
-            Err(reason) => loaded.errors.push(file_error(format!("not valid YAML or JSON: {reason}"))),
-        }
+    if file.extension().is_some_and(|ext| ext == "json") {
+        add(serde_json::from_str(&text).map_err(|e| e.to_string()));
+    } else {
+        yaml_documents(&text, add);
     }
 }
 
@@ -108,19 +106,19 @@ impl Loaded {
 }
 
 /// The documents of a YAML stream; a syntax error ends the stream (the parser cannot resume after one).
-fn yaml_documents(text: &str) -> Vec<Result<serde_json::Value, String>> {
-    let mut documents = Vec::new();
+/// Each document of a multi-document YAML text, to `add` as it is read (one document's value at a time: a
+/// file's documents as values take several times the memory of what is kept of them); a document that is not
+/// valid YAML ends the file.
+fn yaml_documents(text: &str, mut add: impl FnMut(Result<serde_json::Value, String>)) {
     for document in serde_yaml_ng::Deserializer::from_str(text) {
         match serde::Deserialize::deserialize(document) {
-            Ok(value) => documents.push(Ok(value)),
+            Ok(value) => add(Ok(value)),
             Err(error) => {
                 let error: serde_yaml_ng::Error = error;
-                documents.push(Err(error.to_string()));
-                break;
+                return add(Err(error.to_string()));
             }
         }
     }
-    documents
 }
 
 fn accept(resource: Resource, source: &str, loaded: &mut Loaded) {
