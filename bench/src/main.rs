@@ -52,7 +52,7 @@ pub fn live_bytes() -> usize {
 }
 
 const SIZES: [usize; 3] = [10, 10_000, 100_000];
-/// Hosts the agent itself is run on, for its resident memory per host: what each host past the first
+/// Hosts the agent itself is run on, for its resident memory per host: what each host past the first 2,000
 /// adds (the first configuration loaded also pages in code and sets up what any configuration needs, once).
 const AGENT_ENTRIES: [usize; 3] = [0, 2_000, 20_000];
 const REPEAT: u32 = 1_000_000;

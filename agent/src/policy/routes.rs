@@ -92,8 +92,9 @@ pub struct ProxyPolicy {
 /// allocation to reach the services or the routes.
 #[derive(Debug, Default)]
 struct Host {
-    /// The services ServiceEntries register under the host, in declaration order.
-    services: SmallVec<[Arc<Service>; 1]>,
+    /// The first of the services ServiceEntries register under the host (in declaration order; each holds the
+    /// next): one pointer in the slot, however many there are.
+    services: Option<Arc<Service>>,
     /// The routes for intercepted traffic.
     mesh: Option<VirtualHost>,
 }
@@ -193,6 +194,8 @@ pub struct Service {
     rules: Option<Box<RuleChoice>>,
     /// The ServiceEntry's `exportTo`.
     pub visible_to: Visibility,
+    /// The next service registered under the same host, in declaration order.
+    next: Option<Arc<Service>>,
 }
 
 /// One of a host's clusters: of a variant (a DestinationRule), a port, and a subset or none.
@@ -767,10 +770,9 @@ impl ProxyPolicy {
     /// The service registered for `host` on `port` that `viewer` sees: for the workloads' traffic, exported to
     /// the source's namespace (`exportTo`; an unknown source sees all) and imported by its Sidecar.
     pub fn registered_for(&self, host: &str, port: u16, viewer: Viewer<'_>) -> Registered<'_> {
-        let visible =
-            |s: &&Arc<Service>| s.has_port(port) && viewer.sees(self, &s.visible_to, &s.namespace, &s.host, port);
-        let services = self.hosts.find(host, |entry| (!entry.services.is_empty()).then_some(&entry.services));
-        match services.and_then(|services| services.iter().find(visible)) {
+        let visible = |s: &&Service| s.has_port(port) && viewer.sees(self, &s.visible_to, &s.namespace, &s.host, port);
+        let first = self.hosts.find(host, |entry| entry.services.as_deref());
+        match std::iter::successors(first, |service| service.next.as_deref()).find(visible) {
             Some(service) => Registered::Service(service),
             None => Registered::Unknown,
         }
@@ -808,7 +810,7 @@ pub fn proxy_policy(
 ) -> ProxyPolicy {
     let rules = Rules::new(snapshot);
     let mut shared = Shared::default();
-    let mut registry: BTreeMap<String, Vec<Arc<Service>>> = BTreeMap::new();
+    let mut registry: BTreeMap<String, Vec<Service>> = BTreeMap::new();
     for resource in &snapshot.resources {
         if let Spec::ServiceEntry(entry) = &resource.spec {
             let visible_to = Visibility::compile_or(
@@ -818,14 +820,14 @@ pub fn proxy_policy(
             );
             let namespace = shared.text(resource.metadata.namespace());
             for service in services(entry, &namespace, visible_to, resolved, &rules, states, &mut shared) {
-                registry.entry(service.host.to_ascii_lowercase()).or_default().push(Arc::new(service));
+                registry.entry(service.host.to_ascii_lowercase()).or_default().push(service);
             }
         }
     }
     let mut hosts: BTreeMap<String, Host> = BTreeMap::new();
     for (host, services) in registry {
-        // Collected, not `from_vec`: a lone service is held in place (`from_vec` keeps the Vec's allocation).
-        hosts.entry(host).or_default().services = services.into_iter().collect();
+        let first = services.into_iter().rev().fold(None, |next, service| Some(Arc::new(Service { next, ..service })));
+        hosts.entry(host).or_default().services = first;
     }
     for (host, indexes) in &bindings.mesh {
         hosts.entry(host.clone()).or_default().mesh = Some(virtual_host(snapshot, indexes, &mut shared));
@@ -997,6 +999,7 @@ fn services(
                 ports: ports.clone(),
                 clusters,
                 rules,
+                next: None,
             }
         })
         .collect()
@@ -1466,6 +1469,38 @@ spec:
         assert!(
             matches!(unresolved.registered("httpbin.org", 80), Registered::Service(s) if s.upstream(80, None) == Upstream::NoEndpoint)
         );
+    }
+
+    #[test]
+    fn of_the_services_registered_under_one_host_a_viewer_gets_the_first_it_sees_on_the_port() {
+        let entry = |name: &str, namespace: &str, port: u16, export: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
+                 spec: {{hosts: [API.shared], ports: [{{number: {port}, name: p, protocol: TCP}}], resolution: NONE, \
+                 exportTo: [{export}]}}\n"
+            )
+        };
+        let yaml = [
+            entry("first", "team-a", 80, "'.'"),
+            entry("second", "team-b", 80, "'*'"),
+            entry("third", "team-c", 443, "'*'"),
+            entry("fourth", "team-d", 80, "'*'"),
+        ]
+        .join("---\n");
+        let policy = policy(&yaml, &Resolved::new());
+        let registered = |namespace: Option<&str>, port: u16| {
+            let workload =
+                namespace.map(|ns| Workload { name: "w".into(), namespace: ns.into(), ..Default::default() });
+            match policy.registered_for("api.shared", port, Viewer::Workload(workload.as_ref())) {
+                Registered::Service(service) => Some(service.namespace.to_string()),
+                Registered::Unknown => None,
+            }
+        };
+        assert_eq!(registered(Some("team-a"), 80).as_deref(), Some("team-a"), "the first, exported to its own");
+        assert_eq!(registered(Some("team-x"), 80).as_deref(), Some("team-b"), "the first exported to everyone");
+        assert_eq!(registered(Some("team-x"), 443).as_deref(), Some("team-c"), "the first with the port");
+        assert_eq!(registered(None, 80).as_deref(), Some("team-a"), "an unknown source sees all: the first");
+        assert_eq!(registered(Some("team-x"), 8080), None, "no service has the port");
     }
 
     fn policy_without_answers() -> ProxyPolicy {
