@@ -344,7 +344,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let counters = datapath.counters();
     let metrics = telemetry::metrics::registry(counters.clone(), datapath.blackholed(), args.access_log_format);
-    let bindings = control.bind(&snapshot);
+    let bindings = transient(|| control.bind(&snapshot));
     let routes = Arc::new(arc_swap::ArcSwap::from_pointee(control.proxy_policy(&snapshot, &bindings)));
     metrics.config_generation.set(1);
     let (dump, dump_reader) = tokio::sync::watch::channel(Arc::new(control.dump(1, policy, &bindings)));
@@ -573,7 +573,7 @@ impl Enforced {
         let policy = control.policy(&snapshot);
         match self.datapath.apply(&policy) {
             Ok(()) => {
-                let bindings = control.bind(&snapshot);
+                let bindings = transient(|| control.bind(&snapshot));
                 let routes = control.proxy_policy(&snapshot, &bindings);
                 self.gateways.reconcile(&routes.gateway_ports());
                 self.routes.store(Arc::new(routes));

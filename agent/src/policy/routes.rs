@@ -24,6 +24,7 @@ use super::{
     sidecars::SidecarModes,
     OutboundMode,
 };
+use crate::allocator::transient;
 use crate::config::{
     destination_rule::{DestinationRule, TrafficPolicy},
     fields::{parse_duration, HeaderOperations, Headers, Pairs},
@@ -808,7 +809,8 @@ pub fn proxy_policy(
     settings: &ProxySettings,
     states: &ClusterStates,
 ) -> ProxyPolicy {
-    let rules = Rules::new(snapshot);
+    // What is only needed while compiling is allocated apart from what the policy keeps (`transient`).
+    let rules = transient(|| Rules::new(snapshot));
     let mut shared = Shared::default();
     let mut registry: BTreeMap<String, Vec<Service>> = BTreeMap::new();
     for resource in &snapshot.resources {
@@ -820,17 +822,18 @@ pub fn proxy_policy(
             );
             let namespace = shared.text(resource.metadata.namespace());
             for service in services(entry, &namespace, visible_to, resolved, &rules, states, &mut shared) {
-                registry.entry(service.host.to_ascii_lowercase()).or_default().push(service);
+                transient(|| registry.entry(service.host.to_ascii_lowercase()).or_default().push(service));
             }
         }
     }
     let mut hosts: BTreeMap<String, Host> = BTreeMap::new();
     for (host, services) in registry {
         let first = services.into_iter().rev().fold(None, |next, service| Some(Arc::new(Service { next, ..service })));
-        hosts.entry(host).or_default().services = first;
+        transient(|| hosts.entry(host).or_default()).services = first;
     }
     for (host, indexes) in &bindings.mesh {
-        hosts.entry(host.clone()).or_default().mesh = Some(virtual_host(snapshot, indexes, &mut shared));
+        let routes = virtual_host(snapshot, indexes, &mut shared);
+        transient(|| hosts.entry(host.clone()).or_default()).mesh = Some(routes);
     }
     let mut table = HostTable::default();
     for (host, entry) in hosts {
