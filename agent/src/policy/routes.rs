@@ -1019,14 +1019,14 @@ fn clusters(
     states: &ClusterStates,
     shared: &mut Shared,
 ) -> Vec<(u16, Option<Arc<str>>, Cluster)> {
-    let cluster = |subset: Option<&str>, endpoints: Vec<Endpoint>, policy: Option<&TrafficPolicy>| {
+    let cluster = |subset: Option<Arc<str>>, endpoints: Vec<Endpoint>, policy: Option<&TrafficPolicy>| {
         let policy = policy
             .map(|policy| ClusterPolicy::compile(settings_for_port(policy, port.number), port.http2))
             .unwrap_or_default();
         let labels = DestinationLabels::registered(host.clone(), namespace.clone(), port.number, subset);
         // State that must outlive recompiles is kept only where a policy needs it, by cluster name.
         let state = if policy.limits.is_some() || policy.outlier.is_some() {
-            states.get(labels.cluster.as_str(), policy.limits)
+            states.get(&labels.cluster().to_string(), policy.limits)
         } else if endpoints.is_empty() {
             states.none()
         } else {
@@ -1039,7 +1039,8 @@ fn clusters(
     for subset in rule.map(|rule| rule.subsets.as_slice()).unwrap_or_default() {
         let members = with_labels(endpoints, &subset.labels);
         let policy = subset.traffic_policy.as_ref().or(top);
-        out.push((port.number, Some(shared.text(&subset.name)), cluster(Some(&subset.name), members, policy)));
+        let name = shared.text(&subset.name);
+        out.push((port.number, Some(name.clone()), cluster(Some(name), members, policy)));
     }
     out
 }

@@ -417,7 +417,7 @@ impl HttpProxy {
         let tls = match upstream_tls(&destination, upstream_authority) {
             Ok(tls) => tls,
             Err(reason) => {
-                tracing::debug!(destination = %destination.labels.cluster.as_str(), %reason, "TLS origination refused");
+                tracing::debug!(destination = %destination.labels.cluster(), %reason, "TLS origination refused");
                 return self.local_failure(Failure::TlsOrigination, record, started, Some(destination.labels));
             }
         };

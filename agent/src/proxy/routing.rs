@@ -402,7 +402,7 @@ mod tests {
     fn forwarded_to(decision: Decision<'_>) -> Option<(SocketAddr, String)> {
         match decision {
             Decision::Forward { destination, .. } => {
-                Some((destination.address, destination.labels.cluster.as_str().to_owned()))
+                Some((destination.address, destination.labels.cluster().to_string()))
             }
             _ => None,
         }

@@ -71,28 +71,55 @@ pub const UNKNOWN: LabelText = LabelText::Static("unknown");
 pub struct DestinationLabels {
     pub service: LabelText,
     pub namespace: LabelText,
-    pub cluster: LabelText,
+    cluster: ClusterName,
+}
+
+/// The Envoy cluster a destination stands for: one of Istio's own, or a registered host's on a port (and
+/// subset), whose name (`outbound|PORT|SUBSET|HOST`) is written out only where it is shown.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum ClusterName {
+    Named(&'static str),
+    Outbound { port: u16, subset: Option<Arc<str>> },
 }
 
 /// Istio's cluster for what ALLOW_ANY lets through unregistered: it names the destination service too.
 const PASSTHROUGH: &str = "PassthroughCluster";
+static PASSTHROUGH_NAME: LabelText = LabelText::Static(PASSTHROUGH);
 
 static BLACKHOLE: LazyLock<DestinationLabels> = LazyLock::new(|| DestinationLabels {
     service: "BlackHoleCluster".into(),
     namespace: UNKNOWN,
-    cluster: "BlackHoleCluster".into(),
+    cluster: ClusterName::Named("BlackHoleCluster"),
 });
+
+/// A destination's Envoy cluster name, as shown (`DestinationLabels::cluster`).
+pub struct ClusterOf<'a>(&'a DestinationLabels);
+
+impl std::fmt::Display for ClusterOf<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0.cluster {
+            ClusterName::Named(name) => f.write_str(name),
+            ClusterName::Outbound { port, subset } => {
+                write!(f, "outbound|{port}|{}|{}", subset.as_deref().unwrap_or(""), self.0.service.as_str())
+            }
+        }
+    }
+}
 
 impl DestinationLabels {
     /// A registered host's cluster on `port` (and `subset`), named as Istio names it
     /// (`outbound|PORT|SUBSET|HOST`).
-    pub fn registered(host: Arc<str>, namespace: Arc<str>, port: u16, subset: Option<&str>) -> DestinationLabels {
-        let cluster = format!("outbound|{port}|{}|{host}", subset.unwrap_or(""));
+    pub fn registered(host: Arc<str>, namespace: Arc<str>, port: u16, subset: Option<Arc<str>>) -> DestinationLabels {
         DestinationLabels {
             service: host.into(),
             namespace: namespace.into(),
-            cluster: Arc::<str>::from(cluster).into(),
+            cluster: ClusterName::Outbound { port, subset },
         }
+    }
+
+    /// The Envoy cluster's name.
+    pub fn cluster(&self) -> ClusterOf<'_> {
+        ClusterOf(self)
     }
 
     /// Istio's BlackHoleCluster: where REGISTRY_ONLY sends what no ServiceEntry registers.
@@ -102,16 +129,43 @@ impl DestinationLabels {
 
     /// Istio's PassthroughCluster, for `service` (the host or address the client asked for) under ALLOW_ANY.
     pub fn passthrough(service: &str) -> DestinationLabels {
-        DestinationLabels { service: Arc::<str>::from(service).into(), namespace: UNKNOWN, cluster: PASSTHROUGH.into() }
+        DestinationLabels {
+            service: Arc::<str>::from(service).into(),
+            namespace: UNKNOWN,
+            cluster: ClusterName::Named(PASSTHROUGH),
+        }
     }
 
     /// `destination_service_name`: the service's own (its host, or BlackHoleCluster), and PassthroughCluster
     /// for what passes through unregistered. Not held apart: it is one of the two.
     pub fn name(&self) -> &LabelText {
-        if self.cluster.as_str() == PASSTHROUGH {
-            &self.cluster
+        if self.cluster == ClusterName::Named(PASSTHROUGH) {
+            &PASSTHROUGH_NAME
         } else {
             &self.service
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations_are_named_and_their_clusters_written_as_istio_names_them() {
+        let registered = |subset: Option<&str>| {
+            DestinationLabels::registered("httpbin.org".into(), "egress".into(), 443, subset.map(Arc::from))
+        };
+        let cases = [
+            (registered(None), "outbound|443||httpbin.org", "httpbin.org"),
+            (registered(Some("v1")), "outbound|443|v1|httpbin.org", "httpbin.org"),
+            (DestinationLabels::passthrough("example.com"), "PassthroughCluster", "PassthroughCluster"),
+            (DestinationLabels::blackhole(), "BlackHoleCluster", "BlackHoleCluster"),
+        ];
+        for (labels, cluster, name) in cases {
+            assert_eq!(labels.cluster().to_string(), cluster);
+            assert_eq!(labels.name().as_str(), name, "{cluster}");
+        }
+        assert_eq!(DestinationLabels::passthrough("example.com").service.as_str(), "example.com");
     }
 }

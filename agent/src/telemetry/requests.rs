@@ -204,8 +204,8 @@ pub struct RequestRecord {
 
 impl RequestRecord {
     /// The Envoy cluster, `-` for a request answered before it had one.
-    pub fn upstream_cluster(&self) -> &str {
-        self.destination.as_ref().map_or("-", |destination| destination.cluster.as_str())
+    pub fn upstream_cluster(&self) -> String {
+        self.destination.as_ref().map_or_else(|| "-".to_owned(), |destination| destination.cluster().to_string())
     }
 }
 
