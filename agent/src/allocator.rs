@@ -29,43 +29,48 @@ thread_local! {
     static TRANSIENT_HEAP: std::cell::Cell<*mut mi::mi_heap_t> = const { std::cell::Cell::new(std::ptr::null_mut()) };
 }
 
-/// mimalloc's plain and aligned forms of one allocation function.
-type Plain = unsafe extern "C" fn(usize) -> *mut c_void;
-type Aligned = unsafe extern "C" fn(usize, usize) -> *mut c_void;
+/// mimalloc's plain and aligned forms of one allocation function, from the thread's default heap and from a
+/// given one.
+struct Functions {
+    plain: unsafe extern "C" fn(usize) -> *mut c_void,
+    aligned: unsafe extern "C" fn(usize, usize) -> *mut c_void,
+    plain_in: unsafe extern "C" fn(*mut mi::mi_heap_t, usize) -> *mut c_void,
+    aligned_in: unsafe extern "C" fn(*mut mi::mi_heap_t, usize, usize) -> *mut c_void,
+}
 
-/// A block for `layout` from `plain` when its blocks are aligned enough anyway, else from `aligned`.
+const MALLOC: Functions = Functions {
+    plain: mi::mi_malloc,
+    aligned: mi::mi_malloc_aligned,
+    plain_in: mi::mi_heap_malloc,
+    aligned_in: mi::mi_heap_malloc_aligned,
+};
+
+const ZALLOC: Functions = Functions {
+    plain: mi::mi_zalloc,
+    aligned: mi::mi_zalloc_aligned,
+    plain_in: mi::mi_heap_zalloc,
+    aligned_in: mi::mi_heap_zalloc_aligned,
+};
+
+/// A block for `layout` from the plain form when its blocks are aligned enough anyway, else from the aligned
+/// one; from the transient heap while the thread runs under `transient`.
 ///
 /// # Safety
 /// `layout` has a non-zero size (as `GlobalAlloc` requires of its callers).
 #[inline]
-unsafe fn allocate(layout: Layout, plain: Plain, aligned: Aligned) -> *mut u8 {
-    // SAFETY: mimalloc's allocation functions take any size and a power-of-two alignment (a Layout's).
+unsafe fn allocate(layout: Layout, functions: Functions) -> *mut u8 {
+    let (size, align) = (layout.size(), layout.align());
+    let heap = TRANSIENT_HEAP.get();
+    // SAFETY: mimalloc's allocation functions take any size and a power-of-two alignment (a Layout's); a
+    // transient heap is never deleted.
     unsafe {
-        if naturally_aligned(layout.size(), layout.align()) {
-            plain(layout.size()).cast()
-        } else {
-            aligned(layout.size(), layout.align()).cast()
+        match (heap.is_null(), naturally_aligned(size, align)) {
+            (true, true) => (functions.plain)(size),
+            (true, false) => (functions.aligned)(size, align),
+            (false, true) => (functions.plain_in)(heap, size),
+            (false, false) => (functions.aligned_in)(heap, size, align),
         }
-    }
-}
-
-/// mimalloc's plain and aligned forms of one allocation function, from a given heap.
-type PlainIn = unsafe extern "C" fn(*mut mi::mi_heap_t, usize) -> *mut c_void;
-type AlignedIn = unsafe extern "C" fn(*mut mi::mi_heap_t, usize, usize) -> *mut c_void;
-
-/// As `allocate`, from `heap`.
-///
-/// # Safety
-/// As `allocate`; `heap` is a live heap.
-#[inline]
-unsafe fn allocate_in(heap: *mut mi::mi_heap_t, layout: Layout, plain: PlainIn, aligned: AlignedIn) -> *mut u8 {
-    // SAFETY: as in `allocate`.
-    unsafe {
-        if naturally_aligned(layout.size(), layout.align()) {
-            plain(heap, layout.size()).cast()
-        } else {
-            aligned(heap, layout.size(), layout.align()).cast()
-        }
+        .cast()
     }
 }
 
@@ -73,27 +78,13 @@ unsafe fn allocate_in(heap: *mut mi::mi_heap_t, layout: Layout, plain: PlainIn, 
 // so by construction, see `naturally_aligned`), and goes back to it.
 unsafe impl GlobalAlloc for Allocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let heap = TRANSIENT_HEAP.get();
-        // SAFETY: the caller's layout; a transient heap is never deleted.
-        unsafe {
-            if heap.is_null() {
-                allocate(layout, mi::mi_malloc, mi::mi_malloc_aligned)
-            } else {
-                allocate_in(heap, layout, mi::mi_heap_malloc, mi::mi_heap_malloc_aligned)
-            }
-        }
+        // SAFETY: the caller's layout.
+        unsafe { allocate(layout, MALLOC) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let heap = TRANSIENT_HEAP.get();
-        // SAFETY: as in `alloc`.
-        unsafe {
-            if heap.is_null() {
-                allocate(layout, mi::mi_zalloc, mi::mi_zalloc_aligned)
-            } else {
-                allocate_in(heap, layout, mi::mi_heap_zalloc, mi::mi_heap_zalloc_aligned)
-            }
-        }
+        // SAFETY: the caller's layout.
+        unsafe { allocate(layout, ZALLOC) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
