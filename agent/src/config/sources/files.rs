@@ -105,10 +105,9 @@ impl Loaded {
     }
 }
 
-/// The documents of a YAML stream; a syntax error ends the stream (the parser cannot resume after one).
-/// Each document of a multi-document YAML text, to `add` as it is read (one document's value at a time: a
-/// file's documents as values take several times the memory of what is kept of them); a document that is not
-/// valid YAML ends the file.
+/// Each document of a YAML stream, to `add` as it is read (one document's value at a time: a file's documents
+/// as values take several times the memory of what is kept of them); a syntax error ends the stream (the parser
+/// cannot resume after one).
 fn yaml_documents(text: &str, mut add: impl FnMut(Result<serde_json::Value, String>)) {
     for document in serde_yaml_ng::Deserializer::from_str(text) {
         match serde::Deserialize::deserialize(document) {
