@@ -278,7 +278,7 @@ fn measure(name: &'static str, topology: &Topology, pid: u32, url: &str) -> anyh
         p99_ms: p99,
         cpu_us_per_request: Some(per_request(user + system)),
         user_us_per_request: Some(per_request(user)),
-        rss_kib: Some(tree_rss_kib(pid)),
+        rss_kib: Some(tree_status_kib(pid, "VmRSS")),
     })
 }
 
@@ -376,12 +376,8 @@ fn tree_cpu_ticks_split(pid: u32) -> (u64, u64) {
         .fold((0, 0), |(user, system), f| (user + field(&f, 11), system + field(&f, 12)))
 }
 
-/// The resident memory of `pid` and its descendants, KiB.
-pub fn tree_rss_kib(pid: u32) -> u64 {
-    tree_status_kib(pid, "VmRSS")
-}
-
-/// A memory figure of `/proc/PID/status` (`VmRSS`, `RssAnon`: resident memory, and of it what no file backs),
+/// A memory figure of `/proc/PID/status` (`VmRSS`, `RssAnon`, `VmHWM`: resident memory, of it what no file
+/// backs, and the most resident at any time),
 /// KiB, summed over the process tree of `pid`.
 pub fn tree_status_kib(pid: u32, field: &str) -> u64 {
     tree(pid)

@@ -185,7 +185,9 @@ fn configuration() -> anyhow::Result<()> {
         last.2 / first.2.max(1.0)
     );
     let resident = compile::agent_resident(&AGENT_ENTRIES).context("running the agent on the entries")?;
-    let [(none, _), (fewer, small), (more, large)] = [0, 1, 2].map(|i| (AGENT_ENTRIES[i], resident[i]));
+    let ([none, fewer, more], &[empty, small, large]) = (AGENT_ENTRIES, resident.as_slice()) else {
+        anyhow::bail!("the agent was run on {} configurations, not 3", resident.len());
+    };
     let per_host = |from: u64, to: u64, hosts: usize| to.saturating_sub(from) as f64 * 1024.0 / hosts as f64;
     let mib = |r: compile::Resident| {
         format!(
@@ -197,7 +199,7 @@ fn configuration() -> anyhow::Result<()> {
     };
     println!(
         "the agent itself with {none} / {fewer} / {more} ServiceEntries and VirtualServices: RSS {} / {} / {}",
-        mib(resident[0]),
+        mib(empty),
         mib(small),
         mib(large)
     );
@@ -206,8 +208,8 @@ fn configuration() -> anyhow::Result<()> {
          {fewer} with what any configuration sets up once: {:.0} ({:.0})",
         per_host(small.all, large.all, more - fewer),
         per_host(small.anonymous, large.anonymous, more - fewer),
-        per_host(resident[0].all, small.all, fewer - none),
-        per_host(resident[0].anonymous, small.anonymous, fewer - none)
+        per_host(empty.all, small.all, fewer - none),
+        per_host(empty.anonymous, small.anonymous, fewer - none)
     );
     println!();
     Ok(())

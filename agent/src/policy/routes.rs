@@ -199,12 +199,10 @@ pub struct Service {
     next: Option<Arc<Service>>,
 }
 
-/// One of a host's clusters: of a variant (a DestinationRule), a port, and a subset or none.
+/// One of a host's clusters, of a variant (a DestinationRule); its port and subset are those its labels name.
 #[derive(Debug)]
 struct VariantCluster {
     variant: u16,
-    port: u16,
-    subset: Option<Arc<str>>,
     cluster: Cluster,
 }
 
@@ -303,7 +301,7 @@ impl Service {
     pub fn cluster(&self, variant: usize, port: u16, subset: Option<&str>) -> Option<&Cluster> {
         self.clusters
             .iter()
-            .find(|c| usize::from(c.variant) == variant && c.port == port && c.subset.as_deref() == subset)
+            .find(|c| usize::from(c.variant) == variant && c.cluster.labels.is_outbound(port, subset))
             .map(|c| &c.cluster)
     }
 
@@ -985,11 +983,10 @@ fn services(
                 .enumerate()
                 .flat_map(|(variant, rule)| {
                     let variant = u16::try_from(variant).unwrap_or(u16::MAX);
-                    let per_port = ports
+                    ports
                         .iter()
-                        .flat_map(|port| clusters(&host, namespace, port, &endpoints, rule, states, shared));
-                    per_port
-                        .map(move |(port, subset, cluster)| VariantCluster { variant, port, subset, cluster })
+                        .flat_map(|port| clusters(&host, namespace, port, &endpoints, rule, states, shared))
+                        .map(move |cluster| VariantCluster { variant, cluster })
                         .collect::<Vec<_>>()
                 })
                 .collect();
@@ -1018,7 +1015,7 @@ fn clusters(
     rule: Option<&DestinationRule>,
     states: &ClusterStates,
     shared: &mut Shared,
-) -> Vec<(u16, Option<Arc<str>>, Cluster)> {
+) -> Vec<Cluster> {
     let cluster = |subset: Option<Arc<str>>, endpoints: Vec<Endpoint>, policy: Option<&TrafficPolicy>| {
         let policy = policy
             .map(|policy| ClusterPolicy::compile(settings_for_port(policy, port.number), port.http2))
@@ -1035,12 +1032,11 @@ fn clusters(
         Cluster { labels, endpoints: endpoints.into(), policy: ClusterPolicy::shared(policy), state }
     };
     let top = rule.and_then(|rule| rule.traffic_policy.as_ref());
-    let mut out = vec![(port.number, None, cluster(None, endpoints.to_vec(), top))];
+    let mut out = vec![cluster(None, endpoints.to_vec(), top)];
     for subset in rule.map(|rule| rule.subsets.as_slice()).unwrap_or_default() {
         let members = with_labels(endpoints, &subset.labels);
         let policy = subset.traffic_policy.as_ref().or(top);
-        let name = shared.text(&subset.name);
-        out.push((port.number, Some(name.clone()), cluster(Some(name), members, policy)));
+        out.push(cluster(Some(shared.text(&subset.name)), members, policy));
     }
     out
 }

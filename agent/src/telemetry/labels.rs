@@ -122,6 +122,11 @@ impl DestinationLabels {
         ClusterOf(self)
     }
 
+    /// Whether these are a registered host's cluster on `port`, of `subset` (or of no subset).
+    pub fn is_outbound(&self, port: u16, subset: Option<&str>) -> bool {
+        matches!(&self.cluster, ClusterName::Outbound { port: p, subset: s } if *p == port && s.as_deref() == subset)
+    }
+
     /// Istio's BlackHoleCluster: where REGISTRY_ONLY sends what no ServiceEntry registers.
     pub fn blackhole() -> DestinationLabels {
         BLACKHOLE.clone()
@@ -166,6 +171,9 @@ mod tests {
             assert_eq!(labels.cluster().to_string(), cluster);
             assert_eq!(labels.name().as_str(), name, "{cluster}");
         }
+        assert!(registered(Some("v1")).is_outbound(443, Some("v1")));
+        assert!(!registered(Some("v1")).is_outbound(443, None) && !registered(None).is_outbound(80, None));
+        assert!(!DestinationLabels::passthrough("example.com").is_outbound(443, None));
         assert_eq!(DestinationLabels::passthrough("example.com").service.as_str(), "example.com");
     }
 }

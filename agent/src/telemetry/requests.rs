@@ -303,18 +303,19 @@ impl RequestTelemetry {
 
 /// Istio's standard labels for `record`.
 fn labels_of(record: &RequestRecord) -> RequestLabels {
-    let destination = record.destination.as_ref();
+    let [source_workload, source_workload_namespace, destination_service, destination_service_name, destination_service_namespace] =
+        shared_texts(record).map(LabelText::clone);
     RequestLabels {
         reporter: "source".into(),
-        source_workload: record.source_workload.clone().unwrap_or(UNKNOWN),
-        source_workload_namespace: record.source_workload_namespace.clone().unwrap_or(UNKNOWN),
+        source_workload,
+        source_workload_namespace,
         source_principal: UNKNOWN,
         destination_workload: UNKNOWN,
         destination_workload_namespace: UNKNOWN,
         destination_principal: UNKNOWN,
-        destination_service: destination.map_or(UNKNOWN, |d| d.service.clone()),
-        destination_service_name: destination.map_or(UNKNOWN, |d| d.name().clone()),
-        destination_service_namespace: destination.map_or(UNKNOWN, |d| d.namespace.clone()),
+        destination_service,
+        destination_service_name,
+        destination_service_namespace,
         request_protocol: (if record.grpc { "grpc" } else { "http" }).into(),
         response_code: status_label(record.response_code),
         grpc_response_status: "".into(),
