@@ -107,7 +107,7 @@ pub struct GatewayRoutes {
     pub id: String,
     /// Server ports with an HTTP protocol (HTTP, HTTP2, GRPC, GRPC-WEB).
     pub http_ports: Vec<u16>,
-    pub hosts: HostTable<Arc<VirtualHost>>,
+    pub hosts: HostTable<VirtualHost>,
 }
 
 /// Who looks a host up: the gateway for its Gateway ports (what is exported to its namespace, the mesh's mode;
@@ -838,7 +838,7 @@ pub fn proxy_policy(
         table.insert(&host, entry);
     }
     table.shrink_to_fit();
-    let mut virtual_host = |indexes: &Vec<usize>| Arc::new(virtual_host(snapshot, indexes, &mut shared));
+    let mut virtual_host = |indexes: &Vec<usize>| virtual_host(snapshot, indexes, &mut shared);
     ProxyPolicy {
         sidecars: SidecarModes::compile(snapshot, settings.mode),
         host_verify: settings.host_verify,

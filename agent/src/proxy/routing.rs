@@ -160,7 +160,7 @@ pub fn decide<'p, B>(
             Listener::Gateway(gateway_port) => {
                 port = gateway_port;
                 match policy.gateway_on(gateway_port) {
-                    Some(gateway) => (gateway.id.as_str(), gateway.hosts.get(authority).map(|host| &**host)),
+                    Some(gateway) => (gateway.id.as_str(), gateway.hosts.get(authority)),
                     None => ("", None),
                 }
             }
