@@ -30,7 +30,7 @@ use crate::config::{
     fields::{parse_duration, HeaderOperations, Headers, Pairs},
     resolver::Resolved,
     service_entry::{is_http, is_http2, parse_address, Resolution, ServiceEntry},
-    virtual_service::HttpRoute,
+    virtual_service::{HttpRoute, HttpRouteDestination},
     workloads::Workload,
     Snapshot, Spec,
 };
@@ -119,8 +119,9 @@ pub enum Viewer<'a> {
 }
 
 impl Viewer<'_> {
-    /// Whether this viewer sees a resource of `namespace` for `host` on `port`, exported as `visible_to`.
-    pub fn sees(self, policy: &ProxyPolicy, visible_to: &Visibility, namespace: &str, host: &str, port: u16) -> bool {
+    /// Whether this viewer sees a resource `exported` so, for `host` on `port`.
+    pub fn sees(self, policy: &ProxyPolicy, exported: &Exported, host: &str, port: u16) -> bool {
+        let Exported { namespace, visible_to } = exported;
         match self {
             Viewer::Gateway => visible_to.admits(policy.gateway.as_ref().map(|gateway| &*gateway.namespace)),
             Viewer::Workload(source) => {
@@ -139,9 +140,18 @@ impl Viewer<'_> {
     }
 }
 
+/// Where a resource lives and who sees it: one of these is shared by every service and VirtualService of the
+/// policy that lives and is exported alike (most of a namespace's are).
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct Exported {
+    pub namespace: Arc<str>,
+    /// Its `exportTo`.
+    pub visible_to: Visibility,
+}
+
 /// Which namespaces' workloads see a resource (`exportTo`): all (`*`, or nothing said: Istio's default), or the
 /// ones listed (`.` is the resource's own; `~` none).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Visibility {
     #[default]
     All,
@@ -180,7 +190,8 @@ impl Visibility {
 pub struct Service {
     /// The host as the ServiceEntry writes it (a wildcard stays a wildcard).
     pub host: Arc<str>,
-    pub namespace: Arc<str>,
+    /// Its namespace and `exportTo`.
+    pub exported: Arc<Exported>,
     pub resolution: Resolution,
     /// Held in place when there is one (most ServiceEntries declare one port): a lookup that checks the port reads
     /// no other allocation.
@@ -193,8 +204,6 @@ pub struct Service {
     clusters: Box<[VariantCluster]>,
     /// Which variant a viewer's requests go through; `None`: the first, for everyone (no rule applies).
     rules: Option<Box<RuleChoice>>,
-    /// The ServiceEntry's `exportTo`.
-    pub visible_to: Visibility,
     /// The next service registered under the same host, in declaration order.
     next: Option<Arc<Service>>,
 }
@@ -367,10 +376,8 @@ impl std::ops::Deref for Matches {
 pub struct RouteScope {
     /// `namespace/name`.
     pub source: Arc<str>,
-    /// Its `exportTo`.
-    pub visible_to: Visibility,
-    /// Its namespace, which Sidecars import by.
-    pub namespace: Arc<str>,
+    /// Its namespace (which Sidecars import by) and `exportTo`.
+    pub exported: Arc<Exported>,
     /// Each route's own name, by index (empty when no route has one); a route without one is named by its
     /// VirtualService and index.
     names: Box<[Option<Arc<str>>]>,
@@ -460,12 +467,15 @@ impl std::fmt::Display for RouteName {
 struct Shared {
     regexes: RegexCache,
     texts: std::collections::HashSet<Arc<str>>,
+    exported: std::collections::HashSet<Arc<Exported>>,
     /// Compiled match lists by namespace (gateways are named relative to it) and source, as JSON.
     matches: std::collections::HashMap<String, Arc<Matches>>,
     /// Compiled header manipulations by source, as JSON.
     header_ops: std::collections::HashMap<String, HeaderOps>,
     /// Targets' subsets and header manipulations, by subset and source of the manipulations.
     target_extras: std::collections::HashMap<(Option<Arc<str>>, String), Arc<TargetExtras>>,
+    /// Where targets go, by host, port and (shared) extras.
+    target_destinations: std::collections::HashMap<(Arc<str>, Option<u16>, usize), Arc<TargetDestination>>,
 }
 
 impl Shared {
@@ -479,6 +489,17 @@ impl Shared {
         shared
     }
 
+    /// A resource's namespace and `exportTo`, shared with every other resource's that are the same.
+    fn exported(&mut self, namespace: &str, visible_to: Visibility) -> Arc<Exported> {
+        let exported = Exported { namespace: self.text(namespace), visible_to };
+        if let Some(shared) = self.exported.get(&exported) {
+            return shared.clone();
+        }
+        let shared = Arc::new(exported);
+        self.exported.insert(shared.clone());
+        shared
+    }
+
     /// A route's `match` list compiled, shared with every route of the policy that matches alike (the same
     /// conditions recur across VirtualServices, as configurations are written from templates).
     fn matches(&mut self, matches: &[crate::config::virtual_service::HttpMatch], namespace: &str) -> Arc<Matches> {
@@ -487,6 +508,18 @@ impl Shared {
         let compile =
             || Arc::new(Matches(matches.iter().map(|m| RequestMatch::compile(m, namespace, regexes)).collect()));
         self.matches.entry(key).or_insert_with(compile).clone()
+    }
+
+    /// Where a route's destination goes, shared with every target that goes there alike.
+    fn target_destination(&mut self, destination: &HttpRouteDestination) -> Arc<TargetDestination> {
+        let host = self.text(&destination.destination.host);
+        let port = destination.destination.port.as_ref().and_then(|p| u16::try_from(p.number).ok());
+        let extras = self.target_extras(destination.destination.subset.as_deref(), destination.headers.as_deref());
+        let key = (host.clone(), port, extras.as_ref().map_or(0, |extras| Arc::as_ptr(extras) as usize));
+        self.target_destinations
+            .entry(key)
+            .or_insert_with(|| Arc::new(TargetDestination { host, port, extras }))
+            .clone()
     }
 
     /// A target's subset and header manipulations, shared with every target that has the same; `None` without
@@ -640,11 +673,18 @@ pub struct Targets(Box<[Target]>);
 
 #[derive(Debug)]
 pub struct Target {
-    /// Shared with every other use of the host in the policy.
-    pub host: Arc<str>,
-    pub port: Option<u16>,
+    /// Where it goes: shared with every target of the policy that goes there alike (a host's routes mostly
+    /// differ in what they match, not in where they go).
+    to: Arc<TargetDestination>,
     /// The weights of this target and of those before it, summed: for the pick.
     weight_to: u32,
+}
+
+#[derive(Debug)]
+struct TargetDestination {
+    /// Shared with every other use of the host in the policy.
+    host: Arc<str>,
+    port: Option<u16>,
     /// Its subset and header manipulations, when it has either (most have neither); shared with every target of
     /// the policy that has the same.
     extras: Option<Arc<TargetExtras>>,
@@ -658,16 +698,24 @@ struct TargetExtras {
 }
 
 impl Target {
+    pub fn host(&self) -> &str {
+        &self.to.host
+    }
+
+    pub fn port(&self) -> Option<u16> {
+        self.to.port
+    }
+
     pub fn subset(&self) -> Option<&str> {
-        self.extras.as_ref()?.subset.as_deref()
+        self.to.extras.as_ref()?.subset.as_deref()
     }
 
     pub fn request_headers(&self) -> Option<&HeaderOps> {
-        self.extras.as_ref().map(|extras| &extras.headers[0])
+        self.to.extras.as_ref().map(|extras| &extras.headers[0])
     }
 
     pub fn response_headers(&self) -> Option<&HeaderOps> {
-        self.extras.as_ref().map(|extras| &extras.headers[1])
+        self.to.extras.as_ref().map(|extras| &extras.headers[1])
     }
 }
 
@@ -769,7 +817,7 @@ impl ProxyPolicy {
     /// The service registered for `host` on `port` that `viewer` sees: for the workloads' traffic, exported to
     /// the source's namespace (`exportTo`; an unknown source sees all) and imported by its Sidecar.
     pub fn registered_for(&self, host: &str, port: u16, viewer: Viewer<'_>) -> Registered<'_> {
-        let visible = |s: &&Service| s.has_port(port) && viewer.sees(self, &s.visible_to, &s.namespace, &s.host, port);
+        let visible = |s: &&Service| s.has_port(port) && viewer.sees(self, &s.exported, &s.host, port);
         let first = self.hosts.find(host, |entry| entry.services.as_deref());
         match std::iter::successors(first, |service| service.next.as_deref()).find(visible) {
             Some(service) => Registered::Service(service),
@@ -818,8 +866,8 @@ pub fn proxy_policy(
                 &snapshot.mesh.default_service_export_to,
                 resource.metadata.namespace(),
             );
-            let namespace = shared.text(resource.metadata.namespace());
-            for service in services(entry, &namespace, visible_to, resolved, &rules, states, &mut shared) {
+            let exported = shared.exported(resource.metadata.namespace(), visible_to);
+            for service in services(entry, &exported, resolved, &rules, states, &mut shared) {
                 transient(|| registry.entry(service.host.to_ascii_lowercase()).or_default().push(service));
             }
         }
@@ -917,13 +965,13 @@ impl<'a> Rules<'a> {
 /// One service per host of `entry`: DNS hosts resolve on their own (or through the endpoints' names).
 fn services(
     entry: &ServiceEntry,
-    namespace: &Arc<str>,
-    visible_to: Visibility,
+    exported: &Arc<Exported>,
     resolved: &Resolved,
     rules: &Rules<'_>,
     states: &ClusterStates,
     shared: &mut Shared,
 ) -> Vec<Service> {
+    let namespace = &exported.namespace;
     let resolution = entry.resolution();
     let ports: SmallVec<[ServicePort; 1]> = entry
         .ports
@@ -991,10 +1039,9 @@ fn services(
                 })
                 .collect();
             Service {
-                visible_to: visible_to.clone(),
                 known_at: known_at.into(),
                 host,
-                namespace: namespace.clone(),
+                exported: exported.clone(),
                 resolution,
                 ports: ports.clone(),
                 clusters,
@@ -1046,14 +1093,11 @@ fn virtual_host(snapshot: &Snapshot, indexes: &[usize], shared: &mut Shared) -> 
     for resource in bindings::services(snapshot, indexes) {
         let Spec::VirtualService(service) = &resource.spec else { continue };
         let namespace = resource.metadata.namespace();
+        let visible_to =
+            Visibility::compile_or(&service.export_to, &snapshot.mesh.default_virtual_service_export_to, namespace);
         let scope = Arc::new(RouteScope {
             source: format!("{namespace}/{}", resource.metadata.name).into(),
-            visible_to: Visibility::compile_or(
-                &service.export_to,
-                &snapshot.mesh.default_virtual_service_export_to,
-                namespace,
-            ),
-            namespace: shared.text(namespace),
+            exported: shared.exported(namespace, visible_to),
             names: if service.http.iter().any(|route| route.name.is_some()) {
                 service.http.iter().map(|route| route.name.as_deref().map(Arc::from)).collect()
             } else {
@@ -1070,7 +1114,7 @@ fn virtual_host(snapshot: &Snapshot, indexes: &[usize], shared: &mut Shared) -> 
 }
 
 fn compile_route(route: &HttpRoute, scope: &Arc<RouteScope>, index: u32, shared: &mut Shared) -> Route {
-    let namespace = &scope.namespace;
+    let namespace = &scope.exported.namespace;
     let (request_headers, response_headers) = header_ops(route.headers.as_deref(), shared);
     let action = if let Some(redirect) = &route.redirect {
         Action::Redirect(Box::new(Redirect {
@@ -1103,13 +1147,7 @@ fn compile_route(route: &HttpRoute, scope: &Arc<RouteScope>, index: u32, shared:
                 // A lone destination takes everything; otherwise the weights (validated to sum to 100) decide.
                 let weight = if route.route.len() == 1 { 100 } else { destination.weight.unwrap_or(0) };
                 total += u32::try_from(weight).unwrap_or(0);
-                Target {
-                    host: shared.text(&destination.destination.host),
-                    port: destination.destination.port.as_ref().and_then(|p| u16::try_from(p.number).ok()),
-                    weight_to: total,
-                    extras: shared
-                        .target_extras(destination.destination.subset.as_deref(), destination.headers.as_deref()),
-                }
+                Target { to: shared.target_destination(destination), weight_to: total }
             })
             .collect();
         Action::Forward(Targets(targets))
@@ -1277,12 +1315,13 @@ spec:
     }
 
     #[test]
-    fn routes_that_match_alike_share_their_compiled_matches_and_header_manipulations() {
+    fn routes_that_match_alike_share_their_compiled_matches_header_manipulations_destinations_and_exports() {
         let service = |name: &str, namespace: &str, host: &str| {
             format!(
                 "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
                  spec:\n  hosts: [{host}]\n  http:\n  - match: [{{uri: {{prefix: /api/}}, gateways: [edge]}}]\n    \
                  headers: {{request: {{set: {{x-route: api}}}}}}\n    route: [{{destination: {{host: {host}, subset: v1}}}}]\n  \
+                 - match: [{{uri: {{prefix: /v2/}}}}]\n    route: [{{destination: {{host: {host}}}}}]\n  \
                  - route: [{{destination: {{host: {host}}}}}]\n"
             )
         };
@@ -1303,13 +1342,23 @@ spec:
         c.request_headers.apply(&mut headers);
         assert_eq!(headers["x-route"], "api", "and applied by each route");
         let extras = |route: &Route| match &route.action {
-            Action::Forward(targets) => targets.0[0].extras.clone(),
+            Action::Forward(targets) => targets.0[0].to.extras.clone(),
             _ => None,
         };
         let (Some(a_extras), Some(c_extras)) = (extras(a), extras(c)) else { panic!("the subset is compiled") };
         assert!(Arc::ptr_eq(&a_extras, &c_extras), "the same subset: held once");
         let Action::Forward(targets) = &a.action else { panic!() };
         assert_eq!(targets.0[0].subset(), Some("v1"));
+        let routes = &policy.mesh_routes("a.example").expect("bound").routes;
+        let to = |route: &Route| match &route.action {
+            Action::Forward(targets) => targets.0[0].to.clone(),
+            _ => panic!("a forwarding route"),
+        };
+        assert!(Arc::ptr_eq(&to(&routes[1]), &to(&routes[2])), "the same destination: held once");
+        assert!(!Arc::ptr_eq(&to(&routes[0]), &to(&routes[1])), "another subset: another destination");
+        assert_eq!((to(&routes[1]).host.as_ref(), &*a.scope.exported.namespace), ("a.example", "team"));
+        assert!(Arc::ptr_eq(&a.scope.exported, &b.scope.exported), "one namespace, exported alike: held once");
+        assert!(!Arc::ptr_eq(&a.scope.exported, &c.scope.exported), "another namespace");
     }
 
     #[test]
@@ -1332,7 +1381,7 @@ spec:
         let mut canary = http::HeaderMap::new();
         canary.insert("x-canary", "yes".parse().unwrap());
         let Action::Forward(targets) = &first_match(host, "/get", &canary).unwrap().action else { panic!() };
-        let picks: Vec<&str> = [0, 24, 25, 99, 100, 124, 125].map(|roll| &*targets.pick(roll).unwrap().host).into();
+        let picks: Vec<&str> = [0, 24, 25, 99, 100, 124, 125].map(|roll| targets.pick(roll).unwrap().host()).into();
         assert_eq!(
             picks,
             [
@@ -1492,7 +1541,7 @@ spec:
             let workload =
                 namespace.map(|ns| Workload { name: "w".into(), namespace: ns.into(), ..Default::default() });
             match policy.registered_for("api.shared", port, Viewer::Workload(workload.as_ref())) {
-                Registered::Service(service) => Some(service.namespace.to_string()),
+                Registered::Service(service) => Some(service.exported.namespace.to_string()),
                 Registered::Unknown => None,
             }
         };

@@ -178,9 +178,8 @@ pub fn decide<'p, B>(
                     gateway: gateway_id,
                     source,
                 };
-                let visible = host.routes.iter().filter(|route| {
-                    viewer.sees(policy, &route.scope.visible_to, &route.scope.namespace, host_name, port)
-                });
+                let visible =
+                    host.routes.iter().filter(|route| viewer.sees(policy, &route.scope.exported, host_name, port));
                 let found = visible.clone().find_map(|route| {
                     if route.matches.is_empty() {
                         return Some((route, None));
@@ -211,7 +210,7 @@ pub fn decide<'p, B>(
             None => None,
         };
         let (host, destination_port, subset) = match target {
-            Some(target) => (&*target.host, target.port.unwrap_or(port), target.subset()),
+            Some(target) => (target.host(), target.port().unwrap_or(port), target.subset()),
             None => (host_name, port, None),
         };
         if listener.is_mesh() && policy.is_own_service(host) {

@@ -8,9 +8,12 @@ use std::{
 
 use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
 
+/// Two words, as large as the shared text it mostly is: a static text is held behind a second reference (its
+/// `&'static str` in static memory), which leaves the enum room to tell the two apart without a word of its own.
+/// A cluster holds two of these.
 #[derive(Clone, Debug)]
 pub enum LabelText {
-    Static(&'static str),
+    Static(&'static &'static str),
     Shared(Arc<str>),
 }
 
@@ -25,13 +28,45 @@ impl LabelText {
 
 impl Default for LabelText {
     fn default() -> Self {
-        LabelText::Static("")
+        LabelText::Static(&"")
     }
 }
 
+/// The static texts labels are made of: what Sluice reports (`source`, the protocols, Envoy's response flags,
+/// Istio's own clusters).
+static KNOWN: &[&str] = &[
+    "",
+    "-",
+    "unknown",
+    "source",
+    "http",
+    "grpc",
+    "tcp",
+    "BlackHoleCluster",
+    "PassthroughCluster",
+    "DPE",
+    "NR",
+    "NC",
+    "UH",
+    "DF",
+    "UO",
+    "UF",
+    "UR",
+    "UT",
+    "DI",
+    "FI",
+    "UC",
+    "DC",
+    "URX",
+];
+
 impl From<&'static str> for LabelText {
+    /// One of the `KNOWN` texts by reference; any other is copied once, here.
     fn from(text: &'static str) -> Self {
-        LabelText::Static(text)
+        match KNOWN.iter().find(|known| **known == text) {
+            Some(known) => LabelText::Static(known),
+            None => LabelText::Shared(text.into()),
+        }
     }
 }
 
@@ -63,7 +98,7 @@ impl EncodeLabelValue for LabelText {
     }
 }
 
-pub const UNKNOWN: LabelText = LabelText::Static("unknown");
+pub const UNKNOWN: LabelText = LabelText::Static(&"unknown");
 
 /// How Istio's metrics name a destination (`destination_service`, `destination_service_name`,
 /// `destination_service_namespace`), and the Envoy cluster it stands for.
@@ -84,7 +119,7 @@ enum ClusterName {
 
 /// Istio's cluster for what ALLOW_ANY lets through unregistered: it names the destination service too.
 const PASSTHROUGH: &str = "PassthroughCluster";
-static PASSTHROUGH_NAME: LabelText = LabelText::Static(PASSTHROUGH);
+static PASSTHROUGH_NAME: LabelText = LabelText::Static(&PASSTHROUGH);
 
 static BLACKHOLE: LazyLock<DestinationLabels> = LazyLock::new(|| DestinationLabels {
     service: "BlackHoleCluster".into(),
@@ -175,5 +210,21 @@ mod tests {
         assert!(!registered(Some("v1")).is_outbound(443, None) && !registered(None).is_outbound(80, None));
         assert!(!DestinationLabels::passthrough("example.com").is_outbound(443, None));
         assert_eq!(DestinationLabels::passthrough("example.com").service.as_str(), "example.com");
+    }
+
+    #[test]
+    fn a_label_is_two_words_and_reads_back_as_made() {
+        assert_eq!(std::mem::size_of::<LabelText>(), 2 * std::mem::size_of::<usize>());
+        for (label, text) in [
+            (LabelText::from("UF"), "UF"),
+            (LabelText::from("X-made-up"), "X-made-up"),
+            (LabelText::from(Arc::<str>::from("httpbin.org")), "httpbin.org"),
+            (UNKNOWN, "unknown"),
+            (LabelText::default(), ""),
+        ] {
+            assert_eq!(label.as_str(), text);
+            assert_eq!(label, LabelText::Shared(text.into()), "equal to the same text shared");
+        }
+        assert!(matches!(LabelText::from("UF"), LabelText::Static(_)), "a known text is not copied");
     }
 }
