@@ -38,11 +38,12 @@ pub struct Run {
 
 type Measured = fn() -> anyhow::Result<Run>;
 
-/// The configurations compared, in the table's order: the limit, Sluice intercepting transparently and Sluice
-/// on a Gateway port (as the peers are reached: at the proxy's own address), then the peers.
-const CONFIGURATIONS: [(&str, Measured); 6] = [
+/// The configurations compared, in the table's order: the limit, Sluice intercepting transparently (the origin
+/// registered, and not: ALLOW_ANY's passthrough, Istio's default mode) and Sluice on a Gateway port (as the peers are reached: at the proxy's own address), then the peers.
+const CONFIGURATIONS: [(&str, Measured); 7] = [
     ("direct", direct),
     ("sluice", sluice),
+    ("sluice-passthrough", sluice_passthrough),
     ("sluice-gateway", sluice_gateway),
     ("nginx", nginx),
     ("haproxy", haproxy),
@@ -117,9 +118,20 @@ fn sluice() -> anyhow::Result<Run> {
     let topology = Topology::new()?;
     let _origin = origin(&topology)?;
     let config = tempfile::tempdir()?;
-    write_sluice_config(config.path())?;
+    write_sluice_config(config.path(), Registry::Only)?;
     let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80");
     measure_sluice("sluice", &topology, config.path(), &args, None, &format!("http://{SERVER_A}/"))
+}
+
+/// As `sluice`, in ALLOW_ANY with nothing registering the origin: each request passes through to the address
+/// it was sent to, counted under PassthroughCluster.
+fn sluice_passthrough() -> anyhow::Result<Run> {
+    let topology = Topology::new()?;
+    let _origin = origin(&topology)?;
+    let config = tempfile::tempdir()?;
+    write_sluice_config(config.path(), Registry::AllowAny)?;
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80");
+    measure_sluice("sluice (passthrough)", &topology, config.path(), &args, None, &format!("http://{SERVER_A}/"))
 }
 
 /// Sluice as a reverse proxy on a Gateway port (8082 on its own address), as the peers are measured: no
@@ -129,7 +141,7 @@ fn sluice_gateway() -> anyhow::Result<Run> {
     let topology = Topology::new()?;
     let _origin = origin(&topology)?;
     let config = tempfile::tempdir()?;
-    write_sluice_config(config.path())?;
+    write_sluice_config(config.path(), Registry::Only)?;
     std::fs::write(
         config.path().join("gateway.yaml"),
         format!(
@@ -172,13 +184,26 @@ fn measure_sluice(
     measure(name, topology, agent.pid(), url)
 }
 
-fn write_sluice_config(dir: &Path) -> anyhow::Result<()> {
-    let mut yaml = String::from(
-        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\ndata:\n  mesh: |\n    \
-         outboundTrafficPolicy:\n      mode: REGISTRY_ONLY\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
-         metadata: {name: origin, namespace: bench}\nspec:\n  hosts: [origin.bench]\n  addresses: [203.0.113.10]\n  \
-         ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: NONE\n",
+/// How the bench's mesh treats the origin: registered under REGISTRY_ONLY, or unregistered under ALLOW_ANY.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Registry {
+    Only,
+    AllowAny,
+}
+
+fn write_sluice_config(dir: &Path, registry: Registry) -> anyhow::Result<()> {
+    let mode = if registry == Registry::Only { "REGISTRY_ONLY" } else { "ALLOW_ANY" };
+    let mut yaml = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |\n    \
+         outboundTrafficPolicy:\n      mode: {mode}\n"
     );
+    if registry == Registry::Only {
+        yaml.push_str(
+            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: origin, namespace: bench}\n\
+             spec:\n  hosts: [origin.bench]\n  addresses: [203.0.113.10]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  \
+             resolution: NONE\n",
+        );
+    }
     for i in 0..EXTRA_HOSTS {
         yaml.push_str(&format!(
             "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: host-{i}, namespace: bench}}\n\

@@ -2,8 +2,9 @@
 //! clones pointers rather than strings. A destination's labels are made once, when its cluster is compiled.
 
 use std::{
+    collections::HashSet,
     hash::{Hash, Hasher},
-    sync::{Arc, LazyLock},
+    sync::{Arc, LazyLock, PoisonError, RwLock},
 };
 
 use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
@@ -127,6 +128,31 @@ static BLACKHOLE: LazyLock<DestinationLabels> = LazyLock::new(|| DestinationLabe
     cluster: ClusterName::Named("BlackHoleCluster"),
 });
 
+/// The services passed through lately, by name: each request for a host gets the same text, so its requests
+/// find their series by the text's address (`RequestMetrics::recent`) rather than labelling each anew.
+static PASSTHROUGH_SERVICES: LazyLock<RwLock<HashSet<Arc<str>, foldhash::fast::RandomState>>> =
+    LazyLock::new(RwLock::default);
+
+/// How many names `PASSTHROUGH_SERVICES` keeps before it starts again.
+const PASSTHROUGH_SERVICES_LIMIT: usize = 4096;
+
+/// `service`'s text, shared with the other requests passed through to it lately.
+fn passthrough_service(service: &str) -> Arc<str> {
+    if let Some(shared) = PASSTHROUGH_SERVICES.read().unwrap_or_else(PoisonError::into_inner).get(service) {
+        return shared.clone();
+    }
+    let mut services = PASSTHROUGH_SERVICES.write().unwrap_or_else(PoisonError::into_inner);
+    if services.len() >= PASSTHROUGH_SERVICES_LIMIT {
+        services.clear();
+    }
+    if let Some(shared) = services.get(service) {
+        return shared.clone();
+    }
+    let shared: Arc<str> = service.into();
+    services.insert(shared.clone());
+    shared
+}
+
 /// A destination's Envoy cluster name, as shown (`DestinationLabels::cluster`).
 pub struct ClusterOf<'a>(&'a DestinationLabels);
 
@@ -170,7 +196,7 @@ impl DestinationLabels {
     /// Istio's PassthroughCluster, for `service` (the host or address the client asked for) under ALLOW_ANY.
     pub fn passthrough(service: &str) -> DestinationLabels {
         DestinationLabels {
-            service: Arc::<str>::from(service).into(),
+            service: passthrough_service(service).into(),
             namespace: UNKNOWN,
             cluster: ClusterName::Named(PASSTHROUGH),
         }
@@ -210,6 +236,19 @@ mod tests {
         assert!(!registered(Some("v1")).is_outbound(443, None) && !registered(None).is_outbound(80, None));
         assert!(!DestinationLabels::passthrough("example.com").is_outbound(443, None));
         assert_eq!(DestinationLabels::passthrough("example.com").service.as_str(), "example.com");
+    }
+
+    #[test]
+    fn requests_passed_through_to_one_host_share_its_text() {
+        let text = |labels: DestinationLabels| match labels.service {
+            LabelText::Shared(text) => text,
+            LabelText::Static(_) => panic!("a host's name is not a static text"),
+        };
+        let (first, again) =
+            (DestinationLabels::passthrough("shared.example"), DestinationLabels::passthrough("shared.example"));
+        assert!(Arc::ptr_eq(&text(first), &text(again)), "one text: the requests find one series");
+        let other = text(DestinationLabels::passthrough("other.example"));
+        assert_eq!(&*other, "other.example");
     }
 
     #[test]
