@@ -370,6 +370,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .with_resolver(resolver)
             .with_workloads(workloads.clone()),
     );
+    tasks.spawn(HttpProxy::keep_a_timer_due());
     for listener in forward_proxy.into_iter().flatten() {
         tasks.spawn(proxy::gateway_listeners::accept(listener, Listener::Forward, http.clone()));
     }

@@ -152,6 +152,17 @@ impl HttpProxy {
         permit
     }
 
+    /// Keeps one of the runtime's timers due within a second, for as long as it runs. A connection waiting for a
+    /// request's headers has a deadline (`request_headers_timeout`) registered with tokio's timer, which wakes its
+    /// driver (a system call) whenever a new deadline is earlier than every one it holds: with this one always
+    /// due sooner, registering a deadline of a second or more never has to.
+    pub async fn keep_a_timer_due() {
+        let mut ticks = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            ticks.tick().await;
+        }
+    }
+
     /// Serves one client connection (HTTP/1.1 with keep-alive, or HTTP/2) until it closes.
     pub async fn serve_connection(self: Arc<Self>, stream: TcpStream, connection: Connection) {
         let _ = stream.set_nodelay(true);
