@@ -18,7 +18,7 @@ use bytes::Bytes;
 use http::{
     header, uri::PathAndQuery, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version,
 };
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
     upgrade::OnUpgrade,
@@ -190,7 +190,8 @@ impl HttpProxy {
         let started = Instant::now();
         // Every request carries an id from here on, local replies included, as Envoy's do.
         if !request.headers().contains_key(&X_REQUEST_ID) {
-            if let Ok(id) = HeaderValue::from_bytes(&request_id()) {
+            // In an allocation of its own with a count: the copies of the request's headers for retries share it.
+            if let Ok(id) = HeaderValue::from_maybe_shared(Bytes::from_owner(request_id())) {
                 request.headers_mut().insert(X_REQUEST_ID, id);
             }
         }
@@ -331,7 +332,8 @@ impl HttpProxy {
         // An HTTP/1.1 upgrade (WebSocket): its headers go upstream, and a 101 joins the two connections.
         let upgrade = requested_upgrade(&parts.headers);
         let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<OnUpgrade>());
-        let received = Arc::new(AtomicU64::new(0));
+        // What a streamed body has carried so far (a body kept for retries is counted whole, at once).
+        let mut received = None;
         let path_and_query = match routing::rewritten_path(matched, &parts.uri) {
             Ok(path_and_query) => path_and_query,
             Err(error) => {
@@ -376,11 +378,13 @@ impl HttpProxy {
                 }
             }
         } else {
-            streamed = Some(Counted { inner: body.map_err(BoxError::from).boxed(), bytes: received.clone() }.boxed());
+            let counted = Arc::new(AtomicU64::new(0));
+            streamed = Some(Counted { inner: body, bytes: counted.clone() }.map_err(BoxError::from).boxed());
+            received = Some(counted);
             None
         };
         if let Some(bytes) = &replayable {
-            received.store(bytes.len() as u64, Ordering::Relaxed);
+            record.bytes_received = bytes.len() as u64;
         }
         if let (Some(mirror), Some(bytes)) = (mirror, &replayable) {
             self.mirror(policy, mirror, &parts, &path_and_query, upstream_authority, bytes.clone(), connection);
@@ -435,6 +439,7 @@ impl HttpProxy {
         let mut attempt = 0u32;
         let outcome = loop {
             let body = match (&replayable, streamed.take()) {
+                (Some(bytes), _) if bytes.is_empty() => empty(),
                 (Some(bytes), _) => Full::new(bytes.clone()).map_err(|never| match never {}).boxed(),
                 (None, Some(body)) => body,
                 (None, None) => break Err(Failure::UpstreamReset),
@@ -501,7 +506,9 @@ impl HttpProxy {
         let (response, try_started) = match outcome {
             Ok(response) => response,
             Err(failure) => {
-                record.bytes_received = received.load(Ordering::Relaxed);
+                if let Some(received) = &received {
+                    record.bytes_received = received.load(Ordering::Relaxed);
+                }
                 return self.local_failure(failure, record, started, Some(destination.labels));
             }
         };
@@ -521,7 +528,7 @@ impl HttpProxy {
             parts.headers.insert(header::UPGRADE, protocol);
         }
         let service_ms = u64::try_from(service_time.as_millis()).unwrap_or(u64::MAX);
-        parts.headers.insert(X_ENVOY_UPSTREAM_SERVICE_TIME, HeaderValue::from(service_ms));
+        parts.headers.insert(X_ENVOY_UPSTREAM_SERVICE_TIME, service_time_value(service_ms));
         if let Some(operations) = target.and_then(|target| target.response_headers()) {
             operations.apply(&mut parts.headers);
         }
@@ -533,7 +540,7 @@ impl HttpProxy {
         }
         record.response_code = parts.status.as_u16();
         record.destination = Some(destination.labels);
-        let response = Response::from_parts(parts, body.map_err(BoxError::from).boxed());
+        let response = Response::from_parts(parts, body.map_err(BoxError::from));
         self.finish_streaming(response, record, started, received, slot)
     }
 
@@ -607,7 +614,7 @@ impl HttpProxy {
         });
         record.response_code = StatusCode::OK.as_u16();
         record.destination = Some(destination.labels);
-        self.finish_streaming(Response::new(empty()), record, started, Arc::new(AtomicU64::new(0)), None)
+        self.finish_streaming(Response::new(empty()), record, started, None, None)
     }
 
     /// Sends a copy of the request to the mirror's destination, its authority suffixed `-shadow` as Envoy's
@@ -709,18 +716,21 @@ impl HttpProxy {
         if let Some(operations) = route.and_then(Route::response_headers) {
             operations.apply(response.headers_mut());
         }
-        self.finish_streaming(response, record, started, Arc::new(AtomicU64::new(0)), None)
+        self.finish_streaming(response, record, started, None, None)
     }
 
     /// Wraps the response body so that the request is recorded when the body ends (or the client goes).
-    fn finish_streaming(
+    fn finish_streaming<B>(
         &self,
-        response: Response<ProxyBody>,
+        response: Response<B>,
         record: Box<RequestRecord>,
         started: Instant,
-        received: Arc<AtomicU64>,
+        received: Option<Arc<AtomicU64>>,
         slot: Option<OwnedSemaphorePermit>,
-    ) -> Response<ProxyBody> {
+    ) -> Response<ProxyBody>
+    where
+        B: Body<Data = Bytes, Error = BoxError> + Send + Sync + Unpin + 'static,
+    {
         let (parts, body) = response.into_parts();
         let body = Recorded {
             _slot: slot,
@@ -735,8 +745,16 @@ impl HttpProxy {
     }
 }
 
+/// An empty body: boxed without an allocation (it has no size).
 fn empty() -> ProxyBody {
-    Full::new(Bytes::new()).map_err(|never| match never {}).boxed()
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// `x-envoy-upstream-service-time` for `ms`: the values below a second made once, and shared.
+fn service_time_value(ms: u64) -> HeaderValue {
+    static BELOW_A_SECOND: std::sync::LazyLock<Box<[HeaderValue]>> =
+        std::sync::LazyLock::new(|| (0..1000u64).map(HeaderValue::from).collect());
+    usize::try_from(ms).ok().and_then(|ms| BELOW_A_SECOND.get(ms)).cloned().unwrap_or_else(|| HeaderValue::from(ms))
 }
 
 fn protocol_name(version: Version) -> &'static str {
@@ -900,15 +918,15 @@ fn request_id() -> [u8; 36] {
 
 /// A request body that counts the bytes it carries.
 struct Counted {
-    inner: ProxyBody,
+    inner: Incoming,
     bytes: Arc<AtomicU64>,
 }
 
 impl Body for Counted {
     type Data = Bytes;
-    type Error = BoxError;
+    type Error = hyper::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
@@ -928,29 +946,32 @@ impl Body for Counted {
 }
 
 /// A response body that records its request when it ends, or when it is dropped unfinished.
-struct Recorded {
+struct Recorded<B> {
     /// The cluster slot the request holds until its response has gone.
     _slot: Option<OwnedSemaphorePermit>,
-    inner: ProxyBody,
+    inner: B,
     sent: u64,
-    received: Arc<AtomicU64>,
+    /// What a streamed request body carried.
+    received: Option<Arc<AtomicU64>>,
     record: Option<Box<RequestRecord>>,
     started: Instant,
     telemetry: Arc<RequestTelemetry>,
 }
 
-impl Recorded {
+impl<B> Recorded<B> {
     fn emit(&mut self) {
         if let Some(mut record) = self.record.take() {
             record.bytes_sent = self.sent;
-            record.bytes_received = record.bytes_received.max(self.received.load(Ordering::Relaxed));
+            if let Some(received) = &self.received {
+                record.bytes_received = record.bytes_received.max(received.load(Ordering::Relaxed));
+            }
             record.duration = self.started.elapsed();
             self.telemetry.record(&record);
         }
     }
 }
 
-impl Body for Recorded {
+impl<B: Body<Data = Bytes, Error = BoxError> + Unpin> Body for Recorded<B> {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -977,7 +998,7 @@ impl Body for Recorded {
     }
 }
 
-impl Drop for Recorded {
+impl<B> Drop for Recorded<B> {
     fn drop(&mut self) {
         self.emit();
     }
@@ -1027,5 +1048,12 @@ mod tests {
         assert_ne!(request_id(), request_id());
         assert_eq!(&id[14..15], "4", "{id}");
         assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"), "{id}");
+    }
+
+    #[test]
+    fn upstream_service_times_are_written_in_milliseconds_whatever_their_size() {
+        for ms in [0, 7, 999, 1000, 86_400_000] {
+            assert_eq!(service_time_value(ms), ms.to_string().as_str());
+        }
     }
 }
