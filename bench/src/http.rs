@@ -115,23 +115,23 @@ fn direct() -> anyhow::Result<Run> {
 }
 
 fn sluice() -> anyhow::Result<Run> {
-    let topology = Topology::new()?;
-    let _origin = origin(&topology)?;
-    let config = tempfile::tempdir()?;
-    write_sluice_config(config.path(), Registry::Only)?;
-    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80");
-    measure_sluice("sluice", &topology, config.path(), &args, None, &format!("http://{SERVER_A}/"))
+    intercepted("sluice", Registry::Only)
 }
 
 /// As `sluice`, in ALLOW_ANY with nothing registering the origin: each request passes through to the address
 /// it was sent to, counted under PassthroughCluster.
 fn sluice_passthrough() -> anyhow::Result<Run> {
+    intercepted("sluice (passthrough)", Registry::AllowAny)
+}
+
+/// Sluice intercepting the workload's requests to the origin transparently, the origin as `registry` has it.
+fn intercepted(name: &'static str, registry: Registry) -> anyhow::Result<Run> {
     let topology = Topology::new()?;
     let _origin = origin(&topology)?;
     let config = tempfile::tempdir()?;
-    write_sluice_config(config.path(), Registry::AllowAny)?;
+    write_sluice_config(config.path(), registry)?;
     let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80");
-    measure_sluice("sluice (passthrough)", &topology, config.path(), &args, None, &format!("http://{SERVER_A}/"))
+    measure_sluice(name, &topology, config.path(), &args, None, &format!("http://{SERVER_A}/"))
 }
 
 /// Sluice as a reverse proxy on a Gateway port (8082 on its own address), as the peers are measured: no
