@@ -344,7 +344,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let counters = datapath.counters();
     let metrics = telemetry::metrics::registry(counters.clone(), datapath.blackholed(), args.access_log_format);
-    let bindings = transient(|| control.bind(&snapshot));
+    let bindings = control.bind(&snapshot);
     let routes = Arc::new(arc_swap::ArcSwap::from_pointee(control.proxy_policy(&snapshot, &bindings)));
     metrics.config_generation.set(1);
     let (dump, dump_reader) = tokio::sync::watch::channel(Arc::new(control.dump(1, policy, &bindings)));
@@ -403,7 +403,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let (changed, next) = control.resolve().await;
                 refresh = next;
                 if changed {
-                    enforced.apply(&control, transient(|| control.store.snapshot()));
+                    enforced.apply(&control, control.snapshot());
                 }
             }
         }
@@ -482,7 +482,7 @@ impl Control {
         self.errors = std::mem::take(&mut loaded.errors);
         // The resources as read are dropped before the store's are read back: not both at once.
         drop(loaded);
-        let snapshot = transient(|| self.store.snapshot());
+        let snapshot = self.snapshot();
         self.names = resolver::names(&snapshot);
         for resource in &snapshot.resources {
             for (field, why) in sluice_agent::config::unsupported::fields(resource) {
@@ -514,9 +514,16 @@ impl Control {
         compile::datapath_policy(snapshot, &self.resolved, &self.node)
     }
 
-    /// The Gateways that select this agent, and what each context's VirtualServices are.
+    /// The configuration in force, typed, read back from the store: held only while compiling, so apart from
+    /// what stays (`transient`).
+    fn snapshot(&self) -> Snapshot {
+        transient(|| self.store.snapshot())
+    }
+
+    /// The Gateways that select this agent, and what each context's VirtualServices are: held only while
+    /// compiling, so apart from what stays (`transient`).
     fn bind(&self, snapshot: &Snapshot) -> Bindings {
-        sluice_agent::policy::bindings::bind(snapshot, &self.labels)
+        transient(|| sluice_agent::policy::bindings::bind(snapshot, &self.labels))
     }
 
     fn proxy_policy(&self, snapshot: &Snapshot, bindings: &Bindings) -> sluice_agent::policy::routes::ProxyPolicy {
@@ -574,7 +581,7 @@ impl Enforced {
         let policy = control.policy(&snapshot);
         match self.datapath.apply(&policy) {
             Ok(()) => {
-                let bindings = transient(|| control.bind(&snapshot));
+                let bindings = control.bind(&snapshot);
                 let routes = control.proxy_policy(&snapshot, &bindings);
                 self.gateways.reconcile(&routes.gateway_ports());
                 self.routes.store(Arc::new(routes));
