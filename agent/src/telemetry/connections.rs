@@ -29,13 +29,13 @@ impl TcpLabels {
     /// Labels for a connection to `destination`, with Envoy's response `flags`.
     pub fn new(destination: &DestinationLabels, flags: &'static str) -> TcpLabels {
         TcpLabels {
-            reporter: "source".into(),
+            reporter: LabelText::Static(&"source"),
             source_workload: UNKNOWN,
             source_workload_namespace: UNKNOWN,
             destination_service: destination.service.clone(),
             destination_service_name: destination.name().clone(),
             destination_service_namespace: destination.namespace.clone(),
-            request_protocol: "tcp".into(),
+            request_protocol: LabelText::Static(&"tcp"),
             response_flags: (if flags.is_empty() { "-" } else { flags }).into(),
             connection_security_policy: UNKNOWN,
         }

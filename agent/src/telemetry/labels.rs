@@ -33,38 +33,15 @@ impl Default for LabelText {
     }
 }
 
-/// The static texts labels are made of: what Sluice reports (`source`, the protocols, Envoy's response flags,
-/// Istio's own clusters).
-static KNOWN: &[&str] = &[
-    "",
-    "-",
-    "unknown",
-    "source",
-    "http",
-    "grpc",
-    "tcp",
-    "BlackHoleCluster",
-    "PassthroughCluster",
-    "DPE",
-    "NR",
-    "NC",
-    "UH",
-    "DF",
-    "UO",
-    "UF",
-    "UR",
-    "UT",
-    "DI",
-    "FI",
-    "UC",
-    "DC",
-    "URX",
-];
+/// Envoy's response flags, as requests' records carry them (chosen as they happen, so not known where the label
+/// is made), and `-` for none.
+static FLAGS: &[&str] = &["-", "DPE", "NR", "NC", "UH", "DF", "UO", "UF", "UR", "UT", "DI", "FI", "UC", "DC", "URX"];
 
 impl From<&'static str> for LabelText {
-    /// One of the `KNOWN` texts by reference; any other is copied once, here.
+    /// A response flag of `FLAGS` by reference; any other text is copied once, here. (A text known where the
+    /// label is made is written `LabelText::Static(&"text")`.)
     fn from(text: &'static str) -> Self {
-        match KNOWN.iter().find(|known| **known == text) {
+        match FLAGS.iter().find(|flag| **flag == text) {
             Some(known) => LabelText::Static(known),
             None => LabelText::Shared(text.into()),
         }
@@ -114,19 +91,18 @@ pub struct DestinationLabels {
 /// subset), whose name (`outbound|PORT|SUBSET|HOST`) is written out only where it is shown.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum ClusterName {
-    Named(&'static str),
-    Outbound { port: u16, subset: Option<Arc<str>> },
+    /// Istio's cluster for what REGISTRY_ONLY refuses: also the destination service's name.
+    BlackHole,
+    /// Istio's cluster for what ALLOW_ANY lets through unregistered: it names the destination service too.
+    Passthrough,
+    Outbound {
+        port: u16,
+        subset: Option<Arc<str>>,
+    },
 }
 
-/// Istio's cluster for what ALLOW_ANY lets through unregistered: it names the destination service too.
-const PASSTHROUGH: &str = "PassthroughCluster";
-static PASSTHROUGH_NAME: LabelText = LabelText::Static(&PASSTHROUGH);
-
-static BLACKHOLE: LazyLock<DestinationLabels> = LazyLock::new(|| DestinationLabels {
-    service: "BlackHoleCluster".into(),
-    namespace: UNKNOWN,
-    cluster: ClusterName::Named("BlackHoleCluster"),
-});
+static BLACKHOLE_NAME: LabelText = LabelText::Static(&"BlackHoleCluster");
+static PASSTHROUGH_NAME: LabelText = LabelText::Static(&"PassthroughCluster");
 
 /// The services passed through lately, by name: each request for a host gets the same text, so its requests
 /// find their series by the text's address (`RequestMetrics::recent`) rather than labelling each anew.
@@ -159,7 +135,8 @@ pub struct ClusterOf<'a>(&'a DestinationLabels);
 impl std::fmt::Display for ClusterOf<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.0.cluster {
-            ClusterName::Named(name) => f.write_str(name),
+            ClusterName::BlackHole => f.write_str(BLACKHOLE_NAME.as_str()),
+            ClusterName::Passthrough => f.write_str(PASSTHROUGH_NAME.as_str()),
             ClusterName::Outbound { port, subset } => {
                 write!(f, "outbound|{port}|{}|{}", subset.as_deref().unwrap_or(""), self.0.service.as_str())
             }
@@ -190,7 +167,7 @@ impl DestinationLabels {
 
     /// Istio's BlackHoleCluster: where REGISTRY_ONLY sends what no ServiceEntry registers.
     pub fn blackhole() -> DestinationLabels {
-        BLACKHOLE.clone()
+        DestinationLabels { service: BLACKHOLE_NAME.clone(), namespace: UNKNOWN, cluster: ClusterName::BlackHole }
     }
 
     /// Istio's PassthroughCluster, for `service` (the host or address the client asked for) under ALLOW_ANY.
@@ -198,14 +175,14 @@ impl DestinationLabels {
         DestinationLabels {
             service: passthrough_service(service).into(),
             namespace: UNKNOWN,
-            cluster: ClusterName::Named(PASSTHROUGH),
+            cluster: ClusterName::Passthrough,
         }
     }
 
     /// `destination_service_name`: the service's own (its host, or BlackHoleCluster), and PassthroughCluster
     /// for what passes through unregistered. Not held apart: it is one of the two.
     pub fn name(&self) -> &LabelText {
-        if self.cluster == ClusterName::Named(PASSTHROUGH) {
+        if self.cluster == ClusterName::Passthrough {
             &PASSTHROUGH_NAME
         } else {
             &self.service

@@ -306,7 +306,7 @@ fn labels_of(record: &RequestRecord) -> RequestLabels {
     let [source_workload, source_workload_namespace, destination_service, destination_service_name, destination_service_namespace] =
         shared_texts(record).map(LabelText::clone);
     RequestLabels {
-        reporter: "source".into(),
+        reporter: LabelText::Static(&"source"),
         source_workload,
         source_workload_namespace,
         source_principal: UNKNOWN,
@@ -316,9 +316,9 @@ fn labels_of(record: &RequestRecord) -> RequestLabels {
         destination_service,
         destination_service_name,
         destination_service_namespace,
-        request_protocol: (if record.grpc { "grpc" } else { "http" }).into(),
+        request_protocol: LabelText::Static(if record.grpc { &"grpc" } else { &"http" }),
         response_code: status_label(record.response_code),
-        grpc_response_status: "".into(),
+        grpc_response_status: LabelText::default(),
         response_flags: (if record.response_flags.is_empty() { "-" } else { record.response_flags }).into(),
         connection_security_policy: UNKNOWN,
     }
