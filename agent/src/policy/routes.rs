@@ -34,7 +34,7 @@ use crate::config::{
     workloads::Workload,
     Snapshot, Spec,
 };
-use crate::telemetry::labels::DestinationLabels;
+use crate::telemetry::labels::{interned, DestinationLabels};
 
 /// What the node, not the mesh, decides for the proxy.
 #[derive(Clone, Debug, Default)]
@@ -481,23 +481,13 @@ struct Shared {
 impl Shared {
     /// `text`, shared with every other use of it in the policy.
     fn text(&mut self, text: &str) -> Arc<str> {
-        if let Some(shared) = self.texts.get(text) {
-            return shared.clone();
-        }
-        let shared: Arc<str> = text.into();
-        self.texts.insert(shared.clone());
-        shared
+        interned(&mut self.texts, text)
     }
 
     /// A resource's namespace and `exportTo`, shared with every other resource's that are the same.
     fn exported(&mut self, namespace: &str, visible_to: Visibility) -> Arc<Exported> {
-        let exported = Exported { namespace: self.text(namespace), visible_to };
-        if let Some(shared) = self.exported.get(&exported) {
-            return shared.clone();
-        }
-        let shared = Arc::new(exported);
-        self.exported.insert(shared.clone());
-        shared
+        let namespace = self.text(namespace);
+        interned(&mut self.exported, Exported { namespace, visible_to })
     }
 
     /// A route's `match` list compiled, shared with every route of the policy that matches alike (the same

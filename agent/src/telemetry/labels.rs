@@ -121,11 +121,23 @@ fn passthrough_service(service: &str) -> Arc<str> {
     if services.len() >= PASSTHROUGH_SERVICES_LIMIT {
         services.clear();
     }
-    if let Some(shared) = services.get(service) {
+    interned(&mut services, service)
+}
+
+/// The value in `set` equal to `value`, or `value` shared and added to it: what is shared so is held once, and
+/// found by its address.
+pub fn interned<T, V, S>(set: &mut HashSet<Arc<T>, S>, value: V) -> Arc<T>
+where
+    T: ?Sized + Eq + Hash,
+    V: std::borrow::Borrow<T>,
+    Arc<T>: From<V>,
+    S: std::hash::BuildHasher,
+{
+    if let Some(shared) = set.get(value.borrow()) {
         return shared.clone();
     }
-    let shared: Arc<str> = service.into();
-    services.insert(shared.clone());
+    let shared = Arc::from(value);
+    set.insert(shared.clone());
     shared
 }
 
