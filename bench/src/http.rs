@@ -40,11 +40,12 @@ type Measured = fn() -> anyhow::Result<Run>;
 
 /// The configurations compared, in the table's order: the limit, Sluice intercepting transparently (the origin
 /// registered, and not: ALLOW_ANY's passthrough, Istio's default mode) and Sluice on a Gateway port (as the peers are reached: at the proxy's own address), then the peers.
-const CONFIGURATIONS: [(&str, Measured); 7] = [
+const CONFIGURATIONS: [(&str, Measured); 8] = [
     ("direct", direct),
     ("sluice", sluice),
     ("sluice-passthrough", sluice_passthrough),
     ("sluice-gateway", sluice_gateway),
+    ("hyper-forwarder", hyper_forwarder),
     ("nginx", nginx),
     ("haproxy", haproxy),
     ("squid", squid),
@@ -212,6 +213,22 @@ fn write_sluice_config(dir: &Path, registry: Registry) -> anyhow::Result<()> {
         ));
     }
     std::fs::write(dir.join("bench.yaml"), yaml).context("writing the bench configuration")
+}
+
+/// The least a proxy on Sluice's stack (hyper's server and client, tokio on one thread, Sluice's allocator) does:
+/// each request forwarded as it came to the origin, on a port of the gateway's address as the peers are.
+/// What Sluice costs above it is its own work; what it costs is the stack's.
+fn hyper_forwarder() -> anyhow::Result<Run> {
+    let topology = Topology::new()?;
+    let _origin = origin(&topology)?;
+    let listen: SocketAddr = format!("{GATEWAY_WORKLOAD_ADDR}:8083").parse()?;
+    let program = std::env::current_exe()?.with_file_name("hyper-forwarder");
+    let mut command = topology.gateway.command(&program.to_string_lossy());
+    command.arg(listen.to_string()).arg(format!("{SERVER_A}:80"));
+    let mut process = Process::spawn("hyper-forwarder", command)?;
+    wait_for_tcp(&topology.gateway, listen, &mut process)?;
+    pin_tree(process.pid(), PROXY_CPU)?;
+    measure("hyper (forwarder, no policy)", &topology, process.pid(), &format!("http://{listen}/"))
 }
 
 fn nginx() -> anyhow::Result<Run> {

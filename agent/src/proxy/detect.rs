@@ -11,24 +11,23 @@ pub const DETECTION_TIMEOUT: Duration = Duration::from_millis(500);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Detected {
-    /// HTTP/1.x or HTTP/2 with prior knowledge.
-    Http,
-    /// Anything else, or nothing within the timeout.
+    Http(HttpVersion),
+    /// Anything else.
     Opaque,
 }
 
-const STARTS: [&[u8]; 10] = [
-    b"GET ",
-    b"POST ",
-    b"PUT ",
-    b"DELETE ",
-    b"HEAD ",
-    b"OPTIONS ",
-    b"PATCH ",
-    b"TRACE ",
-    b"CONNECT ",
-    b"PRI * HTTP/2.0\r\n",
-];
+/// The HTTP a client speaks: its connection is served by that protocol's server alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpVersion {
+    /// A request line (HTTP/1.0 or 1.1).
+    Http1,
+    /// The HTTP/2 prior-knowledge preface.
+    Http2,
+}
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+const STARTS: [&[u8]; 10] =
+    [b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"TRACE ", b"CONNECT ", PREFACE];
 
 /// What `bytes` (the start of a stream) are; `None` while more are needed to tell.
 pub fn classify(bytes: &[u8]) -> Option<Detected> {
@@ -36,7 +35,8 @@ pub fn classify(bytes: &[u8]) -> Option<Detected> {
     for start in STARTS {
         if bytes.len() >= start.len() {
             if bytes.starts_with(start) {
-                return Some(Detected::Http);
+                let version = if start == PREFACE { HttpVersion::Http2 } else { HttpVersion::Http1 };
+                return Some(Detected::Http(version));
             }
         } else if start.starts_with(bytes) {
             undecided = true;
@@ -45,8 +45,8 @@ pub fn classify(bytes: &[u8]) -> Option<Detected> {
     (!undecided).then_some(Detected::Opaque)
 }
 
-/// Peeks at the stream until its first bytes tell what it is, or the timeout passes.
-pub async fn detect(stream: &TcpStream, timeout: Duration) -> Detected {
+/// Peeks at the stream until its first bytes tell what it is; `None` if they have not within `timeout`.
+pub async fn detect(stream: &TcpStream, timeout: Duration) -> Option<Detected> {
     let sniff = async {
         let mut buf = [0u8; 16];
         loop {
@@ -63,7 +63,7 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> Detected {
             }
         }
     };
-    tokio::time::timeout(timeout, sniff).await.unwrap_or(Detected::Opaque)
+    tokio::time::timeout(timeout, sniff).await.ok()
 }
 
 #[cfg(test)]
@@ -73,9 +73,9 @@ mod tests {
     #[test]
     fn request_lines_and_the_http2_preface_are_http_and_the_rest_is_opaque() {
         let cases: [(&[u8], Option<Detected>); 10] = [
-            (b"GET / HTTP/1.1\r\n", Some(Detected::Http)),
-            (b"OPTIONS * HTTP/1.1", Some(Detected::Http)),
-            (b"PRI * HTTP/2.0\r\n\r\nSM", Some(Detected::Http)),
+            (b"GET / HTTP/1.1\r\n", Some(Detected::Http(HttpVersion::Http1))),
+            (b"OPTIONS * HTTP/1.1", Some(Detected::Http(HttpVersion::Http1))),
+            (b"PRI * HTTP/2.0\r\n\r\nSM", Some(Detected::Http(HttpVersion::Http2))),
             (b"\x16\x03\x01\x02\x00", Some(Detected::Opaque)),
             (b"SSH-2.0-OpenSSH", Some(Detected::Opaque)),
             (b"GETX", Some(Detected::Opaque)),

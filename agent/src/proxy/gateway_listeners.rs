@@ -12,6 +12,7 @@ use std::{
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use super::{
+    detect::{detect, Detected, HttpVersion},
     http::{Connection, HttpProxy, Listener},
     transparent_listener::listener,
 };
@@ -94,7 +95,14 @@ pub async fn accept(listener: TcpListener, kind: Listener, proxy: Arc<HttpProxy>
                 let connection = Connection { peer, local, listener: kind };
                 let proxy = proxy.clone();
                 tokio::spawn(async move {
-                    proxy.serve_connection(stream, connection).await;
+                    // A client whose first bytes say no HTTP version is answered by the HTTP/1.1 server (400), and
+                    // one that says too little in time is cut off, as a stalled request's headers are.
+                    let version = match detect(&stream, proxy.request_headers_timeout()).await {
+                        Some(Detected::Http(version)) => version,
+                        Some(Detected::Opaque) => HttpVersion::Http1,
+                        None => return,
+                    };
+                    proxy.serve_connection(stream, connection, version).await;
                     drop(permit);
                 });
             }

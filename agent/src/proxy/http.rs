@@ -3,6 +3,7 @@
 //! connections, or answered locally the way Envoy answers.
 
 use std::{
+    future::Future,
     net::SocketAddr,
     pin::Pin,
     sync::{
@@ -15,6 +16,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::{
     header, uri::PathAndQuery, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version,
 };
@@ -29,6 +31,7 @@ use tokio::net::TcpStream;
 
 pub use super::routing::Listener;
 use super::{
+    detect::HttpVersion,
     failure::Failure,
     routing::{self, Decision, Destination, Matched},
     tcp::{self, SourceAddresses},
@@ -163,385 +166,428 @@ impl HttpProxy {
         }
     }
 
-    /// Serves one client connection (HTTP/1.1 with keep-alive, or HTTP/2) until it closes.
-    pub async fn serve_connection(self: Arc<Self>, stream: TcpStream, connection: Connection) {
+    /// How long a client may take to send a request's headers.
+    pub fn request_headers_timeout(&self) -> Duration {
+        self.limits.request_headers_timeout
+    }
+
+    /// Serves one client connection (HTTP/1.1 with keep-alive, or HTTP/2, as its first bytes said) until it
+    /// closes.
+    pub async fn serve_connection(self: Arc<Self>, stream: TcpStream, connection: Connection, version: HttpVersion) {
         let _ = stream.set_nodelay(true);
         let proxy = self.clone();
         // A request's future is boxed: hyper moves what its service returns, and the whole exchange is kilobytes.
         let service = hyper::service::service_fn(move |request| {
-            let proxy = proxy.clone();
-            Box::pin(async move { Ok::<_, std::convert::Infallible>(proxy.handle(request, connection).await) })
+            Box::pin(proxy.clone().handle(request, connection).map(answered))
         });
-        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .writev(false)
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.limits.request_headers_timeout)
-            .max_buf_size(MAX_REQUEST_HEADERS_BYTES)
-            .max_headers(MAX_REQUEST_HEADERS);
-        builder.http2().timer(TokioTimer::new()).max_header_list_size(MAX_REQUEST_HEADERS_BYTES as u32);
-        if let Err(error) = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await {
+        let io = TokioIo::new(stream);
+        let served = match version {
+            HttpVersion::Http1 => {
+                hyper::server::conn::http1::Builder::new()
+                    .writev(false)
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(self.limits.request_headers_timeout)
+                    // The head's size is checked as parsed, not only when the read buffer fills: one read may
+                    // bring in more than the limit.
+                    .max_header_size(MAX_REQUEST_HEADERS_BYTES)
+                    .max_buf_size(MAX_REQUEST_HEADERS_BYTES)
+                    .max_headers(MAX_REQUEST_HEADERS)
+                    .serve_connection(io, service)
+                    .with_upgrades()
+                    .await
+            }
+            HttpVersion::Http2 => {
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .max_header_list_size(MAX_REQUEST_HEADERS_BYTES as u32)
+                    .serve_connection(io, service)
+                    .await
+            }
+        };
+        if let Err(error) = served {
             tracing::debug!(%error, peer = %connection.peer, "client connection ended");
         }
     }
 
-    async fn handle(&self, mut request: Request<Incoming>, connection: Connection) -> Response<ProxyBody> {
-        let started = Instant::now();
-        // Every request carries an id from here on, local replies included, as Envoy's do.
-        if !request.headers().contains_key(&X_REQUEST_ID) {
-            // In an allocation of its own with a count: the copies of the request's headers for retries share it.
-            if let Ok(id) = HeaderValue::from_maybe_shared(Bytes::from_owner(request_id())) {
-                request.headers_mut().insert(X_REQUEST_ID, id);
-            }
-        }
-        let policy = self.policy.load_full();
-        // Boxed: a request's future holds it across every wait, and is moved as a whole.
-        let mut record = Box::new(RequestRecord {
-            protocol: protocol_name(request.version()),
-            grpc: request
-                .headers()
-                .get(header::CONTENT_TYPE)
-                .is_some_and(|content_type| content_type.as_bytes().starts_with(b"application/grpc")),
-            downstream_remote: Some(connection.peer),
-            downstream_local: Some(connection.local),
-            ..RequestRecord::default()
-        });
-        // The URI's authority (absolute form, HTTP/2), else Host: shared with the request rather than copied.
-        let authority = match request.uri().authority() {
-            Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-            None => request.headers().get(header::HOST).cloned(),
-        };
-        let authority = authority.as_ref().and_then(|value| value.to_str().ok());
-        // What only the access log shows (the wall clock included) is read only when there is one.
-        if self.telemetry.logs_requests() {
-            record.start = Some(SystemTime::now());
-            record.authority = authority.unwrap_or_default().to_owned();
-            record.method = request.method().as_str().to_owned();
-            record.path = request.uri().path_and_query().map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned());
-            record.user_agent = header_text(request.headers(), header::USER_AGENT);
-            record.x_forwarded_for = header_text(request.headers(), &X_FORWARDED_FOR);
-            record.request_id = header_text(request.headers(), &X_REQUEST_ID);
-        }
-        if request.uri().path_and_query().is_some_and(|pq| pq.as_str().len() > MAX_URI_BYTES) {
-            return self.local_failure(Failure::UriTooLong, record, started, None);
-        }
-        let Some(authority) = authority else {
-            return self.local_failure(Failure::BadRequest, record, started, None);
-        };
-        let mut connection = connection;
-        if connection.listener == Listener::Forward {
-            if request.method() == Method::CONNECT {
-                return self.tunnel(&policy, request, authority, record, started).await;
-            }
-            // The destination the request names; its address is looked up only if the route needs it.
-            let port = request.uri().port_u16().unwrap_or(80);
-            connection.local = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
-        }
-        let workloads = self.workloads.load();
-        let source = workloads.get(connection.peer.ip());
-        if let Some(source) = source {
-            record.source_workload = Some(source.name.clone().into());
-            record.source_workload_namespace = Some(source.namespace.clone().into());
-        }
-        let decision = routing::decide(
-            &policy,
-            &request,
-            authority,
-            connection.listener,
-            connection.local,
-            source.map(|source| &**source),
-            fastrand::u32(..),
-        );
-        match decision {
-            Decision::Fail { failure, labels } => {
-                if failure == Failure::HostMismatch {
-                    self.telemetry.host_mismatch("refused");
+    /// Answers one request. (An async block, not an `async fn`: the future of an `async fn` keeps its arguments
+    /// twice, and each request's future is copied whole into its box.)
+    #[allow(clippy::manual_async_fn)]
+    fn handle(
+        self: Arc<Self>,
+        mut request: Request<Incoming>,
+        mut connection: Connection,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send {
+        async move {
+            let started = Instant::now();
+            // Every request carries an id from here on, local replies included, as Envoy's do.
+            if !request.headers().contains_key(&X_REQUEST_ID) {
+                // In an allocation of its own with a count: the copies of the request's headers for retries share it.
+                if let Ok(id) = HeaderValue::from_maybe_shared(Bytes::from_owner(request_id())) {
+                    request.headers_mut().insert(X_REQUEST_ID, id);
                 }
-                self.local_failure(failure, record, started, labels)
             }
-            Decision::Respond { route, status, body } => {
-                record.route_name = Some(route.name());
-                self.local_reply(status, body, "", record, started, Some(route))
+            let policy = self.policy.load_full();
+            // Boxed: a request's future holds it across every wait, and is moved as a whole.
+            let mut record = Box::new(RequestRecord {
+                protocol: protocol_name(request.version()),
+                grpc: request
+                    .headers()
+                    .get(header::CONTENT_TYPE)
+                    .is_some_and(|content_type| content_type.as_bytes().starts_with(b"application/grpc")),
+                downstream_remote: Some(connection.peer),
+                downstream_local: Some(connection.local),
+                ..RequestRecord::default()
+            });
+            // The URI's authority (absolute form, HTTP/2), else Host: shared with the request rather than copied.
+            let authority = match request.uri().authority() {
+                Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+                None => request.headers().get(header::HOST).cloned(),
+            };
+            let authority = authority.as_ref().and_then(|value| value.to_str().ok());
+            // What only the access log shows (the wall clock included) is read only when there is one.
+            if self.telemetry.logs_requests() {
+                record.start = Some(SystemTime::now());
+                record.authority = authority.unwrap_or_default().to_owned();
+                record.method = request.method().as_str().to_owned();
+                record.path =
+                    request.uri().path_and_query().map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned());
+                record.user_agent = header_text(request.headers(), header::USER_AGENT);
+                record.x_forwarded_for = header_text(request.headers(), &X_FORWARDED_FOR);
+                record.request_id = header_text(request.headers(), &X_REQUEST_ID);
             }
-            Decision::Redirect { route, status, location } => {
-                record.route_name = Some(route.name());
-                let mut response = Response::new(empty());
-                *response.status_mut() = status;
-                if let Ok(location) = HeaderValue::from_str(&location) {
-                    response.headers_mut().insert(header::LOCATION, location);
+            if request.uri().path_and_query().is_some_and(|pq| pq.as_str().len() > MAX_URI_BYTES) {
+                return self.local_failure(Failure::UriTooLong, record, started, None);
+            }
+            let Some(authority) = authority else {
+                return self.local_failure(Failure::BadRequest, record, started, None);
+            };
+            if connection.listener == Listener::Forward {
+                if request.method() == Method::CONNECT {
+                    return self.tunnel(&policy, request, authority, record, started).await;
                 }
-                record.response_code = status.as_u16();
-                self.finish(response, record, started, Some(route))
+                // The destination the request names; its address is looked up only if the route needs it.
+                let port = request.uri().port_u16().unwrap_or(80);
+                connection.local = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
             }
-            Decision::Forward { route, target, destination, host_mismatch } => {
-                if host_mismatch {
-                    let action = if policy.host_verify == HostVerify::Route { "routed" } else { "trusted" };
-                    self.telemetry.host_mismatch(action);
+            let decision = {
+                let workloads = self.workloads.load();
+                let source = workloads.get(connection.peer.ip());
+                if let Some(source) = source {
+                    record.source_workload = Some(source.name.clone().into());
+                    record.source_workload_namespace = Some(source.namespace.clone().into());
                 }
-                record.route_name = route.map(|(route, _)| route.name());
-                self.forward(&policy, request, connection, route, target, authority, destination, record, started).await
-            }
+                routing::decide(
+                    &policy,
+                    &request,
+                    authority,
+                    connection.listener,
+                    connection.local,
+                    source.map(|source| &**source),
+                    fastrand::u32(..),
+                )
+            };
+            // The decision is taken apart before the forwarding is waited for, so that the request's future does not
+            // keep it.
+            let forwarding = match decision {
+                Decision::Fail { failure, labels } => {
+                    if failure == Failure::HostMismatch {
+                        self.telemetry.host_mismatch("refused");
+                    }
+                    return self.local_failure(failure, record, started, labels);
+                }
+                Decision::Respond { route, status, body } => {
+                    record.route_name = Some(route.name());
+                    return self.local_reply(status, body, "", record, started, Some(route));
+                }
+                Decision::Redirect { route, status, location } => {
+                    record.route_name = Some(route.name());
+                    let mut response = Response::new(empty());
+                    *response.status_mut() = status;
+                    if let Ok(location) = HeaderValue::from_str(&location) {
+                        response.headers_mut().insert(header::LOCATION, location);
+                    }
+                    record.response_code = status.as_u16();
+                    return self.finish(response, record, started, Some(route));
+                }
+                Decision::Forward { route, target, destination, host_mismatch } => {
+                    if host_mismatch {
+                        let action = if policy.host_verify == HostVerify::Route { "routed" } else { "trusted" };
+                        self.telemetry.host_mismatch(action);
+                    }
+                    record.route_name = route.map(|(route, _)| route.name());
+                    self.forward(&policy, request, connection, route, target, authority, destination, record, started)
+                }
+            };
+            forwarding.await
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn forward(
-        &self,
-        policy: &ProxyPolicy,
+    /// Sends the request where routing said, and answers with the upstream's response or the failure. (An async
+    /// block, as `handle` is.)
+    #[allow(clippy::too_many_arguments, clippy::manual_async_fn)]
+    fn forward<'a>(
+        &'a self,
+        policy: &'a ProxyPolicy,
         request: Request<Incoming>,
         connection: Connection,
-        matched: Option<Matched<'_>>,
-        target: Option<&Target>,
-        authority: &str,
-        mut destination: Destination<'_>,
+        matched: Option<Matched<'a>>,
+        target: Option<&'a Target>,
+        authority: &'a str,
+        mut destination: Destination<'a>,
         mut record: Box<RequestRecord>,
         started: Instant,
-    ) -> Response<ProxyBody> {
-        let route = matched.map(|(route, _)| route);
-        destination.hash_request(request.headers(), request.uri(), connection.peer.ip());
-        // Faults are injected before anything is sent, as Envoy's fault filter runs before its router.
-        if let Some(route) = route {
-            if let Some((delay, percent)) = route.fault().and_then(|fault| fault.delay) {
-                if chance(percent) {
-                    record.response_flags = "DI";
-                    tokio::time::sleep(delay).await;
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + 'a {
+        async move {
+            let route = matched.map(|(route, _)| route);
+            destination.hash_request(request.headers(), request.uri(), connection.peer.ip());
+            // Faults are injected before anything is sent, as Envoy's fault filter runs before its router.
+            if let Some(route) = route {
+                if let Some((delay, percent)) = route.fault().and_then(|fault| fault.delay) {
+                    if chance(percent) {
+                        record.response_flags = "DI";
+                        tokio::time::sleep(delay).await;
+                    }
                 }
-            }
-            if let Some((status, percent)) = route.fault().and_then(|fault| fault.abort) {
-                if chance(percent) {
-                    let body = Bytes::from_static(b"fault filter abort");
-                    return self.local_reply(status, body, "FI", record, started, Some(route));
-                }
-            }
-        }
-        let cors = route.and_then(|route| route.cors());
-        let origin = header_text(request.headers(), header::ORIGIN).filter(|o| cors.is_some_and(|c| c.allows(o)));
-        if let (Some(cors), Some(origin)) = (cors, origin.as_deref()) {
-            if request.method() == Method::OPTIONS
-                && request.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
-            {
-                let mut response = Response::new(empty());
-                preflight_headers(cors, origin, response.headers_mut());
-                record.response_code = StatusCode::OK.as_u16();
-                return self.finish(response, record, started, route);
-            }
-        }
-
-        let (mut parts, body) = request.into_parts();
-        // An HTTP/1.1 upgrade (WebSocket): its headers go upstream, and a 101 joins the two connections.
-        let upgrade = requested_upgrade(&parts.headers);
-        let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<OnUpgrade>());
-        // What a streamed body has carried so far (a body kept for retries is counted whole, at once).
-        let mut received = None;
-        let path_and_query = match routing::rewritten_path(matched, &parts.uri) {
-            Ok(path_and_query) => path_and_query,
-            Err(error) => {
-                tracing::debug!(%error, route = ?record.route_name, "the route's rewrite makes no valid path");
-                return self.local_failure(Failure::UpstreamReset, record, started, Some(destination.labels));
-            }
-        };
-        let upstream_authority = route.and_then(|route| route.rewrite()?.authority.as_deref()).unwrap_or(authority);
-        let headers = &mut parts.headers;
-        let trailers = accepts_trailers(headers);
-        strip_hop_by_hop(headers);
-        // Of TE, only `trailers` goes on (gRPC needs it), as Envoy forwards it.
-        if trailers {
-            headers.insert(header::TE, HeaderValue::from_static("trailers"));
-        }
-        if let Some(protocol) = &upgrade {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            headers.insert(header::UPGRADE, protocol.clone());
-        }
-        headers.entry(X_FORWARDED_PROTO).or_insert(HeaderValue::from_static("http"));
-        if let Listener::Gateway(_) = connection.listener {
-            append_forwarded_for(headers, connection.peer);
-        }
-        if let Some(route) = route {
-            route.request_headers.apply(headers);
-        }
-        if let Some(operations) = target.and_then(|target| target.request_headers()) {
-            operations.apply(headers);
-        }
-
-        // A body is kept for retries and mirrors when it is small and says so; any other streams through once.
-        let retries = route.and_then(|route| route.retries()).unwrap_or(&MESH_RETRIES);
-        let mirror = route.and_then(|route| route.mirror()).filter(|mirror| chance(mirror.percent));
-        let small = body.size_hint().upper().is_some_and(|size| size <= MAX_REPLAYED_BODY);
-        let mut streamed = None;
-        let replayable = if small && (retries.attempts > 0 || mirror.is_some()) {
-            match body.collect().await {
-                Ok(collected) => Some(collected.to_bytes()),
-                Err(error) => {
-                    tracing::debug!(%error, peer = %connection.peer, "client body ended early");
-                    return self.local_failure(Failure::BadRequest, record, started, Some(destination.labels));
-                }
-            }
-        } else {
-            let counted = Arc::new(AtomicU64::new(0));
-            streamed = Some(Counted { inner: body, bytes: counted.clone() }.map_err(BoxError::from).boxed());
-            received = Some(counted);
-            None
-        };
-        if let Some(bytes) = &replayable {
-            record.bytes_received = bytes.len() as u64;
-        }
-        if let (Some(mirror), Some(bytes)) = (mirror, &replayable) {
-            self.mirror(policy, mirror, &parts, &path_and_query, upstream_authority, bytes.clone(), connection);
-        }
-
-        // A timeout too long to reach (a configuration may say 1000000h) is no timeout, not an overflow.
-        let deadline_in = |timeout: Duration| tokio::time::Instant::now().checked_add(timeout);
-        let overall = route.and_then(|route| route.timeout()).and_then(deadline_in);
-        // The cluster's connection-pool limits: a slot now, a wait within the pending limit, or 503 UO.
-        let cluster = destination.cluster();
-        let slot = match cluster.map(|cluster| (cluster, cluster.state.admit())) {
-            None | Some((_, Admission::Now(None))) => None,
-            Some((_, Admission::Now(Some(permit)))) => Some(permit),
-            Some((cluster, Admission::Wait(slots))) => {
-                let acquire = slots.acquire_owned();
-                let waited = cluster
-                    .state
-                    .waiting(async {
-                        match overall {
-                            Some(deadline) => {
-                                tokio::time::timeout_at(deadline, acquire).await.ok().and_then(Result::ok)
-                            }
-                            None => acquire.await.ok(),
-                        }
-                    })
-                    .await;
-                match waited {
-                    Some(permit) => Some(permit),
-                    None => {
-                        return self.local_failure(Failure::UpstreamTimeout, record, started, Some(destination.labels))
+                if let Some((status, percent)) = route.fault().and_then(|fault| fault.abort) {
+                    if chance(percent) {
+                        let body = Bytes::from_static(b"fault filter abort");
+                        return self.local_reply(status, body, "FI", record, started, Some(route));
                     }
                 }
             }
-            Some((_, Admission::Overflow)) => {
-                return self.local_failure(Failure::Overflow, record, started, Some(destination.labels));
+            let cors = route.and_then(|route| route.cors());
+            let origin = header_text(request.headers(), header::ORIGIN).filter(|o| cors.is_some_and(|c| c.allows(o)));
+            if let (Some(cors), Some(origin)) = (cors, origin.as_deref()) {
+                if request.method() == Method::OPTIONS
+                    && request.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+                {
+                    let mut response = Response::new(empty());
+                    preflight_headers(cors, origin, response.headers_mut());
+                    record.response_code = StatusCode::OK.as_u16();
+                    return self.finish(response, record, started, route);
+                }
             }
-        };
-        let outlier = cluster.and_then(|cluster| Some((cluster, cluster.policy.outlier.as_ref()?)));
-        let mut address = match self.address_of(&destination, routing::host_of(authority)).await {
-            Ok(address) => address,
-            Err(failure) => return self.local_failure(failure, record, started, Some(destination.labels)),
-        };
-        // TLS to the endpoints when the DestinationRule originates it; settings that cannot be used refuse the
-        // request rather than send it in the clear.
-        let tls = match upstream_tls(&destination, upstream_authority) {
-            Ok(tls) => tls,
-            Err(reason) => {
-                tracing::debug!(destination = %destination.labels.cluster(), %reason, "TLS origination refused");
-                return self.local_failure(Failure::TlsOrigination, record, started, Some(destination.labels));
+
+            let (mut parts, body) = request.into_parts();
+            // An HTTP/1.1 upgrade (WebSocket): its headers go upstream, and a 101 joins the two connections.
+            let upgrade = requested_upgrade(&parts.headers);
+            let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<OnUpgrade>());
+            // What a streamed body has carried so far (a body kept for retries is counted whole, at once).
+            let mut received = None;
+            let path_and_query = match routing::rewritten_path(matched, &parts.uri) {
+                Ok(path_and_query) => path_and_query,
+                Err(error) => {
+                    tracing::debug!(%error, route = ?record.route_name, "the route's rewrite makes no valid path");
+                    return self.local_failure(Failure::UpstreamReset, record, started, Some(destination.labels));
+                }
+            };
+            let upstream_authority = route.and_then(|route| route.rewrite()?.authority.as_deref()).unwrap_or(authority);
+            let headers = &mut parts.headers;
+            let trailers = accepts_trailers(headers);
+            strip_hop_by_hop(headers);
+            // Of TE, only `trailers` goes on (gRPC needs it), as Envoy forwards it.
+            if trailers {
+                headers.insert(header::TE, HeaderValue::from_static("trailers"));
             }
-        };
-        let mut attempt = 0u32;
-        let outcome = loop {
-            let body = match (&replayable, streamed.take()) {
-                (Some(bytes), _) if bytes.is_empty() => empty(),
-                (Some(bytes), _) => Full::new(bytes.clone()).map_err(|never| match never {}).boxed(),
-                (None, Some(body)) => body,
-                (None, None) => break Err(Failure::UpstreamReset),
+            if let Some(protocol) = &upgrade {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                headers.insert(header::UPGRADE, protocol.clone());
+            }
+            headers.entry(X_FORWARDED_PROTO).or_insert(HeaderValue::from_static("http"));
+            if let Listener::Gateway(_) = connection.listener {
+                append_forwarded_for(headers, connection.peer);
+            }
+            if let Some(route) = route {
+                route.request_headers.apply(headers);
+            }
+            if let Some(operations) = target.and_then(|target| target.request_headers()) {
+                operations.apply(headers);
+            }
+
+            // A body is kept for retries and mirrors when it is small and says so; any other streams through once.
+            let retries = route.and_then(|route| route.retries()).unwrap_or(&MESH_RETRIES);
+            let mirror = route.and_then(|route| route.mirror()).filter(|mirror| chance(mirror.percent));
+            let small = body.size_hint().upper().is_some_and(|size| size <= MAX_REPLAYED_BODY);
+            let mut streamed = None;
+            let replayable = if small && (retries.attempts > 0 || mirror.is_some()) {
+                match body.collect().await {
+                    Ok(collected) => Some(collected.to_bytes()),
+                    Err(error) => {
+                        tracing::debug!(%error, peer = %connection.peer, "client body ended early");
+                        return self.local_failure(Failure::BadRequest, record, started, Some(destination.labels));
+                    }
+                }
+            } else {
+                let counted = Arc::new(AtomicU64::new(0));
+                streamed = Some(Counted { inner: body, bytes: counted.clone() }.map_err(BoxError::from).boxed());
+                received = Some(counted);
+                None
             };
-            let outgoing = Outgoing {
-                address,
-                http2: destination.http2,
-                authority: upstream_authority,
-                path_and_query: path_and_query.clone(),
-                method: parts.method.clone(),
-                headers: parts.headers.clone(),
-                connect_timeout: destination.connect_timeout(),
-                tls: tls.clone(),
+            if let Some(bytes) = &replayable {
+                record.bytes_received = bytes.len() as u64;
+            }
+            if let (Some(mirror), Some(bytes)) = (mirror, &replayable) {
+                self.mirror(policy, mirror, &parts, &path_and_query, upstream_authority, bytes.clone(), connection);
+            }
+
+            // A timeout too long to reach (a configuration may say 1000000h) is no timeout, not an overflow.
+            let deadline_in = |timeout: Duration| tokio::time::Instant::now().checked_add(timeout);
+            let overall = route.and_then(|route| route.timeout()).and_then(deadline_in);
+            // The cluster's connection-pool limits: a slot now, a wait within the pending limit, or 503 UO.
+            let cluster = destination.cluster();
+            let slot = match cluster.map(|cluster| (cluster, cluster.state.admit())) {
+                None | Some((_, Admission::Now(None))) => None,
+                Some((_, Admission::Now(Some(permit)))) => Some(permit),
+                Some((cluster, Admission::Wait(slots))) => {
+                    let acquire = slots.acquire_owned();
+                    let waited = cluster
+                        .state
+                        .waiting(async {
+                            match overall {
+                                Some(deadline) => {
+                                    tokio::time::timeout_at(deadline, acquire).await.ok().and_then(Result::ok)
+                                }
+                                None => acquire.await.ok(),
+                            }
+                        })
+                        .await;
+                    match waited {
+                        Some(permit) => Some(permit),
+                        None => {
+                            return self.local_failure(
+                                Failure::UpstreamTimeout,
+                                record,
+                                started,
+                                Some(destination.labels),
+                            )
+                        }
+                    }
+                }
+                Some((_, Admission::Overflow)) => {
+                    return self.local_failure(Failure::Overflow, record, started, Some(destination.labels));
+                }
             };
-            let try_started = Instant::now();
-            let per_try = retries.per_try_timeout.and_then(deadline_in);
-            let deadline = match (overall, per_try) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
+            let outlier = cluster.and_then(|cluster| Some((cluster, cluster.policy.outlier.as_ref()?)));
+            let mut address = match self.address_of(&destination, routing::host_of(authority)).await {
+                Ok(address) => address,
+                Err(failure) => return self.local_failure(failure, record, started, Some(destination.labels)),
             };
-            let pending = self.upstreams.send(outgoing, body);
-            let result = match deadline {
-                Some(deadline) => tokio::time::timeout_at(deadline, pending).await.ok(),
-                None => Some(pending.await),
+            // TLS to the endpoints when the DestinationRule originates it; settings that cannot be used refuse the
+            // request rather than send it in the clear.
+            let tls = match upstream_tls(&destination, upstream_authority) {
+                Ok(tls) => tls,
+                Err(reason) => {
+                    tracing::debug!(destination = %destination.labels.cluster(), %reason, "TLS origination refused");
+                    return self.local_failure(Failure::TlsOrigination, record, started, Some(destination.labels));
+                }
             };
-            if let Some((cluster, outlier)) = outlier {
-                let outcome = match &result {
-                    Some(Ok(response)) => Outcome::Status(response.status().as_u16()),
-                    _ => Outcome::Failed,
+            let mut attempt = 0u32;
+            let outcome = loop {
+                let body = match (&replayable, streamed.take()) {
+                    (Some(bytes), _) if bytes.is_empty() => empty(),
+                    (Some(bytes), _) => Full::new(bytes.clone()).map_err(|never| match never {}).boxed(),
+                    (None, Some(body)) => body,
+                    (None, None) => break Err(Failure::UpstreamReset),
                 };
-                cluster.state.report(address.ip(), outcome, outlier);
-            }
-            let time_left = overall.is_none_or(|overall| tokio::time::Instant::now() < overall);
-            let may_retry = replayable.is_some() && attempt < retries.attempts && time_left;
-            let failure = match result {
-                Some(Ok(response)) if may_retry && retries.on.status(response.status().as_u16()) => None,
-                Some(Ok(response)) => break Ok((response, try_started)),
-                Some(Err(SendError::Connect(error))) => {
-                    tracing::debug!(%error, upstream = %address, attempt, "upstream connect failed");
-                    Some((Failure::UpstreamConnect, retries.on.connect_failure))
+                let outgoing = Outgoing {
+                    address,
+                    http2: destination.http2,
+                    authority: upstream_authority,
+                    path_and_query: path_and_query.clone(),
+                    method: parts.method.clone(),
+                    headers: parts.headers.clone(),
+                    connect_timeout: destination.connect_timeout(),
+                    tls: tls.clone(),
+                };
+                let try_started = Instant::now();
+                let per_try = retries.per_try_timeout.and_then(deadline_in);
+                let deadline = match (overall, per_try) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                let pending = self.upstreams.send(outgoing, body);
+                let result = match deadline {
+                    Some(deadline) => tokio::time::timeout_at(deadline, pending).await.ok(),
+                    None => Some(pending.await),
+                };
+                if let Some((cluster, outlier)) = outlier {
+                    let outcome = match &result {
+                        Some(Ok(response)) => Outcome::Status(response.status().as_u16()),
+                        _ => Outcome::Failed,
+                    };
+                    cluster.state.report(address.ip(), outcome, outlier);
                 }
-                Some(Err(SendError::Request(error))) => {
-                    tracing::debug!(%error, upstream = %address, attempt, "upstream request failed");
-                    Some((Failure::UpstreamReset, retries.on.reset_or_timeout()))
+                let time_left = overall.is_none_or(|overall| tokio::time::Instant::now() < overall);
+                let may_retry = replayable.is_some() && attempt < retries.attempts && time_left;
+                let failure = match result {
+                    Some(Ok(response)) if may_retry && retries.on.status(response.status().as_u16()) => None,
+                    Some(Ok(response)) => break Ok((response, try_started)),
+                    Some(Err(SendError::Connect(error))) => {
+                        tracing::debug!(%error, upstream = %address, attempt, "upstream connect failed");
+                        Some((Failure::UpstreamConnect, retries.on.connect_failure))
+                    }
+                    Some(Err(SendError::Request(error))) => {
+                        tracing::debug!(%error, upstream = %address, attempt, "upstream request failed");
+                        Some((Failure::UpstreamReset, retries.on.reset_or_timeout()))
+                    }
+                    Some(Err(SendError::Refused(error))) => {
+                        tracing::debug!(%error, upstream = %address, attempt, "upstream refused the stream");
+                        Some((Failure::UpstreamReset, retries.on.refused()))
+                    }
+                    None => Some((Failure::UpstreamTimeout, time_left && retries.on.reset_or_timeout())),
+                };
+                if let Some((failure, retriable)) = failure {
+                    if !(may_retry && retriable) {
+                        break Err(failure);
+                    }
                 }
-                Some(Err(SendError::Refused(error))) => {
-                    tracing::debug!(%error, upstream = %address, attempt, "upstream refused the stream");
-                    Some((Failure::UpstreamReset, retries.on.refused()))
-                }
-                None => Some((Failure::UpstreamTimeout, time_left && retries.on.reset_or_timeout())),
+                attempt += 1;
+                // Envoy's backoff: fully jittered, 25 ms doubling per retry, at most 250 ms.
+                let ceiling = (25u64 << attempt.min(4)).min(250);
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=ceiling))).await;
+                address = destination.next_address();
             };
-            if let Some((failure, retriable)) = failure {
-                if !(may_retry && retriable) {
-                    break Err(failure);
+            record.upstream_host = Some(address);
+            let (response, try_started) = match outcome {
+                Ok(response) => response,
+                Err(failure) => {
+                    if let Some(received) = &received {
+                        record.bytes_received = received.load(Ordering::Relaxed);
+                    }
+                    return self.local_failure(failure, record, started, Some(destination.labels));
                 }
+            };
+            let service_time = try_started.elapsed();
+            record.upstream_service_time = Some(service_time);
+            let mut response = response;
+            let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+            if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
+                let upstream_upgrade = hyper::upgrade::on(&mut response);
+                tokio::spawn(join_upgraded(client_upgrade, upstream_upgrade, connection.peer));
             }
-            attempt += 1;
-            // Envoy's backoff: fully jittered, 25 ms doubling per retry, at most 250 ms.
-            let ceiling = (25u64 << attempt.min(4)).min(250);
-            tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=ceiling))).await;
-            address = destination.next_address();
-        };
-        record.upstream_host = Some(address);
-        let (response, try_started) = match outcome {
-            Ok(response) => response,
-            Err(failure) => {
-                if let Some(received) = &received {
-                    record.bytes_received = received.load(Ordering::Relaxed);
-                }
-                return self.local_failure(failure, record, started, Some(destination.labels));
+            let (mut parts, body) = response.into_parts();
+            let upgraded_to = parts.headers.get(header::UPGRADE).cloned().filter(|_| switching);
+            strip_hop_by_hop(&mut parts.headers);
+            if let Some(protocol) = upgraded_to {
+                parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                parts.headers.insert(header::UPGRADE, protocol);
             }
-        };
-        let service_time = try_started.elapsed();
-        record.upstream_service_time = Some(service_time);
-        let mut response = response;
-        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-        if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
-            let upstream_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(join_upgraded(client_upgrade, upstream_upgrade, connection.peer));
+            let service_ms = u64::try_from(service_time.as_millis()).unwrap_or(u64::MAX);
+            parts.headers.insert(X_ENVOY_UPSTREAM_SERVICE_TIME, service_time_value(service_ms));
+            if let Some(operations) = target.and_then(|target| target.response_headers()) {
+                operations.apply(&mut parts.headers);
+            }
+            if let Some(operations) = route.and_then(|route| route.response_headers()) {
+                operations.apply(&mut parts.headers);
+            }
+            if let (Some(cors), Some(origin)) = (cors, origin.as_deref()) {
+                response_cors_headers(cors, origin, &mut parts.headers);
+            }
+            record.response_code = parts.status.as_u16();
+            record.destination = Some(destination.labels);
+            let response = Response::from_parts(parts, body.map_err(BoxError::from));
+            self.finish_streaming(response, record, started, received, slot)
         }
-        let (mut parts, body) = response.into_parts();
-        let upgraded_to = parts.headers.get(header::UPGRADE).cloned().filter(|_| switching);
-        strip_hop_by_hop(&mut parts.headers);
-        if let Some(protocol) = upgraded_to {
-            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            parts.headers.insert(header::UPGRADE, protocol);
-        }
-        let service_ms = u64::try_from(service_time.as_millis()).unwrap_or(u64::MAX);
-        parts.headers.insert(X_ENVOY_UPSTREAM_SERVICE_TIME, service_time_value(service_ms));
-        if let Some(operations) = target.and_then(|target| target.response_headers()) {
-            operations.apply(&mut parts.headers);
-        }
-        if let Some(operations) = route.and_then(|route| route.response_headers()) {
-            operations.apply(&mut parts.headers);
-        }
-        if let (Some(cors), Some(origin)) = (cors, origin.as_deref()) {
-            response_cors_headers(cors, origin, &mut parts.headers);
-        }
-        record.response_code = parts.status.as_u16();
-        record.destination = Some(destination.labels);
-        let response = Response::from_parts(parts, body.map_err(BoxError::from));
-        self.finish_streaming(response, record, started, received, slot)
     }
 
     /// Where `destination` is: its address, or for a forward-proxied request sent to its original destination
@@ -743,6 +789,11 @@ impl HttpProxy {
         };
         Response::from_parts(parts, body.boxed())
     }
+}
+
+/// A response, as hyper's services give it (they never fail: a failure is answered as Envoy answers it).
+fn answered(response: Response<ProxyBody>) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+    Ok(response)
 }
 
 /// An empty body: boxed without an allocation (it has no size).

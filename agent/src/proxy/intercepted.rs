@@ -32,17 +32,18 @@ async fn dispatch(connection: Intercepted, proxy: Arc<HttpProxy>, policy: Arc<Ar
         tcp::reset(&connection.stream);
         return;
     };
-    match detect(&connection.stream, DETECTION_TIMEOUT).await {
-        Detected::Http => {
+    // A client that says nothing in time may be waiting for a server-first protocol: its bytes are relayed.
+    match detect(&connection.stream, DETECTION_TIMEOUT).await.unwrap_or(Detected::Opaque) {
+        Detected::Http(version) => {
             tracing::debug!(
                 source = %connection.peer,
                 original_dst = %connection.original_destination,
-                protocol = "http",
+                protocol = ?version,
                 "intercepted connection"
             );
             let context =
                 Connection { peer: connection.peer, local: connection.original_destination, listener: Listener::Mesh };
-            proxy.serve_connection(connection.stream, context).await;
+            proxy.serve_connection(connection.stream, context, version).await;
         }
         Detected::Opaque => {
             let mode = policy.load().sidecars.mode_for(proxy.workload(connection.peer.ip()).as_deref());

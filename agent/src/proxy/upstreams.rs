@@ -4,6 +4,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
+    future::Future,
     net::SocketAddr,
     pin::Pin,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
@@ -125,25 +126,29 @@ impl Upstreams {
         Upstreams { http1: Arc::new(Http1Pool::new(source)), http2: Arc::new(Http2Pool::new(source)) }
     }
 
-    pub async fn send(&self, outgoing: Outgoing<'_>, body: ProxyBody) -> Result<Response<UpstreamBody>, SendError> {
+    /// Sends `body` as `outgoing` says. The request is made before the future is, so that the future holds
+    /// only what it waits with.
+    pub fn send<'a>(
+        &'a self,
+        outgoing: Outgoing<'_>,
+        body: ProxyBody,
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'a {
         let Outgoing { address, http2, authority, path_and_query, method, mut headers, connect_timeout, tls } =
             outgoing;
         let scheme = if tls.is_some() { "https" } else { "http" };
         let mut request = Request::new(body);
         *request.method_mut() = method;
-        if http2 {
+        let made = if http2 {
             // The address is the pool's key; the host goes in :authority (a Host beside it would have to match).
             headers.remove(header::HOST);
-            *request.uri_mut() = Uri::builder()
-                .scheme(scheme)
-                .authority(authority)
-                .path_and_query(path_and_query)
-                .build()
-                .map_err(|error| SendError::Request(error.to_string()))?;
-            *request.headers_mut() = headers;
-            *request.version_mut() = Version::HTTP_2;
-            let response = self.http2.send(address, request, connect_timeout, tls.as_ref()).await?;
-            Ok(response.map(|body| UpstreamBody { body, returning: None }))
+            let uri = Uri::builder().scheme(scheme).authority(authority).path_and_query(path_and_query).build();
+            uri.map(|uri| {
+                *request.uri_mut() = uri;
+                *request.headers_mut() = headers;
+                *request.version_mut() = Version::HTTP_2;
+                request
+            })
+            .map_err(|error| SendError::Request(error.to_string()))
         } else {
             // Origin-form, the host in Host.
             *request.uri_mut() = Uri::from(path_and_query);
@@ -158,7 +163,17 @@ impl Upstreams {
                 }
             }
             *request.headers_mut() = headers;
-            self.http1.send(address, request, connect_timeout, tls.as_ref()).await
+            Ok(request)
+        };
+        async move {
+            match made {
+                Err(error) => Err(error),
+                Ok(request) if http2 => {
+                    let response = self.http2.send(address, request, connect_timeout, tls.as_ref()).await?;
+                    Ok(response.map(|body| UpstreamBody { body, returning: None }))
+                }
+                Ok(request) => self.http1.send(address, request, connect_timeout, tls.as_ref()).await,
+            }
         }
     }
 }
@@ -189,30 +204,48 @@ impl Http1Pool {
         Http1Pool { idle: Mutex::default(), source, given_back: Default::default() }
     }
 
-    async fn send(
-        self: &Arc<Self>,
+    /// Sends `request` on the connection to `address` given back last, or on a new one. (An async block rather
+    /// than an `async fn`, which would keep its arguments twice in every request's future.)
+    #[allow(clippy::manual_async_fn)]
+    fn send<'a>(
+        self: &'a Arc<Self>,
         address: SocketAddr,
         mut request: Request<ProxyBody>,
         connect_timeout: Duration,
-        tls: Option<&UpstreamTls>,
-    ) -> Result<Response<UpstreamBody>, SendError> {
-        let key = PoolKey::new(address, tls);
-        while let Some(mut sender) = self.take(&key) {
-            // It finishes the exchange it was given back after, or turns out closed.
-            if sender.ready().await.is_err() {
-                continue;
+        tls: Option<&'a UpstreamTls>,
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'a {
+        async move {
+            let key = PoolKey::new(address, tls);
+            while let Some(mut sender) = self.take(&key) {
+                // It finishes the exchange it was given back after, or turns out closed.
+                if sender.ready().await.is_err() {
+                    continue;
+                }
+                match sender.try_send_request(request).await {
+                    Ok(response) => return Ok(self.returning(key, sender, response)),
+                    Err(mut error) => match error.take_message() {
+                        // Closed before a byte of the request was written: another connection takes it.
+                        Some(unsent) => request = unsent,
+                        None => return Err(SendError::Request(error.into_error().to_string())),
+                    },
+                }
             }
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok(self.returning(key, sender, response)),
-                Err(mut error) => match error.take_message() {
-                    // Closed before a byte of the request was written: another connection takes it.
-                    Some(unsent) => request = unsent,
-                    None => return Err(SendError::Request(error.into_error().to_string())),
-                },
-            }
+            // Boxed: a new connection's state, which requests sent on pooled connections never need.
+            let mut sender = Box::pin(self.connect(address, connect_timeout, tls)).await?;
+            let response = sender.send_request(request).await.map_err(|error| SendError::Request(error.to_string()))?;
+            Ok(self.returning(key, sender, response))
         }
+    }
+
+    /// A new connection to `address`, its exchanges driven by a task of its own.
+    async fn connect(
+        &self,
+        address: SocketAddr,
+        connect_timeout: Duration,
+        tls: Option<&UpstreamTls>,
+    ) -> Result<http1::SendRequest<ProxyBody>, SendError> {
         let stream = open(address, &self.source, connect_timeout, tls).await?;
-        let (mut sender, connection) = http1::Builder::new()
+        let (sender, connection) = http1::Builder::new()
             .writev(false)
             .handshake(TokioIo::new(stream))
             .await
@@ -222,8 +255,7 @@ impl Http1Pool {
                 tracing::debug!(%address, %error, "HTTP/1.1 upstream connection ended");
             }
         });
-        let response = sender.send_request(request).await.map_err(|error| SendError::Request(error.to_string()))?;
-        Ok(self.returning(key, sender, response))
+        Ok(sender)
     }
 
     /// The response, its body holding the connection until it has been read (a response without a body gives it
@@ -341,37 +373,41 @@ impl Http2Pool {
         Http2Pool { connections: Mutex::new(HashMap::new()), source }
     }
 
-    /// Sends `request` on the connection to `address`, made first if there is none (or it has closed).
-    async fn send(
-        &self,
+    /// Sends `request` on the connection to `address`, made first if there is none (or it has closed). (An
+    /// async block, as the HTTP/1.1 pool's.)
+    #[allow(clippy::manual_async_fn)]
+    fn send<'a>(
+        &'a self,
         address: SocketAddr,
         request: Request<ProxyBody>,
         connect_timeout: Duration,
-        tls: Option<&UpstreamTls>,
-    ) -> Result<Response<Incoming>, SendError> {
-        let key = PoolKey::new(address, tls);
-        let pooled = self.lock().get(&key).filter(|sender| !sender.is_closed()).cloned();
-        let mut sender = match pooled {
-            Some(sender) => sender,
-            None => {
-                let stream = open(address, &self.source, connect_timeout, tls).await?;
-                // Boxed, as `open` is: a large state only a new connection needs.
-                let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .handshake(TokioIo::new(stream));
-                let (sender, connection) =
-                    Box::pin(handshake).await.map_err(|error| SendError::Request(error.to_string()))?;
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(%address, %error, "HTTP/2 upstream connection ended");
-                    }
-                });
-                self.lock().insert(key, sender.clone());
-                sender
-            }
-        };
-        sender.ready().await.map_err(|error| SendError::Request(error.to_string()))?;
-        sender.send_request(request).await.map_err(http2_error)
+        tls: Option<&'a UpstreamTls>,
+    ) -> impl Future<Output = Result<Response<Incoming>, SendError>> + Send + 'a {
+        async move {
+            let key = PoolKey::new(address, tls);
+            let pooled = self.lock().get(&key).filter(|sender| !sender.is_closed()).cloned();
+            let mut sender = match pooled {
+                Some(sender) => sender,
+                None => {
+                    let stream = open(address, &self.source, connect_timeout, tls).await?;
+                    // Boxed, as `open` is: a large state only a new connection needs.
+                    let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                        .timer(TokioTimer::new())
+                        .handshake(TokioIo::new(stream));
+                    let (sender, connection) =
+                        Box::pin(handshake).await.map_err(|error| SendError::Request(error.to_string()))?;
+                    tokio::spawn(async move {
+                        if let Err(error) = connection.await {
+                            tracing::debug!(%address, %error, "HTTP/2 upstream connection ended");
+                        }
+                    });
+                    self.lock().insert(key, sender.clone());
+                    sender
+                }
+            };
+            sender.ready().await.map_err(|error| SendError::Request(error.to_string()))?;
+            sender.send_request(request).await.map_err(http2_error)
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, SendRequest<ProxyBody>>> {
