@@ -258,10 +258,12 @@ fn http_comparison(only: &[String]) -> anyhow::Result<()> {
     );
     if let Some(stack) = of("hyper-forwarder").and_then(|run| run.cpu_us_per_request) {
         println!(
-            "hyper forwarder (the stack alone) CPU per request / best peer's = {:.2}; what Sluice adds to it: {:.1} us              ({:.1} in user space)",
+            "hyper forwarder (the stack alone) CPU per request / best peer's = {:.2}; what Sluice adds to it: {:.1} us \
+             ({:.1} in user space)",
             stack / best_peer_cpu,
             sluice.cpu_us_per_request.unwrap_or(0.0) - stack,
-            sluice.user_us_per_request.unwrap_or(0.0) - of("hyper-forwarder").and_then(|r| r.user_us_per_request).unwrap_or(0.0)
+            sluice.user_us_per_request.unwrap_or(0.0)
+                - of("hyper-forwarder").and_then(|run| run.user_us_per_request).unwrap_or(0.0)
         );
     }
     Ok(())

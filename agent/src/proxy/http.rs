@@ -893,21 +893,26 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     // Headers the Connection header names are hop-by-hop too (its usual options, `keep-alive` and `close`, name
-    // none that is not removed anyway).
-    let named: SmallVec<[HeaderName; 2]> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|option| {
-            !option.eq_ignore_ascii_case("close")
-                && !HOP_BY_HOP.iter().any(|hop| hop.as_str().eq_ignore_ascii_case(option))
-        })
-        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    // none that is not removed anyway: a Connection header of one of them alone, most messages', is not parsed).
+    let usual = |value: &HeaderValue| {
+        value.as_bytes().eq_ignore_ascii_case(b"keep-alive") || value.as_bytes().eq_ignore_ascii_case(b"close")
+    };
+    if !headers.get_all(header::CONNECTION).iter().all(usual) {
+        let named: SmallVec<[HeaderName; 2]> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|option| {
+                !option.eq_ignore_ascii_case("close")
+                    && !HOP_BY_HOP.iter().any(|hop| hop.as_str().eq_ignore_ascii_case(option))
+            })
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
     for (i, hop) in HOP_BY_HOP.iter().enumerate() {
         if present & (1 << i) != 0 {

@@ -9,7 +9,7 @@ use std::{
     pin::Pin,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
     task::Poll,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -196,7 +196,14 @@ const SWEEP_EVERY: usize = 1024;
 
 struct Idle {
     sender: http1::SendRequest<ProxyBody>,
-    since: Instant,
+    /// When it was given back, on the coarse clock.
+    since: Duration,
+}
+
+/// Monotonic time at the kernel's tick (a few milliseconds), read without the fine clock's cost: enough to tell
+/// a connection idle for a minute, and read twice per request.
+fn coarse_now() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).map(Duration::from).unwrap_or_default()
 }
 
 impl Http1Pool {
@@ -282,8 +289,9 @@ impl Http1Pool {
         let mut idle = self.lock();
         let connections = idle.get_mut(key)?;
         let mut taken = None;
+        let now = coarse_now();
         while let Some(Idle { sender, since }) = connections.pop_back() {
-            if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+            if !sender.is_closed() && now.saturating_sub(since) < IDLE_TIMEOUT {
                 taken = Some(sender);
                 break;
             }
@@ -295,18 +303,18 @@ impl Http1Pool {
     }
 
     fn give_back(&self, key: PoolKey, sender: http1::SendRequest<ProxyBody>) {
-        let now = Instant::now();
+        let now = coarse_now();
         let sweep = self.given_back.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % SWEEP_EVERY == 0;
         let mut idle = self.lock();
         if sweep {
             idle.retain(|_, connections| {
-                connections.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < IDLE_TIMEOUT);
+                connections.retain(|c| !c.sender.is_closed() && now.saturating_sub(c.since) < IDLE_TIMEOUT);
                 !connections.is_empty()
             });
         }
         let connections = idle.entry(key).or_default();
         // The oldest are at the front: those idle too long are closed (by dropping them).
-        while connections.front().is_some_and(|oldest| now.duration_since(oldest.since) >= IDLE_TIMEOUT) {
+        while connections.front().is_some_and(|oldest| now.saturating_sub(oldest.since) >= IDLE_TIMEOUT) {
             connections.pop_front();
         }
         connections.push_back(Idle { sender, since: now });
