@@ -332,6 +332,13 @@ fn the_seeds_two_hop_egress_works_through_the_gateway_port_and_from_intercepted_
     );
     let (code, _) = get(&topology, "example.com", GATEWAY_WORKLOAD_ADDR, "/", &[]);
     assert_eq!(code, 404, "no VirtualService bound to the Gateway serves example.com: NR");
+    // The port speaks the HTTP its client starts with: HTTP/2 with prior knowledge as well; bytes that are no
+    // HTTP get HTTP/1.1's 400.
+    let h2 = ["--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_code} %{http_version}"];
+    let answer = curl(&topology.workload, &[&h2[..], &["-H", "Host: httpbin.org", &gateway_url]].concat()).unwrap();
+    assert_eq!(answer, "200 2", "{}", agent.log());
+    let (answer, _) = raw_exchange(&topology, addr(GATEWAY_WORKLOAD_ADDR, 80), b"HELLO\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
 
     // A workload that addresses httpbin.org itself: mesh → egress-demo → httpbin.org, which is reached at the
     // address its name resolves to.
@@ -346,7 +353,7 @@ fn the_seeds_two_hop_egress_works_through_the_gateway_port_and_from_intercepted_
 
     let metrics = agent.metrics().unwrap();
     let served = [("destination_service", "httpbin.org"), ("destination_service_namespace", "smm-demo")];
-    assert_eq!(total(&metrics, "istio_requests_total", &served), 2, "{metrics}");
+    assert_eq!(total(&metrics, "istio_requests_total", &served), 3, "{metrics}");
     assert_eq!(total(&metrics, "sluice_host_mismatch_total", &[("action", "refused")]), 1, "{metrics}");
 }
 
