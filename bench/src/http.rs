@@ -225,10 +225,7 @@ fn hyper_forwarder() -> anyhow::Result<Run> {
     let program = std::env::current_exe()?.with_file_name("hyper-forwarder");
     let mut command = topology.gateway.command(&program.to_string_lossy());
     command.arg(listen.to_string()).arg(format!("{SERVER_A}:80"));
-    let mut process = Process::spawn("hyper-forwarder", command)?;
-    wait_for_tcp(&topology.gateway, listen, &mut process)?;
-    pin_tree(process.pid(), PROXY_CPU)?;
-    measure("hyper (forwarder, no policy)", &topology, process.pid(), &format!("http://{listen}/"))
+    measure_spawned("hyper (forwarder, no policy)", &topology, ("hyper-forwarder", command), listen)
 }
 
 fn nginx() -> anyhow::Result<Run> {
@@ -297,6 +294,17 @@ fn measure_configured(
     std::fs::write(path, config).with_context(|| format!("writing {}", path.display()))?;
     let mut command = topology.gateway.command(program);
     command.args(args).arg(path);
+    measure_spawned(name, topology, (program, command), listen)
+}
+
+/// Starts `command` (a proxy in the gateway namespace, `program` in messages), and once it listens on `listen`,
+/// pins it to the proxy CPU and measures through it.
+fn measure_spawned(
+    name: &'static str,
+    topology: &Topology,
+    (program, command): (&str, Command),
+    listen: SocketAddr,
+) -> anyhow::Result<Run> {
     let mut process = Process::spawn(program, command)?;
     wait_for_tcp(&topology.gateway, listen, &mut process)?;
     pin_tree(process.pid(), PROXY_CPU)?;

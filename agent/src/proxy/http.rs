@@ -892,22 +892,20 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present == 0 {
         return;
     }
-    // Headers the Connection header names are hop-by-hop too (its usual options, `keep-alive` and `close`, name
-    // none that is not removed anyway: a Connection header of one of them alone, most messages', is not parsed).
-    let usual = |value: &HeaderValue| {
-        value.as_bytes().eq_ignore_ascii_case(b"keep-alive") || value.as_bytes().eq_ignore_ascii_case(b"close")
+    // Headers the Connection header names are hop-by-hop too. Its usual options (`close`, `keep-alive`) name none
+    // that is not removed anyway: a Connection header of one of them alone, most messages', is not split.
+    let names_nothing = |option: &[u8]| {
+        option.eq_ignore_ascii_case(b"close")
+            || HOP_BY_HOP.iter().any(|hop| hop.as_str().as_bytes().eq_ignore_ascii_case(option))
     };
-    if !headers.get_all(header::CONNECTION).iter().all(usual) {
+    if !headers.get_all(header::CONNECTION).iter().all(|value| names_nothing(value.as_bytes())) {
         let named: SmallVec<[HeaderName; 2]> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
-            .filter(|option| {
-                !option.eq_ignore_ascii_case("close")
-                    && !HOP_BY_HOP.iter().any(|hop| hop.as_str().eq_ignore_ascii_case(option))
-            })
+            .filter(|option| !names_nothing(option.as_bytes()))
             .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
             .collect();
         for name in named {
@@ -1087,6 +1085,11 @@ mod tests {
         ]);
         strip_hop_by_hop(&mut message);
         assert_eq!(message, headers(&[("trailer", "x-checksum"), ("x-kept", "1")]));
+
+        // The usual Connection header alone (not split for names) goes, with what it governs.
+        let mut message = headers(&[("connection", "Keep-Alive"), ("keep-alive", "timeout=5"), ("x-kept", "1")]);
+        strip_hop_by_hop(&mut message);
+        assert_eq!(message, headers(&[("x-kept", "1")]));
 
         let end_to_end = headers(&[("content-type", "text/plain"), ("x-kept", "1"), ("x-kept", "2")]);
         let mut message = end_to_end.clone();

@@ -92,26 +92,22 @@ trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 
 /// Opens a connection to `address` from `source` within `within`, with a TLS handshake over it when `tls` asks.
-///
-/// Boxed: opening a connection (TLS included) is a large state that most requests, sent on a pooled connection,
-/// never need, and it would otherwise be part of every request's future.
-fn open<'a>(
+/// (Each pool's `connect`, which calls it, is boxed where it is waited for: a new connection's state, TLS
+/// included, is large, and requests sent on pooled connections never need it.)
+async fn open(
     address: SocketAddr,
-    source: &'a SourceAddresses,
+    source: &SourceAddresses,
     within: Duration,
-    tls: Option<&'a UpstreamTls>,
-) -> futures_util::future::BoxFuture<'a, Result<Box<dyn Io>, SendError>> {
-    Box::pin(async move {
-        let stream =
-            tcp::connect(address, source, within).await.map_err(|error| SendError::Connect(error.to_string()))?;
-        let Some(tls) = tls else { return Ok(Box::new(stream) as Box<dyn Io>) };
-        let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-        match tokio::time::timeout(within, connector.connect((*tls.server_name).clone(), stream)).await {
-            Ok(Ok(stream)) => Ok(Box::new(stream) as Box<dyn Io>),
-            Ok(Err(error)) => Err(SendError::Connect(format!("TLS handshake with {address}: {error}"))),
-            Err(_) => Err(SendError::Connect(format!("TLS handshake with {address} timed out"))),
-        }
-    })
+    tls: Option<&UpstreamTls>,
+) -> Result<Box<dyn Io>, SendError> {
+    let stream = tcp::connect(address, source, within).await.map_err(|error| SendError::Connect(error.to_string()))?;
+    let Some(tls) = tls else { return Ok(Box::new(stream) as Box<dyn Io>) };
+    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+    match tokio::time::timeout(within, connector.connect((*tls.server_name).clone(), stream)).await {
+        Ok(Ok(stream)) => Ok(Box::new(stream) as Box<dyn Io>),
+        Ok(Err(error)) => Err(SendError::Connect(format!("TLS handshake with {address}: {error}"))),
+        Err(_) => Err(SendError::Connect(format!("TLS handshake with {address} timed out"))),
+    }
 }
 
 /// Both kinds of upstream connection, shared by every request (and cheap to clone into a task).
@@ -396,26 +392,35 @@ impl Http2Pool {
             let pooled = self.lock().get(&key).filter(|sender| !sender.is_closed()).cloned();
             let mut sender = match pooled {
                 Some(sender) => sender,
-                None => {
-                    let stream = open(address, &self.source, connect_timeout, tls).await?;
-                    // Boxed, as `open` is: a large state only a new connection needs.
-                    let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-                        .timer(TokioTimer::new())
-                        .handshake(TokioIo::new(stream));
-                    let (sender, connection) =
-                        Box::pin(handshake).await.map_err(|error| SendError::Request(error.to_string()))?;
-                    tokio::spawn(async move {
-                        if let Err(error) = connection.await {
-                            tracing::debug!(%address, %error, "HTTP/2 upstream connection ended");
-                        }
-                    });
-                    self.lock().insert(key, sender.clone());
-                    sender
-                }
+                // Boxed: a new connection's state, which requests sent on an open connection never need.
+                None => Box::pin(self.connect(key, connect_timeout, tls)).await?,
             };
             sender.ready().await.map_err(|error| SendError::Request(error.to_string()))?;
             sender.send_request(request).await.map_err(http2_error)
         }
+    }
+
+    /// A new connection for `key`, its streams driven by a task of its own, kept for the requests after.
+    async fn connect(
+        &self,
+        key: PoolKey,
+        connect_timeout: Duration,
+        tls: Option<&UpstreamTls>,
+    ) -> Result<SendRequest<ProxyBody>, SendError> {
+        let address = key.address;
+        let stream = open(address, &self.source, connect_timeout, tls).await?;
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|error| SendError::Request(error.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%address, %error, "HTTP/2 upstream connection ended");
+            }
+        });
+        self.lock().insert(key, sender.clone());
+        Ok(sender)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, SendRequest<ProxyBody>>> {
