@@ -15,7 +15,10 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use sluice_agent::{datapath::Datapath, policy::DatapathPolicy};
+use sluice_agent::{
+    datapath::{Datapath, InterfaceSpec},
+    policy::DatapathPolicy,
+};
 use sluice_tests::{
     agent::Bpffs,
     netns::run,
@@ -65,7 +68,7 @@ pub fn sluice(policy: &DatapathPolicy) -> anyhow::Result<Rate> {
     let mut datapath = topology.gateway.enter(|| -> anyhow::Result<Datapath> {
         let mut datapath = Datapath::load(&bpffs.pin_dir())?;
         datapath.apply(policy)?;
-        datapath.attach(GATEWAY_WORKLOAD_IFACE)?;
+        datapath.reconcile_interfaces(&[InterfaceSpec::Name(GATEWAY_WORKLOAD_IFACE.into())])?;
         Ok(datapath)
     })??;
     let blackholed = || {

@@ -45,19 +45,7 @@ impl Topology {
 
     fn wire(workload: Netns, gateway: Netns, internet: Netns) -> anyhow::Result<Topology> {
         // Links are created inside the namespaces, never in the root namespace.
-        workload.ip(&[
-            "link",
-            "add",
-            "name",
-            "wl0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            GATEWAY_WORKLOAD_IFACE,
-            "netns",
-            gateway.name(),
-        ])?;
+        link_workload(&workload, &gateway)?;
         gateway.ip(&[
             "link",
             "add",
@@ -72,17 +60,8 @@ impl Topology {
             internet.name(),
         ])?;
 
-        workload.ip(&["addr", "add", &format!("{WORKLOAD_ADDR}/24"), "dev", "wl0"])?;
-        workload.ip(&["addr", "add", "fd00:240:1::2/64", "dev", "wl0", "nodad"])?;
-        workload.ip(&["link", "set", "dev", "wl0", "up"])?;
-        workload.ip(&["route", "add", "default", "via", GATEWAY_WORKLOAD_ADDR])?;
-        workload.ip(&["-6", "route", "add", "default", "via", "fd00:240:1::1"])?;
-
-        gateway.ip(&["addr", "add", &format!("{GATEWAY_WORKLOAD_ADDR}/24"), "dev", GATEWAY_WORKLOAD_IFACE])?;
-        gateway.ip(&["addr", "add", "fd00:240:1::1/64", "dev", GATEWAY_WORKLOAD_IFACE, "nodad"])?;
         gateway.ip(&["addr", "add", &format!("{GATEWAY_INTERNET_ADDR}/24"), "dev", "gw-net"])?;
         gateway.ip(&["addr", "add", "fd00:240:2::1/64", "dev", "gw-net", "nodad"])?;
-        gateway.ip(&["link", "set", "dev", GATEWAY_WORKLOAD_IFACE, "up"])?;
         gateway.ip(&["link", "set", "dev", "gw-net", "up"])?;
         gateway.ip(&["route", "add", "203.0.113.0/24", "via", INTERNET_ADDR])?;
         gateway.ip(&["-6", "route", "add", "2001:db8:113::/64", "via", "fd00:240:2::2"])?;
@@ -110,6 +89,44 @@ impl Topology {
         }
         Ok(Topology { workload, gateway, internet })
     }
+
+    /// Deletes the link between the workload and the gateway (both ends), as a CNI restart or a re-plumbed veth
+    /// does.
+    pub fn remove_workload_link(&self) -> anyhow::Result<()> {
+        self.gateway.ip(&["link", "del", "dev", GATEWAY_WORKLOAD_IFACE])
+    }
+
+    /// Creates the link between the workload and the gateway again, as it was (a new interface, a new index).
+    pub fn add_workload_link(&self) -> anyhow::Result<()> {
+        link_workload(&self.workload, &self.gateway)?;
+        wait_operationally_up(&self.workload, "wl0")?;
+        wait_operationally_up(&self.gateway, GATEWAY_WORKLOAD_IFACE)
+    }
+}
+
+/// The veth pair `wl0` (workload) – `gw-wl` (gateway), addressed, routed and set up (not yet operational).
+fn link_workload(workload: &Netns, gateway: &Netns) -> anyhow::Result<()> {
+    workload.ip(&[
+        "link",
+        "add",
+        "name",
+        "wl0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        GATEWAY_WORKLOAD_IFACE,
+        "netns",
+        gateway.name(),
+    ])?;
+    workload.ip(&["addr", "add", &format!("{WORKLOAD_ADDR}/24"), "dev", "wl0"])?;
+    workload.ip(&["addr", "add", "fd00:240:1::2/64", "dev", "wl0", "nodad"])?;
+    workload.ip(&["link", "set", "dev", "wl0", "up"])?;
+    workload.ip(&["route", "add", "default", "via", GATEWAY_WORKLOAD_ADDR])?;
+    workload.ip(&["-6", "route", "add", "default", "via", "fd00:240:1::1"])?;
+    gateway.ip(&["addr", "add", &format!("{GATEWAY_WORKLOAD_ADDR}/24"), "dev", GATEWAY_WORKLOAD_IFACE])?;
+    gateway.ip(&["addr", "add", "fd00:240:1::1/64", "dev", GATEWAY_WORKLOAD_IFACE, "nodad"])?;
+    gateway.ip(&["link", "set", "dev", GATEWAY_WORKLOAD_IFACE, "up"])
 }
 
 fn wait_operationally_up(netns: &Netns, interface: &str) -> anyhow::Result<()> {

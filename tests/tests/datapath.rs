@@ -451,24 +451,21 @@ fn another_tc_program_on_the_interface_still_sees_what_sluice_passes() {
 }
 
 #[test]
-fn an_unknown_interface_is_refused_and_nothing_is_left_attached() {
+fn what_cannot_name_an_interface_is_refused_and_nothing_is_left_attached() {
     require_root();
     let topology = Topology::new().unwrap();
     let sink = UdpSink::bind(&topology.internet, addr(SERVER_A, 6000)).unwrap();
     let bpffs = Bpffs::mount().unwrap();
 
     let args = format!(
-        "run --bpffs {} --intercept {GATEWAY_WORKLOAD_IFACE} --intercept eth-missing \
+        "run --bpffs {} --intercept {GATEWAY_WORKLOAD_IFACE} --intercept an-overlong-name \
          --outbound-traffic-policy REGISTRY_ONLY --metrics-addr 127.0.0.1:15090",
         bpffs.pin_dir().display()
     );
     let (status, output) = Agent::run_to_end(&topology.gateway, &args).unwrap();
 
     assert!(!status.success(), "{output}");
-    assert!(
-        output.contains("attaching TC ingress to eth-missing: interface not found (is --intercept right?)"),
-        "{output}"
-    );
+    assert!(output.contains("'an-overlong-name' is not an interface name (1 to 15 characters)"), "{output}");
     send_udp(&topology.workload, addr(SERVER_A, 6000), 3, PAYLOAD).unwrap();
     assert_eq!(sink.drain(), 3, "no interface was attached");
     assert!(!bpffs.pin_dir().exists(), "nothing was pinned");

@@ -5,12 +5,15 @@
 mod blackholed;
 mod counters;
 mod generations;
+pub mod interfaces;
+mod link_info;
+mod link_watch;
 mod object;
 mod pins;
 mod routing;
 mod sources;
 
-use std::{io, path::Path};
+use std::{collections::BTreeMap, io, path::Path};
 
 use aya::{
     maps::{MapData, MapError, RingBuf},
@@ -25,6 +28,8 @@ use sluice_common::names;
 
 pub use blackholed::{protocol_name, BlackholedDestination, BlackholedDestinations, BlockedFlow};
 pub use counters::{VerdictCounters, VerdictTotals};
+pub use interfaces::{Interface, InterfaceSpec};
+pub use link_watch::LinkEvents;
 pub use pins::{cleanup, DEFAULT_PIN_DIR};
 pub use routing::{InterceptRouting, MARK, MARK_MASK, ROUTE_TABLE, RULE_PRIORITY};
 
@@ -72,6 +77,8 @@ pub enum DatapathError {
     Pin { what: &'static str, path: String, error: String },
     #[error("{0}")]
     Bpffs(String),
+    #[error("listing the node's interfaces: {0}")]
+    Interfaces(io::Error),
 }
 
 /// The loaded classifier and its maps. Dropping it leaves the program attached and the policy in force:
@@ -84,8 +91,64 @@ pub struct Datapath {
     blackholed: BlackholedDestinations,
     sources: sources::SourceModes,
     events: Option<RingBuf<MapData>>,
-    attached: Vec<String>,
-    adopted: Vec<String>,
+    /// The interfaces the classifier is on, by name: the index of the interface it was attached to.
+    attached: BTreeMap<String, u32>,
+    /// Every interface name the classifier has been on: one that comes back was re-created.
+    known: std::collections::BTreeSet<String>,
+    /// Whether the interfaces have been reconciled once: attachments after that mend gaps.
+    started: bool,
+    /// Whether the maps were taken over whole from a previous agent: its policy is in force in them.
+    adopted_policy: bool,
+}
+
+/// Why the classifier was attached to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachReason {
+    /// First attached, as the agent starts.
+    Started,
+    /// The link a previous agent pinned was taken over in place (no gap).
+    Adopted,
+    /// An interface the specs select appeared.
+    Appeared,
+    /// The interface was deleted and created again (a new index): the old link went with the old interface.
+    Recreated,
+    /// The link pinned for the interface was severed (its interface gone) or detached.
+    Severed,
+    /// The link pinned for this name holds another interface (renamed or re-created while no agent ran).
+    Moved,
+    /// The pinned link could not be taken over (another program type or version): replaced.
+    Incompatible,
+}
+
+impl AttachReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            AttachReason::Started => "started",
+            AttachReason::Adopted => "adopted",
+            AttachReason::Appeared => "appeared",
+            AttachReason::Recreated => "recreated",
+            AttachReason::Severed => "severed",
+            AttachReason::Moved => "moved",
+            AttachReason::Incompatible => "incompatible",
+        }
+    }
+
+    /// Whether this attachment mends a gap (the interface was, or may have been, without the classifier).
+    pub fn is_reattachment(self) -> bool {
+        !matches!(self, AttachReason::Started | AttachReason::Adopted)
+    }
+}
+
+/// What one pass over the node's interfaces changed.
+#[derive(Debug, Default)]
+pub struct InterfacesReconciled {
+    /// Interfaces the classifier was attached to, and why.
+    pub attached: Vec<(String, AttachReason)>,
+    /// Interfaces no longer selected (gone, or renamed to a name no spec selects) whose state was forgotten.
+    pub forgotten: Vec<String>,
+    /// Interfaces configured and not enforced: names given literally that are not there, and interfaces the
+    /// classifier could not be attached to (with why).
+    pub unenforced: Vec<(String, String)>,
 }
 
 impl Datapath {
@@ -93,6 +156,7 @@ impl Datapath {
     /// if need be, when absent), and loads its program into the kernel; nothing is attached yet.
     pub fn load(pin_dir: &Path) -> Result<Self, DatapathError> {
         let pins = pins::PinDir::prepare(pin_dir)?;
+        let had_policy = pins.has_map(names::ACTIVE);
         let replaced = pins.unpin_incompatible_maps(object::OBJECT)?;
         if !replaced.is_empty() {
             tracing::warn!(
@@ -126,8 +190,10 @@ impl Datapath {
             blackholed,
             sources,
             events: Some(events),
-            attached: Vec::new(),
-            adopted: Vec::new(),
+            attached: BTreeMap::new(),
+            known: Default::default(),
+            started: false,
+            adopted_policy: had_policy && replaced.is_empty(),
         })
     }
 
@@ -146,63 +212,110 @@ impl Datapath {
         self.sources.write(modes)
     }
 
-    /// Fails, naming the first, if any of `interfaces` does not exist: checked before anything is loaded, so a
-    /// mistyped --intercept leaves nothing half set up.
-    pub fn check_interfaces(interfaces: &[String]) -> Result<(), DatapathError> {
-        match interfaces.iter().find(|name| nix::net::if_::if_nametoindex(name.as_str()).is_err()) {
-            Some(name) => Err(DatapathError::InterfaceNotFound { interface: name.clone() }),
-            None => Ok(()),
+    /// Whether the maps hold a previous agent's policy, taken over whole: attaching at once enforces it.
+    pub fn holds_policy(&self) -> bool {
+        self.adopted_policy
+    }
+
+    /// Puts the classifier on every interface `specs` select now, and forgets those no longer selected; each
+    /// interface is checked against the kernel (the link pinned for it must hold it), so an interface that was
+    /// re-created, or a link severed, is attached afresh. The new link is attached before the old one's pin goes:
+    /// no gap.
+    pub fn reconcile_interfaces(&mut self, specs: &[InterfaceSpec]) -> Result<InterfacesReconciled, DatapathError> {
+        let present = interfaces::present().map_err(DatapathError::Interfaces)?;
+        let selected = interfaces::selected(specs, &present);
+        let starting = !std::mem::replace(&mut self.started, true);
+        let mut reconciled = InterfacesReconciled::default();
+        for interface in &selected {
+            let recorded = self.attached.get(&interface.name).copied();
+            let holding = link_info::pinned_tcx_interface(&self.pins.link(&interface.name));
+            if recorded == Some(interface.index) && matches!(holding, Ok(Some(index)) if index == interface.index) {
+                continue;
+            }
+            let reason = match (&holding, recorded) {
+                (_, Some(index)) if index != interface.index => AttachReason::Recreated,
+                (Ok(None), _) => AttachReason::Severed,
+                (Ok(Some(index)), _) if *index != interface.index => AttachReason::Moved,
+                (Ok(Some(_)), _) => AttachReason::Adopted,
+                (Err(_), None) if starting => AttachReason::Started,
+                (Err(_), None) if self.known.contains(&interface.name) => AttachReason::Recreated,
+                (Err(_), None) => AttachReason::Appeared,
+                (Err(_), Some(_)) => AttachReason::Severed,
+            };
+            match self.attach(interface, reason) {
+                Ok(reason) => {
+                    self.attached.insert(interface.name.clone(), interface.index);
+                    self.known.insert(interface.name.clone());
+                    reconciled.attached.push((interface.name.clone(), reason));
+                }
+                Err(error) => {
+                    self.attached.remove(&interface.name);
+                    reconciled.unenforced.push((interface.name.clone(), format!("{error:#}")));
+                }
+            }
         }
+        let gone: Vec<String> =
+            self.attached.keys().filter(|name| !selected.iter().any(|i| &i.name == *name)).cloned().collect();
+        for name in gone {
+            self.attached.remove(&name);
+            self.pins.unpin_link(&name)?;
+            reconciled.forgotten.push(name);
+        }
+        reconciled.unenforced.extend(
+            interfaces::missing(specs, &present).into_iter().map(|name| (name, "no such interface".to_owned())),
+        );
+        Ok(reconciled)
     }
 
     /// Attaches the classifier to `interface`'s TC ingress (TCX, ahead of other programs) and pins the link. A
-    /// link pinned by a previous agent is taken over in place: the new program replaces the old atomically.
-    pub fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
-        let link_path = self.pins.link(interface);
+    /// link pinned for it that still holds it is taken over in place (the new program replaces the old
+    /// atomically); one that holds nothing or another interface, or cannot be taken over, is replaced by a new
+    /// link. Returns why it was attached (`Incompatible` when taking over failed).
+    fn attach(&mut self, interface: &Interface, reason: AttachReason) -> Result<AttachReason, DatapathError> {
+        let name = interface.name.as_str();
+        let link_path = self.pins.link(name);
         let program = program(&mut self.ebpf)?;
         let attach_error = |source| match source {
             ProgramError::TcError(TcError::IoError(error)) if error.raw_os_error() == Some(nix::libc::ENODEV) => {
-                DatapathError::InterfaceNotFound { interface: interface.to_owned() }
+                DatapathError::InterfaceNotFound { interface: name.to_owned() }
             }
-            source => DatapathError::Attach { interface: interface.to_owned(), source },
+            source => DatapathError::Attach { interface: name.to_owned(), source },
         };
-        let pinned = match PinnedLink::from_pin(&link_path) {
-            Ok(pinned) => Some(pinned),
-            Err(LinkError::SyscallError(error)) if error.io_error.kind() == io::ErrorKind::NotFound => None,
-            Err(source) => return Err(DatapathError::Adopt { path: link_path.display().to_string(), source }),
-        };
-        let adopted = pinned.is_some();
-        let link_id = match pinned {
-            Some(pinned) => {
-                let link = SchedClassifierLink::try_from(FdLink::from(pinned))
-                    .map_err(|source| DatapathError::Adopt { path: link_path.display().to_string(), source })?;
-                program.attach_to_link(link).map_err(attach_error)?
+        let mut reason = reason;
+        let mut link_id = None;
+        if reason == AttachReason::Adopted {
+            let taken_over = PinnedLink::from_pin(&link_path)
+                .and_then(|pinned| SchedClassifierLink::try_from(FdLink::from(pinned)))
+                .map_err(|source| DatapathError::Adopt { path: link_path.display().to_string(), source })
+                .and_then(|link| program.attach_to_link(link).map_err(attach_error));
+            match taken_over {
+                Ok(id) => link_id = Some(id),
+                Err(error) => {
+                    tracing::warn!(interface = name, error = %format!("{error:#}"), "the pinned link cannot be taken over: replacing it");
+                    reason = AttachReason::Incompatible;
+                }
             }
+        }
+        let link_id = match link_id {
+            Some(id) => id,
             None => program
-                .attach_with_options(interface, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::first()))
+                .attach_with_options(name, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::first()))
                 .map_err(attach_error)?,
         };
         let link = program.take_link(link_id).map_err(attach_error)?;
         self.pins.pin_link(link, &link_path)?;
-        self.attached.push(interface.to_owned());
-        if adopted {
-            self.adopted.push(interface.to_owned());
-        }
-        Ok(())
+        Ok(reason)
     }
 
-    /// Detaches the interfaces a previous agent attached and this one was not asked to.
+    /// Detaches the interfaces a previous agent attached and this one does not select.
     pub fn detach_others(&mut self) -> Result<Vec<String>, DatapathError> {
-        self.pins.unpin_links_except(&self.attached)
+        let keep: Vec<String> = self.attached.keys().cloned().collect();
+        self.pins.unpin_links_except(&keep)
     }
 
-    pub fn attached(&self) -> &[String] {
-        &self.attached
-    }
-
-    /// Interfaces whose pinned link was taken over from a previous agent.
-    pub fn adopted(&self) -> &[String] {
-        &self.adopted
+    /// The interfaces the classifier is on.
+    pub fn attached(&self) -> impl Iterator<Item = &str> {
+        self.attached.keys().map(String::as_str)
     }
 
     /// A reader of the per-verdict counters, for metrics.

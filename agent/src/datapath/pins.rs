@@ -75,6 +75,16 @@ impl PinDir {
         Ok(replaced)
     }
 
+    /// Whether a map named `name` is pinned here (a previous agent's).
+    pub(super) fn has_map(&self, name: &str) -> bool {
+        aya::maps::MapInfo::from_pin(self.path.join(name)).is_ok()
+    }
+
+    /// Removes the link pinned for `interface`, which detaches the classifier from whatever it holds.
+    pub(super) fn unpin_link(&self, interface: &str) -> Result<(), DatapathError> {
+        remove_pin(&self.link(interface))
+    }
+
     pub(super) fn link(&self, interface: &str) -> PathBuf {
         self.path.join(format!("{LINK_PREFIX}{interface}"))
     }

@@ -3,13 +3,14 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+use futures_util::TryStreamExt;
 use rtnetlink::{
     packet_route::{
-        route::{RouteMessage, RouteScope, RouteType},
+        route::{RouteAttribute, RouteMessage, RouteScope, RouteType},
         rule::{RuleAction, RuleAttribute, RuleMessage},
         AddressFamily,
     },
-    Handle, RouteMessageBuilder,
+    Handle, IpVersion, RouteMessageBuilder,
 };
 
 /// The mark the classifier sets on intercepted packets, and the bits of it that are Sluice's.
@@ -59,6 +60,45 @@ impl InterceptRouting {
                 .map_err(|source| RoutingError { what: format!("adding the {family:?} local route"), source })?;
         }
         Ok(())
+    }
+
+    /// Whether a rule or route of interception is missing (removed by hand, or by another agent on the node):
+    /// checked often, so that intercepted traffic is not left to be forwarded past the proxy.
+    pub async fn missing(&self) -> Result<bool, RoutingError> {
+        for (family, version) in [(AddressFamily::Inet, IpVersion::V4), (AddressFamily::Inet6, IpVersion::V6)] {
+            let wanted = rule(family);
+            let mut rules = self.handle.rule().get(version).execute();
+            let mut found = false;
+            while let Some(found_rule) = rules
+                .try_next()
+                .await
+                .map_err(|source| RoutingError { what: format!("listing the {family:?} rules"), source })?
+            {
+                found |= wanted.attributes.iter().all(|attribute| found_rule.attributes.contains(attribute))
+                    && found_rule.header.action == wanted.header.action;
+            }
+            if !found {
+                return Ok(true);
+            }
+            let mut listing = RouteMessage::default();
+            listing.header.address_family = family;
+            let mut routes = self.handle.route().get(listing).execute();
+            let mut found = false;
+            while let Some(found_route) = routes
+                .try_next()
+                .await
+                .map_err(|source| RoutingError { what: format!("listing the {family:?} routes"), source })?
+            {
+                found |= found_route.header.kind == RouteType::Local
+                    && found_route.header.destination_prefix_length == 0
+                    && (u32::from(found_route.header.table) == ROUTE_TABLE
+                        || found_route.attributes.contains(&RouteAttribute::Table(ROUTE_TABLE)));
+            }
+            if !found {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Removes the rules and routes; what is already gone is not an error.

@@ -21,6 +21,18 @@ pub struct Metrics {
     pub config_rejected: Family<[(&'static str, String); 3], Gauge>,
     /// Istio's request metrics and the access log, for the proxy.
     pub requests: RequestTelemetry,
+    pub interfaces: InterfaceMetrics,
+}
+
+/// Whether the classifier is on the intercepted interfaces, and how often it had to be put back.
+#[derive(Clone, Debug)]
+pub struct InterfaceMetrics {
+    /// 1 for each configured interface the classifier is on (enforcing the policy in force), 0 for one it is not.
+    pub attached: Family<[(&'static str, String); 1], Gauge>,
+    /// Attachments that mended a gap: an interface appeared or was re-created, a link was found severed.
+    pub reattachments: Family<[(&'static str, String); 2], Counter>,
+    /// The policy routing for intercepted traffic found missing and installed again.
+    pub routing_restored: Counter,
 }
 
 impl Metrics {
@@ -59,7 +71,38 @@ pub fn registry(counters: VerdictCounters, blackholed: BlackholedDestinations, a
         "Resources rejected by the last configuration load (1 each); their last good version stays in force",
         config_rejected.clone(),
     );
-    Metrics { registry: std::sync::Arc::new(registry), blocked_flows, config_generation, config_rejected, requests }
+    let datapath_attached = Family::default();
+    registry.register(
+        "sluice_datapath_attached",
+        "1 for each configured interface the classifier is attached to and enforcing the policy in force, 0 for one \
+         it is not (traffic entering it is not enforced)",
+        datapath_attached.clone(),
+    );
+    let datapath_reattachments = Family::default();
+    registry.register(
+        "sluice_datapath_reattachments",
+        "Times the classifier was attached again to an interface (it appeared, was re-created, or its link was \
+         severed), by reason",
+        datapath_reattachments.clone(),
+    );
+    let routing_restored = Counter::default();
+    registry.register(
+        "sluice_datapath_routing_restored",
+        "Times the policy routing for intercepted traffic was found missing and installed again",
+        routing_restored.clone(),
+    );
+    Metrics {
+        registry: std::sync::Arc::new(registry),
+        blocked_flows,
+        config_generation,
+        config_rejected,
+        requests,
+        interfaces: InterfaceMetrics {
+            attached: datapath_attached,
+            reattachments: datapath_reattachments,
+            routing_restored,
+        },
+    }
 }
 
 #[derive(Debug)]

@@ -42,11 +42,35 @@ pub async fn serve_admin(listener: TcpListener, dump: watch::Receiver<Arc<super:
     .await
 }
 
-/// Serves `/healthz/ready` (Istio's readiness path): 200 once `ready` holds, 503 before.
-pub async fn serve_readiness(listener: TcpListener, ready: watch::Receiver<bool>) {
+/// What readiness waits for: the configuration listed (with --kube), and the classifier on every interface
+/// the agent was told to intercept.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Readiness {
+    /// Whether every configuration source has been read whole.
+    pub listed: bool,
+    /// Configured interfaces without the classifier, each with why: traffic entering them is not enforced.
+    pub unenforced: Vec<(String, String)>,
+}
+
+impl Readiness {
+    /// Why the agent is not ready, or `None` when it is.
+    pub fn not_ready_because(&self) -> Option<String> {
+        if !self.listed {
+            return Some("the configuration has not been listed yet".to_owned());
+        }
+        let unenforced: Vec<String> =
+            self.unenforced.iter().map(|(interface, why)| format!("{interface} ({why})")).collect();
+        (!unenforced.is_empty()).then(|| format!("no classifier on {}", unenforced.join(", ")))
+    }
+}
+
+/// Serves `/healthz/ready` (Istio's readiness path): 200 when `readiness` holds, 503 naming what is missing.
+pub async fn serve_readiness(listener: TcpListener, readiness: watch::Receiver<Readiness>) {
     serve(listener, "readiness", move |request| match request.uri().path() {
-        "/healthz/ready" if *ready.borrow() => text(StatusCode::OK, "text/plain", "ready\n".into()),
-        "/healthz/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".into()),
+        "/healthz/ready" => match readiness.borrow().not_ready_because() {
+            None => text(StatusCode::OK, "text/plain", "ready\n".into()),
+            Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {why}\n")),
+        },
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found: try /healthz/ready\n".into()),
     })
     .await

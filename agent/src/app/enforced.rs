@@ -1,0 +1,84 @@
+//! Where the policy is in force — the kernel, the proxy's routes and Gateway listeners, and what reports on
+//! them — and how a newly compiled policy is applied to each.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+};
+
+use arc_swap::ArcSwap;
+
+use super::control::Control;
+use crate::{
+    config::{workloads::Workloads, Snapshot},
+    datapath::Datapath,
+    policy::{routes::ProxyPolicy, OutboundMode},
+    proxy::gateway_listeners::GatewayListeners,
+    telemetry::{self, config_dump},
+};
+
+/// Where the policy is in force: the kernel, the proxy's routes and Gateway listeners, and what reports on them.
+pub struct Enforced {
+    /// Shared with the interface follower, which attaches the classifier as interfaces come.
+    pub(super) datapath: Arc<Mutex<Datapath>>,
+    pub(super) routes: Arc<ArcSwap<ProxyPolicy>>,
+    pub(super) gateways: GatewayListeners,
+    pub(super) metrics: telemetry::metrics::Metrics,
+    pub(super) dump: tokio::sync::watch::Sender<Arc<config_dump::Dump>>,
+    pub(super) workloads: Arc<ArcSwap<Workloads>>,
+    /// The per-workload modes the kernel holds; `None` until written (a previous agent's may be pinned there).
+    pub(super) sources: Option<BTreeMap<IpAddr, OutboundMode>>,
+}
+
+impl Enforced {
+    fn datapath(&self) -> MutexGuard<'_, Datapath> {
+        self.datapath.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Compiles and applies the policy to the datapath, then the proxy; one the datapath refuses leaves both as
+    /// they are. The typed configuration is dropped then, and what compiling freed returned to the system.
+    pub fn apply(&mut self, control: &Control, snapshot: Snapshot) {
+        let policy = control.policy(&snapshot);
+        let applied = self.datapath().apply(&policy);
+        match applied {
+            Ok(()) => {
+                let bindings = control.bind(&snapshot);
+                let routes = control.proxy_policy(&snapshot, &bindings);
+                self.gateways.reconcile(&routes.gateway_ports());
+                self.routes.store(Arc::new(routes));
+                self.apply_sources();
+                let generation = self.metrics.config_generation.inc() + 1;
+                tracing::info!(
+                    generation,
+                    mode = ?policy.mode,
+                    rules = policy.rules.len(),
+                    gateway_ports = ?self.gateways.ports(),
+                    "policy applied"
+                );
+                let _ = self.dump.send(Arc::new(control.dump(generation as u64, policy, &bindings)));
+            }
+            Err(error) => {
+                tracing::error!(error = %error, "the new policy was not applied; the previous one stays in force")
+            }
+        }
+        drop(snapshot);
+        crate::allocator::release_freed_memory();
+    }
+
+    /// Tells the kernel which workloads' mode differs from the policy's (their Sidecars'), by address.
+    pub fn apply_sources(&mut self) {
+        let exceptions = self.routes.load().sidecars.exceptions(&self.workloads.load());
+        if self.sources.as_ref() == Some(&exceptions) {
+            return;
+        }
+        let applied = self.datapath().set_source_modes(&exceptions);
+        match applied {
+            Ok(()) => {
+                tracing::info!(workloads = exceptions.len(), "workloads with their own outbound mode applied");
+                self.sources = Some(exceptions);
+            }
+            Err(error) => tracing::error!(%error, "the workloads' own outbound modes were not applied"),
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! The agent's run: wires the configuration sources, the datapath, the proxy and the telemetry servers together
+//! (`App::start`), then reconciles on every event until told to stop (`App::run_until`).
+
+mod control;
+mod enforced;
+mod interfaces;
+mod settings;
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use tokio::{
+    sync::{mpsc, watch, Notify},
+    task::JoinSet,
+};
+
+pub use control::Control;
+pub use enforced::Enforced;
+pub use interfaces::InterfaceFollower;
+pub use settings::RunSettings;
+
+use crate::{
+    config::{
+        resolver::DnsResolver,
+        sources::{kubernetes, watch as file_watch},
+        workloads::Workloads,
+    },
+    datapath::{self, Datapath, InterceptRouting, VerdictCounters},
+    policy::{compile::NodeSettings, routes::ProxySettings},
+    proxy::{
+        self,
+        gateway_listeners::GatewayListeners,
+        http::{HttpProxy, Limits, Listener},
+        transparent_listener::TransparentListener,
+    },
+    telemetry::{self, server::Readiness},
+};
+
+/// A running agent: the policy enforced, the servers and proxy serving, the sources watched.
+pub struct App {
+    control: Control,
+    enforced: Enforced,
+    tasks: JoinSet<()>,
+    /// The Kubernetes source's latest full set (`None` until it has listed everything); with --kube.
+    kube_changes: Option<watch::Receiver<Option<Arc<kubernetes::Documents>>>>,
+    /// The configuration files changed.
+    file_changes: mpsc::Receiver<()>,
+    /// Keeps the file watch alive.
+    _file_watch: Option<file_watch::Watch>,
+    /// Rung when the pods change: the workloads whose Sidecar's mode differs may have too.
+    pods_changed: Option<Arc<Notify>>,
+    /// When the configuration's names are looked up again.
+    refresh: Duration,
+    readiness: watch::Sender<Readiness>,
+    counters: VerdictCounters,
+    routing: Arc<InterceptRouting>,
+    bpffs: PathBuf,
+    cleanup_on_exit: bool,
+}
+
+impl App {
+    /// Binds the listeners, reads the configuration, loads and attaches the datapath with the policy compiled
+    /// from it, and starts the proxy and the telemetry servers.
+    pub async fn start(settings: RunSettings) -> anyhow::Result<App> {
+        // Listeners first: a port in use fails before anything touches the kernel.
+        let metrics_listener = listen(settings.metrics_addr, "metrics", "--metrics-addr").await?;
+        let admin_listener = listen(settings.admin_addr, "admin", "--admin-addr").await?;
+        let readiness_listener = listen(settings.readiness_addr, "readiness", "--readiness-addr").await?;
+        let forward_proxy = match settings.forward_proxy_port {
+            Some(port) => Some(proxy::gateway_listeners::bind(port).map_err(|error| {
+                anyhow::anyhow!("binding the forward-proxy listener on port {port}: {error} (see --forward-proxy-port)")
+            })?),
+            None => None,
+        };
+        let intercepting = !settings.intercept_port.is_empty();
+        let transparent = if intercepting {
+            let listener = TransparentListener::bind(settings.proxy_port).map_err(|error| {
+                anyhow::anyhow!(
+                    "binding the transparent listener on port {}: {error} (see --proxy-port)",
+                    settings.proxy_port
+                )
+            })?;
+            Some(Arc::new(listener))
+        } else {
+            None
+        };
+        let node = NodeSettings {
+            mode: settings.outbound_traffic_policy,
+            blackhole: settings.blackhole,
+            allow_cidrs: settings.allow_cidr.clone(),
+            rules: settings.allow.clone(),
+            intercept_ports: settings.intercept_port.clone(),
+            proxy_port: if intercepting { settings.proxy_port } else { 0 },
+        };
+        // One resolver (and one cache) for the ServiceEntries' names and the forward proxy's lookups.
+        let resolver = Arc::new(DnsResolver::new(&settings.dns_server).map_err(anyhow::Error::msg)?);
+        let mut control = Control::new(settings.config.clone(), node, resolver.clone());
+        control.labels = settings.gateway_labels.clone();
+        control.proxy = ProxySettings {
+            own_services: settings.gateway_service.clone(),
+            host_verify: settings.host_verify,
+            gateway_namespace: settings.gateway_namespace.clone(),
+            ..ProxySettings::default()
+        };
+        let workloads = Arc::new(ArcSwap::from_pointee(Workloads::default()));
+        let mut kube_changes = None;
+        let mut pods_changed = None;
+        if settings.kube {
+            let (changes, pods) = watch_kubernetes(&settings, workloads.clone()).await?;
+            control.kube = Some(changes.clone());
+            kube_changes = Some(changes);
+            pods_changed = Some(pods);
+        }
+        // Watched before the first read, so a change made while the agent starts is not missed.
+        let (file_watch, file_changes) = if settings.config.is_empty() {
+            (None, mpsc::channel(1).1)
+        } else {
+            let (watch, changes) = file_watch::watch(&settings.config).map_err(anyhow::Error::msg)?;
+            (Some(watch), changes)
+        };
+        // The datapath first: when the maps hold a previous agent's policy, attaching at once enforces it on
+        // interfaces that came while no agent ran, before the configuration is read (and its names resolved).
+        let mut datapath = Datapath::load(&settings.bpffs)?;
+        let routing = Arc::new(InterceptRouting::connect().context("connecting to rtnetlink")?);
+        if intercepting {
+            routing.install().await?;
+        }
+        let counters = datapath.counters();
+        let metrics = telemetry::metrics::registry(counters.clone(), datapath.blackholed(), settings.access_log_format);
+        let early = datapath.holds_policy();
+        let events = datapath.take_events();
+        let datapath = Arc::new(Mutex::new(datapath));
+        let listed = kube_changes.as_ref().is_none_or(|changes| changes.borrow().is_some());
+        let (readiness, readiness_reader) = watch::channel(Readiness { listed, unenforced: Vec::new() });
+        let mut follower = InterfaceFollower::new(
+            datapath.clone(),
+            settings.intercept.clone(),
+            intercepting.then(|| routing.clone()),
+            metrics.interfaces.clone(),
+            readiness.clone(),
+        );
+        let mut adopted = if early { follower.check() } else { Vec::new() };
+
+        let snapshot = control.load();
+        let refresh = control.resolve().await.1;
+        let policy = control.policy(&snapshot);
+        datapath.lock().unwrap_or_else(PoisonError::into_inner).apply(&policy)?;
+        adopted.extend(follower.check());
+        let detached = datapath.lock().unwrap_or_else(PoisonError::into_inner).detach_others()?;
+        tracing::info!(
+            interfaces = ?datapath.lock().unwrap_or_else(PoisonError::into_inner).attached().collect::<Vec<_>>(),
+            adopted = ?adopted,
+            detached = ?detached,
+            mode = ?policy.mode,
+            blackhole = ?policy.blackhole,
+            rules = policy.rules.len(),
+            allow_cidrs = policy.allow_cidrs.len(),
+            intercept_ports = ?policy.intercept_ports,
+            metrics = %settings.metrics_addr,
+            bpffs = %settings.bpffs.display(),
+            "datapath attached"
+        );
+
+        let bindings = control.bind(&snapshot);
+        let routes = Arc::new(ArcSwap::from_pointee(control.proxy_policy(&snapshot, &bindings)));
+        metrics.config_generation.set(1);
+        let (dump, dump_reader) = watch::channel(Arc::new(control.dump(1, policy, &bindings)));
+        drop((bindings, snapshot));
+        crate::allocator::release_freed_memory();
+        metrics.set_rejected(control.rejected());
+        let mut tasks = JoinSet::new();
+        if let Some(events) = events {
+            tasks.spawn(telemetry::blocked_flows::watch(events, metrics.blocked_flows.clone()));
+        }
+        tasks.spawn(follower.follow());
+        tasks.spawn(telemetry::server::serve_metrics(metrics_listener, metrics.registry.clone()));
+        tasks.spawn(telemetry::server::serve_admin(admin_listener, dump_reader));
+        // Ready once every configured interface has the classifier, and with --kube once every kind is listed.
+        tasks.spawn(telemetry::server::serve_readiness(readiness_listener, readiness_reader));
+        let limits = Limits {
+            max_connections: settings.max_connections,
+            request_headers_timeout: settings.request_headers_timeout,
+            source: proxy::tcp::SourceAddresses::from_list(&settings.upstream_source_address),
+        };
+        let http = Arc::new(
+            HttpProxy::new(routes.clone(), metrics.requests.clone(), limits)
+                .with_resolver(resolver)
+                .with_workloads(workloads.clone()),
+        );
+        tasks.spawn(HttpProxy::keep_a_timer_due());
+        for listener in forward_proxy.into_iter().flatten() {
+            tasks.spawn(proxy::gateway_listeners::accept(listener, Listener::Forward, http.clone()));
+        }
+        if let Some(listener) = transparent {
+            tasks.spawn(proxy::intercepted::serve(listener, http.clone(), routes.clone()));
+        }
+        let mut gateways = GatewayListeners::new(http);
+        gateways.reconcile(&routes.load().gateway_ports());
+        let mut enforced = Enforced { datapath, routes, gateways, metrics, dump, workloads, sources: None };
+        enforced.apply_sources();
+        Ok(App {
+            control,
+            enforced,
+            tasks,
+            kube_changes,
+            file_changes,
+            _file_watch: file_watch,
+            pods_changed,
+            refresh,
+            readiness,
+            counters,
+            routing,
+            bpffs: settings.bpffs,
+            cleanup_on_exit: settings.cleanup_on_exit,
+        })
+    }
+
+    /// Reconciles on every change (configuration files, Kubernetes, pods, DNS answers running out) until
+    /// `shutdown` completes; then stops the servers and, with --cleanup-on-exit, removes everything from the
+    /// kernel (by default the last policy stays enforced).
+    pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        tokio::pin!(shutdown);
+        loop {
+            let kube_changed = async {
+                match self.kube_changes.as_mut() {
+                    Some(changes) => changes.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            let pods_changed = async {
+                match &self.pods_changed {
+                    Some(changed) => changed.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = &mut shutdown => break,
+                true = kube_changed => {
+                    self.readiness.send_if_modified(|readiness| !std::mem::replace(&mut readiness.listed, true));
+                    self.refresh = reload(&mut self.control, &mut self.enforced).await;
+                }
+                Some(()) = self.file_changes.recv() => {
+                    self.refresh = reload(&mut self.control, &mut self.enforced).await;
+                }
+                () = pods_changed => self.enforced.apply_sources(),
+                () = tokio::time::sleep(self.refresh) => {
+                    let (changed, next) = self.control.resolve().await;
+                    self.refresh = next;
+                    if changed {
+                        self.enforced.apply(&self.control, self.control.snapshot());
+                    }
+                }
+            }
+        }
+        self.tasks.abort_all();
+        for total in self.counters.read() {
+            tracing::info!(
+                verdict = total.verdict.label(),
+                packets = total.packets,
+                bytes = total.bytes,
+                "datapath counters"
+            );
+        }
+        drop(self.enforced);
+        if self.cleanup_on_exit {
+            remove_all(&self.bpffs, &self.routing).await
+        } else {
+            tracing::info!(bpffs = %self.bpffs.display(), "policy stays enforced in the kernel (sluice cleanup removes it)");
+            Ok(())
+        }
+    }
+}
+
+/// Starts the Kubernetes watchers: the Istio resources (their latest full set) and the pods behind the gateway,
+/// whose addresses identify the sources of requests (stored in `workloads`, the returned `Notify` rung on change).
+async fn watch_kubernetes(
+    settings: &RunSettings,
+    workloads: Arc<ArcSwap<Workloads>>,
+) -> anyhow::Result<(watch::Receiver<Option<Arc<kubernetes::Documents>>>, Arc<Notify>)> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to Kubernetes (in-cluster config or KUBECONFIG; see --kube)")?;
+    let scope =
+        kubernetes::Scope { namespace: settings.namespace.clone(), mesh_namespace: settings.mesh_namespace.clone() };
+    let (kube_sender, kube_changes) = watch::channel(None);
+    tokio::spawn(kubernetes::watch(client.clone(), scope, kube_sender));
+    let (pods_sender, mut pods) = watch::channel(Arc::new(Workloads::default()));
+    tokio::spawn(kubernetes::watch_pods(client, pods_sender));
+    let changed = Arc::new(Notify::new());
+    let ring = changed.clone();
+    tokio::spawn(async move {
+        while pods.changed().await.is_ok() {
+            let current = pods.borrow_and_update().clone();
+            tracing::debug!(addresses = current.len(), "workloads updated");
+            workloads.store(current);
+            ring.notify_one();
+        }
+    });
+    Ok((kube_changes, changed))
+}
+
+/// Reads the configuration again (files and Kubernetes), resolves its names and applies the result; returns
+/// when to look the names up again.
+async fn reload(control: &mut Control, enforced: &mut Enforced) -> Duration {
+    let snapshot = control.load();
+    enforced.metrics.set_rejected(control.rejected());
+    let refresh = control.resolve().await.1;
+    enforced.apply(control, snapshot);
+    refresh
+}
+
+/// Binds one of the agent's HTTP listeners; a port in use is named with the flag that moves it.
+async fn listen(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|error| {
+        anyhow::anyhow!("binding the {what} listener on {addr}: {error} (is another sluice running? see {flag})")
+    })
+}
+
+/// Removes everything Sluice put in the kernel under `bpffs`: links, program, maps, and the policy routing.
+pub async fn remove_all(bpffs: &std::path::Path, routing: &InterceptRouting) -> anyhow::Result<()> {
+    let removed = datapath::cleanup(bpffs)?;
+    routing.remove().await?;
+    tracing::info!(bpffs = %bpffs.display(), ?removed, "removed from the kernel");
+    Ok(())
+}

@@ -1,0 +1,153 @@
+//! Which of the node's interfaces the classifier belongs on: those `--intercept` names, literally or by a
+//! pattern, as they are now (interfaces come and go: a CNI re-creates its devices, a veth is re-plumbed).
+
+use std::{fmt, str::FromStr};
+
+/// The kernel's limit on an interface name, without its terminating NUL (`IFNAMSIZ - 1`).
+const MAX_NAME: usize = 15;
+
+/// What one `--intercept` names: an interface, or a pattern over names (`*` any run of characters, `?` one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InterfaceSpec {
+    Name(String),
+    Pattern(String),
+}
+
+impl InterfaceSpec {
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            InterfaceSpec::Name(own) => own == name,
+            InterfaceSpec::Pattern(pattern) => glob_matches(pattern.as_bytes(), name.as_bytes()),
+        }
+    }
+}
+
+impl FromStr for InterfaceSpec {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text.is_empty() || text.len() > MAX_NAME {
+            return Err(format!("'{text}' is not an interface name (1 to {MAX_NAME} characters)"));
+        }
+        if let Some(bad) = text.chars().find(|c| c.is_whitespace() || *c == '/' || *c == ':') {
+            return Err(format!("'{text}' is not an interface name ('{bad}' cannot be in one)"));
+        }
+        Ok(if text.contains(['*', '?']) {
+            InterfaceSpec::Pattern(text.to_owned())
+        } else {
+            InterfaceSpec::Name(text.to_owned())
+        })
+    }
+}
+
+impl fmt::Display for InterfaceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InterfaceSpec::Name(text) | InterfaceSpec::Pattern(text) => f.write_str(text),
+        }
+    }
+}
+
+/// An interface as the kernel has it now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub index: u32,
+}
+
+/// The interfaces of the agent's network namespace now.
+pub fn present() -> std::io::Result<Vec<Interface>> {
+    let interfaces = nix::net::if_::if_nameindex()?;
+    Ok(interfaces
+        .iter()
+        .map(|interface| Interface { name: interface.name().to_string_lossy().into_owned(), index: interface.index() })
+        .collect())
+}
+
+/// The interfaces of `present` that `specs` select.
+pub fn selected(specs: &[InterfaceSpec], present: &[Interface]) -> Vec<Interface> {
+    present.iter().filter(|interface| specs.iter().any(|spec| spec.matches(&interface.name))).cloned().collect()
+}
+
+/// The names `specs` give literally that `present` lacks: interfaces configured and not there to enforce on.
+pub fn missing(specs: &[InterfaceSpec], present: &[Interface]) -> Vec<String> {
+    specs
+        .iter()
+        .filter_map(|spec| match spec {
+            InterfaceSpec::Name(name) if !present.iter().any(|interface| &interface.name == name) => Some(name.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Shell-style matching of `name` against `pattern` (`*` and `?`), iterative with one backtrack point.
+fn glob_matches(pattern: &[u8], name: &[u8]) -> bool {
+    let (mut p, mut n) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while n < name.len() {
+        match pattern.get(p) {
+            Some(b'*') => {
+                star = Some((p, n));
+                p += 1;
+            }
+            Some(&c) if c == b'?' || c == name[n] => {
+                p += 1;
+                n += 1;
+            }
+            _ => match star {
+                Some((star_p, star_n)) => {
+                    p = star_p + 1;
+                    n = star_n + 1;
+                    star = Some((star_p, star_n + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_patterns_select_interfaces_as_a_shell_would() {
+        let cases = [
+            ("eth1", "eth1", true),
+            ("eth1", "eth10", false),
+            ("vxlan*", "vxlan.calico", true),
+            ("vxlan*", "vxlan", true),
+            ("vxlan*", "eth0", false),
+            ("lxc*", "lxc_health", true),
+            ("veth?", "veth1", true),
+            ("veth?", "veth12", false),
+            ("*-wl", "gw-wl", true),
+            ("*-wl", "gw-net", false),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "axxbyy", false),
+        ];
+        for (spec, name, expected) in cases {
+            let spec: InterfaceSpec = spec.parse().unwrap();
+            assert_eq!(spec.matches(name), expected, "{spec} against {name}");
+        }
+    }
+
+    #[test]
+    fn what_cannot_name_an_interface_is_refused_saying_why() {
+        assert_eq!("eth0".parse(), Ok(InterfaceSpec::Name("eth0".into())));
+        assert_eq!("cali*".parse(), Ok(InterfaceSpec::Pattern("cali*".into())));
+        let too_long = "a-name-of-16-chr".parse::<InterfaceSpec>().unwrap_err();
+        assert!(too_long.contains("1 to 15 characters"), "{too_long}");
+        assert!("eth 0".parse::<InterfaceSpec>().unwrap_err().contains("' ' cannot be in one"));
+        assert!("".parse::<InterfaceSpec>().is_err());
+    }
+
+    #[test]
+    fn literal_names_not_present_are_missing_and_patterns_never_are() {
+        let specs: Vec<InterfaceSpec> = ["eth1", "eth2", "vx*"].iter().map(|s| s.parse().unwrap()).collect();
+        let present = vec![Interface { name: "eth1".into(), index: 3 }, Interface { name: "lo".into(), index: 1 }];
+        assert_eq!(missing(&specs, &present), vec!["eth2".to_owned()]);
+        assert_eq!(selected(&specs, &present), vec![Interface { name: "eth1".into(), index: 3 }]);
+    }
+}
