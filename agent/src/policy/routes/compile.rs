@@ -1,0 +1,224 @@
+//! Configuration → the proxy's policy: the registry and each context's virtual hosts.
+
+use super::*;
+
+/// Compiles the proxy's policy: the registry from the ServiceEntries (endpoints from `resolved` for DNS), and
+/// the routes of the VirtualServices as `bindings` bound them.
+pub fn proxy_policy(
+    snapshot: &Snapshot,
+    resolved: &Resolved,
+    bindings: &Bindings,
+    settings: &ProxySettings,
+    states: &ClusterStates,
+) -> ProxyPolicy {
+    // What is only needed while compiling is allocated apart from what the policy keeps (`transient`).
+    let rules = transient(|| Rules::new(snapshot));
+    let mut shared = Shared::default();
+    let mut registry: BTreeMap<String, Vec<Service>> = BTreeMap::new();
+    for resource in &snapshot.resources {
+        if let Spec::ServiceEntry(entry) = &resource.spec {
+            let visible_to = Visibility::compile_or(
+                &entry.export_to,
+                &snapshot.mesh.default_service_export_to,
+                resource.metadata.namespace(),
+            );
+            let exported = shared.exported(resource.metadata.namespace(), visible_to);
+            for service in services(entry, &exported, resolved, &rules, states, &mut shared) {
+                transient(|| registry.entry(service.host.to_ascii_lowercase()).or_default().push(service));
+            }
+        }
+    }
+    let mut hosts: BTreeMap<String, Host> = BTreeMap::new();
+    for (host, services) in registry {
+        let first = services.into_iter().rev().fold(None, |next, service| Some(Arc::new(Service { next, ..service })));
+        transient(|| hosts.entry(host).or_default()).services = first;
+    }
+    for (host, indexes) in &bindings.mesh {
+        let routes = virtual_host(snapshot, indexes, &mut shared);
+        transient(|| hosts.entry(host.clone()).or_default()).mesh = Some(routes);
+    }
+    let mut table = HostTable::default();
+    for (host, entry) in hosts {
+        table.insert(&host, entry);
+    }
+    table.shrink_to_fit();
+    let mut virtual_host = |indexes: &Vec<usize>| virtual_host(snapshot, indexes, &mut shared);
+    ProxyPolicy {
+        sidecars: SidecarModes::compile(snapshot, settings.mode),
+        host_verify: settings.host_verify,
+        hosts: table,
+        gateways: bindings
+            .gateways
+            .iter()
+            .map(|gateway| GatewayRoutes {
+                id: gateway.id.clone(),
+                http_ports: gateway
+                    .servers
+                    .iter()
+                    .filter(|server| is_http(&server.port.protocol))
+                    .filter_map(|server| u16::try_from(server.port.number).ok())
+                    .collect(),
+                hosts: gateway.hosts.map(&mut virtual_host),
+            })
+            .collect(),
+        own_services: settings.own_services.clone(),
+        gateway: settings.gateway_namespace.as_deref().map(|namespace| Workload {
+            name: "gateway".into(),
+            namespace: namespace.into(),
+            labels: BTreeMap::new(),
+        }),
+    }
+}
+
+pub(super) fn virtual_host(snapshot: &Snapshot, indexes: &[usize], shared: &mut Shared) -> VirtualHost {
+    let mut routes = Vec::new();
+    for resource in bindings::services(snapshot, indexes) {
+        let Spec::VirtualService(service) = &resource.spec else { continue };
+        let namespace = resource.metadata.namespace();
+        let visible_to =
+            Visibility::compile_or(&service.export_to, &snapshot.mesh.default_virtual_service_export_to, namespace);
+        let scope = Arc::new(RouteScope {
+            source: format!("{namespace}/{}", resource.metadata.name).into(),
+            exported: shared.exported(namespace, visible_to),
+            names: if service.http.iter().any(|route| route.name.is_some()) {
+                service.http.iter().map(|route| route.name.as_deref().map(Arc::from)).collect()
+            } else {
+                Box::default()
+            },
+        });
+        for (i, route) in service.http.iter().enumerate() {
+            let index = u32::try_from(i).unwrap_or(u32::MAX);
+            routes.push(compile_route(route, &scope, index, shared));
+        }
+    }
+    // Held for as long as the configuration is: no spare capacity.
+    VirtualHost { routes: routes.into() }
+}
+
+pub(super) fn compile_route(route: &HttpRoute, scope: &Arc<RouteScope>, index: u32, shared: &mut Shared) -> Route {
+    let namespace = &scope.exported.namespace;
+    let (request_headers, response_headers) = header_ops(route.headers.as_deref(), shared);
+    let action = if let Some(redirect) = &route.redirect {
+        Action::Redirect(Box::new(Redirect {
+            uri: redirect.uri.clone(),
+            authority: redirect.authority.clone(),
+            port: redirect.port.and_then(|p| u16::try_from(p).ok()),
+            scheme: redirect.scheme.clone(),
+            status: redirect
+                .redirect_code
+                .and_then(|code| StatusCode::from_u16(u16::try_from(code).ok()?).ok())
+                .unwrap_or(StatusCode::MOVED_PERMANENTLY),
+        }))
+    } else if let Some(response) = &route.direct_response {
+        let body = response.body.as_ref().map_or_else(Bytes::new, |body| match (&body.string, &body.bytes) {
+            (Some(text), _) => Bytes::from(text.clone()),
+            (None, Some(encoded)) => {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD.decode(encoded).map(Bytes::from).unwrap_or_default()
+            }
+            (None, None) => Bytes::new(),
+        });
+        let status = u16::try_from(response.status).ok().and_then(|s| StatusCode::from_u16(s).ok());
+        Action::Respond(Box::new((status.unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body)))
+    } else {
+        let mut total = 0u32;
+        let targets = route
+            .route
+            .iter()
+            .map(|destination| {
+                // A lone destination takes everything; otherwise the weights (validated to sum to 100) decide.
+                let weight = if route.route.len() == 1 { 100 } else { destination.weight.unwrap_or(0) };
+                total += u32::try_from(weight).unwrap_or(0);
+                Target { to: shared.target_destination(destination), weight_to: total }
+            })
+            .collect();
+        Action::Forward(Targets(targets))
+    };
+    let regexes = &mut shared.regexes;
+    let rare = Rare {
+        rewrite: route.rewrite.as_ref().map(|rewrite| Rewrite {
+            uri: rewrite.uri.clone(),
+            uri_regex: rewrite
+                .uri_regex_rewrite
+                .as_ref()
+                .and_then(|r| Some((regexes.get(&r.pattern)?, r.rewrite.replace("\\", "$")))),
+            authority: rewrite.authority.clone(),
+        }),
+        response_headers,
+        retries: route.retries.as_deref().map(retry_policy),
+        fault: route.fault.as_deref().map(fault),
+        mirror: route.mirror.as_ref().map(|mirror| Mirror {
+            host: mirror.host.clone(),
+            port: mirror.port.as_ref().and_then(|p| u16::try_from(p.number).ok()),
+            // Istio mirrors every request when no share is given.
+            percent: route.mirror_percentage.as_ref().map_or(100.0, |p| p.value),
+        }),
+        cors: route.cors_policy.as_ref().map(|policy| cors(policy, regexes)),
+    };
+    Route {
+        matches: shared.matches(&route.matches, namespace),
+        action,
+        request_headers,
+        scope: scope.clone(),
+        rare: (!rare.is_empty()).then(|| Box::new(rare)),
+        index,
+        // Rounded up: a timeout below a millisecond is not none. One too long for 32 bits (49 days) is as long as
+        // they hold.
+        timeout_ms: route
+            .timeout
+            .as_deref()
+            .and_then(|t| parse_duration(t).ok())
+            .and_then(|t| NonZeroU32::new(u32::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(u32::MAX))),
+    }
+}
+
+pub(super) fn retry_policy(retries: &crate::config::virtual_service::HttpRetry) -> RetryPolicy {
+    let default = RetryPolicy::mesh_default();
+    RetryPolicy {
+        attempts: u32::try_from(retries.attempts).unwrap_or(0),
+        per_try_timeout: retries.per_try_timeout.as_deref().and_then(|t| parse_duration(t).ok()),
+        on: retries.retry_on.as_deref().map_or(default.on, RetryOn::parse),
+    }
+}
+
+pub(super) fn fault(fault: &crate::config::virtual_service::HttpFault) -> Fault {
+    Fault {
+        delay: fault.delay.as_ref().and_then(|delay| {
+            let duration = parse_duration(delay.fixed_delay.as_deref()?).ok()?;
+            let percent = delay.percentage.as_ref().map(|p| p.value).or(delay.percent.map(f64::from)).unwrap_or(0.0);
+            Some((duration, percent))
+        }),
+        abort: fault.abort.as_ref().and_then(|abort| {
+            let status = StatusCode::from_u16(u16::try_from(abort.http_status?).ok()?).ok()?;
+            Some((status, abort.percentage.as_ref().map_or(0.0, |p| p.value)))
+        }),
+    }
+}
+
+pub(super) fn cors(policy: &crate::config::virtual_service::CorsPolicy, regexes: &mut RegexCache) -> Cors {
+    let list =
+        |items: &[String]| (!items.is_empty()).then(|| HeaderValue::from_str(&items.join(","))).and_then(Result::ok);
+    Cors {
+        allow_origins: policy
+            .allow_origins
+            .iter()
+            .filter_map(|origin| crate::policy::http_match::Matcher::compile(origin, false, regexes))
+            .collect(),
+        allow_methods: list(&policy.allow_methods),
+        allow_headers: list(&policy.allow_headers),
+        expose_headers: list(&policy.expose_headers),
+        max_age: policy
+            .max_age
+            .as_deref()
+            .and_then(|age| parse_duration(age).ok())
+            .and_then(|age| HeaderValue::from_str(&age.as_secs().to_string()).ok()),
+        allow_credentials: policy.allow_credentials.unwrap_or(false),
+    }
+}
+
+pub(super) fn header_ops(headers: Option<&Headers>, shared: &mut Shared) -> (HeaderOps, HeaderOps) {
+    (
+        shared.header_ops(headers.and_then(|h| h.request.as_ref())),
+        shared.header_ops(headers.and_then(|h| h.response.as_ref())),
+    )
+}

@@ -1,0 +1,170 @@
+//! The proxy's route table, compiled from the configuration in force: the hosts the registry knows (with their
+//! ports and endpoints), and each context's VirtualService HTTP routes in declaration order (first match wins,
+//! as Istio orders them). Everything a request needs is computed here; a request only looks up and matches.
+
+mod compile;
+mod interner;
+mod registry;
+mod route;
+#[cfg(test)]
+mod tests;
+mod visibility;
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    num::NonZeroU32,
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, StatusCode};
+use ipnet::IpNet;
+use regex::Regex;
+use smallvec::SmallVec;
+
+use super::{
+    bindings::{self, Bindings},
+    clusters::{settings_for_port, with_labels, Cluster, ClusterPolicy, ClusterStates, Endpoint, LoadBalance},
+    host_match::HostTable,
+    http_match::{RegexCache, RequestMatch},
+    sidecars::SidecarModes,
+    OutboundMode,
+};
+use crate::allocator::transient;
+use crate::config::{
+    destination_rule::{DestinationRule, TrafficPolicy},
+    fields::{parse_duration, HeaderOperations, Headers, Pairs},
+    resolver::Resolved,
+    service_entry::{is_http, is_http2, parse_address, Resolution, ServiceEntry},
+    virtual_service::{HttpRoute, HttpRouteDestination},
+    workloads::Workload,
+    Snapshot, Spec,
+};
+use crate::telemetry::labels::{interned, DestinationLabels};
+
+pub use compile::*;
+use interner::*;
+pub use registry::*;
+pub use route::*;
+pub use visibility::*;
+
+/// What the node, not the mesh, decides for the proxy.
+#[derive(Clone, Debug, Default)]
+pub struct ProxySettings {
+    /// The mesh's outbound mode (the mesh config's, or what overrides it); Sidecars refine it per workload.
+    pub mode: OutboundMode,
+    /// This gateway's own Service hosts: a mesh route to one continues in the gateway context.
+    pub own_services: Vec<String>,
+    pub host_verify: HostVerify,
+    /// The namespace this gateway runs in, whose view of the configuration (`exportTo`, DestinationRules) its
+    /// Gateway ports have; unknown, they see every resource.
+    pub gateway_namespace: Option<String>,
+}
+
+/// What becomes of an intercepted request whose Host is registered at addresses that do not include the one
+/// the client connected to (domain fronting, or a stale DNS answer).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum HostVerify {
+    /// Refused (421 Misdirected Request).
+    #[default]
+    Strict,
+    /// Sent to the host's own addresses.
+    Route,
+    /// Trusted: sent where the host's resolution says (the original destination for resolution NONE).
+    Off,
+}
+
+impl HostVerify {
+    pub fn name(self) -> &'static str {
+        match self {
+            HostVerify::Strict => "strict",
+            HostVerify::Route => "route",
+            HostVerify::Off => "off",
+        }
+    }
+}
+
+/// Everything the proxy decides with, swapped whole when the configuration changes.
+#[derive(Debug, Default)]
+pub struct ProxyPolicy {
+    /// The outbound mode of each source workload (its Sidecar's, else the mesh's).
+    pub sidecars: SidecarModes,
+    pub host_verify: HostVerify,
+    /// Host → what the registry and the mesh's routes hold for it: one table, so that a request's host is
+    /// found once for both.
+    hosts: HostTable<Host>,
+    /// The selected Gateways' routes, for traffic sent to their ports.
+    pub gateways: Vec<GatewayRoutes>,
+    own_services: Vec<String>,
+    /// This gateway as a viewer of the configuration on its Gateway ports: a workload of its namespace, when
+    /// known.
+    gateway: Option<Workload>,
+}
+
+/// What the policy holds for one host (exact or wildcard), in its table's slot: a lookup reads no other
+/// allocation to reach the services or the routes.
+#[derive(Debug, Default)]
+struct Host {
+    /// The first of the services ServiceEntries register under the host (in declaration order; each holds the
+    /// next): one pointer in the slot, however many there are.
+    services: Option<Arc<Service>>,
+    /// The routes for intercepted traffic.
+    mesh: Option<VirtualHost>,
+}
+
+/// One selected Gateway: its server ports and the routes bound to it.
+#[derive(Debug)]
+pub struct GatewayRoutes {
+    /// `namespace/name`.
+    pub id: String,
+    /// Server ports with an HTTP protocol (HTTP, HTTP2, GRPC, GRPC-WEB).
+    pub http_ports: Vec<u16>,
+    pub hosts: HostTable<VirtualHost>,
+}
+
+/// What the registry says of a host on a port.
+pub enum Registered<'a> {
+    Service(&'a Service),
+    /// Known to no ServiceEntry on that port: BlackHoleCluster in REGISTRY_ONLY, PassthroughCluster otherwise.
+    Unknown,
+}
+
+impl ProxyPolicy {
+    /// The service registered for `host` (a Host, an authority or a destination host) on `port`.
+    pub fn registered(&self, host: &str, port: u16) -> Registered<'_> {
+        self.registered_for(host, port, Viewer::Gateway)
+    }
+
+    /// The service registered for `host` on `port` that `viewer` sees: for the workloads' traffic, exported to
+    /// the source's namespace (`exportTo`; an unknown source sees all) and imported by its Sidecar.
+    pub fn registered_for(&self, host: &str, port: u16, viewer: Viewer<'_>) -> Registered<'_> {
+        let visible = |s: &&Service| s.has_port(port) && viewer.sees(self, &s.exported, &s.host, port);
+        let first = self.hosts.find(host, |entry| entry.services.as_deref());
+        match std::iter::successors(first, |service| service.next.as_deref()).find(visible) {
+            Some(service) => Registered::Service(service),
+            None => Registered::Unknown,
+        }
+    }
+
+    /// The routes for intercepted traffic to `authority`: of the VirtualServices bound to the mesh.
+    pub fn mesh_routes(&self, authority: &str) -> Option<&VirtualHost> {
+        self.hosts.find(authority, |entry| entry.mesh.as_ref())
+    }
+
+    /// Whether `host` is this gateway's own Service.
+    pub fn is_own_service(&self, host: &str) -> bool {
+        self.own_services.iter().any(|own| own.eq_ignore_ascii_case(host.trim_end_matches('.')))
+    }
+
+    /// Every port a selected Gateway serves HTTP on.
+    pub fn gateway_ports(&self) -> std::collections::BTreeSet<u16> {
+        self.gateways.iter().flat_map(|gateway| gateway.http_ports.iter().copied()).collect()
+    }
+
+    /// The routes of the Gateway listening on `port`, with the Gateway's id.
+    pub fn gateway_on(&self, port: u16) -> Option<&GatewayRoutes> {
+        self.gateways.iter().find(|gateway| gateway.http_ports.contains(&port))
+    }
+}

@@ -1,0 +1,329 @@
+//! The registry: each host's services (ServiceEntries) with their ports, endpoints and clusters, the
+//! DestinationRule each viewer's requests go through, and how it is compiled.
+
+use super::*;
+
+/// A host registered by one ServiceEntry.
+#[derive(Debug)]
+pub struct Service {
+    /// The host as the ServiceEntry writes it (a wildcard stays a wildcard).
+    pub host: Arc<str>,
+    /// Its namespace and `exportTo`.
+    pub exported: Arc<Exported>,
+    pub resolution: Resolution,
+    /// Held in place when there is one (most ServiceEntries declare one port): a lookup that checks the port reads
+    /// no other allocation.
+    pub(super) ports: SmallVec<[ServicePort; 1]>,
+    /// Every address the host is known at: the entry's `addresses`, its endpoints', what its name resolves to.
+    pub(super) known_at: Box<[IpNet]>,
+    /// The host's clusters under each DestinationRule that applies to some workloads (variant 0: under none),
+    /// each per port: all endpoints (no subset) and each subset's. One list for all variants: most hosts have
+    /// one cluster, held in one allocation.
+    pub(super) clusters: Box<[VariantCluster]>,
+    /// Which variant a viewer's requests go through; `None`: the first, for everyone (no rule applies).
+    pub(super) rules: Option<Box<RuleChoice>>,
+    /// The next service registered under the same host, in declaration order.
+    pub(super) next: Option<Arc<Service>>,
+}
+
+/// One of a host's clusters, of a variant (a DestinationRule); its port and subset are those its labels name.
+#[derive(Debug)]
+pub(super) struct VariantCluster {
+    pub(super) variant: u16,
+    pub(super) cluster: Cluster,
+}
+
+/// Which DestinationRule a workload's requests for a host go through, as Istio chooses: one in the workload's
+/// own namespace, else the service's namespace's, else the root namespace's, each if exported to the workload.
+#[derive(Debug, Default)]
+pub(super) struct RuleChoice {
+    /// Namespaces with a rule of their own for the host, and its variant.
+    pub(super) own: Vec<(String, usize)>,
+    /// The service's namespace's rule, then the root namespace's: to whom each is exported, and its variant.
+    pub(super) shared: Vec<(Visibility, usize)>,
+    /// The variant of a source not known and of the gateway: the service's namespace's rule, else the root
+    /// namespace's, else any namespace's (a configuration read from files names no workload).
+    pub(super) unknown: usize,
+}
+
+impl RuleChoice {
+    /// The variant of `workload`'s requests; of a source not known, `unknown`.
+    pub(super) fn variant(&self, workload: Option<&Workload>) -> usize {
+        let Some(workload) = workload else { return self.unknown };
+        let namespace = &*workload.namespace;
+        let own = self.own.iter().find(|(own, _)| own == namespace).map(|(_, variant)| *variant);
+        own.or_else(|| self.shared.iter().find(|(to, _)| to.admits(Some(namespace))).map(|(_, v)| *v)).unwrap_or(0)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct ServicePort {
+    pub(super) number: u16,
+    /// Shared across the policy (most ports are named alike).
+    pub(super) name: Arc<str>,
+    pub(super) target: Option<u16>,
+    pub(super) http2: bool,
+}
+
+/// Where a request for a registered service goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Upstream {
+    /// One of the service's endpoints.
+    Endpoint(SocketAddr),
+    /// Resolution NONE: the address the client connected to.
+    OriginalDestination,
+    /// Resolved by DNS (or STATIC) and no address is known now.
+    NoEndpoint,
+    /// The route names a subset no DestinationRule defines for the host.
+    NoSubset,
+}
+
+/// The choice when no DestinationRule applies to a host: its first variant, for everyone.
+pub(super) static NO_RULE: RuleChoice = RuleChoice { own: Vec::new(), shared: Vec::new(), unknown: 0 };
+
+impl Service {
+    pub(super) fn rules(&self) -> &RuleChoice {
+        self.rules.as_deref().unwrap_or(&NO_RULE)
+    }
+
+    /// Whether the service declares `port`.
+    pub fn has_port(&self, port: u16) -> bool {
+        self.ports.iter().any(|p| p.number == port)
+    }
+
+    /// Whether `port` speaks HTTP/2 to the upstream (declared HTTP2 or GRPC).
+    pub fn http2(&self, port: u16) -> bool {
+        self.ports.iter().any(|p| p.number == port && p.http2)
+    }
+
+    /// Whether `address` is one the host is known at; `None` when none is known (nothing to check against).
+    pub fn known_at(&self, address: IpAddr) -> Option<bool> {
+        (!self.known_at.is_empty()).then(|| self.known_at.iter().any(|net| net.contains(&address)))
+    }
+
+    /// The clusters `viewer`'s requests go through (under the DestinationRule that applies to it): an index
+    /// for `cluster` and `upstream_for`.
+    pub fn variant(&self, viewer: Viewer<'_>, policy: &ProxyPolicy) -> usize {
+        let workload = match viewer {
+            // The gateway chooses as a workload of its namespace.
+            Viewer::Gateway => policy.gateway.as_ref(),
+            Viewer::Workload(workload) => workload,
+        };
+        self.rules().variant(workload)
+    }
+
+    /// A single address of the host's own (`addresses` or an endpoint), for a request sent elsewhere.
+    pub fn own_address(&self, port: u16) -> Option<SocketAddr> {
+        match self.upstream(port, None) {
+            Upstream::Endpoint(address) => Some(address),
+            _ => self
+                .known_at
+                .iter()
+                .find(|net| net.prefix_len() == net.max_prefix_len())
+                .map(|net| SocketAddr::new(net.addr(), port)),
+        }
+    }
+
+    /// The cluster for `port` and `subset`, of `variant`.
+    pub fn cluster(&self, variant: usize, port: u16, subset: Option<&str>) -> Option<&Cluster> {
+        self.clusters
+            .iter()
+            .find(|c| usize::from(c.variant) == variant && c.cluster.labels.is_outbound(port, subset))
+            .map(|c| &c.cluster)
+    }
+
+    /// The next endpoint for `port` (of `subset`), by the load balancer of the cluster an unknown source uses.
+    pub fn upstream(&self, port: u16, subset: Option<&str>) -> Upstream {
+        self.upstream_for(self.rules().unknown, port, subset, None)
+    }
+
+    /// The endpoint for `port` (of `subset`) in `variant`: the one a request's `hash` goes to, else the load
+    /// balancer's next.
+    pub fn upstream_for(&self, variant: usize, port: u16, subset: Option<&str>, hash: Option<u64>) -> Upstream {
+        let Some(cluster) = self.cluster(variant, port, subset) else { return Upstream::NoSubset };
+        if self.resolution == Resolution::None || cluster.policy.lb == LoadBalance::Passthrough {
+            return Upstream::OriginalDestination;
+        }
+        let Some(address) = cluster.pick(hash) else { return Upstream::NoEndpoint };
+        let service_port = self.ports.iter().find(|p| p.number == port);
+        let endpoint = cluster.endpoint(address);
+        let target = service_port
+            .and_then(|p| endpoint.and_then(|e| e.ports.get(&*p.name).copied()).or(p.target))
+            .unwrap_or(port);
+        Upstream::Endpoint(SocketAddr::new(address, target))
+    }
+}
+
+/// The DestinationRules by namespace (each namespace's first rule for a host), with to whom each is exported.
+pub(super) struct Rules<'a> {
+    pub(super) by_namespace: BTreeMap<&'a str, HostTable<(&'a DestinationRule, Visibility)>>,
+    pub(super) root: &'a str,
+}
+
+impl<'a> Rules<'a> {
+    pub(super) fn new(snapshot: &'a Snapshot) -> Rules<'a> {
+        let mut by_namespace: BTreeMap<&str, HostTable<(&DestinationRule, Visibility)>> = BTreeMap::new();
+        for resource in &snapshot.resources {
+            if let Spec::DestinationRule(rule) = &resource.spec {
+                let namespace = resource.metadata.namespace();
+                let default = &snapshot.mesh.default_destination_rule_export_to;
+                let visible_to = Visibility::compile_or(&rule.export_to, default, namespace);
+                by_namespace.entry(namespace).or_default().insert(&rule.host, (&**rule, visible_to));
+            }
+        }
+        Rules { by_namespace, root: snapshot.mesh.root_namespace() }
+    }
+
+    /// The rules that apply to someone's requests for the service `host` of `namespace` (variants 1.. of the
+    /// service's clusters), and who goes through which.
+    pub(super) fn for_service(&self, host: &str, namespace: &str) -> (Vec<&'a DestinationRule>, RuleChoice) {
+        let mut candidates: Vec<&DestinationRule> = Vec::new();
+        let mut choice = RuleChoice::default();
+        let mut variant_of = |rule: &'a DestinationRule| match candidates.iter().position(|c| std::ptr::eq(*c, rule)) {
+            Some(i) => i + 1,
+            None => {
+                candidates.push(rule);
+                candidates.len()
+            }
+        };
+        let rule_in = |ns: &str| self.by_namespace.get(ns).and_then(|rules| rules.get(host));
+        for (ns, rules) in &self.by_namespace {
+            if let Some((rule, _)) = rules.get(host) {
+                choice.own.push((ns.to_string(), variant_of(rule)));
+            }
+        }
+        for ns in [namespace, self.root] {
+            if let Some((rule, visible_to)) = rule_in(ns) {
+                choice.shared.push((visible_to.clone(), variant_of(rule)));
+            }
+        }
+        choice.unknown = choice.shared.first().map(|(_, v)| *v).or(choice.own.first().map(|(_, v)| *v)).unwrap_or(0);
+        (candidates, choice)
+    }
+}
+
+/// One service per host of `entry`: DNS hosts resolve on their own (or through the endpoints' names).
+pub(super) fn services(
+    entry: &ServiceEntry,
+    exported: &Arc<Exported>,
+    resolved: &Resolved,
+    rules: &Rules<'_>,
+    states: &ClusterStates,
+    shared: &mut Shared,
+) -> Vec<Service> {
+    let namespace = &exported.namespace;
+    let resolution = entry.resolution();
+    let ports: SmallVec<[ServicePort; 1]> = entry
+        .ports
+        .iter()
+        .filter_map(|port| {
+            Some(ServicePort {
+                number: u16::try_from(port.number).ok()?,
+                name: shared.text(&port.name),
+                target: port.target_port.and_then(|t| u16::try_from(t).ok()),
+                http2: port.protocol.as_deref().is_some_and(is_http2),
+            })
+        })
+        .collect();
+    let endpoint_ports = |ports: &BTreeMap<String, u32>| {
+        ports.iter().filter_map(|(n, &p)| Some((n.clone(), u16::try_from(p).ok()?))).collect()
+    };
+    let listed: Vec<Endpoint> = entry
+        .endpoints
+        .iter()
+        .flat_map(|endpoint| {
+            let addresses: Vec<IpAddr> = match resolution {
+                Resolution::Static => parse_address(&endpoint.address).map(|net| net.addr()).into_iter().collect(),
+                Resolution::Dns | Resolution::DnsRoundRobin => match endpoint.address.parse::<IpAddr>() {
+                    Ok(address) => vec![address],
+                    Err(_) => resolved.get(&endpoint.address).cloned().unwrap_or_default(),
+                },
+                Resolution::None => Vec::new(),
+            };
+            addresses.into_iter().map(|address| Endpoint {
+                address,
+                ports: endpoint_ports(&endpoint.ports),
+                labels: endpoint.labels.clone(),
+            })
+        })
+        .collect();
+    entry
+        .hosts
+        .iter()
+        .map(|host| {
+            let endpoints = if !entry.endpoints.is_empty() {
+                listed.clone()
+            } else if matches!(resolution, Resolution::Dns | Resolution::DnsRoundRobin) {
+                let addresses = resolved.get(host).cloned().unwrap_or_default();
+                let endpoint = |address| Endpoint { address, ports: BTreeMap::new(), labels: BTreeMap::new() };
+                addresses.into_iter().map(endpoint).collect()
+            } else {
+                Vec::new()
+            };
+            let mut known_at: Vec<IpNet> = entry.addresses.iter().filter_map(|a| parse_address(a)).collect();
+            known_at.extend(endpoints.iter().map(|e: &Endpoint| IpNet::from(e.address)));
+            let (candidates, rules) = rules.for_service(host, namespace);
+            let rules = (!candidates.is_empty()).then(|| Box::new(rules));
+            let host = shared.text(host);
+            // Held for as long as the configuration is: no spare capacity (boxed slices).
+            let variants = std::iter::once(None).chain(candidates.into_iter().map(Some));
+            let clusters = variants
+                .enumerate()
+                .flat_map(|(variant, rule)| {
+                    let variant = u16::try_from(variant).unwrap_or(u16::MAX);
+                    ports
+                        .iter()
+                        .flat_map(|port| clusters(&host, namespace, port, &endpoints, rule, states, shared))
+                        .map(move |cluster| VariantCluster { variant, cluster })
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            Service {
+                known_at: known_at.into(),
+                host,
+                exported: exported.clone(),
+                resolution,
+                ports: ports.clone(),
+                clusters,
+                rules,
+                next: None,
+            }
+        })
+        .collect()
+}
+
+/// The clusters of `host` on `port`: all its endpoints, and each subset's, under the DestinationRule's policy
+/// (a subset's own policy replacing the rule's, a port-level setting replacing either).
+pub(super) fn clusters(
+    host: &Arc<str>,
+    namespace: &Arc<str>,
+    port: &ServicePort,
+    endpoints: &[Endpoint],
+    rule: Option<&DestinationRule>,
+    states: &ClusterStates,
+    shared: &mut Shared,
+) -> Vec<Cluster> {
+    let cluster = |subset: Option<Arc<str>>, endpoints: Vec<Endpoint>, policy: Option<&TrafficPolicy>| {
+        let policy = policy
+            .map(|policy| ClusterPolicy::compile(settings_for_port(policy, port.number), port.http2))
+            .unwrap_or_default();
+        let labels = DestinationLabels::registered(host.clone(), namespace.clone(), port.number, subset);
+        // State that must outlive recompiles is kept only where a policy needs it, by cluster name.
+        let state = if policy.limits.is_some() || policy.outlier.is_some() {
+            states.get(&labels.cluster().to_string(), policy.limits)
+        } else if endpoints.is_empty() {
+            states.none()
+        } else {
+            states.fresh()
+        };
+        Cluster { labels, endpoints: endpoints.into(), policy: ClusterPolicy::shared(policy), state }
+    };
+    let top = rule.and_then(|rule| rule.traffic_policy.as_ref());
+    let mut out = vec![cluster(None, endpoints.to_vec(), top)];
+    for subset in rule.map(|rule| rule.subsets.as_slice()).unwrap_or_default() {
+        let members = with_labels(endpoints, &subset.labels);
+        let policy = subset.traffic_policy.as_ref().or(top);
+        out.push(cluster(Some(shared.text(&subset.name)), members, policy));
+    }
+    out
+}

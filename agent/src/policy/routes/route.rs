@@ -1,0 +1,384 @@
+//! A context's routes for a host, compiled: match lists, targets, retries, faults, mirrors, CORS, redirects,
+//! rewrites and header manipulations, each as a request uses it.
+
+use super::*;
+
+/// The routes for one host of one context: the http routes of every VirtualService bound there, in order.
+#[derive(Debug)]
+pub struct VirtualHost {
+    pub routes: Box<[Route]>,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    /// Empty: every request matches. Shared with every route of the policy that matches alike.
+    pub matches: Arc<Matches>,
+    pub action: Action,
+    pub request_headers: HeaderOps,
+    /// What the route shares with the other routes of its VirtualService (its own name among them).
+    pub scope: Arc<RouteScope>,
+    /// What few routes set, boxed: a route is as small as what most routes have.
+    pub(super) rare: Option<Box<Rare>>,
+    /// Its place in its VirtualService's `http` routes.
+    pub(super) index: u32,
+    /// In milliseconds (Istio allows no less than one); `None`: no timeout.
+    pub(super) timeout_ms: Option<NonZeroU32>,
+}
+
+/// A route's `match` list, compiled. Behind one thin pointer in each route (shared, so held once): a route is
+/// as small as it can be.
+#[derive(Debug)]
+pub struct Matches(pub(super) Box<[RequestMatch]>);
+
+impl std::ops::Deref for Matches {
+    type Target = [RequestMatch];
+
+    fn deref(&self) -> &[RequestMatch] {
+        &self.0
+    }
+}
+
+/// The VirtualService a route comes from.
+#[derive(Debug)]
+pub struct RouteScope {
+    /// `namespace/name`.
+    pub source: Arc<str>,
+    /// Its namespace (which Sidecars import by) and `exportTo`.
+    pub exported: Arc<Exported>,
+    /// Each route's own name, by index (empty when no route has one); a route without one is named by its
+    /// VirtualService and index.
+    pub(super) names: Box<[Option<Arc<str>>]>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Rare {
+    pub(super) rewrite: Option<Rewrite>,
+    pub(super) response_headers: HeaderOps,
+    pub(super) retries: Option<RetryPolicy>,
+    pub(super) fault: Option<Fault>,
+    pub(super) mirror: Option<Mirror>,
+    pub(super) cors: Option<Cors>,
+}
+
+impl Rare {
+    pub(super) fn is_empty(&self) -> bool {
+        let Rare { rewrite, response_headers, retries, fault, mirror, cors } = self;
+        rewrite.is_none()
+            && response_headers.is_empty()
+            && retries.is_none()
+            && fault.is_none()
+            && mirror.is_none()
+            && cors.is_none()
+    }
+}
+
+impl Route {
+    /// The name a request's record and log carry.
+    pub fn name(&self) -> RouteName {
+        match self.scope.names.get(self.index as usize) {
+            Some(Some(name)) => RouteName::Named(name.clone()),
+            _ => RouteName::Indexed(self.scope.source.clone(), self.index),
+        }
+    }
+
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout_ms.map(|ms| Duration::from_millis(ms.get().into()))
+    }
+
+    pub fn rewrite(&self) -> Option<&Rewrite> {
+        self.rare.as_ref()?.rewrite.as_ref()
+    }
+
+    pub fn response_headers(&self) -> Option<&HeaderOps> {
+        self.rare.as_ref().map(|rare| &rare.response_headers)
+    }
+
+    /// `None`: Istio's mesh default.
+    pub fn retries(&self) -> Option<&RetryPolicy> {
+        self.rare.as_ref()?.retries.as_ref()
+    }
+
+    pub fn fault(&self) -> Option<&Fault> {
+        self.rare.as_ref()?.fault.as_ref()
+    }
+
+    pub fn mirror(&self) -> Option<&Mirror> {
+        self.rare.as_ref()?.mirror.as_ref()
+    }
+
+    pub fn cors(&self) -> Option<&Cors> {
+        self.rare.as_ref()?.cors.as_ref()
+    }
+}
+
+/// A route's name: its own, or `namespace/virtualservice[index]` (written out only when shown); a request's
+/// record shares it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouteName {
+    Named(Arc<str>),
+    /// The VirtualService (`namespace/name`, shared with its other routes) and the route's index in it.
+    Indexed(Arc<str>, u32),
+}
+
+impl std::fmt::Display for RouteName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RouteName::Named(name) => f.write_str(name),
+            RouteName::Indexed(service, index) => write!(f, "{service}[{index}]"),
+        }
+    }
+}
+
+/// Retries as Envoy makes them: `attempts` retries after the first try, each try bounded by `per_try_timeout`,
+/// on the conditions of `retry_on`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub on: RetryOn,
+}
+
+/// Envoy's `retry_on` conditions that apply to HTTP/1.1 and HTTP/2 upstreams.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RetryOn {
+    pub connect_failure: bool,
+    /// `reset`: the upstream reset or closed the connection or stream before a response.
+    pub reset: bool,
+    /// `refused-stream`: the upstream refused an HTTP/2 stream (REFUSED_STREAM), having processed nothing of it.
+    /// Not an HTTP/1.1 connection closed after the request was sent, which may have been processed.
+    pub refused_stream: bool,
+    /// `5xx`: any 5xx response, a reset or a per-try timeout.
+    pub server_error: bool,
+    /// `gateway-error`: 502, 503, 504, a reset or a per-try timeout.
+    pub gateway_error: bool,
+    /// `retriable-4xx`: 409.
+    pub retriable_4xx: bool,
+    /// `retriable-status-codes`, and plain status codes in `retryOn` (Istio's extension).
+    pub status_codes: Vec<u16>,
+}
+
+impl RetryOn {
+    /// Parses `retryOn` (comma-separated conditions, numbers adding retriable status codes). gRPC conditions
+    /// (`cancelled`, `unavailable`, …) apply to gRPC responses only, which a plain HTTP status never is.
+    pub fn parse(text: &str) -> RetryOn {
+        let mut on = RetryOn::default();
+        for condition in text.split(',').map(str::trim) {
+            match condition {
+                "connect-failure" => on.connect_failure = true,
+                "reset" => on.reset = true,
+                "refused-stream" => on.refused_stream = true,
+                "5xx" => on.server_error = true,
+                "gateway-error" => on.gateway_error = true,
+                "retriable-4xx" => on.retriable_4xx = true,
+                // Istio's default codes for `retriable-status-codes`.
+                "retriable-status-codes" => on.status_codes.push(503),
+                other => on.status_codes.extend(other.parse::<u16>().ok()),
+            }
+        }
+        on
+    }
+
+    /// Whether a response with `status` is retried.
+    pub fn status(&self, status: u16) -> bool {
+        (self.server_error && (500..600).contains(&status))
+            || (self.gateway_error && matches!(status, 502..=504))
+            || (self.retriable_4xx && status == 409)
+            || self.status_codes.contains(&status)
+    }
+
+    /// Whether an upstream reset (or a try that timed out) is retried.
+    pub fn reset_or_timeout(&self) -> bool {
+        self.reset || self.server_error || self.gateway_error
+    }
+
+    /// Whether a stream the upstream refused (HTTP/2 REFUSED_STREAM) is retried: a reset of its own kind.
+    pub fn refused(&self) -> bool {
+        self.refused_stream || self.reset_or_timeout()
+    }
+}
+
+impl RetryPolicy {
+    /// Istio's default for routes that say nothing: 2 retries on connect failures, refused streams and 503s.
+    pub fn mesh_default() -> RetryPolicy {
+        RetryPolicy {
+            attempts: 2,
+            per_try_timeout: None,
+            on: RetryOn::parse("connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"),
+        }
+    }
+}
+
+/// Fault injection: a delay and an abort, each on a share of the requests (none when no share is given).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Fault {
+    pub delay: Option<(Duration, f64)>,
+    pub abort: Option<(StatusCode, f64)>,
+}
+
+/// A copy of each request (of a share of them) sent to another destination, its response ignored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mirror {
+    pub host: String,
+    pub port: Option<u16>,
+    pub percent: f64,
+}
+
+/// A route's CORS policy, as Envoy's CORS filter applies it.
+#[derive(Debug)]
+pub struct Cors {
+    pub allow_origins: Vec<crate::policy::http_match::Matcher>,
+    pub allow_methods: Option<HeaderValue>,
+    pub allow_headers: Option<HeaderValue>,
+    pub expose_headers: Option<HeaderValue>,
+    pub max_age: Option<HeaderValue>,
+    pub allow_credentials: bool,
+}
+
+impl Cors {
+    pub fn allows(&self, origin: &str) -> bool {
+        self.allow_origins.iter().any(|m| m.matches(origin, false))
+    }
+}
+
+#[derive(Debug)]
+pub enum Action {
+    Forward(Targets),
+    /// Boxed: redirects are rare, and a route is as large as its largest action.
+    Redirect(Box<Redirect>),
+    /// Boxed: as `Redirect`.
+    Respond(Box<(StatusCode, Bytes)>),
+}
+
+/// Weighted destinations, picked per request.
+#[derive(Debug)]
+pub struct Targets(pub(super) Box<[Target]>);
+
+#[derive(Debug)]
+pub struct Target {
+    /// Where it goes: shared with every target of the policy that goes there alike (a host's routes mostly
+    /// differ in what they match, not in where they go).
+    pub(super) to: Arc<TargetDestination>,
+    /// The weights of this target and of those before it, summed: for the pick.
+    pub(super) weight_to: u32,
+}
+
+#[derive(Debug)]
+pub(super) struct TargetDestination {
+    /// Shared with every other use of the host in the policy.
+    pub(super) host: Arc<str>,
+    pub(super) port: Option<u16>,
+    /// Its subset and header manipulations, when it has either (most have neither); shared with every target of
+    /// the policy that has the same.
+    pub(super) extras: Option<Arc<TargetExtras>>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct TargetExtras {
+    pub(super) subset: Option<Arc<str>>,
+    /// Request and response header manipulations.
+    pub(super) headers: [HeaderOps; 2],
+}
+
+impl Target {
+    pub fn host(&self) -> &str {
+        &self.to.host
+    }
+
+    pub fn port(&self) -> Option<u16> {
+        self.to.port
+    }
+
+    pub fn subset(&self) -> Option<&str> {
+        self.to.extras.as_ref()?.subset.as_deref()
+    }
+
+    pub fn request_headers(&self) -> Option<&HeaderOps> {
+        self.to.extras.as_ref().map(|extras| &extras.headers[0])
+    }
+
+    pub fn response_headers(&self) -> Option<&HeaderOps> {
+        self.to.extras.as_ref().map(|extras| &extras.headers[1])
+    }
+}
+
+impl Targets {
+    /// A destination by weight; `roll` is uniform in `0..u32::MAX`.
+    pub fn pick(&self, roll: u32) -> Option<&Target> {
+        let total = self.0.last()?.weight_to;
+        if total == 0 {
+            return self.0.first();
+        }
+        let point = roll % total;
+        let index = self.0.partition_point(|target| target.weight_to <= point);
+        self.0.get(index)
+    }
+}
+
+#[derive(Debug)]
+pub struct Redirect {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub port: Option<u16>,
+    pub scheme: Option<String>,
+    pub status: StatusCode,
+}
+
+#[derive(Debug)]
+pub struct Rewrite {
+    pub uri: Option<String>,
+    pub uri_regex: Option<(Arc<Regex>, String)>,
+    pub authority: Option<String>,
+}
+
+/// Header manipulations, names and values checked here: removals, then sets, then additions, as Envoy orders
+/// them. Most routes have none, and then this holds no allocation; the same manipulations are shared across
+/// the policy.
+#[derive(Clone, Debug, Default)]
+pub struct HeaderOps {
+    /// Behind one thin pointer: a route holds one of these for its requests.
+    pub(super) operations: Option<Arc<Box<[HeaderOp]>>>,
+}
+
+#[derive(Debug)]
+pub(super) enum HeaderOp {
+    Remove(HeaderName),
+    Set(HeaderName, HeaderValue),
+    Add(HeaderName, HeaderValue),
+}
+
+impl HeaderOps {
+    pub(super) fn compile(operations: &HeaderOperations) -> HeaderOps {
+        let pairs = |map: &Pairs<String>| {
+            map.iter()
+                .filter_map(|(name, value)| {
+                    Some((HeaderName::from_bytes(name.as_bytes()).ok()?, HeaderValue::from_str(value).ok()?))
+                })
+                .collect::<Vec<_>>()
+        };
+        let removals = operations.remove.iter().filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok());
+        let sets = pairs(&operations.set).into_iter().map(|(name, value)| HeaderOp::Set(name, value));
+        let adds = pairs(&operations.add).into_iter().map(|(name, value)| HeaderOp::Add(name, value));
+        let operations: Box<[HeaderOp]> = removals.map(HeaderOp::Remove).chain(sets).chain(adds).collect();
+        HeaderOps { operations: (!operations.is_empty()).then(|| Arc::new(operations)) }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.operations.is_none()
+    }
+
+    pub fn apply(&self, headers: &mut http::HeaderMap) {
+        for operation in self.operations.iter().flat_map(|operations| operations.iter()) {
+            match operation {
+                HeaderOp::Remove(name) => {
+                    headers.remove(name);
+                }
+                HeaderOp::Set(name, value) => {
+                    headers.insert(name.clone(), value.clone());
+                }
+                HeaderOp::Add(name, value) => {
+                    headers.append(name.clone(), value.clone());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! The route table compiled from configurations as users write them.
+
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::policy::{bindings::bind, http_match::RequestView};
+
+fn policy(yaml: &str, resolved: &Resolved) -> ProxyPolicy {
+    let snapshot = Snapshot::from_yaml(yaml);
+    let labels = BTreeMap::from([("istio".to_owned(), "egressgateway".to_owned())]);
+    let settings = ProxySettings { mode: OutboundMode::RegistryOnly, ..ProxySettings::default() };
+    proxy_policy(&snapshot, resolved, &bind(&snapshot, &labels), &settings, &Default::default())
+}
+
+const CONFIG: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: httpbin, namespace: egress}
+spec:
+  hosts: [httpbin.org]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: wildcard}
+spec:
+  hosts: ['*.example.com']
+  ports: [{number: 80, name: http, protocol: HTTP}, {number: 8080, name: grpc, protocol: GRPC}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db}
+spec:
+  hosts: [db.internal]
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8000}]
+  resolution: STATIC
+  endpoints: [{address: 192.0.2.1}, {address: 192.0.2.2, ports: {http: 9000}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: httpbin, namespace: egress}
+spec:
+  hosts: [httpbin.org]
+  http:
+  - name: teapot
+    match: [{uri: {prefix: /status/418}}]
+    directResponse: {status: 418, body: {string: short and stout}}
+  - match: [{uri: {exact: /old}}]
+    redirect: {uri: /new, redirectCode: 308}
+  - match: [{headers: {x-canary: {exact: 'yes'}}}]
+    route:
+    - {destination: {host: a.example.com}, weight: 25}
+    - {destination: {host: b.example.com}, weight: 75}
+  - route: [{destination: {host: httpbin.org}}]
+    timeout: 2s
+";
+
+fn first_match<'a>(host: &'a VirtualHost, path: &str, headers: &http::HeaderMap) -> Option<&'a Route> {
+    let view = RequestView {
+        path,
+        query: None,
+        method: "GET",
+        scheme: "http",
+        authority: "httpbin.org",
+        headers,
+        port: 80,
+        gateway: "mesh",
+        source: None,
+    };
+    host.routes.iter().find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.matches(&view)))
+}
+
+#[test]
+fn routes_that_match_alike_share_their_compiled_matches_header_manipulations_destinations_and_exports() {
+    let service = |name: &str, namespace: &str, host: &str| {
+        format!(
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
+                 spec:\n  hosts: [{host}]\n  http:\n  - match: [{{uri: {{prefix: /api/}}, gateways: [edge]}}]\n    \
+                 headers: {{request: {{set: {{x-route: api}}}}}}\n    route: [{{destination: {{host: {host}, subset: v1}}}}]\n  \
+                 - match: [{{uri: {{prefix: /v2/}}}}]\n    route: [{{destination: {{host: {host}}}}}]\n  \
+                 - route: [{{destination: {{host: {host}}}}}]\n"
+            )
+    };
+    let yaml =
+        [service("a", "team", "a.example"), service("b", "team", "b.example"), service("c", "other", "c.example")]
+            .join("---\n");
+    let policy = policy(&yaml, &Resolved::new());
+    let bound = |host: &str| policy.mesh_routes(host).map(|host| &host.routes[0]);
+    let (a, b, c) = (bound("a.example"), bound("b.example"), bound("c.example"));
+    let (Some(a), Some(b), Some(c)) = (a, b, c) else { panic!("each VirtualService is bound: {policy:?}") };
+    assert!(Arc::ptr_eq(&a.matches, &b.matches), "the same conditions in one namespace: compiled once");
+    assert!(!Arc::ptr_eq(&a.matches, &c.matches), "`edge` names another namespace's Gateway in `other`");
+    let (Some(a_ops), Some(c_ops)) = (&a.request_headers.operations, &c.request_headers.operations) else {
+        panic!("the header set is compiled")
+    };
+    assert!(Arc::ptr_eq(a_ops, c_ops), "the same header manipulations: compiled once");
+    let mut headers = http::HeaderMap::new();
+    c.request_headers.apply(&mut headers);
+    assert_eq!(headers["x-route"], "api", "and applied by each route");
+    let extras = |route: &Route| match &route.action {
+        Action::Forward(targets) => targets.0[0].to.extras.clone(),
+        _ => None,
+    };
+    let (Some(a_extras), Some(c_extras)) = (extras(a), extras(c)) else { panic!("the subset is compiled") };
+    assert!(Arc::ptr_eq(&a_extras, &c_extras), "the same subset: held once");
+    let Action::Forward(targets) = &a.action else { panic!() };
+    assert_eq!(targets.0[0].subset(), Some("v1"));
+    let routes = &policy.mesh_routes("a.example").expect("bound").routes;
+    let to = |route: &Route| match &route.action {
+        Action::Forward(targets) => targets.0[0].to.clone(),
+        _ => panic!("a forwarding route"),
+    };
+    assert!(Arc::ptr_eq(&to(&routes[1]), &to(&routes[2])), "the same destination: held once");
+    assert!(!Arc::ptr_eq(&to(&routes[0]), &to(&routes[1])), "another subset: another destination");
+    assert_eq!((to(&routes[1]).host.as_ref(), &*a.scope.exported.namespace), ("a.example", "team"));
+    assert!(Arc::ptr_eq(&a.scope.exported, &b.scope.exported), "one namespace, exported alike: held once");
+    assert!(!Arc::ptr_eq(&a.scope.exported, &c.scope.exported), "another namespace");
+}
+
+#[test]
+fn routes_are_tried_in_declaration_order_and_the_first_match_wins() {
+    let policy = policy(CONFIG, &Resolved::new());
+    let host = policy.mesh_routes("HTTPBIN.org:80").expect("the VirtualService is bound to the mesh");
+    let none = http::HeaderMap::new();
+    assert_eq!(first_match(host, "/status/418", &none).unwrap().name().to_string(), "teapot");
+    assert!(matches!(
+        &first_match(host, "/status/418", &none).unwrap().action,
+        Action::Respond(response) if response.0 == StatusCode::IM_A_TEAPOT
+    ));
+    assert!(matches!(
+        &first_match(host, "/old", &none).unwrap().action,
+        Action::Redirect(redirect) if redirect.status == StatusCode::PERMANENT_REDIRECT
+    ));
+    let last = first_match(host, "/get", &none).unwrap();
+    assert_eq!(last.name().to_string(), "egress/httpbin[3]");
+    assert_eq!(last.timeout(), Some(Duration::from_secs(2)));
+    let mut canary = http::HeaderMap::new();
+    canary.insert("x-canary", "yes".parse().unwrap());
+    let Action::Forward(targets) = &first_match(host, "/get", &canary).unwrap().action else { panic!() };
+    let picks: Vec<&str> = [0, 24, 25, 99, 100, 124, 125].map(|roll| targets.pick(roll).unwrap().host()).into();
+    assert_eq!(
+        picks,
+        [
+            "a.example.com",
+            "a.example.com",
+            "b.example.com",
+            "b.example.com",
+            "a.example.com",
+            "a.example.com",
+            "b.example.com"
+        ]
+    );
+}
+
+#[test]
+fn retries_default_to_istios_and_read_envoys_conditions() {
+    let default = RetryPolicy::mesh_default();
+    assert_eq!(default.attempts, 2);
+    assert!(default.on.connect_failure && default.on.refused_stream && default.on.status(503));
+    assert!(!default.on.reset_or_timeout(), "a reset after the request was sent is not retried by default");
+    assert!(!default.on.status(500) && !default.on.status(502));
+    let cases = [
+        ("5xx", 500, true),
+        ("5xx", 404, false),
+        ("gateway-error", 504, true),
+        ("gateway-error", 500, false),
+        ("retriable-4xx", 409, true),
+        ("connect-failure,429", 429, true),
+        ("connect-failure", 503, false),
+    ];
+    for (retry_on, status, expected) in cases {
+        assert_eq!(RetryOn::parse(retry_on).status(status), expected, "{retry_on} on {status}");
+    }
+    assert!(RetryOn::parse("gateway-error").reset_or_timeout());
+    assert!(!RetryOn::parse("connect-failure,retriable-4xx").reset_or_timeout());
+}
+
+#[test]
+fn destination_rule_subsets_select_endpoints_by_label() {
+    let yaml = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api}
+spec:
+  hosts: [api.internal]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 192.0.2.1, labels: {version: v1}}, {address: 192.0.2.2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api}
+spec:
+  host: api.internal
+  trafficPolicy: {loadBalancer: {simple: RANDOM}}
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}, trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}}]
+";
+    let policy = policy(yaml, &Resolved::new());
+    let Registered::Service(service) = policy.registered("api.internal", 80) else { panic!("registered") };
+    let v1 = Upstream::Endpoint("192.0.2.1:80".parse().unwrap());
+    assert!((0..5).all(|_| service.upstream(80, Some("v1")) == v1));
+    assert_eq!(service.upstream(80, Some("v2")), Upstream::OriginalDestination, "the subset's own policy");
+    assert_eq!(service.upstream(80, Some("v3")), Upstream::NoSubset);
+    let variant = service.variant(Viewer::Gateway, &policy);
+    assert_eq!(service.cluster(variant, 80, None).unwrap().policy.lb, LoadBalance::Random);
+}
+
+#[test]
+fn the_destination_rule_of_the_workloads_namespace_comes_before_the_services_and_the_roots() {
+    // Each rule told apart by its connect timeout (seconds).
+    let rule = |namespace: &str, seconds: u32, export: &str| {
+        format!(
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: api, namespace: {namespace}}}\n\
+                 spec: {{host: api.internal, exportTo: [{export}], trafficPolicy: {{connectionPool: {{tcp: {{connectTimeout: {seconds}s}}}}}}}}\n---\n"
+            )
+    };
+    let yaml = format!(
+        "{}{}{}{}apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api, namespace: services}}
+spec:
+  hosts: [api.internal]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 192.0.2.1}}]
+",
+        rule("team-a", 1, "'.'"),
+        rule("services", 2, "'team-b', 'team-c'"),
+        rule("istio-system", 3, "'team-d'"),
+        rule("team-x", 4, "'*'"),
+    );
+    let policy = policy(&yaml, &Resolved::new());
+    let Registered::Service(service) = policy.registered("api.internal", 80) else { panic!("registered") };
+    let timeout = |namespace: Option<&str>| {
+        let workload = namespace.map(|ns| Workload { name: "w".into(), namespace: ns.into(), ..Default::default() });
+        let variant = service.variant(Viewer::Workload(workload.as_ref()), &policy);
+        service.cluster(variant, 80, None).unwrap().policy.connect_timeout.map(|t| t.as_secs())
+    };
+    assert_eq!(timeout(Some("team-a")), Some(1), "the workload's own namespace's rule");
+    assert_eq!(timeout(Some("team-b")), Some(2), "the service's namespace's, exported to team-b");
+    assert_eq!(timeout(Some("team-d")), Some(3), "the root namespace's, exported to team-d");
+    assert_eq!(timeout(Some("team-e")), None, "none is exported to team-e (team-x's is for its own)");
+    assert_eq!(timeout(None), Some(2), "an unknown source: the service's namespace's");
+}
+
+#[test]
+fn the_registry_knows_hosts_by_port_and_where_their_endpoints_are() {
+    let resolved = Resolved::from([("httpbin.org".to_owned(), vec!["203.0.113.80".parse().unwrap()])]);
+    let policy = policy(CONFIG, &resolved);
+    let service = |host: &str, port: u16| match policy.registered(host, port) {
+        Registered::Service(service) => Some(service),
+        Registered::Unknown => None,
+    };
+    assert_eq!(
+        service("httpbin.org", 80).unwrap().upstream(80, None),
+        Upstream::Endpoint("203.0.113.80:80".parse().unwrap())
+    );
+    assert!(service("httpbin.org", 443).is_none(), "a port the ServiceEntry does not declare is not registered");
+    assert!(service("edition.cnn.com", 80).is_none());
+    let wildcard = service("api.example.com", 8080).unwrap();
+    assert_eq!(wildcard.upstream(8080, None), Upstream::OriginalDestination);
+    assert!(wildcard.http2(8080) && !wildcard.http2(80));
+    let db = service("db.internal", 80).unwrap();
+    let picks = [db.upstream(80, None), db.upstream(80, None), db.upstream(80, None)];
+    assert_eq!(
+        picks,
+        [
+            Upstream::Endpoint("192.0.2.1:8000".parse().unwrap()),
+            Upstream::Endpoint("192.0.2.2:9000".parse().unwrap()),
+            Upstream::Endpoint("192.0.2.1:8000".parse().unwrap())
+        ]
+    );
+    let unresolved = policy_without_answers();
+    assert!(
+        matches!(unresolved.registered("httpbin.org", 80), Registered::Service(s) if s.upstream(80, None) == Upstream::NoEndpoint)
+    );
+}
+
+#[test]
+fn of_the_services_registered_under_one_host_a_viewer_gets_the_first_it_sees_on_the_port() {
+    let entry = |name: &str, namespace: &str, port: u16, export: &str| {
+        format!(
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
+                 spec: {{hosts: [API.shared], ports: [{{number: {port}, name: p, protocol: TCP}}], resolution: NONE, \
+                 exportTo: [{export}]}}\n"
+            )
+    };
+    let yaml = [
+        entry("first", "team-a", 80, "'.'"),
+        entry("second", "team-b", 80, "'*'"),
+        entry("third", "team-c", 443, "'*'"),
+        entry("fourth", "team-d", 80, "'*'"),
+    ]
+    .join("---\n");
+    let policy = policy(&yaml, &Resolved::new());
+    let registered = |namespace: Option<&str>, port: u16| {
+        let workload = namespace.map(|ns| Workload { name: "w".into(), namespace: ns.into(), ..Default::default() });
+        match policy.registered_for("api.shared", port, Viewer::Workload(workload.as_ref())) {
+            Registered::Service(service) => Some(service.exported.namespace.to_string()),
+            Registered::Unknown => None,
+        }
+    };
+    assert_eq!(registered(Some("team-a"), 80).as_deref(), Some("team-a"), "the first, exported to its own");
+    assert_eq!(registered(Some("team-x"), 80).as_deref(), Some("team-b"), "the first exported to everyone");
+    assert_eq!(registered(Some("team-x"), 443).as_deref(), Some("team-c"), "the first with the port");
+    assert_eq!(registered(None, 80).as_deref(), Some("team-a"), "an unknown source sees all: the first");
+    assert_eq!(registered(Some("team-x"), 8080), None, "no service has the port");
+}
+
+fn policy_without_answers() -> ProxyPolicy {
+    policy(CONFIG, &Resolved::new())
+}
