@@ -68,7 +68,7 @@ pub fn sluice(policy: &DatapathPolicy) -> anyhow::Result<Rate> {
     let mut datapath = topology.gateway.enter(|| -> anyhow::Result<Datapath> {
         let mut datapath = Datapath::load(&bpffs.pin_dir())?;
         datapath.apply(policy)?;
-        datapath.reconcile_interfaces(&[InterfaceSpec::Name(GATEWAY_WORKLOAD_IFACE.into())])?;
+        datapath.reconcile_interfaces(&[InterfaceSpec::Name(GATEWAY_WORKLOAD_IFACE.into())], &[])?;
         Ok(datapath)
     })??;
     let blackholed = || {

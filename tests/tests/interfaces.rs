@@ -181,3 +181,20 @@ fn policy_routing_removed_by_hand_is_put_back() {
     assert!(rules().contains("fwmark 0x200/0xf00 lookup 100"), "{}", rules());
     assert_eq!(agent.sample("sluice_datapath_routing_restored_total").unwrap(), 1);
 }
+
+#[test]
+fn default_route_selects_the_interface_the_default_route_leaves_through_as_it_changes() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let sink = UdpSink::bind(&topology.internet, unregistered()).unwrap();
+    let agent = Agent::start(&topology.gateway, &registry_only("default-route")).unwrap();
+    assert_eq!(leaked(&topology, &sink), 3, "no default route: nothing selected");
+
+    topology.gateway.ip(&["route", "add", "default", "via", "10.240.1.2", "dev", GATEWAY_WORKLOAD_IFACE]).unwrap();
+    std::thread::sleep(ATTACH_WITHIN);
+
+    assert_eq!(leaked(&topology, &sink), 0, "the default route's interface is enforced");
+    assert_eq!(agent.sample(&reattachments(GATEWAY_WORKLOAD_IFACE, "appeared")).unwrap(), 1);
+    assert_eq!(agent.sample(&attached(GATEWAY_WORKLOAD_IFACE)).unwrap(), 1);
+    assert!(!agent.metrics().unwrap().contains("interface=\"gw-net\""));
+}

@@ -66,7 +66,7 @@ fn a_policy_change_under_traffic_never_lets_a_packet_through_after_it_returns() 
             .enter(|| {
                 let mut datapath = Datapath::load(&bpffs.pin_dir()).unwrap();
                 datapath.apply(&deny).unwrap();
-                datapath.reconcile_interfaces(&[InterfaceSpec::Name(GATEWAY_WORKLOAD_IFACE.into())]).unwrap();
+                datapath.reconcile_interfaces(&[InterfaceSpec::Name(GATEWAY_WORKLOAD_IFACE.into())], &[]).unwrap();
                 let mut windows = Vec::new();
                 for _ in 0..ROUNDS {
                     datapath.apply(&allow).unwrap();

@@ -28,6 +28,9 @@ pub struct InterfaceFollower {
     readiness: watch::Sender<Readiness>,
     /// The interfaces with a `sluice_datapath_attached` series.
     reported: BTreeSet<String>,
+    /// The kernel's notifications (and the default routes' interfaces); `None` if rtnetlink could not be
+    /// subscribed to, when the checks each second are all there is.
+    events: Option<LinkEvents>,
 }
 
 impl InterfaceFollower {
@@ -38,14 +41,32 @@ impl InterfaceFollower {
         metrics: InterfaceMetrics,
         readiness: watch::Sender<Readiness>,
     ) -> InterfaceFollower {
-        InterfaceFollower { datapath, specs, routing, metrics, readiness, reported: BTreeSet::new() }
+        let events = LinkEvents::subscribe()
+            .inspect_err(|error| {
+                tracing::warn!(%error, "no rtnetlink subscription: interfaces are checked each second only");
+            })
+            .ok();
+        InterfaceFollower { datapath, specs, routing, metrics, readiness, reported: BTreeSet::new(), events }
+    }
+
+    /// The interfaces the default routes leave through now, when `--intercept default-route` asks for them.
+    async fn default_route(&self) -> Vec<u32> {
+        if !self.specs.contains(&InterfaceSpec::DefaultRoute) {
+            return Vec::new();
+        }
+        let Some(events) = &self.events else { return Vec::new() };
+        events.default_route_interfaces().await.unwrap_or_else(|error| {
+            tracing::warn!(%error, "listing the default routes (for --intercept default-route)");
+            Vec::new()
+        })
     }
 
     /// Puts the classifier on the interfaces selected now and forgets those gone; reports what changed.
     /// Returns the interfaces whose pinned link was taken over from a previous agent.
-    pub fn check(&mut self) -> Vec<String> {
+    pub async fn check(&mut self) -> Vec<String> {
+        let default_route = self.default_route().await;
         let mut datapath = self.datapath.lock().unwrap_or_else(PoisonError::into_inner);
-        let reconciled = match datapath.reconcile_interfaces(&self.specs) {
+        let reconciled = match datapath.reconcile_interfaces(&self.specs, &default_route) {
             Ok(reconciled) => reconciled,
             Err(error) => {
                 tracing::error!(error = %format!("{error:#}"), "checking the intercepted interfaces");
@@ -117,28 +138,24 @@ impl InterfaceFollower {
     /// Checks on every change the kernel reports, and each second regardless (a missed message, an interface
     /// whose link was detached without one).
     pub async fn follow(mut self) {
-        let mut events = LinkEvents::subscribe()
-            .inspect_err(|error| {
-                tracing::warn!(%error, "no rtnetlink subscription: interfaces are checked each second only");
-            })
-            .ok();
         let mut every = tokio::time::interval(CHECK_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let changed = async {
-                match events.as_mut() {
+                match self.events.as_mut() {
                     Some(events) => events.changed().await,
                     None => std::future::pending().await,
                 }
             };
-            tokio::select! {
-                open = changed => if !open {
-                    tracing::warn!("the rtnetlink subscription ended: interfaces are checked each second only");
-                    events = None;
-                },
-                _ = every.tick() => {}
+            let subscribed = tokio::select! {
+                open = changed => open,
+                _ = every.tick() => true,
+            };
+            if !subscribed {
+                tracing::warn!("the rtnetlink subscription ended: interfaces are checked each second only");
+                self.events = None;
             }
-            self.check();
+            self.check().await;
             self.check_routing().await;
         }
     }

@@ -146,13 +146,13 @@ impl App {
             metrics.interfaces.clone(),
             readiness.clone(),
         );
-        let mut adopted = if early { follower.check() } else { Vec::new() };
+        let mut adopted = if early { follower.check().await } else { Vec::new() };
 
         let snapshot = control.load();
         let refresh = control.resolve().await.1;
         let policy = control.policy(&snapshot);
         datapath.lock().unwrap_or_else(PoisonError::into_inner).apply(&policy)?;
-        adopted.extend(follower.check());
+        adopted.extend(follower.check().await);
         let detached = datapath.lock().unwrap_or_else(PoisonError::into_inner).detach_others()?;
         tracing::info!(
             interfaces = ?datapath.lock().unwrap_or_else(PoisonError::into_inner).attached().collect::<Vec<_>>(),

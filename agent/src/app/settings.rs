@@ -15,7 +15,8 @@ use crate::{
 #[command(after_long_help = RUN_HELP)]
 pub struct RunSettings {
     /// Interface whose incoming traffic is egress to police (pod veths, a tunnel device, or the NIC that
-    /// routed traffic arrives on), or a pattern of names (`'vxlan*'`, `'veth?'`). Repeatable. Interfaces are
+    /// routed traffic arrives on), a pattern of names (`'vxlan*'`, `'veth?'`), or `default-route` (the interfaces
+    /// the main table's default routes leave through, followed as they change). Repeatable. Interfaces are
     /// followed as they come and go: one that appears (or is re-created) gets the classifier within a second, and
     /// readiness is 503 while a name given here has no interface.
     #[arg(long = "intercept", value_name = "IFACE", required = true)]

@@ -1,23 +1,30 @@
-//! Which of the node's interfaces the classifier belongs on: those `--intercept` names, literally or by a
-//! pattern, as they are now (interfaces come and go: a CNI re-creates its devices, a veth is re-plumbed).
+//! Which of the node's interfaces the classifier belongs on: those `--intercept` names, literally, by a
+//! pattern or as the default route's, as they are now (interfaces come and go: a CNI re-creates its devices, a veth is re-plumbed).
 
 use std::{fmt, str::FromStr};
 
 /// The kernel's limit on an interface name, without its terminating NUL (`IFNAMSIZ - 1`).
 const MAX_NAME: usize = 15;
 
-/// What one `--intercept` names: an interface, or a pattern over names (`*` any run of characters, `?` one).
+/// What one `--intercept` names: an interface, a pattern over names (`*` any run of characters, `?` one), or
+/// `default-route`: the interfaces the main table's default routes leave through, as they are now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum InterfaceSpec {
     Name(String),
     Pattern(String),
+    DefaultRoute,
 }
 
+/// How `--intercept` names the interfaces of the default route.
+const DEFAULT_ROUTE: &str = "default-route";
+
 impl InterfaceSpec {
-    pub fn matches(&self, name: &str) -> bool {
+    /// Whether the spec selects `interface`, given the interfaces the default routes leave through now.
+    pub fn matches(&self, interface: &Interface, default_route: &[u32]) -> bool {
         match self {
-            InterfaceSpec::Name(own) => own == name,
-            InterfaceSpec::Pattern(pattern) => glob_matches(pattern.as_bytes(), name.as_bytes()),
+            InterfaceSpec::Name(own) => *own == interface.name,
+            InterfaceSpec::Pattern(pattern) => glob_matches(pattern.as_bytes(), interface.name.as_bytes()),
+            InterfaceSpec::DefaultRoute => default_route.contains(&interface.index),
         }
     }
 }
@@ -26,6 +33,9 @@ impl FromStr for InterfaceSpec {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text == DEFAULT_ROUTE {
+            return Ok(InterfaceSpec::DefaultRoute);
+        }
         if text.is_empty() || text.len() > MAX_NAME {
             return Err(format!("'{text}' is not an interface name (1 to {MAX_NAME} characters)"));
         }
@@ -44,6 +54,7 @@ impl fmt::Display for InterfaceSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             InterfaceSpec::Name(text) | InterfaceSpec::Pattern(text) => f.write_str(text),
+            InterfaceSpec::DefaultRoute => f.write_str(DEFAULT_ROUTE),
         }
     }
 }
@@ -64,9 +75,14 @@ pub fn present() -> std::io::Result<Vec<Interface>> {
         .collect())
 }
 
-/// The interfaces of `present` that `specs` select.
-pub fn selected(specs: &[InterfaceSpec], present: &[Interface]) -> Vec<Interface> {
-    present.iter().filter(|interface| specs.iter().any(|spec| spec.matches(&interface.name))).cloned().collect()
+/// The interfaces of `present` that `specs` select (`default_route`: the interfaces the default routes leave
+/// through).
+pub fn selected(specs: &[InterfaceSpec], present: &[Interface], default_route: &[u32]) -> Vec<Interface> {
+    present
+        .iter()
+        .filter(|interface| specs.iter().any(|spec| spec.matches(interface, default_route)))
+        .cloned()
+        .collect()
 }
 
 /// The names `specs` give literally that `present` lacks: interfaces configured and not there to enforce on.
@@ -129,7 +145,8 @@ mod tests {
         ];
         for (spec, name, expected) in cases {
             let spec: InterfaceSpec = spec.parse().unwrap();
-            assert_eq!(spec.matches(name), expected, "{spec} against {name}");
+            let interface = Interface { name: name.into(), index: 7 };
+            assert_eq!(spec.matches(&interface, &[]), expected, "{spec} against {name}");
         }
     }
 
@@ -148,6 +165,16 @@ mod tests {
         let specs: Vec<InterfaceSpec> = ["eth1", "eth2", "vx*"].iter().map(|s| s.parse().unwrap()).collect();
         let present = vec![Interface { name: "eth1".into(), index: 3 }, Interface { name: "lo".into(), index: 1 }];
         assert_eq!(missing(&specs, &present), vec!["eth2".to_owned()]);
-        assert_eq!(selected(&specs, &present), vec![Interface { name: "eth1".into(), index: 3 }]);
+        assert_eq!(selected(&specs, &present, &[]), vec![Interface { name: "eth1".into(), index: 3 }]);
+    }
+
+    #[test]
+    fn default_route_selects_the_interfaces_the_default_routes_leave_through() {
+        let specs = vec!["default-route".parse::<InterfaceSpec>().unwrap()];
+        assert_eq!(specs, vec![InterfaceSpec::DefaultRoute]);
+        let present = vec![Interface { name: "eth0".into(), index: 2 }, Interface { name: "eth1".into(), index: 3 }];
+        assert_eq!(selected(&specs, &present, &[3]), vec![Interface { name: "eth1".into(), index: 3 }]);
+        assert_eq!(selected(&specs, &present, &[]), vec![]);
+        assert!(missing(&specs, &present).is_empty(), "no default route is no fault");
     }
 }

@@ -221,9 +221,15 @@ impl Datapath {
     /// interface is checked against the kernel (the link pinned for it must hold it), so an interface that was
     /// re-created, or a link severed, is attached afresh. The new link is attached before the old one's pin goes:
     /// no gap.
-    pub fn reconcile_interfaces(&mut self, specs: &[InterfaceSpec]) -> Result<InterfacesReconciled, DatapathError> {
+    /// `default_route` lists the interfaces (by index) the default routes leave through now, for
+    /// `--intercept default-route`.
+    pub fn reconcile_interfaces(
+        &mut self,
+        specs: &[InterfaceSpec],
+        default_route: &[u32],
+    ) -> Result<InterfacesReconciled, DatapathError> {
         let present = interfaces::present().map_err(DatapathError::Interfaces)?;
-        let selected = interfaces::selected(specs, &present);
+        let selected = interfaces::selected(specs, &present, default_route);
         let starting = !std::mem::replace(&mut self.started, true);
         let mut reconciled = InterfacesReconciled::default();
         for interface in &selected {
