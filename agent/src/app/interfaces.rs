@@ -1,7 +1,8 @@
 //! Follows the node's interfaces while the agent runs: the classifier goes on every interface `--intercept`
 //! selects as soon as the kernel says it appeared (and at the latest at the next check, each second), the
 //! policy routing for intercepted traffic is put back if it was removed, and every change is made visible — a
-//! warning, `sluice_datapath_attached`, `sluice_datapath_reattachments_total`, and readiness.
+//! warning, `sluice_datapath_attached`, `sluice_datapath_reattachments_total`, and readiness. The node's own
+//! addresses, which the proxy never connects to for a client, are kept current from the same checks.
 
 use std::{
     collections::BTreeSet,
@@ -12,7 +13,8 @@ use std::{
 use tokio::sync::watch;
 
 use crate::{
-    datapath::{Datapath, InterceptRouting, InterfaceSpec, LinkEvents},
+    datapath::{interfaces, Datapath, InterceptRouting, InterfaceSpec, LinkEvents},
+    proxy::local_destinations::LocalDestinations,
     telemetry::{metrics::InterfaceMetrics, server::Readiness},
 };
 
@@ -28,6 +30,8 @@ pub struct InterfaceFollower {
     readiness: watch::Sender<Readiness>,
     /// The interfaces with a `sluice_datapath_attached` series.
     reported: BTreeSet<String>,
+    /// The node's own addresses, which the proxy refuses as destinations, kept current here.
+    local_destinations: Arc<LocalDestinations>,
     /// The kernel's notifications (and the default routes' interfaces); `None` if rtnetlink could not be
     /// subscribed to, when the checks each second are all there is.
     events: Option<LinkEvents>,
@@ -40,13 +44,23 @@ impl InterfaceFollower {
         routing: Option<Arc<InterceptRouting>>,
         metrics: InterfaceMetrics,
         readiness: watch::Sender<Readiness>,
+        local_destinations: Arc<LocalDestinations>,
     ) -> InterfaceFollower {
         let events = LinkEvents::subscribe()
             .inspect_err(|error| {
                 tracing::warn!(%error, "no rtnetlink subscription: interfaces are checked each second only");
             })
             .ok();
-        InterfaceFollower { datapath, specs, routing, metrics, readiness, reported: BTreeSet::new(), events }
+        InterfaceFollower {
+            datapath,
+            specs,
+            routing,
+            metrics,
+            readiness,
+            reported: BTreeSet::new(),
+            local_destinations,
+            events,
+        }
     }
 
     /// The interfaces the default routes leave through now, when `--intercept default-route` asks for them.
@@ -64,6 +78,14 @@ impl InterfaceFollower {
     /// Puts the classifier on the interfaces selected now and forgets those gone; reports what changed.
     /// Returns the interfaces whose pinned link was taken over from a previous agent.
     pub async fn check(&mut self) -> Vec<String> {
+        match interfaces::node_addresses() {
+            Ok(addresses) => {
+                if self.local_destinations.set_node_addresses(addresses.clone()) {
+                    tracing::info!(?addresses, "the node's addresses (refused as upstream destinations)");
+                }
+            }
+            Err(error) => tracing::warn!(%error, "listing the node's addresses"),
+        }
         let default_route = self.default_route().await;
         let mut datapath = self.datapath.lock().unwrap_or_else(PoisonError::into_inner);
         let reconciled = match datapath.reconcile_interfaces(&self.specs, &default_route) {

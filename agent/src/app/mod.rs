@@ -38,6 +38,8 @@ use crate::{
         self,
         gateway_listeners::GatewayListeners,
         http::{HttpProxy, Limits, Listener},
+        local_destinations::LocalDestinations,
+        tcp::{SourceAddresses, UpstreamSockets},
         transparent_listener::TransparentListener,
     },
     telemetry::{self, server::Readiness},
@@ -139,12 +141,17 @@ impl App {
         let datapath = Arc::new(Mutex::new(datapath));
         let listed = kube_changes.as_ref().is_none_or(|changes| changes.borrow().is_some());
         let (readiness, readiness_reader) = watch::channel(Readiness { listed, unenforced: Vec::new() });
+        let local_destinations = Arc::new(LocalDestinations::new(
+            settings.allow_local_destination.clone(),
+            metrics.local_destinations_refused.clone(),
+        ));
         let mut follower = InterfaceFollower::new(
             datapath.clone(),
             settings.intercept.clone(),
             intercepting.then(|| routing.clone()),
             metrics.interfaces.clone(),
             readiness.clone(),
+            local_destinations.clone(),
         );
         let mut adopted = if early { follower.check().await } else { Vec::new() };
 
@@ -187,7 +194,10 @@ impl App {
         let limits = Limits {
             max_connections: settings.max_connections,
             request_headers_timeout: settings.request_headers_timeout,
-            source: proxy::tcp::SourceAddresses::from_list(&settings.upstream_source_address),
+            sockets: UpstreamSockets::new(
+                SourceAddresses::from_list(&settings.upstream_source_address),
+                local_destinations.clone(),
+            ),
         };
         let http = Arc::new(
             HttpProxy::new(routes.clone(), metrics.requests.clone(), limits)

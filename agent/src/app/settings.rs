@@ -105,6 +105,11 @@ pub struct RunSettings {
     /// as firewalls outside the cluster expect). Repeatable.
     #[arg(long = "upstream-source-address", value_name = "IP")]
     pub upstream_source_address: Vec<std::net::IpAddr>,
+    /// A range the proxy may connect to although it is the gateway node's own (loopback, link-local such as a
+    /// metadata service at 169.254.169.254, the node's addresses), which it otherwise refuses in every context:
+    /// 403 for HTTP, a reset for TCP. Repeatable.
+    #[arg(long = "allow-local-destination", value_name = "CIDR", value_parser = parse_cidr)]
+    pub allow_local_destination: Vec<IpNet>,
     /// Client connections the proxy holds open at once (intercepted and on Gateway ports); more are reset.
     #[arg(long, value_name = "N", default_value_t = 16384)]
     pub max_connections: usize,

@@ -75,6 +75,20 @@ pub fn present() -> std::io::Result<Vec<Interface>> {
         .collect())
 }
 
+/// Every address of the agent's network namespace's interfaces now.
+pub fn node_addresses() -> std::io::Result<Vec<std::net::IpAddr>> {
+    let addresses = nix::ifaddrs::getifaddrs()?;
+    Ok(addresses
+        .filter_map(|interface| {
+            let address = interface.address?;
+            address
+                .as_sockaddr_in()
+                .map(|v4| std::net::IpAddr::V4(v4.ip()))
+                .or_else(|| address.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
+        })
+        .collect())
+}
+
 /// The interfaces of `present` that `specs` select (`default_route`: the interfaces the default routes leave
 /// through).
 pub fn selected(specs: &[InterfaceSpec], present: &[Interface], default_route: &[u32]) -> Vec<Interface> {

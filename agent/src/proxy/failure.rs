@@ -34,6 +34,9 @@ pub enum Failure {
     UpstreamReset,
     /// The route's timeout passed before the upstream answered.
     UpstreamTimeout,
+    /// The destination is the gateway node itself (loopback, link-local, one of its addresses): the proxy does
+    /// not act for a client with the node's identity.
+    LocalDestination,
 }
 
 impl Failure {
@@ -44,6 +47,7 @@ impl Failure {
             Failure::NoRoute => StatusCode::NOT_FOUND,
             Failure::Blackholed => StatusCode::BAD_GATEWAY,
             Failure::HostMismatch => StatusCode::MISDIRECTED_REQUEST,
+            Failure::LocalDestination => StatusCode::FORBIDDEN,
             Failure::NoCluster
             | Failure::NoHealthyUpstream
             | Failure::DnsFailure
@@ -61,7 +65,7 @@ impl Failure {
             Failure::BadRequest | Failure::UriTooLong => "DPE",
             Failure::NoRoute => "NR",
             // Envoy routes to the BlackHoleCluster, which has no hosts; Istio's dashboards key on the cluster.
-            Failure::Blackholed | Failure::HostMismatch => "-",
+            Failure::Blackholed | Failure::HostMismatch | Failure::LocalDestination => "-",
             Failure::NoCluster => "NC",
             Failure::NoHealthyUpstream => "UH",
             Failure::DnsFailure => "DF",
@@ -94,6 +98,7 @@ impl Failure {
                 "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
             }
             Failure::UpstreamTimeout => "upstream request timeout",
+            Failure::LocalDestination => "destination refused: it is the gateway node itself\n",
         }
     }
 }
@@ -111,6 +116,7 @@ mod tests {
             (Failure::UpstreamConnect, 503, "UF"),
             (Failure::UpstreamReset, 503, "UR"),
             (Failure::UpstreamTimeout, 504, "UT"),
+            (Failure::LocalDestination, 403, "-"),
         ];
         for (failure, status, flag) in cases {
             assert_eq!((failure.status().as_u16(), failure.flag()), (status, flag), "{failure:?}");

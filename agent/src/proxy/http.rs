@@ -34,7 +34,7 @@ use super::{
     detect::HttpVersion,
     failure::Failure,
     routing::{self, Decision, Destination, Matched},
-    tcp::{self, SourceAddresses},
+    tcp::{self, UpstreamSockets},
     upstreams::{Outgoing, SendError, UpstreamTls, Upstreams},
 };
 use tokio::sync::OwnedSemaphorePermit;
@@ -101,20 +101,20 @@ pub struct HttpProxy {
     workloads: Arc<ArcSwap<Workloads>>,
 }
 
-/// What one client may cost the proxy.
-#[derive(Clone, Copy, Debug)]
+/// What one client may cost the proxy, and where its upstream connections may go.
+#[derive(Clone)]
 pub struct Limits {
     /// Client connections open at once (intercepted and on Gateway ports); more are reset at accept.
     pub max_connections: usize,
     /// How long a client may take to send a request's headers (slowloris clients hold a connection no longer).
     pub request_headers_timeout: Duration,
-    /// Where upstream connections leave from.
-    pub source: SourceAddresses,
+    /// Where upstream connections leave from, and the destinations they never go to (the node itself).
+    pub sockets: UpstreamSockets,
 }
 
 impl HttpProxy {
     pub fn new(policy: Arc<ArcSwap<ProxyPolicy>>, telemetry: RequestTelemetry, limits: Limits) -> HttpProxy {
-        let upstreams = Upstreams::new(limits.source);
+        let upstreams = Upstreams::new(limits.sockets.clone());
         let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
         let telemetry = Arc::new(telemetry);
         HttpProxy { policy, upstreams, telemetry, limits, connections, resolver: None, workloads: Default::default() }
@@ -141,8 +141,8 @@ impl HttpProxy {
         &self.telemetry
     }
 
-    pub fn source_addresses(&self) -> &SourceAddresses {
-        &self.limits.source
+    pub fn upstream_sockets(&self) -> &UpstreamSockets {
+        &self.limits.sockets
     }
 
     /// A place for one more client connection, or `None` at `--max-connections` (the connection is then reset
@@ -530,6 +530,10 @@ impl HttpProxy {
                         tracing::debug!(%error, upstream = %address, attempt, "upstream request failed");
                         Some((Failure::UpstreamReset, retries.on.reset_or_timeout()))
                     }
+                    Some(Err(SendError::LocalDestination(error))) => {
+                        tracing::info!(%error, upstream = %address, "upstream refused: the node itself");
+                        Some((Failure::LocalDestination, false))
+                    }
                     Some(Err(SendError::Refused(error))) => {
                         tracing::debug!(%error, upstream = %address, attempt, "upstream refused the stream");
                         Some((Failure::UpstreamReset, retries.on.refused()))
@@ -638,9 +642,16 @@ impl HttpProxy {
             Err(failure) => return self.local_failure(failure, record, started, Some(destination.labels)),
         };
         record.upstream_host = Some(address);
-        let upstream = match tcp::connect(address, &self.limits.source, destination.connect_timeout()).await {
+        let upstream = match tcp::connect(address, &self.limits.sockets, destination.connect_timeout()).await {
             Ok(upstream) => upstream,
-            Err(_) => return self.local_failure(Failure::UpstreamConnect, record, started, Some(destination.labels)),
+            Err(error) => {
+                let failure = if tcp::is_local_destination(&error) {
+                    Failure::LocalDestination
+                } else {
+                    Failure::UpstreamConnect
+                };
+                return self.local_failure(failure, record, started, Some(destination.labels));
+            }
         };
         let peer = record.downstream_remote;
         let tcp_labels = TcpLabels::new(&destination.labels, "");

@@ -5,6 +5,7 @@ pub mod failure;
 pub mod gateway_listeners;
 pub mod http;
 pub mod intercepted;
+pub mod local_destinations;
 pub mod routing;
 pub mod tcp;
 pub mod transparent_listener;

@@ -4,6 +4,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -13,7 +14,10 @@ use tokio::{
     time::timeout,
 };
 
-use super::transparent_listener::Intercepted;
+use super::{
+    local_destinations::{LocalDestination, LocalDestinations},
+    transparent_listener::Intercepted,
+};
 use crate::{
     policy::OutboundMode,
     telemetry::{
@@ -53,13 +57,33 @@ impl SourceAddresses {
     }
 }
 
+/// How the proxy's upstream connections are made: from which source address, and to which destinations never.
+#[derive(Clone)]
+pub struct UpstreamSockets {
+    pub source: SourceAddresses,
+    pub local: Arc<LocalDestinations>,
+}
+
+impl UpstreamSockets {
+    /// Connections from the routing table's choice of source, to anywhere but the node itself.
+    pub fn new(source: SourceAddresses, local: Arc<LocalDestinations>) -> UpstreamSockets {
+        UpstreamSockets { source, local }
+    }
+}
+
 /// Connects to `destination` from the configured source address, within `within` (Istio's default:
-/// `CONNECT_TIMEOUT`; a DestinationRule's `connectionPool.tcp.connectTimeout`).
+/// `CONNECT_TIMEOUT`; a DestinationRule's `connectionPool.tcp.connectTimeout`). A destination that is the node
+/// itself is refused before any packet is sent: an error that [`is_local_destination`] tells apart.
 pub async fn connect(
     destination: SocketAddr,
-    source: &SourceAddresses,
+    sockets: &UpstreamSockets,
     within: Duration,
 ) -> std::io::Result<TcpStream> {
+    sockets
+        .local
+        .check(destination)
+        .map_err(|refused| std::io::Error::new(std::io::ErrorKind::PermissionDenied, refused))?;
+    let source = &sockets.source;
     let connecting = async {
         let socket = if destination.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
         if let Some(address) = source.for_destination(destination) {
@@ -74,12 +98,22 @@ pub async fn connect(
         .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")))
 }
 
+/// Whether `error` is [`connect`]'s refusal of a destination that is the node itself.
+pub fn is_local_destination(error: &std::io::Error) -> bool {
+    error.get_ref().is_some_and(|inner| inner.is::<LocalDestination>())
+}
+
 /// Closes with a RST rather than a FIN: the client must not take the close for an answer.
 pub fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-pub async fn relay(connection: Intercepted, mode: OutboundMode, metrics: &ConnectionMetrics, source: &SourceAddresses) {
+pub async fn relay(
+    connection: Intercepted,
+    mode: OutboundMode,
+    metrics: &ConnectionMetrics,
+    sockets: &UpstreamSockets,
+) {
     let Intercepted { mut stream, peer, original_destination } = connection;
     if mode == OutboundMode::RegistryOnly {
         tracing::info!(source = %peer, original_dst = %original_destination, verdict = "refused", "intercepted connection");
@@ -90,11 +124,16 @@ pub async fn relay(connection: Intercepted, mode: OutboundMode, metrics: &Connec
         return;
     }
     let destination = DestinationLabels::passthrough(&original_destination.to_string());
-    let upstream = match connect(original_destination, source, CONNECT_TIMEOUT).await {
+    let upstream = match connect(original_destination, sockets, CONNECT_TIMEOUT).await {
         Ok(upstream) => upstream,
         Err(error) => {
-            let verdict =
-                if error.kind() == std::io::ErrorKind::TimedOut { "upstream_timeout" } else { "upstream_failed" };
+            let verdict = if is_local_destination(&error) {
+                "local_destination"
+            } else if error.kind() == std::io::ErrorKind::TimedOut {
+                "upstream_timeout"
+            } else {
+                "upstream_failed"
+            };
             tracing::info!(source = %peer, original_dst = %original_destination, verdict, "intercepted connection");
             let labels = TcpLabels::new(&destination, "UF");
             metrics.opened(&labels);

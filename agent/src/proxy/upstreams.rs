@@ -23,7 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::{
     http::ProxyBody,
-    tcp::{self, SourceAddresses},
+    tcp::{self, UpstreamSockets},
 };
 
 /// Why a request got no response.
@@ -35,6 +35,8 @@ pub enum SendError {
     Request(String),
     /// The upstream refused the stream (HTTP/2 REFUSED_STREAM): it processed none of the request.
     Refused(String),
+    /// The destination is the gateway node itself: no connection was tried.
+    LocalDestination(String),
 }
 
 /// A failed HTTP/2 exchange: refused by the upstream, or failed otherwise.
@@ -91,16 +93,22 @@ impl PoolKey {
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 
-/// Opens a connection to `address` from `source` within `within`, with a TLS handshake over it when `tls` asks.
+/// Opens a connection to `address` (as `sockets` allow) within `within`, with a TLS handshake over it when `tls` asks.
 /// (Each pool's `connect`, which calls it, is boxed where it is waited for: a new connection's state, TLS
 /// included, is large, and requests sent on pooled connections never need it.)
 async fn open(
     address: SocketAddr,
-    source: &SourceAddresses,
+    sockets: &UpstreamSockets,
     within: Duration,
     tls: Option<&UpstreamTls>,
 ) -> Result<Box<dyn Io>, SendError> {
-    let stream = tcp::connect(address, source, within).await.map_err(|error| SendError::Connect(error.to_string()))?;
+    let stream = tcp::connect(address, sockets, within).await.map_err(|error| {
+        if tcp::is_local_destination(&error) {
+            SendError::LocalDestination(error.to_string())
+        } else {
+            SendError::Connect(error.to_string())
+        }
+    })?;
     let Some(tls) = tls else { return Ok(Box::new(stream) as Box<dyn Io>) };
     let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
     match tokio::time::timeout(within, connector.connect((*tls.server_name).clone(), stream)).await {
@@ -118,8 +126,8 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
-    pub fn new(source: SourceAddresses) -> Upstreams {
-        Upstreams { http1: Arc::new(Http1Pool::new(source)), http2: Arc::new(Http2Pool::new(source)) }
+    pub fn new(sockets: UpstreamSockets) -> Upstreams {
+        Upstreams { http1: Arc::new(Http1Pool::new(sockets.clone())), http2: Arc::new(Http2Pool::new(sockets)) }
     }
 
     /// Sends `body` as `outgoing` says. The request is made before the future is, so that the future holds
@@ -181,7 +189,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// its response has been read to the end.
 struct Http1Pool {
     idle: Mutex<HashMap<PoolKey, VecDeque<Idle>, foldhash::fast::RandomState>>,
-    source: SourceAddresses,
+    sockets: UpstreamSockets,
     /// Connections given back, so that every `SWEEP_EVERY`th sweeps the whole pool.
     given_back: std::sync::atomic::AtomicUsize,
 }
@@ -203,8 +211,8 @@ fn coarse_now() -> Duration {
 }
 
 impl Http1Pool {
-    fn new(source: SourceAddresses) -> Http1Pool {
-        Http1Pool { idle: Mutex::default(), source, given_back: Default::default() }
+    fn new(sockets: UpstreamSockets) -> Http1Pool {
+        Http1Pool { idle: Mutex::default(), sockets, given_back: Default::default() }
     }
 
     /// Sends `request` on the connection to `address` given back last, or on a new one. (An async block rather
@@ -247,7 +255,7 @@ impl Http1Pool {
         connect_timeout: Duration,
         tls: Option<&UpstreamTls>,
     ) -> Result<http1::SendRequest<ProxyBody>, SendError> {
-        let stream = open(address, &self.source, connect_timeout, tls).await?;
+        let stream = open(address, &self.sockets, connect_timeout, tls).await?;
         let (sender, connection) = http1::Builder::new()
             .writev(false)
             .handshake(TokioIo::new(stream))
@@ -369,12 +377,12 @@ impl Body for UpstreamBody {
 
 struct Http2Pool {
     connections: Mutex<HashMap<PoolKey, SendRequest<ProxyBody>>>,
-    source: SourceAddresses,
+    sockets: UpstreamSockets,
 }
 
 impl Http2Pool {
-    fn new(source: SourceAddresses) -> Http2Pool {
-        Http2Pool { connections: Mutex::new(HashMap::new()), source }
+    fn new(sockets: UpstreamSockets) -> Http2Pool {
+        Http2Pool { connections: Mutex::new(HashMap::new()), sockets }
     }
 
     /// Sends `request` on the connection to `address`, made first if there is none (or it has closed). (An
@@ -408,7 +416,7 @@ impl Http2Pool {
         tls: Option<&UpstreamTls>,
     ) -> Result<SendRequest<ProxyBody>, SendError> {
         let address = key.address;
-        let stream = open(address, &self.source, connect_timeout, tls).await?;
+        let stream = open(address, &self.sockets, connect_timeout, tls).await?;
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(stream))
@@ -436,6 +444,15 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+
+    /// The test servers listen on loopback, which the proxy refuses unless allowed.
+    fn to_loopback() -> UpstreamSockets {
+        let local = crate::proxy::local_destinations::LocalDestinations::new(
+            vec!["127.0.0.0/8".parse().unwrap()],
+            Default::default(),
+        );
+        UpstreamSockets::new(tcp::SourceAddresses::default(), Arc::new(local))
+    }
 
     /// What a test server answers each request with.
     #[derive(Clone, Copy)]
@@ -486,7 +503,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_host_sent_is_the_authority_once_whatever_host_headers_the_client_sent() {
-        let upstreams = Upstreams::new(SourceAddresses::default());
+        let upstreams = Upstreams::new(to_loopback());
         let (address, _) = server(Answer::Head).await;
         let cases: [(&[&str], &str); 4] = [
             (&["pool.test"], "pool.test"),
@@ -546,13 +563,13 @@ mod tests {
             }
             while connection.accept().await.is_some() {}
         });
-        let upstreams = Upstreams::new(SourceAddresses::default());
+        let upstreams = Upstreams::new(to_loopback());
         let mut outcomes = Vec::new();
         for _ in 0..2 {
             outcomes.push(match send(&upstreams, address, true, Method::POST, HeaderMap::new()).await {
                 Err(SendError::Refused(_)) => "refused",
                 Err(SendError::Request(_)) => "failed",
-                Err(SendError::Connect(_)) => "not connected",
+                Err(SendError::Connect(_) | SendError::LocalDestination(_)) => "not connected",
                 Ok(_) => "answered",
             });
         }
@@ -561,7 +578,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_is_reused_once_its_response_is_read_and_a_closed_one_is_passed_over() {
-        let upstreams = Upstreams::new(SourceAddresses::default());
+        let upstreams = Upstreams::new(to_loopback());
         let (address, accepted) = server(Answer::Ok { close: false }).await;
         for _ in 0..3 {
             assert_eq!(get(&upstreams, address, HeaderMap::new()).await, "ok");

@@ -22,6 +22,8 @@ pub struct Metrics {
     /// Istio's request metrics and the access log, for the proxy.
     pub requests: RequestTelemetry,
     pub interfaces: InterfaceMetrics,
+    /// Upstream connections refused because their destination was the gateway node itself.
+    pub local_destinations_refused: Counter,
 }
 
 /// Whether the classifier is on the intercepted interfaces, and how often it had to be put back.
@@ -91,8 +93,16 @@ pub fn registry(counters: VerdictCounters, blackholed: BlackholedDestinations, a
         "Times the policy routing for intercepted traffic was found missing and installed again",
         routing_restored.clone(),
     );
+    let local_destinations_refused = Counter::default();
+    registry.register(
+        "sluice_local_destinations_refused",
+        "Upstream connections the proxy refused because their destination was the gateway node itself (loopback, \
+         link-local, one of its addresses)",
+        local_destinations_refused.clone(),
+    );
     Metrics {
         registry: std::sync::Arc::new(registry),
+        local_destinations_refused,
         blocked_flows,
         config_generation,
         config_rejected,
