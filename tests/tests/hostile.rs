@@ -8,9 +8,10 @@ use std::{
 };
 
 use sluice_tests::{
+    istio::{self, HTTPBIN, MESH_REGISTRY_ONLY},
     peers::{curl, ScriptedServer},
     require_root,
-    topology::{GATEWAY_INTERNET_ADDR, GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR},
+    topology::{GATEWAY_INTERNET_ADDR, GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A},
     Agent, Topology,
 };
 
@@ -103,4 +104,95 @@ fn a_range_named_by_the_operator_is_reached_all_the_same() {
     assert_eq!(answer, "200 000", "{}", agent.log());
     assert_eq!(metadata.heads().len(), 1);
     assert_eq!(agent.sample(REFUSED).unwrap(), 0);
+}
+
+/// Sends `request` from the workload to `to` and reads the answer until the upstream or the proxy closes.
+fn exchange(topology: &Topology, to: SocketAddr, request: &str) -> String {
+    topology
+        .workload
+        .enter(|| {
+            let mut stream = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)).unwrap();
+            // The proxy keeps the connection open after its answer: what came within a second is the answer.
+            stream.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            stream.write_all(request.as_bytes()).unwrap();
+            let mut answer = Vec::new();
+            let _ = stream.read_to_end(&mut answer);
+            String::from_utf8_lossy(&answer).into_owned()
+        })
+        .unwrap()
+}
+
+#[test]
+fn only_websocket_upgrades_are_forwarded_and_h2c_is_served_as_http1() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let origin = ScriptedServer::start(&topology.internet, addr(SERVER_A, 80), &[]).unwrap();
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --outbound-traffic-policy ALLOW_ANY");
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+
+    let h2c = exchange(
+        &topology,
+        addr(SERVER_A, 80),
+        "GET /smuggle HTTP/1.1\r\nHost: origin.example\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\
+         HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    );
+    assert!(h2c.starts_with("HTTP/1.1 200"), "the request is served as HTTP/1.1: {h2c}\n{}", agent.log());
+    let heads = origin.heads();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    let head = heads[0].to_ascii_lowercase();
+    assert!(!head.contains("upgrade") && !head.contains("http2-settings"), "no upgrade reached the origin: {head}");
+
+    let other = exchange(
+        &topology,
+        addr(SERVER_A, 80),
+        "GET /tunnel HTTP/1.1\r\nHost: origin.example\r\nConnection: Upgrade\r\nUpgrade: x-custom-tunnel\r\n\r\n",
+    );
+    assert!(other.starts_with("HTTP/1.1 403"), "an upgrade not allowed is refused: {other}");
+    assert_eq!(origin.heads().len(), 1, "nothing more reached the origin");
+
+    let websocket = exchange(
+        &topology,
+        addr(SERVER_A, 80),
+        "GET /chat HTTP/1.1\r\nHost: origin.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    );
+    assert!(websocket.starts_with("HTTP/1.1 101"), "websocket is forwarded: {websocket}");
+}
+
+/// httpbin.org's routes: `/admin` is closed by a direct response, everything else goes to the origin.
+const ADMIN_CLOSED: &str = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: httpbin, namespace: egress}
+spec:
+  hosts: [httpbin.org]
+  http:
+  - match: [{uri: {prefix: /admin}}]
+    directResponse: {status: 403, body: {string: closed}}
+  - route: [{destination: {host: httpbin.org}}]
+";
+
+#[test]
+fn paths_that_dress_up_a_closed_route_are_normalized_before_matching() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let origin = ScriptedServer::start(&topology.internet, addr(SERVER_A, 80), &[]).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let mesh = format!("{MESH_REGISTRY_ONLY}    pathNormalization: {{normalization: MERGE_SLASHES}}\n");
+    istio::write(config.path(), &[&mesh, HTTPBIN, ADMIN_CLOSED]).unwrap();
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    let url = |path: &str| format!("http://httpbin.org{path}");
+    let resolve = format!("httpbin.org:80:{SERVER_A}");
+    let get = |path: &str| status(&topology, &["--path-as-is", "--resolve", &resolve, &url(path)]);
+
+    for dressed in ["/admin", "/public/../admin", "/./admin", "/%61dmin/users", "//admin", "/public/%2e%2e/admin"] {
+        assert_eq!(get(dressed), "403 000", "{dressed}\n{}", agent.log());
+    }
+    assert!(origin.heads().is_empty(), "nothing reached the origin: {:?}", origin.heads());
+
+    assert_eq!(get("/public/./page"), "200 000");
+    assert_eq!(get("/bad%zzescape"), "400 000", "a broken escape is refused");
+    let heads = origin.heads();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    assert!(heads[0].starts_with("GET /public/page HTTP/1.1"), "forwarded as normalized: {}", heads[0]);
 }

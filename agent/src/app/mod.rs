@@ -109,6 +109,7 @@ impl App {
             own_services: settings.gateway_service.clone(),
             host_verify: settings.host_verify,
             gateway_namespace: settings.gateway_namespace.clone(),
+            upgrades: settings.allow_upgrade.clone(),
             ..ProxySettings::default()
         };
         let workloads = Arc::new(ArcSwap::from_pointee(Workloads::default()));

@@ -105,6 +105,11 @@ pub struct RunSettings {
     /// as firewalls outside the cluster expect). Repeatable.
     #[arg(long = "upstream-source-address", value_name = "IP")]
     pub upstream_source_address: Vec<std::net::IpAddr>,
+    /// An HTTP/1.1 upgrade the proxy forwards (Envoy's upgrade_configs; Istio's gateways configure websocket).
+    /// A request asking for another gets 403, except h2c, which is dropped (the request is served as HTTP/1.1)
+    /// as Envoy does. Repeatable; giving it replaces the default.
+    #[arg(long = "allow-upgrade", value_name = "PROTOCOL", default_value = "websocket")]
+    pub allow_upgrade: Vec<String>,
     /// A range the proxy may connect to although it is the gateway node's own (loopback, link-local such as a
     /// metadata service at 169.254.169.254, the node's addresses), which it otherwise refuses in every context:
     /// 403 for HTTP, a reset for TCP. Repeatable.

@@ -1,5 +1,6 @@
-//! The mesh config's parts Sluice uses, from the `istio` ConfigMap's `mesh` key: `outboundTrafficPolicy.mode`, and
-//! the `exportTo` that ServiceEntries, VirtualServices and DestinationRules without one get, the root namespace.
+//! The mesh config's parts Sluice uses, from the `istio` ConfigMap's `mesh` key: `outboundTrafficPolicy.mode`,
+//! the `exportTo` that ServiceEntries, VirtualServices and DestinationRules without one get, the root namespace,
+//! and `pathNormalization`.
 
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +31,32 @@ pub struct MeshConfig {
     /// default is `istio-system`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_namespace: Option<String>,
+    /// How request paths are normalized before they are matched and forwarded.
+    #[serde(default)]
+    pub path_normalization: Option<PathNormalizationConfig>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct PathNormalizationConfig {
+    #[serde(default)]
+    pub normalization: Option<PathNormalization>,
+}
+
+/// Istio's `pathNormalization.normalization`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PathNormalization {
+    /// Istio's default: `BASE`.
+    #[default]
+    Default,
+    /// Paths as sent.
+    None,
+    /// RFC 3986 normalization (Envoy's `normalize_path`).
+    Base,
+    /// `BASE`, then runs of slashes merged.
+    MergeSlashes,
+    /// `MERGE_SLASHES`, with `%2F` and `%5C` decoded first.
+    DecodeAndMergeSlashes,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -51,6 +78,14 @@ impl MeshConfig {
     /// The mode the mesh config sets, if it sets one (Istio's default, ALLOW_ANY, applies otherwise).
     pub fn outbound_mode(&self) -> Option<OutboundTrafficMode> {
         self.outbound_traffic_policy.as_ref().and_then(|policy| policy.mode)
+    }
+
+    /// How request paths are normalized (`DEFAULT`, or none set, is `BASE`).
+    pub fn path_normalization(&self) -> PathNormalization {
+        match self.path_normalization.as_ref().and_then(|config| config.normalization) {
+            None | Some(PathNormalization::Default) => PathNormalization::Base,
+            Some(mode) => mode,
+        }
     }
 
     /// Where mesh-wide defaults live: `rootNamespace`, else Istio's `istio-system`.
@@ -91,5 +126,19 @@ mod tests {
         );
         let error = MeshConfig::from_mesh_yaml("outboundTrafficPolicy:\n  mode: SOMETIMES\n").unwrap_err();
         assert!(error.contains("SOMETIMES"), "{error}");
+    }
+
+    #[test]
+    fn path_normalization_is_read_and_defaults_to_base() {
+        let mode = |yaml: &str| MeshConfig::from_mesh_yaml(yaml).unwrap().path_normalization();
+        assert_eq!(mode(""), PathNormalization::Base);
+        assert_eq!(mode("pathNormalization: {normalization: DEFAULT}\n"), PathNormalization::Base);
+        assert_eq!(mode("pathNormalization: {normalization: NONE}\n"), PathNormalization::None);
+        assert_eq!(mode("pathNormalization: {normalization: MERGE_SLASHES}\n"), PathNormalization::MergeSlashes);
+        assert_eq!(
+            mode("pathNormalization:\n  normalization: DECODE_AND_MERGE_SLASHES\n"),
+            PathNormalization::DecodeAndMergeSlashes
+        );
+        assert!(MeshConfig::from_mesh_yaml("pathNormalization: {normalization: SOMETIMES}\n").is_err());
     }
 }

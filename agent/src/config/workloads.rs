@@ -18,16 +18,41 @@ pub struct Workloads {
     by_address: HashMap<IpAddr, Arc<Workload>>,
 }
 
+/// One pod's addresses and workload, and when it was created: when two pods claim an address (a recycled IP
+/// whose old pod is still listed), the newest is the one behind it.
+#[derive(Clone, Debug)]
+pub struct PodAddresses {
+    pub addresses: Vec<IpAddr>,
+    pub workload: Workload,
+    /// Seconds since the epoch.
+    pub created: i64,
+}
+
 impl Workloads {
-    pub fn from_pods(pods: impl IntoIterator<Item = (Vec<IpAddr>, Workload)>) -> Workloads {
-        let mut by_address = HashMap::new();
-        for (addresses, workload) in pods {
-            let workload = Arc::new(workload);
-            for address in addresses {
-                by_address.insert(address, workload.clone());
+    pub fn from_pods(pods: impl IntoIterator<Item = PodAddresses>) -> Workloads {
+        let mut claims: HashMap<IpAddr, (Arc<Workload>, i64)> = HashMap::new();
+        for pod in pods {
+            let workload = Arc::new(pod.workload);
+            for address in pod.addresses {
+                let claim = (workload.clone(), pod.created);
+                let Some((held, held_created)) = claims.get(&address) else {
+                    claims.insert(address, claim);
+                    continue;
+                };
+                let newer = pod.created > *held_created;
+                let (kept, dropped) = if newer { (&workload, held) } else { (held, &workload) };
+                tracing::warn!(
+                    %address,
+                    kept = %format!("{}/{}", kept.namespace, kept.name),
+                    dropped = %format!("{}/{}", dropped.namespace, dropped.name),
+                    "two pods hold one address: the newest is taken as its source"
+                );
+                if newer {
+                    claims.insert(address, claim);
+                }
             }
         }
-        Workloads { by_address }
+        Workloads { by_address: claims.into_iter().map(|(address, (workload, _))| (address, workload)).collect() }
     }
 
     /// Every address with its workload.
@@ -45,5 +70,25 @@ impl Workloads {
 
     pub fn is_empty(&self) -> bool {
         self.by_address.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, namespace: &str, address: &str, created: i64) -> PodAddresses {
+        let workload = Workload { name: name.into(), namespace: namespace.into(), labels: Default::default() };
+        PodAddresses { addresses: vec![address.parse().unwrap()], workload, created }
+    }
+
+    #[test]
+    fn an_address_two_pods_claim_is_the_newest_pods() {
+        for order in [[0, 1], [1, 0]] {
+            let pods = [pod("old", "payments", "10.0.0.7", 100), pod("new", "web", "10.0.0.7", 200)];
+            let workloads = Workloads::from_pods(order.map(|i| pods[i].clone()));
+            let held = workloads.get("10.0.0.7".parse().unwrap()).unwrap();
+            assert_eq!((&*held.namespace, &*held.name), ("web", "new"), "{order:?}");
+        }
     }
 }

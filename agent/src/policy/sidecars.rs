@@ -158,6 +158,10 @@ impl SidecarModes {
 mod tests {
     use super::*;
 
+    fn pod(addresses: Vec<IpAddr>, workload: Workload) -> crate::config::workloads::PodAddresses {
+        crate::config::workloads::PodAddresses { addresses, workload, created: 0 }
+    }
+
     fn workload(namespace: &str, labels: &[(&str, &str)]) -> Workload {
         let labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Workload { name: "w".into(), namespace: namespace.into(), labels }
@@ -204,9 +208,9 @@ spec: {egress: [{hosts: ['./*']}]}
         );
 
         let pods = Workloads::from_pods([
-            (vec!["10.0.0.1".parse().unwrap()], workload("shop", &[])),
-            (vec!["10.0.0.2".parse().unwrap(), "fd00::2".parse().unwrap()], workload("legacy", &[("app", "web")])),
-            (vec!["10.0.0.3".parse().unwrap()], workload("legacy", &[("app", "batch")])),
+            pod(vec!["10.0.0.1".parse().unwrap()], workload("shop", &[])),
+            pod(vec!["10.0.0.2".parse().unwrap(), "fd00::2".parse().unwrap()], workload("legacy", &[("app", "web")])),
+            pod(vec!["10.0.0.3".parse().unwrap()], workload("legacy", &[("app", "batch")])),
         ]);
         let exceptions = modes.exceptions(&pods);
         let expected: BTreeMap<IpAddr, OutboundMode> = [
@@ -263,7 +267,7 @@ spec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}
         let modes = SidecarModes::compile(&Snapshot::default(), OutboundMode::RegistryOnly);
         assert_eq!(modes.default, OutboundMode::RegistryOnly);
         assert_eq!(modes.mode_for(Some(&workload("shop", &[]))), OutboundMode::RegistryOnly);
-        let pods = Workloads::from_pods([(vec!["10.0.0.1".parse().unwrap()], workload("shop", &[]))]);
+        let pods = Workloads::from_pods([pod(vec!["10.0.0.1".parse().unwrap()], workload("shop", &[]))]);
         assert!(modes.exceptions(&pods).is_empty());
     }
 }

@@ -37,6 +37,8 @@ pub enum Failure {
     /// The destination is the gateway node itself (loopback, link-local, one of its addresses): the proxy does
     /// not act for a client with the node's identity.
     LocalDestination,
+    /// The request asks to upgrade to a protocol the proxy does not forward (not in `--allow-upgrade`).
+    UpgradeNotAllowed,
 }
 
 impl Failure {
@@ -47,7 +49,7 @@ impl Failure {
             Failure::NoRoute => StatusCode::NOT_FOUND,
             Failure::Blackholed => StatusCode::BAD_GATEWAY,
             Failure::HostMismatch => StatusCode::MISDIRECTED_REQUEST,
-            Failure::LocalDestination => StatusCode::FORBIDDEN,
+            Failure::LocalDestination | Failure::UpgradeNotAllowed => StatusCode::FORBIDDEN,
             Failure::NoCluster
             | Failure::NoHealthyUpstream
             | Failure::DnsFailure
@@ -65,7 +67,7 @@ impl Failure {
             Failure::BadRequest | Failure::UriTooLong => "DPE",
             Failure::NoRoute => "NR",
             // Envoy routes to the BlackHoleCluster, which has no hosts; Istio's dashboards key on the cluster.
-            Failure::Blackholed | Failure::HostMismatch | Failure::LocalDestination => "-",
+            Failure::Blackholed | Failure::HostMismatch | Failure::LocalDestination | Failure::UpgradeNotAllowed => "-",
             Failure::NoCluster => "NC",
             Failure::NoHealthyUpstream => "UH",
             Failure::DnsFailure => "DF",
@@ -81,7 +83,7 @@ impl Failure {
         match self {
             Failure::BadRequest => "bad request: no host\n",
             Failure::UriTooLong => "URI too long\n",
-            Failure::NoRoute | Failure::Blackholed => "",
+            Failure::NoRoute | Failure::Blackholed | Failure::UpgradeNotAllowed => "",
             Failure::HostMismatch => "the host is not served at the address connected to\n",
             Failure::NoCluster => "no cluster for the destination\n",
             Failure::NoHealthyUpstream => "no healthy upstream",
@@ -117,6 +119,7 @@ mod tests {
             (Failure::UpstreamReset, 503, "UR"),
             (Failure::UpstreamTimeout, 504, "UT"),
             (Failure::LocalDestination, 403, "-"),
+            (Failure::UpgradeNotAllowed, 403, "-"),
         ];
         for (failure, status, flag) in cases {
             assert_eq!((failure.status().as_u16(), failure.flag()), (status, flag), "{failure:?}");

@@ -33,6 +33,7 @@ pub use super::routing::Listener;
 use super::{
     detect::HttpVersion,
     failure::Failure,
+    path,
     routing::{self, Decision, Destination, Matched},
     tcp::{self, UpstreamSockets},
     upstreams::{Outgoing, SendError, UpstreamTls, Upstreams},
@@ -40,7 +41,7 @@ use super::{
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::{
-    config::{resolver::DnsResolver, workloads::Workloads},
+    config::{mesh::PathNormalization, resolver::DnsResolver, workloads::Workloads},
     policy::clusters::{Admission, Outcome, TlsOrigination},
     policy::routes::{Cors, HostVerify, Mirror, ProxyPolicy, RetryPolicy, Route, Target},
     telemetry::{
@@ -65,7 +66,7 @@ const MAX_REPLAYED_BODY: u64 = 64 * 1024;
 static MESH_RETRIES: std::sync::LazyLock<RetryPolicy> = std::sync::LazyLock::new(RetryPolicy::mesh_default);
 /// Headers that describe one hop, never forwarded (RFC 9110, 7.6.1). `Trailer` is end to end: it announces the
 /// trailer fields, and an HTTP/1.1 client is sent only those.
-const HOP_BY_HOP: [HeaderName; 7] = [
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -73,6 +74,8 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::PROXY_AUTHORIZATION,
     header::TE,
     header::UPGRADE,
+    // An h2c upgrade's settings are the connection's (RFC 9113 §3.2).
+    HeaderName::from_static("http2-settings"),
 ];
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -258,6 +261,15 @@ impl HttpProxy {
             if request.uri().path_and_query().is_some_and(|pq| pq.as_str().len() > MAX_URI_BYTES) {
                 return self.local_failure(Failure::UriTooLong, record, started, None);
             }
+            // Matched and forwarded as normalized, so that `/a/./b` meets the routes `/a/b` meets.
+            match normalize_path(&mut request, policy.path_normalization) {
+                Ok(false) => {}
+                Ok(true) if self.telemetry.logs_requests() => {
+                    record.path = request.uri().path_and_query().map_or_else(String::new, |pq| pq.as_str().to_owned());
+                }
+                Ok(true) => {}
+                Err(path::InvalidPath) => return self.local_failure(Failure::BadRequest, record, started, None),
+            }
             let Some(authority) = authority else {
                 return self.local_failure(Failure::BadRequest, record, started, None);
             };
@@ -369,8 +381,19 @@ impl HttpProxy {
             }
 
             let (mut parts, body) = request.into_parts();
-            // An HTTP/1.1 upgrade (WebSocket): its headers go upstream, and a 101 joins the two connections.
-            let upgrade = requested_upgrade(&parts.headers);
+            // An HTTP/1.1 upgrade (WebSocket): its headers go upstream, and a 101 joins the two connections. Only
+            // the protocols allowed (Envoy's `upgrade_configs`; Istio's is `websocket`) are: any other would take
+            // the connection out of the proxy's hands (an `h2c` upgrade's later streams would never be routed).
+            // An h2c upgrade is dropped and the request served as HTTP/1.1, as Envoy does; others get 403.
+            let upgrade = match requested_upgrade(&parts.headers) {
+                Some(protocol) if policy.allows_upgrade(&protocol) => Some(protocol),
+                Some(protocol) if protocol.as_bytes().eq_ignore_ascii_case(b"h2c") => None,
+                Some(protocol) => {
+                    tracing::debug!(?protocol, "upgrade not allowed");
+                    return self.local_failure(Failure::UpgradeNotAllowed, record, started, Some(destination.labels));
+                }
+                None => None,
+            };
             let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<OnUpgrade>());
             // What a streamed body has carried so far (a body kept for retries is counted whole, at once).
             let mut received = None;
@@ -830,6 +853,16 @@ fn protocol_name(version: Version) -> &'static str {
 
 fn header_text(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<String> {
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+/// Rewrites the request's path as `mode` normalizes it: whether it changed; a broken escape is an error.
+fn normalize_path(request: &mut Request<Incoming>, mode: PathNormalization) -> Result<bool, path::InvalidPath> {
+    let Some(path_and_query) = request.uri().path_and_query() else { return Ok(false) };
+    let Some(normal) = path::normalize(path_and_query.as_str(), mode)? else { return Ok(false) };
+    let mut parts = request.uri().clone().into_parts();
+    parts.path_and_query = Some(normal.parse().map_err(|_| path::InvalidPath)?);
+    *request.uri_mut() = http::Uri::from_parts(parts).map_err(|_| path::InvalidPath)?;
+    Ok(true)
 }
 
 /// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` with `Upgrade: …`).

@@ -6,6 +6,7 @@ pub mod gateway_listeners;
 pub mod http;
 pub mod intercepted;
 pub mod local_destinations;
+pub mod path;
 pub mod routing;
 pub mod tcp;
 pub mod transparent_listener;

@@ -353,6 +353,7 @@ mod tests {
             own_services: own.iter().map(|s| s.to_string()).collect(),
             host_verify: verify,
             gateway_namespace: None,
+            upgrades: Vec::new(),
         };
         proxy_policy(&snapshot, &resolved, &bind(&snapshot, &labels), &settings, &Default::default())
     }

@@ -22,7 +22,7 @@ use kube::{
 use tokio::sync::watch;
 
 use super::files::Loaded;
-use crate::config::workloads::{Workload, Workloads};
+use crate::config::workloads::{PodAddresses, Workload, Workloads};
 
 /// How errors from this source name it.
 pub const SOURCE: &str = "kubernetes";
@@ -206,23 +206,26 @@ pub async fn watch_pods(client: Client, sender: watch::Sender<Arc<Workloads>>) {
             }
         };
         if changed && listed {
-            let workloads =
-                Workloads::from_pods(known.values().map(|(addresses, workload)| (addresses.clone(), workload.clone())));
+            let workloads = Workloads::from_pods(known.values().cloned());
             let _ = sender.send(Arc::new(workloads));
         }
     }
 }
 
-type PodSummary = (Vec<std::net::IpAddr>, Workload);
+type PodSummary = PodAddresses;
 
 fn pod_key(pod: &Pod) -> String {
     format!("{}/{}", pod.metadata.namespace.as_deref().unwrap_or(""), pod.metadata.name.as_deref().unwrap_or(""))
 }
 
 /// A pod's addresses and workload; `None` for a pod without an address (pending, or on the host network, whose
-/// address is its node's).
+/// address is its node's), and for one that has ended (`Succeeded`, `Failed`): its address may already be
+/// another pod's, which must not inherit its Sidecar or `sourceLabels` routes.
 fn summarize(pod: &Pod) -> Option<(String, PodSummary)> {
     let status = pod.status.as_ref()?;
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return None;
+    }
     if pod.spec.as_ref().and_then(|spec| spec.host_network).unwrap_or(false) {
         return None;
     }
@@ -238,7 +241,8 @@ fn summarize(pod: &Pod) -> Option<(String, PodSummary)> {
     let name = labels.get("app").or(pod.metadata.name.as_ref()).map_or("", String::as_str).into();
     let namespace = pod.metadata.namespace.as_deref().unwrap_or_default().into();
     let workload = Workload { name, namespace, labels };
-    Some((pod_key(pod), (addresses, workload)))
+    let created = pod.metadata.creation_timestamp.as_ref().map_or(0, |time| time.0.as_second());
+    Some((pod_key(pod), PodAddresses { addresses, workload, created }))
 }
 
 /// Publishes a Warning Event on each rejected resource, once per distinct reason, so `kubectl describe` shows it.
@@ -367,6 +371,26 @@ mod tests {
     use serde_json::{json, Value};
 
     use super::*;
+
+    #[test]
+    fn only_pods_that_have_not_ended_are_sources_and_they_carry_their_creation_time() {
+        let pod = |phase: &str| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"name": "web-1", "namespace": "shop", "labels": {"app": "web"},
+                             "creationTimestamp": "2026-12-01T10:00:00Z"},
+                "spec": {"containers": []},
+                "status": {"phase": phase, "podIP": "10.0.0.7"}
+            }))
+            .unwrap()
+        };
+        let (_, running) = summarize(&pod("Running")).unwrap();
+        assert_eq!(running.addresses, vec!["10.0.0.7".parse::<std::net::IpAddr>().unwrap()]);
+        assert_eq!((&*running.workload.namespace, &*running.workload.name), ("shop", "web"));
+        assert_eq!(running.created, 1_796_119_200, "2026-12-01T10:00:00Z");
+        assert!(summarize(&pod("Pending")).is_some(), "a pod with an address may already send");
+        assert!(summarize(&pod("Succeeded")).is_none(), "its address may be another pod's now");
+        assert!(summarize(&pod("Failed")).is_none());
+    }
 
     fn service_entry(name: &str, host: &str) -> Value {
         json!({

@@ -46,6 +46,8 @@ pub fn proxy_policy(
     ProxyPolicy {
         sidecars: SidecarModes::compile(snapshot, settings.mode),
         host_verify: settings.host_verify,
+        upgrades: settings.upgrades.iter().map(|protocol| protocol.to_ascii_lowercase()).collect(),
+        path_normalization: snapshot.mesh.path_normalization(),
         hosts: table,
         gateways: bindings
             .gateways

@@ -61,6 +61,8 @@ pub struct ProxySettings {
     /// The namespace this gateway runs in, whose view of the configuration (`exportTo`, DestinationRules) its
     /// Gateway ports have; unknown, they see every resource.
     pub gateway_namespace: Option<String>,
+    /// The HTTP/1.1 upgrades forwarded (Envoy's `upgrade_configs`; Istio configures `websocket`), lowercase.
+    pub upgrades: Vec<String>,
 }
 
 /// What becomes of an intercepted request whose Host is registered at addresses that do not include the one
@@ -92,6 +94,10 @@ pub struct ProxyPolicy {
     /// The outbound mode of each source workload (its Sidecar's, else the mesh's).
     pub sidecars: SidecarModes,
     pub host_verify: HostVerify,
+    /// The HTTP/1.1 upgrades forwarded, lowercase; a request asking for another is refused.
+    upgrades: Box<[String]>,
+    /// How request paths are normalized before they are matched and forwarded (the mesh config's).
+    pub path_normalization: crate::config::mesh::PathNormalization,
     /// Host → what the registry and the mesh's routes hold for it: one table, so that a request's host is
     /// found once for both.
     hosts: HostTable<Host>,
@@ -132,6 +138,11 @@ pub enum Registered<'a> {
 }
 
 impl ProxyPolicy {
+    /// Whether an `Upgrade: protocol` request is forwarded.
+    pub fn allows_upgrade(&self, protocol: &HeaderValue) -> bool {
+        self.upgrades.iter().any(|allowed| protocol.as_bytes().eq_ignore_ascii_case(allowed.as_bytes()))
+    }
+
     /// The service registered for `host` (a Host, an authority or a destination host) on `port`.
     pub fn registered(&self, host: &str, port: u16) -> Registered<'_> {
         self.registered_for(host, port, Viewer::Gateway)
