@@ -79,13 +79,33 @@ pub struct UpstreamTls {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct PoolKey {
     address: SocketAddr,
-    tls: Option<(usize, Arc<rustls::pki_types::ServerName<'static>>)>,
+    tls: Option<(TlsIdentity, Arc<rustls::pki_types::ServerName<'static>>)>,
 }
 
 impl PoolKey {
     fn new(address: SocketAddr, tls: Option<&UpstreamTls>) -> PoolKey {
-        let tls = tls.map(|tls| (Arc::as_ptr(&tls.config) as usize, tls.server_name.clone()));
+        let tls = tls.map(|tls| (TlsIdentity(tls.config.clone()), tls.server_name.clone()));
         PoolKey { address, tls }
+    }
+}
+
+/// One TLS client configuration, the same only as itself: a connection made under one CA or client certificate
+/// is never reused under another. The key holds the configuration, so its address cannot be freed and taken by a
+/// new one while a connection made under it is pooled.
+#[derive(Clone, Debug)]
+struct TlsIdentity(Arc<rustls::ClientConfig>);
+
+impl PartialEq for TlsIdentity {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for TlsIdentity {}
+
+impl std::hash::Hash for TlsIdentity {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        std::ptr::hash(Arc::as_ptr(&self.0), state);
     }
 }
 
@@ -499,6 +519,31 @@ mod tests {
             }
         });
         (address, accepted)
+    }
+
+    #[test]
+    fn pooled_tls_connections_are_keyed_by_the_configuration_itself_not_its_address() {
+        let config = || {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth();
+            Arc::new(config)
+        };
+        let server_name = Arc::new(rustls::pki_types::ServerName::try_from("api.example").unwrap());
+        let address: SocketAddr = "203.0.113.10:443".parse().unwrap();
+        let old = UpstreamTls { config: config(), server_name: server_name.clone() };
+        let key = PoolKey::new(address, Some(&old));
+        assert_eq!(key, PoolKey::new(address, Some(&old.clone())), "the same configuration finds its connections");
+
+        let old_config = Arc::downgrade(&old.config);
+        drop(old);
+        assert!(old_config.upgrade().is_some(), "a pooled connection's key keeps its configuration alive");
+        let new = UpstreamTls { config: config(), server_name };
+        assert_ne!(key, PoolKey::new(address, Some(&new)), "a reloaded configuration never reuses the old connections");
+        assert_ne!(key, PoolKey::new(address, None));
     }
 
     #[tokio::test]

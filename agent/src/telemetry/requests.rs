@@ -4,7 +4,10 @@
 use std::{
     collections::HashMap,
     fmt::Write as _,
-    sync::{Arc, PoisonError, RwLock},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, PoisonError, RwLock,
+    },
     time::{Duration, SystemTime},
 };
 
@@ -209,6 +212,11 @@ impl RequestRecord {
     }
 }
 
+/// Access-log lines queued for the writer at most, and their bytes at most (a line can be tens of KiB: a long
+/// URI, a user agent): past either, lines are dropped and counted rather than slow a request or fill memory.
+const ACCESS_LOG_QUEUE_LINES: usize = 16_384;
+const ACCESS_LOG_QUEUE_BYTES: usize = 4 << 20;
+
 /// Records ended requests: metrics at once, access-log lines through a bounded queue to a writer task (a full
 /// queue drops the line and counts it, never slows a request).
 #[derive(Clone)]
@@ -216,7 +224,7 @@ pub struct RequestTelemetry {
     metrics: RequestMetrics,
     /// Istio's TCP metrics, for the connections relayed without reading them.
     pub tcp: ConnectionMetrics,
-    lines: mpsc::Sender<String>,
+    lines: LineQueue,
     format: AccessLogFormat,
     dropped_lines: Counter,
     host_mismatches: Family<[(&'static str, &'static str); 1], Counter>,
@@ -247,15 +255,15 @@ impl RequestTelemetry {
             "Client connections reset at accept because --max-connections were open",
             connections_refused.clone(),
         );
-        let (lines, mut queue) = mpsc::channel::<String>(4096);
+        let (lines, mut queue) = LineQueue::new(ACCESS_LOG_QUEUE_LINES, ACCESS_LOG_QUEUE_BYTES);
         // A thread of its own: writes to stdout block, and lines are written in batches, flushed whenever the
         // queue runs dry.
         let writer = std::thread::Builder::new().name("access-log".into()).spawn(move || {
             use std::io::Write;
             let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
-            while let Some(line) = queue.blocking_recv() {
+            while let Some(line) = queue.blocking_next() {
                 let mut written = out.write_all(line.as_bytes());
-                while let (Ok(()), Ok(line)) = (&written, queue.try_recv()) {
+                while let (Ok(()), Some(line)) = (&written, queue.try_next()) {
                     written = out.write_all(line.as_bytes());
                 }
                 if written.and_then(|()| out.flush()).is_err() {
@@ -295,9 +303,63 @@ impl RequestTelemetry {
             AccessLogFormat::Json => json_line(record),
             AccessLogFormat::Off => return,
         };
-        if self.lines.try_send(line).is_err() {
+        if !self.lines.offer(line) {
             self.dropped_lines.inc();
         }
+    }
+}
+
+/// The access-log lines on their way to the writer, bounded in count and in bytes: clients whose requests make
+/// long lines cannot fill memory while standard output is slow.
+#[derive(Clone)]
+struct LineQueue {
+    lines: mpsc::Sender<String>,
+    /// The bytes of the lines queued and not yet taken: reserved before a line is queued, released as it is taken.
+    queued: Arc<AtomicUsize>,
+    max_bytes: usize,
+}
+
+/// The writer's end of a [`LineQueue`].
+struct LineQueueReader {
+    lines: mpsc::Receiver<String>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl LineQueue {
+    fn new(max_lines: usize, max_bytes: usize) -> (LineQueue, LineQueueReader) {
+        let (sender, receiver) = mpsc::channel(max_lines);
+        let queued = Arc::new(AtomicUsize::new(0));
+        (LineQueue { lines: sender, queued: queued.clone(), max_bytes }, LineQueueReader { lines: receiver, queued })
+    }
+
+    /// Queues `line` unless that would pass a bound: whether it was queued.
+    fn offer(&self, line: String) -> bool {
+        let size = line.len();
+        if self.queued.fetch_add(size, Ordering::Relaxed) + size > self.max_bytes {
+            self.queued.fetch_sub(size, Ordering::Relaxed);
+            return false;
+        }
+        if self.lines.try_send(line).is_err() {
+            self.queued.fetch_sub(size, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+}
+
+impl LineQueueReader {
+    /// The next line, waiting for one; `None` once every sender is gone.
+    fn blocking_next(&mut self) -> Option<String> {
+        self.lines.blocking_recv().inspect(|line| self.release(line))
+    }
+
+    /// The next line if one is queued.
+    fn try_next(&mut self) -> Option<String> {
+        self.lines.try_recv().ok().inspect(|line| self.release(line))
+    }
+
+    fn release(&self, line: &str) {
+        self.queued.fetch_sub(line.len(), Ordering::Relaxed);
     }
 }
 
@@ -425,6 +487,23 @@ pub fn rfc3339_millis(time: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_access_log_queue_is_bounded_by_bytes_as_well_as_lines() {
+        let (queue, mut reader) = LineQueue::new(10, 100);
+        assert!(queue.offer("a".repeat(40)));
+        assert!(queue.offer("b".repeat(40)));
+        assert!(!queue.offer("c".repeat(40)), "120 bytes would pass the bound of 100");
+        assert!(queue.offer("d".repeat(20)), "100 bytes do not");
+        assert_eq!(reader.try_next().map(|line| line.len()), Some(40));
+        assert!(queue.offer("e".repeat(40)), "a line taken frees its bytes");
+        assert!(!queue.offer("f".to_owned()), "the queue is full to the byte");
+
+        let (queue, _reader) = LineQueue::new(2, 1 << 20);
+        assert!(queue.offer("1".into()) && queue.offer("2".into()));
+        assert!(!queue.offer("3".into()), "and by lines");
+        assert_eq!(queue.queued.load(Ordering::Relaxed), 2, "a refused line holds no bytes");
+    }
 
     #[tokio::test]
     async fn each_request_counts_in_the_series_its_labels_name() {
