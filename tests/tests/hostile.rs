@@ -196,3 +196,64 @@ fn paths_that_dress_up_a_closed_route_are_normalized_before_matching() {
     assert_eq!(heads.len(), 1, "{heads:?}");
     assert!(heads[0].starts_with("GET /public/page HTTP/1.1"), "forwarded as normalized: {}", heads[0]);
 }
+
+/// Opens a connection from the workload to `to` and sends `bytes`, leaving it open.
+fn open_and_send(topology: &Topology, to: SocketAddr, bytes: &[u8]) -> std::net::TcpStream {
+    topology
+        .workload
+        .enter(|| {
+            let mut stream = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)).unwrap();
+            stream.write_all(bytes).unwrap();
+            stream
+        })
+        .unwrap()
+}
+
+/// Whether the proxy has closed `stream` (what it sent before closing, if anything, is read and dropped).
+fn closed_by_the_proxy(stream: &mut std::net::TcpStream) -> bool {
+    stream.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(error) => return error.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
+}
+
+#[test]
+fn preface_only_http2_and_half_sent_bodies_release_their_connection_places() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _origin = ScriptedServer::start(&topology.internet, addr(SERVER_A, 80), &[]).unwrap();
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --outbound-traffic-policy ALLOW_ANY \
+         --max-connections 4 --request-headers-timeout 1s --stream-idle-timeout 1s"
+    );
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    let origin = addr(SERVER_A, 80);
+    let request = |path: &str| status(&topology, &[&format!("http://{SERVER_A}{path}")]);
+    assert_eq!(request("/before"), "200 000");
+
+    // Two HTTP/2 connections that send the preface and their settings, then nothing; two HTTP/1.1 requests that
+    // promise a body and send a tenth of it.
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    let half_body = b"POST /upload HTTP/1.1\r\nHost: origin.example\r\nContent-Length: 1000\r\n\r\n0123456789";
+    let mut flood: Vec<_> = (0..2)
+        .map(|_| open_and_send(&topology, origin, preface))
+        .chain((0..2).map(|_| open_and_send(&topology, origin, half_body)))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let held = request("/while-held");
+    assert!(!held.starts_with("200"), "every place is held: a fifth client is reset: {held}");
+    assert!(agent.sample("sluice_proxy_connections_refused_total").unwrap() >= 1);
+
+    std::thread::sleep(Duration::from_secs(2));
+    for (i, stream) in flood.iter_mut().enumerate() {
+        assert!(closed_by_the_proxy(stream), "flood connection {i} was closed");
+    }
+    assert_eq!(request("/after"), "200 000", "the places were released:\n{}", agent.log());
+    let metrics = agent.metrics().unwrap();
+    assert!(metrics.contains("response_code=\"408\""), "half-sent bodies time out as Envoy's do (408 SI):\n{metrics}");
+}

@@ -71,6 +71,7 @@ impl App {
     /// Binds the listeners, reads the configuration, loads and attaches the datapath with the policy compiled
     /// from it, and starts the proxy and the telemetry servers.
     pub async fn start(settings: RunSettings) -> anyhow::Result<App> {
+        raise_descriptor_limit(settings.max_connections);
         // Listeners first: a port in use fails before anything touches the kernel.
         let metrics_listener = listen(settings.metrics_addr, "metrics", "--metrics-addr").await?;
         let admin_listener = listen(settings.admin_addr, "admin", "--admin-addr").await?;
@@ -195,6 +196,8 @@ impl App {
         let limits = Limits {
             max_connections: settings.max_connections,
             request_headers_timeout: settings.request_headers_timeout,
+            stream_idle_timeout: settings.stream_idle_timeout,
+            idle_timeout: settings.idle_timeout,
             sockets: UpstreamSockets::new(
                 SourceAddresses::from_list(&settings.upstream_source_address),
                 local_destinations.clone(),
@@ -325,6 +328,29 @@ async fn reload(control: &mut Control, enforced: &mut Enforced) -> Duration {
     let refresh = control.resolve().await.1;
     enforced.apply(control, snapshot);
     refresh
+}
+
+/// Raises the soft limit on open descriptors to what `max_connections` clients need (each with an upstream
+/// connection, and room for pools, maps and listeners), as far as the hard limit allows: at the default soft
+/// limit (1,024) accept would fail with EMFILE long before `--max-connections`.
+fn raise_descriptor_limit(max_connections: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let wanted = (max_connections as u64).saturating_mul(2).saturating_add(1024);
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    let raised = wanted.min(hard);
+    if raised > soft {
+        match setrlimit(Resource::RLIMIT_NOFILE, raised, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = raised, "raised the open-descriptor limit"),
+            Err(error) => tracing::warn!(%error, "raising the open-descriptor limit"),
+        }
+    }
+    if raised < wanted {
+        tracing::warn!(
+            limit = raised,
+            wanted,
+            "the open-descriptor limit is below what --max-connections needs: accepts may fail before it is reached"
+        );
+    }
 }
 
 /// Binds one of the agent's HTTP listeners; a port in use is named with the flag that moves it.

@@ -121,6 +121,14 @@ pub struct RunSettings {
     /// How long a client may take to send a request's headers before its connection is closed.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = crate::config::fields::parse_duration)]
     pub request_headers_timeout: std::time::Duration,
+    /// How long a request's body, a CONNECT tunnel or an upgraded (WebSocket) connection may go without a byte
+    /// either way before it is closed (Envoy's stream_idle_timeout).
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = crate::config::fields::parse_duration)]
+    pub stream_idle_timeout: std::time::Duration,
+    /// How long a client connection may stay open with no request in progress, and an opaque TCP relay without a
+    /// byte (Envoy's idle_timeout).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = crate::config::fields::parse_duration)]
+    pub idle_timeout: std::time::Duration,
     /// The access log on standard output: Envoy's default text line or one JSON object per request, or none.
     #[arg(long, value_enum, default_value = "text")]
     pub access_log_format: AccessLogFormat,

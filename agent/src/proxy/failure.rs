@@ -39,6 +39,8 @@ pub enum Failure {
     LocalDestination,
     /// The request asks to upgrade to a protocol the proxy does not forward (not in `--allow-upgrade`).
     UpgradeNotAllowed,
+    /// The client sent nothing of the request's body for the stream idle timeout.
+    StreamIdleTimeout,
 }
 
 impl Failure {
@@ -58,6 +60,7 @@ impl Failure {
             | Failure::TlsOrigination
             | Failure::UpstreamReset => StatusCode::SERVICE_UNAVAILABLE,
             Failure::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Failure::StreamIdleTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -75,6 +78,7 @@ impl Failure {
             Failure::UpstreamConnect | Failure::TlsOrigination => "UF",
             Failure::UpstreamReset => "UR",
             Failure::UpstreamTimeout => "UT",
+            Failure::StreamIdleTimeout => "SI",
         }
     }
 
@@ -100,6 +104,7 @@ impl Failure {
                 "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
             }
             Failure::UpstreamTimeout => "upstream request timeout",
+            Failure::StreamIdleTimeout => "stream timeout",
             Failure::LocalDestination => "destination refused: it is the gateway node itself\n",
         }
     }
@@ -120,6 +125,7 @@ mod tests {
             (Failure::UpstreamTimeout, 504, "UT"),
             (Failure::LocalDestination, 403, "-"),
             (Failure::UpgradeNotAllowed, 403, "-"),
+            (Failure::StreamIdleTimeout, 408, "SI"),
         ];
         for (failure, status, flag) in cases {
             assert_eq!((failure.status().as_u16(), failure.flag()), (status, flag), "{failure:?}");

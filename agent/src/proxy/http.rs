@@ -33,7 +33,7 @@ pub use super::routing::Listener;
 use super::{
     detect::HttpVersion,
     failure::Failure,
-    path,
+    idle, join, path,
     routing::{self, Decision, Destination, Matched},
     tcp::{self, UpstreamSockets},
     upstreams::{Outgoing, SendError, UpstreamTls, Upstreams},
@@ -77,6 +77,10 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     // An h2c upgrade's settings are the connection's (RFC 9113 §3.2).
     HeaderName::from_static("http2-settings"),
 ];
+/// Mirrored requests in flight at most, and how long each may take: their answers are ignored, so they must cost
+/// the gateway no more than this.
+const MAX_MIRRORS_IN_FLIGHT: usize = 256;
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -98,6 +102,9 @@ pub struct HttpProxy {
     telemetry: Arc<RequestTelemetry>,
     limits: Limits,
     connections: Arc<tokio::sync::Semaphore>,
+    /// Mirrored requests in flight: a route mirroring a flood sends no more than this at once (others are not
+    /// mirrored).
+    mirrors: Arc<tokio::sync::Semaphore>,
     /// Looks up the hosts that forward-proxied requests name.
     resolver: Option<Arc<DnsResolver>>,
     /// The workloads behind the gateway by address (from Kubernetes), for source matches and labels.
@@ -113,6 +120,12 @@ pub struct Limits {
     pub request_headers_timeout: Duration,
     /// Where upstream connections leave from, and the destinations they never go to (the node itself).
     pub sockets: UpstreamSockets,
+    /// How long a request's body, a tunnel or an upgraded connection may go without a byte (Envoy's
+    /// `stream_idle_timeout`).
+    pub stream_idle_timeout: Duration,
+    /// How long a client connection may stay open with no request (Envoy's `idle_timeout`), and an opaque TCP
+    /// relay without a byte.
+    pub idle_timeout: Duration,
 }
 
 impl HttpProxy {
@@ -120,7 +133,17 @@ impl HttpProxy {
         let upstreams = Upstreams::new(limits.sockets.clone());
         let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
         let telemetry = Arc::new(telemetry);
-        HttpProxy { policy, upstreams, telemetry, limits, connections, resolver: None, workloads: Default::default() }
+        let mirrors = Arc::new(tokio::sync::Semaphore::new(MAX_MIRRORS_IN_FLIGHT));
+        HttpProxy {
+            policy,
+            upstreams,
+            telemetry,
+            limits,
+            connections,
+            mirrors,
+            resolver: None,
+            workloads: Default::default(),
+        }
     }
 
     /// The workload at `address`, when the pod watcher knows it.
@@ -146,6 +169,10 @@ impl HttpProxy {
 
     pub fn upstream_sockets(&self) -> &UpstreamSockets {
         &self.limits.sockets
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// A place for one more client connection, or `None` at `--max-connections` (the connection is then reset
@@ -179,14 +206,17 @@ impl HttpProxy {
     pub async fn serve_connection(self: Arc<Self>, stream: TcpStream, connection: Connection, version: HttpVersion) {
         let _ = stream.set_nodelay(true);
         let proxy = self.clone();
+        let activity = idle::Activity::new();
+        let requests = activity.clone();
         // A request's future is boxed: hyper moves what its service returns, and the whole exchange is kilobytes.
         let service = hyper::service::service_fn(move |request| {
-            Box::pin(proxy.clone().handle(request, connection).map(answered))
+            Box::pin(proxy.clone().handle(request, connection, requests.begin()).map(answered))
         });
         let io = TokioIo::new(stream);
+        let (first_request, idle) = (self.limits.request_headers_timeout, self.limits.idle_timeout);
         let served = match version {
             HttpVersion::Http1 => {
-                hyper::server::conn::http1::Builder::new()
+                let connection = hyper::server::conn::http1::Builder::new()
                     .writev(false)
                     .timer(TokioTimer::new())
                     .header_read_timeout(self.limits.request_headers_timeout)
@@ -196,16 +226,20 @@ impl HttpProxy {
                     .max_buf_size(MAX_REQUEST_HEADERS_BYTES)
                     .max_headers(MAX_REQUEST_HEADERS)
                     .serve_connection(io, service)
-                    .with_upgrades()
-                    .await
+                    .with_upgrades();
+                idle::serve_until_idle(connection, &activity, first_request, idle).await
             }
             HttpVersion::Http2 => {
-                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .max_header_list_size(MAX_REQUEST_HEADERS_BYTES as u32)
-                    .serve_connection(io, service)
-                    .await
+                    .serve_connection(io, service);
+                idle::serve_until_idle(connection, &activity, first_request, idle).await
             }
+        };
+        let Some(served) = served else {
+            tracing::debug!(peer = %connection.peer, "client connection idle: closed");
+            return;
         };
         if let Err(error) = served {
             tracing::debug!(%error, peer = %connection.peer, "client connection ended");
@@ -219,8 +253,11 @@ impl HttpProxy {
         self: Arc<Self>,
         mut request: Request<Incoming>,
         mut connection: Connection,
+        in_progress: idle::InProgress,
     ) -> impl Future<Output = Response<ProxyBody>> + Send {
         async move {
+            // The connection is not idle until the response's head is out.
+            let _in_progress = in_progress;
             let started = Instant::now();
             // Every request carries an id from here on, local replies included, as Envoy's do.
             if !request.headers().contains_key(&X_REQUEST_ID) {
@@ -433,16 +470,22 @@ impl HttpProxy {
             let small = body.size_hint().upper().is_some_and(|size| size <= MAX_REPLAYED_BODY);
             let mut streamed = None;
             let replayable = if small && (retries.attempts > 0 || mirror.is_some()) {
-                match body.collect().await {
-                    Ok(collected) => Some(collected.to_bytes()),
-                    Err(error) => {
+                match tokio::time::timeout(self.limits.stream_idle_timeout, body.collect()).await {
+                    Ok(Ok(collected)) => Some(collected.to_bytes()),
+                    Ok(Err(error)) => {
                         tracing::debug!(%error, peer = %connection.peer, "client body ended early");
                         return self.local_failure(Failure::BadRequest, record, started, Some(destination.labels));
+                    }
+                    Err(_) => {
+                        tracing::debug!(peer = %connection.peer, "client body not sent within the stream idle timeout");
+                        let labels = Some(destination.labels);
+                        return self.local_failure(Failure::StreamIdleTimeout, record, started, labels);
                     }
                 }
             } else {
                 let counted = Arc::new(AtomicU64::new(0));
-                streamed = Some(Counted { inner: body, bytes: counted.clone() }.map_err(BoxError::from).boxed());
+                let idle = self.limits.stream_idle_timeout;
+                streamed = Some(Counted::new(body, counted.clone(), idle).boxed());
                 received = Some(counted);
                 None
             };
@@ -589,8 +632,14 @@ impl HttpProxy {
             let mut response = response;
             let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
             if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
+                // The upgraded connection outlives the HTTP connection it came from: it holds a connection
+                // place of its own.
+                let Some(place) = self.admit() else {
+                    return self.local_failure(Failure::Overflow, record, started, Some(destination.labels));
+                };
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
-                tokio::spawn(join_upgraded(client_upgrade, upstream_upgrade, connection.peer));
+                let idle = self.limits.stream_idle_timeout;
+                tokio::spawn(join_upgraded(client_upgrade, upstream_upgrade, connection.peer, idle, place));
             }
             let (mut parts, body) = response.into_parts();
             let upgraded_to = parts.headers.get(header::UPGRADE).cloned().filter(|_| switching);
@@ -676,21 +725,28 @@ impl HttpProxy {
                 return self.local_failure(failure, record, started, Some(destination.labels));
             }
         };
+        // The tunnel outlives the HTTP connection it came from: it holds a connection place of its own.
+        let Some(place) = self.admit() else {
+            return self.local_failure(Failure::Overflow, record, started, Some(destination.labels));
+        };
         let peer = record.downstream_remote;
         let tcp_labels = TcpLabels::new(&destination.labels, "");
         let tcp = self.telemetry.tcp.clone();
+        let idle = self.limits.stream_idle_timeout;
         tokio::spawn(async move {
             match hyper::upgrade::on(request).await {
                 Ok(upgraded) => {
                     tcp.opened(&tcp_labels);
                     let (mut client, mut upstream) = (TokioIo::new(upgraded), upstream);
-                    let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                    let (received, sent) = copied.as_ref().map(|&(up, down)| (up, down)).unwrap_or_default();
+                    let joined = join::join(&mut client, &mut upstream, idle).await;
+                    let counts = joined.as_ref().map(|joined| (joined.from_first, joined.from_second));
+                    let (received, sent) = counts.unwrap_or_default();
                     tcp.closed(&tcp_labels, received, sent);
-                    tracing::debug!(?peer, upstream = %address, ?copied, "tunnel ended");
+                    tracing::debug!(?peer, upstream = %address, ?joined, "tunnel ended");
                 }
                 Err(error) => tracing::debug!(?peer, %error, "tunnel not established"),
             }
+            drop(place);
         });
         record.response_code = StatusCode::OK.as_u16();
         record.destination = Some(destination.labels);
@@ -724,6 +780,10 @@ impl HttpProxy {
             tracing::debug!(host = %mirror.host, "mirror destination's TLS settings cannot be used; not mirrored");
             return;
         };
+        let Ok(place) = self.mirrors.clone().try_acquire_owned() else {
+            tracing::debug!(host = %mirror.host, "as many mirrored requests in flight as allowed; not mirrored");
+            return;
+        };
         let shadow = format!("{}-shadow", routing::host_of(authority));
         let (address, http2, connect_timeout) = (destination.address, destination.http2, destination.connect_timeout());
         let (method, headers, path) = (parts.method.clone(), parts.headers.clone(), path_and_query.clone());
@@ -740,10 +800,16 @@ impl HttpProxy {
                 tls,
             };
             let body = Full::new(body).map_err(|never| match never {}).boxed();
-            if let Ok(response) = upstreams.send(outgoing, body).await {
-                // Read to the end so the connection goes back to the pool.
-                let _ = response.into_body().collect().await;
+            let mirrored = async {
+                if let Ok(response) = upstreams.send(outgoing, body).await {
+                    // Read to the end so the connection goes back to the pool.
+                    let _ = response.into_body().collect().await;
+                }
+            };
+            if tokio::time::timeout(MIRROR_TIMEOUT, mirrored).await.is_err() {
+                tracing::debug!(authority = %shadow, "mirrored request unanswered in time: abandoned");
             }
+            drop(place);
         });
     }
 
@@ -875,16 +941,24 @@ fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
     asks.then(|| headers.get(header::UPGRADE).cloned()).flatten()
 }
 
-/// Relays bytes between an upgraded client connection and its upgraded upstream until either closes.
-async fn join_upgraded(client: OnUpgrade, upstream: OnUpgrade, peer: SocketAddr) {
+/// Relays bytes between an upgraded client connection and its upgraded upstream until either closes or both
+/// are silent for `idle`; `place` is its share of `--max-connections`, held until then.
+async fn join_upgraded(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    peer: SocketAddr,
+    idle: Duration,
+    place: OwnedSemaphorePermit,
+) {
     match tokio::try_join!(client, upstream) {
         Ok((client, upstream)) => {
             let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-            let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-            tracing::debug!(%peer, ?copied, "upgraded connection ended");
+            let joined = join::join(&mut client, &mut upstream, idle).await;
+            tracing::debug!(%peer, ?joined, "upgraded connection ended");
         }
         Err(error) => tracing::debug!(%peer, %error, "upgrade failed"),
     }
+    drop(place);
 }
 
 /// True for `percent` % of calls.
@@ -1014,24 +1088,53 @@ fn request_id() -> [u8; 36] {
     id
 }
 
-/// A request body that counts the bytes it carries.
+/// A request body streamed upstream: counts the bytes it carries, and fails when the client sends nothing for
+/// the stream idle timeout (a half-sent body holds the upstream connection no longer).
 struct Counted {
     inner: Incoming,
     bytes: Arc<AtomicU64>,
+    idle: Duration,
+    /// When the client's silence ends the body; made at the first wait, moved on at each frame.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
+
+impl Counted {
+    fn new(inner: Incoming, bytes: Arc<AtomicU64>, idle: Duration) -> Counted {
+        Counted { inner, bytes, idle, deadline: None }
+    }
+}
+
+/// The error a streamed request body ends with when the client went silent.
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent nothing of the request body for {0:?}")]
+struct BodyIdle(Duration);
 
 impl Body for Counted {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                if let Some(deadline) = &mut this.deadline {
+                    deadline.as_mut().reset(tokio::time::Instant::now() + this.idle);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(other) => Poll::Ready(other.map(|result| result.map_err(BoxError::from))),
+            Poll::Pending => {
+                let idle = this.idle;
+                let deadline = this.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                match deadline.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(BoxError::from(BodyIdle(idle))))),
+                    Poll::Pending => Poll::Pending,
+                }
             }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -47,7 +47,8 @@ async fn dispatch(connection: Intercepted, proxy: Arc<HttpProxy>, policy: Arc<Ar
         }
         Detected::Opaque => {
             let mode = policy.load().sidecars.mode_for(proxy.workload(connection.peer.ip()).as_deref());
-            tcp::relay(connection, mode, &proxy.telemetry().tcp, proxy.upstream_sockets()).await
+            let idle = proxy.limits().idle_timeout;
+            tcp::relay(connection, mode, &proxy.telemetry().tcp, proxy.upstream_sockets(), idle).await
         }
     }
 }

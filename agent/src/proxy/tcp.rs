@@ -9,7 +9,6 @@ use std::{
 };
 
 use tokio::{
-    io::copy_bidirectional,
     net::{TcpSocket, TcpStream},
     time::timeout,
 };
@@ -108,11 +107,14 @@ pub fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
+/// Relays an intercepted connection that is not HTTP to its original destination (ALLOW_ANY), until either side
+/// closes or both are silent for `idle`; resets it in REGISTRY_ONLY.
 pub async fn relay(
     connection: Intercepted,
     mode: OutboundMode,
     metrics: &ConnectionMetrics,
     sockets: &UpstreamSockets,
+    idle: Duration,
 ) {
     let Intercepted { mut stream, peer, original_destination } = connection;
     if mode == OutboundMode::RegistryOnly {
@@ -145,8 +147,8 @@ pub async fn relay(
     let labels = TcpLabels::new(&destination, "");
     metrics.opened(&labels);
     let mut upstream = upstream;
-    let result = copy_bidirectional(&mut stream, &mut upstream).await;
-    let (received, sent) = result.as_ref().map(|&(up, down)| (up, down)).unwrap_or_default();
+    let joined = super::join::join(&mut stream, &mut upstream, idle).await;
+    let (received, sent) = joined.as_ref().map(|joined| (joined.from_first, joined.from_second)).unwrap_or_default();
     metrics.closed(&labels, received, sent);
     tracing::info!(
         source = %peer,

@@ -227,7 +227,7 @@ struct Idle {
 /// Monotonic time at the kernel's tick (a few milliseconds), read without the fine clock's cost: enough to tell
 /// a connection idle for a minute, and read twice per request.
 fn coarse_now() -> Duration {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).map(Duration::from).unwrap_or_default()
+    super::idle::coarse_now()
 }
 
 impl Http1Pool {

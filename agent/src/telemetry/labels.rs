@@ -35,7 +35,8 @@ impl Default for LabelText {
 
 /// Envoy's response flags, as requests' records carry them (chosen as they happen, so not known where the label
 /// is made), and `-` for none.
-static FLAGS: &[&str] = &["-", "DPE", "NR", "NC", "UH", "DF", "UO", "UF", "UR", "UT", "DI", "FI", "UC", "DC", "URX"];
+static FLAGS: &[&str] =
+    &["-", "DPE", "NR", "NC", "UH", "DF", "UO", "UF", "UR", "UT", "DI", "FI", "UC", "DC", "URX", "SI"];
 
 impl From<&'static str> for LabelText {
     /// A response flag of `FLAGS` by reference; any other text is copied once, here. (A text known where the

@@ -1,12 +1,12 @@
 //! The agent's HTTP endpoints: metrics (`/stats/prometheus` and `/metrics`, Istio's port 15090), readiness
 //! (`/healthz/ready`, 15021) and the admin endpoints on loopback (`/config_dump`, `/ready`, 15000).
 
-use std::{convert::Infallible, sync::Arc};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{body::Incoming, header, server::conn::http1, service::service_fn, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{encoding::text::encode, registry::Registry};
 use tokio::{net::TcpListener, sync::watch};
 
@@ -76,19 +76,34 @@ pub async fn serve_readiness(listener: TcpListener, readiness: watch::Receiver<R
     .await
 }
 
-/// Accepts HTTP/1.1 connections on `listener` and answers each request with `respond`.
+/// Connections each endpoint serves at once: scrapers, probes and operators need a few; more are closed at accept.
+const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send a request's head, and a connection may stay open at all: these endpoints
+/// answer at once, so a client holding one longer is not a scraper.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Accepts HTTP/1.1 connections on `listener` and answers each request with `respond`: at most
+/// `MAX_CONNECTIONS` at once, each within `CONNECTION_LIFETIME`; an accept that fails (out of descriptors) is
+/// retried after a pause rather than at once.
 async fn serve<F>(listener: TcpListener, what: &'static str, respond: F)
 where
     F: Fn(&Request<Incoming>) -> Response<Body> + Send + Sync + 'static,
 {
     let respond = Arc::new(respond);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
                 tracing::warn!(%error, endpoint = what, "accepting a connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, endpoint = what, "too many connections: closed");
+            continue;
         };
         let respond = respond.clone();
         tokio::spawn(async move {
@@ -96,9 +111,16 @@ where
                 let response = respond(&request);
                 async move { Ok::<_, Infallible>(response) }
             });
-            if let Err(error) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
-                tracing::debug!(%error, %peer, endpoint = what, "connection ended");
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+                Ok(Err(error)) => tracing::debug!(%error, %peer, endpoint = what, "connection ended"),
+                Err(_) => tracing::debug!(%peer, endpoint = what, "connection held too long: closed"),
+                Ok(Ok(())) => {}
             }
+            drop(slot);
         });
     }
 }

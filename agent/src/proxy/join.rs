@@ -1,0 +1,151 @@
+//! Two byte streams joined end to end — an opaque TCP relay, a `CONNECT` tunnel, an upgraded (WebSocket)
+//! connection — until either side closes, or neither has sent a byte for the idle timeout: a client cannot hold a
+//! connection slot, two sockets and a task by going quiet.
+
+use std::{
+    io,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::{
+    io::{copy_bidirectional, AsyncRead, AsyncWrite, ReadBuf},
+    time::Instant,
+};
+
+/// The bytes each side sent, and how the join ended.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Joined {
+    /// Bytes the first side sent (received by the proxy from it).
+    pub from_first: u64,
+    /// Bytes the second side sent.
+    pub from_second: u64,
+    /// Whether it ended because neither side sent anything for the idle timeout.
+    pub idled_out: bool,
+}
+
+/// Relays bytes both ways between `first` and `second` until either closes, fails, or both are silent for `idle`.
+pub async fn join<A, B>(first: &mut A, second: &mut B, idle: Duration) -> io::Result<Joined>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let started = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let mut first = Watched { inner: first, read: 0, last: last.clone(), started };
+    let mut second = Watched { inner: second, read: 0, last: last.clone(), started };
+    let outcome = {
+        let copying = copy_bidirectional(&mut first, &mut second);
+        tokio::pin!(copying);
+        loop {
+            let quiet_for = started.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+            let Some(left) = idle.checked_sub(quiet_for).filter(|left| !left.is_zero()) else { break None };
+            tokio::select! {
+                copied = &mut copying => break Some(copied),
+                () = tokio::time::sleep(left) => {}
+            }
+        }
+    };
+    match outcome {
+        Some(Err(error)) => Err(error),
+        Some(Ok(_)) | None => {
+            Ok(Joined { from_first: first.read, from_second: second.read, idled_out: outcome.is_none() })
+        }
+    }
+}
+
+/// A stream that counts what is read from it and notes when anything last moved either way.
+struct Watched<'a, T: ?Sized> {
+    inner: &'a mut T,
+    read: u64,
+    /// Milliseconds from `started` to the last byte read or written, on either side.
+    last: Arc<AtomicU64>,
+    started: Instant,
+}
+
+impl<T: ?Sized> Watched<'_, T> {
+    fn moved(&self) {
+        self.last.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl<T: AsyncRead + Unpin + ?Sized> AsyncRead for Watched<'_, T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        let read = (buf.filled().len() - before) as u64;
+        if read > 0 {
+            self.read += read;
+            self.moved();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin + ?Sized> AsyncWrite for Watched<'_, T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut *self.inner).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(written)) if written > 0) {
+            self.moved();
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_join_ends_when_both_sides_are_silent_for_the_idle_timeout() {
+        let (mut client, mut proxy_client_side) = duplex(1024);
+        let (mut proxy_upstream_side, mut upstream) = duplex(1024);
+        let joining = tokio::spawn(async move {
+            join(&mut proxy_client_side, &mut proxy_upstream_side, Duration::from_secs(60)).await
+        });
+        client.write_all(b"hello").await.unwrap();
+        let mut echoed = [0u8; 5];
+        upstream.read_exact(&mut echoed).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(50)).await;
+        upstream.write_all(b"late").await.unwrap();
+        client.read_exact(&mut [0u8; 4]).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(50)).await;
+        assert!(!joining.is_finished(), "traffic 50 s ago keeps it open");
+
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        let joined = joining.await.unwrap().unwrap();
+        assert_eq!(joined, Joined { from_first: 5, from_second: 4, idled_out: true });
+    }
+
+    #[tokio::test]
+    async fn a_join_ends_with_its_counts_when_a_side_closes() {
+        let (mut client, mut proxy_client_side) = duplex(1024);
+        let (mut proxy_upstream_side, mut upstream) = duplex(1024);
+        let joining = tokio::spawn(async move {
+            join(&mut proxy_client_side, &mut proxy_upstream_side, Duration::from_secs(60)).await
+        });
+        client.write_all(b"request").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut received = Vec::new();
+        upstream.read_to_end(&mut received).await.unwrap();
+        upstream.write_all(b"answer").await.unwrap();
+        drop(upstream);
+        let joined = joining.await.unwrap().unwrap();
+        assert_eq!(joined, Joined { from_first: 7, from_second: 6, idled_out: false });
+    }
+}
