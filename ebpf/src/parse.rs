@@ -1,5 +1,8 @@
-//! Packet parsing: Ethernet (with up to two VLAN tags), IPv4 with options and fragments, IPv6 with extension
-//! headers, and the L4 ports. Every read is bounds-checked by the kernel (`bpf_skb_load_bytes`).
+//! Packet parsing: Ethernet (with up to two VLAN tags: 802.1Q, or 802.1ad outside 802.1Q), IPv4 with options and
+//! fragments, IPv6 with extension headers, and the L4 ports. Every read is bounds-checked by the kernel
+//! (`bpf_skb_load_bytes`). Encapsulations it does not read — a third tag, other tag orders, MPLS, PPPoE — could
+//! carry IP past the policy, so they are malformed (blackholed in REGISTRY_ONLY); other non-IP frames (ARP, LLDP)
+//! go on.
 
 use aya_ebpf::programs::TcContext;
 use sluice_common::{FAMILY_V4, FAMILY_V6};
@@ -8,6 +11,12 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
+/// The pre-standard QinQ tag.
+const ETH_P_QINQ: u16 = 0x9100;
+const ETH_P_MPLS_UC: u16 = 0x8847;
+const ETH_P_MPLS_MC: u16 = 0x8848;
+const ETH_P_PPP_DISC: u16 = 0x8863;
+const ETH_P_PPP_SES: u16 = 0x8864;
 
 const IPPROTO_HOPOPTS: u8 = 0;
 pub const IPPROTO_TCP: u8 = 6;
@@ -89,6 +98,9 @@ pub fn packet(ctx: &TcContext) -> Result<Packet, Malformed> {
     match ethertype {
         ETH_P_IP => ipv4(ctx, l3),
         ETH_P_IPV6 => ipv6(ctx, l3),
+        ETH_P_8021Q | ETH_P_8021AD | ETH_P_QINQ | ETH_P_MPLS_UC | ETH_P_MPLS_MC | ETH_P_PPP_DISC | ETH_P_PPP_SES => {
+            Err(Malformed)
+        }
         _ => Ok(Packet::Other),
     }
 }
@@ -169,14 +181,23 @@ fn ipv6(ctx: &TcContext, l3: usize) -> Result<Packet, Malformed> {
     // entry, so the packet is treated as unmatched.
     flow.proto = next;
     if next == IPPROTO_ICMPV6 && flow.first_fragment {
-        // Router/neighbour discovery and multicast listener messages keep the link working.
+        // Router/neighbour discovery and multicast listener messages keep the link working: to link-local and
+        // multicast destinations only, so that the types carry nothing past the policy to anywhere else.
         let icmp_type: u8 = load(ctx, flow.l4)?;
-        if matches!(icmp_type, 130..=137 | 143) {
+        if matches!(icmp_type, 130..=137 | 143) && is_link_scope(load_be16(ctx, l3 + 24)?) {
             return Ok(Packet::Other);
         }
     }
     ports(ctx, &mut flow)?;
     Ok(Packet::Ip(flow))
+}
+
+/// Whether an IPv6 address whose first 16 bits are `prefix` is link-local unicast (fe80::/10) or multicast
+/// (ff00::/8): where link control goes. (The bits are read again from the packet rather than taken from the
+/// flow's copy, so that the verifier learns nothing of the destination the lookups later use.)
+#[inline(always)]
+fn is_link_scope(prefix: u16) -> bool {
+    prefix & 0xff00 == 0xff00 || prefix & 0xffc0 == 0xfe80
 }
 
 #[inline(always)]

@@ -180,11 +180,86 @@ fn every_parsing_path_gets_the_verdict_its_destination_deserves() {
             Verdict::Blackholed,
         ),
         (
-            "ipv6 neighbour solicitation",
-            v6(BLOCKED_V6, ICMPV6, &[], &[135, 0, 0, 0, 0, 0, 0, 0]),
+            "ipv6 neighbour solicitation to the solicited-node multicast address",
+            v6("ff02::1:ff00:99".parse().unwrap(), ICMPV6, &[], &[135, 0, 0, 0, 0, 0, 0, 0]),
             CONTINUE,
             Verdict::Ignored,
         ),
+        (
+            "ipv6 neighbour advertisement to a link-local address",
+            v6("fe80::1".parse().unwrap(), ICMPV6, &[], &[136, 0, 0, 0, 0, 0, 0, 0]),
+            CONTINUE,
+            Verdict::Ignored,
+        ),
+        (
+            "ipv6 multicast listener report",
+            v6("ff02::16".parse().unwrap(), ICMPV6, &[], &[143, 0, 0, 0, 0, 0, 0, 0]),
+            CONTINUE,
+            Verdict::Ignored,
+        ),
+        (
+            "ipv6 neighbour solicitation to a global address is policed like any packet",
+            v6(BLOCKED_V6, ICMPV6, &[], &[135, 0, 0, 0, 0, 0, 0, 0]),
+            DROP,
+            Verdict::Blackholed,
+        ),
+        (
+            "ipv6 router advertisement to a global address is policed like any packet",
+            v6(BLOCKED_V6, ICMPV6, &[], &[134, 0, 0, 0, 0, 0, 0, 0]),
+            DROP,
+            Verdict::Blackholed,
+        ),
+        (
+            "a third vlan tag",
+            ethernet(
+                0x8100,
+                &[7, 8],
+                &[[0, 9, 0x08, 0x00].as_slice(), &ipv4(CLIENT, BLOCKED, TCP, &[], 0, &syn(80))].concat(),
+            ),
+            DROP,
+            Verdict::Malformed,
+        ),
+        (
+            "802.1ad inside 802.1q",
+            ethernet(
+                0x88a8,
+                &[7],
+                &[[0, 9, 0x08, 0x00].as_slice(), &ipv4(CLIENT, BLOCKED, TCP, &[], 0, &syn(80))].concat(),
+            ),
+            DROP,
+            Verdict::Malformed,
+        ),
+        (
+            "pre-standard q-in-q",
+            ethernet(
+                0x9100,
+                &[],
+                &[[0, 9, 0x08, 0x00].as_slice(), &ipv4(CLIENT, BLOCKED, TCP, &[], 0, &syn(80))].concat(),
+            ),
+            DROP,
+            Verdict::Malformed,
+        ),
+        (
+            "mpls",
+            ethernet(
+                0x8847,
+                &[],
+                &[[0, 0, 0x11, 0x40].as_slice(), &ipv4(CLIENT, BLOCKED, TCP, &[], 0, &syn(80))].concat(),
+            ),
+            DROP,
+            Verdict::Malformed,
+        ),
+        (
+            "pppoe session",
+            ethernet(
+                0x8864,
+                &[],
+                &[[0x11, 0, 0, 1, 0, 42, 0, 0x21].as_slice(), &ipv4(CLIENT, BLOCKED, TCP, &[], 0, &syn(80))].concat(),
+            ),
+            DROP,
+            Verdict::Malformed,
+        ),
+        ("lldp", ethernet(0x88cc, &[], &[0; 32]), CONTINUE, Verdict::Ignored),
         (
             "ipv6 echo request unlisted",
             v6(BLOCKED_V6, ICMPV6, &[], &[128, 0, 0, 0, 0, 1, 0, 1]),

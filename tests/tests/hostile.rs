@@ -257,3 +257,32 @@ fn preface_only_http2_and_half_sent_bodies_release_their_connection_places() {
     let metrics = agent.metrics().unwrap();
     assert!(metrics.contains("response_code=\"408\""), "half-sent bodies time out as Envoy's do (408 SI):\n{metrics}");
 }
+
+#[test]
+fn a_random_host_flood_cannot_grow_the_metrics_past_the_series_cap() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _origin = ScriptedServer::start(&topology.internet, addr(SERVER_A, 80), &[]).unwrap();
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --outbound-traffic-policy ALLOW_ANY \
+         --max-passthrough-series 5"
+    );
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+
+    for i in 0..30 {
+        let host = format!("Host: random-{i}.example");
+        assert_eq!(status(&topology, &["-H", &host, &format!("http://{SERVER_A}/")]), "200 000");
+    }
+
+    let metrics = agent.metrics().unwrap();
+    let series: Vec<&str> = metrics
+        .lines()
+        .filter(|line| line.starts_with("istio_requests_total{"))
+        .filter(|line| line.contains("destination_service_name=\"PassthroughCluster\""))
+        .collect();
+    assert_eq!(series.len(), 6, "5 hosts of their own and the rest together:\n{}", series.join("\n"));
+    assert!(series
+        .iter()
+        .any(|line| line.contains("destination_service=\"PassthroughCluster\"") && line.ends_with(" 25")));
+    assert_eq!(agent.sample("sluice_passthrough_series_collapsed_total").unwrap(), 25);
+}

@@ -129,6 +129,11 @@ pub struct RunSettings {
     /// byte (Envoy's idle_timeout).
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = crate::config::fields::parse_duration)]
     pub idle_timeout: std::time::Duration,
+    /// How many destinations passed through unregistered (ALLOW_ANY: a Host, or an address and port) get Istio
+    /// metric series of their own; requests to others are counted under PassthroughCluster alone, so that clients
+    /// sending random Hosts cannot grow the metrics without bound.
+    #[arg(long, value_name = "N", default_value_t = crate::telemetry::labels::DEFAULT_PASSTHROUGH_LIMIT)]
+    pub max_passthrough_series: usize,
     /// The access log on standard output: Envoy's default text line or one JSON object per request, or none.
     #[arg(long, value_enum, default_value = "text")]
     pub access_log_format: AccessLogFormat,

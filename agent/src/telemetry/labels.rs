@@ -4,7 +4,10 @@
 use std::{
     collections::HashSet,
     hash::{Hash, Hasher},
-    sync::{Arc, LazyLock, PoisonError, RwLock},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, LazyLock, PoisonError, RwLock,
+    },
 };
 
 use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
@@ -105,24 +108,55 @@ enum ClusterName {
 static BLACKHOLE_NAME: LabelText = LabelText::Static(&"BlackHoleCluster");
 static PASSTHROUGH_NAME: LabelText = LabelText::Static(&"PassthroughCluster");
 
-/// The services passed through lately, by name: each request for a host gets the same text, so its requests
-/// find their series by the text's address (`RequestMetrics::recent`) rather than labelling each anew.
-static PASSTHROUGH_SERVICES: LazyLock<RwLock<HashSet<Arc<str>, foldhash::fast::RandomState>>> =
-    LazyLock::new(RwLock::default);
+/// The services passed through that have series of their own, by name: each request for a host gets the same
+/// text, so its requests find their series by the text's address (`RequestMetrics::recent`) rather than
+/// labelling each anew. Its names come from clients (a Host, an address and port), so it is bounded: past
+/// `passthrough_limit` names, requests to new ones are counted under `PassthroughCluster` alone.
+static PASSTHROUGH_SERVICES: LazyLock<RwLock<PassthroughNames>> = LazyLock::new(RwLock::default);
 
-/// How many names `PASSTHROUGH_SERVICES` keeps before it starts again.
-const PASSTHROUGH_SERVICES_LIMIT: usize = 4096;
+/// How many passed-through services get series of their own (`--max-passthrough-series`).
+static PASSTHROUGH_LIMIT: AtomicUsize = AtomicUsize::new(DEFAULT_PASSTHROUGH_LIMIT);
+pub const DEFAULT_PASSTHROUGH_LIMIT: usize = 1000;
 
-/// `service`'s text, shared with the other requests passed through to it lately.
-fn passthrough_service(service: &str) -> Arc<str> {
-    if let Some(shared) = PASSTHROUGH_SERVICES.read().unwrap_or_else(PoisonError::into_inner).get(service) {
-        return shared.clone();
+/// Requests and connections counted under `PassthroughCluster` because the limit was reached.
+pub static PASSTHROUGH_COLLAPSED: LazyLock<prometheus_client::metrics::counter::Counter> =
+    LazyLock::new(Default::default);
+
+/// Sets how many passed-through services get series of their own.
+pub fn set_passthrough_limit(limit: usize) {
+    PASSTHROUGH_LIMIT.store(limit, Ordering::Relaxed);
+}
+
+/// `service`'s text, shared with the other requests passed through to it; `PassthroughCluster` once as many
+/// services as the limit allows have series.
+fn passthrough_service(service: &str) -> LabelText {
+    if let Some(shared) = PASSTHROUGH_SERVICES.read().unwrap_or_else(PoisonError::into_inner).names.get(service) {
+        return LabelText::Shared(shared.clone());
     }
-    let mut services = PASSTHROUGH_SERVICES.write().unwrap_or_else(PoisonError::into_inner);
-    if services.len() >= PASSTHROUGH_SERVICES_LIMIT {
-        services.clear();
+    let limit = PASSTHROUGH_LIMIT.load(Ordering::Relaxed);
+    match PASSTHROUGH_SERVICES.write().unwrap_or_else(PoisonError::into_inner).admit(service, limit) {
+        Some(shared) => LabelText::Shared(shared),
+        None => {
+            PASSTHROUGH_COLLAPSED.inc();
+            PASSTHROUGH_NAME.clone()
+        }
     }
-    interned(&mut services, service)
+}
+
+/// The passed-through services' names that label series of their own.
+#[derive(Default)]
+struct PassthroughNames {
+    names: HashSet<Arc<str>, foldhash::fast::RandomState>,
+}
+
+impl PassthroughNames {
+    /// `service`'s shared text, added if fewer than `limit` names are held; `None` past the limit.
+    fn admit(&mut self, service: &str, limit: usize) -> Option<Arc<str>> {
+        if let Some(shared) = self.names.get(service) {
+            return Some(shared.clone());
+        }
+        (self.names.len() < limit).then(|| interned(&mut self.names, service))
+    }
 }
 
 /// The value in `set` equal to `value`, or `value` shared and added to it: what is shared so is held once, and
@@ -186,7 +220,7 @@ impl DestinationLabels {
     /// Istio's PassthroughCluster, for `service` (the host or address the client asked for) under ALLOW_ANY.
     pub fn passthrough(service: &str) -> DestinationLabels {
         DestinationLabels {
-            service: passthrough_service(service).into(),
+            service: passthrough_service(service),
             namespace: UNKNOWN,
             cluster: ClusterName::Passthrough,
         }
@@ -206,6 +240,16 @@ impl DestinationLabels {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passed_through_services_get_series_of_their_own_up_to_the_limit() {
+        let mut names = PassthroughNames::default();
+        let first = names.admit("a.example", 2).unwrap();
+        assert!(Arc::ptr_eq(&first, &names.admit("a.example", 2).unwrap()), "one text per name");
+        assert!(names.admit("b.example", 2).is_some());
+        assert_eq!(names.admit("c.example", 2), None, "past the limit a new name gets none");
+        assert!(names.admit("a.example", 2).is_some(), "names already held keep theirs");
+    }
 
     #[test]
     fn destinations_are_named_and_their_clusters_written_as_istio_names_them() {

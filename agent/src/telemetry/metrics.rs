@@ -93,6 +93,12 @@ pub fn registry(counters: VerdictCounters, blackholed: BlackholedDestinations, a
         "Times the policy routing for intercepted traffic was found missing and installed again",
         routing_restored.clone(),
     );
+    registry.register(
+        "sluice_passthrough_series_collapsed",
+        "Requests and connections passed through to a destination that got no series of its own, because \
+         --max-passthrough-series destinations have: counted under destination_service=\"PassthroughCluster\"",
+        super::labels::PASSTHROUGH_COLLAPSED.clone(),
+    );
     let local_destinations_refused = Counter::default();
     registry.register(
         "sluice_local_destinations_refused",
