@@ -9,7 +9,7 @@ use std::{
 
 use sluice_tests::{
     istio::{self, HTTPBIN, MESH_REGISTRY_ONLY},
-    peers::{curl, ScriptedServer},
+    peers::{curl, Dnsmasq, ScriptedServer},
     require_root,
     topology::{GATEWAY_INTERNET_ADDR, GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A},
     Agent, Topology,
@@ -285,4 +285,64 @@ fn a_random_host_flood_cannot_grow_the_metrics_past_the_series_cap() {
         .iter()
         .any(|line| line.contains("destination_service=\"PassthroughCluster\"") && line.ends_with(" 25")));
     assert_eq!(agent.sample("sluice_passthrough_series_collapsed_total").unwrap(), 25);
+}
+
+#[test]
+fn the_forward_proxy_never_sends_an_https_url_in_the_clear() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let origin = ScriptedServer::start(&topology.internet, addr(SERVER_A, 80), &[]).unwrap();
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --forward-proxy-port 3128 --outbound-traffic-policy ALLOW_ANY \
+         --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32"
+    );
+    let _agent = Agent::start(&topology.gateway, &args).unwrap();
+
+    let answer = exchange(
+        &topology,
+        addr(GATEWAY_WORKLOAD_ADDR, 3128),
+        &format!("GET https://{SERVER_A}/account HTTP/1.1\r\nHost: {SERVER_A}\r\n\r\n"),
+    );
+
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("tunnelled with CONNECT"), "{answer}");
+    assert!(origin.heads().is_empty(), "nothing was sent in the clear: {:?}", origin.heads());
+}
+
+#[test]
+fn a_gateway_port_says_itself_how_a_request_came_whatever_the_client_claims() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let origin = ScriptedServer::start(&topology.internet, addr(SERVER_A, 80), &[]).unwrap();
+    let _dns = Dnsmasq::start(&topology.internet, INTERNET_ADDR, &[("httpbin.org", SERVER_A)]).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let seed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/examples/seeds/create-egress-gateway.yaml"
+    ))
+    .unwrap();
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, &seed]).unwrap();
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --config {} --dns-server {INTERNET_ADDR} \
+         --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32 --gateway-labels gateway-name=egress-demo,gateway-type=egress",
+        config.path().display()
+    );
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    agent.wait_for_log("gateway listener open", 1).unwrap();
+
+    let spoofed = [
+        "-H",
+        "Host: httpbin.org",
+        "-H",
+        "X-Forwarded-Proto: https",
+        "-H",
+        "X-Forwarded-For: 198.51.100.1",
+        &format!("http://{GATEWAY_WORKLOAD_ADDR}/headers"),
+    ];
+    assert_eq!(status(&topology, &spoofed), "200 000", "{}", agent.log());
+
+    let heads = origin.heads();
+    let head = heads[0].to_ascii_lowercase();
+    assert!(head.contains("x-forwarded-proto: http\r\n"), "{head}");
+    assert!(head.contains("x-forwarded-for: 198.51.100.1, 10.240.1.2\r\n"), "{head}");
 }

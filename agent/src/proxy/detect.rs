@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tokio::net::TcpStream;
+use tokio::{io::Interest, net::TcpStream};
 
 /// How long a client that says nothing first (a server-first protocol) is waited for before its connection is
 /// treated as plain TCP.
@@ -45,21 +45,33 @@ pub fn classify(bytes: &[u8]) -> Option<Detected> {
     (!undecided).then_some(Detected::Opaque)
 }
 
-/// Peeks at the stream until its first bytes tell what it is; `None` if they have not within `timeout`.
+/// Peeks at the stream until its first bytes tell what it is; `None` if they have not within `timeout`. Woken
+/// only when bytes arrive: a client that sends a request line a byte at a time costs a peek per byte, not a poll
+/// every few milliseconds.
 pub async fn detect(stream: &TcpStream, timeout: Duration) -> Option<Detected> {
     let sniff = async {
-        let mut buf = [0u8; 16];
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 16];
         loop {
-            match stream.peek(&mut buf).await {
-                // Closed before saying anything: nothing to proxy, the relay sees the close.
-                Ok(0) | Err(_) => return Detected::Opaque,
-                Ok(n) => {
-                    if let Some(detected) = classify(&buf[..n]) {
-                        return detected;
-                    }
-                    // Part of a request line: the rest is in flight.
-                    tokio::time::sleep(Duration::from_millis(2)).await;
+            if stream.readable().await.is_err() {
+                return Detected::Opaque;
+            }
+            // Bytes that do not decide yet count as "nothing to read": the readiness is cleared, and the next wait
+            // lasts until more arrive.
+            let peeked = stream.try_io(Interest::READABLE, || {
+                let n = socket2::SockRef::from(stream).peek(&mut buf)?;
+                // SAFETY: `peek` initialised the first `n` bytes.
+                let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n) };
+                match (n, classify(bytes)) {
+                    // Closed before saying anything: nothing to proxy, the relay sees the close.
+                    (0, _) => Ok(Detected::Opaque),
+                    (_, Some(detected)) => Ok(detected),
+                    (_, None) => Err(std::io::ErrorKind::WouldBlock.into()),
                 }
+            });
+            match peeked {
+                Ok(detected) => return detected,
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => return Detected::Opaque,
             }
         }
     };
@@ -69,6 +81,25 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> Option<Detected> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_request_line_sent_in_pieces_is_detected_when_its_deciding_bytes_arrive() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        client.write_all(b"GE").await.unwrap();
+        let detecting = tokio::spawn(async move { detect(&server, Duration::from_secs(5)).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!detecting.is_finished(), "two bytes do not decide");
+        client.write_all(b"T / HTTP/1.1\r\n").await.unwrap();
+        assert_eq!(detecting.await.unwrap(), Some(Detected::Http(HttpVersion::Http1)));
+
+        let mut silent = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        silent.write_all(b"PRI").await.unwrap();
+        assert_eq!(detect(&server, Duration::from_millis(100)).await, None, "undecided within the timeout");
+    }
 
     #[test]
     fn request_lines_and_the_http2_preface_are_http_and_the_rest_is_opaque() {

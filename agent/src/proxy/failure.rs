@@ -41,12 +41,14 @@ pub enum Failure {
     UpgradeNotAllowed,
     /// The client sent nothing of the request's body for the stream idle timeout.
     StreamIdleTimeout,
+    /// An absolute-form `https://` request on the forward-proxy port: it would be sent in the clear.
+    HttpsInTheClear,
 }
 
 impl Failure {
     pub fn status(self) -> StatusCode {
         match self {
-            Failure::BadRequest => StatusCode::BAD_REQUEST,
+            Failure::BadRequest | Failure::HttpsInTheClear => StatusCode::BAD_REQUEST,
             Failure::UriTooLong => StatusCode::URI_TOO_LONG,
             Failure::NoRoute => StatusCode::NOT_FOUND,
             Failure::Blackholed => StatusCode::BAD_GATEWAY,
@@ -67,7 +69,7 @@ impl Failure {
     /// Envoy's response flag, as access logs and `istio_requests_total{response_flags}` show it.
     pub fn flag(self) -> &'static str {
         match self {
-            Failure::BadRequest | Failure::UriTooLong => "DPE",
+            Failure::BadRequest | Failure::UriTooLong | Failure::HttpsInTheClear => "DPE",
             Failure::NoRoute => "NR",
             // Envoy routes to the BlackHoleCluster, which has no hosts; Istio's dashboards key on the cluster.
             Failure::Blackholed | Failure::HostMismatch | Failure::LocalDestination | Failure::UpgradeNotAllowed => "-",
@@ -86,6 +88,7 @@ impl Failure {
     pub fn body(self) -> &'static str {
         match self {
             Failure::BadRequest => "bad request: no host\n",
+            Failure::HttpsInTheClear => "https:// is tunnelled with CONNECT, never sent in the clear\n",
             Failure::UriTooLong => "URI too long\n",
             Failure::NoRoute | Failure::Blackholed | Failure::UpgradeNotAllowed => "",
             Failure::HostMismatch => "the host is not served at the address connected to\n",
@@ -126,6 +129,7 @@ mod tests {
             (Failure::LocalDestination, 403, "-"),
             (Failure::UpgradeNotAllowed, 403, "-"),
             (Failure::StreamIdleTimeout, 408, "SI"),
+            (Failure::HttpsInTheClear, 400, "DPE"),
         ];
         for (failure, status, flag) in cases {
             assert_eq!((failure.status().as_u16(), failure.flag()), (status, flag), "{failure:?}");

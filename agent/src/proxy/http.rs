@@ -314,6 +314,10 @@ impl HttpProxy {
                 if request.method() == Method::CONNECT {
                     return self.tunnel(&policy, request, authority, record, started).await;
                 }
+                // An `https://` URL in a request line would go out in the clear: clients tunnel those (CONNECT).
+                if request.uri().scheme() == Some(&http::uri::Scheme::HTTPS) {
+                    return self.local_failure(Failure::HttpsInTheClear, record, started, None);
+                }
                 // The destination the request names; its address is looked up only if the route needs it.
                 let port = request.uri().port_u16().unwrap_or(80);
                 connection.local = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
@@ -453,9 +457,14 @@ impl HttpProxy {
                 headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
                 headers.insert(header::UPGRADE, protocol.clone());
             }
-            headers.entry(X_FORWARDED_PROTO).or_insert(HeaderValue::from_static("http"));
+            // As Istio's Envoys do: a sidecar (intercepted traffic) keeps what the client says and adds what is
+            // missing; a gateway (`use_remote_address`) appends the client's address to `x-forwarded-for` and says
+            // itself how the request came (plain HTTP here), whatever the client claimed.
             if let Listener::Gateway(_) = connection.listener {
                 append_forwarded_for(headers, connection.peer);
+                headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+            } else {
+                headers.entry(X_FORWARDED_PROTO).or_insert(HeaderValue::from_static("http"));
             }
             if let Some(route) = route {
                 route.request_headers.apply(headers);
