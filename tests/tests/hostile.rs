@@ -11,7 +11,9 @@ use sluice_tests::{
     istio::{self, HTTPBIN, MESH_REGISTRY_ONLY},
     peers::{curl, Dnsmasq, ScriptedServer},
     require_root,
-    topology::{GATEWAY_INTERNET_ADDR, GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A},
+    topology::{
+        GATEWAY_INTERNET_ADDR, GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A, SERVER_B,
+    },
     Agent, Topology,
 };
 
@@ -345,4 +347,44 @@ fn a_gateway_port_says_itself_how_a_request_came_whatever_the_client_claims() {
     let head = heads[0].to_ascii_lowercase();
     assert!(head.contains("x-forwarded-proto: http\r\n"), "{head}");
     assert!(head.contains("x-forwarded-for: 198.51.100.1, 10.240.1.2\r\n"), "{head}");
+}
+
+/// `*.example.org` registered with resolution NONE and no addresses: the proxy keeps the address the client
+/// connected to.
+const WILDCARD_NONE: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: example-org, namespace: egress}
+spec:
+  hosts: ['*.example.org']
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  location: MESH_EXTERNAL
+  resolution: NONE
+";
+
+#[test]
+fn a_wildcard_host_cannot_front_for_an_address_it_does_not_resolve_to() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let real = ScriptedServer::start(&topology.internet, addr(SERVER_A, 80), &[]).unwrap();
+    let elsewhere = ScriptedServer::start(&topology.internet, addr(SERVER_B, 80), &[]).unwrap();
+    let _dns = Dnsmasq::start(&topology.internet, INTERNET_ADDR, &[("api.example.org", SERVER_A)]).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, WILDCARD_NONE]).unwrap();
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {} --dns-server {INTERNET_ADDR}",
+        config.path().display()
+    );
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    let get = |host: &str, address: &str| {
+        let resolve = format!("{host}:80:{address}");
+        status(&topology, &["--resolve", &resolve, &format!("http://{host}/")])
+    };
+
+    assert_eq!(get("api.example.org", SERVER_A), "200 000", "where the name resolves: {}", agent.log());
+    assert_eq!(get("api.example.org", SERVER_B), "421 000", "an address the name does not resolve to");
+    assert_eq!(get("ghost.example.org", SERVER_B), "421 000", "a name that does not resolve");
+
+    assert_eq!(real.heads().len(), 1);
+    assert!(elsewhere.heads().is_empty(), "nothing reached the fronted address: {:?}", elsewhere.heads());
+    assert_eq!(agent.sample("sluice_host_mismatch_total{action=\"refused\"}").unwrap(), 2);
 }

@@ -191,6 +191,7 @@ impl App {
         }
         tasks.spawn(follower.follow());
         tasks.spawn(telemetry::server::serve_metrics(metrics_listener, metrics.registry.clone()));
+        tasks.spawn(sweep_passthrough_series(metrics.requests.clone()));
         tasks.spawn(telemetry::server::serve_admin(admin_listener, dump_reader));
         // Ready once every configured interface has the classifier, and with --kube once every kind is listed.
         tasks.spawn(telemetry::server::serve_readiness(readiness_listener, readiness_reader));
@@ -289,6 +290,24 @@ impl App {
         } else {
             tracing::info!(bpffs = %self.bpffs.display(), "policy stays enforced in the kernel (sluice cleanup removes it)");
             Ok(())
+        }
+    }
+}
+
+/// How often the series of destinations passed through unregistered are looked over, and how many looks in a row
+/// one may go unused before it is dropped (an hour): the passthrough series cap then holds the destinations in
+/// use, not the first ever seen.
+const PASSTHROUGH_SWEEP_EVERY: Duration = Duration::from_secs(300);
+const PASSTHROUGH_QUIET_SWEEPS: u32 = 12;
+
+async fn sweep_passthrough_series(telemetry: telemetry::requests::RequestTelemetry) {
+    let mut every = tokio::time::interval(PASSTHROUGH_SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let dropped = telemetry.sweep_passthrough(PASSTHROUGH_QUIET_SWEEPS);
+        if dropped > 0 {
+            tracing::debug!(destinations = dropped, "dropped the metric series of unused passthrough destinations");
         }
     }
 }

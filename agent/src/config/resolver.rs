@@ -104,6 +104,16 @@ impl DnsResolver {
             .ok_or_else(|| format!("looking up {name}: no address"))
     }
 
+    /// Whether `name` resolves (now, or in the resolver's cache while its TTL lasts) to `address`.
+    pub async fn resolves_to(&self, name: &str, address: IpAddr) -> Result<bool, String> {
+        let query = if name.ends_with('.') { name.to_owned() } else { format!("{name}.") };
+        let answer = tokio::time::timeout(LOOKUP_TIMEOUT, self.resolver.lookup_ip(query.as_str()))
+            .await
+            .map_err(|_| format!("looking up {name}: timed out"))?
+            .map_err(|error| format!("looking up {name}: {error}"))?;
+        Ok(answer.iter().any(|answered| answered == address))
+    }
+
     /// Resolves `names`, up to LOOKUPS_IN_FLIGHT at once and for no longer than ROUND_TIMEOUT in all; a name
     /// that fails, or is not answered in time, keeps what `previous` had for it. Returns the addresses and when
     /// to look again (the earliest expiry, within MIN_REFRESH and MAX_REFRESH).

@@ -322,6 +322,15 @@ impl HttpProxy {
                 let port = request.uri().port_u16().unwrap_or(80);
                 connection.local = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
             }
+            let unverified = {
+                let workloads = self.workloads.load();
+                let source = workloads.get(connection.peer.ip()).map(|source| &**source);
+                routing::host_needs_dns_verification(&policy, authority, connection.listener, connection.local, source)
+            };
+            if unverified && !self.host_resolves_to(routing::host_of(authority), connection.local.ip()).await {
+                self.telemetry.host_mismatch("refused");
+                return self.local_failure(Failure::HostMismatch, record, started, None);
+            }
             let decision = {
                 let workloads = self.workloads.load();
                 let source = workloads.get(connection.peer.ip());
@@ -678,6 +687,22 @@ impl HttpProxy {
     /// Where `destination` is: its address, or for a forward-proxied request sent to its original destination
     /// (which routing leaves unspecified), the address `host` resolves to (an IP literal, or a DNS name through
     /// the proxy's resolver).
+    /// Whether `host` resolves to `address` (a host that is an address is itself); a failed lookup is a no.
+    async fn host_resolves_to(&self, host: &str, address: std::net::IpAddr) -> bool {
+        if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+            return ip == address;
+        }
+        let Some(resolver) = &self.resolver else { return false };
+        // Boxed: a lookup's state is large, and most requests need none.
+        match Box::pin(resolver.resolves_to(host, address)).await {
+            Ok(resolves) => resolves,
+            Err(error) => {
+                tracing::debug!(%host, %error, "verifying the host by DNS failed");
+                false
+            }
+        }
+    }
+
     async fn address_of(&self, destination: &Destination<'_>, host: &str) -> Result<SocketAddr, Failure> {
         let address = destination.address;
         if !address.ip().is_unspecified() {

@@ -125,6 +125,24 @@ pub enum Decision<'p> {
     },
 }
 
+/// Whether an intercepted request for `authority`, sent to `local`, names a host the registry knows at no
+/// address (a wildcard, or resolution `NONE` without `addresses`): under `--host-verify strict` the Host must then
+/// resolve to the address the client connected to, or anything could be reached by naming such a host.
+pub fn host_needs_dns_verification(
+    policy: &ProxyPolicy,
+    authority: &str,
+    listener: Listener,
+    local: SocketAddr,
+    source: Option<&Workload>,
+) -> bool {
+    listener == Listener::Mesh
+        && policy.host_verify == HostVerify::Strict
+        && match policy.registered_for(host_of(authority), local.port(), Viewer::Workload(source)) {
+            Registered::Service(service) => service.known_at(local.ip()).is_none(),
+            Registered::Unknown => false,
+        }
+}
+
 /// Decides what becomes of `request`, for `authority`, received on `listener` at `local` (for intercepted
 /// traffic, the original destination; for forward-proxied traffic, the address the authority resolved to). `roll` (uniform) picks among weighted destinations.
 #[allow(clippy::too_many_arguments)]

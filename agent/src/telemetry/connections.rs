@@ -7,7 +7,12 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use super::labels::{DestinationLabels, LabelText, UNKNOWN};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use super::labels::{DestinationLabels, LabelText, Watched, UNKNOWN};
 
 type Label = LabelText;
 
@@ -48,6 +53,9 @@ pub struct ConnectionMetrics {
     closed: Family<TcpLabels, Counter>,
     sent: Family<TcpLabels, Counter>,
     received: Family<TcpLabels, Counter>,
+    /// The series of connections passed through unregistered (an address and port a client chose), dropped once
+    /// unused for a while.
+    passthrough: Arc<Mutex<HashMap<TcpLabels, Watched>>>,
 }
 
 impl ConnectionMetrics {
@@ -57,6 +65,7 @@ impl ConnectionMetrics {
             closed: Family::default(),
             sent: Family::default(),
             received: Family::default(),
+            passthrough: Arc::default(),
         };
         registry.register("istio_tcp_connections_opened", "TCP connections opened", metrics.opened.clone());
         registry.register("istio_tcp_connections_closed", "TCP connections closed", metrics.closed.clone());
@@ -74,7 +83,34 @@ impl ConnectionMetrics {
     }
 
     pub fn opened(&self, labels: &TcpLabels) {
-        self.opened.get_or_create(labels).inc();
+        let opened = self.opened.get_or_create(labels);
+        opened.inc();
+        if labels.destination_service_name.as_str() == "PassthroughCluster" {
+            let mut watched = self.passthrough.lock().unwrap_or_else(PoisonError::into_inner);
+            if !watched.contains_key(labels) {
+                watched.insert(labels.clone(), Watched::new(opened.clone()));
+            }
+        }
+    }
+
+    /// Drops the passthrough series that saw no connection in the last `quiet_sweeps` sweeps: returns their
+    /// destinations' names.
+    pub(super) fn sweep(&self, quiet_sweeps: u32) -> Vec<String> {
+        let mut watched = self.passthrough.lock().unwrap_or_else(PoisonError::into_inner);
+        let stale = super::labels::stale(&mut watched, quiet_sweeps);
+        for labels in &stale {
+            self.opened.remove(labels);
+            self.closed.remove(labels);
+            self.sent.remove(labels);
+            self.received.remove(labels);
+        }
+        stale.iter().map(|labels| labels.destination_service.as_str().to_owned()).collect()
+    }
+
+    /// The passed-through destinations that still have connection series.
+    pub(super) fn passthrough_in_use(&self) -> HashSet<String> {
+        let watched = self.passthrough.lock().unwrap_or_else(PoisonError::into_inner);
+        watched.keys().map(|labels| labels.destination_service.as_str().to_owned()).collect()
     }
 
     /// A connection ended: `received` bytes came from the client, `sent` went back to it.

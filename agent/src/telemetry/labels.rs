@@ -122,6 +122,45 @@ pub const DEFAULT_PASSTHROUGH_LIMIT: usize = 1000;
 pub static PASSTHROUGH_COLLAPSED: LazyLock<prometheus_client::metrics::counter::Counter> =
     LazyLock::new(Default::default);
 
+/// A passthrough series as the sweep last saw it: its requests' (or connections') counter.
+pub struct Watched {
+    counter: prometheus_client::metrics::counter::Counter,
+    seen: u64,
+    quiet_sweeps: u32,
+}
+
+impl Watched {
+    pub fn new(counter: prometheus_client::metrics::counter::Counter) -> Watched {
+        Watched { counter, seen: 0, quiet_sweeps: 0 }
+    }
+}
+
+/// Takes out of `watched` the series whose counters have not moved in `quiet_sweeps` sweeps (this one counted).
+pub fn stale<K: Clone + Eq + Hash>(watched: &mut std::collections::HashMap<K, Watched>, quiet_sweeps: u32) -> Vec<K> {
+    let mut stale = Vec::new();
+    for (key, series) in watched.iter_mut() {
+        let count = series.counter.get();
+        if count == series.seen {
+            series.quiet_sweeps += 1;
+        } else {
+            (series.seen, series.quiet_sweeps) = (count, 0);
+        }
+        if series.quiet_sweeps >= quiet_sweeps {
+            stale.push(key.clone());
+        }
+    }
+    for key in &stale {
+        watched.remove(key);
+    }
+    stale
+}
+
+/// Gives back `service`'s place among the passed-through services with series of their own (its series were
+/// dropped for want of use): a new destination may take it.
+pub fn release_passthrough(service: &str) {
+    PASSTHROUGH_SERVICES.write().unwrap_or_else(PoisonError::into_inner).names.remove(service);
+}
+
 /// Sets how many passed-through services get series of their own.
 pub fn set_passthrough_limit(limit: usize) {
     PASSTHROUGH_LIMIT.store(limit, Ordering::Relaxed);
@@ -224,6 +263,11 @@ impl DestinationLabels {
             namespace: UNKNOWN,
             cluster: ClusterName::Passthrough,
         }
+    }
+
+    /// Whether the destination was passed through unregistered (its service named by a client).
+    pub fn is_passthrough(&self) -> bool {
+        self.cluster == ClusterName::Passthrough
     }
 
     /// `destination_service_name`: the service's own (its host, or BlackHoleCluster), and PassthroughCluster

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 
 use super::{
     connections::ConnectionMetrics,
+    labels::Watched,
     labels::{DestinationLabels, LabelText, UNKNOWN},
 };
 
@@ -63,6 +64,9 @@ pub struct RequestMetrics {
     /// Each kind of request's four series, found with one lookup by what varies between requests, its shared
     /// texts by address: a request's labels are built and hashed (by each family) only the first time.
     recent: Arc<RwLock<HashMap<SeriesKey, Recent, foldhash::fast::RandomState>>>,
+    /// The series of destinations passed through unregistered, whose labels come from clients: dropped once
+    /// unused for a while (`sweep`), so that the passthrough series cap holds the destinations in use.
+    passthrough: Arc<std::sync::Mutex<HashMap<RequestLabels, Watched>>>,
 }
 
 /// A request's series as `RequestMetrics::recent` knows it: the addresses of its label texts (the source
@@ -128,6 +132,7 @@ impl RequestMetrics {
             request_bytes: Family::new_with_constructor(|| Histogram::new(SIZE_BUCKETS.iter().copied())),
             response_bytes: Family::new_with_constructor(|| Histogram::new(SIZE_BUCKETS.iter().copied())),
             recent: Arc::default(),
+            passthrough: Arc::default(),
         };
         registry.register("istio_requests", "Requests proxied, by Istio's standard labels", metrics.requests.clone());
         registry.register(
@@ -140,6 +145,31 @@ impl RequestMetrics {
         metrics
     }
 
+    /// Drops the passthrough series that counted no request in the last `quiet_sweeps` sweeps: returns their
+    /// destinations' names.
+    fn sweep(&self, quiet_sweeps: u32) -> Vec<String> {
+        let mut watched = self.passthrough.lock().unwrap_or_else(PoisonError::into_inner);
+        let stale = super::labels::stale(&mut watched, quiet_sweeps);
+        if stale.is_empty() {
+            return Vec::new();
+        }
+        // The fast path's cache holds the series too: emptied, so that no request counts in a dropped one.
+        self.recent.write().unwrap_or_else(PoisonError::into_inner).clear();
+        for labels in &stale {
+            self.requests.remove(labels);
+            self.duration.remove(labels);
+            self.request_bytes.remove(labels);
+            self.response_bytes.remove(labels);
+        }
+        stale.iter().map(|labels| labels.destination_service.as_str().to_owned()).collect()
+    }
+
+    /// The passed-through destinations that still have request series.
+    fn passthrough_in_use(&self) -> std::collections::HashSet<String> {
+        let watched = self.passthrough.lock().unwrap_or_else(PoisonError::into_inner);
+        watched.keys().map(|labels| labels.destination_service.as_str().to_owned()).collect()
+    }
+
     /// The series `record` counts in.
     fn series_of(&self, record: &RequestRecord) -> Arc<Series> {
         let key = SeriesKey::of(record);
@@ -147,6 +177,11 @@ impl RequestMetrics {
             return recent.series.clone();
         }
         let labels = labels_of(record);
+        if record.destination.as_ref().is_some_and(DestinationLabels::is_passthrough) {
+            let requests = self.requests.get_or_create(&labels).clone();
+            let mut watched = self.passthrough.lock().unwrap_or_else(PoisonError::into_inner);
+            watched.entry(labels.clone()).or_insert_with(|| Watched::new(requests));
+        }
         let texts = shared_texts(record).map(LabelText::clone);
         let series = Arc::new(Series {
             requests: self.requests.get_or_create(&labels).clone(),
@@ -275,6 +310,26 @@ impl RequestTelemetry {
             tracing::error!(%error, "starting the access-log writer; access-log lines will be dropped");
         }
         RequestTelemetry { metrics, tcp, lines, format, dropped_lines, host_mismatches, connections_refused }
+    }
+
+    /// Drops the series of destinations passed through unregistered that saw no request or connection in the last
+    /// `quiet_sweeps` sweeps, and gives their places under `--max-passthrough-series` back. Returns how many
+    /// destinations lost their series.
+    pub fn sweep_passthrough(&self, quiet_sweeps: u32) -> usize {
+        let mut stale = self.metrics.sweep(quiet_sweeps);
+        stale.extend(self.tcp.sweep(quiet_sweeps));
+        if stale.is_empty() {
+            return 0;
+        }
+        let mut in_use = self.metrics.passthrough_in_use();
+        in_use.extend(self.tcp.passthrough_in_use());
+        stale.sort();
+        stale.dedup();
+        stale.retain(|name| !in_use.contains(name));
+        for name in &stale {
+            super::labels::release_passthrough(name);
+        }
+        stale.len()
     }
 
     /// Counts a client connection refused at `--max-connections`.
@@ -487,6 +542,7 @@ pub fn rfc3339_millis(time: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::connections::TcpLabels;
 
     #[test]
     fn the_access_log_queue_is_bounded_by_bytes_as_well_as_lines() {
@@ -540,6 +596,44 @@ mod tests {
         assert_eq!(count("a.com", "503", "UF"), Some(1), "{text}");
         assert_eq!(count("b.com", "200", "-"), Some(1), "{text}");
         assert_eq!(count("unknown", "502", "-"), Some(1), "{text}");
+    }
+
+    #[tokio::test]
+    async fn passthrough_series_unused_for_a_while_are_dropped_and_the_others_kept() {
+        let mut registry = Registry::default();
+        let telemetry = RequestTelemetry::start(&mut registry, AccessLogFormat::Off);
+        let to = |host: &str| RequestRecord {
+            response_code: 200,
+            response_flags: "",
+            destination: Some(DestinationLabels::passthrough(host)),
+            ..RequestRecord::default()
+        };
+        let connection = TcpLabels::new(&DestinationLabels::passthrough("198.51.100.9:5432"), "");
+        telemetry.record(&to("idle-1.sweep.example"));
+        telemetry.record(&to("busy-1.sweep.example"));
+        telemetry.tcp.opened(&connection);
+        telemetry.record(&RequestRecord { response_code: 502, ..RequestRecord::default() });
+        let encoded = || {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+            text
+        };
+
+        // Each sweep sees what moved since the one before; two quiet sweeps make a series stale.
+        assert_eq!(telemetry.sweep_passthrough(2), 0);
+        telemetry.record(&to("busy-1.sweep.example"));
+        assert_eq!(telemetry.sweep_passthrough(2), 0);
+        telemetry.record(&to("busy-1.sweep.example"));
+        assert_eq!(telemetry.sweep_passthrough(2), 2, "the idle host and the idle connection's destination");
+
+        let text = encoded();
+        assert!(!text.contains("idle-1.sweep.example"), "{text}");
+        assert!(!text.contains("198.51.100.9:5432"), "{text}");
+        assert!(text.contains("destination_service=\"busy-1.sweep.example\""), "{text}");
+        assert!(text.contains("response_code=\"502\""), "series of registered or unknown destinations stay: {text}");
+        telemetry.record(&to("busy-1.sweep.example"));
+        let busy = text.lines().find(|line| line.starts_with("istio_requests_total{") && line.contains("busy-1"));
+        assert!(busy.is_some_and(|line| line.ends_with(" 3")), "{text}");
     }
 
     #[test]
