@@ -684,9 +684,6 @@ impl HttpProxy {
         }
     }
 
-    /// Where `destination` is: its address, or for a forward-proxied request sent to its original destination
-    /// (which routing leaves unspecified), the address `host` resolves to (an IP literal, or a DNS name through
-    /// the proxy's resolver).
     /// Whether `host` resolves to `address` (a host that is an address is itself); a failed lookup is a no.
     async fn host_resolves_to(&self, host: &str, address: std::net::IpAddr) -> bool {
         if let Ok(ip) = host.parse::<std::net::IpAddr>() {
@@ -703,6 +700,9 @@ impl HttpProxy {
         }
     }
 
+    /// Where `destination` is: its address, or for a forward-proxied request sent to its original destination
+    /// (which routing leaves unspecified), the address `host` resolves to (an IP literal, or a DNS name through
+    /// the proxy's resolver).
     async fn address_of(&self, destination: &Destination<'_>, host: &str) -> Result<SocketAddr, Failure> {
         let address = destination.address;
         if !address.ip().is_unspecified() {
