@@ -1,0 +1,363 @@
+//! Forwarding one request where routing said: its headers and body made ready, the cluster's admission,
+//! the tries (retries, per-try timeouts, backoff, the next endpoint each try), and the response shaped as
+//! the route says; with the lookups and TLS settings a destination needs.
+
+use super::*;
+
+impl HttpProxy {
+    /// Sends the request where routing said, and answers with the upstream's response or the failure. (An async
+    /// block, as `handle` is.)
+    #[allow(clippy::too_many_arguments, clippy::manual_async_fn)]
+    pub(super) fn forward<'a>(
+        &'a self,
+        policy: &'a ProxyPolicy,
+        request: Request<Incoming>,
+        connection: Connection,
+        matched: Option<Matched<'a>>,
+        target: Option<&'a Target>,
+        authority: &'a str,
+        mut destination: Destination<'a>,
+        mut record: Box<RequestRecord>,
+        started: Instant,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + 'a {
+        async move {
+            let route = matched.map(|(route, _)| route);
+            destination.hash_request(request.headers(), request.uri(), connection.peer.ip());
+            // Faults are injected before anything is sent, as Envoy's fault filter runs before its router.
+            if let Some(route) = route {
+                if let Some((delay, percent)) = route.fault().and_then(|fault| fault.delay) {
+                    if chance(percent) {
+                        record.response_flags = "DI";
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+                if let Some((status, percent)) = route.fault().and_then(|fault| fault.abort) {
+                    if chance(percent) {
+                        let body = Bytes::from_static(b"fault filter abort");
+                        return self.local_reply(status, body, "FI", record, started, Some(route));
+                    }
+                }
+            }
+            let cors = route.and_then(|route| route.cors());
+            let origin = header_text(request.headers(), header::ORIGIN).filter(|o| cors.is_some_and(|c| c.allows(o)));
+            if let (Some(cors), Some(origin)) = (cors, origin.as_deref()) {
+                if request.method() == Method::OPTIONS
+                    && request.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+                {
+                    let mut response = Response::new(empty());
+                    preflight_headers(cors, origin, response.headers_mut());
+                    record.response_code = StatusCode::OK.as_u16();
+                    return self.finish(response, record, started, route);
+                }
+            }
+
+            let (mut parts, body) = request.into_parts();
+            // An HTTP/1.1 upgrade (WebSocket): its headers go upstream, and a 101 joins the two connections. Only
+            // the protocols allowed (Envoy's `upgrade_configs`; Istio's is `websocket`) are: any other would take
+            // the connection out of the proxy's hands (an `h2c` upgrade's later streams would never be routed).
+            // An h2c upgrade is dropped and the request served as HTTP/1.1, as Envoy does; others get 403.
+            let upgrade = match requested_upgrade(&parts.headers) {
+                Some(protocol) if policy.allows_upgrade(&protocol) => Some(protocol),
+                Some(protocol) if protocol.as_bytes().eq_ignore_ascii_case(b"h2c") => None,
+                Some(protocol) => {
+                    tracing::debug!(?protocol, "upgrade not allowed");
+                    return self.local_failure(Failure::UpgradeNotAllowed, record, started, Some(destination.labels));
+                }
+                None => None,
+            };
+            let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<OnUpgrade>());
+            // What a streamed body has carried so far (a body kept for retries is counted whole, at once).
+            let mut received = None;
+            let path_and_query = match routing::rewritten_path(matched, &parts.uri) {
+                Ok(path_and_query) => path_and_query,
+                Err(error) => {
+                    tracing::debug!(%error, route = ?record.route_name, "the route's rewrite makes no valid path");
+                    return self.local_failure(Failure::UpstreamReset, record, started, Some(destination.labels));
+                }
+            };
+            let upstream_authority = route.and_then(|route| route.rewrite()?.authority.as_deref()).unwrap_or(authority);
+            let headers = &mut parts.headers;
+            let trailers = accepts_trailers(headers);
+            strip_hop_by_hop(headers);
+            // Of TE, only `trailers` goes on (gRPC needs it), as Envoy forwards it.
+            if trailers {
+                headers.insert(header::TE, HeaderValue::from_static("trailers"));
+            }
+            if let Some(protocol) = &upgrade {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                headers.insert(header::UPGRADE, protocol.clone());
+            }
+            // As Istio's Envoys do: a sidecar (intercepted traffic) keeps what the client says and adds what is
+            // missing; a gateway (`use_remote_address`) appends the client's address to `x-forwarded-for` and says
+            // itself how the request came (plain HTTP here), whatever the client claimed.
+            if let Listener::Gateway(_) = connection.listener {
+                append_forwarded_for(headers, connection.peer);
+                headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+            } else {
+                headers.entry(X_FORWARDED_PROTO).or_insert(HeaderValue::from_static("http"));
+            }
+            if let Some(route) = route {
+                route.request_headers.apply(headers);
+            }
+            if let Some(operations) = target.and_then(|target| target.request_headers()) {
+                operations.apply(headers);
+            }
+
+            // A body is kept for retries and mirrors when it is small and says so; any other streams through once.
+            let retries = route.and_then(|route| route.retries()).unwrap_or(&MESH_RETRIES);
+            let mirror = route.and_then(|route| route.mirror()).filter(|mirror| chance(mirror.percent));
+            let small = body.size_hint().upper().is_some_and(|size| size <= MAX_REPLAYED_BODY);
+            let mut streamed = None;
+            let replayable = if small && (retries.attempts > 0 || mirror.is_some()) {
+                match tokio::time::timeout(self.limits.stream_idle_timeout, body.collect()).await {
+                    Ok(Ok(collected)) => Some(collected.to_bytes()),
+                    Ok(Err(error)) => {
+                        tracing::debug!(%error, peer = %connection.peer, "client body ended early");
+                        return self.local_failure(Failure::BadRequest, record, started, Some(destination.labels));
+                    }
+                    Err(_) => {
+                        tracing::debug!(peer = %connection.peer, "client body not sent within the stream idle timeout");
+                        let labels = Some(destination.labels);
+                        return self.local_failure(Failure::StreamIdleTimeout, record, started, labels);
+                    }
+                }
+            } else {
+                let counted = Arc::new(AtomicU64::new(0));
+                let idle = self.limits.stream_idle_timeout;
+                streamed = Some(Counted::new(body, counted.clone(), idle).boxed());
+                received = Some(counted);
+                None
+            };
+            if let Some(bytes) = &replayable {
+                record.bytes_received = bytes.len() as u64;
+            }
+            if let (Some(mirror), Some(bytes)) = (mirror, &replayable) {
+                self.mirror(policy, mirror, &parts, &path_and_query, upstream_authority, bytes.clone(), connection);
+            }
+
+            // A timeout too long to reach (a configuration may say 1000000h) is no timeout, not an overflow.
+            let deadline_in = |timeout: Duration| tokio::time::Instant::now().checked_add(timeout);
+            let overall = route.and_then(|route| route.timeout()).and_then(deadline_in);
+            // The cluster's connection-pool limits: a slot now, a wait within the pending limit, or 503 UO.
+            let cluster = destination.cluster();
+            let slot = match cluster.map(|cluster| (cluster, cluster.state.admit())) {
+                None | Some((_, Admission::Now(None))) => None,
+                Some((_, Admission::Now(Some(permit)))) => Some(permit),
+                Some((cluster, Admission::Wait(slots))) => {
+                    let acquire = slots.acquire_owned();
+                    let waited = cluster
+                        .state
+                        .waiting(async {
+                            match overall {
+                                Some(deadline) => {
+                                    tokio::time::timeout_at(deadline, acquire).await.ok().and_then(Result::ok)
+                                }
+                                None => acquire.await.ok(),
+                            }
+                        })
+                        .await;
+                    match waited {
+                        Some(permit) => Some(permit),
+                        None => {
+                            return self.local_failure(
+                                Failure::UpstreamTimeout,
+                                record,
+                                started,
+                                Some(destination.labels),
+                            )
+                        }
+                    }
+                }
+                Some((_, Admission::Overflow)) => {
+                    return self.local_failure(Failure::Overflow, record, started, Some(destination.labels));
+                }
+            };
+            let outlier = cluster.and_then(|cluster| Some((cluster, cluster.policy.outlier.as_ref()?)));
+            let mut address = match self.address_of(&destination, routing::host_of(authority)).await {
+                Ok(address) => address,
+                Err(failure) => return self.local_failure(failure, record, started, Some(destination.labels)),
+            };
+            // TLS to the endpoints when the DestinationRule originates it; settings that cannot be used refuse the
+            // request rather than send it in the clear.
+            let tls = match upstream_tls(&destination, upstream_authority) {
+                Ok(tls) => tls,
+                Err(reason) => {
+                    tracing::debug!(destination = %destination.labels.cluster(), %reason, "TLS origination refused");
+                    return self.local_failure(Failure::TlsOrigination, record, started, Some(destination.labels));
+                }
+            };
+            let mut attempt = 0u32;
+            let outcome = loop {
+                let body = match (&replayable, streamed.take()) {
+                    (Some(bytes), _) if bytes.is_empty() => empty(),
+                    (Some(bytes), _) => Full::new(bytes.clone()).map_err(|never| match never {}).boxed(),
+                    (None, Some(body)) => body,
+                    (None, None) => break Err(Failure::UpstreamReset),
+                };
+                let outgoing = Outgoing {
+                    address,
+                    http2: destination.http2,
+                    authority: upstream_authority,
+                    path_and_query: path_and_query.clone(),
+                    method: parts.method.clone(),
+                    headers: parts.headers.clone(),
+                    connect_timeout: destination.connect_timeout(),
+                    tls: tls.clone(),
+                };
+                let try_started = Instant::now();
+                let per_try = retries.per_try_timeout.and_then(deadline_in);
+                let deadline = match (overall, per_try) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                let pending = self.upstreams.send(outgoing, body);
+                let result = match deadline {
+                    Some(deadline) => tokio::time::timeout_at(deadline, pending).await.ok(),
+                    None => Some(pending.await),
+                };
+                if let Some((cluster, outlier)) = outlier {
+                    let outcome = match &result {
+                        Some(Ok(response)) => Outcome::Status(response.status().as_u16()),
+                        _ => Outcome::Failed,
+                    };
+                    cluster.state.report(address.ip(), outcome, outlier);
+                }
+                let time_left = overall.is_none_or(|overall| tokio::time::Instant::now() < overall);
+                let may_retry = replayable.is_some() && attempt < retries.attempts && time_left;
+                let failure = match result {
+                    Some(Ok(response)) if may_retry && retries.on.status(response.status().as_u16()) => None,
+                    Some(Ok(response)) => break Ok((response, try_started)),
+                    Some(Err(SendError::Connect(error))) => {
+                        tracing::debug!(%error, upstream = %address, attempt, "upstream connect failed");
+                        Some((Failure::UpstreamConnect, retries.on.connect_failure))
+                    }
+                    Some(Err(SendError::Request(error))) => {
+                        tracing::debug!(%error, upstream = %address, attempt, "upstream request failed");
+                        Some((Failure::UpstreamReset, retries.on.reset_or_timeout()))
+                    }
+                    Some(Err(SendError::LocalDestination(error))) => {
+                        tracing::info!(%error, upstream = %address, "upstream refused: the node itself");
+                        Some((Failure::LocalDestination, false))
+                    }
+                    Some(Err(SendError::Refused(error))) => {
+                        tracing::debug!(%error, upstream = %address, attempt, "upstream refused the stream");
+                        Some((Failure::UpstreamReset, retries.on.refused()))
+                    }
+                    None => Some((Failure::UpstreamTimeout, time_left && retries.on.reset_or_timeout())),
+                };
+                if let Some((failure, retriable)) = failure {
+                    if !(may_retry && retriable) {
+                        break Err(failure);
+                    }
+                }
+                attempt += 1;
+                // Envoy's backoff: fully jittered, 25 ms doubling per retry, at most 250 ms.
+                let ceiling = (25u64 << attempt.min(4)).min(250);
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=ceiling))).await;
+                address = destination.next_address();
+            };
+            record.upstream_host = Some(address);
+            let (response, try_started) = match outcome {
+                Ok(response) => response,
+                Err(failure) => {
+                    if let Some(received) = &received {
+                        record.bytes_received = received.load(Ordering::Relaxed);
+                    }
+                    return self.local_failure(failure, record, started, Some(destination.labels));
+                }
+            };
+            let service_time = try_started.elapsed();
+            record.upstream_service_time = Some(service_time);
+            let mut response = response;
+            let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+            if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
+                // The upgraded connection outlives the HTTP connection it came from: it holds a connection
+                // place of its own.
+                let Some(place) = self.admit() else {
+                    return self.local_failure(Failure::Overflow, record, started, Some(destination.labels));
+                };
+                let upstream_upgrade = hyper::upgrade::on(&mut response);
+                let idle = self.limits.stream_idle_timeout;
+                tokio::spawn(join_upgraded(client_upgrade, upstream_upgrade, connection.peer, idle, place));
+            }
+            let (mut parts, body) = response.into_parts();
+            let upgraded_to = parts.headers.get(header::UPGRADE).cloned().filter(|_| switching);
+            strip_hop_by_hop(&mut parts.headers);
+            if let Some(protocol) = upgraded_to {
+                parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                parts.headers.insert(header::UPGRADE, protocol);
+            }
+            let service_ms = u64::try_from(service_time.as_millis()).unwrap_or(u64::MAX);
+            parts.headers.insert(X_ENVOY_UPSTREAM_SERVICE_TIME, service_time_value(service_ms));
+            if let Some(operations) = target.and_then(|target| target.response_headers()) {
+                operations.apply(&mut parts.headers);
+            }
+            if let Some(operations) = route.and_then(|route| route.response_headers()) {
+                operations.apply(&mut parts.headers);
+            }
+            if let (Some(cors), Some(origin)) = (cors, origin.as_deref()) {
+                response_cors_headers(cors, origin, &mut parts.headers);
+            }
+            record.response_code = parts.status.as_u16();
+            record.destination = Some(destination.labels);
+            let response = Response::from_parts(parts, body.map_err(BoxError::from));
+            self.finish_streaming(response, record, started, received, slot)
+        }
+    }
+
+    /// Whether `host` resolves to `address` (a host that is an address is itself); a failed lookup is a no.
+    pub(super) async fn host_resolves_to(&self, host: &str, address: std::net::IpAddr) -> bool {
+        if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+            return ip == address;
+        }
+        let Some(resolver) = &self.resolver else { return false };
+        // Boxed: a lookup's state is large, and most requests need none.
+        match Box::pin(resolver.resolves_to(host, address)).await {
+            Ok(resolves) => resolves,
+            Err(error) => {
+                tracing::debug!(%host, %error, "verifying the host by DNS failed");
+                false
+            }
+        }
+    }
+
+    /// Where `destination` is: its address, or for a forward-proxied request sent to its original destination
+    /// (which routing leaves unspecified), the address `host` resolves to (an IP literal, or a DNS name through
+    /// the proxy's resolver).
+    pub(super) async fn address_of(&self, destination: &Destination<'_>, host: &str) -> Result<SocketAddr, Failure> {
+        let address = destination.address;
+        if !address.ip().is_unspecified() {
+            return Ok(address);
+        }
+        if let Ok(ip) = host.parse() {
+            return Ok(SocketAddr::new(ip, address.port()));
+        }
+        let Some(resolver) = &self.resolver else { return Err(Failure::DnsFailure) };
+        // Boxed: a lookup's state is large, and most requests need none.
+        match Box::pin(resolver.lookup(host)).await {
+            Ok(ip) => Ok(SocketAddr::new(ip, address.port())),
+            Err(error) => {
+                tracing::debug!(%host, %error, "forward proxy lookup failed");
+                Err(Failure::DnsFailure)
+            }
+        }
+    }
+}
+
+/// The TLS `destination`'s requests go upstream with (`None`: plain), the server name its `sni`, else `host`'s;
+/// `Err` when its DestinationRule's TLS settings cannot be used.
+pub(super) fn upstream_tls(destination: &routing::Destination<'_>, host: &str) -> Result<Option<UpstreamTls>, String> {
+    match destination.cluster().and_then(|cluster| cluster.policy.tls.as_deref()) {
+        None => Ok(None),
+        Some(TlsOrigination::Unusable(reason)) => Err(reason.clone()),
+        Some(TlsOrigination::Ready { config, sni }) => {
+            let server_name = match sni {
+                Some(sni) => sni.clone(),
+                None => rustls::pki_types::ServerName::try_from(routing::host_of(host).to_owned())
+                    .map(Arc::new)
+                    .map_err(|error| error.to_string())?,
+            };
+            Ok(Some(UpstreamTls { config: config.clone(), server_name }))
+        }
+    }
+}

@@ -1,0 +1,496 @@
+//! The HTTP proxy: HTTP/1.1 and HTTP/2 (prior knowledge) from clients, each request routed by the
+//! VirtualServices of its context, checked against the registry, and forwarded over pooled upstream
+//! connections, or answered locally the way Envoy answers.
+
+mod body;
+mod cors;
+mod forward;
+mod headers;
+mod mirror;
+mod tunnel;
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant, SystemTime},
+};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use futures_util::FutureExt;
+use http::{
+    header, uri::PathAndQuery, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version,
+};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
+use hyper::{
+    body::{Body, Frame, Incoming, SizeHint},
+    upgrade::OnUpgrade,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use smallvec::SmallVec;
+use tokio::net::TcpStream;
+
+pub use super::routing::Listener;
+use super::{
+    detect::HttpVersion,
+    failure::Failure,
+    idle, join, path,
+    routing::{self, Decision, Destination, Matched},
+    tcp::{self, UpstreamSockets},
+    upstreams::{Outgoing, SendError, UpstreamTls, Upstreams},
+};
+use body::*;
+use cors::*;
+use forward::*;
+use headers::*;
+use tokio::sync::OwnedSemaphorePermit;
+use tunnel::*;
+
+use crate::{
+    config::{mesh::PathNormalization, resolver::DnsResolver, workloads::Workloads},
+    policy::clusters::{Admission, Outcome, TlsOrigination},
+    policy::routes::{Cors, HostVerify, Mirror, ProxyPolicy, RetryPolicy, Route, Target},
+    telemetry::{
+        connections::TcpLabels,
+        labels::DestinationLabels,
+        requests::{RequestRecord, RequestTelemetry},
+    },
+};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// Envoy's default limits on a request's headers: 60 KiB (the request line included) and 100 headers.
+const MAX_REQUEST_HEADERS_BYTES: usize = 60 * 1024;
+const MAX_REQUEST_HEADERS: usize = 100;
+/// The longest request URI taken (a longer one gets 414), within the 60 KiB of the head.
+const MAX_URI_BYTES: usize = 16 * 1024;
+/// The largest request body kept for retries and mirrors; a larger one (or one of unknown size) is streamed
+/// to one try.
+const MAX_REPLAYED_BODY: u64 = 64 * 1024;
+/// The retries of a route that sets none (Istio's mesh default).
+static MESH_RETRIES: std::sync::LazyLock<RetryPolicy> = std::sync::LazyLock::new(RetryPolicy::mesh_default);
+/// Mirrored requests in flight at most, and how long each may take: their answers are ignored, so they must cost
+/// the gateway no more than this.
+const MAX_MIRRORS_IN_FLIGHT: usize = 256;
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
+
+/// One client connection's addresses.
+#[derive(Clone, Copy, Debug)]
+pub struct Connection {
+    pub peer: SocketAddr,
+    /// The accepted socket's local address: for intercepted traffic, the original destination.
+    pub local: SocketAddr,
+    pub listener: Listener,
+}
+
+pub struct HttpProxy {
+    policy: Arc<ArcSwap<ProxyPolicy>>,
+    upstreams: Upstreams,
+    /// Shared with each response body, which records the request when it ends.
+    telemetry: Arc<RequestTelemetry>,
+    limits: Limits,
+    connections: Arc<tokio::sync::Semaphore>,
+    /// Mirrored requests in flight: a route mirroring a flood sends no more than this at once (others are not
+    /// mirrored).
+    mirrors: Arc<tokio::sync::Semaphore>,
+    /// Looks up the hosts that forward-proxied requests name.
+    resolver: Option<Arc<DnsResolver>>,
+    /// The workloads behind the gateway by address (from Kubernetes), for source matches and labels.
+    workloads: Arc<ArcSwap<Workloads>>,
+}
+
+/// What one client may cost the proxy, and where its upstream connections may go.
+#[derive(Clone)]
+pub struct Limits {
+    /// Client connections open at once (intercepted and on Gateway ports); more are reset at accept.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers (slowloris clients hold a connection no longer).
+    pub request_headers_timeout: Duration,
+    /// Where upstream connections leave from, and the destinations they never go to (the node itself).
+    pub sockets: UpstreamSockets,
+    /// How long a request's body, a tunnel or an upgraded connection may go without a byte (Envoy's
+    /// `stream_idle_timeout`).
+    pub stream_idle_timeout: Duration,
+    /// How long a client connection may stay open with no request (Envoy's `idle_timeout`), and an opaque TCP
+    /// relay without a byte.
+    pub idle_timeout: Duration,
+}
+
+impl HttpProxy {
+    pub fn new(policy: Arc<ArcSwap<ProxyPolicy>>, telemetry: RequestTelemetry, limits: Limits) -> HttpProxy {
+        let upstreams = Upstreams::new(limits.sockets.clone());
+        let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+        let telemetry = Arc::new(telemetry);
+        let mirrors = Arc::new(tokio::sync::Semaphore::new(MAX_MIRRORS_IN_FLIGHT));
+        HttpProxy {
+            policy,
+            upstreams,
+            telemetry,
+            limits,
+            connections,
+            mirrors,
+            resolver: None,
+            workloads: Default::default(),
+        }
+    }
+
+    /// The workload at `address`, when the pod watcher knows it.
+    pub fn workload(&self, address: std::net::IpAddr) -> Option<Arc<crate::config::workloads::Workload>> {
+        self.workloads.load().get(address).cloned()
+    }
+
+    /// Knows the workloads that send requests from `workloads` (kept current by its owner).
+    pub fn with_workloads(mut self, workloads: Arc<ArcSwap<Workloads>>) -> HttpProxy {
+        self.workloads = workloads;
+        self
+    }
+
+    /// Resolves the hosts that forward-proxied requests name with `resolver`.
+    pub fn with_resolver(mut self, resolver: Arc<DnsResolver>) -> HttpProxy {
+        self.resolver = Some(resolver);
+        self
+    }
+
+    pub fn telemetry(&self) -> &RequestTelemetry {
+        &self.telemetry
+    }
+
+    pub fn upstream_sockets(&self) -> &UpstreamSockets {
+        &self.limits.sockets
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// A place for one more client connection, or `None` at `--max-connections` (the connection is then reset
+    /// and counted).
+    pub fn admit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let permit = self.connections.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            self.telemetry.connection_refused();
+        }
+        permit
+    }
+
+    /// Keeps one of the runtime's timers due within a second, for as long as it runs. A connection waiting for a
+    /// request's headers has a deadline (`request_headers_timeout`) registered with tokio's timer, which wakes its
+    /// driver (a system call) whenever a new deadline is earlier than every one it holds: with this one always
+    /// due sooner, registering a deadline of a second or more never has to.
+    pub async fn keep_a_timer_due() {
+        let mut ticks = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            ticks.tick().await;
+        }
+    }
+
+    /// How long a client may take to send a request's headers.
+    pub fn request_headers_timeout(&self) -> Duration {
+        self.limits.request_headers_timeout
+    }
+
+    /// Serves one client connection (HTTP/1.1 with keep-alive, or HTTP/2, as its first bytes said) until it
+    /// closes.
+    pub async fn serve_connection(self: Arc<Self>, stream: TcpStream, connection: Connection, version: HttpVersion) {
+        let _ = stream.set_nodelay(true);
+        let proxy = self.clone();
+        let activity = idle::Activity::new();
+        let requests = activity.clone();
+        // A request's future is boxed: hyper moves what its service returns, and the whole exchange is kilobytes.
+        let service = hyper::service::service_fn(move |request| {
+            Box::pin(proxy.clone().handle(request, connection, requests.begin()).map(answered))
+        });
+        let io = TokioIo::new(stream);
+        let (first_request, idle) = (self.limits.request_headers_timeout, self.limits.idle_timeout);
+        let served = match version {
+            HttpVersion::Http1 => {
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .writev(false)
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(self.limits.request_headers_timeout)
+                    // The head's size is checked as parsed, not only when the read buffer fills: one read may
+                    // bring in more than the limit.
+                    .max_header_size(MAX_REQUEST_HEADERS_BYTES)
+                    .max_buf_size(MAX_REQUEST_HEADERS_BYTES)
+                    .max_headers(MAX_REQUEST_HEADERS)
+                    .serve_connection(io, service)
+                    .with_upgrades();
+                idle::serve_until_idle(connection, &activity, first_request, idle).await
+            }
+            HttpVersion::Http2 => {
+                let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .max_header_list_size(MAX_REQUEST_HEADERS_BYTES as u32)
+                    .serve_connection(io, service);
+                idle::serve_until_idle(connection, &activity, first_request, idle).await
+            }
+        };
+        let Some(served) = served else {
+            tracing::debug!(peer = %connection.peer, "client connection idle: closed");
+            return;
+        };
+        if let Err(error) = served {
+            tracing::debug!(%error, peer = %connection.peer, "client connection ended");
+        }
+    }
+
+    /// Answers one request. (An async block, not an `async fn`: the future of an `async fn` keeps its arguments
+    /// twice, and each request's future is copied whole into its box.)
+    #[allow(clippy::manual_async_fn)]
+    fn handle(
+        self: Arc<Self>,
+        mut request: Request<Incoming>,
+        mut connection: Connection,
+        in_progress: idle::InProgress,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send {
+        async move {
+            // The connection is not idle until the response's head is out.
+            let _in_progress = in_progress;
+            let started = Instant::now();
+            // Every request carries an id from here on, local replies included, as Envoy's do.
+            if !request.headers().contains_key(&X_REQUEST_ID) {
+                // In an allocation of its own with a count: the copies of the request's headers for retries share it.
+                if let Ok(id) = HeaderValue::from_maybe_shared(Bytes::from_owner(request_id())) {
+                    request.headers_mut().insert(X_REQUEST_ID, id);
+                }
+            }
+            let policy = self.policy.load_full();
+            // Boxed: a request's future holds it across every wait, and is moved as a whole.
+            let mut record = Box::new(RequestRecord {
+                protocol: protocol_name(request.version()),
+                grpc: request
+                    .headers()
+                    .get(header::CONTENT_TYPE)
+                    .is_some_and(|content_type| content_type.as_bytes().starts_with(b"application/grpc")),
+                downstream_remote: Some(connection.peer),
+                downstream_local: Some(connection.local),
+                ..RequestRecord::default()
+            });
+            // The URI's authority (absolute form, HTTP/2), else Host: shared with the request rather than copied.
+            let authority = match request.uri().authority() {
+                Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+                None => request.headers().get(header::HOST).cloned(),
+            };
+            let authority = authority.as_ref().and_then(|value| value.to_str().ok());
+            // What only the access log shows (the wall clock included) is read only when there is one.
+            if self.telemetry.logs_requests() {
+                record.start = Some(SystemTime::now());
+                record.authority = authority.unwrap_or_default().to_owned();
+                record.method = request.method().as_str().to_owned();
+                record.path =
+                    request.uri().path_and_query().map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned());
+                record.user_agent = header_text(request.headers(), header::USER_AGENT);
+                record.x_forwarded_for = header_text(request.headers(), &X_FORWARDED_FOR);
+                record.request_id = header_text(request.headers(), &X_REQUEST_ID);
+            }
+            if request.uri().path_and_query().is_some_and(|pq| pq.as_str().len() > MAX_URI_BYTES) {
+                return self.local_failure(Failure::UriTooLong, record, started, None);
+            }
+            // Matched and forwarded as normalized, so that `/a/./b` meets the routes `/a/b` meets.
+            match normalize_path(&mut request, policy.path_normalization) {
+                Ok(false) => {}
+                Ok(true) if self.telemetry.logs_requests() => {
+                    record.path = request.uri().path_and_query().map_or_else(String::new, |pq| pq.as_str().to_owned());
+                }
+                Ok(true) => {}
+                Err(path::InvalidPath) => return self.local_failure(Failure::BadRequest, record, started, None),
+            }
+            let Some(authority) = authority else {
+                return self.local_failure(Failure::BadRequest, record, started, None);
+            };
+            if connection.listener == Listener::Forward {
+                if request.method() == Method::CONNECT {
+                    return self.tunnel(&policy, request, authority, record, started).await;
+                }
+                // An `https://` URL in a request line would go out in the clear: clients tunnel those (CONNECT).
+                if request.uri().scheme() == Some(&http::uri::Scheme::HTTPS) {
+                    return self.local_failure(Failure::HttpsInTheClear, record, started, None);
+                }
+                // The destination the request names; its address is looked up only if the route needs it.
+                let port = request.uri().port_u16().unwrap_or(80);
+                connection.local = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
+            }
+            let unverified = {
+                let workloads = self.workloads.load();
+                let source = workloads.get(connection.peer.ip()).map(|source| &**source);
+                routing::host_needs_dns_verification(&policy, authority, connection.listener, connection.local, source)
+            };
+            if unverified && !self.host_resolves_to(routing::host_of(authority), connection.local.ip()).await {
+                self.telemetry.host_mismatch("refused");
+                return self.local_failure(Failure::HostMismatch, record, started, None);
+            }
+            let decision = {
+                let workloads = self.workloads.load();
+                let source = workloads.get(connection.peer.ip());
+                if let Some(source) = source {
+                    record.source_workload = Some(source.name.clone().into());
+                    record.source_workload_namespace = Some(source.namespace.clone().into());
+                }
+                routing::decide(
+                    &policy,
+                    &request,
+                    authority,
+                    connection.listener,
+                    connection.local,
+                    source.map(|source| &**source),
+                    fastrand::u32(..),
+                )
+            };
+            // The decision is taken apart before the forwarding is waited for, so that the request's future does not
+            // keep it.
+            let forwarding = match decision {
+                Decision::Fail { failure, labels } => {
+                    if failure == Failure::HostMismatch {
+                        self.telemetry.host_mismatch("refused");
+                    }
+                    return self.local_failure(failure, record, started, labels);
+                }
+                Decision::Respond { route, status, body } => {
+                    record.route_name = Some(route.name());
+                    return self.local_reply(status, body, "", record, started, Some(route));
+                }
+                Decision::Redirect { route, status, location } => {
+                    record.route_name = Some(route.name());
+                    let mut response = Response::new(empty());
+                    *response.status_mut() = status;
+                    if let Ok(location) = HeaderValue::from_str(&location) {
+                        response.headers_mut().insert(header::LOCATION, location);
+                    }
+                    record.response_code = status.as_u16();
+                    return self.finish(response, record, started, Some(route));
+                }
+                Decision::Forward { route, target, destination, host_mismatch } => {
+                    if host_mismatch {
+                        let action = if policy.host_verify == HostVerify::Route { "routed" } else { "trusted" };
+                        self.telemetry.host_mismatch(action);
+                    }
+                    record.route_name = route.map(|(route, _)| route.name());
+                    self.forward(&policy, request, connection, route, target, authority, destination, record, started)
+                }
+            };
+            forwarding.await
+        }
+    }
+
+    fn local_failure(
+        &self,
+        failure: Failure,
+        mut record: Box<RequestRecord>,
+        started: Instant,
+        labels: Option<DestinationLabels>,
+    ) -> Response<ProxyBody> {
+        record.response_flags = failure.flag();
+        record.destination = labels;
+        self.local_reply(
+            failure.status(),
+            Bytes::from_static(failure.body().as_bytes()),
+            failure.flag(),
+            record,
+            started,
+            None,
+        )
+    }
+
+    fn local_reply(
+        &self,
+        status: StatusCode,
+        body: Bytes,
+        flag: &'static str,
+        mut record: Box<RequestRecord>,
+        started: Instant,
+        route: Option<&Route>,
+    ) -> Response<ProxyBody> {
+        let mut response = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
+        *response.status_mut() = status;
+        if !response.body().is_end_stream() {
+            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        }
+        record.response_code = status.as_u16();
+        record.response_flags = flag;
+        self.finish(response, record, started, route)
+    }
+
+    /// A locally made response: its size is known, so it is recorded now.
+    fn finish(
+        &self,
+        mut response: Response<ProxyBody>,
+        record: Box<RequestRecord>,
+        started: Instant,
+        route: Option<&Route>,
+    ) -> Response<ProxyBody> {
+        if let Some(operations) = route.and_then(Route::response_headers) {
+            operations.apply(response.headers_mut());
+        }
+        self.finish_streaming(response, record, started, None, None)
+    }
+
+    /// Wraps the response body so that the request is recorded when the body ends (or the client goes).
+    fn finish_streaming<B>(
+        &self,
+        response: Response<B>,
+        record: Box<RequestRecord>,
+        started: Instant,
+        received: Option<Arc<AtomicU64>>,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> Response<ProxyBody>
+    where
+        B: Body<Data = Bytes, Error = BoxError> + Send + Sync + Unpin + 'static,
+    {
+        let (parts, body) = response.into_parts();
+        let body = Recorded {
+            _slot: slot,
+            inner: body,
+            sent: 0,
+            received,
+            record: Some(record),
+            started,
+            telemetry: self.telemetry.clone(),
+        };
+        Response::from_parts(parts, body.boxed())
+    }
+}
+
+/// A response, as hyper's services give it (they never fail: a failure is answered as Envoy answers it).
+fn answered(response: Response<ProxyBody>) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+    Ok(response)
+}
+
+/// An empty body: boxed without an allocation (it has no size).
+fn empty() -> ProxyBody {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+fn protocol_name(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// Rewrites the request's path as `mode` normalizes it: whether it changed; a broken escape is an error.
+fn normalize_path(request: &mut Request<Incoming>, mode: PathNormalization) -> Result<bool, path::InvalidPath> {
+    let Some(path_and_query) = request.uri().path_and_query() else { return Ok(false) };
+    let Some(normal) = path::normalize(path_and_query.as_str(), mode)? else { return Ok(false) };
+    let mut parts = request.uri().clone().into_parts();
+    parts.path_and_query = Some(normal.parse().map_err(|_| path::InvalidPath)?);
+    *request.uri_mut() = http::Uri::from_parts(parts).map_err(|_| path::InvalidPath)?;
+    Ok(true)
+}
+
+/// True for `percent` % of calls.
+fn chance(percent: f64) -> bool {
+    percent >= 100.0 || (percent > 0.0 && fastrand::f64() * 100.0 < percent)
+}

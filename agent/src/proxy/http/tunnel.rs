@@ -1,0 +1,101 @@
+//! Connections that leave HTTP behind: `CONNECT` tunnels on the forward-proxy port and HTTP/1.1 upgrades
+//! (WebSocket), joined end to end with a connection place of their own and an idle timeout.
+
+use super::*;
+
+impl HttpProxy {
+    /// `CONNECT host:port` on the forward-proxy port: a tunnel, if the registry (or ALLOW_ANY) admits the host on
+    /// that port; its bytes are relayed untouched.
+    pub(super) async fn tunnel(
+        &self,
+        policy: &ProxyPolicy,
+        request: Request<Incoming>,
+        authority: &str,
+        mut record: Box<RequestRecord>,
+        started: Instant,
+    ) -> Response<ProxyBody> {
+        let host = routing::host_of(authority).to_owned();
+        let Some(port) = request.uri().port_u16() else {
+            return self.local_failure(Failure::BadRequest, record, started, None);
+        };
+        let unresolved = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
+        let source = record.downstream_remote.and_then(|peer| self.workload(peer.ip()));
+        let viewer = routing::viewer(Listener::Forward, source.as_deref());
+        let destination = match routing::destination(policy, &host, port, None, Listener::Forward, unresolved, viewer) {
+            Ok(destination) => destination,
+            Err((failure, labels)) => return self.local_failure(failure, record, started, labels),
+        };
+        let address = match self.address_of(&destination, &host).await {
+            Ok(address) => address,
+            Err(failure) => return self.local_failure(failure, record, started, Some(destination.labels)),
+        };
+        record.upstream_host = Some(address);
+        let upstream = match tcp::connect(address, &self.limits.sockets, destination.connect_timeout()).await {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                let failure = if tcp::is_local_destination(&error) {
+                    Failure::LocalDestination
+                } else {
+                    Failure::UpstreamConnect
+                };
+                return self.local_failure(failure, record, started, Some(destination.labels));
+            }
+        };
+        // The tunnel outlives the HTTP connection it came from: it holds a connection place of its own.
+        let Some(place) = self.admit() else {
+            return self.local_failure(Failure::Overflow, record, started, Some(destination.labels));
+        };
+        let peer = record.downstream_remote;
+        let tcp_labels = TcpLabels::new(&destination.labels, "");
+        let tcp = self.telemetry.tcp.clone();
+        let idle = self.limits.stream_idle_timeout;
+        tokio::spawn(async move {
+            match hyper::upgrade::on(request).await {
+                Ok(upgraded) => {
+                    tcp.opened(&tcp_labels);
+                    let (mut client, mut upstream) = (TokioIo::new(upgraded), upstream);
+                    let joined = join::join(&mut client, &mut upstream, idle).await;
+                    let counts = joined.as_ref().map(|joined| (joined.from_first, joined.from_second));
+                    let (received, sent) = counts.unwrap_or_default();
+                    tcp.closed(&tcp_labels, received, sent);
+                    tracing::debug!(?peer, upstream = %address, ?joined, "tunnel ended");
+                }
+                Err(error) => tracing::debug!(?peer, %error, "tunnel not established"),
+            }
+            drop(place);
+        });
+        record.response_code = StatusCode::OK.as_u16();
+        record.destination = Some(destination.labels);
+        self.finish_streaming(Response::new(empty()), record, started, None, None)
+    }
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` with `Upgrade: …`).
+pub(super) fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|token| token.trim().eq_ignore_ascii_case("upgrade")));
+    asks.then(|| headers.get(header::UPGRADE).cloned()).flatten()
+}
+
+/// Relays bytes between an upgraded client connection and its upgraded upstream until either closes or both
+/// are silent for `idle`; `place` is its share of `--max-connections`, held until then.
+pub(super) async fn join_upgraded(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    peer: SocketAddr,
+    idle: Duration,
+    place: OwnedSemaphorePermit,
+) {
+    match tokio::try_join!(client, upstream) {
+        Ok((client, upstream)) => {
+            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+            let joined = join::join(&mut client, &mut upstream, idle).await;
+            tracing::debug!(%peer, ?joined, "upgraded connection ended");
+        }
+        Err(error) => tracing::debug!(%peer, %error, "upgrade failed"),
+    }
+    drop(place);
+}
