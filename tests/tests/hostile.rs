@@ -388,3 +388,30 @@ fn a_wildcard_host_cannot_front_for_an_address_it_does_not_resolve_to() {
     assert!(elsewhere.heads().is_empty(), "nothing reached the fronted address: {:?}", elsewhere.heads());
     assert_eq!(agent.sample("sluice_host_mismatch_total{action=\"refused\"}").unwrap(), 2);
 }
+
+#[test]
+fn an_upstream_that_never_answers_holds_the_request_no_longer_than_the_stream_idle_timeout() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    // Accepts, reads, and says nothing back.
+    let silent = topology.internet.enter(|| std::net::TcpListener::bind(addr(SERVER_A, 80))).unwrap().unwrap();
+    let holder = std::thread::spawn(move || {
+        let (mut stream, _) = silent.accept().unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = stream.read(&mut buf);
+        std::thread::sleep(Duration::from_millis(2500));
+    });
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --outbound-traffic-policy ALLOW_ANY \
+         --stream-idle-timeout 1s"
+    );
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+
+    let started = std::time::Instant::now();
+    let answer = status(&topology, &[&format!("http://{SERVER_A}/hold")]);
+
+    assert_eq!(answer, "504 000", "{}", agent.log());
+    assert!(started.elapsed() < Duration::from_secs(4), "answered after {:?}", started.elapsed());
+    assert!(agent.metrics().unwrap().contains("response_flags=\"SI\""));
+    holder.join().unwrap();
+}

@@ -198,3 +198,26 @@ fn default_route_selects_the_interface_the_default_route_leaves_through_as_it_ch
     assert_eq!(agent.sample(&attached(GATEWAY_WORKLOAD_IFACE)).unwrap(), 1);
     assert!(!agent.metrics().unwrap().contains("interface=\"gw-net\""));
 }
+
+#[test]
+fn a_renamed_interface_is_followed_by_its_new_name() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let sink = UdpSink::bind(&topology.internet, unregistered()).unwrap();
+    let agent = Agent::start(&topology.gateway, &registry_only("gw-w*")).unwrap();
+    assert_eq!(agent.sample(&attached(GATEWAY_WORKLOAD_IFACE)).unwrap(), 1);
+
+    for step in [["down"].as_slice(), &["name", "gw-wz"], &["up"]] {
+        let mut args = vec!["link", "set", "dev"];
+        args.push(if step[0] == "name" || step[0] == "down" { GATEWAY_WORKLOAD_IFACE } else { "gw-wz" });
+        args.extend_from_slice(step);
+        topology.gateway.ip(&args).unwrap();
+    }
+    wait_for_sample(&agent, &attached("gw-wz"), 1);
+    std::thread::sleep(Duration::from_millis(1500));
+
+    assert_eq!(leaked(&topology, &sink), 0, "the renamed interface is still enforced");
+    let metrics = agent.metrics().unwrap();
+    assert!(!metrics.contains(&attached(GATEWAY_WORKLOAD_IFACE)), "the old name's state is forgotten:\n{metrics}");
+    assert!(agent.log().contains("interface gone or no longer selected"), "{}", agent.log());
+}

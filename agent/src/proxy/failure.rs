@@ -43,6 +43,8 @@ pub enum Failure {
     StreamIdleTimeout,
     /// An absolute-form `https://` request on the forward-proxy port: it would be sent in the clear.
     HttpsInTheClear,
+    /// The upstream answered nothing for the stream idle timeout (the route sets no timeout of its own).
+    UpstreamIdle,
 }
 
 impl Failure {
@@ -61,7 +63,7 @@ impl Failure {
             | Failure::UpstreamConnect
             | Failure::TlsOrigination
             | Failure::UpstreamReset => StatusCode::SERVICE_UNAVAILABLE,
-            Failure::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Failure::UpstreamTimeout | Failure::UpstreamIdle => StatusCode::GATEWAY_TIMEOUT,
             Failure::StreamIdleTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
@@ -80,7 +82,7 @@ impl Failure {
             Failure::UpstreamConnect | Failure::TlsOrigination => "UF",
             Failure::UpstreamReset => "UR",
             Failure::UpstreamTimeout => "UT",
-            Failure::StreamIdleTimeout => "SI",
+            Failure::StreamIdleTimeout | Failure::UpstreamIdle => "SI",
         }
     }
 
@@ -107,7 +109,7 @@ impl Failure {
                 "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
             }
             Failure::UpstreamTimeout => "upstream request timeout",
-            Failure::StreamIdleTimeout => "stream timeout",
+            Failure::StreamIdleTimeout | Failure::UpstreamIdle => "stream timeout",
             Failure::LocalDestination => "destination refused: it is the gateway node itself\n",
         }
     }
@@ -130,6 +132,7 @@ mod tests {
             (Failure::UpgradeNotAllowed, 403, "-"),
             (Failure::StreamIdleTimeout, 408, "SI"),
             (Failure::HttpsInTheClear, 400, "DPE"),
+            (Failure::UpstreamIdle, 504, "SI"),
         ];
         for (failure, status, flag) in cases {
             assert_eq!((failure.status().as_u16(), failure.flag()), (status, flag), "{failure:?}");

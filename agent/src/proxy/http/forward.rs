@@ -210,6 +210,10 @@ impl HttpProxy {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
                 };
+                // With no timeout of the route's, the wait for the upstream's answer is bounded by the stream idle
+                // timeout, as Envoy's is: an upstream a client chose cannot hold the request for ever.
+                let idle_bound = deadline.is_none();
+                let deadline = deadline.or_else(|| deadline_in(self.limits.stream_idle_timeout));
                 let pending = self.upstreams.send(outgoing, body);
                 let result = match deadline {
                     Some(deadline) => tokio::time::timeout_at(deadline, pending).await.ok(),
@@ -243,6 +247,7 @@ impl HttpProxy {
                         tracing::debug!(%error, upstream = %address, attempt, "upstream refused the stream");
                         Some((Failure::UpstreamReset, retries.on.refused()))
                     }
+                    None if idle_bound => Some((Failure::UpstreamIdle, false)),
                     None => Some((Failure::UpstreamTimeout, time_left && retries.on.reset_or_timeout())),
                 };
                 if let Some((failure, retriable)) = failure {
