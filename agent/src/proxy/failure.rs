@@ -3,6 +3,8 @@
 
 use http::StatusCode;
 
+use crate::telemetry::response_flags::ResponseFlag;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Failure {
     /// The request names no host, or is otherwise unusable.
@@ -69,20 +71,24 @@ impl Failure {
     }
 
     /// Envoy's response flag, as access logs and `istio_requests_total{response_flags}` show it.
-    pub fn flag(self) -> &'static str {
+    pub fn flag(self) -> ResponseFlag {
         match self {
-            Failure::BadRequest | Failure::UriTooLong | Failure::HttpsInTheClear => "DPE",
-            Failure::NoRoute => "NR",
+            Failure::BadRequest | Failure::UriTooLong | Failure::HttpsInTheClear => {
+                ResponseFlag::DownstreamProtocolError
+            }
+            Failure::NoRoute => ResponseFlag::NoRouteFound,
             // Envoy routes to the BlackHoleCluster, which has no hosts; Istio's dashboards key on the cluster.
-            Failure::Blackholed | Failure::HostMismatch | Failure::LocalDestination | Failure::UpgradeNotAllowed => "-",
-            Failure::NoCluster => "NC",
-            Failure::NoHealthyUpstream => "UH",
-            Failure::DnsFailure => "DF",
-            Failure::Overflow => "UO",
-            Failure::UpstreamConnect | Failure::TlsOrigination => "UF",
-            Failure::UpstreamReset => "UR",
-            Failure::UpstreamTimeout => "UT",
-            Failure::StreamIdleTimeout | Failure::UpstreamIdle => "SI",
+            Failure::Blackholed | Failure::HostMismatch | Failure::LocalDestination | Failure::UpgradeNotAllowed => {
+                ResponseFlag::None
+            }
+            Failure::NoCluster => ResponseFlag::NoClusterFound,
+            Failure::NoHealthyUpstream => ResponseFlag::NoHealthyUpstream,
+            Failure::DnsFailure => ResponseFlag::DnsResolutionFailed,
+            Failure::Overflow => ResponseFlag::UpstreamOverflow,
+            Failure::UpstreamConnect | Failure::TlsOrigination => ResponseFlag::UpstreamConnectionFailure,
+            Failure::UpstreamReset => ResponseFlag::UpstreamConnectionTermination,
+            Failure::UpstreamTimeout => ResponseFlag::UpstreamRequestTimeout,
+            Failure::StreamIdleTimeout | Failure::UpstreamIdle => ResponseFlag::StreamIdleTimeout,
         }
     }
 
@@ -121,21 +127,78 @@ mod tests {
 
     #[test]
     fn each_failure_answers_as_envoy_does() {
+        // Every variant, with the status, flag and body an Envoy-based gateway answers it with.
         let cases = [
-            (Failure::NoRoute, 404, "NR"),
-            (Failure::Blackholed, 502, "-"),
-            (Failure::NoHealthyUpstream, 503, "UH"),
-            (Failure::UpstreamConnect, 503, "UF"),
-            (Failure::UpstreamReset, 503, "UR"),
-            (Failure::UpstreamTimeout, 504, "UT"),
-            (Failure::LocalDestination, 403, "-"),
-            (Failure::UpgradeNotAllowed, 403, "-"),
-            (Failure::StreamIdleTimeout, 408, "SI"),
-            (Failure::HttpsInTheClear, 400, "DPE"),
-            (Failure::UpstreamIdle, 504, "SI"),
+            (Failure::BadRequest, 400, "DPE", "bad request: no host\n"),
+            (Failure::UriTooLong, 414, "DPE", "URI too long\n"),
+            (Failure::NoRoute, 404, "NR", ""),
+            (Failure::Blackholed, 502, "-", ""),
+            (Failure::HostMismatch, 421, "-", "the host is not served at the address connected to\n"),
+            (Failure::NoCluster, 503, "NC", "no cluster for the destination\n"),
+            (Failure::NoHealthyUpstream, 503, "UH", "no healthy upstream"),
+            (Failure::DnsFailure, 503, "DF", "dns resolution failure"),
+            (
+                Failure::Overflow,
+                503,
+                "UO",
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+            ),
+            (
+                Failure::UpstreamConnect,
+                503,
+                "UF",
+                "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+            ),
+            (
+                Failure::TlsOrigination,
+                503,
+                "UF",
+                "upstream connect error or disconnect/reset before headers. reset reason: connection failure, \
+                 transport failure reason: the DestinationRule's TLS settings cannot be used",
+            ),
+            (
+                Failure::UpstreamReset,
+                503,
+                "UR",
+                "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+            ),
+            (Failure::UpstreamTimeout, 504, "UT", "upstream request timeout"),
+            (Failure::LocalDestination, 403, "-", "destination refused: it is the gateway node itself\n"),
+            (Failure::UpgradeNotAllowed, 403, "-", ""),
+            (Failure::StreamIdleTimeout, 408, "SI", "stream timeout"),
+            (Failure::HttpsInTheClear, 400, "DPE", "https:// is tunnelled with CONNECT, never sent in the clear\n"),
+            (Failure::UpstreamIdle, 504, "SI", "stream timeout"),
         ];
-        for (failure, status, flag) in cases {
-            assert_eq!((failure.status().as_u16(), failure.flag()), (status, flag), "{failure:?}");
+        for (failure, status, flag, body) in cases {
+            assert_eq!(
+                (failure.status().as_u16(), failure.flag().text(), failure.body()),
+                (status, flag, body),
+                "{failure:?}"
+            );
         }
+        // A variant added without a row here fails to compile: the match lists every one.
+        for (failure, ..) in cases {
+            match failure {
+                Failure::BadRequest
+                | Failure::UriTooLong
+                | Failure::NoRoute
+                | Failure::Blackholed
+                | Failure::HostMismatch
+                | Failure::NoCluster
+                | Failure::NoHealthyUpstream
+                | Failure::DnsFailure
+                | Failure::Overflow
+                | Failure::UpstreamConnect
+                | Failure::TlsOrigination
+                | Failure::UpstreamReset
+                | Failure::UpstreamTimeout
+                | Failure::LocalDestination
+                | Failure::UpgradeNotAllowed
+                | Failure::StreamIdleTimeout
+                | Failure::HttpsInTheClear
+                | Failure::UpstreamIdle => {}
+            }
+        }
+        assert_eq!(cases.len(), 18);
     }
 }

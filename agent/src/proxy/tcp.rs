@@ -22,6 +22,7 @@ use crate::{
     telemetry::{
         connections::{ConnectionMetrics, TcpLabels},
         labels::DestinationLabels,
+        response_flags::ResponseFlag,
     },
 };
 
@@ -119,7 +120,7 @@ pub async fn relay(
     let Intercepted { mut stream, peer, original_destination } = connection;
     if mode == OutboundMode::RegistryOnly {
         tracing::info!(source = %peer, original_dst = %original_destination, verdict = "refused", "intercepted connection");
-        let labels = TcpLabels::new(&DestinationLabels::blackhole(), "");
+        let labels = TcpLabels::new(&DestinationLabels::blackhole(), ResponseFlag::None);
         metrics.opened(&labels);
         metrics.closed(&labels, 0, 0);
         reset(&stream);
@@ -137,14 +138,14 @@ pub async fn relay(
                 "upstream_failed"
             };
             tracing::info!(source = %peer, original_dst = %original_destination, verdict, "intercepted connection");
-            let labels = TcpLabels::new(&destination, "UF");
+            let labels = TcpLabels::new(&destination, ResponseFlag::UpstreamConnectionFailure);
             metrics.opened(&labels);
             metrics.closed(&labels, 0, 0);
             reset(&stream);
             return;
         }
     };
-    let labels = TcpLabels::new(&destination, "");
+    let labels = TcpLabels::new(&destination, ResponseFlag::None);
     metrics.opened(&labels);
     let mut upstream = upstream;
     let joined = super::join::join(&mut stream, &mut upstream, idle).await;

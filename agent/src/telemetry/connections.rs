@@ -12,7 +12,10 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
-use super::labels::{DestinationLabels, LabelText, Watched, UNKNOWN};
+use super::{
+    labels::{DestinationLabels, LabelText, Watched, UNKNOWN},
+    response_flags::ResponseFlag,
+};
 
 type Label = LabelText;
 
@@ -31,8 +34,8 @@ pub struct TcpLabels {
 }
 
 impl TcpLabels {
-    /// Labels for a connection to `destination`, with Envoy's response `flags`.
-    pub fn new(destination: &DestinationLabels, flags: &'static str) -> TcpLabels {
+    /// Labels for a connection to `destination`, with Envoy's response `flag`.
+    pub fn new(destination: &DestinationLabels, flag: ResponseFlag) -> TcpLabels {
         TcpLabels {
             reporter: LabelText::Static(&"source"),
             source_workload: UNKNOWN,
@@ -41,7 +44,7 @@ impl TcpLabels {
             destination_service_name: destination.name().clone(),
             destination_service_namespace: destination.namespace.clone(),
             request_protocol: LabelText::Static(&"tcp"),
-            response_flags: (if flags.is_empty() { "-" } else { flags }).into(),
+            response_flags: flag.label(),
             connection_security_policy: UNKNOWN,
         }
     }

@@ -36,22 +36,6 @@ impl Default for LabelText {
     }
 }
 
-/// Envoy's response flags, as requests' records carry them (chosen as they happen, so not known where the label
-/// is made), and `-` for none.
-static FLAGS: &[&str] =
-    &["-", "DPE", "NR", "NC", "UH", "DF", "UO", "UF", "UR", "UT", "DI", "FI", "UC", "DC", "URX", "SI"];
-
-impl From<&'static str> for LabelText {
-    /// A response flag of `FLAGS` by reference; any other text is copied once, here. (A text known where the
-    /// label is made is written `LabelText::Static(&"text")`.)
-    fn from(text: &'static str) -> Self {
-        match FLAGS.iter().find(|flag| **flag == text) {
-            Some(known) => LabelText::Static(known),
-            None => LabelText::Shared(text.into()),
-        }
-    }
-}
-
 impl From<Arc<str>> for LabelText {
     fn from(text: Arc<str>) -> Self {
         LabelText::Shared(text)
@@ -333,8 +317,7 @@ mod tests {
     fn a_label_is_two_words_and_reads_back_as_made() {
         assert_eq!(std::mem::size_of::<LabelText>(), 2 * std::mem::size_of::<usize>());
         for (label, text) in [
-            (LabelText::from("UF"), "UF"),
-            (LabelText::from("X-made-up"), "X-made-up"),
+            (LabelText::Static(&"UF"), "UF"),
             (LabelText::from(Arc::<str>::from("httpbin.org")), "httpbin.org"),
             (UNKNOWN, "unknown"),
             (LabelText::default(), ""),
@@ -342,6 +325,5 @@ mod tests {
             assert_eq!(label.as_str(), text);
             assert_eq!(label, LabelText::Shared(text.into()), "equal to the same text shared");
         }
-        assert!(matches!(LabelText::from("UF"), LabelText::Static(_)), "a known text is not copied");
     }
 }

@@ -7,4 +7,5 @@ pub mod connections;
 pub mod labels;
 pub mod metrics;
 pub mod requests;
+pub mod response_flags;
 pub mod server;

@@ -20,8 +20,8 @@ use tokio::sync::mpsc;
 
 use super::{
     connections::ConnectionMetrics,
-    labels::Watched,
-    labels::{DestinationLabels, LabelText, UNKNOWN},
+    labels::{DestinationLabels, LabelText, Watched, UNKNOWN},
+    response_flags::ResponseFlag,
 };
 
 type Label = LabelText;
@@ -75,7 +75,7 @@ pub struct RequestMetrics {
 struct SeriesKey {
     texts: [(usize, usize); 5],
     response_code: u16,
-    response_flags: (usize, usize),
+    response_flags: ResponseFlag,
     grpc: bool,
 }
 
@@ -86,7 +86,7 @@ impl SeriesKey {
         SeriesKey {
             texts: shared_texts(record).map(|text| address(text.as_str())),
             response_code: record.response_code,
-            response_flags: address(record.response_flags),
+            response_flags: record.response_flags,
             grpc: record.grpc,
         }
     }
@@ -220,7 +220,7 @@ pub struct RequestRecord {
     /// A gRPC request (`content-type: application/grpc…`), which Istio labels `request_protocol="grpc"`.
     pub grpc: bool,
     pub response_code: u16,
-    pub response_flags: &'static str,
+    pub response_flags: ResponseFlag,
     pub bytes_received: u64,
     pub bytes_sent: u64,
     pub duration: Duration,
@@ -436,7 +436,7 @@ fn labels_of(record: &RequestRecord) -> RequestLabels {
         request_protocol: LabelText::Static(if record.grpc { &"grpc" } else { &"http" }),
         response_code: status_label(record.response_code),
         grpc_response_status: LabelText::default(),
-        response_flags: (if record.response_flags.is_empty() { "-" } else { record.response_flags }).into(),
+        response_flags: record.response_flags.label(),
         connection_security_policy: UNKNOWN,
     }
 }
@@ -474,7 +474,7 @@ pub fn text_line(record: &RequestRecord) -> String {
         or_dash(Some(&record.path)),
         record.protocol,
         record.response_code,
-        or_dash(Some(record.response_flags)),
+        record.response_flags.text(),
         record.bytes_received,
         record.bytes_sent,
         record.duration.as_millis(),
@@ -495,7 +495,7 @@ fn json_line(record: &RequestRecord) -> String {
         "path": record.path,
         "protocol": record.protocol,
         "response_code": record.response_code,
-        "response_flags": or_dash(Some(record.response_flags)),
+        "response_flags": record.response_flags.text(),
         "bytes_received": record.bytes_received,
         "bytes_sent": record.bytes_sent,
         "duration": record.duration.as_millis() as u64,
@@ -565,17 +565,18 @@ mod tests {
     async fn each_request_counts_in_the_series_its_labels_name() {
         let mut registry = Registry::default();
         let telemetry = RequestTelemetry::start(&mut registry, AccessLogFormat::Off);
-        let to = |host: &str, code: u16, flags: &'static str| RequestRecord {
+        let to = |host: &str, code: u16, flags: ResponseFlag| RequestRecord {
             response_code: code,
             response_flags: flags,
             destination: Some(DestinationLabels::registered(host.into(), "ns".into(), 80, None)),
             ..RequestRecord::default()
         };
         // The same texts in other allocations (a reload's) count in the same series.
-        for record in [to("a.com", 200, ""), to("a.com", 200, ""), to("a.com", 503, "UF"), to("b.com", 200, "")] {
+        let (none, uf) = (ResponseFlag::None, ResponseFlag::UpstreamConnectionFailure);
+        for record in [to("a.com", 200, none), to("a.com", 200, none), to("a.com", 503, uf), to("b.com", 200, none)] {
             telemetry.record(&record);
         }
-        let shared = to("a.com", 200, "");
+        let shared = to("a.com", 200, none);
         telemetry.record(&shared);
         telemetry.record(&shared);
         telemetry.record(&RequestRecord { response_code: 502, ..RequestRecord::default() });
@@ -604,11 +605,11 @@ mod tests {
         let telemetry = RequestTelemetry::start(&mut registry, AccessLogFormat::Off);
         let to = |host: &str| RequestRecord {
             response_code: 200,
-            response_flags: "",
+            response_flags: ResponseFlag::None,
             destination: Some(DestinationLabels::passthrough(host)),
             ..RequestRecord::default()
         };
-        let connection = TcpLabels::new(&DestinationLabels::passthrough("198.51.100.9:5432"), "");
+        let connection = TcpLabels::new(&DestinationLabels::passthrough("198.51.100.9:5432"), ResponseFlag::None);
         telemetry.record(&to("idle-1.sweep.example"));
         telemetry.record(&to("busy-1.sweep.example"));
         telemetry.tcp.opened(&connection);
@@ -657,7 +658,7 @@ mod tests {
             path: "/status/418".into(),
             protocol: "HTTP/1.1",
             response_code: 502,
-            response_flags: "",
+            response_flags: ResponseFlag::None,
             bytes_received: 0,
             bytes_sent: 12,
             duration: Duration::from_millis(3),

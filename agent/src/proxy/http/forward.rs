@@ -27,14 +27,21 @@ impl HttpProxy {
             if let Some(route) = route {
                 if let Some((delay, percent)) = route.fault().and_then(|fault| fault.delay) {
                     if chance(percent) {
-                        record.response_flags = "DI";
+                        record.response_flags = ResponseFlag::DelayInjected;
                         tokio::time::sleep(delay).await;
                     }
                 }
                 if let Some((status, percent)) = route.fault().and_then(|fault| fault.abort) {
                     if chance(percent) {
                         let body = Bytes::from_static(b"fault filter abort");
-                        return self.local_reply(status, body, "FI", record, started, Some(route));
+                        return self.local_reply(
+                            status,
+                            body,
+                            ResponseFlag::FaultInjected,
+                            record,
+                            started,
+                            Some(route),
+                        );
                     }
                 }
             }

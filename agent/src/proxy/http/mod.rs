@@ -60,6 +60,7 @@ use crate::{
         connections::TcpLabels,
         labels::DestinationLabels,
         requests::{RequestRecord, RequestTelemetry},
+        response_flags::ResponseFlag,
     },
 };
 
@@ -358,7 +359,7 @@ impl HttpProxy {
                 }
                 Decision::Respond { route, status, body } => {
                     record.route_name = Some(route.name());
-                    return self.local_reply(status, body, "", record, started, Some(route));
+                    return self.local_reply(status, body, ResponseFlag::None, record, started, Some(route));
                 }
                 Decision::Redirect { route, status, location } => {
                     record.route_name = Some(route.name());
@@ -406,7 +407,7 @@ impl HttpProxy {
         &self,
         status: StatusCode,
         body: Bytes,
-        flag: &'static str,
+        flag: ResponseFlag,
         mut record: Box<RequestRecord>,
         started: Instant,
         route: Option<&Route>,

@@ -46,7 +46,7 @@ impl HttpProxy {
             return self.local_failure(Failure::Overflow, record, started, Some(destination.labels));
         };
         let peer = record.downstream_remote;
-        let tcp_labels = TcpLabels::new(&destination.labels, "");
+        let tcp_labels = TcpLabels::new(&destination.labels, ResponseFlag::None);
         let tcp = self.telemetry.tcp.clone();
         let idle = self.limits.stream_idle_timeout;
         tokio::spawn(async move {
