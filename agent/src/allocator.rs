@@ -5,6 +5,10 @@
 //! its aligned ones only otherwise. (Sent to the aligned entry points, as a `GlobalAlloc` that passes every layout
 //! on does, mimalloc 3 takes a plain path only for power-of-two sizes; any other size, and every allocation when
 //! a page's free list runs out, goes through its over-allocating path: more instructions, and larger blocks.)
+#![expect(
+    unsafe_code,
+    reason = "a global allocator over mimalloc is unsafe by contract: every call is argued where it is made"
+)]
 
 use std::{
     alloc::{GlobalAlloc, Layout},

@@ -5,6 +5,7 @@
 //! (GRO on, `threaded` set), so everything the gateway does with a packet, up to and including dropping it, runs
 //! in one kernel thread pinned to its own CPU, whose CPU time per dropped packet is the figure compared. The
 //! sender runs on the other CPU.
+#![expect(unsafe_code, reason = "the flood is sent with raw packet sockets and sendmmsg(2), which nix does not wrap")]
 
 use std::{
     io::Write,

@@ -1,4 +1,5 @@
 //! `cargo xtask run`: the agent on its embedded default, in a local sandbox of network namespaces.
+#![expect(unsafe_code, reason = "the Ctrl-C handler is installed with sigaction(2)")]
 
 use std::{
     net::SocketAddr,

@@ -1,4 +1,5 @@
 //! What the kernel blackholed: the per-destination map (for metrics) and blocked-flow events (for logs).
+#![expect(unsafe_code, reason = "blocked-flow events are read from the ring buffer as the classifier wrote them")]
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},

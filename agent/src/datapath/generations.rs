@@ -1,6 +1,7 @@
 //! Writes a policy into the classifier's maps as a new generation and switches to it: every key carries its
 //! generation, `SLUICE_ACTIVE` says which one is in force, and the old generation is deleted only once no
 //! packet can still be using it.
+#![expect(unsafe_code, reason = "membarrier(2) has no safe wrapper in nix")]
 
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError},

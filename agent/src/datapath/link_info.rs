@@ -4,6 +4,10 @@
 //!
 //! aya 0.14 opens pins and reads link info, but keeps both the descriptor and the TCX fields private, so the two
 //! commands are made here; their layouts are the kernel's stable UAPI (`include/uapi/linux/bpf.h`).
+#![expect(
+    unsafe_code,
+    reason = "aya keeps the link's descriptor and TCX fields private: two bpf(2) commands are made here"
+)]
 
 use std::{
     ffi::CString,

@@ -1,5 +1,9 @@
 //! Protocol detection on intercepted connections: the first bytes tell an HTTP/1.x request line or the HTTP/2
 //! prior-knowledge preface from anything else, without consuming them.
+#![expect(
+    unsafe_code,
+    reason = "peeked bytes are read from socket2's uninitialised buffer once the kernel has written them"
+)]
 
 use std::time::Duration;
 

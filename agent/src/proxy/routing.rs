@@ -145,7 +145,6 @@ pub fn host_needs_dns_verification(
 
 /// Decides what becomes of `request`, for `authority`, received on `listener` at `local` (for intercepted
 /// traffic, the original destination; for forward-proxied traffic, the address the authority resolved to). `roll` (uniform) picks among weighted destinations.
-#[allow(clippy::too_many_arguments)]
 pub fn decide<'p, B>(
     policy: &'p ProxyPolicy,
     request: &Request<B>,

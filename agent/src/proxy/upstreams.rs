@@ -237,7 +237,10 @@ impl Http1Pool {
 
     /// Sends `request` on the connection to `address` given back last, or on a new one. (An async block rather
     /// than an `async fn`, which would keep its arguments twice in every request's future.)
-    #[allow(clippy::manual_async_fn)]
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async block keeps its arguments once; an async fn keeps them twice in every request's future"
+    )]
     fn send<'a>(
         self: &'a Arc<Self>,
         address: SocketAddr,
@@ -407,7 +410,10 @@ impl Http2Pool {
 
     /// Sends `request` on the connection to `address`, made first if there is none (or it has closed). (An
     /// async block, as the HTTP/1.1 pool's.)
-    #[allow(clippy::manual_async_fn)]
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async block keeps its arguments once; an async fn keeps them twice in every request's future"
+    )]
     fn send<'a>(
         &'a self,
         address: SocketAddr,

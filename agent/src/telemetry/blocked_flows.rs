@@ -1,4 +1,8 @@
 //! Reads the kernel's blocked-flow events: each is counted, and logged at a bounded rate.
+#![expect(
+    unsafe_code,
+    reason = "the ring buffer's descriptor is registered with tokio's reactor, which tokio can only take on trust"
+)]
 
 use std::time::{Duration, Instant};
 

@@ -7,7 +7,14 @@ use super::*;
 impl HttpProxy {
     /// Sends the request where routing said, and answers with the upstream's response or the failure. (An async
     /// block, as `handle` is.)
-    #[allow(clippy::too_many_arguments, clippy::manual_async_fn)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "a request's parts as routing left them, taken apart so that its future holds each once"
+    )]
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async block keeps its arguments once; an async fn keeps them twice in the future every request boxes"
+    )]
     pub(super) fn forward<'a>(
         &'a self,
         policy: &'a ProxyPolicy,

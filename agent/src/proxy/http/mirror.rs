@@ -5,7 +5,10 @@ use super::*;
 impl HttpProxy {
     /// Sends a copy of the request to the mirror's destination, its authority suffixed `-shadow` as Envoy's
     /// shadows are; its response and failures are ignored.
-    #[allow(clippy::too_many_arguments)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the parts of the request being mirrored, borrowed from the forwarding that owns them"
+    )]
     pub(super) fn mirror(
         &self,
         policy: &ProxyPolicy,

@@ -248,7 +248,10 @@ impl HttpProxy {
 
     /// Answers one request. (An async block, not an `async fn`: the future of an `async fn` keeps its arguments
     /// twice, and each request's future is copied whole into its box.)
-    #[allow(clippy::manual_async_fn)]
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async block keeps its arguments once; an async fn keeps them twice in the future every request boxes"
+    )]
     fn handle(
         self: Arc<Self>,
         mut request: Request<Incoming>,
