@@ -39,6 +39,12 @@ spec:
     )
 }
 
+/// The Istio configuration of one of the seeds, as `deploy/examples/seeds/NAME.yaml` holds it.
+pub fn seed(name: &str) -> String {
+    let path = format!("{}/../deploy/examples/seeds/{name}.yaml", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap_or_else(|error| panic!("reading the seed {path}: {error}"))
+}
+
 /// Writes `documents` as one multi-document YAML file in `dir`.
 pub fn write(dir: &Path, documents: &[&str]) -> std::io::Result<()> {
     std::fs::write(dir.join("istio.yaml"), documents.join("---\n"))

@@ -318,11 +318,7 @@ fn a_gateway_port_says_itself_how_a_request_came_whatever_the_client_claims() {
     let origin = ScriptedServer::start(&topology.internet, addr(SERVER_A, 80), &[]).unwrap();
     let _dns = Dnsmasq::start(&topology.internet, INTERNET_ADDR, &[("httpbin.org", SERVER_A)]).unwrap();
     let config = tempfile::tempdir().unwrap();
-    let seed = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/examples/seeds/create-egress-gateway.yaml"
-    ))
-    .unwrap();
+    let seed = istio::seed("create-egress-gateway");
     istio::write(config.path(), &[MESH_REGISTRY_ONLY, &seed]).unwrap();
     let args = format!(
         "--intercept {GATEWAY_WORKLOAD_IFACE} --config {} --dns-server {INTERNET_ADDR} \

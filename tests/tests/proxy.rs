@@ -307,11 +307,7 @@ fn the_seeds_two_hop_egress_works_through_the_gateway_port_and_from_intercepted_
     let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80), addr(SERVER_B, 80)], ECHO).unwrap();
     let _dns = Dnsmasq::start(&topology.internet, INTERNET_ADDR, &[("httpbin.org", SERVER_A)]).unwrap();
     let config = tempfile::tempdir().unwrap();
-    let seed = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/examples/seeds/create-egress-gateway.yaml"
-    ))
-    .unwrap();
+    let seed = istio::seed("create-egress-gateway");
     write_config(config.path(), &[MESH_REGISTRY_ONLY, &seed]);
     let args = format!(
         "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {} --dns-server {INTERNET_ADDR} \
