@@ -72,7 +72,7 @@ impl App {
     /// from it, and starts the proxy and the telemetry servers.
     pub async fn start(settings: RunSettings) -> anyhow::Result<App> {
         raise_descriptor_limit(settings.max_connections);
-        telemetry::labels::set_passthrough_limit(settings.max_passthrough_series);
+        telemetry::passthrough::set_passthrough_limit(settings.max_passthrough_series);
         // Listeners first: a port in use fails before anything touches the kernel.
         let metrics_listener = listen(settings.metrics_addr, "metrics", "--metrics-addr").await?;
         let admin_listener = listen(settings.admin_addr, "admin", "--admin-addr").await?;

@@ -132,7 +132,7 @@ pub struct RunSettings {
     /// How many destinations passed through unregistered (ALLOW_ANY: a Host, or an address and port) get Istio
     /// metric series of their own; requests to others are counted under PassthroughCluster alone, so that clients
     /// sending random Hosts cannot grow the metrics without bound.
-    #[arg(long, value_name = "N", default_value_t = crate::telemetry::labels::DEFAULT_PASSTHROUGH_LIMIT)]
+    #[arg(long, value_name = "N", default_value_t = crate::telemetry::passthrough::DEFAULT_PASSTHROUGH_LIMIT)]
     pub max_passthrough_series: usize,
     /// The access log on standard output: Envoy's default text line or one JSON object per request, or none.
     #[arg(long, value_enum, default_value = "text")]

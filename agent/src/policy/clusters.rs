@@ -22,7 +22,7 @@ use crate::{
         destination_rule::{ClientTls, ConsistentHash, PolicySettings, TrafficPolicy},
         fields::parse_duration,
     },
-    telemetry::labels::DestinationLabels,
+    policy::labels::DestinationLabels,
 };
 
 /// How a cluster picks among its endpoints.

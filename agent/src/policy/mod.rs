@@ -6,6 +6,7 @@ pub mod compile;
 pub mod host_match;
 pub mod http_match;
 pub mod l4;
+pub mod labels;
 pub mod routes;
 pub mod sidecars;
 

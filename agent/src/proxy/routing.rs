@@ -18,7 +18,7 @@ use crate::policy::{
     routes::{Action, HostVerify, ProxyPolicy, Redirect, Registered, Route, Service, Target, Upstream, Viewer},
     OutboundMode,
 };
-use crate::{config::workloads::Workload, telemetry::labels::DestinationLabels};
+use crate::{config::workloads::Workload, policy::labels::DestinationLabels};
 
 /// Which listener a request arrived on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -282,7 +282,7 @@ pub fn destination<'p>(
                 Upstream::OriginalDestination | Upstream::NoSubset => return Err((Failure::NoCluster, labels)),
                 Upstream::NoEndpoint => return Err((Failure::NoHealthyUpstream, labels)),
             };
-            let labels = labels.unwrap_or_else(|| DestinationLabels::passthrough(host));
+            let labels = labels.unwrap_or_else(|| crate::telemetry::passthrough::destination(host));
             Ok(Destination {
                 address,
                 http2: service.http2(port),
@@ -297,7 +297,7 @@ pub fn destination<'p>(
         Registered::Unknown if intercepted => Ok(Destination {
             address: original,
             http2: false,
-            labels: DestinationLabels::passthrough(host),
+            labels: crate::telemetry::passthrough::destination(host),
             service: None,
             hash: None,
         }),

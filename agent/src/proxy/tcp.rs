@@ -18,10 +18,9 @@ use super::{
     transparent_listener::Intercepted,
 };
 use crate::{
-    policy::OutboundMode,
+    policy::{labels::DestinationLabels, OutboundMode},
     telemetry::{
         connections::{ConnectionMetrics, TcpLabels},
-        labels::DestinationLabels,
         response_flags::ResponseFlag,
     },
 };
@@ -126,7 +125,7 @@ pub async fn relay(
         reset(&stream);
         return;
     }
-    let destination = DestinationLabels::passthrough(&original_destination.to_string());
+    let destination = crate::telemetry::passthrough::destination(&original_destination.to_string());
     let upstream = match connect(original_destination, sockets, CONNECT_TIMEOUT).await {
         Ok(upstream) => upstream,
         Err(error) => {

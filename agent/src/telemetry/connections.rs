@@ -12,10 +12,8 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
-use super::{
-    labels::{DestinationLabels, LabelText, Watched, UNKNOWN},
-    response_flags::ResponseFlag,
-};
+use super::{passthrough::Watched, response_flags::ResponseFlag};
+use crate::policy::labels::{DestinationLabels, LabelText, UNKNOWN};
 
 type Label = LabelText;
 
@@ -100,7 +98,7 @@ impl ConnectionMetrics {
     /// destinations' names.
     pub(super) fn sweep(&self, quiet_sweeps: u32) -> Vec<String> {
         let mut watched = self.passthrough.lock().unwrap_or_else(PoisonError::into_inner);
-        let stale = super::labels::stale(&mut watched, quiet_sweeps);
+        let stale = super::passthrough::stale(&mut watched, quiet_sweeps);
         for labels in &stale {
             self.opened.remove(labels);
             self.closed.remove(labels);

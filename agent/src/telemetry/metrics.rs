@@ -97,7 +97,7 @@ pub fn registry(counters: VerdictCounters, blackholed: BlackholedDestinations, a
         "sluice_passthrough_series_collapsed",
         "Requests and connections passed through to a destination that got no series of its own, because \
          --max-passthrough-series destinations have: counted under destination_service=\"PassthroughCluster\"",
-        super::labels::PASSTHROUGH_COLLAPSED.clone(),
+        super::passthrough::PASSTHROUGH_COLLAPSED.clone(),
     );
     let local_destinations_refused = Counter::default();
     registry.register(

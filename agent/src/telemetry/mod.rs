@@ -4,8 +4,8 @@
 pub mod blocked_flows;
 pub mod config_dump;
 pub mod connections;
-pub mod labels;
 pub mod metrics;
+pub mod passthrough;
 pub mod requests;
 pub mod response_flags;
 pub mod server;

@@ -18,11 +18,8 @@ use prometheus_client::{
 };
 use tokio::sync::mpsc;
 
-use super::{
-    connections::ConnectionMetrics,
-    labels::{DestinationLabels, LabelText, Watched, UNKNOWN},
-    response_flags::ResponseFlag,
-};
+use super::{connections::ConnectionMetrics, passthrough::Watched, response_flags::ResponseFlag};
+use crate::policy::labels::{DestinationLabels, LabelText, UNKNOWN};
 
 type Label = LabelText;
 
@@ -149,7 +146,7 @@ impl RequestMetrics {
     /// destinations' names.
     fn sweep(&self, quiet_sweeps: u32) -> Vec<String> {
         let mut watched = self.passthrough.lock().unwrap_or_else(PoisonError::into_inner);
-        let stale = super::labels::stale(&mut watched, quiet_sweeps);
+        let stale = super::passthrough::stale(&mut watched, quiet_sweeps);
         if stale.is_empty() {
             return Vec::new();
         }
@@ -327,7 +324,7 @@ impl RequestTelemetry {
         stale.dedup();
         stale.retain(|name| !in_use.contains(name));
         for name in &stale {
-            super::labels::release_passthrough(name);
+            super::passthrough::release_passthrough(name);
         }
         stale.len()
     }
@@ -606,10 +603,11 @@ mod tests {
         let to = |host: &str| RequestRecord {
             response_code: 200,
             response_flags: ResponseFlag::None,
-            destination: Some(DestinationLabels::passthrough(host)),
+            destination: Some(crate::telemetry::passthrough::destination(host)),
             ..RequestRecord::default()
         };
-        let connection = TcpLabels::new(&DestinationLabels::passthrough("198.51.100.9:5432"), ResponseFlag::None);
+        let connection =
+            TcpLabels::new(&crate::telemetry::passthrough::destination("198.51.100.9:5432"), ResponseFlag::None);
         telemetry.record(&to("idle-1.sweep.example"));
         telemetry.record(&to("busy-1.sweep.example"));
         telemetry.tcp.opened(&connection);

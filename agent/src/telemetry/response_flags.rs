@@ -1,7 +1,7 @@
 //! Envoy's response flags: one enum that the proxy's failures and faults set and that the metrics and the access
 //! log show, so that no flag is spelled in more than one place.
 
-use super::labels::LabelText;
+use crate::policy::labels::LabelText;
 
 /// Why Envoy (here, the proxy) answered or ended a request as it did; `None` when nothing went wrong.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

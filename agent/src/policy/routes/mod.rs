@@ -24,6 +24,7 @@ use ipnet::IpNet;
 use regex::Regex;
 use smallvec::SmallVec;
 
+use super::labels::{interned, DestinationLabels};
 use super::{
     bindings::{self, Bindings},
     clusters::{settings_for_port, with_labels, Cluster, ClusterPolicy, ClusterStates, Endpoint, LoadBalance},
@@ -42,7 +43,6 @@ use crate::config::{
     workloads::Workload,
     Snapshot, Spec,
 };
-use crate::telemetry::labels::{interned, DestinationLabels};
 
 pub use compile::*;
 use interner::*;

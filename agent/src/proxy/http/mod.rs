@@ -55,10 +55,10 @@ use tunnel::*;
 use crate::{
     config::{mesh::PathNormalization, resolver::DnsResolver, workloads::Workloads},
     policy::clusters::{Admission, Outcome, TlsOrigination},
+    policy::labels::DestinationLabels,
     policy::routes::{Cors, HostVerify, Mirror, ProxyPolicy, RetryPolicy, Route, Target},
     telemetry::{
         connections::TcpLabels,
-        labels::DestinationLabels,
         requests::{RequestRecord, RequestTelemetry},
         response_flags::ResponseFlag,
     },

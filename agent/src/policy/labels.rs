@@ -1,13 +1,11 @@
-//! Label values for Istio's metrics: static text, or text shared by reference count, so that labelling a request
-//! clones pointers rather than strings. A destination's labels are made once, when its cluster is compiled.
+//! How a destination is named in Istio's metrics and logs, made once when its cluster is compiled: label values
+//! are static text, or text shared by reference count, so that labelling a request clones pointers rather than
+//! strings. (Policy makes them; telemetry only reads them.)
 
 use std::{
     collections::HashSet,
     hash::{Hash, Hasher},
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc, LazyLock, PoisonError, RwLock,
-    },
+    sync::Arc,
 };
 
 use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
@@ -92,96 +90,6 @@ enum ClusterName {
 static BLACKHOLE_NAME: LabelText = LabelText::Static(&"BlackHoleCluster");
 static PASSTHROUGH_NAME: LabelText = LabelText::Static(&"PassthroughCluster");
 
-/// The services passed through that have series of their own, by name: each request for a host gets the same
-/// text, so its requests find their series by the text's address (`RequestMetrics::recent`) rather than
-/// labelling each anew. Its names come from clients (a Host, an address and port), so it is bounded: past
-/// `passthrough_limit` names, requests to new ones are counted under `PassthroughCluster` alone.
-static PASSTHROUGH_SERVICES: LazyLock<RwLock<PassthroughNames>> = LazyLock::new(RwLock::default);
-
-/// How many passed-through services get series of their own (`--max-passthrough-series`).
-static PASSTHROUGH_LIMIT: AtomicUsize = AtomicUsize::new(DEFAULT_PASSTHROUGH_LIMIT);
-pub const DEFAULT_PASSTHROUGH_LIMIT: usize = 1000;
-
-/// Requests and connections counted under `PassthroughCluster` because the limit was reached.
-pub static PASSTHROUGH_COLLAPSED: LazyLock<prometheus_client::metrics::counter::Counter> =
-    LazyLock::new(Default::default);
-
-/// A passthrough series as the sweep last saw it: its requests' (or connections') counter.
-pub struct Watched {
-    counter: prometheus_client::metrics::counter::Counter,
-    seen: u64,
-    quiet_sweeps: u32,
-}
-
-impl Watched {
-    pub fn new(counter: prometheus_client::metrics::counter::Counter) -> Watched {
-        Watched { counter, seen: 0, quiet_sweeps: 0 }
-    }
-}
-
-/// Takes out of `watched` the series whose counters have not moved in `quiet_sweeps` sweeps (this one counted).
-pub fn stale<K: Clone + Eq + Hash>(watched: &mut std::collections::HashMap<K, Watched>, quiet_sweeps: u32) -> Vec<K> {
-    let mut stale = Vec::new();
-    for (key, series) in watched.iter_mut() {
-        let count = series.counter.get();
-        if count == series.seen {
-            series.quiet_sweeps += 1;
-        } else {
-            (series.seen, series.quiet_sweeps) = (count, 0);
-        }
-        if series.quiet_sweeps >= quiet_sweeps {
-            stale.push(key.clone());
-        }
-    }
-    for key in &stale {
-        watched.remove(key);
-    }
-    stale
-}
-
-/// Gives back `service`'s place among the passed-through services with series of their own (its series were
-/// dropped for want of use): a new destination may take it.
-pub fn release_passthrough(service: &str) {
-    PASSTHROUGH_SERVICES.write().unwrap_or_else(PoisonError::into_inner).names.remove(service);
-}
-
-/// Sets how many passed-through services get series of their own.
-pub fn set_passthrough_limit(limit: usize) {
-    PASSTHROUGH_LIMIT.store(limit, Ordering::Relaxed);
-}
-
-/// `service`'s text, shared with the other requests passed through to it; `PassthroughCluster` once as many
-/// services as the limit allows have series.
-fn passthrough_service(service: &str) -> LabelText {
-    if let Some(shared) = PASSTHROUGH_SERVICES.read().unwrap_or_else(PoisonError::into_inner).names.get(service) {
-        return LabelText::Shared(shared.clone());
-    }
-    let limit = PASSTHROUGH_LIMIT.load(Ordering::Relaxed);
-    match PASSTHROUGH_SERVICES.write().unwrap_or_else(PoisonError::into_inner).admit(service, limit) {
-        Some(shared) => LabelText::Shared(shared),
-        None => {
-            PASSTHROUGH_COLLAPSED.inc();
-            PASSTHROUGH_NAME.clone()
-        }
-    }
-}
-
-/// The passed-through services' names that label series of their own.
-#[derive(Default)]
-struct PassthroughNames {
-    names: HashSet<Arc<str>, foldhash::fast::RandomState>,
-}
-
-impl PassthroughNames {
-    /// `service`'s shared text, added if fewer than `limit` names are held; `None` past the limit.
-    fn admit(&mut self, service: &str, limit: usize) -> Option<Arc<str>> {
-        if let Some(shared) = self.names.get(service) {
-            return Some(shared.clone());
-        }
-        (self.names.len() < limit).then(|| interned(&mut self.names, service))
-    }
-}
-
 /// The value in `set` equal to `value`, or `value` shared and added to it: what is shared so is held once, and
 /// found by its address.
 pub fn interned<T, V, S>(set: &mut HashSet<Arc<T>, S>, value: V) -> Arc<T>
@@ -240,13 +148,10 @@ impl DestinationLabels {
         DestinationLabels { service: BLACKHOLE_NAME.clone(), namespace: UNKNOWN, cluster: ClusterName::BlackHole }
     }
 
-    /// Istio's PassthroughCluster, for `service` (the host or address the client asked for) under ALLOW_ANY.
-    pub fn passthrough(service: &str) -> DestinationLabels {
-        DestinationLabels {
-            service: passthrough_service(service),
-            namespace: UNKNOWN,
-            cluster: ClusterName::Passthrough,
-        }
+    /// Istio's PassthroughCluster, for `service` (the host or address the client asked for, as telemetry labels
+    /// it: `telemetry::passthrough::destination`) under ALLOW_ANY.
+    pub fn passthrough_as(service: LabelText) -> DestinationLabels {
+        DestinationLabels { service, namespace: UNKNOWN, cluster: ClusterName::Passthrough }
     }
 
     /// Whether the destination was passed through unregistered (its service named by a client).
@@ -270,24 +175,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn passed_through_services_get_series_of_their_own_up_to_the_limit() {
-        let mut names = PassthroughNames::default();
-        let first = names.admit("a.example", 2).unwrap();
-        assert!(Arc::ptr_eq(&first, &names.admit("a.example", 2).unwrap()), "one text per name");
-        assert!(names.admit("b.example", 2).is_some());
-        assert_eq!(names.admit("c.example", 2), None, "past the limit a new name gets none");
-        assert!(names.admit("a.example", 2).is_some(), "names already held keep theirs");
-    }
-
-    #[test]
     fn destinations_are_named_and_their_clusters_written_as_istio_names_them() {
         let registered = |subset: Option<&str>| {
             DestinationLabels::registered("httpbin.org".into(), "egress".into(), 443, subset.map(Arc::from))
         };
+        let passthrough = || DestinationLabels::passthrough_as(LabelText::Shared("example.com".into()));
         let cases = [
             (registered(None), "outbound|443||httpbin.org", "httpbin.org"),
             (registered(Some("v1")), "outbound|443|v1|httpbin.org", "httpbin.org"),
-            (DestinationLabels::passthrough("example.com"), "PassthroughCluster", "PassthroughCluster"),
+            (passthrough(), "PassthroughCluster", "PassthroughCluster"),
             (DestinationLabels::blackhole(), "BlackHoleCluster", "BlackHoleCluster"),
         ];
         for (labels, cluster, name) in cases {
@@ -296,21 +192,8 @@ mod tests {
         }
         assert!(registered(Some("v1")).is_outbound(443, Some("v1")));
         assert!(!registered(Some("v1")).is_outbound(443, None) && !registered(None).is_outbound(80, None));
-        assert!(!DestinationLabels::passthrough("example.com").is_outbound(443, None));
-        assert_eq!(DestinationLabels::passthrough("example.com").service.as_str(), "example.com");
-    }
-
-    #[test]
-    fn requests_passed_through_to_one_host_share_its_text() {
-        let text = |labels: DestinationLabels| match labels.service {
-            LabelText::Shared(text) => text,
-            LabelText::Static(_) => panic!("a host's name is not a static text"),
-        };
-        let (first, again) =
-            (DestinationLabels::passthrough("shared.example"), DestinationLabels::passthrough("shared.example"));
-        assert!(Arc::ptr_eq(&text(first), &text(again)), "one text: the requests find one series");
-        let other = text(DestinationLabels::passthrough("other.example"));
-        assert_eq!(&*other, "other.example");
+        assert!(!passthrough().is_outbound(443, None));
+        assert_eq!(passthrough().service.as_str(), "example.com");
     }
 
     #[test]
