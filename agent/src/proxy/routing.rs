@@ -135,8 +135,8 @@ pub fn host_needs_dns_verification(
     local: SocketAddr,
     source: Option<&Workload>,
 ) -> bool {
-    listener == Listener::Mesh
-        && policy.host_verify == HostVerify::Strict
+    policy.verifies_hosts_by_dns
+        && listener == Listener::Mesh
         && match policy.registered_for(host_of(authority), local.port(), Viewer::Workload(source)) {
             Registered::Service(service) => service.known_at(local.ip()).is_none(),
             Registered::Unknown => false,

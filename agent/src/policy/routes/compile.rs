@@ -15,6 +15,9 @@ pub fn proxy_policy(
     let rules = transient(|| Rules::new(snapshot));
     let mut shared = Shared::default();
     let mut registry: BTreeMap<String, Vec<Service>> = BTreeMap::new();
+    // Whether any host is registered at no address (wildcards, NONE without addresses): only then may a request
+    // need its Host checked by DNS.
+    let mut unaddressed = false;
     for resource in &snapshot.resources {
         if let Spec::ServiceEntry(entry) = &resource.spec {
             let visible_to = Visibility::compile_or(
@@ -24,6 +27,7 @@ pub fn proxy_policy(
             );
             let exported = shared.exported(resource.metadata.namespace(), visible_to);
             for service in services(entry, &exported, resolved, &rules, states, &mut shared) {
+                unaddressed |= service.known_at.is_empty();
                 transient(|| registry.entry(service.host.to_ascii_lowercase()).or_default().push(service));
             }
         }
@@ -46,6 +50,7 @@ pub fn proxy_policy(
     ProxyPolicy {
         sidecars: SidecarModes::compile(snapshot, settings.mode),
         host_verify: settings.host_verify,
+        verifies_hosts_by_dns: unaddressed && settings.host_verify == HostVerify::Strict,
         upgrades: settings.upgrades.iter().map(|protocol| protocol.to_ascii_lowercase()).collect(),
         path_normalization: snapshot.mesh.path_normalization(),
         hosts: table,

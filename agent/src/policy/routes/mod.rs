@@ -96,6 +96,9 @@ pub struct ProxyPolicy {
     pub host_verify: HostVerify,
     /// The HTTP/1.1 upgrades forwarded, lowercase; a request asking for another is refused.
     upgrades: Box<[String]>,
+    /// Whether some host is registered at no address under `--host-verify strict`: requests for such hosts have
+    /// their Host checked by DNS (known when compiled, so that no other request looks for them).
+    pub verifies_hosts_by_dns: bool,
     /// How request paths are normalized before they are matched and forwarded (the mesh config's).
     pub path_normalization: crate::config::mesh::PathNormalization,
     /// Host → what the registry and the mesh's routes hold for it: one table, so that a request's host is
