@@ -110,8 +110,11 @@ impl InterfaceFollower {
         for interface in &reconciled.forgotten {
             tracing::warn!(interface, "interface gone or no longer selected: its classifier state is forgotten");
         }
+        // Warned of once each time an interface becomes unenforced: the last check's list is readiness's.
+        let warned: BTreeSet<String> =
+            self.readiness.borrow().unenforced.iter().map(|(name, _)| name.clone()).collect();
         for (interface, why) in &reconciled.unenforced {
-            if !self.reported.contains(interface) || self.attached_gauge(interface) != 0 {
+            if !warned.contains(interface) {
                 tracing::warn!(interface, why, "configured interface without the classifier: not enforced");
             }
         }
@@ -133,10 +136,6 @@ impl InterfaceFollower {
             changed
         });
         adopted
-    }
-
-    fn attached_gauge(&self, interface: &str) -> i64 {
-        self.metrics.attached.get_or_create(&[("interface", interface.to_owned())]).get()
     }
 
     /// Puts the policy routing for intercepted traffic back if it is missing.
