@@ -1,5 +1,5 @@
 //! The agent's allocator: mimalloc. The proxy allocates and frees a few small buffers per request, from one
-//! thread; glibc's malloc spent twice its time on them.
+//! thread, where glibc's malloc costs more (bench/README.md has the figures).
 //!
 //! Allocations go to mimalloc's plain entry points whenever the block they get is aligned enough anyway, and to
 //! its aligned ones only otherwise. (Sent to the aligned entry points, as a `GlobalAlloc` that passes every layout
@@ -112,15 +112,34 @@ unsafe impl GlobalAlloc for Allocator {
     }
 }
 
+/// The mimalloc major version this file is written for: its option numbers (`PURGE_DELAY`), its size classes
+/// (`NATURAL_ALIGN`) and `mi_heap_of` are mimalloc 3's. libmimalloc-sys builds mimalloc 2 or 3 by feature, so
+/// `configure` checks which one is linked.
+const MIMALLOC_MAJOR: i32 = 3;
+
 /// mimalloc's `mi_option_purge_delay` (libmimalloc-sys names it only for mimalloc 2): how long freed memory
 /// stays resident before it is returned to the system, in milliseconds.
 const PURGE_DELAY: mi::mi_option_t = 15;
 
+/// The linked mimalloc's version, as `major * 10_000 + minor * 100 + patch`.
+fn mimalloc_version() -> i32 {
+    // SAFETY: reads a constant; no state.
+    unsafe { mi::mi_version() }
+}
+
 /// Sets mimalloc's options for the agent, before it allocates much: freed memory is returned to the system
 /// after 10 ms (mimalloc 2's delay) rather than mimalloc 3's second. With the longer delay, much of what a
-/// reload frees stays resident for good (with 10,000 ServiceEntries and as many VirtualServices: ~4 MiB, about
-/// a quarter of what the policy itself takes).
+/// reload frees stays resident for good (bench/README.md has the figures).
+///
+/// Panics when the linked mimalloc is not the major version this file is written for: the option set here
+/// would be another option, and the alignment this allocator assumes might not hold.
 pub fn configure() {
+    let version = mimalloc_version();
+    assert_eq!(
+        version / 10_000,
+        MIMALLOC_MAJOR,
+        "mimalloc {version} is linked; the allocator is written for mimalloc {MIMALLOC_MAJOR}.x"
+    );
     // SAFETY: options are atomics, which any thread may set at any time.
     unsafe { mi::mi_option_set(PURGE_DELAY, 10) }
 }
@@ -170,6 +189,12 @@ mod tests {
     unsafe extern "C" {
         /// The heap a block belongs to (mimalloc 3; not bound by libmimalloc-sys).
         fn mi_heap_of(p: *const c_void) -> *mut mi::mi_heap_t;
+    }
+
+    #[test]
+    fn the_linked_mimalloc_is_the_major_version_the_allocator_is_written_for() {
+        assert_eq!(mimalloc_version() / 10_000, MIMALLOC_MAJOR, "linked: {}", mimalloc_version());
+        configure();
     }
 
     #[test]

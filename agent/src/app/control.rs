@@ -16,6 +16,7 @@ use crate::{
         clusters::ClusterStates,
         compile::{self, NodeSettings},
         routes::{self, ProxyPolicy, ProxySettings},
+        sidecars::SidecarModes,
         DatapathPolicy,
     },
     telemetry::config_dump,
@@ -121,9 +122,14 @@ impl Control {
         transient(|| bindings::bind(snapshot, &self.labels))
     }
 
-    pub fn proxy_policy(&self, snapshot: &Snapshot, bindings: &Bindings) -> ProxyPolicy {
-        let settings = ProxySettings { mode: compile::mesh_mode(snapshot, &self.node), ..self.proxy.clone() };
-        routes::proxy_policy(snapshot, &self.resolved, bindings, &settings, &self.clusters)
+    /// Each workload's outbound mode (the mesh's, refined by Sidecars): compiled once, read by the proxy for
+    /// opaque connections and by the kernel for its per-source exceptions.
+    pub fn sidecar_modes(&self, snapshot: &Snapshot) -> Arc<SidecarModes> {
+        Arc::new(SidecarModes::compile(snapshot, compile::mesh_mode(snapshot, &self.node)))
+    }
+
+    pub fn proxy_policy(&self, snapshot: &Snapshot, bindings: &Bindings, sidecars: Arc<SidecarModes>) -> ProxyPolicy {
+        routes::proxy_policy(snapshot, &self.resolved, bindings, sidecars, &self.proxy, &self.clusters)
     }
 
     pub fn rejected(&self) -> impl Iterator<Item = &str> {

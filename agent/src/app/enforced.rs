@@ -11,9 +11,9 @@ use arc_swap::ArcSwap;
 
 use super::control::Control;
 use crate::{
-    config::{workloads::Workloads, Snapshot},
+    config::{workloads::KnownWorkloads, Snapshot},
     datapath::Datapath,
-    policy::{routes::ProxyPolicy, OutboundMode},
+    policy::{routes::ProxyPolicy, sidecars::SidecarModes, OutboundMode},
     proxy::gateway_listeners::GatewayListeners,
     telemetry::{self, config_dump},
 };
@@ -26,7 +26,9 @@ pub struct Enforced {
     pub(super) gateways: GatewayListeners,
     pub(super) metrics: telemetry::metrics::Metrics,
     pub(super) dump: tokio::sync::watch::Sender<Arc<config_dump::Dump>>,
-    pub(super) workloads: Arc<ArcSwap<Workloads>>,
+    pub(super) workloads: Arc<KnownWorkloads>,
+    /// Each workload's outbound mode, as the policy in force compiled it (the proxy's routes hold the same).
+    pub(super) sidecars: Arc<SidecarModes>,
     /// The per-workload modes the kernel holds; `None` until written (a previous agent's may be pinned there).
     pub(super) sources: Option<BTreeMap<IpAddr, OutboundMode>>,
 }
@@ -44,7 +46,8 @@ impl Enforced {
         match applied {
             Ok(()) => {
                 let bindings = control.bind(&snapshot);
-                let routes = control.proxy_policy(&snapshot, &bindings);
+                self.sidecars = control.sidecar_modes(&snapshot);
+                let routes = control.proxy_policy(&snapshot, &bindings, self.sidecars.clone());
                 self.gateways.reconcile(&routes.gateway_ports());
                 self.routes.store(Arc::new(routes));
                 self.apply_sources();
@@ -68,7 +71,7 @@ impl Enforced {
 
     /// Tells the kernel which workloads' mode differs from the policy's (their Sidecars'), by address.
     pub fn apply_sources(&mut self) {
-        let exceptions = self.routes.load().sidecars.exceptions(&self.workloads.load());
+        let exceptions = self.sidecars.exceptions(&self.workloads.load());
         if self.sources.as_ref() == Some(&exceptions) {
             return;
         }

@@ -17,7 +17,7 @@ use std::{
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use tokio::{
-    sync::{mpsc, watch, Notify},
+    sync::{mpsc, watch},
     task::JoinSet,
 };
 
@@ -30,7 +30,7 @@ use crate::{
     config::{
         resolver::DnsResolver,
         sources::{kubernetes, watch as file_watch},
-        workloads::Workloads,
+        workloads::KnownWorkloads,
     },
     datapath::{self, Datapath, InterceptRouting, VerdictCounters},
     policy::{compile::NodeSettings, routes::ProxySettings},
@@ -56,8 +56,9 @@ pub struct App {
     file_changes: mpsc::Receiver<()>,
     /// Keeps the file watch alive.
     _file_watch: Option<file_watch::Watch>,
-    /// Rung when the pods change: the workloads whose Sidecar's mode differs may have too.
-    pods_changed: Option<Arc<Notify>>,
+    /// With --kube, the pods behind the gateway: when they change, the workloads whose Sidecar's mode differs
+    /// may have too.
+    pods: Option<Arc<KnownWorkloads>>,
     /// When the configuration's names are looked up again.
     refresh: Duration,
     readiness: watch::Sender<Readiness>,
@@ -112,16 +113,13 @@ impl App {
             host_verify: settings.host_verify,
             gateway_namespace: settings.gateway_namespace.clone(),
             upgrades: settings.allow_upgrade.clone(),
-            ..ProxySettings::default()
         };
-        let workloads = Arc::new(ArcSwap::from_pointee(Workloads::default()));
+        let workloads = Arc::new(KnownWorkloads::default());
         let mut kube_changes = None;
-        let mut pods_changed = None;
         if settings.kube {
-            let (changes, pods) = watch_kubernetes(&settings, workloads.clone()).await?;
+            let changes = watch_kubernetes(&settings, workloads.clone()).await?;
             control.kube = Some(changes.clone());
             kube_changes = Some(changes);
-            pods_changed = Some(pods);
         }
         // Watched before the first read, so a change made while the agent starts is not missed.
         let (file_watch, file_changes) = if settings.config.is_empty() {
@@ -179,7 +177,8 @@ impl App {
         );
 
         let bindings = control.bind(&snapshot);
-        let routes = Arc::new(ArcSwap::from_pointee(control.proxy_policy(&snapshot, &bindings)));
+        let sidecars = control.sidecar_modes(&snapshot);
+        let routes = Arc::new(ArcSwap::from_pointee(control.proxy_policy(&snapshot, &bindings, sidecars.clone())));
         metrics.config_generation.set(1);
         let (dump, dump_reader) = watch::channel(Arc::new(control.dump(1, policy, &bindings)));
         drop((bindings, snapshot));
@@ -215,11 +214,12 @@ impl App {
             tasks.spawn(proxy::gateway_listeners::accept(listener, Listener::Forward, http.clone()));
         }
         if let Some(listener) = transparent {
-            tasks.spawn(proxy::intercepted::serve(listener, http.clone(), routes.clone()));
+            tasks.spawn(proxy::intercepted::serve(listener, http.clone()));
         }
         let mut gateways = GatewayListeners::new(http);
         gateways.reconcile(&routes.load().gateway_ports());
-        let mut enforced = Enforced { datapath, routes, gateways, metrics, dump, workloads, sources: None };
+        let pods = settings.kube.then(|| workloads.clone());
+        let mut enforced = Enforced { datapath, routes, gateways, metrics, dump, workloads, sidecars, sources: None };
         enforced.apply_sources();
         Ok(App {
             control,
@@ -228,7 +228,7 @@ impl App {
             kube_changes,
             file_changes,
             _file_watch: file_watch,
-            pods_changed,
+            pods,
             refresh,
             readiness,
             counters,
@@ -251,8 +251,8 @@ impl App {
                 }
             };
             let pods_changed = async {
-                match &self.pods_changed {
-                    Some(changed) => changed.notified().await,
+                match &self.pods {
+                    Some(pods) => pods.changed().await,
                     None => std::future::pending().await,
                 }
             };
@@ -313,11 +313,11 @@ async fn sweep_passthrough_series(telemetry: telemetry::requests::RequestTelemet
 }
 
 /// Starts the Kubernetes watchers: the Istio resources (their latest full set) and the pods behind the gateway,
-/// whose addresses identify the sources of requests (stored in `workloads`, the returned `Notify` rung on change).
+/// whose addresses identify the sources of requests (published in `workloads`).
 async fn watch_kubernetes(
     settings: &RunSettings,
-    workloads: Arc<ArcSwap<Workloads>>,
-) -> anyhow::Result<(watch::Receiver<Option<Arc<kubernetes::Documents>>>, Arc<Notify>)> {
+    workloads: Arc<KnownWorkloads>,
+) -> anyhow::Result<watch::Receiver<Option<Arc<kubernetes::Documents>>>> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to Kubernetes (in-cluster config or KUBECONFIG; see --kube)")?;
@@ -325,19 +325,8 @@ async fn watch_kubernetes(
         kubernetes::Scope { namespace: settings.namespace.clone(), mesh_namespace: settings.mesh_namespace.clone() };
     let (kube_sender, kube_changes) = watch::channel(None);
     tokio::spawn(kubernetes::watch(client.clone(), scope, kube_sender));
-    let (pods_sender, mut pods) = watch::channel(Arc::new(Workloads::default()));
-    tokio::spawn(kubernetes::watch_pods(client, pods_sender));
-    let changed = Arc::new(Notify::new());
-    let ring = changed.clone();
-    tokio::spawn(async move {
-        while pods.changed().await.is_ok() {
-            let current = pods.borrow_and_update().clone();
-            tracing::debug!(addresses = current.len(), "workloads updated");
-            workloads.store(current);
-            ring.notify_one();
-        }
-    });
-    Ok((kube_changes, changed))
+    tokio::spawn(kubernetes::watch_pods(client, workloads));
+    Ok(kube_changes)
 }
 
 /// Reads the configuration again (files and Kubernetes), resolves its names and applies the result; returns

@@ -10,7 +10,7 @@ use super::{error::FieldError, service_entry::validate_host};
 /// A small map as the resource writes it (header names, query parameters): its pairs in the order written, in
 /// one allocation (a B-tree would take a node of eleven pairs for one). A name written twice keeps the last value,
 /// as a map does.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Pairs<V>(Box<[(String, V)]>);
 
 impl<V> Default for Pairs<V> {
@@ -80,7 +80,7 @@ impl<V: Serialize> Serialize for Pairs<V> {
 }
 
 /// `exact`, `prefix` or `regex` (RE2 syntax): exactly one.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
 pub struct StringMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exact: Option<String>,
@@ -193,7 +193,7 @@ impl Destination {
 }
 
 /// `headers: {request: {set, add, remove}, response: {…}}`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
 pub struct Headers {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<HeaderOperations>,
@@ -201,7 +201,7 @@ pub struct Headers {
     pub response: Option<HeaderOperations>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
 pub struct HeaderOperations {
     #[serde(default, skip_serializing_if = "Pairs::is_empty")]
     pub set: Pairs<String>,

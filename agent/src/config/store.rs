@@ -24,9 +24,8 @@ pub struct Store {
 
 /// The resources in force, compressed together: one JSON line per resource, in id order, with the file (or
 /// `kubernetes`) it came from and its `metadata` and `spec` (empty fields left out). Resources repeat one
-/// another's structure and names, so the whole compresses many times over (10,000 ServiceEntries with as many
-/// VirtualServices: ~30 bytes a pair, ~800 as separate JSON); the typed form takes several times the JSON's
-/// memory, and is needed only while a policy is compiled from it, which reads the whole in one pass.
+/// another's structure and names, so the whole compresses many times over (bench/README.md has the figures);
+/// the typed form takes several times the JSON's memory, and is needed only while a policy is compiled from it, which reads the whole in one pass.
 #[derive(Debug, Default)]
 pub struct Packed {
     /// Empty before the first load.

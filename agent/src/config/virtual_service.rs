@@ -61,7 +61,7 @@ pub struct HttpRoute {
     pub headers: Option<Box<Headers>>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]

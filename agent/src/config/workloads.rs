@@ -3,6 +3,9 @@
 
 use std::{collections::BTreeMap, collections::HashMap, net::IpAddr, sync::Arc};
 
+use arc_swap::ArcSwap;
+use tokio::sync::Notify;
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Workload {
     /// The workload's name as Istio labels it: the pod's `app` label, else the pod's name. Shared: every request
@@ -70,6 +73,32 @@ impl Workloads {
 
     pub fn is_empty(&self) -> bool {
         self.by_address.is_empty()
+    }
+}
+
+/// The workloads as the pod watcher last published them, read by the proxy on each connection; whoever waits on
+/// `changed` (the control loop: a Sidecar's mode follows its pods) hears of each new set.
+#[derive(Default)]
+pub struct KnownWorkloads {
+    current: ArcSwap<Workloads>,
+    changed: Notify,
+}
+
+impl KnownWorkloads {
+    /// Replaces the workloads and tells the waiter.
+    pub fn publish(&self, workloads: Workloads) {
+        tracing::debug!(addresses = workloads.len(), "workloads updated");
+        self.current.store(Arc::new(workloads));
+        self.changed.notify_one();
+    }
+
+    pub fn load(&self) -> arc_swap::Guard<Arc<Workloads>> {
+        self.current.load()
+    }
+
+    /// Completes after the next `publish` (at once if one came since the last wait).
+    pub async fn changed(&self) {
+        self.changed.notified().await
     }
 }
 

@@ -2,22 +2,19 @@
 
 use std::{sync::Arc, time::Duration};
 
-use arc_swap::ArcSwap;
-
 use super::{
     detect::{detect, Detected, DETECTION_TIMEOUT},
     http::{Connection, HttpProxy, Listener},
     tcp,
     transparent_listener::{Intercepted, TransparentListener},
 };
-use crate::policy::routes::ProxyPolicy;
 
 /// Accepts intercepted connections until the task is dropped.
-pub async fn serve(listener: Arc<TransparentListener>, proxy: Arc<HttpProxy>, policy: Arc<ArcSwap<ProxyPolicy>>) {
+pub async fn serve(listener: Arc<TransparentListener>, proxy: Arc<HttpProxy>) {
     loop {
         match listener.accept().await {
             Ok(connection) => {
-                tokio::spawn(dispatch(connection, proxy.clone(), policy.clone()));
+                tokio::spawn(dispatch(connection, proxy.clone()));
             }
             Err(error) => {
                 tracing::warn!(%error, "accepting an intercepted connection");
@@ -27,7 +24,7 @@ pub async fn serve(listener: Arc<TransparentListener>, proxy: Arc<HttpProxy>, po
     }
 }
 
-async fn dispatch(connection: Intercepted, proxy: Arc<HttpProxy>, policy: Arc<ArcSwap<ProxyPolicy>>) {
+async fn dispatch(connection: Intercepted, proxy: Arc<HttpProxy>) {
     let Some(_permit) = proxy.admit() else {
         tcp::reset(&connection.stream);
         return;
@@ -46,7 +43,7 @@ async fn dispatch(connection: Intercepted, proxy: Arc<HttpProxy>, policy: Arc<Ar
             proxy.serve_connection(connection.stream, context, version).await;
         }
         Detected::Opaque => {
-            let mode = policy.load().sidecars.mode_for(proxy.workload(connection.peer.ip()).as_deref());
+            let mode = proxy.policy().sidecars.mode_for(proxy.workload(connection.peer.ip()).as_deref());
             let idle = proxy.limits().idle_timeout;
             tcp::relay(connection, mode, &proxy.telemetry().tcp, proxy.upstream_sockets(), idle).await
         }

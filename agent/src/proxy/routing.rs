@@ -15,7 +15,7 @@ pub use crate::policy::host_match::strip_port as host_of;
 use crate::policy::{
     clusters::Cluster,
     http_match::RequestView,
-    routes::{Action, HostVerify, ProxyPolicy, Redirect, Registered, Route, Service, Target, Upstream, Viewer},
+    routes::{Action, HostVerify, Matched, ProxyPolicy, Redirect, Route, ServiceChoice, Target, Upstream, Viewer},
     OutboundMode,
 };
 use crate::{config::workloads::Workload, policy::labels::DestinationLabels};
@@ -56,9 +56,8 @@ pub struct Destination<'p> {
     /// The upstream speaks HTTP/2 (the service port is declared HTTP2 or GRPC).
     pub http2: bool,
     pub labels: DestinationLabels,
-    /// The registered service, port, subset and the variant of its clusters (its DestinationRule) the request
-    /// goes through; a retry goes to its next endpoint.
-    pub service: Option<(&'p Service, u16, Option<&'p str>, usize)>,
+    /// The registered service the request goes through, and how; a retry goes to its next endpoint.
+    pub service: Option<ServiceChoice<'p>>,
     /// The request's consistent hash, for a cluster that balances by one.
     pub hash: Option<u64>,
 }
@@ -66,10 +65,7 @@ pub struct Destination<'p> {
 impl<'p> Destination<'p> {
     /// The address for another try: the service's next endpoint, or the same address.
     pub fn next_address(&self) -> SocketAddr {
-        let next = |(service, port, subset, variant): (&Service, u16, Option<&str>, usize)| {
-            service.upstream_for(variant, port, subset, self.hash)
-        };
-        match self.service.map(next) {
+        match self.service.map(|service| service.upstream(self.hash)) {
             Some(Upstream::Endpoint(address)) => address,
             _ => self.address,
         }
@@ -92,12 +88,9 @@ impl<'p> Destination<'p> {
 
     /// The cluster the request goes through (its limits and outlier detection), for a registered service.
     pub fn cluster(&self) -> Option<&'p Cluster> {
-        self.service.and_then(|(service, port, subset, variant)| service.cluster(variant, port, subset))
+        self.service.and_then(|service| service.cluster())
     }
 }
-
-/// The route that matched, and the URI prefix it matched on (which `rewrite.uri` replaces).
-pub type Matched<'p> = (&'p Route, Option<&'p str>);
 
 #[derive(Debug)]
 pub enum Decision<'p> {
@@ -137,10 +130,9 @@ pub fn host_needs_dns_verification(
 ) -> bool {
     policy.verifies_hosts_by_dns
         && listener == Listener::Mesh
-        && match policy.registered_for(host_of(authority), local.port(), Viewer::Workload(source)) {
-            Registered::Service(service) => service.known_at(local.ip()).is_none(),
-            Registered::Unknown => false,
-        }
+        && policy
+            .registered_for(host_of(authority), local.port(), Viewer::Workload(source))
+            .is_some_and(|service| service.known_at(local.ip()).is_none())
 }
 
 /// Decides what becomes of `request`, for `authority`, received on `listener` at `local` (for intercepted
@@ -161,10 +153,9 @@ pub fn decide<'p, B>(
     // visible). On Gateway ports every resource is visible.
     // Domain fronting: an intercepted request for a registered host, sent to an address that is not the host's.
     let host_mismatch = listener == Listener::Mesh
-        && match policy.registered_for(host_name, port, Viewer::Workload(source)) {
-            Registered::Service(service) => service.known_at(local.ip()) == Some(false),
-            Registered::Unknown => false,
-        };
+        && policy
+            .registered_for(host_name, port, Viewer::Workload(source))
+            .is_some_and(|service| service.known_at(local.ip()) == Some(false));
     if host_mismatch && policy.host_verify == HostVerify::Strict {
         return Decision::Fail { failure: Failure::HostMismatch, labels: None };
     }
@@ -195,18 +186,11 @@ pub fn decide<'p, B>(
                     gateway: gateway_id,
                     source,
                 };
-                let visible =
-                    host.routes.iter().filter(|route| viewer.sees(policy, &route.scope.exported, host_name, port));
-                let found = visible.clone().find_map(|route| {
-                    if route.matches.is_empty() {
-                        return Some((route, None));
-                    }
-                    route.matches.iter().find(|m| m.matches(&view)).map(|m| (route, m.uri_prefix()))
-                });
-                match found {
+                let visible = |route: &Route| viewer.sees(policy, &route.scope.exported, host_name, port);
+                match host.first_match(&view, visible) {
                     Some(found) => Some(found),
                     // None of the host's VirtualServices is exported to this workload: the host's default route.
-                    None if visible.count() == 0 && listener.is_mesh() => None,
+                    None if listener.is_mesh() && !host.routes.iter().any(visible) => None,
                     None => return Decision::Fail { failure: Failure::NoRoute, labels: None },
                 }
             }
@@ -214,7 +198,7 @@ pub fn decide<'p, B>(
             None if !listener.is_mesh() => return Decision::Fail { failure: Failure::NoRoute, labels: None },
             None => None,
         };
-        let target = match matched.map(|(route, _)| (route, &route.action)) {
+        let target = match matched.map(|matched| (matched.route, &matched.route.action)) {
             Some((route, Action::Respond(response))) => {
                 let (status, body) = &**response;
                 return Decision::Respond { route, status: *status, body: body.clone() };
@@ -237,7 +221,7 @@ pub fn decide<'p, B>(
         return match destination(policy, host, destination_port, subset, listener, local, viewer) {
             Ok(mut destination) => {
                 if reroute && destination.address.ip() == local.ip() {
-                    match destination.service.and_then(|(service, port, _, _)| service.own_address(port)) {
+                    match destination.service.and_then(|choice| choice.service.own_address(choice.port)) {
                         Some(address) => destination.address = address,
                         None => return Decision::Fail { failure: Failure::HostMismatch, labels: None },
                     }
@@ -268,40 +252,34 @@ pub fn destination<'p>(
     let intercepted = listener.is_mesh();
     let original = SocketAddr::new(local.ip(), port);
     match policy.registered_for(host, port, viewer) {
-        Registered::Service(service) => {
+        Some(service) => {
             // Through the DestinationRule that applies to the viewer. Labelled as compiled: the subset's cluster,
             // or the host's (for a subset that is not defined).
-            let variant = service.variant(viewer, policy);
-            let labels = service
-                .cluster(variant, port, subset)
-                .or_else(|| service.cluster(variant, port, None))
+            let choice = ServiceChoice { service, port, subset, variant: service.variant(viewer, policy) };
+            let labels = choice
+                .cluster()
+                .or_else(|| ServiceChoice { subset: None, ..choice }.cluster())
                 .map(|c| c.labels.clone());
-            let address = match service.upstream_for(variant, port, subset, None) {
+            let address = match choice.upstream(None) {
                 Upstream::Endpoint(address) => address,
                 Upstream::OriginalDestination if intercepted => original,
                 Upstream::OriginalDestination | Upstream::NoSubset => return Err((Failure::NoCluster, labels)),
                 Upstream::NoEndpoint => return Err((Failure::NoHealthyUpstream, labels)),
             };
             let labels = labels.unwrap_or_else(|| crate::telemetry::passthrough::destination(host));
-            Ok(Destination {
-                address,
-                http2: service.http2(port),
-                labels,
-                service: Some((service, port, subset, variant)),
-                hash: None,
-            })
+            Ok(Destination { address, http2: service.http2(port), labels, service: Some(choice), hash: None })
         }
-        Registered::Unknown if viewer.mode(policy) == OutboundMode::RegistryOnly => {
+        None if viewer.mode(policy) == OutboundMode::RegistryOnly => {
             Err((Failure::Blackholed, Some(DestinationLabels::blackhole())))
         }
-        Registered::Unknown if intercepted => Ok(Destination {
+        None if intercepted => Ok(Destination {
             address: original,
             http2: false,
             labels: crate::telemetry::passthrough::destination(host),
             service: None,
             hash: None,
         }),
-        Registered::Unknown => Err((Failure::NoCluster, None)),
+        None => Err((Failure::NoCluster, None)),
     }
 }
 
@@ -326,11 +304,11 @@ fn redirect_location(redirect: &Redirect, authority: &str, uri: &Uri) -> String 
 /// whole path), `uriRegexRewrite` rewrites the path; the query is kept. Without a rewrite it is the client's, shared
 /// rather than copied. A rewrite that makes no valid path is an error, naming it.
 pub fn rewritten_path(route: Option<Matched<'_>>, uri: &Uri) -> Result<PathAndQuery, InvalidUri> {
-    let Some(rewrite) = route.and_then(|(route, _)| route.rewrite()) else {
+    let Some(rewrite) = route.and_then(|matched| matched.route.rewrite()) else {
         return Ok(uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
     };
     let path = uri.path();
-    let prefix = route.and_then(|(_, prefix)| prefix);
+    let prefix = route.and_then(|matched| matched.uri_prefix);
     let mut path = if let Some(uri) = &rewrite.uri {
         match prefix {
             Some(prefix) => format!("{uri}{}", path.get(prefix.len()..).unwrap_or("")),
@@ -350,7 +328,7 @@ pub fn rewritten_path(route: Option<Matched<'_>>, uri: &Uri) -> Result<PathAndQu
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::{collections::BTreeMap, sync::Arc};
 
     use super::*;
     use crate::{
@@ -358,6 +336,7 @@ mod tests {
         policy::{
             bindings::bind,
             routes::{proxy_policy, HostVerify, ProxySettings},
+            sidecars::SidecarModes,
         },
     };
 
@@ -366,13 +345,13 @@ mod tests {
         let labels: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let resolved = Resolved::from([("httpbin.org".to_owned(), vec!["203.0.113.80".parse().unwrap()])]);
         let settings = ProxySettings {
-            mode: OutboundMode::RegistryOnly,
             own_services: own.iter().map(|s| s.to_string()).collect(),
             host_verify: verify,
             gateway_namespace: None,
             upgrades: Vec::new(),
         };
-        proxy_policy(&snapshot, &resolved, &bind(&snapshot, &labels), &settings, &Default::default())
+        let sidecars = Arc::new(SidecarModes::compile(&snapshot, OutboundMode::RegistryOnly));
+        proxy_policy(&snapshot, &resolved, &bind(&snapshot, &labels), sidecars, &settings, &Default::default())
     }
 
     fn get(uri: &str) -> Request<()> {
@@ -610,12 +589,10 @@ spec:
         let labels = BTreeMap::from([("istio".to_owned(), "egressgateway".to_owned())]);
         let bindings = bind(&snapshot, &labels);
         let at = |namespace: Option<&str>| {
-            let settings = ProxySettings {
-                mode: OutboundMode::RegistryOnly,
-                gateway_namespace: namespace.map(str::to_owned),
-                ..ProxySettings::default()
-            };
-            proxy_policy(&snapshot, &Resolved::new(), &bindings, &settings, &Default::default())
+            let settings =
+                ProxySettings { gateway_namespace: namespace.map(str::to_owned), ..ProxySettings::default() };
+            let sidecars = Arc::new(SidecarModes::compile(&snapshot, OutboundMode::RegistryOnly));
+            proxy_policy(&snapshot, &Resolved::new(), &bindings, sidecars, &settings, &Default::default())
         };
         let request = get("/");
         let port: SocketAddr = "10.240.1.1:80".parse().unwrap();

@@ -22,7 +22,7 @@ use kube::{
 use tokio::sync::watch;
 
 use super::files::Loaded;
-use crate::config::workloads::{PodAddresses, Workload, Workloads};
+use crate::config::workloads::{KnownWorkloads, PodAddresses, Workload, Workloads};
 
 /// How errors from this source name it.
 pub const SOURCE: &str = "kubernetes";
@@ -162,8 +162,9 @@ pub async fn watch(client: Client, scope: Scope, sender: watch::Sender<Option<Ar
     }
 }
 
-/// Watches every pod until the task is dropped, sending the workloads by pod IP after every change (once listed).
-pub async fn watch_pods(client: Client, sender: watch::Sender<Arc<Workloads>>) {
+/// Watches every pod until the task is dropped, publishing the workloads by pod IP after every change (once
+/// listed).
+pub async fn watch_pods(client: Client, workloads: Arc<KnownWorkloads>) {
     let pods: Api<Pod> = Api::all(client);
     let mut events = watcher(pods, watcher::Config::default()).default_backoff().boxed();
     let (mut known, mut buffer, mut listed): (
@@ -206,8 +207,7 @@ pub async fn watch_pods(client: Client, sender: watch::Sender<Arc<Workloads>>) {
             }
         };
         if changed && listed {
-            let workloads = Workloads::from_pods(known.values().cloned());
-            let _ = sender.send(Arc::new(workloads));
+            workloads.publish(Workloads::from_pods(known.values().cloned()));
         }
     }
 }
@@ -623,10 +623,10 @@ mod tests {
                 send.send_response(Response::builder().status(StatusCode::OK).body(Body::from(body)).unwrap());
             }
         });
-        let (sender, mut receiver) = watch::channel(Arc::new(Workloads::default()));
-        let task = tokio::spawn(watch_pods(Client::new(service, "default"), sender));
-        tokio::time::timeout(Duration::from_secs(10), receiver.changed()).await.unwrap().unwrap();
-        let workloads = receiver.borrow().clone();
+        let known = Arc::new(KnownWorkloads::default());
+        let task = tokio::spawn(watch_pods(Client::new(service, "default"), known.clone()));
+        tokio::time::timeout(Duration::from_secs(10), known.changed()).await.unwrap();
+        let workloads = known.load();
         task.abort();
         let cart = workloads.get("10.1.0.7".parse().unwrap()).expect("the pod's IPv4 address");
         assert_eq!((&*cart.name, &*cart.namespace), ("cart", "shop"));

@@ -2,18 +2,20 @@
 
 use super::*;
 
-/// Compiles the proxy's policy: the registry from the ServiceEntries (endpoints from `resolved` for DNS), and
-/// the routes of the VirtualServices as `bindings` bound them.
+/// Compiles the proxy's policy: the registry from the ServiceEntries (endpoints from `resolved` for DNS), the
+/// routes of the VirtualServices as `bindings` bound them, and each workload's outbound mode (`sidecars`, shared
+/// with the kernel's per-source exceptions).
 pub fn proxy_policy(
     snapshot: &Snapshot,
     resolved: &Resolved,
     bindings: &Bindings,
+    sidecars: Arc<SidecarModes>,
     settings: &ProxySettings,
     states: &ClusterStates,
 ) -> ProxyPolicy {
     // What is only needed while compiling is allocated apart from what the policy keeps (`transient`).
     let rules = transient(|| Rules::new(snapshot));
-    let mut shared = Shared::default();
+    let mut interner = Interner::default();
     let mut registry: BTreeMap<String, Vec<Service>> = BTreeMap::new();
     // Whether any host is registered at no address (wildcards, NONE without addresses): only then may a request
     // need its Host checked by DNS.
@@ -25,8 +27,8 @@ pub fn proxy_policy(
                 &snapshot.mesh.default_service_export_to,
                 resource.metadata.namespace(),
             );
-            let exported = shared.exported(resource.metadata.namespace(), visible_to);
-            for service in services(entry, &exported, resolved, &rules, states, &mut shared) {
+            let exported = interner.exported(resource.metadata.namespace(), visible_to);
+            for service in services(entry, &exported, resolved, &rules, states, &mut interner) {
                 unaddressed |= service.known_at.is_empty();
                 transient(|| registry.entry(service.host.to_ascii_lowercase()).or_default().push(service));
             }
@@ -38,7 +40,7 @@ pub fn proxy_policy(
         transient(|| hosts.entry(host).or_default()).services = first;
     }
     for (host, indexes) in &bindings.mesh {
-        let routes = virtual_host(snapshot, indexes, &mut shared);
+        let routes = virtual_host(snapshot, indexes, &mut interner);
         transient(|| hosts.entry(host.clone()).or_default()).mesh = Some(routes);
     }
     let mut table = HostTable::default();
@@ -46,9 +48,9 @@ pub fn proxy_policy(
         table.insert(&host, entry);
     }
     table.shrink_to_fit();
-    let mut virtual_host = |indexes: &Vec<usize>| virtual_host(snapshot, indexes, &mut shared);
+    let mut virtual_host = |indexes: &Vec<usize>| virtual_host(snapshot, indexes, &mut interner);
     ProxyPolicy {
-        sidecars: SidecarModes::compile(snapshot, settings.mode),
+        sidecars,
         host_verify: settings.host_verify,
         verifies_hosts_by_dns: unaddressed && settings.host_verify == HostVerify::Strict,
         upgrades: settings.upgrades.iter().map(|protocol| protocol.to_ascii_lowercase()).collect(),
@@ -77,7 +79,7 @@ pub fn proxy_policy(
     }
 }
 
-pub(super) fn virtual_host(snapshot: &Snapshot, indexes: &[usize], shared: &mut Shared) -> VirtualHost {
+pub(super) fn virtual_host(snapshot: &Snapshot, indexes: &[usize], interner: &mut Interner) -> VirtualHost {
     let mut routes = Vec::new();
     for resource in bindings::services(snapshot, indexes) {
         let Spec::VirtualService(service) = &resource.spec else { continue };
@@ -86,7 +88,7 @@ pub(super) fn virtual_host(snapshot: &Snapshot, indexes: &[usize], shared: &mut 
             Visibility::compile_or(&service.export_to, &snapshot.mesh.default_virtual_service_export_to, namespace);
         let scope = Arc::new(RouteScope {
             source: format!("{namespace}/{}", resource.metadata.name).into(),
-            exported: shared.exported(namespace, visible_to),
+            exported: interner.exported(namespace, visible_to),
             names: if service.http.iter().any(|route| route.name.is_some()) {
                 service.http.iter().map(|route| route.name.as_deref().map(Arc::from)).collect()
             } else {
@@ -95,16 +97,17 @@ pub(super) fn virtual_host(snapshot: &Snapshot, indexes: &[usize], shared: &mut 
         });
         for (i, route) in service.http.iter().enumerate() {
             let index = u32::try_from(i).unwrap_or(u32::MAX);
-            routes.push(compile_route(route, &scope, index, shared));
+            routes.push(compile_route(route, &scope, index, interner));
         }
     }
     // Held for as long as the configuration is: no spare capacity.
     VirtualHost { routes: routes.into() }
 }
 
-pub(super) fn compile_route(route: &HttpRoute, scope: &Arc<RouteScope>, index: u32, shared: &mut Shared) -> Route {
+pub(super) fn compile_route(route: &HttpRoute, scope: &Arc<RouteScope>, index: u32, interner: &mut Interner) -> Route {
     let namespace = &scope.exported.namespace;
-    let (request_headers, response_headers) = header_ops(route.headers.as_deref(), shared);
+    let HeaderManipulations { request: request_headers, response: response_headers } =
+        header_ops(route.headers.as_deref(), interner);
     let action = if let Some(redirect) = &route.redirect {
         Action::Redirect(Box::new(Redirect {
             uri: redirect.uri.clone(),
@@ -136,13 +139,13 @@ pub(super) fn compile_route(route: &HttpRoute, scope: &Arc<RouteScope>, index: u
                 // A lone destination takes everything; otherwise the weights (validated to sum to 100) decide.
                 let weight = if route.route.len() == 1 { 100 } else { destination.weight.unwrap_or(0) };
                 total += u32::try_from(weight).unwrap_or(0);
-                Target { to: shared.target_destination(destination), weight_to: total }
+                Target { to: interner.target_destination(destination), weight_to: total }
             })
             .collect();
         Action::Forward(Targets(targets))
     };
-    let regexes = &mut shared.regexes;
-    let rare = Rare {
+    let regexes = &mut interner.regexes;
+    let extras = RouteExtras {
         rewrite: route.rewrite.as_ref().map(|rewrite| Rewrite {
             uri: rewrite.uri.clone(),
             uri_regex: rewrite
@@ -163,11 +166,11 @@ pub(super) fn compile_route(route: &HttpRoute, scope: &Arc<RouteScope>, index: u
         cors: route.cors_policy.as_ref().map(|policy| cors(policy, regexes)),
     };
     Route {
-        matches: shared.matches(&route.matches, namespace),
+        matches: interner.matches(&route.matches, namespace),
         action,
         request_headers,
         scope: scope.clone(),
-        rare: (!rare.is_empty()).then(|| Box::new(rare)),
+        extras: (!extras.is_empty()).then(|| Box::new(extras)),
         index,
         // Rounded up: a timeout below a millisecond is not none. One too long for 32 bits (49 days) is as long as
         // they hold.
@@ -223,9 +226,9 @@ pub(super) fn cors(policy: &crate::config::virtual_service::CorsPolicy, regexes:
     }
 }
 
-pub(super) fn header_ops(headers: Option<&Headers>, shared: &mut Shared) -> (HeaderOps, HeaderOps) {
-    (
-        shared.header_ops(headers.and_then(|h| h.request.as_ref())),
-        shared.header_ops(headers.and_then(|h| h.response.as_ref())),
-    )
+pub(super) fn header_ops(headers: Option<&Headers>, interner: &mut Interner) -> HeaderManipulations {
+    HeaderManipulations {
+        request: interner.header_ops(headers.and_then(|h| h.request.as_ref())),
+        response: interner.header_ops(headers.and_then(|h| h.response.as_ref())),
+    }
 }

@@ -53,8 +53,6 @@ pub use visibility::*;
 /// What the node, not the mesh, decides for the proxy.
 #[derive(Clone, Debug, Default)]
 pub struct ProxySettings {
-    /// The mesh's outbound mode (the mesh config's, or what overrides it); Sidecars refine it per workload.
-    pub mode: OutboundMode,
     /// This gateway's own Service hosts: a mesh route to one continues in the gateway context.
     pub own_services: Vec<String>,
     pub host_verify: HostVerify,
@@ -92,7 +90,7 @@ impl HostVerify {
 #[derive(Debug, Default)]
 pub struct ProxyPolicy {
     /// The outbound mode of each source workload (its Sidecar's, else the mesh's).
-    pub sidecars: SidecarModes,
+    pub sidecars: Arc<SidecarModes>,
     pub host_verify: HostVerify,
     /// The HTTP/1.1 upgrades forwarded, lowercase; a request asking for another is refused.
     upgrades: Box<[String]>,
@@ -133,33 +131,24 @@ pub struct GatewayRoutes {
     pub hosts: HostTable<VirtualHost>,
 }
 
-/// What the registry says of a host on a port.
-pub enum Registered<'a> {
-    Service(&'a Service),
-    /// Known to no ServiceEntry on that port: BlackHoleCluster in REGISTRY_ONLY, PassthroughCluster otherwise.
-    Unknown,
-}
-
 impl ProxyPolicy {
     /// Whether an `Upgrade: protocol` request is forwarded.
     pub fn allows_upgrade(&self, protocol: &HeaderValue) -> bool {
         self.upgrades.iter().any(|allowed| protocol.as_bytes().eq_ignore_ascii_case(allowed.as_bytes()))
     }
 
-    /// The service registered for `host` (a Host, an authority or a destination host) on `port`.
-    pub fn registered(&self, host: &str, port: u16) -> Registered<'_> {
+    /// The service registered for `host` (a Host, an authority or a destination host) on `port`; `None` when no
+    /// ServiceEntry has it on that port (BlackHoleCluster in REGISTRY_ONLY, PassthroughCluster otherwise).
+    pub fn registered(&self, host: &str, port: u16) -> Option<&Service> {
         self.registered_for(host, port, Viewer::Gateway)
     }
 
     /// The service registered for `host` on `port` that `viewer` sees: for the workloads' traffic, exported to
     /// the source's namespace (`exportTo`; an unknown source sees all) and imported by its Sidecar.
-    pub fn registered_for(&self, host: &str, port: u16, viewer: Viewer<'_>) -> Registered<'_> {
+    pub fn registered_for(&self, host: &str, port: u16, viewer: Viewer<'_>) -> Option<&Service> {
         let visible = |s: &&Service| s.has_port(port) && viewer.sees(self, &s.exported, &s.host, port);
         let first = self.hosts.find(host, |entry| entry.services.as_deref());
-        match std::iter::successors(first, |service| service.next.as_deref()).find(visible) {
-            Some(service) => Registered::Service(service),
-            None => Registered::Unknown,
-        }
+        std::iter::successors(first, |service| service.next.as_deref()).find(visible)
     }
 
     /// The routes for intercepted traffic to `authority`: of the VirtualServices bound to the mesh.

@@ -9,7 +9,7 @@ pub struct Service {
     /// The host as the ServiceEntry writes it (a wildcard stays a wildcard).
     pub host: Arc<str>,
     /// Its namespace and `exportTo`.
-    pub exported: Arc<Exported>,
+    pub exported: Arc<ExportScope>,
     pub resolution: Resolution,
     /// Held in place when there is one (most ServiceEntries declare one port): a lookup that checks the port reads
     /// no other allocation.
@@ -154,6 +154,28 @@ impl Service {
     }
 }
 
+/// How a request goes through a registered service: on which of its ports, to which subset (the route's), and
+/// under which of its DestinationRules (the variant of its clusters that applies to the request's source).
+#[derive(Clone, Copy, Debug)]
+pub struct ServiceChoice<'p> {
+    pub service: &'p Service,
+    pub port: u16,
+    pub subset: Option<&'p str>,
+    pub variant: usize,
+}
+
+impl<'p> ServiceChoice<'p> {
+    /// The cluster the request goes through (its limits, load balancer and outlier detection).
+    pub fn cluster(&self) -> Option<&'p Cluster> {
+        self.service.cluster(self.variant, self.port, self.subset)
+    }
+
+    /// The endpoint a request with `hash` goes to, else the load balancer's next.
+    pub fn upstream(&self, hash: Option<u64>) -> Upstream {
+        self.service.upstream_for(self.variant, self.port, self.subset, hash)
+    }
+}
+
 /// The DestinationRules by namespace (each namespace's first rule for a host), with to whom each is exported.
 pub(super) struct Rules<'a> {
     pub(super) by_namespace: BTreeMap<&'a str, HostTable<(&'a DestinationRule, Visibility)>>,
@@ -205,11 +227,11 @@ impl<'a> Rules<'a> {
 /// One service per host of `entry`: DNS hosts resolve on their own (or through the endpoints' names).
 pub(super) fn services(
     entry: &ServiceEntry,
-    exported: &Arc<Exported>,
+    exported: &Arc<ExportScope>,
     resolved: &Resolved,
     rules: &Rules<'_>,
     states: &ClusterStates,
-    shared: &mut Shared,
+    interner: &mut Interner,
 ) -> Vec<Service> {
     let namespace = &exported.namespace;
     let resolution = entry.resolution();
@@ -219,7 +241,7 @@ pub(super) fn services(
         .filter_map(|port| {
             Some(ServicePort {
                 number: u16::try_from(port.number).ok()?,
-                name: shared.text(&port.name),
+                name: interner.text(&port.name),
                 target: port.target_port.and_then(|t| u16::try_from(t).ok()),
                 http2: port.protocol.as_deref().is_some_and(is_http2),
             })
@@ -264,7 +286,7 @@ pub(super) fn services(
             known_at.extend(endpoints.iter().map(|e: &Endpoint| IpNet::from(e.address)));
             let (candidates, rules) = rules.for_service(host, namespace);
             let rules = (!candidates.is_empty()).then(|| Box::new(rules));
-            let host = shared.text(host);
+            let host = interner.text(host);
             // Held for as long as the configuration is: no spare capacity (boxed slices).
             let variants = std::iter::once(None).chain(candidates.into_iter().map(Some));
             let clusters = variants
@@ -273,7 +295,7 @@ pub(super) fn services(
                     let variant = u16::try_from(variant).unwrap_or(u16::MAX);
                     ports
                         .iter()
-                        .flat_map(|port| clusters(&host, namespace, port, &endpoints, rule, states, shared))
+                        .flat_map(|port| clusters(&host, namespace, port, &endpoints, rule, states, interner))
                         .map(move |cluster| VariantCluster { variant, cluster })
                         .collect::<Vec<_>>()
                 })
@@ -301,7 +323,7 @@ pub(super) fn clusters(
     endpoints: &[Endpoint],
     rule: Option<&DestinationRule>,
     states: &ClusterStates,
-    shared: &mut Shared,
+    interner: &mut Interner,
 ) -> Vec<Cluster> {
     let cluster = |subset: Option<Arc<str>>, endpoints: Vec<Endpoint>, policy: Option<&TrafficPolicy>| {
         let policy = policy
@@ -323,7 +345,7 @@ pub(super) fn clusters(
     for subset in rule.map(|rule| rule.subsets.as_slice()).unwrap_or_default() {
         let members = with_labels(endpoints, &subset.labels);
         let policy = subset.traffic_policy.as_ref().or(top);
-        out.push(cluster(Some(shared.text(&subset.name)), members, policy));
+        out.push(cluster(Some(interner.text(&subset.name)), members, policy));
     }
     out
 }

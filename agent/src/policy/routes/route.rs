@@ -2,11 +2,33 @@
 //! rewrites and header manipulations, each as a request uses it.
 
 use super::*;
+use crate::policy::http_match::RequestView;
 
 /// The routes for one host of one context: the http routes of every VirtualService bound there, in order.
 #[derive(Debug)]
 pub struct VirtualHost {
     pub routes: Box<[Route]>,
+}
+
+impl VirtualHost {
+    /// The first route, in declaration order, that `visible` lets the request see and whose match list admits
+    /// it (a route without matches admits every request): Istio's first-match rule.
+    pub fn first_match(&self, view: &RequestView<'_>, visible: impl Fn(&Route) -> bool) -> Option<Matched<'_>> {
+        self.routes.iter().filter(|route| visible(route)).find_map(|route| {
+            if route.matches.is_empty() {
+                return Some(Matched { route, uri_prefix: None });
+            }
+            let found = route.matches.iter().find(|m| m.matches(view))?;
+            Some(Matched { route, uri_prefix: found.uri_prefix() })
+        })
+    }
+}
+
+/// The route a request matched, and the URI prefix it matched on (which `rewrite.uri` replaces).
+#[derive(Clone, Copy, Debug)]
+pub struct Matched<'p> {
+    pub route: &'p Route,
+    pub uri_prefix: Option<&'p str>,
 }
 
 #[derive(Debug)]
@@ -18,7 +40,7 @@ pub struct Route {
     /// What the route shares with the other routes of its VirtualService (its own name among them).
     pub scope: Arc<RouteScope>,
     /// What few routes set, boxed: a route is as small as what most routes have.
-    pub(super) rare: Option<Box<Rare>>,
+    pub(super) extras: Option<Box<RouteExtras>>,
     /// Its place in its VirtualService's `http` routes.
     pub(super) index: u32,
     /// In milliseconds (Istio allows no less than one); `None`: no timeout.
@@ -44,14 +66,14 @@ pub struct RouteScope {
     /// `namespace/name`.
     pub source: Arc<str>,
     /// Its namespace (which Sidecars import by) and `exportTo`.
-    pub exported: Arc<Exported>,
+    pub exported: Arc<ExportScope>,
     /// Each route's own name, by index (empty when no route has one); a route without one is named by its
     /// VirtualService and index.
     pub(super) names: Box<[Option<Arc<str>>]>,
 }
 
 #[derive(Debug, Default)]
-pub(super) struct Rare {
+pub(super) struct RouteExtras {
     pub(super) rewrite: Option<Rewrite>,
     pub(super) response_headers: HeaderOps,
     pub(super) retries: Option<RetryPolicy>,
@@ -60,9 +82,9 @@ pub(super) struct Rare {
     pub(super) cors: Option<Cors>,
 }
 
-impl Rare {
+impl RouteExtras {
     pub(super) fn is_empty(&self) -> bool {
-        let Rare { rewrite, response_headers, retries, fault, mirror, cors } = self;
+        let RouteExtras { rewrite, response_headers, retries, fault, mirror, cors } = self;
         rewrite.is_none()
             && response_headers.is_empty()
             && retries.is_none()
@@ -86,28 +108,28 @@ impl Route {
     }
 
     pub fn rewrite(&self) -> Option<&Rewrite> {
-        self.rare.as_ref()?.rewrite.as_ref()
+        self.extras.as_ref()?.rewrite.as_ref()
     }
 
     pub fn response_headers(&self) -> Option<&HeaderOps> {
-        self.rare.as_ref().map(|rare| &rare.response_headers)
+        self.extras.as_ref().map(|extras| &extras.response_headers)
     }
 
     /// `None`: Istio's mesh default.
     pub fn retries(&self) -> Option<&RetryPolicy> {
-        self.rare.as_ref()?.retries.as_ref()
+        self.extras.as_ref()?.retries.as_ref()
     }
 
     pub fn fault(&self) -> Option<&Fault> {
-        self.rare.as_ref()?.fault.as_ref()
+        self.extras.as_ref()?.fault.as_ref()
     }
 
     pub fn mirror(&self) -> Option<&Mirror> {
-        self.rare.as_ref()?.mirror.as_ref()
+        self.extras.as_ref()?.mirror.as_ref()
     }
 
     pub fn cors(&self) -> Option<&Cors> {
-        self.rare.as_ref()?.cors.as_ref()
+        self.extras.as_ref()?.cors.as_ref()
     }
 }
 
@@ -243,7 +265,7 @@ impl Cors {
 #[derive(Debug)]
 pub enum Action {
     Forward(Targets),
-    /// Boxed: redirects are rare, and a route is as large as its largest action.
+    /// Boxed: redirects are extras, and a route is as large as its largest action.
     Redirect(Box<Redirect>),
     /// Boxed: as `Redirect`.
     Respond(Box<(StatusCode, Bytes)>),
@@ -275,8 +297,14 @@ pub(super) struct TargetDestination {
 #[derive(Debug, Default)]
 pub(super) struct TargetExtras {
     pub(super) subset: Option<Arc<str>>,
-    /// Request and response header manipulations.
-    pub(super) headers: [HeaderOps; 2],
+    pub(super) headers: HeaderManipulations,
+}
+
+/// What a route or a destination does to the headers of a request, and of its response.
+#[derive(Debug, Default)]
+pub(super) struct HeaderManipulations {
+    pub(super) request: HeaderOps,
+    pub(super) response: HeaderOps,
 }
 
 impl Target {
@@ -293,11 +321,11 @@ impl Target {
     }
 
     pub fn request_headers(&self) -> Option<&HeaderOps> {
-        self.to.extras.as_ref().map(|extras| &extras.headers[0])
+        self.to.extras.as_ref().map(|extras| &extras.headers.request)
     }
 
     pub fn response_headers(&self) -> Option<&HeaderOps> {
-        self.to.extras.as_ref().map(|extras| &extras.headers[1])
+        self.to.extras.as_ref().map(|extras| &extras.headers.response)
     }
 }
 

@@ -8,8 +8,15 @@ use crate::policy::{bindings::bind, http_match::RequestView};
 fn policy(yaml: &str, resolved: &Resolved) -> ProxyPolicy {
     let snapshot = Snapshot::from_yaml(yaml);
     let labels = BTreeMap::from([("istio".to_owned(), "egressgateway".to_owned())]);
-    let settings = ProxySettings { mode: OutboundMode::RegistryOnly, ..ProxySettings::default() };
-    proxy_policy(&snapshot, resolved, &bind(&snapshot, &labels), &settings, &Default::default())
+    let sidecars = Arc::new(SidecarModes::compile(&snapshot, OutboundMode::RegistryOnly));
+    proxy_policy(
+        &snapshot,
+        resolved,
+        &bind(&snapshot, &labels),
+        sidecars,
+        &ProxySettings::default(),
+        &Default::default(),
+    )
 }
 
 const CONFIG: &str = "apiVersion: networking.istio.io/v1
@@ -68,7 +75,7 @@ fn first_match<'a>(host: &'a VirtualHost, path: &str, headers: &http::HeaderMap)
         gateway: "mesh",
         source: None,
     };
-    host.routes.iter().find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.matches(&view)))
+    host.first_match(&view, |_| true).map(|matched| matched.route)
 }
 
 #[test]
@@ -196,7 +203,7 @@ spec:
   subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}, trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}}]
 ";
     let policy = policy(yaml, &Resolved::new());
-    let Registered::Service(service) = policy.registered("api.internal", 80) else { panic!("registered") };
+    let Some(service) = policy.registered("api.internal", 80) else { panic!("registered") };
     let v1 = Upstream::Endpoint("192.0.2.1:80".parse().unwrap());
     assert!((0..5).all(|_| service.upstream(80, Some("v1")) == v1));
     assert_eq!(service.upstream(80, Some("v2")), Upstream::OriginalDestination, "the subset's own policy");
@@ -230,7 +237,7 @@ spec:
         rule("team-x", 4, "'*'"),
     );
     let policy = policy(&yaml, &Resolved::new());
-    let Registered::Service(service) = policy.registered("api.internal", 80) else { panic!("registered") };
+    let Some(service) = policy.registered("api.internal", 80) else { panic!("registered") };
     let timeout = |namespace: Option<&str>| {
         let workload = namespace.map(|ns| Workload { name: "w".into(), namespace: ns.into(), ..Default::default() });
         let variant = service.variant(Viewer::Workload(workload.as_ref()), &policy);
@@ -247,10 +254,7 @@ spec:
 fn the_registry_knows_hosts_by_port_and_where_their_endpoints_are() {
     let resolved = Resolved::from([("httpbin.org".to_owned(), vec!["203.0.113.80".parse().unwrap()])]);
     let policy = policy(CONFIG, &resolved);
-    let service = |host: &str, port: u16| match policy.registered(host, port) {
-        Registered::Service(service) => Some(service),
-        Registered::Unknown => None,
-    };
+    let service = |host: &str, port: u16| policy.registered(host, port);
     assert_eq!(
         service("httpbin.org", 80).unwrap().upstream(80, None),
         Upstream::Endpoint("203.0.113.80:80".parse().unwrap())
@@ -272,7 +276,7 @@ fn the_registry_knows_hosts_by_port_and_where_their_endpoints_are() {
     );
     let unresolved = policy_without_answers();
     assert!(
-        matches!(unresolved.registered("httpbin.org", 80), Registered::Service(s) if s.upstream(80, None) == Upstream::NoEndpoint)
+        matches!(unresolved.registered("httpbin.org", 80), Some(s) if s.upstream(80, None) == Upstream::NoEndpoint)
     );
 }
 
@@ -295,10 +299,9 @@ fn of_the_services_registered_under_one_host_a_viewer_gets_the_first_it_sees_on_
     let policy = policy(&yaml, &Resolved::new());
     let registered = |namespace: Option<&str>, port: u16| {
         let workload = namespace.map(|ns| Workload { name: "w".into(), namespace: ns.into(), ..Default::default() });
-        match policy.registered_for("api.shared", port, Viewer::Workload(workload.as_ref())) {
-            Registered::Service(service) => Some(service.exported.namespace.to_string()),
-            Registered::Unknown => None,
-        }
+        policy
+            .registered_for("api.shared", port, Viewer::Workload(workload.as_ref()))
+            .map(|service| service.exported.namespace.to_string())
     };
     assert_eq!(registered(Some("team-a"), 80).as_deref(), Some("team-a"), "the first, exported to its own");
     assert_eq!(registered(Some("team-x"), 80).as_deref(), Some("team-b"), "the first exported to everyone");

@@ -12,8 +12,8 @@ pub enum Viewer<'a> {
 
 impl Viewer<'_> {
     /// Whether this viewer sees a resource `exported` so, for `host` on `port`.
-    pub fn sees(self, policy: &ProxyPolicy, exported: &Exported, host: &str, port: u16) -> bool {
-        let Exported { namespace, visible_to } = exported;
+    pub fn sees(self, policy: &ProxyPolicy, exported: &ExportScope, host: &str, port: u16) -> bool {
+        let ExportScope { namespace, visible_to } = exported;
         match self {
             Viewer::Gateway => visible_to.admits(policy.gateway.as_ref().map(|gateway| &*gateway.namespace)),
             Viewer::Workload(source) => {
@@ -35,7 +35,7 @@ impl Viewer<'_> {
 /// Where a resource lives and who sees it: one of these is shared by every service and VirtualService of the
 /// policy that lives and is exported alike (most of a namespace's are).
 #[derive(Debug, PartialEq, Eq, Hash)]
-pub struct Exported {
+pub struct ExportScope {
     pub namespace: Arc<str>,
     /// Its `exportTo`.
     pub visible_to: Visibility,

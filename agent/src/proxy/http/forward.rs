@@ -28,7 +28,7 @@ impl HttpProxy {
         started: Instant,
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'a {
         async move {
-            let route = matched.map(|(route, _)| route);
+            let route = matched.map(|matched| matched.route);
             destination.hash_request(request.headers(), request.uri(), connection.peer.ip());
             // Faults are injected before anything is sent, as Envoy's fault filter runs before its router.
             if let Some(route) = route {

@@ -41,7 +41,7 @@ use super::{
     detect::HttpVersion,
     failure::Failure,
     idle, join, path,
-    routing::{self, Decision, Destination, Matched},
+    routing::{self, Decision, Destination},
     tcp::{self, UpstreamSockets},
     upstreams::{Outgoing, SendError, UpstreamTls, Upstreams},
 };
@@ -53,10 +53,10 @@ use tokio::sync::OwnedSemaphorePermit;
 use tunnel::*;
 
 use crate::{
-    config::{mesh::PathNormalization, resolver::DnsResolver, workloads::Workloads},
+    config::{mesh::PathNormalization, resolver::DnsResolver, workloads::KnownWorkloads},
     policy::clusters::{Admission, Outcome, TlsOrigination},
     policy::labels::DestinationLabels,
-    policy::routes::{Cors, HostVerify, Mirror, ProxyPolicy, RetryPolicy, Route, Target},
+    policy::routes::{Cors, HostVerify, Matched, Mirror, ProxyPolicy, RetryPolicy, Route, Target},
     telemetry::{
         connections::TcpLabels,
         requests::{RequestRecord, RequestTelemetry},
@@ -108,7 +108,7 @@ pub struct HttpProxy {
     /// Looks up the hosts that forward-proxied requests name.
     resolver: Option<Arc<DnsResolver>>,
     /// The workloads behind the gateway by address (from Kubernetes), for source matches and labels.
-    workloads: Arc<ArcSwap<Workloads>>,
+    workloads: Arc<KnownWorkloads>,
 }
 
 /// What one client may cost the proxy, and where its upstream connections may go.
@@ -151,8 +151,8 @@ impl HttpProxy {
         self.workloads.load().get(address).cloned()
     }
 
-    /// Knows the workloads that send requests from `workloads` (kept current by its owner).
-    pub fn with_workloads(mut self, workloads: Arc<ArcSwap<Workloads>>) -> HttpProxy {
+    /// Knows the workloads that send requests from `workloads` (kept current by the pod watcher).
+    pub fn with_workloads(mut self, workloads: Arc<KnownWorkloads>) -> HttpProxy {
         self.workloads = workloads;
         self
     }
@@ -161,6 +161,11 @@ impl HttpProxy {
     pub fn with_resolver(mut self, resolver: Arc<DnsResolver>) -> HttpProxy {
         self.resolver = Some(resolver);
         self
+    }
+
+    /// The policy in force now: what is read here holds for the one connection or request at hand.
+    pub fn policy(&self) -> arc_swap::Guard<Arc<ProxyPolicy>> {
+        self.policy.load()
     }
 
     pub fn telemetry(&self) -> &RequestTelemetry {
@@ -379,7 +384,7 @@ impl HttpProxy {
                         let action = if policy.host_verify == HostVerify::Route { "routed" } else { "trusted" };
                         self.telemetry.host_mismatch(action);
                     }
-                    record.route_name = route.map(|(route, _)| route.name());
+                    record.route_name = route.map(|matched| matched.route.name());
                     self.forward(&policy, request, connection, route, target, authority, destination, record, started)
                 }
             };
