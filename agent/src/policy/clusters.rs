@@ -353,7 +353,7 @@ pub enum Admission {
 }
 
 impl ClusterState {
-    fn new(limits: Option<(usize, usize)>) -> ClusterState {
+    pub(crate) fn new(limits: Option<(usize, usize)>) -> ClusterState {
         ClusterState {
             next: AtomicUsize::new(0),
             slots: limits.map(|(in_flight, _)| Arc::new(tokio::sync::Semaphore::new(in_flight))),

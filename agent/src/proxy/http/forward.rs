@@ -149,42 +149,13 @@ impl HttpProxy {
                 self.mirror(policy, mirror, &parts, &path_and_query, upstream_authority, bytes.clone(), connection);
             }
 
-            // A timeout too long to reach (a configuration may say 1000000h) is no timeout, not an overflow.
-            let deadline_in = |timeout: Duration| tokio::time::Instant::now().checked_add(timeout);
-            let overall = route.and_then(|route| route.timeout()).and_then(deadline_in);
+            let idle = self.limits.stream_idle_timeout;
+            let clock = TryClock::start(route.and_then(|route| route.timeout()), retries.per_try_timeout, idle);
             // The cluster's connection-pool limits: a slot now, a wait within the pending limit, or 503 UO.
             let cluster = destination.cluster();
-            let slot = match cluster.map(|cluster| (cluster, cluster.state.admit())) {
-                None | Some((_, Admission::Now(None))) => None,
-                Some((_, Admission::Now(Some(permit)))) => Some(permit),
-                Some((cluster, Admission::Wait(slots))) => {
-                    let acquire = slots.acquire_owned();
-                    let waited = cluster
-                        .state
-                        .waiting(async {
-                            match overall {
-                                Some(deadline) => {
-                                    tokio::time::timeout_at(deadline, acquire).await.ok().and_then(Result::ok)
-                                }
-                                None => acquire.await.ok(),
-                            }
-                        })
-                        .await;
-                    match waited {
-                        Some(permit) => Some(permit),
-                        None => {
-                            return self.local_failure(
-                                Failure::UpstreamTimeout,
-                                record,
-                                started,
-                                Some(destination.labels),
-                            )
-                        }
-                    }
-                }
-                Some((_, Admission::Overflow)) => {
-                    return self.local_failure(Failure::Overflow, record, started, Some(destination.labels));
-                }
+            let slot = match clock.admit(cluster).await {
+                Ok(slot) => slot,
+                Err(failure) => return self.local_failure(failure, record, started, Some(destination.labels)),
             };
             let outlier = cluster.and_then(|cluster| Some((cluster, cluster.policy.outlier.as_ref()?)));
             let mut address = match self.address_of(&destination, routing::host_of(authority)).await {
@@ -200,13 +171,15 @@ impl HttpProxy {
                     return self.local_failure(Failure::TlsOrigination, record, started, Some(destination.labels));
                 }
             };
-            let mut attempt = 0u32;
-            let outcome = loop {
+            let send = |attempt: u32, deadline: TryDeadline| {
+                if attempt > 0 {
+                    address = destination.next_address();
+                }
                 let body = match (&replayable, streamed.take()) {
                     (Some(bytes), _) if bytes.is_empty() => empty(),
                     (Some(bytes), _) => Full::new(bytes.clone()).map_err(|never| match never {}).boxed(),
                     (None, Some(body)) => body,
-                    (None, None) => break Err(Failure::UpstreamReset),
+                    (None, None) => return Err(Failure::UpstreamReset),
                 };
                 let outgoing = Outgoing {
                     address,
@@ -218,63 +191,29 @@ impl HttpProxy {
                     connect_timeout: destination.connect_timeout(),
                     tls: tls.clone(),
                 };
-                let try_started = Instant::now();
-                let per_try = retries.per_try_timeout.and_then(deadline_in);
-                let deadline = match (overall, per_try) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-                // With no timeout of the route's, the wait for the upstream's answer is bounded by the stream idle
-                // timeout, as Envoy's is: an upstream a client chose cannot hold the request for ever.
-                let idle_bound = deadline.is_none();
-                let deadline = deadline.or_else(|| deadline_in(self.limits.stream_idle_timeout));
+                let (upstream, try_started) = (address, Instant::now());
                 let pending = self.upstreams.send(outgoing, body);
-                let result = match deadline {
-                    Some(deadline) => tokio::time::timeout_at(deadline, pending).await.ok(),
-                    None => Some(pending.await),
-                };
-                if let Some((cluster, outlier)) = outlier {
-                    let outcome = match &result {
-                        Some(Ok(response)) => Outcome::Status(response.status().as_u16()),
-                        _ => Outcome::Failed,
-                    };
-                    cluster.state.report(address.ip(), outcome, outlier);
-                }
-                let time_left = overall.is_none_or(|overall| tokio::time::Instant::now() < overall);
-                let may_retry = replayable.is_some() && attempt < retries.attempts && time_left;
-                let failure = match result {
-                    Some(Ok(response)) if may_retry && retries.on.status(response.status().as_u16()) => None,
-                    Some(Ok(response)) => break Ok((response, try_started)),
-                    Some(Err(SendError::Connect(error))) => {
-                        tracing::debug!(%error, upstream = %address, attempt, "upstream connect failed");
-                        Some((Failure::UpstreamConnect, retries.on.connect_failure))
+                Ok(async move {
+                    let result = tokio::time::timeout_at(deadline.at, pending).await.ok();
+                    if let Some((cluster, outlier)) = outlier {
+                        let outcome = match &result {
+                            Some(Ok(response)) => Outcome::Status(response.status().as_u16()),
+                            _ => Outcome::Failed,
+                        };
+                        cluster.state.report(upstream.ip(), outcome, outlier);
                     }
-                    Some(Err(SendError::Request(error))) => {
-                        tracing::debug!(%error, upstream = %address, attempt, "upstream request failed");
-                        Some((Failure::UpstreamReset, retries.on.reset_or_timeout()))
+                    match &result {
+                        Some(Err(SendError::LocalDestination(error))) => {
+                            tracing::info!(%error, %upstream, "upstream refused: the node itself")
+                        }
+                        Some(Err(error)) => tracing::debug!(?error, %upstream, attempt, "upstream try failed"),
+                        _ => {}
                     }
-                    Some(Err(SendError::LocalDestination(error))) => {
-                        tracing::info!(%error, upstream = %address, "upstream refused: the node itself");
-                        Some((Failure::LocalDestination, false))
-                    }
-                    Some(Err(SendError::Refused(error))) => {
-                        tracing::debug!(%error, upstream = %address, attempt, "upstream refused the stream");
-                        Some((Failure::UpstreamReset, retries.on.refused()))
-                    }
-                    None if idle_bound => Some((Failure::UpstreamIdle, false)),
-                    None => Some((Failure::UpstreamTimeout, time_left && retries.on.reset_or_timeout())),
-                };
-                if let Some((failure, retriable)) = failure {
-                    if !(may_retry && retriable) {
-                        break Err(failure);
-                    }
-                }
-                attempt += 1;
-                // Envoy's backoff: fully jittered, 25 ms doubling per retry, at most 250 ms.
-                let ceiling = (25u64 << attempt.min(4)).min(250);
-                tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=ceiling))).await;
-                address = destination.next_address();
+                    Some(result?.map(|response| (response, try_started)))
+                })
             };
+            let status = |(response, _): &(Response<UpstreamBody>, Instant)| response.status().as_u16();
+            let outcome = retry::with_retries(&clock, retries, replayable.is_some(), status, send).await;
             record.upstream_host = Some(address);
             let (response, try_started) = match outcome {
                 Ok(response) => response,

@@ -7,6 +7,7 @@ mod cors;
 mod forward;
 mod headers;
 mod mirror;
+mod retry;
 mod tunnel;
 
 use std::{
@@ -43,18 +44,19 @@ use super::{
     idle, join, path,
     routing::{self, Decision, Destination},
     tcp::{self, UpstreamSockets},
-    upstreams::{Outgoing, SendError, UpstreamTls, Upstreams},
+    upstreams::{Outgoing, SendError, UpstreamBody, UpstreamTls, Upstreams},
 };
 use body::*;
 use cors::*;
 use forward::*;
 use headers::*;
+use retry::{TryClock, TryDeadline};
 use tokio::sync::OwnedSemaphorePermit;
 use tunnel::*;
 
 use crate::{
     config::{mesh::PathNormalization, resolver::DnsResolver, workloads::KnownWorkloads},
-    policy::clusters::{Admission, Outcome, TlsOrigination},
+    policy::clusters::{Outcome, TlsOrigination},
     policy::labels::DestinationLabels,
     policy::routes::{Cors, HostVerify, Matched, Mirror, ProxyPolicy, RetryPolicy, Route, Target},
     telemetry::{

@@ -1,0 +1,329 @@
+//! A request's tries: the wait for a slot in the cluster's pool, how long each try may take, which outcomes are
+//! tried again, and the backoff between tries — as Envoy's router does them.
+
+use std::{future::Future, time::Duration};
+
+use tokio::{sync::OwnedSemaphorePermit, time::Instant};
+
+use crate::{
+    policy::{
+        clusters::{Admission, Cluster},
+        routes::RetryPolicy,
+    },
+    proxy::{failure::Failure, upstreams::SendError},
+};
+
+/// The deadlines a request's tries run under.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct TryClock {
+    /// The route's timeout, from when the request was routed: no wait for a slot, try or backoff outlasts it.
+    overall: Option<Instant>,
+    per_try: Option<Duration>,
+    /// Bounds the wait for an answer when the route has no timeout of its own (Envoy's `stream_idle_timeout`).
+    stream_idle: Duration,
+}
+
+/// When a try must have its answer, and why then.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct TryDeadline {
+    pub at: Instant,
+    /// The route set no timeout: the bound is the stream idle timeout, whose expiry is not retried.
+    pub idle_bound: bool,
+}
+
+impl TryClock {
+    /// Starts now. A timeout too long to reach (a configuration may say 1000000h) is no timeout, not an overflow.
+    pub(super) fn start(route_timeout: Option<Duration>, per_try: Option<Duration>, stream_idle: Duration) -> TryClock {
+        TryClock {
+            overall: route_timeout.and_then(|timeout| Instant::now().checked_add(timeout)),
+            per_try,
+            stream_idle,
+        }
+    }
+
+    /// The deadline of a try starting now: the earlier of the route's and the per-try timeout's, else the stream
+    /// idle timeout.
+    pub(super) fn try_deadline(&self) -> TryDeadline {
+        let per_try = self.per_try.and_then(|timeout| Instant::now().checked_add(timeout));
+        let deadline = match (self.overall, per_try) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match deadline {
+            Some(at) => TryDeadline { at, idle_bound: false },
+            None => TryDeadline { at: Instant::now() + self.stream_idle, idle_bound: true },
+        }
+    }
+
+    /// Whether the route's timeout has not passed.
+    pub(super) fn time_left(&self) -> bool {
+        self.overall.is_none_or(|overall| Instant::now() < overall)
+    }
+
+    /// A slot in `cluster`'s connection pool: at once, after a wait within its pending limit (bounded by the
+    /// route's timeout: 504 UT), or none when the pending requests are at their limit (503 UO). `None` inside:
+    /// the cluster sets no limit.
+    pub(super) async fn admit(&self, cluster: Option<&Cluster>) -> Result<Option<OwnedSemaphorePermit>, Failure> {
+        let Some(cluster) = cluster else { return Ok(None) };
+        match cluster.state.admit() {
+            Admission::Now(permit) => Ok(permit),
+            Admission::Overflow => Err(Failure::Overflow),
+            Admission::Wait(slots) => {
+                let acquire = slots.acquire_owned();
+                let waited = cluster
+                    .state
+                    .waiting(async {
+                        match self.overall {
+                            Some(deadline) => tokio::time::timeout_at(deadline, acquire).await.ok()?.ok(),
+                            None => acquire.await.ok(),
+                        }
+                    })
+                    .await;
+                waited.map(Some).ok_or(Failure::UpstreamTimeout)
+            }
+        }
+    }
+}
+
+/// How long to wait before retry `retry` (the first is 1): Envoy's fully jittered exponential backoff, a random
+/// time below 25 ms, then below 50, 100, 200, and 250 ms from then on.
+pub(super) fn backoff(retry: u32) -> Duration {
+    Duration::from_millis(fastrand::u64(0..backoff_ceiling_ms(retry)))
+}
+
+fn backoff_ceiling_ms(retry: u32) -> u64 {
+    (25u64 << retry.saturating_sub(1).min(4)).min(250)
+}
+
+/// What follows a try, as the router reads its outcome.
+#[derive(Debug)]
+pub(super) enum Tried<R> {
+    /// The answer to pass on: a response not to retry on, or the last one there will be.
+    Answered(R),
+    /// Tried again: the outcome is one to retry on, and the policy and the time allow another try.
+    Retry,
+    /// The request fails with this.
+    Failed(Failure),
+}
+
+/// Reads a try's `result` (`None`: its deadline passed) under `retries`; `status` reads a response's status,
+/// `may_retry` says whether another try may be made at all (retries left, a body that can be sent again, time).
+pub(super) fn judge<R>(
+    result: Option<Result<R, SendError>>,
+    status: impl Fn(&R) -> u16,
+    retries: &RetryPolicy,
+    deadline: TryDeadline,
+    may_retry: bool,
+) -> Tried<R> {
+    let failed = |failure: Failure, retriable: bool| match may_retry && retriable {
+        true => Tried::Retry,
+        false => Tried::Failed(failure),
+    };
+    match result {
+        Some(Ok(response)) if may_retry && retries.on.status(status(&response)) => Tried::Retry,
+        Some(Ok(response)) => Tried::Answered(response),
+        Some(Err(SendError::Connect(_))) => failed(Failure::UpstreamConnect, retries.on.connect_failure),
+        Some(Err(SendError::Request(_))) => failed(Failure::UpstreamReset, retries.on.reset_or_timeout()),
+        Some(Err(SendError::LocalDestination(_))) => Tried::Failed(Failure::LocalDestination),
+        Some(Err(SendError::Refused(_))) => failed(Failure::UpstreamReset, retries.on.refused()),
+        None if deadline.idle_bound => Tried::Failed(Failure::UpstreamIdle),
+        None => failed(Failure::UpstreamTimeout, retries.on.reset_or_timeout()),
+    }
+}
+
+/// Runs `send` (given the try's number, from 0, and its deadline; it applies the deadline) until a try answers
+/// or fails for good; waits `backoff` between tries, never past the route's timeout. `replayable`: the request's
+/// body can be sent again.
+pub(super) async fn with_retries<R, F, Fut>(
+    clock: &TryClock,
+    retries: &RetryPolicy,
+    replayable: bool,
+    status: impl Fn(&R) -> u16,
+    mut send: F,
+) -> Result<R, Failure>
+where
+    F: FnMut(u32, TryDeadline) -> Result<Fut, Failure>,
+    Fut: Future<Output = Option<Result<R, SendError>>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        let deadline = clock.try_deadline();
+        let result = send(attempt, deadline)?.await;
+        let may_retry = replayable && attempt < retries.attempts && clock.time_left();
+        match judge(result, &status, retries, deadline, may_retry) {
+            Tried::Answered(response) => return Ok(response),
+            Tried::Failed(failure) => return Err(failure),
+            Tried::Retry => {}
+        }
+        attempt += 1;
+        let wake = Instant::now() + backoff(attempt);
+        tokio::time::sleep_until(clock.overall.map_or(wake, |overall| wake.min(overall))).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::policy::{
+        clusters::{ClusterPolicy, ClusterState},
+        labels::DestinationLabels,
+        routes::RetryOn,
+    };
+
+    const IDLE: Duration = Duration::from_secs(300);
+
+    fn retries(attempts: u32, per_try: Option<Duration>, on: &str) -> RetryPolicy {
+        RetryPolicy { attempts, per_try_timeout: per_try, on: RetryOn::parse(on) }
+    }
+
+    /// Tries made: when each started (from the test's start) and its deadline (from then).
+    type Log = Arc<Mutex<Vec<(Duration, Duration)>>>;
+
+    /// A `send` whose tries answer as `answers` says, in turn: a status, or `None` for an upstream that never
+    /// answers (the try's deadline ends it).
+    /// One try of the test's upstream.
+    type Try = std::pin::Pin<Box<dyn Future<Output = Option<Result<u16, SendError>>>>>;
+
+    fn upstream(answers: &'static [Option<u16>], log: Log) -> impl FnMut(u32, TryDeadline) -> Result<Try, Failure> {
+        let start = Instant::now();
+        move |attempt, deadline| {
+            let now = Instant::now();
+            log.lock().unwrap().push((now - start, deadline.at - now));
+            let answer = answers[attempt as usize];
+            Ok(Box::pin(async move {
+                match answer {
+                    Some(status) => Some(Ok(status)),
+                    None => tokio::time::timeout_at(deadline.at, std::future::pending()).await.ok(),
+                }
+            }))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_try_has_its_per_try_timeout_and_all_of_them_the_routes() {
+        let log = Log::default();
+        let clock = TryClock::start(Some(Duration::from_millis(1000)), Some(Duration::from_millis(300)), IDLE);
+        let policy = retries(5, Some(Duration::from_millis(300)), "gateway-error");
+        let started = Instant::now();
+        let outcome = with_retries(&clock, &policy, true, |s| *s, upstream(&[None; 6], log.clone())).await;
+        assert!(matches!(outcome, Err(Failure::UpstreamTimeout)), "{outcome:?}");
+        assert_eq!(started.elapsed(), Duration::from_millis(1000), "the route's timeout ends the request");
+        let tries = log.lock().unwrap().clone();
+        assert!(tries.len() >= 3, "per-try timeouts are retried: {tries:?}");
+        assert_eq!(tries[0], (Duration::ZERO, Duration::from_millis(300)), "the first try: its own 300 ms");
+        for pair in tries.windows(2) {
+            let gap = pair[1].0 - (pair[0].0 + pair[0].1);
+            assert!(gap < Duration::from_millis(250), "backoff between tries below 250 ms: {tries:?}");
+        }
+        let (last_start, last_deadline) = *tries.last().unwrap();
+        assert!(last_start + last_deadline <= Duration::from_millis(1000), "no try outlasts the route: {tries:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_status_to_retry_on_is_retried_then_answered_as_is_when_retries_run_out() {
+        let log = Log::default();
+        let clock = TryClock::start(None, None, IDLE);
+        let policy = retries(2, None, "503");
+        let outcome =
+            with_retries(&clock, &policy, true, |s| *s, upstream(&[Some(503), Some(503), Some(503)], log.clone()));
+        assert_eq!(outcome.await.unwrap(), 503, "the last 503 is the answer");
+        assert_eq!(log.lock().unwrap().len(), 3, "one try and two retries");
+
+        let log = Log::default();
+        let outcome = with_retries(&clock, &policy, true, |s| *s, upstream(&[Some(503), Some(200)], log.clone()));
+        assert_eq!(outcome.await.unwrap(), 200);
+        let policy = retries(2, None, "connect-failure");
+        let outcome = with_retries(&clock, &policy, true, |s| *s, upstream(&[Some(503)], Log::default()));
+        assert_eq!(outcome.await.unwrap(), 503, "a status not in retryOn is answered at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_cannot_be_sent_again_is_tried_once() {
+        let log = Log::default();
+        let clock = TryClock::start(None, None, IDLE);
+        let policy = retries(3, None, "503");
+        let outcome = with_retries(&clock, &policy, false, |s| *s, upstream(&[Some(503)], log.clone())).await;
+        assert_eq!(outcome.unwrap(), 503);
+        assert_eq!(log.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_route_timeout_an_upstream_that_never_answers_is_ended_by_the_stream_idle_timeout() {
+        let clock = TryClock::start(None, None, IDLE);
+        let started = Instant::now();
+        let policy = retries(2, None, "5xx");
+        let outcome = with_retries(&clock, &policy, true, |s| *s, upstream(&[None; 3], Log::default())).await;
+        assert!(matches!(outcome, Err(Failure::UpstreamIdle)), "not retried: idle is final");
+        assert_eq!(started.elapsed(), IDLE);
+    }
+
+    #[test]
+    fn outcomes_are_judged_as_envoys_router_judges_them() {
+        let deadline = TryDeadline { at: Instant::now(), idle_bound: false };
+        let judge_with = |on: &str, result: Option<Result<u16, SendError>>, may_retry: bool| {
+            judge(result, |s| *s, &retries(2, None, on), deadline, may_retry)
+        };
+        let connect = || Some(Err(SendError::Connect("refused".into())));
+        assert!(matches!(judge_with("connect-failure", connect(), true), Tried::Retry));
+        assert!(matches!(judge_with("connect-failure", connect(), false), Tried::Failed(Failure::UpstreamConnect)));
+        assert!(matches!(judge_with("5xx", connect(), true), Tried::Failed(Failure::UpstreamConnect)));
+        let reset = || Some(Err(SendError::Request("reset".into())));
+        assert!(matches!(judge_with("reset", reset(), true), Tried::Retry));
+        assert!(matches!(judge_with("connect-failure", reset(), true), Tried::Failed(Failure::UpstreamReset)));
+        let refused = || Some(Err(SendError::Refused("refused stream".into())));
+        assert!(matches!(judge_with("refused-stream", refused(), true), Tried::Retry));
+        let local = Some(Err(SendError::LocalDestination("node".into())));
+        assert!(matches!(judge_with("5xx,connect-failure", local, true), Tried::Failed(Failure::LocalDestination)));
+        assert!(matches!(judge_with("gateway-error", None, true), Tried::Retry), "a per-try timeout");
+        assert!(matches!(judge_with("connect-failure", None, true), Tried::Failed(Failure::UpstreamTimeout)));
+        assert!(matches!(judge_with("retriable-4xx", Some(Ok(409)), true), Tried::Retry));
+        assert!(matches!(judge_with("retriable-4xx", Some(Ok(409)), false), Tried::Answered(409)));
+    }
+
+    #[test]
+    fn backoff_is_fully_jittered_below_25_ms_doubling_to_250() {
+        for (retry, ceiling) in [(1, 25), (2, 50), (3, 100), (4, 200), (5, 250), (9, 250), (u32::MAX, 250)] {
+            assert_eq!(backoff_ceiling_ms(retry), ceiling, "retry {retry}");
+            let waits: Vec<Duration> = (0..500).map(|_| backoff(retry)).collect();
+            assert!(waits.iter().all(|wait| *wait < Duration::from_millis(ceiling)), "retry {retry}");
+            assert!(waits.iter().any(|wait| *wait < Duration::from_millis(ceiling / 2)), "jittered from zero");
+        }
+    }
+
+    fn limited(in_flight: usize, pending: usize) -> Cluster {
+        let policy = ClusterPolicy { limits: Some((in_flight, pending)), ..Default::default() };
+        Cluster {
+            labels: DestinationLabels::registered("api.test".into(), "default".into(), 80, None),
+            endpoints: Box::new([]),
+            state: Arc::new(ClusterState::new(policy.limits)),
+            policy: Arc::new(policy),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pool_admission_waits_within_the_pending_limit_until_the_routes_timeout() {
+        let cluster = limited(1, 1);
+        let clock = TryClock::start(Some(Duration::from_secs(2)), None, IDLE);
+        let held = clock.admit(Some(&cluster)).await.unwrap().expect("the one slot");
+        let started = Instant::now();
+        let waiting = clock.admit(Some(&cluster));
+        tokio::pin!(waiting);
+        assert!(futures_util::poll!(&mut waiting).is_pending(), "the second waits");
+        assert!(matches!(clock.admit(Some(&cluster)).await, Err(Failure::Overflow)), "the third overflows: UO");
+        assert!(matches!(waiting.await, Err(Failure::UpstreamTimeout)), "no slot within the route's timeout: UT");
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+
+        let clock = TryClock::start(Some(Duration::from_secs(2)), None, IDLE);
+        let waiting = tokio::spawn({
+            let state = cluster.state.clone();
+            let cluster = Cluster { state, ..limited(1, 1) };
+            async move { clock.admit(Some(&cluster)).await.map(|permit| permit.is_some()) }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        drop(held);
+        assert!(waiting.await.unwrap().unwrap(), "a slot freed in time is taken");
+        assert!(clock.admit(None).await.unwrap().is_none(), "a cluster without limits admits at once");
+    }
+}
