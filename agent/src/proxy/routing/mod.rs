@@ -1,0 +1,330 @@
+//! Routing one request, without I/O: its context's VirtualServices (first match wins), then the registry and the
+//! outbound mode decide where it goes, or what the proxy answers itself. A mesh route to this gateway's own
+//! Service continues in the gateway context, in process, so two-hop egress configurations work on one node.
+
+use std::{net::SocketAddr, time::Duration};
+
+use bytes::Bytes;
+use http::{
+    uri::{InvalidUri, PathAndQuery},
+    Request, StatusCode, Uri,
+};
+
+use super::{failure::Failure, tcp};
+pub use crate::policy::host_match::strip_port as host_of;
+use crate::policy::{
+    clusters::Cluster,
+    http_match::RequestView,
+    routes::{Action, HostVerify, Matched, ProxyPolicy, Redirect, Route, ServiceChoice, Target, Upstream, Viewer},
+    OutboundMode,
+};
+use crate::{config::workloads::Workload, policy::labels::DestinationLabels};
+
+/// Which listener a request arrived on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    /// The transparent listener: the workloads' intercepted traffic (Istio's `mesh` gateway).
+    Mesh,
+    /// A Gateway server port.
+    Gateway(u16),
+    /// The forward-proxy port (clients with `HTTP_PROXY` set): mesh semantics, the destination named by the
+    /// request and resolved by the proxy.
+    Forward,
+}
+
+impl Listener {
+    /// Whether requests are routed as the workloads' own (the `mesh` gateway).
+    fn is_mesh(self) -> bool {
+        matches!(self, Listener::Mesh | Listener::Forward)
+    }
+}
+
+/// Who looks hosts up for a request on `listener` from `source`: the workload, for its own traffic (intercepted or
+/// forward-proxied); the gateway, on its Gateway ports.
+pub fn viewer(listener: Listener, source: Option<&Workload>) -> Viewer<'_> {
+    if listener.is_mesh() {
+        Viewer::Workload(source)
+    } else {
+        Viewer::Gateway
+    }
+}
+
+/// Where a routed request is sent.
+#[derive(Debug)]
+pub struct Destination<'p> {
+    pub address: SocketAddr,
+    /// The upstream speaks HTTP/2 (the service port is declared HTTP2 or GRPC).
+    pub http2: bool,
+    pub labels: DestinationLabels,
+    /// The registered service the request goes through, and how; a retry goes to its next endpoint.
+    pub service: Option<ServiceChoice<'p>>,
+    /// The request's consistent hash, for a cluster that balances by one.
+    pub hash: Option<u64>,
+}
+
+impl<'p> Destination<'p> {
+    /// The address for another try: the service's next endpoint, or the same address.
+    pub fn next_address(&self) -> SocketAddr {
+        match self.service.map(|service| service.upstream(self.hash)) {
+            Some(Upstream::Endpoint(address)) => address,
+            _ => self.address,
+        }
+    }
+
+    /// Sends the request to the endpoint its key hashes to, when the cluster balances by a consistent hash and the
+    /// request has the key (`headers`, `uri`, the client's address `peer`).
+    pub fn hash_request(&mut self, headers: &http::HeaderMap, uri: &Uri, peer: std::net::IpAddr) {
+        let Some(key) = self.cluster().and_then(|cluster| cluster.policy.hash.as_ref()) else { return };
+        self.hash = key.hash(headers, uri, peer);
+        if self.hash.is_some() {
+            self.address = self.next_address();
+        }
+    }
+
+    /// How long a new upstream connection may take: the cluster's `connectTimeout`, else Istio's default.
+    pub fn connect_timeout(&self) -> Duration {
+        self.cluster().and_then(|cluster| cluster.policy.connect_timeout).unwrap_or(tcp::CONNECT_TIMEOUT)
+    }
+
+    /// The cluster the request goes through (its limits and outlier detection), for a registered service.
+    pub fn cluster(&self) -> Option<&'p Cluster> {
+        self.service.and_then(|service| service.cluster())
+    }
+}
+
+#[derive(Debug)]
+pub enum Decision<'p> {
+    Fail {
+        failure: Failure,
+        labels: Option<DestinationLabels>,
+    },
+    Respond {
+        route: &'p Route,
+        status: StatusCode,
+        body: Bytes,
+    },
+    Redirect {
+        route: &'p Route,
+        status: StatusCode,
+        location: String,
+    },
+    Forward {
+        route: Option<Matched<'p>>,
+        target: Option<&'p Target>,
+        destination: Destination<'p>,
+        /// The Host is registered at other addresses than the one connected to (routed or trusted by
+        /// `--host-verify`).
+        host_mismatch: bool,
+    },
+}
+
+/// Whether an intercepted request for `authority`, sent to `local`, names a host the registry knows at no
+/// address (a wildcard, or resolution `NONE` without `addresses`): under `--host-verify strict` the Host must then
+/// resolve to the address the client connected to, or anything could be reached by naming such a host.
+pub fn host_needs_dns_verification(
+    policy: &ProxyPolicy,
+    authority: &str,
+    listener: Listener,
+    local: SocketAddr,
+    source: Option<&Workload>,
+) -> bool {
+    policy.verifies_hosts_by_dns
+        && listener == Listener::Mesh
+        && policy
+            .registered_for(host_of(authority), local.port(), Viewer::Workload(source))
+            .is_some_and(|service| service.known_at(local.ip()).is_none())
+}
+
+/// Decides what becomes of `request`, for `authority`, received on `listener` at `local` (for intercepted
+/// traffic, the original destination; for forward-proxied traffic, the address the authority resolved to). `roll` (uniform) picks among weighted destinations.
+pub fn decide<'p, B>(
+    policy: &'p ProxyPolicy,
+    request: &Request<B>,
+    authority: &str,
+    listener: Listener,
+    local: SocketAddr,
+    source: Option<&Workload>,
+    roll: u32,
+) -> Decision<'p> {
+    let mut listener = listener;
+    let mut port = local.port();
+    let host_name = host_of(authority);
+    // Whose exportTo view applies: the source workload's namespace for the workloads' own traffic (unknown: all
+    // visible). On Gateway ports every resource is visible.
+    // Domain fronting: an intercepted request for a registered host, sent to an address that is not the host's.
+    let host_mismatch = listener == Listener::Mesh
+        && policy
+            .registered_for(host_name, port, Viewer::Workload(source))
+            .is_some_and(|service| service.known_at(local.ip()) == Some(false));
+    if host_mismatch && policy.host_verify == HostVerify::Strict {
+        return Decision::Fail { failure: Failure::HostMismatch, labels: None };
+    }
+    let reroute = host_mismatch && policy.host_verify == HostVerify::Route;
+    // At most two passes: the mesh, then (for a route to this gateway's own Service) the gateway.
+    for _ in 0..2 {
+        let viewer = viewer(listener, source);
+        let (gateway_id, virtual_host) = match listener {
+            Listener::Mesh | Listener::Forward => ("mesh", policy.mesh_routes(authority)),
+            Listener::Gateway(gateway_port) => {
+                port = gateway_port;
+                match policy.gateway_on(gateway_port) {
+                    Some(gateway) => (gateway.id.as_str(), gateway.hosts.get(authority)),
+                    None => ("", None),
+                }
+            }
+        };
+        let matched = match virtual_host {
+            Some(host) => {
+                let view = RequestView {
+                    path: request.uri().path(),
+                    query: request.uri().query(),
+                    method: request.method().as_str(),
+                    scheme: request.uri().scheme_str().unwrap_or("http"),
+                    authority,
+                    headers: request.headers(),
+                    port,
+                    gateway: gateway_id,
+                    source,
+                };
+                let visible = |route: &Route| viewer.sees(policy, &route.scope.exported, host_name, port);
+                match host.first_match(&view, visible) {
+                    Some(found) => Some(found),
+                    // None of the host's VirtualServices is exported to this workload: the host's default route.
+                    None if listener.is_mesh() && !host.routes.iter().any(visible) => None,
+                    None => return Decision::Fail { failure: Failure::NoRoute, labels: None },
+                }
+            }
+            // A Gateway serves only the hosts its VirtualServices name.
+            None if !listener.is_mesh() => return Decision::Fail { failure: Failure::NoRoute, labels: None },
+            None => None,
+        };
+        let target = match matched.map(|matched| (matched.route, &matched.route.action)) {
+            Some((route, Action::Respond(response))) => {
+                let (status, body) = &**response;
+                return Decision::Respond { route, status: *status, body: body.clone() };
+            }
+            Some((route, Action::Redirect(redirect))) => {
+                let location = redirect_location(redirect, authority, request.uri());
+                return Decision::Redirect { route, status: redirect.status, location };
+            }
+            Some((_, Action::Forward(targets))) => targets.pick(roll),
+            None => None,
+        };
+        let (host, destination_port, subset) = match target {
+            Some(target) => (target.host(), target.port().unwrap_or(port), target.subset()),
+            None => (host_name, port, None),
+        };
+        if listener.is_mesh() && policy.is_own_service(host) {
+            listener = Listener::Gateway(destination_port);
+            continue;
+        }
+        return match destination(policy, host, destination_port, subset, listener, local, viewer) {
+            Ok(mut destination) => {
+                if reroute && destination.address.ip() == local.ip() {
+                    match destination.service.and_then(|choice| choice.service.own_address(choice.port)) {
+                        Some(address) => destination.address = address,
+                        None => return Decision::Fail { failure: Failure::HostMismatch, labels: None },
+                    }
+                }
+                Decision::Forward { route: matched, target, destination, host_mismatch }
+            }
+            Err((failure, labels)) => Decision::Fail { failure, labels },
+        };
+    }
+    // A gateway route back to this gateway's own Service would loop.
+    Decision::Fail { failure: Failure::NoCluster, labels: None }
+}
+
+/// Where `host`:`port` is reached from `listener`, by the registry and the outbound mode.
+/// `source`: the workload that sent intercepted traffic (when known), whose namespace's exportTo view of the
+/// registry applies, and whose Sidecar's outbound mode.
+pub fn destination<'p>(
+    policy: &'p ProxyPolicy,
+    host: &str,
+    port: u16,
+    subset: Option<&'p str>,
+    listener: Listener,
+    local: SocketAddr,
+    viewer: Viewer<'_>,
+) -> Result<Destination<'p>, (Failure, Option<DestinationLabels>)> {
+    // Intercepted (or forward-proxied) requests have an original destination: the address the client (or the
+    // proxy's own lookup) chose.
+    let intercepted = listener.is_mesh();
+    let original = SocketAddr::new(local.ip(), port);
+    match policy.registered_for(host, port, viewer) {
+        Some(service) => {
+            // Through the DestinationRule that applies to the viewer. Labelled as compiled: the subset's cluster,
+            // or the host's (for a subset that is not defined).
+            let choice = ServiceChoice { service, port, subset, variant: service.variant(viewer, policy) };
+            let labels = choice
+                .cluster()
+                .or_else(|| ServiceChoice { subset: None, ..choice }.cluster())
+                .map(|c| c.labels.clone());
+            let address = match choice.upstream(None) {
+                Upstream::Endpoint(address) => address,
+                Upstream::OriginalDestination if intercepted => original,
+                Upstream::OriginalDestination | Upstream::NoSubset => return Err((Failure::NoCluster, labels)),
+                Upstream::NoEndpoint => return Err((Failure::NoHealthyUpstream, labels)),
+            };
+            let labels = labels.unwrap_or_else(|| crate::telemetry::passthrough::destination(host));
+            Ok(Destination { address, http2: service.http2(port), labels, service: Some(choice), hash: None })
+        }
+        None if viewer.mode(policy) == OutboundMode::RegistryOnly => {
+            Err((Failure::Blackholed, Some(DestinationLabels::blackhole())))
+        }
+        None if intercepted => Ok(Destination {
+            address: original,
+            http2: false,
+            labels: crate::telemetry::passthrough::destination(host),
+            service: None,
+            hash: None,
+        }),
+        None => Err((Failure::NoCluster, None)),
+    }
+}
+
+/// The `Location` of a redirect: the redirect's scheme, authority, port and path, the request's otherwise (a
+/// redirect path without a query keeps the request's query, as Envoy does).
+fn redirect_location(redirect: &Redirect, authority: &str, uri: &Uri) -> String {
+    let scheme = redirect.scheme.as_deref().unwrap_or("http");
+    let host = redirect.authority.as_deref().unwrap_or(authority);
+    let host = match redirect.port {
+        Some(port) => format!("{}:{port}", host_of(host)),
+        None => host.to_owned(),
+    };
+    let path = match &redirect.uri {
+        Some(path) if path.contains('?') => path.clone(),
+        Some(path) => format!("{path}{}", uri.query().map(|q| format!("?{q}")).unwrap_or_default()),
+        None => uri.path_and_query().map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned()),
+    };
+    format!("{scheme}://{host}{path}")
+}
+
+/// The path and query sent upstream: a route's `rewrite.uri` replaces the prefix the route matched on (or the
+/// whole path), `uriRegexRewrite` rewrites the path; the query is kept. Without a rewrite it is the client's, shared
+/// rather than copied. A rewrite that makes no valid path is an error, naming it.
+pub fn rewritten_path(route: Option<Matched<'_>>, uri: &Uri) -> Result<PathAndQuery, InvalidUri> {
+    let Some(rewrite) = route.and_then(|matched| matched.route.rewrite()) else {
+        return Ok(uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
+    };
+    let path = uri.path();
+    let prefix = route.and_then(|matched| matched.uri_prefix);
+    let mut path = if let Some(uri) = &rewrite.uri {
+        match prefix {
+            Some(prefix) => format!("{uri}{}", path.get(prefix.len()..).unwrap_or("")),
+            _ => uri.clone(),
+        }
+    } else if let Some((regex, replacement)) = &rewrite.uri_regex {
+        regex.replace_all(path, replacement.as_str()).into_owned()
+    } else {
+        path.to_owned()
+    };
+    if let Some(query) = uri.query() {
+        path.push('?');
+        path.push_str(query);
+    }
+    PathAndQuery::try_from(path)
+}
+
+#[cfg(test)]
+mod tests;

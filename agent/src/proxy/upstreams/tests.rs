@@ -1,0 +1,183 @@
+//! Tests of upstreams.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use http_body_util::{BodyExt, Empty};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::*;
+
+/// The test servers listen on loopback, which the proxy refuses unless allowed.
+fn to_loopback() -> UpstreamSockets {
+    let local = crate::proxy::local_destinations::LocalDestinations::new(
+        vec!["127.0.0.0/8".parse().unwrap()],
+        Default::default(),
+    );
+    UpstreamSockets::new(tcp::SourceAddresses::default(), Arc::new(local))
+}
+
+/// What a test server answers each request with.
+#[derive(Clone, Copy)]
+enum Answer {
+    /// `ok`, then the connection closes when `close` says so (as a server whose keep-alive timeout is short).
+    Ok { close: bool },
+    /// The request's head as it arrived.
+    Head,
+}
+
+/// An HTTP/1.1 server on loopback answering every request as `answer` says. Counts connections.
+async fn server(answer: Answer) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while let Ok(n) = stream.read(&mut chunk).await {
+                    if n == 0 {
+                        return;
+                    }
+                    buffer.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head: Vec<u8> = buffer.drain(..end + 4).collect();
+                        let reply = match answer {
+                            Answer::Ok { .. } => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+                            Answer::Head => {
+                                let status = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", head.len());
+                                [status.as_bytes(), &head].concat()
+                            }
+                        };
+                        let _ = stream.write_all(&reply).await;
+                        if let Answer::Ok { close: true } = answer {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (address, accepted)
+}
+
+#[test]
+fn pooled_tls_connections_are_keyed_by_the_configuration_itself_not_its_address() {
+    let config = || {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        Arc::new(config)
+    };
+    let server_name = Arc::new(rustls::pki_types::ServerName::try_from("api.example").unwrap());
+    let address: SocketAddr = "203.0.113.10:443".parse().unwrap();
+    let old = UpstreamTls { config: config(), server_name: server_name.clone() };
+    let key = PoolKey::new(address, Some(&old));
+    assert_eq!(key, PoolKey::new(address, Some(&old.clone())), "the same configuration finds its connections");
+
+    let old_config = Arc::downgrade(&old.config);
+    drop(old);
+    assert!(old_config.upgrade().is_some(), "a pooled connection's key keeps its configuration alive");
+    let new = UpstreamTls { config: config(), server_name };
+    assert_ne!(key, PoolKey::new(address, Some(&new)), "a reloaded configuration never reuses the old connections");
+    assert_ne!(key, PoolKey::new(address, None));
+}
+
+#[tokio::test]
+async fn the_host_sent_is_the_authority_once_whatever_host_headers_the_client_sent() {
+    let upstreams = Upstreams::new(to_loopback());
+    let (address, _) = server(Answer::Head).await;
+    let cases: [(&[&str], &str); 4] = [
+        (&["pool.test"], "pool.test"),
+        (&["other.test"], "pool.test"),
+        (&["pool.test", "evil.test"], "pool.test"),
+        (&[], "pool.test"),
+    ];
+    for (sent, expected) in cases {
+        let mut headers = HeaderMap::new();
+        for host in sent {
+            headers.append(header::HOST, HeaderValue::from_str(host).unwrap());
+        }
+        let head = get(&upstreams, address, headers).await.to_ascii_lowercase();
+        let hosts: Vec<&str> = head.lines().filter_map(|line| line.strip_prefix("host: ")).collect();
+        assert_eq!(hosts, [expected], "client sent {sent:?}; upstream received {head}");
+    }
+}
+
+/// `method` `/` for `pool.test` at `address`, with `headers` and no body.
+async fn send(
+    upstreams: &Upstreams,
+    address: SocketAddr,
+    http2: bool,
+    method: Method,
+    headers: HeaderMap,
+) -> Result<Response<UpstreamBody>, SendError> {
+    let outgoing = Outgoing {
+        address,
+        http2,
+        authority: "pool.test",
+        path_and_query: PathAndQuery::from_static("/"),
+        method,
+        headers,
+        connect_timeout: Duration::from_secs(1),
+        tls: None,
+    };
+    upstreams.send(outgoing, Empty::new().map_err(|never| match never {}).boxed()).await
+}
+
+/// A GET of `/` for `pool.test` over HTTP/1.1 with `headers`: the response's body.
+async fn get(upstreams: &Upstreams, address: SocketAddr, headers: HeaderMap) -> String {
+    let response = send(upstreams, address, false, Method::GET, headers).await.expect("a response");
+    String::from_utf8_lossy(&response.into_body().collect().await.unwrap().to_bytes()).into_owned()
+}
+
+#[tokio::test]
+async fn an_http2_stream_the_upstream_refuses_is_told_from_other_failures() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (socket, _) = listener.accept().await.unwrap();
+        let mut connection = h2::server::handshake(socket).await.unwrap();
+        // The first stream is refused, the second reset as a failure after it was taken.
+        for reason in [h2::Reason::REFUSED_STREAM, h2::Reason::INTERNAL_ERROR] {
+            let Some(Ok((_, mut respond))) = connection.accept().await else { return };
+            respond.send_reset(reason);
+        }
+        while connection.accept().await.is_some() {}
+    });
+    let upstreams = Upstreams::new(to_loopback());
+    let mut outcomes = Vec::new();
+    for _ in 0..2 {
+        outcomes.push(match send(&upstreams, address, true, Method::POST, HeaderMap::new()).await {
+            Err(SendError::Refused(_)) => "refused",
+            Err(SendError::Request(_)) => "failed",
+            Err(SendError::Connect(_) | SendError::LocalDestination(_)) => "not connected",
+            Ok(_) => "answered",
+        });
+    }
+    assert_eq!(outcomes, ["refused", "failed"]);
+}
+
+#[tokio::test]
+async fn a_connection_is_reused_once_its_response_is_read_and_a_closed_one_is_passed_over() {
+    let upstreams = Upstreams::new(to_loopback());
+    let (address, accepted) = server(Answer::Ok { close: false }).await;
+    for _ in 0..3 {
+        assert_eq!(get(&upstreams, address, HeaderMap::new()).await, "ok");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection carries every request in turn");
+
+    let (address, accepted) = server(Answer::Ok { close: true }).await;
+    for _ in 0..3 {
+        assert_eq!(get(&upstreams, address, HeaderMap::new()).await, "ok");
+        // The server's close reaches the pooled connection.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 3, "a connection the server closed is not used again");
+    assert!(upstreams.http1.lock().get(&PoolKey::new(address, None)).is_none_or(|idle| idle.len() <= 1));
+}

@@ -1,0 +1,153 @@
+//! Tests of requests.
+
+use super::*;
+use crate::telemetry::connections::TcpLabels;
+
+#[test]
+fn the_access_log_queue_is_bounded_by_bytes_as_well_as_lines() {
+    let (queue, mut reader) = LineQueue::new(10, 100);
+    assert!(queue.offer("a".repeat(40)));
+    assert!(queue.offer("b".repeat(40)));
+    assert!(!queue.offer("c".repeat(40)), "120 bytes would pass the bound of 100");
+    assert!(queue.offer("d".repeat(20)), "100 bytes do not");
+    assert_eq!(reader.try_next().map(|line| line.len()), Some(40));
+    assert!(queue.offer("e".repeat(40)), "a line taken frees its bytes");
+    assert!(!queue.offer("f".to_owned()), "the queue is full to the byte");
+
+    let (queue, _reader) = LineQueue::new(2, 1 << 20);
+    assert!(queue.offer("1".into()) && queue.offer("2".into()));
+    assert!(!queue.offer("3".into()), "and by lines");
+    assert_eq!(queue.queued.load(Ordering::Relaxed), 2, "a refused line holds no bytes");
+}
+
+#[tokio::test]
+async fn each_request_counts_in_the_series_its_labels_name() {
+    let mut registry = Registry::default();
+    let telemetry = RequestTelemetry::start(&mut registry, AccessLogFormat::Off);
+    let to = |host: &str, code: u16, flags: ResponseFlag| RequestRecord {
+        response_code: code,
+        response_flags: flags,
+        destination: Some(DestinationLabels::registered(host.into(), "ns".into(), 80, None)),
+        ..RequestRecord::default()
+    };
+    // The same texts in other allocations (a reload's) count in the same series.
+    let (none, uf) = (ResponseFlag::None, ResponseFlag::UpstreamConnectionFailure);
+    for record in [to("a.com", 200, none), to("a.com", 200, none), to("a.com", 503, uf), to("b.com", 200, none)] {
+        telemetry.record(&record);
+    }
+    let shared = to("a.com", 200, none);
+    telemetry.record(&shared);
+    telemetry.record(&shared);
+    telemetry.record(&RequestRecord { response_code: 502, ..RequestRecord::default() });
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let count = |service: &str, code: &str, flags: &str| {
+        let labels = format!(
+            "destination_service=\"{service}\",destination_service_name=\"{service}\",\
+                 destination_service_namespace=\"{ns}\",request_protocol=\"http\",response_code=\"{code}\",\
+                 grpc_response_status=\"\",response_flags=\"{flags}\"",
+            ns = if service == "unknown" { "unknown" } else { "ns" },
+        );
+        text.lines()
+            .find(|line| line.starts_with("istio_requests_total{") && line.contains(&labels))
+            .and_then(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+    };
+    assert_eq!(count("a.com", "200", "-"), Some(4), "{text}");
+    assert_eq!(count("a.com", "503", "UF"), Some(1), "{text}");
+    assert_eq!(count("b.com", "200", "-"), Some(1), "{text}");
+    assert_eq!(count("unknown", "502", "-"), Some(1), "{text}");
+}
+
+#[tokio::test]
+async fn passthrough_series_unused_for_a_while_are_dropped_and_the_others_kept() {
+    let mut registry = Registry::default();
+    let telemetry = RequestTelemetry::start(&mut registry, AccessLogFormat::Off);
+    let to = |host: &str| RequestRecord {
+        response_code: 200,
+        response_flags: ResponseFlag::None,
+        destination: Some(crate::telemetry::passthrough::destination(host)),
+        ..RequestRecord::default()
+    };
+    let connection =
+        TcpLabels::new(&crate::telemetry::passthrough::destination("198.51.100.9:5432"), ResponseFlag::None);
+    telemetry.record(&to("idle-1.sweep.example"));
+    telemetry.record(&to("busy-1.sweep.example"));
+    telemetry.tcp.opened(&connection);
+    telemetry.record(&RequestRecord { response_code: 502, ..RequestRecord::default() });
+    let encoded = || {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text
+    };
+
+    // Each sweep sees what moved since the one before; two quiet sweeps make a series stale.
+    assert_eq!(telemetry.sweep_passthrough(2), 0);
+    telemetry.record(&to("busy-1.sweep.example"));
+    assert_eq!(telemetry.sweep_passthrough(2), 0);
+    telemetry.record(&to("busy-1.sweep.example"));
+    assert_eq!(telemetry.sweep_passthrough(2), 2, "the idle host and the idle connection's destination");
+
+    let text = encoded();
+    assert!(!text.contains("idle-1.sweep.example"), "{text}");
+    assert!(!text.contains("198.51.100.9:5432"), "{text}");
+    assert!(text.contains("destination_service=\"busy-1.sweep.example\""), "{text}");
+    assert!(text.contains("response_code=\"502\""), "series of registered or unknown destinations stay: {text}");
+    telemetry.record(&to("busy-1.sweep.example"));
+    let busy = text.lines().find(|line| line.starts_with("istio_requests_total{") && line.contains("busy-1"));
+    assert!(busy.is_some_and(|line| line.ends_with(" 3")), "{text}");
+}
+
+#[test]
+fn start_times_are_written_as_envoy_writes_them() {
+    let cases = [
+        (0, "1970-01-01T00:00:00.000Z"),
+        (951_782_400_123, "2000-02-29T00:00:00.123Z"),
+        (1_795_500_062_345, "2026-11-24T06:01:02.345Z"),
+    ];
+    for (millis, expected) in cases {
+        let time = SystemTime::UNIX_EPOCH + Duration::from_millis(millis);
+        assert_eq!(rfc3339_millis(time), expected);
+    }
+}
+
+#[test]
+fn a_text_line_has_envoys_default_fields_in_order() {
+    let record = RequestRecord {
+        start: Some(SystemTime::UNIX_EPOCH),
+        method: "GET".into(),
+        path: "/status/418".into(),
+        protocol: "HTTP/1.1",
+        response_code: 502,
+        response_flags: ResponseFlag::None,
+        bytes_received: 0,
+        bytes_sent: 12,
+        duration: Duration::from_millis(3),
+        user_agent: Some("curl/7.88.1".into()),
+        request_id: Some("abc".into()),
+        authority: "edition.cnn.com".into(),
+        ..RequestRecord::default()
+    };
+    assert_eq!(
+        text_line(&record),
+        "[1970-01-01T00:00:00.000Z] \"GET /status/418 HTTP/1.1\" 502 - 0 12 3 - \"-\" \"curl/7.88.1\" \"abc\" \
+             \"edition.cnn.com\" \"-\"\n"
+    );
+}
+#[test]
+fn a_json_line_names_the_route_and_cluster_as_envoys_json_log_does() {
+    let record = RequestRecord {
+        method: "GET".into(),
+        path: "/v1/items".into(),
+        protocol: "HTTP/1.1",
+        response_code: 200,
+        authority: "httpbin.org".into(),
+        route_name: Some(crate::policy::routes::RouteName::Indexed("default/httpbin".into(), 0)),
+        destination: Some(DestinationLabels::registered("httpbin.org".into(), "default".into(), 80, None)),
+        ..RequestRecord::default()
+    };
+    let line: serde_json::Value = serde_json::from_str(&json_line(&record)).unwrap();
+    assert_eq!(line["route_name"], "default/httpbin[0]");
+    assert_eq!(line["upstream_cluster"], "outbound|80||httpbin.org");
+    assert_eq!(line["response_code"], 200);
+    assert_eq!(line["response_flags"], "-");
+}
