@@ -3,11 +3,13 @@
 
 pub mod agent;
 pub mod istio;
+pub mod metrics;
 pub mod netns;
 pub mod packets;
 pub mod peers;
 pub mod process;
 mod teardown;
+pub mod tls;
 pub mod topology;
 
 pub use agent::Agent;

@@ -11,6 +11,7 @@ use sluice_tests::{
     istio::{self, HTTPBIN, MESH_REGISTRY_ONLY},
     peers::{curl, Dnsmasq, ScriptedServer},
     require_root,
+    tls::client_hello,
     topology::{
         GATEWAY_INTERNET_ADDR, GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A, SERVER_B,
     },
@@ -56,14 +57,25 @@ fn passthrough_never_fetches_the_metadata_service_for_a_workload() {
         .unwrap()
         .unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    stream.write_all(b"\x16\x03\x01 not http, relayed as opaque TCP").unwrap();
+    stream.write_all(b"SSH-2.0-not http, relayed as opaque TCP\r\n").unwrap();
     let mut answer = Vec::new();
     let _ = stream.read_to_end(&mut answer);
     assert!(answer.is_empty(), "opaque TCP to the node itself is reset: {answer:?}");
+    // TLS naming an unregistered host is passed through under ALLOW_ANY, to its original destination: not this.
+    let mut tls = topology
+        .workload
+        .enter(|| std::net::TcpStream::connect_timeout(&addr(METADATA, 80), Duration::from_secs(2)))
+        .unwrap()
+        .unwrap();
+    tls.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    tls.write_all(&client_hello("metadata.google.internal")).unwrap();
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer);
+    assert!(answer.is_empty(), "TLS to the node itself is reset: {answer:?}");
 
     std::thread::sleep(Duration::from_millis(200));
     assert!(metadata.heads().is_empty(), "nothing reached the metadata service: {:?}", metadata.heads());
-    assert_eq!(agent.sample(REFUSED).unwrap(), 2, "{}", agent.metrics().unwrap());
+    assert_eq!(agent.sample(REFUSED).unwrap(), 3, "{}", agent.metrics().unwrap());
     assert!(agent.log().contains("verdict=\"local_destination\""), "{}", agent.log());
 }
 

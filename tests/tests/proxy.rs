@@ -14,19 +14,10 @@ use sluice_tests::{
     topology::{GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A, SERVER_B, WORKLOAD_ADDR},
     Agent, Topology,
 };
+use sluice_tests::{metrics::total, tls::certificates};
 
 fn addr(host: &str, port: u16) -> SocketAddr {
     SocketAddr::new(host.parse().unwrap(), port)
-}
-
-/// The sum of `name`'s samples whose labels include every `label="value"` of `labels`.
-fn total(metrics: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
-    metrics
-        .lines()
-        .filter(|line| line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} ")))
-        .filter(|line| labels.iter().all(|(k, v)| line.contains(&format!("{k}=\"{v}\""))))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
 }
 
 fn write_config(dir: &Path, documents: &[&str]) {
@@ -876,49 +867,14 @@ fn trailers_server(topology: &Topology, addr: SocketAddr) -> TcpListener {
     listener
 }
 
-/// A CA and a certificate it signs for `name`, made with openssl in `dir`: (ca.pem, cert.pem, key.pem).
-fn certificates(dir: &Path, ca: &str, name: &str) -> (String, String, String) {
-    let file = |f: &str| dir.join(f).to_str().unwrap().to_owned();
-    let run = |args: &[&str]| {
-        let output = std::process::Command::new("openssl").args(args).output().expect("openssl runs");
-        assert!(output.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-    };
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    let (ca_key, ca_pem) = (file(&format!("{ca}.key")), file(&format!("{ca}.pem")));
-    let ca_subject = format!("/CN={ca}");
-    run(&[&["req", "-x509"][..], &ec, &["-keyout", &ca_key, "-out", &ca_pem, "-days", "2", "-subj", &ca_subject]]
-        .concat());
-    let (key, csr, cert, ext) = (file("server.key"), file("server.csr"), file("server.pem"), file("san.ext"));
-    std::fs::write(&ext, format!("subjectAltName=DNS:{name}\n")).unwrap();
-    run(&[&["req"][..], &ec, &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN={name}")]].concat());
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        &csr,
-        "-CA",
-        &ca_pem,
-        "-CAkey",
-        &ca_key,
-        "-CAcreateserial",
-        "-out",
-        &cert,
-        "-days",
-        "2",
-        "-extfile",
-        &ext,
-    ]);
-    (ca_pem, cert, key)
-}
-
 #[test]
 fn destination_rules_originate_tls_to_the_endpoints_and_verify_them() {
     require_root();
     let topology = Topology::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = certificates(dir.path(), "sluice-test-ca", "secure.backend");
+    let (ca, cert, key) = certificates(dir.path(), "sluice-test-ca", &["secure.backend"]);
     let other = tempfile::tempdir().unwrap();
-    let (other_ca, _, _) = certificates(other.path(), "another-ca", "secure.backend");
+    let (other_ca, _, _) = certificates(other.path(), "another-ca", &["secure.backend"]);
     let (tls, tls_h2) = (addr(SERVER_B, 443), addr(SERVER_B, 8443));
     let server = |listen: SocketAddr, http2: &str| {
         format!(

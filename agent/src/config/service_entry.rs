@@ -112,6 +112,12 @@ pub fn is_http(protocol: &str) -> bool {
     matches!(protocol.to_ascii_uppercase().as_str(), "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB")
 }
 
+/// Whether a port of Istio's `protocol` carries TLS the gateway does not terminate (HTTPS, TLS): its
+/// connections are told apart by the ClientHello's server name.
+pub fn is_tls(protocol: &str) -> bool {
+    matches!(protocol.to_ascii_uppercase().as_str(), "HTTPS" | "TLS")
+}
+
 /// Whether a port of Istio's `protocol` speaks HTTP/2 to its upstream (HTTP2, GRPC).
 pub fn is_http2(protocol: &str) -> bool {
     matches!(protocol.to_ascii_uppercase().as_str(), "HTTP2" | "GRPC")

@@ -10,7 +10,7 @@ use super::{
 };
 use crate::config::{
     resolver::{entry_names, Resolved},
-    service_entry::{is_http, parse_address, transport, Resolution, ServiceEntry, Transport},
+    service_entry::{is_http, is_tls, parse_address, transport, Resolution, ServiceEntry, Transport},
     OutboundTrafficMode, Snapshot, Spec,
 };
 
@@ -68,8 +68,8 @@ pub fn mesh_mode(snapshot: &Snapshot, node: &NodeSettings) -> OutboundMode {
     })
 }
 
-/// The L4 rules of one ServiceEntry. HTTP ports the node intercepts get none: their traffic goes to the proxy,
-/// which routes it and checks each request's host against the registry.
+/// The L4 rules of one ServiceEntry. HTTP, HTTPS and TLS ports the node intercepts get none: their traffic goes
+/// to the proxy, which checks each request's host or each ClientHello's server name against the registry.
 fn service_entry_rules(entry: &ServiceEntry, resolved: &Resolved, intercepted: &[u16]) -> Vec<L4Rule> {
     let mut rules = Vec::new();
     let dns_addresses: Vec<IpNet> = entry_names(entry)
@@ -86,7 +86,8 @@ fn service_entry_rules(entry: &ServiceEntry, resolved: &Resolved, intercepted: &
             None => continue,
         };
         let Ok(number) = u16::try_from(port.number) else { continue };
-        if intercepted.contains(&number) && port.protocol.as_deref().is_some_and(is_http) {
+        let named = |protocol: &str| is_http(protocol) || is_tls(protocol);
+        if intercepted.contains(&number) && port.protocol.as_deref().is_some_and(named) {
             continue;
         }
         for address in &entry.addresses {
@@ -169,6 +170,15 @@ spec:
             ]
         );
         assert_eq!(policy.mode, OutboundMode::AllowAny, "Istio's default");
+
+        // Ports the node intercepts are decided by name in the proxy: HTTP by Host, HTTPS and TLS by SNI. Other
+        // protocols stay decided by address in the kernel.
+        let node = NodeSettings { intercept_ports: vec![80, 443, 6432], proxy_port: 15001, ..NodeSettings::default() };
+        let intercepting = datapath_policy(&snapshot, &resolved, &node);
+        let kept = ["203.0.113.10/32:53/udp", "198.51.100.0/24:53/udp", "[2001:db8::1/128]:53/udp"];
+        let kept = kept.into_iter().chain(["203.0.113.20/32:6432/tcp", "203.0.113.21/32:7432/tcp"]);
+        assert_eq!(rules(&intercepting), kept.collect::<Vec<_>>());
+        assert_eq!(intercepting.intercept_ports, [80, 443, 6432]);
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Protocol detection on intercepted connections: the first bytes tell an HTTP/1.x request line or the HTTP/2
-//! prior-knowledge preface from anything else, without consuming them.
+//! Protocol detection on intercepted connections: the first bytes tell an HTTP/1.x request line, the HTTP/2
+//! prior-knowledge preface or a TLS handshake from anything else, without consuming them.
 #![expect(
     unsafe_code,
     reason = "peeked bytes are read from socket2's uninitialised buffer once the kernel has written them"
@@ -16,6 +16,8 @@ pub const DETECTION_TIMEOUT: Duration = Duration::from_millis(500);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Detected {
     Http(HttpVersion),
+    /// A TLS handshake record: a ClientHello, decided by its server name.
+    Tls,
     /// Anything else.
     Opaque,
 }
@@ -29,12 +31,17 @@ pub enum HttpVersion {
     Http2,
 }
 
+/// A TLS record's first byte when it carries a handshake message: no HTTP method starts with it.
+const TLS_HANDSHAKE: u8 = 0x16;
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
 const STARTS: [&[u8]; 10] =
     [b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"TRACE ", b"CONNECT ", PREFACE];
 
 /// What `bytes` (the start of a stream) are; `None` while more are needed to tell.
 pub fn classify(bytes: &[u8]) -> Option<Detected> {
+    if bytes.first() == Some(&TLS_HANDSHAKE) {
+        return Some(Detected::Tls);
+    }
     let mut undecided = false;
     for start in STARTS {
         if bytes.len() >= start.len() {
@@ -106,12 +113,12 @@ mod tests {
     }
 
     #[test]
-    fn request_lines_and_the_http2_preface_are_http_and_the_rest_is_opaque() {
+    fn request_lines_and_the_http2_preface_are_http_a_handshake_record_tls_and_the_rest_is_opaque() {
         let cases: [(&[u8], Option<Detected>); 10] = [
             (b"GET / HTTP/1.1\r\n", Some(Detected::Http(HttpVersion::Http1))),
             (b"OPTIONS * HTTP/1.1", Some(Detected::Http(HttpVersion::Http1))),
             (b"PRI * HTTP/2.0\r\n\r\nSM", Some(Detected::Http(HttpVersion::Http2))),
-            (b"\x16\x03\x01\x02\x00", Some(Detected::Opaque)),
+            (b"\x16\x03\x01\x02\x00", Some(Detected::Tls)),
             (b"SSH-2.0-OpenSSH", Some(Detected::Opaque)),
             (b"GETX", Some(Detected::Opaque)),
             (b"get / HTTP/1.1", Some(Detected::Opaque)),

@@ -99,7 +99,8 @@ pub async fn accept(listener: TcpListener, kind: Listener, proxy: Arc<HttpProxy>
                     // one that says too little in time is cut off, as a stalled request's headers are.
                     let version = match detect(&stream, proxy.request_headers_timeout()).await {
                         Some(Detected::Http(version)) => version,
-                        Some(Detected::Opaque) => HttpVersion::Http1,
+                        // TLS servers on Gateway ports are not served yet: the HTTP/1.1 server answers 400.
+                        Some(Detected::Opaque | Detected::Tls) => HttpVersion::Http1,
                         None => return,
                     };
                     proxy.serve_connection(stream, connection, version).await;

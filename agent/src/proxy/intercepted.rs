@@ -1,4 +1,5 @@
-//! What happens to each intercepted connection: HTTP goes to the HTTP proxy, anything else to the TCP relay.
+//! What happens to each intercepted connection: HTTP goes to the HTTP proxy, TLS is decided by its server name,
+//! anything else goes to the TCP relay.
 
 use std::{sync::Arc, time::Duration};
 
@@ -42,6 +43,7 @@ async fn dispatch(connection: Intercepted, proxy: Arc<HttpProxy>) {
                 Connection { peer: connection.peer, local: connection.original_destination, listener: Listener::Mesh };
             proxy.serve_connection(connection.stream, context, version).await;
         }
+        Detected::Tls => super::sni::serve(connection, &proxy).await,
         Detected::Opaque => {
             let mode = proxy.policy().sidecars.mode_for(proxy.workload(connection.peer.ip()).as_deref());
             let idle = proxy.limits().idle_timeout;

@@ -1,5 +1,6 @@
 //! The userspace proxy: the listeners, and what is done with the connections they accept.
 
+pub mod client_hello;
 pub mod detect;
 pub mod failure;
 pub mod gateway_listeners;
@@ -10,6 +11,7 @@ pub mod join;
 pub mod local_destinations;
 pub mod path;
 pub mod routing;
+pub mod sni;
 pub mod tcp;
 pub mod transparent_listener;
 pub mod upstreams;

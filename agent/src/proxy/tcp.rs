@@ -102,6 +102,17 @@ pub fn is_local_destination(error: &std::io::Error) -> bool {
     error.get_ref().is_some_and(|inner| inner.is::<LocalDestination>())
 }
 
+/// What a failed [`connect`] is called in logs: the node itself refused, a timeout, or another failure.
+pub fn connect_failure(error: &std::io::Error) -> &'static str {
+    if is_local_destination(error) {
+        "local_destination"
+    } else if error.kind() == std::io::ErrorKind::TimedOut {
+        "upstream_timeout"
+    } else {
+        "upstream_failed"
+    }
+}
+
 /// Closes with a RST rather than a FIN: the client must not take the close for an answer.
 pub fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
@@ -119,7 +130,7 @@ pub async fn relay(
     let Intercepted { mut stream, peer, original_destination } = connection;
     if mode == OutboundMode::RegistryOnly {
         tracing::info!(source = %peer, original_dst = %original_destination, verdict = "refused", "intercepted connection");
-        let labels = TcpLabels::new(&DestinationLabels::blackhole(), ResponseFlag::None);
+        let labels = TcpLabels::new(&DestinationLabels::blackhole(), ResponseFlag::NoHealthyUpstream);
         metrics.opened(&labels);
         metrics.closed(&labels, 0, 0);
         reset(&stream);
@@ -129,13 +140,7 @@ pub async fn relay(
     let upstream = match connect(original_destination, sockets, CONNECT_TIMEOUT).await {
         Ok(upstream) => upstream,
         Err(error) => {
-            let verdict = if is_local_destination(&error) {
-                "local_destination"
-            } else if error.kind() == std::io::ErrorKind::TimedOut {
-                "upstream_timeout"
-            } else {
-                "upstream_failed"
-            };
+            let verdict = connect_failure(&error);
             tracing::info!(source = %peer, original_dst = %original_destination, verdict, "intercepted connection");
             let labels = TcpLabels::new(&destination, ResponseFlag::UpstreamConnectionFailure);
             metrics.opened(&labels);

@@ -35,10 +35,15 @@ pub fn proxy_policy(
         }
     }
     let mut hosts: BTreeMap<String, Host> = BTreeMap::new();
+    let mut by_address = AddressIndex::default();
     for (host, services) in registry {
         let first = services.into_iter().rev().fold(None, |next, service| Some(Arc::new(Service { next, ..service })));
+        for service in std::iter::successors(first.as_ref(), |service| service.next.as_ref()) {
+            by_address.insert(service);
+        }
         transient(|| hosts.entry(host).or_default()).services = first;
     }
+    by_address.shrink_to_fit();
     for (host, indexes) in &bindings.mesh {
         let routes = virtual_host(snapshot, indexes, &mut interner);
         transient(|| hosts.entry(host.clone()).or_default()).mesh = Some(routes);
@@ -56,6 +61,7 @@ pub fn proxy_policy(
         upgrades: settings.upgrades.iter().map(|protocol| protocol.to_ascii_lowercase()).collect(),
         path_normalization: snapshot.mesh.path_normalization(),
         hosts: table,
+        by_address,
         gateways: bindings
             .gateways
             .iter()

@@ -2,6 +2,7 @@
 //! ports and endpoints), and each context's VirtualService HTTP routes in declaration order (first match wins,
 //! as Istio orders them). Everything a request needs is computed here; a request only looks up and matches.
 
+mod by_address;
 mod compile;
 mod interner;
 mod registry;
@@ -44,6 +45,7 @@ use crate::config::{
     Snapshot, Spec,
 };
 
+use by_address::AddressIndex;
 pub use compile::*;
 use interner::*;
 pub use registry::*;
@@ -102,6 +104,8 @@ pub struct ProxyPolicy {
     /// Host → what the registry and the mesh's routes hold for it: one table, so that a request's host is
     /// found once for both.
     hosts: HostTable<Host>,
+    /// The same services by the addresses they are known at.
+    by_address: AddressIndex,
     /// The selected Gateways' routes, for traffic sent to their ports.
     pub gateways: Vec<GatewayRoutes>,
     own_services: Vec<String>,
@@ -149,6 +153,13 @@ impl ProxyPolicy {
         let visible = |s: &&Service| s.has_port(port) && viewer.sees(self, &s.exported, &s.host, port);
         let first = self.hosts.find(host, |entry| entry.services.as_deref());
         std::iter::successors(first, |service| service.next.as_deref()).find(visible)
+    }
+
+    /// The service registered on `address`'s port at its address that `viewer` sees: for a connection that
+    /// names no host.
+    pub fn registered_at(&self, address: SocketAddr, viewer: Viewer<'_>) -> Option<&Service> {
+        let port = address.port();
+        self.by_address.at(address.ip()).find(|s| s.has_port(port) && viewer.sees(self, &s.exported, &s.host, port))
     }
 
     /// The routes for intercepted traffic to `authority`: of the VirtualServices bound to the mesh.

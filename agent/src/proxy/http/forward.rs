@@ -264,7 +264,7 @@ impl HttpProxy {
     }
 
     /// Whether `host` resolves to `address` (a host that is an address is itself); a failed lookup is a no.
-    pub(super) async fn host_resolves_to(&self, host: &str, address: std::net::IpAddr) -> bool {
+    pub(crate) async fn host_resolves_to(&self, host: &str, address: std::net::IpAddr) -> bool {
         if let Ok(ip) = host.parse::<std::net::IpAddr>() {
             return ip == address;
         }

@@ -261,6 +261,7 @@ pub struct RequestTelemetry {
     dropped_lines: Counter,
     host_mismatches: Family<[(&'static str, &'static str); 1], Counter>,
     connections_refused: Counter,
+    client_hellos_refused: Family<[(&'static str, &'static str); 1], Counter>,
 }
 
 impl RequestTelemetry {
@@ -287,6 +288,13 @@ impl RequestTelemetry {
             "Client connections reset at accept because --max-connections were open",
             connections_refused.clone(),
         );
+        let client_hellos_refused = Family::default();
+        registry.register(
+            "sluice_tls_client_hello_refused",
+            "Intercepted TLS connections closed before a decision because their ClientHello was not read, by why \
+             (malformed, timeout, closed)",
+            client_hellos_refused.clone(),
+        );
         let (lines, mut queue) = LineQueue::new(ACCESS_LOG_QUEUE_LINES, ACCESS_LOG_QUEUE_BYTES);
         // A thread of its own: writes to stdout block, and lines are written in batches, flushed whenever the
         // queue runs dry.
@@ -306,7 +314,16 @@ impl RequestTelemetry {
         if let Err(error) = writer {
             tracing::error!(%error, "starting the access-log writer; access-log lines will be dropped");
         }
-        RequestTelemetry { metrics, tcp, lines, format, dropped_lines, host_mismatches, connections_refused }
+        RequestTelemetry {
+            metrics,
+            tcp,
+            lines,
+            format,
+            dropped_lines,
+            host_mismatches,
+            connections_refused,
+            client_hellos_refused,
+        }
     }
 
     /// Drops the series of destinations passed through unregistered that saw no request or connection in the last
@@ -339,7 +356,12 @@ impl RequestTelemetry {
         self.format != AccessLogFormat::Off
     }
 
-    /// Counts a request whose Host did not belong to the address it was sent to.
+    /// Counts an intercepted TLS connection closed because its ClientHello was not read, for `reason`.
+    pub fn client_hello_refused(&self, reason: &'static str) {
+        self.client_hellos_refused.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// Counts a request or TLS connection whose host did not belong to the address it was sent to.
     pub fn host_mismatch(&self, action: &'static str) {
         self.host_mismatches.get_or_create(&[("action", action)]).inc();
     }

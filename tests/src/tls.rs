@@ -1,0 +1,59 @@
+//! TLS for the tests: certificates for TLS peers, made with openssl as an operator would, and ClientHellos as a
+//! client sends them, for tests that split or break them.
+
+use std::{path::Path, sync::Arc};
+
+/// A CA and a certificate it signs for `names` (the first is its common name), made with openssl in `dir`:
+/// (ca.pem, cert.pem, key.pem).
+pub fn certificates(dir: &Path, ca: &str, names: &[&str]) -> (String, String, String) {
+    let name = names[0];
+    let alt_names: Vec<String> = names.iter().map(|name| format!("DNS:{name}")).collect();
+    let file = |f: &str| dir.join(f).to_str().unwrap().to_owned();
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new("openssl").args(args).output().expect("openssl runs");
+        assert!(output.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let (ca_key, ca_pem) = (file(&format!("{ca}.key")), file(&format!("{ca}.pem")));
+    let ca_subject = format!("/CN={ca}");
+    run(&[&["req", "-x509"][..], &ec, &["-keyout", &ca_key, "-out", &ca_pem, "-days", "2", "-subj", &ca_subject]]
+        .concat());
+    let (key, csr, cert, ext) = (file("server.key"), file("server.csr"), file("server.pem"), file("san.ext"));
+    std::fs::write(&ext, format!("subjectAltName={}\n", alt_names.join(","))).unwrap();
+    run(&[&["req"][..], &ec, &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN={name}")]].concat());
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &ca_pem,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-out",
+        &cert,
+        "-days",
+        "2",
+        "-extfile",
+        &ext,
+    ]);
+    (ca_pem, cert, key)
+}
+
+/// A ClientHello as rustls sends it for `name`, in one record.
+pub fn client_hello(name: &str) -> Vec<u8> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring's defaults")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(name.to_owned()).expect("a DNS name");
+    let mut client = rustls::ClientConnection::new(Arc::new(config), name).expect("a client");
+    let mut bytes = Vec::new();
+    while client.wants_write() {
+        client.write_tls(&mut bytes).expect("writes to memory");
+    }
+    bytes
+}

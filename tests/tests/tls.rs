@@ -1,0 +1,201 @@
+//! Intercepted TLS decided by its ClientHello's server name, end to end: a workload's curl and openssl → the
+//! gateway's classifier → the agent, which reads the ClientHello without terminating TLS → nginx serving TLS in
+//! the internet namespace, with Istio configuration from files.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use sluice_tests::{
+    istio::{self, MESH_REGISTRY_ONLY},
+    metrics::total,
+    peers::{Dnsmasq, Nginx},
+    require_root,
+    tls::{certificates, client_hello},
+    topology::{GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A, SERVER_B},
+    Agent, Topology,
+};
+
+fn addr(host: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(host.parse().unwrap(), port)
+}
+
+const REGISTRY: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: egress}
+spec:
+  hosts: [api.example.com]
+  addresses: [203.0.113.10]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  location: MESH_EXTERNAL
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: googleapis, namespace: egress}
+spec:
+  hosts: ['*.googleapis.com']
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+  location: MESH_EXTERNAL
+  resolution: NONE
+";
+
+/// nginx serving TLS on `listen` for every name the certificate holds, answering with the name the client sent,
+/// and counting the connections it accepts on a plain port (`stub_status` on 127.0.0.1:8080).
+fn tls_server(topology: &Topology, listen: &[SocketAddr], cert: &str, key: &str) -> Nginx {
+    let servers: String = listen
+        .iter()
+        .map(|listen| {
+            format!(
+                "server {{\n    listen {listen} ssl;\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    \
+                 location / {{ default_type text/plain; return 200 \"sni=$ssl_server_name\\n\"; }}\n  }}\n"
+            )
+        })
+        .collect();
+    let status = "server {\n    listen 127.0.0.1:8080;\n    location / { stub_status; }\n  }\n";
+    let mut listening = listen.to_vec();
+    listening.push(addr("127.0.0.1", 8080));
+    Nginx::start_with(&topology.internet, &(servers + status), &listening).unwrap()
+}
+
+/// The connections nginx has accepted so far (its TLS ports' and the status port's own).
+fn accepted(topology: &Topology) -> u64 {
+    let output = topology.internet.command("curl").args(["-sS", "http://127.0.0.1:8080/"]).output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    // "server accepts handled requests\n N N N"
+    let counts = text.lines().nth(2).unwrap_or_default().split_whitespace().next().unwrap_or_default().to_owned();
+    counts.parse().unwrap_or_else(|_| panic!("stub_status: {text}"))
+}
+
+/// `curl https://name/` from the workload, `name` resolved to `address`, trusting `ca`: the body, or the error.
+fn https(topology: &Topology, name: &str, address: &str, ca: &str) -> Result<String, String> {
+    let output = topology
+        .workload
+        .command("curl")
+        .args(["-sS", "--max-time", "5", "--cacert", ca, "--resolve", &format!("{name}:443:{address}")])
+        .arg(format!("https://{name}/"))
+        .output()
+        .unwrap();
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+/// Sends `pieces` from the workload to `dst`, each in a segment of its own, and reads what comes back within a
+/// second: the bytes, and whether the connection was closed (or reset).
+fn send_in_pieces(topology: &Topology, dst: SocketAddr, pieces: &[Vec<u8>]) -> (Vec<u8>, bool) {
+    topology
+        .workload
+        .enter(|| {
+            let mut stream = TcpStream::connect_timeout(&dst, Duration::from_secs(3)).unwrap();
+            stream.set_nodelay(true).unwrap();
+            for piece in pieces {
+                if stream.write_all(piece).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            stream.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            let mut answer = vec![0; 4096];
+            match stream.read(&mut answer) {
+                Ok(n) => (answer[..n].to_vec(), n == 0),
+                // Nothing within the second: still open.
+                Err(error) if matches!(error.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    (Vec::new(), false)
+                }
+                Err(_) => (Vec::new(), true),
+            }
+        })
+        .unwrap()
+}
+
+/// The handshake message of a one-record hello, sent again as records of `size` bytes.
+fn in_records(hello: &[u8], size: usize) -> Vec<Vec<u8>> {
+    hello[5..]
+        .chunks(size)
+        .map(|fragment| {
+            let mut record = vec![0x16, 3, 1];
+            record.extend_from_slice(&(fragment.len() as u16).to_be_bytes());
+            record.extend_from_slice(fragment);
+            record
+        })
+        .collect()
+}
+
+#[test]
+fn intercepted_tls_is_decided_by_its_server_name_and_nothing_unregistered_reaches_a_server() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["api.example.com", "storage.googleapis.com", "evil.example"];
+    let (ca, cert, key) = certificates(dir.path(), "sluice-test-ca", &names);
+    let _nginx = tls_server(&topology, &[addr(SERVER_A, 443), addr(SERVER_B, 443)], &cert, &key);
+    let _dns = Dnsmasq::start(&topology.internet, INTERNET_ADDR, &[("storage.googleapis.com", SERVER_B)]).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, REGISTRY]).unwrap();
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --intercept-port 443 --config {} \
+         --dns-server {INTERNET_ADDR}",
+        config.path().display()
+    );
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+
+    // A registered name at its own address: relayed, and the server's certificate verifies end to end.
+    assert_eq!(https(&topology, "api.example.com", SERVER_A, &ca).as_deref(), Ok("sni=api.example.com\n"));
+    // A wildcard registered at no address: relayed where the name resolves.
+    let storage = https(&topology, "storage.googleapis.com", SERVER_B, &ca);
+    assert_eq!(storage.as_deref(), Ok("sni=storage.googleapis.com\n"), "{}", agent.log());
+
+    let before = accepted(&topology);
+    // An unregistered name, even at a registered address.
+    assert!(https(&topology, "evil.example", SERVER_A, &ca).is_err());
+    // A registered name sent to another address (fronting), and a wildcard's name where it does not resolve.
+    assert!(https(&topology, "api.example.com", SERVER_B, &ca).is_err());
+    assert!(https(&topology, "storage.googleapis.com", SERVER_A, &ca).is_err());
+    // No name at all, to an address nothing is registered at.
+    let unnamed = topology
+        .workload
+        .command("openssl")
+        .args(["s_client", "-connect", &format!("{SERVER_B}:443"), "-noservername"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&unnamed.stdout).contains("BEGIN CERTIFICATE"), "no server answered");
+    // A broken ClientHello: a length that runs past its message.
+    let mut broken = client_hello("api.example.com");
+    broken[5 + 4 + 2 + 32] = 200;
+    let (answer, closed) = send_in_pieces(&topology, addr(SERVER_A, 443), &[broken]);
+    assert!(answer.is_empty() && closed, "{answer:?}");
+    assert_eq!(accepted(&topology), before + 1, "none of them reached a server (the one is the status request's)");
+
+    // No name, to a registered address: decided by the address, as the kernel decides other TCP.
+    let unnamed = topology
+        .workload
+        .command("openssl")
+        .args(["s_client", "-connect", &format!("{SERVER_A}:443"), "-noservername"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&unnamed.stdout).contains("BEGIN CERTIFICATE"), "the server answered");
+    // A hello split over records of 100 bytes, each record in a segment of its own: read whole, then replayed.
+    let split = in_records(&client_hello("api.example.com"), 100);
+    assert!(split.len() >= 3, "{} records", split.len());
+    let (answer, _) = send_in_pieces(&topology, addr(SERVER_A, 443), &split);
+    assert_eq!(answer.first(), Some(&0x16), "the server's handshake came back: {answer:?}");
+
+    let metrics = agent.metrics().unwrap();
+    let blackholed = [("destination_service_name", "BlackHoleCluster"), ("response_flags", "UH")];
+    assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &blackholed), 2, "{metrics}");
+    let api = [("destination_service_name", "api.example.com"), ("response_flags", "-")];
+    assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &api), 3, "{metrics}");
+    assert!(total(&metrics, "istio_tcp_received_bytes_total", &api) > 0, "{metrics}");
+    assert_eq!(total(&metrics, "sluice_host_mismatch_total", &[("action", "refused")]), 2, "{metrics}");
+    let malformed = [("reason", "malformed")];
+    assert_eq!(total(&metrics, "sluice_tls_client_hello_refused_total", &malformed), 1, "{metrics}");
+    let log = agent.log();
+    assert!(log.contains("sni=\"evil.example\"") || log.contains("sni=evil.example"), "{log}");
+}
