@@ -117,6 +117,12 @@ fn check(paths: &[PathBuf]) -> anyhow::Result<()> {
     for error in &loaded.errors {
         let _ = writeln!(out, "{error}");
     }
+    // Valid, but with a field that does nothing in Sluice yet: said, so that nothing is ignored in silence.
+    for resource in &loaded.snapshot.resources {
+        for (field, why) in sluice_agent::config::unsupported::fields(resource) {
+            let _ = writeln!(out, "{}: {field}: not applied: {why}", resource.id());
+        }
+    }
     let _ = writeln!(
         out,
         "{} resources valid, {} errors, {} documents of other kinds not read",

@@ -50,6 +50,10 @@ fn the_shipped_examples_all_pass() {
     let (ok, output) = check(&[examples]);
     assert!(ok, "{output}");
     assert!(output.contains("12 resources valid, 0 errors"), "{output}");
+    // The seed's Gateway terminates TLS (ISTIO_MUTUAL), which Sluice does not do yet: said, naming the field.
+    let said =
+        "Gateway istio-system/istio-egress-gateway: spec.servers[0].tls.mode: not applied: TLS is not terminated";
+    assert!(output.contains(said), "{output}");
 }
 
 #[test]

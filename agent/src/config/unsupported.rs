@@ -28,9 +28,6 @@ pub fn fields(resource: &Resource) -> Vec<(String, &'static str)> {
                     found.push((format!("spec.http[{i}].fault.abort.grpcStatus"), "gRPC aborts are not injected"));
                 }
             }
-            if !service.tls.is_empty() {
-                found.push(("spec.tls".into(), "TLS routes (by SNI) are not applied yet; TLS is allowed at L4"));
-            }
             if !service.tcp.is_empty() {
                 found.push(("spec.tcp".into(), "TCP routes are not applied yet; TCP is allowed at L4"));
             }
@@ -52,7 +49,18 @@ pub fn fields(resource: &Resource) -> Vec<(String, &'static str)> {
                 }
             }
         }
-        Spec::ServiceEntry(_) | Spec::Gateway(_) => {}
+        Spec::Gateway(gateway) => {
+            for (i, server) in gateway.servers.iter().enumerate() {
+                let mode = server.tls.as_ref().and_then(|tls| tls.mode.as_deref());
+                if mode.is_some_and(|mode| !mode.eq_ignore_ascii_case("PASSTHROUGH")) {
+                    found.push((
+                        format!("spec.servers[{i}].tls.mode"),
+                        "TLS is not terminated at the gateway yet: this server is not served",
+                    ));
+                }
+            }
+        }
+        Spec::ServiceEntry(_) => {}
     }
     found
 }
@@ -93,7 +101,7 @@ metadata: {name: a}
 spec:
   hosts: [a.example]
   http: [{fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 1}}}, route: [{destination: {host: a.example}}]}]
-  tls: [{match: [{sniHosts: [a.example]}], route: [{destination: {host: a.example}}]}]
+  tcp: [{route: [{destination: {host: a.example}}]}]
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -118,7 +126,7 @@ spec: {hosts: [b.example], http: [{route: [{destination: {host: b.example}}]}]}
         assert_eq!(
             named,
             [
-                vec!["spec.http[0].fault.abort.grpcStatus".to_owned(), "spec.tls".to_owned()],
+                vec!["spec.http[0].fault.abort.grpcStatus".to_owned(), "spec.tcp".to_owned()],
                 vec!["spec.trafficPolicy.tls.credentialName".to_owned()],
                 vec![],
             ]

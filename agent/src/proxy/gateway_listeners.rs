@@ -14,6 +14,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use super::{
     detect::{detect, Detected, HttpVersion},
     http::{Connection, HttpProxy, Listener},
+    sni,
     transparent_listener::listener,
 };
 
@@ -99,7 +100,12 @@ pub async fn accept(listener: TcpListener, kind: Listener, proxy: Arc<HttpProxy>
                     // one that says too little in time is cut off, as a stalled request's headers are.
                     let version = match detect(&stream, proxy.request_headers_timeout()).await {
                         Some(Detected::Http(version)) => version,
-                        // TLS servers on Gateway ports are not served yet: the HTTP/1.1 server answers 400.
+                        Some(Detected::Tls) if matches!(kind, Listener::Gateway(_)) => {
+                            let port = local.port();
+                            sni::serve(stream, peer, local, sni::Arrival::Gateway(port), &proxy).await;
+                            drop(permit);
+                            return;
+                        }
                         Some(Detected::Opaque | Detected::Tls) => HttpVersion::Http1,
                         None => return,
                     };

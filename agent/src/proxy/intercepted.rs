@@ -43,7 +43,10 @@ async fn dispatch(connection: Intercepted, proxy: Arc<HttpProxy>) {
                 Connection { peer: connection.peer, local: connection.original_destination, listener: Listener::Mesh };
             proxy.serve_connection(connection.stream, context, version).await;
         }
-        Detected::Tls => super::sni::serve(connection, &proxy).await,
+        Detected::Tls => {
+            let (peer, dialled) = (connection.peer, connection.original_destination);
+            super::sni::serve(connection.stream, peer, dialled, super::sni::Arrival::Intercepted, &proxy).await
+        }
         Detected::Opaque => {
             let mode = proxy.policy().sidecars.mode_for(proxy.workload(connection.peer.ip()).as_deref());
             let idle = proxy.limits().idle_timeout;

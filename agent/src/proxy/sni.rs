@@ -6,30 +6,42 @@
 
 use std::net::SocketAddr;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
 
 use super::{
     client_hello::{self, Hello},
     http::HttpProxy,
     tcp,
-    transparent_listener::Intercepted,
 };
 use crate::{
-    config::workloads::Workload,
+    config::{virtual_service::MESH, workloads::Workload},
     policy::{
         labels::DestinationLabels,
-        routes::{HostVerify, ProxyPolicy, ServiceChoice, Viewer},
+        routes::{HostVerify, ProxyPolicy, ServiceChoice, TlsRule, TlsView, Upstream, Viewer},
         OutboundMode,
     },
     telemetry::{connections::TcpLabels, response_flags::ResponseFlag},
 };
 
-/// What becomes of an intercepted TLS connection.
+/// Where a TLS connection arrived: intercepted (the mesh's `tls` routes apply), or on a Gateway server's port
+/// that passes TLS through (that Gateway's do).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arrival {
+    Intercepted,
+    Gateway(u16),
+}
+
+/// What becomes of a TLS connection.
 #[derive(Debug, PartialEq)]
 pub enum Verdict {
     /// Relayed to `address`. `verify`: a name registered at no address, which must resolve to `address` first
     /// (`--host-verify strict`).
     Forward { address: SocketAddr, labels: DestinationLabels, verify: Option<String> },
+    /// Relayed to what `host` resolves to, on `port`: a Gateway's route to a host registered at no address.
+    Resolve { host: String, port: u16, labels: DestinationLabels },
     /// Closed without a byte of any server's.
     Refuse { labels: DestinationLabels, flag: ResponseFlag, reason: &'static str },
 }
@@ -38,25 +50,110 @@ pub enum Verdict {
 /// `sluice_host_mismatch_total{action}`.
 pub type Mismatch = Option<&'static str>;
 
-/// Decides a connection from `source` to `dialled` whose ClientHello named `server_name`.
+/// Decides a connection from `source` to `dialled` (on a Gateway: the listener's address) whose ClientHello
+/// named `server_name`; `roll` (uniform) picks among a route's weighted destinations.
 pub fn decide(
     policy: &ProxyPolicy,
     server_name: Option<&str>,
     dialled: SocketAddr,
     source: Option<&Workload>,
+    arrival: Arrival,
+    roll: u32,
 ) -> (Verdict, Mismatch) {
+    let no_route =
+        |reason| Verdict::Refuse { labels: DestinationLabels::blackhole(), flag: ResponseFlag::NoRouteFound, reason };
     let viewer = Viewer::Workload(source);
+    let gateway_port = match arrival {
+        Arrival::Gateway(port) => port,
+        Arrival::Intercepted => {
+            let routed = server_name.and_then(|name| {
+                let routes = policy.mesh_tls_routes(name)?;
+                let view = TlsView { server_name: name, destination: dialled, gateway: MESH, source };
+                let visible = |rule: &TlsRule| viewer.sees(policy, &rule.scope.exported, name, dialled.port());
+                let target = routes.first_match(&view, visible)?.targets.pick(roll)?;
+                Some((target.host(), target.port().unwrap_or(dialled.port())))
+            });
+            match routed {
+                // A route to this gateway's own Service continues in the gateway's context, in process.
+                Some((host, port)) if policy.is_own_service(host) => port,
+                Some((host, port)) => {
+                    return by_registry(policy, host, server_name, SocketAddr::new(dialled.ip(), port), viewer)
+                }
+                // No route for the name: the registered host itself, as without a VirtualService.
+                None => return by_registry(policy, server_name.unwrap_or(""), server_name, dialled, viewer),
+            }
+        }
+    };
+    let Some(gateway) = policy.tls_gateway_on(gateway_port) else { return (no_route("no_gateway_server"), None) };
+    let Some(name) = server_name else { return (no_route("no_server_name"), None) };
+    let view = TlsView {
+        server_name: name,
+        destination: SocketAddr::new(dialled.ip(), gateway_port),
+        gateway: &gateway.id,
+        source,
+    };
+    let visible = |rule: &TlsRule| Viewer::Gateway.sees(policy, &rule.scope.exported, name, gateway_port);
+    let Some(target) =
+        gateway.tls_routes(name).and_then(|routes| routes.first_match(&view, visible)?.targets.pick(roll))
+    else {
+        return (no_route("no_route"), None);
+    };
+    let (host, port) = (target.host(), target.port().unwrap_or(gateway_port));
+    // A route's host may be a wildcard (`*.googleapis.com`): the connection goes to the name the client asked for.
+    let resolved_name = if host.starts_with('*') { name } else { host };
+    let Some(service) = policy.registered_for(host, port, Viewer::Gateway) else {
+        return match Viewer::Gateway.mode(policy) {
+            OutboundMode::RegistryOnly => (blackholed("unregistered_destination"), None),
+            OutboundMode::AllowAny => {
+                let labels = crate::telemetry::passthrough::destination(resolved_name);
+                (Verdict::Resolve { host: resolved_name.to_owned(), port, labels }, None)
+            }
+        };
+    };
+    let choice =
+        ServiceChoice { service, port, subset: target.subset(), variant: service.variant(Viewer::Gateway, policy) };
+    let labels = labels_of(&choice);
+    let verdict = match choice.upstream(None) {
+        Upstream::Endpoint(address) => Verdict::Forward { address, labels, verify: None },
+        Upstream::OriginalDestination => Verdict::Resolve { host: resolved_name.to_owned(), port, labels },
+        Upstream::NoEndpoint => {
+            Verdict::Refuse { labels, flag: ResponseFlag::NoHealthyUpstream, reason: "no_endpoint" }
+        }
+        Upstream::NoSubset => Verdict::Refuse { labels, flag: ResponseFlag::NoClusterFound, reason: "no_subset" },
+    };
+    (verdict, None)
+}
+
+fn blackholed(reason: &'static str) -> Verdict {
+    Verdict::Refuse { labels: DestinationLabels::blackhole(), flag: ResponseFlag::NoHealthyUpstream, reason }
+}
+
+fn labels_of(choice: &ServiceChoice<'_>) -> DestinationLabels {
+    choice
+        .cluster()
+        .map(|cluster| cluster.labels.clone())
+        .unwrap_or_else(|| crate::telemetry::passthrough::destination(&choice.service.host))
+}
+
+/// Decides an intercepted connection to `dialled` by the registry: `host` (the name asked for, or a route's
+/// destination; empty when the hello named none) on `dialled`'s port, else the dialled address itself.
+fn by_registry(
+    policy: &ProxyPolicy,
+    host: &str,
+    server_name: Option<&str>,
+    dialled: SocketAddr,
+    viewer: Viewer<'_>,
+) -> (Verdict, Mismatch) {
     let port = dialled.port();
-    let registered = match server_name {
-        Some(name) => policy.registered_for(name, port, viewer),
-        None => policy.registered_at(dialled, viewer),
+    let registered = match host {
+        "" => policy.registered_at(dialled, viewer),
+        host => policy.registered_for(host, port, viewer),
     };
     let Some(service) = registered else {
         return match viewer.mode(policy) {
             OutboundMode::RegistryOnly => {
                 let reason = if server_name.is_some() { "unregistered_server_name" } else { "unregistered_address" };
-                let labels = DestinationLabels::blackhole();
-                (Verdict::Refuse { labels, flag: ResponseFlag::NoHealthyUpstream, reason }, None)
+                (blackholed(reason), None)
             }
             OutboundMode::AllowAny => {
                 let shown = server_name.map_or_else(|| dialled.to_string(), str::to_owned);
@@ -65,11 +162,7 @@ pub fn decide(
             }
         };
     };
-    let choice = ServiceChoice { service, port, subset: None, variant: service.variant(viewer, policy) };
-    let labels = choice
-        .cluster()
-        .map(|cluster| cluster.labels.clone())
-        .unwrap_or_else(|| crate::telemetry::passthrough::destination(&service.host));
+    let labels = labels_of(&ServiceChoice { service, port, subset: None, variant: service.variant(viewer, policy) });
     match service.known_at(dialled.ip()) {
         Some(true) => (Verdict::Forward { address: dialled, labels, verify: None }, None),
         // The name is another host's address: domain fronting by SNI, or a stale DNS answer.
@@ -122,7 +215,7 @@ impl HelloRefused {
 /// Reads the client's bytes until they hold a whole ClientHello: the bytes read (all to be replayed) and its
 /// server name.
 async fn read_client_hello(
-    stream: &mut tokio::net::TcpStream,
+    stream: &mut TcpStream,
     within: std::time::Duration,
 ) -> Result<(Vec<u8>, Option<String>), HelloRefused> {
     let reading = async {
@@ -145,10 +238,16 @@ async fn read_client_hello(
     tokio::time::timeout(within, reading).await.unwrap_or(Err(HelloRefused::Timeout))
 }
 
-/// Serves an intercepted connection that opened with a TLS handshake record.
-pub async fn serve(connection: Intercepted, proxy: &HttpProxy) {
-    let Intercepted { mut stream, peer, original_destination } = connection;
+/// Serves a connection that opened with a TLS handshake record: intercepted (`dialled` its original
+/// destination), or accepted on a Gateway port that passes TLS through (`dialled` the listener's address).
+pub async fn serve(mut stream: TcpStream, peer: SocketAddr, dialled: SocketAddr, arrival: Arrival, proxy: &HttpProxy) {
     let telemetry = proxy.telemetry();
+    let refuse = |stream: &TcpStream, labels: &DestinationLabels, flag: ResponseFlag| {
+        let refused = TcpLabels::new(labels, flag);
+        telemetry.tcp.opened(&refused);
+        telemetry.tcp.closed(&refused, 0, 0);
+        tcp::reset(stream);
+    };
     let (hello, server_name) = match read_client_hello(&mut stream, proxy.limits().request_headers_timeout).await {
         Ok(read) => read,
         Err(refused) => {
@@ -156,22 +255,16 @@ pub async fn serve(connection: Intercepted, proxy: &HttpProxy) {
                 HelloRefused::Malformed(reason) => reason,
                 _ => "",
             };
-            tracing::info!(
-                source = %peer,
-                original_dst = %original_destination,
-                verdict = "client_hello_refused",
-                reason = refused.label(),
-                detail,
-                "intercepted TLS connection"
-            );
+            tracing::info!(source = %peer, original_dst = %dialled, verdict = "client_hello_refused", reason = refused.label(), detail, "TLS connection");
             telemetry.client_hello_refused(refused.label());
             tcp::reset(&stream);
             return;
         }
     };
     let workload = proxy.workload(peer.ip());
-    let (verdict, mismatch) =
-        decide(&proxy.policy(), server_name.as_deref(), original_destination, workload.as_deref());
+    let decided =
+        decide(&proxy.policy(), server_name.as_deref(), dialled, workload.as_deref(), arrival, fastrand::u32(..));
+    let (verdict, mismatch) = decided;
     if let Some(action) = mismatch {
         telemetry.host_mismatch(action);
     }
@@ -180,41 +273,39 @@ pub async fn serve(connection: Intercepted, proxy: &HttpProxy) {
         Verdict::Forward { address, labels, verify: Some(host) } => {
             if !proxy.host_resolves_to(&host, address.ip()).await {
                 telemetry.host_mismatch("refused");
-                let refused = TcpLabels::new(&labels, ResponseFlag::NoRouteFound);
-                telemetry.tcp.opened(&refused);
-                telemetry.tcp.closed(&refused, 0, 0);
-                tracing::info!(source = %peer, original_dst = %original_destination, sni, verdict = "refused", reason = "not_resolved_there", "intercepted TLS connection");
-                tcp::reset(&stream);
+                refuse(&stream, &labels, ResponseFlag::NoRouteFound);
+                tracing::info!(source = %peer, original_dst = %dialled, sni, verdict = "refused", reason = "not_resolved_there", "TLS connection");
                 return;
             }
             (address, labels)
         }
         Verdict::Forward { address, labels, verify: None } => (address, labels),
+        Verdict::Resolve { host, port, labels } => match proxy.resolve(&host, port).await {
+            Some(address) => (address, labels),
+            None => {
+                refuse(&stream, &labels, ResponseFlag::DnsResolutionFailed);
+                tracing::info!(source = %peer, original_dst = %dialled, sni, %host, verdict = "refused", reason = "not_resolved", "TLS connection");
+                return;
+            }
+        },
         Verdict::Refuse { labels, flag, reason } => {
-            let refused = TcpLabels::new(&labels, flag);
-            telemetry.tcp.opened(&refused);
-            telemetry.tcp.closed(&refused, 0, 0);
-            tracing::info!(source = %peer, original_dst = %original_destination, sni, verdict = "refused", reason, "intercepted TLS connection");
-            tcp::reset(&stream);
+            refuse(&stream, &labels, flag);
+            tracing::info!(source = %peer, original_dst = %dialled, sni, verdict = "refused", reason, "TLS connection");
             return;
         }
     };
     let mut upstream = match tcp::connect(address, proxy.upstream_sockets(), tcp::CONNECT_TIMEOUT).await {
         Ok(upstream) => upstream,
         Err(error) => {
-            let reason = tcp::connect_failure(&error);
-            let failed = TcpLabels::new(&labels, ResponseFlag::UpstreamConnectionFailure);
-            telemetry.tcp.opened(&failed);
-            telemetry.tcp.closed(&failed, 0, 0);
-            tracing::info!(source = %peer, original_dst = %original_destination, sni, upstream = %address, verdict = reason, "intercepted TLS connection");
-            tcp::reset(&stream);
+            refuse(&stream, &labels, ResponseFlag::UpstreamConnectionFailure);
+            let verdict = tcp::connect_failure(&error);
+            tracing::info!(source = %peer, original_dst = %dialled, sni, upstream = %address, verdict, "TLS connection");
             return;
         }
     };
     let labels = TcpLabels::new(&labels, ResponseFlag::None);
     telemetry.tcp.opened(&labels);
-    let replayed = upstream.write_all(&hello).await;
-    let joined = match replayed {
+    let joined = match upstream.write_all(&hello).await {
         Ok(()) => super::join::join(&mut stream, &mut upstream, proxy.limits().idle_timeout).await.ok(),
         Err(_) => None,
     };
@@ -223,13 +314,13 @@ pub async fn serve(connection: Intercepted, proxy: &HttpProxy) {
     telemetry.tcp.closed(&labels, received, sent);
     tracing::info!(
         source = %peer,
-        original_dst = %original_destination,
+        original_dst = %dialled,
         sni,
         upstream = %address,
         verdict = "relayed",
         bytes_sent = received,
         bytes_received = sent,
-        "intercepted TLS connection"
+        "TLS connection"
     );
 }
 
@@ -289,23 +380,26 @@ spec:
     fn forwarded(verdict: &Verdict) -> Option<(SocketAddr, String)> {
         match verdict {
             Verdict::Forward { address, labels, .. } => Some((*address, labels.name().as_str().to_owned())),
-            Verdict::Refuse { .. } => None,
+            Verdict::Refuse { .. } | Verdict::Resolve { .. } => None,
         }
     }
 
     #[test]
     fn a_registered_name_at_its_own_address_is_relayed_and_elsewhere_refused_as_fronting() {
         let policy = policy(OutboundMode::RegistryOnly, HostVerify::Strict);
-        let (verdict, mismatch) = decide(&policy, Some("api.stripe.com"), to("203.0.113.10"), None);
+        let (verdict, mismatch) =
+            decide(&policy, Some("api.stripe.com"), to("203.0.113.10"), None, Arrival::Intercepted, 0);
         assert_eq!(forwarded(&verdict), Some((to("203.0.113.10"), "api.stripe.com".into())));
         assert_eq!(mismatch, None);
         // The name of a registered host, sent to an address that is not its own (a CDN's other tenant).
-        let (verdict, mismatch) = decide(&policy, Some("api.stripe.com"), to("192.0.2.66"), None);
+        let (verdict, mismatch) =
+            decide(&policy, Some("api.stripe.com"), to("192.0.2.66"), None, Arrival::Intercepted, 0);
         assert!(matches!(verdict, Verdict::Refuse { reason: "fronted", .. }), "{verdict:?}");
         assert_eq!(mismatch, Some("refused"));
 
         let routed = super::tests::policy(OutboundMode::RegistryOnly, HostVerify::Route);
-        let (verdict, mismatch) = decide(&routed, Some("api.stripe.com"), to("192.0.2.66"), None);
+        let (verdict, mismatch) =
+            decide(&routed, Some("api.stripe.com"), to("192.0.2.66"), None, Arrival::Intercepted, 0);
         assert_eq!(forwarded(&verdict), Some((to("203.0.113.10"), "api.stripe.com".into())), "sent to its own");
         assert_eq!(mismatch, Some("routed"));
     }
@@ -313,7 +407,7 @@ spec:
     #[test]
     fn registry_only_refuses_an_unregistered_name_even_at_a_registered_address() {
         let policy = policy(OutboundMode::RegistryOnly, HostVerify::Strict);
-        let (verdict, _) = decide(&policy, Some("evil.example"), to("203.0.113.10"), None);
+        let (verdict, _) = decide(&policy, Some("evil.example"), to("203.0.113.10"), None, Arrival::Intercepted, 0);
         let Verdict::Refuse { labels, flag, reason } = verdict else { panic!("{verdict:?}") };
         assert_eq!(
             (labels.name().as_str(), flag, reason),
@@ -321,35 +415,141 @@ spec:
         );
 
         let allow_any = super::tests::policy(OutboundMode::AllowAny, HostVerify::Strict);
-        let (verdict, _) = decide(&allow_any, Some("evil.example"), to("192.0.2.7"), None);
+        let (verdict, _) = decide(&allow_any, Some("evil.example"), to("192.0.2.7"), None, Arrival::Intercepted, 0);
         assert_eq!(forwarded(&verdict).map(|(address, _)| address), Some(to("192.0.2.7")), "passed through");
     }
 
     #[test]
     fn wildcard_names_registered_at_no_address_are_checked_by_dns() {
         let policy = policy(OutboundMode::RegistryOnly, HostVerify::Strict);
-        let (verdict, _) = decide(&policy, Some("storage.googleapis.com"), to("192.0.2.9"), None);
+        let (verdict, _) =
+            decide(&policy, Some("storage.googleapis.com"), to("192.0.2.9"), None, Arrival::Intercepted, 0);
         let Verdict::Forward { address, labels, verify } = verdict else { panic!("{verdict:?}") };
         assert_eq!((address, verify.as_deref()), (to("192.0.2.9"), Some("storage.googleapis.com")));
         assert_eq!(labels.name().as_str().to_owned(), "*.googleapis.com");
-        let (verdict, _) = decide(&policy, Some("googleapis.com"), to("192.0.2.9"), None);
+        let (verdict, _) = decide(&policy, Some("googleapis.com"), to("192.0.2.9"), None, Arrival::Intercepted, 0);
         assert!(matches!(verdict, Verdict::Refuse { .. }), "the wildcard does not take the bare domain");
 
         let trusting = super::tests::policy(OutboundMode::RegistryOnly, HostVerify::Off);
-        let (verdict, _) = decide(&trusting, Some("storage.googleapis.com"), to("192.0.2.9"), None);
+        let (verdict, _) =
+            decide(&trusting, Some("storage.googleapis.com"), to("192.0.2.9"), None, Arrival::Intercepted, 0);
         assert!(matches!(verdict, Verdict::Forward { verify: None, .. }), "--host-verify off trusts it");
     }
 
     #[test]
     fn a_hello_without_a_name_is_decided_by_the_dialled_address() {
         let policy = policy(OutboundMode::RegistryOnly, HostVerify::Strict);
-        let (verdict, _) = decide(&policy, None, to("198.51.100.20"), None);
+        let (verdict, _) = decide(&policy, None, to("198.51.100.20"), None, Arrival::Intercepted, 0);
         assert_eq!(forwarded(&verdict), Some((to("198.51.100.20"), "legacy.internal".into())), "in its range");
-        let (verdict, _) = decide(&policy, None, to("203.0.113.10"), None);
+        let (verdict, _) = decide(&policy, None, to("203.0.113.10"), None, Arrival::Intercepted, 0);
         assert_eq!(forwarded(&verdict).map(|(_, name)| name), Some("api.stripe.com".into()), "resolved there");
-        let (verdict, _) = decide(&policy, None, to("192.0.2.1"), None);
+        let (verdict, _) = decide(&policy, None, to("192.0.2.1"), None, Arrival::Intercepted, 0);
         assert!(matches!(verdict, Verdict::Refuse { reason: "unregistered_address", .. }), "{verdict:?}");
-        let (verdict, _) = decide(&policy, None, SocketAddr::new("198.51.100.20".parse().unwrap(), 8443), None);
+        let (verdict, _) = decide(
+            &policy,
+            None,
+            SocketAddr::new("198.51.100.20".parse().unwrap(), 8443),
+            None,
+            Arrival::Intercepted,
+            0,
+        );
         assert!(matches!(verdict, Verdict::Refuse { .. }), "registered on 443 only");
+    }
+}
+
+#[cfg(test)]
+mod routed {
+    use std::{collections::BTreeMap, sync::Arc};
+
+    use super::*;
+    use crate::{
+        config::{resolver::Resolved, Snapshot},
+        policy::{
+            bindings::bind,
+            routes::{proxy_policy, ProxySettings},
+            sidecars::SidecarModes,
+        },
+    };
+
+    /// The seeds' "Egress Gateway with SNI" (Pattern 3), with the Gateway and ServiceEntry it refers to.
+    const PATTERN_3: &str = "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: googleapis, namespace: default}
+spec:
+  hosts: [www.googleapis.com]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: istio-egress-gateway-sni, namespace: istio-system}
+spec:
+  selector: {istio: egressgateway}
+  servers:
+  - port: {number: 443, name: tls, protocol: TLS}
+    hosts: ['*.googleapis.com']
+    tls: {mode: PASSTHROUGH}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: sni-egress, namespace: default}
+spec:
+  hosts: ['*.googleapis.com']
+  gateways: [istio-system/istio-egress-gateway-sni, mesh]
+  tls:
+  - match: [{gateways: [mesh], port: 443, sniHosts: ['*.googleapis.com']}]
+    route: [{destination: {host: istio-egressgateway.istio-system.svc.cluster.local, port: {number: 443}}}]
+  - match: [{gateways: [istio-system/istio-egress-gateway-sni], port: 443, sniHosts: ['*.googleapis.com']}]
+    route: [{destination: {host: www.googleapis.com, port: {number: 443}}}]
+";
+
+    fn policy() -> ProxyPolicy {
+        let snapshot = Snapshot::from_yaml(PATTERN_3);
+        let resolved = Resolved::from([("www.googleapis.com".to_owned(), vec!["203.0.113.30".parse().unwrap()])]);
+        let sidecars = Arc::new(SidecarModes::compile(&snapshot, OutboundMode::RegistryOnly));
+        let settings = ProxySettings {
+            own_services: vec!["istio-egressgateway.istio-system.svc.cluster.local".into()],
+            ..ProxySettings::default()
+        };
+        let labels = BTreeMap::from([("istio".to_owned(), "egressgateway".to_owned())]);
+        proxy_policy(&snapshot, &resolved, &bind(&snapshot, &labels), sidecars, &settings, &Default::default())
+    }
+
+    fn at(port: u16) -> SocketAddr {
+        SocketAddr::new("10.240.1.1".parse().unwrap(), port)
+    }
+
+    #[test]
+    fn the_seeds_sni_egress_goes_mesh_to_gateway_to_host_in_process() {
+        let policy = policy();
+        assert_eq!(policy.gateway_ports().into_iter().collect::<Vec<_>>(), [443], "the PASSTHROUGH server's port");
+        let googleapis = SocketAddr::new("203.0.113.30".parse().unwrap(), 443);
+        for (arrival, dialled) in
+            [(Arrival::Intercepted, "192.0.2.50:443".parse().unwrap()), (Arrival::Gateway(443), at(443))]
+        {
+            let (verdict, _) = decide(&policy, Some("storage.googleapis.com"), dialled, None, arrival, 0);
+            let Verdict::Forward { address, labels, verify: None } = verdict else {
+                panic!("{arrival:?}: {verdict:?}")
+            };
+            assert_eq!(address, googleapis, "{arrival:?}: the gateway's route, to the registered host's address");
+            assert_eq!(labels.name().as_str(), "www.googleapis.com");
+        }
+    }
+
+    #[test]
+    fn a_gateway_port_refuses_names_and_ports_its_routes_do_not_serve() {
+        let policy = policy();
+        let refused =
+            |name: Option<&str>, port: u16| match decide(&policy, name, at(port), None, Arrival::Gateway(port), 0) {
+                (Verdict::Refuse { reason, .. }, _) => reason,
+                (verdict, _) => panic!("{verdict:?}"),
+            };
+        assert_eq!(refused(Some("evil.example"), 443), "no_route");
+        assert_eq!(refused(None, 443), "no_server_name");
+        assert_eq!(refused(Some("storage.googleapis.com"), 8443), "no_gateway_server");
+        // Intercepted, a name no route takes is decided by the registry: here, unregistered.
+        let (verdict, _) = decide(&policy, Some("evil.example"), at(443), None, Arrival::Intercepted, 0);
+        assert!(matches!(verdict, Verdict::Refuse { reason: "unregistered_server_name", .. }), "{verdict:?}");
     }
 }

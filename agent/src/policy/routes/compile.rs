@@ -46,14 +46,15 @@ pub fn proxy_policy(
     by_address.shrink_to_fit();
     for (host, indexes) in &bindings.mesh {
         let routes = virtual_host(snapshot, indexes, &mut interner);
-        transient(|| hosts.entry(host.clone()).or_default()).mesh = Some(routes);
+        let tls = tls_routes(snapshot, indexes, &mut interner);
+        let entry = transient(|| hosts.entry(host.clone()).or_default());
+        (entry.mesh, entry.mesh_tls) = (Some(routes), tls);
     }
     let mut table = HostTable::default();
     for (host, entry) in hosts {
         table.insert(&host, entry);
     }
     table.shrink_to_fit();
-    let mut virtual_host = |indexes: &Vec<usize>| virtual_host(snapshot, indexes, &mut interner);
     ProxyPolicy {
         sidecars,
         host_verify: settings.host_verify,
@@ -65,15 +66,18 @@ pub fn proxy_policy(
         gateways: bindings
             .gateways
             .iter()
-            .map(|gateway| GatewayRoutes {
-                id: gateway.id.clone(),
-                http_ports: gateway
-                    .servers
-                    .iter()
-                    .filter(|server| is_http(&server.port.protocol))
-                    .filter_map(|server| u16::try_from(server.port.number).ok())
-                    .collect(),
-                hosts: gateway.hosts.map(&mut virtual_host),
+            .map(|gateway| {
+                let ports = |served: fn(&Server) -> bool| {
+                    let servers = gateway.servers.iter().filter(|server| served(server));
+                    servers.filter_map(|server| u16::try_from(server.port.number).ok()).collect()
+                };
+                GatewayRoutes {
+                    id: gateway.id.clone(),
+                    http_ports: ports(|server| is_http(&server.port.protocol)),
+                    hosts: gateway.hosts.map(|indexes| virtual_host(snapshot, indexes, &mut interner)),
+                    tls_ports: ports(passes_tls_through),
+                    tls_hosts: gateway.hosts.map(|indexes| tls_routes(snapshot, indexes, &mut interner)),
+                }
             })
             .collect(),
         own_services: settings.own_services.clone(),
@@ -83,6 +87,35 @@ pub fn proxy_policy(
             labels: BTreeMap::new(),
         }),
     }
+}
+
+/// Whether a Gateway server passes TLS through to be routed by server name: protocol `TLS` (or `HTTPS`) with
+/// `tls.mode: PASSTHROUGH`.
+fn passes_tls_through(server: &Server) -> bool {
+    is_tls(&server.port.protocol)
+        && server
+            .tls
+            .as_ref()
+            .and_then(|tls| tls.mode.as_deref())
+            .is_some_and(|mode| mode.eq_ignore_ascii_case("PASSTHROUGH"))
+}
+
+/// A route's weighted destinations, each with its header manipulations: a lone destination takes everything;
+/// otherwise the weights (validated to sum to 100) decide.
+pub(super) fn targets<'a>(
+    destinations: impl ExactSizeIterator<Item = (&'a Destination, Option<i64>, Option<&'a Headers>)>,
+    interner: &mut Interner,
+) -> Targets {
+    let lone = destinations.len() == 1;
+    let mut total = 0u32;
+    let targets = destinations
+        .map(|(destination, weight, headers)| {
+            let weight = if lone { 100 } else { weight.unwrap_or(0) };
+            total += u32::try_from(weight).unwrap_or(0);
+            Target { to: interner.target_destination(destination, headers), weight_to: total }
+        })
+        .collect();
+    Targets(targets)
 }
 
 pub(super) fn virtual_host(snapshot: &Snapshot, indexes: &[usize], interner: &mut Interner) -> VirtualHost {
@@ -137,18 +170,8 @@ pub(super) fn compile_route(route: &HttpRoute, scope: &Arc<RouteScope>, index: u
         let status = u16::try_from(response.status).ok().and_then(|s| StatusCode::from_u16(s).ok());
         Action::Respond(Box::new((status.unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body)))
     } else {
-        let mut total = 0u32;
-        let targets = route
-            .route
-            .iter()
-            .map(|destination| {
-                // A lone destination takes everything; otherwise the weights (validated to sum to 100) decide.
-                let weight = if route.route.len() == 1 { 100 } else { destination.weight.unwrap_or(0) };
-                total += u32::try_from(weight).unwrap_or(0);
-                Target { to: interner.target_destination(destination), weight_to: total }
-            })
-            .collect();
-        Action::Forward(Targets(targets))
+        let destinations = route.route.iter().map(|d| (&d.destination, d.weight, d.headers.as_deref()));
+        Action::Forward(targets(destinations, interner))
     };
     let regexes = &mut interner.regexes;
     let extras = RouteExtras {

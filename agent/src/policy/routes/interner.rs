@@ -57,11 +57,14 @@ impl Interner {
     }
 
     /// Where a route's destination goes, shared with every target that goes there alike.
-    pub(super) fn target_destination(&mut self, destination: &HttpRouteDestination) -> Arc<TargetDestination> {
-        let host = self.text(&destination.destination.host);
-        let port = destination.destination.port.as_ref().and_then(|p| u16::try_from(p.number).ok());
-        let subset = destination.destination.subset.as_deref();
-        let headers = destination.headers.as_deref();
+    pub(super) fn target_destination(
+        &mut self,
+        destination: &Destination,
+        headers: Option<&Headers>,
+    ) -> Arc<TargetDestination> {
+        let host = self.text(&destination.host);
+        let port = destination.port.as_ref().and_then(|p| u16::try_from(p.number).ok());
+        let subset = destination.subset.as_deref();
         let extras = self.target_extras(subset, headers);
         let extras_key = extras
             .is_some()

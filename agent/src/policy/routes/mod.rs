@@ -9,6 +9,7 @@ mod registry;
 mod route;
 #[cfg(test)]
 mod tests;
+mod tls;
 mod visibility;
 
 use std::{
@@ -37,10 +38,11 @@ use super::{
 use crate::allocator::transient;
 use crate::config::{
     destination_rule::{DestinationRule, TrafficPolicy},
-    fields::{parse_duration, HeaderOperations, Headers, Pairs},
+    fields::{parse_duration, Destination, HeaderOperations, Headers, Pairs},
+    gateway::Server,
     resolver::Resolved,
-    service_entry::{is_http, is_http2, parse_address, Resolution, ServiceEntry},
-    virtual_service::{HttpRoute, HttpRouteDestination},
+    service_entry::{is_http, is_http2, is_tls, parse_address, Resolution, ServiceEntry},
+    virtual_service::{HttpRoute, TlsRoute as TlsRouteConfig},
     workloads::Workload,
     Snapshot, Spec,
 };
@@ -50,6 +52,7 @@ pub use compile::*;
 use interner::*;
 pub use registry::*;
 pub use route::*;
+pub use tls::*;
 pub use visibility::*;
 
 /// What the node, not the mesh, decides for the proxy.
@@ -123,6 +126,8 @@ struct Host {
     services: Option<Arc<Service>>,
     /// The routes for intercepted traffic.
     mesh: Option<VirtualHost>,
+    /// The `tls` routes for intercepted traffic, when its VirtualServices have any.
+    mesh_tls: Option<TlsRoutes>,
 }
 
 /// One selected Gateway: its server ports and the routes bound to it.
@@ -133,6 +138,16 @@ pub struct GatewayRoutes {
     /// Server ports with an HTTP protocol (HTTP, HTTP2, GRPC, GRPC-WEB).
     pub http_ports: Vec<u16>,
     pub hosts: HostTable<VirtualHost>,
+    /// Server ports whose TLS passes through (`tls.mode: PASSTHROUGH`): connections routed by server name.
+    pub tls_ports: Vec<u16>,
+    pub tls_hosts: HostTable<Option<TlsRoutes>>,
+}
+
+impl GatewayRoutes {
+    /// The `tls` routes bound to this Gateway for `server_name`.
+    pub fn tls_routes(&self, server_name: &str) -> Option<&TlsRoutes> {
+        self.tls_hosts.find(server_name, |routes| routes.as_ref())
+    }
 }
 
 impl ProxyPolicy {
@@ -172,9 +187,19 @@ impl ProxyPolicy {
         self.own_services.iter().any(|own| own.eq_ignore_ascii_case(host.trim_end_matches('.')))
     }
 
-    /// Every port a selected Gateway serves HTTP on.
+    /// Every port a selected Gateway serves, HTTP or TLS passed through.
     pub fn gateway_ports(&self) -> std::collections::BTreeSet<u16> {
-        self.gateways.iter().flat_map(|gateway| gateway.http_ports.iter().copied()).collect()
+        self.gateways.iter().flat_map(|gateway| gateway.http_ports.iter().chain(&gateway.tls_ports).copied()).collect()
+    }
+
+    /// The Gateway passing TLS through on `port`, with its `tls` routes.
+    pub fn tls_gateway_on(&self, port: u16) -> Option<&GatewayRoutes> {
+        self.gateways.iter().find(|gateway| gateway.tls_ports.contains(&port))
+    }
+
+    /// The `tls` routes for intercepted traffic whose ClientHello names `server_name`.
+    pub fn mesh_tls_routes(&self, server_name: &str) -> Option<&TlsRoutes> {
+        self.hosts.find(server_name, |entry| entry.mesh_tls.as_ref())
     }
 
     /// The routes of the Gateway listening on `port`, with the Gateway's id.

@@ -287,16 +287,22 @@ impl HttpProxy {
         if !address.ip().is_unspecified() {
             return Ok(address);
         }
+        self.resolve(host, address.port()).await.ok_or(Failure::DnsFailure)
+    }
+
+    /// `host` (an IP literal, or a DNS name through the proxy's resolver) on `port`; `None` when it does not
+    /// resolve.
+    pub(crate) async fn resolve(&self, host: &str, port: u16) -> Option<SocketAddr> {
         if let Ok(ip) = host.parse() {
-            return Ok(SocketAddr::new(ip, address.port()));
+            return Some(SocketAddr::new(ip, port));
         }
-        let Some(resolver) = &self.resolver else { return Err(Failure::DnsFailure) };
+        let resolver = self.resolver.as_ref()?;
         // Boxed: a lookup's state is large, and most requests need none.
         match Box::pin(resolver.lookup(host)).await {
-            Ok(ip) => Ok(SocketAddr::new(ip, address.port())),
+            Ok(ip) => Some(SocketAddr::new(ip, port)),
             Err(error) => {
-                tracing::debug!(%host, %error, "forward proxy lookup failed");
-                Err(Failure::DnsFailure)
+                tracing::debug!(%host, %error, "lookup failed");
+                None
             }
         }
     }
