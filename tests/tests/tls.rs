@@ -14,7 +14,7 @@ use sluice_tests::{
     peers::{Dnsmasq, Nginx},
     require_root,
     tls::{certificates, client_hello},
-    topology::{GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A, SERVER_B},
+    topology::{GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A, SERVER_B},
     Agent, Topology,
 };
 
@@ -198,4 +198,86 @@ fn intercepted_tls_is_decided_by_its_server_name_and_nothing_unregistered_reache
     assert_eq!(total(&metrics, "sluice_tls_client_hello_refused_total", &malformed), 1, "{metrics}");
     let log = agent.log();
     assert!(log.contains("sni=\"evil.example\"") || log.contains("sni=evil.example"), "{log}");
+}
+
+/// The seeds' "Egress Gateway with SNI" (Pattern 3), with the Gateway and the ServiceEntry it refers to.
+const SNI_EGRESS: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: googleapis, namespace: default}
+spec:
+  hosts: [www.googleapis.com]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  location: MESH_EXTERNAL
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: istio-egress-gateway-sni, namespace: istio-system}
+spec:
+  selector: {istio: egressgateway}
+  servers:
+  - port: {number: 443, name: tls, protocol: TLS}
+    hosts: ['*.googleapis.com']
+    tls: {mode: PASSTHROUGH}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: sni-egress, namespace: default}
+spec:
+  hosts: ['*.googleapis.com']
+  gateways: [istio-system/istio-egress-gateway-sni, mesh]
+  tls:
+  - match: [{gateways: [mesh], port: 443, sniHosts: ['*.googleapis.com']}]
+    route: [{destination: {host: istio-egressgateway.istio-system.svc.cluster.local, port: {number: 443}}}]
+  - match: [{gateways: [istio-system/istio-egress-gateway-sni], port: 443, sniHosts: ['*.googleapis.com']}]
+    route: [{destination: {host: www.googleapis.com, port: {number: 443}}}]
+";
+
+#[test]
+fn the_seeds_sni_egress_gateway_takes_mesh_traffic_and_its_own_port_to_the_registered_host() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates(dir.path(), "sluice-test-ca", &["www.googleapis.com", "storage.googleapis.com"]);
+    // Each server says which it is: the route's destination (www.googleapis.com) resolves to server B.
+    let servers: String = [SERVER_A, SERVER_B]
+        .iter()
+        .map(|server| {
+            format!(
+                "server {{\n    listen {server}:443 ssl;\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    \
+                 location / {{ default_type text/plain; return 200 \"{server} sni=$ssl_server_name\\n\"; }}\n  }}\n"
+            )
+        })
+        .collect();
+    let _nginx = Nginx::start_with(&topology.internet, &servers, &[addr(SERVER_A, 443), addr(SERVER_B, 443)]).unwrap();
+    let _dns = Dnsmasq::start(&topology.internet, INTERNET_ADDR, &[("www.googleapis.com", SERVER_B)]).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, SNI_EGRESS]).unwrap();
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 443 --config {} --dns-server {INTERNET_ADDR} \
+         --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32 \
+         --gateway-service istio-egressgateway.istio-system.svc.cluster.local",
+        config.path().display()
+    );
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    agent.wait_for_log("gateway listener open", 1).unwrap();
+
+    // From the mesh: whatever address the workload dialled, the mesh route hands it to the gateway, whose route
+    // sends it to www.googleapis.com's address, with the client's own name and end-to-end TLS.
+    let mesh = https(&topology, "storage.googleapis.com", SERVER_A, &ca);
+    assert_eq!(mesh.as_deref(), Ok(&*format!("{SERVER_B} sni=storage.googleapis.com\n")), "{}", agent.log());
+    // To the gateway's own port (as another node's sidecar would send it): the Gateway's route.
+    let direct = https(&topology, "storage.googleapis.com", GATEWAY_WORKLOAD_ADDR, &ca);
+    assert_eq!(direct.as_deref(), Ok(&*format!("{SERVER_B} sni=storage.googleapis.com\n")), "{}", agent.log());
+    // A name the Gateway serves no route for is closed there; from the mesh, it is unregistered.
+    assert!(https(&topology, "evil.example", GATEWAY_WORKLOAD_ADDR, &ca).is_err());
+    assert!(https(&topology, "evil.example", SERVER_A, &ca).is_err());
+
+    let metrics = agent.metrics().unwrap();
+    let relayed = [("destination_service_name", "www.googleapis.com"), ("response_flags", "-")];
+    assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &relayed), 2, "{metrics}");
+    let no_route = [("response_flags", "NR")];
+    assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &no_route), 1, "{metrics}");
+    let blackholed = [("destination_service_name", "BlackHoleCluster"), ("response_flags", "UH")];
+    assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &blackholed), 1, "{metrics}");
 }
