@@ -39,7 +39,9 @@ pub struct RunSettings {
     /// A range always allowed, any protocol and port (cluster pod and service ranges, DNS servers). Repeatable.
     #[arg(long = "allow-cidr", value_name = "CIDR", value_parser = parse_cidr)]
     pub allow_cidr: Vec<IpNet>,
-    /// A TCP port whose traffic, to any destination not allowed above, is handed to the proxy. Repeatable.
+    /// A TCP port whose traffic, to any destination not allowed above, is handed to the proxy. Repeatable. With
+    /// any, the ports the configuration names for TLS (ServiceEntry ports with protocol HTTPS or TLS, the mesh's
+    /// `tls` routes' ports) are handed to it too, to be decided by the ClientHello's server name.
     #[arg(long = "intercept-port", value_name = "PORT")]
     pub intercept_port: Vec<u16>,
     /// The transparent proxy's listener port.

@@ -268,12 +268,17 @@ pub struct RouteDestination {
 pub const MESH: &str = "mesh";
 
 impl VirtualService {
+    /// Whether it applies to the workloads' own traffic (no `gateways`, or `mesh` among them).
+    pub fn binds_to_mesh(&self) -> bool {
+        self.gateways.is_empty() || self.gateways.iter().any(|g| g == MESH)
+    }
+
     pub fn validate(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
         if self.hosts.is_empty() {
             errors.push(FieldError::new("spec.hosts", "at least one host is required"));
         }
-        let bound_to_mesh = self.gateways.is_empty() || self.gateways.iter().any(|g| g == MESH);
+        let bound_to_mesh = self.binds_to_mesh();
         for (i, host) in self.hosts.iter().enumerate() {
             let path = format!("spec.hosts[{i}]");
             if host == "*" && bound_to_mesh {

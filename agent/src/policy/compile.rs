@@ -31,6 +31,7 @@ pub struct NodeSettings {
 /// resolution, or what its hosts (or endpoint names) resolve to with DNS resolution — is allowed at L4 on each of
 /// its ports.
 pub fn datapath_policy(snapshot: &Snapshot, resolved: &Resolved, node: &NodeSettings) -> DatapathPolicy {
+    let intercept_ports = intercepted_ports(snapshot, node);
     let mut rules: BTreeSet<(String, u16, u8)> = BTreeSet::new();
     let mut out = Vec::new();
     let mut push = |rule: L4Rule| {
@@ -43,7 +44,7 @@ pub fn datapath_policy(snapshot: &Snapshot, resolved: &Resolved, node: &NodeSett
     }
     for resource in &snapshot.resources {
         if let Spec::ServiceEntry(entry) = &resource.spec {
-            for rule in service_entry_rules(entry, resolved, &node.intercept_ports) {
+            for rule in service_entry_rules(entry, resolved, &intercept_ports) {
                 push(rule);
             }
         }
@@ -55,9 +56,33 @@ pub fn datapath_policy(snapshot: &Snapshot, resolved: &Resolved, node: &NodeSett
         blackhole: node.blackhole,
         allow_cidrs: node.allow_cidrs.clone(),
         rules: out,
-        intercept_ports: node.intercept_ports.clone(),
+        intercept_ports,
         proxy_port: node.proxy_port,
     }
+}
+
+/// The ports handed to the proxy: the node's (`--intercept-port`), and whenever the node intercepts at all, those
+/// the configuration names for TLS, so that TLS is decided by its server name (ServiceEntry ports with protocol
+/// `HTTPS` or `TLS`, and the ports of the mesh's `tls` routes).
+fn intercepted_ports(snapshot: &Snapshot, node: &NodeSettings) -> Vec<u16> {
+    if node.proxy_port == 0 {
+        return node.intercept_ports.clone();
+    }
+    let mut ports: BTreeSet<u16> = node.intercept_ports.iter().copied().collect();
+    for resource in &snapshot.resources {
+        match &resource.spec {
+            Spec::ServiceEntry(entry) => {
+                let tls = entry.ports.iter().filter(|port| port.protocol.as_deref().is_some_and(is_tls));
+                ports.extend(tls.filter_map(|port| u16::try_from(port.number).ok()));
+            }
+            Spec::VirtualService(service) if service.binds_to_mesh() => {
+                let matches = service.tls.iter().flat_map(|route| &route.matches);
+                ports.extend(matches.filter_map(|m| m.l4.port).filter_map(|port| u16::try_from(port).ok()));
+            }
+            _ => {}
+        }
+    }
+    ports.into_iter().collect()
 }
 
 /// The mesh's outbound mode: the node's override, else the mesh config's, else Istio's default (ALLOW_ANY).
@@ -173,12 +198,14 @@ spec:
 
         // Ports the node intercepts are decided by name in the proxy: HTTP by Host, HTTPS and TLS by SNI. Other
         // protocols stay decided by address in the kernel.
-        let node = NodeSettings { intercept_ports: vec![80, 443, 6432], proxy_port: 15001, ..NodeSettings::default() };
+        let node = NodeSettings { intercept_ports: vec![80, 6432], proxy_port: 15001, ..NodeSettings::default() };
         let intercepting = datapath_policy(&snapshot, &resolved, &node);
         let kept = ["203.0.113.10/32:53/udp", "198.51.100.0/24:53/udp", "[2001:db8::1/128]:53/udp"];
         let kept = kept.into_iter().chain(["203.0.113.20/32:6432/tcp", "203.0.113.21/32:7432/tcp"]);
         assert_eq!(rules(&intercepting), kept.collect::<Vec<_>>());
-        assert_eq!(intercepting.intercept_ports, [80, 443, 6432]);
+        assert_eq!(intercepting.intercept_ports, [80, 443, 6432], "443 is named TLS: handed to the proxy too");
+        let not_intercepting = NodeSettings { intercept_ports: Vec::new(), proxy_port: 0, ..NodeSettings::default() };
+        assert!(datapath_policy(&snapshot, &resolved, &not_intercepting).intercept_ports.is_empty());
     }
 
     #[test]

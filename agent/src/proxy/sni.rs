@@ -4,7 +4,10 @@
 //! name is decided by the dialled address, as the kernel decides other TCP. The hello's bytes are replayed to
 //! the upstream, which completes the handshake with the client.
 
-use std::net::SocketAddr;
+use std::{
+    net::SocketAddr,
+    time::{Instant, SystemTime},
+};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -23,7 +26,10 @@ use crate::{
         routes::{HostVerify, ProxyPolicy, ServiceChoice, TlsRule, TlsView, Upstream, Viewer},
         OutboundMode,
     },
-    telemetry::{connections::TcpLabels, response_flags::ResponseFlag},
+    telemetry::{
+        connections::{ConnectionRecord, TcpLabels},
+        response_flags::ResponseFlag,
+    },
 };
 
 /// Where a TLS connection arrived: intercepted (the mesh's `tls` routes apply), or on a Gateway server's port
@@ -241,13 +247,8 @@ async fn read_client_hello(
 /// Serves a connection that opened with a TLS handshake record: intercepted (`dialled` its original
 /// destination), or accepted on a Gateway port that passes TLS through (`dialled` the listener's address).
 pub async fn serve(mut stream: TcpStream, peer: SocketAddr, dialled: SocketAddr, arrival: Arrival, proxy: &HttpProxy) {
+    let (start, started) = (SystemTime::now(), Instant::now());
     let telemetry = proxy.telemetry();
-    let refuse = |stream: &TcpStream, labels: &DestinationLabels, flag: ResponseFlag| {
-        let refused = TcpLabels::new(labels, flag);
-        telemetry.tcp.opened(&refused);
-        telemetry.tcp.closed(&refused, 0, 0);
-        tcp::reset(stream);
-    };
     let (hello, server_name) = match read_client_hello(&mut stream, proxy.limits().request_headers_timeout).await {
         Ok(read) => read,
         Err(refused) => {
@@ -255,73 +256,109 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, dialled: SocketAddr,
                 HelloRefused::Malformed(reason) => reason,
                 _ => "",
             };
-            tracing::info!(source = %peer, original_dst = %dialled, verdict = "client_hello_refused", reason = refused.label(), detail, "TLS connection");
+            tracing::debug!(source = %peer, original_dst = %dialled, reason = refused.label(), detail, "ClientHello refused");
             telemetry.client_hello_refused(refused.label());
             tcp::reset(&stream);
             return;
         }
     };
     let workload = proxy.workload(peer.ip());
-    let decided =
-        decide(&proxy.policy(), server_name.as_deref(), dialled, workload.as_deref(), arrival, fastrand::u32(..));
-    let (verdict, mismatch) = decided;
+    let connection = Connection { peer, dialled, server_name: server_name.as_deref(), hello: &hello };
+    let outcome = relay(&mut stream, &connection, arrival, workload.as_deref(), proxy).await;
+    let labels = TcpLabels::new(&outcome.destination, outcome.flag).from_source(workload.as_deref());
+    if outcome.upstream.is_none() {
+        // Refused: counted as opened and closed at once, and reset so the client takes no close for an answer.
+        telemetry.tcp.opened(&labels);
+        tcp::reset(&stream);
+    }
+    telemetry.tcp.closed(&labels, outcome.received, outcome.sent);
+    telemetry.log_connection(&ConnectionRecord {
+        start,
+        duration: started.elapsed(),
+        flag: outcome.flag,
+        received: outcome.received,
+        sent: outcome.sent,
+        upstream: outcome.upstream,
+        destination: &outcome.destination,
+        local: dialled,
+        remote: peer,
+        server_name: server_name.as_deref(),
+    });
+}
+
+/// A TLS connection whose ClientHello has been read.
+struct Connection<'a> {
+    peer: SocketAddr,
+    dialled: SocketAddr,
+    server_name: Option<&'a str>,
+    /// The bytes read so far, replayed to the upstream.
+    hello: &'a [u8],
+}
+
+/// How a connection ended: relayed (`upstream` set; counted as opened when it was), or refused.
+struct Outcome {
+    destination: DestinationLabels,
+    flag: ResponseFlag,
+    upstream: Option<SocketAddr>,
+    received: u64,
+    sent: u64,
+}
+
+impl Outcome {
+    fn refused(destination: DestinationLabels, flag: ResponseFlag) -> Outcome {
+        Outcome { destination, flag, upstream: None, received: 0, sent: 0 }
+    }
+}
+
+/// Decides `connection` and relays it until either side closes or both are silent for the idle timeout.
+async fn relay(
+    stream: &mut TcpStream,
+    connection: &Connection<'_>,
+    arrival: Arrival,
+    source: Option<&Workload>,
+    proxy: &HttpProxy,
+) -> Outcome {
+    let telemetry = proxy.telemetry();
+    let Connection { peer, dialled, server_name, hello } = *connection;
+    let (verdict, mismatch) = decide(&proxy.policy(), server_name, dialled, source, arrival, fastrand::u32(..));
     if let Some(action) = mismatch {
         telemetry.host_mismatch(action);
     }
-    let sni = server_name.as_deref().unwrap_or("-");
-    let (address, labels) = match verdict {
+    let (address, destination) = match verdict {
         Verdict::Forward { address, labels, verify: Some(host) } => {
             if !proxy.host_resolves_to(&host, address.ip()).await {
                 telemetry.host_mismatch("refused");
-                refuse(&stream, &labels, ResponseFlag::NoRouteFound);
-                tracing::info!(source = %peer, original_dst = %dialled, sni, verdict = "refused", reason = "not_resolved_there", "TLS connection");
-                return;
+                tracing::debug!(source = %peer, %host, upstream = %address, "the name does not resolve to the address dialled");
+                return Outcome::refused(labels, ResponseFlag::NoRouteFound);
             }
             (address, labels)
         }
         Verdict::Forward { address, labels, verify: None } => (address, labels),
         Verdict::Resolve { host, port, labels } => match proxy.resolve(&host, port).await {
             Some(address) => (address, labels),
-            None => {
-                refuse(&stream, &labels, ResponseFlag::DnsResolutionFailed);
-                tracing::info!(source = %peer, original_dst = %dialled, sni, %host, verdict = "refused", reason = "not_resolved", "TLS connection");
-                return;
-            }
+            None => return Outcome::refused(labels, ResponseFlag::DnsResolutionFailed),
         },
         Verdict::Refuse { labels, flag, reason } => {
-            refuse(&stream, &labels, flag);
-            tracing::info!(source = %peer, original_dst = %dialled, sni, verdict = "refused", reason, "TLS connection");
-            return;
+            tracing::debug!(source = %peer, original_dst = %dialled, sni = server_name.unwrap_or("-"), reason, "TLS connection refused");
+            return Outcome::refused(labels, flag);
         }
     };
     let mut upstream = match tcp::connect(address, proxy.upstream_sockets(), tcp::CONNECT_TIMEOUT).await {
         Ok(upstream) => upstream,
         Err(error) => {
-            refuse(&stream, &labels, ResponseFlag::UpstreamConnectionFailure);
-            let verdict = tcp::connect_failure(&error);
-            tracing::info!(source = %peer, original_dst = %dialled, sni, upstream = %address, verdict, "TLS connection");
-            return;
+            let failure = tcp::connect_failure(&error);
+            tracing::debug!(source = %peer, upstream = %address, %error, failure, "TLS upstream connect failed");
+            return Outcome::refused(destination, ResponseFlag::UpstreamConnectionFailure);
         }
     };
-    let labels = TcpLabels::new(&labels, ResponseFlag::None);
-    telemetry.tcp.opened(&labels);
-    let joined = match upstream.write_all(&hello).await {
-        Ok(()) => super::join::join(&mut stream, &mut upstream, proxy.limits().idle_timeout).await.ok(),
+    telemetry.tcp.opened(&TcpLabels::new(&destination, ResponseFlag::None).from_source(source));
+    let joined = match upstream.write_all(hello).await {
+        Ok(()) => super::join::join(stream, &mut upstream, proxy.limits().idle_timeout).await.ok(),
         Err(_) => None,
     };
     let (received, sent) = joined.map(|joined| (joined.from_first, joined.from_second)).unwrap_or_default();
     let received = received + hello.len() as u64;
-    telemetry.tcp.closed(&labels, received, sent);
-    tracing::info!(
-        source = %peer,
-        original_dst = %dialled,
-        sni,
-        upstream = %address,
-        verdict = "relayed",
-        bytes_sent = received,
-        bytes_received = sent,
-        "TLS connection"
-    );
+    Outcome { destination, flag: ResponseFlag::None, upstream: Some(address), received, sent }
 }
 
 #[cfg(test)]

@@ -9,11 +9,17 @@ use prometheus_client::{
 
 use std::{
     collections::{HashMap, HashSet},
+    fmt::Write,
+    net::SocketAddr,
     sync::{Arc, Mutex, PoisonError},
+    time::{Duration, SystemTime},
 };
 
 use super::{passthrough::Watched, response_flags::ResponseFlag};
-use crate::policy::labels::{DestinationLabels, LabelText, UNKNOWN};
+use crate::{
+    config::workloads::Workload,
+    policy::labels::{DestinationLabels, LabelText, UNKNOWN},
+};
 
 type Label = LabelText;
 
@@ -45,6 +51,76 @@ impl TcpLabels {
             response_flags: flag.label(),
             connection_security_policy: UNKNOWN,
         }
+    }
+
+    /// The same, from `source` when the pod watcher knows it.
+    pub fn from_source(mut self, source: Option<&Workload>) -> TcpLabels {
+        if let Some(source) = source {
+            self.source_workload = LabelText::Shared(source.name.clone());
+            self.source_workload_namespace = LabelText::Shared(source.namespace.clone());
+        }
+        self
+    }
+}
+
+/// One TCP connection the proxy relayed or refused, as its access-log line tells it.
+#[derive(Debug)]
+pub struct ConnectionRecord<'a> {
+    pub start: SystemTime,
+    pub duration: Duration,
+    pub flag: ResponseFlag,
+    /// From the client, and back to it.
+    pub received: u64,
+    pub sent: u64,
+    pub upstream: Option<SocketAddr>,
+    pub destination: &'a DestinationLabels,
+    /// Where the client sent it (the original destination; on a Gateway port, the listener's address).
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// The ClientHello's server name, for TLS.
+    pub server_name: Option<&'a str>,
+}
+
+impl ConnectionRecord<'_> {
+    /// Envoy's default format as Istio writes it for TCP (no request: `"- - -" 0`), with Istio's tail:
+    /// `%UPSTREAM_CLUSTER% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% %REQUESTED_SERVER_NAME%`.
+    pub fn text_line(&self) -> String {
+        let mut line = String::with_capacity(200);
+        let upstream = self.upstream.map_or_else(|| "-".to_owned(), |address| address.to_string());
+        let _ = writeln!(
+            line,
+            "[{}] \"- - -\" 0 {} {} {} {} - \"-\" \"-\" \"-\" \"-\" \"{upstream}\" {} {} {} {}",
+            super::requests::rfc3339_millis(self.start),
+            self.flag.text(),
+            self.received,
+            self.sent,
+            self.duration.as_millis(),
+            self.destination.cluster(),
+            self.local,
+            self.remote,
+            self.server_name.unwrap_or("-"),
+        );
+        line
+    }
+
+    pub fn json_line(&self) -> String {
+        let mut line = serde_json::json!({
+            "start_time": super::requests::rfc3339_millis(self.start),
+            "protocol": "tcp",
+            "response_code": 0,
+            "response_flags": self.flag.text(),
+            "bytes_received": self.received,
+            "bytes_sent": self.sent,
+            "duration": self.duration.as_millis() as u64,
+            "upstream_host": self.upstream.map(|address| address.to_string()),
+            "upstream_cluster": self.destination.cluster().to_string(),
+            "downstream_local_address": self.local.to_string(),
+            "downstream_remote_address": self.remote.to_string(),
+            "requested_server_name": self.server_name,
+        })
+        .to_string();
+        line.push('\n');
+        line
     }
 }
 

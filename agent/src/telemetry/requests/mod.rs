@@ -366,6 +366,18 @@ impl RequestTelemetry {
         self.host_mismatches.get_or_create(&[("action", action)]).inc();
     }
 
+    /// Writes `connection`'s access-log line (its metrics are counted as it opens and closes).
+    pub fn log_connection(&self, connection: &super::connections::ConnectionRecord<'_>) {
+        let line = match self.format {
+            AccessLogFormat::Text => connection.text_line(),
+            AccessLogFormat::Json => connection.json_line(),
+            AccessLogFormat::Off => return,
+        };
+        if !self.lines.offer(line) {
+            self.dropped_lines.inc();
+        }
+    }
+
     pub fn record(&self, record: &RequestRecord) {
         let series = self.metrics.series_of(record);
         series.requests.inc();
