@@ -28,9 +28,6 @@ pub fn fields(resource: &Resource) -> Vec<(String, &'static str)> {
                     found.push((format!("spec.http[{i}].fault.abort.grpcStatus"), "gRPC aborts are not injected"));
                 }
             }
-            if !service.tcp.is_empty() {
-                found.push(("spec.tcp".into(), "TCP routes are not applied yet; TCP is allowed at L4"));
-            }
         }
         Spec::DestinationRule(rule) => {
             if let Some(policy) = &rule.traffic_policy {
@@ -101,7 +98,6 @@ metadata: {name: a}
 spec:
   hosts: [a.example]
   http: [{fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 1}}}, route: [{destination: {host: a.example}}]}]
-  tcp: [{route: [{destination: {host: a.example}}]}]
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -126,7 +122,7 @@ spec: {hosts: [b.example], http: [{route: [{destination: {host: b.example}}]}]}
         assert_eq!(
             named,
             [
-                vec!["spec.http[0].fault.abort.grpcStatus".to_owned(), "spec.tcp".to_owned()],
+                vec!["spec.http[0].fault.abort.grpcStatus".to_owned()],
                 vec!["spec.trafficPolicy.tls.credentialName".to_owned()],
                 vec![],
             ]

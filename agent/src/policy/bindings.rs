@@ -14,6 +14,8 @@ pub struct BoundGateway {
     pub servers: Vec<Server>,
     /// Host → indexes (into the snapshot's resources) of the VirtualServices for it, in declaration order.
     pub hosts: HostTable<Vec<usize>>,
+    /// Every VirtualService bound to it, in declaration order (TCP routes match no host).
+    pub services: Vec<usize>,
 }
 
 #[derive(Debug, Default)]
@@ -34,6 +36,7 @@ pub fn bind(snapshot: &Snapshot, labels: &BTreeMap<String, String>) -> Bindings 
                     id: format!("{}/{}", resource.metadata.namespace(), resource.metadata.name),
                     servers: gateway.servers.clone(),
                     hosts: HostTable::default(),
+                    services: Vec::new(),
                 });
             }
         }
@@ -51,9 +54,12 @@ pub fn bind(snapshot: &Snapshot, labels: &BTreeMap<String, String>) -> Bindings 
             if gateways.iter().any(|g| g == MESH) {
                 bindings.mesh.entry(host.to_ascii_lowercase()).or_default().push(index);
             }
-            for (i, gateway) in bindings.gateways.iter().enumerate() {
+            for (i, gateway) in bindings.gateways.iter_mut().enumerate() {
                 if gateways.contains(&gateway.id) && admits(&gateway.servers, &gateway.id, namespace, host) {
                     per_gateway[i].entry(host.to_ascii_lowercase()).or_default().push(index);
+                    if gateway.services.last() != Some(&index) {
+                        gateway.services.push(index);
+                    }
                 }
             }
         }

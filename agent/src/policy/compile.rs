@@ -62,8 +62,9 @@ pub fn datapath_policy(snapshot: &Snapshot, resolved: &Resolved, node: &NodeSett
 }
 
 /// The ports handed to the proxy: the node's (`--intercept-port`), and whenever the node intercepts at all, those
-/// the configuration names for TLS, so that TLS is decided by its server name (ServiceEntry ports with protocol
-/// `HTTPS` or `TLS`, and the ports of the mesh's `tls` routes).
+/// the configuration needs the proxy for: ServiceEntry ports with protocol `HTTPS` or `TLS` (decided by server
+/// name), TCP ports of ServiceEntries known at no address (which Istio gives the whole port), and the ports of the
+/// mesh's `tls` and `tcp` routes.
 fn intercepted_ports(snapshot: &Snapshot, node: &NodeSettings) -> Vec<u16> {
     if node.proxy_port == 0 {
         return node.intercept_ports.clone();
@@ -72,12 +73,20 @@ fn intercepted_ports(snapshot: &Snapshot, node: &NodeSettings) -> Vec<u16> {
     for resource in &snapshot.resources {
         match &resource.spec {
             Spec::ServiceEntry(entry) => {
-                let tls = entry.ports.iter().filter(|port| port.protocol.as_deref().is_some_and(is_tls));
-                ports.extend(tls.filter_map(|port| u16::try_from(port.number).ok()));
+                let unaddressed = entry.addresses.is_empty() && entry.resolution() == Resolution::None;
+                let needs_proxy = |protocol: Option<&str>| match protocol {
+                    Some(protocol) if is_tls(protocol) => true,
+                    Some(protocol) if is_http(protocol) => false,
+                    Some(protocol) => unaddressed && transport(protocol) == Some(Transport::Tcp),
+                    None => unaddressed,
+                };
+                let named = entry.ports.iter().filter(|port| needs_proxy(port.protocol.as_deref()));
+                ports.extend(named.filter_map(|port| u16::try_from(port.number).ok()));
             }
             Spec::VirtualService(service) if service.binds_to_mesh() => {
-                let matches = service.tls.iter().flat_map(|route| &route.matches);
-                ports.extend(matches.filter_map(|m| m.l4.port).filter_map(|port| u16::try_from(port).ok()));
+                let tls = service.tls.iter().flat_map(|route| route.matches.iter().map(|m| &m.l4));
+                let tcp = service.tcp.iter().flat_map(|route| &route.matches);
+                ports.extend(tls.chain(tcp).filter_map(|m| m.port).filter_map(|port| u16::try_from(port).ok()));
             }
             _ => {}
         }
@@ -93,8 +102,9 @@ pub fn mesh_mode(snapshot: &Snapshot, node: &NodeSettings) -> OutboundMode {
     })
 }
 
-/// The L4 rules of one ServiceEntry. HTTP, HTTPS and TLS ports the node intercepts get none: their traffic goes
-/// to the proxy, which checks each request's host or each ClientHello's server name against the registry.
+/// The L4 rules of one ServiceEntry. TCP ports the node intercepts get none: their traffic goes to the proxy,
+/// which checks each request's host, each ClientHello's server name, or each connection's address against the
+/// registry, and applies the routes.
 fn service_entry_rules(entry: &ServiceEntry, resolved: &Resolved, intercepted: &[u16]) -> Vec<L4Rule> {
     let mut rules = Vec::new();
     let dns_addresses: Vec<IpNet> = entry_names(entry)
@@ -111,8 +121,8 @@ fn service_entry_rules(entry: &ServiceEntry, resolved: &Resolved, intercepted: &
             None => continue,
         };
         let Ok(number) = u16::try_from(port.number) else { continue };
-        let named = |protocol: &str| is_http(protocol) || is_tls(protocol);
-        if intercepted.contains(&number) && port.protocol.as_deref().is_some_and(named) {
+        // The proxy decides the ports the node hands it, by name where the protocol has one, else by address.
+        if intercepted.contains(&number) && protocol == Protocol::Tcp {
             continue;
         }
         for address in &entry.addresses {

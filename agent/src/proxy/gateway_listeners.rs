@@ -96,13 +96,22 @@ pub async fn accept(listener: TcpListener, kind: Listener, proxy: Arc<HttpProxy>
                 let connection = Connection { peer, local, listener: kind };
                 let proxy = proxy.clone();
                 tokio::spawn(async move {
+                    // A Gateway's TCP server port: relayed by its `tcp` routes at once (the client may wait for the
+                    // server to speak first).
+                    if let Listener::Gateway(port) = kind {
+                        if proxy.policy().tcp_gateway_on(port).is_some() {
+                            sni::serve_tcp(stream, peer, local, sni::Arrival::Gateway(port), &proxy).await;
+                            drop(permit);
+                            return;
+                        }
+                    }
                     // A client whose first bytes say no HTTP version is answered by the HTTP/1.1 server (400), and
                     // one that says too little in time is cut off, as a stalled request's headers are.
                     let version = match detect(&stream, proxy.request_headers_timeout()).await {
                         Some(Detected::Http(version)) => version,
                         Some(Detected::Tls) if matches!(kind, Listener::Gateway(_)) => {
                             let port = local.port();
-                            sni::serve(stream, peer, local, sni::Arrival::Gateway(port), &proxy).await;
+                            sni::serve_tls(stream, peer, local, sni::Arrival::Gateway(port), &proxy).await;
                             drop(permit);
                             return;
                         }

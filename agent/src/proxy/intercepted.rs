@@ -1,14 +1,16 @@
 //! What happens to each intercepted connection: HTTP goes to the HTTP proxy, TLS is decided by its server name,
-//! anything else goes to the TCP relay.
+//! anything else by its destination address.
 
 use std::{sync::Arc, time::Duration};
 
 use super::{
     detect::{detect, Detected, DETECTION_TIMEOUT},
     http::{Connection, HttpProxy, Listener},
+    sni::{self, Arrival},
     tcp,
     transparent_listener::{Intercepted, TransparentListener},
 };
+use crate::policy::routes::{PortKind, Viewer};
 
 /// Accepts intercepted connections until the task is dropped.
 pub async fn serve(listener: Arc<TransparentListener>, proxy: Arc<HttpProxy>) {
@@ -30,27 +32,28 @@ async fn dispatch(connection: Intercepted, proxy: Arc<HttpProxy>) {
         tcp::reset(&connection.stream);
         return;
     };
-    // A client that says nothing in time may be waiting for a server-first protocol: its bytes are relayed.
-    match detect(&connection.stream, DETECTION_TIMEOUT).await.unwrap_or(Detected::Opaque) {
+    let Intercepted { stream, peer, original_destination: dialled } = connection;
+    // A port a registered service declares TCP is decided by address at once: a server-first protocol's client
+    // says nothing until the server has.
+    let declared_tcp = {
+        let policy = proxy.policy();
+        let source = proxy.workload(peer.ip());
+        let service = policy.registered_at(dialled, Viewer::Workload(source.as_deref()));
+        service.and_then(|service| service.port_kind(dialled.port())) == Some(PortKind::Opaque)
+    };
+    // A client that says nothing in time may be waiting for a server-first protocol: decided as TCP.
+    let detected = if declared_tcp {
+        Detected::Opaque
+    } else {
+        detect(&stream, DETECTION_TIMEOUT).await.unwrap_or(Detected::Opaque)
+    };
+    match detected {
         Detected::Http(version) => {
-            tracing::debug!(
-                source = %connection.peer,
-                original_dst = %connection.original_destination,
-                protocol = ?version,
-                "intercepted connection"
-            );
-            let context =
-                Connection { peer: connection.peer, local: connection.original_destination, listener: Listener::Mesh };
-            proxy.serve_connection(connection.stream, context, version).await;
+            tracing::debug!(source = %peer, original_dst = %dialled, protocol = ?version, "intercepted connection");
+            let context = Connection { peer, local: dialled, listener: Listener::Mesh };
+            proxy.serve_connection(stream, context, version).await;
         }
-        Detected::Tls => {
-            let (peer, dialled) = (connection.peer, connection.original_destination);
-            super::sni::serve(connection.stream, peer, dialled, super::sni::Arrival::Intercepted, &proxy).await
-        }
-        Detected::Opaque => {
-            let mode = proxy.policy().sidecars.mode_for(proxy.workload(connection.peer.ip()).as_deref());
-            let idle = proxy.limits().idle_timeout;
-            tcp::relay(connection, mode, &proxy.telemetry().tcp, proxy.upstream_sockets(), idle).await
-        }
+        Detected::Tls => sni::serve_tls(stream, peer, dialled, Arrival::Intercepted, &proxy).await,
+        Detected::Opaque => sni::serve_tcp(stream, peer, dialled, Arrival::Intercepted, &proxy).await,
     }
 }

@@ -23,7 +23,7 @@ use crate::{
     config::{virtual_service::MESH, workloads::Workload},
     policy::{
         labels::DestinationLabels,
-        routes::{HostVerify, ProxyPolicy, ServiceChoice, TlsRule, TlsView, Upstream, Viewer},
+        routes::{HostVerify, L4Route, L4View, PortKind, ProxyPolicy, ServiceChoice, Target, Upstream, Viewer},
         OutboundMode,
     },
     telemetry::{
@@ -56,7 +56,7 @@ pub enum Verdict {
 /// `sluice_host_mismatch_total{action}`.
 pub type Mismatch = Option<&'static str>;
 
-/// Decides a connection from `source` to `dialled` (on a Gateway: the listener's address) whose ClientHello
+/// Decides a TLS connection from `source` to `dialled` (on a Gateway: the listener's address) whose ClientHello
 /// named `server_name`; `roll` (uniform) picks among a route's weighted destinations.
 pub fn decide(
     policy: &ProxyPolicy,
@@ -66,24 +66,22 @@ pub fn decide(
     arrival: Arrival,
     roll: u32,
 ) -> (Verdict, Mismatch) {
-    let no_route =
-        |reason| Verdict::Refuse { labels: DestinationLabels::blackhole(), flag: ResponseFlag::NoRouteFound, reason };
     let viewer = Viewer::Workload(source);
     let gateway_port = match arrival {
         Arrival::Gateway(port) => port,
         Arrival::Intercepted => {
             let routed = server_name.and_then(|name| {
                 let routes = policy.mesh_tls_routes(name)?;
-                let view = TlsView { server_name: name, destination: dialled, gateway: MESH, source };
-                let visible = |rule: &TlsRule| viewer.sees(policy, &rule.scope.exported, name, dialled.port());
-                let target = routes.first_match(&view, visible)?.targets.pick(roll)?;
-                Some((target.host(), target.port().unwrap_or(dialled.port())))
+                let view = L4View { server_name: Some(name), destination: dialled, gateway: MESH, source };
+                let visible = |rule: &L4Route| viewer.sees(policy, &rule.scope.exported, name, dialled.port());
+                routes.first_match(&view, visible)?.targets.pick(roll)
             });
             match routed {
                 // A route to this gateway's own Service continues in the gateway's context, in process.
-                Some((host, port)) if policy.is_own_service(host) => port,
-                Some((host, port)) => {
-                    return by_registry(policy, host, server_name, SocketAddr::new(dialled.ip(), port), viewer)
+                Some(target) if policy.is_own_service(target.host()) => target.port().unwrap_or(dialled.port()),
+                Some(target) => {
+                    let to = SocketAddr::new(dialled.ip(), target.port().unwrap_or(dialled.port()));
+                    return by_registry(policy, target.host(), server_name, to, viewer);
                 }
                 // No route for the name: the registered host itself, as without a VirtualService.
                 None => return by_registry(policy, server_name.unwrap_or(""), server_name, dialled, viewer),
@@ -92,42 +90,97 @@ pub fn decide(
     };
     let Some(gateway) = policy.tls_gateway_on(gateway_port) else { return (no_route("no_gateway_server"), None) };
     let Some(name) = server_name else { return (no_route("no_server_name"), None) };
-    let view = TlsView {
-        server_name: name,
-        destination: SocketAddr::new(dialled.ip(), gateway_port),
-        gateway: &gateway.id,
-        source,
-    };
-    let visible = |rule: &TlsRule| Viewer::Gateway.sees(policy, &rule.scope.exported, name, gateway_port);
-    let Some(target) =
-        gateway.tls_routes(name).and_then(|routes| routes.first_match(&view, visible)?.targets.pick(roll))
-    else {
-        return (no_route("no_route"), None);
-    };
-    let (host, port) = (target.host(), target.port().unwrap_or(gateway_port));
-    // A route's host may be a wildcard (`*.googleapis.com`): the connection goes to the name the client asked for.
-    let resolved_name = if host.starts_with('*') { name } else { host };
-    let Some(service) = policy.registered_for(host, port, Viewer::Gateway) else {
-        return match Viewer::Gateway.mode(policy) {
-            OutboundMode::RegistryOnly => (blackholed("unregistered_destination"), None),
-            OutboundMode::AllowAny => {
-                let labels = crate::telemetry::passthrough::destination(resolved_name);
-                (Verdict::Resolve { host: resolved_name.to_owned(), port, labels }, None)
+    let at = SocketAddr::new(dialled.ip(), gateway_port);
+    let view = L4View { server_name: Some(name), destination: at, gateway: &gateway.id, source };
+    let visible = |rule: &L4Route| Viewer::Gateway.sees(policy, &rule.scope.exported, name, gateway_port);
+    match gateway.tls_routes(name).and_then(|routes| routes.first_match(&view, visible)?.targets.pick(roll)) {
+        Some(target) => (to_target(policy, target, gateway_port, Viewer::Gateway, Some(name), None), None),
+        None => (no_route("no_route"), None),
+    }
+}
+
+/// Decides an opaque TCP connection from `source` to `dialled` (on a Gateway: the listener's address): by the
+/// registered service the address is, its `tcp` routes, and on a Gateway port the Gateway's.
+pub fn decide_tcp(
+    policy: &ProxyPolicy,
+    dialled: SocketAddr,
+    source: Option<&Workload>,
+    arrival: Arrival,
+    roll: u32,
+) -> (Verdict, Mismatch) {
+    let viewer = Viewer::Workload(source);
+    let port = dialled.port();
+    let gateway_port = match arrival {
+        Arrival::Gateway(port) => port,
+        Arrival::Intercepted => {
+            // A port declared HTTP is the HTTP proxy's: bytes it cannot read are not relayed past its routes.
+            let service = policy.registered_at(dialled, viewer);
+            if service.is_some_and(|service| service.port_kind(port) == Some(PortKind::Http)) {
+                return (no_route("not_http_on_an_http_port"), None);
             }
+            let routed = service.and_then(|service| {
+                let routes = policy.mesh_tcp_routes(&service.host)?;
+                let view = L4View { server_name: None, destination: dialled, gateway: MESH, source };
+                let visible = |rule: &L4Route| viewer.sees(policy, &rule.scope.exported, &service.host, port);
+                routes.first_match(&view, visible)?.targets.pick(roll)
+            });
+            match routed {
+                Some(target) if policy.is_own_service(target.host()) => target.port().unwrap_or(port),
+                Some(target) => return (to_target(policy, target, port, viewer, None, Some(dialled)), None),
+                None => return by_registry(policy, "", None, dialled, viewer),
+            }
+        }
+    };
+    let Some(gateway) = policy.tcp_gateway_on(gateway_port) else { return (no_route("no_gateway_server"), None) };
+    let at = SocketAddr::new(dialled.ip(), gateway_port);
+    let view = L4View { server_name: None, destination: at, gateway: &gateway.id, source };
+    let visible = |rule: &L4Route| Viewer::Gateway.sees(policy, &rule.scope.exported, "", gateway_port);
+    match gateway.tcp_routes.as_ref().and_then(|routes| routes.first_match(&view, visible)?.targets.pick(roll)) {
+        Some(target) => (to_target(policy, target, gateway_port, Viewer::Gateway, None, None), None),
+        None => (no_route("no_route"), None),
+    }
+}
+
+fn no_route(reason: &'static str) -> Verdict {
+    Verdict::Refuse { labels: DestinationLabels::blackhole(), flag: ResponseFlag::NoRouteFound, reason }
+}
+
+/// Where a route's `target` goes, as `viewer` sees the registry: an endpoint of the registered host; for one
+/// registered at no address, `original` (intercepted traffic: the address dialled), else what the name resolves
+/// to (a route's wildcard host: the name the client asked for, `server_name`).
+fn to_target(
+    policy: &ProxyPolicy,
+    target: &Target,
+    port: u16,
+    viewer: Viewer<'_>,
+    server_name: Option<&str>,
+    original: Option<SocketAddr>,
+) -> Verdict {
+    let (host, port) = (target.host(), target.port().unwrap_or(port));
+    let resolved_name = match server_name {
+        Some(name) if host.starts_with('*') => name,
+        _ => host,
+    };
+    let unaddressed = |labels| match original {
+        Some(address) => Verdict::Forward { address: SocketAddr::new(address.ip(), port), labels, verify: None },
+        None => Verdict::Resolve { host: resolved_name.to_owned(), port, labels },
+    };
+    let Some(service) = policy.registered_for(host, port, viewer) else {
+        return match viewer.mode(policy) {
+            OutboundMode::RegistryOnly => blackholed("unregistered_destination"),
+            OutboundMode::AllowAny => unaddressed(crate::telemetry::passthrough::destination(resolved_name)),
         };
     };
-    let choice =
-        ServiceChoice { service, port, subset: target.subset(), variant: service.variant(Viewer::Gateway, policy) };
+    let choice = ServiceChoice { service, port, subset: target.subset(), variant: service.variant(viewer, policy) };
     let labels = labels_of(&choice);
-    let verdict = match choice.upstream(None) {
+    match choice.upstream(None) {
         Upstream::Endpoint(address) => Verdict::Forward { address, labels, verify: None },
-        Upstream::OriginalDestination => Verdict::Resolve { host: resolved_name.to_owned(), port, labels },
+        Upstream::OriginalDestination => unaddressed(labels),
         Upstream::NoEndpoint => {
             Verdict::Refuse { labels, flag: ResponseFlag::NoHealthyUpstream, reason: "no_endpoint" }
         }
         Upstream::NoSubset => Verdict::Refuse { labels, flag: ResponseFlag::NoClusterFound, reason: "no_subset" },
-    };
-    (verdict, None)
+    }
 }
 
 fn blackholed(reason: &'static str) -> Verdict {
@@ -246,8 +299,14 @@ async fn read_client_hello(
 
 /// Serves a connection that opened with a TLS handshake record: intercepted (`dialled` its original
 /// destination), or accepted on a Gateway port that passes TLS through (`dialled` the listener's address).
-pub async fn serve(mut stream: TcpStream, peer: SocketAddr, dialled: SocketAddr, arrival: Arrival, proxy: &HttpProxy) {
-    let (start, started) = (SystemTime::now(), Instant::now());
+pub async fn serve_tls(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    dialled: SocketAddr,
+    arrival: Arrival,
+    proxy: &HttpProxy,
+) {
+    let clock = (SystemTime::now(), Instant::now());
     let telemetry = proxy.telemetry();
     let (hello, server_name) = match read_client_hello(&mut stream, proxy.limits().request_headers_timeout).await {
         Ok(read) => read,
@@ -263,9 +322,36 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, dialled: SocketAddr,
         }
     };
     let workload = proxy.workload(peer.ip());
-    let connection = Connection { peer, dialled, server_name: server_name.as_deref(), hello: &hello };
-    let outcome = relay(&mut stream, &connection, arrival, workload.as_deref(), proxy).await;
-    let labels = TcpLabels::new(&outcome.destination, outcome.flag).from_source(workload.as_deref());
+    let name = server_name.as_deref();
+    let decided = decide(&proxy.policy(), name, dialled, workload.as_deref(), arrival, fastrand::u32(..));
+    let connection = Connection { peer, dialled, server_name: name, hello: &hello, source: workload.as_deref() };
+    finish(stream, &connection, decided, proxy, clock).await;
+}
+
+/// Serves a connection that is neither HTTP nor TLS (or whose port is declared TCP): intercepted, or accepted on
+/// a Gateway's TCP server port.
+pub async fn serve_tcp(stream: TcpStream, peer: SocketAddr, dialled: SocketAddr, arrival: Arrival, proxy: &HttpProxy) {
+    let clock = (SystemTime::now(), Instant::now());
+    let workload = proxy.workload(peer.ip());
+    let decided = decide_tcp(&proxy.policy(), dialled, workload.as_deref(), arrival, fastrand::u32(..));
+    let connection = Connection { peer, dialled, server_name: None, hello: &[], source: workload.as_deref() };
+    finish(stream, &connection, decided, proxy, clock).await;
+}
+
+/// Relays a decided connection (or refuses it), then counts it in Istio's TCP metrics and writes its line.
+async fn finish(
+    mut stream: TcpStream,
+    connection: &Connection<'_>,
+    (verdict, mismatch): (Verdict, Mismatch),
+    proxy: &HttpProxy,
+    (start, started): (SystemTime, Instant),
+) {
+    let telemetry = proxy.telemetry();
+    if let Some(action) = mismatch {
+        telemetry.host_mismatch(action);
+    }
+    let outcome = relay(&mut stream, connection, verdict, proxy).await;
+    let labels = TcpLabels::new(&outcome.destination, outcome.flag).from_source(connection.source);
     if outcome.upstream.is_none() {
         // Refused: counted as opened and closed at once, and reset so the client takes no close for an answer.
         telemetry.tcp.opened(&labels);
@@ -280,19 +366,21 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, dialled: SocketAddr,
         sent: outcome.sent,
         upstream: outcome.upstream,
         destination: &outcome.destination,
-        local: dialled,
-        remote: peer,
-        server_name: server_name.as_deref(),
+        local: connection.dialled,
+        remote: connection.peer,
+        server_name: connection.server_name,
     });
 }
 
-/// A TLS connection whose ClientHello has been read.
+/// A connection about to be relayed.
 struct Connection<'a> {
     peer: SocketAddr,
     dialled: SocketAddr,
+    /// The ClientHello's, for TLS.
     server_name: Option<&'a str>,
-    /// The bytes read so far, replayed to the upstream.
+    /// The bytes read so far (a ClientHello), replayed to the upstream.
     hello: &'a [u8],
+    source: Option<&'a Workload>,
 }
 
 /// How a connection ended: relayed (`upstream` set; counted as opened when it was), or refused.
@@ -310,20 +398,10 @@ impl Outcome {
     }
 }
 
-/// Decides `connection` and relays it until either side closes or both are silent for the idle timeout.
-async fn relay(
-    stream: &mut TcpStream,
-    connection: &Connection<'_>,
-    arrival: Arrival,
-    source: Option<&Workload>,
-    proxy: &HttpProxy,
-) -> Outcome {
+/// Relays `connection` where `verdict` says, until either side closes or both are silent for the idle timeout.
+async fn relay(stream: &mut TcpStream, connection: &Connection<'_>, verdict: Verdict, proxy: &HttpProxy) -> Outcome {
     let telemetry = proxy.telemetry();
-    let Connection { peer, dialled, server_name, hello } = *connection;
-    let (verdict, mismatch) = decide(&proxy.policy(), server_name, dialled, source, arrival, fastrand::u32(..));
-    if let Some(action) = mismatch {
-        telemetry.host_mismatch(action);
-    }
+    let Connection { peer, dialled, server_name, hello, source } = *connection;
     let (address, destination) = match verdict {
         Verdict::Forward { address, labels, verify: Some(host) } => {
             if !proxy.host_resolves_to(&host, address.ip()).await {
@@ -339,15 +417,15 @@ async fn relay(
             None => return Outcome::refused(labels, ResponseFlag::DnsResolutionFailed),
         },
         Verdict::Refuse { labels, flag, reason } => {
-            tracing::debug!(source = %peer, original_dst = %dialled, sni = server_name.unwrap_or("-"), reason, "TLS connection refused");
+            tracing::debug!(source = %peer, original_dst = %dialled, sni = server_name.unwrap_or("-"), reason, "connection refused");
             return Outcome::refused(labels, flag);
         }
     };
     let mut upstream = match tcp::connect(address, proxy.upstream_sockets(), tcp::CONNECT_TIMEOUT).await {
         Ok(upstream) => upstream,
         Err(error) => {
-            let failure = tcp::connect_failure(&error);
-            tracing::debug!(source = %peer, upstream = %address, %error, failure, "TLS upstream connect failed");
+            let verdict = tcp::connect_failure(&error);
+            tracing::info!(source = %peer, original_dst = %dialled, upstream = %address, %error, verdict, "upstream connect failed");
             return Outcome::refused(destination, ResponseFlag::UpstreamConnectionFailure);
         }
     };
@@ -588,5 +666,120 @@ spec:
         // Intercepted, a name no route takes is decided by the registry: here, unregistered.
         let (verdict, _) = decide(&policy, Some("evil.example"), at(443), None, Arrival::Intercepted, 0);
         assert!(matches!(verdict, Verdict::Refuse { reason: "unregistered_server_name", .. }), "{verdict:?}");
+    }
+}
+
+#[cfg(test)]
+mod tcp_routed {
+    use std::{collections::BTreeMap, sync::Arc};
+
+    use super::*;
+    use crate::{
+        config::{resolver::Resolved, Snapshot},
+        policy::{
+            bindings::bind,
+            routes::{proxy_policy, ProxySettings},
+            sidecars::SidecarModes,
+        },
+    };
+
+    /// The seeds' "TCP Egress Gateway" (Pattern 2), beside an HTTP service and a TCP one known at no address.
+    const PATTERN_2: &str = "
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: external-db, namespace: default}
+spec:
+  hosts: [db.external-service.com]
+  ports: [{number: 5432, name: postgres, protocol: TCP}]
+  location: MESH_EXTERNAL
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1beta1
+kind: Gateway
+metadata: {name: istio-egress-gateway-tcp, namespace: istio-system}
+spec:
+  selector: {istio: egressgateway}
+  servers:
+  - port: {number: 5432, name: tcp-postgres, protocol: TCP}
+    hosts: [db.external-service.com]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: route-external-db, namespace: default}
+spec:
+  hosts: [db.external-service.com]
+  gateways: [istio-system/istio-egress-gateway-tcp, mesh]
+  tcp:
+  - match: [{gateways: [mesh], port: 5432}]
+    route: [{destination: {host: istio-egressgateway.istio-system.svc.cluster.local, port: {number: 5432}}}]
+  - match: [{gateways: [istio-system/istio-egress-gateway-tcp], port: 5432}]
+    route: [{destination: {host: db.external-service.com, port: {number: 5432}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: web, namespace: default}
+spec:
+  hosts: [web.example]
+  addresses: [203.0.113.80]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: mysql, namespace: default}
+spec:
+  hosts: [mysql.example]
+  ports: [{number: 3306, name: mysql, protocol: TCP}]
+  resolution: NONE
+";
+
+    fn policy() -> ProxyPolicy {
+        let snapshot = Snapshot::from_yaml(PATTERN_2);
+        let resolved = Resolved::from([("db.external-service.com".to_owned(), vec!["203.0.113.40".parse().unwrap()])]);
+        let sidecars = Arc::new(SidecarModes::compile(&snapshot, OutboundMode::RegistryOnly));
+        let settings = ProxySettings {
+            own_services: vec!["istio-egressgateway.istio-system.svc.cluster.local".into()],
+            ..ProxySettings::default()
+        };
+        let labels = BTreeMap::from([("istio".to_owned(), "egressgateway".to_owned())]);
+        proxy_policy(&snapshot, &resolved, &bind(&snapshot, &labels), sidecars, &settings, &Default::default())
+    }
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    fn forwarded(verdict: Verdict) -> (SocketAddr, String) {
+        match verdict {
+            Verdict::Forward { address, labels, verify: None } => (address, labels.name().as_str().to_owned()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_seeds_tcp_egress_goes_mesh_to_gateway_to_host_in_process() {
+        let policy = policy();
+        let db = (addr("203.0.113.40:5432"), "db.external-service.com".to_owned());
+        let intercepted = decide_tcp(&policy, addr("203.0.113.40:5432"), None, Arrival::Intercepted, 0).0;
+        assert_eq!(forwarded(intercepted), db, "the mesh route, then the gateway's");
+        let at_gateway = decide_tcp(&policy, addr("10.240.1.1:5432"), None, Arrival::Gateway(5432), 0).0;
+        assert_eq!(forwarded(at_gateway), db, "the Gateway's TCP server port");
+        assert!(policy.gateway_ports().contains(&5432));
+    }
+
+    #[test]
+    fn tcp_is_decided_by_address_and_http_ports_relay_no_opaque_bytes() {
+        let policy = policy();
+        let refused = |dialled: &str| match decide_tcp(&policy, addr(dialled), None, Arrival::Intercepted, 0).0 {
+            Verdict::Refuse { reason, .. } => reason,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(refused("192.0.2.1:5432"), "unregistered_address");
+        assert_eq!(refused("203.0.113.80:80"), "not_http_on_an_http_port", "bytes that are not HTTP pass no route");
+        // A TCP service known at no address has the whole port, as Istio gives it.
+        let anywhere = decide_tcp(&policy, addr("198.51.100.7:3306"), None, Arrival::Intercepted, 0).0;
+        assert_eq!(forwarded(anywhere), (addr("198.51.100.7:3306"), "mysql.example".to_owned()));
+        let no_server = decide_tcp(&policy, addr("10.240.1.1:6379"), None, Arrival::Gateway(6379), 0).0;
+        assert!(matches!(no_server, Verdict::Refuse { reason: "no_gateway_server", .. }));
     }
 }

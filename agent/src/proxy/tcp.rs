@@ -1,6 +1,5 @@
-//! TCP relay for intercepted connections that are not HTTP: to the original destination in ALLOW_ANY
-//! (PassthroughCluster), refused in REGISTRY_ONLY (BlackHoleCluster); what the kernel allows at L4 never reaches
-//! the proxy. Counted in Istio's TCP metrics.
+//! The proxy's upstream TCP connections: from which source address, to which destinations never (the node
+//! itself), within which time; and the reset that tells a client it got no answer.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -13,17 +12,7 @@ use tokio::{
     time::timeout,
 };
 
-use super::{
-    local_destinations::{LocalDestination, LocalDestinations},
-    transparent_listener::Intercepted,
-};
-use crate::{
-    policy::{labels::DestinationLabels, OutboundMode},
-    telemetry::{
-        connections::{ConnectionMetrics, TcpLabels},
-        response_flags::ResponseFlag,
-    },
-};
+use super::local_destinations::{LocalDestination, LocalDestinations};
 
 /// Istio's default connect timeout for clusters.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -116,51 +105,4 @@ pub fn connect_failure(error: &std::io::Error) -> &'static str {
 /// Closes with a RST rather than a FIN: the client must not take the close for an answer.
 pub fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
-}
-
-/// Relays an intercepted connection that is not HTTP to its original destination (ALLOW_ANY), until either side
-/// closes or both are silent for `idle`; resets it in REGISTRY_ONLY.
-pub async fn relay(
-    connection: Intercepted,
-    mode: OutboundMode,
-    metrics: &ConnectionMetrics,
-    sockets: &UpstreamSockets,
-    idle: Duration,
-) {
-    let Intercepted { mut stream, peer, original_destination } = connection;
-    if mode == OutboundMode::RegistryOnly {
-        tracing::info!(source = %peer, original_dst = %original_destination, verdict = "refused", "intercepted connection");
-        let labels = TcpLabels::new(&DestinationLabels::blackhole(), ResponseFlag::NoHealthyUpstream);
-        metrics.opened(&labels);
-        metrics.closed(&labels, 0, 0);
-        reset(&stream);
-        return;
-    }
-    let destination = crate::telemetry::passthrough::destination(&original_destination.to_string());
-    let upstream = match connect(original_destination, sockets, CONNECT_TIMEOUT).await {
-        Ok(upstream) => upstream,
-        Err(error) => {
-            let verdict = connect_failure(&error);
-            tracing::info!(source = %peer, original_dst = %original_destination, verdict, "intercepted connection");
-            let labels = TcpLabels::new(&destination, ResponseFlag::UpstreamConnectionFailure);
-            metrics.opened(&labels);
-            metrics.closed(&labels, 0, 0);
-            reset(&stream);
-            return;
-        }
-    };
-    let labels = TcpLabels::new(&destination, ResponseFlag::None);
-    metrics.opened(&labels);
-    let mut upstream = upstream;
-    let joined = super::join::join(&mut stream, &mut upstream, idle).await;
-    let (received, sent) = joined.as_ref().map(|joined| (joined.from_first, joined.from_second)).unwrap_or_default();
-    metrics.closed(&labels, received, sent);
-    tracing::info!(
-        source = %peer,
-        original_dst = %original_destination,
-        verdict = "relayed",
-        bytes_sent = received,
-        bytes_received = sent,
-        "intercepted connection"
-    );
 }

@@ -46,9 +46,10 @@ pub fn proxy_policy(
     by_address.shrink_to_fit();
     for (host, indexes) in &bindings.mesh {
         let routes = virtual_host(snapshot, indexes, &mut interner);
-        let tls = tls_routes(snapshot, indexes, &mut interner);
+        let tls = l4_routes(snapshot, indexes, L4Kind::Tls, &mut interner);
+        let tcp = l4_routes(snapshot, indexes, L4Kind::Tcp, &mut interner);
         let entry = transient(|| hosts.entry(host.clone()).or_default());
-        (entry.mesh, entry.mesh_tls) = (Some(routes), tls);
+        (entry.mesh, entry.mesh_tls, entry.mesh_tcp) = (Some(routes), tls, tcp);
     }
     let mut table = HostTable::default();
     for (host, entry) in hosts {
@@ -76,7 +77,9 @@ pub fn proxy_policy(
                     http_ports: ports(|server| is_http(&server.port.protocol)),
                     hosts: gateway.hosts.map(|indexes| virtual_host(snapshot, indexes, &mut interner)),
                     tls_ports: ports(passes_tls_through),
-                    tls_hosts: gateway.hosts.map(|indexes| tls_routes(snapshot, indexes, &mut interner)),
+                    tls_hosts: gateway.hosts.map(|indexes| l4_routes(snapshot, indexes, L4Kind::Tls, &mut interner)),
+                    tcp_ports: ports(|server| server.port.protocol.eq_ignore_ascii_case("TCP")),
+                    tcp_routes: l4_routes(snapshot, &gateway.services, L4Kind::Tcp, &mut interner),
                 }
             })
             .collect(),

@@ -5,11 +5,11 @@
 mod by_address;
 mod compile;
 mod interner;
+mod l4_routes;
 mod registry;
 mod route;
 #[cfg(test)]
 mod tests;
-mod tls;
 mod visibility;
 
 use std::{
@@ -42,7 +42,7 @@ use crate::config::{
     gateway::Server,
     resolver::Resolved,
     service_entry::{is_http, is_http2, is_tls, parse_address, Resolution, ServiceEntry},
-    virtual_service::{HttpRoute, TlsRoute as TlsRouteConfig},
+    virtual_service::{HttpRoute, RouteDestination},
     workloads::Workload,
     Snapshot, Spec,
 };
@@ -50,9 +50,9 @@ use crate::config::{
 use by_address::AddressIndex;
 pub use compile::*;
 use interner::*;
+pub use l4_routes::*;
 pub use registry::*;
 pub use route::*;
-pub use tls::*;
 pub use visibility::*;
 
 /// What the node, not the mesh, decides for the proxy.
@@ -127,7 +127,9 @@ struct Host {
     /// The routes for intercepted traffic.
     mesh: Option<VirtualHost>,
     /// The `tls` routes for intercepted traffic, when its VirtualServices have any.
-    mesh_tls: Option<TlsRoutes>,
+    mesh_tls: Option<L4Routes>,
+    /// The `tcp` routes for intercepted traffic to the host's addresses, when its VirtualServices have any.
+    mesh_tcp: Option<L4Routes>,
 }
 
 /// One selected Gateway: its server ports and the routes bound to it.
@@ -140,12 +142,15 @@ pub struct GatewayRoutes {
     pub hosts: HostTable<VirtualHost>,
     /// Server ports whose TLS passes through (`tls.mode: PASSTHROUGH`): connections routed by server name.
     pub tls_ports: Vec<u16>,
-    pub tls_hosts: HostTable<Option<TlsRoutes>>,
+    pub tls_hosts: HostTable<Option<L4Routes>>,
+    /// Server ports with protocol `TCP`: connections routed by the `tcp` routes bound to the Gateway.
+    pub tcp_ports: Vec<u16>,
+    pub tcp_routes: Option<L4Routes>,
 }
 
 impl GatewayRoutes {
     /// The `tls` routes bound to this Gateway for `server_name`.
-    pub fn tls_routes(&self, server_name: &str) -> Option<&TlsRoutes> {
+    pub fn tls_routes(&self, server_name: &str) -> Option<&L4Routes> {
         self.tls_hosts.find(server_name, |routes| routes.as_ref())
     }
 }
@@ -174,7 +179,9 @@ impl ProxyPolicy {
     /// names no host.
     pub fn registered_at(&self, address: SocketAddr, viewer: Viewer<'_>) -> Option<&Service> {
         let port = address.port();
-        self.by_address.at(address.ip()).find(|s| s.has_port(port) && viewer.sees(self, &s.exported, &s.host, port))
+        self.by_address
+            .at(address.ip(), port)
+            .find(|s| s.has_port(port) && viewer.sees(self, &s.exported, &s.host, port))
     }
 
     /// The routes for intercepted traffic to `authority`: of the VirtualServices bound to the mesh.
@@ -189,7 +196,20 @@ impl ProxyPolicy {
 
     /// Every port a selected Gateway serves, HTTP or TLS passed through.
     pub fn gateway_ports(&self) -> std::collections::BTreeSet<u16> {
-        self.gateways.iter().flat_map(|gateway| gateway.http_ports.iter().chain(&gateway.tls_ports).copied()).collect()
+        let ports = |gateway: &GatewayRoutes| {
+            gateway.http_ports.iter().chain(&gateway.tls_ports).chain(&gateway.tcp_ports).copied().collect::<Vec<_>>()
+        };
+        self.gateways.iter().flat_map(ports).collect()
+    }
+
+    /// The Gateway serving TCP on `port`, with its `tcp` routes.
+    pub fn tcp_gateway_on(&self, port: u16) -> Option<&GatewayRoutes> {
+        self.gateways.iter().find(|gateway| gateway.tcp_ports.contains(&port))
+    }
+
+    /// The `tcp` routes for intercepted traffic to `host` (a registered service's host).
+    pub fn mesh_tcp_routes(&self, host: &str) -> Option<&L4Routes> {
+        self.hosts.find(host, |entry| entry.mesh_tcp.as_ref())
     }
 
     /// The Gateway passing TLS through on `port`, with its `tls` routes.
@@ -198,7 +218,7 @@ impl ProxyPolicy {
     }
 
     /// The `tls` routes for intercepted traffic whose ClientHello names `server_name`.
-    pub fn mesh_tls_routes(&self, server_name: &str) -> Option<&TlsRoutes> {
+    pub fn mesh_tls_routes(&self, server_name: &str) -> Option<&L4Routes> {
         self.hosts.find(server_name, |entry| entry.mesh_tls.as_ref())
     }
 

@@ -63,6 +63,19 @@ pub(super) struct ServicePort {
     pub(super) name: Arc<str>,
     pub(super) target: Option<u16>,
     pub(super) http2: bool,
+    pub(super) kind: PortKind,
+}
+
+/// What a service port's declared protocol makes of its connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortKind {
+    /// HTTP, HTTP2, GRPC, GRPC-WEB: the HTTP proxy's alone, never relayed as opaque bytes (which would pass by
+    /// its routes).
+    Http,
+    /// HTTPS, TLS: decided by the ClientHello's server name.
+    Tls,
+    /// TCP, or a protocol Istio relays as TCP: decided by address, without waiting for the client to speak.
+    Opaque,
 }
 
 /// Where a request for a registered service goes.
@@ -89,6 +102,11 @@ impl Service {
     /// Whether the service declares `port`.
     pub fn has_port(&self, port: u16) -> bool {
         self.ports.iter().any(|p| p.number == port)
+    }
+
+    /// What the service declares `port` for; `None` when it does not declare it.
+    pub fn port_kind(&self, port: u16) -> Option<PortKind> {
+        self.ports.iter().find(|p| p.number == port).map(|p| p.kind)
     }
 
     /// Whether `port` speaks HTTP/2 to the upstream (declared HTTP2 or GRPC).
@@ -244,6 +262,11 @@ pub(super) fn services(
                 name: interner.text(&port.name),
                 target: port.target_port.and_then(|t| u16::try_from(t).ok()),
                 http2: port.protocol.as_deref().is_some_and(is_http2),
+                kind: match port.protocol.as_deref() {
+                    Some(protocol) if is_http(protocol) => PortKind::Http,
+                    Some(protocol) if is_tls(protocol) => PortKind::Tls,
+                    _ => PortKind::Opaque,
+                },
             })
         })
         .collect();

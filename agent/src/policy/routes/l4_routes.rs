@@ -1,26 +1,34 @@
-//! A context's `tls` routes, compiled: where a TLS connection goes by its ClientHello's server name, the port
-//! and address it was sent to and its source — Istio's `TLSRoute`, the first match winning.
+//! A context's `tls` and `tcp` routes, compiled: where a connection goes by its ClientHello's server name (TLS),
+//! the port and address it was sent to and its source — Istio's `TLSRoute` and `TCPRoute`, the first match
+//! winning.
 
 use super::*;
-use crate::{config::virtual_service::TlsMatch, policy::http_match::RequestView};
+use crate::{config::virtual_service::L4Match, policy::http_match::RequestView};
 
-/// The `tls` routes of the VirtualServices bound to one host of a context, in declaration order.
+/// Which of a VirtualService's routes: `tls` (matched by server name too) or `tcp`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4Kind {
+    Tls,
+    Tcp,
+}
+
+/// The `tls` (or `tcp`) routes of the VirtualServices bound to one host of a context, in declaration order.
 #[derive(Debug)]
-pub struct TlsRoutes {
-    pub(super) routes: Box<[TlsRule]>,
+pub struct L4Routes {
+    pub(super) routes: Box<[L4Route]>,
 }
 
 #[derive(Debug)]
-pub struct TlsRule {
+pub struct L4Route {
     /// Empty: every connection matches.
-    matches: Box<[TlsRouteMatch]>,
+    matches: Box<[L4RouteMatch]>,
     pub targets: Targets,
     /// The VirtualService it comes from.
     pub scope: Arc<RouteScope>,
 }
 
 #[derive(Debug)]
-struct TlsRouteMatch {
+struct L4RouteMatch {
     /// Lowercase: `*`, `*.suffix` or a name. Empty: any.
     sni_hosts: Box<[Box<str>]>,
     destination_subnets: Box<[IpNet]>,
@@ -29,9 +37,10 @@ struct TlsRouteMatch {
     shared: RequestMatch,
 }
 
-/// What a TLS connection is matched on.
-pub struct TlsView<'a> {
-    pub server_name: &'a str,
+/// What a connection is matched on.
+pub struct L4View<'a> {
+    /// The ClientHello's, for TLS.
+    pub server_name: Option<&'a str>,
     /// The address and port it was sent to (a Gateway's: the listener's).
     pub destination: SocketAddr,
     /// `mesh`, or the Gateway (`namespace/name`) whose listener received it.
@@ -39,16 +48,16 @@ pub struct TlsView<'a> {
     pub source: Option<&'a Workload>,
 }
 
-impl TlsRoutes {
+impl L4Routes {
     /// The first route, in declaration order, that `visible` lets the connection see and whose matches admit it.
-    pub fn first_match(&self, view: &TlsView<'_>, visible: impl Fn(&TlsRule) -> bool) -> Option<&TlsRule> {
+    pub fn first_match(&self, view: &L4View<'_>, visible: impl Fn(&L4Route) -> bool) -> Option<&L4Route> {
         let headers = http::HeaderMap::new();
         let request = RequestView {
             path: "/",
             query: None,
             method: "",
             scheme: "https",
-            authority: view.server_name,
+            authority: view.server_name.unwrap_or(""),
             headers: &headers,
             port: view.destination.port(),
             gateway: view.gateway,
@@ -61,10 +70,10 @@ impl TlsRoutes {
     }
 }
 
-impl TlsRouteMatch {
-    fn admits(&self, view: &TlsView<'_>, request: &RequestView<'_>) -> bool {
-        let name = view.server_name;
-        (self.sni_hosts.is_empty() || self.sni_hosts.iter().any(|pattern| sni_matches(pattern, name)))
+impl L4RouteMatch {
+    fn admits(&self, view: &L4View<'_>, request: &RequestView<'_>) -> bool {
+        let named = |pattern: &str| view.server_name.is_some_and(|name| sni_matches(pattern, name));
+        (self.sni_hosts.is_empty() || self.sni_hosts.iter().any(|pattern| named(pattern)))
             && (self.destination_subnets.is_empty()
                 || self.destination_subnets.iter().any(|net| net.contains(&view.destination.ip())))
             && self.shared.matches(request)
@@ -81,13 +90,22 @@ fn sni_matches(pattern: &str, name: &str) -> bool {
     }
 }
 
-/// The `tls` routes of the VirtualServices `indexes` point at, for one host of a context; `None` when they have
-/// none.
-pub(super) fn tls_routes(snapshot: &Snapshot, indexes: &[usize], interner: &mut Interner) -> Option<TlsRoutes> {
+/// The `kind` routes of the VirtualServices `indexes` point at, for one host of a context; `None` when they
+/// have none.
+pub(super) fn l4_routes(
+    snapshot: &Snapshot,
+    indexes: &[usize],
+    kind: L4Kind,
+    interner: &mut Interner,
+) -> Option<L4Routes> {
     let mut routes = Vec::new();
     for resource in bindings::services(snapshot, indexes) {
         let Spec::VirtualService(service) = &resource.spec else { continue };
-        if service.tls.is_empty() {
+        let (tls, tcp) = match kind {
+            L4Kind::Tls => (&service.tls[..], &[][..]),
+            L4Kind::Tcp => (&[][..], &service.tcp[..]),
+        };
+        if tls.is_empty() && tcp.is_empty() {
             continue;
         }
         let namespace = resource.metadata.namespace();
@@ -98,24 +116,31 @@ pub(super) fn tls_routes(snapshot: &Snapshot, indexes: &[usize], interner: &mut 
             exported: interner.exported(namespace, visible_to),
             names: Box::default(),
         });
-        for route in &service.tls {
-            routes.push(tls_rule(route, &scope, namespace, interner));
+        for route in tls {
+            let matches = route.matches.iter().map(|m| (&m.sni_hosts[..], &m.l4));
+            routes.push(l4_route(matches, &route.route, &scope, interner));
+        }
+        for route in tcp {
+            let matches = route.matches.iter().map(|m| (&[][..], m));
+            routes.push(l4_route(matches, &route.route, &scope, interner));
         }
     }
-    (!routes.is_empty()).then(|| TlsRoutes { routes: routes.into() })
+    (!routes.is_empty()).then(|| L4Routes { routes: routes.into() })
 }
 
-fn tls_rule(route: &TlsRouteConfig, scope: &Arc<RouteScope>, namespace: &str, interner: &mut Interner) -> TlsRule {
-    let destinations = route.route.iter().map(|d| (&d.destination, d.weight, None));
-    TlsRule {
-        matches: route.matches.iter().map(|m| tls_match(m, namespace, &mut interner.regexes)).collect(),
-        targets: targets(destinations, interner),
-        scope: scope.clone(),
-    }
+fn l4_route<'a>(
+    matches: impl Iterator<Item = (&'a [String], &'a L4Match)>,
+    destinations: &[RouteDestination],
+    scope: &Arc<RouteScope>,
+    interner: &mut Interner,
+) -> L4Route {
+    let namespace = &*scope.exported.namespace;
+    let matches = matches.map(|(sni_hosts, m)| l4_match(sni_hosts, m, namespace, &mut interner.regexes)).collect();
+    let destinations = destinations.iter().map(|d| (&d.destination, d.weight, None));
+    L4Route { matches, targets: targets(destinations, interner), scope: scope.clone() }
 }
 
-fn tls_match(m: &TlsMatch, namespace: &str, regexes: &mut RegexCache) -> TlsRouteMatch {
-    let l4 = &m.l4;
+fn l4_match(sni_hosts: &[String], l4: &L4Match, namespace: &str, regexes: &mut RegexCache) -> L4RouteMatch {
     let shared = crate::config::virtual_service::HttpMatch {
         port: l4.port,
         gateways: l4.gateways.clone(),
@@ -123,8 +148,8 @@ fn tls_match(m: &TlsMatch, namespace: &str, regexes: &mut RegexCache) -> TlsRout
         source_namespace: l4.source_namespace.clone(),
         ..Default::default()
     };
-    TlsRouteMatch {
-        sni_hosts: m.sni_hosts.iter().map(|host| host.to_ascii_lowercase().into_boxed_str()).collect(),
+    L4RouteMatch {
+        sni_hosts: sni_hosts.iter().map(|host| host.to_ascii_lowercase().into_boxed_str()).collect(),
         // Validated as CIDRs or addresses; one that is neither matches nothing rather than everything.
         destination_subnets: l4
             .destination_subnets

@@ -1,10 +1,14 @@
-//! Intercepted TLS decided by its ClientHello's server name, end to end: a workload's curl and openssl → the
-//! gateway's classifier → the agent, which reads the ClientHello without terminating TLS → nginx serving TLS in
-//! the internet namespace, with Istio configuration from files.
+//! TLS decided by its ClientHello's server name and TCP by its address, end to end: a workload's curl, openssl
+//! and raw sockets → the gateway's classifier → the agent, which reads the ClientHello without terminating TLS →
+//! nginx serving TLS, and a server-first TCP server, in the internet namespace; with Istio configuration from files.
 
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -287,6 +291,116 @@ fn the_seeds_sni_egress_gateway_takes_mesh_traffic_and_its_own_port_to_the_regis
     assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &relayed), 2, "{metrics}");
     let no_route = [("response_flags", "NR")];
     assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &no_route), 1, "{metrics}");
+    let blackholed = [("destination_service_name", "BlackHoleCluster"), ("response_flags", "UH")];
+    assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &blackholed), 1, "{metrics}");
+}
+
+/// The seeds' "TCP Egress Gateway" (Pattern 2).
+const TCP_EGRESS: &str = "apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: external-db, namespace: default}
+spec:
+  hosts: [db.external-service.com]
+  ports: [{number: 5432, name: postgres, protocol: TCP}]
+  location: MESH_EXTERNAL
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1beta1
+kind: Gateway
+metadata: {name: istio-egress-gateway-tcp, namespace: istio-system}
+spec:
+  selector: {istio: egressgateway}
+  servers:
+  - port: {number: 5432, name: tcp-postgres, protocol: TCP}
+    hosts: [db.external-service.com]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: route-external-db, namespace: default}
+spec:
+  hosts: [db.external-service.com]
+  gateways: [istio-system/istio-egress-gateway-tcp, mesh]
+  tcp:
+  - match: [{gateways: [mesh], port: 5432}]
+    route: [{destination: {host: istio-egressgateway.istio-system.svc.cluster.local, port: {number: 5432}}}]
+  - match: [{gateways: [istio-system/istio-egress-gateway-tcp], port: 5432}]
+    route: [{destination: {host: db.external-service.com, port: {number: 5432}}}]
+";
+
+/// A server-first TCP server on `addr` (as a database greets its clients): it says `ready ADDR` on accepting,
+/// then echoes one line back. Counts the connections it accepts.
+fn greeting_server(topology: &Topology, addr: SocketAddr) -> Arc<AtomicUsize> {
+    let listener = topology.internet.enter(|| TcpListener::bind(addr)).unwrap().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    std::thread::spawn(move || {
+        while let Ok((mut stream, _)) = listener.accept() {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let _ = stream.write_all(format!("ready {addr}\n").as_bytes());
+            let mut line = String::new();
+            if BufReader::new(&stream).read_line(&mut line).is_ok() {
+                let _ = stream.write_all(format!("echo {line}").as_bytes());
+            }
+        }
+    });
+    accepted
+}
+
+/// Connects from the workload to `dst`, reads the greeting without saying anything first, then sends a line and
+/// reads its echo: both lines, or what went wrong.
+fn greet(topology: &Topology, dst: SocketAddr) -> Result<(String, String), String> {
+    topology
+        .workload
+        .enter(|| {
+            let stream = TcpStream::connect_timeout(&dst, Duration::from_secs(3)).map_err(|e| e.to_string())?;
+            stream.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+            let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+            let mut greeting = String::new();
+            reader.read_line(&mut greeting).map_err(|e| e.to_string())?;
+            (&stream).write_all(b"hello\n").map_err(|e| e.to_string())?;
+            let mut echo = String::new();
+            reader.read_line(&mut echo).map_err(|e| e.to_string())?;
+            if greeting.is_empty() {
+                return Err("closed without a greeting".into());
+            }
+            Ok((greeting, echo))
+        })
+        .unwrap()
+}
+
+#[test]
+fn the_seeds_tcp_egress_gateway_relays_a_server_first_protocol_by_address_and_route() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let db = greeting_server(&topology, addr(SERVER_B, 5432));
+    let other = greeting_server(&topology, addr(SERVER_A, 5432));
+    let _dns = Dnsmasq::start(&topology.internet, INTERNET_ADDR, &[("db.external-service.com", SERVER_B)]).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, TCP_EGRESS]).unwrap();
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {} --dns-server {INTERNET_ADDR} \
+         --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32 \
+         --gateway-service istio-egressgateway.istio-system.svc.cluster.local",
+        config.path().display()
+    );
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    agent.wait_for_log("gateway listener open", 1).unwrap();
+    // 5432 is named by the mesh's tcp route: handed to the proxy with the port the node intercepts.
+    assert!(agent.log().contains("intercept_ports=[80, 5432]"), "{}", agent.log());
+
+    // From the mesh, to the database's address: the mesh route, then the gateway's, to the registered host; the
+    // client says nothing until the server has greeted it.
+    let expected = (format!("ready {SERVER_B}:5432\n"), "echo hello\n".to_owned());
+    assert_eq!(greet(&topology, addr(SERVER_B, 5432)), Ok(expected.clone()), "{}", agent.log());
+    // To the gateway's own TCP server port.
+    assert_eq!(greet(&topology, addr(GATEWAY_WORKLOAD_ADDR, 5432)), Ok(expected), "{}", agent.log());
+    // To an address nothing registers on that port: reset, and nothing reached it.
+    assert!(greet(&topology, addr(SERVER_A, 5432)).is_err());
+    assert_eq!((db.load(Ordering::SeqCst), other.load(Ordering::SeqCst)), (2, 0));
+
+    let metrics = agent.metrics().unwrap();
+    let relayed = [("destination_service_name", "db.external-service.com"), ("response_flags", "-")];
+    assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &relayed), 2, "{metrics}");
     let blackholed = [("destination_service_name", "BlackHoleCluster"), ("response_flags", "UH")];
     assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &blackholed), 1, "{metrics}");
 }
