@@ -14,7 +14,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use super::{
     detect::{detect, Detected, HttpVersion},
     http::{Connection, HttpProxy, Listener},
-    sni,
+    l4,
     transparent_listener::listener,
 };
 
@@ -100,7 +100,7 @@ pub async fn accept(listener: TcpListener, kind: Listener, proxy: Arc<HttpProxy>
                     // server to speak first).
                     if let Listener::Gateway(port) = kind {
                         if proxy.policy().tcp_gateway_on(port).is_some() {
-                            sni::serve_tcp(stream, peer, local, sni::Arrival::Gateway(port), &proxy).await;
+                            l4::serve_tcp(stream, peer, local, l4::Arrival::Gateway(port), &proxy).await;
                             drop(permit);
                             return;
                         }
@@ -111,7 +111,7 @@ pub async fn accept(listener: TcpListener, kind: Listener, proxy: Arc<HttpProxy>
                         Some(Detected::Http(version)) => version,
                         Some(Detected::Tls) if matches!(kind, Listener::Gateway(_)) => {
                             let port = local.port();
-                            sni::serve_tls(stream, peer, local, sni::Arrival::Gateway(port), &proxy).await;
+                            l4::serve_tls(stream, peer, local, l4::Arrival::Gateway(port), &proxy).await;
                             drop(permit);
                             return;
                         }

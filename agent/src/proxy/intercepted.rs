@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 use super::{
     detect::{detect, Detected, DETECTION_TIMEOUT},
     http::{Connection, HttpProxy, Listener},
-    sni::{self, Arrival},
+    l4::{self, Arrival},
     tcp,
     transparent_listener::{Intercepted, TransparentListener},
 };
@@ -53,7 +53,7 @@ async fn dispatch(connection: Intercepted, proxy: Arc<HttpProxy>) {
             let context = Connection { peer, local: dialled, listener: Listener::Mesh };
             proxy.serve_connection(stream, context, version).await;
         }
-        Detected::Tls => sni::serve_tls(stream, peer, dialled, Arrival::Intercepted, &proxy).await,
-        Detected::Opaque => sni::serve_tcp(stream, peer, dialled, Arrival::Intercepted, &proxy).await,
+        Detected::Tls => l4::serve_tls(stream, peer, dialled, Arrival::Intercepted, &proxy).await,
+        Detected::Opaque => l4::serve_tcp(stream, peer, dialled, Arrival::Intercepted, &proxy).await,
     }
 }

@@ -1,6 +1,5 @@
 //! The userspace proxy: the listeners, and what is done with the connections they accept.
 
-pub mod client_hello;
 pub mod detect;
 pub mod failure;
 pub mod gateway_listeners;
@@ -8,10 +7,10 @@ pub mod http;
 pub mod idle;
 pub mod intercepted;
 pub mod join;
+pub mod l4;
 pub mod local_destinations;
 pub mod path;
 pub mod routing;
-pub mod sni;
 pub mod tcp;
 pub mod transparent_listener;
 pub mod upstreams;

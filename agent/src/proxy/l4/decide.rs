@@ -1,0 +1,236 @@
+//! What becomes of a connection the proxy relays without reading: TLS by its ClientHello's server name, TCP by
+//! the address it was sent to; by the registry, the `tls` and `tcp` routes of the mesh and, on a Gateway's port
+//! (or continuing from a mesh route to the gateway's own Service), of that Gateway. No I/O.
+
+use std::net::SocketAddr;
+
+use crate::{
+    config::{virtual_service::MESH, workloads::Workload},
+    policy::{
+        labels::DestinationLabels,
+        routes::{HostVerify, L4Route, L4View, PortKind, ProxyPolicy, ServiceChoice, Target, Upstream, Viewer},
+        OutboundMode,
+    },
+    telemetry::response_flags::ResponseFlag,
+};
+
+/// Where a TLS connection arrived: intercepted (the mesh's `tls` routes apply), or on a Gateway server's port
+/// that passes TLS through (that Gateway's do).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arrival {
+    Intercepted,
+    Gateway(u16),
+}
+
+/// What becomes of a TLS connection.
+#[derive(Debug, PartialEq)]
+pub enum Verdict {
+    /// Relayed to `address`. `verify`: a name registered at no address, which must resolve to `address` first
+    /// (`--host-verify strict`).
+    Forward { address: SocketAddr, labels: DestinationLabels, verify: Option<String> },
+    /// Relayed to what `host` resolves to, on `port`: a Gateway's route to a host registered at no address.
+    Resolve { host: String, port: u16, labels: DestinationLabels },
+    /// Closed without a byte of any server's.
+    Refuse { labels: DestinationLabels, flag: ResponseFlag, reason: &'static str },
+}
+
+/// How a connection whose name is registered at other addresses than the dialled one was handled, for
+/// `sluice_host_mismatch_total{action}`.
+pub type Mismatch = Option<&'static str>;
+
+/// Decides a TLS connection from `source` to `dialled` (on a Gateway: the listener's address) whose ClientHello
+/// named `server_name`; `roll` (uniform) picks among a route's weighted destinations.
+pub fn decide_tls(
+    policy: &ProxyPolicy,
+    server_name: Option<&str>,
+    dialled: SocketAddr,
+    source: Option<&Workload>,
+    arrival: Arrival,
+    roll: u32,
+) -> (Verdict, Mismatch) {
+    let viewer = Viewer::Workload(source);
+    let gateway_port = match arrival {
+        Arrival::Gateway(port) => port,
+        Arrival::Intercepted => {
+            let routed = server_name.and_then(|name| {
+                let routes = policy.mesh_tls_routes(name)?;
+                let view = L4View { server_name: Some(name), destination: dialled, gateway: MESH, source };
+                let visible = |rule: &L4Route| viewer.sees(policy, &rule.scope.exported, name, dialled.port());
+                routes.first_match(&view, visible)?.targets.pick(roll)
+            });
+            match routed {
+                // A route to this gateway's own Service continues in the gateway's context, in process.
+                Some(target) if policy.is_own_service(target.host()) => target.port().unwrap_or(dialled.port()),
+                Some(target) => {
+                    let to = SocketAddr::new(dialled.ip(), target.port().unwrap_or(dialled.port()));
+                    return by_registry(policy, target.host(), server_name, to, viewer);
+                }
+                // No route for the name: the registered host itself, as without a VirtualService.
+                None => return by_registry(policy, server_name.unwrap_or(""), server_name, dialled, viewer),
+            }
+        }
+    };
+    let Some(gateway) = policy.tls_gateway_on(gateway_port) else { return (no_route("no_gateway_server"), None) };
+    let Some(name) = server_name else { return (no_route("no_server_name"), None) };
+    let at = SocketAddr::new(dialled.ip(), gateway_port);
+    let view = L4View { server_name: Some(name), destination: at, gateway: &gateway.id, source };
+    let visible = |rule: &L4Route| Viewer::Gateway.sees(policy, &rule.scope.exported, name, gateway_port);
+    match gateway.tls_routes(name).and_then(|routes| routes.first_match(&view, visible)?.targets.pick(roll)) {
+        Some(target) => (to_target(policy, target, gateway_port, Viewer::Gateway, Some(name), None), None),
+        None => (no_route("no_route"), None),
+    }
+}
+
+/// Decides an opaque TCP connection from `source` to `dialled` (on a Gateway: the listener's address): by the
+/// registered service the address is, its `tcp` routes, and on a Gateway port the Gateway's.
+pub fn decide_tcp(
+    policy: &ProxyPolicy,
+    dialled: SocketAddr,
+    source: Option<&Workload>,
+    arrival: Arrival,
+    roll: u32,
+) -> (Verdict, Mismatch) {
+    let viewer = Viewer::Workload(source);
+    let port = dialled.port();
+    let gateway_port = match arrival {
+        Arrival::Gateway(port) => port,
+        Arrival::Intercepted => {
+            // A port declared HTTP is the HTTP proxy's: bytes it cannot read are not relayed past its routes.
+            let service = policy.registered_at(dialled, viewer);
+            if service.is_some_and(|service| service.port_kind(port) == Some(PortKind::Http)) {
+                return (no_route("not_http_on_an_http_port"), None);
+            }
+            let routed = service.and_then(|service| {
+                let routes = policy.mesh_tcp_routes(&service.host)?;
+                let view = L4View { server_name: None, destination: dialled, gateway: MESH, source };
+                let visible = |rule: &L4Route| viewer.sees(policy, &rule.scope.exported, &service.host, port);
+                routes.first_match(&view, visible)?.targets.pick(roll)
+            });
+            match routed {
+                Some(target) if policy.is_own_service(target.host()) => target.port().unwrap_or(port),
+                Some(target) => return (to_target(policy, target, port, viewer, None, Some(dialled)), None),
+                None => return by_registry(policy, "", None, dialled, viewer),
+            }
+        }
+    };
+    let Some(gateway) = policy.tcp_gateway_on(gateway_port) else { return (no_route("no_gateway_server"), None) };
+    let at = SocketAddr::new(dialled.ip(), gateway_port);
+    let view = L4View { server_name: None, destination: at, gateway: &gateway.id, source };
+    let visible = |rule: &L4Route| Viewer::Gateway.sees(policy, &rule.scope.exported, "", gateway_port);
+    match gateway.tcp_routes.as_ref().and_then(|routes| routes.first_match(&view, visible)?.targets.pick(roll)) {
+        Some(target) => (to_target(policy, target, gateway_port, Viewer::Gateway, None, None), None),
+        None => (no_route("no_route"), None),
+    }
+}
+
+fn no_route(reason: &'static str) -> Verdict {
+    Verdict::Refuse { labels: DestinationLabels::blackhole(), flag: ResponseFlag::NoRouteFound, reason }
+}
+
+/// Where a route's `target` goes, as `viewer` sees the registry: an endpoint of the registered host; for one
+/// registered at no address, `original` (intercepted traffic: the address dialled), else what the name resolves
+/// to (a route's wildcard host: the name the client asked for, `server_name`).
+fn to_target(
+    policy: &ProxyPolicy,
+    target: &Target,
+    port: u16,
+    viewer: Viewer<'_>,
+    server_name: Option<&str>,
+    original: Option<SocketAddr>,
+) -> Verdict {
+    let (host, port) = (target.host(), target.port().unwrap_or(port));
+    let resolved_name = match server_name {
+        Some(name) if host.starts_with('*') => name,
+        _ => host,
+    };
+    let unaddressed = |labels| match original {
+        Some(address) => Verdict::Forward { address: SocketAddr::new(address.ip(), port), labels, verify: None },
+        None => Verdict::Resolve { host: resolved_name.to_owned(), port, labels },
+    };
+    let Some(service) = policy.registered_for(host, port, viewer) else {
+        return match viewer.mode(policy) {
+            OutboundMode::RegistryOnly => blackholed("unregistered_destination"),
+            OutboundMode::AllowAny => unaddressed(crate::telemetry::passthrough::destination(resolved_name)),
+        };
+    };
+    let choice = ServiceChoice { service, port, subset: target.subset(), variant: service.variant(viewer, policy) };
+    let labels = labels_of(&choice);
+    match choice.upstream(None) {
+        Upstream::Endpoint(address) => Verdict::Forward { address, labels, verify: None },
+        Upstream::OriginalDestination => unaddressed(labels),
+        Upstream::NoEndpoint => {
+            Verdict::Refuse { labels, flag: ResponseFlag::NoHealthyUpstream, reason: "no_endpoint" }
+        }
+        Upstream::NoSubset => Verdict::Refuse { labels, flag: ResponseFlag::NoClusterFound, reason: "no_subset" },
+    }
+}
+
+fn blackholed(reason: &'static str) -> Verdict {
+    Verdict::Refuse { labels: DestinationLabels::blackhole(), flag: ResponseFlag::NoHealthyUpstream, reason }
+}
+
+fn labels_of(choice: &ServiceChoice<'_>) -> DestinationLabels {
+    choice
+        .cluster()
+        .map(|cluster| cluster.labels.clone())
+        .unwrap_or_else(|| crate::telemetry::passthrough::destination(&choice.service.host))
+}
+
+/// Decides an intercepted connection to `dialled` by the registry: `host` (the name asked for, or a route's
+/// destination; empty when the hello named none) on `dialled`'s port, else the dialled address itself.
+fn by_registry(
+    policy: &ProxyPolicy,
+    host: &str,
+    server_name: Option<&str>,
+    dialled: SocketAddr,
+    viewer: Viewer<'_>,
+) -> (Verdict, Mismatch) {
+    let port = dialled.port();
+    let registered = match host {
+        "" => policy.registered_at(dialled, viewer),
+        host => policy.registered_for(host, port, viewer),
+    };
+    let Some(service) = registered else {
+        return match viewer.mode(policy) {
+            OutboundMode::RegistryOnly => {
+                let reason = if server_name.is_some() { "unregistered_server_name" } else { "unregistered_address" };
+                (blackholed(reason), None)
+            }
+            OutboundMode::AllowAny => {
+                let shown = server_name.map_or_else(|| dialled.to_string(), str::to_owned);
+                let labels = crate::telemetry::passthrough::destination(&shown);
+                (Verdict::Forward { address: dialled, labels, verify: None }, None)
+            }
+        };
+    };
+    let labels = labels_of(&ServiceChoice { service, port, subset: None, variant: service.variant(viewer, policy) });
+    match service.known_at(dialled.ip()) {
+        Some(true) => (Verdict::Forward { address: dialled, labels, verify: None }, None),
+        // The name is another host's address: domain fronting by SNI, or a stale DNS answer.
+        Some(false) => match policy.host_verify {
+            HostVerify::Strict => {
+                (Verdict::Refuse { labels, flag: ResponseFlag::NoRouteFound, reason: "fronted" }, Some("refused"))
+            }
+            HostVerify::Route => match service.own_address(port) {
+                Some(address) => (Verdict::Forward { address, labels, verify: None }, Some("routed")),
+                None => {
+                    let refused = Verdict::Refuse { labels, flag: ResponseFlag::NoRouteFound, reason: "fronted" };
+                    (refused, Some("refused"))
+                }
+            },
+            HostVerify::Off => (Verdict::Forward { address: dialled, labels, verify: None }, Some("trusted")),
+        },
+        // Registered at no address (a wildcard, resolution NONE): only DNS can tell whether the dialled
+        // address is the name's.
+        None => {
+            let verify = match (server_name, policy.host_verify) {
+                (Some(name), HostVerify::Strict) => Some(name.to_owned()),
+                _ => None,
+            };
+            (Verdict::Forward { address: dialled, labels, verify }, None)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,351 @@
+//! Tests of the decisions: by the registry, by the mesh's and the Gateways' tls and tcp routes.
+
+use super::*;
+
+mod addressed {
+    use std::{collections::BTreeMap, sync::Arc};
+
+    use super::*;
+    use crate::{
+        config::{resolver::Resolved, Snapshot},
+        policy::{
+            bindings::bind,
+            routes::{proxy_policy, ProxySettings},
+            sidecars::SidecarModes,
+        },
+    };
+
+    const REGISTRY: &str = "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: stripe, namespace: egress}
+spec:
+  hosts: [api.stripe.com]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: google, namespace: egress}
+spec:
+  hosts: ['*.googleapis.com']
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: legacy, namespace: egress}
+spec:
+  hosts: [legacy.internal]
+  addresses: [198.51.100.0/24]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: NONE
+";
+
+    fn policy(mode: OutboundMode, host_verify: HostVerify) -> ProxyPolicy {
+        let snapshot = Snapshot::from_yaml(REGISTRY);
+        let resolved = Resolved::from([("api.stripe.com".to_owned(), vec!["203.0.113.10".parse().unwrap()])]);
+        let sidecars = Arc::new(SidecarModes::compile(&snapshot, mode));
+        let settings = ProxySettings { host_verify, ..ProxySettings::default() };
+        proxy_policy(&snapshot, &resolved, &bind(&snapshot, &BTreeMap::new()), sidecars, &settings, &Default::default())
+    }
+
+    fn to(address: &str) -> SocketAddr {
+        SocketAddr::new(address.parse().unwrap(), 443)
+    }
+
+    fn forwarded(verdict: &Verdict) -> Option<(SocketAddr, String)> {
+        match verdict {
+            Verdict::Forward { address, labels, .. } => Some((*address, labels.name().as_str().to_owned())),
+            Verdict::Refuse { .. } | Verdict::Resolve { .. } => None,
+        }
+    }
+
+    #[test]
+    fn a_registered_name_at_its_own_address_is_relayed_and_elsewhere_refused_as_fronting() {
+        let policy = policy(OutboundMode::RegistryOnly, HostVerify::Strict);
+        let (verdict, mismatch) =
+            decide_tls(&policy, Some("api.stripe.com"), to("203.0.113.10"), None, Arrival::Intercepted, 0);
+        assert_eq!(forwarded(&verdict), Some((to("203.0.113.10"), "api.stripe.com".into())));
+        assert_eq!(mismatch, None);
+        // The name of a registered host, sent to an address that is not its own (a CDN's other tenant).
+        let (verdict, mismatch) =
+            decide_tls(&policy, Some("api.stripe.com"), to("192.0.2.66"), None, Arrival::Intercepted, 0);
+        assert!(matches!(verdict, Verdict::Refuse { reason: "fronted", .. }), "{verdict:?}");
+        assert_eq!(mismatch, Some("refused"));
+
+        let routed = super::addressed::policy(OutboundMode::RegistryOnly, HostVerify::Route);
+        let (verdict, mismatch) =
+            decide_tls(&routed, Some("api.stripe.com"), to("192.0.2.66"), None, Arrival::Intercepted, 0);
+        assert_eq!(forwarded(&verdict), Some((to("203.0.113.10"), "api.stripe.com".into())), "sent to its own");
+        assert_eq!(mismatch, Some("routed"));
+    }
+
+    #[test]
+    fn registry_only_refuses_an_unregistered_name_even_at_a_registered_address() {
+        let policy = policy(OutboundMode::RegistryOnly, HostVerify::Strict);
+        let (verdict, _) = decide_tls(&policy, Some("evil.example"), to("203.0.113.10"), None, Arrival::Intercepted, 0);
+        let Verdict::Refuse { labels, flag, reason } = verdict else { panic!("{verdict:?}") };
+        assert_eq!(
+            (labels.name().as_str(), flag, reason),
+            ("BlackHoleCluster", ResponseFlag::NoHealthyUpstream, "unregistered_server_name")
+        );
+
+        let allow_any = super::addressed::policy(OutboundMode::AllowAny, HostVerify::Strict);
+        let (verdict, _) = decide_tls(&allow_any, Some("evil.example"), to("192.0.2.7"), None, Arrival::Intercepted, 0);
+        assert_eq!(forwarded(&verdict).map(|(address, _)| address), Some(to("192.0.2.7")), "passed through");
+    }
+
+    #[test]
+    fn wildcard_names_registered_at_no_address_are_checked_by_dns() {
+        let policy = policy(OutboundMode::RegistryOnly, HostVerify::Strict);
+        let (verdict, _) =
+            decide_tls(&policy, Some("storage.googleapis.com"), to("192.0.2.9"), None, Arrival::Intercepted, 0);
+        let Verdict::Forward { address, labels, verify } = verdict else { panic!("{verdict:?}") };
+        assert_eq!((address, verify.as_deref()), (to("192.0.2.9"), Some("storage.googleapis.com")));
+        assert_eq!(labels.name().as_str().to_owned(), "*.googleapis.com");
+        let (verdict, _) = decide_tls(&policy, Some("googleapis.com"), to("192.0.2.9"), None, Arrival::Intercepted, 0);
+        assert!(matches!(verdict, Verdict::Refuse { .. }), "the wildcard does not take the bare domain");
+
+        let trusting = super::addressed::policy(OutboundMode::RegistryOnly, HostVerify::Off);
+        let (verdict, _) =
+            decide_tls(&trusting, Some("storage.googleapis.com"), to("192.0.2.9"), None, Arrival::Intercepted, 0);
+        assert!(matches!(verdict, Verdict::Forward { verify: None, .. }), "--host-verify off trusts it");
+    }
+
+    #[test]
+    fn a_hello_without_a_name_is_decided_by_the_dialled_address() {
+        let policy = policy(OutboundMode::RegistryOnly, HostVerify::Strict);
+        let (verdict, _) = decide_tls(&policy, None, to("198.51.100.20"), None, Arrival::Intercepted, 0);
+        assert_eq!(forwarded(&verdict), Some((to("198.51.100.20"), "legacy.internal".into())), "in its range");
+        let (verdict, _) = decide_tls(&policy, None, to("203.0.113.10"), None, Arrival::Intercepted, 0);
+        assert_eq!(forwarded(&verdict).map(|(_, name)| name), Some("api.stripe.com".into()), "resolved there");
+        let (verdict, _) = decide_tls(&policy, None, to("192.0.2.1"), None, Arrival::Intercepted, 0);
+        assert!(matches!(verdict, Verdict::Refuse { reason: "unregistered_address", .. }), "{verdict:?}");
+        let (verdict, _) = decide_tls(
+            &policy,
+            None,
+            SocketAddr::new("198.51.100.20".parse().unwrap(), 8443),
+            None,
+            Arrival::Intercepted,
+            0,
+        );
+        assert!(matches!(verdict, Verdict::Refuse { .. }), "registered on 443 only");
+    }
+}
+
+mod tls_routed {
+    use std::{collections::BTreeMap, sync::Arc};
+
+    use super::*;
+    use crate::{
+        config::{resolver::Resolved, Snapshot},
+        policy::{
+            bindings::bind,
+            routes::{proxy_policy, ProxySettings},
+            sidecars::SidecarModes,
+        },
+    };
+
+    /// The seeds' "Egress Gateway with SNI" (Pattern 3), with the Gateway and ServiceEntry it refers to.
+    const PATTERN_3: &str = "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: googleapis, namespace: default}
+spec:
+  hosts: [www.googleapis.com]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: istio-egress-gateway-sni, namespace: istio-system}
+spec:
+  selector: {istio: egressgateway}
+  servers:
+  - port: {number: 443, name: tls, protocol: TLS}
+    hosts: ['*.googleapis.com']
+    tls: {mode: PASSTHROUGH}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: sni-egress, namespace: default}
+spec:
+  hosts: ['*.googleapis.com']
+  gateways: [istio-system/istio-egress-gateway-sni, mesh]
+  tls:
+  - match: [{gateways: [mesh], port: 443, sniHosts: ['*.googleapis.com']}]
+    route: [{destination: {host: istio-egressgateway.istio-system.svc.cluster.local, port: {number: 443}}}]
+  - match: [{gateways: [istio-system/istio-egress-gateway-sni], port: 443, sniHosts: ['*.googleapis.com']}]
+    route: [{destination: {host: www.googleapis.com, port: {number: 443}}}]
+";
+
+    fn policy() -> ProxyPolicy {
+        let snapshot = Snapshot::from_yaml(PATTERN_3);
+        let resolved = Resolved::from([("www.googleapis.com".to_owned(), vec!["203.0.113.30".parse().unwrap()])]);
+        let sidecars = Arc::new(SidecarModes::compile(&snapshot, OutboundMode::RegistryOnly));
+        let settings = ProxySettings {
+            own_services: vec!["istio-egressgateway.istio-system.svc.cluster.local".into()],
+            ..ProxySettings::default()
+        };
+        let labels = BTreeMap::from([("istio".to_owned(), "egressgateway".to_owned())]);
+        proxy_policy(&snapshot, &resolved, &bind(&snapshot, &labels), sidecars, &settings, &Default::default())
+    }
+
+    fn at(port: u16) -> SocketAddr {
+        SocketAddr::new("10.240.1.1".parse().unwrap(), port)
+    }
+
+    #[test]
+    fn the_seeds_sni_egress_goes_mesh_to_gateway_to_host_in_process() {
+        let policy = policy();
+        assert_eq!(policy.gateway_ports().into_iter().collect::<Vec<_>>(), [443], "the PASSTHROUGH server's port");
+        let googleapis = SocketAddr::new("203.0.113.30".parse().unwrap(), 443);
+        for (arrival, dialled) in
+            [(Arrival::Intercepted, "192.0.2.50:443".parse().unwrap()), (Arrival::Gateway(443), at(443))]
+        {
+            let (verdict, _) = decide_tls(&policy, Some("storage.googleapis.com"), dialled, None, arrival, 0);
+            let Verdict::Forward { address, labels, verify: None } = verdict else {
+                panic!("{arrival:?}: {verdict:?}")
+            };
+            assert_eq!(address, googleapis, "{arrival:?}: the gateway's route, to the registered host's address");
+            assert_eq!(labels.name().as_str(), "www.googleapis.com");
+        }
+    }
+
+    #[test]
+    fn a_gateway_port_refuses_names_and_ports_its_routes_do_not_serve() {
+        let policy = policy();
+        let refused = |name: Option<&str>, port: u16| match decide_tls(
+            &policy,
+            name,
+            at(port),
+            None,
+            Arrival::Gateway(port),
+            0,
+        ) {
+            (Verdict::Refuse { reason, .. }, _) => reason,
+            (verdict, _) => panic!("{verdict:?}"),
+        };
+        assert_eq!(refused(Some("evil.example"), 443), "no_route");
+        assert_eq!(refused(None, 443), "no_server_name");
+        assert_eq!(refused(Some("storage.googleapis.com"), 8443), "no_gateway_server");
+        // Intercepted, a name no route takes is decided by the registry: here, unregistered.
+        let (verdict, _) = decide_tls(&policy, Some("evil.example"), at(443), None, Arrival::Intercepted, 0);
+        assert!(matches!(verdict, Verdict::Refuse { reason: "unregistered_server_name", .. }), "{verdict:?}");
+    }
+}
+
+mod tcp_routed {
+    use std::{collections::BTreeMap, sync::Arc};
+
+    use super::*;
+    use crate::{
+        config::{resolver::Resolved, Snapshot},
+        policy::{
+            bindings::bind,
+            routes::{proxy_policy, ProxySettings},
+            sidecars::SidecarModes,
+        },
+    };
+
+    /// The seeds' "TCP Egress Gateway" (Pattern 2), beside an HTTP service and a TCP one known at no address.
+    const PATTERN_2: &str = "
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: external-db, namespace: default}
+spec:
+  hosts: [db.external-service.com]
+  ports: [{number: 5432, name: postgres, protocol: TCP}]
+  location: MESH_EXTERNAL
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1beta1
+kind: Gateway
+metadata: {name: istio-egress-gateway-tcp, namespace: istio-system}
+spec:
+  selector: {istio: egressgateway}
+  servers:
+  - port: {number: 5432, name: tcp-postgres, protocol: TCP}
+    hosts: [db.external-service.com]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: route-external-db, namespace: default}
+spec:
+  hosts: [db.external-service.com]
+  gateways: [istio-system/istio-egress-gateway-tcp, mesh]
+  tcp:
+  - match: [{gateways: [mesh], port: 5432}]
+    route: [{destination: {host: istio-egressgateway.istio-system.svc.cluster.local, port: {number: 5432}}}]
+  - match: [{gateways: [istio-system/istio-egress-gateway-tcp], port: 5432}]
+    route: [{destination: {host: db.external-service.com, port: {number: 5432}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: web, namespace: default}
+spec:
+  hosts: [web.example]
+  addresses: [203.0.113.80]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: mysql, namespace: default}
+spec:
+  hosts: [mysql.example]
+  ports: [{number: 3306, name: mysql, protocol: TCP}]
+  resolution: NONE
+";
+
+    fn policy() -> ProxyPolicy {
+        let snapshot = Snapshot::from_yaml(PATTERN_2);
+        let resolved = Resolved::from([("db.external-service.com".to_owned(), vec!["203.0.113.40".parse().unwrap()])]);
+        let sidecars = Arc::new(SidecarModes::compile(&snapshot, OutboundMode::RegistryOnly));
+        let settings = ProxySettings {
+            own_services: vec!["istio-egressgateway.istio-system.svc.cluster.local".into()],
+            ..ProxySettings::default()
+        };
+        let labels = BTreeMap::from([("istio".to_owned(), "egressgateway".to_owned())]);
+        proxy_policy(&snapshot, &resolved, &bind(&snapshot, &labels), sidecars, &settings, &Default::default())
+    }
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    fn forwarded(verdict: Verdict) -> (SocketAddr, String) {
+        match verdict {
+            Verdict::Forward { address, labels, verify: None } => (address, labels.name().as_str().to_owned()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_seeds_tcp_egress_goes_mesh_to_gateway_to_host_in_process() {
+        let policy = policy();
+        let db = (addr("203.0.113.40:5432"), "db.external-service.com".to_owned());
+        let intercepted = decide_tcp(&policy, addr("203.0.113.40:5432"), None, Arrival::Intercepted, 0).0;
+        assert_eq!(forwarded(intercepted), db, "the mesh route, then the gateway's");
+        let at_gateway = decide_tcp(&policy, addr("10.240.1.1:5432"), None, Arrival::Gateway(5432), 0).0;
+        assert_eq!(forwarded(at_gateway), db, "the Gateway's TCP server port");
+        assert!(policy.gateway_ports().contains(&5432));
+    }
+
+    #[test]
+    fn tcp_is_decided_by_address_and_http_ports_relay_no_opaque_bytes() {
+        let policy = policy();
+        let refused = |dialled: &str| match decide_tcp(&policy, addr(dialled), None, Arrival::Intercepted, 0).0 {
+            Verdict::Refuse { reason, .. } => reason,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(refused("192.0.2.1:5432"), "unregistered_address");
+        assert_eq!(refused("203.0.113.80:80"), "not_http_on_an_http_port", "bytes that are not HTTP pass no route");
+        // A TCP service known at no address has the whole port, as Istio gives it.
+        let anywhere = decide_tcp(&policy, addr("198.51.100.7:3306"), None, Arrival::Intercepted, 0).0;
+        assert_eq!(forwarded(anywhere), (addr("198.51.100.7:3306"), "mysql.example".to_owned()));
+        let no_server = decide_tcp(&policy, addr("10.240.1.1:6379"), None, Arrival::Gateway(6379), 0).0;
+        assert!(matches!(no_server, Verdict::Refuse { reason: "no_gateway_server", .. }));
+    }
+}

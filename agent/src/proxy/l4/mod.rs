@@ -1,0 +1,218 @@
+//! Connections the proxy relays without reading them — TLS (decided by the ClientHello's `server_name`, read
+//! without terminating TLS and replayed to the upstream) and opaque TCP (decided by its address) — on intercepted
+//! ports and on Gateway servers that pass TLS through or serve TCP: decided, relayed until either side closes or
+//! both are silent, counted in Istio's TCP metrics and written to the access log.
+
+mod client_hello;
+mod decide;
+
+use std::{
+    net::SocketAddr,
+    time::{Instant, SystemTime},
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use super::{http::HttpProxy, tcp};
+use crate::{
+    config::workloads::Workload,
+    policy::labels::DestinationLabels,
+    telemetry::{
+        connections::{ConnectionRecord, TcpLabels},
+        response_flags::ResponseFlag,
+    },
+};
+use client_hello::Hello;
+pub use decide::{decide_tcp, decide_tls, Arrival, Mismatch, Verdict};
+
+/// Why a ClientHello was not read, for `sluice_tls_client_hello_refused_total{reason}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HelloRefused {
+    /// Its framing is broken, or it is larger than the gateway reads.
+    Malformed(&'static str),
+    /// Not whole within the request headers timeout.
+    Timeout,
+    /// The client closed (or reset) before it was whole.
+    Closed,
+}
+
+impl HelloRefused {
+    pub fn label(self) -> &'static str {
+        match self {
+            HelloRefused::Malformed(_) => "malformed",
+            HelloRefused::Timeout => "timeout",
+            HelloRefused::Closed => "closed",
+        }
+    }
+}
+
+/// Reads the client's bytes until they hold a whole ClientHello: the bytes read (all to be replayed) and its
+/// server name.
+async fn read_client_hello(
+    stream: &mut TcpStream,
+    within: std::time::Duration,
+) -> Result<(Vec<u8>, Option<String>), HelloRefused> {
+    let reading = async {
+        let mut bytes = Vec::with_capacity(2048);
+        loop {
+            bytes.reserve(4096);
+            match stream.read_buf(&mut bytes).await {
+                Ok(0) | Err(_) => return Err(HelloRefused::Closed),
+                Ok(_) => {}
+            }
+            match client_hello::parse(&bytes) {
+                Hello::Incomplete => continue,
+                Hello::Complete { server_name, .. } => return Ok((bytes, server_name)),
+                // The first byte said handshake: a stream that turns out not to be one is broken TLS.
+                Hello::NotTls => return Err(HelloRefused::Malformed("not a TLS handshake")),
+                Hello::Malformed(reason) => return Err(HelloRefused::Malformed(reason)),
+            }
+        }
+    };
+    tokio::time::timeout(within, reading).await.unwrap_or(Err(HelloRefused::Timeout))
+}
+
+/// Serves a connection that opened with a TLS handshake record: intercepted (`dialled` its original
+/// destination), or accepted on a Gateway port that passes TLS through (`dialled` the listener's address).
+pub async fn serve_tls(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    dialled: SocketAddr,
+    arrival: Arrival,
+    proxy: &HttpProxy,
+) {
+    let clock = (SystemTime::now(), Instant::now());
+    let telemetry = proxy.telemetry();
+    let (hello, server_name) = match read_client_hello(&mut stream, proxy.limits().request_headers_timeout).await {
+        Ok(read) => read,
+        Err(refused) => {
+            let detail = match refused {
+                HelloRefused::Malformed(reason) => reason,
+                _ => "",
+            };
+            tracing::debug!(source = %peer, original_dst = %dialled, reason = refused.label(), detail, "ClientHello refused");
+            telemetry.client_hello_refused(refused.label());
+            tcp::reset(&stream);
+            return;
+        }
+    };
+    let workload = proxy.workload(peer.ip());
+    let name = server_name.as_deref();
+    let decided = decide_tls(&proxy.policy(), name, dialled, workload.as_deref(), arrival, fastrand::u32(..));
+    let connection = Connection { peer, dialled, server_name: name, hello: &hello, source: workload.as_deref() };
+    finish(stream, &connection, decided, proxy, clock).await;
+}
+
+/// Serves a connection that is neither HTTP nor TLS (or whose port is declared TCP): intercepted, or accepted on
+/// a Gateway's TCP server port.
+pub async fn serve_tcp(stream: TcpStream, peer: SocketAddr, dialled: SocketAddr, arrival: Arrival, proxy: &HttpProxy) {
+    let clock = (SystemTime::now(), Instant::now());
+    let workload = proxy.workload(peer.ip());
+    let decided = decide_tcp(&proxy.policy(), dialled, workload.as_deref(), arrival, fastrand::u32(..));
+    let connection = Connection { peer, dialled, server_name: None, hello: &[], source: workload.as_deref() };
+    finish(stream, &connection, decided, proxy, clock).await;
+}
+
+/// Relays a decided connection (or refuses it), then counts it in Istio's TCP metrics and writes its line.
+async fn finish(
+    mut stream: TcpStream,
+    connection: &Connection<'_>,
+    (verdict, mismatch): (Verdict, Mismatch),
+    proxy: &HttpProxy,
+    (start, started): (SystemTime, Instant),
+) {
+    let telemetry = proxy.telemetry();
+    if let Some(action) = mismatch {
+        telemetry.host_mismatch(action);
+    }
+    let outcome = relay(&mut stream, connection, verdict, proxy).await;
+    let labels = TcpLabels::new(&outcome.destination, outcome.flag).from_source(connection.source);
+    if outcome.upstream.is_none() {
+        // Refused: counted as opened and closed at once, and reset so the client takes no close for an answer.
+        telemetry.tcp.opened(&labels);
+        tcp::reset(&stream);
+    }
+    telemetry.tcp.closed(&labels, outcome.received, outcome.sent);
+    telemetry.log_connection(&ConnectionRecord {
+        start,
+        duration: started.elapsed(),
+        flag: outcome.flag,
+        received: outcome.received,
+        sent: outcome.sent,
+        upstream: outcome.upstream,
+        destination: &outcome.destination,
+        local: connection.dialled,
+        remote: connection.peer,
+        server_name: connection.server_name,
+    });
+}
+
+/// A connection about to be relayed.
+struct Connection<'a> {
+    peer: SocketAddr,
+    dialled: SocketAddr,
+    /// The ClientHello's, for TLS.
+    server_name: Option<&'a str>,
+    /// The bytes read so far (a ClientHello), replayed to the upstream.
+    hello: &'a [u8],
+    source: Option<&'a Workload>,
+}
+
+/// How a connection ended: relayed (`upstream` set; counted as opened when it was), or refused.
+struct Outcome {
+    destination: DestinationLabels,
+    flag: ResponseFlag,
+    upstream: Option<SocketAddr>,
+    received: u64,
+    sent: u64,
+}
+
+impl Outcome {
+    fn refused(destination: DestinationLabels, flag: ResponseFlag) -> Outcome {
+        Outcome { destination, flag, upstream: None, received: 0, sent: 0 }
+    }
+}
+
+/// Relays `connection` where `verdict` says, until either side closes or both are silent for the idle timeout.
+async fn relay(stream: &mut TcpStream, connection: &Connection<'_>, verdict: Verdict, proxy: &HttpProxy) -> Outcome {
+    let telemetry = proxy.telemetry();
+    let Connection { peer, dialled, server_name, hello, source } = *connection;
+    let (address, destination) = match verdict {
+        Verdict::Forward { address, labels, verify: Some(host) } => {
+            if !proxy.host_resolves_to(&host, address.ip()).await {
+                telemetry.host_mismatch("refused");
+                tracing::debug!(source = %peer, %host, upstream = %address, "the name does not resolve to the address dialled");
+                return Outcome::refused(labels, ResponseFlag::NoRouteFound);
+            }
+            (address, labels)
+        }
+        Verdict::Forward { address, labels, verify: None } => (address, labels),
+        Verdict::Resolve { host, port, labels } => match proxy.resolve(&host, port).await {
+            Some(address) => (address, labels),
+            None => return Outcome::refused(labels, ResponseFlag::DnsResolutionFailed),
+        },
+        Verdict::Refuse { labels, flag, reason } => {
+            tracing::debug!(source = %peer, original_dst = %dialled, sni = server_name.unwrap_or("-"), reason, "connection refused");
+            return Outcome::refused(labels, flag);
+        }
+    };
+    let mut upstream = match tcp::connect(address, proxy.upstream_sockets(), tcp::CONNECT_TIMEOUT).await {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            let verdict = tcp::connect_failure(&error);
+            tracing::info!(source = %peer, original_dst = %dialled, upstream = %address, %error, verdict, "upstream connect failed");
+            return Outcome::refused(destination, ResponseFlag::UpstreamConnectionFailure);
+        }
+    };
+    telemetry.tcp.opened(&TcpLabels::new(&destination, ResponseFlag::None).from_source(source));
+    let joined = match upstream.write_all(hello).await {
+        Ok(()) => super::join::join(stream, &mut upstream, proxy.limits().idle_timeout).await.ok(),
+        Err(_) => None,
+    };
+    let (received, sent) = joined.map(|joined| (joined.from_first, joined.from_second)).unwrap_or_default();
+    let received = received + hello.len() as u64;
+    Outcome { destination, flag: ResponseFlag::None, upstream: Some(address), received, sent }
+}
