@@ -418,7 +418,7 @@ pub fn tree_cpu_ticks(pid: u32) -> u64 {
 }
 
 /// User CPU time and system CPU time of the tree, in clock ticks.
-fn tree_cpu_ticks_split(pid: u32) -> (u64, u64) {
+pub fn tree_cpu_ticks_split(pid: u32) -> (u64, u64) {
     let field = |fields: &[String], i: usize| fields.get(i).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
     tree(pid)
         .into_iter()

@@ -5,6 +5,7 @@
 mod compile;
 mod flood;
 mod http;
+mod tls;
 
 use std::net::Ipv4Addr;
 
@@ -74,12 +75,21 @@ fn main() -> anyhow::Result<()> {
         Some("config") => return configuration(),
         Some("classifier") => return classifier_costs(),
         Some("flood") => return flood_comparison(),
+        Some("tls") => return tls_comparison(&std::env::args().skip(2).collect::<Vec<_>>()),
         _ => configuration()?,
     }
     classifier_costs()?;
     flood_comparison()?;
     println!();
-    http_comparison(&[])
+    http_comparison(&[])?;
+    println!();
+    tls_comparison(&[])
+}
+
+fn tls_comparison(only: &[String]) -> anyhow::Result<()> {
+    let runs = tls::compare(only)?;
+    tls::print(&runs);
+    Ok(())
 }
 
 fn classifier_costs() -> anyhow::Result<()> {

@@ -29,6 +29,8 @@ const PEERS: &[(&str, &str)] = &[
 /// The load generator and the proxies `cargo xtask bench` compares Sluice with.
 const BENCH_PEERS: &[(&str, &str)] =
     &[("wrk", "wrk"), ("haproxy", "haproxy"), ("squid", "squid"), ("taskset", "util-linux"), ("ethtool", "ethtool")];
+/// nginx's stream module (TLS passed through by `ssl_preread`), which the bench loads: a file, not a program.
+const NGINX_STREAM_MODULE: (&str, &str) = ("/usr/lib/nginx/modules/ngx_stream_module.so", "libnginx-mod-stream");
 const BPF_LINKER_VERSION: &str = "0.13.0";
 pub const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
 pub const DEBIAN_CARGO: &str = "/usr/bin/cargo";
@@ -54,11 +56,14 @@ pub fn install() -> anyhow::Result<()> {
 
 /// What the benchmarks run besides the test peers.
 pub fn install_bench_peers() -> anyhow::Result<()> {
-    let packages: Vec<&str> = BENCH_PEERS
+    let mut packages: Vec<&str> = BENCH_PEERS
         .iter()
         .filter(|(program, _)| !on_path(program) && !Path::new("/usr/sbin").join(program).is_file())
         .map(|(_, package)| *package)
         .collect();
+    if !Path::new(NGINX_STREAM_MODULE.0).is_file() {
+        packages.push(NGINX_STREAM_MODULE.1);
+    }
     if packages.is_empty() {
         Ok(())
     } else {

@@ -1,0 +1,330 @@
+//! `sluice-bench tls`: TLS passed through by server name, side by side — new TLS connections per second (a
+//! handshake and a small request each) with the proxy's CPU per connection, and one long connection's bulk
+//! throughput with the proxy's CPU per GB — for no proxy (the limit), Sluice (intercepting, deciding by SNI),
+//! HAProxy (`mode tcp`, `req.ssl_sni`, splice) and nginx (`stream`, `ssl_preread`).
+
+use std::{net::SocketAddr, path::PathBuf, process::Command};
+
+use anyhow::Context;
+use sluice_tests::{
+    agent::Agent,
+    netns::Netns,
+    peers::{wait_for_tcp, Nginx},
+    process::Process,
+    tls::certificates,
+    topology::{GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, SERVER_A},
+    Topology,
+};
+
+use crate::http::{pin_tree, tree_cpu_ticks_split, tree_status_kib};
+
+/// The name the clients ask for, registered (in Sluice's configuration) at the origin's address.
+const NAME: &str = "api.bench";
+const CONNECTIONS: &str = "8";
+const DURATION: &str = "5s";
+/// The bulk download, in MiB.
+const BULK_MIB: u64 = 256;
+const PROXY_CPU: &str = "1";
+const CLIENT_CPU: &str = "0";
+
+pub struct TlsRun {
+    pub name: &'static str,
+    pub connections_per_second: f64,
+    pub cpu_us_per_connection: Option<f64>,
+    pub user_us_per_connection: Option<f64>,
+    pub bulk_gbit_per_second: f64,
+    pub cpu_seconds_per_gb: Option<f64>,
+    pub rss_kib: Option<u64>,
+}
+
+/// The origin: nginx serving TLS for `NAME` on the origin's port 443, a small answer at `/` and `BULK_MIB` MiB at
+/// `/bulk`; with the CA its certificate is signed by.
+struct Origin {
+    _nginx: Nginx,
+    _dir: tempfile::TempDir,
+    ca: String,
+}
+
+fn origin(topology: &Topology) -> anyhow::Result<Origin> {
+    let dir = tempfile::tempdir()?;
+    let (ca, cert, key) = certificates(dir.path(), "bench-ca", &[NAME]);
+    let bulk = dir.path().join("bulk");
+    std::fs::write(&bulk, vec![0x5a; (BULK_MIB << 20) as usize]).context("writing the bulk file")?;
+    let listen = SocketAddr::new(SERVER_A.parse()?, 443);
+    let config = format!(
+        "server {{\n    listen {listen} ssl;\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    \
+         keepalive_requests 1000000;\n    location = / {{ default_type text/plain; return 200 \"hello\\n\"; }}\n    \
+         location = /bulk {{ alias {}; }}\n  }}\n",
+        bulk.display()
+    );
+    let nginx = Nginx::start_with(&topology.internet, &config, &[listen])?;
+    pin_tree(nginx.pid(), CLIENT_CPU)?;
+    Ok(Origin { _nginx: nginx, _dir: dir, ca })
+}
+
+/// `/etc/netns/NS/hosts` with `NAME` at `address`, which `ip netns exec` shows the clients as /etc/hosts;
+/// removed on drop.
+struct Hosts(PathBuf);
+
+impl Hosts {
+    fn write(netns: &Netns, address: &str) -> anyhow::Result<Hosts> {
+        let dir = PathBuf::from("/etc/netns").join(netns.name());
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("hosts"), format!("127.0.0.1 localhost\n{address} {NAME}\n"))?;
+        Ok(Hosts(dir))
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir("/etc/netns");
+    }
+}
+
+type Measured = fn() -> anyhow::Result<TlsRun>;
+
+/// The configurations compared, in the table's order.
+const CONFIGURATIONS: [(&str, Measured); 4] =
+    [("direct", direct), ("sluice", sluice), ("haproxy", haproxy), ("nginx", nginx_stream)];
+
+/// Runs every configuration (or those named in `only`), `crate::http::ROUNDS` times in turn; the medians.
+pub fn compare(only: &[String]) -> anyhow::Result<Vec<(&'static str, TlsRun)>> {
+    let chosen: Vec<_> =
+        CONFIGURATIONS.iter().filter(|(key, _)| only.is_empty() || only.iter().any(|o| o == key)).collect();
+    let mut rounds: Vec<Vec<TlsRun>> = chosen.iter().map(|_| Vec::new()).collect();
+    for _ in 0..crate::http::ROUNDS {
+        for ((_, run), runs) in chosen.iter().zip(&mut rounds) {
+            runs.push(run()?);
+        }
+    }
+    Ok(chosen.iter().map(|(key, _)| *key).zip(rounds.into_iter().map(median)).collect())
+}
+
+fn median(runs: Vec<TlsRun>) -> TlsRun {
+    fn middle(mut values: Vec<f64>) -> Option<f64> {
+        values.sort_by(f64::total_cmp);
+        values.get(values.len() / 2).copied()
+    }
+    let of = |figure: fn(&TlsRun) -> Option<f64>| middle(runs.iter().filter_map(figure).collect());
+    TlsRun {
+        name: runs[0].name,
+        connections_per_second: of(|run| Some(run.connections_per_second)).unwrap_or(0.0),
+        cpu_us_per_connection: of(|run| run.cpu_us_per_connection),
+        user_us_per_connection: of(|run| run.user_us_per_connection),
+        bulk_gbit_per_second: of(|run| Some(run.bulk_gbit_per_second)).unwrap_or(0.0),
+        cpu_seconds_per_gb: of(|run| run.cpu_seconds_per_gb),
+        rss_kib: of(|run| run.rss_kib.map(|kib| kib as f64)).map(|kib| kib as u64),
+    }
+}
+
+fn direct() -> anyhow::Result<TlsRun> {
+    let topology = Topology::new()?;
+    let origin = origin(&topology)?;
+    let _hosts = Hosts::write(&topology.workload, SERVER_A)?;
+    measure("direct (no proxy)", &topology, None, 443, &origin.ca)
+}
+
+fn sluice() -> anyhow::Result<TlsRun> {
+    let topology = Topology::new()?;
+    let origin = origin(&topology)?;
+    let _hosts = Hosts::write(&topology.workload, SERVER_A)?;
+    let config = tempfile::tempdir()?;
+    std::fs::write(
+        config.path().join("bench.yaml"),
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |\n    \
+             outboundTrafficPolicy:\n      mode: REGISTRY_ONLY\n---\napiVersion: networking.istio.io/v1\n\
+             kind: ServiceEntry\nmetadata: {{name: api, namespace: bench}}\nspec:\n  hosts: [{NAME}]\n  \
+             addresses: [{SERVER_A}]\n  ports: [{{number: 443, name: tls, protocol: TLS}}]\n  resolution: NONE\n"
+        ),
+    )?;
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 443 --access-log-format off --concurrency 1 --config {}",
+        config.path().display()
+    );
+    let agent = Agent::start(&topology.gateway, &args)?;
+    pin_tree(agent.pid(), PROXY_CPU)?;
+    measure("sluice (intercepted, by SNI)", &topology, Some(agent.pid()), 443, &origin.ca)
+}
+
+const PEER_PORT: u16 = 8443;
+
+fn haproxy() -> anyhow::Result<TlsRun> {
+    let topology = Topology::new()?;
+    let origin = origin(&topology)?;
+    let _hosts = Hosts::write(&topology.workload, GATEWAY_WORKLOAD_ADDR)?;
+    let dir = tempfile::tempdir()?;
+    let listen: SocketAddr = format!("{GATEWAY_WORKLOAD_ADDR}:{PEER_PORT}").parse()?;
+    let config = format!(
+        "global\n  nbthread 1\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  \
+         timeout server 30s\n  option splice-auto\nfrontend front\n  bind {listen}\n  \
+         tcp-request inspect-delay 5s\n  tcp-request content accept if {{ req.ssl_hello_type 1 }}\n  \
+         use_backend origin if {{ req.ssl_sni -i {NAME} }}\nbackend origin\n  server origin {SERVER_A}:443\n"
+    );
+    let path = dir.path().join("haproxy.cfg");
+    std::fs::write(&path, config)?;
+    let mut command = topology.gateway.command("haproxy");
+    command.args(["-db", "-f"]).arg(&path);
+    spawned("HAProxy 2.6 (mode tcp, req.ssl_sni)", &topology, ("haproxy", command), listen, &origin.ca)
+}
+
+fn nginx_stream() -> anyhow::Result<TlsRun> {
+    let topology = Topology::new()?;
+    let origin = origin(&topology)?;
+    let _hosts = Hosts::write(&topology.workload, GATEWAY_WORKLOAD_ADDR)?;
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().display();
+    let listen: SocketAddr = format!("{GATEWAY_WORKLOAD_ADDR}:{PEER_PORT}").parse()?;
+    let config = format!(
+        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\ndaemon off;\nworker_processes 1;\n\
+         pid {root}/nginx.pid;\nerror_log {root}/error.log;\nevents {{ worker_connections 4096; }}\n\
+         stream {{\n  map $ssl_preread_server_name $upstream {{ {NAME} {SERVER_A}:443; default 127.0.0.1:1; }}\n  \
+         server {{\n    listen {listen};\n    ssl_preread on;\n    proxy_pass $upstream;\n  }}\n}}\n"
+    );
+    let path = dir.path().join("nginx.conf");
+    std::fs::write(&path, config)?;
+    let mut command = topology.gateway.command("nginx");
+    command.args(["-e", &format!("{root}/error.log"), "-p", &root.to_string(), "-c"]).arg(&path);
+    spawned("nginx 1.22 (stream, ssl_preread)", &topology, ("nginx", command), listen, &origin.ca)
+}
+
+fn spawned(
+    name: &'static str,
+    topology: &Topology,
+    (program, command): (&str, Command),
+    listen: SocketAddr,
+    ca: &str,
+) -> anyhow::Result<TlsRun> {
+    let mut process = Process::spawn(program, command)?;
+    wait_for_tcp(&topology.gateway, listen, &mut process)?;
+    pin_tree(process.pid(), PROXY_CPU)?;
+    measure(name, topology, Some(process.pid()), listen.port(), ca)
+}
+
+/// New connections per second and a bulk download through the proxy whose processes descend from `pid` (none:
+/// no proxy), at `NAME` on `port`.
+fn measure(name: &'static str, topology: &Topology, pid: Option<u32>, port: u16, ca: &str) -> anyhow::Result<TlsRun> {
+    let ticks = || pid.map(tree_cpu_ticks_split).unwrap_or_default();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    let url = format!("https://{NAME}:{port}/");
+    let _ = run_wrk(&topology.workload, &url, "1s")?;
+    let (user_before, system_before) = ticks();
+    let (per_second, connections) = wrk(&topology.workload, &url)?;
+    let (user, system) = ticks();
+    let per_connection = |ticks: u64| ticks as f64 * 1e6 / hz / connections.max(1) as f64;
+    let (user, system) = (user.saturating_sub(user_before), system.saturating_sub(system_before));
+
+    let (user_before, system_before) = ticks();
+    let bytes_per_second = bulk(&topology.workload, &format!("https://{NAME}:{port}/bulk"), ca)?;
+    let (bulk_user, bulk_system) = ticks();
+    let bulk_ticks = (bulk_user + bulk_system).saturating_sub(user_before + system_before);
+    let gb = (BULK_MIB << 20) as f64 / 1e9;
+    Ok(TlsRun {
+        name,
+        connections_per_second: per_second,
+        cpu_us_per_connection: pid.map(|_| per_connection(user + system)),
+        user_us_per_connection: pid.map(|_| per_connection(user)),
+        bulk_gbit_per_second: bytes_per_second * 8.0 / 1e9,
+        cpu_seconds_per_gb: pid.map(|_| bulk_ticks as f64 / hz / gb),
+        rss_kib: pid.map(|pid| tree_status_kib(pid, "VmRSS")),
+    })
+}
+
+/// wrk opening a new connection for each request (`Connection: close`): connections per second and their count.
+fn wrk(netns: &Netns, url: &str) -> anyhow::Result<(f64, u64)> {
+    let output = run_wrk(netns, url, DURATION)?;
+    let per_second = output
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("Requests/sec:")?.trim().parse().ok())
+        .context("wrk printed no Requests/sec")?;
+    let count = output
+        .lines()
+        .find_map(|line| line.trim().split_once(" requests in ")?.0.trim().parse::<u64>().ok())
+        .context("wrk printed no request count")?;
+    Ok((per_second, count))
+}
+
+fn run_wrk(netns: &Netns, url: &str, duration: &str) -> anyhow::Result<String> {
+    let output = netns
+        .command("taskset")
+        .args(["-c", CLIENT_CPU, "wrk", "-t1", "-c", CONNECTIONS, "-d", duration])
+        .args(["-H", "Connection: close", url])
+        .output()
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    anyhow::ensure!(output.status.success(), "wrk failed: {text}{}", String::from_utf8_lossy(&output.stderr));
+    anyhow::ensure!(
+        !text.contains("Non-2xx or 3xx responses") && !text.contains("Socket errors: connect"),
+        "wrk saw errors through {url}:\n{text}"
+    );
+    Ok(text)
+}
+
+/// One download of `url` with curl, verifying the origin's certificate: bytes per second.
+fn bulk(netns: &Netns, url: &str, ca: &str) -> anyhow::Result<f64> {
+    let output = netns
+        .command("taskset")
+        .args([
+            "-c",
+            CLIENT_CPU,
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "--cacert",
+            ca,
+            "-w",
+            "%{speed_download} %{size_download}",
+        ])
+        .arg(url)
+        .output()
+        .context("running curl")?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let mut fields = text.split_whitespace().map(|field| field.parse::<f64>());
+    let (Some(Ok(speed)), Some(Ok(size))) = (fields.next(), fields.next()) else {
+        anyhow::bail!("curl {url}: {text}{}", String::from_utf8_lossy(&output.stderr));
+    };
+    anyhow::ensure!(size as u64 == BULK_MIB << 20, "curl {url} got {size} bytes");
+    Ok(speed)
+}
+
+/// Prints the table and the ratios the issue's targets are stated in.
+pub fn print(runs: &[(&'static str, TlsRun)]) {
+    println!(
+        "TLS passed through by server name (wrk -t1 -c{CONNECTIONS} -d{DURATION}, a new TLS connection per request; \
+         curl, one {BULK_MIB} MiB download; medians of {} rounds)",
+        crate::http::ROUNDS
+    );
+    println!(
+        "{:<36} {:>10} {:>14} {:>12} {:>12} {:>10} {:>8}",
+        "through", "conns/s", "CPU us/conn", "(user)", "bulk Gbit/s", "CPU s/GB", "RSS MiB"
+    );
+    let optional = |value: Option<f64>, precision: usize| value.map_or("-".to_owned(), |v| format!("{v:.precision$}"));
+    for (_, run) in runs {
+        println!(
+            "{:<36} {:>10.0} {:>14} {:>12} {:>12.2} {:>10} {:>8}",
+            run.name,
+            run.connections_per_second,
+            optional(run.cpu_us_per_connection, 1),
+            optional(run.user_us_per_connection, 1),
+            run.bulk_gbit_per_second,
+            optional(run.cpu_seconds_per_gb, 2),
+            optional(run.rss_kib.map(|kib| kib as f64 / 1024.0), 1),
+        );
+    }
+    let get = |key: &str| runs.iter().find(|(k, _)| *k == key).map(|(_, run)| run);
+    if let Some(sluice) = get("sluice") {
+        let best_peer =
+            ["haproxy", "nginx"].iter().filter_map(|key| get(key)?.cpu_us_per_connection).fold(f64::INFINITY, f64::min);
+        if let (Some(cpu), true) = (sluice.cpu_us_per_connection, best_peer.is_finite()) {
+            println!("sluice CPU per connection / best peer's = {:.2}", cpu / best_peer);
+        }
+        if let Some(direct) = get("direct") {
+            println!(
+                "sluice bulk throughput / direct = {:.2}",
+                sluice.bulk_gbit_per_second / direct.bulk_gbit_per_second.max(1e-9)
+            );
+        }
+    }
+}
