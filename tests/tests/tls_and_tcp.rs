@@ -251,7 +251,8 @@ fn the_seeds_sni_egress_gateway_takes_mesh_traffic_and_its_own_port_to_the_regis
     require_root();
     let topology = Topology::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = certificates(dir.path(), "sluice-test-ca", &["www.googleapis.com", "storage.googleapis.com"]);
+    let names = ["www.googleapis.com", "storage.googleapis.com", "api.example.com"];
+    let (ca, cert, key) = certificates(dir.path(), "sluice-test-ca", &names);
     // Each server says which it is: the route's destination (www.googleapis.com) resolves to server B.
     let servers: String = [SERVER_A, SERVER_B]
         .iter()
@@ -265,7 +266,23 @@ fn the_seeds_sni_egress_gateway_takes_mesh_traffic_and_its_own_port_to_the_regis
     let _nginx = Nginx::start_with(&topology.internet, &servers, &[addr(SERVER_A, 443), addr(SERVER_B, 443)]).unwrap();
     let _dns = Dnsmasq::start(&topology.internet, INTERNET_ADDR, &[("www.googleapis.com", SERVER_B)]).unwrap();
     let config = tempfile::tempdir().unwrap();
-    istio::write(config.path(), &[MESH_REGISTRY_ONLY, SNI_EGRESS]).unwrap();
+    // A second Gateway passing TLS through on the same port, with its own name and route.
+    let second = "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: api-passthrough, namespace: istio-system}
+spec:
+  selector: {istio: egressgateway}
+  servers: [{port: {number: 443, name: tls, protocol: TLS}, hosts: [api.example.com], tls: {mode: PASSTHROUGH}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api, namespace: istio-system}
+spec:
+  hosts: [api.example.com]
+  gateways: [api-passthrough]
+  tls: [{match: [{port: 443, sniHosts: [api.example.com]}], route: [{destination: {host: api.example.com}}]}]
+";
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, SNI_EGRESS, REGISTRY, second]).unwrap();
     let args = format!(
         "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 443 --config {} --dns-server {INTERNET_ADDR} \
          --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32 \
@@ -282,7 +299,10 @@ fn the_seeds_sni_egress_gateway_takes_mesh_traffic_and_its_own_port_to_the_regis
     // To the gateway's own port (as another node's sidecar would send it): the Gateway's route.
     let direct = https(&topology, "storage.googleapis.com", GATEWAY_WORKLOAD_ADDR, &ca);
     assert_eq!(direct.as_deref(), Ok(&*format!("{SERVER_B} sni=storage.googleapis.com\n")), "{}", agent.log());
-    // A name the Gateway serves no route for is closed there; from the mesh, it is unregistered.
+    // The other Gateway on the port routes its own name to its own host (server A).
+    let api = https(&topology, "api.example.com", GATEWAY_WORKLOAD_ADDR, &ca);
+    assert_eq!(api.as_deref(), Ok(&*format!("{SERVER_A} sni=api.example.com\n")), "{}", agent.log());
+    // A name the Gateways serve no route for is closed there; from the mesh, it is unregistered.
     assert!(https(&topology, "evil.example", GATEWAY_WORKLOAD_ADDR, &ca).is_err());
     assert!(https(&topology, "evil.example", SERVER_A, &ca).is_err());
 
@@ -403,4 +423,90 @@ fn the_seeds_tcp_egress_gateway_relays_a_server_first_protocol_by_address_and_ro
     assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &relayed), 2, "{metrics}");
     let blackholed = [("destination_service_name", "BlackHoleCluster"), ("response_flags", "UH")];
     assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &blackholed), 1, "{metrics}");
+}
+
+#[test]
+fn allow_any_passes_unregistered_names_through_and_slow_or_odd_hellos_are_handled() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates(dir.path(), "sluice-test-ca", &["api.example.com", "anything.example"]);
+    let _nginx = tls_server(&topology, &[addr(SERVER_A, 443), addr(SERVER_B, 443)], &cert, &key);
+    let db_a = greeting_server(&topology, addr(SERVER_A, 5432));
+    let db_b = greeting_server(&topology, addr(SERVER_B, 5432));
+    let config = tempfile::tempdir().unwrap();
+    // Two TCP services on one port, told apart by their addresses.
+    let databases = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db-a, namespace: egress}
+spec:
+  hosts: [db-a.example]
+  addresses: [203.0.113.10]
+  ports: [{number: 5432, name: pg, protocol: TCP}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db-b, namespace: egress}
+spec:
+  hosts: [db-b.example]
+  addresses: [203.0.113.20]
+  ports: [{number: 5432, name: pg, protocol: TCP}]
+  resolution: NONE
+";
+    istio::write(config.path(), &[REGISTRY, databases]).unwrap();
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 443 --intercept-port 5432 --config {} \
+         --outbound-traffic-policy ALLOW_ANY --request-headers-timeout 1s",
+        config.path().display()
+    );
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+
+    // ALLOW_ANY: an unregistered name goes to the address the client dialled (PassthroughCluster).
+    assert_eq!(https(&topology, "anything.example", SERVER_B, &ca).as_deref(), Ok("sni=anything.example\n"));
+    // A TLS 1.2 client.
+    let tls12 = topology
+        .workload
+        .command("openssl")
+        .args(["s_client", "-tls1_2", "-connect", &format!("{SERVER_A}:443"), "-servername", "api.example.com"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&tls12.stdout);
+    assert!(said.contains("Protocol  : TLSv1.2") || said.contains("TLSv1.2"), "{said}");
+    // One record's hello split over two TCP segments.
+    let hello = client_hello("api.example.com");
+    let (first, second) = hello.split_at(hello.len() / 2);
+    let (answer, _) = send_in_pieces(&topology, addr(SERVER_A, 443), &[first.to_vec(), second.to_vec()]);
+    assert_eq!(answer.first(), Some(&0x16), "the server's handshake came back: {answer:?}");
+    // Half a hello, then nothing: cut off after the header timeout, never relayed.
+    let started = std::time::Instant::now();
+    let (answer, closed) = topology
+        .workload
+        .enter(|| {
+            let mut stream = TcpStream::connect_timeout(&addr(SERVER_A, 443), Duration::from_secs(3)).unwrap();
+            stream.write_all(&hello[..hello.len() / 2]).unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut answer = Vec::new();
+            let closed = stream.read_to_end(&mut answer).is_ok() || answer.is_empty();
+            (answer, closed)
+        })
+        .unwrap();
+    assert!(answer.is_empty() && closed && started.elapsed() < Duration::from_secs(5), "{answer:?}");
+
+    // TCP by address: each database's connections under its own name.
+    let (a, _) = greet(&topology, addr(SERVER_A, 5432)).unwrap();
+    let (b, _) = greet(&topology, addr(SERVER_B, 5432)).unwrap();
+    assert_eq!((a, b), (format!("ready {SERVER_A}:5432\n"), format!("ready {SERVER_B}:5432\n")));
+    assert_eq!((db_a.load(Ordering::SeqCst), db_b.load(Ordering::SeqCst)), (1, 1));
+
+    let metrics = agent.metrics().unwrap();
+    let passthrough = [("destination_service", "anything.example"), ("destination_service_name", "PassthroughCluster")];
+    assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &passthrough), 1, "{metrics}");
+    let timeout = [("reason", "timeout")];
+    assert_eq!(total(&metrics, "sluice_tls_client_hello_refused_total", &timeout), 1, "{metrics}");
+    for database in ["db-a.example", "db-b.example"] {
+        let opened = [("destination_service_name", database)];
+        assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &opened), 1, "{database}: {metrics}");
+    }
 }

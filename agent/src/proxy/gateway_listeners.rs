@@ -99,7 +99,7 @@ pub async fn accept(listener: TcpListener, kind: Listener, proxy: Arc<HttpProxy>
                     // A Gateway's TCP server port: relayed by its `tcp` routes at once (the client may wait for the
                     // server to speak first).
                     if let Listener::Gateway(port) = kind {
-                        if proxy.policy().tcp_gateway_on(port).is_some() {
+                        if proxy.policy().tcp_gateways_on(port).next().is_some() {
                             l4::serve_tcp(stream, peer, local, l4::Arrival::Gateway(port), &proxy).await;
                             drop(permit);
                             return;

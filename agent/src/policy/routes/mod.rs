@@ -202,9 +202,9 @@ impl ProxyPolicy {
         self.gateways.iter().flat_map(ports).collect()
     }
 
-    /// The Gateway serving TCP on `port`, with its `tcp` routes.
-    pub fn tcp_gateway_on(&self, port: u16) -> Option<&GatewayRoutes> {
-        self.gateways.iter().find(|gateway| gateway.tcp_ports.contains(&port))
+    /// The Gateways serving TCP on `port`, with their `tcp` routes.
+    pub fn tcp_gateways_on(&self, port: u16) -> impl Iterator<Item = &GatewayRoutes> {
+        self.gateways.iter().filter(move |gateway| gateway.tcp_ports.contains(&port))
     }
 
     /// The `tcp` routes for intercepted traffic to `host` (a registered service's host).
@@ -212,9 +212,9 @@ impl ProxyPolicy {
         self.hosts.find(host, |entry| entry.mesh_tcp.as_ref())
     }
 
-    /// The Gateway passing TLS through on `port`, with its `tls` routes.
-    pub fn tls_gateway_on(&self, port: u16) -> Option<&GatewayRoutes> {
-        self.gateways.iter().find(|gateway| gateway.tls_ports.contains(&port))
+    /// The Gateways passing TLS through on `port`, with their `tls` routes.
+    pub fn tls_gateways_on(&self, port: u16) -> impl Iterator<Item = &GatewayRoutes> {
+        self.gateways.iter().filter(move |gateway| gateway.tls_ports.contains(&port))
     }
 
     /// The `tls` routes for intercepted traffic whose ClientHello names `server_name`.

@@ -70,12 +70,19 @@ pub fn decide_tls(
             }
         }
     };
-    let Some(gateway) = policy.tls_gateway_on(gateway_port) else { return (no_route("no_gateway_server"), None) };
+    let mut gateways = policy.tls_gateways_on(gateway_port).peekable();
+    if gateways.peek().is_none() {
+        return (no_route("no_gateway_server"), None);
+    }
     let Some(name) = server_name else { return (no_route("no_server_name"), None) };
     let at = SocketAddr::new(dialled.ip(), gateway_port);
-    let view = L4View { server_name: Some(name), destination: at, gateway: &gateway.id, source };
     let visible = |rule: &L4Route| Viewer::Gateway.sees(policy, &rule.scope.exported, name, gateway_port);
-    match gateway.tls_routes(name).and_then(|routes| routes.first_match(&view, visible)?.targets.pick(roll)) {
+    // Every Gateway serving TLS on the port, in turn: their servers share it, as Istio merges them.
+    let routed = gateways.find_map(|gateway| {
+        let view = L4View { server_name: Some(name), destination: at, gateway: &gateway.id, source };
+        gateway.tls_routes(name)?.first_match(&view, visible)?.targets.pick(roll)
+    });
+    match routed {
         Some(target) => (to_target(policy, target, gateway_port, Viewer::Gateway, Some(name), None), None),
         None => (no_route("no_route"), None),
     }
@@ -113,11 +120,17 @@ pub fn decide_tcp(
             }
         }
     };
-    let Some(gateway) = policy.tcp_gateway_on(gateway_port) else { return (no_route("no_gateway_server"), None) };
+    let mut gateways = policy.tcp_gateways_on(gateway_port).peekable();
+    if gateways.peek().is_none() {
+        return (no_route("no_gateway_server"), None);
+    }
     let at = SocketAddr::new(dialled.ip(), gateway_port);
-    let view = L4View { server_name: None, destination: at, gateway: &gateway.id, source };
     let visible = |rule: &L4Route| Viewer::Gateway.sees(policy, &rule.scope.exported, "", gateway_port);
-    match gateway.tcp_routes.as_ref().and_then(|routes| routes.first_match(&view, visible)?.targets.pick(roll)) {
+    let routed = gateways.find_map(|gateway| {
+        let view = L4View { server_name: None, destination: at, gateway: &gateway.id, source };
+        gateway.tcp_routes.as_ref()?.first_match(&view, visible)?.targets.pick(roll)
+    });
+    match routed {
         Some(target) => (to_target(policy, target, gateway_port, Viewer::Gateway, None, None), None),
         None => (no_route("no_route"), None),
     }
@@ -127,9 +140,9 @@ fn no_route(reason: &'static str) -> Verdict {
     Verdict::Refuse { labels: DestinationLabels::blackhole(), flag: ResponseFlag::NoRouteFound, reason }
 }
 
-/// Where a route's `target` goes, as `viewer` sees the registry: an endpoint of the registered host; for one
-/// registered at no address, `original` (intercepted traffic: the address dialled), else what the name resolves
-/// to (a route's wildcard host: the name the client asked for, `server_name`).
+/// Where a route's `target` goes, as `viewer` sees the registry: an endpoint of the registered host; for one with
+/// resolution NONE, `original` (intercepted traffic: the address dialled), else an address it is registered at,
+/// else what the name resolves to (a route's wildcard host: the name the client asked for, `server_name`).
 fn to_target(
     policy: &ProxyPolicy,
     target: &Target,
@@ -157,7 +170,11 @@ fn to_target(
     let labels = labels_of(&choice);
     match choice.upstream(None) {
         Upstream::Endpoint(address) => Verdict::Forward { address, labels, verify: None },
-        Upstream::OriginalDestination => unaddressed(labels),
+        // Resolution NONE: on a Gateway (no original destination), an address the host is registered at.
+        Upstream::OriginalDestination => match (original, service.own_address(port)) {
+            (None, Some(address)) => Verdict::Forward { address, labels, verify: None },
+            _ => unaddressed(labels),
+        },
         Upstream::NoEndpoint => {
             Verdict::Refuse { labels, flag: ResponseFlag::NoHealthyUpstream, reason: "no_endpoint" }
         }
