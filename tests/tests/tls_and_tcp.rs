@@ -213,39 +213,6 @@ fn intercepted_tls_is_decided_by_its_server_name_and_nothing_unregistered_reache
     assert!(relayed.contains("\"- - -\" 0 - ") && relayed.contains("\"203.0.113.10:443\""), "{relayed}");
 }
 
-/// The seeds' "Egress Gateway with SNI" (Pattern 3), with the Gateway and the ServiceEntry it refers to.
-const SNI_EGRESS: &str = "apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: googleapis, namespace: default}
-spec:
-  hosts: [www.googleapis.com]
-  ports: [{number: 443, name: tls, protocol: TLS}]
-  location: MESH_EXTERNAL
-  resolution: DNS
----
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: istio-egress-gateway-sni, namespace: istio-system}
-spec:
-  selector: {istio: egressgateway}
-  servers:
-  - port: {number: 443, name: tls, protocol: TLS}
-    hosts: ['*.googleapis.com']
-    tls: {mode: PASSTHROUGH}
----
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {name: sni-egress, namespace: default}
-spec:
-  hosts: ['*.googleapis.com']
-  gateways: [istio-system/istio-egress-gateway-sni, mesh]
-  tls:
-  - match: [{gateways: [mesh], port: 443, sniHosts: ['*.googleapis.com']}]
-    route: [{destination: {host: istio-egressgateway.istio-system.svc.cluster.local, port: {number: 443}}}]
-  - match: [{gateways: [istio-system/istio-egress-gateway-sni], port: 443, sniHosts: ['*.googleapis.com']}]
-    route: [{destination: {host: www.googleapis.com, port: {number: 443}}}]
-";
-
 #[test]
 fn the_seeds_sni_egress_gateway_takes_mesh_traffic_and_its_own_port_to_the_registered_host() {
     require_root();
@@ -282,7 +249,8 @@ spec:
   gateways: [api-passthrough]
   tls: [{match: [{port: 443, sniHosts: [api.example.com]}], route: [{destination: {host: api.example.com}}]}]
 ";
-    istio::write(config.path(), &[MESH_REGISTRY_ONLY, SNI_EGRESS, REGISTRY, second]).unwrap();
+    let sni_egress = istio::seed("egress-gateway-sni");
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, &sni_egress, REGISTRY, second]).unwrap();
     let args = format!(
         "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 443 --config {} --dns-server {INTERNET_ADDR} \
          --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32 \
@@ -314,38 +282,6 @@ spec:
     let blackholed = [("destination_service_name", "BlackHoleCluster"), ("response_flags", "UH")];
     assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &blackholed), 1, "{metrics}");
 }
-
-/// The seeds' "TCP Egress Gateway" (Pattern 2).
-const TCP_EGRESS: &str = "apiVersion: networking.istio.io/v1beta1
-kind: ServiceEntry
-metadata: {name: external-db, namespace: default}
-spec:
-  hosts: [db.external-service.com]
-  ports: [{number: 5432, name: postgres, protocol: TCP}]
-  location: MESH_EXTERNAL
-  resolution: DNS
----
-apiVersion: networking.istio.io/v1beta1
-kind: Gateway
-metadata: {name: istio-egress-gateway-tcp, namespace: istio-system}
-spec:
-  selector: {istio: egressgateway}
-  servers:
-  - port: {number: 5432, name: tcp-postgres, protocol: TCP}
-    hosts: [db.external-service.com]
----
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {name: route-external-db, namespace: default}
-spec:
-  hosts: [db.external-service.com]
-  gateways: [istio-system/istio-egress-gateway-tcp, mesh]
-  tcp:
-  - match: [{gateways: [mesh], port: 5432}]
-    route: [{destination: {host: istio-egressgateway.istio-system.svc.cluster.local, port: {number: 5432}}}]
-  - match: [{gateways: [istio-system/istio-egress-gateway-tcp], port: 5432}]
-    route: [{destination: {host: db.external-service.com, port: {number: 5432}}}]
-";
 
 /// A server-first TCP server on `addr` (as a database greets its clients): it says `ready ADDR` on accepting,
 /// then echoes one line back. Counts the connections it accepts.
@@ -396,7 +332,8 @@ fn the_seeds_tcp_egress_gateway_relays_a_server_first_protocol_by_address_and_ro
     let other = greeting_server(&topology, addr(SERVER_A, 5432));
     let _dns = Dnsmasq::start(&topology.internet, INTERNET_ADDR, &[("db.external-service.com", SERVER_B)]).unwrap();
     let config = tempfile::tempdir().unwrap();
-    istio::write(config.path(), &[MESH_REGISTRY_ONLY, TCP_EGRESS]).unwrap();
+    let tcp_egress = istio::seed("egress-gateway-tcp");
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, &tcp_egress]).unwrap();
     let args = format!(
         "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {} --dns-server {INTERNET_ADDR} \
          --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32 \

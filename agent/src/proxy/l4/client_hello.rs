@@ -301,6 +301,25 @@ mod tests {
     }
 
     #[test]
+    fn old_and_odd_hellos_are_read_as_tls_reads_them() {
+        // A TLS 1.0 client's hello: record version 3.0, legacy version 3.1, and no extensions block at all.
+        let mut body = vec![3, 1];
+        body.extend_from_slice(&[9; 32]);
+        body.extend_from_slice(&[0, 0, 2, 0x00, 0x2f, 1, 0]);
+        let mut record = vec![HANDSHAKE_RECORD, 3, 0, 0, (4 + body.len()) as u8, CLIENT_HELLO, 0, 0, body.len() as u8];
+        record.extend_from_slice(&body);
+        assert_eq!(parse(&record), Hello::Complete { server_name: None, len: record.len() });
+        // TLS 1.3 writes 3.1 in its first record too; a record claiming 3.4 is still TLS's framing.
+        let mut newer = hello_with_extensions(&[(SERVER_NAME, sni(b"new.example.com"))]);
+        newer[2] = 4;
+        assert_eq!(parse(&newer), Hello::Complete { server_name: Some("new.example.com".into()), len: newer.len() });
+        // Unknown extensions (ECH's outer hello, GREASE values) pass; the outer server_name is the one read.
+        let ech = [(0xfe0d, vec![0; 200]), (0x0a0a, vec![]), (SERVER_NAME, sni(b"public.example.com"))];
+        let outer = hello_with_extensions(&ech);
+        assert_eq!(parse(&outer), Hello::Complete { server_name: Some("public.example.com".into()), len: outer.len() });
+    }
+
+    #[test]
     fn hellos_that_break_their_framing_are_malformed() {
         let good = hello_with_extensions(&[(SERVER_NAME, sni(b"a.example.com"))]);
         let malformed = |bytes: &[u8]| matches!(parse(bytes), Hello::Malformed(_));

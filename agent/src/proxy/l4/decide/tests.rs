@@ -1,19 +1,33 @@
 //! Tests of the decisions: by the registry, by the mesh's and the Gateways' tls and tcp routes.
 
+use std::{collections::BTreeMap, sync::Arc};
+
 use super::*;
+use crate::{
+    config::{resolver::Resolved, Snapshot},
+    policy::{
+        bindings::bind,
+        routes::{proxy_policy, ProxySettings},
+        sidecars::SidecarModes,
+    },
+};
+
+/// The policy of an egress gateway (`istio=egressgateway`, its own Service the seeds' name) on `yaml` under
+/// REGISTRY_ONLY, with `resolved`'s name resolving to its address.
+fn as_egress_gateway(yaml: &str, (name, address): (&str, &str)) -> ProxyPolicy {
+    let snapshot = Snapshot::from_yaml(yaml);
+    let resolved = Resolved::from([(name.to_owned(), vec![address.parse().unwrap()])]);
+    let sidecars = Arc::new(SidecarModes::compile(&snapshot, OutboundMode::RegistryOnly));
+    let settings = ProxySettings {
+        own_services: vec!["istio-egressgateway.istio-system.svc.cluster.local".into()],
+        ..ProxySettings::default()
+    };
+    let labels = BTreeMap::from([("istio".to_owned(), "egressgateway".to_owned())]);
+    proxy_policy(&snapshot, &resolved, &bind(&snapshot, &labels), sidecars, &settings, &Default::default())
+}
 
 mod addressed {
-    use std::{collections::BTreeMap, sync::Arc};
-
     use super::*;
-    use crate::{
-        config::{resolver::Resolved, Snapshot},
-        policy::{
-            bindings::bind,
-            routes::{proxy_policy, ProxySettings},
-            sidecars::SidecarModes,
-        },
-    };
 
     const REGISTRY: &str = "
 apiVersion: networking.istio.io/v1
@@ -135,61 +149,12 @@ spec:
 }
 
 mod tls_routed {
-    use std::{collections::BTreeMap, sync::Arc};
-
     use super::*;
-    use crate::{
-        config::{resolver::Resolved, Snapshot},
-        policy::{
-            bindings::bind,
-            routes::{proxy_policy, ProxySettings},
-            sidecars::SidecarModes,
-        },
-    };
 
-    /// The seeds' "Egress Gateway with SNI" (Pattern 3), with the Gateway and ServiceEntry it refers to.
-    const PATTERN_3: &str = "
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: googleapis, namespace: default}
-spec:
-  hosts: [www.googleapis.com]
-  ports: [{number: 443, name: tls, protocol: TLS}]
-  resolution: DNS
----
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: istio-egress-gateway-sni, namespace: istio-system}
-spec:
-  selector: {istio: egressgateway}
-  servers:
-  - port: {number: 443, name: tls, protocol: TLS}
-    hosts: ['*.googleapis.com']
-    tls: {mode: PASSTHROUGH}
----
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {name: sni-egress, namespace: default}
-spec:
-  hosts: ['*.googleapis.com']
-  gateways: [istio-system/istio-egress-gateway-sni, mesh]
-  tls:
-  - match: [{gateways: [mesh], port: 443, sniHosts: ['*.googleapis.com']}]
-    route: [{destination: {host: istio-egressgateway.istio-system.svc.cluster.local, port: {number: 443}}}]
-  - match: [{gateways: [istio-system/istio-egress-gateway-sni], port: 443, sniHosts: ['*.googleapis.com']}]
-    route: [{destination: {host: www.googleapis.com, port: {number: 443}}}]
-";
-
+    /// The seeds' "Egress Gateway with SNI" (Pattern 3).
     fn policy() -> ProxyPolicy {
-        let snapshot = Snapshot::from_yaml(PATTERN_3);
-        let resolved = Resolved::from([("www.googleapis.com".to_owned(), vec!["203.0.113.30".parse().unwrap()])]);
-        let sidecars = Arc::new(SidecarModes::compile(&snapshot, OutboundMode::RegistryOnly));
-        let settings = ProxySettings {
-            own_services: vec!["istio-egressgateway.istio-system.svc.cluster.local".into()],
-            ..ProxySettings::default()
-        };
-        let labels = BTreeMap::from([("istio".to_owned(), "egressgateway".to_owned())]);
-        proxy_policy(&snapshot, &resolved, &bind(&snapshot, &labels), sidecars, &settings, &Default::default())
+        let seed = include_str!("../../../../../deploy/examples/seeds/egress-gateway-sni.yaml");
+        as_egress_gateway(seed, ("www.googleapis.com", "203.0.113.30"))
     }
 
     fn at(port: u16) -> SocketAddr {
@@ -237,51 +202,10 @@ spec:
 }
 
 mod tcp_routed {
-    use std::{collections::BTreeMap, sync::Arc};
-
     use super::*;
-    use crate::{
-        config::{resolver::Resolved, Snapshot},
-        policy::{
-            bindings::bind,
-            routes::{proxy_policy, ProxySettings},
-            sidecars::SidecarModes,
-        },
-    };
 
-    /// The seeds' "TCP Egress Gateway" (Pattern 2), beside an HTTP service and a TCP one known at no address.
-    const PATTERN_2: &str = "
-apiVersion: networking.istio.io/v1beta1
-kind: ServiceEntry
-metadata: {name: external-db, namespace: default}
-spec:
-  hosts: [db.external-service.com]
-  ports: [{number: 5432, name: postgres, protocol: TCP}]
-  location: MESH_EXTERNAL
-  resolution: DNS
----
-apiVersion: networking.istio.io/v1beta1
-kind: Gateway
-metadata: {name: istio-egress-gateway-tcp, namespace: istio-system}
-spec:
-  selector: {istio: egressgateway}
-  servers:
-  - port: {number: 5432, name: tcp-postgres, protocol: TCP}
-    hosts: [db.external-service.com]
----
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {name: route-external-db, namespace: default}
-spec:
-  hosts: [db.external-service.com]
-  gateways: [istio-system/istio-egress-gateway-tcp, mesh]
-  tcp:
-  - match: [{gateways: [mesh], port: 5432}]
-    route: [{destination: {host: istio-egressgateway.istio-system.svc.cluster.local, port: {number: 5432}}}]
-  - match: [{gateways: [istio-system/istio-egress-gateway-tcp], port: 5432}]
-    route: [{destination: {host: db.external-service.com, port: {number: 5432}}}]
----
-apiVersion: networking.istio.io/v1
+    /// Beside the seed: an HTTP service, and a TCP one known at no address.
+    const NEIGHBOURS: &str = "apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: web, namespace: default}
 spec:
@@ -299,16 +223,10 @@ spec:
   resolution: NONE
 ";
 
+    /// The seeds' "TCP Egress Gateway" (Pattern 2), with its neighbours.
     fn policy() -> ProxyPolicy {
-        let snapshot = Snapshot::from_yaml(PATTERN_2);
-        let resolved = Resolved::from([("db.external-service.com".to_owned(), vec!["203.0.113.40".parse().unwrap()])]);
-        let sidecars = Arc::new(SidecarModes::compile(&snapshot, OutboundMode::RegistryOnly));
-        let settings = ProxySettings {
-            own_services: vec!["istio-egressgateway.istio-system.svc.cluster.local".into()],
-            ..ProxySettings::default()
-        };
-        let labels = BTreeMap::from([("istio".to_owned(), "egressgateway".to_owned())]);
-        proxy_policy(&snapshot, &resolved, &bind(&snapshot, &labels), sidecars, &settings, &Default::default())
+        let seed = include_str!("../../../../../deploy/examples/seeds/egress-gateway-tcp.yaml");
+        as_egress_gateway(&format!("{seed}---\n{NEIGHBOURS}"), ("db.external-service.com", "203.0.113.40"))
     }
 
     fn addr(text: &str) -> SocketAddr {
