@@ -29,10 +29,11 @@ pub struct Joined {
     pub idled_out: bool,
 }
 
-/// Each direction's buffer: a bulk transfer moves in reads and writes of up to this many bytes (tokio's default,
-/// 8 KiB, costs eight system calls where one does; bench/README.md has the figures). Allocated per direction when
-/// the join starts, freed when it ends.
-const RELAY_BUFFER: usize = 64 * 1024;
+/// Each direction's buffer: a bulk transfer moves in reads and writes of up to this many bytes. Tokio's default
+/// (8 KiB) takes four system calls where this takes one, and larger ones cost memory per relayed connection and
+/// zeroing per join (bench/README.md has the figures). Allocated per direction when the join starts, freed when it
+/// ends.
+const RELAY_BUFFER: usize = 32 * 1024;
 
 /// Relays bytes both ways between `first` and `second` until either closes, fails, or both are silent for `idle`.
 pub async fn join<A, B>(first: &mut A, second: &mut B, idle: Duration) -> io::Result<Joined>

@@ -159,7 +159,8 @@ impl ConnectionMetrics {
         metrics
     }
 
-    pub fn opened(&self, labels: &TcpLabels) {
+    /// Counts a connection opened; what it returns counts it closed, with the series looked up now.
+    pub fn opened(&self, labels: &TcpLabels) -> OpenConnection {
         let opened = self.opened.get_or_create(labels);
         opened.inc();
         if labels.destination_service_name.as_str() == "PassthroughCluster" {
@@ -167,6 +168,13 @@ impl ConnectionMetrics {
             if !watched.contains_key(labels) {
                 watched.insert(labels.clone(), Watched::new(opened.clone()));
             }
+            // Its series may be swept while it lasts: looked up again when it closes.
+            return OpenConnection::Passthrough(self.clone(), labels.clone());
+        }
+        OpenConnection::Registered {
+            closed: self.closed.get_or_create(labels).clone(),
+            received: self.received.get_or_create(labels).clone(),
+            sent: self.sent.get_or_create(labels).clone(),
         }
     }
 
@@ -189,11 +197,29 @@ impl ConnectionMetrics {
         let watched = self.passthrough.lock().unwrap_or_else(PoisonError::into_inner);
         watched.keys().map(|labels| labels.destination_service.as_str().to_owned()).collect()
     }
+}
 
-    /// A connection ended: `received` bytes came from the client, `sent` went back to it.
-    pub fn closed(&self, labels: &TcpLabels, received: u64, sent: u64) {
-        self.closed.get_or_create(labels).inc();
-        self.received.get_or_create(labels).inc_by(received);
-        self.sent.get_or_create(labels).inc_by(sent);
+/// A connection counted as opened, to be counted as closed: its series, found once.
+#[must_use = "a connection opened is counted closed when it ends"]
+pub enum OpenConnection {
+    Registered { closed: Counter, received: Counter, sent: Counter },
+    Passthrough(ConnectionMetrics, TcpLabels),
+}
+
+impl OpenConnection {
+    /// The connection ended: `received` bytes came from the client, `sent` went back to it.
+    pub fn closed(self, received: u64, sent: u64) {
+        match self {
+            OpenConnection::Registered { closed, received: from_client, sent: to_client } => {
+                closed.inc();
+                from_client.inc_by(received);
+                to_client.inc_by(sent);
+            }
+            OpenConnection::Passthrough(metrics, labels) => {
+                metrics.closed.get_or_create(&labels).inc();
+                metrics.received.get_or_create(&labels).inc_by(received);
+                metrics.sent.get_or_create(&labels).inc_by(sent);
+            }
+        }
     }
 }

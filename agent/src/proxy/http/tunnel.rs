@@ -52,12 +52,12 @@ impl HttpProxy {
         tokio::spawn(async move {
             match hyper::upgrade::on(request).await {
                 Ok(upgraded) => {
-                    tcp.opened(&tcp_labels);
+                    let open = tcp.opened(&tcp_labels);
                     let (mut client, mut upstream) = (TokioIo::new(upgraded), upstream);
                     let joined = join::join(&mut client, &mut upstream, idle).await;
                     let counts = joined.as_ref().map(|joined| (joined.from_first, joined.from_second));
                     let (received, sent) = counts.unwrap_or_default();
-                    tcp.closed(&tcp_labels, received, sent);
+                    open.closed(received, sent);
                     tracing::debug!(?peer, upstream = %address, ?joined, "tunnel ended");
                 }
                 Err(error) => tracing::debug!(?peer, %error, "tunnel not established"),

@@ -21,7 +21,7 @@ use crate::{
     config::workloads::Workload,
     policy::labels::DestinationLabels,
     telemetry::{
-        connections::{ConnectionRecord, TcpLabels},
+        connections::{ConnectionRecord, OpenConnection, TcpLabels},
         response_flags::ResponseFlag,
     },
 };
@@ -129,13 +129,15 @@ async fn finish(
         telemetry.host_mismatch(action);
     }
     let outcome = relay(&mut stream, connection, verdict, proxy).await;
-    let labels = TcpLabels::new(&outcome.destination, outcome.flag).from_source(connection.source);
-    if outcome.upstream.is_none() {
-        // Refused: counted as opened and closed at once, and reset so the client takes no close for an answer.
-        telemetry.tcp.opened(&labels);
-        tcp::reset(&stream);
+    match outcome.open {
+        Some(open) => open.closed(outcome.received, outcome.sent),
+        None => {
+            // Refused: counted as opened and closed at once, and reset so the client takes no close for an answer.
+            let labels = TcpLabels::new(&outcome.destination, outcome.flag).from_source(connection.source);
+            telemetry.tcp.opened(&labels).closed(0, 0);
+            tcp::reset(&stream);
+        }
     }
-    telemetry.tcp.closed(&labels, outcome.received, outcome.sent);
     telemetry.log_connection(&ConnectionRecord {
         start,
         duration: started.elapsed(),
@@ -161,18 +163,19 @@ struct Connection<'a> {
     source: Option<&'a Workload>,
 }
 
-/// How a connection ended: relayed (`upstream` set; counted as opened when it was), or refused.
+/// How a connection ended: relayed (`upstream` set; counted as opened when it was, `open`), or refused.
 struct Outcome {
     destination: DestinationLabels,
     flag: ResponseFlag,
     upstream: Option<SocketAddr>,
     received: u64,
     sent: u64,
+    open: Option<OpenConnection>,
 }
 
 impl Outcome {
     fn refused(destination: DestinationLabels, flag: ResponseFlag) -> Outcome {
-        Outcome { destination, flag, upstream: None, received: 0, sent: 0 }
+        Outcome { destination, flag, upstream: None, received: 0, sent: 0, open: None }
     }
 }
 
@@ -207,12 +210,12 @@ async fn relay(stream: &mut TcpStream, connection: &Connection<'_>, verdict: Ver
             return Outcome::refused(destination, ResponseFlag::UpstreamConnectionFailure);
         }
     };
-    telemetry.tcp.opened(&TcpLabels::new(&destination, ResponseFlag::None).from_source(source));
+    let open = telemetry.tcp.opened(&TcpLabels::new(&destination, ResponseFlag::None).from_source(source));
     let joined = match upstream.write_all(hello).await {
         Ok(()) => super::join::join(stream, &mut upstream, proxy.limits().idle_timeout).await.ok(),
         Err(_) => None,
     };
     let (received, sent) = joined.map(|joined| (joined.from_first, joined.from_second)).unwrap_or_default();
     let received = received + hello.len() as u64;
-    Outcome { destination, flag: ResponseFlag::None, upstream: Some(address), received, sent }
+    Outcome { destination, flag: ResponseFlag::None, upstream: Some(address), received, sent, open: Some(open) }
 }

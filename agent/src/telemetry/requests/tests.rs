@@ -72,7 +72,7 @@ async fn passthrough_series_unused_for_a_while_are_dropped_and_the_others_kept()
         TcpLabels::new(&crate::telemetry::passthrough::destination("198.51.100.9:5432"), ResponseFlag::None);
     telemetry.record(&to("idle-1.sweep.example"));
     telemetry.record(&to("busy-1.sweep.example"));
-    telemetry.tcp.opened(&connection);
+    telemetry.tcp.opened(&connection).closed(0, 0);
     telemetry.record(&RequestRecord { response_code: 502, ..RequestRecord::default() });
     let encoded = || {
         let mut text = String::new();
