@@ -121,22 +121,34 @@ pub(super) fn targets<'a>(
     Targets(targets)
 }
 
+/// What a VirtualService's routes share: its name, its namespace and `exportTo`, and its routes' own `names`.
+pub(super) fn route_scope(
+    snapshot: &Snapshot,
+    resource: &crate::config::Resource,
+    service: &crate::config::virtual_service::VirtualService,
+    names: Box<[Option<Arc<str>>]>,
+    interner: &mut Interner,
+) -> Arc<RouteScope> {
+    let namespace = resource.metadata.namespace();
+    let visible_to =
+        Visibility::compile_or(&service.export_to, &snapshot.mesh.default_virtual_service_export_to, namespace);
+    Arc::new(RouteScope {
+        source: format!("{namespace}/{}", resource.metadata.name).into(),
+        exported: interner.exported(namespace, visible_to),
+        names,
+    })
+}
+
 pub(super) fn virtual_host(snapshot: &Snapshot, indexes: &[usize], interner: &mut Interner) -> VirtualHost {
     let mut routes = Vec::new();
     for resource in bindings::services(snapshot, indexes) {
         let Spec::VirtualService(service) = &resource.spec else { continue };
-        let namespace = resource.metadata.namespace();
-        let visible_to =
-            Visibility::compile_or(&service.export_to, &snapshot.mesh.default_virtual_service_export_to, namespace);
-        let scope = Arc::new(RouteScope {
-            source: format!("{namespace}/{}", resource.metadata.name).into(),
-            exported: interner.exported(namespace, visible_to),
-            names: if service.http.iter().any(|route| route.name.is_some()) {
-                service.http.iter().map(|route| route.name.as_deref().map(Arc::from)).collect()
-            } else {
-                Box::default()
-            },
-        });
+        let names = if service.http.iter().any(|route| route.name.is_some()) {
+            service.http.iter().map(|route| route.name.as_deref().map(Arc::from)).collect()
+        } else {
+            Box::default()
+        };
+        let scope = route_scope(snapshot, resource, service, names, interner);
         for (i, route) in service.http.iter().enumerate() {
             let index = u32::try_from(i).unwrap_or(u32::MAX);
             routes.push(compile_route(route, &scope, index, interner));

@@ -108,14 +108,7 @@ pub(super) fn l4_routes(
         if tls.is_empty() && tcp.is_empty() {
             continue;
         }
-        let namespace = resource.metadata.namespace();
-        let visible_to =
-            Visibility::compile_or(&service.export_to, &snapshot.mesh.default_virtual_service_export_to, namespace);
-        let scope = Arc::new(RouteScope {
-            source: format!("{namespace}/{}", resource.metadata.name).into(),
-            exported: interner.exported(namespace, visible_to),
-            names: Box::default(),
-        });
+        let scope = route_scope(snapshot, resource, service, Box::default(), interner);
         for route in tls {
             let matches = route.matches.iter().map(|m| (&m.sni_hosts[..], &m.l4));
             routes.push(l4_route(matches, &route.route, &scope, interner));
