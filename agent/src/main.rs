@@ -119,7 +119,7 @@ fn check(paths: &[PathBuf]) -> anyhow::Result<()> {
     }
     // Valid, but with a field that does nothing in Sluice yet: said, so that nothing is ignored in silence.
     for resource in &loaded.snapshot.resources {
-        for (field, why) in sluice_agent::config::unsupported::fields(resource) {
+        for (field, why) in sluice_agent::config::unsupported::fields(resource, false) {
             let _ = writeln!(out, "{}: {field}: not applied: {why}", resource.id());
         }
     }

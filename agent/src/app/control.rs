@@ -81,7 +81,7 @@ impl Control {
         let snapshot = self.snapshot();
         self.names = resolver::names(&snapshot);
         for resource in &snapshot.resources {
-            for (field, why) in crate::config::unsupported::fields(resource) {
+            for (field, why) in crate::config::unsupported::fields(resource, self.kube.is_some()) {
                 let id = resource.id();
                 if self.warned.insert(format!("{id} {field}")) {
                     tracing::warn!(resource = %id, %field, reason = why, "field not applied");

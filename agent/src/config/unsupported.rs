@@ -6,24 +6,52 @@ use super::{
     Resource, Spec,
 };
 
-/// The paths of the fields `resource` sets that have no effect in Sluice, each with why.
-pub fn fields(resource: &Resource) -> Vec<(String, &'static str)> {
+/// Why a source match holds for no request when the pods are not watched.
+const NO_SOURCES: &str = "sources are known only with --kube (the pods watched): without it, this match never holds";
+
+/// The paths of the fields `resource` sets that have no effect in Sluice, each with why. `knows_sources`: the
+/// pods behind the gateway are watched (`--kube`), so `sourceLabels` and `sourceNamespace` can hold.
+pub fn fields(resource: &Resource, knows_sources: bool) -> Vec<(String, &'static str)> {
     let mut found = Vec::new();
     match &resource.spec {
         Spec::VirtualService(service) => {
-            for (i, route) in service.http.iter().enumerate() {
-                for (j, m) in route.matches.iter().enumerate() {
-                    let path = format!("spec.http[{i}].match[{j}]");
-                    if !m.source_labels.is_empty() {
-                        found.push((format!("{path}.sourceLabels"), "workload labels are not known to the gateway"));
+            if !knows_sources {
+                let http = service.http.iter().enumerate().flat_map(|(i, route)| {
+                    let matches = route.matches.iter().enumerate();
+                    matches.map(move |(j, m)| {
+                        (
+                            format!("spec.http[{i}].match[{j}]"),
+                            !m.source_labels.is_empty(),
+                            m.source_namespace.is_some(),
+                        )
+                    })
+                });
+                let tls = service.tls.iter().enumerate().flat_map(|(i, route)| {
+                    let matches = route.matches.iter().enumerate();
+                    matches.map(move |(j, m)| {
+                        (
+                            format!("spec.tls[{i}].match[{j}]"),
+                            !m.l4.source_labels.is_empty(),
+                            m.l4.source_namespace.is_some(),
+                        )
+                    })
+                });
+                let tcp = service.tcp.iter().enumerate().flat_map(|(i, route)| {
+                    let matches = route.matches.iter().enumerate();
+                    matches.map(move |(j, m)| {
+                        (format!("spec.tcp[{i}].match[{j}]"), !m.source_labels.is_empty(), m.source_namespace.is_some())
+                    })
+                });
+                for (path, labels, namespace) in http.chain(tls).chain(tcp) {
+                    if labels {
+                        found.push((format!("{path}.sourceLabels"), NO_SOURCES));
                     }
-                    if m.source_namespace.is_some() {
-                        found.push((
-                            format!("{path}.sourceNamespace"),
-                            "workload namespaces are not known to the gateway",
-                        ));
+                    if namespace {
+                        found.push((format!("{path}.sourceNamespace"), NO_SOURCES));
                     }
                 }
+            }
+            for (i, route) in service.http.iter().enumerate() {
                 if route.fault.as_ref().and_then(|f| f.abort.as_ref()).is_some_and(|a| a.http_status.is_none()) {
                     found.push((format!("spec.http[{i}].fault.abort.grpcStatus"), "gRPC aborts are not injected"));
                 }
@@ -117,7 +145,7 @@ spec: {hosts: [b.example], http: [{route: [{destination: {host: b.example}}]}]}
         let named: Vec<Vec<String>> = snapshot
             .resources
             .iter()
-            .map(|resource| fields(resource).into_iter().map(|(path, _)| path).collect())
+            .map(|resource| fields(resource, false).into_iter().map(|(path, _)| path).collect())
             .collect();
         assert_eq!(
             named,
@@ -127,5 +155,24 @@ spec: {hosts: [b.example], http: [{route: [{destination: {host: b.example}}]}]}
                 vec![],
             ]
         );
+    }
+
+    #[test]
+    fn source_matches_are_named_unless_the_pods_are_watched() {
+        let snapshot = Snapshot::from_yaml(
+            "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: s}
+spec:
+  hosts: [s.example]
+  http: [{match: [{sourceLabels: {app: a}}], route: [{destination: {host: s.example}}]}]
+  tcp: [{match: [{sourceNamespace: team-a}], route: [{destination: {host: s.example}}]}]
+",
+        );
+        let paths = |knows_sources| -> Vec<String> {
+            fields(&snapshot.resources[0], knows_sources).into_iter().map(|(path, _)| path).collect()
+        };
+        assert_eq!(paths(false), ["spec.http[0].match[0].sourceLabels", "spec.tcp[0].match[0].sourceNamespace"]);
+        assert!(paths(true).is_empty(), "with --kube they hold");
     }
 }
