@@ -5,15 +5,20 @@ use std::collections::HashMap;
 
 use super::*;
 
-/// Every address the registry knows a service at (its `addresses`, endpoints and resolved names), exact
-/// addresses in a hash, ranges in a list; and the services known at no address, by port (Istio gives such a
-/// TCP service the whole port).
+/// Every address the registry knows a service at (its `addresses`, endpoints and resolved names): exact addresses
+/// in a hash, ranges in a hash per prefix length (a lookup costs one probe per length the registry uses, as the
+/// kernel's CIDR table does, not one test per range); and the services known at no address, by port (Istio gives
+/// such a TCP service the whole port).
 #[derive(Debug, Default)]
 pub(super) struct AddressIndex {
-    exact: HashMap<IpAddr, Vec<Arc<Service>>>,
-    ranges: Vec<(IpNet, Arc<Service>)>,
-    port_wide: HashMap<u16, Vec<Arc<Service>>>,
+    exact: HashMap<IpAddr, Services>,
+    /// By prefix length, the longest first.
+    ranges: Vec<(u8, HashMap<IpNet, Services>)>,
+    port_wide: HashMap<u16, Services>,
 }
+
+/// Services in declaration order.
+type Services = Vec<Arc<Service>>;
 
 impl AddressIndex {
     pub(super) fn insert(&mut self, service: &Arc<Service>) {
@@ -26,22 +31,33 @@ impl AddressIndex {
             if net.prefix_len() == net.max_prefix_len() {
                 self.exact.entry(net.addr()).or_default().push(service.clone());
             } else {
-                self.ranges.push((*net, service.clone()));
+                let length = net.prefix_len();
+                let at = match self.ranges.binary_search_by(|(held, _)| length.cmp(held)) {
+                    Ok(at) => at,
+                    Err(at) => {
+                        self.ranges.insert(at, (length, HashMap::new()));
+                        at
+                    }
+                };
+                self.ranges[at].1.entry(net.trunc()).or_default().push(service.clone());
             }
         }
     }
 
     pub(super) fn shrink_to_fit(&mut self) {
         self.exact.shrink_to_fit();
-        self.ranges.shrink_to_fit();
+        self.ranges.iter_mut().for_each(|(_, nets)| nets.shrink_to_fit());
         self.port_wide.shrink_to_fit();
     }
 
     /// The services known at `address`: those at exactly it first, in declaration order, then those whose
-    /// range holds it, then the TCP services known at no address that declare `port`.
+    /// range holds it (the longest first), then the TCP services known at no address that declare `port`.
     pub(super) fn at(&self, address: IpAddr, port: u16) -> impl Iterator<Item = &Service> {
         let exact = self.exact.get(&address).into_iter().flatten();
-        let ranges = self.ranges.iter().filter(move |(net, _)| net.contains(&address)).map(|(_, service)| service);
+        let ranges = self.ranges.iter().flat_map(move |(length, nets)| {
+            let net = IpNet::new(address, *length).ok().map(|net| net.trunc());
+            net.and_then(|net| nets.get(&net)).into_iter().flatten()
+        });
         let port_wide = self.port_wide.get(&port).into_iter().flatten();
         exact.chain(ranges).chain(port_wide).map(|service| &**service)
     }
