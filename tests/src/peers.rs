@@ -1,4 +1,5 @@
-//! Real servers from Debian's packages, run inside a namespace: nginx for HTTP and dnsmasq for DNS.
+//! Real servers from Debian's packages, run inside a namespace: nginx for HTTP, dnsmasq for DNS, PostgreSQL for a
+//! database clients reach over plain TCP.
 
 use std::{
     fmt::Write as _,
@@ -105,6 +106,67 @@ impl Dnsmasq {
         wait_for_tcp(netns, addr, &mut process)?;
         Ok(Dnsmasq { _process: process })
     }
+}
+
+/// A PostgreSQL server (Debian's `postgresql`) with a database cluster of its own in a temporary directory, run as
+/// the `postgres` user (it refuses root), trusting every client: `psql -h ADDR -U postgres` gets in.
+pub struct Postgres {
+    /// Stopped on drop, before its directory goes.
+    _process: Process,
+    _dir: tempfile::TempDir,
+}
+
+impl Postgres {
+    /// Starts it listening on `addresses`, port `port`, in `netns`; ready once it accepts on each.
+    pub fn start(netns: &Netns, addresses: &[&str], port: u16) -> anyhow::Result<Postgres> {
+        let bin = postgres_bin()?;
+        let dir = tempfile::Builder::new().prefix("sluice-postgres-").tempdir().context("creating its directory")?;
+        let user =
+            nix::unistd::User::from_name("postgres")?.context("no postgres user: is Debian's postgresql installed?")?;
+        std::os::unix::fs::chown(dir.path(), Some(user.uid.as_raw()), Some(user.gid.as_raw()))?;
+        let data = dir.path().join("data");
+        let as_postgres = |program: &str| {
+            let mut command = netns.command("setpriv");
+            command.args(["--reuid=postgres", "--regid=postgres", "--clear-groups"]).arg(bin.join(program));
+            command
+        };
+        let initdb = as_postgres("initdb")
+            .args(["--auth=trust", "--username=postgres", "--no-sync", "--no-instructions", "-D"])
+            .arg(&data)
+            .output()
+            .context("running initdb")?;
+        anyhow::ensure!(initdb.status.success(), "initdb: {}", String::from_utf8_lossy(&initdb.stderr));
+        let mut hba = std::fs::OpenOptions::new().append(true).open(data.join("pg_hba.conf"))?;
+        std::io::Write::write_all(&mut hba, b"host all all 0.0.0.0/0 trust\nhost all all ::/0 trust\n")?;
+        let mut command = as_postgres("postgres");
+        command
+            .arg("-D")
+            .arg(&data)
+            .arg("-k")
+            .arg(dir.path())
+            .args(["-c", &format!("listen_addresses={}", addresses.join(",")), "-p", &port.to_string()])
+            .args(["-c", "fsync=off", "-c", "log_connections=on"]);
+        let mut process = Process::spawn("postgres", command)?;
+        for address in addresses {
+            wait_for_tcp(netns, SocketAddr::new(address.parse()?, port), &mut process)?;
+        }
+        Ok(Postgres { _process: process, _dir: dir })
+    }
+}
+
+/// The programs of the newest PostgreSQL installed (`/usr/lib/postgresql/VERSION/bin`).
+fn postgres_bin() -> anyhow::Result<std::path::PathBuf> {
+    let mut versions: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .context("/usr/lib/postgresql: is Debian's postgresql installed?")?
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let version = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("postgres").is_file().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin).context("no PostgreSQL server under /usr/lib/postgresql")
 }
 
 /// Waits until something accepts TCP connections on `addr` inside `netns`.

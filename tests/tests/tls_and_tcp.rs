@@ -15,7 +15,7 @@ use std::{
 use sluice_tests::{
     istio::{self, MESH_REGISTRY_ONLY},
     metrics::total,
-    peers::{Dnsmasq, Nginx},
+    peers::{Dnsmasq, Nginx, Postgres},
     require_root,
     tls::{certificates, client_hello},
     topology::{GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A, SERVER_B},
@@ -49,12 +49,17 @@ spec:
 /// nginx serving TLS on `listen` for every name the certificate holds, answering with the name the client sent,
 /// and counting the connections it accepts on a plain port (`stub_status` on 127.0.0.1:8080).
 fn tls_server(topology: &Topology, listen: &[SocketAddr], cert: &str, key: &str) -> Nginx {
+    tls_server_answering(topology, listen, (cert, key), "sni=$ssl_server_name")
+}
+
+/// As `tls_server`, answering `body` (nginx variables expanded).
+fn tls_server_answering(topology: &Topology, listen: &[SocketAddr], (cert, key): (&str, &str), body: &str) -> Nginx {
     let servers: String = listen
         .iter()
         .map(|listen| {
             format!(
                 "server {{\n    listen {listen} ssl;\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    \
-                 location / {{ default_type text/plain; return 200 \"sni=$ssl_server_name\\n\"; }}\n  }}\n"
+                 location / {{ default_type text/plain; return 200 \"{body}\\n\"; }}\n  }}\n"
             )
         })
         .collect();
@@ -446,4 +451,163 @@ spec:
         let opened = [("destination_service_name", database)];
         assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &opened), 1, "{database}: {metrics}");
     }
+}
+
+/// An SSLv2-compatible ClientHello (the two-byte record header with its high bit set, as old clients send to
+/// reach TLS 1.0 servers): it carries no extensions, so no server name.
+fn sslv2_compatible_hello() -> Vec<u8> {
+    let ciphers: [u8; 6] = [0x00, 0x00, 0x2f, 0x00, 0x00, 0x35];
+    let challenge = [0x5a; 16];
+    let mut body = vec![0x01, 0x03, 0x01];
+    for length in [ciphers.len(), 0, challenge.len()] {
+        body.extend_from_slice(&(length as u16).to_be_bytes());
+    }
+    body.extend_from_slice(&ciphers);
+    body.extend_from_slice(&challenge);
+    let mut hello = vec![0x80 | (body.len() >> 8) as u8, body.len() as u8];
+    hello.extend_from_slice(&body);
+    hello
+}
+
+/// `psql` from the workload to `address`: the address the server says the connection reached
+/// (`inet_server_addr()`), or what went wrong.
+fn psql_server_address(topology: &Topology, address: &str) -> Result<String, String> {
+    let output = topology
+        .workload
+        .command("psql")
+        .arg(format!("host={address} port=5432 user=postgres dbname=postgres connect_timeout=5"))
+        .args(["-Atc", "select host(inet_server_addr())"])
+        .output()
+        .unwrap();
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+const SPLIT: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: egress}
+spec:
+  hosts: [api.example.com]
+  addresses: [198.51.100.1]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: pool-a, namespace: egress}
+spec:
+  hosts: [pool-a.internal]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  endpoints: [{address: 203.0.113.10}]
+  resolution: STATIC
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: pool-b, namespace: egress}
+spec:
+  hosts: [pool-b.internal]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  endpoints: [{address: 203.0.113.20}]
+  resolution: STATIC
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api-split, namespace: egress}
+spec:
+  hosts: [api.example.com]
+  tls:
+  - match: [{sniHosts: [api.example.com], port: 443}]
+    route:
+    - {destination: {host: pool-a.internal}, weight: 50}
+    - {destination: {host: pool-b.internal}, weight: 50}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: egress}
+spec:
+  hosts: [db.example]
+  addresses: [198.51.100.2]
+  ports: [{number: 5432, name: postgres, protocol: TCP}]
+  endpoints:
+  - {address: 203.0.113.10, labels: {version: v1}}
+  - {address: 203.0.113.20, labels: {version: v2}}
+  resolution: STATIC
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: db, namespace: egress}
+spec:
+  host: db.example
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db-split, namespace: egress}
+spec:
+  hosts: [db.example]
+  tcp:
+  - route:
+    - {destination: {host: db.example, subset: v1}, weight: 50}
+    - {destination: {host: db.example, subset: v2}, weight: 50}
+";
+
+#[test]
+fn weighted_tls_and_tcp_routes_split_connections_psql_reaches_postgres_and_sslv2_hellos_go_by_address() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates(dir.path(), "sluice-test-ca", &["api.example.com"]);
+    let listen = [addr(SERVER_A, 443), addr(SERVER_B, 443), addr(INTERNET_ADDR, 443)];
+    let _nginx = tls_server_answering(&topology, &listen, (&cert, &key), "at=$server_addr");
+    let _postgres = Postgres::start(&topology.internet, &[SERVER_A, SERVER_B], 5432).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, SPLIT]).unwrap();
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    assert!(agent.log().contains("intercept_ports=[80, 443, 5432]"), "{}", agent.log());
+
+    // The name at its virtual IP, split between the two pools by the route's weights.
+    let mut pools = std::collections::BTreeMap::new();
+    for _ in 0..24 {
+        let answer =
+            https(&topology, "api.example.com", "198.51.100.1", &ca).unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
+        *pools.entry(answer).or_insert(0) += 1;
+    }
+    let seen: Vec<_> = pools.keys().cloned().collect();
+    assert_eq!(seen, [format!("at={SERVER_A}\n"), format!("at={SERVER_B}\n")], "{pools:?}");
+
+    // psql to the database's virtual IP: PostgreSQL's own protocol (SSLRequest, startup, query) relayed to the
+    // endpoint of the subset the tcp route picks, each subset in turn by weight.
+    let mut servers = std::collections::BTreeSet::new();
+    for _ in 0..16 {
+        servers
+            .insert(psql_server_address(&topology, "198.51.100.2").unwrap_or_else(|e| panic!("{e}\n{}", agent.log())));
+    }
+    assert_eq!(servers.into_iter().collect::<Vec<_>>(), [SERVER_A, SERVER_B]);
+    // An endpoint's own address is db.example's too: its route applies.
+    assert!(psql_server_address(&topology, SERVER_B).is_ok());
+
+    // An SSLv2-compatible hello names no server: decided by the address dialled, as TCP is — relayed to a
+    // registered one, refused at an unregistered one before anything reaches it.
+    let before = accepted(&topology);
+    send_in_pieces(&topology, addr(SERVER_A, 443), &[sslv2_compatible_hello()]);
+    assert_eq!(accepted(&topology), before + 2, "relayed to nginx (and the status request)");
+    let (answer, closed) = send_in_pieces(&topology, addr(INTERNET_ADDR, 443), &[sslv2_compatible_hello()]);
+    assert!(answer.is_empty() && closed);
+    assert_eq!(accepted(&topology), before + 3, "only the status requests: nothing reached the unregistered address");
+
+    let metrics = agent.metrics().unwrap();
+    for pool in ["pool-a.internal", "pool-b.internal"] {
+        let opened = [("destination_service_name", pool)];
+        assert!(total(&metrics, "istio_tcp_connections_opened_total", &opened) >= 1, "{pool}: {metrics}");
+    }
+    let databases = [("destination_service_name", "db.example")];
+    assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &databases), 17, "{metrics}");
+    let blackholed = [("destination_service_name", "BlackHoleCluster")];
+    assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &blackholed), 1, "{metrics}");
 }

@@ -25,7 +25,11 @@ const PEERS: &[(&str, &str)] = &[
     ("prometheus", "prometheus"),
     ("h2load", "nghttp2-client"),
     ("openssl", "openssl"),
+    ("psql", "postgresql-client"),
 ];
+/// The PostgreSQL server the TCP tests relay psql to: not on `PATH` (Debian keeps it under
+/// `/usr/lib/postgresql/VERSION/bin`).
+const POSTGRES_SERVER: (&str, &str) = ("/usr/lib/postgresql", "postgresql");
 /// The load generator and the proxies `cargo xtask bench` compares Sluice with.
 const BENCH_PEERS: &[(&str, &str)] =
     &[("wrk", "wrk"), ("haproxy", "haproxy"), ("squid", "squid"), ("taskset", "util-linux"), ("ethtool", "ethtool")];
@@ -44,6 +48,9 @@ pub fn install() -> anyhow::Result<()> {
         if !on_path(program) && !Path::new("/usr/sbin").join(program).is_file() {
             packages.push(package);
         }
+    }
+    if !postgres_installed() {
+        packages.push(POSTGRES_SERVER.1);
     }
     if !packages.is_empty() {
         apt_install(&packages)?;
@@ -113,6 +120,11 @@ fn install_bpf_linker() -> anyhow::Result<()> {
             .env("LLVM_PREFIX", llvm),
     )
     .with_context(|| format!("installing bpf-linker; by hand: {by_hand}"))
+}
+
+fn postgres_installed() -> bool {
+    std::fs::read_dir(POSTGRES_SERVER.0)
+        .is_ok_and(|versions| versions.flatten().any(|version| version.path().join("bin/postgres").is_file()))
 }
 
 fn on_path(program: &str) -> bool {

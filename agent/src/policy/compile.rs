@@ -63,35 +63,58 @@ pub fn datapath_policy(snapshot: &Snapshot, resolved: &Resolved, node: &NodeSett
 
 /// The ports handed to the proxy: the node's (`--intercept-port`), and whenever the node intercepts at all, those
 /// the configuration needs the proxy for: ServiceEntry ports with protocol `HTTPS` or `TLS` (decided by server
-/// name), TCP ports of ServiceEntries known at no address (which Istio gives the whole port), and the ports of the
-/// mesh's `tls` and `tcp` routes.
+/// name); TCP ports of ServiceEntries known at no address (which Istio gives the whole port) or whose `addresses`
+/// are virtual IPs in front of endpoints or a DNS name (a connection to one goes where the proxy sends it, not
+/// where it was sent); the ports of the mesh's `tls` and `tcp` routes, and for a route that names no port, its
+/// hosts' ports.
 fn intercepted_ports(snapshot: &Snapshot, node: &NodeSettings) -> Vec<u16> {
     if node.proxy_port == 0 {
         return node.intercept_ports.clone();
     }
     let mut ports: BTreeSet<u16> = node.intercept_ports.iter().copied().collect();
+    let mut opaque_ports_by_host: Vec<(&str, u16)> = Vec::new();
     for resource in &snapshot.resources {
-        match &resource.spec {
-            Spec::ServiceEntry(entry) => {
-                let unaddressed = entry.addresses.is_empty() && entry.resolution() == Resolution::None;
-                let needs_proxy = |protocol: Option<&str>| match protocol {
-                    Some(protocol) if is_tls(protocol) => true,
-                    Some(protocol) if is_http(protocol) => false,
-                    Some(protocol) => unaddressed && transport(protocol) == Some(Transport::Tcp),
-                    None => unaddressed,
-                };
-                let named = entry.ports.iter().filter(|port| needs_proxy(port.protocol.as_deref()));
-                ports.extend(named.filter_map(|port| u16::try_from(port.number).ok()));
+        let Spec::ServiceEntry(entry) = &resource.spec else { continue };
+        let unaddressed = entry.addresses.is_empty() && entry.resolution() == Resolution::None;
+        let virtual_ips = !entry.addresses.is_empty() && entry.resolution() != Resolution::None;
+        for port in &entry.ports {
+            let Ok(number) = u16::try_from(port.number) else { continue };
+            let protocol = port.protocol.as_deref();
+            if protocol.is_some_and(is_http) {
+                continue;
             }
-            Spec::VirtualService(service) if service.binds_to_mesh() => {
-                let tls = service.tls.iter().flat_map(|route| route.matches.iter().map(|m| &m.l4));
-                let tcp = service.tcp.iter().flat_map(|route| &route.matches);
-                ports.extend(tls.chain(tcp).filter_map(|m| m.port).filter_map(|port| u16::try_from(port).ok()));
+            opaque_ports_by_host.extend(entry.hosts.iter().map(|host| (host.as_str(), number)));
+            let tcp = protocol.is_none_or(|protocol| transport(protocol) == Some(Transport::Tcp));
+            if protocol.is_some_and(is_tls) || (tcp && (unaddressed || virtual_ips)) {
+                ports.insert(number);
             }
-            _ => {}
+        }
+    }
+    for resource in &snapshot.resources {
+        let Spec::VirtualService(service) = &resource.spec else { continue };
+        if !service.binds_to_mesh() {
+            continue;
+        }
+        let tls = service.tls.iter().map(|route| route.matches.iter().map(|m| m.l4.port).collect::<Vec<_>>());
+        let tcp = service.tcp.iter().map(|route| route.matches.iter().map(|m| m.port).collect::<Vec<_>>());
+        for matched_ports in tls.chain(tcp) {
+            ports.extend(matched_ports.iter().flatten().filter_map(|&port| u16::try_from(port).ok()));
+            // A route with no match, or a match without a port: every non-HTTP port of the hosts it routes.
+            if matched_ports.is_empty() || matched_ports.iter().any(Option::is_none) {
+                let routed = |host: &str| service.hosts.iter().any(|pattern| host_matches(pattern, host));
+                ports.extend(opaque_ports_by_host.iter().filter(|(host, _)| routed(host)).map(|(_, port)| *port));
+            }
         }
     }
     ports.into_iter().collect()
+}
+
+/// Whether a VirtualService's host `pattern` (exact, or `*.suffix`) covers the registered `host`.
+fn host_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some(suffix) => host.len() > suffix.len() && host.to_ascii_lowercase().ends_with(&suffix.to_ascii_lowercase()),
+        None => pattern.eq_ignore_ascii_case(host),
+    }
 }
 
 /// The mesh's outbound mode: the node's override, else the mesh config's, else Istio's default (ALLOW_ANY).
@@ -216,6 +239,51 @@ spec:
         assert_eq!(intercepting.intercept_ports, [80, 443, 6432], "443 is named TLS: handed to the proxy too");
         let not_intercepting = NodeSettings { intercept_ports: Vec::new(), proxy_port: 0, ..NodeSettings::default() };
         assert!(datapath_policy(&snapshot, &resolved, &not_intercepting).intercept_ports.is_empty());
+    }
+
+    #[test]
+    fn virtual_ips_and_the_hosts_of_portless_tcp_routes_are_handed_to_the_proxy() {
+        let snapshot = snapshot(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: default}
+spec:
+  hosts: [db.example]
+  addresses: [198.51.100.2]
+  ports: [{number: 5432, name: pg, protocol: TCP}]
+  endpoints: [{address: 203.0.113.20}]
+  resolution: STATIC
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: cache, namespace: default}
+spec:
+  hosts: [cache.example]
+  ports: [{number: 6379, name: redis, protocol: TCP}, {number: 8080, name: http, protocol: HTTP}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: kafka, namespace: default}
+spec:
+  hosts: [kafka.example]
+  ports: [{number: 9092, name: kafka, protocol: TCP}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: cache, namespace: default}
+spec:
+  hosts: ['*.example']
+  tcp:
+  - route: [{destination: {host: cache.example}}]
+",
+        );
+        let node = NodeSettings { intercept_ports: vec![80], proxy_port: 15001, ..NodeSettings::default() };
+        let policy = datapath_policy(&snapshot, &Resolved::new(), &node);
+        // 5432: a virtual IP in front of an endpoint; 6379 and 9092: what the portless tcp route covers.
+        assert_eq!(policy.intercept_ports, [80, 5432, 6379, 9092]);
+        assert!(host_matches("*.Example", "cache.example") && !host_matches("*.example", "example"));
     }
 
     #[test]

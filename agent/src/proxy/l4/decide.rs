@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use crate::{
-    config::{virtual_service::MESH, workloads::Workload},
+    config::{service_entry::Resolution, virtual_service::MESH, workloads::Workload},
     policy::{
         labels::DestinationLabels,
         routes::{HostVerify, L4Route, L4View, PortKind, ProxyPolicy, ServiceChoice, Target, Upstream, Viewer},
@@ -61,10 +61,7 @@ pub fn decide_tls(
             match routed {
                 // A route to this gateway's own Service continues in the gateway's context, in process.
                 Some(target) if policy.is_own_service(target.host()) => target.port().unwrap_or(dialled.port()),
-                Some(target) => {
-                    let to = SocketAddr::new(dialled.ip(), target.port().unwrap_or(dialled.port()));
-                    return by_registry(policy, target.host(), server_name, to, viewer);
-                }
+                Some(target) => return routed_tls(policy, target, server_name, dialled, viewer),
                 // No route for the name: the registered host itself, as without a VirtualService.
                 None => return by_registry(policy, server_name.unwrap_or(""), server_name, dialled, viewer),
             }
@@ -133,6 +130,27 @@ pub fn decide_tcp(
     match routed {
         Some(target) => (to_target(policy, target, gateway_port, Viewer::Gateway, None, None), None),
         None => (no_route("no_route"), None),
+    }
+}
+
+/// Where an intercepted connection a mesh `tls` route took goes: to the route's destination as Envoy's cluster
+/// would choose (its subset, its endpoints, the load balancer), so a name that routes elsewhere cannot reach the
+/// address it was sent to. A destination with resolution NONE has no endpoints of its own: the connection goes to
+/// the address dialled, which must then be the destination's (no fronting), as without a route.
+fn routed_tls(
+    policy: &ProxyPolicy,
+    target: &Target,
+    server_name: Option<&str>,
+    dialled: SocketAddr,
+    viewer: Viewer<'_>,
+) -> (Verdict, Mismatch) {
+    let port = target.port().unwrap_or(dialled.port());
+    let to_original =
+        policy.registered_for(target.host(), port, viewer).is_none_or(|service| service.resolution == Resolution::None);
+    if to_original {
+        by_registry(policy, target.host(), server_name, SocketAddr::new(dialled.ip(), port), viewer)
+    } else {
+        (to_target(policy, target, port, viewer, server_name, Some(dialled)), None)
     }
 }
 
@@ -220,9 +238,22 @@ fn by_registry(
             }
         };
     };
-    let labels = labels_of(&ServiceChoice { service, port, subset: None, variant: service.variant(viewer, policy) });
+    let choice = ServiceChoice { service, port, subset: None, variant: service.variant(viewer, policy) };
+    let labels = labels_of(&choice);
     match service.known_at(dialled.ip()) {
-        Some(true) => (Verdict::Forward { address: dialled, labels, verify: None }, None),
+        Some(true) => {
+            // One of its `addresses` that no endpoint is (a virtual IP): an endpoint, as Envoy's cluster chooses.
+            let virtual_ip = choice.cluster().is_some_and(|cluster| cluster.endpoint(dialled.ip()).is_none());
+            let upstream = if virtual_ip { choice.upstream(None) } else { Upstream::OriginalDestination };
+            let verdict = match upstream {
+                Upstream::Endpoint(address) => Verdict::Forward { address, labels, verify: None },
+                Upstream::NoEndpoint | Upstream::NoSubset => {
+                    Verdict::Refuse { labels, flag: ResponseFlag::NoHealthyUpstream, reason: "no_endpoint" }
+                }
+                Upstream::OriginalDestination => Verdict::Forward { address: dialled, labels, verify: None },
+            };
+            (verdict, None)
+        }
         // The name is another host's address: domain fronting by SNI, or a stale DNS answer.
         Some(false) => match policy.host_verify {
             HostVerify::Strict => {

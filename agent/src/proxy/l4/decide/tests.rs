@@ -267,3 +267,146 @@ spec:
         assert!(matches!(no_server, Verdict::Refuse { reason: "no_gateway_server", .. }));
     }
 }
+
+mod weighted {
+    use super::*;
+
+    /// A name at a virtual IP, split 80/20 between two pools by a mesh `tls` route; a database at a virtual IP
+    /// whose endpoint is elsewhere, split between its subsets by a `tcp` route.
+    const SPLIT: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: egress}
+spec:
+  hosts: [api.example.com]
+  addresses: [198.51.100.1]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: pools, namespace: egress}
+spec:
+  hosts: [pool-a.internal]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  endpoints: [{address: 203.0.113.10}]
+  resolution: STATIC
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: pool-b, namespace: egress}
+spec:
+  hosts: [pool-b.internal]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  endpoints: [{address: 203.0.113.20}]
+  resolution: STATIC
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api-split, namespace: egress}
+spec:
+  hosts: [api.example.com]
+  tls:
+  - match: [{sniHosts: [api.example.com], port: 443}]
+    route:
+    - {destination: {host: pool-a.internal}, weight: 80}
+    - {destination: {host: pool-b.internal, port: {number: 443}}, weight: 20}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: egress}
+spec:
+  hosts: [db.example]
+  addresses: [198.51.100.2]
+  ports: [{number: 5432, name: pg, protocol: TCP}]
+  endpoints:
+  - {address: 203.0.113.10, labels: {version: v1}}
+  - {address: 203.0.113.20, labels: {version: v2}}
+  resolution: STATIC
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: db, namespace: egress}
+spec:
+  host: db.example
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db-split, namespace: egress}
+spec:
+  hosts: [db.example]
+  tcp:
+  - route:
+    - {destination: {host: db.example, subset: v1}, weight: 50}
+    - {destination: {host: db.example, subset: v2}, weight: 50}
+";
+
+    fn policy() -> ProxyPolicy {
+        as_egress_gateway(SPLIT, ("unused.example", "192.0.2.1"))
+    }
+
+    fn address_of(verdict: Verdict) -> SocketAddr {
+        match verdict {
+            Verdict::Forward { address, verify: None, .. } => address,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_weighted_tls_route_goes_to_each_destinations_endpoints_by_the_roll() {
+        let policy = policy();
+        let vip = "198.51.100.1:443".parse().unwrap();
+        let decide =
+            |roll| address_of(decide_tls(&policy, Some("api.example.com"), vip, None, Arrival::Intercepted, roll).0);
+        assert_eq!(decide(0), "203.0.113.10:443".parse().unwrap());
+        assert_eq!(decide(79), "203.0.113.10:443".parse().unwrap());
+        assert_eq!(decide(80), "203.0.113.20:443".parse().unwrap());
+        assert_eq!(decide(99), "203.0.113.20:443".parse().unwrap());
+        // The route's destinations are reached at their own endpoints whatever the client dialled: no fronting.
+        let elsewhere = "192.0.2.99:443".parse().unwrap();
+        let (verdict, _) = decide_tls(&policy, Some("api.example.com"), elsewhere, None, Arrival::Intercepted, 0);
+        assert_eq!(address_of(verdict), "203.0.113.10:443".parse().unwrap());
+    }
+
+    #[test]
+    fn tcp_to_a_virtual_ip_goes_to_an_endpoint_of_the_subset_its_route_picks() {
+        let policy = policy();
+        let vip = "198.51.100.2:5432".parse().unwrap();
+        let decide = |roll| address_of(decide_tcp(&policy, vip, None, Arrival::Intercepted, roll).0);
+        assert_eq!(decide(0), "203.0.113.10:5432".parse().unwrap());
+        assert_eq!(decide(50), "203.0.113.20:5432".parse().unwrap());
+    }
+
+    #[test]
+    fn a_virtual_ip_without_a_route_goes_to_an_endpoint_not_to_itself() {
+        let yaml = SPLIT.split("---\napiVersion: networking.istio.io/v1\nkind: VirtualService").next().unwrap();
+        let db = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: egress}
+spec:
+  hosts: [db.example]
+  addresses: [198.51.100.2]
+  ports: [{number: 5432, name: pg, protocol: TCP}]
+  endpoints: [{address: 203.0.113.30}]
+  resolution: STATIC
+";
+        let policy = as_egress_gateway(&format!("{yaml}---\n{db}"), ("unused.example", "192.0.2.1"));
+        let (verdict, _) = decide_tcp(&policy, "198.51.100.2:5432".parse().unwrap(), None, Arrival::Intercepted, 0);
+        assert_eq!(address_of(verdict), "203.0.113.30:5432".parse().unwrap());
+        // An endpoint dialled directly is kept.
+        let (verdict, _) = decide_tcp(&policy, "203.0.113.30:5432".parse().unwrap(), None, Arrival::Intercepted, 0);
+        assert_eq!(address_of(verdict), "203.0.113.30:5432".parse().unwrap());
+        // A NONE service at its own address: the address dialled.
+        let (verdict, _) = decide_tls(
+            &policy,
+            Some("api.example.com"),
+            "198.51.100.1:443".parse().unwrap(),
+            None,
+            Arrival::Intercepted,
+            0,
+        );
+        assert_eq!(address_of(verdict), "198.51.100.1:443".parse().unwrap());
+    }
+}
