@@ -6,22 +6,37 @@ use std::{path::Path, sync::Arc};
 /// A CA and a certificate it signs for `names` (the first is its common name), made with openssl in `dir`:
 /// (ca.pem, cert.pem, key.pem).
 pub fn certificates(dir: &Path, ca: &str, names: &[&str]) -> (String, String, String) {
-    let name = names[0];
-    let alt_names: Vec<String> = names.iter().map(|name| format!("DNS:{name}")).collect();
-    let file = |f: &str| dir.join(f).to_str().unwrap().to_owned();
-    let run = |args: &[&str]| {
-        let output = std::process::Command::new("openssl").args(args).output().expect("openssl runs");
-        assert!(output.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-    };
     let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let file = |f: &str| dir.join(f).to_str().unwrap().to_owned();
     let (ca_key, ca_pem) = (file(&format!("{ca}.key")), file(&format!("{ca}.pem")));
     let ca_subject = format!("/CN={ca}");
-    run(&[&["req", "-x509"][..], &ec, &["-keyout", &ca_key, "-out", &ca_pem, "-days", "2", "-subj", &ca_subject]]
-        .concat());
-    let (key, csr, cert, ext) = (file("server.key"), file("server.csr"), file("server.pem"), file("san.ext"));
+    openssl(
+        &[&["req", "-x509"][..], &ec, &["-keyout", &ca_key, "-out", &ca_pem, "-days", "2", "-subj", &ca_subject]]
+            .concat(),
+    );
+    let alt_names: Vec<String> = names.iter().map(|name| format!("DNS:{name}")).collect();
+    let alt_names: Vec<&str> = alt_names.iter().map(String::as_str).collect();
+    let (cert, key) = signed(dir, ca, "server", &alt_names);
+    (ca_pem, cert, key)
+}
+
+/// A certificate signed by the CA `ca` that [`certificates`] made in `dir`, for `alt_names` (openssl's
+/// `DNS:name`, `URI:spiffe://…`), written as `stem.pem` and `stem.key`: (cert, key).
+pub fn signed(dir: &Path, ca: &str, stem: &str, alt_names: &[&str]) -> (String, String) {
+    let file = |f: &str| dir.join(f).to_str().unwrap().to_owned();
+    let (ca_key, ca_pem) = (file(&format!("{ca}.key")), file(&format!("{ca}.pem")));
+    let (key, csr, cert, ext) = (
+        file(&format!("{stem}.key")),
+        file(&format!("{stem}.csr")),
+        file(&format!("{stem}.pem")),
+        file(&format!("{stem}.ext")),
+    );
     std::fs::write(&ext, format!("subjectAltName={}\n", alt_names.join(","))).unwrap();
-    run(&[&["req"][..], &ec, &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN={name}")]].concat());
-    run(&[
+    let common_name = alt_names.first().and_then(|name| name.strip_prefix("DNS:")).unwrap_or(stem);
+    let subject = format!("/CN={common_name}");
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    openssl(&[&["req"][..], &ec, &["-keyout", &key, "-out", &csr, "-subj", &subject]].concat());
+    openssl(&[
         "x509",
         "-req",
         "-in",
@@ -38,7 +53,12 @@ pub fn certificates(dir: &Path, ca: &str, names: &[&str]) -> (String, String, St
         "-extfile",
         &ext,
     ]);
-    (ca_pem, cert, key)
+    (cert, key)
+}
+
+fn openssl(args: &[&str]) {
+    let output = std::process::Command::new("openssl").args(args).output().expect("openssl runs");
+    assert!(output.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
 }
 
 /// A ClientHello as rustls sends it for `name`, in one record.

@@ -1061,26 +1061,27 @@ fn fields_not_applied_are_warned_of_once_per_resource() {
     require_root();
     let topology = Topology::new().unwrap();
     let config = tempfile::tempdir().unwrap();
-    let terminating_gateway = "apiVersion: networking.istio.io/v1
+    let unserved_gateway = "apiVersion: networking.istio.io/v1
 kind: Gateway
-metadata: {name: terminating, namespace: egress}
+metadata: {name: auto-passthrough, namespace: egress}
 spec:
   selector: {istio: egressgateway}
-  servers: [{port: {number: 443, name: https, protocol: HTTPS}, hosts: [httpbin.org], tls: {mode: SIMPLE, credentialName: cert}}]
+  servers: [{port: {number: 443, name: https, protocol: HTTPS}, hosts: [httpbin.org], tls: {mode: AUTO_PASSTHROUGH}}]
 ";
-    write_config(config.path(), &[HTTPBIN, terminating_gateway]);
+    write_config(config.path(), &[HTTPBIN, unserved_gateway]);
     // Reloads with one worker too.
     let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --concurrency 1 --config {}", config.path().display());
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     wait_for_log(&agent, "field not applied");
     // A reload of the same resources warns of nothing new.
-    write_config(config.path(), &[HTTPBIN, terminating_gateway, &backend("other", SERVER_B, 80)]);
+    write_config(config.path(), &[HTTPBIN, unserved_gateway, &backend("other", SERVER_B, 80)]);
     wait_for_log(&agent, "policy applied");
     let log = agent.log();
     let warnings: Vec<&str> = log.lines().filter(|line| line.contains("field not applied")).collect();
     assert_eq!(warnings.len(), 1, "{log}");
     assert!(
-        warnings[0].contains("Gateway egress/terminating") && warnings[0].contains("field=spec.servers[0].tls.mode"),
+        warnings[0].contains("Gateway egress/auto-passthrough")
+            && warnings[0].contains("field=spec.servers[0].tls.mode"),
         "{log}"
     );
 }

@@ -13,7 +13,7 @@ use super::control::Control;
 use crate::{
     config::{workloads::KnownWorkloads, Snapshot},
     datapath::Datapath,
-    policy::{routes::ProxyPolicy, sidecars::SidecarModes, OutboundMode},
+    policy::{routes::ProxyPolicy, sidecars::SidecarModes, tls_servers::LastGood, OutboundMode},
     proxy::gateway_listeners::GatewayListeners,
     telemetry::{self, config_dump},
 };
@@ -31,6 +31,27 @@ pub struct Enforced {
     pub(super) sidecars: Arc<SidecarModes>,
     /// The per-workload modes the kernel holds; `None` until written (a previous agent's may be pinned there).
     pub(super) sources: Option<BTreeMap<IpAddr, OutboundMode>>,
+    /// The TLS each Gateway server terminating TLS last served with.
+    pub(super) certificates: LastGood,
+}
+
+/// Gives the Gateway servers whose TLS settings cannot be used now the certificate they last served with, logging
+/// each and marking its Gateway in `sluice_config_rejected`.
+pub(super) fn keep_good_certificates(
+    routes: &mut ProxyPolicy,
+    last_good: &mut LastGood,
+    metrics: &telemetry::metrics::Metrics,
+) {
+    let servers = routes.gateways.iter_mut().flat_map(|gateway| &mut gateway.tls_servers);
+    for (server, gateway, reason) in last_good.keep(servers) {
+        tracing::error!(%server, %reason, "a Gateway server's TLS settings cannot be used: it keeps its last good certificate, if it had one");
+        metrics.add_rejected(&format!("Gateway {gateway}"));
+    }
+    metrics.certificate_expiry.clear();
+    let servers = routes.gateways.iter().flat_map(|gateway| &gateway.tls_servers);
+    for certificate in servers.filter_map(|server| server.certificate.as_ref()) {
+        metrics.certificate_expiry.get_or_create(&[("name", certificate.source.clone())]).set(certificate.not_after);
+    }
 }
 
 impl Enforced {
@@ -47,7 +68,8 @@ impl Enforced {
             Ok(()) => {
                 let bindings = control.bind(&snapshot);
                 self.sidecars = control.sidecar_modes(&snapshot);
-                let routes = control.proxy_policy(&snapshot, &bindings, self.sidecars.clone());
+                let mut routes = control.proxy_policy(&snapshot, &bindings, self.sidecars.clone());
+                keep_good_certificates(&mut routes, &mut self.certificates, &self.metrics);
                 self.gateways.reconcile(&routes.gateway_ports());
                 self.routes.store(Arc::new(routes));
                 self.apply_sources();

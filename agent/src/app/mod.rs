@@ -33,7 +33,11 @@ use crate::{
         workloads::KnownWorkloads,
     },
     datapath::{self, Datapath, InterceptRouting, VerdictCounters},
-    policy::{compile::NodeSettings, routes::ProxySettings},
+    policy::{
+        compile::NodeSettings,
+        routes::{CredentialSource, ProxySettings},
+        tls_servers::LastGood,
+    },
     proxy::{
         self,
         gateway_listeners::GatewayListeners,
@@ -113,6 +117,10 @@ impl App {
             host_verify: settings.host_verify,
             gateway_namespace: settings.gateway_namespace.clone(),
             upgrades: settings.allow_upgrade.clone(),
+            credentials: CredentialSource {
+                dir: settings.credentials_dir.clone(),
+                istio_certs: Some(settings.istio_certs_dir.clone()),
+            },
         };
         let workloads = Arc::new(KnownWorkloads::default());
         let mut kube_changes = None;
@@ -121,11 +129,16 @@ impl App {
             control.kube = Some(changes.clone());
             kube_changes = Some(changes);
         }
-        // Watched before the first read, so a change made while the agent starts is not missed.
-        let (file_watch, file_changes) = if settings.config.is_empty() {
+        // Watched before the first read, so a change made while the agent starts is not missed. The certificates'
+        // directories too: a rotated certificate is read with the configuration, for new handshakes.
+        let certificates = [&settings.credentials_dir, &Some(settings.istio_certs_dir.clone())];
+        let watched: Vec<_> = (settings.config.iter().cloned())
+            .chain(certificates.into_iter().flatten().filter(|dir| dir.is_dir()).cloned())
+            .collect();
+        let (file_watch, file_changes) = if watched.is_empty() {
             (None, mpsc::channel(1).1)
         } else {
-            let (watch, changes) = file_watch::watch(&settings.config).map_err(anyhow::Error::msg)?;
+            let (watch, changes) = file_watch::watch(&watched).map_err(anyhow::Error::msg)?;
             (Some(watch), changes)
         };
         // The datapath first: when the maps hold a previous agent's policy, attaching at once enforces it on
@@ -178,12 +191,15 @@ impl App {
 
         let bindings = control.bind(&snapshot);
         let sidecars = control.sidecar_modes(&snapshot);
-        let routes = Arc::new(ArcSwap::from_pointee(control.proxy_policy(&snapshot, &bindings, sidecars.clone())));
+        let mut routes = control.proxy_policy(&snapshot, &bindings, sidecars.clone());
         metrics.config_generation.set(1);
         let (dump, dump_reader) = watch::channel(Arc::new(control.dump(1, policy, &bindings)));
         drop((bindings, snapshot));
         crate::allocator::release_freed_memory();
         metrics.set_rejected(control.rejected());
+        let mut certificates = LastGood::default();
+        enforced::keep_good_certificates(&mut routes, &mut certificates, &metrics);
+        let routes = Arc::new(ArcSwap::from_pointee(routes));
         let mut tasks = JoinSet::new();
         if let Some(events) = events {
             tasks.spawn(telemetry::blocked_flows::watch(events, metrics.blocked_flows.clone()));
@@ -219,7 +235,8 @@ impl App {
         let mut gateways = GatewayListeners::new(http);
         gateways.reconcile(&routes.load().gateway_ports());
         let pods = settings.kube.then(|| workloads.clone());
-        let mut enforced = Enforced { datapath, routes, gateways, metrics, dump, workloads, sidecars, sources: None };
+        let mut enforced =
+            Enforced { datapath, routes, gateways, metrics, dump, workloads, sidecars, sources: None, certificates };
         enforced.apply_sources();
         Ok(App {
             control,

@@ -90,6 +90,15 @@ pub struct RunSettings {
     /// exported there (ServiceEntries, VirtualServices, DestinationRules), as an Istio gateway does. Unset: all.
     #[arg(long, value_name = "NAMESPACE", env = "POD_NAMESPACE")]
     pub gateway_namespace: Option<String>,
+    /// Where the `credentialName`s of Gateway servers are read from outside Kubernetes: a directory holding one
+    /// directory per name with the files a Secret's keys would be (`tls.crt`, `tls.key`, `ca.crt`). Re-read
+    /// whenever the configuration is.
+    #[arg(long, value_name = "DIR")]
+    pub credentials_dir: Option<std::path::PathBuf>,
+    /// The mesh's workload certificate for `ISTIO_MUTUAL` Gateway servers, as Istio mounts it for file-based
+    /// gateways: `cert-chain.pem`, `key.pem`, `root-cert.pem`. Re-read whenever the configuration is.
+    #[arg(long, value_name = "DIR", default_value = "/etc/certs")]
+    pub istio_certs_dir: std::path::PathBuf,
     /// What becomes of an intercepted HTTP request whose Host is registered at other addresses than the one the
     /// client connected to (domain fronting): refused (421), routed to the host's own addresses, or trusted.
     #[arg(long, value_enum, default_value = "strict")]

@@ -53,11 +53,50 @@ pub struct ServerTls {
     pub mode: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub https_redirect: Option<bool>,
+    /// The certificate, key and client CA from a Kubernetes Secret of this name (outside Kubernetes, a directory
+    /// of `--credentials-dir`), in place of the files below.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_name: Option<String>,
+    /// Files (PEM) on the gateway: its certificate chain and key, and for MUTUAL the CAs clients' certificates
+    /// must chain to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_certificate: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificates: Option<String>,
+    /// MUTUAL: a client certificate must carry one of these names (DNS or URI SANs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_protocol_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_protocol_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cipher_suites: Vec<String>,
+}
+
+impl ServerTls {
+    /// The mode in upper case; Istio's default (its enum's zero) is PASSTHROUGH.
+    pub fn mode(&self) -> String {
+        self.mode.as_deref().unwrap_or("PASSTHROUGH").to_ascii_uppercase()
+    }
+
+    /// Whether the gateway terminates TLS for this server: with a certificate it is given (SIMPLE, MUTUAL) or the
+    /// mesh's workload certificate (ISTIO_MUTUAL).
+    pub fn terminates(&self) -> bool {
+        matches!(self.mode().as_str(), "SIMPLE" | "MUTUAL" | "ISTIO_MUTUAL" | "OPTIONAL_MUTUAL")
+    }
+
+    /// Whether clients must present a certificate (MUTUAL, ISTIO_MUTUAL).
+    pub fn mutual(&self) -> bool {
+        matches!(self.mode().as_str(), "MUTUAL" | "ISTIO_MUTUAL")
+    }
 }
 
 const TLS_MODES: [&str; 6] = ["PASSTHROUGH", "SIMPLE", "MUTUAL", "AUTO_PASSTHROUGH", "ISTIO_MUTUAL", "OPTIONAL_MUTUAL"];
+/// Istio's `TLSProtocol` values.
+pub const TLS_VERSIONS: [&str; 5] = ["TLS_AUTO", "TLSV1_0", "TLSV1_1", "TLSV1_2", "TLSV1_3"];
 
 impl Gateway {
     /// Whether this Gateway selects a workload with `labels`: every selector label matches.
@@ -104,8 +143,39 @@ impl Gateway {
                     errors.push(FieldError::new(format!("{path}.tls.mode"), format!("unknown TLS mode '{mode}'")));
                 }
             }
+            if let Some(tls) = server.tls.as_ref().filter(|_| protocol == "HTTPS" || protocol == "TLS") {
+                validate_terminated(tls, &format!("{path}.tls"), &mut errors);
+            }
         }
         errors
+    }
+}
+
+/// Istio's checks of a terminating server's TLS settings: what it needs to present a certificate, and versions
+/// it knows.
+fn validate_terminated(tls: &ServerTls, path: &str, errors: &mut Vec<FieldError>) {
+    let mode = tls.mode();
+    if matches!(mode.as_str(), "SIMPLE" | "MUTUAL" | "OPTIONAL_MUTUAL") && tls.credential_name.is_none() {
+        if tls.server_certificate.is_none() {
+            let reason = format!("{mode} needs serverCertificate and privateKey, or credentialName");
+            errors.push(FieldError::new(format!("{path}.serverCertificate"), reason));
+        }
+        if tls.private_key.is_none() {
+            let reason = format!("{mode} needs serverCertificate and privateKey, or credentialName");
+            errors.push(FieldError::new(format!("{path}.privateKey"), reason));
+        }
+        if mode != "SIMPLE" && tls.ca_certificates.is_none() {
+            let reason =
+                format!("{mode} needs caCertificates (the CAs clients' certificates chain to), or credentialName");
+            errors.push(FieldError::new(format!("{path}.caCertificates"), reason));
+        }
+    }
+    for (field, version) in
+        [("minProtocolVersion", &tls.min_protocol_version), ("maxProtocolVersion", &tls.max_protocol_version)]
+    {
+        if let Some(version) = version.as_deref().filter(|version| !TLS_VERSIONS.contains(version)) {
+            errors.push(FieldError::new(format!("{path}.{field}"), format!("unknown TLS version '{version}'")));
+        }
     }
 }
 
@@ -123,6 +193,7 @@ mod tests {
             "selector: {gateway-name: egress-demo, gateway-type: egress}\nservers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ['*']}]",
             "selector: {istio: egressgateway}\nservers: [{port: {number: 443, name: tls, protocol: TLS}, hosts: [api.example], tls: {mode: PASSTHROUGH}}]",
             "selector: {istio: egressgateway}\nservers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ['./httpbin.org', 'istio-system/*']}]",
+            "servers: [{port: {number: 443, name: a, protocol: HTTPS}, hosts: ['*'], tls: {mode: MUTUAL, credentialName: api-cert}}]",
         ];
         for yaml in valid {
             assert_eq!(gateway(yaml).validate(), vec![], "{yaml}");
@@ -154,6 +225,21 @@ mod tests {
                 "servers: [{port: {number: 80, name: a, protocol: HTTP}, hosts: ['Bad_NS/x.example']}]",
                 "spec.servers[0].hosts[0]",
                 "not a namespace",
+            ),
+            (
+                "servers: [{port: {number: 443, name: a, protocol: HTTPS}, hosts: ['*'], tls: {mode: SIMPLE}}]",
+                "spec.servers[0].tls.serverCertificate",
+                "or credentialName",
+            ),
+            (
+                "servers: [{port: {number: 443, name: a, protocol: HTTPS}, hosts: ['*'], tls: {mode: MUTUAL, serverCertificate: c, privateKey: k}}]",
+                "spec.servers[0].tls.caCertificates",
+                "MUTUAL needs caCertificates",
+            ),
+            (
+                "servers: [{port: {number: 443, name: a, protocol: HTTPS}, hosts: ['*'], tls: {mode: SIMPLE, credentialName: c, minProtocolVersion: TLSV9}}]",
+                "spec.servers[0].tls.minProtocolVersion",
+                "unknown TLS version",
             ),
         ];
         for (yaml, path, reason) in invalid {

@@ -76,12 +76,27 @@ pub fn fields(resource: &Resource, knows_sources: bool) -> Vec<(String, &'static
         }
         Spec::Gateway(gateway) => {
             for (i, server) in gateway.servers.iter().enumerate() {
-                let mode = server.tls.as_ref().and_then(|tls| tls.mode.as_deref());
-                if mode.is_some_and(|mode| !mode.eq_ignore_ascii_case("PASSTHROUGH")) {
+                let Some(tls) = &server.tls else { continue };
+                let mode = tls.mode();
+                let https = server.port.protocol.eq_ignore_ascii_case("HTTPS");
+                let path = format!("spec.servers[{i}].tls");
+                if tls.terminates() && !https {
                     found.push((
-                        format!("spec.servers[{i}].tls.mode"),
-                        "TLS is not terminated at the gateway yet: this server is not served",
+                        format!("{path}.mode"),
+                        "TLS is terminated for protocol HTTPS only: this TLS server (tcp routes inside) is not served yet",
                     ));
+                } else if !tls.terminates() && mode != "PASSTHROUGH" && tls.https_redirect != Some(true) {
+                    found.push((format!("{path}.mode"), "AUTO_PASSTHROUGH servers are not served yet"));
+                }
+                let old = |version: &Option<String>| matches!(version.as_deref(), Some("TLSV1_0" | "TLSV1_1"));
+                if old(&tls.min_protocol_version) {
+                    found.push((
+                        format!("{path}.minProtocolVersion"),
+                        "TLS 1.0 and 1.1 are not spoken: 1.2 is the least",
+                    ));
+                }
+                if tls.https_redirect == Some(true) && !server.port.protocol.eq_ignore_ascii_case("HTTP") {
+                    found.push((format!("{path}.httpsRedirect"), "redirects are sent from HTTP servers only"));
                 }
             }
         }
@@ -100,12 +115,6 @@ fn traffic_policy(policy: &TrafficPolicy, path: &str, found: &mut Vec<(String, &
 fn settings(settings: &PolicySettings, path: &str, found: &mut Vec<(String, &'static str)>) {
     // ISTIO_MUTUAL secures the hop from a sidecar to the gateway, which Sluice makes in process.
     if let Some(tls) = &settings.tls {
-        if tls.credential_name.is_some() {
-            found.push((
-                format!("{path}.tls.credentialName"),
-                "Secrets are not read: give caCertificates (and clientCertificate, privateKey); requests are refused",
-            ));
-        }
         if !tls.subject_alt_names.is_empty() {
             found.push((format!("{path}.tls.subjectAltNames"), "the certificate is checked against the SNI name"));
         }
@@ -140,6 +149,17 @@ apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: b}
 spec: {hosts: [b.example], http: [{route: [{destination: {host: b.example}}]}]}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: g}
+spec:
+  servers:
+  - {port: {number: 443, name: a, protocol: HTTPS}, hosts: ['*'], tls: {mode: SIMPLE, credentialName: c}}
+  - {port: {number: 444, name: b, protocol: HTTPS}, hosts: ['*'], tls: {mode: AUTO_PASSTHROUGH}}
+  - {port: {number: 445, name: c, protocol: TLS}, hosts: ['*'], tls: {mode: MUTUAL, credentialName: c}}
+  - {port: {number: 446, name: d, protocol: HTTPS}, hosts: ['*'], tls: {mode: PASSTHROUGH}}
+  - {port: {number: 80, name: e, protocol: HTTP}, hosts: ['*'], tls: {httpsRedirect: true}}
 ",
         );
         let named: Vec<Vec<String>> = snapshot
@@ -151,8 +171,9 @@ spec: {hosts: [b.example], http: [{route: [{destination: {host: b.example}}]}]}
             named,
             [
                 vec!["spec.http[0].fault.abort.grpcStatus".to_owned()],
-                vec!["spec.trafficPolicy.tls.credentialName".to_owned()],
                 vec![],
+                vec![],
+                vec!["spec.servers[1].tls.mode".to_owned(), "spec.servers[2].tls.mode".to_owned()],
             ]
         );
     }

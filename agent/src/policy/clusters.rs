@@ -17,6 +17,7 @@ use std::{
 use http::{header, HeaderMap, HeaderName, Uri};
 use rustls::pki_types::ServerName;
 
+use super::certificates::CredentialSource;
 use crate::{
     config::{
         destination_rule::{ClientTls, ConsistentHash, PolicySettings, TrafficPolicy},
@@ -133,57 +134,65 @@ impl PartialEq for TlsOrigination {
 }
 
 impl TlsOrigination {
-    fn compile(tls: &ClientTls, http2: bool) -> Option<TlsOrigination> {
+    fn compile(tls: &ClientTls, http2: bool, credentials: &CredentialSource) -> Option<TlsOrigination> {
         let mode = tls.mode.as_deref().filter(|mode| matches!(*mode, "SIMPLE" | "MUTUAL"))?;
         let sni = tls.sni.clone().map(|sni| {
             ServerName::try_from(sni.clone()).map(Arc::new).map_err(|error| format!("sni {sni:?}: {error}"))
         });
-        Some(match (client_config(tls, mode, http2), sni.transpose()) {
+        Some(match (client_config(tls, mode, http2, credentials), sni.transpose()) {
             (Ok(config), Ok(sni)) => TlsOrigination::Ready { config: Arc::new(config), sni },
             (Err(reason), _) | (_, Err(reason)) => TlsOrigination::Unusable(reason),
         })
     }
 }
 
-fn client_config(tls: &ClientTls, mode: &str, http2: bool) -> Result<rustls::ClientConfig, String> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
-    if tls.credential_name.is_some() {
-        return Err("credentialName (a Kubernetes Secret) is not read; give the files".into());
-    }
+fn client_config(
+    tls: &ClientTls,
+    mode: &str,
+    http2: bool,
+    credentials: &CredentialSource,
+) -> Result<rustls::ClientConfig, String> {
+    use super::certificates::{certificates, private_key, roots};
+    use std::path::{Path, PathBuf};
     if tls.insecure_skip_verify == Some(true) {
         return Err("insecureSkipVerify is not supported".into());
     }
-    let certificates = |path: &str| -> Result<Vec<CertificateDer<'static>>, String> {
-        CertificateDer::pem_file_iter(path)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|error| format!("{path}: {error}"))
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    match &tls.ca_certificates {
-        Some(path) => {
-            for certificate in certificates(path)? {
-                roots.add(certificate).map_err(|error| format!("{path}: {error}"))?;
-            }
+    // The CAs to check the destination against and, for MUTUAL, the certificate to present: from the credential
+    // (its ca.crt; tls.crt and tls.key) or from the files.
+    let (ca, client): (Option<PathBuf>, _) = match &tls.credential_name {
+        Some(name) if mode == "MUTUAL" => {
+            let credential = credentials.load(name)?;
+            let ca = credential.ca.or(tls.ca_certificates.as_deref().map(Into::into));
+            (ca, Some((credential.chain, credential.key)))
         }
+        Some(name) => (Some(credentials.ca(name)?), None),
+        None if mode == "MUTUAL" => {
+            let (Some(certificate), Some(key)) = (&tls.client_certificate, &tls.private_key) else {
+                return Err("MUTUAL needs clientCertificate and privateKey (or credentialName)".into());
+            };
+            let client = (certificates(Path::new(certificate))?, private_key(Path::new(key))?);
+            (tls.ca_certificates.as_deref().map(Into::into), Some(client))
+        }
+        None => (tls.ca_certificates.as_deref().map(Into::into), None),
+    };
+    let roots = match ca {
+        Some(path) => roots(&path)?,
         None => {
+            let mut roots = rustls::RootCertStore::empty();
             for certificate in rustls_native_certs::load_native_certs().certs {
                 let _ = roots.add(certificate);
             }
+            roots
         }
-    }
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|error| error.to_string())?
         .with_root_certificates(roots);
-    let mut config = if mode == "MUTUAL" {
-        let (Some(certificate), Some(key)) = (&tls.client_certificate, &tls.private_key) else {
-            return Err("MUTUAL needs clientCertificate and privateKey".into());
-        };
-        let key = PrivateKeyDer::from_pem_file(key).map_err(|error| format!("{key}: {error}"))?;
-        builder.with_client_auth_cert(certificates(certificate)?, key).map_err(|error| error.to_string())?
-    } else {
-        builder.with_no_client_auth()
+    let mut config = match client {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).map_err(|error| error.to_string())?,
+        None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![if http2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
     Ok(config)
@@ -200,7 +209,7 @@ impl ClusterPolicy {
         }
     }
 
-    pub fn compile(settings: &PolicySettings, http2: bool) -> ClusterPolicy {
+    pub fn compile(settings: &PolicySettings, http2: bool, credentials: &CredentialSource) -> ClusterPolicy {
         let lb = match settings.load_balancer.as_ref().and_then(|lb| lb.simple.as_deref()) {
             Some("RANDOM") => LoadBalance::Random,
             Some("PASSTHROUGH") => LoadBalance::Passthrough,
@@ -238,7 +247,7 @@ impl ClusterPolicy {
             .and_then(|t| parse_duration(&t).ok());
         let hash =
             settings.load_balancer.as_ref().and_then(|lb| lb.consistent_hash.as_ref()).and_then(HashKey::compile);
-        let tls = settings.tls.as_ref().and_then(|tls| TlsOrigination::compile(tls, http2)).map(Arc::new);
+        let tls = settings.tls.as_ref().and_then(|tls| TlsOrigination::compile(tls, http2, credentials)).map(Arc::new);
         ClusterPolicy { lb, limits, outlier, connect_timeout, hash, tls }
     }
 }
@@ -545,7 +554,7 @@ mod tests {
     #[test]
     fn tls_origination_is_made_ready_at_compile_time_or_refuses() {
         let tls = |json: serde_json::Value| -> Option<TlsOrigination> {
-            TlsOrigination::compile(&serde_json::from_value(json).unwrap(), false)
+            TlsOrigination::compile(&serde_json::from_value(json).unwrap(), false, &CredentialSource::default())
         };
         assert!(tls(serde_json::json!({"mode": "DISABLE"})).is_none());
         assert!(tls(serde_json::json!({"mode": "ISTIO_MUTUAL"})).is_none(), "the sidecar's hop, made in process");
@@ -577,10 +586,16 @@ mod tests {
             "loadBalancer": {"simple": "RANDOM"}
         }))
         .unwrap();
-        assert_eq!(ClusterPolicy::compile(&settings, false).limits, Some((10, 5)));
-        assert_eq!(ClusterPolicy::compile(&settings, true).limits, Some((50, 5)));
-        assert_eq!(ClusterPolicy::compile(&settings, false).lb, LoadBalance::Random);
-        assert_eq!(ClusterPolicy::compile(&settings, false).connect_timeout, Some(Duration::from_millis(250)));
-        assert_eq!(ClusterPolicy::compile(&PolicySettings::default(), false), ClusterPolicy::default());
+        assert_eq!(ClusterPolicy::compile(&settings, false, &CredentialSource::default()).limits, Some((10, 5)));
+        assert_eq!(ClusterPolicy::compile(&settings, true, &CredentialSource::default()).limits, Some((50, 5)));
+        assert_eq!(ClusterPolicy::compile(&settings, false, &CredentialSource::default()).lb, LoadBalance::Random);
+        assert_eq!(
+            ClusterPolicy::compile(&settings, false, &CredentialSource::default()).connect_timeout,
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            ClusterPolicy::compile(&PolicySettings::default(), false, &CredentialSource::default()),
+            ClusterPolicy::default()
+        );
     }
 }

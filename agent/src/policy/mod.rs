@@ -1,6 +1,7 @@
 //! The compiled policy: what the datapath and the proxy need, computed once per configuration change.
 
 pub mod bindings;
+pub mod certificates;
 pub mod clusters;
 pub mod compile;
 pub mod host_match;
@@ -9,5 +10,6 @@ pub mod l4;
 pub mod labels;
 pub mod routes;
 pub mod sidecars;
+pub mod tls_servers;
 
 pub use l4::{BlackholeAction, DatapathPolicy, L4Rule, OutboundMode, Protocol};

@@ -1,5 +1,5 @@
-//! The proxy's explicit listeners: one per HTTP port of the Gateways that select this agent, opened and closed
-//! as the configuration changes; and the forward-proxy port.
+//! The proxy's explicit listeners: one per port of the Gateways that select this agent (HTTP, TLS terminated or
+//! passed through, TCP), opened and closed as the configuration changes; and the forward-proxy port.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -93,7 +93,8 @@ pub async fn accept(listener: TcpListener, kind: Listener, proxy: Arc<HttpProxy>
                     continue;
                 };
                 let Ok(local) = stream.local_addr() else { continue };
-                let connection = Connection { peer, local, listener: kind };
+                let connection =
+                    Connection { peer, local, listener: kind, security: Default::default(), principal: None };
                 let proxy = proxy.clone();
                 tokio::spawn(async move {
                     // A Gateway's TCP server port: relayed by its `tcp` routes at once (the client may wait for the
@@ -101,6 +102,13 @@ pub async fn accept(listener: TcpListener, kind: Listener, proxy: Arc<HttpProxy>
                     if let Listener::Gateway(port) = kind {
                         if proxy.policy().tcp_gateways_on(port).next().is_some() {
                             l4::serve_tcp(stream, peer, local, l4::Arrival::Gateway(port), &proxy).await;
+                            drop(permit);
+                            return;
+                        }
+                        // A port whose servers terminate TLS: the ClientHello picks the server.
+                        if proxy.policy().tls_servers_on(port).next().is_some() {
+                            let _ = stream.set_nodelay(true);
+                            super::terminate::serve(stream, connection, proxy).await;
                             drop(permit);
                             return;
                         }
@@ -118,6 +126,7 @@ pub async fn accept(listener: TcpListener, kind: Listener, proxy: Arc<HttpProxy>
                         Some(Detected::Opaque | Detected::Tls) => HttpVersion::Http1,
                         None => return,
                     };
+                    let _ = stream.set_nodelay(true);
                     proxy.serve_connection(stream, connection, version).await;
                     drop(permit);
                 });

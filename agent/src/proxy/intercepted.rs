@@ -50,7 +50,14 @@ async fn dispatch(connection: Intercepted, proxy: Arc<HttpProxy>) {
     match detected {
         Detected::Http(version) => {
             tracing::debug!(source = %peer, original_dst = %dialled, protocol = ?version, "intercepted connection");
-            let context = Connection { peer, local: dialled, listener: Listener::Mesh };
+            let context = Connection {
+                peer,
+                local: dialled,
+                listener: Listener::Mesh,
+                security: Default::default(),
+                principal: None,
+            };
+            let _ = stream.set_nodelay(true);
             proxy.serve_connection(stream, context, version).await;
         }
         Detected::Tls => l4::serve_tls(stream, peer, dialled, Arrival::Intercepted, &proxy).await,

@@ -12,5 +12,6 @@ pub mod local_destinations;
 pub mod path;
 pub mod routing;
 pub mod tcp;
+pub mod terminate;
 pub mod transparent_listener;
 pub mod upstreams;

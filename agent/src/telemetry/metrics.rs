@@ -24,6 +24,8 @@ pub struct Metrics {
     pub interfaces: InterfaceMetrics,
     /// Upstream connections refused because their destination was the gateway node itself.
     pub local_destinations_refused: Counter,
+    /// When each certificate a Gateway server presents expires (Unix seconds), by where it is read from.
+    pub certificate_expiry: Family<[(&'static str, String); 1], Gauge>,
 }
 
 /// Whether the classifier is on the intercepted interfaces, and how often it had to be put back.
@@ -42,11 +44,17 @@ impl Metrics {
     pub fn set_rejected<'a>(&self, ids: impl Iterator<Item = &'a str>) {
         self.config_rejected.clear();
         for id in ids {
-            let (kind, rest) = id.split_once(' ').unwrap_or((id, ""));
-            let (namespace, name) = rest.split_once('/').unwrap_or(("", rest));
-            let labels = [("kind", kind.to_owned()), ("namespace", namespace.to_owned()), ("name", name.to_owned())];
-            self.config_rejected.get_or_create(&labels).set(1);
+            self.add_rejected(id);
         }
+    }
+
+    /// Marks one more resource (`Kind namespace/name`) as rejected, or in part not applied (a Gateway server
+    /// whose certificate cannot be used), until the next reload.
+    pub fn add_rejected(&self, id: &str) {
+        let (kind, rest) = id.split_once(' ').unwrap_or((id, ""));
+        let (namespace, name) = rest.split_once('/').unwrap_or(("", rest));
+        let labels = [("kind", kind.to_owned()), ("namespace", namespace.to_owned()), ("name", name.to_owned())];
+        self.config_rejected.get_or_create(&labels).set(1);
     }
 }
 
@@ -106,9 +114,17 @@ pub fn registry(counters: VerdictCounters, blackholed: BlackholedDestinations, a
          link-local, one of its addresses)",
         local_destinations_refused.clone(),
     );
+    let certificate_expiry = Family::default();
+    registry.register(
+        "sluice_certificate_expiry_timestamp_seconds",
+        "When the certificate each Gateway server terminating TLS presents expires (Unix time), by where it is read \
+         from (a credentialName, a file, istio-certs)",
+        certificate_expiry.clone(),
+    );
     Metrics {
         registry: std::sync::Arc::new(registry),
         local_destinations_refused,
+        certificate_expiry,
         blocked_flows,
         config_generation,
         config_rejected,

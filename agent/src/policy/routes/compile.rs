@@ -28,7 +28,8 @@ pub fn proxy_policy(
                 resource.metadata.namespace(),
             );
             let exported = interner.exported(resource.metadata.namespace(), visible_to);
-            for service in services(entry, &exported, resolved, &rules, states, &mut interner) {
+            let inputs = ClusterInputs { states, credentials: &settings.credentials };
+            for service in services(entry, &exported, resolved, &rules, &inputs, &mut interner) {
                 unaddressed |= service.known_at.is_empty();
                 transient(|| registry.entry(service.host.to_ascii_lowercase()).or_default().push(service));
             }
@@ -72,14 +73,25 @@ pub fn proxy_policy(
                     let servers = gateway.servers.iter().filter(|server| served(server));
                     servers.filter_map(|server| u16::try_from(server.port.number).ok()).collect()
                 };
+                let tls_servers: Vec<TlsServer> = (gateway.servers.iter().enumerate())
+                    .filter(|(_, server)| server.port.protocol.eq_ignore_ascii_case("HTTPS"))
+                    .filter_map(|(index, server)| TlsServer::compile(&gateway.id, index, server, &settings.credentials))
+                    .collect();
+                let mut http_ports: Vec<u16> = ports(|server| is_http(&server.port.protocol));
+                http_ports.extend(tls_servers.iter().map(|server| server.port));
                 GatewayRoutes {
                     id: gateway.id.clone(),
-                    http_ports: ports(|server| is_http(&server.port.protocol)),
+                    http_ports,
                     hosts: gateway.hosts.map(|indexes| virtual_host(snapshot, indexes, &mut interner)),
                     tls_ports: ports(passes_tls_through),
                     tls_hosts: gateway.hosts.map(|indexes| l4_routes(snapshot, indexes, L4Kind::Tls, &mut interner)),
                     tcp_ports: ports(|server| server.port.protocol.eq_ignore_ascii_case("TCP")),
                     tcp_routes: l4_routes(snapshot, &gateway.services, L4Kind::Tcp, &mut interner),
+                    tls_servers,
+                    https_redirect_ports: ports(|server| {
+                        is_http(&server.port.protocol)
+                            && server.tls.as_ref().is_some_and(|tls| tls.https_redirect == Some(true))
+                    }),
                 }
             })
             .collect(),
@@ -95,12 +107,7 @@ pub fn proxy_policy(
 /// Whether a Gateway server passes TLS through to be routed by server name: protocol `TLS` (or `HTTPS`) with
 /// `tls.mode: PASSTHROUGH`.
 fn passes_tls_through(server: &Server) -> bool {
-    is_tls(&server.port.protocol)
-        && server
-            .tls
-            .as_ref()
-            .and_then(|tls| tls.mode.as_deref())
-            .is_some_and(|mode| mode.eq_ignore_ascii_case("PASSTHROUGH"))
+    is_tls(&server.port.protocol) && server.tls.as_ref().is_some_and(|tls| tls.mode() == "PASSTHROUGH")
 }
 
 /// A route's weighted destinations, each with its header manipulations: a lone destination takes everything;

@@ -35,6 +35,7 @@ use super::{
     sidecars::SidecarModes,
     OutboundMode,
 };
+pub use super::{certificates::CredentialSource, tls_servers::TlsServer};
 use crate::allocator::transient;
 use crate::config::{
     destination_rule::{DestinationRule, TrafficPolicy},
@@ -66,6 +67,8 @@ pub struct ProxySettings {
     pub gateway_namespace: Option<String>,
     /// The HTTP/1.1 upgrades forwarded (Envoy's `upgrade_configs`; Istio configures `websocket`), lowercase.
     pub upgrades: Vec<String>,
+    /// Where Gateway servers' `credentialName`s are read from.
+    pub credentials: CredentialSource,
 }
 
 /// What becomes of an intercepted request whose Host is registered at addresses that do not include the one
@@ -146,6 +149,11 @@ pub struct GatewayRoutes {
     /// Server ports with protocol `TCP`: connections routed by the `tcp` routes bound to the Gateway.
     pub tcp_ports: Vec<u16>,
     pub tcp_routes: Option<L4Routes>,
+    /// Servers terminating TLS (SIMPLE, MUTUAL) with protocol HTTPS: their requests take the `http` routes, as on
+    /// the Gateway's HTTP ports (their ports are among `http_ports`).
+    pub tls_servers: Vec<TlsServer>,
+    /// HTTP server ports with `tls.httpsRedirect`: their requests are answered 301 to HTTPS.
+    pub https_redirect_ports: Vec<u16>,
 }
 
 impl GatewayRoutes {
@@ -220,6 +228,11 @@ impl ProxyPolicy {
     /// The `tls` routes for intercepted traffic whose ClientHello names `server_name`.
     pub fn mesh_tls_routes(&self, server_name: &str) -> Option<&L4Routes> {
         self.hosts.find(server_name, |entry| entry.mesh_tls.as_ref())
+    }
+
+    /// The servers terminating TLS on `port`, of every selected Gateway.
+    pub fn tls_servers_on(&self, port: u16) -> impl Iterator<Item = &TlsServer> {
+        self.gateways.iter().flat_map(|gateway| &gateway.tls_servers).filter(move |server| server.port == port)
     }
 
     /// The routes of the Gateway listening on `port`, with the Gateway's id.

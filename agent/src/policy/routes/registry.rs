@@ -242,13 +242,20 @@ impl<'a> Rules<'a> {
     }
 }
 
+/// What compiling clusters reads besides the configuration: the state clusters keep across compiles (pool
+/// limits, outlier detection), and where DestinationRules' `credentialName`s are read from.
+pub(super) struct ClusterInputs<'a> {
+    pub(super) states: &'a ClusterStates,
+    pub(super) credentials: &'a CredentialSource,
+}
+
 /// One service per host of `entry`: DNS hosts resolve on their own (or through the endpoints' names).
 pub(super) fn services(
     entry: &ServiceEntry,
     exported: &Arc<ExportScope>,
     resolved: &Resolved,
     rules: &Rules<'_>,
-    states: &ClusterStates,
+    inputs: &ClusterInputs<'_>,
     interner: &mut Interner,
 ) -> Vec<Service> {
     let namespace = &exported.namespace;
@@ -318,7 +325,7 @@ pub(super) fn services(
                     let variant = u16::try_from(variant).unwrap_or(u16::MAX);
                     ports
                         .iter()
-                        .flat_map(|port| clusters(&host, namespace, port, &endpoints, rule, states, interner))
+                        .flat_map(|port| clusters(&host, namespace, port, &endpoints, rule, inputs, interner))
                         .map(move |cluster| VariantCluster { variant, cluster })
                         .collect::<Vec<_>>()
                 })
@@ -345,12 +352,15 @@ pub(super) fn clusters(
     port: &ServicePort,
     endpoints: &[Endpoint],
     rule: Option<&DestinationRule>,
-    states: &ClusterStates,
+    inputs: &ClusterInputs<'_>,
     interner: &mut Interner,
 ) -> Vec<Cluster> {
+    let states = inputs.states;
     let cluster = |subset: Option<Arc<str>>, endpoints: Vec<Endpoint>, policy: Option<&TrafficPolicy>| {
         let policy = policy
-            .map(|policy| ClusterPolicy::compile(settings_for_port(policy, port.number), port.http2))
+            .map(|policy| {
+                ClusterPolicy::compile(settings_for_port(policy, port.number), port.http2, inputs.credentials)
+            })
             .unwrap_or_default();
         let labels = DestinationLabels::registered(host.clone(), namespace.clone(), port.number, subset);
         // State that must outlive recompiles is kept only where a policy needs it, by cluster name.

@@ -146,7 +146,7 @@ impl HttpProxy {
                 record.bytes_received = bytes.len() as u64;
             }
             if let (Some(mirror), Some(bytes)) = (mirror, &replayable) {
-                self.mirror(policy, mirror, &parts, &path_and_query, upstream_authority, bytes.clone(), connection);
+                self.mirror(policy, mirror, &parts, &path_and_query, upstream_authority, bytes.clone(), &connection);
             }
 
             let idle = self.limits.stream_idle_timeout;

@@ -17,7 +17,7 @@ impl HttpProxy {
         path_and_query: &PathAndQuery,
         authority: &str,
         body: Bytes,
-        connection: Connection,
+        connection: &Connection,
     ) {
         let port = mirror.port.unwrap_or(connection.local.port());
         let listener = connection.listener;

@@ -35,7 +35,6 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use smallvec::SmallVec;
-use tokio::net::TcpStream;
 
 pub use super::routing::Listener;
 use super::{
@@ -61,7 +60,7 @@ use crate::{
     policy::routes::{Cors, HostVerify, Matched, Mirror, ProxyPolicy, RetryPolicy, Route, Target},
     telemetry::{
         connections::TcpLabels,
-        requests::{RequestRecord, RequestTelemetry},
+        requests::{ConnectionSecurity, Principal, RequestRecord, RequestTelemetry},
         response_flags::ResponseFlag,
     },
 };
@@ -89,12 +88,16 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
 
 /// One client connection's addresses.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Connection {
     pub peer: SocketAddr,
     /// The accepted socket's local address: for intercepted traffic, the original destination.
     pub local: SocketAddr,
     pub listener: Listener,
+    /// Whether the gateway terminated TLS on it, and verified a client certificate.
+    pub security: ConnectionSecurity,
+    /// The SPIFFE identity of the client's verified certificate (`source_principal`).
+    pub principal: Option<Arc<Principal>>,
 }
 
 pub struct HttpProxy {
@@ -210,14 +213,18 @@ impl HttpProxy {
 
     /// Serves one client connection (HTTP/1.1 with keep-alive, or HTTP/2, as its first bytes said) until it
     /// closes.
-    pub async fn serve_connection(self: Arc<Self>, stream: TcpStream, connection: Connection, version: HttpVersion) {
-        let _ = stream.set_nodelay(true);
+    /// Serves HTTP on a client's connection (a socket, or TLS the gateway terminated) until it closes or idles.
+    pub async fn serve_connection<S>(self: Arc<Self>, stream: S, connection: Connection, version: HttpVersion)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let proxy = self.clone();
         let activity = idle::Activity::new();
         let requests = activity.clone();
         // A request's future is boxed: hyper moves what its service returns, and the whole exchange is kilobytes.
+        let peer = connection.peer;
         let service = hyper::service::service_fn(move |request| {
-            Box::pin(proxy.clone().handle(request, connection, requests.begin()).map(answered))
+            Box::pin(proxy.clone().handle(request, connection.clone(), requests.begin()).map(answered))
         });
         let io = TokioIo::new(stream);
         let (first_request, idle) = (self.limits.request_headers_timeout, self.limits.idle_timeout);
@@ -245,11 +252,11 @@ impl HttpProxy {
             }
         };
         let Some(served) = served else {
-            tracing::debug!(peer = %connection.peer, "client connection idle: closed");
+            tracing::debug!(%peer, "client connection idle: closed");
             return;
         };
         if let Err(error) = served {
-            tracing::debug!(%error, peer = %connection.peer, "client connection ended");
+            tracing::debug!(%error, %peer, "client connection ended");
         }
     }
 
@@ -286,6 +293,12 @@ impl HttpProxy {
                     .is_some_and(|content_type| content_type.as_bytes().starts_with(b"application/grpc")),
                 downstream_remote: Some(connection.peer),
                 downstream_local: Some(connection.local),
+                connection_security: connection.security,
+                source_principal: connection.principal.as_ref().map(|principal| principal.spiffe.clone()),
+                source_workload_namespace: connection
+                    .principal
+                    .as_ref()
+                    .and_then(|principal| principal.namespace.clone()),
                 ..RequestRecord::default()
             });
             // The URI's authority (absolute form, HTTP/2), else Host: shared with the request rather than copied.
@@ -380,6 +393,15 @@ impl HttpProxy {
                     }
                     record.response_code = status.as_u16();
                     return self.finish(response, record, started, Some(route));
+                }
+                Decision::RequireTls { location } => {
+                    let mut response = Response::new(empty());
+                    *response.status_mut() = StatusCode::MOVED_PERMANENTLY;
+                    if let Ok(location) = HeaderValue::from_str(&location) {
+                        response.headers_mut().insert(header::LOCATION, location);
+                    }
+                    record.response_code = StatusCode::MOVED_PERMANENTLY.as_u16();
+                    return self.finish(response, record, started, None);
                 }
                 Decision::Forward { route, target, destination, host_mismatch } => {
                     if host_mismatch {

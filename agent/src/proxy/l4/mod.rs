@@ -51,7 +51,7 @@ impl HelloRefused {
 
 /// Reads the client's bytes until they hold a whole ClientHello: the bytes read (all to be replayed) and its
 /// server name.
-async fn read_client_hello(
+pub async fn read_client_hello(
     stream: &mut TcpStream,
     within: std::time::Duration,
 ) -> Result<(Vec<u8>, Option<String>), HelloRefused> {
@@ -85,24 +85,44 @@ pub async fn serve_tls(
     proxy: &HttpProxy,
 ) {
     let clock = (SystemTime::now(), Instant::now());
-    let telemetry = proxy.telemetry();
     let (hello, server_name) = match read_client_hello(&mut stream, proxy.limits().request_headers_timeout).await {
         Ok(read) => read,
-        Err(refused) => {
-            let detail = match refused {
-                HelloRefused::Malformed(reason) => reason,
-                _ => "",
-            };
-            tracing::debug!(source = %peer, original_dst = %dialled, reason = refused.label(), detail, "ClientHello refused");
-            telemetry.client_hello_refused(refused.label());
-            tcp::reset(&stream);
-            return;
-        }
+        Err(refused) => return refuse_hello(&stream, peer, dialled, refused, proxy),
     };
+    serve_tls_read(stream, (peer, dialled), (&hello, server_name), arrival, proxy, clock).await;
+}
+
+/// Closes a connection whose ClientHello was not read, counted by why.
+pub fn refuse_hello(
+    stream: &TcpStream,
+    peer: SocketAddr,
+    dialled: SocketAddr,
+    refused: HelloRefused,
+    proxy: &HttpProxy,
+) {
+    let detail = match refused {
+        HelloRefused::Malformed(reason) => reason,
+        _ => "",
+    };
+    tracing::debug!(source = %peer, original_dst = %dialled, reason = refused.label(), detail, "ClientHello refused");
+    proxy.telemetry().client_hello_refused(refused.label());
+    tcp::reset(stream);
+}
+
+/// Serves a TLS connection whose ClientHello (`hello`, naming `server_name`) has been read: decided by the name
+/// and relayed, the hello replayed first. `clock`: when the connection was accepted.
+pub async fn serve_tls_read(
+    stream: TcpStream,
+    (peer, dialled): (SocketAddr, SocketAddr),
+    (hello, server_name): (&[u8], Option<String>),
+    arrival: Arrival,
+    proxy: &HttpProxy,
+    clock: (SystemTime, Instant),
+) {
     let workload = proxy.workload(peer.ip());
     let name = server_name.as_deref();
     let decided = decide_tls(&proxy.policy(), name, dialled, workload.as_deref(), arrival, fastrand::u32(..));
-    let connection = Connection { peer, dialled, server_name: name, hello: &hello, source: workload.as_deref() };
+    let connection = Connection { peer, dialled, server_name: name, hello, source: workload.as_deref() };
     finish(stream, &connection, decided, proxy, clock).await;
 }
 

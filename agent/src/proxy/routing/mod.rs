@@ -108,6 +108,10 @@ pub enum Decision<'p> {
         status: StatusCode,
         location: String,
     },
+    /// A plain-text request to a Gateway server with `tls.httpsRedirect`: 301 to the same URL over HTTPS.
+    RequireTls {
+        location: String,
+    },
     Forward {
         route: Option<Matched<'p>>,
         target: Option<&'p Target>,
@@ -168,7 +172,14 @@ pub fn decide<'p, B>(
             Listener::Gateway(gateway_port) => {
                 port = gateway_port;
                 match policy.gateway_on(gateway_port) {
-                    Some(gateway) => (gateway.id.as_str(), gateway.hosts.get(authority)),
+                    Some(gateway) => {
+                        let virtual_host = gateway.hosts.get(authority);
+                        if virtual_host.is_some() && gateway.https_redirect_ports.contains(&gateway_port) {
+                            let path = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
+                            return Decision::RequireTls { location: format!("https://{host_name}{path}") };
+                        }
+                        (gateway.id.as_str(), virtual_host)
+                    }
                     None => ("", None),
                 }
             }

@@ -21,6 +21,7 @@ fn policy_verifying(yaml: &str, labels: &[(&str, &str)], own: &[&str], verify: H
         host_verify: verify,
         gateway_namespace: None,
         upgrades: Vec::new(),
+        credentials: Default::default(),
     };
     let sidecars = Arc::new(SidecarModes::compile(&snapshot, OutboundMode::RegistryOnly));
     proxy_policy(&snapshot, &resolved, &bind(&snapshot, &labels), sidecars, &settings, &Default::default())
@@ -267,6 +268,7 @@ spec:
             Decision::Forward { .. } => 200,
             Decision::Fail { failure, .. } => failure.status().as_u16(),
             Decision::Redirect { status, .. } => status.as_u16(),
+            Decision::RequireTls { .. } => 301,
         };
     assert_eq!(decide_at(&anywhere, "b.example"), 418, "a gateway of no known namespace sees everything");
     assert_eq!(decide_at(&in_istio_system, "b.example"), 404, "app's private VirtualService is not for it");

@@ -70,10 +70,11 @@ pub struct RequestMetrics {
 /// workload and namespace, the destination service, name and namespace), and its code, flags and protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct SeriesKey {
-    texts: [(usize, usize); 5],
+    texts: [(usize, usize); SHARED_TEXTS],
     response_code: u16,
     response_flags: ResponseFlag,
     grpc: bool,
+    connection_security: ConnectionSecurity,
 }
 
 impl SeriesKey {
@@ -85,17 +86,22 @@ impl SeriesKey {
             response_code: record.response_code,
             response_flags: record.response_flags,
             grpc: record.grpc,
+            connection_security: record.connection_security,
         }
     }
 }
 
-/// The label texts of `record` that the policy shares between requests (`unknown` where it has none): the
-/// source workload and namespace, the destination service, name and namespace.
-fn shared_texts(record: &RequestRecord) -> [&LabelText; 5] {
+const SHARED_TEXTS: usize = 6;
+
+/// The label texts of `record` that are shared between requests (`unknown` where it has none): the source
+/// workload, namespace and principal (the client connection's), the destination service, name and namespace (the
+/// policy's).
+fn shared_texts(record: &RequestRecord) -> [&LabelText; SHARED_TEXTS] {
     let destination = record.destination.as_ref();
     [
         record.source_workload.as_ref(),
         record.source_workload_namespace.as_ref(),
+        record.source_principal.as_ref(),
         destination.map(|d| &d.service),
         destination.map(DestinationLabels::name),
         destination.map(|d| &d.namespace),
@@ -107,7 +113,7 @@ fn shared_texts(record: &RequestRecord) -> [&LabelText; 5] {
 /// their addresses given to other texts while the entry lasts.
 struct Recent {
     series: Arc<Series>,
-    _texts: [LabelText; 5],
+    _texts: [LabelText; SHARED_TEXTS],
 }
 
 /// How many entries `RequestMetrics::recent` keeps before it starts again (each reload makes new texts).
@@ -233,8 +239,56 @@ pub struct RequestRecord {
     /// The workload that sent the request and its namespace, when known.
     pub source_workload: Option<Label>,
     pub source_workload_namespace: Option<Label>,
+    /// The SPIFFE identity of the client's certificate, where the gateway verified one.
+    pub source_principal: Option<Label>,
     /// The destination (and Envoy cluster) the request went to, when it got that far.
     pub destination: Option<DestinationLabels>,
+    pub connection_security: ConnectionSecurity,
+}
+
+/// The identity a client's verified certificate carries: its SPIFFE URI (`spiffe://TRUST-DOMAIN/ns/NS/sa/SA`,
+/// `source_principal`) and the namespace in it (`source_workload_namespace` where the pods are not watched).
+#[derive(Debug)]
+pub struct Principal {
+    pub spiffe: Label,
+    pub namespace: Option<Label>,
+}
+
+impl Principal {
+    /// The SPIFFE identity among a certificate's names, if it has one.
+    pub fn from_names(names: &[String]) -> Option<Principal> {
+        let spiffe = names.iter().find(|name| name.starts_with("spiffe://"))?;
+        let mut segments = spiffe.trim_start_matches("spiffe://").split('/').skip(1);
+        let namespace = match (segments.next(), segments.next()) {
+            (Some("ns"), Some(namespace)) if !namespace.is_empty() => {
+                Some(LabelText::from(Arc::<str>::from(namespace)))
+            }
+            _ => None,
+        };
+        Some(Principal { spiffe: LabelText::from(Arc::<str>::from(spiffe.as_str())), namespace })
+    }
+}
+
+/// What secured the client's connection to the gateway, for `connection_security_policy`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ConnectionSecurity {
+    /// Plain text, or TLS the gateway did not terminate: Istio's `unknown`, as a source reports it.
+    #[default]
+    Unknown,
+    /// TLS terminated at the gateway, the client presenting no certificate: `none`.
+    Tls,
+    /// TLS terminated at the gateway with a client certificate it verified: `mutual_tls`.
+    MutualTls,
+}
+
+impl ConnectionSecurity {
+    pub fn label(self) -> Label {
+        match self {
+            ConnectionSecurity::Unknown => UNKNOWN,
+            ConnectionSecurity::Tls => LabelText::Static(&"none"),
+            ConnectionSecurity::MutualTls => LabelText::Static(&"mutual_tls"),
+        }
+    }
 }
 
 impl RequestRecord {
@@ -262,6 +316,7 @@ pub struct RequestTelemetry {
     host_mismatches: Family<[(&'static str, &'static str); 1], Counter>,
     connections_refused: Counter,
     client_hellos_refused: Family<[(&'static str, &'static str); 1], Counter>,
+    handshakes_failed: Family<[(&'static str, &'static str); 1], Counter>,
 }
 
 impl RequestTelemetry {
@@ -295,6 +350,14 @@ impl RequestTelemetry {
              (malformed, timeout, closed)",
             client_hellos_refused.clone(),
         );
+        let handshakes_failed = Family::default();
+        registry.register(
+            "sluice_tls_handshake_failed",
+            "Connections to Gateway servers terminating TLS that ended before their requests, by why (no_server, \
+             unusable_server, no_client_certificate, bad_client_certificate, client_certificate_name, handshake, \
+             timeout, and the ClientHello's malformed, closed)",
+            handshakes_failed.clone(),
+        );
         let (lines, mut queue) = LineQueue::new(ACCESS_LOG_QUEUE_LINES, ACCESS_LOG_QUEUE_BYTES);
         // A thread of its own: writes to stdout block, and lines are written in batches, flushed whenever the
         // queue runs dry.
@@ -323,6 +386,7 @@ impl RequestTelemetry {
             host_mismatches,
             connections_refused,
             client_hellos_refused,
+            handshakes_failed,
         }
     }
 
@@ -359,6 +423,11 @@ impl RequestTelemetry {
     /// Counts an intercepted TLS connection closed because its ClientHello was not read, for `reason`.
     pub fn client_hello_refused(&self, reason: &'static str) {
         self.client_hellos_refused.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// Counts a connection to a Gateway server terminating TLS that ended before its requests, for `reason`.
+    pub fn tls_handshake_failed(&self, reason: &'static str) {
+        self.handshakes_failed.get_or_create(&[("reason", reason)]).inc();
     }
 
     /// Counts a request or TLS connection whose host did not belong to the address it was sent to.
@@ -451,13 +520,13 @@ impl LineQueueReader {
 
 /// Istio's standard labels for `record`.
 fn labels_of(record: &RequestRecord) -> RequestLabels {
-    let [source_workload, source_workload_namespace, destination_service, destination_service_name, destination_service_namespace] =
+    let [source_workload, source_workload_namespace, source_principal, destination_service, destination_service_name, destination_service_namespace] =
         shared_texts(record).map(LabelText::clone);
     RequestLabels {
         reporter: LabelText::Static(&"source"),
         source_workload,
         source_workload_namespace,
-        source_principal: UNKNOWN,
+        source_principal,
         destination_workload: UNKNOWN,
         destination_workload_namespace: UNKNOWN,
         destination_principal: UNKNOWN,
@@ -468,7 +537,7 @@ fn labels_of(record: &RequestRecord) -> RequestLabels {
         response_code: status_label(record.response_code),
         grpc_response_status: LabelText::default(),
         response_flags: record.response_flags.label(),
-        connection_security_policy: UNKNOWN,
+        connection_security_policy: record.connection_security.label(),
     }
 }
 

@@ -1,0 +1,150 @@
+//! TLS terminated at the gateway, for Gateway servers with `tls.mode` SIMPLE or MUTUAL: the ClientHello is read
+//! (as for TLS passed through, bounded by size and by the request headers timeout), its server name picks the
+//! server — its certificate, whether a client certificate is required and which names it must carry — the
+//! handshake completes within the same deadline, and the server's HTTP routes serve the requests inside. A name no
+//! terminating server takes goes to the port's PASSTHROUGH servers, if it has any, as Envoy's filter chains do.
+
+use std::{
+    io,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Instant, SystemTime},
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    time::timeout_at,
+};
+
+use super::{
+    detect::HttpVersion,
+    http::{Connection, HttpProxy},
+    l4, tcp,
+};
+use crate::{
+    policy::tls_servers::{carries_one_of, choose, subject_alt_names},
+    telemetry::requests::{ConnectionSecurity, Principal},
+};
+
+/// Serves a connection accepted on a Gateway port with servers terminating TLS.
+pub async fn serve(mut stream: TcpStream, connection: Connection, proxy: Arc<HttpProxy>) {
+    let clock = (SystemTime::now(), Instant::now());
+    let deadline = tokio::time::Instant::now() + proxy.request_headers_timeout();
+    let port = connection.local.port();
+    let telemetry = proxy.telemetry();
+    let (hello, server_name) = match l4::read_client_hello(&mut stream, proxy.request_headers_timeout()).await {
+        Ok(read) => read,
+        Err(refused) => {
+            telemetry.tls_handshake_failed(refused.label());
+            tcp::reset(&stream);
+            return;
+        }
+    };
+    let (config, mutual, required_names) = {
+        let policy = proxy.policy();
+        let Some(server) = choose(policy.tls_servers_on(port), server_name.as_deref()) else {
+            if policy.tls_gateways_on(port).next().is_some() {
+                drop(policy);
+                let (peer, local) = (connection.peer, connection.local);
+                let arrival = l4::Arrival::Gateway(port);
+                l4::serve_tls_read(stream, (peer, local), (&hello, server_name), arrival, &proxy, clock).await;
+                return;
+            }
+            tracing::debug!(peer = %connection.peer, port, sni = server_name.as_deref().unwrap_or("-"), "no Gateway server takes the name");
+            telemetry.tls_handshake_failed("no_server");
+            tcp::reset(&stream);
+            return;
+        };
+        match &server.config {
+            Ok(config) => (config.clone(), server.mutual, server.subject_alt_names.clone()),
+            Err(reason) => {
+                tracing::warn!(server = %server.name, %reason, "a Gateway server's TLS settings cannot be used: its connections are closed");
+                telemetry.tls_handshake_failed("unusable_server");
+                tcp::reset(&stream);
+                return;
+            }
+        }
+    };
+    let accepting = tokio_rustls::TlsAcceptor::from(config).accept(Replayed::new(hello, stream));
+    let tls = match timeout_at(deadline, accepting).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            let reason = handshake_failure(&error);
+            tracing::debug!(peer = %connection.peer, port, %error, reason, "TLS handshake failed");
+            telemetry.tls_handshake_failed(reason);
+            return;
+        }
+        Err(_) => {
+            telemetry.tls_handshake_failed("timeout");
+            return;
+        }
+    };
+    let session = tls.get_ref().1;
+    let leaf = session.peer_certificates().and_then(|chain| chain.first());
+    if mutual && !leaf.is_some_and(|leaf| carries_one_of(&required_names, leaf)) {
+        tracing::debug!(peer = %connection.peer, port, "the client certificate carries none of the server's subjectAltNames");
+        telemetry.tls_handshake_failed("client_certificate_name");
+        return;
+    }
+    let http2 = matches!(session.alpn_protocol(), Some(b"h2" | b"istio-h2"));
+    let version = if http2 { HttpVersion::Http2 } else { HttpVersion::Http1 };
+    let security = if leaf.is_some() { ConnectionSecurity::MutualTls } else { ConnectionSecurity::Tls };
+    let principal = leaf.and_then(|leaf| Principal::from_names(&subject_alt_names(leaf))).map(Arc::new);
+    proxy.serve_connection(tls, Connection { security, principal, ..connection }, version).await;
+}
+
+/// Why a handshake failed, as a label: the client's certificate missing or refused, else the handshake itself.
+fn handshake_failure(error: &io::Error) -> &'static str {
+    match error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::NoCertificatesPresented) => "no_client_certificate",
+        Some(rustls::Error::InvalidCertificate(_)) => "bad_client_certificate",
+        _ => "handshake",
+    }
+}
+
+/// A stream whose first bytes — the ClientHello, read to choose the server — are given back before the socket's.
+struct Replayed {
+    read: Vec<u8>,
+    /// How much of `read` has been given back.
+    given: usize,
+    stream: TcpStream,
+}
+
+impl Replayed {
+    fn new(read: Vec<u8>, stream: TcpStream) -> Replayed {
+        Replayed { read, given: 0, stream }
+    }
+}
+
+impl AsyncRead for Replayed {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.given < self.read.len() {
+            let left = &self.read[self.given..];
+            let n = left.len().min(buf.remaining());
+            buf.put_slice(&left[..n]);
+            self.given += n;
+            if self.given == self.read.len() {
+                self.read = Vec::new();
+                self.given = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Replayed {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}

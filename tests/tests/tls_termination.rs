@@ -1,0 +1,385 @@
+//! TLS terminated at the gateway, end to end: a workload's curl (with and without client certificates) → the
+//! agent's Gateway ports, where Gateway servers with `tls.mode` SIMPLE, MUTUAL and ISTIO_MUTUAL terminate TLS with
+//! certificates from files, from `--credentials-dir` and from Istio's mounted workload certificate (rotated
+//! while the agent runs) → the servers' HTTP routes → nginx in the internet namespace; and a DestinationRule's
+//! `credentialName` originating mutual TLS to nginx.
+
+use std::net::SocketAddr;
+
+use sluice_tests::{
+    istio::{self, MESH_REGISTRY_ONLY},
+    metrics::total,
+    peers::Nginx,
+    require_root,
+    tls::{certificates, signed},
+    topology::{GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, SERVER_A, SERVER_B},
+    Agent, Topology,
+};
+
+fn addr(host: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(host.parse().unwrap(), port)
+}
+
+/// nginx answering `backend` on SERVER_A:80, counting the requests it serves on 127.0.0.1:8080 (`stub_status`).
+fn backend(topology: &Topology) -> Nginx {
+    let config = format!(
+        "server {{\n    listen {SERVER_A}:80;\n    location / {{ default_type text/plain; return 200 \"backend\\n\"; }}\n  }}\n  \
+         server {{\n    listen 127.0.0.1:8080;\n    location / {{ stub_status; }}\n  }}\n"
+    );
+    Nginx::start_with(&topology.internet, &config, &[addr(SERVER_A, 80), addr("127.0.0.1", 8080)]).unwrap()
+}
+
+/// The requests nginx has served so far (the status requests included).
+fn served(topology: &Topology) -> u64 {
+    let output = topology.internet.command("curl").args(["-sS", "http://127.0.0.1:8080/"]).output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    // "server accepts handled requests\n N N N"
+    let counts = text.lines().nth(2).unwrap_or_default().split_whitespace().nth(2).unwrap_or_default().to_owned();
+    counts.parse().unwrap_or_else(|_| panic!("stub_status: {text}"))
+}
+
+/// `curl` from the workload to `https://name:port/`, `name` resolved to the gateway, with `extra` arguments:
+/// "STATUS HTTP-VERSION BODY", or curl's error.
+fn curl(topology: &Topology, name: &str, port: u16, extra: &[&str]) -> Result<String, String> {
+    let output = topology
+        .workload
+        .command("curl")
+        .args(["-sS", "--max-time", "5", "--resolve", &format!("{name}:{port}:{GATEWAY_WORKLOAD_ADDR}")])
+        .args(["-w", " %{http_code} %{http_version}"])
+        .args(extra)
+        .arg(format!("https://{name}:{port}/"))
+        .output()
+        .unwrap();
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+#[test]
+fn simple_and_mutual_gateway_servers_terminate_tls_and_route_their_requests() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _backend = backend(&topology);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path();
+    // The gateway's own certificates: one CA for the file-based servers, another for the credential's.
+    let (ca, cert, key) = certificates(path, "gateway-ca", &["api.internal", "mtls.internal"]);
+    let other = tempfile::tempdir().unwrap();
+    let (other_ca, other_cert, other_key) = certificates(other.path(), "other-ca", &["other.internal"]);
+    let credentials = tempfile::tempdir().unwrap();
+    std::fs::create_dir(credentials.path().join("other-cert")).unwrap();
+    std::fs::copy(&other_cert, credentials.path().join("other-cert/tls.crt")).unwrap();
+    std::fs::copy(&other_key, credentials.path().join("other-cert/tls.key")).unwrap();
+    // Clients' certificates: the expected identity, another identity, and one from a CA the gateway does not trust.
+    let clients = tempfile::tempdir().unwrap();
+    let (client_ca, _, _) = certificates(clients.path(), "client-ca", &["unused.client"]);
+    let client = signed(clients.path(), "client-ca", "client", &["URI:spiffe://cluster.local/ns/apps/sa/client"]);
+    let stranger = signed(clients.path(), "client-ca", "stranger", &["URI:spiffe://cluster.local/ns/apps/sa/stranger"]);
+    let forged = signed(other.path(), "other-ca", "forged", &["URI:spiffe://cluster.local/ns/apps/sa/client"]);
+
+    let config = tempfile::tempdir().unwrap();
+    let gateway = format!(
+        "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: tls-gw, namespace: istio-system}}
+spec:
+  selector: {{istio: egressgateway}}
+  servers:
+  - port: {{number: 8443, name: https-api, protocol: HTTPS}}
+    hosts: [istio-system/api.internal]
+    tls: {{mode: SIMPLE, serverCertificate: {cert}, privateKey: {key}}}
+  - port: {{number: 8443, name: https-other, protocol: HTTPS}}
+    hosts: [other.internal]
+    tls: {{mode: SIMPLE, credentialName: other-cert}}
+  - port: {{number: 9443, name: https-mtls, protocol: HTTPS}}
+    hosts: ['*']
+    tls:
+      mode: MUTUAL
+      serverCertificate: {cert}
+      privateKey: {key}
+      caCertificates: {client_ca}
+      subjectAltNames: [spiffe://cluster.local/ns/apps/sa/client]
+  - port: {{number: 8080, name: http, protocol: HTTP}}
+    hosts: [api.internal]
+    tls: {{httpsRedirect: true}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: via-gateway, namespace: istio-system}}
+spec:
+  hosts: [api.internal, other.internal, mtls.internal]
+  gateways: [tls-gw]
+  http:
+  - route: [{{destination: {{host: backend.example, port: {{number: 80}}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: backend, namespace: istio-system}}
+spec:
+  hosts: [backend.example]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  endpoints: [{{address: {SERVER_A}}}]
+  resolution: STATIC
+"
+    );
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, &gateway]).unwrap();
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {} --credentials-dir {} \
+         --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32",
+        config.path().display(),
+        credentials.path().display()
+    );
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    agent.wait_for_log("gateway listener open", 3).unwrap();
+
+    // SIMPLE, by server name: the file certificate for one name, the credential's for the other.
+    let ok = |version: &str| Ok(format!("backend\n 200 {version}"));
+    assert_eq!(curl(&topology, "api.internal", 8443, &["--cacert", &ca]), ok("2"), "{}", agent.log());
+    assert_eq!(curl(&topology, "other.internal", 8443, &["--cacert", &other_ca]), ok("2"), "{}", agent.log());
+    assert!(curl(&topology, "other.internal", 8443, &["--cacert", &ca]).is_err(), "not the file certificate");
+    // HTTP/2 or HTTP/1.1 as ALPN settles it.
+    assert_eq!(curl(&topology, "api.internal", 8443, &["--cacert", &ca, "--http1.1"]), ok("1.1"));
+    // A name no server on the port takes: closed in the handshake.
+    assert!(curl(&topology, "evil.internal", 8443, &["-k"]).is_err());
+
+    // MUTUAL: the client's certificate must chain to the server's CA and carry the required identity.
+    let mtls =
+        |extra: &[&str]| curl(&topology, "mtls.internal", 9443, &[&["--cacert", ca.as_str()][..], extra].concat());
+    let with = |(cert, key): &(String, String)| mtls(&["--cert", cert, "--key", key]);
+    let before = served(&topology);
+    assert_eq!(with(&client), ok("2"), "{}", agent.log());
+    assert!(mtls(&[]).is_err(), "no client certificate");
+    assert!(with(&forged).is_err(), "a certificate from a CA the server does not trust");
+    assert!(with(&stranger).is_err(), "a trusted CA's certificate for another identity");
+    assert_eq!(served(&topology), before + 2, "only the good client's request (and the status request) reached nginx");
+
+    // httpsRedirect on the HTTP server: 301 to the same path over HTTPS.
+    let redirect = topology
+        .workload
+        .command("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}"])
+        .arg(format!("http://{GATEWAY_WORKLOAD_ADDR}:8080/path?q=1"))
+        .args(["-H", "Host: api.internal:8080"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&redirect.stdout), "301 https://api.internal/path?q=1");
+
+    let metrics = agent.metrics().unwrap();
+    let mutual = [("connection_security_policy", "mutual_tls"), ("response_code", "200")];
+    assert_eq!(total(&metrics, "istio_requests_total", &mutual), 1, "{metrics}");
+    let plain_tls = [("connection_security_policy", "none"), ("response_code", "200")];
+    assert_eq!(total(&metrics, "istio_requests_total", &plain_tls), 3, "{metrics}");
+    for (reason, count) in
+        [("no_server", 1), ("no_client_certificate", 1), ("bad_client_certificate", 1), ("client_certificate_name", 1)]
+    {
+        let failed = [("reason", reason)];
+        assert_eq!(total(&metrics, "sluice_tls_handshake_failed_total", &failed), count, "{reason}: {metrics}");
+    }
+}
+
+/// Makes `link` (a credential's directory) hold a certificate and key as a Secret's `tls.crt` and `tls.key`,
+/// swapped in at once as Kubernetes swaps a Secret's volume: a new directory, then the link renamed over the old.
+fn install_credential(link: &std::path::Path, (cert, key): (&str, &str), version: u32) {
+    let parent = link.parent().unwrap();
+    let data = parent.join(format!("..data-{version}"));
+    std::fs::create_dir(&data).unwrap();
+    std::fs::copy(cert, data.join("tls.crt")).unwrap();
+    std::fs::copy(key, data.join("tls.key")).unwrap();
+    let staged = parent.join(format!("..link-{version}"));
+    std::os::unix::fs::symlink(&data, &staged).unwrap();
+    std::fs::rename(&staged, link).unwrap();
+}
+
+/// Waits up to 10 s for `condition`.
+fn eventually(mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn istio_mutual_takes_the_mesh_identity_and_certificates_rotate_keeping_the_last_good_one() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _backend = backend(&topology);
+    // The mesh: a root, the gateway's workload certificate as Istio mounts it, a sidecar's client certificate.
+    let mesh = tempfile::tempdir().unwrap();
+    let (root, _, _) = certificates(mesh.path(), "mesh-root", &["unused.mesh"]);
+    let istio_certs = tempfile::tempdir().unwrap();
+    let gateway_identity = ["URI:spiffe://cluster.local/ns/istio-system/sa/istio-egressgateway", "DNS:api.internal"];
+    let (chain, key) = signed(mesh.path(), "mesh-root", "gateway", &gateway_identity);
+    for (from, to) in [(&root, "root-cert.pem"), (&chain, "cert-chain.pem"), (&key, "key.pem")] {
+        std::fs::copy(from, istio_certs.path().join(to)).unwrap();
+    }
+    let sidecar = signed(mesh.path(), "mesh-root", "sidecar", &["URI:spiffe://cluster.local/ns/apps/sa/client"]);
+    // A credential to rotate: first from one CA, then another's.
+    let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (first_ca, first_cert, first_key) = certificates(first.path(), "first-ca", &["rotated.internal"]);
+    let (second_ca, second_cert, second_key) = certificates(second.path(), "second-ca", &["rotated.internal"]);
+    let credentials = tempfile::tempdir().unwrap();
+    let rotated = credentials.path().join("rotated-cert");
+    install_credential(&rotated, (&first_cert, &first_key), 1);
+
+    let config = tempfile::tempdir().unwrap();
+    // The seeds' Gateway (ISTIO_MUTUAL on 443), with a SIMPLE server beside it.
+    let gateway = format!(
+        "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: istio-egress-gateway, namespace: istio-system}}
+spec:
+  selector: {{istio: egressgateway}}
+  servers:
+  - port: {{number: 443, name: https, protocol: HTTPS}}
+    hosts: [api.internal]
+    tls: {{mode: ISTIO_MUTUAL}}
+  - port: {{number: 9443, name: https-rotated, protocol: HTTPS}}
+    hosts: [rotated.internal]
+    tls: {{mode: SIMPLE, credentialName: rotated-cert}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: via-gateway, namespace: istio-system}}
+spec:
+  hosts: [api.internal, rotated.internal]
+  gateways: [istio-egress-gateway]
+  http:
+  - route: [{{destination: {{host: backend.example, port: {{number: 80}}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: backend, namespace: istio-system}}
+spec:
+  hosts: [backend.example]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  endpoints: [{{address: {SERVER_A}}}]
+  resolution: STATIC
+"
+    );
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, &gateway]).unwrap();
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {} --credentials-dir {} \
+         --istio-certs-dir {} --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32",
+        config.path().display(),
+        credentials.path().display(),
+        istio_certs.path().display()
+    );
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    agent.wait_for_log("gateway listener open", 2).unwrap();
+
+    // The mesh's mTLS: the sidecar's certificate, checked against the mesh root; its identity in the metrics.
+    let mesh_client = ["--cacert", root.as_str(), "--cert", sidecar.0.as_str(), "--key", sidecar.1.as_str()];
+    assert_eq!(curl(&topology, "api.internal", 443, &mesh_client), Ok("backend\n 200 2".to_owned()), "{}", agent.log());
+    assert!(curl(&topology, "api.internal", 443, &["--cacert", &root]).is_err(), "no client certificate");
+    let metrics = agent.metrics().unwrap();
+    let identified = [
+        ("source_principal", "spiffe://cluster.local/ns/apps/sa/client"),
+        ("source_workload_namespace", "apps"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert_eq!(total(&metrics, "istio_requests_total", &identified), 1, "{metrics}");
+    // When the certificates served expire, by where they come from: an alert can fire before one lapses.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    for name in ["istio-certs", "rotated-cert"] {
+        let expiry = total(&metrics, "sluice_certificate_expiry_timestamp_seconds", &[("name", name)]);
+        assert!(expiry > now && expiry < now + 3 * 86_400, "{name}: {expiry}\n{metrics}");
+    }
+
+    // Rotation: the credential's files replaced; new handshakes present the new certificate.
+    assert!(curl(&topology, "rotated.internal", 9443, &["--cacert", &first_ca]).is_ok(), "{}", agent.log());
+    install_credential(&rotated, (&second_cert, &second_key), 2);
+    let rotated_ok = || curl(&topology, "rotated.internal", 9443, &["--cacert", &second_ca]).is_ok();
+    assert!(eventually(rotated_ok), "{}", agent.log());
+    assert!(
+        curl(&topology, "rotated.internal", 9443, &["--cacert", &first_ca]).is_err(),
+        "the old certificate is gone"
+    );
+
+    // A bad credential (its key is not the certificate's) is refused alone: the last good certificate stays.
+    install_credential(&rotated, (&second_cert, &first_key), 3);
+    agent.wait_for_log("cannot be used: it keeps its last good certificate", 1).unwrap();
+    assert!(rotated_ok(), "still served with the last good certificate");
+    assert_eq!(curl(&topology, "api.internal", 443, &mesh_client), Ok("backend\n 200 2".to_owned()));
+    let metrics = agent.metrics().unwrap();
+    let rejected = [("kind", "Gateway"), ("name", "istio-egress-gateway")];
+    assert_eq!(total(&metrics, "sluice_config_rejected", &rejected), 1, "{metrics}");
+}
+
+#[test]
+fn a_destination_rules_credential_name_originates_mutual_tls() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    // The destination: nginx requiring a client certificate from the client CA.
+    let (origin, clients) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (origin_ca, origin_cert, origin_key) = certificates(origin.path(), "origin-ca", &["secure.backend"]);
+    let (client_ca, _, _) = certificates(clients.path(), "client-ca", &["unused.client"]);
+    let (client_cert, client_key) = signed(clients.path(), "client-ca", "gateway-client", &["DNS:gateway.client"]);
+    let listen = addr(SERVER_B, 443);
+    let server = format!(
+        "server {{\n    listen {listen} ssl;\n    ssl_certificate {origin_cert};\n    ssl_certificate_key {origin_key};\n    \
+         ssl_client_certificate {client_ca};\n    ssl_verify_client on;\n    \
+         location / {{ default_type text/plain; return 200 \"client=$ssl_client_s_dn\\n\"; }}\n  }}\n"
+    );
+    let _origin = Nginx::start_with(&topology.internet, &server, &[listen]).unwrap();
+    // The gateway's credential, as a Secret would hold it: its client certificate and key, the origin's CA.
+    let credentials = tempfile::tempdir().unwrap();
+    let credential = credentials.path().join("client-cred");
+    std::fs::create_dir(&credential).unwrap();
+    for (from, to) in [(&client_cert, "tls.crt"), (&client_key, "tls.key"), (&origin_ca, "ca.crt")] {
+        std::fs::copy(from, credential.join(to)).unwrap();
+    }
+    let config = tempfile::tempdir().unwrap();
+    let routes = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: secure, namespace: egress}}
+spec:
+  hosts: [secure.backend, absent.backend]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 443}}]
+  resolution: STATIC
+  endpoints: [{{address: {SERVER_B}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: secure, namespace: egress}}
+spec:
+  host: secure.backend
+  trafficPolicy: {{tls: {{mode: MUTUAL, credentialName: client-cred, sni: secure.backend}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: absent, namespace: egress}}
+spec:
+  host: absent.backend
+  trafficPolicy: {{tls: {{mode: MUTUAL, credentialName: absent-cred, sni: secure.backend}}}}
+"
+    );
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, &routes]).unwrap();
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {} --credentials-dir {}",
+        config.path().display(),
+        credentials.path().display()
+    );
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    let get = |host: &str| {
+        let output = topology
+            .workload
+            .command("curl")
+            .args(["-sS", "--max-time", "5", "-w", " %{http_code}", "--resolve", &format!("{host}:80:{SERVER_B}")])
+            .arg(format!("http://{host}/"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    };
+    // Plain HTTP from the workload; mutual TLS from the gateway, with the credential's certificate.
+    assert_eq!(get("secure.backend"), "client=CN=gateway.client\n 200", "{}", agent.log());
+    // A credential that is not there: refused, never sent in the clear.
+    assert!(get("absent.backend").ends_with(" 503"), "{}", agent.log());
+    assert!(agent.log().contains("absent-cred"), "the reason names the credential: {}", agent.log());
+}
