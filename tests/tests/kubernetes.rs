@@ -17,7 +17,8 @@ use serde_json::{json, Value};
 use sluice_tests::{
     peers::{curl, Nginx},
     require_root,
-    topology::{GATEWAY_WORKLOAD_IFACE, SERVER_B, WORKLOAD_ADDR},
+    tls::certificates,
+    topology::{GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, SERVER_B, WORKLOAD_ADDR},
     Agent, Netns, Topology,
 };
 
@@ -210,4 +211,70 @@ fn a_pods_own_sidecar_mode_applies_to_its_traffic_in_the_proxy_and_in_the_kernel
         line.contains("source_workload=\"web\"") && line.contains("source_workload_namespace=\"legacy\""),
         "{line}"
     );
+}
+
+#[test]
+fn a_gateway_server_presents_the_certificate_of_the_secret_its_credential_name_names() {
+    use base64::Engine;
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _backend =
+        Nginx::start(&topology.internet, &[SocketAddr::new(SERVER_B.parse().unwrap(), 80)], "backend").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates(dir.path(), "secret-ca", &["api.internal"]);
+    let encoded = |path: &str| base64::engine::general_purpose::STANDARD.encode(std::fs::read(path).unwrap());
+    let mut lists = cluster();
+    let secret = json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                        "metadata": {"name": "api-cert", "namespace": "istio-system", "resourceVersion": "1", "uid": "api-cert"},
+                        "data": {"tls.crt": encoded(&cert), "tls.key": encoded(&key)}});
+    let token = json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                       "metadata": {"name": "unrelated", "namespace": "istio-system", "resourceVersion": "1", "uid": "unrelated"},
+                       "data": {"password": encoded(&cert)}});
+    lists.insert("/api/v1/namespaces/istio-system/secrets".into(), list("v1", "Secret", vec![secret, token]));
+    let gateway = istio(
+        "Gateway",
+        "istio-system",
+        "terminating",
+        json!({
+        "selector": {"istio": "egressgateway"},
+        "servers": [{"port": {"number": 8443, "name": "https", "protocol": "HTTPS"}, "hosts": ["api.internal"],
+                     "tls": {"mode": "SIMPLE", "credentialName": "api-cert"}}]}),
+    );
+    let route = istio(
+        "VirtualService",
+        "istio-system",
+        "api",
+        json!({
+        "hosts": ["api.internal"], "gateways": ["terminating"],
+        "http": [{"route": [{"destination": {"host": "backend.example", "port": {"number": 80}}}]}]}),
+    );
+    let backend = istio(
+        "ServiceEntry",
+        "istio-system",
+        "backend",
+        json!({
+        "hosts": ["backend.example"], "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
+        "endpoints": [{"address": SERVER_B}], "resolution": "STATIC"}),
+    );
+    let istio_path = |plural: &str| format!("/apis/networking.istio.io/v1/{plural}");
+    lists.insert(istio_path("gateways"), list("networking.istio.io/v1", "Gateway", vec![gateway]));
+    lists.insert(istio_path("virtualservices"), list("networking.istio.io/v1", "VirtualService", vec![route]));
+    lists.insert(istio_path("serviceentries"), list("networking.istio.io/v1", "ServiceEntry", vec![backend]));
+    let api = ApiServer::start(&topology.gateway, lists);
+    let kubeconfig = api.kubeconfig(dir.path());
+    let args = format!(
+        "--kube --gateway-namespace istio-system --intercept {GATEWAY_WORKLOAD_IFACE} --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32"
+    );
+    let agent = Agent::start_with_env(&topology.gateway, &args, &[("KUBECONFIG", &kubeconfig)]).unwrap();
+    agent.wait_for_log("gateway listener open", 1).unwrap();
+
+    // The Secret is listed beside the configuration: its certificate is served once both are.
+    let url = "https://api.internal:8443/";
+    let resolve = format!("api.internal:8443:{GATEWAY_WORKLOAD_ADDR}");
+    let fetch = || curl(&topology.workload, &["--max-time", "2", "--cacert", &ca, "--resolve", &resolve, url]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fetch().is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(fetch().unwrap().trim(), "backend", "{}", agent.log());
 }

@@ -29,6 +29,7 @@ pub use settings::RunSettings;
 use crate::{
     config::{
         resolver::DnsResolver,
+        secrets::KnownSecrets,
         sources::{kubernetes, watch as file_watch},
         workloads::KnownWorkloads,
     },
@@ -63,6 +64,9 @@ pub struct App {
     /// With --kube, the pods behind the gateway: when they change, the workloads whose Sidecar's mode differs
     /// may have too.
     pods: Option<Arc<KnownWorkloads>>,
+    /// With --kube, the Secrets of the gateway's namespace: when they change, the servers' certificates are read
+    /// again.
+    secrets: Option<Arc<KnownSecrets>>,
     /// When the configuration's names are looked up again.
     refresh: Duration,
     readiness: watch::Sender<Readiness>,
@@ -119,13 +123,24 @@ impl App {
             upgrades: settings.allow_upgrade.clone(),
             credentials: CredentialSource {
                 dir: settings.credentials_dir.clone(),
+                secrets: None,
                 istio_certs: Some(settings.istio_certs_dir.clone()),
             },
         };
+        // With --kube, credentialNames are the Secrets of the gateway's namespace, as Istio reads them.
+        let secrets = match (settings.kube, &settings.gateway_namespace) {
+            (true, Some(_)) => Some(Arc::new(KnownSecrets::default())),
+            (true, None) => {
+                tracing::warn!("--gateway-namespace (POD_NAMESPACE) is unset: credentialName Secrets are not read");
+                None
+            }
+            (false, _) => None,
+        };
+        control.proxy.credentials.secrets = secrets.clone();
         let workloads = Arc::new(KnownWorkloads::default());
         let mut kube_changes = None;
         if settings.kube {
-            let changes = watch_kubernetes(&settings, workloads.clone()).await?;
+            let changes = watch_kubernetes(&settings, workloads.clone(), secrets.clone()).await?;
             control.kube = Some(changes.clone());
             kube_changes = Some(changes);
         }
@@ -246,6 +261,7 @@ impl App {
             file_changes,
             _file_watch: file_watch,
             pods,
+            secrets,
             refresh,
             readiness,
             counters,
@@ -273,6 +289,12 @@ impl App {
                     None => std::future::pending().await,
                 }
             };
+            let secrets_changed = async {
+                match &self.secrets {
+                    Some(secrets) => secrets.changed().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = &mut shutdown => break,
                 true = kube_changed => {
@@ -283,6 +305,9 @@ impl App {
                     self.refresh = reload(&mut self.control, &mut self.enforced).await;
                 }
                 () = pods_changed => self.enforced.apply_sources(),
+                () = secrets_changed => {
+                    self.refresh = reload(&mut self.control, &mut self.enforced).await;
+                }
                 () = tokio::time::sleep(self.refresh) => {
                     let (changed, next) = self.control.resolve().await;
                     self.refresh = next;
@@ -334,6 +359,7 @@ async fn sweep_passthrough_series(telemetry: telemetry::requests::RequestTelemet
 async fn watch_kubernetes(
     settings: &RunSettings,
     workloads: Arc<KnownWorkloads>,
+    secrets: Option<Arc<KnownSecrets>>,
 ) -> anyhow::Result<watch::Receiver<Option<Arc<kubernetes::Documents>>>> {
     let client = kube::Client::try_default()
         .await
@@ -342,6 +368,9 @@ async fn watch_kubernetes(
         kubernetes::Scope { namespace: settings.namespace.clone(), mesh_namespace: settings.mesh_namespace.clone() };
     let (kube_sender, kube_changes) = watch::channel(None);
     tokio::spawn(kubernetes::watch(client.clone(), scope, kube_sender));
+    if let (Some(secrets), Some(namespace)) = (secrets, &settings.gateway_namespace) {
+        tokio::spawn(kubernetes::watch_secrets(client.clone(), namespace.clone(), secrets));
+    }
     tokio::spawn(kubernetes::watch_pods(client, workloads));
     Ok(kube_changes)
 }

@@ -7,6 +7,7 @@ pub mod gateway;
 pub mod mesh;
 pub mod resolver;
 pub mod resource;
+pub mod secrets;
 pub mod service_entry;
 pub mod sidecar;
 pub mod sources;

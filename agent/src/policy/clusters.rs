@@ -152,17 +152,20 @@ fn client_config(
     http2: bool,
     credentials: &CredentialSource,
 ) -> Result<rustls::ClientConfig, String> {
-    use super::certificates::{certificates, private_key, roots};
-    use std::path::{Path, PathBuf};
+    use super::certificates::{certificates, optional_file, private_key, roots};
+    use std::path::Path;
     if tls.insecure_skip_verify == Some(true) {
         return Err("insecureSkipVerify is not supported".into());
     }
     // The CAs to check the destination against and, for MUTUAL, the certificate to present: from the credential
     // (its ca.crt; tls.crt and tls.key) or from the files.
-    let (ca, client): (Option<PathBuf>, _) = match &tls.credential_name {
+    let (ca, client) = match &tls.credential_name {
         Some(name) if mode == "MUTUAL" => {
             let credential = credentials.load(name)?;
-            let ca = credential.ca.or(tls.ca_certificates.as_deref().map(Into::into));
+            let ca = match credential.ca {
+                Some(ca) => Some(ca),
+                None => optional_file(tls.ca_certificates.as_deref())?,
+            };
             (ca, Some((credential.chain, credential.key)))
         }
         Some(name) => (Some(credentials.ca(name)?), None),
@@ -171,12 +174,12 @@ fn client_config(
                 return Err("MUTUAL needs clientCertificate and privateKey (or credentialName)".into());
             };
             let client = (certificates(Path::new(certificate))?, private_key(Path::new(key))?);
-            (tls.ca_certificates.as_deref().map(Into::into), Some(client))
+            (optional_file(tls.ca_certificates.as_deref())?, Some(client))
         }
-        None => (tls.ca_certificates.as_deref().map(Into::into), None),
+        None => (optional_file(tls.ca_certificates.as_deref())?, None),
     };
     let roots = match ca {
-        Some(path) => roots(&path)?,
+        Some(ca) => roots(ca, tls.ca_certificates.as_deref().or(tls.credential_name.as_deref()).unwrap_or("the CA"))?,
         None => {
             let mut roots = rustls::RootCertStore::empty();
             for certificate in rustls_native_certs::load_native_certs().certs {

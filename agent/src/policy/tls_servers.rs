@@ -12,7 +12,7 @@ use rustls::{
     ServerConfig, SupportedProtocolVersion,
 };
 
-use super::certificates::{certificates, private_key, roots, CredentialSource};
+use super::certificates::{certificates, optional_file, private_key, roots, CredentialSource};
 use crate::config::gateway::{Server, ServerTls};
 
 /// One Gateway server terminating TLS on a port.
@@ -189,7 +189,10 @@ fn server_config(tls: &ServerTls, credentials: &CredentialSource) -> Result<(Ser
         }
         Some(name) => {
             let credential = credentials.load(name)?;
-            let ca = credential.ca.or(tls.ca_certificates.as_deref().map(Into::into));
+            let ca = match credential.ca {
+                Some(ca) => Some(ca),
+                None => optional_file(tls.ca_certificates.as_deref())?,
+            };
             (credential.chain, credential.key, ca, name.clone())
         }
         None => {
@@ -197,7 +200,7 @@ fn server_config(tls: &ServerTls, credentials: &CredentialSource) -> Result<(Ser
                 return Err("serverCertificate and privateKey (or credentialName) are needed".into());
             };
             let chain = certificates(Path::new(certificate))?;
-            let ca = tls.ca_certificates.as_deref().map(Into::into);
+            let ca = optional_file(tls.ca_certificates.as_deref())?;
             (chain, private_key(Path::new(key))?, ca, certificate.clone())
         }
     };
@@ -214,10 +217,10 @@ fn server_config(tls: &ServerTls, credentials: &CredentialSource) -> Result<(Ser
                 tls.mode()
             ));
         };
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&ca)?), provider);
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca, "the client CAs")?), provider);
         // OPTIONAL_MUTUAL: a client may present no certificate; one that does must present a good one.
         let verifier = if optional { verifier.allow_unauthenticated() } else { verifier };
-        builder.with_client_cert_verifier(verifier.build().map_err(|error| format!("{}: {error}", ca.display()))?)
+        builder.with_client_cert_verifier(verifier.build().map_err(|error| format!("the client CAs: {error}"))?)
     } else {
         builder.with_no_client_auth()
     };

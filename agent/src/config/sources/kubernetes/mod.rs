@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 use futures_util::{stream, StreamExt};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Secret};
 use kube::{
     api::{Api, ApiResource, DynamicObject, GroupVersionKind},
     runtime::{
@@ -22,7 +22,10 @@ use kube::{
 use tokio::sync::watch;
 
 use super::files::Loaded;
-use crate::config::workloads::{KnownWorkloads, PodAddresses, Workload, Workloads};
+use crate::config::{
+    secrets::{KnownSecrets, SecretData},
+    workloads::{KnownWorkloads, PodAddresses, Workload, Workloads},
+};
 
 /// How errors from this source name it.
 pub const SOURCE: &str = "kubernetes";
@@ -210,6 +213,62 @@ pub async fn watch_pods(client: Client, workloads: Arc<KnownWorkloads>) {
             workloads.publish(Workloads::from_pods(known.values().cloned()));
         }
     }
+}
+
+/// Watches the Secrets of `namespace` (the gateway's: Istio reads a Gateway's `credentialName` there) and
+/// publishes their certificate keys in `secrets` after every change, once listed.
+pub async fn watch_secrets(client: Client, namespace: String, secrets: Arc<KnownSecrets>) {
+    let api: Api<Secret> = Api::namespaced(client, &namespace);
+    let mut events = watcher(api, watcher::Config::default()).default_backoff().boxed();
+    let (mut known, mut buffer, mut listed) = (BTreeMap::new(), None::<BTreeMap<String, Arc<SecretData>>>, false);
+    while let Some(event) = events.next().await {
+        let changed = match event {
+            Ok(watcher::Event::Init) => {
+                buffer = Some(BTreeMap::new());
+                false
+            }
+            Ok(watcher::Event::InitApply(secret)) => {
+                if let (Some(buffer), Some((name, data))) = (buffer.as_mut(), certificate_keys(&secret)) {
+                    buffer.insert(name, data);
+                }
+                false
+            }
+            Ok(watcher::Event::InitDone) => {
+                known = buffer.take().unwrap_or_default();
+                listed = true;
+                true
+            }
+            Ok(watcher::Event::Apply(secret)) => {
+                let name = secret.metadata.name.clone().unwrap_or_default();
+                match certificate_keys(&secret) {
+                    Some((name, data)) => known.insert(name, data),
+                    None => known.remove(&name),
+                };
+                true
+            }
+            Ok(watcher::Event::Delete(secret)) => {
+                known.remove(secret.metadata.name.as_deref().unwrap_or_default());
+                true
+            }
+            Err(error) => {
+                tracing::warn!(kind = "Secret", %namespace, %error, "watching Kubernetes (is the RBAC granted?); retrying");
+                false
+            }
+        };
+        if changed && listed {
+            secrets.publish(known.clone());
+        }
+    }
+}
+
+/// The keys of a Secret that hold certificates and keys, as Istio reads them; `None` for a Secret with none
+/// (service account tokens, passwords: not held).
+fn certificate_keys(secret: &Secret) -> Option<(String, Arc<SecretData>)> {
+    const KEYS: [&str; 6] = ["tls.crt", "tls.key", "ca.crt", "cert", "key", "cacert"];
+    let data = secret.data.as_ref()?;
+    let held: SecretData =
+        KEYS.iter().filter_map(|key| data.get(*key).map(|bytes| ((*key).to_owned(), bytes.0.clone()))).collect();
+    (!held.is_empty()).then(|| (secret.metadata.name.clone().unwrap_or_default(), Arc::new(held)))
 }
 
 type PodSummary = PodAddresses;
