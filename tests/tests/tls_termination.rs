@@ -104,6 +104,19 @@ spec:
   - port: {{number: 8080, name: http, protocol: HTTP}}
     hosts: [api.internal]
     tls: {{httpsRedirect: true}}
+  - port: {{number: 9000, name: tls-tcp, protocol: TLS}}
+    hosts: ['*']
+    tls: {{mode: SIMPLE, serverCertificate: {cert}, privateKey: {key}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: tcp-inside, namespace: istio-system}}
+spec:
+  hosts: ['*']
+  gateways: [tls-gw]
+  tcp:
+  - match: [{{port: 9000}}]
+    route: [{{destination: {{host: backend.example, port: {{number: 80}}}}}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -132,7 +145,7 @@ spec:
         credentials.path().display()
     );
     let agent = Agent::start(&topology.gateway, &args).unwrap();
-    agent.wait_for_log("gateway listener open", 3).unwrap();
+    agent.wait_for_log("gateway listener open", 4).unwrap();
 
     // SIMPLE, by server name: the file certificate for one name, the credential's for the other.
     let ok = |version: &str| Ok(format!("backend\n 200 {version}"));
@@ -154,6 +167,29 @@ spec:
     assert!(with(&forged).is_err(), "a certificate from a CA the server does not trust");
     assert!(with(&stranger).is_err(), "a trusted CA's certificate for another identity");
     assert_eq!(served(&topology), before + 2, "only the good client's request (and the status request) reached nginx");
+
+    // A TLS server: terminated, the bytes inside relayed by the Gateway's tcp route (here to nginx, as HTTP/1.0).
+    let mut openssl = topology
+        .workload
+        .command("openssl")
+        .args([
+            "s_client",
+            "-quiet",
+            "-connect",
+            &format!("{GATEWAY_WORKLOAD_ADDR}:9000"),
+            "-servername",
+            "db.internal",
+        ])
+        .args(["-verify_return_error", "-CAfile", &ca])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(openssl.stdin.as_mut().unwrap(), b"GET / HTTP/1.0\r\nHost: anything\r\n\r\n").unwrap();
+    let relayed = openssl.wait_with_output().unwrap();
+    let relayed = String::from_utf8_lossy(&relayed.stdout);
+    assert!(relayed.starts_with("HTTP/1.1 200") && relayed.ends_with("backend\n"), "{relayed}\n{}", agent.log());
 
     // httpsRedirect on the HTTP server: 301 to the same path over HTTPS.
     let redirect = topology

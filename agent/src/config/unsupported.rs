@@ -78,14 +78,8 @@ pub fn fields(resource: &Resource, knows_sources: bool) -> Vec<(String, &'static
             for (i, server) in gateway.servers.iter().enumerate() {
                 let Some(tls) = &server.tls else { continue };
                 let mode = tls.mode();
-                let https = server.port.protocol.eq_ignore_ascii_case("HTTPS");
                 let path = format!("spec.servers[{i}].tls");
-                if tls.terminates() && !https {
-                    found.push((
-                        format!("{path}.mode"),
-                        "TLS is terminated for protocol HTTPS only: this TLS server (tcp routes inside) is not served yet",
-                    ));
-                } else if !tls.terminates() && mode != "PASSTHROUGH" && tls.https_redirect != Some(true) {
+                if !tls.terminates() && mode != "PASSTHROUGH" && tls.https_redirect != Some(true) {
                     found.push((format!("{path}.mode"), "AUTO_PASSTHROUGH servers are not served yet"));
                 }
                 let old = |version: &Option<String>| matches!(version.as_deref(), Some("TLSV1_0" | "TLSV1_1"));
@@ -173,7 +167,7 @@ spec:
                 vec!["spec.http[0].fault.abort.grpcStatus".to_owned()],
                 vec![],
                 vec![],
-                vec!["spec.servers[1].tls.mode".to_owned(), "spec.servers[2].tls.mode".to_owned()],
+                vec!["spec.servers[1].tls.mode".to_owned()],
             ]
         );
     }

@@ -32,6 +32,9 @@ pub struct TlsServer {
     pub certificate: Option<Presented>,
     /// MUTUAL: clients must present a certificate the CAs sign.
     pub mutual: bool,
+    /// Protocol `TLS`: the bytes inside are relayed by the Gateway's `tcp` routes (else, `HTTPS`, its `http`
+    /// routes serve the requests inside).
+    pub opaque: bool,
     /// MUTUAL: one of these must be among the client certificate's DNS or URI names (none: any).
     pub subject_alt_names: Vec<String>,
 }
@@ -42,8 +45,15 @@ impl TlsServer {
         let tls = server.tls.as_ref().filter(|tls| tls.terminates())?;
         let port = u16::try_from(server.port.number).ok()?;
         let hosts = server.hosts.iter().map(|host| host.rsplit('/').next().unwrap_or(host).to_ascii_lowercase());
+        let opaque = server.port.protocol.eq_ignore_ascii_case("TLS");
         let (config, certificate) = match server_config(tls, credentials) {
-            Ok((config, presented)) => (Ok(Arc::new(config)), Some(presented)),
+            Ok((mut config, presented)) => {
+                // Bytes for tcp routes: no application protocol is agreed on the client's behalf.
+                if opaque {
+                    config.alpn_protocols.clear();
+                }
+                (Ok(Arc::new(config)), Some(presented))
+            }
             Err(reason) => (Err(reason), None),
         };
         Some(TlsServer {
@@ -54,6 +64,7 @@ impl TlsServer {
             config,
             certificate,
             mutual: tls.mutual(),
+            opaque,
             subject_alt_names: tls.subject_alt_names.clone(),
         })
     }

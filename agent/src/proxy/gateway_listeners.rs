@@ -100,15 +100,15 @@ pub async fn accept(listener: TcpListener, kind: Listener, proxy: Arc<HttpProxy>
                     // A Gateway's TCP server port: relayed by its `tcp` routes at once (the client may wait for the
                     // server to speak first).
                     if let Listener::Gateway(port) = kind {
-                        if proxy.policy().tcp_gateways_on(port).next().is_some() {
-                            l4::serve_tcp(stream, peer, local, l4::Arrival::Gateway(port), &proxy).await;
-                            drop(permit);
-                            return;
-                        }
                         // A port whose servers terminate TLS: the ClientHello picks the server.
                         if proxy.policy().tls_servers_on(port).next().is_some() {
                             let _ = stream.set_nodelay(true);
                             super::terminate::serve(stream, connection, proxy).await;
+                            drop(permit);
+                            return;
+                        }
+                        if proxy.policy().tcp_gateways_on(port).next().is_some() {
+                            l4::serve_tcp(stream, peer, local, l4::Arrival::Gateway(port), &proxy).await;
                             drop(permit);
                             return;
                         }

@@ -42,7 +42,7 @@ pub async fn serve(mut stream: TcpStream, connection: Connection, proxy: Arc<Htt
             return;
         }
     };
-    let (config, mutual, required_names) = {
+    let (config, mutual, required_names, opaque) = {
         let policy = proxy.policy();
         let Some(server) = choose(policy.tls_servers_on(port), server_name.as_deref()) else {
             if policy.tls_gateways_on(port).next().is_some() {
@@ -58,7 +58,7 @@ pub async fn serve(mut stream: TcpStream, connection: Connection, proxy: Arc<Htt
             return;
         };
         match &server.config {
-            Ok(config) => (config.clone(), server.mutual, server.subject_alt_names.clone()),
+            Ok(config) => (config.clone(), server.mutual, server.subject_alt_names.clone(), server.opaque),
             Err(reason) => {
                 tracing::warn!(server = %server.name, %reason, "a Gateway server's TLS settings cannot be used: its connections are closed");
                 telemetry.tls_handshake_failed("unusable_server");
@@ -88,6 +88,12 @@ pub async fn serve(mut stream: TcpStream, connection: Connection, proxy: Arc<Htt
         telemetry.tls_handshake_failed("client_certificate_name");
         return;
     }
+    if opaque {
+        // A TLS server: the bytes inside go where the Gateway's tcp routes say.
+        let (peer, local) = (connection.peer, connection.local);
+        l4::serve_tcp(tls, peer, local, l4::Arrival::Gateway(port), &proxy).await;
+        return;
+    }
     let http2 = matches!(session.alpn_protocol(), Some(b"h2" | b"istio-h2"));
     let version = if http2 { HttpVersion::Http2 } else { HttpVersion::Http1 };
     let security = if leaf.is_some() { ConnectionSecurity::MutualTls } else { ConnectionSecurity::Tls };
@@ -101,6 +107,12 @@ fn handshake_failure(error: &io::Error) -> &'static str {
         Some(rustls::Error::NoCertificatesPresented) => "no_client_certificate",
         Some(rustls::Error::InvalidCertificate(_)) => "bad_client_certificate",
         _ => "handshake",
+    }
+}
+
+impl l4::ClientStream for tokio_rustls::server::TlsStream<Replayed> {
+    fn reset(&self) {
+        tcp::reset(&self.get_ref().0.stream);
     }
 }
 

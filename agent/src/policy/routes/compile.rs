@@ -74,18 +74,22 @@ pub fn proxy_policy(
                     servers.filter_map(|server| u16::try_from(server.port.number).ok()).collect()
                 };
                 let tls_servers: Vec<TlsServer> = (gateway.servers.iter().enumerate())
-                    .filter(|(_, server)| server.port.protocol.eq_ignore_ascii_case("HTTPS"))
+                    .filter(|(_, server)| is_tls(&server.port.protocol))
                     .filter_map(|(index, server)| TlsServer::compile(&gateway.id, index, server, &settings.credentials))
                     .collect();
+                // What is inside terminated TLS: requests for the http routes (HTTPS), bytes for the tcp routes (TLS).
+                let inside = |opaque: bool| tls_servers.iter().filter(move |server| server.opaque == opaque);
                 let mut http_ports: Vec<u16> = ports(|server| is_http(&server.port.protocol));
-                http_ports.extend(tls_servers.iter().map(|server| server.port));
+                http_ports.extend(inside(false).map(|server| server.port));
+                let mut tcp_ports: Vec<u16> = ports(|server| server.port.protocol.eq_ignore_ascii_case("TCP"));
+                tcp_ports.extend(inside(true).map(|server| server.port));
                 GatewayRoutes {
                     id: gateway.id.clone(),
                     http_ports,
                     hosts: gateway.hosts.map(|indexes| virtual_host(snapshot, indexes, &mut interner)),
                     tls_ports: ports(passes_tls_through),
                     tls_hosts: gateway.hosts.map(|indexes| l4_routes(snapshot, indexes, L4Kind::Tls, &mut interner)),
-                    tcp_ports: ports(|server| server.port.protocol.eq_ignore_ascii_case("TCP")),
+                    tcp_ports,
                     tcp_routes: l4_routes(snapshot, &gateway.services, L4Kind::Tcp, &mut interner),
                     tls_servers,
                     https_redirect_ports: ports(|server| {

@@ -149,8 +149,9 @@ pub struct GatewayRoutes {
     /// Server ports with protocol `TCP`: connections routed by the `tcp` routes bound to the Gateway.
     pub tcp_ports: Vec<u16>,
     pub tcp_routes: Option<L4Routes>,
-    /// Servers terminating TLS (SIMPLE, MUTUAL) with protocol HTTPS: their requests take the `http` routes, as on
-    /// the Gateway's HTTP ports (their ports are among `http_ports`).
+    /// Servers terminating TLS: with protocol HTTPS their requests take the `http` routes, as on the Gateway's
+    /// HTTP ports (their ports are among `http_ports`); with protocol TLS the bytes inside take the `tcp` routes
+    /// (their ports are among `tcp_ports`).
     pub tls_servers: Vec<TlsServer>,
     /// HTTP server ports with `tls.httpsRedirect`: their requests are answered 301 to HTTPS.
     pub https_redirect_ports: Vec<u16>,

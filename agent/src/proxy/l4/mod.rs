@@ -12,7 +12,7 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
 };
 
@@ -27,6 +27,18 @@ use crate::{
 };
 use client_hello::Hello;
 pub use decide::{decide_tcp, decide_tls, Arrival, Mismatch, Verdict};
+
+/// A client's stream the relay takes: a socket, or TLS the gateway terminated (a TLS Gateway server with `tcp`
+/// routes); reset, rather than closed, when refused, so the client takes no close for an answer.
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin {
+    fn reset(&self);
+}
+
+impl ClientStream for TcpStream {
+    fn reset(&self) {
+        tcp::reset(self);
+    }
+}
 
 /// Why a ClientHello was not read, for `sluice_tls_client_hello_refused_total{reason}`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,7 +140,13 @@ pub async fn serve_tls_read(
 
 /// Serves a connection that is neither HTTP nor TLS (or whose port is declared TCP): intercepted, or accepted on
 /// a Gateway's TCP server port.
-pub async fn serve_tcp(stream: TcpStream, peer: SocketAddr, dialled: SocketAddr, arrival: Arrival, proxy: &HttpProxy) {
+pub async fn serve_tcp<S: ClientStream>(
+    stream: S,
+    peer: SocketAddr,
+    dialled: SocketAddr,
+    arrival: Arrival,
+    proxy: &HttpProxy,
+) {
     let clock = (SystemTime::now(), Instant::now());
     let workload = proxy.workload(peer.ip());
     let decided = decide_tcp(&proxy.policy(), dialled, workload.as_deref(), arrival, fastrand::u32(..));
@@ -137,8 +155,8 @@ pub async fn serve_tcp(stream: TcpStream, peer: SocketAddr, dialled: SocketAddr,
 }
 
 /// Relays a decided connection (or refuses it), then counts it in Istio's TCP metrics and writes its line.
-async fn finish(
-    mut stream: TcpStream,
+async fn finish<S: ClientStream>(
+    mut stream: S,
     connection: &Connection<'_>,
     (verdict, mismatch): (Verdict, Mismatch),
     proxy: &HttpProxy,
@@ -155,7 +173,7 @@ async fn finish(
             // Refused: counted as opened and closed at once, and reset so the client takes no close for an answer.
             let labels = TcpLabels::new(&outcome.destination, outcome.flag).from_source(connection.source);
             telemetry.tcp.opened(&labels).closed(0, 0);
-            tcp::reset(&stream);
+            stream.reset();
         }
     }
     telemetry.log_connection(&ConnectionRecord {
@@ -200,7 +218,12 @@ impl Outcome {
 }
 
 /// Relays `connection` where `verdict` says, until either side closes or both are silent for the idle timeout.
-async fn relay(stream: &mut TcpStream, connection: &Connection<'_>, verdict: Verdict, proxy: &HttpProxy) -> Outcome {
+async fn relay<S: ClientStream>(
+    stream: &mut S,
+    connection: &Connection<'_>,
+    verdict: Verdict,
+    proxy: &HttpProxy,
+) -> Outcome {
     let telemetry = proxy.telemetry();
     let Connection { peer, dialled, server_name, hello, source } = *connection;
     let (address, destination) = match verdict {
