@@ -5,6 +5,7 @@
 mod compile;
 mod flood;
 mod http;
+mod https;
 mod tls;
 
 use std::net::Ipv4Addr;
@@ -76,6 +77,7 @@ fn main() -> anyhow::Result<()> {
         Some("classifier") => return classifier_costs(),
         Some("flood") => return flood_comparison(),
         Some("tls") => return tls_comparison(&std::env::args().skip(2).collect::<Vec<_>>()),
+        Some("https") => return https_comparison(&std::env::args().skip(2).collect::<Vec<_>>()),
         _ => configuration()?,
     }
     classifier_costs()?;
@@ -83,12 +85,20 @@ fn main() -> anyhow::Result<()> {
     println!();
     http_comparison(&[])?;
     println!();
-    tls_comparison(&[])
+    tls_comparison(&[])?;
+    println!();
+    https_comparison(&[])
 }
 
 fn tls_comparison(only: &[String]) -> anyhow::Result<()> {
     let runs = tls::compare(only)?;
     tls::print(&runs);
+    Ok(())
+}
+
+fn https_comparison(only: &[String]) -> anyhow::Result<()> {
+    let runs = https::compare(only)?;
+    https::print(&runs);
     Ok(())
 }
 

@@ -64,10 +64,10 @@ fn origin(topology: &Topology) -> anyhow::Result<Origin> {
 
 /// `/etc/netns/NS/hosts` with `NAME` at `address`, which `ip netns exec` shows the clients as /etc/hosts;
 /// removed on drop.
-struct Hosts(PathBuf);
+pub struct Hosts(PathBuf);
 
 impl Hosts {
-    fn write(netns: &Netns, address: &str) -> anyhow::Result<Hosts> {
+    pub fn write(netns: &Netns, address: &str) -> anyhow::Result<Hosts> {
         let dir = PathBuf::from("/etc/netns").join(netns.name());
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join("hosts"), format!("127.0.0.1 localhost\n{address} {NAME}\n"))?;
@@ -208,9 +208,9 @@ fn measure(name: &'static str, topology: &Topology, pid: Option<u32>, port: u16,
     let ticks = || pid.map(tree_cpu_ticks_split).unwrap_or_default();
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
     let url = format!("https://{NAME}:{port}/");
-    let _ = run_wrk(&topology.workload, &url, "1s")?;
+    let _ = run_wrk(&topology.workload, &url, "1s", true)?;
     let (user_before, system_before) = ticks();
-    let (per_second, connections) = wrk(&topology.workload, &url)?;
+    let (per_second, connections) = wrk(&topology.workload, &url, true)?;
     let (user, system) = ticks();
     let per_connection = |ticks: u64| ticks as f64 * 1e6 / hz / connections.max(1) as f64;
     let (user, system) = (user.saturating_sub(user_before), system.saturating_sub(system_before));
@@ -231,9 +231,10 @@ fn measure(name: &'static str, topology: &Topology, pid: Option<u32>, port: u16,
     })
 }
 
-/// wrk opening a new connection for each request (`Connection: close`): connections per second and their count.
-fn wrk(netns: &Netns, url: &str) -> anyhow::Result<(f64, u64)> {
-    let output = run_wrk(netns, url, DURATION)?;
+/// wrk for `DURATION`, opening a new connection for each request (`Connection: close`) when `close`, else on
+/// kept-alive connections: requests per second and their count.
+pub fn wrk(netns: &Netns, url: &str, close: bool) -> anyhow::Result<(f64, u64)> {
+    let output = run_wrk(netns, url, DURATION, close)?;
     let per_second = output
         .lines()
         .find_map(|line| line.trim().strip_prefix("Requests/sec:")?.trim().parse().ok())
@@ -245,11 +246,13 @@ fn wrk(netns: &Netns, url: &str) -> anyhow::Result<(f64, u64)> {
     Ok((per_second, count))
 }
 
-fn run_wrk(netns: &Netns, url: &str, duration: &str) -> anyhow::Result<String> {
+fn run_wrk(netns: &Netns, url: &str, duration: &str, close: bool) -> anyhow::Result<String> {
+    let close: &[&str] = if close { &["-H", "Connection: close"] } else { &[] };
     let output = netns
         .command("taskset")
         .args(["-c", CLIENT_CPU, "wrk", "-t1", "-c", CONNECTIONS, "-d", duration])
-        .args(["-H", "Connection: close", url])
+        .args(close)
+        .arg(url)
         .output()
         .context("running wrk")?;
     let text = String::from_utf8_lossy(&output.stdout).into_owned();

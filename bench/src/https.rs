@@ -1,0 +1,220 @@
+//! `sluice-bench https`: TLS terminated on a Gateway port, side by side — full handshakes per second (a new TLS
+//! connection for each request) with the proxy's CPU per handshake, and keep-alive requests per second with its
+//! CPU per request — for Sluice (a Gateway server with `tls.mode: SIMPLE`), nginx (`ssl` and `proxy_pass`) and
+//! HAProxy (`ssl crt`), each in front of the same plain-HTTP origin.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use sluice_tests::{
+    agent::Agent,
+    peers::{wait_for_tcp, Nginx},
+    process::Process,
+    tls::certificates,
+    topology::{GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, SERVER_A},
+    Topology,
+};
+
+use crate::{
+    http::{pin_tree, tree_cpu_ticks_split, tree_status_kib},
+    tls::{wrk, Hosts},
+};
+
+/// The name the clients ask for, which every proxy's certificate carries.
+const NAME: &str = "api.bench";
+/// The port each proxy terminates TLS on, at the gateway's address.
+const PORT: u16 = 8443;
+const PROXY_CPU: &str = "1";
+const CLIENT_CPU: &str = "0";
+
+pub struct HttpsRun {
+    pub name: &'static str,
+    pub handshakes_per_second: f64,
+    pub cpu_us_per_handshake: f64,
+    pub requests_per_second: f64,
+    pub cpu_us_per_request: f64,
+    pub rss_kib: u64,
+}
+
+/// The origin: nginx answering `hello` over plain HTTP on SERVER_A:80, on the client's CPU.
+fn origin(topology: &Topology) -> anyhow::Result<Nginx> {
+    let listen = SocketAddr::new(SERVER_A.parse()?, 80);
+    let config = format!(
+        "server {{\n    listen {listen};\n    keepalive_requests 1000000;\n    \
+         location / {{ default_type text/plain; return 200 \"hello\\n\"; }}\n  }}\n"
+    );
+    let nginx = Nginx::start_with(&topology.internet, &config, &[listen])?;
+    pin_tree(nginx.pid(), CLIENT_CPU)?;
+    Ok(nginx)
+}
+
+type Measured = fn() -> anyhow::Result<HttpsRun>;
+
+const CONFIGURATIONS: [(&str, Measured); 3] = [("sluice", sluice), ("nginx", nginx_terminating), ("haproxy", haproxy)];
+
+/// Runs every configuration (or those named in `only`), `crate::http::ROUNDS` times in turn; the medians.
+pub fn compare(only: &[String]) -> anyhow::Result<Vec<HttpsRun>> {
+    let chosen: Vec<_> =
+        CONFIGURATIONS.iter().filter(|(key, _)| only.is_empty() || only.iter().any(|o| o == key)).collect();
+    let mut rounds: Vec<Vec<HttpsRun>> = chosen.iter().map(|_| Vec::new()).collect();
+    for _ in 0..crate::http::ROUNDS {
+        for ((_, run), runs) in chosen.iter().zip(&mut rounds) {
+            runs.push(run()?);
+        }
+    }
+    Ok(rounds.into_iter().map(median).collect())
+}
+
+fn median(runs: Vec<HttpsRun>) -> HttpsRun {
+    let middle = |figure: fn(&HttpsRun) -> f64| {
+        let mut values: Vec<f64> = runs.iter().map(figure).collect();
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    HttpsRun {
+        name: runs[0].name,
+        handshakes_per_second: middle(|run| run.handshakes_per_second),
+        cpu_us_per_handshake: middle(|run| run.cpu_us_per_handshake),
+        requests_per_second: middle(|run| run.requests_per_second),
+        cpu_us_per_request: middle(|run| run.cpu_us_per_request),
+        rss_kib: middle(|run| run.rss_kib as f64) as u64,
+    }
+}
+
+fn sluice() -> anyhow::Result<HttpsRun> {
+    let topology = Topology::new()?;
+    let _origin = origin(&topology)?;
+    let _hosts = Hosts::write(&topology.workload, GATEWAY_WORKLOAD_ADDR)?;
+    let dir = tempfile::tempdir()?;
+    let (_, cert, key) = certificates(dir.path(), "bench-ca", &[NAME]);
+    std::fs::write(
+        dir.path().join("gateway.yaml"),
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: bench, namespace: istio-system}}\n\
+             spec:\n  selector: {{istio: egressgateway}}\n  servers:\n  - port: {{number: {PORT}, name: https, \
+             protocol: HTTPS}}\n    hosts: [{NAME}]\n    tls: {{mode: SIMPLE, serverCertificate: {cert}, privateKey: \
+             {key}}}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: bench, \
+             namespace: istio-system}}\nspec:\n  hosts: [{NAME}]\n  gateways: [bench]\n  http:\n  - route: \
+             [{{destination: {{host: origin.bench, port: {{number: 80}}}}}}]\n---\napiVersion: \
+             networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: origin, namespace: istio-system}}\nspec:\n  \
+             hosts: [origin.bench]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  endpoints: \
+             [{{address: {SERVER_A}}}]\n  resolution: STATIC\n"
+        ),
+    )?;
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32 --access-log-format off \
+         --concurrency 1 --config {}",
+        dir.path().join("gateway.yaml").display()
+    );
+    let agent = Agent::start(&topology.gateway, &args)?;
+    agent.wait_for_log("gateway listener open", 1)?;
+    pin_tree(agent.pid(), PROXY_CPU)?;
+    measure("sluice (Gateway server, SIMPLE)", &topology, agent.pid())
+}
+
+fn nginx_terminating() -> anyhow::Result<HttpsRun> {
+    let topology = Topology::new()?;
+    let _origin = origin(&topology)?;
+    let _hosts = Hosts::write(&topology.workload, GATEWAY_WORKLOAD_ADDR)?;
+    let dir = tempfile::tempdir()?;
+    let (_, cert, key) = certificates(dir.path(), "bench-ca", &[NAME]);
+    let listen: SocketAddr = format!("{GATEWAY_WORKLOAD_ADDR}:{PORT}").parse()?;
+    let config = format!(
+        "upstream origin {{ server {SERVER_A}:80; keepalive 32; }}\n  server {{\n    listen {listen} ssl http2;\n    \
+         ssl_certificate {cert};\n    ssl_certificate_key {key};\n    keepalive_requests 1000000;\n    \
+         location / {{ proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n"
+    );
+    let nginx = Nginx::start_with(&topology.gateway, &config, &[listen])?;
+    pin_tree(nginx.pid(), PROXY_CPU)?;
+    measure("nginx 1.22 (ssl, proxy_pass)", &topology, nginx.pid())
+}
+
+fn haproxy() -> anyhow::Result<HttpsRun> {
+    let topology = Topology::new()?;
+    let _origin = origin(&topology)?;
+    let _hosts = Hosts::write(&topology.workload, GATEWAY_WORKLOAD_ADDR)?;
+    let dir = tempfile::tempdir()?;
+    let (_, cert, key) = certificates(dir.path(), "bench-ca", &[NAME]);
+    // HAProxy reads the certificate and its key from one file.
+    let pem = dir.path().join("haproxy.pem");
+    std::fs::write(&pem, [std::fs::read(&cert)?, std::fs::read(&key)?].concat())?;
+    let listen: SocketAddr = format!("{GATEWAY_WORKLOAD_ADDR}:{PORT}").parse()?;
+    let config = format!(
+        "global\n  nbthread 1\n  maxconn 4096\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  \
+         timeout server 30s\nfrontend front\n  bind {listen} ssl crt {} alpn h2,http/1.1\n  default_backend origin\n\
+         backend origin\n  server origin {SERVER_A}:80\n",
+        pem.display()
+    );
+    let path = dir.path().join("haproxy.cfg");
+    std::fs::write(&path, config)?;
+    let mut command = topology.gateway.command("haproxy");
+    command.args(["-db", "-f"]).arg(&path);
+    let mut process = Process::spawn("haproxy", command)?;
+    wait_for_tcp(&topology.gateway, listen, &mut process)?;
+    pin_tree(process.pid(), PROXY_CPU)?;
+    measure("HAProxy 2.6 (ssl crt)", &topology, process.pid())
+}
+
+/// Handshakes (a new connection for each request), then keep-alive requests, through the proxy whose processes
+/// descend from `pid`.
+fn measure(name: &'static str, topology: &Topology, pid: u32) -> anyhow::Result<HttpsRun> {
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    let url = format!("https://{NAME}:{PORT}/");
+    let cpu = || {
+        let (user, system) = tree_cpu_ticks_split(pid);
+        user + system
+    };
+    let per = |ticks: u64, count: u64| ticks as f64 * 1e6 / hz / count.max(1) as f64;
+    wrk(&topology.workload, &url, true).context("warming up")?;
+    let before = cpu();
+    let (handshakes_per_second, handshakes) = wrk(&topology.workload, &url, true)?;
+    let handshake_ticks = cpu().saturating_sub(before);
+    let before = cpu();
+    let (requests_per_second, requests) = wrk(&topology.workload, &url, false)?;
+    let request_ticks = cpu().saturating_sub(before);
+    Ok(HttpsRun {
+        name,
+        handshakes_per_second,
+        cpu_us_per_handshake: per(handshake_ticks, handshakes),
+        requests_per_second,
+        cpu_us_per_request: per(request_ticks, requests),
+        rss_kib: tree_status_kib(pid, "VmRSS"),
+    })
+}
+
+/// Prints the table and the ratios the targets are stated in.
+pub fn print(runs: &[HttpsRun]) {
+    println!(
+        "TLS terminated on a Gateway port (wrk -t1 -c8 -d5s: a new TLS connection per request, then keep-alive; \
+         medians of {} rounds)",
+        crate::http::ROUNDS
+    );
+    println!(
+        "{:<36} {:>12} {:>16} {:>12} {:>14} {:>8}",
+        "through", "handshakes/s", "CPU us/handshake", "requests/s", "CPU us/request", "RSS MiB"
+    );
+    for run in runs {
+        println!(
+            "{:<36} {:>12.0} {:>16.1} {:>12.0} {:>14.1} {:>8.1}",
+            run.name,
+            run.handshakes_per_second,
+            run.cpu_us_per_handshake,
+            run.requests_per_second,
+            run.cpu_us_per_request,
+            run.rss_kib as f64 / 1024.0
+        );
+    }
+    let Some(sluice) = runs.iter().find(|run| run.name.starts_with("sluice")) else { return };
+    let peers: Vec<&HttpsRun> = runs.iter().filter(|run| !run.name.starts_with("sluice")).collect();
+    let best = |figure: fn(&HttpsRun) -> f64| peers.iter().map(|run| figure(run)).fold(f64::INFINITY, f64::min);
+    if !peers.is_empty() {
+        println!(
+            "sluice CPU per handshake / best peer's = {:.2}",
+            sluice.cpu_us_per_handshake / best(|run| run.cpu_us_per_handshake)
+        );
+        println!(
+            "sluice CPU per request / best peer's = {:.2}",
+            sluice.cpu_us_per_request / best(|run| run.cpu_us_per_request)
+        );
+    }
+}
