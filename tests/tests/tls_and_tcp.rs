@@ -486,76 +486,6 @@ fn psql_server_address(topology: &Topology, address: &str) -> Result<String, Str
     }
 }
 
-const SPLIT: &str = "apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: api, namespace: egress}
-spec:
-  hosts: [api.example.com]
-  addresses: [198.51.100.1]
-  ports: [{number: 443, name: tls, protocol: TLS}]
-  resolution: NONE
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: pool-a, namespace: egress}
-spec:
-  hosts: [pool-a.internal]
-  ports: [{number: 443, name: tls, protocol: TLS}]
-  endpoints: [{address: 203.0.113.10}]
-  resolution: STATIC
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: pool-b, namespace: egress}
-spec:
-  hosts: [pool-b.internal]
-  ports: [{number: 443, name: tls, protocol: TLS}]
-  endpoints: [{address: 203.0.113.20}]
-  resolution: STATIC
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: api-split, namespace: egress}
-spec:
-  hosts: [api.example.com]
-  tls:
-  - match: [{sniHosts: [api.example.com], port: 443}]
-    route:
-    - {destination: {host: pool-a.internal}, weight: 50}
-    - {destination: {host: pool-b.internal}, weight: 50}
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: db, namespace: egress}
-spec:
-  hosts: [db.example]
-  addresses: [198.51.100.2]
-  ports: [{number: 5432, name: postgres, protocol: TCP}]
-  endpoints:
-  - {address: 203.0.113.10, labels: {version: v1}}
-  - {address: 203.0.113.20, labels: {version: v2}}
-  resolution: STATIC
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: db, namespace: egress}
-spec:
-  host: db.example
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: db-split, namespace: egress}
-spec:
-  hosts: [db.example]
-  tcp:
-  - route:
-    - {destination: {host: db.example, subset: v1}, weight: 50}
-    - {destination: {host: db.example, subset: v2}, weight: 50}
-";
-
 #[test]
 fn weighted_tls_and_tcp_routes_split_connections_psql_reaches_postgres_and_sslv2_hellos_go_by_address() {
     require_root();
@@ -566,7 +496,9 @@ fn weighted_tls_and_tcp_routes_split_connections_psql_reaches_postgres_and_sslv2
     let _nginx = tls_server_answering(&topology, &listen, (&cert, &key), "at=$server_addr");
     let _postgres = Postgres::start(&topology.internet, &[SERVER_A, SERVER_B], 5432).unwrap();
     let config = tempfile::tempdir().unwrap();
-    istio::write(config.path(), &[MESH_REGISTRY_ONLY, SPLIT]).unwrap();
+    let split =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/corpus/valid/weighted-split.yaml")).unwrap();
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, &split]).unwrap();
     let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     assert!(agent.log().contains("intercept_ports=[80, 443, 5432]"), "{}", agent.log());

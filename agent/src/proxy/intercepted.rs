@@ -33,19 +33,20 @@ async fn dispatch(connection: Intercepted, proxy: Arc<HttpProxy>) {
         return;
     };
     let Intercepted { stream, peer, original_destination: dialled } = connection;
-    // A port a registered service declares TCP is decided by address at once: a server-first protocol's client
-    // says nothing until the server has.
-    let declared_tcp = {
+    // What the registered service at the address declares the port: TCP is decided by address at once (a
+    // server-first protocol's client says nothing until the server has); TLS is read as a ClientHello at once (no
+    // peek to detect it first).
+    let declared = {
         let policy = proxy.policy();
         let source = proxy.workload(peer.ip());
         let service = policy.registered_at(dialled, Viewer::Workload(source.as_deref()));
-        service.and_then(|service| service.port_kind(dialled.port())) == Some(PortKind::Opaque)
+        service.and_then(|service| service.port_kind(dialled.port()))
     };
-    // A client that says nothing in time may be waiting for a server-first protocol: decided as TCP.
-    let detected = if declared_tcp {
-        Detected::Opaque
-    } else {
-        detect(&stream, DETECTION_TIMEOUT).await.unwrap_or(Detected::Opaque)
+    let detected = match declared {
+        Some(PortKind::Opaque) => Detected::Opaque,
+        Some(PortKind::Tls) => Detected::Tls,
+        // A client that says nothing in time may be waiting for a server-first protocol: decided as TCP.
+        _ => detect(&stream, DETECTION_TIMEOUT).await.unwrap_or(Detected::Opaque),
     };
     match detected {
         Detected::Http(version) => {

@@ -34,8 +34,9 @@ pub async fn serve(mut stream: TcpStream, connection: Connection, proxy: Arc<Htt
     let deadline = tokio::time::Instant::now() + proxy.request_headers_timeout();
     let port = connection.local.port();
     let telemetry = proxy.telemetry();
-    let (hello, server_name) = match l4::read_client_hello(&mut stream, proxy.request_headers_timeout()).await {
-        Ok(read) => read,
+    let mut hello = Vec::with_capacity(2048);
+    let server_name = match l4::read_client_hello(&mut stream, proxy.request_headers_timeout(), &mut hello).await {
+        Ok(server_name) => server_name,
         Err(refused) => {
             telemetry.tls_handshake_failed(refused.label());
             tcp::reset(&stream);

@@ -119,3 +119,17 @@ fn a_credential_name_reads_istios_secret_layout_from_the_credentials_directory()
     };
     assert!(requiring("[spiffe://td/ns/a/sa/b]") && !requiring("[spiffe://td/ns/a/sa/c]"));
 }
+
+#[test]
+fn the_server_prefers_aes_128_gcm_as_envoy_does() {
+    let suites = |names: &[String]| -> Vec<String> {
+        provider(names).unwrap().cipher_suites.iter().map(|suite| format!("{:?}", suite.suite())).collect()
+    };
+    let all = suites(&[]);
+    assert_eq!(all[0], "TLS13_AES_128_GCM_SHA256", "{all:?}");
+    let limited = suites(&["ECDHE-RSA-AES256-GCM-SHA384".to_owned()]);
+    assert!(
+        limited.iter().all(|suite| suite.starts_with("TLS13_") || suite == "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384"),
+        "{limited:?}"
+    );
+}

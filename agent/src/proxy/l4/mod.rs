@@ -49,6 +49,8 @@ pub enum HelloRefused {
     Timeout,
     /// The client closed (or reset) before it was whole.
     Closed,
+    /// The stream does not start with a TLS handshake record (on a port declared TLS, read without detection).
+    NotTls,
 }
 
 impl HelloRefused {
@@ -57,29 +59,29 @@ impl HelloRefused {
             HelloRefused::Malformed(_) => "malformed",
             HelloRefused::Timeout => "timeout",
             HelloRefused::Closed => "closed",
+            HelloRefused::NotTls => "not_tls",
         }
     }
 }
 
-/// Reads the client's bytes until they hold a whole ClientHello: the bytes read (all to be replayed) and its
-/// server name.
+/// Reads the client's bytes into `bytes` (all to be replayed, whatever the outcome) until they hold a whole
+/// ClientHello: its server name.
 pub async fn read_client_hello(
     stream: &mut TcpStream,
     within: std::time::Duration,
-) -> Result<(Vec<u8>, Option<String>), HelloRefused> {
+    bytes: &mut Vec<u8>,
+) -> Result<Option<String>, HelloRefused> {
     let reading = async {
-        let mut bytes = Vec::with_capacity(2048);
         loop {
             bytes.reserve(4096);
-            match stream.read_buf(&mut bytes).await {
+            match stream.read_buf(bytes).await {
                 Ok(0) | Err(_) => return Err(HelloRefused::Closed),
                 Ok(_) => {}
             }
-            match client_hello::parse(&bytes) {
+            match client_hello::parse(bytes) {
                 Hello::Incomplete => continue,
-                Hello::Complete { server_name, .. } => return Ok((bytes, server_name)),
-                // The first byte said handshake: a stream that turns out not to be one is broken TLS.
-                Hello::NotTls => return Err(HelloRefused::Malformed("not a TLS handshake")),
+                Hello::Complete { server_name, .. } => return Ok(server_name),
+                Hello::NotTls => return Err(HelloRefused::NotTls),
                 Hello::Malformed(reason) => return Err(HelloRefused::Malformed(reason)),
             }
         }
@@ -97,11 +99,22 @@ pub async fn serve_tls(
     proxy: &HttpProxy,
 ) {
     let clock = (SystemTime::now(), Instant::now());
-    let (hello, server_name) = match read_client_hello(&mut stream, proxy.limits().request_headers_timeout).await {
-        Ok(read) => read,
-        Err(refused) => return refuse_hello(&stream, peer, dialled, refused, proxy),
-    };
-    serve_tls_read(stream, (peer, dialled), (&hello, server_name), arrival, proxy, clock).await;
+    let mut hello = Vec::with_capacity(2048);
+    match read_client_hello(&mut stream, proxy.limits().request_headers_timeout, &mut hello).await {
+        Ok(server_name) => {
+            serve_tls_read(stream, (peer, dialled), (&hello, server_name), arrival, proxy, clock).await;
+        }
+        // On a port declared TLS (read without detection), a client that speaks something else is decided by the
+        // address it dialled, as a ClientHello without a name is, and what it sent is replayed.
+        Err(HelloRefused::NotTls) if arrival == Arrival::Intercepted => {
+            let workload = proxy.workload(peer.ip());
+            let decided = decide_tcp(&proxy.policy(), dialled, workload.as_deref(), arrival, fastrand::u32(..));
+            let connection =
+                Connection { peer, dialled, server_name: None, hello: &hello, source: workload.as_deref() };
+            finish(stream, &connection, decided, proxy, clock).await;
+        }
+        Err(refused) => refuse_hello(&stream, peer, dialled, refused, proxy),
+    }
 }
 
 /// Closes a connection whose ClientHello was not read, counted by why.

@@ -271,78 +271,9 @@ spec:
 mod weighted {
     use super::*;
 
-    /// A name at a virtual IP, split 80/20 between two pools by a mesh `tls` route; a database at a virtual IP
-    /// whose endpoint is elsewhere, split between its subsets by a `tcp` route.
-    const SPLIT: &str = "apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: api, namespace: egress}
-spec:
-  hosts: [api.example.com]
-  addresses: [198.51.100.1]
-  ports: [{number: 443, name: tls, protocol: TLS}]
-  resolution: NONE
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: pools, namespace: egress}
-spec:
-  hosts: [pool-a.internal]
-  ports: [{number: 443, name: tls, protocol: TLS}]
-  endpoints: [{address: 203.0.113.10}]
-  resolution: STATIC
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: pool-b, namespace: egress}
-spec:
-  hosts: [pool-b.internal]
-  ports: [{number: 443, name: tls, protocol: TLS}]
-  endpoints: [{address: 203.0.113.20}]
-  resolution: STATIC
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: api-split, namespace: egress}
-spec:
-  hosts: [api.example.com]
-  tls:
-  - match: [{sniHosts: [api.example.com], port: 443}]
-    route:
-    - {destination: {host: pool-a.internal}, weight: 80}
-    - {destination: {host: pool-b.internal, port: {number: 443}}, weight: 20}
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: db, namespace: egress}
-spec:
-  hosts: [db.example]
-  addresses: [198.51.100.2]
-  ports: [{number: 5432, name: pg, protocol: TCP}]
-  endpoints:
-  - {address: 203.0.113.10, labels: {version: v1}}
-  - {address: 203.0.113.20, labels: {version: v2}}
-  resolution: STATIC
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: db, namespace: egress}
-spec:
-  host: db.example
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: db-split, namespace: egress}
-spec:
-  hosts: [db.example]
-  tcp:
-  - route:
-    - {destination: {host: db.example, subset: v1}, weight: 50}
-    - {destination: {host: db.example, subset: v2}, weight: 50}
-";
-
+    /// A name at a virtual IP, split 50/50 between two pools by a mesh `tls` route; a database at a virtual IP
+    /// whose endpoints are elsewhere, split between its subsets by a `tcp` route.
+    const SPLIT: &str = include_str!("../../../../../tests/corpus/valid/weighted-split.yaml");
     fn policy() -> ProxyPolicy {
         as_egress_gateway(SPLIT, ("unused.example", "192.0.2.1"))
     }
@@ -361,8 +292,8 @@ spec:
         let decide =
             |roll| address_of(decide_tls(&policy, Some("api.example.com"), vip, None, Arrival::Intercepted, roll).0);
         assert_eq!(decide(0), "203.0.113.10:443".parse().unwrap());
-        assert_eq!(decide(79), "203.0.113.10:443".parse().unwrap());
-        assert_eq!(decide(80), "203.0.113.20:443".parse().unwrap());
+        assert_eq!(decide(49), "203.0.113.10:443".parse().unwrap());
+        assert_eq!(decide(50), "203.0.113.20:443".parse().unwrap());
         assert_eq!(decide(99), "203.0.113.20:443".parse().unwrap());
         // The route's destinations are reached at their own endpoints whatever the client dialled: no fronting.
         let elsewhere = "192.0.2.99:443".parse().unwrap();
