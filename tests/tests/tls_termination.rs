@@ -228,6 +228,45 @@ fn install_credential(link: &std::path::Path, (cert, key): (&str, &str), version
     std::fs::rename(&staged, link).unwrap();
 }
 
+/// An HTTP/1.1 connection over TLS kept open from the workload (openssl s_client), for requests one at a time.
+struct KeptConnection {
+    child: std::process::Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl KeptConnection {
+    fn open(topology: &Topology, name: &str, port: u16, ca: &str) -> KeptConnection {
+        let mut child = topology
+            .workload
+            .command("openssl")
+            .args(["s_client", "-quiet", "-verify_return_error", "-CAfile", ca, "-servername", name])
+            .args(["-connect", &format!("{GATEWAY_WORKLOAD_ADDR}:{port}")])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        KeptConnection { child, lines: std::io::BufRead::lines(std::io::BufReader::new(stdout)) }
+    }
+
+    /// Sends `GET /` for `host` and reads the response up to its body's line; empty if the connection ended first.
+    fn get(&mut self, host: &str) -> String {
+        let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        if std::io::Write::write_all(self.child.stdin.as_mut().unwrap(), request.as_bytes()).is_err() {
+            return String::new();
+        }
+        self.lines.by_ref().map_while(Result::ok).find(|line| line == "backend").unwrap_or_default()
+    }
+}
+
+impl Drop for KeptConnection {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Waits up to 10 s for `condition`.
 fn eventually(mut condition: impl FnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -327,8 +366,11 @@ spec:
         assert!(expiry > now && expiry < now + 3 * 86_400, "{name}: {expiry}\n{metrics}");
     }
 
-    // Rotation: the credential's files replaced; new handshakes present the new certificate.
+    // Rotation: the credential's files replaced; new handshakes present the new certificate, and a connection
+    // made before goes on with the old one.
     assert!(curl(&topology, "rotated.internal", 9443, &["--cacert", &first_ca]).is_ok(), "{}", agent.log());
+    let mut kept = KeptConnection::open(&topology, "rotated.internal", 9443, &first_ca);
+    assert_eq!(kept.get("rotated.internal"), "backend", "{}", agent.log());
     install_credential(&rotated, (&second_cert, &second_key), 2);
     let rotated_ok = || curl(&topology, "rotated.internal", 9443, &["--cacert", &second_ca]).is_ok();
     assert!(eventually(rotated_ok), "{}", agent.log());
@@ -336,6 +378,7 @@ spec:
         curl(&topology, "rotated.internal", 9443, &["--cacert", &first_ca]).is_err(),
         "the old certificate is gone"
     );
+    assert_eq!(kept.get("rotated.internal"), "backend", "the connection made before the rotation was not dropped");
 
     // A bad credential (its key is not the certificate's) is refused alone: the last good certificate stays.
     install_credential(&rotated, (&second_cert, &first_key), 3);
