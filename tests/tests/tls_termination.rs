@@ -78,6 +78,13 @@ fn simple_and_mutual_gateway_servers_terminate_tls_and_route_their_requests() {
     let client = signed(clients.path(), "client-ca", "client", &["URI:spiffe://cluster.local/ns/apps/sa/client"]);
     let stranger = signed(clients.path(), "client-ca", "stranger", &["URI:spiffe://cluster.local/ns/apps/sa/stranger"]);
     let forged = signed(other.path(), "other-ca", "forged", &["URI:spiffe://cluster.local/ns/apps/sa/client"]);
+    // The good client's certificate pinned by its whole hash, as `openssl x509 -fingerprint -sha256` prints it.
+    let fingerprint = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in", &client.0])
+        .output()
+        .unwrap();
+    let fingerprint = String::from_utf8_lossy(&fingerprint.stdout);
+    let pin = fingerprint.trim().rsplit('=').next().unwrap().to_owned();
 
     let config = tempfile::tempdir().unwrap();
     let gateway = format!(
@@ -101,6 +108,7 @@ spec:
       privateKey: {key}
       caCertificates: {client_ca}
       subjectAltNames: [spiffe://cluster.local/ns/apps/sa/client]
+      verifyCertificateHash: ['{pin}']
   - port: {{number: 8080, name: http, protocol: HTTP}}
     hosts: [api.internal]
     tls: {{httpsRedirect: true}}

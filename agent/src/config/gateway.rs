@@ -74,6 +74,12 @@ pub struct ServerTls {
     pub max_protocol_version: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cipher_suites: Vec<String>,
+    /// A client certificate must be one of these: base64 SHA-256 of its SubjectPublicKeyInfo, or hex SHA-256 of the
+    /// whole certificate (colons allowed). Either list matching is enough, as in Envoy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verify_certificate_spki: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verify_certificate_hash: Vec<String>,
 }
 
 impl ServerTls {

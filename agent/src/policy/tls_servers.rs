@@ -37,6 +37,8 @@ pub struct TlsServer {
     pub opaque: bool,
     /// MUTUAL: one of these must be among the client certificate's DNS or URI names (none: any).
     pub subject_alt_names: Vec<String>,
+    /// The client certificate must match one of these pins (none: any).
+    pub pins: Pins,
 }
 
 impl TlsServer {
@@ -66,6 +68,7 @@ impl TlsServer {
             mutual: tls.mutual(),
             opaque,
             subject_alt_names: tls.subject_alt_names.clone(),
+            pins: Pins::compile(&tls.verify_certificate_spki, &tls.verify_certificate_hash),
         })
     }
 
@@ -96,6 +99,39 @@ impl TlsServer {
     /// Whether a client's certificate (the leaf it presented) carries a name this server requires.
     pub fn accepts_client_names(&self, leaf: &CertificateDer<'_>) -> bool {
         carries_one_of(&self.subject_alt_names, leaf)
+    }
+}
+
+/// `verifyCertificateSpki` and `verifyCertificateHash`, decoded once: SHA-256 digests of the client certificate's
+/// SubjectPublicKeyInfo, and of the whole certificate.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pins {
+    spki: Vec<Vec<u8>>,
+    certificate: Vec<Vec<u8>>,
+}
+
+impl Pins {
+    /// Pins as Envoy writes them: base64 for the SPKI's, hex (colons allowed, any case) for the certificate's.
+    /// One that does not decode matches nothing.
+    pub fn compile(spki: &[String], hashes: &[String]) -> Pins {
+        use base64::Engine;
+        let base64 = |pin: &String| base64::engine::general_purpose::STANDARD.decode(pin.trim()).unwrap_or_default();
+        let hex = |pin: &String| {
+            let digits: Vec<u8> = pin.bytes().filter(|b| *b != b':').collect();
+            let pairs = digits.chunks(2).map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok());
+            pairs.collect::<Option<Vec<u8>>>().filter(|_| digits.len() % 2 == 0).unwrap_or_default()
+        };
+        Pins { spki: spki.iter().map(base64).collect(), certificate: hashes.iter().map(hex).collect() }
+    }
+
+    /// Whether `leaf` matches a pin (any certificate when there are none).
+    pub fn admit(&self, leaf: &CertificateDer<'_>) -> bool {
+        if self.spki.is_empty() && self.certificate.is_empty() {
+            return true;
+        }
+        let sha256 = |bytes: &[u8]| ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().to_vec();
+        let spki = x509_parser::parse_x509_certificate(leaf).ok().map(|(_, parsed)| sha256(parsed.public_key().raw));
+        spki.is_some_and(|spki| self.spki.contains(&spki)) || self.certificate.contains(&sha256(leaf))
     }
 }
 

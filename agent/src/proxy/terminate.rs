@@ -43,7 +43,7 @@ pub async fn serve(mut stream: TcpStream, connection: Connection, proxy: Arc<Htt
             return;
         }
     };
-    let (config, mutual, required_names, opaque) = {
+    let (config, mutual, required_names, pins, opaque) = {
         let policy = proxy.policy();
         let Some(server) = choose(policy.tls_servers_on(port), server_name.as_deref()) else {
             if policy.tls_gateways_on(port).next().is_some() {
@@ -59,7 +59,10 @@ pub async fn serve(mut stream: TcpStream, connection: Connection, proxy: Arc<Htt
             return;
         };
         match &server.config {
-            Ok(config) => (config.clone(), server.mutual, server.subject_alt_names.clone(), server.opaque),
+            Ok(config) => {
+                let names = server.subject_alt_names.clone();
+                (config.clone(), server.mutual, names, server.pins.clone(), server.opaque)
+            }
             Err(reason) => {
                 tracing::warn!(server = %server.name, %reason, "a Gateway server's TLS settings cannot be used: its connections are closed");
                 telemetry.tls_handshake_failed("unusable_server");
@@ -87,6 +90,12 @@ pub async fn serve(mut stream: TcpStream, connection: Connection, proxy: Arc<Htt
     if mutual && !leaf.is_some_and(|leaf| carries_one_of(&required_names, leaf)) {
         tracing::debug!(peer = %connection.peer, port, "the client certificate carries none of the server's subjectAltNames");
         telemetry.tls_handshake_failed("client_certificate_name");
+        return;
+    }
+    // Pinned: a certificate that was presented must be one of them (OPTIONAL_MUTUAL's absent one is let be).
+    if leaf.is_some_and(|leaf| !pins.admit(leaf)) {
+        tracing::debug!(peer = %connection.peer, port, "the client certificate matches none of the server's pins");
+        telemetry.tls_handshake_failed("client_certificate_pin");
         return;
     }
     if opaque {

@@ -133,3 +133,32 @@ fn the_server_prefers_aes_128_gcm_as_envoy_does() {
         "{limited:?}"
     );
 }
+
+#[test]
+fn client_certificates_are_pinned_by_their_public_key_or_their_whole_hash_as_envoy_writes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, _) = self_signed(dir.path(), "client.example", false);
+    let (other, _) = self_signed(dir.path(), "other.example", false);
+    // The pins as Envoy's documentation makes them, with openssl.
+    let shell = |script: String| {
+        let output = std::process::Command::new("sh").args(["-c", &script]).output().expect("sh runs");
+        assert!(output.status.success(), "{script}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    };
+    let cert_path = cert.display();
+    let spki = shell(format!(
+        "openssl x509 -in {cert_path} -noout -pubkey | openssl pkey -pubin -outform DER | openssl dgst -sha256 -binary | openssl enc -base64"
+    ));
+    let fingerprint = shell(format!("openssl x509 -in {cert_path} -noout -fingerprint -sha256"));
+    let hash = fingerprint.rsplit('=').next().unwrap().to_owned();
+    let (leaf, stranger) = (certificates(&cert).unwrap().remove(0), certificates(&other).unwrap().remove(0));
+    for pins in [
+        Pins::compile(std::slice::from_ref(&spki), &[]),
+        Pins::compile(&[], std::slice::from_ref(&hash)),
+        Pins::compile(&[], &[hash.to_lowercase().replace(':', "")]),
+    ] {
+        assert!(pins.admit(&leaf) && !pins.admit(&stranger), "{pins:?}");
+    }
+    assert!(!Pins::compile(&["not base64!".into()], &["zz".into()]).admit(&leaf), "a pin that does not decode");
+    assert!(Pins::default().admit(&stranger), "no pins: any certificate");
+}

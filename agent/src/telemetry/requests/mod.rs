@@ -354,8 +354,8 @@ impl RequestTelemetry {
         registry.register(
             "sluice_tls_handshake_failed",
             "Connections to Gateway servers terminating TLS that ended before their requests, by why (no_server, \
-             unusable_server, no_client_certificate, bad_client_certificate, client_certificate_name, handshake, \
-             timeout, and the ClientHello's malformed, closed)",
+             unusable_server, no_client_certificate, bad_client_certificate, client_certificate_name, \
+             client_certificate_pin, handshake, timeout, and the ClientHello's malformed, closed, not_tls)",
             handshakes_failed.clone(),
         );
         let (lines, mut queue) = LineQueue::new(ACCESS_LOG_QUEUE_LINES, ACCESS_LOG_QUEUE_BYTES);
