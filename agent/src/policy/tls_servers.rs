@@ -96,9 +96,10 @@ impl TlsServer {
         format!("{} {} {}", self.gateway, self.port, self.hosts.join(","))
     }
 
-    /// Whether a client's certificate (the leaf it presented) carries a name this server requires.
-    pub fn accepts_client_names(&self, leaf: &CertificateDer<'_>) -> bool {
-        carries_one_of(&self.subject_alt_names, leaf)
+    /// Whether a client's certificate, issued for `names` (its [`subject_alt_names`]), carries a name this server
+    /// requires.
+    pub fn accepts_client_names(&self, names: &[String]) -> bool {
+        one_of(&self.subject_alt_names, names)
     }
 }
 
@@ -135,10 +136,10 @@ impl Pins {
     }
 }
 
-/// Whether `leaf` is issued for one of `names` (DNS names or URIs, compared exactly, as Envoy's
-/// `match_subject_alt_names` exact entries are); any certificate when `names` is empty.
-pub fn carries_one_of(names: &[String], leaf: &CertificateDer<'_>) -> bool {
-    names.is_empty() || subject_alt_names(leaf).iter().any(|name| names.contains(name))
+/// Whether a certificate issued for `names` carries one of `required` (DNS names or URIs, compared exactly, as
+/// Envoy's `match_subject_alt_names` exact entries are); any certificate when none is required.
+pub fn one_of(required: &[String], names: &[String]) -> bool {
+    required.is_empty() || names.iter().any(|name| required.contains(name))
 }
 
 /// The TLS each server last served with, so one whose certificate turns bad (unreadable, not matching its key,

@@ -24,7 +24,7 @@ use super::{
     l4, tcp,
 };
 use crate::{
-    policy::tls_servers::{carries_one_of, choose, subject_alt_names},
+    policy::tls_servers::{choose, one_of, subject_alt_names},
     telemetry::requests::{ConnectionSecurity, Principal},
 };
 
@@ -87,7 +87,9 @@ pub async fn serve(mut stream: TcpStream, connection: Connection, proxy: Arc<Htt
     };
     let session = tls.get_ref().1;
     let leaf = session.peer_certificates().and_then(|chain| chain.first());
-    if mutual && !leaf.is_some_and(|leaf| carries_one_of(&required_names, leaf)) {
+    // The names the client's certificate is issued for, read once: for subjectAltNames and the principal.
+    let names = leaf.map(subject_alt_names).unwrap_or_default();
+    if mutual && (leaf.is_none() || !one_of(&required_names, &names)) {
         tracing::debug!(peer = %connection.peer, port, "the client certificate carries none of the server's subjectAltNames");
         telemetry.tls_handshake_failed("client_certificate_name");
         return;
@@ -107,7 +109,7 @@ pub async fn serve(mut stream: TcpStream, connection: Connection, proxy: Arc<Htt
     let http2 = matches!(session.alpn_protocol(), Some(b"h2" | b"istio-h2"));
     let version = if http2 { HttpVersion::Http2 } else { HttpVersion::Http1 };
     let security = if leaf.is_some() { ConnectionSecurity::MutualTls } else { ConnectionSecurity::Tls };
-    let principal = leaf.and_then(|leaf| Principal::from_names(&subject_alt_names(leaf))).map(Arc::new);
+    let principal = Principal::from_names(&names).map(Arc::new);
     proxy.serve_connection(tls, Connection { security, principal, ..connection }, version).await;
 }
 

@@ -115,7 +115,7 @@ fn a_credential_name_reads_istios_secret_layout_from_the_credentials_directory()
     assert_eq!(subject_alt_names(&leaf), ["api.example.com", "spiffe://td/ns/a/sa/b"]);
     let requiring = |names: &str| {
         let yaml = format!("{{port: {{number: 443, name: a, protocol: HTTPS}}, hosts: ['*'], tls: {{mode: MUTUAL, credentialName: api-cert, subjectAltNames: {names}}}}}");
-        compiled(&yaml, &source).accepts_client_names(&leaf)
+        compiled(&yaml, &source).accepts_client_names(&subject_alt_names(&leaf))
     };
     assert!(requiring("[spiffe://td/ns/a/sa/b]") && !requiring("[spiffe://td/ns/a/sa/c]"));
 }
