@@ -49,3 +49,14 @@ pub fn seed(name: &str) -> String {
 pub fn write(dir: &Path, documents: &[&str]) -> std::io::Result<()> {
     std::fs::write(dir.join("istio.yaml"), documents.join("---\n"))
 }
+
+/// Two endpoints: one refuses connections (server B, port 81), the other is server A's nginx.
+pub const FLAKY: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: flaky, namespace: egress}
+spec:
+  hosts: [flaky.backend]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 203.0.113.20, ports: {http: 81}}, {address: 203.0.113.10}]
+";

@@ -2,6 +2,7 @@
 //! guard that removes it on drop, panics included. Nothing here touches the host's root namespace.
 
 pub mod agent;
+pub mod http;
 pub mod istio;
 pub mod metrics;
 pub mod netns;

@@ -9,6 +9,11 @@
 
 use crate::netns::Netns;
 
+/// `host` (one of the addresses below) on `port`.
+pub fn addr(host: &str, port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(host.parse().expect("an address"), port)
+}
+
 pub const WORKLOAD_ADDR: &str = "10.240.1.2";
 pub const GATEWAY_WORKLOAD_ADDR: &str = "10.240.1.1";
 pub const GATEWAY_INTERNET_ADDR: &str = "10.240.2.1";

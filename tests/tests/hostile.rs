@@ -13,7 +13,7 @@ use sluice_tests::{
     require_root,
     tls::client_hello,
     topology::{
-        GATEWAY_INTERNET_ADDR, GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A, SERVER_B,
+        addr, GATEWAY_INTERNET_ADDR, GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A, SERVER_B,
     },
     Agent, Topology,
 };
@@ -21,10 +21,6 @@ use sluice_tests::{
 /// The cloud metadata service's address, which a gateway node can reach and its workloads must not through it.
 const METADATA: &str = "169.254.169.254";
 const REFUSED: &str = "sluice_local_destinations_refused_total";
-
-fn addr(host: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(host.parse().unwrap(), port)
-}
 
 /// A metadata service in the internet namespace, routed from the gateway as a node's would be.
 fn metadata_service(topology: &Topology) -> ScriptedServer {

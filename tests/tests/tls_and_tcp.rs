@@ -18,13 +18,9 @@ use sluice_tests::{
     peers::{Dnsmasq, Nginx, Postgres},
     require_root,
     tls::{certificates, client_hello},
-    topology::{GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A, SERVER_B},
+    topology::{addr, GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A, SERVER_B},
     Agent, Topology,
 };
-
-fn addr(host: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(host.parse().unwrap(), port)
-}
 
 const REGISTRY: &str = "apiVersion: networking.istio.io/v1
 kind: ServiceEntry

@@ -4,21 +4,15 @@
 //! while the agent runs) → the servers' HTTP routes → nginx in the internet namespace; and a DestinationRule's
 //! `credentialName` originating mutual TLS to nginx.
 
-use std::net::SocketAddr;
-
 use sluice_tests::{
     istio::{self, MESH_REGISTRY_ONLY},
     metrics::total,
     peers::Nginx,
     require_root,
     tls::{certificates, signed},
-    topology::{GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, SERVER_A, SERVER_B},
+    topology::{addr, GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, SERVER_A, SERVER_B},
     Agent, Topology,
 };
-
-fn addr(host: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(host.parse().unwrap(), port)
-}
 
 /// nginx answering `backend` on SERVER_A:80, counting the requests it serves on 127.0.0.1:8080 (`stub_status`).
 fn backend(topology: &Topology) -> Nginx {
