@@ -71,6 +71,8 @@ fn simple_and_mutual_gateway_servers_terminate_tls_and_route_their_requests() {
     let (client_ca, _, _) = certificates(clients.path(), "client-ca", &["unused.client"]);
     let client = signed(clients.path(), "client-ca", "client", &["URI:spiffe://cluster.local/ns/apps/sa/client"]);
     let stranger = signed(clients.path(), "client-ca", "stranger", &["URI:spiffe://cluster.local/ns/apps/sa/stranger"]);
+    // The right CA and identity, another key: only the pin tells it from the good client's.
+    let twin = signed(clients.path(), "client-ca", "twin", &["URI:spiffe://cluster.local/ns/apps/sa/client"]);
     let forged = signed(other.path(), "other-ca", "forged", &["URI:spiffe://cluster.local/ns/apps/sa/client"]);
     // The good client's certificate pinned by its whole hash, as `openssl x509 -fingerprint -sha256` prints it.
     let fingerprint = std::process::Command::new("openssl")
@@ -168,6 +170,7 @@ spec:
     assert!(mtls(&[]).is_err(), "no client certificate");
     assert!(with(&forged).is_err(), "a certificate from a CA the server does not trust");
     assert!(with(&stranger).is_err(), "a trusted CA's certificate for another identity");
+    assert!(with(&twin).is_err(), "the right identity from the right CA, but not the pinned certificate");
     assert_eq!(served(&topology), before + 2, "only the good client's request (and the status request) reached nginx");
 
     // A TLS server: terminated, the bytes inside relayed by the Gateway's tcp route (here to nginx, as HTTP/1.0).
@@ -209,9 +212,13 @@ spec:
     assert_eq!(total(&metrics, "istio_requests_total", &mutual), 1, "{metrics}");
     let plain_tls = [("connection_security_policy", "none"), ("response_code", "200")];
     assert_eq!(total(&metrics, "istio_requests_total", &plain_tls), 3, "{metrics}");
-    for (reason, count) in
-        [("no_server", 1), ("no_client_certificate", 1), ("bad_client_certificate", 1), ("client_certificate_name", 1)]
-    {
+    for (reason, count) in [
+        ("no_server", 1),
+        ("no_client_certificate", 1),
+        ("bad_client_certificate", 1),
+        ("client_certificate_name", 1),
+        ("client_certificate_pin", 1),
+    ] {
         let failed = [("reason", reason)];
         assert_eq!(total(&metrics, "sluice_tls_handshake_failed_total", &failed), count, "{reason}: {metrics}");
     }

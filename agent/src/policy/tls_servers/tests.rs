@@ -111,6 +111,10 @@ fn a_credential_name_reads_istios_secret_layout_from_the_credentials_directory()
     std::fs::copy(&cert, dir.path().join("api-cert-cacert/ca.crt")).unwrap();
     let server = compiled(yaml, &source);
     assert!(server.config.is_ok() && server.mutual, "{:?}", server.config);
+    assert_eq!(server.config.as_ref().unwrap().alpn_protocols, [b"h2".to_vec(), b"http/1.1".to_vec()]);
+    // Protocol TLS: bytes for tcp routes, no application protocol agreed for the client.
+    let opaque = compiled(&yaml.replace("protocol: HTTPS", "protocol: TLS"), &source);
+    assert!(opaque.opaque && opaque.config.as_ref().unwrap().alpn_protocols.is_empty());
     let leaf = certificates(&cert).unwrap().remove(0);
     assert_eq!(subject_alt_names(&leaf), ["api.example.com", "spiffe://td/ns/a/sa/b"]);
     let requiring = |names: &str| {
