@@ -107,11 +107,7 @@ pub async fn serve_tls(
         // On a port declared TLS (read without detection), a client that speaks something else is decided by the
         // address it dialled, as a ClientHello without a name is, and what it sent is replayed.
         Err(HelloRefused::NotTls) if arrival == Arrival::Intercepted => {
-            let workload = proxy.workload(peer.ip());
-            let decided = decide_tcp(&proxy.policy(), dialled, workload.as_deref(), arrival, fastrand::u32(..));
-            let connection =
-                Connection { peer, dialled, server_name: None, hello: &hello, source: workload.as_deref() };
-            finish(stream, &connection, decided, proxy, clock).await;
+            serve_tcp_read(stream, (peer, dialled), &hello, arrival, proxy, clock).await;
         }
         Err(refused) => refuse_hello(&stream, peer, dialled, refused, proxy),
     }
@@ -161,9 +157,21 @@ pub async fn serve_tcp<S: ClientStream>(
     proxy: &HttpProxy,
 ) {
     let clock = (SystemTime::now(), Instant::now());
+    serve_tcp_read(stream, (peer, dialled), &[], arrival, proxy, clock).await;
+}
+
+/// Serves a connection decided by its address, `read` (what the client already sent) replayed first.
+async fn serve_tcp_read<S: ClientStream>(
+    stream: S,
+    (peer, dialled): (SocketAddr, SocketAddr),
+    read: &[u8],
+    arrival: Arrival,
+    proxy: &HttpProxy,
+    clock: (SystemTime, Instant),
+) {
     let workload = proxy.workload(peer.ip());
     let decided = decide_tcp(&proxy.policy(), dialled, workload.as_deref(), arrival, fastrand::u32(..));
-    let connection = Connection { peer, dialled, server_name: None, hello: &[], source: workload.as_deref() };
+    let connection = Connection { peer, dialled, server_name: None, hello: read, source: workload.as_deref() };
     finish(stream, &connection, decided, proxy, clock).await;
 }
 
