@@ -44,6 +44,46 @@ fn every_invalid_resource_is_rejected_with_its_field_and_reason() {
     }
 }
 
+/// Istio's own rules, one resource a file (`tests/corpus/istio/refused/KIND/RULE.yaml`): each file is refused
+/// for exactly the rule its `# expect:` line names, at that field path, and for nothing else.
+#[test]
+fn what_istio_refuses_is_refused_with_its_field_path() {
+    let dir = corpus("istio/refused");
+    let (ok, output) = check(std::slice::from_ref(&dir));
+    assert!(!ok, "{output}");
+    let mut files = 0;
+    for kind in std::fs::read_dir(&dir).unwrap() {
+        for entry in std::fs::read_dir(kind.unwrap().path()).unwrap() {
+            let file = entry.unwrap().path();
+            let text = std::fs::read_to_string(&file).unwrap();
+            let expect = text.lines().find_map(|line| line.strip_prefix("# expect: "));
+            let expect = expect.unwrap_or_else(|| panic!("{} has no expect line", file.display()));
+            // `Kind ns/name: field.path: words of the reason`
+            let (resource_and_path, reason) = expect.rsplit_once(": ").unwrap();
+            let prefix = format!("{}: {resource_and_path}: ", file.display());
+            let lines: Vec<&str> = output.lines().filter(|l| l.starts_with(&format!("{}: ", file.display()))).collect();
+            assert!(
+                lines.len() == 1 && lines[0].starts_with(&prefix) && lines[0][prefix.len()..].contains(reason),
+                "expected exactly\n{prefix}…{reason}…\ngot\n{}",
+                lines.join("\n")
+            );
+            files += 1;
+        }
+    }
+    assert!(files >= 200, "the corpus holds {files} rules");
+    assert!(output.contains(&format!("0 resources valid, {files} errors")), "{output}");
+}
+
+/// What Istio accepts, including what a stricter reader would refuse (weights not adding to 100, a trailing dot,
+/// `~/*`, RE2 quoting, delegates, port 0…): every file passes.
+#[test]
+fn what_istio_accepts_is_accepted() {
+    let (ok, output) = check(&[corpus("istio/accepted")]);
+    assert!(ok, "{output}");
+    let files = std::fs::read_dir(corpus("istio/accepted")).unwrap().count();
+    assert!(output.contains(&format!("{} resources valid, 0 errors", files - 1)), "{output}");
+}
+
 #[test]
 fn the_shipped_examples_all_pass() {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");

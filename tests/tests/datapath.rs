@@ -235,10 +235,14 @@ fn names_that_dns_does_not_answer_delay_the_others_by_one_round_of_lookups_at_mo
     )
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let slow: Vec<String> = (0..40).map(|i| format!("n{i}.slow.example")).collect();
-    let slow_entry =
-        DB_BY_DNS.replace("{name: db}", "{name: slow}").replace("[db.example]", &format!("[{}]", slow.join(", ")));
-    std::fs::write(dir.path().join("entries.yaml"), format!("{DB_BY_DNS}---\n{slow_entry}")).unwrap();
+    // One ServiceEntry a name: several hosts on a UDP port cannot be told apart, and Istio refuses them together.
+    let slow_entries: Vec<String> = (0..40)
+        .map(|i| {
+            let name = DB_BY_DNS.replace("{name: db}", &format!("{{name: slow{i}}}"));
+            name.replace("[db.example]", &format!("[n{i}.slow.example]"))
+        })
+        .collect();
+    std::fs::write(dir.path().join("entries.yaml"), format!("{DB_BY_DNS}---\n{}", slow_entries.join("---\n"))).unwrap();
     // The first policy is attached once the names are looked up: 40 lookups of 5 s each, made one after
     // another, would hold it back for 200 s; made together, 5 (the agent is given 20).
     let agent = start_resolving(&topology, dir.path());

@@ -1,11 +1,11 @@
 //! Field types several Istio kinds share, and their checks: string matches, durations, percentages, ports,
 //! destinations and the host forms of each context.
 
-use std::{net::IpAddr, time::Duration};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{error::FieldError, service_entry::validate_host};
+use super::{error::FieldError, names, re2};
 
 /// A small map as the resource writes it (header names, query parameters): its pairs in the order written, in
 /// one allocation (a B-tree would take a node of eleven pairs for one). A name written twice keeps the last value,
@@ -79,7 +79,8 @@ impl<V: Serialize> Serialize for Pairs<V> {
     }
 }
 
-/// `exact`, `prefix` or `regex` (RE2 syntax): exactly one.
+/// `exact`, `prefix` or `regex` (RE2 syntax): at most one. None of them matches any value (a header's or query
+/// parameter's presence), as Istio reads it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
 pub struct StringMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -90,51 +91,95 @@ pub struct StringMatch {
     pub regex: Option<String>,
 }
 
+/// Whether a `StringMatch` may be an empty prefix: a URI's may (it matches every path), others may not.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum EmptyPrefix {
+    Allowed,
+    Refused,
+}
+
 impl StringMatch {
-    pub fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
+    pub fn validate(&self, path: &str, empty_prefix: EmptyPrefix, errors: &mut Vec<FieldError>) {
         let set = [self.exact.is_some(), self.prefix.is_some(), self.regex.is_some()].iter().filter(|s| **s).count();
-        if set != 1 {
-            errors.push(FieldError::new(path, "exactly one of exact, prefix or regex is required"));
+        if set > 1 {
+            errors.push(FieldError::new(path, "only one of exact, prefix or regex may be set"));
         }
-        if let Some(reason) = self.regex.as_deref().and_then(regex_problem) {
-            errors.push(FieldError::new(format!("{path}.regex"), reason));
+        if empty_prefix == EmptyPrefix::Refused && self.prefix.as_deref() == Some("") {
+            errors.push(FieldError::new(format!("{path}.prefix"), "a prefix match may not be empty"));
+        }
+        match self.regex.as_deref() {
+            Some("") => errors.push(FieldError::new(format!("{path}.regex"), "a regex match may not be empty")),
+            Some(pattern) => {
+                if let Some(reason) = re2::problem(pattern) {
+                    errors.push(FieldError::new(format!("{path}.regex"), reason));
+                }
+            }
+            None => {}
         }
     }
 }
 
-/// A duration as Istio writes them (`10s`, `0.5s`, `100ms`, `1m30s`).
+/// A duration as Istio writes them (`10s`, `0.5s`, `100ms`, `1m30s`; Go's `time.ParseDuration`), read exactly:
+/// in whole nanoseconds, with no rounding through floating point.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let fail = || format!("'{text}' is not a duration (like 10s, 0.5s or 250ms)");
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
     if text.is_empty() {
         return Err(fail());
     }
-    let mut total = 0f64;
+    let mut nanos: u128 = 0;
     let mut rest = text;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(fail)?;
-        let value: f64 = rest[..digits].parse().map_err(|_| fail())?;
-        rest = &rest[digits..];
+        let number_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(fail)?;
+        let (whole, fraction) = rest[..number_len].split_once('.').unwrap_or((&rest[..number_len], ""));
+        if (whole.is_empty() && fraction.is_empty()) || fraction.contains('.') {
+            return Err(fail());
+        }
+        rest = &rest[number_len..];
         let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
-        let scale = match &rest[..unit_len] {
-            "h" => 3600.0,
-            "m" => 60.0,
-            "s" => 1.0,
-            "ms" => 1e-3,
-            "us" | "µs" => 1e-6,
-            "ns" => 1e-9,
+        let unit: u128 = match &rest[..unit_len] {
+            "h" => 3_600_000_000_000,
+            "m" => 60_000_000_000,
+            "s" => 1_000_000_000,
+            "ms" => 1_000_000,
+            "us" | "µs" | "μs" => 1_000,
+            "ns" => 1,
             _ => return Err(fail()),
         };
-        total += value * scale;
         rest = &rest[unit_len..];
+        let too_long = || format!("'{text}' is too long a duration");
+        let whole: u128 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| too_long())? };
+        let mut part = whole.checked_mul(unit).ok_or_else(too_long)?;
+        // The fraction's digits, each worth a tenth of the one before; digits beyond a nanosecond are dropped.
+        let mut scale = unit;
+        for digit in fraction.bytes() {
+            scale /= 10;
+            part += u128::from(digit - b'0') * scale;
+        }
+        nanos = nanos.checked_add(part).filter(|n| *n <= u128::from(u64::MAX)).ok_or_else(too_long)?;
     }
-    Duration::try_from_secs_f64(total).map_err(|_| format!("'{text}' is too long a duration"))
+    Ok(Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX)))
+}
+
+/// A duration Istio accepts for a timeout, interval or age: at least 1ms, in whole milliseconds.
+pub fn duration_problem(text: &str) -> Option<String> {
+    match parse_duration(text) {
+        Err(reason) => Some(reason),
+        Ok(duration) if duration < Duration::from_millis(1) => {
+            Some(format!("'{text}' is below 1ms, the least allowed"))
+        }
+        Ok(duration) if duration.subsec_nanos() % 1_000_000 != 0 => {
+            Some(format!("'{text}' is finer than a millisecond (durations are in whole milliseconds)"))
+        }
+        Ok(_) => None,
+    }
 }
 
 pub fn validate_duration(value: &Option<String>, path: &str, errors: &mut Vec<FieldError>) {
-    if let Some(text) = value {
-        if let Err(reason) = parse_duration(text) {
-            errors.push(FieldError::new(path, reason));
-        }
+    if let Some(reason) = value.as_deref().and_then(duration_problem) {
+        errors.push(FieldError::new(path, reason));
     }
 }
 
@@ -156,10 +201,30 @@ pub fn validate_percent(value: &Option<Percent>, path: &str, errors: &mut Vec<Fi
     }
 }
 
+/// A fault's percentage: 0, or 0.0001 to 100 (Envoy's finest fraction is a millionth).
+pub fn validate_fault_percent(value: &Option<Percent>, path: &str, errors: &mut Vec<FieldError>) {
+    if let Some(percent) = value {
+        let value = percent.value;
+        if !(0.0..=100.0).contains(&value) || (value > 0.0 && value < 0.0001) {
+            errors.push(FieldError::new(
+                format!("{path}.value"),
+                format!("{value} is not a fault percentage (0, or 0.0001 to 100)"),
+            ));
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub struct PortSelector {
     #[serde(default)]
     pub number: u32,
+}
+
+/// `workloadSelector: {labels: …}` of Sidecars and ServiceEntries.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct WorkloadSelector {
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Where a route sends traffic.
@@ -178,13 +243,15 @@ impl Destination {
     pub fn validate(&self, path: &str, errors: &mut Vec<FieldError>) {
         if self.host.is_empty() {
             errors.push(FieldError::new(format!("{path}.host"), "a destination host is required"));
-        } else if self.host.starts_with('*') {
-            errors.push(FieldError::new(
-                format!("{path}.host"),
-                format!("'{}': a destination may not be a wildcard", self.host),
-            ));
-        } else if let Err(reason) = validate_host_or_ip(&self.host) {
+        } else if self.host == "*" {
+            errors.push(FieldError::new(format!("{path}.host"), "'*' is not a destination host"));
+        } else if let Err(reason) = names::wildcard_domain(&self.host) {
             errors.push(FieldError::new(format!("{path}.host"), reason));
+        }
+        if let Some(subset) = &self.subset {
+            if let Some(reason) = subset_name_problem(subset) {
+                errors.push(FieldError::new(format!("{path}.subset"), reason));
+            }
         }
         if let Some(port) = &self.port {
             validate_port(port.number, &format!("{path}.port.number"), errors);
@@ -222,45 +289,33 @@ pub fn validate_port(number: u32, path: &str, errors: &mut Vec<FieldError>) {
     }
 }
 
-/// Why `pattern` is not an RE2 regular expression (the `regex` crate's syntax), if it is not.
-pub fn regex_problem(pattern: &str) -> Option<String> {
-    // Parsed, not compiled: the syntax is what validation checks, and compiling is the policy's job (once).
-    regex_syntax::Parser::new().parse(pattern).err().map(|error| {
-        let reason = error.to_string().lines().last().unwrap_or("invalid").trim().to_owned();
-        format!("invalid regular expression: {reason}")
-    })
-}
-
-/// A host as VirtualServices and DestinationRules name it: a name, a `*.` wildcard, `*`, or (for destinations)
-/// an IP address.
-pub fn validate_host_or_ip(host: &str) -> Result<(), String> {
-    if host == "*" || host.parse::<IpAddr>().is_ok() {
-        return Ok(());
+/// Why `name` is not a subset name (a DNS label), if it is not.
+pub fn subset_name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("a subset name may not be empty".into());
     }
-    validate_host(host)
+    (!names::is_dns_label(name)).then(|| format!("'{name}' is not a subset name (letters, digits and '-')"))
 }
 
-/// `namespace/host` (`.` for the resource's namespace, `*` for any; the namespace may be left out).
-pub fn validate_namespaced_host(value: &str) -> Result<(), String> {
-    let (namespace, host) = value.split_once('/').unwrap_or(("*", value));
-    if namespace != "." && namespace != "*" && !is_dns_label(namespace) {
-        return Err(format!("'{namespace}' in '{value}' is not a namespace, '.' or '*'"));
-    }
-    validate_host_or_ip(host).map_err(|reason| format!("in '{value}': {reason}"))
-}
+/// Istio's port protocols (any case): what Gateway servers, ServiceEntry and Sidecar ports may declare.
+pub const PROTOCOLS: &str = "HTTP, HTTPS, HTTP2, GRPC, GRPC-WEB, HTTP_PROXY, MONGO, MYSQL, REDIS, TCP, TLS or UDP";
 
-/// A Kubernetes name: lowercase letters, digits and '-', at most 63 characters.
-pub fn is_dns_label(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-}
-
-/// Istio's protocol names for Gateway servers and Service ports.
 pub fn is_protocol(protocol: &str) -> bool {
-    super::service_entry::transport(protocol).is_some()
+    matches!(
+        protocol.to_ascii_uppercase().as_str(),
+        "HTTP"
+            | "HTTPS"
+            | "HTTP2"
+            | "GRPC"
+            | "GRPC-WEB"
+            | "HTTP_PROXY"
+            | "MONGO"
+            | "MYSQL"
+            | "REDIS"
+            | "TCP"
+            | "TLS"
+            | "UDP"
+    )
 }
 
 #[cfg(test)]
@@ -283,35 +338,39 @@ mod tests {
         for (text, millis) in [("10s", 10_000), ("0.5s", 500), ("250ms", 250), ("1m30s", 90_000), ("1h", 3_600_000)] {
             assert_eq!(parse_duration(text).unwrap().as_millis(), millis, "{text}");
         }
-        for text in ["", "10", "s", "10x", "1.2.3s", "-1s", "99999999999999999999999h"] {
+        for text in ["", "10", "s", "10x", "1.2.3s", "-1s", "99999999999999999999999h", ".s"] {
             assert!(parse_duration(text).is_err(), "{text}");
         }
+        assert_eq!(parse_duration("0.001s").unwrap(), Duration::from_millis(1), "exact, not rounded through f64");
+        assert_eq!(parse_duration("1.5us").unwrap(), Duration::from_nanos(1500));
+        assert_eq!(duration_problem("0.001s"), None);
+        assert!(duration_problem("0s").unwrap().contains("below 1ms"), "Istio refuses a zero timeout");
+        assert!(duration_problem("0").unwrap().contains("below 1ms"));
+        assert!(duration_problem("1.5ms").unwrap().contains("finer than a millisecond"));
     }
 
     #[test]
-    fn string_matches_need_exactly_one_form_and_a_valid_regex() {
+    fn string_matches_take_at_most_one_form_and_a_valid_regex() {
         let check = |m: StringMatch| {
             let mut errors = Vec::new();
-            m.validate("m", &mut errors);
+            m.validate("m", EmptyPrefix::Refused, &mut errors);
             errors
         };
         assert!(check(StringMatch { prefix: Some("/a".into()), ..StringMatch::default() }).is_empty());
         assert!(check(StringMatch { regex: Some("^/v[0-9]+/.*".into()), ..StringMatch::default() }).is_empty());
-        assert_eq!(check(StringMatch::default())[0].reason, "exactly one of exact, prefix or regex is required");
+        assert!(check(StringMatch::default()).is_empty(), "no form: presence, as Istio reads it");
+        assert_eq!(check(StringMatch { prefix: Some(String::new()), ..StringMatch::default() })[0].path, "m.prefix");
+        let mut uri = Vec::new();
+        StringMatch { prefix: Some(String::new()), ..StringMatch::default() }.validate(
+            "u",
+            EmptyPrefix::Allowed,
+            &mut uri,
+        );
+        assert!(uri.is_empty(), "a URI's empty prefix matches every path");
         let both = StringMatch { exact: Some("a".into()), prefix: Some("b".into()), regex: None };
         assert_eq!(check(both).len(), 1);
         let bad = check(StringMatch { regex: Some("(unclosed".into()), ..StringMatch::default() });
         assert_eq!(bad[0].path, "m.regex");
         assert!(bad[0].reason.starts_with("invalid regular expression"), "{bad:?}");
-    }
-
-    #[test]
-    fn namespaced_hosts_take_the_gateway_forms() {
-        for value in ["*/httpbin.org", "./api.example", "istio-system/*", "*.example.com", "*"] {
-            assert_eq!(validate_namespaced_host(value), Ok(()), "{value}");
-        }
-        for value in ["Bad_NS/host.example", "ns/bad_host.example"] {
-            assert!(validate_namespaced_host(value).is_err(), "{value}");
-        }
     }
 }

@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     error::FieldError,
-    fields::{is_protocol, validate_namespaced_host, validate_port},
+    fields::{is_protocol, validate_port, PROTOCOLS},
+    names::{self, HostsOf},
+    service_entry::{is_http, is_tls},
 };
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -65,6 +67,9 @@ pub struct ServerTls {
     pub private_key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_certificates: Option<String>,
+    /// A certificate revocation list (not applied: refused where Istio refuses it, warned of elsewhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_crl: Option<String>,
     /// MUTUAL: a client certificate must carry one of these names (DNS or URI SANs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subject_alt_names: Vec<String>,
@@ -118,70 +123,164 @@ impl Gateway {
         let mut names = HashSet::new();
         for (i, server) in self.servers.iter().enumerate() {
             let path = format!("spec.servers[{i}]");
-            validate_port(server.port.number, &format!("{path}.port.number"), &mut errors);
-            if !is_protocol(&server.port.protocol) {
-                errors.push(FieldError::new(
-                    format!("{path}.port.protocol"),
-                    format!("unknown protocol '{}'", server.port.protocol),
-                ));
+            if server.hosts.is_empty() {
+                errors.push(FieldError::new(format!("{path}.hosts"), "at least one host is required"));
             }
-            if !server.port.name.is_empty() && !names.insert(server.port.name.as_str()) {
+            for (j, host) in server.hosts.iter().enumerate() {
+                if let Err(reason) = names::namespaced_host(host, HostsOf::Gateway) {
+                    errors.push(FieldError::new(format!("{path}.hosts[{j}]"), reason));
+                }
+            }
+            let port_valid = server.validate_port(&path, &mut errors);
+            if server.port.name.is_empty() && port_valid {
+                errors.push(FieldError::new(format!("{path}.port.name"), "a port name is required"));
+            } else if !names.insert(server.port.name.as_str()) {
                 errors.push(FieldError::new(
                     format!("{path}.port.name"),
                     format!("port name '{}' is used twice", server.port.name),
                 ));
             }
-            if server.hosts.is_empty() {
-                errors.push(FieldError::new(format!("{path}.hosts"), "at least one host is required"));
+            if let Some(tls) = &server.tls {
+                validate_tls(tls, &format!("{path}.tls"), &mut errors);
             }
-            for (j, host) in server.hosts.iter().enumerate() {
-                if let Err(reason) = validate_namespaced_host(host) {
-                    errors.push(FieldError::new(format!("{path}.hosts[{j}]"), reason));
+            if port_valid {
+                let protocol = server.port.protocol.as_str();
+                match &server.tls {
+                    None if is_tls(protocol) => errors.push(FieldError::new(
+                        format!("{path}.tls"),
+                        format!("a {} server needs tls settings", protocol.to_ascii_uppercase()),
+                    )),
+                    Some(tls)
+                        if !is_tls(protocol) && (is_http(protocol) || protocol.eq_ignore_ascii_case("HTTP_PROXY")) =>
+                    {
+                        let passthrough = matches!(tls.mode().as_str(), "PASSTHROUGH" | "AUTO_PASSTHROUGH");
+                        let files = tls.server_certificate.is_some()
+                            || tls.private_key.is_some()
+                            || tls.ca_certificates.is_some();
+                        if !passthrough || files {
+                            errors.push(FieldError::new(
+                                format!("{path}.tls"),
+                                "a plain-text HTTP server takes no TLS settings but httpsRedirect",
+                            ));
+                        }
+                    }
+                    Some(_) if !is_tls(protocol) => errors.push(FieldError::new(
+                        format!("{path}.tls"),
+                        format!("a {} server takes no TLS settings", protocol.to_ascii_uppercase()),
+                    )),
+                    _ => {}
                 }
-            }
-            let protocol = server.port.protocol.to_ascii_uppercase();
-            let redirect_only = server.tls.as_ref().is_some_and(|tls| tls.https_redirect == Some(true));
-            if (protocol == "HTTPS" || protocol == "TLS") && server.tls.is_none() {
-                errors.push(FieldError::new(format!("{path}.tls"), format!("a {protocol} server needs tls settings")));
-            }
-            if let Some(mode) = server.tls.as_ref().and_then(|tls| tls.mode.as_deref()) {
-                if !TLS_MODES.contains(&mode) && !redirect_only {
-                    errors.push(FieldError::new(format!("{path}.tls.mode"), format!("unknown TLS mode '{mode}'")));
-                }
-            }
-            if let Some(tls) = server.tls.as_ref().filter(|_| protocol == "HTTPS" || protocol == "TLS") {
-                validate_terminated(tls, &format!("{path}.tls"), &mut errors);
             }
         }
         errors
     }
 }
 
-/// Istio's checks of a terminating server's TLS settings: what it needs to present a certificate, and versions
-/// it knows.
-fn validate_terminated(tls: &ServerTls, path: &str, errors: &mut Vec<FieldError>) {
+impl Server {
+    /// Istio's checks of the port and bind; whether the port is sound enough to judge the TLS settings by.
+    fn validate_port(&self, path: &str, errors: &mut Vec<FieldError>) -> bool {
+        let port = &self.port;
+        if port.number == 0 && port.name.is_empty() && port.protocol.is_empty() {
+            errors.push(FieldError::new(format!("{path}.port"), "a port is required"));
+            return false;
+        }
+        let before = errors.len();
+        if port.protocol.is_empty() {
+            errors.push(FieldError::new(
+                format!("{path}.port.protocol"),
+                format!("a protocol is required ({PROTOCOLS})"),
+            ));
+        } else if !is_protocol(&port.protocol) {
+            errors.push(FieldError::new(
+                format!("{path}.port.protocol"),
+                format!("unknown protocol '{}' ({PROTOCOLS})", port.protocol),
+            ));
+        }
+        let bind = self.bind.as_deref().unwrap_or("");
+        if port.number > 0 || !bind.starts_with(UNIX) {
+            validate_port(port.number, &format!("{path}.port.number"), errors);
+        }
+        if port.target_port.is_some_and(|target| target > 0) {
+            errors.push(FieldError::new(format!("{path}.port.targetPort"), "targetPort has no effect on Gateways"));
+        }
+        let port_valid = errors.len() == before;
+        if let Some(socket) = bind.strip_prefix(UNIX) {
+            if !socket.starts_with('/') && !socket.starts_with('@') {
+                errors.push(FieldError::new(format!("{path}.bind"), format!("'{socket}' is not an absolute path")));
+            }
+            if port.number != 0 {
+                errors.push(FieldError::new(
+                    format!("{path}.port.number"),
+                    "a unix domain socket server's port must be 0",
+                ));
+            }
+        } else if !bind.is_empty() && !names::is_ip(bind) {
+            errors.push(FieldError::new(format!("{path}.bind"), format!("'{bind}' is not an IP address")));
+        }
+        port_valid
+    }
+}
+
+const UNIX: &str = "unix://";
+
+/// Istio's checks of a server's TLS settings: a mode and versions it knows, what each mode needs to present a
+/// certificate, and what ISTIO_MUTUAL (the mesh's own certificates) may not be given.
+fn validate_tls(tls: &ServerTls, path: &str, errors: &mut Vec<FieldError>) {
     let mode = tls.mode();
-    if matches!(mode.as_str(), "SIMPLE" | "MUTUAL" | "OPTIONAL_MUTUAL") && tls.credential_name.is_none() {
-        if tls.server_certificate.is_none() {
-            let reason = format!("{mode} needs serverCertificate and privateKey, or credentialName");
-            errors.push(FieldError::new(format!("{path}.serverCertificate"), reason));
-        }
-        if tls.private_key.is_none() {
-            let reason = format!("{mode} needs serverCertificate and privateKey, or credentialName");
-            errors.push(FieldError::new(format!("{path}.privateKey"), reason));
-        }
-        if mode != "SIMPLE" && tls.ca_certificates.is_none() {
-            let reason =
-                format!("{mode} needs caCertificates (the CAs clients' certificates chain to), or credentialName");
-            errors.push(FieldError::new(format!("{path}.caCertificates"), reason));
-        }
+    if !TLS_MODES.contains(&mode.as_str()) {
+        errors.push(FieldError::new(
+            format!("{path}.mode"),
+            format!("unknown TLS mode '{}' ({})", tls.mode.as_deref().unwrap_or(""), TLS_MODES.join(", ")),
+        ));
     }
     for (field, version) in
         [("minProtocolVersion", &tls.min_protocol_version), ("maxProtocolVersion", &tls.max_protocol_version)]
     {
         if let Some(version) = version.as_deref().filter(|version| !TLS_VERSIONS.contains(version)) {
-            errors.push(FieldError::new(format!("{path}.{field}"), format!("unknown TLS version '{version}'")));
+            errors.push(FieldError::new(
+                format!("{path}.{field}"),
+                format!("unknown TLS version '{version}' ({})", TLS_VERSIONS.join(", ")),
+            ));
         }
+    }
+    let set = [
+        ("serverCertificate", tls.server_certificate.is_some()),
+        ("privateKey", tls.private_key.is_some()),
+        ("caCertificates", tls.ca_certificates.is_some()),
+        ("credentialName", tls.credential_name.is_some()),
+    ];
+    if mode == "ISTIO_MUTUAL" {
+        for (field, _) in set.iter().filter(|(_, set)| *set) {
+            errors.push(FieldError::new(
+                format!("{path}.{field}"),
+                "ISTIO_MUTUAL uses the mesh's certificates: no serverCertificate, privateKey, caCertificates or credentialName",
+            ));
+        }
+        return;
+    }
+    if tls.ca_crl.is_some() {
+        if tls.credential_name.is_some() {
+            errors
+                .push(FieldError::new(format!("{path}.caCrl"), "with credentialName, the CRL comes in the credential"));
+        }
+        if mode == "SIMPLE" {
+            errors.push(FieldError::new(format!("{path}.caCrl"), "a CRL needs a mutual mode, not SIMPLE"));
+        }
+    }
+    if !matches!(mode.as_str(), "SIMPLE" | "MUTUAL" | "OPTIONAL_MUTUAL") || tls.credential_name.is_some() {
+        return;
+    }
+    let needs = |field: &str, what: &str| {
+        FieldError::new(format!("{path}.{field}"), format!("{mode} needs {what}, or credentialName"))
+    };
+    if tls.server_certificate.is_none() {
+        errors.push(needs("serverCertificate", "serverCertificate and privateKey"));
+    }
+    if tls.private_key.is_none() {
+        errors.push(needs("privateKey", "serverCertificate and privateKey"));
+    }
+    if mode != "SIMPLE" && tls.ca_certificates.is_none() {
+        errors.push(needs("caCertificates", "caCertificates (the CAs clients' certificates chain to)"));
     }
 }
 

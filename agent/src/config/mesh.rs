@@ -2,7 +2,15 @@
 //! the `exportTo` that ServiceEntries, VirtualServices and DestinationRules without one get, the root namespace,
 //! and `pathNormalization`.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
+
+use super::{
+    error::FieldError,
+    fields::{duration_problem, parse_duration, validate_port},
+    names,
+};
 
 /// Istio's `outboundTrafficPolicy.mode`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -34,6 +42,43 @@ pub struct MeshConfig {
     /// How request paths are normalized before they are matched and forwarded.
     #[serde(default)]
     pub path_normalization: Option<PathNormalizationConfig>,
+    // Read to be checked as Istio checks them: a mesh config Istio would refuse is refused here too.
+    #[serde(default)]
+    pub proxy_listen_port: Option<u32>,
+    #[serde(default)]
+    pub connect_timeout: Option<String>,
+    #[serde(default)]
+    pub protocol_detection_timeout: Option<String>,
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+    #[serde(default)]
+    pub trust_domain_aliases: Vec<String>,
+    #[serde(default)]
+    pub service_settings: Vec<ServiceSettings>,
+    #[serde(default, rename = "meshMTLS")]
+    pub mesh_mtls: Option<serde_json::Value>,
+    #[serde(default)]
+    pub access_log_encoding: Option<String>,
+    #[serde(default)]
+    pub default_config: Option<ProxyDefaults>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct ServiceSettings {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+}
+
+/// The parts of the mesh's `defaultConfig` (the proxies' defaults) Istio checks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyDefaults {
+    #[serde(default)]
+    pub drain_duration: Option<String>,
+    #[serde(default)]
+    pub proxy_admin_port: Option<u32>,
+    #[serde(default)]
+    pub status_port: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -60,8 +105,12 @@ pub enum PathNormalization {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct OutboundTrafficPolicy {
     pub mode: Option<OutboundTrafficMode>,
+    /// Where ALLOW_ANY traffic of a Sidecar goes, in place of its original destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_proxy: Option<super::fields::Destination>,
 }
 
 impl OutboundTrafficMode {
@@ -93,13 +142,97 @@ impl MeshConfig {
         self.root_namespace.as_deref().unwrap_or("istio-system")
     }
 
-    /// Parses the YAML held under the ConfigMap's `mesh` key.
-    pub fn from_mesh_yaml(text: &str) -> Result<MeshConfig, String> {
+    /// Parses the YAML held under the ConfigMap's `mesh` key; an error names its field under `data.mesh`.
+    pub fn from_mesh_yaml(text: &str) -> Result<MeshConfig, FieldError> {
         if text.trim().is_empty() {
             return Ok(MeshConfig::default());
         }
-        serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
+        serde_path_to_error::deserialize(serde_yaml_ng::Deserializer::from_str(text)).map_err(|e| {
+            let message = e.inner().to_string();
+            FieldError::from_serde("data.mesh", &e.path().to_string(), &message)
+        })
     }
+
+    /// Istio's checks of the mesh config's fields Sluice reads or a mesh commonly sets; `prefix` is where the
+    /// mesh config sits (`data.mesh` in the ConfigMap, `spec` in a MeshConfig resource).
+    pub fn validate(&self, prefix: &str) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        let at = |field: &str| format!("{prefix}.{field}");
+        if let Some(port) = self.proxy_listen_port {
+            validate_port(port, &at("proxyListenPort"), &mut errors);
+        }
+        if let Some(timeout) = &self.connect_timeout {
+            match duration_problem(timeout) {
+                Some(reason) => errors.push(FieldError::new(at("connectTimeout"), reason)),
+                None if parse_duration(timeout).is_ok_and(|d| d > Duration::from_secs(3600)) => errors
+                    .push(FieldError::new(at("connectTimeout"), format!("'{timeout}' is above 1h, the most allowed"))),
+                None => {}
+            }
+        }
+        if let Some(timeout) = &self.protocol_detection_timeout {
+            match parse_duration(timeout) {
+                Err(reason) => errors.push(FieldError::new(at("protocolDetectionTimeout"), reason)),
+                Ok(d) if d.subsec_nanos() % 1_000_000 != 0 => errors.push(FieldError::new(
+                    at("protocolDetectionTimeout"),
+                    format!("'{timeout}' is finer than a millisecond"),
+                )),
+                Ok(_) => {}
+            }
+        }
+        if let Some(domain) = &self.trust_domain {
+            if let Some(reason) = trust_domain_problem(domain) {
+                errors.push(FieldError::new(at("trustDomain"), reason));
+            }
+        }
+        for (i, alias) in self.trust_domain_aliases.iter().enumerate() {
+            if let Some(reason) = trust_domain_problem(alias) {
+                errors.push(FieldError::new(at(&format!("trustDomainAliases[{i}]")), reason));
+            }
+        }
+        for (i, settings) in self.service_settings.iter().enumerate() {
+            for (j, host) in settings.hosts.iter().enumerate() {
+                if let Err(reason) = names::wildcard_domain(host) {
+                    errors.push(FieldError::new(at(&format!("serviceSettings[{i}].hosts[{j}]")), reason));
+                }
+            }
+        }
+        if self.mesh_mtls.as_ref().is_some_and(|mtls| mtls.get("ecdhCurves").is_some()) {
+            errors.push(FieldError::new(at("meshMTLS.ecdhCurves"), "the mesh's mTLS takes no ECDH curves"));
+        }
+        if let Some(encoding) = self.access_log_encoding.as_deref().filter(|e| !matches!(*e, "TEXT" | "JSON")) {
+            errors.push(FieldError::new(at("accessLogEncoding"), format!("'{encoding}' is not TEXT or JSON")));
+        }
+        if let Some(defaults) = &self.default_config {
+            if let Some(drain) = &defaults.drain_duration {
+                let reason = duration_problem(drain).or_else(|| {
+                    (parse_duration(drain).is_ok_and(|d| d.subsec_nanos() != 0))
+                        .then(|| format!("'{drain}': a drain duration is in whole seconds"))
+                });
+                if let Some(reason) = reason {
+                    errors.push(FieldError::new(at("defaultConfig.drainDuration"), reason));
+                }
+            }
+            for (field, port) in [("proxyAdminPort", defaults.proxy_admin_port), ("statusPort", defaults.status_port)] {
+                if let Some(port) = port {
+                    validate_port(port, &at(&format!("defaultConfig.{field}")), &mut errors);
+                }
+            }
+        }
+        errors
+    }
+}
+
+/// A SPIFFE trust domain: DNS labels, one trailing dot allowed.
+fn trust_domain_problem(domain: &str) -> Option<String> {
+    if domain.is_empty() {
+        return Some("a trust domain may not be empty".into());
+    }
+    let labels: Vec<&str> = domain.split('.').collect();
+    let valid = labels
+        .iter()
+        .enumerate()
+        .all(|(i, label)| (i == labels.len() - 1 && label.is_empty()) || names::is_dns_label(label));
+    (!valid).then(|| format!("'{domain}' is not a trust domain (DNS labels, like cluster.local)"))
 }
 
 #[cfg(test)]
@@ -125,7 +258,37 @@ mod tests {
             (vec![".".to_owned()], vec!["*".to_owned()])
         );
         let error = MeshConfig::from_mesh_yaml("outboundTrafficPolicy:\n  mode: SOMETIMES\n").unwrap_err();
-        assert!(error.contains("SOMETIMES"), "{error}");
+        assert_eq!(error.path, "data.mesh.outboundTrafficPolicy.mode");
+        assert_eq!(error.reason, "'SOMETIMES' is not ALLOW_ANY or REGISTRY_ONLY");
+    }
+
+    #[test]
+    fn the_mesh_config_is_checked_as_istio_checks_it() {
+        let errors = |yaml: &str| -> Vec<String> {
+            let mesh = MeshConfig::from_mesh_yaml(yaml).unwrap();
+            mesh.validate("data.mesh").into_iter().map(|e| format!("{}: {}", e.path, e.reason)).collect()
+        };
+        let valid = "connectTimeout: 10s\nprotocolDetectionTimeout: 0s\ntrustDomain: cluster.local\n\
+                     serviceSettings: [{settings: {clusterLocal: true}, hosts: ['*.svc.cluster.local']}]\n\
+                     defaultConfig: {drainDuration: 45s, proxyAdminPort: 15000}\naccessLogEncoding: JSON\n";
+        assert_eq!(errors(valid), Vec::<String>::new());
+        for (yaml, expected) in [
+            ("connectTimeout: 0s\n", "data.mesh.connectTimeout: '0s' is below 1ms"),
+            ("connectTimeout: 2h\n", "data.mesh.connectTimeout: '2h' is above 1h"),
+            ("proxyListenPort: 70000\n", "data.mesh.proxyListenPort: 70000 is not a port"),
+            ("trustDomain: bad_domain\n", "data.mesh.trustDomain: 'bad_domain' is not a trust domain"),
+            ("trustDomainAliases: [ok.local, 'x y']\n", "data.mesh.trustDomainAliases[1]: 'x y' is not a trust domain"),
+            ("serviceSettings: [{hosts: ['bad_host.example']}]\n", "data.mesh.serviceSettings[0].hosts[0]: "),
+            ("accessLogEncoding: XML\n", "data.mesh.accessLogEncoding: 'XML' is not TEXT or JSON"),
+            (
+                "defaultConfig: {drainDuration: 1.5s}\n",
+                "data.mesh.defaultConfig.drainDuration: '1.5s': a drain duration is in whole seconds",
+            ),
+            ("meshMTLS: {ecdhCurves: [P-256]}\n", "data.mesh.meshMTLS.ecdhCurves: "),
+        ] {
+            let found = errors(yaml);
+            assert!(found.iter().any(|e| e.starts_with(expected)), "{yaml}: {found:?}");
+        }
     }
 
     #[test]

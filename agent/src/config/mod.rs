@@ -4,7 +4,10 @@ pub mod destination_rule;
 pub mod error;
 pub mod fields;
 pub mod gateway;
+pub mod http_headers;
 pub mod mesh;
+pub mod names;
+pub mod re2;
 pub mod resolver;
 pub mod resource;
 pub mod secrets;
@@ -37,7 +40,7 @@ impl Snapshot {
             let value: serde_json::Value = serde::Deserialize::deserialize(document).expect("valid YAML");
             match resource::Document::parse(value).expect("a readable document") {
                 resource::Document::Resource(resource) => snapshot.resources.push(std::sync::Arc::new(*resource)),
-                resource::Document::Mesh(mesh) => snapshot.mesh = mesh,
+                resource::Document::Mesh(mesh) => snapshot.mesh = *mesh,
                 resource::Document::Ignored(..) => {}
             }
         }

@@ -5,8 +5,14 @@ use std::{collections::BTreeMap, fmt};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    destination_rule::DestinationRule, error::FieldError, gateway::Gateway, mesh::MeshConfig,
-    service_entry::ServiceEntry, sidecar::Sidecar, virtual_service::VirtualService,
+    destination_rule::DestinationRule,
+    error::FieldError,
+    gateway::Gateway,
+    mesh::MeshConfig,
+    names::{self, ExportOf},
+    service_entry::ServiceEntry,
+    sidecar::Sidecar,
+    virtual_service::VirtualService,
 };
 
 const ISTIO_GROUP: &str = "networking.istio.io";
@@ -104,7 +110,7 @@ impl Resource {
 pub enum Document {
     Resource(Box<Resource>),
     /// The mesh config: the `istio` ConfigMap (key `mesh`), or a `MeshConfig` resource.
-    Mesh(MeshConfig),
+    Mesh(Box<MeshConfig>),
     /// Something Sluice does not read (a Deployment, an EnvoyFilter…): `apiVersion` and `kind`.
     Ignored(String, String),
 }
@@ -113,7 +119,7 @@ pub enum Document {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DocumentError {
     pub resource: Option<String>,
-    pub error: FieldError,
+    pub errors: Vec<FieldError>,
 }
 
 #[derive(Deserialize)]
@@ -135,17 +141,32 @@ impl Document {
     pub fn parse(value: serde_json::Value) -> Result<Document, DocumentError> {
         let envelope: Envelope = serde_path_to_error::deserialize(value).map_err(|e| DocumentError {
             resource: None,
-            error: FieldError::new(e.path().to_string(), e.inner().to_string()),
+            errors: vec![FieldError::from_serde("", &e.path().to_string(), &e.inner().to_string())],
         })?;
         let (group, version) = envelope.api_version.split_once('/').unwrap_or(("", envelope.api_version.as_str()));
         let id = format!("{} {}/{}", envelope.kind, envelope.metadata.namespace(), envelope.metadata.name);
         let fail = |path: &str, reason: String| DocumentError {
             resource: Some(id.clone()),
-            error: FieldError::new(path, reason),
+            errors: vec![FieldError::new(path, reason)],
+        };
+        let parse_failed = |e: serde_path_to_error::Error<serde_json::Error>| DocumentError {
+            resource: Some(id.clone()),
+            errors: vec![FieldError::from_serde("spec", &e.path().to_string(), &e.inner().to_string())],
+        };
+        let checked_mesh = |mesh: MeshConfig, prefix: &str| {
+            let errors = mesh.validate(prefix);
+            if errors.is_empty() {
+                Ok(Document::Mesh(Box::new(mesh)))
+            } else {
+                Err(DocumentError { resource: Some(id.clone()), errors })
+            }
         };
         if envelope.kind == "ConfigMap" && group.is_empty() && envelope.metadata.name == "istio" {
             let mesh = envelope.data.get("mesh").map(String::as_str).unwrap_or("");
-            return MeshConfig::from_mesh_yaml(mesh).map(Document::Mesh).map_err(|reason| fail("data.mesh", reason));
+            return match MeshConfig::from_mesh_yaml(mesh) {
+                Ok(mesh) => checked_mesh(mesh, "data.mesh"),
+                Err(error) => Err(DocumentError { resource: Some(id.clone()), errors: vec![error] }),
+            };
         }
         if group != ISTIO_GROUP {
             return Ok(Document::Ignored(envelope.api_version, envelope.kind));
@@ -158,9 +179,8 @@ impl Document {
         }
         if envelope.kind == "MeshConfig" {
             // Not an Istio kind, but how some guides write the mesh config down: read its spec as the mesh config.
-            return serde_path_to_error::deserialize(envelope.spec)
-                .map(Document::Mesh)
-                .map_err(|e| fail(&format!("spec.{}", e.path()), e.inner().to_string()));
+            let mesh = serde_path_to_error::deserialize(envelope.spec).map_err(parse_failed)?;
+            return checked_mesh(mesh, "spec");
         }
         let Some(kind) = Kind::from_name(&envelope.kind) else {
             return Ok(Document::Ignored(envelope.api_version, envelope.kind));
@@ -169,9 +189,7 @@ impl Document {
             return Err(fail("metadata.name", "a name is required".into()));
         }
         let spec = envelope.spec;
-        let typed = |e: serde_path_to_error::Error<serde_json::Error>| {
-            fail(&format!("spec.{}", e.path()), e.inner().to_string())
-        };
+        let typed = parse_failed;
         let spec = match kind {
             Kind::ServiceEntry => Spec::ServiceEntry(serde_path_to_error::deserialize(spec).map_err(typed)?),
             Kind::VirtualService => Spec::VirtualService(serde_path_to_error::deserialize(spec).map_err(typed)?),
@@ -186,12 +204,38 @@ impl Document {
 impl Resource {
     /// Every problem Istio's validation would report for this resource.
     pub fn validate(&self) -> Vec<FieldError> {
-        match &self.spec {
+        let namespace = self.metadata.namespace();
+        let mut errors = match &self.spec {
             Spec::ServiceEntry(spec) => spec.validate(),
             Spec::VirtualService(spec) => spec.validate(),
             Spec::Gateway(spec) => spec.validate(),
             Spec::DestinationRule(spec) => spec.validate(),
             Spec::Sidecar(spec) => spec.validate(),
+        };
+        let export_to = match &self.spec {
+            Spec::ServiceEntry(spec) => Some((&spec.export_to, ExportOf::ServiceEntry)),
+            Spec::VirtualService(spec) => Some((&spec.export_to, ExportOf::Other)),
+            Spec::DestinationRule(spec) => Some((&spec.export_to, ExportOf::Other)),
+            Spec::Gateway(_) | Spec::Sidecar(_) => None,
+        };
+        if let Some((export_to, of)) = export_to {
+            names::validate_export_to(namespace, export_to, of, "spec.exportTo", &mut errors);
         }
+        if let Spec::DestinationRule(rule) = &self.spec {
+            // A rule for some workloads only is the namespace's own.
+            if rule.workload_selector.is_some() && rule.export_to.iter().any(|e| e != "." && e != namespace) {
+                errors.push(FieldError::new(
+                    "spec.exportTo",
+                    "a DestinationRule with a workloadSelector may be exported only to its own namespace",
+                ));
+            }
+        }
+        if self.kind == Kind::Gateway && !names::is_dns_label(&self.metadata.name) {
+            errors.push(FieldError::new(
+                "metadata.name",
+                format!("'{}' is not a Gateway name (letters, digits and '-', no dots)", self.metadata.name),
+            ));
+        }
+        errors
     }
 }

@@ -9,7 +9,11 @@ use std::{
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::{error::FieldError, fields::port_problem};
+use super::{
+    error::FieldError,
+    fields::{is_protocol, port_problem, WorkloadSelector, PROTOCOLS},
+    names,
+};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -32,7 +36,7 @@ pub struct ServiceEntry {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subject_alt_names: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub workload_selector: Option<serde_json::Value>,
+    pub workload_selector: Option<WorkloadSelector>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -132,6 +136,16 @@ impl ServiceEntry {
     pub fn validate(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
         let mut fail = |path: String, reason: String| errors.push(FieldError::new(path, reason));
+        if let Some(selector) = &self.workload_selector {
+            let mut selector_errors = Vec::new();
+            names::validate_selector(&selector.labels, "spec.workloadSelector.labels", &mut selector_errors);
+            if !selector_errors.is_empty() {
+                return selector_errors;
+            }
+            if !self.endpoints.is_empty() {
+                fail("spec.endpoints".into(), "only one of workloadSelector or endpoints may be set".into());
+            }
+        }
         if self.hosts.is_empty() {
             fail("spec.hosts".into(), "at least one host is required".into());
         }
@@ -144,47 +158,38 @@ impl ServiceEntry {
         for (i, address) in self.addresses.iter().enumerate() {
             match parse_address(address) {
                 None => fail(format!("spec.addresses[{i}]"), format!("'{address}' is not an IP address or CIDR")),
-                Some(net) if net.prefix_len() < net.max_prefix_len() && is_dns(resolution) => fail(
+                Some(_) if address.contains('/') && is_dns(resolution) => fail(
                     format!("spec.addresses[{i}]"),
                     format!("CIDR '{address}' is only allowed with NONE or STATIC resolution"),
                 ),
                 Some(_) => {}
             }
         }
-        if self.ports.is_empty() && self.workload_selector.is_none() {
-            fail("spec.ports".into(), "at least one port is required".into());
-        }
-        let (mut numbers, mut names) = (HashSet::new(), HashSet::new());
+        let (mut numbers, mut port_names) = (HashSet::new(), HashSet::new());
         for (i, port) in self.ports.iter().enumerate() {
+            let path = format!("spec.ports[{i}]");
             if let Some(reason) = port_problem(port.number) {
-                fail(format!("spec.ports[{i}].number"), reason);
+                fail(format!("{path}.number"), reason);
             } else if !numbers.insert(port.number) {
-                fail(format!("spec.ports[{i}].number"), format!("port {} is declared twice", port.number));
+                fail(format!("{path}.number"), format!("port {} is declared twice", port.number));
             }
             if port.name.is_empty() {
-                fail(format!("spec.ports[{i}].name"), "a port name is required".into());
-            } else if !names.insert(port.name.as_str()) {
-                fail(format!("spec.ports[{i}].name"), format!("port name '{}' is used twice", port.name));
+                fail(format!("{path}.name"), "a port name is required".into());
+            } else if !names::is_dns_label(&port.name) {
+                fail(format!("{path}.name"), format!("'{}' is not a port name (letters, digits and '-')", port.name));
+            } else if !port_names.insert(port.name.as_str()) {
+                fail(format!("{path}.name"), format!("port name '{}' is used twice", port.name));
             }
-            match &port.protocol {
-                Some(protocol) if transport(protocol).is_none() => fail(
-                    format!("spec.ports[{i}].protocol"),
-                    format!(
-                        "unknown protocol '{protocol}' (HTTP, HTTPS, HTTP2, GRPC, GRPC-WEB, MONGO, MYSQL, REDIS, TCP, TLS, UDP or SCTP)"
-                    ),
-                ),
-                _ => {}
+            if let Some(protocol) = port.protocol.as_deref().filter(|p| !p.is_empty() && !is_protocol(p)) {
+                fail(format!("{path}.protocol"), format!("unknown protocol '{protocol}' ({PROTOCOLS})"));
             }
-            if let Some(reason) = port.target_port.and_then(port_problem) {
-                fail(format!("spec.ports[{i}].targetPort"), reason);
+            if let Some(reason) = port.target_port.filter(|target| *target != 0).and_then(port_problem) {
+                fail(format!("{path}.targetPort"), reason);
             }
         }
         match resolution {
             Resolution::None if !self.endpoints.is_empty() => {
                 fail("spec.endpoints".into(), "endpoints are not allowed with NONE resolution".into())
-            }
-            Resolution::Static if self.endpoints.is_empty() && self.workload_selector.is_none() => {
-                fail("spec.endpoints".into(), "STATIC resolution needs endpoints (or a workloadSelector)".into())
             }
             Resolution::Dns | Resolution::DnsRoundRobin if self.endpoints.is_empty() => {
                 for (i, host) in self.hosts.iter().enumerate() {
@@ -196,30 +201,72 @@ impl ServiceEntry {
                     }
                 }
             }
+            Resolution::DnsRoundRobin if self.endpoints.len() > 1 => fail(
+                "spec.endpoints".into(),
+                "DNS_ROUND_ROBIN takes at most one endpoint (resolved by DNS, in turn)".into(),
+            ),
             _ => {}
         }
-        for (i, endpoint) in self.endpoints.iter().enumerate() {
-            let path = format!("spec.endpoints[{i}]");
-            if endpoint.address.is_empty() {
-                fail(format!("{path}.address"), "an address is required".into());
-            } else if resolution == Resolution::Static
-                && endpoint.address.parse::<IpAddr>().is_err()
-                && !endpoint.address.starts_with("unix://")
-            {
+        if resolution != Resolution::None && self.hosts.len() > 1 {
+            let opaque = self.ports.iter().position(|port| {
+                let protocol = port.protocol.as_deref().unwrap_or("");
+                !is_http(protocol) && !protocol.eq_ignore_ascii_case("HTTP_PROXY") && !is_tls(protocol)
+            });
+            if let Some(i) = opaque {
                 fail(
-                    format!("{path}.address"),
-                    format!("'{}' is not an IP address (STATIC resolution needs addresses)", endpoint.address),
+                    format!("spec.ports[{i}].protocol"),
+                    "several hosts cannot be told apart on a port that is neither HTTP nor TLS (unless resolution is NONE)"
+                        .into(),
                 );
             }
+        }
+        let unix_ports_ok = self.ports.len() == 1;
+        let mut label_errors = Vec::new();
+        for (i, endpoint) in self.endpoints.iter().enumerate() {
+            let path = format!("spec.endpoints[{i}]");
+            let address = endpoint.address.as_str();
+            if address.is_empty() {
+                if endpoint.network.as_deref().unwrap_or("").is_empty() {
+                    fail(format!("{path}.address"), "an address is required".into());
+                }
+            } else if let Some(socket) = address.strip_prefix("unix://") {
+                if resolution == Resolution::Static {
+                    if !socket.starts_with('/') && !socket.starts_with('@') {
+                        fail(format!("{path}.address"), format!("'{socket}' is not an absolute path"));
+                    }
+                    if !endpoint.ports.is_empty() {
+                        fail(format!("{path}.ports"), "a unix domain socket endpoint takes no ports".into());
+                    }
+                    if !unix_ports_ok {
+                        fail(
+                            format!("{path}.address"),
+                            "a unix domain socket endpoint needs exactly one service port".into(),
+                        );
+                    }
+                } else {
+                    fail(format!("{path}.address"), format!("'{address}' is not a host name or IP address"));
+                }
+            } else if !names::is_ip(address) {
+                if resolution == Resolution::Static {
+                    fail(
+                        format!("{path}.address"),
+                        format!("'{address}' is not an IP address (STATIC resolution needs addresses)"),
+                    );
+                } else if names::fqdn(address).is_err() {
+                    fail(format!("{path}.address"), format!("'{address}' is not a host name or IP address"));
+                }
+            }
             for (name, number) in &endpoint.ports {
-                if !names.contains(name.as_str()) {
+                if !port_names.contains(name.as_str()) {
                     fail(format!("{path}.ports.{name}"), format!("no port of the ServiceEntry is named '{name}'"));
                 }
                 if let Some(reason) = port_problem(*number) {
                     fail(format!("{path}.ports.{name}"), reason);
                 }
             }
+            names::validate_labels(&endpoint.labels, &format!("{path}.labels"), &mut label_errors);
         }
+        errors.extend(label_errors);
         errors
     }
 }
@@ -236,33 +283,16 @@ pub fn parse_address(text: &str) -> Option<IpNet> {
     }
 }
 
-/// A ServiceEntry host: a DNS name, optionally with a leading `*.` wildcard (or `*` followed by a suffix, as
-/// Istio accepts); a lone `*` is not allowed. Short names are allowed (they are qualified by namespace).
+/// A ServiceEntry host: a DNS name, optionally with a leading wildcard label (Istio warns of `*foo.example`, and
+/// takes it); a lone `*` or an address is not one. Short names are allowed (they are qualified by namespace).
 pub fn validate_host(host: &str) -> Result<(), String> {
-    if host.is_empty() {
-        return Err("a host may not be empty".into());
-    }
     if host == "*" {
         return Err("'*' is not allowed as a ServiceEntry host".into());
     }
-    if host.parse::<IpAddr>().is_ok() {
+    if names::is_ip(host) {
         return Err(format!("'{host}' is an IP address; hosts are names (put addresses in spec.addresses)"));
     }
-    let name = host.strip_prefix("*.").or_else(|| host.strip_prefix('*')).unwrap_or(host);
-    if host.len() > 255 {
-        return Err(format!("'{host}' is longer than 255 characters"));
-    }
-    for label in name.split('.') {
-        let valid = !label.is_empty()
-            && label.len() <= 63
-            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-            && !label.starts_with('-')
-            && !label.ends_with('-');
-        if !valid {
-            return Err(format!("'{host}' is not a valid DNS name (label '{label}')"));
-        }
-    }
-    Ok(())
+    names::wildcard_domain(host)
 }
 
 #[cfg(test)]
@@ -300,6 +330,10 @@ mod tests {
             "hosts: [db.example]\nports: [{number: 5432, name: tcp, protocol: TCP}]\nresolution: STATIC\nendpoints: [{address: 203.0.113.5, ports: {tcp: 15432}}]",
             "hosts: ['*.example.com']\nports: [{number: 443, name: https, protocol: HTTPS}]\nresolution: NONE",
             "hosts: ['*.example.com']\nports: [{number: 443, name: https}]\nresolution: DNS\nendpoints: [{address: proxy.example}]",
+            // What Istio takes though a stricter reader might not: no ports, STATIC without endpoints, a trailing
+            // dot, a port name in capitals, HTTP_PROXY.
+            "hosts: [api.example.com.]\nresolution: STATIC",
+            "hosts: [a.example]\nports: [{number: 3128, name: Proxy, protocol: HTTP_PROXY}]",
         ];
         for yaml in cases {
             assert_eq!(entry(yaml).validate(), vec![], "{yaml}");
@@ -311,7 +345,6 @@ mod tests {
         let cases = [
             ("ports: [{number: 80, name: http}]", "spec.hosts", "at least one host"),
             ("hosts: ['*']\nports: [{number: 80, name: http}]", "spec.hosts[0]", "not allowed"),
-            ("hosts: [a.example]", "spec.ports", "at least one port"),
             ("hosts: [a.example]\nports: [{number: 0, name: x}]", "spec.ports[0].number", "not a port"),
             ("hosts: [a.example]\nports: [{number: 70000, name: x}]", "spec.ports[0].number", "not a port"),
             (
@@ -333,7 +366,23 @@ mod tests {
                 "spec.hosts[0]",
                 "needs endpoints",
             ),
-            ("hosts: [a.example]\nports: [{number: 80, name: a}]\nresolution: STATIC", "spec.endpoints", "needs endpoints"),
+            ("hosts: [a.example]\nports: [{number: 80, name: a_b}]", "spec.ports[0].name", "not a port name"),
+            ("hosts: [a.example]\nports: [{number: 80, name: a, protocol: SCTP}]", "spec.ports[0].protocol", "unknown protocol"),
+            (
+                "hosts: [a.example, b.example]\nports: [{number: 5432, name: a, protocol: TCP}]\nresolution: DNS",
+                "spec.ports[0].protocol",
+                "cannot be told apart",
+            ),
+            (
+                "hosts: [a.example]\nports: [{number: 80, name: a}]\nresolution: DNS_ROUND_ROBIN\nendpoints: [{address: a.example}, {address: b.example}]",
+                "spec.endpoints",
+                "at most one endpoint",
+            ),
+            (
+                "hosts: [a.example]\nworkloadSelector: {labels: {app: a}}\nports: [{number: 80, name: a}]\nresolution: STATIC\nendpoints: [{address: 10.0.0.1}]",
+                "spec.endpoints",
+                "only one of workloadSelector or endpoints",
+            ),
             (
                 "hosts: [a.example]\nports: [{number: 80, name: a}]\nresolution: NONE\nendpoints: [{address: 10.0.0.1}]",
                 "spec.endpoints",

@@ -22,7 +22,10 @@ impl RegexCache {
         if let Some(compiled) = self.compiled.get(pattern) {
             return compiled.clone();
         }
-        let compiled = Regex::new(pattern).ok().map(Arc::new);
+        // Written in RE2's syntax (as Envoy reads it), compiled in the `regex` crate's.
+        let translated = crate::config::re2::translate(pattern);
+        let compiled =
+            regex::RegexBuilder::new(&translated).nest_limit(crate::config::re2::NEST_LIMIT).build().ok().map(Arc::new);
         self.compiled.insert(pattern.to_owned(), compiled.clone());
         compiled
     }
@@ -34,10 +37,12 @@ pub enum Matcher {
     Exact(String),
     Prefix(String),
     Regex(Arc<Regex>),
+    /// A match that sets no form: any value (for a header or query parameter, its presence), as Istio reads it.
+    Any,
 }
 
 impl Matcher {
-    /// `None` when the match is empty or its regex does not compile (validation rejects both first).
+    /// `None` when its regex does not compile (validation rejects that first).
     pub fn compile(value: &StringMatch, ignore_case: bool, regexes: &mut RegexCache) -> Option<Matcher> {
         let fold = |text: &str| if ignore_case { text.to_ascii_lowercase() } else { text.to_owned() };
         if let Some(exact) = &value.exact {
@@ -45,7 +50,9 @@ impl Matcher {
         } else if let Some(prefix) = &value.prefix {
             Some(Matcher::Prefix(fold(prefix)))
         } else {
-            let pattern = value.regex.as_deref()?;
+            let Some(pattern) = value.regex.as_deref() else {
+                return Some(Matcher::Any);
+            };
             let flags = if ignore_case { "(?i)" } else { "" };
             regexes.get(&format!("{flags}^(?:{pattern})$")).map(Matcher::Regex)
         }
@@ -61,6 +68,7 @@ impl Matcher {
             }
             Matcher::Prefix(prefix) => text.starts_with(prefix.as_str()),
             Matcher::Regex(regex) => regex.is_match(text),
+            Matcher::Any => true,
         }
     }
 }
@@ -146,7 +154,12 @@ impl RequestMatch {
         for (map, without) in [(&m.headers, false), (&m.without_headers, true)] {
             for (name, value) in map {
                 let name = http::HeaderName::from_bytes(name.as_bytes()).ok();
-                let matcher = Matcher::compile(value, false, regexes);
+                // `withoutHeaders: {x: {regex: "*"}}` is Istio's "x is absent", not a regex.
+                let matcher = if without && value.regex.as_deref() == Some("*") {
+                    Some(Matcher::Any)
+                } else {
+                    Matcher::compile(value, false, regexes)
+                };
                 add(name.zip(matcher).map(|(name, matcher)| {
                     if without {
                         Condition::WithoutHeader(name, matcher)

@@ -83,12 +83,10 @@ impl SidecarModes {
         let mut namespaces: HashMap<String, Vec<Scoped>> = HashMap::new();
         for resource in &snapshot.resources {
             let Spec::Sidecar(sidecar) = &resource.spec else { continue };
-            let selector = sidecar.workload_selector.as_ref().map(|selector| {
-                let labels = selector.get("labels").and_then(|labels| labels.as_object());
-                let text =
-                    |(key, value): (&String, &serde_json::Value)| Some((key.clone(), value.as_str()?.to_owned()));
-                labels.into_iter().flatten().filter_map(text).collect()
-            });
+            let selector = sidecar
+                .workload_selector
+                .as_ref()
+                .map(|selector| selector.labels.iter().map(|(key, value)| (key.clone(), value.clone())).collect());
             let mode = sidecar.outbound_traffic_policy.as_ref().and_then(|policy| policy.mode).map(|mode| match mode {
                 OutboundTrafficMode::RegistryOnly => OutboundMode::RegistryOnly,
                 OutboundTrafficMode::AllowAny => OutboundMode::AllowAny,

@@ -75,7 +75,7 @@ fn read_file(file: &Path, loaded: &mut Loaded) {
     if file.extension().is_some_and(|ext| ext == "json") {
         add(serde_json::from_str(&text).map_err(|e| e.to_string()));
     } else {
-        yaml_documents(&text, add);
+        super::yaml::documents(&text, add);
     }
 }
 
@@ -84,14 +84,14 @@ impl Loaded {
     pub fn add(&mut self, source: &str, value: serde_json::Value) {
         match Document::parse(value) {
             Ok(Document::Resource(resource)) => accept(*resource, source, self),
-            Ok(Document::Mesh(mesh)) => self.snapshot.mesh = merge_mesh(&self.snapshot.mesh, mesh),
+            Ok(Document::Mesh(mesh)) => self.snapshot.mesh = merge_mesh(&self.snapshot.mesh, *mesh),
             Ok(Document::Ignored(api_version, kind)) => self.ignored.push(format!("{source}: {api_version}/{kind}")),
-            Err(error) => self.errors.push(ConfigError {
+            Err(error) => self.errors.extend(error.errors.into_iter().map(|field| ConfigError {
                 source: source.to_owned(),
-                resource: error.resource,
-                path: error.error.path,
-                reason: error.error.reason,
-            }),
+                resource: error.resource.clone(),
+                path: field.path,
+                reason: field.reason,
+            })),
         }
     }
 
@@ -102,21 +102,6 @@ impl Loaded {
         self.errors.extend(other.errors);
         self.ignored.extend(other.ignored);
         self.snapshot.mesh = merge_mesh(&self.snapshot.mesh, other.snapshot.mesh);
-    }
-}
-
-/// Each document of a YAML stream, to `add` as it is read (one document's value at a time: a file's documents
-/// as values take several times the memory of what is kept of them); a syntax error ends the stream (the parser
-/// cannot resume after one).
-fn yaml_documents(text: &str, mut add: impl FnMut(Result<serde_json::Value, String>)) {
-    for document in serde_yaml_ng::Deserializer::from_str(text) {
-        match serde::Deserialize::deserialize(document) {
-            Ok(value) => add(Ok(value)),
-            Err(error) => {
-                let error: serde_yaml_ng::Error = error;
-                return add(Err(error.to_string()));
-            }
-        }
     }
 }
 

@@ -154,13 +154,14 @@ pub(super) fn virtual_host(snapshot: &Snapshot, indexes: &[usize], interner: &mu
     let mut routes = Vec::new();
     for resource in bindings::services(snapshot, indexes) {
         let Spec::VirtualService(service) = &resource.spec else { continue };
-        let names = if service.http.iter().any(|route| route.name.is_some()) {
-            service.http.iter().map(|route| route.name.as_deref().map(Arc::from)).collect()
+        let http = super::delegation::expanded(snapshot, resource.metadata.namespace(), service);
+        let names = if http.iter().any(|route| route.name.is_some()) {
+            http.iter().map(|route| route.name.as_deref().map(Arc::from)).collect()
         } else {
             Box::default()
         };
         let scope = route_scope(snapshot, resource, service, names, interner);
-        for (i, route) in service.http.iter().enumerate() {
+        for (i, route) in http.iter().enumerate() {
             let index = u32::try_from(i).unwrap_or(u32::MAX);
             routes.push(compile_route(route, &scope, index, interner));
         }

@@ -4,6 +4,7 @@
 
 mod by_address;
 mod compile;
+mod delegation;
 mod interner;
 mod l4_routes;
 mod registry;
