@@ -1,7 +1,9 @@
-//! TLS for the tests: certificates for TLS peers, made with openssl as an operator would, and ClientHellos as a
-//! client sends them, for tests that split or break them.
+//! TLS for the tests: certificates for TLS peers, made with openssl as an operator would, ClientHellos as a
+//! client sends them (for tests that split or break them), nginx serving TLS, and curl as a TLS client.
 
-use std::{path::Path, sync::Arc};
+use std::{net::SocketAddr, path::Path, sync::Arc};
+
+use crate::{peers::Nginx, topology::addr, Topology};
 
 /// A CA and a certificate it signs for `names` (the first is its common name), made with openssl in `dir`:
 /// (ca.pem, cert.pem, key.pem).
@@ -76,4 +78,57 @@ pub fn client_hello(name: &str) -> Vec<u8> {
         client.write_tls(&mut bytes).expect("writes to memory");
     }
     bytes
+}
+
+/// nginx serving TLS on `listen` for every name the certificate holds, answering with the name the client sent,
+/// and counting the connections it accepts on a plain port (`stub_status` on 127.0.0.1:8080).
+pub fn tls_server(topology: &Topology, listen: &[SocketAddr], cert: &str, key: &str) -> Nginx {
+    tls_server_answering(topology, listen, (cert, key), "sni=$ssl_server_name")
+}
+
+/// As `tls_server`, answering `body` (nginx variables expanded).
+pub fn tls_server_answering(
+    topology: &Topology,
+    listen: &[SocketAddr],
+    (cert, key): (&str, &str),
+    body: &str,
+) -> Nginx {
+    let servers: String = listen
+        .iter()
+        .map(|listen| {
+            format!(
+                "server {{\n    listen {listen} ssl;\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    \
+                 location / {{ default_type text/plain; return 200 \"{body}\\n\"; }}\n  }}\n"
+            )
+        })
+        .collect();
+    let status = "server {\n    listen 127.0.0.1:8080;\n    location / { stub_status; }\n  }\n";
+    let mut listening = listen.to_vec();
+    listening.push(addr("127.0.0.1", 8080));
+    Nginx::start_with(&topology.internet, &(servers + status), &listening).unwrap()
+}
+
+/// The connections nginx has accepted so far (its TLS ports' and the status port's own).
+pub fn accepted(topology: &Topology) -> u64 {
+    let output = topology.internet.command("curl").args(["-sS", "http://127.0.0.1:8080/"]).output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    // "server accepts handled requests\n N N N"
+    let counts = text.lines().nth(2).unwrap_or_default().split_whitespace().next().unwrap_or_default().to_owned();
+    counts.parse().unwrap_or_else(|_| panic!("stub_status: {text}"))
+}
+
+/// `curl https://name/` from the workload, `name` resolved to `address`, trusting `ca`: the body, or the error.
+pub fn https(topology: &Topology, name: &str, address: &str, ca: &str) -> Result<String, String> {
+    let output = topology
+        .workload
+        .command("curl")
+        .args(["-sS", "--max-time", "5", "--cacert", ca, "--resolve", &format!("{name}:443:{address}")])
+        .arg(format!("https://{name}/"))
+        .output()
+        .unwrap();
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
 }

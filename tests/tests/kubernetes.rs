@@ -15,6 +15,7 @@ use std::{
 
 use serde_json::{json, Value};
 use sluice_tests::{
+    metrics::total,
     peers::{curl, Nginx},
     require_root,
     tls::certificates,
@@ -166,6 +167,23 @@ fn cluster() -> BTreeMap<String, Value> {
                      "spec": {"containers": [{"name": "web", "image": "web"}]},
                      "status": {"phase": "Running", "podIP": WORKLOAD_ADDR, "podIPs": [{"ip": WORKLOAD_ADDR}]}});
     lists.insert("/api/v1/pods".into(), list("v1", "Pod", vec![pod]));
+    // The `legacy` namespace's AuthorizationPolicies for its web workload: one enforced, one on trial (dry run).
+    let policy = |name: &str, path: &str, annotations: Value| {
+        json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+               "metadata": {"name": name, "namespace": "legacy", "resourceVersion": "1", "uid": name, "annotations": annotations},
+               "spec": {"selector": {"matchLabels": {"app": "web"}}, "action": "DENY",
+                        "rules": [{"to": [{"operation": {"paths": [path]}}]}]}})
+    };
+    let policies = vec![
+        policy("no-forbidden", "/forbidden", json!({})),
+        policy(
+            "trial",
+            "/trial",
+            json!({"istio.io/dry-run": "true", "kubectl.kubernetes.io/last-applied-configuration": "{}"}),
+        ),
+    ];
+    let authorization = "/apis/security.istio.io/v1/authorizationpolicies";
+    lists.insert(authorization.into(), list("security.istio.io/v1", "AuthorizationPolicy", policies));
     lists
 }
 
@@ -211,6 +229,19 @@ fn a_pods_own_sidecar_mode_applies_to_its_traffic_in_the_proxy_and_in_the_kernel
         line.contains("source_workload=\"web\"") && line.contains("source_workload_namespace=\"legacy\""),
         "{line}"
     );
+
+    // The namespace's AuthorizationPolicies select the pod by its labels: one denies, the dry run only counts.
+    let get = |path: &str| {
+        let url = format!("http://edition.cnn.com:80{path}");
+        let args = ["-w", "\n%{http_code}", "--interface", WORKLOAD_ADDR, "--resolve", &resolve, &url];
+        curl(&topology.workload, &args).unwrap()
+    };
+    assert_eq!(get("/forbidden"), "RBAC: access denied\n403", "{}", agent.log());
+    assert!(get("/trial").ends_with("\n200"));
+    let metrics = agent.metrics().unwrap();
+    let count = |labels: &[(&str, &str)]| total(&metrics, "sluice_authorization_decisions_total", labels);
+    assert_eq!(count(&[("policy", "legacy/no-forbidden"), ("result", "denied")]), 1, "{metrics}");
+    assert_eq!(count(&[("policy", "legacy/trial"), ("result", "dry_run_denied")]), 1, "{metrics}");
 }
 
 #[test]

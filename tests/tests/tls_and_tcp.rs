@@ -17,7 +17,7 @@ use sluice_tests::{
     metrics::total,
     peers::{Dnsmasq, Nginx, Postgres},
     require_root,
-    tls::{certificates, client_hello},
+    tls::{accepted, certificates, client_hello, https, tls_server, tls_server_answering},
     topology::{addr, GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A, SERVER_B},
     Agent, Topology,
 };
@@ -41,54 +41,6 @@ spec:
   location: MESH_EXTERNAL
   resolution: NONE
 ";
-
-/// nginx serving TLS on `listen` for every name the certificate holds, answering with the name the client sent,
-/// and counting the connections it accepts on a plain port (`stub_status` on 127.0.0.1:8080).
-fn tls_server(topology: &Topology, listen: &[SocketAddr], cert: &str, key: &str) -> Nginx {
-    tls_server_answering(topology, listen, (cert, key), "sni=$ssl_server_name")
-}
-
-/// As `tls_server`, answering `body` (nginx variables expanded).
-fn tls_server_answering(topology: &Topology, listen: &[SocketAddr], (cert, key): (&str, &str), body: &str) -> Nginx {
-    let servers: String = listen
-        .iter()
-        .map(|listen| {
-            format!(
-                "server {{\n    listen {listen} ssl;\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    \
-                 location / {{ default_type text/plain; return 200 \"{body}\\n\"; }}\n  }}\n"
-            )
-        })
-        .collect();
-    let status = "server {\n    listen 127.0.0.1:8080;\n    location / { stub_status; }\n  }\n";
-    let mut listening = listen.to_vec();
-    listening.push(addr("127.0.0.1", 8080));
-    Nginx::start_with(&topology.internet, &(servers + status), &listening).unwrap()
-}
-
-/// The connections nginx has accepted so far (its TLS ports' and the status port's own).
-fn accepted(topology: &Topology) -> u64 {
-    let output = topology.internet.command("curl").args(["-sS", "http://127.0.0.1:8080/"]).output().unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
-    // "server accepts handled requests\n N N N"
-    let counts = text.lines().nth(2).unwrap_or_default().split_whitespace().next().unwrap_or_default().to_owned();
-    counts.parse().unwrap_or_else(|_| panic!("stub_status: {text}"))
-}
-
-/// `curl https://name/` from the workload, `name` resolved to `address`, trusting `ca`: the body, or the error.
-fn https(topology: &Topology, name: &str, address: &str, ca: &str) -> Result<String, String> {
-    let output = topology
-        .workload
-        .command("curl")
-        .args(["-sS", "--max-time", "5", "--cacert", ca, "--resolve", &format!("{name}:443:{address}")])
-        .arg(format!("https://{name}/"))
-        .output()
-        .unwrap();
-    if output.status.success() {
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&output.stderr).into_owned())
-    }
-}
 
 /// Sends `pieces` from the workload to `dst`, each in a segment of its own, and reads what comes back within a
 /// second: the bytes, and whether the connection was closed (or reset).

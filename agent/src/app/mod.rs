@@ -126,6 +126,7 @@ impl App {
                 secrets: None,
                 istio_certs: Some(settings.istio_certs_dir.clone()),
             },
+            gateway_labels: settings.gateway_labels.clone(),
         };
         // With --kube, credentialNames are the Secrets of the gateway's namespace, as Istio reads them.
         let secrets = match (settings.kube, &settings.gateway_namespace) {

@@ -1,5 +1,6 @@
 //! Istio configuration: the resources Sluice reads, how they are checked, and where they come from.
 
+pub mod authorization_policy;
 pub mod destination_rule;
 pub mod error;
 pub mod fields;

@@ -5,6 +5,7 @@ use std::{collections::BTreeMap, fmt};
 use serde::{Deserialize, Serialize};
 
 use super::{
+    authorization_policy::{AuthorizationPolicy, DRY_RUN},
     destination_rule::DestinationRule,
     error::FieldError,
     gateway::Gateway,
@@ -17,6 +18,8 @@ use super::{
 
 const ISTIO_GROUP: &str = "networking.istio.io";
 const ISTIO_VERSIONS: [&str; 3] = ["v1alpha3", "v1beta1", "v1"];
+const SECURITY_GROUP: &str = "security.istio.io";
+const SECURITY_VERSIONS: [&str; 2] = ["v1beta1", "v1"];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
 pub enum Kind {
@@ -25,11 +28,18 @@ pub enum Kind {
     Gateway,
     DestinationRule,
     Sidecar,
+    AuthorizationPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] =
-        [Kind::ServiceEntry, Kind::VirtualService, Kind::Gateway, Kind::DestinationRule, Kind::Sidecar];
+    pub const ALL: [Kind; 6] = [
+        Kind::ServiceEntry,
+        Kind::VirtualService,
+        Kind::Gateway,
+        Kind::DestinationRule,
+        Kind::Sidecar,
+        Kind::AuthorizationPolicy,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -38,6 +48,15 @@ impl Kind {
             Kind::Gateway => "Gateway",
             Kind::DestinationRule => "DestinationRule",
             Kind::Sidecar => "Sidecar",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+        }
+    }
+
+    /// The API group the kind belongs to.
+    pub fn group(self) -> &'static str {
+        match self {
+            Kind::AuthorizationPolicy => SECURITY_GROUP,
+            _ => ISTIO_GROUP,
         }
     }
 
@@ -77,6 +96,7 @@ pub enum Spec {
     Gateway(Box<Gateway>),
     DestinationRule(Box<DestinationRule>),
     Sidecar(Box<Sidecar>),
+    AuthorizationPolicy(Box<AuthorizationPolicy>),
 }
 
 impl Serialize for Spec {
@@ -87,6 +107,7 @@ impl Serialize for Spec {
             Spec::Gateway(spec) => spec.serialize(serializer),
             Spec::DestinationRule(spec) => spec.serialize(serializer),
             Spec::Sidecar(spec) => spec.serialize(serializer),
+            Spec::AuthorizationPolicy(spec) => spec.serialize(serializer),
         }
     }
 }
@@ -130,11 +151,21 @@ struct Envelope {
     #[serde(default)]
     kind: String,
     #[serde(default)]
-    metadata: Metadata,
+    metadata: EnvelopeMetadata,
     #[serde(default)]
     spec: serde_json::Value,
     #[serde(default)]
     data: BTreeMap<String, String>,
+}
+
+/// A document's metadata as written: the resource keeps its name, namespace and labels; of the annotations only
+/// what Sluice reads is taken (the dry-run one, into an AuthorizationPolicy's spec).
+#[derive(Default, Deserialize)]
+struct EnvelopeMetadata {
+    #[serde(flatten)]
+    kept: Metadata,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
 }
 
 impl Document {
@@ -144,7 +175,7 @@ impl Document {
             errors: vec![FieldError::from_serde("", &e.path().to_string(), &e.inner().to_string())],
         })?;
         let (group, version) = envelope.api_version.split_once('/').unwrap_or(("", envelope.api_version.as_str()));
-        let id = format!("{} {}/{}", envelope.kind, envelope.metadata.namespace(), envelope.metadata.name);
+        let id = format!("{} {}/{}", envelope.kind, envelope.metadata.kept.namespace(), envelope.metadata.kept.name);
         let fail = |path: &str, reason: String| DocumentError {
             resource: Some(id.clone()),
             errors: vec![FieldError::new(path, reason)],
@@ -161,21 +192,22 @@ impl Document {
                 Err(DocumentError { resource: Some(id.clone()), errors })
             }
         };
-        if envelope.kind == "ConfigMap" && group.is_empty() && envelope.metadata.name == "istio" {
+        if envelope.kind == "ConfigMap" && group.is_empty() && envelope.metadata.kept.name == "istio" {
             let mesh = envelope.data.get("mesh").map(String::as_str).unwrap_or("");
             return match MeshConfig::from_mesh_yaml(mesh) {
                 Ok(mesh) => checked_mesh(mesh, "data.mesh"),
                 Err(error) => Err(DocumentError { resource: Some(id.clone()), errors: vec![error] }),
             };
         }
-        if group != ISTIO_GROUP {
-            return Ok(Document::Ignored(envelope.api_version, envelope.kind));
-        }
-        if !ISTIO_VERSIONS.contains(&version) {
-            return Err(fail(
-                "apiVersion",
-                format!("unknown version '{version}' of {ISTIO_GROUP} (v1alpha3, v1beta1 or v1)"),
-            ));
+        let versions: &[&str] = match group {
+            ISTIO_GROUP => &ISTIO_VERSIONS,
+            SECURITY_GROUP if envelope.kind == "AuthorizationPolicy" => &SECURITY_VERSIONS,
+            _ => return Ok(Document::Ignored(envelope.api_version, envelope.kind)),
+        };
+        if !versions.contains(&version) {
+            let (last, others) = versions.split_last().unwrap_or((&"", &[]));
+            let known = if others.is_empty() { (*last).to_owned() } else { format!("{} or {last}", others.join(", ")) };
+            return Err(fail("apiVersion", format!("unknown version '{version}' of {group} ({known})")));
         }
         if envelope.kind == "MeshConfig" {
             // Not an Istio kind, but how some guides write the mesh config down: read its spec as the mesh config.
@@ -185,7 +217,7 @@ impl Document {
         let Some(kind) = Kind::from_name(&envelope.kind) else {
             return Ok(Document::Ignored(envelope.api_version, envelope.kind));
         };
-        if envelope.metadata.name.is_empty() {
+        if envelope.metadata.kept.name.is_empty() {
             return Err(fail("metadata.name", "a name is required".into()));
         }
         let spec = envelope.spec;
@@ -196,8 +228,13 @@ impl Document {
             Kind::Gateway => Spec::Gateway(serde_path_to_error::deserialize(spec).map_err(typed)?),
             Kind::DestinationRule => Spec::DestinationRule(serde_path_to_error::deserialize(spec).map_err(typed)?),
             Kind::Sidecar => Spec::Sidecar(serde_path_to_error::deserialize(spec).map_err(typed)?),
+            Kind::AuthorizationPolicy => {
+                let mut policy: Box<AuthorizationPolicy> = serde_path_to_error::deserialize(spec).map_err(typed)?;
+                policy.dry_run = envelope.metadata.annotations.get(DRY_RUN).cloned();
+                Spec::AuthorizationPolicy(policy)
+            }
         };
-        Ok(Document::Resource(Box::new(Resource { kind, metadata: envelope.metadata, spec })))
+        Ok(Document::Resource(Box::new(Resource { kind, metadata: envelope.metadata.kept, spec })))
     }
 }
 
@@ -211,12 +248,13 @@ impl Resource {
             Spec::Gateway(spec) => spec.validate(),
             Spec::DestinationRule(spec) => spec.validate(),
             Spec::Sidecar(spec) => spec.validate(),
+            Spec::AuthorizationPolicy(spec) => spec.validate(),
         };
         let export_to = match &self.spec {
             Spec::ServiceEntry(spec) => Some((&spec.export_to, ExportOf::ServiceEntry)),
             Spec::VirtualService(spec) => Some((&spec.export_to, ExportOf::Other)),
             Spec::DestinationRule(spec) => Some((&spec.export_to, ExportOf::Other)),
-            Spec::Gateway(_) | Spec::Sidecar(_) => None,
+            Spec::Gateway(_) | Spec::Sidecar(_) | Spec::AuthorizationPolicy(_) => None,
         };
         if let Some((export_to, of)) = export_to {
             names::validate_export_to(namespace, export_to, of, "spec.exportTo", &mut errors);

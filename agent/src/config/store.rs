@@ -119,6 +119,7 @@ fn read(text: &str) -> serde_json::Result<Resource> {
         Kind::Gateway => typed(json, Spec::Gateway),
         Kind::DestinationRule => typed(json, Spec::DestinationRule),
         Kind::Sidecar => typed(json, Spec::Sidecar),
+        Kind::AuthorizationPolicy => typed(json, Spec::AuthorizationPolicy),
     }?;
     Ok(Resource { kind: line.kind, metadata, spec })
 }
@@ -149,6 +150,20 @@ impl Store {
             }
         }
         let mut outcome = Outcome::default();
+        // A rejected AuthorizationPolicy without a last good version is stood in for by a deny-all (below, the
+        // last good one replaces it if there is one).
+        for (source, stand_in) in &loaded.stand_ins {
+            let id = stand_in.id();
+            if !next.contains_key(&id) && !self.holds(&id) {
+                if let Ok(line) = line(&id, source, stand_in) {
+                    tracing::warn!(
+                        resource = id,
+                        "rejected, with no last good version: it denies what it would have governed until it is fixed"
+                    );
+                    next.insert(id, line);
+                }
+            }
+        }
         if !rejected.is_empty() || !unreadable.is_empty() {
             for text in self.resources.lines() {
                 let Ok(line) = serde_json::from_str::<Line<&RawValue>>(&text) else { continue };
@@ -170,6 +185,13 @@ impl Store {
             self.mesh = loaded.snapshot.mesh.clone();
         }
         outcome
+    }
+
+    /// Whether a resource of this id is in force.
+    fn holds(&self, id: &str) -> bool {
+        self.resources
+            .lines()
+            .any(|text| serde_json::from_str::<Line<&RawValue>>(&text).is_ok_and(|line| line.id == id))
     }
 
     /// The resources in force, typed, with the mesh config: what a policy is compiled from.
@@ -242,6 +264,38 @@ mod tests {
         for ((id, resource), held) in read.iter().zip(&held) {
             assert_eq!(held, *resource, "{id}");
         }
+    }
+
+    #[test]
+    fn an_invalid_authorization_policy_fails_closed_until_it_is_fixed_then_keeps_its_last_good_version() {
+        use crate::config::authorization_policy::Action;
+        let dir = tempfile_dir();
+        let policy = |action: &str| {
+            format!(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: team}}\n\
+                 spec: {{selector: {{matchLabels: {{app: web}}}}, action: {action}, rules: [{{to: [{{operation: {{ports: ['443']}}}}]}}]}}\n"
+            )
+        };
+        let held = |store: &Store| match &store.snapshot().resources[0].spec {
+            Spec::AuthorizationPolicy(policy) => (*policy.clone(), policy.action().unwrap()),
+            _ => unreachable!(),
+        };
+        let mut store = Store::default();
+        write(&dir, "p.yaml", &policy("CUSTOM"));
+        store.update(&files::load(std::slice::from_ref(&dir)));
+        let (stand_in, action) = held(&store);
+        assert_eq!(action, Action::Deny, "a first version that is invalid denies");
+        assert_eq!(stand_in.rules.as_ref().map(Vec::len), Some(1), "everything: one empty rule");
+        assert_eq!(stand_in.selector.unwrap().match_labels["app"], "web", "what it would have governed");
+
+        write(&dir, "p.yaml", &policy("ALLOW"));
+        store.update(&files::load(std::slice::from_ref(&dir)));
+        assert_eq!(held(&store).1, Action::Allow, "fixed, it applies");
+        write(&dir, "p.yaml", &policy("CUSTOM"));
+        let outcome = store.update(&files::load(std::slice::from_ref(&dir)));
+        assert_eq!(outcome.kept, ["AuthorizationPolicy team/p"]);
+        assert_eq!(held(&store).1, Action::Allow, "rejected again, the last good version stays");
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

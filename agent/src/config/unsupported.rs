@@ -94,6 +94,22 @@ pub fn fields(resource: &Resource, knows_sources: bool) -> Vec<(String, &'static
                 }
             }
         }
+        Spec::AuthorizationPolicy(policy) => {
+            for (i, rule) in policy.rules.iter().flatten().enumerate() {
+                for (j, from) in rule.from.iter().flatten().enumerate() {
+                    let Some(source) = &from.source else { continue };
+                    if !source.request_principals.is_empty() || !source.not_request_principals.is_empty() {
+                        found.push((
+                            format!("spec.rules[{i}].from[{j}].source.requestPrincipals"),
+                            "JWTs are not validated: requestPrincipals never match",
+                        ));
+                    }
+                }
+            }
+            if policy.target_ref.is_some() || !policy.target_refs.is_empty() {
+                found.push(("spec.targetRefs".into(), "policies attached by targetRefs are not applied"));
+            }
+        }
         Spec::ServiceEntry(_) => {}
     }
     found

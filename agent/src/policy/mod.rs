@@ -1,5 +1,6 @@
 //! The compiled policy: what the datapath and the proxy need, computed once per configuration change.
 
+pub mod authorization;
 pub mod bindings;
 pub mod certificates;
 pub mod clusters;

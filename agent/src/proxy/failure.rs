@@ -47,6 +47,8 @@ pub enum Failure {
     HttpsInTheClear,
     /// The upstream answered nothing for the stream idle timeout (the route sets no timeout of its own).
     UpstreamIdle,
+    /// An AuthorizationPolicy denies the request.
+    AccessDenied,
 }
 
 impl Failure {
@@ -57,7 +59,7 @@ impl Failure {
             Failure::NoRoute => StatusCode::NOT_FOUND,
             Failure::Blackholed => StatusCode::BAD_GATEWAY,
             Failure::HostMismatch => StatusCode::MISDIRECTED_REQUEST,
-            Failure::LocalDestination | Failure::UpgradeNotAllowed => StatusCode::FORBIDDEN,
+            Failure::LocalDestination | Failure::UpgradeNotAllowed | Failure::AccessDenied => StatusCode::FORBIDDEN,
             Failure::NoCluster
             | Failure::NoHealthyUpstream
             | Failure::DnsFailure
@@ -78,9 +80,12 @@ impl Failure {
             }
             Failure::NoRoute => ResponseFlag::NoRouteFound,
             // Envoy routes to the BlackHoleCluster, which has no hosts; Istio's dashboards key on the cluster.
-            Failure::Blackholed | Failure::HostMismatch | Failure::LocalDestination | Failure::UpgradeNotAllowed => {
-                ResponseFlag::None
-            }
+            // Envoy's RBAC filter sets no flag: its denials show in the response code details.
+            Failure::Blackholed
+            | Failure::HostMismatch
+            | Failure::LocalDestination
+            | Failure::UpgradeNotAllowed
+            | Failure::AccessDenied => ResponseFlag::None,
             Failure::NoCluster => ResponseFlag::NoClusterFound,
             Failure::NoHealthyUpstream => ResponseFlag::NoHealthyUpstream,
             Failure::DnsFailure => ResponseFlag::DnsResolutionFailed,
@@ -117,6 +122,7 @@ impl Failure {
             Failure::UpstreamTimeout => "upstream request timeout",
             Failure::StreamIdleTimeout | Failure::UpstreamIdle => "stream timeout",
             Failure::LocalDestination => "destination refused: it is the gateway node itself\n",
+            Failure::AccessDenied => "RBAC: access denied",
         }
     }
 }
@@ -168,6 +174,7 @@ mod tests {
             (Failure::StreamIdleTimeout, 408, "SI", "stream timeout"),
             (Failure::HttpsInTheClear, 400, "DPE", "https:// is tunnelled with CONNECT, never sent in the clear\n"),
             (Failure::UpstreamIdle, 504, "SI", "stream timeout"),
+            (Failure::AccessDenied, 403, "-", "RBAC: access denied"),
         ];
         for (failure, status, flag, body) in cases {
             assert_eq!(
@@ -191,6 +198,7 @@ mod tests {
                 | Failure::UpstreamConnect
                 | Failure::TlsOrigination
                 | Failure::UpstreamReset
+                | Failure::AccessDenied
                 | Failure::UpstreamTimeout
                 | Failure::LocalDestination
                 | Failure::UpgradeNotAllowed
@@ -199,6 +207,6 @@ mod tests {
                 | Failure::UpstreamIdle => {}
             }
         }
-        assert_eq!(cases.len(), 18);
+        assert_eq!(cases.len(), 19);
     }
 }

@@ -1,5 +1,6 @@
 //! The userspace proxy: the listeners, and what is done with the connections they accept.
 
+pub mod authorize;
 pub mod detect;
 pub mod failure;
 pub mod gateway_listeners;

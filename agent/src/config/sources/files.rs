@@ -3,9 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use super::super::{
+    authorization_policy::fail_closed,
     error::ConfigError,
     resource::{Document, Resource},
-    MeshConfig, Snapshot,
+    MeshConfig, Snapshot, Spec,
 };
 
 /// What reading the files gave: the resources that passed validation, the mesh config, and every error. A
@@ -18,6 +19,9 @@ pub struct Loaded {
     pub errors: Vec<ConfigError>,
     /// Documents of kinds Sluice does not read, as `FILE: apiVersion/kind`.
     pub ignored: Vec<String>,
+    /// For each AuthorizationPolicy rejected here, the deny-all that stands in for it where it has no last good
+    /// version (with its file): an invalid policy fails closed.
+    pub stand_ins: Vec<(String, std::sync::Arc<Resource>)>,
 }
 
 /// Reads every `.yaml`, `.yml` and `.json` file in `paths` (directories are read recursively, in name order).
@@ -86,17 +90,27 @@ impl Loaded {
             Ok(Document::Resource(resource)) => accept(*resource, source, self),
             Ok(Document::Mesh(mesh)) => self.snapshot.mesh = merge_mesh(&self.snapshot.mesh, *mesh),
             Ok(Document::Ignored(api_version, kind)) => self.ignored.push(format!("{source}: {api_version}/{kind}")),
-            Err(error) => self.errors.extend(error.errors.into_iter().map(|field| ConfigError {
-                source: source.to_owned(),
-                resource: error.resource.clone(),
-                path: field.path,
-                reason: field.reason,
-            })),
+            Err(error) => {
+                if let Some(stand_in) = error.resource.as_deref().and_then(|id| fail_closed(id, None)) {
+                    self.stand_ins.push((source.to_owned(), std::sync::Arc::new(stand_in)));
+                }
+                self.add_errors(source, error)
+            }
         }
+    }
+
+    fn add_errors(&mut self, source: &str, error: crate::config::resource::DocumentError) {
+        self.errors.extend(error.errors.into_iter().map(|field| ConfigError {
+            source: source.to_owned(),
+            resource: error.resource.clone(),
+            path: field.path,
+            reason: field.reason,
+        }));
     }
 
     /// Adds what `other` read (a second source) to this load.
     pub fn extend(&mut self, other: Loaded) {
+        self.stand_ins.extend(other.stand_ins);
         self.snapshot.resources.extend(other.snapshot.resources);
         self.sources.extend(other.sources);
         self.errors.extend(other.errors);
@@ -114,6 +128,14 @@ fn accept(resource: Resource, source: &str, loaded: &mut Loaded) {
         return;
     }
     let id = resource.id();
+    if let Spec::AuthorizationPolicy(policy) = &resource.spec {
+        // The selector stays where it was valid: the stand-in denies what the policy would have governed.
+        let selector_valid = !errors.iter().any(|error| error.path.starts_with("spec.selector"));
+        let selector = policy.selector.clone().filter(|_| selector_valid);
+        if let Some(stand_in) = fail_closed(&id, selector) {
+            loaded.stand_ins.push((source.to_owned(), std::sync::Arc::new(stand_in)));
+        }
+    }
     loaded.errors.extend(errors.into_iter().map(|error| ConfigError {
         source: source.to_owned(),
         resource: Some(id.clone()),

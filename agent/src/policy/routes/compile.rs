@@ -105,6 +105,11 @@ pub fn proxy_policy(
             namespace: namespace.into(),
             labels: BTreeMap::new(),
         }),
+        authorization: crate::policy::authorization::Authorization::compile(
+            snapshot,
+            &settings.gateway_labels,
+            settings.gateway_namespace.as_deref(),
+        ),
     }
 }
 

@@ -70,6 +70,8 @@ pub struct ProxySettings {
     pub upgrades: Vec<String>,
     /// Where Gateway servers' `credentialName`s are read from.
     pub credentials: CredentialSource,
+    /// This gateway's labels (`--gateway-labels`): which AuthorizationPolicies select it.
+    pub gateway_labels: BTreeMap<String, String>,
 }
 
 /// What becomes of an intercepted request whose Host is registered at addresses that do not include the one
@@ -119,6 +121,8 @@ pub struct ProxyPolicy {
     /// This gateway as a viewer of the configuration on its Gateway ports: a workload of its namespace, when
     /// known.
     gateway: Option<Workload>,
+    /// The AuthorizationPolicies in force.
+    pub authorization: crate::policy::authorization::Authorization,
 }
 
 /// What the policy holds for one host (exact or wildcard), in its table's slot: a lookup reads no other

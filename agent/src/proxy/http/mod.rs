@@ -38,6 +38,7 @@ use smallvec::SmallVec;
 
 pub use super::routing::Listener;
 use super::{
+    authorize,
     detect::HttpVersion,
     failure::Failure,
     idle, join, path,
@@ -333,6 +334,15 @@ impl HttpProxy {
             let Some(authority) = authority else {
                 return self.local_failure(Failure::BadRequest, record, started, None);
             };
+            // Istio's RBAC filter comes before the router: a denied request learns nothing of the routes.
+            let authorized = {
+                let workloads = self.workloads.load();
+                let source = workloads.get(connection.peer.ip()).map(|source| &**source);
+                authorize::request(&policy, &self.telemetry, &request, authority, &connection, source)
+            };
+            if !authorized {
+                return self.local_failure(Failure::AccessDenied, record, started, None);
+            }
             if connection.listener == Listener::Forward {
                 if request.method() == Method::CONNECT {
                     return self.tunnel(&policy, request, authority, record, started).await;

@@ -16,10 +16,10 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{http::HttpProxy, tcp};
+use super::{authorize, http::HttpProxy, tcp};
 use crate::{
     config::workloads::Workload,
-    policy::labels::DestinationLabels,
+    policy::{labels::DestinationLabels, routes::ProxyPolicy},
     telemetry::{
         connections::{ConnectionRecord, OpenConnection, TcpLabels},
         response_flags::ResponseFlag,
@@ -142,7 +142,9 @@ pub async fn serve_tls_read(
 ) {
     let workload = proxy.workload(peer.ip());
     let name = server_name.as_deref();
-    let decided = decide_tls(&proxy.policy(), name, dialled, workload.as_deref(), arrival, fastrand::u32(..));
+    let policy = proxy.policy();
+    let decided = decide_tls(&policy, name, dialled, workload.as_deref(), arrival, fastrand::u32(..));
+    let decided = authorized(decided, &policy, proxy, name, (peer, dialled), arrival, workload.as_deref());
     let connection = Connection { peer, dialled, server_name: name, hello, source: workload.as_deref() };
     finish(stream, &connection, decided, proxy, clock).await;
 }
@@ -170,9 +172,35 @@ async fn serve_tcp_read<S: ClientStream>(
     clock: (SystemTime, Instant),
 ) {
     let workload = proxy.workload(peer.ip());
-    let decided = decide_tcp(&proxy.policy(), dialled, workload.as_deref(), arrival, fastrand::u32(..));
+    let policy = proxy.policy();
+    let decided = decide_tcp(&policy, dialled, workload.as_deref(), arrival, fastrand::u32(..));
+    let decided = authorized(decided, &policy, proxy, None, (peer, dialled), arrival, workload.as_deref());
     let connection = Connection { peer, dialled, server_name: None, hello: read, source: workload.as_deref() };
     finish(stream, &connection, decided, proxy, clock).await;
+}
+
+/// The decision, unless an AuthorizationPolicy denies the connection: then it is refused (closed, counted in
+/// Istio's TCP metrics against the destination it would have reached).
+fn authorized(
+    (verdict, mismatch): (Verdict, Mismatch),
+    policy: &ProxyPolicy,
+    proxy: &HttpProxy,
+    server_name: Option<&str>,
+    addresses: (SocketAddr, SocketAddr),
+    arrival: Arrival,
+    source: Option<&Workload>,
+) -> (Verdict, Mismatch) {
+    if matches!(verdict, Verdict::Refuse { .. }) {
+        return (verdict, mismatch);
+    }
+    let gateway = matches!(arrival, Arrival::Gateway(_));
+    if authorize::connection(policy, proxy.telemetry(), server_name, addresses, gateway, source) {
+        return (verdict, mismatch);
+    }
+    let labels = match verdict {
+        Verdict::Forward { labels, .. } | Verdict::Resolve { labels, .. } | Verdict::Refuse { labels, .. } => labels,
+    };
+    (Verdict::Refuse { labels, flag: ResponseFlag::None, reason: "rbac_access_denied" }, mismatch)
 }
 
 /// Relays a decided connection (or refuses it), then counts it in Istio's TCP metrics and writes its line.

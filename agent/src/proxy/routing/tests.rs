@@ -22,6 +22,7 @@ fn policy_verifying(yaml: &str, labels: &[(&str, &str)], own: &[&str], verify: H
         gateway_namespace: None,
         upgrades: Vec::new(),
         credentials: Default::default(),
+        gateway_labels: labels.clone(),
     };
     let sidecars = Arc::new(SidecarModes::compile(&snapshot, OutboundMode::RegistryOnly));
     proxy_policy(&snapshot, &resolved, &bind(&snapshot, &labels), sidecars, &settings, &Default::default())

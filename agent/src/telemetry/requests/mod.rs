@@ -317,6 +317,7 @@ pub struct RequestTelemetry {
     connections_refused: Counter,
     client_hellos_refused: Family<[(&'static str, &'static str); 1], Counter>,
     handshakes_failed: Family<[(&'static str, &'static str); 1], Counter>,
+    authorization: Family<[(&'static str, Label); 3], Counter>,
 }
 
 impl RequestTelemetry {
@@ -358,6 +359,14 @@ impl RequestTelemetry {
              client_certificate_pin, handshake, timeout, and the ClientHello's malformed, closed, not_tls)",
             handshakes_failed.clone(),
         );
+        let authorization = Family::default();
+        registry.register(
+            "sluice_authorization_decisions",
+            "Requests and connections decided by AuthorizationPolicies, by deciding policy (none: ALLOW policies \
+             applied and none matched), action and result (allowed, denied; dry_run_allowed, dry_run_denied and \
+             audited for policies decided but not enforced)",
+            authorization.clone(),
+        );
         let (lines, mut queue) = LineQueue::new(ACCESS_LOG_QUEUE_LINES, ACCESS_LOG_QUEUE_BYTES);
         // A thread of its own: writes to stdout block, and lines are written in batches, flushed whenever the
         // queue runs dry.
@@ -387,6 +396,39 @@ impl RequestTelemetry {
             connections_refused,
             client_hellos_refused,
             handshakes_failed,
+            authorization,
+        }
+    }
+
+    /// Counts what AuthorizationPolicies decided of a request or connection (nothing when none applied).
+    pub fn authorization(&self, verdict: &crate::policy::authorization::Verdict) {
+        use crate::config::authorization_policy::Action;
+        let action_label = |action: Action| {
+            LabelText::Static(match action {
+                Action::Allow => &"ALLOW",
+                Action::Deny => &"DENY",
+                Action::Audit => &"AUDIT",
+            })
+        };
+        let count = |policy: Label, action: Label, result: &'static &'static str| {
+            let labels = [("policy", policy), ("action", action), ("result", LabelText::Static(result))];
+            self.authorization.get_or_create(&labels).inc();
+        };
+        if verdict.governed {
+            let result = if verdict.denied { &"denied" } else { &"allowed" };
+            match &verdict.policy {
+                Some((policy, action)) => count(LabelText::Shared(policy.clone()), action_label(*action), result),
+                None => count(LabelText::Static(&"none"), LabelText::Static(&"ALLOW"), result),
+            }
+        }
+        for (policy, action, matched) in &verdict.reported {
+            let result = match (action, matched) {
+                (Action::Audit, true) => &"audited",
+                (Action::Audit, false) => continue,
+                (Action::Deny, true) | (Action::Allow, false) => &"dry_run_denied",
+                (Action::Deny, false) | (Action::Allow, true) => &"dry_run_allowed",
+            };
+            count(LabelText::Shared(policy.clone()), action_label(*action), result);
         }
     }
 

@@ -1,4 +1,5 @@
-//! The Kubernetes source: watchers on the five Istio kinds (all namespaces, or one) and on the mesh ConfigMap.
+//! The Kubernetes source: watchers on the Istio kinds Sluice reads (all namespaces, or one) and on the mesh
+//! ConfigMap.
 //! After every change the whole set is read again, through the same validation as files, and sent on.
 //!
 //! Objects are held as compact JSON of what Sluice reads of them (`apiVersion`, `kind`, the metadata it names
@@ -31,13 +32,15 @@ use crate::config::{
 pub const SOURCE: &str = "kubernetes";
 const ISTIO_GROUP: &str = "networking.istio.io";
 const ISTIO_VERSION: &str = "v1";
-/// Kind, and its plural as the API names its resources.
-const KINDS: [(&str, &str); 5] = [
-    ("ServiceEntry", "serviceentries"),
-    ("VirtualService", "virtualservices"),
-    ("Gateway", "gateways"),
-    ("DestinationRule", "destinationrules"),
-    ("Sidecar", "sidecars"),
+const SECURITY_GROUP: &str = "security.istio.io";
+/// Kind, its plural as the API names its resources, and its group.
+const KINDS: [(&str, &str, &str); 6] = [
+    ("ServiceEntry", "serviceentries", ISTIO_GROUP),
+    ("VirtualService", "virtualservices", ISTIO_GROUP),
+    ("Gateway", "gateways", ISTIO_GROUP),
+    ("DestinationRule", "destinationrules", ISTIO_GROUP),
+    ("Sidecar", "sidecars", ISTIO_GROUP),
+    ("AuthorizationPolicy", "authorizationpolicies", SECURITY_GROUP),
 ];
 
 /// Where to watch.
@@ -88,9 +91,8 @@ fn held(object: serde_json::Value) -> (String, Arc<str>) {
 pub async fn watch(client: Client, scope: Scope, sender: watch::Sender<Option<Arc<Documents>>>) {
     let mut rejections = Rejections::new(client.clone());
     let mut streams = Vec::new();
-    for (kind, plural) in KINDS {
-        let resource =
-            ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(ISTIO_GROUP, ISTIO_VERSION, kind), plural);
+    for (kind, plural, group) in KINDS {
+        let resource = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, ISTIO_VERSION, kind), plural);
         let api: Api<DynamicObject> = match &scope.namespace {
             Some(namespace) => Api::namespaced_with(client.clone(), namespace, &resource),
             None => Api::all_with(client.clone(), &resource),
@@ -154,7 +156,7 @@ pub async fn watch(client: Client, scope: Scope, sender: watch::Sender<Option<Ar
                 true
             }
         };
-        let synced = KINDS.iter().all(|(kind, _)| listed.contains_key(kind)) && listed.contains_key("ConfigMap");
+        let synced = KINDS.iter().all(|(kind, _, _)| listed.contains_key(kind)) && listed.contains_key("ConfigMap");
         if changed && synced {
             let documents = Documents(objects.values().flat_map(BTreeMap::values).cloned().collect());
             // Read here for the rejections to report on the objects; the agent reads the set again itself, so
@@ -417,6 +419,11 @@ fn metadata(metadata: &kube::api::ObjectMeta) -> serde_json::Value {
     }
     if let Some(labels) = metadata.labels.as_ref().filter(|labels| !labels.is_empty()) {
         kept.insert("labels".into(), serde_json::to_value(labels).unwrap_or_default());
+    }
+    // Of the annotations, only the one Sluice reads (an AuthorizationPolicy's dry run).
+    let dry_run = crate::config::authorization_policy::DRY_RUN;
+    if let Some(value) = metadata.annotations.as_ref().and_then(|annotations| annotations.get(dry_run)) {
+        kept.insert("annotations".into(), serde_json::json!({ dry_run: value }));
     }
     kept.into()
 }

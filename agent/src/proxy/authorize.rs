@@ -1,0 +1,106 @@
+//! AuthorizationPolicies at the proxy: what a request or a relayed connection offers to them, decided and
+//! counted, and a denial logged with the policy that made it, as Envoy reports it
+//! (`rbac_access_denied_matched_policy[…]`).
+
+use std::net::SocketAddr;
+
+use http::Request;
+
+use super::{http::Connection, routing::Listener};
+use crate::{
+    config::workloads::Workload,
+    policy::{
+        authorization::{HttpRequest, Scope, Subject},
+        routes::ProxyPolicy,
+    },
+    telemetry::requests::RequestTelemetry,
+};
+
+/// Whether `request` may go on. `source`: the workload behind the client's address, when known.
+pub fn request<B>(
+    policy: &ProxyPolicy,
+    telemetry: &RequestTelemetry,
+    request: &Request<B>,
+    authority: &str,
+    connection: &Connection,
+    source: Option<&Workload>,
+) -> bool {
+    let principal = connection.principal.as_deref();
+    let port = match connection.listener {
+        // The destination the request names, as the forward proxy will reach it.
+        Listener::Forward => request
+            .uri()
+            .port_u16()
+            .or_else(|| authority.rsplit_once(':').and_then(|(_, port)| port.parse().ok()))
+            .unwrap_or(80),
+        _ => connection.local.port(),
+    };
+    let subject = Subject {
+        http: Some(HttpRequest {
+            method: request.method().as_str(),
+            path: request.uri().path(),
+            host: authority,
+            headers: request.headers(),
+        }),
+        sni: None,
+        source_ip: connection.peer.ip(),
+        source_namespace: principal
+            .and_then(|principal| principal.namespace.as_ref().map(|namespace| namespace.as_str()))
+            .or(source.map(|source| &*source.namespace)),
+        principal: principal.map(|principal| principal.spiffe.as_str().trim_start_matches("spiffe://")),
+        destination_ip: connection.local.ip(),
+        destination_port: port,
+    };
+    let scope = match connection.listener {
+        Listener::Gateway(_) => Scope::Gateway,
+        Listener::Mesh | Listener::Forward => Scope::Workload(source),
+    };
+    decided(policy, telemetry, scope, &subject, connection.peer)
+}
+
+/// Whether a TLS or TCP connection from `peer` to `dialled` (on a Gateway port: `gateway`) may be relayed.
+pub fn connection(
+    policy: &ProxyPolicy,
+    telemetry: &RequestTelemetry,
+    server_name: Option<&str>,
+    (peer, dialled): (SocketAddr, SocketAddr),
+    gateway: bool,
+    source: Option<&Workload>,
+) -> bool {
+    let subject = Subject {
+        http: None,
+        sni: server_name,
+        source_ip: peer.ip(),
+        source_namespace: source.map(|source| &*source.namespace),
+        principal: None,
+        destination_ip: dialled.ip(),
+        destination_port: dialled.port(),
+    };
+    let scope = if gateway { Scope::Gateway } else { Scope::Workload(source) };
+    decided(policy, telemetry, scope, &subject, peer)
+}
+
+fn decided(
+    policy: &ProxyPolicy,
+    telemetry: &RequestTelemetry,
+    scope: Scope<'_>,
+    subject: &Subject<'_>,
+    peer: SocketAddr,
+) -> bool {
+    if policy.authorization.is_empty() {
+        return true;
+    }
+    let verdict = policy.authorization.decide(scope, subject);
+    telemetry.authorization(&verdict);
+    if verdict.denied {
+        let matched = verdict.policy.as_ref().map_or("none", |(policy, _)| &**policy);
+        tracing::debug!(
+            source = %peer,
+            destination_port = subject.destination_port,
+            sni = subject.sni.unwrap_or("-"),
+            details = %format!("rbac_access_denied_matched_policy[{matched}]"),
+            "denied by AuthorizationPolicy"
+        );
+    }
+    !verdict.denied
+}

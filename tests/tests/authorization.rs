@@ -1,0 +1,163 @@
+//! AuthorizationPolicies end to end: the seeds' `restrict-egress` on a Gateway port passing TLS through (decided
+//! by the ClientHello's name and the port), and root-namespace policies on intercepted HTTP (DENY before ALLOW,
+//! dry run counted and not enforced, 403 `RBAC: access denied` before any route); a denied connection or
+//! request never reaches the server, and each decision is counted.
+
+use sluice_tests::{
+    http::{get, ECHO},
+    istio::{self, HTTPBIN, MESH_REGISTRY_ONLY},
+    metrics::total,
+    peers::Nginx,
+    require_root,
+    tls::{accepted, certificates, https, tls_server},
+    topology::{addr, GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, SERVER_A, SERVER_B},
+    Agent, Topology,
+};
+
+/// The seeds' policy, as written (`../shared/seeds/k8s-egress-gateway-options-istio.txt`, "Security
+/// Configuration").
+const RESTRICT_EGRESS: &str = "apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata:
+  name: restrict-egress
+  namespace: default
+spec:
+  selector:
+    matchLabels:
+      istio: egressgateway
+  action: ALLOW
+  rules:
+  - to:
+    - operation:
+        hosts:
+        - \"api.trusted-service.com\"
+        - \"*.internal.company.com\"
+        ports:
+        - \"443\"
+        - \"8443\"
+";
+
+/// A Gateway passing TLS through on 443 for three names, routed to one registered host at server A.
+const PASSTHROUGH: &str = "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: egress, namespace: istio-system}
+spec:
+  selector: {istio: egressgateway}
+  servers:
+  - port: {number: 443, name: tls, protocol: TLS}
+    hosts: [api.trusted-service.com, db.internal.company.com, blocked.example.com]
+    tls: {mode: PASSTHROUGH}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: passthrough, namespace: istio-system}
+spec:
+  hosts: [api.trusted-service.com, db.internal.company.com, blocked.example.com]
+  gateways: [egress]
+  tls:
+  - match: [{port: 443, sniHosts: [api.trusted-service.com, db.internal.company.com, blocked.example.com]}]
+    route: [{destination: {host: api.trusted-service.com}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: trusted, namespace: istio-system}
+spec:
+  hosts: [api.trusted-service.com]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  endpoints: [{address: 203.0.113.10}]
+";
+
+#[test]
+fn the_seeds_restrict_egress_lets_its_names_through_the_gateway_and_closes_the_rest() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["api.trusted-service.com", "db.internal.company.com", "blocked.example.com"];
+    let (ca, cert, key) = certificates(dir.path(), "sluice-test-ca", &names);
+    let _nginx = tls_server(&topology, &[addr(SERVER_A, 443)], &cert, &key);
+    let config = tempfile::tempdir().unwrap();
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, PASSTHROUGH, RESTRICT_EGRESS]).unwrap();
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --config {} --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32",
+        config.path().display()
+    );
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    agent.wait_for_log("gateway listener open", 1).unwrap();
+
+    let trusted = https(&topology, "api.trusted-service.com", GATEWAY_WORKLOAD_ADDR, &ca);
+    assert_eq!(trusted.as_deref(), Ok("sni=api.trusted-service.com\n"), "{}", agent.log());
+    let internal = https(&topology, "db.internal.company.com", GATEWAY_WORKLOAD_ADDR, &ca);
+    assert_eq!(internal.as_deref(), Ok("sni=db.internal.company.com\n"), "a *.internal.company.com name");
+    let reached = accepted(&topology);
+    // Routed and registered, but not a host the policy allows: closed before a byte reaches the server.
+    let blocked = https(&topology, "blocked.example.com", GATEWAY_WORKLOAD_ADDR, &ca);
+    assert!(blocked.is_err(), "{blocked:?}");
+    assert_eq!(accepted(&topology), reached + 1, "only the status request reached nginx: {}", agent.log());
+
+    let metrics = agent.metrics().unwrap();
+    let allowed = [("policy", "default/restrict-egress"), ("action", "ALLOW"), ("result", "allowed")];
+    assert_eq!(total(&metrics, "sluice_authorization_decisions_total", &allowed), 2, "{metrics}");
+    let denied = [("policy", "none"), ("result", "denied")];
+    assert_eq!(total(&metrics, "sluice_authorization_decisions_total", &denied), 1, "{metrics}");
+    let closed = [("destination_service_name", "api.trusted-service.com"), ("response_flags", "-")];
+    assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &closed), 3, "counted, relayed or not");
+}
+
+/// Root-namespace policies: they apply to every workload, known or not.
+const MESH_POLICIES: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: istio-system}
+spec:
+  action: DENY
+  rules: [{to: [{operation: {paths: ['/admin/*']}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: httpbin-only, namespace: istio-system}
+spec:
+  rules: [{to: [{operation: {hosts: [httpbin.org]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: no-posts
+  namespace: istio-system
+  annotations: {istio.io/dry-run: 'true'}
+spec:
+  action: DENY
+  rules: [{to: [{operation: {methods: [POST]}}]}]
+";
+
+#[test]
+fn intercepted_requests_meet_deny_then_allow_and_a_dry_run_is_only_counted() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80), addr(SERVER_B, 80)], ECHO).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, &istio::backend("other", SERVER_B, 80), MESH_POLICIES])
+        .unwrap();
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+
+    let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/anything", &[]);
+    assert_eq!(code, 200, "{body}\n{}", agent.log());
+    assert!(body.starts_with(&format!("{SERVER_A} host=httpbin.org uri=/anything")), "{body}");
+    // DENY first: the allowed host's admin paths are refused, by the proxy itself, as Envoy's RBAC filter answers.
+    assert_eq!(get(&topology, "httpbin.org", SERVER_A, "/admin/users", &[]), (403, "RBAC: access denied".to_owned()));
+    // A registered host the ALLOW policy does not name: refused before it is routed.
+    assert_eq!(get(&topology, "other.backend", SERVER_B, "/", &[]), (403, "RBAC: access denied".to_owned()));
+    // The dry-run DENY matches a POST and lets it by.
+    let (code, _) = get(&topology, "httpbin.org", SERVER_A, "/anything", &["-X", "POST"]);
+    assert_eq!(code, 200);
+
+    let metrics = agent.metrics().unwrap();
+    let count = |labels: &[(&str, &str)]| total(&metrics, "sluice_authorization_decisions_total", labels);
+    assert_eq!(count(&[("policy", "istio-system/no-admin"), ("result", "denied")]), 1, "{metrics}");
+    assert_eq!(count(&[("policy", "none"), ("result", "denied")]), 1, "{metrics}");
+    assert_eq!(count(&[("policy", "istio-system/httpbin-only"), ("result", "allowed")]), 2, "{metrics}");
+    assert_eq!(count(&[("policy", "istio-system/no-posts"), ("result", "dry_run_denied")]), 1, "{metrics}");
+    let forbidden = [("response_code", "403"), ("response_flags", "-")];
+    assert_eq!(total(&metrics, "istio_requests_total", &forbidden), 2, "{metrics}");
+}
