@@ -123,6 +123,16 @@ fn check(paths: &[PathBuf]) -> anyhow::Result<()> {
             let _ = writeln!(out, "{}: {field}: not applied: {why}", resource.id());
         }
     }
+    // Where each AuthorizationPolicy applies, since that is what a reader of its YAML most often gets wrong.
+    let root = loaded.snapshot.mesh.root_namespace();
+    for resource in &loaded.snapshot.resources {
+        if let sluice_agent::config::Spec::AuthorizationPolicy(policy) = &resource.spec {
+            let action = policy.action().map_or("?", |action| action.name());
+            let trial = if policy.is_dry_run() { " (dry run: counted, not enforced)" } else { "" };
+            let scope = policy.applies_to(resource.metadata.namespace(), root);
+            let _ = writeln!(out, "{}: {action}{trial}, applies to {scope}", resource.id());
+        }
+    }
     let _ = writeln!(
         out,
         "{} resources valid, {} errors, {} documents of other kinds not read",

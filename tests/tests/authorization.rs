@@ -7,7 +7,7 @@ use sluice_tests::{
     http::{get, ECHO},
     istio::{self, HTTPBIN, MESH_REGISTRY_ONLY},
     metrics::total,
-    peers::Nginx,
+    peers::{curl, Nginx},
     require_root,
     tls::{accepted, certificates, https, tls_server},
     topology::{addr, GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, SERVER_A, SERVER_B},
@@ -160,4 +160,42 @@ fn intercepted_requests_meet_deny_then_allow_and_a_dry_run_is_only_counted() {
     assert_eq!(count(&[("policy", "istio-system/no-posts"), ("result", "dry_run_denied")]), 1, "{metrics}");
     let forbidden = [("response_code", "403"), ("response_flags", "-")];
     assert_eq!(total(&metrics, "istio_requests_total", &forbidden), 2, "{metrics}");
+}
+
+/// Two TCP ports registered at server B, which the kernel would pass by address; a root-namespace policy denies
+/// one of them.
+const TCP_BY_ADDRESS: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: tcp-services, namespace: egress}
+spec:
+  hosts: [tcp.backend]
+  addresses: [203.0.113.20]
+  ports: [{number: 8080, name: tcp-a, protocol: TCP}, {number: 8081, name: tcp-b, protocol: TCP}]
+  location: MESH_EXTERNAL
+  resolution: NONE
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-8080, namespace: istio-system}
+spec:
+  action: DENY
+  rules: [{to: [{operation: {ports: ['8080']}}]}]
+";
+
+#[test]
+fn tcp_the_kernel_would_pass_by_address_is_decided_in_the_proxy_when_policies_govern_it() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_B, 8080), addr(SERVER_B, 8081)], "reached").unwrap();
+    let config = tempfile::tempdir().unwrap();
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, TCP_BY_ADDRESS]).unwrap();
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    let fetch = |port: u16| curl(&topology.workload, &["--max-time", "3", &format!("http://{SERVER_B}:{port}/")]);
+
+    assert_eq!(fetch(8081).unwrap().trim(), "reached", "registered and not denied: {}", agent.log());
+    assert!(fetch(8080).is_err(), "denied by port: closed before it reaches the server");
+    let metrics = agent.metrics().unwrap();
+    let denied = [("policy", "istio-system/no-8080"), ("action", "DENY"), ("result", "denied")];
+    assert_eq!(total(&metrics, "sluice_authorization_decisions_total", &denied), 1, "{metrics}");
 }

@@ -82,6 +82,11 @@ fn what_istio_accepts_is_accepted() {
     assert!(ok, "{output}");
     let files = std::fs::read_dir(corpus("istio/accepted")).unwrap().count();
     assert!(output.contains(&format!("{} resources valid, 0 errors", files - 1)), "{output}");
+    // Where each AuthorizationPolicy applies is said.
+    let seed =
+        "AuthorizationPolicy default/restrict-egress: ALLOW, applies to workloads of namespace default labelled \
+                istio=egressgateway, and the gateway";
+    assert!(output.contains(seed), "{output}");
 }
 
 #[test]

@@ -111,6 +111,7 @@ impl App {
             rules: settings.allow.clone(),
             intercept_ports: settings.intercept_port.clone(),
             proxy_port: if intercepting { settings.proxy_port } else { 0 },
+            knows_sources: settings.kube,
         };
         // One resolver (and one cache) for the ServiceEntries' names and the forward proxy's lookups.
         let resolver = Arc::new(DnsResolver::new(&settings.dns_server).map_err(anyhow::Error::msg)?);

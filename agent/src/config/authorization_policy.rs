@@ -206,6 +206,30 @@ impl AuthorizationPolicy {
         }
     }
 
+    /// Where the policy applies, in words (`sluice check` says it of each): `namespace` is the policy's,
+    /// `root` the mesh's root namespace.
+    pub fn applies_to(&self, namespace: &str, root: &str) -> String {
+        if self.target_ref.is_some() || !self.target_refs.is_empty() {
+            return "nothing: policies attached by targetRefs are not applied".into();
+        }
+        let labels = self.selector.as_ref().map(|selector| {
+            let pairs: Vec<String> =
+                selector.match_labels.iter().map(|(key, value)| format!("{key}={value}")).collect();
+            pairs.join(",")
+        });
+        match (namespace == root, labels) {
+            (true, None) => "every workload, and the gateway (the root namespace's)".into(),
+            (true, Some(labels)) => format!("workloads labelled {labels} in every namespace, and the gateway if it is"),
+            (false, None) => {
+                format!("every workload of namespace {namespace}, and the gateway if it runs there")
+            }
+            (false, Some(labels)) => format!(
+                "workloads of namespace {namespace} labelled {labels}, and the gateway if it is and runs there (or its \
+                 namespace is not known)"
+            ),
+        }
+    }
+
     /// Whether the `istio.io/dry-run` annotation is `true`.
     pub fn is_dry_run(&self) -> bool {
         self.dry_run.as_deref().is_some_and(|value| value.eq_ignore_ascii_case("true") || value == "1")

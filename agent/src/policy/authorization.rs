@@ -13,7 +13,11 @@
 //! rule and always holds in a DENY rule — as Istio builds its TCP filters, so a DENY meant for HTTP denies the
 //! port's TCP rather than let it by.
 
-use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::Arc,
+};
 
 use ipnet::IpNet;
 
@@ -24,13 +28,16 @@ use crate::config::{
     Snapshot, Spec,
 };
 
-/// The policies in force, and which of them apply on the gateway's own ports.
+/// The policies in force, indexed by where they apply: a request looks at its own few, not at all of them.
 #[derive(Debug, Default)]
 pub struct Authorization {
     policies: Box<[Policy]>,
     /// Indexes into `policies`: those that apply to the gateway.
     gateway: Box<[usize]>,
-    root_namespace: Arc<str>,
+    /// The root namespace's, which apply to every workload their selector selects.
+    root: Box<[usize]>,
+    /// Each other namespace's, which apply to its workloads.
+    by_namespace: HashMap<Arc<str>, Box<[usize]>>,
 }
 
 #[derive(Debug)]
@@ -261,7 +268,21 @@ impl Authorization {
             })
             .map(|(index, _)| index)
             .collect();
-        Authorization { policies: policies.into(), gateway, root_namespace: root }
+        let mut by_namespace: HashMap<Arc<str>, Vec<usize>> = HashMap::new();
+        let mut in_root = Vec::new();
+        for (index, policy) in policies.iter().enumerate() {
+            if *policy.namespace == *root {
+                in_root.push(index);
+            } else {
+                by_namespace.entry(policy.namespace.clone()).or_default().push(index);
+            }
+        }
+        Authorization {
+            policies: policies.into(),
+            gateway,
+            root: in_root.into(),
+            by_namespace: by_namespace.into_iter().map(|(namespace, indexes)| (namespace, indexes.into())).collect(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -274,13 +295,21 @@ impl Authorization {
         if self.policies.is_empty() {
             return verdict;
         }
-        let applying: Vec<&Policy> = match scope {
-            Scope::Gateway => self.gateway.iter().map(|&index| &self.policies[index]).collect(),
-            Scope::Workload(source) => self.policies.iter().filter(|policy| self.applies_to(policy, source)).collect(),
+        let (first, second): (&[usize], &[usize]) = match scope {
+            Scope::Gateway => (&self.gateway, &[]),
+            Scope::Workload(source) => {
+                let own = source.and_then(|source| self.by_namespace.get(&*source.namespace));
+                (&self.root, own.map_or(&[][..], |indexes| &**indexes))
+            }
         };
         let mut allow_applies = false;
         let mut allowed_by = None;
-        for policy in &applying {
+        for policy in first.iter().chain(second).map(|&index| &self.policies[index]) {
+            if let Scope::Workload(source) = scope {
+                if !policy.selects(source) {
+                    continue;
+                }
+            }
             let matched = policy.matches(subject);
             if policy.dry_run || policy.action == Action::Audit {
                 verdict.reported.push((policy.id.clone(), policy.action, matched));
@@ -309,23 +338,19 @@ impl Authorization {
         }
         verdict
     }
-
-    fn applies_to(&self, policy: &Policy, source: Option<&Workload>) -> bool {
-        let root = *policy.namespace == *self.root_namespace;
-        match (source, &policy.selector) {
-            (None, None) => root,
-            (None, Some(_)) => false,
-            (Some(source), selector) => {
-                (root || *policy.namespace == *source.namespace)
-                    && selector.as_ref().is_none_or(|selector| {
-                        selector.iter().all(|(key, value)| source.labels.get(key) == Some(value))
-                    })
-            }
-        }
-    }
 }
 
 impl Policy {
+    /// Whether the policy's selector selects `source` (no selector: every workload; an unknown source carries no
+    /// labels, so only such a policy applies to it).
+    fn selects(&self, source: Option<&Workload>) -> bool {
+        match (&self.selector, source) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(selector), Some(source)) => selector.iter().all(|(key, value)| source.labels.get(key) == Some(value)),
+        }
+    }
+
     /// Whether any rule matches. A policy without rules matches nothing (an ALLOW policy `{}` denies all).
     fn matches(&self, subject: &Subject<'_>) -> bool {
         // What only HTTP has, on a connection: an ALLOW rule cannot be met by it, a DENY rule is met regardless.

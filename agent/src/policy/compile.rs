@@ -25,6 +25,8 @@ pub struct NodeSettings {
     pub rules: Vec<L4Rule>,
     pub intercept_ports: Vec<u16>,
     pub proxy_port: u16,
+    /// The pods behind the gateway are known (`--kube`): namespace AuthorizationPolicies apply to their traffic.
+    pub knows_sources: bool,
 }
 
 /// The datapath's policy: every address a ServiceEntry registers — its `addresses`, its endpoints' with STATIC
@@ -106,7 +108,41 @@ fn intercepted_ports(snapshot: &Snapshot, node: &NodeSettings) -> Vec<u16> {
             }
         }
     }
+    // AuthorizationPolicies are decided in the proxy: where they govern the workloads' own traffic, the TCP the
+    // kernel would pass by address (registered ports, and those the policies name) goes through the proxy instead.
+    if governs_intercepted(snapshot, node.knows_sources) {
+        for resource in &snapshot.resources {
+            match &resource.spec {
+                Spec::ServiceEntry(entry) => {
+                    let tcp = |port: &&crate::config::service_entry::ServicePort| {
+                        port.protocol.as_deref().is_none_or(|protocol| transport(protocol) == Some(Transport::Tcp))
+                    };
+                    ports.extend(entry.ports.iter().filter(tcp).filter_map(|port| u16::try_from(port.number).ok()));
+                }
+                Spec::AuthorizationPolicy(policy) => {
+                    let operations = policy.rules.iter().flatten().flat_map(|rule| rule.to.iter().flatten());
+                    let named = operations.filter_map(|to| to.operation.as_ref()).flat_map(|operation| {
+                        operation.ports.iter().chain(&operation.not_ports).filter_map(|port| port.parse::<u16>().ok())
+                    });
+                    ports.extend(named.filter(|port| *port != 0));
+                }
+                _ => {}
+            }
+        }
+    }
     ports.into_iter().collect()
+}
+
+/// Whether AuthorizationPolicies apply to the workloads' own traffic: one of the root namespace without a
+/// selector applies to every source; with the pods known, any namespace's may apply to its workloads.
+fn governs_intercepted(snapshot: &Snapshot, knows_sources: bool) -> bool {
+    let root = snapshot.mesh.root_namespace();
+    snapshot.resources.iter().any(|resource| match &resource.spec {
+        Spec::AuthorizationPolicy(policy) if policy.target_ref.is_none() && policy.target_refs.is_empty() => {
+            knows_sources || (resource.metadata.namespace() == root && policy.selector.is_none())
+        }
+        _ => false,
+    })
 }
 
 /// Whether a VirtualService's host `pattern` (exact, or `*.suffix`) covers the registered `host`.
