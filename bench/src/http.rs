@@ -40,9 +40,10 @@ type Measured = fn() -> anyhow::Result<Run>;
 
 /// The configurations compared, in the table's order: the limit, Sluice intercepting transparently (the origin
 /// registered, and not: ALLOW_ANY's passthrough, Istio's default mode) and Sluice on a Gateway port (as the peers are reached: at the proxy's own address), then the peers.
-const CONFIGURATIONS: [(&str, Measured); 8] = [
+const CONFIGURATIONS: [(&str, Measured); 9] = [
     ("direct", direct),
     ("sluice", sluice),
+    ("sluice-authz", sluice_authorization),
     ("sluice-passthrough", sluice_passthrough),
     ("sluice-gateway", sluice_gateway),
     ("hyper-forwarder", hyper_forwarder),
@@ -117,6 +118,51 @@ fn direct() -> anyhow::Result<Run> {
 
 fn sluice() -> anyhow::Result<Run> {
     intercepted("sluice", Registry::Only)
+}
+
+/// As `sluice`, with 100 AuthorizationPolicies in force: ten in the root namespace that every request meets
+/// (DENY rules on paths, methods and headers that do not match; ALLOW rules on hosts and ports, one of which does),
+/// and ninety in workload namespaces with selectors, which the requests' source does not meet.
+fn sluice_authorization() -> anyhow::Result<Run> {
+    let topology = Topology::new()?;
+    let _origin = origin(&topology)?;
+    let config = tempfile::tempdir()?;
+    write_sluice_config(config.path(), Registry::Only)?;
+    let mut yaml = String::new();
+    let policy = |name: String, namespace: &str, spec: &str| {
+        format!(
+            "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n{spec}"
+        )
+    };
+    for i in 0..5 {
+        let spec = format!(
+            "  action: DENY\n  rules:\n  - to: [{{operation: {{paths: ['/admin-{i}/*', '*.php'], methods: [DELETE]}}}}]\n  \
+             - when: [{{key: 'request.headers[x-blocked-{i}]', values: ['*']}}]\n"
+        );
+        yaml.push_str(&policy(format!("deny-{i}"), "istio-system", &spec));
+        let spec = format!(
+            "  rules:\n  - to: [{{operation: {{hosts: ['api-{i}.example.com', '*.svc-{i}.example.com'], ports: ['443']}}}}]\n  \
+             - to: [{{operation: {{hosts: ['{SERVER_A}', 'origin.bench'], ports: ['80']}}}}]\n"
+        );
+        yaml.push_str(&policy(format!("allow-{i}"), "istio-system", &spec));
+    }
+    for i in 0..90 {
+        let spec = format!(
+            "  selector: {{matchLabels: {{app: app-{i}}}}}\n  rules:\n  - from: [{{source: {{namespaces: [team-{i}]}}}}]\n    \
+             to: [{{operation: {{methods: [GET], paths: ['/api/*']}}}}]\n"
+        );
+        yaml.push_str(&policy(format!("team-{i}"), &format!("team-{i}"), &spec));
+    }
+    std::fs::write(config.path().join("authorization.yaml"), yaml).context("writing the bench's policies")?;
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80");
+    measure_sluice(
+        "sluice (100 AuthorizationPolicies)",
+        &topology,
+        config.path(),
+        &args,
+        None,
+        &format!("http://{SERVER_A}/"),
+    )
 }
 
 /// As `sluice`, in ALLOW_ANY with nothing registering the origin: each request passes through to the address

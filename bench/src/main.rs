@@ -262,10 +262,18 @@ fn http_comparison(only: &[String]) -> anyhow::Result<()> {
             rss
         );
     }
+    let of = |key: &str| runs.iter().find(|(run_key, _)| *run_key == key).map(|(_, run)| run);
+    let cpu = |key: &str| of(key).and_then(|run| run.cpu_us_per_request);
+    if let (Some(plain), Some(authorized)) = (cpu("sluice"), cpu("sluice-authz")) {
+        println!(
+            "with 100 AuthorizationPolicies: CPU per request {:.3} of without ({:+.1} %)",
+            authorized / plain,
+            (authorized / plain - 1.0) * 100.0
+        );
+    }
     if !only.is_empty() {
         return Ok(());
     }
-    let of = |key: &str| runs.iter().find(|(run_key, _)| *run_key == key).map(|(_, run)| run);
     let (Some(direct), Some(sluice)) = (of("direct"), of("sluice")) else { return Ok(()) };
     let direct = direct.requests_per_second.max(1.0);
     let peers = || runs.iter().filter(|(key, _)| http::PEERS.contains(key)).map(|(_, run)| run);
