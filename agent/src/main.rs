@@ -122,6 +122,10 @@ fn check(paths: &[PathBuf]) -> anyhow::Result<()> {
         for (field, why) in sluice_agent::config::unsupported::fields(resource, false) {
             let _ = writeln!(out, "{}: {field}: not applied: {why}", resource.id());
         }
+        // What Istio warns of, and takes.
+        for (field, why) in sluice_agent::config::warnings::warnings(resource) {
+            let _ = writeln!(out, "{}: {field}: warning: {why}", resource.id());
+        }
     }
     // Where each AuthorizationPolicy applies, since that is what a reader of its YAML most often gets wrong.
     let root = loaded.snapshot.mesh.root_namespace();

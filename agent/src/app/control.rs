@@ -87,6 +87,12 @@ impl Control {
                     tracing::warn!(resource = %id, %field, reason = why, "field not applied");
                 }
             }
+            for (field, why) in crate::config::warnings::warnings(resource) {
+                let id = resource.id();
+                if self.warned.insert(format!("{id} {field} {why}")) {
+                    tracing::warn!(resource = %id, %field, reason = why, "as Istio warns");
+                }
+            }
         }
         snapshot
     }

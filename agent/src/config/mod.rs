@@ -18,6 +18,7 @@ pub mod sources;
 pub mod store;
 pub mod unsupported;
 pub mod virtual_service;
+pub mod warnings;
 pub mod workloads;
 
 pub use error::ConfigError;

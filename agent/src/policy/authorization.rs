@@ -310,20 +310,20 @@ impl Authorization {
                     continue;
                 }
             }
-            let matched = policy.matches(subject);
             if policy.dry_run || policy.action == Action::Audit {
-                verdict.reported.push((policy.id.clone(), policy.action, matched));
+                verdict.reported.push((policy.id.clone(), policy.action, policy.matches(subject)));
                 continue;
             }
             verdict.governed = true;
+            // Each enforced policy's rules are run only while they can still change the outcome.
             match policy.action {
-                Action::Deny if matched && !verdict.denied => {
+                Action::Deny if !verdict.denied && policy.matches(subject) => {
                     verdict.denied = true;
                     verdict.policy = Some((policy.id.clone(), Action::Deny));
                 }
                 Action::Allow => {
                     allow_applies = true;
-                    if matched && allowed_by.is_none() {
+                    if !verdict.denied && allowed_by.is_none() && policy.matches(subject) {
                         allowed_by = Some(policy.id.clone());
                     }
                 }
