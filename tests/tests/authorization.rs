@@ -138,7 +138,10 @@ fn intercepted_requests_meet_deny_then_allow_and_a_dry_run_is_only_counted() {
     let config = tempfile::tempdir().unwrap();
     istio::write(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, &istio::backend("other", SERVER_B, 80), MESH_POLICIES])
         .unwrap();
-    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --access-log-format json --config {}",
+        config.path().display()
+    );
     let agent = Agent::start(&topology.gateway, &args).unwrap();
 
     let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/anything", &[]);
@@ -160,6 +163,10 @@ fn intercepted_requests_meet_deny_then_allow_and_a_dry_run_is_only_counted() {
     assert_eq!(count(&[("policy", "istio-system/no-posts"), ("result", "dry_run_denied")]), 1, "{metrics}");
     let forbidden = [("response_code", "403"), ("response_flags", "-")];
     assert_eq!(total(&metrics, "istio_requests_total", &forbidden), 2, "{metrics}");
+    // The access log says which policy denied, as Envoy's response code details do.
+    let details = "\"response_code_details\":\"rbac_access_denied_matched_policy[istio-system/no-admin]\"";
+    agent.wait_for_log(details, 1).unwrap();
+    agent.wait_for_log("\"response_code_details\":\"rbac_access_denied_matched_policy[none]\"", 1).unwrap();
 }
 
 /// Two TCP ports registered at server B, which the kernel would pass by address; a root-namespace policy denies

@@ -16,7 +16,8 @@ use crate::{
     telemetry::requests::RequestTelemetry,
 };
 
-/// Whether `request` may go on. `source`: the workload behind the client's address, when known.
+/// Whether `request` may go on; denied, Envoy's response code details (`rbac_access_denied_matched_policy[…]`).
+/// `source`: the workload behind the client's address, when known.
 pub fn request<B>(
     policy: &ProxyPolicy,
     telemetry: &RequestTelemetry,
@@ -24,7 +25,7 @@ pub fn request<B>(
     authority: &str,
     connection: &Connection,
     source: Option<&Workload>,
-) -> bool {
+) -> Result<(), String> {
     let principal = connection.principal.as_deref();
     let port = match connection.listener {
         // The destination the request names, as the forward proxy will reach it.
@@ -77,7 +78,7 @@ pub fn connection(
         destination_port: dialled.port(),
     };
     let scope = if gateway { Scope::Gateway } else { Scope::Workload(source) };
-    decided(policy, telemetry, scope, &subject, peer)
+    decided(policy, telemetry, scope, &subject, peer).is_ok()
 }
 
 fn decided(
@@ -86,21 +87,23 @@ fn decided(
     scope: Scope<'_>,
     subject: &Subject<'_>,
     peer: SocketAddr,
-) -> bool {
+) -> Result<(), String> {
     if policy.authorization.is_empty() {
-        return true;
+        return Ok(());
     }
     let verdict = policy.authorization.decide(scope, subject);
     telemetry.authorization(&verdict);
-    if verdict.denied {
-        let matched = verdict.policy.as_ref().map_or("none", |(policy, _)| &**policy);
-        tracing::debug!(
-            source = %peer,
-            destination_port = subject.destination_port,
-            sni = subject.sni.unwrap_or("-"),
-            details = %format!("rbac_access_denied_matched_policy[{matched}]"),
-            "denied by AuthorizationPolicy"
-        );
+    if !verdict.denied {
+        return Ok(());
     }
-    !verdict.denied
+    let matched = verdict.policy.as_ref().map_or("none", |(policy, _)| &**policy);
+    let details = format!("rbac_access_denied_matched_policy[{matched}]");
+    tracing::debug!(
+        source = %peer,
+        destination_port = subject.destination_port,
+        sni = subject.sni.unwrap_or("-"),
+        %details,
+        "denied by AuthorizationPolicy"
+    );
+    Err(details)
 }

@@ -335,13 +335,15 @@ impl HttpProxy {
                 return self.local_failure(Failure::BadRequest, record, started, None);
             };
             // Istio's RBAC filter comes before the router: a denied request learns nothing of the routes.
-            let authorized = policy.authorization.is_empty() || {
+            if !policy.authorization.is_empty() {
                 let workloads = self.workloads.load();
                 let source = workloads.get(connection.peer.ip()).map(|source| &**source);
-                authorize::request(&policy, &self.telemetry, &request, authority, &connection, source)
-            };
-            if !authorized {
-                return self.local_failure(Failure::AccessDenied, record, started, None);
+                let authorized = authorize::request(&policy, &self.telemetry, &request, authority, &connection, source);
+                if let Err(details) = authorized {
+                    drop(workloads);
+                    record.response_code_details = Some(details.into());
+                    return self.local_failure(Failure::AccessDenied, record, started, None);
+                }
             }
             if connection.listener == Listener::Forward {
                 if request.method() == Method::CONNECT {

@@ -244,6 +244,9 @@ pub struct RequestRecord {
     /// The destination (and Envoy cluster) the request went to, when it got that far.
     pub destination: Option<DestinationLabels>,
     pub connection_security: ConnectionSecurity,
+    /// Why the proxy answered as it did, where Envoy says more than the flag (an RBAC denial's
+    /// `rbac_access_denied_matched_policy[…]`).
+    pub response_code_details: Option<Box<str>>,
 }
 
 /// The identity a client's verified certificate carries: its SPIFFE URI (`spiffe://TRUST-DOMAIN/ns/NS/sa/SA`,
@@ -651,6 +654,8 @@ fn json_line(record: &RequestRecord) -> String {
         "route_name": record.route_name.as_ref().map(ToString::to_string),
         "downstream_remote_address": record.downstream_remote.map(|a| a.to_string()),
         "downstream_local_address": record.downstream_local.map(|a| a.to_string()),
+        "downstream_peer_uri_san": record.source_principal.as_ref().map(|principal| principal.as_str()),
+        "response_code_details": record.response_code_details,
     })
     .to_string();
     line.push('\n');

@@ -150,4 +150,19 @@ fn a_json_line_names_the_route_and_cluster_as_envoys_json_log_does() {
     assert_eq!(line["upstream_cluster"], "outbound|80||httpbin.org");
     assert_eq!(line["response_code"], 200);
     assert_eq!(line["response_flags"], "-");
+    assert_eq!(line["downstream_peer_uri_san"], serde_json::Value::Null, "no client certificate");
+}
+
+#[test]
+fn a_json_line_carries_the_clients_identity_and_why_it_was_refused() {
+    let spiffe: std::sync::Arc<str> = "spiffe://cluster.local/ns/apps/sa/client".into();
+    let record = RequestRecord {
+        response_code: 403,
+        source_principal: Some(crate::policy::labels::LabelText::Shared(spiffe)),
+        response_code_details: Some("rbac_access_denied_matched_policy[istio-system/no-admin]".into()),
+        ..RequestRecord::default()
+    };
+    let line: serde_json::Value = serde_json::from_str(&json_line(&record)).unwrap();
+    assert_eq!(line["downstream_peer_uri_san"], "spiffe://cluster.local/ns/apps/sa/client");
+    assert_eq!(line["response_code_details"], "rbac_access_denied_matched_policy[istio-system/no-admin]");
 }
