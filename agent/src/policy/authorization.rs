@@ -149,14 +149,16 @@ impl Text {
     }
 
     fn matches(&self, value: &str, fold: bool) -> bool {
-        let eq = |a: &str, b: &str| if fold { a.eq_ignore_ascii_case(b) } else { a == b };
+        // Compared as bytes: a hostile server name need not split where a pattern's length falls.
+        let eq = |a: &[u8], b: &[u8]| if fold { a.eq_ignore_ascii_case(b) } else { a == b };
+        let bytes = value.as_bytes();
         match self {
             Text::Any => true,
-            Text::Exact(exact) => eq(value, exact),
-            Text::Prefix(prefix) => value.len() >= prefix.len() && eq(&value[..prefix.len()], prefix),
+            Text::Exact(exact) => eq(bytes, exact.as_bytes()),
+            Text::Prefix(prefix) => bytes.get(..prefix.len()).is_some_and(|head| eq(head, prefix.as_bytes())),
             Text::Suffix(suffix) => {
-                let start = value.len().wrapping_sub(suffix.len());
-                value.len() >= suffix.len() && value.is_char_boundary(start) && eq(&value[start..], suffix)
+                let start = bytes.len().checked_sub(suffix.len());
+                start.is_some_and(|start| eq(&bytes[start..], suffix.as_bytes()))
             }
             Text::Template(segments) => {
                 let mut parts = value.split('/');
@@ -169,7 +171,7 @@ impl Text {
                             }
                         }
                         Segment::Literal(literal) => {
-                            if parts.next().is_none_or(|part| !eq(part, literal)) {
+                            if parts.next().is_none_or(|part| !eq(part.as_bytes(), literal.as_bytes())) {
                                 return false;
                             }
                         }

@@ -179,3 +179,18 @@ spec:
     assert!(!authorization.decide(Scope::Workload(None), &ssh).denied, "an unknown source: root policies only");
     assert!(!authorization.decide(Scope::Gateway, &ssh).denied, "neither is the gateway's namespace");
 }
+
+#[test]
+fn names_of_any_bytes_are_matched_without_splitting_a_character() {
+    // A pattern's length may fall inside a multibyte character of a hostile server name: no match, no panic.
+    let prefix = Text::compile("ab*", true);
+    assert!(!prefix.matches("aé", true) && !prefix.matches("é", true) && prefix.matches("ABc", true));
+    let suffix = Text::compile("*b.com", true);
+    assert!(!suffix.matches("éb.co", true) && suffix.matches("xB.COM", true));
+    let template = Text::compile("/a/{*}", false);
+    assert!(template.matches("/a/é", false) && !template.matches("/é/x", false));
+    let authorization = authorization(RESTRICT_EGRESS, None);
+    for name in ["éinternal.company.com", "api.trusted-servicé.com", "é"] {
+        assert!(authorization.decide(Scope::Gateway, &connection(Some(name), 443)).denied, "{name}");
+    }
+}
