@@ -7,10 +7,10 @@ use sluice_tests::{
     http::{get, ECHO},
     istio::{self, HTTPBIN, MESH_REGISTRY_ONLY},
     metrics::total,
-    peers::{curl, Nginx},
+    peers::{curl, Dnsmasq, Nginx},
     require_root,
     tls::{accepted, certificates, https, tls_server},
-    topology::{addr, GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, SERVER_A, SERVER_B},
+    topology::{addr, GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A, SERVER_B},
     Agent, Topology,
 };
 
@@ -205,4 +205,45 @@ fn tcp_the_kernel_would_pass_by_address_is_decided_in_the_proxy_when_policies_go
     let metrics = agent.metrics().unwrap();
     let denied = [("policy", "istio-system/no-8080"), ("action", "DENY"), ("result", "denied")];
     assert_eq!(total(&metrics, "sluice_authorization_decisions_total", &denied), 1, "{metrics}");
+}
+
+/// A policy of the egress gateway (selected by its labels), for the seeds' two-hop egress: mesh → the gateway's
+/// own Service → httpbin.org.
+const GATEWAY_NO_ADMIN: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: gateway-no-admin, namespace: smm-demo}
+spec:
+  selector: {matchLabels: {gateway-name: egress-demo}}
+  action: DENY
+  rules: [{to: [{operation: {paths: ['/admin/*']}}]}]
+";
+
+#[test]
+fn the_gateways_policies_apply_to_the_second_hop_of_mesh_traffic_routed_through_it() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80)], ECHO).unwrap();
+    let _dns = Dnsmasq::start(&topology.internet, INTERNET_ADDR, &[("httpbin.org", SERVER_A)]).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let seed = istio::seed("create-egress-gateway");
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, &seed, GATEWAY_NO_ADMIN]).unwrap();
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {} --dns-server {INTERNET_ADDR} \
+         --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32 --gateway-labels gateway-name=egress-demo,gateway-type=egress \
+         --gateway-service egress-demo.smm-demo.svc.cluster.local",
+        config.path().display()
+    );
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    agent.wait_for_log("gateway listener open", 1).unwrap();
+
+    // From the mesh: the mesh route hands the request to the gateway in process, whose policy applies there.
+    let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/get", &[]);
+    assert_eq!(code, 200, "{body}\n{}", agent.log());
+    assert_eq!(get(&topology, "httpbin.org", SERVER_A, "/admin/users", &[]), (403, "RBAC: access denied".to_owned()));
+    // To the gateway's port directly, as another node's sidecar sends it: the same policy.
+    let (code, _) = get(&topology, "httpbin.org", GATEWAY_WORKLOAD_ADDR, "/admin/users", &[]);
+    assert_eq!(code, 403);
+    let metrics = agent.metrics().unwrap();
+    let denied = [("policy", "smm-demo/gateway-no-admin"), ("result", "denied")];
+    assert_eq!(total(&metrics, "sluice_authorization_decisions_total", &denied), 2, "{metrics}");
 }

@@ -17,24 +17,26 @@ use crate::{
 };
 
 /// Whether `request` may go on; denied, Envoy's response code details (`rbac_access_denied_matched_policy[…]`).
-/// `source`: the workload behind the client's address, when known.
+/// `source`: the workload behind the client's address, when known. `hop`: the Gateway port a mesh route handed
+/// the request to (this gateway's own Service), where the gateway's policies decide it as on that port.
 pub fn request<B>(
     policy: &ProxyPolicy,
     telemetry: &RequestTelemetry,
     request: &Request<B>,
     authority: &str,
-    connection: &Connection,
-    source: Option<&Workload>,
+    (connection, source): (&Connection, Option<&Workload>),
+    hop: Option<u16>,
 ) -> Result<(), String> {
     let principal = connection.principal.as_deref();
-    let port = match connection.listener {
+    let port = match (hop, connection.listener) {
+        (Some(port), _) => port,
         // The destination the request names, as the forward proxy will reach it.
-        Listener::Forward => request
+        (None, Listener::Forward) => request
             .uri()
             .port_u16()
             .or_else(|| authority.rsplit_once(':').and_then(|(_, port)| port.parse().ok()))
             .unwrap_or(80),
-        _ => connection.local.port(),
+        (None, _) => connection.local.port(),
     };
     let subject = Subject {
         http: Some(HttpRequest {
@@ -52,9 +54,9 @@ pub fn request<B>(
         destination_ip: connection.local.ip(),
         destination_port: port,
     };
-    let scope = match connection.listener {
-        Listener::Gateway(_) => Scope::Gateway,
-        Listener::Mesh | Listener::Forward => Scope::Workload(source),
+    let scope = match (hop, connection.listener) {
+        (Some(_), _) | (None, Listener::Gateway(_)) => Scope::Gateway,
+        (None, Listener::Mesh | Listener::Forward) => Scope::Workload(source),
     };
     decided(policy, telemetry, scope, &subject, connection.peer)
 }

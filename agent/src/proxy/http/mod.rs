@@ -338,7 +338,8 @@ impl HttpProxy {
             if !policy.authorization.is_empty() {
                 let workloads = self.workloads.load();
                 let source = workloads.get(connection.peer.ip()).map(|source| &**source);
-                let authorized = authorize::request(&policy, &self.telemetry, &request, authority, &connection, source);
+                let authorized =
+                    authorize::request(&policy, &self.telemetry, &request, authority, (&connection, source), None);
                 if let Err(details) = authorized {
                     drop(workloads);
                     record.response_code_details = Some(details.into());
@@ -366,6 +367,7 @@ impl HttpProxy {
                 self.telemetry.host_mismatch("refused");
                 return self.local_failure(Failure::HostMismatch, record, started, None);
             }
+            let mut hop = None;
             let decision = {
                 let workloads = self.workloads.load();
                 let source = workloads.get(connection.peer.ip());
@@ -373,16 +375,32 @@ impl HttpProxy {
                     record.source_workload = Some(source.name.clone().into());
                     record.source_workload_namespace = Some(source.namespace.clone().into());
                 }
-                routing::decide(
+                let source = source.map(|source| &**source);
+                let decision = routing::decide_noting_hop(
                     &policy,
                     &request,
                     authority,
-                    connection.listener,
-                    connection.local,
-                    source.map(|source| &**source),
+                    (connection.listener, connection.local),
+                    source,
                     fastrand::u32(..),
-                )
+                    &mut hop,
+                );
+                // Handed by a mesh route to this gateway's own Service: the gateway's policies decide it too, as
+                // they would on the second hop to a gateway pod.
+                let denied = match hop.filter(|_| !policy.authorization.is_empty()) {
+                    Some(port) => {
+                        let connection = (&connection, source);
+                        authorize::request(&policy, &self.telemetry, &request, authority, connection, Some(port)).err()
+                    }
+                    None => None,
+                };
+                (decision, denied)
             };
+            let (decision, denied) = decision;
+            if let Some(details) = denied {
+                record.response_code_details = Some(details.into());
+                return self.local_failure(Failure::AccessDenied, record, started, None);
+            }
             // The decision is taken apart before the forwarding is waited for, so that the request's future does not
             // keep it.
             let forwarding = match decision {

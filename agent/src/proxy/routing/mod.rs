@@ -150,6 +150,20 @@ pub fn decide<'p, B>(
     source: Option<&Workload>,
     roll: u32,
 ) -> Decision<'p> {
+    decide_noting_hop(policy, request, authority, (listener, local), source, roll, &mut None)
+}
+
+/// As [`decide`]; `hop` is set to the Gateway port the request continued on when a mesh route sent it to this
+/// gateway's own Service (the two-hop egress pattern), whose AuthorizationPolicies then apply too.
+pub fn decide_noting_hop<'p, B>(
+    policy: &'p ProxyPolicy,
+    request: &Request<B>,
+    authority: &str,
+    (listener, local): (Listener, SocketAddr),
+    source: Option<&Workload>,
+    roll: u32,
+    hop: &mut Option<u16>,
+) -> Decision<'p> {
     let mut listener = listener;
     let mut port = local.port();
     let host_name = host_of(authority);
@@ -227,6 +241,7 @@ pub fn decide<'p, B>(
         };
         if listener.is_mesh() && policy.is_own_service(host) {
             listener = Listener::Gateway(destination_port);
+            *hop = Some(destination_port);
             continue;
         }
         return match destination(policy, host, destination_port, subset, listener, local, viewer) {
