@@ -247,3 +247,54 @@ fn the_gateways_policies_apply_to_the_second_hop_of_mesh_traffic_routed_through_
     let denied = [("policy", "smm-demo/gateway-no-admin"), ("result", "denied")];
     assert_eq!(total(&metrics, "sluice_authorization_decisions_total", &denied), 2, "{metrics}");
 }
+
+/// The gateway's policy for the seeds' SNI egress gateway: no storage.googleapis.com through it.
+const NO_STORAGE: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-storage, namespace: istio-system}
+spec:
+  selector: {matchLabels: {istio: egressgateway}}
+  action: DENY
+  rules: [{to: [{operation: {hosts: [storage.googleapis.com]}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: googleapis-wildcard, namespace: egress}
+spec:
+  hosts: ['*.googleapis.com']
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+  location: MESH_EXTERNAL
+  resolution: NONE
+";
+
+#[test]
+fn the_gateways_policies_apply_to_tls_the_mesh_hands_to_it_by_server_name() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["www.googleapis.com", "storage.googleapis.com", "bigquery.googleapis.com"];
+    let (ca, cert, key) = certificates(dir.path(), "sluice-test-ca", &names);
+    let _nginx = tls_server(&topology, &[addr(SERVER_B, 443)], &cert, &key);
+    let _dns = Dnsmasq::start(&topology.internet, INTERNET_ADDR, &[("www.googleapis.com", SERVER_B)]).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let seed = istio::seed("egress-gateway-sni");
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, &seed, NO_STORAGE]).unwrap();
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 443 --config {} --dns-server {INTERNET_ADDR} \
+         --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32 --gateway-service istio-egressgateway.istio-system.svc.cluster.local",
+        config.path().display()
+    );
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    agent.wait_for_log("gateway listener open", 1).unwrap();
+
+    // From the mesh, whatever address was dialled: the mesh route hands the connection to the gateway, whose
+    // policy decides it by the ClientHello's name.
+    let allowed = https(&topology, "bigquery.googleapis.com", SERVER_A, &ca);
+    assert_eq!(allowed.as_deref(), Ok("sni=bigquery.googleapis.com\n"), "{}", agent.log());
+    let reached = accepted(&topology);
+    assert!(https(&topology, "storage.googleapis.com", SERVER_A, &ca).is_err());
+    assert_eq!(accepted(&topology), reached + 1, "only the status request reached nginx");
+    let metrics = agent.metrics().unwrap();
+    let denied = [("policy", "istio-system/no-storage"), ("result", "denied")];
+    assert_eq!(total(&metrics, "sluice_authorization_decisions_total", &denied), 1, "{metrics}");
+}

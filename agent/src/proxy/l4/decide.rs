@@ -48,6 +48,20 @@ pub fn decide_tls(
     arrival: Arrival,
     roll: u32,
 ) -> (Verdict, Mismatch) {
+    decide_tls_noting_hop(policy, server_name, dialled, source, arrival, roll, &mut None)
+}
+
+/// As [`decide_tls`]; `hop` is set to the Gateway port an intercepted connection continued on when a mesh route
+/// sent it to this gateway's own Service, whose AuthorizationPolicies then apply too.
+pub fn decide_tls_noting_hop(
+    policy: &ProxyPolicy,
+    server_name: Option<&str>,
+    dialled: SocketAddr,
+    source: Option<&Workload>,
+    arrival: Arrival,
+    roll: u32,
+    hop: &mut Option<u16>,
+) -> (Verdict, Mismatch) {
     let viewer = Viewer::Workload(source);
     let gateway_port = match arrival {
         Arrival::Gateway(port) => port,
@@ -60,7 +74,10 @@ pub fn decide_tls(
             });
             match routed {
                 // A route to this gateway's own Service continues in the gateway's context, in process.
-                Some(target) if policy.is_own_service(target.host()) => target.port().unwrap_or(dialled.port()),
+                Some(target) if policy.is_own_service(target.host()) => {
+                    *hop = Some(target.port().unwrap_or(dialled.port()));
+                    target.port().unwrap_or(dialled.port())
+                }
                 Some(target) => return routed_tls(policy, target, server_name, dialled, viewer),
                 // No route for the name: the registered host itself, as without a VirtualService.
                 None => return by_registry(policy, server_name.unwrap_or(""), server_name, dialled, viewer),
@@ -94,6 +111,18 @@ pub fn decide_tcp(
     arrival: Arrival,
     roll: u32,
 ) -> (Verdict, Mismatch) {
+    decide_tcp_noting_hop(policy, dialled, source, arrival, roll, &mut None)
+}
+
+/// As [`decide_tcp`], noting the hop to this gateway's own Service as [`decide_tls_noting_hop`] does.
+pub fn decide_tcp_noting_hop(
+    policy: &ProxyPolicy,
+    dialled: SocketAddr,
+    source: Option<&Workload>,
+    arrival: Arrival,
+    roll: u32,
+    hop: &mut Option<u16>,
+) -> (Verdict, Mismatch) {
     let viewer = Viewer::Workload(source);
     let port = dialled.port();
     let gateway_port = match arrival {
@@ -111,7 +140,10 @@ pub fn decide_tcp(
                 routes.first_match(&view, visible)?.targets.pick(roll)
             });
             match routed {
-                Some(target) if policy.is_own_service(target.host()) => target.port().unwrap_or(port),
+                Some(target) if policy.is_own_service(target.host()) => {
+                    *hop = Some(target.port().unwrap_or(port));
+                    target.port().unwrap_or(port)
+                }
                 Some(target) => return (to_target(policy, target, port, viewer, None, Some(dialled)), None),
                 None => return by_registry(policy, "", None, dialled, viewer),
             }

@@ -26,7 +26,7 @@ use crate::{
     },
 };
 use client_hello::Hello;
-pub use decide::{decide_tcp, decide_tls, Arrival, Mismatch, Verdict};
+pub use decide::{decide_tcp, decide_tcp_noting_hop, decide_tls, decide_tls_noting_hop, Arrival, Mismatch, Verdict};
 
 /// A client's stream the relay takes: a socket, or TLS the gateway terminated (a TLS Gateway server with `tcp`
 /// routes); reset, rather than closed, when refused, so the client takes no close for an answer.
@@ -143,7 +143,10 @@ pub async fn serve_tls_read(
     let workload = proxy.workload(peer.ip());
     let name = server_name.as_deref();
     let policy = proxy.policy();
-    let decided = decide_tls(&policy, name, dialled, workload.as_deref(), arrival, fastrand::u32(..));
+    let mut hop = None;
+    let decided =
+        decide_tls_noting_hop(&policy, name, dialled, workload.as_deref(), arrival, fastrand::u32(..), &mut hop);
+    let arrival = hop.map_or(arrival, Arrival::Gateway);
     let decided = authorized(decided, &policy, proxy, name, (peer, dialled), arrival, workload.as_deref());
     let connection = Connection { peer, dialled, server_name: name, hello, source: workload.as_deref() };
     finish(stream, &connection, decided, proxy, clock).await;
@@ -173,7 +176,9 @@ async fn serve_tcp_read<S: ClientStream>(
 ) {
     let workload = proxy.workload(peer.ip());
     let policy = proxy.policy();
-    let decided = decide_tcp(&policy, dialled, workload.as_deref(), arrival, fastrand::u32(..));
+    let mut hop = None;
+    let decided = decide_tcp_noting_hop(&policy, dialled, workload.as_deref(), arrival, fastrand::u32(..), &mut hop);
+    let arrival = hop.map_or(arrival, Arrival::Gateway);
     let decided = authorized(decided, &policy, proxy, None, (peer, dialled), arrival, workload.as_deref());
     let connection = Connection { peer, dialled, server_name: None, hello: read, source: workload.as_deref() };
     finish(stream, &connection, decided, proxy, clock).await;
@@ -193,8 +198,14 @@ fn authorized(
     if matches!(verdict, Verdict::Refuse { .. }) {
         return (verdict, mismatch);
     }
-    let gateway = matches!(arrival, Arrival::Gateway(_));
-    if authorize::connection(policy, proxy.telemetry(), server_name, addresses, gateway, source) {
+    // Arrived on a Gateway port, or handed by a mesh route to this gateway's own Service (that port): the gateway's
+    // policies decide it, as on its second hop to a gateway pod.
+    let (peer, dialled) = addresses;
+    let (gateway, dialled) = match arrival {
+        Arrival::Gateway(port) => (true, SocketAddr::new(dialled.ip(), port)),
+        Arrival::Intercepted => (false, dialled),
+    };
+    if authorize::connection(policy, proxy.telemetry(), server_name, (peer, dialled), gateway, source) {
         return (verdict, mismatch);
     }
     let labels = match verdict {
