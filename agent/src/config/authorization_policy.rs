@@ -206,10 +206,15 @@ impl AuthorizationPolicy {
         }
     }
 
+    /// Whether `targetRef`/`targetRefs` attach the policy (to a Service or Gateway), which Sluice does not apply.
+    pub fn attached_by_target(&self) -> bool {
+        self.target_ref.is_some() || !self.target_refs.is_empty()
+    }
+
     /// Where the policy applies, in words (`sluice check` says it of each): `namespace` is the policy's,
     /// `root` the mesh's root namespace.
     pub fn applies_to(&self, namespace: &str, root: &str) -> String {
-        if self.target_ref.is_some() || !self.target_refs.is_empty() {
+        if self.attached_by_target() {
             return "nothing: policies attached by targetRefs are not applied".into();
         }
         let labels = self.selector.as_ref().map(|selector| {
@@ -242,8 +247,7 @@ impl AuthorizationPolicy {
         if let Err(reason) = &action {
             fail("spec.action".into(), reason.clone());
         }
-        let targets = usize::from(self.target_ref.is_some()) + usize::from(!self.target_refs.is_empty());
-        if self.selector.is_some() && targets > 0 {
+        if self.selector.is_some() && self.attached_by_target() {
             fail("spec.selector".into(), "only one of selector or targetRefs may be set".into());
         }
         for (i, target) in self.target_ref.iter().chain(&self.target_refs).enumerate() {

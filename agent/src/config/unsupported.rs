@@ -106,7 +106,7 @@ pub fn fields(resource: &Resource, knows_sources: bool) -> Vec<(String, &'static
                     }
                 }
             }
-            if policy.target_ref.is_some() || !policy.target_refs.is_empty() {
+            if policy.attached_by_target() {
                 found.push(("spec.targetRefs".into(), "policies attached by targetRefs are not applied"));
             }
         }

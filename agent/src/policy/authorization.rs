@@ -244,7 +244,7 @@ impl Authorization {
         for resource in &snapshot.resources {
             let Spec::AuthorizationPolicy(policy) = &resource.spec else { continue };
             // Policies attached by targetRefs apply to what they name, not to a workload by labels (warned of).
-            if policy.target_ref.is_some() || !policy.target_refs.is_empty() {
+            if policy.attached_by_target() {
                 continue;
             }
             let Ok(action) = policy.action() else { continue };
@@ -340,6 +340,19 @@ impl Authorization {
         }
         verdict
     }
+}
+
+/// Whether AuthorizationPolicies apply to the workloads' own traffic (so the proxy must see it): one of the root
+/// namespace without a selector applies to every source; with the pods known (`knows_sources`), any namespace's
+/// may apply to its workloads. The same scope rules as [`Authorization::decide`]'s.
+pub fn governs_intercepted(snapshot: &Snapshot, knows_sources: bool) -> bool {
+    let root = snapshot.mesh.root_namespace();
+    snapshot.resources.iter().any(|resource| match &resource.spec {
+        Spec::AuthorizationPolicy(policy) if !policy.attached_by_target() => {
+            knows_sources || (resource.metadata.namespace() == root && policy.selector.is_none())
+        }
+        _ => false,
+    })
 }
 
 impl Policy {

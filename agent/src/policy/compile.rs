@@ -110,7 +110,7 @@ fn intercepted_ports(snapshot: &Snapshot, node: &NodeSettings) -> Vec<u16> {
     }
     // AuthorizationPolicies are decided in the proxy: where they govern the workloads' own traffic, the TCP the
     // kernel would pass by address (registered ports, and those the policies name) goes through the proxy instead.
-    if governs_intercepted(snapshot, node.knows_sources) {
+    if super::authorization::governs_intercepted(snapshot, node.knows_sources) {
         for resource in &snapshot.resources {
             match &resource.spec {
                 Spec::ServiceEntry(entry) => {
@@ -131,18 +131,6 @@ fn intercepted_ports(snapshot: &Snapshot, node: &NodeSettings) -> Vec<u16> {
         }
     }
     ports.into_iter().collect()
-}
-
-/// Whether AuthorizationPolicies apply to the workloads' own traffic: one of the root namespace without a
-/// selector applies to every source; with the pods known, any namespace's may apply to its workloads.
-fn governs_intercepted(snapshot: &Snapshot, knows_sources: bool) -> bool {
-    let root = snapshot.mesh.root_namespace();
-    snapshot.resources.iter().any(|resource| match &resource.spec {
-        Spec::AuthorizationPolicy(policy) if policy.target_ref.is_none() && policy.target_refs.is_empty() => {
-            knows_sources || (resource.metadata.namespace() == root && policy.selector.is_none())
-        }
-        _ => false,
-    })
 }
 
 /// Whether a VirtualService's host `pattern` (exact, or `*.suffix`) covers the registered `host`.
