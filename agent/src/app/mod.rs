@@ -44,6 +44,7 @@ use crate::{
         gateway_listeners::GatewayListeners,
         http::{HttpProxy, Limits, Listener},
         local_destinations::LocalDestinations,
+        relay::Relay,
         tcp::{SourceAddresses, UpstreamSockets},
         transparent_listener::TransparentListener,
     },
@@ -169,6 +170,8 @@ impl App {
         let metrics = telemetry::metrics::registry(counters.clone(), datapath.blackholed(), settings.access_log_format);
         let early = datapath.holds_policy();
         let events = datapath.take_events();
+        let relay = Relay::new(settings.relay_engine);
+        tracing::info!(relay_engine = relay.engine().as_str(), "decided byte streams are relayed by this engine");
         let datapath = Arc::new(Mutex::new(datapath));
         let listed = kube_changes.as_ref().is_none_or(|changes| changes.borrow().is_some());
         let (readiness, readiness_reader) = watch::channel(Readiness { listed, unenforced: Vec::new() });
@@ -240,7 +243,8 @@ impl App {
         let http = Arc::new(
             HttpProxy::new(routes.clone(), metrics.requests.clone(), limits)
                 .with_resolver(resolver)
-                .with_workloads(workloads.clone()),
+                .with_workloads(workloads.clone())
+                .with_relay(relay),
         );
         tasks.spawn(HttpProxy::keep_a_timer_due());
         for listener in forward_proxy.into_iter().flatten() {

@@ -140,6 +140,10 @@ pub struct RunSettings {
     /// byte (Envoy's idle_timeout).
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = crate::config::fields::parse_duration)]
     pub idle_timeout: std::time::Duration,
+    /// How the bytes of decided TLS and TCP connections and CONNECT tunnels are relayed: spliced through a pipe in
+    /// the kernel (splice(2)), or copied by the proxy.
+    #[arg(long, value_enum, default_value = "splice")]
+    pub relay_engine: crate::proxy::relay::Engine,
     /// How many destinations passed through unregistered (ALLOW_ANY: a Host, or an address and port) get Istio
     /// metric series of their own; requests to others are counted under PassthroughCluster alone, so that clients
     /// sending random Hosts cannot grow the metrics without bound.

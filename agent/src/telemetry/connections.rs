@@ -79,6 +79,8 @@ pub struct ConnectionRecord<'a> {
     pub remote: SocketAddr,
     /// The ClientHello's server name, for TLS.
     pub server_name: Option<&'a str>,
+    /// How its bytes were relayed (`splice`, `copy`), if it was.
+    pub relay_engine: Option<&'static str>,
 }
 
 impl ConnectionRecord<'_> {
@@ -117,6 +119,7 @@ impl ConnectionRecord<'_> {
             "downstream_local_address": self.local.to_string(),
             "downstream_remote_address": self.remote.to_string(),
             "requested_server_name": self.server_name,
+            "relay_engine": self.relay_engine,
         })
         .to_string();
         line.push('\n');

@@ -41,7 +41,8 @@ use super::{
     authorize,
     detect::HttpVersion,
     failure::Failure,
-    idle, join, path,
+    idle, path,
+    relay::Relay,
     routing::{self, Decision, Destination},
     tcp::{self, UpstreamSockets},
     upstreams::{Outgoing, SendError, UpstreamBody, UpstreamTls, Upstreams},
@@ -115,6 +116,8 @@ pub struct HttpProxy {
     resolver: Option<Arc<DnsResolver>>,
     /// The workloads behind the gateway by address (from Kubernetes), for source matches and labels.
     workloads: Arc<KnownWorkloads>,
+    /// How decided byte streams (TLS and TCP relays, tunnels, upgrades) are carried.
+    relay: Relay,
 }
 
 /// What one client may cost the proxy, and where its upstream connections may go.
@@ -149,7 +152,18 @@ impl HttpProxy {
             mirrors,
             resolver: None,
             workloads: Default::default(),
+            relay: Relay::default(),
         }
+    }
+
+    /// Decided byte streams between two sockets go through `relay`'s engine (by default splice(2)).
+    pub fn with_relay(mut self, relay: Relay) -> HttpProxy {
+        self.relay = relay;
+        self
+    }
+
+    pub fn relay(&self) -> &Relay {
+        &self.relay
     }
 
     /// The workload at `address`, when the pod watcher knows it.

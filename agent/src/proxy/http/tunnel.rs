@@ -1,7 +1,11 @@
 //! Connections that leave HTTP behind: `CONNECT` tunnels on the forward-proxy port and HTTP/1.1 upgrades
 //! (WebSocket), joined end to end with a connection place of their own and an idle timeout.
 
+use hyper::upgrade::Upgraded;
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+
 use super::*;
+use crate::proxy::relay::{Ended, Relayed};
 
 impl HttpProxy {
     /// `CONNECT host:port` on the forward-proxy port: a tunnel, if the registry (or ALLOW_ANY) admits the host on
@@ -49,15 +53,13 @@ impl HttpProxy {
         let tcp_labels = TcpLabels::new(&destination.labels, ResponseFlag::None);
         let tcp = self.telemetry.tcp.clone();
         let idle = self.limits.stream_idle_timeout;
+        let relay = *self.relay();
         tokio::spawn(async move {
             match hyper::upgrade::on(request).await {
                 Ok(upgraded) => {
                     let open = tcp.opened(&tcp_labels);
-                    let (mut client, mut upstream) = (TokioIo::new(upgraded), upstream);
-                    let joined = join::join(&mut client, &mut upstream, idle).await;
-                    let counts = joined.as_ref().map(|joined| (joined.from_first, joined.from_second));
-                    let (received, sent) = counts.unwrap_or_default();
-                    open.closed(received, sent);
+                    let joined = relay_tunnel(relay, upgraded, upstream, idle).await;
+                    open.closed(joined.from_first, joined.from_second);
                     tracing::debug!(?peer, upstream = %address, ?joined, "tunnel ended");
                 }
                 Err(error) => tracing::debug!(?peer, %error, "tunnel not established"),
@@ -67,6 +69,28 @@ impl HttpProxy {
         record.response_code = StatusCode::OK.as_u16();
         record.destination = Some(destination.labels);
         self.finish_streaming(Response::new(empty()), record, started, None, None)
+    }
+}
+
+/// Relays a tunnel's bytes: between the two sockets with the relay's engine when the client's connection is a
+/// plain socket (after the bytes the HTTP server had already read past the `CONNECT`), else by copying.
+async fn relay_tunnel(relay: Relay, upgraded: Upgraded, mut upstream: TcpStream, idle: Duration) -> Relayed {
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => {
+            let mut client = parts.io.into_inner();
+            if let Err(error) = upstream.write_all(&parts.read_buf).await {
+                return Relayed {
+                    from_first: 0,
+                    from_second: 0,
+                    ended: Ended::Failed(error.kind()),
+                    engine: relay.engine(),
+                };
+            }
+            let mut relayed = relay.sockets(&mut client, &mut upstream, idle).await;
+            relayed.from_first += parts.read_buf.len() as u64;
+            relayed
+        }
+        Err(upgraded) => Relay::streams(&mut TokioIo::new(upgraded), &mut upstream, idle).await,
     }
 }
 
@@ -92,7 +116,7 @@ pub(super) async fn join_upgraded(
     match tokio::try_join!(client, upstream) {
         Ok((client, upstream)) => {
             let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-            let joined = join::join(&mut client, &mut upstream, idle).await;
+            let joined = Relay::streams(&mut client, &mut upstream, idle).await;
             tracing::debug!(%peer, ?joined, "upgraded connection ended");
         }
         Err(error) => tracing::debug!(%peer, %error, "upgrade failed"),

@@ -16,7 +16,12 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{authorize, http::HttpProxy, tcp};
+use super::{
+    authorize,
+    http::HttpProxy,
+    relay::{Engine, Relay},
+    tcp,
+};
 use crate::{
     config::workloads::Workload,
     policy::{labels::DestinationLabels, routes::ProxyPolicy},
@@ -32,11 +37,21 @@ pub use decide::{decide_tcp, decide_tcp_noting_hop, decide_tls, decide_tls_notin
 /// routes); reset, rather than closed, when refused, so the client takes no close for an answer.
 pub trait ClientStream: AsyncRead + AsyncWrite + Unpin {
     fn reset(&self);
+
+    /// The plain socket, when the client's bytes are its bytes (not terminated TLS): the relay's kernel and
+    /// splice engines take only sockets.
+    fn socket(&mut self) -> Option<&mut TcpStream> {
+        None
+    }
 }
 
 impl ClientStream for TcpStream {
     fn reset(&self) {
         tcp::reset(self);
+    }
+
+    fn socket(&mut self) -> Option<&mut TcpStream> {
+        Some(self)
     }
 }
 
@@ -247,6 +262,7 @@ async fn finish<S: ClientStream>(
         local: connection.dialled,
         remote: connection.peer,
         server_name: connection.server_name,
+        relay_engine: outcome.engine.map(Engine::as_str),
     });
 }
 
@@ -269,11 +285,12 @@ struct Outcome {
     received: u64,
     sent: u64,
     open: Option<OpenConnection>,
+    engine: Option<Engine>,
 }
 
 impl Outcome {
     fn refused(destination: DestinationLabels, flag: ResponseFlag) -> Outcome {
-        Outcome { destination, flag, upstream: None, received: 0, sent: 0, open: None }
+        Outcome { destination, flag, upstream: None, received: 0, sent: 0, open: None, engine: None }
     }
 }
 
@@ -314,11 +331,17 @@ async fn relay<S: ClientStream>(
         }
     };
     let open = telemetry.tcp.opened(&TcpLabels::new(&destination, ResponseFlag::None).from_source(source));
+    let idle = proxy.limits().idle_timeout;
     let joined = match upstream.write_all(hello).await {
-        Ok(()) => super::join::join(stream, &mut upstream, proxy.limits().idle_timeout).await.ok(),
+        Ok(()) => match stream.socket() {
+            Some(socket) => Some(proxy.relay().sockets(socket, &mut upstream, idle).await),
+            None => Some(Relay::streams(stream, &mut upstream, idle).await),
+        },
         Err(_) => None,
     };
-    let (received, sent) = joined.map(|joined| (joined.from_first, joined.from_second)).unwrap_or_default();
+    tracing::debug!(source = %peer, upstream = %address, relayed = ?joined, "connection relayed");
+    let (received, sent) = joined.as_ref().map(|joined| (joined.from_first, joined.from_second)).unwrap_or_default();
     let received = received + hello.len() as u64;
-    Outcome { destination, flag: ResponseFlag::None, upstream: Some(address), received, sent, open: Some(open) }
+    let engine = joined.map(|joined| joined.engine);
+    Outcome { destination, flag: ResponseFlag::None, upstream: Some(address), received, sent, open: Some(open), engine }
 }

@@ -1,33 +1,16 @@
-//! Two byte streams joined end to end — an opaque TCP relay, a `CONNECT` tunnel, an upgraded (WebSocket)
-//! connection — until either side closes, or neither has sent a byte for the idle timeout: a client cannot hold a
-//! connection slot, two sockets and a task by going quiet.
+//! The copy engine: bytes read into the proxy and written out again, with tokio. The engine for streams that are
+//! not plain sockets (terminated TLS, hyper's upgraded connections), and the fallback for sockets.
 
 use std::{
     io,
     pin::Pin,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
     task::{Context, Poll},
     time::Duration,
 };
 
-use tokio::{
-    io::{copy_bidirectional_with_sizes, AsyncRead, AsyncWrite, ReadBuf},
-    time::Instant,
-};
+use tokio::io::{copy_bidirectional_with_sizes, AsyncRead, AsyncWrite, ReadBuf};
 
-/// The bytes each side sent, and how the join ended.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Joined {
-    /// Bytes the first side sent (received by the proxy from it).
-    pub from_first: u64,
-    /// Bytes the second side sent.
-    pub from_second: u64,
-    /// Whether it ended because neither side sent anything for the idle timeout.
-    pub idled_out: bool,
-}
+use super::{Activity, Ended, Engine, Relayed};
 
 /// Each direction's buffer: a bulk transfer moves in reads and writes of up to this many bytes. Tokio's default
 /// (8 KiB) takes four system calls where this takes one, and larger ones cost memory per relayed connection and
@@ -36,48 +19,24 @@ pub struct Joined {
 const RELAY_BUFFER: usize = 32 * 1024;
 
 /// Relays bytes both ways between `first` and `second` until either closes, fails, or both are silent for `idle`.
-pub async fn join<A, B>(first: &mut A, second: &mut B, idle: Duration) -> io::Result<Joined>
+pub async fn join<A, B>(first: &mut A, second: &mut B, idle: Duration) -> Relayed
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let started = Instant::now();
-    let last = Arc::new(AtomicU64::new(0));
-    let mut first = Watched { inner: first, read: 0, last: last.clone(), started };
-    let mut second = Watched { inner: second, read: 0, last: last.clone(), started };
-    let outcome = {
-        let copying = copy_bidirectional_with_sizes(&mut first, &mut second, RELAY_BUFFER, RELAY_BUFFER);
-        tokio::pin!(copying);
-        loop {
-            let quiet_for = started.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
-            let Some(left) = idle.checked_sub(quiet_for).filter(|left| !left.is_zero()) else { break None };
-            tokio::select! {
-                copied = &mut copying => break Some(copied),
-                () = tokio::time::sleep(left) => {}
-            }
-        }
-    };
-    match outcome {
-        Some(Err(error)) => Err(error),
-        Some(Ok(_)) | None => {
-            Ok(Joined { from_first: first.read, from_second: second.read, idled_out: outcome.is_none() })
-        }
-    }
+    let activity = Activity::new();
+    let mut first = Watched { inner: first, read: 0, activity: &activity };
+    let mut second = Watched { inner: second, read: 0, activity: &activity };
+    let copying = copy_bidirectional_with_sizes(&mut first, &mut second, RELAY_BUFFER, RELAY_BUFFER);
+    let ended = Ended::from_outcome(activity.unless_idle(idle, copying).await);
+    Relayed { from_first: first.read, from_second: second.read, ended, engine: Engine::Copy }
 }
 
 /// A stream that counts what is read from it and notes when anything last moved either way.
 struct Watched<'a, T: ?Sized> {
     inner: &'a mut T,
     read: u64,
-    /// Milliseconds from `started` to the last byte read or written, on either side.
-    last: Arc<AtomicU64>,
-    started: Instant,
-}
-
-impl<T: ?Sized> Watched<'_, T> {
-    fn moved(&self) {
-        self.last.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
+    activity: &'a Activity,
 }
 
 impl<T: AsyncRead + Unpin + ?Sized> AsyncRead for Watched<'_, T> {
@@ -87,7 +46,7 @@ impl<T: AsyncRead + Unpin + ?Sized> AsyncRead for Watched<'_, T> {
         let read = (buf.filled().len() - before) as u64;
         if read > 0 {
             self.read += read;
-            self.moved();
+            self.activity.moved();
         }
         polled
     }
@@ -97,7 +56,7 @@ impl<T: AsyncWrite + Unpin + ?Sized> AsyncWrite for Watched<'_, T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut *self.inner).poll_write(cx, buf);
         if matches!(polled, Poll::Ready(Ok(written)) if written > 0) {
-            self.moved();
+            self.activity.moved();
         }
         polled
     }
@@ -134,8 +93,8 @@ mod tests {
         assert!(!joining.is_finished(), "traffic 50 s ago keeps it open");
 
         tokio::time::sleep(Duration::from_secs(11)).await;
-        let joined = joining.await.unwrap().unwrap();
-        assert_eq!(joined, Joined { from_first: 5, from_second: 4, idled_out: true });
+        let joined = joining.await.unwrap();
+        assert_eq!(joined, Relayed { from_first: 5, from_second: 4, ended: Ended::Idle, engine: Engine::Copy });
     }
 
     #[tokio::test]
@@ -151,7 +110,7 @@ mod tests {
         upstream.read_to_end(&mut received).await.unwrap();
         upstream.write_all(b"answer").await.unwrap();
         drop(upstream);
-        let joined = joining.await.unwrap().unwrap();
-        assert_eq!(joined, Joined { from_first: 7, from_second: 6, idled_out: false });
+        let joined = joining.await.unwrap();
+        assert_eq!(joined, Relayed { from_first: 7, from_second: 6, ended: Ended::Closed, engine: Engine::Copy });
     }
 }

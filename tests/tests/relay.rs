@@ -1,0 +1,410 @@
+//! The byte relay, engine by engine (`--relay-engine splice|copy`), end to end: a workload's connections to a
+//! registered TCP service → the gateway's classifier → the agent's proxy, which decides the connection by address
+//! (or a `CONNECT` on the forward-proxy port) and relays its bytes → a server in the internet namespace that
+//! speaks first, as databases do.
+//! Each engine must carry large transfers both ways intact, pass half-closes and resets on, throttle a fast
+//! sender to a slow receiver, keep a thousand connections apart, count every byte, and end its connections (not
+//! hang them) when the agent dies.
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{Shutdown, TcpListener, TcpStream},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use ring::digest::{Context, SHA256};
+use sluice_tests::{
+    istio::{self, MESH_REGISTRY_ONLY},
+    metrics::total,
+    require_root,
+    topology::{addr, GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, SERVER_B},
+    Agent, Topology,
+};
+
+const PORT: u16 = 9000;
+
+const REGISTRY: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: store, namespace: egress}
+spec:
+  hosts: [store.example.com]
+  addresses: [203.0.113.20]
+  ports: [{number: 9000, name: tcp, protocol: TCP}]
+  location: MESH_EXTERNAL
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: tunnelled, namespace: egress}
+spec:
+  hosts: [tunnel.example.com]
+  ports: [{number: 9000, name: tcp, protocol: TCP}]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  endpoints: [{address: 203.0.113.20}]
+";
+
+const FORWARD_PROXY_PORT: u16 = 3128;
+
+/// Each transfer's size, both ways.
+const LARGE: u64 = 1 << 30;
+/// Bytes of one chunk of the test stream: a fixed random block with the chunk's number in its first 8 bytes, so
+/// that a lost, repeated or reordered chunk changes the digest.
+const CHUNK: usize = 64 * 1024;
+/// Concurrent connections, each carrying `SMALL` bytes down.
+const CONCURRENT: usize = 1000;
+const SMALL: u64 = 64 * 1024;
+
+fn block() -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    (0..CHUNK)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// The test stream of `size` bytes, chunk by chunk.
+fn for_each_chunk(block: &[u8], size: u64, mut each: impl FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<()> {
+    let mut chunk = block.to_vec();
+    let mut left = size;
+    let mut number = 0u64;
+    while left > 0 {
+        chunk[..8].copy_from_slice(&number.to_le_bytes());
+        let take = left.min(CHUNK as u64) as usize;
+        each(&chunk[..take])?;
+        left -= take as u64;
+        number += 1;
+    }
+    Ok(())
+}
+
+fn digest_of(block: &[u8], size: u64) -> String {
+    let mut context = Context::new(&SHA256);
+    for_each_chunk(block, size, |chunk| {
+        context.update(chunk);
+        Ok(())
+    })
+    .unwrap();
+    hex(context.finish().as_ref())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// What the server saw of connections the client reset.
+type Seen = Arc<Mutex<Vec<String>>>;
+
+/// The server: greets each connection with `ready\n`, then obeys one command byte —
+/// `U` hash everything until the client's end and answer `DIGEST COUNT\n`; `D` + 8 bytes of size: send that much
+/// of the test stream, then end; `R`: read one byte, then reset; `S`: read slowly until the end; `W`: read until
+/// the connection fails, and note how.
+fn server(topology: &Topology) -> Seen {
+    let listener = topology.internet.enter(|| TcpListener::bind(addr(SERVER_B, PORT))).unwrap().unwrap();
+    let seen: Seen = Arc::default();
+    let noted = seen.clone();
+    std::thread::spawn(move || {
+        let block = Arc::new(block());
+        while let Ok((stream, _)) = listener.accept() {
+            let (block, noted) = (block.clone(), noted.clone());
+            std::thread::spawn(move || serve(stream, &block, &noted));
+        }
+    });
+    seen
+}
+
+fn serve(mut stream: TcpStream, block: &[u8], seen: &Seen) {
+    if stream.write_all(b"ready\n").is_err() {
+        return;
+    }
+    let mut command = [0u8; 1];
+    if stream.read_exact(&mut command).is_err() {
+        return;
+    }
+    let mut buffer = vec![0u8; CHUNK];
+    match command[0] {
+        b'U' => {
+            let (mut context, mut count) = (Context::new(&SHA256), 0u64);
+            while let Ok(read @ 1..) = stream.read(&mut buffer) {
+                context.update(&buffer[..read]);
+                count += read as u64;
+            }
+            let _ = stream.write_all(format!("{} {count}\n", hex(context.finish().as_ref())).as_bytes());
+        }
+        b'D' => {
+            let mut size = [0u8; 8];
+            if stream.read_exact(&mut size).is_ok() {
+                let _ = for_each_chunk(block, u64::from_le_bytes(size), |chunk| stream.write_all(chunk));
+            }
+        }
+        b'R' => {
+            let _ = stream.read(&mut buffer[..1]);
+            let _ = socket_linger_zero(&stream);
+        }
+        b'S' => {
+            while let Ok(1..) = stream.read(&mut buffer[..16 * 1024]) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        b'W' => {
+            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let how = loop {
+                match stream.read(&mut buffer) {
+                    Ok(0) => break "end".to_owned(),
+                    Ok(_) => continue,
+                    Err(error) => break format!("{:?}", error.kind()),
+                }
+            };
+            seen.lock().unwrap().push(how);
+        }
+        _ => {}
+    }
+}
+
+/// Sets `stream` to reset when closed (SO_LINGER with a zero timeout), as a crashed or impatient peer does.
+fn socket_linger_zero(stream: &TcpStream) -> std::io::Result<()> {
+    nix::sys::socket::setsockopt(
+        stream,
+        nix::sys::socket::sockopt::Linger,
+        &nix::libc::linger { l_onoff: 1, l_linger: 0 },
+    )
+    .map_err(std::io::Error::from)
+}
+
+/// A connection from the workload to the service, its greeting read.
+fn connect(topology: &Topology) -> TcpStream {
+    let mut stream = topology
+        .workload
+        .enter(|| TcpStream::connect_timeout(&addr(SERVER_B, PORT), Duration::from_secs(3)))
+        .unwrap()
+        .expect("connecting to the service");
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut greeting = [0u8; 6];
+    stream.read_exact(&mut greeting).expect("the server's greeting");
+    assert_eq!(&greeting, b"ready\n");
+    stream
+}
+
+/// Sends `size` bytes of the test stream, ends it, and reads the server's answer.
+fn upload(topology: &Topology, block: &[u8], size: u64) -> Result<String, String> {
+    let mut stream = connect(topology);
+    stream.write_all(b"U").unwrap();
+    for_each_chunk(block, size, |chunk| stream.write_all(chunk)).map_err(|error| format!("uploading: {error}"))?;
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).map_err(|error| format!("reading the answer after the half-close: {error}"))?;
+    Ok(answer)
+}
+
+/// As `upload`, through a `CONNECT` tunnel on the forward-proxy port, the command byte in the same write as the
+/// `CONNECT` request.
+fn tunnel_upload(topology: &Topology, block: &[u8], size: u64) -> Result<String, String> {
+    let proxy = addr(GATEWAY_WORKLOAD_ADDR, FORWARD_PROXY_PORT);
+    let mut stream = topology
+        .workload
+        .enter(|| TcpStream::connect_timeout(&proxy, Duration::from_secs(3)))
+        .unwrap()
+        .map_err(|error| format!("connecting to the forward-proxy port: {error}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream.write_all(b"CONNECT tunnel.example.com:9000 HTTP/1.1\r\nHost: tunnel.example.com:9000\r\n\r\nU").unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).map_err(|error| format!("reading the CONNECT answer: {error}"))?;
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("CONNECT answered {head}"));
+    }
+    let mut greeting = [0u8; 6];
+    stream.read_exact(&mut greeting).map_err(|error| format!("the server's greeting: {error}"))?;
+    for_each_chunk(block, size, |chunk| stream.write_all(chunk)).map_err(|error| format!("uploading: {error}"))?;
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).map_err(|error| format!("reading the answer after the half-close: {error}"))?;
+    Ok(answer)
+}
+
+fn ask_download(topology: &Topology, size: u64) -> TcpStream {
+    let mut stream = connect(topology);
+    stream.write_all(b"D").unwrap();
+    stream.write_all(&size.to_le_bytes()).unwrap();
+    stream
+}
+
+fn digest_read(stream: &mut TcpStream) -> Result<(String, u64), String> {
+    let (mut context, mut count, mut buffer) = (Context::new(&SHA256), 0u64, vec![0u8; CHUNK]);
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(read) => {
+                context.update(&buffer[..read]);
+                count += read as u64;
+            }
+            Err(error) => return Err(format!("the download failed after {count} bytes: {error}")),
+        }
+    }
+    Ok((hex(context.finish().as_ref()), count))
+}
+
+fn start_agent<'a>(topology: &'a Topology, config: &std::path::Path, engine: &str) -> Agent<'a> {
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port {PORT} --config {} --relay-engine {engine} \
+         --forward-proxy-port {FORWARD_PROXY_PORT} --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32",
+        config.display()
+    );
+    Agent::start(&topology.gateway, &args).unwrap()
+}
+
+fn relays_with(engine: &str) {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let seen = server(&topology);
+    let config = tempfile::tempdir().unwrap();
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, REGISTRY]).unwrap();
+    let agent = start_agent(&topology, config.path(), engine);
+    assert!(agent.log().contains(&format!("relay_engine=\"{engine}\"")), "{}", agent.log());
+    let block = block();
+    let mut client_sent = 0u64;
+    let mut server_sent = 0u64;
+
+    // A gigabyte up, the client's half-close passed on after its last byte, and the answer back through the
+    // half-closed connection.
+    let started = Instant::now();
+    let answer = upload(&topology, &block, LARGE).unwrap_or_else(|error| panic!("{error}\n{}", agent.log()));
+    eprintln!(
+        "{}",
+        agent.log().lines().filter(|l| l.contains("ended its") || l.contains("relayed")).collect::<Vec<_>>().join("\n")
+    );
+    assert_eq!(answer, format!("{} {LARGE}\n", digest_of(&block, LARGE)), "{}", agent.log());
+    eprintln!("{engine}: {LARGE} bytes up in {:?}", started.elapsed());
+    client_sent += 1 + LARGE;
+    server_sent += 6 + answer.len() as u64;
+
+    // A gigabyte down, ended by the server.
+    let started = Instant::now();
+    let mut download = ask_download(&topology, LARGE);
+    assert_eq!(digest_read(&mut download), Ok((digest_of(&block, LARGE), LARGE)), "{}", agent.log());
+    eprintln!("{engine}: {LARGE} bytes down in {:?}", started.elapsed());
+    client_sent += 9;
+    server_sent += 6 + LARGE;
+    drop(download);
+
+    // Through a CONNECT tunnel, the client's first bytes sent with its CONNECT request, before the answer.
+    let tunnelled =
+        tunnel_upload(&topology, &block, 64 << 20).unwrap_or_else(|error| panic!("{error}\n{}", agent.log()));
+    assert_eq!(tunnelled, format!("{} {}\n", digest_of(&block, 64 << 20), 64 << 20), "{}", agent.log());
+
+    // A thousand connections at once, each with its own bytes.
+    let mut streams: Vec<TcpStream> = (0..CONCURRENT).map(|_| ask_download(&topology, SMALL)).collect();
+    let small = digest_of(&block, SMALL);
+    for stream in &mut streams {
+        assert_eq!(digest_read(stream), Ok((small.clone(), SMALL)), "{}", agent.log());
+    }
+    client_sent += 9 * CONCURRENT as u64;
+    server_sent += (6 + SMALL) * CONCURRENT as u64;
+    drop(streams);
+
+    // The server resets: the client learns of it as a reset, not as an end.
+    let mut reset = connect(&topology);
+    reset.write_all(b"Rx").unwrap();
+    let mut byte = [0u8; 1];
+    let read = reset.read(&mut byte);
+    assert!(
+        matches!(&read, Err(error) if error.kind() == ErrorKind::ConnectionReset),
+        "the server's reset reached the client as {read:?}"
+    );
+    client_sent += 2;
+    server_sent += 6;
+
+    // The client resets: so does the relay, towards the server.
+    let waiting = connect(&topology);
+    (&waiting).write_all(b"W").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    socket_linger_zero(&waiting).unwrap();
+    drop(waiting);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.lock().unwrap().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(*seen.lock().unwrap(), ["ConnectionReset"], "how the server saw the client's reset");
+    client_sent += 1;
+    server_sent += 6;
+
+    // A sender faster than its receiver is held back: what the relay takes is bounded by socket buffers, not by
+    // how long the sender keeps sending.
+    let slow = connect(&topology);
+    (&slow).write_all(b"S").unwrap();
+    slow.set_nonblocking(true).unwrap();
+    let mut accepted = 0u64;
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        match (&slow).write(&block) {
+            Ok(written) => accepted += written as u64,
+            Err(error) if error.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+            Err(error) => panic!("writing to a slow receiver: {error}"),
+        }
+    }
+    assert!(accepted < 64 << 20, "{accepted} bytes were taken from a sender to a receiver reading 320 KiB/s");
+    drop(slow);
+
+    // Every byte counted, whichever engine carried it (the slow and the reset connections are left out: how
+    // much of them was relayed depends on when they ended).
+    let metrics = agent.metrics().unwrap();
+    let service = [("destination_service_name", "store.example.com")];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut metrics = metrics;
+    while total(&metrics, "istio_tcp_connections_closed_total", &service) < (CONCURRENT + 6) as u64
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+        metrics = agent.metrics().unwrap();
+    }
+    let received = total(&metrics, "istio_tcp_received_bytes_total", &service);
+    let sent = total(&metrics, "istio_tcp_sent_bytes_total", &service);
+    assert!(
+        received >= client_sent && received < client_sent + (64 << 20),
+        "received {received}, sent by clients {client_sent}"
+    );
+    assert!(sent >= server_sent && sent < server_sent + (1 << 20), "sent {sent}, sent by the server {server_sent}");
+
+    // The agent dies in the middle of a transfer: the client's connection ends (reset or cut short), it does not
+    // hang; a new agent relays again.
+    let mut cut = ask_download(&topology, LARGE);
+    let mut buffer = vec![0u8; CHUNK];
+    cut.read_exact(&mut buffer).unwrap();
+    agent.kill();
+    cut.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut after = 0u64;
+    let ended = loop {
+        match cut.read(&mut buffer) {
+            Ok(0) => break Ok(after),
+            Ok(read) => after += read as u64,
+            Err(error) => break Err(error.kind()),
+        }
+    };
+    assert!(
+        matches!(ended, Ok(count) if count < LARGE) || matches!(ended, Err(ErrorKind::ConnectionReset)),
+        "a connection relayed by an agent that died ended as {ended:?}"
+    );
+    let agent = start_agent(&topology, config.path(), engine);
+    let answer = upload(&topology, &block, 1 << 20).unwrap_or_else(|error| panic!("{error}\n{}", agent.log()));
+    assert_eq!(answer, format!("{} {}\n", digest_of(&block, 1 << 20), 1 << 20), "{}", agent.log());
+}
+
+#[test]
+fn the_splice_engine_relays_intact_passes_ends_and_resets_on_throttles_and_counts() {
+    relays_with("splice");
+}
+
+#[test]
+fn the_copy_engine_relays_intact_passes_ends_and_resets_on_throttles_and_counts() {
+    relays_with("copy");
+}
