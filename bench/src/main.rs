@@ -6,6 +6,7 @@ mod compile;
 mod flood;
 mod http;
 mod https;
+mod relay;
 mod tls;
 
 use std::net::Ipv4Addr;
@@ -78,6 +79,7 @@ fn main() -> anyhow::Result<()> {
         Some("flood") => return flood_comparison(),
         Some("tls") => return tls_comparison(&std::env::args().skip(2).collect::<Vec<_>>()),
         Some("https") => return https_comparison(&std::env::args().skip(2).collect::<Vec<_>>()),
+        Some("relay") => return relay_comparison(&std::env::args().skip(2).collect::<Vec<_>>()),
         _ => configuration()?,
     }
     classifier_costs()?;
@@ -87,7 +89,15 @@ fn main() -> anyhow::Result<()> {
     println!();
     tls_comparison(&[])?;
     println!();
-    https_comparison(&[])
+    https_comparison(&[])?;
+    println!();
+    relay_comparison(&[])
+}
+
+fn relay_comparison(only: &[String]) -> anyhow::Result<()> {
+    let runs = relay::compare(only)?;
+    relay::print(&runs);
+    Ok(())
 }
 
 fn tls_comparison(only: &[String]) -> anyhow::Result<()> {
