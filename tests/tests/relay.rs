@@ -257,7 +257,7 @@ fn digest_read(stream: &mut TcpStream) -> Result<(String, u64), String> {
 fn start_agent<'a>(topology: &'a Topology, config: &std::path::Path, engine: &str) -> Agent<'a> {
     let args = format!(
         "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port {PORT} --config {} --relay-engine {engine} \
-         --forward-proxy-port {FORWARD_PROXY_PORT} --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32",
+         --forward-proxy-port {FORWARD_PROXY_PORT} --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32 --access-log-format json",
         config.display()
     );
     Agent::start(&topology.gateway, &args).unwrap()
@@ -271,6 +271,8 @@ fn relays_with(engine: &str) {
     istio::write(config.path(), &[MESH_REGISTRY_ONLY, REGISTRY]).unwrap();
     let agent = start_agent(&topology, config.path(), engine);
     assert!(agent.log().contains(&format!("relay_engine=\"{engine}\"")), "{}", agent.log());
+    let dump: serde_json::Value = serde_json::from_str(&agent.config_dump().unwrap()).unwrap();
+    assert_eq!(dump["proxy"]["relayEngine"], engine, "/config_dump says which engine relays");
     let block = block();
     let mut client_sent = 0u64;
     let mut server_sent = 0u64;
@@ -287,6 +289,14 @@ fn relays_with(engine: &str) {
     eprintln!("{engine}: {LARGE} bytes up in {:?}", started.elapsed());
     client_sent += 1 + LARGE;
     server_sent += 6 + answer.len() as u64;
+    // Each connection's access log line says how its bytes were relayed.
+    let logged = format!("\"bytes_received\":{},", 1 + LARGE);
+    let line = agent.log().lines().find(|line| line.contains(&logged)).map(str::to_owned);
+    assert!(
+        line.as_ref().is_some_and(|line| line.contains(&format!("\"relay_engine\":\"{engine}\""))),
+        "the upload's access log line: {line:?}\n{}",
+        agent.log()
+    );
 
     // A gigabyte down, ended by the server.
     let started = Instant::now();

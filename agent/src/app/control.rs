@@ -19,6 +19,7 @@ use crate::{
         sidecars::SidecarModes,
         DatapathPolicy,
     },
+    proxy::relay::Engine,
     telemetry::config_dump,
 };
 
@@ -44,6 +45,8 @@ pub struct Control {
     clusters: ClusterStates,
     /// The fields not applied that have been warned of (`Kind ns/name path`), so each is warned of once.
     warned: std::collections::HashSet<String>,
+    /// The engine decided byte streams are relayed with, for `/config_dump`.
+    pub(super) relay_engine: Engine,
 }
 
 impl Control {
@@ -59,6 +62,7 @@ impl Control {
             kube: None,
             labels: Default::default(),
             proxy: ProxySettings::default(),
+            relay_engine: Engine::default(),
             clusters: Default::default(),
             warned: Default::default(),
         }
@@ -144,6 +148,7 @@ impl Control {
 
     pub fn dump(&self, generation: u64, policy: DatapathPolicy, bindings: &Bindings) -> config_dump::Dump {
         config_dump::Dump::new(generation, self.store.stored(), &self.errors, policy, bindings)
+            .with_relay_engine(self.relay_engine)
     }
 }
 

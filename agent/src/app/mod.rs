@@ -118,6 +118,7 @@ impl App {
         let resolver = Arc::new(DnsResolver::new(&settings.dns_server).map_err(anyhow::Error::msg)?);
         let mut control = Control::new(settings.config.clone(), node, resolver.clone());
         control.labels = settings.gateway_labels.clone();
+        control.relay_engine = settings.relay_engine;
         control.proxy = ProxySettings {
             own_services: settings.gateway_service.clone(),
             host_verify: settings.host_verify,

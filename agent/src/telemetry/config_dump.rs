@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use crate::{
     config::{store::Packed, ConfigError, MeshConfig},
     policy::{bindings::Bindings, DatapathPolicy},
+    proxy::relay::Engine,
 };
 
 /// One generation's configuration and datapath policy.
@@ -23,6 +24,7 @@ pub struct Dump {
     /// The Gateways that select this agent: id and server ports.
     gateways: Vec<(String, Vec<u32>)>,
     policy: DatapathPolicy,
+    relay_engine: Engine,
 }
 
 impl Dump {
@@ -44,7 +46,14 @@ impl Dump {
                 .map(|gateway| (gateway.id.clone(), gateway.servers.iter().map(|server| server.port.number).collect()))
                 .collect(),
             policy,
+            relay_engine: Engine::default(),
         }
+    }
+
+    /// Shows `engine` as the one decided byte streams are relayed with.
+    pub fn with_relay_engine(mut self, engine: Engine) -> Dump {
+        self.relay_engine = engine;
+        self
     }
 
     /// The dump as JSON.
@@ -76,6 +85,7 @@ impl Dump {
                 "interceptPorts": policy.intercept_ports,
                 "proxyPort": policy.proxy_port,
             },
+            "proxy": { "relayEngine": self.relay_engine.as_str() },
         });
         serde_json::to_string_pretty(&dump).unwrap_or_else(|_| "{}".into())
     }

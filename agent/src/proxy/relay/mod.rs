@@ -5,7 +5,8 @@
 //!
 //! Two engines (`--relay-engine`; bench/README.md has the figures behind the default):
 //! - **splice** (the default for two sockets): splice(2) through a pipe each way — the bytes stay in the kernel's
-//!   pages, the proxy is woken per batch but copies nothing;
+//!   pages, the proxy is woken per batch but copies nothing — once a direction moves more than a small buffer at a
+//!   time (until then it is copied: small exchanges do not pay for a pipe);
 //! - **copy**: read and written by the proxy — for streams that are not plain sockets (terminated TLS, hyper's
 //!   upgraded connections).
 //!
@@ -20,7 +21,7 @@ mod splice;
 use std::{
     future::Future,
     io,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -124,10 +125,11 @@ impl Relay {
 async fn spliced(first: &TcpStream, second: &TcpStream, idle: Duration) -> Relayed {
     let activity = Activity::new();
     let (from_first, from_second) = (AtomicU64::new(0), AtomicU64::new(0));
+    let piped = AtomicBool::new(false);
     let both = async {
         tokio::try_join!(
-            splice::direction(first, second, &from_first, &activity),
-            splice::direction(second, first, &from_second, &activity),
+            splice::direction(first, second, &from_first, &piped, &activity),
+            splice::direction(second, first, &from_second, &piped, &activity),
         )
     };
     let outcome = activity.unless_idle(idle, both).await;
@@ -135,7 +137,8 @@ async fn spliced(first: &TcpStream, second: &TcpStream, idle: Duration) -> Relay
         from_first: from_first.load(Ordering::Relaxed),
         from_second: from_second.load(Ordering::Relaxed),
         ended: Ended::from_outcome(outcome),
-        engine: Engine::Splice,
+        // A flow neither of whose directions moved enough for a pipe was copied.
+        engine: if piped.load(Ordering::Relaxed) { Engine::Splice } else { Engine::Copy },
     }
 }
 

@@ -1,10 +1,12 @@
 //! The splice engine: each direction moves through a pipe with splice(2), socket to pipe to socket, so the bytes
-//! stay in the kernel's pages; the proxy is still woken for every batch, but copies nothing.
+//! stay in the kernel's pages; the proxy is still woken for every batch, but copies nothing. A direction starts by
+//! copying through a small buffer, and takes a pipe (two descriptors, two calls more per batch) only once a read
+//! fills that buffer: a handshake or a request and its answer never pay for a pipe, a transfer does.
 
 use std::{
     io,
     os::fd::OwnedFd,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
 use nix::{
@@ -17,23 +19,54 @@ use super::Activity;
 
 /// What one splice call moves at most: a pipe's default capacity.
 const PIPE_BYTES: usize = 64 * 1024;
+/// The copying buffer a direction starts with; a read that fills it takes the direction to a pipe.
+const SMALL_FLOW_BYTES: usize = 16 * 1024;
 
 /// Moves bytes from `from` to `to` until `from` ends, then shuts `to`'s sending side (the half-close is passed
-/// on once every byte before it was). Returns the bytes moved.
-pub async fn direction(from: &TcpStream, to: &TcpStream, moved: &AtomicU64, activity: &Activity) -> io::Result<u64> {
+/// on once every byte before it was). Sets `piped` when it takes a pipe.
+pub async fn direction(
+    from: &TcpStream,
+    to: &TcpStream,
+    moved: &AtomicU64,
+    piped: &AtomicBool,
+    activity: &Activity,
+) -> io::Result<()> {
+    let mut buffer = vec![0u8; SMALL_FLOW_BYTES];
+    loop {
+        let read = from.async_io(Interest::READABLE, || from.try_read(&mut buffer)).await?;
+        if read == 0 {
+            shutdown_sending(to);
+            return Ok(());
+        }
+        write_all(to, &buffer[..read]).await?;
+        moved.fetch_add(read as u64, Ordering::Relaxed);
+        activity.moved();
+        if read == buffer.len() {
+            break;
+        }
+    }
+    drop(buffer);
     let (pipe_out, pipe_in) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+    piped.store(true, Ordering::Relaxed);
     let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
     loop {
         let taken =
             from.async_io(Interest::READABLE, || Ok(splice(from, None, &pipe_in, None, PIPE_BYTES, flags)?)).await?;
         if taken == 0 {
             shutdown_sending(to);
-            return Ok(moved.load(Ordering::Relaxed));
+            return Ok(());
         }
         give(&pipe_out, to, taken, flags).await?;
         moved.fetch_add(taken as u64, Ordering::Relaxed);
         activity.moved();
     }
+}
+
+async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        bytes = &bytes[to.async_io(Interest::WRITABLE, || to.try_write(bytes)).await?..];
+    }
+    Ok(())
 }
 
 /// Writes the `left` bytes waiting in the pipe to `to`.
