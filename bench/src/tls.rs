@@ -85,8 +85,13 @@ impl Drop for Hosts {
 type Measured = fn() -> anyhow::Result<TlsRun>;
 
 /// The configurations compared, in the table's order.
-const CONFIGURATIONS: [(&str, Measured); 4] =
-    [("direct", direct), ("sluice", sluice), ("haproxy", haproxy), ("nginx", nginx_stream)];
+const CONFIGURATIONS: [(&str, Measured); 5] = [
+    ("direct", direct),
+    ("sluice", sluice),
+    ("sluice-copy", sluice_copy),
+    ("haproxy", haproxy),
+    ("nginx", nginx_stream),
+];
 
 /// Runs every configuration (or those named in `only`), `crate::http::ROUNDS` times in turn; the medians.
 pub fn compare(only: &[String]) -> anyhow::Result<Vec<(&'static str, TlsRun)>> {
@@ -126,6 +131,15 @@ fn direct() -> anyhow::Result<TlsRun> {
 }
 
 fn sluice() -> anyhow::Result<TlsRun> {
+    sluice_with("sluice (intercepted, by SNI)", "splice")
+}
+
+/// Sluice with the relay's copy engine: what splicing a transfer saves, and what it costs a short connection.
+fn sluice_copy() -> anyhow::Result<TlsRun> {
+    sluice_with("sluice (--relay-engine copy)", "copy")
+}
+
+fn sluice_with(name: &'static str, engine: &str) -> anyhow::Result<TlsRun> {
     let topology = Topology::new()?;
     let origin = origin(&topology)?;
     let _hosts = Hosts::write(&topology.workload, SERVER_A)?;
@@ -140,12 +154,13 @@ fn sluice() -> anyhow::Result<TlsRun> {
         ),
     )?;
     let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 443 --access-log-format off --concurrency 1 --config {}",
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 443 --access-log-format off --concurrency 1 \
+         --relay-engine {engine} --config {}",
         config.path().display()
     );
     let agent = Agent::start(&topology.gateway, &args)?;
     pin_tree(agent.pid(), PROXY_CPU)?;
-    measure("sluice (intercepted, by SNI)", &topology, Some(agent.pid()), 443, &origin.ca)
+    measure(name, &topology, Some(agent.pid()), 443, &origin.ca)
 }
 
 const PEER_PORT: u16 = 8443;
