@@ -553,6 +553,15 @@ fn websocket_upgrades_are_passed_through_both_ways() {
             stream.write_all(b"ping across the proxy").unwrap();
             let mut echoed = [0u8; 21];
             stream.read_exact(&mut echoed).unwrap();
+            // A transfer: the relay takes the two sockets to splice(2).
+            let bulk: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+            let mut writer = stream.try_clone().unwrap();
+            let sent = bulk.clone();
+            let writing = std::thread::spawn(move || writer.write_all(&sent).unwrap());
+            let mut back = vec![0u8; bulk.len()];
+            stream.read_exact(&mut back).unwrap();
+            writing.join().unwrap();
+            assert!(back == bulk, "4 MiB echoed intact");
             (String::from_utf8_lossy(&head).into_owned(), String::from_utf8_lossy(&echoed).into_owned())
         })
         .unwrap();
@@ -561,6 +570,8 @@ fn websocket_upgrades_are_passed_through_both_ways() {
     assert_eq!(answer.1, "ping across the proxy");
     let heads = upstream.heads();
     assert!(heads[0].to_ascii_lowercase().contains("upgrade: websocket"), "{heads:?}");
+    agent.wait_for_log("upgraded connection ended", 1).unwrap();
+    assert!(agent.log().contains("engine: Splice"), "the upgraded sockets were spliced:\n{}", agent.log());
 }
 
 #[test]

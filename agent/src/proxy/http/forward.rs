@@ -236,7 +236,9 @@ impl HttpProxy {
                 };
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
                 let idle = self.limits.stream_idle_timeout;
-                tokio::spawn(join_upgraded(client_upgrade, upstream_upgrade, connection.peer, idle, place));
+                let upgrade =
+                    join_upgraded(client_upgrade, upstream_upgrade, *self.relay(), connection.peer, idle, place);
+                tokio::spawn(upgrade);
             }
             let (mut parts, body) = response.into_parts();
             let upgraded_to = parts.headers.get(header::UPGRADE).cloned().filter(|_| switching);

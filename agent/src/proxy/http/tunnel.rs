@@ -2,10 +2,15 @@
 //! (WebSocket), joined end to end with a connection place of their own and an idle timeout.
 
 use hyper::upgrade::Upgraded;
+use std::io;
+
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 use super::*;
-use crate::proxy::relay::{Ended, Relayed};
+use crate::proxy::{
+    relay::{Ended, Relayed},
+    upstreams,
+};
 
 impl HttpProxy {
     /// `CONNECT host:port` on the forward-proxy port: a tunnel, if the registry (or ALLOW_ANY) admits the host on
@@ -109,17 +114,62 @@ pub(super) fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
 pub(super) async fn join_upgraded(
     client: OnUpgrade,
     upstream: OnUpgrade,
+    relay: Relay,
     peer: SocketAddr,
     idle: Duration,
     place: OwnedSemaphorePermit,
 ) {
     match tokio::try_join!(client, upstream) {
         Ok((client, upstream)) => {
-            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-            let joined = Relay::streams(&mut client, &mut upstream, idle).await;
+            let joined = relay_upgraded(relay, client, upstream, idle).await;
             tracing::debug!(%peer, ?joined, "upgraded connection ended");
         }
         Err(error) => tracing::debug!(%peer, %error, "upgrade failed"),
     }
     drop(place);
+}
+
+/// Relays an upgraded connection: between the two sockets with the relay's engine when both are plain sockets
+/// (after what each HTTP side had already read past the switch), else by copying.
+async fn relay_upgraded(
+    relay: Relay,
+    client: Upgraded,
+    upstream: Upgraded,
+    idle: Duration,
+) -> Result<Relayed, io::Error> {
+    let client = match client.downcast::<TokioIo<TcpStream>>() {
+        Ok(client) => client,
+        Err(client) => return Ok(Relay::streams(&mut TokioIo::new(client), &mut TokioIo::new(upstream), idle).await),
+    };
+    let mut client_socket = client.io.into_inner();
+    let upstream = match upstream.downcast::<TokioIo<Box<dyn upstreams::Io>>>() {
+        Ok(upstream) if upstreams::is_plain_socket(upstream.io.inner().as_ref()) => upstream,
+        Ok(upstream) => {
+            // Upstream TLS: copied.
+            let mut upstream_io = upstream.io.into_inner();
+            upstream_io.write_all(&client.read_buf).await?;
+            client_socket.write_all(&upstream.read_buf).await?;
+            let mut relayed = Relay::streams(&mut client_socket, &mut upstream_io, idle).await;
+            relayed.from_first += client.read_buf.len() as u64;
+            relayed.from_second += upstream.read_buf.len() as u64;
+            return Ok(relayed);
+        }
+        Err(upstream) => {
+            let mut upstream = TokioIo::new(upstream);
+            upstream.write_all(&client.read_buf).await?;
+            let mut relayed = Relay::streams(&mut client_socket, &mut upstream, idle).await;
+            relayed.from_first += client.read_buf.len() as u64;
+            return Ok(relayed);
+        }
+    };
+    let upstream_read = upstream.read_buf;
+    let Some(mut upstream_socket) = upstreams::into_plain_socket(upstream.io.into_inner()) else {
+        return Err(io::Error::other("the upstream connection is not the socket it was checked to be"));
+    };
+    upstream_socket.write_all(&client.read_buf).await?;
+    client_socket.write_all(&upstream_read).await?;
+    let mut relayed = relay.sockets(&mut client_socket, &mut upstream_socket, idle).await;
+    relayed.from_first += client.read_buf.len() as u64;
+    relayed.from_second += upstream_read.len() as u64;
+    Ok(relayed)
 }

@@ -110,8 +110,31 @@ impl std::hash::Hash for TlsIdentity {
 }
 
 /// A connection's byte stream: TCP, or TLS over it.
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+pub(crate) trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {
+    fn as_any(&self) -> &dyn std::any::Any;
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any>;
+}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+}
+
+/// Whether an upstream connection is a plain socket (not TLS): an upgraded connection over it is relayed between
+/// sockets.
+pub(crate) fn is_plain_socket(io: &dyn Io) -> bool {
+    io.as_any().is::<tokio::net::TcpStream>()
+}
+
+/// The plain socket an upstream connection is (None when it is not: see `is_plain_socket`).
+pub(crate) fn into_plain_socket(io: Box<dyn Io>) -> Option<tokio::net::TcpStream> {
+    io.into_any().downcast::<tokio::net::TcpStream>().ok().map(|socket| *socket)
+}
 
 /// Opens a connection to `address` (as `sockets` allow) within `within`, with a TLS handshake over it when `tls` asks.
 /// (Each pool's `connect`, which calls it, is boxed where it is waited for: a new connection's state, TLS
