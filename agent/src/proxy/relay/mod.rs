@@ -174,3 +174,59 @@ impl Activity {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
+    use super::*;
+
+    /// A connected pair of loopback sockets: (the side a peer holds, the side the relay holds).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (connected, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+        (connected.unwrap(), accepted.unwrap().0)
+    }
+
+    /// Relays between a client and a server with `engine`: the client sends `up` bytes and ends its stream; the
+    /// server reads them all, answers `down` bytes and ends. What each read, and the relay's account.
+    async fn exchange(engine: Engine, up: usize, down: usize) -> (usize, usize, Relayed) {
+        let (mut client, mut proxy_client_side) = pair().await;
+        let (mut proxy_server_side, mut server) = pair().await;
+        let relaying = tokio::spawn(async move {
+            Relay::new(engine).sockets(&mut proxy_client_side, &mut proxy_server_side, Duration::from_secs(60)).await
+        });
+        let serving = tokio::spawn(async move {
+            let mut received = Vec::new();
+            server.read_to_end(&mut received).await.unwrap();
+            server.write_all(&vec![7u8; down]).await.unwrap();
+            received.len()
+        });
+        client.write_all(&vec![5u8; up]).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        (serving.await.unwrap(), answer.len(), relaying.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_transfer_is_spliced_and_a_short_exchange_copied_with_every_byte_counted() {
+        let (up, down, relayed) = exchange(Engine::Splice, 3 << 20, 5 << 20).await;
+        assert_eq!((up, down), (3 << 20, 5 << 20));
+        assert_eq!(
+            relayed,
+            Relayed { from_first: 3 << 20, from_second: 5 << 20, ended: Ended::Closed, engine: Engine::Splice }
+        );
+
+        let (up, down, relayed) = exchange(Engine::Splice, 300, 2000).await;
+        assert_eq!((up, down), (300, 2000));
+        assert_eq!(relayed, Relayed { from_first: 300, from_second: 2000, ended: Ended::Closed, engine: Engine::Copy });
+
+        let (up, down, relayed) = exchange(Engine::Copy, 1 << 20, 1 << 20).await;
+        assert_eq!((up, down, relayed.engine), (1 << 20, 1 << 20, Engine::Copy));
+    }
+}

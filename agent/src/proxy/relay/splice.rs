@@ -32,7 +32,8 @@ pub async fn direction(
     activity: &Activity,
 ) -> io::Result<()> {
     let mut buffer = vec![0u8; SMALL_FLOW_BYTES];
-    loop {
+    let mut without_pipe = false;
+    let (pipe_out, pipe_in) = loop {
         let read = from.async_io(Interest::READABLE, || from.try_read(&mut buffer)).await?;
         if read == 0 {
             shutdown_sending(to);
@@ -41,12 +42,19 @@ pub async fn direction(
         write_all(to, &buffer[..read]).await?;
         moved.fetch_add(read as u64, Ordering::Relaxed);
         activity.moved();
-        if read == buffer.len() {
-            break;
+        if read < buffer.len() || without_pipe {
+            continue;
         }
-    }
+        match pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) {
+            Ok(pipe) => break pipe,
+            // Out of descriptors, say: the direction goes on copying rather than failing.
+            Err(error) => {
+                tracing::debug!(%error, "no pipe for the relay: this direction is copied");
+                without_pipe = true;
+            }
+        }
+    };
     drop(buffer);
-    let (pipe_out, pipe_in) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
     piped.store(true, Ordering::Relaxed);
     let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
     loop {
