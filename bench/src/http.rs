@@ -59,31 +59,41 @@ pub const PEERS: [&str; 3] = ["nginx", "haproxy", "squid"];
 /// configuration is measured once per round, in turn, and each figure is the median of its rounds.
 pub const ROUNDS: usize = 3;
 
-/// Runs every configuration (or those named in `only`) in turn, on a fresh topology each, `ROUNDS` times; each
-/// configuration's figures, under its key, are the medians of its rounds.
-pub fn compare(only: &[String]) -> anyhow::Result<Vec<(&'static str, Run)>> {
-    let chosen: Vec<&(&'static str, Measured)> =
-        CONFIGURATIONS.iter().filter(|(key, _)| only.is_empty() || only.iter().any(|o| o == key)).collect();
-    let mut rounds: Vec<Vec<Run>> = chosen.iter().map(|_| Vec::new()).collect();
+/// A configuration compared: its key (what `sluice-bench SECTION KEY…` names) and what measures it once.
+pub type Configuration<T> = (&'static str, fn() -> anyhow::Result<T>);
+
+/// Runs every configuration (or those named in `only`) in turn, each measuring on a fresh topology, `ROUNDS`
+/// times: each chosen configuration's key with its runs, in the configurations' order.
+pub fn in_rounds<T>(
+    configurations: &[Configuration<T>],
+    only: &[String],
+) -> anyhow::Result<Vec<(&'static str, Vec<T>)>> {
+    let chosen: Vec<_> =
+        configurations.iter().filter(|(key, _)| only.is_empty() || only.iter().any(|o| o == key)).collect();
+    let mut rounds: Vec<Vec<T>> = chosen.iter().map(|_| Vec::new()).collect();
     for _ in 0..ROUNDS {
         for ((_, run), runs) in chosen.iter().zip(&mut rounds) {
             runs.push(run()?);
         }
     }
-    Ok(chosen.iter().map(|(key, _)| *key).zip(rounds.into_iter().map(median)).collect())
+    Ok(chosen.iter().map(|(key, _)| *key).zip(rounds).collect())
+}
+
+/// The median of `values`; None when there are none.
+pub fn middle(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied()
+}
+
+/// Each configuration's figures, under its key, are the medians of its rounds.
+pub fn compare(only: &[String]) -> anyhow::Result<Vec<(&'static str, Run)>> {
+    Ok(in_rounds(&CONFIGURATIONS, only)?.into_iter().map(|(key, runs)| (key, median(runs))).collect())
 }
 
 /// The median of each figure over `runs` (of one configuration).
 fn median(runs: Vec<Run>) -> Run {
-    fn middle(mut values: Vec<f64>) -> f64 {
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
-    }
-    let of = |figure: fn(&Run) -> f64| middle(runs.iter().map(figure).collect());
-    let optional = |figure: fn(&Run) -> Option<f64>| {
-        let values: Vec<f64> = runs.iter().filter_map(figure).collect();
-        (!values.is_empty()).then(|| middle(values))
-    };
+    let of = |figure: fn(&Run) -> f64| middle(runs.iter().map(figure).collect()).unwrap_or(0.0);
+    let optional = |figure: fn(&Run) -> Option<f64>| middle(runs.iter().filter_map(figure).collect());
     Run {
         name: runs[0].name,
         requests_per_second: of(|run| run.requests_per_second),

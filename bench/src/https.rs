@@ -54,23 +54,11 @@ const CONFIGURATIONS: [(&str, Measured); 3] = [("sluice", sluice), ("nginx", ngi
 
 /// Runs every configuration (or those named in `only`), `crate::http::ROUNDS` times in turn; the medians.
 pub fn compare(only: &[String]) -> anyhow::Result<Vec<HttpsRun>> {
-    let chosen: Vec<_> =
-        CONFIGURATIONS.iter().filter(|(key, _)| only.is_empty() || only.iter().any(|o| o == key)).collect();
-    let mut rounds: Vec<Vec<HttpsRun>> = chosen.iter().map(|_| Vec::new()).collect();
-    for _ in 0..crate::http::ROUNDS {
-        for ((_, run), runs) in chosen.iter().zip(&mut rounds) {
-            runs.push(run()?);
-        }
-    }
-    Ok(rounds.into_iter().map(median).collect())
+    Ok(crate::http::in_rounds(&CONFIGURATIONS, only)?.into_iter().map(|(_, runs)| median(runs)).collect())
 }
 
 fn median(runs: Vec<HttpsRun>) -> HttpsRun {
-    let middle = |figure: fn(&HttpsRun) -> f64| {
-        let mut values: Vec<f64> = runs.iter().map(figure).collect();
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
-    };
+    let middle = |figure: fn(&HttpsRun) -> f64| crate::http::middle(runs.iter().map(figure).collect()).unwrap_or(0.0);
     HttpsRun {
         name: runs[0].name,
         handshakes_per_second: middle(|run| run.handshakes_per_second),

@@ -55,29 +55,17 @@ const CONFIGURATIONS: [(&str, Measured); 5] = [
 
 /// Runs every configuration (or those named in `only`), `crate::http::ROUNDS` times in turn; the medians.
 pub fn compare(only: &[String]) -> anyhow::Result<Vec<(&'static str, RelayRun)>> {
-    let chosen: Vec<_> =
-        CONFIGURATIONS.iter().filter(|(key, _)| only.is_empty() || only.iter().any(|o| o == key)).collect();
-    let mut rounds: Vec<Vec<RelayRun>> = chosen.iter().map(|_| Vec::new()).collect();
-    for _ in 0..crate::http::ROUNDS {
-        for ((_, run), runs) in chosen.iter().zip(&mut rounds) {
-            runs.push(run()?);
-        }
-    }
-    Ok(chosen.iter().map(|(key, _)| *key).zip(rounds.into_iter().map(median)).collect())
+    Ok(crate::http::in_rounds(&CONFIGURATIONS, only)?.into_iter().map(|(key, runs)| (key, median(runs))).collect())
 }
 
 fn median(runs: Vec<RelayRun>) -> RelayRun {
-    fn middle(mut values: Vec<f64>) -> f64 {
-        values.sort_by(f64::total_cmp);
-        values.get(values.len() / 2).copied().unwrap_or(0.0)
-    }
-    let of = |figure: fn(&RelayRun) -> f64| middle(runs.iter().map(figure).collect());
-    let proxy: Vec<f64> = runs.iter().filter_map(|run| run.proxy_seconds_per_gb).collect();
+    use crate::http::middle;
+    let of = |figure: fn(&RelayRun) -> f64| middle(runs.iter().map(figure).collect()).unwrap_or(0.0);
     RelayRun {
         name: runs[0].name,
         one_gbit: of(|run| run.one_gbit),
         many_gbit: of(|run| run.many_gbit),
-        proxy_seconds_per_gb: (!proxy.is_empty()).then(|| middle(proxy)),
+        proxy_seconds_per_gb: middle(runs.iter().filter_map(|run| run.proxy_seconds_per_gb).collect()),
         machine_seconds_per_gb: of(|run| run.machine_seconds_per_gb),
         ping_pong_p50_us: of(|run| run.ping_pong_p50_us),
         ping_pong_p99_us: of(|run| run.ping_pong_p99_us),

@@ -95,22 +95,11 @@ const CONFIGURATIONS: [(&str, Measured); 5] = [
 
 /// Runs every configuration (or those named in `only`), `crate::http::ROUNDS` times in turn; the medians.
 pub fn compare(only: &[String]) -> anyhow::Result<Vec<(&'static str, TlsRun)>> {
-    let chosen: Vec<_> =
-        CONFIGURATIONS.iter().filter(|(key, _)| only.is_empty() || only.iter().any(|o| o == key)).collect();
-    let mut rounds: Vec<Vec<TlsRun>> = chosen.iter().map(|_| Vec::new()).collect();
-    for _ in 0..crate::http::ROUNDS {
-        for ((_, run), runs) in chosen.iter().zip(&mut rounds) {
-            runs.push(run()?);
-        }
-    }
-    Ok(chosen.iter().map(|(key, _)| *key).zip(rounds.into_iter().map(median)).collect())
+    Ok(crate::http::in_rounds(&CONFIGURATIONS, only)?.into_iter().map(|(key, runs)| (key, median(runs))).collect())
 }
 
 fn median(runs: Vec<TlsRun>) -> TlsRun {
-    fn middle(mut values: Vec<f64>) -> Option<f64> {
-        values.sort_by(f64::total_cmp);
-        values.get(values.len() / 2).copied()
-    }
+    use crate::http::middle;
     let of = |figure: fn(&TlsRun) -> Option<f64>| middle(runs.iter().filter_map(figure).collect());
     TlsRun {
         name: runs[0].name,
