@@ -418,3 +418,42 @@ fn the_splice_engine_relays_intact_passes_ends_and_resets_on_throttles_and_count
 fn the_copy_engine_relays_intact_passes_ends_and_resets_on_throttles_and_counts() {
     relays_with("copy");
 }
+
+/// `connectionPool.tcp.idleTimeout` of the destination's DestinationRule ends a relayed connection that went
+/// quiet (the agent's own `--idle-timeout`, an hour, would not); one that keeps sending is kept.
+#[test]
+fn a_destination_rules_tcp_idle_timeout_ends_quiet_relayed_connections() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _seen = server(&topology);
+    let config = tempfile::tempdir().unwrap();
+    let rule = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: store, namespace: egress}
+spec:
+  host: store.example.com
+  trafficPolicy:
+    connectionPool:
+      tcp: {idleTimeout: 1s, connectTimeout: 2s}
+";
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, REGISTRY, rule]).unwrap();
+    let agent = start_agent(&topology, config.path(), "splice");
+
+    let mut quiet = connect(&topology);
+    let mut kept = connect(&topology);
+    kept.write_all(b"U").unwrap();
+    let started = Instant::now();
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(400));
+        kept.write_all(b"x").unwrap();
+    }
+    // The quiet one was closed after a second without a byte.
+    let mut byte = [0u8; 1];
+    let read = quiet.read(&mut byte);
+    assert!(matches!(read, Ok(0)), "a connection quiet for {:?}: {read:?}\n{}", started.elapsed(), agent.log());
+    // The one that kept sending is still relayed, both ways.
+    kept.shutdown(Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    kept.read_to_string(&mut answer).unwrap();
+    assert!(answer.ends_with(" 6\n"), "the server got the six bytes: {answer:?}\n{}", agent.log());
+}

@@ -108,6 +108,9 @@ pub struct ClusterPolicy {
     pub outlier: Option<Outlier>,
     /// `connectionPool.tcp.connectTimeout`.
     pub connect_timeout: Option<Duration>,
+    /// `connectionPool.tcp.idleTimeout`: how long a relayed connection may go without a byte either way (`0s`:
+    /// never closed for it, kept as a century).
+    pub tcp_idle_timeout: Option<Duration>,
     /// `loadBalancer.consistentHash`: what picks the endpoint instead of the load balancer.
     pub hash: Option<HashKey>,
     /// `tls.mode` SIMPLE or MUTUAL: the proxy speaks TLS to the endpoints.
@@ -248,10 +251,14 @@ impl ClusterPolicy {
         let connect_timeout = pool
             .and_then(|p| p.get("tcp")?.get("connectTimeout")?.as_str().map(str::to_owned))
             .and_then(|t| parse_duration(&t).ok());
+        let tcp_idle_timeout = pool
+            .and_then(|p| p.get("tcp")?.get("idleTimeout")?.as_str().map(str::to_owned))
+            .and_then(|t| parse_duration(&t).ok())
+            .map(|t| if t.is_zero() { Duration::from_secs(100 * 365 * 24 * 3600) } else { t });
         let hash =
             settings.load_balancer.as_ref().and_then(|lb| lb.consistent_hash.as_ref()).and_then(HashKey::compile);
         let tls = settings.tls.as_ref().and_then(|tls| TlsOrigination::compile(tls, http2, credentials)).map(Arc::new);
-        ClusterPolicy { lb, limits, outlier, connect_timeout, hash, tls }
+        ClusterPolicy { lb, limits, outlier, connect_timeout, tcp_idle_timeout, hash, tls }
     }
 }
 
@@ -600,5 +607,14 @@ mod tests {
             ClusterPolicy::compile(&PolicySettings::default(), false, &CredentialSource::default()),
             ClusterPolicy::default()
         );
+        // A TCP idle timeout; `0s` turns it off (kept as a century).
+        let idle = |timeout: &str| {
+            let settings: PolicySettings =
+                serde_json::from_value(serde_json::json!({"connectionPool": {"tcp": {"idleTimeout": timeout}}}))
+                    .unwrap();
+            ClusterPolicy::compile(&settings, false, &CredentialSource::default()).tcp_idle_timeout
+        };
+        assert_eq!(idle("90s"), Some(Duration::from_secs(90)));
+        assert!(idle("0s").is_some_and(|never| never.as_secs() > 3_000_000_000));
     }
 }

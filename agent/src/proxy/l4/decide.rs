@@ -2,7 +2,7 @@
 //! the address it was sent to; by the registry, the `tls` and `tcp` routes of the mesh and, on a Gateway's port
 //! (or continuing from a mesh route to the gateway's own Service), of that Gateway. No I/O.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use crate::{
     config::{service_entry::Resolution, virtual_service::MESH, workloads::Workload},
@@ -27,11 +27,39 @@ pub enum Arrival {
 pub enum Verdict {
     /// Relayed to `address`. `verify`: a name registered at no address, which must resolve to `address` first
     /// (`--host-verify strict`).
-    Forward { address: SocketAddr, labels: DestinationLabels, verify: Option<String> },
+    Forward { address: SocketAddr, labels: DestinationLabels, verify: Option<String>, timeouts: Timeouts },
     /// Relayed to what `host` resolves to, on `port`: a Gateway's route to a host registered at no address.
-    Resolve { host: String, port: u16, labels: DestinationLabels },
+    Resolve { host: String, port: u16, labels: DestinationLabels, timeouts: Timeouts },
     /// Closed without a byte of any server's.
     Refuse { labels: DestinationLabels, flag: ResponseFlag, reason: &'static str },
+}
+
+/// A destination's DestinationRule `connectionPool.tcp` timeouts (None: the agent's defaults).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Option<Duration>,
+    pub idle: Option<Duration>,
+}
+
+impl Timeouts {
+    pub const NONE: Timeouts = Timeouts { connect: None, idle: None };
+
+    fn of(choice: &ServiceChoice<'_>) -> Timeouts {
+        choice.cluster().map_or(Timeouts::NONE, |cluster| Timeouts {
+            connect: cluster.policy.connect_timeout,
+            idle: cluster.policy.tcp_idle_timeout,
+        })
+    }
+}
+
+impl Verdict {
+    /// The verdict, relayed with `choice`'s timeouts.
+    fn with_timeouts_of(mut self, choice: &ServiceChoice<'_>) -> Verdict {
+        if let Verdict::Forward { timeouts, .. } | Verdict::Resolve { timeouts, .. } = &mut self {
+            *timeouts = Timeouts::of(choice);
+        }
+        self
+    }
 }
 
 /// How a connection whose name is registered at other addresses than the dialled one was handled, for
@@ -207,8 +235,13 @@ fn to_target(
         _ => host,
     };
     let unaddressed = |labels| match original {
-        Some(address) => Verdict::Forward { address: SocketAddr::new(address.ip(), port), labels, verify: None },
-        None => Verdict::Resolve { host: resolved_name.to_owned(), port, labels },
+        Some(address) => Verdict::Forward {
+            address: SocketAddr::new(address.ip(), port),
+            labels,
+            verify: None,
+            timeouts: Timeouts::NONE,
+        },
+        None => Verdict::Resolve { host: resolved_name.to_owned(), port, labels, timeouts: Timeouts::NONE },
     };
     let Some(service) = policy.registered_for(host, port, viewer) else {
         return match viewer.mode(policy) {
@@ -218,18 +251,19 @@ fn to_target(
     };
     let choice = ServiceChoice { service, port, subset: target.subset(), variant: service.variant(viewer, policy) };
     let labels = labels_of(&choice);
-    match choice.upstream(None) {
-        Upstream::Endpoint(address) => Verdict::Forward { address, labels, verify: None },
+    let verdict = match choice.upstream(None) {
+        Upstream::Endpoint(address) => Verdict::Forward { address, labels, verify: None, timeouts: Timeouts::NONE },
         // Resolution NONE: on a Gateway (no original destination), an address the host is registered at.
         Upstream::OriginalDestination => match (original, service.own_address(port)) {
-            (None, Some(address)) => Verdict::Forward { address, labels, verify: None },
+            (None, Some(address)) => Verdict::Forward { address, labels, verify: None, timeouts: Timeouts::NONE },
             _ => unaddressed(labels),
         },
         Upstream::NoEndpoint => {
             Verdict::Refuse { labels, flag: ResponseFlag::NoHealthyUpstream, reason: "no_endpoint" }
         }
         Upstream::NoSubset => Verdict::Refuse { labels, flag: ResponseFlag::NoClusterFound, reason: "no_subset" },
-    }
+    };
+    verdict.with_timeouts_of(&choice)
 }
 
 fn blackholed(reason: &'static str) -> Verdict {
@@ -266,23 +300,27 @@ fn by_registry(
             OutboundMode::AllowAny => {
                 let shown = server_name.map_or_else(|| dialled.to_string(), str::to_owned);
                 let labels = crate::telemetry::passthrough::destination(&shown);
-                (Verdict::Forward { address: dialled, labels, verify: None }, None)
+                (Verdict::Forward { address: dialled, labels, verify: None, timeouts: Timeouts::NONE }, None)
             }
         };
     };
     let choice = ServiceChoice { service, port, subset: None, variant: service.variant(viewer, policy) };
     let labels = labels_of(&choice);
-    match service.known_at(dialled.ip()) {
+    let (verdict, mismatch) = match service.known_at(dialled.ip()) {
         Some(true) => {
             // One of its `addresses` that no endpoint is (a virtual IP): an endpoint, as Envoy's cluster chooses.
             let virtual_ip = choice.cluster().is_some_and(|cluster| cluster.endpoint(dialled.ip()).is_none());
             let upstream = if virtual_ip { choice.upstream(None) } else { Upstream::OriginalDestination };
             let verdict = match upstream {
-                Upstream::Endpoint(address) => Verdict::Forward { address, labels, verify: None },
+                Upstream::Endpoint(address) => {
+                    Verdict::Forward { address, labels, verify: None, timeouts: Timeouts::NONE }
+                }
                 Upstream::NoEndpoint | Upstream::NoSubset => {
                     Verdict::Refuse { labels, flag: ResponseFlag::NoHealthyUpstream, reason: "no_endpoint" }
                 }
-                Upstream::OriginalDestination => Verdict::Forward { address: dialled, labels, verify: None },
+                Upstream::OriginalDestination => {
+                    Verdict::Forward { address: dialled, labels, verify: None, timeouts: Timeouts::NONE }
+                }
             };
             (verdict, None)
         }
@@ -292,13 +330,17 @@ fn by_registry(
                 (Verdict::Refuse { labels, flag: ResponseFlag::NoRouteFound, reason: "fronted" }, Some("refused"))
             }
             HostVerify::Route => match service.own_address(port) {
-                Some(address) => (Verdict::Forward { address, labels, verify: None }, Some("routed")),
+                Some(address) => {
+                    (Verdict::Forward { address, labels, verify: None, timeouts: Timeouts::NONE }, Some("routed"))
+                }
                 None => {
                     let refused = Verdict::Refuse { labels, flag: ResponseFlag::NoRouteFound, reason: "fronted" };
                     (refused, Some("refused"))
                 }
             },
-            HostVerify::Off => (Verdict::Forward { address: dialled, labels, verify: None }, Some("trusted")),
+            HostVerify::Off => {
+                (Verdict::Forward { address: dialled, labels, verify: None, timeouts: Timeouts::NONE }, Some("trusted"))
+            }
         },
         // Registered at no address (a wildcard, resolution NONE): only DNS can tell whether the dialled
         // address is the name's.
@@ -307,9 +349,10 @@ fn by_registry(
                 (Some(name), HostVerify::Strict) => Some(name.to_owned()),
                 _ => None,
             };
-            (Verdict::Forward { address: dialled, labels, verify }, None)
+            (Verdict::Forward { address: dialled, labels, verify, timeouts: Timeouts::NONE }, None)
         }
-    }
+    };
+    (verdict.with_timeouts_of(&choice), mismatch)
 }
 
 #[cfg(test)]

@@ -303,18 +303,18 @@ async fn relay<S: ClientStream>(
 ) -> Outcome {
     let telemetry = proxy.telemetry();
     let Connection { peer, dialled, server_name, hello, source } = *connection;
-    let (address, destination) = match verdict {
-        Verdict::Forward { address, labels, verify: Some(host) } => {
+    let (address, destination, timeouts) = match verdict {
+        Verdict::Forward { address, labels, verify: Some(host), timeouts } => {
             if !proxy.host_resolves_to(&host, address.ip()).await {
                 telemetry.host_mismatch("refused");
                 tracing::debug!(source = %peer, %host, upstream = %address, "the name does not resolve to the address dialled");
                 return Outcome::refused(labels, ResponseFlag::NoRouteFound);
             }
-            (address, labels)
+            (address, labels, timeouts)
         }
-        Verdict::Forward { address, labels, verify: None } => (address, labels),
-        Verdict::Resolve { host, port, labels } => match proxy.resolve(&host, port).await {
-            Some(address) => (address, labels),
+        Verdict::Forward { address, labels, verify: None, timeouts } => (address, labels, timeouts),
+        Verdict::Resolve { host, port, labels, timeouts } => match proxy.resolve(&host, port).await {
+            Some(address) => (address, labels, timeouts),
             None => return Outcome::refused(labels, ResponseFlag::DnsResolutionFailed),
         },
         Verdict::Refuse { labels, flag, reason } => {
@@ -322,7 +322,9 @@ async fn relay<S: ClientStream>(
             return Outcome::refused(labels, flag);
         }
     };
-    let mut upstream = match tcp::connect(address, proxy.upstream_sockets(), tcp::CONNECT_TIMEOUT).await {
+    // A DestinationRule's `connectionPool.tcp` timeouts, else the agent's.
+    let connect_timeout = timeouts.connect.unwrap_or(tcp::CONNECT_TIMEOUT);
+    let mut upstream = match tcp::connect(address, proxy.upstream_sockets(), connect_timeout).await {
         Ok(upstream) => upstream,
         Err(error) => {
             let verdict = tcp::connect_failure(&error);
@@ -331,7 +333,7 @@ async fn relay<S: ClientStream>(
         }
     };
     let open = telemetry.tcp.opened(&TcpLabels::new(&destination, ResponseFlag::None).from_source(source));
-    let idle = proxy.limits().idle_timeout;
+    let idle = timeouts.idle.unwrap_or(proxy.limits().idle_timeout);
     let joined = match upstream.write_all(hello).await {
         Ok(()) => match stream.socket() {
             Some(socket) => Some(proxy.relay().sockets(socket, &mut upstream, idle).await),

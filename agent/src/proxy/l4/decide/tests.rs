@@ -115,7 +115,7 @@ spec:
         let policy = policy(OutboundMode::RegistryOnly, HostVerify::Strict);
         let (verdict, _) =
             decide_tls(&policy, Some("storage.googleapis.com"), to("192.0.2.9"), None, Arrival::Intercepted, 0);
-        let Verdict::Forward { address, labels, verify } = verdict else { panic!("{verdict:?}") };
+        let Verdict::Forward { address, labels, verify, .. } = verdict else { panic!("{verdict:?}") };
         assert_eq!((address, verify.as_deref()), (to("192.0.2.9"), Some("storage.googleapis.com")));
         assert_eq!(labels.name().as_str().to_owned(), "*.googleapis.com");
         let (verdict, _) = decide_tls(&policy, Some("googleapis.com"), to("192.0.2.9"), None, Arrival::Intercepted, 0);
@@ -170,7 +170,7 @@ mod tls_routed {
             [(Arrival::Intercepted, "192.0.2.50:443".parse().unwrap()), (Arrival::Gateway(443), at(443))]
         {
             let (verdict, _) = decide_tls(&policy, Some("storage.googleapis.com"), dialled, None, arrival, 0);
-            let Verdict::Forward { address, labels, verify: None } = verdict else {
+            let Verdict::Forward { address, labels, verify: None, .. } = verdict else {
                 panic!("{arrival:?}: {verdict:?}")
             };
             assert_eq!(address, googleapis, "{arrival:?}: the gateway's route, to the registered host's address");
@@ -235,7 +235,7 @@ spec:
 
     fn forwarded(verdict: Verdict) -> (SocketAddr, String) {
         match verdict {
-            Verdict::Forward { address, labels, verify: None } => (address, labels.name().as_str().to_owned()),
+            Verdict::Forward { address, labels, verify: None, .. } => (address, labels.name().as_str().to_owned()),
             other => panic!("{other:?}"),
         }
     }
