@@ -129,8 +129,8 @@ pub(super) async fn join_upgraded(
     drop(place);
 }
 
-/// Relays an upgraded connection: between the two sockets with the relay's engine when both are plain sockets
-/// (after what each HTTP side had already read past the switch), else by copying.
+/// Relays an upgraded connection: between the two sockets with the relay's engine when both are plain sockets,
+/// else by copying; what each HTTP side had already read past the switch is written to the other first.
 async fn relay_upgraded(
     relay: Relay,
     client: Upgraded,
@@ -142,33 +142,22 @@ async fn relay_upgraded(
         Err(client) => return Ok(Relay::streams(&mut TokioIo::new(client), &mut TokioIo::new(upstream), idle).await),
     };
     let mut client_socket = client.io.into_inner();
-    let upstream = match upstream.downcast::<TokioIo<Box<dyn upstreams::Io>>>() {
-        Ok(upstream) if upstreams::is_plain_socket(upstream.io.inner().as_ref()) => upstream,
-        Ok(upstream) => {
-            // Upstream TLS: copied.
-            let mut upstream_io = upstream.io.into_inner();
-            upstream_io.write_all(&client.read_buf).await?;
-            client_socket.write_all(&upstream.read_buf).await?;
-            let mut relayed = Relay::streams(&mut client_socket, &mut upstream_io, idle).await;
-            relayed.from_first += client.read_buf.len() as u64;
-            relayed.from_second += upstream.read_buf.len() as u64;
-            return Ok(relayed);
-        }
-        Err(upstream) => {
-            let mut upstream = TokioIo::new(upstream);
-            upstream.write_all(&client.read_buf).await?;
-            let mut relayed = Relay::streams(&mut client_socket, &mut upstream, idle).await;
-            relayed.from_first += client.read_buf.len() as u64;
-            return Ok(relayed);
-        }
-    };
-    let upstream_read = upstream.read_buf;
-    let Some(mut upstream_socket) = upstreams::into_plain_socket(upstream.io.into_inner()) else {
-        return Err(io::Error::other("the upstream connection is not the socket it was checked to be"));
-    };
-    upstream_socket.write_all(&client.read_buf).await?;
+    let (mut upstream_io, upstream_read): (Box<dyn upstreams::Io>, _) =
+        match upstream.downcast::<TokioIo<Box<dyn upstreams::Io>>>() {
+            Ok(upstream) => (upstream.io.into_inner(), upstream.read_buf),
+            Err(upstream) => (Box::new(TokioIo::new(upstream)), Default::default()),
+        };
+    upstream_io.write_all(&client.read_buf).await?;
     client_socket.write_all(&upstream_read).await?;
-    let mut relayed = relay.sockets(&mut client_socket, &mut upstream_socket, idle).await;
+    let mut relayed = if upstreams::is_plain_socket(upstream_io.as_ref()) {
+        let Some(mut upstream_socket) = upstreams::into_plain_socket(upstream_io) else {
+            return Err(io::Error::other("the upstream connection is not the socket it was checked to be"));
+        };
+        relay.sockets(&mut client_socket, &mut upstream_socket, idle).await
+    } else {
+        // Upstream TLS: copied.
+        Relay::streams(&mut client_socket, &mut upstream_io, idle).await
+    };
     relayed.from_first += client.read_buf.len() as u64;
     relayed.from_second += upstream_read.len() as u64;
     Ok(relayed)

@@ -86,6 +86,6 @@ async fn give(pipe_out: &OwnedFd, to: &TcpStream, mut left: usize, flags: Splice
 }
 
 /// Passes a half-close on: the peer reads the end of the stream once it has read everything before it.
-pub fn shutdown_sending(stream: &TcpStream) {
+fn shutdown_sending(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
 }
