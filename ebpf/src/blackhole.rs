@@ -1,6 +1,7 @@
 //! Blackholing: every blocked packet is recorded against its destination, a flow's first blocked packet is
 //! reported to the agent, and the packet is dropped or, in reject mode, answered (TCP RST, ICMP
-//! administratively prohibited) so that the client fails at once instead of timing out.
+//! administratively prohibited) so that the client fails at once instead of timing out. A flow an
+//! AuthorizationPolicy denies is reported and always answered, as the proxy refuses what it denies.
 
 use aya_ebpf::{
     bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT},
@@ -8,7 +9,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use sluice_common::{
-    BlockedFlowEvent, DatapathConfig, DestinationKey, DestinationStats, FlowKey, BLACKHOLE_REJECT, FAMILY_V4,
+    BlockedFlowEvent, DatapathConfig, DestinationKey, DestinationStats, FlowKey, Verdict, BLACKHOLE_REJECT, FAMILY_V4,
 };
 
 use crate::{
@@ -30,7 +31,31 @@ const TCP_ACK: u8 = 0x10;
 #[inline(never)]
 pub fn act(ctx: &TcContext, flow: &Flow, config: &DatapathConfig) -> i32 {
     record(flow);
-    if config.blackhole == BLACKHOLE_REJECT && reject(ctx, flow).is_ok() {
+    if config.blackhole == BLACKHOLE_REJECT {
+        return answer(ctx, flow);
+    }
+    TC_ACT_SHOT as i32
+}
+
+/// A denied flow: reported (not recorded as blackholed) and refused.
+#[inline(never)]
+pub fn deny(ctx: &TcContext, flow: &Flow) -> i32 {
+    report_denied(flow);
+    answer(ctx, flow)
+}
+
+// A subprogram of its own, so that its keys are not on the stack while the answer is built.
+#[inline(never)]
+fn report_denied(flow: &Flow) {
+    // SAFETY: a helper with no arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    report(flow, now, Verdict::Denied);
+}
+
+/// Sends the packet back as its refusal; dropped when it cannot be answered.
+#[inline(always)]
+fn answer(ctx: &TcContext, flow: &Flow) -> i32 {
+    if reject(ctx, flow).is_ok() {
         // SAFETY: the program's own skb; redirecting to the interface it arrived on sends the answer back.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
         // SAFETY: a helper taking plain integers.
@@ -77,29 +102,36 @@ fn record(flow: &Flow) {
     };
     // SAFETY: as above.
     let now = now.unwrap_or_else(|| unsafe { bpf_ktime_get_coarse_ns() });
+    let reported_ns = report(flow, now, Verdict::Blackholed);
+    if let Some(stats) = stats {
+        stats.reported_src = flow.src;
+        stats.reported_src_port = src_port;
+        stats.reported_ns = reported_ns;
+        stats.checked_jiffies = jiffies;
+    }
+}
+
+/// Reports the flow to the agent unless it was reported in the last minute; returns when it last was.
+#[inline(always)]
+fn report(flow: &Flow, now: u64, verdict: Verdict) -> u64 {
     let key = FlowKey {
         src: flow.src,
         dst: flow.dst,
-        src_port,
+        src_port: flow.src_port.to_be_bytes(),
         dst_port: flow.dst_port.to_be_bytes(),
         family: flow.family,
         proto: flow.proto,
         _pad: [0; 2],
     };
     // SAFETY: the value is copied out at once.
-    let reported_ns = match unsafe { maps::FLOWS.get(key) }.copied() {
+    match unsafe { maps::FLOWS.get(key) }.copied() {
         Some(at) if now.saturating_sub(at) < REPORT_AGAIN_NS => at,
         _ => {
             let _ = maps::FLOWS.insert(key, now, 0);
-            let _ = maps::EVENTS.output(BlockedFlowEvent { flow: key, timestamp_ns: now }, 0);
+            let event = BlockedFlowEvent { flow: key, timestamp_ns: now, verdict: verdict as u32, _pad: 0 };
+            let _ = maps::EVENTS.output(event, 0);
             now
         }
-    };
-    if let Some(stats) = stats {
-        stats.reported_src = flow.src;
-        stats.reported_src_port = src_port;
-        stats.reported_ns = reported_ns;
-        stats.checked_jiffies = jiffies;
     }
 }
 

@@ -15,9 +15,9 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use sluice_common::{DatapathConfig, Verdict, MODE_REGISTRY_ONLY};
+use sluice_common::{DatapathConfig, Verdict, FLAG_UNMATCHED_TCP_TO_PROXY, MODE_REGISTRY_ONLY};
 
-use parse::{Malformed, Packet};
+use parse::{Malformed, Packet, IPPROTO_TCP};
 
 #[classifier]
 pub fn sluice_ingress(ctx: TcContext) -> i32 {
@@ -40,7 +40,9 @@ fn classify(ctx: &TcContext) -> (Verdict, i32) {
         Err(Malformed) if config.mode == MODE_REGISTRY_ONLY => return (Verdict::Malformed, TC_ACT_SHOT as i32),
         Err(Malformed) => return (Verdict::Malformed, TC_ACT_UNSPEC),
     };
-    let verdict = if flow.fragmented {
+    let verdict = if let Some(verdict) = policy::denied(&flow, generation, config.tables) {
+        verdict
+    } else if flow.fragmented {
         fragments::decide(&flow, generation, config)
     } else {
         policy::decide(&flow, generation, config)
@@ -53,12 +55,18 @@ fn classify(ctx: &TcContext) -> (Verdict, i32) {
         },
         // Unmatched: the source's own mode (a Sidecar's), else the policy's, says which.
         Verdict::Blackholed | Verdict::Passthrough => unmatched(ctx, &flow, config),
+        Verdict::Denied => (Verdict::Denied, blackhole::deny(ctx, &flow)),
         verdict => (verdict, TC_ACT_UNSPEC),
     }
 }
 
 fn unmatched(ctx: &TcContext, flow: &parse::Flow, config: &DatapathConfig) -> (Verdict, i32) {
     if maps::mode_for(flow.family, &flow.src, config) != MODE_REGISTRY_ONLY {
+        // AuthorizationPolicies govern the workloads: the proxy decides what would pass unseen.
+        let to_proxy = config.flags & FLAG_UNMATCHED_TCP_TO_PROXY != 0 && flow.proto == IPPROTO_TCP;
+        if to_proxy && intercept::to_proxy(ctx, flow, config).is_ok() {
+            return (Verdict::Intercepted, TC_ACT_OK as i32);
+        }
         return (Verdict::Passthrough, TC_ACT_UNSPEC);
     }
     (Verdict::Blackholed, blackhole::act(ctx, flow, config))

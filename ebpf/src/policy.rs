@@ -1,12 +1,14 @@
-//! The policy lookup, in the active generation: an exact destination that passes decides at once; otherwise
-//! always-allowed ranges, then the exact entry's other action, then CIDRs, then port-wide entries. Maps the
-//! generation leaves empty are skipped. Each lookup costs the same whatever the number of entries.
+//! The policy lookup, in the active generation: where AuthorizationPolicies deny in the kernel, always-allowed
+//! ranges and then denied destinations come first (`denied`); then an exact destination that passes decides at once;
+//! otherwise always-allowed ranges, then the exact entry's other action, then CIDRs, then port-wide entries. Maps
+//! the generation leaves empty are skipped. Each lookup costs the same whatever the number of entries.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use sluice_common::{
-    mask_v4, mask_v6, AllowV4, AllowV6, CidrV4, CidrV6, DatapathConfig, PortKey, Rule, Verdict, ACTION_INTERCEPT,
-    ACTION_PASS, ALLOW_KEY_HEADER_BITS, FAMILY_V4, L4V4, L4V6, MAX_CIDR_LENGTHS, MODE_REGISTRY_ONLY, TABLE_ALLOW_V4,
-    TABLE_ALLOW_V6, TABLE_CIDR_V4, TABLE_CIDR_V6, TABLE_EXACT_V4, TABLE_EXACT_V6, TABLE_PORTS,
+    mask_v4, mask_v6, AllowV4, AllowV6, CidrV4, CidrV6, DatapathConfig, DenyV4, DenyV6, PortKey, Rule, Verdict,
+    ACTION_INTERCEPT, ACTION_PASS, ALLOW_KEY_HEADER_BITS, DENY_KEY_HEADER_BITS, FAMILY_V4, L4V4, L4V6,
+    MAX_CIDR_LENGTHS, MODE_REGISTRY_ONLY, TABLE_ALLOW_V4, TABLE_ALLOW_V6, TABLE_CIDR_V4, TABLE_CIDR_V6, TABLE_DENY_V4,
+    TABLE_DENY_V6, TABLE_EXACT_V4, TABLE_EXACT_V6, TABLE_PORTS,
 };
 
 use crate::{maps, parse::Flow};
@@ -63,6 +65,48 @@ pub fn decide(flow: &Flow, generation: u8, config: &DatapathConfig) -> Verdict {
         _ if config.mode == MODE_REGISTRY_ONLY => Verdict::Blackholed,
         _ => Verdict::Passthrough,
     }
+}
+
+/// Where DENY rules are in the kernel (looked up before anything else, fragments included): `Allowed` for an
+/// always-allowed range (the cluster's own traffic, which an egress policy does not govern), `Denied` for a
+/// destination a rule denies on this port or on every port.
+#[inline(never)]
+pub fn denied(flow: &Flow, generation: u8, tables: u32) -> Option<Verdict> {
+    if tables & (TABLE_DENY_V4 | TABLE_DENY_V6) == 0 {
+        return None;
+    }
+    let ports = [flow.dst_port.to_be_bytes(), [0, 0]];
+    if flow.family == FAMILY_V4 {
+        let mut addr = [0u8; 4];
+        addr.copy_from_slice(&flow.dst[..4]);
+        let allow = Key::new(ALLOW_KEY_HEADER_BITS + 32, AllowV4 { generation, _pad: [0; 3], addr });
+        if tables & TABLE_ALLOW_V4 != 0 && maps::ALLOW_V4.get(allow).is_some() {
+            return Some(Verdict::Allowed);
+        }
+        if tables & TABLE_DENY_V4 != 0 {
+            for port in ports {
+                let key = Key::new(DENY_KEY_HEADER_BITS + 32, DenyV4 { generation, _pad: 0, port, addr });
+                if maps::DENY_V4.get(key).is_some() {
+                    return Some(Verdict::Denied);
+                }
+            }
+        }
+    } else {
+        let addr = flow.dst;
+        let allow = Key::new(ALLOW_KEY_HEADER_BITS + 128, AllowV6 { generation, _pad: [0; 3], addr });
+        if tables & TABLE_ALLOW_V6 != 0 && maps::ALLOW_V6.get(allow).is_some() {
+            return Some(Verdict::Allowed);
+        }
+        if tables & TABLE_DENY_V6 != 0 {
+            for port in ports {
+                let key = Key::new(DENY_KEY_HEADER_BITS + 128, DenyV6 { generation, _pad: 0, port, addr });
+                if maps::DENY_V6.get(key).is_some() {
+                    return Some(Verdict::Denied);
+                }
+            }
+        }
+    }
+    None
 }
 
 /// The longest CIDR entry holding the destination: one hash lookup per prefix length the policy uses, longest

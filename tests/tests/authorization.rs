@@ -3,11 +3,16 @@
 //! dry run counted and not enforced, 403 `RBAC: access denied` before any route); a denied connection or
 //! request never reaches the server, and each decision is counted.
 
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+};
+
 use sluice_tests::{
     http::{get, ECHO},
     istio::{self, HTTPBIN, MESH_REGISTRY_ONLY},
     metrics::total,
-    peers::{curl, Dnsmasq, Nginx},
+    peers::{curl, send_udp, Dnsmasq, Nginx, UdpSink},
     require_root,
     tls::{accepted, certificates, https, tls_server},
     topology::{addr, GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A, SERVER_B},
@@ -170,7 +175,7 @@ fn intercepted_requests_meet_deny_then_allow_and_a_dry_run_is_only_counted() {
 }
 
 /// Two TCP ports registered at server B, which the kernel would pass by address; a root-namespace policy denies
-/// one of them.
+/// one of them to sources outside a namespace (a source condition: the proxy's to decide, not the kernel's).
 const TCP_BY_ADDRESS: &str = "apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: tcp-services, namespace: egress}
@@ -186,7 +191,7 @@ kind: AuthorizationPolicy
 metadata: {name: no-8080, namespace: istio-system}
 spec:
   action: DENY
-  rules: [{to: [{operation: {ports: ['8080']}}]}]
+  rules: [{from: [{source: {notNamespaces: [trusted]}}], to: [{operation: {ports: ['8080']}}]}]
 ";
 
 #[test]
@@ -205,6 +210,110 @@ fn tcp_the_kernel_would_pass_by_address_is_decided_in_the_proxy_when_policies_go
     let metrics = agent.metrics().unwrap();
     let denied = [("policy", "istio-system/no-8080"), ("action", "DENY"), ("result", "denied")];
     assert_eq!(total(&metrics, "sluice_authorization_decisions_total", &denied), 1, "{metrics}");
+}
+
+/// Root-namespace DENY rules that need only destinations: every workload's TCP and UDP to port 8080, and
+/// anything to server A's port 6000.
+const DENY_BY_DESTINATION: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-8080, namespace: istio-system}
+spec:
+  action: DENY
+  rules:
+  - to: [{operation: {ports: ['8080']}}]
+  - when:
+    - {key: destination.ip, values: ['203.0.113.10/32']}
+    - {key: destination.port, values: ['6000']}
+";
+
+#[test]
+fn a_deny_by_destination_alone_is_enforced_in_the_kernel_for_tcp_and_udp() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_B, 8080), addr(SERVER_B, 8081)], "reached").unwrap();
+    let config = tempfile::tempdir().unwrap();
+    // ALLOW_ANY (Istio's default): without the policy, everything here would pass.
+    istio::write(config.path(), &[DENY_BY_DESTINATION]).unwrap();
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    let fetch = |port: u16| curl(&topology.workload, &["--max-time", "3", &format!("http://{SERVER_B}:{port}/")]);
+    let denied_udp = [UdpSink::bind(&topology.internet, addr(SERVER_B, 8080)).unwrap()];
+    let denied_udp = [denied_udp, [UdpSink::bind(&topology.internet, addr(SERVER_A, 6000)).unwrap()]];
+    let passed_udp = UdpSink::bind(&topology.internet, addr(SERVER_B, 6000)).unwrap();
+    let intercepted_before = agent.sample("sluice_datapath_packets_total{verdict=\"intercepted\"}").unwrap();
+
+    assert_eq!(fetch(8081).unwrap().trim(), "reached", "not denied: {}", agent.log());
+    // Refused at its first packet by the kernel (a RST to the SYN), not accepted by the proxy and then closed.
+    let refused = fetch(8080).expect_err("denied by port").to_string();
+    assert!(refused.contains("Connection refused") || refused.contains("Couldn't connect"), "{refused}");
+    send_udp(&topology.workload, addr(SERVER_B, 8080), 3, 100).unwrap();
+    send_udp(&topology.workload, addr(SERVER_A, 6000), 3, 100).unwrap();
+    send_udp(&topology.workload, addr(SERVER_B, 6000), 3, 100).unwrap();
+    assert_eq!(denied_udp.iter().flatten().map(UdpSink::drain).sum::<usize>(), 0, "no denied datagram arrives");
+    assert_eq!(passed_udp.drain(), 3, "server B's port 6000 is not denied");
+
+    assert!(agent.sample("sluice_datapath_packets_total{verdict=\"denied\"}").unwrap() >= 7);
+    let intercepted = agent.sample("sluice_datapath_packets_total{verdict=\"intercepted\"}").unwrap();
+    assert_eq!(intercepted, intercepted_before, "a policy wholly in the kernel hands nothing to the proxy");
+    // Each denied flow (one TCP, two UDP) reported by the kernel, counted as the policy's decision and logged.
+    let denied = [("policy", "istio-system/no-8080"), ("action", "DENY"), ("result", "denied")];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while total(&agent.metrics().unwrap(), "sluice_authorization_decisions_total", &denied) < 3
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let metrics = agent.metrics().unwrap();
+    assert_eq!(total(&metrics, "sluice_authorization_decisions_total", &denied), 3, "{metrics}");
+    agent.wait_for_log(&format!("dst={SERVER_B}:8080 protocol=\"tcp\" verdict=\"denied\""), 1).unwrap();
+    agent.wait_for_log("policy=\"istio-system/no-8080\"", 3).unwrap();
+    let dump: serde_json::Value = serde_json::from_str(&agent.config_dump().unwrap()).unwrap();
+    let denied = &dump["datapath"]["denied"];
+    let shown = |destination: &str, port: u16| serde_json::json!({"destination": destination, "port": port, "policy": "istio-system/no-8080"});
+    assert_eq!(
+        denied,
+        &serde_json::json!([shown("0.0.0.0/0", 8080), shown("203.0.113.10/32", 6000), shown("::/0", 8080)]),
+        "{dump}"
+    );
+    assert_eq!(dump["datapath"]["unmatchedTcpToProxy"], false, "nothing left for the proxy to decide");
+}
+
+/// A root-namespace ALLOW: every workload may reach port 8081, and nothing else.
+const ONLY_8081: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-8081, namespace: istio-system}
+spec:
+  action: ALLOW
+  rules: [{to: [{operation: {ports: ['8081']}}]}]
+";
+
+#[test]
+fn in_allow_any_tcp_no_entry_names_is_decided_by_the_policies_not_passed_through() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_B, 8080), addr(SERVER_B, 8081)], "reached").unwrap();
+    let config = tempfile::tempdir().unwrap();
+    istio::write(config.path(), &[ONLY_8081]).unwrap();
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    let fetch = |port: u16| curl(&topology.workload, &["--max-time", "3", &format!("http://{SERVER_B}:{port}/")]);
+
+    // No ServiceEntry names either port: ALLOW_ANY would pass both in the kernel, unseen by the policy.
+    assert_eq!(fetch(8081).unwrap().trim(), "reached", "allowed, and passed through: {}", agent.log());
+    // HTTP, by what the proxy read: Envoy's RBAC answer.
+    assert_eq!(fetch(8080).unwrap(), "RBAC: access denied", "no ALLOW rule matches: denied");
+    // Bytes that are not HTTP: the connection is closed before nginx could answer them (a 400).
+    let mut stream = topology.workload.enter(|| TcpStream::connect(addr(SERVER_B, 8080))).unwrap().unwrap();
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    stream.write_all(b"\x00\x01\x02\x03 binary\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    let metrics = agent.metrics().unwrap();
+    let allowed = [("policy", "istio-system/only-8081"), ("action", "ALLOW"), ("result", "allowed")];
+    let denied = [("policy", "none"), ("action", "ALLOW"), ("result", "denied")];
+    assert_eq!(total(&metrics, "sluice_authorization_decisions_total", &allowed), 1, "{metrics}");
+    assert_eq!(total(&metrics, "sluice_authorization_decisions_total", &denied), 2, "{metrics}");
 }
 
 /// A policy of the egress gateway (selected by its labels), for the seeds' two-hop egress: mesh → the gateway's

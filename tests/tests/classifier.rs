@@ -8,7 +8,7 @@ use std::{
 
 use sluice_agent::{
     datapath::{BlockedFlow, Datapath},
-    policy::{BlackholeAction, DatapathPolicy, OutboundMode},
+    policy::{authorization::KernelDenial, BlackholeAction, DatapathPolicy, OutboundMode},
 };
 use sluice_common::{names, DestinationStats, Verdict, MAX_FRAGMENTED};
 use sluice_tests::{agent::Bpffs, packets::*, require_root};
@@ -35,25 +35,7 @@ impl Classifier {
         require_root();
         let bpffs = Bpffs::mount().unwrap();
         let mut datapath = Datapath::load(&bpffs.pin_dir()).unwrap();
-        let policy = DatapathPolicy {
-            mode,
-            blackhole,
-            allow_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
-            rules: [
-                "203.0.113.10:80/tcp",
-                "198.51.100.0/24:53/udp",
-                "192.0.0.0/16:53/udp",
-                "[2001:db8::10]:443/tcp",
-                "[2001:db8:1::/48]:53/udp",
-                "[2001:db8:2::/64]:53/udp",
-            ]
-            .iter()
-            .map(|rule| rule.parse().unwrap())
-            .collect(),
-            intercept_ports: vec![8080],
-            proxy_port: 15001,
-        };
-        datapath.apply(&policy).unwrap();
+        datapath.apply(&policy(mode, blackhole)).unwrap();
         Classifier { datapath, _bpffs: bpffs }
     }
 
@@ -69,6 +51,30 @@ impl Classifier {
         let was = before.iter().find(|t| t.verdict == moved[0]).unwrap();
         assert_eq!(counted.bytes - was.bytes, frame.len() as u64, "the packet's bytes are counted");
         (run.action, moved[0], run.output)
+    }
+}
+
+/// The policy the tests start from: entries of each kind, always-allowed ranges, an intercepted port.
+fn policy(mode: OutboundMode, blackhole: BlackholeAction) -> DatapathPolicy {
+    DatapathPolicy {
+        mode,
+        blackhole,
+        allow_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+        rules: [
+            "203.0.113.10:80/tcp",
+            "198.51.100.0/24:53/udp",
+            "192.0.0.0/16:53/udp",
+            "[2001:db8::10]:443/tcp",
+            "[2001:db8:1::/48]:53/udp",
+            "[2001:db8:2::/64]:53/udp",
+        ]
+        .iter()
+        .map(|rule| rule.parse().unwrap())
+        .collect(),
+        intercept_ports: vec![8080],
+        denials: Vec::new(),
+        unmatched_tcp_to_proxy: false,
+        proxy_port: 15001,
     }
 }
 
@@ -353,6 +359,46 @@ fn a_policy_with_more_prefix_lengths_than_the_datapath_walks_is_refused_whole() 
     assert!(error.contains("IPv4 CIDRs use 13 distinct prefix lengths; the datapath looks up at most 12"), "{error}");
     let (_, verdict, _) = classifier.run(&v4(ALLOWED, TCP, &tcp(40000, 80, TCP_SYN, 1)));
     assert_eq!(verdict, Verdict::Allowed, "the policy in force stays in force");
+}
+
+#[test]
+fn denied_destinations_are_refused_before_any_entry_and_reported_as_denied() {
+    let mut classifier = Classifier::load(OutboundMode::AllowAny, BlackholeAction::Drop);
+    let mut events = classifier.datapath.take_events().unwrap();
+    let denial = |net: &str, port| KernelDenial { net: net.parse().unwrap(), port, policy: "istio-system/p".into() };
+    let denials = vec![denial("203.0.113.0/24", 80), denial("2001:db8::/32", 0), denial("0.0.0.0/0", 5432)];
+    let policy = DatapathPolicy { denials, ..policy(OutboundMode::AllowAny, BlackholeAction::Drop) };
+    classifier.datapath.apply(&policy).unwrap();
+
+    let syn = |port| tcp(40000, port, TCP_SYN, 1000);
+    let cases: Vec<(&str, Vec<u8>, i32, Verdict)> = vec![
+        ("an exact entry's destination, denied on its port", v4(ALLOWED, TCP, &syn(80)), REDIRECT, Verdict::Denied),
+        ("the denied range, another port", v4(ALLOWED, TCP, &syn(81)), CONTINUE, Verdict::Passthrough),
+        ("a port denied everywhere, over UDP", v4(BLOCKED, UDP, &udp(5, 5432, b"q")), REDIRECT, Verdict::Denied),
+        (
+            "a port denied everywhere, in an always-allowed range",
+            v4(Ipv4Addr::new(10, 1, 2, 3), TCP, &syn(5432)),
+            CONTINUE,
+            Verdict::Allowed,
+        ),
+        ("ipv6, every port of a range", v6(ALLOWED_V6, TCP, &[], &syn(443)), REDIRECT, Verdict::Denied),
+    ];
+    for (name, frame, action, verdict) in cases {
+        let (got_action, got_verdict, output) = classifier.run(&frame);
+        assert_eq!((got_action, got_verdict), (action, verdict), "{name}");
+        if got_verdict == Verdict::Denied {
+            assert_ne!(output, frame, "{name}: answered (RST, ICMP prohibited), not forwarded");
+        }
+    }
+    let mut reported = Vec::new();
+    while let Some(record) = events.next() {
+        let flow = BlockedFlow::decode(&record).unwrap();
+        reported.push((flow.destination.to_string(), flow.denied));
+    }
+    let expected =
+        [(format!("{ALLOWED}:80"), true), (format!("{BLOCKED}:5432"), true), (format!("[{ALLOWED_V6}]:443"), true)];
+    assert_eq!(reported, expected, "each denied flow reported once, as denied");
+    assert!(classifier.datapath.blackholed().read().is_empty(), "denied is not blackholed");
 }
 
 #[test]

@@ -223,7 +223,8 @@ impl App {
         let routes = Arc::new(ArcSwap::from_pointee(routes));
         let mut tasks = JoinSet::new();
         if let Some(events) = events {
-            tasks.spawn(telemetry::blocked_flows::watch(events, metrics.blocked_flows.clone()));
+            let (total, requests) = (metrics.blocked_flows.clone(), metrics.requests.clone());
+            tasks.spawn(telemetry::blocked_flows::watch(events, total, routes.clone(), requests));
         }
         tasks.spawn(follower.follow());
         tasks.spawn(telemetry::server::serve_metrics(metrics_listener, metrics.registry.clone()));

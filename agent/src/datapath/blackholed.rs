@@ -10,7 +10,7 @@ use aya::{
     maps::{HashMap, MapData},
     Ebpf,
 };
-use sluice_common::{names, BlockedFlowEvent, DestinationKey, DestinationStats, FAMILY_V4};
+use sluice_common::{names, BlockedFlowEvent, DestinationKey, DestinationStats, Verdict, FAMILY_V4};
 
 use super::{take_map, DatapathError};
 
@@ -60,6 +60,8 @@ pub struct BlockedFlow {
     pub source: SocketAddr,
     pub destination: SocketAddr,
     pub protocol: u8,
+    /// Denied by an AuthorizationPolicy, rather than blackholed.
+    pub denied: bool,
 }
 
 impl BlockedFlow {
@@ -75,6 +77,7 @@ impl BlockedFlow {
             source: SocketAddr::new(address(flow.family, &flow.src), u16::from_be_bytes(flow.src_port)),
             destination: SocketAddr::new(address(flow.family, &flow.dst), u16::from_be_bytes(flow.dst_port)),
             protocol: flow.proto,
+            denied: event.verdict == Verdict::Denied as u32,
         })
     }
 }

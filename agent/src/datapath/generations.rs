@@ -9,10 +9,11 @@ use aya::{
 };
 use ipnet::IpNet;
 use sluice_common::{
-    names, AllowV4, AllowV6, CidrV4, CidrV6, DatapathConfig, PortKey, Rule, ACTION_INTERCEPT, ACTION_PASS,
-    ALLOW_KEY_HEADER_BITS, BLACKHOLE_DROP, BLACKHOLE_REJECT, L4V4, L4V6, MAX_CIDR_LENGTHS, MAX_RULES, MODE_ALLOW_ANY,
-    MODE_REGISTRY_ONLY, TABLE_ALLOW_V4, TABLE_ALLOW_V6, TABLE_CIDR_V4, TABLE_CIDR_V6, TABLE_EXACT_V4, TABLE_EXACT_V6,
-    TABLE_PORTS,
+    names, AllowV4, AllowV6, CidrV4, CidrV6, DatapathConfig, DenyV4, DenyV6, PortKey, Rule, ACTION_INTERCEPT,
+    ACTION_PASS, ALLOW_KEY_HEADER_BITS, BLACKHOLE_DROP, BLACKHOLE_REJECT, DENY_KEY_HEADER_BITS,
+    FLAG_UNMATCHED_TCP_TO_PROXY, L4V4, L4V6, MAX_CIDR_LENGTHS, MAX_RULES, MODE_ALLOW_ANY, MODE_REGISTRY_ONLY,
+    TABLE_ALLOW_V4, TABLE_ALLOW_V6, TABLE_CIDR_V4, TABLE_CIDR_V6, TABLE_DENY_V4, TABLE_DENY_V6, TABLE_EXACT_V4,
+    TABLE_EXACT_V6, TABLE_PORTS,
 };
 
 use super::{routing::MARK, take_map, DatapathError};
@@ -27,6 +28,8 @@ pub(super) struct PolicyMaps {
     cidr_v6: HashMap<MapData, CidrV6, Rule>,
     allow_v4: LpmTrie<MapData, AllowV4, u32>,
     allow_v6: LpmTrie<MapData, AllowV6, u32>,
+    deny_v4: LpmTrie<MapData, DenyV4, u32>,
+    deny_v6: LpmTrie<MapData, DenyV6, u32>,
     ports: HashMap<MapData, PortKey, Rule>,
     /// Whether the inactive generation is known to be empty (not so for maps adopted from a previous agent).
     inactive_empty: bool,
@@ -41,6 +44,8 @@ struct Entries {
     cidr_v6: Vec<(CidrV6, Rule)>,
     allow_v4: Vec<(Key<AllowV4>, u32)>,
     allow_v6: Vec<(Key<AllowV6>, u32)>,
+    deny_v4: Vec<(Key<DenyV4>, u32)>,
+    deny_v6: Vec<(Key<DenyV6>, u32)>,
     ports: Vec<(PortKey, Rule)>,
 }
 
@@ -61,6 +66,8 @@ impl PolicyMaps {
             cidr_v6: typed(ebpf, names::CIDR_V6)?,
             allow_v4: typed(ebpf, names::ALLOW_V4)?,
             allow_v6: typed(ebpf, names::ALLOW_V6)?,
+            deny_v4: typed(ebpf, names::DENY_V4)?,
+            deny_v6: typed(ebpf, names::DENY_V6)?,
             ports: typed(ebpf, names::PORTS)?,
             inactive_empty: false,
         })
@@ -105,6 +112,12 @@ impl PolicyMaps {
         for (key, value) in &entries.allow_v6 {
             self.allow_v6.insert(key, value, 0).map_err(fail(names::ALLOW_V6))?;
         }
+        for (key, value) in &entries.deny_v4 {
+            self.deny_v4.insert(key, value, 0).map_err(fail(names::DENY_V4))?;
+        }
+        for (key, value) in &entries.deny_v6 {
+            self.deny_v6.insert(key, value, 0).map_err(fail(names::DENY_V6))?;
+        }
         for (key, rule) in &entries.ports {
             self.ports.insert(key, rule, 0).map_err(fail(names::PORTS))?;
         }
@@ -118,7 +131,9 @@ impl PolicyMaps {
         delete_hash(&mut self.cidr_v4, names::CIDR_V4, |k| k.generation == generation)?;
         delete_hash(&mut self.cidr_v6, names::CIDR_V6, |k| k.generation == generation)?;
         delete_trie(&mut self.allow_v4, names::ALLOW_V4, |k| k.generation == generation)?;
-        delete_trie(&mut self.allow_v6, names::ALLOW_V6, |k| k.generation == generation)
+        delete_trie(&mut self.allow_v6, names::ALLOW_V6, |k| k.generation == generation)?;
+        delete_trie(&mut self.deny_v4, names::DENY_V4, |k| k.generation == generation)?;
+        delete_trie(&mut self.deny_v6, names::DENY_V6, |k| k.generation == generation)
     }
 }
 
@@ -162,6 +177,17 @@ impl Entries {
                     .push((Key::new(bits, AllowV6 { generation, _pad: [0; 3], addr: net.network().octets() }), 1)),
             }
         }
+        for denial in &policy.denials {
+            let (port, bits) = (denial.port.to_be_bytes(), DENY_KEY_HEADER_BITS + u32::from(denial.net.prefix_len()));
+            match denial.net {
+                IpNet::V4(net) => entries
+                    .deny_v4
+                    .push((Key::new(bits, DenyV4 { generation, _pad: 0, port, addr: net.network().octets() }), 1)),
+                IpNet::V6(net) => entries
+                    .deny_v6
+                    .push((Key::new(bits, DenyV6 { generation, _pad: 0, port, addr: net.network().octets() }), 1)),
+            }
+        }
         if policy.proxy_port != 0 {
             let intercept = Rule { action: ACTION_INTERCEPT, ..Rule::default() };
             for port in &policy.intercept_ports {
@@ -198,6 +224,8 @@ impl Entries {
             (!self.allow_v4.is_empty(), TABLE_ALLOW_V4),
             (!self.allow_v6.is_empty(), TABLE_ALLOW_V6),
             (!self.ports.is_empty(), TABLE_PORTS),
+            (!self.deny_v4.is_empty(), TABLE_DENY_V4),
+            (!self.deny_v6.is_empty(), TABLE_DENY_V6),
         ];
         present.iter().filter(|(present, _)| *present).fold(0, |bits, (_, bit)| bits | bit)
     }
@@ -210,6 +238,8 @@ impl Entries {
             (names::CIDR_V6, self.cidr_v6.len()),
             (names::ALLOW_V4, self.allow_v4.len()),
             (names::ALLOW_V6, self.allow_v6.len()),
+            (names::DENY_V4, self.deny_v4.len()),
+            (names::DENY_V6, self.deny_v6.len()),
         ];
         if let Some((map, count)) = sizes.into_iter().find(|(_, count)| *count > MAX_RULES as usize) {
             return Err(DatapathError::Capacity { map, count, capacity: MAX_RULES });
@@ -241,7 +271,7 @@ fn config(policy: &DatapathPolicy, entries: &Entries) -> DatapathConfig {
             BlackholeAction::Reject => BLACKHOLE_REJECT,
         },
         proxy_port: policy.proxy_port,
-        _pad: 0,
+        flags: if policy.unmatched_tcp_to_proxy { FLAG_UNMATCHED_TCP_TO_PROXY } else { 0 },
         mark: MARK,
         tables: entries.tables(),
         cidr_count_v4: v4.len() as u8,

@@ -13,9 +13,11 @@
 //! rule and always holds in a DENY rule — as Istio builds its TCP filters, so a DENY meant for HTTP denies the
 //! port's TCP rather than let it by.
 
+mod kernel;
+
 use std::{
     collections::{BTreeMap, HashMap},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
@@ -27,6 +29,7 @@ use crate::config::{
     workloads::Workload,
     Snapshot, Spec,
 };
+pub use kernel::{kernel_denials, KernelDenial};
 
 /// The policies in force, indexed by where they apply: a request looks at its own few, not at all of them.
 #[derive(Debug, Default)]
@@ -38,6 +41,8 @@ pub struct Authorization {
     root: Box<[usize]>,
     /// Each other namespace's, which apply to its workloads.
     by_namespace: HashMap<Arc<str>, Box<[usize]>>,
+    /// The destinations the kernel refuses by itself, to say which policy refused a flow it reports.
+    kernel: Box<[KernelDenial]>,
 }
 
 #[derive(Debug)]
@@ -284,7 +289,18 @@ impl Authorization {
             gateway,
             root: in_root.into(),
             by_namespace: by_namespace.into_iter().map(|(namespace, indexes)| (namespace, indexes.into())).collect(),
+            kernel: kernel_denials(snapshot).into(),
         }
+    }
+
+    /// The policy whose DENY rule the kernel refused a flow to `destination` by (the most specific entry's, as the
+    /// kernel's longest-prefix lookup found it).
+    pub fn denied_in_kernel(&self, destination: SocketAddr, protocol: u8) -> Option<&Arc<str>> {
+        let ports_apply = |port: u16| port == 0 || (port == destination.port() && matches!(protocol, 6 | 17 | 132));
+        (self.kernel.iter())
+            .filter(|denial| ports_apply(denial.port) && denial.net.contains(&destination.ip()))
+            .max_by_key(|denial| (denial.net.prefix_len(), denial.port))
+            .map(|denial| &denial.policy)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -342,14 +358,19 @@ impl Authorization {
     }
 }
 
-/// Whether AuthorizationPolicies apply to the workloads' own traffic (so the proxy must see it): one of the root
-/// namespace without a selector applies to every source; with the pods known (`knows_sources`), any namespace's
-/// may apply to its workloads. The same scope rules as [`Authorization::decide`]'s.
+/// Whether AuthorizationPolicies the kernel cannot decide by itself apply to the workloads' own traffic (so the
+/// proxy must see it): one of the root namespace without a selector applies to every source; with the pods known
+/// (`knows_sources`), any namespace's may apply to its workloads. The same scope rules as
+/// [`Authorization::decide`]'s.
 pub fn governs_intercepted(snapshot: &Snapshot, knows_sources: bool) -> bool {
     let root = snapshot.mesh.root_namespace();
     snapshot.resources.iter().any(|resource| match &resource.spec {
         Spec::AuthorizationPolicy(policy) if !policy.attached_by_target() => {
-            knows_sources || (resource.metadata.namespace() == root && policy.selector.is_none())
+            let in_root = resource.metadata.namespace() == root;
+            if in_root && kernel::wholly_in_kernel(policy) {
+                return false;
+            }
+            knows_sources || (in_root && policy.selector.is_none())
         }
         _ => false,
     })

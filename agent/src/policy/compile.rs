@@ -34,6 +34,7 @@ pub struct NodeSettings {
 /// its ports.
 pub fn datapath_policy(snapshot: &Snapshot, resolved: &Resolved, node: &NodeSettings) -> DatapathPolicy {
     let intercept_ports = intercepted_ports(snapshot, node);
+    let governed = node.proxy_port != 0 && super::authorization::governs_intercepted(snapshot, node.knows_sources);
     let mut rules: BTreeSet<(String, u16, u8)> = BTreeSet::new();
     let mut out = Vec::new();
     let mut push = |rule: L4Rule| {
@@ -59,6 +60,8 @@ pub fn datapath_policy(snapshot: &Snapshot, resolved: &Resolved, node: &NodeSett
         allow_cidrs: node.allow_cidrs.clone(),
         rules: out,
         intercept_ports,
+        denials: super::authorization::kernel_denials(snapshot),
+        unmatched_tcp_to_proxy: governed,
         proxy_port: node.proxy_port,
     }
 }
@@ -108,8 +111,9 @@ fn intercepted_ports(snapshot: &Snapshot, node: &NodeSettings) -> Vec<u16> {
             }
         }
     }
-    // AuthorizationPolicies are decided in the proxy: where they govern the workloads' own traffic, the TCP the
-    // kernel would pass by address (registered ports, and those the policies name) goes through the proxy instead.
+    // AuthorizationPolicies the kernel cannot decide are decided in the proxy: where they govern the workloads' own
+    // traffic, the TCP the kernel would pass by address (registered ports, and those the policies name) goes
+    // through the proxy instead (and, in ALLOW_ANY, the TCP it would pass unmatched: `unmatched_tcp_to_proxy`).
     if super::authorization::governs_intercepted(snapshot, node.knows_sources) {
         for resource in &snapshot.resources {
             match &resource.spec {

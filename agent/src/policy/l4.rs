@@ -134,6 +134,12 @@ pub struct DatapathPolicy {
     pub rules: Vec<L4Rule>,
     /// TCP ports whose traffic, to any destination not allowed above, goes to the proxy.
     pub intercept_ports: Vec<u16>,
+    /// Destinations AuthorizationPolicies deny to every workload, refused in the kernel (always-allowed ranges
+    /// excepted).
+    pub denials: Vec<super::authorization::KernelDenial>,
+    /// TCP that nothing above matches goes to the proxy instead of through (ALLOW_ANY): AuthorizationPolicies
+    /// the kernel cannot decide govern the workloads.
+    pub unmatched_tcp_to_proxy: bool,
     /// The transparent proxy's listener port; 0 when there is none (nothing is intercepted then).
     pub proxy_port: u16,
 }

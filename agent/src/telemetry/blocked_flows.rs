@@ -1,22 +1,37 @@
-//! Reads the kernel's blocked-flow events: each is counted, and logged at a bounded rate.
+//! Reads the kernel's blocked-flow events: each is counted (a blackholed flow in `sluice_blocked_flows`, one an
+//! AuthorizationPolicy denied as that policy's decision), and logged at a bounded rate.
 #![expect(
     unsafe_code,
     reason = "the ring buffer's descriptor is registered with tokio's reactor, which tokio can only take on trust"
 )]
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
+use arc_swap::ArcSwap;
 use aya::maps::{MapData, RingBuf};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::unix::AsyncFd;
 
-use crate::datapath::{protocol_name, BlockedFlow};
+use super::requests::RequestTelemetry;
+use crate::{
+    config::authorization_policy::Action,
+    datapath::{protocol_name, BlockedFlow},
+    policy::{authorization, routes::ProxyPolicy},
+};
 
 /// Log lines per second at most; the rest are counted and summarised.
 const LOGS_PER_SECOND: u32 = 20;
 
 /// Drains `events` until the task is dropped.
-pub async fn watch(events: RingBuf<MapData>, total: Counter) {
+pub async fn watch(
+    events: RingBuf<MapData>,
+    total: Counter,
+    routes: Arc<ArcSwap<ProxyPolicy>>,
+    telemetry: RequestTelemetry,
+) {
     // SAFETY: the ring buffer owns its descriptor, which stays open and unchanged for as long as the AsyncFd
     // holds it.
     let mut events = match unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) } {
@@ -34,7 +49,23 @@ pub async fn watch(events: RingBuf<MapData>, total: Counter) {
         let ring = guard.get_inner_mut();
         while let Some(record) = ring.next() {
             let Some(flow) = BlockedFlow::decode(&record) else { continue };
-            total.inc();
+            let denied_by = flow.denied.then(|| {
+                let routes = routes.load();
+                let policy = routes.authorization.denied_in_kernel(flow.destination, flow.protocol).cloned();
+                if let Some(policy) = &policy {
+                    let verdict = authorization::Verdict {
+                        denied: true,
+                        policy: Some((policy.clone(), Action::Deny)),
+                        governed: true,
+                        reported: Vec::new(),
+                    };
+                    telemetry.authorization(&verdict);
+                }
+                policy
+            });
+            if denied_by.is_none() {
+                total.inc();
+            }
             if window.elapsed() >= Duration::from_secs(1) {
                 if suppressed > 0 {
                     tracing::info!(suppressed, "blocked flows not logged (rate limit)");
@@ -44,11 +75,13 @@ pub async fn watch(events: RingBuf<MapData>, total: Counter) {
             }
             if logged < LOGS_PER_SECOND {
                 logged += 1;
+                let policy = denied_by.flatten();
                 tracing::info!(
                     src = %flow.source,
                     dst = %flow.destination,
                     protocol = protocol_name(flow.protocol),
-                    verdict = "blackholed",
+                    verdict = if flow.denied { "denied" } else { "blackholed" },
+                    policy = policy.as_deref().unwrap_or("-"),
                     "blocked flow"
                 );
             } else {

@@ -83,6 +83,12 @@ impl Dump {
                 "allowCidrs": policy.allow_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "rules": policy.rules.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "interceptPorts": policy.intercept_ports,
+                "unmatchedTcpToProxy": policy.unmatched_tcp_to_proxy,
+                "denied": policy.denials.iter().map(|denial| json!({
+                    "destination": denial.net.to_string(),
+                    "port": denial.port,
+                    "policy": &*denial.policy,
+                })).collect::<Vec<_>>(),
                 "proxyPort": policy.proxy_port,
             },
             "proxy": { "relayEngine": self.relay_engine.as_str() },

@@ -25,8 +25,10 @@ pub mod names {
     pub const SOURCES: &str = "SLUICE_SOURCES";
     /// One u32: non-zero while `SOURCES` holds entries, so that packets look it up only then.
     pub const SOURCES_IN_USE: &str = "SLUICE_SRCUSED";
+    pub const DENY_V4: &str = "SLUICE_DENY4";
+    pub const DENY_V6: &str = "SLUICE_DENY6";
     /// Every map, for pinning and cleanup.
-    pub const MAPS: [&str; 16] = [
+    pub const MAPS: [&str; 18] = [
         ACTIVE,
         CONFIG,
         EXACT_V4,
@@ -43,6 +45,8 @@ pub mod names {
         FRAGMENTS,
         SOURCES,
         SOURCES_IN_USE,
+        DENY_V4,
+        DENY_V6,
     ];
 }
 
@@ -78,7 +82,8 @@ pub struct DatapathConfig {
     pub blackhole: u32,
     /// The transparent proxy listener's port, in host byte order; 0 when there is none.
     pub proxy_port: u16,
-    pub _pad: u16,
+    /// `FLAG_*` bits.
+    pub flags: u16,
     /// The mark set on intercepted packets, which the agent's policy routing delivers locally.
     pub mark: u32,
     /// `TABLE_*` bits of the maps that hold entries in this generation: empty ones are not looked up.
@@ -103,6 +108,12 @@ pub const TABLE_CIDR_V6: u32 = 1 << 3;
 pub const TABLE_ALLOW_V4: u32 = 1 << 4;
 pub const TABLE_ALLOW_V6: u32 = 1 << 5;
 pub const TABLE_PORTS: u32 = 1 << 6;
+pub const TABLE_DENY_V4: u32 = 1 << 7;
+pub const TABLE_DENY_V6: u32 = 1 << 8;
+
+/// `DatapathConfig::flags`: TCP that no entry matches goes to the proxy rather than through (ALLOW_ANY), so that
+/// the AuthorizationPolicies governing the workloads decide it.
+pub const FLAG_UNMATCHED_TCP_TO_PROXY: u16 = 1 << 0;
 
 /// `Rule::action`: forward in the kernel.
 pub const ACTION_PASS: u32 = 1;
@@ -217,6 +228,31 @@ pub struct AllowV6 {
     pub addr: [u8; 16],
 }
 
+/// Bits of a deny key that precede the address: generation, padding and port.
+pub const DENY_KEY_HEADER_BITS: u32 = 32;
+
+/// LPM key data of an IPv4 denied destination (an AuthorizationPolicy DENY rule that needs only addresses and
+/// ports); prefix length `DENY_KEY_HEADER_BITS + the address prefix`. Port 0: every port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DenyV4 {
+    pub generation: u8,
+    pub _pad: u8,
+    /// Destination port in network byte order; 0 for any.
+    pub port: [u8; 2],
+    pub addr: [u8; 4],
+}
+
+/// LPM key data of an IPv6 denied destination (see [`DenyV4`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DenyV6 {
+    pub generation: u8,
+    pub _pad: u8,
+    pub port: [u8; 2],
+    pub addr: [u8; 16],
+}
+
 /// Key of a port-wide entry: every destination on this protocol and port (the proxy's HTTP ports).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -242,9 +278,11 @@ pub enum Verdict {
     Ignored = 4,
     /// Too short or inconsistent to classify: dropped in REGISTRY_ONLY, left to the stack in ALLOW_ANY.
     Malformed = 5,
+    /// Denied by an AuthorizationPolicy compiled into the kernel; refused (TCP RST, ICMP prohibited).
+    Denied = 6,
 }
 
-pub const VERDICT_COUNT: u32 = 6;
+pub const VERDICT_COUNT: u32 = 7;
 
 impl Verdict {
     pub const ALL: [Verdict; VERDICT_COUNT as usize] = [
@@ -254,6 +292,7 @@ impl Verdict {
         Verdict::Blackholed,
         Verdict::Ignored,
         Verdict::Malformed,
+        Verdict::Denied,
     ];
 
     /// The label the agent exports for this verdict.
@@ -265,6 +304,7 @@ impl Verdict {
             Verdict::Blackholed => "blackholed",
             Verdict::Ignored => "ignored",
             Verdict::Malformed => "malformed",
+            Verdict::Denied => "denied",
         }
     }
 }
@@ -350,6 +390,9 @@ pub struct FragmentKey {
 pub struct BlockedFlowEvent {
     pub flow: FlowKey,
     pub timestamp_ns: u64,
+    /// `Verdict::Blackholed` or `Verdict::Denied`, as a number.
+    pub verdict: u32,
+    pub _pad: u32,
 }
 
 #[cfg(feature = "user")]
@@ -372,6 +415,8 @@ mod user {
     unsafe impl aya::Pod for SourceKey {}
     unsafe impl aya::Pod for CidrV4 {}
     unsafe impl aya::Pod for CidrV6 {}
+    unsafe impl aya::Pod for DenyV4 {}
+    unsafe impl aya::Pod for DenyV6 {}
 }
 
 #[cfg(test)]
