@@ -14,7 +14,7 @@ use sluice_tests::{
     metrics::total,
     peers::{curl, send_udp, Dnsmasq, Nginx, UdpSink},
     require_root,
-    tls::{accepted, certificates, https, tls_server},
+    tls::{accepted, certificates, https, signed, tls_server},
     topology::{addr, GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A, SERVER_B},
     Agent, Topology,
 };
@@ -172,6 +172,134 @@ fn intercepted_requests_meet_deny_then_allow_and_a_dry_run_is_only_counted() {
     let details = "\"response_code_details\":\"rbac_access_denied_matched_policy[istio-system/no-admin]\"";
     agent.wait_for_log(details, 1).unwrap();
     agent.wait_for_log("\"response_code_details\":\"rbac_access_denied_matched_policy[none]\"", 1).unwrap();
+}
+
+/// A policy attached by `targetRefs` to one ServiceEntry (as Istio's egress waypoints are configured): it applies
+/// to traffic to that service, from any workload, and to nothing else.
+const TARGETED_AT_OTHER: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: other-reads-only, namespace: egress}
+spec:
+  targetRefs: [{kind: ServiceEntry, group: networking.istio.io, name: other}]
+  action: ALLOW
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+";
+
+#[test]
+fn a_policy_attached_to_a_service_entry_governs_the_traffic_to_that_service_only() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80), addr(SERVER_B, 80)], ECHO).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let other = istio::backend("other", SERVER_B, 80);
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, &other, TARGETED_AT_OTHER]).unwrap();
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+
+    let (code, body) = get(&topology, "other.backend", SERVER_B, "/", &[]);
+    assert_eq!(
+        code,
+        200,
+        "{body}
+{}",
+        agent.log()
+    );
+    let posted = get(&topology, "other.backend", SERVER_B, "/", &["-X", "POST"]);
+    assert_eq!(posted, (403, "RBAC: access denied".to_owned()), "only GET is allowed to the targeted service");
+    let (code, _) = get(&topology, "httpbin.org", SERVER_A, "/anything", &["-X", "POST"]);
+    assert_eq!(code, 200, "another service: the policy does not apply");
+    let metrics = agent.metrics().unwrap();
+    let count = |labels: &[(&str, &str)]| total(&metrics, "sluice_authorization_decisions_total", labels);
+    assert_eq!(count(&[("policy", "egress/other-reads-only"), ("result", "allowed")]), 1, "{metrics}");
+    assert_eq!(count(&[("policy", "none"), ("result", "denied")]), 1, "{metrics}");
+}
+
+/// Opens TLS from the workload to the gateway's `port` as `db.internal`, presenting `cert`/`key`, sends an HTTP/1.0
+/// request inside and returns what came back.
+fn through_terminated_tls(topology: &Topology, port: u16, ca: &str, (cert, key): &(String, String)) -> String {
+    let mut openssl = topology
+        .workload
+        .command("openssl")
+        .args(["s_client", "-quiet", "-connect", &format!("{GATEWAY_WORKLOAD_ADDR}:{port}")])
+        .args(["-servername", "db.internal", "-CAfile", ca, "-cert", cert, "-key", key])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    openssl.stdin.as_mut().unwrap().write_all(b"GET / HTTP/1.0\r\nHost: anything\r\n\r\n").unwrap();
+    String::from_utf8_lossy(&openssl.wait_with_output().unwrap().stdout).into_owned()
+}
+
+#[test]
+fn a_tls_server_relaying_tcp_decides_by_the_client_certificates_identity() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80)], "reached").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates(dir.path(), "gateway-ca", &["db.internal"]);
+    let (client_ca, _, _) = certificates(dir.path(), "client-ca", &["unused.client"]);
+    let client = signed(dir.path(), "client-ca", "client", &["URI:spiffe://cluster.local/ns/apps/sa/client"]);
+    let stranger = signed(dir.path(), "client-ca", "stranger", &["URI:spiffe://cluster.local/ns/other/sa/stranger"]);
+    // MUTUAL: any certificate of the client CA gets through the handshake; the policy says whose bytes are relayed.
+    let config = format!(
+        "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: db-gw, namespace: istio-system}}
+spec:
+  selector: {{istio: egressgateway}}
+  servers:
+  - port: {{number: 9001, name: tls-db, protocol: TLS}}
+    hosts: ['*']
+    tls: {{mode: MUTUAL, serverCertificate: {cert}, privateKey: {key}, caCertificates: {client_ca}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: db, namespace: istio-system}}
+spec:
+  hosts: ['*']
+  gateways: [db-gw]
+  tcp: [{{route: [{{destination: {{host: db.backend, port: {{number: 80}}}}}}]}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: db, namespace: istio-system}}
+spec:
+  hosts: [db.backend]
+  ports: [{{number: 80, name: tcp, protocol: TCP}}]
+  endpoints: [{{address: {SERVER_A}}}]
+  resolution: STATIC
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: db-clients, namespace: istio-system}}
+spec:
+  selector: {{matchLabels: {{istio: egressgateway}}}}
+  rules:
+  - from: [{{source: {{principals: [cluster.local/ns/apps/sa/client], namespaces: [apps]}}}}]
+    to: [{{operation: {{hosts: [db.internal], ports: ['9001']}}}}]
+"
+    );
+    let configs = tempfile::tempdir().unwrap();
+    istio::write(configs.path(), &[MESH_REGISTRY_ONLY, &config]).unwrap();
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {} --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32",
+        configs.path().display()
+    );
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    agent.wait_for_log("gateway listener open", 1).unwrap();
+
+    let relayed = through_terminated_tls(&topology, 9001, &ca, &client);
+    assert!(
+        relayed.starts_with("HTTP/1.1 200") && relayed.trim_end().ends_with("reached"),
+        "{relayed}\n{}",
+        agent.log()
+    );
+    assert_eq!(through_terminated_tls(&topology, 9001, &ca, &stranger), "", "another identity: closed unrelayed");
+    let metrics = agent.metrics().unwrap();
+    let count = |labels: &[(&str, &str)]| total(&metrics, "sluice_authorization_decisions_total", labels);
+    assert_eq!(count(&[("policy", "istio-system/db-clients"), ("result", "allowed")]), 1, "{metrics}");
+    assert_eq!(count(&[("policy", "none"), ("result", "denied")]), 1, "{metrics}");
 }
 
 /// Two TCP ports registered at server B, which the kernel would pass by address; a root-namespace policy denies

@@ -206,16 +206,34 @@ impl AuthorizationPolicy {
         }
     }
 
-    /// Whether `targetRef`/`targetRefs` attach the policy (to a Service or Gateway), which Sluice does not apply.
+    /// Whether `targetRef`/`targetRefs` attach the policy (to a Gateway, a Service or a ServiceEntry) instead of a
+    /// selector choosing workloads.
     pub fn attached_by_target(&self) -> bool {
         self.target_ref.is_some() || !self.target_refs.is_empty()
+    }
+
+    fn targets(&self) -> impl Iterator<Item = &TargetRef> {
+        self.target_ref.iter().chain(&self.target_refs)
+    }
+
+    /// Whether `targetRefs` attach the policy to services (a Service or ServiceEntry): it applies to traffic to
+    /// them, from any workload.
+    pub fn targets_services(&self) -> bool {
+        self.targets().any(|target| target.kind != "Gateway")
     }
 
     /// Where the policy applies, in words (`sluice check` says it of each): `namespace` is the policy's,
     /// `root` the mesh's root namespace.
     pub fn applies_to(&self, namespace: &str, root: &str) -> String {
         if self.attached_by_target() {
-            return "nothing: policies attached by targetRefs are not applied".into();
+            let named: Vec<String> = self
+                .targets()
+                .map(|target| match target.kind.as_str() {
+                    "Gateway" => format!("the gateway if it is Gateway {namespace}/{}", target.name),
+                    kind => format!("traffic to {kind} {namespace}/{}", target.name),
+                })
+                .collect();
+            return named.join("; ");
         }
         let labels = self.selector.as_ref().map(|selector| {
             let pairs: Vec<String> =
@@ -250,7 +268,7 @@ impl AuthorizationPolicy {
         if self.selector.is_some() && self.attached_by_target() {
             fail("spec.selector".into(), "only one of selector or targetRefs may be set".into());
         }
-        for (i, target) in self.target_ref.iter().chain(&self.target_refs).enumerate() {
+        for (i, target) in self.targets().enumerate() {
             let path = if self.target_ref.is_some() && i == 0 {
                 "spec.targetRef".to_owned()
             } else {

@@ -106,9 +106,6 @@ pub fn fields(resource: &Resource, knows_sources: bool) -> Vec<(String, &'static
                     }
                 }
             }
-            if policy.attached_by_target() {
-                found.push(("spec.targetRefs".into(), "policies attached by targetRefs are not applied"));
-            }
         }
         Spec::ServiceEntry(_) => {}
     }

@@ -14,6 +14,7 @@
 //! port's TCP rather than let it by.
 
 mod kernel;
+mod targets;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -30,6 +31,8 @@ use crate::config::{
     Snapshot, Spec,
 };
 pub use kernel::{kernel_denials, KernelDenial};
+use targets::Targets;
+pub use targets::GATEWAY_NAME_LABEL;
 
 /// The policies in force, indexed by where they apply: a request looks at its own few, not at all of them.
 #[derive(Debug, Default)]
@@ -41,6 +44,8 @@ pub struct Authorization {
     root: Box<[usize]>,
     /// Each other namespace's, which apply to its workloads.
     by_namespace: HashMap<Arc<str>, Box<[usize]>>,
+    /// Those attached by `targetRefs` to services: they apply to traffic to those services, from anyone.
+    by_destination: Box<[usize]>,
     /// The destinations the kernel refuses by itself, to say which policy refused a flow it reports.
     kernel: Box<[KernelDenial]>,
 }
@@ -51,6 +56,8 @@ struct Policy {
     id: Arc<str>,
     namespace: Arc<str>,
     selector: Option<BTreeMap<String, String>>,
+    /// What `targetRefs` attach the policy to, instead of a selector.
+    targets: Option<Targets>,
     action: Action,
     dry_run: bool,
     rules: Box<[Rule]>,
@@ -248,16 +255,16 @@ impl Authorization {
         let mut policies = Vec::new();
         for resource in &snapshot.resources {
             let Spec::AuthorizationPolicy(policy) = &resource.spec else { continue };
-            // Policies attached by targetRefs apply to what they name, not to a workload by labels (warned of).
-            if policy.attached_by_target() {
-                continue;
-            }
             let Ok(action) = policy.action() else { continue };
             let namespace = resource.metadata.namespace();
+            // Policies attached by targetRefs apply to what they name, not to workloads by labels.
+            let targets = (policy.attached_by_target())
+                .then(|| Targets::compile(policy, namespace, snapshot, gateway_labels, gateway_namespace));
             policies.push(Policy {
                 id: format!("{namespace}/{}", resource.metadata.name).into(),
                 namespace: namespace.into(),
                 selector: policy.selector.as_ref().map(|selector| selector.match_labels.clone()),
+                targets,
                 action,
                 dry_run: policy.is_dry_run(),
                 rules: rules(policy),
@@ -265,6 +272,9 @@ impl Authorization {
         }
         let gateway = (policies.iter().enumerate())
             .filter(|(_, policy)| {
+                if let Some(targets) = &policy.targets {
+                    return targets.gateway;
+                }
                 let selected = policy
                     .selector
                     .as_ref()
@@ -277,8 +287,13 @@ impl Authorization {
             .collect();
         let mut by_namespace: HashMap<Arc<str>, Vec<usize>> = HashMap::new();
         let mut in_root = Vec::new();
+        let mut by_destination = Vec::new();
         for (index, policy) in policies.iter().enumerate() {
-            if *policy.namespace == *root {
+            if let Some(targets) = &policy.targets {
+                if targets.names_services() {
+                    by_destination.push(index);
+                }
+            } else if *policy.namespace == *root {
                 in_root.push(index);
             } else {
                 by_namespace.entry(policy.namespace.clone()).or_default().push(index);
@@ -289,6 +304,7 @@ impl Authorization {
             gateway,
             root: in_root.into(),
             by_namespace: by_namespace.into_iter().map(|(namespace, indexes)| (namespace, indexes.into())).collect(),
+            by_destination: by_destination.into(),
             kernel: kernel_denials(snapshot).into(),
         }
     }
@@ -322,7 +338,13 @@ impl Authorization {
         };
         let mut allow_applies = false;
         let mut allowed_by = None;
-        for policy in first.iter().chain(second).map(|&index| &self.policies[index]) {
+        let to_destination = self.by_destination.iter().map(|&index| &self.policies[index]).filter(|policy| {
+            // One attached to this gateway too is among the first already.
+            let targets = policy.targets.as_ref();
+            let counted = matches!(scope, Scope::Gateway) && targets.is_some_and(|targets| targets.gateway);
+            !counted && targets.is_some_and(|targets| targets.holds_destination(subject))
+        });
+        for policy in first.iter().chain(second).map(|&index| &self.policies[index]).chain(to_destination) {
             if let Scope::Workload(source) = scope {
                 if !policy.selects(source) {
                     continue;
@@ -359,13 +381,14 @@ impl Authorization {
 }
 
 /// Whether AuthorizationPolicies the kernel cannot decide by itself apply to the workloads' own traffic (so the
-/// proxy must see it): one of the root namespace without a selector applies to every source; with the pods known
-/// (`knows_sources`), any namespace's may apply to its workloads. The same scope rules as
-/// [`Authorization::decide`]'s.
+/// proxy must see it): one of the root namespace without a selector applies to every source, and so does one
+/// attached to services by `targetRefs`; with the pods known (`knows_sources`), any namespace's may apply to its
+/// workloads. The same scope rules as [`Authorization::decide`]'s.
 pub fn governs_intercepted(snapshot: &Snapshot, knows_sources: bool) -> bool {
     let root = snapshot.mesh.root_namespace();
     snapshot.resources.iter().any(|resource| match &resource.spec {
-        Spec::AuthorizationPolicy(policy) if !policy.attached_by_target() => {
+        Spec::AuthorizationPolicy(policy) if policy.attached_by_target() => policy.targets_services(),
+        Spec::AuthorizationPolicy(policy) => {
             let in_root = resource.metadata.namespace() == root;
             if in_root && kernel::wholly_in_kernel(policy) {
                 return false;

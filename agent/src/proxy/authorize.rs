@@ -13,7 +13,7 @@ use crate::{
         authorization::{HttpRequest, Scope, Subject},
         routes::ProxyPolicy,
     },
-    telemetry::requests::RequestTelemetry,
+    telemetry::requests::{Principal, RequestTelemetry},
 };
 
 /// Whether `request` may go on; denied, Envoy's response code details (`rbac_access_denied_matched_policy[…]`).
@@ -47,10 +47,8 @@ pub fn request<B>(
         }),
         sni: None,
         source_ip: connection.peer.ip(),
-        source_namespace: principal
-            .and_then(|principal| principal.namespace.as_ref().map(|namespace| namespace.as_str()))
-            .or(source.map(|source| &*source.namespace)),
-        principal: principal.map(|principal| principal.spiffe.as_str().trim_start_matches("spiffe://")),
+        source_namespace: namespace_of(principal, source),
+        principal: principal.map(spiffe_id),
         destination_ip: connection.local.ip(),
         destination_port: port,
     };
@@ -61,11 +59,12 @@ pub fn request<B>(
     decided(policy, telemetry, scope, &subject, connection.peer)
 }
 
-/// Whether a TLS or TCP connection from `peer` to `dialled` (on a Gateway port: `gateway`) may be relayed.
+/// Whether a TLS or TCP connection from `peer` to `dialled` (on a Gateway port: `gateway`) may be relayed; a
+/// client whose TLS the gateway terminated is known by its certificate's identity (`principal`).
 pub fn connection(
     policy: &ProxyPolicy,
     telemetry: &RequestTelemetry,
-    server_name: Option<&str>,
+    (server_name, principal): (Option<&str>, Option<&Principal>),
     (peer, dialled): (SocketAddr, SocketAddr),
     gateway: bool,
     source: Option<&Workload>,
@@ -74,13 +73,24 @@ pub fn connection(
         http: None,
         sni: server_name,
         source_ip: peer.ip(),
-        source_namespace: source.map(|source| &*source.namespace),
-        principal: None,
+        source_namespace: namespace_of(principal, source),
+        principal: principal.map(spiffe_id),
         destination_ip: dialled.ip(),
         destination_port: dialled.port(),
     };
     let scope = if gateway { Scope::Gateway } else { Scope::Workload(source) };
     decided(policy, telemetry, scope, &subject, peer).is_ok()
+}
+
+/// The client's namespace: its verified identity's, else its pod's.
+fn namespace_of<'a>(principal: Option<&'a Principal>, source: Option<&'a Workload>) -> Option<&'a str> {
+    let verified = principal.and_then(|principal| principal.namespace.as_ref().map(|namespace| namespace.as_str()));
+    verified.or(source.map(|source| &*source.namespace))
+}
+
+/// An identity as Istio's `principals` name it: the SPIFFE ID without its scheme.
+fn spiffe_id(principal: &Principal) -> &str {
+    principal.spiffe.as_str().trim_start_matches("spiffe://")
 }
 
 fn decided(

@@ -108,7 +108,8 @@ pub async fn accept(listener: TcpListener, kind: Listener, proxy: Arc<HttpProxy>
                             return;
                         }
                         if proxy.policy().tcp_gateways_on(port).next().is_some() {
-                            l4::serve_tcp(stream, peer, local, l4::Arrival::Gateway(port), &proxy).await;
+                            let arrival = l4::Arrival::Gateway(port);
+                            l4::serve_tcp(stream, (peer, local), arrival, &proxy, l4::Terminated::default()).await;
                             drop(permit);
                             return;
                         }

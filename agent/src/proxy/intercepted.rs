@@ -62,6 +62,8 @@ async fn dispatch(connection: Intercepted, proxy: Arc<HttpProxy>) {
             proxy.serve_connection(stream, context, version).await;
         }
         Detected::Tls => l4::serve_tls(stream, peer, dialled, Arrival::Intercepted, &proxy).await,
-        Detected::Opaque => l4::serve_tcp(stream, peer, dialled, Arrival::Intercepted, &proxy).await,
+        Detected::Opaque => {
+            l4::serve_tcp(stream, (peer, dialled), Arrival::Intercepted, &proxy, l4::Terminated::default()).await
+        }
     }
 }

@@ -101,9 +101,11 @@ pub async fn serve(mut stream: TcpStream, connection: Connection, proxy: Arc<Htt
         return;
     }
     if opaque {
-        // A TLS server: the bytes inside go where the Gateway's tcp routes say.
+        // A TLS server: the bytes inside go where the Gateway's tcp routes say, decided knowing who the client is.
         let (peer, local) = (connection.peer, connection.local);
-        l4::serve_tcp(tls, peer, local, l4::Arrival::Gateway(port), &proxy).await;
+        let principal = Principal::from_names(&names);
+        let client = l4::Terminated { principal: principal.as_ref(), server_name: server_name.as_deref() };
+        l4::serve_tcp(tls, (peer, local), l4::Arrival::Gateway(port), &proxy, client).await;
         return;
     }
     let http2 = matches!(session.alpn_protocol(), Some(b"h2" | b"istio-h2"));

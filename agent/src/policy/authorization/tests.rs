@@ -194,3 +194,62 @@ fn names_of_any_bytes_are_matched_without_splitting_a_character() {
         assert!(authorization.decide(Scope::Gateway, &connection(Some(name), 443)).denied, "{name}");
     }
 }
+
+#[test]
+fn target_refs_attach_a_policy_to_the_gateway_they_name_or_to_traffic_to_a_service() {
+    let yaml = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: httpbin, namespace: egress}
+spec:
+  hosts: [httpbin.org, '*.httpbin.org']
+  addresses: [198.51.100.0/24]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: NONE
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: httpbin-from-default, namespace: egress}
+spec:
+  targetRefs: [{kind: ServiceEntry, group: networking.istio.io, name: httpbin}]
+  action: ALLOW
+  rules: [{from: [{source: {namespaces: [default]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: istio-system}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: egress}]
+  action: DENY
+  rules: [{to: [{operation: {paths: [/admin]}}]}]
+";
+    let snapshot = Snapshot::from_yaml(yaml);
+    let labels = |name: &str| BTreeMap::from([(GATEWAY_NAME_LABEL.to_owned(), name.to_owned())]);
+    let named = Authorization::compile(&snapshot, &labels("egress"), Some("istio-system"));
+    let other = Authorization::compile(&snapshot, &labels("other"), Some("istio-system"));
+    let headers = http::HeaderMap::new();
+    let admin = request(&headers, "example.com", "GET", "/admin", 80);
+    assert!(named.decide(Scope::Gateway, &admin).denied, "the Gateway named: its policy applies");
+    assert!(!other.decide(Scope::Gateway, &admin).denied, "another gateway: not attached");
+    assert!(!named.decide(Scope::Workload(None), &admin).denied, "not the workloads' own traffic");
+
+    // Traffic to the ServiceEntry, from anywhere: by host, server name or address; only namespace default's.
+    let mut from_default = request(&headers, "www.httpbin.org:443", "GET", "/", 443);
+    from_default.source_namespace = Some("default");
+    let mut from_other = from_default;
+    from_other.source_namespace = Some("other");
+    for scope in [Scope::Gateway, Scope::Workload(None)] {
+        assert!(!named.decide(scope, &from_default).denied, "{scope:?}");
+        let verdict = named.decide(scope, &from_other);
+        assert!(verdict.denied && verdict.policy.is_none(), "{scope:?}: an ALLOW applies and none matched");
+    }
+    let tls = Subject { source_namespace: Some("other"), ..connection(Some("HTTPBIN.org"), 443) };
+    assert!(named.decide(Scope::Workload(None), &tls).denied, "by server name");
+    let by_address = Subject {
+        destination_ip: "198.51.100.7".parse().unwrap(),
+        source_namespace: Some("other"),
+        ..connection(None, 443)
+    };
+    assert!(named.decide(Scope::Workload(None), &by_address).denied, "by address");
+    let elsewhere = request(&headers, "example.com", "GET", "/", 443);
+    assert!(!named.decide(Scope::Workload(None), &elsewhere).governed, "traffic to other services: not governed");
+}

@@ -27,6 +27,7 @@ use crate::{
     policy::{labels::DestinationLabels, routes::ProxyPolicy},
     telemetry::{
         connections::{ConnectionRecord, OpenConnection, TcpLabels},
+        requests::Principal,
         response_flags::ResponseFlag,
     },
 };
@@ -122,7 +123,7 @@ pub async fn serve_tls(
         // On a port declared TLS (read without detection), a client that speaks something else is decided by the
         // address it dialled, as a ClientHello without a name is, and what it sent is replayed.
         Err(HelloRefused::NotTls) if arrival == Arrival::Intercepted => {
-            serve_tcp_read(stream, (peer, dialled), &hello, arrival, proxy, clock).await;
+            serve_tcp_read(stream, (peer, dialled), (&hello, Terminated::default()), arrival, proxy, clock).await;
         }
         Err(refused) => refuse_hello(&stream, peer, dialled, refused, proxy),
     }
@@ -162,29 +163,38 @@ pub async fn serve_tls_read(
     let decided =
         decide_tls_noting_hop(&policy, name, dialled, workload.as_deref(), arrival, fastrand::u32(..), &mut hop);
     let arrival = hop.map_or(arrival, Arrival::Gateway);
-    let decided = authorized(decided, &policy, proxy, name, (peer, dialled), arrival, workload.as_deref());
+    let client = Terminated { principal: None, server_name: name };
+    let decided = authorized(decided, &policy, proxy, client, (peer, dialled), arrival, workload.as_deref());
     let connection = Connection { peer, dialled, server_name: name, hello, source: workload.as_deref() };
     finish(stream, &connection, decided, proxy, clock).await;
 }
 
+/// What the gateway knows of a client whose TLS it terminated before relaying the bytes inside (a TLS server's
+/// `tcp` routes): its verified identity and the name it asked for, for AuthorizationPolicies and the log.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Terminated<'a> {
+    pub principal: Option<&'a Principal>,
+    pub server_name: Option<&'a str>,
+}
+
 /// Serves a connection that is neither HTTP nor TLS (or whose port is declared TCP): intercepted, or accepted on
-/// a Gateway's TCP server port.
+/// a Gateway's TCP server port (or inside TLS a Gateway server terminated: `terminated`).
 pub async fn serve_tcp<S: ClientStream>(
     stream: S,
-    peer: SocketAddr,
-    dialled: SocketAddr,
+    (peer, dialled): (SocketAddr, SocketAddr),
     arrival: Arrival,
     proxy: &HttpProxy,
+    terminated: Terminated<'_>,
 ) {
     let clock = (SystemTime::now(), Instant::now());
-    serve_tcp_read(stream, (peer, dialled), &[], arrival, proxy, clock).await;
+    serve_tcp_read(stream, (peer, dialled), (&[], terminated), arrival, proxy, clock).await;
 }
 
 /// Serves a connection decided by its address, `read` (what the client already sent) replayed first.
 async fn serve_tcp_read<S: ClientStream>(
     stream: S,
     (peer, dialled): (SocketAddr, SocketAddr),
-    read: &[u8],
+    (read, terminated): (&[u8], Terminated<'_>),
     arrival: Arrival,
     proxy: &HttpProxy,
     clock: (SystemTime, Instant),
@@ -194,8 +204,9 @@ async fn serve_tcp_read<S: ClientStream>(
     let mut hop = None;
     let decided = decide_tcp_noting_hop(&policy, dialled, workload.as_deref(), arrival, fastrand::u32(..), &mut hop);
     let arrival = hop.map_or(arrival, Arrival::Gateway);
-    let decided = authorized(decided, &policy, proxy, None, (peer, dialled), arrival, workload.as_deref());
-    let connection = Connection { peer, dialled, server_name: None, hello: read, source: workload.as_deref() };
+    let decided = authorized(decided, &policy, proxy, terminated, (peer, dialled), arrival, workload.as_deref());
+    let server_name = terminated.server_name;
+    let connection = Connection { peer, dialled, server_name, hello: read, source: workload.as_deref() };
     finish(stream, &connection, decided, proxy, clock).await;
 }
 
@@ -205,7 +216,7 @@ fn authorized(
     (verdict, mismatch): (Verdict, Mismatch),
     policy: &ProxyPolicy,
     proxy: &HttpProxy,
-    server_name: Option<&str>,
+    client: Terminated<'_>,
     addresses: (SocketAddr, SocketAddr),
     arrival: Arrival,
     source: Option<&Workload>,
@@ -220,7 +231,8 @@ fn authorized(
         Arrival::Gateway(port) => (true, SocketAddr::new(dialled.ip(), port)),
         Arrival::Intercepted => (false, dialled),
     };
-    if authorize::connection(policy, proxy.telemetry(), server_name, (peer, dialled), gateway, source) {
+    let (server_name, principal) = (client.server_name, client.principal);
+    if authorize::connection(policy, proxy.telemetry(), (server_name, principal), (peer, dialled), gateway, source) {
         return (verdict, mismatch);
     }
     let labels = match verdict {
