@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use sluice_common::{
-    AllowV4, AllowV6, CidrV4, CidrV6, Counter, DatapathConfig, DenyV4, DenyV6, DestinationKey, DestinationStats,
-    FlowKey, FragmentKey, PortKey, Rule, SourceKey, Verdict, EVENTS_BYTES, L4V4, L4V6, MAX_BLACKHOLED, MAX_FLOWS,
-    MAX_FRAGMENTED, MAX_RULES, MAX_SOURCES, VERDICT_COUNT,
+    AllowV4, AllowV6, CidrV4, CidrV6, Counter, DatapathConfig, DenySourceV4, DenySourceV6, DenyV4, DenyV6,
+    DestinationKey, DestinationStats, FlowKey, FragmentKey, PortKey, Rule, SourceKey, Verdict, EVENTS_BYTES, L4V4,
+    L4V6, MAX_BLACKHOLED, MAX_FLOWS, MAX_FRAGMENTED, MAX_RULES, MAX_SOURCES, VERDICT_COUNT,
 };
 
 /// Room for two generations of policy.
@@ -34,6 +34,10 @@ pub static ALLOW_V6: LpmTrie<AllowV6, u32> = LpmTrie::pinned(ENTRIES, 0);
 pub static DENY_V4: LpmTrie<DenyV4, u32> = LpmTrie::pinned(ENTRIES, 0);
 #[map(name = "SLUICE_DENY6")]
 pub static DENY_V6: LpmTrie<DenyV6, u32> = LpmTrie::pinned(ENTRIES, 0);
+#[map(name = "SLUICE_DENYSRC4")]
+pub static DENY_SOURCES_V4: LpmTrie<DenySourceV4, u32> = LpmTrie::pinned(ENTRIES, 0);
+#[map(name = "SLUICE_DENYSRC6")]
+pub static DENY_SOURCES_V6: LpmTrie<DenySourceV6, u32> = LpmTrie::pinned(ENTRIES, 0);
 #[map(name = "SLUICE_PORTS")]
 pub static PORTS: HashMap<PortKey, Rule> = HashMap::pinned(2 * 65_536, BPF_F_NO_PREALLOC);
 #[map(name = "SLUICE_COUNTERS")]

@@ -5,10 +5,10 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use sluice_common::{
-    mask_v4, mask_v6, AllowV4, AllowV6, CidrV4, CidrV6, DatapathConfig, DenyV4, DenyV6, PortKey, Rule, Verdict,
-    ACTION_INTERCEPT, ACTION_PASS, ALLOW_KEY_HEADER_BITS, DENY_KEY_HEADER_BITS, FAMILY_V4, L4V4, L4V6,
-    MAX_CIDR_LENGTHS, MODE_REGISTRY_ONLY, TABLE_ALLOW_V4, TABLE_ALLOW_V6, TABLE_CIDR_V4, TABLE_CIDR_V6, TABLE_DENY_V4,
-    TABLE_DENY_V6, TABLE_EXACT_V4, TABLE_EXACT_V6, TABLE_PORTS,
+    mask_v4, mask_v6, AllowV4, AllowV6, CidrV4, CidrV6, DatapathConfig, DenySourceV4, DenySourceV6, DenyV4, DenyV6,
+    PortKey, Rule, Verdict, ACTION_INTERCEPT, ACTION_PASS, ALLOW_KEY_HEADER_BITS, DENY_ANY_SOURCE,
+    DENY_KEY_HEADER_BITS, FAMILY_V4, L4V4, L4V6, MAX_CIDR_LENGTHS, MODE_REGISTRY_ONLY, TABLE_ALLOW_V4, TABLE_ALLOW_V6,
+    TABLE_CIDR_V4, TABLE_CIDR_V6, TABLE_DENY_V4, TABLE_DENY_V6, TABLE_EXACT_V4, TABLE_EXACT_V6, TABLE_PORTS,
 };
 
 use crate::{maps, parse::Flow};
@@ -86,7 +86,7 @@ pub fn denied(flow: &Flow, generation: u8, tables: u32) -> Option<Verdict> {
         if tables & TABLE_DENY_V4 != 0 {
             for port in ports {
                 let key = Key::new(DENY_KEY_HEADER_BITS + 32, DenyV4 { generation, _pad: 0, port, addr });
-                if maps::DENY_V4.get(key).is_some() {
+                if maps::DENY_V4.get(key).is_some_and(|&sources| from_v4(flow, generation, sources)) {
                     return Some(Verdict::Denied);
                 }
             }
@@ -100,13 +100,36 @@ pub fn denied(flow: &Flow, generation: u8, tables: u32) -> Option<Verdict> {
         if tables & TABLE_DENY_V6 != 0 {
             for port in ports {
                 let key = Key::new(DENY_KEY_HEADER_BITS + 128, DenyV6 { generation, _pad: 0, port, addr });
-                if maps::DENY_V6.get(key).is_some() {
+                if maps::DENY_V6.get(key).is_some_and(|&sources| from_v6(flow, generation, sources)) {
                     return Some(Verdict::Denied);
                 }
             }
         }
     }
     None
+}
+
+/// Whether a deny entry's `sources` hold the flow's source: any source, or a range of the set it names.
+#[inline(never)]
+fn from_v4(flow: &Flow, generation: u8, sources: u32) -> bool {
+    if sources == DENY_ANY_SOURCE {
+        return true;
+    }
+    let mut addr = [0u8; 4];
+    addr.copy_from_slice(&flow.src[..4]);
+    let set = (sources as u16).to_be_bytes();
+    let key = Key::new(DENY_KEY_HEADER_BITS + 32, DenySourceV4 { generation, _pad: 0, set, addr });
+    maps::DENY_SOURCES_V4.get(key).is_some()
+}
+
+#[inline(never)]
+fn from_v6(flow: &Flow, generation: u8, sources: u32) -> bool {
+    if sources == DENY_ANY_SOURCE {
+        return true;
+    }
+    let set = (sources as u16).to_be_bytes();
+    let key = Key::new(DENY_KEY_HEADER_BITS + 128, DenySourceV6 { generation, _pad: 0, set, addr: flow.src });
+    maps::DENY_SOURCES_V6.get(key).is_some()
 }
 
 /// The longest CIDR entry holding the destination: one hash lookup per prefix length the policy uses, longest

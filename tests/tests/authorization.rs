@@ -340,9 +340,9 @@ fn tcp_the_kernel_would_pass_by_address_is_decided_in_the_proxy_when_policies_go
     assert_eq!(total(&metrics, "sluice_authorization_decisions_total", &denied), 1, "{metrics}");
 }
 
-/// Root-namespace DENY rules that need only destinations: every workload's TCP and UDP to port 8080, and
-/// anything to server A's port 6000.
-const DENY_BY_DESTINATION: &str = "apiVersion: security.istio.io/v1
+/// Root-namespace DENY rules that need only addresses and ports: every workload's TCP and UDP to port 8080,
+/// anything to server A's port 6000, port 7000 from the workload's subnet and port 7001 from another.
+const DENY_BY_ADDRESSES: &str = "apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: no-8080, namespace: istio-system}
 spec:
@@ -352,22 +352,27 @@ spec:
   - when:
     - {key: destination.ip, values: ['203.0.113.10/32']}
     - {key: destination.port, values: ['6000']}
+  - from: [{source: {ipBlocks: [10.240.1.0/24]}}]
+    to: [{operation: {ports: ['7000']}}]
+  - from: [{source: {ipBlocks: [192.0.2.0/24]}}]
+    to: [{operation: {ports: ['7001']}}]
 ";
 
 #[test]
-fn a_deny_by_destination_alone_is_enforced_in_the_kernel_for_tcp_and_udp() {
+fn a_deny_by_addresses_and_ports_alone_is_enforced_in_the_kernel_for_tcp_and_udp() {
     require_root();
     let topology = Topology::new().unwrap();
     let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_B, 8080), addr(SERVER_B, 8081)], "reached").unwrap();
     let config = tempfile::tempdir().unwrap();
     // ALLOW_ANY (Istio's default): without the policy, everything here would pass.
-    istio::write(config.path(), &[DENY_BY_DESTINATION]).unwrap();
+    istio::write(config.path(), &[DENY_BY_ADDRESSES]).unwrap();
     let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     let fetch = |port: u16| curl(&topology.workload, &["--max-time", "3", &format!("http://{SERVER_B}:{port}/")]);
-    let denied_udp = [UdpSink::bind(&topology.internet, addr(SERVER_B, 8080)).unwrap()];
-    let denied_udp = [denied_udp, [UdpSink::bind(&topology.internet, addr(SERVER_A, 6000)).unwrap()]];
+    let sink = |server, port| UdpSink::bind(&topology.internet, addr(server, port)).unwrap();
+    let denied_udp = [sink(SERVER_B, 8080), sink(SERVER_A, 6000), sink(SERVER_B, 7000)];
     let passed_udp = UdpSink::bind(&topology.internet, addr(SERVER_B, 6000)).unwrap();
+    let from_elsewhere_only = UdpSink::bind(&topology.internet, addr(SERVER_B, 7001)).unwrap();
     let intercepted_before = agent.sample("sluice_datapath_packets_total{verdict=\"intercepted\"}").unwrap();
 
     assert_eq!(fetch(8081).unwrap().trim(), "reached", "not denied: {}", agent.log());
@@ -377,32 +382,40 @@ fn a_deny_by_destination_alone_is_enforced_in_the_kernel_for_tcp_and_udp() {
     send_udp(&topology.workload, addr(SERVER_B, 8080), 3, 100).unwrap();
     send_udp(&topology.workload, addr(SERVER_A, 6000), 3, 100).unwrap();
     send_udp(&topology.workload, addr(SERVER_B, 6000), 3, 100).unwrap();
-    assert_eq!(denied_udp.iter().flatten().map(UdpSink::drain).sum::<usize>(), 0, "no denied datagram arrives");
+    send_udp(&topology.workload, addr(SERVER_B, 7000), 3, 100).unwrap();
+    send_udp(&topology.workload, addr(SERVER_B, 7001), 3, 100).unwrap();
+    let arrived: usize = denied_udp.iter().map(UdpSink::drain).sum();
+    assert_eq!(arrived, 0, "no denied datagram arrives");
     assert_eq!(passed_udp.drain(), 3, "server B's port 6000 is not denied");
+    assert_eq!(from_elsewhere_only.drain(), 3, "port 7001 is denied from another subnet, not the workload's");
 
-    assert!(agent.sample("sluice_datapath_packets_total{verdict=\"denied\"}").unwrap() >= 7);
+    assert!(agent.sample("sluice_datapath_packets_total{verdict=\"denied\"}").unwrap() >= 10);
     let intercepted = agent.sample("sluice_datapath_packets_total{verdict=\"intercepted\"}").unwrap();
     assert_eq!(intercepted, intercepted_before, "a policy wholly in the kernel hands nothing to the proxy");
-    // Each denied flow (one TCP, two UDP) reported by the kernel, counted as the policy's decision and logged.
+    // Each denied flow (one TCP, three UDP) reported by the kernel, counted as the policy's decision and logged.
     let denied = [("policy", "istio-system/no-8080"), ("action", "DENY"), ("result", "denied")];
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while total(&agent.metrics().unwrap(), "sluice_authorization_decisions_total", &denied) < 3
+    while total(&agent.metrics().unwrap(), "sluice_authorization_decisions_total", &denied) < 4
         && std::time::Instant::now() < deadline
     {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let metrics = agent.metrics().unwrap();
-    assert_eq!(total(&metrics, "sluice_authorization_decisions_total", &denied), 3, "{metrics}");
+    assert_eq!(total(&metrics, "sluice_authorization_decisions_total", &denied), 4, "{metrics}");
     agent.wait_for_log(&format!("dst={SERVER_B}:8080 protocol=\"tcp\" verdict=\"denied\""), 1).unwrap();
-    agent.wait_for_log("policy=\"istio-system/no-8080\"", 3).unwrap();
+    agent.wait_for_log("policy=\"istio-system/no-8080\"", 4).unwrap();
     let dump: serde_json::Value = serde_json::from_str(&agent.config_dump().unwrap()).unwrap();
     let denied = &dump["datapath"]["denied"];
-    let shown = |destination: &str, port: u16| serde_json::json!({"destination": destination, "port": port, "policy": "istio-system/no-8080"});
-    assert_eq!(
-        denied,
-        &serde_json::json!([shown("0.0.0.0/0", 8080), shown("203.0.113.10/32", 6000), shown("::/0", 8080)]),
-        "{dump}"
-    );
+    let denied = denied.as_array().unwrap();
+    let has = |destination: &str, port: u16, sources: &[&str]| {
+        let policy = "istio-system/no-8080";
+        denied.contains(
+            &serde_json::json!({"destination": destination, "port": port, "sources": sources, "policy": policy}),
+        )
+    };
+    assert!(has("0.0.0.0/0", 8080, &[]) && has("::/0", 8080, &[]), "{dump}");
+    assert!(has("203.0.113.10/32", 6000, &[]) && has("0.0.0.0/0", 7000, &["10.240.1.0/24"]), "{dump}");
+    assert_eq!(denied.len(), 7, "8080, 7000 and 7001 in each family, and server A's 6000: {dump}");
     assert_eq!(dump["datapath"]["unmatchedTcpToProxy"], false, "nothing left for the proxy to decide");
 }
 

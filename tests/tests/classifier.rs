@@ -365,8 +365,21 @@ fn a_policy_with_more_prefix_lengths_than_the_datapath_walks_is_refused_whole() 
 fn denied_destinations_are_refused_before_any_entry_and_reported_as_denied() {
     let mut classifier = Classifier::load(OutboundMode::AllowAny, BlackholeAction::Drop);
     let mut events = classifier.datapath.take_events().unwrap();
-    let denial = |net: &str, port| KernelDenial { net: net.parse().unwrap(), port, policy: "istio-system/p".into() };
-    let denials = vec![denial("203.0.113.0/24", 80), denial("2001:db8::/32", 0), denial("0.0.0.0/0", 5432)];
+    let denial = |net: &str, port, sources: &[&str]| KernelDenial {
+        net: net.parse().unwrap(),
+        port,
+        sources: sources.iter().map(|source| source.parse().unwrap()).collect(),
+        policy: "istio-system/p".into(),
+    };
+    let denials = vec![
+        // The client's subnet is denied port 80 everywhere; the longer entry for server A's range names another
+        // subnet only, and must not shadow the broader one.
+        denial("0.0.0.0/0", 80, &["10.240.1.0/24"]),
+        denial("203.0.113.0/24", 80, &["192.0.2.0/24"]),
+        denial("198.51.100.0/24", 53, &["10.99.0.0/16"]),
+        denial("2001:db8::/32", 0, &[]),
+        denial("0.0.0.0/0", 5432, &[]),
+    ];
     let policy = DatapathPolicy { denials, ..policy(OutboundMode::AllowAny, BlackholeAction::Drop) };
     classifier.datapath.apply(&policy).unwrap();
 
@@ -374,6 +387,7 @@ fn denied_destinations_are_refused_before_any_entry_and_reported_as_denied() {
     let cases: Vec<(&str, Vec<u8>, i32, Verdict)> = vec![
         ("an exact entry's destination, denied on its port", v4(ALLOWED, TCP, &syn(80)), REDIRECT, Verdict::Denied),
         ("the denied range, another port", v4(ALLOWED, TCP, &syn(81)), CONTINUE, Verdict::Passthrough),
+        ("denied from another subnet only", v4(IN_CIDR, UDP, &udp(5, 53, b"q")), CONTINUE, Verdict::Allowed),
         ("a port denied everywhere, over UDP", v4(BLOCKED, UDP, &udp(5, 5432, b"q")), REDIRECT, Verdict::Denied),
         (
             "a port denied everywhere, in an always-allowed range",

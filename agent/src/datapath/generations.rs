@@ -3,21 +3,23 @@
 //! packet can still be using it.
 #![expect(unsafe_code, reason = "membarrier(2) has no safe wrapper in nix")]
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError},
     Ebpf, Pod,
 };
 use ipnet::IpNet;
 use sluice_common::{
-    names, AllowV4, AllowV6, CidrV4, CidrV6, DatapathConfig, DenyV4, DenyV6, PortKey, Rule, ACTION_INTERCEPT,
-    ACTION_PASS, ALLOW_KEY_HEADER_BITS, BLACKHOLE_DROP, BLACKHOLE_REJECT, DENY_KEY_HEADER_BITS,
-    FLAG_UNMATCHED_TCP_TO_PROXY, L4V4, L4V6, MAX_CIDR_LENGTHS, MAX_RULES, MODE_ALLOW_ANY, MODE_REGISTRY_ONLY,
-    TABLE_ALLOW_V4, TABLE_ALLOW_V6, TABLE_CIDR_V4, TABLE_CIDR_V6, TABLE_DENY_V4, TABLE_DENY_V6, TABLE_EXACT_V4,
-    TABLE_EXACT_V6, TABLE_PORTS,
+    names, AllowV4, AllowV6, CidrV4, CidrV6, DatapathConfig, DenySourceV4, DenySourceV6, DenyV4, DenyV6, PortKey, Rule,
+    ACTION_INTERCEPT, ACTION_PASS, ALLOW_KEY_HEADER_BITS, BLACKHOLE_DROP, BLACKHOLE_REJECT, DENY_ANY_SOURCE,
+    DENY_KEY_HEADER_BITS, FLAG_UNMATCHED_TCP_TO_PROXY, L4V4, L4V6, MAX_CIDR_LENGTHS, MAX_RULES, MODE_ALLOW_ANY,
+    MODE_REGISTRY_ONLY, TABLE_ALLOW_V4, TABLE_ALLOW_V6, TABLE_CIDR_V4, TABLE_CIDR_V6, TABLE_DENY_V4, TABLE_DENY_V6,
+    TABLE_EXACT_V4, TABLE_EXACT_V6, TABLE_PORTS,
 };
 
 use super::{routing::MARK, take_map, DatapathError};
-use crate::policy::{BlackholeAction, DatapathPolicy, OutboundMode, Protocol};
+use crate::policy::{authorization::KernelDenial, BlackholeAction, DatapathPolicy, OutboundMode, Protocol};
 
 pub(super) struct PolicyMaps {
     active: Array<MapData, u32>,
@@ -30,6 +32,8 @@ pub(super) struct PolicyMaps {
     allow_v6: LpmTrie<MapData, AllowV6, u32>,
     deny_v4: LpmTrie<MapData, DenyV4, u32>,
     deny_v6: LpmTrie<MapData, DenyV6, u32>,
+    deny_sources_v4: LpmTrie<MapData, DenySourceV4, u32>,
+    deny_sources_v6: LpmTrie<MapData, DenySourceV6, u32>,
     ports: HashMap<MapData, PortKey, Rule>,
     /// Whether the inactive generation is known to be empty (not so for maps adopted from a previous agent).
     inactive_empty: bool,
@@ -46,6 +50,10 @@ struct Entries {
     allow_v6: Vec<(Key<AllowV6>, u32)>,
     deny_v4: Vec<(Key<DenyV4>, u32)>,
     deny_v6: Vec<(Key<DenyV6>, u32)>,
+    deny_sources_v4: Vec<(Key<DenySourceV4>, u32)>,
+    deny_sources_v6: Vec<(Key<DenySourceV6>, u32)>,
+    /// Distinct source sets the deny entries name (ids are 16 bits in the keys).
+    deny_source_sets: usize,
     ports: Vec<(PortKey, Rule)>,
 }
 
@@ -68,6 +76,8 @@ impl PolicyMaps {
             allow_v6: typed(ebpf, names::ALLOW_V6)?,
             deny_v4: typed(ebpf, names::DENY_V4)?,
             deny_v6: typed(ebpf, names::DENY_V6)?,
+            deny_sources_v4: typed(ebpf, names::DENY_SOURCES_V4)?,
+            deny_sources_v6: typed(ebpf, names::DENY_SOURCES_V6)?,
             ports: typed(ebpf, names::PORTS)?,
             inactive_empty: false,
         })
@@ -118,6 +128,12 @@ impl PolicyMaps {
         for (key, value) in &entries.deny_v6 {
             self.deny_v6.insert(key, value, 0).map_err(fail(names::DENY_V6))?;
         }
+        for (key, value) in &entries.deny_sources_v4 {
+            self.deny_sources_v4.insert(key, value, 0).map_err(fail(names::DENY_SOURCES_V4))?;
+        }
+        for (key, value) in &entries.deny_sources_v6 {
+            self.deny_sources_v6.insert(key, value, 0).map_err(fail(names::DENY_SOURCES_V6))?;
+        }
         for (key, rule) in &entries.ports {
             self.ports.insert(key, rule, 0).map_err(fail(names::PORTS))?;
         }
@@ -133,7 +149,9 @@ impl PolicyMaps {
         delete_trie(&mut self.allow_v4, names::ALLOW_V4, |k| k.generation == generation)?;
         delete_trie(&mut self.allow_v6, names::ALLOW_V6, |k| k.generation == generation)?;
         delete_trie(&mut self.deny_v4, names::DENY_V4, |k| k.generation == generation)?;
-        delete_trie(&mut self.deny_v6, names::DENY_V6, |k| k.generation == generation)
+        delete_trie(&mut self.deny_v6, names::DENY_V6, |k| k.generation == generation)?;
+        delete_trie(&mut self.deny_sources_v4, names::DENY_SOURCES_V4, |k| k.generation == generation)?;
+        delete_trie(&mut self.deny_sources_v6, names::DENY_SOURCES_V6, |k| k.generation == generation)
     }
 }
 
@@ -177,17 +195,7 @@ impl Entries {
                     .push((Key::new(bits, AllowV6 { generation, _pad: [0; 3], addr: net.network().octets() }), 1)),
             }
         }
-        for denial in &policy.denials {
-            let (port, bits) = (denial.port.to_be_bytes(), DENY_KEY_HEADER_BITS + u32::from(denial.net.prefix_len()));
-            match denial.net {
-                IpNet::V4(net) => entries
-                    .deny_v4
-                    .push((Key::new(bits, DenyV4 { generation, _pad: 0, port, addr: net.network().octets() }), 1)),
-                IpNet::V6(net) => entries
-                    .deny_v6
-                    .push((Key::new(bits, DenyV6 { generation, _pad: 0, port, addr: net.network().octets() }), 1)),
-            }
-        }
+        entries.add_denials(&policy.denials, generation);
         if policy.proxy_port != 0 {
             let intercept = Rule { action: ACTION_INTERCEPT, ..Rule::default() };
             for port in &policy.intercept_ports {
@@ -196,6 +204,57 @@ impl Entries {
             }
         }
         entries
+    }
+
+    /// The deny entries: one per destination and port, whose value names the sources it is denied from. The
+    /// classifier finds the longest destination prefix only, so each entry's sources include those of every
+    /// broader entry on its port; a source set repeated is written once.
+    fn add_denials(&mut self, denials: &[KernelDenial], generation: u8) {
+        let mut sets: BTreeMap<Vec<IpNet>, u32> = BTreeMap::new();
+        let keys: BTreeSet<(IpNet, u16)> = denials.iter().map(|denial| (denial.net, denial.port)).collect();
+        for (net, port) in keys {
+            let covering = denials.iter().filter(|d| d.port == port && d.net.contains(&net));
+            let mut sources = BTreeSet::new();
+            let mut from_anyone = false;
+            for denial in covering {
+                from_anyone |= denial.sources.is_empty();
+                sources.extend(denial.sources.iter().copied());
+            }
+            let value = if from_anyone {
+                DENY_ANY_SOURCE
+            } else {
+                let next = sets.len() as u32 + 1;
+                *sets.entry(sources.into_iter().collect()).or_insert(next)
+            };
+            let (port, bits) = (port.to_be_bytes(), DENY_KEY_HEADER_BITS + u32::from(net.prefix_len()));
+            match net {
+                IpNet::V4(net) => {
+                    let key = DenyV4 { generation, _pad: 0, port, addr: net.network().octets() };
+                    self.deny_v4.push((Key::new(bits, key), value));
+                }
+                IpNet::V6(net) => {
+                    let key = DenyV6 { generation, _pad: 0, port, addr: net.network().octets() };
+                    self.deny_v6.push((Key::new(bits, key), value));
+                }
+            }
+        }
+        self.deny_source_sets = sets.len();
+        for (sources, id) in sets {
+            let set = (id as u16).to_be_bytes();
+            for source in sources {
+                let bits = DENY_KEY_HEADER_BITS + u32::from(source.prefix_len());
+                match source {
+                    IpNet::V4(net) => {
+                        let key = DenySourceV4 { generation, _pad: 0, set, addr: net.network().octets() };
+                        self.deny_sources_v4.push((Key::new(bits, key), 1));
+                    }
+                    IpNet::V6(net) => {
+                        let key = DenySourceV6 { generation, _pad: 0, set, addr: net.network().octets() };
+                        self.deny_sources_v6.push((Key::new(bits, key), 1));
+                    }
+                }
+            }
+        }
     }
 
     /// The distinct prefix lengths of `keys`, longest first, as the classifier walks them.
@@ -240,9 +299,15 @@ impl Entries {
             (names::ALLOW_V6, self.allow_v6.len()),
             (names::DENY_V4, self.deny_v4.len()),
             (names::DENY_V6, self.deny_v6.len()),
+            (names::DENY_SOURCES_V4, self.deny_sources_v4.len()),
+            (names::DENY_SOURCES_V6, self.deny_sources_v6.len()),
         ];
         if let Some((map, count)) = sizes.into_iter().find(|(_, count)| *count > MAX_RULES as usize) {
             return Err(DatapathError::Capacity { map, count, capacity: MAX_RULES });
+        }
+        if self.deny_source_sets > usize::from(u16::MAX) {
+            let (map, count, capacity) = (names::DENY_SOURCES_V4, self.deny_source_sets, u32::from(u16::MAX));
+            return Err(DatapathError::Capacity { map, count, capacity });
         }
         for (family, lengths) in [("IPv4", self.cidr_lengths_v4()), ("IPv6", self.cidr_lengths_v6())] {
             if lengths.len() > MAX_CIDR_LENGTHS {

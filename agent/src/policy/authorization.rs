@@ -309,12 +309,15 @@ impl Authorization {
         }
     }
 
-    /// The policy whose DENY rule the kernel refused a flow to `destination` by (the most specific entry's, as the
-    /// kernel's longest-prefix lookup found it).
-    pub fn denied_in_kernel(&self, destination: SocketAddr, protocol: u8) -> Option<&Arc<str>> {
+    /// The policy whose DENY rule the kernel refused a flow from `source` to `destination` by (the most specific
+    /// entry's, as the kernel's longest-prefix lookup found it).
+    pub fn denied_in_kernel(&self, source: IpAddr, destination: SocketAddr, protocol: u8) -> Option<&Arc<str>> {
         let ports_apply = |port: u16| port == 0 || (port == destination.port() && matches!(protocol, 6 | 17 | 132));
+        let from = |sources: &[IpNet]| sources.is_empty() || sources.iter().any(|net| net.contains(&source));
         (self.kernel.iter())
-            .filter(|denial| ports_apply(denial.port) && denial.net.contains(&destination.ip()))
+            .filter(|denial| {
+                ports_apply(denial.port) && denial.net.contains(&destination.ip()) && from(&denial.sources)
+            })
             .max_by_key(|denial| (denial.net.prefix_len(), denial.port))
             .map(|denial| &denial.policy)
     }

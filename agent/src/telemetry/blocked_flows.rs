@@ -51,7 +51,8 @@ pub async fn watch(
             let Some(flow) = BlockedFlow::decode(&record) else { continue };
             let denied_by = flow.denied.then(|| {
                 let routes = routes.load();
-                let policy = routes.authorization.denied_in_kernel(flow.destination, flow.protocol).cloned();
+                let policy =
+                    routes.authorization.denied_in_kernel(flow.source.ip(), flow.destination, flow.protocol).cloned();
                 if let Some(policy) = &policy {
                     let verdict = authorization::Verdict {
                         denied: true,

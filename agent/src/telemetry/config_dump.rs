@@ -87,6 +87,7 @@ impl Dump {
                 "denied": policy.denials.iter().map(|denial| json!({
                     "destination": denial.net.to_string(),
                     "port": denial.port,
+                    "sources": denial.sources.iter().map(ToString::to_string).collect::<Vec<_>>(),
                     "policy": &*denial.policy,
                 })).collect::<Vec<_>>(),
                 "proxyPort": policy.proxy_port,

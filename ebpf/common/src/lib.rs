@@ -27,8 +27,10 @@ pub mod names {
     pub const SOURCES_IN_USE: &str = "SLUICE_SRCUSED";
     pub const DENY_V4: &str = "SLUICE_DENY4";
     pub const DENY_V6: &str = "SLUICE_DENY6";
+    pub const DENY_SOURCES_V4: &str = "SLUICE_DENYSRC4";
+    pub const DENY_SOURCES_V6: &str = "SLUICE_DENYSRC6";
     /// Every map, for pinning and cleanup.
-    pub const MAPS: [&str; 18] = [
+    pub const MAPS: [&str; 20] = [
         ACTIVE,
         CONFIG,
         EXACT_V4,
@@ -47,6 +49,8 @@ pub mod names {
         SOURCES_IN_USE,
         DENY_V4,
         DENY_V6,
+        DENY_SOURCES_V4,
+        DENY_SOURCES_V6,
     ];
 }
 
@@ -232,7 +236,8 @@ pub struct AllowV6 {
 pub const DENY_KEY_HEADER_BITS: u32 = 32;
 
 /// LPM key data of an IPv4 denied destination (an AuthorizationPolicy DENY rule that needs only addresses and
-/// ports); prefix length `DENY_KEY_HEADER_BITS + the address prefix`. Port 0: every port and protocol.
+/// ports); prefix length `DENY_KEY_HEADER_BITS + the address prefix`. Port 0: every port and protocol. The value
+/// says from which sources: `DENY_ANY_SOURCE`, or the id of a set of source ranges (`DenySourceV4`/`V6` keys).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct DenyV4 {
@@ -250,6 +255,31 @@ pub struct DenyV6 {
     pub generation: u8,
     pub _pad: u8,
     pub port: [u8; 2],
+    pub addr: [u8; 16],
+}
+
+/// A denied destination's value: from every source.
+pub const DENY_ANY_SOURCE: u32 = 0;
+
+/// LPM key data of an IPv4 source range in a deny entry's source set; prefix length `DENY_KEY_HEADER_BITS + the
+/// address prefix`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DenySourceV4 {
+    pub generation: u8,
+    pub _pad: u8,
+    /// The set's id, in network byte order (the trie compares it byte by byte).
+    pub set: [u8; 2],
+    pub addr: [u8; 4],
+}
+
+/// LPM key data of an IPv6 source range in a deny entry's source set (see [`DenySourceV4`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DenySourceV6 {
+    pub generation: u8,
+    pub _pad: u8,
+    pub set: [u8; 2],
     pub addr: [u8; 16],
 }
 
@@ -417,6 +447,8 @@ mod user {
     unsafe impl aya::Pod for CidrV6 {}
     unsafe impl aya::Pod for DenyV4 {}
     unsafe impl aya::Pod for DenyV6 {}
+    unsafe impl aya::Pod for DenySourceV4 {}
+    unsafe impl aya::Pod for DenySourceV6 {}
 }
 
 #[cfg(test)]

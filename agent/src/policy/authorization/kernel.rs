@@ -1,11 +1,13 @@
 //! The AuthorizationPolicies the kernel enforces by itself: DENY rules that apply to every workload (the root
-//! namespace's, without a selector) and need nothing but a destination address and port — no source, host,
-//! method, path or header. Their destinations are refused in the classifier, before any proxy sees the flow;
-//! the proxy still decides them too, for flows that reach it another way (a gateway port).
+//! namespace's, without a selector) and need nothing but addresses and ports — no identity, namespace, host,
+//! method, path or header. Their destinations are refused in the classifier (from the source ranges they name, or
+//! from anyone), before any proxy sees the flow; the proxy still decides them too, for flows that reach it
+//! another way (a gateway port).
 //!
-//! A rule is compiled only when the kernel's answer is exactly the rule's: `ports` and `destination.ip` /
-//! `destination.port` values (no `not` fields, at most one condition of each key). Anything else stays with the
-//! proxy.
+//! A rule is compiled only when the kernel's answer is exactly the rule's: `ports`, `ipBlocks` /
+//! `remoteIpBlocks` (one of them per source), and `destination.ip` / `destination.port` / `source.ip` /
+//! `remote.ip` values (no `not` fields, at most one condition of each key, sources named either in `from` or in
+//! `when`). Anything else stays with the proxy.
 
 use std::{collections::BTreeSet, sync::Arc};
 
@@ -17,11 +19,13 @@ use crate::config::{
     Snapshot, Spec,
 };
 
-/// A destination a DENY rule refuses to every workload: addresses, on one port (0: every port and protocol).
+/// A destination a DENY rule refuses: addresses, on one port (0: every port and protocol), from the source ranges
+/// named (none: from anyone).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct KernelDenial {
     pub net: IpNet,
     pub port: u16,
+    pub sources: Vec<IpNet>,
     /// The policy, `namespace/name`, as its decisions are reported.
     pub policy: Arc<str>,
 }
@@ -37,10 +41,10 @@ pub fn kernel_denials(snapshot: &Snapshot) -> Vec<KernelDenial> {
         }
         let id: Arc<str> = format!("{root}/{}", resource.metadata.name).into();
         for rule in policy.rules.iter().flatten() {
-            let Some((nets, ports)) = destinations(rule) else { continue };
+            let Some(Denied { nets, ports, sources }) = denied(rule) else { continue };
             for net in &nets {
                 for &port in &ports {
-                    denials.insert(KernelDenial { net: *net, port, policy: id.clone() });
+                    denials.insert(KernelDenial { net: *net, port, sources: sources.clone(), policy: id.clone() });
                 }
             }
         }
@@ -58,22 +62,50 @@ fn applies_to_everyone_as_deny(policy: &AuthorizationPolicy) -> bool {
 }
 
 fn in_kernel(policy: &AuthorizationPolicy) -> bool {
-    applies_to_everyone_as_deny(policy) && policy.rules.iter().flatten().any(|rule| destinations(rule).is_some())
+    applies_to_everyone_as_deny(policy) && policy.rules.iter().flatten().any(|rule| denied(rule).is_some())
 }
 
 /// Whether the kernel decides every rule of a policy, so the proxy need not see the traffic it governs.
 pub fn wholly_in_kernel(policy: &AuthorizationPolicy) -> bool {
     applies_to_everyone_as_deny(policy)
-        && policy
-            .rules
-            .as_ref()
-            .is_some_and(|rules| !rules.is_empty() && rules.iter().all(|r| destinations(r).is_some()))
+        && policy.rules.as_ref().is_some_and(|rules| !rules.is_empty() && rules.iter().all(|r| denied(r).is_some()))
 }
 
-/// The addresses and ports (0: any) a rule denies, when that is all it needs.
-fn destinations(rule: &Rule) -> Option<(Vec<IpNet>, Vec<u16>)> {
-    if rule.from.as_ref().is_some_and(|from| !from.is_empty()) {
-        return None;
+/// What a rule denies, when addresses and ports are all it needs.
+struct Denied {
+    nets: Vec<IpNet>,
+    /// 0: any port.
+    ports: Vec<u16>,
+    /// Empty: from anyone.
+    sources: Vec<IpNet>,
+}
+
+fn denied(rule: &Rule) -> Option<Denied> {
+    let mut sources: Option<Vec<IpNet>> = None;
+    if let Some(from) = rule.from.as_ref().filter(|from| !from.is_empty()) {
+        let mut named = Vec::new();
+        for source in from.iter().map(|from| from.source.as_ref()) {
+            let source = source?;
+            let only_addresses = source.principals.is_empty()
+                && source.not_principals.is_empty()
+                && source.request_principals.is_empty()
+                && source.not_request_principals.is_empty()
+                && source.namespaces.is_empty()
+                && source.not_namespaces.is_empty()
+                && source.not_ip_blocks.is_empty()
+                && source.not_remote_ip_blocks.is_empty();
+            // Both address fields hold the peer's address here: a source naming both needs it in each.
+            let blocks = match (source.ip_blocks.is_empty(), source.remote_ip_blocks.is_empty()) {
+                (false, true) => &source.ip_blocks,
+                (true, false) => &source.remote_ip_blocks,
+                _ => return None,
+            };
+            if !only_addresses {
+                return None;
+            }
+            named.extend(parse_nets(blocks)?);
+        }
+        sources = Some(named);
     }
     let mut ports: Option<BTreeSet<u16>> = None;
     if let Some(to) = &rule.to {
@@ -101,10 +133,8 @@ fn destinations(rule: &Rule) -> Option<(Vec<IpNet>, Vec<u16>)> {
             return None;
         }
         match condition.key.as_str() {
-            "destination.ip" if nets.is_none() => {
-                let parsed: Option<Vec<IpNet>> = condition.values.iter().map(|value| parse_address(value)).collect();
-                nets = Some(parsed?.into_iter().map(|net| net.trunc()).collect());
-            }
+            "destination.ip" if nets.is_none() => nets = Some(parse_nets(&condition.values)?),
+            "source.ip" | "remote.ip" if sources.is_none() => sources = Some(parse_nets(&condition.values)?),
             "destination.port" if !port_condition => {
                 port_condition = true;
                 let listed = parse_ports(&condition.values)?;
@@ -119,7 +149,14 @@ fn destinations(rule: &Rule) -> Option<(Vec<IpNet>, Vec<u16>)> {
     }
     let nets = nets.unwrap_or_else(|| vec![IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())]);
     let ports: Vec<u16> = ports.map_or_else(|| vec![0], |ports| ports.into_iter().collect());
-    Some((nets, ports))
+    let mut sources = sources.unwrap_or_default();
+    sources.sort();
+    sources.dedup();
+    Some(Denied { nets, ports, sources })
+}
+
+fn parse_nets(values: &[String]) -> Option<Vec<IpNet>> {
+    values.iter().map(|value| parse_address(value).map(|net| net.trunc())).collect()
 }
 
 fn parse_ports(values: &[String]) -> Option<BTreeSet<u16>> {
@@ -131,7 +168,11 @@ mod tests {
     use super::*;
 
     fn denials(yaml: &str) -> Vec<String> {
-        let shown = |denial: &KernelDenial| format!("{} {}:{}", denial.policy, denial.net, denial.port);
+        let shown = |denial: &KernelDenial| {
+            let sources: Vec<String> = denial.sources.iter().map(ToString::to_string).collect();
+            let from = if sources.is_empty() { String::new() } else { format!(" from {}", sources.join(",")) };
+            format!("{} {}:{}{from}", denial.policy, denial.net, denial.port)
+        };
         kernel_denials(&Snapshot::from_yaml(yaml)).iter().map(shown).collect()
     }
 
@@ -176,7 +217,13 @@ mod tests {
                 "istio-system",
                 "  action: DENY\n  rules: [{to: [{operation: {ports: ['80'], paths: ['/admin']}}]}]\n".to_owned(),
             ),
-            ("istio-system", "  action: DENY\n  rules: [{from: [{source: {ipBlocks: [10.0.0.0/8]}}]}]\n".to_owned()),
+            ("istio-system", "  action: DENY\n  rules: [{from: [{source: {namespaces: [a]}}]}]\n".to_owned()),
+            ("istio-system", "  action: DENY\n  rules: [{from: [{source: {notIpBlocks: [10.0.0.0/8]}}]}]\n".to_owned()),
+            (
+                "istio-system",
+                "  action: DENY\n  rules: [{from: [{source: {ipBlocks: [10.0.0.0/8]}}], when: [{key: source.ip, values: [10.1.1.1]}]}]\n"
+                    .to_owned(),
+            ),
             (
                 "istio-system",
                 "  action: DENY\n  rules: [{when: [{key: destination.ip, notValues: [10.0.0.1]}]}]\n".to_owned(),
@@ -189,6 +236,18 @@ mod tests {
         for (namespace, spec) in elsewhere {
             assert_eq!(denials(&policy(namespace, &spec)), Vec::<String>::new(), "{namespace}: {spec}");
         }
+        let sources = "  action: DENY\n  rules:\n  - from: [{source: {ipBlocks: [10.1.0.0/16]}}, {source: {remoteIpBlocks: [10.2.0.7]}}]\n    \
+                       to: [{operation: {ports: ['22']}}]\n  - when: [{key: source.ip, values: ['10.3.0.0/24']}]\n";
+        assert_eq!(
+            denials(&policy("istio-system", sources)),
+            [
+                "istio-system/p 0.0.0.0/0:0 from 10.3.0.0/24",
+                "istio-system/p 0.0.0.0/0:22 from 10.1.0.0/16,10.2.0.7/32",
+                "istio-system/p ::/0:0 from 10.3.0.0/24",
+                "istio-system/p ::/0:22 from 10.1.0.0/16,10.2.0.7/32"
+            ],
+            "source ranges, from `from` or from `when`"
+        );
         let dry_run = policy("istio-system", ports)
             .replace("namespace: istio-system}", "namespace: istio-system, annotations: {istio.io/dry-run: 'true'}}");
         assert_eq!(denials(&dry_run), Vec::<String>::new(), "dry run");
