@@ -129,12 +129,20 @@ fn check(paths: &[PathBuf]) -> anyhow::Result<()> {
     }
     // Where each AuthorizationPolicy applies, since that is what a reader of its YAML most often gets wrong.
     let root = loaded.snapshot.mesh.root_namespace();
+    let in_kernel: std::collections::BTreeSet<_> =
+        sluice_agent::policy::authorization::kernel_denials(&loaded.snapshot).into_iter().map(|d| d.policy).collect();
     for resource in &loaded.snapshot.resources {
         if let sluice_agent::config::Spec::AuthorizationPolicy(policy) = &resource.spec {
             let action = policy.action().map_or("?", |action| action.name());
             let trial = if policy.is_dry_run() { " (dry run: counted, not enforced)" } else { "" };
             let scope = policy.applies_to(resource.metadata.namespace(), root);
-            let _ = writeln!(out, "{}: {action}{trial}, applies to {scope}", resource.id());
+            let id = format!("{}/{}", resource.metadata.namespace(), resource.metadata.name);
+            let kernel = if in_kernel.contains(id.as_str()) {
+                "; its rules of addresses and ports alone are also refused in the kernel"
+            } else {
+                ""
+            };
+            let _ = writeln!(out, "{}: {action}{trial}, applies to {scope}{kernel}", resource.id());
         }
     }
     let _ = writeln!(

@@ -87,6 +87,12 @@ fn what_istio_accepts_is_accepted() {
         "AuthorizationPolicy default/restrict-egress: ALLOW, applies to workloads of namespace default labelled \
                 istio=egressgateway, and the gateway";
     assert!(output.contains(seed), "{output}");
+    let targeted =
+        "AuthorizationPolicy egress/httpbin-from-default: ALLOW, applies to traffic to ServiceEntry egress/httpbin";
+    assert!(output.contains(targeted), "{output}");
+    let kernel = "AuthorizationPolicy istio-system/no-ssh: DENY, applies to every workload, and the gateway (the root \
+                  namespace's); its rules of addresses and ports alone are also refused in the kernel";
+    assert!(output.contains(kernel), "{output}");
 }
 
 #[test]

@@ -26,18 +26,28 @@ fn scraped_value(prometheus: &Prometheus, query: &str) -> f64 {
     panic!("Prometheus has no {query}: {last}");
 }
 
+/// A root-namespace policy: the mesh's workloads may not reach `/admin` anywhere.
+const NO_ADMIN: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: istio-system}
+spec:
+  action: DENY
+  rules: [{to: [{operation: {paths: [/admin]}}]}]
+";
+
 #[test]
 fn prometheus_scrapes_istios_request_metrics_and_promtool_reads_them() {
     require_root();
     let topology = Topology::new().unwrap();
     let _nginx = Nginx::start(&topology.internet, &[SocketAddr::new(SERVER_A.parse().unwrap(), 80)], "ok").unwrap();
     let config = tempfile::tempdir().unwrap();
-    istio::write(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN]).unwrap();
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, NO_ADMIN]).unwrap();
     let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
     let agent = Agent::start(&topology.gateway, &args).unwrap();
-    for (host, address) in [("httpbin.org", SERVER_A), ("httpbin.org", SERVER_A), ("edition.cnn.com", SERVER_B)] {
+    let requests = [("httpbin.org", SERVER_A, "/"), ("httpbin.org", SERVER_A, "/"), ("edition.cnn.com", SERVER_B, "/")];
+    for (host, address, path) in requests.into_iter().chain([("httpbin.org", SERVER_A, "/admin")]) {
         let resolve = format!("{host}:80:{address}");
-        curl(&topology.workload, &["-o", "/dev/null", "--resolve", &resolve, &format!("http://{host}/")]).unwrap();
+        curl(&topology.workload, &["-o", "/dev/null", "--resolve", &resolve, &format!("http://{host}{path}")]).unwrap();
     }
 
     let prometheus = Prometheus::start(&topology.gateway, "sluice", METRICS_ADDR, "/stats/prometheus").unwrap();
@@ -50,6 +60,11 @@ fn prometheus_scrapes_istios_request_metrics_and_promtool_reads_them() {
     assert_eq!(scraped_value(&prometheus, histogram), 2.0);
     assert!(scraped_value(&prometheus, "sum(sluice_datapath_packets_total{verdict=\"intercepted\"})") > 0.0);
     assert_eq!(scraped_value(&prometheus, "sluice_config_generation"), 1.0);
+    let denied = "sum(sluice_authorization_decisions_total{policy=\"istio-system/no-admin\",action=\"DENY\",\
+                  result=\"denied\"})";
+    assert_eq!(scraped_value(&prometheus, denied), 1.0);
+    let forbidden = "sum(istio_requests_total{response_code=\"403\",response_flags=\"-\"})";
+    assert_eq!(scraped_value(&prometheus, forbidden), 1.0);
     // Prometheus knows the families' types, as Istio's dashboards expect.
     let metadata = prometheus.api("metadata", "metric=istio_requests_total").unwrap();
     assert!(metadata.contains("\"type\":\"counter\""), "{metadata}");
