@@ -78,6 +78,14 @@ fn main() -> ExitCode {
 /// Runs the agent until SIGINT or SIGTERM.
 async fn run(settings: RunSettings) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    // SIGHUP: the access log's file is reopened (logrotate's `postrotate`), as Envoy reopens its own.
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            sluice_agent::telemetry::access_log::REOPEN.store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!("SIGHUP: the access log is reopened before its next line");
+        }
+    });
     let app = App::start(settings).await?;
     app.run_until(async move {
         let signal = tokio::select! {

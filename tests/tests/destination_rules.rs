@@ -128,7 +128,10 @@ fn destination_rules_pick_subsets_eject_failing_endpoints_and_limit_connections(
         ],
     )
     .unwrap();
-    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --config {}",
+        config.path().display()
+    );
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     let get = |path: &str, extra: &[&str]| get(&topology, "httpbin.org", SERVER_A, path, extra);
 
@@ -256,7 +259,10 @@ spec:
 "
     );
     istio::write(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, &routes]).unwrap();
-    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --config {}",
+        config.path().display()
+    );
     let agent = Agent::start(&topology.gateway, &args).unwrap();
 
     // The workload speaks plain HTTP; the gateway speaks TLS to the endpoint, SNI and certificate checked.

@@ -28,7 +28,10 @@ fn unregistered_host_gets_502_under_registry_only_and_registered_host_is_proxied
     let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80), addr(SERVER_B, 80)], ECHO).unwrap();
     let config = tempfile::tempdir().unwrap();
     write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN]);
-    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --config {}",
+        config.path().display()
+    );
     let agent = Agent::start(&topology.gateway, &args).unwrap();
 
     let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/get?x=1", &["-A", "sluice-test"]);
@@ -76,7 +79,10 @@ fn upstream_connections_are_kept_alive_and_reused_once_a_response_has_been_read(
     let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80)], "$connection $connection_requests").unwrap();
     let config = tempfile::tempdir().unwrap();
     write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN]);
-    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --config {}",
+        config.path().display()
+    );
     let agent = Agent::start(&topology.gateway, &args).unwrap();
 
     // Each curl is a client connection of its own; upstream, one connection carries every request in turn.
@@ -96,7 +102,7 @@ fn allow_any_passes_unregistered_hosts_through_to_their_original_destination() {
     write_config(config.path(), &[HTTPBIN]);
     // One worker: every task on the thread that drives the I/O (the runtime a one-CPU pod gets).
     let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --concurrency 1 --config {}",
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --concurrency 1 --config {}",
         config.path().display()
     );
     let agent = Agent::start(&topology.gateway, &args).unwrap();
@@ -132,7 +138,7 @@ spec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}
 ";
     write_config(config.path(), &[HTTPBIN, sidecar]);
     let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --blackhole reject --config {}",
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --blackhole reject --config {}",
         config.path().display()
     );
     let agent = Agent::start(&topology.gateway, &args).unwrap();
@@ -200,7 +206,10 @@ fn virtual_service_routes_are_applied_in_order_with_their_actions() {
     let config = tempfile::tempdir().unwrap();
     let (slow, down) = (backend("slow", SERVER_B, 8081), backend("down", SERVER_B, 81));
     write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, &slow, &down, ROUTES]);
-    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --config {}",
+        config.path().display()
+    );
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     let get = |path: &str, extra: &[&str]| get(&topology, "httpbin.org", SERVER_A, path, extra);
 
@@ -267,7 +276,7 @@ fn the_seeds_two_hop_egress_works_through_the_gateway_port_and_from_intercepted_
     let seed = istio::seed("create-egress-gateway");
     write_config(config.path(), &[MESH_REGISTRY_ONLY, &seed]);
     let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {} --dns-server {INTERNET_ADDR} \
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --config {} --dns-server {INTERNET_ADDR} \
          --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32 --gateway-labels gateway-name=egress-demo,gateway-type=egress \
          --gateway-service egress-demo.smm-demo.svc.cluster.local",
         config.path().display()
@@ -318,7 +327,7 @@ fn host_verify_route_sends_a_fronted_request_to_the_hosts_own_address() {
     let config = tempfile::tempdir().unwrap();
     write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN]);
     let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --host-verify route --config {}",
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --host-verify route --config {}",
         config.path().display()
     );
     let agent = Agent::start(&topology.gateway, &args).unwrap();
@@ -381,7 +390,10 @@ fn retries_faults_mirrors_and_cors_behave_as_envoys() {
         config.path(),
         &[MESH_REGISTRY_ONLY, HTTPBIN, FLAKY, &scripted_entry, &shadow_entry, &closing_entry, RESILIENCE],
     );
-    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --config {}",
+        config.path().display()
+    );
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     let get = |path: &str, extra: &[&str]| get(&topology, "httpbin.org", SERVER_A, path, extra);
 
@@ -478,7 +490,7 @@ fn bad_requests_are_refused_as_envoy_refuses_them_and_slow_or_surplus_clients_ar
     let config = tempfile::tempdir().unwrap();
     write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN]);
     let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {} --request-headers-timeout 1s \
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --config {} --request-headers-timeout 1s \
          --max-connections 2",
         config.path().display()
     );
@@ -534,7 +546,10 @@ fn websocket_upgrades_are_passed_through_both_ways() {
     let config = tempfile::tempdir().unwrap();
     let entry = HTTPBIN.replace("httpbin", "ws").replace("203.0.113.10", SERVER_B);
     write_config(config.path(), &[MESH_REGISTRY_ONLY, &entry]);
-    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --config {}",
+        config.path().display()
+    );
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     let answer = topology
         .workload
@@ -590,7 +605,7 @@ fn the_forward_proxy_port_routes_absolute_requests_and_admits_connect_tunnels_by
     );
     write_config(config.path(), &[MESH_REGISTRY_ONLY, &entry]);
     let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --config {} --forward-proxy-port 3128 --dns-server {INTERNET_ADDR} \
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --config {} --forward-proxy-port 3128 --dns-server {INTERNET_ADDR} \
          --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32",
         config.path().display()
     );
@@ -638,7 +653,7 @@ fn upstream_connections_leave_from_the_configured_source_address() {
     let config = tempfile::tempdir().unwrap();
     write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN]);
     let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --upstream-source-address 10.240.2.3 --config {}",
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --upstream-source-address 10.240.2.3 --config {}",
         config.path().display()
     );
     let _agent = Agent::start(&topology.gateway, &args).unwrap();
@@ -700,7 +715,10 @@ spec:
 ";
     let _trailers = trailers_server(&topology, addr(SERVER_B, 8086));
     write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, h2, &backend("trailers", SERVER_B, 8086)]);
-    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --config {}",
+        config.path().display()
+    );
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     let h2_client = ["--http2-prior-knowledge"];
 
@@ -774,7 +792,10 @@ spec:
 ";
     write_config(config.path(), &[HTTPBIN, unserved_gateway]);
     // Reloads with one worker too.
-    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --concurrency 1 --config {}", config.path().display());
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --concurrency 1 --config {}",
+        config.path().display()
+    );
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     wait_for_log(&agent, "field not applied");
     // A reload of the same resources warns of nothing new.

@@ -95,7 +95,7 @@ fn intercepted_tls_is_decided_by_its_server_name_and_nothing_unregistered_reache
     let config = tempfile::tempdir().unwrap();
     istio::write(config.path(), &[MESH_REGISTRY_ONLY, REGISTRY]).unwrap();
     let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {} --dns-server {INTERNET_ADDR}",
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --config {} --dns-server {INTERNET_ADDR}",
         config.path().display()
     );
     let agent = Agent::start(&topology.gateway, &args).unwrap();
@@ -205,7 +205,7 @@ spec:
     let sni_egress = istio::seed("egress-gateway-sni");
     istio::write(config.path(), &[MESH_REGISTRY_ONLY, &sni_egress, REGISTRY, second]).unwrap();
     let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 443 --config {} --dns-server {INTERNET_ADDR} \
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 443 --config {} --dns-server {INTERNET_ADDR} \
          --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32 \
          --gateway-service istio-egressgateway.istio-system.svc.cluster.local",
         config.path().display()
@@ -288,7 +288,7 @@ fn the_seeds_tcp_egress_gateway_relays_a_server_first_protocol_by_address_and_ro
     let tcp_egress = istio::seed("egress-gateway-tcp");
     istio::write(config.path(), &[MESH_REGISTRY_ONLY, &tcp_egress]).unwrap();
     let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {} --dns-server {INTERNET_ADDR} \
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --config {} --dns-server {INTERNET_ADDR} \
          --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32 \
          --gateway-service istio-egressgateway.istio-system.svc.cluster.local",
         config.path().display()
@@ -346,7 +346,7 @@ spec:
 ";
     istio::write(config.path(), &[REGISTRY, databases]).unwrap();
     let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 443 --intercept-port 5432 --config {} \
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 443 --intercept-port 5432 --config {} \
          --outbound-traffic-policy ALLOW_ANY --request-headers-timeout 1s",
         config.path().display()
     );
@@ -447,7 +447,10 @@ fn weighted_tls_and_tcp_routes_split_connections_psql_reaches_postgres_and_sslv2
     let split =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/corpus/valid/weighted-split.yaml")).unwrap();
     istio::write(config.path(), &[MESH_REGISTRY_ONLY, &split]).unwrap();
-    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --config {}",
+        config.path().display()
+    );
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     assert!(agent.log().contains("intercept_ports=[80, 443, 5432]"), "{}", agent.log());
 

@@ -20,7 +20,7 @@ use crate::{
         DatapathPolicy,
     },
     proxy::relay::Engine,
-    telemetry::config_dump,
+    telemetry::{access_log::AccessLog, config_dump, requests::AccessLogFormat},
 };
 
 /// What the agent knows between events: the configuration in force, the DNS answers for it, and the node's
@@ -47,6 +47,8 @@ pub struct Control {
     warned: std::collections::HashSet<String>,
     /// The engine decided byte streams are relayed with, for `/config_dump`.
     pub(super) relay_engine: Engine,
+    /// `--access-log-format`, which overrides the mesh config's encoding and format.
+    pub(super) access_log_format: Option<AccessLogFormat>,
 }
 
 impl Control {
@@ -63,6 +65,7 @@ impl Control {
             labels: Default::default(),
             proxy: ProxySettings::default(),
             relay_engine: Engine::default(),
+            access_log_format: None,
             clusters: Default::default(),
             warned: Default::default(),
         }
@@ -114,6 +117,11 @@ impl Control {
         }
         self.resolved = resolved;
         (changed, refresh)
+    }
+
+    /// The access log the mesh config and the command line ask for.
+    pub fn access_log(&self, snapshot: &Snapshot) -> AccessLog {
+        AccessLog::compile(&snapshot.mesh, self.access_log_format)
     }
 
     pub fn policy(&self, snapshot: &Snapshot) -> DatapathPolicy {

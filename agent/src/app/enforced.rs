@@ -69,6 +69,7 @@ impl Enforced {
                 let bindings = control.bind(&snapshot);
                 self.sidecars = control.sidecar_modes(&snapshot);
                 let mut routes = control.proxy_policy(&snapshot, &bindings, self.sidecars.clone());
+                self.metrics.requests.set_access_log(control.access_log(&snapshot));
                 keep_good_certificates(&mut routes, &mut self.certificates, &self.metrics);
                 self.gateways.reconcile(&routes.gateway_ports());
                 self.routes.store(Arc::new(routes));

@@ -119,6 +119,7 @@ impl App {
         let mut control = Control::new(settings.config.clone(), node, resolver.clone());
         control.labels = settings.gateway_labels.clone();
         control.relay_engine = settings.relay_engine;
+        control.access_log_format = settings.access_log_format;
         control.proxy = ProxySettings {
             own_services: settings.gateway_service.clone(),
             host_verify: settings.host_verify,
@@ -168,7 +169,8 @@ impl App {
             routing.install().await?;
         }
         let counters = datapath.counters();
-        let metrics = telemetry::metrics::registry(counters.clone(), datapath.blackholed(), settings.access_log_format);
+        let access_log = control.access_log(&crate::config::Snapshot::default());
+        let metrics = telemetry::metrics::registry(counters.clone(), datapath.blackholed(), access_log);
         let early = datapath.holds_policy();
         let events = datapath.take_events();
         let relay = Relay::new(settings.relay_engine);
@@ -213,6 +215,7 @@ impl App {
         let bindings = control.bind(&snapshot);
         let sidecars = control.sidecar_modes(&snapshot);
         let mut routes = control.proxy_policy(&snapshot, &bindings, sidecars.clone());
+        metrics.requests.set_access_log(control.access_log(&snapshot));
         metrics.config_generation.set(1);
         let (dump, dump_reader) = watch::channel(Arc::new(control.dump(1, policy, &bindings)));
         drop((bindings, snapshot));

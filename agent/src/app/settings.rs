@@ -149,9 +149,11 @@ pub struct RunSettings {
     /// sending random Hosts cannot grow the metrics without bound.
     #[arg(long, value_name = "N", default_value_t = crate::telemetry::passthrough::DEFAULT_PASSTHROUGH_LIMIT)]
     pub max_passthrough_series: usize,
-    /// The access log on standard output: Envoy's default text line or one JSON object per request, or none.
-    #[arg(long, value_enum, default_value = "text")]
-    pub access_log_format: AccessLogFormat,
+    /// The access log, overriding the mesh config's `accessLogEncoding`/`accessLogFormat`: Envoy's default text
+    /// line or one JSON object per request (to the mesh config's `accessLogFile`, else standard output), or none.
+    /// Unset: as the mesh config says (Istio's default: none).
+    #[arg(long, value_enum)]
+    pub access_log_format: Option<AccessLogFormat>,
 }
 
 const RUN_HELP: &str = "\

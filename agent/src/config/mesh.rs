@@ -57,8 +57,14 @@ pub struct MeshConfig {
     pub service_settings: Vec<ServiceSettings>,
     #[serde(default, rename = "meshMTLS")]
     pub mesh_mtls: Option<serde_json::Value>,
+    /// Where the access log goes: empty or absent, nowhere (Istio's default); `/dev/stdout`; a file.
+    #[serde(default)]
+    pub access_log_file: Option<String>,
     #[serde(default)]
     pub access_log_encoding: Option<String>,
+    /// Envoy's command operators (TEXT), or a JSON object of field formats (JSON); empty: Istio's default.
+    #[serde(default)]
+    pub access_log_format: Option<String>,
     #[serde(default)]
     pub default_config: Option<ProxyDefaults>,
 }
@@ -201,6 +207,12 @@ impl MeshConfig {
         }
         if let Some(encoding) = self.access_log_encoding.as_deref().filter(|e| !matches!(*e, "TEXT" | "JSON")) {
             errors.push(FieldError::new(at("accessLogEncoding"), format!("'{encoding}' is not TEXT or JSON")));
+        }
+        if let Some(format) = self.access_log_format.as_deref().filter(|format| !format.trim().is_empty()) {
+            let json = self.access_log_encoding.as_deref() == Some("JSON");
+            if let Err(reason) = crate::telemetry::access_log::check(format, json) {
+                errors.push(FieldError::new(at("accessLogFormat"), reason));
+            }
         }
         if let Some(defaults) = &self.default_config {
             if let Some(drain) = &defaults.drain_duration {

@@ -8,7 +8,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use super::requests::{AccessLogFormat, RequestTelemetry};
+use super::{access_log::AccessLog, requests::RequestTelemetry};
 use crate::datapath::{protocol_name, BlackholedDestinations, VerdictCounters, VerdictTotals};
 
 /// The registry the metrics endpoint serves, and the metrics the agent's tasks set.
@@ -59,7 +59,7 @@ impl Metrics {
 }
 
 /// The registry with every metric; starts the access-log writer (so it runs inside the runtime).
-pub fn registry(counters: VerdictCounters, blackholed: BlackholedDestinations, access_log: AccessLogFormat) -> Metrics {
+pub fn registry(counters: VerdictCounters, blackholed: BlackholedDestinations, access_log: AccessLog) -> Metrics {
     let mut registry = Registry::default();
     let requests = RequestTelemetry::start(&mut registry, access_log);
     registry.register_collector(Box::new(DatapathCollector { counters, blackholed }));

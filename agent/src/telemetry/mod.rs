@@ -1,6 +1,7 @@
 //! What the agent tells the outside: Prometheus metrics, request access logs, blocked-flow logs and the admin
 //! endpoints.
 
+pub mod access_log;
 pub mod blocked_flows;
 pub mod config_dump;
 pub mod connections;

@@ -332,6 +332,7 @@ impl HttpProxy {
                 record.user_agent = header_text(request.headers(), header::USER_AGENT);
                 record.x_forwarded_for = header_text(request.headers(), &X_FORWARDED_FOR);
                 record.request_id = header_text(request.headers(), &X_REQUEST_ID);
+                self.telemetry.capture_headers(request.headers(), &mut record.captured_headers);
             }
             if request.uri().path_and_query().is_some_and(|pq| pq.as_str().len() > MAX_URI_BYTES) {
                 return self.local_failure(Failure::UriTooLong, record, started, None);

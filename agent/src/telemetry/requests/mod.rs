@@ -18,7 +18,14 @@ use prometheus_client::{
 };
 use tokio::sync::mpsc;
 
-use super::{connections::ConnectionMetrics, passthrough::Watched, response_flags::ResponseFlag};
+use arc_swap::ArcSwap;
+
+use super::{
+    access_log::{writer::Sink, AccessLog},
+    connections::ConnectionMetrics,
+    passthrough::Watched,
+    response_flags::ResponseFlag,
+};
 use crate::policy::labels::{DestinationLabels, LabelText, UNKNOWN};
 
 type Label = LabelText;
@@ -201,11 +208,10 @@ impl RequestMetrics {
     }
 }
 
-/// The access log's line format.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+/// The access log's line format, as the command line overrides the mesh config's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum AccessLogFormat {
     /// Envoy's default text format.
-    #[default]
     Text,
     /// One JSON object per line, Envoy's field names.
     Json,
@@ -247,6 +253,8 @@ pub struct RequestRecord {
     /// Why the proxy answered as it did, where Envoy says more than the flag (an RBAC denial's
     /// `rbac_access_denied_matched_policy[…]`).
     pub response_code_details: Option<Box<str>>,
+    /// The request headers the access log's format reads beyond the fields above, as they came.
+    pub captured_headers: Vec<(http::HeaderName, Box<str>)>,
 }
 
 /// The identity a client's verified certificate carries: its SPIFFE URI (`spiffe://TRUST-DOMAIN/ns/NS/sa/SA`,
@@ -314,7 +322,8 @@ pub struct RequestTelemetry {
     /// Istio's TCP metrics, for the connections relayed without reading them.
     pub tcp: ConnectionMetrics,
     lines: LineQueue,
-    format: AccessLogFormat,
+    /// The access log in force: replaced whole when the configuration changes.
+    access_log: Arc<ArcSwap<AccessLog>>,
     dropped_lines: Counter,
     host_mismatches: Family<[(&'static str, &'static str); 1], Counter>,
     connections_refused: Counter,
@@ -325,7 +334,7 @@ pub struct RequestTelemetry {
 
 impl RequestTelemetry {
     /// Starts the access-log writer (standard output, as Envoy's `/dev/stdout`).
-    pub fn start(registry: &mut Registry, format: AccessLogFormat) -> RequestTelemetry {
+    pub fn start(registry: &mut Registry, access_log: AccessLog) -> RequestTelemetry {
         let metrics = RequestMetrics::register(registry);
         let tcp = ConnectionMetrics::register(registry);
         let dropped_lines = Counter::default();
@@ -371,18 +380,31 @@ impl RequestTelemetry {
             authorization.clone(),
         );
         let (lines, mut queue) = LineQueue::new(ACCESS_LOG_QUEUE_LINES, ACCESS_LOG_QUEUE_BYTES);
-        // A thread of its own: writes to stdout block, and lines are written in batches, flushed whenever the
-        // queue runs dry.
+        let access_log = Arc::new(ArcSwap::from_pointee(access_log));
+        // A thread of its own: writes block, and lines are written in batches, flushed whenever the queue runs
+        // dry. A line that cannot be written is counted as dropped.
+        let (log, dropped) = (access_log.clone(), dropped_lines.clone());
         let writer = std::thread::Builder::new().name("access-log".into()).spawn(move || {
-            use std::io::Write;
-            let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
+            let mut sink = Sink::default();
+            let mut failing = false;
             while let Some(line) = queue.blocking_next() {
-                let mut written = out.write_all(line.as_bytes());
-                while let (Ok(()), Some(line)) = (&written, queue.try_next()) {
-                    written = out.write_all(line.as_bytes());
+                let log = log.load();
+                if !sink.ready(log.file.as_deref()) {
+                    dropped.inc();
+                    continue;
                 }
-                if written.and_then(|()| out.flush()).is_err() {
-                    break;
+                let mut written = sink.write(&line);
+                while let (Ok(()), Some(line)) = (&written, queue.try_next()) {
+                    written = sink.write(&line);
+                }
+                match written.and_then(|()| sink.flush()) {
+                    Ok(()) => failing = false,
+                    Err(error) => {
+                        dropped.inc();
+                        if !std::mem::replace(&mut failing, true) {
+                            tracing::error!(%error, "writing the access log; lines are dropped until it works again");
+                        }
+                    }
                 }
             }
         });
@@ -393,7 +415,7 @@ impl RequestTelemetry {
             metrics,
             tcp,
             lines,
-            format,
+            access_log,
             dropped_lines,
             host_mismatches,
             connections_refused,
@@ -462,7 +484,22 @@ impl RequestTelemetry {
 
     /// Whether requests are written to an access log (else only counted).
     pub fn logs_requests(&self) -> bool {
-        self.format != AccessLogFormat::Off
+        self.access_log.load().is_on()
+    }
+
+    /// Keeps the request headers the access log's format reads beyond a record's own fields.
+    pub fn capture_headers(&self, headers: &http::HeaderMap, into: &mut Vec<(http::HeaderName, Box<str>)>) {
+        let access_log = self.access_log.load();
+        for name in access_log.request_headers.iter() {
+            if let Some(value) = headers.get(name) {
+                into.push((name.clone(), String::from_utf8_lossy(value.as_bytes()).into()));
+            }
+        }
+    }
+
+    /// Puts a newly compiled access log in force.
+    pub fn set_access_log(&self, access_log: AccessLog) {
+        self.access_log.store(Arc::new(access_log));
     }
 
     /// Counts an intercepted TLS connection closed because its ClientHello was not read, for `reason`.
@@ -482,11 +519,7 @@ impl RequestTelemetry {
 
     /// Writes `connection`'s access-log line (its metrics are counted as it opens and closes).
     pub fn log_connection(&self, connection: &super::connections::ConnectionRecord<'_>) {
-        let line = match self.format {
-            AccessLogFormat::Text => connection.text_line(),
-            AccessLogFormat::Json => connection.json_line(),
-            AccessLogFormat::Off => return,
-        };
+        let Some(line) = self.access_log.load().connection_line(connection) else { return };
         if !self.lines.offer(line) {
             self.dropped_lines.inc();
         }
@@ -498,11 +531,7 @@ impl RequestTelemetry {
         series.duration.observe(record.duration.as_secs_f64() * 1000.0);
         series.request_bytes.observe(record.bytes_received as f64);
         series.response_bytes.observe(record.bytes_sent as f64);
-        let line = match self.format {
-            AccessLogFormat::Text => text_line(record),
-            AccessLogFormat::Json => json_line(record),
-            AccessLogFormat::Off => return,
-        };
+        let Some(line) = self.access_log.load().request_line(record) else { return };
         if !self.lines.offer(line) {
             self.dropped_lines.inc();
         }
@@ -633,7 +662,7 @@ pub fn text_line(record: &RequestRecord) -> String {
     line
 }
 
-fn json_line(record: &RequestRecord) -> String {
+pub fn json_line(record: &RequestRecord) -> String {
     let mut line = serde_json::json!({
         "start_time": record.start.map(rfc3339_millis),
         "method": record.method,

@@ -23,7 +23,7 @@ fn the_access_log_queue_is_bounded_by_bytes_as_well_as_lines() {
 #[tokio::test]
 async fn each_request_counts_in_the_series_its_labels_name() {
     let mut registry = Registry::default();
-    let telemetry = RequestTelemetry::start(&mut registry, AccessLogFormat::Off);
+    let telemetry = RequestTelemetry::start(&mut registry, AccessLog::default());
     let to = |host: &str, code: u16, flags: ResponseFlag| RequestRecord {
         response_code: code,
         response_flags: flags,
@@ -61,7 +61,7 @@ async fn each_request_counts_in_the_series_its_labels_name() {
 #[tokio::test]
 async fn passthrough_series_unused_for_a_while_are_dropped_and_the_others_kept() {
     let mut registry = Registry::default();
-    let telemetry = RequestTelemetry::start(&mut registry, AccessLogFormat::Off);
+    let telemetry = RequestTelemetry::start(&mut registry, AccessLog::default());
     let to = |host: &str| RequestRecord {
         response_code: 200,
         response_flags: ResponseFlag::None,

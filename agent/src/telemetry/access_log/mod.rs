@@ -1,0 +1,229 @@
+//! The access log as Istio configures it: the mesh config's `accessLogFile` (empty: none, Istio's default;
+//! `/dev/stdout`; or a file, reopened when it is rotated away or on SIGHUP), `accessLogEncoding` (`TEXT`,
+//! `JSON`) and `accessLogFormat` (Envoy's command operators; for JSON, an object of field → format). The command
+//! line's `--access-log-format` overrides the encoding with Sluice's built-in lines (Envoy's default text, or JSON).
+//! Compiled once per configuration; a line is rendered per request or relayed connection.
+
+pub mod format;
+pub mod writer;
+
+use std::{path::PathBuf, sync::atomic::AtomicBool};
+
+use format::{Fields, Format, FormatError, Headers, ISTIO_TEXT};
+
+use super::{
+    connections::ConnectionRecord,
+    requests::{AccessLogFormat, RequestRecord},
+};
+use crate::config::mesh::MeshConfig;
+
+/// Set by SIGHUP: the writer reopens its file before the next line (logrotate's `postrotate`).
+pub static REOPEN: AtomicBool = AtomicBool::new(false);
+
+/// What is written, and where.
+#[derive(Clone, Debug, Default)]
+pub struct AccessLog {
+    /// `/dev/stdout`, or a file's path; `None`: no access log.
+    pub file: Option<PathBuf>,
+    pub lines: Lines,
+    /// Request headers the format reads beyond those every request keeps.
+    pub request_headers: Box<[http::HeaderName]>,
+}
+
+/// How a line is made.
+#[derive(Clone, Debug, Default)]
+pub enum Lines {
+    /// Envoy's default text format (`--access-log-format text`).
+    #[default]
+    EnvoyText,
+    /// One JSON object of Envoy's field names (`--access-log-format json`, or JSON encoding without a format).
+    Json,
+    /// A text format: the mesh config's, or Istio's default.
+    Text(Format),
+    /// A JSON object of the mesh config's fields, each a format.
+    JsonFields(Vec<(String, Format)>),
+}
+
+impl AccessLog {
+    /// The access log the mesh config asks for, unless the command line's `flag` says otherwise (then written
+    /// where the mesh config says, else to standard output). A mesh config that passed validation compiles.
+    pub fn compile(mesh: &MeshConfig, flag: Option<AccessLogFormat>) -> AccessLog {
+        let file = mesh.access_log_file.as_deref().filter(|file| !file.is_empty()).map(PathBuf::from);
+        let (file, lines) = match flag {
+            Some(AccessLogFormat::Off) => (None, Lines::EnvoyText),
+            Some(AccessLogFormat::Text) => (file.or_else(|| Some("/dev/stdout".into())), Lines::EnvoyText),
+            Some(AccessLogFormat::Json) => (file.or_else(|| Some("/dev/stdout".into())), Lines::Json),
+            None => (file, mesh_lines(mesh).unwrap_or(Lines::EnvoyText)),
+        };
+        let request_headers = match &lines {
+            Lines::Text(format) => format.request_headers(),
+            Lines::JsonFields(fields) => fields.iter().flat_map(|(_, format)| format.request_headers()).collect(),
+            Lines::EnvoyText | Lines::Json => Vec::new(),
+        };
+        let request_headers = request_headers
+            .iter()
+            .filter(|name| !KEPT.contains(&name.as_str()))
+            .filter_map(|name| http::HeaderName::from_bytes(name.as_bytes()).ok())
+            .collect();
+        AccessLog { file, lines, request_headers }
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.file.is_some()
+    }
+
+    /// The line of an ended request, if there is an access log.
+    pub fn request_line(&self, record: &RequestRecord) -> Option<String> {
+        self.file.as_ref()?;
+        Some(match &self.lines {
+            Lines::EnvoyText => super::requests::text_line(record),
+            Lines::Json => super::requests::json_line(record),
+            Lines::Text(format) => with_request_fields(record, |fields| format.to_line(fields)),
+            Lines::JsonFields(fields) => with_request_fields(record, |values| json_object(fields, values)),
+        })
+    }
+
+    /// The line of a relayed connection, if there is an access log.
+    pub fn connection_line(&self, record: &ConnectionRecord<'_>) -> Option<String> {
+        self.file.as_ref()?;
+        let cluster = record.destination.cluster().to_string();
+        let values = || Fields {
+            start: Some(record.start),
+            response_flags: record.flag.text(),
+            bytes_received: record.received,
+            bytes_sent: record.sent,
+            duration: record.duration,
+            upstream_host: record.upstream,
+            upstream_cluster: Some(&cluster),
+            downstream_local: Some(record.local),
+            downstream_remote: Some(record.remote),
+            server_name: record.server_name,
+            ..Fields::default()
+        };
+        Some(match &self.lines {
+            Lines::EnvoyText => record.text_line(),
+            Lines::Json => record.json_line(),
+            Lines::Text(format) => format.to_line(&values()),
+            Lines::JsonFields(fields) => json_object(fields, &values()),
+        })
+    }
+}
+
+/// Request headers every request keeps for the log (fields of its record).
+const KEPT: [&str; 5] = ["user-agent", "x-forwarded-for", "x-request-id", "host", "x-envoy-original-path"];
+
+/// The mesh config's lines: `None` when it asks for no access log.
+fn mesh_lines(mesh: &MeshConfig) -> Option<Lines> {
+    let format = mesh.access_log_format.as_deref().filter(|format| !format.trim().is_empty());
+    let json = mesh.access_log_encoding.as_deref() == Some("JSON");
+    match (json, format) {
+        (false, None) => Format::parse(ISTIO_TEXT).ok().map(Lines::Text),
+        (false, Some(format)) => Format::parse(format).ok().map(Lines::Text),
+        (true, None) => Some(Lines::Json),
+        (true, Some(format)) => json_fields(format).ok().map(Lines::JsonFields),
+    }
+}
+
+/// The mesh config's `accessLogFormat` for its encoding, checked: a text format, or for JSON an object whose
+/// values are formats. Errors name the position (in the format, or in the JSON field's value).
+pub fn check(format: &str, json: bool) -> Result<(), String> {
+    if json {
+        json_fields(format).map(drop)
+    } else {
+        Format::parse(format).map(drop).map_err(|error| error.to_string())
+    }
+}
+
+fn json_fields(format: &str) -> Result<Vec<(String, Format)>, String> {
+    let object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(format)
+        .map_err(|error| format!("a JSON encoding's format is a JSON object of field formats: {error}"))?;
+    (object.into_iter())
+        .map(|(key, value)| {
+            let text = value.as_str().ok_or_else(|| format!("field '{key}': its format is not a string"))?;
+            let format = Format::parse(text).map_err(|FormatError { position, reason }| {
+                format!("field '{key}': {reason} at position {position}")
+            })?;
+            Ok((key, format))
+        })
+        .collect()
+}
+
+fn json_object(fields: &[(String, Format)], values: &Fields<'_>) -> String {
+    let mut object = serde_json::Map::with_capacity(fields.len());
+    for (key, format) in fields {
+        let text = format.to_line(values);
+        let value = match (format.is_number(), text.parse::<u64>()) {
+            (true, Ok(number)) => serde_json::Value::from(number),
+            _ if text == "-" => serde_json::Value::Null,
+            _ => serde_json::Value::String(text),
+        };
+        object.insert(key.clone(), value);
+    }
+    let mut line = serde_json::Value::Object(object).to_string();
+    line.push('\n');
+    line
+}
+
+/// A request's headers as its record kept them.
+struct RecordHeaders<'a> {
+    record: &'a RequestRecord,
+    service_time: Option<String>,
+}
+
+impl Headers for RecordHeaders<'_> {
+    fn request(&self, name: &str) -> Option<&str> {
+        let record = self.record;
+        match name {
+            ":method" => Some(record.method.as_str()),
+            ":path" => Some(record.path.as_str()),
+            ":authority" | "host" => Some(record.authority.as_str()),
+            ":scheme" => Some(if record.connection_security == super::requests::ConnectionSecurity::Unknown {
+                "http"
+            } else {
+                "https"
+            }),
+            "user-agent" => record.user_agent.as_deref(),
+            "x-forwarded-for" => record.x_forwarded_for.as_deref(),
+            "x-request-id" => record.request_id.as_deref(),
+            name => record.captured_headers.iter().find(|(kept, _)| kept.as_str() == name).map(|(_, value)| &**value),
+        }
+    }
+
+    fn response(&self, name: &str) -> Option<&str> {
+        match name {
+            "x-envoy-upstream-service-time" => self.service_time.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// Runs `render` with what `record` offers to the operators.
+fn with_request_fields<T>(record: &RequestRecord, render: impl FnOnce(&Fields<'_>) -> T) -> T {
+    let service_time = record.upstream_service_time.map(|time| time.as_millis().to_string());
+    let headers = RecordHeaders { record, service_time };
+    let cluster = record.destination.as_ref().map(|destination| destination.cluster().to_string());
+    let route = record.route_name.as_ref().map(ToString::to_string);
+    let fields = Fields {
+        start: record.start,
+        headers: Some(&headers),
+        response_code: record.response_code,
+        response_flags: record.response_flags.text(),
+        // Envoy's details for a response that came from the upstream as it was.
+        response_code_details: record.response_code_details.as_deref().or_else(|| {
+            (record.upstream_host.is_some() && record.response_flags.text() == "-").then_some("via_upstream")
+        }),
+        bytes_received: record.bytes_received,
+        bytes_sent: record.bytes_sent,
+        duration: record.duration,
+        protocol: Some(record.protocol),
+        upstream_host: record.upstream_host,
+        upstream_cluster: cluster.as_deref(),
+        upstream_local: None,
+        downstream_local: record.downstream_local,
+        downstream_remote: record.downstream_remote,
+        server_name: None,
+        route_name: route.as_deref(),
+        peer_uri_san: record.source_principal.as_ref().map(|principal| principal.as_str()),
+    };
+    render(&fields)
+}

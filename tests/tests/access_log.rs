@@ -1,0 +1,142 @@
+//! The access log as Istio configures it, end to end: off unless the mesh config names `accessLogFile`; Istio's
+//! default text line in a file that logrotate may rename (no line lost, the new file takes the next) or SIGHUP
+//! reopens; a JSON encoding with a custom format read back as JSON; a bad format refused with its position while
+//! the last good one stays in force.
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use sluice_tests::{
+    http::{get, ECHO},
+    istio::{self, HTTPBIN},
+    peers::Nginx,
+    require_root,
+    topology::{addr, GATEWAY_WORKLOAD_IFACE, SERVER_A},
+    Agent, Topology,
+};
+
+fn mesh(fields: &str) -> String {
+    let fields: String = fields.lines().map(|line| format!("    {line}\n")).collect();
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |\n    \
+         outboundTrafficPolicy:\n      mode: REGISTRY_ONLY\n{fields}"
+    )
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().map(str::to_owned).collect()
+}
+
+/// Waits up to 10 s for `condition`.
+fn eventually(mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    condition()
+}
+
+fn args(config: &Path) -> String {
+    format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.display())
+}
+
+#[test]
+fn without_access_log_file_nothing_is_logged_as_in_istio() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80)], ECHO).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    istio::write(config.path(), &[&mesh(""), HTTPBIN]).unwrap();
+    let agent = Agent::start(&topology.gateway, &args(config.path())).unwrap();
+
+    assert_eq!(get(&topology, "httpbin.org", SERVER_A, "/quiet", &[]).0, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!agent.log().contains("/quiet"), "no access-log line: {}", agent.log());
+    assert!(agent.metrics().unwrap().contains("response_code=\"200\""), "the request is still counted");
+}
+
+#[test]
+fn a_file_takes_istios_default_line_and_follows_rotation() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80)], ECHO).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let file = logs.path().join("access.log");
+    istio::write(config.path(), &[&mesh(&format!("accessLogFile: {}", file.display())), HTTPBIN]).unwrap();
+    let agent = Agent::start(&topology.gateway, &args(config.path())).unwrap();
+
+    assert_eq!(get(&topology, "httpbin.org", SERVER_A, "/first", &["-A", "probe/1"]).0, 200);
+    assert!(eventually(|| lines(&file).len() == 1), "{:?}\n{}", lines(&file), agent.log());
+    let line = &lines(&file)[0];
+    // Istio's default format: details, termination details and the transport failure between flags and bytes;
+    // cluster, addresses, server name and route at the end.
+    assert!(line.contains("\"GET /first HTTP/1.1\" 200 - via_upstream - \"-\" 0 "), "{line}");
+    assert!(line.contains(" \"probe/1\" ") && line.contains(" \"httpbin.org\" \"203.0.113.10:80\" "), "{line}");
+    assert!(line.contains(" outbound|80||httpbin.org - 203.0.113.10:80 10.240.1.2:"), "{line}");
+
+    // Renamed away while a client sends 300 requests on one connection: every line lands in one file or the
+    // other, and once the agent has noticed (within a second) the next goes to a new file at the path.
+    let urls: Vec<String> = (0..300).map(|i| format!("http://httpbin.org/burst/{i}")).collect();
+    let mut burst = topology.workload.command("curl");
+    burst.args(["-sS", "-o", "/dev/null", "--resolve", "httpbin.org:80:203.0.113.10"]).args(&urls);
+    let mut burst = burst.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let rotated = logs.path().join("access.log.1");
+    std::fs::rename(&file, &rotated).unwrap();
+    assert!(burst.wait().unwrap().success());
+    let burst_lines =
+        || [&file, &rotated].iter().flat_map(|path| lines(path)).filter(|l| l.contains("/burst/")).count();
+    assert!(eventually(|| burst_lines() == 300), "{} of 300 burst lines", burst_lines());
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(get(&topology, "httpbin.org", SERVER_A, "/after-rotation", &[]).0, 200);
+    assert!(eventually(|| lines(&file).iter().any(|l| l.contains("/after-rotation"))), "{}", agent.log());
+
+    // SIGHUP: reopened before the next line, without waiting for the check.
+    std::fs::rename(&file, logs.path().join("access.log.2")).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent.pid() as i32), nix::sys::signal::Signal::SIGHUP).unwrap();
+    agent.wait_for_log("SIGHUP", 1).unwrap();
+    assert_eq!(get(&topology, "httpbin.org", SERVER_A, "/after-hangup", &[]).0, 200);
+    assert!(eventually(|| lines(&file).iter().any(|l| l.contains("/after-hangup"))), "{}", agent.log());
+    assert_eq!(agent.sample("sluice_access_log_dropped_lines_total").unwrap(), 0);
+}
+
+#[test]
+fn a_json_format_is_read_back_and_a_bad_one_keeps_the_last_good() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80)], ECHO).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let format = r#"{"code": "%RESPONSE_CODE%", "tenant": "%REQ(X-TENANT)%", "path": "%REQ(:PATH)%", "cluster": "%UPSTREAM_CLUSTER%", "missing": "%REQ(X-ABSENT)%"}"#;
+    let json = format!("accessLogFile: /dev/stdout\naccessLogEncoding: JSON\naccessLogFormat: '{format}'");
+    istio::write(config.path(), &[&mesh(&json), HTTPBIN]).unwrap();
+    let agent = Agent::start(&topology.gateway, &args(config.path())).unwrap();
+
+    assert_eq!(get(&topology, "httpbin.org", SERVER_A, "/json", &["-H", "x-tenant: payments"]).0, 200);
+    agent.wait_for_log("\"path\":\"/json\"", 1).unwrap();
+    let log = agent.log();
+    let line = log.lines().find(|line| line.contains("\"path\":\"/json\"")).unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(line).unwrap();
+    let expected = serde_json::json!({
+        "code": 200, "tenant": "payments", "path": "/json", "cluster": "outbound|80||httpbin.org", "missing": null
+    });
+    assert_eq!(parsed, expected, "{line}");
+
+    // A format with an unknown operator: the mesh config is refused with the field and the position, and the
+    // access log stays as it was.
+    let bad = json.replace("%REQ(X-TENANT)%", "%NO_SUCH_THING%");
+    istio::write(config.path(), &[&mesh(&bad), HTTPBIN]).unwrap();
+    agent.wait_for_log("accessLogFormat", 1).unwrap();
+    let log = agent.log();
+    let error = log.lines().find(|line| line.contains("accessLogFormat")).unwrap();
+    assert!(error.contains("%NO_SUCH_THING% is not a command operator") && error.contains("position"), "{error}");
+    assert_eq!(get(&topology, "httpbin.org", SERVER_A, "/still", &["-H", "x-tenant: payments"]).0, 200);
+    agent.wait_for_log("\"path\":\"/still\"", 1).unwrap();
+    // Keys in order, as Envoy writes a JSON format's.
+    assert!(agent.log().contains("\"path\":\"/still\",\"tenant\":\"payments\"}"), "{}", agent.log());
+}
