@@ -140,3 +140,64 @@ fn a_json_format_is_read_back_and_a_bad_one_keeps_the_last_good() {
     // Keys in order, as Envoy writes a JSON format's.
     assert!(agent.log().contains("\"path\":\"/still\",\"tenant\":\"payments\"}"), "{}", agent.log());
 }
+
+/// The seeds' Telemetry resources ("Access Logging", "Custom Metrics"), selecting this gateway: errors only, and
+/// the request-size metric turned off.
+const ERRORS_ONLY: &str = "apiVersion: telemetry.istio.io/v1alpha1
+kind: Telemetry
+metadata: {name: gateway-logging, namespace: istio-system}
+spec:
+  selector:
+    matchLabels:
+      istio: egressgateway
+  accessLogging:
+  - providers:
+    - name: envoy
+    filter:
+      expression: response.code >= 400 # Log errors only
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: gateway-metrics, namespace: istio-system}
+spec:
+  selector: {matchLabels: {istio: egressgateway}}
+  metrics:
+  - providers: [{name: prometheus}]
+    overrides:
+    - match: {metric: REQUEST_SIZE}
+      disabled: true
+";
+
+#[test]
+fn the_seeds_telemetry_logs_errors_only_and_turns_a_metric_off() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80)], ECHO).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    // No accessLogFile: the Telemetry turns the log on (Istio's `envoy` provider: standard output).
+    istio::write(config.path(), &[&mesh(""), HTTPBIN, ERRORS_ONLY]).unwrap();
+    let agent = Agent::start(&topology.gateway, &args(config.path())).unwrap();
+
+    assert_eq!(get(&topology, "httpbin.org", SERVER_A, "/fine", &[]).0, 200);
+    assert_eq!(get(&topology, "edition.cnn.com", "203.0.113.20", "/unregistered", &[]).0, 502);
+    agent.wait_for_log("\"GET /unregistered HTTP/1.1\" 502 ", 1).unwrap();
+    assert!(!agent.log().contains("/fine"), "a 200 is filtered out: {}", agent.log());
+
+    let metrics = agent.metrics().unwrap();
+    assert!(metrics.contains("istio_requests_total{"), "{metrics}");
+    assert!(metrics.contains("istio_response_bytes_bucket{"), "{metrics}");
+    assert!(!metrics.contains("istio_request_bytes"), "turned off, left out whole: {metrics}");
+
+    // An expression that does not compile: the Telemetry is refused with its field and position, the last good
+    // version stays (errors only, still).
+    let bad = ERRORS_ONLY.replace("response.code >= 400 # Log errors only", "response.code >= 400 )");
+    istio::write(config.path(), &[&mesh(""), HTTPBIN, &bad]).unwrap();
+    agent.wait_for_log("spec.accessLogging[0].filter.expression", 1).unwrap();
+    let log = agent.log();
+    let error = log.lines().find(|line| line.contains("spec.accessLogging[0].filter.expression")).unwrap();
+    assert!(error.contains("Telemetry istio-system/gateway-logging") && error.contains("column"), "{error}");
+    assert_eq!(get(&topology, "httpbin.org", SERVER_A, "/still-fine", &[]).0, 200);
+    assert_eq!(get(&topology, "edition.cnn.com", "203.0.113.20", "/still-unregistered", &[]).0, 502);
+    agent.wait_for_log("/still-unregistered", 1).unwrap();
+    assert!(!agent.log().contains("/still-fine"), "{}", agent.log());
+}

@@ -17,6 +17,7 @@ use crate::{
         compile::{self, NodeSettings},
         routes::{self, ProxyPolicy, ProxySettings},
         sidecars::SidecarModes,
+        telemetry::GatewayTelemetry,
         DatapathPolicy,
     },
     proxy::relay::Engine,
@@ -119,9 +120,12 @@ impl Control {
         (changed, refresh)
     }
 
-    /// The access log the mesh config and the command line ask for.
-    pub fn access_log(&self, snapshot: &Snapshot) -> AccessLog {
-        AccessLog::compile(&snapshot.mesh, self.access_log_format)
+    /// The access log the mesh config, the Telemetry API and the command line ask for, and the metrics the
+    /// Telemetry API turns off.
+    pub fn telemetry(&self, snapshot: &Snapshot) -> (AccessLog, Vec<&'static str>) {
+        let (labels, namespace) = (&self.proxy.gateway_labels, self.proxy.gateway_namespace.as_deref());
+        let telemetry = GatewayTelemetry::compile(snapshot, labels, namespace);
+        (AccessLog::compile(&snapshot.mesh, self.access_log_format, &telemetry), telemetry.disabled_metrics)
     }
 
     pub fn policy(&self, snapshot: &Snapshot) -> DatapathPolicy {

@@ -69,7 +69,8 @@ impl Enforced {
                 let bindings = control.bind(&snapshot);
                 self.sidecars = control.sidecar_modes(&snapshot);
                 let mut routes = control.proxy_policy(&snapshot, &bindings, self.sidecars.clone());
-                self.metrics.requests.set_access_log(control.access_log(&snapshot));
+                let (access_log, disabled_metrics) = control.telemetry(&snapshot);
+                self.metrics.requests.configure(access_log, &disabled_metrics);
                 keep_good_certificates(&mut routes, &mut self.certificates, &self.metrics);
                 self.gateways.reconcile(&routes.gateway_ports());
                 self.routes.store(Arc::new(routes));

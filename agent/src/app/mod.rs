@@ -169,7 +169,7 @@ impl App {
             routing.install().await?;
         }
         let counters = datapath.counters();
-        let access_log = control.access_log(&crate::config::Snapshot::default());
+        let (access_log, _) = control.telemetry(&crate::config::Snapshot::default());
         let metrics = telemetry::metrics::registry(counters.clone(), datapath.blackholed(), access_log);
         let early = datapath.holds_policy();
         let events = datapath.take_events();
@@ -215,7 +215,8 @@ impl App {
         let bindings = control.bind(&snapshot);
         let sidecars = control.sidecar_modes(&snapshot);
         let mut routes = control.proxy_policy(&snapshot, &bindings, sidecars.clone());
-        metrics.requests.set_access_log(control.access_log(&snapshot));
+        let (access_log, disabled_metrics) = control.telemetry(&snapshot);
+        metrics.requests.configure(access_log, &disabled_metrics);
         metrics.config_generation.set(1);
         let (dump, dump_reader) = watch::channel(Arc::new(control.dump(1, policy, &bindings)));
         drop((bindings, snapshot));

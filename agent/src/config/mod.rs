@@ -16,6 +16,7 @@ pub mod service_entry;
 pub mod sidecar;
 pub mod sources;
 pub mod store;
+pub mod telemetry;
 pub mod unsupported;
 pub mod virtual_service;
 pub mod warnings;

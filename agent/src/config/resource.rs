@@ -13,6 +13,7 @@ use super::{
     names::{self, ExportOf},
     service_entry::ServiceEntry,
     sidecar::Sidecar,
+    telemetry::Telemetry,
     virtual_service::VirtualService,
 };
 
@@ -20,6 +21,8 @@ const ISTIO_GROUP: &str = "networking.istio.io";
 const ISTIO_VERSIONS: [&str; 3] = ["v1alpha3", "v1beta1", "v1"];
 const SECURITY_GROUP: &str = "security.istio.io";
 const SECURITY_VERSIONS: [&str; 2] = ["v1beta1", "v1"];
+const TELEMETRY_GROUP: &str = "telemetry.istio.io";
+const TELEMETRY_VERSIONS: [&str; 2] = ["v1alpha1", "v1"];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
 pub enum Kind {
@@ -29,16 +32,18 @@ pub enum Kind {
     DestinationRule,
     Sidecar,
     AuthorizationPolicy,
+    Telemetry,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::ServiceEntry,
         Kind::VirtualService,
         Kind::Gateway,
         Kind::DestinationRule,
         Kind::Sidecar,
         Kind::AuthorizationPolicy,
+        Kind::Telemetry,
     ];
 
     pub fn name(self) -> &'static str {
@@ -49,6 +54,7 @@ impl Kind {
             Kind::DestinationRule => "DestinationRule",
             Kind::Sidecar => "Sidecar",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::Telemetry => "Telemetry",
         }
     }
 
@@ -56,6 +62,7 @@ impl Kind {
     pub fn group(self) -> &'static str {
         match self {
             Kind::AuthorizationPolicy => SECURITY_GROUP,
+            Kind::Telemetry => TELEMETRY_GROUP,
             _ => ISTIO_GROUP,
         }
     }
@@ -97,6 +104,7 @@ pub enum Spec {
     DestinationRule(Box<DestinationRule>),
     Sidecar(Box<Sidecar>),
     AuthorizationPolicy(Box<AuthorizationPolicy>),
+    Telemetry(Box<Telemetry>),
 }
 
 impl Serialize for Spec {
@@ -108,6 +116,7 @@ impl Serialize for Spec {
             Spec::DestinationRule(spec) => spec.serialize(serializer),
             Spec::Sidecar(spec) => spec.serialize(serializer),
             Spec::AuthorizationPolicy(spec) => spec.serialize(serializer),
+            Spec::Telemetry(spec) => spec.serialize(serializer),
         }
     }
 }
@@ -202,6 +211,7 @@ impl Document {
         let versions: &[&str] = match group {
             ISTIO_GROUP => &ISTIO_VERSIONS,
             SECURITY_GROUP if envelope.kind == "AuthorizationPolicy" => &SECURITY_VERSIONS,
+            TELEMETRY_GROUP if envelope.kind == "Telemetry" => &TELEMETRY_VERSIONS,
             _ => return Ok(Document::Ignored(envelope.api_version, envelope.kind)),
         };
         if !versions.contains(&version) {
@@ -233,6 +243,7 @@ impl Document {
                 policy.dry_run = envelope.metadata.annotations.get(DRY_RUN).cloned();
                 Spec::AuthorizationPolicy(policy)
             }
+            Kind::Telemetry => Spec::Telemetry(serde_path_to_error::deserialize(spec).map_err(typed)?),
         };
         Ok(Document::Resource(Box::new(Resource { kind, metadata: envelope.metadata.kept, spec })))
     }
@@ -249,12 +260,13 @@ impl Resource {
             Spec::DestinationRule(spec) => spec.validate(),
             Spec::Sidecar(spec) => spec.validate(),
             Spec::AuthorizationPolicy(spec) => spec.validate(),
+            Spec::Telemetry(spec) => spec.validate(),
         };
         let export_to = match &self.spec {
             Spec::ServiceEntry(spec) => Some((&spec.export_to, ExportOf::ServiceEntry)),
             Spec::VirtualService(spec) => Some((&spec.export_to, ExportOf::Other)),
             Spec::DestinationRule(spec) => Some((&spec.export_to, ExportOf::Other)),
-            Spec::Gateway(_) | Spec::Sidecar(_) | Spec::AuthorizationPolicy(_) => None,
+            Spec::Gateway(_) | Spec::Sidecar(_) | Spec::AuthorizationPolicy(_) | Spec::Telemetry(_) => None,
         };
         if let Some((export_to, of)) = export_to {
             names::validate_export_to(namespace, export_to, of, "spec.exportTo", &mut errors);

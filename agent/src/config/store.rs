@@ -120,6 +120,7 @@ fn read(text: &str) -> serde_json::Result<Resource> {
         Kind::DestinationRule => typed(json, Spec::DestinationRule),
         Kind::Sidecar => typed(json, Spec::Sidecar),
         Kind::AuthorizationPolicy => typed(json, Spec::AuthorizationPolicy),
+        Kind::Telemetry => typed(json, Spec::Telemetry),
     }?;
     Ok(Resource { kind: line.kind, metadata, spec })
 }

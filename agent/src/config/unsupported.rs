@@ -107,6 +107,24 @@ pub fn fields(resource: &Resource, knows_sources: bool) -> Vec<(String, &'static
                 }
             }
         }
+        Spec::Telemetry(telemetry) => {
+            if !telemetry.tracing.is_empty() {
+                found.push(("spec.tracing".into(), "Sluice does not trace: tracing settings are not applied"));
+            }
+            if telemetry.attached_by_target() {
+                found.push(("spec.targetRefs".into(), "Telemetry attached by targetRefs is not applied"));
+            }
+            for (i, metrics) in telemetry.metrics.iter().enumerate() {
+                for (j, metric_override) in metrics.overrides.iter().enumerate() {
+                    if !metric_override.tag_overrides.is_empty() {
+                        found.push((
+                            format!("spec.metrics[{i}].overrides[{j}].tagOverrides"),
+                            "tag overrides are not applied yet: the metric keeps Istio's standard labels",
+                        ));
+                    }
+                }
+            }
+        }
         Spec::ServiceEntry(_) => {}
     }
     found

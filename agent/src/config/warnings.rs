@@ -143,6 +143,11 @@ pub fn warnings(resource: &Resource) -> Vec<(String, String)> {
                 }
             }
         }
+        Spec::Telemetry(telemetry) => {
+            if telemetry.selector.as_ref().is_some_and(|selector| selector.match_labels.is_empty()) {
+                warn("spec.selector".into(), "no labels: it applies to every workload of the namespace".into());
+            }
+        }
     }
     found
 }

@@ -11,6 +11,7 @@ pub mod l4;
 pub mod labels;
 pub mod routes;
 pub mod sidecars;
+pub mod telemetry;
 pub mod tls_servers;
 
 pub use l4::{BlackholeAction, DatapathPolicy, L4Rule, OutboundMode, Protocol};

@@ -15,7 +15,11 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use super::{passthrough::Watched, response_flags::ResponseFlag};
+use super::{
+    passthrough::Watched,
+    response_flags::ResponseFlag,
+    switches::{Metric, MetricSwitches},
+};
 use crate::{
     config::workloads::Workload,
     policy::labels::{DestinationLabels, LabelText, UNKNOWN},
@@ -133,39 +137,44 @@ pub struct ConnectionMetrics {
     closed: Family<TcpLabels, Counter>,
     sent: Family<TcpLabels, Counter>,
     received: Family<TcpLabels, Counter>,
+    switches: MetricSwitches,
     /// The series of connections passed through unregistered (an address and port a client chose), dropped once
     /// unused for a while.
     passthrough: Arc<Mutex<HashMap<TcpLabels, Watched>>>,
 }
 
 impl ConnectionMetrics {
-    pub fn register(registry: &mut Registry) -> ConnectionMetrics {
+    pub fn register(registry: &mut Registry, switches: &MetricSwitches) -> ConnectionMetrics {
         let metrics = ConnectionMetrics {
             opened: Family::default(),
             closed: Family::default(),
             sent: Family::default(),
             received: Family::default(),
+            switches: switches.clone(),
             passthrough: Arc::default(),
         };
-        registry.register("istio_tcp_connections_opened", "TCP connections opened", metrics.opened.clone());
-        registry.register("istio_tcp_connections_closed", "TCP connections closed", metrics.closed.clone());
+        let opened = switches.wrap(Metric::TcpOpened, metrics.opened.clone());
+        registry.register("istio_tcp_connections_opened", "TCP connections opened", opened);
+        let closed = switches.wrap(Metric::TcpClosed, metrics.closed.clone());
+        registry.register("istio_tcp_connections_closed", "TCP connections closed", closed);
+        let sent = switches.wrap(Metric::TcpSent, metrics.sent.clone());
         registry.register(
             "istio_tcp_sent_bytes",
             "Bytes sent to the client during the response of TCP connections",
-            metrics.sent.clone(),
+            sent,
         );
-        registry.register(
-            "istio_tcp_received_bytes",
-            "Bytes received from the client during the request of TCP connections",
-            metrics.received.clone(),
-        );
+        let received = switches.wrap(Metric::TcpReceived, metrics.received.clone());
+        let help = "Bytes received from the client during the request of TCP connections";
+        registry.register("istio_tcp_received_bytes", help, received);
         metrics
     }
 
     /// Counts a connection opened; what it returns counts it closed, with the series looked up now.
     pub fn opened(&self, labels: &TcpLabels) -> OpenConnection {
         let opened = self.opened.get_or_create(labels);
-        opened.inc();
+        if !self.switches.is_off(Metric::TcpOpened) {
+            opened.inc();
+        }
         if labels.destination_service_name.as_str() == "PassthroughCluster" {
             let mut watched = self.passthrough.lock().unwrap_or_else(PoisonError::into_inner);
             if !watched.contains_key(labels) {
@@ -178,6 +187,7 @@ impl ConnectionMetrics {
             closed: self.closed.get_or_create(labels).clone(),
             received: self.received.get_or_create(labels).clone(),
             sent: self.sent.get_or_create(labels).clone(),
+            switches: self.switches.clone(),
         }
     }
 
@@ -205,7 +215,7 @@ impl ConnectionMetrics {
 /// A connection counted as opened, to be counted as closed: its series, found once.
 #[must_use = "a connection opened is counted closed when it ends"]
 pub enum OpenConnection {
-    Registered { closed: Counter, received: Counter, sent: Counter },
+    Registered { closed: Counter, received: Counter, sent: Counter, switches: MetricSwitches },
     Passthrough(ConnectionMetrics, TcpLabels),
 }
 
@@ -213,15 +223,29 @@ impl OpenConnection {
     /// The connection ended: `received` bytes came from the client, `sent` went back to it.
     pub fn closed(self, received: u64, sent: u64) {
         match self {
-            OpenConnection::Registered { closed, received: from_client, sent: to_client } => {
-                closed.inc();
-                from_client.inc_by(received);
-                to_client.inc_by(sent);
+            OpenConnection::Registered { closed, received: from_client, sent: to_client, switches } => {
+                let on = |metric| !switches.is_off(metric);
+                if on(Metric::TcpClosed) {
+                    closed.inc();
+                }
+                if on(Metric::TcpReceived) {
+                    from_client.inc_by(received);
+                }
+                if on(Metric::TcpSent) {
+                    to_client.inc_by(sent);
+                }
             }
             OpenConnection::Passthrough(metrics, labels) => {
-                metrics.closed.get_or_create(&labels).inc();
-                metrics.received.get_or_create(&labels).inc_by(received);
-                metrics.sent.get_or_create(&labels).inc_by(sent);
+                let on = |metric| !metrics.switches.is_off(metric);
+                if on(Metric::TcpClosed) {
+                    metrics.closed.get_or_create(&labels).inc();
+                }
+                if on(Metric::TcpReceived) {
+                    metrics.received.get_or_create(&labels).inc_by(received);
+                }
+                if on(Metric::TcpSent) {
+                    metrics.sent.get_or_create(&labels).inc_by(sent);
+                }
             }
         }
     }

@@ -81,6 +81,10 @@ pub trait Headers {
     /// A request header, pseudo-headers (`:method`, `:path`, `:authority`, `:scheme`) included.
     fn request(&self, name: &str) -> Option<&str>;
     fn response(&self, name: &str) -> Option<&str>;
+    /// Every request header kept (not the pseudo-headers), for expressions that read them all.
+    fn request_headers(&self) -> Vec<(&str, &str)> {
+        Vec::new()
+    }
 }
 
 /// What an entry offers to the operators. Absent values render as `-`.

@@ -7,15 +7,19 @@
 pub mod format;
 pub mod writer;
 
-use std::{path::PathBuf, sync::atomic::AtomicBool};
+use std::{
+    path::PathBuf,
+    sync::{atomic::AtomicBool, Arc},
+};
 
 use format::{Fields, Format, FormatError, Headers, ISTIO_TEXT};
 
+use super::expression::Expression;
 use super::{
     connections::ConnectionRecord,
     requests::{AccessLogFormat, RequestRecord},
 };
-use crate::config::mesh::MeshConfig;
+use crate::{config::mesh::MeshConfig, policy::telemetry::GatewayTelemetry};
 
 /// Set by SIGHUP: the writer reopens its file before the next line (logrotate's `postrotate`).
 pub static REOPEN: AtomicBool = AtomicBool::new(false);
@@ -28,6 +32,10 @@ pub struct AccessLog {
     pub lines: Lines,
     /// Request headers the format reads beyond those every request keeps.
     pub request_headers: Box<[http::HeaderName]>,
+    /// Every request header is kept (a filter reads `request.headers`).
+    pub all_request_headers: bool,
+    /// The Telemetry API's `filter.expression`: only entries for which it holds are written.
+    pub filter: Option<Arc<Expression>>,
 }
 
 /// How a line is made.
@@ -45,16 +53,25 @@ pub enum Lines {
 }
 
 impl AccessLog {
-    /// The access log the mesh config asks for, unless the command line's `flag` says otherwise (then written
-    /// where the mesh config says, else to standard output). A mesh config that passed validation compiles.
-    pub fn compile(mesh: &MeshConfig, flag: Option<AccessLogFormat>) -> AccessLog {
+    /// The access log the mesh config and the Telemetry API (`telemetry`) ask for, unless the command line's `flag`
+    /// says otherwise (then written where the mesh config says, else to standard output; still filtered). A
+    /// Telemetry that enables the log writes to the mesh config's file, else standard output (Istio's `envoy`
+    /// provider). A mesh config that passed validation compiles.
+    pub fn compile(mesh: &MeshConfig, flag: Option<AccessLogFormat>, telemetry: &GatewayTelemetry) -> AccessLog {
         let file = mesh.access_log_file.as_deref().filter(|file| !file.is_empty()).map(PathBuf::from);
+        let logging = telemetry.access_logging.as_ref();
+        let file = match logging {
+            Some(logging) if !logging.enabled => None,
+            Some(_) => file.or_else(|| Some("/dev/stdout".into())),
+            None => file,
+        };
         let (file, lines) = match flag {
             Some(AccessLogFormat::Off) => (None, Lines::EnvoyText),
             Some(AccessLogFormat::Text) => (file.or_else(|| Some("/dev/stdout".into())), Lines::EnvoyText),
             Some(AccessLogFormat::Json) => (file.or_else(|| Some("/dev/stdout".into())), Lines::Json),
             None => (file, mesh_lines(mesh).unwrap_or(Lines::EnvoyText)),
         };
+        let filter = logging.and_then(|logging| logging.filter.clone());
         let request_headers = match &lines {
             Lines::Text(format) => format.request_headers(),
             Lines::JsonFields(fields) => fields.iter().flat_map(|(_, format)| format.request_headers()).collect(),
@@ -65,7 +82,8 @@ impl AccessLog {
             .filter(|name| !KEPT.contains(&name.as_str()))
             .filter_map(|name| http::HeaderName::from_bytes(name.as_bytes()).ok())
             .collect();
-        AccessLog { file, lines, request_headers }
+        let all_request_headers = filter.as_ref().is_some_and(|filter| filter.reads_request_headers);
+        AccessLog { file, lines, request_headers, all_request_headers, filter }
     }
 
     pub fn is_on(&self) -> bool {
@@ -75,6 +93,11 @@ impl AccessLog {
     /// The line of an ended request, if there is an access log.
     pub fn request_line(&self, record: &RequestRecord) -> Option<String> {
         self.file.as_ref()?;
+        if let Some(filter) = &self.filter {
+            if !with_request_fields(record, |fields| filter.holds(fields)) {
+                return None;
+            }
+        }
         Some(match &self.lines {
             Lines::EnvoyText => super::requests::text_line(record),
             Lines::Json => super::requests::json_line(record),
@@ -100,6 +123,9 @@ impl AccessLog {
             server_name: record.server_name,
             ..Fields::default()
         };
+        if self.filter.as_ref().is_some_and(|filter| !filter.holds(&values())) {
+            return None;
+        }
         Some(match &self.lines {
             Lines::EnvoyText => record.text_line(),
             Lines::Json => record.json_line(),
@@ -194,6 +220,18 @@ impl Headers for RecordHeaders<'_> {
             "x-envoy-upstream-service-time" => self.service_time.as_deref(),
             _ => None,
         }
+    }
+
+    fn request_headers(&self) -> Vec<(&str, &str)> {
+        let record = self.record;
+        let known = [
+            ("host", Some(record.authority.as_str())),
+            ("user-agent", record.user_agent.as_deref()),
+            ("x-forwarded-for", record.x_forwarded_for.as_deref()),
+            ("x-request-id", record.request_id.as_deref()),
+        ];
+        let known = known.into_iter().filter_map(|(name, value)| value.map(|value| (name, value)));
+        known.chain(record.captured_headers.iter().map(|(name, value)| (name.as_str(), &**value))).collect()
     }
 }
 

@@ -25,6 +25,7 @@ use super::{
     connections::ConnectionMetrics,
     passthrough::Watched,
     response_flags::ResponseFlag,
+    switches::{Metric, MetricSwitches},
 };
 use crate::policy::labels::{DestinationLabels, LabelText, UNKNOWN};
 
@@ -135,7 +136,7 @@ struct Series {
 }
 
 impl RequestMetrics {
-    pub fn register(registry: &mut Registry) -> RequestMetrics {
+    pub fn register(registry: &mut Registry, switches: &MetricSwitches) -> RequestMetrics {
         let metrics = RequestMetrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS.iter().copied())),
@@ -144,14 +145,14 @@ impl RequestMetrics {
             recent: Arc::default(),
             passthrough: Arc::default(),
         };
-        registry.register("istio_requests", "Requests proxied, by Istio's standard labels", metrics.requests.clone());
-        registry.register(
-            "istio_request_duration_milliseconds",
-            "Request durations in milliseconds",
-            metrics.duration.clone(),
-        );
-        registry.register("istio_request_bytes", "Request body sizes in bytes", metrics.request_bytes.clone());
-        registry.register("istio_response_bytes", "Response body sizes in bytes", metrics.response_bytes.clone());
+        let requests = switches.wrap(Metric::RequestCount, metrics.requests.clone());
+        registry.register("istio_requests", "Requests proxied, by Istio's standard labels", requests);
+        let duration = switches.wrap(Metric::RequestDuration, metrics.duration.clone());
+        registry.register("istio_request_duration_milliseconds", "Request durations in milliseconds", duration);
+        let request_bytes = switches.wrap(Metric::RequestSize, metrics.request_bytes.clone());
+        registry.register("istio_request_bytes", "Request body sizes in bytes", request_bytes);
+        let response_bytes = switches.wrap(Metric::ResponseSize, metrics.response_bytes.clone());
+        registry.register("istio_response_bytes", "Response body sizes in bytes", response_bytes);
         metrics
     }
 
@@ -324,6 +325,8 @@ pub struct RequestTelemetry {
     lines: LineQueue,
     /// The access log in force: replaced whole when the configuration changes.
     access_log: Arc<ArcSwap<AccessLog>>,
+    /// Which of Istio's metrics the Telemetry API turned off.
+    switches: MetricSwitches,
     dropped_lines: Counter,
     host_mismatches: Family<[(&'static str, &'static str); 1], Counter>,
     connections_refused: Counter,
@@ -335,8 +338,9 @@ pub struct RequestTelemetry {
 impl RequestTelemetry {
     /// Starts the access-log writer (standard output, as Envoy's `/dev/stdout`).
     pub fn start(registry: &mut Registry, access_log: AccessLog) -> RequestTelemetry {
-        let metrics = RequestMetrics::register(registry);
-        let tcp = ConnectionMetrics::register(registry);
+        let switches = MetricSwitches::default();
+        let metrics = RequestMetrics::register(registry, &switches);
+        let tcp = ConnectionMetrics::register(registry, &switches);
         let dropped_lines = Counter::default();
         registry.register(
             "sluice_access_log_dropped_lines",
@@ -416,6 +420,7 @@ impl RequestTelemetry {
             tcp,
             lines,
             access_log,
+            switches,
             dropped_lines,
             host_mismatches,
             connections_refused,
@@ -490,6 +495,13 @@ impl RequestTelemetry {
     /// Keeps the request headers the access log's format reads beyond a record's own fields.
     pub fn capture_headers(&self, headers: &http::HeaderMap, into: &mut Vec<(http::HeaderName, Box<str>)>) {
         let access_log = self.access_log.load();
+        if access_log.all_request_headers {
+            let kept = ["host", "user-agent", "x-forwarded-for", "x-request-id"];
+            for (name, value) in headers.iter().filter(|(name, _)| !kept.contains(&name.as_str())) {
+                into.push((name.clone(), String::from_utf8_lossy(value.as_bytes()).into()));
+            }
+            return;
+        }
         for name in access_log.request_headers.iter() {
             if let Some(value) = headers.get(name) {
                 into.push((name.clone(), String::from_utf8_lossy(value.as_bytes()).into()));
@@ -497,9 +509,10 @@ impl RequestTelemetry {
         }
     }
 
-    /// Puts a newly compiled access log in force.
-    pub fn set_access_log(&self, access_log: AccessLog) {
+    /// Puts a newly compiled access log in force, and the Telemetry API's disabled metrics (`REQUEST_COUNT`…).
+    pub fn configure(&self, access_log: AccessLog, disabled_metrics: &[&str]) {
         self.access_log.store(Arc::new(access_log));
+        self.switches.set(disabled_metrics);
     }
 
     /// Counts an intercepted TLS connection closed because its ClientHello was not read, for `reason`.
@@ -527,10 +540,19 @@ impl RequestTelemetry {
 
     pub fn record(&self, record: &RequestRecord) {
         let series = self.metrics.series_of(record);
-        series.requests.inc();
-        series.duration.observe(record.duration.as_secs_f64() * 1000.0);
-        series.request_bytes.observe(record.bytes_received as f64);
-        series.response_bytes.observe(record.bytes_sent as f64);
+        let on = |metric| !self.switches.is_off(metric);
+        if on(Metric::RequestCount) {
+            series.requests.inc();
+        }
+        if on(Metric::RequestDuration) {
+            series.duration.observe(record.duration.as_secs_f64() * 1000.0);
+        }
+        if on(Metric::RequestSize) {
+            series.request_bytes.observe(record.bytes_received as f64);
+        }
+        if on(Metric::ResponseSize) {
+            series.response_bytes.observe(record.bytes_sent as f64);
+        }
         let Some(line) = self.access_log.load().request_line(record) else { return };
         if !self.lines.offer(line) {
             self.dropped_lines.inc();

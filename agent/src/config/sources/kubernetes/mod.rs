@@ -33,14 +33,16 @@ pub const SOURCE: &str = "kubernetes";
 const ISTIO_GROUP: &str = "networking.istio.io";
 const ISTIO_VERSION: &str = "v1";
 const SECURITY_GROUP: &str = "security.istio.io";
+const TELEMETRY_GROUP: &str = "telemetry.istio.io";
 /// Kind, its plural as the API names its resources, and its group.
-const KINDS: [(&str, &str, &str); 6] = [
+const KINDS: [(&str, &str, &str); 7] = [
     ("ServiceEntry", "serviceentries", ISTIO_GROUP),
     ("VirtualService", "virtualservices", ISTIO_GROUP),
     ("Gateway", "gateways", ISTIO_GROUP),
     ("DestinationRule", "destinationrules", ISTIO_GROUP),
     ("Sidecar", "sidecars", ISTIO_GROUP),
     ("AuthorizationPolicy", "authorizationpolicies", SECURITY_GROUP),
+    ("Telemetry", "telemetries", TELEMETRY_GROUP),
 ];
 
 /// Where to watch.

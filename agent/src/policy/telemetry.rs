@@ -1,0 +1,151 @@
+//! The Telemetry resources that apply to this gateway, compiled: whether and which requests its access log writes,
+//! and which of Istio's metrics it exports. As Istio scopes them: the root namespace's without a selector apply
+//! mesh-wide, then the gateway's namespace's without a selector, then those (of the gateway's namespace, or any when
+//! it is not known) whose selector matches `--gateway-labels`; the most specific that configures access logging
+//! decides it, and metric overrides apply in that order, the later winning.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use crate::{
+    config::{
+        telemetry::{AccessLogging, Telemetry, METRICS},
+        Snapshot, Spec,
+    },
+    telemetry::expression::Expression,
+};
+
+/// What the Telemetry API asks of the gateway.
+#[derive(Debug, Default)]
+pub struct GatewayTelemetry {
+    /// `None`: no Telemetry configures access logging (the mesh config decides).
+    pub access_logging: Option<Logging>,
+    /// Istio's metrics (the API's names: `REQUEST_COUNT`…) that are not exported.
+    pub disabled_metrics: Vec<&'static str>,
+    /// The resource that decided the access log, `namespace/name`, for logs.
+    pub decided_by: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Logging {
+    pub enabled: bool,
+    /// Only entries for which it holds are logged.
+    pub filter: Option<Arc<Expression>>,
+}
+
+impl GatewayTelemetry {
+    pub fn compile(
+        snapshot: &Snapshot,
+        gateway_labels: &BTreeMap<String, String>,
+        gateway_namespace: Option<&str>,
+    ) -> GatewayTelemetry {
+        let root = snapshot.mesh.root_namespace();
+        // (specificity, resource) for each that applies: 0 mesh-wide, 1 the namespace, 2 the gateway itself.
+        let mut applying: Vec<(u8, &str, &str, &Telemetry)> = Vec::new();
+        for resource in &snapshot.resources {
+            let Spec::Telemetry(telemetry) = &resource.spec else { continue };
+            if telemetry.attached_by_target() {
+                continue;
+            }
+            let namespace = resource.metadata.namespace();
+            let in_gateway_namespace = gateway_namespace.is_none_or(|gateway| gateway == namespace);
+            let rank = match &telemetry.selector {
+                None if namespace == root => 0,
+                None if gateway_namespace == Some(namespace) && namespace != root => 1,
+                None => continue,
+                Some(selector) => {
+                    let selects = !selector.match_labels.is_empty()
+                        && selector.match_labels.iter().all(|(key, value)| gateway_labels.get(key) == Some(value));
+                    if !(selects && (in_gateway_namespace || namespace == root)) {
+                        continue;
+                    }
+                    2
+                }
+            };
+            applying.push((rank, namespace, &resource.metadata.name, telemetry));
+        }
+        applying.sort_by_key(|(rank, namespace, name, _)| (*rank, *namespace, *name));
+        let mut compiled = GatewayTelemetry::default();
+        let mut disabled: BTreeMap<&'static str, bool> = BTreeMap::new();
+        for (_, namespace, name, telemetry) in &applying {
+            if let Some(logging) = telemetry.access_logging.iter().find(|logging| writes_envoy_log(logging)) {
+                let filter = logging.filter.as_ref().and_then(|filter| Expression::compile(&filter.expression).ok());
+                compiled.access_logging =
+                    Some(Logging { enabled: logging.disabled != Some(true), filter: filter.map(Arc::new) });
+                compiled.decided_by = Some(format!("{namespace}/{name}"));
+            }
+            for metric_override in telemetry.metrics.iter().flat_map(|metrics| &metrics.overrides) {
+                let Some(off) = metric_override.disabled else { continue };
+                let selected = metric_override.matches.as_ref().and_then(|selector| selector.metric.as_deref());
+                for (metric, _) in METRICS {
+                    if selected.is_none_or(|selected| selected == "ALL_METRICS" || selected == metric) {
+                        disabled.insert(metric, off);
+                    }
+                }
+            }
+        }
+        compiled.disabled_metrics = disabled.into_iter().filter(|(_, off)| *off).map(|(metric, _)| metric).collect();
+        compiled
+    }
+}
+
+/// Whether an `accessLogging` entry concerns the file access log (Istio's `envoy` provider; no providers: the
+/// defaults, which are it).
+fn writes_envoy_log(logging: &AccessLogging) -> bool {
+    logging.providers.is_empty() || logging.providers.iter().any(|provider| provider.name == "envoy")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compiled(yaml: &str, labels: &[(&str, &str)], namespace: Option<&str>) -> GatewayTelemetry {
+        let labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        GatewayTelemetry::compile(&Snapshot::from_yaml(yaml), &labels, namespace)
+    }
+
+    const SEEDS: &str = "apiVersion: telemetry.istio.io/v1alpha1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  accessLogging: [{providers: [{name: envoy}]}]
+---
+apiVersion: telemetry.istio.io/v1alpha1
+kind: Telemetry
+metadata: {name: gateway-logging, namespace: istio-system}
+spec:
+  selector: {matchLabels: {istio: egressgateway}}
+  accessLogging:
+  - providers: [{name: envoy}]
+    filter: {expression: response.code >= 400}
+  metrics:
+  - providers: [{name: prometheus}]
+    overrides:
+    - match: {metric: REQUEST_SIZE}
+      disabled: true
+    - match: {metric: RESPONSE_SIZE}
+      disabled: true
+";
+
+    #[test]
+    fn the_most_specific_telemetry_decides_the_access_log_and_overrides_accumulate() {
+        let gateway = compiled(SEEDS, &[("istio", "egressgateway")], Some("istio-system"));
+        let logging = gateway.access_logging.as_ref().unwrap();
+        assert!(logging.enabled && logging.filter.is_some(), "the gateway's own, with its filter");
+        assert_eq!(gateway.decided_by.as_deref(), Some("istio-system/gateway-logging"));
+        assert_eq!(gateway.disabled_metrics, ["REQUEST_SIZE", "RESPONSE_SIZE"]);
+
+        let other = compiled(SEEDS, &[("istio", "ingressgateway")], Some("istio-system"));
+        let logging = other.access_logging.as_ref().unwrap();
+        assert!(logging.enabled && logging.filter.is_none(), "only the mesh-wide one applies");
+        assert!(other.disabled_metrics.is_empty());
+
+        let disabled =
+            "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: quiet, namespace: egress}\n\
+                        spec:\n  accessLogging: [{disabled: true}]\n";
+        let both = format!("{SEEDS}---\n{disabled}");
+        let in_egress = compiled(&both, &[("app", "gw")], Some("egress"));
+        assert!(!in_egress.access_logging.unwrap().enabled, "the namespace's overrides the mesh's");
+        let unknown = compiled(&both, &[("app", "gw")], None);
+        assert!(unknown.access_logging.unwrap().enabled, "a namespace-wide one applies only where the gateway runs");
+    }
+}
