@@ -40,14 +40,17 @@ type Measured = fn() -> anyhow::Result<Run>;
 
 /// The configurations compared, in the table's order: the limit, Sluice intercepting transparently (the origin
 /// registered, and not: ALLOW_ANY's passthrough, Istio's default mode) and Sluice on a Gateway port (as the peers are reached: at the proxy's own address), then the peers.
-const CONFIGURATIONS: [(&str, Measured); 9] = [
+const CONFIGURATIONS: [(&str, Measured); 12] = [
     ("direct", direct),
     ("sluice", sluice),
+    ("sluice-log", sluice_logging),
+    ("sluice-log-filtered", sluice_logging_errors_only),
     ("sluice-authz", sluice_authorization),
     ("sluice-passthrough", sluice_passthrough),
     ("sluice-gateway", sluice_gateway),
     ("hyper-forwarder", hyper_forwarder),
     ("nginx", nginx),
+    ("nginx-log", nginx_logging),
     ("haproxy", haproxy),
     ("squid", squid),
 ];
@@ -164,7 +167,7 @@ fn sluice_authorization() -> anyhow::Result<Run> {
         yaml.push_str(&policy(format!("team-{i}"), &format!("team-{i}"), &spec));
     }
     std::fs::write(config.path().join("authorization.yaml"), yaml).context("writing the bench's policies")?;
-    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80");
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --access-log-format off");
     measure_sluice(
         "sluice (100 AuthorizationPolicies)",
         &topology,
@@ -187,6 +190,32 @@ fn intercepted(name: &'static str, registry: Registry) -> anyhow::Result<Run> {
     let _origin = origin(&topology)?;
     let config = tempfile::tempdir()?;
     write_sluice_config(config.path(), registry)?;
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --access-log-format off");
+    measure_sluice(name, &topology, config.path(), &args, None, &format!("http://{SERVER_A}/"))
+}
+
+/// As `sluice`, with the access log the mesh config asks for: Istio's default line, written to a file.
+fn sluice_logging() -> anyhow::Result<Run> {
+    logging("sluice, access log to a file", "")
+}
+
+/// As `sluice-log`, with the seeds' Telemetry filter (errors only), which every request here fails: the cost of a
+/// request the filter keeps out of the log.
+fn sluice_logging_errors_only() -> anyhow::Result<Run> {
+    let telemetry = "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: errors-only, namespace: \
+                     istio-system}\nspec:\n  accessLogging:\n  - providers: [{name: envoy}]\n    filter: {expression: \
+                     'response.code >= 400'}\n";
+    logging("sluice, access log filtered (errors only)", telemetry)
+}
+
+fn logging(name: &'static str, telemetry: &str) -> anyhow::Result<Run> {
+    let topology = Topology::new()?;
+    let _origin = origin(&topology)?;
+    let config = tempfile::tempdir()?;
+    let logs = tempfile::tempdir()?;
+    let file = logs.path().join("access.log");
+    write_sluice_config_with(config.path(), Registry::Only, &format!("    accessLogFile: {}\n", file.display()))?;
+    std::fs::write(config.path().join("telemetry.yaml"), telemetry).context("writing the bench's Telemetry")?;
     let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80");
     measure_sluice(name, &topology, config.path(), &args, None, &format!("http://{SERVER_A}/"))
 }
@@ -215,13 +244,14 @@ fn sluice_gateway() -> anyhow::Result<Run> {
     )
     .context("writing the bench's Gateway")?;
     let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32 --gateway-labels istio=egressgateway"
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32 --gateway-labels istio=egressgateway \
+         --access-log-format off"
     );
     let url = format!("http://{GATEWAY_WORKLOAD_ADDR}:8082/");
     measure_sluice("sluice (Gateway port)", &topology, config.path(), &args, Some("gateway listener open"), &url)
 }
 
-/// Starts Sluice in the gateway namespace on `config` with `args` (no access log, one proxy thread), and once it is
+/// Starts Sluice in the gateway namespace on `config` with `args` (one proxy thread), and once it is
 /// ready (and has logged `opened`, if given: a listener its readiness does not wait for), measures through it at
 /// `url`.
 fn measure_sluice(
@@ -232,7 +262,7 @@ fn measure_sluice(
     opened: Option<&str>,
     url: &str,
 ) -> anyhow::Result<Run> {
-    let args = format!("{args} --access-log-format off --concurrency 1 --config {}", config.display());
+    let args = format!("{args} --concurrency 1 --config {}", config.display());
     let agent = Agent::start(&topology.gateway, &args)?;
     if let Some(opened) = opened {
         agent.wait_for_log(opened, 1)?;
@@ -249,10 +279,15 @@ enum Registry {
 }
 
 fn write_sluice_config(dir: &Path, registry: Registry) -> anyhow::Result<()> {
+    write_sluice_config_with(dir, registry, "")
+}
+
+/// As [`write_sluice_config`], with more mesh config fields (`mesh`, each line indented as the mesh's own).
+fn write_sluice_config_with(dir: &Path, registry: Registry, mesh: &str) -> anyhow::Result<()> {
     let mode = if registry == Registry::Only { "REGISTRY_ONLY" } else { "ALLOW_ANY" };
     let mut yaml = format!(
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |\n    \
-         outboundTrafficPolicy:\n      mode: {mode}\n"
+         outboundTrafficPolicy:\n      mode: {mode}\n{mesh}"
     );
     if registry == Registry::Only {
         yaml.push_str(
@@ -285,17 +320,29 @@ fn hyper_forwarder() -> anyhow::Result<Run> {
 }
 
 fn nginx() -> anyhow::Result<Run> {
+    nginx_with("nginx 1.22 (proxy_pass)", "")
+}
+
+/// As `nginx`, writing its combined access log to a file (buffered as nginx does by default: a write per line).
+fn nginx_logging() -> anyhow::Result<Run> {
+    let logs = tempfile::tempdir()?;
+    std::fs::set_permissions(logs.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+    let access_log = format!("access_log {}/access.log combined;", logs.path().display());
+    nginx_with("nginx 1.22, access log to a file", &access_log)
+}
+
+fn nginx_with(name: &'static str, server: &str) -> anyhow::Result<Run> {
     let topology = Topology::new()?;
     let _origin = origin(&topology)?;
     let listen: SocketAddr = format!("{GATEWAY_WORKLOAD_ADDR}:8080").parse()?;
     let config = format!(
-        "upstream origin {{ server {SERVER_A}:80; keepalive 64; }}\n  server {{\n    listen {listen};\n    location / {{\n      \
-         proxy_pass http://origin;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      \
-         proxy_set_header Host origin.bench;\n    }}\n  }}\n"
+        "upstream origin {{ server {SERVER_A}:80; keepalive 64; }}\n  server {{\n    listen {listen};\n    {server}\n    \
+         location / {{\n      proxy_pass http://origin;\n      proxy_http_version 1.1;\n      \
+         proxy_set_header Connection \"\";\n      proxy_set_header Host origin.bench;\n    }}\n  }}\n"
     );
     let proxy = Nginx::start_with(&topology.gateway, &config, &[listen])?;
     pin_tree(proxy.pid(), PROXY_CPU)?;
-    measure("nginx 1.22 (proxy_pass)", &topology, proxy.pid(), &format!("http://{listen}/"))
+    measure(name, &topology, proxy.pid(), &format!("http://{listen}/"))
 }
 
 fn haproxy() -> anyhow::Result<Run> {
