@@ -64,6 +64,35 @@ fn openssl(args: &[&str]) {
 }
 
 /// A ClientHello as rustls sends it for `name`, in one record.
+/// Opens TLS from the workload to the gateway's `port` with openssl (`server_name` in the ClientHello, the
+/// server verified against `ca`, presenting `client` when given), sends `request` inside, and returns what came
+/// back before the connection closed.
+pub fn openssl_through(
+    topology: &Topology,
+    port: u16,
+    server_name: &str,
+    ca: &str,
+    client: Option<&(String, String)>,
+    request: &[u8],
+) -> String {
+    use std::io::Write;
+    let mut command = topology.workload.command("openssl");
+    command
+        .args(["s_client", "-quiet", "-connect", &format!("{}:{port}", crate::topology::GATEWAY_WORKLOAD_ADDR)])
+        .args(["-servername", server_name, "-verify_return_error", "-CAfile", ca]);
+    if let Some((cert, key)) = client {
+        command.args(["-cert", cert, "-key", key]);
+    }
+    let mut openssl = command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl runs");
+    openssl.stdin.as_mut().expect("piped").write_all(request).expect("openssl takes the request");
+    String::from_utf8_lossy(&openssl.wait_with_output().expect("openssl ends").stdout).into_owned()
+}
+
 pub fn client_hello(name: &str) -> Vec<u8> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)

@@ -14,7 +14,7 @@ use sluice_tests::{
     metrics::total,
     peers::{curl, send_udp, Dnsmasq, Nginx, UdpSink},
     require_root,
-    tls::{accepted, certificates, https, signed, tls_server},
+    tls::{accepted, certificates, https, openssl_through, signed, tls_server},
     topology::{addr, GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A, SERVER_B},
     Agent, Topology,
 };
@@ -214,21 +214,9 @@ fn a_policy_attached_to_a_service_entry_governs_the_traffic_to_that_service_only
     assert_eq!(count(&[("policy", "none"), ("result", "denied")]), 1, "{metrics}");
 }
 
-/// Opens TLS from the workload to the gateway's `port` as `db.internal`, presenting `cert`/`key`, sends an HTTP/1.0
-/// request inside and returns what came back.
-fn through_terminated_tls(topology: &Topology, port: u16, ca: &str, (cert, key): &(String, String)) -> String {
-    let mut openssl = topology
-        .workload
-        .command("openssl")
-        .args(["s_client", "-quiet", "-connect", &format!("{GATEWAY_WORKLOAD_ADDR}:{port}")])
-        .args(["-servername", "db.internal", "-CAfile", ca, "-cert", cert, "-key", key])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    openssl.stdin.as_mut().unwrap().write_all(b"GET / HTTP/1.0\r\nHost: anything\r\n\r\n").unwrap();
-    String::from_utf8_lossy(&openssl.wait_with_output().unwrap().stdout).into_owned()
+/// Relays an HTTP/1.0 request through the TLS server on 9001 as `db.internal`, presenting `client`.
+fn through_terminated_tls(topology: &Topology, ca: &str, client: &(String, String)) -> String {
+    openssl_through(topology, 9001, "db.internal", ca, Some(client), b"GET / HTTP/1.0\r\nHost: anything\r\n\r\n")
 }
 
 #[test]
@@ -238,9 +226,12 @@ fn a_tls_server_relaying_tcp_decides_by_the_client_certificates_identity() {
     let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80)], "reached").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (ca, cert, key) = certificates(dir.path(), "gateway-ca", &["db.internal"]);
-    let (client_ca, _, _) = certificates(dir.path(), "client-ca", &["unused.client"]);
-    let client = signed(dir.path(), "client-ca", "client", &["URI:spiffe://cluster.local/ns/apps/sa/client"]);
-    let stranger = signed(dir.path(), "client-ca", "stranger", &["URI:spiffe://cluster.local/ns/other/sa/stranger"]);
+    // Another directory: each CA's first certificate is written as `server.pem` there.
+    let clients = tempfile::tempdir().unwrap();
+    let (client_ca, _, _) = certificates(clients.path(), "client-ca", &["unused.client"]);
+    let client = signed(clients.path(), "client-ca", "client", &["URI:spiffe://cluster.local/ns/apps/sa/client"]);
+    let stranger =
+        signed(clients.path(), "client-ca", "stranger", &["URI:spiffe://cluster.local/ns/other/sa/stranger"]);
     // MUTUAL: any certificate of the client CA gets through the handshake; the policy says whose bytes are relayed.
     let config = format!(
         "apiVersion: networking.istio.io/v1
@@ -289,13 +280,13 @@ spec:
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     agent.wait_for_log("gateway listener open", 1).unwrap();
 
-    let relayed = through_terminated_tls(&topology, 9001, &ca, &client);
+    let relayed = through_terminated_tls(&topology, &ca, &client);
     assert!(
         relayed.starts_with("HTTP/1.1 200") && relayed.trim_end().ends_with("reached"),
         "{relayed}\n{}",
         agent.log()
     );
-    assert_eq!(through_terminated_tls(&topology, 9001, &ca, &stranger), "", "another identity: closed unrelayed");
+    assert_eq!(through_terminated_tls(&topology, &ca, &stranger), "", "another identity: closed unrelayed");
     let metrics = agent.metrics().unwrap();
     let count = |labels: &[(&str, &str)]| total(&metrics, "sluice_authorization_decisions_total", labels);
     assert_eq!(count(&[("policy", "istio-system/db-clients"), ("result", "allowed")]), 1, "{metrics}");

@@ -21,6 +21,14 @@ fn write_config(dir: &Path, documents: &[&str]) {
     istio::write(dir, documents).unwrap();
 }
 
+/// The agent's arguments: intercepting port 80, with `extra`, writing Envoy's text access log (the tests read it).
+fn intercepting(config: &std::path::Path, extra: &str) -> String {
+    let config = config.display();
+    format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 {extra} --config {config}"
+    )
+}
+
 #[test]
 fn unregistered_host_gets_502_under_registry_only_and_registered_host_is_proxied() {
     require_root();
@@ -28,10 +36,7 @@ fn unregistered_host_gets_502_under_registry_only_and_registered_host_is_proxied
     let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80), addr(SERVER_B, 80)], ECHO).unwrap();
     let config = tempfile::tempdir().unwrap();
     write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN]);
-    let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --config {}",
-        config.path().display()
-    );
+    let args = intercepting(config.path(), "");
     let agent = Agent::start(&topology.gateway, &args).unwrap();
 
     let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/get?x=1", &["-A", "sluice-test"]);
@@ -79,10 +84,7 @@ fn upstream_connections_are_kept_alive_and_reused_once_a_response_has_been_read(
     let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80)], "$connection $connection_requests").unwrap();
     let config = tempfile::tempdir().unwrap();
     write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN]);
-    let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --config {}",
-        config.path().display()
-    );
+    let args = intercepting(config.path(), "");
     let agent = Agent::start(&topology.gateway, &args).unwrap();
 
     // Each curl is a client connection of its own; upstream, one connection carries every request in turn.
@@ -101,10 +103,7 @@ fn allow_any_passes_unregistered_hosts_through_to_their_original_destination() {
     let config = tempfile::tempdir().unwrap();
     write_config(config.path(), &[HTTPBIN]);
     // One worker: every task on the thread that drives the I/O (the runtime a one-CPU pod gets).
-    let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --concurrency 1 --config {}",
-        config.path().display()
-    );
+    let args = intercepting(config.path(), "--concurrency 1");
     let agent = Agent::start(&topology.gateway, &args).unwrap();
 
     let (code, body) = get(&topology, "edition.cnn.com", SERVER_B, "/world", &[]);
@@ -137,10 +136,7 @@ metadata: {name: default, namespace: istio-system}
 spec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}
 ";
     write_config(config.path(), &[HTTPBIN, sidecar]);
-    let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --blackhole reject --config {}",
-        config.path().display()
-    );
+    let args = intercepting(config.path(), "--blackhole reject");
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     let opaque = format!("http://{SERVER_B}:8081/");
 
@@ -206,10 +202,7 @@ fn virtual_service_routes_are_applied_in_order_with_their_actions() {
     let config = tempfile::tempdir().unwrap();
     let (slow, down) = (backend("slow", SERVER_B, 8081), backend("down", SERVER_B, 81));
     write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, &slow, &down, ROUTES]);
-    let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --config {}",
-        config.path().display()
-    );
+    let args = intercepting(config.path(), "");
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     let get = |path: &str, extra: &[&str]| get(&topology, "httpbin.org", SERVER_A, path, extra);
 
@@ -326,10 +319,7 @@ fn host_verify_route_sends_a_fronted_request_to_the_hosts_own_address() {
     let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80), addr(SERVER_B, 80)], ECHO).unwrap();
     let config = tempfile::tempdir().unwrap();
     write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN]);
-    let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --host-verify route --config {}",
-        config.path().display()
-    );
+    let args = intercepting(config.path(), "--host-verify route");
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     let (code, body) = get(&topology, "httpbin.org", SERVER_B, "/get", &[]);
     assert_eq!(code, 200, "{body}");
@@ -390,10 +380,7 @@ fn retries_faults_mirrors_and_cors_behave_as_envoys() {
         config.path(),
         &[MESH_REGISTRY_ONLY, HTTPBIN, FLAKY, &scripted_entry, &shadow_entry, &closing_entry, RESILIENCE],
     );
-    let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --config {}",
-        config.path().display()
-    );
+    let args = intercepting(config.path(), "");
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     let get = |path: &str, extra: &[&str]| get(&topology, "httpbin.org", SERVER_A, path, extra);
 
@@ -546,10 +533,7 @@ fn websocket_upgrades_are_passed_through_both_ways() {
     let config = tempfile::tempdir().unwrap();
     let entry = HTTPBIN.replace("httpbin", "ws").replace("203.0.113.10", SERVER_B);
     write_config(config.path(), &[MESH_REGISTRY_ONLY, &entry]);
-    let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --config {}",
-        config.path().display()
-    );
+    let args = intercepting(config.path(), "");
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     let answer = topology
         .workload
@@ -652,10 +636,7 @@ fn upstream_connections_leave_from_the_configured_source_address() {
     let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80)], "from $remote_addr").unwrap();
     let config = tempfile::tempdir().unwrap();
     write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN]);
-    let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --upstream-source-address 10.240.2.3 --config {}",
-        config.path().display()
-    );
+    let args = intercepting(config.path(), "--upstream-source-address 10.240.2.3");
     let _agent = Agent::start(&topology.gateway, &args).unwrap();
     let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/", &[]);
     assert_eq!((code, body.trim()), (200, "from 10.240.2.3"));
@@ -715,10 +696,7 @@ spec:
 ";
     let _trailers = trailers_server(&topology, addr(SERVER_B, 8086));
     write_config(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, h2, &backend("trailers", SERVER_B, 8086)]);
-    let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --config {}",
-        config.path().display()
-    );
+    let args = intercepting(config.path(), "");
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     let h2_client = ["--http2-prior-knowledge"];
 

@@ -9,7 +9,7 @@ use sluice_tests::{
     metrics::total,
     peers::Nginx,
     require_root,
-    tls::{certificates, signed},
+    tls::{certificates, openssl_through, signed},
     topology::{addr, GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, SERVER_A, SERVER_B},
     Agent, Topology,
 };
@@ -174,26 +174,8 @@ spec:
     assert_eq!(served(&topology), before + 2, "only the good client's request (and the status request) reached nginx");
 
     // A TLS server: terminated, the bytes inside relayed by the Gateway's tcp route (here to nginx, as HTTP/1.0).
-    let mut openssl = topology
-        .workload
-        .command("openssl")
-        .args([
-            "s_client",
-            "-quiet",
-            "-connect",
-            &format!("{GATEWAY_WORKLOAD_ADDR}:9000"),
-            "-servername",
-            "db.internal",
-        ])
-        .args(["-verify_return_error", "-CAfile", &ca])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(openssl.stdin.as_mut().unwrap(), b"GET / HTTP/1.0\r\nHost: anything\r\n\r\n").unwrap();
-    let relayed = openssl.wait_with_output().unwrap();
-    let relayed = String::from_utf8_lossy(&relayed.stdout);
+    let relayed =
+        openssl_through(&topology, 9000, "db.internal", &ca, None, b"GET / HTTP/1.0\r\nHost: anything\r\n\r\n");
     assert!(relayed.starts_with("HTTP/1.1 200") && relayed.ends_with("backend\n"), "{relayed}\n{}", agent.log());
 
     // httpsRedirect on the HTTP server: 301 to the same path over HTTPS.

@@ -93,22 +93,35 @@ impl AccessLog {
     /// The line of an ended request, if there is an access log.
     pub fn request_line(&self, record: &RequestRecord) -> Option<String> {
         self.file.as_ref()?;
-        if let Some(filter) = &self.filter {
-            if !with_request_fields(record, |fields| filter.holds(fields)) {
+        match (&self.lines, &self.filter) {
+            (Lines::EnvoyText, None) => return Some(super::requests::text_line(record)),
+            (Lines::Json, None) => return Some(super::requests::json_line(record)),
+            _ => {}
+        }
+        // The entry's fields, made once for the filter and the line.
+        with_request_fields(record, |fields| {
+            if self.filter.as_ref().is_some_and(|filter| !filter.holds(fields)) {
                 return None;
             }
-        }
-        Some(match &self.lines {
-            Lines::EnvoyText => super::requests::text_line(record),
-            Lines::Json => super::requests::json_line(record),
-            Lines::Text(format) => with_request_fields(record, |fields| format.to_line(fields)),
-            Lines::JsonFields(fields) => with_request_fields(record, |values| json_object(fields, values)),
+            Some(match &self.lines {
+                Lines::EnvoyText => super::requests::text_line(record),
+                Lines::Json => super::requests::json_line(record),
+                Lines::Text(format) => format.to_line(fields),
+                Lines::JsonFields(format) => json_object(format, fields),
+            })
         })
     }
 
     /// The line of a relayed connection, if there is an access log.
     pub fn connection_line(&self, record: &ConnectionRecord<'_>) -> Option<String> {
         self.file.as_ref()?;
+        if self.filter.is_none() {
+            match &self.lines {
+                Lines::EnvoyText => return Some(record.text_line()),
+                Lines::Json => return Some(record.json_line()),
+                Lines::Text(_) | Lines::JsonFields(_) => {}
+            }
+        }
         let cluster = record.destination.cluster().to_string();
         let values = || Fields {
             start: Some(record.start),

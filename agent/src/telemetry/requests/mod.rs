@@ -314,6 +314,8 @@ impl RequestRecord {
 /// URI, a user agent): past either, lines are dropped and counted rather than slow a request or fill memory.
 const ACCESS_LOG_QUEUE_LINES: usize = 16_384;
 const ACCESS_LOG_QUEUE_BYTES: usize = 4 << 20;
+/// How long the writer leaves lines to gather after writing a batch: at most this late, a line is written.
+const ACCESS_LOG_BATCH_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Records ended requests: metrics at once, access-log lines through a bounded queue to a writer task (a full
 /// queue drops the line and counts it, never slows a request).
@@ -410,6 +412,9 @@ impl RequestTelemetry {
                         }
                     }
                 }
+                // Not waiting on the queue for a while: requests queue their lines without waking this thread
+                // (a wake-up per line cost more than the line), and the next batch is written in one go.
+                std::thread::sleep(ACCESS_LOG_BATCH_INTERVAL);
             }
         });
         if let Err(error) = writer {
@@ -718,16 +723,7 @@ pub fn rfc3339_millis(time: SystemTime) -> String {
     let since = time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let seconds = since.as_secs();
     let (days, rest) = (seconds / 86_400, seconds % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day) = super::access_log::format::civil_date(days);
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
         rest / 3600,
