@@ -90,6 +90,24 @@ impl AccessLog {
         self.file.is_some()
     }
 
+    /// Keeps the request headers the format (or the filter) reads beyond a record's own fields.
+    pub fn capture(&self, headers: &http::HeaderMap, into: &mut Vec<(http::HeaderName, Box<str>)>) {
+        let mut keep = |name: &http::HeaderName, value: &http::HeaderValue| {
+            into.push((name.clone(), String::from_utf8_lossy(value.as_bytes()).into()));
+        };
+        if self.all_request_headers {
+            for (name, value) in headers.iter().filter(|(name, _)| !KEPT.contains(&name.as_str())) {
+                keep(name, value);
+            }
+            return;
+        }
+        for name in self.request_headers.iter() {
+            if let Some(value) = headers.get(name) {
+                keep(name, value);
+            }
+        }
+    }
+
     /// The line of an ended request, if there is an access log.
     pub fn request_line(&self, record: &RequestRecord) -> Option<String> {
         self.file.as_ref()?;
@@ -148,7 +166,8 @@ impl AccessLog {
     }
 }
 
-/// Request headers every request keeps for the log (fields of its record).
+/// Request headers every request keeps for the log (fields of its record; the original path is never set by
+/// Sluice, so its alternative is read).
 const KEPT: [&str; 5] = ["user-agent", "x-forwarded-for", "x-request-id", "host", "x-envoy-original-path"];
 
 /// The mesh config's lines: `None` when it asks for no access log.

@@ -499,19 +499,7 @@ impl RequestTelemetry {
 
     /// Keeps the request headers the access log's format reads beyond a record's own fields.
     pub fn capture_headers(&self, headers: &http::HeaderMap, into: &mut Vec<(http::HeaderName, Box<str>)>) {
-        let access_log = self.access_log.load();
-        if access_log.all_request_headers {
-            let kept = ["host", "user-agent", "x-forwarded-for", "x-request-id"];
-            for (name, value) in headers.iter().filter(|(name, _)| !kept.contains(&name.as_str())) {
-                into.push((name.clone(), String::from_utf8_lossy(value.as_bytes()).into()));
-            }
-            return;
-        }
-        for name in access_log.request_headers.iter() {
-            if let Some(value) = headers.get(name) {
-                into.push((name.clone(), String::from_utf8_lossy(value.as_bytes()).into()));
-            }
-        }
+        self.access_log.load().capture(headers, into);
     }
 
     /// Puts a newly compiled access log in force, and the Telemetry API's disabled metrics (`REQUEST_COUNT`…).
