@@ -144,12 +144,13 @@ fn a_pattern_selects_an_interface_that_appears_after_the_agent_started() {
 }
 
 #[test]
-fn a_named_interface_that_does_not_exist_yet_keeps_the_agent_unready_until_it_appears() {
+fn a_named_interface_waited_for_keeps_the_agent_unready_until_it_appears() {
     require_root();
     let topology = Topology::new().unwrap();
     let sink = UdpSink::bind(&topology.internet, unregistered()).unwrap();
     topology.remove_workload_link().unwrap();
-    let agent = Agent::start(&topology.gateway, &registry_only(GATEWAY_WORKLOAD_IFACE)).unwrap();
+    let args = format!("{} --wait-for-interfaces", registry_only(GATEWAY_WORKLOAD_IFACE));
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
 
     let not_ready = agent.readiness().unwrap_err().to_string();
     assert!(not_ready.contains("no classifier on gw-wl (no such interface)"), "{not_ready}");

@@ -34,6 +34,8 @@ pub struct Control {
     resolved: Resolved,
     /// What the last load rejected.
     errors: Vec<ConfigError>,
+    /// How many resources and mesh configs the last load took from the files (Kubernetes' aside).
+    files_accepted: usize,
     /// The names the configuration resolves by DNS.
     names: std::collections::BTreeSet<String>,
     /// The Kubernetes source's latest full set, once it has listed everything.
@@ -61,6 +63,7 @@ impl Control {
             resolver,
             resolved: Resolved::new(),
             errors: Vec::new(),
+            files_accepted: 0,
             names: Default::default(),
             kube: None,
             labels: Default::default(),
@@ -76,6 +79,7 @@ impl Control {
     /// version. Returns the configuration now in force, typed, to compile from (the store holds it compactly).
     pub fn load(&mut self) -> Snapshot {
         let mut loaded = transient(|| files::load(&self.paths));
+        self.files_accepted = loaded.sources.len() + loaded.mesh_documents;
         if let Some(kube) = self.kube.as_ref().and_then(|kube| kube.borrow().clone()) {
             loaded.extend(transient(|| kube.load()));
         }
@@ -152,6 +156,11 @@ impl Control {
 
     pub fn proxy_policy(&self, snapshot: &Snapshot, bindings: &Bindings, sidecars: Arc<SidecarModes>) -> ProxyPolicy {
         routes::proxy_policy(snapshot, &self.resolved, bindings, sidecars, &self.proxy, &self.clusters)
+    }
+
+    /// What the files gave at the last load: how many resources and mesh configs were taken, and every error.
+    pub fn files_read(&self) -> (usize, &[ConfigError]) {
+        (self.files_accepted, &self.errors)
     }
 
     pub fn rejected(&self) -> impl Iterator<Item = &str> {

@@ -4,6 +4,7 @@
 mod control;
 mod enforced;
 mod interfaces;
+mod preflight;
 mod settings;
 
 use std::{
@@ -161,8 +162,13 @@ impl App {
             let (watch, changes) = file_watch::watch(&watched).map_err(anyhow::Error::msg)?;
             (Some(watch), changes)
         };
+        // Read before anything touches the kernel: a configuration or interface that cannot be what the operator
+        // meant stops the start here.
+        let snapshot = control.load();
+        preflight::configuration(&settings.config, control.files_read(), settings.kube, settings.allow_empty_config)?;
+        preflight::interfaces(&settings.intercept, settings.wait_for_interfaces)?;
         // The datapath first: when the maps hold a previous agent's policy, attaching at once enforces it on
-        // interfaces that came while no agent ran, before the configuration is read (and its names resolved).
+        // interfaces that came while no agent ran, before the configuration's names are resolved.
         let mut datapath = Datapath::load(&settings.bpffs)?;
         let routing = Arc::new(InterceptRouting::connect().context("connecting to rtnetlink")?);
         if intercepting {
@@ -192,7 +198,6 @@ impl App {
         );
         let mut adopted = if early { follower.check().await } else { Vec::new() };
 
-        let snapshot = control.load();
         let refresh = control.resolve().await.1;
         let policy = control.policy(&snapshot);
         datapath.lock().unwrap_or_else(PoisonError::into_inner).apply(&policy)?;

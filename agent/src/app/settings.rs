@@ -21,9 +21,17 @@ pub struct RunSettings {
     /// readiness is 503 while a name given here has no interface.
     #[arg(long = "intercept", value_name = "IFACE", required = true)]
     pub intercept: Vec<InterfaceSpec>,
+    /// Start although an interface --intercept names exactly does not exist yet (readiness is 503 until it
+    /// appears); otherwise a missing one stops the agent at start.
+    #[arg(long)]
+    pub wait_for_interfaces: bool,
     /// Istio configuration: YAML (multi-document) or JSON files, or directories of them. Repeatable.
     #[arg(long = "config", value_name = "PATH")]
     pub config: Vec<PathBuf>,
+    /// Start although a --config path does not exist, holds nothing Sluice reads, or has every resource
+    /// rejected (otherwise each stops the agent at start: an operator's typo must not enforce nothing).
+    #[arg(long)]
+    pub allow_empty_config: bool,
     /// What happens to traffic no rule allows: passes (ALLOW_ANY) or is blackholed in the kernel
     /// (REGISTRY_ONLY). Overrides the mesh config's outboundTrafficPolicy.mode; Istio's default is ALLOW_ANY.
     #[arg(long, value_enum, value_name = "MODE")]

@@ -1,10 +1,11 @@
 //! The configuration in force: each reload replaces it, except that a resource rejected now keeps its last good
-//! version, and a file that cannot be read keeps the resources it last gave.
+//! version, and a file or directory that cannot be read keeps the resources (and the mesh config) it last gave.
 
 use std::{
     borrow::Cow,
     collections::{BTreeMap, BTreeSet},
     io::{BufRead, Write},
+    path::Path,
     sync::Arc,
 };
 
@@ -168,8 +169,10 @@ impl Store {
         if !rejected.is_empty() || !unreadable.is_empty() {
             for text in self.resources.lines() {
                 let Ok(line) = serde_json::from_str::<Line<&RawValue>>(&text) else { continue };
-                let keep = (rejected.contains(&*line.id) || unreadable.contains(&*line.source))
-                    && !next.contains_key(&*line.id);
+                // A directory that cannot be read (gone, swapped, its permissions changed) keeps what its files
+                // held, as a file that cannot be read does.
+                let from_unreadable = || unreadable.iter().any(|path| Path::new(&*line.source).starts_with(path));
+                let keep = (rejected.contains(&*line.id) || from_unreadable()) && !next.contains_key(&*line.id);
                 if keep {
                     let id = line.id.into_owned();
                     outcome.kept.push(id.clone());
@@ -181,7 +184,9 @@ impl Store {
             Ok(packed) => self.resources = Arc::new(packed),
             Err(error) => tracing::error!(%error, "the configuration read cannot be stored; the last stays in force"),
         }
-        let mesh_rejected = loaded.errors.iter().any(is_mesh_error);
+        // The mesh config may have been in what could not be read: its mode stays rather than falling back to
+        // ALLOW_ANY.
+        let mesh_rejected = loaded.errors.iter().any(is_mesh_error) || !unreadable.is_empty();
         if !mesh_rejected {
             self.mesh = loaded.snapshot.mesh.clone();
         }
@@ -296,6 +301,28 @@ mod tests {
         let outcome = store.update(&files::load(std::slice::from_ref(&dir)));
         assert_eq!(outcome.kept, ["AuthorizationPolicy team/p"]);
         assert_eq!(held(&store).1, Action::Allow, "rejected again, the last good version stays");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_directory_that_disappears_keeps_what_its_files_held_and_the_mesh_mode() {
+        let dir = tempfile_dir();
+        let config = dir.join("istio");
+        std::fs::create_dir_all(&config).unwrap();
+        write(&config, "mesh.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio}\ndata:\n  mesh: |\n    outboundTrafficPolicy:\n      mode: REGISTRY_ONLY\n");
+        write(&config, "entry.yaml", "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api, namespace: default}\nspec: {hosts: [api.example], ports: [{number: 443, name: tls, protocol: TLS}], resolution: DNS}\n");
+        let mut store = Store::default();
+        store.update(&files::load(std::slice::from_ref(&config)));
+        assert_eq!(store.snapshot().resources.len(), 1);
+
+        std::fs::remove_dir_all(&config).unwrap();
+        let outcome = store.update(&files::load(std::slice::from_ref(&config)));
+        assert_eq!(outcome.kept, ["ServiceEntry default/api"]);
+        assert_eq!(store.snapshot().mesh.outbound_mode(), Some(OutboundTrafficMode::RegistryOnly), "not ALLOW_ANY");
+
+        std::fs::create_dir_all(&config).unwrap();
+        store.update(&files::load(std::slice::from_ref(&config)));
+        assert!(store.snapshot().resources.is_empty(), "back and empty, it is read as it is");
         let _ = std::fs::remove_dir_all(dir);
     }
 

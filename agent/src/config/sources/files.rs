@@ -22,6 +22,8 @@ pub struct Loaded {
     /// For each AuthorizationPolicy rejected here, the deny-all that stands in for it where it has no last good
     /// version (with its file): an invalid policy fails closed.
     pub stand_ins: Vec<(String, std::sync::Arc<Resource>)>,
+    /// How many valid mesh config documents were read.
+    pub mesh_documents: usize,
 }
 
 /// Reads every `.yaml`, `.yml` and `.json` file in `paths` (directories are read recursively, in name order).
@@ -88,7 +90,10 @@ impl Loaded {
     pub fn add(&mut self, source: &str, value: serde_json::Value) {
         match Document::parse(value) {
             Ok(Document::Resource(resource)) => accept(*resource, source, self),
-            Ok(Document::Mesh(mesh)) => self.snapshot.mesh = merge_mesh(&self.snapshot.mesh, *mesh),
+            Ok(Document::Mesh(mesh)) => {
+                self.mesh_documents += 1;
+                self.snapshot.mesh = merge_mesh(&self.snapshot.mesh, *mesh)
+            }
             Ok(Document::Ignored(api_version, kind)) => self.ignored.push(format!("{source}: {api_version}/{kind}")),
             Err(error) => {
                 if let Some(stand_in) = error.resource.as_deref().and_then(|id| fail_closed(id, None)) {
@@ -115,6 +120,7 @@ impl Loaded {
         self.sources.extend(other.sources);
         self.errors.extend(other.errors);
         self.ignored.extend(other.ignored);
+        self.mesh_documents += other.mesh_documents;
         self.snapshot.mesh = merge_mesh(&self.snapshot.mesh, other.snapshot.mesh);
     }
 }
