@@ -442,7 +442,8 @@ fn another_tc_program_on_the_interface_still_sees_what_sluice_passes() {
     let topology = Topology::new().unwrap();
     let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE}");
     let first = Agent::start(&topology.gateway, &args).unwrap();
-    let others = "--metrics-addr 127.0.0.1:15091 --admin-addr 127.0.0.1:15002 --readiness-addr 127.0.0.1:15022";
+    let others = "--metrics-addr 127.0.0.1:15091 --admin-addr 127.0.0.1:15002 --readiness-addr 127.0.0.1:15022 \
+                  --proxy-port 15003";
     let second = Agent::start(&topology.gateway, &format!("{args} {others}")).unwrap();
     let sink = UdpSink::bind(&topology.internet, addr(SERVER_B, 6000)).unwrap();
     let before = [&first, &second].map(|agent| agent.sample(&series("packets", "passthrough")).unwrap());

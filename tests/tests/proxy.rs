@@ -21,12 +21,11 @@ fn write_config(dir: &Path, documents: &[&str]) {
     istio::write(dir, documents).unwrap();
 }
 
-/// The agent's arguments: intercepting port 80, with `extra`, writing Envoy's text access log (the tests read it).
+/// The agent's arguments, with `extra`, writing Envoy's text access log (the tests read it). Port 80 is handed to
+/// the proxy because the configuration declares it HTTP: no --intercept-port.
 fn intercepting(config: &std::path::Path, extra: &str) -> String {
     let config = config.display();
-    format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 {extra} --config {config}"
-    )
+    format!("--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text {extra} --config {config}")
 }
 
 #[test]

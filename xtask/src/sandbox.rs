@@ -116,8 +116,8 @@ impl Sandbox {
         command.arg("--cleanup-on-exit");
         // The DNS server and the gateway itself are always reachable.
         command.args(["--allow-cidr", INTERNET_ADDR, "--allow-cidr", GATEWAY_WORKLOAD_ADDR]);
-        // HTTP on port 80 goes to the proxy, which routes it by the VirtualServices and checks its Host.
-        command.args(["--intercept-port", "80"]);
+        // No --intercept-port: the ServiceEntry declares port 80 HTTP, so the proxy takes it, routes it by the
+        // VirtualServices and checks its Host.
         let mut agent = Process::spawn_in_view("sluice", command)?;
         wait_attached(&topology, &mut agent)?;
         Ok(Sandbox { agent, _servers: (allowed, blocked, dns), _resolv: resolv, _topology: topology })

@@ -94,7 +94,9 @@ impl App {
             })?),
             None => None,
         };
-        let intercepting = !settings.intercept_port.is_empty();
+        // The proxy takes the ports the configuration names for HTTP, TLS and routed TCP, and --intercept-port's;
+        // --proxy-port 0 leaves every port to the kernel, by address.
+        let intercepting = settings.proxy_port != 0;
         let transparent = if intercepting {
             let listener = TransparentListener::bind(settings.proxy_port).map_err(|error| {
                 anyhow::anyhow!(

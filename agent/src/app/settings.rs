@@ -47,12 +47,14 @@ pub struct RunSettings {
     /// A range always allowed, any protocol and port (cluster pod and service ranges, DNS servers). Repeatable.
     #[arg(long = "allow-cidr", value_name = "CIDR", value_parser = parse_cidr)]
     pub allow_cidr: Vec<IpNet>,
-    /// A TCP port whose traffic, to any destination not allowed above, is handed to the proxy. Repeatable. With
-    /// any, the ports the configuration names for TLS (ServiceEntry ports with protocol HTTPS or TLS, the mesh's
-    /// `tls` routes' ports) are handed to it too, to be decided by the ClientHello's server name.
+    /// A TCP port whose traffic, to any destination not allowed above, is handed to the proxy, besides those the
+    /// configuration names: ServiceEntry ports with protocol HTTP, HTTP2, GRPC or GRPC-WEB (decided by Host),
+    /// HTTPS or TLS and the mesh's `tls` routes' ports (decided by the ClientHello's server name), and TCP ports
+    /// that need a route. Repeatable.
     #[arg(long = "intercept-port", value_name = "PORT")]
     pub intercept_port: Vec<u16>,
-    /// The transparent proxy's listener port.
+    /// The transparent proxy's listener port; 0 turns interception off (every port is then decided by address in
+    /// the kernel, and HTTP and TLS ports are not enforced by name).
     #[arg(long, value_name = "PORT", default_value_t = proxy::transparent_listener::DEFAULT_PORT)]
     pub proxy_port: u16,
     /// Where Prometheus scrapes `/stats/prometheus`.

@@ -48,9 +48,13 @@ impl InterceptRouting {
             let _ = self.handle.rule().del(rule(family)).execute().await;
             let mut add = self.handle.rule().add();
             *add.message_mut() = rule(family);
-            add.execute()
-                .await
-                .map_err(|source| RoutingError { what: format!("adding the {family:?} rule"), source })?;
+            match add.execute().await {
+                // Another agent on the node (or this one's follower) put the same rule back meanwhile: it is there.
+                Err(rtnetlink::Error::NetlinkError(message)) if message.raw_code() == -nix::libc::EEXIST => {}
+                result => {
+                    result.map_err(|source| RoutingError { what: format!("adding the {family:?} rule"), source })?
+                }
+            }
             self.handle
                 .route()
                 .add(route(family))

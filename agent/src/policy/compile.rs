@@ -67,8 +67,8 @@ pub fn datapath_policy(snapshot: &Snapshot, resolved: &Resolved, node: &NodeSett
 }
 
 /// The ports handed to the proxy: the node's (`--intercept-port`), and whenever the node intercepts at all, those
-/// the configuration needs the proxy for: ServiceEntry ports with protocol `HTTPS` or `TLS` (decided by server
-/// name); TCP ports of ServiceEntries known at no address (which Istio gives the whole port) or whose `addresses`
+/// the configuration needs the proxy for: ServiceEntry ports with protocol `HTTP`, `HTTP2`, `GRPC` or `GRPC-WEB`
+/// (decided by Host, as Istio's HTTP listeners decide them); `HTTPS` or `TLS` (decided by server name); TCP ports of ServiceEntries known at no address (which Istio gives the whole port) or whose `addresses`
 /// are virtual IPs in front of endpoints or a DNS name (a connection to one goes where the proxy sends it, not
 /// where it was sent); the ports of the mesh's `tls` and `tcp` routes, and for a route that names no port, its
 /// hosts' ports.
@@ -86,6 +86,7 @@ fn intercepted_ports(snapshot: &Snapshot, node: &NodeSettings) -> Vec<u16> {
             let Ok(number) = u16::try_from(port.number) else { continue };
             let protocol = port.protocol.as_deref();
             if protocol.is_some_and(is_http) {
+                ports.insert(number);
                 continue;
             }
             opaque_ports_by_host.extend(entry.hosts.iter().map(|host| (host.as_str(), number)));
@@ -309,8 +310,11 @@ spec:
         );
         let node = NodeSettings { intercept_ports: vec![80], proxy_port: 15001, ..NodeSettings::default() };
         let policy = datapath_policy(&snapshot, &Resolved::new(), &node);
-        // 5432: a virtual IP in front of an endpoint; 6379 and 9092: what the portless tcp route covers.
-        assert_eq!(policy.intercept_ports, [80, 5432, 6379, 9092]);
+        // 5432: a virtual IP in front of an endpoint; 6379 and 9092: what the portless tcp route covers; 8080: HTTP.
+        assert_eq!(policy.intercept_ports, [80, 5432, 6379, 8080, 9092]);
+        let no_flags = NodeSettings { proxy_port: 15001, ..NodeSettings::default() };
+        let policy = datapath_policy(&snapshot, &Resolved::new(), &no_flags);
+        assert_eq!(policy.intercept_ports, [5432, 6379, 8080, 9092], "the configuration's ports need no flag");
         assert!(host_matches("*.Example", "cache.example") && !host_matches("*.example", "example"));
     }
 
