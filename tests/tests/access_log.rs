@@ -42,7 +42,7 @@ fn eventually(mut condition: impl FnMut() -> bool) -> bool {
 }
 
 fn args(config: &Path) -> String {
-    format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.display())
+    format!("--intercept {GATEWAY_WORKLOAD_IFACE} --config {}", config.display())
 }
 
 #[test]

@@ -44,7 +44,7 @@ fn delegates_re2_quoting_and_absent_headers_route_as_istio_routes_them() {
     let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80), addr(SERVER_B, 80)], ECHO).unwrap();
     let config = tempfile::tempdir().unwrap();
     istio::write(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, &backend("canary", SERVER_B, 80), ISTIO_FORMS]).unwrap();
-    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --config {}", config.path().display());
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     let routed_to = |path: &str, extra: &[&str]| {
         let mut extra = extra.to_vec();

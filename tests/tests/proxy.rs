@@ -268,7 +268,7 @@ fn the_seeds_two_hop_egress_works_through_the_gateway_port_and_from_intercepted_
     let seed = istio::seed("create-egress-gateway");
     write_config(config.path(), &[MESH_REGISTRY_ONLY, &seed]);
     let args = format!(
-        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --intercept-port 80 --config {} --dns-server {INTERNET_ADDR} \
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --config {} --dns-server {INTERNET_ADDR} \
          --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32 --gateway-labels gateway-name=egress-demo,gateway-type=egress \
          --gateway-service egress-demo.smm-demo.svc.cluster.local",
         config.path().display()

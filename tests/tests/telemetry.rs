@@ -42,7 +42,7 @@ fn prometheus_scrapes_istios_request_metrics_and_promtool_reads_them() {
     let _nginx = Nginx::start(&topology.internet, &[SocketAddr::new(SERVER_A.parse().unwrap(), 80)], "ok").unwrap();
     let config = tempfile::tempdir().unwrap();
     istio::write(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, NO_ADMIN]).unwrap();
-    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {}", config.path().display());
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --config {}", config.path().display());
     let agent = Agent::start(&topology.gateway, &args).unwrap();
     let requests = [("httpbin.org", SERVER_A, "/"), ("httpbin.org", SERVER_A, "/"), ("edition.cnn.com", SERVER_B, "/")];
     for (host, address, path) in requests.into_iter().chain([("httpbin.org", SERVER_A, "/admin")]) {

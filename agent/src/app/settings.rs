@@ -17,8 +17,8 @@ pub struct RunSettings {
     /// Interface whose incoming traffic is egress to police (pod veths, a tunnel device, or the NIC that
     /// routed traffic arrives on), a pattern of names (`'vxlan*'`, `'veth?'`), or `default-route` (the interfaces
     /// the main table's default routes leave through, followed as they change). Repeatable. Interfaces are
-    /// followed as they come and go: one that appears (or is re-created) gets the classifier within a second, and
-    /// readiness is 503 while a name given here has no interface.
+    /// followed as they come and go: one that appears (or is re-created) gets the classifier within a second. A
+    /// name given here must exist at start (see --wait-for-interfaces); a pattern may select nothing yet.
     #[arg(long = "intercept", value_name = "IFACE", required = true)]
     pub intercept: Vec<InterfaceSpec>,
     /// Start although an interface --intercept names exactly does not exist yet (readiness is 503 until it
@@ -174,7 +174,11 @@ Running on a real node:
   Sluice passes). In REGISTRY_ONLY, list traffic to the node itself and to in-cluster ranges with --allow-cidr.
 
   sluice run --intercept eth1 --outbound-traffic-policy REGISTRY_ONLY \\
-      --allow-cidr 10.0.0.0/8 --allow 203.0.113.10:443/tcp --intercept-port 80
+      --allow-cidr 10.0.0.0/8 --allow 203.0.113.10:443/tcp --config /etc/sluice/istio/
+
+  The ports the configuration declares HTTP, HTTPS, TLS or routed TCP go to the proxy by themselves
+  (--intercept-port adds others). A --config path that does not exist, holds nothing or has every
+  resource rejected, or an --intercept interface that does not exist, stops the agent at start.
 
   The maps, program and links are pinned under --bpffs: when the agent stops or dies, the kernel keeps
   enforcing the last policy, and the next agent adopts the pins without a gap. `sluice cleanup` (or
