@@ -4,22 +4,11 @@
 
 use std::{
     collections::BTreeSet,
-    io::{Read, Write},
-    net::TcpStream,
     path::{Path, PathBuf},
     process::Command,
-    time::Duration,
 };
 
-use sluice_tests::{
-    agent::binary,
-    http::{get, ECHO},
-    istio::{self, HTTPBIN, MESH_REGISTRY_ONLY},
-    peers::Nginx,
-    require_root,
-    topology::{addr, GATEWAY_WORKLOAD_IFACE, SERVER_A, SERVER_B},
-    Agent, Topology,
-};
+use sluice_tests::{agent::binary, metrics::agent_with_traffic, require_root, Topology};
 
 /// Set to rewrite `docs/cli.md` from the agent's help instead of comparing it.
 const REWRITE: &str = "SLUICE_WRITE_DOCS";
@@ -159,23 +148,7 @@ fn headings_of(text: &str) -> BTreeSet<String> {
 fn the_metrics_table_is_what_a_running_agent_exports() {
     require_root();
     let topology = Topology::new().unwrap();
-    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80)], ECHO).unwrap();
-    let config = tempfile::tempdir().unwrap();
-    istio::write(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN]).unwrap();
-    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --config {}", config.path().display());
-    let agent = Agent::start(&topology.gateway, &args).unwrap();
-    // A request proxied, and a connection that is not HTTP refused: the request and TCP families get series (a
-    // family without any is left out of the scrape).
-    assert_eq!(get(&topology, "httpbin.org", SERVER_A, "/", &[]).0, 200, "{}", agent.log());
-    topology
-        .workload
-        .enter(|| {
-            let mut stream = TcpStream::connect_timeout(&addr(SERVER_B, 80), Duration::from_secs(2)).unwrap();
-            stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            let _ = stream.write_all(b"hello\r\n\r\n").and_then(|()| stream.read(&mut [0; 16]));
-        })
-        .unwrap();
-    let scrape = agent.metrics().unwrap();
+    let (_agent, _config, _nginx, scrape) = agent_with_traffic(&topology);
     // Counters' samples are `name_total`, as the table lists them.
     let exported: BTreeSet<String> = scrape
         .lines()
@@ -199,7 +172,7 @@ fn the_metrics_table_is_what_a_running_agent_exports() {
         .map(|(name, _)| name.to_owned())
         .filter(|name| name.starts_with("istio_") || name.starts_with("sluice_"))
         .collect();
-    assert!(exported.len() >= 18, "{scrape}");
+    assert!(exported.len() >= 20, "{scrape}");
     let undocumented: Vec<_> = exported.difference(&documented).collect();
     assert!(undocumented.is_empty(), "exported but not in docs/telemetry.md: {undocumented:?}");
     // What only some traffic fills (TLS refusals, authorization decisions…) is checked against what the agent
