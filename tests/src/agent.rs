@@ -93,18 +93,43 @@ impl<'a> Agent<'a> {
     /// As `start`, with `env` set for the agent (e.g. KUBECONFIG).
     pub fn start_with_env(netns: &'a Netns, args: &str, env: &[(&str, &str)]) -> anyhow::Result<Agent<'a>> {
         let bpffs = Bpffs::mount()?;
-        let mut agent = Agent::spawn(netns, &bpffs, &format!("{args} --cleanup-on-exit"), env)?;
+        let mut agent = Agent::spawn(netns, &bpffs, &format!("{args} --cleanup-on-exit"), env, &[])?;
+        agent._bpffs = Some(bpffs);
+        Ok(agent)
+    }
+
+    /// As `start`, with no capabilities but `capabilities` (`BPF`, `NET_ADMIN`…, as a pod's securityContext names
+    /// them): the agent runs under `setpriv` with that bounding set, as root in a container would.
+    pub fn start_with_capabilities(netns: &'a Netns, capabilities: &[&str], args: &str) -> anyhow::Result<Agent<'a>> {
+        let bpffs = Bpffs::mount()?;
+        let wrapper = setpriv(capabilities);
+        let mut agent = Agent::spawn(netns, &bpffs, &format!("{args} --cleanup-on-exit"), &[], &wrapper)?;
         agent._bpffs = Some(bpffs);
         Ok(agent)
     }
 
     /// Starts `sluice run ARGS…` pinning under `bpffs`, which outlives the agent (restarts, crashes).
     pub fn start_pinned(netns: &'a Netns, bpffs: &Bpffs, args: &str) -> anyhow::Result<Agent<'a>> {
-        Agent::spawn(netns, bpffs, args, &[])
+        Agent::spawn(netns, bpffs, args, &[], &[])
     }
 
-    fn spawn(netns: &'a Netns, bpffs: &Bpffs, args: &str, env: &[(&str, &str)]) -> anyhow::Result<Agent<'a>> {
-        let mut command = netns.command(binary().to_str().context("agent path is not UTF-8")?);
+    fn spawn(
+        netns: &'a Netns,
+        bpffs: &Bpffs,
+        args: &str,
+        env: &[(&str, &str)],
+        wrapper: &[String],
+    ) -> anyhow::Result<Agent<'a>> {
+        let agent = binary();
+        let agent = agent.to_str().context("agent path is not UTF-8")?;
+        let mut command = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut command = netns.command(program);
+                command.args(wrapper_args).arg(agent);
+                command
+            }
+            None => netns.command(agent),
+        };
         command.envs(env.iter().copied());
         let mut args: Vec<&str> = args.split_whitespace().collect();
         let metrics = address_argument(&mut args, "--metrics-addr", METRICS_ADDR)?;
@@ -231,4 +256,11 @@ pub fn sample(text: &str, series: &str) -> Option<u64> {
         let value = line.strip_prefix(series)?.strip_prefix(' ')?;
         value.trim().parse::<f64>().ok().map(|v| v as u64)
     })
+}
+
+/// `setpriv` leaving root only `capabilities` (as a pod's securityContext names them: `BPF`, `NET_ADMIN`…), the
+/// program to run to follow.
+pub fn setpriv(capabilities: &[&str]) -> Vec<String> {
+    let kept: String = capabilities.iter().map(|name| format!(",+{}", name.to_lowercase())).collect();
+    vec!["setpriv".into(), format!("--bounding-set=-all{kept}"), "--inh-caps=-all".into()]
 }

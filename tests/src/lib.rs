@@ -26,3 +26,9 @@ pub fn require_root() {
         "this test needs root (it creates network namespaces and loads eBPF programs): run `cargo xtask test` as root"
     );
 }
+
+/// The workspace's own Python virtual environment (target/tools/python), where `cargo xtask deps` installs the
+/// PyPI tools the tests run: Debian's Python refuses packages installed beside its own (PEP 668).
+pub fn python_tools() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/python")
+}

@@ -31,7 +31,11 @@ struct ApiServer {
 }
 
 impl ApiServer {
-    fn start(netns: &Netns, lists: BTreeMap<String, Value>) -> ApiServer {
+    fn start(netns: &Netns, mut lists: BTreeMap<String, Value>) -> ApiServer {
+        // What the agent asks first, to know the server answers.
+        let version = json!({"major": "1", "minor": "31", "gitVersion": "v1.31.0", "gitCommit": "0", "gitTreeState": "clean",
+            "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.22", "compiler": "gc", "platform": "linux/amd64"});
+        lists.entry("/version".into()).or_insert(version);
         let listener = netns.enter(|| TcpListener::bind("127.0.0.1:0")).unwrap().unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -308,4 +312,33 @@ fn a_gateway_server_presents_the_certificate_of_the_secret_its_credential_name_n
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(fetch().unwrap().trim(), "backend", "{}", agent.log());
+}
+
+#[test]
+fn an_api_server_that_does_not_answer_stops_the_start_with_one_line() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    // A port nothing listens on, in the gateway's namespace.
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ApiServer { addr: closed, stop: Arc::new(AtomicBool::new(true)) }.kubeconfig(dir.path());
+    let bpffs = sluice_tests::agent::Bpffs::mount().unwrap();
+    let started = Instant::now();
+    let output = topology
+        .gateway
+        .command(sluice_tests::agent::binary().to_str().unwrap())
+        .args(["run", "--kube", "--kube-connect-timeout", "2s", "--intercept", GATEWAY_WORKLOAD_IFACE])
+        .args(["--metrics-addr", "127.0.0.1:0", "--bpffs"])
+        .arg(bpffs.pin_dir())
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(10), "stopped after the timeout: {:?}", started.elapsed());
+    let errors: Vec<&str> = text.lines().filter(|line| line.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "{text}");
+    let expected = format!("--kube: the Kubernetes API server at http://{closed}/ does not answer");
+    assert!(errors[0].contains(&expected) && errors[0].contains("--kube-connect-timeout"), "{text}");
+    assert!(!bpffs.pin_dir().exists(), "nothing was loaded");
 }

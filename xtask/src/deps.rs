@@ -26,7 +26,11 @@ const PEERS: &[(&str, &str)] = &[
     ("h2load", "nghttp2-client"),
     ("openssl", "openssl"),
     ("psql", "postgresql-client"),
+    // `kubectl kustomize` renders deploy/ for the manifests' test.
+    ("kubectl", "kubernetes-client"),
 ];
+/// The Kubernetes API's schemas, bundled, for validating the rendered manifests offline (PyPI).
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 /// The PostgreSQL server the TCP tests relay psql to: not on `PATH` (Debian keeps it under
 /// `/usr/lib/postgresql/VERSION/bin`).
 const POSTGRES_SERVER: (&str, &str) = ("/usr/lib/postgresql", "postgresql");
@@ -64,7 +68,20 @@ pub fn install() -> anyhow::Result<()> {
     if !bpf_linker_ok() {
         install_bpf_linker()?;
     }
-    Ok(())
+    install_python_tools()
+}
+
+/// The PyPI tools, in the workspace's own virtual environment.
+fn install_python_tools() -> anyhow::Result<()> {
+    let venv = sluice_tests::python_tools();
+    if venv.join("bin/kubernetes-validate").is_file() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {KUBERNETES_VALIDATE} from PyPI into {}", venv.display());
+    let by_hand = format!("python3 -m venv {0} && {0}/bin/pip install {KUBERNETES_VALIDATE}", venv.display());
+    crate::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+        .and_then(|()| crate::run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", KUBERNETES_VALIDATE])))
+        .with_context(|| format!("installing {KUBERNETES_VALIDATE} (is PyPI reachable?); by hand: {by_hand}"))
 }
 
 /// What the benchmarks run besides the test peers.

@@ -82,6 +82,7 @@ impl App {
     /// Binds the listeners, reads the configuration, loads and attaches the datapath with the policy compiled
     /// from it, and starts the proxy and the telemetry servers.
     pub async fn start(settings: RunSettings) -> anyhow::Result<App> {
+        preflight::capabilities()?;
         raise_descriptor_limit(settings.max_connections);
         telemetry::passthrough::set_passthrough_limit(settings.max_passthrough_series);
         // Listeners first: a port in use fails before anything touches the kernel.
@@ -380,9 +381,36 @@ async fn watch_kubernetes(
     workloads: Arc<KnownWorkloads>,
     secrets: Option<Arc<KnownSecrets>>,
 ) -> anyhow::Result<watch::Receiver<Option<Arc<kubernetes::Documents>>>> {
-    let client = kube::Client::try_default()
+    let config = kube::Config::infer()
         .await
-        .context("connecting to Kubernetes (in-cluster config or KUBECONFIG; see --kube)")?;
+        .context("--kube: no Kubernetes configuration (in-cluster service account, or KUBECONFIG)")?;
+    let url = config.cluster_url.clone();
+    let client = kube::Client::try_from(config).context("--kube: making the Kubernetes client")?;
+    // The API server must answer at start: otherwise the agent would wait unready for ever, enforcing what the files
+    // say. Stopping says why; the DaemonSet restarts the agent, and the kernel keeps the last policy meanwhile.
+    let deadline = tokio::time::Instant::now() + settings.kube_connect_timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, client.apiserver_version()).await {
+            Ok(Ok(version)) => {
+                tracing::info!(%url, version = version.git_version, "Kubernetes API server reached");
+                break;
+            }
+            Ok(Err(error)) if tokio::time::Instant::now() + KUBE_RETRY < deadline => {
+                tracing::debug!(%url, %error, "the Kubernetes API server does not answer yet");
+                tokio::time::sleep(KUBE_RETRY).await;
+            }
+            Ok(Err(error)) => anyhow::bail!(
+                "--kube: the Kubernetes API server at {url} does not answer: {error} (tried for {:?}; see KUBECONFIG \
+                 or the pod's service account, and --kube-connect-timeout)",
+                settings.kube_connect_timeout
+            ),
+            Err(_) => anyhow::bail!(
+                "--kube: the Kubernetes API server at {url} did not answer within {:?} (see KUBECONFIG or the pod's \
+                 service account, and --kube-connect-timeout)",
+                settings.kube_connect_timeout
+            ),
+        }
+    }
     let scope =
         kubernetes::Scope { namespace: settings.namespace.clone(), mesh_namespace: settings.mesh_namespace.clone() };
     let (kube_sender, kube_changes) = watch::channel(None);
@@ -393,6 +421,9 @@ async fn watch_kubernetes(
     tokio::spawn(kubernetes::watch_pods(client, workloads));
     Ok(kube_changes)
 }
+
+/// How long to wait between attempts to reach the API server at start.
+const KUBE_RETRY: Duration = Duration::from_millis(500);
 
 /// Reads the configuration again (files and Kubernetes), resolves its names and applies the result; returns
 /// when to look the names up again.

@@ -46,6 +46,44 @@ pub fn configuration(
     Ok(())
 }
 
+/// The capabilities the agent cannot run without, each with what needs it (Linux's numbers): `CAP_SYS_ADMIN`
+/// stands in for `CAP_BPF` and `CAP_PERFMON`, as the kernel lets it (and must, before 5.8, which has neither).
+const REQUIRED_CAPABILITIES: [(u32, &str, &str); 3] = [
+    (39, "CAP_BPF", "loading the classifier and its maps"),
+    (38, "CAP_PERFMON", "the verifier refuses the classifier without it"),
+    (12, "CAP_NET_ADMIN", "attaching to interfaces, the policy routing and the transparent listener"),
+];
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// The process must hold the capabilities in `REQUIRED_CAPABILITIES` (effective): without them loading fails deep
+/// in the verifier with a bare EPERM, so the missing ones are named here first.
+pub fn capabilities() -> anyhow::Result<()> {
+    let Some(effective) = effective_capabilities() else { return Ok(()) };
+    let holds = |bit: u32| effective & (1u64 << bit) != 0;
+    let missing: Vec<&(u32, &str, &str)> = REQUIRED_CAPABILITIES
+        .iter()
+        .filter(|(bit, name, _)| {
+            let stood_in = holds(CAP_SYS_ADMIN) && *name != "CAP_NET_ADMIN";
+            !(holds(*bit) || stood_in)
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let named = missing.iter().map(|(_, name, why)| format!("{name} ({why})")).collect::<Vec<_>>().join(", ");
+    bail!(
+        "missing capabilities: {named}; grant them (in Kubernetes, securityContext.capabilities.add, as \
+         deploy/base/daemonset.yaml does) or run as root with all capabilities"
+    )
+}
+
+/// `CapEff` of /proc/self/status; `None` where it cannot be read (then the kernel says what is missing).
+fn effective_capabilities() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find_map(|line| line.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(line.trim(), 16).ok()
+}
+
 /// Every interface `--intercept` names exactly must exist, unless `--wait-for-interfaces` says it will appear
 /// (patterns and `default-route` may select nothing yet: they are followed).
 pub fn interfaces(specs: &[InterfaceSpec], wait: bool) -> anyhow::Result<()> {

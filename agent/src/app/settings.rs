@@ -64,6 +64,9 @@ pub struct RunSettings {
     /// ServiceEntry, VirtualService, Gateway, DestinationRule, Sidecar and the `istio` mesh ConfigMap.
     #[arg(long)]
     pub kube: bool,
+    /// With --kube: how long the API server may take to answer at start before the agent stops, saying so.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = crate::config::fields::parse_duration)]
+    pub kube_connect_timeout: std::time::Duration,
     /// With --kube: only this namespace's Istio resources (all namespaces by default).
     #[arg(long, value_name = "NAMESPACE")]
     pub namespace: Option<String>,

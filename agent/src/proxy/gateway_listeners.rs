@@ -57,6 +57,13 @@ impl GatewayListeners {
                     self.open.insert(port, tasks);
                     tracing::info!(port, "gateway listener open");
                 }
+                // Ports below 1024 take CAP_NET_BIND_SERVICE (the DaemonSet grants it).
+                Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => tracing::error!(
+                    port,
+                    %error,
+                    "cannot listen on a Gateway server port: ports below 1024 need CAP_NET_BIND_SERVICE; retried at \
+                     the next change"
+                ),
                 Err(error) => tracing::error!(
                     port,
                     %error,

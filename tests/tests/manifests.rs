@@ -1,0 +1,59 @@
+//! `deploy/`: every kustomization renders (`kubectl kustomize`), and what it renders validates against the
+//! Kubernetes API's schemas (`kubernetes-validate --strict`, which bundles them); the examples are read by the
+//! agent's own validation (`sluice check`).
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+/// The Kubernetes version the manifests are checked against.
+const KUBERNETES_VERSION: &str = "1.31.0";
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+fn output(command: &mut Command) -> (bool, String, String) {
+    let output = command.output().unwrap_or_else(|error| panic!("{command:?}: {error}"));
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (output.status.success(), text(&output.stdout), text(&output.stderr))
+}
+
+#[test]
+fn every_kustomization_renders_manifests_the_kubernetes_schemas_accept() {
+    let validate = sluice_tests::python_tools().join("bin/kubernetes-validate");
+    assert!(validate.is_file(), "{} is missing: run `cargo xtask deps` (or `cargo xtask test`)", validate.display());
+    let dir = tempfile::tempdir().unwrap();
+    for kustomization in ["", "monitoring", "overlays/two-hop", "overlays/forward-proxy"] {
+        let (rendered, manifests, errors) =
+            output(Command::new("kubectl").arg("kustomize").arg(deploy().join(kustomization)));
+        assert!(rendered, "kubectl kustomize deploy/{kustomization}:\n{errors}");
+        let kinds = manifests.lines().filter(|line| line.starts_with("kind: ")).count();
+        assert!(kinds >= 2, "{manifests}");
+        let file = dir.path().join("rendered.yaml");
+        std::fs::write(&file, &manifests).unwrap();
+        let (valid, report, errors) =
+            output(Command::new(&validate).args(["--strict", "-k", KUBERNETES_VERSION]).arg(&file));
+        assert!(valid, "deploy/{kustomization} does not validate:\n{report}{errors}\n{manifests}");
+        // Every kind Kubernetes itself defines was checked (the Prometheus Operator's have no bundled schema).
+        let checked = report.lines().filter(|line| line.contains(" passed for resource ")).count();
+        let unchecked = report.lines().filter(|line| line.contains("Couldn't find schema for kind")).count();
+        assert_eq!(checked + unchecked, kinds, "{report}");
+        assert!(
+            report.lines().all(|line| !line.contains("Couldn't find schema") || line.contains("monitoring.coreos.com")),
+            "{report}"
+        );
+    }
+}
+
+#[test]
+fn the_forward_proxy_overlay_opens_the_proxy_port_and_the_two_hop_overlay_the_seeds_ports() {
+    let render = |overlay: &str| output(Command::new("kubectl").arg("kustomize").arg(deploy().join(overlay))).1;
+    let forward = render("overlays/forward-proxy");
+    assert!(forward.contains("- --forward-proxy-port=3128") && forward.contains("name: sluice-proxy"), "{forward}");
+    let two_hop = render("overlays/two-hop");
+    for port in ["port: 80", "port: 443", "port: 5432"] {
+        assert!(two_hop.contains(port), "{port}:\n{two_hop}");
+    }
+}
