@@ -29,6 +29,9 @@ enum Command {
     Check(CheckArgs),
     /// Remove everything a previous agent left in the kernel: links, program, maps, policy routing.
     Cleanup(CleanupArgs),
+    /// Ask the running agent what it enforces: readiness, the classifier and its interfaces, the policy's size,
+    /// the proxy's listeners, rejected resources, DNS answers.
+    Status(StatusArgs),
     /// Print the version.
     Version,
 }
@@ -38,6 +41,22 @@ struct CheckArgs {
     /// Files or directories of Istio configuration.
     #[arg(required = true, value_name = "PATH")]
     paths: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The agent's admin endpoint (its --admin-addr).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:15000")]
+    admin_addr: std::net::SocketAddr,
+    /// `text` for people, `json` for programs (the agent's /status as it is).
+    #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+    output: Output,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
 }
 
 #[derive(Args)]
@@ -63,6 +82,7 @@ fn main() -> ExitCode {
         Command::Run(settings) => runtime(settings.concurrency).and_then(|rt| rt.block_on(run(*settings))),
         Command::Check(args) => check(&args.paths),
         Command::Cleanup(args) => runtime(Some(1)).and_then(|rt| rt.block_on(cleanup(&args.bpffs))),
+        Command::Status(args) => status(&args),
         Command::Version => {
             // The one line this command exists to print.
             use std::io::Write;
@@ -169,6 +189,21 @@ fn check(paths: &[PathBuf]) -> anyhow::Result<()> {
     } else {
         bail!("{} configuration errors", loaded.errors.len())
     }
+}
+
+/// Prints what the running agent says of itself.
+fn status(args: &StatusArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    // Asking needs no privileges: a runtime of its own, not the agent's (which checks for root).
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting a runtime")?;
+    let status = runtime.block_on(sluice_agent::telemetry::status::fetch(args.admin_addr))?;
+    let shown = match args.output {
+        Output::Json => serde_json::to_string_pretty(&status)? + "\n",
+        Output::Text => sluice_agent::telemetry::status::text(&status, args.admin_addr),
+    };
+    // This command's output is its result.
+    let _ = std::io::stdout().lock().write_all(shown.as_bytes());
+    Ok(())
 }
 
 async fn cleanup(bpffs: &std::path::Path) -> anyhow::Result<()> {

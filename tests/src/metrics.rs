@@ -45,3 +45,18 @@ pub fn agent_with_traffic(
     let scrape = agent.metrics().unwrap();
     (agent, config, nginx, scrape)
 }
+
+/// docs/telemetry.md's metrics table: each series it lists (Istio's and Sluice's), with the labels it names.
+pub fn documented_metrics() -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+    let page = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/telemetry.md"))
+        .expect("reading docs/telemetry.md");
+    page.lines()
+        .filter(|line| line.starts_with("| `"))
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let name = cells.get(1)?.trim_matches('`').to_owned();
+            let labels = cells.get(3)?.split(", ").map(|label| label.trim_matches('`').to_owned()).collect();
+            (name.starts_with("istio_") || name.starts_with("sluice_")).then_some((name, labels))
+        })
+        .collect()
+}

@@ -8,7 +8,11 @@ use std::{
     process::Command,
 };
 
-use sluice_tests::{agent::binary, metrics::agent_with_traffic, require_root, Topology};
+use sluice_tests::{
+    agent::binary,
+    metrics::{agent_with_traffic, documented_metrics},
+    require_root, Topology,
+};
 
 /// Set to rewrite `docs/cli.md` from the agent's help instead of comparing it.
 const REWRITE: &str = "SLUICE_WRITE_DOCS";
@@ -164,14 +168,7 @@ fn the_metrics_table_is_what_a_running_agent_exports() {
             },
         )
         .collect();
-    let page = std::fs::read_to_string(root().join("docs/telemetry.md")).unwrap();
-    let documented: BTreeSet<String> = page
-        .lines()
-        .filter_map(|line| line.strip_prefix("| `"))
-        .filter_map(|rest| rest.split_once('`'))
-        .map(|(name, _)| name.to_owned())
-        .filter(|name| name.starts_with("istio_") || name.starts_with("sluice_"))
-        .collect();
+    let documented: BTreeSet<String> = documented_metrics().into_keys().collect();
     assert!(exported.len() >= 20, "{scrape}");
     let undocumented: Vec<_> = exported.difference(&documented).collect();
     assert!(undocumented.is_empty(), "exported but not in docs/telemetry.md: {undocumented:?}");

@@ -9,7 +9,10 @@ use std::{
 
 use serde_json::Value;
 use sluice_agent::config::sources::yaml;
-use sluice_tests::{metrics::agent_with_traffic, require_root, Topology};
+use sluice_tests::{
+    metrics::{agent_with_traffic, documented_metrics},
+    require_root, Topology,
+};
 
 /// Labels Prometheus gives every series from its scrape target (the PodMonitor's), not the agent.
 const TARGET_LABELS: [&str; 5] = ["job", "instance", "pod", "container", "endpoint"];
@@ -120,28 +123,13 @@ fn exported(scrape: &str) -> BTreeMap<String, BTreeSet<String>> {
     families
 }
 
-/// What docs/telemetry.md's table says of the series a scrape may not show (those only some traffic fills):
-/// name → labels.
-fn documented() -> BTreeMap<String, BTreeSet<String>> {
-    let page = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/telemetry.md")).unwrap();
-    page.lines()
-        .filter(|line| line.starts_with("| `"))
-        .filter_map(|line| {
-            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-            let name = cells.get(1)?.trim_matches('`').to_owned();
-            let labels = cells.get(3)?.split(", ").map(|label| label.trim_matches('`').to_owned()).collect();
-            Some((name, labels))
-        })
-        .collect()
-}
-
 #[test]
 fn every_series_the_rules_and_the_dashboard_query_is_one_the_agent_exports() {
     require_root();
     let topology = Topology::new().unwrap();
     let (_agent, _config, _nginx, scrape) = agent_with_traffic(&topology);
     let exported = exported(&scrape);
-    let documented = documented();
+    let documented = documented_metrics();
     for (place, expression) in expressions() {
         let mut readable: BTreeSet<String> = TARGET_LABELS.iter().map(|label| (*label).to_owned()).collect();
         for name in names_in(&expression) {

@@ -170,6 +170,7 @@ impl Control {
     pub fn dump(&self, generation: u64, policy: DatapathPolicy, bindings: &Bindings) -> config_dump::Dump {
         config_dump::Dump::new(generation, self.store.stored(), &self.errors, policy, bindings)
             .with_relay_engine(self.relay_engine)
+            .with_dns(&self.resolved)
     }
 }
 

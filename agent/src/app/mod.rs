@@ -241,7 +241,13 @@ impl App {
         tasks.spawn(follower.follow());
         tasks.spawn(telemetry::server::serve_metrics(metrics_listener, metrics.registry.clone()));
         tasks.spawn(sweep_passthrough_series(metrics.requests.clone()));
-        tasks.spawn(telemetry::server::serve_admin(admin_listener, dump_reader));
+        let status = telemetry::status::StatusSources {
+            dump: dump_reader,
+            readiness: readiness_reader.clone(),
+            datapath: datapath.clone(),
+            forward_proxy_port: settings.forward_proxy_port,
+        };
+        tasks.spawn(telemetry::server::serve_admin(admin_listener, status));
         // Ready once every configured interface has the classifier, and with --kube once every kind is listed.
         tasks.spawn(telemetry::server::serve_readiness(readiness_listener, readiness_reader));
         let limits = Limits {

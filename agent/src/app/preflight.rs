@@ -1,6 +1,7 @@
 //! What stops the agent at start, before it touches the kernel: an operator's mistake that would otherwise leave
 //! the node enforcing less than was meant — a `--config` typo read as "no resources" (in ALLOW_ANY, everything
-//! passes), an `--intercept` typo that polices no interface. One line each, naming the flag and the way out.
+//! passes), an `--intercept` typo that polices no interface, capabilities the pod was not granted. One line each,
+//! naming the flag (or the capability) and the way out.
 
 use std::path::{Path, PathBuf};
 
@@ -27,11 +28,12 @@ pub fn configuration(
     }
     let from_files: Vec<&ConfigError> =
         errors.iter().filter(|error| paths.iter().any(|path| Path::new(&error.source).starts_with(path))).collect();
-    let named = paths.iter().map(|path| path.display().to_string()).collect::<Vec<_>>().join(", ");
+    let shown: Vec<String> = paths.iter().map(|path| path.display().to_string()).collect();
+    let (named, as_arguments) = (shown.join(", "), shown.join(" "));
     if accepted == 0 {
         if let Some(first) = from_files.first() {
             bail!(
-                "--config {named}: every resource was rejected, the first as {first}; `sluice check {named}` lists all \
+                "--config {named}: every resource was rejected, the first as {first}; `sluice check {as_arguments}` lists all \
                  {} errors (to start without them, pass --allow-empty-config)",
                 from_files.len()
             );

@@ -370,6 +370,13 @@ impl Datapath {
     }
 }
 
+impl Datapath {
+    /// The loaded classifier's id in the kernel (as `bpftool prog` lists it).
+    pub fn program_id(&self) -> Option<u32> {
+        self.ebpf.program(names::PROGRAM)?.info().ok().map(|info| info.id())
+    }
+}
+
 fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DatapathError> {
     let missing = DatapathError::Missing { kind: "program", name: names::PROGRAM };
     ebpf.program_mut(names::PROGRAM)

@@ -25,6 +25,8 @@ pub struct Dump {
     gateways: Vec<(String, Vec<u32>)>,
     policy: DatapathPolicy,
     relay_engine: Engine,
+    /// The names the configuration resolves by DNS, with their answers.
+    dns: crate::config::resolver::Resolved,
 }
 
 impl Dump {
@@ -47,7 +49,37 @@ impl Dump {
                 .collect(),
             policy,
             relay_engine: Engine::default(),
+            dns: Default::default(),
         }
+    }
+
+    /// Shows `resolved` as the DNS answers in force.
+    pub fn with_dns(mut self, resolved: &crate::config::resolver::Resolved) -> Dump {
+        self.dns = resolved.clone();
+        self
+    }
+
+    /// What `sluice status` shows of this generation: counts, not contents.
+    pub fn summary(&self) -> Value {
+        let policy = &self.policy;
+        let mut kinds = std::collections::BTreeMap::<&str, usize>::new();
+        for (kind, _, _) in self.resources.entries() {
+            *kinds.entry(kind.name()).or_default() += 1;
+        }
+        json!({
+            "generation": self.generation,
+            "mode": policy.mode.name(),
+            "blackhole": format!("{:?}", policy.blackhole).to_lowercase(),
+            "resources": kinds,
+            "rejected": self.rejected,
+            "l4Rules": policy.rules.len(),
+            "allowCidrs": policy.allow_cidrs.len(),
+            "kernelDenials": policy.denials.len(),
+            "interceptPorts": policy.intercept_ports,
+            "proxyPort": (policy.proxy_port != 0).then_some(policy.proxy_port),
+            "gatewayPorts": self.gateways.iter().flat_map(|(_, ports)| ports.iter().copied()).collect::<std::collections::BTreeSet<_>>(),
+            "dns": self.dns,
+        })
     }
 
     /// Shows `engine` as the one decided byte streams are relayed with.
@@ -93,6 +125,7 @@ impl Dump {
                 "proxyPort": policy.proxy_port,
             },
             "proxy": { "relayEngine": self.relay_engine.as_str() },
+            "dns": self.dns,
         });
         serde_json::to_string_pretty(&dump).unwrap_or_else(|_| "{}".into())
     }

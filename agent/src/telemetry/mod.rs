@@ -11,4 +11,5 @@ pub mod passthrough;
 pub mod requests;
 pub mod response_flags;
 pub mod server;
+pub mod status;
 pub mod switches;

@@ -30,14 +30,15 @@ pub async fn serve_metrics(listener: TcpListener, registry: Arc<Registry>) {
 }
 
 /// Serves the admin endpoints: `/config_dump` (the configuration and policy in force, as JSON) and `/ready`.
-pub async fn serve_admin(listener: TcpListener, dump: watch::Receiver<Arc<super::config_dump::Dump>>) {
+pub async fn serve_admin(listener: TcpListener, status: super::status::StatusSources) {
     serve(listener, "admin", move |request| match request.uri().path() {
         "/config_dump" => {
-            let dump = dump.borrow().clone();
+            let dump = status.dump.borrow().clone();
             text(StatusCode::OK, "application/json", dump.render())
         }
+        "/status" => text(StatusCode::OK, "application/json", status.render()),
         "/ready" => text(StatusCode::OK, "text/plain", "LIVE\n".into()),
-        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found: try /config_dump or /ready\n".into()),
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found: try /status, /config_dump or /ready\n".into()),
     })
     .await
 }

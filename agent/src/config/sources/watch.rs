@@ -29,7 +29,7 @@ pub fn watch(paths: &[PathBuf]) -> Result<(Watch, mpsc::Receiver<()>), String> {
         paths.iter().map(|path| std::path::absolute(path).unwrap_or_else(|_| path.clone())).collect();
     let (raw_sender, mut raw) = mpsc::unbounded_channel();
     let files: Vec<PathBuf> = paths.iter().filter(|path| path.is_file()).cloned().collect();
-    let watched = paths.to_vec();
+    let watched = paths.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<Event>| {
         if let Ok(event) = event {
             if !matches!(event.kind, EventKind::Access(_)) && event.paths.iter().any(|p| concerns(p, &watched, &files))

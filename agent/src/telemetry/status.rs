@@ -1,0 +1,126 @@
+//! `/status` on the admin port, which `sluice status` prints: what the running agent enforces now — readiness,
+//! the classifier and the interfaces it is on, the policy's size, the proxy's listeners, rejected resources and
+//! DNS answers — gathered when asked for.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use super::{config_dump::Dump, server::Readiness};
+use crate::datapath::Datapath;
+
+/// Where each part of the status is read from.
+#[derive(Clone)]
+pub struct StatusSources {
+    pub dump: watch::Receiver<Arc<Dump>>,
+    pub readiness: watch::Receiver<Readiness>,
+    pub datapath: Arc<Mutex<Datapath>>,
+    pub forward_proxy_port: Option<u16>,
+}
+
+impl StatusSources {
+    pub fn render(&self) -> String {
+        let readiness = self.readiness.borrow().clone();
+        let (program_id, attached) = {
+            let datapath = self.datapath.lock().unwrap_or_else(PoisonError::into_inner);
+            (datapath.program_id(), datapath.attached().map(str::to_owned).collect::<Vec<_>>())
+        };
+        let mut status = self.dump.borrow().summary();
+        let unenforced: Vec<Value> =
+            readiness.unenforced.iter().map(|(name, why)| json!({"interface": name, "why": why})).collect();
+        status["ready"] = json!(readiness.not_ready_because().is_none());
+        status["notReadyBecause"] = json!(readiness.not_ready_because());
+        status["datapath"] = json!({"programId": program_id, "attached": attached, "unenforced": unenforced});
+        status["forwardProxyPort"] = json!(self.forward_proxy_port);
+        serde_json::to_string_pretty(&status).unwrap_or_else(|_| "{}".into())
+    }
+}
+
+/// Asks the agent's admin endpoint at `admin` for `/status` (over HTTP/1.1, with hyper's client).
+pub async fn fetch(admin: std::net::SocketAddr) -> anyhow::Result<Value> {
+    use anyhow::Context;
+    use http_body_util::{BodyExt, Empty};
+    let stream = tokio::time::timeout(FETCH_TIMEOUT, tokio::net::TcpStream::connect(admin))
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from {admin} within {FETCH_TIMEOUT:?}"))?
+        .with_context(|| format!("no agent's admin endpoint at {admin} (is the agent running? see --admin-addr)"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .context("HTTP to the agent")?;
+    tokio::spawn(connection);
+    let request = hyper::Request::get("/status")
+        .header(hyper::header::HOST, admin.to_string())
+        .body(Empty::<bytes::Bytes>::new())
+        .context("the request")?;
+    let response = tokio::time::timeout(FETCH_TIMEOUT, sender.send_request(request))
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from {admin} within {FETCH_TIMEOUT:?}"))?
+        .context("asking the agent for /status")?;
+    let status = response.status();
+    let body = response.into_body().collect().await.context("reading /status")?.to_bytes();
+    anyhow::ensure!(status.is_success(), "the agent at {admin} answered {status} for /status");
+    serde_json::from_slice(&body).context("the agent's /status is not JSON")
+}
+
+const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The status as `sluice status` prints it: one line a subject, in the spirit of `cilium status`.
+pub fn text(status: &Value, admin: std::net::SocketAddr) -> String {
+    let list = |value: &Value| -> String {
+        let items: Vec<String> = value
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|item| item.as_str().map_or_else(|| item.to_string(), str::to_owned))
+            .collect();
+        if items.is_empty() {
+            "none".into()
+        } else {
+            items.join(", ")
+        }
+    };
+    let mut lines = vec![format!("Sluice agent at {admin}")];
+    let ready = match status["notReadyBecause"].as_str() {
+        None => "yes".to_owned(),
+        Some(why) => format!("no: {why}"),
+    };
+    lines.push(format!("Ready:            {ready}"));
+    lines.push(format!(
+        "Mode:             {} (blackholed traffic: {}), policy generation {}",
+        status["mode"].as_str().unwrap_or("?"),
+        status["blackhole"].as_str().unwrap_or("?"),
+        status["generation"]
+    ));
+    let datapath = &status["datapath"];
+    let program = datapath["programId"].as_u64().map_or_else(|| "not loaded".to_owned(), |id| format!("program {id}"));
+    lines.push(format!("Datapath:         {program} on {}", list(&datapath["attached"])));
+    for unenforced in datapath["unenforced"].as_array().into_iter().flatten() {
+        lines.push(format!(
+            "  NOT ENFORCED:   {} ({})",
+            unenforced["interface"].as_str().unwrap_or("?"),
+            unenforced["why"].as_str().unwrap_or("?")
+        ));
+    }
+    lines.push(format!(
+        "L4 policy:        {} rules, {} always-allowed ranges, {} kernel denials",
+        status["l4Rules"], status["allowCidrs"], status["kernelDenials"]
+    ));
+    let transparent = match status["proxyPort"].as_u64() {
+        Some(port) => format!("transparent :{port} for ports {}", list(&status["interceptPorts"])),
+        None => "interception off".to_owned(),
+    };
+    let forward =
+        status["forwardProxyPort"].as_u64().map_or_else(String::new, |port| format!("; forward proxy :{port}"));
+    lines.push(format!("Proxy:            {transparent}; Gateway ports {}{forward}", list(&status["gatewayPorts"])));
+    let kinds: Vec<String> =
+        status["resources"].as_object().into_iter().flatten().map(|(kind, count)| format!("{kind} {count}")).collect();
+    lines.push(format!("Resources:        {}", if kinds.is_empty() { "none".to_owned() } else { kinds.join(", ") }));
+    let rejected = status["rejected"].as_array().cloned().unwrap_or_default();
+    lines.push(format!("Rejected:         {}", rejected.len()));
+    lines.extend(rejected.iter().map(|error| format!("  {}", error.as_str().unwrap_or("?"))));
+    let dns = status["dns"].as_object().cloned().unwrap_or_default();
+    lines.push(format!("DNS names:        {}", dns.len()));
+    lines.extend(dns.iter().map(|(name, addresses)| format!("  {name} -> {}", list(addresses))));
+    lines.join("\n") + "\n"
+}

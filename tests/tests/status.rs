@@ -1,0 +1,78 @@
+//! `sluice status` against a running agent: what it enforces, on which interfaces, with what it rejected and what
+//! its names resolve to, as text and as JSON.
+
+use sluice_tests::{
+    agent::binary,
+    istio::{self, HTTPBIN, MESH_REGISTRY_ONLY},
+    peers::Dnsmasq,
+    require_root,
+    topology::{GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_B},
+    Agent, Topology,
+};
+
+const DB_BY_DNS: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db, namespace: egress}\n\
+                         spec: {hosts: [db.example], ports: [{number: 5353, name: udp, protocol: UDP}], resolution: DNS}\n";
+const BROKEN: &str =
+    "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: broken, namespace: egress}\n\
+                      spec: {hosts: ['*'], ports: [{number: 443, name: tls, protocol: TLS}]}\n";
+const GATEWAY_8080: &str = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: egress, namespace: istio-system}\n\
+                            spec: {selector: {istio: egressgateway}, servers: [{port: {number: 8080, name: http, protocol: HTTP}, hosts: ['*']}]}\n";
+
+fn status(topology: &Topology, args: &[&str]) -> String {
+    let output = topology.gateway.command(binary().to_str().unwrap()).arg("status").args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "sluice status {args:?}: {stderr}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[test]
+fn sluice_status_says_what_the_running_agent_enforces_and_where_it_does_not() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _dns = Dnsmasq::start(&topology.internet, INTERNET_ADDR, &[("db.example", SERVER_B)]).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, DB_BY_DNS, BROKEN, GATEWAY_8080]).unwrap();
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept gw-missing --wait-for-interfaces --config {} \
+         --dns-server {INTERNET_ADDR} --forward-proxy-port 3128 --allow-cidr 10.0.0.0/8",
+        config.path().display()
+    );
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+
+    let text = status(&topology, &[]);
+    let expected = [
+        "Sluice agent at 127.0.0.1:15000\n",
+        "Ready:            no: no classifier on gw-missing (no such interface)\n",
+        "Mode:             REGISTRY_ONLY (blackholed traffic: drop), policy generation 1\n",
+        "  NOT ENFORCED:   gw-missing (no such interface)\n",
+        "Proxy:            transparent :15001 for ports 80; Gateway ports 8080; forward proxy :3128\n",
+    ];
+    for line in expected {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}\n{}", agent.log());
+    }
+    assert!(text.contains("Resources:        Gateway 1, ServiceEntry 2\n"), "{text}");
+    assert!(
+        text.contains("Rejected:         1\n") && text.contains(": ServiceEntry egress/broken: spec.hosts[0]"),
+        "{text}"
+    );
+    assert!(text.contains("DNS names:        1\n  db.example -> 203.0.113.20\n"), "{text}");
+    let datapath = text.lines().find(|line| line.starts_with("Datapath:")).unwrap();
+    assert!(datapath.starts_with("Datapath:         program ") && datapath.ends_with(" on gw-wl"), "{text}");
+    assert!(text.contains("L4 policy:        1 rules, 1 always-allowed ranges, 0 kernel denials\n"), "{text}");
+
+    let json: serde_json::Value = serde_json::from_str(&status(&topology, &["-o", "json"])).unwrap();
+    assert_eq!(json["ready"], false);
+    assert_eq!(json["datapath"]["attached"], serde_json::json!(["gw-wl"]));
+    assert!(json["datapath"]["programId"].as_u64().is_some_and(|id| id > 0), "{json}");
+    assert_eq!(json["interceptPorts"], serde_json::json!([80]));
+    assert_eq!(json["dns"]["db.example"], serde_json::json!([SERVER_B]));
+
+    let output = topology
+        .gateway
+        .command(binary().to_str().unwrap())
+        .args(["status", "--admin-addr", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no agent's admin endpoint at 127.0.0.1:1"), "{output:?}");
+}
