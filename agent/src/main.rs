@@ -32,6 +32,9 @@ enum Command {
     /// Ask the running agent what it enforces: readiness, the classifier and its interfaces, the policy's size,
     /// the proxy's listeners, rejected resources, DNS answers.
     Status(StatusArgs),
+    /// Ask the running agent what a request to HOST[:PORT] would get now: the route, the cluster and its endpoints,
+    /// or the gateway's own answer (refused, redirected), without sending it.
+    Routes(RoutesArgs),
     /// Print the version.
     Version,
 }
@@ -49,6 +52,31 @@ struct StatusArgs {
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:15000")]
     admin_addr: std::net::SocketAddr,
     /// `text` for people, `json` for programs (the agent's /status as it is).
+    #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+    output: Output,
+}
+
+#[derive(Args)]
+struct RoutesArgs {
+    /// The request's Host, with its port when not 80 (the Gateway port's, with --gateway-port).
+    #[arg(value_name = "HOST[:PORT]")]
+    host: String,
+    /// The request's path.
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// Where the request is sent (its original destination): checked against the host's registered addresses as
+    /// the proxy checks intercepted requests. Unset: the Host alone decides.
+    #[arg(long, value_name = "IP[:PORT]")]
+    address: Option<String>,
+    /// The request arrives on this Gateway server port instead of being intercepted from a workload.
+    #[arg(long, value_name = "PORT")]
+    gateway_port: Option<u16>,
+    /// The workload sending it, by its pod address (with --kube the agent knows its labels and namespace).
+    #[arg(long, value_name = "IP")]
+    source: Option<std::net::IpAddr>,
+    /// The agent's admin endpoint (its --admin-addr).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:15000")]
+    admin_addr: std::net::SocketAddr,
     #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
     output: Output,
 }
@@ -83,6 +111,7 @@ fn main() -> ExitCode {
         Command::Check(args) => check(&args.paths),
         Command::Cleanup(args) => runtime(Some(1)).and_then(|rt| rt.block_on(cleanup(&args.bpffs))),
         Command::Status(args) => status(&args),
+        Command::Routes(args) => routes(&args),
         Command::Version => {
             // The one line this command exists to print.
             use std::io::Write;
@@ -196,10 +225,36 @@ fn status(args: &StatusArgs) -> anyhow::Result<()> {
     use std::io::Write;
     // Asking needs no privileges: a runtime of its own, not the agent's (which checks for root).
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting a runtime")?;
-    let status = runtime.block_on(sluice_agent::telemetry::status::fetch(args.admin_addr))?;
+    let status = runtime.block_on(sluice_agent::telemetry::status::fetch(args.admin_addr, "/status"))?;
     let shown = match args.output {
         Output::Json => serde_json::to_string_pretty(&status)? + "\n",
         Output::Text => sluice_agent::telemetry::status::text(&status, args.admin_addr),
+    };
+    // This command's output is its result.
+    let _ = std::io::stdout().lock().write_all(shown.as_bytes());
+    Ok(())
+}
+
+/// Prints what the running agent would do with a request.
+fn routes(args: &RoutesArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    query.append_pair("host", &args.host).append_pair("path", &args.path);
+    if let Some(address) = &args.address {
+        query.append_pair("address", address);
+    }
+    if let Some(port) = args.gateway_port {
+        query.append_pair("gateway", &port.to_string());
+    }
+    if let Some(source) = args.source {
+        query.append_pair("source", &source.to_string());
+    }
+    let target = format!("/routes?{}", query.finish());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting a runtime")?;
+    let answer = runtime.block_on(sluice_agent::telemetry::status::fetch(args.admin_addr, &target))?;
+    let shown = match args.output {
+        Output::Json => serde_json::to_string_pretty(&answer)? + "\n",
+        Output::Text => sluice_agent::proxy::routing::explain::text(&answer),
     };
     // This command's output is its result.
     let _ = std::io::stdout().lock().write_all(shown.as_bytes());

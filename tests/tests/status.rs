@@ -76,3 +76,47 @@ fn sluice_status_says_what_the_running_agent_enforces_and_where_it_does_not() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("no agent's admin endpoint at 127.0.0.1:1"), "{output:?}");
 }
+
+fn routes(topology: &Topology, args: &[&str]) -> String {
+    let output = topology.gateway.command(binary().to_str().unwrap()).arg("routes").args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "sluice routes {args:?}: {stderr}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[test]
+fn sluice_routes_says_what_a_request_would_get_without_sending_it() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    // The sandbox's configuration: httpbin.org registered (resolution NONE) with a teapot route and a default one.
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/sandbox");
+    let agent =
+        Agent::start(&topology.gateway, &format!("--intercept {GATEWAY_WORKLOAD_IFACE} --config {config}")).unwrap();
+
+    let routed = routes(&topology, &["httpbin.org"]);
+    for line in [
+        "Decision:     forwarded\n",
+        "Route:        httpbin\n",
+        "Cluster:      outbound|80||httpbin.org\n",
+        "Service:      httpbin.org\n",
+        "Sent to:      the address dialled, port 80\n",
+        "Target:       httpbin.org\n",
+        "Source:       unknown workload\n",
+    ] {
+        assert!(routed.contains(line), "missing {line:?} in:\n{routed}\n{}", agent.log());
+    }
+    let teapot = routes(&topology, &["httpbin.org", "--path", "/status/418"]);
+    assert!(teapot.contains("Decision:     answered by the gateway (directResponse)\n"), "{teapot}");
+    assert!(teapot.contains("Route:        teapot\n") && teapot.contains("Status:       418\n"), "{teapot}");
+    let refused = routes(&topology, &["edition.cnn.com"]);
+    assert!(refused.contains("Decision:     refused by the gateway\nStatus:       502\n"), "{refused}");
+    assert!(refused.contains("Cluster:      BlackHoleCluster\n"), "{refused}");
+    let fronted = routes(&topology, &["httpbin.org", "--address", SERVER_B]);
+    assert!(fronted.contains("Status:       421\n"), "sent to another host's address: {fronted}");
+
+    let json: serde_json::Value =
+        serde_json::from_str(&routes(&topology, &["httpbin.org", "--address", "203.0.113.10", "-o", "json"])).unwrap();
+    assert_eq!(json["decision"], "forwarded", "{json}");
+    assert_eq!(json["address"], "203.0.113.10:80", "{json}");
+    assert_eq!(json["hostMismatch"], false, "{json}");
+}

@@ -246,6 +246,8 @@ impl App {
             readiness: readiness_reader.clone(),
             datapath: datapath.clone(),
             forward_proxy_port: settings.forward_proxy_port,
+            routes: routes.clone(),
+            workloads: workloads.clone(),
         };
         tasks.spawn(telemetry::server::serve_admin(admin_listener, status));
         // Ready once every configured interface has the classifier, and with --kube once every kind is listed.

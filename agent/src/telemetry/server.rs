@@ -37,8 +37,16 @@ pub async fn serve_admin(listener: TcpListener, status: super::status::StatusSou
             text(StatusCode::OK, "application/json", dump.render())
         }
         "/status" => text(StatusCode::OK, "application/json", status.render()),
+        "/routes" => match status.route(request.uri().query().unwrap_or("")) {
+            Ok(answer) => text(StatusCode::OK, "application/json", answer),
+            Err(why) => text(StatusCode::BAD_REQUEST, "text/plain", format!("{why}\n")),
+        },
         "/ready" => text(StatusCode::OK, "text/plain", "LIVE\n".into()),
-        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found: try /status, /config_dump or /ready\n".into()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /status, /routes, /config_dump or /ready\n".into(),
+        ),
     })
     .await
 }

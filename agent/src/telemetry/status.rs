@@ -2,13 +2,24 @@
 //! the classifier and the interfaces it is on, the policy's size, the proxy's listeners, rejected resources and
 //! DNS answers — gathered when asked for.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, PoisonError},
+};
 
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use super::{config_dump::Dump, server::Readiness};
-use crate::datapath::Datapath;
+use crate::{
+    config::workloads::KnownWorkloads,
+    datapath::Datapath,
+    policy::routes::ProxyPolicy,
+    proxy::routing::{
+        explain::{explain, Question},
+        Listener,
+    },
+};
 
 /// Where each part of the status is read from.
 #[derive(Clone)]
@@ -17,6 +28,9 @@ pub struct StatusSources {
     pub readiness: watch::Receiver<Readiness>,
     pub datapath: Arc<Mutex<Datapath>>,
     pub forward_proxy_port: Option<u16>,
+    /// The proxy's policy in force and the workloads it knows, for `/routes`.
+    pub routes: Arc<arc_swap::ArcSwap<ProxyPolicy>>,
+    pub workloads: Arc<KnownWorkloads>,
 }
 
 impl StatusSources {
@@ -35,10 +49,50 @@ impl StatusSources {
         status["forwardProxyPort"] = json!(self.forward_proxy_port);
         serde_json::to_string_pretty(&status).unwrap_or_else(|_| "{}".into())
     }
+
+    /// `/routes?host=H[:P]&path=/p&address=IP:PORT&gateway=PORT&source=IP`: what such a request would get now.
+    pub fn route(&self, query: &str) -> Result<String, String> {
+        let fields: std::collections::HashMap<String, String> =
+            form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+        let authority = fields.get("host").filter(|host| !host.is_empty()).ok_or("host is required")?.clone();
+        let path = fields.get("path").cloned().unwrap_or_else(|| "/".into());
+        let listener = match fields.get("gateway") {
+            Some(port) => Listener::Gateway(port.parse().map_err(|_| format!("gateway: {port:?} is not a port"))?),
+            None => Listener::Mesh,
+        };
+        let named_port = authority
+            .rsplit_once(':')
+            .filter(|(host, _)| !host.contains(':') || host.ends_with(']'))
+            .and_then(|(_, port)| port.parse::<u16>().ok());
+        let port = match listener {
+            Listener::Gateway(port) => port,
+            _ => named_port.unwrap_or(80),
+        };
+        let address = match fields.get("address") {
+            Some(address) => address
+                .parse::<SocketAddr>()
+                .or_else(|_| address.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, port)))
+                .map_err(|_| format!("address: {address:?} is not an IP address"))?,
+            None => SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port),
+        };
+        let source_ip = match fields.get("source") {
+            Some(ip) => {
+                Some(ip.parse::<std::net::IpAddr>().map_err(|_| format!("source: {ip:?} is not an IP address"))?)
+            }
+            None => None,
+        };
+        let workloads = self.workloads.load();
+        let source = source_ip.and_then(|ip| workloads.get(ip)).map(|workload| &**workload);
+        let policy = self.routes.load();
+        let mut answer = explain(&policy, &Question { authority, path, listener, address }, source);
+        answer["source"] = json!(source.map(|workload| format!("{}/{}", workload.namespace, workload.name)));
+        Ok(serde_json::to_string_pretty(&answer).unwrap_or_else(|_| "{}".into()))
+    }
 }
 
-/// Asks the agent's admin endpoint at `admin` for `/status` (over HTTP/1.1, with hyper's client).
-pub async fn fetch(admin: std::net::SocketAddr) -> anyhow::Result<Value> {
+/// Asks the agent's admin endpoint at `admin` for `target` (`/status`, `/routes?…`; over HTTP/1.1, with hyper's
+/// client).
+pub async fn fetch(admin: std::net::SocketAddr, target: &str) -> anyhow::Result<Value> {
     use anyhow::Context;
     use http_body_util::{BodyExt, Empty};
     let stream = tokio::time::timeout(FETCH_TIMEOUT, tokio::net::TcpStream::connect(admin))
@@ -49,18 +103,19 @@ pub async fn fetch(admin: std::net::SocketAddr) -> anyhow::Result<Value> {
         .await
         .context("HTTP to the agent")?;
     tokio::spawn(connection);
-    let request = hyper::Request::get("/status")
+    let request = hyper::Request::get(target)
         .header(hyper::header::HOST, admin.to_string())
         .body(Empty::<bytes::Bytes>::new())
         .context("the request")?;
     let response = tokio::time::timeout(FETCH_TIMEOUT, sender.send_request(request))
         .await
         .map_err(|_| anyhow::anyhow!("no answer from {admin} within {FETCH_TIMEOUT:?}"))?
-        .context("asking the agent for /status")?;
+        .with_context(|| format!("asking the agent for {target}"))?;
     let status = response.status();
-    let body = response.into_body().collect().await.context("reading /status")?.to_bytes();
-    anyhow::ensure!(status.is_success(), "the agent at {admin} answered {status} for /status");
-    serde_json::from_slice(&body).context("the agent's /status is not JSON")
+    let body = response.into_body().collect().await.context("reading the answer")?.to_bytes();
+    let answer = String::from_utf8_lossy(&body);
+    anyhow::ensure!(status.is_success(), "the agent at {admin} answered {status}: {}", answer.trim());
+    serde_json::from_slice(&body).with_context(|| format!("the agent's {target} is not JSON"))
 }
 
 const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);

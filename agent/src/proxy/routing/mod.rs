@@ -10,6 +10,8 @@ use http::{
     Request, StatusCode, Uri,
 };
 
+pub mod explain;
+
 use super::{failure::Failure, tcp};
 pub use crate::policy::host_match::strip_port as host_of;
 use crate::policy::{
