@@ -225,7 +225,7 @@ fn status(args: &StatusArgs) -> anyhow::Result<()> {
     use std::io::Write;
     // Asking needs no privileges: a runtime of its own, not the agent's (which checks for root).
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting a runtime")?;
-    let status = runtime.block_on(sluice_agent::telemetry::status::fetch(args.admin_addr, "/status"))?;
+    let status = runtime.block_on(sluice_agent::telemetry::admin_client::fetch(args.admin_addr, "/status"))?;
     let shown = match args.output {
         Output::Json => serde_json::to_string_pretty(&status)? + "\n",
         Output::Text => sluice_agent::telemetry::status::text(&status, args.admin_addr),
@@ -251,7 +251,7 @@ fn routes(args: &RoutesArgs) -> anyhow::Result<()> {
     }
     let target = format!("/routes?{}", query.finish());
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting a runtime")?;
-    let answer = runtime.block_on(sluice_agent::telemetry::status::fetch(args.admin_addr, &target))?;
+    let answer = runtime.block_on(sluice_agent::telemetry::admin_client::fetch(args.admin_addr, &target))?;
     let shown = match args.output {
         Output::Json => serde_json::to_string_pretty(&answer)? + "\n",
         Output::Text => sluice_agent::proxy::routing::explain::text(&answer),

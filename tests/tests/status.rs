@@ -18,11 +18,16 @@ const BROKEN: &str =
 const GATEWAY_8080: &str = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: egress, namespace: istio-system}\n\
                             spec: {selector: {istio: egressgateway}, servers: [{port: {number: 8080, name: http, protocol: HTTP}, hosts: ['*']}]}\n";
 
-fn status(topology: &Topology, args: &[&str]) -> String {
-    let output = topology.gateway.command(binary().to_str().unwrap()).arg("status").args(args).output().unwrap();
+/// What `sluice COMMAND ARGS…` printed in the gateway's namespace (where the agent's admin port is).
+fn sluice(topology: &Topology, command: &str, args: &[&str]) -> String {
+    let output = topology.gateway.command(binary().to_str().unwrap()).arg(command).args(args).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "sluice status {args:?}: {stderr}");
+    assert!(output.status.success(), "sluice {command} {args:?}: {stderr}");
     String::from_utf8(output.stdout).unwrap()
+}
+
+fn status(topology: &Topology, args: &[&str]) -> String {
+    sluice(topology, "status", args)
 }
 
 #[test]
@@ -78,10 +83,7 @@ fn sluice_status_says_what_the_running_agent_enforces_and_where_it_does_not() {
 }
 
 fn routes(topology: &Topology, args: &[&str]) -> String {
-    let output = topology.gateway.command(binary().to_str().unwrap()).arg("routes").args(args).output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "sluice routes {args:?}: {stderr}");
-    String::from_utf8(output.stdout).unwrap()
+    sluice(topology, "routes", args)
 }
 
 #[test]

@@ -241,7 +241,7 @@ impl App {
         tasks.spawn(follower.follow());
         tasks.spawn(telemetry::server::serve_metrics(metrics_listener, metrics.registry.clone()));
         tasks.spawn(sweep_passthrough_series(metrics.requests.clone()));
-        let status = telemetry::status::StatusSources {
+        let status = telemetry::status::AgentState {
             dump: dump_reader,
             readiness: readiness_reader.clone(),
             datapath: datapath.clone(),

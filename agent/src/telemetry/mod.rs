@@ -2,6 +2,7 @@
 //! endpoints.
 
 pub mod access_log;
+pub mod admin_client;
 pub mod blocked_flows;
 pub mod config_dump;
 pub mod connections;

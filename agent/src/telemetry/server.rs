@@ -30,7 +30,7 @@ pub async fn serve_metrics(listener: TcpListener, registry: Arc<Registry>) {
 }
 
 /// Serves the admin endpoints: `/config_dump` (the configuration and policy in force, as JSON) and `/ready`.
-pub async fn serve_admin(listener: TcpListener, status: super::status::StatusSources) {
+pub async fn serve_admin(listener: TcpListener, status: super::status::AgentState) {
     serve(listener, "admin", move |request| match request.uri().path() {
         "/config_dump" => {
             let dump = status.dump.borrow().clone();

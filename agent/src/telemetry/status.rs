@@ -1,4 +1,4 @@
-//! `/status` on the admin port, which `sluice status` prints: what the running agent enforces now — readiness,
+//! `/status` and `/routes` on the admin port, which `sluice status` and `sluice routes` print: what the running agent enforces now — readiness,
 //! the classifier and the interfaces it is on, the policy's size, the proxy's listeners, rejected resources and
 //! DNS answers — gathered when asked for.
 
@@ -21,9 +21,9 @@ use crate::{
     },
 };
 
-/// Where each part of the status is read from.
+/// What the admin endpoint reads of the running agent, when asked.
 #[derive(Clone)]
-pub struct StatusSources {
+pub struct AgentState {
     pub dump: watch::Receiver<Arc<Dump>>,
     pub readiness: watch::Receiver<Readiness>,
     pub datapath: Arc<Mutex<Datapath>>,
@@ -33,7 +33,7 @@ pub struct StatusSources {
     pub workloads: Arc<KnownWorkloads>,
 }
 
-impl StatusSources {
+impl AgentState {
     pub fn render(&self) -> String {
         let readiness = self.readiness.borrow().clone();
         let (program_id, attached) = {
@@ -89,36 +89,6 @@ impl StatusSources {
         Ok(serde_json::to_string_pretty(&answer).unwrap_or_else(|_| "{}".into()))
     }
 }
-
-/// Asks the agent's admin endpoint at `admin` for `target` (`/status`, `/routes?…`; over HTTP/1.1, with hyper's
-/// client).
-pub async fn fetch(admin: std::net::SocketAddr, target: &str) -> anyhow::Result<Value> {
-    use anyhow::Context;
-    use http_body_util::{BodyExt, Empty};
-    let stream = tokio::time::timeout(FETCH_TIMEOUT, tokio::net::TcpStream::connect(admin))
-        .await
-        .map_err(|_| anyhow::anyhow!("no answer from {admin} within {FETCH_TIMEOUT:?}"))?
-        .with_context(|| format!("no agent's admin endpoint at {admin} (is the agent running? see --admin-addr)"))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .context("HTTP to the agent")?;
-    tokio::spawn(connection);
-    let request = hyper::Request::get(target)
-        .header(hyper::header::HOST, admin.to_string())
-        .body(Empty::<bytes::Bytes>::new())
-        .context("the request")?;
-    let response = tokio::time::timeout(FETCH_TIMEOUT, sender.send_request(request))
-        .await
-        .map_err(|_| anyhow::anyhow!("no answer from {admin} within {FETCH_TIMEOUT:?}"))?
-        .with_context(|| format!("asking the agent for {target}"))?;
-    let status = response.status();
-    let body = response.into_body().collect().await.context("reading the answer")?.to_bytes();
-    let answer = String::from_utf8_lossy(&body);
-    anyhow::ensure!(status.is_success(), "the agent at {admin} answered {status}: {}", answer.trim());
-    serde_json::from_slice(&body).with_context(|| format!("the agent's {target} is not JSON"))
-}
-
-const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The status as `sluice status` prints it: one line a subject, in the spirit of `cilium status`.
 pub fn text(status: &Value, admin: std::net::SocketAddr) -> String {
