@@ -112,7 +112,7 @@ fn sluice_routes_says_what_a_request_would_get_without_sending_it() {
     assert!(teapot.contains("Route:        teapot\n") && teapot.contains("Status:       418\n"), "{teapot}");
     let refused = routes(&topology, &["edition.cnn.com"]);
     assert!(refused.contains("Decision:     refused by the gateway\nStatus:       502\n"), "{refused}");
-    assert!(refused.contains("Cluster:      BlackHoleCluster\n"), "{refused}");
+    assert!(refused.contains("Flag:         -\nCluster:      BlackHoleCluster\n"), "{refused}");
     let fronted = routes(&topology, &["httpbin.org", "--address", SERVER_B]);
     assert!(fronted.contains("Status:       421\n"), "sent to another host's address: {fronted}");
 

@@ -83,7 +83,7 @@ pub fn text(answer: &Value) -> String {
     let mut lines = vec![format!("Decision:     {}", shown(&answer["decision"]))];
     for (key, title) in [
         ("status", "Status"),
-        ("flag", "Response flag"),
+        ("flag", "Flag"),
         ("why", "Why"),
         ("route", "Route"),
         ("location", "Location"),
@@ -91,7 +91,7 @@ pub fn text(answer: &Value) -> String {
         ("destinationService", "Service"),
         ("address", "Sent to"),
     ] {
-        if !answer[key].is_null() {
+        if !answer[key].is_null() && answer[key] != "" {
             lines.push(format!("{:<14}{}", format!("{title}:"), shown(&answer[key])));
         }
     }
