@@ -152,9 +152,8 @@ async fn run(settings: RunSettings) -> anyhow::Result<()> {
 
 /// The async runtime, with `concurrency` worker threads (the CPUs the agent may use, by default).
 fn runtime(concurrency: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("sluice needs root (CAP_BPF and CAP_NET_ADMIN to load and attach eBPF): run it as root");
-    }
+    // What the agent needs is capabilities, not uid 0: the missing ones are named (`run` and `cleanup` alike).
+    app::check_capabilities()?;
     let workers = concurrency
         .or_else(|| std::thread::available_parallelism().ok().map(std::num::NonZeroUsize::get))
         .unwrap_or(2)

@@ -57,16 +57,7 @@ impl ApiServer {
 
     /// A kubeconfig naming this server, written to `dir`.
     fn kubeconfig(&self, dir: &std::path::Path) -> String {
-        let path = dir.join("kubeconfig");
-        let config = format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
-             clusters: [{{name: test, cluster: {{server: 'http://{}'}}}}]\n\
-             users: [{{name: test, user: {{}}}}]\n\
-             contexts: [{{name: test, context: {{cluster: test, user: test, namespace: default}}}}]\n",
-            self.addr
-        );
-        std::fs::write(&path, config).unwrap();
-        path.to_str().unwrap().to_owned()
+        kubeconfig(self.addr, dir)
     }
 }
 
@@ -77,6 +68,19 @@ impl Drop for ApiServer {
 }
 
 /// One keep-alive connection: request after request until the client closes it or a watch holds it.
+/// A kubeconfig naming the API server at `addr`, written to `dir`.
+fn kubeconfig(addr: SocketAddr, dir: &std::path::Path) -> String {
+    let path = dir.join("kubeconfig");
+    let config = format!(
+        "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
+         clusters: [{{name: test, cluster: {{server: 'http://{addr}'}}}}]\n\
+         users: [{{name: test, user: {{}}}}]\n\
+         contexts: [{{name: test, context: {{cluster: test, user: test, namespace: default}}}}]\n"
+    );
+    std::fs::write(&path, config).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
 fn serve(mut stream: TcpStream, lists: &BTreeMap<String, Value>, stop: &AtomicBool) {
     let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
     let mut buffer = Vec::new();
@@ -321,7 +325,7 @@ fn an_api_server_that_does_not_answer_stops_the_start_with_one_line() {
     // A port nothing listens on, in the gateway's namespace.
     let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = ApiServer { addr: closed, stop: Arc::new(AtomicBool::new(true)) }.kubeconfig(dir.path());
+    let kubeconfig = kubeconfig(closed, dir.path());
     let bpffs = sluice_tests::agent::Bpffs::mount().unwrap();
     let started = Instant::now();
     let output = topology

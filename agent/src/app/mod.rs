@@ -25,6 +25,7 @@ use tokio::{
 pub use control::Control;
 pub use enforced::Enforced;
 pub use interfaces::InterfaceFollower;
+pub use preflight::capabilities as check_capabilities;
 pub use settings::RunSettings;
 
 use crate::{
@@ -82,7 +83,6 @@ impl App {
     /// Binds the listeners, reads the configuration, loads and attaches the datapath with the policy compiled
     /// from it, and starts the proxy and the telemetry servers.
     pub async fn start(settings: RunSettings) -> anyhow::Result<App> {
-        preflight::capabilities()?;
         raise_descriptor_limit(settings.max_connections);
         telemetry::passthrough::set_passthrough_limit(settings.max_passthrough_series);
         // Listeners first: a port in use fails before anything touches the kernel.
