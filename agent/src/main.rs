@@ -139,15 +139,23 @@ async fn run(settings: RunSettings) -> anyhow::Result<()> {
             tracing::info!("SIGHUP: the access log is reopened before its next line");
         }
     });
+    // The first signal starts the drain; a second cuts it short.
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let (signals, received) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let name = tokio::select! {
+                Some(()) = interrupt.recv() => "SIGINT",
+                Some(()) = terminate.recv() => "SIGTERM",
+                else => break,
+            };
+            if signals.send(name).await.is_err() {
+                break;
+            }
+        }
+    });
     let app = App::start(settings).await?;
-    app.run_until(async move {
-        let signal = tokio::select! {
-            _ = tokio::signal::ctrl_c() => "SIGINT",
-            _ = terminate.recv() => "SIGTERM",
-        };
-        tracing::info!(signal, "stopping");
-    })
-    .await
+    app.run_until(received).await
 }
 
 /// The async runtime, with `concurrency` worker threads (the CPUs the agent may use, by default).

@@ -15,10 +15,18 @@ use crate::parse::{Flow, IPPROTO_TCP};
 
 const BPF_TCP_LISTEN: u32 = 10;
 
+/// Why a packet was not handed to the proxy.
+pub enum NotHanded {
+    /// Not a packet the proxy takes (not TCP, a later fragment, or interception is off).
+    NotForTheProxy,
+    /// No proxy socket: no agent listens (it is restarting or being replaced).
+    NoProxy,
+}
+
 #[inline(never)]
-pub fn to_proxy(ctx: &TcContext, flow: &Flow, config: &DatapathConfig) -> Result<(), ()> {
+pub fn to_proxy(ctx: &TcContext, flow: &Flow, config: &DatapathConfig) -> Result<(), NotHanded> {
     if flow.proto != IPPROTO_TCP || config.proxy_port == 0 || !flow.first_fragment {
-        return Err(());
+        return Err(NotHanded::NotForTheProxy);
     }
     // SAFETY: zeroed bytes are a valid tuple.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
@@ -37,7 +45,7 @@ pub fn to_proxy(ctx: &TcContext, flow: &Flow, config: &DatapathConfig) -> Result
     } else {
         tuple.__bindgen_anon_1.ipv6.daddr = [0; 4];
     }
-    assign(ctx, &mut tuple, tuple_size, true)?;
+    assign(ctx, &mut tuple, tuple_size, true).map_err(|()| NotHanded::NoProxy)?;
     ctx.set_mark(config.mark);
     Ok(())
 }

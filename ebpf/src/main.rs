@@ -17,6 +17,7 @@ use aya_ebpf::{
 };
 use sluice_common::{DatapathConfig, Verdict, FLAG_UNMATCHED_TCP_TO_PROXY, MODE_REGISTRY_ONLY};
 
+use intercept::NotHanded;
 use parse::{Malformed, Packet, IPPROTO_TCP};
 
 #[classifier]
@@ -50,8 +51,8 @@ fn classify(ctx: &TcContext) -> (Verdict, i32) {
     match verdict {
         Verdict::Intercepted => match intercept::to_proxy(ctx, &flow, config) {
             Ok(()) => (Verdict::Intercepted, TC_ACT_OK as i32),
-            // No proxy to take it: the flow is treated as unmatched.
-            Err(()) => unmatched(ctx, &flow, config),
+            Err(NotHanded::NoProxy) => between_agents(),
+            Err(NotHanded::NotForTheProxy) => unmatched(ctx, &flow, config),
         },
         // Unmatched: the source's own mode (a Sidecar's), else the policy's, says which.
         Verdict::Blackholed | Verdict::Passthrough => unmatched(ctx, &flow, config),
@@ -64,12 +65,22 @@ fn unmatched(ctx: &TcContext, flow: &parse::Flow, config: &DatapathConfig) -> (V
     if maps::mode_for(flow.family, &flow.src, config) != MODE_REGISTRY_ONLY {
         // AuthorizationPolicies govern the workloads: the proxy decides what would pass unseen.
         let to_proxy = config.flags & FLAG_UNMATCHED_TCP_TO_PROXY != 0 && flow.proto == IPPROTO_TCP;
-        if to_proxy && intercept::to_proxy(ctx, flow, config).is_ok() {
-            return (Verdict::Intercepted, TC_ACT_OK as i32);
+        if to_proxy {
+            match intercept::to_proxy(ctx, flow, config) {
+                Ok(()) => return (Verdict::Intercepted, TC_ACT_OK as i32),
+                Err(NotHanded::NoProxy) => return between_agents(),
+                Err(NotHanded::NotForTheProxy) => {}
+            }
         }
         return (Verdict::Passthrough, TC_ACT_UNSPEC);
     }
     (Verdict::Blackholed, blackhole::act(ctx, flow, config))
+}
+
+/// A flow the proxy must decide while no agent listens (one is restarting or being replaced): dropped, never passed
+/// by undecided, so that the client's TCP sends again (a SYN a second later) and meets the next agent.
+fn between_agents() -> (Verdict, i32) {
+    (Verdict::Blackholed, TC_ACT_SHOT as i32)
 }
 
 #[cfg(not(test))]

@@ -137,6 +137,10 @@ impl<'a> Agent<'a> {
         let readiness = address_argument(&mut args, "--readiness-addr", READINESS_ADDR)?;
         command.arg("run").args(&args);
         command.arg("--bpffs").arg(bpffs.pin_dir());
+        // Tests stop agents at once, unless they are about the drain.
+        if !args.contains(&"--drain-delay") {
+            command.args(["--drain-delay", "0s", "--drain-timeout", "1s"]);
+        }
         // Tests read the agent's debug events; the benchmarks run it as deployed (SLUICE_AGENT_LOG=info).
         command.env("SLUICE_LOG", std::env::var("SLUICE_AGENT_LOG").unwrap_or_else(|_| "debug".into()));
         let process = Process::spawn("sluice", command)?;
@@ -156,6 +160,24 @@ impl<'a> Agent<'a> {
             nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.process.pid() as i32), nix::sys::signal::SIGKILL);
         self.process.stop(std::time::Duration::from_secs(5));
         self.process.log()
+    }
+
+    /// Sends SIGTERM and returns at once: the agent drains (see `wait_for_exit`).
+    pub fn terminate(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.process.pid() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM);
+    }
+
+    /// Waits up to `timeout` for the agent to exit by itself: its status (`None` if it had not) and log.
+    pub fn wait_for_exit(mut self, timeout: Duration) -> (Option<ExitStatus>, String) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.process.exited() {
+                return (Some(status), self.process.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (None, self.process.log())
     }
 
     /// Runs `sluice ARGS…` in `netns` to completion: its exit status and everything it printed.

@@ -422,6 +422,9 @@ fn allow_any_passes_what_no_entry_matches() {
     assert_eq!((action, verdict), (CONTINUE, Verdict::Passthrough));
     let (action, verdict, _) = classifier.run(&v4(BLOCKED, TCP, &[0, 1]));
     assert_eq!((action, verdict), (CONTINUE, Verdict::Malformed), "malformed packets are left to the stack");
+    // A port the proxy decides, with no proxy listening (between two agents): not passed by undecided.
+    let (action, verdict, _) = classifier.run(&v4(BLOCKED, TCP, &tcp(40000, 8080, TCP_SYN, 1)));
+    assert_eq!((action, verdict), (DROP, Verdict::Blackholed), "dropped, for the client to send again");
 }
 
 #[test]

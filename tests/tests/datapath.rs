@@ -480,7 +480,9 @@ fn what_cannot_name_an_interface_is_refused_and_nothing_is_left_attached() {
 fn a_metrics_port_in_use_is_refused_before_anything_is_attached() {
     require_root();
     let topology = Topology::new().unwrap();
-    let _first = Agent::start(&topology.gateway, &format!("--intercept {GATEWAY_WORKLOAD_IFACE}")).unwrap();
+    // Another program's listener (an agent's own listeners are shared with its successor, SO_REUSEPORT).
+    let metrics_addr: std::net::SocketAddr = sluice_tests::agent::METRICS_ADDR.parse().unwrap();
+    let _other = topology.gateway.enter(|| std::net::TcpListener::bind(metrics_addr)).unwrap().unwrap();
     let sink = UdpSink::bind(&topology.internet, addr(SERVER_A, 6000)).unwrap();
     let bpffs = Bpffs::mount().unwrap();
 

@@ -3,12 +3,12 @@
 
 mod control;
 mod enforced;
+mod handover;
 mod interfaces;
 mod preflight;
 mod settings;
 
 use std::{
-    future::Future,
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex, PoisonError},
@@ -21,6 +21,8 @@ use tokio::{
     sync::{mpsc, watch},
     task::JoinSet,
 };
+
+use handover::{Ownership, Successor};
 
 pub use control::Control;
 pub use enforced::Enforced;
@@ -43,6 +45,7 @@ use crate::{
     },
     proxy::{
         self,
+        drain::Drain,
         gateway_listeners::GatewayListeners,
         http::{HttpProxy, Limits, Listener},
         local_destinations::LocalDestinations,
@@ -57,7 +60,19 @@ use crate::{
 pub struct App {
     control: Control,
     enforced: Enforced,
+    /// What reads and writes the policy, and the metrics and admin endpoints: stopped when the drain begins (a
+    /// successor's answer from then on).
     tasks: JoinSet<()>,
+    /// The proxy's transparent and forward-proxy listeners: closed when the drain delay is over.
+    accepting: JoinSet<()>,
+    /// The readiness endpoint (503 while draining) and what the proxy needs to its end.
+    lasting: JoinSet<()>,
+    /// Writing the datapath is this agent's alone until it stops or a successor starts.
+    ownership: Option<Ownership>,
+    proxy: Arc<HttpProxy>,
+    drain: Drain,
+    drain_delay: Duration,
+    drain_timeout: Duration,
     /// The Kubernetes source's latest full set (`None` until it has listed everything); with --kube.
     kube_changes: Option<watch::Receiver<Option<Arc<kubernetes::Documents>>>>,
     /// The configuration files changed.
@@ -86,9 +101,9 @@ impl App {
         raise_descriptor_limit(settings.max_connections);
         telemetry::passthrough::set_passthrough_limit(settings.max_passthrough_series);
         // Listeners first: a port in use fails before anything touches the kernel.
-        let metrics_listener = listen(settings.metrics_addr, "metrics", "--metrics-addr").await?;
-        let admin_listener = listen(settings.admin_addr, "admin", "--admin-addr").await?;
-        let readiness_listener = listen(settings.readiness_addr, "readiness", "--readiness-addr").await?;
+        let metrics_listener = listen(settings.metrics_addr, "metrics", "--metrics-addr")?;
+        let admin_listener = listen(settings.admin_addr, "admin", "--admin-addr")?;
+        let readiness_listener = listen(settings.readiness_addr, "readiness", "--readiness-addr")?;
         let forward_proxy = match settings.forward_proxy_port {
             Some(port) => Some(proxy::gateway_listeners::bind(port).map_err(|error| {
                 anyhow::anyhow!("binding the forward-proxy listener on port {port}: {error} (see --forward-proxy-port)")
@@ -170,6 +185,8 @@ impl App {
         let snapshot = control.load();
         preflight::configuration(&settings.config, control.files_read(), settings.kube, settings.allow_empty_config)?;
         preflight::interfaces(&settings.intercept, settings.wait_for_interfaces)?;
+        // A running agent on the same pins stops writing them (and drains) before this one touches them.
+        let ownership = Ownership::take(&settings.bpffs).await?;
         // The datapath first: when the maps hold a previous agent's policy, attaching at once enforces it on
         // interfaces that came while no agent ran, before the configuration's names are resolved.
         let mut datapath = Datapath::load(&settings.bpffs)?;
@@ -186,7 +203,8 @@ impl App {
         tracing::info!(relay_engine = relay.engine().as_str(), "decided byte streams are relayed by this engine");
         let datapath = Arc::new(Mutex::new(datapath));
         let listed = kube_changes.as_ref().is_none_or(|changes| changes.borrow().is_some());
-        let (readiness, readiness_reader) = watch::channel(Readiness { listed, unenforced: Vec::new() });
+        let (readiness, readiness_reader) =
+            watch::channel(Readiness { listed, unenforced: Vec::new(), draining: false });
         let local_destinations = Arc::new(LocalDestinations::new(
             settings.allow_local_destination.clone(),
             metrics.local_destinations_refused.clone(),
@@ -233,7 +251,7 @@ impl App {
         let mut certificates = LastGood::default();
         enforced::keep_good_certificates(&mut routes, &mut certificates, &metrics);
         let routes = Arc::new(ArcSwap::from_pointee(routes));
-        let mut tasks = JoinSet::new();
+        let (mut tasks, mut accepting, mut lasting) = (JoinSet::new(), JoinSet::new(), JoinSet::new());
         if let Some(events) = events {
             let (total, requests) = (metrics.blocked_flows.clone(), metrics.requests.clone());
             tasks.spawn(telemetry::blocked_flows::watch(events, total, routes.clone(), requests));
@@ -251,7 +269,7 @@ impl App {
         };
         tasks.spawn(telemetry::server::serve_admin(admin_listener, status));
         // Ready once every configured interface has the classifier, and with --kube once every kind is listed.
-        tasks.spawn(telemetry::server::serve_readiness(readiness_listener, readiness_reader));
+        lasting.spawn(telemetry::server::serve_readiness(readiness_listener, readiness_reader));
         let limits = Limits {
             max_connections: settings.max_connections,
             request_headers_timeout: settings.request_headers_timeout,
@@ -262,20 +280,22 @@ impl App {
                 local_destinations.clone(),
             ),
         };
+        let drain = Drain::default();
         let http = Arc::new(
             HttpProxy::new(routes.clone(), metrics.requests.clone(), limits)
                 .with_resolver(resolver)
                 .with_workloads(workloads.clone())
-                .with_relay(relay),
+                .with_relay(relay)
+                .with_drain(drain.clone()),
         );
-        tasks.spawn(HttpProxy::keep_a_timer_due());
+        lasting.spawn(HttpProxy::keep_a_timer_due());
         for listener in forward_proxy.into_iter().flatten() {
-            tasks.spawn(proxy::gateway_listeners::accept(listener, Listener::Forward, http.clone()));
+            accepting.spawn(proxy::gateway_listeners::accept(listener, Listener::Forward, http.clone()));
         }
         if let Some(listener) = transparent {
-            tasks.spawn(proxy::intercepted::serve(listener, http.clone()));
+            accepting.spawn(proxy::intercepted::serve(listener, http.clone()));
         }
-        let mut gateways = GatewayListeners::new(http);
+        let mut gateways = GatewayListeners::new(http.clone());
         gateways.reconcile(&routes.load().gateway_ports());
         let pods = settings.kube.then(|| workloads.clone());
         let mut enforced =
@@ -285,6 +305,13 @@ impl App {
             control,
             enforced,
             tasks,
+            accepting,
+            lasting,
+            ownership: Some(ownership),
+            proxy: http,
+            drain,
+            drain_delay: settings.drain_delay,
+            drain_timeout: settings.drain_timeout,
             kube_changes,
             file_changes,
             _file_watch: file_watch,
@@ -299,12 +326,11 @@ impl App {
         })
     }
 
-    /// Reconciles on every change (configuration files, Kubernetes, pods, DNS answers running out) until
-    /// `shutdown` completes; then stops the servers and, with --cleanup-on-exit, removes everything from the
-    /// kernel (by default the last policy stays enforced).
-    pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        tokio::pin!(shutdown);
-        loop {
+    /// Reconciles on every change (configuration files, Kubernetes, pods, DNS answers running out) until a signal
+    /// comes on `signals` or a successor agent starts; then drains (`drain`) and, with --cleanup-on-exit, removes
+    /// everything from the kernel (by default the last policy stays enforced).
+    pub async fn run_until(mut self, mut signals: mpsc::Receiver<&'static str>) -> anyhow::Result<()> {
+        let successor = loop {
             let kube_changed = async {
                 match self.kube_changes.as_mut() {
                     Some(changes) => changes.changed().await.is_ok(),
@@ -324,7 +350,14 @@ impl App {
                 }
             };
             tokio::select! {
-                () = &mut shutdown => break,
+                signal = signals.recv() => {
+                    tracing::info!(signal = signal.unwrap_or("none"), "stopping");
+                    break None;
+                }
+                successor = successor_asks(&self.ownership) => {
+                    tracing::info!("a successor agent is starting on these pins: handing the datapath over");
+                    break Some(successor);
+                }
                 true = kube_changed => {
                     self.readiness.send_if_modified(|readiness| !std::mem::replace(&mut readiness.listed, true));
                     self.refresh = reload(&mut self.control, &mut self.enforced).await;
@@ -344,8 +377,15 @@ impl App {
                     }
                 }
             }
+        };
+        let handed_over = successor.is_some();
+        let stopped_at_once = self.drain(successor, &mut signals).await;
+        if handed_over && !stopped_at_once {
+            // Exiting would have the pod restarted, and the restarted agent take the datapath back.
+            tracing::info!("handed over and drained: waiting for SIGTERM");
+            signals.recv().await;
         }
-        self.tasks.abort_all();
+        self.lasting.abort_all();
         for total in self.counters.read() {
             tracing::info!(
                 verdict = total.verdict.label(),
@@ -355,12 +395,75 @@ impl App {
             );
         }
         drop(self.enforced);
-        if self.cleanup_on_exit {
+        // A successor's pins are its own.
+        let successor_owns = Ownership::try_take(&self.bpffs).is_none();
+        if self.cleanup_on_exit && successor_owns {
+            tracing::info!("another agent owns the datapath now: --cleanup-on-exit leaves it in place");
+            Ok(())
+        } else if self.cleanup_on_exit {
             remove_all(&self.bpffs, &self.routing).await
         } else {
             tracing::info!(bpffs = %self.bpffs.display(), "policy stays enforced in the kernel (sluice cleanup removes it)");
             Ok(())
         }
+    }
+}
+
+/// A successor asking for the datapath, while this agent owns it.
+async fn successor_asks(ownership: &Option<Ownership>) -> Successor {
+    match ownership {
+        Some(ownership) => ownership.successor().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl App {
+    /// Moves clients off this agent, as Envoy drains: stops writing the policy (handing the datapath to
+    /// `successor`, or to whichever agent starts next), turns readiness to 503, asks clients to close (HTTP/1.1
+    /// `Connection: close`, HTTP/2 GOAWAY) while the listeners go on accepting for --drain-delay, then closes the
+    /// listeners and gives the connections in flight up to --drain-timeout. A second signal cuts it short; whether
+    /// one did.
+    async fn drain(&mut self, successor: Option<Successor>, signals: &mut mpsc::Receiver<&'static str>) -> bool {
+        // Nothing reads or writes the kernel from here on; the metrics and admin endpoints close (a successor's
+        // answer), and the kernel's counters go on in the pinned maps.
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        self.readiness.send_modify(|readiness| readiness.draining = true);
+        self.drain.begin();
+        if let Some(ownership) = self.ownership.take() {
+            ownership.release(successor).await;
+        }
+        tracing::info!(delay = ?self.drain_delay, "draining: clients are asked to close; the listeners accept for the delay");
+        let cut_short = |signal: Option<&str>| {
+            tracing::info!(signal = signal.unwrap_or("none"), "stopping at once: the drain is cut short");
+            true
+        };
+        let mut stopped_at_once = tokio::select! {
+            () = tokio::time::sleep(self.drain_delay) => false,
+            signal = signals.recv() => cut_short(signal),
+        };
+        self.accepting.abort_all();
+        while self.accepting.join_next().await.is_some() {}
+        self.enforced.gateways.close_all();
+        self.drain.close();
+        let deadline = tokio::time::sleep(self.drain_timeout);
+        tokio::pin!(deadline);
+        while !stopped_at_once {
+            let open = self.proxy.open_connections();
+            if open == 0 {
+                tracing::info!("drained: no client connection is open");
+                break;
+            }
+            tokio::select! {
+                () = &mut deadline => {
+                    tracing::warn!(connections = open, "the drain timeout is over: the connections still open are closed");
+                    break;
+                }
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                signal = signals.recv() => stopped_at_once = cut_short(signal),
+            }
+        }
+        stopped_at_once
     }
 }
 
@@ -467,9 +570,20 @@ fn raise_descriptor_limit(max_connections: usize) {
 }
 
 /// Binds one of the agent's HTTP listeners; a port in use is named with the flag that moves it.
-async fn listen(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await.map_err(|error| {
-        anyhow::anyhow!("binding the {what} listener on {addr}: {error} (is another sluice running? see {flag})")
+/// A telemetry listener on `addr`, shared with a successor agent that starts while this one drains.
+fn listen(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let bind = || {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        tokio::net::TcpListener::from_std(socket.into())
+    };
+    bind().map_err(|error: std::io::Error| {
+        anyhow::anyhow!("binding the {what} listener on {addr}: {error} (is another program listening? see {flag})")
     })
 }
 

@@ -149,6 +149,16 @@ pub struct RunSettings {
     /// either way before it is closed (Envoy's stream_idle_timeout).
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = crate::config::fields::parse_duration)]
     pub stream_idle_timeout: std::time::Duration,
+    /// After SIGTERM (or a successor agent's start), how long the proxy's listeners go on accepting while
+    /// `/healthz/ready` answers 503, HTTP/1.1 responses carry `Connection: close` and HTTP/2 clients are sent
+    /// GOAWAY, so that load balancers and clients move on before the listeners close (Istio's
+    /// terminationDrainDuration).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = crate::config::fields::parse_duration)]
+    pub drain_delay: std::time::Duration,
+    /// Once the listeners are closed, how long connections with a request or a relay in flight have to finish
+    /// before the agent exits (the pod's terminationGracePeriodSeconds must cover both).
+    #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = crate::config::fields::parse_duration)]
+    pub drain_timeout: std::time::Duration,
     /// How long a client connection may stay open with no request in progress, and an opaque TCP relay without a
     /// byte (Envoy's idle_timeout).
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = crate::config::fields::parse_duration)]

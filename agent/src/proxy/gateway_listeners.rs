@@ -74,6 +74,13 @@ impl GatewayListeners {
     }
 }
 
+impl GatewayListeners {
+    /// Stops listening on every port (the agent is draining); accepted connections run to their end.
+    pub fn close_all(&mut self) {
+        self.reconcile(&BTreeSet::new());
+    }
+}
+
 impl Drop for GatewayListeners {
     fn drop(&mut self) {
         self.open.values().flatten().for_each(JoinHandle::abort);

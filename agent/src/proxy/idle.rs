@@ -102,18 +102,35 @@ where
 
 /// How long a connection asked to close may take to finish before it is dropped (its socket closed).
 const CLOSING_GRACE: Duration = Duration::from_secs(1);
+/// Once the drain has closed the listeners, how long an HTTP/1.1 connection may be quiet before it is closed: a
+/// client that connected just before has this long to send its request, which is then served.
+const DRAINED_QUIET: Duration = Duration::from_secs(1);
+
+/// What the drain does to a connection when it reaches it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum OnDrain {
+    /// HTTP/2: GOAWAY at once (the client knows which of its streams were taken, and sends the others elsewhere).
+    GoAway,
+    /// HTTP/1.1: closed once quiet for a moment (each response already asked the client to close).
+    CloseWhenQuiet,
+}
 
 /// Serves `connection` until it ends, or until it has had nothing in progress for `idle` (`first_request` before
-/// its first request): then it is shut down gracefully, and dropped if it has not ended within a second.
+/// its first request): then it is shut down gracefully, and dropped if it has not ended within a second. When
+/// `drained` completes, the drain reaches it as `on_drain` says, and what it has in flight may finish (the
+/// agent's drain bounds how long).
 pub async fn serve_until_idle<C: Graceful>(
     connection: C,
     activity: &Activity,
-    first_request: Duration,
-    idle: Duration,
+    (first_request, idle): (Duration, Duration),
+    (drained, on_drain): (impl Future<Output = ()>, OnDrain),
 ) -> Option<C::Output> {
     tokio::pin!(connection);
+    tokio::pin!(drained);
+    let mut draining = false;
     loop {
         let limit = if activity.requests.load(Ordering::Relaxed) == 0 { first_request } else { idle };
+        let limit = if draining { limit.min(DRAINED_QUIET) } else { limit };
         let wait = match activity.quiet_for() {
             Some(quiet) if quiet >= limit => break,
             Some(quiet) => (limit - quiet).max(Duration::from_millis(10)),
@@ -122,6 +139,13 @@ pub async fn serve_until_idle<C: Graceful>(
         tokio::select! {
             ended = connection.as_mut() => return Some(ended),
             () = tokio::time::sleep(wait) => {}
+            () = &mut drained, if !draining => {
+                if on_drain == OnDrain::GoAway {
+                    connection.as_mut().shut_down();
+                    return Some(connection.await);
+                }
+                draining = true;
+            }
         }
     }
     connection.as_mut().shut_down();

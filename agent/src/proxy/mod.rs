@@ -2,6 +2,7 @@
 
 pub mod authorize;
 pub mod detect;
+pub mod drain;
 pub mod failure;
 pub mod gateway_listeners;
 pub mod http;

@@ -56,6 +56,9 @@ pub fn listener(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> 
         socket.set_ip_transparent_v4(true)?;
     }
     socket.set_reuse_address(true)?;
+    // A successor agent listens beside this one while it drains (an upgrade): the kernel spreads new connections
+    // over both until this one closes.
+    socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;

@@ -59,11 +59,16 @@ pub struct Readiness {
     pub listed: bool,
     /// Configured interfaces without the classifier, each with why: traffic entering them is not enforced.
     pub unenforced: Vec<(String, String)>,
+    /// The agent is stopping (or has handed over to a successor): load balancers should move on.
+    pub draining: bool,
 }
 
 impl Readiness {
     /// Why the agent is not ready, or `None` when it is.
     pub fn not_ready_because(&self) -> Option<String> {
+        if self.draining {
+            return Some("draining: the agent is stopping".to_owned());
+        }
         if !self.listed {
             return Some("the configuration has not been listed yet".to_owned());
         }

@@ -24,7 +24,6 @@ use std::{
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use futures_util::FutureExt;
 use http::{
     header, uri::PathAndQuery, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version,
 };
@@ -40,6 +39,7 @@ pub use super::routing::Listener;
 use super::{
     authorize,
     detect::HttpVersion,
+    drain::{Drain, Phase},
     failure::Failure,
     idle, path,
     relay::Relay,
@@ -118,6 +118,8 @@ pub struct HttpProxy {
     workloads: Arc<KnownWorkloads>,
     /// How decided byte streams (TLS and TCP relays, tunnels, upgrades) are carried.
     relay: Relay,
+    /// Whether clients are being moved off this agent (it is stopping).
+    drain: Drain,
 }
 
 /// What one client may cost the proxy, and where its upstream connections may go.
@@ -153,7 +155,14 @@ impl HttpProxy {
             resolver: None,
             workloads: Default::default(),
             relay: Relay::default(),
+            drain: Drain::default(),
         }
+    }
+
+    /// Client connections are drained when `drain` says so.
+    pub fn with_drain(mut self, drain: Drain) -> HttpProxy {
+        self.drain = drain;
+        self
     }
 
     /// Decided byte streams between two sockets go through `relay`'s engine (by default splice(2)).
@@ -210,6 +219,11 @@ impl HttpProxy {
         permit
     }
 
+    /// Client connections open now (their places of `--max-connections` taken).
+    pub fn open_connections(&self) -> usize {
+        self.limits.max_connections.saturating_sub(self.connections.available_permits())
+    }
+
     /// Keeps one of the runtime's timers due within a second, for as long as it runs. A connection waiting for a
     /// request's headers has a deadline (`request_headers_timeout`) registered with tokio's timer, which wakes its
     /// driver (a system call) whenever a new deadline is earlier than every one it holds: with this one always
@@ -226,8 +240,6 @@ impl HttpProxy {
         self.limits.request_headers_timeout
     }
 
-    /// Serves one client connection (HTTP/1.1 with keep-alive, or HTTP/2, as its first bytes said) until it
-    /// closes.
     /// Serves HTTP on a client's connection (a socket, or TLS the gateway terminated) until it closes or idles.
     pub async fn serve_connection<S>(self: Arc<Self>, stream: S, connection: Connection, version: HttpVersion)
     where
@@ -238,8 +250,12 @@ impl HttpProxy {
         let requests = activity.clone();
         // A request's future is boxed: hyper moves what its service returns, and the whole exchange is kilobytes.
         let peer = connection.peer;
-        let service = hyper::service::service_fn(move |request| {
-            Box::pin(proxy.clone().handle(request, connection.clone(), requests.begin()).map(answered))
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            // A plain HTTP/1.1 exchange (not a tunnel or an upgrade) can carry the drain's `Connection: close`.
+            let closable = request.version() != Version::HTTP_2 && request.method() != Method::CONNECT;
+            let closing = closable.then(|| proxy.drain.clone());
+            let response = Box::pin(proxy.clone().handle(request, connection.clone(), requests.begin()));
+            DrainedResponse { response, closing }
         });
         let io = TokioIo::new(stream);
         let (first_request, idle) = (self.limits.request_headers_timeout, self.limits.idle_timeout);
@@ -256,14 +272,19 @@ impl HttpProxy {
                     .max_headers(MAX_REQUEST_HEADERS)
                     .serve_connection(io, service)
                     .with_upgrades();
-                idle::serve_until_idle(connection, &activity, first_request, idle).await
+                // Its responses ask the client to close from the drain's start; once the listeners close, it is
+                // closed when quiet.
+                let drained = (self.drain.reached(Phase::Closing), idle::OnDrain::CloseWhenQuiet);
+                idle::serve_until_idle(connection, &activity, (first_request, idle), drained).await
             }
             HttpVersion::Http2 => {
                 let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .max_header_list_size(MAX_REQUEST_HEADERS_BYTES as u32)
                     .serve_connection(io, service);
-                idle::serve_until_idle(connection, &activity, first_request, idle).await
+                // GOAWAY from the drain's start: the client opens its next streams elsewhere.
+                let drained = (self.drain.reached(Phase::Draining), idle::OnDrain::GoAway);
+                idle::serve_until_idle(connection, &activity, (first_request, idle), drained).await
             }
         };
         let Some(served) = served else {
@@ -540,8 +561,24 @@ impl HttpProxy {
 }
 
 /// A response, as hyper's services give it (they never fail: a failure is answered as Envoy answers it).
-fn answered(response: Response<ProxyBody>) -> Result<Response<ProxyBody>, std::convert::Infallible> {
-    Ok(response)
+/// A response that asks an HTTP/1.1 client to close its connection while the proxy drains.
+struct DrainedResponse<F> {
+    response: Pin<Box<F>>,
+    /// Set for a plain HTTP/1.1 exchange, which can close after its response.
+    closing: Option<Drain>,
+}
+
+impl<F: Future<Output = Response<ProxyBody>>> Future for DrainedResponse<F> {
+    type Output = Result<Response<ProxyBody>, std::convert::Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut response = std::task::ready!(self.response.as_mut().poll(cx));
+        let draining = self.closing.as_ref().is_some_and(Drain::is_draining);
+        if draining && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        Poll::Ready(Ok(response))
+    }
 }
 
 /// An empty body: boxed without an allocation (it has no size).
