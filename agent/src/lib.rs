@@ -4,6 +4,7 @@ pub mod allocator;
 pub mod app;
 pub mod config;
 pub mod datapath;
+pub mod fuzzing;
 pub mod policy;
 pub mod proxy;
 pub mod telemetry;

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod http;
 pub mod istio;
+pub mod load;
 pub mod metrics;
 pub mod netns;
 pub mod packets;

@@ -18,8 +18,9 @@ use sluice_tests::{
 const REWRITE: &str = "SLUICE_WRITE_DOCS";
 /// The commands `docs/cli.md` documents, after `sluice`.
 const COMMANDS: [&str; 7] = ["", "run", "check", "status", "routes", "cleanup", "version"];
-/// Flags the pages name that belong to other programs (curl, cargo).
-const OTHER_PROGRAMS_FLAGS: [&str; 5] = ["--max-time", "--release", "--resolve", "--profile", "--test"];
+/// Flags the pages name that belong to other programs (curl, cargo, `cargo xtask`).
+const OTHER_PROGRAMS_FLAGS: [&str; 7] =
+    ["--max-time", "--release", "--resolve", "--profile", "--test", "--time", "--minutes"];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

@@ -57,3 +57,19 @@ fn the_forward_proxy_overlay_opens_the_proxy_port_and_the_two_hop_overlay_the_se
         assert!(two_hop.contains(port), "{port}:\n{two_hop}");
     }
 }
+
+#[test]
+fn the_daemonset_surges_declares_no_host_ports_and_waits_out_the_drain() {
+    let base = output(Command::new("kubectl").arg("kustomize").arg(deploy())).1;
+    // A new agent beside the old one, sharing its listeners: the old one drains, no request fails.
+    assert!(base.contains("maxSurge: 1") && base.contains("maxUnavailable: 0"), "{base}");
+    // On the host's network a container port is a host port, which would keep the surge pod off the node.
+    assert!(!base.contains("containerPort"), "{base}");
+    // The drain's defaults (--drain-delay 5s, --drain-timeout 20s) fit in the grace period.
+    let grace: u64 = base
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("terminationGracePeriodSeconds: "))
+        .and_then(|seconds| seconds.parse().ok())
+        .unwrap_or_else(|| panic!("no terminationGracePeriodSeconds:\n{base}"));
+    assert!(grace >= 5 + 20, "terminationGracePeriodSeconds {grace}");
+}

@@ -3,6 +3,7 @@
 mod bench;
 mod build;
 mod deps;
+mod fuzz;
 mod sandbox;
 mod test;
 
@@ -34,6 +35,21 @@ enum Command {
     Test,
     /// Benchmarks, printed as tables (as root).
     Bench,
+    /// Mixed traffic through the agent for --minutes, with configuration churn, changing DNS answers and restarts;
+    /// prints failures by cause and the agent's memory, descriptors, threads and series over time (as root).
+    Soak {
+        /// How long it runs (`cargo xtask test` runs it for one).
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+    },
+    /// Run the fuzz targets of fuzz/ (all, or one), each for --time seconds.
+    Fuzz {
+        /// One target (configuration, first_bytes, routing, access_log, datapath_event); all by default.
+        target: Option<String>,
+        /// How long each target runs, in seconds.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -44,6 +60,8 @@ fn main() -> ExitCode {
         Command::Run => sandbox::run(),
         Command::Test => test::run(),
         Command::Bench => bench::run(),
+        Command::Fuzz { target, time } => fuzz_targets(target, time),
+        Command::Soak { minutes } => test::soak(minutes),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -52,6 +70,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn fuzz_targets(target: Option<String>, seconds: u64) -> anyhow::Result<()> {
+    let all = fuzz::targets()?;
+    let targets = match target {
+        Some(target) if !all.contains(&target) => {
+            anyhow::bail!("no fuzz target {target}: there are {}", all.join(", "))
+        }
+        Some(target) => vec![target],
+        None => all,
+    };
+    let runs = fuzz::run(&targets, seconds, fuzz::Build::Optimized)?;
+    fuzz::report(&runs);
+    Ok(())
 }
 
 /// The workspace root (xtask's parent directory).

@@ -21,7 +21,23 @@ pub fn run() -> anyhow::Result<()> {
     build::agent(Profile::Debug)?;
     let mut tests = build::cargo();
     tests.args(["test", "--workspace", "--locked"]).env("SLUICE_AGENT_BIN", build::agent_binary(Profile::Debug));
-    cargo_test(&mut tests)
+    cargo_test(&mut tests)?;
+    // Every fuzz target, briefly: what it finds fails the run (`cargo xtask fuzz` runs them longer).
+    let runs = crate::fuzz::run(&crate::fuzz::targets()?, crate::fuzz::TEST_SECONDS, crate::fuzz::Build::Quick)?;
+    crate::fuzz::report(&runs);
+    Ok(())
+}
+
+/// `tests/tests/soak.rs` for `minutes`, its output shown as it comes.
+pub fn soak(minutes: u64) -> anyhow::Result<()> {
+    crate::deps::install()?;
+    build::all(Profile::Debug)?;
+    crate::run(
+        build::cargo()
+            .args(["test", "--locked", "-p", "sluice-tests", "--test", "soak", "--", "--nocapture"])
+            .env("SLUICE_AGENT_BIN", build::agent_binary(Profile::Debug))
+            .env("SLUICE_SOAK_MINUTES", minutes.to_string()),
+    )
 }
 
 /// Runs `cargo test`, passing its output through, and closes with one line totalling every test binary.

@@ -3,7 +3,7 @@
 //! ports and on Gateway servers that pass TLS through or serve TCP: decided, relayed until either side closes or
 //! both are silent, counted in Istio's TCP metrics and written to the access log.
 
-mod client_hello;
+pub mod client_hello;
 mod decide;
 
 use std::{

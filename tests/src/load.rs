@@ -1,0 +1,152 @@
+//! Steady load from a workload: flows, each sent in a loop on a thread of its own, their outcomes tallied by
+//! phase (what the test was doing meanwhile: a restart, a configuration change) and failures by cause.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Mutex,
+    },
+    time::Duration,
+};
+
+/// What became of one flow in one phase.
+#[derive(Clone, Debug, Default)]
+pub struct Tally {
+    pub done: u64,
+    /// Failures by cause (the error's text).
+    pub failed: BTreeMap<String, u64>,
+}
+
+impl Tally {
+    pub fn failures(&self) -> u64 {
+        self.failed.values().sum()
+    }
+}
+
+/// The load's flows and what became of them.
+#[derive(Default)]
+pub struct Load {
+    stop: AtomicBool,
+    phase: AtomicUsize,
+    tallies: Mutex<BTreeMap<(usize, &'static str), Tally>>,
+}
+
+impl Load {
+    /// Sends `attempt` in a loop (every `pause`) until `stop`, tallying each outcome under the phase it began in.
+    pub fn send(&self, flow: &'static str, pause: Duration, mut attempt: impl FnMut() -> Result<(), String>) {
+        while !self.stop.load(Ordering::SeqCst) {
+            let phase = self.phase.load(Ordering::SeqCst);
+            let outcome = attempt();
+            let mut tallies = self.tallies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let tally = tallies.entry((phase, flow)).or_default();
+            match outcome {
+                Ok(()) => tally.done += 1,
+                Err(cause) => *tally.failed.entry(cause).or_default() += 1,
+            }
+            drop(tallies);
+            std::thread::sleep(pause);
+        }
+    }
+
+    /// Outcomes from now on are tallied under `phase`.
+    pub fn enter(&self, phase: usize) {
+        self.phase.store(phase, Ordering::SeqCst);
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// `flow`'s outcomes in `phase`.
+    pub fn tally(&self, phase: usize, flow: &str) -> Tally {
+        let tallies = self.tallies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        tallies.iter().find(|((p, f), _)| *p == phase && *f == flow).map(|(_, tally)| tally.clone()).unwrap_or_default()
+    }
+
+    /// Every flow's outcomes, over all phases.
+    pub fn totals(&self) -> BTreeMap<&'static str, Tally> {
+        let tallies = self.tallies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut totals: BTreeMap<&'static str, Tally> = BTreeMap::new();
+        for ((_, flow), tally) in tallies.iter() {
+            let total = totals.entry(flow).or_default();
+            total.done += tally.done;
+            for (cause, count) in &tally.failed {
+                *total.failed.entry(cause.clone()).or_default() += count;
+            }
+        }
+        totals
+    }
+}
+
+/// A connection to `to`, with reads bounded (a hang is a failure).
+pub fn connect(to: SocketAddr) -> Result<TcpStream, String> {
+    let stream = TcpStream::connect_timeout(&to, Duration::from_secs(2)).map_err(|e| format!("connect: {e}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    Ok(stream)
+}
+
+/// One `GET /` with `host` on the kept connection to `to` (opened if there is none); the connection is dropped
+/// when the response asks, or fails.
+pub fn kept_alive(kept: &mut Option<BufReader<TcpStream>>, to: SocketAddr, host: &str) -> Result<(), String> {
+    if kept.is_none() {
+        *kept = Some(BufReader::new(connect(to)?));
+    }
+    let reader = kept.as_mut().ok_or("no connection")?;
+    let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let outcome = reader.get_mut().write_all(request.as_bytes()).map_err(|e| format!("write: {e}"));
+    match outcome.and_then(|()| read_response(reader)) {
+        Ok(false) => Ok(()),
+        Ok(true) => {
+            *kept = None;
+            Ok(())
+        }
+        Err(cause) => {
+            *kept = None;
+            Err(cause)
+        }
+    }
+}
+
+/// One `GET /` with `host` on a connection of its own to `to`.
+pub fn one_request(to: SocketAddr, host: &str) -> Result<(), String> {
+    let mut reader = BufReader::new(connect(to)?);
+    let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    reader.get_mut().write_all(request.as_bytes()).map_err(|e| format!("write: {e}"))?;
+    read_response(&mut reader).map(|_| ())
+}
+
+/// Reads one response, which must be a 200 with a Content-Length body; whether it asked to close the connection.
+pub fn read_response(reader: &mut BufReader<TcpStream>) -> Result<bool, String> {
+    let mut line = String::new();
+    reader.read_line(&mut line).map_err(|e| format!("reading the status: {e}"))?;
+    if !line.starts_with("HTTP/1.1 200") {
+        return Err(format!("status line {:?}", line.trim_end()));
+    }
+    let (mut length, mut closes) = (0, false);
+    loop {
+        line.clear();
+        reader.read_line(&mut line).map_err(|e| format!("reading headers: {e}"))?;
+        let header = line.trim_end().to_ascii_lowercase();
+        if header.is_empty() {
+            break;
+        }
+        if let Some(value) = header.strip_prefix("content-length:") {
+            length = value.trim().parse().map_err(|_| format!("bad length {header:?}"))?;
+        }
+        closes |= header == "connection: close";
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).map_err(|e| format!("reading the body: {e}"))?;
+    Ok(closes)
+}
+
+/// A connection to `to` that must not be established (a blackholed destination).
+pub fn never_connects(to: SocketAddr) -> Result<(), String> {
+    match TcpStream::connect_timeout(&to, Duration::from_millis(200)) {
+        Ok(_) => Err(format!("{to} was reached")),
+        Err(_) => Ok(()),
+    }
+}
