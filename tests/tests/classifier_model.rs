@@ -217,26 +217,15 @@ fn ipv6(
         header[4..8].copy_from_slice(&id.to_be_bytes());
         headers.insert(rng.usize(..=headers.len()), (44, header));
     }
-    let mut chain = Vec::new();
-    for (i, (_, bytes)) in headers.iter().enumerate() {
-        let mut header = bytes.clone();
-        header[0] = headers.get(i + 1).map_or(proto, |(kind, _)| *kind);
-        header[1] = match headers[i].0 {
+    // Each header's length field, as its kind counts it (the next-header fields are chained by `packets::ipv6`).
+    for (kind, header) in &mut headers {
+        header[1] = match kind {
             44 => 0,
             51 => (header.len() / 4 - 2) as u8,
             _ => (header.len() / 8 - 1) as u8,
         };
-        chain.extend(header);
     }
-    let first = headers.first().map_or(proto, |(kind, _)| *kind);
-    let mut packet = vec![0x60, 0, 0, 0];
-    packet.extend(((chain.len() + payload.len()) as u16).to_be_bytes());
-    packet.extend([first, 64]);
-    packet.extend(src.octets());
-    packet.extend(dst.octets());
-    packet.extend(chain);
-    packet.extend(payload);
-    packet
+    sluice_tests::packets::ipv6(src, dst, proto, &headers, payload)
 }
 
 /// What the model reads of a packet.

@@ -49,6 +49,7 @@ use crate::{
         gateway_listeners::GatewayListeners,
         http::{HttpProxy, Limits, Listener},
         local_destinations::LocalDestinations,
+        overload::Overload,
         relay::Relay,
         tcp::{SourceAddresses, UpstreamSockets},
         transparent_listener::TransparentListener,
@@ -104,6 +105,7 @@ impl App {
         let metrics_listener = listen(settings.metrics_addr, "metrics", "--metrics-addr")?;
         let admin_listener = listen(settings.admin_addr, "admin", "--admin-addr")?;
         let readiness_listener = listen(settings.readiness_addr, "readiness", "--readiness-addr")?;
+        proxy::transparent_listener::migrate_queued_connections();
         let forward_proxy = match settings.forward_proxy_port {
             Some(port) => Some(proxy::gateway_listeners::bind(port).map_err(|error| {
                 anyhow::anyhow!("binding the forward-proxy listener on port {port}: {error} (see --forward-proxy-port)")
@@ -281,12 +283,22 @@ impl App {
             ),
         };
         let drain = Drain::default();
+        let overload = Arc::new(Overload::default());
+        match settings.max_memory.or_else(proxy::overload::default_threshold).filter(|bytes| *bytes > 0) {
+            Some(threshold) => {
+                tracing::info!(threshold, "past this resident memory the proxy sheds new work (--max-memory)");
+                let (overload, active) = (overload.clone(), metrics.requests.overloaded());
+                lasting.spawn(async move { overload.watch(threshold, active).await });
+            }
+            None => tracing::info!("no --max-memory and no cgroup memory limit: the proxy never sheds work"),
+        }
         let http = Arc::new(
             HttpProxy::new(routes.clone(), metrics.requests.clone(), limits)
                 .with_resolver(resolver)
                 .with_workloads(workloads.clone())
                 .with_relay(relay)
-                .with_drain(drain.clone()),
+                .with_drain(drain.clone())
+                .with_overload(overload),
         );
         lasting.spawn(HttpProxy::keep_a_timer_due());
         for listener in forward_proxy.into_iter().flatten() {

@@ -149,6 +149,12 @@ pub struct RunSettings {
     /// either way before it is closed (Envoy's stream_idle_timeout).
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = crate::config::fields::parse_duration)]
     pub stream_idle_timeout: std::time::Duration,
+    /// The resident memory past which the proxy sheds new work — requests answered 503 (flag OM), new relayed
+    /// connections and TLS handshakes reset — until it is below 95% of it again (Envoy's overload manager). A
+    /// size (`512Mi`, `2Gi`, bytes); `0` turns it off. By default 90% of the agent's cgroup memory limit (the
+    /// pod's), if it has one.
+    #[arg(long, value_name = "SIZE", value_parser = proxy::overload::parse_size)]
+    pub max_memory: Option<u64>,
     /// After SIGTERM (or a successor agent's start), how long the proxy's listeners go on accepting while
     /// `/healthz/ready` answers 503, HTTP/1.1 responses carry `Connection: close` and HTTP/2 clients are sent
     /// GOAWAY, so that load balancers and clients move on before the listeners close (Istio's

@@ -49,6 +49,8 @@ pub enum Failure {
     UpstreamIdle,
     /// An AuthorizationPolicy denies the request.
     AccessDenied,
+    /// The proxy is past `--max-memory`: new requests are shed until it is below again.
+    Overloaded,
 }
 
 impl Failure {
@@ -66,7 +68,8 @@ impl Failure {
             | Failure::Overflow
             | Failure::UpstreamConnect
             | Failure::TlsOrigination
-            | Failure::UpstreamReset => StatusCode::SERVICE_UNAVAILABLE,
+            | Failure::UpstreamReset
+            | Failure::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Failure::UpstreamTimeout | Failure::UpstreamIdle => StatusCode::GATEWAY_TIMEOUT,
             Failure::StreamIdleTimeout => StatusCode::REQUEST_TIMEOUT,
         }
@@ -94,6 +97,7 @@ impl Failure {
             Failure::UpstreamReset => ResponseFlag::UpstreamConnectionTermination,
             Failure::UpstreamTimeout => ResponseFlag::UpstreamRequestTimeout,
             Failure::StreamIdleTimeout | Failure::UpstreamIdle => ResponseFlag::StreamIdleTimeout,
+            Failure::Overloaded => ResponseFlag::OverloadManager,
         }
     }
 
@@ -123,6 +127,7 @@ impl Failure {
             Failure::StreamIdleTimeout | Failure::UpstreamIdle => "stream timeout",
             Failure::LocalDestination => "destination refused: it is the gateway node itself\n",
             Failure::AccessDenied => "RBAC: access denied",
+            Failure::Overloaded => "overloaded\n",
         }
     }
 }
@@ -175,6 +180,7 @@ mod tests {
             (Failure::HttpsInTheClear, 400, "DPE", "https:// is tunnelled with CONNECT, never sent in the clear\n"),
             (Failure::UpstreamIdle, 504, "SI", "stream timeout"),
             (Failure::AccessDenied, 403, "-", "RBAC: access denied"),
+            (Failure::Overloaded, 503, "OM", "overloaded\n"),
         ];
         for (failure, status, flag, body) in cases {
             assert_eq!(
@@ -204,9 +210,10 @@ mod tests {
                 | Failure::UpgradeNotAllowed
                 | Failure::StreamIdleTimeout
                 | Failure::HttpsInTheClear
-                | Failure::UpstreamIdle => {}
+                | Failure::UpstreamIdle
+                | Failure::Overloaded => {}
             }
         }
-        assert_eq!(cases.len(), 19);
+        assert_eq!(cases.len(), 20);
     }
 }

@@ -3,6 +3,8 @@
 
 use std::{sync::Arc, time::Duration};
 
+use tokio::sync::OwnedSemaphorePermit;
+
 use super::{
     detect::{detect, Detected, DETECTION_TIMEOUT},
     http::{Connection, HttpProxy, Listener},
@@ -17,7 +19,13 @@ pub async fn serve(listener: Arc<TransparentListener>, proxy: Arc<HttpProxy>) {
     loop {
         match listener.accept().await {
             Ok(connection) => {
-                tokio::spawn(dispatch(connection, proxy.clone()));
+                // Its place is taken before its task runs: a drain that finds no place taken has no connection
+                // left to wait for.
+                let Some(permit) = proxy.admit() else {
+                    tcp::reset(&connection.stream);
+                    continue;
+                };
+                tokio::spawn(dispatch(connection, permit, proxy.clone()));
             }
             Err(error) => {
                 tracing::warn!(%error, "accepting an intercepted connection");
@@ -27,11 +35,7 @@ pub async fn serve(listener: Arc<TransparentListener>, proxy: Arc<HttpProxy>) {
     }
 }
 
-async fn dispatch(connection: Intercepted, proxy: Arc<HttpProxy>) {
-    let Some(_permit) = proxy.admit() else {
-        tcp::reset(&connection.stream);
-        return;
-    };
+async fn dispatch(connection: Intercepted, _permit: OwnedSemaphorePermit, proxy: Arc<HttpProxy>) {
     let Intercepted { stream, peer, original_destination: dialled } = connection;
     // What the registered service at the address declares the port: TCP is decided by address at once (a
     // server-first protocol's client says nothing until the server has); TLS is read as a ClientHello at once (no

@@ -10,6 +10,7 @@ pub mod idle;
 pub mod intercepted;
 pub mod l4;
 pub mod local_destinations;
+pub mod overload;
 pub mod path;
 pub mod relay;
 pub mod routing;

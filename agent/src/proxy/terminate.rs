@@ -30,6 +30,11 @@ use crate::{
 
 /// Serves a connection accepted on a Gateway port with servers terminating TLS.
 pub async fn serve(mut stream: TcpStream, connection: Connection, proxy: Arc<HttpProxy>) {
+    // Past --max-memory no handshake is begun.
+    if proxy.sheds("connection") {
+        super::tcp::reset(&stream);
+        return;
+    }
     let clock = (SystemTime::now(), Instant::now());
     let deadline = tokio::time::Instant::now() + proxy.request_headers_timeout();
     let port = connection.local.port();

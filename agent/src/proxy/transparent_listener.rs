@@ -43,6 +43,24 @@ impl TransparentListener {
     }
 }
 
+/// Asks the kernel to hand the connections queued at a closing listener to another listener of its port
+/// (`net.ipv4.tcp_migrate_req`, per network namespace), so that those a draining agent had not accepted go to its
+/// successor rather than being reset. Best effort: a container's /proc/sys is read-only.
+pub fn migrate_queued_connections() {
+    const SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+    if std::fs::read_to_string(SYSCTL).is_ok_and(|value| value.trim() == "1") {
+        return;
+    }
+    match std::fs::write(SYSCTL, "1") {
+        Ok(()) => {
+            tracing::info!("net.ipv4.tcp_migrate_req set: a closing listener's queued connections go to its successor")
+        }
+        Err(error) => {
+            tracing::debug!(%error, "net.ipv4.tcp_migrate_req not set: a closing listener's queued connections are reset")
+        }
+    }
+}
+
 /// A listening socket on `addr` (IPv6 only for an IPv6 address); `transparent`: accepting connections addressed
 /// to any address (`IP_TRANSPARENT`), as the classifier hands them over.
 pub fn listener(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {

@@ -33,10 +33,12 @@ pub enum ResponseFlag {
     FaultInjected,
     /// `SI`: the stream was idle for the stream idle timeout.
     StreamIdleTimeout,
+    /// `OM`: the proxy was overloaded (past `--max-memory`) and shed the request.
+    OverloadManager,
 }
 
 /// Each flag's text, in the enum's order.
-static TEXTS: [&str; 13] = ["-", "DPE", "NR", "NC", "UH", "DF", "UO", "UF", "UR", "UT", "DI", "FI", "SI"];
+static TEXTS: [&str; 14] = ["-", "DPE", "NR", "NC", "UH", "DF", "UO", "UF", "UR", "UT", "DI", "FI", "SI", "OM"];
 
 impl ResponseFlag {
     /// As Envoy writes it (`-` for none).
@@ -70,6 +72,7 @@ mod tests {
             (ResponseFlag::DelayInjected, "DI"),
             (ResponseFlag::FaultInjected, "FI"),
             (ResponseFlag::StreamIdleTimeout, "SI"),
+            (ResponseFlag::OverloadManager, "OM"),
         ];
         assert_eq!(flags.len(), TEXTS.len(), "every flag is listed here");
         for (flag, text) in flags {

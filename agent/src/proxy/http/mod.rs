@@ -41,7 +41,9 @@ use super::{
     detect::HttpVersion,
     drain::{Drain, Phase},
     failure::Failure,
-    idle, path,
+    idle,
+    overload::Overload,
+    path,
     relay::Relay,
     routing::{self, Decision, Destination},
     tcp::{self, UpstreamSockets},
@@ -120,6 +122,8 @@ pub struct HttpProxy {
     relay: Relay,
     /// Whether clients are being moved off this agent (it is stopping).
     drain: Drain,
+    /// Whether new work is shed (past `--max-memory`).
+    overload: Arc<Overload>,
 }
 
 /// What one client may cost the proxy, and where its upstream connections may go.
@@ -156,7 +160,23 @@ impl HttpProxy {
             workloads: Default::default(),
             relay: Relay::default(),
             drain: Drain::default(),
+            overload: Arc::default(),
         }
+    }
+
+    /// New work is shed while `overload` says so.
+    pub fn with_overload(mut self, overload: Arc<Overload>) -> HttpProxy {
+        self.overload = overload;
+        self
+    }
+
+    /// Whether new work is shed now; when it is, one shed `what` (`request`, `connection`) is counted.
+    pub fn sheds(&self, what: &'static str) -> bool {
+        let shedding = self.overload.is_shedding();
+        if shedding {
+            self.telemetry.overload_shed(what);
+        }
+        shedding
     }
 
     /// Client connections are drained when `drain` says so.
@@ -354,6 +374,10 @@ impl HttpProxy {
                 record.x_forwarded_for = header_text(request.headers(), &X_FORWARDED_FOR);
                 record.request_id = header_text(request.headers(), &X_REQUEST_ID);
                 self.telemetry.capture_headers(request.headers(), &mut record.captured_headers);
+            }
+            // Past --max-memory, the request is answered before anything else is done for it.
+            if self.sheds("request") {
+                return self.local_failure(Failure::Overloaded, record, started, None);
             }
             if request.uri().path_and_query().is_some_and(|pq| pq.as_str().len() > MAX_URI_BYTES) {
                 return self.local_failure(Failure::UriTooLong, record, started, None);

@@ -114,6 +114,10 @@ pub async fn serve_tls(
     arrival: Arrival,
     proxy: &HttpProxy,
 ) {
+    if proxy.sheds("connection") {
+        super::tcp::reset(&stream);
+        return;
+    }
     let clock = (SystemTime::now(), Instant::now());
     let mut hello = Vec::with_capacity(2048);
     match read_client_hello(&mut stream, proxy.limits().request_headers_timeout, &mut hello).await {
@@ -186,6 +190,10 @@ pub async fn serve_tcp<S: ClientStream>(
     proxy: &HttpProxy,
     terminated: Terminated<'_>,
 ) {
+    // Past --max-memory: closed at once (a reset where the stream is a socket of its own).
+    if proxy.sheds("connection") {
+        return;
+    }
     let clock = (SystemTime::now(), Instant::now());
     serve_tcp_read(stream, (peer, dialled), (&[], terminated), arrival, proxy, clock).await;
 }

@@ -13,7 +13,7 @@ use std::{
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 use tokio::sync::mpsc;
@@ -332,6 +332,9 @@ pub struct RequestTelemetry {
     dropped_lines: Counter,
     host_mismatches: Family<[(&'static str, &'static str); 1], Counter>,
     connections_refused: Counter,
+    /// Work shed while overloaded (`--max-memory`), by what (request, connection), and whether it is now.
+    overload_shed: Family<[(&'static str, &'static str); 1], Counter>,
+    overloaded: Gauge,
     client_hellos_refused: Family<[(&'static str, &'static str); 1], Counter>,
     handshakes_failed: Family<[(&'static str, &'static str); 1], Counter>,
     authorization: Family<[(&'static str, Label); 3], Counter>,
@@ -361,6 +364,19 @@ impl RequestTelemetry {
             "sluice_proxy_connections_refused",
             "Client connections reset at accept because --max-connections were open",
             connections_refused.clone(),
+        );
+        let overload_shed = Family::default();
+        registry.register(
+            "sluice_overload_shed",
+            "New work the proxy shed while past --max-memory, by what: requests (answered 503, flag OM) and relayed \
+             connections or TLS handshakes (reset)",
+            overload_shed.clone(),
+        );
+        let overloaded = Gauge::default();
+        registry.register(
+            "sluice_overload_active",
+            "1 while the proxy is past --max-memory and sheds new work, else 0",
+            overloaded.clone(),
         );
         let client_hellos_refused = Family::default();
         registry.register(
@@ -429,6 +445,8 @@ impl RequestTelemetry {
             dropped_lines,
             host_mismatches,
             connections_refused,
+            overload_shed,
+            overloaded,
             client_hellos_refused,
             handshakes_failed,
             authorization,
@@ -506,6 +524,16 @@ impl RequestTelemetry {
     pub fn configure(&self, access_log: AccessLog, disabled_metrics: &[&str]) {
         self.access_log.store(Arc::new(access_log));
         self.switches.set(disabled_metrics);
+    }
+
+    /// Counts new work shed while overloaded: a `request` or a `connection`.
+    pub fn overload_shed(&self, what: &'static str) {
+        self.overload_shed.get_or_create(&[("what", what)]).inc();
+    }
+
+    /// The gauge that shows whether the proxy is overloaded.
+    pub fn overloaded(&self) -> Gauge {
+        self.overloaded.clone()
     }
 
     /// Counts an intercepted TLS connection closed because its ClientHello was not read, for `reason`.
