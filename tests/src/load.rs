@@ -44,7 +44,11 @@ impl Load {
             let tally = tallies.entry((phase, flow)).or_default();
             match outcome {
                 Ok(()) => tally.done += 1,
-                Err(cause) => *tally.failed.entry(cause).or_default() += 1,
+                Err(cause) => {
+                    // When, to the millisecond and in UTC as the agent logs: to find it in the agent's log.
+                    eprintln!("{} {flow} failed: {cause}", utc_time_of_day());
+                    *tally.failed.entry(cause).or_default() += 1;
+                }
             }
             drop(tallies);
             std::thread::sleep(pause);
@@ -79,6 +83,13 @@ impl Load {
         }
         totals
     }
+}
+
+/// The time of day in UTC, `HH:MM:SS.mmm`.
+fn utc_time_of_day() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let (seconds, millis) = (now.as_secs() % 86_400, now.subsec_millis());
+    format!("{:02}:{:02}:{:02}.{millis:03}", seconds / 3600, seconds / 60 % 60, seconds % 60)
 }
 
 /// A connection to `to`, with reads bounded (a hang is a failure).

@@ -22,7 +22,7 @@ use tokio::{
     task::JoinSet,
 };
 
-use handover::{Ownership, Successor};
+use handover::{Claim, Held, Ownership, Successor};
 
 pub use control::Control;
 pub use enforced::Enforced;
@@ -187,8 +187,9 @@ impl App {
         let snapshot = control.load();
         preflight::configuration(&settings.config, control.files_read(), settings.kube, settings.allow_empty_config)?;
         preflight::interfaces(&settings.intercept, settings.wait_for_interfaces)?;
-        // A running agent on the same pins stops writing them (and drains) before this one touches them.
-        let ownership = Ownership::take(&settings.bpffs).await?;
+        // A running agent on the same pins holds still (writes nothing, serves on) while this one takes them up;
+        // it hands them over once this one is ready, and goes on if this one fails first.
+        let claim = Claim::on(&settings.bpffs).await?;
         // The datapath first: when the maps hold a previous agent's policy, attaching at once enforces it on
         // interfaces that came while no agent ran, before the configuration's names are resolved.
         let mut datapath = Datapath::load(&settings.bpffs)?;
@@ -313,6 +314,7 @@ impl App {
         let mut enforced =
             Enforced { datapath, routes, gateways, metrics, dump, workloads, sidecars, sources: None, certificates };
         enforced.apply_sources();
+        let ownership = claim.complete().await?;
         Ok(App {
             control,
             enforced,
@@ -367,8 +369,26 @@ impl App {
                     break None;
                 }
                 successor = successor_asks(&self.ownership) => {
-                    tracing::info!("a successor agent is starting on these pins: handing the datapath over");
-                    break Some(successor);
+                    tracing::info!("a successor agent is starting on these pins: holding still until it is ready");
+                    let held = tokio::select! {
+                        held = successor.ready() => held,
+                        signal = signals.recv() => {
+                            tracing::info!(signal = signal.unwrap_or("none"), "stopping");
+                            break None;
+                        }
+                    };
+                    match held {
+                        Held::Ready(successor) => {
+                            tracing::info!("the successor is ready: handing the datapath over");
+                            break Some(successor);
+                        }
+                        Held::Gone => {
+                            tracing::warn!("the successor went away before it was ready: this agent goes on");
+                            // What the successor wrote is replaced by this agent's policy, whole.
+                            self.enforced.sources = None;
+                            self.refresh = reload(&mut self.control, &mut self.enforced).await;
+                        }
+                    }
                 }
                 true = kube_changed => {
                     self.readiness.send_if_modified(|readiness| !std::mem::replace(&mut readiness.listed, true));

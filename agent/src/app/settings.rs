@@ -155,7 +155,7 @@ pub struct RunSettings {
     /// pod's), if it has one.
     #[arg(long, value_name = "SIZE", value_parser = proxy::overload::parse_size)]
     pub max_memory: Option<u64>,
-    /// After SIGTERM (or a successor agent's start), how long the proxy's listeners go on accepting while
+    /// After SIGTERM (or once a successor agent is ready to take over), how long the proxy's listeners go on accepting while
     /// `/healthz/ready` answers 503, HTTP/1.1 responses carry `Connection: close` and HTTP/2 clients are sent
     /// GOAWAY, so that load balancers and clients move on before the listeners close (Istio's
     /// terminationDrainDuration).

@@ -41,11 +41,15 @@ impl InterceptRouting {
         Ok(InterceptRouting { handle })
     }
 
-    /// Installs the rules and routes; installing them again replaces them.
+    /// Installs the rules and routes: a rule already in place stays, the routes are replaced (atomically).
     pub async fn install(&self) -> Result<(), RoutingError> {
-        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-            // Rules are not replaced by the kernel, so an old copy is removed first.
-            let _ = self.handle.rule().del(rule(family)).execute().await;
+        for (family, version) in [(AddressFamily::Inet, IpVersion::V4), (AddressFamily::Inet6, IpVersion::V6)] {
+            // A rule in place is left there (a previous agent's, which a successor adopts): removing it for a
+            // moment would let intercepted traffic be forwarded past the proxy. Rules are not replaced by the
+            // kernel, and one added again would be a second copy.
+            if self.has_rule(family, version).await? {
+                continue;
+            }
             let mut add = self.handle.rule().add();
             *add.message_mut() = rule(family);
             match add.execute().await {
@@ -55,6 +59,8 @@ impl InterceptRouting {
                     result.map_err(|source| RoutingError { what: format!("adding the {family:?} rule"), source })?
                 }
             }
+        }
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
             self.handle
                 .route()
                 .add(route(family))
@@ -70,18 +76,7 @@ impl InterceptRouting {
     /// checked often, so that intercepted traffic is not left to be forwarded past the proxy.
     pub async fn missing(&self) -> Result<bool, RoutingError> {
         for (family, version) in [(AddressFamily::Inet, IpVersion::V4), (AddressFamily::Inet6, IpVersion::V6)] {
-            let wanted = rule(family);
-            let mut rules = self.handle.rule().get(version).execute();
-            let mut found = false;
-            while let Some(found_rule) = rules
-                .try_next()
-                .await
-                .map_err(|source| RoutingError { what: format!("listing the {family:?} rules"), source })?
-            {
-                found |= wanted.attributes.iter().all(|attribute| found_rule.attributes.contains(attribute))
-                    && found_rule.header.action == wanted.header.action;
-            }
-            if !found {
+            if !self.has_rule(family, version).await? {
                 return Ok(true);
             }
             let mut listing = RouteMessage::default();
@@ -103,6 +98,22 @@ impl InterceptRouting {
             }
         }
         Ok(false)
+    }
+
+    /// Whether the rule of interception for `family` is in place.
+    async fn has_rule(&self, family: AddressFamily, version: IpVersion) -> Result<bool, RoutingError> {
+        let wanted = rule(family);
+        let mut rules = self.handle.rule().get(version).execute();
+        let mut found = false;
+        while let Some(found_rule) = rules
+            .try_next()
+            .await
+            .map_err(|source| RoutingError { what: format!("listing the {family:?} rules"), source })?
+        {
+            found |= wanted.attributes.iter().all(|attribute| found_rule.attributes.contains(attribute))
+                && found_rule.header.action == wanted.header.action;
+        }
+        Ok(found)
     }
 
     /// Removes the rules and routes; what is already gone is not an error.
