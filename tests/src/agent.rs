@@ -162,6 +162,12 @@ impl<'a> Agent<'a> {
         self.process.log()
     }
 
+    /// The agent's resident memory (`VmRSS`), in KiB; `None` once it has gone.
+    pub fn resident_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        status.lines().find_map(|line| line.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()
+    }
+
     /// Sends SIGTERM and returns at once: the agent drains (see `wait_for_exit`).
     pub fn terminate(&self) {
         let pid = nix::unistd::Pid::from_raw(self.process.pid() as i32);

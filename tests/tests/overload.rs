@@ -22,20 +22,14 @@ use sluice_tests::{
 const HOLDERS: usize = 600;
 const HELD_BYTES: usize = 48 * 1024;
 
-fn resident_kib(agent: &Agent) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
-    let line = status.lines().find(|line| line.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// Waits up to 15 s for the agent's `sluice_overload_active` to be `value`.
 fn wait_for_overload(agent: &Agent, value: u64) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while agent.sample("sluice_overload_active").unwrap() != value {
         assert!(
             Instant::now() < deadline,
-            "sluice_overload_active never became {value} ({} KiB resident)",
-            resident_kib(agent)
+            "sluice_overload_active never became {value} ({:?} KiB resident)",
+            agent.resident_kib()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -58,7 +52,7 @@ fn past_max_memory_new_requests_are_shed_with_503_om_and_served_again_once_memor
     let idle = {
         let agent = Agent::start(&topology.gateway, &args("0")).unwrap();
         assert_eq!(get(&topology, "httpbin.org", SERVER_A, "/", &[]).0, 200, "{}", agent.log());
-        resident_kib(&agent)
+        agent.resident_kib().unwrap()
     };
     let threshold = (idle + 16 * 1024) * 1024;
     let agent = Agent::start(&topology.gateway, &args(&threshold.to_string())).unwrap();

@@ -144,18 +144,20 @@ struct Sample {
     rss_kib: u64,
     descriptors: usize,
     threads: usize,
+    /// The runtime's tasks alive (`sluice_runtime_tasks`).
+    tasks: u64,
     series: usize,
 }
 
 fn sample(agent: &Agent, index: usize, at: Duration) -> Option<Sample> {
     let proc = Path::new("/proc").join(agent.pid().to_string());
-    let status = std::fs::read_to_string(proc.join("status")).ok()?;
-    let rss_kib =
-        status.lines().find_map(|line| line.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()?;
+    let rss_kib = agent.resident_kib()?;
     let descriptors = std::fs::read_dir(proc.join("fd")).ok()?.count();
     let threads = std::fs::read_dir(proc.join("task")).ok()?.count();
-    let series = agent.metrics().ok()?.lines().filter(|line| !line.starts_with('#') && !line.is_empty()).count();
-    Some(Sample { at, agent: index, rss_kib, descriptors, threads, series })
+    let metrics = agent.metrics().ok()?;
+    let series = metrics.lines().filter(|line| !line.starts_with('#') && !line.is_empty()).count();
+    let tasks = sluice_tests::agent::sample(&metrics, "sluice_runtime_tasks")?;
+    Some(Sample { at, agent: index, rss_kib, descriptors, threads, tasks, series })
 }
 
 /// Within one agent's life, after its first third: its last third may hold no more than its middle third, but for
@@ -253,16 +255,16 @@ fn mixed_traffic_with_config_churn_dns_changes_and_restarts_fails_nothing_and_le
     });
     drop(dns);
 
-    println!("{:>7} {:>5} {:>9} {:>5} {:>7} {:>6}", "seconds", "agent", "RSS KiB", "fds", "threads", "series");
+    let header = ["seconds", "agent", "RSS KiB", "fds", "threads", "tasks", "series"];
+    println!(
+        "{:>7} {:>5} {:>9} {:>5} {:>7} {:>5} {:>6}",
+        header[0], header[1], header[2], header[3], header[4], header[5], header[6]
+    );
     for s in &samples {
+        let seconds = s.at.as_secs_f64();
         println!(
-            "{:>7.0} {:>5} {:>9} {:>5} {:>7} {:>6}",
-            s.at.as_secs_f64(),
-            s.agent,
-            s.rss_kib,
-            s.descriptors,
-            s.threads,
-            s.series
+            "{seconds:>7.0} {:>5} {:>9} {:>5} {:>7} {:>5} {:>6}",
+            s.agent, s.rss_kib, s.descriptors, s.threads, s.tasks, s.series
         );
     }
     let totals = load.totals();
@@ -292,6 +294,7 @@ fn mixed_traffic_with_config_churn_dns_changes_and_restarts_fails_nothing_and_le
         check("resident memory", levels_off(&life, |s| s.rss_kib, 8 * 1024));
         check("open descriptors", levels_off(&life, |s| s.descriptors as u64, 32));
         check("threads", levels_off(&life, |s| s.threads as u64, 2));
+        check("tasks", levels_off(&life, |s| s.tasks, 64));
         check("metric series", levels_off(&life, |s| s.series as u64, 16));
     }
 }

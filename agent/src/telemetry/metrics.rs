@@ -4,7 +4,13 @@
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{counter::ConstCounter, counter::Counter, family::Family, gauge::Gauge, MetricType},
+    metrics::{
+        counter::ConstCounter,
+        counter::Counter,
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        MetricType,
+    },
     registry::Registry,
 };
 
@@ -63,6 +69,7 @@ pub fn registry(counters: VerdictCounters, blackholed: BlackholedDestinations, a
     let mut registry = Registry::default();
     let requests = RequestTelemetry::start(&mut registry, access_log);
     registry.register_collector(Box::new(DatapathCollector { counters, blackholed }));
+    registry.register_collector(Box::new(RuntimeCollector));
     let blocked_flows = Counter::default();
     registry.register(
         "sluice_blocked_flows",
@@ -161,6 +168,19 @@ impl Collector for DatapathCollector {
             ConstCounter::new(destination.packets).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
+    }
+}
+
+/// The agent's own tasks, read as they are scraped: a count that keeps growing is a leak.
+#[derive(Debug)]
+struct RuntimeCollector;
+
+impl Collector for RuntimeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return Ok(()) };
+        let help = "Tasks alive in the agent's async runtime (each client connection is at least one)";
+        let family = encoder.encode_descriptor("sluice_runtime_tasks", help, None, MetricType::Gauge)?;
+        ConstGauge::new(runtime.metrics().num_alive_tasks() as i64).encode(family)
     }
 }
 
