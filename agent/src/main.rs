@@ -32,8 +32,9 @@ enum Command {
     /// Ask the running agent what it enforces: readiness, the classifier and its interfaces, the policy's size,
     /// the proxy's listeners, rejected resources, DNS answers.
     Status(StatusArgs),
-    /// Ask the running agent what a request to HOST[:PORT] would get now: the route, the cluster and its endpoints,
-    /// or the gateway's own answer (refused, redirected), without sending it.
+    /// Ask the running agent what a request to HOST[:PORT] (or a TLS connection naming HOST, or a TCP connection to
+    /// --address) would get now: the route, the cluster and its endpoints, or the gateway's own answer (refused,
+    /// redirected), without sending it.
     Routes(RoutesArgs),
     /// Print the version.
     Version,
@@ -58,9 +59,14 @@ struct StatusArgs {
 
 #[derive(Args)]
 struct RoutesArgs {
-    /// The request's Host, with its port when not 80 (the Gateway port's, with --gateway-port).
+    /// The request's Host, with its port when not 80 (the Gateway port's, with --gateway-port); with `--protocol
+    /// tls`, the ClientHello's server name (port 443 unless given); not needed with `--protocol tcp`.
     #[arg(value_name = "HOST[:PORT]")]
-    host: String,
+    host: Option<String>,
+    /// What is sent: an HTTP request, a TLS connection (decided by its server name, relayed unread) or an opaque
+    /// TCP connection (decided by --address, or by --gateway-port's server).
+    #[arg(long, value_enum, default_value = "http")]
+    protocol: RouteProtocol,
     /// The request's path.
     #[arg(long, default_value = "/")]
     path: String,
@@ -79,6 +85,13 @@ struct RoutesArgs {
     admin_addr: std::net::SocketAddr,
     #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
     output: Output,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RouteProtocol {
+    Http,
+    Tls,
+    Tcp,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -246,7 +259,16 @@ fn status(args: &StatusArgs) -> anyhow::Result<()> {
 fn routes(args: &RoutesArgs) -> anyhow::Result<()> {
     use std::io::Write;
     let mut query = form_urlencoded::Serializer::new(String::new());
-    query.append_pair("host", &args.host).append_pair("path", &args.path);
+    let protocol = match args.protocol {
+        RouteProtocol::Http => "http",
+        RouteProtocol::Tls => "tls",
+        RouteProtocol::Tcp => "tcp",
+    };
+    if args.host.is_none() && args.protocol != RouteProtocol::Tcp {
+        bail!("HOST is required for --protocol {protocol}");
+    }
+    query.append_pair("host", args.host.as_deref().unwrap_or("")).append_pair("path", &args.path);
+    query.append_pair("protocol", protocol);
     if let Some(address) = &args.address {
         query.append_pair("address", address);
     }

@@ -12,6 +12,8 @@ use sluice_tests::{
 
 const DB_BY_DNS: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db, namespace: egress}\n\
                          spec: {hosts: [db.example], ports: [{number: 5353, name: udp, protocol: UDP}], resolution: DNS}\n";
+const MISSING_BY_DNS: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: missing, namespace: egress}\n\
+                              spec: {hosts: [missing.example], ports: [{number: 5354, name: udp, protocol: UDP}], resolution: DNS}\n";
 const BROKEN: &str =
     "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: broken, namespace: egress}\n\
                       spec: {hosts: ['*'], ports: [{number: 443, name: tls, protocol: TLS}]}\n";
@@ -36,7 +38,8 @@ fn sluice_status_says_what_the_running_agent_enforces_and_where_it_does_not() {
     let topology = Topology::new().unwrap();
     let _dns = Dnsmasq::start(&topology.internet, INTERNET_ADDR, &[("db.example", SERVER_B)]).unwrap();
     let config = tempfile::tempdir().unwrap();
-    istio::write(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, DB_BY_DNS, BROKEN, GATEWAY_8080]).unwrap();
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, DB_BY_DNS, MISSING_BY_DNS, BROKEN, GATEWAY_8080])
+        .unwrap();
     let args = format!(
         "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept gw-missing --wait-for-interfaces --config {} \
          --dns-server {INTERNET_ADDR} --forward-proxy-port 3128 --allow-cidr 10.0.0.0/8",
@@ -55,12 +58,14 @@ fn sluice_status_says_what_the_running_agent_enforces_and_where_it_does_not() {
     for line in expected {
         assert!(text.contains(line), "missing {line:?} in:\n{text}\n{}", agent.log());
     }
-    assert!(text.contains("Resources:        Gateway 1, ServiceEntry 2\n"), "{text}");
+    assert!(text.contains("Resources:        Gateway 1, ServiceEntry 3\n"), "{text}");
     assert!(
         text.contains("Rejected:         1\n") && text.contains(": ServiceEntry egress/broken: spec.hosts[0]"),
         "{text}"
     );
-    assert!(text.contains("DNS names:        1\n  db.example -> 203.0.113.20\n"), "{text}");
+    // Each name with its addresses and the TTL left (dnsmasq answers with --local-ttl=1), or why it has none.
+    assert!(text.contains("DNS names:        2\n  db.example -> 203.0.113.20 (TTL "), "{text}");
+    assert!(text.contains("\n  missing.example -> none (last lookup failed: "), "{text}");
     let datapath = text.lines().find(|line| line.starts_with("Datapath:")).unwrap();
     assert!(datapath.starts_with("Datapath:         program ") && datapath.ends_with(" on gw-wl"), "{text}");
     assert!(text.contains("L4 policy:        1 rules, 1 always-allowed ranges, 0 kernel denials\n"), "{text}");
@@ -71,6 +76,8 @@ fn sluice_status_says_what_the_running_agent_enforces_and_where_it_does_not() {
     assert!(json["datapath"]["programId"].as_u64().is_some_and(|id| id > 0), "{json}");
     assert_eq!(json["interceptPorts"], serde_json::json!([80]));
     assert_eq!(json["dns"]["db.example"], serde_json::json!([SERVER_B]));
+    assert!(json["dnsAnswers"]["db.example"]["ttlSeconds"].as_u64().is_some_and(|ttl| ttl <= 1), "{json}");
+    assert!(json["dnsAnswers"]["missing.example"]["error"].is_string(), "{json}");
 
     let output = topology
         .gateway
@@ -121,4 +128,52 @@ fn sluice_routes_says_what_a_request_would_get_without_sending_it() {
     assert_eq!(json["decision"], "forwarded", "{json}");
     assert_eq!(json["address"], "203.0.113.10:80", "{json}");
     assert_eq!(json["hostMismatch"], false, "{json}");
+}
+
+const GOOGLE_APIS_TLS: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: googleapis, namespace: egress}\n\
+                               spec: {hosts: ['*.googleapis.com'], ports: [{number: 443, name: tls, protocol: TLS}], resolution: NONE}\n";
+const DB_TCP: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db, namespace: egress}\n\
+                      spec: {hosts: [db.internal], addresses: [203.0.113.20], ports: [{number: 5432, name: tcp, protocol: TCP}], resolution: NONE}\n";
+
+#[test]
+fn sluice_routes_says_what_a_tls_or_tcp_connection_would_get() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, GOOGLE_APIS_TLS, DB_TCP]).unwrap();
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --config {}", config.path().display());
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+
+    let tls = routes(&topology, &["storage.googleapis.com", "--protocol", "tls"]);
+    for line in [
+        "Decision:     forwarded (relayed unread)\n",
+        "Cluster:      outbound|443||*.googleapis.com\n",
+        "Sent to:      the address dialled, port 443\n",
+    ] {
+        assert!(tls.contains(line), "missing {line:?} in:\n{tls}\n{}", agent.log());
+    }
+    let unregistered = routes(&topology, &["evil.example.com", "--protocol", "tls"]);
+    assert!(
+        unregistered.contains("Decision:     refused by the gateway (the connection is reset)\n"),
+        "{unregistered}"
+    );
+    assert!(unregistered.contains("Cluster:      BlackHoleCluster\n"), "{unregistered}");
+
+    let db = routes(&topology, &["--protocol", "tcp", "--address", "203.0.113.20:5432"]);
+    for line in ["Decision:     forwarded (relayed unread)\n", "Cluster:      outbound|5432||db.internal\n"] {
+        assert!(db.contains(line), "missing {line:?} in:\n{db}");
+    }
+    let json: serde_json::Value = serde_json::from_str(&routes(
+        &topology,
+        &["--protocol", "tcp", "--address", "203.0.113.99:5432", "-o", "json"],
+    ))
+    .unwrap();
+    assert_eq!(json["cluster"], "BlackHoleCluster", "{json}");
+    assert_eq!(json["protocol"], "tcp", "{json}");
+
+    // A TCP connection is decided by where it goes: without --address there is nothing to decide.
+    let output =
+        topology.gateway.command(binary().to_str().unwrap()).args(["routes", "--protocol", "tcp"]).output().unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("address is required for tcp"), "{output:?}");
 }

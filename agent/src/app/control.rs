@@ -32,6 +32,8 @@ pub struct Control {
     store: Store,
     resolver: Arc<DnsResolver>,
     resolved: Resolved,
+    /// What the last round of lookups said of each name (TTLs, failures), read by `/status` when asked.
+    pub(super) dns_answers: Arc<arc_swap::ArcSwap<resolver::Answers>>,
     /// What the last load rejected.
     errors: Vec<ConfigError>,
     /// How many resources and mesh configs the last load took from the files (Kubernetes' aside).
@@ -62,6 +64,7 @@ impl Control {
             store: Store::default(),
             resolver,
             resolved: Resolved::new(),
+            dns_answers: Default::default(),
             errors: Vec::new(),
             files_accepted: 0,
             names: Default::default(),
@@ -111,7 +114,8 @@ impl Control {
 
     /// Looks up the names the configuration resolves by DNS: whether any answer changed, and when to look again.
     pub async fn resolve(&mut self) -> (bool, std::time::Duration) {
-        let (resolved, refresh) = self.resolver.resolve(&self.names, &self.resolved).await;
+        let (resolved, refresh, answers) = self.resolver.resolve(&self.names, &self.resolved).await;
+        self.dns_answers.store(Arc::new(answers));
         let changed = resolved != self.resolved;
         if changed {
             tracing::info!(

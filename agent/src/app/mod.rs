@@ -269,6 +269,7 @@ impl App {
             forward_proxy_port: settings.forward_proxy_port,
             routes: routes.clone(),
             workloads: workloads.clone(),
+            dns_answers: control.dns_answers.clone(),
         };
         tasks.spawn(telemetry::server::serve_admin(admin_listener, status));
         // Ready once every configured interface has the classifier, and with --kube once every kind is listed.

@@ -34,6 +34,16 @@ const LOOKUPS_IN_FLIGHT: usize = 128;
 /// Host → the addresses it resolved to. A host whose lookup failed keeps its previous addresses.
 pub type Resolved = BTreeMap<String, Vec<IpAddr>>;
 
+/// What the last round of lookups said of each name, for `sluice status`: until when its answer holds (its TTL),
+/// or why it failed (its previous addresses kept).
+pub type Answers = BTreeMap<String, Answer>;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    Valid { until: std::time::SystemTime },
+    Failed { error: String },
+}
+
 /// The names to resolve: hosts of ServiceEntries with DNS resolution and no endpoints (wildcards cannot be
 /// resolved), and endpoint addresses that are names.
 pub fn names(snapshot: &Snapshot) -> BTreeSet<String> {
@@ -116,11 +126,12 @@ impl DnsResolver {
 
     /// Resolves `names`, up to LOOKUPS_IN_FLIGHT at once and for no longer than ROUND_TIMEOUT in all; a name
     /// that fails, or is not answered in time, keeps what `previous` had for it. Returns the addresses and when
-    /// to look again (the earliest expiry, within MIN_REFRESH and MAX_REFRESH).
-    pub async fn resolve(&self, names: &BTreeSet<String>, previous: &Resolved) -> (Resolved, Duration) {
+    /// to look again (the earliest expiry, within MIN_REFRESH and MAX_REFRESH), with what each lookup said.
+    pub async fn resolve(&self, names: &BTreeSet<String>, previous: &Resolved) -> (Resolved, Duration, Answers) {
         use futures_util::StreamExt;
 
         let mut resolved = Resolved::new();
+        let mut answers = Answers::new();
         let mut refresh = MAX_REFRESH;
         let mut failed: Vec<(&str, String)> = Vec::new();
         let lookups = futures_util::stream::iter(names.iter().map(|name| async move {
@@ -144,6 +155,7 @@ impl DnsResolver {
                     addresses.dedup();
                     let ttl = answer.valid_until().saturating_duration_since(Instant::now());
                     refresh = refresh.min(ttl);
+                    answers.insert(name.clone(), Answer::Valid { until: std::time::SystemTime::now() + ttl });
                     resolved.insert(name.clone(), addresses);
                 }
                 Err(error) => failed.push((name, error)),
@@ -154,6 +166,13 @@ impl DnsResolver {
             refresh = MIN_REFRESH;
             for (name, error) in &failed {
                 tracing::debug!(host = %name, %error, "DNS lookup failed");
+                answers.insert((*name).to_owned(), Answer::Failed { error: error.clone() });
+            }
+            let late: Vec<&String> =
+                names.iter().filter(|name| !resolved.contains_key(*name) && !answers.contains_key(*name)).collect();
+            for name in late {
+                answers
+                    .insert(name.clone(), Answer::Failed { error: format!("not answered within {ROUND_TIMEOUT:?}") });
             }
             let (host, error) = failed.first().map(|(name, error)| (*name, error.as_str())).unwrap_or(("", ""));
             tracing::warn!(
@@ -168,7 +187,7 @@ impl DnsResolver {
                 resolved.entry(name.clone()).or_insert_with(|| addresses.clone());
             }
         }
-        (resolved, refresh.clamp(MIN_REFRESH, MAX_REFRESH))
+        (resolved, refresh.clamp(MIN_REFRESH, MAX_REFRESH), answers)
     }
 }
 

@@ -12,12 +12,15 @@ use tokio::sync::watch;
 
 use super::{config_dump::Dump, server::Readiness};
 use crate::{
-    config::workloads::KnownWorkloads,
+    config::{resolver::Answer, resolver::Answers, workloads::KnownWorkloads},
     datapath::Datapath,
     policy::routes::ProxyPolicy,
-    proxy::routing::{
-        explain::{explain, Question},
-        Listener,
+    proxy::{
+        l4::Arrival,
+        routing::{
+            explain::{explain, explain_connection, ConnectionQuestion, Question},
+            Listener,
+        },
     },
 };
 
@@ -31,6 +34,8 @@ pub struct AgentState {
     /// The proxy's policy in force and the workloads it knows, for `/routes`.
     pub routes: Arc<arc_swap::ArcSwap<ProxyPolicy>>,
     pub workloads: Arc<KnownWorkloads>,
+    /// What the last DNS lookups said of each name: the TTLs left, or why a name keeps its previous addresses.
+    pub dns_answers: Arc<arc_swap::ArcSwap<Answers>>,
 }
 
 impl AgentState {
@@ -47,26 +52,57 @@ impl AgentState {
         status["notReadyBecause"] = json!(readiness.not_ready_because());
         status["datapath"] = json!({"programId": program_id, "attached": attached, "unenforced": unenforced});
         status["forwardProxyPort"] = json!(self.forward_proxy_port);
+        let now = std::time::SystemTime::now();
+        let answers: serde_json::Map<String, Value> = self
+            .dns_answers
+            .load()
+            .iter()
+            .map(|(name, answer)| {
+                let answer = match answer {
+                    Answer::Valid { until } => {
+                        json!({"ttlSeconds": until.duration_since(now).unwrap_or_default().as_secs()})
+                    }
+                    Answer::Failed { error } => json!({"error": error}),
+                };
+                (name.clone(), answer)
+            })
+            .collect();
+        status["dnsAnswers"] = Value::Object(answers);
         serde_json::to_string_pretty(&status).unwrap_or_else(|_| "{}".into())
     }
 
-    /// `/routes?host=H[:P]&path=/p&address=IP:PORT&gateway=PORT&source=IP`: what such a request would get now.
+    /// `/routes?host=H[:P]&path=/p&address=IP:PORT&gateway=PORT&source=IP&protocol=http|tls|tcp`: what such a
+    /// request (or TLS or TCP connection) would get now.
     pub fn route(&self, query: &str) -> Result<String, String> {
         let fields: std::collections::HashMap<String, String> =
             form_urlencoded::parse(query.as_bytes()).into_owned().collect();
-        let authority = fields.get("host").filter(|host| !host.is_empty()).ok_or("host is required")?.clone();
+        let protocol = fields.get("protocol").map_or("http", String::as_str);
+        let tls = match protocol {
+            "http" => false,
+            "tls" => true,
+            "tcp" => false,
+            other => return Err(format!("protocol: {other:?} is not http, tls or tcp")),
+        };
+        let authority = fields.get("host").cloned().unwrap_or_default();
+        if authority.is_empty() && protocol != "tcp" {
+            return Err("host is required".into());
+        }
         let path = fields.get("path").cloned().unwrap_or_else(|| "/".into());
         let listener = match fields.get("gateway") {
             Some(port) => Listener::Gateway(port.parse().map_err(|_| format!("gateway: {port:?} is not a port"))?),
             None => Listener::Mesh,
         };
-        let named_port = authority
+        let (host, named_port) = match authority
             .rsplit_once(':')
             .filter(|(host, _)| !host.contains(':') || host.ends_with(']'))
-            .and_then(|(_, port)| port.parse::<u16>().ok());
+            .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
+        {
+            Some((host, port)) => (host.to_owned(), Some(port)),
+            None => (authority.clone(), None),
+        };
         let port = match listener {
             Listener::Gateway(port) => port,
-            _ => named_port.unwrap_or(80),
+            _ => named_port.unwrap_or(if tls { 443 } else { 80 }),
         };
         let address = match fields.get("address") {
             Some(address) => address
@@ -84,7 +120,21 @@ impl AgentState {
         let workloads = self.workloads.load();
         let source = source_ip.and_then(|ip| workloads.get(ip)).map(|workload| &**workload);
         let policy = self.routes.load();
-        let mut answer = explain(&policy, &Question { authority, path, listener, address }, source);
+        let mut answer = if protocol == "http" {
+            explain(&policy, &Question { authority, path, listener, address }, source)
+        } else {
+            if !tls && listener == Listener::Mesh && !fields.contains_key("address") {
+                return Err("address is required for tcp: an intercepted TCP connection is decided by where it was \
+                            sent"
+                    .into());
+            }
+            let arrival = match listener {
+                Listener::Gateway(port) => Arrival::Gateway(port),
+                _ => Arrival::Intercepted,
+            };
+            let server_name = (tls && !host.is_empty()).then_some(host);
+            explain_connection(&policy, &ConnectionQuestion { server_name, tls, address, arrival }, source)
+        };
         answer["source"] = json!(source.map(|workload| format!("{}/{}", workload.namespace, workload.name)));
         Ok(serde_json::to_string_pretty(&answer).unwrap_or_else(|_| "{}".into()))
     }
@@ -144,8 +194,20 @@ pub fn text(status: &Value, admin: std::net::SocketAddr) -> String {
     let rejected = status["rejected"].as_array().cloned().unwrap_or_default();
     lines.push(format!("Rejected:         {}", rejected.len()));
     lines.extend(rejected.iter().map(|error| format!("  {}", error.as_str().unwrap_or("?"))));
-    let dns = status["dns"].as_object().cloned().unwrap_or_default();
+    // Every name looked up, with its addresses in force: a name whose every lookup failed has none.
+    let mut dns = status["dns"].as_object().cloned().unwrap_or_default();
+    for name in status["dnsAnswers"].as_object().into_iter().flat_map(|answers| answers.keys()) {
+        dns.entry(name.clone()).or_insert(Value::Array(Vec::new()));
+    }
     lines.push(format!("DNS names:        {}", dns.len()));
-    lines.extend(dns.iter().map(|(name, addresses)| format!("  {name} -> {}", list(addresses))));
+    lines.extend(dns.iter().map(|(name, addresses)| {
+        let answer = &status["dnsAnswers"][name];
+        let state = match (answer["ttlSeconds"].as_u64(), answer["error"].as_str()) {
+            (Some(ttl), _) => format!(" (TTL {ttl}s left)"),
+            (None, Some(error)) => format!(" (last lookup failed: {error}; addresses kept)"),
+            (None, None) => String::new(),
+        };
+        format!("  {name} -> {}{state}", list(addresses))
+    }));
     lines.join("\n") + "\n"
 }

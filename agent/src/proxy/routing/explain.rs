@@ -6,7 +6,11 @@ use std::net::SocketAddr;
 use serde_json::{json, Value};
 
 use super::{decide, Decision, Listener};
-use crate::{config::workloads::Workload, policy::routes::ProxyPolicy};
+use crate::{
+    config::workloads::Workload,
+    policy::routes::ProxyPolicy,
+    proxy::l4::{decide_tcp_noting_hop, decide_tls_noting_hop, Arrival, Verdict},
+};
 
 /// A request as `sluice routes` describes it.
 #[derive(Debug)]
@@ -77,6 +81,66 @@ pub fn explain(policy: &ProxyPolicy, question: &Question, source: Option<&Worklo
     }
 }
 
+/// A connection the proxy relays without reading it, as `sluice routes --protocol tls|tcp` describes it.
+#[derive(Debug)]
+pub struct ConnectionQuestion {
+    /// The ClientHello's server name, for TLS (`None`: a TCP connection, or a ClientHello without one).
+    pub server_name: Option<String>,
+    pub tls: bool,
+    /// Where the connection was sent (the original destination; on a Gateway port, its port).
+    pub address: SocketAddr,
+    pub arrival: Arrival,
+}
+
+/// The decision for a TLS or TCP connection from `source`, as JSON: the same fields as a request's, where they
+/// apply. Weighted destinations: the first (the draw that picks it).
+pub fn explain_connection(policy: &ProxyPolicy, question: &ConnectionQuestion, source: Option<&Workload>) -> Value {
+    let mut hop = None;
+    let name = question.server_name.as_deref();
+    let (verdict, mismatch) = if question.tls {
+        decide_tls_noting_hop(policy, name, question.address, source, question.arrival, 0, &mut hop)
+    } else {
+        decide_tcp_noting_hop(policy, question.address, source, question.arrival, 0, &mut hop)
+    };
+    let mut answer = match verdict {
+        Verdict::Refuse { labels, flag, reason } => json!({
+            "decision": "refused by the gateway (the connection is reset)",
+            "flag": flag.text(),
+            "why": reason,
+            "cluster": labels.cluster().to_string(),
+        }),
+        Verdict::Forward { address, labels, verify, timeouts } => {
+            let sent_to = if address.ip().is_unspecified() {
+                format!("the address dialled, port {}", address.port())
+            } else {
+                address.to_string()
+            };
+            json!({
+                "decision": "forwarded (relayed unread)",
+                "cluster": labels.cluster().to_string(),
+                "destinationService": labels.name().as_str(),
+                "address": sent_to,
+                "verify": verify.map(|host| format!("only if {host} resolves to the address dialled (--host-verify strict)")),
+                "connectTimeout": timeouts.connect.map(|timeout| format!("{timeout:?}")),
+                "idleTimeout": timeouts.idle.map(|timeout| format!("{timeout:?}")),
+            })
+        }
+        Verdict::Resolve { host, port, labels, timeouts } => json!({
+            "decision": "forwarded (relayed unread)",
+            "cluster": labels.cluster().to_string(),
+            "destinationService": labels.name().as_str(),
+            "address": format!("what {host} resolves to, port {port}"),
+            "connectTimeout": timeouts.connect.map(|timeout| format!("{timeout:?}")),
+            "idleTimeout": timeouts.idle.map(|timeout| format!("{timeout:?}")),
+        }),
+    };
+    answer["protocol"] = json!(if question.tls { "tls" } else { "tcp" });
+    answer["serverName"] = json!(name);
+    answer["gatewayHop"] = json!(hop);
+    answer["hostMismatch"] = json!(mismatch.is_some());
+    answer
+}
+
 /// The decision as `sluice routes` prints it: one line a subject.
 pub fn text(answer: &Value) -> String {
     let shown = |value: &Value| value.as_str().map_or_else(|| value.to_string(), str::to_owned);
@@ -90,6 +154,9 @@ pub fn text(answer: &Value) -> String {
         ("cluster", "Cluster"),
         ("destinationService", "Service"),
         ("address", "Sent to"),
+        ("verify", "Verified"),
+        ("connectTimeout", "Connect in"),
+        ("idleTimeout", "Idle after"),
     ] {
         if !answer[key].is_null() && answer[key] != "" {
             lines.push(format!("{:<14}{}", format!("{title}:"), shown(&answer[key])));
@@ -105,8 +172,12 @@ pub fn text(answer: &Value) -> String {
         lines
             .push(format!("Endpoints:    {}", if endpoints.is_empty() { "none".into() } else { endpoints.join(", ") }));
     }
+    if let Some(port) = answer["gatewayHop"].as_u64() {
+        lines.push(format!("Note:         routed to this gateway's own Service: decided again on its port {port}"));
+    }
     if answer["hostMismatch"] == true {
-        lines.push("Note:         the Host is registered at other addresses than the one it was sent to".into());
+        let what = if answer["protocol"] == "tls" { "server name" } else { "Host" };
+        lines.push(format!("Note:         the {what} is registered at other addresses than the one it was sent to"));
     }
     lines.push(format!("Source:       {}", answer["source"].as_str().unwrap_or("unknown workload")));
     lines.join("\n") + "\n"
