@@ -36,8 +36,42 @@ enum Command {
     /// --address) would get now: the route, the cluster and its endpoints, or the gateway's own answer (refused,
     /// redirected), without sending it.
     Routes(RoutesArgs),
+    /// Watch the running agent's flow decisions as they happen: flows the kernel blackholed or denied, requests and
+    /// connections the proxy forwarded, refused or denied, with the source workload when known.
+    Observe(ObserveArgs),
     /// Print the version.
     Version,
+}
+
+#[derive(Args)]
+struct ObserveArgs {
+    /// Only flows with this verdict.
+    #[arg(long, value_enum)]
+    verdict: Option<ObservedVerdict>,
+    /// Only flows to this host (the Host, the TLS server name, or the destination's address), exactly or as
+    /// `*.example.com`.
+    #[arg(long, value_name = "HOST")]
+    host: Option<String>,
+    /// Only flows from this source: a pod address, a workload `namespace/name`, or a namespace `namespace/`.
+    #[arg(long, value_name = "SOURCE")]
+    source: Option<String>,
+    /// Stop after this many flows (else: until interrupted).
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// The agent's admin endpoint (its --admin-addr).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:15000")]
+    admin_addr: std::net::SocketAddr,
+    /// `text`: a line a flow, for people; `json`: the agent's JSON lines as they are.
+    #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+    output: Output,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ObservedVerdict {
+    Forwarded,
+    Refused,
+    Denied,
+    Blackholed,
 }
 
 #[derive(Args)]
@@ -125,6 +159,7 @@ fn main() -> ExitCode {
         Command::Cleanup(args) => runtime(Some(1)).and_then(|rt| rt.block_on(cleanup(&args.bpffs))),
         Command::Status(args) => status(&args),
         Command::Routes(args) => routes(&args),
+        Command::Observe(args) => observe(&args),
         Command::Version => {
             // The one line this command exists to print.
             use std::io::Write;
@@ -288,6 +323,47 @@ fn routes(args: &RoutesArgs) -> anyhow::Result<()> {
     // This command's output is its result.
     let _ = std::io::stdout().lock().write_all(shown.as_bytes());
     Ok(())
+}
+
+/// Prints the running agent's flow decisions as they come.
+fn observe(args: &ObserveArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    if let Some(verdict) = args.verdict {
+        let verdict = match verdict {
+            ObservedVerdict::Forwarded => "forwarded",
+            ObservedVerdict::Refused => "refused",
+            ObservedVerdict::Denied => "denied",
+            ObservedVerdict::Blackholed => "blackholed",
+        };
+        query.append_pair("verdict", verdict);
+    }
+    if let Some(host) = &args.host {
+        query.append_pair("host", host);
+    }
+    if let Some(source) = &args.source {
+        query.append_pair("source", source);
+    }
+    let target = format!("/observe?{}", query.finish());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting a runtime")?;
+    let (mut shown, output) = (0u64, args.output);
+    let mut out = std::io::stdout();
+    runtime.block_on(sluice_agent::telemetry::admin_client::follow(args.admin_addr, &target, |flow| {
+        if let Some(lost) = flow["lost"].as_u64() {
+            tracing::warn!(lost, "flows lost: this client read too slowly");
+            return true;
+        }
+        let line = match output {
+            Output::Json => flow.to_string() + "\n",
+            Output::Text => sluice_agent::telemetry::flows::text(&flow),
+        };
+        // This command's output is its result; a closed pipe (`| head`) ends it.
+        if out.write_all(line.as_bytes()).and_then(|()| out.flush()).is_err() {
+            return false;
+        }
+        shown += 1;
+        args.count.is_none_or(|count| shown < count)
+    }))
 }
 
 async fn cleanup(bpffs: &std::path::Path) -> anyhow::Result<()> {

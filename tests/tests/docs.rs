@@ -17,7 +17,7 @@ use sluice_tests::{
 /// Set to rewrite `docs/cli.md` from the agent's help instead of comparing it.
 const REWRITE: &str = "SLUICE_WRITE_DOCS";
 /// The commands `docs/cli.md` documents, after `sluice`.
-const COMMANDS: [&str; 7] = ["", "run", "check", "status", "routes", "cleanup", "version"];
+const COMMANDS: [&str; 8] = ["", "run", "check", "status", "routes", "observe", "cleanup", "version"];
 /// Flags the pages name that belong to other programs (curl, cargo, `cargo xtask`).
 const OTHER_PROGRAMS_FLAGS: [&str; 7] =
     ["--max-time", "--release", "--resolve", "--profile", "--test", "--time", "--minutes"];

@@ -270,6 +270,7 @@ impl App {
             routes: routes.clone(),
             workloads: workloads.clone(),
             dns_answers: control.dns_answers.clone(),
+            flows: metrics.requests.flows().clone(),
         };
         tasks.spawn(telemetry::server::serve_admin(admin_listener, status));
         // Ready once every configured interface has the classifier, and with --kube once every kind is listed.

@@ -74,13 +74,17 @@ pub async fn watch(
                 window = Instant::now();
                 (logged, suppressed) = (0, 0);
             }
+            let policy = denied_by.flatten();
+            let protocol = protocol_name(flow.protocol);
+            telemetry.flows().publish(|| {
+                super::flows::Flow::blocked((flow.source, flow.destination), protocol, flow.denied, policy.as_deref())
+            });
             if logged < LOGS_PER_SECOND {
                 logged += 1;
-                let policy = denied_by.flatten();
                 tracing::info!(
                     src = %flow.source,
                     dst = %flow.destination,
-                    protocol = protocol_name(flow.protocol),
+                    protocol,
                     verdict = if flow.denied { "denied" } else { "blackholed" },
                     policy = policy.as_deref().unwrap_or("-"),
                     "blocked flow"

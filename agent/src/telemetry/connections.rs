@@ -85,6 +85,8 @@ pub struct ConnectionRecord<'a> {
     pub server_name: Option<&'a str>,
     /// How its bytes were relayed (`splice`, `copy`), if it was.
     pub relay_engine: Option<&'static str>,
+    /// Why it was refused (`rbac_access_denied`, `no_route`…), when the decision refused it.
+    pub refused_because: Option<&'static str>,
 }
 
 impl ConnectionRecord<'_> {

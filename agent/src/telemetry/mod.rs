@@ -7,6 +7,7 @@ pub mod blocked_flows;
 pub mod config_dump;
 pub mod connections;
 pub mod expression;
+pub mod flows;
 pub mod metrics;
 pub mod passthrough;
 pub mod requests;

@@ -1,20 +1,33 @@
 //! The agent's HTTP endpoints: metrics (`/stats/prometheus` and `/metrics`, Istio's port 15090), readiness
 //! (`/healthz/ready`, 15021) and the admin endpoints on loopback (`/config_dump`, `/ready`, 15000).
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{body::Incoming, header, server::conn::http1, service::service_fn, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::{
+    body::{Frame, Incoming},
+    header,
+    server::conn::http1,
+    service::service_fn,
+    Request, Response, StatusCode,
+};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{encoding::text::encode, registry::Registry};
 use tokio::{net::TcpListener, sync::watch};
 
-type Body = Full<Bytes>;
+use super::flows::{Filter, FlowStream, Next, MAX_WATCHERS};
+use crate::config::workloads::KnownWorkloads;
+
+type Body = BoxBody<Bytes, Infallible>;
 
 /// Serves `registry` on `listener` until the task is dropped.
 pub async fn serve_metrics(listener: TcpListener, registry: Arc<Registry>) {
-    serve(listener, "metrics", move |request| match request.uri().path() {
+    serve(listener, "metrics", move |request, _| match request.uri().path() {
         "/stats/prometheus" | "/metrics" => {
             let mut body = String::new();
             if encode(&mut body, &registry).is_err() {
@@ -29,9 +42,10 @@ pub async fn serve_metrics(listener: TcpListener, registry: Arc<Registry>) {
     .await
 }
 
-/// Serves the admin endpoints: `/config_dump` (the configuration and policy in force, as JSON) and `/ready`.
+/// Serves the admin endpoints: `/config_dump` (the configuration and policy in force, as JSON), `/status`,
+/// `/routes`, `/observe` (flow decisions as they happen, one JSON object a line) and `/ready`.
 pub async fn serve_admin(listener: TcpListener, status: super::status::AgentState) {
-    serve(listener, "admin", move |request| match request.uri().path() {
+    serve(listener, "admin", move |request, progress| match request.uri().path() {
         "/config_dump" => {
             let dump = status.dump.borrow().clone();
             text(StatusCode::OK, "application/json", dump.render())
@@ -41,11 +55,12 @@ pub async fn serve_admin(listener: TcpListener, status: super::status::AgentStat
             Ok(answer) => text(StatusCode::OK, "application/json", answer),
             Err(why) => text(StatusCode::BAD_REQUEST, "text/plain", format!("{why}\n")),
         },
+        "/observe" => observe(&status.flows, &status.workloads, request.uri().query().unwrap_or(""), progress),
         "/ready" => text(StatusCode::OK, "text/plain", "LIVE\n".into()),
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /status, /routes, /config_dump or /ready\n".into(),
+            "not found: try /status, /routes, /observe, /config_dump or /ready\n".into(),
         ),
     })
     .await
@@ -80,7 +95,7 @@ impl Readiness {
 
 /// Serves `/healthz/ready` (Istio's readiness path): 200 when `readiness` holds, 503 naming what is missing.
 pub async fn serve_readiness(listener: TcpListener, readiness: watch::Receiver<Readiness>) {
-    serve(listener, "readiness", move |request| match request.uri().path() {
+    serve(listener, "readiness", move |request, _| match request.uri().path() {
         "/healthz/ready" => match readiness.borrow().not_ready_because() {
             None => text(StatusCode::OK, "text/plain", "ready\n".into()),
             Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {why}\n")),
@@ -96,13 +111,67 @@ const MAX_CONNECTIONS: usize = 64;
 /// answer at once, so a client holding one longer is not a scraper.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// A stream (`/observe`) writes at least this often (an empty line when no flow came)…
+const HEARTBEAT: Duration = Duration::from_secs(10);
+/// …and is closed when its client has not taken a line for this long: a client that stopped reading.
+const STREAM_STALL: Duration = Duration::from_secs(35);
+
+/// Whether a connection streams, and when its client last took a line: a stream outlives `CONNECTION_LIFETIME`
+/// for as long as its client reads.
+#[derive(Clone, Default)]
+pub struct Progress(Arc<Mutex<Option<Instant>>>);
+
+impl Progress {
+    /// The connection streams; its client took a line now.
+    fn taken(&self) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+    }
+
+    /// Whether a connection opened at `opened` has been held longer than it may.
+    fn overstayed(&self, opened: Instant) -> bool {
+        match *self.0.lock().unwrap_or_else(PoisonError::into_inner) {
+            Some(taken) => taken.elapsed() > STREAM_STALL,
+            None => opened.elapsed() > CONNECTION_LIFETIME,
+        }
+    }
+}
+
+/// `/observe?verdict=…&host=…&source=…`: the flows the filter selects, as they are decided, one JSON object a line
+/// (`{"lost": N}` when the client fell behind and N flows were lost to it), until the client goes.
+fn observe(flows: &FlowStream, workloads: &Arc<KnownWorkloads>, query: &str, progress: &Progress) -> Response<Body> {
+    let filter = match Filter::from_query(query) {
+        Ok(filter) => filter,
+        Err(why) => return text(StatusCode::BAD_REQUEST, "text/plain", format!("{why}\n")),
+    };
+    let Some(watcher) = flows.watch(filter) else {
+        let why = format!("{MAX_WATCHERS} clients already observe: try again when one has gone\n");
+        return text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", why);
+    };
+    progress.taken();
+    let state = (watcher, workloads.clone(), progress.clone());
+    let lines = futures_util::stream::unfold(state, |(mut watcher, workloads, progress)| async move {
+        // Asked for the next line: the client took the last one.
+        progress.taken();
+        let line = match tokio::time::timeout(HEARTBEAT, watcher.next(&workloads)).await {
+            Err(_) => "\n".to_owned(),
+            Ok(Next::Flow(flow)) => serde_json::to_string(&*flow).unwrap_or_default() + "\n",
+            Ok(Next::Lost(lost)) => format!("{{\"lost\":{lost}}}\n"),
+            Ok(Next::Closed) => return None,
+        };
+        Some((Ok(Frame::data(Bytes::from(line))), (watcher, workloads, progress)))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(StreamBody::new(lines).boxed())
+        .expect("static headers are valid")
+}
 
 /// Accepts HTTP/1.1 connections on `listener` and answers each request with `respond`: at most
-/// `MAX_CONNECTIONS` at once, each within `CONNECTION_LIFETIME`; an accept that fails (out of descriptors) is
-/// retried after a pause rather than at once.
+/// `MAX_CONNECTIONS` at once, each within `CONNECTION_LIFETIME` (a stream: while its client reads); an accept that
+/// fails (out of descriptors) is retried after a pause rather than at once.
 async fn serve<F>(listener: TcpListener, what: &'static str, respond: F)
 where
-    F: Fn(&Request<Incoming>) -> Response<Body> + Send + Sync + 'static,
+    F: Fn(&Request<Incoming>, &Progress) -> Response<Body> + Send + Sync + 'static,
 {
     let respond = Arc::new(respond);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -121,18 +190,26 @@ where
         };
         let respond = respond.clone();
         tokio::spawn(async move {
+            let (progress, opened) = (Progress::default(), Instant::now());
+            let shown = progress.clone();
             let service = service_fn(move |request| {
-                let response = respond(&request);
+                let response = respond(&request, &shown);
                 async move { Ok::<_, Infallible>(response) }
             });
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
-            match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
-                Ok(Err(error)) => tracing::debug!(%error, %peer, endpoint = what, "connection ended"),
-                Err(_) => tracing::debug!(%peer, endpoint = what, "connection held too long: closed"),
-                Ok(Ok(())) => {}
+            let overstayed = async {
+                while !progress.overstayed(opened) {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            };
+            tokio::select! {
+                ended = connection => if let Err(error) = ended {
+                    tracing::debug!(%error, %peer, endpoint = what, "connection ended");
+                },
+                () = overstayed => tracing::debug!(%peer, endpoint = what, "connection held too long: closed"),
             }
             drop(slot);
         });
@@ -167,7 +244,7 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, content_type)
-        .body(Full::new(Bytes::from(body)))
+        .body(Full::new(Bytes::from(body)).boxed())
         .expect("static headers are valid")
 }
 

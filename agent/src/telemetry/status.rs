@@ -36,6 +36,8 @@ pub struct AgentState {
     pub workloads: Arc<KnownWorkloads>,
     /// What the last DNS lookups said of each name: the TTLs left, or why a name keeps its previous addresses.
     pub dns_answers: Arc<arc_swap::ArcSwap<Answers>>,
+    /// The flows decided, for `/observe`.
+    pub flows: super::flows::FlowStream,
 }
 
 impl AgentState {

@@ -364,7 +364,7 @@ impl HttpProxy {
             };
             let authority = authority.as_ref().and_then(|value| value.to_str().ok());
             // What only the access log shows (the wall clock included) is read only when there is one.
-            if self.telemetry.logs_requests() {
+            if self.telemetry.wants_request_details() {
                 record.start = Some(SystemTime::now());
                 record.authority = authority.unwrap_or_default().to_owned();
                 record.method = request.method().as_str().to_owned();
@@ -385,7 +385,7 @@ impl HttpProxy {
             // Matched and forwarded as normalized, so that `/a/./b` meets the routes `/a/b` meets.
             match normalize_path(&mut request, policy.path_normalization) {
                 Ok(false) => {}
-                Ok(true) if self.telemetry.logs_requests() => {
+                Ok(true) if self.telemetry.wants_request_details() => {
                     record.path = request.uri().path_and_query().map_or_else(String::new, |pq| pq.as_str().to_owned());
                 }
                 Ok(true) => {}

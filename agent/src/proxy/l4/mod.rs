@@ -283,6 +283,7 @@ async fn finish<S: ClientStream>(
         remote: connection.peer,
         server_name: connection.server_name,
         relay_engine: outcome.engine.map(Engine::as_str),
+        refused_because: outcome.refused_because,
     });
 }
 
@@ -306,11 +307,14 @@ struct Outcome {
     sent: u64,
     open: Option<OpenConnection>,
     engine: Option<Engine>,
+    /// Why the decision refused it (`rbac_access_denied`, `no_route`…), when it did.
+    refused_because: Option<&'static str>,
 }
 
 impl Outcome {
     fn refused(destination: DestinationLabels, flag: ResponseFlag) -> Outcome {
-        Outcome { destination, flag, upstream: None, received: 0, sent: 0, open: None, engine: None }
+        let (upstream, open, engine, refused_because) = (None, None, None, None);
+        Outcome { destination, flag, upstream, received: 0, sent: 0, open, engine, refused_because }
     }
 }
 
@@ -339,7 +343,7 @@ async fn relay<S: ClientStream>(
         },
         Verdict::Refuse { labels, flag, reason } => {
             tracing::debug!(source = %peer, original_dst = %dialled, sni = server_name.unwrap_or("-"), reason, "connection refused");
-            return Outcome::refused(labels, flag);
+            return Outcome { refused_because: Some(reason), ..Outcome::refused(labels, flag) };
         }
     };
     // A DestinationRule's `connectionPool.tcp` timeouts, else the agent's.
@@ -365,5 +369,6 @@ async fn relay<S: ClientStream>(
     let (received, sent) = joined.as_ref().map(|joined| (joined.from_first, joined.from_second)).unwrap_or_default();
     let received = received + hello.len() as u64;
     let engine = joined.map(|joined| joined.engine);
-    Outcome { destination, flag: ResponseFlag::None, upstream: Some(address), received, sent, open: Some(open), engine }
+    let (flag, upstream, open) = (ResponseFlag::None, Some(address), Some(open));
+    Outcome { destination, flag, upstream, received, sent, open, engine, refused_because: None }
 }

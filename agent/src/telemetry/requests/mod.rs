@@ -338,6 +338,8 @@ pub struct RequestTelemetry {
     client_hellos_refused: Family<[(&'static str, &'static str); 1], Counter>,
     handshakes_failed: Family<[(&'static str, &'static str); 1], Counter>,
     authorization: Family<[(&'static str, Label); 3], Counter>,
+    /// Every request and connection decided, for `sluice observe`, while someone watches.
+    flows: super::flows::FlowStream,
 }
 
 impl RequestTelemetry {
@@ -450,7 +452,13 @@ impl RequestTelemetry {
             client_hellos_refused,
             handshakes_failed,
             authorization,
+            flows: Default::default(),
         }
+    }
+
+    /// Where requests, connections and the kernel's blocked flows are published for `sluice observe`.
+    pub fn flows(&self) -> &super::flows::FlowStream {
+        &self.flows
     }
 
     /// Counts what AuthorizationPolicies decided of a request or connection (nothing when none applied).
@@ -510,9 +518,10 @@ impl RequestTelemetry {
         self.connections_refused.inc();
     }
 
-    /// Whether requests are written to an access log (else only counted).
-    pub fn logs_requests(&self) -> bool {
-        self.access_log.load().is_on()
+    /// Whether a request's details (its Host, method, path, headers, start) are wanted: by an access log, or by
+    /// someone observing the flows (else requests are only counted).
+    pub fn wants_request_details(&self) -> bool {
+        self.access_log.load().is_on() || self.flows.watched()
     }
 
     /// Keeps the request headers the access log's format reads beyond a record's own fields.
@@ -553,6 +562,7 @@ impl RequestTelemetry {
 
     /// Writes `connection`'s access-log line (its metrics are counted as it opens and closes).
     pub fn log_connection(&self, connection: &super::connections::ConnectionRecord<'_>) {
+        self.flows.publish(|| super::flows::Flow::connection(connection));
         let Some(line) = self.access_log.load().connection_line(connection) else { return };
         if !self.lines.offer(line) {
             self.dropped_lines.inc();
@@ -574,6 +584,7 @@ impl RequestTelemetry {
         if on(Metric::ResponseSize) {
             series.response_bytes.observe(record.bytes_sent as f64);
         }
+        self.flows.publish(|| super::flows::Flow::request(record));
         let Some(line) = self.access_log.load().request_line(record) else { return };
         if !self.lines.offer(line) {
             self.dropped_lines.inc();
