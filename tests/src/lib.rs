@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod http;
+pub mod image;
 pub mod istio;
 pub mod load;
 pub mod metrics;

@@ -25,7 +25,7 @@ fn every_kustomization_renders_manifests_the_kubernetes_schemas_accept() {
     let validate = sluice_tests::python_tools().join("bin/kubernetes-validate");
     assert!(validate.is_file(), "{} is missing: run `cargo xtask deps` (or `cargo xtask test`)", validate.display());
     let dir = tempfile::tempdir().unwrap();
-    for kustomization in ["", "monitoring", "overlays/two-hop", "overlays/forward-proxy"] {
+    for kustomization in ["", "monitoring", "overlays/two-hop", "overlays/forward-proxy", "overlays/routed-egress"] {
         let (rendered, manifests, errors) =
             output(Command::new("kubectl").arg("kustomize").arg(deploy().join(kustomization)));
         assert!(rendered, "kubectl kustomize deploy/{kustomization}:\n{errors}");
@@ -36,25 +36,45 @@ fn every_kustomization_renders_manifests_the_kubernetes_schemas_accept() {
         let (valid, report, errors) =
             output(Command::new(&validate).args(["--strict", "-k", KUBERNETES_VERSION]).arg(&file));
         assert!(valid, "deploy/{kustomization} does not validate:\n{report}{errors}\n{manifests}");
-        // Every kind Kubernetes itself defines was checked (the Prometheus Operator's have no bundled schema).
+        // Every kind Kubernetes itself defines was checked (the Prometheus Operator's and Cilium's have no bundled
+        // schema).
         let checked = report.lines().filter(|line| line.contains(" passed for resource ")).count();
         let unchecked = report.lines().filter(|line| line.contains("Couldn't find schema for kind")).count();
         assert_eq!(checked + unchecked, kinds, "{report}");
         assert!(
-            report.lines().all(|line| !line.contains("Couldn't find schema") || line.contains("monitoring.coreos.com")),
+            report.lines().all(|line| !line.contains("Couldn't find schema")
+                || line.contains("monitoring.coreos.com")
+                || line.contains("cilium.io")),
             "{report}"
         );
     }
 }
 
 #[test]
-fn the_forward_proxy_overlay_opens_the_proxy_port_and_the_two_hop_overlay_the_seeds_ports() {
+fn each_overlay_adds_what_its_setup_needs() {
     let render = |overlay: &str| output(Command::new("kubectl").arg("kustomize").arg(deploy().join(overlay))).1;
     let forward = render("overlays/forward-proxy");
     assert!(forward.contains("- --forward-proxy-port=3128") && forward.contains("name: sluice-proxy"), "{forward}");
     let two_hop = render("overlays/two-hop");
     for port in ["port: 80", "port: 443", "port: 5432"] {
         assert!(two_hop.contains(port), "{port}:\n{two_hop}");
+    }
+    // Routed egress: the NIC and Cilium's tunnel devices are intercepted, and Cilium's policy names the Sluice nodes.
+    let routed = render("overlays/routed-egress");
+    for line in ["- --intercept=default-route", "- --intercept=cilium_vxlan*", "kind: CiliumEgressGatewayPolicy"] {
+        assert!(routed.contains(line), "{line}:\n{routed}");
+    }
+    assert!(routed.contains("sluice.dev/egress-gateway: \"true\""), "{routed}");
+}
+
+#[test]
+fn the_daemonset_runs_the_image_from_the_node_s_default_route_with_measured_resources() {
+    let base = output(Command::new("kubectl").arg("kustomize").arg(deploy())).1;
+    assert!(base.contains(&format!("image: {}:{}\n", sluice_tests::image::NAME, sluice_tests::image::tag())), "{base}");
+    // Found from the node, not an interface name that exists on some nodes only.
+    assert!(base.contains("- --intercept=default-route\n") && !base.contains("--intercept=eth"), "{base}");
+    for line in ["cpu: 100m", "memory: 128Mi", "memory: 1Gi", "type: Unconfined", "readOnlyRootFilesystem: true"] {
+        assert!(base.contains(line), "{line}:\n{base}");
     }
 }
 

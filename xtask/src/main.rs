@@ -4,6 +4,7 @@ mod bench;
 mod build;
 mod deps;
 mod fuzz;
+mod image;
 mod sandbox;
 mod test;
 
@@ -42,6 +43,16 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         minutes: u64,
     },
+    /// Build the release agent into an OCI image (from scratch: the binary and the libraries it links), written as
+    /// an OCI layout and archive under target/image; prints its reference (the DaemonSet's `image:`) and digest.
+    Image {
+        /// Package this binary instead of building the release agent.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<std::path::PathBuf>,
+        /// Where the layout and archive are written.
+        #[arg(long, value_name = "DIR")]
+        out: Option<std::path::PathBuf>,
+    },
     /// Run the fuzz targets of fuzz/ (all, or one), each for --time seconds.
     Fuzz {
         /// One target (configuration, first_bytes, routing, access_log, datapath_event); all by default.
@@ -62,6 +73,7 @@ fn main() -> ExitCode {
         Command::Bench => bench::run(),
         Command::Fuzz { target, time } => fuzz_targets(target, time),
         Command::Soak { minutes } => test::soak(minutes),
+        Command::Image { binary, out } => image::run(binary, out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
