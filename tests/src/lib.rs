@@ -34,3 +34,8 @@ pub fn require_root() {
 pub fn python_tools() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/python")
 }
+
+/// The npm packages `cargo xtask deps` installs (Istio's CRD schemas, compiled; a YAML reader).
+pub fn node_tools() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/node")
+}

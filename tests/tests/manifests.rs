@@ -93,3 +93,63 @@ fn the_daemonset_surges_declares_no_host_ports_and_waits_out_the_drain() {
         .unwrap_or_else(|| panic!("no terminationGracePeriodSeconds:\n{base}"));
     assert!(grace >= 5 + 20, "terminationGracePeriodSeconds {grace}");
 }
+
+/// The YAML files of `dir`, relative to the repository.
+fn yaml_files(dir: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(dir);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|error| panic!("{}: {error}", dir.display()))
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// What tests/tools/validate-istio.mjs says of `files`: a line per document.
+fn validate_istio(files: &[PathBuf]) -> String {
+    let tools = sluice_tests::node_tools();
+    assert!(
+        tools.join("node_modules/@kubernetes-models/istio").is_dir(),
+        "{} lacks Istio's schemas: run `cargo xtask deps` (or `cargo xtask test`)",
+        tools.display()
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/validate-istio.mjs");
+    let (_, report, errors) = output(Command::new("node").arg(script).arg(&tools).args(files));
+    assert!(errors.is_empty(), "{errors}");
+    report
+}
+
+#[test]
+fn the_examples_and_the_accepted_corpus_are_valid_by_istios_crd_schemas() {
+    let mut files = Vec::new();
+    for dir in ["deploy/examples/seeds", "deploy/examples/sandbox", "tests/corpus/istio/accepted", "tests/corpus/valid"]
+    {
+        files.extend(yaml_files(dir));
+    }
+    let report = validate_istio(&files);
+    let invalid: Vec<&str> =
+        report.lines().filter(|line| !line.starts_with("ok ") && !line.starts_with("no-schema ")).collect();
+    assert!(invalid.is_empty(), "documents Istio's API server would refuse:\n{}", invalid.join("\n"));
+    let checked = report.lines().filter(|line| line.starts_with("ok ")).count();
+    assert!(checked >= 60, "only {checked} documents checked:\n{report}");
+    // Kinds without an Istio schema: Kubernetes' own, and the one seed that writes the mesh config as a resource.
+    for line in report.lines().filter(|line| line.starts_with("no-schema ")) {
+        let known = line.starts_with("no-schema v1 ConfigMap ")
+            || line.starts_with("no-schema apps/v1 ")
+            || line == "no-schema networking.istio.io/v1beta1 MeshConfig istio-system/istio";
+        assert!(known, "{line}");
+    }
+
+    // Not vacuous: what the schemas refuse is said, naming the field.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: bad, namespace: egress}\n\
+         spec: {hosts: [a.example], ports: [{number: 80, name: http}], resolution: BOGUS}\n",
+    )
+    .unwrap();
+    let report = validate_istio(&[bad]);
+    assert!(report.starts_with("invalid ServiceEntry egress/bad: ") && report.contains("spec/resolution"), "{report}");
+}

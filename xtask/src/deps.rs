@@ -33,6 +33,9 @@ const PEERS: &[(&str, &str)] = &[
 ];
 /// The Kubernetes API's schemas, bundled, for validating the rendered manifests offline (PyPI).
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+/// Istio's CRD schemas, compiled (npm), and a YAML reader, for validating the examples against what Istio's API
+/// server accepts (tests/tools/validate-istio.mjs).
+const ISTIO_SCHEMAS: &[&str] = &["@kubernetes-models/istio@3.0.1", "yaml@2.9.1"];
 /// The PostgreSQL server the TCP tests relay psql to: not on `PATH` (Debian keeps it under
 /// `/usr/lib/postgresql/VERSION/bin`).
 const POSTGRES_SERVER: (&str, &str) = ("/usr/lib/postgresql", "postgresql");
@@ -70,7 +73,30 @@ pub fn install() -> anyhow::Result<()> {
     if !bpf_linker_ok() {
         install_bpf_linker()?;
     }
-    install_python_tools()
+    install_python_tools()?;
+    install_node_tools()
+}
+
+/// The npm packages, in the workspace's own directory (not the machine's global one).
+fn install_node_tools() -> anyhow::Result<()> {
+    let tools = sluice_tests::node_tools();
+    if tools.join("node_modules/@kubernetes-models/istio").is_dir() && tools.join("node_modules/yaml").is_dir() {
+        return Ok(());
+    }
+    if !on_path("npm") {
+        apt_install(&["nodejs", "npm"])?;
+    }
+    eprintln!("xtask: installing {} from npm into {}", ISTIO_SCHEMAS.join(" "), tools.display());
+    std::fs::create_dir_all(&tools)?;
+    std::fs::write(tools.join("package.json"), "{\"private\": true}\n")?;
+    let by_hand = format!("npm install --prefix {} {}", tools.display(), ISTIO_SCHEMAS.join(" "));
+    crate::run(
+        Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix"])
+            .arg(&tools)
+            .args(ISTIO_SCHEMAS),
+    )
+    .with_context(|| format!("installing Istio's schemas (is the npm registry reachable?); by hand: {by_hand}"))
 }
 
 /// The PyPI tools, in the workspace's own virtual environment.
