@@ -1,7 +1,7 @@
 //! The access log as Istio configures it, end to end: off unless the mesh config names `accessLogFile`; Istio's
 //! default text line in a file that logrotate may rename (no line lost, the new file takes the next) or SIGHUP
 //! reopens; a JSON encoding with a custom format read back as JSON; a bad format refused with its position while
-//! the last good one stays in force.
+//! the last good one stays in force; the Telemetry API's filters, metric switches and tag overrides.
 
 use std::{
     path::Path,
@@ -200,4 +200,71 @@ fn the_seeds_telemetry_logs_errors_only_and_turns_a_metric_off() {
     assert_eq!(get(&topology, "edition.cnn.com", "203.0.113.20", "/still-unregistered", &[]).0, 502);
     agent.wait_for_log("/still-unregistered", 1).unwrap();
     assert!(!agent.log().contains("/still-fine"), "{}", agent.log());
+}
+
+/// The seeds' "Custom Metrics" Telemetry, with a label added and one removed: on `istio_requests_total` only.
+const CUSTOM_METRICS: &str = "apiVersion: telemetry.istio.io/v1alpha1
+kind: Telemetry
+metadata: {name: gateway-metrics, namespace: istio-system}
+spec:
+  selector:
+    matchLabels:
+      istio: egressgateway
+  metrics:
+  - providers:
+    - name: prometheus
+    overrides:
+    - match:
+        metric: REQUEST_COUNT
+      tagOverrides:
+        source_principal:
+          operation: UPSERT
+          value: request.auth.principal
+        response_code:
+          operation: UPSERT
+          value: response.code
+        request_host:
+          value: request.host
+        tenant:
+          value: request.headers['x-tenant']
+        grpc_response_status:
+          operation: REMOVE
+";
+
+#[test]
+fn tag_overrides_set_and_remove_labels_of_the_metric_they_name() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80)], ECHO).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    istio::write(config.path(), &[&mesh(""), HTTPBIN, CUSTOM_METRICS]).unwrap();
+    let agent = Agent::start(&topology.gateway, &args(config.path())).unwrap();
+
+    assert_eq!(get(&topology, "httpbin.org", SERVER_A, "/", &["-H", "x-tenant: payments"]).0, 200);
+    assert_eq!(get(&topology, "edition.cnn.com", "203.0.113.20", "/", &[]).0, 502);
+    let metrics = agent.metrics().unwrap();
+    let requests: Vec<&str> = metrics.lines().filter(|line| line.starts_with("istio_requests_total{")).collect();
+    let httpbin = requests.iter().find(|line| line.contains("destination_service=\"httpbin.org\"")).unwrap();
+    for label in
+        ["request_host=\"httpbin.org\"", "tenant=\"payments\"", "response_code=\"200\"", "source_principal=\"unknown\""]
+    {
+        assert!(httpbin.contains(label), "{label} in {httpbin}");
+    }
+    assert!(requests.iter().all(|line| !line.contains("grpc_response_status=")), "removed: {requests:?}");
+    let refused = requests.iter().find(|line| line.contains("response_code=\"502\"")).unwrap();
+    assert!(
+        refused.contains("request_host=\"edition.cnn.com\"") && refused.contains("tenant=\"unknown\""),
+        "{refused}"
+    );
+    // The other metrics keep Istio's standard labels.
+    let duration = metrics.lines().find(|line| line.starts_with("istio_request_duration_milliseconds_count{")).unwrap();
+    assert!(duration.contains("grpc_response_status=") && !duration.contains("request_host="), "{duration}");
+
+    // A label that is not a Prometheus name: the resource is refused, naming it; the last good one stays.
+    let bad = CUSTOM_METRICS.replace("request_host:", "request-host:");
+    istio::write(config.path(), &[&mesh(""), HTTPBIN, &bad]).unwrap();
+    agent.wait_for_log("'request-host' is not a Prometheus label name", 1).unwrap();
+    assert_eq!(get(&topology, "httpbin.org", SERVER_A, "/", &["-H", "x-tenant: billing"]).0, 200);
+    let metrics = agent.metrics().unwrap();
+    assert!(metrics.contains("tenant=\"billing\""), "the last good overrides stay in force: {metrics}");
 }

@@ -21,7 +21,12 @@ use crate::{
         DatapathPolicy,
     },
     proxy::relay::Engine,
-    telemetry::{access_log::AccessLog, config_dump, requests::AccessLogFormat},
+    telemetry::{
+        access_log::AccessLog,
+        config_dump,
+        requests::{AccessLogFormat, TelemetryConfig, REQUEST_LABEL_NAMES},
+        tags::TagOverrides,
+    },
 };
 
 /// What the agent knows between events: the configuration in force, the DNS answers for it, and the node's
@@ -130,10 +135,12 @@ impl Control {
 
     /// The access log the mesh config, the Telemetry API and the command line ask for, and the metrics the
     /// Telemetry API turns off.
-    pub fn telemetry(&self, snapshot: &Snapshot) -> (AccessLog, Vec<&'static str>) {
+    pub fn telemetry(&self, snapshot: &Snapshot) -> TelemetryConfig {
         let (labels, namespace) = (&self.proxy.gateway_labels, self.proxy.gateway_namespace.as_deref());
         let telemetry = GatewayTelemetry::compile(snapshot, labels, namespace);
-        (AccessLog::compile(&snapshot.mesh, self.access_log_format, &telemetry), telemetry.disabled_metrics)
+        let access_log = AccessLog::compile(&snapshot.mesh, self.access_log_format, &telemetry);
+        let tags = TagOverrides::compile(telemetry.tag_overrides, &REQUEST_LABEL_NAMES);
+        TelemetryConfig { access_log, disabled_metrics: telemetry.disabled_metrics, tags }
     }
 
     pub fn policy(&self, snapshot: &Snapshot) -> DatapathPolicy {

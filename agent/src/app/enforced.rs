@@ -69,8 +69,7 @@ impl Enforced {
                 let bindings = control.bind(&snapshot);
                 self.sidecars = control.sidecar_modes(&snapshot);
                 let mut routes = control.proxy_policy(&snapshot, &bindings, self.sidecars.clone());
-                let (access_log, disabled_metrics) = control.telemetry(&snapshot);
-                self.metrics.requests.configure(access_log, &disabled_metrics);
+                self.metrics.requests.configure(control.telemetry(&snapshot));
                 keep_good_certificates(&mut routes, &mut self.certificates, &self.metrics);
                 self.gateways.reconcile(&routes.gateway_ports());
                 self.routes.store(Arc::new(routes));

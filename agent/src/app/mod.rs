@@ -198,7 +198,7 @@ impl App {
             routing.install().await?;
         }
         let counters = datapath.counters();
-        let (access_log, _) = control.telemetry(&crate::config::Snapshot::default());
+        let access_log = control.telemetry(&crate::config::Snapshot::default()).access_log;
         let metrics = telemetry::metrics::registry(counters.clone(), datapath.blackholed(), access_log);
         let early = datapath.holds_policy();
         let events = datapath.take_events();
@@ -244,8 +244,7 @@ impl App {
         let bindings = control.bind(&snapshot);
         let sidecars = control.sidecar_modes(&snapshot);
         let mut routes = control.proxy_policy(&snapshot, &bindings, sidecars.clone());
-        let (access_log, disabled_metrics) = control.telemetry(&snapshot);
-        metrics.requests.configure(access_log, &disabled_metrics);
+        metrics.requests.configure(control.telemetry(&snapshot));
         metrics.config_generation.set(1);
         let (dump, dump_reader) = watch::channel(Arc::new(control.dump(1, policy, &bindings)));
         drop((bindings, snapshot));

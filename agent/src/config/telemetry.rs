@@ -163,6 +163,12 @@ impl Telemetry {
                     }
                 }
                 for (tag, tag_override) in &metric_override.tag_overrides {
+                    let is_label_name = tag.bytes().enumerate().all(|(i, byte)| {
+                        byte == b'_' || byte.is_ascii_alphabetic() || (i > 0 && byte.is_ascii_digit())
+                    });
+                    if tag.is_empty() || !is_label_name || tag.starts_with("__") {
+                        fail(at(&format!("tagOverrides.{tag}")), format!("'{tag}' is not a Prometheus label name"));
+                    }
                     let at = |field: &str| at(&format!("tagOverrides.{tag}.{field}"));
                     match tag_override.operation.as_deref() {
                         None | Some("UPSERT") => match tag_override.value.as_deref() {

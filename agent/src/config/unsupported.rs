@@ -116,10 +116,12 @@ pub fn fields(resource: &Resource, knows_sources: bool) -> Vec<(String, &'static
             }
             for (i, metrics) in telemetry.metrics.iter().enumerate() {
                 for (j, metric_override) in metrics.overrides.iter().enumerate() {
-                    if !metric_override.tag_overrides.is_empty() {
+                    let selected = metric_override.matches.as_ref().and_then(|selector| selector.metric.as_deref());
+                    let tcp_only = selected.is_some_and(|metric| metric.starts_with("TCP_"));
+                    if !metric_override.tag_overrides.is_empty() && tcp_only {
                         found.push((
                             format!("spec.metrics[{i}].overrides[{j}].tagOverrides"),
-                            "tag overrides are not applied yet: the metric keeps Istio's standard labels",
+                            "tag overrides apply to the request metrics only: the TCP metrics keep Istio's labels",
                         ));
                     }
                 }

@@ -11,7 +11,7 @@ use crate::{
         telemetry::{AccessLogging, Telemetry, METRICS},
         Snapshot, Spec,
     },
-    telemetry::expression::Expression,
+    telemetry::{expression::Expression, tags::REQUEST_METRICS},
 };
 
 /// What the Telemetry API asks of the gateway.
@@ -23,6 +23,9 @@ pub struct GatewayTelemetry {
     pub disabled_metrics: Vec<&'static str>,
     /// The resource that decided the access log, `namespace/name`, for logs.
     pub decided_by: Option<String>,
+    /// Per request metric (`REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`, `RESPONSE_SIZE`), each label's
+    /// override: the value's expression, or `None` to remove it. Later (more specific) resources win.
+    pub tag_overrides: [BTreeMap<String, Option<Arc<Expression>>>; REQUEST_METRICS],
 }
 
 #[derive(Debug)]
@@ -74,11 +77,33 @@ impl GatewayTelemetry {
                 compiled.decided_by = Some(format!("{namespace}/{name}"));
             }
             for metric_override in telemetry.metrics.iter().flat_map(|metrics| &metrics.overrides) {
-                let Some(off) = metric_override.disabled else { continue };
-                let selected = metric_override.matches.as_ref().and_then(|selector| selector.metric.as_deref());
-                for (metric, _) in METRICS {
-                    if selected.is_none_or(|selected| selected == "ALL_METRICS" || selected == metric) {
+                let selector = metric_override.matches.as_ref();
+                // The gateway reports as the client side (`reporter="source"`): SERVER-only overrides are not its.
+                if selector.and_then(|selector| selector.mode.as_deref()) == Some("SERVER") {
+                    continue;
+                }
+                let selected = selector.and_then(|selector| selector.metric.as_deref());
+                let selects =
+                    |metric: &str| selected.is_none_or(|selected| selected == "ALL_METRICS" || selected == metric);
+                if let Some(off) = metric_override.disabled {
+                    for (metric, _) in METRICS.iter().filter(|(metric, _)| selects(metric)) {
                         disabled.insert(metric, off);
+                    }
+                }
+                for (index, (metric, _)) in METRICS.iter().take(REQUEST_METRICS).enumerate() {
+                    if !selects(metric) {
+                        continue;
+                    }
+                    for (label, tag) in &metric_override.tag_overrides {
+                        let value = match tag.operation.as_deref() {
+                            Some("REMOVE") => None,
+                            _ => match tag.value.as_deref().map(Expression::compile) {
+                                Some(Ok(expression)) => Some(Arc::new(expression)),
+                                // Refused by validation: the resource is not in force.
+                                _ => continue,
+                            },
+                        };
+                        compiled.tag_overrides[index].insert(label.clone(), value);
                     }
                 }
             }
@@ -147,5 +172,37 @@ spec:
         assert!(!in_egress.access_logging.unwrap().enabled, "the namespace's overrides the mesh's");
         let unknown = compiled(&both, &[("app", "gw")], None);
         assert!(unknown.access_logging.unwrap().enabled, "a namespace-wide one applies only where the gateway runs");
+    }
+
+    #[test]
+    fn tag_overrides_apply_per_metric_the_more_specific_winning_and_server_side_ones_left_out() {
+        let yaml = "apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh, namespace: istio-system}
+spec:
+  metrics:
+  - overrides:
+    - tagOverrides: {team: {value: \"'mesh'\"}, reporter: {operation: REMOVE}}
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: gateway, namespace: istio-system}
+spec:
+  selector: {matchLabels: {istio: egressgateway}}
+  metrics:
+  - overrides:
+    - match: {metric: REQUEST_COUNT}
+      tagOverrides: {team: {value: \"'gateway'\"}}
+    - match: {metric: REQUEST_DURATION, mode: SERVER}
+      tagOverrides: {server_only: {value: \"'x'\"}}
+";
+        let gateway = compiled(yaml, &[("istio", "egressgateway")], Some("istio-system"));
+        let labels = |metric: usize| gateway.tag_overrides[metric].keys().cloned().collect::<Vec<_>>();
+        assert_eq!(labels(0), ["reporter", "team"], "ALL_METRICS by default");
+        assert_eq!(labels(1), ["reporter", "team"], "the SERVER-only override is not the gateway's");
+        assert!(gateway.tag_overrides[0]["reporter"].is_none(), "REMOVE");
+        let fields = crate::telemetry::access_log::format::Fields::default();
+        let team = |metric: usize| gateway.tag_overrides[metric]["team"].as_ref().unwrap().text(&fields).unwrap();
+        assert_eq!((team(0), team(1)), ("gateway".to_owned(), "mesh".to_owned()), "the gateway's own wins");
     }
 }

@@ -15,3 +15,4 @@ pub mod response_flags;
 pub mod server;
 pub mod status;
 pub mod switches;
+pub mod tags;

@@ -96,10 +96,7 @@ impl AccessLog {
             into.push((name.clone(), String::from_utf8_lossy(value.as_bytes()).into()));
         };
         if self.all_request_headers {
-            for (name, value) in headers.iter().filter(|(name, _)| !KEPT.contains(&name.as_str())) {
-                keep(name, value);
-            }
-            return;
+            return capture_all(headers, into);
         }
         for name in self.request_headers.iter() {
             if let Some(value) = headers.get(name) {
@@ -267,8 +264,15 @@ impl Headers for RecordHeaders<'_> {
     }
 }
 
-/// Runs `render` with what `record` offers to the operators.
-fn with_request_fields<T>(record: &RequestRecord, render: impl FnOnce(&Fields<'_>) -> T) -> T {
+/// Keeps every request header beyond a record's own fields (an expression reads `request.headers`).
+pub(crate) fn capture_all(headers: &http::HeaderMap, into: &mut Vec<(http::HeaderName, Box<str>)>) {
+    for (name, value) in headers.iter().filter(|(name, _)| !KEPT.contains(&name.as_str())) {
+        into.push((name.clone(), String::from_utf8_lossy(value.as_bytes()).into()));
+    }
+}
+
+/// Runs `render` with what `record` offers to the operators (and to the tag overrides' expressions).
+pub(crate) fn with_request_fields<T>(record: &RequestRecord, render: impl FnOnce(&Fields<'_>) -> T) -> T {
     let service_time = record.upstream_service_time.map(|time| time.as_millis().to_string());
     let headers = RecordHeaders { record, service_time };
     let cluster = record.destination.as_ref().map(|destination| destination.cluster().to_string());

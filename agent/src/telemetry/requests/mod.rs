@@ -12,7 +12,7 @@ use std::{
 };
 
 use prometheus_client::{
-    encoding::EncodeLabelSet,
+    encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
@@ -26,13 +26,15 @@ use super::{
     passthrough::Watched,
     response_flags::ResponseFlag,
     switches::{Metric, MetricSwitches},
+    tags::{TagOverrides, Tags},
 };
 use crate::policy::labels::{DestinationLabels, LabelText, UNKNOWN};
 
 type Label = LabelText;
 
-/// Istio's standard labels (those Sluice can know; the rest read `unknown`, as Istio writes them).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// Istio's standard labels (those Sluice can know; the rest read `unknown`, as Istio writes them), and what the
+/// Telemetry API's tag overrides made of them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct RequestLabels {
     pub reporter: Label,
     pub source_workload: Label,
@@ -49,6 +51,63 @@ pub struct RequestLabels {
     pub grpc_response_status: Label,
     pub response_flags: Label,
     pub connection_security_policy: Label,
+    pub tags: Tags,
+}
+
+/// The standard labels' names, in the order of `RequestLabels`' fields.
+pub const REQUEST_LABEL_NAMES: [&str; 15] = [
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "request_protocol",
+    "response_code",
+    "grpc_response_status",
+    "response_flags",
+    "connection_security_policy",
+];
+
+impl RequestLabels {
+    fn standard(&self) -> [&Label; REQUEST_LABEL_NAMES.len()] {
+        [
+            &self.reporter,
+            &self.source_workload,
+            &self.source_workload_namespace,
+            &self.source_principal,
+            &self.destination_workload,
+            &self.destination_workload_namespace,
+            &self.destination_principal,
+            &self.destination_service,
+            &self.destination_service_name,
+            &self.destination_service_namespace,
+            &self.request_protocol,
+            &self.response_code,
+            &self.grpc_response_status,
+            &self.response_flags,
+            &self.connection_security_policy,
+        ]
+    }
+}
+
+/// The standard labels the tags leave in, then the labels they set.
+impl EncodeLabelSet for RequestLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        for (i, (name, value)) in REQUEST_LABEL_NAMES.iter().zip(self.standard()).enumerate() {
+            if self.tags.left_out & (1 << i) == 0 {
+                (*name, value.clone()).encode(encoder.encode_label())?;
+            }
+        }
+        for (name, value) in self.tags.set.iter().flat_map(|set| set.iter()) {
+            (&**name, value.clone()).encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
 }
 
 /// Istio's duration buckets, in milliseconds.
@@ -70,8 +129,9 @@ pub struct RequestMetrics {
     /// texts by address: a request's labels are built and hashed (by each family) only the first time.
     recent: Arc<RwLock<HashMap<SeriesKey, Recent, foldhash::fast::RandomState>>>,
     /// The series of destinations passed through unregistered, whose labels come from clients: dropped once
-    /// unused for a while (`sweep`), so that the passthrough series cap holds the destinations in use.
-    passthrough: Arc<std::sync::Mutex<HashMap<RequestLabels, Watched>>>,
+    /// unused for a while (`sweep`), so that the passthrough series cap holds the destinations in use. By the
+    /// four metrics' labels (which tag overrides may make differ).
+    passthrough: Arc<std::sync::Mutex<HashMap<[RequestLabels; 4], Watched>>>,
 }
 
 /// A request's series as `RequestMetrics::recent` knows it: the addresses of its label texts (the source
@@ -166,19 +226,19 @@ impl RequestMetrics {
         }
         // The fast path's cache holds the series too: emptied, so that no request counts in a dropped one.
         self.recent.write().unwrap_or_else(PoisonError::into_inner).clear();
-        for labels in &stale {
-            self.requests.remove(labels);
-            self.duration.remove(labels);
-            self.request_bytes.remove(labels);
-            self.response_bytes.remove(labels);
+        for [requests, duration, request_bytes, response_bytes] in &stale {
+            self.requests.remove(requests);
+            self.duration.remove(duration);
+            self.request_bytes.remove(request_bytes);
+            self.response_bytes.remove(response_bytes);
         }
-        stale.iter().map(|labels| labels.destination_service.as_str().to_owned()).collect()
+        stale.iter().map(|labels| labels[0].destination_service.as_str().to_owned()).collect()
     }
 
     /// The passed-through destinations that still have request series.
     fn passthrough_in_use(&self) -> std::collections::HashSet<String> {
         let watched = self.passthrough.lock().unwrap_or_else(PoisonError::into_inner);
-        watched.keys().map(|labels| labels.destination_service.as_str().to_owned()).collect()
+        watched.keys().map(|labels| labels[0].destination_service.as_str().to_owned()).collect()
     }
 
     /// The series `record` counts in.
@@ -188,18 +248,8 @@ impl RequestMetrics {
             return recent.series.clone();
         }
         let labels = labels_of(record);
-        if record.destination.as_ref().is_some_and(DestinationLabels::is_passthrough) {
-            let requests = self.requests.get_or_create(&labels).clone();
-            let mut watched = self.passthrough.lock().unwrap_or_else(PoisonError::into_inner);
-            watched.entry(labels.clone()).or_insert_with(|| Watched::new(requests));
-        }
+        let series = self.series_labelled(record, [labels.clone(), labels.clone(), labels.clone(), labels]);
         let texts = shared_texts(record).map(LabelText::clone);
-        let series = Arc::new(Series {
-            requests: self.requests.get_or_create(&labels).clone(),
-            duration: self.duration.get_or_create(&labels).clone(),
-            request_bytes: self.request_bytes.get_or_create(&labels).clone(),
-            response_bytes: self.response_bytes.get_or_create(&labels).clone(),
-        });
         let mut recent = self.recent.write().unwrap_or_else(PoisonError::into_inner);
         if recent.len() >= RECENT_LIMIT {
             recent.clear();
@@ -207,6 +257,43 @@ impl RequestMetrics {
         recent.insert(key, Recent { series: series.clone(), _texts: texts });
         series
     }
+
+    /// The series `record` counts in under tag overrides: labelled per metric, each time (the values the
+    /// overrides set vary with the request, so they cannot be found by the texts' addresses).
+    fn tagged_series_of(&self, record: &RequestRecord, overrides: &TagOverrides) -> Arc<Series> {
+        let labels = labels_of(record);
+        let tagged = super::access_log::with_request_fields(record, |fields| {
+            std::array::from_fn(|metric| RequestLabels { tags: overrides.tags(metric, fields), ..labels.clone() })
+        });
+        self.series_labelled(record, tagged)
+    }
+
+    /// The four series of `record`, labelled (in the order of `Metric`): a passed-through destination's watched
+    /// for the sweep.
+    fn series_labelled(&self, record: &RequestRecord, labels: [RequestLabels; 4]) -> Arc<Series> {
+        let [requests, duration, request_bytes, response_bytes] = &labels;
+        let series = Arc::new(Series {
+            requests: self.requests.get_or_create(requests).clone(),
+            duration: self.duration.get_or_create(duration).clone(),
+            request_bytes: self.request_bytes.get_or_create(request_bytes).clone(),
+            response_bytes: self.response_bytes.get_or_create(response_bytes).clone(),
+        });
+        if record.destination.as_ref().is_some_and(DestinationLabels::is_passthrough) {
+            let counter = series.requests.clone();
+            let mut watched = self.passthrough.lock().unwrap_or_else(PoisonError::into_inner);
+            watched.entry(labels).or_insert_with(|| Watched::new(counter));
+        }
+        series
+    }
+}
+
+/// What the configuration asks of the request telemetry: the access log, the metrics the Telemetry API turns
+/// off (`REQUEST_COUNT`…), and its tag overrides.
+#[derive(Default)]
+pub struct TelemetryConfig {
+    pub access_log: AccessLog,
+    pub disabled_metrics: Vec<&'static str>,
+    pub tags: TagOverrides,
 }
 
 /// The access log's line format, as the command line overrides the mesh config's.
@@ -327,6 +414,8 @@ pub struct RequestTelemetry {
     lines: LineQueue,
     /// The access log in force: replaced whole when the configuration changes.
     access_log: Arc<ArcSwap<AccessLog>>,
+    /// The Telemetry API's tag overrides in force.
+    tags: Arc<ArcSwap<TagOverrides>>,
     /// Which of Istio's metrics the Telemetry API turned off.
     switches: MetricSwitches,
     dropped_lines: Counter,
@@ -443,6 +532,7 @@ impl RequestTelemetry {
             tcp,
             lines,
             access_log,
+            tags: Arc::default(),
             switches,
             dropped_lines,
             host_mismatches,
@@ -521,18 +611,24 @@ impl RequestTelemetry {
     /// Whether a request's details (its Host, method, path, headers, start) are wanted: by an access log, or by
     /// someone observing the flows (else requests are only counted).
     pub fn wants_request_details(&self) -> bool {
-        self.access_log.load().is_on() || self.flows.watched()
+        self.access_log.load().is_on() || self.flows.watched() || !self.tags.load().is_empty()
     }
 
     /// Keeps the request headers the access log's format reads beyond a record's own fields.
     pub fn capture_headers(&self, headers: &http::HeaderMap, into: &mut Vec<(http::HeaderName, Box<str>)>) {
-        self.access_log.load().capture(headers, into);
+        if self.tags.load().reads_request_headers {
+            super::access_log::capture_all(headers, into);
+        } else {
+            self.access_log.load().capture(headers, into);
+        }
     }
 
-    /// Puts a newly compiled access log in force, and the Telemetry API's disabled metrics (`REQUEST_COUNT`…).
-    pub fn configure(&self, access_log: AccessLog, disabled_metrics: &[&str]) {
-        self.access_log.store(Arc::new(access_log));
-        self.switches.set(disabled_metrics);
+    /// Puts a newly compiled access log in force, the Telemetry API's disabled metrics (`REQUEST_COUNT`…) and its
+    /// tag overrides.
+    pub fn configure(&self, config: TelemetryConfig) {
+        self.access_log.store(Arc::new(config.access_log));
+        self.switches.set(&config.disabled_metrics);
+        self.tags.store(Arc::new(config.tags));
     }
 
     /// Counts new work shed while overloaded: a `request` or a `connection`.
@@ -570,7 +666,13 @@ impl RequestTelemetry {
     }
 
     pub fn record(&self, record: &RequestRecord) {
-        let series = self.metrics.series_of(record);
+        let overrides = self.tags.load();
+        let series = if overrides.is_empty() {
+            self.metrics.series_of(record)
+        } else {
+            self.metrics.tagged_series_of(record, &overrides)
+        };
+        drop(overrides);
         let on = |metric| !self.switches.is_off(metric);
         if on(Metric::RequestCount) {
             series.requests.inc();
@@ -666,6 +768,7 @@ fn labels_of(record: &RequestRecord) -> RequestLabels {
         grpc_response_status: LabelText::default(),
         response_flags: record.response_flags.label(),
         connection_security_policy: record.connection_security.label(),
+        tags: Tags::default(),
     }
 }
 
