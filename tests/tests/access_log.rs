@@ -112,7 +112,7 @@ fn a_json_format_is_read_back_and_a_bad_one_keeps_the_last_good() {
     let topology = Topology::new().unwrap();
     let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80)], ECHO).unwrap();
     let config = tempfile::tempdir().unwrap();
-    let format = r#"{"code": "%RESPONSE_CODE%", "tenant": "%REQ(X-TENANT)%", "path": "%REQ(:PATH)%", "cluster": "%UPSTREAM_CLUSTER%", "missing": "%REQ(X-ABSENT)%"}"#;
+    let format = r#"{"code": "%RESPONSE_CODE%", "tenant": "%REQ(X-TENANT)%", "path": "%REQ(:PATH)%", "cluster": "%UPSTREAM_CLUSTER%", "missing": "%REQ(X-ABSENT)%", "content": "%RESP(CONTENT-TYPE)% %RESP(X-ABSENT?SERVER)%"}"#;
     let json = format!("accessLogFile: /dev/stdout\naccessLogEncoding: JSON\naccessLogFormat: '{format}'");
     istio::write(config.path(), &[&mesh(&json), HTTPBIN]).unwrap();
     let agent = Agent::start(&topology.gateway, &args(config.path())).unwrap();
@@ -121,9 +121,13 @@ fn a_json_format_is_read_back_and_a_bad_one_keeps_the_last_good() {
     agent.wait_for_log("\"path\":\"/json\"", 1).unwrap();
     let log = agent.log();
     let line = log.lines().find(|line| line.contains("\"path\":\"/json\"")).unwrap();
-    let parsed: serde_json::Value = serde_json::from_str(line).unwrap();
+    let mut parsed: serde_json::Value = serde_json::from_str(line).unwrap();
+    // The upstream's response headers, the second by its alternative.
+    let content = parsed["content"].take();
+    assert!(content.as_str().unwrap().starts_with("text/plain nginx/"), "{line}");
     let expected = serde_json::json!({
-        "code": 200, "tenant": "payments", "path": "/json", "cluster": "outbound|80||httpbin.org", "missing": null
+        "code": 200, "tenant": "payments", "path": "/json", "cluster": "outbound|80||httpbin.org", "missing": null,
+        "content": null
     });
     assert_eq!(parsed, expected, "{line}");
 

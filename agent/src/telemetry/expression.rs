@@ -22,6 +22,8 @@ pub struct Expression {
     roots: u8,
     /// It reads `request.headers`: every request header must be kept for it.
     pub reads_request_headers: bool,
+    /// It reads `response.headers`: every response header must be kept for it.
+    pub reads_response_headers: bool,
 }
 
 impl std::fmt::Debug for Expression {
@@ -58,7 +60,8 @@ impl Expression {
             roots |= 1 << index;
         }
         let reads_request_headers = text.contains("request.headers");
-        Ok(Expression { program, roots, reads_request_headers })
+        let reads_response_headers = text.contains("response.headers");
+        Ok(Expression { program, roots, reads_request_headers, reads_response_headers })
     }
 
     /// Whether the expression holds for the entry (false when it cannot be evaluated, or is not a boolean).
@@ -95,6 +98,12 @@ fn map(entries: Vec<(&str, Value)>) -> Value {
     Value::from(map)
 }
 
+fn headers(headers: Vec<(&str, &str)>) -> Value {
+    let headers: HashMap<String, Value> =
+        headers.into_iter().map(|(name, value)| (name.to_owned(), Value::from(value.to_owned()))).collect();
+    Value::from(headers)
+}
+
 fn text(value: Option<&str>) -> Value {
     value.map_or(Value::Null, |value| Value::from(value.to_owned()))
 }
@@ -111,15 +120,8 @@ fn attributes(root: &str, fields: &Fields<'_>) -> Value {
     match root {
         "request" => {
             let path = request(":path");
-            let headers: HashMap<String, Value> = fields
-                .headers
-                .map(|headers| headers.request_headers())
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(name, value)| (name.to_owned(), Value::from(value.to_owned())))
-                .collect();
             map(vec![
-                ("headers", Value::from(headers)),
+                ("headers", headers(fields.headers.map(|headers| headers.request_headers()).unwrap_or_default())),
                 ("method", text(request(":method"))),
                 ("path", text(path)),
                 ("url_path", text(path.map(|path| path.split('?').next().unwrap_or(path)))),
@@ -132,6 +134,7 @@ fn attributes(root: &str, fields: &Fields<'_>) -> Value {
             ])
         }
         "response" => map(vec![
+            ("headers", headers(fields.headers.map(|headers| headers.response_headers()).unwrap_or_default())),
             ("code", Value::Int(i64::from(fields.response_code))),
             ("code_details", text(fields.response_code_details)),
             ("flags", text(Some(fields.response_flags))),

@@ -241,6 +241,7 @@ impl HttpProxy {
                 tokio::spawn(upgrade);
             }
             let (mut parts, body) = response.into_parts();
+            self.telemetry.capture_response_headers(&parts.headers, &mut record.captured_response_headers);
             let upgraded_to = parts.headers.get(header::UPGRADE).cloned().filter(|_| switching);
             strip_hop_by_hop(&mut parts.headers);
             if let Some(protocol) = upgraded_to {

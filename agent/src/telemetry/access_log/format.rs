@@ -85,6 +85,11 @@ pub trait Headers {
     fn request_headers(&self) -> Vec<(&str, &str)> {
         Vec::new()
     }
+
+    /// Every response header kept, for expressions that read `response.headers`.
+    fn response_headers(&self) -> Vec<(&str, &str)> {
+        Vec::new()
+    }
 }
 
 /// What an entry offers to the operators. Absent values render as `-`.
@@ -158,11 +163,27 @@ impl Format {
 
     /// The request headers the format reads that an entry must keep (lowercase, pseudo-headers left out).
     pub fn request_headers(&self) -> Vec<String> {
+        self.headers(false)
+    }
+
+    /// The response headers the format reads that an entry must keep (lowercase).
+    pub fn response_headers(&self) -> Vec<String> {
+        self.headers(true)
+    }
+
+    fn headers(&self, response: bool) -> Vec<String> {
         let mut names = Vec::new();
         for segment in &self.segments {
-            if let Segment::Operator { operator: Operator::Request(name, alternative), .. } = segment {
-                names.extend([Some(name), alternative.as_ref()].into_iter().flatten().cloned());
-            }
+            let (name, alternative) = match segment {
+                Segment::Operator { operator: Operator::Request(name, alternative), .. } if !response => {
+                    (name, alternative)
+                }
+                Segment::Operator { operator: Operator::Response(name, alternative), .. } if response => {
+                    (name, alternative)
+                }
+                _ => continue,
+            };
+            names.extend([Some(name), alternative.as_ref()].into_iter().flatten().cloned());
         }
         names.retain(|name| !name.starts_with(':'));
         names.sort();

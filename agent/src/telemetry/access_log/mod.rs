@@ -34,6 +34,10 @@ pub struct AccessLog {
     pub request_headers: Box<[http::HeaderName]>,
     /// Every request header is kept (a filter reads `request.headers`).
     pub all_request_headers: bool,
+    /// The response headers the format reads, kept per request.
+    pub response_headers: Box<[http::HeaderName]>,
+    /// Every response header is kept (a filter reads `response.headers`).
+    pub all_response_headers: bool,
     /// The Telemetry API's `filter.expression`: only entries for which it holds are written.
     pub filter: Option<Arc<Expression>>,
 }
@@ -72,18 +76,50 @@ impl AccessLog {
             None => (file, mesh_lines(mesh).unwrap_or(Lines::EnvoyText)),
         };
         let filter = logging.and_then(|logging| logging.filter.clone());
-        let request_headers = match &lines {
-            Lines::Text(format) => format.request_headers(),
-            Lines::JsonFields(fields) => fields.iter().flat_map(|(_, format)| format.request_headers()).collect(),
-            Lines::EnvoyText | Lines::Json => Vec::new(),
+        let named = |response: bool| -> Box<[http::HeaderName]> {
+            let names = match &lines {
+                Lines::Text(format) if response => format.response_headers(),
+                Lines::Text(format) => format.request_headers(),
+                Lines::JsonFields(fields) if response => {
+                    fields.iter().flat_map(|(_, format)| format.response_headers()).collect()
+                }
+                Lines::JsonFields(fields) => fields.iter().flat_map(|(_, format)| format.request_headers()).collect(),
+                Lines::EnvoyText | Lines::Json => Vec::new(),
+            };
+            names
+                .iter()
+                // The record keeps these itself: the request's (`KEPT`), the upstream's service time.
+                .filter(|name| !KEPT.contains(&name.as_str()) && name.as_str() != SERVICE_TIME)
+                .filter_map(|name| http::HeaderName::from_bytes(name.as_bytes()).ok())
+                .collect()
         };
-        let request_headers = request_headers
-            .iter()
-            .filter(|name| !KEPT.contains(&name.as_str()))
-            .filter_map(|name| http::HeaderName::from_bytes(name.as_bytes()).ok())
-            .collect();
+        let (request_headers, response_headers) = (named(false), named(true));
         let all_request_headers = filter.as_ref().is_some_and(|filter| filter.reads_request_headers);
-        AccessLog { file, lines, request_headers, all_request_headers, filter }
+        let all_response_headers = filter.as_ref().is_some_and(|filter| filter.reads_response_headers);
+        AccessLog { file, lines, request_headers, all_request_headers, response_headers, all_response_headers, filter }
+    }
+
+    /// Keeps the response headers the format (or the filter) reads: before the proxy takes the hop-by-hop ones
+    /// out, as Envoy's access log sees the upstream's response.
+    pub fn capture_response(&self, headers: &http::HeaderMap, into: &mut Vec<(http::HeaderName, Box<str>)>) {
+        if !self.is_on() {
+            return;
+        }
+        let mut keep = |name: &http::HeaderName, value: &http::HeaderValue| {
+            into.push((name.clone(), String::from_utf8_lossy(value.as_bytes()).into()));
+        };
+        if self.all_response_headers {
+            headers
+                .iter()
+                .filter(|(name, _)| name.as_str() != SERVICE_TIME)
+                .for_each(|(name, value)| keep(name, value));
+            return;
+        }
+        for name in self.response_headers.iter() {
+            if let Some(value) = headers.get(name) {
+                keep(name, value);
+            }
+        }
     }
 
     pub fn is_on(&self) -> bool {
@@ -165,6 +201,8 @@ impl AccessLog {
 
 /// Request headers every request keeps for the log (fields of its record; the original path is never set by
 /// Sluice, so its alternative is read).
+/// The response header Envoy adds with the upstream's time, which the record keeps as a duration.
+const SERVICE_TIME: &str = "x-envoy-upstream-service-time";
 const KEPT: [&str; 5] = ["user-agent", "x-forwarded-for", "x-request-id", "host", "x-envoy-original-path"];
 
 /// The mesh config's lines: `None` when it asks for no access log.
@@ -246,9 +284,17 @@ impl Headers for RecordHeaders<'_> {
 
     fn response(&self, name: &str) -> Option<&str> {
         match name {
-            "x-envoy-upstream-service-time" => self.service_time.as_deref(),
-            _ => None,
+            SERVICE_TIME => self.service_time.as_deref(),
+            name => {
+                let captured = &self.record.captured_response_headers;
+                captured.iter().find(|(kept, _)| kept.as_str() == name).map(|(_, value)| &**value)
+            }
         }
+    }
+
+    fn response_headers(&self) -> Vec<(&str, &str)> {
+        let captured = self.record.captured_response_headers.iter().map(|(name, value)| (name.as_str(), &**value));
+        self.service_time.as_deref().map(|time| (SERVICE_TIME, time)).into_iter().chain(captured).collect()
     }
 
     fn request_headers(&self) -> Vec<(&str, &str)> {

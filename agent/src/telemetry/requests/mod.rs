@@ -343,6 +343,8 @@ pub struct RequestRecord {
     pub response_code_details: Option<Box<str>>,
     /// The request headers the access log's format reads beyond the fields above, as they came.
     pub captured_headers: Vec<(http::HeaderName, Box<str>)>,
+    /// The upstream's response headers the access log's format (or filter) reads, as they came.
+    pub captured_response_headers: Vec<(http::HeaderName, Box<str>)>,
 }
 
 /// The identity a client's verified certificate carries: its SPIFFE URI (`spiffe://TRUST-DOMAIN/ns/NS/sa/SA`,
@@ -621,6 +623,11 @@ impl RequestTelemetry {
         } else {
             self.access_log.load().capture(headers, into);
         }
+    }
+
+    /// Keeps the upstream response's headers the access log reads.
+    pub fn capture_response_headers(&self, headers: &http::HeaderMap, into: &mut Vec<(http::HeaderName, Box<str>)>) {
+        self.access_log.load().capture_response(headers, into);
     }
 
     /// Puts a newly compiled access log in force, the Telemetry API's disabled metrics (`REQUEST_COUNT`…) and its
