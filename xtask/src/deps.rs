@@ -28,8 +28,10 @@ const PEERS: &[(&str, &str)] = &[
     ("psql", "postgresql-client"),
     // `kubectl kustomize` renders deploy/ for the manifests' test.
     ("kubectl", "kubernetes-client"),
-    // Unpacks the agent's OCI image for the image's test, as a runtime would.
+    // Unpacks the agent's OCI image for the image's test, as a runtime would; `strip` takes the debug information
+    // out of the binary it holds.
     ("umoci", "umoci"),
+    ("strip", "binutils"),
 ];
 /// The Kubernetes API's schemas, bundled, for validating the rendered manifests offline (PyPI).
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
