@@ -137,7 +137,7 @@ impl Control {
     /// Telemetry API turns off.
     pub fn telemetry(&self, snapshot: &Snapshot) -> TelemetryConfig {
         let (labels, namespace) = (&self.proxy.gateway_labels, self.proxy.gateway_namespace.as_deref());
-        let telemetry = GatewayTelemetry::compile(snapshot, labels, namespace);
+        let telemetry = GatewayTelemetry::compile(snapshot, labels, namespace, &self.proxy.own_services);
         let access_log = AccessLog::compile(&snapshot.mesh, self.access_log_format, &telemetry);
         let tags = TagOverrides::compile(telemetry.tag_overrides, &REQUEST_LABEL_NAMES);
         TelemetryConfig { access_log, disabled_metrics: telemetry.disabled_metrics, tags }

@@ -111,8 +111,18 @@ pub fn fields(resource: &Resource, knows_sources: bool) -> Vec<(String, &'static
             if !telemetry.tracing.is_empty() {
                 found.push(("spec.tracing".into(), "Sluice does not trace: tracing settings are not applied"));
             }
-            if telemetry.attached_by_target() {
-                found.push(("spec.targetRefs".into(), "Telemetry attached by targetRefs is not applied"));
+            let refs = telemetry.target_ref.iter().chain(&telemetry.target_refs);
+            let gateway_kinds = |target: &&crate::config::authorization_policy::TargetRef| {
+                matches!(
+                    (target.group.as_str(), target.kind.as_str()),
+                    ("" | "core", "Service") | ("gateway.networking.k8s.io", "Gateway")
+                )
+            };
+            if refs.clone().next().is_some() && !refs.clone().all(|target| gateway_kinds(&target)) {
+                found.push((
+                    "spec.targetRefs".into(),
+                    "only a Service or a Kubernetes Gateway can name this gateway: other targets are not applied",
+                ));
             }
             for (i, metrics) in telemetry.metrics.iter().enumerate() {
                 for (j, metric_override) in metrics.overrides.iter().enumerate() {

@@ -1,13 +1,16 @@
 //! The Telemetry resources that apply to this gateway, compiled: whether and which requests its access log writes,
 //! and which of Istio's metrics it exports. As Istio scopes them: the root namespace's without a selector apply
 //! mesh-wide, then the gateway's namespace's without a selector, then those (of the gateway's namespace, or any when
-//! it is not known) whose selector matches `--gateway-labels`; the most specific that configures access logging
-//! decides it, and metric overrides apply in that order, the later winning.
+//! it is not known) whose selector matches `--gateway-labels`, or whose `targetRefs` name this gateway — its own
+//! Service (`--gateway-service`), or the Kubernetes Gateway it was deployed for (its pods' label
+//! `gateway.networking.k8s.io/gateway-name`), in the resource's namespace; the most specific that configures
+//! access logging decides it, and metric overrides apply in that order, the later winning.
 
 use std::{collections::BTreeMap, sync::Arc};
 
 use crate::{
     config::{
+        authorization_policy::TargetRef,
         telemetry::{AccessLogging, Telemetry, METRICS},
         Snapshot, Spec,
     },
@@ -40,17 +43,25 @@ impl GatewayTelemetry {
         snapshot: &Snapshot,
         gateway_labels: &BTreeMap<String, String>,
         gateway_namespace: Option<&str>,
+        own_services: &[String],
     ) -> GatewayTelemetry {
         let root = snapshot.mesh.root_namespace();
         // (specificity, resource) for each that applies: 0 mesh-wide, 1 the namespace, 2 the gateway itself.
         let mut applying: Vec<(u8, &str, &str, &Telemetry)> = Vec::new();
         for resource in &snapshot.resources {
             let Spec::Telemetry(telemetry) = &resource.spec else { continue };
-            if telemetry.attached_by_target() {
-                continue;
-            }
             let namespace = resource.metadata.namespace();
             let in_gateway_namespace = gateway_namespace.is_none_or(|gateway| gateway == namespace);
+            if telemetry.attached_by_target() {
+                let refs = telemetry.target_ref.iter().chain(&telemetry.target_refs);
+                let targets_this_gateway = refs
+                    .filter(|target| target.namespace.as_deref().is_none_or(|ns| ns == namespace))
+                    .any(|target| targets_gateway(target, namespace, gateway_labels, own_services));
+                if targets_this_gateway && in_gateway_namespace {
+                    applying.push((2, namespace, &resource.metadata.name, telemetry));
+                }
+                continue;
+            }
             let rank = match &telemetry.selector {
                 None if namespace == root => 0,
                 None if gateway_namespace == Some(namespace) && namespace != root => 1,
@@ -113,6 +124,26 @@ impl GatewayTelemetry {
     }
 }
 
+/// Whether `target` (of a resource in `namespace`) names this gateway: its own Service, or the Kubernetes Gateway
+/// its pods were deployed for.
+fn targets_gateway(
+    target: &TargetRef,
+    namespace: &str,
+    gateway_labels: &BTreeMap<String, String>,
+    own_services: &[String],
+) -> bool {
+    match (target.group.as_str(), target.kind.as_str()) {
+        ("" | "core", "Service") => {
+            let service = format!("{}.{namespace}", target.name);
+            own_services.iter().any(|own| own == &service || own.starts_with(&format!("{service}.")))
+        }
+        ("gateway.networking.k8s.io", "Gateway") => {
+            gateway_labels.get("gateway.networking.k8s.io/gateway-name") == Some(&target.name)
+        }
+        _ => false,
+    }
+}
+
 /// Whether an `accessLogging` entry concerns the file access log (Istio's `envoy` provider; no providers: the
 /// defaults, which are it).
 fn writes_envoy_log(logging: &AccessLogging) -> bool {
@@ -125,7 +156,8 @@ mod tests {
 
     fn compiled(yaml: &str, labels: &[(&str, &str)], namespace: Option<&str>) -> GatewayTelemetry {
         let labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        GatewayTelemetry::compile(&Snapshot::from_yaml(yaml), &labels, namespace)
+        let services = ["istio-egressgateway.istio-system.svc.cluster.local".to_owned()];
+        GatewayTelemetry::compile(&Snapshot::from_yaml(yaml), &labels, namespace, &services)
     }
 
     const SEEDS: &str = "apiVersion: telemetry.istio.io/v1alpha1
@@ -172,6 +204,29 @@ spec:
         assert!(!in_egress.access_logging.unwrap().enabled, "the namespace's overrides the mesh's");
         let unknown = compiled(&both, &[("app", "gw")], None);
         assert!(unknown.access_logging.unwrap().enabled, "a namespace-wide one applies only where the gateway runs");
+    }
+
+    #[test]
+    fn target_refs_name_the_gateway_by_its_service_or_its_kubernetes_gateway() {
+        let telemetry = |name: &str, namespace: &str, target: &str| {
+            format!(
+                "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
+                 spec:\n  targetRefs: [{target}]\n  accessLogging: [{{disabled: true}}]\n"
+            )
+        };
+        let by_service = telemetry("quiet", "istio-system", "{kind: Service, group: '', name: istio-egressgateway}");
+        let gateway = compiled(&by_service, &[("istio", "egressgateway")], Some("istio-system"));
+        assert!(!gateway.access_logging.unwrap().enabled, "its own Service names it");
+        let elsewhere = telemetry("quiet", "other", "{kind: Service, group: '', name: istio-egressgateway}");
+        assert!(compiled(&elsewhere, &[], Some("istio-system")).access_logging.is_none(), "another namespace's");
+        let other = telemetry("quiet", "istio-system", "{kind: Service, group: '', name: reviews}");
+        assert!(compiled(&other, &[], Some("istio-system")).access_logging.is_none(), "another Service");
+
+        let by_gateway =
+            telemetry("quiet", "istio-system", "{kind: Gateway, group: gateway.networking.k8s.io, name: egress}");
+        let labelled = [("gateway.networking.k8s.io/gateway-name", "egress")];
+        assert!(compiled(&by_gateway, &labelled, Some("istio-system")).access_logging.is_some());
+        assert!(compiled(&by_gateway, &[("istio", "egressgateway")], Some("istio-system")).access_logging.is_none());
     }
 
     #[test]
