@@ -218,10 +218,13 @@ fn mixed_traffic_with_config_churn_dns_changes_and_restarts_fails_nothing_and_le
         scope.spawn(|| banner_server(banner, &stop_servers));
         let mut agent = start();
         let mut index = 0;
-        for flow in FLOWS {
-            let (topology, load, ca) = (&topology, &load, ca.as_str());
-            scope.spawn(move || send(topology, load, flow, ca));
-        }
+        let senders: Vec<_> = FLOWS
+            .iter()
+            .map(|&flow| {
+                let (topology, load, ca) = (&topology, &load, ca.as_str());
+                scope.spawn(move || send(topology, load, flow, ca))
+            })
+            .collect();
         let began = Instant::now();
         let (mut samples, mut logs, mut step) = (Vec::new(), Vec::new(), 0);
         let (mut next_sample, mut next_restart) = (Duration::ZERO, restart_every);
@@ -248,7 +251,12 @@ fn mixed_traffic_with_config_churn_dns_changes_and_restarts_fails_nothing_and_le
                 next_restart = at + restart_every;
             }
         }
+        // The senders finish what they began before the servers go: an exchange cut by the test's own end is not
+        // the agent's failure.
         load.stop();
+        for sender in senders {
+            let _ = sender.join();
+        }
         stop_servers.store(true, Ordering::SeqCst);
         logs.push(format!("--- agent {index} ---\n{}", agent.log()));
         (samples, logs)

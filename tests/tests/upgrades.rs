@@ -2,20 +2,23 @@
 //! beside it (a DaemonSet surge), and by `kill -9` and a new start. Workloads keep sending HTTP on kept-alive and on
 //! new connections (proxied), TCP to a port allowed by address (forwarded by the kernel) and connections to a port
 //! nobody registered (blackholed): not one allowed flow may fail across any replacement, not one proxied request
-//! across a drained one, and the blackholed port is never reached.
+//! across a drained one, and the blackholed port is never reached. And a successor that dies between its claim on
+//! the pins and its readiness leaves the owner serving, enforcing and writing the datapath.
 
 use std::{
     net::TcpListener,
+    process::Command,
     time::{Duration, Instant},
 };
 
 use sluice_tests::{
     agent::Bpffs,
+    http::silent_server,
     istio::{self, HTTPBIN, MESH_REGISTRY_ONLY},
     load::{self, Load},
     peers::{send_udp, Nginx, UdpSink},
     require_root,
-    topology::{addr, GATEWAY_WORKLOAD_IFACE, SERVER_A},
+    topology::{addr, GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR, SERVER_A},
     Agent, Topology,
 };
 
@@ -158,4 +161,67 @@ fn replacing_the_agent_fails_no_allowed_flow_and_a_drained_one_no_proxied_reques
     assert_eq!(blackholed_udp.drain(), 0);
     let lost = load.tally(KILLED, KEPT_ALIVE).failures() + load.tally(KILLED, NEW_CONNECTIONS).failures();
     eprintln!("proxied requests failed across kill -9: {lost}");
+}
+
+/// A ServiceEntry resolved by DNS: the successor's start waits on its lookup (the DNS server never answers), which
+/// holds it between its claim and its readiness.
+const SLOW_DNS: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: slow, namespace: egress}\n\
+                        spec: {hosts: [slow.example], ports: [{number: 443, name: tls, protocol: TLS}], resolution: DNS}\n";
+
+/// Registers server A's port 8080 by address: what the owner writes after its successor died.
+const ALLOWED_LATER: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: later, namespace: egress}\n\
+                             spec: {hosts: [later.example], addresses: [203.0.113.10], ports: [{number: 8080, name: tcp, protocol: TCP}], resolution: NONE}\n";
+
+#[test]
+fn a_successor_that_dies_before_it_is_ready_leaves_the_owner_serving_and_writing() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let ports = [addr(SERVER_A, 80), addr(SERVER_A, ALLOWED_PORT)];
+    let _nginx = Nginx::start(&topology.internet, &ports, "served").unwrap();
+    let blackholed_udp = UdpSink::bind(&topology.internet, addr(SERVER_A, BLACKHOLED_UDP_PORT)).unwrap();
+    // A DNS server that takes queries and never answers, over UDP and TCP.
+    let _silent_udp = UdpSink::bind(&topology.internet, addr(INTERNET_ADDR, 53)).unwrap();
+    let _silent_tcp = silent_server(&topology, addr(INTERNET_ADDR, 53));
+    let (owner_config, successor_config) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    istio::write(owner_config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN]).unwrap();
+    istio::write(successor_config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, SLOW_DNS]).unwrap();
+    let bpffs = Bpffs::mount().unwrap();
+    let common = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --dns-server {INTERNET_ADDR}");
+    let owner =
+        Agent::start_pinned(&topology.gateway, &bpffs, &format!("{common} --config {}", owner_config.path().display()))
+            .unwrap();
+    // The successor serves its metrics elsewhere, so that the harness waits for its own.
+    let successor_args = format!(
+        "{common} --config {} --metrics-addr 127.0.0.1:25090 --admin-addr 127.0.0.1:25000 \
+         --readiness-addr 127.0.0.1:25021",
+        successor_config.path().display()
+    );
+
+    let started = std::thread::scope(|scope| {
+        let successor = scope.spawn(|| Agent::start_pinned(&topology.gateway, &bpffs, &successor_args).map(drop));
+        // Held still for it: the successor has claimed the pins and is taking them up. It dies there.
+        owner.wait_for_log("a successor agent is starting on these pins: holding still", 1).unwrap();
+        let killed = Command::new("pkill").args(["-KILL", "-f", "metrics-addr 127.0.0.1:25090"]).status().unwrap();
+        assert!(killed.success(), "the successor was running");
+        successor.join().unwrap()
+    });
+    assert!(started.is_err(), "the successor was killed before it was ready");
+
+    owner.wait_for_log("the successor went away before it was ready: this agent goes on", 1).unwrap();
+    // The owner serves and enforces as before…
+    assert!(owner.readiness().is_ok(), "{}", owner.log());
+    assert_eq!(topology.workload.enter(|| load::one_request(addr(SERVER_A, 80), "httpbin.org")).unwrap(), Ok(()));
+    send_udp(&topology.workload, addr(SERVER_A, BLACKHOLED_UDP_PORT), 3, 64).unwrap();
+    assert_eq!(blackholed_udp.drain(), 0, "still blackholed in the kernel");
+    let unregistered = topology.workload.enter(|| load::never_connects(addr(SERVER_A, ALLOWED_PORT))).unwrap();
+    assert_eq!(unregistered, Ok(()), "port {ALLOWED_PORT} is registered by nothing yet");
+    // …and writes the datapath again: a port registered now is opened in the kernel.
+    istio::write(owner_config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, ALLOWED_LATER]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while topology.workload.enter(|| load::one_request(addr(SERVER_A, ALLOWED_PORT), "server-a")).unwrap().is_err() {
+        assert!(Instant::now() < deadline, "the owner's new policy was not written:\n{}", owner.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, log) = owner.stop();
+    assert!(status.is_some_and(|status| status.success()), "{log}");
 }
