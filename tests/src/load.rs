@@ -18,7 +18,12 @@ pub struct Tally {
     pub done: u64,
     /// Failures by cause (the error's text).
     pub failed: BTreeMap<String, u64>,
+    /// When the first failures happened (`HH:MM:SS.mmm`, UTC, as the agent logs), to find them in its log.
+    pub failed_at: Vec<String>,
 }
+
+/// Failure times kept per tally.
+const FAILURE_TIMES: usize = 16;
 
 impl Tally {
     pub fn failures(&self) -> u64 {
@@ -46,7 +51,11 @@ impl Load {
                 Ok(()) => tally.done += 1,
                 Err(cause) => {
                     // When, to the millisecond and in UTC as the agent logs: to find it in the agent's log.
-                    eprintln!("{} {flow} failed: {cause}", utc_time_of_day());
+                    let at = utc_time_of_day();
+                    eprintln!("{at} {flow} failed: {cause}");
+                    if tally.failed_at.len() < FAILURE_TIMES {
+                        tally.failed_at.push(at);
+                    }
                     *tally.failed.entry(cause).or_default() += 1;
                 }
             }
@@ -80,9 +89,37 @@ impl Load {
             for (cause, count) in &tally.failed {
                 *total.failed.entry(cause.clone()).or_default() += count;
             }
+            total.failed_at.extend(tally.failed_at.iter().cloned());
         }
         totals
     }
+}
+
+/// The lines of an agent's `log` written in the second of each of `times` (`HH:MM:SS.mmm`) or the second before:
+/// what the agent did around a failure.
+pub fn log_around(log: &str, times: &[String]) -> String {
+    let seconds: Vec<String> = times
+        .iter()
+        .flat_map(|time| {
+            let second = time.split('.').next().unwrap_or(time).to_owned();
+            let earlier = earlier_second(&second);
+            [format!("T{second}."), earlier.map(|earlier| format!("T{earlier}.")).unwrap_or_default()]
+        })
+        .filter(|second| !second.is_empty())
+        .collect();
+    let lines = log.lines().filter(|line| seconds.iter().any(|second| line.contains(second.as_str())));
+    // A debug log writes thousands of lines a second under load: enough to read, not to drown the failure.
+    lines.take(LINES_AROUND).collect::<Vec<_>>().join("\n")
+}
+
+const LINES_AROUND: usize = 400;
+
+/// `HH:MM:SS` one second earlier (none at midnight).
+fn earlier_second(time: &str) -> Option<String> {
+    let parts: Vec<u32> = time.split(':').map(|part| part.parse().ok()).collect::<Option<_>>()?;
+    let [hours, minutes, seconds] = parts[..] else { return None };
+    let total = (hours * 3600 + minutes * 60 + seconds).checked_sub(1)?;
+    Some(format!("{:02}:{:02}:{:02}", total / 3600, total / 60 % 60, total % 60))
 }
 
 /// The time of day in UTC, `HH:MM:SS.mmm`.

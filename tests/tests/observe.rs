@@ -83,13 +83,24 @@ fn sluice_observe_shows_each_flow_decided_with_its_verdict_and_filters_them() {
     let everything = Observer::start(&topology, &["-o", "json"]);
     let blackholed = Observer::start(&topology, &["--verdict", "blackholed"]);
     let to_httpbin = Observer::start(&topology, &["--host", "httpbin.org", "--source", WORKLOAD_ADDR, "-o", "json"]);
-    let counted = Observer::start(&topology, &["--count", "1", "-o", "json"]);
+    let mut counted = Observer::start(&topology, &["--count", "1", "-o", "json"]);
     // The observers connect while the flows go: rounds until each has seen what it waits for.
     let deadline = Instant::now() + Duration::from_secs(20);
     let seen = |verdict: &str| everything.json().iter().any(|flow| flow["verdict"] == verdict);
     let tls_seen = || everything.json().iter().any(|flow| flow["protocol"] == "tls");
-    while !(seen("forwarded") && seen("refused") && seen("blackholed") && tls_seen() && !blackholed.output().is_empty())
-    {
+    let mut counted_status = None;
+    loop {
+        counted_status = counted_status.or_else(|| counted.child.try_wait().unwrap());
+        let filtered = !blackholed.output().is_empty() && !to_httpbin.output().is_empty();
+        if seen("forwarded")
+            && seen("refused")
+            && seen("blackholed")
+            && tls_seen()
+            && filtered
+            && counted_status.is_some()
+        {
+            break;
+        }
         assert!(Instant::now() < deadline, "not every verdict observed:\n{}\n{}", everything.output(), agent.log());
         assert_eq!(get(&topology, "httpbin.org", SERVER_A, "/", &[]).0, 200);
         assert_eq!(get(&topology, "edition.cnn.com", SERVER_B, "/", &[]).0, 502);
@@ -128,8 +139,7 @@ fn sluice_observe_shows_each_flow_decided_with_its_verdict_and_filters_them() {
     let httpbin = to_httpbin.json();
     assert!(!httpbin.is_empty() && httpbin.iter().all(|flow| flow["host"] == "httpbin.org"), "{httpbin:?}");
     // …and --count ends the command once it has printed that many.
-    let mut counted = counted;
-    let status = counted.child.wait().unwrap();
+    let status = counted_status.unwrap();
     assert!(status.success(), "{status:?}");
     assert_eq!(counted.json().len(), 1, "{}", counted.output());
 

@@ -284,7 +284,16 @@ fn mixed_traffic_with_config_churn_dns_changes_and_restarts_fails_nothing_and_le
     for flow in FLOWS {
         let tally = totals.get(flow).cloned().unwrap_or_default();
         assert!(tally.done > 0, "{flow} made no progress\n{tail_of_logs}");
-        assert_eq!(tally.failures(), 0, "{flow} failed: {:?}\n{tail_of_logs}", tally.failed);
+        // What every agent logged around each failure, rather than only the end of its log.
+        let around: String =
+            logs.iter().map(|log| load::log_around(log, &tally.failed_at)).collect::<Vec<_>>().join("\n");
+        assert_eq!(
+            tally.failures(),
+            0,
+            "{flow} failed at {:?}: {:?}\n--- the agents' logs around it ---\n{around}\n--- their ends ---\n{tail_of_logs}",
+            tally.failed_at,
+            tally.failed
+        );
     }
     assert!(blackholed.accept().is_err(), "no connection reached the blackholed port");
     // The churn was applied, and the DNS answers followed, all along.
