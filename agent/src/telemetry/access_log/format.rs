@@ -103,6 +103,8 @@ pub struct Fields<'a> {
     pub bytes_received: u64,
     pub bytes_sent: u64,
     pub duration: Duration,
+    /// The upstream's time to the response's head (`x-envoy-upstream-service-time`).
+    pub upstream_service_time: Option<Duration>,
     pub protocol: Option<&'a str>,
     pub upstream_host: Option<SocketAddr>,
     pub upstream_cluster: Option<&'a str>,
@@ -357,6 +359,19 @@ fn render(operator: &Operator, fields: &Fields<'_>, out: &mut String) {
         }
     };
     let address = |out: &mut String, address: Option<SocketAddr>, with_port: bool| match address {
+        // IPv4, the common case, octet by octet: `Display` for addresses pads through a buffer of its own.
+        Some(SocketAddr::V4(address)) => {
+            for (i, octet) in address.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                number(out, u64::from(octet));
+            }
+            if with_port {
+                out.push(':');
+                number(out, u64::from(address.port()));
+            }
+        }
         Some(address) if with_port => {
             let _ = write!(out, "{address}");
         }
@@ -370,7 +385,7 @@ fn render(operator: &Operator, fields: &Fields<'_>, out: &mut String) {
         Operator::StartTime(format) => {
             if let Some(start) = fields.start {
                 match format {
-                    None => out.push_str(&super::super::requests::rfc3339_millis(start)),
+                    None => super::super::requests::write_rfc3339_millis(start, out),
                     Some(parts) => render_time(start, parts, out),
                 }
             }
@@ -381,27 +396,23 @@ fn render(operator: &Operator, fields: &Fields<'_>, out: &mut String) {
             });
             text(out, value)
         }
+        // The upstream's time, kept as a duration: written as a number, not made a header's text first.
+        Operator::Response(name, _) if name == SERVICE_TIME && fields.upstream_service_time.is_some() => {
+            number(out, fields.upstream_service_time.map_or(0, |time| time.as_millis() as u64));
+        }
         Operator::Response(name, alternative) => {
             let value = fields.headers.and_then(|headers| {
                 headers.response(name).or_else(|| alternative.as_deref().and_then(|name| headers.response(name)))
             });
             text(out, value)
         }
-        Operator::ResponseCode => {
-            let _ = write!(out, "{}", fields.response_code);
-        }
+        Operator::ResponseCode => number(out, u64::from(fields.response_code)),
         Operator::ResponseFlags => text(out, Some(fields.response_flags)),
         Operator::ResponseCodeDetails => text(out, fields.response_code_details),
         Operator::ConnectionTerminationDetails | Operator::UpstreamTransportFailureReason => {}
-        Operator::BytesReceived => {
-            let _ = write!(out, "{}", fields.bytes_received);
-        }
-        Operator::BytesSent => {
-            let _ = write!(out, "{}", fields.bytes_sent);
-        }
-        Operator::Duration => {
-            let _ = write!(out, "{}", fields.duration.as_millis());
-        }
+        Operator::BytesReceived => number(out, fields.bytes_received),
+        Operator::BytesSent => number(out, fields.bytes_sent),
+        Operator::Duration => number(out, fields.duration.as_millis() as u64),
         Operator::Protocol => text(out, fields.protocol),
         Operator::UpstreamHost => address(out, fields.upstream_host, true),
         Operator::UpstreamCluster => text(out, fields.upstream_cluster),
@@ -414,6 +425,14 @@ fn render(operator: &Operator, fields: &Fields<'_>, out: &mut String) {
         Operator::Hostname => text(out, Some(hostname())),
     }
 }
+
+/// `value` in decimal, without the formatting machinery.
+fn number(out: &mut String, value: u64) {
+    out.push_str(itoa::Buffer::new().format(value));
+}
+
+/// The response header Envoy adds with the upstream's time.
+const SERVICE_TIME: &str = "x-envoy-upstream-service-time";
 
 fn hostname() -> &'static str {
     static NAME: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {

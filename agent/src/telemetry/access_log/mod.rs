@@ -260,7 +260,15 @@ fn json_object(fields: &[(String, Format)], values: &Fields<'_>) -> String {
 /// A request's headers as its record kept them.
 struct RecordHeaders<'a> {
     record: &'a RequestRecord,
-    service_time: Option<String>,
+    /// The upstream's time as the header's text, made only if something reads it as a header.
+    service_time: std::cell::OnceCell<Option<String>>,
+}
+
+impl RecordHeaders<'_> {
+    fn service_time(&self) -> Option<&String> {
+        let millis = || self.record.upstream_service_time.map(|time| time.as_millis().to_string());
+        self.service_time.get_or_init(millis).as_ref()
+    }
 }
 
 impl Headers for RecordHeaders<'_> {
@@ -284,7 +292,7 @@ impl Headers for RecordHeaders<'_> {
 
     fn response(&self, name: &str) -> Option<&str> {
         match name {
-            SERVICE_TIME => self.service_time.as_deref(),
+            SERVICE_TIME => self.service_time().map(String::as_str),
             name => {
                 let captured = &self.record.captured_response_headers;
                 captured.iter().find(|(kept, _)| kept.as_str() == name).map(|(_, value)| &**value)
@@ -294,7 +302,8 @@ impl Headers for RecordHeaders<'_> {
 
     fn response_headers(&self) -> Vec<(&str, &str)> {
         let captured = self.record.captured_response_headers.iter().map(|(name, value)| (name.as_str(), &**value));
-        self.service_time.as_deref().map(|time| (SERVICE_TIME, time)).into_iter().chain(captured).collect()
+        let service_time = self.service_time().map(|time| (SERVICE_TIME, time.as_str()));
+        service_time.into_iter().chain(captured).collect()
     }
 
     fn request_headers(&self) -> Vec<(&str, &str)> {
@@ -319,14 +328,14 @@ pub(crate) fn capture_all(headers: &http::HeaderMap, into: &mut Vec<(http::Heade
 
 /// Runs `render` with what `record` offers to the operators (and to the tag overrides' expressions).
 pub(crate) fn with_request_fields<T>(record: &RequestRecord, render: impl FnOnce(&Fields<'_>) -> T) -> T {
-    let service_time = record.upstream_service_time.map(|time| time.as_millis().to_string());
-    let headers = RecordHeaders { record, service_time };
+    let headers = RecordHeaders { record, service_time: std::cell::OnceCell::new() };
     let cluster = record.destination.as_ref().map(|destination| destination.cluster().to_string());
     let route = record.route_name.as_ref().map(ToString::to_string);
     let fields = Fields {
         start: record.start,
         headers: Some(&headers),
         response_code: record.response_code,
+        upstream_service_time: record.upstream_service_time,
         response_flags: record.response_flags.text(),
         // Envoy's details for a response that came from the upstream as it was.
         response_code_details: record.response_code_details.as_deref().or_else(|| {

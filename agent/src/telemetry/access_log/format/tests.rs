@@ -43,6 +43,8 @@ fn known() -> Fields<'static> {
         bytes_received: 12,
         bytes_sent: 345,
         duration: Duration::from_millis(17),
+        // The same as the header's text: either way the line says 3.
+        upstream_service_time: Some(Duration::from_micros(3_400)),
         protocol: Some("HTTP/1.1"),
         upstream_host: Some("203.0.113.10:80".parse().unwrap()),
         upstream_cluster: Some("outbound|80||httpbin.org"),
