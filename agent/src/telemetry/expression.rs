@@ -24,6 +24,60 @@ pub struct Expression {
     pub reads_request_headers: bool,
     /// It reads `response.headers`: every response header must be kept for it.
     pub reads_response_headers: bool,
+    /// It is `response.code OP N` (the seeds' "errors only" filter): decided from the code alone, without
+    /// building the attributes CEL evaluates.
+    code_test: Option<CodeTest>,
+}
+
+/// `response.code OP N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct CodeTest {
+    operator: Comparison,
+    value: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Comparison {
+    Less,
+    LessOrEqual,
+    Greater,
+    GreaterOrEqual,
+    Equal,
+    NotEqual,
+}
+
+impl CodeTest {
+    /// The test `text` is, if it is no more than a comparison of `response.code` with an integer.
+    fn of(text: &str) -> Option<CodeTest> {
+        let rest = text.trim().strip_prefix("response.code")?.trim_start();
+        let operators = [
+            (">=", Comparison::GreaterOrEqual),
+            ("<=", Comparison::LessOrEqual),
+            ("==", Comparison::Equal),
+            ("!=", Comparison::NotEqual),
+            (">", Comparison::Greater),
+            ("<", Comparison::Less),
+        ];
+        let (operator, value) =
+            operators.iter().find_map(|(symbol, operator)| Some((*operator, rest.strip_prefix(symbol)?)))?;
+        let value = value.trim();
+        if value.is_empty() || !value.bytes().all(|byte| byte.is_ascii_digit()) {
+            return None;
+        }
+        Some(CodeTest { operator, value: value.parse().ok()? })
+    }
+
+    fn holds(self, code: u16) -> bool {
+        let code = i64::from(code);
+        match self.operator {
+            Comparison::Less => code < self.value,
+            Comparison::LessOrEqual => code <= self.value,
+            Comparison::Greater => code > self.value,
+            Comparison::GreaterOrEqual => code >= self.value,
+            Comparison::Equal => code == self.value,
+            Comparison::NotEqual => code != self.value,
+        }
+    }
 }
 
 impl std::fmt::Debug for Expression {
@@ -61,12 +115,21 @@ impl Expression {
         }
         let reads_request_headers = text.contains("request.headers");
         let reads_response_headers = text.contains("response.headers");
-        Ok(Expression { program, roots, reads_request_headers, reads_response_headers })
+        let code_test = CodeTest::of(text);
+        Ok(Expression { program, roots, reads_request_headers, reads_response_headers, code_test })
     }
 
     /// Whether the expression holds for the entry (false when it cannot be evaluated, or is not a boolean).
     pub fn holds(&self, fields: &Fields<'_>) -> bool {
+        if let Some(test) = self.code_test {
+            return test.holds(fields.response_code);
+        }
         matches!(self.evaluate(fields), Some(Value::Bool(true)))
+    }
+
+    /// What the expression says of a response with `code`, when that decides it alone (`response.code OP N`).
+    pub fn holds_for_code(&self, code: u16) -> Option<bool> {
+        self.code_test.map(|test| test.holds(code))
     }
 
     /// The expression's value for the entry, as text (for a tag value).
@@ -176,6 +239,32 @@ mod tests {
 
         fn request_headers(&self) -> Vec<(&str, &str)> {
             vec![("x-tenant", "payments")]
+        }
+    }
+
+    #[test]
+    fn a_test_of_the_status_code_alone_is_decided_without_cel_as_cel_decides_it() {
+        for text in [
+            "response.code >= 400",
+            "response.code<300",
+            " response.code == 200 ",
+            "response.code != 502",
+            "response.code > 499",
+            "response.code <= 399",
+        ] {
+            let expression = Expression::compile(text).unwrap();
+            assert!(expression.code_test.is_some(), "{text}");
+            for code in [0, 200, 299, 300, 399, 400, 499, 500, 502] {
+                let fields = Fields { response_code: code, ..Fields::default() };
+                let by_cel = matches!(expression.evaluate(&fields), Some(Value::Bool(true)));
+                assert_eq!(expression.holds(&fields), by_cel, "{text} for {code}");
+                assert_eq!(expression.holds_for_code(code), Some(by_cel), "{text} for {code}");
+            }
+        }
+        for text in ["response.code >= 400 && request.method == 'GET'", "response.codes > 1", "response.code >= -1"] {
+            if let Ok(expression) = Expression::compile(text) {
+                assert!(expression.code_test.is_none(), "{text}: CEL decides it");
+            }
         }
     }
 

@@ -149,6 +149,11 @@ impl AccessLog {
             (Lines::Json, None) => return Some(super::requests::json_line(record)),
             _ => {}
         }
+        // A filter on the status code alone decides before anything is made for the line.
+        let by_code = self.filter.as_ref().and_then(|filter| filter.holds_for_code(record.response_code));
+        if by_code == Some(false) {
+            return None;
+        }
         // The entry's fields, made once for the filter and the line.
         with_request_fields(record, |fields| {
             if self.filter.as_ref().is_some_and(|filter| !filter.holds(fields)) {
