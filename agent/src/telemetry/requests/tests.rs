@@ -3,23 +3,6 @@
 use super::*;
 use crate::telemetry::connections::TcpLabels;
 
-#[test]
-fn the_access_log_queue_is_bounded_by_bytes_as_well_as_lines() {
-    let (queue, mut reader) = LineQueue::new(10, 100);
-    assert!(queue.offer("a".repeat(40)));
-    assert!(queue.offer("b".repeat(40)));
-    assert!(!queue.offer("c".repeat(40)), "120 bytes would pass the bound of 100");
-    assert!(queue.offer("d".repeat(20)), "100 bytes do not");
-    assert_eq!(reader.try_next().map(|line| line.len()), Some(40));
-    assert!(queue.offer("e".repeat(40)), "a line taken frees its bytes");
-    assert!(!queue.offer("f".to_owned()), "the queue is full to the byte");
-
-    let (queue, _reader) = LineQueue::new(2, 1 << 20);
-    assert!(queue.offer("1".into()) && queue.offer("2".into()));
-    assert!(!queue.offer("3".into()), "and by lines");
-    assert_eq!(queue.queued.load(Ordering::Relaxed), 2, "a refused line holds no bytes");
-}
-
 #[tokio::test]
 async fn each_request_counts_in_the_series_its_labels_name() {
     let mut registry = Registry::default();
