@@ -47,6 +47,26 @@ pub struct TargetRef {
     pub namespace: Option<String>,
 }
 
+/// What a target reference names, of the kinds a gateway can be named by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetKind {
+    /// A core Service (group `""` or `core`).
+    Service,
+    /// A Kubernetes Gateway (`gateway.networking.k8s.io`).
+    KubernetesGateway,
+    Other,
+}
+
+impl TargetRef {
+    pub fn target_kind(&self) -> TargetKind {
+        match (self.group.as_str(), self.kind.as_str()) {
+            ("" | "core", "Service") => TargetKind::Service,
+            ("gateway.networking.k8s.io", "Gateway") => TargetKind::KubernetesGateway,
+            _ => TargetKind::Other,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub struct Rule {
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -111,14 +111,8 @@ pub fn fields(resource: &Resource, knows_sources: bool) -> Vec<(String, &'static
             if !telemetry.tracing.is_empty() {
                 found.push(("spec.tracing".into(), "Sluice does not trace: tracing settings are not applied"));
             }
-            let refs = telemetry.target_ref.iter().chain(&telemetry.target_refs);
-            let gateway_kinds = |target: &&crate::config::authorization_policy::TargetRef| {
-                matches!(
-                    (target.group.as_str(), target.kind.as_str()),
-                    ("" | "core", "Service") | ("gateway.networking.k8s.io", "Gateway")
-                )
-            };
-            if refs.clone().next().is_some() && !refs.clone().all(|target| gateway_kinds(&target)) {
+            let mut refs = telemetry.target_ref.iter().chain(&telemetry.target_refs);
+            if refs.any(|target| target.target_kind() == crate::config::authorization_policy::TargetKind::Other) {
                 found.push((
                     "spec.targetRefs".into(),
                     "only a Service or a Kubernetes Gateway can name this gateway: other targets are not applied",

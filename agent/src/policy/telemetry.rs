@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use crate::{
     config::{
-        authorization_policy::TargetRef,
+        authorization_policy::{TargetKind, TargetRef},
         telemetry::{AccessLogging, Telemetry, METRICS},
         Snapshot, Spec,
     },
@@ -132,15 +132,15 @@ fn targets_gateway(
     gateway_labels: &BTreeMap<String, String>,
     own_services: &[String],
 ) -> bool {
-    match (target.group.as_str(), target.kind.as_str()) {
-        ("" | "core", "Service") => {
+    match target.target_kind() {
+        TargetKind::Service => {
             let service = format!("{}.{namespace}", target.name);
             own_services.iter().any(|own| own == &service || own.starts_with(&format!("{service}.")))
         }
-        ("gateway.networking.k8s.io", "Gateway") => {
+        TargetKind::KubernetesGateway => {
             gateway_labels.get("gateway.networking.k8s.io/gateway-name") == Some(&target.name)
         }
-        _ => false,
+        TargetKind::Other => false,
     }
 }
 

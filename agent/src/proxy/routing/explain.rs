@@ -61,11 +61,7 @@ pub fn explain(policy: &ProxyPolicy, question: &Question, source: Option<&Worklo
             let endpoints = destination.cluster().map(|cluster| {
                 cluster.endpoints.iter().map(|endpoint| endpoint.address.to_string()).collect::<Vec<_>>()
             });
-            let address = if destination.address.ip().is_unspecified() {
-                format!("the address dialled, port {}", destination.address.port())
-            } else {
-                destination.address.to_string()
-            };
+            let address = sent_to(destination.address);
             json!({
                 "decision": "forwarded",
                 "route": route.map(|matched| matched.route.name().to_string()),
@@ -110,16 +106,11 @@ pub fn explain_connection(policy: &ProxyPolicy, question: &ConnectionQuestion, s
             "cluster": labels.cluster().to_string(),
         }),
         Verdict::Forward { address, labels, verify, timeouts } => {
-            let sent_to = if address.ip().is_unspecified() {
-                format!("the address dialled, port {}", address.port())
-            } else {
-                address.to_string()
-            };
             json!({
                 "decision": "forwarded (relayed unread)",
                 "cluster": labels.cluster().to_string(),
                 "destinationService": labels.name().as_str(),
-                "address": sent_to,
+                "address": sent_to(address),
                 "verify": verify.map(|host| format!("only if {host} resolves to the address dialled (--host-verify strict)")),
                 "connectTimeout": timeouts.connect.map(|timeout| format!("{timeout:?}")),
                 "idleTimeout": timeouts.idle.map(|timeout| format!("{timeout:?}")),
@@ -139,6 +130,15 @@ pub fn explain_connection(policy: &ProxyPolicy, question: &ConnectionQuestion, s
     answer["gatewayHop"] = json!(hop);
     answer["hostMismatch"] = json!(mismatch.is_some());
     answer
+}
+
+/// Where a decision sends a request or connection: an address, or (unspecified) the one the client dialled.
+fn sent_to(address: SocketAddr) -> String {
+    if address.ip().is_unspecified() {
+        format!("the address dialled, port {}", address.port())
+    } else {
+        address.to_string()
+    }
 }
 
 /// The decision as `sluice routes` prints it: one line a subject.
