@@ -279,6 +279,7 @@ impl App {
             request_headers_timeout: settings.request_headers_timeout,
             stream_idle_timeout: settings.stream_idle_timeout,
             idle_timeout: settings.idle_timeout,
+            http1_client: settings.upstream_http1,
             sockets: UpstreamSockets::new(
                 SourceAddresses::from_list(&settings.upstream_source_address),
                 local_destinations.clone(),

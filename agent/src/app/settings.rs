@@ -173,6 +173,11 @@ pub struct RunSettings {
     /// the kernel (splice(2)), or copied by the proxy.
     #[arg(long, value_enum, default_value = "splice")]
     pub relay_engine: crate::proxy::relay::Engine,
+    /// What speaks HTTP/1.1 to upstreams: Sluice's own connection code, each exchange driven in its request's
+    /// task, or hyper's client (a task per connection, channels per request), kept for comparison. Upgrades
+    /// (WebSocket) always take hyper's, HTTP/2 is hyper's either way.
+    #[arg(long, value_enum, default_value = "native")]
+    pub upstream_http1: crate::proxy::upstreams::Http1Client,
     /// How many destinations passed through unregistered (ALLOW_ANY: a Host, or an address and port) get Istio
     /// metric series of their own; requests to others are counted under PassthroughCluster alone, so that clients
     /// sending random Hosts cannot grow the metrics without bound.

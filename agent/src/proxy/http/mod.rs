@@ -47,7 +47,7 @@ use super::{
     relay::Relay,
     routing::{self, Decision, Destination},
     tcp::{self, UpstreamSockets},
-    upstreams::{Outgoing, SendError, UpstreamBody, UpstreamTls, Upstreams},
+    upstreams::{Http1Client, Outgoing, SendError, UpstreamBody, UpstreamTls, Upstreams},
 };
 use body::*;
 use cors::*;
@@ -141,11 +141,13 @@ pub struct Limits {
     /// How long a client connection may stay open with no request (Envoy's `idle_timeout`), and an opaque TCP
     /// relay without a byte.
     pub idle_timeout: Duration,
+    /// Which code speaks HTTP/1.1 to upstreams.
+    pub http1_client: Http1Client,
 }
 
 impl HttpProxy {
     pub fn new(policy: Arc<ArcSwap<ProxyPolicy>>, telemetry: RequestTelemetry, limits: Limits) -> HttpProxy {
-        let upstreams = Upstreams::new(limits.sockets.clone());
+        let upstreams = Upstreams::new(limits.sockets.clone(), limits.http1_client);
         let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
         let telemetry = Arc::new(telemetry);
         let mirrors = Arc::new(tokio::sync::Semaphore::new(MAX_MIRRORS_IN_FLIGHT));

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use http_body_util::{BodyExt, Empty};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::*;
+use super::{pool::PoolKey, *};
 
 /// The test servers listen on loopback, which the proxy refuses unless allowed.
 fn to_loopback() -> UpstreamSockets {
@@ -90,7 +90,7 @@ fn pooled_tls_connections_are_keyed_by_the_configuration_itself_not_its_address(
 
 #[tokio::test]
 async fn the_host_sent_is_the_authority_once_whatever_host_headers_the_client_sent() {
-    let upstreams = Upstreams::new(to_loopback());
+    let upstreams = Upstreams::new(to_loopback(), Http1Client::Native);
     let (address, _) = server(Answer::Head).await;
     let cases: [(&[&str], &str); 4] = [
         (&["pool.test"], "pool.test"),
@@ -150,7 +150,7 @@ async fn an_http2_stream_the_upstream_refuses_is_told_from_other_failures() {
         }
         while connection.accept().await.is_some() {}
     });
-    let upstreams = Upstreams::new(to_loopback());
+    let upstreams = Upstreams::new(to_loopback(), Http1Client::Native);
     let mut outcomes = Vec::new();
     for _ in 0..2 {
         outcomes.push(match send(&upstreams, address, true, Method::POST, HeaderMap::new()).await {
@@ -165,7 +165,13 @@ async fn an_http2_stream_the_upstream_refuses_is_told_from_other_failures() {
 
 #[tokio::test]
 async fn a_connection_is_reused_once_its_response_is_read_and_a_closed_one_is_passed_over() {
-    let upstreams = Upstreams::new(to_loopback());
+    for client in [Http1Client::Native, Http1Client::Hyper] {
+        reused_and_passed_over(client).await;
+    }
+}
+
+async fn reused_and_passed_over(client: Http1Client) {
+    let upstreams = Upstreams::new(to_loopback(), client);
     let (address, accepted) = server(Answer::Ok { close: false }).await;
     for _ in 0..3 {
         assert_eq!(get(&upstreams, address, HeaderMap::new()).await, "ok");
@@ -179,5 +185,7 @@ async fn a_connection_is_reused_once_its_response_is_read_and_a_closed_one_is_pa
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 3, "a connection the server closed is not used again");
-    assert!(upstreams.http1.lock().get(&PoolKey::new(address, None)).is_none_or(|idle| idle.len() <= 1));
+    let key = PoolKey::new(address, None);
+    let idle = upstreams.http1.idle_count(&key) + upstreams.hyper_http1.idle_count(&key);
+    assert!(idle <= 1, "{client:?}: {idle} idle connections to a server that closes each");
 }

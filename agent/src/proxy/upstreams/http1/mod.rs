@@ -1,0 +1,211 @@
+//! Sluice's own HTTP/1.1 upstream connections: a request's exchange is driven in the request's own task — its
+//! head written, its body written while the response head is awaited, the response body read straight from the
+//! socket by whoever polls it — with no task per connection and no channel per request (hyper's client has
+//! both). Responses are parsed as hyper's client parses them, and anything it would refuse is refused.
+
+mod body;
+mod chunked;
+mod framing;
+pub(crate) mod head;
+
+use std::{
+    future::{poll_fn, Future},
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, Waker},
+    time::Duration,
+};
+
+use bytes::BytesMut;
+use hyper::{body::Body, Request, Response};
+use tokio::io::AsyncWrite;
+
+use body::RequestWriter;
+pub(crate) use body::ResponseBody;
+use head::BodyShape;
+
+use super::{
+    open,
+    pool::{IdlePool, PoolKey, Reusable},
+    Io, SendError, UpstreamBody, UpstreamTls,
+};
+use crate::proxy::{http::ProxyBody, tcp::UpstreamSockets};
+
+/// How much room a read into a connection's buffer is given at least.
+const READ_SIZE: usize = 16 * 1024;
+
+/// An upstream connection and the bytes read from it but not yet taken.
+pub(crate) struct Connection {
+    io: Box<dyn Io + Sync>,
+    read: BytesMut,
+    /// The request head being written (kept, so that each exchange reuses its room).
+    head: Vec<u8>,
+    /// Whether it carried an exchange before (a failure to write to it may be its upstream having closed it).
+    reused: bool,
+}
+
+impl Connection {
+    fn new(io: Box<dyn Io + Sync>) -> Connection {
+        Connection { io, read: BytesMut::new(), head: Vec::new(), reused: false }
+    }
+
+    /// Reads more from the upstream into `read`: how many bytes (0: the upstream closed).
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        if self.read.capacity() - self.read.len() < READ_SIZE / 4 {
+            self.read.reserve(READ_SIZE);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
+    }
+}
+
+impl Reusable for Connection {
+    /// Reads without waiting: an upstream that closed an idle connection (or sent bytes nobody asked for) has it
+    /// dropped; one with nothing to say is open.
+    fn is_open(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        self.poll_fill(&mut cx).is_pending()
+    }
+}
+
+/// The connections and how new ones are made.
+pub(crate) struct NativeHttp1Pool {
+    idle: IdlePool<Connection>,
+    sockets: UpstreamSockets,
+}
+
+/// Why an exchange failed, and whether its request is still whole (nothing of it was written, on a connection
+/// the upstream had closed while it idled): another connection may take it.
+enum Failed {
+    Unsent(ProxyBody),
+    Failed(SendError),
+}
+
+impl NativeHttp1Pool {
+    #[cfg(test)]
+    pub(in crate::proxy::upstreams) fn idle_count(&self, key: &PoolKey) -> usize {
+        self.idle.idle_count(key)
+    }
+
+    pub(super) fn new(sockets: UpstreamSockets) -> NativeHttp1Pool {
+        NativeHttp1Pool { idle: IdlePool::new(), sockets }
+    }
+
+    pub(super) fn give_back(&self, key: PoolKey, mut connection: Connection) {
+        connection.reused = true;
+        self.idle.give_back(key, connection);
+    }
+
+    /// Sends `request` on the connection to `address` given back last, or on a new one. (An async block rather
+    /// than an `async fn`, which would keep its arguments twice in every request's future.)
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async block keeps its arguments once; an async fn keeps them twice in every request's future"
+    )]
+    pub(super) fn send<'a>(
+        self: &'a Arc<Self>,
+        address: SocketAddr,
+        request: Request<ProxyBody>,
+        connect_timeout: Duration,
+        tls: Option<&'a UpstreamTls>,
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'a {
+        async move {
+            let key = PoolKey::new(address, tls);
+            let (mut parts, mut body) = request.into_parts();
+            while let Some(connection) = self.idle.take(&key) {
+                match self.exchange(connection, &mut parts, body, &key).await {
+                    Ok(response) => return Ok(response),
+                    Err(Failed::Unsent(unsent)) => body = unsent,
+                    Err(Failed::Failed(error)) => return Err(error),
+                }
+            }
+            // Boxed: a new connection's state, which requests sent on pooled connections never need.
+            let io = Box::pin(open(address, &self.sockets, connect_timeout, tls)).await?;
+            match self.exchange(Connection::new(io), &mut parts, body, &key).await {
+                Ok(response) => Ok(response),
+                Err(Failed::Unsent(_)) => Err(SendError::Request("the new connection closed at once".into())),
+                Err(Failed::Failed(error)) => Err(error),
+            }
+        }
+    }
+
+    /// One request and its response's head on `connection`; the response's body reads the rest.
+    async fn exchange(
+        self: &Arc<Self>,
+        mut connection: Connection,
+        parts: &mut http::request::Parts,
+        body: ProxyBody,
+        key: &PoolKey,
+    ) -> Result<Response<UpstreamBody>, Failed> {
+        let shape = if body.is_end_stream() {
+            BodyShape::Empty
+        } else {
+            body.size_hint().exact().map_or(BodyShape::Unknown, BodyShape::Known)
+        };
+        let path = parts.uri.path_and_query().map_or("/", |path| path.as_str());
+        let mut head = std::mem::take(&mut connection.head);
+        let framing = head::write_request(&parts.method, path, &mut parts.headers, shape, &mut head);
+        let written = write_all(&mut connection, &head).await;
+        connection.head = head;
+        match written {
+            Ok(()) => {}
+            Err((0, _)) if connection.reused => return Err(Failed::Unsent(body)),
+            Err((_, error)) => return Err(Failed::Failed(SendError::Request(format!("writing the request: {error}")))),
+        }
+        let mut writing = (shape != BodyShape::Empty).then(|| RequestWriter::new(body, framing));
+        let method = &parts.method;
+        let response = poll_fn(|cx| {
+            if let Some(writer) = &mut writing {
+                match writer.poll_write(cx, &mut connection) {
+                    Poll::Ready(Ok(())) => writing = None,
+                    // The client's body failing fails the request; the upstream not taking it may mean it has
+                    // answered already.
+                    Poll::Ready(Err(body::WriteError::Io(error))) => {
+                        tracing::debug!(%error, "request body not sent whole; awaiting the response");
+                        writing = None;
+                    }
+                    Poll::Ready(Err(error)) => return Poll::Ready(Err(SendError::Request(error.to_string()))),
+                    Poll::Pending => {}
+                }
+            }
+            loop {
+                match head::read_response(&mut connection.read, method) {
+                    Ok(Some(head)) => return Poll::Ready(Ok(head)),
+                    Ok(None) => {}
+                    Err(error) => return Poll::Ready(Err(SendError::Request(error.to_string()))),
+                }
+                match std::task::ready!(connection.poll_fill(cx)) {
+                    Ok(0) => {
+                        let error = "the upstream closed the connection before a response".to_owned();
+                        return Poll::Ready(Err(SendError::Request(error)));
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        return Poll::Ready(Err(SendError::Request(format!("reading the response: {error}"))))
+                    }
+                }
+            }
+        })
+        .await
+        .map_err(Failed::Failed)?;
+        let head::ResponseHead { parts, framing, keep_alive } = response;
+        let body = ResponseBody::new(connection, framing, writing, keep_alive, (self.clone(), key.clone()));
+        Ok(Response::from_parts(parts, UpstreamBody::native(body)))
+    }
+}
+
+/// Writes `bytes` to the connection whole, and flushes it; on failure, how much was written.
+async fn write_all(connection: &mut Connection, bytes: &[u8]) -> Result<(), (usize, std::io::Error)> {
+    let mut written = 0;
+    poll_fn(|cx| {
+        while written < bytes.len() {
+            match std::task::ready!(Pin::new(&mut connection.io).poll_write(cx, &bytes[written..])) {
+                Ok(0) => return Poll::Ready(Err((written, std::io::ErrorKind::WriteZero.into()))),
+                Ok(n) => written += n,
+                Err(error) => return Poll::Ready(Err((written, error))),
+            }
+        }
+        Pin::new(&mut connection.io).poll_flush(cx).map_err(|error| (written, error))
+    })
+    .await
+}

@@ -1,0 +1,86 @@
+//! HTTP/2 upstream connections: one multiplexed connection per address (and TLS identity), its streams driven by
+//! hyper's client in a task of its own.
+
+use std::{collections::HashMap, future::Future, net::SocketAddr, sync::Mutex, time::Duration};
+
+use hyper::{body::Incoming, client::conn::http2::SendRequest, Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use super::{open, pool::PoolKey, SendError, UpstreamTls};
+use crate::proxy::{http::ProxyBody, tcp::UpstreamSockets};
+
+/// A failed HTTP/2 exchange: refused by the upstream, or failed otherwise.
+fn http2_error(error: hyper::Error) -> SendError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    while let Some(inner) = cause {
+        if inner.downcast_ref::<h2::Error>().and_then(h2::Error::reason) == Some(h2::Reason::REFUSED_STREAM) {
+            return SendError::Refused(error.to_string());
+        }
+        cause = inner.source();
+    }
+    SendError::Request(error.to_string())
+}
+
+pub(super) struct Http2Pool {
+    connections: Mutex<HashMap<PoolKey, SendRequest<ProxyBody>>>,
+    sockets: UpstreamSockets,
+}
+
+impl Http2Pool {
+    pub(super) fn new(sockets: UpstreamSockets) -> Http2Pool {
+        Http2Pool { connections: Mutex::new(HashMap::new()), sockets }
+    }
+
+    /// Sends `request` on the connection to `address`, made first if there is none (or it has closed). (An
+    /// async block, as the HTTP/1.1 pool's.)
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async block keeps its arguments once; an async fn keeps them twice in every request's future"
+    )]
+    pub(super) fn send<'a>(
+        &'a self,
+        address: SocketAddr,
+        request: Request<ProxyBody>,
+        connect_timeout: Duration,
+        tls: Option<&'a UpstreamTls>,
+    ) -> impl Future<Output = Result<Response<Incoming>, SendError>> + Send + 'a {
+        async move {
+            let key = PoolKey::new(address, tls);
+            let pooled = self.lock().get(&key).filter(|sender| !sender.is_closed()).cloned();
+            let mut sender = match pooled {
+                Some(sender) => sender,
+                // Boxed: a new connection's state, which requests sent on an open connection never need.
+                None => Box::pin(self.connect(key, connect_timeout, tls)).await?,
+            };
+            sender.ready().await.map_err(|error| SendError::Request(error.to_string()))?;
+            sender.send_request(request).await.map_err(http2_error)
+        }
+    }
+
+    /// A new connection for `key`, its streams driven by a task of its own, kept for the requests after.
+    async fn connect(
+        &self,
+        key: PoolKey,
+        connect_timeout: Duration,
+        tls: Option<&UpstreamTls>,
+    ) -> Result<SendRequest<ProxyBody>, SendError> {
+        let address = key.address;
+        let stream = open(address, &self.sockets, connect_timeout, tls).await?;
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|error| SendError::Request(error.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%address, %error, "HTTP/2 upstream connection ended");
+            }
+        });
+        self.lock().insert(key, sender.clone());
+        Ok(sender)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, SendRequest<ProxyBody>>> {
+        self.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
