@@ -40,9 +40,10 @@ type Measured = fn() -> anyhow::Result<Run>;
 
 /// The configurations compared, in the table's order: the limit, Sluice intercepting transparently (the origin
 /// registered, and not: ALLOW_ANY's passthrough, Istio's default mode) and Sluice on a Gateway port (as the peers are reached: at the proxy's own address), then the peers.
-const CONFIGURATIONS: [(&str, Measured); 12] = [
+const CONFIGURATIONS: [(&str, Measured); 13] = [
     ("direct", direct),
     ("sluice", sluice),
+    ("sluice-hyper-client", sluice_hyper_client),
     ("sluice-log", sluice_logging),
     ("sluice-log-filtered", sluice_logging_errors_only),
     ("sluice-authz", sluice_authorization),
@@ -185,12 +186,22 @@ fn sluice_passthrough() -> anyhow::Result<Run> {
 }
 
 /// Sluice intercepting the workload's requests to the origin transparently, the origin as `registry` has it.
+/// As `sluice`, its requests sent upstream by hyper's client rather than Sluice's own HTTP/1.1 code: what the
+/// latter saves.
+fn sluice_hyper_client() -> anyhow::Result<Run> {
+    intercepted_with("sluice, hyper's HTTP/1.1 client upstream", Registry::Only, "--upstream-http1 hyper")
+}
+
 fn intercepted(name: &'static str, registry: Registry) -> anyhow::Result<Run> {
+    intercepted_with(name, registry, "")
+}
+
+fn intercepted_with(name: &'static str, registry: Registry, more: &str) -> anyhow::Result<Run> {
     let topology = Topology::new()?;
     let _origin = origin(&topology)?;
     let config = tempfile::tempdir()?;
     write_sluice_config(config.path(), registry)?;
-    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --access-log-format off");
+    let args = format!("--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --access-log-format off {more}");
     measure_sluice(name, &topology, config.path(), &args, None, &format!("http://{SERVER_A}/"))
 }
 
