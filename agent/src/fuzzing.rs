@@ -23,6 +23,7 @@ use crate::{
         detect,
         l4::client_hello,
         routing::{self, Listener},
+        upstreams::http1::{against_hyper, head},
     },
     telemetry::{
         access_log::AccessLog,
@@ -34,12 +35,13 @@ use crate::{
 pub type Target = fn(&[u8]);
 
 /// The fuzz targets, by name (`cargo xtask fuzz NAME`), with what each takes.
-pub const TARGETS: [(&str, Target); 5] = [
+pub const TARGETS: [(&str, Target); 6] = [
     ("configuration", configuration),
     ("first_bytes", first_bytes),
     ("routing", routing),
     ("access_log", access_log),
     ("datapath_event", datapath_event),
+    ("upstream_response", upstream_response),
 ];
 
 /// Istio documents (a YAML stream) → validation → every compiled form: the kernel's policy, the bindings, the
@@ -47,6 +49,19 @@ pub const TARGETS: [(&str, Target); 5] = [
 pub fn configuration(bytes: &[u8]) {
     let snapshot = snapshot(bytes);
     compile(&snapshot);
+}
+
+/// What an HTTP/1.1 upstream answers, read by Sluice's own code and by hyper's client, which must agree on the
+/// status, headers, body and trailers or both refuse it: `FLAGS PIECE RESPONSE…` (a HEAD request when FLAGS is
+/// odd, else a GET; the upstream sends PIECE bytes at a time, at least one).
+pub fn upstream_response(bytes: &[u8]) {
+    let [flags, piece, response @ ..] = bytes else { return };
+    let method = if flags % 2 == 1 { http::Method::HEAD } else { http::Method::GET };
+    let (native, hyper) = against_hyper::both_readings(&method, response, usize::from(*piece));
+    // Heads past Envoy's 60 KiB limit are refused by Sluice, taken by hyper (up to about 400 KiB).
+    if response.len() < head::MAX_RESPONSE_HEAD_BYTES {
+        assert_eq!(native, hyper, "Sluice and hyper read {:?} differently", String::from_utf8_lossy(response));
+    }
 }
 
 /// The first bytes of an intercepted connection: protocol detection and the ClientHello reader.

@@ -55,7 +55,7 @@ enum Command {
     },
     /// Run the fuzz targets of fuzz/ (all, or one), each for --time seconds.
     Fuzz {
-        /// One target (configuration, first_bytes, routing, access_log, datapath_event); all by default.
+        /// One target (configuration, first_bytes, routing, access_log, datapath_event, upstream_response); all by default.
         target: Option<String>,
         /// How long each target runs, in seconds.
         #[arg(long, default_value_t = 60)]

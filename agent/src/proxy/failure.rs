@@ -34,6 +34,8 @@ pub enum Failure {
     TlsOrigination,
     /// The upstream closed or reset the connection before answering.
     UpstreamReset,
+    /// The upstream's response head broke HTTP (framing that cannot be read one way only, a malformed head).
+    UpstreamProtocolError,
     /// The route's timeout passed before the upstream answered.
     UpstreamTimeout,
     /// The destination is the gateway node itself (loopback, link-local, one of its addresses): the proxy does
@@ -71,6 +73,7 @@ impl Failure {
             | Failure::UpstreamReset
             | Failure::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Failure::UpstreamTimeout | Failure::UpstreamIdle => StatusCode::GATEWAY_TIMEOUT,
+            Failure::UpstreamProtocolError => StatusCode::BAD_GATEWAY,
             Failure::StreamIdleTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
@@ -95,6 +98,7 @@ impl Failure {
             Failure::Overflow => ResponseFlag::UpstreamOverflow,
             Failure::UpstreamConnect | Failure::TlsOrigination => ResponseFlag::UpstreamConnectionFailure,
             Failure::UpstreamReset => ResponseFlag::UpstreamConnectionTermination,
+            Failure::UpstreamProtocolError => ResponseFlag::UpstreamProtocolError,
             Failure::UpstreamTimeout => ResponseFlag::UpstreamRequestTimeout,
             Failure::StreamIdleTimeout | Failure::UpstreamIdle => ResponseFlag::StreamIdleTimeout,
             Failure::Overloaded => ResponseFlag::OverloadManager,
@@ -122,6 +126,9 @@ impl Failure {
             }
             Failure::UpstreamReset => {
                 "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
+            }
+            Failure::UpstreamProtocolError => {
+                "upstream connect error or disconnect/reset before headers. reset reason: protocol error"
             }
             Failure::UpstreamTimeout => "upstream request timeout",
             Failure::StreamIdleTimeout | Failure::UpstreamIdle => "stream timeout",
@@ -168,6 +175,12 @@ mod tests {
                  transport failure reason: the DestinationRule's TLS settings cannot be used",
             ),
             (
+                Failure::UpstreamProtocolError,
+                502,
+                "UPE",
+                "upstream connect error or disconnect/reset before headers. reset reason: protocol error",
+            ),
+            (
                 Failure::UpstreamReset,
                 503,
                 "UR",
@@ -200,6 +213,7 @@ mod tests {
                 | Failure::NoCluster
                 | Failure::NoHealthyUpstream
                 | Failure::DnsFailure
+                | Failure::UpstreamProtocolError
                 | Failure::Overflow
                 | Failure::UpstreamConnect
                 | Failure::TlsOrigination
@@ -214,6 +228,6 @@ mod tests {
                 | Failure::Overloaded => {}
             }
         }
-        assert_eq!(cases.len(), 20);
+        assert_eq!(cases.len(), 21);
     }
 }

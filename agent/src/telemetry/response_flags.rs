@@ -35,10 +35,12 @@ pub enum ResponseFlag {
     StreamIdleTimeout,
     /// `OM`: the proxy was overloaded (past `--max-memory`) and shed the request.
     OverloadManager,
+    /// `UPE`: the upstream's response broke HTTP (a head or body framing that cannot be read one way only).
+    UpstreamProtocolError,
 }
 
 /// Each flag's text, in the enum's order.
-static TEXTS: [&str; 14] = ["-", "DPE", "NR", "NC", "UH", "DF", "UO", "UF", "UR", "UT", "DI", "FI", "SI", "OM"];
+static TEXTS: [&str; 15] = ["-", "DPE", "NR", "NC", "UH", "DF", "UO", "UF", "UR", "UT", "DI", "FI", "SI", "OM", "UPE"];
 
 impl ResponseFlag {
     /// As Envoy writes it (`-` for none).
@@ -73,6 +75,7 @@ mod tests {
             (ResponseFlag::FaultInjected, "FI"),
             (ResponseFlag::StreamIdleTimeout, "SI"),
             (ResponseFlag::OverloadManager, "OM"),
+            (ResponseFlag::UpstreamProtocolError, "UPE"),
         ];
         assert_eq!(flags.len(), TEXTS.len(), "every flag is listed here");
         for (flag, text) in flags {

@@ -126,6 +126,7 @@ pub(super) fn judge<R>(
         Some(Err(SendError::Request(_))) => failed(Failure::UpstreamReset, retries.on.reset_or_timeout()),
         Some(Err(SendError::LocalDestination(_))) => Tried::Failed(Failure::LocalDestination),
         Some(Err(SendError::Refused(_))) => failed(Failure::UpstreamReset, retries.on.refused()),
+        Some(Err(SendError::Protocol(_))) => failed(Failure::UpstreamProtocolError, retries.on.reset_or_timeout()),
         None if deadline.idle_bound => Tried::Failed(Failure::UpstreamIdle),
         None => failed(Failure::UpstreamTimeout, retries.on.reset_or_timeout()),
     }

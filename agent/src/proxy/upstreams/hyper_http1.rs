@@ -68,13 +68,13 @@ impl HyperHttp1Pool {
                     Err(mut error) => match error.take_message() {
                         // Closed before a byte of the request was written: another connection takes it.
                         Some(unsent) => request = unsent,
-                        None => return Err(SendError::Request(error.into_error().to_string())),
+                        None => return Err(failed(error.into_error())),
                     },
                 }
             }
             // Boxed: a new connection's state, which requests sent on pooled connections never need.
             let mut sender = Box::pin(self.connect(address, connect_timeout, tls)).await?;
-            let response = sender.send_request(request).await.map_err(|error| SendError::Request(error.to_string()))?;
+            let response = sender.send_request(request).await.map_err(failed)?;
             Ok(self.returning(key, sender, response))
         }
     }
@@ -118,6 +118,15 @@ impl HyperHttp1Pool {
             }
         }
         Response::from_parts(parts, UpstreamBody::from_hyper(body))
+    }
+}
+
+/// A failed exchange: a response hyper could not parse is the upstream's protocol error.
+fn failed(error: hyper::Error) -> SendError {
+    if error.is_parse() || error.is_parse_status() || error.is_parse_too_large() {
+        SendError::Protocol(error.to_string())
+    } else {
+        SendError::Request(error.to_string())
     }
 }
 

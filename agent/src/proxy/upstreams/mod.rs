@@ -2,7 +2,7 @@
 //! hyper's client (upgrades, and for comparison); HTTP/2 one multiplexed connection per address. Either way a
 //! request names its host (`Host`, or `:authority`) as the client asked, whichever address the cluster picked.
 
-mod http1;
+pub(crate) mod http1;
 mod http2;
 mod hyper_http1;
 mod pool;
@@ -38,6 +38,8 @@ pub enum SendError {
     Connect(String),
     /// The connection or stream failed before a response.
     Request(String),
+    /// The upstream's response broke HTTP: a malformed head, or framing that cannot be read one way only.
+    Protocol(String),
     /// The upstream refused the stream (HTTP/2 REFUSED_STREAM): it processed none of the request.
     Refused(String),
     /// The destination is the gateway node itself: no connection was tried.

@@ -155,7 +155,7 @@ async fn an_http2_stream_the_upstream_refuses_is_told_from_other_failures() {
     for _ in 0..2 {
         outcomes.push(match send(&upstreams, address, true, Method::POST, HeaderMap::new()).await {
             Err(SendError::Refused(_)) => "refused",
-            Err(SendError::Request(_)) => "failed",
+            Err(SendError::Request(_) | SendError::Protocol(_)) => "failed",
             Err(SendError::Connect(_) | SendError::LocalDestination(_)) => "not connected",
             Ok(_) => "answered",
         });

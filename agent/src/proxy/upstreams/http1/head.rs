@@ -6,7 +6,7 @@ use bytes::{Bytes, BytesMut};
 use http::{header, response, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
 /// Envoy's default limits on a response's headers: 60 KiB (the status line included) and 100 headers.
-pub(super) const MAX_RESPONSE_HEAD_BYTES: usize = 60 * 1024;
+pub(crate) const MAX_RESPONSE_HEAD_BYTES: usize = 60 * 1024;
 pub(super) const MAX_RESPONSE_HEADERS: usize = 100;
 
 /// What the request body is known to be before a byte of it is sent.
@@ -183,6 +183,11 @@ pub(crate) fn read_response(buffer: &mut BytesMut, method: &Method) -> Result<Op
             headers.append(name, value);
         }
         let framing = framing(status, version, &headers, method)?;
+        // A length beside Transfer-Encoding is not the body's: it goes no further (RFC 9112 §6.3), so that no
+        // client reads the body by it.
+        if framing != ResponseFraming::Length(0) && headers.contains_key(header::TRANSFER_ENCODING) {
+            headers.remove(header::CONTENT_LENGTH);
+        }
         let (mut parts, ()) = http::Response::new(()).into_parts();
         parts.status = status;
         parts.version = version;

@@ -3,6 +3,7 @@
 //! socket by whoever polls it — with no task per connection and no channel per request (hyper's client has
 //! both). Responses are parsed as hyper's client parses them, and anything it would refuse is refused.
 
+pub(crate) mod against_hyper;
 mod body;
 mod chunked;
 mod framing;
@@ -172,7 +173,7 @@ impl NativeHttp1Pool {
                 match head::read_response(&mut connection.read, method) {
                     Ok(Some(head)) => return Poll::Ready(Ok(head)),
                     Ok(None) => {}
-                    Err(error) => return Poll::Ready(Err(SendError::Request(error.to_string()))),
+                    Err(error) => return Poll::Ready(Err(SendError::Protocol(error.to_string()))),
                 }
                 match std::task::ready!(connection.poll_fill(cx)) {
                     Ok(0) => {
