@@ -125,13 +125,19 @@ pub(crate) fn read_response(buffer: &mut BytesMut, method: &Method) -> Result<Op
         if buffer.is_empty() {
             return Ok(None);
         }
-        // Where the status line and each header lie in `buffer`, kept past httparse's borrow of it.
-        let mut lines = [(0usize, 0usize, 0usize, 0usize); MAX_RESPONSE_HEADERS];
+        // Where each header lies in `buffer` (a head is at most 60 KiB), kept past httparse's borrow of it.
+        let mut lines = [(0u32, 0u32, 0u32, 0u32); MAX_RESPONSE_HEADERS];
         let (length, code, reason, version, count) = {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-            let mut response = httparse::Response::new(&mut headers);
+            // httparse fills what it finds: the room for 100 headers is not cleared first for every response.
+            let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
+            let mut response = httparse::Response::new(&mut []);
             let bytes: &[u8] = buffer;
-            let length = match response.parse(bytes) {
+            let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                &mut response,
+                bytes,
+                &mut headers,
+            );
+            let length = match parsed {
                 Ok(httparse::Status::Complete(length)) => length,
                 Ok(httparse::Status::Partial) if bytes.len() >= MAX_RESPONSE_HEAD_BYTES => {
                     return Err(HeadError::TooLarge)
@@ -143,10 +149,11 @@ pub(crate) fn read_response(buffer: &mut BytesMut, method: &Method) -> Result<Op
                 return Err(HeadError::TooLarge);
             }
             let offset = |part: &[u8]| part.as_ptr() as usize - bytes.as_ptr() as usize;
+            let at = |start: usize, len: usize| (start as u32, (start + len) as u32);
             for (line, header) in lines.iter_mut().zip(response.headers.iter()) {
-                let name = offset(header.name.as_bytes());
-                let value = offset(header.value);
-                *line = (name, name + header.name.len(), value, value + header.value.len());
+                let (name_start, name_end) = at(offset(header.name.as_bytes()), header.name.len());
+                let (value_start, value_end) = at(offset(header.value), header.value.len());
+                *line = (name_start, name_end, value_start, value_end);
             }
             let reason = match response.reason {
                 Some(reason) if !reason.is_empty() => (offset(reason.as_bytes()), reason.len()),
@@ -167,6 +174,8 @@ pub(crate) fn read_response(buffer: &mut BytesMut, method: &Method) -> Result<Op
         let mut asked_close = false;
         let mut headers = HeaderMap::with_capacity(count);
         for &(name_start, name_end, value_start, value_end) in &lines[..count] {
+            let (name_start, name_end) = (name_start as usize, name_end as usize);
+            let (value_start, value_end) = (value_start as usize, value_end as usize);
             let name = HeaderName::from_bytes(&head[name_start..name_end])
                 .map_err(|_| HeadError::Header(String::from_utf8_lossy(&head[name_start..name_end]).into()))?;
             let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))

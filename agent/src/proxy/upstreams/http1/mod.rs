@@ -94,6 +94,10 @@ impl NativeHttp1Pool {
 
     pub(super) fn give_back(&self, key: PoolKey, mut connection: Connection) {
         connection.reused = true;
+        // An idle connection keeps no more than a read's room (a large body's reads may have grown it).
+        if connection.read.capacity() > READ_SIZE {
+            connection.read = BytesMut::new();
+        }
         self.idle.give_back(key, connection);
     }
 
