@@ -429,9 +429,17 @@ fn measure_spawned(
 fn measure(name: &'static str, topology: &Topology, pid: u32, url: &str) -> anyhow::Result<Run> {
     // A warm-up, so pools and caches are filled before the measured run.
     let _ = run_wrk(&topology.workload, url, "1s")?;
+    let counting = std::env::var_os("SLUICE_BENCH_CALLGRIND").is_some();
+    if counting {
+        callgrind_control(pid, "--zero")?;
+    }
     let (user_before, system_before) = tree_cpu_ticks_split(pid);
     let (rps, p50, p99, requests) = wrk(&topology.workload, url)?;
     let (user, system) = tree_cpu_ticks_split(pid);
+    if counting {
+        let dumped = callgrind_control(pid, "--dump")?;
+        eprintln!("{name}: {requests} requests; callgrind: {dumped}");
+    }
     let (user, system) = (user.saturating_sub(user_before), system.saturating_sub(system_before));
     let ticks_per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100);
     let per_request = |ticks: u64| ticks as f64 * 1e6 / ticks_per_second as f64 / requests.max(1) as f64;
@@ -444,6 +452,15 @@ fn measure(name: &'static str, topology: &Topology, pid: u32, url: &str) -> anyh
         user_us_per_request: Some(per_request(user)),
         rss_kib: Some(tree_status_kib(pid, "VmRSS")),
     })
+}
+
+/// With `SLUICE_BENCH_CALLGRIND` set, the proxy runs under `valgrind --tool=callgrind` (a wrapper named by
+/// `SLUICE_AGENT_BIN` execs it), and the measured run's instructions are counted: zeroed before it, dumped after
+/// (`callgrind_annotate` reads the dump; its total over the requests sent is the instructions per request).
+fn callgrind_control(pid: u32, action: &str) -> anyhow::Result<String> {
+    let output = Command::new("callgrind_control").arg(action).arg(pid.to_string()).output()?;
+    anyhow::ensure!(output.status.success(), "callgrind_control {action} {pid}: {output:?}");
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
 fn wrk(netns: &Netns, url: &str) -> anyhow::Result<(f64, f64, f64, u64)> {
