@@ -192,7 +192,9 @@ impl HttpProxy {
                     tls: tls.clone(),
                 };
                 let (upstream, try_started) = (address, Instant::now());
-                let pending = self.upstreams.send(outgoing, body);
+                // Boxed: the exchange's state is moved no further (through the tries and their timeouts), and the
+                // request's own future, which every request boxes whole, stays small.
+                let pending = Box::pin(self.upstreams.send(outgoing, body));
                 Ok(async move {
                     let result = tokio::time::timeout_at(deadline.at, pending).await.ok();
                     if let Some((cluster, outlier)) = outlier {
