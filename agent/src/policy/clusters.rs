@@ -111,6 +111,12 @@ pub struct ClusterPolicy {
     /// `connectionPool.tcp.idleTimeout`: how long a relayed connection may go without a byte either way (`0s`:
     /// never closed for it, kept as a century).
     pub tcp_idle_timeout: Option<Duration>,
+    /// `connectionPool.http.maxRequestsPerConnection`: the requests one HTTP/1.1 upstream connection carries before
+    /// it is closed (1: none is reused); unset or 0, no limit.
+    pub max_requests_per_connection: Option<u32>,
+    /// `connectionPool.http.idleTimeout`: how long an HTTP/1.1 upstream connection is kept for reuse without a
+    /// request (`0s`: Istio's default, an hour).
+    pub http_idle_timeout: Option<Duration>,
     /// `loadBalancer.consistentHash`: what picks the endpoint instead of the load balancer.
     pub hash: Option<HashKey>,
     /// `tls.mode` SIMPLE or MUTUAL: the proxy speaks TLS to the endpoints.
@@ -255,10 +261,26 @@ impl ClusterPolicy {
             .and_then(|p| p.get("tcp")?.get("idleTimeout")?.as_str().map(str::to_owned))
             .and_then(|t| parse_duration(&t).ok())
             .map(|t| if t.is_zero() { Duration::from_secs(100 * 365 * 24 * 3600) } else { t });
+        let max_requests_per_connection =
+            number("http", "maxRequestsPerConnection").filter(|&n| n > 0).map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+        let http_idle_timeout = pool
+            .and_then(|p| p.get("http")?.get("idleTimeout")?.as_str().map(str::to_owned))
+            .and_then(|t| parse_duration(&t).ok())
+            .map(|t| if t.is_zero() { Duration::from_secs(3600) } else { t });
         let hash =
             settings.load_balancer.as_ref().and_then(|lb| lb.consistent_hash.as_ref()).and_then(HashKey::compile);
         let tls = settings.tls.as_ref().and_then(|tls| TlsOrigination::compile(tls, http2, credentials)).map(Arc::new);
-        ClusterPolicy { lb, limits, outlier, connect_timeout, tcp_idle_timeout, hash, tls }
+        ClusterPolicy {
+            lb,
+            limits,
+            outlier,
+            connect_timeout,
+            tcp_idle_timeout,
+            max_requests_per_connection,
+            http_idle_timeout,
+            hash,
+            tls,
+        }
     }
 }
 
@@ -607,6 +629,17 @@ mod tests {
             ClusterPolicy::compile(&PolicySettings::default(), false, &CredentialSource::default()),
             ClusterPolicy::default()
         );
+        // HTTP/1.1 connection reuse: requests per connection (0: no limit) and the idle timeout (0s: Istio's hour).
+        let reuse = |http: serde_json::Value| {
+            let settings: PolicySettings =
+                serde_json::from_value(serde_json::json!({"connectionPool": {"http": http}})).unwrap();
+            let policy = ClusterPolicy::compile(&settings, false, &CredentialSource::default());
+            (policy.max_requests_per_connection, policy.http_idle_timeout)
+        };
+        let given = reuse(serde_json::json!({"maxRequestsPerConnection": 1, "idleTimeout": "30s"}));
+        assert_eq!(given, (Some(1), Some(Duration::from_secs(30))));
+        let off = reuse(serde_json::json!({"maxRequestsPerConnection": 0, "idleTimeout": "0s"}));
+        assert_eq!(off, (None, Some(Duration::from_secs(3600))));
         // A TCP idle timeout; `0s` turns it off (kept as a century).
         let idle = |timeout: &str| {
             let settings: PolicySettings =

@@ -190,6 +190,7 @@ impl HttpProxy {
                     headers: parts.headers.clone(),
                     connect_timeout: destination.connect_timeout(),
                     tls: tls.clone(),
+                    reuse: destination.reuse(),
                 };
                 let (upstream, try_started) = (address, Instant::now());
                 // Boxed: the exchange's state is moved no further (through the tries and their timeouts), and the

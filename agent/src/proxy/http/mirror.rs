@@ -39,6 +39,7 @@ impl HttpProxy {
         };
         let shadow = format!("{}-shadow", routing::host_of(authority));
         let (address, http2, connect_timeout) = (destination.address, destination.http2, destination.connect_timeout());
+        let reuse = destination.reuse();
         let (method, headers, path) = (parts.method.clone(), parts.headers.clone(), path_and_query.clone());
         let upstreams = self.upstreams.clone();
         tokio::spawn(async move {
@@ -51,6 +52,7 @@ impl HttpProxy {
                 headers,
                 connect_timeout,
                 tls,
+                reuse,
             };
             let body = Full::new(body).map_err(|never| match never {}).boxed();
             let mirrored = async {

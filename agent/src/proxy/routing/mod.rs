@@ -88,6 +88,17 @@ impl<'p> Destination<'p> {
         self.cluster().and_then(|cluster| cluster.policy.connect_timeout).unwrap_or(tcp::CONNECT_TIMEOUT)
     }
 
+    /// How the cluster's HTTP/1.1 upstream connections are reused (its DestinationRule's `connectionPool.http`).
+    pub fn reuse(&self) -> crate::proxy::upstreams::Reuse {
+        let policy = self.cluster().map(|cluster| &cluster.policy);
+        crate::proxy::upstreams::Reuse {
+            max_requests: policy.and_then(|policy| policy.max_requests_per_connection),
+            idle_timeout: policy
+                .and_then(|policy| policy.http_idle_timeout)
+                .unwrap_or(crate::proxy::upstreams::IDLE_TIMEOUT),
+        }
+    }
+
     /// The cluster the request goes through (its limits and outlier detection), for a registered service.
     pub fn cluster(&self) -> Option<&'p Cluster> {
         self.service.and_then(|service| service.cluster())

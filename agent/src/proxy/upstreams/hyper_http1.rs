@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use super::{
     open,
     pool::{IdlePool, PoolKey, Reusable},
-    Io, SendError, UpstreamBody, UpstreamTls,
+    Io, Reuse, SendError, UpstreamBody, UpstreamTls,
 };
 use crate::proxy::{http::ProxyBody, tcp::UpstreamSockets};
 
@@ -55,6 +55,7 @@ impl HyperHttp1Pool {
         mut request: Request<ProxyBody>,
         connect_timeout: Duration,
         tls: Option<&'a UpstreamTls>,
+        reuse: Reuse,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'a {
         async move {
             let key = PoolKey::new(address, tls);
@@ -64,7 +65,7 @@ impl HyperHttp1Pool {
                     continue;
                 }
                 match sender.try_send_request(request).await {
-                    Ok(response) => return Ok(self.returning(key, sender, response)),
+                    Ok(response) => return Ok(self.returning(key, sender, response, reuse)),
                     Err(mut error) => match error.take_message() {
                         // Closed before a byte of the request was written: another connection takes it.
                         Some(unsent) => request = unsent,
@@ -75,7 +76,7 @@ impl HyperHttp1Pool {
             // Boxed: a new connection's state, which requests sent on pooled connections never need.
             let mut sender = Box::pin(self.connect(address, connect_timeout, tls)).await?;
             let response = sender.send_request(request).await.map_err(failed)?;
-            Ok(self.returning(key, sender, response))
+            Ok(self.returning(key, sender, response, reuse))
         }
     }
 
@@ -108,11 +109,12 @@ impl HyperHttp1Pool {
         key: PoolKey,
         sender: http1::SendRequest<ProxyBody>,
         response: Response<Incoming>,
+        reuse: Reuse,
     ) -> Response<UpstreamBody> {
         let (parts, incoming) = response.into_parts();
         let mut body = HyperBody { body: incoming, returning: None };
         if parts.status != StatusCode::SWITCHING_PROTOCOLS {
-            body.returning = Some(Returning { pool: self.clone(), key, sender });
+            body.returning = Some(Returning { pool: self.clone(), key, sender, keep_for: reuse.idle_timeout });
             if body.body.is_end_stream() {
                 body.give_back();
             }
@@ -135,6 +137,7 @@ pub(super) struct Returning {
     pool: Arc<HyperHttp1Pool>,
     key: PoolKey,
     sender: http1::SendRequest<ProxyBody>,
+    keep_for: Duration,
 }
 
 /// A response body from hyper's client; an HTTP/1.1 one gives its connection back to the pool when read to the
@@ -146,8 +149,8 @@ pub(super) struct HyperBody {
 
 impl HyperBody {
     fn give_back(&mut self) {
-        if let Some(Returning { pool, key, sender }) = self.returning.take() {
-            pool.idle.give_back(key, sender);
+        if let Some(Returning { pool, key, sender, keep_for }) = self.returning.take() {
+            pool.idle.give_back(key, sender, keep_for);
         }
     }
 }

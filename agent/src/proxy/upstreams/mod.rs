@@ -60,6 +60,26 @@ pub struct Outgoing<'a> {
     pub connect_timeout: Duration,
     /// TLS to speak to the endpoint (a DestinationRule's origination), if any.
     pub tls: Option<UpstreamTls>,
+    /// How the connection is reused after this request.
+    pub reuse: Reuse,
+}
+
+/// How an HTTP/1.1 upstream connection is reused (a DestinationRule's `connectionPool.http`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reuse {
+    /// The requests it carries at most (`maxRequestsPerConnection`); `None`: any number.
+    pub max_requests: Option<u32>,
+    /// How long it is kept without a request (`idleTimeout`).
+    pub idle_timeout: Duration,
+}
+
+/// How long an HTTP/1.1 connection is kept for reuse without a request, unless its DestinationRule says.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Default for Reuse {
+    fn default() -> Reuse {
+        Reuse { max_requests: None, idle_timeout: IDLE_TIMEOUT }
+    }
 }
 
 /// TLS from the proxy to an endpoint: the client configuration and the server name it asks for (SNI) and
@@ -149,7 +169,7 @@ impl Upstreams {
         outgoing: Outgoing<'_>,
         body: ProxyBody,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'a {
-        let Outgoing { address, http2, authority, path_and_query, method, mut headers, connect_timeout, tls } =
+        let Outgoing { address, http2, authority, path_and_query, method, mut headers, connect_timeout, tls, reuse } =
             outgoing;
         let scheme = if tls.is_some() { "https" } else { "http" };
         let mut request = Request::new(body);
@@ -192,9 +212,9 @@ impl Upstreams {
                 Ok(request)
                     if self.http1_client == Http1Client::Hyper || request.headers().contains_key(header::UPGRADE) =>
                 {
-                    self.hyper_http1.send(address, request, connect_timeout, tls.as_ref()).await
+                    self.hyper_http1.send(address, request, connect_timeout, tls.as_ref(), reuse).await
                 }
-                Ok(request) => self.http1.send(address, request, connect_timeout, tls.as_ref()).await,
+                Ok(request) => self.http1.send(address, request, connect_timeout, tls.as_ref(), reuse).await,
             }
         }
     }

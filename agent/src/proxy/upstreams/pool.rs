@@ -10,9 +10,6 @@ use std::{
 
 use super::UpstreamTls;
 
-/// How long an HTTP/1.1 connection is kept for reuse without a request.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// How often (in connections given back) the pool drops what closed or idled too long at every address, not
 /// only at the one in use: passthrough traffic reaches many addresses once each.
 const SWEEP_EVERY: usize = 1024;
@@ -68,6 +65,14 @@ struct Idle<C> {
     connection: C,
     /// When it was given back, on the coarse clock.
     since: Duration,
+    /// How long it may wait.
+    keep_for: Duration,
+}
+
+impl<C> Idle<C> {
+    fn expired(&self, now: Duration) -> bool {
+        now.saturating_sub(self.since) >= self.keep_for
+    }
 }
 
 /// Monotonic time at the kernel's tick (a few milliseconds), read without the fine clock's cost: enough to tell
@@ -87,9 +92,9 @@ impl<C: Reusable> IdlePool<C> {
         let connections = idle.get_mut(key)?;
         let mut taken = None;
         let now = coarse_now();
-        while let Some(Idle { mut connection, since }) = connections.pop_back() {
-            if now.saturating_sub(since) < IDLE_TIMEOUT && connection.is_open() {
-                taken = Some(connection);
+        while let Some(mut idle) = connections.pop_back() {
+            if !idle.expired(now) && idle.connection.is_open() {
+                taken = Some(idle.connection);
                 break;
             }
         }
@@ -99,22 +104,23 @@ impl<C: Reusable> IdlePool<C> {
         taken
     }
 
-    pub(super) fn give_back(&self, key: PoolKey, connection: C) {
+    /// Keeps `connection` for reuse for at most `keep_for`.
+    pub(super) fn give_back(&self, key: PoolKey, connection: C, keep_for: Duration) {
         let now = coarse_now();
         let sweep = self.given_back.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % SWEEP_EVERY == 0;
         let mut idle = self.lock();
         if sweep {
             idle.retain(|_, connections| {
-                connections.retain_mut(|c| now.saturating_sub(c.since) < IDLE_TIMEOUT && c.connection.is_open());
+                connections.retain_mut(|c| !c.expired(now) && c.connection.is_open());
                 !connections.is_empty()
             });
         }
         let connections = idle.entry(key).or_default();
         // The oldest are at the front: those idle too long are closed (by dropping them).
-        while connections.front().is_some_and(|oldest| now.saturating_sub(oldest.since) >= IDLE_TIMEOUT) {
+        while connections.front().is_some_and(|oldest| oldest.expired(now)) {
             connections.pop_front();
         }
-        connections.push_back(Idle { connection, since: now });
+        connections.push_back(Idle { connection, since: now, keep_for });
     }
 
     #[cfg(test)]

@@ -117,6 +117,18 @@ async fn send(
     method: Method,
     headers: HeaderMap,
 ) -> Result<Response<UpstreamBody>, SendError> {
+    send_reusing(upstreams, address, http2, method, headers, Reuse::default()).await
+}
+
+/// As `send`, the connection reused as `reuse` says.
+async fn send_reusing(
+    upstreams: &Upstreams,
+    address: SocketAddr,
+    http2: bool,
+    method: Method,
+    headers: HeaderMap,
+    reuse: Reuse,
+) -> Result<Response<UpstreamBody>, SendError> {
     let outgoing = Outgoing {
         address,
         http2,
@@ -126,6 +138,7 @@ async fn send(
         headers,
         connect_timeout: Duration::from_secs(1),
         tls: None,
+        reuse,
     };
     upstreams.send(outgoing, Empty::new().map_err(|never| match never {}).boxed()).await
 }
@@ -188,4 +201,39 @@ async fn reused_and_passed_over(client: Http1Client) {
     let key = PoolKey::new(address, None);
     let idle = upstreams.http1.idle_count(&key) + upstreams.hyper_http1.idle_count(&key);
     assert!(idle <= 1, "{client:?}: {idle} idle connections to a server that closes each");
+}
+
+#[tokio::test]
+async fn a_destination_rules_connection_pool_limits_requests_per_connection_and_idle_time() {
+    let upstreams = Upstreams::new(to_loopback(), Http1Client::Native);
+    let (address, accepted) = server(Answer::Ok { close: false }).await;
+    let get_reusing = |reuse: Reuse| {
+        let upstreams = &upstreams;
+        async move {
+            let response = send_reusing(upstreams, address, false, Method::GET, HeaderMap::new(), reuse).await;
+            let body = response.expect("a response").into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, "ok");
+        }
+    };
+    // maxRequestsPerConnection: 2 — five requests take three connections.
+    let two = Reuse { max_requests: Some(2), ..Reuse::default() };
+    for _ in 0..5 {
+        get_reusing(two).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    // maxRequestsPerConnection: 1 — none is given back: the first takes the one left idle above and closes it, the
+    // second opens one of its own.
+    let one = Reuse { max_requests: Some(1), ..Reuse::default() };
+    for _ in 0..2 {
+        get_reusing(one).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 4);
+    // idleTimeout: 50ms — a connection idle for longer is not reused (one idle for less is).
+    let brief = Reuse { idle_timeout: Duration::from_millis(50), ..Reuse::default() };
+    get_reusing(brief).await;
+    get_reusing(brief).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 5, "reused within its idle timeout");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    get_reusing(brief).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 6, "not reused past its idle timeout");
 }

@@ -102,7 +102,8 @@ pub fn both_readings(method: &Method, response: &[u8], piece: usize) -> (Option<
         let pool = Arc::new(NativeHttp1Pool::new(UpstreamSockets::new(SourceAddresses::default(), local)));
         let key = PoolKey::new(([192, 0, 2, 1], 80).into(), None);
         let (mut parts, body) = request(method).into_parts();
-        let response = pool.exchange(Connection::new(Box::new(upstream())), &mut parts, body, &key).await.ok()?;
+        let connection = Connection::new(Box::new(upstream()));
+        let response = pool.exchange(connection, &mut parts, body, &key, Default::default()).await.ok()?;
         let (parts, body) = response.into_parts();
         let (body, trailers) = collect(body).await?;
         Some(Reading { status: parts.status.as_u16(), headers: parts.headers, body, trailers })

@@ -19,7 +19,10 @@ use super::{
     head::{RequestFraming, ResponseFraming},
     Connection, NativeHttp1Pool,
 };
-use crate::proxy::{http::BoxError, http::ProxyBody, upstreams::pool::PoolKey};
+use crate::proxy::{
+    http::{BoxError, ProxyBody},
+    upstreams::{pool::PoolKey, Reuse},
+};
 
 /// A request body being written upstream.
 pub(super) struct RequestWriter {
@@ -140,7 +143,7 @@ pub(crate) struct ResponseBody {
     writing: Option<RequestWriter>,
     /// Whether the connection may carry another exchange once this one has ended.
     reusable: bool,
-    returning: Option<(Arc<NativeHttp1Pool>, PoolKey)>,
+    returning: Option<(Arc<NativeHttp1Pool>, PoolKey, Reuse)>,
 }
 
 /// Why a response body ended early or was refused.
@@ -160,7 +163,7 @@ impl ResponseBody {
         framing: ResponseFraming,
         writing: Option<RequestWriter>,
         keep_alive: bool,
-        returning: (Arc<NativeHttp1Pool>, PoolKey),
+        returning: (Arc<NativeHttp1Pool>, PoolKey, Reuse),
     ) -> ResponseBody {
         let decoder = match framing {
             ResponseFraming::Length(length) => Decoder::Length(length),
@@ -182,8 +185,8 @@ impl ResponseBody {
         let connection = self.connection.take();
         if let (Some(connection), true, None) = (connection, self.reusable, &self.writing) {
             if connection.read.is_empty() {
-                if let Some((pool, key)) = self.returning.take() {
-                    pool.give_back(key, connection);
+                if let Some((pool, key, reuse)) = self.returning.take() {
+                    pool.give_back(key, connection, reuse);
                 }
             }
         }

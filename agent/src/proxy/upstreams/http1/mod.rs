@@ -29,7 +29,7 @@ use head::BodyShape;
 use super::{
     open,
     pool::{IdlePool, PoolKey, Reusable},
-    Io, SendError, UpstreamBody, UpstreamTls,
+    Io, Reuse, SendError, UpstreamBody, UpstreamTls,
 };
 use crate::proxy::{http::ProxyBody, tcp::UpstreamSockets};
 
@@ -44,11 +44,13 @@ pub(crate) struct Connection {
     head: Vec<u8>,
     /// Whether it carried an exchange before (a failure to write to it may be its upstream having closed it).
     reused: bool,
+    /// The requests it has carried.
+    served: u32,
 }
 
 impl Connection {
     fn new(io: Box<dyn Io + Sync>) -> Connection {
-        Connection { io, read: BytesMut::new(), head: Vec::new(), reused: false }
+        Connection { io, read: BytesMut::new(), head: Vec::new(), reused: false, served: 0 }
     }
 
     /// Reads more from the upstream into `read`: how many bytes (0: the upstream closed).
@@ -92,13 +94,17 @@ impl NativeHttp1Pool {
         NativeHttp1Pool { idle: IdlePool::new(), sockets }
     }
 
-    pub(super) fn give_back(&self, key: PoolKey, mut connection: Connection) {
+    pub(super) fn give_back(&self, key: PoolKey, mut connection: Connection, reuse: Reuse) {
+        // The last request the cluster lets it carry has been: closed (by dropping it).
+        if reuse.max_requests.is_some_and(|max| connection.served >= max) {
+            return;
+        }
         connection.reused = true;
         // An idle connection keeps no more than a read's room (a large body's reads may have grown it).
         if connection.read.capacity() > READ_SIZE {
             connection.read = BytesMut::new();
         }
-        self.idle.give_back(key, connection);
+        self.idle.give_back(key, connection, reuse.idle_timeout);
     }
 
     /// Sends `request` on the connection to `address` given back last, or on a new one. (An async block rather
@@ -113,12 +119,13 @@ impl NativeHttp1Pool {
         request: Request<ProxyBody>,
         connect_timeout: Duration,
         tls: Option<&'a UpstreamTls>,
+        reuse: Reuse,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'a {
         async move {
             let key = PoolKey::new(address, tls);
             let (mut parts, mut body) = request.into_parts();
             while let Some(connection) = self.idle.take(&key) {
-                match self.exchange(connection, &mut parts, body, &key).await {
+                match self.exchange(connection, &mut parts, body, &key, reuse).await {
                     Ok(response) => return Ok(response),
                     Err(Failed::Unsent(unsent)) => body = unsent,
                     Err(Failed::Failed(error)) => return Err(error),
@@ -126,7 +133,7 @@ impl NativeHttp1Pool {
             }
             // Boxed: a new connection's state, which requests sent on pooled connections never need.
             let io = Box::pin(open(address, &self.sockets, connect_timeout, tls)).await?;
-            match self.exchange(Connection::new(io), &mut parts, body, &key).await {
+            match self.exchange(Connection::new(io), &mut parts, body, &key, reuse).await {
                 Ok(response) => Ok(response),
                 Err(Failed::Unsent(_)) => Err(SendError::Request("the new connection closed at once".into())),
                 Err(Failed::Failed(error)) => Err(error),
@@ -141,7 +148,9 @@ impl NativeHttp1Pool {
         parts: &mut http::request::Parts,
         body: ProxyBody,
         key: &PoolKey,
+        reuse: Reuse,
     ) -> Result<Response<UpstreamBody>, Failed> {
+        connection.served = connection.served.saturating_add(1);
         let shape = if body.is_end_stream() {
             BodyShape::Empty
         } else {
@@ -194,7 +203,7 @@ impl NativeHttp1Pool {
         .await
         .map_err(Failed::Failed)?;
         let head::ResponseHead { parts, framing, keep_alive } = response;
-        let body = ResponseBody::new(connection, framing, writing, keep_alive, (self.clone(), key.clone()));
+        let body = ResponseBody::new(connection, framing, writing, keep_alive, (self.clone(), key.clone(), reuse));
         Ok(Response::from_parts(parts, UpstreamBody::native(body)))
     }
 }
