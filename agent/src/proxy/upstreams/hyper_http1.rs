@@ -29,16 +29,11 @@ impl Reusable for http1::SendRequest<ProxyBody> {
 /// HTTP/1.1 connections kept alive per address: a request takes the one given back last, and gives it back once
 /// its response has been read to the end.
 pub(super) struct HyperHttp1Pool {
-    idle: IdlePool<http1::SendRequest<ProxyBody>>,
+    pub(super) idle: IdlePool<http1::SendRequest<ProxyBody>>,
     sockets: UpstreamSockets,
 }
 
 impl HyperHttp1Pool {
-    #[cfg(test)]
-    pub(in crate::proxy::upstreams) fn idle_count(&self, key: &PoolKey) -> usize {
-        self.idle.idle_count(key)
-    }
-
     pub(super) fn new(sockets: UpstreamSockets) -> HyperHttp1Pool {
         HyperHttp1Pool { idle: IdlePool::new(), sockets }
     }

@@ -199,7 +199,7 @@ async fn reused_and_passed_over(client: Http1Client) {
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 3, "a connection the server closed is not used again");
     let key = PoolKey::new(address, None);
-    let idle = upstreams.http1.idle_count(&key) + upstreams.hyper_http1.idle_count(&key);
+    let idle = upstreams.http1.idle.idle_count(&key) + upstreams.hyper_http1.idle.idle_count(&key);
     assert!(idle <= 1, "{client:?}: {idle} idle connections to a server that closes each");
 }
 

@@ -73,7 +73,7 @@ impl Reusable for Connection {
 
 /// The connections and how new ones are made.
 pub(crate) struct NativeHttp1Pool {
-    idle: IdlePool<Connection>,
+    pub(in crate::proxy::upstreams) idle: IdlePool<Connection>,
     sockets: UpstreamSockets,
 }
 
@@ -85,11 +85,6 @@ enum Failed {
 }
 
 impl NativeHttp1Pool {
-    #[cfg(test)]
-    pub(in crate::proxy::upstreams) fn idle_count(&self, key: &PoolKey) -> usize {
-        self.idle.idle_count(key)
-    }
-
     pub(super) fn new(sockets: UpstreamSockets) -> NativeHttp1Pool {
         NativeHttp1Pool { idle: IdlePool::new(), sockets }
     }
