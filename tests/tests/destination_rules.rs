@@ -282,3 +282,28 @@ spec:
     assert_eq!(code, 503, "a certificate another CA signed is refused: {body}");
     agent.wait_for_log("\"GET /forged HTTP/1.1\" 503 UF ", 1).unwrap();
 }
+
+#[test]
+fn a_destination_rules_max_requests_per_connection_closes_upstream_connections_after_that_many() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    // nginx answers with how many requests its connection has carried.
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80)], "$connection_requests").unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let two_requests = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: httpbin, namespace: egress}
+spec:
+  host: httpbin.org
+  trafficPolicy:
+    connectionPool: {http: {maxRequestsPerConnection: 2}}
+";
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, HTTPBIN, two_requests]).unwrap();
+    let args =
+        format!("--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --config {}", config.path().display());
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+
+    let counts: Vec<String> =
+        (0..5).map(|_| get(&topology, "httpbin.org", SERVER_A, "/", &[]).1.trim().to_owned()).collect();
+    assert_eq!(counts, ["1", "2", "1", "2", "1"], "two requests per upstream connection: {}", agent.log());
+}
