@@ -112,7 +112,7 @@ pub struct Resident {
 
 /// The agent itself, run on each of `counts` ServiceEntries and as many VirtualServices (written to a file as
 /// they are generated here): its resident memory in each, once its policy is applied.
-pub fn agent_resident(counts: &[usize]) -> anyhow::Result<Vec<Resident>> {
+pub fn agent_resident(counts: &[usize], shape: Shape) -> anyhow::Result<Vec<Resident>> {
     use anyhow::Context;
     use sluice_tests::{
         peers::Dnsmasq,
@@ -125,7 +125,8 @@ pub fn agent_resident(counts: &[usize]) -> anyhow::Result<Vec<Resident>> {
     let _dns = Dnsmasq::start(&topology.internet, INTERNET_ADDR, &[])?;
     let rss = |dir: &std::path::Path| -> anyhow::Result<Resident> {
         let args = format!(
-            "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format off --dns-server {INTERNET_ADDR} --config {}",
+            "--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format off --dns-server {INTERNET_ADDR} \
+             --allow-empty-config --config {}",
             dir.display()
         );
         let agent = Agent::start(&topology.gateway, &args)?;
@@ -142,8 +143,12 @@ pub fn agent_resident(counts: &[usize]) -> anyhow::Result<Vec<Resident>> {
         .iter()
         .map(|&entries| {
             let dir = tempfile::tempdir()?;
-            let documents: Vec<String> =
-                (0..entries).map(document).chain((0..entries).map(virtual_service)).map(|d| d.to_string()).collect();
+            let documents: Vec<serde_json::Value> = match shape {
+                Shape::Mixed => (0..entries).map(document).chain((0..entries).map(virtual_service)).collect(),
+                Shape::Rich => (0..entries).flat_map(rich).collect(),
+                Shape::Subsets => (0..entries).flat_map(with_subsets).collect(),
+            };
+            let documents: Vec<String> = documents.iter().map(serde_json::Value::to_string).collect();
             if !documents.is_empty() {
                 std::fs::write(dir.path().join("entries.yaml"), documents.join("\n---\n"))
                     .context("writing the entries")?;
@@ -151,6 +156,77 @@ pub fn agent_resident(counts: &[usize]) -> anyhow::Result<Vec<Resident>> {
             rss(dir.path())
         })
         .collect()
+}
+
+/// What each host's configuration looks like.
+#[derive(Clone, Copy, Debug)]
+pub enum Shape {
+    /// A quarter each of exact-address TLS, CIDR TCP, DNS HTTPS and wildcard HTTPS entries, each with a
+    /// VirtualService of three routes (the shape the other figures are taken on).
+    Mixed,
+    /// As users write them: a ServiceEntry with two ports (HTTP and HTTPS) and a STATIC endpoint, a VirtualService
+    /// of three routes with a header match, a rewrite, a regex, a timeout and retries.
+    Rich,
+    /// Three hosts per ServiceEntry with two labelled endpoints, a DestinationRule with two subsets and a
+    /// connection pool, a VirtualService splitting between the subsets.
+    Subsets,
+}
+
+impl Shape {
+    pub const ALL: [Shape; 3] = [Shape::Mixed, Shape::Rich, Shape::Subsets];
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Shape::Mixed => "mixed (exact, CIDR, DNS, wildcard; 3 routes)",
+            Shape::Rich => "rich (2 ports, STATIC endpoint; header match, rewrite, regex, timeout, retries)",
+            Shape::Subsets => "subsets (3 hosts per entry, 2 endpoints; DestinationRule with 2 subsets)",
+        }
+    }
+}
+
+/// The `Rich` shape's documents for the i-th host.
+fn rich(i: usize) -> Vec<serde_json::Value> {
+    let host = format!("api-{i}.partner.example.com");
+    let address = format!("198.18.{}.{}", (i >> 8) & 0xff, i & 0xff);
+    let entry = json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+        "metadata": {"name": format!("partner-{i}"), "namespace": "default"},
+        "spec": {"hosts": [host], "location": "MESH_EXTERNAL", "resolution": "STATIC",
+                 "ports": [{"number": 80, "name": "http", "protocol": "HTTP"},
+                           {"number": 443, "name": "https", "protocol": "HTTPS"}],
+                 "endpoints": [{"address": address}]}});
+    let routes = json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+        "metadata": {"name": format!("partner-{i}"), "namespace": "default"},
+        "spec": {"hosts": [host], "http": [
+            {"match": [{"headers": {"x-tenant": {"exact": format!("tenant-{i}")}}, "uri": {"prefix": "/v2/"}}],
+             "rewrite": {"uri": "/api/v2/"}, "route": [{"destination": {"host": host, "port": {"number": 80}}}],
+             "timeout": "10s", "retries": {"attempts": 3, "perTryTimeout": "2s", "retryOn": "5xx,reset"}},
+            {"match": [{"uri": {"regex": "/orders/[0-9]+"}}],
+             "route": [{"destination": {"host": host, "port": {"number": 80}}}], "timeout": "5s"},
+            {"route": [{"destination": {"host": host, "port": {"number": 80}}}]}]}});
+    vec![entry, routes]
+}
+
+/// The `Subsets` shape's documents for the i-th entry.
+fn with_subsets(i: usize) -> Vec<serde_json::Value> {
+    let hosts: Vec<String> = (0..3).map(|h| format!("s{h}-{i}.saas.example.com")).collect();
+    let address = |n: usize| format!("198.{}.{}.{}", 19 + n, (i >> 8) & 0xff, i & 0xff);
+    let entry = json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+        "metadata": {"name": format!("saas-{i}"), "namespace": "default"},
+        "spec": {"hosts": hosts, "location": "MESH_EXTERNAL", "resolution": "STATIC",
+                 "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
+                 "endpoints": [{"address": address(0), "labels": {"version": "v1"}},
+                               {"address": address(1), "labels": {"version": "v2"}}]}});
+    let rule = json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+        "metadata": {"name": format!("saas-{i}"), "namespace": "default"},
+        "spec": {"host": hosts[0], "trafficPolicy": {"connectionPool": {"tcp": {"maxConnections": 100},
+                 "http": {"http1MaxPendingRequests": 10}}},
+                 "subsets": [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}]}});
+    let routes = json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+        "metadata": {"name": format!("saas-{i}"), "namespace": "default"},
+        "spec": {"hosts": [hosts[0]], "http": [{"route": [
+            {"destination": {"host": hosts[0], "subset": "v1"}, "weight": 90},
+            {"destination": {"host": hosts[0], "subset": "v2"}, "weight": 10}]}]}});
+    vec![entry, rule, routes]
 }
 
 /// The i-th entry's host (the one its VirtualService routes).

@@ -215,10 +215,20 @@ fn configuration() -> anyhow::Result<()> {
         last.1 / first.1.max(1.0),
         last.2 / first.2.max(1.0)
     );
-    let resident = compile::agent_resident(&AGENT_ENTRIES).context("running the agent on the entries")?;
+    for shape in compile::Shape::ALL {
+        agent_memory(shape)?;
+    }
+    println!();
+    Ok(())
+}
+
+/// The agent's resident memory on `AGENT_ENTRIES` hosts of `shape`, and per host.
+fn agent_memory(shape: compile::Shape) -> anyhow::Result<()> {
+    let resident = compile::agent_resident(&AGENT_ENTRIES, shape).context("running the agent on the entries")?;
     let ([none, fewer, more], &[empty, small, large]) = (AGENT_ENTRIES, resident.as_slice()) else {
         anyhow::bail!("the agent was run on {} configurations, not 3", resident.len());
     };
+    println!("{}:", shape.describe());
     let per_host = |from: u64, to: u64, hosts: usize| to.saturating_sub(from) as f64 * 1024.0 / hosts as f64;
     let mib = |r: compile::Resident| {
         format!(
@@ -242,7 +252,6 @@ fn configuration() -> anyhow::Result<()> {
         per_host(empty.all, small.all, fewer - none),
         per_host(empty.anonymous, small.anonymous, fewer - none)
     );
-    println!();
     Ok(())
 }
 
