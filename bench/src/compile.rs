@@ -100,6 +100,36 @@ pub fn measure(entries: usize) -> Figures {
     figures
 }
 
+/// Heap bytes per entry of `shape` held by each part of what the agent keeps: the configuration in its store, the
+/// kernel's policy as compiled (before it is written to the maps), the proxy's routes and registry.
+pub fn heap_by_part(entries: usize, shape: Shape) -> (f64, f64, f64) {
+    let before = crate::live_bytes();
+    let documents = shape.documents(entries);
+    let mut loaded = Loaded::default();
+    for document in documents {
+        loaded.add("bench", document);
+    }
+    assert!(loaded.errors.is_empty(), "the generated resources are valid: {:?}", loaded.errors.first());
+    let mut store = Store::default();
+    store.update(&loaded);
+    drop(loaded);
+    let stored = crate::live_bytes().saturating_sub(before);
+    let snapshot = store.snapshot();
+    let before_policy = crate::live_bytes();
+    let policy = datapath_policy(&snapshot, &Resolved::new(), &NodeSettings::default());
+    let datapath = crate::live_bytes().saturating_sub(before_policy);
+    let labels = Default::default();
+    let bindings = bind(&snapshot, &labels);
+    let sidecars = Arc::new(SidecarModes::compile(&snapshot, OutboundMode::AllowAny));
+    let before_routes = crate::live_bytes();
+    let routes =
+        proxy_policy(&snapshot, &Resolved::new(), &bindings, sidecars, &ProxySettings::default(), &Default::default());
+    let routes_bytes = crate::live_bytes().saturating_sub(before_routes);
+    drop((bindings, snapshot, routes, policy, store));
+    let per = |bytes: usize| bytes as f64 / entries as f64;
+    (per(stored), per(datapath), per(routes_bytes))
+}
+
 /// The agent's resident memory, KiB: all of it, and what no file backs (its heap, without the pages of its code,
 /// which a larger configuration runs more of but does not hold per host).
 #[derive(Clone, Copy)]
@@ -143,12 +173,7 @@ pub fn agent_resident(counts: &[usize], shape: Shape) -> anyhow::Result<Vec<Resi
         .iter()
         .map(|&entries| {
             let dir = tempfile::tempdir()?;
-            let documents: Vec<serde_json::Value> = match shape {
-                Shape::Mixed => (0..entries).map(document).chain((0..entries).map(virtual_service)).collect(),
-                Shape::Rich => (0..entries).flat_map(rich).collect(),
-                Shape::Subsets => (0..entries).flat_map(with_subsets).collect(),
-            };
-            let documents: Vec<String> = documents.iter().map(serde_json::Value::to_string).collect();
+            let documents: Vec<String> = shape.documents(entries).iter().map(serde_json::Value::to_string).collect();
             if !documents.is_empty() {
                 std::fs::write(dir.path().join("entries.yaml"), documents.join("\n---\n"))
                     .context("writing the entries")?;
@@ -174,6 +199,15 @@ pub enum Shape {
 
 impl Shape {
     pub const ALL: [Shape; 3] = [Shape::Mixed, Shape::Rich, Shape::Subsets];
+
+    /// The documents of `entries` entries of this shape.
+    pub fn documents(self, entries: usize) -> Vec<serde_json::Value> {
+        match self {
+            Shape::Mixed => (0..entries).map(document).chain((0..entries).map(virtual_service)).collect(),
+            Shape::Rich => (0..entries).flat_map(rich).collect(),
+            Shape::Subsets => (0..entries).flat_map(with_subsets).collect(),
+        }
+    }
 
     pub fn describe(self) -> &'static str {
         match self {

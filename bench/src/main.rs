@@ -229,6 +229,11 @@ fn agent_memory(shape: compile::Shape) -> anyhow::Result<()> {
         anyhow::bail!("the agent was run on {} configurations, not 3", resident.len());
     };
     println!("{}:", shape.describe());
+    let (stored, datapath, routes) = compile::heap_by_part(10_000, shape);
+    println!(
+        "heap per entry at 10000 (counted by the allocator): configuration store {stored:.0}, kernel policy as \
+         compiled {datapath:.0}, proxy routes and registry {routes:.0}"
+    );
     let per_host = |from: u64, to: u64, hosts: usize| to.saturating_sub(from) as f64 * 1024.0 / hosts as f64;
     let mib = |r: compile::Resident| {
         format!(
