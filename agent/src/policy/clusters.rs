@@ -302,12 +302,21 @@ pub struct Endpoint {
     pub labels: BTreeMap<String, String>,
 }
 
+/// One endpoint as a cluster (of one port) holds it: where requests go, its labels and port names read
+/// already (when the subsets were formed and the port chosen).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClusterEndpoint {
+    pub address: IpAddr,
+    /// The port it serves the cluster's port on (its own for the port's name, else the port's target).
+    pub port: u16,
+}
+
 /// A set of endpoints under one policy: a host's, or one subset's.
 #[derive(Debug)]
 pub struct Cluster {
     /// Its name and how Istio's metrics label requests through it, made here rather than per request.
     pub labels: DestinationLabels,
-    pub endpoints: Box<[Endpoint]>,
+    pub endpoints: Box<[ClusterEndpoint]>,
     /// Shared by every cluster without a DestinationRule's settings (most of them): see `ClusterPolicy::shared`.
     pub policy: Arc<ClusterPolicy>,
     pub state: Arc<ClusterState>,
@@ -334,7 +343,7 @@ impl Cluster {
         if let Some(hash) = hash {
             // Rendezvous hashing: the endpoint whose address scores highest with the key. An endpoint that goes
             // (or is ejected) moves only the keys it had; the others stay where they were.
-            let score = |endpoint: &&Endpoint| fixed_hash((hash, endpoint.address));
+            let score = |endpoint: &&ClusterEndpoint| fixed_hash((hash, endpoint.address));
             let healthy = self.endpoints.iter().filter(|endpoint| !skip(&endpoint.address)).max_by_key(score);
             return healthy.or_else(|| self.endpoints.iter().max_by_key(score)).map(|endpoint| endpoint.address);
         }
@@ -351,7 +360,7 @@ impl Cluster {
     }
 
     /// The endpoint with `address`.
-    pub fn endpoint(&self, address: IpAddr) -> Option<&Endpoint> {
+    pub fn endpoint(&self, address: IpAddr) -> Option<&ClusterEndpoint> {
         self.endpoints.iter().find(|e| e.address == address)
     }
 }
@@ -497,10 +506,7 @@ mod tests {
     use super::*;
 
     fn cluster(addresses: &[&str], policy: ClusterPolicy) -> Cluster {
-        let endpoints = addresses
-            .iter()
-            .map(|a| Endpoint { address: a.parse().unwrap(), ports: BTreeMap::new(), labels: BTreeMap::new() })
-            .collect();
+        let endpoints = addresses.iter().map(|a| ClusterEndpoint { address: a.parse().unwrap(), port: 80 }).collect();
         let state = Arc::new(ClusterState::new(policy.limits));
         Cluster {
             labels: DestinationLabels::registered("api.test".into(), "default".into(), 80, None),

@@ -30,7 +30,9 @@ use smallvec::SmallVec;
 use super::labels::{interned, DestinationLabels};
 use super::{
     bindings::{self, Bindings},
-    clusters::{settings_for_port, with_labels, Cluster, ClusterPolicy, ClusterStates, Endpoint, LoadBalance},
+    clusters::{
+        settings_for_port, with_labels, Cluster, ClusterEndpoint, ClusterPolicy, ClusterStates, Endpoint, LoadBalance,
+    },
     host_match::HostTable,
     http_match::{RegexCache, RequestMatch},
     sidecars::SidecarModes,

@@ -163,11 +163,7 @@ impl Service {
             return Upstream::OriginalDestination;
         }
         let Some(address) = cluster.pick(hash) else { return Upstream::NoEndpoint };
-        let service_port = self.ports.iter().find(|p| p.number == port);
-        let endpoint = cluster.endpoint(address);
-        let target = service_port
-            .and_then(|p| endpoint.and_then(|e| e.ports.get(&*p.name).copied()).or(p.target))
-            .unwrap_or(port);
+        let target = cluster.endpoint(address).map_or(port, |endpoint| endpoint.port);
         Upstream::Endpoint(SocketAddr::new(address, target))
     }
 }
@@ -356,7 +352,12 @@ pub(super) fn clusters(
     interner: &mut Interner,
 ) -> Vec<Cluster> {
     let states = inputs.states;
-    let cluster = |subset: Option<Arc<str>>, endpoints: Vec<Endpoint>, policy: Option<&TrafficPolicy>| {
+    // On this port: each endpoint's own port for the port's name, else the port's target, else its number.
+    let on_port = |endpoint: &Endpoint| ClusterEndpoint {
+        address: endpoint.address,
+        port: endpoint.ports.get(&*port.name).copied().or(port.target).unwrap_or(port.number),
+    };
+    let cluster = |subset: Option<Arc<str>>, endpoints: Vec<ClusterEndpoint>, policy: Option<&TrafficPolicy>| {
         let policy = policy
             .map(|policy| {
                 ClusterPolicy::compile(settings_for_port(policy, port.number), port.http2, inputs.credentials)
@@ -374,9 +375,9 @@ pub(super) fn clusters(
         Cluster { labels, endpoints: endpoints.into(), policy: ClusterPolicy::shared(policy), state }
     };
     let top = rule.and_then(|rule| rule.traffic_policy.as_ref());
-    let mut out = vec![cluster(None, endpoints.to_vec(), top)];
+    let mut out = vec![cluster(None, endpoints.iter().map(on_port).collect(), top)];
     for subset in rule.map(|rule| rule.subsets.as_slice()).unwrap_or_default() {
-        let members = with_labels(endpoints, &subset.labels);
+        let members = with_labels(endpoints, &subset.labels).iter().map(on_port).collect();
         let policy = subset.traffic_policy.as_ref().or(top);
         out.push(cluster(Some(interner.text(&subset.name)), members, policy));
     }
