@@ -148,7 +148,10 @@ pub(crate) fn read_response(buffer: &mut BytesMut, method: &Method) -> Result<Op
             if length > MAX_RESPONSE_HEAD_BYTES {
                 return Err(HeadError::TooLarge);
             }
-            let offset = |part: &[u8]| part.as_ptr() as usize - bytes.as_ptr() as usize;
+            // httparse's slices lie within the head; an empty one anywhere else is taken as at its start.
+            let offset = |part: &[u8]| {
+                (part.as_ptr() as usize).checked_sub(bytes.as_ptr() as usize).filter(|&at| at <= length).unwrap_or(0)
+            };
             let at = |start: usize, len: usize| (start as u32, (start + len) as u32);
             for (line, header) in lines.iter_mut().zip(response.headers.iter()) {
                 let (name_start, name_end) = at(offset(header.name.as_bytes()), header.name.len());

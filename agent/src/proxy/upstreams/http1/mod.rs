@@ -162,6 +162,8 @@ impl NativeHttp1Pool {
             Err((_, error)) => return Err(Failed::Failed(SendError::Request(format!("writing the request: {error}")))),
         }
         let mut writing = (shape != BodyShape::Empty).then(|| RequestWriter::new(body, framing));
+        // Whether the request went out whole: a connection whose request was cut short is never reused.
+        let mut cut_short = false;
         let method = &parts.method;
         let response = poll_fn(|cx| {
             if let Some(writer) = &mut writing {
@@ -172,6 +174,7 @@ impl NativeHttp1Pool {
                     Poll::Ready(Err(body::WriteError::Io(error))) => {
                         tracing::debug!(%error, "request body not sent whole; awaiting the response");
                         writing = None;
+                        cut_short = true;
                     }
                     Poll::Ready(Err(error)) => return Poll::Ready(Err(SendError::Request(error.to_string()))),
                     Poll::Pending => {}
@@ -198,6 +201,7 @@ impl NativeHttp1Pool {
         .await
         .map_err(Failed::Failed)?;
         let head::ResponseHead { parts, framing, keep_alive } = response;
+        let keep_alive = keep_alive && !cut_short;
         let body = ResponseBody::new(connection, framing, writing, keep_alive, (self.clone(), key.clone(), reuse));
         Ok(Response::from_parts(parts, UpstreamBody::native(body)))
     }
