@@ -69,6 +69,8 @@ fn unregistered_host_gets_502_under_registry_only_and_registered_host_is_proxied
     assert_eq!(total(&metrics, "istio_requests_total", &served), 1, "{metrics}");
     assert_eq!(total(&metrics, "istio_request_duration_milliseconds_count", &served), 1, "{metrics}");
 
+    // The access log is written in batches, after the metrics count a request: waited for.
+    agent.wait_for_log("\"GET / HTTP/1.1\" 502 - 0 0 ", 2).unwrap();
     let log = agent.log();
     assert!(log.contains("\"GET /get?x=1 HTTP/1.1\" 200 - 0 "), "an access-log line per request:\n{log}");
     assert!(log.contains("\"sluice-test\""), "{log}");
