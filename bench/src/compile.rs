@@ -41,18 +41,9 @@ pub struct Figures {
 pub fn measure(entries: usize) -> Figures {
     // Counted from before the input documents exist: reading consumes them.
     let heap_before = crate::live_bytes();
-    let documents: Vec<serde_json::Value> =
-        (0..entries).map(document).chain((0..entries).map(virtual_service)).collect();
+    let documents = Shape::Mixed.documents(entries);
     let started = Instant::now();
-    let mut loaded = Loaded::default();
-    for document in documents {
-        loaded.add("bench", document);
-    }
-    assert!(loaded.errors.is_empty(), "the generated resources are valid: {:?}", loaded.errors.first());
-    // As the agent holds the configuration: in its store, the load itself dropped.
-    let mut store = Store::default();
-    store.update(&loaded);
-    drop(loaded);
+    let store = stored(documents);
     let heap_read = crate::live_bytes().saturating_sub(heap_before);
     let snapshot = store.snapshot();
     let read_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -104,16 +95,8 @@ pub fn measure(entries: usize) -> Figures {
 /// kernel's policy as compiled (before it is written to the maps), the proxy's routes and registry.
 pub fn heap_by_part(entries: usize, shape: Shape) -> (f64, f64, f64) {
     let before = crate::live_bytes();
-    let documents = shape.documents(entries);
-    let mut loaded = Loaded::default();
-    for document in documents {
-        loaded.add("bench", document);
-    }
-    assert!(loaded.errors.is_empty(), "the generated resources are valid: {:?}", loaded.errors.first());
-    let mut store = Store::default();
-    store.update(&loaded);
-    drop(loaded);
-    let stored = crate::live_bytes().saturating_sub(before);
+    let store = stored(shape.documents(entries));
+    let in_store = crate::live_bytes().saturating_sub(before);
     let snapshot = store.snapshot();
     let before_policy = crate::live_bytes();
     let policy = datapath_policy(&snapshot, &Resolved::new(), &NodeSettings::default());
@@ -127,7 +110,20 @@ pub fn heap_by_part(entries: usize, shape: Shape) -> (f64, f64, f64) {
     let routes_bytes = crate::live_bytes().saturating_sub(before_routes);
     drop((bindings, snapshot, routes, policy, store));
     let per = |bytes: usize| bytes as f64 / entries as f64;
-    (per(stored), per(datapath), per(routes_bytes))
+    (per(in_store), per(datapath), per(routes_bytes))
+}
+
+/// `documents` read and validated, and kept as the agent keeps the configuration: in its store, what was read
+/// dropped.
+fn stored(documents: Vec<serde_json::Value>) -> Store {
+    let mut loaded = Loaded::default();
+    for document in documents {
+        loaded.add("bench", document);
+    }
+    assert!(loaded.errors.is_empty(), "the generated resources are valid: {:?}", loaded.errors.first());
+    let mut store = Store::default();
+    store.update(&loaded);
+    store
 }
 
 /// The agent's resident memory, KiB: all of it, and what no file backs (its heap, without the pages of its code,
