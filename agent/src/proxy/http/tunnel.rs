@@ -101,11 +101,8 @@ async fn relay_tunnel(relay: Relay, upgraded: Upgraded, mut upstream: TcpStream,
 
 /// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` with `Upgrade: …`).
 pub(super) fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
-    let asks = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.split(',').any(|token| token.trim().eq_ignore_ascii_case("upgrade")));
+    let asks =
+        headers.get_all(header::CONNECTION).iter().any(|value| upstreams::http1::framing::lists(value, "upgrade"));
     asks.then(|| headers.get(header::UPGRADE).cloned()).flatten()
 }
 

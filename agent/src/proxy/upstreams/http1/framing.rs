@@ -45,6 +45,6 @@ fn digits(bytes: &[u8]) -> Option<u64> {
 }
 
 /// Whether the comma-separated `value` lists `token` (any case).
-pub(super) fn lists(value: &HeaderValue, token: &str) -> bool {
+pub(crate) fn lists(value: &HeaderValue, token: &str) -> bool {
     value.to_str().is_ok_and(|line| line.split(',').any(|item| item.trim().eq_ignore_ascii_case(token)))
 }

@@ -6,7 +6,7 @@
 pub(crate) mod against_hyper;
 mod body;
 mod chunked;
-mod framing;
+pub(crate) mod framing;
 pub(crate) mod head;
 
 use std::{
