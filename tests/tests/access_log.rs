@@ -11,9 +11,9 @@ use std::{
 use sluice_tests::{
     http::{get, ECHO},
     istio::{self, HTTPBIN},
-    peers::Nginx,
+    peers::{curl, Nginx},
     require_root,
-    topology::{addr, GATEWAY_WORKLOAD_IFACE, SERVER_A},
+    topology::{addr, GATEWAY_WORKLOAD_IFACE, SERVER_A, SERVER_B},
     Agent, Topology,
 };
 
@@ -78,7 +78,11 @@ fn a_file_takes_istios_default_line_and_follows_rotation() {
     // cluster, addresses, server name and route at the end.
     assert!(line.contains("\"GET /first HTTP/1.1\" 200 - via_upstream - \"-\" 0 "), "{line}");
     assert!(line.contains(" \"probe/1\" ") && line.contains(" \"httpbin.org\" \"203.0.113.10:80\" "), "{line}");
-    assert!(line.contains(" outbound|80||httpbin.org - 203.0.113.10:80 10.240.1.2:"), "{line}");
+    // The upstream connection's own address (from the gateway's side toward the internet), then the client's.
+    assert!(
+        line.contains(" outbound|80||httpbin.org 10.240.2.1:") && line.contains(" 203.0.113.10:80 10.240.1.2:"),
+        "{line}"
+    );
 
     // Renamed away while a client sends 300 requests on one connection: every line lands in one file or the
     // other, and once the agent has noticed (within a second) the next goes to a new file at the path.
@@ -271,4 +275,109 @@ fn tag_overrides_set_and_remove_labels_of_the_metric_they_name() {
     assert_eq!(get(&topology, "httpbin.org", SERVER_A, "/", &["-H", "x-tenant: billing"]).0, 200);
     let metrics = agent.metrics().unwrap();
     assert!(metrics.contains("tenant=\"billing\""), "the last good overrides stay in force: {metrics}");
+}
+
+/// What the failure operators are tested against: an HTTP host whose endpoint refuses connections, and TCP at
+/// server B — port 8081 served, 8082 refusing, 8080 denied by an AuthorizationPolicy (whose rules name source
+/// namespaces: the proxy decides all three, the kernel could not).
+const FAILING: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: closed, namespace: egress}
+spec:
+  hosts: [closed.example]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 203.0.113.20}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: tcp-services, namespace: egress}
+spec:
+  hosts: [tcp.backend]
+  addresses: [203.0.113.20]
+  ports:
+  - {number: 8080, name: tcp-denied, protocol: TCP}
+  - {number: 8081, name: tcp-served, protocol: TCP}
+  - {number: 8082, name: tcp-refusing, protocol: TCP}
+  location: MESH_EXTERNAL
+  resolution: NONE
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-8080, namespace: istio-system}
+spec:
+  action: DENY
+  rules:
+  - from: [{source: {notNamespaces: [trusted]}}]
+    to: [{operation: {ports: ['8080']}}]
+  - from: [{source: {namespaces: [nowhere]}}]
+    to: [{operation: {ports: ['8081', '8082']}}]
+";
+
+#[test]
+fn failures_and_upstream_addresses_are_logged_in_envoys_words() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80), addr(SERVER_B, 8081)], ECHO).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let format = r#"{"dialled": "%DOWNSTREAM_LOCAL_ADDRESS%", "path": "%REQ(:PATH)%", "code": "%RESPONSE_CODE%", "flags": "%RESPONSE_FLAGS%", "details": "%RESPONSE_CODE_DETAILS%", "termination": "%CONNECTION_TERMINATION_DETAILS%", "transport": "%UPSTREAM_TRANSPORT_FAILURE_REASON%", "upstream": "%UPSTREAM_HOST%", "local": "%UPSTREAM_LOCAL_ADDRESS%"}"#;
+    let json = format!("accessLogFile: /dev/stdout\naccessLogEncoding: JSON\naccessLogFormat: '{format}'");
+    istio::write(config.path(), &[&mesh(&json), HTTPBIN, FAILING]).unwrap();
+    let agent = Agent::start(&topology.gateway, &args(config.path())).unwrap();
+    let line = |key: &str, value: &str| -> serde_json::Value {
+        let needle = format!("\"{key}\":\"{value}\"");
+        agent.wait_for_log(&needle, 1).unwrap_or_else(|error| panic!("{needle}: {error}\n{}", agent.log()));
+        let log = agent.log();
+        serde_json::from_str(log.lines().find(|line| line.contains(&needle)).unwrap()).unwrap()
+    };
+    let gateway_port = |local: &serde_json::Value| {
+        let local = local.as_str().unwrap_or_default();
+        local.strip_prefix("10.240.2.1:").is_some_and(|port| port.parse::<u16>().is_ok_and(|port| port > 0))
+    };
+
+    // Served: the upstream connection's own address, on the gateway's side toward the internet.
+    assert_eq!(get(&topology, "httpbin.org", SERVER_A, "/served", &[]).0, 200);
+    let served = line("path", "/served");
+    assert_eq!((&served["details"], &served["transport"]), (&"via_upstream".into(), &serde_json::Value::Null));
+    assert!(gateway_port(&served["local"]), "{served}");
+
+    // Refused by the endpoint: 503 UF, Envoy's details, transport failure reason and body.
+    let (code, body) = get(&topology, "closed.example", SERVER_B, "/refused", &[]);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.ends_with("transport failure reason: delayed connect error: Connection refused"), "{body}");
+    let refused = line("path", "/refused");
+    let expected = serde_json::json!({
+        "dialled": "203.0.113.20:80", "path": "/refused", "code": 503, "flags": "UF",
+        "details": "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}",
+        "termination": null, "transport": "delayed_connect_error:_Connection_refused", "upstream": "203.0.113.20:80",
+        "local": null,
+    });
+    assert_eq!(refused, expected);
+
+    // Unregistered in REGISTRY_ONLY: Istio's block_all route answers directly.
+    assert_eq!(get(&topology, "unregistered.example", SERVER_A, "/unregistered", &[]).0, 502);
+    assert_eq!(line("path", "/unregistered")["details"], "direct_response");
+
+    // TCP relayed, refused by the endpoint, and denied by the AuthorizationPolicy (the network RBAC filter's
+    // termination details).
+    let fetch = |port: u16| curl(&topology.workload, &["--max-time", "3", &format!("http://{SERVER_B}:{port}/")]);
+    assert!(fetch(8081).is_ok(), "{}", agent.log());
+    let relayed = line("dialled", &format!("{SERVER_B}:8081"));
+    assert!(gateway_port(&relayed["local"]) && relayed["flags"] == "-", "{relayed}");
+    assert!(fetch(8082).is_err());
+    let refused = line("dialled", &format!("{SERVER_B}:8082"));
+    assert_eq!(
+        (&refused["flags"], &refused["transport"], &refused["upstream"], &refused["local"]),
+        (
+            &"UF".into(),
+            &"delayed_connect_error:_Connection_refused".into(),
+            &"203.0.113.20:8082".into(),
+            &serde_json::Value::Null
+        ),
+        "{refused}"
+    );
+    assert!(fetch(8080).is_err());
+    let denied = line("dialled", &format!("{SERVER_B}:8080"));
+    assert_eq!(denied["termination"], "rbac_access_denied_matched_policy[istio-system/no-8080]", "{denied}");
+    assert_eq!(denied["upstream"], serde_json::Value::Null, "{denied}");
 }

@@ -280,6 +280,10 @@ spec:
     }
     let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/forged", &[]);
     assert_eq!(code, 503, "a certificate another CA signed is refused: {body}");
+    // Said as Envoy says it (BoringSSL's reason, then rustls's detail).
+    let reason =
+        "transport failure reason: TLS_error:|CERTIFICATE_VERIFY_FAILED:invalid peer certificate: UnknownIssuer";
+    assert!(body.contains(reason), "{body}");
     agent.wait_for_log("\"GET /forged HTTP/1.1\" 503 UF ", 1).unwrap();
 }
 

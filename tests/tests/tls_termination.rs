@@ -141,7 +141,9 @@ spec:
   resolution: STATIC
 "
     );
-    istio::write(config.path(), &[MESH_REGISTRY_ONLY, &gateway]).unwrap();
+    // The access log names the server the ClientHello asked for, for requests inside terminated TLS.
+    let mesh = format!("{MESH_REGISTRY_ONLY}    accessLogFile: /dev/stdout\n    accessLogFormat: \"sni=%REQUESTED_SERVER_NAME% path=%REQ(:PATH)%\\n\"\n");
+    istio::write(config.path(), &[&mesh, &gateway]).unwrap();
     let args = format!(
         "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {} --credentials-dir {} \
          --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32",
@@ -155,6 +157,7 @@ spec:
     let ok = |version: &str| Ok(format!("backend\n 200 {version}"));
     assert_eq!(curl(&topology, "api.internal", 8443, &["--cacert", &ca]), ok("2"), "{}", agent.log());
     assert_eq!(curl(&topology, "other.internal", 8443, &["--cacert", &other_ca]), ok("2"), "{}", agent.log());
+    agent.wait_for_log("sni=other.internal path=/", 1).unwrap();
     assert!(curl(&topology, "other.internal", 8443, &["--cacert", &ca]).is_err(), "not the file certificate");
     // HTTP/2 or HTTP/1.1 as ALPN settles it.
     assert_eq!(curl(&topology, "api.internal", 8443, &["--cacert", &ca, "--http1.1"]), ok("1.1"));

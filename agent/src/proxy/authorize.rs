@@ -60,7 +60,8 @@ pub fn request<B>(
 }
 
 /// Whether a TLS or TCP connection from `peer` to `dialled` (on a Gateway port: `gateway`) may be relayed; a
-/// client whose TLS the gateway terminated is known by its certificate's identity (`principal`).
+/// client whose TLS the gateway terminated is known by its certificate's identity (`principal`). Denied, Envoy's
+/// connection termination details (`rbac_access_denied_matched_policy[…]`).
 pub fn connection(
     policy: &ProxyPolicy,
     telemetry: &RequestTelemetry,
@@ -68,7 +69,7 @@ pub fn connection(
     (peer, dialled): (SocketAddr, SocketAddr),
     gateway: bool,
     source: Option<&Workload>,
-) -> bool {
+) -> Result<(), String> {
     let subject = Subject {
         http: None,
         sni: server_name,
@@ -79,7 +80,7 @@ pub fn connection(
         destination_port: dialled.port(),
     };
     let scope = if gateway { Scope::Gateway } else { Scope::Workload(source) };
-    decided(policy, telemetry, scope, &subject, peer).is_ok()
+    decided(policy, telemetry, scope, &subject, peer)
 }
 
 /// The client's namespace: its verified identity's, else its pod's.

@@ -105,6 +105,33 @@ impl Failure {
         }
     }
 
+    /// Envoy's `%RESPONSE_CODE_DETAILS%` for the same local reply (Istio's `block_all` route answers REGISTRY_ONLY's
+    /// 502 directly); `None` where Envoy has no such reply (then the log shows `-`).
+    pub fn details(self) -> Option<&'static str> {
+        Some(match self {
+            Failure::BadRequest | Failure::UriTooLong | Failure::HttpsInTheClear => return None,
+            Failure::HostMismatch | Failure::LocalDestination => return None,
+            Failure::NoRoute => "route_not_found",
+            Failure::Blackholed => "direct_response",
+            Failure::NoCluster => "cluster_not_found",
+            Failure::NoHealthyUpstream => "no_healthy_upstream",
+            Failure::DnsFailure => "dns_resolution_failure",
+            Failure::Overflow => "upstream_reset_before_response_started{overflow}",
+            Failure::UpstreamConnect => "upstream_reset_before_response_started{remote_connection_failure}",
+            // As Envoy says of a DestinationRule's `credentialName` it has no certificate for.
+            Failure::TlsOrigination => {
+                "upstream_reset_before_response_started{remote_connection_failure|TLS_error:_Secret_is_not_supplied_by_SDS}"
+            }
+            Failure::UpstreamReset => "upstream_reset_before_response_started{connection_termination}",
+            Failure::UpstreamProtocolError => "upstream_reset_before_response_started{protocol_error}",
+            Failure::UpstreamTimeout => "response_timeout",
+            Failure::StreamIdleTimeout | Failure::UpstreamIdle => "stream_idle_timeout",
+            Failure::UpgradeNotAllowed => "upgrade_failed",
+            Failure::AccessDenied => "rbac_access_denied_matched_policy[none]",
+            Failure::Overloaded => "overload",
+        })
+    }
+
     /// Envoy's body for the same local reply.
     pub fn body(self) -> &'static str {
         match self {
@@ -229,5 +256,22 @@ mod tests {
             }
         }
         assert_eq!(cases.len(), 21);
+    }
+
+    #[test]
+    fn local_replies_carry_envoys_response_code_details() {
+        let cases = [
+            (Failure::NoRoute, Some("route_not_found")),
+            (Failure::Blackholed, Some("direct_response")),
+            (Failure::NoHealthyUpstream, Some("no_healthy_upstream")),
+            (Failure::Overflow, Some("upstream_reset_before_response_started{overflow}")),
+            (Failure::UpstreamReset, Some("upstream_reset_before_response_started{connection_termination}")),
+            (Failure::UpstreamTimeout, Some("response_timeout")),
+            (Failure::UpstreamIdle, Some("stream_idle_timeout")),
+            (Failure::HostMismatch, None),
+        ];
+        for (failure, details) in cases {
+            assert_eq!(failure.details(), details, "{failure:?}");
+        }
     }
 }

@@ -107,8 +107,14 @@ pub async fn accept(listener: TcpListener, kind: Listener, proxy: Arc<HttpProxy>
                     continue;
                 };
                 let Ok(local) = stream.local_addr() else { continue };
-                let connection =
-                    Connection { peer, local, listener: kind, security: Default::default(), principal: None };
+                let connection = Connection {
+                    peer,
+                    local,
+                    listener: kind,
+                    security: Default::default(),
+                    principal: None,
+                    server_name: None,
+                };
                 let proxy = proxy.clone();
                 tokio::spawn(async move {
                     // A Gateway's TCP server port: relayed by its `tcp` routes at once (the client may wait for the

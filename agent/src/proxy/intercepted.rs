@@ -61,6 +61,7 @@ async fn dispatch(connection: Intercepted, _permit: OwnedSemaphorePermit, proxy:
                 listener: Listener::Mesh,
                 security: Default::default(),
                 principal: None,
+                server_name: None,
             };
             let _ = stream.set_nodelay(true);
             proxy.serve_connection(stream, context, version).await;

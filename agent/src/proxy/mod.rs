@@ -1,6 +1,7 @@
 //! The userspace proxy: the listeners, and what is done with the connections they accept.
 
 pub mod authorize;
+pub mod connect_failure;
 pub mod detect;
 pub mod drain;
 pub mod failure;

@@ -117,7 +117,8 @@ pub async fn serve(mut stream: TcpStream, connection: Connection, proxy: Arc<Htt
     let version = if http2 { HttpVersion::Http2 } else { HttpVersion::Http1 };
     let security = if leaf.is_some() { ConnectionSecurity::MutualTls } else { ConnectionSecurity::Tls };
     let principal = Principal::from_names(&names).map(Arc::new);
-    proxy.serve_connection(tls, Connection { security, principal, ..connection }, version).await;
+    let server_name = server_name.map(Arc::from);
+    proxy.serve_connection(tls, Connection { security, principal, server_name, ..connection }, version).await;
 }
 
 /// Why a handshake failed, as a label: the client's certificate missing or refused, else the handshake itself.

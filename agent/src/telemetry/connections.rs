@@ -77,6 +77,13 @@ pub struct ConnectionRecord<'a> {
     pub received: u64,
     pub sent: u64,
     pub upstream: Option<SocketAddr>,
+    /// The address the upstream connection left from.
+    pub upstream_local: Option<SocketAddr>,
+    /// Why no connection to the upstream could be made (`delayed_connect_error:_Connection_refused`).
+    pub upstream_transport_failure_reason: Option<&'a str>,
+    /// Why the connection was closed for L4 reasons: an AuthorizationPolicy's denial
+    /// (`rbac_access_denied_matched_policy[…]`), as Envoy's network RBAC filter says it.
+    pub termination_details: Option<&'a str>,
     pub destination: &'a DestinationLabels,
     /// Where the client sent it (the original destination; on a Gateway port, the listener's address).
     pub local: SocketAddr,
@@ -121,6 +128,9 @@ impl ConnectionRecord<'_> {
             "bytes_sent": self.sent,
             "duration": self.duration.as_millis() as u64,
             "upstream_host": self.upstream.map(|address| address.to_string()),
+            "upstream_local_address": self.upstream_local.map(|address| address.to_string()),
+            "upstream_transport_failure_reason": self.upstream_transport_failure_reason,
+            "connection_termination_details": self.termination_details,
             "upstream_cluster": self.destination.cluster().to_string(),
             "downstream_local_address": self.local.to_string(),
             "downstream_remote_address": self.remote.to_string(),

@@ -14,7 +14,7 @@ use std::{
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use super::{connections::ConnectionRecord, requests::RequestRecord};
+use super::{connections::ConnectionRecord, requests::RequestRecord, response_flags::ResponseFlag};
 use crate::config::workloads::KnownWorkloads;
 
 /// Flows held for watchers that have not read them yet; a watcher further behind loses the oldest.
@@ -97,7 +97,7 @@ impl Flow {
         let details = record.response_code_details.as_deref();
         let verdict = if details.is_some_and(|details| details.starts_with("rbac_access_denied")) {
             Verdict::Denied
-        } else if record.upstream_host.is_some() {
+        } else if record.upstream_host.is_some() && record.response_flags != ResponseFlag::UpstreamConnectionFailure {
             Verdict::Forwarded
         } else {
             Verdict::Refused
@@ -130,8 +130,9 @@ impl Flow {
     pub fn connection(record: &ConnectionRecord<'_>) -> Flow {
         let verdict = match (record.upstream, record.refused_because) {
             (_, Some(reason)) if reason.starts_with("rbac_access_denied") => Verdict::Denied,
-            (Some(_), _) => Verdict::Forwarded,
-            (None, _) => Verdict::Refused,
+            // An upstream is named too when it could not be reached.
+            (Some(_), _) if record.flag != ResponseFlag::UpstreamConnectionFailure => Verdict::Forwarded,
+            _ => Verdict::Refused,
         };
         Flow {
             time: super::requests::rfc3339_millis(record.start),

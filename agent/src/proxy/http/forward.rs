@@ -220,13 +220,18 @@ impl HttpProxy {
             record.upstream_host = Some(address);
             let (response, try_started) = match outcome {
                 Ok(response) => response,
-                Err(failure) => {
+                Err((failure, why)) => {
                     if let Some(received) = &received {
                         record.bytes_received = received.load(Ordering::Relaxed);
                     }
-                    return self.local_failure(failure, record, started, Some(destination.labels));
+                    let labels = Some(destination.labels);
+                    return match why {
+                        Some(why) => self.connect_failure(failure, &why, record, started, labels),
+                        None => self.local_failure(failure, record, started, labels),
+                    };
                 }
             };
+            record.upstream_local = response.body().upstream_local();
             let service_time = try_started.elapsed();
             record.upstream_service_time = Some(service_time);
             let mut response = response;

@@ -38,6 +38,7 @@ use smallvec::SmallVec;
 pub use super::routing::Listener;
 use super::{
     authorize,
+    connect_failure::ConnectFailure,
     detect::HttpVersion,
     drain::{Drain, Phase},
     failure::Failure,
@@ -102,6 +103,8 @@ pub struct Connection {
     pub security: ConnectionSecurity,
     /// The SPIFFE identity of the client's verified certificate (`source_principal`).
     pub principal: Option<Arc<Principal>>,
+    /// The name the client's ClientHello asked for, where the gateway terminated its TLS.
+    pub server_name: Option<Arc<str>>,
 }
 
 pub struct HttpProxy {
@@ -352,6 +355,7 @@ impl HttpProxy {
                 downstream_remote: Some(connection.peer),
                 downstream_local: Some(connection.local),
                 connection_security: connection.security,
+                server_name: connection.server_name.clone(),
                 source_principal: connection.principal.as_ref().map(|principal| principal.spiffe.clone()),
                 source_workload_namespace: connection
                     .principal
@@ -511,20 +515,44 @@ impl HttpProxy {
     fn local_failure(
         &self,
         failure: Failure,
+        record: Box<RequestRecord>,
+        started: Instant,
+        labels: Option<DestinationLabels>,
+    ) -> Response<ProxyBody> {
+        let body = Bytes::from_static(failure.body().as_bytes());
+        self.local_failure_saying(failure, body, record, started, labels)
+    }
+
+    /// A local failure answered with `body` rather than the failure's own.
+    fn local_failure_saying(
+        &self,
+        failure: Failure,
+        body: Bytes,
         mut record: Box<RequestRecord>,
         started: Instant,
         labels: Option<DestinationLabels>,
     ) -> Response<ProxyBody> {
         record.response_flags = failure.flag();
         record.destination = labels;
-        self.local_reply(
-            failure.status(),
-            Bytes::from_static(failure.body().as_bytes()),
-            failure.flag(),
-            record,
-            started,
-            None,
-        )
+        if record.response_code_details.is_none() {
+            record.response_code_details = failure.details().map(Into::into);
+        }
+        self.local_reply(failure.status(), body, failure.flag(), record, started, None)
+    }
+
+    /// The request failed because no connection to its upstream could be made: Envoy's details, transport failure
+    /// reason and body say why.
+    fn connect_failure(
+        &self,
+        failure: Failure,
+        why: &ConnectFailure,
+        mut record: Box<RequestRecord>,
+        started: Instant,
+        labels: Option<DestinationLabels>,
+    ) -> Response<ProxyBody> {
+        record.upstream_transport_failure_reason = why.transport_reason().map(Into::into);
+        record.response_code_details = Some(why.response_code_details().into());
+        self.local_failure_saying(failure, Bytes::from(why.body()), record, started, labels)
     }
 
     fn local_reply(

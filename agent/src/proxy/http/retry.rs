@@ -10,7 +10,7 @@ use crate::{
         clusters::{Admission, Cluster},
         routes::RetryPolicy,
     },
-    proxy::{failure::Failure, upstreams::SendError},
+    proxy::{connect_failure::ConnectFailure, failure::Failure, upstreams::SendError},
 };
 
 /// The deadlines a request's tries run under.
@@ -102,8 +102,8 @@ pub(super) enum Tried<R> {
     Answered(R),
     /// Tried again: the outcome is one to retry on, and the policy and the time allow another try.
     Retry,
-    /// The request fails with this.
-    Failed(Failure),
+    /// The request fails with this (and why no connection could be made, when none could).
+    Failed(Failure, Option<ConnectFailure>),
 }
 
 /// Reads a try's `result` (`None`: its deadline passed) under `retries`; `status` reads a response's status,
@@ -117,31 +117,34 @@ pub(super) fn judge<R>(
 ) -> Tried<R> {
     let failed = |failure: Failure, retriable: bool| match may_retry && retriable {
         true => Tried::Retry,
-        false => Tried::Failed(failure),
+        false => Tried::Failed(failure, None),
     };
     match result {
         Some(Ok(response)) if may_retry && retries.on.status(status(&response)) => Tried::Retry,
         Some(Ok(response)) => Tried::Answered(response),
-        Some(Err(SendError::Connect(_))) => failed(Failure::UpstreamConnect, retries.on.connect_failure),
+        Some(Err(SendError::Connect(why))) => match may_retry && retries.on.connect_failure {
+            true => Tried::Retry,
+            false => Tried::Failed(Failure::UpstreamConnect, Some(why)),
+        },
         Some(Err(SendError::Request(_))) => failed(Failure::UpstreamReset, retries.on.reset_or_timeout()),
-        Some(Err(SendError::LocalDestination(_))) => Tried::Failed(Failure::LocalDestination),
+        Some(Err(SendError::LocalDestination(_))) => Tried::Failed(Failure::LocalDestination, None),
         Some(Err(SendError::Refused(_))) => failed(Failure::UpstreamReset, retries.on.refused()),
         Some(Err(SendError::Protocol(_))) => failed(Failure::UpstreamProtocolError, retries.on.reset_or_timeout()),
-        None if deadline.idle_bound => Tried::Failed(Failure::UpstreamIdle),
+        None if deadline.idle_bound => Tried::Failed(Failure::UpstreamIdle, None),
         None => failed(Failure::UpstreamTimeout, retries.on.reset_or_timeout()),
     }
 }
 
 /// Runs `send` (given the try's number, from 0, and its deadline; it applies the deadline) until a try answers
-/// or fails for good; waits `backoff` between tries, never past the route's timeout. `replayable`: the request's
-/// body can be sent again.
+/// or fails for good (with why no connection could be made, when that failed it); waits `backoff` between tries,
+/// never past the route's timeout. `replayable`: the request's body can be sent again.
 pub(super) async fn with_retries<R, F, Fut>(
     clock: &TryClock,
     retries: &RetryPolicy,
     replayable: bool,
     status: impl Fn(&R) -> u16,
     mut send: F,
-) -> Result<R, Failure>
+) -> Result<R, (Failure, Option<ConnectFailure>)>
 where
     F: FnMut(u32, TryDeadline) -> Result<Fut, Failure>,
     Fut: Future<Output = Option<Result<R, SendError>>>,
@@ -149,11 +152,11 @@ where
     let mut attempt = 0u32;
     loop {
         let deadline = clock.try_deadline();
-        let result = send(attempt, deadline)?.await;
+        let result = send(attempt, deadline).map_err(|failure| (failure, None))?.await;
         let may_retry = replayable && attempt < retries.attempts && clock.time_left();
         match judge(result, &status, retries, deadline, may_retry) {
             Tried::Answered(response) => return Ok(response),
-            Tried::Failed(failure) => return Err(failure),
+            Tried::Failed(failure, why) => return Err((failure, why)),
             Tried::Retry => {}
         }
         attempt += 1;
@@ -209,7 +212,7 @@ mod tests {
         let policy = retries(5, Some(Duration::from_millis(300)), "gateway-error");
         let started = Instant::now();
         let outcome = with_retries(&clock, &policy, true, |s| *s, upstream(&[None; 6], log.clone())).await;
-        assert!(matches!(outcome, Err(Failure::UpstreamTimeout)), "{outcome:?}");
+        assert!(matches!(outcome, Err((Failure::UpstreamTimeout, None))), "{outcome:?}");
         assert_eq!(started.elapsed(), Duration::from_millis(1000), "the route's timeout ends the request");
         let tries = log.lock().unwrap().clone();
         assert!(tries.len() >= 3, "per-try timeouts are retried: {tries:?}");
@@ -256,7 +259,7 @@ mod tests {
         let started = Instant::now();
         let policy = retries(2, None, "5xx");
         let outcome = with_retries(&clock, &policy, true, |s| *s, upstream(&[None; 3], Log::default())).await;
-        assert!(matches!(outcome, Err(Failure::UpstreamIdle)), "not retried: idle is final");
+        assert!(matches!(outcome, Err((Failure::UpstreamIdle, None))), "not retried: idle is final");
         assert_eq!(started.elapsed(), IDLE);
     }
 
@@ -266,19 +269,22 @@ mod tests {
         let judge_with = |on: &str, result: Option<Result<u16, SendError>>, may_retry: bool| {
             judge(result, |s| *s, &retries(2, None, on), deadline, may_retry)
         };
-        let connect = || Some(Err(SendError::Connect("refused".into())));
+        let connect = || Some(Err(SendError::Connect(ConnectFailure::Socket("delayed connect error: 111".into()))));
         assert!(matches!(judge_with("connect-failure", connect(), true), Tried::Retry));
-        assert!(matches!(judge_with("connect-failure", connect(), false), Tried::Failed(Failure::UpstreamConnect)));
-        assert!(matches!(judge_with("5xx", connect(), true), Tried::Failed(Failure::UpstreamConnect)));
+        // The last try's reason is kept for the log.
+        let failed = judge_with("connect-failure", connect(), false);
+        assert!(matches!(failed, Tried::Failed(Failure::UpstreamConnect, Some(ConnectFailure::Socket(_)))));
+        assert!(matches!(judge_with("5xx", connect(), true), Tried::Failed(Failure::UpstreamConnect, Some(_))));
         let reset = || Some(Err(SendError::Request("reset".into())));
         assert!(matches!(judge_with("reset", reset(), true), Tried::Retry));
-        assert!(matches!(judge_with("connect-failure", reset(), true), Tried::Failed(Failure::UpstreamReset)));
+        assert!(matches!(judge_with("connect-failure", reset(), true), Tried::Failed(Failure::UpstreamReset, None)));
         let refused = || Some(Err(SendError::Refused("refused stream".into())));
         assert!(matches!(judge_with("refused-stream", refused(), true), Tried::Retry));
         let local = Some(Err(SendError::LocalDestination("node".into())));
-        assert!(matches!(judge_with("5xx,connect-failure", local, true), Tried::Failed(Failure::LocalDestination)));
+        let local = judge_with("5xx,connect-failure", local, true);
+        assert!(matches!(local, Tried::Failed(Failure::LocalDestination, None)));
         assert!(matches!(judge_with("gateway-error", None, true), Tried::Retry), "a per-try timeout");
-        assert!(matches!(judge_with("connect-failure", None, true), Tried::Failed(Failure::UpstreamTimeout)));
+        assert!(matches!(judge_with("connect-failure", None, true), Tried::Failed(Failure::UpstreamTimeout, None)));
         assert!(matches!(judge_with("retriable-4xx", Some(Ok(409)), true), Tried::Retry));
         assert!(matches!(judge_with("retriable-4xx", Some(Ok(409)), false), Tried::Answered(409)));
     }

@@ -41,15 +41,15 @@ impl HttpProxy {
         record.upstream_host = Some(address);
         let upstream = match tcp::connect(address, &self.limits.sockets, destination.connect_timeout()).await {
             Ok(upstream) => upstream,
+            Err(error) if tcp::is_local_destination(&error) => {
+                return self.local_failure(Failure::LocalDestination, record, started, Some(destination.labels));
+            }
             Err(error) => {
-                let failure = if tcp::is_local_destination(&error) {
-                    Failure::LocalDestination
-                } else {
-                    Failure::UpstreamConnect
-                };
-                return self.local_failure(failure, record, started, Some(destination.labels));
+                let why = ConnectFailure::from_connect(&error);
+                return self.connect_failure(Failure::UpstreamConnect, &why, record, started, Some(destination.labels));
             }
         };
+        record.upstream_local = upstream.local_addr().ok();
         // The tunnel outlives the HTTP connection it came from: it holds a connection place of its own.
         let Some(place) = self.admit() else {
             return self.local_failure(Failure::Overflow, record, started, Some(destination.labels));

@@ -18,6 +18,7 @@ use tokio::{
 
 use super::{
     authorize,
+    connect_failure::ConnectFailure,
     http::HttpProxy,
     relay::{Engine, Relay},
     tcp,
@@ -168,8 +169,9 @@ pub async fn serve_tls_read(
         decide_tls_noting_hop(&policy, name, dialled, workload.as_deref(), arrival, fastrand::u32(..), &mut hop);
     let arrival = hop.map_or(arrival, Arrival::Gateway);
     let client = Terminated { principal: None, server_name: name };
-    let decided = authorized(decided, &policy, proxy, client, (peer, dialled), arrival, workload.as_deref());
-    let connection = Connection { peer, dialled, server_name: name, hello, source: workload.as_deref() };
+    let (decided, denied) = authorized(decided, &policy, proxy, client, (peer, dialled), arrival, workload.as_deref());
+    let source = workload.as_deref();
+    let connection = Connection { peer, dialled, server_name: name, hello, source, denied: denied.as_deref() };
     finish(stream, &connection, decided, proxy, clock).await;
 }
 
@@ -212,14 +214,15 @@ async fn serve_tcp_read<S: ClientStream>(
     let mut hop = None;
     let decided = decide_tcp_noting_hop(&policy, dialled, workload.as_deref(), arrival, fastrand::u32(..), &mut hop);
     let arrival = hop.map_or(arrival, Arrival::Gateway);
-    let decided = authorized(decided, &policy, proxy, terminated, (peer, dialled), arrival, workload.as_deref());
-    let server_name = terminated.server_name;
-    let connection = Connection { peer, dialled, server_name, hello: read, source: workload.as_deref() };
+    let (decided, denied) =
+        authorized(decided, &policy, proxy, terminated, (peer, dialled), arrival, workload.as_deref());
+    let (server_name, source, denied) = (terminated.server_name, workload.as_deref(), denied.as_deref());
+    let connection = Connection { peer, dialled, server_name, hello: read, source, denied };
     finish(stream, &connection, decided, proxy, clock).await;
 }
 
 /// The decision, unless an AuthorizationPolicy denies the connection: then it is refused (closed, counted in
-/// Istio's TCP metrics against the destination it would have reached).
+/// Istio's TCP metrics against the destination it would have reached), with the denial's termination details.
 fn authorized(
     (verdict, mismatch): (Verdict, Mismatch),
     policy: &ProxyPolicy,
@@ -228,9 +231,9 @@ fn authorized(
     addresses: (SocketAddr, SocketAddr),
     arrival: Arrival,
     source: Option<&Workload>,
-) -> (Verdict, Mismatch) {
+) -> ((Verdict, Mismatch), Option<String>) {
     if matches!(verdict, Verdict::Refuse { .. }) {
-        return (verdict, mismatch);
+        return ((verdict, mismatch), None);
     }
     // Arrived on a Gateway port, or handed by a mesh route to this gateway's own Service (that port): the gateway's
     // policies decide it, as on its second hop to a gateway pod.
@@ -240,13 +243,15 @@ fn authorized(
         Arrival::Intercepted => (false, dialled),
     };
     let (server_name, principal) = (client.server_name, client.principal);
-    if authorize::connection(policy, proxy.telemetry(), (server_name, principal), (peer, dialled), gateway, source) {
-        return (verdict, mismatch);
-    }
+    let client = (server_name, principal);
+    let Err(details) = authorize::connection(policy, proxy.telemetry(), client, (peer, dialled), gateway, source)
+    else {
+        return ((verdict, mismatch), None);
+    };
     let labels = match verdict {
         Verdict::Forward { labels, .. } | Verdict::Resolve { labels, .. } | Verdict::Refuse { labels, .. } => labels,
     };
-    (Verdict::Refuse { labels, flag: ResponseFlag::None, reason: "rbac_access_denied" }, mismatch)
+    ((Verdict::Refuse { labels, flag: ResponseFlag::None, reason: "rbac_access_denied" }, mismatch), Some(details))
 }
 
 /// Relays a decided connection (or refuses it), then counts it in Istio's TCP metrics and writes its line.
@@ -278,6 +283,9 @@ async fn finish<S: ClientStream>(
         received: outcome.received,
         sent: outcome.sent,
         upstream: outcome.upstream,
+        upstream_local: outcome.upstream_local,
+        upstream_transport_failure_reason: outcome.transport_failure.as_deref(),
+        termination_details: connection.denied,
         destination: &outcome.destination,
         local: connection.dialled,
         remote: connection.peer,
@@ -296,6 +304,8 @@ struct Connection<'a> {
     /// The bytes read so far (a ClientHello), replayed to the upstream.
     hello: &'a [u8],
     source: Option<&'a Workload>,
+    /// An AuthorizationPolicy's denial (Envoy's connection termination details), when one refused it.
+    denied: Option<&'a str>,
 }
 
 /// How a connection ended: relayed (`upstream` set; counted as opened when it was, `open`), or refused.
@@ -303,18 +313,34 @@ struct Outcome {
     destination: DestinationLabels,
     flag: ResponseFlag,
     upstream: Option<SocketAddr>,
+    /// The address the upstream connection left from.
+    upstream_local: Option<SocketAddr>,
     received: u64,
     sent: u64,
     open: Option<OpenConnection>,
     engine: Option<Engine>,
     /// Why the decision refused it (`rbac_access_denied`, `no_route`…), when it did.
     refused_because: Option<&'static str>,
+    /// Why no connection to the upstream could be made, as Envoy says it (`delayed_connect_error:_…`).
+    transport_failure: Option<String>,
 }
 
 impl Outcome {
     fn refused(destination: DestinationLabels, flag: ResponseFlag) -> Outcome {
-        let (upstream, open, engine, refused_because) = (None, None, None, None);
-        Outcome { destination, flag, upstream, received: 0, sent: 0, open, engine, refused_because }
+        let (upstream, upstream_local, open, engine, refused_because) = (None, None, None, None, None);
+        let (received, sent, transport_failure) = (0, 0, None);
+        Outcome {
+            destination,
+            flag,
+            upstream,
+            upstream_local,
+            received,
+            sent,
+            open,
+            engine,
+            refused_because,
+            transport_failure,
+        }
     }
 }
 
@@ -326,7 +352,7 @@ async fn relay<S: ClientStream>(
     proxy: &HttpProxy,
 ) -> Outcome {
     let telemetry = proxy.telemetry();
-    let Connection { peer, dialled, server_name, hello, source } = *connection;
+    let Connection { peer, dialled, server_name, hello, source, .. } = *connection;
     let (address, destination, timeouts) = match verdict {
         Verdict::Forward { address, labels, verify: Some(host), timeouts } => {
             if !proxy.host_resolves_to(&host, address.ip()).await {
@@ -353,9 +379,17 @@ async fn relay<S: ClientStream>(
         Err(error) => {
             let verdict = tcp::connect_failure(&error);
             tracing::info!(source = %peer, original_dst = %dialled, upstream = %address, %error, verdict, "upstream connect failed");
-            return Outcome::refused(destination, ResponseFlag::UpstreamConnectionFailure);
+            let why = (!tcp::is_local_destination(&error)).then(|| ConnectFailure::from_connect(&error));
+            let transport_failure = why.and_then(|why| why.transport_reason());
+            let upstream = Some(address);
+            return Outcome {
+                upstream,
+                transport_failure,
+                ..Outcome::refused(destination, ResponseFlag::UpstreamConnectionFailure)
+            };
         }
     };
+    let upstream_local = upstream.local_addr().ok();
     let open = telemetry.tcp.opened(&TcpLabels::new(&destination, ResponseFlag::None).from_source(source));
     let idle = timeouts.idle.unwrap_or(proxy.limits().idle_timeout);
     let joined = match upstream.write_all(hello).await {
@@ -370,5 +404,5 @@ async fn relay<S: ClientStream>(
     let received = received + hello.len() as u64;
     let engine = joined.map(|joined| joined.engine);
     let (flag, upstream, open) = (ResponseFlag::None, Some(address), Some(open));
-    Outcome { destination, flag, upstream, received, sent, open, engine, refused_because: None }
+    Outcome { upstream, upstream_local, received, sent, open, engine, ..Outcome::refused(destination, flag) }
 }

@@ -6,7 +6,7 @@ use std::{collections::HashMap, future::Future, net::SocketAddr, sync::Mutex, ti
 use hyper::{body::Incoming, client::conn::http2::SendRequest, Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use super::{open, pool::PoolKey, SendError, UpstreamTls};
+use super::{open, pool::PoolKey, Opened, SendError, UpstreamTls};
 use crate::proxy::{http::ProxyBody, tcp::UpstreamSockets};
 
 /// A failed HTTP/2 exchange: refused by the upstream, or failed otherwise.
@@ -21,8 +21,11 @@ fn http2_error(error: hyper::Error) -> SendError {
     SendError::Request(error.to_string())
 }
 
+/// An open connection's sender, and the address it left from.
+type Http2Connection = (SendRequest<ProxyBody>, Option<SocketAddr>);
+
 pub(super) struct Http2Pool {
-    connections: Mutex<HashMap<PoolKey, SendRequest<ProxyBody>>>,
+    connections: Mutex<HashMap<PoolKey, Http2Connection>>,
     sockets: UpstreamSockets,
 }
 
@@ -31,8 +34,8 @@ impl Http2Pool {
         Http2Pool { connections: Mutex::new(HashMap::new()), sockets }
     }
 
-    /// Sends `request` on the connection to `address`, made first if there is none (or it has closed). (An
-    /// async block, as the HTTP/1.1 pool's.)
+    /// Sends `request` on the connection to `address`, made first if there is none (or it has closed): the
+    /// response, and the address its connection left from. (An async block, as the HTTP/1.1 pool's.)
     #[expect(
         clippy::manual_async_fn,
         reason = "an async block keeps its arguments once; an async fn keeps them twice in every request's future"
@@ -43,17 +46,18 @@ impl Http2Pool {
         request: Request<ProxyBody>,
         connect_timeout: Duration,
         tls: Option<&'a UpstreamTls>,
-    ) -> impl Future<Output = Result<Response<Incoming>, SendError>> + Send + 'a {
+    ) -> impl Future<Output = Result<(Response<Incoming>, Option<SocketAddr>), SendError>> + Send + 'a {
         async move {
             let key = PoolKey::new(address, tls);
-            let pooled = self.lock().get(&key).filter(|sender| !sender.is_closed()).cloned();
-            let mut sender = match pooled {
+            let pooled = self.lock().get(&key).filter(|(sender, _)| !sender.is_closed()).cloned();
+            let (mut sender, local) = match pooled {
                 Some(sender) => sender,
                 // Boxed: a new connection's state, which requests sent on an open connection never need.
                 None => Box::pin(self.connect(key, connect_timeout, tls)).await?,
             };
             sender.ready().await.map_err(|error| SendError::Request(error.to_string()))?;
-            sender.send_request(request).await.map_err(http2_error)
+            let response = sender.send_request(request).await.map_err(http2_error)?;
+            Ok((response, local))
         }
     }
 
@@ -63,9 +67,9 @@ impl Http2Pool {
         key: PoolKey,
         connect_timeout: Duration,
         tls: Option<&UpstreamTls>,
-    ) -> Result<SendRequest<ProxyBody>, SendError> {
+    ) -> Result<Http2Connection, SendError> {
         let address = key.address;
-        let stream = open(address, &self.sockets, connect_timeout, tls).await?;
+        let Opened { io: stream, local } = open(address, &self.sockets, connect_timeout, tls).await?;
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(stream))
@@ -76,11 +80,11 @@ impl Http2Pool {
                 tracing::debug!(%address, %error, "HTTP/2 upstream connection ended");
             }
         });
-        self.lock().insert(key, sender.clone());
-        Ok(sender)
+        self.lock().insert(key, (sender.clone(), local));
+        Ok((sender, local))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, SendRequest<ProxyBody>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Http2Connection>> {
         self.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }

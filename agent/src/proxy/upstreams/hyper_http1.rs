@@ -16,20 +16,26 @@ use hyper_util::rt::TokioIo;
 use super::{
     open,
     pool::{IdlePool, PoolKey, Reusable},
-    Io, Reuse, SendError, UpstreamBody, UpstreamTls,
+    Io, Opened, Reuse, SendError, UpstreamBody, UpstreamTls,
 };
 use crate::proxy::{http::ProxyBody, tcp::UpstreamSockets};
 
-impl Reusable for http1::SendRequest<ProxyBody> {
+/// A connection's sender, and the address the connection left from.
+pub(super) struct HyperConnection {
+    sender: http1::SendRequest<ProxyBody>,
+    local: Option<SocketAddr>,
+}
+
+impl Reusable for HyperConnection {
     fn is_open(&mut self) -> bool {
-        !self.is_closed()
+        !self.sender.is_closed()
     }
 }
 
 /// HTTP/1.1 connections kept alive per address: a request takes the one given back last, and gives it back once
 /// its response has been read to the end.
 pub(super) struct HyperHttp1Pool {
-    pub(super) idle: IdlePool<http1::SendRequest<ProxyBody>>,
+    pub(super) idle: IdlePool<HyperConnection>,
     sockets: UpstreamSockets,
 }
 
@@ -54,13 +60,13 @@ impl HyperHttp1Pool {
     ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'a {
         async move {
             let key = PoolKey::new(address, tls);
-            while let Some(mut sender) = self.idle.take(&key) {
+            while let Some(mut connection) = self.idle.take(&key) {
                 // It finishes the exchange it was given back after, or turns out closed.
-                if sender.ready().await.is_err() {
+                if connection.sender.ready().await.is_err() {
                     continue;
                 }
-                match sender.try_send_request(request).await {
-                    Ok(response) => return Ok(self.returning(key, sender, response, reuse)),
+                match connection.sender.try_send_request(request).await {
+                    Ok(response) => return Ok(self.returning(key, connection, response, reuse)),
                     Err(mut error) => match error.take_message() {
                         // Closed before a byte of the request was written: another connection takes it.
                         Some(unsent) => request = unsent,
@@ -69,9 +75,9 @@ impl HyperHttp1Pool {
                 }
             }
             // Boxed: a new connection's state, which requests sent on pooled connections never need.
-            let mut sender = Box::pin(self.connect(address, connect_timeout, tls)).await?;
-            let response = sender.send_request(request).await.map_err(failed)?;
-            Ok(self.returning(key, sender, response, reuse))
+            let mut connection = Box::pin(self.connect(address, connect_timeout, tls)).await?;
+            let response = connection.sender.send_request(request).await.map_err(failed)?;
+            Ok(self.returning(key, connection, response, reuse))
         }
     }
 
@@ -81,9 +87,10 @@ impl HyperHttp1Pool {
         address: SocketAddr,
         connect_timeout: Duration,
         tls: Option<&UpstreamTls>,
-    ) -> Result<http1::SendRequest<ProxyBody>, SendError> {
+    ) -> Result<HyperConnection, SendError> {
+        let Opened { io, local } = open(address, &self.sockets, connect_timeout, tls).await?;
         // As `Box<dyn Io>`: the type an upgraded connection is taken back as (see `tunnel`).
-        let stream: Box<dyn Io> = open(address, &self.sockets, connect_timeout, tls).await?;
+        let stream: Box<dyn Io> = io;
         let (sender, connection) = http1::Builder::new()
             .writev(false)
             .handshake(TokioIo::new(stream))
@@ -94,7 +101,7 @@ impl HyperHttp1Pool {
                 tracing::debug!(%address, %error, "HTTP/1.1 upstream connection ended");
             }
         });
-        Ok(sender)
+        Ok(HyperConnection { sender, local })
     }
 
     /// The response, its body holding the connection until it has been read (a response without a body gives it
@@ -102,14 +109,14 @@ impl HyperHttp1Pool {
     fn returning(
         self: &Arc<Self>,
         key: PoolKey,
-        sender: http1::SendRequest<ProxyBody>,
+        connection: HyperConnection,
         response: Response<Incoming>,
         reuse: Reuse,
     ) -> Response<UpstreamBody> {
         let (parts, incoming) = response.into_parts();
-        let mut body = HyperBody { body: incoming, returning: None };
+        let mut body = HyperBody { body: incoming, returning: None, local: connection.local };
         if parts.status != StatusCode::SWITCHING_PROTOCOLS {
-            body.returning = Some(Returning { pool: self.clone(), key, sender, keep_for: reuse.idle_timeout });
+            body.returning = Some(Returning { pool: self.clone(), key, connection, keep_for: reuse.idle_timeout });
             if body.body.is_end_stream() {
                 body.give_back();
             }
@@ -131,7 +138,7 @@ fn failed(error: hyper::Error) -> SendError {
 pub(super) struct Returning {
     pool: Arc<HyperHttp1Pool>,
     key: PoolKey,
-    sender: http1::SendRequest<ProxyBody>,
+    connection: HyperConnection,
     keep_for: Duration,
 }
 
@@ -140,12 +147,14 @@ pub(super) struct Returning {
 pub(super) struct HyperBody {
     pub(super) body: Incoming,
     pub(super) returning: Option<Returning>,
+    /// The address its connection left from.
+    pub(super) local: Option<SocketAddr>,
 }
 
 impl HyperBody {
     fn give_back(&mut self) {
-        if let Some(Returning { pool, key, sender, keep_for }) = self.returning.take() {
-            pool.idle.give_back(key, sender, keep_for);
+        if let Some(Returning { pool, key, connection, keep_for }) = self.returning.take() {
+            pool.idle.give_back(key, connection, keep_for);
         }
     }
 }

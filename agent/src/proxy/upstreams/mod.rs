@@ -17,6 +17,7 @@ use hyper::{
 };
 
 use super::{
+    connect_failure::ConnectFailure,
     http::{BoxError, ProxyBody},
     tcp::{self, UpstreamSockets},
 };
@@ -35,7 +36,7 @@ pub enum Http1Client {
 #[derive(Debug)]
 pub enum SendError {
     /// No connection could be made.
-    Connect(String),
+    Connect(ConnectFailure),
     /// The connection or stream failed before a response.
     Request(String),
     /// The upstream's response broke HTTP: a malformed head, or framing that cannot be read one way only.
@@ -117,6 +118,13 @@ pub(crate) fn into_plain_socket(io: Box<dyn Io>) -> Option<tokio::net::TcpStream
     io.into_any().downcast::<tokio::net::TcpStream>().ok().map(|socket| *socket)
 }
 
+/// A new upstream connection, and the address it left from (`%UPSTREAM_LOCAL_ADDRESS%`, read once per
+/// connection rather than per request).
+pub(crate) struct Opened {
+    pub io: Box<dyn Io + Sync>,
+    pub local: Option<SocketAddr>,
+}
+
 /// Opens a connection to `address` (as `sockets` allow) within `within`, with a TLS handshake over it when `tls` asks.
 /// (Each pool's `connect`, which calls it, is boxed where it is waited for: a new connection's state, TLS
 /// included, is large, and requests sent on pooled connections never need it.)
@@ -125,20 +133,21 @@ async fn open(
     sockets: &UpstreamSockets,
     within: Duration,
     tls: Option<&UpstreamTls>,
-) -> Result<Box<dyn Io + Sync>, SendError> {
+) -> Result<Opened, SendError> {
     let stream = tcp::connect(address, sockets, within).await.map_err(|error| {
         if tcp::is_local_destination(&error) {
             SendError::LocalDestination(error.to_string())
         } else {
-            SendError::Connect(error.to_string())
+            SendError::Connect(ConnectFailure::from_connect(&error))
         }
     })?;
-    let Some(tls) = tls else { return Ok(Box::new(stream) as Box<dyn Io + Sync>) };
+    let local = stream.local_addr().ok();
+    let Some(tls) = tls else { return Ok(Opened { io: Box::new(stream), local }) };
     let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
     match tokio::time::timeout(within, connector.connect((*tls.server_name).clone(), stream)).await {
-        Ok(Ok(stream)) => Ok(Box::new(stream) as Box<dyn Io + Sync>),
-        Ok(Err(error)) => Err(SendError::Connect(format!("TLS handshake with {address}: {error}"))),
-        Err(_) => Err(SendError::Connect(format!("TLS handshake with {address} timed out"))),
+        Ok(Ok(stream)) => Ok(Opened { io: Box::new(stream), local }),
+        Ok(Err(error)) => Err(SendError::Connect(ConnectFailure::from_handshake(&error))),
+        Err(_) => Err(SendError::Connect(ConnectFailure::Timeout)),
     }
 }
 
@@ -205,8 +214,8 @@ impl Upstreams {
             match made {
                 Err(error) => Err(error),
                 Ok(request) if http2 => {
-                    let response = self.http2.send(address, request, connect_timeout, tls.as_ref()).await?;
-                    Ok(response.map(UpstreamBody::hyper))
+                    let (response, local) = self.http2.send(address, request, connect_timeout, tls.as_ref()).await?;
+                    Ok(response.map(|body| UpstreamBody::hyper(body, local)))
                 }
                 // An upgrade's connection is handed back by hyper's client once the upstream switches.
                 Ok(request)
@@ -224,6 +233,16 @@ impl Upstreams {
 /// `--upstream-http1 hyper`).
 pub struct UpstreamBody(BodyFrom);
 
+impl UpstreamBody {
+    /// The address the response's connection left from (`%UPSTREAM_LOCAL_ADDRESS%`).
+    pub fn upstream_local(&self) -> Option<SocketAddr> {
+        match &self.0 {
+            BodyFrom::Native(body) => body.upstream_local(),
+            BodyFrom::Hyper(body) => body.local,
+        }
+    }
+}
+
 enum BodyFrom {
     Native(http1::ResponseBody),
     Hyper(hyper_http1::HyperBody),
@@ -231,8 +250,8 @@ enum BodyFrom {
 
 impl UpstreamBody {
     /// A body from hyper's client whose connection is not pooled (HTTP/2's streams).
-    fn hyper(body: Incoming) -> UpstreamBody {
-        UpstreamBody::from_hyper(hyper_http1::HyperBody { body, returning: None })
+    fn hyper(body: Incoming, local: Option<SocketAddr>) -> UpstreamBody {
+        UpstreamBody::from_hyper(hyper_http1::HyperBody { body, returning: None, local })
     }
 
     fn from_hyper(body: hyper_http1::HyperBody) -> UpstreamBody {

@@ -100,6 +100,9 @@ pub struct Fields<'a> {
     pub response_code: u16,
     pub response_flags: &'a str,
     pub response_code_details: Option<&'a str>,
+    /// Why a connection was closed for L4 reasons (a network RBAC denial's `rbac_access_denied_matched_policy[…]`).
+    pub connection_termination_details: Option<&'a str>,
+    pub upstream_transport_failure_reason: Option<&'a str>,
     pub bytes_received: u64,
     pub bytes_sent: u64,
     pub duration: Duration,
@@ -202,6 +205,12 @@ impl Format {
                 max_len: None
             }]
         )
+    }
+
+    /// Whether the whole format is `%RESPONSE_FLAGS%`, whose `-` (no flag) is a value: JSON writes it `"-"`, as
+    /// Envoy does, where an absent value is `null`.
+    pub fn dash_is_a_value(&self) -> bool {
+        matches!(self.segments.as_slice(), [Segment::Operator { operator: Operator::ResponseFlags, .. }])
     }
 
     /// Appends the entry's rendering to `out`.
@@ -409,7 +418,8 @@ fn render(operator: &Operator, fields: &Fields<'_>, out: &mut String) {
         Operator::ResponseCode => number(out, u64::from(fields.response_code)),
         Operator::ResponseFlags => text(out, Some(fields.response_flags)),
         Operator::ResponseCodeDetails => text(out, fields.response_code_details),
-        Operator::ConnectionTerminationDetails | Operator::UpstreamTransportFailureReason => {}
+        Operator::ConnectionTerminationDetails => text(out, fields.connection_termination_details),
+        Operator::UpstreamTransportFailureReason => text(out, fields.upstream_transport_failure_reason),
         Operator::BytesReceived => number(out, fields.bytes_received),
         Operator::BytesSent => number(out, fields.bytes_sent),
         Operator::Duration => number(out, fields.duration.as_millis() as u64),

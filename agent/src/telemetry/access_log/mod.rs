@@ -186,6 +186,9 @@ impl AccessLog {
             bytes_sent: record.sent,
             duration: record.duration,
             upstream_host: record.upstream,
+            upstream_local: record.upstream_local,
+            upstream_transport_failure_reason: record.upstream_transport_failure_reason,
+            connection_termination_details: record.termination_details,
             upstream_cluster: Some(&cluster),
             downstream_local: Some(record.local),
             downstream_remote: Some(record.remote),
@@ -252,7 +255,7 @@ fn json_object(fields: &[(String, Format)], values: &Fields<'_>) -> String {
         let text = format.to_line(values);
         let value = match (format.is_number(), text.parse::<u64>()) {
             (true, Ok(number)) => serde_json::Value::from(number),
-            _ if text == "-" => serde_json::Value::Null,
+            _ if text == "-" && !format.dash_is_a_value() => serde_json::Value::Null,
             _ => serde_json::Value::String(text),
         };
         object.insert(key.clone(), value);
@@ -352,10 +355,12 @@ pub(crate) fn with_request_fields<T>(record: &RequestRecord, render: impl FnOnce
         protocol: Some(record.protocol),
         upstream_host: record.upstream_host,
         upstream_cluster: cluster.as_deref(),
-        upstream_local: None,
+        upstream_local: record.upstream_local,
+        upstream_transport_failure_reason: record.upstream_transport_failure_reason.as_deref(),
+        connection_termination_details: None,
         downstream_local: record.downstream_local,
         downstream_remote: record.downstream_remote,
-        server_name: None,
+        server_name: record.server_name.as_deref(),
         route_name: route.as_deref(),
         peer_uri_san: record.source_principal.as_ref().map(|principal| principal.as_str()),
     };

@@ -122,10 +122,13 @@ pub fn json_line(record: &RequestRecord) -> String {
         "request_id": record.request_id,
         "authority": record.authority,
         "upstream_host": record.upstream_host.map(|h| h.to_string()),
+        "upstream_local_address": record.upstream_local.map(|a| a.to_string()),
+        "upstream_transport_failure_reason": record.upstream_transport_failure_reason,
         "upstream_cluster": record.upstream_cluster(),
         "route_name": record.route_name.as_ref().map(ToString::to_string),
         "downstream_remote_address": record.downstream_remote.map(|a| a.to_string()),
         "downstream_local_address": record.downstream_local.map(|a| a.to_string()),
+        "requested_server_name": record.server_name.as_deref(),
         "downstream_peer_uri_san": record.source_principal.as_ref().map(|principal| principal.as_str()),
         "response_code_details": record.response_code_details,
     })

@@ -325,6 +325,11 @@ pub struct RequestRecord {
     pub request_id: Option<String>,
     pub authority: String,
     pub upstream_host: Option<std::net::SocketAddr>,
+    /// The address the upstream connection left from.
+    pub upstream_local: Option<std::net::SocketAddr>,
+    /// Why no connection to the upstream could be made (`delayed connect error: Connection refused`, a TLS
+    /// handshake's `TLS_error:|…`), as Envoy writes it.
+    pub upstream_transport_failure_reason: Option<Box<str>>,
     pub route_name: Option<crate::policy::routes::RouteName>,
     pub downstream_remote: Option<std::net::SocketAddr>,
     pub downstream_local: Option<std::net::SocketAddr>,
@@ -336,8 +341,10 @@ pub struct RequestRecord {
     /// The destination (and Envoy cluster) the request went to, when it got that far.
     pub destination: Option<DestinationLabels>,
     pub connection_security: ConnectionSecurity,
+    /// The name the client's ClientHello asked for, where the gateway terminated its TLS (`%REQUESTED_SERVER_NAME%`).
+    pub server_name: Option<Arc<str>>,
     /// Why the proxy answered as it did, where Envoy says more than the flag (an RBAC denial's
-    /// `rbac_access_denied_matched_policy[…]`).
+    /// `rbac_access_denied_matched_policy[…]`, `route_not_found`, an upstream reset's `upstream_reset_before_…`).
     pub response_code_details: Option<Box<str>>,
     /// The request headers the access log's format reads beyond the fields above, as they came.
     pub captured_headers: Vec<(http::HeaderName, Box<str>)>,

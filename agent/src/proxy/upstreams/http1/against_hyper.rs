@@ -20,7 +20,7 @@ use crate::proxy::{
     http::ProxyBody,
     local_destinations::LocalDestinations,
     tcp::{SourceAddresses, UpstreamSockets},
-    upstreams::pool::PoolKey,
+    upstreams::{pool::PoolKey, Opened},
 };
 
 /// What a client made of a response: its status, headers, body and trailers, or `None` where it refused it.
@@ -102,7 +102,7 @@ pub fn both_readings(method: &Method, response: &[u8], piece: usize) -> (Option<
         let pool = Arc::new(NativeHttp1Pool::new(UpstreamSockets::new(SourceAddresses::default(), local)));
         let key = PoolKey::new(([192, 0, 2, 1], 80).into(), None);
         let (mut parts, body) = request(method).into_parts();
-        let connection = Connection::new(Box::new(upstream()));
+        let connection = Connection::new(Opened { io: Box::new(upstream()), local: None });
         let response = pool.exchange(connection, &mut parts, body, &key, Default::default()).await.ok()?;
         let (parts, body) = response.into_parts();
         let (body, trailers) = collect(body).await?;

@@ -5,6 +5,7 @@
 
 use std::{
     collections::VecDeque,
+    net::SocketAddr,
     pin::Pin,
     sync::Arc,
     task::{ready, Context, Poll},
@@ -144,6 +145,8 @@ pub(crate) struct ResponseBody {
     /// Whether the connection may carry another exchange once this one has ended.
     reusable: bool,
     returning: Option<(Arc<NativeHttp1Pool>, PoolKey, Reuse)>,
+    /// The address the connection left from.
+    local: Option<SocketAddr>,
 }
 
 /// Why a response body ended early or was refused.
@@ -171,12 +174,17 @@ impl ResponseBody {
             ResponseFraming::UntilClose => Decoder::UntilClose,
         };
         let reusable = keep_alive && framing != ResponseFraming::UntilClose;
-        let mut body =
-            ResponseBody { connection: Some(connection), decoder, writing, reusable, returning: Some(returning) };
+        let local = connection.local;
+        let returning = Some(returning);
+        let mut body = ResponseBody { connection: Some(connection), decoder, writing, reusable, returning, local };
         if matches!(body.decoder, Decoder::Length(0)) {
             body.end();
         }
         body
+    }
+
+    pub(crate) fn upstream_local(&self) -> Option<SocketAddr> {
+        self.local
     }
 
     /// The body has been read: the connection goes back to the pool if nothing of this exchange is left on it —

@@ -29,7 +29,7 @@ use head::BodyShape;
 use super::{
     open,
     pool::{IdlePool, PoolKey, Reusable},
-    Io, Reuse, SendError, UpstreamBody, UpstreamTls,
+    Io, Opened, Reuse, SendError, UpstreamBody, UpstreamTls,
 };
 use crate::proxy::{http::ProxyBody, tcp::UpstreamSockets};
 
@@ -46,11 +46,13 @@ pub(crate) struct Connection {
     reused: bool,
     /// The requests it has carried.
     served: u32,
+    /// The address it left from.
+    local: Option<SocketAddr>,
 }
 
 impl Connection {
-    fn new(io: Box<dyn Io + Sync>) -> Connection {
-        Connection { io, read: BytesMut::new(), head: Vec::new(), reused: false, served: 0 }
+    fn new(Opened { io, local }: Opened) -> Connection {
+        Connection { io, read: BytesMut::new(), head: Vec::new(), reused: false, served: 0, local }
     }
 
     /// Reads more from the upstream into `read`: how many bytes (0: the upstream closed).
@@ -127,8 +129,8 @@ impl NativeHttp1Pool {
                 }
             }
             // Boxed: a new connection's state, which requests sent on pooled connections never need.
-            let io = Box::pin(open(address, &self.sockets, connect_timeout, tls)).await?;
-            match self.exchange(Connection::new(io), &mut parts, body, &key, reuse).await {
+            let opened = Box::pin(open(address, &self.sockets, connect_timeout, tls)).await?;
+            match self.exchange(Connection::new(opened), &mut parts, body, &key, reuse).await {
                 Ok(response) => Ok(response),
                 Err(Failed::Unsent(_)) => Err(SendError::Request("the new connection closed at once".into())),
                 Err(Failed::Failed(error)) => Err(error),

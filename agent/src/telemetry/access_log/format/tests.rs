@@ -40,6 +40,8 @@ fn known() -> Fields<'static> {
         response_code: 200,
         response_flags: "-",
         response_code_details: Some("via_upstream"),
+        connection_termination_details: None,
+        upstream_transport_failure_reason: None,
         bytes_received: 12,
         bytes_sent: 345,
         duration: Duration::from_millis(17),
@@ -101,6 +103,28 @@ fn every_operator_renders_a_known_request() {
          \"curl/7.88.1\" \"4f1c2b9e-0000-4000-8000-000000000001\" \"httpbin.org\" \"203.0.113.10:80\" \
          outbound|80||httpbin.org 10.240.2.1:40123 203.0.113.10:80 10.240.1.2:51234 httpbin.org default\n"
     );
+}
+
+#[test]
+fn a_failed_connection_renders_its_reasons() {
+    let format =
+        Format::parse("%RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% %UPSTREAM_TRANSPORT_FAILURE_REASON%");
+    let refused = Fields {
+        response_code_details: Some("upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}"),
+        upstream_transport_failure_reason: Some("delayed_connect_error:_Connection_refused"),
+        ..known()
+    };
+    assert_eq!(
+        format.as_ref().unwrap().to_line(&refused),
+        "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused} - \
+         delayed_connect_error:_Connection_refused"
+    );
+    let denied = Fields {
+        response_code_details: None,
+        connection_termination_details: Some("rbac_access_denied_matched_policy[none]"),
+        ..known()
+    };
+    assert_eq!(format.unwrap().to_line(&denied), "- rbac_access_denied_matched_policy[none] -");
 }
 
 #[test]
