@@ -381,3 +381,54 @@ fn failures_and_upstream_addresses_are_logged_in_envoys_words() {
     assert_eq!(denied["termination"], "rbac_access_denied_matched_policy[istio-system/no-8080]", "{denied}");
     assert_eq!(denied["upstream"], serde_json::Value::Null, "{denied}");
 }
+
+/// Tag overrides on the TCP metrics: the upstream and the port dialled added to the opened connections' series,
+/// the response flags left out of the sent bytes'.
+const TCP_TAGS: &str = "apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: tcp-tags, namespace: istio-system}
+spec:
+  selector: {matchLabels: {istio: egressgateway}}
+  metrics:
+  - providers: [{name: prometheus}]
+    overrides:
+    - match: {metric: TCP_OPENED_CONNECTIONS}
+      tagOverrides:
+        upstream_address: {value: upstream.address}
+        dialled_port: {value: string(destination.port)}
+    - match: {metric: TCP_SENT_BYTES}
+      tagOverrides:
+        response_flags: {operation: REMOVE}
+";
+
+#[test]
+fn tag_overrides_label_the_tcp_metrics_of_relayed_connections() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_B, 8081)], ECHO).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    istio::write(config.path(), &[&mesh(""), FAILING, TCP_TAGS]).unwrap();
+    let agent = Agent::start(&topology.gateway, &args(config.path())).unwrap();
+
+    let fetch = |port: u16| curl(&topology.workload, &["--max-time", "3", &format!("http://{SERVER_B}:{port}/")]);
+    assert!(fetch(8081).is_ok(), "{}", agent.log());
+    assert!(fetch(8082).is_err(), "refused by the endpoint");
+    let metrics = agent.metrics().unwrap();
+    let series = |name: &str| -> Vec<String> {
+        metrics.lines().filter(|line| line.starts_with(&format!("{name}{{"))).map(str::to_owned).collect()
+    };
+    let opened = series("istio_tcp_connections_opened_total");
+    let relayed = opened.iter().find(|line| line.contains("dialled_port=\"8081\"")).expect("the relayed connection");
+    assert!(relayed.contains("upstream_address=\"203.0.113.20\"") && relayed.ends_with(" 1"), "{relayed}");
+    assert!(relayed.contains("destination_service=\"tcp.backend\""), "the standard labels stay: {relayed}");
+    let refused = opened.iter().find(|line| line.contains("dialled_port=\"8082\"")).expect("the refused connection");
+    assert!(refused.contains("response_flags=\"UF\""), "{refused}");
+    // The other metrics: their own overrides, or none.
+    let sent = series("istio_tcp_sent_bytes_total");
+    assert!(!sent.is_empty() && sent.iter().all(|line| !line.contains("response_flags=")), "{sent:?}");
+    let closed = series("istio_tcp_connections_closed_total");
+    assert!(
+        closed.iter().all(|line| line.contains("response_flags=") && !line.contains("dialled_port=")),
+        "{closed:?}"
+    );
+}

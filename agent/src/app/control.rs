@@ -24,8 +24,8 @@ use crate::{
     telemetry::{
         access_log::AccessLog,
         config_dump,
-        requests::{AccessLogFormat, TelemetryConfig, REQUEST_LABEL_NAMES},
-        tags::TagOverrides,
+        requests::{AccessLogFormat, TelemetryConfig},
+        tags::{self, TagOverrides},
     },
 };
 
@@ -139,8 +139,8 @@ impl Control {
         let (labels, namespace) = (&self.proxy.gateway_labels, self.proxy.gateway_namespace.as_deref());
         let telemetry = GatewayTelemetry::compile(snapshot, labels, namespace, &self.proxy.own_services);
         let access_log = AccessLog::compile(&snapshot.mesh, self.access_log_format, &telemetry);
-        let tags = TagOverrides::compile(telemetry.tag_overrides, &REQUEST_LABEL_NAMES);
-        TelemetryConfig { access_log, disabled_metrics: telemetry.disabled_metrics, tags }
+        let tag_overrides = TagOverrides::compile(telemetry.tag_overrides, tags::standard_labels);
+        TelemetryConfig { access_log, disabled_metrics: telemetry.disabled_metrics, tags: tag_overrides }
     }
 
     pub fn policy(&self, snapshot: &Snapshot) -> DatapathPolicy {

@@ -118,18 +118,6 @@ pub fn fields(resource: &Resource, knows_sources: bool) -> Vec<(String, &'static
                     "only a Service or a Kubernetes Gateway can name this gateway: other targets are not applied",
                 ));
             }
-            for (i, metrics) in telemetry.metrics.iter().enumerate() {
-                for (j, metric_override) in metrics.overrides.iter().enumerate() {
-                    let selected = metric_override.matches.as_ref().and_then(|selector| selector.metric.as_deref());
-                    let tcp_only = selected.is_some_and(|metric| metric.starts_with("TCP_"));
-                    if !metric_override.tag_overrides.is_empty() && tcp_only {
-                        found.push((
-                            format!("spec.metrics[{i}].overrides[{j}].tagOverrides"),
-                            "tag overrides apply to the request metrics only: the TCP metrics keep Istio's labels",
-                        ));
-                    }
-                }
-            }
         }
         Spec::ServiceEntry(_) => {}
     }

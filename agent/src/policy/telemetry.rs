@@ -14,7 +14,7 @@ use crate::{
         telemetry::{AccessLogging, Telemetry, METRICS},
         Snapshot, Spec,
     },
-    telemetry::{expression::Expression, tags::REQUEST_METRICS},
+    telemetry::{expression::Expression, tags::TAGGED_METRICS},
 };
 
 /// What the Telemetry API asks of the gateway.
@@ -26,9 +26,10 @@ pub struct GatewayTelemetry {
     pub disabled_metrics: Vec<&'static str>,
     /// The resource that decided the access log, `namespace/name`, for logs.
     pub decided_by: Option<String>,
-    /// Per request metric (`REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`, `RESPONSE_SIZE`), each label's
-    /// override: the value's expression, or `None` to remove it. Later (more specific) resources win.
-    pub tag_overrides: [BTreeMap<String, Option<Arc<Expression>>>; REQUEST_METRICS],
+    /// Per metric (`REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`, `RESPONSE_SIZE`, then the four TCP ones, in
+    /// the order of `switches::Metric`), each label's override: the value's expression, or `None` to remove it.
+    /// Later (more specific) resources win.
+    pub tag_overrides: [BTreeMap<String, Option<Arc<Expression>>>; TAGGED_METRICS],
 }
 
 #[derive(Debug)]
@@ -101,7 +102,7 @@ impl GatewayTelemetry {
                         disabled.insert(metric, off);
                     }
                 }
-                for (index, (metric, _)) in METRICS.iter().take(REQUEST_METRICS).enumerate() {
+                for (index, (metric, _)) in METRICS.iter().take(TAGGED_METRICS).enumerate() {
                     if !selects(metric) {
                         continue;
                     }

@@ -2,7 +2,7 @@
 //! intercepted ports, CONNECT tunnels).
 
 use prometheus_client::{
-    encoding::EncodeLabelSet,
+    encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder},
     metrics::{counter::Counter, family::Family},
     registry::Registry,
 };
@@ -16,9 +16,11 @@ use std::{
 };
 
 use super::{
+    access_log::format::Fields,
     passthrough::Watched,
     response_flags::ResponseFlag,
     switches::{Metric, MetricSwitches},
+    tags::{TagOverrides, Tags},
 };
 use crate::{
     config::workloads::Workload,
@@ -27,8 +29,9 @@ use crate::{
 
 type Label = LabelText;
 
-/// Istio's TCP labels (those Sluice can know; the rest read `unknown`, as Istio writes them).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// Istio's TCP labels (those Sluice can know; the rest read `unknown`, as Istio writes them), and what the
+/// Telemetry API's tag overrides made of them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct TcpLabels {
     pub reporter: Label,
     pub source_workload: Label,
@@ -39,6 +42,46 @@ pub struct TcpLabels {
     pub request_protocol: Label,
     pub response_flags: Label,
     pub connection_security_policy: Label,
+    pub tags: Tags,
+}
+
+/// The standard labels' names, in the order of `TcpLabels`' fields.
+pub const TCP_LABEL_NAMES: [&str; 9] = [
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+];
+
+/// The standard labels the tags leave in, then the labels they set.
+impl EncodeLabelSet for TcpLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        let standard = [
+            &self.reporter,
+            &self.source_workload,
+            &self.source_workload_namespace,
+            &self.destination_service,
+            &self.destination_service_name,
+            &self.destination_service_namespace,
+            &self.request_protocol,
+            &self.response_flags,
+            &self.connection_security_policy,
+        ];
+        for (i, (name, value)) in TCP_LABEL_NAMES.iter().zip(standard).enumerate() {
+            if self.tags.left_out & (1 << i) == 0 {
+                (*name, value.clone()).encode(encoder.encode_label())?;
+            }
+        }
+        for (name, value) in self.tags.set.iter().flat_map(|set| set.iter()) {
+            (&**name, value.clone()).encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
 }
 
 impl TcpLabels {
@@ -54,7 +97,17 @@ impl TcpLabels {
             request_protocol: LabelText::Static(&"tcp"),
             response_flags: flag.label(),
             connection_security_policy: UNKNOWN,
+            tags: Tags::default(),
         }
+    }
+
+    /// Each TCP metric's labels (in the order of `Metric`: opened, closed, sent, received) as `overrides` make them
+    /// for the connection `fields` describe.
+    pub fn tagged(self, overrides: &TagOverrides, fields: &Fields<'_>) -> [TcpLabels; 4] {
+        std::array::from_fn(|i| TcpLabels {
+            tags: overrides.tags(Metric::TcpOpened as usize + i, fields),
+            ..self.clone()
+        })
     }
 
     /// The same, from `source` when the pod watcher knows it.
@@ -151,8 +204,8 @@ pub struct ConnectionMetrics {
     received: Family<TcpLabels, Counter>,
     switches: MetricSwitches,
     /// The series of connections passed through unregistered (an address and port a client chose), dropped once
-    /// unused for a while.
-    passthrough: Arc<Mutex<HashMap<TcpLabels, Watched>>>,
+    /// unused for a while: each metric's labels (in the order of `Metric`), which tag overrides may make differ.
+    passthrough: Arc<Mutex<HashMap<[TcpLabels; 4], Watched>>>,
 }
 
 impl ConnectionMetrics {
@@ -183,17 +236,12 @@ impl ConnectionMetrics {
 
     /// Counts a connection opened; what it returns counts it closed, with the series looked up now.
     pub fn opened(&self, labels: &TcpLabels) -> OpenConnection {
+        if labels.destination_service_name.as_str() == "PassthroughCluster" {
+            return self.opened_labelled(std::array::from_fn(|_| labels.clone()));
+        }
         let opened = self.opened.get_or_create(labels);
         if !self.switches.is_off(Metric::TcpOpened) {
             opened.inc();
-        }
-        if labels.destination_service_name.as_str() == "PassthroughCluster" {
-            let mut watched = self.passthrough.lock().unwrap_or_else(PoisonError::into_inner);
-            if !watched.contains_key(labels) {
-                watched.insert(labels.clone(), Watched::new(opened.clone()));
-            }
-            // Its series may be swept while it lasts: looked up again when it closes.
-            return OpenConnection::Passthrough(self.clone(), labels.clone());
         }
         OpenConnection::Registered {
             closed: self.closed.get_or_create(labels).clone(),
@@ -203,24 +251,48 @@ impl ConnectionMetrics {
         }
     }
 
+    /// The same, each metric's series with labels of its own (in the order of `Metric`: opened, closed, sent,
+    /// received), as tag overrides make them.
+    pub fn opened_labelled(&self, labels: [TcpLabels; 4]) -> OpenConnection {
+        let [opened_labels, closed, sent, received] = &labels;
+        let opened = self.opened.get_or_create(opened_labels);
+        if !self.switches.is_off(Metric::TcpOpened) {
+            opened.inc();
+        }
+        if opened_labels.destination_service_name.as_str() == "PassthroughCluster" {
+            let mut watched = self.passthrough.lock().unwrap_or_else(PoisonError::into_inner);
+            if !watched.contains_key(&labels) {
+                watched.insert(labels.clone(), Watched::new(opened.clone()));
+            }
+            // Its series may be swept while it lasts: looked up again when it closes.
+            return OpenConnection::Passthrough(self.clone(), Box::new(labels));
+        }
+        OpenConnection::Registered {
+            closed: self.closed.get_or_create(closed).clone(),
+            received: self.received.get_or_create(received).clone(),
+            sent: self.sent.get_or_create(sent).clone(),
+            switches: self.switches.clone(),
+        }
+    }
+
     /// Drops the passthrough series that saw no connection in the last `quiet_sweeps` sweeps: returns their
     /// destinations' names.
     pub(super) fn sweep(&self, quiet_sweeps: u32) -> Vec<String> {
         let mut watched = self.passthrough.lock().unwrap_or_else(PoisonError::into_inner);
         let stale = super::passthrough::stale(&mut watched, quiet_sweeps);
-        for labels in &stale {
-            self.opened.remove(labels);
-            self.closed.remove(labels);
-            self.sent.remove(labels);
-            self.received.remove(labels);
+        for [opened, closed, sent, received] in &stale {
+            self.opened.remove(opened);
+            self.closed.remove(closed);
+            self.sent.remove(sent);
+            self.received.remove(received);
         }
-        stale.iter().map(|labels| labels.destination_service.as_str().to_owned()).collect()
+        stale.iter().map(|[labels, ..]| labels.destination_service.as_str().to_owned()).collect()
     }
 
     /// The passed-through destinations that still have connection series.
     pub(super) fn passthrough_in_use(&self) -> HashSet<String> {
         let watched = self.passthrough.lock().unwrap_or_else(PoisonError::into_inner);
-        watched.keys().map(|labels| labels.destination_service.as_str().to_owned()).collect()
+        watched.keys().map(|[labels, ..]| labels.destination_service.as_str().to_owned()).collect()
     }
 }
 
@@ -228,7 +300,7 @@ impl ConnectionMetrics {
 #[must_use = "a connection opened is counted closed when it ends"]
 pub enum OpenConnection {
     Registered { closed: Counter, received: Counter, sent: Counter, switches: MetricSwitches },
-    Passthrough(ConnectionMetrics, TcpLabels),
+    Passthrough(ConnectionMetrics, Box<[TcpLabels; 4]>),
 }
 
 impl OpenConnection {
@@ -248,15 +320,16 @@ impl OpenConnection {
                 }
             }
             OpenConnection::Passthrough(metrics, labels) => {
+                let [_, closed_labels, sent_labels, received_labels] = &*labels;
                 let on = |metric| !metrics.switches.is_off(metric);
                 if on(Metric::TcpClosed) {
-                    metrics.closed.get_or_create(&labels).inc();
+                    metrics.closed.get_or_create(closed_labels).inc();
                 }
                 if on(Metric::TcpReceived) {
-                    metrics.received.get_or_create(&labels).inc_by(received);
+                    metrics.received.get_or_create(received_labels).inc_by(received);
                 }
                 if on(Metric::TcpSent) {
-                    metrics.sent.get_or_create(&labels).inc_by(sent);
+                    metrics.sent.get_or_create(sent_labels).inc_by(sent);
                 }
             }
         }

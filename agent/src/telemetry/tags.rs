@@ -1,8 +1,8 @@
-//! The Telemetry API's tag overrides (`metrics.overrides[].tagOverrides`) on Istio's request metrics, as Istio's
-//! stats plugin applies them: per metric, a standard label left out (`REMOVE`), or a label set to a CEL
+//! The Telemetry API's tag overrides (`metrics.overrides[].tagOverrides`) on Istio's request and TCP metrics, as
+//! Istio's stats plugin applies them: per metric, a standard label left out (`REMOVE`), or a label set to a CEL
 //! expression's value (`UPSERT`: a standard label's value replaced, or a label added). Compiled once per
-//! configuration; evaluated per request only while some apply — requests without overrides find their series as
-//! before. The values come from requests, hostile ones included, so each label takes at most `MAX_VALUES`
+//! configuration; evaluated per request (or relayed connection, as it opens) only while some apply — requests and
+//! connections without overrides find their series as before. The values come from requests, hostile ones included, so each label takes at most `MAX_VALUES`
 //! distinct values (then `overflow`), each cut to `MAX_VALUE_BYTES`: a client cannot grow the series without bound.
 
 use std::{
@@ -18,8 +18,20 @@ pub const MAX_VALUES: usize = 1000;
 /// A value's length at most, in bytes (cut at a character boundary).
 pub const MAX_VALUE_BYTES: usize = 256;
 
-/// The request metrics tags can be overridden on, in the order of `switches::Metric`.
+/// The request metrics, first in the order of `switches::Metric`.
 pub const REQUEST_METRICS: usize = 4;
+/// Every metric tags can be overridden on: the request metrics, then the TCP ones, in the order of
+/// `switches::Metric`.
+pub const TAGGED_METRICS: usize = 8;
+
+/// `metric`'s standard labels (its index in `switches::Metric`), in the order its label sets encode them.
+pub fn standard_labels(metric: usize) -> &'static [&'static str] {
+    if metric < REQUEST_METRICS {
+        &super::requests::REQUEST_LABEL_NAMES
+    } else {
+        &super::connections::TCP_LABEL_NAMES
+    }
+}
 
 /// What one override does to a label.
 #[derive(Debug)]
@@ -33,10 +45,10 @@ struct TagRule {
     values: Mutex<HashSet<Arc<str>>>,
 }
 
-/// The overrides in force, per request metric.
+/// The overrides in force, per metric.
 #[derive(Debug, Default)]
 pub struct TagOverrides {
-    per_metric: [Vec<TagRule>; REQUEST_METRICS],
+    per_metric: [Vec<TagRule>; TAGGED_METRICS],
     /// An expression reads the request's headers: they are all kept per request while these apply.
     pub reads_request_headers: bool,
 }
@@ -55,17 +67,22 @@ pub type SetLabel = (Arc<str>, LabelText);
 
 impl TagOverrides {
     /// From each metric's overrides, label → expression (`None`: remove), as the Telemetry resources that apply
-    /// left them; `standard` names the standard labels in order.
+    /// left them; `standard` names a metric's standard labels in order.
     pub fn compile(
-        overrides: [BTreeMap<String, Option<Arc<Expression>>>; REQUEST_METRICS],
-        standard: &[&str],
+        overrides: [BTreeMap<String, Option<Arc<Expression>>>; TAGGED_METRICS],
+        standard: impl Fn(usize) -> &'static [&'static str],
     ) -> TagOverrides {
         let mut reads_request_headers = false;
+        let mut metric = 0;
         let per_metric = overrides.map(|rules| {
+            let standard = standard(metric);
+            let requests = metric < REQUEST_METRICS;
+            metric += 1;
             rules
                 .into_iter()
                 .map(|(label, value)| {
-                    reads_request_headers |= value.as_ref().is_some_and(|value| value.reads_request_headers);
+                    let reads_headers = value.as_ref().is_some_and(|value| value.reads_request_headers);
+                    reads_request_headers |= reads_headers && requests;
                     TagRule {
                         standard: standard.iter().position(|name| *name == label),
                         label: label.into(),
@@ -78,11 +95,17 @@ impl TagOverrides {
         TagOverrides { per_metric, reads_request_headers }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.per_metric.iter().all(Vec::is_empty)
+    /// Whether overrides apply to the request metrics.
+    pub fn on_requests(&self) -> bool {
+        self.per_metric[..REQUEST_METRICS].iter().any(|rules| !rules.is_empty())
     }
 
-    /// The tags of `metric` (its index among the request metrics) for the request `fields` describe.
+    /// Whether overrides apply to the TCP metrics.
+    pub fn on_connections(&self) -> bool {
+        self.per_metric[REQUEST_METRICS..].iter().any(|rules| !rules.is_empty())
+    }
+
+    /// The tags of `metric` (its index in `switches::Metric`) for the request or connection `fields` describe.
     pub fn tags(&self, metric: usize, fields: &Fields<'_>) -> Tags {
         let rules = &self.per_metric[metric];
         if rules.is_empty() {
@@ -136,10 +159,9 @@ mod tests {
             .iter()
             .map(|(label, value)| (label.to_string(), value.map(|value| Arc::new(Expression::compile(value).unwrap()))))
             .collect();
-        TagOverrides::compile(
-            [compiled, BTreeMap::new(), BTreeMap::new(), BTreeMap::new()],
-            &["reporter", "response_code"],
-        )
+        let mut per_metric: [BTreeMap<String, Option<Arc<Expression>>>; TAGGED_METRICS] = Default::default();
+        per_metric[0] = compiled;
+        TagOverrides::compile(per_metric, |_| &["reporter", "response_code"])
     }
 
     #[test]

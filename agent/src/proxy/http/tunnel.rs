@@ -7,9 +7,12 @@ use std::io;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 use super::*;
-use crate::proxy::{
-    relay::{Ended, Relayed},
-    upstreams,
+use crate::{
+    proxy::{
+        relay::{Ended, Relayed},
+        upstreams,
+    },
+    telemetry::access_log::format::Fields,
 };
 
 impl HttpProxy {
@@ -56,13 +59,28 @@ impl HttpProxy {
         };
         let peer = record.downstream_remote;
         let tcp_labels = TcpLabels::new(&destination.labels, ResponseFlag::None);
+        // Labelled as the Telemetry API's tag overrides say, where some apply to the TCP metrics.
+        let tagged = self.telemetry.connection_tags().map(|overrides| {
+            let cluster = destination.labels.cluster().to_string();
+            let fields = Fields {
+                response_flags: "-",
+                upstream_host: Some(address),
+                upstream_cluster: Some(&cluster),
+                downstream_remote: peer,
+                ..Fields::default()
+            };
+            tcp_labels.clone().tagged(&overrides, &fields)
+        });
         let tcp = self.telemetry.tcp.clone();
         let idle = self.limits.stream_idle_timeout;
         let relay = *self.relay();
         tokio::spawn(async move {
             match hyper::upgrade::on(request).await {
                 Ok(upgraded) => {
-                    let open = tcp.opened(&tcp_labels);
+                    let open = match tagged {
+                        Some(tagged) => tcp.opened_labelled(tagged),
+                        None => tcp.opened(&tcp_labels),
+                    };
                     let joined = relay_tunnel(relay, upgraded, upstream, idle).await;
                     open.closed(joined.from_first, joined.from_second);
                     tracing::debug!(?peer, upstream = %address, ?joined, "tunnel ended");

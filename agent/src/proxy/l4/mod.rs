@@ -27,8 +27,9 @@ use crate::{
     config::workloads::Workload,
     policy::{labels::DestinationLabels, routes::ProxyPolicy},
     telemetry::{
+        access_log::format::Fields,
         connections::{ConnectionRecord, OpenConnection, TcpLabels},
-        requests::Principal,
+        requests::{Principal, RequestTelemetry},
         response_flags::ResponseFlag,
     },
 };
@@ -271,8 +272,7 @@ async fn finish<S: ClientStream>(
         Some(open) => open.closed(outcome.received, outcome.sent),
         None => {
             // Refused: counted as opened and closed at once, and reset so the client takes no close for an answer.
-            let labels = TcpLabels::new(&outcome.destination, outcome.flag).from_source(connection.source);
-            telemetry.tcp.opened(&labels).closed(0, 0);
+            count_opened(telemetry, connection, (&outcome.destination, outcome.flag), outcome.upstream).closed(0, 0);
             stream.reset();
         }
     }
@@ -293,6 +293,29 @@ async fn finish<S: ClientStream>(
         relay_engine: outcome.engine.map(Engine::as_str),
         refused_because: outcome.refused_because,
     });
+}
+
+/// Counts `connection` (to `destination`, with Envoy's response flag) opened in Istio's TCP metrics, labelled as
+/// the Telemetry API's tag overrides say where some apply to them.
+fn count_opened(
+    telemetry: &RequestTelemetry,
+    connection: &Connection<'_>,
+    (destination, flag): (&DestinationLabels, ResponseFlag),
+    upstream: Option<SocketAddr>,
+) -> OpenConnection {
+    let labels = TcpLabels::new(destination, flag).from_source(connection.source);
+    let Some(overrides) = telemetry.connection_tags() else { return telemetry.tcp.opened(&labels) };
+    let cluster = destination.cluster().to_string();
+    let fields = Fields {
+        response_flags: flag.text(),
+        upstream_host: upstream,
+        upstream_cluster: Some(&cluster),
+        downstream_local: Some(connection.dialled),
+        downstream_remote: Some(connection.peer),
+        server_name: connection.server_name,
+        ..Fields::default()
+    };
+    telemetry.tcp.opened_labelled(labels.tagged(&overrides, &fields))
 }
 
 /// A connection about to be relayed.
@@ -352,7 +375,7 @@ async fn relay<S: ClientStream>(
     proxy: &HttpProxy,
 ) -> Outcome {
     let telemetry = proxy.telemetry();
-    let Connection { peer, dialled, server_name, hello, source, .. } = *connection;
+    let Connection { peer, dialled, server_name, hello, .. } = *connection;
     let (address, destination, timeouts) = match verdict {
         Verdict::Forward { address, labels, verify: Some(host), timeouts } => {
             if !proxy.host_resolves_to(&host, address.ip()).await {
@@ -390,7 +413,7 @@ async fn relay<S: ClientStream>(
         }
     };
     let upstream_local = upstream.local_addr().ok();
-    let open = telemetry.tcp.opened(&TcpLabels::new(&destination, ResponseFlag::None).from_source(source));
+    let open = count_opened(telemetry, connection, (&destination, ResponseFlag::None), Some(address));
     let idle = timeouts.idle.unwrap_or(proxy.limits().idle_timeout);
     let joined = match upstream.write_all(hello).await {
         Ok(()) => match stream.socket() {

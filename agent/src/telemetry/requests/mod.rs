@@ -618,7 +618,7 @@ impl RequestTelemetry {
     /// Whether a request's details (its Host, method, path, headers, start) are wanted: by an access log, or by
     /// someone observing the flows (else requests are only counted).
     pub fn wants_request_details(&self) -> bool {
-        self.access_log.load().is_on() || self.flows.watched() || !self.tags.load().is_empty()
+        self.access_log.load().is_on() || self.flows.watched() || self.tags.load().on_requests()
     }
 
     /// Keeps the request headers the access log's format reads beyond a record's own fields.
@@ -668,6 +668,12 @@ impl RequestTelemetry {
         self.host_mismatches.get_or_create(&[("action", action)]).inc();
     }
 
+    /// The Telemetry API's tag overrides, when some apply to the TCP metrics (see `TcpLabels::tagged`).
+    pub fn connection_tags(&self) -> Option<Arc<TagOverrides>> {
+        let overrides = self.tags.load_full();
+        overrides.on_connections().then_some(overrides)
+    }
+
     /// Writes `connection`'s access-log line (its metrics are counted as it opens and closes).
     pub fn log_connection(&self, connection: &super::connections::ConnectionRecord<'_>) {
         self.flows.publish(|| super::flows::Flow::connection(connection));
@@ -679,7 +685,7 @@ impl RequestTelemetry {
 
     pub fn record(&self, record: &RequestRecord) {
         let overrides = self.tags.load();
-        let series = if overrides.is_empty() {
+        let series = if !overrides.on_requests() {
             self.metrics.series_of(record)
         } else {
             self.metrics.tagged_series_of(record, &overrides)
