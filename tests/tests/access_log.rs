@@ -235,6 +235,8 @@ spec:
           value: request.host
         tenant:
           value: request.headers['x-tenant']
+        upstream_server:
+          value: response.headers['server']
         grpc_response_status:
           operation: REMOVE
 ";
@@ -259,6 +261,8 @@ fn tag_overrides_set_and_remove_labels_of_the_metric_they_name() {
         assert!(httpbin.contains(label), "{label} in {httpbin}");
     }
     assert!(requests.iter().all(|line| !line.contains("grpc_response_status=")), "removed: {requests:?}");
+    // The upstream's response headers, kept for the override though no access log is on.
+    assert!(httpbin.contains("upstream_server=\"nginx/"), "{httpbin}");
     let refused = requests.iter().find(|line| line.contains("response_code=\"502\"")).unwrap();
     assert!(
         refused.contains("request_host=\"edition.cnn.com\"") && refused.contains("tenant=\"unknown\""),

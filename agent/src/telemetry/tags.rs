@@ -51,6 +51,8 @@ pub struct TagOverrides {
     per_metric: [Vec<TagRule>; TAGGED_METRICS],
     /// An expression reads the request's headers: they are all kept per request while these apply.
     pub reads_request_headers: bool,
+    /// An expression reads the upstream response's headers: they are all kept per request while these apply.
+    pub reads_response_headers: bool,
 }
 
 /// What overrides made of one series' labels: the standard ones left out (removed, or replaced by a value set),
@@ -72,7 +74,7 @@ impl TagOverrides {
         overrides: [BTreeMap<String, Option<Arc<Expression>>>; TAGGED_METRICS],
         standard: impl Fn(usize) -> &'static [&'static str],
     ) -> TagOverrides {
-        let mut reads_request_headers = false;
+        let (mut reads_request_headers, mut reads_response_headers) = (false, false);
         let mut metric = 0;
         let per_metric = overrides.map(|rules| {
             let standard = standard(metric);
@@ -81,8 +83,10 @@ impl TagOverrides {
             rules
                 .into_iter()
                 .map(|(label, value)| {
-                    let reads_headers = value.as_ref().is_some_and(|value| value.reads_request_headers);
-                    reads_request_headers |= reads_headers && requests;
+                    if let (Some(value), true) = (&value, requests) {
+                        reads_request_headers |= value.reads_request_headers;
+                        reads_response_headers |= value.reads_response_headers;
+                    }
                     TagRule {
                         standard: standard.iter().position(|name| *name == label),
                         label: label.into(),
@@ -92,7 +96,7 @@ impl TagOverrides {
                 })
                 .collect()
         });
-        TagOverrides { per_metric, reads_request_headers }
+        TagOverrides { per_metric, reads_request_headers, reads_response_headers }
     }
 
     /// Whether overrides apply to the request metrics.

@@ -109,10 +109,7 @@ impl AccessLog {
             into.push((name.clone(), String::from_utf8_lossy(value.as_bytes()).into()));
         };
         if self.all_response_headers {
-            headers
-                .iter()
-                .filter(|(name, _)| name.as_str() != SERVICE_TIME)
-                .for_each(|(name, value)| keep(name, value));
+            capture_all_response(headers, into);
             return;
         }
         for name in self.response_headers.iter() {
@@ -330,6 +327,13 @@ impl Headers for RecordHeaders<'_> {
 /// Keeps every request header beyond a record's own fields (an expression reads `request.headers`).
 pub(crate) fn capture_all(headers: &http::HeaderMap, into: &mut Vec<(http::HeaderName, Box<str>)>) {
     for (name, value) in headers.iter().filter(|(name, _)| !KEPT.contains(&name.as_str())) {
+        into.push((name.clone(), String::from_utf8_lossy(value.as_bytes()).into()));
+    }
+}
+
+/// Keeps every upstream response header (an expression reads `response.headers`; the service time is the record's).
+pub(crate) fn capture_all_response(headers: &http::HeaderMap, into: &mut Vec<(http::HeaderName, Box<str>)>) {
+    for (name, value) in headers.iter().filter(|(name, _)| name.as_str() != SERVICE_TIME) {
         into.push((name.clone(), String::from_utf8_lossy(value.as_bytes()).into()));
     }
 }

@@ -630,9 +630,13 @@ impl RequestTelemetry {
         }
     }
 
-    /// Keeps the upstream response's headers the access log reads.
+    /// Keeps the upstream response's headers the access log reads (all of them while a tag override reads them).
     pub fn capture_response_headers(&self, headers: &http::HeaderMap, into: &mut Vec<(http::HeaderName, Box<str>)>) {
-        self.access_log.load().capture_response(headers, into);
+        if self.tags.load().reads_response_headers {
+            super::access_log::capture_all_response(headers, into);
+        } else {
+            self.access_log.load().capture_response(headers, into);
+        }
     }
 
     /// Puts a newly compiled access log in force, the Telemetry API's disabled metrics (`REQUEST_COUNT`…) and its
