@@ -192,6 +192,19 @@ fn cluster() -> BTreeMap<String, Value> {
     ];
     let authorization = "/apis/security.istio.io/v1/authorizationpolicies";
     lists.insert(authorization.into(), list("security.istio.io/v1", "AuthorizationPolicy", policies));
+    // The web workload's own Telemetry, as its sidecar would take it: its requests logged (the mesh config logs
+    // none) and counted with a team label.
+    let telemetry = json!({"apiVersion": "telemetry.istio.io/v1", "kind": "Telemetry",
+        "metadata": {"name": "web-telemetry", "namespace": "legacy", "resourceVersion": "1", "uid": "web-telemetry"},
+        "spec": {"selector": {"matchLabels": {"app": "web"}},
+                 "accessLogging": [{"providers": [{"name": "envoy"}]}],
+                 "metrics": [{"providers": [{"name": "prometheus"}],
+                              "overrides": [{"match": {"metric": "REQUEST_COUNT"},
+                                             "tagOverrides": {"team": {"value": "'web-team'"}}}]}]}});
+    lists.insert(
+        "/apis/telemetry.istio.io/v1/telemetries".into(),
+        list("telemetry.istio.io/v1", "Telemetry", vec![telemetry]),
+    );
     lists
 }
 
@@ -237,6 +250,30 @@ fn a_pods_own_sidecar_mode_applies_to_its_traffic_in_the_proxy_and_in_the_kernel
         line.contains("source_workload=\"web\"") && line.contains("source_workload_namespace=\"legacy\""),
         "{line}"
     );
+    // The workload's Telemetry: its request logged and its series labelled; a source no pod has keeps the
+    // gateway's (no log, Istio's labels).
+    assert!(line.contains("team=\"web-team\""), "{line}");
+    agent.wait_for_log("\"GET / HTTP/1.1\" 200 - via_upstream", 1).unwrap();
+    let unregistered = curl(
+        &topology.workload,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--interface",
+            "10.240.1.3",
+            "--resolve",
+            &resolve,
+            "http://edition.cnn.com:80/other",
+        ],
+    );
+    assert_eq!(unregistered.unwrap(), "502", "the mesh's REGISTRY_ONLY for a source no pod has");
+    let metrics = agent.metrics().unwrap();
+    let refused = metrics
+        .lines()
+        .find(|line| line.starts_with("istio_requests_total{") && line.contains("response_code=\"502\""));
+    assert!(refused.is_some_and(|line| !line.contains("team=")), "{metrics}");
 
     // The namespace's AuthorizationPolicies select the pod by its labels: one denies, the dry run only counts.
     let get = |path: &str| {
@@ -250,6 +287,9 @@ fn a_pods_own_sidecar_mode_applies_to_its_traffic_in_the_proxy_and_in_the_kernel
     let count = |labels: &[(&str, &str)]| total(&metrics, "sluice_authorization_decisions_total", labels);
     assert_eq!(count(&[("policy", "legacy/no-forbidden"), ("result", "denied")]), 1, "{metrics}");
     assert_eq!(count(&[("policy", "legacy/trial"), ("result", "dry_run_denied")]), 1, "{metrics}");
+    // The web workload's later requests are logged; the other source's request never was.
+    agent.wait_for_log("\"GET /trial HTTP/1.1\" 200", 1).unwrap();
+    assert!(!agent.log().contains("GET /other "), "{}", agent.log());
 }
 
 #[test]

@@ -17,7 +17,7 @@ use crate::{
         compile::{self, NodeSettings},
         routes::{self, ProxyPolicy, ProxySettings},
         sidecars::SidecarModes,
-        telemetry::GatewayTelemetry,
+        telemetry::{GatewayTelemetry, WorkloadTelemetry},
         DatapathPolicy,
     },
     proxy::relay::Engine,
@@ -25,6 +25,7 @@ use crate::{
         access_log::AccessLog,
         config_dump,
         requests::{AccessLogFormat, TelemetryConfig},
+        scopes::WorkloadScopes,
         tags::{self, TagOverrides},
     },
 };
@@ -140,7 +141,9 @@ impl Control {
         let telemetry = GatewayTelemetry::compile(snapshot, labels, namespace, &self.proxy.own_services);
         let access_log = AccessLog::compile(&snapshot.mesh, self.access_log_format, &telemetry);
         let tag_overrides = TagOverrides::compile(telemetry.tag_overrides, tags::standard_labels);
-        TelemetryConfig { access_log, disabled_metrics: telemetry.disabled_metrics, tags: tag_overrides }
+        let workloads = WorkloadTelemetry::compile(snapshot, labels, namespace, &self.proxy.own_services);
+        let scopes = WorkloadScopes::new(workloads, &snapshot.mesh, self.access_log_format);
+        TelemetryConfig { access_log, disabled_metrics: telemetry.disabled_metrics, tags: tag_overrides, scopes }
     }
 
     pub fn policy(&self, snapshot: &Snapshot) -> DatapathPolicy {

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod passthrough;
 pub mod requests;
 pub mod response_flags;
+pub mod scopes;
 pub mod server;
 pub mod status;
 pub mod switches;

@@ -380,6 +380,13 @@ impl HttpProxy {
                 record.x_forwarded_for = header_text(request.headers(), &X_FORWARDED_FOR);
                 record.request_id = header_text(request.headers(), &X_REQUEST_ID);
                 self.telemetry.capture_headers(request.headers(), &mut record.captured_headers);
+                // A workload's own Telemetry (its namespace's, its selector's) for what it sends through the mesh,
+                // as its sidecar would apply it; what arrives on a Gateway port is the gateway's.
+                if !matches!(connection.listener, Listener::Gateway(_)) && self.telemetry.scopes_workloads() {
+                    if let Some(source) = self.workloads.load().get(connection.peer.ip()) {
+                        record.telemetry_scope = self.telemetry.scope_of(source);
+                    }
+                }
             }
             // Past --max-memory, the request is answered before anything else is done for it.
             if self.sheds("request") {

@@ -19,10 +19,14 @@ use super::{
     connections::ConnectionMetrics,
     passthrough::Watched,
     response_flags::ResponseFlag,
+    scopes::{Scope, WorkloadScopes},
     switches::{Metric, MetricSwitches},
     tags::{TagOverrides, Tags},
 };
-use crate::policy::labels::{DestinationLabels, LabelText, UNKNOWN};
+use crate::{
+    config::workloads::Workload,
+    policy::labels::{DestinationLabels, LabelText, UNKNOWN},
+};
 
 mod lines;
 use lines::LineQueue;
@@ -286,12 +290,13 @@ impl RequestMetrics {
 }
 
 /// What the configuration asks of the request telemetry: the access log, the metrics the Telemetry API turns
-/// off (`REQUEST_COUNT`…), and its tag overrides.
+/// off (`REQUEST_COUNT`…), its tag overrides, and the Telemetry that scopes to workloads.
 #[derive(Default)]
 pub struct TelemetryConfig {
     pub access_log: AccessLog,
     pub disabled_metrics: Vec<&'static str>,
     pub tags: TagOverrides,
+    pub scopes: WorkloadScopes,
 }
 
 /// The access log's line format, as the command line overrides the mesh config's.
@@ -350,6 +355,8 @@ pub struct RequestRecord {
     pub captured_headers: Vec<(http::HeaderName, Box<str>)>,
     /// The upstream's response headers the access log's format (or filter) reads, as they came.
     pub captured_response_headers: Vec<(http::HeaderName, Box<str>)>,
+    /// The source workload's own telemetry, where a Telemetry resource scopes to it.
+    pub telemetry_scope: Option<Arc<Scope>>,
 }
 
 /// The identity a client's verified certificate carries: its SPIFFE URI (`spiffe://TRUST-DOMAIN/ns/NS/sa/SA`,
@@ -423,6 +430,10 @@ pub struct RequestTelemetry {
     access_log: Arc<ArcSwap<AccessLog>>,
     /// The Telemetry API's tag overrides in force.
     tags: Arc<ArcSwap<TagOverrides>>,
+    /// The Telemetry that scopes to workloads, for their requests.
+    scopes: Arc<ArcSwap<WorkloadScopes>>,
+    /// Where the writer writes: the gateway's access log's file, else the one workload-scoped logs write to.
+    destination: Arc<ArcSwap<Option<std::path::PathBuf>>>,
     /// Which of Istio's metrics the Telemetry API turned off.
     switches: MetricSwitches,
     dropped_lines: Counter,
@@ -500,16 +511,16 @@ impl RequestTelemetry {
             authorization.clone(),
         );
         let (lines, mut queue) = LineQueue::new(ACCESS_LOG_QUEUE_LINES, ACCESS_LOG_QUEUE_BYTES);
+        let destination = Arc::new(ArcSwap::from_pointee(access_log.file.clone()));
         let access_log = Arc::new(ArcSwap::from_pointee(access_log));
         // A thread of its own: writes block, and lines are written in batches, flushed whenever the queue runs
         // dry. A line that cannot be written is counted as dropped.
-        let (log, dropped) = (access_log.clone(), dropped_lines.clone());
+        let (log, dropped) = (destination.clone(), dropped_lines.clone());
         let writer = std::thread::Builder::new().name("access-log".into()).spawn(move || {
             let mut sink = Sink::default();
             let mut failing = false;
             while let Some(line) = queue.blocking_next() {
-                let log = log.load();
-                if !sink.ready(log.file.as_deref()) {
+                if !sink.ready(log.load().as_deref()) {
                     dropped.inc();
                     continue;
                 }
@@ -540,6 +551,8 @@ impl RequestTelemetry {
             lines,
             access_log,
             tags: Arc::default(),
+            scopes: Arc::default(),
+            destination,
             switches,
             dropped_lines,
             host_mismatches,
@@ -618,12 +631,26 @@ impl RequestTelemetry {
     /// Whether a request's details (its Host, method, path, headers, start) are wanted: by an access log, or by
     /// someone observing the flows (else requests are only counted).
     pub fn wants_request_details(&self) -> bool {
-        self.access_log.load().is_on() || self.flows.watched() || self.tags.load().on_requests()
+        self.access_log.load().is_on()
+            || self.flows.watched()
+            || self.tags.load().on_requests()
+            || !self.scopes.load().is_empty()
     }
 
-    /// Keeps the request headers the access log's format reads beyond a record's own fields.
+    /// Whether some Telemetry resource scopes to workloads (then [`Self::scope_of`] is worth asking).
+    pub fn scopes_workloads(&self) -> bool {
+        !self.scopes.load().is_empty()
+    }
+
+    /// The telemetry of `workload`'s requests, when a Telemetry resource scopes to it (`None`: the gateway's).
+    pub fn scope_of(&self, workload: &Workload) -> Option<Arc<Scope>> {
+        self.scopes.load().of(workload)
+    }
+
+    /// Keeps the request headers the access log's format reads beyond a record's own fields (all of them while an
+    /// override, or a workload's telemetry, may read them).
     pub fn capture_headers(&self, headers: &http::HeaderMap, into: &mut Vec<(http::HeaderName, Box<str>)>) {
-        if self.tags.load().reads_request_headers {
+        if self.tags.load().reads_request_headers || !self.scopes.load().is_empty() {
             super::access_log::capture_all(headers, into);
         } else {
             self.access_log.load().capture(headers, into);
@@ -632,7 +659,7 @@ impl RequestTelemetry {
 
     /// Keeps the upstream response's headers the access log reads (all of them while a tag override reads them).
     pub fn capture_response_headers(&self, headers: &http::HeaderMap, into: &mut Vec<(http::HeaderName, Box<str>)>) {
-        if self.tags.load().reads_response_headers {
+        if self.tags.load().reads_response_headers || !self.scopes.load().is_empty() {
             super::access_log::capture_all_response(headers, into);
         } else {
             self.access_log.load().capture_response(headers, into);
@@ -642,9 +669,12 @@ impl RequestTelemetry {
     /// Puts a newly compiled access log in force, the Telemetry API's disabled metrics (`REQUEST_COUNT`…) and its
     /// tag overrides.
     pub fn configure(&self, config: TelemetryConfig) {
+        let scoped_destination = (!config.scopes.is_empty()).then(|| config.scopes.destination()).flatten();
+        self.destination.store(Arc::new(config.access_log.file.clone().or(scoped_destination)));
         self.access_log.store(Arc::new(config.access_log));
         self.switches.set(&config.disabled_metrics);
         self.tags.store(Arc::new(config.tags));
+        self.scopes.store(Arc::new(config.scopes));
     }
 
     /// Counts new work shed while overloaded: a `request` or a `connection`.
@@ -688,14 +718,25 @@ impl RequestTelemetry {
     }
 
     pub fn record(&self, record: &RequestRecord) {
-        let overrides = self.tags.load();
+        // A workload's own telemetry, where a Telemetry resource scopes to it; else the gateway's.
+        let scope = record.telemetry_scope.as_deref();
+        let gateway_tags;
+        let overrides = match scope {
+            Some(scope) => &scope.tags,
+            None => {
+                gateway_tags = self.tags.load();
+                &*gateway_tags
+            }
+        };
         let series = if !overrides.on_requests() {
             self.metrics.series_of(record)
         } else {
-            self.metrics.tagged_series_of(record, &overrides)
+            self.metrics.tagged_series_of(record, overrides)
         };
-        drop(overrides);
-        let on = |metric| !self.switches.is_off(metric);
+        let on = |metric: Metric| match scope {
+            Some(scope) => !scope.disabled[metric as usize],
+            None => !self.switches.is_off(metric),
+        };
         if on(Metric::RequestCount) {
             series.requests.inc();
         }
@@ -709,7 +750,11 @@ impl RequestTelemetry {
             series.response_bytes.observe(record.bytes_sent as f64);
         }
         self.flows.publish(|| super::flows::Flow::request(record));
-        let Some(line) = self.access_log.load().request_line(record) else { return };
+        let line = match scope {
+            Some(scope) => scope.access_log.request_line(record),
+            None => self.access_log.load().request_line(record),
+        };
+        let Some(line) = line else { return };
         if !self.lines.offer(line) {
             self.dropped_lines.inc();
         }
