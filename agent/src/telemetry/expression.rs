@@ -211,7 +211,11 @@ fn attributes(root: &str, fields: &Fields<'_>) -> Value {
             ("mtls", Value::Bool(fields.peer_uri_san.is_some())),
             ("uri_san_peer_certificate", text(fields.peer_uri_san)),
         ]),
-        _ => map(vec![("cluster_name", text(fields.upstream_cluster)), ("route_name", text(fields.route_name))]),
+        _ => {
+            let (cluster, route) =
+                (fields.upstream_cluster.map(|c| c.to_string()), fields.route_name.map(|r| r.to_string()));
+            map(vec![("cluster_name", text(cluster.as_deref())), ("route_name", text(route.as_deref()))])
+        }
     }
 }
 

@@ -61,7 +61,7 @@ impl HttpProxy {
         let tcp_labels = TcpLabels::new(&destination.labels, ResponseFlag::None);
         // Labelled as the Telemetry API's tag overrides say, where some apply to the TCP metrics.
         let tagged = self.telemetry.connection_tags().map(|overrides| {
-            let cluster = destination.labels.cluster().to_string();
+            let cluster = destination.labels.cluster();
             let fields = Fields {
                 response_flags: "-",
                 upstream_host: Some(address),

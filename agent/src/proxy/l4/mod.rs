@@ -305,7 +305,7 @@ fn count_opened(
 ) -> OpenConnection {
     let labels = TcpLabels::new(destination, flag).from_source(connection.source);
     let Some(overrides) = telemetry.connection_tags() else { return telemetry.tcp.opened(&labels) };
-    let cluster = destination.cluster().to_string();
+    let cluster = destination.cluster();
     let fields = Fields {
         response_flags: flag.text(),
         upstream_host: upstream,

@@ -110,12 +110,13 @@ pub struct Fields<'a> {
     pub upstream_service_time: Option<Duration>,
     pub protocol: Option<&'a str>,
     pub upstream_host: Option<SocketAddr>,
-    pub upstream_cluster: Option<&'a str>,
+    /// Written out where it is shown (a cluster's name is made of its parts; a line need not allocate it).
+    pub upstream_cluster: Option<&'a dyn std::fmt::Display>,
     pub upstream_local: Option<SocketAddr>,
     pub downstream_local: Option<SocketAddr>,
     pub downstream_remote: Option<SocketAddr>,
     pub server_name: Option<&'a str>,
-    pub route_name: Option<&'a str>,
+    pub route_name: Option<&'a dyn std::fmt::Display>,
     pub peer_uri_san: Option<&'a str>,
 }
 
@@ -367,6 +368,11 @@ fn render(operator: &Operator, fields: &Fields<'_>, out: &mut String) {
             out.push_str(value);
         }
     };
+    let shown = |out: &mut String, value: Option<&dyn std::fmt::Display>| {
+        if let Some(value) = value {
+            let _ = write!(out, "{value}");
+        }
+    };
     let address = |out: &mut String, address: Option<SocketAddr>, with_port: bool| match address {
         // IPv4, the common case, octet by octet: `Display` for addresses pads through a buffer of its own.
         Some(SocketAddr::V4(address)) => {
@@ -425,12 +431,12 @@ fn render(operator: &Operator, fields: &Fields<'_>, out: &mut String) {
         Operator::Duration => number(out, fields.duration.as_millis() as u64),
         Operator::Protocol => text(out, fields.protocol),
         Operator::UpstreamHost => address(out, fields.upstream_host, true),
-        Operator::UpstreamCluster => text(out, fields.upstream_cluster),
+        Operator::UpstreamCluster => shown(out, fields.upstream_cluster),
         Operator::UpstreamLocalAddress(port) => address(out, fields.upstream_local, *port),
         Operator::DownstreamLocalAddress(port) => address(out, fields.downstream_local, *port),
         Operator::DownstreamRemoteAddress(port) => address(out, fields.downstream_remote, *port),
         Operator::RequestedServerName => text(out, fields.server_name),
-        Operator::RouteName => text(out, fields.route_name),
+        Operator::RouteName => shown(out, fields.route_name),
         Operator::DownstreamPeerUriSan => text(out, fields.peer_uri_san),
         Operator::Hostname => text(out, Some(hostname())),
     }

@@ -175,7 +175,7 @@ impl AccessLog {
                 Lines::Text(_) | Lines::JsonFields(_) => {}
             }
         }
-        let cluster = record.destination.cluster().to_string();
+        let cluster = record.destination.cluster();
         let values = || Fields {
             start: Some(record.start),
             response_flags: record.flag.text(),
@@ -341,8 +341,7 @@ pub(crate) fn capture_all_response(headers: &http::HeaderMap, into: &mut Vec<(ht
 /// Runs `render` with what `record` offers to the operators (and to the tag overrides' expressions).
 pub(crate) fn with_request_fields<T>(record: &RequestRecord, render: impl FnOnce(&Fields<'_>) -> T) -> T {
     let headers = RecordHeaders { record, service_time: std::cell::OnceCell::new() };
-    let cluster = record.destination.as_ref().map(|destination| destination.cluster().to_string());
-    let route = record.route_name.as_ref().map(ToString::to_string);
+    let cluster = record.destination.as_ref().map(|destination| destination.cluster());
     let fields = Fields {
         start: record.start,
         headers: Some(&headers),
@@ -358,14 +357,14 @@ pub(crate) fn with_request_fields<T>(record: &RequestRecord, render: impl FnOnce
         duration: record.duration,
         protocol: Some(record.protocol),
         upstream_host: record.upstream_host,
-        upstream_cluster: cluster.as_deref(),
+        upstream_cluster: cluster.as_ref().map(|cluster| cluster as &dyn std::fmt::Display),
         upstream_local: record.upstream_local,
         upstream_transport_failure_reason: record.upstream_transport_failure_reason.as_deref(),
         connection_termination_details: None,
         downstream_local: record.downstream_local,
         downstream_remote: record.downstream_remote,
         server_name: record.server_name.as_deref(),
-        route_name: route.as_deref(),
+        route_name: record.route_name.as_ref().map(|route| route as &dyn std::fmt::Display),
         peer_uri_san: record.source_principal.as_ref().map(|principal| principal.as_str()),
     };
     render(&fields)

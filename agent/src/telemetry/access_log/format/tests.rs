@@ -49,12 +49,12 @@ fn known() -> Fields<'static> {
         upstream_service_time: Some(Duration::from_micros(3_400)),
         protocol: Some("HTTP/1.1"),
         upstream_host: Some("203.0.113.10:80".parse().unwrap()),
-        upstream_cluster: Some("outbound|80||httpbin.org"),
+        upstream_cluster: Some(&"outbound|80||httpbin.org"),
         upstream_local: Some("10.240.2.1:40123".parse().unwrap()),
         downstream_local: Some("203.0.113.10:80".parse().unwrap()),
         downstream_remote: Some("10.240.1.2:51234".parse().unwrap()),
         server_name: Some("httpbin.org"),
-        route_name: Some("default"),
+        route_name: Some(&"default"),
         peer_uri_san: Some("spiffe://cluster.local/ns/apps/sa/client"),
     }
 }
