@@ -1,4 +1,5 @@
-//! The classifier checked against a model: random policies and random packets (IPv4 and IPv6, options and
+//! The classifier checked against a model: random policies (with AuthorizationPolicy denials the kernel enforces)
+//! and random packets (IPv4 and IPv6, options and
 //! extension headers, VLAN tags, fragments, truncations, encapsulations it must refuse), each run by the kernel
 //! (`BPF_PROG_TEST_RUN`) and decided by a plain Rust statement of docs/datapath.md's decision order; the two
 //! must agree on the verdict and the action for every packet. `SLUICE_MODEL_SEED` replays a run; the seed is
@@ -12,7 +13,7 @@ use std::{
 use ipnet::IpNet;
 use sluice_agent::{
     datapath::Datapath,
-    policy::{BlackholeAction, DatapathPolicy, L4Rule, OutboundMode, Protocol},
+    policy::{authorization::KernelDenial, BlackholeAction, DatapathPolicy, L4Rule, OutboundMode, Protocol},
 };
 use sluice_common::Verdict;
 use sluice_tests::{agent::Bpffs, require_root};
@@ -65,13 +66,32 @@ fn random_policy(rng: &mut fastrand::Rng) -> (DatapathPolicy, BTreeMap<IpAddr, O
     for _ in 0..rng.usize(..3) {
         intercept_ports.push(PORTS[rng.usize(..PORTS.len())]);
     }
+    // A DENY of the root namespace by addresses and ports: on one port or every one (0), from anyone or from
+    // some sources (an exact client, the clients' network, a network no client is in).
+    let mut denials = Vec::new();
+    if rng.u8(..3) != 0 {
+        for _ in 0..1 + rng.usize(..3) {
+            let exact = rng.bool();
+            let port = if rng.u8(..4) == 0 { 0 } else { PORTS[rng.usize(..PORTS.len())] };
+            let source_pool =
+                ["10.240.1.2/32", "10.240.1.0/24", "192.0.2.0/24", "fd00:240:1::3/128", "fd00:240:1::/64"];
+            let sources =
+                (0..rng.usize(..3)).map(|_| source_pool[rng.usize(..source_pool.len())].parse().unwrap()).collect();
+            denials.push(KernelDenial {
+                net: random_net(rng, exact),
+                port,
+                sources,
+                policy: "istio-system/deny".into(),
+            });
+        }
+    }
     let policy = DatapathPolicy {
         mode,
         blackhole,
         allow_cidrs,
         rules,
         intercept_ports,
-        denials: Vec::new(),
+        denials,
         unmatched_tcp_to_proxy: rng.bool(),
         // No proxy listens here: a flow for it is dropped (or, with no port, never sent to it).
         proxy_port: if rng.bool() { 15001 } else { 0 },
@@ -376,6 +396,20 @@ impl Model {
             Parsed::Malformed => return (Verdict::Malformed, Action::Continue),
             Parsed::Ip(flow) => flow,
         };
+        // Denials come first (fragments included), where the always-allowed ranges still pass.
+        if !self.policy.denials.is_empty() {
+            if self.policy.allow_cidrs.iter().any(|net| net.contains(&flow.dst)) {
+                return (Verdict::Allowed, Action::Continue);
+            }
+            let denies = |denial: &KernelDenial| {
+                (denial.port == 0 || denial.port == flow.dst_port)
+                    && denial.net.contains(&flow.dst)
+                    && (denial.sources.is_empty() || denial.sources.iter().any(|source| source.contains(&flow.src)))
+            };
+            if self.policy.denials.iter().any(denies) {
+                return (Verdict::Denied, Action::DropOrAnswer);
+            }
+        }
         let datagram = (flow.v6, flow.src, flow.dst, flow.id, flow.proto);
         if flow.fragmented && !flow.first_fragment && self.allowed_datagrams.contains(&datagram) {
             return (Verdict::Allowed, Action::Continue);
@@ -480,8 +514,8 @@ fn the_kernel_agrees_with_the_model_on_every_random_packet_of_every_random_polic
         }
     }
     println!("{checked} packets agreed ({refused} refused by BPF_PROG_TEST_RUN): {by_verdict:?}");
-    // The generator reaches every verdict the model knows but a denial (tested in classifier.rs).
-    for verdict in ["Allowed", "Passthrough", "Blackholed", "Ignored", "Malformed"] {
+    // The generator reaches every verdict the model knows.
+    for verdict in ["Allowed", "Passthrough", "Blackholed", "Ignored", "Malformed", "Denied"] {
         assert!(by_verdict.get(verdict).copied().unwrap_or(0) > 10, "too few {verdict}: {by_verdict:?}");
     }
     assert!(checked > POLICIES * PACKETS_PER_POLICY * 8 / 10, "{checked} checked, {refused} refused");
