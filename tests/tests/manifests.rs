@@ -73,6 +73,8 @@ fn the_daemonset_runs_the_image_from_the_node_s_default_route_with_measured_reso
     assert!(base.contains(&format!("image: {}:{}\n", sluice_tests::image::NAME, sluice_tests::image::tag())), "{base}");
     // Found from the node, not an interface name that exists on some nodes only.
     assert!(base.contains("- --intercept=default-route\n") && !base.contains("--intercept=eth"), "{base}");
+    // The node's network sysctls, where the agent sets net.ipv4.tcp_migrate_req for its successor.
+    assert!(base.contains("mountPath: /host/proc/sys/net") && base.contains("path: /proc/sys/net"), "{base}");
     for line in ["cpu: 100m", "memory: 128Mi", "memory: 1Gi", "type: Unconfined", "readOnlyRootFilesystem: true"] {
         assert!(base.contains(line), "{line}:\n{base}");
     }

@@ -105,7 +105,7 @@ impl App {
         let metrics_listener = listen(settings.metrics_addr, "metrics", "--metrics-addr")?;
         let admin_listener = listen(settings.admin_addr, "admin", "--admin-addr")?;
         let readiness_listener = listen(settings.readiness_addr, "readiness", "--readiness-addr")?;
-        proxy::transparent_listener::migrate_queued_connections();
+        proxy::transparent_listener::migrate_queued_connections(&proxy::transparent_listener::MIGRATE_REQ_SYSCTLS);
         let forward_proxy = match settings.forward_proxy_port {
             Some(port) => Some(proxy::gateway_listeners::bind(port).map_err(|error| {
                 anyhow::anyhow!("binding the forward-proxy listener on port {port}: {error} (see --forward-proxy-port)")

@@ -43,22 +43,34 @@ impl TransparentListener {
     }
 }
 
+/// Where `net.ipv4.tcp_migrate_req` is written: the agent's own /proc/sys, read-only in a container; then the host's
+/// `/proc/sys/net` as the DaemonSet mounts it (a sysctl of the network namespace of whoever opens it: the node's,
+/// on the host's network).
+pub const MIGRATE_REQ_SYSCTLS: [&str; 2] =
+    ["/proc/sys/net/ipv4/tcp_migrate_req", "/host/proc/sys/net/ipv4/tcp_migrate_req"];
+
 /// Asks the kernel to hand the connections queued at a closing listener to another listener of its port
 /// (`net.ipv4.tcp_migrate_req`, per network namespace), so that those a draining agent had not accepted go to its
-/// successor rather than being reset. Best effort: a container's /proc/sys is read-only.
-pub fn migrate_queued_connections() {
-    const SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
-    if std::fs::read_to_string(SYSCTL).is_ok_and(|value| value.trim() == "1") {
-        return;
-    }
-    match std::fs::write(SYSCTL, "1") {
-        Ok(()) => {
-            tracing::info!("net.ipv4.tcp_migrate_req set: a closing listener's queued connections go to its successor")
+/// successor rather than being reset. Best effort, through the first of `sysctls` that can be written: whether it
+/// is set.
+pub fn migrate_queued_connections(sysctls: &[&str]) -> bool {
+    let mut last_error = None;
+    for sysctl in sysctls {
+        if std::fs::read_to_string(sysctl).is_ok_and(|value| value.trim() == "1") {
+            return true;
         }
-        Err(error) => {
-            tracing::debug!(%error, "net.ipv4.tcp_migrate_req not set: a closing listener's queued connections are reset")
+        match std::fs::write(sysctl, "1") {
+            Ok(()) => {
+                tracing::info!(%sysctl, "net.ipv4.tcp_migrate_req set: a closing listener's queued connections go to its successor");
+                return true;
+            }
+            Err(error) => last_error = Some(error),
         }
     }
+    if let Some(error) = last_error {
+        tracing::debug!(%error, "net.ipv4.tcp_migrate_req not set: a closing listener's queued connections are reset");
+    }
+    false
 }
 
 /// A listening socket on `addr` (IPv6 only for an IPv6 address); `transparent`: accepting connections addressed
@@ -81,4 +93,24 @@ pub fn listener(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> 
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     TcpListener::from_std(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_migration_sysctl_is_written_through_the_first_path_that_takes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = dir.path().join("tcp_migrate_req");
+        std::fs::write(&mounted, "0\n").unwrap();
+        let mounted = mounted.to_str().unwrap();
+        // The container's own path cannot be written (here: it does not exist); the mounted one takes it.
+        let missing = dir.path().join("read-only/tcp_migrate_req");
+        assert!(migrate_queued_connections(&[missing.to_str().unwrap(), mounted]));
+        assert_eq!(std::fs::read_to_string(mounted).unwrap(), "1");
+        // Set already: left as it is.
+        assert!(migrate_queued_connections(&[mounted]));
+        assert!(!migrate_queued_connections(&[missing.to_str().unwrap()]), "nowhere to write it");
+    }
 }
