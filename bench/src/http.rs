@@ -40,7 +40,7 @@ type Measured = fn() -> anyhow::Result<Run>;
 
 /// The configurations compared, in the table's order: the limit, Sluice intercepting transparently (the origin
 /// registered, and not: ALLOW_ANY's passthrough, Istio's default mode) and Sluice on a Gateway port (as the peers are reached: at the proxy's own address), then the peers.
-const CONFIGURATIONS: [(&str, Measured); 13] = [
+const CONFIGURATIONS: [(&str, Measured); 14] = [
     ("direct", direct),
     ("sluice", sluice),
     ("sluice-hyper-client", sluice_hyper_client),
@@ -53,6 +53,7 @@ const CONFIGURATIONS: [(&str, Measured); 13] = [
     ("nginx", nginx),
     ("nginx-log", nginx_logging),
     ("haproxy", haproxy),
+    ("haproxy-log", haproxy_logging),
     ("squid", squid),
 ];
 
@@ -357,23 +358,29 @@ fn nginx_with(name: &'static str, server: &str) -> anyhow::Result<Run> {
 }
 
 fn haproxy() -> anyhow::Result<Run> {
+    haproxy_with("HAProxy 2.6", "", "")
+}
+
+/// HAProxy's HTTP log (`option httplog`) written to its standard output, which the bench keeps in a file.
+fn haproxy_logging() -> anyhow::Result<Run> {
+    haproxy_with(
+        "HAProxy 2.6, access log to a file",
+        "  log stdout format raw local0\n",
+        "  log global\n  option httplog\n",
+    )
+}
+
+fn haproxy_with(name: &'static str, global: &str, defaults: &str) -> anyhow::Result<Run> {
     let topology = Topology::new()?;
     let _origin = origin(&topology)?;
     let dir = tempfile::tempdir()?;
     let listen: SocketAddr = format!("{GATEWAY_WORKLOAD_ADDR}:8081").parse()?;
     let config = format!(
-        "global\n  nbthread 1\n  maxconn 4096\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  \
-         timeout server 30s\n  http-reuse always\nfrontend front\n  bind {listen}\n  default_backend origin\n\
-         backend origin\n  server origin {SERVER_A}:80\n"
+        "global\n  nbthread 1\n  maxconn 4096\n{global}defaults\n  mode http\n{defaults}  timeout connect 5s\n  \
+         timeout client 30s\n  timeout server 30s\n  http-reuse always\nfrontend front\n  bind {listen}\n  \
+         default_backend origin\nbackend origin\n  server origin {SERVER_A}:80\n"
     );
-    measure_configured(
-        "HAProxy 2.6",
-        &topology,
-        ("haproxy", &["-db", "-f"]),
-        &dir.path().join("haproxy.cfg"),
-        &config,
-        listen,
-    )
+    measure_configured(name, &topology, ("haproxy", &["-db", "-f"]), &dir.path().join("haproxy.cfg"), &config, listen)
 }
 
 fn squid() -> anyhow::Result<Run> {

@@ -8,6 +8,7 @@ mod decide;
 
 use std::{
     net::SocketAddr,
+    sync::Arc,
     time::{Instant, SystemTime},
 };
 
@@ -31,6 +32,7 @@ use crate::{
         connections::{ConnectionRecord, OpenConnection, TcpLabels},
         requests::{Principal, RequestTelemetry},
         response_flags::ResponseFlag,
+        scopes::Scope,
     },
 };
 use client_hello::Hello;
@@ -171,8 +173,9 @@ pub async fn serve_tls_read(
     let arrival = hop.map_or(arrival, Arrival::Gateway);
     let client = Terminated { principal: None, server_name: name };
     let (decided, denied) = authorized(decided, &policy, proxy, client, (peer, dialled), arrival, workload.as_deref());
-    let source = workload.as_deref();
-    let connection = Connection { peer, dialled, server_name: name, hello, source, denied: denied.as_deref() };
+    let (source, denied) = (workload.as_deref(), denied.as_deref());
+    let scope = workload_scope(proxy, source, arrival);
+    let connection = Connection { peer, dialled, server_name: name, hello, source, denied, scope: scope.as_deref() };
     finish(stream, &connection, decided, proxy, clock).await;
 }
 
@@ -218,8 +221,19 @@ async fn serve_tcp_read<S: ClientStream>(
     let (decided, denied) =
         authorized(decided, &policy, proxy, terminated, (peer, dialled), arrival, workload.as_deref());
     let (server_name, source, denied) = (terminated.server_name, workload.as_deref(), denied.as_deref());
-    let connection = Connection { peer, dialled, server_name, hello: read, source, denied };
+    let scope = workload_scope(proxy, source, arrival);
+    let connection = Connection { peer, dialled, server_name, hello: read, source, denied, scope: scope.as_deref() };
     finish(stream, &connection, decided, proxy, clock).await;
+}
+
+/// The source workload's own Telemetry (its namespace's, its selector's) for what it sends through the mesh; what
+/// arrives on a Gateway port (or is handed to one) takes the gateway's.
+fn workload_scope(proxy: &HttpProxy, source: Option<&Workload>, arrival: Arrival) -> Option<Arc<Scope>> {
+    let telemetry = proxy.telemetry();
+    match (source, arrival) {
+        (Some(source), Arrival::Intercepted) if telemetry.scopes_workloads() => telemetry.scope_of(source),
+        _ => None,
+    }
 }
 
 /// The decision, unless an AuthorizationPolicy denies the connection: then it is refused (closed, counted in
@@ -276,7 +290,7 @@ async fn finish<S: ClientStream>(
             stream.reset();
         }
     }
-    telemetry.log_connection(&ConnectionRecord {
+    let record = ConnectionRecord {
         start,
         duration: started.elapsed(),
         flag: outcome.flag,
@@ -292,7 +306,8 @@ async fn finish<S: ClientStream>(
         server_name: connection.server_name,
         relay_engine: outcome.engine.map(Engine::as_str),
         refused_because: outcome.refused_because,
-    });
+    };
+    telemetry.log_connection(&record, connection.scope);
 }
 
 /// Counts `connection` (to `destination`, with Envoy's response flag) opened in Istio's TCP metrics, labelled as
@@ -304,7 +319,15 @@ fn count_opened(
     upstream: Option<SocketAddr>,
 ) -> OpenConnection {
     let labels = TcpLabels::new(destination, flag).from_source(connection.source);
-    let Some(overrides) = telemetry.connection_tags() else { return telemetry.tcp.opened(&labels) };
+    let gateway_tags;
+    let overrides = match connection.scope {
+        Some(scope) => Some(&scope.tags).filter(|tags| tags.on_connections()),
+        None => {
+            gateway_tags = telemetry.connection_tags();
+            gateway_tags.as_deref()
+        }
+    };
+    let Some(overrides) = overrides else { return telemetry.tcp.opened(&labels) };
     let cluster = destination.cluster();
     let fields = Fields {
         response_flags: flag.text(),
@@ -315,7 +338,7 @@ fn count_opened(
         server_name: connection.server_name,
         ..Fields::default()
     };
-    telemetry.tcp.opened_labelled(labels.tagged(&overrides, &fields))
+    telemetry.tcp.opened_labelled(labels.tagged(overrides, &fields))
 }
 
 /// A connection about to be relayed.
@@ -329,6 +352,8 @@ struct Connection<'a> {
     source: Option<&'a Workload>,
     /// An AuthorizationPolicy's denial (Envoy's connection termination details), when one refused it.
     denied: Option<&'a str>,
+    /// The source workload's own Telemetry, where some scopes to it.
+    scope: Option<&'a Scope>,
 }
 
 /// How a connection ended: relayed (`upstream` set; counted as opened when it was, `open`), or refused.

@@ -708,10 +708,15 @@ impl RequestTelemetry {
         overrides.on_connections().then_some(overrides)
     }
 
-    /// Writes `connection`'s access-log line (its metrics are counted as it opens and closes).
-    pub fn log_connection(&self, connection: &super::connections::ConnectionRecord<'_>) {
+    /// Writes `connection`'s access-log line (its metrics are counted as it opens and closes), as its source
+    /// workload's own Telemetry says where some scopes to it (`scope`), else as the gateway's.
+    pub fn log_connection(&self, connection: &super::connections::ConnectionRecord<'_>, scope: Option<&Scope>) {
         self.flows.publish(|| super::flows::Flow::connection(connection));
-        let Some(line) = self.access_log.load().connection_line(connection) else { return };
+        let line = match scope {
+            Some(scope) => scope.access_log.connection_line(connection),
+            None => self.access_log.load().connection_line(connection),
+        };
+        let Some(line) = line else { return };
         if !self.lines.offer(line) {
             self.dropped_lines.inc();
         }
