@@ -415,8 +415,10 @@ impl RequestRecord {
 /// URI, a user agent): past either, lines are dropped and counted rather than slow a request or fill memory.
 const ACCESS_LOG_QUEUE_LINES: usize = 16_384;
 const ACCESS_LOG_QUEUE_BYTES: usize = 4 << 20;
-/// How long the writer leaves lines to gather after writing a batch: at most this late, a line is written.
-const ACCESS_LOG_BATCH_INTERVAL: Duration = Duration::from_millis(20);
+/// How long the writer leaves lines to gather after writing a batch: at most this late, a line is written. Short
+/// enough that a batch is small: the writer shares the proxy's CPU, and a long burst of writes holds requests up
+/// (20 ms batches doubled the p99 of a saturated proxy; bench/README.md).
+const ACCESS_LOG_BATCH_INTERVAL: Duration = Duration::from_millis(2);
 
 /// Records ended requests: metrics at once, access-log lines through a bounded queue to a writer task (a full
 /// queue drops the line and counts it, never slows a request).
@@ -434,6 +436,9 @@ pub struct RequestTelemetry {
     scopes: Arc<ArcSwap<WorkloadScopes>>,
     /// Where the writer writes: the gateway's access log's file, else the one workload-scoped logs write to.
     destination: Arc<ArcSwap<Option<std::path::PathBuf>>>,
+    /// Whether the configuration wants each request's details kept (an access log, tag overrides on the request
+    /// metrics, Telemetry scoped to workloads): read once per request rather than each of those.
+    details_wanted: Arc<std::sync::atomic::AtomicBool>,
     /// Which of Istio's metrics the Telemetry API turned off.
     switches: MetricSwitches,
     dropped_lines: Counter,
@@ -512,6 +517,7 @@ impl RequestTelemetry {
         );
         let (lines, mut queue) = LineQueue::new(ACCESS_LOG_QUEUE_LINES, ACCESS_LOG_QUEUE_BYTES);
         let destination = Arc::new(ArcSwap::from_pointee(access_log.file.clone()));
+        let access_log_on = access_log.is_on();
         let access_log = Arc::new(ArcSwap::from_pointee(access_log));
         // A thread of its own: writes block, and lines are written in batches, flushed whenever the queue runs
         // dry. A line that cannot be written is counted as dropped.
@@ -553,6 +559,7 @@ impl RequestTelemetry {
             tags: Arc::default(),
             scopes: Arc::default(),
             destination,
+            details_wanted: Arc::new(std::sync::atomic::AtomicBool::new(access_log_on)),
             switches,
             dropped_lines,
             host_mismatches,
@@ -631,10 +638,7 @@ impl RequestTelemetry {
     /// Whether a request's details (its Host, method, path, headers, start) are wanted: by an access log, or by
     /// someone observing the flows (else requests are only counted).
     pub fn wants_request_details(&self) -> bool {
-        self.access_log.load().is_on()
-            || self.flows.watched()
-            || self.tags.load().on_requests()
-            || !self.scopes.load().is_empty()
+        self.details_wanted.load(std::sync::atomic::Ordering::Relaxed) || self.flows.watched()
     }
 
     /// Whether some Telemetry resource scopes to workloads (then [`Self::scope_of`] is worth asking).
@@ -670,6 +674,8 @@ impl RequestTelemetry {
     /// tag overrides.
     pub fn configure(&self, config: TelemetryConfig) {
         let scoped_destination = (!config.scopes.is_empty()).then(|| config.scopes.destination()).flatten();
+        let details_wanted = config.access_log.is_on() || config.tags.on_requests() || !config.scopes.is_empty();
+        self.details_wanted.store(details_wanted, std::sync::atomic::Ordering::Relaxed);
         self.destination.store(Arc::new(config.access_log.file.clone().or(scoped_destination)));
         self.access_log.store(Arc::new(config.access_log));
         self.switches.set(&config.disabled_metrics);
