@@ -327,8 +327,11 @@ impl Cluster {
     /// passing over ejected endpoints (unless more than the allowed share would be passed over); `None` without
     /// endpoints.
     pub fn pick(&self, hash: Option<u64>) -> Option<IpAddr> {
-        if self.endpoints.is_empty() {
-            return None;
+        match &*self.endpoints {
+            [] => return None,
+            // The pick whatever the load balancer or the ejections (one may always stay): no cursor, no lock.
+            [only] => return Some(only.address),
+            _ => {}
         }
         // Without outlier detection nothing is ever ejected: no lock, no look.
         let (ejected, allowed) = match &self.policy.outlier {
@@ -476,8 +479,8 @@ impl ClusterStates {
         Arc::new(ClusterState::new(None))
     }
 
-    /// State for a cluster that keeps none: no endpoints to pick among (the original destination's, or a name
-    /// not resolved yet: a recompile makes its cluster anew) and no limits or outlier detection. One, shared.
+    /// State for a cluster that keeps none: at most one endpoint, so none to choose among (the original
+    /// destination's, a name not resolved yet, a single address) and no limits or outlier detection. One, shared.
     pub fn none(&self) -> Arc<ClusterState> {
         static NONE: std::sync::LazyLock<Arc<ClusterState>> =
             std::sync::LazyLock::new(|| Arc::new(ClusterState::new(None)));

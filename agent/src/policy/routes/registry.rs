@@ -367,7 +367,8 @@ pub(super) fn clusters(
         // State that must outlive recompiles is kept only where a policy needs it, by cluster name.
         let state = if policy.limits.is_some() || policy.outlier.is_some() {
             states.get(&labels.cluster().to_string(), policy.limits)
-        } else if endpoints.is_empty() {
+        } else if endpoints.len() <= 1 {
+            // Nothing to choose among: no cursor of its own (most clusters: one STATIC or DNS endpoint).
             states.none()
         } else {
             states.fresh()

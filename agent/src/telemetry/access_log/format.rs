@@ -234,7 +234,8 @@ impl Format {
 
     /// The rendering on its own.
     pub fn to_line(&self, fields: &Fields<'_>) -> String {
-        let mut out = String::with_capacity(256);
+        // Istio's default line is 300–400 bytes: room for it at once, rather than a copy as it grows.
+        let mut out = String::with_capacity(512);
         self.render(fields, &mut out);
         out
     }
