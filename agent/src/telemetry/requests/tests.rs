@@ -1,6 +1,8 @@
 //! Tests of requests.
 
 use super::*;
+use std::time::SystemTime;
+
 use crate::telemetry::connections::TcpLabels;
 
 #[tokio::test]
