@@ -109,13 +109,15 @@ pub fn access_log(bytes: &[u8]) {
     let mut parts = bytes.splitn(6, |byte| *byte == 0).map(String::from_utf8_lossy);
     let mut next = || parts.next().unwrap_or_default().into_owned();
     let (format, method, authority, path, user_agent, workload) = (next(), next(), next(), next(), next(), next());
+    // As hyper hands them over: a method and path it parsed, header values with any byte but controls.
+    let value = |text: &str| http::HeaderValue::from_bytes(text.as_bytes()).ok();
     let record = RequestRecord {
-        method,
-        authority,
-        path,
-        user_agent: Some(user_agent),
-        x_forwarded_for: Some(workload.clone()),
-        request_id: Some(format.clone()),
+        method: http::Method::from_bytes(method.as_bytes()).ok(),
+        authority: value(&authority),
+        path: http::uri::PathAndQuery::try_from(path.as_str()).ok(),
+        user_agent: value(&user_agent),
+        x_forwarded_for: value(&workload),
+        request_id: value(&format),
         response_code: 200,
         duration: Duration::from_millis(3),
         source_workload: Some(Arc::<str>::from(workload.as_str()).into()),

@@ -114,10 +114,10 @@ impl Flow {
             source: record.downstream_remote,
             source_workload: workload,
             destination: record.downstream_local,
-            host: Some(record.authority.clone()).filter(|host| !host.is_empty()),
+            host: Some(record.authority().to_owned()).filter(|host| !host.is_empty()),
             // Empty when the request began before anyone watched: its details were not kept.
-            method: Some(record.method.clone()).filter(|method| !method.is_empty()),
-            path: Some(record.path.clone()).filter(|path| !path.is_empty()),
+            method: Some(record.method().to_owned()).filter(|method| !method.is_empty()),
+            path: Some(record.path().to_owned()).filter(|path| !path.is_empty()),
             response_code: Some(record.response_code),
             response_flags: Some(record.response_flags.text()),
             cluster: Some(record.upstream_cluster()),

@@ -249,7 +249,9 @@ impl HttpProxy {
                 tokio::spawn(upgrade);
             }
             let (mut parts, body) = response.into_parts();
-            self.telemetry.capture_response_headers(&parts.headers, &mut record.captured_response_headers);
+            if let Some(telemetry) = &record.telemetry {
+                telemetry.capture_response_headers(&parts.headers, &mut record.captured_response_headers);
+            }
             let upgraded_to = parts.headers.get(header::UPGRADE).cloned().filter(|_| switching);
             strip_hop_by_hop(&mut parts.headers);
             if let Some(protocol) = upgraded_to {

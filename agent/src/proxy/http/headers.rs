@@ -24,6 +24,19 @@ pub(super) fn service_time_value(ms: u64) -> HeaderValue {
     usize::try_from(ms).ok().and_then(|ms| BELOW_A_SECOND.get(ms)).cloned().unwrap_or_else(|| HeaderValue::from(ms))
 }
 
+/// The first value of each of `names` in `headers`, found in one pass over them: a hashed lookup per name costs
+/// more than comparing the handful of names most requests carry (a standard name against a custom one is one
+/// comparison of tags).
+pub(super) fn first_values<const N: usize>(headers: &HeaderMap, names: [&HeaderName; N]) -> [Option<HeaderValue>; N] {
+    let mut found = [const { None }; N];
+    for (name, value) in headers {
+        if let Some(slot) = names.iter().position(|wanted| *wanted == name).and_then(|i| found.get_mut(i)) {
+            slot.get_or_insert_with(|| value.clone());
+        }
+    }
+    found
+}
+
 pub(super) fn header_text(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<String> {
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
 }
@@ -149,6 +162,21 @@ mod tests {
         assert_ne!(request_id(), request_id());
         assert_eq!(&id[14..15], "4", "{id}");
         assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"), "{id}");
+    }
+
+    #[test]
+    fn the_first_value_of_each_name_is_found_in_one_pass() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::HOST, HeaderValue::from_static("api.example.com"));
+        headers.append("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        headers.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
+        headers.append("x-forwarded-fox", HeaderValue::from_static("not this one"));
+        let forwarded = HeaderName::from_static("x-forwarded-for");
+        let [user_agent, forwarded_for, host] =
+            first_values(&headers, [&header::USER_AGENT, &forwarded, &header::HOST]);
+        assert_eq!(user_agent, None);
+        assert_eq!(forwarded_for.unwrap(), "10.0.0.1");
+        assert_eq!(host.unwrap(), "api.example.com");
     }
 
     #[test]

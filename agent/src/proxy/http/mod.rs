@@ -345,6 +345,7 @@ impl HttpProxy {
                 }
             }
             let policy = self.policy.load_full();
+            let telemetry = self.telemetry.in_force();
             // Boxed: a request's future holds it across every wait, and is moved as a whole.
             let mut record = Box::new(RequestRecord {
                 protocol: protocol_name(request.version()),
@@ -368,26 +369,28 @@ impl HttpProxy {
                 Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
                 None => request.headers().get(header::HOST).cloned(),
             };
-            let authority = authority.as_ref().and_then(|value| value.to_str().ok());
-            // What only the access log shows (the wall clock included) is read only when there is one.
-            if self.telemetry.wants_request_details() {
+            // What only the access log shows (the wall clock included) is read only when there is one, and kept as
+            // the request's own values: made text only for a line that is written.
+            let details_wanted = self.telemetry.wants_request_details(&telemetry);
+            if details_wanted {
+                let headers = request.headers();
                 record.start = Some(SystemTime::now());
-                record.authority = authority.unwrap_or_default().to_owned();
-                record.method = request.method().as_str().to_owned();
-                record.path =
-                    request.uri().path_and_query().map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned());
-                record.user_agent = header_text(request.headers(), header::USER_AGENT);
-                record.x_forwarded_for = header_text(request.headers(), &X_FORWARDED_FOR);
-                record.request_id = header_text(request.headers(), &X_REQUEST_ID);
-                self.telemetry.capture_headers(request.headers(), &mut record.captured_headers);
+                record.authority = authority.clone();
+                record.method = Some(request.method().clone());
+                record.path = Some(request.uri().path_and_query().cloned().unwrap_or(PathAndQuery::from_static("/")));
+                [record.user_agent, record.x_forwarded_for, record.request_id] =
+                    first_values(headers, [&header::USER_AGENT, &X_FORWARDED_FOR, &X_REQUEST_ID]);
+                telemetry.capture_headers(request.headers(), &mut record.captured_headers);
                 // A workload's own Telemetry (its namespace's, its selector's) for what it sends through the mesh,
                 // as its sidecar would apply it; what arrives on a Gateway port is the gateway's.
-                if !matches!(connection.listener, Listener::Gateway(_)) && self.telemetry.scopes_workloads() {
+                if !matches!(connection.listener, Listener::Gateway(_)) && !telemetry.scopes.is_empty() {
                     if let Some(source) = self.workloads.load().get(connection.peer.ip()) {
-                        record.telemetry_scope = self.telemetry.scope_of(source);
+                        record.telemetry_scope = telemetry.scope_of(source);
                     }
                 }
             }
+            record.telemetry = Some(telemetry);
+            let authority = authority.as_ref().and_then(|value| value.to_str().ok());
             // Past --max-memory, the request is answered before anything else is done for it.
             if self.sheds("request") {
                 return self.local_failure(Failure::Overloaded, record, started, None);
@@ -398,8 +401,8 @@ impl HttpProxy {
             // Matched and forwarded as normalized, so that `/a/./b` meets the routes `/a/b` meets.
             match normalize_path(&mut request, policy.path_normalization) {
                 Ok(false) => {}
-                Ok(true) if self.telemetry.wants_request_details() => {
-                    record.path = request.uri().path_and_query().map_or_else(String::new, |pq| pq.as_str().to_owned());
+                Ok(true) if details_wanted => {
+                    record.path = request.uri().path_and_query().cloned();
                 }
                 Ok(true) => {}
                 Err(path::InvalidPath) => return self.local_failure(Failure::BadRequest, record, started, None),

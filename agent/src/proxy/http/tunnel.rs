@@ -60,7 +60,7 @@ impl HttpProxy {
         let peer = record.downstream_remote;
         let tcp_labels = TcpLabels::new(&destination.labels, ResponseFlag::None);
         // Labelled as the Telemetry API's tag overrides say, where some apply to the TCP metrics.
-        let tagged = self.telemetry.connection_tags().map(|overrides| {
+        let tagged = self.telemetry.connection_tags().map(|in_force| {
             let cluster = destination.labels.cluster();
             let fields = Fields {
                 response_flags: "-",
@@ -69,7 +69,7 @@ impl HttpProxy {
                 downstream_remote: peer,
                 ..Fields::default()
             };
-            tcp_labels.clone().tagged(&overrides, &fields)
+            tcp_labels.clone().tagged(&in_force.tags, &fields)
         });
         let tcp = self.telemetry.tcp.clone();
         let idle = self.limits.stream_idle_timeout;

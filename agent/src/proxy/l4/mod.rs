@@ -231,7 +231,7 @@ async fn serve_tcp_read<S: ClientStream>(
 fn workload_scope(proxy: &HttpProxy, source: Option<&Workload>, arrival: Arrival) -> Option<Arc<Scope>> {
     let telemetry = proxy.telemetry();
     match (source, arrival) {
-        (Some(source), Arrival::Intercepted) if telemetry.scopes_workloads() => telemetry.scope_of(source),
+        (Some(source), Arrival::Intercepted) => telemetry.scope_of(source),
         _ => None,
     }
 }
@@ -324,7 +324,7 @@ fn count_opened(
         Some(scope) => Some(&scope.tags).filter(|tags| tags.on_connections()),
         None => {
             gateway_tags = telemetry.connection_tags();
-            gateway_tags.as_deref()
+            gateway_tags.as_deref().map(|in_force| &in_force.tags)
         }
     };
     let Some(overrides) = overrides else { return telemetry.tcp.opened(&labels) };

@@ -280,17 +280,17 @@ impl Headers for RecordHeaders<'_> {
     fn request(&self, name: &str) -> Option<&str> {
         let record = self.record;
         match name {
-            ":method" => Some(record.method.as_str()),
-            ":path" => Some(record.path.as_str()),
-            ":authority" | "host" => Some(record.authority.as_str()),
+            ":method" => Some(record.method()),
+            ":path" => Some(record.path()),
+            ":authority" | "host" => Some(record.authority()),
             ":scheme" => Some(if record.connection_security == super::requests::ConnectionSecurity::Unknown {
                 "http"
             } else {
                 "https"
             }),
-            "user-agent" => record.user_agent.as_deref(),
-            "x-forwarded-for" => record.x_forwarded_for.as_deref(),
-            "x-request-id" => record.request_id.as_deref(),
+            "user-agent" => record.user_agent(),
+            "x-forwarded-for" => record.x_forwarded_for(),
+            "x-request-id" => record.request_id(),
             name => record.captured_headers.iter().find(|(kept, _)| kept.as_str() == name).map(|(_, value)| &**value),
         }
     }
@@ -314,10 +314,10 @@ impl Headers for RecordHeaders<'_> {
     fn request_headers(&self) -> Vec<(&str, &str)> {
         let record = self.record;
         let known = [
-            ("host", Some(record.authority.as_str())),
-            ("user-agent", record.user_agent.as_deref()),
-            ("x-forwarded-for", record.x_forwarded_for.as_deref()),
-            ("x-request-id", record.request_id.as_deref()),
+            ("host", Some(record.authority())),
+            ("user-agent", record.user_agent()),
+            ("x-forwarded-for", record.x_forwarded_for()),
+            ("x-request-id", record.request_id()),
         ];
         let known = known.into_iter().filter_map(|(name, value)| value.map(|value| (name, value)));
         known.chain(record.captured_headers.iter().map(|(name, value)| (name.as_str(), &**value))).collect()

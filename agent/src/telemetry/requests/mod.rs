@@ -28,8 +28,10 @@ use crate::{
     policy::labels::{DestinationLabels, LabelText, UNKNOWN},
 };
 
+mod in_force;
 mod lines;
 mod record;
+pub use in_force::TelemetryInForce;
 use lines::LineQueue;
 pub use lines::{json_line, rfc3339_millis, text_line, write_rfc3339_millis};
 pub use record::{ConnectionSecurity, Principal, RequestRecord};
@@ -329,17 +331,11 @@ pub struct RequestTelemetry {
     /// Istio's TCP metrics, for the connections relayed without reading them.
     pub tcp: ConnectionMetrics,
     lines: LineQueue,
-    /// The access log in force: replaced whole when the configuration changes.
-    access_log: Arc<ArcSwap<AccessLog>>,
-    /// The Telemetry API's tag overrides in force.
-    tags: Arc<ArcSwap<TagOverrides>>,
-    /// The Telemetry that scopes to workloads, for their requests.
-    scopes: Arc<ArcSwap<WorkloadScopes>>,
+    /// The access log, tag overrides and workload-scoped Telemetry in force: replaced whole when the configuration
+    /// changes, read once per request.
+    in_force: Arc<ArcSwap<TelemetryInForce>>,
     /// Where the writer writes: the gateway's access log's file, else the one workload-scoped logs write to.
     destination: Arc<ArcSwap<Option<std::path::PathBuf>>>,
-    /// Whether the configuration wants each request's details kept (an access log, tag overrides on the request
-    /// metrics, Telemetry scoped to workloads): read once per request rather than each of those.
-    details_wanted: Arc<std::sync::atomic::AtomicBool>,
     /// Which of Istio's metrics the Telemetry API turned off.
     switches: MetricSwitches,
     dropped_lines: Counter,
@@ -418,8 +414,8 @@ impl RequestTelemetry {
         );
         let (lines, mut queue) = LineQueue::new(ACCESS_LOG_QUEUE_LINES, ACCESS_LOG_QUEUE_BYTES);
         let destination = Arc::new(ArcSwap::from_pointee(access_log.file.clone()));
-        let access_log_on = access_log.is_on();
-        let access_log = Arc::new(ArcSwap::from_pointee(access_log));
+        let in_force = TelemetryInForce::new(access_log, TagOverrides::default(), WorkloadScopes::default());
+        let in_force = Arc::new(ArcSwap::from_pointee(in_force));
         // A thread of its own: writes block, and lines are written in batches, flushed whenever the queue runs
         // dry. A line that cannot be written is counted as dropped.
         let (log, dropped) = (destination.clone(), dropped_lines.clone());
@@ -456,11 +452,8 @@ impl RequestTelemetry {
             metrics,
             tcp,
             lines,
-            access_log,
-            tags: Arc::default(),
-            scopes: Arc::default(),
+            in_force,
             destination,
-            details_wanted: Arc::new(std::sync::atomic::AtomicBool::new(access_log_on)),
             switches,
             dropped_lines,
             host_mismatches,
@@ -536,52 +529,30 @@ impl RequestTelemetry {
         self.connections_refused.inc();
     }
 
-    /// Whether a request's details (its Host, method, path, headers, start) are wanted: by an access log, or by
+    /// The telemetry configuration in force, for a request to keep from its start to its end.
+    pub fn in_force(&self) -> Arc<TelemetryInForce> {
+        self.in_force.load_full()
+    }
+
+    /// Whether a request's details (its Host, method, path, headers, start) are wanted: by what is in force, or by
     /// someone observing the flows (else requests are only counted).
-    pub fn wants_request_details(&self) -> bool {
-        self.details_wanted.load(std::sync::atomic::Ordering::Relaxed) || self.flows.watched()
+    pub fn wants_request_details(&self, in_force: &TelemetryInForce) -> bool {
+        in_force.details_wanted || self.flows.watched()
     }
 
-    /// Whether some Telemetry resource scopes to workloads (then [`Self::scope_of`] is worth asking).
-    pub fn scopes_workloads(&self) -> bool {
-        !self.scopes.load().is_empty()
-    }
-
-    /// The telemetry of `workload`'s requests, when a Telemetry resource scopes to it (`None`: the gateway's).
+    /// The telemetry of `workload`'s requests and connections, when a Telemetry resource scopes to it (`None`: the
+    /// gateway's).
     pub fn scope_of(&self, workload: &Workload) -> Option<Arc<Scope>> {
-        self.scopes.load().of(workload)
-    }
-
-    /// Keeps the request headers the access log's format reads beyond a record's own fields (all of them while an
-    /// override, or a workload's telemetry, may read them).
-    pub fn capture_headers(&self, headers: &http::HeaderMap, into: &mut Vec<(http::HeaderName, Box<str>)>) {
-        if self.tags.load().reads_request_headers || !self.scopes.load().is_empty() {
-            super::access_log::capture_all(headers, into);
-        } else {
-            self.access_log.load().capture(headers, into);
-        }
-    }
-
-    /// Keeps the upstream response's headers the access log reads (all of them while a tag override reads them).
-    pub fn capture_response_headers(&self, headers: &http::HeaderMap, into: &mut Vec<(http::HeaderName, Box<str>)>) {
-        if self.tags.load().reads_response_headers || !self.scopes.load().is_empty() {
-            super::access_log::capture_all_response(headers, into);
-        } else {
-            self.access_log.load().capture_response(headers, into);
-        }
+        self.in_force.load().scope_of(workload)
     }
 
     /// Puts a newly compiled access log in force, the Telemetry API's disabled metrics (`REQUEST_COUNT`…) and its
     /// tag overrides.
     pub fn configure(&self, config: TelemetryConfig) {
         let scoped_destination = (!config.scopes.is_empty()).then(|| config.scopes.destination()).flatten();
-        let details_wanted = config.access_log.is_on() || config.tags.on_requests() || !config.scopes.is_empty();
-        self.details_wanted.store(details_wanted, std::sync::atomic::Ordering::Relaxed);
         self.destination.store(Arc::new(config.access_log.file.clone().or(scoped_destination)));
-        self.access_log.store(Arc::new(config.access_log));
         self.switches.set(&config.disabled_metrics);
-        self.tags.store(Arc::new(config.tags));
-        self.scopes.store(Arc::new(config.scopes));
+        self.in_force.store(Arc::new(TelemetryInForce::new(config.access_log, config.tags, config.scopes)));
     }
 
     /// Counts new work shed while overloaded: a `request` or a `connection`.
@@ -610,9 +581,9 @@ impl RequestTelemetry {
     }
 
     /// The Telemetry API's tag overrides, when some apply to the TCP metrics (see `TcpLabels::tagged`).
-    pub fn connection_tags(&self) -> Option<Arc<TagOverrides>> {
-        let overrides = self.tags.load_full();
-        overrides.on_connections().then_some(overrides)
+    pub fn connection_tags(&self) -> Option<Arc<TelemetryInForce>> {
+        let in_force = self.in_force.load_full();
+        in_force.tags.on_connections().then_some(in_force)
     }
 
     /// Writes `connection`'s access-log line (its metrics are counted as it opens and closes), as its source
@@ -621,7 +592,7 @@ impl RequestTelemetry {
         self.flows.publish(|| super::flows::Flow::connection(connection));
         let line = match scope {
             Some(scope) => scope.access_log.connection_line(connection),
-            None => self.access_log.load().connection_line(connection),
+            None => self.in_force.load().access_log.connection_line(connection),
         };
         let Some(line) = line else { return };
         if !self.lines.offer(line) {
@@ -630,16 +601,18 @@ impl RequestTelemetry {
     }
 
     pub fn record(&self, record: &RequestRecord) {
-        // A workload's own telemetry, where a Telemetry resource scopes to it; else the gateway's.
-        let scope = record.telemetry_scope.as_deref();
-        let gateway_tags;
-        let overrides = match scope {
-            Some(scope) => &scope.tags,
+        // What was in force as the request began (read now for a record made without).
+        let loaded;
+        let in_force = match &record.telemetry {
+            Some(in_force) => &**in_force,
             None => {
-                gateway_tags = self.tags.load();
-                &*gateway_tags
+                loaded = self.in_force.load();
+                &**loaded
             }
         };
+        // A workload's own telemetry, where a Telemetry resource scopes to it; else the gateway's.
+        let scope = record.telemetry_scope.as_deref();
+        let overrides = scope.map_or(&in_force.tags, |scope| &scope.tags);
         let series = if !overrides.on_requests() {
             self.metrics.series_of(record)
         } else {
@@ -664,7 +637,7 @@ impl RequestTelemetry {
         self.flows.publish(|| super::flows::Flow::request(record));
         let line = match scope {
             Some(scope) => scope.access_log.request_line(record),
-            None => self.access_log.load().request_line(record),
+            None => in_force.access_log.request_line(record),
         };
         let Some(line) = line else { return };
         if !self.lines.offer(line) {

@@ -6,6 +6,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use http::{uri::PathAndQuery, HeaderValue, Method};
+
 use super::{Label, Scope};
 use crate::{
     policy::labels::{DestinationLabels, LabelText, UNKNOWN},
@@ -13,11 +15,15 @@ use crate::{
 };
 
 /// Everything known of one request once it has ended.
+///
+/// What the request said of itself (method, path, authority, the headers a line shows) is kept as the request's own
+/// values — reference-counted, not copied — and made text only if a line is written: most requests under a filter
+/// such as "errors only" never are.
 #[derive(Debug, Default)]
 pub struct RequestRecord {
     pub start: Option<SystemTime>,
-    pub method: String,
-    pub path: String,
+    pub method: Option<Method>,
+    pub path: Option<PathAndQuery>,
     pub protocol: &'static str,
     /// A gRPC request (`content-type: application/grpc…`), which Istio labels `request_protocol="grpc"`.
     pub grpc: bool,
@@ -27,10 +33,11 @@ pub struct RequestRecord {
     pub bytes_sent: u64,
     pub duration: Duration,
     pub upstream_service_time: Option<Duration>,
-    pub x_forwarded_for: Option<String>,
-    pub user_agent: Option<String>,
-    pub request_id: Option<String>,
-    pub authority: String,
+    pub x_forwarded_for: Option<HeaderValue>,
+    pub user_agent: Option<HeaderValue>,
+    pub request_id: Option<HeaderValue>,
+    /// The URI's authority (absolute form, HTTP/2), else `Host`.
+    pub authority: Option<HeaderValue>,
     pub upstream_host: Option<std::net::SocketAddr>,
     /// The address the upstream connection left from.
     pub upstream_local: Option<std::net::SocketAddr>,
@@ -59,6 +66,8 @@ pub struct RequestRecord {
     pub captured_response_headers: Vec<(http::HeaderName, Box<str>)>,
     /// The source workload's own telemetry, where a Telemetry resource scopes to it.
     pub telemetry_scope: Option<Arc<Scope>>,
+    /// The telemetry configuration in force as the request began, which counts and logs it.
+    pub telemetry: Option<Arc<super::TelemetryInForce>>,
 }
 
 /// The identity a client's verified certificate carries: its SPIFFE URI (`spiffe://TRUST-DOMAIN/ns/NS/sa/SA`,
@@ -107,8 +116,41 @@ impl ConnectionSecurity {
 }
 
 impl RequestRecord {
+    /// The request's method, empty where its details were not kept.
+    pub fn method(&self) -> &str {
+        self.method.as_ref().map_or("", Method::as_str)
+    }
+
+    /// The request's path and query as forwarded (normalized), empty where not kept.
+    pub fn path(&self) -> &str {
+        self.path.as_ref().map_or("", PathAndQuery::as_str)
+    }
+
+    /// The request's authority, empty where not kept or not text.
+    pub fn authority(&self) -> &str {
+        text(self.authority.as_ref()).unwrap_or_default()
+    }
+
+    pub fn user_agent(&self) -> Option<&str> {
+        text(self.user_agent.as_ref())
+    }
+
+    pub fn x_forwarded_for(&self) -> Option<&str> {
+        text(self.x_forwarded_for.as_ref())
+    }
+
+    pub fn request_id(&self) -> Option<&str> {
+        text(self.request_id.as_ref())
+    }
+
     /// The Envoy cluster, `-` for a request answered before it had one.
     pub fn upstream_cluster(&self) -> String {
         self.destination.as_ref().map_or_else(|| "-".to_owned(), |destination| destination.cluster().to_string())
     }
+}
+
+/// A header's value as text; one with bytes outside visible ASCII (which hyper lets through as obs-text) shows as
+/// absent, as it always has in Sluice's lines.
+fn text(value: Option<&HeaderValue>) -> Option<&str> {
+    value?.to_str().ok()
 }

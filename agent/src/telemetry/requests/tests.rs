@@ -99,17 +99,17 @@ fn start_times_are_written_as_envoy_writes_them() {
 fn a_text_line_has_envoys_default_fields_in_order() {
     let record = RequestRecord {
         start: Some(SystemTime::UNIX_EPOCH),
-        method: "GET".into(),
-        path: "/status/418".into(),
+        method: Some(http::Method::GET),
+        path: Some(http::uri::PathAndQuery::from_static("/status/418")),
         protocol: "HTTP/1.1",
         response_code: 502,
         response_flags: ResponseFlag::None,
         bytes_received: 0,
         bytes_sent: 12,
         duration: Duration::from_millis(3),
-        user_agent: Some("curl/7.88.1".into()),
-        request_id: Some("abc".into()),
-        authority: "edition.cnn.com".into(),
+        user_agent: Some(http::HeaderValue::from_static("curl/7.88.1")),
+        request_id: Some(http::HeaderValue::from_static("abc")),
+        authority: Some(http::HeaderValue::from_static("edition.cnn.com")),
         ..RequestRecord::default()
     };
     assert_eq!(
@@ -121,11 +121,11 @@ fn a_text_line_has_envoys_default_fields_in_order() {
 #[test]
 fn a_json_line_names_the_route_and_cluster_as_envoys_json_log_does() {
     let record = RequestRecord {
-        method: "GET".into(),
-        path: "/v1/items".into(),
+        method: Some(http::Method::GET),
+        path: Some(http::uri::PathAndQuery::from_static("/v1/items")),
         protocol: "HTTP/1.1",
         response_code: 200,
-        authority: "httpbin.org".into(),
+        authority: Some(http::HeaderValue::from_static("httpbin.org")),
         route_name: Some(crate::policy::routes::RouteName::Indexed("default/httpbin".into(), 0)),
         destination: Some(DestinationLabels::registered("httpbin.org".into(), "default".into(), 80, None)),
         ..RequestRecord::default()
@@ -165,15 +165,15 @@ fn access_log_cost() {
     let log = AccessLog::compile(&snapshot.mesh, None, &Default::default());
     let record = RequestRecord {
         start: Some(SystemTime::now()),
-        method: "GET".into(),
-        path: "/".into(),
+        method: Some(http::Method::GET),
+        path: Some(http::uri::PathAndQuery::from_static("/")),
         protocol: "HTTP/1.1",
         response_code: 200,
         bytes_sent: 612,
         duration: Duration::from_micros(180),
         upstream_service_time: Some(Duration::from_micros(150)),
-        user_agent: Some("wrk".into()),
-        authority: "203.0.113.10".into(),
+        user_agent: Some(http::HeaderValue::from_static("wrk")),
+        authority: Some(http::HeaderValue::from_static("203.0.113.10")),
         upstream_host: Some("203.0.113.10:80".parse().unwrap()),
         route_name: Some(crate::policy::routes::RouteName::Indexed("bench/origin".into(), 0)),
         destination: Some(DestinationLabels::registered("origin.bench".into(), "bench".into(), 80, None)),
