@@ -384,7 +384,9 @@ pub struct ClusterState {
     slots: Option<Arc<tokio::sync::Semaphore>>,
     waiting: AtomicUsize,
     max_waiting: usize,
-    health: Mutex<HashMap<IpAddr, Health>>,
+    /// By endpoint, for outlier detection: a list (a cluster has a few endpoints), empty and unallocated in most
+    /// clusters, which have none.
+    health: Mutex<Vec<(IpAddr, Health)>>,
 }
 
 #[derive(Debug, Default)]
@@ -412,7 +414,7 @@ impl ClusterState {
             slots: limits.map(|(in_flight, _)| Arc::new(tokio::sync::Semaphore::new(in_flight))),
             waiting: AtomicUsize::new(0),
             max_waiting: limits.map_or(0, |(_, pending)| pending),
-            health: Mutex::new(HashMap::new()),
+            health: Mutex::new(Vec::new()),
         }
     }
 
@@ -445,7 +447,11 @@ impl ClusterState {
     /// times the number of its ejections.
     pub fn report(&self, address: IpAddr, outcome: Outcome, outlier: &Outlier) {
         let mut all = self.health.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let health = all.entry(address).or_default();
+        let index = all.iter().position(|(known, _)| *known == address).unwrap_or_else(|| {
+            all.push((address, Health::default()));
+            all.len() - 1
+        });
+        let Some((_, health)) = all.get_mut(index) else { return };
         let (server_error, gateway_error) = match outcome {
             Outcome::Status(status) => ((500..600).contains(&status), matches!(status, 502..=504)),
             Outcome::Failed => (true, true),

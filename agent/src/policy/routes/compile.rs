@@ -217,14 +217,16 @@ pub(super) fn compile_route(route: &HttpRoute, scope: &Arc<RouteScope>, index: u
         }),
         response_headers,
         retries: route.retries.as_deref().map(retry_policy),
-        fault: route.fault.as_deref().map(fault),
-        mirror: route.mirror.as_ref().map(|mirror| Mirror {
-            host: mirror.host.clone(),
-            port: mirror.port.as_ref().and_then(|p| u16::try_from(p.number).ok()),
-            // Istio mirrors every request when no share is given.
-            percent: route.mirror_percentage.as_ref().map_or(100.0, |p| p.value),
+        fault: route.fault.as_deref().map(|f| Box::new(fault(f))),
+        mirror: route.mirror.as_ref().map(|mirror| {
+            Box::new(Mirror {
+                host: mirror.host.clone(),
+                port: mirror.port.as_ref().and_then(|p| u16::try_from(p.number).ok()),
+                // Istio mirrors every request when no share is given.
+                percent: route.mirror_percentage.as_ref().map_or(100.0, |p| p.value),
+            })
         }),
-        cors: route.cors_policy.as_ref().map(|policy| cors(policy, regexes)),
+        cors: route.cors_policy.as_ref().map(|policy| Box::new(cors(policy, regexes))),
     };
     Route {
         matches: interner.matches(&route.matches, namespace),

@@ -357,12 +357,12 @@ pub(super) fn clusters(
         address: endpoint.address,
         port: endpoint.ports.get(&*port.name).copied().or(port.target).unwrap_or(port.number),
     };
-    let cluster = |subset: Option<Arc<str>>, endpoints: Vec<ClusterEndpoint>, policy: Option<&TrafficPolicy>| {
-        let policy = policy
-            .map(|policy| {
-                ClusterPolicy::compile(settings_for_port(policy, port.number), port.http2, inputs.credentials)
-            })
-            .unwrap_or_default();
+    let compile = |policy: Option<&TrafficPolicy>| {
+        let settings = policy.map(|policy| settings_for_port(policy, port.number));
+        let compiled = settings.map(|settings| ClusterPolicy::compile(settings, port.http2, inputs.credentials));
+        ClusterPolicy::shared(compiled.unwrap_or_default())
+    };
+    let cluster = |subset: Option<Arc<str>>, endpoints: Vec<ClusterEndpoint>, policy: Arc<ClusterPolicy>| {
         let labels = DestinationLabels::registered(host.clone(), namespace.clone(), port.number, subset);
         // State that must outlive recompiles is kept only where a policy needs it, by cluster name.
         let state = if policy.limits.is_some() || policy.outlier.is_some() {
@@ -373,13 +373,14 @@ pub(super) fn clusters(
         } else {
             states.fresh()
         };
-        Cluster { labels, endpoints: endpoints.into(), policy: ClusterPolicy::shared(policy), state }
+        Cluster { labels, endpoints: endpoints.into(), policy, state }
     };
-    let top = rule.and_then(|rule| rule.traffic_policy.as_ref());
-    let mut out = vec![cluster(None, endpoints.iter().map(on_port).collect(), top)];
+    let top = compile(rule.and_then(|rule| rule.traffic_policy.as_ref()));
+    let mut out = vec![cluster(None, endpoints.iter().map(on_port).collect(), top.clone())];
     for subset in rule.map(|rule| rule.subsets.as_slice()).unwrap_or_default() {
         let members = with_labels(endpoints, &subset.labels).iter().map(on_port).collect();
-        let policy = subset.traffic_policy.as_ref().or(top);
+        // A subset without a policy of its own shares the rule's, compiled once.
+        let policy = subset.traffic_policy.as_ref().map_or_else(|| top.clone(), |own| compile(Some(own)));
         out.push(cluster(Some(interner.text(&subset.name)), members, policy));
     }
     out

@@ -72,14 +72,16 @@ pub struct RouteScope {
     pub(super) names: Box<[Option<Arc<str>>]>,
 }
 
+/// The rarest of them boxed again (a CORS policy alone is 192 bytes): a route with a rewrite and retries, the
+/// usual extras, holds no room for a CORS policy, a fault or a mirror it does not have.
 #[derive(Debug, Default)]
 pub(super) struct RouteExtras {
     pub(super) rewrite: Option<Rewrite>,
     pub(super) response_headers: HeaderOps,
     pub(super) retries: Option<RetryPolicy>,
-    pub(super) fault: Option<Fault>,
-    pub(super) mirror: Option<Mirror>,
-    pub(super) cors: Option<Cors>,
+    pub(super) fault: Option<Box<Fault>>,
+    pub(super) mirror: Option<Box<Mirror>>,
+    pub(super) cors: Option<Box<Cors>>,
 }
 
 impl RouteExtras {
@@ -121,15 +123,15 @@ impl Route {
     }
 
     pub fn fault(&self) -> Option<&Fault> {
-        self.extras.as_ref()?.fault.as_ref()
+        self.extras.as_ref()?.fault.as_deref()
     }
 
     pub fn mirror(&self) -> Option<&Mirror> {
-        self.extras.as_ref()?.mirror.as_ref()
+        self.extras.as_ref()?.mirror.as_deref()
     }
 
     pub fn cors(&self) -> Option<&Cors> {
-        self.extras.as_ref()?.cors.as_ref()
+        self.extras.as_ref()?.cors.as_deref()
     }
 }
 
