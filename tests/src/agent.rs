@@ -227,6 +227,11 @@ impl<'a> Agent<'a> {
         http_get(self.netns, self.admin, "/config_dump")
     }
 
+    /// The JSON the admin endpoint `/status` serves (what `sluice status -o json` prints).
+    pub fn status(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::from_str(&http_get(self.netns, self.admin, "/status")?)?)
+    }
+
     /// The value of one series, e.g. `sluice_datapath_packets_total{verdict="allowed"}`; 0 when absent.
     pub fn sample(&self, series: &str) -> anyhow::Result<u64> {
         let metrics = self.metrics()?;

@@ -199,8 +199,15 @@ fn a_successor_that_dies_before_it_is_ready_leaves_the_owner_serving_and_writing
 
     let started = std::thread::scope(|scope| {
         let successor = scope.spawn(|| Agent::start_pinned(&topology.gateway, &bpffs, &successor_args).map(drop));
-        // Held still for it: the successor has claimed the pins and is taking them up. It dies there.
+        // Held still for it: the successor has claimed the pins and is taking them up. It dies there, once its
+        // classifier runs on the link (a policy was pinned: it enforces at once, before its lookups).
         owner.wait_for_log("a successor agent is starting on these pins: holding still", 1).unwrap();
+        let ours = owner.status().unwrap()["datapath"]["programId"].as_u64().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while owner.status().unwrap()["datapath"]["linkPrograms"][GATEWAY_WORKLOAD_IFACE].as_u64() == Some(ours) {
+            assert!(Instant::now() < deadline, "the successor's classifier never ran on the link");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let killed = Command::new("pkill").args(["-KILL", "-f", "metrics-addr 127.0.0.1:25090"]).status().unwrap();
         assert!(killed.success(), "the successor was running");
         successor.join().unwrap()
@@ -208,6 +215,12 @@ fn a_successor_that_dies_before_it_is_ready_leaves_the_owner_serving_and_writing
     assert!(started.is_err(), "the successor was killed before it was ready");
 
     owner.wait_for_log("the successor went away before it was ready: this agent goes on", 1).unwrap();
+    // The owner's classifier is back on the link, so that what the owner writes is what the kernel reads whatever
+    // the successor's map layout.
+    owner.wait_for_log("this agent's classifier put back on the links", 1).unwrap();
+    let status = owner.status().unwrap();
+    let ours = status["datapath"]["programId"].as_u64().unwrap();
+    assert_eq!(status["datapath"]["linkPrograms"][GATEWAY_WORKLOAD_IFACE].as_u64(), Some(ours), "{status}");
     // The owner serves and enforces as before…
     assert!(owner.readiness().is_ok(), "{}", owner.log());
     assert_eq!(topology.workload.enter(|| load::one_request(addr(SERVER_A, 80), "httpbin.org")).unwrap(), Ok(()));

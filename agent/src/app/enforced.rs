@@ -92,6 +92,17 @@ impl Enforced {
         crate::allocator::release_freed_memory();
     }
 
+    /// Puts this agent's classifier back on its links where a successor that went away left its own.
+    pub fn reclaim_links(&mut self) {
+        match self.datapath().reclaim() {
+            Ok(interfaces) if interfaces.is_empty() => {}
+            Ok(interfaces) => tracing::warn!(?interfaces, "this agent's classifier put back on the links"),
+            Err(error) => {
+                tracing::error!(error = %format!("{error:#}"), "putting this agent's classifier back on its links")
+            }
+        }
+    }
+
     /// Tells the kernel which workloads' mode differs from the policy's (their Sidecars'), by address.
     pub fn apply_sources(&mut self) {
         let exceptions = self.sidecars.exceptions(&self.workloads.load());

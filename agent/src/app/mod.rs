@@ -386,6 +386,8 @@ impl App {
                         }
                         Held::Gone => {
                             tracing::warn!("the successor went away before it was ready: this agent goes on");
+                            // Its classifier (and maps, if another layout) may be on the links: this agent's back.
+                            self.enforced.reclaim_links();
                             // What the successor wrote is replaced by this agent's policy, whole.
                             self.enforced.sources = None;
                             self.refresh = reload(&mut self.control, &mut self.enforced).await;

@@ -60,6 +60,16 @@ struct TcxLinkInfo {
 /// Where the link pinned at `path` holds its program: `Some(ifindex)`, or `None` when the link is severed (its
 /// interface was deleted) or is no TCX link. A missing pin is an error of kind `NotFound`.
 pub(super) fn pinned_tcx_interface(path: &Path) -> io::Result<Option<u32>> {
+    let info = pinned_link(path)?;
+    Ok((info.link_type == BPF_LINK_TYPE_TCX && info.ifindex != 0).then_some(info.ifindex))
+}
+
+/// The id of the program the link pinned at `path` runs.
+pub(super) fn pinned_link_program(path: &Path) -> io::Result<u32> {
+    Ok(pinned_link(path)?.prog_id)
+}
+
+fn pinned_link(path: &Path) -> io::Result<TcxLinkInfo> {
     let path = CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let mut get = ObjGetAttr { pathname: path.as_ptr() as u64, ..ObjGetAttr::default() };
     // SAFETY: `get` is a valid BPF_OBJ_GET attribute whose `pathname` points at a NUL-terminated string that
@@ -81,7 +91,7 @@ pub(super) fn pinned_tcx_interface(path: &Path) -> io::Result<Option<u32>> {
     if result < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok((info.link_type == BPF_LINK_TYPE_TCX && info.ifindex != 0).then_some(info.ifindex))
+    Ok(info)
 }
 
 /// The `bpf(2)` system call.

@@ -313,6 +313,34 @@ impl Datapath {
         Ok(reason)
     }
 
+    /// Puts this agent's classifier back on the links it holds, in place (no gap), and pins it again: a successor
+    /// that took them up and went away before it was ready left its own classifier running there — with its own
+    /// maps when its layout differed, which this agent's writes would never reach. Returns the interfaces.
+    pub fn reclaim(&mut self) -> Result<Vec<String>, DatapathError> {
+        let held: Vec<Interface> =
+            self.attached.iter().map(|(name, index)| Interface { name: name.clone(), index: *index }).collect();
+        let mut reclaimed = Vec::new();
+        for interface in held {
+            let ours = self.program_id();
+            let running = link_info::pinned_link_program(&self.pins.link(&interface.name)).ok();
+            if running.is_some() && running == ours {
+                continue;
+            }
+            self.attach(&interface, AttachReason::Adopted)?;
+            reclaimed.push(interface.name);
+        }
+        if !reclaimed.is_empty() {
+            self.pins.pin_program(program(&mut self.ebpf)?)?;
+        }
+        Ok(reclaimed)
+    }
+
+    /// The program each held link runs now (this agent's classifier, unless another agent's replaced it).
+    pub fn link_programs(&self) -> BTreeMap<String, Option<u32>> {
+        let running = |name: &String| link_info::pinned_link_program(&self.pins.link(name)).ok();
+        self.attached.keys().map(|name| (name.clone(), running(name))).collect()
+    }
+
     /// Detaches the interfaces a previous agent attached and this one does not select.
     pub fn detach_others(&mut self) -> Result<Vec<String>, DatapathError> {
         let keep: Vec<String> = self.attached.keys().cloned().collect();

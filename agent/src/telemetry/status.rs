@@ -43,16 +43,19 @@ pub struct AgentState {
 impl AgentState {
     pub fn render(&self) -> String {
         let readiness = self.readiness.borrow().clone();
-        let (program_id, attached) = {
+        let (program_id, attached, link_programs) = {
             let datapath = self.datapath.lock().unwrap_or_else(PoisonError::into_inner);
-            (datapath.program_id(), datapath.attached().map(str::to_owned).collect::<Vec<_>>())
+            let attached = datapath.attached().map(str::to_owned).collect::<Vec<_>>();
+            (datapath.program_id(), attached, datapath.link_programs())
         };
         let mut status = self.dump.borrow().summary();
         let unenforced: Vec<Value> =
             readiness.unenforced.iter().map(|(name, why)| json!({"interface": name, "why": why})).collect();
         status["ready"] = json!(readiness.not_ready_because().is_none());
         status["notReadyBecause"] = json!(readiness.not_ready_because());
-        status["datapath"] = json!({"programId": program_id, "attached": attached, "unenforced": unenforced});
+        // Each link's program, which is `programId` unless another agent's classifier runs there.
+        status["datapath"] = json!({"programId": program_id, "attached": attached, "linkPrograms": link_programs,
+                                    "unenforced": unenforced});
         status["forwardProxyPort"] = json!(self.forward_proxy_port);
         let now = std::time::SystemTime::now();
         let answers: serde_json::Map<String, Value> = self
