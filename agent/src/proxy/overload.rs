@@ -11,8 +11,9 @@ use std::{
 
 use prometheus_client::metrics::gauge::Gauge;
 
-/// How often resident memory is read.
-const EVERY: Duration = Duration::from_millis(250);
+/// How often resident memory is read: far from the threshold, near it (past half), and close to it (past 80%),
+/// where a burst of new connections could cross it between two reads (one read costs a few microseconds).
+const EVERY: [Duration; 3] = [Duration::from_millis(250), Duration::from_millis(50), Duration::from_millis(10)];
 /// Work is taken again below this share of the threshold (so that shedding does not flap).
 const RESUME_AT: f64 = 0.95;
 /// The default threshold's share of the cgroup's memory limit.
@@ -29,13 +30,14 @@ impl Overload {
         self.shedding.load(Ordering::Relaxed)
     }
 
-    /// Reads resident memory every `EVERY` and sheds past `threshold` bytes; `active` shows it (1 while shedding).
+    /// Reads resident memory (the more often the closer it is to `threshold` bytes) and sheds past it; `active`
+    /// shows it (1 while shedding).
     pub async fn watch(&self, threshold: u64, active: Gauge) {
-        let mut every = tokio::time::interval(EVERY);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_read = EVERY[0];
         loop {
-            every.tick().await;
+            tokio::time::sleep(next_read).await;
             let Some(mut resident) = resident_bytes() else { continue };
+            next_read = read_interval(resident, threshold);
             let resume_at = (threshold as f64 * RESUME_AT) as u64;
             if resident >= resume_at {
                 // What the allocator holds freed goes back first: shed only if that is not enough, and take work
@@ -55,6 +57,16 @@ impl Overload {
                 }
             }
         }
+    }
+}
+
+/// How long until resident memory is read again, when it is `resident` bytes.
+fn read_interval(resident: u64, threshold: u64) -> Duration {
+    let share = resident as f64 / threshold.max(1) as f64;
+    match share {
+        share if share >= 0.8 => EVERY[2],
+        share if share >= 0.5 => EVERY[1],
+        _ => EVERY[0],
     }
 }
 
@@ -123,6 +135,16 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_is_read_more_often_the_closer_it_is_to_the_threshold() {
+        let threshold = 1000 << 20;
+        assert_eq!(read_interval(100 << 20, threshold), Duration::from_millis(250));
+        assert_eq!(read_interval(600 << 20, threshold), Duration::from_millis(50));
+        assert_eq!(read_interval(900 << 20, threshold), Duration::from_millis(10));
+        assert_eq!(read_interval(2000 << 20, threshold), Duration::from_millis(10), "past it: while shedding");
+        assert_eq!(read_interval(1, 0), Duration::from_millis(10), "a threshold of nothing is always near");
+    }
 
     #[test]
     fn sizes_read_as_kubernetes_quantities() {
