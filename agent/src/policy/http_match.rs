@@ -34,8 +34,8 @@ impl RegexCache {
 /// One compiled `StringMatch`.
 #[derive(Clone, Debug)]
 pub enum Matcher {
-    Exact(String),
-    Prefix(String),
+    Exact(Box<str>),
+    Prefix(Box<str>),
     Regex(Arc<Regex>),
     /// A match that sets no form: any value (for a header or query parameter, its presence), as Istio reads it.
     Any,
@@ -46,9 +46,9 @@ impl Matcher {
     pub fn compile(value: &StringMatch, ignore_case: bool, regexes: &mut RegexCache) -> Option<Matcher> {
         let fold = |text: &str| if ignore_case { text.to_ascii_lowercase() } else { text.to_owned() };
         if let Some(exact) = &value.exact {
-            Some(Matcher::Exact(fold(exact)))
+            Some(Matcher::Exact(fold(exact).into()))
         } else if let Some(prefix) = &value.prefix {
-            Some(Matcher::Prefix(fold(prefix)))
+            Some(Matcher::Prefix(fold(prefix).into()))
         } else {
             let Some(pattern) = value.regex.as_deref() else {
                 return Some(Matcher::Any);
@@ -62,11 +62,11 @@ impl Matcher {
     pub fn matches(&self, text: &str, ignore_case: bool) -> bool {
         match self {
             Matcher::Exact(exact) if ignore_case => text.eq_ignore_ascii_case(exact),
-            Matcher::Exact(exact) => text == exact,
+            Matcher::Exact(exact) => text == &**exact,
             Matcher::Prefix(prefix) if ignore_case => {
                 text.len() >= prefix.len() && text.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
             }
-            Matcher::Prefix(prefix) => text.starts_with(prefix.as_str()),
+            Matcher::Prefix(prefix) => text.starts_with(&**prefix),
             Matcher::Regex(regex) => regex.is_match(text),
             Matcher::Any => true,
         }
@@ -178,7 +178,7 @@ impl RequestMatch {
     /// The prefix the URI matched on, which a `rewrite.uri` replaces.
     pub fn uri_prefix(&self) -> Option<&str> {
         self.conditions.iter().find_map(|condition| match condition {
-            Condition::Uri { matcher: Matcher::Prefix(prefix), .. } => Some(prefix.as_str()),
+            Condition::Uri { matcher: Matcher::Prefix(prefix), .. } => Some(&**prefix),
             _ => None,
         })
     }

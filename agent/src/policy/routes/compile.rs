@@ -208,12 +208,12 @@ pub(super) fn compile_route(route: &HttpRoute, scope: &Arc<RouteScope>, index: u
     let regexes = &mut interner.regexes;
     let extras = RouteExtras {
         rewrite: route.rewrite.as_ref().map(|rewrite| Rewrite {
-            uri: rewrite.uri.clone(),
+            uri: rewrite.uri.as_deref().map(Box::from),
             uri_regex: rewrite
                 .uri_regex_rewrite
                 .as_ref()
-                .and_then(|r| Some((regexes.get(&r.pattern)?, r.rewrite.replace("\\", "$")))),
-            authority: rewrite.authority.clone(),
+                .and_then(|r| Some((regexes.get(&r.pattern)?, r.rewrite.replace("\\", "$").into()))),
+            authority: rewrite.authority.as_deref().map(Box::from),
         }),
         response_headers,
         retries: route.retries.as_deref().map(retry_policy),

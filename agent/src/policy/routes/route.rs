@@ -355,9 +355,9 @@ pub struct Redirect {
 
 #[derive(Debug)]
 pub struct Rewrite {
-    pub uri: Option<String>,
-    pub uri_regex: Option<(Arc<Regex>, String)>,
-    pub authority: Option<String>,
+    pub uri: Option<Box<str>>,
+    pub uri_regex: Option<(Arc<Regex>, Box<str>)>,
+    pub authority: Option<Box<str>>,
 }
 
 /// Header manipulations, names and values checked here: removals, then sets, then additions, as Envoy orders

@@ -351,10 +351,10 @@ pub fn rewritten_path(route: Option<Matched<'_>>, uri: &Uri) -> Result<PathAndQu
     let mut path = if let Some(uri) = &rewrite.uri {
         match prefix {
             Some(prefix) => format!("{uri}{}", path.get(prefix.len()..).unwrap_or("")),
-            _ => uri.clone(),
+            _ => uri.to_string(),
         }
     } else if let Some((regex, replacement)) = &rewrite.uri_regex {
-        regex.replace_all(path, replacement.as_str()).into_owned()
+        regex.replace_all(path, &**replacement).into_owned()
     } else {
         path.to_owned()
     };
