@@ -26,7 +26,7 @@ impl RegexCache {
         let translated = crate::config::re2::translate(pattern);
         let compiled =
             regex::RegexBuilder::new(&translated).nest_limit(crate::config::re2::NEST_LIMIT).build().ok().map(Arc::new);
-        self.compiled.insert(pattern.to_owned(), compiled.clone());
+        crate::allocator::transient(|| self.compiled.insert(pattern.to_owned(), compiled.clone()));
         compiled
     }
 }

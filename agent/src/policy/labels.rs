@@ -91,7 +91,8 @@ static BLACKHOLE_NAME: LabelText = LabelText::Static(&"BlackHoleCluster");
 static PASSTHROUGH_NAME: LabelText = LabelText::Static(&"PassthroughCluster");
 
 /// The value in `set` equal to `value`, or `value` shared and added to it: what is shared so is held once, and
-/// found by its address.
+/// found by its address. The set's own room is allocated apart (`transient`): a set is an index (a compile's, most
+/// often, dropped with it), whose table would otherwise leave holes among the values that stay.
 pub fn interned<T, V, S>(set: &mut HashSet<Arc<T>, S>, value: V) -> Arc<T>
 where
     T: ?Sized + Eq + Hash,
@@ -103,7 +104,7 @@ where
         return shared.clone();
     }
     let shared = Arc::from(value);
-    set.insert(shared.clone());
+    crate::allocator::transient(|| set.insert(shared.clone()));
     shared
 }
 

@@ -49,11 +49,15 @@ impl Interner {
     /// A route's `match` list compiled, shared with every route of the policy that matches alike (the same
     /// conditions recur across VirtualServices, as configurations are written from templates).
     pub(super) fn matches(&mut self, matches: &[HttpMatch], namespace: &str) -> Arc<Matches> {
-        let key = (self.text(namespace), matches.to_vec());
+        let key = (self.text(namespace), transient(|| matches.to_vec()));
+        if let Some(compiled) = self.matches.get(&key) {
+            return compiled.clone();
+        }
         let regexes = &mut self.regexes;
-        let compile =
-            || Arc::new(Matches(matches.iter().map(|m| RequestMatch::compile(m, namespace, regexes)).collect()));
-        self.matches.entry(key).or_insert_with(compile).clone()
+        let compiled =
+            Arc::new(Matches(matches.iter().map(|m| RequestMatch::compile(m, namespace, regexes)).collect()));
+        transient(|| self.matches.insert(key, compiled.clone()));
+        compiled
     }
 
     /// Where a route's destination goes, shared with every target that goes there alike.
@@ -66,13 +70,15 @@ impl Interner {
         let port = destination.port.as_ref().and_then(|p| u16::try_from(p.number).ok());
         let subset = destination.subset.as_deref();
         let extras = self.target_extras(subset, headers);
-        let extras_key = extras
-            .is_some()
-            .then(|| ExtrasKey { subset: subset.map(|subset| self.text(subset)), headers: headers.cloned() });
-        self.target_destinations
-            .entry(DestinationKey { host: host.clone(), port, extras: extras_key })
-            .or_insert_with(|| Arc::new(TargetDestination { host, port, extras }))
-            .clone()
+        let subset = extras.as_ref().and(subset).map(|subset| self.text(subset));
+        let extras_key = extras.is_some().then(|| ExtrasKey { subset, headers: transient(|| headers.cloned()) });
+        let key = DestinationKey { host: host.clone(), port, extras: extras_key };
+        if let Some(destination) = self.target_destinations.get(&key) {
+            return destination.clone();
+        }
+        let destination = Arc::new(TargetDestination { host, port, extras });
+        transient(|| self.target_destinations.insert(key, destination.clone()));
+        destination
     }
 
     /// A target's subset and header manipulations, shared with every target that has the same; `None` without
@@ -82,19 +88,24 @@ impl Interner {
             return None;
         }
         let subset = subset.map(|subset| self.text(subset));
-        let key = ExtrasKey { subset: subset.clone(), headers: headers.cloned() };
+        let key = ExtrasKey { subset: subset.clone(), headers: transient(|| headers.cloned()) };
         if let Some(extras) = self.target_extras.get(&key) {
             return Some(extras.clone());
         }
         let headers = header_ops(headers, self);
         let extras = Arc::new(TargetExtras { subset, headers });
-        self.target_extras.insert(key, extras.clone());
+        transient(|| self.target_extras.insert(key, extras.clone()));
         Some(extras)
     }
 
     /// Header manipulations compiled, shared with every use of the same ones in the policy.
     pub(super) fn header_ops(&mut self, operations: Option<&HeaderOperations>) -> HeaderOps {
         let Some(operations) = operations else { return HeaderOps::default() };
-        self.header_ops.entry(operations.clone()).or_insert_with(|| HeaderOps::compile(operations)).clone()
+        if let Some(compiled) = self.header_ops.get(operations) {
+            return compiled.clone();
+        }
+        let compiled = HeaderOps::compile(operations);
+        transient(|| self.header_ops.insert(operations.clone(), compiled.clone()));
+        compiled
     }
 }

@@ -276,25 +276,28 @@ pub(super) fn services(
     let endpoint_ports = |ports: &BTreeMap<String, u32>| {
         ports.iter().filter_map(|(n, &p)| Some((n.clone(), u16::try_from(p).ok()?))).collect()
     };
-    let listed: Vec<Endpoint> = entry
-        .endpoints
-        .iter()
-        .flat_map(|endpoint| {
-            let addresses: Vec<IpAddr> = match resolution {
-                Resolution::Static => parse_address(&endpoint.address).map(|net| net.addr()).into_iter().collect(),
-                Resolution::Dns | Resolution::DnsRoundRobin => match endpoint.address.parse::<IpAddr>() {
-                    Ok(address) => vec![address],
-                    Err(_) => resolved.get(&endpoint.address).cloned().unwrap_or_default(),
-                },
-                Resolution::None => Vec::new(),
-            };
-            addresses.into_iter().map(|address| Endpoint {
-                address,
-                ports: endpoint_ports(&endpoint.ports),
-                labels: endpoint.labels.clone(),
+    // Read into the clusters below, then dropped: allocated apart from what the policy keeps.
+    let listed: Vec<Endpoint> = transient(|| {
+        entry
+            .endpoints
+            .iter()
+            .flat_map(|endpoint| {
+                let addresses: Vec<IpAddr> = match resolution {
+                    Resolution::Static => parse_address(&endpoint.address).map(|net| net.addr()).into_iter().collect(),
+                    Resolution::Dns | Resolution::DnsRoundRobin => match endpoint.address.parse::<IpAddr>() {
+                        Ok(address) => vec![address],
+                        Err(_) => resolved.get(&endpoint.address).cloned().unwrap_or_default(),
+                    },
+                    Resolution::None => Vec::new(),
+                };
+                addresses.into_iter().map(|address| Endpoint {
+                    address,
+                    ports: endpoint_ports(&endpoint.ports),
+                    labels: endpoint.labels.clone(),
+                })
             })
-        })
-        .collect();
+            .collect()
+    });
     entry
         .hosts
         .iter()
