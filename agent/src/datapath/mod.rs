@@ -319,9 +319,9 @@ impl Datapath {
     pub fn reclaim(&mut self) -> Result<Vec<String>, DatapathError> {
         let held: Vec<Interface> =
             self.attached.iter().map(|(name, index)| Interface { name: name.clone(), index: *index }).collect();
+        let ours = self.program_id();
         let mut reclaimed = Vec::new();
         for interface in held {
-            let ours = self.program_id();
             let running = link_info::pinned_link_program(&self.pins.link(&interface.name)).ok();
             if running.is_some() && running == ours {
                 continue;
