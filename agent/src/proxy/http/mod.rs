@@ -380,7 +380,7 @@ impl HttpProxy {
                 record.path = Some(request.uri().path_and_query().cloned().unwrap_or(PathAndQuery::from_static("/")));
                 [record.user_agent, record.x_forwarded_for, record.request_id] =
                     first_values(headers, [&header::USER_AGENT, &X_FORWARDED_FOR, &X_REQUEST_ID]);
-                telemetry.capture_headers(request.headers(), &mut record.captured_headers);
+                telemetry.capture_headers(headers, &mut record.captured_headers);
                 // A workload's own Telemetry (its namespace's, its selector's) for what it sends through the mesh,
                 // as its sidecar would apply it; what arrives on a Gateway port is the gateway's.
                 if !matches!(connection.listener, Listener::Gateway(_)) && !telemetry.scopes.is_empty() {
