@@ -1,6 +1,7 @@
 //! The agent's run: wires the configuration sources, the datapath, the proxy and the telemetry servers together
 //! (`App::start`), then reconciles on every event until told to stop (`App::run_until`).
 
+mod certificate_watch;
 mod control;
 mod enforced;
 mod handover;
@@ -22,6 +23,7 @@ use tokio::{
     task::JoinSet,
 };
 
+use certificate_watch::CertificateWatch;
 use handover::{Claim, Held, Ownership, Successor};
 
 pub use control::Control;
@@ -80,6 +82,8 @@ pub struct App {
     file_changes: mpsc::Receiver<()>,
     /// Keeps the file watch alive.
     _file_watch: Option<file_watch::Watch>,
+    /// The certificate files the configuration names, wherever they are.
+    certificate_files: CertificateWatch,
     /// With --kube, the pods behind the gateway: when they change, the workloads whose Sidecar's mode differs
     /// may have too.
     pods: Option<Arc<KnownWorkloads>>,
@@ -247,6 +251,7 @@ impl App {
         metrics.requests.configure(control.telemetry(&snapshot));
         metrics.config_generation.set(1);
         let (dump, dump_reader) = watch::channel(Arc::new(control.dump(1, policy, &bindings)));
+        let certificate_files = CertificateWatch::new(snapshot.certificate_files());
         drop((bindings, snapshot));
         crate::allocator::release_freed_memory();
         metrics.set_rejected(control.rejected());
@@ -331,6 +336,7 @@ impl App {
             kube_changes,
             file_changes,
             _file_watch: file_watch,
+            certificate_files,
             pods,
             secrets,
             refresh,
@@ -390,21 +396,18 @@ impl App {
                             self.enforced.reclaim_links();
                             // What the successor wrote is replaced by this agent's policy, whole.
                             self.enforced.sources = None;
-                            self.refresh = reload(&mut self.control, &mut self.enforced).await;
+                            self.reload().await;
                         }
                     }
                 }
                 true = kube_changed => {
                     self.readiness.send_if_modified(|readiness| !std::mem::replace(&mut readiness.listed, true));
-                    self.refresh = reload(&mut self.control, &mut self.enforced).await;
+                    self.reload().await;
                 }
-                Some(()) = self.file_changes.recv() => {
-                    self.refresh = reload(&mut self.control, &mut self.enforced).await;
-                }
+                Some(()) = self.file_changes.recv() => self.reload().await,
+                () = self.certificate_files.changed() => self.reload().await,
                 () = pods_changed => self.enforced.apply_sources(),
-                () = secrets_changed => {
-                    self.refresh = reload(&mut self.control, &mut self.enforced).await;
-                }
+                () = secrets_changed => self.reload().await,
                 () = tokio::time::sleep(self.refresh) => {
                     let (changed, next) = self.control.resolve().await;
                     self.refresh = next;
@@ -572,14 +575,16 @@ async fn watch_kubernetes(
 /// How long to wait between attempts to reach the API server at start.
 const KUBE_RETRY: Duration = Duration::from_millis(500);
 
-/// Reads the configuration again (files and Kubernetes), resolves its names and applies the result; returns
-/// when to look the names up again.
-async fn reload(control: &mut Control, enforced: &mut Enforced) -> Duration {
-    let snapshot = control.load();
-    enforced.metrics.set_rejected(control.rejected());
-    let refresh = control.resolve().await.1;
-    enforced.apply(control, snapshot);
-    refresh
+impl App {
+    /// Reads the configuration again (files and Kubernetes), resolves its names and applies the result, then
+    /// watches the certificate files it names; looks the names up again when their answers run out.
+    async fn reload(&mut self) {
+        let snapshot = self.control.load();
+        self.enforced.metrics.set_rejected(self.control.rejected());
+        self.refresh = self.control.resolve().await.1;
+        self.certificate_files.follow(snapshot.certificate_files());
+        self.enforced.apply(&self.control, snapshot);
+    }
 }
 
 /// Raises the soft limit on open descriptors to what `max_connections` clients need (each with an upstream

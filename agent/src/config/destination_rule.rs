@@ -227,3 +227,24 @@ pub struct ClientTls {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_crl: Option<String>,
 }
+
+impl ClientTls {
+    /// The PEM files it names (CAs, client certificate, key), as written.
+    pub fn files(&self) -> impl Iterator<Item = &str> {
+        [&self.ca_certificates, &self.client_certificate, &self.private_key].into_iter().flatten().map(String::as_str)
+    }
+}
+
+impl DestinationRule {
+    /// Every TLS setting it holds: the destination's, its ports', its subsets' and their ports'.
+    pub fn tls_settings(&self) -> impl Iterator<Item = &ClientTls> {
+        let subsets = self.subsets.iter().filter_map(|subset| subset.traffic_policy.as_ref());
+        self.traffic_policy
+            .iter()
+            .chain(subsets)
+            .flat_map(|policy| {
+                std::iter::once(&policy.settings).chain(policy.port_level_settings.iter().map(|port| &port.settings))
+            })
+            .filter_map(|settings| settings.tls.as_ref())
+    }
+}

@@ -103,6 +103,11 @@ impl ServerTls {
     pub fn mutual(&self) -> bool {
         matches!(self.mode().as_str(), "MUTUAL" | "ISTIO_MUTUAL")
     }
+
+    /// The PEM files it names (certificate, key, CAs), as written.
+    pub fn files(&self) -> impl Iterator<Item = &str> {
+        [&self.server_certificate, &self.private_key, &self.ca_certificates].into_iter().flatten().map(String::as_str)
+    }
 }
 
 const TLS_MODES: [&str; 6] = ["PASSTHROUGH", "SIMPLE", "MUTUAL", "AUTO_PASSTHROUGH", "ISTIO_MUTUAL", "OPTIONAL_MUTUAL"];

@@ -34,6 +34,29 @@ pub struct Snapshot {
     pub mesh: MeshConfig,
 }
 
+impl Snapshot {
+    /// The certificate and key files its Gateway servers and DestinationRules name, each once: read when the
+    /// policy is compiled, so watched for a rotated file to be read again.
+    pub fn certificate_files(&self) -> Vec<std::path::PathBuf> {
+        let mut files: Vec<std::path::PathBuf> = Vec::new();
+        for resource in &self.resources {
+            match &resource.spec {
+                Spec::Gateway(gateway) => {
+                    let servers = gateway.servers.iter().filter_map(|server| server.tls.as_ref());
+                    files.extend(servers.flat_map(gateway::ServerTls::files).map(Into::into));
+                }
+                Spec::DestinationRule(rule) => {
+                    files.extend(rule.tls_settings().flat_map(destination_rule::ClientTls::files).map(Into::into));
+                }
+                _ => {}
+            }
+        }
+        files.sort();
+        files.dedup();
+        files
+    }
+}
+
 #[cfg(test)]
 impl Snapshot {
     /// The resources and mesh config of a YAML stream, each document required to parse.
@@ -48,5 +71,45 @@ impl Snapshot {
             }
         }
         snapshot
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Snapshot;
+
+    #[test]
+    fn the_certificate_files_are_those_of_every_gateway_server_and_destination_rule_setting() {
+        let snapshot = Snapshot::from_yaml(
+            "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: ns}
+spec:
+  servers:
+  - port: {number: 443, name: https, protocol: HTTPS}
+    hosts: [a.example]
+    tls: {mode: MUTUAL, serverCertificate: /certs/a.pem, privateKey: /certs/a.key, caCertificates: /certs/ca.pem}
+  - port: {number: 8443, name: https-b, protocol: HTTPS}
+    hosts: [b.example]
+    tls: {mode: SIMPLE, credentialName: b-cert}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: dr, namespace: ns}
+spec:
+  host: c.example
+  trafficPolicy:
+    portLevelSettings:
+    - port: {number: 443}
+      tls: {mode: SIMPLE, caCertificates: /certs/ca.pem}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      tls: {mode: MUTUAL, clientCertificate: /client/c.pem, privateKey: /client/c.key}
+",
+        );
+        let files: Vec<String> = snapshot.certificate_files().iter().map(|file| file.display().to_string()).collect();
+        assert_eq!(files, ["/certs/a.key", "/certs/a.pem", "/certs/ca.pem", "/client/c.key", "/client/c.pem"]);
     }
 }

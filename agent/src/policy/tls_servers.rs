@@ -130,7 +130,7 @@ impl Pins {
         if self.spki.is_empty() && self.certificate.is_empty() {
             return true;
         }
-        let sha256 = |bytes: &[u8]| ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().to_vec();
+        let sha256 = |bytes: &[u8]| aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes).as_ref().to_vec();
         let spki = x509_parser::parse_x509_certificate(leaf).ok().map(|(_, parsed)| sha256(parsed.public_key().raw));
         spki.is_some_and(|spki| self.spki.contains(&spki)) || self.certificate.contains(&sha256(leaf))
     }
@@ -295,9 +295,9 @@ fn still_valid(leaf: &CertificateDer<'_>) -> Result<i64, String> {
     }
 }
 
-/// ring's provider with the TLS 1.2 suites limited to `names` (Envoy's names; none: rustls's defaults).
+/// aws-lc-rs's provider with the TLS 1.2 suites limited to `names` (Envoy's names; none: rustls's defaults).
 fn provider(names: &[String]) -> Result<CryptoProvider, String> {
-    let mut provider = rustls::crypto::ring::default_provider();
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     // The server's order, as Envoy's (BoringSSL's) on a CPU with AES instructions: AES-128-GCM first. Its
     // SHA-256 key schedule runs on the CPU's SHA instructions, where AES-256-GCM's SHA-384 has none (a tenth of a
     // handshake's CPU, measured in bench/README.md).

@@ -190,7 +190,7 @@ mod tests {
 
     /// A ClientHello as rustls sends it, for `server_name`.
     fn client_hello(server_name: &str) -> Vec<u8> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .unwrap()

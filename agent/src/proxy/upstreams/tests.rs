@@ -66,7 +66,7 @@ async fn server(answer: Answer) -> (SocketAddr, Arc<AtomicUsize>) {
 #[test]
 fn pooled_tls_connections_are_keyed_by_the_configuration_itself_not_its_address() {
     let config = || {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .unwrap()
