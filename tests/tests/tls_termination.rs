@@ -384,6 +384,122 @@ spec:
     assert_eq!(total(&metrics, "sluice_config_rejected", &rejected), 1, "{metrics}");
 }
 
+/// One HTTPS request from the workload to `name:port`, trusting `ca`: the issuer of the certificate the server
+/// presented (`CN=…`), or curl's error.
+fn issuer_served(topology: &Topology, name: &str, port: u16, ca: &str) -> Result<String, String> {
+    let output = topology
+        .workload
+        .command("curl")
+        .args(["-sS", "-v", "-o", "/dev/null", "--max-time", "5", "--cacert", ca, "-w", "%{http_code}"])
+        .args(["--resolve", &format!("{name}:{port}:{GATEWAY_WORKLOAD_ADDR}")])
+        .arg(format!("https://{name}:{port}/"))
+        .output()
+        .unwrap();
+    let (status, verbose) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let issuer = verbose.lines().find_map(|line| line.split_once("issuer: ").map(|(_, issuer)| issuer.to_owned()));
+    match (output.status.success() && status == "200", issuer) {
+        (true, Some(issuer)) => Ok(issuer),
+        _ => Err(format!("status {status}: {verbose}")),
+    }
+}
+
+#[test]
+fn a_server_certificate_file_rotated_in_place_is_served_to_new_handshakes_with_no_request_failing() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _backend = backend(&topology);
+    let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (first_ca, first_cert, first_key) = certificates(first.path(), "first-ca", &["files.internal"]);
+    let (second_ca, second_cert, second_key) = certificates(second.path(), "second-ca", &["files.internal"]);
+    // The client trusts both CAs: the loop below tells the certificates apart by issuer.
+    let both = first.path().join("both.pem");
+    let bundle = [std::fs::read(&first_ca).unwrap(), std::fs::read(&second_ca).unwrap()].concat();
+    std::fs::write(&both, bundle).unwrap();
+    let both = both.to_str().unwrap();
+    // The files the Gateway names, in a directory no flag tells the agent of.
+    let served = tempfile::tempdir().unwrap();
+    let (cert, key) = (served.path().join("server.pem"), served.path().join("server.key"));
+    std::fs::copy(&first_cert, &cert).unwrap();
+    std::fs::copy(&first_key, &key).unwrap();
+
+    let config = tempfile::tempdir().unwrap();
+    let gateway = format!(
+        "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: files-gateway, namespace: istio-system}}
+spec:
+  selector: {{istio: egressgateway}}
+  servers:
+  - port: {{number: 9443, name: https-files, protocol: HTTPS}}
+    hosts: [files.internal]
+    tls: {{mode: SIMPLE, serverCertificate: {}, privateKey: {}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: via-gateway, namespace: istio-system}}
+spec:
+  hosts: [files.internal]
+  gateways: [files-gateway]
+  http:
+  - route: [{{destination: {{host: backend.example, port: {{number: 80}}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: backend, namespace: istio-system}}
+spec:
+  hosts: [backend.example]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  endpoints: [{{address: {SERVER_A}}}]
+  resolution: STATIC
+",
+        cert.display(),
+        key.display()
+    );
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, &gateway]).unwrap();
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --intercept-port 80 --config {} --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32",
+        config.path().display()
+    );
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+    agent.wait_for_log("gateway listener open", 1).unwrap();
+    assert_eq!(issuer_served(&topology, "files.internal", 9443, both), Ok("CN=first-ca".to_owned()), "{}", agent.log());
+
+    // A client making new connections in a loop while the files are replaced (each renamed over the old, as a
+    // certificate manager writes them).
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let results = std::sync::Mutex::new(Vec::new());
+    let seen = |issuer: &str| {
+        let results = results.lock().unwrap();
+        results.iter().filter(|result: &&Result<String, String>| result.as_deref() == Ok(issuer)).count()
+    };
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let result = issuer_served(&topology, "files.internal", 9443, both);
+                results.lock().unwrap().push(result);
+            }
+        });
+        let looping = eventually(|| seen("CN=first-ca") >= 3);
+        if looping {
+            for (from, to) in [(&second_cert, &cert), (&second_key, &key)] {
+                let staged = to.with_extension("new");
+                std::fs::copy(from, &staged).unwrap();
+                std::fs::rename(&staged, to).unwrap();
+            }
+        }
+        let rotated = looping && eventually(|| seen("CN=second-ca") >= 3);
+        // The loop stops before any assertion: the scope waits for it.
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(rotated, "{:?}\n{}", results.lock().unwrap(), agent.log());
+    });
+    let results = results.into_inner().unwrap();
+    let failed: Vec<_> = results.iter().filter_map(|result| result.as_ref().err()).collect();
+    assert!(failed.is_empty(), "{} of {} requests failed: {failed:?}", failed.len(), results.len());
+    // From the first handshake with the new certificate on, only the new one.
+    let first_new = results.iter().position(|result| result.as_deref() == Ok("CN=second-ca")).unwrap();
+    assert!(results[first_new..].iter().all(|result| result.as_deref() == Ok("CN=second-ca")), "{results:?}");
+}
+
 #[test]
 fn a_destination_rules_credential_name_originates_mutual_tls() {
     require_root();

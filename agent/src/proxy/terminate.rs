@@ -172,6 +172,20 @@ impl AsyncWrite for Replayed {
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
+    // rustls hands over each TLS record as a buffer of its own: written together, a handshake's flight (server
+    // hello, certificate, finished) is one system call and one segment, not one per record.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_flush(cx)
     }
