@@ -3,14 +3,14 @@
 //! place is read again for new handshakes, as Istio's agent reloads the file-mounted certificates it serves. The
 //! files change with the configuration, so the watch follows them.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use tokio::sync::mpsc;
 
 use crate::config::sources::watch as file_watch;
 
 pub struct CertificateWatch {
-    /// The files watched, as the configuration names them.
+    /// The files watched: those the configuration names whose directory exists.
     files: Vec<PathBuf>,
     _watch: Option<file_watch::Watch>,
     changes: mpsc::Receiver<()>,
@@ -24,18 +24,18 @@ impl CertificateWatch {
         watch
     }
 
-    /// Watches `files` from now on, if they are not the files watched already.
-    pub fn follow(&mut self, files: Vec<PathBuf>) {
+    /// Watches `files` from now on, if they are not the files watched already. A file is watched through its
+    /// directory (a Secret volume swaps a link there); one in no directory that exists yet cannot be read either
+    /// (the configuration's compile says so), and is watched once a later reload finds its directory.
+    pub fn follow(&mut self, mut files: Vec<PathBuf>) {
+        // A relative name is read from the agent's working directory.
+        files.retain(|file| file.parent().is_some_and(|dir| dir.as_os_str().is_empty() || dir.is_dir()));
         if files == self.files {
             return;
         }
-        // A file is watched through its directory (a Secret volume swaps a link there): one in no directory that
-        // exists cannot be read either, and the configuration's compile says so.
-        let watchable: Vec<PathBuf> =
-            files.iter().filter(|file| file.parent().is_some_and(Path::is_dir)).cloned().collect();
-        (self._watch, self.changes) = match watchable.is_empty() {
+        (self._watch, self.changes) = match files.is_empty() {
             true => (None, mpsc::channel(1).1),
-            false => match file_watch::watch(&watchable) {
+            false => match file_watch::watch(&files) {
                 Ok((watch, changes)) => (Some(watch), changes),
                 Err(error) => {
                     tracing::warn!(%error, "the certificate files are read again only when the configuration changes");
