@@ -23,6 +23,31 @@ fn backend(topology: &Topology) -> Nginx {
     Nginx::start_with(&topology.internet, &config, &[addr(SERVER_A, 80), addr("127.0.0.1", 8080)]).unwrap()
 }
 
+/// A VirtualService routing `hosts`' requests on the Gateway `gateway` to the backend, and the ServiceEntry that
+/// registers the backend (nginx on SERVER_A:80).
+fn routes_to_backend(gateway: &str, hosts: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: via-gateway, namespace: istio-system}}
+spec:
+  hosts: [{hosts}]
+  gateways: [{gateway}]
+  http:
+  - route: [{{destination: {{host: backend.example, port: {{number: 80}}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: backend, namespace: istio-system}}
+spec:
+  hosts: [backend.example]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  endpoints: [{{address: {SERVER_A}}}]
+  resolution: STATIC
+"
+    )
+}
+
 /// The requests nginx has served so far (the status requests included).
 fn served(topology: &Topology) -> u64 {
     let output = topology.internet.command("curl").args(["-sS", "http://127.0.0.1:8080/"]).output().unwrap();
@@ -83,6 +108,7 @@ fn simple_and_mutual_gateway_servers_terminate_tls_and_route_their_requests() {
     let pin = fingerprint.trim().rsplit('=').next().unwrap().to_owned();
 
     let config = tempfile::tempdir().unwrap();
+    let routes = routes_to_backend("tls-gw", "api.internal, other.internal, mtls.internal");
     let gateway = format!(
         "apiVersion: networking.istio.io/v1
 kind: Gateway
@@ -122,24 +148,7 @@ spec:
   - match: [{{port: 9000}}]
     route: [{{destination: {{host: backend.example, port: {{number: 80}}}}}}]
 ---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: via-gateway, namespace: istio-system}}
-spec:
-  hosts: [api.internal, other.internal, mtls.internal]
-  gateways: [tls-gw]
-  http:
-  - route: [{{destination: {{host: backend.example, port: {{number: 80}}}}}}]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: backend, namespace: istio-system}}
-spec:
-  hosts: [backend.example]
-  ports: [{{number: 80, name: http, protocol: HTTP}}]
-  endpoints: [{{address: {SERVER_A}}}]
-  resolution: STATIC
-"
+{routes}"
     );
     // The access log names the server the ClientHello asked for, for requests inside terminated TLS.
     let mesh = format!("{MESH_REGISTRY_ONLY}    accessLogFile: /dev/stdout\n    accessLogFormat: \"sni=%REQUESTED_SERVER_NAME% path=%REQ(:PATH)%\\n\"\n");
@@ -298,6 +307,7 @@ fn istio_mutual_takes_the_mesh_identity_and_certificates_rotate_keeping_the_last
 
     let config = tempfile::tempdir().unwrap();
     // The seeds' Gateway (ISTIO_MUTUAL on 443), with a SIMPLE server beside it.
+    let routes = routes_to_backend("istio-egress-gateway", "api.internal, rotated.internal");
     let gateway = format!(
         "apiVersion: networking.istio.io/v1
 kind: Gateway
@@ -312,24 +322,7 @@ spec:
     hosts: [rotated.internal]
     tls: {{mode: SIMPLE, credentialName: rotated-cert}}
 ---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: via-gateway, namespace: istio-system}}
-spec:
-  hosts: [api.internal, rotated.internal]
-  gateways: [istio-egress-gateway]
-  http:
-  - route: [{{destination: {{host: backend.example, port: {{number: 80}}}}}}]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: backend, namespace: istio-system}}
-spec:
-  hosts: [backend.example]
-  ports: [{{number: 80, name: http, protocol: HTTP}}]
-  endpoints: [{{address: {SERVER_A}}}]
-  resolution: STATIC
-"
+{routes}"
     );
     istio::write(config.path(), &[MESH_REGISTRY_ONLY, &gateway]).unwrap();
     let args = format!(
@@ -423,6 +416,7 @@ fn a_server_certificate_file_rotated_in_place_is_served_to_new_handshakes_with_n
     std::fs::copy(&first_key, &key).unwrap();
 
     let config = tempfile::tempdir().unwrap();
+    let routes = routes_to_backend("files-gateway", "files.internal");
     let gateway = format!(
         "apiVersion: networking.istio.io/v1
 kind: Gateway
@@ -434,24 +428,7 @@ spec:
     hosts: [files.internal]
     tls: {{mode: SIMPLE, serverCertificate: {}, privateKey: {}}}
 ---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: via-gateway, namespace: istio-system}}
-spec:
-  hosts: [files.internal]
-  gateways: [files-gateway]
-  http:
-  - route: [{{destination: {{host: backend.example, port: {{number: 80}}}}}}]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: backend, namespace: istio-system}}
-spec:
-  hosts: [backend.example]
-  ports: [{{number: 80, name: http, protocol: HTTP}}]
-  endpoints: [{{address: {SERVER_A}}}]
-  resolution: STATIC
-",
+{routes}",
         cert.display(),
         key.display()
     );
