@@ -71,6 +71,11 @@ enum Kind {
 
 fn main() -> anyhow::Result<()> {
     sluice_tests::require_root();
+    // The agent runs as deployed, as `cargo xtask bench` runs it, also when this is run by hand: the harness's
+    // default (`debug`, for the tests) writes log lines per connection and raises Sluice's figures.
+    if std::env::var_os("SLUICE_AGENT_LOG").is_none() {
+        std::env::set_var("SLUICE_AGENT_LOG", "info");
+    }
     // `sluice-bench http`, `config`, `classifier` and `flood` run one part alone.
     match std::env::args().nth(1).as_deref() {
         Some("http") => return http_comparison(&std::env::args().skip(2).collect::<Vec<_>>()),
