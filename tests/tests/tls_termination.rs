@@ -57,18 +57,22 @@ fn served(topology: &Topology) -> u64 {
     counts.parse().unwrap_or_else(|_| panic!("stub_status: {text}"))
 }
 
-/// `curl` from the workload to `https://name:port/`, `name` resolved to the gateway, with `extra` arguments:
-/// "STATUS HTTP-VERSION BODY", or curl's error.
-fn curl(topology: &Topology, name: &str, port: u16, extra: &[&str]) -> Result<String, String> {
-    let output = topology
+/// `curl` from the workload to `https://name:port/`, `name` resolved to the gateway, with `extra` arguments: what
+/// it printed.
+fn curl_output(topology: &Topology, name: &str, port: u16, extra: &[&str]) -> std::process::Output {
+    topology
         .workload
         .command("curl")
         .args(["-sS", "--max-time", "5", "--resolve", &format!("{name}:{port}:{GATEWAY_WORKLOAD_ADDR}")])
-        .args(["-w", " %{http_code} %{http_version}"])
         .args(extra)
         .arg(format!("https://{name}:{port}/"))
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// [`curl_output`]'s "STATUS HTTP-VERSION BODY", or curl's error.
+fn curl(topology: &Topology, name: &str, port: u16, extra: &[&str]) -> Result<String, String> {
+    let output = curl_output(topology, name, port, &[&["-w", " %{http_code} %{http_version}"], extra].concat());
     if output.status.success() {
         Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
     } else {
@@ -380,14 +384,7 @@ spec:
 /// One HTTPS request from the workload to `name:port`, trusting `ca`: the issuer of the certificate the server
 /// presented (`CN=…`), or curl's error.
 fn issuer_served(topology: &Topology, name: &str, port: u16, ca: &str) -> Result<String, String> {
-    let output = topology
-        .workload
-        .command("curl")
-        .args(["-sS", "-v", "-o", "/dev/null", "--max-time", "5", "--cacert", ca, "-w", "%{http_code}"])
-        .args(["--resolve", &format!("{name}:{port}:{GATEWAY_WORKLOAD_ADDR}")])
-        .arg(format!("https://{name}:{port}/"))
-        .output()
-        .unwrap();
+    let output = curl_output(topology, name, port, &["-v", "-o", "/dev/null", "--cacert", ca, "-w", "%{http_code}"]);
     let (status, verbose) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     let issuer = verbose.lines().find_map(|line| line.split_once("issuer: ").map(|(_, issuer)| issuer.to_owned()));
     match (output.status.success() && status == "200", issuer) {
