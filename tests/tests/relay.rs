@@ -457,3 +457,60 @@ spec:
     kept.read_to_string(&mut answer).unwrap();
     assert!(answer.ends_with(" 6\n"), "the server got the six bytes: {answer:?}\n{}", agent.log());
 }
+
+/// `connectionPool.tcp.maxConnectionDuration` ends a relayed connection however busy it is (`DT` in its log
+/// line), and `connectionPool.tcp.tcpKeepalive` turns keepalive on for the upstream socket at the rule's time.
+#[test]
+fn a_destination_rules_max_connection_duration_ends_busy_relays_and_its_keepalive_is_on_the_upstream_socket() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _seen = server(&topology);
+    let config = tempfile::tempdir().unwrap();
+    let rule = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: store, namespace: egress}
+spec:
+  host: store.example.com
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnectionDuration: 2s, tcpKeepalive: {time: 7s, interval: 3s, probes: 4}}
+";
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, REGISTRY, rule]).unwrap();
+    let agent = start_agent(&topology, config.path(), "splice");
+
+    let mut busy = connect(&topology);
+    let opened = Instant::now();
+    busy.write_all(b"U").unwrap();
+    // The agent's socket to the server keeps alive at the rule's time (the kernel's default is two hours).
+    let sockets = topology.gateway.command("ss").args(["-Htno", "state", "established"]).output().unwrap();
+    let sockets = String::from_utf8_lossy(&sockets.stdout).into_owned();
+    // The one whose peer is the server (the client's, accepted transparently, has the server's address as its own).
+    let server = format!("{SERVER_B}:{PORT}");
+    let upstream = sockets.lines().find(|line| line.split_whitespace().nth(3) == Some(&server)).unwrap_or_default();
+    // ss writes the time left as `6.992ms` (6 s 992 ms), `7sec`, or with minutes (`120min`).
+    let timer = upstream.split("timer:(keepalive,").nth(1).and_then(|rest| rest.split(',').next());
+    let timer = timer.unwrap_or_else(|| {
+        panic!("no keepalive timer on the upstream socket: {upstream:?}\n{sockets}\n{}", agent.log())
+    });
+    let seconds: u32 = timer.split(|c: char| !c.is_ascii_digit()).next().and_then(|s| s.parse().ok()).unwrap_or(99);
+    assert!(!timer.contains("min") && seconds <= 7, "keepalive after at most 7 s, not the kernel's 2 h: {upstream}");
+
+    // A byte every 200 ms: never idle, yet closed after two seconds.
+    busy.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let ended = loop {
+        assert!(opened.elapsed() < Duration::from_secs(6), "still relayed after 6 s\n{}", agent.log());
+        let _ = busy.write_all(b"x");
+        match busy.read(&mut [0u8; 64]) {
+            Ok(0) => break opened.elapsed(),
+            Err(error) if error.kind() == ErrorKind::ConnectionReset => break opened.elapsed(),
+            Ok(_) | Err(_) => {}
+        }
+    };
+    assert!(ended >= Duration::from_millis(1800), "ended after {ended:?}, before its lifetime\n{}", agent.log());
+    let logged = || agent.log().lines().any(|line| line.contains("\"response_flags\":\"DT\""));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !logged() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(logged(), "the connection's line carries DT\n{}", agent.log());
+}

@@ -318,6 +318,27 @@ pub fn is_protocol(protocol: &str) -> bool {
     )
 }
 
+/// Istio's checks of a `tcpKeepalive` object at `path`: `time` and `interval` durations, `probes` a count.
+pub fn keepalive_problems(keepalive: &serde_json::Value, path: &str, errors: &mut Vec<FieldError>) {
+    let Some(fields) = keepalive.as_object() else {
+        errors.push(FieldError::new(path, "tcpKeepalive is an object (time, interval, probes)"));
+        return;
+    };
+    for (field, value) in fields {
+        let at = format!("{path}.{field}");
+        let problem = match (field.as_str(), value) {
+            ("time" | "interval", serde_json::Value::String(text)) => duration_problem(text),
+            ("time" | "interval", other) => Some(format!("{other} is not a duration (like 10s or 250ms)")),
+            ("probes", value) if value.as_u64().is_some_and(|n| n <= u64::from(u32::MAX)) => None,
+            ("probes", other) => Some(format!("{other} is not a count")),
+            _ => Some("unknown field (time, interval, probes)".to_owned()),
+        };
+        if let Some(reason) = problem {
+            errors.push(FieldError::new(at, reason));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

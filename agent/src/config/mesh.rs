@@ -1,6 +1,6 @@
 //! The mesh config's parts Sluice uses, from the `istio` ConfigMap's `mesh` key: `outboundTrafficPolicy.mode`,
 //! the `exportTo` that ServiceEntries, VirtualServices and DestinationRules without one get, the root namespace,
-//! and `pathNormalization`.
+//! `pathNormalization`, and the upstream connections' defaults (`connectTimeout`, `tcpKeepalive`).
 
 use std::time::Duration;
 
@@ -45,8 +45,12 @@ pub struct MeshConfig {
     // Read to be checked as Istio checks them: a mesh config Istio would refuse is refused here too.
     #[serde(default)]
     pub proxy_listen_port: Option<u32>,
+    /// How long a new upstream connection may take where no DestinationRule says (Istio's default: 10 s).
     #[serde(default)]
     pub connect_timeout: Option<String>,
+    /// Keepalive on every upstream socket (`time`, `interval`, `probes`); a DestinationRule's lays over it.
+    #[serde(default)]
+    pub tcp_keepalive: Option<serde_json::Value>,
     #[serde(default)]
     pub protocol_detection_timeout: Option<String>,
     #[serde(default)]
@@ -143,6 +147,13 @@ impl MeshConfig {
         }
     }
 
+    /// How long a new upstream connection may take where no DestinationRule says: `connectTimeout`, else Istio's
+    /// 10 s.
+    pub fn connect_timeout(&self) -> Duration {
+        let set = self.connect_timeout.as_deref().and_then(|timeout| parse_duration(timeout).ok());
+        set.unwrap_or(Duration::from_secs(10))
+    }
+
     /// Where mesh-wide defaults live: `rootNamespace`, else Istio's `istio-system`.
     pub fn root_namespace(&self) -> &str {
         self.root_namespace.as_deref().unwrap_or("istio-system")
@@ -174,6 +185,9 @@ impl MeshConfig {
                     .push(FieldError::new(at("connectTimeout"), format!("'{timeout}' is above 1h, the most allowed"))),
                 None => {}
             }
+        }
+        if let Some(keepalive) = &self.tcp_keepalive {
+            super::fields::keepalive_problems(keepalive, &at("tcpKeepalive"), &mut errors);
         }
         if let Some(timeout) = &self.protocol_detection_timeout {
             match parse_duration(timeout) {
@@ -280,7 +294,8 @@ mod tests {
             let mesh = MeshConfig::from_mesh_yaml(yaml).unwrap();
             mesh.validate("data.mesh").into_iter().map(|e| format!("{}: {}", e.path, e.reason)).collect()
         };
-        let valid = "connectTimeout: 10s\nprotocolDetectionTimeout: 0s\ntrustDomain: cluster.local\n\
+        let valid = "connectTimeout: 10s\ntcpKeepalive: {time: 7200s, interval: 75s, probes: 9}\n\
+                     protocolDetectionTimeout: 0s\ntrustDomain: cluster.local\n\
                      serviceSettings: [{settings: {clusterLocal: true}, hosts: ['*.svc.cluster.local']}]\n\
                      defaultConfig: {drainDuration: 45s, proxyAdminPort: 15000}\naccessLogEncoding: JSON\n";
         assert_eq!(errors(valid), Vec::<String>::new());
@@ -297,10 +312,23 @@ mod tests {
                 "data.mesh.defaultConfig.drainDuration: '1.5s': a drain duration is in whole seconds",
             ),
             ("meshMTLS: {ecdhCurves: [P-256]}\n", "data.mesh.meshMTLS.ecdhCurves: "),
+            ("tcpKeepalive: {time: soon}\n", "data.mesh.tcpKeepalive.time: "),
+            ("tcpKeepalive: {probes: -1}\n", "data.mesh.tcpKeepalive.probes: -1 is not a count"),
+            ("tcpKeepalive: {idle: 5s}\n", "data.mesh.tcpKeepalive.idle: unknown field"),
+            ("tcpKeepalive: 5s\n", "data.mesh.tcpKeepalive: tcpKeepalive is an object"),
         ] {
             let found = errors(yaml);
             assert!(found.iter().any(|e| e.starts_with(expected)), "{yaml}: {found:?}");
         }
+    }
+
+    #[test]
+    fn the_upstream_defaults_are_read() {
+        let mesh = MeshConfig::from_mesh_yaml("connectTimeout: 3s\ntcpKeepalive: {time: 60s, probes: 3}\n").unwrap();
+        assert!(mesh.validate("data.mesh").is_empty());
+        assert_eq!(mesh.connect_timeout(), Duration::from_secs(3));
+        assert_eq!(mesh.tcp_keepalive, Some(serde_json::json!({"time": "60s", "probes": 3})));
+        assert_eq!(MeshConfig::default().connect_timeout(), Duration::from_secs(10), "Istio's default");
     }
 
     #[test]

@@ -138,6 +138,24 @@ fn settings(settings: &PolicySettings, path: &str, found: &mut Vec<(String, &'st
             found.push((format!("{path}.tls.subjectAltNames"), "the certificate is checked against the SNI name"));
         }
     }
+    let http = settings.connection_pool.as_ref().and_then(|pool| pool.get("http"));
+    let set = |field: &str| http.and_then(|http| http.get(field)).filter(|value| !value.is_null());
+    let unapplied = [
+        ("maxRetries", "retries are bounded by each route's attempts, not by a cluster-wide budget"),
+        ("maxConcurrentStreams", "an HTTP/2 upstream connection carries as many streams as its server allows"),
+        ("h2UpgradePolicy", "HTTP/1.1 upstream connections are not upgraded to HTTP/2"),
+        ("useClientProtocol", "the upstream's protocol is its service port's, whatever the client spoke"),
+    ];
+    for (field, why) in unapplied {
+        let applies = match field {
+            "h2UpgradePolicy" => set(field).and_then(|value| value.as_str()) == Some("UPGRADE"),
+            "useClientProtocol" => set(field).and_then(serde_json::Value::as_bool) == Some(true),
+            _ => set(field).is_some(),
+        };
+        if applies {
+            found.push((format!("{path}.connectionPool.http.{field}"), why));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -193,6 +211,34 @@ spec:
                 vec![],
                 vec![],
                 vec!["spec.servers[1].tls.mode".to_owned()],
+            ]
+        );
+    }
+
+    #[test]
+    fn connection_pool_fields_without_effect_are_named_and_applied_ones_are_not() {
+        let snapshot = Snapshot::from_yaml(
+            "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: a}
+spec:
+  host: a.example
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 4, connectTimeout: 1s, maxConnectionDuration: 1h, tcpKeepalive: {time: 60s}}
+      http: {maxRequestsPerConnection: 10, idleTimeout: 30s, maxRetries: 3, h2UpgradePolicy: DEFAULT}
+    portLevelSettings:
+    - port: {number: 8443}
+      connectionPool: {http: {useClientProtocol: true, maxConcurrentStreams: 100}}
+",
+        );
+        let paths: Vec<String> = fields(&snapshot.resources[0], false).into_iter().map(|(path, _)| path).collect();
+        assert_eq!(
+            paths,
+            [
+                "spec.trafficPolicy.connectionPool.http.maxRetries",
+                "spec.trafficPolicy.portLevelSettings[0].connectionPool.http.maxConcurrentStreams",
+                "spec.trafficPolicy.portLevelSettings[0].connectionPool.http.useClientProtocol",
             ]
         );
     }

@@ -111,6 +111,11 @@ pub struct ClusterPolicy {
     /// `connectionPool.tcp.idleTimeout`: how long a relayed connection may go without a byte either way (`0s`:
     /// never closed for it, kept as a century).
     pub tcp_idle_timeout: Option<Duration>,
+    /// `connectionPool.tcp.maxConnectionDuration`: how long an upstream connection lives at most from its opening
+    /// (a relayed one is then closed; an HTTP one is not used again).
+    pub max_connection_duration: Option<Duration>,
+    /// `connectionPool.tcp.tcpKeepalive`: keepalive probes on the upstream sockets (over the mesh config's).
+    pub keepalive: Option<Keepalive>,
     /// `connectionPool.http.maxRequestsPerConnection`: the requests one HTTP/1.1 upstream connection carries before
     /// it is closed (1: none is reused); unset or 0, no limit.
     pub max_requests_per_connection: Option<u32>,
@@ -121,6 +126,78 @@ pub struct ClusterPolicy {
     pub hash: Option<HashKey>,
     /// `tls.mode` SIMPLE or MUTUAL: the proxy speaks TLS to the endpoints.
     pub tls: Option<Arc<TlsOrigination>>,
+}
+
+/// TCP keepalive on upstream sockets, as Istio's `tcpKeepalive` (a DestinationRule's `connectionPool.tcp`, the
+/// mesh config's): set, the kernel probes a quiet connection, so a peer or a middlebox that went away is found
+/// and the connection ended; each field left unset is the kernel's default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Quiet time before the first probe (`time`).
+    pub time: Option<Duration>,
+    /// Between probes (`interval`).
+    pub interval: Option<Duration>,
+    /// Unanswered probes before the connection is dropped (`probes`).
+    pub probes: Option<u32>,
+}
+
+impl Keepalive {
+    /// A `tcpKeepalive` object (validated where it was read: durations and a count).
+    pub fn read(value: &serde_json::Value) -> Keepalive {
+        let duration = |field: &str| value.get(field)?.as_str().and_then(|text| parse_duration(text).ok());
+        let probes = value.get("probes").and_then(serde_json::Value::as_u64).filter(|&n| n > 0);
+        Keepalive {
+            time: duration("time"),
+            interval: duration("interval"),
+            probes: probes.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+        }
+    }
+
+    /// `over`'s fields where it sets them, else `under`'s, as Istio lays a DestinationRule's over the mesh's;
+    /// `None` when neither asks for keepalive.
+    pub fn layered(under: Option<Keepalive>, over: Option<Keepalive>) -> Option<Keepalive> {
+        match (under, over) {
+            (Some(under), Some(over)) => Some(Keepalive {
+                time: over.time.or(under.time),
+                interval: over.interval.or(under.interval),
+                probes: over.probes.or(under.probes),
+            }),
+            (under, over) => over.or(under),
+        }
+    }
+}
+
+/// What upstream connections get where no DestinationRule says: the mesh config's `connectTimeout` and
+/// `tcpKeepalive`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UpstreamDefaults {
+    pub connect_timeout: Duration,
+    pub keepalive: Option<Keepalive>,
+}
+
+impl Default for UpstreamDefaults {
+    /// Istio's: 10 s to connect, no keepalive.
+    fn default() -> UpstreamDefaults {
+        UpstreamDefaults { connect_timeout: Duration::from_secs(10), keepalive: None }
+    }
+}
+
+/// How one upstream connection is opened: within how long, with which keepalive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Connect {
+    pub within: Duration,
+    pub keepalive: Option<Keepalive>,
+}
+
+impl UpstreamDefaults {
+    /// For a connection through a cluster under `policy` (none: no cluster, as passthrough traffic has): the
+    /// rule's settings, laid over these.
+    pub fn connect(&self, policy: Option<&ClusterPolicy>) -> Connect {
+        Connect {
+            within: policy.and_then(|policy| policy.connect_timeout).unwrap_or(self.connect_timeout),
+            keepalive: Keepalive::layered(self.keepalive, policy.and_then(|policy| policy.keepalive)),
+        }
+    }
 }
 
 /// TLS from the proxy to a cluster's endpoints (a DestinationRule's `tls`, SIMPLE or MUTUAL), made ready at
@@ -261,6 +338,11 @@ impl ClusterPolicy {
             .and_then(|p| p.get("tcp")?.get("idleTimeout")?.as_str().map(str::to_owned))
             .and_then(|t| parse_duration(&t).ok())
             .map(|t| if t.is_zero() { Duration::from_secs(100 * 365 * 24 * 3600) } else { t });
+        let max_connection_duration = pool
+            .and_then(|p| p.get("tcp")?.get("maxConnectionDuration")?.as_str().map(str::to_owned))
+            .and_then(|t| parse_duration(&t).ok())
+            .filter(|t| !t.is_zero());
+        let keepalive = pool.and_then(|p| p.get("tcp")?.get("tcpKeepalive")).map(Keepalive::read);
         let max_requests_per_connection =
             number("http", "maxRequestsPerConnection").filter(|&n| n > 0).map(|n| u32::try_from(n).unwrap_or(u32::MAX));
         let http_idle_timeout = pool
@@ -276,6 +358,8 @@ impl ClusterPolicy {
             outlier,
             connect_timeout,
             tcp_idle_timeout,
+            max_connection_duration,
+            keepalive,
             max_requests_per_connection,
             http_idle_timeout,
             hash,
@@ -664,5 +748,39 @@ mod tests {
         };
         assert_eq!(idle("90s"), Some(Duration::from_secs(90)));
         assert!(idle("0s").is_some_and(|never| never.as_secs() > 3_000_000_000));
+    }
+
+    #[test]
+    fn a_connections_lifetime_and_keepalive_are_read_and_keepalive_lays_over_the_meshs() {
+        let settings: PolicySettings = serde_json::from_value(serde_json::json!({"connectionPool": {"tcp": {
+            "maxConnectionDuration": "90s", "tcpKeepalive": {"time": "30s", "probes": 4}}}}))
+        .unwrap();
+        let policy = ClusterPolicy::compile(&settings, false, &CredentialSource::default());
+        assert_eq!(policy.max_connection_duration, Some(Duration::from_secs(90)));
+        let rule = Keepalive { time: Some(Duration::from_secs(30)), interval: None, probes: Some(4) };
+        assert_eq!(policy.keepalive, Some(rule));
+        // Field by field: the rule's where it sets one, the mesh's elsewhere.
+        let mesh = Keepalive {
+            time: Some(Duration::from_secs(600)),
+            interval: Some(Duration::from_secs(20)),
+            probes: Some(9),
+        };
+        let layered =
+            Keepalive { time: Some(Duration::from_secs(30)), interval: Some(Duration::from_secs(20)), probes: Some(4) };
+        assert_eq!(Keepalive::layered(Some(mesh), Some(rule)), Some(layered));
+        assert_eq!(Keepalive::layered(Some(mesh), None), Some(mesh));
+        assert_eq!(Keepalive::layered(None, Some(rule)), Some(rule));
+        assert_eq!(Keepalive::layered(None, None), None);
+        // An empty `tcpKeepalive` still asks for keepalive, at the kernel's settings.
+        let empty: PolicySettings =
+            serde_json::from_value(serde_json::json!({"connectionPool": {"tcp": {"tcpKeepalive": {}}}})).unwrap();
+        assert_eq!(
+            ClusterPolicy::compile(&empty, false, &CredentialSource::default()).keepalive,
+            Some(Keepalive::default())
+        );
+        assert_eq!(
+            ClusterPolicy::compile(&PolicySettings::default(), false, &CredentialSource::default()).keepalive,
+            None
+        );
     }
 }

@@ -13,9 +13,7 @@ use tokio::{
 };
 
 use super::local_destinations::{LocalDestination, LocalDestinations};
-
-/// Istio's default connect timeout for clusters.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::policy::clusters::{Connect, Keepalive};
 
 /// The addresses upstream connections leave from (`--upstream-source-address`): a fixed egress IP per family, as
 /// firewalls outside the cluster expect; the routing table's choice where none is set.
@@ -59,13 +57,14 @@ impl UpstreamSockets {
     }
 }
 
-/// Connects to `destination` from the configured source address, within `within` (Istio's default:
-/// `CONNECT_TIMEOUT`; a DestinationRule's `connectionPool.tcp.connectTimeout`). A destination that is the node
-/// itself is refused before any packet is sent: an error that [`is_local_destination`] tells apart.
+/// Connects to `destination` from the configured source address, within `connect.within` (the mesh config's
+/// `connectTimeout`, a DestinationRule's `connectionPool.tcp.connectTimeout`), with `connect.keepalive` on the
+/// socket. A destination that is the node itself is refused before any packet is sent: an error that
+/// [`is_local_destination`] tells apart.
 pub async fn connect(
     destination: SocketAddr,
     sockets: &UpstreamSockets,
-    within: Duration,
+    connect: Connect,
 ) -> std::io::Result<TcpStream> {
     sockets
         .local
@@ -77,13 +76,34 @@ pub async fn connect(
         if let Some(address) = source.for_destination(destination) {
             socket.bind(SocketAddr::new(address, 0))?;
         }
+        if let Some(keepalive) = connect.keepalive {
+            set_keepalive(&socket, keepalive)?;
+        }
         let stream = socket.connect(destination).await?;
         stream.set_nodelay(true)?;
         Ok(stream)
     };
-    timeout(within, connecting)
+    timeout(connect.within, connecting)
         .await
         .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")))
+}
+
+/// Turns keepalive on for `socket`, with the times and count `keepalive` sets (the kernel's defaults for the
+/// others). The kernel takes whole seconds from 1 to 32,767 and up to 127 probes: values past them are held
+/// to them, so that a setting it would refuse does not fail every connection.
+fn set_keepalive(socket: &TcpSocket, keepalive: Keepalive) -> std::io::Result<()> {
+    let seconds = |duration: Duration| Duration::from_secs(duration.as_secs().clamp(1, 32_767));
+    let mut settings = socket2::TcpKeepalive::new();
+    if let Some(time) = keepalive.time {
+        settings = settings.with_time(seconds(time));
+    }
+    if let Some(interval) = keepalive.interval {
+        settings = settings.with_interval(seconds(interval));
+    }
+    if let Some(probes) = keepalive.probes {
+        settings = settings.with_retries(probes.min(127));
+    }
+    socket2::SockRef::from(socket).set_tcp_keepalive(&settings)
 }
 
 /// Whether `error` is [`connect`]'s refusal of a destination that is the node itself.

@@ -37,10 +37,13 @@ pub enum ResponseFlag {
     OverloadManager,
     /// `UPE`: the upstream's response broke HTTP (a head or body framing that cannot be read one way only).
     UpstreamProtocolError,
+    /// `DT`: a relayed connection lasted its DestinationRule's `maxConnectionDuration` and was closed.
+    DurationTimeout,
 }
 
 /// Each flag's text, in the enum's order.
-static TEXTS: [&str; 15] = ["-", "DPE", "NR", "NC", "UH", "DF", "UO", "UF", "UR", "UT", "DI", "FI", "SI", "OM", "UPE"];
+static TEXTS: [&str; 16] =
+    ["-", "DPE", "NR", "NC", "UH", "DF", "UO", "UF", "UR", "UT", "DI", "FI", "SI", "OM", "UPE", "DT"];
 
 impl ResponseFlag {
     /// As Envoy writes it (`-` for none).
@@ -76,6 +79,7 @@ mod tests {
             (ResponseFlag::StreamIdleTimeout, "SI"),
             (ResponseFlag::OverloadManager, "OM"),
             (ResponseFlag::UpstreamProtocolError, "UPE"),
+            (ResponseFlag::DurationTimeout, "DT"),
         ];
         assert_eq!(flags.len(), TEXTS.len(), "every flag is listed here");
         for (flag, text) in flags {

@@ -209,7 +209,7 @@ fn validate_connection_pool(pool: &Value, path: &str, errors: &mut Vec<FieldErro
         counts(tcp, &path, &["maxConnections"], errors);
         durations(tcp, &path, &["connectTimeout", "maxConnectionDuration", "idleTimeout"], errors);
         if let Some(keepalive) = tcp.get("tcpKeepalive") {
-            durations(keepalive, &format!("{path}.tcpKeepalive"), &["time", "interval"], errors);
+            crate::config::fields::keepalive_problems(keepalive, &format!("{path}.tcpKeepalive"), errors);
         }
     }
 }

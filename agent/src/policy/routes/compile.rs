@@ -63,6 +63,10 @@ pub fn proxy_policy(
         verifies_hosts_by_dns: unaddressed && settings.host_verify == HostVerify::Strict,
         upgrades: settings.upgrades.iter().map(|protocol| protocol.to_ascii_lowercase()).collect(),
         path_normalization: snapshot.mesh.path_normalization(),
+        upstream: UpstreamDefaults {
+            connect_timeout: snapshot.mesh.connect_timeout(),
+            keepalive: snapshot.mesh.tcp_keepalive.as_ref().map(Keepalive::read),
+        },
         hosts: table,
         by_address,
         gateways: bindings

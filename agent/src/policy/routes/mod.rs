@@ -31,7 +31,8 @@ use super::labels::{interned, DestinationLabels};
 use super::{
     bindings::{self, Bindings},
     clusters::{
-        settings_for_port, with_labels, Cluster, ClusterEndpoint, ClusterPolicy, ClusterStates, Endpoint, LoadBalance,
+        settings_for_port, with_labels, Cluster, ClusterEndpoint, ClusterPolicy, ClusterStates, Endpoint, Keepalive,
+        LoadBalance, UpstreamDefaults,
     },
     host_match::HostTable,
     http_match::{RegexCache, RequestMatch},
@@ -112,6 +113,8 @@ pub struct ProxyPolicy {
     pub verifies_hosts_by_dns: bool,
     /// How request paths are normalized before they are matched and forwarded (the mesh config's).
     pub path_normalization: crate::config::mesh::PathNormalization,
+    /// What upstream connections get where no DestinationRule says (the mesh config's).
+    pub upstream: UpstreamDefaults,
     /// Host → what the registry and the mesh's routes hold for it: one table, so that a request's host is
     /// found once for both.
     hosts: HostTable<Host>,

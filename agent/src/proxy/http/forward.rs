@@ -171,6 +171,7 @@ impl HttpProxy {
                     return self.local_failure(Failure::TlsOrigination, record, started, Some(destination.labels));
                 }
             };
+            let connect = destination.connect(&policy.upstream);
             let send = |attempt: u32, deadline: TryDeadline| {
                 if attempt > 0 {
                     address = destination.next_address();
@@ -188,7 +189,7 @@ impl HttpProxy {
                     path_and_query: path_and_query.clone(),
                     method: parts.method.clone(),
                     headers: parts.headers.clone(),
-                    connect_timeout: destination.connect_timeout(),
+                    connect,
                     tls: tls.clone(),
                     reuse: destination.reuse(),
                 };
@@ -243,9 +244,9 @@ impl HttpProxy {
                     return self.local_failure(Failure::Overflow, record, started, Some(destination.labels));
                 };
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
-                let idle = self.limits.stream_idle_timeout;
+                let bounds = Bounds { idle: self.limits.stream_idle_timeout, lifetime: destination.lifetime() };
                 let upgrade =
-                    join_upgraded(client_upgrade, upstream_upgrade, *self.relay(), connection.peer, idle, place);
+                    join_upgraded(client_upgrade, upstream_upgrade, *self.relay(), connection.peer, bounds, place);
                 tokio::spawn(upgrade);
             }
             let (mut parts, body) = response.into_parts();

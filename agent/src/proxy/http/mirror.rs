@@ -38,7 +38,7 @@ impl HttpProxy {
             return;
         };
         let shadow = format!("{}-shadow", routing::host_of(authority));
-        let (address, http2, connect_timeout) = (destination.address, destination.http2, destination.connect_timeout());
+        let (address, http2, connect) = (destination.address, destination.http2, destination.connect(&policy.upstream));
         let reuse = destination.reuse();
         let (method, headers, path) = (parts.method.clone(), parts.headers.clone(), path_and_query.clone());
         let upstreams = self.upstreams.clone();
@@ -50,7 +50,7 @@ impl HttpProxy {
                 path_and_query: path,
                 method,
                 headers,
-                connect_timeout,
+                connect,
                 tls,
                 reuse,
             };

@@ -45,7 +45,7 @@ use super::{
     idle,
     overload::Overload,
     path,
-    relay::Relay,
+    relay::{Bounds, Relay},
     routing::{self, Decision, Destination},
     tcp::{self, UpstreamSockets},
     upstreams::{Http1Client, Outgoing, SendError, UpstreamBody, UpstreamTls, Upstreams},

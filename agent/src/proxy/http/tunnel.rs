@@ -42,7 +42,7 @@ impl HttpProxy {
             Err(failure) => return self.local_failure(failure, record, started, Some(destination.labels)),
         };
         record.upstream_host = Some(address);
-        let upstream = match tcp::connect(address, &self.limits.sockets, destination.connect_timeout()).await {
+        let upstream = match tcp::connect(address, &self.limits.sockets, destination.connect(&policy.upstream)).await {
             Ok(upstream) => upstream,
             Err(error) if tcp::is_local_destination(&error) => {
                 return self.local_failure(Failure::LocalDestination, record, started, Some(destination.labels));
@@ -72,7 +72,7 @@ impl HttpProxy {
             tcp_labels.clone().tagged(&in_force.tags, &fields)
         });
         let tcp = self.telemetry.tcp.clone();
-        let idle = self.limits.stream_idle_timeout;
+        let bounds = Bounds { idle: self.limits.stream_idle_timeout, lifetime: destination.lifetime() };
         let relay = *self.relay();
         tokio::spawn(async move {
             match hyper::upgrade::on(request).await {
@@ -81,7 +81,7 @@ impl HttpProxy {
                         Some(tagged) => tcp.opened_labelled(tagged),
                         None => tcp.opened(&tcp_labels),
                     };
-                    let joined = relay_tunnel(relay, upgraded, upstream, idle).await;
+                    let joined = relay_tunnel(relay, upgraded, upstream, bounds).await;
                     open.closed(joined.from_first, joined.from_second);
                     tracing::debug!(?peer, upstream = %address, ?joined, "tunnel ended");
                 }
@@ -97,7 +97,7 @@ impl HttpProxy {
 
 /// Relays a tunnel's bytes: between the two sockets with the relay's engine when the client's connection is a
 /// plain socket (after the bytes the HTTP server had already read past the `CONNECT`), else by copying.
-async fn relay_tunnel(relay: Relay, upgraded: Upgraded, mut upstream: TcpStream, idle: Duration) -> Relayed {
+async fn relay_tunnel(relay: Relay, upgraded: Upgraded, mut upstream: TcpStream, bounds: Bounds) -> Relayed {
     match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let mut client = parts.io.into_inner();
@@ -109,11 +109,11 @@ async fn relay_tunnel(relay: Relay, upgraded: Upgraded, mut upstream: TcpStream,
                     engine: relay.engine(),
                 };
             }
-            let mut relayed = relay.sockets(&mut client, &mut upstream, idle).await;
+            let mut relayed = relay.sockets(&mut client, &mut upstream, bounds).await;
             relayed.from_first += parts.read_buf.len() as u64;
             relayed
         }
-        Err(upgraded) => Relay::streams(&mut TokioIo::new(upgraded), &mut upstream, idle).await,
+        Err(upgraded) => Relay::streams(&mut TokioIo::new(upgraded), &mut upstream, bounds).await,
     }
 }
 
@@ -124,19 +124,20 @@ pub(super) fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
     asks.then(|| headers.get(header::UPGRADE).cloned()).flatten()
 }
 
-/// Relays bytes between an upgraded client connection and its upgraded upstream until either closes or both
-/// are silent for `idle`; `place` is its share of `--max-connections`, held until then.
+/// Relays bytes between an upgraded client connection and its upgraded upstream until either closes, both are
+/// silent for the idle timeout or it has lasted its lifetime (`bounds`); `place` is its share of
+/// `--max-connections`, held until then.
 pub(super) async fn join_upgraded(
     client: OnUpgrade,
     upstream: OnUpgrade,
     relay: Relay,
     peer: SocketAddr,
-    idle: Duration,
+    bounds: Bounds,
     place: OwnedSemaphorePermit,
 ) {
     match tokio::try_join!(client, upstream) {
         Ok((client, upstream)) => {
-            let joined = relay_upgraded(relay, client, upstream, idle).await;
+            let joined = relay_upgraded(relay, client, upstream, bounds).await;
             tracing::debug!(%peer, ?joined, "upgraded connection ended");
         }
         Err(error) => tracing::debug!(%peer, %error, "upgrade failed"),
@@ -150,11 +151,11 @@ async fn relay_upgraded(
     relay: Relay,
     client: Upgraded,
     upstream: Upgraded,
-    idle: Duration,
+    bounds: Bounds,
 ) -> Result<Relayed, io::Error> {
     let client = match client.downcast::<TokioIo<TcpStream>>() {
         Ok(client) => client,
-        Err(client) => return Ok(Relay::streams(&mut TokioIo::new(client), &mut TokioIo::new(upstream), idle).await),
+        Err(client) => return Ok(Relay::streams(&mut TokioIo::new(client), &mut TokioIo::new(upstream), bounds).await),
     };
     let mut client_socket = client.io.into_inner();
     let (mut upstream_io, upstream_read): (Box<dyn upstreams::Io>, _) =
@@ -168,10 +169,10 @@ async fn relay_upgraded(
         let Some(mut upstream_socket) = upstreams::into_plain_socket(upstream_io) else {
             return Err(io::Error::other("the upstream connection is not the socket it was checked to be"));
         };
-        relay.sockets(&mut client_socket, &mut upstream_socket, idle).await
+        relay.sockets(&mut client_socket, &mut upstream_socket, bounds).await
     } else {
         // Upstream TLS: copied.
-        Relay::streams(&mut client_socket, &mut upstream_io, idle).await
+        Relay::streams(&mut client_socket, &mut upstream_io, bounds).await
     };
     relayed.from_first += client.read_buf.len() as u64;
     relayed.from_second += upstream_read.len() as u64;

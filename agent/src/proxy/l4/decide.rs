@@ -7,6 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 use crate::{
     config::{service_entry::Resolution, virtual_service::MESH, workloads::Workload},
     policy::{
+        clusters::Connect,
         labels::DestinationLabels,
         routes::{HostVerify, L4Route, L4View, PortKind, ProxyPolicy, ServiceChoice, Target, Upstream, Viewer},
         OutboundMode,
@@ -34,29 +35,39 @@ pub enum Verdict {
     Refuse { labels: DestinationLabels, flag: ResponseFlag, reason: &'static str },
 }
 
-/// A destination's DestinationRule `connectionPool.tcp` timeouts (None: the agent's defaults).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// How a relayed connection's upstream side is opened and how long the relay may last: the destination's
+/// DestinationRule `connectionPool.tcp` over the mesh config's defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
-    pub connect: Option<Duration>,
+    /// Within how long, with which keepalive.
+    pub connect: Connect,
+    /// `idleTimeout`; `None`: the agent's `--idle-timeout`.
     pub idle: Option<Duration>,
+    /// `maxConnectionDuration`: the relay is ended this long after it began, however busy.
+    pub lifetime: Option<Duration>,
 }
 
 impl Timeouts {
-    pub const NONE: Timeouts = Timeouts { connect: None, idle: None };
+    /// For a destination that is no cluster of a DestinationRule's (passthrough): the mesh's.
+    fn of_mesh(policy: &ProxyPolicy) -> Timeouts {
+        Timeouts { connect: policy.upstream.connect(None), idle: None, lifetime: None }
+    }
 
-    fn of(choice: &ServiceChoice<'_>) -> Timeouts {
-        choice.cluster().map_or(Timeouts::NONE, |cluster| Timeouts {
-            connect: cluster.policy.connect_timeout,
-            idle: cluster.policy.tcp_idle_timeout,
-        })
+    fn of(choice: &ServiceChoice<'_>, policy: &ProxyPolicy) -> Timeouts {
+        let rule = choice.cluster().map(|cluster| &*cluster.policy);
+        Timeouts {
+            connect: policy.upstream.connect(rule),
+            idle: rule.and_then(|rule| rule.tcp_idle_timeout),
+            lifetime: rule.and_then(|rule| rule.max_connection_duration),
+        }
     }
 }
 
 impl Verdict {
     /// The verdict, relayed with `choice`'s timeouts.
-    fn with_timeouts_of(mut self, choice: &ServiceChoice<'_>) -> Verdict {
+    fn with_timeouts_of(mut self, choice: &ServiceChoice<'_>, policy: &ProxyPolicy) -> Verdict {
         if let Verdict::Forward { timeouts, .. } | Verdict::Resolve { timeouts, .. } = &mut self {
-            *timeouts = Timeouts::of(choice);
+            *timeouts = Timeouts::of(choice, policy);
         }
         self
     }
@@ -239,9 +250,9 @@ fn to_target(
             address: SocketAddr::new(address.ip(), port),
             labels,
             verify: None,
-            timeouts: Timeouts::NONE,
+            timeouts: Timeouts::of_mesh(policy),
         },
-        None => Verdict::Resolve { host: resolved_name.to_owned(), port, labels, timeouts: Timeouts::NONE },
+        None => Verdict::Resolve { host: resolved_name.to_owned(), port, labels, timeouts: Timeouts::of_mesh(policy) },
     };
     let Some(service) = policy.registered_for(host, port, viewer) else {
         return match viewer.mode(policy) {
@@ -252,10 +263,14 @@ fn to_target(
     let choice = ServiceChoice { service, port, subset: target.subset(), variant: service.variant(viewer, policy) };
     let labels = labels_of(&choice);
     let verdict = match choice.upstream(None) {
-        Upstream::Endpoint(address) => Verdict::Forward { address, labels, verify: None, timeouts: Timeouts::NONE },
+        Upstream::Endpoint(address) => {
+            Verdict::Forward { address, labels, verify: None, timeouts: Timeouts::of_mesh(policy) }
+        }
         // Resolution NONE: on a Gateway (no original destination), an address the host is registered at.
         Upstream::OriginalDestination => match (original, service.own_address(port)) {
-            (None, Some(address)) => Verdict::Forward { address, labels, verify: None, timeouts: Timeouts::NONE },
+            (None, Some(address)) => {
+                Verdict::Forward { address, labels, verify: None, timeouts: Timeouts::of_mesh(policy) }
+            }
             _ => unaddressed(labels),
         },
         Upstream::NoEndpoint => {
@@ -263,7 +278,7 @@ fn to_target(
         }
         Upstream::NoSubset => Verdict::Refuse { labels, flag: ResponseFlag::NoClusterFound, reason: "no_subset" },
     };
-    verdict.with_timeouts_of(&choice)
+    verdict.with_timeouts_of(&choice, policy)
 }
 
 fn blackholed(reason: &'static str) -> Verdict {
@@ -300,7 +315,7 @@ fn by_registry(
             OutboundMode::AllowAny => {
                 let shown = server_name.map_or_else(|| dialled.to_string(), str::to_owned);
                 let labels = crate::telemetry::passthrough::destination(&shown);
-                (Verdict::Forward { address: dialled, labels, verify: None, timeouts: Timeouts::NONE }, None)
+                (Verdict::Forward { address: dialled, labels, verify: None, timeouts: Timeouts::of_mesh(policy) }, None)
             }
         };
     };
@@ -313,13 +328,13 @@ fn by_registry(
             let upstream = if virtual_ip { choice.upstream(None) } else { Upstream::OriginalDestination };
             let verdict = match upstream {
                 Upstream::Endpoint(address) => {
-                    Verdict::Forward { address, labels, verify: None, timeouts: Timeouts::NONE }
+                    Verdict::Forward { address, labels, verify: None, timeouts: Timeouts::of_mesh(policy) }
                 }
                 Upstream::NoEndpoint | Upstream::NoSubset => {
                     Verdict::Refuse { labels, flag: ResponseFlag::NoHealthyUpstream, reason: "no_endpoint" }
                 }
                 Upstream::OriginalDestination => {
-                    Verdict::Forward { address: dialled, labels, verify: None, timeouts: Timeouts::NONE }
+                    Verdict::Forward { address: dialled, labels, verify: None, timeouts: Timeouts::of_mesh(policy) }
                 }
             };
             (verdict, None)
@@ -330,17 +345,19 @@ fn by_registry(
                 (Verdict::Refuse { labels, flag: ResponseFlag::NoRouteFound, reason: "fronted" }, Some("refused"))
             }
             HostVerify::Route => match service.own_address(port) {
-                Some(address) => {
-                    (Verdict::Forward { address, labels, verify: None, timeouts: Timeouts::NONE }, Some("routed"))
-                }
+                Some(address) => (
+                    Verdict::Forward { address, labels, verify: None, timeouts: Timeouts::of_mesh(policy) },
+                    Some("routed"),
+                ),
                 None => {
                     let refused = Verdict::Refuse { labels, flag: ResponseFlag::NoRouteFound, reason: "fronted" };
                     (refused, Some("refused"))
                 }
             },
-            HostVerify::Off => {
-                (Verdict::Forward { address: dialled, labels, verify: None, timeouts: Timeouts::NONE }, Some("trusted"))
-            }
+            HostVerify::Off => (
+                Verdict::Forward { address: dialled, labels, verify: None, timeouts: Timeouts::of_mesh(policy) },
+                Some("trusted"),
+            ),
         },
         // Registered at no address (a wildcard, resolution NONE): only DNS can tell whether the dialled
         // address is the name's.
@@ -349,10 +366,10 @@ fn by_registry(
                 (Some(name), HostVerify::Strict) => Some(name.to_owned()),
                 _ => None,
             };
-            (Verdict::Forward { address: dialled, labels, verify, timeouts: Timeouts::NONE }, None)
+            (Verdict::Forward { address: dialled, labels, verify, timeouts: Timeouts::of_mesh(policy) }, None)
         }
     };
-    (verdict.with_timeouts_of(&choice), mismatch)
+    (verdict.with_timeouts_of(&choice, policy), mismatch)
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use super::{
     authorize,
     connect_failure::ConnectFailure,
     http::HttpProxy,
-    relay::{Engine, Relay},
+    relay::{Bounds, Ended, Engine, Relay, Relayed},
     tcp,
 };
 use crate::{
@@ -36,7 +36,9 @@ use crate::{
     },
 };
 use client_hello::Hello;
-pub use decide::{decide_tcp, decide_tcp_noting_hop, decide_tls, decide_tls_noting_hop, Arrival, Mismatch, Verdict};
+pub use decide::{
+    decide_tcp, decide_tcp_noting_hop, decide_tls, decide_tls_noting_hop, Arrival, Mismatch, Timeouts, Verdict,
+};
 
 /// A client's stream the relay takes: a socket, or TLS the gateway terminated (a TLS Gateway server with `tcp`
 /// routes); reset, rather than closed, when refused, so the client takes no close for an answer.
@@ -420,9 +422,8 @@ async fn relay<S: ClientStream>(
             return Outcome { refused_because: Some(reason), ..Outcome::refused(labels, flag) };
         }
     };
-    // A DestinationRule's `connectionPool.tcp` timeouts, else the agent's.
-    let connect_timeout = timeouts.connect.unwrap_or(tcp::CONNECT_TIMEOUT);
-    let mut upstream = match tcp::connect(address, proxy.upstream_sockets(), connect_timeout).await {
+    // A DestinationRule's `connectionPool.tcp` settings over the mesh's, the idle timeout over the agent's.
+    let mut upstream = match tcp::connect(address, proxy.upstream_sockets(), timeouts.connect).await {
         Ok(upstream) => upstream,
         Err(error) => {
             let verdict = tcp::connect_failure(&error);
@@ -439,18 +440,23 @@ async fn relay<S: ClientStream>(
     };
     let upstream_local = upstream.local_addr().ok();
     let open = count_opened(telemetry, connection, (&destination, ResponseFlag::None), Some(address));
-    let idle = timeouts.idle.unwrap_or(proxy.limits().idle_timeout);
+    let bounds = Bounds { idle: timeouts.idle.unwrap_or(proxy.limits().idle_timeout), lifetime: timeouts.lifetime };
     let joined = match upstream.write_all(hello).await {
         Ok(()) => match stream.socket() {
-            Some(socket) => Some(proxy.relay().sockets(socket, &mut upstream, idle).await),
-            None => Some(Relay::streams(stream, &mut upstream, idle).await),
+            Some(socket) => Some(proxy.relay().sockets(socket, &mut upstream, bounds).await),
+            None => Some(Relay::streams(stream, &mut upstream, bounds).await),
         },
         Err(_) => None,
     };
     tracing::debug!(source = %peer, upstream = %address, relayed = ?joined, "connection relayed");
     let (received, sent) = joined.as_ref().map(|joined| (joined.from_first, joined.from_second)).unwrap_or_default();
     let received = received + hello.len() as u64;
+    // Ended by its lifetime: `DT` in its log line, as Envoy's tcp_proxy marks it.
+    let flag = match &joined {
+        Some(Relayed { ended: Ended::Lifetime, .. }) => ResponseFlag::DurationTimeout,
+        _ => ResponseFlag::None,
+    };
     let engine = joined.map(|joined| joined.engine);
-    let (flag, upstream, open) = (ResponseFlag::None, Some(address), Some(open));
+    let (upstream, open) = (Some(address), Some(open));
     Outcome { upstream, upstream_local, received, sent, open, engine, ..Outcome::refused(destination, flag) }
 }

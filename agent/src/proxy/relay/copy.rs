@@ -5,12 +5,11 @@ use std::{
     io,
     pin::Pin,
     task::{Context, Poll},
-    time::Duration,
 };
 
 use tokio::io::{copy_bidirectional_with_sizes, AsyncRead, AsyncWrite, ReadBuf};
 
-use super::{Activity, Ended, Engine, Relayed};
+use super::{Activity, Bounds, Ended, Engine, Relayed};
 
 /// Each direction's buffer: a bulk transfer moves in reads and writes of up to this many bytes. Tokio's default
 /// (8 KiB) takes four system calls where this takes one, and larger ones cost memory per relayed connection and
@@ -18,8 +17,9 @@ use super::{Activity, Ended, Engine, Relayed};
 /// ends.
 const RELAY_BUFFER: usize = 32 * 1024;
 
-/// Relays bytes both ways between `first` and `second` until either closes, fails, or both are silent for `idle`.
-pub async fn join<A, B>(first: &mut A, second: &mut B, idle: Duration) -> Relayed
+/// Relays bytes both ways between `first` and `second` until either closes or fails, both are silent for the idle
+/// timeout, or the relay has lasted its lifetime.
+pub async fn join<A, B>(first: &mut A, second: &mut B, bounds: Bounds) -> Relayed
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -28,7 +28,7 @@ where
     let mut first = Watched { inner: first, read: 0, activity: &activity };
     let mut second = Watched { inner: second, read: 0, activity: &activity };
     let copying = copy_bidirectional_with_sizes(&mut first, &mut second, RELAY_BUFFER, RELAY_BUFFER);
-    let ended = Ended::from_outcome(activity.unless_idle(idle, copying).await);
+    let ended = Ended::from_outcome(activity.within(bounds, copying).await);
     Relayed { from_first: first.read, from_second: second.read, ended, engine: Engine::Copy }
 }
 
@@ -75,13 +75,14 @@ mod tests {
     use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use std::time::Duration;
 
     #[tokio::test(start_paused = true)]
     async fn a_join_ends_when_both_sides_are_silent_for_the_idle_timeout() {
         let (mut client, mut proxy_client_side) = duplex(1024);
         let (mut proxy_upstream_side, mut upstream) = duplex(1024);
         let joining = tokio::spawn(async move {
-            join(&mut proxy_client_side, &mut proxy_upstream_side, Duration::from_secs(60)).await
+            join(&mut proxy_client_side, &mut proxy_upstream_side, Bounds::idle(Duration::from_secs(60))).await
         });
         client.write_all(b"hello").await.unwrap();
         let mut echoed = [0u8; 5];
@@ -97,12 +98,33 @@ mod tests {
         assert_eq!(joined, Relayed { from_first: 5, from_second: 4, ended: Ended::Idle, engine: Engine::Copy });
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_join_ends_at_its_lifetime() {
+        let (mut client, mut proxy_client_side) = duplex(1024);
+        let (mut proxy_upstream_side, mut upstream) = duplex(1024);
+        let bounds = Bounds { idle: Duration::from_secs(60), lifetime: Some(Duration::from_secs(30)) };
+        let joining = tokio::spawn(async move { join(&mut proxy_client_side, &mut proxy_upstream_side, bounds).await });
+        // A byte every 10 s: never idle.
+        for _ in 0..2 {
+            client.write_all(b"x").await.unwrap();
+            upstream.read_exact(&mut [0u8; 1]).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+        client.write_all(b"x").await.unwrap();
+        upstream.read_exact(&mut [0u8; 1]).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        assert!(!joining.is_finished(), "29 s in, within its lifetime");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let joined = joining.await.unwrap();
+        assert_eq!(joined, Relayed { from_first: 3, from_second: 0, ended: Ended::Lifetime, engine: Engine::Copy });
+    }
+
     #[tokio::test]
     async fn a_join_ends_with_its_counts_when_a_side_closes() {
         let (mut client, mut proxy_client_side) = duplex(1024);
         let (mut proxy_upstream_side, mut upstream) = duplex(1024);
         let joining = tokio::spawn(async move {
-            join(&mut proxy_client_side, &mut proxy_upstream_side, Duration::from_secs(60)).await
+            join(&mut proxy_client_side, &mut proxy_upstream_side, Bounds::idle(Duration::from_secs(60))).await
         });
         client.write_all(b"request").await.unwrap();
         client.shutdown().await.unwrap();

@@ -1,7 +1,8 @@
 //! The byte relay: every decided byte stream — TLS passed through by SNI, `tcp` routes, TCP passed through in
 //! ALLOW_ANY, `CONNECT` tunnels, upgraded (WebSocket) connections — is joined end to end here until either side
-//! ends, or neither has sent a byte for the idle timeout: a client cannot hold a connection slot, two sockets and
-//! a task by going quiet.
+//! ends, neither has sent a byte for the idle timeout (a client cannot hold a connection slot, two sockets and
+//! a task by going quiet), or the connection has lived as long as its DestinationRule lets it
+//! (`maxConnectionDuration`).
 //!
 //! Two engines (`--relay-engine`; bench/README.md has the figures behind the default):
 //! - **splice** (the default for two sockets): splice(2) through a pipe each way — the bytes stay in the kernel's
@@ -70,15 +71,31 @@ pub enum Ended {
     Idle,
     /// A side failed (reset, or a write to a peer that had gone).
     Failed(io::ErrorKind),
+    /// It lasted as long as it may (`maxConnectionDuration`).
+    Lifetime,
 }
 
 impl Ended {
-    fn from_outcome<T>(outcome: Option<io::Result<T>>) -> Ended {
+    fn from_outcome<T>(outcome: Result<io::Result<T>, Ended>) -> Ended {
         match outcome {
-            Some(Ok(_)) => Ended::Closed,
-            None => Ended::Idle,
-            Some(Err(error)) => Ended::Failed(error.kind()),
+            Ok(Ok(_)) => Ended::Closed,
+            Ok(Err(error)) => Ended::Failed(error.kind()),
+            Err(stopped) => stopped,
         }
+    }
+}
+
+/// How long a relay may last: until neither side has sent a byte for `idle`, and `lifetime` at most.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bounds {
+    pub idle: Duration,
+    pub lifetime: Option<Duration>,
+}
+
+impl Bounds {
+    /// Bounded by the idle timeout alone.
+    pub fn idle(idle: Duration) -> Bounds {
+        Bounds { idle, lifetime: None }
     }
 }
 
@@ -100,10 +117,10 @@ impl Relay {
 
     /// Relays between two TCP sockets with the configured engine. On a failure (a reset, a write to a closed
     /// peer), both are set to reset when dropped: the side still open learns of it as a reset too.
-    pub async fn sockets(&self, first: &mut TcpStream, second: &mut TcpStream, idle: Duration) -> Relayed {
+    pub async fn sockets(&self, first: &mut TcpStream, second: &mut TcpStream, bounds: Bounds) -> Relayed {
         let relayed = match self.engine {
-            Engine::Splice => spliced(first, second, idle).await,
-            Engine::Copy => copy::join(first, second, idle).await,
+            Engine::Splice => spliced(first, second, bounds).await,
+            Engine::Copy => copy::join(first, second, bounds).await,
         };
         if matches!(relayed.ended, Ended::Failed(_)) {
             crate::proxy::tcp::reset(first);
@@ -113,16 +130,16 @@ impl Relay {
     }
 
     /// Relays between two streams that are not both plain sockets, by copying.
-    pub async fn streams<A, B>(first: &mut A, second: &mut B, idle: Duration) -> Relayed
+    pub async fn streams<A, B>(first: &mut A, second: &mut B, bounds: Bounds) -> Relayed
     where
         A: AsyncRead + AsyncWrite + Unpin + ?Sized,
         B: AsyncRead + AsyncWrite + Unpin + ?Sized,
     {
-        copy::join(first, second, idle).await
+        copy::join(first, second, bounds).await
     }
 }
 
-async fn spliced(first: &TcpStream, second: &TcpStream, idle: Duration) -> Relayed {
+async fn spliced(first: &TcpStream, second: &TcpStream, bounds: Bounds) -> Relayed {
     let activity = Activity::new();
     let (from_first, from_second) = (AtomicU64::new(0), AtomicU64::new(0));
     let piped = AtomicBool::new(false);
@@ -132,7 +149,7 @@ async fn spliced(first: &TcpStream, second: &TcpStream, idle: Duration) -> Relay
             splice::direction(second, first, &from_second, &piped, &activity),
         )
     };
-    let outcome = activity.unless_idle(idle, both).await;
+    let outcome = activity.within(bounds, both).await;
     Relayed {
         from_first: from_first.load(Ordering::Relaxed),
         from_second: from_second.load(Ordering::Relaxed),
@@ -162,14 +179,23 @@ impl Activity {
         self.started.elapsed().saturating_sub(Duration::from_millis(self.last.load(Ordering::Relaxed)))
     }
 
-    /// `work`'s output, or None once nothing moved for `idle`.
-    async fn unless_idle<F: Future>(&self, idle: Duration, work: F) -> Option<F::Output> {
+    /// `work`'s output; `Ended::Idle` once nothing moved for the idle timeout, `Ended::Lifetime` once it has
+    /// run for its lifetime.
+    async fn within<F: Future>(&self, bounds: Bounds, work: F) -> Result<F::Output, Ended> {
         tokio::pin!(work);
+        let end = bounds.lifetime.map(|lifetime| self.started + lifetime);
         loop {
-            let left = idle.checked_sub(self.quiet_for()).filter(|left| !left.is_zero())?;
+            let left = bounds.idle.checked_sub(self.quiet_for()).filter(|left| !left.is_zero()).ok_or(Ended::Idle)?;
+            let wake = Instant::now() + left;
+            let (wake, ended) = match end {
+                Some(end) if end <= wake => (end, Ended::Lifetime),
+                _ => (wake, Ended::Idle),
+            };
             tokio::select! {
-                output = &mut work => return Some(output),
-                () = tokio::time::sleep(left) => {}
+                output = &mut work => return Ok(output),
+                () = tokio::time::sleep_until(wake) => if ended == Ended::Lifetime {
+                    return Err(Ended::Lifetime);
+                },
             }
         }
     }
@@ -198,7 +224,9 @@ mod tests {
         let (mut client, mut proxy_client_side) = pair().await;
         let (mut proxy_server_side, mut server) = pair().await;
         let relaying = tokio::spawn(async move {
-            Relay::new(engine).sockets(&mut proxy_client_side, &mut proxy_server_side, Duration::from_secs(60)).await
+            Relay::new(engine)
+                .sockets(&mut proxy_client_side, &mut proxy_server_side, Bounds::idle(Duration::from_secs(60)))
+                .await
         });
         let serving = tokio::spawn(async move {
             let mut received = Vec::new();

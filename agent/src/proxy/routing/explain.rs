@@ -1,7 +1,7 @@
 //! What a request would get, without sending it: the routing decision for a described request, as `sluice routes`
 //! shows it (in the spirit of `istioctl x describe` and `istioctl proxy-config routes`).
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use serde_json::{json, Value};
 
@@ -9,7 +9,7 @@ use super::{decide, Decision, Listener};
 use crate::{
     config::workloads::Workload,
     policy::routes::ProxyPolicy,
-    proxy::l4::{decide_tcp_noting_hop, decide_tls_noting_hop, Arrival, Verdict},
+    proxy::l4::{decide_tcp_noting_hop, decide_tls_noting_hop, Arrival, Timeouts, Verdict},
 };
 
 /// A request as `sluice routes` describes it.
@@ -106,24 +106,26 @@ pub fn explain_connection(policy: &ProxyPolicy, question: &ConnectionQuestion, s
             "cluster": labels.cluster().to_string(),
         }),
         Verdict::Forward { address, labels, verify, timeouts } => {
-            json!({
+            let mut answer = json!({
                 "decision": "forwarded (relayed unread)",
                 "cluster": labels.cluster().to_string(),
                 "destinationService": labels.name().as_str(),
                 "address": sent_to(address),
                 "verify": verify.map(|host| format!("only if {host} resolves to the address dialled (--host-verify strict)")),
-                "connectTimeout": timeouts.connect.map(|timeout| format!("{timeout:?}")),
-                "idleTimeout": timeouts.idle.map(|timeout| format!("{timeout:?}")),
-            })
+            });
+            with_timeouts(&mut answer, timeouts);
+            answer
         }
-        Verdict::Resolve { host, port, labels, timeouts } => json!({
-            "decision": "forwarded (relayed unread)",
-            "cluster": labels.cluster().to_string(),
-            "destinationService": labels.name().as_str(),
-            "address": format!("what {host} resolves to, port {port}"),
-            "connectTimeout": timeouts.connect.map(|timeout| format!("{timeout:?}")),
-            "idleTimeout": timeouts.idle.map(|timeout| format!("{timeout:?}")),
-        }),
+        Verdict::Resolve { host, port, labels, timeouts } => {
+            let mut answer = json!({
+                "decision": "forwarded (relayed unread)",
+                "cluster": labels.cluster().to_string(),
+                "destinationService": labels.name().as_str(),
+                "address": format!("what {host} resolves to, port {port}"),
+            });
+            with_timeouts(&mut answer, timeouts);
+            answer
+        }
     };
     answer["protocol"] = json!(if question.tls { "tls" } else { "tcp" });
     answer["serverName"] = json!(name);
@@ -133,6 +135,22 @@ pub fn explain_connection(policy: &ProxyPolicy, question: &ConnectionQuestion, s
 }
 
 /// Where a decision sends a request or connection: an address, or (unspecified) the one the client dialled.
+/// How a relayed connection is opened and bounded, in `answer`.
+fn with_timeouts(answer: &mut Value, timeouts: Timeouts) {
+    let shown = |duration: Option<Duration>| duration.map(|duration| format!("{duration:?}"));
+    answer["connectTimeout"] = json!(shown(Some(timeouts.connect.within)));
+    answer["idleTimeout"] = json!(shown(timeouts.idle));
+    answer["maxConnectionDuration"] = json!(shown(timeouts.lifetime));
+    answer["tcpKeepalive"] = match timeouts.connect.keepalive {
+        Some(keepalive) => json!({
+            "time": shown(keepalive.time),
+            "interval": shown(keepalive.interval),
+            "probes": keepalive.probes,
+        }),
+        None => Value::Null,
+    };
+}
+
 fn sent_to(address: SocketAddr) -> String {
     if address.ip().is_unspecified() {
         format!("the address dialled, port {}", address.port())
@@ -157,6 +175,8 @@ pub fn text(answer: &Value) -> String {
         ("verify", "Verified"),
         ("connectTimeout", "Connect in"),
         ("idleTimeout", "Idle after"),
+        ("maxConnectionDuration", "Lasts at most"),
+        ("tcpKeepalive", "Keepalive"),
     ] {
         if !answer[key].is_null() && answer[key] != "" {
             lines.push(format!("{:<14}{}", format!("{title}:"), shown(&answer[key])));

@@ -2,7 +2,7 @@
 //! outbound mode decide where it goes, or what the proxy answers itself. A mesh route to this gateway's own
 //! Service continues in the gateway context, in process, so two-hop egress configurations work on one node.
 
-use std::{net::SocketAddr, time::Duration};
+use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http::{
@@ -12,10 +12,10 @@ use http::{
 
 pub mod explain;
 
-use super::{failure::Failure, tcp};
+use super::failure::Failure;
 pub use crate::policy::host_match::strip_port as host_of;
 use crate::policy::{
-    clusters::Cluster,
+    clusters::{Cluster, Connect, UpstreamDefaults},
     http_match::RequestView,
     routes::{Action, HostVerify, Matched, ProxyPolicy, Redirect, Route, ServiceChoice, Target, Upstream, Viewer},
     OutboundMode,
@@ -83,9 +83,10 @@ impl<'p> Destination<'p> {
         }
     }
 
-    /// How long a new upstream connection may take: the cluster's `connectTimeout`, else Istio's default.
-    pub fn connect_timeout(&self) -> Duration {
-        self.cluster().and_then(|cluster| cluster.policy.connect_timeout).unwrap_or(tcp::CONNECT_TIMEOUT)
+    /// How a new upstream connection is opened: the cluster's `connectTimeout` and `tcpKeepalive` over the mesh
+    /// config's `defaults`.
+    pub fn connect(&self, defaults: &UpstreamDefaults) -> Connect {
+        defaults.connect(self.cluster().map(|cluster| &*cluster.policy))
     }
 
     /// How the cluster's HTTP/1.1 upstream connections are reused (its DestinationRule's `connectionPool.http`).
@@ -96,7 +97,13 @@ impl<'p> Destination<'p> {
             idle_timeout: policy
                 .and_then(|policy| policy.http_idle_timeout)
                 .unwrap_or(crate::proxy::upstreams::IDLE_TIMEOUT),
+            lifetime: self.lifetime(),
         }
+    }
+
+    /// How long an upstream connection of the cluster lives at most (`connectionPool.tcp.maxConnectionDuration`).
+    pub fn lifetime(&self) -> Option<std::time::Duration> {
+        self.cluster().and_then(|cluster| cluster.policy.max_connection_duration)
     }
 
     /// The cluster the request goes through (its limits and outlier detection), for a registered service.

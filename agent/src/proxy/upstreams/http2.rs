@@ -7,7 +7,10 @@ use hyper::{body::Incoming, client::conn::http2::SendRequest, Request, Response}
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::{open, pool::PoolKey, Opened, SendError, UpstreamTls};
-use crate::proxy::{http::ProxyBody, tcp::UpstreamSockets};
+use crate::{
+    policy::clusters::Connect,
+    proxy::{http::ProxyBody, idle, tcp::UpstreamSockets},
+};
 
 /// A failed HTTP/2 exchange: refused by the upstream, or failed otherwise.
 fn http2_error(error: hyper::Error) -> SendError {
@@ -24,8 +27,11 @@ fn http2_error(error: hyper::Error) -> SendError {
 /// An open connection's sender, and the address it left from.
 type Http2Connection = (SendRequest<ProxyBody>, Option<SocketAddr>);
 
+/// A pooled connection, and when it was opened (on the coarse clock).
+type Pooled = (Http2Connection, Duration);
+
 pub(super) struct Http2Pool {
-    connections: Mutex<HashMap<PoolKey, Http2Connection>>,
+    connections: Mutex<HashMap<PoolKey, Pooled>>,
     sockets: UpstreamSockets,
 }
 
@@ -34,8 +40,9 @@ impl Http2Pool {
         Http2Pool { connections: Mutex::new(HashMap::new()), sockets }
     }
 
-    /// Sends `request` on the connection to `address`, made first if there is none (or it has closed): the
-    /// response, and the address its connection left from. (An async block, as the HTTP/1.1 pool's.)
+    /// Sends `request` on the connection to `address`, made first if there is none (or it has closed, or lived
+    /// past `lifetime`: its streams in progress finish on it, new ones go on the new one): the response, and the
+    /// address its connection left from. (An async block, as the HTTP/1.1 pool's.)
     #[expect(
         clippy::manual_async_fn,
         reason = "an async block keeps its arguments once; an async fn keeps them twice in every request's future"
@@ -44,16 +51,21 @@ impl Http2Pool {
         &'a self,
         address: SocketAddr,
         request: Request<ProxyBody>,
-        connect_timeout: Duration,
+        connect: Connect,
         tls: Option<&'a UpstreamTls>,
+        lifetime: Option<Duration>,
     ) -> impl Future<Output = Result<(Response<Incoming>, Option<SocketAddr>), SendError>> + Send + 'a {
         async move {
             let key = PoolKey::new(address, tls);
-            let pooled = self.lock().get(&key).filter(|(sender, _)| !sender.is_closed()).cloned();
+            let usable = |((sender, _), opened): &&Pooled| {
+                !sender.is_closed()
+                    && lifetime.is_none_or(|lifetime| idle::coarse_now().saturating_sub(*opened) < lifetime)
+            };
+            let pooled = self.lock().get(&key).filter(usable).map(|(connection, _)| connection.clone());
             let (mut sender, local) = match pooled {
                 Some(sender) => sender,
                 // Boxed: a new connection's state, which requests sent on an open connection never need.
-                None => Box::pin(self.connect(key, connect_timeout, tls)).await?,
+                None => Box::pin(self.connect(key, connect, tls)).await?,
             };
             sender.ready().await.map_err(|error| SendError::Request(error.to_string()))?;
             let response = sender.send_request(request).await.map_err(http2_error)?;
@@ -65,11 +77,12 @@ impl Http2Pool {
     async fn connect(
         &self,
         key: PoolKey,
-        connect_timeout: Duration,
+        connect: Connect,
         tls: Option<&UpstreamTls>,
     ) -> Result<Http2Connection, SendError> {
         let address = key.address;
-        let Opened { io: stream, local } = open(address, &self.sockets, connect_timeout, tls).await?;
+        let opened = idle::coarse_now();
+        let Opened { io: stream, local } = open(address, &self.sockets, connect, tls).await?;
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(stream))
@@ -80,11 +93,11 @@ impl Http2Pool {
                 tracing::debug!(%address, %error, "HTTP/2 upstream connection ended");
             }
         });
-        self.lock().insert(key, (sender.clone(), local));
+        self.lock().insert(key, ((sender.clone(), local), opened));
         Ok((sender, local))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Http2Connection>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Pooled>> {
         self.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }

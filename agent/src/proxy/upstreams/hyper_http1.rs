@@ -18,7 +18,10 @@ use super::{
     pool::{IdlePool, PoolKey, Reusable},
     Io, Opened, Reuse, SendError, UpstreamBody, UpstreamTls,
 };
-use crate::proxy::{http::ProxyBody, tcp::UpstreamSockets};
+use crate::{
+    policy::clusters::Connect,
+    proxy::{http::ProxyBody, tcp::UpstreamSockets},
+};
 
 /// A connection's sender, and the address the connection left from.
 pub(super) struct HyperConnection {
@@ -54,7 +57,7 @@ impl HyperHttp1Pool {
         self: &'a Arc<Self>,
         address: SocketAddr,
         mut request: Request<ProxyBody>,
-        connect_timeout: Duration,
+        connect: Connect,
         tls: Option<&'a UpstreamTls>,
         reuse: Reuse,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'a {
@@ -75,7 +78,7 @@ impl HyperHttp1Pool {
                 }
             }
             // Boxed: a new connection's state, which requests sent on pooled connections never need.
-            let mut connection = Box::pin(self.connect(address, connect_timeout, tls)).await?;
+            let mut connection = Box::pin(self.connect(address, connect, tls)).await?;
             let response = connection.sender.send_request(request).await.map_err(failed)?;
             Ok(self.returning(key, connection, response, reuse))
         }
@@ -85,10 +88,10 @@ impl HyperHttp1Pool {
     async fn connect(
         &self,
         address: SocketAddr,
-        connect_timeout: Duration,
+        connect: Connect,
         tls: Option<&UpstreamTls>,
     ) -> Result<HyperConnection, SendError> {
-        let Opened { io, local } = open(address, &self.sockets, connect_timeout, tls).await?;
+        let Opened { io, local } = open(address, &self.sockets, connect, tls).await?;
         // As `Box<dyn Io>`: the type an upgraded connection is taken back as (see `tunnel`).
         let stream: Box<dyn Io> = io;
         let (sender, connection) = http1::Builder::new()

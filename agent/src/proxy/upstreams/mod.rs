@@ -21,6 +21,7 @@ use super::{
     http::{BoxError, ProxyBody},
     tcp::{self, UpstreamSockets},
 };
+use crate::policy::clusters::Connect;
 
 /// Which code speaks HTTP/1.1 to upstreams.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -57,8 +58,8 @@ pub struct Outgoing<'a> {
     pub method: Method,
     /// Its headers; `Host` is made `authority` (the client's own is sent on when it already says so).
     pub headers: HeaderMap,
-    /// How long a new connection may take to open.
-    pub connect_timeout: Duration,
+    /// How a new connection is opened (within how long, with which keepalive).
+    pub connect: Connect,
     /// TLS to speak to the endpoint (a DestinationRule's origination), if any.
     pub tls: Option<UpstreamTls>,
     /// How the connection is reused after this request.
@@ -72,6 +73,8 @@ pub struct Reuse {
     pub max_requests: Option<u32>,
     /// How long it is kept without a request (`idleTimeout`).
     pub idle_timeout: Duration,
+    /// How long from its opening it is used at most (`connectionPool.tcp.maxConnectionDuration`); `None`: any.
+    pub lifetime: Option<Duration>,
 }
 
 /// How long an HTTP/1.1 connection is kept for reuse without a request, unless its DestinationRule says.
@@ -79,7 +82,7 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Default for Reuse {
     fn default() -> Reuse {
-        Reuse { max_requests: None, idle_timeout: IDLE_TIMEOUT }
+        Reuse { max_requests: None, idle_timeout: IDLE_TIMEOUT, lifetime: None }
     }
 }
 
@@ -125,16 +128,17 @@ pub(crate) struct Opened {
     pub local: Option<SocketAddr>,
 }
 
-/// Opens a connection to `address` (as `sockets` allow) within `within`, with a TLS handshake over it when `tls` asks.
+/// Opens a connection to `address` (as `sockets` allow) as `connect` says, with a TLS handshake over it when `tls`
+/// asks (within the same time).
 /// (Each pool's `connect`, which calls it, is boxed where it is waited for: a new connection's state, TLS
 /// included, is large, and requests sent on pooled connections never need it.)
 async fn open(
     address: SocketAddr,
     sockets: &UpstreamSockets,
-    within: Duration,
+    connect: Connect,
     tls: Option<&UpstreamTls>,
 ) -> Result<Opened, SendError> {
-    let stream = tcp::connect(address, sockets, within).await.map_err(|error| {
+    let stream = tcp::connect(address, sockets, connect).await.map_err(|error| {
         if tcp::is_local_destination(&error) {
             SendError::LocalDestination(error.to_string())
         } else {
@@ -144,7 +148,7 @@ async fn open(
     let local = stream.local_addr().ok();
     let Some(tls) = tls else { return Ok(Opened { io: Box::new(stream), local }) };
     let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-    match tokio::time::timeout(within, connector.connect((*tls.server_name).clone(), stream)).await {
+    match tokio::time::timeout(connect.within, connector.connect((*tls.server_name).clone(), stream)).await {
         Ok(Ok(stream)) => Ok(Opened { io: Box::new(stream), local }),
         Ok(Err(error)) => Err(SendError::Connect(ConnectFailure::from_handshake(&error))),
         Err(_) => Err(SendError::Connect(ConnectFailure::Timeout)),
@@ -178,8 +182,7 @@ impl Upstreams {
         outgoing: Outgoing<'_>,
         body: ProxyBody,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'a {
-        let Outgoing { address, http2, authority, path_and_query, method, mut headers, connect_timeout, tls, reuse } =
-            outgoing;
+        let Outgoing { address, http2, authority, path_and_query, method, mut headers, connect, tls, reuse } = outgoing;
         let scheme = if tls.is_some() { "https" } else { "http" };
         let mut request = Request::new(body);
         *request.method_mut() = method;
@@ -214,16 +217,17 @@ impl Upstreams {
             match made {
                 Err(error) => Err(error),
                 Ok(request) if http2 => {
-                    let (response, local) = self.http2.send(address, request, connect_timeout, tls.as_ref()).await?;
+                    let (response, local) =
+                        self.http2.send(address, request, connect, tls.as_ref(), reuse.lifetime).await?;
                     Ok(response.map(|body| UpstreamBody::hyper(body, local)))
                 }
                 // An upgrade's connection is handed back by hyper's client once the upstream switches.
                 Ok(request)
                     if self.http1_client == Http1Client::Hyper || request.headers().contains_key(header::UPGRADE) =>
                 {
-                    self.hyper_http1.send(address, request, connect_timeout, tls.as_ref(), reuse).await
+                    self.hyper_http1.send(address, request, connect, tls.as_ref(), reuse).await
                 }
-                Ok(request) => self.http1.send(address, request, connect_timeout, tls.as_ref(), reuse).await,
+                Ok(request) => self.http1.send(address, request, connect, tls.as_ref(), reuse).await,
             }
         }
     }

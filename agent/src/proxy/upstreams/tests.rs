@@ -6,6 +6,7 @@ use http_body_util::{BodyExt, Empty};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{pool::PoolKey, *};
+use crate::policy::clusters::Keepalive;
 
 /// The test servers listen on loopback, which the proxy refuses unless allowed.
 fn to_loopback() -> UpstreamSockets {
@@ -136,7 +137,7 @@ async fn send_reusing(
         path_and_query: PathAndQuery::from_static("/"),
         method,
         headers,
-        connect_timeout: Duration::from_secs(1),
+        connect: Connect { within: Duration::from_secs(1), keepalive: None },
         tls: None,
         reuse,
     };
@@ -236,4 +237,62 @@ async fn a_destination_rules_connection_pool_limits_requests_per_connection_and_
     tokio::time::sleep(Duration::from_millis(200)).await;
     get_reusing(brief).await;
     assert_eq!(accepted.load(Ordering::SeqCst), 6, "not reused past its idle timeout");
+    // maxConnectionDuration: 400ms — reused while it is younger, never after (however recently it was used).
+    // (The connection left idle above opened at its request, 200 ms after the one before.)
+    let short_lived = Reuse { lifetime: Some(Duration::from_millis(400)), ..Reuse::default() };
+    for _ in 0..3 {
+        get_reusing(short_lived).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 6, "reused within its lifetime");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    get_reusing(short_lived).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 7, "not reused past its lifetime");
+}
+
+#[tokio::test]
+async fn an_http2_connection_past_its_lifetime_takes_no_new_stream() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(socket).await else { return };
+                while let Some(Ok((_, mut respond))) = connection.accept().await {
+                    let _ = respond.send_response(http::Response::new(()), true);
+                }
+            });
+        }
+    });
+    let upstreams = Upstreams::new(to_loopback(), Http1Client::Native);
+    let reuse = Reuse { lifetime: Some(Duration::from_millis(300)), ..Reuse::default() };
+    let ask = || send_reusing(&upstreams, address, true, Method::GET, HeaderMap::new(), reuse);
+    for _ in 0..3 {
+        assert_eq!(ask().await.expect("an answer").status(), 200);
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection multiplexes them");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(ask().await.expect("an answer").status(), 200);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "a new connection past the first's lifetime");
+}
+
+#[tokio::test]
+async fn upstream_sockets_keep_alive_as_the_settings_say() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let keepalive =
+        Keepalive { time: Some(Duration::from_secs(7)), interval: Some(Duration::from_secs(3)), probes: Some(4) };
+    let within = Duration::from_secs(1);
+    let kept = tcp::connect(address, &to_loopback(), Connect { within, keepalive: Some(keepalive) }).await.unwrap();
+    let socket = socket2::SockRef::from(&kept);
+    assert!(socket.keepalive().unwrap());
+    let read = (socket.tcp_keepalive_time().unwrap(), socket.tcp_keepalive_interval().unwrap());
+    assert_eq!(read, (Duration::from_secs(7), Duration::from_secs(3)));
+    assert_eq!(socket.tcp_keepalive_retries().unwrap(), 4);
+    // Unset, the socket keeps the kernel's default: no keepalive.
+    let plain = tcp::connect(address, &to_loopback(), Connect { within, keepalive: None }).await.unwrap();
+    assert!(!socket2::SockRef::from(&plain).keepalive().unwrap());
 }

@@ -31,7 +31,10 @@ use super::{
     pool::{IdlePool, PoolKey, Reusable},
     Io, Opened, Reuse, SendError, UpstreamBody, UpstreamTls,
 };
-use crate::proxy::{http::ProxyBody, tcp::UpstreamSockets};
+use crate::{
+    policy::clusters::Connect,
+    proxy::{http::ProxyBody, tcp::UpstreamSockets},
+};
 
 /// How much room a read into a connection's buffer is given at least.
 const READ_SIZE: usize = 16 * 1024;
@@ -48,11 +51,14 @@ pub(crate) struct Connection {
     served: u32,
     /// The address it left from.
     local: Option<SocketAddr>,
+    /// When it was opened, on the coarse clock (for `Reuse::lifetime`).
+    opened: Duration,
 }
 
 impl Connection {
     fn new(Opened { io, local }: Opened) -> Connection {
-        Connection { io, read: BytesMut::new(), head: Vec::new(), reused: false, served: 0, local }
+        let opened = crate::proxy::idle::coarse_now();
+        Connection { io, read: BytesMut::new(), head: Vec::new(), reused: false, served: 0, local, opened }
     }
 
     /// Reads more from the upstream into `read`: how many bytes (0: the upstream closed).
@@ -96,12 +102,23 @@ impl NativeHttp1Pool {
         if reuse.max_requests.is_some_and(|max| connection.served >= max) {
             return;
         }
+        // Nor is one past its lifetime; one within it waits no longer than what is left of it.
+        let keep_for = match reuse.lifetime {
+            Some(lifetime) => {
+                let age = crate::proxy::idle::coarse_now().saturating_sub(connection.opened);
+                match lifetime.checked_sub(age).filter(|left| !left.is_zero()) {
+                    Some(left) => left.min(reuse.idle_timeout),
+                    None => return,
+                }
+            }
+            None => reuse.idle_timeout,
+        };
         connection.reused = true;
         // An idle connection keeps no more than a read's room (a large body's reads may have grown it).
         if connection.read.capacity() > READ_SIZE {
             connection.read = BytesMut::new();
         }
-        self.idle.give_back(key, connection, reuse.idle_timeout);
+        self.idle.give_back(key, connection, keep_for);
     }
 
     /// Sends `request` on the connection to `address` given back last, or on a new one. (An async block rather
@@ -114,7 +131,7 @@ impl NativeHttp1Pool {
         self: &'a Arc<Self>,
         address: SocketAddr,
         request: Request<ProxyBody>,
-        connect_timeout: Duration,
+        connect: Connect,
         tls: Option<&'a UpstreamTls>,
         reuse: Reuse,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'a {
@@ -129,7 +146,7 @@ impl NativeHttp1Pool {
                 }
             }
             // Boxed: a new connection's state, which requests sent on pooled connections never need.
-            let opened = Box::pin(open(address, &self.sockets, connect_timeout, tls)).await?;
+            let opened = Box::pin(open(address, &self.sockets, connect, tls)).await?;
             match self.exchange(Connection::new(opened), &mut parts, body, &key, reuse).await {
                 Ok(response) => Ok(response),
                 Err(Failed::Unsent(_)) => Err(SendError::Request("the new connection closed at once".into())),
