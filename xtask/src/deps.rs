@@ -26,6 +26,8 @@ const PEERS: &[(&str, &str)] = &[
     ("h2load", "nghttp2-client"),
     ("openssl", "openssl"),
     ("psql", "postgresql-client"),
+    // An origin the HTTP/1.1 upstream tests reuse connections to (and a peer the bench compares with).
+    ("haproxy", "haproxy"),
     // `kubectl kustomize` renders deploy/ for the manifests' test.
     ("kubectl", "kubernetes-client"),
     // Unpacks the agent's OCI image for the image's test, as a runtime would; `strip` takes the debug information
@@ -41,10 +43,9 @@ const ISTIO_SCHEMAS: &[&str] = &["@kubernetes-models/istio@3.0.1", "yaml@2.9.1"]
 /// The PostgreSQL server the TCP tests relay psql to: not on `PATH` (Debian keeps it under
 /// `/usr/lib/postgresql/VERSION/bin`).
 const POSTGRES_SERVER: (&str, &str) = ("/usr/lib/postgresql", "postgresql");
-/// The load generator and the proxies `cargo xtask bench` compares Sluice with.
+/// The load generator and the proxies `cargo xtask bench` compares Sluice with, besides HAProxy (a test peer).
 const BENCH_PEERS: &[(&str, &str)] = &[
     ("wrk", "wrk"),
-    ("haproxy", "haproxy"),
     ("squid", "squid"),
     ("taskset", "util-linux"),
     ("ethtool", "ethtool"),
