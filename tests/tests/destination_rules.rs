@@ -311,3 +311,82 @@ spec:
         (0..5).map(|_| get(&topology, "httpbin.org", SERVER_A, "/", &[]).1.trim().to_owned()).collect();
     assert_eq!(counts, ["1", "2", "1", "2", "1"], "two requests per upstream connection: {}", agent.log());
 }
+
+/// `connectionPool.http.h2UpgradePolicy: UPGRADE` sends an HTTP/1.1 client's requests to the endpoints as HTTP/2
+/// (here an nginx that speaks nothing else on its port); a host without the rule is still spoken to in HTTP/1.1.
+/// The mesh config's `h2UpgradePolicy: UPGRADE` upgrades every HTTP port but a rule's `DO_NOT_UPGRADE`.
+#[test]
+fn a_destination_rules_h2_upgrade_policy_speaks_http2_to_the_endpoints() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let echo = "$server_protocol host=$host";
+    let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80)], echo).unwrap();
+    let h2c = addr(SERVER_B, 8085);
+    let server = format!(
+        "server {{\n    listen {h2c} http2;\n    location / {{ default_type text/plain; return 200 \"{echo}\\n\"; }}\n  }}\n"
+    );
+    let _h2_only = Nginx::start_with(&topology.internet, &server, &[h2c]).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let upgraded = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: upgraded, namespace: egress}
+spec:
+  host: upgraded.backend
+  trafficPolicy:
+    connectionPool: {http: {h2UpgradePolicy: UPGRADE}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: httpbin, namespace: egress}
+spec:
+  hosts: [httpbin.org]
+  http:
+  - match: [{uri: {prefix: /up}}]
+    route: [{destination: {host: upgraded.backend}}]
+  - route: [{destination: {host: httpbin.org}}]
+";
+    let documents = [MESH_REGISTRY_ONLY, HTTPBIN, &backend("upgraded", SERVER_B, 8085), upgraded];
+    istio::write(config.path(), &documents).unwrap();
+    let args =
+        format!("--intercept {GATEWAY_WORKLOAD_IFACE} --access-log-format text --config {}", config.path().display());
+    let agent = Agent::start(&topology.gateway, &args).unwrap();
+
+    let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/up", &["--http1.1"]);
+    assert_eq!((code, body.trim()), (200, "HTTP/2.0 host=httpbin.org"), "{}", agent.log());
+    let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/get", &["--http1.1"]);
+    assert_eq!((code, body.trim()), (200, "HTTP/1.1 host=httpbin.org"), "{}", agent.log());
+
+    // Mesh-wide: the h2-only nginx is reached without a rule; httpbin.org's rule keeps it on HTTP/1.1.
+    let mesh = "apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    outboundTrafficPolicy: {mode: REGISTRY_ONLY}
+    h2UpgradePolicy: UPGRADE
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: httpbin, namespace: egress}
+spec:
+  host: httpbin.org
+  trafficPolicy:
+    connectionPool: {http: {h2UpgradePolicy: DO_NOT_UPGRADE}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: httpbin, namespace: egress}
+spec:
+  hosts: [httpbin.org]
+  http:
+  - match: [{uri: {prefix: /up}}]
+    route: [{destination: {host: plain.backend}}]
+  - route: [{destination: {host: httpbin.org}}]
+";
+    istio::write(config.path(), &[HTTPBIN, &backend("plain", SERVER_B, 8085), mesh]).unwrap();
+    agent.wait_for_log("configuration loaded", 2).unwrap();
+    let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/up", &["--http1.1"]);
+    assert_eq!((code, body.trim()), (200, "HTTP/2.0 host=httpbin.org"), "{}", agent.log());
+    let (code, body) = get(&topology, "httpbin.org", SERVER_A, "/get", &["--http1.1"]);
+    assert_eq!((code, body.trim()), (200, "HTTP/1.1 host=httpbin.org"), "{}", agent.log());
+}

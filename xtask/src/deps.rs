@@ -44,13 +44,8 @@ const ISTIO_SCHEMAS: &[&str] = &["@kubernetes-models/istio@3.0.1", "yaml@2.9.1"]
 /// `/usr/lib/postgresql/VERSION/bin`).
 const POSTGRES_SERVER: (&str, &str) = ("/usr/lib/postgresql", "postgresql");
 /// The load generator and the proxies `cargo xtask bench` compares Sluice with, besides HAProxy (a test peer).
-const BENCH_PEERS: &[(&str, &str)] = &[
-    ("wrk", "wrk"),
-    ("squid", "squid"),
-    ("taskset", "util-linux"),
-    ("ethtool", "ethtool"),
-    ("iperf3", "iperf3"),
-];
+const BENCH_PEERS: &[(&str, &str)] =
+    &[("wrk", "wrk"), ("squid", "squid"), ("taskset", "util-linux"), ("ethtool", "ethtool"), ("iperf3", "iperf3")];
 /// nginx's stream module (TLS passed through by `ssl_preread`), which the bench loads: a file, not a program.
 const NGINX_STREAM_MODULE: (&str, &str) = ("/usr/lib/nginx/modules/ngx_stream_module.so", "libnginx-mod-stream");
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -51,6 +51,9 @@ pub struct MeshConfig {
     /// Keepalive on every upstream socket (`time`, `interval`, `probes`); a DestinationRule's lays over it.
     #[serde(default)]
     pub tcp_keepalive: Option<serde_json::Value>,
+    /// `UPGRADE`: HTTP ports' requests go upstream as HTTP/2 (unless a DestinationRule says `DO_NOT_UPGRADE`).
+    #[serde(default)]
+    pub h2_upgrade_policy: Option<String>,
     #[serde(default)]
     pub protocol_detection_timeout: Option<String>,
     #[serde(default)]
@@ -154,6 +157,11 @@ impl MeshConfig {
         set.unwrap_or(Duration::from_secs(10))
     }
 
+    /// Whether `h2UpgradePolicy` is `UPGRADE` (Istio's default: `DO_NOT_UPGRADE`).
+    pub fn h2_upgrade(&self) -> bool {
+        self.h2_upgrade_policy.as_deref() == Some("UPGRADE")
+    }
+
     /// Where mesh-wide defaults live: `rootNamespace`, else Istio's `istio-system`.
     pub fn root_namespace(&self) -> &str {
         self.root_namespace.as_deref().unwrap_or("istio-system")
@@ -185,6 +193,10 @@ impl MeshConfig {
                     .push(FieldError::new(at("connectTimeout"), format!("'{timeout}' is above 1h, the most allowed"))),
                 None => {}
             }
+        }
+        if let Some(policy) = self.h2_upgrade_policy.as_deref().filter(|p| !matches!(*p, "DO_NOT_UPGRADE" | "UPGRADE"))
+        {
+            errors.push(FieldError::new(at("h2UpgradePolicy"), format!("'{policy}' is not DO_NOT_UPGRADE or UPGRADE")));
         }
         if let Some(keepalive) = &self.tcp_keepalive {
             super::fields::keepalive_problems(keepalive, &at("tcpKeepalive"), &mut errors);
@@ -316,6 +328,7 @@ mod tests {
             ("tcpKeepalive: {probes: -1}\n", "data.mesh.tcpKeepalive.probes: -1 is not a count"),
             ("tcpKeepalive: {idle: 5s}\n", "data.mesh.tcpKeepalive.idle: unknown field"),
             ("tcpKeepalive: 5s\n", "data.mesh.tcpKeepalive: tcpKeepalive is an object"),
+            ("h2UpgradePolicy: SOMETIMES\n", "data.mesh.h2UpgradePolicy: 'SOMETIMES' is not DO_NOT_UPGRADE or UPGRADE"),
         ] {
             let found = errors(yaml);
             assert!(found.iter().any(|e| e.starts_with(expected)), "{yaml}: {found:?}");
@@ -329,6 +342,8 @@ mod tests {
         assert_eq!(mesh.connect_timeout(), Duration::from_secs(3));
         assert_eq!(mesh.tcp_keepalive, Some(serde_json::json!({"time": "60s", "probes": 3})));
         assert_eq!(MeshConfig::default().connect_timeout(), Duration::from_secs(10), "Istio's default");
+        assert!(MeshConfig::from_mesh_yaml("h2UpgradePolicy: UPGRADE\n").unwrap().h2_upgrade());
+        assert!(!MeshConfig::default().h2_upgrade());
     }
 
     #[test]

@@ -143,12 +143,10 @@ fn settings(settings: &PolicySettings, path: &str, found: &mut Vec<(String, &'st
     let unapplied = [
         ("maxRetries", "retries are bounded by each route's attempts, not by a cluster-wide budget"),
         ("maxConcurrentStreams", "an HTTP/2 upstream connection carries as many streams as its server allows"),
-        ("h2UpgradePolicy", "HTTP/1.1 upstream connections are not upgraded to HTTP/2"),
         ("useClientProtocol", "the upstream's protocol is its service port's, whatever the client spoke"),
     ];
     for (field, why) in unapplied {
         let applies = match field {
-            "h2UpgradePolicy" => set(field).and_then(|value| value.as_str()) == Some("UPGRADE"),
             "useClientProtocol" => set(field).and_then(serde_json::Value::as_bool) == Some(true),
             _ => set(field).is_some(),
         };
@@ -226,7 +224,7 @@ spec:
   trafficPolicy:
     connectionPool:
       tcp: {maxConnections: 4, connectTimeout: 1s, maxConnectionDuration: 1h, tcpKeepalive: {time: 60s}}
-      http: {maxRequestsPerConnection: 10, idleTimeout: 30s, maxRetries: 3, h2UpgradePolicy: DEFAULT}
+      http: {maxRequestsPerConnection: 10, idleTimeout: 30s, maxRetries: 3, h2UpgradePolicy: UPGRADE}
     portLevelSettings:
     - port: {number: 8443}
       connectionPool: {http: {useClientProtocol: true, maxConcurrentStreams: 100}}

@@ -116,6 +116,10 @@ pub struct ClusterPolicy {
     pub max_connection_duration: Option<Duration>,
     /// `connectionPool.tcp.tcpKeepalive`: keepalive probes on the upstream sockets (over the mesh config's).
     pub keepalive: Option<Keepalive>,
+    /// `connectionPool.http.h2UpgradePolicy`: `UPGRADE` (true) sends requests to the endpoints as HTTP/2
+    /// whatever the port declares (a WebSocket upgrade excepted), `DO_NOT_UPGRADE` (false) keeps HTTP/1.1 where
+    /// the mesh config upgrades; unset, the mesh config's policy applies.
+    pub h2_upgrade: Option<bool>,
     /// `connectionPool.http.maxRequestsPerConnection`: the requests one HTTP/1.1 upstream connection carries before
     /// it is closed (1: none is reused); unset or 0, no limit.
     pub max_requests_per_connection: Option<u32>,
@@ -167,18 +171,20 @@ impl Keepalive {
     }
 }
 
-/// What upstream connections get where no DestinationRule says: the mesh config's `connectTimeout` and
-/// `tcpKeepalive`.
+/// What upstream connections get where no DestinationRule says: the mesh config's `connectTimeout`,
+/// `tcpKeepalive` and `h2UpgradePolicy`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UpstreamDefaults {
     pub connect_timeout: Duration,
     pub keepalive: Option<Keepalive>,
+    /// `h2UpgradePolicy: UPGRADE`: HTTP ports' requests go to the endpoints as HTTP/2.
+    pub h2_upgrade: bool,
 }
 
 impl Default for UpstreamDefaults {
-    /// Istio's: 10 s to connect, no keepalive.
+    /// Istio's: 10 s to connect, no keepalive, no upgrade.
     fn default() -> UpstreamDefaults {
-        UpstreamDefaults { connect_timeout: Duration::from_secs(10), keepalive: None }
+        UpstreamDefaults { connect_timeout: Duration::from_secs(10), keepalive: None, h2_upgrade: false }
     }
 }
 
@@ -197,6 +203,13 @@ impl UpstreamDefaults {
             within: policy.and_then(|policy| policy.connect_timeout).unwrap_or(self.connect_timeout),
             keepalive: Keepalive::layered(self.keepalive, policy.and_then(|policy| policy.keepalive)),
         }
+    }
+
+    /// Whether requests through a cluster under `policy` go to the endpoints as HTTP/2 where the port does not
+    /// declare it, as Istio decides: the rule's `UPGRADE` on any port, its `DO_NOT_UPGRADE` never, else the mesh's
+    /// `UPGRADE` on ports declared HTTP (`http_port`).
+    pub fn speaks_http2(&self, policy: Option<&ClusterPolicy>, http_port: bool) -> bool {
+        policy.and_then(|policy| policy.h2_upgrade).unwrap_or(self.h2_upgrade && http_port)
     }
 }
 
@@ -298,7 +311,13 @@ impl ClusterPolicy {
         }
     }
 
-    pub fn compile(settings: &PolicySettings, http2: bool, credentials: &CredentialSource) -> ClusterPolicy {
+    /// `http2`: the port declares HTTP/2; `mesh_upgrade`: the mesh config upgrades the port's HTTP/1.1 (see
+    /// `UpstreamDefaults::speaks_http2`).
+    pub fn compile(
+        settings: &PolicySettings,
+        (http2, mesh_upgrade): (bool, bool),
+        credentials: &CredentialSource,
+    ) -> ClusterPolicy {
         let lb = match settings.load_balancer.as_ref().and_then(|lb| lb.simple.as_deref()) {
             Some("RANDOM") => LoadBalance::Random,
             Some("PASSTHROUGH") => LoadBalance::Passthrough,
@@ -351,6 +370,13 @@ impl ClusterPolicy {
             .map(|t| if t.is_zero() { Duration::from_secs(3600) } else { t });
         let hash =
             settings.load_balancer.as_ref().and_then(|lb| lb.consistent_hash.as_ref()).and_then(HashKey::compile);
+        let h2_upgrade = match pool.and_then(|p| p.get("http")?.get("h2UpgradePolicy")?.as_str()) {
+            Some("UPGRADE") => Some(true),
+            Some("DO_NOT_UPGRADE") => Some(false),
+            _ => None,
+        };
+        // ALPN offers what is spoken: h2 where the port, the rule or the mesh makes it HTTP/2.
+        let http2 = http2 || h2_upgrade.unwrap_or(mesh_upgrade);
         let tls = settings.tls.as_ref().and_then(|tls| TlsOrigination::compile(tls, http2, credentials)).map(Arc::new);
         ClusterPolicy {
             lb,
@@ -360,6 +386,7 @@ impl ClusterPolicy {
             tcp_idle_timeout,
             max_connection_duration,
             keepalive,
+            h2_upgrade,
             max_requests_per_connection,
             http_idle_timeout,
             hash,
@@ -717,22 +744,31 @@ mod tests {
             "loadBalancer": {"simple": "RANDOM"}
         }))
         .unwrap();
-        assert_eq!(ClusterPolicy::compile(&settings, false, &CredentialSource::default()).limits, Some((10, 5)));
-        assert_eq!(ClusterPolicy::compile(&settings, true, &CredentialSource::default()).limits, Some((50, 5)));
-        assert_eq!(ClusterPolicy::compile(&settings, false, &CredentialSource::default()).lb, LoadBalance::Random);
         assert_eq!(
-            ClusterPolicy::compile(&settings, false, &CredentialSource::default()).connect_timeout,
+            ClusterPolicy::compile(&settings, (false, false), &CredentialSource::default()).limits,
+            Some((10, 5))
+        );
+        assert_eq!(
+            ClusterPolicy::compile(&settings, (true, false), &CredentialSource::default()).limits,
+            Some((50, 5))
+        );
+        assert_eq!(
+            ClusterPolicy::compile(&settings, (false, false), &CredentialSource::default()).lb,
+            LoadBalance::Random
+        );
+        assert_eq!(
+            ClusterPolicy::compile(&settings, (false, false), &CredentialSource::default()).connect_timeout,
             Some(Duration::from_millis(250))
         );
         assert_eq!(
-            ClusterPolicy::compile(&PolicySettings::default(), false, &CredentialSource::default()),
+            ClusterPolicy::compile(&PolicySettings::default(), (false, false), &CredentialSource::default()),
             ClusterPolicy::default()
         );
         // HTTP/1.1 connection reuse: requests per connection (0: no limit) and the idle timeout (0s: Istio's hour).
         let reuse = |http: serde_json::Value| {
             let settings: PolicySettings =
                 serde_json::from_value(serde_json::json!({"connectionPool": {"http": http}})).unwrap();
-            let policy = ClusterPolicy::compile(&settings, false, &CredentialSource::default());
+            let policy = ClusterPolicy::compile(&settings, (false, false), &CredentialSource::default());
             (policy.max_requests_per_connection, policy.http_idle_timeout)
         };
         let given = reuse(serde_json::json!({"maxRequestsPerConnection": 1, "idleTimeout": "30s"}));
@@ -744,7 +780,7 @@ mod tests {
             let settings: PolicySettings =
                 serde_json::from_value(serde_json::json!({"connectionPool": {"tcp": {"idleTimeout": timeout}}}))
                     .unwrap();
-            ClusterPolicy::compile(&settings, false, &CredentialSource::default()).tcp_idle_timeout
+            ClusterPolicy::compile(&settings, (false, false), &CredentialSource::default()).tcp_idle_timeout
         };
         assert_eq!(idle("90s"), Some(Duration::from_secs(90)));
         assert!(idle("0s").is_some_and(|never| never.as_secs() > 3_000_000_000));
@@ -755,7 +791,7 @@ mod tests {
         let settings: PolicySettings = serde_json::from_value(serde_json::json!({"connectionPool": {"tcp": {
             "maxConnectionDuration": "90s", "tcpKeepalive": {"time": "30s", "probes": 4}}}}))
         .unwrap();
-        let policy = ClusterPolicy::compile(&settings, false, &CredentialSource::default());
+        let policy = ClusterPolicy::compile(&settings, (false, false), &CredentialSource::default());
         assert_eq!(policy.max_connection_duration, Some(Duration::from_secs(90)));
         let rule = Keepalive { time: Some(Duration::from_secs(30)), interval: None, probes: Some(4) };
         assert_eq!(policy.keepalive, Some(rule));
@@ -775,12 +811,47 @@ mod tests {
         let empty: PolicySettings =
             serde_json::from_value(serde_json::json!({"connectionPool": {"tcp": {"tcpKeepalive": {}}}})).unwrap();
         assert_eq!(
-            ClusterPolicy::compile(&empty, false, &CredentialSource::default()).keepalive,
+            ClusterPolicy::compile(&empty, (false, false), &CredentialSource::default()).keepalive,
             Some(Keepalive::default())
         );
         assert_eq!(
-            ClusterPolicy::compile(&PolicySettings::default(), false, &CredentialSource::default()).keepalive,
+            ClusterPolicy::compile(&PolicySettings::default(), (false, false), &CredentialSource::default()).keepalive,
             None
         );
+    }
+
+    #[test]
+    fn an_h2_upgrade_makes_the_cluster_speak_http2_and_offer_it_by_alpn() {
+        let compile = |http: serde_json::Value, mesh_upgrade: bool| {
+            let settings: PolicySettings = serde_json::from_value(serde_json::json!({
+                "connectionPool": {"http": http}, "tls": {"mode": "SIMPLE"}}))
+            .unwrap();
+            ClusterPolicy::compile(&settings, (false, mesh_upgrade), &CredentialSource::default())
+        };
+        let alpn = |policy: &ClusterPolicy| match policy.tls.as_deref() {
+            Some(TlsOrigination::Ready { config, .. }) => config.alpn_protocols.clone(),
+            other => panic!("{other:?}"),
+        };
+        let (h2, http1) = (vec![b"h2".to_vec()], vec![b"http/1.1".to_vec()]);
+        let upgrade = serde_json::json!({"h2UpgradePolicy": "UPGRADE"});
+        let keep = serde_json::json!({"h2UpgradePolicy": "DO_NOT_UPGRADE"});
+        let unset = serde_json::json!({});
+        let (mesh, no_mesh) =
+            (UpstreamDefaults { h2_upgrade: true, ..UpstreamDefaults::default() }, UpstreamDefaults::default());
+        // (the rule's policy, the mesh's) → HTTP/2 on an HTTP port, on a TCP port; the ALPN offered.
+        for (http, defaults, on_http, on_tcp, offered) in [
+            (&upgrade, &no_mesh, true, true, &h2),
+            (&upgrade, &mesh, true, true, &h2),
+            (&keep, &mesh, false, false, &http1),
+            (&unset, &mesh, true, false, &h2),
+            (&unset, &no_mesh, false, false, &http1),
+        ] {
+            let policy = compile(http.clone(), defaults.h2_upgrade);
+            let spoken = (defaults.speaks_http2(Some(&policy), true), defaults.speaks_http2(Some(&policy), false));
+            assert_eq!(spoken, (on_http, on_tcp), "{http} under {defaults:?}");
+            assert_eq!(&alpn(&policy), offered, "{http} under {defaults:?}");
+        }
+        // No rule: the mesh's alone.
+        assert!(mesh.speaks_http2(None, true) && !mesh.speaks_http2(None, false) && !no_mesh.speaks_http2(None, true));
     }
 }

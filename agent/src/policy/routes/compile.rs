@@ -28,7 +28,11 @@ pub fn proxy_policy(
                 resource.metadata.namespace(),
             );
             let exported = interner.exported(resource.metadata.namespace(), visible_to);
-            let inputs = ClusterInputs { states, credentials: &settings.credentials };
+            let inputs = ClusterInputs {
+                states,
+                credentials: &settings.credentials,
+                mesh_h2_upgrade: snapshot.mesh.h2_upgrade(),
+            };
             for service in services(entry, &exported, resolved, &rules, &inputs, &mut interner) {
                 unaddressed |= service.known_at.is_empty();
                 transient(|| registry.entry(service.host.to_ascii_lowercase()).or_default().push(service));
@@ -66,6 +70,7 @@ pub fn proxy_policy(
         upstream: UpstreamDefaults {
             connect_timeout: snapshot.mesh.connect_timeout(),
             keepalive: snapshot.mesh.tcp_keepalive.as_ref().map(Keepalive::read),
+            h2_upgrade: snapshot.mesh.h2_upgrade(),
         },
         hosts: table,
         by_address,

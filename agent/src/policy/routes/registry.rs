@@ -243,6 +243,8 @@ impl<'a> Rules<'a> {
 pub(super) struct ClusterInputs<'a> {
     pub(super) states: &'a ClusterStates,
     pub(super) credentials: &'a CredentialSource,
+    /// The mesh config's `h2UpgradePolicy: UPGRADE` (HTTP ports' requests go upstream as HTTP/2).
+    pub(super) mesh_h2_upgrade: bool,
 }
 
 /// One service per host of `entry`: DNS hosts resolve on their own (or through the endpoints' names).
@@ -362,7 +364,9 @@ pub(super) fn clusters(
     };
     let compile = |policy: Option<&TrafficPolicy>| {
         let settings = policy.map(|policy| settings_for_port(policy, port.number));
-        let compiled = settings.map(|settings| ClusterPolicy::compile(settings, port.http2, inputs.credentials));
+        let mesh_upgrade = inputs.mesh_h2_upgrade && port.kind == PortKind::Http;
+        let protocol = (port.http2, mesh_upgrade);
+        let compiled = settings.map(|settings| ClusterPolicy::compile(settings, protocol, inputs.credentials));
         ClusterPolicy::shared(compiled.unwrap_or_default())
     };
     let cluster = |subset: Option<Arc<str>>, endpoints: Vec<ClusterEndpoint>, policy: Arc<ClusterPolicy>| {

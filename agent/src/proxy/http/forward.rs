@@ -172,6 +172,10 @@ impl HttpProxy {
                 }
             };
             let connect = destination.connect(&policy.upstream);
+            // An upgrade (WebSocket) stays HTTP/1.1 where only a DestinationRule's h2UpgradePolicy makes the
+            // cluster HTTP/2, as Envoy upgrades plain requests only.
+            let declared_http2 = destination.service.is_some_and(|choice| choice.service.http2(choice.port));
+            let http2 = destination.http2 && (upgrade.is_none() || declared_http2);
             let send = |attempt: u32, deadline: TryDeadline| {
                 if attempt > 0 {
                     address = destination.next_address();
@@ -184,7 +188,7 @@ impl HttpProxy {
                 };
                 let outgoing = Outgoing {
                     address,
-                    http2: destination.http2,
+                    http2,
                     authority: upstream_authority,
                     path_and_query: path_and_query.clone(),
                     method: parts.method.clone(),

@@ -17,7 +17,9 @@ pub use crate::policy::host_match::strip_port as host_of;
 use crate::policy::{
     clusters::{Cluster, Connect, UpstreamDefaults},
     http_match::RequestView,
-    routes::{Action, HostVerify, Matched, ProxyPolicy, Redirect, Route, ServiceChoice, Target, Upstream, Viewer},
+    routes::{
+        Action, HostVerify, Matched, PortKind, ProxyPolicy, Redirect, Route, ServiceChoice, Target, Upstream, Viewer,
+    },
     OutboundMode,
 };
 use crate::{config::workloads::Workload, policy::labels::DestinationLabels};
@@ -313,7 +315,11 @@ pub fn destination<'p>(
                 Upstream::NoEndpoint => return Err((Failure::NoHealthyUpstream, labels)),
             };
             let labels = labels.unwrap_or_else(|| crate::telemetry::passthrough::destination(host));
-            Ok(Destination { address, http2: service.http2(port), labels, service: Some(choice), hash: None })
+            // HTTP/2 upstream where the port declares it, or the DestinationRule or the mesh upgrades to it.
+            let rule = choice.cluster().map(|cluster| &*cluster.policy);
+            let http_port = service.port_kind(port) == Some(PortKind::Http);
+            let http2 = service.http2(port) || policy.upstream.speaks_http2(rule, http_port);
+            Ok(Destination { address, http2, labels, service: Some(choice), hash: None })
         }
         None if viewer.mode(policy) == OutboundMode::RegistryOnly => {
             Err((Failure::Blackholed, Some(DestinationLabels::blackhole())))
