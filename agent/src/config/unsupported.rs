@@ -141,7 +141,6 @@ fn settings(settings: &PolicySettings, path: &str, found: &mut Vec<(String, &'st
     let http = settings.connection_pool.as_ref().and_then(|pool| pool.get("http"));
     let set = |field: &str| http.and_then(|http| http.get(field)).filter(|value| !value.is_null());
     let unapplied = [
-        ("maxRetries", "retries are bounded by each route's attempts, not by a cluster-wide budget"),
         ("maxConcurrentStreams", "an HTTP/2 upstream connection carries as many streams as its server allows"),
         ("useClientProtocol", "the upstream's protocol is its service port's, whatever the client spoke"),
     ];
@@ -234,7 +233,6 @@ spec:
         assert_eq!(
             paths,
             [
-                "spec.trafficPolicy.connectionPool.http.maxRetries",
                 "spec.trafficPolicy.portLevelSettings[0].connectionPool.http.maxConcurrentStreams",
                 "spec.trafficPolicy.portLevelSettings[0].connectionPool.http.useClientProtocol",
             ]

@@ -126,6 +126,9 @@ pub struct ClusterPolicy {
     /// `connectionPool.http.idleTimeout`: how long an HTTP/1.1 upstream connection is kept for reuse without a
     /// request (`0s`: Istio's default, an hour).
     pub http_idle_timeout: Option<Duration>,
+    /// `connectionPool.http.maxRetries`: retries in flight at once to the cluster (Envoy's `max_retries` circuit
+    /// breaker); beyond it, a try that would be retried is answered as it came. Unset or 0: no bound (Istio's).
+    pub max_retries: Option<usize>,
     /// `loadBalancer.consistentHash`: what picks the endpoint instead of the load balancer.
     pub hash: Option<HashKey>,
     /// `tls.mode` SIMPLE or MUTUAL: the proxy speaks TLS to the endpoints.
@@ -362,6 +365,7 @@ impl ClusterPolicy {
             .and_then(|t| parse_duration(&t).ok())
             .filter(|t| !t.is_zero());
         let keepalive = pool.and_then(|p| p.get("tcp")?.get("tcpKeepalive")).map(Keepalive::read);
+        let max_retries = number("http", "maxRetries").filter(|&n| n > 0);
         let max_requests_per_connection =
             number("http", "maxRequestsPerConnection").filter(|&n| n > 0).map(|n| u32::try_from(n).unwrap_or(u32::MAX));
         let http_idle_timeout = pool
@@ -389,6 +393,7 @@ impl ClusterPolicy {
             h2_upgrade,
             max_requests_per_connection,
             http_idle_timeout,
+            max_retries,
             hash,
             tls,
         }
@@ -495,6 +500,8 @@ pub struct ClusterState {
     slots: Option<Arc<tokio::sync::Semaphore>>,
     waiting: AtomicUsize,
     max_waiting: usize,
+    /// Retries in flight (for `maxRetries`).
+    retrying: AtomicUsize,
     /// By endpoint, for outlier detection: a list (a cluster has a few endpoints), empty and unallocated in most
     /// clusters, which have none.
     health: Mutex<Vec<(IpAddr, Health)>>,
@@ -506,6 +513,16 @@ struct Health {
     consecutive_gateway: u32,
     ejections: u32,
     ejected_until: Option<Instant>,
+}
+
+/// One retry in flight in a cluster's budget (`maxRetries`), given back when dropped.
+#[derive(Debug)]
+pub struct RetryPlace(Arc<ClusterState>);
+
+impl Drop for RetryPlace {
+    fn drop(&mut self) {
+        self.0.retrying.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A place for one request in a cluster with limits.
@@ -525,8 +542,17 @@ impl ClusterState {
             slots: limits.map(|(in_flight, _)| Arc::new(tokio::sync::Semaphore::new(in_flight))),
             waiting: AtomicUsize::new(0),
             max_waiting: limits.map_or(0, |(_, pending)| pending),
+            retrying: AtomicUsize::new(0),
             health: Mutex::new(Vec::new()),
         }
+    }
+
+    /// A place for one retry while fewer than `max` are in flight; `None` when the budget is spent. The place is
+    /// held for the retry's try.
+    pub fn retry(self: &Arc<Self>, max: usize) -> Option<RetryPlace> {
+        let add = |retrying: usize| (retrying < max).then_some(retrying + 1);
+        self.retrying.fetch_update(Ordering::AcqRel, Ordering::Acquire, add).ok()?;
+        Some(RetryPlace(self.clone()))
     }
 
     pub fn admit(&self) -> Admission {
@@ -818,6 +844,21 @@ mod tests {
             ClusterPolicy::compile(&PolicySettings::default(), (false, false), &CredentialSource::default()).keepalive,
             None
         );
+    }
+
+    #[test]
+    fn max_retries_bounds_retries_in_flight_and_zero_is_no_bound() {
+        let max = |n: u64| {
+            let settings: PolicySettings =
+                serde_json::from_value(serde_json::json!({"connectionPool": {"http": {"maxRetries": n}}})).unwrap();
+            ClusterPolicy::compile(&settings, (false, false), &CredentialSource::default()).max_retries
+        };
+        assert_eq!((max(3), max(0)), (Some(3), None));
+        let state = Arc::new(ClusterState::new(None));
+        let places: Vec<RetryPlace> = (0..3).filter_map(|_| state.retry(2)).collect();
+        assert_eq!(places.len(), 2, "two in flight at most");
+        drop(places);
+        assert!(state.retry(2).is_some(), "given back when dropped");
     }
 
     #[test]

@@ -221,7 +221,7 @@ impl HttpProxy {
                 })
             };
             let status = |(response, _): &(Response<UpstreamBody>, Instant)| response.status().as_u16();
-            let outcome = retry::with_retries(&clock, retries, replayable.is_some(), status, send).await;
+            let outcome = retry::with_retries(&clock, retries, (replayable.is_some(), cluster), status, send).await;
             record.upstream_host = Some(address);
             let (response, try_started) = match outcome {
                 Ok(response) => response,

@@ -7,7 +7,7 @@ use tokio::{sync::OwnedSemaphorePermit, time::Instant};
 
 use crate::{
     policy::{
-        clusters::{Admission, Cluster},
+        clusters::{Admission, Cluster, RetryPlace},
         routes::RetryPolicy,
     },
     proxy::{connect_failure::ConnectFailure, failure::Failure, upstreams::SendError},
@@ -95,6 +95,14 @@ fn backoff_ceiling_ms(retry: u32) -> u64 {
     (25u64 << retry.saturating_sub(1).min(4)).min(250)
 }
 
+/// A place for a retry in `cluster`'s budget: `Some(None)` where it sets none, `None` where it is spent.
+fn budget(cluster: Option<&Cluster>) -> Option<Option<RetryPlace>> {
+    match cluster.and_then(|cluster| Some((cluster, cluster.policy.max_retries?))) {
+        Some((cluster, max)) => cluster.state.retry(max).map(Some),
+        None => Some(None),
+    }
+}
+
 /// What follows a try, as the router reads its outcome.
 #[derive(Debug)]
 pub(super) enum Tried<R> {
@@ -107,41 +115,50 @@ pub(super) enum Tried<R> {
 }
 
 /// Reads a try's `result` (`None`: its deadline passed) under `retries`; `status` reads a response's status,
-/// `may_retry` says whether another try may be made at all (retries left, a body that can be sent again, time).
+/// `may_retry` says whether another try may be made (retries left, a body that can be sent again, time, a place in
+/// the cluster's retry budget), asked only of an outcome the policy retries on.
 pub(super) fn judge<R>(
     result: Option<Result<R, SendError>>,
     status: impl Fn(&R) -> u16,
     retries: &RetryPolicy,
     deadline: TryDeadline,
-    may_retry: bool,
+    may_retry: impl FnOnce() -> bool,
 ) -> Tried<R> {
-    let failed = |failure: Failure, retriable: bool| match may_retry && retriable {
-        true => Tried::Retry,
-        false => Tried::Failed(failure, None),
+    // The outcome as it stands, and whether the policy retries on it.
+    let (outcome, retriable) = match result {
+        Some(Ok(response)) => {
+            let retriable = retries.on.status(status(&response));
+            (Tried::Answered(response), retriable)
+        }
+        Some(Err(SendError::Connect(why))) => {
+            (Tried::Failed(Failure::UpstreamConnect, Some(why)), retries.on.connect_failure)
+        }
+        Some(Err(SendError::Request(_))) => {
+            (Tried::Failed(Failure::UpstreamReset, None), retries.on.reset_or_timeout())
+        }
+        Some(Err(SendError::LocalDestination(_))) => (Tried::Failed(Failure::LocalDestination, None), false),
+        Some(Err(SendError::Refused(_))) => (Tried::Failed(Failure::UpstreamReset, None), retries.on.refused()),
+        Some(Err(SendError::Protocol(_))) => {
+            (Tried::Failed(Failure::UpstreamProtocolError, None), retries.on.reset_or_timeout())
+        }
+        None if deadline.idle_bound => (Tried::Failed(Failure::UpstreamIdle, None), false),
+        None => (Tried::Failed(Failure::UpstreamTimeout, None), retries.on.reset_or_timeout()),
     };
-    match result {
-        Some(Ok(response)) if may_retry && retries.on.status(status(&response)) => Tried::Retry,
-        Some(Ok(response)) => Tried::Answered(response),
-        Some(Err(SendError::Connect(why))) => match may_retry && retries.on.connect_failure {
-            true => Tried::Retry,
-            false => Tried::Failed(Failure::UpstreamConnect, Some(why)),
-        },
-        Some(Err(SendError::Request(_))) => failed(Failure::UpstreamReset, retries.on.reset_or_timeout()),
-        Some(Err(SendError::LocalDestination(_))) => Tried::Failed(Failure::LocalDestination, None),
-        Some(Err(SendError::Refused(_))) => failed(Failure::UpstreamReset, retries.on.refused()),
-        Some(Err(SendError::Protocol(_))) => failed(Failure::UpstreamProtocolError, retries.on.reset_or_timeout()),
-        None if deadline.idle_bound => Tried::Failed(Failure::UpstreamIdle, None),
-        None => failed(Failure::UpstreamTimeout, retries.on.reset_or_timeout()),
+    if retriable && may_retry() {
+        Tried::Retry
+    } else {
+        outcome
     }
 }
 
 /// Runs `send` (given the try's number, from 0, and its deadline; it applies the deadline) until a try answers
 /// or fails for good (with why no connection could be made, when that failed it); waits `backoff` between tries,
-/// never past the route's timeout. `replayable`: the request's body can be sent again.
+/// never past the route's timeout. `replayable`: the request's body can be sent again. `cluster`: whose retry
+/// budget (`maxRetries`) a retry takes a place in, for as long as its try lasts.
 pub(super) async fn with_retries<R, F, Fut>(
     clock: &TryClock,
     retries: &RetryPolicy,
-    replayable: bool,
+    (replayable, cluster): (bool, Option<&Cluster>),
     status: impl Fn(&R) -> u16,
     mut send: F,
 ) -> Result<R, (Failure, Option<ConnectFailure>)>
@@ -150,14 +167,25 @@ where
     Fut: Future<Output = Option<Result<R, SendError>>>,
 {
     let mut attempt = 0u32;
+    // The place the retry under way holds in the cluster's budget, given back when its try ends.
+    let mut retrying: Option<RetryPlace> = None;
     loop {
         let deadline = clock.try_deadline();
         let result = send(attempt, deadline).map_err(|failure| (failure, None))?.await;
-        let may_retry = replayable && attempt < retries.attempts && clock.time_left();
+        drop(retrying.take());
+        // A retry needs a place in the budget too: without one, the try's outcome is the answer.
+        let mut reserved = None;
+        let may_retry = || {
+            if !(replayable && attempt < retries.attempts && clock.time_left()) {
+                return false;
+            }
+            reserved = budget(cluster);
+            reserved.is_some()
+        };
         match judge(result, &status, retries, deadline, may_retry) {
             Tried::Answered(response) => return Ok(response),
             Tried::Failed(failure, why) => return Err((failure, why)),
-            Tried::Retry => {}
+            Tried::Retry => retrying = reserved.flatten(),
         }
         attempt += 1;
         let wake = Instant::now() + backoff(attempt);
@@ -211,7 +239,7 @@ mod tests {
         let clock = TryClock::start(Some(Duration::from_millis(1000)), Some(Duration::from_millis(300)), IDLE);
         let policy = retries(5, Some(Duration::from_millis(300)), "gateway-error");
         let started = Instant::now();
-        let outcome = with_retries(&clock, &policy, true, |s| *s, upstream(&[None; 6], log.clone())).await;
+        let outcome = with_retries(&clock, &policy, (true, None), |s| *s, upstream(&[None; 6], log.clone())).await;
         assert!(matches!(outcome, Err((Failure::UpstreamTimeout, None))), "{outcome:?}");
         assert_eq!(started.elapsed(), Duration::from_millis(1000), "the route's timeout ends the request");
         let tries = log.lock().unwrap().clone();
@@ -230,16 +258,22 @@ mod tests {
         let log = Log::default();
         let clock = TryClock::start(None, None, IDLE);
         let policy = retries(2, None, "503");
-        let outcome =
-            with_retries(&clock, &policy, true, |s| *s, upstream(&[Some(503), Some(503), Some(503)], log.clone()));
+        let outcome = with_retries(
+            &clock,
+            &policy,
+            (true, None),
+            |s| *s,
+            upstream(&[Some(503), Some(503), Some(503)], log.clone()),
+        );
         assert_eq!(outcome.await.unwrap(), 503, "the last 503 is the answer");
         assert_eq!(log.lock().unwrap().len(), 3, "one try and two retries");
 
         let log = Log::default();
-        let outcome = with_retries(&clock, &policy, true, |s| *s, upstream(&[Some(503), Some(200)], log.clone()));
+        let outcome =
+            with_retries(&clock, &policy, (true, None), |s| *s, upstream(&[Some(503), Some(200)], log.clone()));
         assert_eq!(outcome.await.unwrap(), 200);
         let policy = retries(2, None, "connect-failure");
-        let outcome = with_retries(&clock, &policy, true, |s| *s, upstream(&[Some(503)], Log::default()));
+        let outcome = with_retries(&clock, &policy, (true, None), |s| *s, upstream(&[Some(503)], Log::default()));
         assert_eq!(outcome.await.unwrap(), 503, "a status not in retryOn is answered at once");
     }
 
@@ -248,7 +282,7 @@ mod tests {
         let log = Log::default();
         let clock = TryClock::start(None, None, IDLE);
         let policy = retries(3, None, "503");
-        let outcome = with_retries(&clock, &policy, false, |s| *s, upstream(&[Some(503)], log.clone())).await;
+        let outcome = with_retries(&clock, &policy, (false, None), |s| *s, upstream(&[Some(503)], log.clone())).await;
         assert_eq!(outcome.unwrap(), 503);
         assert_eq!(log.lock().unwrap().len(), 1);
     }
@@ -258,7 +292,7 @@ mod tests {
         let clock = TryClock::start(None, None, IDLE);
         let started = Instant::now();
         let policy = retries(2, None, "5xx");
-        let outcome = with_retries(&clock, &policy, true, |s| *s, upstream(&[None; 3], Log::default())).await;
+        let outcome = with_retries(&clock, &policy, (true, None), |s| *s, upstream(&[None; 3], Log::default())).await;
         assert!(matches!(outcome, Err((Failure::UpstreamIdle, None))), "not retried: idle is final");
         assert_eq!(started.elapsed(), IDLE);
     }
@@ -267,7 +301,7 @@ mod tests {
     fn outcomes_are_judged_as_envoys_router_judges_them() {
         let deadline = TryDeadline { at: Instant::now(), idle_bound: false };
         let judge_with = |on: &str, result: Option<Result<u16, SendError>>, may_retry: bool| {
-            judge(result, |s| *s, &retries(2, None, on), deadline, may_retry)
+            judge(result, |s| *s, &retries(2, None, on), deadline, || may_retry)
         };
         let connect = || Some(Err(SendError::Connect(ConnectFailure::Socket("delayed connect error: 111".into()))));
         assert!(matches!(judge_with("connect-failure", connect(), true), Tried::Retry));
@@ -332,5 +366,34 @@ mod tests {
         drop(held);
         assert!(waiting.await.unwrap().unwrap(), "a slot freed in time is taken");
         assert!(clock.admit(None).await.unwrap().is_none(), "a cluster without limits admits at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_takes_a_place_in_the_clusters_budget_and_none_is_made_without_one() {
+        let policy = ClusterPolicy { max_retries: Some(1), ..Default::default() };
+        let cluster = Cluster {
+            labels: DestinationLabels::registered("api.test".into(), "default".into(), 80, None),
+            endpoints: Box::new([]),
+            state: Arc::new(ClusterState::new(None)),
+            policy: Arc::new(policy),
+        };
+        let clock = TryClock::start(None, None, IDLE);
+        let policy = retries(2, None, "503");
+        // Another request's retry holds the one place: this request's 503 is its answer, after one try.
+        let held = cluster.state.retry(1).expect("the budget's one place");
+        assert!(cluster.state.retry(1).is_none(), "one place only");
+        let log = Log::default();
+        let outcome =
+            with_retries(&clock, &policy, (true, Some(&cluster)), |s| *s, upstream(&[Some(503); 3], log.clone()));
+        assert_eq!(outcome.await.unwrap(), 503);
+        assert_eq!(log.lock().unwrap().len(), 1, "not retried: the budget is spent");
+        // Given back, the place lets this request's retries through (one at a time), and is free again after.
+        drop(held);
+        let log = Log::default();
+        let answers = &[Some(503), Some(503), Some(200)];
+        let outcome = with_retries(&clock, &policy, (true, Some(&cluster)), |s| *s, upstream(answers, log.clone()));
+        assert_eq!(outcome.await.unwrap(), 200);
+        assert_eq!(log.lock().unwrap().len(), 3, "one try and two retries, each holding the place in turn");
+        assert!(cluster.state.retry(1).is_some(), "the place is given back when the request ends");
     }
 }
