@@ -514,3 +514,59 @@ spec:
     }
     assert!(logged(), "the connection's line carries DT\n{}", agent.log());
 }
+
+/// `connectionPool.tcp.maxConnections` bounds the connections relayed to a cluster at once: one more is closed
+/// without a byte of the server's (`UO`, as Envoy's tcp_proxy refuses it), and a place freed is taken again.
+#[test]
+fn a_destination_rules_max_connections_bounds_relayed_connections() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _seen = server(&topology);
+    let config = tempfile::tempdir().unwrap();
+    let rule = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: store, namespace: egress}
+spec:
+  host: store.example.com
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 2}
+";
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, REGISTRY, rule]).unwrap();
+    let agent = start_agent(&topology, config.path(), "splice");
+
+    let first = connect(&topology);
+    let _second = connect(&topology);
+    // The third: no greeting, the connection ends.
+    let mut third = topology
+        .workload
+        .enter(|| TcpStream::connect_timeout(&addr(SERVER_B, PORT), Duration::from_secs(3)))
+        .unwrap()
+        .unwrap();
+    third.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut greeting = Vec::new();
+    // Closed or reset, without a byte of the server's.
+    let _ = third.read_to_end(&mut greeting);
+    assert!(greeting.is_empty(), "a third was relayed: {greeting:?}\n{}", agent.log());
+    let metrics = agent.metrics().unwrap();
+    let overflowed = [("destination_service_name", "store.example.com"), ("response_flags", "UO")];
+    assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &overflowed), 1, "{metrics}");
+    // One closed: its place is free for the next.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut next = topology
+            .workload
+            .enter(|| TcpStream::connect_timeout(&addr(SERVER_B, PORT), Duration::from_secs(3)))
+            .unwrap()
+            .unwrap();
+        next.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut greeting = [0u8; 6];
+        if next.read_exact(&mut greeting).is_ok() {
+            assert_eq!(&greeting, b"ready\n");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the freed place was not taken again\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

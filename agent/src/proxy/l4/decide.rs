@@ -2,12 +2,14 @@
 //! the address it was sent to; by the registry, the `tls` and `tcp` routes of the mesh and, on a Gateway's port
 //! (or continuing from a mesh route to the gateway's own Service), of that Gateway. No I/O.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::{
     config::{service_entry::Resolution, virtual_service::MESH, workloads::Workload},
     policy::{
-        clusters::Connect,
+        clusters::{Admission, ClusterState, Connect},
         labels::DestinationLabels,
         routes::{HostVerify, L4Route, L4View, PortKind, ProxyPolicy, ServiceChoice, Target, Upstream, Viewer},
         OutboundMode,
@@ -28,46 +30,73 @@ pub enum Arrival {
 pub enum Verdict {
     /// Relayed to `address`. `verify`: a name registered at no address, which must resolve to `address` first
     /// (`--host-verify strict`).
-    Forward { address: SocketAddr, labels: DestinationLabels, verify: Option<String>, timeouts: Timeouts },
+    Forward { address: SocketAddr, labels: DestinationLabels, verify: Option<String>, terms: RelayTerms },
     /// Relayed to what `host` resolves to, on `port`: a Gateway's route to a host registered at no address.
-    Resolve { host: String, port: u16, labels: DestinationLabels, timeouts: Timeouts },
+    Resolve { host: String, port: u16, labels: DestinationLabels, terms: RelayTerms },
     /// Closed without a byte of any server's.
     Refuse { labels: DestinationLabels, flag: ResponseFlag, reason: &'static str },
 }
 
-/// How a relayed connection's upstream side is opened and how long the relay may last: the destination's
-/// DestinationRule `connectionPool.tcp` over the mesh config's defaults.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Timeouts {
+/// How a relayed connection's upstream side is opened, how many may be open at once and how long the relay may
+/// last: the destination's DestinationRule `connectionPool.tcp` over the mesh config's defaults.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayTerms {
     /// Within how long, with which keepalive.
     pub connect: Connect,
     /// `idleTimeout`; `None`: the agent's `--idle-timeout`.
     pub idle: Option<Duration>,
     /// `maxConnectionDuration`: the relay is ended this long after it began, however busy.
     pub lifetime: Option<Duration>,
+    /// The cluster whose `maxConnections` the connection counts against, where it sets one.
+    pub limited: Option<Limited>,
 }
 
-impl Timeouts {
+/// A cluster with a connection limit: the same only as itself.
+#[derive(Clone, Debug)]
+pub struct Limited(Arc<ClusterState>);
+
+impl PartialEq for Limited {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Limited {}
+
+impl Limited {
+    /// A place for one more relayed connection, without waiting (Envoy's `tcp_proxy` queues none): `None` when
+    /// every place is taken.
+    pub fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        match self.0.admit() {
+            Admission::Now(permit) => permit,
+            Admission::Wait(_) | Admission::Overflow => None,
+        }
+    }
+}
+
+impl RelayTerms {
     /// For a destination that is no cluster of a DestinationRule's (passthrough): the mesh's.
-    fn of_mesh(policy: &ProxyPolicy) -> Timeouts {
-        Timeouts { connect: policy.upstream.connect(None), idle: None, lifetime: None }
+    fn of_mesh(policy: &ProxyPolicy) -> RelayTerms {
+        RelayTerms { connect: policy.upstream.connect(None), idle: None, lifetime: None, limited: None }
     }
 
-    fn of(choice: &ServiceChoice<'_>, policy: &ProxyPolicy) -> Timeouts {
-        let rule = choice.cluster().map(|cluster| &*cluster.policy);
-        Timeouts {
+    fn of(choice: &ServiceChoice<'_>, policy: &ProxyPolicy) -> RelayTerms {
+        let cluster = choice.cluster();
+        let rule = cluster.map(|cluster| &*cluster.policy);
+        RelayTerms {
             connect: policy.upstream.connect(rule),
             idle: rule.and_then(|rule| rule.tcp_idle_timeout),
             lifetime: rule.and_then(|rule| rule.max_connection_duration),
+            limited: cluster.filter(|cluster| cluster.policy.limits.is_some()).map(|c| Limited(c.state.clone())),
         }
     }
 }
 
 impl Verdict {
-    /// The verdict, relayed with `choice`'s timeouts.
-    fn with_timeouts_of(mut self, choice: &ServiceChoice<'_>, policy: &ProxyPolicy) -> Verdict {
-        if let Verdict::Forward { timeouts, .. } | Verdict::Resolve { timeouts, .. } = &mut self {
-            *timeouts = Timeouts::of(choice, policy);
+    /// The verdict, relayed with `choice`'s terms.
+    fn with_terms_of(mut self, choice: &ServiceChoice<'_>, policy: &ProxyPolicy) -> Verdict {
+        if let Verdict::Forward { terms, .. } | Verdict::Resolve { terms, .. } = &mut self {
+            *terms = RelayTerms::of(choice, policy);
         }
         self
     }
@@ -250,9 +279,9 @@ fn to_target(
             address: SocketAddr::new(address.ip(), port),
             labels,
             verify: None,
-            timeouts: Timeouts::of_mesh(policy),
+            terms: RelayTerms::of_mesh(policy),
         },
-        None => Verdict::Resolve { host: resolved_name.to_owned(), port, labels, timeouts: Timeouts::of_mesh(policy) },
+        None => Verdict::Resolve { host: resolved_name.to_owned(), port, labels, terms: RelayTerms::of_mesh(policy) },
     };
     let Some(service) = policy.registered_for(host, port, viewer) else {
         return match viewer.mode(policy) {
@@ -264,12 +293,12 @@ fn to_target(
     let labels = labels_of(&choice);
     let verdict = match choice.upstream(None) {
         Upstream::Endpoint(address) => {
-            Verdict::Forward { address, labels, verify: None, timeouts: Timeouts::of_mesh(policy) }
+            Verdict::Forward { address, labels, verify: None, terms: RelayTerms::of_mesh(policy) }
         }
         // Resolution NONE: on a Gateway (no original destination), an address the host is registered at.
         Upstream::OriginalDestination => match (original, service.own_address(port)) {
             (None, Some(address)) => {
-                Verdict::Forward { address, labels, verify: None, timeouts: Timeouts::of_mesh(policy) }
+                Verdict::Forward { address, labels, verify: None, terms: RelayTerms::of_mesh(policy) }
             }
             _ => unaddressed(labels),
         },
@@ -278,7 +307,7 @@ fn to_target(
         }
         Upstream::NoSubset => Verdict::Refuse { labels, flag: ResponseFlag::NoClusterFound, reason: "no_subset" },
     };
-    verdict.with_timeouts_of(&choice, policy)
+    verdict.with_terms_of(&choice, policy)
 }
 
 fn blackholed(reason: &'static str) -> Verdict {
@@ -315,7 +344,7 @@ fn by_registry(
             OutboundMode::AllowAny => {
                 let shown = server_name.map_or_else(|| dialled.to_string(), str::to_owned);
                 let labels = crate::telemetry::passthrough::destination(&shown);
-                (Verdict::Forward { address: dialled, labels, verify: None, timeouts: Timeouts::of_mesh(policy) }, None)
+                (Verdict::Forward { address: dialled, labels, verify: None, terms: RelayTerms::of_mesh(policy) }, None)
             }
         };
     };
@@ -328,13 +357,13 @@ fn by_registry(
             let upstream = if virtual_ip { choice.upstream(None) } else { Upstream::OriginalDestination };
             let verdict = match upstream {
                 Upstream::Endpoint(address) => {
-                    Verdict::Forward { address, labels, verify: None, timeouts: Timeouts::of_mesh(policy) }
+                    Verdict::Forward { address, labels, verify: None, terms: RelayTerms::of_mesh(policy) }
                 }
                 Upstream::NoEndpoint | Upstream::NoSubset => {
                     Verdict::Refuse { labels, flag: ResponseFlag::NoHealthyUpstream, reason: "no_endpoint" }
                 }
                 Upstream::OriginalDestination => {
-                    Verdict::Forward { address: dialled, labels, verify: None, timeouts: Timeouts::of_mesh(policy) }
+                    Verdict::Forward { address: dialled, labels, verify: None, terms: RelayTerms::of_mesh(policy) }
                 }
             };
             (verdict, None)
@@ -346,7 +375,7 @@ fn by_registry(
             }
             HostVerify::Route => match service.own_address(port) {
                 Some(address) => (
-                    Verdict::Forward { address, labels, verify: None, timeouts: Timeouts::of_mesh(policy) },
+                    Verdict::Forward { address, labels, verify: None, terms: RelayTerms::of_mesh(policy) },
                     Some("routed"),
                 ),
                 None => {
@@ -355,7 +384,7 @@ fn by_registry(
                 }
             },
             HostVerify::Off => (
-                Verdict::Forward { address: dialled, labels, verify: None, timeouts: Timeouts::of_mesh(policy) },
+                Verdict::Forward { address: dialled, labels, verify: None, terms: RelayTerms::of_mesh(policy) },
                 Some("trusted"),
             ),
         },
@@ -366,10 +395,10 @@ fn by_registry(
                 (Some(name), HostVerify::Strict) => Some(name.to_owned()),
                 _ => None,
             };
-            (Verdict::Forward { address: dialled, labels, verify, timeouts: Timeouts::of_mesh(policy) }, None)
+            (Verdict::Forward { address: dialled, labels, verify, terms: RelayTerms::of_mesh(policy) }, None)
         }
     };
-    (verdict.with_timeouts_of(&choice, policy), mismatch)
+    (verdict.with_terms_of(&choice, policy), mismatch)
 }
 
 #[cfg(test)]

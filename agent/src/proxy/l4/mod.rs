@@ -37,7 +37,8 @@ use crate::{
 };
 use client_hello::Hello;
 pub use decide::{
-    decide_tcp, decide_tcp_noting_hop, decide_tls, decide_tls_noting_hop, Arrival, Mismatch, Timeouts, Verdict,
+    decide_tcp, decide_tcp_noting_hop, decide_tls, decide_tls_noting_hop, Arrival, Limited, Mismatch, RelayTerms,
+    Verdict,
 };
 
 /// A client's stream the relay takes: a socket, or TLS the gateway terminated (a TLS Gateway server with `tcp`
@@ -403,18 +404,18 @@ async fn relay<S: ClientStream>(
 ) -> Outcome {
     let telemetry = proxy.telemetry();
     let Connection { peer, dialled, server_name, hello, .. } = *connection;
-    let (address, destination, timeouts) = match verdict {
-        Verdict::Forward { address, labels, verify: Some(host), timeouts } => {
+    let (address, destination, terms) = match verdict {
+        Verdict::Forward { address, labels, verify: Some(host), terms } => {
             if !proxy.host_resolves_to(&host, address.ip()).await {
                 telemetry.host_mismatch("refused");
                 tracing::debug!(source = %peer, %host, upstream = %address, "the name does not resolve to the address dialled");
                 return Outcome::refused(labels, ResponseFlag::NoRouteFound);
             }
-            (address, labels, timeouts)
+            (address, labels, terms)
         }
-        Verdict::Forward { address, labels, verify: None, timeouts } => (address, labels, timeouts),
-        Verdict::Resolve { host, port, labels, timeouts } => match proxy.resolve(&host, port).await {
-            Some(address) => (address, labels, timeouts),
+        Verdict::Forward { address, labels, verify: None, terms } => (address, labels, terms),
+        Verdict::Resolve { host, port, labels, terms } => match proxy.resolve(&host, port).await {
+            Some(address) => (address, labels, terms),
             None => return Outcome::refused(labels, ResponseFlag::DnsResolutionFailed),
         },
         Verdict::Refuse { labels, flag, reason } => {
@@ -422,8 +423,19 @@ async fn relay<S: ClientStream>(
             return Outcome { refused_because: Some(reason), ..Outcome::refused(labels, flag) };
         }
     };
+    // The cluster's `maxConnections`: a place held while the connection is relayed, or none left and the
+    // connection refused, as Envoy's tcp_proxy refuses it (`UO`).
+    let _place = match terms.limited.as_ref().map(Limited::admit) {
+        Some(None) => {
+            tracing::debug!(source = %peer, upstream = %address, "the cluster's connections are at their limit");
+            let refused = Outcome::refused(destination, ResponseFlag::UpstreamOverflow);
+            return Outcome { refused_because: Some("upstream_overflow"), ..refused };
+        }
+        Some(place) => place,
+        None => None,
+    };
     // A DestinationRule's `connectionPool.tcp` settings over the mesh's, the idle timeout over the agent's.
-    let mut upstream = match tcp::connect(address, proxy.upstream_sockets(), timeouts.connect).await {
+    let mut upstream = match tcp::connect(address, proxy.upstream_sockets(), terms.connect).await {
         Ok(upstream) => upstream,
         Err(error) => {
             let verdict = tcp::connect_failure(&error);
@@ -440,7 +452,7 @@ async fn relay<S: ClientStream>(
     };
     let upstream_local = upstream.local_addr().ok();
     let open = count_opened(telemetry, connection, (&destination, ResponseFlag::None), Some(address));
-    let bounds = Bounds { idle: timeouts.idle.unwrap_or(proxy.limits().idle_timeout), lifetime: timeouts.lifetime };
+    let bounds = Bounds { idle: terms.idle.unwrap_or(proxy.limits().idle_timeout), lifetime: terms.lifetime };
     let joined = match upstream.write_all(hello).await {
         Ok(()) => match stream.socket() {
             Some(socket) => Some(proxy.relay().sockets(socket, &mut upstream, bounds).await),

@@ -9,7 +9,7 @@ use super::{decide, Decision, Listener};
 use crate::{
     config::workloads::Workload,
     policy::routes::ProxyPolicy,
-    proxy::l4::{decide_tcp_noting_hop, decide_tls_noting_hop, Arrival, Timeouts, Verdict},
+    proxy::l4::{decide_tcp_noting_hop, decide_tls_noting_hop, Arrival, RelayTerms, Verdict},
 };
 
 /// A request as `sluice routes` describes it.
@@ -105,7 +105,7 @@ pub fn explain_connection(policy: &ProxyPolicy, question: &ConnectionQuestion, s
             "why": reason,
             "cluster": labels.cluster().to_string(),
         }),
-        Verdict::Forward { address, labels, verify, timeouts } => {
+        Verdict::Forward { address, labels, verify, terms } => {
             let mut answer = json!({
                 "decision": "forwarded (relayed unread)",
                 "cluster": labels.cluster().to_string(),
@@ -113,17 +113,17 @@ pub fn explain_connection(policy: &ProxyPolicy, question: &ConnectionQuestion, s
                 "address": sent_to(address),
                 "verify": verify.map(|host| format!("only if {host} resolves to the address dialled (--host-verify strict)")),
             });
-            with_timeouts(&mut answer, timeouts);
+            with_terms(&mut answer, terms);
             answer
         }
-        Verdict::Resolve { host, port, labels, timeouts } => {
+        Verdict::Resolve { host, port, labels, terms } => {
             let mut answer = json!({
                 "decision": "forwarded (relayed unread)",
                 "cluster": labels.cluster().to_string(),
                 "destinationService": labels.name().as_str(),
                 "address": format!("what {host} resolves to, port {port}"),
             });
-            with_timeouts(&mut answer, timeouts);
+            with_terms(&mut answer, terms);
             answer
         }
     };
@@ -136,12 +136,12 @@ pub fn explain_connection(policy: &ProxyPolicy, question: &ConnectionQuestion, s
 
 /// Where a decision sends a request or connection: an address, or (unspecified) the one the client dialled.
 /// How a relayed connection is opened and bounded, in `answer`.
-fn with_timeouts(answer: &mut Value, timeouts: Timeouts) {
+fn with_terms(answer: &mut Value, terms: RelayTerms) {
     let shown = |duration: Option<Duration>| duration.map(|duration| format!("{duration:?}"));
-    answer["connectTimeout"] = json!(shown(Some(timeouts.connect.within)));
-    answer["idleTimeout"] = json!(shown(timeouts.idle));
-    answer["maxConnectionDuration"] = json!(shown(timeouts.lifetime));
-    answer["tcpKeepalive"] = match timeouts.connect.keepalive {
+    answer["connectTimeout"] = json!(shown(Some(terms.connect.within)));
+    answer["idleTimeout"] = json!(shown(terms.idle));
+    answer["maxConnectionDuration"] = json!(shown(terms.lifetime));
+    answer["tcpKeepalive"] = match terms.connect.keepalive {
         Some(keepalive) => json!({
             "time": shown(keepalive.time),
             "interval": shown(keepalive.interval),
