@@ -58,6 +58,9 @@ pub fn fields(resource: &Resource, knows_sources: bool) -> Vec<(String, &'static
             }
         }
         Spec::DestinationRule(rule) => {
+            if rule.workload_selector.is_some() {
+                found.push(("spec.workloadSelector".into(), "the rule applies to every workload it is exported to"));
+            }
             if let Some(policy) = &rule.traffic_policy {
                 traffic_policy(policy, "spec.trafficPolicy", &mut found);
             }
@@ -125,6 +128,12 @@ pub fn fields(resource: &Resource, knows_sources: bool) -> Vec<(String, &'static
 }
 
 fn traffic_policy(policy: &TrafficPolicy, path: &str, found: &mut Vec<(String, &'static str)>) {
+    if policy.tunnel.is_some() {
+        found.push((format!("{path}.tunnel"), "connections are not tunnelled through the destination"));
+    }
+    if policy.proxy_protocol.is_some() {
+        found.push((format!("{path}.proxyProtocol"), "no PROXY protocol header is sent to the destination"));
+    }
     settings(&policy.settings, path, found);
     for (i, port) in policy.port_level_settings.iter().enumerate() {
         settings(&port.settings, &format!("{path}.portLevelSettings[{i}]"), found);
@@ -136,6 +145,25 @@ fn settings(settings: &PolicySettings, path: &str, found: &mut Vec<(String, &'st
     if let Some(tls) = &settings.tls {
         if !tls.subject_alt_names.is_empty() {
             found.push((format!("{path}.tls.subjectAltNames"), "the certificate is checked against the SNI name"));
+        }
+    }
+    if let Some(balancer) = &settings.load_balancer {
+        if balancer.locality_lb_setting.is_some() {
+            let why = "one gateway node has one locality: endpoints are balanced without regard to theirs";
+            found.push((format!("{path}.loadBalancer.localityLbSetting"), why));
+        }
+        if balancer.warmup_duration_secs.is_some() {
+            found.push((format!("{path}.loadBalancer.warmupDurationSecs"), "new endpoints take their share at once"));
+        }
+    }
+    if let Some(outlier) = &settings.outlier_detection {
+        if outlier.min_health_percent.is_some_and(|percent| percent > 0) {
+            let why = "ejection is bounded by maxEjectionPercent alone";
+            found.push((format!("{path}.outlierDetection.minHealthPercent"), why));
+        }
+        if outlier.split_external_local_origin_errors {
+            let why = "connection failures count as gateway errors, not apart";
+            found.push((format!("{path}.outlierDetection.splitExternalLocalOriginErrors"), why));
         }
     }
     let http = settings.connection_pool.as_ref().and_then(|pool| pool.get("http"));
@@ -235,6 +263,36 @@ spec:
             [
                 "spec.trafficPolicy.portLevelSettings[0].connectionPool.http.maxConcurrentStreams",
                 "spec.trafficPolicy.portLevelSettings[0].connectionPool.http.useClientProtocol",
+            ]
+        );
+    }
+
+    #[test]
+    fn destination_rule_fields_checked_but_not_applied_are_named() {
+        let snapshot = Snapshot::from_yaml(
+            "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: a}
+spec:
+  host: a.example
+  workloadSelector: {matchLabels: {app: a}}
+  trafficPolicy:
+    tunnel: {protocol: CONNECT, targetHost: a.example, targetPort: 443}
+    proxyProtocol: {version: V2}
+    loadBalancer: {simple: ROUND_ROBIN, warmupDurationSecs: 60s}
+    outlierDetection: {consecutive5xxErrors: 3, minHealthPercent: 50, splitExternalLocalOriginErrors: true}
+",
+        );
+        let paths: Vec<String> = fields(&snapshot.resources[0], false).into_iter().map(|(path, _)| path).collect();
+        assert_eq!(
+            paths,
+            [
+                "spec.workloadSelector",
+                "spec.trafficPolicy.tunnel",
+                "spec.trafficPolicy.proxyProtocol",
+                "spec.trafficPolicy.loadBalancer.warmupDurationSecs",
+                "spec.trafficPolicy.outlierDetection.minHealthPercent",
+                "spec.trafficPolicy.outlierDetection.splitExternalLocalOriginErrors",
             ]
         );
     }
