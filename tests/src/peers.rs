@@ -32,6 +32,15 @@ impl Nginx {
         Nginx::start_with(netns, &server, listen)
     }
 
+    /// nginx answering `body` in HTTP/2 alone (prior knowledge in the clear, h2c) on `listen`: an HTTP/1.1 request
+    /// gets no answer there.
+    pub fn start_h2c(netns: &Netns, listen: SocketAddr, body: &str) -> anyhow::Result<Nginx> {
+        let server = format!(
+            "server {{\n    listen {listen} http2;\n    location / {{ default_type text/plain; return 200 \"{body}\\n\"; }}\n  }}\n"
+        );
+        Nginx::start_with(netns, &server, &[listen])
+    }
+
     /// nginx with `http_config` inside its `http {}` block (servers, upstreams), ready once it accepts on every
     /// address of `listen`.
     pub fn start_with(netns: &Netns, http_config: &str, listen: &[SocketAddr]) -> anyhow::Result<Nginx> {

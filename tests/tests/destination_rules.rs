@@ -321,11 +321,7 @@ fn a_destination_rules_h2_upgrade_policy_speaks_http2_to_the_endpoints() {
     let topology = Topology::new().unwrap();
     let echo = "$server_protocol host=$host";
     let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80)], echo).unwrap();
-    let h2c = addr(SERVER_B, 8085);
-    let server = format!(
-        "server {{\n    listen {h2c} http2;\n    location / {{ default_type text/plain; return 200 \"{echo}\\n\"; }}\n  }}\n"
-    );
-    let _h2_only = Nginx::start_with(&topology.internet, &server, &[h2c]).unwrap();
+    let _h2_only = Nginx::start_h2c(&topology.internet, addr(SERVER_B, 8085), echo).unwrap();
     let config = tempfile::tempdir().unwrap();
     let upgraded = "apiVersion: networking.istio.io/v1
 kind: DestinationRule

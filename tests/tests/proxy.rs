@@ -668,11 +668,7 @@ fn http2_clients_and_http2_upstreams_are_proxied() {
     let topology = Topology::new().unwrap();
     let echo = "$server_addr $server_protocol host=$host uri=$request_uri";
     let _nginx = Nginx::start(&topology.internet, &[addr(SERVER_A, 80)], echo).unwrap();
-    let h2c = addr(SERVER_B, 8085);
-    let server = format!(
-        "server {{\n    listen {h2c} http2;\n    location / {{ default_type text/plain; return 200 \"{echo}\\n\"; }}\n  }}\n"
-    );
-    let _h2_origin = Nginx::start_with(&topology.internet, &server, &[h2c]).unwrap();
+    let _h2_origin = Nginx::start_h2c(&topology.internet, addr(SERVER_B, 8085), echo).unwrap();
     let config = tempfile::tempdir().unwrap();
     let h2 = "apiVersion: networking.istio.io/v1
 kind: ServiceEntry

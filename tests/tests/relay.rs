@@ -176,13 +176,18 @@ fn socket_linger_zero(stream: &TcpStream) -> std::io::Result<()> {
     .map_err(std::io::Error::from)
 }
 
-/// A connection from the workload to the service, its greeting read.
-fn connect(topology: &Topology) -> TcpStream {
-    let mut stream = topology
+/// A connection from the workload to the service, as it was accepted (nothing read).
+fn dial(topology: &Topology) -> TcpStream {
+    topology
         .workload
         .enter(|| TcpStream::connect_timeout(&addr(SERVER_B, PORT), Duration::from_secs(3)))
         .unwrap()
-        .expect("connecting to the service");
+        .expect("connecting to the service")
+}
+
+/// A connection from the workload to the service, its greeting read.
+fn connect(topology: &Topology) -> TcpStream {
+    let mut stream = dial(topology);
     stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     stream.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut greeting = [0u8; 6];
@@ -538,11 +543,7 @@ spec:
     let first = connect(&topology);
     let _second = connect(&topology);
     // The third: no greeting, the connection ends.
-    let mut third = topology
-        .workload
-        .enter(|| TcpStream::connect_timeout(&addr(SERVER_B, PORT), Duration::from_secs(3)))
-        .unwrap()
-        .unwrap();
+    let mut third = dial(&topology);
     third.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut greeting = Vec::new();
     // Closed or reset, without a byte of the server's.
@@ -555,11 +556,7 @@ spec:
     drop(first);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let mut next = topology
-            .workload
-            .enter(|| TcpStream::connect_timeout(&addr(SERVER_B, PORT), Duration::from_secs(3)))
-            .unwrap()
-            .unwrap();
+        let mut next = dial(&topology);
         next.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut greeting = [0u8; 6];
         if next.read_exact(&mut greeting).is_ok() {
