@@ -349,6 +349,9 @@ spec:
   - match: [{uri: {exact: /retry-status}}]
     retries: {attempts: 2, retryOn: 5xx}
     route: [{destination: {host: scripted.backend}}]
+  - match: [{uri: {exact: /retries-spent}}]
+    retries: {attempts: 1, retryOn: 5xx}
+    route: [{destination: {host: spent.backend}}]
   - match: [{uri: {exact: /abort}}]
     fault: {abort: {httpStatus: 503, percentage: {value: 100}}}
     route: [{destination: {host: httpbin.org}}]
@@ -374,12 +377,13 @@ fn retries_faults_mirrors_and_cors_behave_as_envoys() {
     let scripted = ScriptedServer::start(&topology.internet, addr(SERVER_B, 8082), &[503]).unwrap();
     let shadow = ScriptedServer::start(&topology.internet, addr(SERVER_B, 8083), &[]).unwrap();
     let closing = ScriptedServer::start(&topology.internet, addr(SERVER_B, 8084), &[0]).unwrap();
+    let _spent = ScriptedServer::start(&topology.internet, addr(SERVER_B, 8086), &[503, 503]).unwrap();
     let config = tempfile::tempdir().unwrap();
     let (scripted_entry, shadow_entry) = (backend("scripted", SERVER_B, 8082), backend("shadow", SERVER_B, 8083));
-    let closing_entry = backend("closing", SERVER_B, 8084);
+    let (closing_entry, spent_entry) = (backend("closing", SERVER_B, 8084), backend("spent", SERVER_B, 8086));
     write_config(
         config.path(),
-        &[MESH_REGISTRY_ONLY, HTTPBIN, FLAKY, &scripted_entry, &shadow_entry, &closing_entry, RESILIENCE],
+        &[MESH_REGISTRY_ONLY, HTTPBIN, FLAKY, &scripted_entry, &shadow_entry, &closing_entry, &spent_entry, RESILIENCE],
     );
     let args = intercepting(config.path(), "");
     let agent = Agent::start(&topology.gateway, &args).unwrap();
@@ -399,6 +403,8 @@ fn retries_faults_mirrors_and_cors_behave_as_envoys() {
     let (code, body) = get("/retry-status", &[]);
     assert_eq!((code, body.as_str()), (200, "scripted 200\n"), "a 503 is retried under retryOn: 5xx");
     assert_eq!(scripted.heads().len(), 2, "{:?}", scripted.heads());
+    // A 503 to retry on, with no retry left: answered as it came, flagged URX as Envoy flags it.
+    assert_eq!(get("/retries-spent", &[]).0, 503);
 
     assert_eq!(get("/abort", &[]), (503, "fault filter abort".to_owned()));
     assert_eq!(get("/delay", &[]).0, 200);
@@ -432,6 +438,7 @@ fn retries_faults_mirrors_and_cors_behave_as_envoys() {
     wait_for_log(&agent, "\"GET /no-retry HTTP/1.1\" 503 UF ");
     let log = agent.log();
     assert!(log.contains("\"GET /abort HTTP/1.1\" 503 FI "), "{log}");
+    assert!(log.contains("\"GET /retries-spent HTTP/1.1\" 503 URX "), "{log}");
     // Envoy's fields after the flags: bytes received, bytes sent, duration (ms).
     let delayed = log.split("\"GET /delay HTTP/1.1\" 200 DI ").nth(1).expect("the delayed request's line");
     let duration: u64 = delayed.split_whitespace().nth(2).and_then(|d| d.parse().ok()).expect("a duration");

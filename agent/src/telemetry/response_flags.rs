@@ -39,11 +39,13 @@ pub enum ResponseFlag {
     UpstreamProtocolError,
     /// `DT`: a relayed connection lasted its DestinationRule's `maxConnectionDuration` and was closed.
     DurationTimeout,
+    /// `URX`: the answer was one the route retries on, and no retry was left.
+    UpstreamRetryLimitExceeded,
 }
 
 /// Each flag's text, in the enum's order.
-static TEXTS: [&str; 16] =
-    ["-", "DPE", "NR", "NC", "UH", "DF", "UO", "UF", "UR", "UT", "DI", "FI", "SI", "OM", "UPE", "DT"];
+static TEXTS: [&str; 17] =
+    ["-", "DPE", "NR", "NC", "UH", "DF", "UO", "UF", "UR", "UT", "DI", "FI", "SI", "OM", "UPE", "DT", "URX"];
 
 impl ResponseFlag {
     /// As Envoy writes it (`-` for none).
@@ -80,6 +82,7 @@ mod tests {
             (ResponseFlag::OverloadManager, "OM"),
             (ResponseFlag::UpstreamProtocolError, "UPE"),
             (ResponseFlag::DurationTimeout, "DT"),
+            (ResponseFlag::UpstreamRetryLimitExceeded, "URX"),
         ];
         assert_eq!(flags.len(), TEXTS.len(), "every flag is listed here");
         for (flag, text) in flags {

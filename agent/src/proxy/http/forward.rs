@@ -223,8 +223,8 @@ impl HttpProxy {
             let status = |(response, _): &(Response<UpstreamBody>, Instant)| response.status().as_u16();
             let outcome = retry::with_retries(&clock, retries, (replayable.is_some(), cluster), status, send).await;
             record.upstream_host = Some(address);
-            let (response, try_started) = match outcome {
-                Ok(response) => response,
+            let ((response, try_started), not_retried) = match outcome {
+                Ok(answered) => answered,
                 Err((failure, why)) => {
                     if let Some(received) = &received {
                         record.bytes_received = received.load(Ordering::Relaxed);
@@ -236,6 +236,9 @@ impl HttpProxy {
                     };
                 }
             };
+            if not_retried != ResponseFlag::None {
+                record.response_flags = not_retried;
+            }
             record.upstream_local = response.body().upstream_local();
             let service_time = try_started.elapsed();
             record.upstream_service_time = Some(service_time);

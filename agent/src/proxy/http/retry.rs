@@ -11,6 +11,7 @@ use crate::{
         routes::RetryPolicy,
     },
     proxy::{connect_failure::ConnectFailure, failure::Failure, upstreams::SendError},
+    telemetry::response_flags::ResponseFlag,
 };
 
 /// The deadlines a request's tries run under.
@@ -154,14 +155,15 @@ pub(super) fn judge<R>(
 /// Runs `send` (given the try's number, from 0, and its deadline; it applies the deadline) until a try answers
 /// or fails for good (with why no connection could be made, when that failed it); waits `backoff` between tries,
 /// never past the route's timeout. `replayable`: the request's body can be sent again. `cluster`: whose retry
-/// budget (`maxRetries`) a retry takes a place in, for as long as its try lasts.
+/// budget (`maxRetries`) a retry takes a place in, for as long as its try lasts. An answer the policy would have
+/// retried comes with Envoy's flag for why it was not: `URX` (no retries left), `UO` (the budget spent).
 pub(super) async fn with_retries<R, F, Fut>(
     clock: &TryClock,
     retries: &RetryPolicy,
     (replayable, cluster): (bool, Option<&Cluster>),
     status: impl Fn(&R) -> u16,
     mut send: F,
-) -> Result<R, (Failure, Option<ConnectFailure>)>
+) -> Result<(R, ResponseFlag), (Failure, Option<ConnectFailure>)>
 where
     F: FnMut(u32, TryDeadline) -> Result<Fut, Failure>,
     Fut: Future<Output = Option<Result<R, SendError>>>,
@@ -174,16 +176,26 @@ where
         let result = send(attempt, deadline).map_err(|failure| (failure, None))?.await;
         drop(retrying.take());
         // A retry needs a place in the budget too: without one, the try's outcome is the answer.
-        let mut reserved = None;
+        let (mut reserved, mut not_retried) = (None, ResponseFlag::None);
         let may_retry = || {
-            if !(replayable && attempt < retries.attempts && clock.time_left()) {
+            if !(replayable && clock.time_left()) {
+                return false;
+            }
+            if attempt >= retries.attempts {
+                // A policy that retries (Istio's default does) ran out of retries.
+                if retries.attempts > 0 {
+                    not_retried = ResponseFlag::UpstreamRetryLimitExceeded;
+                }
                 return false;
             }
             reserved = budget(cluster);
+            if reserved.is_none() {
+                not_retried = ResponseFlag::UpstreamOverflow;
+            }
             reserved.is_some()
         };
         match judge(result, &status, retries, deadline, may_retry) {
-            Tried::Answered(response) => return Ok(response),
+            Tried::Answered(response) => return Ok((response, not_retried)),
             Tried::Failed(failure, why) => return Err((failure, why)),
             Tried::Retry => retrying = reserved.flatten(),
         }
@@ -265,16 +277,20 @@ mod tests {
             |s| *s,
             upstream(&[Some(503), Some(503), Some(503)], log.clone()),
         );
-        assert_eq!(outcome.await.unwrap(), 503, "the last 503 is the answer");
+        assert_eq!(
+            outcome.await.unwrap(),
+            (503, ResponseFlag::UpstreamRetryLimitExceeded),
+            "the last 503 is the answer"
+        );
         assert_eq!(log.lock().unwrap().len(), 3, "one try and two retries");
 
         let log = Log::default();
         let outcome =
             with_retries(&clock, &policy, (true, None), |s| *s, upstream(&[Some(503), Some(200)], log.clone()));
-        assert_eq!(outcome.await.unwrap(), 200);
+        assert_eq!(outcome.await.unwrap(), (200, ResponseFlag::None));
         let policy = retries(2, None, "connect-failure");
         let outcome = with_retries(&clock, &policy, (true, None), |s| *s, upstream(&[Some(503)], Log::default()));
-        assert_eq!(outcome.await.unwrap(), 503, "a status not in retryOn is answered at once");
+        assert_eq!(outcome.await.unwrap(), (503, ResponseFlag::None), "a status not in retryOn is answered at once");
     }
 
     #[tokio::test(start_paused = true)]
@@ -283,7 +299,7 @@ mod tests {
         let clock = TryClock::start(None, None, IDLE);
         let policy = retries(3, None, "503");
         let outcome = with_retries(&clock, &policy, (false, None), |s| *s, upstream(&[Some(503)], log.clone())).await;
-        assert_eq!(outcome.unwrap(), 503);
+        assert_eq!(outcome.unwrap(), (503, ResponseFlag::None), "not a retry left unmade: none could be");
         assert_eq!(log.lock().unwrap().len(), 1);
     }
 
@@ -385,14 +401,14 @@ mod tests {
         let log = Log::default();
         let outcome =
             with_retries(&clock, &policy, (true, Some(&cluster)), |s| *s, upstream(&[Some(503); 3], log.clone()));
-        assert_eq!(outcome.await.unwrap(), 503);
+        assert_eq!(outcome.await.unwrap(), (503, ResponseFlag::UpstreamOverflow), "answered as it came, flagged UO");
         assert_eq!(log.lock().unwrap().len(), 1, "not retried: the budget is spent");
         // Given back, the place lets this request's retries through (one at a time), and is free again after.
         drop(held);
         let log = Log::default();
         let answers = &[Some(503), Some(503), Some(200)];
         let outcome = with_retries(&clock, &policy, (true, Some(&cluster)), |s| *s, upstream(answers, log.clone()));
-        assert_eq!(outcome.await.unwrap(), 200);
+        assert_eq!(outcome.await.unwrap(), (200, ResponseFlag::None));
         assert_eq!(log.lock().unwrap().len(), 3, "one try and two retries, each holding the place in turn");
         assert!(cluster.state.retry(1).is_some(), "the place is given back when the request ends");
     }
