@@ -8,7 +8,7 @@ use std::{
     hash::{BuildHasher, Hash},
     net::IpAddr,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU32, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     time::{Duration, Instant},
@@ -111,6 +111,25 @@ pub struct ClusterPolicy {
     /// `connectionPool.tcp.idleTimeout`: how long a relayed connection may go without a byte either way (`0s`:
     /// never closed for it, kept as a century).
     pub tcp_idle_timeout: Option<Duration>,
+    /// What few rules set of their connections (lifetime, keepalive, HTTP/2 upgrade, retry budget); `None` when
+    /// nothing.
+    pub connections: Option<Box<ConnectionSettings>>,
+    /// `connectionPool.http.maxRequestsPerConnection`: the requests one HTTP/1.1 upstream connection carries before
+    /// it is closed (1: none is reused); unset or 0, no limit.
+    pub max_requests_per_connection: Option<u32>,
+    /// `connectionPool.http.idleTimeout`: how long an HTTP/1.1 upstream connection is kept for reuse without a
+    /// request (`0s`: Istio's default, an hour).
+    pub http_idle_timeout: Option<Duration>,
+    /// `loadBalancer.consistentHash`: what picks the endpoint instead of the load balancer.
+    pub hash: Option<HashKey>,
+    /// `tls.mode` SIMPLE or MUTUAL: the proxy speaks TLS to the endpoints.
+    pub tls: Option<Arc<TlsOrigination>>,
+}
+
+/// What few DestinationRules set of their connections: held apart (boxed) so that a policy without them, held per
+/// rule and port, stays small.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ConnectionSettings {
     /// `connectionPool.tcp.maxConnectionDuration`: how long an upstream connection lives at most from its opening
     /// (a relayed one is then closed; an HTTP one is not used again).
     pub max_connection_duration: Option<Duration>,
@@ -120,19 +139,9 @@ pub struct ClusterPolicy {
     /// whatever the port declares (a WebSocket upgrade excepted), `DO_NOT_UPGRADE` (false) keeps HTTP/1.1 where
     /// the mesh config upgrades; unset, the mesh config's policy applies.
     pub h2_upgrade: Option<bool>,
-    /// `connectionPool.http.maxRequestsPerConnection`: the requests one HTTP/1.1 upstream connection carries before
-    /// it is closed (1: none is reused); unset or 0, no limit.
-    pub max_requests_per_connection: Option<u32>,
-    /// `connectionPool.http.idleTimeout`: how long an HTTP/1.1 upstream connection is kept for reuse without a
-    /// request (`0s`: Istio's default, an hour).
-    pub http_idle_timeout: Option<Duration>,
     /// `connectionPool.http.maxRetries`: retries in flight at once to the cluster (Envoy's `max_retries` circuit
     /// breaker); beyond it, a try that would be retried is answered as it came. Unset or 0: no bound (Istio's).
     pub max_retries: Option<usize>,
-    /// `loadBalancer.consistentHash`: what picks the endpoint instead of the load balancer.
-    pub hash: Option<HashKey>,
-    /// `tls.mode` SIMPLE or MUTUAL: the proxy speaks TLS to the endpoints.
-    pub tls: Option<Arc<TlsOrigination>>,
 }
 
 /// TCP keepalive on upstream sockets, as Istio's `tcpKeepalive` (a DestinationRule's `connectionPool.tcp`, the
@@ -204,7 +213,7 @@ impl UpstreamDefaults {
     pub fn connect(&self, policy: Option<&ClusterPolicy>) -> Connect {
         Connect {
             within: policy.and_then(|policy| policy.connect_timeout).unwrap_or(self.connect_timeout),
-            keepalive: Keepalive::layered(self.keepalive, policy.and_then(|policy| policy.keepalive)),
+            keepalive: Keepalive::layered(self.keepalive, policy.and_then(ClusterPolicy::keepalive)),
         }
     }
 
@@ -212,7 +221,7 @@ impl UpstreamDefaults {
     /// declare it, as Istio decides: the rule's `UPGRADE` on any port, its `DO_NOT_UPGRADE` never, else the mesh's
     /// `UPGRADE` on ports declared HTTP (`http_port`).
     pub fn speaks_http2(&self, policy: Option<&ClusterPolicy>, http_port: bool) -> bool {
-        policy.and_then(|policy| policy.h2_upgrade).unwrap_or(self.h2_upgrade && http_port)
+        policy.and_then(ClusterPolicy::h2_upgrade).unwrap_or(self.h2_upgrade && http_port)
     }
 }
 
@@ -304,6 +313,26 @@ fn client_config(
 }
 
 impl ClusterPolicy {
+    /// `connectionPool.tcp.maxConnectionDuration`.
+    pub fn max_connection_duration(&self) -> Option<Duration> {
+        self.connections.as_ref()?.max_connection_duration
+    }
+
+    /// `connectionPool.tcp.tcpKeepalive` (the rule's alone; see `UpstreamDefaults::connect`).
+    pub fn keepalive(&self) -> Option<Keepalive> {
+        self.connections.as_ref()?.keepalive
+    }
+
+    /// `connectionPool.http.h2UpgradePolicy` (see `UpstreamDefaults::speaks_http2`).
+    pub fn h2_upgrade(&self) -> Option<bool> {
+        self.connections.as_ref()?.h2_upgrade
+    }
+
+    /// `connectionPool.http.maxRetries`.
+    pub fn max_retries(&self) -> Option<usize> {
+        self.connections.as_ref()?.max_retries
+    }
+
     /// `policy` held for a cluster: the defaults are one allocation that every cluster without settings shares.
     pub fn shared(policy: ClusterPolicy) -> Arc<ClusterPolicy> {
         static DEFAULT: std::sync::LazyLock<Arc<ClusterPolicy>> = std::sync::LazyLock::new(Arc::default);
@@ -365,7 +394,6 @@ impl ClusterPolicy {
             .and_then(|t| parse_duration(&t).ok())
             .filter(|t| !t.is_zero());
         let keepalive = pool.and_then(|p| p.get("tcp")?.get("tcpKeepalive")).map(Keepalive::read);
-        let max_retries = number("http", "maxRetries").filter(|&n| n > 0);
         let max_requests_per_connection =
             number("http", "maxRequestsPerConnection").filter(|&n| n > 0).map(|n| u32::try_from(n).unwrap_or(u32::MAX));
         let http_idle_timeout = pool
@@ -381,6 +409,13 @@ impl ClusterPolicy {
         };
         // ALPN offers what is spoken: h2 where the port, the rule or the mesh makes it HTTP/2.
         let http2 = http2 || h2_upgrade.unwrap_or(mesh_upgrade);
+        let connections = ConnectionSettings {
+            max_connection_duration,
+            keepalive,
+            h2_upgrade,
+            max_retries: number("http", "maxRetries").filter(|&n| n > 0),
+        };
+        let connections = (connections != ConnectionSettings::default()).then(|| Box::new(connections));
         let tls = settings.tls.as_ref().and_then(|tls| TlsOrigination::compile(tls, http2, credentials)).map(Arc::new);
         ClusterPolicy {
             lb,
@@ -388,12 +423,9 @@ impl ClusterPolicy {
             outlier,
             connect_timeout,
             tcp_idle_timeout,
-            max_connection_duration,
-            keepalive,
-            h2_upgrade,
+            connections,
             max_requests_per_connection,
             http_idle_timeout,
-            max_retries,
             hash,
             tls,
         }
@@ -498,10 +530,10 @@ pub struct ClusterState {
     /// Round-robin cursor.
     next: AtomicUsize,
     slots: Option<Arc<tokio::sync::Semaphore>>,
-    waiting: AtomicUsize,
+    waiting: AtomicU32,
     max_waiting: usize,
     /// Retries in flight (for `maxRetries`).
-    retrying: AtomicUsize,
+    retrying: AtomicU32,
     /// By endpoint, for outlier detection: a list (a cluster has a few endpoints), empty and unallocated in most
     /// clusters, which have none.
     health: Mutex<Vec<(IpAddr, Health)>>,
@@ -540,9 +572,9 @@ impl ClusterState {
         ClusterState {
             next: AtomicUsize::new(0),
             slots: limits.map(|(in_flight, _)| Arc::new(tokio::sync::Semaphore::new(in_flight))),
-            waiting: AtomicUsize::new(0),
+            waiting: AtomicU32::new(0),
             max_waiting: limits.map_or(0, |(_, pending)| pending),
-            retrying: AtomicUsize::new(0),
+            retrying: AtomicU32::new(0),
             health: Mutex::new(Vec::new()),
         }
     }
@@ -550,7 +582,7 @@ impl ClusterState {
     /// A place for one retry while fewer than `max` are in flight; `None` when the budget is spent. The place is
     /// held for the retry's try.
     pub fn retry(self: &Arc<Self>, max: usize) -> Option<RetryPlace> {
-        let add = |retrying: usize| (retrying < max).then_some(retrying + 1);
+        let add = |retrying: u32| (usize::try_from(retrying).is_ok_and(|n| n < max)).then_some(retrying + 1);
         self.retrying.fetch_update(Ordering::AcqRel, Ordering::Acquire, add).ok()?;
         Some(RetryPlace(self.clone()))
     }
@@ -560,7 +592,7 @@ impl ClusterState {
         if let Ok(permit) = slots.clone().try_acquire_owned() {
             return Admission::Now(Some(permit));
         }
-        if self.waiting.load(Ordering::Relaxed) < self.max_waiting {
+        if usize::try_from(self.waiting.load(Ordering::Relaxed)).is_ok_and(|waiting| waiting < self.max_waiting) {
             Admission::Wait(slots.clone())
         } else {
             Admission::Overflow

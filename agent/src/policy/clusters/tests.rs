@@ -155,9 +155,9 @@ fn a_connections_lifetime_and_keepalive_are_read_and_keepalive_lays_over_the_mes
         "maxConnectionDuration": "90s", "tcpKeepalive": {"time": "30s", "probes": 4}}}}))
     .unwrap();
     let policy = ClusterPolicy::compile(&settings, (false, false), &CredentialSource::default());
-    assert_eq!(policy.max_connection_duration, Some(Duration::from_secs(90)));
+    assert_eq!(policy.max_connection_duration(), Some(Duration::from_secs(90)));
     let rule = Keepalive { time: Some(Duration::from_secs(30)), interval: None, probes: Some(4) };
-    assert_eq!(policy.keepalive, Some(rule));
+    assert_eq!(policy.keepalive(), Some(rule));
     // Field by field: the rule's where it sets one, the mesh's elsewhere.
     let mesh =
         Keepalive { time: Some(Duration::from_secs(600)), interval: Some(Duration::from_secs(20)), probes: Some(9) };
@@ -171,11 +171,11 @@ fn a_connections_lifetime_and_keepalive_are_read_and_keepalive_lays_over_the_mes
     let empty: PolicySettings =
         serde_json::from_value(serde_json::json!({"connectionPool": {"tcp": {"tcpKeepalive": {}}}})).unwrap();
     assert_eq!(
-        ClusterPolicy::compile(&empty, (false, false), &CredentialSource::default()).keepalive,
+        ClusterPolicy::compile(&empty, (false, false), &CredentialSource::default()).keepalive(),
         Some(Keepalive::default())
     );
     assert_eq!(
-        ClusterPolicy::compile(&PolicySettings::default(), (false, false), &CredentialSource::default()).keepalive,
+        ClusterPolicy::compile(&PolicySettings::default(), (false, false), &CredentialSource::default()).keepalive(),
         None
     );
 }
@@ -185,7 +185,7 @@ fn max_retries_bounds_retries_in_flight_and_zero_is_no_bound() {
     let max = |n: u64| {
         let settings: PolicySettings =
             serde_json::from_value(serde_json::json!({"connectionPool": {"http": {"maxRetries": n}}})).unwrap();
-        ClusterPolicy::compile(&settings, (false, false), &CredentialSource::default()).max_retries
+        ClusterPolicy::compile(&settings, (false, false), &CredentialSource::default()).max_retries()
     };
     assert_eq!((max(3), max(0)), (Some(3), None));
     let state = Arc::new(ClusterState::new(None));

@@ -372,7 +372,7 @@ pub(super) fn clusters(
     let cluster = |subset: Option<Arc<str>>, endpoints: Vec<ClusterEndpoint>, policy: Arc<ClusterPolicy>| {
         let labels = DestinationLabels::registered(host.clone(), namespace.clone(), port.number, subset);
         // State that must outlive recompiles is kept only where a policy needs it, by cluster name.
-        let state = if policy.limits.is_some() || policy.outlier.is_some() || policy.max_retries.is_some() {
+        let state = if policy.limits.is_some() || policy.outlier.is_some() || policy.max_retries().is_some() {
             states.get(&labels.cluster().to_string(), policy.limits)
         } else if endpoints.len() <= 1 {
             // Nothing to choose among: no cursor of its own (most clusters: one STATIC or DNS endpoint).

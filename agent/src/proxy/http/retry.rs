@@ -98,7 +98,7 @@ fn backoff_ceiling_ms(retry: u32) -> u64 {
 
 /// A place for a retry in `cluster`'s budget: `Some(None)` where it sets none, `None` where it is spent.
 fn budget(cluster: Option<&Cluster>) -> Option<Option<RetryPlace>> {
-    match cluster.and_then(|cluster| Some((cluster, cluster.policy.max_retries?))) {
+    match cluster.and_then(|cluster| Some((cluster, cluster.policy.max_retries()?))) {
         Some((cluster, max)) => cluster.state.retry(max).map(Some),
         None => Some(None),
     }
@@ -211,7 +211,7 @@ mod tests {
 
     use super::*;
     use crate::policy::{
-        clusters::{ClusterPolicy, ClusterState},
+        clusters::{ClusterPolicy, ClusterState, ConnectionSettings},
         labels::DestinationLabels,
         routes::RetryOn,
     };
@@ -386,7 +386,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_retry_takes_a_place_in_the_clusters_budget_and_none_is_made_without_one() {
-        let policy = ClusterPolicy { max_retries: Some(1), ..Default::default() };
+        let connections = ConnectionSettings { max_retries: Some(1), ..Default::default() };
+        let policy = ClusterPolicy { connections: Some(Box::new(connections)), ..Default::default() };
         let cluster = Cluster {
             labels: DestinationLabels::registered("api.test".into(), "default".into(), 80, None),
             endpoints: Box::new([]),

@@ -9,7 +9,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::{
     config::{service_entry::Resolution, virtual_service::MESH, workloads::Workload},
     policy::{
-        clusters::{Admission, ClusterState, Connect},
+        clusters::{Admission, ClusterPolicy, ClusterState, Connect},
         labels::DestinationLabels,
         routes::{HostVerify, L4Route, L4View, PortKind, ProxyPolicy, ServiceChoice, Target, Upstream, Viewer},
         OutboundMode,
@@ -86,7 +86,7 @@ impl RelayTerms {
         RelayTerms {
             connect: policy.upstream.connect(rule),
             idle: rule.and_then(|rule| rule.tcp_idle_timeout),
-            lifetime: rule.and_then(|rule| rule.max_connection_duration),
+            lifetime: rule.and_then(ClusterPolicy::max_connection_duration),
             limited: cluster.filter(|cluster| cluster.policy.limits.is_some()).map(|c| Limited(c.state.clone())),
         }
     }

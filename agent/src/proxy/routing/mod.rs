@@ -105,7 +105,7 @@ impl<'p> Destination<'p> {
 
     /// How long an upstream connection of the cluster lives at most (`connectionPool.tcp.maxConnectionDuration`).
     pub fn lifetime(&self) -> Option<std::time::Duration> {
-        self.cluster().and_then(|cluster| cluster.policy.max_connection_duration)
+        self.cluster().and_then(|cluster| cluster.policy.max_connection_duration())
     }
 
     /// The cluster the request goes through (its limits and outlier detection), for a registered service.
