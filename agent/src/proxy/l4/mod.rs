@@ -450,7 +450,8 @@ async fn relay<S: ClientStream>(
             };
         }
     };
-    let upstream_local = upstream.local_addr().ok();
+    // A system call per connection, for the access log alone.
+    let upstream_local = telemetry.logs_connections(connection.scope).then(|| upstream.local_addr().ok()).flatten();
     let open = count_opened(telemetry, connection, (&destination, ResponseFlag::None), Some(address));
     let bounds = Bounds { idle: terms.idle.unwrap_or(proxy.limits().idle_timeout), lifetime: terms.lifetime };
     let joined = match upstream.write_all(hello).await {

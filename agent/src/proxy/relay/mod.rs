@@ -139,14 +139,15 @@ impl Relay {
     }
 }
 
-async fn spliced(first: &TcpStream, second: &TcpStream, bounds: Bounds) -> Relayed {
+async fn spliced(first: &mut TcpStream, second: &mut TcpStream, bounds: Bounds) -> Relayed {
     let activity = Activity::new();
     let (from_first, from_second) = (AtomicU64::new(0), AtomicU64::new(0));
     let piped = AtomicBool::new(false);
+    let ((first_read, first_write), (second_read, second_write)) = (first.split(), second.split());
     let both = async {
         tokio::try_join!(
-            splice::direction(first, second, &from_first, &piped, &activity),
-            splice::direction(second, first, &from_second, &piped, &activity),
+            splice::direction(first_read, second_write, &from_first, &piped, &activity),
+            splice::direction(second_read, first_write, &from_second, &piped, &activity),
         )
     };
     let outcome = activity.within(bounds, both).await;

@@ -13,7 +13,13 @@ use nix::{
     fcntl::{splice, OFlag, SpliceFFlags},
     unistd::pipe2,
 };
-use tokio::{io::Interest, net::TcpStream};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt, Interest},
+    net::{
+        tcp::{ReadHalf, WriteHalf},
+        TcpStream,
+    },
+};
 
 use super::Activity;
 
@@ -25,24 +31,27 @@ const SMALL_FLOW_BYTES: usize = 16 * 1024;
 /// Moves bytes from `from` to `to` until `from` ends, then shuts `to`'s sending side (the half-close is passed
 /// on once every byte before it was). Sets `piped` when it takes a pipe.
 pub async fn direction(
-    from: &TcpStream,
-    to: &TcpStream,
+    mut from: ReadHalf<'_>,
+    mut to: WriteHalf<'_>,
     moved: &AtomicU64,
     piped: &AtomicBool,
     activity: &Activity,
 ) -> io::Result<()> {
-    let mut buffer = vec![0u8; SMALL_FLOW_BYTES];
+    // Read through tokio's `AsyncRead`, which takes a short read as the socket drained (epoll is edge-triggered):
+    // an exchange of a few segments costs no read that only answers EAGAIN. Not zeroed: reads fill it.
+    let mut buffer = Vec::with_capacity(SMALL_FLOW_BYTES);
     let mut without_pipe = false;
     let (pipe_out, pipe_in) = loop {
-        let read = from.async_io(Interest::READABLE, || from.try_read(&mut buffer)).await?;
+        buffer.clear();
+        let read = from.read_buf(&mut buffer).await?;
         if read == 0 {
-            shutdown_sending(to);
+            shutdown_sending(to.as_ref());
             return Ok(());
         }
-        write_all(to, &buffer[..read]).await?;
+        to.write_all(&buffer).await?;
         moved.fetch_add(read as u64, Ordering::Relaxed);
         activity.moved();
-        if read < buffer.len() || without_pipe {
+        if read < SMALL_FLOW_BYTES || without_pipe {
             continue;
         }
         match pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) {
@@ -56,6 +65,7 @@ pub async fn direction(
     };
     drop(buffer);
     piped.store(true, Ordering::Relaxed);
+    let (from, to) = (from.as_ref(), to.as_ref());
     let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
     loop {
         let taken =
@@ -68,13 +78,6 @@ pub async fn direction(
         moved.fetch_add(taken as u64, Ordering::Relaxed);
         activity.moved();
     }
-}
-
-async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        bytes = &bytes[to.async_io(Interest::WRITABLE, || to.try_write(bytes)).await?..];
-    }
-    Ok(())
 }
 
 /// Writes the `left` bytes waiting in the pipe to `to`.

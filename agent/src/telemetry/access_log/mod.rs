@@ -165,6 +165,11 @@ impl AccessLog {
         })
     }
 
+    /// Whether lines are written at all (an access log file is configured).
+    pub fn writes(&self) -> bool {
+        self.file.is_some()
+    }
+
     /// The line of a relayed connection, if there is an access log.
     pub fn connection_line(&self, record: &ConnectionRecord<'_>) -> Option<String> {
         self.file.as_ref()?;

@@ -588,6 +588,11 @@ impl RequestTelemetry {
 
     /// Writes `connection`'s access-log line (its metrics are counted as it opens and closes), as its source
     /// workload's own Telemetry says where some scopes to it (`scope`), else as the gateway's.
+    /// Whether a relayed connection's line would be written (what only its line shows need not be read).
+    pub fn logs_connections(&self, scope: Option<&Scope>) -> bool {
+        scope.map_or_else(|| self.in_force.load().access_log.writes(), |scope| scope.access_log.writes())
+    }
+
     pub fn log_connection(&self, connection: &super::connections::ConnectionRecord<'_>, scope: Option<&Scope>) {
         self.flows.publish(|| super::flows::Flow::connection(connection));
         let line = match scope {
