@@ -345,13 +345,14 @@ fn failures_and_upstream_addresses_are_logged_in_envoys_words() {
     assert_eq!((&served["details"], &served["transport"]), (&"via_upstream".into(), &serde_json::Value::Null));
     assert!(gateway_port(&served["local"]), "{served}");
 
-    // Refused by the endpoint: 503 UF, Envoy's details, transport failure reason and body.
+    // Refused by the endpoint: 503, Envoy's details, transport failure reason and body; Istio's default retry
+    // policy retries a connect failure twice, and Envoy flags what is left `UF,URX`.
     let (code, body) = get(&topology, "closed.example", SERVER_B, "/refused", &[]);
     assert_eq!(code, 503, "{body}");
     assert!(body.ends_with("transport failure reason: delayed connect error: Connection refused"), "{body}");
     let refused = line("path", "/refused");
     let expected = serde_json::json!({
-        "dialled": "203.0.113.20:80", "path": "/refused", "code": 503, "flags": "UF",
+        "dialled": "203.0.113.20:80", "path": "/refused", "code": 503, "flags": "UF,URX",
         "details": "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}",
         "termination": null, "transport": "delayed_connect_error:_Connection_refused", "upstream": "203.0.113.20:80",
         "local": null,

@@ -284,7 +284,8 @@ spec:
     let reason =
         "transport failure reason: TLS_error:|CERTIFICATE_VERIFY_FAILED:invalid peer certificate: UnknownIssuer";
     assert!(body.contains(reason), "{body}");
-    agent.wait_for_log("\"GET /forged HTTP/1.1\" 503 UF ", 1).unwrap();
+    // A failed handshake is a connect failure: retried under Istio's default retries, then `UF,URX`.
+    agent.wait_for_log("\"GET /forged HTTP/1.1\" 503 UF,URX ", 1).unwrap();
 }
 
 #[test]

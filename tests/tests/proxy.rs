@@ -231,7 +231,7 @@ fn virtual_service_routes_are_applied_in_order_with_their_actions() {
     assert_eq!(code, 404, "no route matches a POST: Envoy's NR: {body}");
 
     assert_eq!(get("/slow", &[]).0, 504, "the route's timeout: UT");
-    assert_eq!(get("/down", &[]).0, 503, "a refused upstream connection: UF");
+    assert_eq!(get("/down", &[]).0, 503, "a refused upstream connection, retried as Istio's default retries: UF,URX");
     assert_eq!(get("/unregistered", &[]).0, 502, "a destination no ServiceEntry registers: BlackHoleCluster");
 
     // One connection, kept alive, for all the requests of the weighted split.
@@ -252,12 +252,12 @@ fn virtual_service_routes_are_applied_in_order_with_their_actions() {
     };
     assert_eq!(flags("404", "NR"), 1, "{metrics}");
     assert_eq!(flags("504", "UT"), 1, "{metrics}");
-    assert_eq!(flags("503", "UF"), 1, "{metrics}");
+    assert_eq!(flags("503", "UF,URX"), 1, "{metrics}");
     wait_for_log(&agent, "\"GET /slow HTTP/1.1\" 504 UT ");
-    wait_for_log(&agent, "\"GET /down HTTP/1.1\" 503 UF ");
+    wait_for_log(&agent, "\"GET /down HTTP/1.1\" 503 UF,URX ");
     let log = agent.log();
     assert!(log.contains("\"GET /slow HTTP/1.1\" 504 UT "), "{log}");
-    assert!(log.contains("\"GET /down HTTP/1.1\" 503 UF "), "{log}");
+    assert!(log.contains("\"GET /down HTTP/1.1\" 503 UF,URX "), "{log}");
 }
 
 #[test]

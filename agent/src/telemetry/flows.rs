@@ -97,7 +97,7 @@ impl Flow {
         let details = record.response_code_details.as_deref();
         let verdict = if details.is_some_and(|details| details.starts_with("rbac_access_denied")) {
             Verdict::Denied
-        } else if record.upstream_host.is_some() && record.response_flags != ResponseFlag::UpstreamConnectionFailure {
+        } else if record.upstream_host.is_some() && !record.response_flags.connect_failed() {
             Verdict::Forwarded
         } else {
             Verdict::Refused

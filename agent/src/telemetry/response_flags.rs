@@ -41,11 +41,32 @@ pub enum ResponseFlag {
     DurationTimeout,
     /// `URX`: the answer was one the route retries on, and no retry was left.
     UpstreamRetryLimitExceeded,
+    // A failure the route retries on, not retried: Envoy sets the failure's flag and why it was not retried —
+    // `URX` (no retry left) or `UO` (the cluster's retry budget, `maxRetries`, spent) — and writes both, in its
+    // own order of flags ("503 UF,URX" is what a dead upstream behind retries looks like in Envoy's log).
+    /// `UT,URX`
+    UpstreamRequestTimeoutRetryLimitExceeded,
+    /// `UR,URX`
+    UpstreamConnectionTerminationRetryLimitExceeded,
+    /// `UF,URX`
+    UpstreamConnectionFailureRetryLimitExceeded,
+    /// `URX,UPE`
+    UpstreamProtocolErrorRetryLimitExceeded,
+    /// `UT,UO`
+    UpstreamRequestTimeoutOverflow,
+    /// `UR,UO`
+    UpstreamConnectionTerminationOverflow,
+    /// `UF,UO`
+    UpstreamConnectionFailureOverflow,
+    /// `UO,UPE`
+    UpstreamProtocolErrorOverflow,
 }
 
 /// Each flag's text, in the enum's order.
-static TEXTS: [&str; 17] =
-    ["-", "DPE", "NR", "NC", "UH", "DF", "UO", "UF", "UR", "UT", "DI", "FI", "SI", "OM", "UPE", "DT", "URX"];
+static TEXTS: [&str; 25] = [
+    "-", "DPE", "NR", "NC", "UH", "DF", "UO", "UF", "UR", "UT", "DI", "FI", "SI", "OM", "UPE", "DT", "URX", "UT,URX",
+    "UR,URX", "UF,URX", "URX,UPE", "UT,UO", "UR,UO", "UF,UO", "UO,UPE",
+];
 
 impl ResponseFlag {
     /// As Envoy writes it (`-` for none).
@@ -56,6 +77,35 @@ impl ResponseFlag {
     /// The `response_flags` label's value.
     pub fn label(self) -> LabelText {
         LabelText::Static(&TEXTS[self as usize])
+    }
+
+    /// This failure's flag together with `why_not` (`URX` or `UO`), the flag for why the route did not retry it,
+    /// as Envoy sets both; this flag alone where `why_not` is none or the pair is not one a retry can make.
+    pub fn not_retried(self, why_not: ResponseFlag) -> ResponseFlag {
+        use ResponseFlag::*;
+        match (self, why_not) {
+            (UpstreamRequestTimeout, UpstreamRetryLimitExceeded) => UpstreamRequestTimeoutRetryLimitExceeded,
+            (UpstreamConnectionTermination, UpstreamRetryLimitExceeded) => {
+                UpstreamConnectionTerminationRetryLimitExceeded
+            }
+            (UpstreamConnectionFailure, UpstreamRetryLimitExceeded) => UpstreamConnectionFailureRetryLimitExceeded,
+            (UpstreamProtocolError, UpstreamRetryLimitExceeded) => UpstreamProtocolErrorRetryLimitExceeded,
+            (UpstreamRequestTimeout, UpstreamOverflow) => UpstreamRequestTimeoutOverflow,
+            (UpstreamConnectionTermination, UpstreamOverflow) => UpstreamConnectionTerminationOverflow,
+            (UpstreamConnectionFailure, UpstreamOverflow) => UpstreamConnectionFailureOverflow,
+            (UpstreamProtocolError, UpstreamOverflow) => UpstreamProtocolErrorOverflow,
+            _ => self,
+        }
+    }
+
+    /// Whether no connection to the upstream could be made (`UF`, alone or with why it was not retried).
+    pub fn connect_failed(self) -> bool {
+        matches!(
+            self,
+            ResponseFlag::UpstreamConnectionFailure
+                | ResponseFlag::UpstreamConnectionFailureRetryLimitExceeded
+                | ResponseFlag::UpstreamConnectionFailureOverflow
+        )
     }
 }
 
@@ -83,11 +133,39 @@ mod tests {
             (ResponseFlag::UpstreamProtocolError, "UPE"),
             (ResponseFlag::DurationTimeout, "DT"),
             (ResponseFlag::UpstreamRetryLimitExceeded, "URX"),
+            (ResponseFlag::UpstreamRequestTimeoutRetryLimitExceeded, "UT,URX"),
+            (ResponseFlag::UpstreamConnectionTerminationRetryLimitExceeded, "UR,URX"),
+            (ResponseFlag::UpstreamConnectionFailureRetryLimitExceeded, "UF,URX"),
+            (ResponseFlag::UpstreamProtocolErrorRetryLimitExceeded, "URX,UPE"),
+            (ResponseFlag::UpstreamRequestTimeoutOverflow, "UT,UO"),
+            (ResponseFlag::UpstreamConnectionTerminationOverflow, "UR,UO"),
+            (ResponseFlag::UpstreamConnectionFailureOverflow, "UF,UO"),
+            (ResponseFlag::UpstreamProtocolErrorOverflow, "UO,UPE"),
         ];
         assert_eq!(flags.len(), TEXTS.len(), "every flag is listed here");
         for (flag, text) in flags {
             assert_eq!((flag.text(), flag.label().as_str()), (text, text), "{flag:?}");
             assert!(matches!(flag.label(), LabelText::Static(_)), "a flag's label is never copied");
         }
+    }
+
+    #[test]
+    fn a_failure_not_retried_carries_why_beside_its_own_flag() {
+        use ResponseFlag::*;
+        let pairs = [
+            (UpstreamConnectionFailure, UpstreamRetryLimitExceeded, "UF,URX"),
+            (UpstreamConnectionFailure, UpstreamOverflow, "UF,UO"),
+            (UpstreamRequestTimeout, UpstreamRetryLimitExceeded, "UT,URX"),
+            (UpstreamConnectionTermination, UpstreamOverflow, "UR,UO"),
+            (UpstreamProtocolError, UpstreamRetryLimitExceeded, "URX,UPE"),
+            (UpstreamConnectionFailure, None, "UF"),
+            // Not failures a retry follows: the flag alone.
+            (NoHealthyUpstream, UpstreamRetryLimitExceeded, "UH"),
+        ];
+        for (failure, why_not, text) in pairs {
+            assert_eq!(failure.not_retried(why_not).text(), text, "{failure:?} {why_not:?}");
+        }
+        assert!(UpstreamConnectionFailure.not_retried(UpstreamOverflow).connect_failed());
+        assert!(!UpstreamRequestTimeout.not_retried(UpstreamRetryLimitExceeded).connect_failed());
     }
 }

@@ -225,14 +225,19 @@ impl HttpProxy {
             record.upstream_host = Some(address);
             let ((response, try_started), not_retried) = match outcome {
                 Ok(answered) => answered,
-                Err((failure, why)) => {
+                Err((failure, why, not_retried)) => {
                     if let Some(received) = &received {
                         record.bytes_received = received.load(Ordering::Relaxed);
                     }
                     let labels = Some(destination.labels);
+                    // A failure the route would have retried carries why it was not (`UF,URX`), as in Envoy's log.
+                    let flagged = (failure, failure.flag().not_retried(not_retried));
                     return match why {
-                        Some(why) => self.connect_failure(failure, &why, record, started, labels),
-                        None => self.local_failure(failure, record, started, labels),
+                        Some(why) => self.connect_failure(flagged, &why, record, started, labels),
+                        None => {
+                            let body = Bytes::from_static(failure.body().as_bytes());
+                            self.local_failure_saying(flagged, body, record, started, labels)
+                        }
                     };
                 }
             };

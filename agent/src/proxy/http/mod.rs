@@ -530,31 +530,31 @@ impl HttpProxy {
         labels: Option<DestinationLabels>,
     ) -> Response<ProxyBody> {
         let body = Bytes::from_static(failure.body().as_bytes());
-        self.local_failure_saying(failure, body, record, started, labels)
+        self.local_failure_saying((failure, failure.flag()), body, record, started, labels)
     }
 
-    /// A local failure answered with `body` rather than the failure's own.
+    /// A local failure answered with `body` rather than the failure's own, and flagged `flag` (the failure's own,
+    /// or with why it was not retried).
     fn local_failure_saying(
         &self,
-        failure: Failure,
+        (failure, flag): (Failure, ResponseFlag),
         body: Bytes,
         mut record: Box<RequestRecord>,
         started: Instant,
         labels: Option<DestinationLabels>,
     ) -> Response<ProxyBody> {
-        record.response_flags = failure.flag();
         record.destination = labels;
         if record.response_code_details.is_none() {
             record.response_code_details = failure.details().map(Into::into);
         }
-        self.local_reply(failure.status(), body, failure.flag(), record, started, None)
+        self.local_reply(failure.status(), body, flag, record, started, None)
     }
 
     /// The request failed because no connection to its upstream could be made: Envoy's details, transport failure
-    /// reason and body say why.
+    /// reason and body say why. `flag`: `UF`, or with why it was not retried.
     fn connect_failure(
         &self,
-        failure: Failure,
+        (failure, flag): (Failure, ResponseFlag),
         why: &ConnectFailure,
         mut record: Box<RequestRecord>,
         started: Instant,
@@ -562,7 +562,7 @@ impl HttpProxy {
     ) -> Response<ProxyBody> {
         record.upstream_transport_failure_reason = why.transport_reason().map(Into::into);
         record.response_code_details = Some(why.response_code_details().into());
-        self.local_failure_saying(failure, Bytes::from(why.body()), record, started, labels)
+        self.local_failure_saying((failure, flag), Bytes::from(why.body()), record, started, labels)
     }
 
     fn local_reply(

@@ -156,14 +156,15 @@ pub(super) fn judge<R>(
 /// or fails for good (with why no connection could be made, when that failed it); waits `backoff` between tries,
 /// never past the route's timeout. `replayable`: the request's body can be sent again. `cluster`: whose retry
 /// budget (`maxRetries`) a retry takes a place in, for as long as its try lasts. An answer the policy would have
-/// retried comes with Envoy's flag for why it was not: `URX` (no retries left), `UO` (the budget spent).
+/// retried comes with Envoy's flag for why it was not: `URX` (no retries left), `UO` (the budget spent); so does a
+/// failure the policy would have retried.
 pub(super) async fn with_retries<R, F, Fut>(
     clock: &TryClock,
     retries: &RetryPolicy,
     (replayable, cluster): (bool, Option<&Cluster>),
     status: impl Fn(&R) -> u16,
     mut send: F,
-) -> Result<(R, ResponseFlag), (Failure, Option<ConnectFailure>)>
+) -> Result<(R, ResponseFlag), (Failure, Option<ConnectFailure>, ResponseFlag)>
 where
     F: FnMut(u32, TryDeadline) -> Result<Fut, Failure>,
     Fut: Future<Output = Option<Result<R, SendError>>>,
@@ -173,7 +174,7 @@ where
     let mut retrying: Option<RetryPlace> = None;
     loop {
         let deadline = clock.try_deadline();
-        let result = send(attempt, deadline).map_err(|failure| (failure, None))?.await;
+        let result = send(attempt, deadline).map_err(|failure| (failure, None, ResponseFlag::None))?.await;
         drop(retrying.take());
         // A retry needs a place in the budget too: without one, the try's outcome is the answer.
         let (mut reserved, mut not_retried) = (None, ResponseFlag::None);
@@ -196,7 +197,7 @@ where
         };
         match judge(result, &status, retries, deadline, may_retry) {
             Tried::Answered(response) => return Ok((response, not_retried)),
-            Tried::Failed(failure, why) => return Err((failure, why)),
+            Tried::Failed(failure, why) => return Err((failure, why, not_retried)),
             Tried::Retry => retrying = reserved.flatten(),
         }
         attempt += 1;
@@ -252,7 +253,8 @@ mod tests {
         let policy = retries(5, Some(Duration::from_millis(300)), "gateway-error");
         let started = Instant::now();
         let outcome = with_retries(&clock, &policy, (true, None), |s| *s, upstream(&[None; 6], log.clone())).await;
-        assert!(matches!(outcome, Err((Failure::UpstreamTimeout, None))), "{outcome:?}");
+        // Ended by the route's timeout, not for want of a retry: no `URX`.
+        assert!(matches!(outcome, Err((Failure::UpstreamTimeout, None, ResponseFlag::None))), "{outcome:?}");
         assert_eq!(started.elapsed(), Duration::from_millis(1000), "the route's timeout ends the request");
         let tries = log.lock().unwrap().clone();
         assert!(tries.len() >= 3, "per-try timeouts are retried: {tries:?}");
@@ -294,6 +296,18 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_failure_retried_until_no_retry_is_left_carries_urx_beside_its_own_flag() {
+        let log = Log::default();
+        let clock = TryClock::start(None, Some(Duration::from_millis(100)), IDLE);
+        let policy = retries(2, Some(Duration::from_millis(100)), "gateway-error");
+        let outcome = with_retries(&clock, &policy, (true, None), |s| *s, upstream(&[None; 3], log.clone())).await;
+        let Err((failure, None, not_retried)) = outcome else { panic!("{outcome:?}") };
+        assert_eq!((failure, not_retried), (Failure::UpstreamTimeout, ResponseFlag::UpstreamRetryLimitExceeded));
+        assert_eq!(failure.flag().not_retried(not_retried).text(), "UT,URX", "as Envoy's log writes it");
+        assert_eq!(log.lock().unwrap().len(), 3, "one try and two retries");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_body_that_cannot_be_sent_again_is_tried_once() {
         let log = Log::default();
         let clock = TryClock::start(None, None, IDLE);
@@ -309,7 +323,10 @@ mod tests {
         let started = Instant::now();
         let policy = retries(2, None, "5xx");
         let outcome = with_retries(&clock, &policy, (true, None), |s| *s, upstream(&[None; 3], Log::default())).await;
-        assert!(matches!(outcome, Err((Failure::UpstreamIdle, None))), "not retried: idle is final");
+        assert!(
+            matches!(outcome, Err((Failure::UpstreamIdle, None, ResponseFlag::None))),
+            "not retried: idle is final"
+        );
         assert_eq!(started.elapsed(), IDLE);
     }
 

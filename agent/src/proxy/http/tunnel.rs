@@ -49,7 +49,13 @@ impl HttpProxy {
             }
             Err(error) => {
                 let why = ConnectFailure::from_connect(&error);
-                return self.connect_failure(Failure::UpstreamConnect, &why, record, started, Some(destination.labels));
+                return self.connect_failure(
+                    (Failure::UpstreamConnect, Failure::UpstreamConnect.flag()),
+                    &why,
+                    record,
+                    started,
+                    Some(destination.labels),
+                );
             }
         };
         record.upstream_local = upstream.local_addr().ok();
