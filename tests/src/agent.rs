@@ -70,17 +70,6 @@ impl Drop for Bpffs {
     fn drop(&mut self) {
         let _ = nix::mount::umount2(self.dir.path(), nix::mount::MntFlags::MNT_DETACH);
         crate::teardown::release(&crate::teardown::Held::Mount(self.dir.path().to_owned()));
-        // The mount point stays busy while a mount namespace made by `ip netns exec` for a process still ending
-        // holds its copy of the mount: removing the directory is retried for a while rather than left to
-        // `TempDir`, which would give up at once and leave it in /tmp.
-        for _ in 0..100 {
-            match std::fs::remove_dir(self.dir.path()) {
-                Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
-                    std::thread::sleep(std::time::Duration::from_millis(20))
-                }
-                _ => break,
-            }
-        }
     }
 }
 

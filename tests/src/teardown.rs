@@ -49,6 +49,8 @@ pub(crate) fn on_signals() {
                         Held::Netns(name) => crate::netns::delete(name),
                         Held::Mount(path) => {
                             let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
+                            // The mount point is a temporary directory whose guard will not run.
+                            let _ = std::fs::remove_dir(path);
                         }
                     }
                 }

@@ -48,6 +48,7 @@ fn an_interrupted_run_removes_its_namespaces_and_bpf_mounts() {
             assert!(!Path::new("/run/netns").join(name).exists(), "{name} left behind after {signal}");
         }
         assert!(!mounted(), "{mount} still mounted after {signal}");
+        assert!(!Path::new(mount).exists(), "the mount point {mount} left behind after {signal}");
     }
 }
 
@@ -65,5 +66,6 @@ impl Drop for Leftovers<'_> {
             }
         }
         let _ = nix::mount::umount2(self.mount, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(self.mount);
     }
 }
