@@ -520,6 +520,13 @@ spec:
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(logged(), "the connection's line carries DT\n{}", agent.log());
+    // Istio's TCP metrics: opened as `-`, closed (with its bytes) under the flag it ended with.
+    let metrics = agent.metrics().unwrap();
+    let series = |flag| [("destination_service_name", "store.example.com"), ("response_flags", flag)];
+    assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &series("-")), 1, "{metrics}");
+    assert_eq!(total(&metrics, "istio_tcp_connections_closed_total", &series("DT")), 1, "{metrics}");
+    assert_eq!(total(&metrics, "istio_tcp_connections_closed_total", &series("-")), 0, "{metrics}");
+    assert!(total(&metrics, "istio_tcp_received_bytes_total", &series("DT")) >= 10, "{metrics}");
 }
 
 /// `connectionPool.tcp.maxConnections` bounds the connections relayed to a cluster at once: one more is closed

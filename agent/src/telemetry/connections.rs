@@ -103,6 +103,11 @@ impl TcpLabels {
 
     /// Each TCP metric's labels (in the order of `Metric`: opened, closed, sent, received) as `overrides` make them
     /// for the connection `fields` describe.
+    /// The same labels with another response flag.
+    pub fn with_flag(self, flag: ResponseFlag) -> TcpLabels {
+        TcpLabels { response_flags: flag.label(), ..self }
+    }
+
     pub fn tagged(self, overrides: &TagOverrides, fields: &Fields<'_>) -> [TcpLabels; 4] {
         std::array::from_fn(|i| TcpLabels {
             tags: overrides.tags(Metric::TcpOpened as usize + i, fields),
@@ -265,7 +270,7 @@ impl ConnectionMetrics {
                 watched.insert(labels.clone(), Watched::new(opened.clone()));
             }
             // Its series may be swept while it lasts: looked up again when it closes.
-            return OpenConnection::Passthrough(self.clone(), Box::new(labels));
+            return OpenConnection::LookedUpAtClose(self.clone(), Box::new(labels));
         }
         OpenConnection::Registered {
             closed: self.closed.get_or_create(closed).clone(),
@@ -273,6 +278,13 @@ impl ConnectionMetrics {
             sent: self.sent.get_or_create(sent).clone(),
             switches: self.switches.clone(),
         }
+    }
+
+    /// A connection opened under other labels that ends with a response flag of its own (`DT`): its close and
+    /// its bytes are counted under `labels`, which carry that flag, as Istio's stats filter labels a connection's
+    /// last report with the flags it ended with. Its opening was counted when it opened.
+    pub fn ending(&self, labels: [TcpLabels; 4]) -> OpenConnection {
+        OpenConnection::LookedUpAtClose(self.clone(), Box::new(labels))
     }
 
     /// Drops the passthrough series that saw no connection in the last `quiet_sweeps` sweeps: returns their
@@ -299,8 +311,14 @@ impl ConnectionMetrics {
 /// A connection counted as opened, to be counted as closed: its series, found once.
 #[must_use = "a connection opened is counted closed when it ends"]
 pub enum OpenConnection {
-    Registered { closed: Counter, received: Counter, sent: Counter, switches: MetricSwitches },
-    Passthrough(ConnectionMetrics, Box<[TcpLabels; 4]>),
+    Registered {
+        closed: Counter,
+        received: Counter,
+        sent: Counter,
+        switches: MetricSwitches,
+    },
+    /// Series looked up when the connection closes (in the order of `Metric`: opened, closed, sent, received).
+    LookedUpAtClose(ConnectionMetrics, Box<[TcpLabels; 4]>),
 }
 
 impl OpenConnection {
@@ -319,7 +337,7 @@ impl OpenConnection {
                     to_client.inc_by(sent);
                 }
             }
-            OpenConnection::Passthrough(metrics, labels) => {
+            OpenConnection::LookedUpAtClose(metrics, labels) => {
                 let [_, closed_labels, sent_labels, received_labels] = &*labels;
                 let on = |metric| !metrics.switches.is_off(metric);
                 if on(Metric::TcpClosed) {

@@ -83,11 +83,17 @@ impl HttpProxy {
         tokio::spawn(async move {
             match hyper::upgrade::on(request).await {
                 Ok(upgraded) => {
-                    let open = match tagged {
-                        Some(tagged) => tcp.opened_labelled(tagged),
-                        None => tcp.opened(&tcp_labels),
-                    };
+                    let each = tagged.unwrap_or_else(|| std::array::from_fn(|_| tcp_labels.clone()));
+                    let open = tcp.opened_labelled(each.clone());
                     let joined = relay_tunnel(relay, upgraded, upstream, bounds).await;
+                    // Ended by its lifetime: closed under `DT`, as Istio labels a connection's last report.
+                    let open = match joined.ended {
+                        Ended::Lifetime => {
+                            drop(open);
+                            tcp.ending(each.map(|labels| labels.with_flag(ResponseFlag::DurationTimeout)))
+                        }
+                        _ => open,
+                    };
                     open.closed(joined.from_first, joined.from_second);
                     tracing::debug!(?peer, upstream = %address, ?joined, "tunnel ended");
                 }

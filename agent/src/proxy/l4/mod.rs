@@ -286,6 +286,12 @@ async fn finish<S: ClientStream>(
     }
     let outcome = relay(&mut stream, connection, verdict, proxy).await;
     match outcome.open {
+        // Ended with a flag of its own (`DT`): closed under it, as Istio labels a connection's last report.
+        Some(open) if outcome.flag != ResponseFlag::None => {
+            drop(open);
+            let labels = series_labels(telemetry, connection, (&outcome.destination, outcome.flag), outcome.upstream);
+            telemetry.tcp.ending(labels.into_each()).closed(outcome.received, outcome.sent);
+        }
         Some(open) => open.closed(outcome.received, outcome.sent),
         None => {
             // Refused: counted as opened and closed at once, and reset so the client takes no close for an answer.
@@ -313,14 +319,41 @@ async fn finish<S: ClientStream>(
     telemetry.log_connection(&record, connection.scope);
 }
 
-/// Counts `connection` (to `destination`, with Envoy's response flag) opened in Istio's TCP metrics, labelled as
-/// the Telemetry API's tag overrides say where some apply to them.
+/// Counts `connection` (to `destination`, with Envoy's response flag) opened in Istio's TCP metrics.
 fn count_opened(
+    telemetry: &RequestTelemetry,
+    connection: &Connection<'_>,
+    destination: (&DestinationLabels, ResponseFlag),
+    upstream: Option<SocketAddr>,
+) -> OpenConnection {
+    match series_labels(telemetry, connection, destination, upstream) {
+        SeriesLabels::Shared(labels) => telemetry.tcp.opened(&labels),
+        SeriesLabels::Tagged(each) => telemetry.tcp.opened_labelled(*each),
+    }
+}
+
+/// The labels of `connection`'s series: one set for all four metrics, or one each where the Telemetry API's tag
+/// overrides apply to them.
+enum SeriesLabels {
+    Shared(TcpLabels),
+    Tagged(Box<[TcpLabels; 4]>),
+}
+
+impl SeriesLabels {
+    fn into_each(self) -> [TcpLabels; 4] {
+        match self {
+            SeriesLabels::Shared(labels) => std::array::from_fn(|_| labels.clone()),
+            SeriesLabels::Tagged(each) => *each,
+        }
+    }
+}
+
+fn series_labels(
     telemetry: &RequestTelemetry,
     connection: &Connection<'_>,
     (destination, flag): (&DestinationLabels, ResponseFlag),
     upstream: Option<SocketAddr>,
-) -> OpenConnection {
+) -> SeriesLabels {
     let labels = TcpLabels::new(destination, flag).from_source(connection.source);
     let gateway_tags;
     let overrides = match connection.scope {
@@ -330,7 +363,7 @@ fn count_opened(
             gateway_tags.as_deref().map(|in_force| &in_force.tags)
         }
     };
-    let Some(overrides) = overrides else { return telemetry.tcp.opened(&labels) };
+    let Some(overrides) = overrides else { return SeriesLabels::Shared(labels) };
     let cluster = destination.cluster();
     let fields = Fields {
         response_flags: flag.text(),
@@ -341,7 +374,7 @@ fn count_opened(
         server_name: connection.server_name,
         ..Fields::default()
     };
-    telemetry.tcp.opened_labelled(labels.tagged(overrides, &fields))
+    SeriesLabels::Tagged(Box::new(labels.tagged(overrides, &fields)))
 }
 
 /// A connection about to be relayed.
