@@ -176,6 +176,14 @@ fn socket_linger_zero(stream: &TcpStream) -> std::io::Result<()> {
     .map_err(std::io::Error::from)
 }
 
+/// A DestinationRule for the service whose `connectionPool.tcp` is `tcp` (YAML flow mapping).
+fn store_rule(tcp: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: store, namespace: egress}}\n\
+         spec:\n  host: store.example.com\n  trafficPolicy:\n    connectionPool:\n      tcp: {tcp}\n"
+    )
+}
+
 /// A connection from the workload to the service, as it was accepted (nothing read).
 fn dial(topology: &Topology) -> TcpStream {
     try_dial(topology).expect("connecting to the service")
@@ -434,16 +442,8 @@ fn a_destination_rules_tcp_idle_timeout_ends_quiet_relayed_connections() {
     let topology = Topology::new().unwrap();
     let _seen = server(&topology);
     let config = tempfile::tempdir().unwrap();
-    let rule = "apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: store, namespace: egress}
-spec:
-  host: store.example.com
-  trafficPolicy:
-    connectionPool:
-      tcp: {idleTimeout: 1s, connectTimeout: 2s}
-";
-    istio::write(config.path(), &[MESH_REGISTRY_ONLY, REGISTRY, rule]).unwrap();
+    let rule = store_rule("{idleTimeout: 1s, connectTimeout: 2s}");
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, REGISTRY, &rule]).unwrap();
     let agent = start_agent(&topology, config.path(), "splice");
 
     let mut quiet = connect(&topology);
@@ -473,16 +473,8 @@ fn a_destination_rules_max_connection_duration_ends_busy_relays_and_its_keepaliv
     let topology = Topology::new().unwrap();
     let _seen = server(&topology);
     let config = tempfile::tempdir().unwrap();
-    let rule = "apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: store, namespace: egress}
-spec:
-  host: store.example.com
-  trafficPolicy:
-    connectionPool:
-      tcp: {maxConnectionDuration: 2s, tcpKeepalive: {time: 7s, interval: 3s, probes: 4}}
-";
-    istio::write(config.path(), &[MESH_REGISTRY_ONLY, REGISTRY, rule]).unwrap();
+    let rule = store_rule("{maxConnectionDuration: 2s, tcpKeepalive: {time: 7s, interval: 3s, probes: 4}}");
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, REGISTRY, &rule]).unwrap();
     let agent = start_agent(&topology, config.path(), "splice");
 
     let mut busy = connect(&topology);
@@ -537,16 +529,8 @@ fn a_destination_rules_max_connections_bounds_relayed_connections() {
     let topology = Topology::new().unwrap();
     let _seen = server(&topology);
     let config = tempfile::tempdir().unwrap();
-    let rule = "apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: store, namespace: egress}
-spec:
-  host: store.example.com
-  trafficPolicy:
-    connectionPool:
-      tcp: {maxConnections: 2}
-";
-    istio::write(config.path(), &[MESH_REGISTRY_ONLY, REGISTRY, rule]).unwrap();
+    let rule = store_rule("{maxConnections: 2}");
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, REGISTRY, &rule]).unwrap();
     let agent = start_agent(&topology, config.path(), "splice");
 
     let first = connect(&topology);
