@@ -97,6 +97,13 @@ unsafe impl GlobalAlloc for Allocator {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: a block mimalloc returned, and a new layout with the old one's alignment and a non-zero size (as
+        // `GlobalAlloc::realloc` requires of its callers).
+        unsafe {
+            if shrinks_in_place_wastefully(ptr, layout, new_size) {
+                return moved(ptr, Layout::from_size_align_unchecked(new_size, layout.align()));
+            }
+        }
         let heap = TRANSIENT_HEAP.get();
         let ptr = ptr.cast::<c_void>();
         // SAFETY: a block mimalloc returned, resized keeping its layout's alignment (moved, into the transient
@@ -109,6 +116,38 @@ unsafe impl GlobalAlloc for Allocator {
                 (false, false) => mi::mi_heap_realloc_aligned(heap, ptr, new_size, layout.align()).cast(),
             }
         }
+    }
+}
+
+/// Whether shrinking the block at `ptr` to `new_size` would leave it in a larger size class than `new_size`
+/// needs. mimalloc shrinks in place while the new size is at least half the block: a `Vec` grown to 4 elements
+/// and shrunk to 3 (`into_boxed_slice`, as compiled policies hold their lists) would keep the 4's block for as
+/// long as the policy lives (bench/README.md has the figures). Shrinking is rare outside compiling, so moving
+/// costs nothing where requests are served.
+///
+/// # Safety
+/// `ptr` is a block mimalloc returned.
+#[inline]
+unsafe fn shrinks_in_place_wastefully(ptr: *mut u8, layout: Layout, new_size: usize) -> bool {
+    // SAFETY: a live block of mimalloc's (the caller's contract); mi_good_size only computes.
+    new_size < layout.size() && unsafe { mi::mi_usable_size(ptr.cast()) > mi::mi_good_size(new_size) }
+}
+
+/// The block at `ptr` moved to a new one for `layout` (its first `layout.size()` bytes copied), the old one
+/// freed; null, and the old one kept, when no block could be had.
+///
+/// # Safety
+/// `ptr` is a block mimalloc returned, holding at least `layout.size()` bytes; `layout` has a non-zero size.
+unsafe fn moved(ptr: *mut u8, layout: Layout) -> *mut u8 {
+    // SAFETY: the caller's layout; the new block is distinct from the old one, both at least `layout.size()`
+    // bytes long.
+    unsafe {
+        let new = allocate(layout, MALLOC);
+        if !new.is_null() {
+            std::ptr::copy_nonoverlapping(ptr, new, layout.size());
+            mi::mi_free(ptr.cast());
+        }
+        new
     }
 }
 
@@ -225,6 +264,27 @@ mod tests {
             Allocator.dealloc(zeroed, layout);
             Allocator.dealloc(over_aligned, aligned);
             Allocator.dealloc(after, layout);
+        }
+    }
+
+    #[test]
+    fn a_block_shrunk_into_a_smaller_size_class_moves_to_a_block_of_that_class() {
+        let layout = Layout::from_size_align(384, 8).unwrap();
+        // SAFETY: non-zero sizes, the layouts each block has; every block is freed with its own.
+        unsafe {
+            let block = Allocator.alloc(layout);
+            for i in 0..384 {
+                *block.add(i) = i as u8;
+            }
+            // As a Vec of 4 elements of 96 bytes shrunk to 3 (`into_boxed_slice`): mimalloc alone keeps the block.
+            let shrunk = Allocator.realloc(block, layout, 288);
+            assert_eq!(mi::mi_usable_size(shrunk.cast()), mi::mi_good_size(288), "not the 384-byte block");
+            assert!((0..288).all(|i| *shrunk.add(i) == i as u8), "the bytes kept");
+            // Within its size class, a block shrinks in place.
+            let usable = mi::mi_usable_size(shrunk.cast());
+            let same = Allocator.realloc(shrunk, Layout::from_size_align(288, 8).unwrap(), usable - 8);
+            assert_eq!(same, shrunk);
+            Allocator.dealloc(same, Layout::from_size_align(usable - 8, 8).unwrap());
         }
     }
 

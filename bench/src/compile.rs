@@ -205,6 +205,14 @@ impl Shape {
         }
     }
 
+    /// The hosts one entry registers.
+    pub fn hosts_per_entry(self) -> usize {
+        match self {
+            Shape::Mixed | Shape::Rich => 1,
+            Shape::Subsets => 3,
+        }
+    }
+
     pub fn describe(self) -> &'static str {
         match self {
             Shape::Mixed => "mixed (exact, CIDR, DNS, wildcard; 3 routes)",

@@ -239,7 +239,10 @@ fn agent_memory(shape: compile::Shape) -> anyhow::Result<()> {
         "heap per entry at 10000 (counted by the allocator): configuration store {stored:.0}, kernel policy as \
          compiled {datapath:.0}, proxy routes and registry {routes:.0}"
     );
-    let per_host = |from: u64, to: u64, hosts: usize| to.saturating_sub(from) as f64 * 1024.0 / hosts as f64;
+    // Per host, not per entry: a `Subsets` entry registers three.
+    let per_host = |from: u64, to: u64, entries: usize| {
+        to.saturating_sub(from) as f64 * 1024.0 / (entries * shape.hosts_per_entry()) as f64
+    };
     let mib = |r: compile::Resident| {
         format!(
             "{:.1} MiB ({:.1} not file-backed; at most {:.1} while reading)",
@@ -255,8 +258,9 @@ fn agent_memory(shape: compile::Shape) -> anyhow::Result<()> {
         mib(large)
     );
     println!(
-        "agent memory per host, from {fewer} to {more} hosts: {:.0} resident bytes ({:.0} not file-backed); the first \
-         {fewer} with what any configuration sets up once: {:.0} ({:.0})",
+        "agent memory per host, from {fewer} to {more} entries ({} hosts each): {:.0} resident bytes ({:.0} not \
+         file-backed); the first {fewer} with what any configuration sets up once: {:.0} ({:.0})",
+        shape.hosts_per_entry(),
         per_host(small.all, large.all, more - fewer),
         per_host(small.anonymous, large.anonymous, more - fewer),
         per_host(empty.all, small.all, fewer - none),

@@ -8,7 +8,7 @@ use std::{
     hash::{BuildHasher, Hash},
     net::IpAddr,
     sync::{
-        atomic::{AtomicU32, AtomicUsize, Ordering},
+        atomic::{AtomicU32, Ordering},
         Arc, Mutex,
     },
     time::{Duration, Instant},
@@ -501,7 +501,8 @@ impl Cluster {
         let count = self.endpoints.len();
         let start = match self.policy.lb {
             LoadBalance::Random => fastrand::usize(..count),
-            _ => self.state.next.fetch_add(1, Ordering::Relaxed),
+            // Wraps at 2^32 requests: one uneven step in the rotation.
+            _ => self.state.next.fetch_add(1, Ordering::Relaxed) as usize,
         };
         (0..count)
             .map(|i| &self.endpoints[(start + i) % count])
@@ -524,19 +525,20 @@ pub enum Outcome {
     Failed,
 }
 
-/// What a cluster counts while requests go through it.
+/// What a cluster counts while requests go through it: 48 bytes, 64 with its reference counts (one is held per
+/// subset of every rule with limits, and per cluster of several endpoints).
 #[derive(Debug)]
 pub struct ClusterState {
     /// Round-robin cursor.
-    next: AtomicUsize,
+    next: AtomicU32,
     slots: Option<Arc<tokio::sync::Semaphore>>,
     waiting: AtomicU32,
-    max_waiting: usize,
+    max_waiting: u32,
     /// Retries in flight (for `maxRetries`).
     retrying: AtomicU32,
     /// By endpoint, for outlier detection: a list (a cluster has a few endpoints), empty and unallocated in most
-    /// clusters, which have none.
-    health: Mutex<Vec<(IpAddr, Health)>>,
+    /// clusters, which have none; grown by one when an endpoint first reports.
+    health: Mutex<Box<[(IpAddr, Health)]>>,
 }
 
 #[derive(Debug, Default)]
@@ -570,12 +572,12 @@ pub enum Admission {
 impl ClusterState {
     pub(crate) fn new(limits: Option<(usize, usize)>) -> ClusterState {
         ClusterState {
-            next: AtomicUsize::new(0),
+            next: AtomicU32::new(0),
             slots: limits.map(|(in_flight, _)| Arc::new(tokio::sync::Semaphore::new(in_flight))),
             waiting: AtomicU32::new(0),
-            max_waiting: limits.map_or(0, |(_, pending)| pending),
+            max_waiting: limits.map_or(0, |(_, pending)| u32::try_from(pending).unwrap_or(u32::MAX)),
             retrying: AtomicU32::new(0),
-            health: Mutex::new(Vec::new()),
+            health: Mutex::new(Box::default()),
         }
     }
 
@@ -592,7 +594,7 @@ impl ClusterState {
         if let Ok(permit) = slots.clone().try_acquire_owned() {
             return Admission::Now(Some(permit));
         }
-        if usize::try_from(self.waiting.load(Ordering::Relaxed)).is_ok_and(|waiting| waiting < self.max_waiting) {
+        if self.waiting.load(Ordering::Relaxed) < self.max_waiting {
             Admission::Wait(slots.clone())
         } else {
             Admission::Overflow
@@ -617,7 +619,9 @@ impl ClusterState {
     pub fn report(&self, address: IpAddr, outcome: Outcome, outlier: &Outlier) {
         let mut all = self.health.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let index = all.iter().position(|(known, _)| *known == address).unwrap_or_else(|| {
-            all.push((address, Health::default()));
+            let mut grown = std::mem::take(&mut *all).into_vec();
+            grown.push((address, Health::default()));
+            *all = grown.into_boxed_slice();
             all.len() - 1
         });
         let Some((_, health)) = all.get_mut(index) else { return };
@@ -642,10 +646,23 @@ impl ClusterState {
     }
 }
 
-/// Every cluster's state, by cluster; a compile takes the state a cluster had.
+/// Every cluster's state, by cluster; a compile takes the state a cluster had. Keyed by a 64-bit hash of the
+/// cluster's name and limits rather than the name itself: a name held per cluster with state (every subset
+/// of a rule with limits) cost more than the state. Two of a configuration's clusters would share state only
+/// on a hash collision (for 100k clusters, a chance of about 1 in 3.7 billion).
 #[derive(Debug, Default)]
 pub struct ClusterStates {
-    states: Mutex<HashMap<String, Arc<ClusterState>>>,
+    states: Mutex<HashMap<u64, Arc<ClusterState>>>,
+}
+
+/// A `Hasher` written to as text: a name's hash without the name written out.
+struct HashWriter<H>(H);
+
+impl<H: std::hash::Hasher> std::fmt::Write for HashWriter<H> {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        self.0.write(text.as_bytes());
+        Ok(())
+    }
 }
 
 impl ClusterStates {
@@ -662,10 +679,14 @@ impl ClusterStates {
         NONE.clone()
     }
 
-    /// The state of the cluster named `key` with `limits` (new limits make new state); states no compiled
+    /// The state of the cluster named `name` with `limits` (new limits make new state); states no compiled
     /// cluster holds any more are dropped.
-    pub fn get(&self, key: &str, limits: Option<(usize, usize)>) -> Arc<ClusterState> {
-        let key = format!("{key}|{limits:?}");
+    pub fn get(&self, name: impl std::fmt::Display, limits: Option<(usize, usize)>) -> Arc<ClusterState> {
+        let mut hasher = HashWriter(foldhash::fast::FixedState::with_seed(HASH_SEED).build_hasher());
+        // Writing to a hasher cannot fail.
+        let _ = std::fmt::Write::write_fmt(&mut hasher, format_args!("{name}"));
+        limits.hash(&mut hasher.0);
+        let key = std::hash::Hasher::finish(&hasher.0);
         let mut states = self.states.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if states.len() > 1024 {
             states.retain(|_, state| Arc::strong_count(state) > 1);

@@ -6,13 +6,16 @@ use std::hash::BuildHasher;
 
 use hashbrown::HashTable;
 
-/// Hosts → values, laid out for lookups among many hosts: the hosts lie back to back in one string, so a probe
-/// reads the table's slot (the host's place in that string, and the value) and the host's bytes, from two dense
-/// arrays, rather than a key allocated apart (which, over 100k hosts, costs a TLB miss of its own). Hosts hash
-/// with foldhash (seeded per process).
+/// Hosts → values, laid out for lookups among many hosts: the hash table holds only each host's place in a
+/// dense list of slots (4 bytes a bucket: a table is at most 7/8 full and grows by doubling, so most of its
+/// buckets would otherwise hold a whole slot, or nothing), each slot the host's place in one string of hosts back
+/// to back and its value. A probe reads the table, the slot and the host's bytes from three dense arrays rather
+/// than a key allocated apart (which, over 100k hosts, costs a TLB miss of its own). Hosts hash with foldhash
+/// (seeded per process).
 #[derive(Clone)]
 struct Hosts<T> {
-    slots: HashTable<Slot<T>>,
+    index: HashTable<u32>,
+    slots: Vec<Slot<T>>,
     text: String,
     hasher: foldhash::fast::RandomState,
 }
@@ -26,42 +29,51 @@ struct Slot<T> {
 
 impl<T> Default for Hosts<T> {
     fn default() -> Self {
-        Hosts { slots: HashTable::new(), text: String::new(), hasher: foldhash::fast::RandomState::default() }
+        Hosts {
+            index: HashTable::new(),
+            slots: Vec::new(),
+            text: String::new(),
+            hasher: foldhash::fast::RandomState::default(),
+        }
     }
 }
 
 impl<T> Hosts<T> {
-    fn host<'a>(text: &'a str, slot: &Slot<T>) -> &'a str {
+    /// The host of the slot at `at`.
+    fn host<'a>(text: &'a str, slots: &[Slot<T>], at: u32) -> &'a str {
+        let slot = &slots[at as usize];
         &text[slot.start as usize..slot.end as usize]
     }
 
     fn get(&self, host: &str) -> Option<&T> {
         let hash = self.hasher.hash_one(host);
-        self.slots.find(hash, |slot| Self::host(&self.text, slot) == host).map(|slot| &slot.value)
+        let at = self.index.find(hash, |&at| Self::host(&self.text, &self.slots, at) == host)?;
+        Some(&self.slots[*at as usize].value)
     }
 
     /// Adds `host` unless it is there already (the first value stays).
     fn insert(&mut self, host: &str, value: T) {
-        let Hosts { slots, text, hasher } = self;
+        let Hosts { index, slots, text, hasher } = self;
         let hash = hasher.hash_one(host);
-        let entry =
-            slots.entry(hash, |slot| Self::host(text, slot) == host, |slot| hasher.hash_one(Self::host(text, slot)));
+        let rehash = |&at: &u32| hasher.hash_one(Self::host(text, slots, at));
+        let entry = index.entry(hash, |&at| Self::host(text, slots, at) == host, rehash);
         if let hashbrown::hash_table::Entry::Vacant(vacant) = entry {
+            vacant.insert(slots.len() as u32);
             let start = text.len() as u32;
             text.push_str(host);
-            vacant.insert(Slot { start, end: text.len() as u32, value });
+            slots.push(Slot { start, end: text.len() as u32, value });
         }
     }
 
+    /// The same hosts, each with `f` of its value (in the same places: the table is the same).
     fn map<U>(&self, mut f: impl FnMut(&T) -> U) -> Hosts<U> {
-        let mut slots = HashTable::with_capacity(self.slots.len());
-        for slot in &self.slots {
-            let mapped = Slot { start: slot.start, end: slot.end, value: f(&slot.value) };
-            slots.insert_unique(self.hasher.hash_one(Self::host(&self.text, slot)), mapped, |slot| {
-                self.hasher.hash_one(Hosts::<U>::host(&self.text, slot))
-            });
+        let slots = self.slots.iter().map(|slot| Slot { start: slot.start, end: slot.end, value: f(&slot.value) });
+        Hosts {
+            index: self.index.clone(),
+            slots: slots.collect(),
+            text: self.text.clone(),
+            hasher: self.hasher.clone(),
         }
-        Hosts { slots, text: self.text.clone(), hasher: self.hasher.clone() }
     }
 
     fn is_empty(&self) -> bool {
@@ -69,15 +81,17 @@ impl<T> Hosts<T> {
     }
 
     fn shrink_to_fit(&mut self) {
-        let Hosts { slots, text, hasher } = self;
-        slots.shrink_to_fit(|slot| hasher.hash_one(Self::host(text, slot)));
+        let Hosts { index, slots, text, hasher } = self;
+        index.shrink_to_fit(|&at| hasher.hash_one(Self::host(text, slots, at)));
+        slots.shrink_to_fit();
         text.shrink_to_fit();
     }
 }
 
 impl<T: std::fmt::Debug> std::fmt::Debug for Hosts<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_map().entries(self.slots.iter().map(|slot| (Self::host(&self.text, slot), &slot.value))).finish()
+        let host = |slot: &Slot<T>| &self.text[slot.start as usize..slot.end as usize];
+        f.debug_map().entries(self.slots.iter().map(|slot| (host(slot), &slot.value))).finish()
     }
 }
 

@@ -48,13 +48,14 @@ pub fn proxy_policy(
         }
         transient(|| hosts.entry(host).or_default()).services = first;
     }
-    by_address.shrink_to_fit();
+    by_address.finish();
     for (host, indexes) in &bindings.mesh {
         let routes = virtual_host(snapshot, indexes, &mut interner);
         let tls = l4_routes(snapshot, indexes, L4Kind::Tls, &mut interner);
         let tcp = l4_routes(snapshot, indexes, L4Kind::Tcp, &mut interner);
         let entry = transient(|| hosts.entry(host.clone()).or_default());
-        (entry.mesh, entry.mesh_tls, entry.mesh_tcp) = (Some(routes), tls, tcp);
+        entry.mesh = Some(routes);
+        entry.mesh_l4 = (tls.is_some() || tcp.is_some()).then(|| Box::new(MeshL4Routes { tls, tcp }));
     }
     let mut table = HostTable::default();
     for (host, entry) in hosts {

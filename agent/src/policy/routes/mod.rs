@@ -139,10 +139,17 @@ struct Host {
     services: Option<Arc<Service>>,
     /// The routes for intercepted traffic.
     mesh: Option<VirtualHost>,
-    /// The `tls` routes for intercepted traffic, when its VirtualServices have any.
-    mesh_tls: Option<L4Routes>,
-    /// The `tcp` routes for intercepted traffic to the host's addresses, when its VirtualServices have any.
-    mesh_tcp: Option<L4Routes>,
+    /// The `tls` and `tcp` routes for intercepted traffic, when its VirtualServices have any: boxed, as most
+    /// hosts have none (a slot is as large as what most hosts hold).
+    mesh_l4: Option<Box<MeshL4Routes>>,
+}
+
+#[derive(Debug)]
+struct MeshL4Routes {
+    /// The `tls` routes, by the ClientHello's server name.
+    tls: Option<L4Routes>,
+    /// The `tcp` routes, for traffic to the host's addresses.
+    tcp: Option<L4Routes>,
 }
 
 /// One selected Gateway: its server ports and the routes bound to it.
@@ -228,7 +235,7 @@ impl ProxyPolicy {
 
     /// The `tcp` routes for intercepted traffic to `host` (a registered service's host).
     pub fn mesh_tcp_routes(&self, host: &str) -> Option<&L4Routes> {
-        self.hosts.find(host, |entry| entry.mesh_tcp.as_ref())
+        self.hosts.find(host, |entry| entry.mesh_l4.as_ref()?.tcp.as_ref())
     }
 
     /// The Gateways passing TLS through on `port`, with their `tls` routes.
@@ -238,7 +245,7 @@ impl ProxyPolicy {
 
     /// The `tls` routes for intercepted traffic whose ClientHello names `server_name`.
     pub fn mesh_tls_routes(&self, server_name: &str) -> Option<&L4Routes> {
-        self.hosts.find(server_name, |entry| entry.mesh_tls.as_ref())
+        self.hosts.find(server_name, |entry| entry.mesh_l4.as_ref()?.tls.as_ref())
     }
 
     /// The servers terminating TLS on `port`, of every selected Gateway.

@@ -373,7 +373,7 @@ pub(super) fn clusters(
         let labels = DestinationLabels::registered(host.clone(), namespace.clone(), port.number, subset);
         // State that must outlive recompiles is kept only where a policy needs it, by cluster name.
         let state = if policy.limits.is_some() || policy.outlier.is_some() || policy.max_retries().is_some() {
-            states.get(&labels.cluster().to_string(), policy.limits)
+            states.get(labels.cluster(), policy.limits)
         } else if endpoints.len() <= 1 {
             // Nothing to choose among: no cursor of its own (most clusters: one STATIC or DNS endpoint).
             states.none()

@@ -313,3 +313,76 @@ fn of_the_services_registered_under_one_host_a_viewer_gets_the_first_it_sees_on_
 fn policy_without_answers() -> ProxyPolicy {
     policy(CONFIG, &Resolved::new())
 }
+
+#[test]
+fn a_connection_naming_no_host_finds_the_services_at_its_address_exact_first_in_declaration_order() {
+    let entry = |name: &str, address: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: ns}}\n\
+             spec: {{hosts: [{name}.example], addresses: ['{address}'], ports: [{{number: 5432, name: pg, protocol: \
+             TCP}}], resolution: NONE}}\n"
+        )
+    };
+    // Declared out of address order, with three at one address: the index sorts by address, keeping each
+    // address's services in declaration order.
+    let yaml = [
+        entry("zeta", "203.0.113.9"),
+        entry("range", "203.0.113.0/24"),
+        entry("first", "203.0.113.7"),
+        entry("alpha", "203.0.113.1"),
+        entry("second", "203.0.113.7"),
+        entry("six", "2001:db8::7"),
+        entry("third", "203.0.113.7"),
+    ]
+    .join("---\n");
+    let policy = policy(&yaml, &Resolved::new());
+    let at = |address: &str| {
+        let address = SocketAddr::new(address.parse().unwrap(), 5432);
+        policy.by_address.at(address.ip(), address.port()).map(|service| service.host.to_string()).collect::<Vec<_>>()
+    };
+    assert_eq!(at("203.0.113.7"), ["first.example", "second.example", "third.example", "range.example"]);
+    assert_eq!(at("203.0.113.1"), ["alpha.example", "range.example"]);
+    assert_eq!(at("203.0.113.9"), ["zeta.example", "range.example"]);
+    assert_eq!(at("203.0.113.8"), ["range.example"], "no exact address: the range");
+    assert_eq!(at("2001:db8::7"), ["six.example"]);
+    assert!(at("2001:db8::8").is_empty() && at("198.51.100.7").is_empty());
+    let first = policy.registered_at("203.0.113.7:5432".parse().unwrap(), Viewer::Gateway);
+    assert_eq!(first.map(|service| &*service.host), Some("first.example"));
+}
+
+#[test]
+fn a_clusters_state_outlives_a_recompile_and_is_its_own() {
+    let config = |max: u32| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: api, namespace: ns}}\n\
+             spec: {{hosts: [api.example, other.example], ports: [{{number: 80, name: http, protocol: HTTP}}], \
+             resolution: STATIC, endpoints: [{{address: 192.0.2.1, labels: {{v: '1'}}}}, {{address: 192.0.2.2, \
+             labels: {{v: '2'}}}}]}}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: api, namespace: ns}}\n\
+             spec: {{host: api.example, trafficPolicy: {{connectionPool: {{tcp: {{maxConnections: {max}}}}}}}, \
+             subsets: [{{name: one, labels: {{v: '1'}}}}, {{name: two, labels: {{v: '2'}}}}]}}\n"
+        )
+    };
+    let states = ClusterStates::default();
+    let compile = |yaml: &str| {
+        let snapshot = Snapshot::from_yaml(yaml);
+        let sidecars = Arc::new(SidecarModes::compile(&snapshot, OutboundMode::RegistryOnly));
+        let bindings = bind(&snapshot, &BTreeMap::new());
+        proxy_policy(&snapshot, &Resolved::new(), &bindings, sidecars, &ProxySettings::default(), &states)
+    };
+    // The rule's clusters (all endpoints, then each subset), each with its state.
+    let of_rule = |policy: &ProxyPolicy| {
+        let service = policy.registered("api.example", 80).expect("registered");
+        let clusters = service.clusters.iter().filter(|held| held.variant == 1);
+        clusters.map(|held| held.cluster.state.clone()).collect::<Vec<_>>()
+    };
+    let (before, again) = (compile(&config(10)), compile(&config(10)));
+    let (before, again) = (of_rule(&before), of_rule(&again));
+    assert_eq!(before.len(), 3, "all endpoints, subset one, subset two");
+    for (old, new) in before.iter().zip(&again) {
+        assert!(Arc::ptr_eq(old, new), "a recompile keeps each cluster's state (its limits' places, ejections)");
+    }
+    assert!(!Arc::ptr_eq(&before[1], &before[2]) && !Arc::ptr_eq(&before[0], &before[1]), "each cluster its own");
+    let changed = of_rule(&compile(&config(20)));
+    assert!(changed.iter().zip(&before).all(|(new, old)| !Arc::ptr_eq(new, old)), "new limits, new state");
+}
