@@ -152,7 +152,7 @@ pub(super) fn route_scope(
     snapshot: &Snapshot,
     resource: &crate::config::Resource,
     service: &crate::config::virtual_service::VirtualService,
-    names: Box<[Option<Arc<str>>]>,
+    names: Option<Box<RouteNames>>,
     interner: &mut Interner,
 ) -> Arc<RouteScope> {
     let namespace = resource.metadata.namespace();
@@ -170,11 +170,10 @@ pub(super) fn virtual_host(snapshot: &Snapshot, indexes: &[usize], interner: &mu
     for resource in bindings::services(snapshot, indexes) {
         let Spec::VirtualService(service) = &resource.spec else { continue };
         let http = super::delegation::expanded(snapshot, resource.metadata.namespace(), service);
-        let names = if http.iter().any(|route| route.name.is_some()) {
-            http.iter().map(|route| route.name.as_deref().map(Arc::from)).collect()
-        } else {
-            Box::default()
-        };
+        let names = http
+            .iter()
+            .any(|route| route.name.is_some())
+            .then(|| Box::new(RouteNames(http.iter().map(|route| route.name.as_deref().map(Arc::from)).collect())));
         let scope = route_scope(snapshot, resource, service, names, interner);
         for (i, route) in http.iter().enumerate() {
             let index = u32::try_from(i).unwrap_or(u32::MAX);
@@ -215,6 +214,7 @@ pub(super) fn compile_route(route: &HttpRoute, scope: &Arc<RouteScope>, index: u
         let destinations = route.route.iter().map(|d| (&d.destination, d.weight, d.headers.as_deref()));
         Action::Forward(targets(destinations, interner))
     };
+    let retries = route.retries.as_deref().map(|retries| interner.retries(retry_policy(retries)));
     let regexes = &mut interner.regexes;
     let extras = RouteExtras {
         rewrite: route.rewrite.as_ref().map(|rewrite| Rewrite {
@@ -226,7 +226,7 @@ pub(super) fn compile_route(route: &HttpRoute, scope: &Arc<RouteScope>, index: u
             authority: rewrite.authority.as_deref().map(Box::from),
         }),
         response_headers,
-        retries: route.retries.as_deref().map(retry_policy),
+        retries,
         fault: route.fault.as_deref().map(|f| Box::new(fault(f))),
         mirror: route.mirror.as_ref().map(|mirror| {
             Box::new(Mirror {

@@ -32,6 +32,7 @@ pub(super) struct Interner {
     header_ops: HashMap<HeaderOperations, HeaderOps>,
     target_extras: HashMap<ExtrasKey, Arc<TargetExtras>>,
     target_destinations: HashMap<DestinationKey, Arc<TargetDestination>>,
+    retries: HashSet<Arc<RetryPolicy>>,
 }
 
 impl Interner {
@@ -96,6 +97,11 @@ impl Interner {
         let extras = Arc::new(TargetExtras { subset, headers });
         transient(|| self.target_extras.insert(key, extras.clone()));
         Some(extras)
+    }
+
+    /// A route's retry policy, shared with every route of the policy that retries alike.
+    pub(super) fn retries(&mut self, policy: RetryPolicy) -> Arc<RetryPolicy> {
+        interned(&mut self.retries, policy)
     }
 
     /// Header manipulations compiled, shared with every use of the same ones in the policy.

@@ -108,7 +108,7 @@ pub(super) fn l4_routes(
         if tls.is_empty() && tcp.is_empty() {
             continue;
         }
-        let scope = route_scope(snapshot, resource, service, Box::default(), interner);
+        let scope = route_scope(snapshot, resource, service, None, interner);
         for route in tls {
             let matches = route.matches.iter().map(|m| (&m.sni_hosts[..], &m.l4));
             routes.push(l4_route(matches, &route.route, &scope, interner));

@@ -234,6 +234,9 @@ impl<'a> Rules<'a> {
             }
         }
         choice.unknown = choice.shared.first().map(|(_, v)| *v).or(choice.own.first().map(|(_, v)| *v)).unwrap_or(0);
+        // Held for as long as the configuration is: no spare capacity.
+        choice.own.shrink_to_fit();
+        choice.shared.shrink_to_fit();
         (candidates, choice)
     }
 }

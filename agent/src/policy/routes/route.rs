@@ -67,10 +67,14 @@ pub struct RouteScope {
     pub source: Arc<str>,
     /// Its namespace (which Sidecars import by) and `exportTo`.
     pub exported: Arc<ExportScope>,
-    /// Each route's own name, by index (empty when no route has one); a route without one is named by its
-    /// VirtualService and index.
-    pub(super) names: Box<[Option<Arc<str>>]>,
+    /// Each route's own name, by index (`None` when no route has one: most VirtualServices; behind one thin
+    /// pointer); a route without one is named by its VirtualService and index.
+    pub(super) names: Option<Box<RouteNames>>,
 }
+
+/// The routes' own names of a VirtualService, by index.
+#[derive(Debug)]
+pub(super) struct RouteNames(pub(super) Box<[Option<Arc<str>>]>);
 
 /// The rarest of them boxed again (a CORS policy alone is 192 bytes): a route with a rewrite and retries, the
 /// usual extras, holds no room for a CORS policy, a fault or a mirror it does not have.
@@ -78,7 +82,8 @@ pub struct RouteScope {
 pub(super) struct RouteExtras {
     pub(super) rewrite: Option<Rewrite>,
     pub(super) response_headers: HeaderOps,
-    pub(super) retries: Option<RetryPolicy>,
+    /// Shared with every route of the policy that retries alike (routes are written from templates).
+    pub(super) retries: Option<Arc<RetryPolicy>>,
     pub(super) fault: Option<Box<Fault>>,
     pub(super) mirror: Option<Box<Mirror>>,
     pub(super) cors: Option<Box<Cors>>,
@@ -99,7 +104,7 @@ impl RouteExtras {
 impl Route {
     /// The name a request's record and log carry.
     pub fn name(&self) -> RouteName {
-        match self.scope.names.get(self.index as usize) {
+        match self.scope.names.as_ref().and_then(|names| names.0.get(self.index as usize)) {
             Some(Some(name)) => RouteName::Named(name.clone()),
             _ => RouteName::Indexed(self.scope.source.clone(), self.index),
         }
@@ -119,7 +124,7 @@ impl Route {
 
     /// `None`: Istio's mesh default.
     pub fn retries(&self) -> Option<&RetryPolicy> {
-        self.extras.as_ref()?.retries.as_ref()
+        self.extras.as_ref()?.retries.as_deref()
     }
 
     pub fn fault(&self) -> Option<&Fault> {
@@ -155,7 +160,7 @@ impl std::fmt::Display for RouteName {
 
 /// Retries as Envoy makes them: `attempts` retries after the first try, each try bounded by `per_try_timeout`,
 /// on the conditions of `retry_on`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RetryPolicy {
     pub attempts: u32,
     pub per_try_timeout: Option<Duration>,
@@ -163,7 +168,7 @@ pub struct RetryPolicy {
 }
 
 /// Envoy's `retry_on` conditions that apply to HTTP/1.1 and HTTP/2 upstreams.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RetryOn {
     pub connect_failure: bool,
     /// `reset`: the upstream reset or closed the connection or stream before a response.
