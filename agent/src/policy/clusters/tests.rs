@@ -6,12 +6,8 @@ use super::*;
 fn cluster(addresses: &[&str], policy: ClusterPolicy) -> Cluster {
     let endpoints = addresses.iter().map(|a| ClusterEndpoint { address: a.parse().unwrap(), port: 80 }).collect();
     let state = Arc::new(ClusterState::new(policy.limits));
-    Cluster {
-        labels: DestinationLabels::registered("api.test".into(), "default".into(), 80, None),
-        endpoints,
-        policy: Arc::new(policy),
-        state,
-    }
+    let labels = DestinationLabels::registered("api.test".into(), "default".into(), 80, None);
+    Cluster::new(labels, endpoints, Arc::new(policy), state)
 }
 
 #[test]

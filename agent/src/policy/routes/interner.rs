@@ -33,6 +33,7 @@ pub(super) struct Interner {
     target_extras: HashMap<ExtrasKey, Arc<TargetExtras>>,
     target_destinations: HashMap<DestinationKey, Arc<TargetDestination>>,
     retries: HashSet<Arc<RetryPolicy>>,
+    ports: HashSet<Arc<[ServicePort]>>,
 }
 
 impl Interner {
@@ -102,6 +103,11 @@ impl Interner {
     /// A route's retry policy, shared with every route of the policy that retries alike.
     pub(super) fn retries(&mut self, policy: RetryPolicy) -> Arc<RetryPolicy> {
         interned(&mut self.retries, policy)
+    }
+
+    /// A service's ports (several), shared with every service that declares the same.
+    pub(super) fn ports(&mut self, ports: Vec<ServicePort>) -> Arc<[ServicePort]> {
+        interned(&mut self.ports, ports)
     }
 
     /// Header manipulations compiled, shared with every use of the same ones in the policy.

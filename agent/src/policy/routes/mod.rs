@@ -25,7 +25,6 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 use ipnet::IpNet;
 use regex::Regex;
-use smallvec::SmallVec;
 
 use super::labels::{interned, DestinationLabels};
 use super::{

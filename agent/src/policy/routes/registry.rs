@@ -11,26 +11,17 @@ pub struct Service {
     /// Its namespace and `exportTo`.
     pub exported: Arc<ExportScope>,
     pub resolution: Resolution,
-    /// Held in place when there is one (most ServiceEntries declare one port): a lookup that checks the port reads
-    /// no other allocation.
-    pub(super) ports: SmallVec<[ServicePort; 1]>,
+    pub(super) ports: ServicePorts,
     /// Every address the host is known at: the entry's `addresses`, its endpoints', what its name resolves to.
     pub(super) known_at: Box<[IpNet]>,
     /// The host's clusters under each DestinationRule that applies to some workloads (variant 0: under none),
     /// each per port: all endpoints (no subset) and each subset's. One list for all variants: most hosts have
     /// one cluster, held in one allocation.
-    pub(super) clusters: Box<[VariantCluster]>,
+    pub(super) clusters: Box<[Cluster]>,
     /// Which variant a viewer's requests go through; `None`: the first, for everyone (no rule applies).
     pub(super) rules: Option<Box<RuleChoice>>,
     /// The next service registered under the same host, in declaration order.
     pub(super) next: Option<Arc<Service>>,
-}
-
-/// One of a host's clusters, of a variant (a DestinationRule); its port and subset are those its labels name.
-#[derive(Debug)]
-pub(super) struct VariantCluster {
-    pub(super) variant: u16,
-    pub(super) cluster: Cluster,
 }
 
 /// Which DestinationRule a workload's requests for a host go through, as Istio chooses: one in the workload's
@@ -56,7 +47,25 @@ impl RuleChoice {
     }
 }
 
+/// A service's ports: one held in place (most ServiceEntries declare one: a lookup that checks the port reads no
+/// other allocation); several shared with every service that declares the same (configurations are written from
+/// templates: a list of its own was a block per host).
 #[derive(Clone, Debug)]
+pub(super) enum ServicePorts {
+    One(ServicePort),
+    Several(Arc<[ServicePort]>),
+}
+
+impl ServicePorts {
+    pub(super) fn iter(&self) -> std::slice::Iter<'_, ServicePort> {
+        match self {
+            ServicePorts::One(port) => std::slice::from_ref(port).iter(),
+            ServicePorts::Several(ports) => ports.iter(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(super) struct ServicePort {
     pub(super) number: u16,
     /// Shared across the policy (most ports are named alike).
@@ -67,7 +76,7 @@ pub(super) struct ServicePort {
 }
 
 /// What a service port's declared protocol makes of its connections.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PortKind {
     /// HTTP, HTTP2, GRPC, GRPC-WEB: the HTTP proxy's alone, never relayed as opaque bytes (which would pass by
     /// its routes).
@@ -144,10 +153,7 @@ impl Service {
 
     /// The cluster for `port` and `subset`, of `variant`.
     pub fn cluster(&self, variant: usize, port: u16, subset: Option<&str>) -> Option<&Cluster> {
-        self.clusters
-            .iter()
-            .find(|c| usize::from(c.variant) == variant && c.cluster.labels.is_outbound(port, subset))
-            .map(|c| &c.cluster)
+        self.clusters.iter().find(|c| usize::from(c.variant) == variant && c.labels.is_outbound(port, subset))
     }
 
     /// The next endpoint for `port` (of `subset`), by the load balancer of the cluster an unknown source uses.
@@ -261,7 +267,7 @@ pub(super) fn services(
 ) -> Vec<Service> {
     let namespace = &exported.namespace;
     let resolution = entry.resolution();
-    let ports: SmallVec<[ServicePort; 1]> = entry
+    let ports: Vec<ServicePort> = entry
         .ports
         .iter()
         .filter_map(|port| {
@@ -278,6 +284,10 @@ pub(super) fn services(
             })
         })
         .collect();
+    let ports = match <[ServicePort; 1]>::try_from(ports) {
+        Ok([port]) => ServicePorts::One(port),
+        Err(several) => ServicePorts::Several(interner.ports(several)),
+    };
     let endpoint_ports = |ports: &BTreeMap<String, u32>| {
         ports.iter().filter_map(|(n, &p)| Some((n.clone(), u16::try_from(p).ok()?))).collect()
     };
@@ -330,7 +340,10 @@ pub(super) fn services(
                     ports
                         .iter()
                         .flat_map(|port| clusters(&host, namespace, port, &endpoints, rule, inputs, interner))
-                        .map(move |cluster| VariantCluster { variant, cluster })
+                        .map(move |mut cluster| {
+                            cluster.variant = variant;
+                            cluster
+                        })
                         .collect::<Vec<_>>()
                 })
                 .collect();
@@ -377,13 +390,10 @@ pub(super) fn clusters(
         // State that must outlive recompiles is kept only where a policy needs it, by cluster name.
         let state = if policy.limits.is_some() || policy.outlier.is_some() || policy.max_retries().is_some() {
             states.get(labels.cluster(), policy.limits)
-        } else if endpoints.len() <= 1 {
-            // Nothing to choose among: no cursor of its own (most clusters: one STATIC or DNS endpoint).
-            states.none()
         } else {
-            states.fresh()
+            states.none()
         };
-        Cluster { labels, endpoints: endpoints.into(), policy, state }
+        Cluster::new(labels, endpoints.into(), policy, state)
     };
     let top = compile(rule.and_then(|rule| rule.traffic_policy.as_ref()));
     let mut out = vec![cluster(None, endpoints.iter().map(on_port).collect(), top.clone())];

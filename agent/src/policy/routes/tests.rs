@@ -374,7 +374,7 @@ fn a_clusters_state_outlives_a_recompile_and_is_its_own() {
     let of_rule = |policy: &ProxyPolicy| {
         let service = policy.registered("api.example", 80).expect("registered");
         let clusters = service.clusters.iter().filter(|held| held.variant == 1);
-        clusters.map(|held| held.cluster.state.clone()).collect::<Vec<_>>()
+        clusters.map(|held| held.state.clone()).collect::<Vec<_>>()
     };
     let (before, again) = (compile(&config(10)), compile(&config(10)));
     let (before, again) = (of_rule(&before), of_rule(&again));

@@ -368,12 +368,9 @@ mod tests {
 
     fn limited(in_flight: usize, pending: usize) -> Cluster {
         let policy = ClusterPolicy { limits: Some((in_flight, pending)), ..Default::default() };
-        Cluster {
-            labels: DestinationLabels::registered("api.test".into(), "default".into(), 80, None),
-            endpoints: Box::new([]),
-            state: Arc::new(ClusterState::new(policy.limits)),
-            policy: Arc::new(policy),
-        }
+        let labels = DestinationLabels::registered("api.test".into(), "default".into(), 80, None);
+        let state = Arc::new(ClusterState::new(policy.limits));
+        Cluster::new(labels, Box::new([]), Arc::new(policy), state)
     }
 
     #[tokio::test(start_paused = true)]
@@ -392,7 +389,8 @@ mod tests {
         let clock = TryClock::start(Some(Duration::from_secs(2)), None, IDLE);
         let waiting = tokio::spawn({
             let state = cluster.state.clone();
-            let cluster = Cluster { state, ..limited(1, 1) };
+            let mut cluster = limited(1, 1);
+            cluster.state = state;
             async move { clock.admit(Some(&cluster)).await.map(|permit| permit.is_some()) }
         });
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -405,12 +403,8 @@ mod tests {
     async fn a_retry_takes_a_place_in_the_clusters_budget_and_none_is_made_without_one() {
         let connections = ConnectionSettings { max_retries: Some(1), ..Default::default() };
         let policy = ClusterPolicy { connections: Some(Box::new(connections)), ..Default::default() };
-        let cluster = Cluster {
-            labels: DestinationLabels::registered("api.test".into(), "default".into(), 80, None),
-            endpoints: Box::new([]),
-            state: Arc::new(ClusterState::new(None)),
-            policy: Arc::new(policy),
-        };
+        let labels = DestinationLabels::registered("api.test".into(), "default".into(), 80, None);
+        let cluster = Cluster::new(labels, Box::new([]), Arc::new(policy), Arc::new(ClusterState::new(None)));
         let clock = TryClock::start(None, None, IDLE);
         let policy = retries(2, None, "503");
         // Another request's retry holds the one place: this request's 503 is its answer, after one try.
