@@ -27,7 +27,7 @@ use crate::{
 };
 
 /// How a cluster picks among its endpoints.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum LoadBalance {
     /// ROUND_ROBIN, and the least-request family (LEAST_REQUEST, LEAST_CONN, UNSPECIFIED), served round robin.
     #[default]
@@ -39,7 +39,7 @@ pub enum LoadBalance {
 
 /// What a consistent-hash cluster hashes to pick an endpoint: requests with the same key go to the same endpoint
 /// for as long as it is there (and not ejected), from any gateway replica.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum HashKey {
     Header(HeaderName),
     Cookie(String),
@@ -90,7 +90,7 @@ impl HashKey {
 }
 
 /// Outlier detection as Istio configures Envoy's.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Outlier {
     pub consecutive_5xx: Option<u32>,
     pub consecutive_gateway: Option<u32>,
@@ -98,8 +98,9 @@ pub struct Outlier {
     pub max_ejection_percent: u32,
 }
 
-/// What a DestinationRule's traffic policy says of one cluster (and port).
-#[derive(Clone, Debug, Default, PartialEq)]
+/// What a DestinationRule's traffic policy says of one cluster (and port). Compared and hashed as written, but for
+/// its TLS, which is the same only as the very same (a policy that originates TLS is its own).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ClusterPolicy {
     pub lb: LoadBalance,
     /// Requests in flight at once (`tcp.maxConnections` for HTTP/1.1 upstreams, `http.http2MaxRequests` for
@@ -128,7 +129,7 @@ pub struct ClusterPolicy {
 
 /// What few DestinationRules set of their connections: held apart (boxed) so that a policy without them, held per
 /// rule and port, stays small.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ConnectionSettings {
     /// `connectionPool.tcp.maxConnectionDuration`: how long an upstream connection lives at most from its opening
     /// (a relayed one is then closed; an HTTP one is not used again).
@@ -147,7 +148,7 @@ pub struct ConnectionSettings {
 /// TCP keepalive on upstream sockets, as Istio's `tcpKeepalive` (a DestinationRule's `connectionPool.tcp`, the
 /// mesh config's): set, the kernel probes a quiet connection, so a peer or a middlebox that went away is found
 /// and the connection ended; each field left unset is the kernel's default.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Keepalive {
     /// Quiet time before the first probe (`time`).
     pub time: Option<Duration>,
@@ -244,6 +245,14 @@ impl PartialEq for TlsOrigination {
     }
 }
 
+impl Eq for TlsOrigination {}
+
+impl Hash for TlsOrigination {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        std::ptr::hash(self, state)
+    }
+}
+
 impl TlsOrigination {
     fn compile(tls: &ClientTls, http2: bool, credentials: &CredentialSource) -> Option<TlsOrigination> {
         let mode = tls.mode.as_deref().filter(|mode| matches!(*mode, "SIMPLE" | "MUTUAL"))?;
@@ -333,13 +342,18 @@ impl ClusterPolicy {
         self.connections.as_ref()?.max_retries
     }
 
-    /// `policy` held for a cluster: the defaults are one allocation that every cluster without settings shares.
-    pub fn shared(policy: ClusterPolicy) -> Arc<ClusterPolicy> {
+    /// `policy` held for a cluster: the defaults are one allocation that every cluster without settings shares,
+    /// other policies one per policy alike in `held` (DestinationRules are written from templates: a policy of
+    /// its own was 200 bytes per rule and port).
+    pub fn shared(
+        policy: ClusterPolicy,
+        held: &mut std::collections::HashSet<Arc<ClusterPolicy>>,
+    ) -> Arc<ClusterPolicy> {
         static DEFAULT: std::sync::LazyLock<Arc<ClusterPolicy>> = std::sync::LazyLock::new(Arc::default);
         if policy == ClusterPolicy::default() {
             DEFAULT.clone()
         } else {
-            Arc::new(policy)
+            crate::policy::labels::interned(held, policy)
         }
     }
 

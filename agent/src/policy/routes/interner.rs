@@ -34,6 +34,7 @@ pub(super) struct Interner {
     target_destinations: HashMap<DestinationKey, Arc<TargetDestination>>,
     retries: HashSet<Arc<RetryPolicy>>,
     ports: HashSet<Arc<[ServicePort]>>,
+    cluster_policies: HashSet<Arc<ClusterPolicy>>,
 }
 
 impl Interner {
@@ -108,6 +109,11 @@ impl Interner {
     /// A service's ports (several), shared with every service that declares the same.
     pub(super) fn ports(&mut self, ports: Vec<ServicePort>) -> Arc<[ServicePort]> {
         interned(&mut self.ports, ports)
+    }
+
+    /// A cluster's policy, shared with every cluster whose policy is alike (`ClusterPolicy::shared`).
+    pub(super) fn cluster_policy(&mut self, policy: ClusterPolicy) -> Arc<ClusterPolicy> {
+        ClusterPolicy::shared(policy, &mut self.cluster_policies)
     }
 
     /// Header manipulations compiled, shared with every use of the same ones in the policy.

@@ -378,12 +378,12 @@ pub(super) fn clusters(
         address: endpoint.address,
         port: endpoint.ports.get(&*port.name).copied().or(port.target).unwrap_or(port.number),
     };
-    let compile = |policy: Option<&TrafficPolicy>| {
+    let compile = |policy: Option<&TrafficPolicy>, interner: &mut Interner| {
         let settings = policy.map(|policy| settings_for_port(policy, port.number));
         let mesh_upgrade = inputs.mesh_h2_upgrade && port.kind == PortKind::Http;
         let protocol = (port.http2, mesh_upgrade);
         let compiled = settings.map(|settings| ClusterPolicy::compile(settings, protocol, inputs.credentials));
-        ClusterPolicy::shared(compiled.unwrap_or_default())
+        interner.cluster_policy(compiled.unwrap_or_default())
     };
     let cluster = |subset: Option<Arc<str>>, endpoints: Vec<ClusterEndpoint>, policy: Arc<ClusterPolicy>| {
         let labels = DestinationLabels::registered(host.clone(), namespace.clone(), port.number, subset);
@@ -395,12 +395,15 @@ pub(super) fn clusters(
         };
         Cluster::new(labels, endpoints.into(), policy, state)
     };
-    let top = compile(rule.and_then(|rule| rule.traffic_policy.as_ref()));
+    let top = compile(rule.and_then(|rule| rule.traffic_policy.as_ref()), interner);
     let mut out = vec![cluster(None, endpoints.iter().map(on_port).collect(), top.clone())];
     for subset in rule.map(|rule| rule.subsets.as_slice()).unwrap_or_default() {
         let members = with_labels(endpoints, &subset.labels).iter().map(on_port).collect();
         // A subset without a policy of its own shares the rule's, compiled once.
-        let policy = subset.traffic_policy.as_ref().map_or_else(|| top.clone(), |own| compile(Some(own)));
+        let policy = match &subset.traffic_policy {
+            Some(own) => compile(Some(own), interner),
+            None => top.clone(),
+        };
         out.push(cluster(Some(interner.text(&subset.name)), members, policy));
     }
     out

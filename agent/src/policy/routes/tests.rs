@@ -386,3 +386,28 @@ fn a_clusters_state_outlives_a_recompile_and_is_its_own() {
     let changed = of_rule(&compile(&config(20)));
     assert!(changed.iter().zip(&before).all(|(new, old)| !Arc::ptr_eq(new, old)), "new limits, new state");
 }
+
+#[test]
+fn destination_rules_alike_share_one_compiled_policy_and_others_keep_their_own() {
+    let pair = |name: &str, max: u32| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: ns}}\n\
+             spec: {{hosts: [{name}.example], ports: [{{number: 80, name: http, protocol: HTTP}}], resolution: \
+             STATIC, endpoints: [{{address: 192.0.2.1}}]}}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: ns}}\n\
+             spec: {{host: {name}.example, trafficPolicy: {{connectionPool: {{tcp: {{maxConnections: {max}}}}}, \
+             loadBalancer: {{simple: RANDOM}}}}}}\n"
+        )
+    };
+    let yaml = [pair("one", 10), pair("two", 10), pair("three", 20)].join("---\n");
+    let policy = policy(&yaml, &Resolved::new());
+    let of = |host: &str| {
+        let service = policy.registered(host, 80).expect("registered");
+        service.clusters.iter().find(|cluster| cluster.variant == 1).expect("under its rule").policy.clone()
+    };
+    let (one, two, three) = (of("one.example"), of("two.example"), of("three.example"));
+    assert!(Arc::ptr_eq(&one, &two), "the same settings: one policy");
+    assert!(!Arc::ptr_eq(&one, &three), "other limits: a policy of its own");
+    assert_eq!((one.limits.map(|(n, _)| n), three.limits.map(|(n, _)| n)), (Some(10), Some(20)));
+    assert_eq!(one.lb, LoadBalance::Random);
+}
