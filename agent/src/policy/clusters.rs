@@ -345,6 +345,10 @@ impl ClusterPolicy {
     /// `policy` held for a cluster: the defaults are one allocation that every cluster without settings shares,
     /// other policies one per policy alike in `held` (DestinationRules are written from templates: a policy of
     /// its own was 200 bytes per rule and port).
+    #[expect(
+        clippy::mutable_key_type,
+        reason = "a policy's TLS (rustls' session cache inside) is compared and hashed by address, which it never changes"
+    )]
     pub fn shared(
         policy: ClusterPolicy,
         held: &mut std::collections::HashSet<Arc<ClusterPolicy>>,
