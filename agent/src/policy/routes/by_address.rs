@@ -28,12 +28,12 @@ type Services = Vec<Arc<Service>>;
 
 impl AddressIndex {
     pub(super) fn insert(&mut self, service: &Arc<Service>) {
-        if service.known_at.is_empty() {
+        if service.known_nets().next().is_none() {
             for port in service.ports.iter().filter(|port| port.kind == PortKind::Opaque) {
                 self.port_wide.entry(port.number).or_default().push(service.clone());
             }
         }
-        for net in service.known_at.iter() {
+        for net in service.known_nets() {
             if net.prefix_len() == net.max_prefix_len() {
                 match net.addr() {
                     IpAddr::V4(address) => self.exact4.push((address, service.clone())),

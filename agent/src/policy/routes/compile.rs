@@ -34,7 +34,7 @@ pub fn proxy_policy(
                 mesh_h2_upgrade: snapshot.mesh.h2_upgrade(),
             };
             for service in services(entry, &exported, resolved, &rules, &inputs, &mut interner) {
-                unaddressed |= service.known_at.is_empty();
+                unaddressed |= service.known_nets().next().is_none();
                 transient(|| registry.entry(service.host.to_ascii_lowercase()).or_default().push(service));
             }
         }

@@ -12,8 +12,10 @@ pub struct Service {
     pub exported: Arc<ExportScope>,
     pub resolution: Resolution,
     pub(super) ports: ServicePorts,
-    /// Every address the host is known at: the entry's `addresses`, its endpoints', what its name resolves to.
-    pub(super) known_at: Box<[IpNet]>,
+    /// The entry's own `addresses`. With its endpoints' (what its name resolves to, for DNS hosts), which its
+    /// clusters hold already, every address the host is known at (`known_nets`): the endpoints are not held
+    /// twice.
+    pub(super) addresses: Box<[IpNet]>,
     /// The host's clusters under each DestinationRule that applies to some workloads (variant 0: under none),
     /// each per port: all endpoints (no subset) and each subset's. One list for all variants: most hosts have
     /// one cluster, held in one allocation.
@@ -123,9 +125,18 @@ impl Service {
         self.ports.iter().any(|p| p.number == port && p.http2)
     }
 
+    /// Every address the host is known at: the entry's `addresses`, then its endpoints' (each once: those of its
+    /// first cluster, which is of no DestinationRule and no subset, and has them all).
+    pub(super) fn known_nets(&self) -> impl Iterator<Item = IpNet> + '_ {
+        let endpoints = self.clusters.first().map_or(&[][..], |cluster| &*cluster.endpoints);
+        self.addresses.iter().copied().chain(endpoints.iter().map(|endpoint| IpNet::from(endpoint.address)))
+    }
+
     /// Whether `address` is one the host is known at; `None` when none is known (nothing to check against).
     pub fn known_at(&self, address: IpAddr) -> Option<bool> {
-        (!self.known_at.is_empty()).then(|| self.known_at.iter().any(|net| net.contains(&address)))
+        let mut known = self.known_nets().peekable();
+        known.peek()?;
+        Some(known.any(|net| net.contains(&address)))
     }
 
     /// The clusters `viewer`'s requests go through (under the DestinationRule that applies to it): an index
@@ -144,8 +155,7 @@ impl Service {
         match self.upstream(port, None) {
             Upstream::Endpoint(address) => Some(address),
             _ => self
-                .known_at
-                .iter()
+                .known_nets()
                 .find(|net| net.prefix_len() == net.max_prefix_len())
                 .map(|net| SocketAddr::new(net.addr(), port)),
         }
@@ -313,6 +323,7 @@ pub(super) fn services(
             })
             .collect()
     });
+    let addresses: Box<[IpNet]> = entry.addresses.iter().filter_map(|a| parse_address(a)).collect();
     entry
         .hosts
         .iter()
@@ -326,8 +337,6 @@ pub(super) fn services(
             } else {
                 Vec::new()
             };
-            let mut known_at: Vec<IpNet> = entry.addresses.iter().filter_map(|a| parse_address(a)).collect();
-            known_at.extend(endpoints.iter().map(|e: &Endpoint| IpNet::from(e.address)));
             let (candidates, rules) = rules.for_service(host, namespace);
             let rules = (!candidates.is_empty()).then(|| Box::new(rules));
             let host = interner.text(host);
@@ -348,7 +357,7 @@ pub(super) fn services(
                 })
                 .collect();
             Service {
-                known_at: known_at.into(),
+                addresses: addresses.clone(),
                 host,
                 exported: exported.clone(),
                 resolution,

@@ -411,3 +411,29 @@ fn destination_rules_alike_share_one_compiled_policy_and_others_keep_their_own()
     assert_eq!((one.limits.map(|(n, _)| n), three.limits.map(|(n, _)| n)), (Some(10), Some(20)));
     assert_eq!(one.lb, LoadBalance::Random);
 }
+
+#[test]
+fn a_host_is_known_at_its_entrys_addresses_and_its_endpoints() {
+    let yaml = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db, namespace: ns}\n\
+        spec: {hosts: [db.example, replica.example], addresses: [203.0.113.0/28], ports: [{number: 80, name: http, \
+        protocol: HTTP}, {number: 5432, name: pg, protocol: TCP}], resolution: STATIC, endpoints: [{address: \
+        192.0.2.1}, {address: 192.0.2.2, ports: {pg: 6432}}]}\n---\n\
+        apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: any, namespace: ns}\n\
+        spec: {hosts: [any.example], ports: [{number: 443, name: tls, protocol: TLS}], resolution: NONE}\n";
+    let policy = policy(yaml, &Resolved::new());
+    for host in ["db.example", "replica.example"] {
+        let service = policy.registered(host, 5432).expect("registered");
+        for known in ["192.0.2.1", "192.0.2.2", "203.0.113.5"] {
+            assert_eq!(service.known_at(known.parse().unwrap()), Some(true), "{host} at {known}");
+        }
+        assert_eq!(service.known_at("198.51.100.1".parse().unwrap()), Some(false), "{host}");
+    }
+    let any = policy.registered("any.example", 443).expect("registered");
+    assert_eq!(any.known_at("192.0.2.1".parse().unwrap()), None, "known at no address: nothing to check");
+    let at = |address: &str| {
+        let found = policy.registered_at(address.parse().unwrap(), Viewer::Gateway);
+        found.map(|service| service.host.to_string())
+    };
+    assert_eq!(at("192.0.2.2:5432").as_deref(), Some("db.example"), "by an endpoint's address");
+    assert_eq!(at("203.0.113.9:5432").as_deref(), Some("db.example"), "by the entry's range");
+}
