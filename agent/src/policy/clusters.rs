@@ -18,12 +18,9 @@ use http::{header, HeaderMap, HeaderName, Uri};
 use rustls::pki_types::ServerName;
 
 use super::certificates::CredentialSource;
-use crate::{
-    config::{
-        destination_rule::{ClientTls, ConsistentHash, PolicySettings, TrafficPolicy},
-        fields::parse_duration,
-    },
-    policy::labels::DestinationLabels,
+use crate::config::{
+    destination_rule::{ClientTls, ConsistentHash, PolicySettings, TrafficPolicy},
+    fields::parse_duration,
 };
 
 /// How a cluster picks among its endpoints.
@@ -477,12 +474,41 @@ pub struct ClusterEndpoint {
     pub port: u16,
 }
 
-/// A set of endpoints under one policy: a host's, or one subset's.
+/// A cluster's endpoints: most clusters have one (a STATIC entry's address, a DNS name's answer) or none
+/// (resolution NONE), held in place; several in a list of their own.
+#[derive(Debug)]
+pub enum ClusterEndpoints {
+    One(ClusterEndpoint),
+    Several(Box<[ClusterEndpoint]>),
+}
+
+impl From<Vec<ClusterEndpoint>> for ClusterEndpoints {
+    fn from(endpoints: Vec<ClusterEndpoint>) -> Self {
+        match <[ClusterEndpoint; 1]>::try_from(endpoints) {
+            Ok([only]) => ClusterEndpoints::One(only),
+            Err(several) => ClusterEndpoints::Several(several.into()),
+        }
+    }
+}
+
+impl std::ops::Deref for ClusterEndpoints {
+    type Target = [ClusterEndpoint];
+
+    fn deref(&self) -> &[ClusterEndpoint] {
+        match self {
+            ClusterEndpoints::One(only) => std::slice::from_ref(only),
+            ClusterEndpoints::Several(endpoints) => endpoints,
+        }
+    }
+}
+
+/// A set of endpoints under one policy: a host's on one port, or one subset's. Its metrics' labels and Envoy
+/// name (`outbound|PORT|SUBSET|HOST`) are its service's with its port and subset (`Service::labels`): the
+/// service's host and namespace are not held again in each of its clusters. 64 bytes.
 #[derive(Debug)]
 pub struct Cluster {
-    /// Its name and how Istio's metrics label requests through it, made here rather than per request.
-    pub labels: DestinationLabels,
-    pub endpoints: Box<[ClusterEndpoint]>,
+    pub subset: Option<Arc<str>>,
+    pub endpoints: ClusterEndpoints,
     /// Shared by every cluster without a DestinationRule's settings (most of them): see `ClusterPolicy::shared`.
     pub policy: Arc<ClusterPolicy>,
     /// What must outlive a recompile (limits' places, ejections, retries in flight): shared by every cluster
@@ -494,16 +520,24 @@ pub struct Cluster {
     /// Which of its host's DestinationRules it is compiled under (0: none), as the registry numbers them: held
     /// here, in the same spare room, rather than beside each cluster in a word of its own.
     pub variant: u16,
+    /// The service port it serves.
+    pub port: u16,
 }
 
 impl Cluster {
     pub fn new(
-        labels: DestinationLabels,
-        endpoints: Box<[ClusterEndpoint]>,
+        (port, subset): (u16, Option<Arc<str>>),
+        endpoints: Vec<ClusterEndpoint>,
         policy: Arc<ClusterPolicy>,
         state: Arc<ClusterState>,
     ) -> Cluster {
-        Cluster { labels, endpoints, policy, state, next: AtomicU32::new(0), variant: 0 }
+        let endpoints = endpoints.into();
+        Cluster { subset, endpoints, policy, state, next: AtomicU32::new(0), variant: 0, port }
+    }
+
+    /// Whether it is the cluster of `port` and `subset` (or of no subset).
+    pub fn is_of(&self, port: u16, subset: Option<&str>) -> bool {
+        self.port == port && self.subset.as_deref() == subset
     }
 
     /// An endpoint's address by the load balancer (or for a request's `hash`, the endpoint it hashes to),

@@ -6,8 +6,19 @@ use super::*;
 fn cluster(addresses: &[&str], policy: ClusterPolicy) -> Cluster {
     let endpoints = addresses.iter().map(|a| ClusterEndpoint { address: a.parse().unwrap(), port: 80 }).collect();
     let state = Arc::new(ClusterState::new(policy.limits));
-    let labels = DestinationLabels::registered("api.test".into(), "default".into(), 80, None);
-    Cluster::new(labels, endpoints, Arc::new(policy), state)
+    Cluster::new((80, None), endpoints, Arc::new(policy), state)
+}
+
+#[test]
+fn a_cluster_is_a_cache_line_and_holds_a_lone_endpoint_in_place() {
+    assert_eq!(std::mem::size_of::<Cluster>(), 64);
+    let one = cluster(&["192.0.2.1"], ClusterPolicy::default());
+    assert!(matches!(one.endpoints, ClusterEndpoints::One(_)));
+    assert_eq!(one.endpoints.len(), 1);
+    assert!(one.is_of(80, None) && !one.is_of(80, Some("v1")) && !one.is_of(443, None));
+    let two = cluster(&["192.0.2.1", "192.0.2.2"], ClusterPolicy::default());
+    assert_eq!(two.endpoints.iter().map(|e| e.address.to_string()).collect::<Vec<_>>(), ["192.0.2.1", "192.0.2.2"]);
+    assert!(cluster(&[], ClusterPolicy::default()).endpoints.is_empty());
 }
 
 #[test]
@@ -18,7 +29,7 @@ fn a_consistent_hash_keeps_each_key_on_one_endpoint_and_moves_only_a_removed_end
     let keys: Vec<u64> = (0..400u32).map(|i| fixed_hash(i.to_be_bytes())).collect();
     let picks: Vec<IpAddr> = keys.iter().map(|&k| four.pick(Some(k)).unwrap()).collect();
     assert!(keys.iter().zip(&picks).all(|(&k, &p)| four.pick(Some(k)) == Some(p)), "the same key, the same endpoint");
-    for endpoint in &four.endpoints {
+    for endpoint in four.endpoints.iter() {
         let share = picks.iter().filter(|&&p| p == endpoint.address).count();
         assert!((60..140).contains(&share), "keys spread over the endpoints: {share} of 400");
     }

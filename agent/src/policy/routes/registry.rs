@@ -163,7 +163,13 @@ impl Service {
 
     /// The cluster for `port` and `subset`, of `variant`.
     pub fn cluster(&self, variant: usize, port: u16, subset: Option<&str>) -> Option<&Cluster> {
-        self.clusters.iter().find(|c| usize::from(c.variant) == variant && c.labels.is_outbound(port, subset))
+        self.clusters.iter().find(|c| usize::from(c.variant) == variant && c.is_of(port, subset))
+    }
+
+    /// How Istio's metrics label requests through `cluster` (one of this service's), with its Envoy name.
+    pub fn labels(&self, cluster: &Cluster) -> DestinationLabels {
+        let namespace = self.exported.namespace.clone();
+        DestinationLabels::registered(self.host.clone(), namespace, cluster.port, cluster.subset.clone())
     }
 
     /// The next endpoint for `port` (of `subset`), by the load balancer of the cluster an unknown source uses.
@@ -395,14 +401,14 @@ pub(super) fn clusters(
         interner.cluster_policy(compiled.unwrap_or_default())
     };
     let cluster = |subset: Option<Arc<str>>, endpoints: Vec<ClusterEndpoint>, policy: Arc<ClusterPolicy>| {
-        let labels = DestinationLabels::registered(host.clone(), namespace.clone(), port.number, subset);
         // State that must outlive recompiles is kept only where a policy needs it, by cluster name.
         let state = if policy.limits.is_some() || policy.outlier.is_some() || policy.max_retries().is_some() {
+            let labels = DestinationLabels::registered(host.clone(), namespace.clone(), port.number, subset.clone());
             states.get(labels.cluster(), policy.limits)
         } else {
             states.none()
         };
-        Cluster::new(labels, endpoints.into(), policy, state)
+        Cluster::new((port.number, subset), endpoints, policy, state)
     };
     let top = compile(rule.and_then(|rule| rule.traffic_policy.as_ref()), interner);
     let mut out = vec![cluster(None, endpoints.iter().map(on_port).collect(), top.clone())];

@@ -213,7 +213,6 @@ mod tests {
     use super::*;
     use crate::policy::{
         clusters::{ClusterPolicy, ClusterState, ConnectionSettings},
-        labels::DestinationLabels,
         routes::RetryOn,
     };
 
@@ -368,9 +367,8 @@ mod tests {
 
     fn limited(in_flight: usize, pending: usize) -> Cluster {
         let policy = ClusterPolicy { limits: Some((in_flight, pending)), ..Default::default() };
-        let labels = DestinationLabels::registered("api.test".into(), "default".into(), 80, None);
         let state = Arc::new(ClusterState::new(policy.limits));
-        Cluster::new(labels, Box::new([]), Arc::new(policy), state)
+        Cluster::new((80, None), Vec::new(), Arc::new(policy), state)
     }
 
     #[tokio::test(start_paused = true)]
@@ -403,8 +401,7 @@ mod tests {
     async fn a_retry_takes_a_place_in_the_clusters_budget_and_none_is_made_without_one() {
         let connections = ConnectionSettings { max_retries: Some(1), ..Default::default() };
         let policy = ClusterPolicy { connections: Some(Box::new(connections)), ..Default::default() };
-        let labels = DestinationLabels::registered("api.test".into(), "default".into(), 80, None);
-        let cluster = Cluster::new(labels, Box::new([]), Arc::new(policy), Arc::new(ClusterState::new(None)));
+        let cluster = Cluster::new((80, None), Vec::new(), Arc::new(policy), Arc::new(ClusterState::new(None)));
         let clock = TryClock::start(None, None, IDLE);
         let policy = retries(2, None, "503");
         // Another request's retry holds the one place: this request's 503 is its answer, after one try.

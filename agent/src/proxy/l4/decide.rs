@@ -317,7 +317,7 @@ fn blackholed(reason: &'static str) -> Verdict {
 fn labels_of(choice: &ServiceChoice<'_>) -> DestinationLabels {
     choice
         .cluster()
-        .map(|cluster| cluster.labels.clone())
+        .map(|cluster| choice.service.labels(cluster))
         .unwrap_or_else(|| crate::telemetry::passthrough::destination(&choice.service.host))
 }
 

@@ -307,7 +307,7 @@ pub fn destination<'p>(
             let labels = choice
                 .cluster()
                 .or_else(|| ServiceChoice { subset: None, ..choice }.cluster())
-                .map(|c| c.labels.clone());
+                .map(|cluster| service.labels(cluster));
             let address = match choice.upstream(None) {
                 Upstream::Endpoint(address) => address,
                 Upstream::OriginalDestination if intercepted => original,
