@@ -190,6 +190,16 @@ pub struct Percent {
     pub value: f64,
 }
 
+// Validation admits no NaN (`validate_percent`), so a percentage equals itself; hashed as compared (0 and -0
+// alike), so that routes written alike share what is compiled from them.
+impl Eq for Percent {}
+
+impl std::hash::Hash for Percent {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (self.value + 0.0).to_bits().hash(state);
+    }
+}
+
 pub fn validate_percent(value: &Option<Percent>, path: &str, errors: &mut Vec<FieldError>) {
     if let Some(percent) = value {
         if !(0.0..=100.0).contains(&percent.value) {
@@ -214,7 +224,7 @@ pub fn validate_fault_percent(value: &Option<Percent>, path: &str, errors: &mut 
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
 pub struct PortSelector {
     #[serde(default)]
     pub number: u32,
@@ -228,7 +238,7 @@ pub struct WorkloadSelector {
 }
 
 /// Where a route sends traffic.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Destination {
     #[serde(default)]

@@ -135,16 +135,20 @@ pub(super) fn targets<'a>(
     destinations: impl ExactSizeIterator<Item = (&'a Destination, Option<i64>, Option<&'a Headers>)>,
     interner: &mut Interner,
 ) -> Targets {
-    let lone = destinations.len() == 1;
+    let mut destinations = destinations.peekable();
+    if destinations.len() == 1 {
+        if let Some(&(destination, _, headers)) = destinations.peek() {
+            return Targets::One(interner.target(destination, headers));
+        }
+    }
     let mut total = 0u32;
     let targets = destinations
         .map(|(destination, weight, headers)| {
-            let weight = if lone { 100 } else { weight.unwrap_or(0) };
-            total += u32::try_from(weight).unwrap_or(0);
-            Target { to: interner.target_destination(destination, headers), weight_to: total }
+            total += u32::try_from(weight.unwrap_or(0)).unwrap_or(0);
+            WeightedTarget { to: interner.target(destination, headers), weight_to: total }
         })
         .collect();
-    Targets(targets)
+    Targets::Weighted(Box::new(Weighted(targets)))
 }
 
 /// What a VirtualService's routes share: its name, its namespace and `exportTo`, and its routes' own `names`.
@@ -186,8 +190,6 @@ pub(super) fn virtual_host(snapshot: &Snapshot, indexes: &[usize], interner: &mu
 
 pub(super) fn compile_route(route: &HttpRoute, scope: &Arc<RouteScope>, index: u32, interner: &mut Interner) -> Route {
     let namespace = &scope.exported.namespace;
-    let HeaderManipulations { request: request_headers, response: response_headers } =
-        header_ops(route.headers.as_deref(), interner);
     let action = if let Some(redirect) = &route.redirect {
         Action::Redirect(Box::new(Redirect {
             uri: redirect.uri.clone(),
@@ -214,9 +216,30 @@ pub(super) fn compile_route(route: &HttpRoute, scope: &Arc<RouteScope>, index: u
         let destinations = route.route.iter().map(|d| (&d.destination, d.weight, d.headers.as_deref()));
         Action::Forward(targets(destinations, interner))
     };
+    Route {
+        matches: interner.matches(&route.matches, namespace),
+        action,
+        scope: scope.clone(),
+        extras: interner.route_extras(route),
+        index,
+        // Rounded up: a timeout below a millisecond is not none. One too long for 32 bits (49 days) is as long as
+        // they hold.
+        timeout_ms: route
+            .timeout
+            .as_deref()
+            .and_then(|t| parse_duration(t).ok())
+            .and_then(|t| NonZeroU32::new(u32::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(u32::MAX))),
+    }
+}
+
+/// What a route sets beyond its match, action and timeout, compiled (`Interner::route_extras` shares it).
+pub(super) fn route_extras(route: &HttpRoute, interner: &mut Interner) -> RouteExtras {
+    let HeaderManipulations { request: request_headers, response: response_headers } =
+        header_ops(route.headers.as_deref(), interner);
     let retries = route.retries.as_deref().map(|retries| interner.retries(retry_policy(retries)));
     let regexes = &mut interner.regexes;
-    let extras = RouteExtras {
+    RouteExtras {
+        request_headers,
         rewrite: route.rewrite.as_ref().map(|rewrite| Rewrite {
             uri: rewrite.uri.as_deref().map(Box::from),
             uri_regex: rewrite
@@ -237,21 +260,6 @@ pub(super) fn compile_route(route: &HttpRoute, scope: &Arc<RouteScope>, index: u
             })
         }),
         cors: route.cors_policy.as_ref().map(|policy| Box::new(cors(policy, regexes))),
-    };
-    Route {
-        matches: interner.matches(&route.matches, namespace),
-        action,
-        request_headers,
-        scope: scope.clone(),
-        extras: (!extras.is_empty()).then(|| Box::new(extras)),
-        index,
-        // Rounded up: a timeout below a millisecond is not none. One too long for 32 bits (49 days) is as long as
-        // they hold.
-        timeout_ms: route
-            .timeout
-            .as_deref()
-            .and_then(|t| parse_duration(t).ok())
-            .and_then(|t| NonZeroU32::new(u32::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(u32::MAX))),
     }
 }
 

@@ -3,7 +3,10 @@
 use std::collections::{HashMap, HashSet};
 
 use super::*;
-use crate::config::virtual_service::HttpMatch;
+use crate::config::{
+    fields::Percent,
+    virtual_service::{CorsPolicy, HttpFault, HttpMatch, HttpRetry, HttpRewrite},
+};
 
 /// What makes two targets' extras alike: the subset and the header manipulations as written.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -20,6 +23,32 @@ struct DestinationKey {
     extras: Option<ExtrasKey>,
 }
 
+/// What a route's extras are compiled from (`compile::route_extras`), as written.
+#[derive(PartialEq, Eq, Hash)]
+struct ExtrasSource {
+    headers: Option<Box<Headers>>,
+    rewrite: Option<Box<HttpRewrite>>,
+    retries: Option<Box<HttpRetry>>,
+    fault: Option<Box<HttpFault>>,
+    mirror: Option<Box<Destination>>,
+    mirror_percentage: Option<Box<Percent>>,
+    cors: Option<Box<CorsPolicy>>,
+}
+
+impl ExtrasSource {
+    fn of(route: &HttpRoute) -> ExtrasSource {
+        ExtrasSource {
+            headers: route.headers.clone(),
+            rewrite: route.rewrite.clone(),
+            retries: route.retries.clone(),
+            fault: route.fault.clone(),
+            mirror: route.mirror.clone(),
+            mirror_percentage: route.mirror.as_ref().and(route.mirror_percentage.clone()),
+            cors: route.cors_policy.clone(),
+        }
+    }
+}
+
 /// What one compile shares among everything it makes: compiled regexes, strings (hosts, namespaces), and the
 /// parts of routes that recur across VirtualServices, each keyed by the configuration it was compiled from.
 #[derive(Default)]
@@ -31,7 +60,8 @@ pub(super) struct Interner {
     matches: HashMap<(Arc<str>, Vec<HttpMatch>), Arc<Matches>>,
     header_ops: HashMap<HeaderOperations, HeaderOps>,
     target_extras: HashMap<ExtrasKey, Arc<TargetExtras>>,
-    target_destinations: HashMap<DestinationKey, Arc<TargetDestination>>,
+    targets: HashMap<DestinationKey, Arc<Target>>,
+    route_extras: HashMap<ExtrasSource, Option<Arc<RouteExtras>>>,
     retries: HashSet<Arc<RetryPolicy>>,
     ports: HashSet<Arc<[ServicePort]>>,
     cluster_policies: HashSet<Arc<ClusterPolicy>>,
@@ -63,12 +93,21 @@ impl Interner {
         compiled
     }
 
+    /// What a route sets beyond its match, action and timeout, shared with every route that sets the same;
+    /// `None` where it sets nothing.
+    pub(super) fn route_extras(&mut self, route: &HttpRoute) -> Option<Arc<RouteExtras>> {
+        let source = transient(|| ExtrasSource::of(route));
+        if let Some(extras) = self.route_extras.get(&source) {
+            return extras.clone();
+        }
+        let extras = route_extras(route, self);
+        let extras = (!extras.is_empty()).then(|| Arc::new(extras));
+        transient(|| self.route_extras.insert(source, extras.clone()));
+        extras
+    }
+
     /// Where a route's destination goes, shared with every target that goes there alike.
-    pub(super) fn target_destination(
-        &mut self,
-        destination: &Destination,
-        headers: Option<&Headers>,
-    ) -> Arc<TargetDestination> {
+    pub(super) fn target(&mut self, destination: &Destination, headers: Option<&Headers>) -> Arc<Target> {
         let host = self.text(&destination.host);
         let port = destination.port.as_ref().and_then(|p| u16::try_from(p.number).ok());
         let subset = destination.subset.as_deref();
@@ -76,12 +115,12 @@ impl Interner {
         let subset = extras.as_ref().and(subset).map(|subset| self.text(subset));
         let extras_key = extras.is_some().then(|| ExtrasKey { subset, headers: transient(|| headers.cloned()) });
         let key = DestinationKey { host: host.clone(), port, extras: extras_key };
-        if let Some(destination) = self.target_destinations.get(&key) {
-            return destination.clone();
+        if let Some(target) = self.targets.get(&key) {
+            return target.clone();
         }
-        let destination = Arc::new(TargetDestination { host, port, extras });
-        transient(|| self.target_destinations.insert(key, destination.clone()));
-        destination
+        let target = Arc::new(Target { host, port, extras });
+        transient(|| self.targets.insert(key, target.clone()));
+        target
     }
 
     /// A target's subset and header manipulations, shared with every target that has the same; `None` without

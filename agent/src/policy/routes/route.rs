@@ -31,16 +31,17 @@ pub struct Matched<'p> {
     pub uri_prefix: Option<&'p str>,
 }
 
+/// 48 bytes: what every route has, the rest behind thin pointers.
 #[derive(Debug)]
 pub struct Route {
     /// Empty: every request matches. Shared with every route of the policy that matches alike.
     pub matches: Arc<Matches>,
     pub action: Action,
-    pub request_headers: HeaderOps,
     /// What the route shares with the other routes of its VirtualService (its own name among them).
     pub scope: Arc<RouteScope>,
-    /// What few routes set, boxed: a route is as small as what most routes have.
-    pub(super) extras: Option<Box<RouteExtras>>,
+    /// What only some routes set (header manipulations, a rewrite, retries…): shared with every route of the
+    /// policy that sets the same (routes are written from templates), and none where nothing is set.
+    pub(super) extras: Option<Arc<RouteExtras>>,
     /// Its place in its VirtualService's `http` routes.
     pub(super) index: u32,
     /// In milliseconds (Istio allows no less than one); `None`: no timeout.
@@ -80,6 +81,7 @@ pub(super) struct RouteNames(pub(super) Box<[Option<Arc<str>>]>);
 /// usual extras, holds no room for a CORS policy, a fault or a mirror it does not have.
 #[derive(Debug, Default)]
 pub(super) struct RouteExtras {
+    pub(super) request_headers: HeaderOps,
     pub(super) rewrite: Option<Rewrite>,
     pub(super) response_headers: HeaderOps,
     /// Shared with every route of the policy that retries alike (routes are written from templates).
@@ -91,8 +93,9 @@ pub(super) struct RouteExtras {
 
 impl RouteExtras {
     pub(super) fn is_empty(&self) -> bool {
-        let RouteExtras { rewrite, response_headers, retries, fault, mirror, cors } = self;
-        rewrite.is_none()
+        let RouteExtras { request_headers, rewrite, response_headers, retries, fault, mirror, cors } = self;
+        request_headers.is_empty()
+            && rewrite.is_none()
             && response_headers.is_empty()
             && retries.is_none()
             && fault.is_none()
@@ -112,6 +115,12 @@ impl Route {
 
     pub fn timeout(&self) -> Option<Duration> {
         self.timeout_ms.map(|ms| Duration::from_millis(ms.get().into()))
+    }
+
+    /// What the route does to its requests' headers (before its destination's manipulations).
+    pub fn request_headers(&self) -> &HeaderOps {
+        static NONE: HeaderOps = HeaderOps { operations: None };
+        self.extras.as_ref().map_or(&NONE, |extras| &extras.request_headers)
     }
 
     pub fn rewrite(&self) -> Option<&Rewrite> {
@@ -269,6 +278,7 @@ impl Cors {
     }
 }
 
+/// 16 bytes, the size of its one-destination case.
 #[derive(Debug)]
 pub enum Action {
     Forward(Targets),
@@ -278,21 +288,30 @@ pub enum Action {
     Respond(Box<(StatusCode, Bytes)>),
 }
 
-/// Weighted destinations, picked per request.
+/// Where a route's requests go: its one destination (most routes), or several picked by weight per request.
+/// Each destination is shared with every route of the policy that goes there alike (a host's routes mostly
+/// differ in what they match, not in where they go).
 #[derive(Debug)]
-pub struct Targets(pub(super) Box<[Target]>);
+pub enum Targets {
+    One(Arc<Target>),
+    /// Behind one thin pointer: a route is as small as its one-destination case.
+    Weighted(Box<Weighted>),
+}
+
+/// Destinations picked by weight.
+#[derive(Debug)]
+pub struct Weighted(pub(super) Box<[WeightedTarget]>);
 
 #[derive(Debug)]
-pub struct Target {
-    /// Where it goes: shared with every target of the policy that goes there alike (a host's routes mostly
-    /// differ in what they match, not in where they go).
-    pub(super) to: Arc<TargetDestination>,
+pub(super) struct WeightedTarget {
+    pub(super) to: Arc<Target>,
     /// The weights of this target and of those before it, summed: for the pick.
     pub(super) weight_to: u32,
 }
 
+/// One destination of a route.
 #[derive(Debug)]
-pub(super) struct TargetDestination {
+pub struct Target {
     /// Shared with every other use of the host in the policy.
     pub(super) host: Arc<str>,
     pub(super) port: Option<u16>,
@@ -316,36 +335,40 @@ pub(super) struct HeaderManipulations {
 
 impl Target {
     pub fn host(&self) -> &str {
-        &self.to.host
+        &self.host
     }
 
     pub fn port(&self) -> Option<u16> {
-        self.to.port
+        self.port
     }
 
     pub fn subset(&self) -> Option<&str> {
-        self.to.extras.as_ref()?.subset.as_deref()
+        self.extras.as_ref()?.subset.as_deref()
     }
 
     pub fn request_headers(&self) -> Option<&HeaderOps> {
-        self.to.extras.as_ref().map(|extras| &extras.headers.request)
+        self.extras.as_ref().map(|extras| &extras.headers.request)
     }
 
     pub fn response_headers(&self) -> Option<&HeaderOps> {
-        self.to.extras.as_ref().map(|extras| &extras.headers.response)
+        self.extras.as_ref().map(|extras| &extras.headers.response)
     }
 }
 
 impl Targets {
     /// A destination by weight; `roll` is uniform in `0..u32::MAX`.
     pub fn pick(&self, roll: u32) -> Option<&Target> {
-        let total = self.0.last()?.weight_to;
+        let targets = match self {
+            Targets::One(only) => return Some(only),
+            Targets::Weighted(weighted) => &weighted.0,
+        };
+        let total = targets.last()?.weight_to;
         if total == 0 {
-            return self.0.first();
+            return targets.first().map(|target| &*target.to);
         }
         let point = roll % total;
-        let index = self.0.partition_point(|target| target.weight_to <= point);
-        self.0.get(index)
+        let index = targets.partition_point(|target| target.weight_to <= point);
+        targets.get(index).map(|target| &*target.to)
     }
 }
 

@@ -98,31 +98,57 @@ fn routes_that_match_alike_share_their_compiled_matches_header_manipulations_des
     let (Some(a), Some(b), Some(c)) = (a, b, c) else { panic!("each VirtualService is bound: {policy:?}") };
     assert!(Arc::ptr_eq(&a.matches, &b.matches), "the same conditions in one namespace: compiled once");
     assert!(!Arc::ptr_eq(&a.matches, &c.matches), "`edge` names another namespace's Gateway in `other`");
-    let (Some(a_ops), Some(c_ops)) = (&a.request_headers.operations, &c.request_headers.operations) else {
-        panic!("the header set is compiled")
-    };
-    assert!(Arc::ptr_eq(a_ops, c_ops), "the same header manipulations: compiled once");
+    let (Some(a_extras), Some(c_extras)) = (&a.extras, &c.extras) else { panic!("the header set is compiled") };
+    assert!(Arc::ptr_eq(a_extras, c_extras), "the same header manipulations, nothing else set: compiled once");
     let mut headers = http::HeaderMap::new();
-    c.request_headers.apply(&mut headers);
+    c.request_headers().apply(&mut headers);
     assert_eq!(headers["x-route"], "api", "and applied by each route");
-    let extras = |route: &Route| match &route.action {
-        Action::Forward(targets) => targets.0[0].to.extras.clone(),
-        _ => None,
-    };
-    let (Some(a_extras), Some(c_extras)) = (extras(a), extras(c)) else { panic!("the subset is compiled") };
-    assert!(Arc::ptr_eq(&a_extras, &c_extras), "the same subset: held once");
-    let Action::Forward(targets) = &a.action else { panic!() };
-    assert_eq!(targets.0[0].subset(), Some("v1"));
-    let routes = &policy.mesh_routes("a.example").expect("bound").routes;
     let to = |route: &Route| match &route.action {
-        Action::Forward(targets) => targets.0[0].to.clone(),
-        _ => panic!("a forwarding route"),
+        Action::Forward(Targets::One(to)) => to.clone(),
+        _ => panic!("a route to one destination"),
     };
+    let (Some(a_subset), Some(c_subset)) = (&to(a).extras, &to(c).extras) else { panic!("the subset is compiled") };
+    assert!(Arc::ptr_eq(a_subset, c_subset), "the same subset: held once");
+    assert_eq!(to(a).subset(), Some("v1"));
+    let routes = &policy.mesh_routes("a.example").expect("bound").routes;
+    assert!(routes[1].extras.is_none() && routes[2].extras.is_none(), "nothing set, nothing held");
     assert!(Arc::ptr_eq(&to(&routes[1]), &to(&routes[2])), "the same destination: held once");
     assert!(!Arc::ptr_eq(&to(&routes[0]), &to(&routes[1])), "another subset: another destination");
     assert_eq!((to(&routes[1]).host.as_ref(), &*a.scope.exported.namespace), ("a.example", "team"));
     assert!(Arc::ptr_eq(&a.scope.exported, &b.scope.exported), "one namespace, exported alike: held once");
     assert!(!Arc::ptr_eq(&a.scope.exported, &c.scope.exported), "another namespace");
+}
+
+#[test]
+fn a_route_is_48_bytes_its_action_16() {
+    assert_eq!((std::mem::size_of::<Route>(), std::mem::size_of::<Action>()), (48, 16));
+}
+
+#[test]
+fn routes_that_set_the_same_rewrite_retries_and_headers_share_them_and_others_keep_their_own() {
+    let service = |name: &str, attempts: u32| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: team}}\n\
+             spec:\n  hosts: [{name}.example]\n  http:\n  - match: [{{uri: {{prefix: /v2/}}}}]\n    \
+             rewrite: {{uri: /api/v2/}}\n    retries: {{attempts: {attempts}, perTryTimeout: 2s, retryOn: 5xx}}\n    \
+             headers: {{response: {{remove: [server]}}}}\n    route: [{{destination: {{host: {name}.example}}}}]\n"
+        )
+    };
+    let yaml = [service("a", 3), service("b", 3), service("c", 2)].join("---\n");
+    let policy = policy(&yaml, &Resolved::new());
+    let route = |host: &str| &policy.mesh_routes(host).expect("bound").routes[0];
+    let extras = |host: &str| route(host).extras.clone().expect("extras are set");
+    assert!(Arc::ptr_eq(&extras("a.example"), &extras("b.example")), "written alike: compiled once");
+    assert!(!Arc::ptr_eq(&extras("a.example"), &extras("c.example")), "another retry count: its own");
+    for (host, attempts) in [("a.example", 3), ("b.example", 3), ("c.example", 2)] {
+        let route = route(host);
+        assert_eq!(route.rewrite().and_then(|rewrite| rewrite.uri.as_deref()), Some("/api/v2/"), "{host}");
+        assert_eq!(route.retries().map(|retries| retries.attempts), Some(attempts), "{host}");
+        assert!(route.response_headers().is_some_and(|ops| !ops.is_empty()), "{host}");
+        assert!(route.request_headers().is_empty(), "{host}");
+        let Action::Forward(targets) = &route.action else { panic!("{host}: a forwarding route") };
+        assert_eq!(targets.pick(0).map(Target::host), Some(host), "each its own destination");
+    }
 }
 
 #[test]

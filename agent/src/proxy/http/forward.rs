@@ -111,7 +111,7 @@ impl HttpProxy {
                 headers.entry(X_FORWARDED_PROTO).or_insert(HeaderValue::from_static("http"));
             }
             if let Some(route) = route {
-                route.request_headers.apply(headers);
+                route.request_headers().apply(headers);
             }
             if let Some(operations) = target.and_then(|target| target.request_headers()) {
                 operations.apply(headers);
