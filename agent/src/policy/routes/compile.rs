@@ -42,8 +42,8 @@ pub fn proxy_policy(
     let mut hosts: BTreeMap<String, Host> = BTreeMap::new();
     let mut by_address = AddressIndex::default();
     for (host, services) in registry {
-        let first = services.into_iter().rev().fold(None, |next, service| Some(Arc::new(Service { next, ..service })));
-        for service in std::iter::successors(first.as_ref(), |service| service.next.as_ref()) {
+        let first = services.into_iter().rev().fold(None, |next, service| Some(Arc::new(service.followed_by(next))));
+        for service in std::iter::successors(first.as_ref(), |service| service.next()) {
             by_address.insert(service);
         }
         transient(|| hosts.entry(host).or_default()).services = first;
@@ -163,7 +163,7 @@ pub(super) fn route_scope(
     let visible_to =
         Visibility::compile_or(&service.export_to, &snapshot.mesh.default_virtual_service_export_to, namespace);
     Arc::new(RouteScope {
-        source: format!("{namespace}/{}", resource.metadata.name).into(),
+        name: resource.metadata.name.as_str().into(),
         exported: interner.exported(namespace, visible_to),
         names,
     })

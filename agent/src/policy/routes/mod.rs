@@ -197,7 +197,7 @@ impl ProxyPolicy {
     pub fn registered_for(&self, host: &str, port: u16, viewer: Viewer<'_>) -> Option<&Service> {
         let visible = |s: &&Service| s.has_port(port) && viewer.sees(self, &s.exported, &s.host, port);
         let first = self.hosts.find(host, |entry| entry.services.as_deref());
-        std::iter::successors(first, |service| service.next.as_deref()).find(visible)
+        std::iter::successors(first, |service| service.next().map(|next| &**next)).find(visible)
     }
 
     /// The service registered on `address`'s port at its address that `viewer` sees: for a connection that

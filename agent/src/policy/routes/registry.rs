@@ -3,7 +3,7 @@
 
 use super::*;
 
-/// A host registered by one ServiceEntry.
+/// A host registered by one ServiceEntry. 96 bytes, what most services hold; the rest boxed apart.
 #[derive(Debug)]
 pub struct Service {
     /// The host as the ServiceEntry writes it (a wildcard stays a wildcard).
@@ -20,10 +20,16 @@ pub struct Service {
     /// each per port: all endpoints (no subset) and each subset's. One list for all variants: most hosts have
     /// one cluster, held in one allocation.
     pub(super) clusters: Box<[Cluster]>,
+    /// What few services have: DestinationRules, another service under the same host.
+    pub(super) rare: Option<Box<RareService>>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct RareService {
     /// Which variant a viewer's requests go through; `None`: the first, for everyone (no rule applies).
-    pub(super) rules: Option<Box<RuleChoice>>,
+    rules: Option<RuleChoice>,
     /// The next service registered under the same host, in declaration order.
-    pub(super) next: Option<Arc<Service>>,
+    next: Option<Arc<Service>>,
 }
 
 /// Which DestinationRule a workload's requests for a host go through, as Istio chooses: one in the workload's
@@ -107,7 +113,20 @@ pub(super) static NO_RULE: RuleChoice = RuleChoice { own: Vec::new(), shared: Ve
 
 impl Service {
     pub(super) fn rules(&self) -> &RuleChoice {
-        self.rules.as_deref().unwrap_or(&NO_RULE)
+        self.rare.as_ref().and_then(|rare| rare.rules.as_ref()).unwrap_or(&NO_RULE)
+    }
+
+    /// The next service registered under the same host, in declaration order.
+    pub(super) fn next(&self) -> Option<&Arc<Service>> {
+        self.rare.as_ref()?.next.as_ref()
+    }
+
+    /// This service with `next` after it under its host.
+    pub(super) fn followed_by(mut self, next: Option<Arc<Service>>) -> Service {
+        if next.is_some() {
+            self.rare.get_or_insert_default().next = next;
+        }
+        self
     }
 
     /// Whether the service declares `port`.
@@ -344,7 +363,7 @@ pub(super) fn services(
                 Vec::new()
             };
             let (candidates, rules) = rules.for_service(host, namespace);
-            let rules = (!candidates.is_empty()).then(|| Box::new(rules));
+            let rare = (!candidates.is_empty()).then(|| Box::new(RareService { rules: Some(rules), next: None }));
             let host = interner.text(host);
             // Held for as long as the configuration is: no spare capacity (boxed slices).
             let variants = std::iter::once(None).chain(candidates.into_iter().map(Some));
@@ -369,8 +388,7 @@ pub(super) fn services(
                 resolution,
                 ports: ports.clone(),
                 clusters,
-                rules,
-                next: None,
+                rare,
             }
         })
         .collect()

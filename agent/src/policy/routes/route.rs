@@ -64,13 +64,27 @@ impl std::ops::Deref for Matches {
 /// The VirtualService a route comes from.
 #[derive(Debug)]
 pub struct RouteScope {
-    /// `namespace/name`.
-    pub source: Arc<str>,
+    /// Its name, in the namespace of `exported` (`namespace/name` is written out only where shown).
+    pub name: Box<str>,
     /// Its namespace (which Sidecars import by) and `exportTo`.
     pub exported: Arc<ExportScope>,
     /// Each route's own name, by index (`None` when no route has one: most VirtualServices; behind one thin
     /// pointer); a route without one is named by its VirtualService and index.
     pub(super) names: Option<Box<RouteNames>>,
+}
+
+impl RouteScope {
+    /// A VirtualService's scope exported everywhere, its routes unnamed.
+    pub fn new(namespace: &str, name: &str) -> RouteScope {
+        let exported = Arc::new(ExportScope { namespace: namespace.into(), visible_to: Visibility::All });
+        RouteScope { name: name.into(), exported, names: None }
+    }
+}
+
+impl std::fmt::Display for RouteScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.exported.namespace, self.name)
+    }
 }
 
 /// The routes' own names of a VirtualService, by index.
@@ -109,7 +123,7 @@ impl Route {
     pub fn name(&self) -> RouteName {
         match self.scope.names.as_ref().and_then(|names| names.0.get(self.index as usize)) {
             Some(Some(name)) => RouteName::Named(name.clone()),
-            _ => RouteName::Indexed(self.scope.source.clone(), self.index),
+            _ => RouteName::Indexed(self.scope.clone(), self.index),
         }
     }
 
@@ -151,11 +165,11 @@ impl Route {
 
 /// A route's name: its own, or `namespace/virtualservice[index]` (written out only when shown); a request's
 /// record shares it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum RouteName {
     Named(Arc<str>),
-    /// The VirtualService (`namespace/name`, shared with its other routes) and the route's index in it.
-    Indexed(Arc<str>, u32),
+    /// The VirtualService (shared with its other routes) and the route's index in it.
+    Indexed(Arc<RouteScope>, u32),
 }
 
 impl std::fmt::Display for RouteName {
@@ -166,6 +180,27 @@ impl std::fmt::Display for RouteName {
         }
     }
 }
+
+// As shown: a VirtualService's whole scope says nothing more of the route.
+impl std::fmt::Debug for RouteName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl PartialEq for RouteName {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (RouteName::Named(a), RouteName::Named(b)) => a == b,
+            (RouteName::Indexed(a, i), RouteName::Indexed(b, j)) => {
+                i == j && (Arc::ptr_eq(a, b) || (a.name == b.name && a.exported.namespace == b.exported.namespace))
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Eq for RouteName {}
 
 /// Retries as Envoy makes them: `attempts` retries after the first try, each try bounded by `per_try_timeout`,
 /// on the conditions of `retry_on`.

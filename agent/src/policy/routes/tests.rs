@@ -120,8 +120,9 @@ fn routes_that_match_alike_share_their_compiled_matches_header_manipulations_des
 }
 
 #[test]
-fn a_route_is_48_bytes_its_action_16() {
-    assert_eq!((std::mem::size_of::<Route>(), std::mem::size_of::<Action>()), (48, 16));
+fn a_route_is_48_bytes_its_action_16_a_service_96() {
+    use std::mem::size_of;
+    assert_eq!((size_of::<Route>(), size_of::<Action>(), size_of::<Service>()), (48, 16, 96));
 }
 
 #[test]

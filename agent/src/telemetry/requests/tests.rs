@@ -126,7 +126,10 @@ fn a_json_line_names_the_route_and_cluster_as_envoys_json_log_does() {
         protocol: "HTTP/1.1",
         response_code: 200,
         authority: Some(http::HeaderValue::from_static("httpbin.org")),
-        route_name: Some(crate::policy::routes::RouteName::Indexed("default/httpbin".into(), 0)),
+        route_name: Some(crate::policy::routes::RouteName::Indexed(
+            Arc::new(crate::policy::routes::RouteScope::new("default", "httpbin")),
+            0,
+        )),
         destination: Some(DestinationLabels::registered("httpbin.org".into(), "default".into(), 80, None)),
         ..RequestRecord::default()
     };
@@ -175,7 +178,10 @@ fn access_log_cost() {
         user_agent: Some(http::HeaderValue::from_static("wrk")),
         authority: Some(http::HeaderValue::from_static("203.0.113.10")),
         upstream_host: Some("203.0.113.10:80".parse().unwrap()),
-        route_name: Some(crate::policy::routes::RouteName::Indexed("bench/origin".into(), 0)),
+        route_name: Some(crate::policy::routes::RouteName::Indexed(
+            Arc::new(crate::policy::routes::RouteScope::new("bench", "origin")),
+            0,
+        )),
         destination: Some(DestinationLabels::registered("origin.bench".into(), "bench".into(), 80, None)),
         downstream_local: Some("203.0.113.10:80".parse().unwrap()),
         downstream_remote: Some("10.240.1.2:40000".parse().unwrap()),
