@@ -247,9 +247,12 @@ impl UpstreamBody {
     }
 }
 
+/// Each boxed: a response is moved whole through the tries, their timeouts and the shaping of what the client
+/// gets, and with the body in place it was 512 bytes (a native body holds its connection and its way back to the
+/// pool), 128 with it boxed.
 enum BodyFrom {
-    Native(http1::ResponseBody),
-    Hyper(hyper_http1::HyperBody),
+    Native(Box<http1::ResponseBody>),
+    Hyper(Box<hyper_http1::HyperBody>),
 }
 
 impl UpstreamBody {
@@ -259,11 +262,11 @@ impl UpstreamBody {
     }
 
     fn from_hyper(body: hyper_http1::HyperBody) -> UpstreamBody {
-        UpstreamBody(BodyFrom::Hyper(body))
+        UpstreamBody(BodyFrom::Hyper(Box::new(body)))
     }
 
     fn native(body: http1::ResponseBody) -> UpstreamBody {
-        UpstreamBody(BodyFrom::Native(body))
+        UpstreamBody(BodyFrom::Native(Box::new(body)))
     }
 }
 

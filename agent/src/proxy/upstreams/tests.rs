@@ -17,6 +17,12 @@ fn to_loopback() -> UpstreamSockets {
     UpstreamSockets::new(tcp::SourceAddresses::default(), Arc::new(local))
 }
 
+#[test]
+fn a_response_moved_through_the_tries_is_its_head_and_a_pointer_to_its_body() {
+    assert_eq!(std::mem::size_of::<UpstreamBody>(), 16);
+    assert!(std::mem::size_of::<Response<UpstreamBody>>() <= 128);
+}
+
 /// What a test server answers each request with.
 #[derive(Clone, Copy)]
 enum Answer {
