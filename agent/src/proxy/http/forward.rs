@@ -198,9 +198,9 @@ impl HttpProxy {
                     reuse: destination.reuse(),
                 };
                 let (upstream, try_started) = (address, Instant::now());
-                // Boxed: the exchange's state is moved no further (through the tries and their timeouts), and the
-                // request's own future, which every request boxes whole, stays small.
-                let pending = Box::pin(self.upstreams.send(outgoing, body));
+                // Boxed (`PendingResponse`): the exchange's state is moved no further (through the tries and their
+                // timeouts), and the request's own future, which every request boxes whole, stays small.
+                let pending = self.upstreams.send(outgoing, body);
                 Ok(async move {
                     let result = tokio::time::timeout_at(deadline.at, pending).await.ok();
                     if let Some((cluster, outlier)) = outlier {

@@ -52,11 +52,11 @@ impl Http2Pool {
         address: SocketAddr,
         request: Request<ProxyBody>,
         connect: Connect,
-        tls: Option<&'a UpstreamTls>,
+        tls: Option<UpstreamTls>,
         lifetime: Option<Duration>,
     ) -> impl Future<Output = Result<(Response<Incoming>, Option<SocketAddr>), SendError>> + Send + 'a {
         async move {
-            let key = PoolKey::new(address, tls);
+            let key = PoolKey::new(address, tls.as_ref());
             let usable = |((sender, _), opened): &&Pooled| {
                 !sender.is_closed()
                     && lifetime.is_none_or(|lifetime| idle::coarse_now().saturating_sub(*opened) < lifetime)
@@ -65,7 +65,7 @@ impl Http2Pool {
             let (mut sender, local) = match pooled {
                 Some(sender) => sender,
                 // Boxed: a new connection's state, which requests sent on an open connection never need.
-                None => Box::pin(self.connect(key, connect, tls)).await?,
+                None => Box::pin(self.connect(key, connect, tls.as_ref())).await?,
             };
             sender.ready().await.map_err(|error| SendError::Request(error.to_string()))?;
             let response = sender.send_request(request).await.map_err(http2_error)?;

@@ -58,11 +58,11 @@ impl HyperHttp1Pool {
         address: SocketAddr,
         mut request: Request<ProxyBody>,
         connect: Connect,
-        tls: Option<&'a UpstreamTls>,
+        tls: Option<UpstreamTls>,
         reuse: Reuse,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'a {
         async move {
-            let key = PoolKey::new(address, tls);
+            let key = PoolKey::new(address, tls.as_ref());
             while let Some(mut connection) = self.idle.take(&key) {
                 // It finishes the exchange it was given back after, or turns out closed.
                 if connection.sender.ready().await.is_err() {
@@ -78,7 +78,7 @@ impl HyperHttp1Pool {
                 }
             }
             // Boxed: a new connection's state, which requests sent on pooled connections never need.
-            let mut connection = Box::pin(self.connect(address, connect, tls)).await?;
+            let mut connection = Box::pin(self.connect(address, connect, tls.as_ref())).await?;
             let response = connection.sender.send_request(request).await.map_err(failed)?;
             Ok(self.returning(key, connection, response, reuse))
         }

@@ -176,12 +176,9 @@ impl Upstreams {
     }
 
     /// Sends `body` as `outgoing` says. The request is made before the future is, so that the future holds
-    /// only what it waits with.
-    pub fn send<'a>(
-        &'a self,
-        outgoing: Outgoing<'_>,
-        body: ProxyBody,
-    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'a {
+    /// only what it waits with; the future is the chosen client's own, boxed once (wrapped in a future of
+    /// this function's own, it was moved twice more per request).
+    pub fn send<'a>(&'a self, outgoing: Outgoing<'_>, body: ProxyBody) -> PendingResponse<'a> {
         let Outgoing { address, http2, authority, path_and_query, method, mut headers, connect, tls, reuse } = outgoing;
         let scheme = if tls.is_some() { "https" } else { "http" };
         let mut request = Request::new(body);
@@ -213,25 +210,25 @@ impl Upstreams {
             *request.headers_mut() = headers;
             Ok(request)
         };
-        async move {
-            match made {
-                Err(error) => Err(error),
-                Ok(request) if http2 => {
-                    let (response, local) =
-                        self.http2.send(address, request, connect, tls.as_ref(), reuse.lifetime).await?;
-                    Ok(response.map(|body| UpstreamBody::hyper(body, local)))
-                }
-                // An upgrade's connection is handed back by hyper's client once the upstream switches.
-                Ok(request)
-                    if self.http1_client == Http1Client::Hyper || request.headers().contains_key(header::UPGRADE) =>
-                {
-                    self.hyper_http1.send(address, request, connect, tls.as_ref(), reuse).await
-                }
-                Ok(request) => self.http1.send(address, request, connect, tls.as_ref(), reuse).await,
+        match made {
+            Err(error) => Box::pin(std::future::ready(Err(error))),
+            Ok(request) if http2 => Box::pin(async move {
+                let (response, local) = self.http2.send(address, request, connect, tls, reuse.lifetime).await?;
+                Ok(response.map(|body| UpstreamBody::hyper(body, local)))
+            }),
+            // An upgrade's connection is handed back by hyper's client once the upstream switches.
+            Ok(request)
+                if self.http1_client == Http1Client::Hyper || request.headers().contains_key(header::UPGRADE) =>
+            {
+                Box::pin(self.hyper_http1.send(address, request, connect, tls, reuse))
             }
+            Ok(request) => Box::pin(self.http1.send(address, request, connect, tls, reuse)),
         }
     }
 }
+
+/// An upstream's response on its way.
+pub type PendingResponse<'a> = Pin<Box<dyn Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'a>>;
 
 /// An upstream response's body: from Sluice's HTTP/1.1 connections, or from hyper's client (HTTP/2, upgrades,
 /// `--upstream-http1 hyper`).

@@ -132,11 +132,11 @@ impl NativeHttp1Pool {
         address: SocketAddr,
         request: Request<ProxyBody>,
         connect: Connect,
-        tls: Option<&'a UpstreamTls>,
+        tls: Option<UpstreamTls>,
         reuse: Reuse,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'a {
         async move {
-            let key = PoolKey::new(address, tls);
+            let key = PoolKey::new(address, tls.as_ref());
             let (mut parts, mut body) = request.into_parts();
             while let Some(connection) = self.idle.take(&key) {
                 match self.exchange(connection, &mut parts, body, &key, reuse).await {
@@ -146,7 +146,7 @@ impl NativeHttp1Pool {
                 }
             }
             // Boxed: a new connection's state, which requests sent on pooled connections never need.
-            let opened = Box::pin(open(address, &self.sockets, connect, tls)).await?;
+            let opened = Box::pin(open(address, &self.sockets, connect, tls.as_ref())).await?;
             match self.exchange(Connection::new(opened), &mut parts, body, &key, reuse).await {
                 Ok(response) => Ok(response),
                 Err(Failed::Unsent(_)) => Err(SendError::Request("the new connection closed at once".into())),
