@@ -18,7 +18,8 @@ use crate::policy::{
     clusters::{Cluster, Connect, UpstreamDefaults},
     http_match::RequestView,
     routes::{
-        Action, HostVerify, Matched, PortKind, ProxyPolicy, Redirect, Route, ServiceChoice, Target, Upstream, Viewer,
+        Action, HostVerify, Matched, PortKind, ProxyPolicy, Redirect, Route, Service, ServiceChoice, Target, Upstream,
+        Viewer,
     },
     OutboundMode,
 };
@@ -191,11 +192,11 @@ pub fn decide_noting_hop<'p, B>(
     let host_name = host_of(authority);
     // Whose exportTo view applies: the source workload's namespace for the workloads' own traffic (unknown: all
     // visible). On Gateway ports every resource is visible.
+    // The service an intercepted request's own host is registered as, for its workload: looked up once, for the
+    // fronting check and for the request's destination when it goes to that host on that port (most do).
+    let own = (listener == Listener::Mesh).then(|| policy.registered_for(host_name, port, Viewer::Workload(source)));
     // Domain fronting: an intercepted request for a registered host, sent to an address that is not the host's.
-    let host_mismatch = listener == Listener::Mesh
-        && policy
-            .registered_for(host_name, port, Viewer::Workload(source))
-            .is_some_and(|service| service.known_at(local.ip()) == Some(false));
+    let host_mismatch = own.flatten().is_some_and(|service| service.known_at(local.ip()) == Some(false));
     if host_mismatch && policy.host_verify == HostVerify::Strict {
         return Decision::Fail { failure: Failure::HostMismatch, labels: None };
     }
@@ -266,7 +267,11 @@ pub fn decide_noting_hop<'p, B>(
             *hop = Some(destination_port);
             continue;
         }
-        return match destination(policy, host, destination_port, subset, listener, local, viewer) {
+        let registered = match own {
+            Some(found) if listener == Listener::Mesh && host == host_name && destination_port == port => found,
+            _ => policy.registered_for(host, destination_port, viewer),
+        };
+        return match destination_of(policy, registered, host, destination_port, subset, listener, local, viewer) {
             Ok(mut destination) => {
                 if reroute && destination.address.ip() == local.ip() {
                     match destination.service.and_then(|choice| choice.service.own_address(choice.port)) {
@@ -295,11 +300,27 @@ pub fn destination<'p>(
     local: SocketAddr,
     viewer: Viewer<'_>,
 ) -> Result<Destination<'p>, (Failure, Option<DestinationLabels>)> {
+    let registered = policy.registered_for(host, port, viewer);
+    destination_of(policy, registered, host, port, subset, listener, local, viewer)
+}
+
+/// As [`destination`], the service `registered` for `host` on `port` (as `viewer` sees it) already looked up.
+#[expect(clippy::too_many_arguments, reason = "`destination`'s, and what it would look up")]
+fn destination_of<'p>(
+    policy: &'p ProxyPolicy,
+    registered: Option<&'p Service>,
+    host: &str,
+    port: u16,
+    subset: Option<&'p str>,
+    listener: Listener,
+    local: SocketAddr,
+    viewer: Viewer<'_>,
+) -> Result<Destination<'p>, (Failure, Option<DestinationLabels>)> {
     // Intercepted (or forward-proxied) requests have an original destination: the address the client (or the
     // proxy's own lookup) chose.
     let intercepted = listener.is_mesh();
     let original = SocketAddr::new(local.ip(), port);
-    match policy.registered_for(host, port, viewer) {
+    match registered {
         Some(service) => {
             // Through the DestinationRule that applies to the viewer. Labelled as compiled: the subset's cluster,
             // or the host's (for a subset that is not defined).
