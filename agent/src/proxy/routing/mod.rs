@@ -271,7 +271,8 @@ pub fn decide_noting_hop<'p, B>(
             Some(found) if listener == Listener::Mesh && host == host_name && destination_port == port => found,
             _ => policy.registered_for(host, destination_port, viewer),
         };
-        return match destination_of(policy, registered, host, destination_port, subset, listener, local, viewer) {
+        let asked = (host, destination_port, subset);
+        return match destination_of(policy, registered, asked, (listener, local), viewer) {
             Ok(mut destination) => {
                 if reroute && destination.address.ip() == local.ip() {
                     match destination.service.and_then(|choice| choice.service.own_address(choice.port)) {
@@ -301,19 +302,15 @@ pub fn destination<'p>(
     viewer: Viewer<'_>,
 ) -> Result<Destination<'p>, (Failure, Option<DestinationLabels>)> {
     let registered = policy.registered_for(host, port, viewer);
-    destination_of(policy, registered, host, port, subset, listener, local, viewer)
+    destination_of(policy, registered, (host, port, subset), (listener, local), viewer)
 }
 
 /// As [`destination`], the service `registered` for `host` on `port` (as `viewer` sees it) already looked up.
-#[expect(clippy::too_many_arguments, reason = "`destination`'s, and what it would look up")]
 fn destination_of<'p>(
     policy: &'p ProxyPolicy,
     registered: Option<&'p Service>,
-    host: &str,
-    port: u16,
-    subset: Option<&'p str>,
-    listener: Listener,
-    local: SocketAddr,
+    (host, port, subset): (&str, u16, Option<&'p str>),
+    (listener, local): (Listener, SocketAddr),
     viewer: Viewer<'_>,
 ) -> Result<Destination<'p>, (Failure, Option<DestinationLabels>)> {
     // Intercepted (or forward-proxied) requests have an original destination: the address the client (or the
