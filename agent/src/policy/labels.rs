@@ -139,11 +139,6 @@ impl DestinationLabels {
         ClusterOf(self)
     }
 
-    /// Whether these are a registered host's cluster on `port`, of `subset` (or of no subset).
-    pub fn is_outbound(&self, port: u16, subset: Option<&str>) -> bool {
-        matches!(&self.cluster, ClusterName::Outbound { port: p, subset: s } if *p == port && s.as_deref() == subset)
-    }
-
     /// Istio's BlackHoleCluster: where REGISTRY_ONLY sends what no ServiceEntry registers.
     pub fn blackhole() -> DestinationLabels {
         DestinationLabels { service: BLACKHOLE_NAME.clone(), namespace: UNKNOWN, cluster: ClusterName::BlackHole }
@@ -191,9 +186,7 @@ mod tests {
             assert_eq!(labels.cluster().to_string(), cluster);
             assert_eq!(labels.name().as_str(), name, "{cluster}");
         }
-        assert!(registered(Some("v1")).is_outbound(443, Some("v1")));
-        assert!(!registered(Some("v1")).is_outbound(443, None) && !registered(None).is_outbound(80, None));
-        assert!(!passthrough().is_outbound(443, None));
+        assert!(passthrough().is_passthrough() && !registered(None).is_passthrough());
         assert_eq!(passthrough().service.as_str(), "example.com");
     }
 

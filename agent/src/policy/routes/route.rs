@@ -74,7 +74,8 @@ pub struct RouteScope {
 }
 
 impl RouteScope {
-    /// A VirtualService's scope exported everywhere, its routes unnamed.
+    /// A VirtualService's scope exported everywhere, its routes unnamed: for records made in tests.
+    #[cfg(test)]
     pub fn new(namespace: &str, name: &str) -> RouteScope {
         let exported = Arc::new(ExportScope { namespace: namespace.into(), visible_to: Visibility::All });
         RouteScope { name: name.into(), exported, names: None }
