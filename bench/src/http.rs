@@ -436,17 +436,12 @@ fn measure_spawned(
 fn measure(name: &'static str, topology: &Topology, pid: u32, url: &str) -> anyhow::Result<Run> {
     // A warm-up, so pools and caches are filled before the measured run.
     let _ = run_wrk(&topology.workload, url, "1s")?;
-    let counting = std::env::var_os("SLUICE_BENCH_CALLGRIND").is_some();
-    if counting {
-        callgrind_control(pid, "--zero")?;
-    }
     let (user_before, system_before) = tree_cpu_ticks_split(pid);
-    let (rps, p50, p99, requests) = wrk(&topology.workload, url)?;
+    let ((rps, p50, p99), requests) = counting_instructions(Some(pid), name, "requests", || {
+        let (rps, p50, p99, requests) = wrk(&topology.workload, url)?;
+        Ok(((rps, p50, p99), requests))
+    })?;
     let (user, system) = tree_cpu_ticks_split(pid);
-    if counting {
-        let dumped = callgrind_control(pid, "--dump")?;
-        eprintln!("{name}: {requests} requests; callgrind: {dumped}");
-    }
     let (user, system) = (user.saturating_sub(user_before), system.saturating_sub(system_before));
     let ticks_per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100);
     let per_request = |ticks: u64| ticks as f64 * 1e6 / ticks_per_second as f64 / requests.max(1) as f64;
@@ -462,8 +457,27 @@ fn measure(name: &'static str, topology: &Topology, pid: u32, url: &str) -> anyh
 }
 
 /// With `SLUICE_BENCH_CALLGRIND` set, the proxy runs under `valgrind --tool=callgrind` (a wrapper named by
-/// `SLUICE_AGENT_BIN` execs it), and the measured run's instructions are counted: zeroed before it, dumped after
-/// (`callgrind_annotate` reads the dump; its total over the requests sent is the instructions per request).
+/// `SLUICE_AGENT_BIN` execs it), and the measured `run`'s instructions are counted: zeroed before it, dumped after
+/// (`callgrind_annotate` reads the dump; its total over the count `run` returns — of `what` — is the instructions
+/// per request, connection or handshake).
+pub fn counting_instructions<T>(
+    pid: Option<u32>,
+    name: &str,
+    what: &str,
+    run: impl FnOnce() -> anyhow::Result<(T, u64)>,
+) -> anyhow::Result<(T, u64)> {
+    let counting = pid.filter(|_| std::env::var_os("SLUICE_BENCH_CALLGRIND").is_some());
+    if let Some(pid) = counting {
+        callgrind_control(pid, "--zero")?;
+    }
+    let (output, count) = run()?;
+    if let Some(pid) = counting {
+        let dumped = callgrind_control(pid, "--dump")?;
+        eprintln!("{name}: {count} {what}; callgrind: {dumped}");
+    }
+    Ok((output, count))
+}
+
 fn callgrind_control(pid: u32, action: &str) -> anyhow::Result<String> {
     let output = Command::new("callgrind_control").arg(action).arg(pid.to_string()).output()?;
     anyhow::ensure!(output.status.success(), "callgrind_control {action} {pid}: {output:?}");

@@ -16,7 +16,7 @@ use sluice_tests::{
 };
 
 use crate::{
-    http::{pin_tree, tree_cpu_ticks_split, tree_status_kib},
+    http::{counting_instructions, pin_tree, tree_cpu_ticks_split, tree_status_kib},
     tls::{wrk, Hosts},
 };
 
@@ -155,10 +155,12 @@ fn measure(name: &'static str, topology: &Topology, pid: u32) -> anyhow::Result<
     let per = |ticks: u64, count: u64| ticks as f64 * 1e6 / hz / count.max(1) as f64;
     wrk(&topology.workload, &url, true).context("warming up")?;
     let before = cpu();
-    let (handshakes_per_second, handshakes) = wrk(&topology.workload, &url, true)?;
+    let (handshakes_per_second, handshakes) =
+        counting_instructions(Some(pid), name, "handshakes", || wrk(&topology.workload, &url, true))?;
     let handshake_ticks = cpu().saturating_sub(before);
     let before = cpu();
-    let (requests_per_second, requests) = wrk(&topology.workload, &url, false)?;
+    let (requests_per_second, requests) =
+        counting_instructions(Some(pid), name, "requests", || wrk(&topology.workload, &url, false))?;
     let request_ticks = cpu().saturating_sub(before);
     Ok(HttpsRun {
         name,

@@ -16,7 +16,7 @@ use sluice_tests::{
     Topology,
 };
 
-use crate::http::{pin_tree, tree_cpu_ticks_split, tree_status_kib};
+use crate::http::{counting_instructions, pin_tree, tree_cpu_ticks_split, tree_status_kib};
 
 /// The name the clients ask for, registered (in Sluice's configuration) at the origin's address.
 const NAME: &str = "api.bench";
@@ -214,7 +214,8 @@ fn measure(name: &'static str, topology: &Topology, pid: Option<u32>, port: u16,
     let url = format!("https://{NAME}:{port}/");
     let _ = run_wrk(&topology.workload, &url, "1s", true)?;
     let (user_before, system_before) = ticks();
-    let (per_second, connections) = wrk(&topology.workload, &url, true)?;
+    let (per_second, connections) =
+        counting_instructions(pid, name, "connections", || wrk(&topology.workload, &url, true))?;
     let (user, system) = ticks();
     let per_connection = |ticks: u64| ticks as f64 * 1e6 / hz / connections.max(1) as f64;
     let (user, system) = (user.saturating_sub(user_before), system.saturating_sub(system_before));

@@ -116,7 +116,8 @@ pub async fn accept(listener: TcpListener, kind: Listener, proxy: Arc<HttpProxy>
                     server_name: None,
                 };
                 let proxy = proxy.clone();
-                tokio::spawn(async move {
+                // Boxed, as an intercepted connection's task is (`intercepted::serve`).
+                tokio::spawn(Box::pin(async move {
                     // A Gateway's TCP server port: relayed by its `tcp` routes at once (the client may wait for the
                     // server to speak first).
                     if let Listener::Gateway(port) = kind {
@@ -150,7 +151,7 @@ pub async fn accept(listener: TcpListener, kind: Listener, proxy: Arc<HttpProxy>
                     let _ = stream.set_nodelay(true);
                     proxy.serve_connection(stream, connection, version).await;
                     drop(permit);
-                });
+                }));
             }
             Err(error) => {
                 tracing::warn!(listener = ?kind, %error, "accepting a connection");

@@ -25,7 +25,9 @@ pub async fn serve(listener: Arc<TransparentListener>, proxy: Arc<HttpProxy>) {
                     tcp::reset(&connection.stream);
                     continue;
                 };
-                tokio::spawn(dispatch(connection, permit, proxy.clone()));
+                // Boxed: the task then holds a pointer, and what it moves as it is spawned, run and finished is
+                // a pointer's bytes, not the connection's whole future (kilobytes, copied about eight times).
+                tokio::spawn(Box::pin(dispatch(connection, permit, proxy.clone())));
             }
             Err(error) => {
                 tracing::warn!(%error, "accepting an intercepted connection");

@@ -39,7 +39,7 @@ pub async fn serve(mut stream: TcpStream, connection: Connection, proxy: Arc<Htt
     let deadline = tokio::time::Instant::now() + proxy.request_headers_timeout();
     let port = connection.local.port();
     let telemetry = proxy.telemetry();
-    let mut hello = Vec::with_capacity(2048);
+    let mut hello = Vec::new();
     let server_name = match l4::read_client_hello(&mut stream, proxy.request_headers_timeout(), &mut hello).await {
         Ok(server_name) => server_name,
         Err(refused) => {

@@ -18,6 +18,7 @@ use std::{
 use super::{
     access_log::format::Fields,
     passthrough::Watched,
+    recent::{self, RecentSeries},
     response_flags::ResponseFlag,
     switches::{Metric, MetricSwitches},
     tags::{TagOverrides, Tags},
@@ -28,6 +29,9 @@ use crate::{
 };
 
 type Label = LabelText;
+
+/// The addresses (and lengths) of a `TcpLabels`' texts.
+type TextsKey = [(usize, usize); TCP_LABEL_NAMES.len()];
 
 /// Istio's TCP labels (those Sluice can know; the rest read `unknown`, as Istio writes them), and what the
 /// Telemetry API's tag overrides made of them.
@@ -123,6 +127,26 @@ impl TcpLabels {
         }
         self
     }
+
+    /// The standard labels' texts by address, when no tag override changed them: the key of their series in
+    /// `ConnectionMetrics::recent`.
+    fn texts_key(&self) -> Option<TextsKey> {
+        if self.tags != Tags::default() {
+            return None;
+        }
+        let texts = [
+            &self.reporter,
+            &self.source_workload,
+            &self.source_workload_namespace,
+            &self.destination_service,
+            &self.destination_service_name,
+            &self.destination_service_namespace,
+            &self.request_protocol,
+            &self.response_flags,
+            &self.connection_security_policy,
+        ];
+        Some(texts.map(|text| recent::address(text.as_str())))
+    }
 }
 
 /// One TCP connection the proxy relayed or refused, as its access-log line tells it.
@@ -208,6 +232,9 @@ pub struct ConnectionMetrics {
     sent: Family<TcpLabels, Counter>,
     received: Family<TcpLabels, Counter>,
     switches: MetricSwitches,
+    /// Each kind of connection's four series, found by its labels' texts (held by the entry) where no tag
+    /// override changed them.
+    recent: Arc<RecentSeries<TextsKey, TcpSeries, TcpLabels>>,
     /// The series of connections passed through unregistered (an address and port a client chose), dropped once
     /// unused for a while: each metric's labels (in the order of `Metric`), which tag overrides may make differ.
     passthrough: Arc<Mutex<HashMap<[TcpLabels; 4], Watched>>>,
@@ -221,6 +248,7 @@ impl ConnectionMetrics {
             sent: Family::default(),
             received: Family::default(),
             switches: switches.clone(),
+            recent: Arc::default(),
             passthrough: Arc::default(),
         };
         let opened = switches.wrap(Metric::TcpOpened, metrics.opened.clone());
@@ -244,40 +272,48 @@ impl ConnectionMetrics {
         if labels.destination_service_name.as_str() == "PassthroughCluster" {
             return self.opened_labelled(std::array::from_fn(|_| labels.clone()));
         }
-        let opened = self.opened.get_or_create(labels);
+        let series = match labels.texts_key() {
+            Some(key) => self.recent.find_or_make(key, || (Arc::new(self.series([labels; 4])), labels.clone())),
+            None => Arc::new(self.series([labels; 4])),
+        };
+        self.registered(series)
+    }
+
+    /// The series of each metric's labels (in the order of `Metric`).
+    fn series(&self, [opened, closed, sent, received]: [&TcpLabels; 4]) -> TcpSeries {
+        TcpSeries {
+            opened: self.opened.get_or_create(opened).clone(),
+            closed: self.closed.get_or_create(closed).clone(),
+            sent: self.sent.get_or_create(sent).clone(),
+            received: self.received.get_or_create(received).clone(),
+        }
+    }
+
+    /// Counts a connection opened in `series`, to be counted closed there.
+    fn registered(&self, series: Arc<TcpSeries>) -> OpenConnection {
         if !self.switches.is_off(Metric::TcpOpened) {
-            opened.inc();
+            series.opened.inc();
         }
-        OpenConnection::Registered {
-            closed: self.closed.get_or_create(labels).clone(),
-            received: self.received.get_or_create(labels).clone(),
-            sent: self.sent.get_or_create(labels).clone(),
-            switches: self.switches.clone(),
-        }
+        OpenConnection::Registered(series, self.switches.clone())
     }
 
     /// The same, each metric's series with labels of its own (in the order of `Metric`: opened, closed, sent,
     /// received), as tag overrides make them.
     pub fn opened_labelled(&self, labels: [TcpLabels; 4]) -> OpenConnection {
-        let [opened_labels, closed, sent, received] = &labels;
+        let opened_labels = &labels[0];
+        if opened_labels.destination_service_name.as_str() != "PassthroughCluster" {
+            return self.registered(Arc::new(self.series(labels.each_ref())));
+        }
         let opened = self.opened.get_or_create(opened_labels);
         if !self.switches.is_off(Metric::TcpOpened) {
             opened.inc();
         }
-        if opened_labels.destination_service_name.as_str() == "PassthroughCluster" {
-            let mut watched = self.passthrough.lock().unwrap_or_else(PoisonError::into_inner);
-            if !watched.contains_key(&labels) {
-                watched.insert(labels.clone(), Watched::new(opened.clone()));
-            }
-            // Its series may be swept while it lasts: looked up again when it closes.
-            return OpenConnection::LookedUpAtClose(self.clone(), Box::new(labels));
+        let mut watched = self.passthrough.lock().unwrap_or_else(PoisonError::into_inner);
+        if !watched.contains_key(&labels) {
+            watched.insert(labels.clone(), Watched::new(opened.clone()));
         }
-        OpenConnection::Registered {
-            closed: self.closed.get_or_create(closed).clone(),
-            received: self.received.get_or_create(received).clone(),
-            sent: self.sent.get_or_create(sent).clone(),
-            switches: self.switches.clone(),
-        }
+        // Its series may be swept while it lasts: looked up again when it closes.
+        OpenConnection::LookedUpAtClose(self.clone(), Box::new(labels))
     }
 
     /// A connection opened under other labels that ends with a response flag of its own (`DT`): its close and
@@ -308,15 +344,18 @@ impl ConnectionMetrics {
     }
 }
 
+/// The four series one connection counts in.
+pub struct TcpSeries {
+    opened: Counter,
+    closed: Counter,
+    sent: Counter,
+    received: Counter,
+}
+
 /// A connection counted as opened, to be counted as closed: its series, found once.
 #[must_use = "a connection opened is counted closed when it ends"]
 pub enum OpenConnection {
-    Registered {
-        closed: Counter,
-        received: Counter,
-        sent: Counter,
-        switches: MetricSwitches,
-    },
+    Registered(Arc<TcpSeries>, MetricSwitches),
     /// Series looked up when the connection closes (in the order of `Metric`: opened, closed, sent, received).
     LookedUpAtClose(ConnectionMetrics, Box<[TcpLabels; 4]>),
 }
@@ -325,16 +364,16 @@ impl OpenConnection {
     /// The connection ended: `received` bytes came from the client, `sent` went back to it.
     pub fn closed(self, received: u64, sent: u64) {
         match self {
-            OpenConnection::Registered { closed, received: from_client, sent: to_client, switches } => {
+            OpenConnection::Registered(series, switches) => {
                 let on = |metric| !switches.is_off(metric);
                 if on(Metric::TcpClosed) {
-                    closed.inc();
+                    series.closed.inc();
                 }
                 if on(Metric::TcpReceived) {
-                    from_client.inc_by(received);
+                    series.received.inc_by(received);
                 }
                 if on(Metric::TcpSent) {
-                    to_client.inc_by(sent);
+                    series.sent.inc_by(sent);
                 }
             }
             OpenConnection::LookedUpAtClose(metrics, labels) => {
@@ -351,5 +390,55 @@ impl OpenConnection {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_connection_counts_in_the_series_its_labels_name() {
+        let mut registry = Registry::default();
+        let metrics = ConnectionMetrics::register(&mut registry, &MetricSwitches::default());
+        let to = |host: &str, flag| {
+            TcpLabels::new(&DestinationLabels::registered(host.into(), "ns".into(), 443, None), flag)
+        };
+        let (none, dt) = (ResponseFlag::None, ResponseFlag::DurationTimeout);
+        // The same texts in other allocations (a reload's) count in the same series, found by address after.
+        let shared = to("a.com", none);
+        for labels in [to("a.com", none), to("a.com", none), shared.clone(), shared, to("a.com", dt), to("b.com", none)]
+        {
+            metrics.opened(&labels).closed(10, 100);
+        }
+        // A tag override's labels are series of their own.
+        let tagged = TcpLabels {
+            tags: Tags { left_out: 0, set: Some(Arc::new([("team".into(), LabelText::Static(&"pay"))])) },
+            ..to("a.com", none)
+        };
+        metrics.opened(&tagged).closed(1, 1);
+
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let value = |metric: &str, service: &str, flags: &str, tagged: bool| {
+            let labels = format!("destination_service=\"{service}\",destination_service_name=\"{service}\"");
+            let flags = format!("response_flags=\"{flags}\"");
+            text.lines()
+                .find(|line| {
+                    line.starts_with(&format!("{metric}{{"))
+                        && line.contains(&labels)
+                        && line.contains(&flags)
+                        && line.contains("team=\"pay\"") == tagged
+                })
+                .and_then(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        };
+        assert_eq!(value("istio_tcp_connections_opened_total", "a.com", "-", false), Some(4), "{text}");
+        assert_eq!(value("istio_tcp_connections_closed_total", "a.com", "-", false), Some(4), "{text}");
+        assert_eq!(value("istio_tcp_received_bytes_total", "a.com", "-", false), Some(40), "{text}");
+        assert_eq!(value("istio_tcp_sent_bytes_total", "a.com", "-", false), Some(400), "{text}");
+        assert_eq!(value("istio_tcp_connections_opened_total", "a.com", "DT", false), Some(1), "{text}");
+        assert_eq!(value("istio_tcp_connections_opened_total", "b.com", "-", false), Some(1), "{text}");
+        assert_eq!(value("istio_tcp_connections_opened_total", "a.com", "-", true), Some(1), "{text}");
+        assert_eq!(value("istio_tcp_sent_bytes_total", "a.com", "-", true), Some(1), "{text}");
     }
 }

@@ -10,6 +10,7 @@ pub mod expression;
 pub mod flows;
 pub mod metrics;
 pub mod passthrough;
+pub mod recent;
 pub mod requests;
 pub mod response_flags;
 pub mod scopes;

@@ -7,6 +7,8 @@
 //! taken, and parsers of whole TLS streams do not reassemble a handshake message across records. What is needed
 //! is one message's framing and one extension, each length checked against what holds it.
 
+use std::borrow::Cow;
+
 /// The largest ClientHello read, records and all (Envoy's `tls_inspector` default): past it the connection is
 /// refused. Post-quantum key shares make hellos of 2–3 KiB; padding and ECH can take them to 16 KiB and more.
 pub const MAX_CLIENT_HELLO: usize = 64 * 1024;
@@ -40,8 +42,9 @@ pub fn parse(bytes: &[u8]) -> Hello {
         Some(&HANDSHAKE_RECORD) => {}
         Some(_) => return Hello::NotTls,
     }
-    // The handshake message, reassembled from the records' fragments.
-    let mut message: Vec<u8> = Vec::new();
+    // The handshake message, reassembled from the records' fragments (borrowed from the first while it is whole
+    // there, as it nearly always is).
+    let mut message: Cow<'_, [u8]> = Cow::Borrowed(&[]);
     let mut at = 0;
     loop {
         let Some(header) = bytes.get(at..at + RECORD_HEADER) else { return incomplete(bytes) };
@@ -63,7 +66,11 @@ pub fn parse(bytes: &[u8]) -> Hello {
         if message.is_empty() && fragment[0] != CLIENT_HELLO {
             return Hello::Malformed("the first handshake message is not a ClientHello");
         }
-        message.extend_from_slice(fragment);
+        if message.is_empty() {
+            message = Cow::Borrowed(fragment);
+        } else {
+            message.to_mut().extend_from_slice(fragment);
+        }
         if message.len() < 4 {
             continue;
         }
@@ -142,16 +149,19 @@ fn server_name(body: &[u8]) -> Result<Option<String>, &'static str> {
         return Err("bytes follow the ClientHello's extensions");
     }
     let mut found = None;
-    let mut seen = std::collections::HashSet::new();
+    // Told apart by sorting (a hello of 16 KiB may list thousands: no scan per extension).
+    let mut kinds = Vec::with_capacity(32);
     while !extensions.0.is_empty() {
         let kind = extensions.u16()?;
         let mut data = extensions.vector(2)?;
-        if !seen.insert(kind) {
-            return Err("the ClientHello repeats an extension");
-        }
+        kinds.push(kind);
         if kind == SERVER_NAME {
             found = host_name(&mut data)?;
         }
+    }
+    kinds.sort_unstable();
+    if kinds.windows(2).any(|pair| pair[0] == pair[1]) {
+        return Err("the ClientHello repeats an extension");
     }
     Ok(found)
 }
@@ -340,6 +350,14 @@ mod tests {
         assert!(malformed(&hello_with_extensions(&[(SERVER_NAME, sni(b"a\0.example.com"))])));
         let twice = [(SERVER_NAME, sni(b"a.example.com")), (SERVER_NAME, sni(b"b.example.com"))];
         assert!(malformed(&hello_with_extensions(&twice)), "two server_name extensions");
+        let repeated = [(10, vec![0, 2, 0, 29]), (SERVER_NAME, sni(b"a.example.com")), (10, vec![0, 2, 0, 23])];
+        let repeated = hello_with_extensions(&repeated);
+        assert_eq!(parse(&repeated), Hello::Malformed("the ClientHello repeats an extension"));
+        // Thousands of distinct extensions (GREASE-like filler) are no repetition.
+        let mut many: Vec<(u16, Vec<u8>)> = (0..3000).map(|i| (0x4000 + i, vec![])).collect();
+        many.push((SERVER_NAME, sni(b"many.example.com")));
+        let many = refragmented(&hello_with_extensions(&many), 16_384);
+        assert_eq!(parse(&many), Hello::Complete { server_name: Some("many.example.com".into()), len: many.len() });
         let mut overrun = sni(b"a.example.com");
         overrun[1] += 1;
         assert!(malformed(&hello_with_extensions(&[(SERVER_NAME, overrun)])), "a list longer than its extension");

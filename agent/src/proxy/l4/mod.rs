@@ -88,7 +88,8 @@ impl HelloRefused {
 }
 
 /// Reads the client's bytes into `bytes` (all to be replayed, whatever the outcome) until they hold a whole
-/// ClientHello: its server name.
+/// ClientHello: its server name. (`bytes` is best passed empty, without capacity: the first read allocates 4 KiB,
+/// which holds nearly every hello, where a smaller buffer would be grown — and copied whole — at once.)
 pub async fn read_client_hello(
     stream: &mut TcpStream,
     within: std::time::Duration,
@@ -126,7 +127,7 @@ pub async fn serve_tls(
         return;
     }
     let clock = (SystemTime::now(), Instant::now());
-    let mut hello = Vec::with_capacity(2048);
+    let mut hello = Vec::new();
     match read_client_hello(&mut stream, proxy.limits().request_headers_timeout, &mut hello).await {
         Ok(server_name) => {
             serve_tls_read(stream, (peer, dialled), (&hello, server_name), arrival, proxy, clock).await;

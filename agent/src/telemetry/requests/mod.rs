@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, PoisonError, RwLock},
+    sync::{Arc, PoisonError},
     time::Duration,
 };
 
@@ -18,6 +18,7 @@ use super::{
     access_log::{writer::Sink, AccessLog},
     connections::ConnectionMetrics,
     passthrough::Watched,
+    recent::{self, RecentSeries},
     response_flags::ResponseFlag,
     scopes::{Scope, WorkloadScopes},
     switches::{Metric, MetricSwitches},
@@ -132,8 +133,8 @@ pub struct RequestMetrics {
     request_bytes: Family<RequestLabels, Histogram>,
     response_bytes: Family<RequestLabels, Histogram>,
     /// Each kind of request's four series, found with one lookup by what varies between requests, its shared
-    /// texts by address: a request's labels are built and hashed (by each family) only the first time.
-    recent: Arc<RwLock<HashMap<SeriesKey, Recent, foldhash::fast::RandomState>>>,
+    /// texts by address (held by the entry).
+    recent: Arc<RecentSeries<SeriesKey, Series, [LabelText; SHARED_TEXTS]>>,
     /// The series of destinations passed through unregistered, whose labels come from clients: dropped once
     /// unused for a while (`sweep`), so that the passthrough series cap holds the destinations in use. By the
     /// four metrics' labels (which tag overrides may make differ).
@@ -153,10 +154,8 @@ struct SeriesKey {
 
 impl SeriesKey {
     fn of(record: &RequestRecord) -> SeriesKey {
-        // Address and length: an empty text may share its address with another.
-        let address = |text: &str| (text.as_ptr() as usize, text.len());
         SeriesKey {
-            texts: shared_texts(record).map(|text| address(text.as_str())),
+            texts: shared_texts(record).map(|text| recent::address(text.as_str())),
             response_code: record.response_code,
             response_flags: record.response_flags,
             grpc: record.grpc,
@@ -182,16 +181,6 @@ fn shared_texts(record: &RequestRecord) -> [&LabelText; SHARED_TEXTS] {
     ]
     .map(|text| text.unwrap_or(&UNKNOWN))
 }
-
-/// A series in `RequestMetrics::recent`, with the texts its key is the address of: held, they cannot be freed and
-/// their addresses given to other texts while the entry lasts.
-struct Recent {
-    series: Arc<Series>,
-    _texts: [LabelText; SHARED_TEXTS],
-}
-
-/// How many entries `RequestMetrics::recent` keeps before it starts again (each reload makes new texts).
-const RECENT_LIMIT: usize = 4096;
 
 /// The four series one request updates.
 struct Series {
@@ -231,7 +220,7 @@ impl RequestMetrics {
             return Vec::new();
         }
         // The fast path's cache holds the series too: emptied, so that no request counts in a dropped one.
-        self.recent.write().unwrap_or_else(PoisonError::into_inner).clear();
+        self.recent.clear();
         for [requests, duration, request_bytes, response_bytes] in &stale {
             self.requests.remove(requests);
             self.duration.remove(duration);
@@ -249,19 +238,11 @@ impl RequestMetrics {
 
     /// The series `record` counts in.
     fn series_of(&self, record: &RequestRecord) -> Arc<Series> {
-        let key = SeriesKey::of(record);
-        if let Some(recent) = self.recent.read().unwrap_or_else(PoisonError::into_inner).get(&key) {
-            return recent.series.clone();
-        }
-        let labels = labels_of(record);
-        let series = self.series_labelled(record, [labels.clone(), labels.clone(), labels.clone(), labels]);
-        let texts = shared_texts(record).map(LabelText::clone);
-        let mut recent = self.recent.write().unwrap_or_else(PoisonError::into_inner);
-        if recent.len() >= RECENT_LIMIT {
-            recent.clear();
-        }
-        recent.insert(key, Recent { series: series.clone(), _texts: texts });
-        series
+        self.recent.find_or_make(SeriesKey::of(record), || {
+            let labels = labels_of(record);
+            let series = self.series_labelled(record, [labels.clone(), labels.clone(), labels.clone(), labels]);
+            (series, shared_texts(record).map(LabelText::clone))
+        })
     }
 
     /// The series `record` counts in under tag overrides: labelled per metric, each time (the values the
