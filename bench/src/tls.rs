@@ -85,12 +85,14 @@ impl Drop for Hosts {
 type Measured = fn() -> anyhow::Result<TlsRun>;
 
 /// The configurations compared, in the table's order.
-const CONFIGURATIONS: [(&str, Measured); 5] = [
+const CONFIGURATIONS: [(&str, Measured); 7] = [
     ("direct", direct),
     ("sluice", sluice),
     ("sluice-copy", sluice_copy),
+    ("sluice-gateway", sluice_gateway),
     ("haproxy", haproxy),
     ("nginx", nginx_stream),
+    ("nginx-half-close", nginx_stream_half_close),
 ];
 
 /// Runs every configuration (or those named in `only`), `crate::http::ROUNDS` times in turn; the medians.
@@ -154,6 +156,38 @@ fn sluice_with(name: &'static str, engine: &str) -> anyhow::Result<TlsRun> {
 
 const PEER_PORT: u16 = 8443;
 
+/// Sluice as an egress gateway's TLS PASSTHROUGH server (the seeds' "egress gateway with SNI"), dialled as the
+/// peers are: what interception adds to a connection's cost is the difference from the intercepted row.
+fn sluice_gateway() -> anyhow::Result<TlsRun> {
+    let topology = Topology::new()?;
+    let origin = origin(&topology)?;
+    let _hosts = Hosts::write(&topology.workload, GATEWAY_WORKLOAD_ADDR)?;
+    let config = tempfile::tempdir()?;
+    std::fs::write(
+        config.path().join("bench.yaml"),
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: bench, namespace: istio-system}}\n\
+             spec:\n  selector: {{istio: egressgateway}}\n  servers:\n  - port: {{number: {PEER_PORT}, name: tls, \
+             protocol: TLS}}\n    hosts: [{NAME}]\n    tls: {{mode: PASSTHROUGH}}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: bench, namespace: \
+             istio-system}}\nspec:\n  hosts: [{NAME}]\n  gateways: [bench]\n  tls:\n  - match: [{{port: {PEER_PORT}, \
+             sniHosts: [{NAME}]}}]\n    route: [{{destination: {{host: {NAME}, port: {{number: 443}}}}}}]\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: api, namespace: istio-system}}\n\
+             spec:\n  hosts: [{NAME}]\n  ports: [{{number: 443, name: tls, protocol: TLS}}]\n  endpoints: \
+             [{{address: {SERVER_A}}}]\n  resolution: STATIC\n"
+        ),
+    )?;
+    let args = format!(
+        "--intercept {GATEWAY_WORKLOAD_IFACE} --allow-cidr {GATEWAY_WORKLOAD_ADDR}/32 --access-log-format off \
+         --concurrency 1 --config {}",
+        config.path().display()
+    );
+    let agent = Agent::start(&topology.gateway, &args)?;
+    agent.wait_for_log("gateway listener open", 1)?;
+    pin_tree(agent.pid(), PROXY_CPU)?;
+    measure("sluice (Gateway server, PASSTHROUGH)", &topology, Some(agent.pid()), PEER_PORT, &origin.ca)
+}
+
 fn haproxy() -> anyhow::Result<TlsRun> {
     let topology = Topology::new()?;
     let origin = origin(&topology)?;
@@ -174,6 +208,17 @@ fn haproxy() -> anyhow::Result<TlsRun> {
 }
 
 fn nginx_stream() -> anyhow::Result<TlsRun> {
+    nginx_stream_with("nginx 1.22 (stream, ssl_preread)", false)
+}
+
+/// nginx passing a half-close on, as Envoy's `tcp_proxy` (and so Sluice, and HAProxy) does: by default nginx ends
+/// the session at the first side's close, which saves the work of the close's passing and of the other side's.
+fn nginx_stream_half_close() -> anyhow::Result<TlsRun> {
+    nginx_stream_with("nginx 1.22 (… proxy_half_close on)", true)
+}
+
+fn nginx_stream_with(name: &'static str, half_close: bool) -> anyhow::Result<TlsRun> {
+    let half_close = if half_close { "    proxy_half_close on;\n" } else { "" };
     let topology = Topology::new()?;
     let origin = origin(&topology)?;
     let _hosts = Hosts::write(&topology.workload, GATEWAY_WORKLOAD_ADDR)?;
@@ -184,13 +229,13 @@ fn nginx_stream() -> anyhow::Result<TlsRun> {
         "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\ndaemon off;\nworker_processes 1;\n\
          pid {root}/nginx.pid;\nerror_log {root}/error.log;\nevents {{ worker_connections 4096; }}\n\
          stream {{\n  map $ssl_preread_server_name $upstream {{ {NAME} {SERVER_A}:443; default 127.0.0.1:1; }}\n  \
-         server {{\n    listen {listen};\n    ssl_preread on;\n    proxy_pass $upstream;\n  }}\n}}\n"
+         server {{\n    listen {listen};\n    ssl_preread on;\n    proxy_pass $upstream;\n{half_close}  }}\n}}\n"
     );
     let path = dir.path().join("nginx.conf");
     std::fs::write(&path, config)?;
     let mut command = topology.gateway.command("nginx");
     command.args(["-e", &format!("{root}/error.log"), "-p", &root.to_string(), "-c"]).arg(&path);
-    spawned("nginx 1.22 (stream, ssl_preread)", &topology, ("nginx", command), listen, &origin.ca)
+    spawned(name, &topology, ("nginx", command), listen, &origin.ca)
 }
 
 fn spawned(
@@ -327,6 +372,12 @@ pub fn print(runs: &[(&'static str, TlsRun)]) {
             ["haproxy", "nginx"].iter().filter_map(|key| get(key)?.cpu_us_per_connection).fold(f64::INFINITY, f64::min);
         if let (Some(cpu), true) = (sluice.cpu_us_per_connection, best_peer.is_finite()) {
             println!("sluice CPU per connection / best peer's = {:.2}", cpu / best_peer);
+        }
+        // The same semantics: both pass the half-close on.
+        if let (Some(cpu), Some(peer)) =
+            (sluice.cpu_us_per_connection, get("nginx-half-close").and_then(|run| run.cpu_us_per_connection))
+        {
+            println!("sluice CPU per connection / nginx's passing the half-close on = {:.2}", cpu / peer);
         }
         if let Some(direct) = get("direct") {
             println!(
