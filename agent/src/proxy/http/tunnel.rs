@@ -83,13 +83,17 @@ impl HttpProxy {
         tokio::spawn(async move {
             match hyper::upgrade::on(request).await {
                 Ok(upgraded) => {
-                    let each = tagged.unwrap_or_else(|| std::array::from_fn(|_| tcp_labels.clone()));
-                    let open = tcp.opened_labelled(each.clone());
+                    // Untagged, its series are found by its labels' texts (no hashing of the labels per tunnel).
+                    let open = match &tagged {
+                        Some(each) => tcp.opened_labelled(each.clone()),
+                        None => tcp.opened(&tcp_labels),
+                    };
                     let joined = relay_tunnel(relay, upgraded, upstream, bounds).await;
                     // Ended by its lifetime: closed under `DT`, as Istio labels a connection's last report.
                     let open = match joined.ended {
                         Ended::Lifetime => {
                             drop(open);
+                            let each = tagged.unwrap_or_else(|| std::array::from_fn(|_| tcp_labels.clone()));
                             tcp.ending(each.map(|labels| labels.with_flag(ResponseFlag::DurationTimeout)))
                         }
                         _ => open,
