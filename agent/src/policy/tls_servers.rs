@@ -275,6 +275,10 @@ fn server_config(tls: &ServerTls, credentials: &CredentialSource) -> Result<(Ser
     let mut config =
         builder.with_single_cert(chain, key).map_err(|error| format!("the certificate and its key: {error}"))?;
     config.ignore_client_order = true;
+    // Sessions resumed from tickets the clients hold (keys rotated every 6 hours), as Envoy resumes them by
+    // default: any number of clients resume, where a cache of sessions on the gateway holds a few hundred.
+    config.ticketer =
+        rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|error| format!("session ticket keys: {error}"))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     if istio {
         // What Istio's sidecars offer the gateway over the mesh's mTLS.

@@ -166,3 +166,83 @@ fn client_certificates_are_pinned_by_their_public_key_or_their_whole_hash_as_env
     assert!(!Pins::compile(&["not base64!".into()], &["zz".into()]).admit(&leaf), "a pin that does not decode");
     assert!(Pins::default().admit(&stranger), "no pins: any certificate");
 }
+
+/// A CA and a certificate it signs for `name`, written in `dir`: (CA, cert, key).
+fn ca_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let certificate = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap().signed_by(&key, &issuer).unwrap();
+    let paths = (dir.join("ca.pem"), dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, certificate.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// A TLS 1.3 handshake in memory between a connection of `client` and one of `server`, with the session tickets
+/// the server sends after it taken in by the client: whether the client resumed a session.
+fn handshake(server: &Arc<ServerConfig>, client: &Arc<rustls::ClientConfig>) -> rustls::HandshakeKind {
+    let name = rustls::pki_types::ServerName::try_from("api.example.com").unwrap();
+    let mut client = rustls::ClientConnection::new(client.clone(), name).unwrap();
+    let mut server = rustls::ServerConnection::new(server.clone()).unwrap();
+    let mut bytes = Vec::new();
+    // Client hello; server flight; client finished; server tickets.
+    for _ in 0..4 {
+        bytes.clear();
+        while client.wants_write() {
+            client.write_tls(&mut bytes).unwrap();
+        }
+        let mut read = bytes.as_slice();
+        while !read.is_empty() {
+            server.read_tls(&mut read).unwrap();
+            server.process_new_packets().unwrap();
+        }
+        bytes.clear();
+        while server.wants_write() {
+            server.write_tls(&mut bytes).unwrap();
+        }
+        let mut read = bytes.as_slice();
+        while !read.is_empty() {
+            client.read_tls(&mut read).unwrap();
+            client.process_new_packets().unwrap();
+        }
+    }
+    assert!(!client.is_handshaking() && !server.is_handshaking());
+    client.handshake_kind().unwrap()
+}
+
+#[test]
+fn sessions_resume_from_tickets_however_many_clients_came_since() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = ca_signed(dir.path(), "api.example.com");
+    let yaml = format!(
+        "{{port: {{number: 443, name: a, protocol: HTTPS}}, hosts: ['*'], tls: {{mode: SIMPLE, serverCertificate: \
+         {}, privateKey: {}}}}}",
+        cert.display(),
+        key.display()
+    );
+    let server = compiled(&yaml, &CredentialSource::default()).config.unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(certificates(&ca).unwrap());
+    let client = || {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        Arc::new(config)
+    };
+    let first = client();
+    assert_eq!(handshake(&server, &first), rustls::HandshakeKind::Full);
+    assert_eq!(handshake(&server, &first), rustls::HandshakeKind::Resumed);
+    // More clients than a gateway-side cache of sessions (256) holds, each given two tickets.
+    for _ in 0..300 {
+        assert_eq!(handshake(&server, &client()), rustls::HandshakeKind::Full);
+    }
+    assert_eq!(handshake(&server, &first), rustls::HandshakeKind::Resumed, "the first client's ticket still resumes");
+}
