@@ -65,18 +65,7 @@ pub const TCP_LABEL_NAMES: [&str; 9] = [
 /// The standard labels the tags leave in, then the labels they set.
 impl EncodeLabelSet for TcpLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
-        let standard = [
-            &self.reporter,
-            &self.source_workload,
-            &self.source_workload_namespace,
-            &self.destination_service,
-            &self.destination_service_name,
-            &self.destination_service_namespace,
-            &self.request_protocol,
-            &self.response_flags,
-            &self.connection_security_policy,
-        ];
-        for (i, (name, value)) in TCP_LABEL_NAMES.iter().zip(standard).enumerate() {
+        for (i, (name, value)) in TCP_LABEL_NAMES.iter().zip(self.standard()).enumerate() {
             if self.tags.left_out & (1 << i) == 0 {
                 (*name, value.clone()).encode(encoder.encode_label())?;
             }
@@ -134,7 +123,12 @@ impl TcpLabels {
         if self.tags != Tags::default() {
             return None;
         }
-        let texts = [
+        Some(self.standard().map(|text| recent::address(text.as_str())))
+    }
+
+    /// The standard labels' values, in the order of `TCP_LABEL_NAMES`.
+    fn standard(&self) -> [&Label; TCP_LABEL_NAMES.len()] {
+        [
             &self.reporter,
             &self.source_workload,
             &self.source_workload_namespace,
@@ -144,8 +138,7 @@ impl TcpLabels {
             &self.request_protocol,
             &self.response_flags,
             &self.connection_security_policy,
-        ];
-        Some(texts.map(|text| recent::address(text.as_str())))
+        ]
     }
 }
 

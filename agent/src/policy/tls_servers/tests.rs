@@ -189,30 +189,26 @@ fn handshake(server: &Arc<ServerConfig>, client: &Arc<rustls::ClientConfig>) -> 
     let name = rustls::pki_types::ServerName::try_from("api.example.com").unwrap();
     let mut client = rustls::ClientConnection::new(client.clone(), name).unwrap();
     let mut server = rustls::ServerConnection::new(server.clone()).unwrap();
-    let mut bytes = Vec::new();
     // Client hello; server flight; client finished; server tickets.
     for _ in 0..4 {
-        bytes.clear();
-        while client.wants_write() {
-            client.write_tls(&mut bytes).unwrap();
-        }
-        let mut read = bytes.as_slice();
-        while !read.is_empty() {
-            server.read_tls(&mut read).unwrap();
-            server.process_new_packets().unwrap();
-        }
-        bytes.clear();
-        while server.wants_write() {
-            server.write_tls(&mut bytes).unwrap();
-        }
-        let mut read = bytes.as_slice();
-        while !read.is_empty() {
-            client.read_tls(&mut read).unwrap();
-            client.process_new_packets().unwrap();
-        }
+        transfer(&mut client, &mut server);
+        transfer(&mut server, &mut client);
     }
     assert!(!client.is_handshaking() && !server.is_handshaking());
     client.handshake_kind().unwrap()
+}
+
+/// Moves the TLS records `from` has to send into `to`, which takes them in.
+fn transfer<A, B>(from: &mut rustls::ConnectionCommon<A>, to: &mut rustls::ConnectionCommon<B>) {
+    let mut bytes = Vec::new();
+    while from.wants_write() {
+        from.write_tls(&mut bytes).unwrap();
+    }
+    let mut read = bytes.as_slice();
+    while !read.is_empty() {
+        to.read_tls(&mut read).unwrap();
+        to.process_new_packets().unwrap();
+    }
 }
 
 #[test]
