@@ -280,8 +280,8 @@ fn server_config(tls: &ServerTls, credentials: &CredentialSource) -> Result<(Ser
     config.ticketer =
         rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|error| format!("session ticket keys: {error}"))?;
     // One ticket per handshake (rustls sends two by default; OpenSSL one when a session resumes): a client holds
-    // what its next connection resumes with, and every handshake sealing and sending a second cost 5–8 % of a
-    // resumed handshake's CPU (bench/README.md).
+    // what its next connection resumes with, and sealing and sending a second cost 5–15 % of a resumed
+    // handshake's CPU in the bench's runs (bench/README.md).
     config.send_tls13_tickets = 1;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     if istio {

@@ -353,7 +353,7 @@ mod tests {
         let repeated = [(10, vec![0, 2, 0, 29]), (SERVER_NAME, sni(b"a.example.com")), (10, vec![0, 2, 0, 23])];
         let repeated = hello_with_extensions(&repeated);
         assert_eq!(parse(&repeated), Hello::Malformed("the ClientHello repeats an extension"));
-        // Thousands of distinct extensions (GREASE-like filler) are no repetition.
+        // Thousands of distinct extensions (of types no one has registered) are no repetition.
         let mut many: Vec<(u16, Vec<u8>)> = (0..3000).map(|i| (0x4000 + i, vec![])).collect();
         many.push((SERVER_NAME, sni(b"many.example.com")));
         let many = refragmented(&hello_with_extensions(&many), 16_384);
