@@ -1,7 +1,8 @@
-//! `sluice-bench https`: TLS terminated on a Gateway port, side by side — full handshakes per second (a new TLS
-//! connection for each request) with the proxy's CPU per handshake, and keep-alive requests per second with its
-//! CPU per request — for Sluice (a Gateway server with `tls.mode: SIMPLE`), nginx (`ssl` and `proxy_pass`) and
-//! HAProxy (`ssl crt`), each in front of the same plain-HTTP origin.
+//! `sluice-bench https`: TLS terminated on a Gateway port, side by side — handshakes per second with the proxy's
+//! CPU per handshake, full (clients that never resume: `openssl s_time -new`) and resumed (wrk: a new TLS
+//! connection for each request, resuming its last session, as HTTP clients do), and keep-alive requests per second
+//! with its CPU per request — for Sluice (a Gateway server with `tls.mode: SIMPLE`), nginx (`ssl` and
+//! `proxy_pass`) and HAProxy (`ssl crt`), each in front of the same plain-HTTP origin, all speaking TLS 1.3.
 
 use std::net::SocketAddr;
 
@@ -29,6 +30,8 @@ const CLIENT_CPU: &str = "0";
 
 pub struct HttpsRun {
     pub name: &'static str,
+    pub full_handshakes_per_second: f64,
+    pub cpu_us_per_full_handshake: f64,
     pub handshakes_per_second: f64,
     pub cpu_us_per_handshake: f64,
     pub requests_per_second: f64,
@@ -61,6 +64,8 @@ fn median(runs: Vec<HttpsRun>) -> HttpsRun {
     let middle = |figure: fn(&HttpsRun) -> f64| crate::http::middle(runs.iter().map(figure).collect()).unwrap_or(0.0);
     HttpsRun {
         name: runs[0].name,
+        full_handshakes_per_second: middle(|run| run.full_handshakes_per_second),
+        cpu_us_per_full_handshake: middle(|run| run.cpu_us_per_full_handshake),
         handshakes_per_second: middle(|run| run.handshakes_per_second),
         cpu_us_per_handshake: middle(|run| run.cpu_us_per_handshake),
         requests_per_second: middle(|run| run.requests_per_second),
@@ -80,7 +85,7 @@ fn sluice() -> anyhow::Result<HttpsRun> {
         format!(
             "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: bench, namespace: istio-system}}\n\
              spec:\n  selector: {{istio: egressgateway}}\n  servers:\n  - port: {{number: {PORT}, name: https, \
-             protocol: HTTPS}}\n    hosts: [{NAME}]\n    tls: {{mode: SIMPLE, serverCertificate: {cert}, privateKey: \
+             protocol: HTTPS}}\n    hosts: [{NAME}, \"*\"]\n    tls: {{mode: SIMPLE, serverCertificate: {cert}, privateKey: \
              {key}}}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: bench, \
              namespace: istio-system}}\nspec:\n  hosts: [{NAME}]\n  gateways: [bench]\n  http:\n  - route: \
              [{{destination: {{host: origin.bench, port: {{number: 80}}}}}}]\n---\napiVersion: \
@@ -107,9 +112,12 @@ fn nginx_terminating() -> anyhow::Result<HttpsRun> {
     let dir = tempfile::tempdir()?;
     let (_, cert, key) = certificates(dir.path(), "bench-ca", &[NAME]);
     let listen: SocketAddr = format!("{GATEWAY_WORKLOAD_ADDR}:{PORT}").parse()?;
+    // nginx 1.22 offers TLS 1.2 alone unless told (1.23.4 added 1.3 to its default): the protocols it has
+    // offered by default since, so that every proxy here resumes and negotiates TLS 1.3, as clients do.
     let config = format!(
         "upstream origin {{ server {SERVER_A}:80; keepalive 32; }}\n  server {{\n    listen {listen} ssl http2;\n    \
-         ssl_certificate {cert};\n    ssl_certificate_key {key};\n    keepalive_requests 1000000;\n    \
+         ssl_certificate {cert};\n    ssl_certificate_key {key};\n    ssl_protocols TLSv1.2 TLSv1.3;\n    \
+         keepalive_requests 1000000;\n    \
          location / {{ proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n"
     );
     let nginx = Nginx::start_with(&topology.gateway, &config, &[listen])?;
@@ -143,8 +151,8 @@ fn haproxy() -> anyhow::Result<HttpsRun> {
     measure("HAProxy 2.6 (ssl crt)", &topology, process.pid())
 }
 
-/// Handshakes (a new connection for each request), then keep-alive requests, through the proxy whose processes
-/// descend from `pid`.
+/// Full handshakes, resumed handshakes (a new connection for each request), then keep-alive requests, through the
+/// proxy whose processes descend from `pid`.
 fn measure(name: &'static str, topology: &Topology, pid: u32) -> anyhow::Result<HttpsRun> {
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
     let url = format!("https://{NAME}:{PORT}/");
@@ -155,6 +163,9 @@ fn measure(name: &'static str, topology: &Topology, pid: u32) -> anyhow::Result<
     let per = |ticks: u64, count: u64| ticks as f64 * 1e6 / hz / count.max(1) as f64;
     wrk(&topology.workload, &url, true).context("warming up")?;
     let before = cpu();
+    let (full_handshakes_per_second, full_handshakes) = full_handshakes(topology)?;
+    let full_handshake_ticks = cpu().saturating_sub(before);
+    let before = cpu();
     let (handshakes_per_second, handshakes) =
         counting_instructions(Some(pid), name, "handshakes", || wrk(&topology.workload, &url, true))?;
     let handshake_ticks = cpu().saturating_sub(before);
@@ -164,6 +175,8 @@ fn measure(name: &'static str, topology: &Topology, pid: u32) -> anyhow::Result<
     let request_ticks = cpu().saturating_sub(before);
     Ok(HttpsRun {
         name,
+        full_handshakes_per_second,
+        cpu_us_per_full_handshake: per(full_handshake_ticks, full_handshakes),
         handshakes_per_second,
         cpu_us_per_handshake: per(handshake_ticks, handshakes),
         requests_per_second,
@@ -172,21 +185,57 @@ fn measure(name: &'static str, topology: &Topology, pid: u32) -> anyhow::Result<
     })
 }
 
+/// Clients that never resume — `openssl s_time -new`, four at once on the client's CPU, each handshaking and
+/// closing for the bench's duration (it sends no name: each proxy's default server answers) — and the handshakes
+/// they completed: (per second, count).
+fn full_handshakes(topology: &Topology) -> anyhow::Result<(f64, u64)> {
+    const CLIENTS: usize = 4;
+    let address = format!("{GATEWAY_WORKLOAD_ADDR}:{PORT}");
+    let clients = (0..CLIENTS)
+        .map(|_| {
+            let mut command = topology.workload.command("taskset");
+            command.args(["-c", CLIENT_CPU, "openssl", "s_time", "-connect", &address, "-new", "-time", "5"]);
+            command.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
+            command.spawn().context("running openssl s_time")
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (mut count, mut seconds) = (0, 0.0f64);
+    for client in clients {
+        let output = client.wait_with_output()?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        // "N connections in T real seconds, …"
+        let (n, t) = text
+            .lines()
+            .find_map(|line| {
+                let (n, rest) = line.split_once(" connections in ")?;
+                let t = rest.split_once(" real seconds")?.0;
+                Some((n.trim().parse::<u64>().ok()?, t.trim().parse::<f64>().ok()?))
+            })
+            .with_context(|| format!("openssl s_time printed no count:\n{text}"))?;
+        count += n;
+        seconds = seconds.max(t);
+    }
+    anyhow::ensure!(count > 0, "no full handshake completed through {address}");
+    Ok((count as f64 / seconds.max(1.0), count))
+}
+
 /// Prints the table and the ratios the targets are stated in.
 pub fn print(runs: &[HttpsRun]) {
     println!(
-        "TLS terminated on a Gateway port (wrk -t1 -c8 -d5s: a new TLS connection per request, then keep-alive; \
-         medians of {} rounds)",
+        "TLS 1.3 terminated on a Gateway port (full: openssl s_time -new ×4, 5 s; resumed: wrk -t1 -c8 -d5s, a \
+         new TLS connection per request; then keep-alive; medians of {} rounds)",
         crate::http::ROUNDS
     );
     println!(
-        "{:<36} {:>12} {:>16} {:>12} {:>14} {:>8}",
-        "through", "handshakes/s", "CPU us/handshake", "requests/s", "CPU us/request", "RSS MiB"
+        "{:<36} {:>7} {:>9} {:>10} {:>9} {:>10} {:>11} {:>8}",
+        "through", "full/s", "CPU us", "resumed/s", "CPU us", "requests/s", "CPU us/req", "RSS MiB"
     );
     for run in runs {
         println!(
-            "{:<36} {:>12.0} {:>16.1} {:>12.0} {:>14.1} {:>8.1}",
+            "{:<36} {:>7.0} {:>9.1} {:>10.0} {:>9.1} {:>10.0} {:>11.1} {:>8.1}",
             run.name,
+            run.full_handshakes_per_second,
+            run.cpu_us_per_full_handshake,
             run.handshakes_per_second,
             run.cpu_us_per_handshake,
             run.requests_per_second,
@@ -199,7 +248,11 @@ pub fn print(runs: &[HttpsRun]) {
     let best = |figure: fn(&HttpsRun) -> f64| peers.iter().map(|run| figure(run)).fold(f64::INFINITY, f64::min);
     if !peers.is_empty() {
         println!(
-            "sluice CPU per handshake / best peer's = {:.2}",
+            "sluice CPU per full handshake / best peer's = {:.2}",
+            sluice.cpu_us_per_full_handshake / best(|run| run.cpu_us_per_full_handshake)
+        );
+        println!(
+            "sluice CPU per resumed handshake / best peer's = {:.2}",
             sluice.cpu_us_per_handshake / best(|run| run.cpu_us_per_handshake)
         );
         println!(
