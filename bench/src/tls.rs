@@ -53,7 +53,7 @@ fn origin(topology: &Topology) -> anyhow::Result<Origin> {
     let listen = SocketAddr::new(SERVER_A.parse()?, 443);
     let config = format!(
         "server {{\n    listen {listen} ssl;\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    \
-         keepalive_requests 1000000;\n    location = / {{ default_type text/plain; return 200 \"hello\\n\"; }}\n    \
+         ssl_protocols TLSv1.2 TLSv1.3;\n    keepalive_requests 1000000;\n    location = / {{ default_type text/plain; return 200 \"hello\\n\"; }}\n    \
          location = /bulk {{ alias {}; }}\n  }}\n",
         bulk.display()
     );
