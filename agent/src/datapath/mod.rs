@@ -3,6 +3,7 @@
 //! counted.
 
 mod blackholed;
+mod btf;
 mod counters;
 mod generations;
 pub mod interfaces;
@@ -10,6 +11,7 @@ mod link_info;
 mod link_watch;
 mod object;
 mod pins;
+mod relay_maps;
 mod routing;
 mod sources;
 
@@ -31,6 +33,7 @@ pub use counters::{VerdictCounters, VerdictTotals};
 pub use interfaces::{Interface, InterfaceSpec};
 pub use link_watch::LinkEvents;
 pub use pins::{cleanup, DEFAULT_PIN_DIR};
+pub use relay_maps::{Joining, RelayMaps};
 pub use routing::{InterceptRouting, MARK, MARK_MASK, ROUTE_TABLE, RULE_PRIORITY};
 
 use crate::policy::DatapathPolicy;
@@ -91,6 +94,8 @@ pub struct Datapath {
     blackholed: BlackholedDestinations,
     sources: sources::SourceModes,
     events: Option<RingBuf<MapData>>,
+    /// The kernel relay's maps, or why it could not be loaded; taken once by the proxy.
+    relay: Option<Result<RelayMaps, String>>,
     /// The interfaces the classifier is on, by name: the index of the interface it was attached to.
     attached: BTreeMap<String, u32>,
     /// Every interface name the classifier has been on: one that comes back was re-created.
@@ -164,8 +169,12 @@ impl Datapath {
                 "pinned maps of another layout (an earlier version's) are replaced: their counts start again"
             );
         }
+        // The relay's stream verdict reads the peer's acknowledged bytes where this kernel keeps them; 0 (not
+        // found) makes it leave every segment to the proxy.
+        let bytes_acked_at = btf::member_offset("tcp_sock", "bytes_acked").unwrap_or(0);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins.path())
+            .override_global(names::RELAY_BYTES_ACKED_AT, &bytes_acked_at, true)
             .load(object::OBJECT)
             .map_err(DatapathError::Load)?;
         let program = program(&mut ebpf)?;
@@ -182,6 +191,11 @@ impl Datapath {
         let sources = sources::SourceModes::take(&mut ebpf)?;
         let events = RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?)
             .map_err(|source| DatapathError::Map { map: names::EVENTS, source })?;
+        let relay = if bytes_acked_at == 0 {
+            Err("the kernel's BTF has no tcp_sock.bytes_acked".to_owned())
+        } else {
+            relay_maps::load(&mut ebpf).map_err(|error| format!("{error:#}"))
+        };
         Ok(Datapath {
             ebpf,
             pins,
@@ -190,6 +204,7 @@ impl Datapath {
             blackholed,
             sources,
             events: Some(events),
+            relay: Some(relay),
             attached: BTreeMap::new(),
             known: Default::default(),
             started: false,
@@ -365,6 +380,11 @@ impl Datapath {
     /// The blocked-flow event ring buffer (once).
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
+    }
+
+    /// The kernel relay's maps (its stream verdict loaded and attached), or why this kernel cannot have it.
+    pub fn take_relay(&mut self) -> Result<RelayMaps, String> {
+        self.relay.take().unwrap_or_else(|| Err("already taken".to_owned()))
     }
 }
 
