@@ -23,21 +23,32 @@ use crate::datapath::{Joining, RelayMaps};
 
 /// The proxy's buffer per direction, for what the verdict leaves it.
 const BUFFER: usize = 64 * 1024;
-/// How often the proxy looks again whether the peer has taken what the verdict handed it.
-const CATCH_UP_POLL: Duration = Duration::from_millis(1);
+/// How long the proxy waits before it looks again whether the peer has taken what the verdict handed it: the first
+/// wait, doubled while nothing moves up to the last (a peer that takes nothing costs a few wake-ups a second).
+const CATCH_UP_POLL: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(100));
 /// How often the relay looks whether the kernel moved bytes (they do not wake the proxy), for the idle timeout.
 const ACTIVITY_POLL: Duration = Duration::from_secs(1);
 
-/// Relays between `first` and `second` through the kernel; None when the sockets could not join the maps (the
-/// caller relays them another way; nothing was read).
-pub async fn join(maps: &RelayMaps, first: &TcpStream, second: &TcpStream, bounds: Bounds) -> Option<Relayed> {
+/// Bytes moved before the sockets could not join the relay maps: the caller relays the rest another way.
+pub struct Unjoined {
+    pub from_first: u64,
+    pub from_second: u64,
+}
+
+/// Relays between `first` and `second` through the kernel.
+pub async fn join(
+    maps: &RelayMaps,
+    first: &TcpStream,
+    second: &TcpStream,
+    bounds: Bounds,
+) -> Result<Relayed, Unjoined> {
     let activity = Activity::new();
     // Bytes already queued are moved by the proxy first: the verdict sees whole segments only from the join on.
     let early = (drain(first, second).await, drain(second, first).await);
     let (early_first, early_second) = match early {
         (Ok(first), Ok(second)) => (first, second),
         (Err(error), _) | (_, Err(error)) => {
-            return Some(Relayed {
+            return Ok(Relayed {
                 from_first: 0,
                 from_second: 0,
                 ended: Ended::Failed(error.kind()),
@@ -49,7 +60,7 @@ pub async fn join(maps: &RelayMaps, first: &TcpStream, second: &TcpStream, bound
     let bases = match (accepted(first), accepted(second)) {
         (Ok(first), Ok(second)) => (first, second),
         (Err(error), _) | (_, Err(error)) => {
-            return Some(Relayed {
+            return Ok(Relayed {
                 from_first: early_first,
                 from_second: early_second,
                 ended: Ended::Failed(error.kind()),
@@ -70,7 +81,7 @@ pub async fn join(maps: &RelayMaps, first: &TcpStream, second: &TcpStream, bound
             if !WARNED.swap(true, Ordering::Relaxed) {
                 tracing::warn!(%error, "a connection could not join the kernel relay: it is spliced (said once)");
             }
-            return None;
+            return Err(Unjoined { from_first: early_first, from_second: early_second });
         }
     };
     let (written_first, written_second) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -101,7 +112,7 @@ pub async fn join(maps: &RelayMaps, first: &TcpStream, second: &TcpStream, bound
         engine: Engine::Kernel,
     };
     maps.leave([first_cookie, second_cookie]);
-    Some(relayed)
+    Ok(relayed)
 }
 
 /// Moves what `from` already holds to `to`; the bytes moved. A stream that has ended stays ended: the direction
@@ -166,15 +177,19 @@ async fn direction(
 /// Waits until `to` has taken into its send queue every byte handed to it: `base` before the join, then what the
 /// verdict redirected and the proxy wrote.
 async fn caught_up(maps: &RelayMaps, cookie: u64, to: &TcpStream, base: u64, written: u64) -> io::Result<()> {
+    let (mut wait, mut last) = (CATCH_UP_POLL.0, 0);
     loop {
         let redirected = maps.direction(cookie).map_or(0, |direction| direction.redirected);
-        if accepted(to)?.saturating_sub(base) >= redirected + written {
+        let taken = accepted(to)?.saturating_sub(base);
+        if taken >= redirected + written {
             return Ok(());
         }
         if let Some(error) = to.take_error()? {
             return Err(error);
         }
-        tokio::time::sleep(CATCH_UP_POLL).await;
+        wait = if taken > last { CATCH_UP_POLL.0 } else { (wait * 2).min(CATCH_UP_POLL.1) };
+        last = taken;
+        tokio::time::sleep(wait).await;
     }
 }
 

@@ -131,14 +131,18 @@ impl Relay {
     /// Relays between two TCP sockets with the configured engine. On a failure (a reset, a write to a closed
     /// peer), both are set to reset when dropped: the side still open learns of it as a reset too.
     pub async fn sockets(&self, first: &mut TcpStream, second: &mut TcpStream, bounds: Bounds) -> Relayed {
-        let kernel = match (self.engine, self.kernel) {
-            (Engine::Kernel, Some(maps)) => kernel::join(maps, first, second, bounds).await,
-            _ => None,
-        };
-        let relayed = match (kernel, self.engine) {
-            (Some(relayed), _) => relayed,
-            (None, Engine::Copy) => copy::join(first, second, bounds).await,
-            (None, _) => spliced(first, second, bounds).await,
+        let relayed = match (self.engine, self.kernel) {
+            (Engine::Kernel, Some(maps)) => match kernel::join(maps, first, second, bounds).await {
+                Ok(relayed) => relayed,
+                Err(moved) => {
+                    let spliced = spliced(first, second, bounds).await;
+                    let (from_first, from_second) =
+                        (spliced.from_first + moved.from_first, spliced.from_second + moved.from_second);
+                    Relayed { from_first, from_second, ..spliced }
+                }
+            },
+            (Engine::Copy, _) => copy::join(first, second, bounds).await,
+            _ => spliced(first, second, bounds).await,
         };
         if matches!(relayed.ended, Ended::Failed(_)) {
             crate::proxy::tcp::reset(first);
@@ -258,6 +262,12 @@ mod tests {
         let mut answer = Vec::new();
         client.read_to_end(&mut answer).await.unwrap();
         (serving.await.unwrap(), answer.len(), relaying.await.unwrap())
+    }
+
+    #[test]
+    fn the_kernel_engine_is_had_only_with_the_datapaths_maps() {
+        assert_eq!(Relay::new(Engine::Kernel).engine(), Engine::Splice);
+        assert_eq!(Relay::new(Engine::Copy).engine(), Engine::Copy);
     }
 
     #[tokio::test]
