@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 
 use super::{Activity, Bounds, Ended, Engine, Relayed};
 use crate::datapath::{Joining, RelayMaps};
+use sluice_common::RelayDirection;
 
 /// The proxy's buffer per direction, for what the verdict leaves it.
 const BUFFER: usize = 64 * 1024;
@@ -75,7 +76,7 @@ pub async fn join(
         Ok((first.cookie, second.cookie))
     })();
     let (first_cookie, second_cookie) = match joined {
-        Ok(cookies) => cookies,
+        Ok((first, second)) => (first, second),
         Err(error) => {
             static WARNED: AtomicBool = AtomicBool::new(false);
             if !WARNED.swap(true, Ordering::Relaxed) {
@@ -84,6 +85,9 @@ pub async fn join(
             return Err(Unjoined { from_first: early_first, from_second: early_second });
         }
     };
+    // From here the entries leave the maps however the relay ends, a relay dropped half-way (the agent stopping)
+    // too: the sockets' closing takes them out of the socket map, not out of the others.
+    let _joined = Joined { maps, cookies: [first_cookie, second_cookie] };
     let (written_first, written_second) = (AtomicU64::new(0), AtomicU64::new(0));
     let both = async {
         let directions = async {
@@ -104,15 +108,25 @@ pub async fn join(
         ?second_counts,
         "bytes relayed in the kernel (redirected) and by the proxy (passed)"
     );
-    let redirected = |cookie| maps.direction(cookie).map_or(0, |direction| direction.redirected);
-    let relayed = Relayed {
-        from_first: early_first + redirected(first_cookie) + written_first.load(Ordering::Relaxed),
-        from_second: early_second + redirected(second_cookie) + written_second.load(Ordering::Relaxed),
+    let redirected = |counts: Option<RelayDirection>| counts.map_or(0, |direction| direction.redirected);
+    Ok(Relayed {
+        from_first: early_first + redirected(first_counts) + written_first.load(Ordering::Relaxed),
+        from_second: early_second + redirected(second_counts) + written_second.load(Ordering::Relaxed),
         ended: Ended::from_outcome(outcome),
         engine: Engine::Kernel,
-    };
-    maps.leave([first_cookie, second_cookie]);
-    Ok(relayed)
+    })
+}
+
+/// A joined pair's entries in the relay maps, taken out when dropped.
+struct Joined<'a> {
+    maps: &'a RelayMaps,
+    cookies: [u64; 2],
+}
+
+impl Drop for Joined<'_> {
+    fn drop(&mut self) {
+        self.maps.leave(self.cookies);
+    }
 }
 
 /// Moves what `from` already holds to `to`; the bytes moved. A stream that has ended stays ended: the direction
