@@ -196,7 +196,11 @@ impl App {
         let claim = Claim::on(&settings.bpffs).await?;
         // The datapath first: when the maps hold a previous agent's policy, attaching at once enforces it on
         // interfaces that came while no agent ran, before the configuration's names are resolved.
-        let mut datapath = Datapath::load(&settings.bpffs)?;
+        let mut datapath = if settings.relay_engine == Engine::Kernel {
+            Datapath::load_with_kernel_relay(&settings.bpffs)?
+        } else {
+            Datapath::load(&settings.bpffs)?
+        };
         let routing = Arc::new(InterceptRouting::connect().context("connecting to rtnetlink")?);
         if intercepting {
             routing.install().await?;

@@ -160,6 +160,16 @@ impl Datapath {
     /// Loads the embedded object, reusing the maps pinned under `pin_dir` (created, on a bpf filesystem mounted
     /// if need be, when absent), and loads its program into the kernel; nothing is attached yet.
     pub fn load(pin_dir: &Path) -> Result<Self, DatapathError> {
+        Datapath::load_with(pin_dir, false)
+    }
+
+    /// As [`Datapath::load`], with the kernel relay's stream verdict loaded too (`--relay-engine kernel`): its maps
+    /// are sized for it (otherwise one entry each), and [`Datapath::take_relay`] hands them over.
+    pub fn load_with_kernel_relay(pin_dir: &Path) -> Result<Self, DatapathError> {
+        Datapath::load_with(pin_dir, true)
+    }
+
+    fn load_with(pin_dir: &Path, kernel_relay: bool) -> Result<Self, DatapathError> {
         let pins = pins::PinDir::prepare(pin_dir)?;
         let had_policy = pins.has_map(names::ACTIVE);
         let replaced = pins.unpin_incompatible_maps(object::OBJECT)?;
@@ -171,12 +181,19 @@ impl Datapath {
         }
         // The relay's stream verdict reads the peer's acknowledged bytes where this kernel keeps them; 0 (not
         // found) makes it leave every segment to the proxy.
-        let bytes_acked_at = btf::member_offset("tcp_sock", "bytes_acked").unwrap_or(0);
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pins.path())
-            .override_global(names::RELAY_BYTES_ACKED_AT, &bytes_acked_at, true)
-            .load(object::OBJECT)
-            .map_err(DatapathError::Load)?;
+        let bytes_acked_at = if kernel_relay { btf::member_offset("tcp_sock", "bytes_acked").unwrap_or(0) } else { 0 };
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pins.path()).override_global(
+            names::RELAY_BYTES_ACKED_AT,
+            &bytes_acked_at,
+            true,
+        );
+        if !kernel_relay {
+            for map in [names::RELAY_SOCKETS, names::RELAY_DIRECTIONS, names::RELAY_WRITTEN] {
+                loader.map_max_entries(map, 1);
+            }
+        }
+        let mut ebpf = loader.load(object::OBJECT).map_err(DatapathError::Load)?;
         let program = program(&mut ebpf)?;
         program.load().map_err(|source| match source {
             ProgramError::LoadError { io_error, verifier_log } => {
@@ -191,7 +208,9 @@ impl Datapath {
         let sources = sources::SourceModes::take(&mut ebpf)?;
         let events = RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?)
             .map_err(|source| DatapathError::Map { map: names::EVENTS, source })?;
-        let relay = if bytes_acked_at == 0 {
+        let relay = if !kernel_relay {
+            Err("not loaded (--relay-engine is not kernel)".to_owned())
+        } else if bytes_acked_at == 0 {
             Err("the kernel's BTF has no tcp_sock.bytes_acked".to_owned())
         } else {
             relay_maps::load(&mut ebpf).map_err(|error| format!("{error:#}"))
