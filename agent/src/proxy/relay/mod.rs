@@ -4,20 +4,19 @@
 //! a task by going quiet), or the connection has lived as long as its DestinationRule lets it
 //! (`maxConnectionDuration`).
 //!
-//! Three engines (`--relay-engine`; bench/README.md has the figures behind the default):
+//! Two engines (`--relay-engine`; bench/README.md has the figures behind the default):
 //! - **splice** (the default for two sockets): splice(2) through a pipe each way — the bytes stay in the kernel's
 //!   pages, the proxy is woken per batch but copies nothing — once a direction moves more than a small buffer at a
 //!   time (until then it is copied: small exchanges do not pay for a pipe);
 //! - **copy**: read and written by the proxy — for streams that are not plain sockets (terminated TLS, hyper's
-//!   upgraded connections);
-//! - **kernel**: the datapath's eBPF stream verdict hands each segment from socket to socket, within a bound of
-//!   bytes the far end has not acknowledged; past it the proxy moves them (`kernel.rs`).
+//!   upgraded connections).
 //!
-//! All pass a half-close on after the bytes before it, and a reset as a reset; what either side can make the
-//! relay hold is bounded by the socket buffers and one pipe (or buffer, or the verdict's bound) each way.
+//! Both pass a half-close on after the bytes before it, and a reset as a reset; what either side can make the
+//! relay hold is bounded by the socket buffers and one pipe (or buffer) each way.
+//! (A third engine, handing segments from socket to socket with an eBPF stream verdict, was measured and left
+//! out: the kernel's queue in front of the receiving socket does not push back on the sender — bench/README.md.)
 
 mod copy;
-mod kernel;
 mod splice;
 
 use std::{
@@ -27,7 +26,6 @@ use std::{
     time::Duration,
 };
 
-use crate::datapath::RelayMaps;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
@@ -42,8 +40,6 @@ pub enum Engine {
     Splice,
     /// Read and written by the proxy.
     Copy,
-    /// Handed from socket to socket by the datapath's stream verdict, within a bound of unacknowledged bytes.
-    Kernel,
 }
 
 impl Engine {
@@ -51,7 +47,6 @@ impl Engine {
         match self {
             Engine::Splice => "splice",
             Engine::Copy => "copy",
-            Engine::Kernel => "kernel",
         }
     }
 }
@@ -108,19 +103,11 @@ impl Bounds {
 #[derive(Clone, Copy, Default)]
 pub struct Relay {
     engine: Engine,
-    /// The datapath's relay maps, for the kernel engine (they live as long as the agent).
-    kernel: Option<&'static RelayMaps>,
 }
 
 impl Relay {
-    /// A relay with `engine`; the kernel engine only with [`Relay::with_kernel`], else splice.
     pub fn new(engine: Engine) -> Relay {
-        Relay { engine: if engine == Engine::Kernel { Engine::Splice } else { engine }, kernel: None }
-    }
-
-    /// The kernel engine, over the datapath's relay maps.
-    pub fn with_kernel(maps: &'static RelayMaps) -> Relay {
-        Relay { engine: Engine::Kernel, kernel: Some(maps) }
+        Relay { engine }
     }
 
     /// The engine socket pairs get.
@@ -131,18 +118,9 @@ impl Relay {
     /// Relays between two TCP sockets with the configured engine. On a failure (a reset, a write to a closed
     /// peer), both are set to reset when dropped: the side still open learns of it as a reset too.
     pub async fn sockets(&self, first: &mut TcpStream, second: &mut TcpStream, bounds: Bounds) -> Relayed {
-        let relayed = match (self.engine, self.kernel) {
-            (Engine::Kernel, Some(maps)) => match kernel::join(maps, first, second, bounds).await {
-                Ok(relayed) => relayed,
-                Err(moved) => {
-                    let spliced = spliced(first, second, bounds).await;
-                    let (from_first, from_second) =
-                        (spliced.from_first + moved.from_first, spliced.from_second + moved.from_second);
-                    Relayed { from_first, from_second, ..spliced }
-                }
-            },
-            (Engine::Copy, _) => copy::join(first, second, bounds).await,
-            _ => spliced(first, second, bounds).await,
+        let relayed = match self.engine {
+            Engine::Splice => spliced(first, second, bounds).await,
+            Engine::Copy => copy::join(first, second, bounds).await,
         };
         if matches!(relayed.ended, Ended::Failed(_)) {
             crate::proxy::tcp::reset(first);
@@ -262,12 +240,6 @@ mod tests {
         let mut answer = Vec::new();
         client.read_to_end(&mut answer).await.unwrap();
         (serving.await.unwrap(), answer.len(), relaying.await.unwrap())
-    }
-
-    #[test]
-    fn the_kernel_engine_is_had_only_with_the_datapaths_maps() {
-        assert_eq!(Relay::new(Engine::Kernel).engine(), Engine::Splice);
-        assert_eq!(Relay::new(Engine::Copy).engine(), Engine::Copy);
     }
 
     #[tokio::test]
