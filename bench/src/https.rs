@@ -161,18 +161,18 @@ fn measure(name: &'static str, topology: &Topology, pid: u32) -> anyhow::Result<
         user + system
     };
     let per = |ticks: u64, count: u64| ticks as f64 * 1e6 / hz / count.max(1) as f64;
+    // One measured phase: (per second, count, the proxy's CPU ticks), its instructions counted under callgrind.
+    let phase = |what: &str, run: &dyn Fn() -> anyhow::Result<(f64, u64)>| -> anyhow::Result<(f64, u64, u64)> {
+        let before = cpu();
+        let (per_second, count) = counting_instructions(Some(pid), name, what, run)?;
+        Ok((per_second, count, cpu().saturating_sub(before)))
+    };
     wrk(&topology.workload, &url, true).context("warming up")?;
-    let before = cpu();
-    let (full_handshakes_per_second, full_handshakes) = full_handshakes(topology)?;
-    let full_handshake_ticks = cpu().saturating_sub(before);
-    let before = cpu();
-    let (handshakes_per_second, handshakes) =
-        counting_instructions(Some(pid), name, "handshakes", || wrk(&topology.workload, &url, true))?;
-    let handshake_ticks = cpu().saturating_sub(before);
-    let before = cpu();
-    let (requests_per_second, requests) =
-        counting_instructions(Some(pid), name, "requests", || wrk(&topology.workload, &url, false))?;
-    let request_ticks = cpu().saturating_sub(before);
+    let (full_handshakes_per_second, full_handshakes, full_handshake_ticks) =
+        phase("full handshakes", &|| full_handshakes(topology))?;
+    let (handshakes_per_second, handshakes, handshake_ticks) =
+        phase("resumed handshakes", &|| wrk(&topology.workload, &url, true))?;
+    let (requests_per_second, requests, request_ticks) = phase("requests", &|| wrk(&topology.workload, &url, false))?;
     Ok(HttpsRun {
         name,
         full_handshakes_per_second,
