@@ -470,12 +470,65 @@ pub fn counting_instructions<T>(
     if let Some(pid) = counting {
         callgrind_control(pid, "--zero")?;
     }
+    let tracing = match pid.filter(|_| std::env::var_os("SLUICE_BENCH_SYSCALLS").is_some()) {
+        Some(pid) => Some(SyscallCount::start(pid)?),
+        None => None,
+    };
     let (output, count) = run()?;
     if let Some(pid) = counting {
         let dumped = callgrind_control(pid, "--dump")?;
         eprintln!("{name}: {count} {what}; callgrind: {dumped}");
     }
+    if let Some(tracing) = tracing {
+        eprintln!("{name}: system calls per {what}: {}", tracing.finish(count)?);
+    }
     Ok((output, count))
+}
+
+/// With `SLUICE_BENCH_SYSCALLS` set, the system calls the proxy's processes make during a measured run, counted
+/// by `perf stat` on the kernel's `syscalls:sys_enter_*` tracepoints (what the kernel half of CPU per request
+/// buys).
+struct SyscallCount {
+    perf: std::process::Child,
+    output: tempfile::NamedTempFile,
+}
+
+impl SyscallCount {
+    fn start(pid: u32) -> anyhow::Result<Self> {
+        let output = tempfile::NamedTempFile::new()?;
+        let pids = tree(pid).iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        let perf = Command::new("perf")
+            .args(["stat", "-x", ",", "-e", "syscalls:sys_enter_*", "-p", &pids, "-o"])
+            .arg(output.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("running perf stat (SLUICE_BENCH_SYSCALLS)")?;
+        // perf attaches to the tracepoints before it counts; give it that moment.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(SyscallCount { perf, output })
+    }
+
+    /// Stops counting; the calls made per one of `count`, the total first, then each call's share, most first.
+    fn finish(mut self, count: u64) -> anyhow::Result<String> {
+        let perf = nix::unistd::Pid::from_raw(self.perf.id() as i32);
+        nix::sys::signal::kill(perf, nix::sys::signal::Signal::SIGINT)?;
+        self.perf.wait()?;
+        let text = std::fs::read_to_string(self.output.path())?;
+        let mut calls: Vec<(String, f64)> = text
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split(',');
+                let calls = fields.next()?.parse::<f64>().ok()?;
+                let name = fields.nth(1)?.strip_prefix("syscalls:sys_enter_")?;
+                (calls > 0.0).then(|| (name.to_owned(), calls / count.max(1) as f64))
+            })
+            .collect();
+        calls.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let total: f64 = calls.iter().map(|(_, n)| n).sum();
+        let each = calls.iter().take(12).map(|(name, n)| format!("{name} {n:.2}")).collect::<Vec<_>>().join(", ");
+        Ok(format!("{total:.2} ({each})"))
+    }
 }
 
 fn callgrind_control(pid: u32, action: &str) -> anyhow::Result<String> {
