@@ -39,6 +39,12 @@ pub struct RelayRun {
     /// CPU seconds per GB relayed (one connection): the proxy's processes, and the whole machine.
     pub proxy_seconds_per_gb: Option<f64>,
     pub machine_seconds_per_gb: f64,
+    /// The share of the one connection's run the endpoints' CPU (iperf3's client and server) was busy, and its
+    /// CPU seconds per GB: where it is all but 1, that CPU is what bounds the throughput, and whatever extra work
+    /// a relayed GB costs it (a second connection's receive processing and acknowledgements run on the sending
+    /// side's CPU) is what the proxy's throughput loses against direct.
+    pub endpoints_busy: f64,
+    pub endpoints_seconds_per_gb: f64,
     pub ping_pong_p50_us: f64,
     pub ping_pong_p99_us: f64,
 }
@@ -67,6 +73,8 @@ fn median(runs: Vec<RelayRun>) -> RelayRun {
         many_gbit: of(|run| run.many_gbit),
         proxy_seconds_per_gb: middle(runs.iter().filter_map(|run| run.proxy_seconds_per_gb).collect()),
         machine_seconds_per_gb: of(|run| run.machine_seconds_per_gb),
+        endpoints_busy: of(|run| run.endpoints_busy),
+        endpoints_seconds_per_gb: of(|run| run.endpoints_seconds_per_gb),
         ping_pong_p50_us: of(|run| run.ping_pong_p50_us),
         ping_pong_p99_us: of(|run| run.ping_pong_p99_us),
     }
@@ -198,9 +206,13 @@ fn measure(
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
     let proxy_ticks = || pid.map(tree_cpu_ticks);
     let port = IPERF_PORT + offset;
-    let (proxy_before, machine_before) = (proxy_ticks(), machine_busy_ticks()?);
+    let endpoints = format!("cpu{CLIENT_CPU}");
+    let (proxy_before, machine_before) = (proxy_ticks(), busy_ticks("cpu")?);
+    let endpoints_before = busy_ticks(&endpoints)?;
     let (one_gbit, bytes) = iperf(topology, host, port, "1")?;
-    let (proxy_after, machine_after) = (proxy_ticks(), machine_busy_ticks()?);
+    let (proxy_after, machine_after) = (proxy_ticks(), busy_ticks("cpu")?);
+    let endpoints_after = busy_ticks(&endpoints)?;
+    let endpoints_busy = endpoints_after.0.saturating_sub(endpoints_before.0);
     let gb = bytes as f64 / 1e9;
     let per_gb = |ticks: u64| ticks as f64 / hz / gb.max(1e-9);
     let (many_gbit, _) = iperf(topology, host, port, MANY)?;
@@ -211,7 +223,9 @@ fn measure(
         one_gbit,
         many_gbit,
         proxy_seconds_per_gb: proxy_before.zip(proxy_after).map(|(before, after)| per_gb(after.saturating_sub(before))),
-        machine_seconds_per_gb: per_gb(machine_after.saturating_sub(machine_before)),
+        machine_seconds_per_gb: per_gb(machine_after.0.saturating_sub(machine_before.0)),
+        endpoints_busy: endpoints_busy as f64 / endpoints_after.1.saturating_sub(endpoints_before.1).max(1) as f64,
+        endpoints_seconds_per_gb: per_gb(endpoints_busy),
         ping_pong_p50_us: p50,
         ping_pong_p99_us: p99,
     })
@@ -234,13 +248,17 @@ fn iperf(topology: &Topology, host: &str, port: u16, streams: &str) -> anyhow::R
     Ok((bits / 1e9, bytes))
 }
 
-/// Busy CPU time of the whole machine (all but idle and I/O wait), in clock ticks.
-fn machine_busy_ticks() -> anyhow::Result<u64> {
+/// Busy CPU time (all but idle and I/O wait) and all CPU time of `/proc/stat`'s line `cpu` (the whole machine) or
+/// `cpuN`, in clock ticks.
+fn busy_ticks(cpu: &str) -> anyhow::Result<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat")?;
-    let line = stat.lines().next().context("/proc/stat is empty")?;
+    let line = stat
+        .lines()
+        .find(|line| line.split_whitespace().next() == Some(cpu))
+        .with_context(|| format!("/proc/stat has no line {cpu}"))?;
     let ticks: Vec<u64> = line.split_whitespace().skip(1).filter_map(|field| field.parse().ok()).collect();
     let total: u64 = ticks.iter().take(8).sum();
-    Ok(total - ticks.get(3).copied().unwrap_or(0) - ticks.get(4).copied().unwrap_or(0))
+    Ok((total - ticks.get(3).copied().unwrap_or(0) - ticks.get(4).copied().unwrap_or(0), total))
 }
 
 /// `PING_PONGS` one-byte round trips on one connection to the echo server: p50 and p99, µs.
@@ -272,17 +290,19 @@ pub fn print(runs: &[(&'static str, RelayRun)]) {
         crate::http::ROUNDS
     );
     println!(
-        "{:<36} {:>10} {:>12} {:>14} {:>16} {:>10} {:>10}",
-        "through", "1 Gbit/s", "100 Gbit/s", "proxy CPU s/GB", "machine CPU s/GB", "p50 us", "p99 us"
+        "{:<36} {:>10} {:>12} {:>14} {:>16} {:>14} {:>10} {:>10}",
+        "through", "1 Gbit/s", "100 Gbit/s", "proxy CPU s/GB", "machine CPU s/GB", "CPU 0 busy, s/GB", "p50 us",
+        "p99 us"
     );
     for (_, run) in runs {
         println!(
-            "{:<36} {:>10.2} {:>12.2} {:>14} {:>16.3} {:>10.1} {:>10.1}",
+            "{:<36} {:>10.2} {:>12.2} {:>14} {:>16.3} {:>16} {:>10.1} {:>10.1}",
             run.name,
             run.one_gbit,
             run.many_gbit,
             run.proxy_seconds_per_gb.map_or("-".to_owned(), |v| format!("{v:.3}")),
             run.machine_seconds_per_gb,
+            format!("{:.0} %, {:.3}", run.endpoints_busy * 100.0, run.endpoints_seconds_per_gb),
             run.ping_pong_p50_us,
             run.ping_pong_p99_us,
         );
@@ -294,6 +314,11 @@ pub fn print(runs: &[(&'static str, RelayRun)]) {
             "sluice (splice) throughput / direct = {:.2} (one connection), {:.2} (100)",
             sluice.one_gbit / direct.one_gbit.max(1e-9),
             sluice.many_gbit / direct.many_gbit.max(1e-9)
+        );
+        println!(
+            "CPU 0 (iperf3's client and server) per GB, direct / sluice (splice) = {:.2}: one connection's ceiling \
+             while that CPU is the busy one",
+            direct.endpoints_seconds_per_gb / sluice.endpoints_seconds_per_gb.max(1e-9)
         );
     }
     if let (Some(haproxy), Some(cpu)) = (get("haproxy"), sluice.proxy_seconds_per_gb) {
