@@ -290,8 +290,14 @@ pub fn print(runs: &[(&'static str, RelayRun)]) {
         crate::http::ROUNDS
     );
     println!(
-        "{:<36} {:>10} {:>12} {:>14} {:>16} {:>14} {:>10} {:>10}",
-        "through", "1 Gbit/s", "100 Gbit/s", "proxy CPU s/GB", "machine CPU s/GB", "CPU 0 busy, s/GB", "p50 us",
+        "{:<36} {:>10} {:>12} {:>14} {:>16} {:>16} {:>10} {:>10}",
+        "through",
+        "1 Gbit/s",
+        "100 Gbit/s",
+        "proxy CPU s/GB",
+        "machine CPU s/GB",
+        "CPU 0 busy, s/GB",
+        "p50 us",
         "p99 us"
     );
     for (_, run) in runs {

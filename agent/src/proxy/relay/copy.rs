@@ -1,13 +1,18 @@
 //! The copy engine: bytes read into the proxy and written out again, with tokio. The engine for streams that are
-//! not plain sockets (terminated TLS, hyper's upgraded connections), and the fallback for sockets.
+//! not plain sockets (terminated TLS, hyper's upgraded connections), and the other engine for sockets, where each
+//! direction's buffer grows with the flow.
 
 use std::{
     io,
     pin::Pin,
+    sync::atomic::{AtomicU64, Ordering},
     task::{Context, Poll},
 };
 
-use tokio::io::{copy_bidirectional_with_sizes, AsyncRead, AsyncWrite, ReadBuf};
+use tokio::{
+    io::{copy_bidirectional_with_sizes, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    net::tcp::{ReadHalf, WriteHalf},
+};
 
 use super::{Activity, Bounds, Ended, Engine, Relayed};
 
@@ -16,6 +21,58 @@ use super::{Activity, Bounds, Ended, Engine, Relayed};
 /// zeroing per join (bench/README.md has the figures). Allocated per direction when the join starts, freed when it
 /// ends.
 const RELAY_BUFFER: usize = 32 * 1024;
+
+/// A socket pair's direction starts with this buffer: a handshake, a request and its answer fit.
+pub const SMALL_FLOW_BYTES: usize = 16 * 1024;
+/// A read that fills a socket pair's buffer doubles it, up to this: a bulk transfer then moves in reads and
+/// writes of 128 KiB, which on one fast connection the receiving host takes in fewer, larger batches
+/// (bench/README.md, the relay section: 0.89 of direct's throughput against 0.72 with 32 KiB or with splice).
+const BULK_BUFFER_BYTES: usize = 128 * 1024;
+
+/// Moves bytes from `from` to `to` until `from` ends, then shuts `to`'s sending side (the half-close is passed
+/// on once every byte before it was).
+pub async fn direction(
+    mut from: ReadHalf<'_>,
+    mut to: WriteHalf<'_>,
+    moved: &AtomicU64,
+    activity: &Activity,
+) -> io::Result<()> {
+    let mut buffer = Vec::with_capacity(SMALL_FLOW_BYTES);
+    while let Some(read) = pass_on(&mut from, &mut to, &mut buffer, moved, activity).await? {
+        if read == buffer.capacity() && read < BULK_BUFFER_BYTES {
+            buffer.reserve_exact((read * 2).min(BULK_BUFFER_BYTES));
+        }
+    }
+    Ok(())
+}
+
+/// One read from `from` into `buffer`'s room, written on to `to`: how many bytes, or `None` once `from` has
+/// ended and `to`'s sending side was shut.
+pub async fn pass_on(
+    from: &mut ReadHalf<'_>,
+    to: &mut WriteHalf<'_>,
+    buffer: &mut Vec<u8>,
+    moved: &AtomicU64,
+    activity: &Activity,
+) -> io::Result<Option<usize>> {
+    // Read through tokio's `AsyncRead`, which takes a short read as the socket drained (epoll is edge-triggered):
+    // an exchange of a few segments costs no read that only answers EAGAIN. Not zeroed: reads fill it.
+    buffer.clear();
+    let read = from.read_buf(buffer).await?;
+    if read == 0 {
+        shutdown_sending(to.as_ref());
+        return Ok(None);
+    }
+    to.write_all(buffer).await?;
+    moved.fetch_add(read as u64, Ordering::Relaxed);
+    activity.moved();
+    Ok(Some(read))
+}
+
+/// Passes a half-close on: the peer reads the end of the stream once it has read everything before it.
+pub fn shutdown_sending(stream: &tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
+}
 
 /// Relays bytes both ways between `first` and `second` until either closes or fails, both are silent for the idle
 /// timeout, or the relay has lasted its lifetime.

@@ -14,19 +14,20 @@ use nix::{
     unistd::pipe2,
 };
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt, Interest},
+    io::Interest,
     net::{
         tcp::{ReadHalf, WriteHalf},
         TcpStream,
     },
 };
 
-use super::Activity;
+use super::{
+    copy::{pass_on, shutdown_sending, SMALL_FLOW_BYTES},
+    Activity,
+};
 
 /// What one splice call moves at most: a pipe's default capacity.
 const PIPE_BYTES: usize = 64 * 1024;
-/// The copying buffer a direction starts with; a read that fills it takes the direction to a pipe.
-const SMALL_FLOW_BYTES: usize = 16 * 1024;
 
 /// Moves bytes from `from` to `to` until `from` ends, then shuts `to`'s sending side (the half-close is passed
 /// on once every byte before it was). Sets `piped` when it takes a pipe.
@@ -37,20 +38,10 @@ pub async fn direction(
     piped: &AtomicBool,
     activity: &Activity,
 ) -> io::Result<()> {
-    // Read through tokio's `AsyncRead`, which takes a short read as the socket drained (epoll is edge-triggered):
-    // an exchange of a few segments costs no read that only answers EAGAIN. Not zeroed: reads fill it.
     let mut buffer = Vec::with_capacity(SMALL_FLOW_BYTES);
     let mut without_pipe = false;
     let (pipe_out, pipe_in) = loop {
-        buffer.clear();
-        let read = from.read_buf(&mut buffer).await?;
-        if read == 0 {
-            shutdown_sending(to.as_ref());
-            return Ok(());
-        }
-        to.write_all(&buffer).await?;
-        moved.fetch_add(read as u64, Ordering::Relaxed);
-        activity.moved();
+        let Some(read) = pass_on(&mut from, &mut to, &mut buffer, moved, activity).await? else { return Ok(()) };
         if read < SMALL_FLOW_BYTES || without_pipe {
             continue;
         }
@@ -86,9 +77,4 @@ async fn give(pipe_out: &OwnedFd, to: &TcpStream, mut left: usize, flags: Splice
         left -= to.async_io(Interest::WRITABLE, || Ok(splice(pipe_out, None, to, None, left, flags)?)).await?;
     }
     Ok(())
-}
-
-/// Passes a half-close on: the peer reads the end of the stream once it has read everything before it.
-fn shutdown_sending(stream: &TcpStream) {
-    let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
 }
