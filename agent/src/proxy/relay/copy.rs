@@ -26,7 +26,7 @@ const RELAY_BUFFER: usize = 32 * 1024;
 pub const SMALL_FLOW_BYTES: usize = 16 * 1024;
 /// A read that fills a socket pair's buffer doubles it, up to this: a bulk transfer then moves in reads and
 /// writes of 128 KiB, which on one fast connection the receiving host takes in fewer, larger batches
-/// (bench/README.md, the relay section: 0.89 of direct's throughput against 0.72 with 32 KiB or with splice).
+/// (bench/README.md, the relay section, has the figures against 32 KiB and against splice).
 const BULK_BUFFER_BYTES: usize = 128 * 1024;
 
 /// Moves bytes from `from` to `to` until `from` ends, then shuts `to`'s sending side (the half-close is passed
