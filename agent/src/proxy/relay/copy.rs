@@ -39,11 +39,18 @@ pub async fn direction(
 ) -> io::Result<()> {
     let mut buffer = Vec::with_capacity(SMALL_FLOW_BYTES);
     while let Some(read) = pass_on(&mut from, &mut to, &mut buffer, moved, activity).await? {
-        if read == buffer.capacity() && read < BULK_BUFFER_BYTES {
-            buffer.reserve_exact((read * 2).min(BULK_BUFFER_BYTES));
-        }
+        grow_if_filled(&mut buffer, read);
     }
     Ok(())
+}
+
+/// Doubles `buffer`'s room when a read of `read` bytes filled it, up to `BULK_BUFFER_BYTES`.
+fn grow_if_filled(buffer: &mut Vec<u8>, read: usize) {
+    if read == buffer.capacity() && read < BULK_BUFFER_BYTES {
+        // Room counted from an empty buffer, not from what the read left in it: 16, 32, 64, 128 KiB.
+        buffer.clear();
+        buffer.reserve_exact((read * 2).min(BULK_BUFFER_BYTES));
+    }
 }
 
 /// One read from `from` into `buffer`'s room, written on to `to`: how many bytes, or `None` once `from` has
@@ -133,6 +140,25 @@ mod tests {
 
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_buffer_doubles_with_each_read_that_fills_it_up_to_128_kib() {
+        let mut buffer = Vec::with_capacity(SMALL_FLOW_BYTES);
+        let mut rooms = vec![buffer.capacity()];
+        for _ in 0..5 {
+            // A read that fills the buffer.
+            buffer.clear();
+            let read = buffer.capacity();
+            buffer.resize(read, 0);
+            grow_if_filled(&mut buffer, read);
+            rooms.push(buffer.capacity());
+        }
+        assert_eq!(rooms, [16, 32, 64, 128, 128, 128].map(|kib| kib * 1024));
+        // A short read leaves the room as it is.
+        buffer.truncate(1000);
+        grow_if_filled(&mut buffer, 1000);
+        assert_eq!(buffer.capacity(), BULK_BUFFER_BYTES);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_join_ends_when_both_sides_are_silent_for_the_idle_timeout() {
