@@ -524,6 +524,8 @@ impl SyscallCount {
                 (calls > 0.0).then(|| (name.to_owned(), calls / count.max(1) as f64))
             })
             .collect();
+        // perf that could not attach (no tracepoints, no permission) counts nothing: say so rather than print 0.
+        anyhow::ensure!(!calls.is_empty(), "perf stat counted no system calls (SLUICE_BENCH_SYSCALLS): {text}");
         calls.sort_by(|a, b| b.1.total_cmp(&a.1));
         let total: f64 = calls.iter().map(|(_, n)| n).sum();
         let each = calls.iter().take(12).map(|(name, n)| format!("{name} {n:.2}")).collect::<Vec<_>>().join(", ");
