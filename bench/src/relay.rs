@@ -47,14 +47,17 @@ pub struct RelayRun {
     pub endpoints_seconds_per_gb: f64,
     pub ping_pong_p50_us: f64,
     pub ping_pong_p99_us: f64,
+    /// For the kernel engine: the share of the bytes the kernel handed on (the rest was left to the proxy).
+    pub kernel_share: Option<f64>,
 }
 
 type Measured = fn() -> anyhow::Result<RelayRun>;
 
-const CONFIGURATIONS: [(&str, Measured); 5] = [
+const CONFIGURATIONS: [(&str, Measured); 6] = [
     ("direct", direct),
     ("sluice-splice", sluice_splice),
     ("sluice-copy", sluice_copy),
+    ("sluice-kernel", sluice_kernel),
     ("haproxy", haproxy),
     ("nginx", nginx_stream),
 ];
@@ -77,6 +80,7 @@ fn median(runs: Vec<RelayRun>) -> RelayRun {
         endpoints_seconds_per_gb: of(|run| run.endpoints_seconds_per_gb),
         ping_pong_p50_us: of(|run| run.ping_pong_p50_us),
         ping_pong_p99_us: of(|run| run.ping_pong_p99_us),
+        kernel_share: middle(runs.iter().filter_map(|run| run.kernel_share).collect()),
     }
 }
 
@@ -117,6 +121,10 @@ fn sluice_copy() -> anyhow::Result<RelayRun> {
     sluice("sluice (copy engine)", "copy")
 }
 
+fn sluice_kernel() -> anyhow::Result<RelayRun> {
+    sluice("sluice (kernel engine)", "kernel")
+}
+
 fn sluice(name: &'static str, engine: &str) -> anyhow::Result<RelayRun> {
     let topology = Topology::new()?;
     let _origin = origin(&topology)?;
@@ -136,9 +144,34 @@ fn sluice(name: &'static str, engine: &str) -> anyhow::Result<RelayRun> {
          --access-log-format off --concurrency 1 --relay-engine {engine} --config {}",
         config.path().display()
     );
-    let agent = Agent::start(&topology.gateway, &args)?;
+    // The kernel engine logs, per connection at debug, what the kernel and the proxy each carried.
+    let level = std::env::var("SLUICE_AGENT_LOG").unwrap_or_else(|_| "info".into());
+    if engine == "kernel" {
+        std::env::set_var("SLUICE_AGENT_LOG", format!("{level},sluice_agent::proxy::relay=debug"));
+    }
+    let agent = Agent::start(&topology.gateway, &args);
+    std::env::set_var("SLUICE_AGENT_LOG", level);
+    let agent = agent?;
     pin_tree(agent.pid(), PROXY_CPU)?;
-    measure(name, &topology, Some(agent.pid()), SERVER_A, 0)
+    let run = measure(name, &topology, Some(agent.pid()), SERVER_A, 0)?;
+    Ok(RelayRun { kernel_share: (engine == "kernel").then(|| kernel_share(&agent.log())), ..run })
+}
+
+/// The share of the relayed bytes the kernel handed on, from the kernel engine's per-connection debug lines
+/// (`… redirected: N, passed: M …` for each direction).
+fn kernel_share(log: &str) -> f64 {
+    let count = |line: &str, field: &str| -> u64 {
+        line.match_indices(field)
+            .filter_map(|(at, _)| {
+                let digits: String = line[at + field.len()..].chars().take_while(char::is_ascii_digit).collect();
+                digits.parse::<u64>().ok()
+            })
+            .sum()
+    };
+    let lines = log.lines().filter(|line| line.contains("redirected: "));
+    let (redirected, passed) =
+        lines.fold((0, 0), |(r, p), line| (r + count(line, "redirected: "), p + count(line, "passed: ")));
+    redirected as f64 / (redirected + passed).max(1) as f64
 }
 
 fn haproxy() -> anyhow::Result<RelayRun> {
@@ -228,6 +261,7 @@ fn measure(
         endpoints_seconds_per_gb: per_gb(endpoints_busy),
         ping_pong_p50_us: p50,
         ping_pong_p99_us: p99,
+        kernel_share: None,
     })
 }
 
@@ -314,6 +348,9 @@ pub fn print(runs: &[(&'static str, RelayRun)]) {
         );
     }
     let get = |key: &str| runs.iter().find(|(k, _)| *k == key).map(|(_, run)| run);
+    if let Some(share) = get("sluice-kernel").and_then(|run| run.kernel_share) {
+        println!("sluice (kernel): {:.1} % of the bytes handed on by the kernel, the rest by the proxy", share * 100.0);
+    }
     let Some(sluice) = get("sluice-splice") else { return };
     if let Some(direct) = get("direct") {
         println!(

@@ -85,10 +85,11 @@ impl Drop for Hosts {
 type Measured = fn() -> anyhow::Result<TlsRun>;
 
 /// The configurations compared, in the table's order.
-const CONFIGURATIONS: [(&str, Measured); 7] = [
+const CONFIGURATIONS: [(&str, Measured); 8] = [
     ("direct", direct),
     ("sluice", sluice),
     ("sluice-copy", sluice_copy),
+    ("sluice-kernel", sluice_kernel),
     ("sluice-gateway", sluice_gateway),
     ("haproxy", haproxy),
     ("nginx", nginx_stream),
@@ -128,6 +129,10 @@ fn sluice() -> anyhow::Result<TlsRun> {
 /// Sluice with the relay's copy engine: what splicing a transfer saves, and what it costs a short connection.
 fn sluice_copy() -> anyhow::Result<TlsRun> {
     sluice_with("sluice (--relay-engine copy)", "copy")
+}
+
+fn sluice_kernel() -> anyhow::Result<TlsRun> {
+    sluice_with("sluice (--relay-engine kernel)", "kernel")
 }
 
 fn sluice_with(name: &'static str, engine: &str) -> anyhow::Result<TlsRun> {

@@ -9,6 +9,7 @@ mod intercept;
 mod maps;
 mod parse;
 mod policy;
+mod relay;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},

@@ -1,4 +1,4 @@
-//! The byte relay, engine by engine (`--relay-engine splice|copy`), end to end: a workload's connections to a
+//! The byte relay, engine by engine (`--relay-engine splice|copy|kernel`), end to end: a workload's connections to a
 //! registered TCP service → the gateway's classifier → the agent's proxy, which decides the connection by address
 //! (or a `CONNECT` on the forward-proxy port) and relays its bytes → a server in the internet namespace that
 //! speaks first, as databases do.
@@ -103,7 +103,7 @@ type Seen = Arc<Mutex<Vec<String>>>;
 /// The server: greets each connection with `ready\n`, then obeys one command byte —
 /// `U` hash everything until the client's end and answer `DIGEST COUNT\n`; `D` + 8 bytes of size: send that much
 /// of the test stream, then end; `R`: read one byte, then reset; `S`: read slowly until the end; `W`: read until
-/// the connection fails, and note how.
+/// the connection fails, and note how; `E`: send back everything it reads until the end.
 fn server(topology: &Topology) -> Seen {
     let listener = topology.internet.enter(|| TcpListener::bind(addr(SERVER_B, PORT))).unwrap().unwrap();
     let seen: Seen = Arc::default();
@@ -149,6 +149,13 @@ fn serve(mut stream: TcpStream, block: &[u8], seen: &Seen) {
         b'S' => {
             while let Ok(1..) = stream.read(&mut buffer[..16 * 1024]) {
                 std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        b'E' => {
+            while let Ok(read @ 1..) = stream.read(&mut buffer) {
+                if stream.write_all(&buffer[..read]).is_err() {
+                    return;
+                }
             }
         }
         b'W' => {
@@ -400,6 +407,17 @@ fn relays_with(engine: &str) {
     );
     assert!(sent >= server_sent && sent < server_sent + (1 << 20), "sent {sent}, sent by the server {server_sent}");
 
+    if engine == "kernel" {
+        // The kernel handed on the small downloads whole (their receivers keep up): bytes that never reached the
+        // proxy, as its per-connection account says.
+        let redirected: u64 = kernel_counts(&agent.log(), "redirected").iter().sum();
+        assert!(redirected >= CONCURRENT as u64 * SMALL, "the kernel handed on {redirected} bytes\n{}", agent.log());
+        // Every segment the verdict saw began where the one before it ended, or before (a retransmission): the
+        // sequence numbers it follows are the segments' own.
+        let gaps = kernel_counts(&agent.log(), "gaps");
+        assert!(!gaps.is_empty() && gaps.iter().all(|&gaps| gaps == 0), "gaps {gaps:?}\n{}", agent.log());
+    }
+
     // The agent dies in the middle of a transfer: the client's connection ends (reset or cut short), it does not
     // hang; a new agent relays again.
     let mut cut = ask_download(&topology, LARGE);
@@ -424,6 +442,22 @@ fn relays_with(engine: &str) {
     assert_eq!(answer, format!("{} {}\n", digest_of(&block, 1 << 20), 1 << 20), "{}", agent.log());
 }
 
+/// The values of one of the kernel relay's per-direction counts in the agent's accounts of its connections.
+fn kernel_counts(log: &str, count: &str) -> Vec<u64> {
+    let field = format!("{count}: ");
+    log.lines()
+        .filter(|line| line.contains("relayed in the kernel"))
+        .flat_map(|line| {
+            line.match_indices(&field)
+                .filter_map(|(at, _)| {
+                    let digits: String = line[at + field.len()..].chars().take_while(char::is_ascii_digit).collect();
+                    digits.parse::<u64>().ok()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 #[test]
 fn the_splice_engine_relays_intact_passes_ends_and_resets_on_throttles_and_counts() {
     relays_with("splice");
@@ -432,6 +466,11 @@ fn the_splice_engine_relays_intact_passes_ends_and_resets_on_throttles_and_count
 #[test]
 fn the_copy_engine_relays_intact_passes_ends_and_resets_on_throttles_and_counts() {
     relays_with("copy");
+}
+
+#[test]
+fn the_kernel_engine_relays_intact_passes_ends_and_resets_on_throttles_and_counts() {
+    relays_with("kernel");
 }
 
 /// `connectionPool.tcp.idleTimeout` of the destination's DestinationRule ends a relayed connection that went
@@ -562,4 +601,129 @@ fn a_destination_rules_max_connections_bounds_relayed_connections() {
         assert!(Instant::now() < deadline, "the freed place was not taken again\n{}", agent.log());
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A retransmission that overlaps bytes already relayed — TCP queues it whole, and the kernel engine's verdict is
+/// handed it whole — reaches the server once, through every engine: the workload's segment carries 600 bytes the
+/// server already has and 400 new ones (crafted with the connection's own sequence numbers, sent from a raw socket
+/// in the workload's namespace), the client then sends the 400 itself as TCP would, and the server's echo must be
+/// exactly the 400.
+#[test]
+fn a_retransmission_overlapping_relayed_bytes_reaches_the_server_once_with_every_engine() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    // Segments without timestamps are the crafted segment's shape; the workload's connections then carry none.
+    topology.workload.sysctl("net.ipv4.tcp_timestamps", "0").unwrap();
+    let _seen = server(&topology);
+    let config = tempfile::tempdir().unwrap();
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, REGISTRY]).unwrap();
+    let first: Vec<u8> = (0..1000u32).map(|at| (at % 251) as u8).collect();
+    let new: Vec<u8> = (0..400u32).map(|at| (at % 241) as u8 ^ 0x5a).collect();
+    for engine in ["splice", "copy", "kernel"] {
+        let agent = start_agent(&topology, config.path(), engine);
+        let mut stream = connect(&topology);
+        stream.write_all(b"E").unwrap();
+        // The relay has joined the two sockets (the kernel engine's verdict sees what follows).
+        std::thread::sleep(Duration::from_millis(300));
+        stream.write_all(&first).unwrap();
+        let mut echoed = vec![0u8; first.len()];
+        stream.read_exact(&mut echoed).unwrap_or_else(|error| panic!("{engine}: the first echo: {error}"));
+        assert_eq!(echoed, first, "{engine}");
+        std::thread::sleep(Duration::from_millis(200));
+
+        let (sent, received) = sequence_numbers(&stream);
+        let mut payload = first[first.len() - 600..].to_vec();
+        payload.extend(&new);
+        let local = stream.local_addr().unwrap();
+        let segment = data_segment(local, addr(SERVER_B, PORT), sent.wrapping_sub(600), received, &payload);
+        topology
+            .workload
+            .enter(|| send_raw(&segment, addr(SERVER_B, PORT)))
+            .unwrap()
+            .unwrap_or_else(|error| panic!("sending the crafted segment: {error}"));
+        stream.write_all(&new).unwrap();
+
+        let mut echoed = vec![0u8; new.len()];
+        stream.read_exact(&mut echoed).unwrap_or_else(|error| panic!("{engine}: the second echo: {error}"));
+        assert_eq!(echoed, new, "{engine}: the server was sent bytes it already had\n{}", agent.log());
+        stream.shutdown(Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).unwrap_or_else(|error| panic!("{engine}: after the half-close: {error}"));
+        assert!(rest.is_empty(), "{engine}: {} more bytes echoed\n{}", rest.len(), agent.log());
+        if engine == "kernel" {
+            // The verdict cut the overlap itself (splice and copy read through TCP, which skips it).
+            wait_for(|| kernel_counts(&agent.log(), "trimmed").iter().sum::<u64>() >= 600)
+                .unwrap_or_else(|| panic!("the verdict trimmed nothing\n{}", agent.log()));
+        }
+    }
+}
+
+/// Polls `done` for up to ten seconds.
+fn wait_for(mut done: impl FnMut() -> bool) -> Option<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if done() {
+            return Some(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// The next sequence number `stream` sends and the next it expects, read in TCP repair mode (left at once, without
+/// the window probe leaving it would send).
+#[expect(unsafe_code, reason = "TCP_REPAIR and TCP_QUEUE_SEQ have no wrapper in nix")]
+fn sequence_numbers(stream: &TcpStream) -> (u32, u32) {
+    use nix::libc;
+    use std::os::fd::AsRawFd;
+    // uapi/linux/tcp.h
+    const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
+    const TCP_RECV_QUEUE: libc::c_int = 1;
+    const TCP_SEND_QUEUE: libc::c_int = 2;
+    let fd = stream.as_raw_fd();
+    let set = |name: libc::c_int, value: libc::c_int| {
+        // SAFETY: an int option, its size given.
+        let done = unsafe { libc::setsockopt(fd, libc::IPPROTO_TCP, name, (&value as *const libc::c_int).cast(), 4) };
+        assert_eq!(done, 0, "setsockopt {name}: {}", std::io::Error::last_os_error());
+    };
+    let queue_seq = |queue: libc::c_int| {
+        set(libc::TCP_REPAIR_QUEUE, queue);
+        let (mut seq, mut length) = (0u32, 4 as libc::socklen_t);
+        // SAFETY: a u32 option, its size given.
+        let done = unsafe {
+            libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ, (&mut seq as *mut u32).cast(), &mut length)
+        };
+        assert_eq!(done, 0, "getsockopt TCP_QUEUE_SEQ: {}", std::io::Error::last_os_error());
+        seq
+    };
+    set(libc::TCP_REPAIR, 1);
+    let numbers = (queue_seq(TCP_SEND_QUEUE), queue_seq(TCP_RECV_QUEUE));
+    set(libc::TCP_REPAIR, TCP_REPAIR_OFF_NO_WP);
+    numbers
+}
+
+/// An IPv4 TCP segment (ACK, PSH) from `from` to `to` carrying `payload` at `seq`.
+fn data_segment(from: std::net::SocketAddr, to: std::net::SocketAddr, seq: u32, ack: u32, payload: &[u8]) -> Vec<u8> {
+    use sluice_tests::packets::{checksum, ipv4, pseudo_v4, TCP, TCP_ACK};
+    let (std::net::IpAddr::V4(source), std::net::IpAddr::V4(destination)) = (from.ip(), to.ip()) else {
+        panic!("IPv4 addresses")
+    };
+    let mut segment = Vec::with_capacity(20 + payload.len());
+    segment.extend(from.port().to_be_bytes());
+    segment.extend(to.port().to_be_bytes());
+    segment.extend(seq.to_be_bytes());
+    segment.extend(ack.to_be_bytes());
+    segment.extend([5 << 4, TCP_ACK | 0x08, 0xff, 0xff, 0, 0, 0, 0]);
+    segment.extend(payload);
+    let sum = checksum(&segment, pseudo_v4(&source.octets(), &destination.octets(), TCP, segment.len()));
+    segment[16..18].copy_from_slice(&sum.to_be_bytes());
+    ipv4(source, destination, TCP, &[], 0x4000, &segment)
+}
+
+/// Sends a whole IPv4 packet from a raw socket of the calling thread's namespace.
+fn send_raw(packet: &[u8], to: std::net::SocketAddr) -> nix::Result<usize> {
+    use nix::sys::socket::{sendto, socket, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn};
+    let std::net::SocketAddr::V4(to) = to else { panic!("an IPv4 address") };
+    let raw = socket(AddressFamily::Inet, SockType::Raw, SockFlag::empty(), SockProtocol::Raw)?;
+    sendto(std::os::fd::AsRawFd::as_raw_fd(&raw), packet, &SockaddrIn::from(to), MsgFlags::empty())
 }

@@ -52,7 +52,7 @@ use crate::{
         http::{HttpProxy, Limits, Listener},
         local_destinations::LocalDestinations,
         overload::Overload,
-        relay::Relay,
+        relay::{Engine, Relay},
         tcp::{SourceAddresses, UpstreamSockets},
         transparent_listener::TransparentListener,
     },
@@ -196,7 +196,11 @@ impl App {
         let claim = Claim::on(&settings.bpffs).await?;
         // The datapath first: when the maps hold a previous agent's policy, attaching at once enforces it on
         // interfaces that came while no agent ran, before the configuration's names are resolved.
-        let mut datapath = Datapath::load(&settings.bpffs)?;
+        let mut datapath = if settings.relay_engine == Engine::Kernel {
+            Datapath::load_with_kernel_relay(&settings.bpffs)?
+        } else {
+            Datapath::load(&settings.bpffs)?
+        };
         let routing = Arc::new(InterceptRouting::connect().context("connecting to rtnetlink")?);
         if intercepting {
             routing.install().await?;
@@ -206,8 +210,20 @@ impl App {
         let metrics = telemetry::metrics::registry(counters.clone(), datapath.blackholed(), access_log);
         let early = datapath.holds_policy();
         let events = datapath.take_events();
-        let relay = Relay::new(settings.relay_engine);
+        let relay = match settings.relay_engine {
+            Engine::Kernel => match datapath.take_relay() {
+                // The maps live as long as the agent: every relay shares them.
+                Ok(maps) => Relay::with_kernel(Box::leak(Box::new(maps))),
+                Err(why) => {
+                    tracing::warn!(%why, "the kernel relay cannot run on this kernel: decided streams are spliced");
+                    Relay::new(Engine::Splice)
+                }
+            },
+            engine => Relay::new(engine),
+        };
         tracing::info!(relay_engine = relay.engine().as_str(), "decided byte streams are relayed by this engine");
+        // /config_dump says which engine runs, not which was asked for.
+        control.relay_engine = relay.engine();
         let datapath = Arc::new(Mutex::new(datapath));
         let listed = kube_changes.as_ref().is_none_or(|changes| changes.borrow().is_some());
         let (readiness, readiness_reader) =

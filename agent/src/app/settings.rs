@@ -170,7 +170,8 @@ pub struct RunSettings {
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = crate::config::fields::parse_duration)]
     pub idle_timeout: std::time::Duration,
     /// How the bytes of decided TLS and TCP connections and CONNECT tunnels are relayed: spliced through a pipe in
-    /// the kernel (splice(2)), or copied by the proxy.
+    /// the kernel (splice(2)), copied by the proxy, or handed from socket to socket by an eBPF stream verdict
+    /// (kernel; falls back to splice where the kernel cannot load it).
     #[arg(long, value_enum, default_value = "splice")]
     pub relay_engine: crate::proxy::relay::Engine,
     /// What speaks HTTP/1.1 to upstreams: Sluice's own connection code, each exchange driven in its request's

@@ -3,6 +3,7 @@
 //! counted.
 
 mod blackholed;
+mod btf;
 mod counters;
 mod generations;
 pub mod interfaces;
@@ -10,6 +11,7 @@ mod link_info;
 mod link_watch;
 mod object;
 mod pins;
+mod relay_maps;
 mod routing;
 mod sources;
 
@@ -31,6 +33,7 @@ pub use counters::{VerdictCounters, VerdictTotals};
 pub use interfaces::{Interface, InterfaceSpec};
 pub use link_watch::LinkEvents;
 pub use pins::{cleanup, DEFAULT_PIN_DIR};
+pub use relay_maps::{Joining, RelayMaps};
 pub use routing::{InterceptRouting, MARK, MARK_MASK, ROUTE_TABLE, RULE_PRIORITY};
 
 use crate::policy::DatapathPolicy;
@@ -91,6 +94,8 @@ pub struct Datapath {
     blackholed: BlackholedDestinations,
     sources: sources::SourceModes,
     events: Option<RingBuf<MapData>>,
+    /// The kernel relay's maps, or why it could not be loaded; taken once by the proxy.
+    relay: Option<Result<RelayMaps, String>>,
     /// The interfaces the classifier is on, by name: the index of the interface it was attached to.
     attached: BTreeMap<String, u32>,
     /// Every interface name the classifier has been on: one that comes back was re-created.
@@ -155,6 +160,16 @@ impl Datapath {
     /// Loads the embedded object, reusing the maps pinned under `pin_dir` (created, on a bpf filesystem mounted
     /// if need be, when absent), and loads its program into the kernel; nothing is attached yet.
     pub fn load(pin_dir: &Path) -> Result<Self, DatapathError> {
+        Datapath::load_with(pin_dir, false)
+    }
+
+    /// As [`Datapath::load`], with the kernel relay's stream verdict loaded too (`--relay-engine kernel`): its maps
+    /// are sized for it (otherwise one entry each), and [`Datapath::take_relay`] hands them over.
+    pub fn load_with_kernel_relay(pin_dir: &Path) -> Result<Self, DatapathError> {
+        Datapath::load_with(pin_dir, true)
+    }
+
+    fn load_with(pin_dir: &Path, kernel_relay: bool) -> Result<Self, DatapathError> {
         let pins = pins::PinDir::prepare(pin_dir)?;
         let had_policy = pins.has_map(names::ACTIVE);
         let replaced = pins.unpin_incompatible_maps(object::OBJECT)?;
@@ -164,10 +179,22 @@ impl Datapath {
                 "pinned maps of another layout (an earlier version's) are replaced: their counts start again"
             );
         }
-        let mut ebpf = EbpfLoader::new()
+        // The relay's stream verdict reads the peer's acknowledged bytes and where a joining socket's stream
+        // stands where this kernel keeps them; 0 (not found) leaves the relay unloaded.
+        let tcp_sock_offset =
+            |member| if kernel_relay { btf::member_offset("tcp_sock", member).unwrap_or(0) } else { 0 };
+        let (bytes_acked_at, copied_seq_at) = (tcp_sock_offset("bytes_acked"), tcp_sock_offset("copied_seq"));
+        let mut loader = EbpfLoader::new();
+        loader
             .default_map_pin_directory(pins.path())
-            .load(object::OBJECT)
-            .map_err(DatapathError::Load)?;
+            .override_global(names::RELAY_BYTES_ACKED_AT, &bytes_acked_at, true)
+            .override_global(names::RELAY_COPIED_SEQ_AT, &copied_seq_at, true);
+        if !kernel_relay {
+            for map in [names::RELAY_SOCKETS, names::RELAY_DIRECTIONS, names::RELAY_WRITTEN] {
+                loader.map_max_entries(map, 1);
+            }
+        }
+        let mut ebpf = loader.load(object::OBJECT).map_err(DatapathError::Load)?;
         let program = program(&mut ebpf)?;
         program.load().map_err(|source| match source {
             ProgramError::LoadError { io_error, verifier_log } => {
@@ -182,6 +209,13 @@ impl Datapath {
         let sources = sources::SourceModes::take(&mut ebpf)?;
         let events = RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?)
             .map_err(|source| DatapathError::Map { map: names::EVENTS, source })?;
+        let relay = if !kernel_relay {
+            Err("not loaded (--relay-engine is not kernel)".to_owned())
+        } else if bytes_acked_at == 0 || copied_seq_at == 0 {
+            Err("the kernel's BTF has no tcp_sock.bytes_acked or tcp_sock.copied_seq".to_owned())
+        } else {
+            relay_maps::load(&mut ebpf).map_err(|error| format!("{error:#}"))
+        };
         Ok(Datapath {
             ebpf,
             pins,
@@ -190,6 +224,7 @@ impl Datapath {
             blackholed,
             sources,
             events: Some(events),
+            relay: Some(relay),
             attached: BTreeMap::new(),
             known: Default::default(),
             started: false,
@@ -365,6 +400,11 @@ impl Datapath {
     /// The blocked-flow event ring buffer (once).
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
+    }
+
+    /// The kernel relay's maps (its stream verdict loaded and attached), or why this kernel cannot have it.
+    pub fn take_relay(&mut self) -> Result<RelayMaps, String> {
+        self.relay.take().unwrap_or_else(|| Err("already taken".to_owned()))
     }
 }
 

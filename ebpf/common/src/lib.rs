@@ -29,6 +29,14 @@ pub mod names {
     pub const DENY_V6: &str = "SLUICE_DENY6";
     pub const DENY_SOURCES_V4: &str = "SLUICE_DENYSRC4";
     pub const DENY_SOURCES_V6: &str = "SLUICE_DENYSRC6";
+    /// The kernel relay's stream verdict and its maps (not pinned: their sockets end with the agent).
+    pub const RELAY_PROGRAM: &str = "sluice_relay";
+    pub const RELAY_SOCKETS: &str = "SLUICE_RSOCKS";
+    pub const RELAY_DIRECTIONS: &str = "SLUICE_RDIRS";
+    pub const RELAY_WRITTEN: &str = "SLUICE_RWRITTEN";
+    /// The relay's globals: where `bytes_acked` and `copied_seq` lie in the kernel's `struct tcp_sock`.
+    pub const RELAY_BYTES_ACKED_AT: &str = "SLUICE_TCP_BYTES_ACKED_AT";
+    pub const RELAY_COPIED_SEQ_AT: &str = "SLUICE_TCP_COPIED_SEQ_AT";
     /// Every map, for pinning and cleanup.
     pub const MAPS: [&str; 20] = [
         ACTIVE,
@@ -389,6 +397,40 @@ pub struct SourceKey {
     pub _pad: [u8; 3],
 }
 
+/// Sockets the kernel relay may hold at once (two per relayed connection).
+pub const MAX_RELAYED_SOCKETS: u32 = 65_536;
+/// Bytes a relayed direction may have handed to its peer socket that the far end has not acknowledged yet: past
+/// it, segments are left to the proxy, whose socket then closes the sender's window (the kernel's own queue in
+/// front of the peer does not push back).
+pub const RELAY_UNACKED_LIMIT: u64 = 4 << 20;
+
+/// One direction of a connection the kernel relays, keyed by the socket cookie of the socket it arrives on.
+/// `peer`, `acked_base` are the agent's, written before the socket joins the relay; the counts are the stream
+/// verdict's alone (it runs for one socket at a time).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayDirection {
+    /// The cookie of the socket the bytes go out on.
+    pub peer: u64,
+    /// The peer's `tcpi_bytes_acked` when the relay began.
+    pub acked_base: u64,
+    /// Bytes handed to the peer in the kernel.
+    pub redirected: u64,
+    /// Bytes left to the proxy (it reads them from the socket and writes them on).
+    pub passed: u64,
+    /// Bytes the verdict cut from the front of segments because the stream had already carried them: a
+    /// retransmission that overlaps what arrived before is queued whole, and the kernel hands it whole.
+    pub trimmed: u64,
+    /// The sequence number of the next byte of the stream (the end of the last segment seen); valid once
+    /// `sequenced` is 1 — the verdict takes it from the socket's `copied_seq` at its first segment.
+    pub next_seq: u32,
+    pub sequenced: u32,
+    /// Segments that began past `next_seq` (a gap the receive queue should never hold): counted, not trimmed.
+    pub gaps: u32,
+    /// 1 once the verdict met a segment it could not trim and dropped it: the agent resets the connection.
+    pub broken: u32,
+}
+
 /// A flow (5-tuple); IPv4 addresses in the first 4 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -449,6 +491,7 @@ mod user {
     unsafe impl aya::Pod for DenyV6 {}
     unsafe impl aya::Pod for DenySourceV4 {}
     unsafe impl aya::Pod for DenySourceV6 {}
+    unsafe impl aya::Pod for RelayDirection {}
 }
 
 #[cfg(test)]

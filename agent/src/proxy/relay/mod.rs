@@ -4,21 +4,22 @@
 //! a task by going quiet), or the connection has lived as long as its DestinationRule lets it
 //! (`maxConnectionDuration`).
 //!
-//! Two engines (`--relay-engine`; bench/README.md has the figures behind the default):
+//! Three engines (`--relay-engine`; bench/README.md has the figures behind the default):
 //! - **splice** (the default for two sockets): splice(2) through a pipe each way — the bytes stay in the kernel's
 //!   pages, the proxy is woken per batch but copies nothing — once a direction moves more than a small buffer at a
 //!   time (until then it is copied: small exchanges do not pay for a pipe);
 //! - **copy**: read and written by the proxy — for streams that are not plain sockets (terminated TLS, hyper's
 //!   upgraded connections), and for sockets on request: each direction's buffer starts at 16 KiB and doubles
 //!   with every read that fills it, up to 128 KiB (more throughput on one fast connection than splice here, at
-//!   more of the proxy's CPU per GB).
+//!   more of the proxy's CPU per GB);
+//! - **kernel**: the datapath's eBPF stream verdict hands each segment from socket to socket, within a bound of
+//!   bytes the far end has not acknowledged; past it the proxy moves them (`kernel.rs`).
 //!
-//! Both pass a half-close on after the bytes before it, and a reset as a reset; what either side can make the
-//! relay hold is bounded by the socket buffers and one pipe (or buffer) each way.
-//! (A third engine, handing segments from socket to socket with an eBPF stream verdict, was measured and left
-//! out: the kernel's queue in front of the receiving socket does not push back on the sender — bench/README.md.)
+//! All pass a half-close on after the bytes before it, and a reset as a reset; what either side can make the
+//! relay hold is bounded by the socket buffers and one pipe (or buffer, or the verdict's bound) each way.
 
 mod copy;
+mod kernel;
 mod splice;
 
 use std::{
@@ -28,6 +29,7 @@ use std::{
     time::Duration,
 };
 
+use crate::datapath::RelayMaps;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
@@ -42,6 +44,8 @@ pub enum Engine {
     Splice,
     /// Read and written by the proxy.
     Copy,
+    /// Handed from socket to socket by the datapath's stream verdict, within a bound of unacknowledged bytes.
+    Kernel,
 }
 
 impl Engine {
@@ -49,6 +53,7 @@ impl Engine {
         match self {
             Engine::Splice => "splice",
             Engine::Copy => "copy",
+            Engine::Kernel => "kernel",
         }
     }
 }
@@ -105,11 +110,19 @@ impl Bounds {
 #[derive(Clone, Copy, Default)]
 pub struct Relay {
     engine: Engine,
+    /// The datapath's relay maps, for the kernel engine (they live as long as the agent).
+    kernel: Option<&'static RelayMaps>,
 }
 
 impl Relay {
+    /// A relay with `engine`; the kernel engine only with [`Relay::with_kernel`], else splice.
     pub fn new(engine: Engine) -> Relay {
-        Relay { engine }
+        Relay { engine: if engine == Engine::Kernel { Engine::Splice } else { engine }, kernel: None }
+    }
+
+    /// The kernel engine, over the datapath's relay maps.
+    pub fn with_kernel(maps: &'static RelayMaps) -> Relay {
+        Relay { engine: Engine::Kernel, kernel: Some(maps) }
     }
 
     /// The engine socket pairs get.
@@ -120,7 +133,18 @@ impl Relay {
     /// Relays between two TCP sockets with the configured engine. On a failure (a reset, a write to a closed
     /// peer), both are set to reset when dropped: the side still open learns of it as a reset too.
     pub async fn sockets(&self, first: &mut TcpStream, second: &mut TcpStream, bounds: Bounds) -> Relayed {
-        let relayed = joined(first, second, bounds, self.engine).await;
+        let relayed = match (self.engine, self.kernel) {
+            (Engine::Kernel, Some(maps)) => match kernel::join(maps, first, second, bounds).await {
+                Ok(relayed) => relayed,
+                Err(moved) => {
+                    let spliced = joined(first, second, bounds, Engine::Splice).await;
+                    let (from_first, from_second) =
+                        (spliced.from_first + moved.from_first, spliced.from_second + moved.from_second);
+                    Relayed { from_first, from_second, ..spliced }
+                }
+            },
+            (engine, _) => joined(first, second, bounds, engine).await,
+        };
         if matches!(relayed.ended, Ended::Failed(_)) {
             crate::proxy::tcp::reset(first);
             crate::proxy::tcp::reset(second);
@@ -146,7 +170,8 @@ async fn joined(first: &mut TcpStream, second: &mut TcpStream, bounds: Bounds, e
     let ((first_read, first_write), (second_read, second_write)) = (first.split(), second.split());
     let both = async {
         match engine {
-            Engine::Splice => tokio::try_join!(
+            // The kernel engine reaches here only when the datapath could not take the flow.
+            Engine::Splice | Engine::Kernel => tokio::try_join!(
                 splice::direction(first_read, second_write, &from_first, &piped, &activity),
                 splice::direction(second_read, first_write, &from_second, &piped, &activity),
             ),
@@ -246,6 +271,12 @@ mod tests {
         let mut answer = Vec::new();
         client.read_to_end(&mut answer).await.unwrap();
         (serving.await.unwrap(), answer.len(), relaying.await.unwrap())
+    }
+
+    #[test]
+    fn the_kernel_engine_is_had_only_with_the_datapaths_maps() {
+        assert_eq!(Relay::new(Engine::Kernel).engine(), Engine::Splice);
+        assert_eq!(Relay::new(Engine::Copy).engine(), Engine::Copy);
     }
 
     #[tokio::test]
