@@ -579,6 +579,11 @@ fn websocket_upgrades_are_passed_through_both_ways() {
     assert!(heads[0].to_ascii_lowercase().contains("upgrade: websocket"), "{heads:?}");
     agent.wait_for_log("upgraded connection ended", 1).unwrap();
     assert!(agent.log().contains("engine: Splice"), "the upgraded sockets were spliced:\n{}", agent.log());
+    // Its access-log line is written as it ends, as Envoy's is: the bytes relayed each way (the ping and the
+    // transfer, 4,194,325 bytes up and echoed down), not the 101's empty body.
+    agent.wait_for_log("\"GET /chat HTTP/1.1\" 101", 1).unwrap();
+    let line = agent.log().lines().find(|line| line.contains("\"GET /chat HTTP/1.1\" 101")).unwrap().to_owned();
+    assert!(line.contains(" 4194325 4194325 "), "{line}");
 }
 
 #[test]

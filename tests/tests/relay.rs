@@ -727,3 +727,53 @@ fn send_raw(packet: &[u8], to: std::net::SocketAddr) -> nix::Result<usize> {
     let raw = socket(AddressFamily::Inet, SockType::Raw, SockFlag::empty(), SockProtocol::Raw)?;
     sendto(std::os::fd::AsRawFd::as_raw_fd(&raw), packet, &SockaddrIn::from(to), MsgFlags::empty())
 }
+
+/// The kernel's socket map takes established sockets only: a client that ended its stream before the relay began
+/// (a `CONNECT` with the upload and the half-close in the same burst) cannot join it. The kernel engine then relays
+/// the connection by splice — the upload intact, the answer back through the half-closed connection — says so
+/// once in its log, and the access log names the engine that carried it.
+#[test]
+fn the_kernel_engine_splices_a_connection_that_cannot_join_the_socket_map() {
+    require_root();
+    let topology = Topology::new().unwrap();
+    let _seen = server(&topology);
+    let config = tempfile::tempdir().unwrap();
+    istio::write(config.path(), &[MESH_REGISTRY_ONLY, REGISTRY]).unwrap();
+    let agent = start_agent(&topology, config.path(), "kernel");
+    let block = block();
+    const SIZE: u64 = 16 * 1024;
+    for _ in 0..2 {
+        let proxy = addr(GATEWAY_WORKLOAD_ADDR, FORWARD_PROXY_PORT);
+        let mut stream =
+            topology.workload.enter(|| TcpStream::connect_timeout(&proxy, Duration::from_secs(3))).unwrap().unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut burst = b"CONNECT tunnel.example.com:9000 HTTP/1.1\r\nHost: tunnel.example.com:9000\r\n\r\nU".to_vec();
+        for_each_chunk(&block, SIZE, |chunk| {
+            burst.extend(chunk);
+            Ok(())
+        })
+        .unwrap();
+        stream.write_all(&burst).unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap_or_else(|error| panic!("{error}\n{}", agent.log()));
+        let expected = format!("ready\n{} {SIZE}\n", digest_of(&block, SIZE));
+        assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with(&expected), "{answer:?}\n{}", agent.log());
+    }
+    // Each tunnel's access-log line is written as it ends, with its bytes and the engine that carried them.
+    let tunnels = || -> Vec<serde_json::Value> {
+        agent
+            .log()
+            .lines()
+            .filter(|line| line.contains("\"method\":\"CONNECT\""))
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    };
+    wait_for(|| tunnels().len() == 2).unwrap_or_else(|| panic!("two tunnels' lines\n{}", agent.log()));
+    for line in tunnels() {
+        assert!(line["relay_engine"] == "splice" || line["relay_engine"] == "copy", "{line}");
+        assert_eq!(line["bytes_received"], SIZE + 1, "the upload and its command byte: {line}");
+        assert_eq!(line["bytes_sent"], 6 + 65 + SIZE.to_string().len() as u64 + 1, "greeting and answer: {line}");
+    }
+    assert_eq!(agent.log().matches("could not join the kernel relay").count(), 1, "{}", agent.log());
+}

@@ -114,6 +114,27 @@ impl<B: Body<Data = Bytes, Error = BoxError> + Unpin> Body for Recorded<B> {
     }
 }
 
+/// A `CONNECT` tunnel's or an upgraded connection's request, recorded once its bytes stop moving, as Envoy logs
+/// such a stream when it ends: the bytes relayed each way, the whole duration and the relay engine.
+pub(super) struct RecordedWhenRelayed {
+    pub(super) record: Box<RequestRecord>,
+    pub(super) started: Instant,
+    pub(super) telemetry: Arc<RequestTelemetry>,
+}
+
+impl RecordedWhenRelayed {
+    /// Records the request; `relayed` is None when the connection never switched (the upgrade failed).
+    pub(super) fn ended(mut self, relayed: Option<&crate::proxy::relay::Relayed>) {
+        if let Some(relayed) = relayed {
+            self.record.bytes_received += relayed.from_first;
+            self.record.bytes_sent += relayed.from_second;
+            self.record.relay_engine = Some(relayed.engine.as_str());
+        }
+        self.record.duration = self.started.elapsed();
+        self.telemetry.record(&self.record);
+    }
+}
+
 impl<B> Drop for Recorded<B> {
     fn drop(&mut self) {
         self.emit();

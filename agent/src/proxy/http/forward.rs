@@ -249,6 +249,7 @@ impl HttpProxy {
             record.upstream_service_time = Some(service_time);
             let mut response = response;
             let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+            let mut upgrade = None;
             if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
                 // The upgraded connection outlives the HTTP connection it came from: it holds a connection
                 // place of its own.
@@ -257,9 +258,7 @@ impl HttpProxy {
                 };
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
                 let bounds = Bounds { idle: self.limits.stream_idle_timeout, lifetime: destination.lifetime() };
-                let upgrade =
-                    join_upgraded(client_upgrade, upstream_upgrade, *self.relay(), connection.peer, bounds, place);
-                tokio::spawn(upgrade);
+                upgrade = Some((client_upgrade, upstream_upgrade, bounds, place));
             }
             let (mut parts, body) = response.into_parts();
             if let Some(telemetry) = &record.telemetry {
@@ -285,6 +284,14 @@ impl HttpProxy {
             record.response_code = parts.status.as_u16();
             record.destination = Some(destination.labels);
             let response = Response::from_parts(parts, body.map_err(BoxError::from));
+            if let Some((client_upgrade, upstream_upgrade, bounds, place)) = upgrade {
+                // Recorded when the upgraded connection ends, with its bytes (the 101 carries none).
+                let recording = self.record_when_relayed(record, started);
+                let peer = connection.peer;
+                let relay = *self.relay();
+                tokio::spawn(join_upgraded(client_upgrade, upstream_upgrade, relay, peer, bounds, place, recording));
+                return response.map(|body| body.boxed());
+            }
             self.finish_streaming(response, record, started, received, slot)
         }
     }

@@ -622,6 +622,12 @@ impl HttpProxy {
         };
         Response::from_parts(parts, body.boxed())
     }
+
+    /// The request of a connection that leaves HTTP behind, to be recorded when its relay ends (the response it
+    /// is answered with records nothing).
+    fn record_when_relayed(&self, record: Box<RequestRecord>, started: Instant) -> RecordedWhenRelayed {
+        RecordedWhenRelayed { record, started, telemetry: self.telemetry.clone() }
+    }
 }
 
 /// A response, as hyper's services give it (they never fail: a failure is answered as Envoy answers it).

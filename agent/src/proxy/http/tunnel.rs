@@ -80,6 +80,9 @@ impl HttpProxy {
         let tcp = self.telemetry.tcp.clone();
         let bounds = Bounds { idle: self.limits.stream_idle_timeout, lifetime: destination.lifetime() };
         let relay = *self.relay();
+        record.response_code = StatusCode::OK.as_u16();
+        record.destination = Some(destination.labels);
+        let recording = self.record_when_relayed(record, started);
         tokio::spawn(async move {
             match hyper::upgrade::on(request).await {
                 Ok(upgraded) => {
@@ -100,14 +103,16 @@ impl HttpProxy {
                     };
                     open.closed(joined.from_first, joined.from_second);
                     tracing::debug!(?peer, upstream = %address, ?joined, "tunnel ended");
+                    recording.ended(Some(&joined));
                 }
-                Err(error) => tracing::debug!(?peer, %error, "tunnel not established"),
+                Err(error) => {
+                    tracing::debug!(?peer, %error, "tunnel not established");
+                    recording.ended(None);
+                }
             }
             drop(place);
         });
-        record.response_code = StatusCode::OK.as_u16();
-        record.destination = Some(destination.labels);
-        self.finish_streaming(Response::new(empty()), record, started, None, None)
+        Response::new(empty())
     }
 }
 
@@ -142,7 +147,7 @@ pub(super) fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
 
 /// Relays bytes between an upgraded client connection and its upgraded upstream until either closes, both are
 /// silent for the idle timeout or it has lasted its lifetime (`bounds`); `place` is its share of
-/// `--max-connections`, held until then.
+/// `--max-connections`, held until then; the request is recorded then.
 pub(super) async fn join_upgraded(
     client: OnUpgrade,
     upstream: OnUpgrade,
@@ -150,13 +155,18 @@ pub(super) async fn join_upgraded(
     peer: SocketAddr,
     bounds: Bounds,
     place: OwnedSemaphorePermit,
+    recording: RecordedWhenRelayed,
 ) {
     match tokio::try_join!(client, upstream) {
         Ok((client, upstream)) => {
             let joined = relay_upgraded(relay, client, upstream, bounds).await;
             tracing::debug!(%peer, ?joined, "upgraded connection ended");
+            recording.ended(joined.as_ref().ok());
         }
-        Err(error) => tracing::debug!(%peer, %error, "upgrade failed"),
+        Err(error) => {
+            tracing::debug!(%peer, %error, "upgrade failed");
+            recording.ended(None);
+        }
     }
     drop(place);
 }

@@ -131,8 +131,11 @@ pub fn json_line(record: &RequestRecord) -> String {
         "requested_server_name": record.server_name.as_deref(),
         "downstream_peer_uri_san": record.source_principal.as_ref().map(|principal| principal.as_str()),
         "response_code_details": record.response_code_details,
-    })
-    .to_string();
+    });
+    if let Some(engine) = record.relay_engine {
+        line["relay_engine"] = engine.into();
+    }
+    let mut line = line.to_string();
     line.push('\n');
     line
 }

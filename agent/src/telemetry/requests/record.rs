@@ -60,6 +60,9 @@ pub struct RequestRecord {
     /// Why the proxy answered as it did, where Envoy says more than the flag (an RBAC denial's
     /// `rbac_access_denied_matched_policy[…]`, `route_not_found`, an upstream reset's `upstream_reset_before_…`).
     pub response_code_details: Option<Box<str>>,
+    /// For a `CONNECT` tunnel or an upgraded connection, the relay engine that carried its bytes (the JSON line's
+    /// `relay_engine`, as on the relayed TCP connections' lines).
+    pub relay_engine: Option<&'static str>,
     /// The request headers the access log's format reads beyond the fields above, as they came.
     pub captured_headers: Vec<(http::HeaderName, Box<str>)>,
     /// The upstream's response headers the access log's format (or filter) reads, as they came.
