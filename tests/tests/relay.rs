@@ -416,6 +416,9 @@ fn relays_with(engine: &str) {
         // sequence numbers it follows are the segments' own.
         let gaps = kernel_counts(&agent.log(), "gaps");
         assert!(!gaps.is_empty() && gaps.iter().all(|&gaps| gaps == 0), "gaps {gaps:?}\n{}", agent.log());
+        // Every connection has ended, each side's way: none of their sockets or directions is left in the maps.
+        wait_for(|| kernel_relay_entries(&agent) == (0, 0))
+            .unwrap_or_else(|| panic!("left in the maps: {:?}\n{}", kernel_relay_entries(&agent), agent.log()));
     }
 
     // The agent dies in the middle of a transfer: the client's connection ends (reset or cut short), it does not
@@ -440,6 +443,32 @@ fn relays_with(engine: &str) {
     let agent = start_agent(&topology, config.path(), engine);
     let answer = upload(&topology, &block, 1 << 20).unwrap_or_else(|error| panic!("{error}\n{}", agent.log()));
     assert_eq!(answer, format!("{} {}\n", digest_of(&block, 1 << 20), 1 << 20), "{}", agent.log());
+}
+
+/// The entries of the agent's kernel relay maps — (sockets, directions) — read from the maps it holds open.
+fn kernel_relay_entries(agent: &Agent) -> (usize, usize) {
+    use aya::maps::{HashMap, Map, MapData, MapInfo, SockHash};
+    let (mut sockets, mut directions) = (None, None);
+    for entry in std::fs::read_dir(format!("/proc/{}/fdinfo", agent.pid())).unwrap().flatten() {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else { continue };
+        let id = info.lines().find_map(|line| line.strip_prefix("map_id:")?.trim().parse::<u32>().ok());
+        let Some((id, map)) = id.and_then(|id| Some((id, MapInfo::from_id(id).ok()?))) else { continue };
+        match map.name_as_str() {
+            Some("SLUICE_RSOCKS") => {
+                let map = SockHash::<_, u64>::try_from(Map::SockHash(MapData::from_id(id).unwrap())).unwrap();
+                sockets = Some(map.keys().count());
+            }
+            Some("SLUICE_RDIRS") => {
+                let map = HashMap::<_, u64, sluice_common::RelayDirection>::try_from(Map::HashMap(
+                    MapData::from_id(id).unwrap(),
+                ))
+                .unwrap();
+                directions = Some(map.keys().count());
+            }
+            _ => {}
+        }
+    }
+    (sockets.expect("the agent holds SLUICE_RSOCKS"), directions.expect("the agent holds SLUICE_RDIRS"))
 }
 
 /// The values of one of the kernel relay's per-direction counts in the agent's accounts of its connections.
