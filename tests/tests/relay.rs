@@ -546,50 +546,60 @@ fn a_destination_rules_max_connection_duration_ends_busy_relays_and_its_keepaliv
     let config = tempfile::tempdir().unwrap();
     let rule = store_rule("{maxConnectionDuration: 2s, tcpKeepalive: {time: 7s, interval: 3s, probes: 4}}");
     istio::write(config.path(), &[MESH_REGISTRY_ONLY, REGISTRY, &rule]).unwrap();
-    let agent = start_agent(&topology, config.path(), "splice");
+    // Every engine: the kernel's relays bytes the proxy never sees, and must still end at the lifetime.
+    for engine in ["splice", "copy", "kernel"] {
+        let agent = start_agent(&topology, config.path(), engine);
 
-    let mut busy = connect(&topology);
-    let opened = Instant::now();
-    busy.write_all(b"U").unwrap();
-    // The agent's socket to the server keeps alive at the rule's time (the kernel's default is two hours).
-    let sockets = topology.gateway.command("ss").args(["-Htno", "state", "established"]).output().unwrap();
-    let sockets = String::from_utf8_lossy(&sockets.stdout).into_owned();
-    // The one whose peer is the server (the client's, accepted transparently, has the server's address as its own).
-    let server = format!("{SERVER_B}:{PORT}");
-    let upstream = sockets.lines().find(|line| line.split_whitespace().nth(3) == Some(&server)).unwrap_or_default();
-    // ss writes the time left as `6.992ms` (6 s 992 ms), `7sec`, or with minutes (`120min`).
-    let timer = upstream.split("timer:(keepalive,").nth(1).and_then(|rest| rest.split(',').next());
-    let timer = timer.unwrap_or_else(|| {
-        panic!("no keepalive timer on the upstream socket: {upstream:?}\n{sockets}\n{}", agent.log())
-    });
-    let seconds: u32 = timer.split(|c: char| !c.is_ascii_digit()).next().and_then(|s| s.parse().ok()).unwrap_or(99);
-    assert!(!timer.contains("min") && seconds <= 7, "keepalive after at most 7 s, not the kernel's 2 h: {upstream}");
+        let mut busy = connect(&topology);
+        let opened = Instant::now();
+        busy.write_all(b"U").unwrap();
+        // The agent's socket to the server keeps alive at the rule's time (the kernel's default is two hours).
+        let sockets = topology.gateway.command("ss").args(["-Htno", "state", "established"]).output().unwrap();
+        let sockets = String::from_utf8_lossy(&sockets.stdout).into_owned();
+        // The one whose peer is the server (the client's, accepted transparently, has the server's address as its own).
+        let server = format!("{SERVER_B}:{PORT}");
+        let upstream = sockets.lines().find(|line| line.split_whitespace().nth(3) == Some(&server)).unwrap_or_default();
+        // ss writes the time left as `6.992ms` (6 s 992 ms), `7sec`, or with minutes (`120min`).
+        let timer = upstream.split("timer:(keepalive,").nth(1).and_then(|rest| rest.split(',').next());
+        let timer = timer.unwrap_or_else(|| {
+            panic!("no keepalive timer on the upstream socket: {upstream:?}\n{sockets}\n{}", agent.log())
+        });
+        let seconds: u32 = timer.split(|c: char| !c.is_ascii_digit()).next().and_then(|s| s.parse().ok()).unwrap_or(99);
+        assert!(
+            !timer.contains("min") && seconds <= 7,
+            "keepalive after at most 7 s, not the kernel's 2 h: {upstream}"
+        );
 
-    // A byte every 200 ms: never idle, yet closed after two seconds.
-    busy.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-    let ended = loop {
-        assert!(opened.elapsed() < Duration::from_secs(6), "still relayed after 6 s\n{}", agent.log());
-        let _ = busy.write_all(b"x");
-        match busy.read(&mut [0u8; 64]) {
-            Ok(0) => break opened.elapsed(),
-            Err(error) if error.kind() == ErrorKind::ConnectionReset => break opened.elapsed(),
-            Ok(_) | Err(_) => {}
+        // A byte every 200 ms: never idle, yet closed after two seconds.
+        busy.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let ended = loop {
+            assert!(opened.elapsed() < Duration::from_secs(6), "{engine}: still relayed after 6 s\n{}", agent.log());
+            let _ = busy.write_all(b"x");
+            match busy.read(&mut [0u8; 64]) {
+                Ok(0) => break opened.elapsed(),
+                Err(error) if error.kind() == ErrorKind::ConnectionReset => break opened.elapsed(),
+                Ok(_) | Err(_) => {}
+            }
+        };
+        assert!(
+            ended >= Duration::from_millis(1800),
+            "{engine}: ended after {ended:?}, before its lifetime\n{}",
+            agent.log()
+        );
+        let logged = || agent.log().lines().any(|line| line.contains("\"response_flags\":\"DT\""));
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !logged() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
         }
-    };
-    assert!(ended >= Duration::from_millis(1800), "ended after {ended:?}, before its lifetime\n{}", agent.log());
-    let logged = || agent.log().lines().any(|line| line.contains("\"response_flags\":\"DT\""));
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while !logged() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
+        assert!(logged(), "{engine}: the connection's line carries DT\n{}", agent.log());
+        // Istio's TCP metrics: opened as `-`, closed (with its bytes) under the flag it ended with.
+        let metrics = agent.metrics().unwrap();
+        let series = |flag| [("destination_service_name", "store.example.com"), ("response_flags", flag)];
+        assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &series("-")), 1, "{metrics}");
+        assert_eq!(total(&metrics, "istio_tcp_connections_closed_total", &series("DT")), 1, "{metrics}");
+        assert_eq!(total(&metrics, "istio_tcp_connections_closed_total", &series("-")), 0, "{metrics}");
+        assert!(total(&metrics, "istio_tcp_received_bytes_total", &series("DT")) >= 10, "{metrics}");
     }
-    assert!(logged(), "the connection's line carries DT\n{}", agent.log());
-    // Istio's TCP metrics: opened as `-`, closed (with its bytes) under the flag it ended with.
-    let metrics = agent.metrics().unwrap();
-    let series = |flag| [("destination_service_name", "store.example.com"), ("response_flags", flag)];
-    assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &series("-")), 1, "{metrics}");
-    assert_eq!(total(&metrics, "istio_tcp_connections_closed_total", &series("DT")), 1, "{metrics}");
-    assert_eq!(total(&metrics, "istio_tcp_connections_closed_total", &series("-")), 0, "{metrics}");
-    assert!(total(&metrics, "istio_tcp_received_bytes_total", &series("DT")) >= 10, "{metrics}");
 }
 
 /// `connectionPool.tcp.maxConnections` bounds the connections relayed to a cluster at once: one more is closed
