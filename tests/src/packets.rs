@@ -1,4 +1,5 @@
-//! Crafted Ethernet frames for running the classifier on exact bytes (`BPF_PROG_TEST_RUN`).
+//! Crafted Ethernet frames for running the classifier on exact bytes (`BPF_PROG_TEST_RUN`), and TCP segments
+//! crafted with a live connection's own sequence numbers, sent into a namespace from a raw socket.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -10,6 +11,7 @@ pub const ICMPV6: u8 = 58;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const GATEWAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -144,4 +146,67 @@ pub fn pseudo_v6(src: &[u8], dst: &[u8], next: u8, len: usize) -> u32 {
     header.extend((len as u32).to_be_bytes());
     header.extend([0, 0, 0, next]);
     u32::from(!checksum(&header, 0))
+}
+
+/// The next sequence number `stream` sends and the next it expects, read in TCP repair mode (left at once, without
+/// the window probe leaving it would send).
+#[expect(unsafe_code, reason = "TCP_REPAIR and TCP_QUEUE_SEQ have no wrapper in nix")]
+pub fn sequence_numbers(stream: &std::net::TcpStream) -> (u32, u32) {
+    use nix::libc;
+    use std::os::fd::AsRawFd;
+    // uapi/linux/tcp.h
+    const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
+    const TCP_RECV_QUEUE: libc::c_int = 1;
+    const TCP_SEND_QUEUE: libc::c_int = 2;
+    let fd = stream.as_raw_fd();
+    let set = |name: libc::c_int, value: libc::c_int| {
+        // SAFETY: an int option, its size given.
+        let done = unsafe { libc::setsockopt(fd, libc::IPPROTO_TCP, name, (&value as *const libc::c_int).cast(), 4) };
+        assert_eq!(done, 0, "setsockopt {name}: {}", std::io::Error::last_os_error());
+    };
+    let queue_seq = |queue: libc::c_int| {
+        set(libc::TCP_REPAIR_QUEUE, queue);
+        let (mut seq, mut length) = (0u32, 4 as libc::socklen_t);
+        // SAFETY: a u32 option, its size given.
+        let done = unsafe {
+            libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ, (&mut seq as *mut u32).cast(), &mut length)
+        };
+        assert_eq!(done, 0, "getsockopt TCP_QUEUE_SEQ: {}", std::io::Error::last_os_error());
+        seq
+    };
+    set(libc::TCP_REPAIR, 1);
+    let numbers = (queue_seq(TCP_SEND_QUEUE), queue_seq(TCP_RECV_QUEUE));
+    set(libc::TCP_REPAIR, TCP_REPAIR_OFF_NO_WP);
+    numbers
+}
+
+/// An IPv4 TCP segment (ACK, PSH) from `from` to `to` carrying `payload` at `seq`.
+pub fn tcp_data_segment(
+    from: std::net::SocketAddr,
+    to: std::net::SocketAddr,
+    seq: u32,
+    ack: u32,
+    payload: &[u8],
+) -> Vec<u8> {
+    let (std::net::IpAddr::V4(source), std::net::IpAddr::V4(destination)) = (from.ip(), to.ip()) else {
+        panic!("IPv4 addresses")
+    };
+    let mut segment = Vec::with_capacity(20 + payload.len());
+    segment.extend(from.port().to_be_bytes());
+    segment.extend(to.port().to_be_bytes());
+    segment.extend(seq.to_be_bytes());
+    segment.extend(ack.to_be_bytes());
+    segment.extend([5 << 4, TCP_ACK | TCP_PSH, 0xff, 0xff, 0, 0, 0, 0]);
+    segment.extend(payload);
+    let sum = checksum(&segment, pseudo_v4(&source.octets(), &destination.octets(), TCP, segment.len()));
+    segment[16..18].copy_from_slice(&sum.to_be_bytes());
+    ipv4(source, destination, TCP, &[], 0x4000, &segment)
+}
+
+/// Sends a whole IPv4 packet from a raw socket of the calling thread's namespace.
+pub fn send_raw(packet: &[u8], to: std::net::SocketAddr) -> nix::Result<usize> {
+    use nix::sys::socket::{sendto, socket, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn};
+    let std::net::SocketAddr::V4(to) = to else { panic!("an IPv4 address") };
+    let raw = socket(AddressFamily::Inet, SockType::Raw, SockFlag::empty(), SockProtocol::Raw)?;
+    sendto(std::os::fd::AsRawFd::as_raw_fd(&raw), packet, &SockaddrIn::from(to), MsgFlags::empty())
 }

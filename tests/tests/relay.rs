@@ -17,7 +17,7 @@ use ring::digest::{Context, SHA256};
 use sluice_tests::{
     istio::{self, MESH_REGISTRY_ONLY},
     metrics::total,
-    require_root,
+    packets, require_root,
     topology::{addr, GATEWAY_WORKLOAD_ADDR, GATEWAY_WORKLOAD_IFACE, SERVER_B},
     Agent, Topology,
 };
@@ -677,14 +677,15 @@ fn a_retransmission_overlapping_relayed_bytes_reaches_the_server_once_with_every
         assert_eq!(echoed, first, "{engine}");
         std::thread::sleep(Duration::from_millis(200));
 
-        let (sent, received) = sequence_numbers(&stream);
+        let (sent, received) = packets::sequence_numbers(&stream);
         let mut payload = first[first.len() - 600..].to_vec();
         payload.extend(&new);
         let local = stream.local_addr().unwrap();
-        let segment = data_segment(local, addr(SERVER_B, PORT), sent.wrapping_sub(600), received, &payload);
+        let segment =
+            packets::tcp_data_segment(local, addr(SERVER_B, PORT), sent.wrapping_sub(600), received, &payload);
         topology
             .workload
-            .enter(|| send_raw(&segment, addr(SERVER_B, PORT)))
+            .enter(|| packets::send_raw(&segment, addr(SERVER_B, PORT)))
             .unwrap()
             .unwrap_or_else(|error| panic!("sending the crafted segment: {error}"));
         stream.write_all(&new).unwrap();
@@ -714,64 +715,6 @@ fn wait_for(mut done: impl FnMut() -> bool) -> Option<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     None
-}
-
-/// The next sequence number `stream` sends and the next it expects, read in TCP repair mode (left at once, without
-/// the window probe leaving it would send).
-#[expect(unsafe_code, reason = "TCP_REPAIR and TCP_QUEUE_SEQ have no wrapper in nix")]
-fn sequence_numbers(stream: &TcpStream) -> (u32, u32) {
-    use nix::libc;
-    use std::os::fd::AsRawFd;
-    // uapi/linux/tcp.h
-    const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
-    const TCP_RECV_QUEUE: libc::c_int = 1;
-    const TCP_SEND_QUEUE: libc::c_int = 2;
-    let fd = stream.as_raw_fd();
-    let set = |name: libc::c_int, value: libc::c_int| {
-        // SAFETY: an int option, its size given.
-        let done = unsafe { libc::setsockopt(fd, libc::IPPROTO_TCP, name, (&value as *const libc::c_int).cast(), 4) };
-        assert_eq!(done, 0, "setsockopt {name}: {}", std::io::Error::last_os_error());
-    };
-    let queue_seq = |queue: libc::c_int| {
-        set(libc::TCP_REPAIR_QUEUE, queue);
-        let (mut seq, mut length) = (0u32, 4 as libc::socklen_t);
-        // SAFETY: a u32 option, its size given.
-        let done = unsafe {
-            libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ, (&mut seq as *mut u32).cast(), &mut length)
-        };
-        assert_eq!(done, 0, "getsockopt TCP_QUEUE_SEQ: {}", std::io::Error::last_os_error());
-        seq
-    };
-    set(libc::TCP_REPAIR, 1);
-    let numbers = (queue_seq(TCP_SEND_QUEUE), queue_seq(TCP_RECV_QUEUE));
-    set(libc::TCP_REPAIR, TCP_REPAIR_OFF_NO_WP);
-    numbers
-}
-
-/// An IPv4 TCP segment (ACK, PSH) from `from` to `to` carrying `payload` at `seq`.
-fn data_segment(from: std::net::SocketAddr, to: std::net::SocketAddr, seq: u32, ack: u32, payload: &[u8]) -> Vec<u8> {
-    use sluice_tests::packets::{checksum, ipv4, pseudo_v4, TCP, TCP_ACK};
-    let (std::net::IpAddr::V4(source), std::net::IpAddr::V4(destination)) = (from.ip(), to.ip()) else {
-        panic!("IPv4 addresses")
-    };
-    let mut segment = Vec::with_capacity(20 + payload.len());
-    segment.extend(from.port().to_be_bytes());
-    segment.extend(to.port().to_be_bytes());
-    segment.extend(seq.to_be_bytes());
-    segment.extend(ack.to_be_bytes());
-    segment.extend([5 << 4, TCP_ACK | 0x08, 0xff, 0xff, 0, 0, 0, 0]);
-    segment.extend(payload);
-    let sum = checksum(&segment, pseudo_v4(&source.octets(), &destination.octets(), TCP, segment.len()));
-    segment[16..18].copy_from_slice(&sum.to_be_bytes());
-    ipv4(source, destination, TCP, &[], 0x4000, &segment)
-}
-
-/// Sends a whole IPv4 packet from a raw socket of the calling thread's namespace.
-fn send_raw(packet: &[u8], to: std::net::SocketAddr) -> nix::Result<usize> {
-    use nix::sys::socket::{sendto, socket, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn};
-    let std::net::SocketAddr::V4(to) = to else { panic!("an IPv4 address") };
-    let raw = socket(AddressFamily::Inet, SockType::Raw, SockFlag::empty(), SockProtocol::Raw)?;
-    sendto(std::os::fd::AsRawFd::as_raw_fd(&raw), packet, &SockaddrIn::from(to), MsgFlags::empty())
 }
 
 /// The kernel's socket map takes established sockets only: a client that ended its stream before the relay began
