@@ -591,11 +591,7 @@ fn a_destination_rules_max_connection_duration_ends_busy_relays_and_its_keepaliv
             agent.log()
         );
         let logged = || agent.log().lines().any(|line| line.contains("\"response_flags\":\"DT\""));
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while !logged() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        assert!(logged(), "{engine}: the connection's line carries DT\n{}", agent.log());
+        wait_for(logged).unwrap_or_else(|| panic!("{engine}: the connection's line carries DT\n{}", agent.log()));
         // Istio's TCP metrics: opened as `-`, closed (with its bytes) under the flag it ended with.
         let metrics = agent.metrics().unwrap();
         let series = |flag| [("destination_service_name", "store.example.com"), ("response_flags", flag)];
