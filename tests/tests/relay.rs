@@ -716,7 +716,9 @@ fn wait_for(mut done: impl FnMut() -> bool) -> Option<()> {
 /// The kernel's socket map takes established sockets only: a client that ended its stream before the relay began
 /// (a `CONNECT` with the upload and the half-close in the same burst) cannot join it. The kernel engine then relays
 /// the connection by splice — the upload intact, the answer back through the half-closed connection — says so
-/// once in its log, and the access log names the engine that carried it.
+/// once in its log, and the access log names the engine that carried it. Whether the client's FIN is in before
+/// the join is a race the client does not control (a FIN that comes later is relayed by the kernel, as correct),
+/// so tunnels are opened until one could not join, each checked whole.
 #[test]
 fn the_kernel_engine_splices_a_connection_that_cannot_join_the_socket_map() {
     require_root();
@@ -727,7 +729,18 @@ fn the_kernel_engine_splices_a_connection_that_cannot_join_the_socket_map() {
     let agent = start_agent(&topology, config.path(), "kernel");
     let block = block();
     const SIZE: u64 = 16 * 1024;
-    for _ in 0..2 {
+    const TRIES: usize = 8;
+    // Each tunnel's access-log line is written as it ends, with its bytes and the engine that carried them.
+    let tunnels = || -> Vec<serde_json::Value> {
+        agent
+            .log()
+            .lines()
+            .filter(|line| line.contains("\"method\":\"CONNECT\""))
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    };
+    let spliced = |lines: &[serde_json::Value]| lines.iter().any(|line| line["relay_engine"] != "kernel");
+    for tunnel in 1..=TRIES {
         let proxy = addr(GATEWAY_WORKLOAD_ADDR, FORWARD_PROXY_PORT);
         let mut stream =
             topology.workload.enter(|| TcpStream::connect_timeout(&proxy, Duration::from_secs(3))).unwrap().unwrap();
@@ -744,19 +757,15 @@ fn the_kernel_engine_splices_a_connection_that_cannot_join_the_socket_map() {
         stream.read_to_string(&mut answer).unwrap_or_else(|error| panic!("{error}\n{}", agent.log()));
         let expected = format!("ready\n{} {SIZE}\n", digest_of(&block, SIZE));
         assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with(&expected), "{answer:?}\n{}", agent.log());
+        wait_for(|| tunnels().len() == tunnel).unwrap_or_else(|| panic!("{tunnel} tunnels' lines\n{}", agent.log()));
+        if spliced(&tunnels()) {
+            break;
+        }
     }
-    // Each tunnel's access-log line is written as it ends, with its bytes and the engine that carried them.
-    let tunnels = || -> Vec<serde_json::Value> {
-        agent
-            .log()
-            .lines()
-            .filter(|line| line.contains("\"method\":\"CONNECT\""))
-            .filter_map(|line| serde_json::from_str(line).ok())
-            .collect()
-    };
-    wait_for(|| tunnels().len() == 2).unwrap_or_else(|| panic!("two tunnels' lines\n{}", agent.log()));
-    for line in tunnels() {
-        assert!(line["relay_engine"] == "splice" || line["relay_engine"] == "copy", "{line}");
+    let lines = tunnels();
+    assert!(spliced(&lines), "none of {TRIES} tunnels fell back to splice\n{}", agent.log());
+    for line in &lines {
+        assert!(["kernel", "splice", "copy"].contains(&line["relay_engine"].as_str().unwrap_or_default()), "{line}");
         assert_eq!(line["bytes_received"], SIZE + 1, "the upload and its command byte: {line}");
         assert_eq!(line["bytes_sent"], 6 + 65 + SIZE.to_string().len() as u64 + 1, "greeting and answer: {line}");
     }
