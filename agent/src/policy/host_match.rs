@@ -205,8 +205,13 @@ pub fn strip_port(authority: &str) -> &str {
     if !matches!(authority.as_bytes().last(), Some(b'0'..=b'9' | b':')) {
         return authority;
     }
-    match authority.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') && port.chars().all(|c| c.is_ascii_digit()) => host,
+    // By bytes: the port's digits from the end, then one colon, and none before it (a bare IPv6 address keeps
+    // its colons). Every request's authority passes here several times.
+    let bytes = authority.as_bytes();
+    let digits = bytes.iter().rev().take_while(|byte| byte.is_ascii_digit()).count();
+    let colon = bytes.len() - digits;
+    match colon.checked_sub(1) {
+        Some(at) if bytes[at] == b':' && !bytes[..at].contains(&b':') => &authority[..at],
         _ => authority,
     }
 }
@@ -227,6 +232,9 @@ mod tests {
             ("[2001:db8::1]:443", "2001:db8::1"),
             ("[2001:db8::1]", "2001:db8::1"),
             ("2001:db8::1", "2001:db8::1"),
+            ("2001:db8::1:80", "2001:db8::1:80"),
+            ("example.com:80a", "example.com:80a"),
+            (":80", ""),
             ("", ""),
         ] {
             assert_eq!(strip_port(authority), host, "{authority}");

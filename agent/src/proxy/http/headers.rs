@@ -91,13 +91,48 @@ pub(super) fn accepts_trailers(headers: &HeaderMap) -> bool {
 }
 
 pub(super) fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
-    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(existing) => format!("{existing}, {}", peer.ip()),
-        None => peer.ip().to_string(),
+    let mut address = SmallVec::new();
+    write_ip(&mut address, peer.ip());
+    // Made to its exact length, the bytes become the header's without a copy or a second allocation; the entry
+    // hashes the name once for the read and the write.
+    let appended = |existing: &[u8]| {
+        let separator: &[u8] = if existing.is_empty() { b"" } else { b", " };
+        HeaderValue::from_maybe_shared(Bytes::from([existing, separator, &address].concat())).ok()
     };
-    // The string becomes the header's bytes without a copy.
-    if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
-        headers.insert(X_FORWARDED_FOR, value);
+    match headers.entry(X_FORWARDED_FOR) {
+        http::header::Entry::Occupied(mut entry) => {
+            let existing = entry.get().to_str().map_or(&b""[..], str::as_bytes);
+            if let Some(value) = appended(existing) {
+                entry.insert(value);
+            }
+        }
+        http::header::Entry::Vacant(entry) => {
+            if let Some(value) = appended(b"") {
+                entry.insert(value);
+            }
+        }
+    }
+}
+
+/// `ip` as text. An IPv4 address is written digit by digit: through `fmt` its four numbers cost 1.3k of the 40k
+/// instructions a terminated HTTPS request takes (bench/README.md).
+fn write_ip(into: &mut SmallVec<[u8; 40]>, ip: std::net::IpAddr) {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            for (index, octet) in v4.octets().into_iter().enumerate() {
+                if index > 0 {
+                    into.push(b'.');
+                }
+                if octet >= 100 {
+                    into.push(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    into.push(b'0' + octet / 10 % 10);
+                }
+                into.push(b'0' + octet % 10);
+            }
+        }
+        std::net::IpAddr::V6(v6) => into.extend_from_slice(v6.to_string().as_bytes()),
     }
 }
 
@@ -116,6 +151,23 @@ pub(super) fn request_id() -> [u8; 36] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_are_written_as_their_display_writes_them() {
+        let addresses = ["0.0.0.0", "10.0.0.1", "192.168.100.9", "255.255.255.255", "1.20.255.99", "::1", "fd00::5"];
+        for address in addresses {
+            let ip: std::net::IpAddr = address.parse().unwrap();
+            let mut written = SmallVec::new();
+            write_ip(&mut written, ip);
+            assert_eq!(std::str::from_utf8(&written).unwrap(), ip.to_string());
+        }
+        for octet in 0..=255u8 {
+            let ip = std::net::IpAddr::from([octet, 255 - octet, octet / 3, 7]);
+            let mut written = SmallVec::new();
+            write_ip(&mut written, ip);
+            assert_eq!(std::str::from_utf8(&written).unwrap(), ip.to_string());
+        }
+    }
 
     #[test]
     fn hop_by_hop_headers_and_those_connection_names_are_not_forwarded() {
