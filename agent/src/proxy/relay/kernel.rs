@@ -59,26 +59,16 @@ pub async fn join(
             })
         }
     };
-    // What each socket had taken to send before the join: its peer direction's bytes are counted from here.
-    let bases = match (accepted(first), accepted(second)) {
-        (Ok(first), Ok(second)) => (first, second),
-        (Err(error), _) | (_, Err(error)) => {
-            return Ok(Relayed {
-                from_first: early_first,
-                from_second: early_second,
-                ended: Ended::Failed(error.kind()),
-                engine: Engine::Kernel,
-            })
-        }
-    };
     let joined = (|| -> io::Result<_> {
+        // What each socket had taken to send before the join: its peer direction's bytes are counted from here.
+        let bases = (accepted_exactly(first)?, accepted_exactly(second)?);
         let first = Joining { socket: first, cookie: cookie(first)?, bytes_acked: bytes_acked(first)? };
         let second = Joining { socket: second, cookie: cookie(second)?, bytes_acked: bytes_acked(second)? };
         maps.join(&first, &second).map_err(io::Error::other)?;
-        Ok((first.cookie, second.cookie))
+        Ok((first.cookie, second.cookie, bases))
     })();
-    let (first_cookie, second_cookie) = match joined {
-        Ok((first, second)) => (first, second),
+    let (first_cookie, second_cookie, bases) = match joined {
+        Ok(joined) => joined,
         Err(error) => {
             static WARNED: AtomicBool = AtomicBool::new(false);
             if !WARNED.swap(true, Ordering::Relaxed) {
@@ -258,14 +248,57 @@ fn bytes_acked(socket: &TcpStream) -> io::Result<u64> {
     Ok(u64::from_ne_bytes(info[BYTES_ACKED_AT..].try_into().expect("8 bytes")))
 }
 
-/// Every byte the socket has taken to send since it connected: acknowledged, then still queued (SIOCOUTQ).
+/// Every byte the socket has taken to send since it connected, or fewer: what its peer acknowledged, then what is
+/// still queued (`SocketCounts::accepted`).
 fn accepted(socket: &TcpStream) -> io::Result<u64> {
+    SocketCounts { acknowledged: || bytes_acked(socket), queued: || queued(socket) }.accepted()
+}
+
+/// Every byte the socket has taken to send since it connected, exactly (`SocketCounts::accepted_exactly`).
+fn accepted_exactly(socket: &TcpStream) -> io::Result<u64> {
+    SocketCounts { acknowledged: || bytes_acked(socket), queued: || queued(socket) }.accepted_exactly()
+}
+
+/// A socket's two send counters, read one at a time: the bytes its peer acknowledged and those it still holds.
+/// Their sum is every byte the socket took to send, if no acknowledgement arrives between the two reads.
+struct SocketCounts<A, Q> {
+    acknowledged: A,
+    queued: Q,
+}
+
+impl<A: FnMut() -> io::Result<u64>, Q: FnMut() -> io::Result<u64>> SocketCounts<A, Q> {
+    /// The sum, or less. An acknowledgement arriving between the reads would count its bytes twice were the queue
+    /// read first, so the acknowledged bytes are: the sum is then short by such an acknowledgement, never long —
+    /// long, the proxy would write on before the peer socket had taken what the verdict handed it, and the
+    /// stream would be reordered (or shut before its last bytes).
+    fn accepted(&mut self) -> io::Result<u64> {
+        let acknowledged = (self.acknowledged)()?;
+        Ok(acknowledged + (self.queued)()?)
+    }
+
+    /// The sum, exactly: read until no acknowledgement arrived while the queue was (the acknowledged bytes read
+    /// before and after it agree). For a socket nothing else writes to.
+    fn accepted_exactly(&mut self) -> io::Result<u64> {
+        const TRIES: usize = 16;
+        for _ in 0..TRIES {
+            let acknowledged = (self.acknowledged)()?;
+            let queued = (self.queued)()?;
+            if (self.acknowledged)()? == acknowledged {
+                return Ok(acknowledged + queued);
+            }
+        }
+        Err(io::Error::other(format!("acknowledgements kept arriving through {TRIES} reads of the send queue")))
+    }
+}
+
+/// Bytes the socket holds to send that its peer has not acknowledged (SIOCOUTQ).
+fn queued(socket: &TcpStream) -> io::Result<u64> {
     let mut queued: libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one int.
     if unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &mut queued) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(bytes_acked(socket)? + queued.max(0) as u64)
+    Ok(queued.max(0) as u64)
 }
 
 /// One receive(2) from the socket, whatever tokio last learnt of its readiness.
@@ -309,4 +342,89 @@ fn getsockopt<T>(socket: &TcpStream, level: libc::c_int, name: libc::c_int, valu
         return Err(io::Error::last_os_error());
     }
     Ok(length as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{cell::Cell, io::Read};
+
+    use super::*;
+
+    /// A socket that has taken `written` bytes, of which `acknowledged` are acknowledged; `arriving` bytes more
+    /// are acknowledged just after each read of either counter, until all are.
+    struct Acknowledging {
+        written: u64,
+        acknowledged: Cell<u64>,
+        arriving: u64,
+    }
+
+    impl Acknowledging {
+        fn counts(&self) -> SocketCounts<impl FnMut() -> io::Result<u64> + '_, impl FnMut() -> io::Result<u64> + '_> {
+            let arrive = move |read: u64| {
+                self.acknowledged.set((self.acknowledged.get() + self.arriving).min(self.written));
+                Ok(read)
+            };
+            SocketCounts {
+                acknowledged: move || arrive(self.acknowledged.get()),
+                queued: move || arrive(self.written - self.acknowledged.get()),
+            }
+        }
+    }
+
+    /// The catch-up waits on `accepted`: a figure above what the socket really took would let the proxy write
+    /// before the bytes the verdict handed on, reordering the stream.
+    #[test]
+    fn an_acknowledgement_between_the_reads_makes_the_sum_short_never_long() {
+        let socket = Acknowledging { written: 100_000, acknowledged: Cell::new(10_000), arriving: 1_448 };
+        let accepted = socket.counts().accepted().unwrap();
+        assert!(accepted <= 100_000, "{accepted}");
+        assert_eq!(accepted, 100_000 - 1_448);
+    }
+
+    #[test]
+    fn the_exact_sum_is_read_once_no_acknowledgement_arrives_between_the_reads() {
+        // Three acknowledgements of 30,000 arrive, the last partly; then none.
+        let socket = Acknowledging { written: 100_000, acknowledged: Cell::new(10_000), arriving: 30_000 };
+        assert_eq!(socket.counts().accepted_exactly().unwrap(), 100_000);
+        let quiet = Acknowledging { written: 100_000, acknowledged: Cell::new(10_000), arriving: 0 };
+        assert_eq!(quiet.counts().accepted_exactly().unwrap(), 100_000);
+        // A socket acknowledged without pause is not read exactly: the caller does not join it.
+        let busy = Acknowledging { written: u64::MAX, acknowledged: Cell::new(0), arriving: 1 };
+        assert!(busy.counts().accepted_exactly().is_err());
+    }
+
+    /// The two counters of a real socket add up to what it was given to send, while a reader drains the far end.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_sockets_counters_add_up_to_the_bytes_written_to_it() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let sender = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut receiver, _) = listener.accept().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut buffer = vec![0u8; 64 * 1024];
+            let mut total = 0u64;
+            while let Ok(read @ 1..) = receiver.read(&mut buffer) {
+                total += read as u64;
+            }
+            total
+        });
+        sender.set_nonblocking(true).unwrap();
+        let sender = TcpStream::from_std(sender).unwrap();
+        // The handshake's SYN may be counted among the acknowledged bytes.
+        let handshake = accepted_exactly(&sender).unwrap();
+        assert!(handshake <= 1, "{handshake}");
+        let chunk = vec![7u8; 4096];
+        let mut written = 0u64;
+        for _ in 0..2_000 {
+            if let Ok(sent) = sender.try_write(&chunk) {
+                written += sent as u64;
+            }
+            let accepted = accepted(&sender).unwrap() - handshake;
+            assert!(accepted <= written, "accepted {accepted} of {written} written");
+            if let Ok(exactly) = accepted_exactly(&sender) {
+                assert_eq!(exactly - handshake, written);
+            }
+        }
+        sender.into_std().unwrap().shutdown(Shutdown::Write).unwrap();
+        assert_eq!(reader.join().unwrap(), written);
+    }
 }
