@@ -383,7 +383,7 @@ mod tests {
 
     #[test]
     fn the_exact_sum_is_read_once_no_acknowledgement_arrives_between_the_reads() {
-        // Three acknowledgements of 30,000 arrive, the last partly; then none.
+        // 30,000 bytes are acknowledged after every read until all 100,000 are; then none arrive.
         let socket = Acknowledging { written: 100_000, acknowledged: Cell::new(10_000), arriving: 30_000 };
         assert_eq!(socket.counts().accepted_exactly().unwrap(), 100_000);
         let quiet = Acknowledging { written: 100_000, acknowledged: Cell::new(10_000), arriving: 0 };
