@@ -252,7 +252,7 @@ fn bytes_acked(socket: &TcpStream) -> io::Result<u64> {
 fn accepted(socket: &TcpStream) -> io::Result<u64> {
     // A few tries: an acknowledgement between the reads makes the figure short, and the catch-up would wait a poll.
     const TRIES: usize = 4;
-    match (SocketCounts { acknowledged: || bytes_acked(socket), queued: || queued(socket) }).read(TRIES)? {
+    match counts(socket).read(TRIES)? {
         Accepted::Exactly(accepted) | Accepted::AtMost(accepted) => Ok(accepted),
     }
 }
@@ -261,12 +261,19 @@ fn accepted(socket: &TcpStream) -> io::Result<u64> {
 /// nothing else writes to.
 fn accepted_exactly(socket: &TcpStream) -> io::Result<u64> {
     const TRIES: usize = 16;
-    match (SocketCounts { acknowledged: || bytes_acked(socket), queued: || queued(socket) }).read(TRIES)? {
+    match counts(socket).read(TRIES)? {
         Accepted::Exactly(accepted) => Ok(accepted),
         Accepted::AtMost(_) => {
             Err(io::Error::other(format!("acknowledgements kept arriving through {TRIES} reads of the send queue")))
         }
     }
+}
+
+/// The socket's own counters: `tcpi_bytes_acked` and SIOCOUTQ.
+fn counts(
+    socket: &TcpStream,
+) -> SocketCounts<impl FnMut() -> io::Result<u64> + '_, impl FnMut() -> io::Result<u64> + '_> {
+    SocketCounts { acknowledged: || bytes_acked(socket), queued: || queued(socket) }
 }
 
 /// A socket's two send counters, read one at a time: the bytes its peer acknowledged and those it still holds.
