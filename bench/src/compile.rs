@@ -143,10 +143,10 @@ pub fn agent_resident(counts: &[usize], shape: Shape) -> anyhow::Result<Vec<Resi
     use sluice_tests::{
         peers::Dnsmasq,
         topology::{GATEWAY_WORKLOAD_IFACE, INTERNET_ADDR},
-        Agent, Topology,
+        Agent,
     };
 
-    let topology = Topology::new()?;
+    let topology = crate::topology::new()?;
     // Answers no name (at once): the DNS entries resolve to nothing, as where their names are unknown.
     let _dns = Dnsmasq::start(&topology.internet, INTERNET_ADDR, &[])?;
     let rss = |dir: &std::path::Path| -> anyhow::Result<Resident> {

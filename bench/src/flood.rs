@@ -44,7 +44,7 @@ pub struct Rate {
 
 /// Topology with the gateway's receive path in a kernel thread of its own, pinned to `GATEWAY_CPU`.
 fn topology() -> anyhow::Result<(Topology, u32)> {
-    let topology = Topology::new()?;
+    let topology = crate::topology::new()?;
     // veth hands packets to NAPI (rather than to the sender's backlog) when the receiver has GRO on and the
     // sender segments nothing.
     run(topology.workload.command("ethtool").args(["-K", WORKLOAD_IFACE, "tso", "off", "gso", "off"]))?;

@@ -117,7 +117,7 @@ fn origin(topology: &Topology) -> anyhow::Result<Nginx> {
 }
 
 fn direct() -> anyhow::Result<Run> {
-    let topology = Topology::new()?;
+    let topology = crate::topology::new()?;
     let _origin = origin(&topology)?;
     let (rps, p50, p99, _) = wrk(&topology.workload, &format!("http://{SERVER_A}/"))?;
     Ok(Run {
@@ -139,7 +139,7 @@ fn sluice() -> anyhow::Result<Run> {
 /// (DENY rules on paths, methods and headers that do not match; ALLOW rules on hosts and ports, one of which does),
 /// and ninety in workload namespaces with selectors, which the requests' source does not meet.
 fn sluice_authorization() -> anyhow::Result<Run> {
-    let topology = Topology::new()?;
+    let topology = crate::topology::new()?;
     let _origin = origin(&topology)?;
     let config = tempfile::tempdir()?;
     write_sluice_config(config.path(), Registry::Only)?;
@@ -198,7 +198,7 @@ fn intercepted(name: &'static str, registry: Registry) -> anyhow::Result<Run> {
 }
 
 fn intercepted_with(name: &'static str, registry: Registry, more: &str) -> anyhow::Result<Run> {
-    let topology = Topology::new()?;
+    let topology = crate::topology::new()?;
     let _origin = origin(&topology)?;
     let config = tempfile::tempdir()?;
     write_sluice_config(config.path(), registry)?;
@@ -221,7 +221,7 @@ fn sluice_logging_errors_only() -> anyhow::Result<Run> {
 }
 
 fn logging(name: &'static str, telemetry: &str) -> anyhow::Result<Run> {
-    let topology = Topology::new()?;
+    let topology = crate::topology::new()?;
     let _origin = origin(&topology)?;
     let config = tempfile::tempdir()?;
     let logs = tempfile::tempdir()?;
@@ -236,7 +236,7 @@ fn logging(name: &'static str, telemetry: &str) -> anyhow::Result<Run> {
 /// interception; the Gateway's VirtualService routes to the origin at its STATIC endpoint (a gateway has no
 /// original destination to send a NONE-resolution host's requests to).
 fn sluice_gateway() -> anyhow::Result<Run> {
-    let topology = Topology::new()?;
+    let topology = crate::topology::new()?;
     let _origin = origin(&topology)?;
     let config = tempfile::tempdir()?;
     write_sluice_config(config.path(), Registry::Only)?;
@@ -322,7 +322,7 @@ fn write_sluice_config_with(dir: &Path, registry: Registry, mesh: &str) -> anyho
 /// each request forwarded as it came to the origin, on a port of the gateway's address as the peers are.
 /// What Sluice costs above it is its own work; what it costs is the stack's.
 fn hyper_forwarder() -> anyhow::Result<Run> {
-    let topology = Topology::new()?;
+    let topology = crate::topology::new()?;
     let _origin = origin(&topology)?;
     let listen: SocketAddr = format!("{GATEWAY_WORKLOAD_ADDR}:8083").parse()?;
     let program = std::env::current_exe()?.with_file_name("hyper-forwarder");
@@ -344,7 +344,7 @@ fn nginx_logging() -> anyhow::Result<Run> {
 }
 
 fn nginx_with(name: &'static str, server: &str) -> anyhow::Result<Run> {
-    let topology = Topology::new()?;
+    let topology = crate::topology::new()?;
     let _origin = origin(&topology)?;
     let listen: SocketAddr = format!("{GATEWAY_WORKLOAD_ADDR}:8080").parse()?;
     let config = format!(
@@ -371,7 +371,7 @@ fn haproxy_logging() -> anyhow::Result<Run> {
 }
 
 fn haproxy_with(name: &'static str, global: &str, defaults: &str) -> anyhow::Result<Run> {
-    let topology = Topology::new()?;
+    let topology = crate::topology::new()?;
     let _origin = origin(&topology)?;
     let dir = tempfile::tempdir()?;
     let listen: SocketAddr = format!("{GATEWAY_WORKLOAD_ADDR}:8081").parse()?;
@@ -384,7 +384,7 @@ fn haproxy_with(name: &'static str, global: &str, defaults: &str) -> anyhow::Res
 }
 
 fn squid() -> anyhow::Result<Run> {
-    let topology = Topology::new()?;
+    let topology = crate::topology::new()?;
     let _origin = origin(&topology)?;
     let dir = tempfile::tempdir()?;
     // Squid drops to its own user: let it write its logs and pid here.

@@ -75,7 +75,7 @@ fn median(runs: Vec<HttpsRun>) -> HttpsRun {
 }
 
 fn sluice() -> anyhow::Result<HttpsRun> {
-    let topology = Topology::new()?;
+    let topology = crate::topology::new()?;
     let _origin = origin(&topology)?;
     let _hosts = Hosts::write(&topology.workload, GATEWAY_WORKLOAD_ADDR)?;
     let dir = tempfile::tempdir()?;
@@ -106,7 +106,7 @@ fn sluice() -> anyhow::Result<HttpsRun> {
 }
 
 fn nginx_terminating() -> anyhow::Result<HttpsRun> {
-    let topology = Topology::new()?;
+    let topology = crate::topology::new()?;
     let _origin = origin(&topology)?;
     let _hosts = Hosts::write(&topology.workload, GATEWAY_WORKLOAD_ADDR)?;
     let dir = tempfile::tempdir()?;
@@ -126,7 +126,7 @@ fn nginx_terminating() -> anyhow::Result<HttpsRun> {
 }
 
 fn haproxy() -> anyhow::Result<HttpsRun> {
-    let topology = Topology::new()?;
+    let topology = crate::topology::new()?;
     let _origin = origin(&topology)?;
     let _hosts = Hosts::write(&topology.workload, GATEWAY_WORKLOAD_ADDR)?;
     let dir = tempfile::tempdir()?;

@@ -8,6 +8,7 @@ mod http;
 mod https;
 mod relay;
 mod tls;
+mod topology;
 
 use std::net::Ipv4Addr;
 

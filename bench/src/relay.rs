@@ -108,7 +108,7 @@ fn origin(topology: &Topology) -> anyhow::Result<Origin> {
 }
 
 fn direct() -> anyhow::Result<RelayRun> {
-    let topology = Topology::new()?;
+    let topology = crate::topology::new()?;
     let _origin = origin(&topology)?;
     measure("direct (no proxy)", &topology, None, SERVER_A, 0)
 }
@@ -126,7 +126,7 @@ fn sluice_kernel() -> anyhow::Result<RelayRun> {
 }
 
 fn sluice(name: &'static str, engine: &str) -> anyhow::Result<RelayRun> {
-    let topology = Topology::new()?;
+    let topology = crate::topology::new()?;
     let _origin = origin(&topology)?;
     let config = tempfile::tempdir()?;
     std::fs::write(
@@ -175,7 +175,7 @@ fn kernel_share(log: &str) -> f64 {
 }
 
 fn haproxy() -> anyhow::Result<RelayRun> {
-    let topology = Topology::new()?;
+    let topology = crate::topology::new()?;
     let _origin = origin(&topology)?;
     let dir = tempfile::tempdir()?;
     let mut config = "global\n  nbthread 1\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
@@ -195,7 +195,7 @@ fn haproxy() -> anyhow::Result<RelayRun> {
 }
 
 fn nginx_stream() -> anyhow::Result<RelayRun> {
-    let topology = Topology::new()?;
+    let topology = crate::topology::new()?;
     let _origin = origin(&topology)?;
     let dir = tempfile::tempdir()?;
     let root = dir.path().display();
@@ -320,8 +320,9 @@ fn ping_pong(echo: SocketAddr) -> anyhow::Result<(f64, f64)> {
 pub fn print(runs: &[(&'static str, RelayRun)]) {
     println!(
         "TCP relayed (iperf3 -t{SECONDS}, one connection and -P{MANY}; {PING_PONGS} one-byte round trips; medians of {} \
-         rounds; CPU s/GB of the one connection)",
-        crate::http::ROUNDS
+         rounds; CPU s/GB of the one connection; TCP congestion control {})",
+        crate::http::ROUNDS,
+        crate::topology::congestion_control()
     );
     println!(
         "{:<36} {:>10} {:>12} {:>14} {:>16} {:>16} {:>10} {:>10}",
@@ -363,6 +364,18 @@ pub fn print(runs: &[(&'static str, RelayRun)]) {
              while that CPU is the busy one",
             direct.endpoints_seconds_per_gb / sluice.endpoints_seconds_per_gb.max(1e-9)
         );
+        // Direct, one CPU carries the whole path; relayed, the proxy's CPU alone carries a connection's receive
+        // and a second one's send (and, on a veth, that second one's receive): when it is the busy one, its cost
+        // per GB against the whole direct path's bounds the one connection.
+        for key in ["sluice-splice", "sluice-copy"] {
+            if let Some(cpu) = get(key).and_then(|run| run.proxy_seconds_per_gb) {
+                println!(
+                    "machine CPU per GB direct / proxy CPU per GB {key} = {:.2}: one connection's ceiling while the \
+                     proxy's CPU is the busy one",
+                    direct.machine_seconds_per_gb / cpu.max(1e-9)
+                );
+            }
+        }
     }
     if let (Some(haproxy), Some(cpu)) = (get("haproxy"), sluice.proxy_seconds_per_gb) {
         if let Some(peer) = haproxy.proxy_seconds_per_gb {

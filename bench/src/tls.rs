@@ -116,7 +116,7 @@ fn median(runs: Vec<TlsRun>) -> TlsRun {
 }
 
 fn direct() -> anyhow::Result<TlsRun> {
-    let topology = Topology::new()?;
+    let topology = crate::topology::new()?;
     let origin = origin(&topology)?;
     let _hosts = Hosts::write(&topology.workload, SERVER_A)?;
     measure("direct (no proxy)", &topology, None, 443, &origin.ca)
@@ -136,7 +136,7 @@ fn sluice_kernel() -> anyhow::Result<TlsRun> {
 }
 
 fn sluice_with(name: &'static str, engine: &str) -> anyhow::Result<TlsRun> {
-    let topology = Topology::new()?;
+    let topology = crate::topology::new()?;
     let origin = origin(&topology)?;
     let _hosts = Hosts::write(&topology.workload, SERVER_A)?;
     let config = tempfile::tempdir()?;
@@ -164,7 +164,7 @@ const PEER_PORT: u16 = 8443;
 /// Sluice as an egress gateway's TLS PASSTHROUGH server (the seeds' "egress gateway with SNI"), dialled as the
 /// peers are: what interception adds to a connection's cost is the difference from the intercepted row.
 fn sluice_gateway() -> anyhow::Result<TlsRun> {
-    let topology = Topology::new()?;
+    let topology = crate::topology::new()?;
     let origin = origin(&topology)?;
     let _hosts = Hosts::write(&topology.workload, GATEWAY_WORKLOAD_ADDR)?;
     let config = tempfile::tempdir()?;
@@ -194,7 +194,7 @@ fn sluice_gateway() -> anyhow::Result<TlsRun> {
 }
 
 fn haproxy() -> anyhow::Result<TlsRun> {
-    let topology = Topology::new()?;
+    let topology = crate::topology::new()?;
     let origin = origin(&topology)?;
     let _hosts = Hosts::write(&topology.workload, GATEWAY_WORKLOAD_ADDR)?;
     let dir = tempfile::tempdir()?;
@@ -224,7 +224,7 @@ fn nginx_stream_half_close() -> anyhow::Result<TlsRun> {
 
 fn nginx_stream_with(name: &'static str, half_close: bool) -> anyhow::Result<TlsRun> {
     let half_close = if half_close { "    proxy_half_close on;\n" } else { "" };
-    let topology = Topology::new()?;
+    let topology = crate::topology::new()?;
     let origin = origin(&topology)?;
     let _hosts = Hosts::write(&topology.workload, GATEWAY_WORKLOAD_ADDR)?;
     let dir = tempfile::tempdir()?;
@@ -351,8 +351,9 @@ fn bulk(netns: &Netns, url: &str, ca: &str) -> anyhow::Result<f64> {
 pub fn print(runs: &[(&'static str, TlsRun)]) {
     println!(
         "TLS passed through by server name (wrk -t1 -c{CONNECTIONS} -d{DURATION}, a new TLS connection per request; \
-         curl, one {BULK_MIB} MiB download; medians of {} rounds)",
-        crate::http::ROUNDS
+         curl, one {BULK_MIB} MiB download; medians of {} rounds; TCP congestion control {})",
+        crate::http::ROUNDS,
+        crate::topology::congestion_control()
     );
     println!(
         "{:<36} {:>10} {:>14} {:>12} {:>12} {:>10} {:>8}",
