@@ -23,7 +23,8 @@ const NAME: &str = "api.bench";
 const CONNECTIONS: &str = "8";
 const DURATION: &str = "5s";
 /// The bulk download, in MiB.
-const BULK_MIB: u64 = 256;
+/// Long enough (about 1.5 s here) that a transfer's start (slow start, buffers growing) does not set its pace.
+const BULK_MIB: u64 = 1024;
 const PROXY_CPU: &str = "1";
 const CLIENT_CPU: &str = "0";
 
@@ -49,7 +50,10 @@ fn origin(topology: &Topology) -> anyhow::Result<Origin> {
     let dir = tempfile::tempdir()?;
     let (ca, cert, key) = certificates(dir.path(), "bench-ca", &[NAME]);
     let bulk = dir.path().join("bulk");
-    std::fs::write(&bulk, vec![0x5a; (BULK_MIB << 20) as usize]).context("writing the bulk file")?;
+    let mut file = std::fs::File::create(&bulk).context("creating the bulk file")?;
+    for _ in 0..BULK_MIB {
+        std::io::Write::write_all(&mut file, &[0x5a; 1 << 20]).context("writing the bulk file")?;
+    }
     let listen = SocketAddr::new(SERVER_A.parse()?, 443);
     let config = format!(
         "server {{\n    listen {listen} ssl;\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    \
