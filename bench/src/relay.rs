@@ -284,7 +284,7 @@ fn iperf(topology: &Topology, host: &str, port: u16, streams: &str) -> anyhow::R
 
 /// Busy CPU time (all but idle and I/O wait) and all CPU time of `/proc/stat`'s line `cpu` (the whole machine) or
 /// `cpuN`, in clock ticks.
-fn busy_ticks(cpu: &str) -> anyhow::Result<(u64, u64)> {
+pub fn busy_ticks(cpu: &str) -> anyhow::Result<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let line = stat
         .lines()

@@ -35,6 +35,10 @@ pub struct TlsRun {
     pub user_us_per_connection: Option<f64>,
     pub bulk_gbit_per_second: f64,
     pub cpu_seconds_per_gb: Option<f64>,
+    /// The share of the download the clients' CPU (curl's, and the origin's) was busy, and its CPU seconds per GB:
+    /// where it is all but 1, that CPU bounds the download, and what a proxy adds there is what it loses.
+    pub endpoints_busy: f64,
+    pub endpoints_seconds_per_gb: f64,
     pub rss_kib: Option<u64>,
 }
 
@@ -47,7 +51,9 @@ struct Origin {
 }
 
 fn origin(topology: &Topology) -> anyhow::Result<Origin> {
-    let dir = tempfile::tempdir()?;
+    // In memory: a file written to disk just before is still being written back while it is downloaded, and the
+    // writeback's CPU landed on the clients' CPU, which bounds the download.
+    let dir = tempfile::tempdir_in("/dev/shm").context("a directory in /dev/shm for the origin's files")?;
     let (ca, cert, key) = certificates(dir.path(), "bench-ca", &[NAME]);
     let bulk = dir.path().join("bulk");
     let mut file = std::fs::File::create(&bulk).context("creating the bulk file")?;
@@ -115,6 +121,8 @@ fn median(runs: Vec<TlsRun>) -> TlsRun {
         user_us_per_connection: of(|run| run.user_us_per_connection),
         bulk_gbit_per_second: of(|run| Some(run.bulk_gbit_per_second)).unwrap_or(0.0),
         cpu_seconds_per_gb: of(|run| run.cpu_seconds_per_gb),
+        endpoints_busy: of(|run| Some(run.endpoints_busy)).unwrap_or(0.0),
+        endpoints_seconds_per_gb: of(|run| Some(run.endpoints_seconds_per_gb)).unwrap_or(0.0),
         rss_kib: of(|run| run.rss_kib.map(|kib| kib as f64)).map(|kib| kib as u64),
     }
 }
@@ -275,8 +283,12 @@ fn measure(name: &'static str, topology: &Topology, pid: Option<u32>, port: u16,
     let (user, system) = (user.saturating_sub(user_before), system.saturating_sub(system_before));
 
     let (user_before, system_before) = ticks();
+    let endpoints = format!("cpu{CLIENT_CPU}");
+    let endpoints_before = crate::relay::busy_ticks(&endpoints)?;
     let bytes_per_second = bulk(&topology.workload, &format!("https://{NAME}:{port}/bulk"), ca)?;
+    let endpoints_after = crate::relay::busy_ticks(&endpoints)?;
     let (bulk_user, bulk_system) = ticks();
+    let endpoints_busy = endpoints_after.0.saturating_sub(endpoints_before.0);
     let bulk_ticks = (bulk_user + bulk_system).saturating_sub(user_before + system_before);
     let gb = (BULK_MIB << 20) as f64 / 1e9;
     Ok(TlsRun {
@@ -286,6 +298,8 @@ fn measure(name: &'static str, topology: &Topology, pid: Option<u32>, port: u16,
         user_us_per_connection: pid.map(|_| per_connection(user)),
         bulk_gbit_per_second: bytes_per_second * 8.0 / 1e9,
         cpu_seconds_per_gb: pid.map(|_| bulk_ticks as f64 / hz / gb),
+        endpoints_busy: endpoints_busy as f64 / endpoints_after.1.saturating_sub(endpoints_before.1).max(1) as f64,
+        endpoints_seconds_per_gb: endpoints_busy as f64 / hz / gb,
         rss_kib: pid.map(|pid| tree_status_kib(pid, "VmRSS")),
     })
 }
@@ -360,19 +374,20 @@ pub fn print(runs: &[(&'static str, TlsRun)]) {
         crate::topology::congestion_control()
     );
     println!(
-        "{:<36} {:>10} {:>14} {:>12} {:>12} {:>10} {:>8}",
-        "through", "conns/s", "CPU us/conn", "(user)", "bulk Gbit/s", "CPU s/GB", "RSS MiB"
+        "{:<36} {:>10} {:>14} {:>12} {:>12} {:>10} {:>16} {:>8}",
+        "through", "conns/s", "CPU us/conn", "(user)", "bulk Gbit/s", "CPU s/GB", "CPU 0 busy, s/GB", "RSS MiB"
     );
     let optional = |value: Option<f64>, precision: usize| value.map_or("-".to_owned(), |v| format!("{v:.precision$}"));
     for (_, run) in runs {
         println!(
-            "{:<36} {:>10.0} {:>14} {:>12} {:>12.2} {:>10} {:>8}",
+            "{:<36} {:>10.0} {:>14} {:>12} {:>12.2} {:>10} {:>16} {:>8}",
             run.name,
             run.connections_per_second,
             optional(run.cpu_us_per_connection, 1),
             optional(run.user_us_per_connection, 1),
             run.bulk_gbit_per_second,
             optional(run.cpu_seconds_per_gb, 2),
+            format!("{:.0} %, {:.3}", run.endpoints_busy * 100.0, run.endpoints_seconds_per_gb),
             optional(run.rss_kib.map(|kib| kib as f64 / 1024.0), 1),
         );
     }
