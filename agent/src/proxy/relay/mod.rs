@@ -253,12 +253,24 @@ mod tests {
     /// Relays between a client and a server with `engine`: the client sends `up` bytes and ends its stream; the
     /// server reads them all, answers `down` bytes and ends. What each read, and the relay's account.
     async fn exchange(engine: Engine, up: usize, down: usize) -> (usize, usize, Relayed) {
+        let (up, down, relayed, _) = exchange_noting_unsent_limits(engine, up, down).await;
+        (up, down, relayed)
+    }
+
+    /// `exchange`, with the relay's two sockets' `TCP_NOTSENT_LOWAT` once it ended (server side, client side).
+    async fn exchange_noting_unsent_limits(
+        engine: Engine,
+        up: usize,
+        down: usize,
+    ) -> (usize, usize, Relayed, [u32; 2]) {
         let (mut client, mut proxy_client_side) = pair().await;
         let (mut proxy_server_side, mut server) = pair().await;
         let relaying = tokio::spawn(async move {
-            Relay::new(engine)
+            let relayed = Relay::new(engine)
                 .sockets(&mut proxy_client_side, &mut proxy_server_side, Bounds::idle(Duration::from_secs(60)))
-                .await
+                .await;
+            let limit = |socket: &TcpStream| socket2::SockRef::from(socket).tcp_notsent_lowat().unwrap();
+            (relayed, [limit(&proxy_server_side), limit(&proxy_client_side)])
         });
         let serving = tokio::spawn(async move {
             let mut received = Vec::new();
@@ -270,7 +282,8 @@ mod tests {
         client.shutdown().await.unwrap();
         let mut answer = Vec::new();
         client.read_to_end(&mut answer).await.unwrap();
-        (serving.await.unwrap(), answer.len(), relaying.await.unwrap())
+        let (relayed, limits) = relaying.await.unwrap();
+        (serving.await.unwrap(), answer.len(), relayed, limits)
     }
 
     #[test]
@@ -294,5 +307,25 @@ mod tests {
 
         let (up, down, relayed) = exchange(Engine::Copy, 1 << 20, 1 << 20).await;
         assert_eq!((up, down, relayed.engine), (1 << 20, 1 << 20, Engine::Copy));
+    }
+
+    #[tokio::test]
+    async fn a_spliced_direction_keeps_the_unsent_queue_it_writes_to_short() {
+        let kernel_default = pair().await.0;
+        let default = socket2::SockRef::from(&kernel_default).tcp_notsent_lowat().unwrap();
+        assert_ne!(default, splice::SPLICED_UNSENT_BYTES);
+
+        // Both directions take a pipe: both sockets written to keep at most 128 KiB unsent.
+        let (up, down, relayed, limits) = exchange_noting_unsent_limits(Engine::Splice, 3 << 20, 5 << 20).await;
+        assert_eq!((up, down, relayed.engine), (3 << 20, 5 << 20, Engine::Splice));
+        assert_eq!(limits, [splice::SPLICED_UNSENT_BYTES; 2]);
+
+        // Only the answer is large: only the socket it is written to (the client's side) is limited.
+        let (_, _, _, limits) = exchange_noting_unsent_limits(Engine::Splice, 300, 5 << 20).await;
+        assert_eq!(limits, [default, splice::SPLICED_UNSENT_BYTES]);
+
+        // Copied bytes are the proxy's own: nothing is limited.
+        let (_, _, _, limits) = exchange_noting_unsent_limits(Engine::Copy, 3 << 20, 5 << 20).await;
+        assert_eq!(limits, [default; 2]);
     }
 }

@@ -28,6 +28,11 @@ use super::{
 
 /// What one splice call moves at most: a pipe's default capacity.
 const PIPE_BYTES: usize = 64 * 1024;
+/// The unsent bytes a spliced direction lets queue on the socket it writes to (`TCP_NOTSENT_LOWAT`). Spliced
+/// bytes are the sending peer's own pages, held until the far end acknowledges them; a short unsent queue holds
+/// fewer, and the sender writes into pages still warm (bench/README.md, the TLS section: the clients' CPU per GB
+/// of a download 1.89 → 1.61 s, the download 0.69 → 0.81 of direct; one relayed iperf3 connection unchanged).
+pub const SPLICED_UNSENT_BYTES: u32 = 128 * 1024;
 
 /// Moves bytes from `from` to `to` until `from` ends, then shuts `to`'s sending side (the half-close is passed
 /// on once every byte before it was). Sets `piped` when it takes a pipe.
@@ -55,6 +60,9 @@ pub async fn direction(
         }
     };
     drop(buffer);
+    if let Err(error) = socket2::SockRef::from(to.as_ref()).set_tcp_notsent_lowat(SPLICED_UNSENT_BYTES) {
+        tracing::debug!(%error, "TCP_NOTSENT_LOWAT not set: the spliced direction queues as the kernel lets it");
+    }
     piped.store(true, Ordering::Relaxed);
     let (from, to) = (from.as_ref(), to.as_ref());
     let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
