@@ -30,8 +30,7 @@ use super::{
 const PIPE_BYTES: usize = 64 * 1024;
 /// The unsent bytes a spliced direction lets queue on the socket it writes to (`TCP_NOTSENT_LOWAT`). Spliced
 /// bytes are the sending peer's own pages, held until the far end acknowledges them; a short unsent queue holds
-/// fewer, and the sender writes into pages still warm (bench/README.md, the TLS section: the clients' CPU per GB
-/// of a download 1.89 → 1.61 s, the download 0.69 → 0.81 of direct; one relayed iperf3 connection unchanged).
+/// fewer, and the sender writes into pages still warm (bench/README.md has the figures).
 pub const SPLICED_UNSENT_BYTES: u32 = 128 * 1024;
 
 /// Moves bytes from `from` to `to` until `from` ends, then shuts `to`'s sending side (the half-close is passed
