@@ -240,14 +240,12 @@ fn measure(
     let proxy_ticks = || pid.map(tree_cpu_ticks);
     let port = IPERF_PORT + offset;
     let endpoints = format!("cpu{CLIENT_CPU}");
-    let (proxy_before, machine_before) = (proxy_ticks(), busy_ticks("cpu")?);
-    let endpoints_before = busy_ticks(&endpoints)?;
-    let (one_gbit, bytes) = iperf(topology, host, port, "1")?;
-    let (proxy_after, machine_after) = (proxy_ticks(), busy_ticks("cpu")?);
-    let endpoints_after = busy_ticks(&endpoints)?;
-    let endpoints_busy = endpoints_after.0.saturating_sub(endpoints_before.0);
-    let gb = bytes as f64 / 1e9;
-    let per_gb = |ticks: u64| ticks as f64 / hz / gb.max(1e-9);
+    let proxy_before = proxy_ticks();
+    let (((one_gbit, bytes), endpoints), machine) =
+        busy_during("cpu", || busy_during(&endpoints, || iperf(topology, host, port, "1")))?;
+    let proxy_after = proxy_ticks();
+    let gb = (bytes as f64 / 1e9).max(1e-9);
+    let per_gb = |ticks: u64| ticks as f64 / hz / gb;
     let (many_gbit, _) = iperf(topology, host, port, MANY)?;
     let echo = SocketAddr::new(host.parse()?, ECHO_PORT + offset);
     let (p50, p99) = topology.workload.enter(|| ping_pong(echo))??;
@@ -256,9 +254,9 @@ fn measure(
         one_gbit,
         many_gbit,
         proxy_seconds_per_gb: proxy_before.zip(proxy_after).map(|(before, after)| per_gb(after.saturating_sub(before))),
-        machine_seconds_per_gb: per_gb(machine_after.0.saturating_sub(machine_before.0)),
-        endpoints_busy: endpoints_busy as f64 / endpoints_after.1.saturating_sub(endpoints_before.1).max(1) as f64,
-        endpoints_seconds_per_gb: per_gb(endpoints_busy),
+        machine_seconds_per_gb: machine.seconds / gb,
+        endpoints_busy: endpoints.share,
+        endpoints_seconds_per_gb: endpoints.seconds / gb,
         ping_pong_p50_us: p50,
         ping_pong_p99_us: p99,
         kernel_share: None,
@@ -282,9 +280,29 @@ fn iperf(topology: &Topology, host: &str, port: u16, streams: &str) -> anyhow::R
     Ok((bits / 1e9, bytes))
 }
 
+/// How busy a CPU (or the whole machine) was while something ran.
+#[derive(Clone, Copy, Debug)]
+pub struct Busy {
+    /// The share of the time it was busy.
+    pub share: f64,
+    /// Its busy CPU seconds.
+    pub seconds: f64,
+}
+
+/// Runs `work`, noting how busy `cpu` was meanwhile: `/proc/stat`'s line `cpu` (the whole machine) or `cpuN`.
+pub fn busy_during<T>(cpu: &str, work: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, Busy)> {
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    let (busy_before, all_before) = busy_ticks(cpu)?;
+    let done = work()?;
+    let (busy_after, all_after) = busy_ticks(cpu)?;
+    let busy = busy_after.saturating_sub(busy_before);
+    let all = all_after.saturating_sub(all_before).max(1);
+    Ok((done, Busy { share: busy as f64 / all as f64, seconds: busy as f64 / hz }))
+}
+
 /// Busy CPU time (all but idle and I/O wait) and all CPU time of `/proc/stat`'s line `cpu` (the whole machine) or
 /// `cpuN`, in clock ticks.
-pub fn busy_ticks(cpu: &str) -> anyhow::Result<(u64, u64)> {
+fn busy_ticks(cpu: &str) -> anyhow::Result<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let line = stat
         .lines()

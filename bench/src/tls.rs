@@ -57,8 +57,9 @@ fn origin(topology: &Topology) -> anyhow::Result<Origin> {
     let (ca, cert, key) = certificates(dir.path(), "bench-ca", &[NAME]);
     let bulk = dir.path().join("bulk");
     let mut file = std::fs::File::create(&bulk).context("creating the bulk file")?;
+    let mebibyte = vec![0x5a; 1 << 20];
     for _ in 0..BULK_MIB {
-        std::io::Write::write_all(&mut file, &[0x5a; 1 << 20]).context("writing the bulk file")?;
+        std::io::Write::write_all(&mut file, &mebibyte).context("writing the bulk file")?;
     }
     let listen = SocketAddr::new(SERVER_A.parse()?, 443);
     let config = format!(
@@ -283,12 +284,10 @@ fn measure(name: &'static str, topology: &Topology, pid: Option<u32>, port: u16,
     let (user, system) = (user.saturating_sub(user_before), system.saturating_sub(system_before));
 
     let (user_before, system_before) = ticks();
-    let endpoints = format!("cpu{CLIENT_CPU}");
-    let endpoints_before = crate::relay::busy_ticks(&endpoints)?;
-    let bytes_per_second = bulk(&topology.workload, &format!("https://{NAME}:{port}/bulk"), ca)?;
-    let endpoints_after = crate::relay::busy_ticks(&endpoints)?;
+    let (bytes_per_second, endpoints) = crate::relay::busy_during(&format!("cpu{CLIENT_CPU}"), || {
+        bulk(&topology.workload, &format!("https://{NAME}:{port}/bulk"), ca)
+    })?;
     let (bulk_user, bulk_system) = ticks();
-    let endpoints_busy = endpoints_after.0.saturating_sub(endpoints_before.0);
     let bulk_ticks = (bulk_user + bulk_system).saturating_sub(user_before + system_before);
     let gb = (BULK_MIB << 20) as f64 / 1e9;
     Ok(TlsRun {
@@ -298,8 +297,8 @@ fn measure(name: &'static str, topology: &Topology, pid: Option<u32>, port: u16,
         user_us_per_connection: pid.map(|_| per_connection(user)),
         bulk_gbit_per_second: bytes_per_second * 8.0 / 1e9,
         cpu_seconds_per_gb: pid.map(|_| bulk_ticks as f64 / hz / gb),
-        endpoints_busy: endpoints_busy as f64 / endpoints_after.1.saturating_sub(endpoints_before.1).max(1) as f64,
-        endpoints_seconds_per_gb: endpoints_busy as f64 / hz / gb,
+        endpoints_busy: endpoints.share,
+        endpoints_seconds_per_gb: endpoints.seconds / gb,
         rss_kib: pid.map(|pid| tree_status_kib(pid, "VmRSS")),
     })
 }
