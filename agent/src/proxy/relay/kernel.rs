@@ -124,7 +124,9 @@ impl Drop for Joined<'_> {
 /// Moves what `from` already holds to `to`; the bytes moved. A stream that has ended stays ended: the direction
 /// reads its end again after the join.
 async fn drain(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
-    let mut buffer = [0u8; 16 * 1024];
+    // On the heap: held across the writes' waits, an array would make every relay's future (whichever engine
+    // carries it) 16 KiB larger, copied whole as each connection's task is made.
+    let mut buffer = vec![0u8; 16 * 1024];
     let mut moved = 0;
     loop {
         match receive(from, &mut buffer) {
