@@ -36,6 +36,8 @@ pub struct HttpsRun {
     pub cpu_us_per_handshake: f64,
     pub requests_per_second: f64,
     pub cpu_us_per_request: f64,
+    /// Of it, user time (the rest is the kernel's: system calls, and the peers' receiving run in them).
+    pub user_us_per_request: f64,
     pub rss_kib: u64,
 }
 
@@ -70,6 +72,7 @@ fn median(runs: Vec<HttpsRun>) -> HttpsRun {
         cpu_us_per_handshake: middle(|run| run.cpu_us_per_handshake),
         requests_per_second: middle(|run| run.requests_per_second),
         cpu_us_per_request: middle(|run| run.cpu_us_per_request),
+        user_us_per_request: middle(|run| run.user_us_per_request),
         rss_kib: middle(|run| run.rss_kib as f64) as u64,
     }
 }
@@ -156,16 +159,15 @@ fn haproxy() -> anyhow::Result<HttpsRun> {
 fn measure(name: &'static str, topology: &Topology, pid: u32) -> anyhow::Result<HttpsRun> {
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
     let url = format!("https://{NAME}:{PORT}/");
-    let cpu = || {
-        let (user, system) = tree_cpu_ticks_split(pid);
-        user + system
-    };
     let per = |ticks: u64, count: u64| ticks as f64 * 1e6 / hz / count.max(1) as f64;
-    // One measured phase: (per second, count, the proxy's CPU ticks), its instructions counted under callgrind.
-    let phase = |what: &str, run: &dyn Fn() -> anyhow::Result<(f64, u64)>| -> anyhow::Result<(f64, u64, u64)> {
-        let before = cpu();
+    // One measured phase: (per second, count, the proxy's CPU ticks: all, and user), its instructions counted under
+    // callgrind.
+    let phase = |what: &str, run: &dyn Fn() -> anyhow::Result<(f64, u64)>| -> anyhow::Result<(f64, u64, Ticks)> {
+        let before = tree_cpu_ticks_split(pid);
         let (per_second, count) = counting_instructions(Some(pid), name, what, run)?;
-        Ok((per_second, count, cpu().saturating_sub(before)))
+        let after = tree_cpu_ticks_split(pid);
+        let user = after.0.saturating_sub(before.0);
+        Ok((per_second, count, Ticks { all: user + after.1.saturating_sub(before.1), user }))
     };
     wrk(&topology.workload, &url, true).context("warming up")?;
     let (full_handshakes_per_second, full_handshakes, full_handshake_ticks) =
@@ -176,13 +178,20 @@ fn measure(name: &'static str, topology: &Topology, pid: u32) -> anyhow::Result<
     Ok(HttpsRun {
         name,
         full_handshakes_per_second,
-        cpu_us_per_full_handshake: per(full_handshake_ticks, full_handshakes),
+        cpu_us_per_full_handshake: per(full_handshake_ticks.all, full_handshakes),
         handshakes_per_second,
-        cpu_us_per_handshake: per(handshake_ticks, handshakes),
+        cpu_us_per_handshake: per(handshake_ticks.all, handshakes),
         requests_per_second,
-        cpu_us_per_request: per(request_ticks, requests),
+        cpu_us_per_request: per(request_ticks.all, requests),
+        user_us_per_request: per(request_ticks.user, requests),
         rss_kib: tree_status_kib(pid, "VmRSS"),
     })
+}
+
+/// A phase's CPU ticks in the proxy's processes.
+struct Ticks {
+    all: u64,
+    user: u64,
 }
 
 /// Clients that never resume — `openssl s_time -new`, four at once on the client's CPU, each handshaking and
@@ -227,12 +236,12 @@ pub fn print(runs: &[HttpsRun]) {
         crate::http::ROUNDS
     );
     println!(
-        "{:<36} {:>7} {:>9} {:>10} {:>9} {:>10} {:>11} {:>8}",
-        "through", "full/s", "CPU us", "resumed/s", "CPU us", "requests/s", "CPU us/req", "RSS MiB"
+        "{:<36} {:>7} {:>9} {:>10} {:>9} {:>10} {:>11} {:>8} {:>8}",
+        "through", "full/s", "CPU us", "resumed/s", "CPU us", "requests/s", "CPU us/req", "(user)", "RSS MiB"
     );
     for run in runs {
         println!(
-            "{:<36} {:>7.0} {:>9.1} {:>10.0} {:>9.1} {:>10.0} {:>11.1} {:>8.1}",
+            "{:<36} {:>7.0} {:>9.1} {:>10.0} {:>9.1} {:>10.0} {:>11.1} {:>8.1} {:>8.1}",
             run.name,
             run.full_handshakes_per_second,
             run.cpu_us_per_full_handshake,
@@ -240,6 +249,7 @@ pub fn print(runs: &[HttpsRun]) {
             run.cpu_us_per_handshake,
             run.requests_per_second,
             run.cpu_us_per_request,
+            run.user_us_per_request,
             run.rss_kib as f64 / 1024.0
         );
     }

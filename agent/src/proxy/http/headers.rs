@@ -141,12 +141,28 @@ pub(super) fn request_id() -> [u8; 36] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let bits = (fastrand::u128(..) & !(0xf000 << 64) & !(0xc000 << 48)) | (0x4000 << 64) | (0x8000 << 48);
     let mut id = [b'-'; 36];
-    let digits = (0..36).filter(|i| ![8, 13, 18, 23].contains(i));
-    for (nibble, at) in digits.enumerate() {
-        id[at] = HEX[((bits >> (124 - 4 * nibble)) & 0xf) as usize];
+    for (byte, places) in bits.to_be_bytes().into_iter().zip(DIGIT_PLACES.chunks_exact(2)) {
+        id[places[0] as usize] = HEX[(byte >> 4) as usize];
+        id[places[1] as usize] = HEX[(byte & 0xf) as usize];
     }
     id
 }
+
+/// Where a UUID's 32 hexadecimal digits stand: every place but the dashes' (8, 13, 18, 23). Worked out once, not
+/// per request (telling the dashes apart as it wrote cost 450 instructions a request).
+const DIGIT_PLACES: [u8; 32] = {
+    let mut places = [0; 32];
+    let (mut digit, mut place) = (0, 0);
+    while digit < 32 {
+        if matches!(place, 8 | 13 | 18 | 23) {
+            place += 1;
+        }
+        places[digit] = place;
+        digit += 1;
+        place += 1;
+    }
+    places
+};
 
 #[cfg(test)]
 mod tests {
