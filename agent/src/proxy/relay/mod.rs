@@ -286,10 +286,9 @@ mod tests {
         (serving.await.unwrap(), answer.len(), relayed, limits)
     }
 
-    /// What every relayed connection's task holds for its relay, whichever engine carries it: buffers belong on
-    /// the heap, where only the connections that use them pay. (A 16 KiB array in the kernel engine's catch-up made
-    /// each one 17 KiB, copied whole as each connection's task was made: 19,000 instructions of a passed-through
-    /// TLS connection's 51,000.)
+    /// What every relayed connection's task holds for its relay, whichever engine carries it, and copies whole as
+    /// the task is made: buffers belong on the heap, where only the connections that use them pay (bench/README.md's
+    /// table of choices has what one array cost).
     #[tokio::test]
     async fn a_relays_own_state_is_a_few_kilobytes() {
         let ((mut first, _), (mut second, _)) = (pair().await, pair().await);
