@@ -436,13 +436,12 @@ fn measure_spawned(
 fn measure(name: &'static str, topology: &Topology, pid: u32, url: &str) -> anyhow::Result<Run> {
     // A warm-up, so pools and caches are filled before the measured run.
     let _ = run_wrk(&topology.workload, url, "1s")?;
-    let (user_before, system_before) = tree_cpu_ticks_split(pid);
-    let ((rps, p50, p99), requests) = counting_instructions(Some(pid), name, "requests", || {
-        let (rps, p50, p99, requests) = wrk(&topology.workload, url)?;
-        Ok(((rps, p50, p99), requests))
+    let (((rps, p50, p99), requests), ticks) = tree_cpu_during(Some(pid), || {
+        counting_instructions(Some(pid), name, "requests", || {
+            let (rps, p50, p99, requests) = wrk(&topology.workload, url)?;
+            Ok(((rps, p50, p99), requests))
+        })
     })?;
-    let (user, system) = tree_cpu_ticks_split(pid);
-    let (user, system) = (user.saturating_sub(user_before), system.saturating_sub(system_before));
     let ticks_per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100);
     let per_request = |ticks: u64| ticks as f64 * 1e6 / ticks_per_second as f64 / requests.max(1) as f64;
     Ok(Run {
@@ -450,8 +449,8 @@ fn measure(name: &'static str, topology: &Topology, pid: u32, url: &str) -> anyh
         requests_per_second: rps,
         p50_ms: p50,
         p99_ms: p99,
-        cpu_us_per_request: Some(per_request(user + system)),
-        user_us_per_request: Some(per_request(user)),
+        cpu_us_per_request: Some(per_request(ticks.all())),
+        user_us_per_request: Some(per_request(ticks.user)),
         rss_kib: Some(tree_status_kib(pid, "VmRSS")),
     })
 }
@@ -622,6 +621,31 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
 pub fn tree_cpu_ticks(pid: u32) -> u64 {
     let (user, system) = tree_cpu_ticks_split(pid);
     user + system
+}
+
+/// CPU time a process tree used, in clock ticks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TreeTicks {
+    pub user: u64,
+    pub system: u64,
+}
+
+impl TreeTicks {
+    pub fn all(self) -> u64 {
+        self.user + self.system
+    }
+}
+
+/// Runs `work`, noting the CPU time the tree of `pid` used meanwhile (none without a pid: no proxy).
+pub fn tree_cpu_during<T>(
+    pid: Option<u32>,
+    work: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(T, TreeTicks)> {
+    let ticks = || pid.map(tree_cpu_ticks_split).unwrap_or_default();
+    let before = ticks();
+    let done = work()?;
+    let after = ticks();
+    Ok((done, TreeTicks { user: after.0.saturating_sub(before.0), system: after.1.saturating_sub(before.1) }))
 }
 
 /// User CPU time and system CPU time of the tree, in clock ticks.

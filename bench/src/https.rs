@@ -17,7 +17,7 @@ use sluice_tests::{
 };
 
 use crate::{
-    http::{counting_instructions, pin_tree, tree_cpu_ticks_split, tree_status_kib},
+    http::{counting_instructions, pin_tree, tree_cpu_during, tree_status_kib, TreeTicks},
     tls::{wrk, Hosts},
 };
 
@@ -160,14 +160,11 @@ fn measure(name: &'static str, topology: &Topology, pid: u32) -> anyhow::Result<
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
     let url = format!("https://{NAME}:{PORT}/");
     let per = |ticks: u64, count: u64| ticks as f64 * 1e6 / hz / count.max(1) as f64;
-    // One measured phase: (per second, count, the proxy's CPU ticks: all, and user), its instructions counted under
-    // callgrind.
-    let phase = |what: &str, run: &dyn Fn() -> anyhow::Result<(f64, u64)>| -> anyhow::Result<(f64, u64, Ticks)> {
-        let before = tree_cpu_ticks_split(pid);
-        let (per_second, count) = counting_instructions(Some(pid), name, what, run)?;
-        let after = tree_cpu_ticks_split(pid);
-        let user = after.0.saturating_sub(before.0);
-        Ok((per_second, count, Ticks { all: user + after.1.saturating_sub(before.1), user }))
+    // One measured phase: (per second, count, the proxy's CPU ticks), its instructions counted under callgrind.
+    let phase = |what: &str, run: &dyn Fn() -> anyhow::Result<(f64, u64)>| -> anyhow::Result<(f64, u64, TreeTicks)> {
+        let ((per_second, count), ticks) =
+            tree_cpu_during(Some(pid), || counting_instructions(Some(pid), name, what, run))?;
+        Ok((per_second, count, ticks))
     };
     wrk(&topology.workload, &url, true).context("warming up")?;
     let (full_handshakes_per_second, full_handshakes, full_handshake_ticks) =
@@ -178,20 +175,14 @@ fn measure(name: &'static str, topology: &Topology, pid: u32) -> anyhow::Result<
     Ok(HttpsRun {
         name,
         full_handshakes_per_second,
-        cpu_us_per_full_handshake: per(full_handshake_ticks.all, full_handshakes),
+        cpu_us_per_full_handshake: per(full_handshake_ticks.all(), full_handshakes),
         handshakes_per_second,
-        cpu_us_per_handshake: per(handshake_ticks.all, handshakes),
+        cpu_us_per_handshake: per(handshake_ticks.all(), handshakes),
         requests_per_second,
-        cpu_us_per_request: per(request_ticks.all, requests),
+        cpu_us_per_request: per(request_ticks.all(), requests),
         user_us_per_request: per(request_ticks.user, requests),
         rss_kib: tree_status_kib(pid, "VmRSS"),
     })
-}
-
-/// A phase's CPU ticks in the proxy's processes.
-struct Ticks {
-    all: u64,
-    user: u64,
 }
 
 /// Clients that never resume — `openssl s_time -new`, four at once on the client's CPU, each handshaking and

@@ -20,7 +20,7 @@ use sluice_tests::{
     Topology,
 };
 
-use crate::http::{pin_tree, tree_cpu_ticks};
+use crate::http::{pin_tree, tree_cpu_during};
 
 const IPERF_PORT: u16 = 5201;
 const ECHO_PORT: u16 = 5202;
@@ -237,13 +237,10 @@ fn measure(
     offset: u16,
 ) -> anyhow::Result<RelayRun> {
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
-    let proxy_ticks = || pid.map(tree_cpu_ticks);
     let port = IPERF_PORT + offset;
     let endpoints = format!("cpu{CLIENT_CPU}");
-    let proxy_before = proxy_ticks();
-    let (((one_gbit, bytes), endpoints), machine) =
-        busy_during("cpu", || busy_during(&endpoints, || iperf(topology, host, port, "1")))?;
-    let proxy_after = proxy_ticks();
+    let ((((one_gbit, bytes), endpoints), machine), proxy) =
+        tree_cpu_during(pid, || busy_during("cpu", || busy_during(&endpoints, || iperf(topology, host, port, "1"))))?;
     let gb = (bytes as f64 / 1e9).max(1e-9);
     let per_gb = |ticks: u64| ticks as f64 / hz / gb;
     let (many_gbit, _) = iperf(topology, host, port, MANY)?;
@@ -253,7 +250,7 @@ fn measure(
         name,
         one_gbit,
         many_gbit,
-        proxy_seconds_per_gb: proxy_before.zip(proxy_after).map(|(before, after)| per_gb(after.saturating_sub(before))),
+        proxy_seconds_per_gb: pid.map(|_| per_gb(proxy.all())),
         machine_seconds_per_gb: machine.seconds / gb,
         endpoints_busy: endpoints.share,
         endpoints_seconds_per_gb: endpoints.seconds / gb,

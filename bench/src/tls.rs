@@ -16,7 +16,7 @@ use sluice_tests::{
     Topology,
 };
 
-use crate::http::{counting_instructions, pin_tree, tree_cpu_ticks_split, tree_status_kib};
+use crate::http::{counting_instructions, pin_tree, tree_cpu_during, tree_status_kib};
 
 /// The name the clients ask for, registered (in Sluice's configuration) at the origin's address.
 const NAME: &str = "api.bench";
@@ -272,31 +272,27 @@ fn spawned(
 /// New connections per second and a bulk download through the proxy whose processes descend from `pid` (none:
 /// no proxy), at `NAME` on `port`.
 fn measure(name: &'static str, topology: &Topology, pid: Option<u32>, port: u16, ca: &str) -> anyhow::Result<TlsRun> {
-    let ticks = || pid.map(tree_cpu_ticks_split).unwrap_or_default();
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
     let url = format!("https://{NAME}:{port}/");
     let _ = run_wrk(&topology.workload, &url, "1s", true)?;
-    let (user_before, system_before) = ticks();
-    let (per_second, connections) =
-        counting_instructions(pid, name, "connections", || wrk(&topology.workload, &url, true))?;
-    let (user, system) = ticks();
-    let per_connection = |ticks: u64| ticks as f64 * 1e6 / hz / connections.max(1) as f64;
-    let (user, system) = (user.saturating_sub(user_before), system.saturating_sub(system_before));
-
-    let (user_before, system_before) = ticks();
-    let (bytes_per_second, endpoints) = crate::relay::busy_during(&format!("cpu{CLIENT_CPU}"), || {
-        bulk(&topology.workload, &format!("https://{NAME}:{port}/bulk"), ca)
+    let ((per_second, connections), connecting) = tree_cpu_during(pid, || {
+        counting_instructions(pid, name, "connections", || wrk(&topology.workload, &url, true))
     })?;
-    let (bulk_user, bulk_system) = ticks();
-    let bulk_ticks = (bulk_user + bulk_system).saturating_sub(user_before + system_before);
+    let per_connection = |ticks: u64| ticks as f64 * 1e6 / hz / connections.max(1) as f64;
+
+    let ((bytes_per_second, endpoints), downloading) = tree_cpu_during(pid, || {
+        crate::relay::busy_during(&format!("cpu{CLIENT_CPU}"), || {
+            bulk(&topology.workload, &format!("https://{NAME}:{port}/bulk"), ca)
+        })
+    })?;
     let gb = (BULK_MIB << 20) as f64 / 1e9;
     Ok(TlsRun {
         name,
         connections_per_second: per_second,
-        cpu_us_per_connection: pid.map(|_| per_connection(user + system)),
-        user_us_per_connection: pid.map(|_| per_connection(user)),
+        cpu_us_per_connection: pid.map(|_| per_connection(connecting.all())),
+        user_us_per_connection: pid.map(|_| per_connection(connecting.user)),
         bulk_gbit_per_second: bytes_per_second * 8.0 / 1e9,
-        cpu_seconds_per_gb: pid.map(|_| bulk_ticks as f64 / hz / gb),
+        cpu_seconds_per_gb: pid.map(|_| downloading.all() as f64 / hz / gb),
         endpoints_busy: endpoints.share,
         endpoints_seconds_per_gb: endpoints.seconds / gb,
         rss_kib: pid.map(|pid| tree_status_kib(pid, "VmRSS")),
