@@ -527,7 +527,7 @@ impl SyscallCount {
         anyhow::ensure!(!calls.is_empty(), "perf stat counted no system calls (SLUICE_BENCH_SYSCALLS): {text}");
         calls.sort_by(|a, b| b.1.total_cmp(&a.1));
         let total: f64 = calls.iter().map(|(_, n)| n).sum();
-        let each = calls.iter().take(12).map(|(name, n)| format!("{name} {n:.2}")).collect::<Vec<_>>().join(", ");
+        let each = calls.iter().map(|(name, n)| format!("{name} {n:.2}")).collect::<Vec<_>>().join(", ");
         Ok(format!("{total:.2} ({each})"))
     }
 }

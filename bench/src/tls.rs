@@ -96,7 +96,7 @@ impl Drop for Hosts {
 type Measured = fn() -> anyhow::Result<TlsRun>;
 
 /// The configurations compared, in the table's order.
-const CONFIGURATIONS: [(&str, Measured); 8] = [
+const CONFIGURATIONS: [(&str, Measured); 9] = [
     ("direct", direct),
     ("sluice", sluice),
     ("sluice-copy", sluice_copy),
@@ -105,6 +105,7 @@ const CONFIGURATIONS: [(&str, Measured); 8] = [
     ("haproxy", haproxy),
     ("nginx", nginx_stream),
     ("nginx-half-close", nginx_stream_half_close),
+    ("tcp-forwarder", tcp_forwarder),
 ];
 
 /// Runs every configuration (or those named in `only`), `crate::http::ROUNDS` times in turn; the medians.
@@ -254,6 +255,20 @@ fn nginx_stream_with(name: &'static str, half_close: bool) -> anyhow::Result<Tls
     let mut command = topology.gateway.command("nginx");
     command.args(["-e", &format!("{root}/error.log"), "-p", &root.to_string(), "-c"]).arg(&path);
     spawned(name, &topology, ("nginx", command), listen, &origin.ca)
+}
+
+/// The least a TCP proxy on Sluice's stack (tokio on one thread, Sluice's allocator) does: every connection joined
+/// to the origin and copied both ways, a half-close passed on; no server name read, nothing decided or counted.
+/// What Sluice costs above it is its own work; what it costs is the stack's.
+fn tcp_forwarder() -> anyhow::Result<TlsRun> {
+    let topology = crate::topology::new()?;
+    let origin = origin(&topology)?;
+    let _hosts = Hosts::write(&topology.workload, GATEWAY_WORKLOAD_ADDR)?;
+    let listen: SocketAddr = format!("{GATEWAY_WORKLOAD_ADDR}:{PEER_PORT}").parse()?;
+    let program = std::env::current_exe()?.with_file_name("tcp-forwarder");
+    let mut command = topology.gateway.command(&program.to_string_lossy());
+    command.arg(listen.to_string()).arg(format!("{SERVER_A}:443"));
+    spawned("tokio (forwarder, no policy)", &topology, ("tcp-forwarder", command), listen, &origin.ca)
 }
 
 fn spawned(
