@@ -55,7 +55,8 @@ fn origin(topology: &Topology) -> anyhow::Result<Nginx> {
 
 type Measured = fn() -> anyhow::Result<HttpsRun>;
 
-const CONFIGURATIONS: [(&str, Measured); 3] = [("sluice", sluice), ("nginx", nginx_terminating), ("haproxy", haproxy)];
+const CONFIGURATIONS: [(&str, Measured); 4] =
+    [("sluice", sluice), ("nginx", nginx_terminating), ("haproxy", haproxy), ("hyper-forwarder", hyper_forwarder)];
 
 /// Runs every configuration (or those named in `only`), `crate::http::ROUNDS` times in turn; the medians.
 pub fn compare(only: &[String]) -> anyhow::Result<Vec<HttpsRun>> {
@@ -154,6 +155,25 @@ fn haproxy() -> anyhow::Result<HttpsRun> {
     measure("HAProxy 2.6 (ssl crt)", &topology, process.pid())
 }
 
+/// The least a proxy on Sluice's stack does (rustls, hyper's server and client, tokio on one thread, Sluice's
+/// allocator): TLS terminated as Sluice's Gateway servers configure it, each request forwarded as it came.
+/// What Sluice costs above it is its own work; what it costs is the stack's.
+fn hyper_forwarder() -> anyhow::Result<HttpsRun> {
+    let topology = crate::topology::new()?;
+    let _origin = origin(&topology)?;
+    let _hosts = Hosts::write(&topology.workload, GATEWAY_WORKLOAD_ADDR)?;
+    let dir = tempfile::tempdir()?;
+    let (_, cert, key) = certificates(dir.path(), "bench-ca", &[NAME]);
+    let listen: SocketAddr = format!("{GATEWAY_WORKLOAD_ADDR}:{PORT}").parse()?;
+    let program = std::env::current_exe()?.with_file_name("hyper-forwarder");
+    let mut command = topology.gateway.command(&program.to_string_lossy());
+    command.arg(listen.to_string()).arg(format!("{SERVER_A}:80")).arg(&cert).arg(&key);
+    let mut process = Process::spawn("hyper-forwarder", command)?;
+    wait_for_tcp(&topology.gateway, listen, &mut process)?;
+    pin_tree(process.pid(), PROXY_CPU)?;
+    measure("hyper + rustls (forwarder, no policy)", &topology, process.pid())
+}
+
 /// Full handshakes, resumed handshakes (a new connection for each request), then keep-alive requests, through the
 /// proxy whose processes descend from `pid`.
 fn measure(name: &'static str, topology: &Topology, pid: u32) -> anyhow::Result<HttpsRun> {
@@ -245,7 +265,10 @@ pub fn print(runs: &[HttpsRun]) {
         );
     }
     let Some(sluice) = runs.iter().find(|run| run.name.starts_with("sluice")) else { return };
-    let peers: Vec<&HttpsRun> = runs.iter().filter(|run| !run.name.starts_with("sluice")).collect();
+    // The peers are the other proxies; the forwarder is Sluice's own stack, not one of them.
+    let stack = runs.iter().find(|run| run.name.starts_with("hyper"));
+    let peers: Vec<&HttpsRun> =
+        runs.iter().filter(|run| !run.name.starts_with("sluice") && !run.name.starts_with("hyper")).collect();
     let best = |figure: fn(&HttpsRun) -> f64| peers.iter().map(|run| figure(run)).fold(f64::INFINITY, f64::min);
     if !peers.is_empty() {
         println!(
@@ -259,6 +282,12 @@ pub fn print(runs: &[HttpsRun]) {
         println!(
             "sluice CPU per request / best peer's = {:.2}",
             sluice.cpu_us_per_request / best(|run| run.cpu_us_per_request)
+        );
+    }
+    if let Some(stack) = stack {
+        println!(
+            "sluice CPU per request / its stack's (the forwarder) = {:.2}",
+            sluice.cpu_us_per_request / stack.cpu_us_per_request
         );
     }
 }

@@ -414,6 +414,11 @@ pub fn print(runs: &[(&'static str, TlsRun)]) {
         {
             println!("sluice CPU per connection / nginx's passing the half-close on = {:.2}", cpu / peer);
         }
+        if let (Some(cpu), Some(stack)) =
+            (sluice.cpu_us_per_connection, get("tcp-forwarder").and_then(|run| run.cpu_us_per_connection))
+        {
+            println!("sluice CPU per connection / its stack's (the forwarder) = {:.2}", cpu / stack);
+        }
         if let Some(direct) = get("direct") {
             println!(
                 "sluice bulk throughput / direct = {:.2}",

@@ -3,7 +3,9 @@
 //! No routing, registry, headers, retries or telemetry. The bench runs it beside Sluice to tell what the stack
 //! costs from what Sluice adds.
 //!
-//! `hyper-forwarder LISTEN ORIGIN` (two socket addresses).
+//! `hyper-forwarder LISTEN ORIGIN [CERT KEY]` (two socket addresses; with a certificate chain and its key, PEM
+//! files, TLS is terminated first with rustls, configured as Sluice's Gateway servers are: TLS 1.3 and 1.2, one
+//! session ticket per handshake).
 
 use std::{
     net::SocketAddr,
@@ -37,7 +39,13 @@ struct Pool {
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1).map(|arg| arg.parse::<SocketAddr>());
     let (Some(Ok(listen)), Some(Ok(origin))) = (args.next(), args.next()) else {
-        anyhow::bail!("usage: hyper-forwarder LISTEN ORIGIN (socket addresses)");
+        anyhow::bail!("usage: hyper-forwarder LISTEN ORIGIN [CERT KEY] (socket addresses, PEM files)");
+    };
+    let files: Vec<String> = std::env::args().skip(3).collect();
+    let tls = match files.as_slice() {
+        [] => None,
+        [cert, key] => Some(tokio_rustls::TlsAcceptor::from(Arc::new(server_config(cert, key)?))),
+        _ => anyhow::bail!("usage: hyper-forwarder LISTEN ORIGIN [CERT KEY] (socket addresses, PEM files)"),
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -46,7 +54,7 @@ fn main() -> anyhow::Result<()> {
         loop {
             let (stream, _) = listener.accept().await?;
             let _ = stream.set_nodelay(true);
-            let pool = pool.clone();
+            let (pool, tls) = (pool.clone(), tls.clone());
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request| {
                     let pool = pool.clone();
@@ -59,14 +67,35 @@ fn main() -> anyhow::Result<()> {
                         Ok::<_, std::convert::Infallible>(response)
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .writev(false)
-                    .timer(TokioTimer::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                let server = hyper::server::conn::http1::Builder::new().writev(false).timer(TokioTimer::new()).clone();
+                let _ = match tls {
+                    None => server.serve_connection(TokioIo::new(stream), service).await,
+                    Some(tls) => match tls.accept(stream).await {
+                        Ok(stream) => server.serve_connection(TokioIo::new(stream), service).await,
+                        Err(_) => return,
+                    },
+                };
             });
         }
     })
+}
+
+/// A server configuration as Sluice's Gateway servers have (`policy/tls_servers.rs`): the chain and key, sessions
+/// resumed from tickets, one ticket per handshake.
+fn server_config(cert: &str, key: &str) -> anyhow::Result<rustls::ServerConfig> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(key)?;
+    let mut config =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)?;
+    config.ignore_client_order = true;
+    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
+    config.send_tls13_tickets = 1;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
 }
 
 impl Pool {
