@@ -226,8 +226,20 @@ spec:
     // A name the Gateways serve no route for is closed there; from the mesh, it is unregistered.
     assert!(https(&topology, "evil.example", GATEWAY_WORKLOAD_ADDR, &ca).is_err());
     assert!(https(&topology, "evil.example", SERVER_A, &ca).is_err());
+    // Plain HTTP to the port that only passes TLS through: refused as no ClientHello, no HTTP answer given.
+    let plain = topology
+        .workload
+        .command("curl")
+        .args(["-sS", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("http://{GATEWAY_WORKLOAD_ADDR}:443/"))
+        .output()
+        .unwrap();
+    assert!(!plain.status.success(), "plain HTTP on a PASSTHROUGH port: {plain:?}");
+    assert_eq!(String::from_utf8_lossy(&plain.stdout), "000", "no HTTP status: {plain:?}");
 
     let metrics = agent.metrics().unwrap();
+    let not_tls = [("reason", "not_tls")];
+    assert_eq!(total(&metrics, "sluice_tls_client_hello_refused_total", &not_tls), 1, "{metrics}");
     let relayed = [("destination_service_name", "www.googleapis.com"), ("response_flags", "-")];
     assert_eq!(total(&metrics, "istio_tcp_connections_opened_total", &relayed), 2, "{metrics}");
     let no_route = [("response_flags", "NR")];

@@ -121,16 +121,28 @@ pub async fn accept(listener: TcpListener, kind: Listener, proxy: Arc<HttpProxy>
                     // A Gateway's TCP server port: relayed by its `tcp` routes at once (the client may wait for the
                     // server to speak first).
                     if let Listener::Gateway(port) = kind {
+                        let policy = proxy.policy();
                         // A port whose servers terminate TLS: the ClientHello picks the server.
-                        if proxy.policy().tls_servers_on(port).next().is_some() {
+                        if policy.tls_servers_on(port).next().is_some() {
+                            drop(policy);
                             let _ = stream.set_nodelay(true);
                             super::terminate::serve(stream, connection, proxy).await;
                             drop(permit);
                             return;
                         }
-                        if proxy.policy().tcp_gateways_on(port).next().is_some() {
-                            let arrival = l4::Arrival::Gateway(port);
+                        let arrival = l4::Arrival::Gateway(port);
+                        if policy.tcp_gateways_on(port).next().is_some() {
+                            drop(policy);
                             l4::serve_tcp(stream, (peer, local), arrival, &proxy, l4::Terminated::default()).await;
+                            drop(permit);
+                            return;
+                        }
+                        // A port whose servers only pass TLS through: the ClientHello is read at once, without
+                        // the detection's peek and timer; a client that speaks anything else is refused (counted
+                        // `not_tls`), as Envoy's listener, finding no TLS, matches none of its filter chains.
+                        if policy.tls_gateways_on(port).next().is_some() && policy.gateway_on(port).is_none() {
+                            drop(policy);
+                            l4::serve_tls(stream, peer, local, arrival, &proxy).await;
                             drop(permit);
                             return;
                         }

@@ -373,8 +373,8 @@ impl RequestTelemetry {
         let client_hellos_refused = Family::default();
         registry.register(
             "sluice_tls_client_hello_refused",
-            "Intercepted TLS connections closed before a decision because their ClientHello was not read, by why \
-             (malformed, timeout, closed)",
+            "TLS connections to pass through (intercepted, or on a Gateway's PASSTHROUGH port) closed before a \
+             decision because their ClientHello was not read, by why (malformed, timeout, closed, not_tls)",
             client_hellos_refused.clone(),
         );
         let handshakes_failed = Family::default();
