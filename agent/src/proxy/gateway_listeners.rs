@@ -9,7 +9,10 @@ use std::{
     time::Duration,
 };
 
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
 
 use super::{
     detect::{detect, Detected, HttpVersion},
@@ -115,60 +118,107 @@ pub async fn accept(listener: TcpListener, kind: Listener, proxy: Arc<HttpProxy>
                     principal: None,
                     server_name: None,
                 };
-                let proxy = proxy.clone();
-                // Boxed, as an intercepted connection's task is (`intercepted::serve`).
-                tokio::spawn(Box::pin(async move {
-                    // A Gateway's TCP server port: relayed by its `tcp` routes at once (the client may wait for the
-                    // server to speak first).
-                    if let Listener::Gateway(port) = kind {
-                        let policy = proxy.policy();
-                        // A port whose servers terminate TLS: the ClientHello picks the server.
-                        if policy.tls_servers_on(port).next().is_some() {
-                            drop(policy);
-                            let _ = stream.set_nodelay(true);
-                            super::terminate::serve(stream, connection, proxy).await;
-                            drop(permit);
-                            return;
-                        }
-                        let arrival = l4::Arrival::Gateway(port);
-                        if policy.tcp_gateways_on(port).next().is_some() {
-                            drop(policy);
-                            l4::serve_tcp(stream, (peer, local), arrival, &proxy, l4::Terminated::default()).await;
-                            drop(permit);
-                            return;
-                        }
-                        // A port whose servers only pass TLS through: the ClientHello is read at once, without
-                        // the detection's peek and timer; a client that speaks anything else is refused (counted
-                        // `not_tls`), as Envoy's listener, finding no TLS, matches none of its filter chains.
-                        if policy.tls_gateways_on(port).next().is_some() && policy.gateway_on(port).is_none() {
-                            drop(policy);
-                            l4::serve_tls(stream, peer, local, arrival, &proxy).await;
-                            drop(permit);
-                            return;
-                        }
-                    }
-                    // A client whose first bytes say no HTTP version is answered by the HTTP/1.1 server (400), and
-                    // one that says too little in time is cut off, as a stalled request's headers are.
-                    let version = match detect(&stream, proxy.request_headers_timeout()).await {
-                        Some(Detected::Http(version)) => version,
-                        Some(Detected::Tls) if matches!(kind, Listener::Gateway(_)) => {
-                            let port = local.port();
-                            l4::serve_tls(stream, peer, local, l4::Arrival::Gateway(port), &proxy).await;
-                            drop(permit);
-                            return;
-                        }
-                        Some(Detected::Opaque | Detected::Tls) => HttpVersion::Http1,
-                        None => return,
-                    };
-                    let _ = stream.set_nodelay(true);
-                    proxy.serve_connection(stream, connection, version).await;
-                    drop(permit);
-                }));
+                // Each kind of connection is its own task, boxed as an intercepted connection's is
+                // (`intercepted::serve`): one future holding every kind would be as large as the largest (TLS
+                // terminated), and copied whole as each connection's task is made.
+                let held = (connection, proxy.clone(), permit);
+                match served_as(kind, &proxy) {
+                    Served::Terminated => tokio::spawn(Box::pin(terminated(stream, held))),
+                    Served::Tcp(port) => tokio::spawn(Box::pin(tcp(stream, port, held))),
+                    Served::PassedThrough(port) => tokio::spawn(Box::pin(passed_through(stream, port, held))),
+                    Served::Detected => tokio::spawn(Box::pin(detected(stream, held))),
+                };
             }
             Err(error) => {
                 tracing::warn!(listener = ?kind, %error, "accepting a connection");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// What a connection accepted on a listener of `kind` is served as.
+enum Served {
+    /// A Gateway port whose servers terminate TLS: the ClientHello picks the server.
+    Terminated,
+    /// A Gateway's TCP server port: relayed by its `tcp` routes at once (the client may wait for the server to
+    /// speak first).
+    Tcp(u16),
+    /// A Gateway port whose servers only pass TLS through: the ClientHello is read at once, without the detection's
+    /// peek and timer; a client that sends anything else is refused (counted `not_tls`), as Envoy's listener,
+    /// finding no TLS, matches none of its filter chains.
+    PassedThrough(u16),
+    /// Anything else: what the client's first bytes say (HTTP, or TLS passed through on a Gateway port).
+    Detected,
+}
+
+fn served_as(kind: Listener, proxy: &HttpProxy) -> Served {
+    let Listener::Gateway(port) = kind else { return Served::Detected };
+    let policy = proxy.policy();
+    if policy.tls_servers_on(port).next().is_some() {
+        Served::Terminated
+    } else if policy.tcp_gateways_on(port).next().is_some() {
+        Served::Tcp(port)
+    } else if policy.tls_gateways_on(port).next().is_some() && policy.gateway_on(port).is_none() {
+        Served::PassedThrough(port)
+    } else {
+        Served::Detected
+    }
+}
+
+/// What each connection's task holds until it ends: the connection, the proxy, and its place among
+/// `--max-connections`.
+type Held = (Connection, Arc<HttpProxy>, tokio::sync::OwnedSemaphorePermit);
+
+async fn terminated(stream: TcpStream, (connection, proxy, _permit): Held) {
+    let _ = stream.set_nodelay(true);
+    super::terminate::serve(stream, connection, proxy).await;
+}
+
+async fn tcp(stream: TcpStream, port: u16, (connection, proxy, _permit): Held) {
+    let (peer, local) = (connection.peer, connection.local);
+    l4::serve_tcp(stream, (peer, local), l4::Arrival::Gateway(port), &proxy, l4::Terminated::default()).await;
+}
+
+async fn passed_through(stream: TcpStream, port: u16, (connection, proxy, _permit): Held) {
+    l4::serve_tls(stream, connection.peer, connection.local, l4::Arrival::Gateway(port), &proxy).await;
+}
+
+/// A client whose first bytes say no HTTP version is answered by the HTTP/1.1 server (400), and one that says too
+/// little in time is cut off, as a stalled request's headers are.
+async fn detected(stream: TcpStream, (connection, proxy, _permit): Held) {
+    let version = match detect(&stream, proxy.request_headers_timeout()).await {
+        Some(Detected::Http(version)) => version,
+        Some(Detected::Tls) if matches!(connection.listener, Listener::Gateway(_)) => {
+            let (peer, local) = (connection.peer, connection.local);
+            l4::serve_tls(stream, peer, local, l4::Arrival::Gateway(local.port()), &proxy).await;
+            return;
+        }
+        Some(Detected::Opaque | Detected::Tls) => HttpVersion::Http1,
+        None => return,
+    };
+    let _ = stream.set_nodelay(true);
+    proxy.serve_connection(stream, connection, version).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future `serve` returns: what its connection's task holds, copied whole as it is made.
+    fn task_size<A, F: std::future::Future>(_serve: impl FnOnce(TcpStream, A, Held) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// A connection passed through or relayed as TCP does not carry the state of a terminated one's TLS and HTTP
+    /// server (bench/README.md's table of choices has what the copies cost).
+    #[test]
+    fn a_passed_through_connections_task_is_a_few_kilobytes() {
+        let passed_through = task_size(passed_through);
+        let tcp = task_size(tcp);
+        let terminated = task_size(|stream, (), held| terminated(stream, held));
+        eprintln!("passed through {passed_through}, tcp {tcp}, terminated {terminated}");
+        assert!(passed_through <= 6 * 1024 && tcp <= 6 * 1024, "passed through {passed_through}, tcp {tcp}");
+        assert!(terminated > passed_through, "terminated {terminated}");
     }
 }
