@@ -4,7 +4,7 @@
 //! with its CPU per request — for Sluice (a Gateway server with `tls.mode: SIMPLE`), nginx (`ssl` and
 //! `proxy_pass`) and HAProxy (`ssl crt`), each in front of the same plain-HTTP origin, all speaking TLS 1.3.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, process::Command};
 
 use anyhow::Context;
 use sluice_tests::{
@@ -53,6 +53,39 @@ fn origin(topology: &Topology) -> anyhow::Result<Nginx> {
     Ok(nginx)
 }
 
+/// What every configuration's run starts from: the topology with its origin, the clients' name for the gateway's
+/// address, a certificate for `NAME` (and its key) in a directory of the run's own, and the address to listen on.
+/// (Fields drop in their order: the topology's namespaces go last, after what runs in them.)
+struct Setup {
+    dir: tempfile::TempDir,
+    cert: String,
+    key: String,
+    listen: SocketAddr,
+    _hosts: Hosts,
+    _origin: Nginx,
+    topology: Topology,
+}
+
+impl Setup {
+    fn new() -> anyhow::Result<Setup> {
+        let topology = crate::topology::new()?;
+        let _origin = origin(&topology)?;
+        let _hosts = Hosts::write(&topology.workload, GATEWAY_WORKLOAD_ADDR)?;
+        let dir = tempfile::tempdir()?;
+        let (_, cert, key) = certificates(dir.path(), "bench-ca", &[NAME]);
+        let listen = format!("{GATEWAY_WORKLOAD_ADDR}:{PORT}").parse()?;
+        Ok(Setup { dir, cert, key, listen, _hosts, _origin, topology })
+    }
+
+    /// Measures `program`, run by `command`, once it listens.
+    fn measure_spawned(&self, name: &'static str, (program, command): (&str, Command)) -> anyhow::Result<HttpsRun> {
+        let mut process = Process::spawn(program, command)?;
+        wait_for_tcp(&self.topology.gateway, self.listen, &mut process)?;
+        pin_tree(process.pid(), PROXY_CPU)?;
+        measure(name, &self.topology, process.pid())
+    }
+}
+
 type Measured = fn() -> anyhow::Result<HttpsRun>;
 
 const CONFIGURATIONS: [(&str, Measured); 4] =
@@ -79,11 +112,7 @@ fn median(runs: Vec<HttpsRun>) -> HttpsRun {
 }
 
 fn sluice() -> anyhow::Result<HttpsRun> {
-    let topology = crate::topology::new()?;
-    let _origin = origin(&topology)?;
-    let _hosts = Hosts::write(&topology.workload, GATEWAY_WORKLOAD_ADDR)?;
-    let dir = tempfile::tempdir()?;
-    let (_, cert, key) = certificates(dir.path(), "bench-ca", &[NAME]);
+    let Setup { topology, dir, cert, key, .. } = &Setup::new()?;
     std::fs::write(
         dir.path().join("gateway.yaml"),
         format!(
@@ -106,16 +135,11 @@ fn sluice() -> anyhow::Result<HttpsRun> {
     let agent = Agent::start(&topology.gateway, &args)?;
     agent.wait_for_log("gateway listener open", 1)?;
     pin_tree(agent.pid(), PROXY_CPU)?;
-    measure("sluice (Gateway server, SIMPLE)", &topology, agent.pid())
+    measure("sluice (Gateway server, SIMPLE)", topology, agent.pid())
 }
 
 fn nginx_terminating() -> anyhow::Result<HttpsRun> {
-    let topology = crate::topology::new()?;
-    let _origin = origin(&topology)?;
-    let _hosts = Hosts::write(&topology.workload, GATEWAY_WORKLOAD_ADDR)?;
-    let dir = tempfile::tempdir()?;
-    let (_, cert, key) = certificates(dir.path(), "bench-ca", &[NAME]);
-    let listen: SocketAddr = format!("{GATEWAY_WORKLOAD_ADDR}:{PORT}").parse()?;
+    let Setup { topology, cert, key, listen, .. } = &Setup::new()?;
     // nginx 1.22 offers TLS 1.2 alone unless told (1.23.4 added 1.3 to its default): the protocols it has
     // offered by default since, so that every proxy here resumes and negotiates TLS 1.3, as clients do.
     let config = format!(
@@ -124,21 +148,17 @@ fn nginx_terminating() -> anyhow::Result<HttpsRun> {
          keepalive_requests 1000000;\n    \
          location / {{ proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n"
     );
-    let nginx = Nginx::start_with(&topology.gateway, &config, &[listen])?;
+    let nginx = Nginx::start_with(&topology.gateway, &config, &[*listen])?;
     pin_tree(nginx.pid(), PROXY_CPU)?;
-    measure("nginx 1.22 (ssl, proxy_pass)", &topology, nginx.pid())
+    measure("nginx 1.22 (ssl, proxy_pass)", topology, nginx.pid())
 }
 
 fn haproxy() -> anyhow::Result<HttpsRun> {
-    let topology = crate::topology::new()?;
-    let _origin = origin(&topology)?;
-    let _hosts = Hosts::write(&topology.workload, GATEWAY_WORKLOAD_ADDR)?;
-    let dir = tempfile::tempdir()?;
-    let (_, cert, key) = certificates(dir.path(), "bench-ca", &[NAME]);
+    let setup = Setup::new()?;
+    let Setup { dir, cert, key, listen, .. } = &setup;
     // HAProxy reads the certificate and its key from one file.
     let pem = dir.path().join("haproxy.pem");
-    std::fs::write(&pem, [std::fs::read(&cert)?, std::fs::read(&key)?].concat())?;
-    let listen: SocketAddr = format!("{GATEWAY_WORKLOAD_ADDR}:{PORT}").parse()?;
+    std::fs::write(&pem, [std::fs::read(cert)?, std::fs::read(key)?].concat())?;
     let config = format!(
         "global\n  nbthread 1\n  maxconn 4096\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  \
          timeout server 30s\nfrontend front\n  bind {listen} ssl crt {} alpn h2,http/1.1\n  default_backend origin\n\
@@ -147,31 +167,20 @@ fn haproxy() -> anyhow::Result<HttpsRun> {
     );
     let path = dir.path().join("haproxy.cfg");
     std::fs::write(&path, config)?;
-    let mut command = topology.gateway.command("haproxy");
+    let mut command = setup.topology.gateway.command("haproxy");
     command.args(["-db", "-f"]).arg(&path);
-    let mut process = Process::spawn("haproxy", command)?;
-    wait_for_tcp(&topology.gateway, listen, &mut process)?;
-    pin_tree(process.pid(), PROXY_CPU)?;
-    measure("HAProxy 2.6 (ssl crt)", &topology, process.pid())
+    setup.measure_spawned("HAProxy 2.6 (ssl crt)", ("haproxy", command))
 }
 
 /// The least a proxy on Sluice's stack does (rustls, hyper's server and client, tokio on one thread, Sluice's
 /// allocator): TLS terminated as Sluice's Gateway servers configure it, each request forwarded as it came.
 /// What Sluice costs above it is its own work; what it costs is the stack's.
 fn hyper_forwarder() -> anyhow::Result<HttpsRun> {
-    let topology = crate::topology::new()?;
-    let _origin = origin(&topology)?;
-    let _hosts = Hosts::write(&topology.workload, GATEWAY_WORKLOAD_ADDR)?;
-    let dir = tempfile::tempdir()?;
-    let (_, cert, key) = certificates(dir.path(), "bench-ca", &[NAME]);
-    let listen: SocketAddr = format!("{GATEWAY_WORKLOAD_ADDR}:{PORT}").parse()?;
+    let setup = Setup::new()?;
     let program = std::env::current_exe()?.with_file_name("hyper-forwarder");
-    let mut command = topology.gateway.command(&program.to_string_lossy());
-    command.arg(listen.to_string()).arg(format!("{SERVER_A}:80")).arg(&cert).arg(&key);
-    let mut process = Process::spawn("hyper-forwarder", command)?;
-    wait_for_tcp(&topology.gateway, listen, &mut process)?;
-    pin_tree(process.pid(), PROXY_CPU)?;
-    measure("hyper + rustls (forwarder, no policy)", &topology, process.pid())
+    let mut command = setup.topology.gateway.command(&program.to_string_lossy());
+    command.arg(setup.listen.to_string()).arg(format!("{SERVER_A}:80")).arg(&setup.cert).arg(&setup.key);
+    setup.measure_spawned("hyper + rustls (forwarder, no policy)", ("hyper-forwarder", command))
 }
 
 /// Full handshakes, resumed handshakes (a new connection for each request), then keep-alive requests, through the
