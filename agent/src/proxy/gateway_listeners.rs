@@ -20,6 +20,7 @@ use super::{
     l4,
     transparent_listener::listener,
 };
+use crate::policy::routes::GatewayPort;
 
 pub struct GatewayListeners {
     proxy: Arc<HttpProxy>,
@@ -122,11 +123,15 @@ pub async fn accept(listener: TcpListener, kind: Listener, proxy: Arc<HttpProxy>
                 // (`intercepted::serve`): one future holding every kind would be as large as the largest (TLS
                 // terminated), and copied whole as each connection's task is made.
                 let held = (connection, proxy.clone(), permit);
-                match served_as(kind, &proxy) {
-                    Served::Terminated => tokio::spawn(Box::pin(terminated(stream, held))),
-                    Served::Tcp(port) => tokio::spawn(Box::pin(tcp(stream, port, held))),
-                    Served::PassedThrough(port) => tokio::spawn(Box::pin(passed_through(stream, port, held))),
-                    Served::Detected => tokio::spawn(Box::pin(detected(stream, held))),
+                let served = match kind {
+                    Listener::Gateway(port) => (port, proxy.policy().gateway_port(port)),
+                    Listener::Mesh | Listener::Forward => (local.port(), GatewayPort::Detected),
+                };
+                match served {
+                    (_, GatewayPort::TerminatesTls) => tokio::spawn(Box::pin(terminated(stream, held))),
+                    (port, GatewayPort::Tcp) => tokio::spawn(Box::pin(tcp(stream, port, held))),
+                    (port, GatewayPort::PassesTlsThrough) => tokio::spawn(Box::pin(passed_through(stream, port, held))),
+                    (_, GatewayPort::Detected) => tokio::spawn(Box::pin(detected(stream, held))),
                 };
             }
             Err(error) => {
@@ -134,35 +139,6 @@ pub async fn accept(listener: TcpListener, kind: Listener, proxy: Arc<HttpProxy>
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-    }
-}
-
-/// What a connection accepted on a listener of `kind` is served as.
-enum Served {
-    /// A Gateway port whose servers terminate TLS: the ClientHello picks the server.
-    Terminated,
-    /// A Gateway's TCP server port: relayed by its `tcp` routes at once (the client may wait for the server to
-    /// speak first).
-    Tcp(u16),
-    /// A Gateway port whose servers only pass TLS through: the ClientHello is read at once, without the detection's
-    /// peek and timer; a client that sends anything else is refused (counted `not_tls`), as Envoy's listener,
-    /// finding no TLS, matches none of its filter chains.
-    PassedThrough(u16),
-    /// Anything else: what the client's first bytes say (HTTP, or TLS passed through on a Gateway port).
-    Detected,
-}
-
-fn served_as(kind: Listener, proxy: &HttpProxy) -> Served {
-    let Listener::Gateway(port) = kind else { return Served::Detected };
-    let policy = proxy.policy();
-    if policy.tls_servers_on(port).next().is_some() {
-        Served::Terminated
-    } else if policy.tcp_gateways_on(port).next().is_some() {
-        Served::Tcp(port)
-    } else if policy.tls_gateways_on(port).next().is_some() && policy.gateway_on(port).is_none() {
-        Served::PassedThrough(port)
-    } else {
-        Served::Detected
     }
 }
 

@@ -62,7 +62,7 @@ pub fn proxy_policy(
         table.insert(&host, entry);
     }
     table.shrink_to_fit();
-    ProxyPolicy {
+    let mut policy = ProxyPolicy {
         sidecars,
         host_verify: settings.host_verify,
         verifies_hosts_by_dns: unaddressed && settings.host_verify == HostVerify::Strict,
@@ -75,6 +75,7 @@ pub fn proxy_policy(
         },
         hosts: table,
         by_address,
+        gateway_ports: BTreeMap::new(),
         gateways: bindings
             .gateways
             .iter()
@@ -120,7 +121,33 @@ pub fn proxy_policy(
             &settings.gateway_labels,
             settings.gateway_namespace.as_deref(),
         ),
-    }
+    };
+    policy.gateway_ports = gateway_ports(&policy.gateways);
+    policy
+}
+
+/// How each port of the selected Gateways serves its connections: decided here, not per connection.
+fn gateway_ports(gateways: &[GatewayRoutes]) -> BTreeMap<u16, GatewayPort> {
+    let ports = gateways
+        .iter()
+        .flat_map(|gateway| gateway.http_ports.iter().chain(&gateway.tls_ports).chain(&gateway.tcp_ports));
+    ports
+        .map(|&port| {
+            let any = |serves: &dyn Fn(&GatewayRoutes) -> bool| gateways.iter().any(serves);
+            let kind = if any(&|gateway| gateway.tls_servers.iter().any(|server| server.port == port)) {
+                GatewayPort::TerminatesTls
+            } else if any(&|gateway| gateway.tcp_ports.contains(&port)) {
+                GatewayPort::Tcp
+            } else if any(&|gateway| gateway.tls_ports.contains(&port))
+                && !any(&|gateway| gateway.http_ports.contains(&port))
+            {
+                GatewayPort::PassesTlsThrough
+            } else {
+                GatewayPort::Detected
+            };
+            (port, kind)
+        })
+        .collect()
 }
 
 /// Whether a Gateway server passes TLS through to be routed by server name: protocol `TLS` (or `HTTPS`) with

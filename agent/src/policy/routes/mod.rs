@@ -121,6 +121,8 @@ pub struct ProxyPolicy {
     by_address: AddressIndex,
     /// The selected Gateways' routes, for traffic sent to their ports.
     pub gateways: Vec<GatewayRoutes>,
+    /// How each of their ports serves its connections (made from `gateways` as the policy compiles).
+    gateway_ports: BTreeMap<u16, GatewayPort>,
     own_services: Vec<String>,
     /// This gateway as a viewer of the configuration on its Gateway ports: a workload of its namespace, when
     /// known.
@@ -152,6 +154,21 @@ struct MeshL4Routes {
 }
 
 /// One selected Gateway: its server ports and the routes bound to it.
+/// How a Gateway port serves the connections accepted on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GatewayPort {
+    /// Its servers terminate TLS: the ClientHello picks the server.
+    TerminatesTls,
+    /// A TCP server port: relayed by the Gateways' `tcp` routes at once (the client may wait for the server to
+    /// speak first).
+    Tcp,
+    /// Its servers only pass TLS through: the ClientHello is read at once, and a client that sends anything else
+    /// is refused, as Envoy's listener, finding no TLS, matches none of its filter chains.
+    PassesTlsThrough,
+    /// What the client's first bytes say: HTTP, or TLS passed through.
+    Detected,
+}
+
 #[derive(Debug)]
 pub struct GatewayRoutes {
     /// `namespace/name`.
@@ -225,6 +242,11 @@ impl ProxyPolicy {
             gateway.http_ports.iter().chain(&gateway.tls_ports).chain(&gateway.tcp_ports).copied().collect::<Vec<_>>()
         };
         self.gateways.iter().flat_map(ports).collect()
+    }
+
+    /// How connections accepted on the Gateway port `port` are served.
+    pub fn gateway_port(&self, port: u16) -> GatewayPort {
+        self.gateway_ports.get(&port).copied().unwrap_or(GatewayPort::Detected)
     }
 
     /// The Gateways serving TCP on `port`, with their `tcp` routes.

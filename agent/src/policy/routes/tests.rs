@@ -464,3 +464,41 @@ fn a_host_is_known_at_its_entrys_addresses_and_its_endpoints() {
     assert_eq!(at("192.0.2.2:5432").as_deref(), Some("db.example"), "by an endpoint's address");
     assert_eq!(at("203.0.113.9:5432").as_deref(), Some("db.example"), "by the entry's range");
 }
+
+#[test]
+fn each_gateway_port_is_served_as_its_servers_say() {
+    let gateways = "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: egress, namespace: istio-system}
+spec:
+  selector: {istio: egressgateway}
+  servers:
+  - {port: {number: 80, name: http, protocol: HTTP}, hosts: ['*']}
+  - {port: {number: 443, name: tls, protocol: TLS}, hosts: [api.example.com], tls: {mode: PASSTHROUGH}}
+  - {port: {number: 5432, name: tcp, protocol: TCP}, hosts: ['*']}
+  - {port: {number: 8443, name: https, protocol: HTTPS}, hosts: ['*'], tls: {mode: SIMPLE, serverCertificate: /c.pem, privateKey: /k.pem}}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: mixed, namespace: istio-system}
+spec:
+  selector: {istio: egressgateway}
+  servers:
+  - {port: {number: 9443, name: tls, protocol: TLS}, hosts: [api.example.com], tls: {mode: PASSTHROUGH}}
+  - {port: {number: 9443, name: http, protocol: HTTP}, hosts: ['*']}
+";
+    let policy = policy(gateways, &Resolved::default());
+    let served = [80, 443, 5432, 8443, 9443, 1234].map(|port| policy.gateway_port(port));
+    assert_eq!(
+        served,
+        [
+            GatewayPort::Detected,
+            GatewayPort::PassesTlsThrough,
+            GatewayPort::Tcp,
+            GatewayPort::TerminatesTls,
+            // A port with HTTP servers too: the client's first bytes decide.
+            GatewayPort::Detected,
+            GatewayPort::Detected,
+        ]
+    );
+}
